@@ -1,0 +1,21 @@
+"""The per-step numbers every tuner exposes for logging (``opt.stats`` in PyTorch, the state in Optax).
+
+The names and meanings are shared by both backends; a value that was not computed this step is NaN
+(sharpness between estimates keeps the last estimate).
+"""
+from __future__ import annotations
+
+__all__ = ["STAT_FIELDS", "STAT_DOCS"]
+
+STAT_DOCS = {
+    "lr": "the global learning rate the tuner chose for this step (multiplies the base's per-group lr)",
+    "numerator": "-g^T u: the decrease rate of the loss along the base direction u (positive = descent)",
+    "curvature": "u^T H u: the second derivative of the loss along u (from the curvature oracle)",
+    "sharpness": "lambda_max(H), the latest online estimate (NaN until the first estimate)",
+    "preconditioned_sharpness": "lambda_max(P^-1 H) for Adam-like bases, the latest estimate (NaN otherwise)",
+    "eos_ratio": "lr * (preconditioned) sharpness / the base's stability coefficient (1 = edge of stability)",
+    "skipped": "number of steps skipped so far because the loss or gradient was not finite",
+    "closure_calls": "loss/gradient evaluations spent in this step (PyTorch: closure calls)",
+}
+
+STAT_FIELDS = tuple(STAT_DOCS)

@@ -1,0 +1,2 @@
+"""PyTorch backend of curvopt (public entry point: ``curvopt.torch``)."""
+__all__: list[str] = []
