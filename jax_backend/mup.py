@@ -1,0 +1,201 @@
+"""μP / depth-μP / γ for JAX/Optax: per-leaf multipliers from two pytrees of shapes.
+
+The numbers come from :mod:`curvopt.mup` (the same table as the PyTorch backend). Leaf names are the pytree
+paths joined by ``/`` (``"params/Dense_0/kernel"`` for a Flax param dict). Tensors are read in Flax's layout
+``[*kernel, in, out]`` by default (``layouts={glob: "out_in"}`` for PyTorch-style arrays); 0-d/1-d leaves
+are vectors (biases, norm gains). Flax ``nn.Embed`` tables look like Dense kernels ``[vocab, dim]`` — same
+role and learning rate — but their init should ignore the vocabulary: pass ``overrides={path: "embedding"}``.
+
+Usage::
+
+    mup = parameterize(params, base_params, optimizer="adam")        # params/base_params: arrays or shapes
+    params = mup.init(key, params)                                   # re-initialise per the table
+    loss = lambda p, x, y: xent(model.apply(mup.apply_multipliers(p), x), y)   # forward multipliers
+    tx = optax.chain(optax.scale_by_adam(), mup.transform, curvopt.optax.scale_by_cdat())  # or
+    tx = optax.chain(optax.scale_by_adam(), mup.transform, optax.scale_by_learning_rate(lr))
+
+``apply_multipliers`` multiplies each leaf by its forward multiplier (μP/NTK readout ``1/m``, γ's ``1/γ``)
+*inside* the differentiated function, which is exactly the multiplier form (the gradient of the stored leaf
+is ``c`` times the effective one). Biases are never scaled. The depth-μP residual-branch multiplier
+``1/sqrt(L)`` is a property of the forward pass: read ``mup.branch_multiplier`` in your model.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt import mup as core
+from curvopt.validation import check_choice, check_nonnegative
+
+__all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]
+
+
+def _name(path: Sequence[Any]) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(str(k.name))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(getattr(k, "key", k)))
+    return "/".join(parts)
+
+
+def _named_shapes(tree: Any, what: str) -> tuple[dict[str, tuple], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for path, leaf in leaves:
+        if not hasattr(leaf, "shape"):
+            raise ValueError(f"{what}: leaf {_name(path)!r} has no shape (pass arrays or jax.ShapeDtypeStruct)")
+        out[_name(path)] = tuple(int(s) for s in leaf.shape)
+    return out, treedef
+
+
+def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", parameterization: str = "mup",
+              gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
+              residual_branches: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
+              init_sigma: float = 1.0) -> dict:
+    """``{leaf name: curvopt.mup.ParamScaling}``; same arguments as :func:`parameterize`."""
+    shapes, _ = _named_shapes(params, "params")
+    base_shapes, _ = _named_shapes(base_params, "base_params")
+    core.check_same_names(shapes, base_shapes)
+    layout = {n: ("vector" if len(s) <= 1 else "in_out") for n, s in shapes.items()}
+    for pat, hits in core.match_names((layouts or {}).keys(), shapes, "layouts").items():
+        check_choice(f"layouts[{pat!r}]", layouts[pat], core.LAYOUTS)
+        for h in hits:
+            layout[h] = layouts[pat]
+    in_branch: list[str] = []
+    if residual_branches:
+        if depth is None:
+            raise ValueError("residual_branches needs depth (the number of residual blocks L)")
+        for hits in core.match_names(residual_branches, shapes, "residual_branches").values():
+            in_branch += hits
+    return core.build_table(
+        {n: (s, layout[n]) for n, s in shapes.items()}, base_shapes, optimizer=optimizer,
+        parameterization=parameterization, gamma=gamma, depth=depth, residual_branch=in_branch,
+        overrides=overrides, init_sigma=init_sigma)
+
+
+def mup_multipliers(params: Any, base_params: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {"role", "init_std", "forward_mult", "lr_mult", "wd_mult"}}``: :func:`mup_table` as numbers."""
+    return core.table_numbers(mup_table(params, base_params, **kwargs))
+
+
+def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
+    """Multiply each update leaf by its (Python float) multiplier; stateless, chainable anywhere.
+
+    Put it between the base direction and the learning rate / tuner:
+    ``optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults), scale_by_cdat())``.
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype),
+                                      updates, lr_mults), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_decayed_weights_mup(weight_decay: float, wd_mults: Any) -> optax.GradientTransformation:
+    """``optax.add_decayed_weights`` with a per-leaf factor ``weight_decay * wd_mult`` (1-d leaves too).
+
+    Place it before :func:`scale_by_mup` so that the per-step decay ``lr * lr_mult * wd * wd_mult`` does not
+    change with width (as ``mup.MuAdamW`` with lr-coupled decay).
+    """
+    check_nonnegative("weight_decay", weight_decay)
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_decayed_weights_mup needs params in update(updates, state, params)")
+        return jax.tree_util.tree_map(lambda u, p, m: u + (weight_decay * m) * p, updates, params, wd_mults), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class MuP(NamedTuple):
+    """What :func:`parameterize` returns. Trees have the structure of ``params`` with Python floats."""
+
+    table: dict
+    lr_mults: Any
+    wd_mults: Any
+    forward_mults: Any
+    transform: optax.GradientTransformation
+    branch_multiplier: float
+    attention: str
+    treedef: Any
+
+    def init(self, key: jax.Array, params: Any) -> Any:
+        """Re-initialise: ≥ 2-d leaves from ``N(0, init_std²)`` of the table, other leaves unchanged."""
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+        if treedef != self.treedef:
+            raise ValueError("params do not have the structure given to parameterize")
+        keys = jax.random.split(key, max(len(leaves), 1))
+        out = []
+        for k, (path, leaf) in zip(keys, leaves):
+            std = self.table[_name(path)].init_std
+            out.append(leaf if std is None else (std * jax.random.normal(k, leaf.shape, leaf.dtype)))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def apply_multipliers(self, params: Any) -> Any:
+        """Effective parameters ``forward_mult * p`` (call inside the loss, before ``model.apply``)."""
+        return jax.tree_util.tree_map(lambda p, m: p if m == 1.0 else p * jnp.asarray(m, p.dtype),
+                                      params, self.forward_mults)
+
+    def decay(self, weight_decay: float) -> optax.GradientTransformation:
+        """:func:`add_decayed_weights_mup` with this table's weight-decay multipliers."""
+        return add_decayed_weights_mup(weight_decay, self.wd_mults)
+
+    def attention_scale(self, head_dim: int, base_head_dim: int | None = None) -> float:
+        """Attention-logit scale (μP: ``1/d`` form normalised at the base head dim, else ``1/sqrt(d)``)."""
+        return core.attention_scale(head_dim, base_head_dim, self.attention)
+
+
+def parameterize(
+    params: Any,
+    base_params: Any,
+    *,
+    optimizer: str = "adam",
+    parameterization: str = "mup",
+    gamma: float = 1.0,
+    depth: int | None = None,
+    overrides: Mapping[str, str] | None = None,
+    residual_branches: Sequence[str] | None = None,
+    attention: str | None = None,
+    layouts: Mapping[str, str] | None = None,
+    init_sigma: float = 1.0,
+) -> MuP:
+    """μP (or SP/NTK) for the model whose parameters are ``params`` relative to ``base_params``.
+
+    Both are pytrees of arrays or ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape(model.init, ...)``) with the
+    same paths. ``residual_branches``: globs over leaf names of the parameters inside residual branches
+    (they get depth-μP's Adam learning-rate correction; scale the branch outputs by
+    ``branch_multiplier`` in the model). Other arguments as the PyTorch ``parameterize``.
+    """
+    table = mup_table(params, base_params, optimizer=optimizer, parameterization=parameterization, gamma=gamma,
+                      depth=depth, overrides=overrides, residual_branches=residual_branches, layouts=layouts,
+                      init_sigma=init_sigma)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [_name(p) for p, _ in leaves]
+
+    def tree(attr: str) -> Any:
+        return jax.tree_util.tree_unflatten(treedef, [float(getattr(table[n], attr)) for n in names])
+
+    attention = core.resolve_attention(attention, parameterization)
+    lr_mults = tree("lr_mult")
+    return MuP(table=table, lr_mults=lr_mults, wd_mults=tree("wd_mult"), forward_mults=tree("forward_mult"),
+               transform=scale_by_mup(lr_mults), branch_multiplier=core.depth_multiplier(depth),
+               attention=attention, treedef=treedef)

@@ -1,0 +1,455 @@
+"""μP / depth-μP / γ: exact tables, validation, both backends, torch/JAX agreement, coordinate check."""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+optax = pytest.importorskip("optax")
+fnn = pytest.importorskip("flax.linen")
+
+from torch import nn  # noqa: E402
+
+from curvopt import mup as core  # noqa: E402
+from jax_backend import mup as jmup  # noqa: E402
+from torch_backend import mup as tmup  # noqa: E402
+
+IN, OUT, VOCAB, T, HEADS = 8, 10, 50, 8, 2
+
+
+# ----------------------------------------------------------------------------------------------- models
+def torch_mlp(w: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(IN, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, OUT))
+
+
+class FlaxMLP(fnn.Module):
+    w: int
+
+    @fnn.compact
+    def __call__(self, x):
+        x = fnn.relu(fnn.Dense(self.w, name="l0")(x))
+        x = fnn.relu(fnn.Dense(self.w, name="l2")(x))
+        return fnn.Dense(OUT, name="l4")(x)
+
+
+class TorchAttn(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.qkv, self.proj, self.scale = nn.Linear(d, 3 * d), nn.Linear(d, d), 1.0 / math.sqrt(d // HEADS)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TorchBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), TorchAttn(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TorchGPT(nn.Module):
+    def __init__(self, d: int, tied: bool = False):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(VOCAB, d), nn.Parameter(torch.zeros(T, d))
+        self.blocks = nn.ModuleList([TorchBlock(d), TorchBlock(d)])
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, VOCAB, bias=not tied)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        x = self.emb(idx) + self.pos[: idx.shape[1]]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+class FlaxBlock(fnn.Module):
+    d: int
+
+    @fnn.compact
+    def __call__(self, x):
+        h = fnn.LayerNorm(name="ln1")(x)
+        qkv = fnn.Dense(3 * self.d, name="qkv")(h)  # only shapes matter for the tables
+        x = x + fnn.Dense(self.d, name="proj")(qkv[..., : self.d])
+        h = fnn.Dense(4 * self.d, name="mlp0")(fnn.LayerNorm(name="ln2")(x))
+        return x + fnn.Dense(self.d, name="mlp2")(fnn.gelu(h))
+
+
+class FlaxGPT(fnn.Module):
+    d: int
+
+    @fnn.compact
+    def __call__(self, idx):
+        x = fnn.Embed(VOCAB, self.d, name="emb")(idx) + self.param("pos", fnn.initializers.zeros, (T, self.d))
+        for i in range(2):
+            x = FlaxBlock(self.d, name=f"blocks_{i}")(x)
+        return fnn.Dense(VOCAB, name="head")(fnn.LayerNorm(name="ln_f")(x))
+
+
+def flax_params(module, x):
+    return module.init(jax.random.PRNGKey(0), x)
+
+
+def flax_shapes(module, x):
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+
+
+def torch_to_flax_name(name: str) -> str:
+    """``blocks.0.attn.qkv.weight`` -> ``params/blocks_0/qkv/kernel`` (the test models' naming)."""
+    n = re.sub(r"^(\d)\.", r"l\1.", name)
+    n = re.sub(r"blocks\.(\d)\.", r"blocks_\1.", n).replace("attn.", "").replace("mlp.", "mlp")
+    mod, _, leaf = n.rpartition(".")
+    if leaf == "weight":
+        leaf = "embedding" if mod == "emb" else "scale" if mod.rsplit(".", 1)[-1].startswith("ln") else "kernel"
+    return "/".join(["params", *(mod.split(".") if mod else []), leaf])
+
+
+GPT_OVERRIDES_T = {"pos": "embedding"}
+GPT_OVERRIDES_J = {"params/pos": "embedding", "params/emb/embedding": "embedding"}
+GPT_BRANCHES_T = ["blocks.*.attn", "blocks.*.mlp"]
+GPT_BRANCHES_J = ["params/blocks_*/qkv/*", "params/blocks_*/proj/*", "params/blocks_*/mlp*/*"]
+
+
+def mult(table, name):
+    s = table[name]
+    return s.role, s.init_std, s.forward_mult, s.lr_mult, s.wd_mult
+
+
+# ----------------------------------------------------------------------------------------------- core
+def test_infer_role_and_fans():
+    assert core.infer_role((64, 8), (32, 8), "out_in") == "input"
+    assert core.infer_role((64, 64), (32, 32), "out_in") == "hidden"
+    assert core.infer_role((10, 64), (10, 32), "out_in") == "output"
+    assert core.infer_role((10, 64), (10, 32), "in_out") == "input"
+    assert core.infer_role((64,), (32,), "vector") == "input"
+    assert core.infer_role((10,), (10,), "vector") == "finite"
+    assert core.infer_role((16, 3, 5, 5), (8, 3, 5, 5), "out_in") == "input"
+    assert core.fans((16, 8, 3, 3), "out_in") == (72, 16)
+    assert core.fans((3, 3, 8, 16), "in_out") == (72, 16)
+    assert core.width_mults((32, 16, 3, 3), (16, 8, 3, 3), "out_in") == (2.0, 2.0)
+
+
+def test_role_scaling_table_cells():
+    m = 4.0
+    cell = lambda role, opt, par: core.role_scaling(role, m, m, optimizer=opt, parameterization=par)  # noqa: E731
+    assert cell("input", "adam", "mup") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
+    assert cell("hidden", "adam", "mup") == core.RoleScaling(1.0, 1.0, 0.25, 4.0)
+    assert cell("output", "adam", "mup") == core.RoleScaling(1.0, 0.25, 1.0, 1.0)
+    assert cell("input", "sgd", "mup") == core.RoleScaling(1.0, 1.0, 4.0, 0.25)
+    assert cell("hidden", "sgd", "mup") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
+    assert cell("output", "sgd", "mup") == core.RoleScaling(1.0, 0.25, 4.0, 0.25)
+    for role in core.ROLES:
+        assert cell(role, "adam", "sp") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
+    assert cell("hidden", "sgd", "ntk") == core.RoleScaling(2.0, 0.5, 1.0, 1.0)
+    assert cell("input", "adam", "ntk") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
+    # rectangular hidden growth under SGD: fan_out / fan_in multipliers
+    assert core.role_scaling("hidden", 2.0, 8.0, optimizer="sgd", parameterization="mup").lr_mult == 4.0
+
+
+def test_depth_gamma_attention_rules():
+    assert core.depth_multiplier(None) == 1.0 and core.depth_multiplier(4) == 0.5
+    assert core.depth_lr_mult(4, "adam") == 0.5 and core.depth_lr_mult(4, "sgd") == 1.0
+    assert core.gamma_output_multiplier(0.1) == pytest.approx(10.0)
+    assert core.gamma_lr_scale(0.1, "sgd") == pytest.approx(1e-2)
+    assert core.gamma_lr_scale(0.1, "adam") == pytest.approx(0.1)
+    assert core.gamma_lr_scale(8.0, "sgd", depth=3) == pytest.approx(4.0)
+    assert core.gamma_lr_scale(8.0, "adam", depth=3) == pytest.approx(2.0)
+    assert core.attention_scale(64, 16, "1/d") == pytest.approx(4 / 64)
+    assert core.attention_scale(16, 16, "1/d") == pytest.approx(1 / 4)
+    assert core.attention_scale(64, 16, "1/sqrt(d)") == pytest.approx(1 / 8)
+    assert core.optimizer_family("AdamW") == "adam" and core.optimizer_family("momentum") == "sgd"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gamma=0.0), "gamma"),
+    (dict(gamma=-1.0), "gamma"),
+    (dict(parameterization="mupp"), "parameterization"),
+    (dict(optimizer="lbfgs"), "optimizer"),
+    (dict(depth=0), "depth"),
+    (dict(depth=2), "residual"),
+    (dict(overrides={"nope*": "hidden"}), "matches no parameter"),
+    (dict(overrides={"a": "middle"}), "overrides"),
+    (dict(init_sigma=0.0), "init_sigma"),
+    (dict(gamma=2.0, gamma_depth=None, depth=None), None),  # ok: L from the number of weight layers
+])
+def test_build_table_validation(kwargs, match):
+    shapes = {"a": ((64, 8), "out_in"), "b": ((10, 64), "out_in")}
+    base = {"a": (32, 8), "b": (10, 32)}
+    if match is None:
+        core.build_table(shapes, base, **kwargs)
+        return
+    with pytest.raises(ValueError, match=match):
+        core.build_table(shapes, base, **kwargs)
+
+
+def test_build_table_name_and_shape_mismatch():
+    with pytest.raises(ValueError, match="only in the model: \\['c'\\].*only in the base model: \\['b'\\]"):
+        core.build_table({"a": ((4, 4), "out_in"), "c": ((4,), "vector")}, {"a": (2, 2), "b": (4,)})
+    with pytest.raises(ValueError, match="'a'.*different numbers of dims"):
+        core.build_table({"a": ((4, 4), "out_in")}, {"a": (4,)})
+    with pytest.raises(ValueError, match="layout"):
+        core.build_table({"a": ((4, 4), "sideways")}, {"a": (4, 4)})
+
+
+# ----------------------------------------------------------------------------------------------- torch tables
+def test_torch_mlp_table_by_hand():
+    model, base = torch_mlp(128), torch_mlp(32)  # m = 4
+    t = tmup.mup_table(model, base, optimizer="adam")
+    assert mult(t, "0.weight") == ("input", 1 / math.sqrt(IN), 1.0, 1.0, 1.0)
+    assert mult(t, "0.bias") == ("input", None, 1.0, 1.0, 1.0)
+    assert mult(t, "2.weight") == ("hidden", 1 / math.sqrt(128), 1.0, 0.25, 4.0)
+    assert mult(t, "2.bias") == ("input", None, 1.0, 1.0, 1.0)
+    assert mult(t, "4.weight") == ("output", 1 / math.sqrt(128), 0.25, 1.0, 1.0)
+    assert mult(t, "4.bias") == ("finite", None, 1.0, 1.0, 1.0)
+    s = tmup.mup_table(model, base, optimizer="sgd")
+    assert [s[n].lr_mult for n in ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")] == [
+        4.0, 4.0, 1.0, 4.0, 4.0, 1.0]
+    assert s["4.weight"].forward_mult == 0.25 and s["0.weight"].wd_mult == 0.25
+    n = tmup.mup_table(model, base, optimizer="sgd", parameterization="ntk")
+    assert mult(n, "2.weight") == ("hidden", 2 / math.sqrt(128), 0.5, 1.0, 1.0)
+    assert mult(n, "4.weight") == ("output", 2 / math.sqrt(128), 0.5, 1.0, 1.0)
+    assert mult(n, "0.weight") == ("input", 1 / math.sqrt(IN), 1.0, 1.0, 1.0)
+    sp = tmup.mup_table(model, base, parameterization="sp")
+    assert all((x.forward_mult, x.lr_mult, x.wd_mult) == (1.0, 1.0, 1.0) for x in sp.values())
+    # gamma on top of muP: output 1/gamma, SGD lr gamma^2 (gamma <= 1) / gamma^(2/L) with L = 3 layers
+    g = tmup.mup_table(model, base, optimizer="sgd", gamma=0.5)
+    assert g["4.weight"].forward_mult == pytest.approx(0.25 * 2) and g["2.weight"].lr_mult == pytest.approx(0.25)
+    assert g["0.weight"].lr_mult == pytest.approx(4 * 0.25) and g["0.weight"].wd_mult == pytest.approx(0.25)
+    g = tmup.mup_table(model, base, optimizer="sgd", gamma=8.0)
+    assert g["2.weight"].lr_mult == pytest.approx(8.0 ** (2 / 3))
+    g = tmup.mup_table(model, base, optimizer="adam", gamma=0.1)
+    assert g["2.weight"].lr_mult == pytest.approx(0.25 * 0.1) and g["4.weight"].forward_mult == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("width", [64, 128])
+def test_torch_transformer_table_by_hand(width):
+    m = width / 32
+    model, base = TorchGPT(width), TorchGPT(32)
+    a = tmup.mup_table(model, base, optimizer="adam", overrides=GPT_OVERRIDES_T)
+    assert mult(a, "emb.weight") == ("input", 1.0, 1.0, 1.0, 1.0)
+    assert mult(a, "pos") == ("input", 1.0, 1.0, 1.0, 1.0)
+    assert mult(a, "blocks.1.ln1.weight") == ("input", None, 1.0, 1.0, 1.0)
+    assert mult(a, "blocks.0.attn.qkv.weight") == ("hidden", 1 / math.sqrt(width), 1.0, 1 / m, m)
+    assert mult(a, "blocks.0.attn.qkv.bias") == ("input", None, 1.0, 1.0, 1.0)
+    assert mult(a, "blocks.1.attn.proj.weight") == ("hidden", 1 / math.sqrt(width), 1.0, 1 / m, m)
+    assert mult(a, "blocks.0.mlp.0.weight") == ("hidden", 1 / math.sqrt(width), 1.0, 1 / m, m)
+    assert mult(a, "blocks.0.mlp.2.weight") == ("hidden", 1 / math.sqrt(4 * width), 1.0, 1 / m, m)
+    assert mult(a, "head.weight") == ("output", 1 / math.sqrt(width), 1 / m, 1.0, 1.0)
+    assert mult(a, "head.bias") == ("finite", None, 1.0, 1.0, 1.0)
+    # without the override the [T, d] position table reads as a readout (fan-in = d grows): overrides exist for this
+    assert tmup.mup_table(model, base)["pos"].role == "output"
+    # depth-muP: Adam lr of branch parameters / sqrt(L); LayerNorms outside the branches unchanged
+    d = tmup.mup_table(model, base, optimizer="adam", overrides=GPT_OVERRIDES_T, depth=2,
+                       residual_branches=GPT_BRANCHES_T)
+    r = 1 / math.sqrt(2)
+    assert d["blocks.0.attn.qkv.weight"].lr_mult == pytest.approx(r / m)
+    assert d["blocks.0.attn.qkv.weight"].wd_mult == pytest.approx(m / r)
+    assert d["blocks.1.mlp.2.bias"].lr_mult == pytest.approx(r)
+    assert d["blocks.1.ln2.weight"].lr_mult == 1.0 and d["head.weight"].lr_mult == 1.0
+    s = tmup.mup_table(model, base, optimizer="sgd", overrides=GPT_OVERRIDES_T, depth=2,
+                       residual_branches=GPT_BRANCHES_T)
+    assert s["blocks.0.attn.qkv.weight"].lr_mult == 1.0 and s["blocks.0.mlp.2.weight"].lr_mult == 1.0
+    assert s["emb.weight"].lr_mult == m and s["blocks.0.attn.qkv.bias"].lr_mult == m
+    assert s["head.weight"].lr_mult == m and s["head.bias"].lr_mult == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- torch behaviour
+def test_torch_parameterize_groups_init_and_hooks():
+    torch.manual_seed(0)
+    model, base = torch_mlp(256), torch_mlp(32)
+    groups = tmup.parameterize(model, base, optimizer="adam", lr=1e-3, weight_decay=0.1)
+    by_name = {n: (g["lr"], g["weight_decay"]) for g in groups for n in g["param_names"]}
+    assert by_name["2.weight"] == pytest.approx((1e-3 / 8, 0.8))
+    assert by_name["0.weight"] == pytest.approx((1e-3, 0.1)) and by_name["4.weight"] == pytest.approx((1e-3, 0.1))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert model[2].weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
+    assert model[4].weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.1)
+    opt = torch.optim.AdamW(groups)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in groups]
+    # the readout's forward multiplier scales W x, not the bias
+    x = torch.randn(4, IN)
+    h = torch.relu(model[2](torch.relu(model[0](x))))
+    expected = h @ model[4].weight.T / 8 + model[4].bias
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    # calling again replaces (does not stack) the hooks; relative multipliers by default
+    groups = tmup.parameterize(model, base, optimizer="adam", reinit=False)
+    assert len(model[4]._forward_pre_hooks) == 1
+    assert sorted(g["lr"] for g in groups) == [1 / 8, 1.0]
+    assert groups.table["4.weight"].forward_mult == 1 / 8
+    tmup.remove_parameterization(model)
+    assert len(model[4]._forward_pre_hooks) == 0
+
+
+def test_torch_state_dict_pickle_and_func_round_trip():
+    torch.manual_seed(0)
+    model, base = torch_mlp(64), torch_mlp(32)
+    tmup.parameterize(model, base)
+    x = torch.randn(3, IN)
+    y = model(x)
+    plain = torch_mlp(64)
+    assert list(plain.state_dict()) == list(model.state_dict())  # keys unchanged
+    other = torch_mlp(64)
+    tmup.parameterize(other, base)  # fresh init, same hooks
+    other.load_state_dict(model.state_dict())
+    assert torch.allclose(other(x), y)
+    assert torch.allclose(pickle.loads(pickle.dumps(model))(x), y)
+    assert torch.allclose(copy.deepcopy(model)(x), y)
+    params = dict(model.named_parameters())
+    assert torch.allclose(torch.func.functional_call(model, params, (x,)), y)
+    g = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+    y.sum().backward()
+    assert torch.allclose(g["4.weight"], model[4].weight.grad)
+
+
+def test_torch_tied_embedding_and_branches():
+    torch.manual_seed(0)
+    model, base = TorchGPT(64, tied=True), TorchGPT(32, tied=True)
+    for opt in ("adam", "sgd"):
+        t = tmup.mup_table(model, base, optimizer=opt, overrides=GPT_OVERRIDES_T)
+        assert t["emb.weight"].role == "input" and t["head.weight"].role == "output"
+        assert t["emb.weight"].lr_mult == t["head.weight"].lr_mult == (1.0 if opt == "adam" else 2.0)
+    groups = tmup.parameterize(model, base, overrides=GPT_OVERRIDES_T, depth=2, residual_branches=GPT_BRANCHES_T)
+    names = [n for g in groups for n in g["param_names"]]
+    assert "head.weight" not in names and names.count("emb.weight") == 1
+    assert len(model.head._forward_pre_hooks) == 1 and not model.emb._forward_hooks
+    assert len(model.blocks[0].attn._forward_hooks) == 1 and len(model.blocks[1].mlp._forward_hooks) == 1
+    assert groups.branch_multiplier == pytest.approx(1 / math.sqrt(2))
+    assert groups.attention_scale(32, 16) == pytest.approx(4 / 32)
+    idx = torch.randint(0, VOCAB, (2, T))
+    assert model(idx).shape == (2, T, VOCAB)
+    with pytest.raises(ValueError, match="residual_branches pattern"):
+        tmup.parameterize(model, base, depth=2, residual_branches=["blocks.*.ffn"])
+    with pytest.raises(ValueError, match="needs depth"):
+        tmup.parameterize(model, base, residual_branches=GPT_BRANCHES_T)
+
+
+def test_torch_validation_errors():
+    with pytest.raises(ValueError, match="same parameter names"):
+        tmup.parameterize(torch_mlp(64), nn.Sequential(nn.Linear(IN, 32), nn.ReLU(), nn.Linear(32, OUT)))
+    with pytest.raises(ValueError, match="gamma"):
+        tmup.parameterize(torch_mlp(64), torch_mlp(32), gamma=0)
+    with pytest.raises(ValueError, match="parameterization"):
+        tmup.parameterize(torch_mlp(64), torch_mlp(32), parameterization="standard")
+
+    class Raw(nn.Module):  # a readout stored as a bare parameter: no module to hook
+        def __init__(self, w):
+            super().__init__()
+            self.inp, self.out = nn.Linear(IN, w), nn.Parameter(torch.zeros(OUT, w))
+
+        def forward(self, x):
+            return self.inp(x) @ self.out.T
+
+    model = Raw(64)
+    before = model.inp.weight.detach().clone()
+    with pytest.raises(ValueError, match="forward multiplier"):
+        tmup.parameterize(model, Raw(32))
+    assert torch.equal(model.inp.weight, before)  # nothing changed on error
+    tmup.parameterize(model, Raw(32), parameterization="sp")  # SP has no multipliers: fine
+
+
+# ----------------------------------------------------------------------------------------------- jax
+def test_jax_parameterize_tables_init_and_transform():
+    x = jnp.zeros((1, IN))
+    params, base = flax_params(FlaxMLP(128), x), flax_shapes(FlaxMLP(32), x)
+    mu = jmup.parameterize(params, base, optimizer="adam")
+    p = mu.lr_mults["params"]
+    assert (p["l0"]["kernel"], p["l2"]["kernel"], p["l4"]["kernel"], p["l4"]["bias"]) == (1.0, 0.25, 1.0, 1.0)
+    assert mu.forward_mults["params"]["l4"]["kernel"] == 0.25 and mu.wd_mults["params"]["l2"]["kernel"] == 4.0
+    new = mu.init(jax.random.PRNGKey(1), params)
+    assert float(new["params"]["l2"]["kernel"].std()) == pytest.approx(1 / math.sqrt(128), rel=0.05)
+    assert jnp.array_equal(new["params"]["l2"]["bias"], params["params"]["l2"]["bias"])
+    eff = mu.apply_multipliers(new)
+    assert jnp.allclose(eff["params"]["l4"]["kernel"], new["params"]["l4"]["kernel"] / 4)
+    assert eff["params"]["l4"]["bias"] is new["params"]["l4"]["bias"]
+    tx = optax.chain(optax.scale_by_adam(), mu.decay(0.0), mu.transform, optax.scale_by_learning_rate(1e-3))
+    grads = jax.tree.map(jnp.ones_like, new)
+    upd, _ = jax.jit(tx.update)(grads, tx.init(new), new)
+    assert float(upd["params"]["l2"]["kernel"][0, 0]) == pytest.approx(-1e-3 / 4, rel=1e-3)
+    assert float(upd["params"]["l0"]["kernel"][0, 0]) == pytest.approx(-1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="same parameter names"):
+        jmup.parameterize(params, {"params": base["params"]["l0"]})
+    with pytest.raises(ValueError, match="gamma"):
+        jmup.parameterize(params, base, gamma=-0.5)
+    with pytest.raises(ValueError, match="structure"):
+        mu.init(jax.random.PRNGKey(0), {"params": params["params"]["l0"]})
+
+
+# ----------------------------------------------------------------------------------------------- agreement
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("parameterization", ["mup", "sp", "ntk"])
+def test_torch_jax_agree_mlp(optimizer, parameterization):
+    kw = dict(optimizer=optimizer, parameterization=parameterization, gamma=0.5)
+    x = jnp.zeros((1, IN))
+    tt = tmup.mup_multipliers(torch_mlp(128), torch_mlp(32), **kw)
+    jt = jmup.mup_multipliers(flax_shapes(FlaxMLP(128), x), flax_shapes(FlaxMLP(32), x), **kw)
+    assert len(tt) == len(jt) == 6
+    for name, v in tt.items():
+        assert jt[torch_to_flax_name(name)] == pytest.approx(v), name
+
+
+@pytest.mark.parametrize("width", [64, 128])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_torch_jax_agree_transformer(width, optimizer):
+    idx = jnp.zeros((1, T), jnp.int32)
+    kw = dict(optimizer=optimizer, parameterization="mup", depth=2)
+    tt = tmup.mup_multipliers(TorchGPT(width), TorchGPT(32), overrides=GPT_OVERRIDES_T,
+                              residual_branches=GPT_BRANCHES_T, **kw)
+    jt = jmup.mup_multipliers(flax_shapes(FlaxGPT(width), idx), flax_shapes(FlaxGPT(32), idx),
+                              overrides=GPT_OVERRIDES_J, residual_branches=GPT_BRANCHES_J, **kw)
+    assert len(tt) == len(jt)
+    for name, v in tt.items():
+        assert jt[torch_to_flax_name(name)] == pytest.approx(v), name
+
+
+# ----------------------------------------------------------------------------------------------- coordinate check
+def _coord_sizes(width: int, parameterization: str, seed: int, lr: float = 3e-2) -> list[float]:
+    """RMS of each layer's output after 3 Adam steps (4-layer MLP, base width 32)."""
+    def net(w):
+        return nn.Sequential(nn.Linear(16, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
+                             nn.Linear(w, OUT))
+
+    torch.manual_seed(seed)
+    data = torch.Generator().manual_seed(100)
+    x, y = torch.randn(64, 16, generator=data), torch.randint(0, OUT, (64,), generator=data)
+    model = net(width)
+    opt = torch.optim.Adam(tmup.parameterize(model, net(32), optimizer="adam", parameterization=parameterization,
+                                             lr=lr))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    acts = {}
+    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(i, o)) for i in (0, 2, 4, 6)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return [acts[i].pow(2).mean().sqrt().item() for i in (0, 2, 4, 6)]
+
+
+def test_coordinate_check_mup_vs_sp():
+    torch.set_num_threads(1)
+    seeds = range(6)
+
+    def ratios(par):
+        small = [sum(v) / len(seeds) for v in zip(*[_coord_sizes(64, par, s) for s in seeds])]
+        large = [sum(v) / len(seeds) for v in zip(*[_coord_sizes(512, par, s) for s in seeds])]
+        return [b / a for a, b in zip(small, large)]
+
+    mup_r, sp_r = ratios("mup"), ratios("sp")
+    assert all(abs(r - 1) < 0.25 for r in mup_r), mup_r
+    assert any(r >= 2 or r <= 0.5 for r in sp_r), sp_r

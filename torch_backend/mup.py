@@ -1,0 +1,272 @@
+"""μP / depth-μP / γ for PyTorch models: re-initialisation, forward multipliers and param groups.
+
+The numbers come from :mod:`curvopt.mup` (one table for both backends); this module only reads a model's
+parameter shapes, applies the table and builds ``torch.optim`` param groups.
+
+Forward multipliers are applied with **module hooks**, never by changing the stored tensors or their names:
+
+* a weight with multiplier ``c`` in an ``nn.Linear`` / ``nn.ConvNd`` / ``nn.Bilinear``-free linear layer: a
+  forward *pre*-hook multiplies the layer's input by ``c`` (``W (c x) + b = (c W) x + b``: the weight is
+  scaled, the bias is not), as ``mup.MuReadout`` does;
+* an ``nn.Embedding`` weight with multiplier ``c``: a forward hook multiplies its output by ``c``;
+* residual branches (depth-μP): a forward hook multiplies the branch module's output by ``1/sqrt(L)``.
+
+Hooks hold no state of their own (small picklable callables), so ``state_dict`` keys and values are those of
+the plain model (save/load round-trips unchanged, also into an un-parameterised copy), ``copy.deepcopy`` and
+``torch.save(model)`` keep them, and ``torch.func.functional_call`` runs them (it calls the module).
+Calling :func:`parameterize` again replaces the hooks of the previous call.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from curvopt import mup as core
+from curvopt.validation import check_nonnegative, check_positive
+
+__all__ = ["parameterize", "mup_table", "mup_multipliers", "remove_parameterization", "MuPParamGroups"]
+
+_HANDLES_ATTR = "_curvopt_mup_handles"
+_TABLE_ATTR = "_curvopt_mup_table"
+_LINEAR_IN_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _ScaleInput:
+    """Forward pre-hook: multiply the first positional input by a constant."""
+
+    def __init__(self, mult: float):
+        self.mult = float(mult)
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        return (args[0] * self.mult,) + tuple(args[1:])
+
+    def __repr__(self) -> str:
+        return f"ScaleInput({self.mult:g})"
+
+
+class _ScaleOutput:
+    """Forward hook: multiply the module's (tensor) output by a constant."""
+
+    def __init__(self, mult: float):
+        self.mult = float(mult)
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"curvopt.mup: cannot scale the output of {type(module).__name__} (a {type(output).__name__}); "
+                "residual branches and scaled embeddings must return a single tensor"
+            )
+        return output * self.mult
+
+    def __repr__(self) -> str:
+        return f"ScaleOutput({self.mult:g})"
+
+
+class MuPParamGroups(list):
+    """A list of ``torch.optim`` param groups that also carries the table (``.table``: name -> ParamScaling),
+    the residual-branch multiplier (``.branch_multiplier``) and the attention scaling (``.attention``)."""
+
+    table: dict
+    branch_multiplier: float
+    attention: str
+
+    def attention_scale(self, head_dim: int, base_head_dim: int | None = None) -> float:
+        """Attention-logit scale for this parameterisation (μP: ``1/d`` form, else ``1/sqrt(d)``)."""
+        return core.attention_scale(head_dim, base_head_dim, self.attention)
+
+
+def _layout(module: nn.Module, pname: str, p: torch.Tensor) -> str:
+    if p.ndim <= 1:
+        return "vector"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pname == "weight":
+        return "embedding"
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        raise ValueError("curvopt.mup: ConvTranspose layers are not supported (their weight is [in, out, *k])")
+    return "out_in"  # nn.Linear / ConvNd / MultiheadAttention in_proj and any other [out, in, ...] weight
+
+
+def _views(model: nn.Module) -> tuple[dict[str, tuple], dict[str, list[str]]]:
+    """``{view name: (module name, module, param name, tensor)}`` for every (module, direct parameter) pair,
+    and ``{canonical name: [view names]}`` (tied parameters have several views; the canonical name is the one
+    ``model.named_parameters()`` reports)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    views: dict[str, tuple] = {}
+    aliases: dict[str, list[str]] = {n: [] for n in canonical.values()}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False):
+            vname = f"{mname}.{pname}" if mname else pname
+            if vname in views or id(p) not in canonical:
+                continue
+            views[vname] = (mname, mod, pname, p)
+            aliases[canonical[id(p)]].append(vname)
+    for n, vs in aliases.items():  # put the canonical view first
+        vs.sort(key=lambda v: v != n)
+    return views, aliases
+
+
+def _build(
+    model: nn.Module,
+    base_model: nn.Module,
+    *,
+    optimizer: str,
+    parameterization: str,
+    gamma: float,
+    depth: int | None,
+    overrides: Mapping[str, str] | None,
+    residual_branches: Sequence[str] | None,
+    init_sigma: float,
+    attention: str | None,
+):
+    if not isinstance(model, nn.Module) or not isinstance(base_model, nn.Module):
+        raise ValueError("model and base_model must be torch.nn.Module instances")
+    views, aliases = _views(model)
+    base_views, _ = _views(base_model)
+    core.check_same_names(views, base_views)
+    branch_modules: list[str] = []
+    if residual_branches:
+        names = [n for n, _ in model.named_modules() if n]
+        for pat, hits in core.match_names(residual_branches, names, "residual_branches").items():
+            branch_modules += [h for h in hits if h not in branch_modules]
+    if residual_branches and depth is None:
+        raise ValueError("residual_branches needs depth (the number of residual blocks L)")
+    in_branch = [v for v, (mname, *_rest) in views.items()
+                 if any(mname == b or mname.startswith(b + ".") for b in branch_modules)]
+    shapes = {v: (tuple(t[3].shape), _layout(t[1], t[2], t[3])) for v, t in views.items()}
+    base_shapes = {v: tuple(base_views[v][3].shape) for v in views}
+    table = core.build_table(
+        shapes, base_shapes, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
+        residual_branch=in_branch, overrides=overrides, init_sigma=init_sigma,
+        gamma_depth=depth if depth is not None else sum(len(shapes[vs[0]][0]) >= 2 for vs in aliases.values()),
+    )
+    for name, vs in aliases.items():
+        first = table[vs[0]]
+        for v in vs[1:]:
+            if (table[v].lr_mult, table[v].wd_mult) != (first.lr_mult, first.wd_mult):
+                raise ValueError(
+                    f"tied parameter {name!r} gets different learning rates as {vs[0]!r} ({table[vs[0]].role}) "
+                    f"and as {v!r} ({table[v].role}); pass overrides={{{v!r}: ...}} to choose one role"
+                )
+    branch_mult = core.depth_multiplier(depth)
+    attention = core.resolve_attention(attention, parameterization)
+    return views, aliases, table, branch_modules, branch_mult, attention
+
+
+def mup_table(model: nn.Module, base_model: nn.Module, *, optimizer: str = "adam", parameterization: str = "mup",
+              gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
+              residual_branches: Sequence[str] | None = None, init_sigma: float = 1.0) -> dict:
+    """``{name: curvopt.mup.ParamScaling}`` for every parameter (canonical names; a tied parameter's other
+    names are included too), without touching the model. Same arguments as :func:`parameterize`."""
+    _, _, table, _, _, _ = _build(model, base_model, optimizer=optimizer, parameterization=parameterization,
+                                  gamma=gamma, depth=depth, overrides=overrides,
+                                  residual_branches=residual_branches, init_sigma=init_sigma, attention=None)
+    return table
+
+
+def mup_multipliers(model: nn.Module, base_model: nn.Module, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """``{name: {"role", "init_std", "forward_mult", "lr_mult", "wd_mult"}}``: :func:`mup_table` as numbers."""
+    return core.table_numbers(mup_table(model, base_model, **kwargs))
+
+
+def remove_parameterization(model: nn.Module) -> None:
+    """Remove the hooks installed by :func:`parameterize` (weights are left as they are)."""
+    for h in getattr(model, _HANDLES_ATTR, ()):
+        h.remove()
+    model.__dict__.pop(_HANDLES_ATTR, None)
+    model.__dict__.pop(_TABLE_ATTR, None)
+
+
+def parameterize(
+    model: nn.Module,
+    base_model: nn.Module,
+    *,
+    optimizer: str = "adam",
+    parameterization: str = "mup",
+    gamma: float = 1.0,
+    depth: int | None = None,
+    overrides: Mapping[str, str] | None = None,
+    residual_branches: Sequence[str] | None = None,
+    attention: str | None = None,
+    init_sigma: float = 1.0,
+    reinit: bool = True,
+    lr: float = 1.0,
+    weight_decay: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> MuPParamGroups:
+    """Parameterise ``model`` relative to ``base_model`` (same architecture, narrower) in place.
+
+    * Roles are inferred by comparing each parameter's shape with the same-named parameter of ``base_model``
+      (:func:`curvopt.mup.infer_role`); ``overrides={name or glob: role}`` fixes the cases inference gets
+      wrong (``"input"``, ``"hidden"``, ``"output"``, ``"finite"``, ``"embedding"``). Tied weights are
+      recognised; their views must agree on the learning rate.
+    * ``reinit``: weights (≥ 2-D) are redrawn from ``N(0, init_std²)`` of the table (``init_std =
+      init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``); 1-D
+      parameters keep their values.
+    * Forward multipliers (μP/NTK readout ``1/m``, γ's ``1/γ``) and the depth-μP branch multiplier
+      ``1/sqrt(depth)`` on the modules named by ``residual_branches`` (globs over module names) are
+      installed as hooks (see the module docstring).
+    * Returns param groups: ``lr = lr * lr_mult`` and ``weight_decay = weight_decay * wd_mult``, plus
+      ``param_names``. With the default ``lr=1`` the group ``lr`` is the *relative* multiplier, which is what
+      curvopt's tuners expect (they multiply it by their global scale); for a plain ``torch.optim`` optimizer
+      pass the base learning rate as ``lr``.
+
+    ``attention``: ``"1/d"`` or ``"1/sqrt(d)"`` (default: ``"1/d"`` under μP) is recorded on the result; use
+    ``groups.attention_scale(head_dim, base_head_dim)`` as the ``scale`` of your attention.
+    """
+    check_positive("lr", lr)
+    check_nonnegative("weight_decay", weight_decay)
+    views, aliases, table, branch_modules, branch_mult, attention = _build(
+        model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
+        overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention)
+
+    # Check every non-unit forward multiplier can be applied before changing anything.
+    module_mult: dict[str, tuple[nn.Module, float, str]] = {}
+    for v, (mname, mod, pname, p) in views.items():
+        c = table[v].forward_mult
+        if c == 1.0:
+            continue
+        if isinstance(mod, _LINEAR_IN_INPUT) and pname == "weight":
+            kind = "input"
+        elif isinstance(mod, nn.Embedding) and pname == "weight":
+            kind = "output"
+        else:
+            raise ValueError(
+                f"curvopt.mup: parameter {v!r} needs forward multiplier {c:g} but its module is a "
+                f"{type(mod).__name__}; only nn.Linear, nn.ConvNd and nn.Embedding weights are supported. "
+                "Apply it in your forward from mup_table(...) or override the role."
+            )
+        module_mult[mname] = (mod, c, kind)
+
+    remove_parameterization(model)
+    if reinit:
+        with torch.no_grad():
+            for name, vs in aliases.items():
+                std = table[vs[0]].init_std
+                if std is not None:
+                    views[vs[0]][3].normal_(0.0, std, generator=generator)
+    handles = []
+    for mname, (mod, c, kind) in module_mult.items():
+        if kind == "input":
+            handles.append(mod.register_forward_pre_hook(_ScaleInput(c)))
+        else:
+            handles.append(mod.register_forward_hook(_ScaleOutput(c)))
+    modules = dict(model.named_modules())
+    for b in branch_modules:
+        handles.append(modules[b].register_forward_hook(_ScaleOutput(branch_mult)))
+    model.__dict__[_HANDLES_ATTR] = handles
+    canonical_table = {n: table[vs[0]] for n, vs in aliases.items()}
+    model.__dict__[_TABLE_ATTR] = canonical_table
+
+    groups: dict[tuple[float, float], dict] = {}
+    for name, vs in aliases.items():
+        s = table[vs[0]]
+        g = groups.setdefault((s.lr_mult, s.wd_mult), {
+            "params": [], "param_names": [], "lr": lr * s.lr_mult, "weight_decay": weight_decay * s.wd_mult})
+        g["params"].append(views[vs[0]][3])
+        g["param_names"].append(name)
+    out = MuPParamGroups(groups.values())
+    out.table = canonical_table
+    out.branch_multiplier = branch_mult
+    out.attention = attention
+    return out
