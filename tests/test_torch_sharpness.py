@@ -1,0 +1,158 @@
+"""Sharpness and Adam's preconditioned sharpness against the dense Hessian of a tiny MLP (float64)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from curvopt.preconditioner import adam_preconditioner
+from curvopt.torch import CDAT, EdgeOfStability, adam_preconditioner_from_optimizer, hessian_top_eigenvalue
+
+DT = torch.float64
+
+
+def mlp_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 3)).to(DT)
+    assert sum(p.numel() for p in model.parameters()) <= 300
+    x = torch.randn(32, 4, dtype=DT)
+    y = torch.randint(0, 3, (32,))
+    return model, x, y
+
+
+def loss_of(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def dense_hessian(model, x, y):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(v):
+        ps = {n: t.reshape(s) for n, t, s in zip(names, torch.split(v, sizes), shapes)}
+        return nn.functional.cross_entropy(torch.func.functional_call(model, ps, (x,)), y)
+
+    return torch.autograd.functional.hessian(f, flat).numpy()
+
+
+def make_closure(model, x, y):
+    def closure():
+        model.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_top_eigenvalue_matches_dense_hessian():
+    model, x, y = mlp_problem()
+    H = dense_hessian(model, x, y)
+    want = np.linalg.eigvalsh(H)[-1]
+    before = [p.detach().clone() for p in model.parameters()]
+    lam, vec = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), iters=2000, tol=1e-13)
+    assert abs(float(lam) - want) <= 1e-6 * abs(want)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)  # restored bit-exactly
+    v = torch.cat([t.reshape(-1) for t in vec]).numpy()
+    assert abs(v @ H @ v - want) <= 1e-6 * abs(want)
+    # warm start from the eigenvector: converges in a couple of products
+    calls = []
+    closure = make_closure(model, x, y)
+
+    def counting():
+        calls.append(1)
+        return closure()
+    lam2, _ = hessian_top_eigenvalue(counting, model.parameters(), v0=vec, iters=50, tol=1e-9)
+    assert abs(float(lam2) - want) <= 1e-6 * abs(want) and len(calls) <= 4
+
+
+def adam_after_steps(model, x, y, steps=5):
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
+    closure = make_closure(model, x, y)
+    for _ in range(steps):
+        closure()
+        adam.step()
+    return adam
+
+
+def test_preconditioned_sharpness_matches_dense():
+    model, x, y = mlp_problem(1)
+    adam = adam_after_steps(model, x, y)
+    H = dense_hessian(model, x, y)
+    P = adam_preconditioner_from_optimizer(adam)
+    # the helper is the core formula on Adam's state
+    st = adam.state[next(model.parameters())]
+    ref = adam_preconditioner(st["exp_avg_sq"], float(st["step"]), beta1=0.9, beta2=0.99, eps=1e-6, xp=torch)
+    torch.testing.assert_close(P[0], ref)
+    p = torch.cat([t.reshape(-1) for t in P]).numpy()
+    s = 1 / np.sqrt(p)
+    want = np.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1]
+    # == lambda_max(P^-1 H)
+    assert want == pytest.approx(np.max(np.linalg.eigvals(np.diag(1 / p) @ H).real), rel=1e-8)
+    for pre in (adam, P):  # the optimizer or explicit diagonal tensors
+        lam, _ = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), preconditioner=pre,
+                                        iters=3000, tol=1e-13)
+        assert abs(float(lam) - want) <= 1e-6 * abs(want)
+
+
+def test_negative_dominant_eigenvalue_still_gives_top():
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0], dtype=DT))
+    D = torch.tensor([-5.0, 2.0, 0.5], dtype=DT)
+
+    def closure():
+        w.grad = None
+        loss = 0.5 * (D * w * w).sum()
+        loss.backward()
+        return loss
+    lam, _ = hessian_top_eigenvalue(closure, [w], iters=500, tol=1e-12)
+    assert float(lam) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_online_sharpness_in_tuner_and_eos_ratio():
+    model, x, y = mlp_problem(2)
+    base = torch.optim.Adam(model.parameters(), lr=1.0)
+    opt = CDAT(base, sigma=1.0, ema=0.0, sharpness_every=3, sharpness_first_iters=3000, sharpness_iters=3000,
+               sharpness_tol=1e-13)
+    closure = make_closure(model, x, y)
+    for t in range(1, 5):
+        H = dense_hessian(model, x, y)
+        opt.step(closure)
+        if t in (1, 4):  # estimates on steps 1, 4, 7, ...
+            P = torch.cat([q.reshape(-1) for q in adam_preconditioner_from_optimizer(base)]).numpy()
+            s = 1 / np.sqrt(P)
+            want = np.linalg.eigvalsh(H)[-1]
+            want_pre = np.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1]
+            assert float(opt.stats["sharpness"]) == pytest.approx(want, rel=1e-6)
+            assert float(opt.stats["preconditioned_sharpness"]) == pytest.approx(want_pre, rel=1e-6)
+        ratio = float(opt.stats["lr"]) * float(opt.stats["preconditioned_sharpness"]) / 38.0
+        assert float(opt.stats["eos_ratio"]) == pytest.approx(ratio, rel=1e-12)
+
+
+def test_warm_start_needs_few_products():
+    model, x, y = mlp_problem(3)
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), sharpness_every=1, sharpness_iters=4)
+    closure = make_closure(model, x, y)
+    opt.step(closure)
+    first = opt.sharpness.hvps
+    calls = []
+    for _ in range(5):
+        before = opt.sharpness.hvps
+        opt.step(closure)
+        calls.append(opt.sharpness.hvps - before)
+    assert first > 4 and max(calls) <= 4
+    assert opt.stats["closure_calls"] == 2 + calls[-1]
+
+
+def test_edge_of_stability_rule_uses_online_sharpness():
+    model, x, y = mlp_problem(4)
+    opt = EdgeOfStability(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5), sigma=0.5,
+                          sharpness_every=2, sharpness_first_iters=500, sharpness_tol=1e-10)
+    closure = make_closure(model, x, y)
+    lrs = []
+    for _ in range(3):
+        opt.step(closure)
+        lrs.append(float(opt.stats["lr"]))
+        assert lrs[-1] == pytest.approx(0.5 * 3.0 / float(opt.stats["sharpness"]), rel=1e-12)
+        assert float(opt.stats["eos_ratio"]) == pytest.approx(0.5, rel=1e-12)
+    assert lrs[1] == lrs[0]  # no estimate on step 2: the lr stays

@@ -1,0 +1,137 @@
+"""Leaving the model alone during probes: module buffers and the random number generators.
+
+A tuner evaluates the closure more than once per step (a curvature probe at ``w + h u``, line-search trials,
+power iterations for the sharpness). Only the first, *main* call may have side effects on the model:
+
+* **Buffers.** BatchNorm's running statistics (and any other registered buffer) are snapshotted after the
+  main call and restored after every probe, so after N tuner steps they equal those after N steps of the bare
+  base optimizer on the same batches. Pass the model (or a list of modules) as ``modules=`` to the tuner.
+* **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
+  the same masks in the probe as in the main call (a finite difference across different masks would be
+  meaningless), and after the step the generators are where the main call left them: the random stream of
+  the training run is the one of the bare base optimizer.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BufferSnapshot", "RNGSnapshot", "ProbeGuard"]
+
+ModulesLike = Optional[Union[nn.Module, Iterable[nn.Module]]]
+
+
+def _as_modules(modules: ModulesLike) -> list[nn.Module]:
+    if modules is None:
+        return []
+    if isinstance(modules, nn.Module):
+        return [modules]
+    out = list(modules)
+    for m in out:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"modules must be a torch.nn.Module or a list of them, got {type(m).__name__}")
+    return out
+
+
+class BufferSnapshot:
+    """Copies of every buffer of ``modules``; the storage is allocated once and reused."""
+
+    def __init__(self, modules: ModulesLike) -> None:
+        self.modules = _as_modules(modules)
+        self._copies: list[Tensor] = []
+        self._live: list[Tensor] = []
+
+    def _buffers(self) -> list[Tensor]:
+        seen: set[int] = set()
+        out = []
+        for m in self.modules:
+            for b in m.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    out.append(b)
+        return out
+
+    def take(self) -> None:
+        """Remember the current buffer values."""
+        live = self._buffers()
+        if len(live) != len(self._copies) or any(
+            c.shape != b.shape or c.dtype != b.dtype or c.device != b.device for c, b in zip(self._copies, live)
+        ):
+            self._copies = [b.detach().clone() for b in live]
+        else:
+            with torch.no_grad():
+                for c, b in zip(self._copies, live):
+                    c.copy_(b)
+        self._live = live
+
+    def restore(self) -> None:
+        """Write the remembered values back (bit-exact copies)."""
+        with torch.no_grad():
+            for c, b in zip(self._copies, self._live):
+                b.copy_(c)
+
+
+class RNGSnapshot:
+    """The CPU generator state and those of the CUDA devices in use."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class ProbeGuard:
+    """Wraps the main closure call and the probe calls of one step (see the module docstring).
+
+    Usage: ``loss = guard.main(closure)`` once, then any number of ``guard.probe(closure)``, then
+    ``guard.finish()``. ``calls`` counts the closure calls since ``main``.
+    """
+
+    def __init__(self, modules: ModulesLike = None) -> None:
+        self.buffers = BufferSnapshot(modules)
+        self._rng_before: Optional[RNGSnapshot] = None
+        self._rng_after: Optional[RNGSnapshot] = None
+        self._taken = False
+        self.calls = 0
+
+    def main(self, closure) -> Tensor:
+        self._rng_before = RNGSnapshot()
+        self._rng_after = None
+        self._taken = False
+        with torch.enable_grad():
+            loss = closure()
+        self.calls = 1
+        return loss
+
+    def probe(self, closure) -> Tensor:
+        """Call ``closure`` as a probe (counted in ``calls``)."""
+        with torch.enable_grad():
+            return self.protect(closure)
+
+    def protect(self, fn):
+        """Run ``fn`` with the buffers restored afterwards and the main call's random state replayed."""
+        if not self._taken:
+            self.buffers.take()
+            self._rng_after = RNGSnapshot()
+            self._taken = True
+        if self._rng_before is not None:
+            self._rng_before.restore()
+        try:
+            out = fn()
+        finally:
+            self.buffers.restore()
+        self.calls += 1
+        return out
+
+    def finish(self) -> None:
+        """Put the generators where the main call left them."""
+        if self._rng_after is not None:
+            self._rng_after.restore()
+        self._rng_after = None
+        self._taken = False

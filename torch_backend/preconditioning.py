@@ -1,0 +1,78 @@
+"""Adam's diagonal preconditioner ``P`` read from a ``torch.optim.Adam``/``AdamW`` instance.
+
+The formula is the core's (:func:`curvopt.preconditioner.adam_preconditioner`):
+``P = (1 - beta1^t) (sqrt(v_t / (1 - beta2^t)) + eps)``, both bias corrections, ``eps`` outside the root,
+with ``v`` the second-moment EMA (``max_exp_avg_sq`` under ``amsgrad``) and ``t`` the step counter. Adam's
+update at learning rate 1 is ``-P^-1 m`` with ``m`` the raw first-moment EMA, so ``P^-1 H`` is the
+preconditioned Hessian whose top eigenvalue Adam's stability threshold ``38 / lr`` (beta1 = 0.9) refers to.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from curvopt.preconditioner import adam_preconditioner, inverse_sqrt
+
+from .direction import is_adam_like
+
+__all__ = ["adam_preconditioner_from_optimizer", "preconditioner_scales"]
+
+PreconditionerLike = Optional[Union[torch.optim.Optimizer, Sequence[Optional[Tensor]]]]
+
+
+def adam_preconditioner_from_optimizer(optimizer: torch.optim.Optimizer,
+                                       params: Optional[Iterable[Tensor]] = None) -> list[Optional[Tensor]]:
+    """The diagonal ``P`` of each parameter (None for a parameter Adam has not stepped yet).
+
+    ``params`` defaults to all parameters of ``optimizer`` in ``param_groups`` order.
+    """
+    if not is_adam_like(optimizer):
+        raise TypeError(f"expected torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
+    group_of = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            group_of[p] = g
+    if params is None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: list[Optional[Tensor]] = []
+    for p in params:
+        if p not in group_of:
+            raise ValueError("a parameter is not managed by the given optimizer")
+        g = group_of[p]
+        st = optimizer.state.get(p, {})
+        if "exp_avg_sq" not in st:
+            out.append(None)
+            continue
+        v = st["max_exp_avg_sq"] if g.get("amsgrad", False) else st["exp_avg_sq"]
+        step = st["step"]
+        step = step.to(v.dtype) if isinstance(step, Tensor) else float(step)
+        beta1, beta2 = g["betas"]
+        out.append(adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(g["eps"]),
+                                       xp=torch))
+    return out
+
+
+def preconditioner_scales(preconditioner: PreconditionerLike, params: Sequence[Tensor]) -> Optional[list[Tensor]]:
+    """``P^-1/2`` per parameter (zeros where ``P`` is unknown, which leaves that parameter out), or None.
+
+    ``preconditioner`` is an Adam/AdamW optimizer or a list of diagonal tensors (``P`` itself, positive).
+    """
+    if preconditioner is None:
+        return None
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        diags = adam_preconditioner_from_optimizer(preconditioner, params)
+    else:
+        diags = list(preconditioner)
+        if len(diags) != len(params):
+            raise ValueError(f"preconditioner has {len(diags)} tensors for {len(params)} parameters")
+    out = []
+    for d, p in zip(diags, params):
+        if d is None:
+            out.append(torch.zeros_like(p))
+        else:
+            if d.shape != p.shape:
+                raise ValueError(f"preconditioner shape {tuple(d.shape)} != parameter shape {tuple(p.shape)}")
+            out.append(inverse_sqrt(d.to(p.dtype), torch))
+    return out

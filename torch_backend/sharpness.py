@@ -1,0 +1,222 @@
+"""Sharpness: the top eigenvalue of the Hessian, or of Adam's preconditioned Hessian ``P^-1 H``.
+
+Power iteration on Hessian-vector products (HVPs). Each HVP is a forward finite difference of closure
+gradients, ``H v ~ (g(w + h v) - g(w)) / h`` with ``h ||v|| = sqrt(eps) (1 + ||w||)`` (the core's
+:func:`curvopt.rules.finite_difference_step`): one closure call per product, any closure works (no double
+backward needed), accurate to about ``sqrt(eps)`` of the dtype (1e-8 relative in float64). For ``P^-1 H``
+the iteration runs on the symmetric ``P^-1/2 H P^-1/2``, which has the same eigenvalues.
+
+Stopping: after each product the Rayleigh quotient ``v^T M v`` is compared with the previous one (for a warm
+start, with the previous estimate); the iteration stops when they agree to ``tol`` (relative). If the
+dominant eigenvalue turns out negative, a second pass on ``M - lambda I`` finds the top (algebraic) one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from curvopt.config import SharpnessConfig
+from curvopt.curvature import rayleigh_converged
+from curvopt.rules import finite_difference_step
+
+from .buffers import BufferSnapshot, ModulesLike, ProbeGuard
+from .preconditioning import PreconditionerLike, preconditioner_scales
+from .vectors import axpy_into, dot, norm
+
+__all__ = ["hessian_top_eigenvalue", "FiniteDifferenceHVP", "top_eigenpair", "OnlineSharpness"]
+
+MatVec = Callable[[list[Tensor]], list[Tensor]]
+
+
+class FiniteDifferenceHVP:
+    """``v -> H v`` at ``w0`` by forward differences of closure gradients.
+
+    ``probe`` calls the closure with the parameters already moved (and protects buffers / RNG); ``g0`` is the
+    gradient at ``w0``. The parameters are left at the last probe point: the caller restores them.
+    """
+
+    def __init__(self, probe: Callable[[], object], params: Sequence[Tensor], w0: Sequence[Tensor],
+                 g0: Sequence[Tensor]) -> None:
+        self.probe, self.params, self.w0, self.g0 = probe, list(params), list(w0), list(g0)
+        like = self.params[0]
+        self.eps = torch.finfo(like.dtype).eps
+        self.w_norm = norm(self.w0)
+        self.count = 0
+
+    def __call__(self, v: list[Tensor]) -> list[Tensor]:
+        h = finite_difference_step(self.w_norm, norm(v), dtype_eps=self.eps, xp=torch)
+        axpy_into(self.params, self.w0, h, v)
+        for p in self.params:
+            p.grad = None
+        self.probe()
+        self.count += 1
+        out = []
+        for p, g0 in zip(self.params, self.g0):
+            g1 = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = None
+            out.append(g1.sub_(g0).div_(h))
+        return out
+
+
+def _preconditioned(matvec: MatVec, scales: Optional[list[Tensor]]) -> MatVec:
+    if scales is None:
+        return matvec
+
+    def mv(v: list[Tensor]) -> list[Tensor]:
+        out = matvec(torch._foreach_mul(v, scales))
+        torch._foreach_mul_(out, scales)
+        return out
+
+    return mv
+
+
+def _power(matvec: MatVec, v: list[Tensor], iters: int, tol: float, previous: Optional[float],
+           shift: float = 0.0) -> tuple[float, list[Tensor], int]:
+    """Power iteration on ``M - shift I``; returns (eigenvalue of M - shift I, unit vector, products)."""
+    n0 = norm(v)
+    v = torch._foreach_div(v, n0)
+    lam_prev = previous
+    lam = float("nan")
+    count = 0
+    for _ in range(iters):
+        mv = matvec(v)
+        count += 1
+        if shift:
+            torch._foreach_add_(mv, v, alpha=-shift)
+        lam_t, n_t = dot(v, mv), norm(mv)
+        lam, n = torch.stack([lam_t, n_t]).tolist()
+        if not (math.isfinite(lam) and math.isfinite(n)) or n == 0.0:
+            break
+        torch._foreach_div_(mv, n_t)
+        v = mv
+        if lam_prev is not None and rayleigh_converged(lam, lam_prev, tol):
+            break
+        lam_prev = lam
+    return lam, v, count
+
+
+def top_eigenpair(matvec: MatVec, v0: list[Tensor], *, iters: int, tol: float, previous: Optional[float] = None,
+                  fresh: Optional[Callable[[], list[Tensor]]] = None) -> tuple[float, list[Tensor], int]:
+    """The largest (algebraic) eigenvalue of the symmetric operator ``matvec`` and its unit eigenvector.
+
+    Returns ``(eigenvalue, eigenvector, number of products)``. ``previous`` is a warm start's last eigenvalue
+    (the first product may then already satisfy the stopping test). If the dominant eigenvalue is negative,
+    a second pass on the shifted operator (started from ``fresh()``) finds the top one.
+    """
+    lam, v, count = _power(matvec, v0, iters, tol, previous)
+    if math.isfinite(lam) and lam < 0 and fresh is not None:
+        shift = lam
+        mu, v2, c2 = _power(matvec, fresh(), iters, tol, None, shift=shift)
+        count += c2
+        if math.isfinite(mu):
+            lam, v = mu + shift, v2
+    return lam, v, count
+
+
+def _random_like(params: Sequence[Tensor], generator: Optional[torch.Generator]) -> list[Tensor]:
+    return [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+
+
+def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tensor], *,
+                           preconditioner: PreconditionerLike = None, v0: Optional[Sequence[Tensor]] = None,
+                           iters: int = 100, tol: float = 1e-6, modules: ModulesLike = None,
+                           generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[Tensor]]:
+    """Top Hessian eigenvalue ``lambda_max(H)`` (or ``lambda_max(P^-1 H)``) at the current parameters.
+
+    ``closure`` follows the LBFGS convention (zeroes the gradients, computes the loss, calls ``backward``,
+    returns the loss); it is called ``1 + (number of HVPs)`` times. ``preconditioner``: a ``torch.optim.Adam``
+    / ``AdamW`` instance (``P`` from its state, DESIGN §3, both bias corrections) or a list of positive
+    diagonal tensors ``P`` (one per parameter). ``v0``: a warm start (e.g. the eigenvector returned last
+    time). ``modules``: modules whose buffers (BatchNorm statistics) must not change.
+
+    Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
+    ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner).
+    The parameters are restored bit-exactly; their ``.grad`` holds the gradient at the parameters.
+    """
+    params = [p for p in params]
+    if not params:
+        raise ValueError("params is empty")
+    guard = ProbeGuard(modules)
+    before = BufferSnapshot(modules)
+    before.take()
+    with torch.no_grad():
+        w0 = [p.detach().clone() for p in params]
+    guard.main(closure)
+    g0 = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    try:
+        with torch.no_grad():
+            scales = preconditioner_scales(preconditioner, params)
+            hvp = FiniteDifferenceHVP(lambda: guard.probe(closure), params, w0, g0)
+            matvec = _preconditioned(hvp, scales)
+            start = list(v0) if v0 is not None else _random_like(params, generator)
+            start = [s.detach().to(p.dtype).clone() for s, p in zip(start, params)]
+            lam, v, _ = top_eigenpair(matvec, start, iters=iters, tol=tol,
+                                      fresh=lambda: _random_like(params, generator))
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, w0)
+            for p, g in zip(params, g0):
+                p.grad = g
+            guard.finish()
+            before.restore()
+    return torch.tensor(lam, dtype=params[0].dtype), v
+
+
+class OnlineSharpness:
+    """Warm-started sharpness estimates inside a tuner (``SharpnessConfig``: every, iters, first_iters, tol).
+
+    Keeps one eigenvector per space (``"plain"`` for ``H``, ``"preconditioned"`` for ``P^-1/2 H P^-1/2``) and
+    the last eigenvalue; the first estimate runs up to ``first_iters`` products from a seeded random vector,
+    later ones at most ``iters`` from the previous eigenvector. ``hvps`` counts all products so far.
+    """
+
+    SPACES = ("plain", "preconditioned")
+
+    def __init__(self, config: SharpnessConfig, seed: int = 0) -> None:
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vectors: dict[str, Optional[list[Tensor]]] = {s: None for s in self.SPACES}
+        self.values: dict[str, float] = {s: float("nan") for s in self.SPACES}
+        self.hvps = 0
+
+    def due(self, step: int) -> bool:
+        """Estimate on steps 1, 1 + every, 1 + 2 every, ... (1-indexed)."""
+        k = self.config.every
+        return k > 0 and (step - 1) % k == 0
+
+    def estimate(self, space: str, matvec: MatVec, like: Sequence[Tensor]) -> float:
+        v0 = self.vectors[space]
+        if v0 is not None and [t.shape for t in v0] != [p.shape for p in like]:
+            v0 = None
+        first = v0 is None
+        if first:
+            v0 = _random_like(like, self.generator)
+        lam, v, count = top_eigenpair(
+            matvec, v0, iters=self.config.first_iters if first else self.config.iters, tol=self.config.tol,
+            previous=None if first else self.values[space], fresh=lambda: _random_like(like, self.generator))
+        self.hvps += count
+        if math.isfinite(lam):
+            self.vectors[space] = v
+            self.values[space] = lam
+        return lam
+
+    def state_dict(self) -> dict:
+        return {
+            "vectors": {k: None if v is None else [t.clone() for t in v] for k, v in self.vectors.items()},
+            "values": dict(self.values),
+            "hvps": self.hvps,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict, like: Sequence[Tensor]) -> None:
+        self.vectors = {
+            k: None if v is None else [t.to(device=like[0].device, dtype=like[0].dtype).clone() for t in v]
+            for k, v in state["vectors"].items()
+        }
+        self.values = dict(state["values"])
+        self.hvps = int(state["hvps"])
+        self.generator.set_state(state["generator"])
+
