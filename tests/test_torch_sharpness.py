@@ -65,6 +65,8 @@ def test_top_eigenvalue_matches_dense_hessian():
         return closure()
     lam2, _ = hessian_top_eigenvalue(counting, model.parameters(), v0=vec, iters=50, tol=1e-9)
     assert abs(float(lam2) - want) <= 1e-6 * abs(want) and len(calls) <= 4
+    lam3, _ = hessian_top_eigenvalue(closure, model.parameters(), method="lanczos", tol=1e-12)
+    assert abs(float(lam3) - want) <= 1e-6 * abs(want)
 
 
 def adam_after_steps(model, x, y, steps=5):
@@ -92,7 +94,7 @@ def test_preconditioned_sharpness_matches_dense():
     assert want == pytest.approx(np.max(np.linalg.eigvals(np.diag(1 / p) @ H).real), rel=1e-8)
     for pre in (adam, P):  # the optimizer or explicit diagonal tensors
         lam, _ = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), preconditioner=pre,
-                                        iters=3000, tol=1e-13)
+                                        method="lanczos", iters=100, tol=1e-12)
         assert abs(float(lam) - want) <= 1e-6 * abs(want)
 
 
@@ -110,10 +112,10 @@ def test_negative_dominant_eigenvalue_still_gives_top():
 
 
 def test_online_sharpness_in_tuner_and_eos_ratio():
-    model, x, y = mlp_problem(2)
+    model, x, y = mlp_problem(4)  # a problem with a clear eigengap, so power iteration converges fast
     base = torch.optim.Adam(model.parameters(), lr=1.0)
-    opt = CDAT(base, sigma=1.0, ema=0.0, sharpness_every=3, sharpness_first_iters=3000, sharpness_iters=3000,
-               sharpness_tol=1e-13)
+    opt = CDAT(base, sigma=1.0, ema=0.0, sharpness_every=3, sharpness_first_iters=2000, sharpness_iters=2000,
+               sharpness_tol=1e-10)
     closure = make_closure(model, x, y)
     for t in range(1, 5):
         H = dense_hessian(model, x, y)
@@ -145,7 +147,7 @@ def test_warm_start_needs_few_products():
 
 
 def test_edge_of_stability_rule_uses_online_sharpness():
-    model, x, y = mlp_problem(4)
+    model, x, y = mlp_problem(7)
     opt = EdgeOfStability(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5), sigma=0.5,
                           sharpness_every=2, sharpness_first_iters=500, sharpness_tol=1e-10)
     closure = make_closure(model, x, y)

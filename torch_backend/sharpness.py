@@ -6,7 +6,11 @@ gradients, ``H v ~ (g(w + h v) - g(w)) / h`` with ``h ||v|| = sqrt(eps) (1 + ||w
 backward needed), accurate to about ``sqrt(eps)`` of the dtype (1e-8 relative in float64). For ``P^-1 H``
 the iteration runs on the symmetric ``P^-1/2 H P^-1/2``, which has the same eigenvalues.
 
-Stopping: after each product the Rayleigh quotient ``v^T M v`` is compared with the previous one (for a warm
+``method="lanczos"`` (standalone function only) hands the same products to SciPy's ``eigsh`` (implicitly
+restarted Lanczos, ``which="LA"``): many fewer products than power iteration for a cold start with a small
+eigengap, at the cost of a host round trip per product (SciPy must be installed).
+
+Power-iteration stopping: after each product the Rayleigh quotient ``v^T M v`` is compared with the previous one (for a warm
 start, with the previous estimate); the iteration stops when they agree to ``tol`` (relative). If the
 dominant eigenvalue turns out negative, a second pass on ``M - lambda I`` finds the top (algebraic) one.
 """
@@ -120,9 +124,34 @@ def _random_like(params: Sequence[Tensor], generator: Optional[torch.Generator])
     return [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
 
 
+def _lanczos(matvec: MatVec, v0: list[Tensor], iters: int, tol: float) -> tuple[float, list[Tensor]]:
+    try:
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator, eigsh
+    except ImportError as e:  # pragma: no cover
+        raise ImportError('method="lanczos" needs SciPy (pip install scipy); method="power" does not') from e
+    shapes = [t.shape for t in v0]
+    sizes = [t.numel() for t in v0]
+    like = v0[0]
+
+    def to_list(x):
+        t = torch.as_tensor(np.ascontiguousarray(x).reshape(-1), dtype=like.dtype).to(like.device)
+        return [c.reshape(s) for c, s in zip(torch.split(t, sizes), shapes)]
+
+    def mv(x):
+        out = matvec(to_list(x))
+        return torch.cat([o.reshape(-1) for o in out]).to("cpu", torch.float64).numpy()
+
+    n = sum(sizes)
+    op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    start = torch.cat([t.reshape(-1) for t in v0]).to("cpu", torch.float64).numpy()
+    vals, vecs = eigsh(op, k=1, which="LA", v0=start, tol=tol, maxiter=iters)
+    return float(vals[0]), to_list(vecs[:, 0])
+
+
 def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tensor], *,
                            preconditioner: PreconditionerLike = None, v0: Optional[Sequence[Tensor]] = None,
-                           iters: int = 100, tol: float = 1e-6, modules: ModulesLike = None,
+                           iters: int = 100, tol: float = 1e-6, method: str = "power", modules: ModulesLike = None,
                            generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[Tensor]]:
     """Top Hessian eigenvalue ``lambda_max(H)`` (or ``lambda_max(P^-1 H)``) at the current parameters.
 
@@ -130,7 +159,9 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     returns the loss); it is called ``1 + (number of HVPs)`` times. ``preconditioner``: a ``torch.optim.Adam``
     / ``AdamW`` instance (``P`` from its state, DESIGN §3, both bias corrections) or a list of positive
     diagonal tensors ``P`` (one per parameter). ``v0``: a warm start (e.g. the eigenvector returned last
-    time). ``modules``: modules whose buffers (BatchNorm statistics) must not change.
+    time). ``iters``: the maximum number of power iterations (``method="power"``) or of Lanczos restarts
+    (``method="lanczos"``, SciPy's ``eigsh``); ``tol``: relative tolerance on the eigenvalue.
+    ``modules``: modules whose buffers (BatchNorm statistics) must not change.
 
     Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
     ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner).
@@ -139,6 +170,10 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     params = [p for p in params]
     if not params:
         raise ValueError("params is empty")
+    if method not in ("power", "lanczos"):
+        raise ValueError(f"method must be 'power' or 'lanczos', got {method!r}")
+    if method == "lanczos" and sum(p.numel() for p in params) < 3:
+        method = "power"
     guard = ProbeGuard(modules)
     before = BufferSnapshot(modules)
     before.take()
@@ -153,8 +188,11 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
             matvec = _preconditioned(hvp, scales)
             start = list(v0) if v0 is not None else _random_like(params, generator)
             start = [s.detach().to(p.dtype).clone() for s, p in zip(start, params)]
-            lam, v, _ = top_eigenpair(matvec, start, iters=iters, tol=tol,
-                                      fresh=lambda: _random_like(params, generator))
+            if method == "lanczos":
+                lam, v = _lanczos(matvec, start, iters, tol)
+            else:
+                lam, v, _ = top_eigenpair(matvec, start, iters=iters, tol=tol,
+                                          fresh=lambda: _random_like(params, generator))
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, w0)

@@ -1,0 +1,263 @@
+"""Bad inputs, module buffers, schedulers, checkpoints and argument checks of the PyTorch tuners."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from curvopt.stats import STAT_FIELDS
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
+
+DT = torch.float64
+
+
+def closure_for(opt, f, params, hook=None):
+    def closure():
+        opt.zero_grad()
+        loss = f(*params)
+        loss.backward()
+        if hook is not None:
+            hook()
+        return loss
+    return closure
+
+
+def adam_problem():
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=DT))
+    base = torch.optim.Adam([w], lr=1.0)
+    return w, base
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "inf_grad"])
+def test_non_finite_step_is_skipped(bad):
+    w, base = adam_problem()
+    opt = CDAT(base, sigma=2.0, ema=0.9)
+    f = lambda v: (v ** 2).sum()  # noqa: E731
+    opt.step(closure_for(opt, f, [w]))
+    snap = (w.detach().clone(), copy.deepcopy(base.state_dict()), [t.clone() for t in opt._cdat])
+
+    def poison():
+        if bad == "inf_grad":
+            w.grad[1] = float("inf")
+
+    g = (lambda v: (v ** 2).sum() * float("nan")) if bad == "nan_loss" else f
+    with pytest.warns(RuntimeWarning, match="skipped") as rec:
+        opt.step(closure_for(opt, g, [w], poison))
+    assert len([r for r in rec if issubclass(r.category, RuntimeWarning)]) == 1
+    assert torch.equal(w.detach(), snap[0])
+    st = base.state_dict()["state"][0]
+    assert torch.equal(st["step"], snap[1]["state"][0]["step"])
+    assert torch.equal(st["exp_avg"], snap[1]["state"][0]["exp_avg"])
+    assert torch.equal(st["exp_avg_sq"], snap[1]["state"][0]["exp_avg_sq"])
+    assert all(torch.equal(a, b) for a, b in zip(opt._cdat, snap[2]))
+    assert opt.stats["skipped"] == 1 and opt.stats["closure_calls"] == 1
+    assert math.isnan(float(opt.stats["lr"]))
+    # training continues normally afterwards
+    opt.step(closure_for(opt, f, [w]))
+    assert opt.stats["skipped"] == 1 and math.isfinite(float(opt.stats["lr"]))
+
+
+def test_zero_gradient_leaves_parameters():
+    for base_fn in (lambda ps: torch.optim.SGD(ps, lr=1.0), lambda ps: torch.optim.Adam(ps, lr=1.0),
+                    lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9)):
+        w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
+        for opt in (CDAT(base_fn([w])), QuadraticGreedy(base_fn([w]), curvature="secant"),
+                    PolyakStep(base_fn([w])), ArmijoLineSearch(base_fn([w]))):
+            before = w.detach().clone()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for _ in range(2):
+                    opt.step(closure_for(opt, lambda v: (v * 0.0).sum() + 1.0, [w]))
+            assert torch.equal(w.detach(), before)
+            assert all(math.isfinite(float(opt.stats[k])) for k in ("lr", "numerator"))
+
+
+def test_ascent_direction_zero_and_negative_curvature():
+    # ascent: a maximizing base gives -g^T u < 0 -> lr 0, no step, no NaN
+    w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0, maximize=True), ema=0.0)
+    before = w.detach().clone()
+    opt.step(closure_for(opt, lambda v: (v ** 2).sum(), [w]))
+    assert float(opt.stats["numerator"]) < 0 and float(opt.stats["lr"]) == 0.0
+    assert torch.equal(w.detach(), before)
+    # zero curvature (a linear loss): no division by zero; lr stays 0 at step 1
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+    opt.step(closure_for(opt, lambda v: v.sum(), [w]))
+    assert float(opt.stats["curvature"]) == pytest.approx(0.0, abs=1e-6)
+    assert math.isfinite(float(opt.stats["lr"]))
+    # negative curvature counts by its magnitude: lr = n / |c| for f = -|w|^2/2 + ...
+    w2 = nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
+    opt = QuadraticGreedy(torch.optim.SGD([w2], lr=1.0), curvature="exact",
+                          functional_loss=lambda ps: -0.5 * (ps[0] ** 2).sum())
+    opt.step(closure_for(opt, lambda v: -0.5 * (v ** 2).sum(), [w2]))
+    assert float(opt.stats["curvature"]) == pytest.approx(-5.0)
+    assert float(opt.stats["lr"]) == pytest.approx(1.0)  # n = |g|^2 = 5, |c| = 5
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(8, 2)).to(DT)
+
+
+@pytest.mark.parametrize("make", [
+    lambda b, m: CDAT(b, modules=m, sharpness_every=2),
+    lambda b, m: ArmijoLineSearch(b, modules=m),
+    lambda b, m: EdgeOfStability(b, modules=m, sharpness_every=1),
+])
+def test_probes_leave_buffers_and_rng_alone(make):
+    """BatchNorm running statistics after N tuner steps equal those of N bare-base steps on the same batches
+    (first BN layer: its input is the data, so the statistics depend on the batches only), every BN layer
+    counts exactly N batches, and the random stream ends where the bare run's does."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 5, generator=g, dtype=DT) * 3 + 1, torch.randint(0, 2, (16,), generator=g))
+               for _ in range(4)]
+
+    def run(tuned):
+        model = bn_model()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        opt = make(base, model) if tuned else base
+        torch.manual_seed(123)
+        for x, y in batches:
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            if tuned:
+                opt.step(closure)
+                assert opt.stats["closure_calls"] > 1
+            else:
+                closure()
+                opt.step()
+        return model, torch.get_rng_state()
+
+    (tuned, rng_t), (bare, rng_b) = run(True), run(False)
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(tuned[0], k), getattr(bare[0], k))
+    assert int(tuned[2].num_batches_tracked) == len(batches)
+    assert torch.equal(rng_t, rng_b)
+
+
+def test_lr_scheduler_acts_on_the_multiplier():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=g, dtype=DT)
+    A = a @ a.T + torch.eye(4, dtype=DT)
+    w = nn.Parameter(torch.randn(4, generator=g, dtype=DT))
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0), curvature="exact",
+                          functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(3):
+            grad = (A @ w).detach()
+            mult = opt.param_groups[0]["lr"]
+            assert mult == pytest.approx(0.5 ** t)
+            w0 = w.detach().clone()
+            opt.step(closure_for(opt, lambda v: 0.5 * v @ A @ v, [w]))
+            sched.step()
+            eff = float(opt.stats["lr"]) * mult  # the greedy effective step does not depend on the multiplier
+            assert eff == pytest.approx(float(grad @ grad / (grad @ A @ grad)), rel=1e-10)
+            torch.testing.assert_close(w.detach(), w0 - eff * grad)
+
+
+def mlp():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(3, 10), nn.Tanh(), nn.Linear(10, 1)).to(DT)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.5), curvature="secant", sharpness_every=3, ema=0.9),
+    lambda m: CDAT(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9), curvature="fd", sharpness_every=4),
+    lambda m: ArmijoLineSearch(torch.optim.AdamW(m.parameters(), lr=1.0, weight_decay=0.1)),
+    lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness_every=5),
+])
+def test_state_dict_round_trip_is_bit_identical(make):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g, dtype=DT), torch.randn(40, 1, generator=g, dtype=DT)
+
+    def closure_of(model, opt):
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        return closure
+
+    model = mlp()
+    opt = make(model)
+    for _ in range(7):
+        opt.step(closure_of(model, opt))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    for _ in range(20):
+        opt.step(closure_of(model, opt))
+
+    model2 = mlp()
+    model2.load_state_dict(saved_model)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(20):
+        opt2.step(closure_of(model2, opt2))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    for k in ("lr", "sharpness", "preconditioned_sharpness"):
+        a, b = opt.stats[k], opt2.stats[k]
+        assert torch.equal(a, b) or (torch.isnan(a) and torch.isnan(b))
+
+
+def test_stats_keys_and_types():
+    w, base = adam_problem()
+    opt = CDAT(base)
+    assert set(opt.stats) == set(STAT_FIELDS)
+    opt.step(closure_for(opt, lambda v: (v ** 2).sum(), [w]))
+    s = opt.stats
+    assert set(s) == set(STAT_FIELDS)
+    for k in STAT_FIELDS:
+        if k in ("skipped", "closure_calls"):
+            assert type(s[k]) is int
+        else:
+            assert isinstance(s[k], torch.Tensor) and s[k].dim() == 0
+    assert s["closure_calls"] == 2 and math.isnan(float(s["sharpness"]))
+
+
+def test_missing_closure_raises_type_error_showing_the_convention():
+    w, base = adam_problem()
+    opt = CDAT(base)
+    with pytest.raises(TypeError, match=r"loss.backward\(\)"):
+        opt.step()
+    with pytest.raises(TypeError):
+        CDAT(w)  # not an optimizer
+
+
+@pytest.mark.parametrize("cls,kw,name", [
+    (CDAT, {"sigma": 0.0}, "sigma"),
+    (CDAT, {"ema": 1.0}, "ema"),
+    (CDAT, {"eps": -1.0}, "eps"),
+    (CDAT, {"lr_max": 0.0}, "lr_max"),
+    (CDAT, {"curvature": "magic"}, "curvature"),
+    (CDAT, {"sharpness_every": -1}, "sharpness_every"),
+    (CDAT, {"sharpness_iters": 0}, "sharpness_iters"),
+    (CDAT, {"curvature": "exact"}, "functional_loss"),
+    (QuadraticGreedy, {"lr_max": -1.0}, "lr_max"),
+    (ArmijoLineSearch, {"max_trials": 0}, "max_trials"),
+    (ArmijoLineSearch, {"decrease_factor": 1.5}, "decrease_factor"),
+    (ArmijoLineSearch, {"c": -0.1}, "c"),
+    (PolyakStep, {"lr_max": 0.0}, "lr_max"),
+    (PolyakStep, {"f_star": float("nan")}, "f_star"),
+    (EdgeOfStability, {"sharpness_every": 0}, "sharpness_every"),
+    (EdgeOfStability, {"sigma": -1.0}, "sigma"),
+])
+def test_bad_hyperparameters_raise_value_error(cls, kw, name):
+    w, base = adam_problem()
+    with pytest.raises(ValueError, match=name):
+        cls(base, **kw)
+
+
+def test_edge_of_stability_needs_a_known_coefficient():
+    w = nn.Parameter(torch.ones(2, dtype=DT))
+    with pytest.raises(ValueError, match="stability_coefficient"):
+        EdgeOfStability(torch.optim.RMSprop([w], lr=1.0))
+    EdgeOfStability(torch.optim.RMSprop([w], lr=1.0), stability_coefficient=2.0)
