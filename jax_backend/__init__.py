@@ -1,2 +1,26 @@
-"""JAX/Optax backend of curvopt (public entry point: ``curvopt.optax``)."""
-__all__: list[str] = []
+"""JAX/Optax backend of curvopt (public entry point: ``curvopt.optax``).
+
+Transforms that take the place of ``optax.scale_by_learning_rate``: they receive the base's raw direction
+``d`` (gradient-like, ``u = -d``) and return ``lr * u`` with the tuned learning rate, e.g.
+``optax.chain(optax.scale_by_adam(), scale_by_cdat(sigma=2.0))``. ``<tuner>(base, ...)`` builds the chain
+and also hands the base's state to the tuner (Adam's preconditioned sharpness).
+"""
+from .base_method import BaseMethod
+from .cdat import cdat, quadratic_greedy, scale_by_cdat, scale_by_quadratic_greedy
+from .edge_of_stability import edge_of_stability, scale_by_edge_of_stability
+from .linesearch import armijo, scale_by_armijo
+from .polyak import polyak, scale_by_polyak
+from .sharpness import hessian_top_eigenvalue, preconditioner_from_adam_state
+from .state import ArmijoState, SecantMemory, SharpnessMemory, TunerState, stats
+from .tuner import with_base_state
+
+__all__ = [
+    "scale_by_cdat", "cdat",
+    "scale_by_quadratic_greedy", "quadratic_greedy",
+    "scale_by_armijo", "armijo",
+    "scale_by_polyak", "polyak",
+    "scale_by_edge_of_stability", "edge_of_stability",
+    "hessian_top_eigenvalue", "preconditioner_from_adam_state",
+    "with_base_state", "BaseMethod", "stats",
+    "TunerState", "ArmijoState", "SecantMemory", "SharpnessMemory",
+]

@@ -1,0 +1,208 @@
+"""The Optax transforms as transforms: jit without retracing, dtype-stable states, skipped steps on
+non-finite input, extra-argument forwarding (and tolerance of keywords meant for other chain members),
+inject_hyperparams, a negated chain caught, bad settings rejected, the Armijo search's guarantees."""
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from curvopt.stats import STAT_FIELDS
+from jax_backend import (BaseMethod, armijo, scale_by_armijo, scale_by_cdat, scale_by_edge_of_stability,
+                         scale_by_polyak, scale_by_quadratic_greedy, stats)
+from jax_backend.loss import fn_kwargs
+
+RNG = np.random.default_rng(0)
+X, Y = RNG.normal(size=(16, 3)), RNG.normal(size=(16,))
+
+
+def loss(p, x, y):
+    return jnp.mean((jnp.tanh(x @ p["w"] + p["b"]) - y) ** 2) + 0.1 * jnp.sum(p["w"] ** 2)
+
+
+def _params(dtype):
+    return {"w": jnp.asarray(RNG.normal(size=(3,)), dtype), "b": jnp.zeros((), dtype)}
+
+
+TUNERS = {
+    "cdat_exact": lambda: scale_by_cdat(sharpness_every=2),
+    "cdat_fd": lambda: scale_by_cdat(curvature="fd"),
+    "cdat_secant_sharp": lambda: scale_by_cdat(curvature="secant", sharpness_every=2, base_method="adam"),
+    "greedy": lambda: scale_by_quadratic_greedy(curvature="fd"),
+    "armijo": lambda: scale_by_armijo(sharpness_every=3),
+    "polyak": lambda: scale_by_polyak(lr_max=10.0),
+    "eos": lambda: scale_by_edge_of_stability(sharpness_every=2),
+}
+MEMORY = ("count", "last_lr", "ascent_steps", "rule", "secant", "sharpness_memory", "search", "sharpness",
+          "preconditioned_sharpness")
+
+
+def _signature(tree):
+    return jax.tree_util.tree_map(lambda a: (jnp.asarray(a).dtype, jnp.asarray(a).shape,
+                                             getattr(a, "weak_type", False)), tree)
+
+
+def _check_tuner(name, dtype):
+    params = _params(dtype)
+    base = optax.scale_by_adam() if name == "cdat_secant_sharp" else optax.identity()
+    from jax_backend import with_base_state
+    opt = with_base_state(base, TUNERS[name]())
+    traces = []
+
+    @jax.jit
+    def step(p, state, x, poison):
+        traces.append(1)
+        v, g = jax.value_and_grad(loss)(p, x, Y)
+        g = jax.tree_util.tree_map(lambda a: a + poison, g)
+        up, state = opt.update(g, state, p, value=v, grad=g, value_fn=loss, x=x, y=Y, meant_for_another=1.0)
+        return optax.apply_updates(p, up), state, up
+
+    state = opt.init(params)
+    sig0 = _signature(state)
+    zero, inf = jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype)
+    for i in range(6):
+        x = np.full_like(X, np.nan) if i == 2 else X  # NaN value and gradient
+        new_p, new_state, up = step(params, state, jnp.asarray(x, dtype), inf if i == 3 else zero)  # i=3: Inf grad
+        assert _signature(new_state) == sig0, f"{name}: state dtypes drifted at step {i}"
+        t_old, t_new = new_state[1], state[1]
+        if i in (2, 3):
+            assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree_util.tree_leaves(up))
+            assert int(t_old.skipped) == int(t_new.skipped) + 1
+            assert math.isnan(float(t_old.lr)) and int(t_old.closure_calls) == 1
+            for field in MEMORY:
+                if field in t_old._fields:
+                    jax.tree_util.tree_map(np.testing.assert_array_equal, getattr(t_old, field), getattr(t_new, field))
+            jax.tree_util.tree_map(np.testing.assert_array_equal, new_p, params)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, new_state[0], state[0])  # base untouched too
+        else:
+            assert np.isfinite(float(t_old.lr)) and float(t_old.lr) > 0, name
+        params, state = new_p, new_state
+    assert len(traces) == 1 and step._cache_size() == 1, f"{name} retraced"
+    s = stats(state)
+    assert tuple(s) == STAT_FIELDS and int(s["skipped"]) == 2
+    return state
+
+
+@pytest.mark.parametrize("name", list(TUNERS))
+def test_jit_no_retrace_dtype_stable_and_skips_float32(name):
+    state = _check_tuner(name, jnp.float32)
+    assert state[1].lr.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["cdat_secant_sharp", "armijo"])
+def test_dtype_stable_float64(name):
+    with jax.enable_x64(True):
+        state = _check_tuner(name, jnp.float64)
+        assert state[1].lr.dtype == jnp.float64 and state[1].count.dtype == jnp.int32
+
+
+def test_inject_hyperparams_sigma():
+    with jax.enable_x64(True):
+        A = jnp.diag(jnp.array([1.0, 2.0, 5.0]))
+        f = lambda w: 0.5 * w @ A @ w  # noqa: E731
+        opt = optax.chain(optax.identity(), optax.inject_hyperparams(scale_by_cdat)(sigma=2.0, ema=0.0))
+        w = jnp.array([1.0, -1.0, 0.5])
+        state = opt.init(w)
+
+        @jax.jit
+        def step(w, state):
+            v, g = jax.value_and_grad(f)(w)
+            up, state = opt.update(g, state, w, value=v, grad=g, value_fn=f)
+            return w + up, state, (g @ g) / (g @ A @ g)
+
+        w, state, greedy = step(w, state)
+        assert float(state[1].inner_state.lr) == pytest.approx(2 * float(greedy), rel=1e-12)
+        state[1].hyperparams["sigma"] = jnp.asarray(0.5, state[1].hyperparams["sigma"].dtype)
+        w, state, greedy = step(w, state)
+        assert float(state[1].inner_state.lr) == pytest.approx(0.5 * float(greedy), rel=1e-12)
+        assert step._cache_size() == 1
+        assert float(stats(state)["lr"]) == float(state[1].inner_state.lr)
+
+
+def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
+    p = _params(jnp.float32)
+    opt = optax.chain(optax.identity(), scale_by_polyak())
+    s0 = opt.init(p)
+    v, g = jax.value_and_grad(loss)(p, X, Y)
+    f = jax.jit(lambda p, s: opt.update(g, s, p, value=v, grad=g)[1][1].lr)  # polyak needs no value_fn
+    h = jax.jit(lambda p, s: opt.update(g, s, p, value_fn=loss, x=X, y=Y, batch_size=16)[1][1].lr)
+    assert float(f(p, s0)) == pytest.approx(float(h(p, s0)), rel=1e-6)
+    with pytest.raises(ValueError, match="value_fn"):
+        optax.chain(optax.identity(), scale_by_cdat()).update(g, s0, p, value=v, grad=g)
+
+
+def test_value_fn_kwargs_forwarding():
+    def f(p, x, *, y=0.0):
+        return p
+
+    assert fn_kwargs(f, {"x": 1, "y": 2, "rng": 3}) == {"x": 1, "y": 2}
+    assert fn_kwargs(lambda p, **kw: p, {"a": 1}) == {"a": 1}
+    assert fn_kwargs(lambda p: p, {"a": 1}) == {}
+
+
+def test_negated_chain_is_flagged_and_warned():
+    p = _params(jnp.float32)
+    opt = optax.chain(optax.sgd(1.0), scale_by_cdat(curvature="fd"))  # sgd already negates: wrong chain
+    state = opt.init(p)
+
+    @jax.jit
+    def step(p, state):
+        v, g = jax.value_and_grad(loss)(p, X, Y)
+        return opt.update(g, state, p, value=v, grad=g, value_fn=loss, x=X, y=Y)[1]
+
+    with pytest.warns(RuntimeWarning, match="already negated"):
+        state = step(p, state)
+        jax.effects_barrier()
+    assert int(state[1].ascent_steps) == 1 and float(state[1].lr) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = step(p, state)  # only the first step warns; the counter keeps counting
+        jax.effects_barrier()
+    assert int(state[1].ascent_steps) == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda: scale_by_cdat(sigma=0.0), lambda: scale_by_cdat(ema=1.0), lambda: scale_by_cdat(eps=-1.0),
+    lambda: scale_by_cdat(curvature="hvp"), lambda: scale_by_cdat(sharpness_every=-1),
+    lambda: scale_by_cdat(sharpness_tol=-1.0), lambda: scale_by_cdat(lr_max=0.0),
+    lambda: scale_by_cdat(base_method="sgd"), lambda: BaseMethod.heavy_ball(1.0),
+    lambda: scale_by_quadratic_greedy(lr_max=-1.0), lambda: scale_by_armijo(max_trials=0),
+    lambda: scale_by_armijo(c=1.0), lambda: scale_by_armijo(decrease_factor=1.0),
+    lambda: scale_by_armijo(increase_factor=0.5), lambda: scale_by_armijo(init_lr=0.0),
+    lambda: scale_by_polyak(f_star=math.nan), lambda: scale_by_edge_of_stability(sharpness_every=0),
+    lambda: scale_by_edge_of_stability(sigma=-1.0),
+])
+def test_bad_settings_raise_at_construction(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_armijo_accepts_relaxed_condition_and_caps_trials():
+    with jax.enable_x64(True):
+        p = _params(jnp.float64)
+        c, delta = 0.5, 1e-3
+        opt = armijo(optax.identity(), c=c, delta=delta, init_lr=0.25, increase_factor=4.0, max_trials=3)
+        state = opt.init(p)
+
+        @jax.jit
+        def step(p, state):
+            v, g = jax.value_and_grad(loss)(p, X, Y)
+            up, state = opt.update(g, state, p, value=v, grad=g, value_fn=loss, x=X, y=Y, other=None)
+            new = optax.apply_updates(p, up)
+            gtu = -sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g)))
+            return new, state, v, loss(new, X, Y), gtu
+
+        first = True
+        for _ in range(8):
+            p, state, f0, f1, gtu = step(p, state)
+            t = state[1]
+            trials = int(t.search.info.num_linesearch_steps)
+            assert 1 <= trials <= 3 and int(t.closure_calls) == 1 + trials
+            if first:  # first trial min(increase_factor * init_lr, lr_max) = 1.0 (a shrink by 0.8 if rejected)
+                assert float(t.lr) == pytest.approx(0.8 ** (trials - 1), rel=1e-12)
+                first = False
+            if float(t.search.info.decrease_error) == 0.0:
+                assert float(f1) <= (1 + delta) * float(f0) + c * float(t.lr) * float(gtu) + 1e-15
