@@ -50,7 +50,7 @@ def test_top_eigenvalue_matches_dense_hessian():
     H = dense_hessian(model, x, y)
     want = np.linalg.eigvalsh(H)[-1]
     before = [p.detach().clone() for p in model.parameters()]
-    lam, vec = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), iters=2000, tol=1e-13)
+    lam, vec = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), iters=300, tol=1e-13)
     assert abs(float(lam) - want) <= 1e-6 * abs(want)
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach(), b)  # restored bit-exactly
@@ -65,8 +65,9 @@ def test_top_eigenvalue_matches_dense_hessian():
         return closure()
     lam2, _ = hessian_top_eigenvalue(counting, model.parameters(), v0=vec, iters=50, tol=1e-9)
     assert abs(float(lam2) - want) <= 1e-6 * abs(want) and len(calls) <= 4
-    lam3, _ = hessian_top_eigenvalue(closure, model.parameters(), method="lanczos", tol=1e-12)
-    assert abs(float(lam3) - want) <= 1e-6 * abs(want)
+    for method in ("eigsh", "power"):
+        lam3, _ = hessian_top_eigenvalue(closure, model.parameters(), method=method, tol=1e-12, iters=2000)
+        assert abs(float(lam3) - want) <= 1e-6 * abs(want)
 
 
 def adam_after_steps(model, x, y, steps=5):
@@ -94,7 +95,7 @@ def test_preconditioned_sharpness_matches_dense():
     assert want == pytest.approx(np.max(np.linalg.eigvals(np.diag(1 / p) @ H).real), rel=1e-8)
     for pre in (adam, P):  # the optimizer or explicit diagonal tensors
         lam, _ = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), preconditioner=pre,
-                                        method="lanczos", iters=100, tol=1e-12)
+                                        iters=400, tol=1e-12)
         assert abs(float(lam) - want) <= 1e-6 * abs(want)
 
 
@@ -107,15 +108,16 @@ def test_negative_dominant_eigenvalue_still_gives_top():
         loss = 0.5 * (D * w * w).sum()
         loss.backward()
         return loss
-    lam, _ = hessian_top_eigenvalue(closure, [w], iters=500, tol=1e-12)
-    assert float(lam) == pytest.approx(2.0, rel=1e-6)
+    for method in ("lanczos", "power"):
+        lam, _ = hessian_top_eigenvalue(closure, [w], iters=500, tol=1e-12, method=method)
+        assert float(lam) == pytest.approx(2.0, rel=1e-6)
 
 
 def test_online_sharpness_in_tuner_and_eos_ratio():
     model, x, y = mlp_problem(4)  # a problem with a clear eigengap, so power iteration converges fast
     base = torch.optim.Adam(model.parameters(), lr=1.0)
-    opt = CDAT(base, sigma=1.0, ema=0.0, sharpness_every=3, sharpness_first_iters=2000, sharpness_iters=2000,
-               sharpness_tol=1e-10)
+    opt = CDAT(base, sigma=1.0, ema=0.0, sharpness_every=3, sharpness_first_iters=300, sharpness_iters=300,
+               sharpness_tol=1e-12)
     closure = make_closure(model, x, y)
     for t in range(1, 5):
         H = dense_hessian(model, x, y)

@@ -6,11 +6,14 @@ gradients, ``H v ~ (g(w + h v) - g(w)) / h`` with ``h ||v|| = sqrt(eps) (1 + ||w
 backward needed), accurate to about ``sqrt(eps)`` of the dtype (1e-8 relative in float64). For ``P^-1 H``
 the iteration runs on the symmetric ``P^-1/2 H P^-1/2``, which has the same eigenvalues.
 
-``method="lanczos"`` (standalone function only) hands the same products to SciPy's ``eigsh`` (implicitly
-restarted Lanczos, ``which="LA"``): many fewer products than power iteration for a cold start with a small
-eigengap, at the cost of a host round trip per product (SciPy must be installed).
+Algorithms. The default is Lanczos (a Krylov method: after ``k`` products the estimate is the best over
+the whole Krylov space of ``v0``, which converges much faster than power iteration when the eigengap is
+small and targets the top *algebraic* eigenvalue even when a negative one dominates in magnitude), with full
+reorthogonalisation, restarted from the Ritz vector every 10 products. While running it keeps up to 10
+vectors the size of the parameters (``iters`` of them online, 4 by default). ``method="power"`` is power
+iteration (two vectors); ``method="eigsh"`` (standalone function only) hands the products to SciPy's ARPACK.
 
-Power-iteration stopping: after each product the Rayleigh quotient ``v^T M v`` is compared with the previous one (for a warm
+Stopping: after each product the Rayleigh quotient ``v^T M v`` is compared with the previous one (for a warm
 start, with the previous estimate); the iteration stops when they agree to ``tol`` (relative). If the
 dominant eigenvalue turns out negative, a second pass on ``M - lambda I`` finds the top (algebraic) one.
 """
@@ -102,6 +105,76 @@ def _power(matvec: MatVec, v: list[Tensor], iters: int, tol: float, previous: Op
     return lam, v, count
 
 
+def _lanczos_window(matvec: MatVec, v: list[Tensor], budget: int, tol: float, previous: Optional[float]
+                    ) -> tuple[float, list[Tensor], int, bool]:
+    """Up to ``budget`` Lanczos steps from unit ``v`` (full reorthogonalisation); the top Ritz pair.
+
+    Stops early when the top Ritz value changes by at most ``tol`` (relative) from one step to the next (the
+    first step is compared with ``previous``). Returns (value, unit Ritz vector, products, converged).
+    """
+    import numpy as np
+
+    basis = [v]
+    alphas: list[float] = []
+    betas: list[float] = []
+    theta_prev = previous
+    theta, y = float("nan"), np.ones(1)
+    count = 0
+    converged = False
+    for j in range(budget):
+        w = matvec(basis[j])
+        count += 1
+        a = float(dot(basis[j], w))
+        torch._foreach_add_(w, basis[j], alpha=-a)
+        if j > 0:
+            torch._foreach_add_(w, basis[j - 1], alpha=-betas[-1])
+        for q in basis:  # full reorthogonalisation (the window is short)
+            c = float(dot(q, w))
+            torch._foreach_add_(w, q, alpha=-c)
+        alphas.append(a)
+        b = float(norm(w))
+        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        vals, vecs = np.linalg.eigh(T)
+        theta, y = float(vals[-1]), vecs[:, -1]
+        if not math.isfinite(theta):
+            break
+        if theta_prev is not None and rayleigh_converged(theta, theta_prev, tol):
+            converged = True
+            break
+        theta_prev = theta
+        if j + 1 == budget or not math.isfinite(b) or b <= 1e-12 * max(abs(theta), 1e-300):
+            converged = not (math.isfinite(b) and b > 0) if j + 1 < budget else False
+            break
+        betas.append(b)
+        torch._foreach_div_(w, b)
+        basis.append(w)
+    x = torch._foreach_mul(basis[0], float(y[0]))
+    for coef, q in zip(y[1:len(basis)], basis[1:len(y)]):
+        torch._foreach_add_(x, q, alpha=float(coef))
+    nx = norm(x)
+    torch._foreach_div_(x, nx)
+    return theta, x, count, converged
+
+
+def lanczos_top(matvec: MatVec, v0: list[Tensor], *, iters: int, tol: float, previous: Optional[float] = None,
+                window: int = 10) -> tuple[float, list[Tensor], int]:
+    """Top (algebraic) eigenpair by Lanczos restarted from the Ritz vector every ``window`` products, at most
+    ``iters`` products in all. Returns (eigenvalue, unit eigenvector, products)."""
+    n0 = norm(v0)
+    v = torch._foreach_div(v0, n0)
+    lam, count = float("nan"), 0
+    prev = previous
+    while count < iters:
+        lam_w, v_w, c, done = _lanczos_window(matvec, v, min(window, iters - count), tol, prev)
+        count += c
+        if not math.isfinite(lam_w):
+            break
+        lam, v, prev = lam_w, v_w, lam_w
+        if done:
+            break
+    return lam, v, count
+
+
 def top_eigenpair(matvec: MatVec, v0: list[Tensor], *, iters: int, tol: float, previous: Optional[float] = None,
                   fresh: Optional[Callable[[], list[Tensor]]] = None) -> tuple[float, list[Tensor], int]:
     """The largest (algebraic) eigenvalue of the symmetric operator ``matvec`` and its unit eigenvector.
@@ -151,7 +224,7 @@ def _lanczos(matvec: MatVec, v0: list[Tensor], iters: int, tol: float) -> tuple[
 
 def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tensor], *,
                            preconditioner: PreconditionerLike = None, v0: Optional[Sequence[Tensor]] = None,
-                           iters: int = 100, tol: float = 1e-6, method: str = "power", modules: ModulesLike = None,
+                           iters: int = 100, tol: float = 1e-6, method: str = "lanczos", modules: ModulesLike = None,
                            generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[Tensor]]:
     """Top Hessian eigenvalue ``lambda_max(H)`` (or ``lambda_max(P^-1 H)``) at the current parameters.
 
@@ -159,8 +232,9 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     returns the loss); it is called ``1 + (number of HVPs)`` times. ``preconditioner``: a ``torch.optim.Adam``
     / ``AdamW`` instance (``P`` from its state, DESIGN §3, both bias corrections) or a list of positive
     diagonal tensors ``P`` (one per parameter). ``v0``: a warm start (e.g. the eigenvector returned last
-    time). ``iters``: the maximum number of power iterations (``method="power"``) or of Lanczos restarts
-    (``method="lanczos"``, SciPy's ``eigsh``); ``tol``: relative tolerance on the eigenvalue.
+    time). ``method``: ``"lanczos"`` (default; restarted Lanczos in torch), ``"power"`` (power iteration)
+    or ``"eigsh"`` (SciPy's ARPACK). ``iters``: the maximum number of products (``"lanczos"``, ``"power"``)
+    or of ARPACK iterations (``"eigsh"``); ``tol``: relative tolerance on the eigenvalue.
     ``modules``: modules whose buffers (BatchNorm statistics) must not change.
 
     Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
@@ -170,10 +244,10 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     params = [p for p in params]
     if not params:
         raise ValueError("params is empty")
-    if method not in ("power", "lanczos"):
-        raise ValueError(f"method must be 'power' or 'lanczos', got {method!r}")
-    if method == "lanczos" and sum(p.numel() for p in params) < 3:
-        method = "power"
+    if method not in ("lanczos", "power", "eigsh"):
+        raise ValueError(f"method must be 'lanczos', 'power' or 'eigsh', got {method!r}")
+    if method == "eigsh" and sum(p.numel() for p in params) < 3:
+        method = "lanczos"
     guard = ProbeGuard(modules)
     before = BufferSnapshot(modules)
     before.take()
@@ -188,8 +262,10 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
             matvec = _preconditioned(hvp, scales)
             start = list(v0) if v0 is not None else _random_like(params, generator)
             start = [s.detach().to(p.dtype).clone() for s, p in zip(start, params)]
-            if method == "lanczos":
+            if method == "eigsh":
                 lam, v = _lanczos(matvec, start, iters, tol)
+            elif method == "lanczos":
+                lam, v, _ = lanczos_top(matvec, start, iters=iters, tol=tol)
             else:
                 lam, v, _ = top_eigenpair(matvec, start, iters=iters, tol=tol,
                                           fresh=lambda: _random_like(params, generator))
@@ -232,9 +308,9 @@ class OnlineSharpness:
         first = v0 is None
         if first:
             v0 = _random_like(like, self.generator)
-        lam, v, count = top_eigenpair(
+        lam, v, count = lanczos_top(
             matvec, v0, iters=self.config.first_iters if first else self.config.iters, tol=self.config.tol,
-            previous=None if first else self.values[space], fresh=lambda: _random_like(like, self.generator))
+            previous=None if first else self.values[space])
         self.hvps += count
         if math.isfinite(lam):
             self.vectors[space] = v
