@@ -21,12 +21,16 @@ def scalar(value: float, like: Tensor) -> Tensor:
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """``sum_i <x_i, y_i>`` as a 0-d tensor (accumulated per tensor, then summed)."""
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(xs, ys)]).sum()
+    return torch.stack([torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys)]).sum()
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.view(-1) if x.is_contiguous() else x.reshape(-1)
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
-    """``sum_i ||x_i||^2``."""
-    return dot(xs, xs)
+    """``sum_i ||x_i||^2`` (one fused norm kernel per call)."""
+    return torch.stack(torch._foreach_norm(list(xs))).square().sum()
 
 
 def norm(xs: Sequence[Tensor]) -> Tensor:
