@@ -324,6 +324,8 @@ def build_table(
     overrides: Mapping[str, str] | None = None,
     init_sigma: float = 1.0,
     gamma_depth: int | None = None,
+    zero_readout: bool = False,
+    delta_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, ParamScaling]:
     """The table for a whole model.
 
@@ -332,7 +334,11 @@ def build_table(
     the depth-μP learning-rate correction when ``depth`` is given). ``overrides``: ``{name or glob: role}``
     (a role in :data:`ROLES`, or ``"embedding"`` = input role with a one-hot input, init std σ).
     ``gamma_depth``: the ``L`` of the γ > 1 rule (defaults to ``depth``, then to the number of parameters
-    with at least 2 dims, i.e. the number of weight layers).
+    with at least 2 dims, i.e. the number of weight layers). ``zero_readout``: output-role weights start at
+    zero (TP5's recommended "zero readout" initialisation, ``mup.MuReadout(readout_zero_init=True)``).
+    ``delta_shapes``: shapes of a third model of another width (``mup``'s ``delta``); when given, roles are
+    inferred from ``base_shapes`` vs ``delta_shapes`` and only the multipliers from the target, so that a
+    target as wide as the base still knows its readout (for γ and ``zero_readout``).
     """
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     family = optimizer_family(optimizer)
@@ -341,6 +347,8 @@ def build_table(
     if depth is not None:
         check_positive_int("depth", depth)
     check_same_names(shapes, base_shapes)
+    if delta_shapes is not None:
+        check_same_names(shapes, delta_shapes)
     residual = set(residual_branch)
     unknown = residual - set(shapes)
     if unknown:
@@ -372,7 +380,7 @@ def build_table(
             layout, role = "embedding", None
         if role is None:
             try:
-                role = infer_role(shape, base, layout)
+                role = infer_role(shape if delta_shapes is None else delta_shapes[name], base, layout)
             except ValueError as e:
                 raise ValueError(f"parameter {name!r}: {e}") from None
         m_in, m_out = width_mults(shape, base, layout)
@@ -384,6 +392,8 @@ def build_table(
             init_std = init_sigma * cell.init_mult
         else:
             init_std = init_sigma * cell.init_mult / math.sqrt(fi)
+        if zero_readout and role == "output" and init_std is not None:
+            init_std = 0.0
         fwd = cell.forward_mult * (g_out if role == "output" else 1.0)
         in_branch = depth is not None and name in residual
         width_depth_lr = cell.lr_mult * (d_lr if in_branch else 1.0)

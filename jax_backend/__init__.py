@@ -24,3 +24,5 @@ __all__ = [
     "with_base_state", "BaseMethod", "stats",
     "TunerState", "ArmijoState", "SecantMemory", "SharpnessMemory",
 ]
+from .mup import MuP, add_decayed_weights_mup, mup_multipliers, mup_table, parameterize, scale_by_mup  # noqa: E402
+__all__ += ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]

@@ -60,7 +60,7 @@ def _named_shapes(tree: Any, what: str) -> tuple[dict[str, tuple], Any]:
 def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", parameterization: str = "mup",
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
               residual_branches: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
-              init_sigma: float = 1.0) -> dict:
+              init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None) -> dict:
     """``{leaf name: curvopt.mup.ParamScaling}``; same arguments as :func:`parameterize`."""
     shapes, _ = _named_shapes(params, "params")
     base_shapes, _ = _named_shapes(base_params, "base_params")
@@ -79,7 +79,8 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
     return core.build_table(
         {n: (s, layout[n]) for n, s in shapes.items()}, base_shapes, optimizer=optimizer,
         parameterization=parameterization, gamma=gamma, depth=depth, residual_branch=in_branch,
-        overrides=overrides, init_sigma=init_sigma)
+        overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout,
+        delta_shapes=None if delta_params is None else _named_shapes(delta_params, "delta_params")[0])
 
 
 def mup_multipliers(params: Any, base_params: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
@@ -176,18 +177,19 @@ def parameterize(
     residual_branches: Sequence[str] | None = None,
     attention: str | None = None,
     layouts: Mapping[str, str] | None = None,
-    init_sigma: float = 1.0,
+    init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None,
 ) -> MuP:
     """μP (or SP/NTK) for the model whose parameters are ``params`` relative to ``base_params``.
 
     Both are pytrees of arrays or ``jax.ShapeDtypeStruct`` (e.g. ``jax.eval_shape(model.init, ...)``) with the
     same paths. ``residual_branches``: globs over leaf names of the parameters inside residual branches
     (they get depth-μP's Adam learning-rate correction; scale the branch outputs by
-    ``branch_multiplier`` in the model). Other arguments as the PyTorch ``parameterize``.
+    ``branch_multiplier`` in the model). ``delta_params``: a third tree of another width (roles from
+    ``base_params`` vs ``delta_params``). Other arguments as the PyTorch ``parameterize``.
     """
     table = mup_table(params, base_params, optimizer=optimizer, parameterization=parameterization, gamma=gamma,
                       depth=depth, overrides=overrides, residual_branches=residual_branches, layouts=layouts,
-                      init_sigma=init_sigma)
+                      init_sigma=init_sigma, zero_readout=zero_readout, delta_params=delta_params)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [_name(p) for p, _ in leaves]
 

@@ -453,3 +453,23 @@ def test_coordinate_check_mup_vs_sp():
     mup_r, sp_r = ratios("mup"), ratios("sp")
     assert all(abs(r - 1) < 0.25 for r in mup_r), mup_r
     assert any(r >= 2 or r <= 0.5 for r in sp_r), sp_r
+
+
+def test_zero_readout_and_delta_model_both_backends():
+    t = tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5)
+    assert t["4.weight"].role == "finite" and t["4.weight"].forward_mult == 1.0  # base width: no readout known
+    t = tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5, delta_model=torch_mlp(64),
+                       zero_readout=True)
+    assert mult(t, "4.weight") == ("output", 0.0, 2.0, 0.25, 1.0)
+    assert mult(t, "2.weight") == ("hidden", 1 / math.sqrt(32), 1.0, 0.25, 1.0)
+    model = torch_mlp(128)
+    tmup.parameterize(model, torch_mlp(32), zero_readout=True)
+    assert torch.count_nonzero(model[4].weight) == 0 and torch.count_nonzero(model[2].weight) > 0
+    x = jnp.zeros((1, IN))
+    j = jmup.mup_multipliers(flax_shapes(FlaxMLP(32), x), flax_shapes(FlaxMLP(32), x), optimizer="sgd", gamma=0.5,
+                             delta_params=flax_shapes(FlaxMLP(64), x), zero_readout=True)
+    assert j["params/l4/kernel"] == pytest.approx(tmup.mup_multipliers(
+        torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5, delta_model=torch_mlp(64),
+        zero_readout=True)["4.weight"])
+    with pytest.raises(ValueError, match="same parameter names"):
+        tmup.mup_table(torch_mlp(32), torch_mlp(32), delta_model=TorchGPT(32))

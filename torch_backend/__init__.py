@@ -24,3 +24,5 @@ __all__ = [
     "adam_preconditioner_from_optimizer",
     "base_stability_coefficient",
 ]
+from .mup import MuPParamGroups, mup_multipliers, mup_table, parameterize, remove_parameterization  # noqa: E402
+__all__ += ["parameterize", "mup_table", "mup_multipliers", "remove_parameterization", "MuPParamGroups"]

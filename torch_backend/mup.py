@@ -118,6 +118,8 @@ def _build(
     residual_branches: Sequence[str] | None,
     init_sigma: float,
     attention: str | None,
+    zero_readout: bool = False,
+    delta_model: nn.Module | None = None,
 ):
     if not isinstance(model, nn.Module) or not isinstance(base_model, nn.Module):
         raise ValueError("model and base_model must be torch.nn.Module instances")
@@ -137,7 +139,8 @@ def _build(
     base_shapes = {v: tuple(base_views[v][3].shape) for v in views}
     table = core.build_table(
         shapes, base_shapes, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
-        residual_branch=in_branch, overrides=overrides, init_sigma=init_sigma,
+        residual_branch=in_branch, overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout,
+        delta_shapes=None if delta_model is None else {v: tuple(t[3].shape) for v, t in _views(delta_model)[0].items()},
         gamma_depth=depth if depth is not None else sum(len(shapes[vs[0]][0]) >= 2 for vs in aliases.values()),
     )
     for name, vs in aliases.items():
@@ -155,12 +158,14 @@ def _build(
 
 def mup_table(model: nn.Module, base_model: nn.Module, *, optimizer: str = "adam", parameterization: str = "mup",
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
-              residual_branches: Sequence[str] | None = None, init_sigma: float = 1.0) -> dict:
+              residual_branches: Sequence[str] | None = None, init_sigma: float = 1.0,
+              zero_readout: bool = False, delta_model: nn.Module | None = None) -> dict:
     """``{name: curvopt.mup.ParamScaling}`` for every parameter (canonical names; a tied parameter's other
     names are included too), without touching the model. Same arguments as :func:`parameterize`."""
     _, _, table, _, _, _ = _build(model, base_model, optimizer=optimizer, parameterization=parameterization,
                                   gamma=gamma, depth=depth, overrides=overrides,
-                                  residual_branches=residual_branches, init_sigma=init_sigma, attention=None)
+                                  residual_branches=residual_branches, init_sigma=init_sigma, attention=None,
+                                  zero_readout=zero_readout, delta_model=delta_model)
     return table
 
 
@@ -189,6 +194,8 @@ def parameterize(
     residual_branches: Sequence[str] | None = None,
     attention: str | None = None,
     init_sigma: float = 1.0,
+    zero_readout: bool = False,
+    delta_model: nn.Module | None = None,
     reinit: bool = True,
     lr: float = 1.0,
     weight_decay: float = 0.0,
@@ -202,7 +209,10 @@ def parameterize(
       recognised; their views must agree on the learning rate.
     * ``reinit``: weights (≥ 2-D) are redrawn from ``N(0, init_std²)`` of the table (``init_std =
       init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``); 1-D
-      parameters keep their values.
+      parameters keep their values. ``zero_readout=True``: output-role weights start at 0 (TP5's advice).
+    * ``delta_model``: optional third model of another width (as ``mup``'s ``delta``): roles come from
+      ``base_model`` vs ``delta_model``, multipliers from ``model`` vs ``base_model``. Needed when ``model``
+      is as wide as ``base_model`` but should still get γ's output multiplier or ``zero_readout``.
     * Forward multipliers (μP/NTK readout ``1/m``, γ's ``1/γ``) and the depth-μP branch multiplier
       ``1/sqrt(depth)`` on the modules named by ``residual_branches`` (globs over module names) are
       installed as hooks (see the module docstring).
@@ -218,7 +228,8 @@ def parameterize(
     check_nonnegative("weight_decay", weight_decay)
     views, aliases, table, branch_modules, branch_mult, attention = _build(
         model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
-        overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention)
+        overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
+        zero_readout=zero_readout, delta_model=delta_model)
 
     # Check every non-unit forward multiplier can be applied before changing anything.
     module_mult: dict[str, tuple[nn.Module, float, str]] = {}
