@@ -1,0 +1,425 @@
+"""μP transfer measurements: ``python -m benchmarks.mup_transfer [--quick] [--out results/mup]``.
+
+Four experiments on scikit-learn's digits (full batch on a fixed training subset, CPU, PyTorch), each at
+widths 32 ... 512 (x2) with base width 32 (where μP, SP and NTK coincide):
+
+1. **Sharpness across widths** (MLP and a small CNN, full-batch GD at one fixed base learning rate):
+   the top eigenvalue after the last step of ``D^1/2 H D^1/2`` with ``D`` the per-parameter learning-rate
+   multipliers of the parameterisation (``D = I`` under SP/NTK). This is the curvature the GD step
+   ``w <- w - lr * D g`` sees (it is stable iff ``lr * sharpness < 2``); it is estimated by
+   ``torch_backend.hessian_top_eigenvalue`` with ``preconditioner = 1/D``. Target: max/min - 1 <= 20 %
+   under μP, >= 2x under SP or NTK.
+2. **Learning-rate transfer** (MLP, Adam): training loss averaged over the run (the area under the loss
+   curve; the final loss is ~1e-5 and dominated by Adam's late oscillations once the 512 examples are
+   memorised) on a 7-point grid (factor 2); the best grid point per width (target: the same at the smallest
+   and the largest width under μP, moves under SP).
+3. **CDAT under μP** (MLP, GD base, ``CDAT(sigma=2, ema=0.9)``): the global learning rate CDAT picks,
+   averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast).
+4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
+   centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
+   stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
+   slope (target ≈ 2).
+
+Writes PNG plots, ``results.md`` (tables) and ``results.json`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from torch_backend.mup import parameterize
+
+try:  # the shared estimator; a plain power iteration on double-backward HVPs otherwise
+    from torch_backend import hessian_top_eigenvalue as _shared_top_eig
+except ImportError:  # pragma: no cover
+    _shared_top_eig = None
+try:
+    from torch_backend import CDAT
+except ImportError:  # pragma: no cover
+    CDAT = None
+
+
+@dataclass
+class Preset:
+    widths: tuple = (32, 64, 128, 256, 512)
+    n_train: int = 512
+    sharp_steps: int = 100
+    sharp_every: int = 25
+    sharp_n_cnn: int = 128
+    sharp_lrs: tuple = (("mlp", 0.2), ("mlp", 0.05), ("cnn", 0.2))
+    transfer_steps: int = 100
+    transfer_grid: tuple = tuple(4e-3 * 2.0**k for k in range(7))
+    cdat_steps: int = 100
+    gamma_width: int = 128
+    gammas: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
+    gamma_steps: int = 100
+    gamma_grid: tuple = tuple(2.0**k for k in range(-20, 5))
+    parameterizations: tuple = ("mup", "sp", "ntk")
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "default": Preset(),
+    "quick": Preset(widths=(32, 128, 512), n_train=128, sharp_steps=30, sharp_every=10, sharp_n_cnn=64,
+                    sharp_lrs=(("mlp", 0.2), ("cnn", 0.2)), transfer_steps=30,
+                    cdat_steps=30, gammas=(0.01, 0.1, 1.0), gamma_steps=30,
+                    parameterizations=("mup", "sp")),
+}
+BASE_WIDTH = 32
+
+
+# --------------------------------------------------------------------------------------------------- data/models
+def digits(n_train: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32) / 16.0
+    x = (x - x.mean()) / x.std()
+    idx = np.random.default_rng(seed).permutation(len(x))[:n_train]
+    return torch.from_numpy(x[idx][:, None]), torch.from_numpy(d.target[idx].astype(np.int64))
+
+
+def mlp(w: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
+
+
+def cnn(w: int) -> nn.Module:
+    # 8x8 -> 4x4 (3x3 stride 2) -> 2x2 (2x2 stride 2): small enough for width 512 on a CPU
+    return nn.Sequential(nn.Conv2d(1, w, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Conv2d(w, w, 2, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 10))
+
+
+def build(arch, width, par, optimizer, lr, seed, gamma=1.0, zero_readout=False):
+    torch.manual_seed(seed)
+    model, base = arch(width), arch(BASE_WIDTH)
+    groups = parameterize(model, base, optimizer=optimizer, parameterization=par, gamma=gamma, lr=lr,
+                          delta_model=arch(2 * BASE_WIDTH),
+                          zero_readout=zero_readout)
+    return model, groups
+
+
+# --------------------------------------------------------------------------------------------------- sharpness
+def top_eig(model, params, mults, loss_fn, v0=None, iters=30):
+    """λ_max(D^1/2 H D^1/2) with D = diag(mults), power iteration warm-started from ``v0``."""
+    def closure():
+        for p in params:
+            p.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    precond = [torch.full_like(p, 1.0 / m) for p, m in zip(params, mults)]
+    if _shared_top_eig is None:  # pragma: no cover
+        return _double_backward_top_eig(params, precond, loss_fn, v0, iters)
+    lam, vec = _shared_top_eig(closure, params, preconditioner=precond, v0=v0, iters=iters, tol=1e-4,
+                               generator=torch.Generator().manual_seed(0))
+    return float(lam), vec
+
+
+def _double_backward_top_eig(params, precond, loss_fn, v0, iters):  # pragma: no cover
+    s = [p.rsqrt() for p in precond]
+    g = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    v = [torch.randn_like(p) for p in params] if v0 is None else [t.clone() for t in v0]
+    lam = 0.0
+    for _ in range(iters):
+        n = math.sqrt(sum(float((t * t).sum()) for t in v))
+        v = [t / n for t in v]
+        hv = torch.autograd.grad(g, params, [t * si for t, si in zip(v, s)], retain_graph=True)
+        hv = [h * si for h, si in zip(hv, s)]
+        lam = sum(float((a * b).sum()) for a, b in zip(v, hv))
+        v = hv
+    return lam, v
+
+
+def param_mults(groups):
+    params, mults = [], []
+    for g in groups:
+        for p in g["params"]:
+            params.append(p)
+            mults.append(g["lr"])
+    return params, mults
+
+
+def run_sharpness(arch, width, par, lr, steps, every, x, y, seed):
+    model, groups = build(arch, width, par, "sgd", 1.0, seed)
+    params, mults = param_mults(groups)  # relative multipliers
+    for g in groups:
+        g["lr"] *= lr
+    opt = torch.optim.SGD(groups)
+    loss_fn = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    hist, v, losses = [], None, []
+    for t in range(steps + 1):
+        if t % every == 0 or t == steps:
+            lam, v = top_eig(model, params, mults, loss_fn, v0=v, iters=30 if v is None else 10)
+            hist.append((t, lam))
+        if t == steps:
+            break
+        opt.zero_grad()
+        loss = loss_fn()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            hist.append((t, float("nan")))
+            break
+        loss.backward()
+        opt.step()
+    return {"history": hist, "final": hist[-1][1], "loss": losses[-1] if losses else float("nan")}
+
+
+# --------------------------------------------------------------------------------------------------- training
+def train_loss(arch, width, par, optimizer, lr, steps, x, y, seed):
+    model, groups = build(arch, width, par, optimizer, lr, seed)
+    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(groups)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            return float("inf")
+        losses.append(float(loss.detach()))
+        loss.backward()
+        opt.step()
+    return float(np.mean(losses))  # area under the training curve / steps
+
+
+def run_cdat(width, par, steps, x, y, seed):
+    model, groups = build(mlp, width, par, "sgd", 1.0, seed)
+    opt = CDAT(torch.optim.SGD(groups, lr=1.0), sigma=2.0, ema=0.9, modules=model)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    lrs, losses = [], []
+    for _ in range(steps):
+        loss = opt.step(closure)
+        lrs.append(float(opt.stats["lr"]))
+        losses.append(float(loss))
+    tail = max(1, steps // 10)
+    return {"lrs": lrs, "final_lr": float(np.mean(lrs[-tail:])), "loss": losses[-1]}
+
+
+def run_gamma(gamma, width, grid, steps, x, y_onehot, seed):
+    """Final centred MSE per global lr on ``grid`` (the table's γ² scale divided out), then at the best
+    point's √2 neighbours; returns (losses on grid, best lr)."""
+    out = []
+    for lr in grid:
+        out.append(_gamma_loss(gamma, width, lr, steps, x, y_onehot, seed) if out[-2:] != [math.inf] * 2
+                   else math.inf)
+    i = int(np.argmin(out))
+    cand = {grid[i]: out[i]}
+    for f in (2**-0.5, 2**0.5):
+        cand[grid[i] * f] = _gamma_loss(gamma, width, grid[i] * f, steps, x, y_onehot, seed)
+    return out, min(cand, key=cand.get)
+
+
+def _gamma_loss(gamma, width, lr, steps, x, y_onehot, seed):
+    from curvopt.mup import gamma_lr_scale
+
+    model, groups = build(mlp, width, "mup", "sgd", 1.0, seed, gamma=gamma)
+    scale = gamma_lr_scale(gamma, "sgd")
+    for g in groups:
+        g["lr"] = g["lr"] / scale * lr
+    opt = torch.optim.SGD(groups)
+    with torch.no_grad():
+        f0 = model(x)
+    centred_mse = lambda: 0.5 * ((model(x) - f0 - y_onehot) ** 2).sum(1).mean()  # noqa: E731
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = centred_mse()
+        if not torch.isfinite(loss) or float(loss) > 1e6:
+            return math.inf
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = float(centred_mse())
+    return final if math.isfinite(final) else math.inf
+
+
+# --------------------------------------------------------------------------------------------------- report
+def spread(values):
+    v = [a for a in values if math.isfinite(a) and a > 0]
+    if len(v) < len(values):
+        return float("inf")
+    return max(v) / min(v) - 1.0
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
+    ap.add_argument("--out", default="results/mup")
+    ap.add_argument("--only", default="sharpness,transfer,cdat,gamma", help="comma-separated experiments")
+    args = ap.parse_args(argv)
+    P = PRESETS["quick" if args.quick else "default"]
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    os.makedirs(args.out, exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    only = set(args.only.split(","))
+    x, y = digits(P.n_train, P.seed)
+    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths)}
+    t0 = time.time()
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(P.widths)))
+
+    if "sharpness" in only:
+        res["sharpness"] = {}
+        for arch_name, lr in P.sharp_lrs:
+            arch, (xs, ys) = (mlp, (x, y)) if arch_name == "mlp" else (cnn, (x[: P.sharp_n_cnn], y[: P.sharp_n_cnn]))
+            key = f"{arch_name} lr={lr:g}"
+            r = {par: {w: run_sharpness(arch, w, par, lr, P.sharp_steps, P.sharp_every, xs, ys, P.seed)
+                       for w in P.widths} for par in P.parameterizations}
+            res["sharpness"][key] = {
+                "model": arch_name, "lr": lr, "n": len(xs),
+                **{par: {"final": {w: r[par][w]["final"] for w in P.widths},
+                         "spread": spread([r[par][w]["final"] for w in P.widths]),
+                         "loss": {w: r[par][w]["loss"] for w in P.widths},
+                         "history": {w: r[par][w]["history"] for w in P.widths}} for par in r}}
+            fig, axes = plt.subplots(1, len(r), figsize=(4.2 * len(r), 3.4), sharey=True)
+            for ax, par in zip(np.atleast_1d(axes), r):
+                for c, w in zip(colors, P.widths):
+                    t, lam = zip(*r[par][w]["history"])
+                    ax.plot(t, lam, "o-", ms=3, color=c, label=f"width {w}")
+                ax.axhline(2 / lr, color="k", ls=":", lw=1, label="2/lr")
+                ax.set(title=f"{arch_name.upper()} {par}, GD lr {lr:g}", xlabel="step", yscale="log")
+            np.atleast_1d(axes)[0].set_ylabel("sharpness  λmax(D½ H D½)")
+            np.atleast_1d(axes)[-1].legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(os.path.join(args.out, f"sharpness_{arch_name}_lr{lr:g}.png"), dpi=110)
+            plt.close(fig)
+            print(f"[{time.time() - t0:6.0f}s] sharpness {key}: "
+                  + ", ".join(f"{p} spread {res['sharpness'][key][p]['spread']:.2f}" for p in r), flush=True)
+
+    if "transfer" in only:
+        res["transfer"] = {"grid": list(P.transfer_grid)}
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
+        for ax, par in zip(axes, ("mup", "sp")):
+            losses = {w: [train_loss(mlp, w, par, "adam", lr, P.transfer_steps, x, y, P.seed)
+                          for lr in P.transfer_grid] for w in P.widths}
+            best = {w: int(np.argmin(losses[w])) for w in P.widths}
+            res["transfer"][par] = {"loss": losses, "best_index": best,
+                                    "best_lr": {w: P.transfer_grid[best[w]] for w in P.widths}}
+            for c, w in zip(colors, P.widths):
+                ax.plot(P.transfer_grid, np.minimum(losses[w], 10.0), "o-", color=c, ms=3, label=f"width {w}")
+            ax.set(title=f"MLP Adam, {par}", xscale="log", yscale="log", xlabel="learning rate (base)")
+            print(f"[{time.time() - t0:6.0f}s] transfer {par}: best index {best}", flush=True)
+        axes[0].set_ylabel(f"mean train loss over {P.transfer_steps} steps")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "lr_transfer.png"), dpi=110)
+        plt.close(fig)
+
+    if "cdat" in only and CDAT is not None:
+        res["cdat"] = {}
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
+        for ax, par in zip(axes, ("mup", "sp")):
+            r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed) for w in P.widths}
+            res["cdat"][par] = {"final_lr": {w: r[w]["final_lr"] for w in P.widths},
+                                "spread": spread([r[w]["final_lr"] for w in P.widths]),
+                                "loss": {w: r[w]["loss"] for w in P.widths}}
+            for c, w in zip(colors, P.widths):
+                ax.plot(r[w]["lrs"], color=c, label=f"width {w}")
+            ax.set(title=f"CDAT(σ=2) on GD, MLP, {par}", yscale="log", xlabel="step")
+            print(f"[{time.time() - t0:6.0f}s] cdat {par}: spread {res['cdat'][par]['spread']:.2f}", flush=True)
+        axes[0].set_ylabel("global learning rate")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "cdat_lr.png"), dpi=110)
+        plt.close(fig)
+    elif "cdat" in only:
+        res["cdat"] = "skipped: torch_backend has no CDAT"
+
+    if "gamma" in only:
+        eye = torch.eye(10)[y]
+        runs = {g: run_gamma(g, P.gamma_width, P.gamma_grid, P.gamma_steps, x, eye, P.seed) for g in P.gammas}
+        losses = {g: r[0] for g, r in runs.items()}
+        best = {g: r[1] for g, r in runs.items()}
+        slope, intercept = np.polyfit(np.log(list(best)), np.log(list(best.values())), 1)
+        res["gamma"] = {"grid": list(P.gamma_grid), "loss": losses, "best_lr": best, "slope": float(slope)}
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
+        gc = plt.cm.plasma(np.linspace(0, 0.85, len(P.gammas)))
+        for c, g in zip(gc, P.gammas):
+            axes[0].plot(P.gamma_grid, np.minimum(losses[g], 10.0), "o-", ms=3, color=c, label=f"γ={g:g}")
+        axes[0].set(xscale="log", yscale="log", xlabel="learning rate (γ² scale divided out)",
+                    ylabel=f"centred MSE after {P.gamma_steps} steps", title=f"μP MLP width {P.gamma_width}, GD")
+        axes[0].legend(fontsize=7)
+        gs = np.array(P.gammas)
+        axes[1].loglog(gs, list(best.values()), "o", label="best lr")
+        axes[1].loglog(gs, np.exp(intercept) * gs**slope, "-", label=f"fit slope {slope:.2f}")
+        axes[1].set(xlabel="γ", ylabel="best learning rate", title="best lr vs γ")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "gamma_sweep.png"), dpi=110)
+        plt.close(fig)
+        print(f"[{time.time() - t0:6.0f}s] gamma: best {best}, slope {slope:.2f}", flush=True)
+
+    res["seconds"] = time.time() - t0
+    with open(os.path.join(args.out, "results.json"), "w") as fh:
+        json.dump(res, fh, indent=1, default=str)
+    with open(os.path.join(args.out, "results.md"), "w") as fh:
+        fh.write(report(res, P))
+    print(report(res, P))
+    return res
+
+
+def _fmt(v):
+    return "diverged" if not math.isfinite(v) else f"{v:.3g}"
+
+
+def report(res: dict, P: Preset) -> str:
+    lines = [f"μP transfer ({res['preset']} preset, widths {', '.join(map(str, P.widths))}, base width "
+             f"{BASE_WIDTH}, digits n={P.n_train}, full batch, {res.get('seconds', 0):.0f} s)", ""]
+    if "sharpness" in res:
+        lines += [f"**Sharpness after {P.sharp_steps} GD steps** (λmax of D½HD½; target μP ≤ 20 %, SP/NTK ≥ 2x "
+                  "= spread ≥ 100 %)", "",
+                  "| model | param | lr | " + " | ".join(f"w={w}" for w in P.widths) + " | spread max/min−1 |",
+                  "|---|---|---|" + "---|" * len(P.widths) + "---|"]
+        for r in res["sharpness"].values():
+            for par in P.parameterizations:
+                vals = r[par]["final"]
+                lines.append(f"| {r['model']} (n={r['n']}) | {par} | {r['lr']:g} | " + " | ".join(_fmt(vals[w]) for w in P.widths)
+                             + f" | {r[par]['spread'] * 100:.0f} % |")
+        lines.append("")
+    if "transfer" in res:
+        g = res["transfer"]["grid"]
+        lines += [f"**LR transfer** (MLP, Adam, mean train loss over {P.transfer_steps} steps, grid {g[0]:g}…{g[-1]:g} ×2): best grid "
+                  "index (0-6) per width", "", "| param | " + " | ".join(f"w={w}" for w in P.widths) + " |",
+                  "|---|" + "---|" * len(P.widths)]
+        for par in ("mup", "sp"):
+            b = res["transfer"][par]["best_index"]
+            lines.append(f"| {par} | " + " | ".join(f"{b[w]} ({g[b[w]]:g})" for w in P.widths) + " |")
+        lines.append("")
+    if isinstance(res.get("cdat"), dict):
+        lines += [f"**CDAT(σ=2, ema 0.9) on GD** (MLP, {P.cdat_steps} steps): global lr, mean of the last 10 %", "",
+                  "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread |",
+                  "|---|" + "---|" * len(P.widths) + "---|"]
+        for par in ("mup", "sp"):
+            r = res["cdat"][par]
+            lines.append(f"| {par} | " + " | ".join(_fmt(r["final_lr"][w]) for w in P.widths)
+                         + f" | {r['spread'] * 100:.0f} % |")
+        lines.append("")
+    elif "cdat" in res:
+        lines += [f"CDAT: {res['cdat']}", ""]
+    if "gamma" in res:
+        r = res["gamma"]
+        lines += [f"**γ sweep** (μP MLP width {P.gamma_width}, GD, centred MSE, {P.gamma_steps} steps): best lr "
+                  f"per γ: " + ", ".join(f"γ={g:g}: {v:.3g}" for g, v in r["best_lr"].items())
+                  + f"; fitted log-log slope **{r['slope']:.2f}** (target ≈ 2)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
