@@ -183,7 +183,7 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         p = patchify(x, self.patch)
-        pos = self.param("pos_emb", nn.initializers.normal(0.02), (1, p.shape[1], self.width), x.dtype)
+        pos = self.param("pos_emb", nn.initializers.normal(0.02), (p.shape[1], self.width), x.dtype)
         x = Dense(self.width, "embed")(p) + pos
         for i in range(self.depth):
             x = Block(self.width, self.heads, self.mlp_ratio, False, self.attn_scale, name=f"blocks_{i}")(x)
@@ -206,9 +206,9 @@ class LM(nn.Module):
         t = x.shape[1]
         tok = nn.Embed(self.num_classes, self.width, embedding_init=nn.initializers.normal(1.0),
                        param_dtype=self.param_dtype, name="tok_emb")(x)
-        pos = self.param("pos_emb", nn.initializers.normal(0.02), (1, self.block_len, self.width),
+        pos = self.param("pos_emb", nn.initializers.normal(0.02), (self.block_len, self.width),
                          self.param_dtype)
-        h = tok + pos[:, :t]
+        h = tok + pos[:t]
         for i in range(self.depth):
             h = Block(self.width, self.heads, self.mlp_ratio, True, self.attn_scale, name=f"blocks_{i}")(h)
         h = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="ln_f")(h)

@@ -204,7 +204,7 @@ class ViT(nn.Module):
             raise ValueError(f"image {h}x{w} not divisible by patch {patch}")
         self.patch = patch
         self.embed = nn.Linear(patch * patch * c, width)
-        self.pos_emb = nn.Parameter(torch.zeros(1, (h // patch) * (w // patch), width))
+        self.pos_emb = nn.Parameter(torch.zeros((h // patch) * (w // patch), width))
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, False, attn_scale) for _ in range(depth)])
         self.ln_f = nn.LayerNorm(width, eps=1e-5)
         self.head = nn.Linear(width, num_classes)
@@ -226,7 +226,7 @@ class LM(nn.Module):
         super().__init__()
         (block_len,) = input_shape
         self.tok_emb = nn.Embedding(num_classes, width)
-        self.pos_emb = nn.Parameter(torch.zeros(1, block_len, width))
+        self.pos_emb = nn.Parameter(torch.zeros(block_len, width))
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, True, attn_scale) for _ in range(depth)])
         self.ln_f = nn.LayerNorm(width, eps=1e-5)
         self.head = nn.Linear(width, num_classes)
@@ -234,7 +234,7 @@ class LM(nn.Module):
 
     def forward(self, x):
         t = x.shape[1]
-        h = self.tok_emb(x) + self.pos_emb[:, :t]
+        h = self.tok_emb(x) + self.pos_emb[:t]
         for blk in self.blocks:
             h = blk(h)
         return self.head(self.ln_f(h))

@@ -187,12 +187,19 @@ def _diverging(lv: float, first: float) -> bool:
 
 
 def _apply_mup_torch(model, spec: RunSpec):
-    """μP: hook point for torch_backend.mup.parameterize (returns the param groups for the optimizer)."""
-    from . import tasks as t
+    """μP (Tensor Programs V) relative to the experiment's narrowest width, via ``torch_backend.mup``:
+    re-initialises ``model`` in place and returns its param groups (lr = the relative multipliers for the
+    tuners, the grid lr times the multipliers for the constant baseline)."""
+    import torch
 
-    mup = __import__("torch_backend.mup", fromlist=["parameterize"])
-    base_model = t.torch_model(spec.exp, min(spec.exp.widths), spec.seed)
-    return mup.parameterize(model, base_model, optimizer="adam" if spec.base == "adam" else "sgd")
+    from torch_backend.mup import parameterize
+
+    base_model = tasks_mod.torch_model(spec.exp, min(spec.exp.widths), spec.seed, param="mup")
+    lr = float(dict(spec.settings)["lr"]) if spec.tuner == "constant" else 1.0
+    gen = torch.Generator().manual_seed(spec.seed)
+    overrides = {"pos_emb": "embedding"} if spec.exp.task in ("vit", "lm") else None  # a raw Parameter
+    return parameterize(model, base_model, optimizer="adam" if spec.base == "adam" else "sgd", lr=lr,
+                        generator=gen, overrides=overrides)
 
 
 def run_torch(spec: RunSpec, progress=None) -> dict:
@@ -212,7 +219,7 @@ def _run_torch(spec: RunSpec, progress=None) -> dict:
     import torch
 
     exp = spec.exp
-    prob = tasks_mod.torch_problem(exp, spec.width, spec.seed)
+    prob = tasks_mod.torch_problem(exp, spec.width, spec.seed, param=spec.param)
     model = prob.model
     model.train()
     params = None
@@ -343,7 +350,7 @@ def run_one(spec: RunSpec, progress=None) -> dict:
            "sharpness_every": e.sharpness_every, "data": {"image_set": e.image_set, "text": e.text_path,
                                                           "full_batch_size": e.full_batch_size,
                                                           "batch_size": e.batch_size, "block_len": e.block_len},
-           "model": tasks_mod.model_options(e), "started": time.time()}
+           "model": tasks_mod.model_options(e, spec.param), "started": time.time()}
     try:
         out = run_torch(spec, progress) if spec.backend == "torch" else run_jax(spec, progress)
         rec.update(out)
@@ -356,6 +363,14 @@ def run_one(spec: RunSpec, progress=None) -> dict:
         rec["traceback"] = traceback.format_exc(limit=6)
     rec["wall_time"] = time.time() - rec["started"]
     return rec
+
+
+def _mup_missing() -> str | None:
+    try:
+        from torch_backend.mup import parameterize  # noqa: F401
+    except ImportError as e:
+        return f"muP needs torch_backend.mup.parameterize ({e})"
+    return None
 
 
 def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=None) -> dict:
@@ -379,6 +394,9 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
         bar.set_postfix_str(f"{spec.exp.task}/{spec.exp.regime} w{spec.width} {spec.label} {spec.backend}")
         why = tuners_mod.available(spec.tuner, spec.backend) if tuners_mod.TUNERS[spec.tuner].kind != "constant" \
             else None
+        if spec.param == "mup" and not why:
+            why = ("muP rows run on torch only (jax: use jax_backend.mup directly)" if spec.backend == "jax"
+                   else _mup_missing())
         if why:
             if why not in warned:
                 log(f"skipping {spec.tuner} on {spec.backend}: {why}")

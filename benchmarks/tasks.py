@@ -59,9 +59,13 @@ def train_eval_arrays(exp, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return x, y, xe, ye
 
 
-def model_options(exp) -> dict:
+def model_options(exp, param: str = "sp") -> dict:
+    """The model's options: the task's defaults, the experiment's overrides, and under μP the ``1/d``
+    attention-logit scale for the transformers."""
     opts = dict(TASKS[exp.task].model)
     opts.update(exp.model)
+    if param == "mup" and exp.task in ("vit", "lm"):
+        opts.setdefault("attn_scale", "mup")
     return opts
 
 
@@ -109,19 +113,21 @@ class TorchProblem:
         return tot_loss / n, tot_acc / n
 
 
-def torch_model(exp, width: int, seed: int):
+def torch_model(exp, width: int, seed: int, param: str = "sp"):
     from . import models_torch
 
     ds = dataset_for(exp)
     return models_torch.build_model(exp.task, ds.input_shape, ds.num_classes, width, seed=seed,
-                                    **model_options(exp))
+                                    **model_options(exp, param))
 
 
-def torch_problem(exp, width: int, seed: int, dtype=None) -> TorchProblem:
+def torch_problem(exp, width: int, seed: int, dtype=None, param: str = "sp") -> TorchProblem:
+    """The torch side of a run; ``param="mup"`` builds the model with μP's attention scale (the runner then
+    re-initialises it with ``torch_backend.mup.parameterize``)."""
     import torch
 
     dtype = dtype or torch.float32
-    model = torch_model(exp, width, seed).to(dtype)
+    model = torch_model(exp, width, seed, param).to(dtype)
     x, y, xe, ye = train_eval_arrays(exp, seed)
     tx = (lambda a: torch.from_numpy(a)) if TASKS[exp.task].kind == "text" else (
         lambda a: torch.from_numpy(a).to(dtype))

@@ -156,3 +156,14 @@ def test_cli_micro_both_backends(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "mlp_full_jax_sp_loss.png"))
     assert main(argv) == 0  # resumed: nothing reruns
     assert "0 runs in" in capsys.readouterr().out
+
+
+def test_mup_axis_torch(tmp_path):
+    pytest.importorskip("torch_backend.mup")
+    exp = Experiment("mlp", "full", (8, 16), ("constant:lr=0.1", "cdat"), 2, full_batch_size=32, eval_size=32,
+                     sharpness_every=0)
+    specs = runner.plan([exp], params=("mup",), backends=("torch", "jax"))
+    c = runner.run_all(specs, str(tmp_path), progress=False)
+    assert c["ran"] == 4 and c["errors"] == 0 and c["unavailable"] == 4  # jax muP rows are skipped
+    recs = runner.load_results(os.path.join(str(tmp_path), runner.RESULTS))
+    assert {r["param"] for r in recs} == {"mup"} and all(r["status"] == "ok" for r in recs)
