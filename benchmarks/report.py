@@ -8,8 +8,9 @@ tuner, with
 * ``÷ best const``: final train loss ÷ the best constant's (< 1: the tuner beat the tuned constant);
 * ``steps to target`` / ``time to target``: first step (and wall seconds) at which the training loss is
   at or below the target = the best constant's final train loss (``—``: never reached);
-* ``step time ÷ base``: median step time ÷ the median step time of the bare base optimizer (the constant
-  runs of the same width and backend), measured in the same sweep;
+* ``step time ÷ base``: median CPU time per step ÷ that of the bare base optimizer (the constant runs of
+  the same width and backend), measured in the same sweep (CPU time of the process, not wall time, so
+  that other processes on a shared machine do not distort the ratio; the JSONL has both);
 * ``LR range``: min–max of the learning rate the tuner chose, and ``LR first÷final`` its decay factor;
 * ``sharpness ×``: last ÷ first sharpness estimate (Adam: the preconditioned sharpness);
 * eval loss / accuracy on the held-out split.
@@ -63,6 +64,13 @@ def _sharp_col(rec: dict) -> str:
     return "preconditioned_sharpness" if rec.get("base") == "adam" else "sharpness"
 
 
+def _step_time(rec: dict) -> float:
+    """Median CPU seconds per step (robust to other processes on a shared machine); wall time if absent."""
+    s = rec.get("summary", {})
+    v = s.get("median_step_cpu")
+    return _num(v) if v is not None else _num(s.get("median_step_time"))
+
+
 def _steps_to(rec: dict, target: float) -> tuple[float, float]:
     loss = _arr(rec, "loss")
     hit = np.nonzero(loss <= target * (1 + 1e-9))[0]
@@ -95,8 +103,8 @@ def analyse(records: list[dict]) -> dict:
                 f = float(np.mean([_final(r) for r in runs]))
                 if f < best_final or best_lab is None:
                     best_lab, best_final = lab, f
-            base_time = (float(np.median([_num(r["summary"].get("median_step_time")) for runs in consts.values()
-                                          for r in runs])) if consts else math.nan)
+            base_time = (float(np.median([_step_time(r) for runs in consts.values() for r in runs]))
+                         if consts else math.nan)
             rows = {}
             for lab, runs in by_tuner.items():
                 if lab in consts and lab != best_lab:
@@ -119,9 +127,9 @@ def analyse(records: list[dict]) -> dict:
                         math.isfinite(s[0]) for s in st) else math.nan,
                     "time_to_target": float(np.nanmean([s[1] for s in st])) if any(
                         math.isfinite(s[1]) for s in st) else math.nan,
-                    "step_time": float(np.mean([_num(r["summary"].get("median_step_time")) for r in runs])),
-                    "step_ratio": float(np.mean([_num(r["summary"].get("median_step_time")) for r in runs]))
-                    / base_time if base_time > 0 else math.nan,
+                    "step_time": float(np.mean([_step_time(r) for r in runs])),
+                    "step_ratio": float(np.mean([_step_time(r) for r in runs])) / base_time if base_time > 0
+                    else math.nan,
                     "lr_min": float(lr.min()) if len(lr) else math.nan,
                     "lr_max": float(lr.max()) if len(lr) else math.nan,
                     "lr_drop": _num(s0.get("lr_max")) / _num(s0.get("lr_final")) if _num(s0.get("lr_final")) > 0
@@ -322,8 +330,8 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     errors = [r for r in recs if r.get("status") == "error"]
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`. Target = the best constant's final train loss (mean of the "
-          "last 5 steps); ratios < 1 beat the tuned constant. Step time ÷ base compares median step times "
-          "with the bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first "
+          "last 5 steps); ratios < 1 beat the tuned constant. Step time ÷ base compares median CPU "
+          "seconds per step with the bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first "
           "estimate (preconditioned for Adam).", ""]
     plot_paths: list[str] = []
     for g in sorted(analysis):
@@ -335,7 +343,9 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
                ""]
         for w, info in widths.items():
             grid = ", ".join(f"{lr:.3g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
-            md.append(f"- width {w}: constant grid (lr: final loss) {grid}")
+            edge = info["grid"] and info["best_lr"] in (info["grid"][0], info["grid"][-1])
+            md.append(f"- width {w}: constant grid (lr: final loss) {grid}"
+                      + (" — **best at the grid edge: widen the grid**" if edge else ""))
         md += ["", group_table(g, widths), ""]
         if plots:
             ps = _plot_group(out_dir, g, widths)

@@ -7,7 +7,8 @@ file truncated back to the last complete line, so nothing written before is lost
 
 A record holds the run's axes (task, regime, width, tuner label and name, settings, base, parameterisation,
 backend, seed), ``steps`` (columnar per-step lists: loss, lr, numerator, curvature, sharpness,
-preconditioned_sharpness, eos_ratio, closure_calls, time = wall seconds of the step) and ``summary``
+preconditioned_sharpness, eos_ratio, closure_calls, time = wall seconds of the step, cpu = CPU seconds of
+this process during the step, which other processes on a shared machine do not inflate) and ``summary``
 (final train loss = mean of the last 5 losses, eval loss/accuracy on the held-out split, mean/median step
 time, lr range, ...). Non-finite numbers are written as ``null``.
 """
@@ -33,7 +34,8 @@ __all__ = ["RunSpec", "plan", "load_results", "append_result", "run_one", "run_a
 
 RESULTS = "results.jsonl"
 COLUMNS = ("loss", "lr", "numerator", "curvature", "sharpness", "preconditioned_sharpness", "eos_ratio",
-           "closure_calls", "time")
+           "closure_calls", "time", "cpu")
+_STAT_COLUMNS = COLUMNS[1:-2]  # what the tuners report
 LAST = 5  # final train loss = mean over the last LAST steps (the paper's selection criterion)
 
 
@@ -163,6 +165,8 @@ def _summary(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: d
     diverged = len(loss) < steps or not np.all(np.isfinite(loss[-LAST:]))
     lr_ok = lr[np.isfinite(lr) & (lr > 0)]
     timed = t[1:] if len(t) > 2 else t  # first step includes warm-up
+    cpu = np.array(cols["cpu"], dtype=float)
+    cpu = cpu[1:] if len(cpu) > 2 else cpu
     return {
         "final_train_loss": math.inf if diverged else float(loss[-LAST:].mean()),
         "initial_loss": float(loss[0]) if len(loss) else math.nan,
@@ -171,6 +175,8 @@ def _summary(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: d
         "diverged": bool(diverged), "steps_done": int(len(loss)),
         "mean_step_time": float(timed.mean()) if len(timed) else math.nan,
         "median_step_time": float(np.median(timed)) if len(timed) else math.nan,
+        "median_step_cpu": float(np.median(cpu)) if len(cpu) else math.nan,
+        "mean_step_cpu": float(cpu.mean()) if len(cpu) else math.nan,
         "train_time": float(t.sum()),
         "lr_min": float(lr_ok.min()) if len(lr_ok) else math.nan,
         "lr_max": float(lr_ok.max()) if len(lr_ok) else math.nan,
@@ -183,7 +189,8 @@ def _summary(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: d
 
 
 def _diverging(lv: float, first: float) -> bool:
-    return not math.isfinite(lv) or lv > max(20.0 * first, first + 50.0)
+    """Stop a run once its loss is non-finite or 1000x its first value (a spike below that may recover)."""
+    return not math.isfinite(lv) or lv > 1000.0 * max(first, 1e-3)
 
 
 def _apply_mup_torch(model, spec: RunSpec):
@@ -239,15 +246,16 @@ def _run_torch(spec: RunSpec, progress=None) -> dict:
             loss.backward()
             return loss
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = opt.step(closure)
         lv = float(loss.detach()) if torch.is_tensor(loss) else float(loss)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         st = tuners_mod.torch_stats(opt)
         first = lv if first is None else first
         cols["loss"].append(lv)
         cols["time"].append(dt)
-        for c in COLUMNS[1:-1]:
+        cols["cpu"].append(dc)
+        for c in _STAT_COLUMNS:
             cols[c].append(_f(st.get(c, 1 if c == "closure_calls" and spec.tuner in ("constant", "prodigy",
                                                                                      "schedulefree") else math.nan)))
         if progress is not None:
@@ -314,20 +322,21 @@ def run_jax(spec: RunSpec, progress=None) -> dict:
     for step in range(exp.steps):
         if step:
             batch = next(it)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         params, state, loss, st = compiled(params, state, batch)
         jax.block_until_ready((params, loss))
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         lv = float(loss)
         first = lv if first is None else first
         cols["loss"].append(lv)
         cols["time"].append(dt)
+        cols["cpu"].append(dc)
         if kind == "curvopt":
-            for c in COLUMNS[1:-1]:
+            for c in _STAT_COLUMNS:
                 cols[c].append(_f(st.get(c)))
         else:
             cols["lr"].append(float(dict(spec.settings).get("lr", math.nan)) if kind == "constant" else math.nan)
-            for c in COLUMNS[2:-1]:
+            for c in _STAT_COLUMNS[1:]:
                 cols[c].append(1.0 if c == "closure_calls" else math.nan)
         if progress is not None:
             progress.update(1)

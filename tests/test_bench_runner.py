@@ -86,7 +86,7 @@ def _fake(key, tuner, lr_setting, losses, lrs, width=8, status="ok", base="gd", 
             "data": {}, "model": {}, "status": status,
             "steps": {"loss": losses, "lr": lrs, "numerator": [None] * n, "curvature": [None] * n,
                       "sharpness": sharp or [None] * n, "preconditioned_sharpness": [None] * n,
-                      "eos_ratio": [None] * n, "closure_calls": [1] * n, "time": [0.01] * n},
+                      "eos_ratio": [None] * n, "closure_calls": [1] * n, "time": [0.01] * n, "cpu": [0.01] * n},
             "summary": {"final_train_loss": float(np.mean(losses[-5:])) if status == "ok" else None,
                         "diverged": status != "ok", "median_step_time": 0.01 if tuner.startswith("c") and
                         tuner.startswith("constant") else 0.02, "eval_loss": 1.0, "eval_accuracy": 0.5,
