@@ -11,6 +11,7 @@ from curvopt.config import CDATConfig, SharpnessConfig
 from curvopt.rules import CDATState, cdat_init, cdat_step
 
 from .buffers import ModulesLike
+from .distributed import DistributedLike
 from .tuner import CurvatureTuner, StepContext
 
 __all__ = ["CDAT", "QuadraticGreedy"]
@@ -48,6 +49,9 @@ class CDAT(CurvatureTuner):
         stability_coefficient: the base's ``c`` (threshold ``c / lr``) for ``stats["eos_ratio"]``; inferred
             for SGD/momentum/Nesterov/Adam/AdamW.
         seed: seeds the random start of the first power iteration.
+        distributed: ``"auto"`` (default: under an initialized ``torch.distributed`` with more than one
+            rank, a data-parallel run whose closure returns the rank-local loss, e.g. DDP), ``None`` (never
+            reduce) or a process group; see :mod:`torch_backend.distributed` for what is reduced.
 
     Guards (the core's): an ascent direction counts as a zero numerator, negative curvature by its
     magnitude, a zero averaged denominator keeps the previous lr (0 at step 1); a non-finite curvature probe
@@ -60,13 +64,15 @@ class CDAT(CurvatureTuner):
                  lr_max: float = math.inf, curvature: str = "fd", sharpness_every: int = 0, *,
                  sharpness_iters: int = 4, sharpness_first_iters: int = 50, sharpness_tol: float = 1e-3,
                  modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
-                 stability_coefficient: Optional[float] = None, seed: int = 0) -> None:
+                 stability_coefficient: Optional[float] = None, seed: int = 0,
+                 distributed: DistributedLike = "auto") -> None:
         self.config = CDATConfig(sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, curvature=curvature)
         sharp = SharpnessConfig(every=sharpness_every, iters=sharpness_iters, first_iters=sharpness_first_iters,
                                 tol=sharpness_tol)
         super().__init__(base, sharpness=sharp, modules=modules, curvature=curvature,
-                         functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed)
-        like = self._all_params()[0]
+                         functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
+                         distributed=distributed)
+        like = self._acc_like()
         self._cdat: CDATState = cdat_init(torch.zeros((), dtype=like.dtype, device=like.device))
 
     def _learning_rate(self, ctx: StepContext, flags: list[bool]) -> tuple[Tensor, Optional[Tensor]]:

@@ -12,6 +12,7 @@ from curvopt.rules import edge_of_stability_lr
 from curvopt.validation import check_positive_int
 
 from .buffers import ModulesLike
+from .distributed import DistributedLike
 from .tuner import CurvatureTuner, StepContext
 
 __all__ = ["EdgeOfStability"]
@@ -31,17 +32,18 @@ class EdgeOfStability(CurvatureTuner):
     def __init__(self, base: torch.optim.Optimizer, sigma: float = 1.5, lr_max: float = math.inf,
                  sharpness_every: int = 10, *, sharpness_iters: int = 4, sharpness_first_iters: int = 50,
                  sharpness_tol: float = 1e-3, modules: ModulesLike = None,
-                 stability_coefficient: Optional[float] = None, seed: int = 0) -> None:
+                 stability_coefficient: Optional[float] = None, seed: int = 0,
+                 distributed: DistributedLike = "auto") -> None:
         self.config = EdgeOfStabilityConfig(sigma=sigma, lr_max=lr_max)
         check_positive_int("sharpness_every", sharpness_every, minimum=1)
         sharp = SharpnessConfig(every=sharpness_every, iters=sharpness_iters, first_iters=sharpness_first_iters,
                                 tol=sharpness_tol)
         super().__init__(base, sharpness=sharp, modules=modules, stability_coefficient=stability_coefficient,
-                         seed=seed)
+                         seed=seed, distributed=distributed)
         if self.coefficient is None:
             raise ValueError(f"stability_coefficient must be given for a {type(base).__name__} base "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")
-        like = self._all_params()[0]
+        like = self._acc_like()
         self._lr = torch.zeros((), dtype=like.dtype, device=like.device)
 
     def _learning_rate(self, ctx: StepContext, flags: list[bool]) -> tuple[Tensor, Optional[Tensor]]:

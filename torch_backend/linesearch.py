@@ -11,6 +11,7 @@ from curvopt.config import ArmijoConfig, SharpnessConfig
 from curvopt.rules import armijo_decrease_error, armijo_initial_lr
 
 from .buffers import ModulesLike
+from .distributed import DistributedLike
 from .tuner import CurvatureTuner, StepContext
 
 __all__ = ["ArmijoLineSearch"]
@@ -35,15 +36,16 @@ class ArmijoLineSearch(CurvatureTuner):
                  increase_factor: float = 2.0, decrease_factor: float = 0.8, lr_max: float = math.inf,
                  init_lr: float = 1.0, max_trials: int = 30, sharpness_every: int = 0, *,
                  sharpness_iters: int = 4, sharpness_first_iters: int = 50, sharpness_tol: float = 1e-3,
-                 modules: ModulesLike = None, stability_coefficient: Optional[float] = None, seed: int = 0) -> None:
+                 modules: ModulesLike = None, stability_coefficient: Optional[float] = None, seed: int = 0,
+                 distributed: DistributedLike = "auto") -> None:
         self.config = ArmijoConfig(c=c, delta=delta, increase_factor=increase_factor,
                                    decrease_factor=decrease_factor, lr_max=lr_max, init_lr=init_lr,
                                    max_trials=max_trials)
         sharp = SharpnessConfig(every=sharpness_every, iters=sharpness_iters, first_iters=sharpness_first_iters,
                                 tol=sharpness_tol)
         super().__init__(base, sharpness=sharp, modules=modules, stability_coefficient=stability_coefficient,
-                         seed=seed)
-        like = self._all_params()[0]
+                         seed=seed, distributed=distributed)
+        like = self._acc_like()
         self._lr = torch.tensor(self.config.init_lr, dtype=like.dtype, device=like.device)
         #: trials of the last step, and the decrease error of the trial used (0 = accepted)
         self.last_trials = 0
@@ -58,7 +60,7 @@ class ArmijoLineSearch(CurvatureTuner):
         for k in range(cfg.max_trials):
             if k > 0:
                 lr = cfg.decrease_factor * lr
-            new_value = ctx.probe(lr)
+            new_value = ctx.global_mean(ctx.probe(lr))  # rank-local under DDP
             err = armijo_decrease_error(new_value, ctx.loss, lr, slope, c=cfg.c, delta=cfg.delta, xp=torch)
             trials += 1
             err_f = float(err)

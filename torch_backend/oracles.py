@@ -26,7 +26,7 @@ from torch import Tensor
 from curvopt.curvature import finite_difference_curvature
 from curvopt.rules import finite_difference_step, secant_curvature
 
-from .vectors import dot, norm, sq_norm
+from .vectors import dot, least_precise_eps, norm, sq_norm
 
 if TYPE_CHECKING:  # pragma: no cover
     from .tuner import StepContext
@@ -59,7 +59,7 @@ class CurvatureOracle:
 
 def fd_curvature(ctx: "StepContext") -> Tensor:
     """One probe at ``w + h u``; the parameters are left there (the tuner writes the update next)."""
-    eps = torch.finfo(ctx.u[0].dtype).eps
+    eps = least_precise_eps(ctx.params)  # the displacement must show in the coarsest parameter dtype
     h = finite_difference_step(norm(ctx.w0), norm(ctx.u), dtype_eps=eps, xp=torch)
     ctx.probe(h)
     probe_grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ctx.params]
@@ -131,8 +131,16 @@ class Exact(CurvatureOracle):
             with torch.enable_grad():
                 return torch.func.jvp(first, primals, tangents)[1]
 
-        out = ctx.protected(run)
-        return out.detach().to(ctx.u[0].dtype).reshape(())
+        try:
+            out = ctx.protected(run)
+        except RuntimeError as e:
+            raise RuntimeError(
+                'curvature="exact": torch.func could not differentiate functional_loss forward-over-forward '
+                f"({type(e).__name__}: {e}). Some modules and compiled graphs do not support it; use "
+                'curvature="fd" (one extra gradient, works with any closure, DDP, autocast and torch.compile) '
+                'or "secant".') from e
+        # torch.func bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
+        return ctx.global_mean(out.detach().to(ctx.loss.dtype).reshape(()))
 
 
 def make_oracle(curvature: str, functional_loss: Optional[Callable] = None) -> CurvatureOracle:

@@ -10,6 +10,7 @@ from curvopt.config import PolyakConfig, SharpnessConfig
 from curvopt.rules import polyak_lr
 
 from .buffers import ModulesLike
+from .distributed import DistributedLike
 from .tuner import CurvatureTuner, StepContext
 
 __all__ = ["PolyakStep"]
@@ -26,12 +27,13 @@ class PolyakStep(CurvatureTuner):
     def __init__(self, base: torch.optim.Optimizer, f_star: float = 0.0, lr_max: float = 1.0,
                  sharpness_every: int = 0, *, sharpness_iters: int = 4, sharpness_first_iters: int = 50,
                  sharpness_tol: float = 1e-3, modules: ModulesLike = None,
-                 stability_coefficient: Optional[float] = None, seed: int = 0) -> None:
+                 stability_coefficient: Optional[float] = None, seed: int = 0,
+                 distributed: DistributedLike = "auto") -> None:
         self.config = PolyakConfig(f_star=f_star, lr_max=lr_max)
         sharp = SharpnessConfig(every=sharpness_every, iters=sharpness_iters, first_iters=sharpness_first_iters,
                                 tol=sharpness_tol)
         super().__init__(base, sharpness=sharp, modules=modules, stability_coefficient=stability_coefficient,
-                         seed=seed)
+                         seed=seed, distributed=distributed)
 
     def _learning_rate(self, ctx: StepContext, flags: list[bool]) -> tuple[Tensor, Optional[Tensor]]:
         lr = polyak_lr(ctx.loss, ctx.numerator, f_star=self.config.f_star, lr_max=self.config.lr_max, xp=torch)

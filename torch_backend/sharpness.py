@@ -31,7 +31,7 @@ from curvopt.rules import finite_difference_step
 
 from .buffers import BufferSnapshot, ModulesLike, ProbeGuard
 from .preconditioning import PreconditionerLike, preconditioner_scales
-from .vectors import axpy_into, dot, norm
+from .vectors import axpy_into, dot, norm, least_precise_eps
 
 __all__ = ["hessian_top_eigenvalue", "FiniteDifferenceHVP", "top_eigenpair", "OnlineSharpness"]
 
@@ -49,7 +49,7 @@ class FiniteDifferenceHVP:
                  g0: Sequence[Tensor]) -> None:
         self.probe, self.params, self.w0, self.g0 = probe, list(params), list(w0), list(g0)
         like = self.params[0]
-        self.eps = torch.finfo(like.dtype).eps
+        self.eps = least_precise_eps(self.params)
         self.w_norm = norm(self.w0)
         self.count = 0
 
@@ -125,6 +125,9 @@ def _lanczos_window(matvec: MatVec, v: list[Tensor], budget: int, tol: float, pr
         w = matvec(basis[j])
         count += 1
         a = float(dot(basis[j], w))
+        if not math.isfinite(a):  # a non-finite product (e.g. a NaN probe loss): no estimate this time
+            theta = float("nan")
+            break
         torch._foreach_add_(w, basis[j], alpha=-a)
         if j > 0:
             torch._foreach_add_(w, basis[j - 1], alpha=-betas[-1])
@@ -133,6 +136,9 @@ def _lanczos_window(matvec: MatVec, v: list[Tensor], budget: int, tol: float, pr
             torch._foreach_add_(w, q, alpha=-c)
         alphas.append(a)
         b = float(norm(w))
+        if not all(math.isfinite(t) for t in alphas):
+            theta = float("nan")
+            break
         T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         vals, vecs = np.linalg.eigh(T)
         theta, y = float(vals[-1]), vecs[:, -1]

@@ -40,11 +40,13 @@ from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_positive
 
 from .buffers import ModulesLike, ProbeGuard
+from .distributed import DistributedLike, check_params
+from .distributed import resolve as resolve_distributed
 from .direction import base_stability_coefficient, direction_into, is_adam_like, snapshot_into
 from .oracles import CurvatureOracle, make_oracle
 from .preconditioning import preconditioner_scales
 from .sharpness import FiniteDifferenceHVP, OnlineSharpness, _preconditioned
-from .vectors import axpy_into, dot, max_abs
+from .vectors import accumulator_dtype, axpy_into, dot, max_abs
 
 __all__ = ["CurvatureTuner", "StepContext", "CLOSURE_CONVENTION"]
 
@@ -87,7 +89,13 @@ class StepContext:
         for p in self.params:
             p.grad = None
         loss = self.tuner.guard.probe(self.closure)
-        return torch.as_tensor(loss).detach().to(self.u[0].dtype)
+        return torch.as_tensor(loss).detach().to(self.loss.dtype)
+
+    def global_mean(self, x: Tensor) -> Tensor:
+        """A rank-local scalar (a probe's loss, a torch.func curvature) made global: the mean over the ranks
+        of a data-parallel run (one all_reduce), unchanged in a single process."""
+        d = self.tuner.distributed
+        return x if d is None else d.mean(x)
 
     def protected(self, fn: Callable[[], Tensor]) -> Tensor:
         """Run ``fn`` (not a closure call, e.g. a functional loss) protected like a probe."""
@@ -116,7 +124,8 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def __init__(self, base: torch.optim.Optimizer, *, sharpness: SharpnessConfig, modules: ModulesLike = None,
                  curvature: Optional[str] = None, functional_loss: Optional[Callable] = None,
-                 stability_coefficient: Optional[float] = None, seed: int = 0) -> None:
+                 stability_coefficient: Optional[float] = None, seed: int = 0,
+                 distributed: DistributedLike = "auto") -> None:
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
         if isinstance(base, CurvatureTuner):
@@ -126,6 +135,15 @@ class CurvatureTuner(torch.optim.Optimizer):
         super().__init__([p for g in base.param_groups for p in g["params"]], {})
         self.__dict__["_initializing"] = False
         self.__dict__.pop("_init_groups", None)
+        params = self._all_params()
+        if not any(p.requires_grad for p in params):
+            raise ValueError(f"{type(self).__name__}: none of the base optimizer's parameters requires_grad "
+                             "(all frozen): there is nothing to tune")
+        check_params(params, type(self).__name__)
+        #: the reducer of a data-parallel run (None in a single process): see torch_backend.distributed
+        self.distributed = resolve_distributed(distributed)
+        #: dtype of the tuner's own scalars (at least float32, the widest parameter dtype)
+        self.acc_dtype = accumulator_dtype(params)
         self.sharpness_config = sharpness
         if stability_coefficient is not None:
             self.coefficient: Optional[float] = check_positive("stability_coefficient", stability_coefficient)
@@ -141,7 +159,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._w0: dict[int, Tensor] = {}
         self._u: dict[int, Tensor] = {}
         self._last_index: Optional[list[int]] = None
-        like = self._all_params()[0]
+        like = self._acc_like()
         nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
         self._stats: dict[str, Any] = {k: nan for k in STAT_FIELDS}
         self._stats.update(skipped=0, closure_calls=0)
@@ -167,6 +185,10 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
+
+    def _acc_like(self) -> Tensor:
+        """A 0-d tensor of the accumulator dtype on the parameters' device."""
+        return torch.zeros((), dtype=self.acc_dtype, device=self._all_params()[0].device)
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -204,7 +226,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         warnings.warn(
             f"{type(self).__name__}: non-finite loss or gradient, step skipped (parameters, base state and "
             f"tuner state unchanged; {self._skipped} skipped so far)", RuntimeWarning, stacklevel=3)
-        like = self._all_params()[0]
+        like = self._acc_like()
         nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
         self._stats.update(lr=nan, numerator=nan, curvature=nan, eos_ratio=nan, skipped=self._skipped,
                            closure_calls=self.guard.calls)
@@ -224,8 +246,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
         params = [all_params[i] for i in index]
         grads = [p.grad for p in params]
-        dtype = params[0].dtype
-        loss_t = torch.as_tensor(loss).detach().to(device=params[0].device, dtype=dtype).reshape(())
+        loss_t = torch.as_tensor(loss).detach().to(device=params[0].device, dtype=self.acc_dtype).reshape(())
+        if self.distributed is not None:
+            # the closure's loss is rank-local under DDP (the gradients are already averaged): one all_reduce
+            # makes it global before the NaN check (so every rank skips together) and the rules use it
+            loss_t = self.distributed.mean(loss_t)
 
         previous_u = None
         if self._last_index == index and self._u:
@@ -244,7 +269,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         snapshot_into(w0, params)
         self.base.step()
         direction_into(u, params, w0)
-        ctx.numerator = -dot(grads, u)
+        ctx.numerator = -dot(grads, u).to(self.acc_dtype)
 
         sharp = self._sharpness(ctx) if self.sharpness.due(self._step_count) else None
         ctx.grads = None
@@ -305,6 +330,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             "sharpness": self.sharpness.state_dict(),
             "rule": self._rule_state(),
             "stats": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._stats.items()},
+            # what the state belongs to, checked by load_state_dict
+            "kind": type(self).__name__,
+            "base_kind": type(self.base).__name__,
+            "params": [[list(p.shape), str(p.dtype).replace("torch.", "")] for p in self._all_params()],
         }
         if self.oracle is not None:
             tuner["oracle"] = self.oracle.state_dict()
@@ -314,11 +343,13 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         if set(state_dict) != {"base", "tuner"}:
-            raise ValueError("not a curvopt tuner state dict (expected keys 'base' and 'tuner')")
+            raise ValueError("not a curvopt tuner state dict (expected keys 'base' and 'tuner'; "
+                             "a bare torch.optim state dict goes to opt.base.load_state_dict)")
+        self._check_compatible(state_dict["tuner"])
         self.base.load_state_dict(state_dict["base"])
         st = state_dict["tuner"]
         all_params = self._all_params()
-        like = all_params[0]
+        like = self._acc_like()
         self._step_count = int(st["step"])
         self._skipped = int(st["skipped"])
         self._last_index = None if st["last_index"] is None else list(st["last_index"])
@@ -329,6 +360,30 @@ class CurvatureTuner(torch.optim.Optimizer):
             self.oracle.load_state_dict(st.get("oracle", {"prev": None}), like)
             self._u = {int(i): t.to(device=all_params[int(i)].device, dtype=all_params[int(i)].dtype).clone()
                        for i, t in st.get("u", {}).items()}
+
+    def _check_compatible(self, st: dict[str, Any]) -> None:
+        """A clear ValueError when the state comes from another tuner, base or model."""
+        me = type(self).__name__
+        kind = st.get("kind")
+        if kind is not None and kind != me:
+            raise ValueError(f"this state dict belongs to a {kind} tuner, not to a {me}: load it into a {kind}")
+        base_kind = st.get("base_kind")
+        if base_kind is not None and base_kind != type(self.base).__name__:
+            raise ValueError(f"this {me} state dict was saved around a {base_kind} base optimizer, not around a "
+                             f"{type(self.base).__name__}")
+        saved = st.get("params")
+        if saved is None:
+            return
+        mine = [[list(p.shape), str(p.dtype).replace("torch.", "")] for p in self._all_params()]
+        if len(saved) != len(mine):
+            raise ValueError(f"this {me} state dict was saved with {len(saved)} parameter tensors, this tuner "
+                             f"has {len(mine)}: it comes from a different model")
+        for i, (a, b) in enumerate(zip(saved, mine)):
+            if list(a[0]) != list(b[0]):
+                raise ValueError(f"parameter {i} has shape {tuple(b[0])} here but shape {tuple(a[0])} in the state "
+                                 f"dict: it comes from a different model")
+            if a[1] != b[1]:
+                raise ValueError(f"parameter {i} has dtype {b[1]} here but {a[1]} in the state dict")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base!r})"

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dot", "sq_norm", "norm", "max_abs", "axpy_into", "scalar"]
+__all__ = ["accumulator_dtype", "least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "scalar"]
 
 
 def scalar(value: float, like: Tensor) -> Tensor:
@@ -21,7 +21,12 @@ def scalar(value: float, like: Tensor) -> Tensor:
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """``sum_i <x_i, y_i>`` as a 0-d tensor (accumulated per tensor, then summed)."""
-    return torch.stack([torch.dot(_flat(x), _flat(y)) for x, y in zip(xs, ys)]).sum()
+    return torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum()
+
+
+def _acc(x: Tensor) -> Tensor:
+    """bf16/fp16 tensors are read in float32 for reductions (the tuners' scalars are at least float32)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -30,12 +35,12 @@ def _flat(x: Tensor) -> Tensor:
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
     """``sum_i ||x_i||^2`` (one fused norm kernel per call)."""
-    return torch.stack(torch._foreach_norm(list(xs))).square().sum()
+    return torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum()
 
 
 def norm(xs: Sequence[Tensor]) -> Tensor:
     """The Euclidean norm of the concatenation of ``xs``."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(xs))))
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([_acc(x) for x in xs])))
 
 
 def max_abs(xs: Sequence[Tensor]) -> Tensor:
@@ -50,3 +55,23 @@ def axpy_into(out: Sequence[Tensor], xs: Sequence[Tensor], a: Tensor, ys: Sequen
     """
     for o, x, y in zip(out, xs, ys):
         torch.addcmul(x, y, a, out=o)
+
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def accumulator_dtype(params: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of the tuners' own scalars (learning rate, moving averages, dot products, statistics): the
+    widest floating dtype of the parameters and at least float32 (bf16/fp16 parameters accumulate in
+    float32)."""
+    out = torch.float32
+    for p in params:
+        if p.is_floating_point():
+            out = torch.promote_types(out, p.dtype)
+    return out
+
+
+def least_precise_eps(params: Sequence[Tensor]) -> float:
+    """Machine epsilon of the least precise parameter dtype: a finite-difference displacement must be
+    representable in every parameter, so its size follows the coarsest one."""
+    return max(torch.finfo(p.dtype).eps for p in params)
