@@ -259,7 +259,8 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
                               f" (dashed: {coef:.3g}/lr)")
             else:
                 ax.set_ylabel({"loss": "train loss", "lr": "learning rate"}[kind])
-        axes[0][-1].legend(fontsize=7, loc="best")
+        for ax in axes[0]:
+            ax.legend(fontsize=6, loc="best")
         fig.tight_layout()
         p = os.path.join(out_dir, f"{stem}_{kind}.png")
         fig.savefig(p, dpi=110)
