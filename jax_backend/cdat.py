@@ -36,6 +36,7 @@ def scale_by_cdat(
     sharpness_first_iters: int = _SHARP.first_iters,
     sharpness_tol: float = _SHARP.tol,
     base_method: BaseMethod | str | None = None,
+    warn_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) / avg(|u^T H u| + eps)``.
 
@@ -45,7 +46,10 @@ def scale_by_cdat(
     the quadratically greedy step. ``curvature``: ``"exact"`` (default, forward-over-forward JVP), ``"fd"``
     or ``"secant"`` (:mod:`jax_backend.oracles`). ``sharpness_*``: online top-eigenvalue estimation every
     ``sharpness_every`` steps (0 = off); ``base_method`` (:class:`BaseMethod`) gives the stability
-    coefficient and Adam's hyperparameters for the preconditioned sharpness.
+    coefficient and Adam's hyperparameters for the preconditioned sharpness. ``warn_ascent``: also warn from
+    inside the jitted step (a ``jax.debug.callback``, which costs milliseconds per step on CPU) when the first
+    step's direction points uphill, i.e. the chain was already negated; without it the state's
+    ``ascent_steps`` flags it and :func:`jax_backend.stats` warns on the host.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None, **extra)``:
     ``value_fn(params, **extra)`` is required (the oracle differentiates it); a missing ``grad`` costs one
@@ -60,7 +64,8 @@ def scale_by_cdat(
         return new.lr, new
 
     return curvature_tuner("scale_by_cdat", rule, rule_init=rules.cdat_init, oracle=cfg.curvature,
-                           needs_value=False, sharpness=sharp, method=as_base_method(base_method))
+                           needs_value=False, sharpness=sharp, method=as_base_method(base_method),
+                           warn_ascent=warn_ascent)
 
 
 def scale_by_quadratic_greedy(
@@ -71,6 +76,7 @@ def scale_by_quadratic_greedy(
     sharpness_first_iters: int = _SHARP.first_iters,
     sharpness_tol: float = _SHARP.tol,
     base_method: BaseMethod | str | None = None,
+    warn_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The quadratically greedy step ``lr = -g^T u / u^T H u`` (:func:`curvopt.rules.quadratic_greedy_lr`),
     the minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat`."""
@@ -82,7 +88,7 @@ def scale_by_quadratic_greedy(
 
     return curvature_tuner("scale_by_quadratic_greedy", rule, rule_init=lambda zero: None,
                            oracle=cfg.curvature, needs_value=False, sharpness=sharp,
-                           method=as_base_method(base_method))
+                           method=as_base_method(base_method), warn_ascent=warn_ascent)
 
 
 def cdat(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:

@@ -3,8 +3,10 @@ them), the descent direction ``u = -d``, and the tree algebra the tuners need on
 
 A chain that already negated ``d`` (e.g. ``optax.sgd(1.0)`` before the tuner) hands an ascent direction:
 ``-g^T u = g^T d < 0``. The paper's guard clips that numerator to 0 (``lr = 0``); the tuners count such
-steps in the state's ``ascent_steps`` and warn (through ``jax.debug.callback``, jit-safe) when it happens on
-the first step, the signature of a negated chain, so a zero learning rate is never silent.
+steps in the state's ``ascent_steps`` (a state flag: ``ascent_steps == count`` means every step so far was
+uphill), :func:`jax_backend.state.stats` warns on the host when it reads that, and with ``warn_ascent=True``
+the step itself warns through ``jax.debug.callback`` (jit-safe, but a host callback in the compiled step
+costs milliseconds per step on CPU, so it is opt-in) when it happens on the first step.
 """
 from __future__ import annotations
 
@@ -72,8 +74,10 @@ def _warn(flag: Any) -> None:
         warnings.warn(NEGATED_DIRECTION_MESSAGE, RuntimeWarning, stacklevel=2)
 
 
-def warn_if_negated(numerator: Any, count: Any) -> Any:
-    """Warn (host callback, only when it fires) if the first step's direction is an ascent direction."""
-    flag = (numerator < 0) & (count == 0)
-    jax.lax.cond(flag, lambda: jax.debug.callback(_warn, flag), lambda: None)
+def warn_if_negated(numerator: Any, count: Any, enabled: bool) -> Any:
+    """Whether the direction points uphill; with ``enabled``, warn (host callback) if it does on the first
+    step."""
+    if enabled:
+        flag = (numerator < 0) & (count == 0)
+        jax.lax.cond(flag, lambda: jax.debug.callback(_warn, flag), lambda: None)
     return numerator < 0

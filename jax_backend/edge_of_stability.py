@@ -29,6 +29,7 @@ def scale_by_edge_of_stability(
     sharpness_first_iters: int = _SHARP.first_iters,
     sharpness_tol: float = _SHARP.tol,
     base_method: BaseMethod | str | None = None,
+    warn_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``lr = sigma * c / lambda`` (:func:`curvopt.rules.edge_of_stability_lr`) with ``c`` the base's
     stability coefficient and ``lambda`` the online sharpness (Adam: the preconditioned one, which needs the
@@ -47,7 +48,8 @@ def scale_by_edge_of_stability(
                                           lr_max=cfg.lr_max, xp=jnp), None
 
     return curvature_tuner("scale_by_edge_of_stability", rule, rule_init=lambda zero: None, oracle=None,
-                           needs_value=False, sharpness=sharp, method=method)
+                           needs_value=False, sharpness=sharp, method=method,
+                           warn_ascent=warn_ascent)
 
 
 def edge_of_stability(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:

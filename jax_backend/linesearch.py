@@ -55,6 +55,7 @@ def scale_by_armijo(
     sharpness_first_iters: int = _SHARP.first_iters,
     sharpness_tol: float = _SHARP.tol,
     base_method: BaseMethod | str | None = None,
+    warn_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Backtracking line search on ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u`` (paper: ``c`` in
     {0, 1e-4, 0.5}, ``increase_factor`` in {4, inf}, ``decrease_factor`` in {0.8, 0.9}, ``delta`` in {0, 1e-3}).
@@ -96,7 +97,7 @@ def scale_by_armijo(
         def step() -> tuple[Any, ArmijoState]:
             u = descent(updates, params)
             numerator = -vdot(grad, u, dtype)
-            ascent = warn_if_negated(numerator, state.count)
+            ascent = warn_if_negated(numerator, state.count, warn_ascent)
             lam, pre, new_memory, used = state.sharpness, state.preconditioned_sharpness, memory, jnp.int32(0)
             if memory is not None:
                 lam, pre, new_memory, used = online_sharpness(
@@ -116,6 +117,8 @@ def scale_by_armijo(
                 search=new_search)
             return new_updates, new_state
 
+        # lax.cond here (not a select as in the other tuners): a skipped step must not run up to max_trials
+        # evaluations of the line search.
         return jax.lax.cond(finite, step, lambda: skip(updates, state))
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -28,6 +28,7 @@ def scale_by_polyak(
     sharpness_first_iters: int = _SHARP.first_iters,
     sharpness_tol: float = _SHARP.tol,
     base_method: BaseMethod | str | None = None,
+    warn_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Polyak's step ``lr = min((f - f_star) / (-g^T u), lr_max)`` (:func:`curvopt.rules.polyak_lr`).
 
@@ -42,7 +43,8 @@ def scale_by_polyak(
         return rules.polyak_lr(value, numerator, f_star=cfg.f_star, lr_max=cfg.lr_max, xp=jnp), None
 
     return curvature_tuner("scale_by_polyak", rule, rule_init=lambda zero: None, oracle=None,
-                           needs_value=True, sharpness=sharp, method=as_base_method(base_method))
+                           needs_value=True, sharpness=sharp, method=as_base_method(base_method),
+                           warn_ascent=warn_ascent)
 
 
 def polyak(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:

@@ -61,55 +61,55 @@ def random_unit(params: Any, salt: Any = 0) -> Any:
     return scale(1 / norm(v, dtype), v)
 
 
-def _power(mvp: Callable[[Any], Any], v0: Any, *, iters: Any, tol: Any, previous: Any, shift: Any,
-           dtype: Any) -> tuple[Any, Any, Any]:
-    """Power iteration on ``A - shift I`` (as PyTorch's ``_power``): (eigenvalue, unit vector, products).
-
-    Each product ``z = (A - shift) v`` gives ``lambda = v^T z`` and ``v <- z / ||z||``; stop when
-    :func:`curvopt.curvature.rayleigh_converged` holds against the previous estimate (``previous`` for the
-    first product: a warm start may stop after one), on a non-finite or zero product, or after ``iters``.
-    """
-    v0 = scale(1 / norm(v0, dtype), v0)
-
-    def cond(carry):
-        return (carry[3] < iters) & ~carry[4]
-
-    def body(carry):
-        v, _, prev, i, _ = carry
-        z = mvp(v)
-        z = jax.tree_util.tree_map(lambda a, b: (a - shift * b).astype(b.dtype), z, v)
-        lam = vdot(v, z, dtype)
-        n = norm(z, dtype)
-        bad = ~jnp.isfinite(lam) | ~jnp.isfinite(n) | (n == 0)
-        v_new = jax.tree_util.tree_map(lambda a, b: jnp.where(bad, b, a / jnp.where(bad, 1.0, n)).astype(b.dtype),
-                                       z, v)
-        stop = bad | rayleigh_converged(lam, prev, tol)  # False while prev is NaN
-        return v_new, lam, lam, i + 1, stop
-
-    nan = jnp.full((), jnp.nan, dtype)
-    prev = nan if previous is None else jnp.asarray(previous).astype(dtype)
-    v, lam, _, used, _ = jax.lax.while_loop(cond, body, (v0, nan, prev, jnp.int32(0), jnp.array(False)))
-    return lam, v, used
-
-
 def power_iteration(mvp: Callable[[Any], Any], v0: Any, *, iters: Any, tol: Any, dtype: Any,
                     previous: Any = None, fresh: Any = None) -> tuple[Any, Any, Any]:
     """(top eigenvalue, unit eigenvector, products used) of the symmetric operator ``mvp`` from ``v0``.
 
-    The same algorithm as PyTorch's ``top_eigenpair``: power iteration; if the dominant eigenvalue is
-    negative, a second pass on ``A - lambda I`` from ``fresh`` (a start vector) finds the top (algebraic) one.
+    PyTorch's ``top_eigenpair`` (``torch_backend.sharpness``): power iteration, each product
+    ``z = A v`` giving ``lambda = v^T z`` and ``v <- z / ||z||``, a pass stopping when
+    :func:`curvopt.curvature.rayleigh_converged` holds against the previous estimate (``previous`` for the
+    first product: a warm start may stop after one), on a non-finite or zero product, or after ``iters``
+    products. If the dominant eigenvalue is negative and ``fresh`` (a start vector) is given, a second pass on
+    ``A - lambda I`` from ``fresh`` finds the top (algebraic) one. Both passes run in one ``while_loop`` (one
+    compiled HVP instead of two).
     """
-    lam, v, used = _power(mvp, v0, iters=iters, tol=tol, previous=previous, shift=0.0, dtype=dtype)
-    if fresh is None:
-        return lam, v, used
+    nan = jnp.full((), jnp.nan, dtype)
+    unit = lambda t: scale(1 / norm(t, dtype), t)  # noqa: E731
+    v0 = unit(v0)
+    fresh = None if fresh is None else unit(fresh)
+    zero_i = jnp.int32(0)
 
-    def shifted():
-        mu, v2, used2 = _power(mvp, fresh, iters=iters, tol=tol, previous=None, shift=lam, dtype=dtype)
-        ok = jnp.isfinite(mu)
-        return (jnp.where(ok, mu + lam, lam),
-                jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), v2, v), used + used2)
+    def cond(c):
+        return ~c["done"]
 
-    return jax.lax.cond(jnp.isfinite(lam) & (lam < 0), shifted, lambda: (lam, v, used))
+    def body(c):
+        v, shift = c["v"], c["shift"]
+        z = jax.tree_util.tree_map(lambda a, b: (a - shift * b).astype(b.dtype), mvp(v), v)
+        lam = vdot(v, z, dtype)
+        n = norm(z, dtype)
+        bad = ~jnp.isfinite(lam) | ~jnp.isfinite(n) | (n == 0)
+        v = jax.tree_util.tree_map(lambda a, b: jnp.where(bad, b, a / jnp.where(bad, 1.0, n)).astype(b.dtype), z, v)
+        i = c["i"] + 1
+        over = bad | rayleigh_converged(lam, c["prev"], tol) | (i >= iters)  # False while prev is NaN
+        c = dict(c, v=v, lam=lam, prev=lam, i=i, used=c["used"] + 1, done=over)
+        if fresh is None:
+            return c
+        switch = over & (c["phase"] == 0) & jnp.isfinite(lam) & (lam < 0)
+        pick = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(switch, x, y), a, b)  # noqa: E731
+        return dict(c, v=pick(fresh, v), prev=jnp.where(switch, nan, lam), i=jnp.where(switch, zero_i, i),
+                    phase=jnp.where(switch, 1, c["phase"]), shift=jnp.where(switch, lam, shift),
+                    best_lam=jnp.where(switch, lam, c["best_lam"]), best_v=pick(v, c["best_v"]),
+                    done=over & ~switch)
+
+    prev = nan if previous is None else jnp.asarray(previous).astype(dtype)
+    init = dict(v=v0, lam=nan, prev=prev, i=zero_i, used=zero_i, done=jnp.array(False), phase=zero_i,
+                shift=jnp.zeros((), dtype), best_lam=nan, best_v=v0)
+    c = jax.lax.while_loop(cond, body, init)
+    # second pass: its eigenvalue plus the shift, or the first pass's result if it failed
+    ok2 = (c["phase"] == 1) & jnp.isfinite(c["lam"])
+    lam = jnp.where(c["phase"] == 1, jnp.where(ok2, c["lam"] + c["shift"], c["best_lam"]), c["lam"])
+    v = jax.tree_util.tree_map(lambda a, b: jnp.where((c["phase"] == 1) & ~ok2, b, a), c["v"], c["best_v"])
+    return lam, v, c["used"]
 
 
 def find_adam_state(tree: Any) -> optax.ScaleByAdamState | None:
@@ -151,8 +151,10 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     ``params`` (e.g. from :func:`preconditioner_from_adam_state`) to get ``lambda_max(P^-1 H)`` instead,
     through the symmetric ``P^-1/2 H P^-1/2`` (the eigenvector returned is that operator's). ``v0``
     warm-starts the power iteration (default: the pseudo-random :func:`random_unit` of ``seed``);
-    ``iters``/``tol`` as in :func:`power_iteration`. Keyword arguments ``value_fn`` does not accept are ignored. Compiled with
-    ``jax.jit`` (once per ``value_fn`` and argument structure); also usable inside a jitted function.
+    ``iters``/``tol`` as in :func:`power_iteration`. Keyword arguments ``value_fn`` does not accept are
+    ignored. Compiled with ``jax.jit`` (once per ``value_fn`` and argument structure: pass the same function
+    object each time); also usable inside a jitted function. On XLA:CPU, Hessian-vector products of
+    convolutional models run slower inside the iteration's ``while_loop`` than at top level (jax-ml/jax#12868).
     """
     kwargs = fn_kwargs_of(value_fn, fn_kwargs)
     return _top_eigenpair(value_fn, params, preconditioner, v0, iters, tol, seed, kwargs)

@@ -15,6 +15,7 @@ step, so a jitted update never retraces.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -57,7 +58,8 @@ class TunerState(NamedTuple):
     * ``ascent_steps``: steps whose incoming direction ``d`` had ``g^T d < 0``, i.e. ``u = -d`` pointed
       uphill. Occasional ones are normal with momentum; one on the first step means the chain before the
       tuner already negated the direction (e.g. ``optax.sgd(1.0)`` instead of ``optax.identity()``/a
-      ``scale_by_*`` base): the tuner then picks ``lr = 0`` and also warns.
+      ``scale_by_*`` base): the tuner then picks ``lr = 0``; :func:`stats` warns when it reads
+      ``ascent_steps == count`` and ``warn_ascent=True`` makes the step itself warn.
     * ``rule``: CDAT's moving averages (:class:`curvopt.rules.CDATState`), ``None`` for the other tuners.
     * ``secant``: :class:`SecantMemory` with the ``"secant"`` oracle, else ``None``.
     * ``sharpness_memory``: :class:`SharpnessMemory` when online sharpness is on, else ``None``.
@@ -109,9 +111,20 @@ _STATES = (TunerState, ArmijoState)
 
 def stats(opt_state: Any) -> dict[str, Any]:
     """The statistics of the first curvopt tuner state found in ``opt_state`` (any chain/nesting), as a
-    dict keyed by :data:`curvopt.stats.STAT_FIELDS`. Raises ``ValueError`` when there is none."""
+    dict keyed by :data:`curvopt.stats.STAT_FIELDS`. Raises ``ValueError`` when there is none.
+
+    Read on the host (concrete values), it also warns when every step so far had an uphill direction
+    (``ascent_steps == count > 0``): the chain before the tuner negated the updates and ``lr`` is 0.
+    """
     found = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, _STATES))
              if isinstance(s, _STATES)]
     if not found:
         raise ValueError("no curvopt tuner state (TunerState/ArmijoState) in the given optimizer state")
-    return {name: getattr(found[0], name) for name in STAT_FIELDS}
+    state = found[0]
+    if not isinstance(state.count, jax.core.Tracer):
+        count, ascent = int(state.count), int(state.ascent_steps)
+        if count > 0 and ascent == count:
+            from .direction import NEGATED_DIRECTION_MESSAGE
+            warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", f"on all {count} steps"),
+                          RuntimeWarning, stacklevel=2)
+    return {name: getattr(state, name) for name in STAT_FIELDS}

@@ -4,7 +4,7 @@ One update, in the order the PyTorch tuners use (so that both backends produce t
 
 1. value and gradient at ``w`` (given, else computed from ``value_fn``: see :mod:`jax_backend.loss`);
 2. if the value or the gradient is not finite: zero updates, ``skipped += 1``, the step's statistics NaN,
-   nothing else changes (``lax.cond``, no host branching);
+   nothing else changes (a ``where`` select of the computed step and the skip, no host branching);
 3. ``u = -d`` from the incoming updates ``d``; ``numerator = -g^T u``; ``curvature = u^T H u`` from the
    oracle (tuners that need it);
 4. the online (preconditioned) sharpness at ``w`` on steps ``1, 1 + k, ...``;
@@ -68,7 +68,7 @@ def maybe_preconditioner(method: BaseMethod, memory: Any, base_state: Any, tuner
 
 
 def curvature_tuner(name: str, rule: Rule, *, rule_init: Callable[[Any], Any], oracle: str | None,
-                    needs_value: bool, sharpness: Any, method: BaseMethod
+                    needs_value: bool, sharpness: Any, method: BaseMethod, warn_ascent: bool = False
                     ) -> optax.GradientTransformationExtraArgs:
     """A tuner transform from a learning-rate rule (see the module docstring for the step)."""
 
@@ -101,11 +101,12 @@ def curvature_tuner(name: str, rule: Rule, *, rule_init: Callable[[Any], Any], o
         def step() -> tuple[Any, TunerState]:
             u = descent(updates, params)
             numerator = -vdot(grad, u, dtype)
-            ascent = warn_if_negated(numerator, state.count)
+            ascent = warn_if_negated(numerator, state.count, warn_ascent)
             calls = jnp.int32(1)
             curv, secant = nan, state.secant
             if oracle is not None:
-                curv, extra, secant = curvature(oracle, f, params, grad, u, state.secant, state.last_lr, dtype)
+                curv, extra, secant = curvature(oracle, f, params, grad, u, -numerator, state.secant,
+                                                state.last_lr, dtype)
                 calls = calls + extra
             sharp, pre = state.sharpness, state.preconditioned_sharpness
             if memory is not None:
@@ -119,14 +120,16 @@ def curvature_tuner(name: str, rule: Rule, *, rule_init: Callable[[Any], Any], o
             val = nan if value is None else jnp.asarray(value).astype(dtype)
             lr, rule_state = rule(numerator, curv, val, relevant, state)
             lr = jnp.asarray(lr).astype(dtype)
-            if rule_state is not None:  # as PyTorch: a non-finite curvature probe gives lr 0, averages kept
-                ok = jnp.isfinite(lr)
+            # as PyTorch: a non-finite curvature probe gives lr 0 and leaves CDAT's averages unchanged
+            ok = jnp.isfinite(lr)
+            lr = jnp.where(ok, lr, 0.0).astype(dtype)
+            if rule_state is not None:
                 rule_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), rule_state, state.rule)
-                lr = jnp.where(ok, lr, 0.0).astype(dtype)
             new_updates = jax.tree_util.tree_map(lambda x, d: (lr * x).astype(d.dtype), u, updates)
             new_state = TunerState(
                 lr=lr, numerator=numerator, curvature=jnp.asarray(curv).astype(dtype),
-                sharpness=jnp.asarray(sharp).astype(dtype), preconditioned_sharpness=jnp.asarray(pre).astype(dtype),
+                sharpness=jnp.asarray(sharp).astype(dtype),
+                preconditioned_sharpness=jnp.asarray(pre).astype(dtype),
                 eos_ratio=jnp.asarray(rules.eos_ratio(lr, relevant, method.coefficient)).astype(dtype),
                 skipped=state.skipped, closure_calls=calls, count=state.count + 1, last_lr=lr,
                 ascent_steps=state.ascent_steps + ascent.astype(jnp.int32),
@@ -135,9 +138,16 @@ def curvature_tuner(name: str, rule: Rule, *, rule_init: Callable[[Any], Any], o
             )
             return new_updates, new_state
 
-        return jax.lax.cond(finite, step, lambda: skip(updates, state))
+        # A select rather than lax.cond: XLA:CPU runs convolutions inside cond/while bodies far slower
+        # (jax-ml/jax#12868; ~40x for a small CNN's backward pass). A skipped step's NaNs are discarded.
+        return select(finite, step(), skip(updates, state))
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def select(pred: Any, on_true: Any, on_false: Any) -> Any:
+    """Leafwise ``where(pred, on_true, on_false)`` over two trees of the same structure."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
 def skip(updates: Any, state: Any) -> tuple[Any, Any]:

@@ -143,9 +143,11 @@ def test_value_fn_kwargs_forwarding():
     assert fn_kwargs(lambda p: p, {"a": 1}) == {}
 
 
-def test_negated_chain_is_flagged_and_warned():
+@pytest.mark.parametrize("warn_ascent", [False, True])
+def test_negated_chain_is_flagged_and_warned(warn_ascent):
     p = _params(jnp.float32)
-    opt = optax.chain(optax.sgd(1.0), scale_by_cdat(curvature="fd"))  # sgd already negates: wrong chain
+    # optax.sgd already negates: a wrong chain (the tuner replaces the learning rate)
+    opt = optax.chain(optax.sgd(1.0), scale_by_cdat(curvature="fd", warn_ascent=warn_ascent))
     state = opt.init(p)
 
     @jax.jit
@@ -153,15 +155,19 @@ def test_negated_chain_is_flagged_and_warned():
         v, g = jax.value_and_grad(loss)(p, X, Y)
         return opt.update(g, state, p, value=v, grad=g, value_fn=loss, x=X, y=Y)[1]
 
-    with pytest.warns(RuntimeWarning, match="already negated"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         state = step(p, state)
         jax.effects_barrier()
-    assert int(state[1].ascent_steps) == 1 and float(state[1].lr) == 0.0
+    assert [("already negated" in str(w.message)) for w in caught] == ([True] if warn_ascent else [])
+    assert int(state[1].ascent_steps) == 1 and float(state[1].lr) == 0.0  # the state flag
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        state = step(p, state)  # only the first step warns; the counter keeps counting
+        state = step(p, state)  # only the first step warns in the step; the counter keeps counting
         jax.effects_barrier()
     assert int(state[1].ascent_steps) == 2
+    with pytest.warns(RuntimeWarning, match="on all 2 steps"):  # reading the stats on the host warns
+        stats(state)
 
 
 @pytest.mark.parametrize("make", [

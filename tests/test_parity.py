@@ -1,0 +1,160 @@
+"""Parity: the same tuner with the same settings on the same problem gives the same learning rates in
+PyTorch and in Optax (DESIGN §4). The same MLP in both (weights copied), the same data, float64, 50 steps;
+bases SGD (``optax.identity``), heavy ball (``torch.optim.SGD(momentum=b)`` = ``optax.trace(decay=b)``,
+both ``v <- b v + g``) and Adam (``torch.optim.Adam`` = ``optax.scale_by_adam``, eps outside the root).
+
+Exact oracles on both sides (PyTorch: ``curvature="exact"`` with a ``torch.func`` functional loss; JAX:
+forward-over-forward JVP): the learning-rate sequences agree to relative 1e-6 and the final parameters to
+1e-6. Sharpness estimates are compared where both are converged (tight power-iteration tolerance): the
+HVPs differ (finite differences in PyTorch, exact in JAX) and so do the random starts.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch_backend as tb  # noqa: E402
+from jax_backend import (BaseMethod, armijo, cdat, edge_of_stability, polyak,  # noqa: E402
+                         quadratic_greedy)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: PyTorch's intra-op threads only contend (several times slower on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+STEPS = 50
+BETA = 0.9
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(40, 4))
+Y = RNG.normal(size=(40, 3))
+
+
+def _torch_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3)).double()
+
+
+def jax_loss(ps, x, y):
+    w1, b1, w2, b2 = ps  # torch layout: weights (out, in)
+    return jnp.mean(jnp.sum((jnp.tanh(x @ w1.T + b1) @ w2.T + b2 - y) ** 2, axis=1))
+
+
+TORCH_BASES = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1.0),
+    "heavy_ball": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=BETA),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1.0, betas=(0.9, 0.999), eps=1e-8),
+}
+JAX_BASES = {
+    "sgd": (optax.identity, BaseMethod.gd()),
+    "heavy_ball": (lambda: optax.trace(decay=BETA), BaseMethod.heavy_ball(BETA)),
+    "adam": (lambda: optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), BaseMethod.adam(0.9, 0.999, 1e-8)),
+}
+SHARP = dict(sharpness_iters=400, sharpness_first_iters=400, sharpness_tol=1e-10)
+# tuner name -> (torch class, jax convenience, shared settings, torch-only settings)
+TUNERS = {
+    "cdat": (tb.CDAT, cdat, dict(sigma=2.0, ema=0.9, curvature="exact"), {}),
+    "greedy": (tb.QuadraticGreedy, quadratic_greedy, dict(curvature="exact"), {}),
+    "armijo": (tb.ArmijoLineSearch, armijo, dict(c=0.5, increase_factor=2.0, init_lr=0.5), {}),
+    # a cap in the stable regime: at lr_max = 2 Polyak-on-SGD is chaotic here (differences double each step)
+    "polyak": (tb.PolyakStep, polyak, dict(lr_max=0.5), {}),
+    "eos": (tb.EdgeOfStability, edge_of_stability, dict(sigma=1.0, sharpness_every=10, **SHARP), {}),
+}
+
+
+def run_torch(tuner, base):
+    cls, _, kw, extra = TUNERS[tuner]
+    model = _torch_model()
+    init = [p.detach().numpy().copy() for p in model.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    x, y = torch.from_numpy(X), torch.from_numpy(Y)
+    mse = lambda out: ((out - y) ** 2).sum(dim=1).mean()  # noqa: E731
+    if kw.get("curvature") == "exact":
+        extra = dict(extra, functional_loss=lambda ps: mse(torch.func.functional_call(model, dict(zip(names, ps)),
+                                                                                       (x,))))
+    opt = cls(TORCH_BASES[base](list(model.parameters())), **kw, **extra)
+
+    def closure():
+        opt.zero_grad()
+        loss = mse(model(x))
+        loss.backward()
+        return loss
+
+    lrs, sharp = [], []
+    for _ in range(STEPS):
+        opt.step(closure)
+        lrs.append(float(opt.stats["lr"]))
+        sharp.append((float(opt.stats["sharpness"]), float(opt.stats["preconditioned_sharpness"])))
+    return init, np.array(lrs), np.array(sharp), [p.detach().numpy() for p in model.parameters()]
+
+
+def run_jax(tuner, base, init):
+    _, make, kw, _ = TUNERS[tuner]
+    make_base, method = JAX_BASES[base]
+    opt = make(make_base(), base_method=method, **kw)
+    params = [jnp.asarray(a) for a in init]
+    state = opt.init(params)
+    x, y = jnp.asarray(X), jnp.asarray(Y)
+
+    @jax.jit
+    def step(p, state):
+        v, g = jax.value_and_grad(jax_loss)(p, x, y)
+        up, state = opt.update(g, state, p, value=v, grad=g, value_fn=jax_loss, x=x, y=y)
+        t = state[1]
+        return optax.apply_updates(p, up), state, (t.lr, t.sharpness, t.preconditioned_sharpness)
+
+    lrs, sharp = [], []
+    for _ in range(STEPS):
+        params, state, (lr, s, ps) = step(params, state)
+        lrs.append(float(lr))
+        sharp.append((float(s), float(ps)))
+    return np.array(lrs), np.array(sharp), [np.asarray(p) for p in params]
+
+
+def check(tuner, base):
+    init, t_lrs, t_sharp, t_params = run_torch(tuner, base)
+    with jax.enable_x64(True):
+        j_lrs, j_sharp, j_params = run_jax(tuner, base, init)
+    assert np.all(t_lrs > 0), (tuner, base, t_lrs)
+    np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-6, atol=0, err_msg=f"{tuner}/{base} lr sequence")
+    for a, b in zip(j_params, t_params):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f"{tuner}/{base} final parameters")
+    return t_sharp, j_sharp
+
+
+FAST = [("cdat", "sgd"), ("cdat", "heavy_ball"), ("armijo", "sgd"), ("polyak", "adam"), ("eos", "sgd")]
+ALL = [(t, b) for t in TUNERS for b in TORCH_BASES]
+
+
+@pytest.mark.parametrize("tuner,base", FAST)
+def test_lr_sequences_and_final_params_agree(tuner, base):
+    check(tuner, base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuner,base", [c for c in ALL if c not in FAST])
+def test_lr_sequences_and_final_params_agree_all_pairs(tuner, base):
+    check(tuner, base)
+
+
+def test_cdat_adam_and_its_sharpness_and_preconditioned_sharpness_agree():
+    """CDAT on Adam with online sharpness: lrs and parameters as above, and both sharpness estimates (converged)
+    at the checkpoints."""
+    TUNERS["cdat_sharp"] = (tb.CDAT, cdat, dict(sigma=2.0, ema=0.9, curvature="exact", sharpness_every=10,
+                                                 **SHARP), {})
+    try:
+        t_sharp, j_sharp = check("cdat_sharp", "adam")
+    finally:
+        del TUNERS["cdat_sharp"]
+    for step in (0, 10, 20, 30, 40):  # estimates on steps 1, 11, 21, 31, 41
+        np.testing.assert_allclose(j_sharp[step], t_sharp[step], rtol=1e-6, err_msg=f"step {step + 1}")
+        np.testing.assert_array_equal(j_sharp[step:step + 10], np.broadcast_to(j_sharp[step], (10, 2)))
+    assert np.all(np.isfinite(t_sharp)) and np.all(j_sharp[:, 1] > 0)
