@@ -66,7 +66,8 @@ TUNERS = {
     "armijo": (tb.ArmijoLineSearch, armijo, dict(c=0.5, increase_factor=2.0, init_lr=0.5), {}),
     # a cap in the stable regime: at lr_max = 2 Polyak-on-SGD is chaotic here (differences double each step)
     "polyak": (tb.PolyakStep, polyak, dict(lr_max=0.5), {}),
-    "eos": (tb.EdgeOfStability, edge_of_stability, dict(sigma=1.0, sharpness_every=10, **SHARP), {}),
+    # half the stability threshold: at sigma = 1 heavy ball diverges here and the runs turn chaotic
+    "eos": (tb.EdgeOfStability, edge_of_stability, dict(sigma=0.5, sharpness_every=10, **SHARP), {}),
 }
 
 
@@ -123,10 +124,15 @@ def check(tuner, base):
     init, t_lrs, t_sharp, t_params = run_torch(tuner, base)
     with jax.enable_x64(True):
         j_lrs, j_sharp, j_params = run_jax(tuner, base, init)
-    assert np.all(t_lrs > 0), (tuner, base, t_lrs)
+    assert np.count_nonzero(t_lrs) > STEPS // 2, (tuner, base, t_lrs)  # a non-trivial run (momentum: some 0s)
     np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-6, atol=0, err_msg=f"{tuner}/{base} lr sequence")
+    # The edge-of-stability rule takes PyTorch's sharpness from finite-difference HVPs (~1e-8 accurate), so
+    # its lrs differ by up to ~1e-7 and entries of the final parameters near 0 need an absolute tolerance.
+    atol = 1e-6 if tuner == "eos" else 1e-9
     for a, b in zip(j_params, t_params):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f"{tuner}/{base} final parameters")
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=atol, err_msg=f"{tuner}/{base} final parameters")
+    diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(j_params, t_params)))
+    assert diff <= 1e-6 * np.sqrt(sum(np.sum(b ** 2) for b in t_params)), (tuner, base, diff)
     return t_sharp, j_sharp
 
 
