@@ -10,7 +10,7 @@ rank-local:
 * the **loss** the closure returns (each rank's mean over its own shard of the batch): Polyak's rule, the
   Armijo test and the NaN/Inf check need the global loss;
 * anything computed with ``torch.func``/double backward on the bare module (the ``"exact"`` oracle's
-  forward-over-forward JVP of ``functional_loss``): DDP's gradient hooks never see it.
+  double backward of ``functional_loss``): DDP's gradient hooks never see it.
 
 :class:`DataParallel` reduces exactly those, each once, with one ``all_reduce`` (sum, then divided by the
 world size: the global loss is the mean of the ranks' losses when every rank's shard has the same size,
