@@ -27,6 +27,22 @@ NEGATED_DIRECTION_MESSAGE = (
     "ascent_steps counts such steps.")
 
 
+def accumulator_dtype(tree: Any) -> Any:
+    """The dtype of a tuner's own scalars (learning rate, moving averages, dot products, statistics): the
+    widest floating dtype of the parameters, at least float32 (bf16/fp16 parameters accumulate in float32)."""
+    out = jnp.float32
+    for x in jax.tree_util.tree_leaves(tree):
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            out = jnp.promote_types(out, x.dtype)
+    return out
+
+
+def least_precise_eps(tree: Any) -> float:
+    """Machine epsilon of the coarsest floating dtype in ``tree``: a finite-difference displacement must be
+    representable in every parameter."""
+    return max(float(jnp.finfo(x.dtype).eps) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _real_sum(tree: Any, dtype: Any) -> Any:
     leaves = jax.tree_util.tree_leaves(tree)
     return sum((jnp.sum(x).astype(dtype) for x in leaves), jnp.zeros((), dtype))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from curvopt import rules
 from curvopt.curvature import finite_difference_curvature
 
-from .direction import add_scaled, norm, sq_norm, vdot
+from .direction import least_precise_eps, add_scaled, norm, sq_norm, vdot
 from .state import SecantMemory
 
 __all__ = ["exact_curvature", "fd_curvature", "secant_curvature", "secant_init", "curvature"]
@@ -37,7 +37,7 @@ def exact_curvature(f: Callable[[Any], Any], params: Any, u: Any, dtype: Any) ->
 def fd_curvature(f: Callable[[Any], Any], params: Any, grad: Any, u: Any, dtype: Any) -> Any:
     """Forward difference of the gradient along ``u``; 0 when ``u = 0``."""
     h = rules.finite_difference_step(norm(params, dtype), norm(u, dtype),
-                                     dtype_eps=float(jnp.finfo(dtype).eps), xp=jnp)
+                                     dtype_eps=least_precise_eps(params), xp=jnp)
     # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
     # its fast convolution path (a 30x slower step on a small CNN).
     probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, h, u)))

@@ -25,7 +25,7 @@ import optax
 from curvopt.curvature import rayleigh_converged
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt
 
-from .direction import norm, scale, vdot
+from .direction import accumulator_dtype, norm, scale, vdot
 from .loss import fn_kwargs as fn_kwargs_of
 from .settings import is_traced
 from .state import SharpnessMemory
@@ -41,7 +41,7 @@ def hvp_operator(f: Callable[[Any], Any], params: Any) -> Callable[[Any], Any]:
 
 
 def _dtype(params: Any) -> Any:
-    return jax.tree_util.tree_leaves(params)[0].dtype
+    return accumulator_dtype(params)
 
 
 def random_unit(params: Any, salt: Any = 0) -> Any:

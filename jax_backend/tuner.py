@@ -25,7 +25,7 @@ import optax
 from curvopt import rules
 
 from .base_method import BaseMethod
-from .direction import all_finite, descent, vdot, warn_if_negated
+from .direction import accumulator_dtype, all_finite, descent, vdot, warn_if_negated
 from .loss import bind, require_value_fn, value_and_grad_at
 from .oracles import curvature, secant_init
 from .sharpness import find_adam_state, online_sharpness, preconditioner_from_adam_state, sharpness_init
@@ -39,7 +39,8 @@ Rule = Callable[[Any, Any, Any, Any, TunerState], tuple[Any, Any]]
 
 
 def _dtype(params: Any) -> Any:
-    return jax.tree_util.tree_leaves(params)[0].dtype
+    """The state's float dtype: the widest parameter dtype, at least float32 (bf16 params, f32 state)."""
+    return accumulator_dtype(params)
 
 
 def stat_init(params: Any) -> dict[str, Any]:
