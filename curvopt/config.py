@@ -38,9 +38,10 @@ CURVATURE_ORACLES = ("fd", "secant", "exact")
 class SharpnessConfig:
     """Online top-eigenvalue estimation.
 
-    ``every``: estimate every ``every`` steps (0 = never). Each estimate runs at most ``iters`` power
-    iterations warm-started from the previous eigenvector and stops once the eigenvalue changes by less than
-    ``tol`` (relative). The first estimate runs up to ``first_iters`` iterations from a random start.
+    ``every``: estimate every ``every`` steps (0 = never). Each estimate spends at most ``iters``
+    Hessian-vector products (one per power-iteration or Lanczos step), warm-started from the previous
+    eigenvector, and stops once the eigenvalue changes by less than ``tol`` (relative). The first estimate
+    spends up to ``first_iters`` products from a random start.
     """
 
     every: int = 0
