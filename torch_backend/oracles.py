@@ -142,11 +142,11 @@ class Exact(CurvatureOracle):
             out = ctx.protected(run)
         except RuntimeError as e:
             raise RuntimeError(
-                'curvature="exact": torch.func could not differentiate functional_loss twice (double backward) '
+                'curvature="exact": autograd could not differentiate functional_loss twice (double backward) '
                 f"({type(e).__name__}: {e}). Some modules and compiled graphs do not support it; use "
                 'curvature="fd" (one extra gradient, works with any closure, DDP, autocast and torch.compile) '
                 'or "secant".') from e
-        # torch.func bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
+        # a functional loss bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
         return ctx.global_mean(out.detach().to(ctx.loss.dtype).reshape(()))
 
 
