@@ -2,7 +2,10 @@
 
 Each DDP rank holds half of a full batch; every tuner's learning-rate sequence and final parameters must
 equal those of the single-process full-batch run (float64, relative 1e-6), every rank-local scalar must be
-all-reduced exactly once (counted), and sharded FSDP must be refused at construction with a clear error.
+all-reduced exactly once (counted). FSDP1 FULL_SHARD (flat parameter shards) must match the same
+single-process run (every dot product and norm over the parameters summed across the shards exactly once);
+what is not supported (FSDP2 DTensor parameters, the exact oracle on shards, sharded parameters without a
+reducer) must be refused at construction with a clear error.
 """
 from __future__ import annotations
 
@@ -48,6 +51,9 @@ CASES = {
     "eos_sgd": ("EdgeOfStability", "sgd", dict(sigma=1.5, sharpness_every=3, sharpness_iters=60,
                                                sharpness_first_iters=100, sharpness_tol=1e-12)),
 }
+#: the tuners run on FSDP1 FULL_SHARD flat parameter shards (the exact oracle is refused there)
+FSDP_SHARDED_CASES = ["cdat_fd_sgd", "cdat_fd_adam_sharp", "cdat_secant_mom", "armijo_sgd", "polyak_adam",
+                      "eos_sgd"]
 #: collectives a tuner issues per step (Armijo: plus one per line-search trial)
 REDUCTIONS_PER_STEP = {"exact": 2}
 
@@ -170,15 +176,32 @@ def _ddp_worker(rank, world, port, out_dir):
             lrs, _ = train(case, fsdp, model, xl, yl)
             flat = torch.cat([p.detach().reshape(-1) for p in fsdp.parameters()])
             results["fsdp_noshard_" + case] = {"lrs": lrs, "flat": flat}
-        # sharded FSDP1 and FSDP2 are refused at construction
+        # FSDP1 FULL_SHARD (flat parameter shards, use_orig_params=False): reductions summed across the shards
+        for case in FSDP_SHARDED_CASES:
+            model = make_model()
+            fsdp = FSDP(model, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD,
+                        use_orig_params=False)
+            shard_sizes = [p.numel() for p in fsdp.parameters()]
+            lrs, opt = train(case, fsdp, fsdp, xl, yl)
+            with FSDP.summon_full_params(fsdp):
+                full = [p.detach().clone() for p in model.parameters()]
+            results["fsdp_full_shard_" + case] = {
+                "lrs": lrs, "params": full, "shard_sizes": shard_sizes, "sharded": opt.distributed.sharded,
+                "reductions": opt.distributed.calls}
+        # what is not supported is refused at construction
         import curvopt.torch as ct
         errors = {}
         model = make_model()
         fsdp = FSDP(model, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD)
         try:
-            ct.CDAT(torch.optim.SGD(fsdp.parameters(), lr=1.0))
+            ct.CDAT(torch.optim.SGD(fsdp.parameters(), lr=1.0), curvature="exact",
+                    functional_loss=lambda ps: sum(p.sum() for p in ps))
         except NotImplementedError as e:
-            errors["fsdp1_full_shard"] = str(e)
+            errors["fsdp1_exact"] = str(e)
+        try:
+            ct.CDAT(torch.optim.SGD(fsdp.parameters(), lr=1.0), distributed=None)
+        except NotImplementedError as e:
+            errors["fsdp1_no_reducer"] = str(e)
         model = make_model()
         fully_shard(model)
         try:
@@ -266,11 +289,33 @@ def test_fsdp_no_shard_matches_single_process(ddp_results, case):
 
 @needs_torch_patch
 @pytest.mark.slow
-def test_sharded_fsdp_is_refused_clearly(ddp_results):
+@pytest.mark.parametrize("case", FSDP_SHARDED_CASES)
+def test_fsdp_full_shard_matches_single_process(ddp_results, case):
+    """FSDP1 FULL_SHARD: each rank holds half of every flat parameter; the lr sequence and the gathered final
+    parameters equal the single-process full-batch run. A dot product or norm reduced twice (or not at all)
+    would change -g^T u, the fd step and curvature, or the sharpness by a factor of about 2."""
+    ref_lrs, ref_params = reference(case)
+    assert sum(lr > 0 for lr in ref_lrs) >= len(ref_lrs) - 2, ref_lrs
+    r0, r1 = ddp_results[0]["fsdp_full_shard_" + case], ddp_results[1]["fsdp_full_shard_" + case]
+    n_full = sum(p.numel() for p in ref_params)
+    assert r0["sharded"] and sum(r0["shard_sizes"]) < n_full  # really sharded
+    assert r0["lrs"] == r1["lrs"]
+    assert r0["reductions"] == r1["reductions"] > len(ref_lrs)  # the loss and the parameter reductions
+    assert _rel(r0["lrs"], ref_lrs) <= 1e-6, (r0["lrs"], ref_lrs)
+    for p, q in zip(r0["params"], ref_params):
+        assert _rel(p, q) <= 1e-6
+
+
+@needs_torch_patch
+@pytest.mark.slow
+def test_unsupported_sharding_is_refused_clearly(ddp_results):
     errors = ddp_results[0]["errors"]
-    assert set(errors) == {"fsdp1_full_shard", "fsdp2"}, errors
+    assert set(errors) == {"fsdp1_exact", "fsdp1_no_reducer", "fsdp2"}, errors
     for msg in errors.values():
-        assert "sharded" in msg and "NO_SHARD" in msg and "DistributedDataParallel" in msg
+        assert "sharded" in msg and "NO_SHARD" in msg and "DistributedDataParallel" in msg and "FULL_SHARD" in msg
+    assert "fully_shard" in errors["fsdp2"] and "DTensor" in errors["fsdp2"]
+    assert '"exact"' in errors["fsdp1_exact"] and '"fd"' in errors["fsdp1_exact"]
+    assert "distributed=None" in errors["fsdp1_no_reducer"]
 
 
 @needs_torch_patch
@@ -285,6 +330,38 @@ def test_distributed_argument_is_validated():
     # single process: "auto" reduces nothing
     opt = ct.PolyakStep(torch.optim.SGD([w], lr=1.0))
     assert opt.distributed is None
+
+
+@needs_torch_patch
+def test_vector_reductions_go_through_a_sharded_reducer_exactly_once():
+    """Inside vectors.reducing, dot/sq_norm/norm/max_abs each hand their partial result to a *sharded*
+    reducer exactly once (here a stand-in that doubles, as two equal shards would); a replicated (DDP)
+    reducer or none leaves them local."""
+    from torch_backend import vectors as V
+
+    class Fake:
+        def __init__(self, sharded):
+            self.sharded, self.calls = sharded, 0
+
+        def sum_(self, x):
+            self.calls += 1
+            return 2 * x
+
+        def max_abs_(self, x):
+            self.calls += 1
+            return x
+
+    xs = [torch.tensor([3.0, -4.0], dtype=DT), torch.tensor([[1.0]], dtype=DT)]
+    local = (V.dot(xs, xs), V.sq_norm(xs), V.norm(xs), V.max_abs(xs))
+    for sharded in (False, True):
+        r = Fake(sharded)
+        with V.reducing(r):
+            got = (V.dot(xs, xs), V.sq_norm(xs), V.norm(xs), V.max_abs(xs))
+        f = 2.0 if sharded else 1.0
+        assert torch.allclose(torch.stack(got), torch.stack([f * local[0], f * local[1], f ** 0.5 * local[2],
+                                                             local[3]]))
+        assert r.calls == (4 if sharded else 0)
+    assert V._SHARDS.get() is None
 
 
 # ------------------------------------------------------------------------------------------------ JAX

@@ -17,11 +17,22 @@ world size: the global loss is the mean of the ranks' losses when every rank's s
 which DDP's gradient averaging assumes as well). The number of reductions is counted in ``calls`` so that
 tests can check that nothing is reduced twice.
 
-Sharded parameters (FSDP1 ``FlatParameter`` shards with a sharding strategy other than ``NO_SHARD``, FSDP2
-``DTensor`` parameters) would need every dot product and norm over the parameters summed across shards,
-which the tuners do not do: :func:`check_params` refuses them at construction with a clear error.
-FSDP1 with ``ShardingStrategy.NO_SHARD`` keeps full replicated parameters and averaged gradients (like
-DDP) and is supported.
+Sharded parameters (FSDP1 ``FlatParameter`` shards with ``FULL_SHARD``/``SHARD_GRAD_OP`` and
+``use_orig_params=False``): each rank holds one shard of every (flattened) parameter and of its averaged
+gradient, so every dot product, squared norm, norm and max-abs over the parameters is a sum (a max) of the
+ranks' partial results. The reducer then knows it is ``sharded``, and the tuner's step runs inside
+:func:`torch_backend.vectors.reducing`, which makes :func:`~torch_backend.vectors.dot`,
+:func:`~torch_backend.vectors.sq_norm`, :func:`~torch_backend.vectors.norm` and
+:func:`~torch_backend.vectors.max_abs` all-reduce their partial result once (``sum_`` / ``max_abs_``). Every
+scalar built from them (``-g^T u``, the ``fd`` step ``h`` from the global norms, the ``fd``/``secant``
+curvatures, the Lanczos/power-iteration inner products) is then global. Under DDP or ``NO_SHARD`` nothing
+changes (replicated parameters: their dot products are already global and must not be summed again).
+
+Not supported, refused by :func:`check_params` at construction with a clear error: FSDP2 ``DTensor``
+parameters (``fully_shard``), sharding that does not split each flat parameter evenly over the reducer's
+group (``HYBRID_SHARD``/``_HYBRID_SHARD_ZERO2``: replicas would be summed twice), ``distributed=None`` with
+sharded parameters, and the ``"exact"`` oracle on sharded parameters (its double backward needs the full
+parameters).
 """
 from __future__ import annotations
 
@@ -35,10 +46,10 @@ __all__ = ["DataParallel", "resolve", "check_params", "DistributedLike", "SHARDE
 DistributedLike = Union[str, None, bool, Any]  # "auto", None/False, or a torch.distributed ProcessGroup
 
 SHARDED_MESSAGE = (
-    "{tuner}: the parameters are sharded across ranks ({kind}); the tuners need the full parameter and "
-    "gradient vectors on every rank (their dot products and norms are not summed across shards). Use "
-    "DistributedDataParallel, or FSDP with sharding_strategy=ShardingStrategy.NO_SHARD, with curvopt's tuners; "
-    "sharded FSDP (FSDP1 FULL_SHARD/SHARD_GRAD_OP/HYBRID_SHARD, FSDP2 fully_shard) is not supported.")
+    "{tuner}: the parameters are sharded across ranks ({kind}), which curvopt's tuners do not support: {why}. "
+    "Supported: DistributedDataParallel, FSDP1 with sharding_strategy=ShardingStrategy.NO_SHARD, and FSDP1 "
+    "FULL_SHARD/SHARD_GRAD_OP with use_orig_params=False (flat parameter shards, dot products and norms summed "
+    "across the ranks); not supported: FSDP2 fully_shard (DTensor parameters), HYBRID_SHARD.")
 
 
 def _dist_ready() -> bool:
@@ -53,10 +64,27 @@ class DataParallel:
     tuners guarantee because all their control flow depends only on global (identical) values.
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, sharded: bool = False) -> None:
         self.group = group
         self.world_size = torch.distributed.get_world_size(group)
+        #: whether the parameters are sharded (FSDP1 FULL_SHARD): reductions over them are then summed
+        self.sharded = sharded
         self.calls = 0
+
+    def sum_(self, x: Tensor) -> Tensor:
+        """A sharded parameter reduction's partial result (0-d) summed over the ranks (one all_reduce)."""
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        self.calls += 1
+        return x
+
+    def max_abs_(self, x: Tensor) -> Tensor:
+        """The maximum over the ranks of a partial ``max |x_i|`` (one all_reduce); NaN if any rank's is NaN
+        (a collective MAX need not propagate NaN, so NaN travels as a flag)."""
+        both = torch.stack([torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x),
+                            torch.isnan(x).to(x.dtype)])
+        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        self.calls += 1
+        return torch.where(both[1] > 0, torch.full_like(x, float("nan")), both[0])
 
     def mean(self, x: Tensor) -> Tensor:
         x = torch.as_tensor(x).detach().clone()
@@ -65,10 +93,10 @@ class DataParallel:
         return x / self.world_size
 
     def __repr__(self) -> str:
-        return f"DataParallel(world_size={self.world_size})"
+        return f"DataParallel(world_size={self.world_size}, sharded={self.sharded})"
 
 
-def resolve(distributed: DistributedLike) -> Optional[DataParallel]:
+def resolve(distributed: DistributedLike, params: Sequence[Tensor] = ()) -> Optional[DataParallel]:
     """The reducer a tuner uses for ``distributed=``.
 
     * ``"auto"`` (default): when ``torch.distributed`` is initialized with more than one rank, a data-parallel
@@ -76,7 +104,10 @@ def resolve(distributed: DistributedLike) -> Optional[DataParallel]:
       otherwise nothing.
     * ``None`` or ``False``: never reduce (e.g. independent runs that happen to share a process group).
     * a ``ProcessGroup``: a data-parallel run over that group.
+
+    The reducer is ``sharded`` when some of ``params`` are FSDP1 flat-parameter shards.
     """
+    sharded = any(_sharding_kind(p) is not None for p in params)
     if distributed is None or distributed is False:
         return None
     if isinstance(distributed, str):
@@ -85,17 +116,17 @@ def resolve(distributed: DistributedLike) -> Optional[DataParallel]:
                              f"got {distributed!r}")
         if not _dist_ready() or torch.distributed.get_world_size() <= 1:
             return None
-        return DataParallel(None)
+        return DataParallel(None, sharded)
     if distributed is True:
         if not _dist_ready():
             raise ValueError("distributed=True but torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first)")
-        return DataParallel(None)
+        return DataParallel(None, sharded)
     if not _dist_ready():
         raise ValueError("distributed= was given a process group but torch.distributed is not initialized")
     if torch.distributed.get_world_size(distributed) <= 1:
         return None
-    return DataParallel(distributed)
+    return DataParallel(distributed, sharded)
 
 
 def _sharding_kind(p: Tensor) -> Optional[str]:
@@ -114,9 +145,27 @@ def _sharding_kind(p: Tensor) -> Optional[str]:
     return None
 
 
-def check_params(params: Sequence[Tensor], tuner: str) -> None:
+def check_params(params: Sequence[Tensor], tuner: str, reducer: Optional[DataParallel] = None,
+                 curvature: Optional[str] = None) -> None:
     """Raise ``NotImplementedError`` (at construction) for sharded parameters the tuners cannot handle."""
     for p in params:
         kind = _sharding_kind(p)
-        if kind is not None:
-            raise NotImplementedError(SHARDED_MESSAGE.format(tuner=tuner, kind=kind))
+        if kind is None:
+            continue
+        why = None
+        if kind.startswith("DTensor"):
+            why = "their local shards are not read through DTensor's API"
+        elif reducer is None:
+            why = ("distributed=None (or a one-rank group) with sharded parameters: their dot products and "
+                   "norms must be summed across the ranks; pass distributed='auto' or the FSDP process group")
+        elif curvature == "exact":
+            why = ('the "exact" oracle differentiates functional_loss twice, which needs the full parameters; '
+                   'use curvature="fd" or "secant"')
+        else:
+            # FSDP1 pads the flat parameter to a multiple of the world size and gives each rank one chunk
+            full = torch.Size(getattr(p, "_unpadded_unsharded_size")).numel()
+            if p.numel() != -(-full // reducer.world_size):
+                why = ("the flat parameter is not split evenly over the reducer's process group "
+                       "(HYBRID_SHARD, or a group other than FSDP's): shards would be summed twice or missed")
+        if why is not None:
+            raise NotImplementedError(SHARDED_MESSAGE.format(tuner=tuner, kind=kind, why=why))

@@ -46,7 +46,7 @@ from .direction import base_stability_coefficient, direction_into, is_adam_like,
 from .oracles import CurvatureOracle, make_oracle
 from .preconditioning import preconditioner_scales
 from .sharpness import FiniteDifferenceHVP, OnlineSharpness, _preconditioned
-from .vectors import accumulator_dtype, axpy_into, dot, max_abs
+from .vectors import accumulator_dtype, axpy_into, dot, max_abs, reducing
 
 __all__ = ["CurvatureTuner", "StepContext", "CLOSURE_CONVENTION"]
 
@@ -139,9 +139,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not any(p.requires_grad for p in params):
             raise ValueError(f"{type(self).__name__}: none of the base optimizer's parameters requires_grad "
                              "(all frozen): there is nothing to tune")
-        check_params(params, type(self).__name__)
         #: the reducer of a data-parallel run (None in a single process): see torch_backend.distributed
-        self.distributed = resolve_distributed(distributed)
+        self.distributed = resolve_distributed(distributed, params)
+        check_params(params, type(self).__name__, self.distributed, curvature if self.uses_curvature else None)
         #: dtype of the tuner's own scalars (at least float32, the widest parameter dtype)
         self.acc_dtype = accumulator_dtype(params)
         self.sharpness_config = sharpness
@@ -225,7 +225,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._skipped += 1
         warnings.warn(
             f"{type(self).__name__}: non-finite loss or gradient, step skipped (parameters, base state and "
-            f"tuner state unchanged; {self._skipped} skipped so far)", RuntimeWarning, stacklevel=3)
+            f"tuner state unchanged; {self._skipped} skipped so far)", RuntimeWarning, stacklevel=4)
         like = self._acc_like()
         nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
         self._stats.update(lr=nan, numerator=nan, curvature=nan, eos_ratio=nan, skipped=self._skipped,
@@ -237,6 +237,11 @@ class CurvatureTuner(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
         if closure is None or not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
+        # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
+        with reducing(self.distributed):
+            return self._step(closure)
+
+    def _step(self, closure: Callable[[], Tensor]) -> Tensor:
         loss = self.guard.main(closure)
         if loss is None:
             raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")

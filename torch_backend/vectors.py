@@ -3,15 +3,43 @@
 The tuners treat the parameters as one vector split into tensors. These helpers return 0-d tensors (no host
 sync) and write results in place where the caller provides the storage, so a step allocates nothing of the
 parameters' size beyond the buffers the tuner keeps.
+
+Sharded parameters (FSDP1 ``FULL_SHARD``): inside :func:`reducing` with a sharded reducer (the tuner's step
+runs there), ``dot``, ``sq_norm``, ``norm`` and ``max_abs`` are reductions over the *global* vector: each
+all-reduces its rank-local partial result once (see :mod:`torch_backend.distributed`). Outside it, or with
+no/replicated (DDP) reducer, they are purely local and issue no collective.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["accumulator_dtype", "least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "scalar"]
+__all__ = ["accumulator_dtype", "least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "scalar",
+           "reducing"]
+
+#: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
+_SHARDS: ContextVar[Optional[Any]] = ContextVar("curvopt_shard_reducer", default=None)
+
+
+@contextmanager
+def reducing(reducer: Optional[Any]) -> Iterator[None]:
+    """Within the block, reductions over parameter vectors are summed (max for ``max_abs``) across the
+    ranks by ``reducer`` (a :class:`torch_backend.distributed.DataParallel`) if it is ``sharded``; with a
+    replicated reducer or ``None`` nothing changes."""
+    token = _SHARDS.set(reducer if reducer is not None and getattr(reducer, "sharded", False) else None)
+    try:
+        yield
+    finally:
+        _SHARDS.reset(token)
+
+
+def _global_sum(x: Tensor) -> Tensor:
+    r = _SHARDS.get()
+    return x if r is None else r.sum_(x)
 
 
 def scalar(value: float, like: Tensor) -> Tensor:
@@ -21,7 +49,7 @@ def scalar(value: float, like: Tensor) -> Tensor:
 
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """``sum_i <x_i, y_i>`` as a 0-d tensor (accumulated per tensor, then summed)."""
-    return torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum()
+    return _global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -35,17 +63,21 @@ def _flat(x: Tensor) -> Tensor:
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
     """``sum_i ||x_i||^2`` (one fused norm kernel per call)."""
-    return torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum()
+    return _global_sum(torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum())
 
 
 def norm(xs: Sequence[Tensor]) -> Tensor:
     """The Euclidean norm of the concatenation of ``xs``."""
+    if _SHARDS.get() is not None:
+        return sq_norm(xs).sqrt()
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([_acc(x) for x in xs])))
 
 
 def max_abs(xs: Sequence[Tensor]) -> Tensor:
     """``max_i |x_i|`` over all entries; NaN if any entry is NaN, inf if any is infinite."""
-    return torch.stack(torch._foreach_norm(list(xs), float("inf"))).max()
+    local = torch.stack(torch._foreach_norm(list(xs), float("inf"))).max()
+    r = _SHARDS.get()
+    return local if r is None else r.max_abs_(local)
 
 
 def axpy_into(out: Sequence[Tensor], xs: Sequence[Tensor], a: Tensor, ys: Sequence[Tensor]) -> None:
