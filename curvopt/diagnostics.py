@@ -1,4 +1,4 @@
-"""Diagnostics from logged histories (NumPy only): catapults and progressive sharpening."""
+"""Diagnostics from logged histories (NumPy only): catapults (DESIGN §3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["Catapult", "detect_catapults", "lr_drop_factor"]
+__all__ = ["Catapult", "detect_catapults"]
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,3 @@ def detect_catapults(loss: Sequence[float], sharpness: Sequence[float], *, spike
         i = k
     return out
 
-
-def lr_drop_factor(lrs: Sequence[float], *, warmup: int = 1) -> float:
-    """How far a tuner's learning rate fell: the largest lr of the first ``warmup`` steps over the smallest
-    lr after them (NaN entries ignored; inf when it reached 0)."""
-    lrs = np.asarray(lrs, dtype=float)
-    lrs = lrs[np.isfinite(lrs)]
-    if lrs.size <= warmup:
-        return float("nan")
-    head = lrs[:max(warmup, 1)].max()
-    tail = lrs[max(warmup, 1):]
-    low = tail.min()
-    return float(head / low) if low > 0 else float("inf")
