@@ -1,20 +1,24 @@
 """curvopt: learning rates chosen from the loss curvature.
 
-This package is the backend-agnostic core: the rules as math on scalars (``rules``), stability thresholds
-(``thresholds``), Adam's preconditioner (``preconditioner``), validated settings (``config``), the names of
-the logged statistics (``stats``) and diagnostics. It imports neither torch nor jax.
+This package is the backend-agnostic core: the rules as formulas and as values (``rules``), the base
+optimizer's description (``base``), stability thresholds (``thresholds``), Adam's preconditioner
+(``preconditioner``), the online eigen-solver (``eigen``), shared settings (``config``), hyperparameter checks
+(``validation``), the names of the logged statistics (``stats``), diagnostics and the μP tables (``mup``). It
+imports neither torch nor jax.
 
 The tuners themselves live in the backends, imported through ``curvopt.torch`` (PyTorch) and
 ``curvopt.optax`` (JAX/Optax).
 """
-from . import config, diagnostics, preconditioner, rules, stats, thresholds, validation
-from .config import ArmijoConfig, CDATConfig, EdgeOfStabilityConfig, PolyakConfig, SharpnessConfig
+from . import base, config, diagnostics, eigen, preconditioner, rules, stats, thresholds, validation
+from .base import BaseMethod
+from .config import SharpnessConfig
+from .rules import ArmijoRule, CDATRule, EdgeOfStabilityRule, PolyakRule
 from .thresholds import stability_coefficient, stability_threshold
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "config", "diagnostics", "preconditioner", "rules", "stats", "thresholds", "validation",
-    "ArmijoConfig", "CDATConfig", "EdgeOfStabilityConfig", "PolyakConfig", "SharpnessConfig",
+    "base", "config", "diagnostics", "eigen", "preconditioner", "rules", "stats", "thresholds", "validation",
+    "BaseMethod", "SharpnessConfig", "CDATRule", "PolyakRule", "EdgeOfStabilityRule", "ArmijoRule",
     "stability_coefficient", "stability_threshold",
 ]

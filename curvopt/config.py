@@ -1,47 +1,43 @@
-"""Validated settings of every tuner, shared by both backends.
-
-Each backend builds one of these frozen dataclasses from its constructor's keywords, so a bad value raises
-``ValueError`` (naming the parameter and its accepted range) at construction in PyTorch and in Optax alike,
-and both backends agree on defaults.
+"""Settings shared by every tuner in both backends: the online sharpness, the curvature oracle, the dtype of
+the tuners' own numbers. Each decision here is made once; the backends ask, they do not decide.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import Any, Iterable, Union
 
-from .validation import (
-    check_at_least,
-    check_choice,
-    check_finite,
-    check_in_unit_interval,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-)
+from .validation import check_choice, check_nonnegative, check_positive_int
 
 __all__ = [
     "CURVATURE_ORACLES",
+    "DEFAULT_CURVATURE",
     "SharpnessConfig",
-    "CDATConfig",
-    "ArmijoConfig",
-    "PolyakConfig",
-    "EdgeOfStabilityConfig",
+    "SharpnessLike",
+    "as_sharpness",
+    "sharpness_due",
+    "resolve_curvature",
+    "accumulator_dtype_name",
 ]
 
-#: How ``u^T H u`` is obtained. ``"fd"``: one extra gradient at ``w + h u``; ``"secant"``: reuse the next
-#: step's gradient along the previous direction (free, lagged by one step); ``"exact"``: automatic
-#: differentiation (forward-over-forward JVP in JAX, ``torch.func`` in PyTorch when a functional loss is given).
-CURVATURE_ORACLES = ("fd", "secant", "exact")
+#: How ``u^T H u`` is obtained. ``"fd"``: one extra gradient at ``w + h u``; ``"secant"``: the next step's
+#: gradient along the previous direction (free, lagged by one step, needs no loss function); ``"exact"``:
+#: automatic differentiation (JAX: forward-over-forward JVP; PyTorch: double backward of a functional loss);
+#: ``"auto"``: ``"fd"`` when the step can evaluate the loss (a closure in PyTorch, ``value_fn`` in Optax),
+#: ``"secant"`` otherwise (``loss.backward(); opt.step()``, ``TrainState.apply_gradients``).
+CURVATURE_ORACLES = ("auto", "fd", "secant", "exact")
+
+#: The default oracle of every curvature tuner, in both backends.
+DEFAULT_CURVATURE = "auto"
 
 
 @dataclass(frozen=True)
 class SharpnessConfig:
-    """Online top-eigenvalue estimation.
+    """Online top-eigenvalue estimation (``sharpness=`` of every tuner).
 
-    ``every``: estimate every ``every`` steps (0 = never). Each estimate spends at most ``iters``
-    Hessian-vector products (one per power-iteration or Lanczos step), warm-started from the previous
-    eigenvector, and stops once the eigenvalue changes by less than ``tol`` (relative). The first estimate
-    spends up to ``first_iters`` products from a random start.
+    ``every``: estimate on steps 1, 1 + every, 1 + 2 every, ... (0 = never). Each estimate is the warm-started
+    power iteration of :mod:`curvopt.eigen` on Hessian-vector products: at most ``iters`` products from the
+    previous eigenvector, stopping once the eigenvalue changes by less than ``tol`` (relative); the first
+    estimate spends up to ``first_iters`` products from a pseudo-random start.
     """
 
     every: int = 0
@@ -50,77 +46,73 @@ class SharpnessConfig:
     tol: float = 1e-3
 
     def __post_init__(self) -> None:
-        check_positive_int("sharpness_every", self.every, minimum=0)
-        check_positive_int("sharpness_iters", self.iters)
-        check_positive_int("sharpness_first_iters", self.first_iters)
-        check_nonnegative("sharpness_tol", self.tol)
+        object.__setattr__(self, "every", check_positive_int("sharpness.every", self.every, minimum=0))
+        object.__setattr__(self, "iters", check_positive_int("sharpness.iters", self.iters))
+        object.__setattr__(self, "first_iters", check_positive_int("sharpness.first_iters", self.first_iters))
+        object.__setattr__(self, "tol", check_nonnegative("sharpness.tol", self.tol))
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
 
 
-@dataclass(frozen=True)
-class CDATConfig:
-    """CDAT ``lr = sigma * avg(max(-g^T u, 0)) / avg(|u^T H u| + eps)``; greedy is sigma=1, ema=0."""
-
-    sigma: float = 2.0
-    ema: float = 0.9
-    eps: float = 0.0
-    lr_max: float = math.inf
-    curvature: str = "fd"
-
-    def __post_init__(self) -> None:
-        check_positive("sigma", self.sigma)
-        check_in_unit_interval("ema", self.ema)
-        check_nonnegative("eps", self.eps)
-        check_positive("lr_max", self.lr_max, allow_inf=True)
-        check_choice("curvature", self.curvature, CURVATURE_ORACLES)
+SharpnessLike = Union[SharpnessConfig, int, None]
 
 
-@dataclass(frozen=True)
-class ArmijoConfig:
-    """Backtracking line search on ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u``.
+def as_sharpness(value: SharpnessLike, default: SharpnessConfig | None = None) -> SharpnessConfig:
+    """The ``sharpness=`` argument: a :class:`SharpnessConfig`, an int ``k`` (every k steps, other settings
+    default; 0 = off), or ``None`` (the rule's default, ``default``; off when that is None too)."""
+    if value is None:
+        return default if default is not None else SharpnessConfig()
+    if isinstance(value, SharpnessConfig):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"sharpness must be a SharpnessConfig, an int (estimate every k steps) or None, "
+                         f"got {value!r}")
+    return SharpnessConfig(every=value)
 
-    Each step starts at ``min(increase_factor * previous_lr, lr_max)`` (the first from ``init_lr``) and
-    multiplies by ``decrease_factor`` until accepted or ``max_trials`` function evaluations were spent.
-    Same meaning as Optax's ``scale_by_backtracking_linesearch`` (``slope_rtol=c``, ``rtol=delta``,
-    ``max_backtracking_steps=max_trials - 1``).
+
+def sharpness_due(count: Any, every: Any) -> Any:
+    """Whether this step estimates the sharpness: steps 1, 1 + every, ... where ``count`` is the number of
+    steps taken *before* this one (Python ints, or traced integers: ``every`` may be an abstract value under
+    ``optax.inject_hyperparams``)."""
+    if isinstance(count, int) and isinstance(every, int):
+        return every > 0 and count % every == 0
+    return (every > 0) & (count % (every + (every <= 0)) == 0)
+
+
+def resolve_curvature(curvature: str, has_loss_fn: bool) -> str:
+    """The oracle a step uses: ``"auto"`` is ``"fd"`` with a loss function (closure / ``value_fn``), else
+    ``"secant"``. ``"fd"`` and ``"exact"`` without one raise ``ValueError``."""
+    check_choice("curvature", curvature, CURVATURE_ORACLES)
+    if curvature == "auto":
+        return "fd" if has_loss_fn else "secant"
+    if curvature in ("fd", "exact") and not has_loss_fn:
+        raise ValueError(
+            f'curvature="{curvature}" evaluates the loss at a probe point, so the step needs the loss: a closure '
+            "in PyTorch (opt.step(closure)), value_fn in Optax. Without one use curvature=\"secant\" (or \"auto\"), "
+            "which needs only consecutive gradients.")
+    return curvature
+
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
+    """The dtype of a tuner's own scalars (learning rate, moving averages, dot products, statistics): the
+    widest floating dtype of the parameters, at least float32 (bf16/fp16 parameters accumulate in float32).
+
+    ``dtype_names``: the parameters' dtype names (``"float32"``, ``"torch.bfloat16"``, ...). Complex
+    parameters are refused: the tuners' inner products are real.
     """
-
-    c: float = 1e-4
-    delta: float = 0.0
-    increase_factor: float = 2.0
-    decrease_factor: float = 0.8
-    lr_max: float = math.inf
-    init_lr: float = 1.0
-    max_trials: int = 30
-
-    def __post_init__(self) -> None:
-        check_in_unit_interval("c", self.c)
-        check_nonnegative("delta", self.delta)
-        check_at_least("increase_factor", self.increase_factor, 1.0)
-        check_in_unit_interval("decrease_factor", self.decrease_factor, closed_low=False)
-        check_positive("lr_max", self.lr_max, allow_inf=True)
-        check_positive("init_lr", self.init_lr)
-        check_positive_int("max_trials", self.max_trials)
-
-
-@dataclass(frozen=True)
-class PolyakConfig:
-    """Polyak step ``min((f - f_star) / (-g^T u), lr_max)``."""
-
-    f_star: float = 0.0
-    lr_max: float = 1.0
-
-    def __post_init__(self) -> None:
-        check_finite("f_star", self.f_star)
-        check_positive("lr_max", self.lr_max, allow_inf=True)
-
-
-@dataclass(frozen=True)
-class EdgeOfStabilityConfig:
-    """``lr = sigma * c / sharpness``; sigma * c = 3 worked well for GD in the paper (sigma = 1.5)."""
-
-    sigma: float = 1.5
-    lr_max: float = math.inf
-
-    def __post_init__(self) -> None:
-        check_positive("sigma", self.sigma)
-        check_positive("lr_max", self.lr_max, allow_inf=True)
+    out = "float32"
+    for raw in dtype_names:
+        name = str(raw).replace("torch.", "")
+        if "complex" in name:
+            raise ValueError(f"complex parameters ({name}) are not supported: the tuners' inner products and "
+                             "curvatures are real; optimise the real and imaginary parts as real parameters")
+        if name == "float64":
+            out = "float64"
+        elif name not in _FLOATS:
+            continue  # integer/bool leaves (counters, masks) do not take part
+    return out

@@ -1,7 +1,5 @@
-"""Curvature along a direction from gradients: the difference quotients both backends' oracles use.
-
-(Added next to ``rules.py`` by the PyTorch backend; same conventions: scalars and an array namespace ``xp``.)
-"""
+"""Curvature along a direction from gradients: the difference quotient of the ``fd`` oracle and the
+power iteration's stopping test (same conventions as :mod:`curvopt.rules`: scalars and an array namespace)."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,6 +18,7 @@ def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, 
     return xp.where(ok, (probe_grad_dot_u - grad_dot_u) / xp.where(ok, h, 1.0), 0.0)
 
 
-def rayleigh_converged(value: float, previous: float, tol: float) -> bool:
-    """Stopping test of the power iteration: the eigenvalue estimate changed by at most ``tol`` (relative)."""
+def rayleigh_converged(value: Any, previous: Any, tol: Any) -> Any:
+    """Stopping test of the power iteration: the eigenvalue estimate changed by at most ``tol`` (relative);
+    False when ``previous`` is NaN (no previous estimate)."""
     return abs(value - previous) <= tol * abs(value)

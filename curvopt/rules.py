@@ -1,25 +1,55 @@
-"""Learning-rate rules: the math of every tuner, written once.
+"""Learning-rate rules: the math of every tuner, written once, as formulas and as rule values.
 
-Each function takes scalars (Python floats, 0-d ``torch.Tensor`` or 0-d ``jax.Array``) and the array
-namespace ``xp`` of those scalars (``torch`` or ``jax.numpy``). Only ``xp.where``, ``xp.isfinite`` and
-``xp.sqrt`` plus arithmetic operators are used, so the same code runs eagerly in PyTorch (no host sync: the
-results stay tensors) and traced under ``jax.jit`` (no Python branching on values).
+**Formulas** take scalars (Python floats, 0-d ``torch.Tensor`` or 0-d ``jax.Array``) and the array namespace
+``xp`` of those scalars (``torch`` or ``jax.numpy``). Only ``xp.where``, ``xp.isfinite``, ``xp.sqrt`` and
+arithmetic are used, so the same code runs eagerly in PyTorch (no host sync: results stay tensors) and traced
+under ``jax.jit`` (no Python branching on values).
 
-Notation (DESIGN §3): ``g`` the gradient, ``u`` the base optimizer's update at learning rate 1 (sign
-included, so ``u = -g`` for gradient descent), ``H`` the Hessian; the step is ``w <- w + lr * u``.
+**Rule values** (:class:`CDATRule`, :class:`PolyakRule`, :class:`EdgeOfStabilityRule`, :class:`ArmijoRule`)
+are frozen dataclasses holding a tuner's validated hyperparameters, with ``init(zero) -> state`` and
+``update(inputs, state, xp) -> (lr, state)`` over a :class:`RuleInputs` record; their states are flat
+NamedTuples of scalars. Backends call them through :func:`apply_rule`, which owns the guard every tuner
+shares: a non-finite input the rule needs leaves the rule state unchanged and gives ``lr = 0`` for that step,
+and the learning rate is never negative or non-finite. ``needs`` says which inputs a rule reads, so a
+backend computes only those.
+
+Notation (DESIGN §3 of the project notes): ``g`` the gradient, ``u`` the base optimizer's update at learning
+rate 1 (sign included, so ``u = -g`` for gradient descent), ``H`` the Hessian; the step is ``w <- w + lr u``.
 
 * ``numerator``  is ``-g^T u`` (positive for a descent direction);
 * ``curvature``  is ``u^T H u``, the second derivative of ``t -> f(w + t u)`` at 0.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+from .config import SharpnessConfig
+from .validation import (
+    at_step,
+    check_at_least,
+    check_choice,
+    check_finite,
+    check_in_unit_interval,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    check_schedulable,
+)
 
 __all__ = [
+    "RuleInputs",
+    "apply_rule",
+    "CDATRule",
     "CDATState",
-    "cdat_init",
+    "PolyakRule",
+    "EdgeOfStabilityRule",
+    "EdgeOfStabilityState",
+    "ArmijoRule",
+    "ArmijoSearchState",
+    "NoState",
     "cdat_step",
-    "quadratic_greedy_lr",
     "polyak_lr",
     "edge_of_stability_lr",
     "armijo_decrease_error",
@@ -31,88 +61,44 @@ __all__ = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------ formulas
 def _pos(x: Any, xp: Any) -> Any:
     """max(x, 0) that keeps the dtype of ``x``."""
     return xp.where(x > 0, x, 0.0)
 
 
-def cap(lr: Any, lr_max: float, xp: Any) -> Any:
+def cap(lr: Any, lr_max: Any, xp: Any) -> Any:
     """min(lr, lr_max); ``lr_max = inf`` leaves ``lr`` unchanged."""
     return xp.where(lr < lr_max, lr, lr_max)
 
 
-class CDATState(NamedTuple):
-    """Exponential moving averages of CDAT's numerator and denominator, and the last learning rate.
-
-    The averages start at zero and are *not* bias-corrected: the correction factor ``1 - ema**t`` is the
-    same for both and cancels in their ratio, so the first step is already exact (``lr_1 = sigma n_1/d_1``).
-    """
-
-    numerator_avg: Any
-    denominator_avg: Any
-    lr: Any
+def _safe_div(num: Any, den: Any, ok: Any, xp: Any) -> Any:
+    """``num / den`` where ``ok``, 0 elsewhere, with no division by zero traced."""
+    return xp.where(ok, num / xp.where(ok, den, 1.0), 0.0)
 
 
-def cdat_init(zero: Any) -> CDATState:
-    """Initial state; ``zero`` is a 0-d array of the accumulator dtype."""
-    return CDATState(numerator_avg=zero, denominator_avg=zero, lr=zero)
-
-
-def cdat_step(
-    numerator: Any,
-    curvature: Any,
-    state: CDATState,
-    *,
-    sigma: float,
-    ema: float,
-    eps: float,
-    lr_max: float,
-    xp: Any,
-) -> CDATState:
-    """One CDAT update (Roulet et al. 2024): ``lr = sigma * avg(n) / avg(d)``.
-
-    ``n = max(-g^T u, 0)`` (an ascent direction contributes 0), ``d = |u^T H u| + eps`` (negative curvature
-    counts by its magnitude). ``sigma = 1, ema = 0`` is the quadratically greedy step, ``sigma = 2`` the step
-    "on edge" (the largest lr with q(lr) <= f). When the averaged denominator is 0 (only possible with
-    ``eps = 0`` and zero curvature so far) the previous learning rate is kept (0 at the first step): no
-    division by zero. The result is capped at ``lr_max``.
-    """
+def cdat_step(numerator: Any, curvature: Any, numerator_avg: Any, denominator_avg: Any, *, ema: Any,
+              eps: Any, xp: Any) -> tuple[Any, Any]:
+    """CDAT's moving averages (Roulet et al. 2024): ``n = max(-g^T u, 0)`` (an ascent direction contributes 0)
+    and ``d = |u^T H u| + eps`` (negative curvature counts by its magnitude), each averaged with factor
+    ``ema`` from 0. Returns the new ``(numerator_avg, denominator_avg)``; the rate is their ratio times
+    sigma (:class:`CDATRule`)."""
     n = _pos(numerator, xp)
     d = abs(curvature) + eps
-    num_avg = ema * state.numerator_avg + (1 - ema) * n
-    den_avg = ema * state.denominator_avg + (1 - ema) * d
-    ok = den_avg > 0
-    ratio = num_avg / xp.where(ok, den_avg, 1.0)
-    lr = xp.where(ok, sigma * ratio, state.lr)
-    return CDATState(num_avg, den_avg, cap(lr, lr_max, xp))
+    return ema * numerator_avg + (1 - ema) * n, ema * denominator_avg + (1 - ema) * d
 
 
-def quadratic_greedy_lr(numerator: Any, curvature: Any, *, lr_max: float, xp: Any) -> Any:
-    """``-g^T u / u^T H u``, the minimiser of the quadratic model along ``u`` (CDAT with sigma=1, ema=0).
-
-    Guards as in :func:`cdat_step`: an ascent direction gives 0, negative curvature counts by its magnitude,
-    zero curvature gives 0 (no step) rather than a division by zero.
-    """
-    state = cdat_step(
-        numerator, curvature, cdat_init(0.0), sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, xp=xp
-    )
-    return state.lr
-
-
-def polyak_lr(value: Any, numerator: Any, *, f_star: float, lr_max: float, xp: Any) -> Any:
+def polyak_lr(value: Any, numerator: Any, *, f_star: Any, lr_max: Any, xp: Any) -> Any:
     """Polyak step ``min((f - f*) / (-g^T u), lr_max)``; 0 when ``f <= f*`` or ``-g^T u <= 0``.
 
     With ``u = -g`` the denominator is ``||g||^2``, the classical form; for a preconditioned base it is
     ``g^T P^{-1} g``.
     """
-    gap = _pos(value - f_star, xp)
-    ok = numerator > 0
-    lr = xp.where(ok, gap / xp.where(ok, numerator, 1.0), 0.0)
-    return cap(lr, lr_max, xp)
+    return cap(_safe_div(_pos(value - f_star, xp), numerator, numerator > 0, xp), lr_max, xp)
 
 
-def edge_of_stability_lr(sharpness: Any, previous_lr: Any, *, sigma: float, coefficient: float,
-                         lr_max: float, xp: Any) -> Any:
+def edge_of_stability_lr(sharpness: Any, previous_lr: Any, *, sigma: Any, coefficient: float, lr_max: Any,
+                         xp: Any) -> Any:
     """``sigma * c / sharpness`` with ``c`` the base method's stability coefficient (see ``thresholds``).
 
     ``sigma = 1`` sits exactly on the edge of stability (lr * sharpness = c). A non-positive or non-finite
@@ -123,7 +109,7 @@ def edge_of_stability_lr(sharpness: Any, previous_lr: Any, *, sigma: float, coef
     return cap(lr, lr_max, xp)
 
 
-def armijo_decrease_error(new_value: Any, value: Any, lr: Any, slope: Any, *, c: float, delta: float,
+def armijo_decrease_error(new_value: Any, value: Any, lr: Any, slope: Any, *, c: Any, delta: Any,
                           xp: Any) -> Any:
     """How far ``f(w + lr u)`` is above the (1+delta)-relaxed Armijo bound; 0 means accepted.
 
@@ -136,22 +122,25 @@ def armijo_decrease_error(new_value: Any, value: Any, lr: Any, slope: Any, *, c:
     return _pos(err, xp)
 
 
-def armijo_initial_lr(previous_lr: Any, *, increase_factor: float, lr_max: float, xp: Any) -> Any:
-    """The first trial of a backtracking search: ``min(increase_factor * previous_lr, lr_max)``."""
-    return cap(increase_factor * previous_lr, lr_max, xp)
+def armijo_initial_lr(previous_lr: Any, *, increase_factor: Any, lr_max: Any, init_lr: Any, xp: Any) -> Any:
+    """The first trial of a backtracking search: ``min(increase_factor * previous_lr, lr_max)``, or
+    ``init_lr`` when that is not a finite positive number (``increase_factor = inf`` with ``lr_max = inf``)."""
+    first = cap(increase_factor * previous_lr, lr_max, xp)
+    return xp.where(xp.isfinite(first) & (first > 0), first, init_lr)
 
 
 def finite_difference_step(param_norm: Any, direction_norm: Any, *, dtype_eps: float, xp: Any) -> Any:
     """Step ``h`` for the forward difference ``u^T H u ~ (g(w + h u) - g(w))^T u / h``.
 
-    ``h ||u|| = sqrt(eps) (1 + ||w||)``: the displacement is ``sqrt(eps)`` relative to the parameters, which
-    balances the rounding error of forming ``w + h u`` against the truncation error of the difference, so the
-    curvature is accurate to about ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32).
-    Returns 0 when ``u = 0``.
+    The displacement is ``h ||u|| = sqrt(eps) ||w||``: relative to the parameters' own scale, which balances
+    the rounding error of forming ``w + h u`` against the truncation error of the difference, so the
+    curvature is accurate to about ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32) whatever
+    the scale of ``w`` (1e-6 or 1e6: no absolute floor). Where ``w = 0`` the scale is ``||u||`` instead
+    (``h = sqrt(eps)``). Returns 0 when ``u = 0``.
     """
     ok = direction_norm > 0
-    return xp.where(ok, dtype_eps ** 0.5 * (1 + param_norm) / xp.where(ok, direction_norm, 1.0),
-                    0.0)
+    scale = xp.where(param_norm > 0, param_norm, direction_norm)
+    return _safe_div(dtype_eps ** 0.5 * scale, direction_norm, ok, xp)
 
 
 def secant_curvature(new_grad_dot_prev_u: Any, prev_grad_dot_prev_u: Any, prev_lr: Any, prev_u_sq: Any,
@@ -161,14 +150,240 @@ def secant_curvature(new_grad_dot_prev_u: Any, prev_grad_dot_prev_u: Any, prev_l
     The previous step moved ``w`` by ``prev_lr * u_prev``; the change of the gradient along ``u_prev`` gives
     ``u_prev^T H u_prev ~ (g_new - g_prev)^T u_prev / prev_lr`` (exact on a quadratic). The approximation is
     that the Rayleigh quotient along the new direction equals the one along the previous direction, so the
-    result is rescaled by ``||u||^2 / ||u_prev||^2``. Lagged by one step; returns 0 when no step was taken
-    (``prev_lr = 0`` or ``u_prev = 0``), which callers treat as "no estimate".
+    result is rescaled by ``||u||^2 / ||u_prev||^2``. Lagged by one step. When no step was taken
+    (``prev_lr = 0`` or ``u_prev = 0``) there is no secant: the result is NaN, which the guard of
+    :func:`apply_rule` turns into "no step from this estimate" and backends replace by their fallback.
     """
     ok = (prev_lr > 0) & (prev_u_sq > 0)
-    rayleigh = (new_grad_dot_prev_u - prev_grad_dot_prev_u) / (xp.where(ok, prev_lr, 1.0) * xp.where(ok, prev_u_sq, 1.0))
-    return xp.where(ok, rayleigh * u_sq, 0.0)
+    rayleigh = _safe_div(new_grad_dot_prev_u - prev_grad_dot_prev_u, prev_lr * prev_u_sq, ok, xp)
+    return xp.where(ok, rayleigh * u_sq, float("nan"))
 
 
 def eos_ratio(lr: Any, sharpness: Any, coefficient: float) -> Any:
     """``lr * sharpness / c``: 1 means exactly on the edge of stability, above 1 unstable on a quadratic."""
     return lr * sharpness / coefficient
+
+
+# ------------------------------------------------------------------------------------------------ rules
+class RuleInputs(NamedTuple):
+    """What a rule sees each step (0-d arrays of the accumulator dtype; NaN where not computed).
+
+    ``numerator = -g^T u``; ``curvature = u^T H u`` (rules that need it); ``value = f(w)`` (NaN when the
+    backend does not have it, e.g. PyTorch's closure-free step); ``sharpness``: the latest estimate of the
+    sharpness the base's stability threshold refers to (``lambda_max(P^-1 H)`` for Adam); ``count``: the
+    number of steps taken before this one (for schedules).
+    """
+
+    numerator: Any
+    curvature: Any
+    value: Any
+    sharpness: Any
+    count: Any
+
+
+class NoState(NamedTuple):
+    """The state of a stateless rule."""
+
+
+def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any, Any]:
+    """One guarded step of ``rule``: ``(lr, new state)``.
+
+    The guard (every tuner, both backends): if the numerator or an input the rule ``needs`` (curvature,
+    value) is not finite, or the rule's learning rate comes out non-finite, the step's learning rate is 0 and
+    the rule state is left as it was (a NaN curvature probe is forgotten, not averaged in). A negative
+    learning rate (e.g. a schedule of ``sigma`` that crosses 0) is clipped to 0.
+    """
+    ok = xp.isfinite(inputs.numerator)
+    for name in ("curvature", "value"):
+        if name in rule.needs:
+            ok = ok & xp.isfinite(getattr(inputs, name))
+    lr, new = rule.update(inputs, state, xp)
+    ok = ok & xp.isfinite(lr)
+    lr = xp.where(ok & (lr > 0), lr, 0.0)
+    kept = type(state)(*(xp.where(ok, n, o) for n, o in zip(new, state)))
+    return lr, kept
+
+
+class CDATState(NamedTuple):
+    """CDAT's moving averages of ``n`` and ``d`` and the averages' weight ``1 - ema^t`` (``t`` = updates)."""
+
+    numerator_avg: Any
+    denominator_avg: Any
+    avg_weight: Any
+
+
+STARTUPS = ("ramp", "paper")
+
+
+@dataclass(frozen=True)
+class CDATRule:
+    """CDAT (Curvature Dynamics Aware Tuning, Roulet et al. 2024): ``lr = sigma * avg(n) / avg(d)`` with
+    ``n = max(-g^T u, 0)`` and ``d = |u^T H u| + eps`` (:func:`cdat_step`). ``sigma = 1, ema = 0`` is the
+    quadratically greedy step (:meth:`greedy`); ``sigma = 2`` the step "on edge" (the largest lr with
+    ``q(lr) <= f``). ``sigma`` may be a schedule ``step -> sigma``.
+
+    ``startup`` — how the first steps are trusted:
+
+    * ``"paper"``: the paper's rule exactly. Both averages start at 0 without bias correction; the correction
+      would cancel in the ratio, so step 1 is already ``sigma n_1 / d_1``.
+    * ``"ramp"`` (default): the numerator's average is not bias-corrected but the denominator's is, so the
+      rate ramps in as ``1 - ema^t`` over the averages' horizon (step 1 is ``(1 - ema) sigma n_1/d_1``): the
+      first directions (Adam's sign-like first update, whose curvature can be tiny or negative) cannot set a
+      rate far above what later curvature supports. On steps whose loss ``f > 0`` is known the rate is also
+      capped by ``f / n``, the Polyak step for a loss bounded below by 0: the quadratic model cannot promise a
+      decrease larger than the loss itself.
+    """
+
+    sigma: Any = 2.0
+    ema: float = 0.9
+    eps: float = 0.0
+    lr_max: float = math.inf
+    startup: str = "ramp"
+
+    needs: ClassVar[frozenset] = frozenset({"curvature"})
+    #: online sharpness is off unless asked for
+    default_sharpness: ClassVar[SharpnessConfig] = SharpnessConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", check_schedulable(check_positive, "sigma", self.sigma))
+        object.__setattr__(self, "ema", check_in_unit_interval("ema", self.ema))
+        object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
+        object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
+        check_choice("startup", self.startup, STARTUPS)
+
+    @classmethod
+    def greedy(cls, lr_max: float = math.inf) -> "CDATRule":
+        """The quadratically greedy step ``-g^T u / |u^T H u|`` (the minimiser of the quadratic model)."""
+        return cls(sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, startup="paper")
+
+    def init(self, zero: Any) -> CDATState:
+        return CDATState(zero, zero, zero)
+
+    def update(self, x: RuleInputs, state: CDATState, xp: Any) -> tuple[Any, CDATState]:
+        num_avg, den_avg = cdat_step(x.numerator, x.curvature, state.numerator_avg, state.denominator_avg,
+                                     ema=self.ema, eps=self.eps, xp=xp)
+        weight = self.ema * state.avg_weight + (1 - self.ema)
+        sigma = at_step(self.sigma, x.count)
+        if self.startup == "paper":
+            lr = sigma * _safe_div(num_avg, den_avg, den_avg > 0, xp)
+        else:
+            lr = sigma * _safe_div(num_avg * weight, den_avg, den_avg > 0, xp)
+            known = xp.isfinite(x.value) & (x.value > 0) & (x.numerator > 0)
+            lr = xp.where(known, cap(lr, _safe_div(xp.where(known, x.value, 0.0), x.numerator, known, xp), xp),
+                          lr)
+        return cap(lr, self.lr_max, xp), CDATState(num_avg, den_avg, weight)
+
+
+@dataclass(frozen=True)
+class PolyakRule:
+    """Polyak's step ``min((f - f_star) / (-g^T u), lr_max)`` (:func:`polyak_lr`)."""
+
+    f_star: float = 0.0
+    lr_max: float = 1.0
+
+    needs: ClassVar[frozenset] = frozenset({"value"})
+    default_sharpness: ClassVar[SharpnessConfig] = SharpnessConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
+        object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
+
+    def init(self, zero: Any) -> NoState:
+        return NoState()
+
+    def update(self, x: RuleInputs, state: NoState, xp: Any) -> tuple[Any, NoState]:
+        return polyak_lr(x.value, x.numerator, f_star=self.f_star, lr_max=self.lr_max, xp=xp), state
+
+
+class EdgeOfStabilityState(NamedTuple):
+    """The learning rate held between sharpness estimates."""
+
+    held_lr: Any
+
+
+@dataclass(frozen=True)
+class EdgeOfStabilityRule:
+    """``lr = sigma * c / sharpness`` (:func:`edge_of_stability_lr`), ``c`` the base's stability coefficient
+    (:attr:`curvopt.base.BaseMethod.coefficient`) and the sharpness the online estimate (Adam: the
+    preconditioned one). ``sigma * c = 3`` worked well for GD in the paper (``sigma = 1.5``). Between
+    estimates, and when an estimate is not positive and finite, the previous rate is held (0 before the
+    first estimate). ``sigma`` may be a schedule."""
+
+    coefficient: float = 2.0
+    sigma: Any = 1.5
+    lr_max: float = math.inf
+
+    needs: ClassVar[frozenset] = frozenset({"sharpness"})
+    #: this rule needs the sharpness: estimated every 10 steps unless configured
+    default_sharpness: ClassVar[SharpnessConfig] = SharpnessConfig(every=10)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coefficient", check_positive("stability_coefficient", self.coefficient))
+        object.__setattr__(self, "sigma", check_schedulable(check_positive, "sigma", self.sigma))
+        object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
+
+    def init(self, zero: Any) -> EdgeOfStabilityState:
+        return EdgeOfStabilityState(zero)
+
+    def update(self, x: RuleInputs, state: EdgeOfStabilityState, xp: Any) -> tuple[Any, EdgeOfStabilityState]:
+        lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=at_step(self.sigma, x.count),
+                                  coefficient=self.coefficient, lr_max=self.lr_max, xp=xp)
+        return lr, EdgeOfStabilityState(lr)
+
+
+class ArmijoSearchState(NamedTuple):
+    """The learning rate the next search starts from (times ``increase_factor``)."""
+
+    search_lr: Any
+
+
+@dataclass(frozen=True)
+class ArmijoRule:
+    """Backtracking line search on ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u`` (paper grid: ``c`` in
+    {0, 1e-4, 0.5}, ``increase_factor`` in {4, inf}, ``decrease_factor`` in {0.8, 0.9}, ``delta`` in
+    {0, 1e-3}; at most 30 trials in mini-batch).
+
+    The backend runs the trials: the first is :meth:`first_trial` (``min(increase_factor * previous, lr_max)``,
+    the very first from ``init_lr``), each next one ``decrease_factor`` times smaller, until
+    :meth:`decrease_error` is 0 or ``max_trials`` evaluations were spent; then :meth:`finish` decides. A
+    search that accepts nothing, or an ascent direction (``-g^T u <= 0``, where no positive step can satisfy
+    the test with ``c > 0``), takes **no step** (``lr = 0``) and the next search restarts from ``init_lr``: a
+    failed search never moves the parameters uphill and never leaves the rate stuck at a tiny value.
+    """
+
+    c: float = 1e-4
+    delta: float = 0.0
+    increase_factor: float = 2.0
+    decrease_factor: float = 0.8
+    lr_max: float = math.inf
+    init_lr: float = 1.0
+    max_trials: int = 30
+
+    needs: ClassVar[frozenset] = frozenset({"value"})
+    default_sharpness: ClassVar[SharpnessConfig] = SharpnessConfig()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "c", check_in_unit_interval("c", self.c))
+        object.__setattr__(self, "delta", check_nonnegative("delta", self.delta))
+        object.__setattr__(self, "increase_factor", check_at_least("increase_factor", self.increase_factor, 1.0))
+        object.__setattr__(self, "decrease_factor",
+                           check_in_unit_interval("decrease_factor", self.decrease_factor, closed_low=False))
+        object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
+        object.__setattr__(self, "init_lr", check_positive("init_lr", self.init_lr))
+        object.__setattr__(self, "max_trials", check_positive_int("max_trials", self.max_trials))
+
+    def init(self, zero: Any) -> ArmijoSearchState:
+        return ArmijoSearchState(zero + self.init_lr)
+
+    def first_trial(self, state: ArmijoSearchState, xp: Any) -> Any:
+        return armijo_initial_lr(state.search_lr, increase_factor=self.increase_factor, lr_max=self.lr_max,
+                                 init_lr=self.init_lr, xp=xp)
+
+    def decrease_error(self, new_value: Any, x: RuleInputs, lr: Any, xp: Any) -> Any:
+        return armijo_decrease_error(new_value, x.value, lr, -x.numerator, c=self.c, delta=self.delta, xp=xp)
+
+    def finish(self, x: RuleInputs, state: ArmijoSearchState, lr: Any, error: Any, xp: Any
+               ) -> tuple[Any, ArmijoSearchState]:
+        """``(lr to take, new state)`` from the last trial ``lr`` and its decrease error."""
+        accepted = (error <= 0) & (x.numerator > 0) & xp.isfinite(lr) & (lr > 0)
+        return xp.where(accepted, lr, 0.0), ArmijoSearchState(xp.where(accepted, lr, self.init_lr))

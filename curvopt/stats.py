@@ -5,7 +5,9 @@ The names and meanings are shared by both backends; a value that was not compute
 """
 from __future__ import annotations
 
-__all__ = ["STAT_FIELDS", "STAT_DOCS"]
+from typing import Any, NamedTuple
+
+__all__ = ["STAT_FIELDS", "STAT_DOCS", "TunerStats"]
 
 STAT_DOCS = {
     "lr": "the global learning rate the tuner chose for this step (multiplies the base's per-group lr)",
@@ -19,3 +21,19 @@ STAT_DOCS = {
 }
 
 STAT_FIELDS = tuple(STAT_DOCS)
+
+
+class TunerStats(NamedTuple):
+    """The statistics as a record (the Optax states nest one; PyTorch's ``opt.stats`` is its ``_asdict()``)."""
+
+    lr: Any
+    numerator: Any
+    curvature: Any
+    sharpness: Any
+    preconditioned_sharpness: Any
+    eos_ratio: Any
+    skipped: Any
+    closure_calls: Any
+
+
+assert TunerStats._fields == STAT_FIELDS

@@ -1,12 +1,21 @@
 """Hyperparameter checks, in one place.
 
 Every tuner in both backends validates its settings through these functions at construction, so a bad value
-fails early with a ``ValueError`` that names the parameter and the accepted range.
+fails early with a ``ValueError`` that names the parameter and the accepted range, and the *converted* value
+(a Python ``float``/``int``) is what gets stored: a string such as ``"2.0"`` is refused, not kept.
+
+Two kinds of value are accepted unchecked and returned as given:
+
+* a **schedule**: a callable ``step -> value`` (as Optax schedules), for the hyperparameters a rule documents
+  as schedulable (:func:`check_schedulable`); the rule evaluates it each step (:func:`at_step`) and the
+  core's guard keeps the resulting learning rate finite and non-negative;
+* an **abstract array** (a traced JAX value, e.g. under ``optax.inject_hyperparams`` inside ``jit``): it
+  cannot be read on the host; it was checked as a concrete value when the state was initialised.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 __all__ = [
     "check_positive",
@@ -16,34 +25,52 @@ __all__ = [
     "check_choice",
     "check_positive_int",
     "check_finite",
+    "check_schedulable",
+    "at_step",
+    "is_abstract",
 ]
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def is_abstract(value: Any) -> bool:
+    """A value that cannot be read on the host (a traced JAX array): it has an abstract value (``aval``) and
+    ``float()`` of it raises."""
+    if not hasattr(value, "aval"):
+        return False
+    try:
+        float(value)
+    except TypeError:
+        return True
+    return False
 
 
 def _as_float(name: str, value: Any) -> float:
-    # Accept Python numbers and 0-d arrays/tensors (numpy, torch, jax) without importing any backend.
-    if _is_real(value):
+    # Python numbers and 0-d arrays/tensors (numpy, torch, jax) without importing any backend; never strings.
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, (int, float)):
         return float(value)
+    if isinstance(value, complex) or "complex" in str(getattr(value, "dtype", "")):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
-        out = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    return out
 
 
-def check_finite(name: str, value: Any) -> float:
+def check_finite(name: str, value: Any) -> Any:
     """A finite real number."""
+    if is_abstract(value):
+        return value
     v = _as_float(name, value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     return v
 
 
-def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
+def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> Any:
     """A number in (0, inf) (or (0, inf] with ``allow_inf``)."""
+    if is_abstract(value):
+        return value
     v = _as_float(name, value)
     ok = v > 0 and (allow_inf or math.isfinite(v))
     if not ok or math.isnan(v):
@@ -52,8 +79,10 @@ def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
     return v
 
 
-def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> float:
+def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> Any:
     """A number in [0, inf) (or [0, inf] with ``allow_inf``)."""
+    if is_abstract(value):
+        return value
     v = _as_float(name, value)
     ok = v >= 0 and (allow_inf or math.isfinite(v))
     if not ok or math.isnan(v):
@@ -62,8 +91,10 @@ def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> floa
     return v
 
 
-def check_in_unit_interval(name: str, value: Any, *, closed_low: bool = True, closed_high: bool = False) -> float:
+def check_in_unit_interval(name: str, value: Any, *, closed_low: bool = True, closed_high: bool = False) -> Any:
     """A number in [0, 1) by default; the ends are configurable."""
+    if is_abstract(value):
+        return value
     v = _as_float(name, value)
     lo_ok = v >= 0 if closed_low else v > 0
     hi_ok = v <= 1 if closed_high else v < 1
@@ -73,8 +104,10 @@ def check_in_unit_interval(name: str, value: Any, *, closed_low: bool = True, cl
     return v
 
 
-def check_at_least(name: str, value: Any, low: float) -> float:
+def check_at_least(name: str, value: Any, low: float) -> Any:
     """A number in [low, inf]."""
+    if is_abstract(value):
+        return value
     v = _as_float(name, value)
     if not v >= low:
         raise ValueError(f"{name} must be in [{low}, inf], got {value!r}")
@@ -82,11 +115,14 @@ def check_at_least(name: str, value: Any, low: float) -> float:
 
 
 def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """An integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer >= ``minimum`` (an integral float such as ``3.0`` is converted; ``3.5`` and strings are
+    refused)."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(value, int):
         try:
             as_int = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
         if as_int != value:
             raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -99,6 +135,20 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     """One of a fixed set of values."""
     choices = tuple(choices)
-    if value not in choices:
+    if not isinstance(value, (str, int, float, type(None))) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_schedulable(check: Callable[..., Any], name: str, value: Any, **kwargs: Any) -> Any:
+    """``check(name, value, **kwargs)`` for a number; a callable (a schedule ``step -> value``) is returned
+    as is and evaluated each step by :func:`at_step`."""
+    if callable(value):
+        return value
+    return check(name, value, **kwargs)
+
+
+def at_step(value: Any, step: Any) -> Any:
+    """A hyperparameter's value at ``step`` (steps taken before this one): ``value(step)`` for a schedule,
+    else ``value``."""
+    return value(step) if callable(value) else value

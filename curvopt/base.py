@@ -1,0 +1,77 @@
+"""The base optimizer as the tuners see it: its kind, its stability coefficient, Adam's hyperparameters.
+
+Both backends describe their base with a :class:`BaseMethod`. PyTorch infers it from the wrapped
+``torch.optim`` instance (``torch_backend.direction.base_method``); an Optax base is a closure whose
+hyperparameters are not visible, so the Optax tuners take ``base_method=`` (``None`` = gradient descent).
+
+* ``"gd"`` (``torch.optim.SGD`` without momentum, ``optax.identity()``): stability coefficient 2;
+* ``"heavy_ball"`` (``v <- momentum v + (1 - dampening) g``; ``optax.trace(decay=momentum)``):
+  ``(2 + 2 momentum) / (1 - dampening)``; ``"nesterov"``: PyTorch's form;
+* ``"adam"`` (``torch.optim.Adam``/``AdamW``, ``optax.scale_by_adam(b1, b2, eps)``): ``(2 + 2 b1)/(1 - b1)`` on
+  the preconditioned sharpness, whose ``P`` is built from the base's second moments with ``b1, b2, eps``.
+
+The coefficient scales ``eos_ratio`` and the edge-of-stability rule (:mod:`curvopt.thresholds`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .thresholds import METHODS, stability_coefficient
+from .validation import check_choice, check_in_unit_interval, check_nonnegative
+
+__all__ = ["BaseMethod", "as_base_method"]
+
+
+@dataclass(frozen=True)
+class BaseMethod:
+    """The base method's kind and the hyperparameters the tuners need from it (validated)."""
+
+    kind: str = "gd"
+    momentum: float = 0.0
+    dampening: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_choice("base_method", self.kind, METHODS)
+        for name in ("momentum", "dampening", "b1", "b2"):
+            object.__setattr__(self, name, check_in_unit_interval(name, getattr(self, name)))
+        object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
+
+    @classmethod
+    def gd(cls) -> "BaseMethod":
+        return cls("gd")
+
+    @classmethod
+    def heavy_ball(cls, momentum: float, dampening: float = 0.0) -> "BaseMethod":
+        return cls("heavy_ball", momentum=momentum, dampening=dampening)
+
+    @classmethod
+    def nesterov(cls, momentum: float) -> "BaseMethod":
+        return cls("nesterov", momentum=momentum)
+
+    @classmethod
+    def adam(cls, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> "BaseMethod":
+        return cls("adam", b1=b1, b2=b2, eps=eps)
+
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the sharpness that matters is Adam's preconditioned one, ``lambda_max(P^-1 H)``."""
+        return self.kind == "adam"
+
+    @property
+    def coefficient(self) -> float:
+        """The stability coefficient ``c`` (threshold ``c / lr``)."""
+        return stability_coefficient(self.kind, momentum=self.momentum, dampening=self.dampening, beta1=self.b1)
+
+
+def as_base_method(value: "BaseMethod | str | None") -> BaseMethod:
+    """``None`` -> gradient descent; a string -> that kind with default hyperparameters."""
+    if value is None:
+        return BaseMethod.gd()
+    if isinstance(value, BaseMethod):
+        return value
+    if isinstance(value, str):
+        return BaseMethod(value)
+    raise ValueError(f"base_method must be None, one of {METHODS} or a BaseMethod, got {value!r}")

@@ -1,0 +1,85 @@
+"""The online sharpness's eigen-solver, written once: warm-started power iteration as a step function.
+
+Both backends run the same algorithm: PyTorch loops ``while not bool(state.done)`` (one host read per
+Hessian-vector product, which costs a closure call anyway), JAX runs ``lax.while_loop(lambda s: ~s.done,
+...)``. The vectors are the backend's (a list of tensors, a pytree); the backend supplies their algebra as a
+:class:`VectorOps` and the operator ``matvec`` (a Hessian-vector product, possibly preconditioned:
+:func:`curvopt.preconditioner.sandwich`).
+
+Each product ``z = (M - shift I) v`` gives the Rayleigh quotient ``lambda = v^T z`` and the next vector
+``z / ||z||``. A pass stops when ``lambda`` changes by at most ``tol`` (relative,
+:func:`curvopt.curvature.rayleigh_converged`) from the previous product (for the first product of a warm
+start: from the previous estimate, so a converged warm start costs one product), on a non-finite or zero
+product, or after its budget of products. If the dominant eigenvalue turns out negative, a second pass on
+``M - lambda I`` from a fresh vector finds the top (algebraic) one. The standalone
+``hessian_top_eigenvalue`` of both backends uses SciPy's ARPACK instead (accurate to its ``tol``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol
+
+from .curvature import rayleigh_converged
+
+__all__ = ["VectorOps", "PowerState", "power_init", "power_step"]
+
+
+class VectorOps(Protocol):
+    """The backend's vector algebra (a vector: a list of tensors or a pytree)."""
+
+    def dot(self, a: Any, b: Any) -> Any: ...          # 0-d, accumulator dtype
+
+    def scale(self, s: Any, a: Any) -> Any: ...        # s * a
+
+    def axpy(self, a: Any, s: Any, b: Any) -> Any: ...  # a + s * b
+
+    def select(self, pred: Any, a: Any, b: Any) -> Any: ...  # a where pred else b (pred 0-d)
+
+
+class PowerState(NamedTuple):
+    """One power iteration in progress. ``value``: the latest estimate of the top eigenvalue of ``M`` (NaN
+    before the first finite product); ``previous``: the last Rayleigh quotient of this pass (NaN: none);
+    ``shift``: 0, or the negative dominant eigenvalue during the second pass; ``used``: products in all;
+    ``pass_used``: products in this pass."""
+
+    v: Any
+    value: Any
+    previous: Any
+    shift: Any
+    second: Any
+    used: Any
+    pass_used: Any
+    done: Any
+
+
+def power_init(v0: Any, previous: Any, ops: VectorOps, xp: Any) -> PowerState:
+    """Start from ``v0`` (normalised here); ``previous`` is the last estimate of a warm start (NaN: cold)."""
+    previous = xp.asarray(previous)
+    zero = xp.asarray(0)
+    return PowerState(ops.scale(1 / xp.sqrt(ops.dot(v0, v0)), v0), previous * float("nan"), previous,
+                      xp.zeros_like(previous), xp.asarray(False), zero, zero, xp.asarray(False))
+
+
+def power_step(state: PowerState, matvec: Callable[[Any], Any], *, fresh: Any, iters: Any, tol: Any,
+               ops: VectorOps, xp: Any) -> PowerState:
+    """One product; ``fresh`` is the unit start vector of a second (shifted) pass, ``iters`` each pass's
+    budget."""
+    v, shift = state.v, state.shift
+    z = ops.axpy(matvec(v), -shift, v)
+    lam = ops.dot(v, z)
+    n = xp.sqrt(ops.dot(z, z))
+    bad = ~xp.isfinite(lam) | ~xp.isfinite(n) | (n == 0)
+    v_next = ops.select(bad, v, ops.scale(1 / xp.where(bad, 1.0, n), z))
+    pass_used = state.pass_used + 1
+    over = bad | rayleigh_converged(lam, state.previous, tol) | (pass_used >= iters)
+    value = xp.where(bad, state.value, lam + shift)
+    switch = over & ~state.second & ~bad & (lam < 0)
+    return PowerState(
+        v=ops.select(switch, fresh, v_next),
+        value=value,
+        previous=xp.where(switch, state.previous * float("nan"), lam),
+        shift=xp.where(switch, lam, shift),
+        second=state.second | switch,
+        used=state.used + 1,
+        pass_used=xp.where(switch, pass_used * 0, pass_used),
+        done=over & ~switch,
+    )
