@@ -1,51 +1,93 @@
-"""The core rules on plain numbers, through NumPy as the array namespace."""
+"""The core on plain numbers, through NumPy as the array namespace: exact answers by hand, dense checks."""
 import math
 
 import numpy as np
 import pytest
 
-from curvopt import rules, thresholds
-from curvopt.config import ArmijoConfig, CDATConfig, EdgeOfStabilityConfig, PolyakConfig, SharpnessConfig
-from curvopt.preconditioner import adam_preconditioner
+from curvopt import eigen, rules, thresholds
+from curvopt.base import BaseMethod
+from curvopt.config import (SharpnessConfig, accumulator_dtype_name, as_sharpness, resolve_curvature,
+                            sharpness_due)
+from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
 xp = np
 f = np.float64
 
 
-def test_cdat_first_step_exact_and_ema_ratio():
-    st = rules.cdat_init(f(0))
-    st = rules.cdat_step(f(3.0), f(2.0), st, sigma=2.0, ema=0.9, eps=0.0, lr_max=math.inf, xp=xp)
-    assert st.lr == pytest.approx(3.0)  # 2 * 3/2, exact at step 1 without bias correction
-    st = rules.cdat_step(f(1.0), f(4.0), st, sigma=2.0, ema=0.9, eps=0.0, lr_max=math.inf, xp=xp)
+def _inputs(n, c=np.nan, value=np.nan, sharpness=np.nan, count=0):
+    return rules.RuleInputs(f(n), f(c), f(value), f(sharpness), count)
+
+
+def _run(rule, steps, state=None):
+    state = rule.init(f(0)) if state is None else state
+    lrs = []
+    for k, step in enumerate(steps):
+        lr, state = rules.apply_rule(rule, _inputs(*step, count=k), state, xp)
+        lrs.append(float(lr))
+    return lrs, state
+
+
+def test_cdat_paper_first_step_exact_and_ema_ratio():
+    rule = rules.CDATRule(sigma=2.0, ema=0.9, startup="paper")
+    lrs, _ = _run(rule, [(3.0, 2.0), (1.0, 4.0)])
+    assert lrs[0] == pytest.approx(3.0)  # 2 * 3/2, exact at step 1 without bias correction
     num = 0.9 * 0.1 * 3 + 0.1 * 1
     den = 0.9 * 0.1 * 2 + 0.1 * 4
-    assert st.lr == pytest.approx(2 * num / den, rel=1e-14)
+    assert lrs[1] == pytest.approx(2 * num / den, rel=1e-14)
+
+
+def test_cdat_ramp_startup_by_hand():
+    # numerator average not bias-corrected, denominator average corrected: ramp 1 - ema^t
+    rule = rules.CDATRule(sigma=2.0, ema=0.9)
+    lrs, state = _run(rule, [(3.0, 2.0), (1.0, 4.0)])
+    assert lrs[0] == pytest.approx(2 * 0.1 * 3 / 2, rel=1e-14)
+    num, den, weight = 0.9 * 0.3 + 0.1 * 1, 0.9 * 0.2 + 0.1 * 4, 0.19
+    assert lrs[1] == pytest.approx(2 * num / (den / weight), rel=1e-14)
+    assert float(state.avg_weight) == pytest.approx(weight)
+    # a known positive loss caps the rate by the Polyak step f / n
+    lrs, _ = _run(rule, [(3.0, 1e-6, 0.6)])
+    assert lrs[0] == pytest.approx(0.6 / 3.0)
+    # ema = 0: no ramp at all (greedy is exact from step 1)
+    assert _run(rules.CDATRule(sigma=1.0, ema=0.0), [(3.0, 2.0)])[0][0] == pytest.approx(1.5)
 
 
 def test_cdat_guards():
-    st = rules.cdat_init(f(0))
-    # ascent direction: numerator clipped to 0 -> lr 0
-    st1 = rules.cdat_step(f(-1.0), f(2.0), st, sigma=2.0, ema=0.0, eps=0.0, lr_max=math.inf, xp=xp)
-    assert st1.lr == 0
-    # negative curvature counts by magnitude
-    st2 = rules.cdat_step(f(1.0), f(-4.0), st, sigma=1.0, ema=0.0, eps=0.0, lr_max=math.inf, xp=xp)
-    assert st2.lr == pytest.approx(0.25)
-    # zero curvature, eps = 0: keep previous lr, no division by zero
-    st3 = rules.cdat_step(f(1.0), f(0.0), st2._replace(denominator_avg=f(0)), sigma=1.0, ema=0.0, eps=0.0,
-                          lr_max=math.inf, xp=xp)
-    assert st3.lr == pytest.approx(0.25) and np.isfinite(st3.lr)
-    # cap
-    st4 = rules.cdat_step(f(100.0), f(1.0), st, sigma=1.0, ema=0.0, eps=0.0, lr_max=5.0, xp=xp)
-    assert st4.lr == 5.0
+    greedy = rules.CDATRule.greedy()
+    assert _run(greedy, [(-1.0, 2.0)])[0] == [0.0]          # ascent direction: numerator clipped to 0
+    assert _run(greedy, [(1.0, -4.0)])[0] == [0.25]         # negative curvature counts by magnitude
+    assert _run(greedy, [(1.0, 0.0)])[0] == [0.0]           # zero curvature: no division by zero, no step
+    assert _run(rules.CDATRule.greedy(lr_max=5.0), [(100.0, 1.0)])[0] == [5.0]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_curvature_is_forgotten_not_averaged(bad):
+    rule = rules.CDATRule(sigma=2.0, ema=0.9)
+    clean = [(1.0, 2.0), (2.0, 3.0), (0.5, 1.0), (1.5, 2.5)]
+    with_nan = clean[:2] + [(7.0, bad)] + clean[2:]
+    ref, ref_state = _run(rule, clean)
+    got, got_state = _run(rule, with_nan)
+    assert got[2] == 0.0
+    # after the bad step the sequence is the one of a run where it never happened (count only feeds schedules)
+    assert got[:2] + got[3:] == pytest.approx(ref, rel=1e-15)
+    assert tuple(map(float, got_state)) == pytest.approx(tuple(map(float, ref_state)), rel=1e-15)
+
+
+def test_schedules_and_negative_rates():
+    rule = rules.CDATRule(sigma=lambda t: 2.0 - t, ema=0.0, startup="paper")
+    lrs, _ = _run(rule, [(1.0, 1.0)] * 4)
+    assert lrs == [2.0, 1.0, 0.0, 0.0]  # a sigma schedule crossing 0 gives lr 0, never negative
+    eos = rules.EdgeOfStabilityRule(coefficient=2.0, sigma=1.5)
+    lrs, _ = _run(eos, [(1.0, np.nan, np.nan, np.nan), (1.0, np.nan, np.nan, 4.0), (1.0, np.nan, np.nan, -1.0)])
+    assert lrs == [0.0, 0.75, 0.75]  # nothing before the first estimate; a bad estimate holds the last rate
 
 
 def test_greedy_polyak_eos():
-    assert rules.quadratic_greedy_lr(f(2.0), f(8.0), lr_max=math.inf, xp=xp) == pytest.approx(0.25)
-    assert rules.quadratic_greedy_lr(f(0.0), f(0.0), lr_max=math.inf, xp=xp) == 0
     assert rules.polyak_lr(f(3.0), f(6.0), f_star=1.0, lr_max=10.0, xp=xp) == pytest.approx(2 / 6)
     assert rules.polyak_lr(f(0.5), f(6.0), f_star=1.0, lr_max=10.0, xp=xp) == 0
     assert rules.polyak_lr(f(3.0), f(-1.0), f_star=0.0, lr_max=10.0, xp=xp) == 0
     assert rules.polyak_lr(f(3.0), f(1e-12), f_star=0.0, lr_max=10.0, xp=xp) == 10.0
+    assert _run(rules.PolyakRule(f_star=1.0, lr_max=10.0), [(6.0, np.nan, 3.0)])[0] == [pytest.approx(2 / 6)]
+    assert _run(rules.PolyakRule(), [(6.0, np.nan, np.nan)])[0] == [0.0]  # Polyak needs the value
     assert rules.edge_of_stability_lr(f(4.0), f(0.1), sigma=1.5, coefficient=2.0, lr_max=math.inf, xp=xp) == 0.75
     assert rules.edge_of_stability_lr(f(-4.0), f(0.1), sigma=1.5, coefficient=2.0, lr_max=math.inf, xp=xp) == 0.1
     assert rules.edge_of_stability_lr(f(np.nan), f(0.1), sigma=1.5, coefficient=2.0, lr_max=math.inf, xp=xp) == 0.1
@@ -58,7 +100,24 @@ def test_armijo_error_matches_definition():
     # the (1 + delta) relaxation accepts a small increase
     assert rules.armijo_decrease_error(f(1.0005), f(1.0), f(0.5), f(0.0), c=0.5, delta=1e-3, xp=xp) == 0
     assert rules.armijo_decrease_error(f(np.nan), f(1.0), f(0.5), f(-1.0), c=0.5, delta=0.0, xp=xp) == np.inf
-    assert rules.armijo_initial_lr(f(1.0), increase_factor=4.0, lr_max=2.0, xp=xp) == 2.0
+    assert rules.armijo_initial_lr(f(1.0), increase_factor=4.0, lr_max=2.0, init_lr=1.0, xp=xp) == 2.0
+    # increase_factor = inf with lr_max = inf: no infinite first trial, the search starts from init_lr
+    assert rules.armijo_initial_lr(f(1.0), increase_factor=np.inf, lr_max=np.inf, init_lr=0.5, xp=xp) == 0.5
+
+
+def test_armijo_failed_search_and_ascent_take_no_step_and_restart():
+    rule = rules.ArmijoRule(init_lr=1.0)
+    st = rule.init(f(0))
+    assert float(rule.first_trial(st, xp)) == 2.0
+    x = _inputs(1.0, value=1.0)
+    lr, st = rule.finish(x, st, f(0.3), f(0.0), xp)            # accepted
+    assert (float(lr), float(st.search_lr)) == (0.3, 0.3)
+    lr, st = rule.finish(x, st, f(1e-9), f(0.5), xp)           # nothing accepted: no step, restart
+    assert (float(lr), float(st.search_lr)) == (0.0, 1.0)
+    lr, st = rule.finish(_inputs(-1.0, value=1.0), rule.init(f(0)), f(0.3), f(0.0), xp)  # uphill direction
+    assert float(lr) == 0.0
+    assert float(rule.decrease_error(f(0.9), x, f(0.5), xp)) == 0.0  # 0.9 <= 1 - 1e-4 * 0.5 * 1
+    assert float(rule.decrease_error(f(1.2), x, f(0.5), xp)) == pytest.approx(1.2 - 1 + 1e-4 * 0.5)
 
 
 def test_secant_exact_on_quadratic():
@@ -71,9 +130,27 @@ def test_secant_exact_on_quadratic():
 
 
 def test_fd_step_scale():
-    h = rules.finite_difference_step(f(3.0), f(2.0), dtype_eps=np.finfo(np.float64).eps, xp=xp)
-    assert h * 2.0 == pytest.approx(np.sqrt(np.finfo(np.float64).eps) * 4.0)
+    eps = np.finfo(np.float64).eps
+    h = rules.finite_difference_step(f(3.0), f(2.0), dtype_eps=eps, xp=xp)
+    assert h * 2.0 == pytest.approx(np.sqrt(eps) * 3.0)  # displacement relative to ||w||
     assert rules.finite_difference_step(f(3.0), f(0.0), dtype_eps=1e-16, xp=xp) == 0
+    assert rules.finite_difference_step(f(0.0), f(2.0), dtype_eps=eps, xp=xp) == pytest.approx(np.sqrt(eps))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3, 1e6])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fd_curvature_accurate_at_every_parameter_scale(scale, dtype):
+    # a non-quadratic loss whose natural length scale is the parameters' own: f(w) = sum cosh(w / s)
+    from curvopt.curvature import finite_difference_curvature
+    rng = np.random.default_rng(1)
+    w = (scale * rng.uniform(0.5, 1.5, size=50)).astype(dtype)
+    u = (scale * rng.normal(size=50)).astype(dtype)
+    grad = lambda v: np.sinh(v / dtype(scale)) / dtype(scale)  # noqa: E731
+    exact = float(np.sum(np.cosh(w.astype(np.float64) / scale) * (u.astype(np.float64) / scale) ** 2))
+    h = rules.finite_difference_step(np.linalg.norm(w), np.linalg.norm(u), dtype_eps=float(np.finfo(dtype).eps),
+                                     xp=xp).astype(dtype)
+    c = finite_difference_curvature(grad(w + h * u) @ u, grad(w) @ u, h, xp)
+    assert c == pytest.approx(exact, rel=3e-3 if dtype == np.float32 else 1e-6)
 
 
 @pytest.mark.parametrize("method,kw,expected", [
@@ -108,31 +185,106 @@ def test_adam_preconditioner():
 
 
 @pytest.mark.parametrize("cls,kw,name", [
-    (CDATConfig, {"sigma": 0.0}, "sigma"),
-    (CDATConfig, {"sigma": -1.0}, "sigma"),
-    (CDATConfig, {"ema": 1.0}, "ema"),
-    (CDATConfig, {"ema": -0.1}, "ema"),
-    (CDATConfig, {"eps": -1e-3}, "eps"),
-    (CDATConfig, {"curvature": "magic"}, "curvature"),
-    (CDATConfig, {"sigma": float("nan")}, "sigma"),
-    (ArmijoConfig, {"max_trials": 0}, "max_trials"),
-    (ArmijoConfig, {"decrease_factor": 1.0}, "decrease_factor"),
-    (ArmijoConfig, {"increase_factor": 0.5}, "increase_factor"),
-    (ArmijoConfig, {"c": 1.5}, "c"),
-    (ArmijoConfig, {"delta": -1}, "delta"),
-    (PolyakConfig, {"lr_max": 0}, "lr_max"),
-    (PolyakConfig, {"f_star": float("inf")}, "f_star"),
-    (EdgeOfStabilityConfig, {"sigma": 0}, "sigma"),
-    (SharpnessConfig, {"every": -1}, "sharpness_every"),
-    (SharpnessConfig, {"iters": 0}, "sharpness_iters"),
+    (rules.CDATRule, {"sigma": 0.0}, "sigma"),
+    (rules.CDATRule, {"sigma": -1.0}, "sigma"),
+    (rules.CDATRule, {"sigma": "2.0"}, "sigma"),
+    (rules.CDATRule, {"ema": 1.0}, "ema"),
+    (rules.CDATRule, {"ema": -0.1}, "ema"),
+    (rules.CDATRule, {"eps": -1e-3}, "eps"),
+    (rules.CDATRule, {"startup": "magic"}, "startup"),
+    (rules.CDATRule, {"sigma": float("nan")}, "sigma"),
+    (rules.CDATRule, {"lr_max": "inf"}, "lr_max"),
+    (rules.ArmijoRule, {"max_trials": 0}, "max_trials"),
+    (rules.ArmijoRule, {"max_trials": 3.5}, "max_trials"),
+    (rules.ArmijoRule, {"decrease_factor": 1.0}, "decrease_factor"),
+    (rules.ArmijoRule, {"increase_factor": 0.5}, "increase_factor"),
+    (rules.ArmijoRule, {"c": 1.5}, "c"),
+    (rules.ArmijoRule, {"delta": -1}, "delta"),
+    (rules.PolyakRule, {"lr_max": 0}, "lr_max"),
+    (rules.PolyakRule, {"f_star": float("inf")}, "f_star"),
+    (rules.PolyakRule, {"f_star": 1j}, "f_star"),
+    (rules.EdgeOfStabilityRule, {"sigma": 0}, "sigma"),
+    (SharpnessConfig, {"every": -1}, "sharpness.every"),
+    (SharpnessConfig, {"iters": 0}, "sharpness.iters"),
 ])
 def test_bad_hyperparameters_raise_naming_the_parameter(cls, kw, name):
     with pytest.raises(ValueError, match=name):
         cls(**kw)
 
 
+def test_validated_values_are_stored_converted():
+    rule = rules.ArmijoRule(max_trials=3.0, c=np.float64(0.5), lr_max=np.array(4.0))
+    assert type(rule.max_trials) is int and rule.max_trials == 3
+    assert type(rule.c) is float and type(rule.lr_max) is float
+    assert callable(rules.CDATRule(sigma=lambda t: 1.0).sigma)  # a schedule is kept as given
+
+
+def test_settings_decisions():
+    assert as_sharpness(None) == SharpnessConfig() and not as_sharpness(None).enabled
+    assert as_sharpness(5) == SharpnessConfig(every=5)
+    assert as_sharpness(None, rules.EdgeOfStabilityRule.default_sharpness).every == 10
+    with pytest.raises(ValueError, match="sharpness"):
+        as_sharpness("10")
+    assert [k for k in range(8) if sharpness_due(k, 3)] == [0, 3, 6]
+    assert not any(sharpness_due(k, 0) for k in range(4))
+    assert resolve_curvature("auto", True) == "fd" and resolve_curvature("auto", False) == "secant"
+    with pytest.raises(ValueError, match="closure"):
+        resolve_curvature("fd", False)
+    assert accumulator_dtype_name(["torch.bfloat16", "float16"]) == "float32"
+    assert accumulator_dtype_name(["float32", "float64", "int32"]) == "float64"
+    with pytest.raises(ValueError, match="complex"):
+        accumulator_dtype_name(["complex64"])
+    assert BaseMethod.heavy_ball(0.9, dampening=0.5).coefficient == pytest.approx(3.8 / 0.5)
+    assert BaseMethod.adam().preconditioned and BaseMethod.adam().coefficient == pytest.approx(38.0)
+
+
+class _NumpyOps:
+    dot = staticmethod(np.dot)
+    scale = staticmethod(lambda s, a: s * a)
+    axpy = staticmethod(lambda a, s, b: a + s * b)
+    select = staticmethod(np.where)
+
+
+def _power(M, v0, fresh, *, iters, tol, previous=np.nan):
+    st = eigen.power_init(v0, f(previous), _NumpyOps, np)
+    while not bool(st.done):
+        st = eigen.power_step(st, lambda v: M @ v, fresh=fresh, iters=iters, tol=tol, ops=_NumpyOps, xp=np)
+    return st
+
+
+def test_power_iteration_against_dense_eigendecomposition():
+    rng = np.random.default_rng(2)
+    q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    lam = np.linspace(-1.0, 3.0, 40)  # a clear top eigenvalue 3 (gap 0.1)
+    M = q @ np.diag(lam) @ q.T
+    v0, fresh = rng.normal(size=40), rng.normal(size=40)
+    st = _power(M, v0, fresh / np.linalg.norm(fresh), iters=2000, tol=1e-12)
+    assert float(st.value) == pytest.approx(3.0, rel=1e-8)
+    # warm start from the converged vector with the converged value: one product
+    warm = _power(M, st.v, fresh, iters=50, tol=1e-6, previous=float(st.value))
+    assert int(warm.used) == 1 and float(warm.value) == pytest.approx(3.0, rel=1e-6)
+    # a dominant negative eigenvalue: the shifted second pass finds the top (algebraic) one
+    M2 = q @ np.diag(np.linspace(-5.0, 1.0, 40)) @ q.T
+    st2 = _power(M2, v0, fresh / np.linalg.norm(fresh), iters=5000, tol=1e-13)
+    assert bool(st2.second) and float(st2.value) == pytest.approx(1.0, rel=1e-5)
+    # a NaN product stops with no estimate
+    bad = eigen.power_step(eigen.power_init(v0, f(np.nan), _NumpyOps, np), lambda v: v * np.nan, fresh=fresh,
+                           iters=5, tol=1e-3, ops=_NumpyOps, xp=np)
+    assert bool(bad.done) and np.isnan(bad.value)
+
+
+def test_preconditioned_sandwich_has_the_eigenvalues_of_p_inverse_h():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(6, 6)); H = a @ a.T
+    P = rng.uniform(0.5, 3.0, size=6)
+    op = sandwich(lambda v: H @ v, inverse_sqrt(P, np), lambda s, v: s * v)
+    S = np.stack([op(e) for e in np.eye(6)], axis=1)
+    np.testing.assert_allclose(np.linalg.eigvalsh(S), np.sort(np.linalg.eigvals(np.diag(1 / P) @ H).real),
+                               rtol=1e-10)
+
+
 def test_core_imports_no_backend():
     import subprocess, sys
-    code = "import sys, curvopt, curvopt.rules, curvopt.diagnostics; print('torch' in sys.modules, 'jax' in sys.modules)"
+    code = "import sys, curvopt, curvopt.rules, curvopt.eigen, curvopt.mup, curvopt.diagnostics; print('torch' in sys.modules, 'jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
