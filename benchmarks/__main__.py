@@ -1,7 +1,9 @@
-"""``python -m benchmarks``: compare learning-rate tuners on ResNet, ViT and LM training.
+"""``python -m benchmarks``: compare learning-rate tuners with a tuned constant and with peer optimizers.
 
-Writes ``OUT/results.jsonl`` (one JSON object per finished run; a rerun resumes, skipping finished runs)
+Writes ``OUT/results.jsonl`` (one JSON object per finished run; a rerun resumes, skipping recorded runs)
 and ``OUT/report.md`` with PNG plots beside it, then prints the summary table and the plot paths.
+The command line is checked before anything runs; the exit status is 0 only if every run of the plan
+finished (ok or diverged): 1 if a run failed, 2 for a bad command line, 3 if another runner holds OUT.
 """
 from __future__ import annotations
 
@@ -9,16 +11,84 @@ import argparse
 import os
 import sys
 import time
+import warnings
+
+EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
 
 
-def _csv(cast=str):
+def _csv(cast=str, what: str = "value", check=None):
     def parse(s: str):
-        return tuple(cast(x) for x in s.replace(" ", ",").split(",") if x)
+        out = []
+        for x in s.replace(" ", ",").split(","):
+            if not x:
+                continue
+            try:
+                v = cast(x)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{x!r} is not a valid {what}") from None
+            if check is not None and not check(v):
+                raise argparse.ArgumentTypeError(f"{x!r}: each {what} must be {check.__doc__}")
+            out.append(v)
+        if not out:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}s, got {s!r}")
+        return tuple(out)
     return parse
+
+
+def _positive(v):
+    """> 0"""
+    return v > 0
+
+
+def _nonnegative(v):
+    """>= 0"""
+    return v >= 0
+
+
+def _positive_finite(v):
+    """a positive finite number"""
+    return v > 0 and v != float("inf")
+
+
+def _one_of(choices):
+    def check(v):
+        return v in choices
+    check.__doc__ = "one of " + ", ".join(choices)
+    return check
+
+
+def _int_at_least(minimum: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+def _tuner_list(s: str) -> tuple[str, ...]:
+    # tuners are separated by ',' (or spaces); the settings of one tuner by ';'
+    out, cur = [], ""
+    for part in s.replace(" ", ",").split(","):
+        if not part:
+            continue
+        if ":" not in part and cur and "=" in part:  # "cdat:sigma=1,ema=0" (old form): ema=0 belongs to cdat
+            cur += ";" + part
+            out[-1] = cur
+            continue
+        cur = part
+        out.append(cur)
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one tuner")
+    return tuple(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .suites import SUITES
+    from .tasks import TASKS
     from .tuners import TUNERS
 
     tuner_help = "; ".join(f"{n}: {s.doc}" for n, s in TUNERS.items())
@@ -28,41 +98,48 @@ def build_parser() -> argparse.ArgumentParser:
             f"{n}: {s.description}" for n, s in SUITES.items()) + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--suite", choices=sorted(SUITES), default="smoke",
-                   help="preset of experiments, widths, tuners and sizes")
+                   help="preset of experiments, widths, tuners, seeds and sizes")
     p.add_argument("--out", default=None, help="output directory for results.jsonl, report.md and the "
-                   "plots (default: results/SUITE)")
-    p.add_argument("--tasks", type=_csv(), default=None,
-                   help="comma-separated subset of the suite's tasks: mlp, resnet, vit, lm")
-    p.add_argument("--regimes", type=_csv(), default=None,
+                   "plots (default: results/SUITE); one runner at a time per directory")
+    p.add_argument("--tasks", type=_csv(str, "task", _one_of(tuple(TASKS))), default=None,
+                   help=f"comma-separated subset of the suite's tasks: {', '.join(TASKS)}")
+    p.add_argument("--regimes", type=_csv(str, "regime", _one_of(("full", "mini"))), default=None,
                    help="comma-separated subset of regimes: full (fixed subset, full batch), mini (mini-batch)")
-    p.add_argument("--widths", type=_csv(int), default=None,
-                   help="comma-separated widths overriding the suite's (base channels for resnet, embed dim "
-                   "for vit/lm, hidden units for mlp)")
-    p.add_argument("--tuners", type=_csv(), default=None,
+    p.add_argument("--widths", type=_csv(int, "width", _positive), default=None,
+                   help="comma-separated positive widths overriding the suite's (base channels for resnet, embed "
+                   "dim for vit/lm, hidden units for mlp)")
+    p.add_argument("--tuners", type=_tuner_list, default=None,
                    help="comma-separated tuners overriding the suite's; each NAME or NAME:key=value;key=value "
-                   "(use ';' between settings of one tuner, e.g. 'cdat:sigma=1.5;ema=0'). " + tuner_help)
+                   "(';' between settings of one tuner, e.g. 'cdat:startup=paper;sigma=1.5'). " + tuner_help)
     p.add_argument("--backend", choices=("torch", "jax", "both"), default=None,
                    help="which framework(s) to run (default: the suite's)")
-    p.add_argument("--params", type=_csv(), default=None,
-                   help="parameterisations: sp (standard), mup (needs the μP helpers; torch only)")
-    p.add_argument("--seeds", type=_csv(int), default=None, help="comma-separated seeds (default: the suite's)")
-    p.add_argument("--steps", type=int, default=None, help="override the number of training steps per run")
+    p.add_argument("--params", type=_csv(str, "parameterisation", _one_of(("sp", "mup"))), default=None,
+                   help="parameterisations: sp (standard), mup (torch only)")
+    p.add_argument("--seeds", type=_csv(int, "seed", _nonnegative), default=None,
+                   help="comma-separated non-negative seeds (default: the suite's)")
+    p.add_argument("--steps", type=_int_at_least(1), default=None,
+                   help="override the number of training steps per run (>= 1)")
     p.add_argument("--base", choices=("gd", "momentum", "adam"), default=None,
                    help="override the base optimizer (default: the paper's pairing: gd for resnet/mlp, "
                    "adam for vit/lm)")
-    p.add_argument("--grid", type=_csv(float), default=None,
-                   help="override the constant-lr grid (comma-separated learning rates)")
-    p.add_argument("--sharpness-every", type=int, default=None,
-                   help="estimate the sharpness every k steps inside the tuners (0 = off)")
+    p.add_argument("--grid", type=_csv(float, "learning rate", _positive_finite), default=None,
+                   help="override the constant-lr grid (comma-separated positive learning rates)")
+    p.add_argument("--no-widen", action="store_true",
+                   help="do not widen the constant grid when its best value sits at an edge")
+    p.add_argument("--sharpness", "--sharpness-every", dest="sharpness", type=_int_at_least(0), default=None,
+                   help="estimate the sharpness every k steps inside the curvopt tuners (0 = off; default: the "
+                   "suite's)")
     p.add_argument("--data-dir", default=None,
                    help="folder with CIFAR-10 in its python-pickle format (data_batch_1..5, test_batch); "
                    "switches image tasks to CIFAR-10 (default images: scikit-learn digits)")
     p.add_argument("--text", default=None,
                    help="UTF-8 text file for the lm task (e.g. Tiny Shakespeare; default: pydoc_data.topics)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_int_at_least(1), default=1,
                    help="intra-op threads for torch and XLA (1 gives stable step times on a shared CPU)")
     p.add_argument("--list", action="store_true", help="print the planned runs and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from results.jsonl")
+    p.add_argument("--retry-errors", action="store_true",
+                   help="rerun the runs recorded as errors (their records are replaced)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     return p
 
@@ -79,50 +156,88 @@ def experiments_from_args(args):
             continue
         image_set = "cifar10" if args.data_dir else None
         exps.append(narrow(e, widths=args.widths, steps=args.steps, base=args.base, grid=args.grid,
-                           sharpness_every=args.sharpness_every, data_dir=args.data_dir, image_set=image_set,
-                           text_path=args.text))
+                           sharpness=args.sharpness, data_dir=args.data_dir, image_set=image_set,
+                           text_path=args.text, widen=0 if args.no_widen else None))
     backends = suite.backends if args.backend is None else (("torch", "jax") if args.backend == "both"
                                                              else (args.backend,))
-    tuners = None
-    if args.tuners:
-        tuners = tuple(t.replace(";", ",") for t in args.tuners)
-    return suite, exps, backends, tuners, args.seeds or suite.seeds, args.params or suite.params
+    return suite, exps, backends, args.tuners, args.seeds or suite.seeds, args.params or suite.params
+
+
+def _check_paths(parser, args) -> None:
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir!r} is not a directory")
+    if args.text is not None:
+        if not os.path.isfile(args.text):
+            parser.error(f"--text {args.text!r} is not a file")
+        try:
+            with open(args.text, "rb") as fh:
+                fh.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            parser.error(f"--text {args.text!r} is not UTF-8 ({e})")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    threads = max(1, args.threads)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_paths(parser, args)
+    threads = args.threads
     os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
                           f"intra_op_parallelism_threads={threads}")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     torch.set_num_threads(threads)
+    from . import plan as plan_mod
     from . import report, runner
+    from .results import RESULTS, LockedError
 
     out = args.out or os.path.join("results", args.suite)
     suite, exps, backends, tuners, seeds, params = experiments_from_args(args)
     if not exps:
-        print("no experiment matches --tasks/--regimes in suite " + args.suite, file=sys.stderr)
-        return 2
-    specs = runner.plan(exps, tuners_filter=tuners, backends=backends, seeds=seeds, params=params)
+        parser.error(f"no experiment of suite {args.suite!r} matches --tasks/--regimes")
+    try:
+        specs = plan_mod.plan(exps, tuners=tuners, backends=backends, seeds=seeds, params=params)
+    except ValueError as e:
+        parser.error(str(e))
     if args.list:
         for s in specs:
             print(s.key)
-        print(f"{len(specs)} runs", file=sys.stderr)
+        widen = any(e.widen for e in exps) and any(s.from_grid for s in specs)
+        print(f"{len(specs)} runs" + (" (plus grid widening while the best constant sits at an edge)"
+                                      if widen else ""), file=sys.stderr)
         return 0
     t0 = time.time()
+    keys = {s.key for s in specs}
+    failed = 0
     if not args.report_only:
-        counts = runner.run_all(specs, out, progress=not args.no_progress)
+        try:
+            counts = runner.run_all(specs, out, progress=not args.no_progress, retry_errors=args.retry_errors)
+        except LockedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_LOCKED
+        keys = set(counts["keys"])
+        failed = counts["failed"]
         print(f"{counts['ran']} runs in {time.time() - t0:.1f}s ({counts['skipped_done']} already done, "
-              f"{counts['unavailable']} unavailable, {counts['errors']} errors) -> {out}/{runner.RESULTS}")
-    rep = report.write_report(out, keys={s.key for s in specs})
+              f"{counts['widened']} added by grid widening, {counts['unavailable']} unavailable, "
+              f"{counts['errors']} errors) -> {out}/{RESULTS}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damaged lines were reported by the runner already
+        if args.report_only:
+            from .results import load_results
+
+            recs = {r["key"]: r for r in load_results(os.path.join(out, RESULTS), repair=False)}
+            keys |= plan_mod.widened_keys(specs, recs)
+        rep = report.write_report(out, keys=keys)
     print()
     print(rep["summary"])
     print(f"\nreport: {rep['path']}")
     for p in rep["plots"]:
         print(f"plot: {p}")
     print(f"total wall time: {time.time() - t0:.1f}s")
+    if failed:
+        print(f"error: {failed} run(s) of this plan failed (see 'Failed runs' in {rep['path']}; "
+              "--retry-errors reruns them)", file=sys.stderr)
+        return EXIT_FAILED_RUNS
     return 0
 
 

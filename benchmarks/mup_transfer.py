@@ -1,19 +1,21 @@
 """μP transfer measurements: ``python -m benchmarks.mup_transfer [--quick] [--out results/mup]``.
 
-Four experiments on scikit-learn's digits (full batch on a fixed training subset, CPU, PyTorch), each at
-widths 32 ... 512 (x2) with base width 32 (where μP, SP and NTK coincide):
+Four experiments on the benchmark's own tasks (:mod:`benchmarks.tasks`: scikit-learn's digits, full batch on
+a fixed training subset, the ``mlp`` and ``resnet`` models; CPU, PyTorch), each at widths 32 ... 512 (x2)
+with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.torch.parameterize``:
 
-1. **Sharpness across widths** (MLP and a small CNN, full-batch GD at one fixed base learning rate):
-   the top eigenvalue after the last step of ``D^1/2 H D^1/2`` with ``D`` the per-parameter learning-rate
-   multipliers of the parameterisation (``D = I`` under SP/NTK). This is the curvature the GD step
-   ``w <- w - lr * D g`` sees (it is stable iff ``lr * sharpness < 2``); it is estimated by
-   ``torch_backend.hessian_top_eigenvalue`` with ``preconditioner = 1/D``. Target: max/min - 1 <= 20 %
-   under μP, >= 2x under SP or NTK.
+1. **Sharpness across widths** (the MLP, and the ResNet with one stage at widths <= 128 for the CPU;
+   full-batch GD at one fixed base learning rate): the top eigenvalue after the last step of
+   ``D^1/2 H D^1/2`` with ``D`` the per-parameter learning-rate multipliers of the parameterisation
+   (``D = I`` under SP/NTK). This is the curvature the GD step ``w <- w - lr * D g`` sees (it is stable iff
+   ``lr * sharpness < 2``); it is computed by :mod:`benchmarks.hessian` (exact HVPs, ARPACK). Target:
+   max/min - 1 <= 20 % under μP, >= 2x under SP or NTK.
 2. **Learning-rate transfer** (MLP, Adam): training loss averaged over the run (the area under the loss
    curve; the final loss is ~1e-5 and dominated by Adam's late oscillations once the 512 examples are
    memorised) on a 7-point grid (factor 2); the best grid point per width (target: the same at the smallest
    and the largest width under μP, moves under SP).
-3. **CDAT under μP** (MLP, GD base, ``CDAT(sigma=2, ema=0.9)``): the global learning rate CDAT picks,
+3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults): the global
+   learning rate CDAT picks,
    averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast).
 4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
    centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
@@ -35,16 +37,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_backend.mup import parameterize
-
-try:  # the shared estimator; a plain power iteration on double-backward HVPs otherwise
-    from torch_backend import hessian_top_eigenvalue as _shared_top_eig
-except ImportError:  # pragma: no cover
-    _shared_top_eig = None
-try:
-    from torch_backend import CDAT
-except ImportError:  # pragma: no cover
-    CDAT = None
+from benchmarks import tasks, tuners
+from benchmarks.hessian import top_eigenvalue
+from benchmarks.suites import Experiment
+from curvopt.torch import parameterize
 
 
 @dataclass
@@ -53,8 +49,9 @@ class Preset:
     n_train: int = 512
     sharp_steps: int = 100
     sharp_every: int = 25
-    sharp_n_cnn: int = 128
-    sharp_lrs: tuple = (("mlp", 0.2), ("mlp", 0.05), ("cnn", 0.2))
+    sharp_n_cnn: int = 64
+    sharp_cnn_max_width: int = 128  # the ResNet at width 512 is too slow on a CPU
+    sharp_lrs: tuple = (("mlp", 0.2), ("mlp", 0.05), ("resnet", 0.2))
     transfer_steps: int = 100
     transfer_grid: tuple = tuple(4e-3 * 2.0**k for k in range(7))
     cdat_steps: int = 100
@@ -69,76 +66,45 @@ class Preset:
 
 PRESETS = {
     "default": Preset(),
-    "quick": Preset(widths=(32, 128, 512), n_train=128, sharp_steps=30, sharp_every=10, sharp_n_cnn=64,
-                    sharp_lrs=(("mlp", 0.2), ("cnn", 0.2)), transfer_steps=30,
+    "quick": Preset(widths=(32, 128, 512), n_train=128, sharp_steps=30, sharp_every=10, sharp_n_cnn=32,
+                    sharp_cnn_max_width=64, sharp_lrs=(("mlp", 0.2), ("resnet", 0.2)), transfer_steps=30,
                     cdat_steps=30, gammas=(0.01, 0.1, 1.0), gamma_steps=30,
                     parameterizations=("mup", "sp")),
 }
 BASE_WIDTH = 32
+#: the models of the benchmark tasks (benchmarks.tasks): the MLP as is, the ResNet with one stage (CPU)
+MODEL_OPTIONS = {"mlp": {}, "resnet": {"stages": 1, "depth": 1, "norm": "none"}}
 
 
 # --------------------------------------------------------------------------------------------------- data/models
-def digits(n_train: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = d.images.astype(np.float32) / 16.0
-    x = (x - x.mean()) / x.std()
-    idx = np.random.default_rng(seed).permutation(len(x))[:n_train]
-    return torch.from_numpy(x[idx][:, None]), torch.from_numpy(d.target[idx].astype(np.int64))
+def experiment(arch: str, n_train: int) -> Experiment:
+    """The full-batch digits experiment of ``benchmarks.tasks`` these measurements run on."""
+    return Experiment(arch, "full", (BASE_WIDTH,), ("constant",), 1, full_batch_size=n_train, eval_size=64,
+                      model=MODEL_OPTIONS[arch])
 
 
-def mlp(w: int) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10))
+def digits(arch: str, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training subset (NHWC float32 digits, normalised) and labels, as the benchmark tasks load them."""
+    x, y, _, _ = tasks.train_eval_arrays(experiment(arch, n_train), seed=0)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def cnn(w: int) -> nn.Module:
-    # 8x8 -> 4x4 (3x3 stride 2) -> 2x2 (2x2 stride 2): small enough for width 512 on a CPU
-    return nn.Sequential(nn.Conv2d(1, w, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Conv2d(w, w, 2, stride=2), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w, 10))
-
-
-def build(arch, width, par, optimizer, lr, seed, gamma=1.0, zero_readout=False):
-    torch.manual_seed(seed)
-    model, base = arch(width), arch(BASE_WIDTH)
+def build(arch, width, par, optimizer, lr, seed, gamma=1.0, zero_readout=False, n_train=64):
+    """The task's model at ``width``, parameterised relative to width ``BASE_WIDTH``; returns (model, groups)."""
+    exp = experiment(arch, n_train)
+    model = tasks.torch_model(exp, width, seed)
+    base, delta = tasks.torch_model(exp, BASE_WIDTH, seed), tasks.torch_model(exp, 2 * BASE_WIDTH, seed)
     groups = parameterize(model, base, optimizer=optimizer, parameterization=par, gamma=gamma, lr=lr,
-                          delta_model=arch(2 * BASE_WIDTH),
-                          zero_readout=zero_readout)
+                          delta_model=delta, zero_readout=zero_readout,
+                          generator=torch.Generator().manual_seed(seed))
     return model, groups
 
 
 # --------------------------------------------------------------------------------------------------- sharpness
-def top_eig(model, params, mults, loss_fn, v0=None, iters=30):
-    """λ_max(D^1/2 H D^1/2) with D = diag(mults), power iteration warm-started from ``v0``."""
-    def closure():
-        for p in params:
-            p.grad = None
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
-    precond = [torch.full_like(p, 1.0 / m) for p, m in zip(params, mults)]
-    if _shared_top_eig is None:  # pragma: no cover
-        return _double_backward_top_eig(params, precond, loss_fn, v0, iters)
-    lam, vec = _shared_top_eig(closure, params, preconditioner=precond, v0=v0, iters=iters, tol=1e-4,
-                               generator=torch.Generator().manual_seed(0))
-    return float(lam), vec
-
-
-def _double_backward_top_eig(params, precond, loss_fn, v0, iters):  # pragma: no cover
-    s = [p.rsqrt() for p in precond]
-    g = torch.autograd.grad(loss_fn(), params, create_graph=True)
-    v = [torch.randn_like(p) for p in params] if v0 is None else [t.clone() for t in v0]
-    lam = 0.0
-    for _ in range(iters):
-        n = math.sqrt(sum(float((t * t).sum()) for t in v))
-        v = [t / n for t in v]
-        hv = torch.autograd.grad(g, params, [t * si for t, si in zip(v, s)], retain_graph=True)
-        hv = [h * si for h, si in zip(hv, s)]
-        lam = sum(float((a * b).sum()) for a, b in zip(v, hv))
-        v = hv
-    return lam, v
+def top_eig(params, mults, loss_fn, v0=None):
+    """λ_max(D^1/2 H D^1/2) with D = diag(mults) (exact HVPs, ARPACK; warm-started from ``v0``)."""
+    scales = [torch.full_like(p, math.sqrt(m)) for p, m in zip(params, mults)]
+    return top_eigenvalue(loss_fn, params, scales=scales, tol=1e-4, v0=v0)
 
 
 def param_mults(groups):
@@ -151,16 +117,16 @@ def param_mults(groups):
 
 
 def run_sharpness(arch, width, par, lr, steps, every, x, y, seed):
-    model, groups = build(arch, width, par, "sgd", 1.0, seed)
+    model, groups = build(arch, width, par, "sgd", 1.0, seed, n_train=len(x))
     params, mults = param_mults(groups)  # relative multipliers
     for g in groups:
         g["lr"] *= lr
-    opt = torch.optim.SGD(groups)
+    opt = tuners.torch_base("gd", groups, lr)
     loss_fn = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
     hist, v, losses = [], None, []
     for t in range(steps + 1):
         if t % every == 0 or t == steps:
-            lam, v = top_eig(model, params, mults, loss_fn, v0=v, iters=30 if v is None else 10)
+            lam, v = top_eig(params, mults, loss_fn, v0=v)
             hist.append((t, lam))
         if t == steps:
             break
@@ -177,8 +143,8 @@ def run_sharpness(arch, width, par, lr, steps, every, x, y, seed):
 
 # --------------------------------------------------------------------------------------------------- training
 def train_loss(arch, width, par, optimizer, lr, steps, x, y, seed):
-    model, groups = build(arch, width, par, optimizer, lr, seed)
-    opt = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(groups)
+    model, groups = build(arch, width, par, optimizer, lr, seed, n_train=len(x))
+    opt = tuners.torch_base("adam" if optimizer == "adam" else "gd", groups, lr)
     losses = []
     for _ in range(steps):
         opt.zero_grad()
@@ -192,8 +158,9 @@ def train_loss(arch, width, par, optimizer, lr, steps, x, y, seed):
 
 
 def run_cdat(width, par, steps, x, y, seed):
-    model, groups = build(mlp, width, par, "sgd", 1.0, seed)
-    opt = CDAT(torch.optim.SGD(groups, lr=1.0), sigma=2.0, ema=0.9, modules=model)
+    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups."""
+    model, groups = build("mlp", width, par, "sgd", 1.0, seed, n_train=len(x))
+    opt = tuners.build_torch("cdat", {}, "gd", model, params=groups)
 
     def closure():
         opt.zero_grad()
@@ -227,11 +194,11 @@ def run_gamma(gamma, width, grid, steps, x, y_onehot, seed):
 def _gamma_loss(gamma, width, lr, steps, x, y_onehot, seed):
     from curvopt.mup import gamma_lr_scale
 
-    model, groups = build(mlp, width, "mup", "sgd", 1.0, seed, gamma=gamma)
+    model, groups = build("mlp", width, "mup", "sgd", 1.0, seed, gamma=gamma, n_train=len(x))
     scale = gamma_lr_scale(gamma, "sgd")
     for g in groups:
         g["lr"] = g["lr"] / scale * lr
-    opt = torch.optim.SGD(groups)
+    opt = tuners.torch_base("gd", groups, lr)
     with torch.no_grad():
         f0 = model(x)
     centred_mse = lambda: 0.5 * ((model(x) - f0 - y_onehot) ** 2).sum(1).mean()  # noqa: E731
@@ -270,7 +237,7 @@ def main(argv=None) -> dict:
     import matplotlib.pyplot as plt
 
     only = set(args.only.split(","))
-    x, y = digits(P.n_train, P.seed)
+    x, y = digits("mlp", P.n_train)
     res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths)}
     t0 = time.time()
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(P.widths)))
@@ -278,19 +245,21 @@ def main(argv=None) -> dict:
     if "sharpness" in only:
         res["sharpness"] = {}
         for arch_name, lr in P.sharp_lrs:
-            arch, (xs, ys) = (mlp, (x, y)) if arch_name == "mlp" else (cnn, (x[: P.sharp_n_cnn], y[: P.sharp_n_cnn]))
+            xs, ys = (x, y) if arch_name == "mlp" else digits(arch_name, P.sharp_n_cnn)
+            ws = P.widths if arch_name == "mlp" else tuple(w for w in P.widths if w <= P.sharp_cnn_max_width)
             key = f"{arch_name} lr={lr:g}"
-            r = {par: {w: run_sharpness(arch, w, par, lr, P.sharp_steps, P.sharp_every, xs, ys, P.seed)
-                       for w in P.widths} for par in P.parameterizations}
+            r = {par: {w: run_sharpness(arch_name, w, par, lr, P.sharp_steps, P.sharp_every, xs, ys, P.seed)
+                       for w in ws} for par in P.parameterizations}
             res["sharpness"][key] = {
                 "model": arch_name, "lr": lr, "n": len(xs),
-                **{par: {"final": {w: r[par][w]["final"] for w in P.widths},
-                         "spread": spread([r[par][w]["final"] for w in P.widths]),
-                         "loss": {w: r[par][w]["loss"] for w in P.widths},
-                         "history": {w: r[par][w]["history"] for w in P.widths}} for par in r}}
+                "widths": list(ws),
+                **{par: {"final": {w: r[par][w]["final"] for w in ws},
+                         "spread": spread([r[par][w]["final"] for w in ws]),
+                         "loss": {w: r[par][w]["loss"] for w in ws},
+                         "history": {w: r[par][w]["history"] for w in ws}} for par in r}}
             fig, axes = plt.subplots(1, len(r), figsize=(4.2 * len(r), 3.4), sharey=True)
             for ax, par in zip(np.atleast_1d(axes), r):
-                for c, w in zip(colors, P.widths):
+                for c, w in zip(colors, ws):
                     t, lam = zip(*r[par][w]["history"])
                     ax.plot(t, lam, "o-", ms=3, color=c, label=f"width {w}")
                 ax.axhline(2 / lr, color="k", ls=":", lw=1, label="2/lr")
@@ -307,7 +276,7 @@ def main(argv=None) -> dict:
         res["transfer"] = {"grid": list(P.transfer_grid)}
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
         for ax, par in zip(axes, ("mup", "sp")):
-            losses = {w: [train_loss(mlp, w, par, "adam", lr, P.transfer_steps, x, y, P.seed)
+            losses = {w: [train_loss("mlp", w, par, "adam", lr, P.transfer_steps, x, y, P.seed)
                           for lr in P.transfer_grid] for w in P.widths}
             best = {w: int(np.argmin(losses[w])) for w in P.widths}
             res["transfer"][par] = {"loss": losses, "best_index": best,
@@ -322,7 +291,7 @@ def main(argv=None) -> dict:
         fig.savefig(os.path.join(args.out, "lr_transfer.png"), dpi=110)
         plt.close(fig)
 
-    if "cdat" in only and CDAT is not None:
+    if "cdat" in only:
         res["cdat"] = {}
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
         for ax, par in zip(axes, ("mup", "sp")):
@@ -332,15 +301,13 @@ def main(argv=None) -> dict:
                                 "loss": {w: r[w]["loss"] for w in P.widths}}
             for c, w in zip(colors, P.widths):
                 ax.plot(r[w]["lrs"], color=c, label=f"width {w}")
-            ax.set(title=f"CDAT(σ=2) on GD, MLP, {par}", yscale="log", xlabel="step")
+            ax.set(title=f"CDAT (library defaults) on GD, MLP, {par}", yscale="log", xlabel="step")
             print(f"[{time.time() - t0:6.0f}s] cdat {par}: spread {res['cdat'][par]['spread']:.2f}", flush=True)
         axes[0].set_ylabel("global learning rate")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(args.out, "cdat_lr.png"), dpi=110)
         plt.close(fig)
-    elif "cdat" in only:
-        res["cdat"] = "skipped: torch_backend has no CDAT"
 
     if "gamma" in only:
         eye = torch.eye(10)[y]
@@ -390,7 +357,7 @@ def report(res: dict, P: Preset) -> str:
         for r in res["sharpness"].values():
             for par in P.parameterizations:
                 vals = r[par]["final"]
-                lines.append(f"| {r['model']} (n={r['n']}) | {par} | {r['lr']:g} | " + " | ".join(_fmt(vals[w]) for w in P.widths)
+                lines.append(f"| {r['model']} (n={r['n']}) | {par} | {r['lr']:g} | " + " | ".join(_fmt(vals[w]) if w in vals else "—" for w in P.widths)
                              + f" | {r[par]['spread'] * 100:.0f} % |")
         lines.append("")
     if "transfer" in res:
@@ -402,8 +369,8 @@ def report(res: dict, P: Preset) -> str:
             b = res["transfer"][par]["best_index"]
             lines.append(f"| {par} | " + " | ".join(f"{b[w]} ({g[b[w]]:g})" for w in P.widths) + " |")
         lines.append("")
-    if isinstance(res.get("cdat"), dict):
-        lines += [f"**CDAT(σ=2, ema 0.9) on GD** (MLP, {P.cdat_steps} steps): global lr, mean of the last 10 %", "",
+    if "cdat" in res:
+        lines += [f"**CDAT (library defaults) on GD** (MLP, {P.cdat_steps} steps): global lr, mean of the last 10 %", "",
                   "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread |",
                   "|---|" + "---|" * len(P.widths) + "---|"]
         for par in ("mup", "sp"):
@@ -411,8 +378,6 @@ def report(res: dict, P: Preset) -> str:
             lines.append(f"| {par} | " + " | ".join(_fmt(r["final_lr"][w]) for w in P.widths)
                          + f" | {r['spread'] * 100:.0f} % |")
         lines.append("")
-    elif "cdat" in res:
-        lines += [f"CDAT: {res['cdat']}", ""]
     if "gamma" in res:
         r = res["gamma"]
         lines += [f"**γ sweep** (μP MLP width {P.gamma_width}, GD, centred MSE, {P.gamma_steps} steps): best lr "

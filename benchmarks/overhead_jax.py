@@ -1,5 +1,5 @@
-"""JAX rows of the overhead table: ``measure(repeats) -> list[dict]`` (used by ``python -m benchmarks.overhead``;
-also ``python -m benchmarks.overhead_jax [--repeats N]`` on its own).
+"""JAX rows of the overhead table: ``measure(repeats, steps) -> list[dict]`` (used by
+``python -m benchmarks.overhead``; also ``python -m benchmarks.overhead_jax [--repeats N]`` on its own).
 
 Jit-compiled step time of each Optax tuner ÷ the bare base step on the same two tasks as the PyTorch rows
 (``benchmarks.overhead``): the small pre-activation ResNet (width 16) on a 128-image batch of scikit-learn's
@@ -16,7 +16,6 @@ step).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from typing import Any, Callable
 
@@ -24,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from benchmarks.overhead import _time_block  # the PyTorch rows' timer (each of our steps blocks itself)
-from jax_backend import BaseMethod, armijo, cdat, edge_of_stability, polyak, quadratic_greedy
+from benchmarks.timing import step_time_ratio
+from curvopt.base import BaseMethod
+from curvopt.optax import armijo, cdat, edge_of_stability, polyak, quadratic_greedy
 
 __all__ = ["measure", "CONFIGS", "TASKS"]
 
@@ -75,12 +75,12 @@ CONFIGS: list[tuple[str, str, str, Callable[[Any, BaseMethod], Any]]] = [
     ("CDAT", "fd", "sgd+momentum", lambda b, m: cdat(b, curvature="fd", lr_max=1.0, base_method=m)),
     ("CDAT", "secant", "sgd+momentum", lambda b, m: cdat(b, curvature="secant", lr_max=1.0, base_method=m)),
     ("CDAT", "exact", "sgd+momentum", lambda b, m: cdat(b, curvature="exact", lr_max=1.0, base_method=m)),
-    ("QuadraticGreedy", "exact", "adam", lambda b, m: quadratic_greedy(b, lr_max=1e-2, base_method=m)),
+    ("QuadraticGreedy", "fd (auto)", "adam", lambda b, m: quadratic_greedy(b, lr_max=1e-2, base_method=m)),
     ("PolyakStep", "-", "adam", lambda b, m: polyak(b, lr_max=1e-2, base_method=m)),
     ("ArmijoLineSearch", "-", "adam", lambda b, m: armijo(b, lr_max=1e-2, base_method=m)),
     ("EdgeOfStability", "every 10", "adam", lambda b, m: edge_of_stability(b, lr_max=1e-2, base_method=m)),
-    ("CDAT+sharpness", "exact, every 10", "adam",
-     lambda b, m: cdat(b, lr_max=1e-2, sharpness_every=10, base_method=m)),
+    ("CDAT+sharpness", "fd (auto), every 10", "adam",
+     lambda b, m: cdat(b, lr_max=1e-2, sharpness=10, base_method=m)),
 ]
 
 
@@ -115,15 +115,9 @@ def measure(repeats: int, steps: int = 10, tasks: tuple[str, ...] = ("cnn", "lm"
             make_base, method = BASES[base_name]
             bare = _stepper(optax.chain(make_base(), optax.scale(-1e-3)), loss_fn, params, x, y, tuned=False)
             tuned = _stepper(factory(make_base(), method), loss_fn, params, x, y, tuned=True)
-            for s in (bare, tuned):  # compile + warm-up
-                for _ in range(3):
-                    s()
-            ratios, tb = [], float("nan")
-            for _ in range(repeats):
-                tb = _time_block(bare, steps)
-                ratios.append(_time_block(tuned, steps) / tb)
+            ratio, tb = step_time_ratio(bare, tuned, repeats=repeats, steps=steps)
             rows.append(dict(task=task, tuner=tuner, oracle=oracle, base=base_name, backend="jax",
-                             ratio=statistics.median(ratios), base_ms=1e3 * tb))
+                             ratio=ratio, base_ms=1e3 * tb))
             if verbose:
                 print(rows[-1], file=sys.stderr, flush=True)
     return rows

@@ -1,23 +1,29 @@
-"""``report.md`` and PNG plots from ``results.jsonl``.
+"""``report.md``, PNG plots and a compact README table from ``results.jsonl``.
 
-One table per task x regime (x backend x parameterisation): for every width, the best constant learning
-rate of the grid (selected by the mean training loss over the last 5 steps, as in the paper) and every
-tuner, with
+One table per task x regime x backend x parameterisation. For every width: the best constant learning rate of
+the grid and every tuner, compared **seed by seed** with that constant:
 
-* ``final``: final train loss (mean of the last 5 steps; ``diverged`` when it blew up);
-* ``÷ best const``: final train loss ÷ the best constant's (< 1: the tuner beat the tuned constant);
-* ``steps to target`` / ``time to target``: first step (and wall seconds) at which the training loss is
-  at or below the target = the best constant's final train loss (``—``: never reached);
-* ``step time ÷ base``: median CPU time per step ÷ that of the bare base optimizer (the constant runs of
-  the same width and backend), measured in the same sweep (CPU time of the process, not wall time, so
-  that other processes on a shared machine do not distort the ratio; the JSONL has both);
-* ``LR range``: min–max of the learning rate the tuner chose, and ``LR first÷final`` its decay factor;
-* ``sharpness ×``: last ÷ first sharpness estimate (Adam: the preconditioned sharpness);
-* eval loss / accuracy on the held-out split.
+* the best constant is the grid value with the lowest *median* (over seeds) final train loss (mean of the
+  last 5 steps, the paper's criterion); a run that diverged counts as ``inf``;
+* a tuner's ratio on a seed is its final train loss ÷ the best constant's on the same seed (< 1: the tuner
+  beat the tuned constant); the table shows the **median** over seeds and the **worst** seed (named);
+  ``verdict`` is ``win`` only when the median and the worst seed are both below 1, ``loss`` when the median
+  is above 1, ``mixed`` otherwise;
+* ``steps to target`` / ``CPU s to target``: the first step at which the training loss is at or below
+  1.1 x the best constant's final train loss on the same seed, median over seeds (``—``: the median seed
+  never reached it), and the CPU seconds of the run until then;
+* eval loss and accuracy on the held-out split (medians over seeds) beside the train loss;
+* ``step time ÷ base``: median CPU time per step ÷ that of the bare base optimizer (the constant runs of the
+  same width and backend), in the same sweep (CPU time of the process, so other processes on a shared
+  machine do not distort it; the JSONL has wall times too);
+* ``LR range`` of the learning rate the tuner chose, ``LR max÷final`` its decay factor and ``sharpness ×``
+  the last ÷ first sharpness estimate (Adam: preconditioned), medians over seeds.
 
-Plots per task x regime x backend x parameterisation: loss vs step, learning rate vs step, sharpness vs step
-with the stability threshold ``c/lr`` (2/lr for GD, 38/lr for Adam on the preconditioned sharpness),
-final loss vs width per tuner, best learning rate vs width. Values over seeds are averaged.
+Plots per task x regime x backend x parameterisation (every seed, thin lines): loss, learning rate and
+sharpness per step (with the stability threshold ``c/lr``: 2/lr for GD, 38/lr for Adam on the
+preconditioned sharpness), final loss vs width per tuner, learning rate vs width. ``readme_table.md``: one
+row per tuner, one column per task x regime x backend x parameterisation, each cell the median ratio over
+widths and seeds with the worst (width, seed) in brackets.
 """
 from __future__ import annotations
 
@@ -27,11 +33,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from .runner import RESULTS, load_results
+from .plan import final_loss as _final
+from .results import LAST, RESULTS, load_results
 
-__all__ = ["write_report", "analyse", "threshold_coefficient"]
+__all__ = ["write_report", "analyse", "threshold_coefficient", "TARGET"]
 
 MOMENTUM = 0.9
+TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
+ORDER = ["constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree", "dadapt", "sophia"]
 
 
 def threshold_coefficient(base: str) -> float:
@@ -53,13 +62,6 @@ def _num(x, default=math.nan) -> float:
     return default if x is None else float(x)
 
 
-def _final(rec: dict) -> float:
-    s = rec.get("summary", {})
-    if rec.get("status") == "diverged" or s.get("diverged"):
-        return math.inf
-    return _num(s.get("final_train_loss"), math.inf)
-
-
 def _sharp_col(rec: dict) -> str:
     return "preconditioned_sharpness" if rec.get("base") == "adam" else "sharpness"
 
@@ -71,81 +73,110 @@ def _step_time(rec: dict) -> float:
     return _num(v) if v is not None else _num(s.get("median_step_time"))
 
 
-def _steps_to(rec: dict, target: float) -> tuple[float, float]:
+def _to_target(rec: dict, target: float) -> tuple[float, float]:
+    """(steps, CPU seconds) until the loss first reaches ``target``; (inf, inf) if it never does."""
     loss = _arr(rec, "loss")
-    hit = np.nonzero(loss <= target * (1 + 1e-9))[0]
-    if not len(hit):
-        return math.nan, math.nan
-    t = np.cumsum(np.nan_to_num(_arr(rec, "time")))
+    hit = np.nonzero(loss <= target * (1 + 1e-12))[0]
+    if not math.isfinite(target) or not len(hit):
+        return math.inf, math.inf
     i = int(hit[0])
-    return float(i + 1), float(t[i])
+    t = np.cumsum(np.nan_to_num(_arr(rec, "cpu") if "cpu" in rec.get("steps", {}) else _arr(rec, "time")))
+    return float(i + 1), float(t[i]) if len(t) > i else math.nan
+
+
+def _median(xs) -> float:
+    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
+    return float(np.median(xs)) if xs else math.nan
+
+
+def _ratio(a: float, b: float) -> float:
+    if not math.isfinite(b) or b <= 0:
+        return math.nan
+    return a / b  # inf when the tuner diverged
+
+
+def _sharp_growth(rec: dict) -> float:
+    sh = _arr(rec, _sharp_col(rec))
+    sh = sh[np.isfinite(sh)]
+    return float(sh[-1] / sh[0]) if len(sh) > 1 and sh[0] > 0 else math.nan
+
+
+def _lr_drop(rec: dict) -> float:
+    s = rec.get("summary", {})
+    hi, fin = _num(s.get("lr_max")), _num(s.get("lr_final"))
+    return hi / fin if fin > 0 else math.nan
 
 
 def analyse(records: list[dict]) -> dict:
-    """Group the runs and compute every table entry. Returns ``{group: {width: {...}}}`` with group =
-    (task, regime, backend, param)."""
-    by_key = {}
+    """Group the runs and compute every table entry: ``{(task, regime, backend, param): {width: info}}``."""
+    by_key: dict = {}
     for r in records:
-        by_key[r["key"]] = r  # the last record of a key wins
-    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        by_key.setdefault(r["key"], r)  # each run once (the first record of a key)
+    groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in by_key.values():
         if r.get("status") not in ("ok", "diverged"):
             continue
         g = (r["task"], r["regime"], r["backend"], r["param"])
-        groups[g][r["width"]][r["tuner"]].append(r)
-    out = {}
+        groups[g][r["width"]][r["tuner"]][r["seed"]] = r
+    out: dict = {}
     for g, widths in groups.items():
         out[g] = {}
         for w, by_tuner in sorted(widths.items()):
-            consts = {lab: runs for lab, runs in by_tuner.items() if runs[0]["tuner_name"] == "constant"}
-            best_lab, best_final = None, math.inf
-            for lab, runs in consts.items():
-                f = float(np.mean([_final(r) for r in runs]))
-                if f < best_final or best_lab is None:
-                    best_lab, best_final = lab, f
-            base_time = (float(np.median([_step_time(r) for runs in consts.values() for r in runs]))
-                         if consts else math.nan)
+            consts = {lab: runs for lab, runs in by_tuner.items()
+                      if next(iter(runs.values()))["tuner_name"] == "constant"}
+            grid_finals = {float(next(iter(runs.values()))["settings"]["lr"]): _median([_final(r) for r in runs.values()])
+                           for runs in consts.values()}
+            best_lab = min(consts, key=lambda lab: (_median([_final(r) for r in consts[lab].values()]), lab),
+                           default=None)
+            best = consts.get(best_lab, {})
+            best_final = {seed: _final(r) for seed, r in best.items()}
+            base_time = _median([_step_time(r) for runs in consts.values() for r in runs.values()])
             rows = {}
             for lab, runs in by_tuner.items():
                 if lab in consts and lab != best_lab:
                     continue
-                finals = [_final(r) for r in runs]
-                final = float(np.mean(finals))
-                st = [_steps_to(r, best_final) for r in runs] if math.isfinite(best_final) else [(math.nan,) * 2]
-                lr = np.concatenate([_arr(r, "lr") for r in runs])
+                seeds = sorted(runs)
+                finals = {s: _final(runs[s]) for s in seeds}
+                ratios = {s: _ratio(finals[s], best_final.get(s, math.nan)) for s in seeds}
+                known = {s: v for s, v in ratios.items() if not math.isnan(v)}
+                worst_seed = max(known, key=lambda s: known[s]) if known else None
+                med = _median(list(known.values()))
+                worst = known[worst_seed] if known else math.nan
+                hits = [_to_target(runs[s], TARGET * best_final.get(s, math.nan)) for s in seeds]
+                steps_t = _median([h[0] for h in hits])
+                cpu_t = _median([h[1] for h in hits])
+                lr = np.concatenate([_arr(r, "lr") for r in runs.values()])
                 lr = lr[np.isfinite(lr) & (lr > 0)]
-                sh = _arr(runs[0], _sharp_col(runs[0]))
-                sh = sh[np.isfinite(sh)]
-                s0 = runs[0]["summary"]
+                step_time = _median([_step_time(r) for r in runs.values()])
                 rows[lab] = {
                     "label": "constant (best: lr=" + lab.split("lr=")[-1] + ")" if lab == best_lab else lab,
                     "is_best_constant": lab == best_lab,
-                    "tuner_name": runs[0]["tuner_name"],
-                    "final": final,
-                    "ratio": final / best_final if math.isfinite(best_final) and best_final > 0 else math.nan,
-                    "steps_to_target": float(np.nanmean([s[0] for s in st])) if any(
-                        math.isfinite(s[0]) for s in st) else math.nan,
-                    "time_to_target": float(np.nanmean([s[1] for s in st])) if any(
-                        math.isfinite(s[1]) for s in st) else math.nan,
-                    "step_time": float(np.mean([_step_time(r) for r in runs])),
-                    "step_ratio": float(np.mean([_step_time(r) for r in runs])) / base_time if base_time > 0
-                    else math.nan,
+                    "tuner_name": runs[seeds[0]]["tuner_name"],
+                    "seeds": len(seeds),
+                    "final": _median(list(finals.values())),
+                    "ratio": med, "worst_ratio": worst, "worst_seed": worst_seed,
+                    "verdict": ("—" if math.isnan(med) else "loss" if med > 1 else
+                                "win" if med < 1 and worst < 1 else "mixed"),
+                    "win": bool(med < 1 and worst < 1),
+                    "steps_to_target": steps_t if math.isfinite(steps_t) else math.nan,
+                    "time_to_target": cpu_t if math.isfinite(cpu_t) else math.nan,
+                    "step_time": step_time,
+                    "step_ratio": step_time / base_time if base_time > 0 else math.nan,
                     "lr_min": float(lr.min()) if len(lr) else math.nan,
                     "lr_max": float(lr.max()) if len(lr) else math.nan,
-                    "lr_drop": _num(s0.get("lr_max")) / _num(s0.get("lr_final")) if _num(s0.get("lr_final")) > 0
-                    else math.nan,
-                    "sharp_growth": float(sh[-1] / sh[0]) if len(sh) > 1 and sh[0] > 0 else math.nan,
-                    "eval_loss": float(np.mean([_num(r["summary"].get("eval_loss")) for r in runs])),
-                    "eval_acc": float(np.mean([_num(r["summary"].get("eval_accuracy")) for r in runs])),
-                    "closure_calls": float(np.mean([_num(r["summary"].get("mean_closure_calls")) for r in runs])),
-                    "runs": runs,
+                    "lr_drop": _median([_lr_drop(r) for r in runs.values()]),
+                    "sharp_growth": _median([_sharp_growth(r) for r in runs.values()]),
+                    "eval_loss": _median([_num(r["summary"].get("eval_loss")) for r in runs.values()]),
+                    "eval_acc": _median([_num(r["summary"].get("eval_accuracy")) for r in runs.values()]),
+                    "closure_calls": _median([_num(r["summary"].get("mean_closure_calls")) for r in runs.values()]),
+                    "runs": [runs[s] for s in seeds],
                 }
-            out[g][w] = {"best_label": best_lab, "best_final": best_final, "best_lr":
-                         float(consts[best_lab][0]["settings"]["lr"]) if best_lab else math.nan,
-                         "base_time": base_time, "rows": rows,
-                         "grid": sorted(float(runs[0]["settings"]["lr"]) for runs in consts.values()),
-                         "grid_finals": {float(runs[0]["settings"]["lr"]): float(np.mean([_final(r) for r in runs]))
-                                         for runs in consts.values()}}
+            grid = sorted(grid_finals)
+            best_lr = float(best_lab.split("lr=")[-1]) if best_lab else math.nan
+            out[g][w] = {"best_label": best_lab, "best_final": _median(list(best_final.values())),
+                         "best_lr": best_lr, "base_time": base_time, "rows": rows, "grid": grid,
+                         "grid_finals": grid_finals,
+                         "best_at_edge": bool(grid) and len(grid) > 1 and best_lr in (grid[0], grid[-1])}
     return out
 
 
@@ -158,40 +189,79 @@ def _fmt(x, spec=".3g", none="—") -> str:
 
 
 def _order(rows: dict) -> list[str]:
-    pref = ["constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree"]
-    return sorted(rows, key=lambda lab: (pref.index(rows[lab]["tuner_name"]) if rows[lab]["tuner_name"] in pref
+    return sorted(rows, key=lambda lab: (ORDER.index(rows[lab]["tuner_name"]) if rows[lab]["tuner_name"] in ORDER
                                          else 99, lab))
 
 
+def _worst(r: dict) -> str:
+    if r["worst_seed"] is None:
+        return "—"
+    return f"{_fmt(r['worst_ratio'], '.3f')} (seed {r['worst_seed']})"
+
+
 def group_table(g, widths: dict) -> str:
-    head = ("| width | tuner | final train loss | ÷ best const | steps to target | time to target (s) | "
-            "step time ÷ base | LR range | LR max÷final | sharpness × | eval loss | eval acc |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| width | tuner | seeds | final train loss | median ÷ best const | worst seed | verdict | "
+            "steps to target | CPU s to target | eval loss | eval acc | step time ÷ base | LR range | "
+            "LR max÷final | sharpness × |")
+    lines = [head, "|" + "---|" * 15]
     for w, info in widths.items():
         for lab in _order(info["rows"]):
             r = info["rows"][lab]
+            best = r["is_best_constant"]
             lines.append(
-                f"| {w} | {r['label']} | {_fmt(r['final'], '.4g')} | {_fmt(r['ratio'], '.3f')} | "
-                f"{_fmt(r['steps_to_target'], '.0f')} | {_fmt(r['time_to_target'], '.2f')} | "
+                f"| {w} | {r['label']} | {r['seeds']} | {_fmt(r['final'], '.4g')} | "
+                f"{'1' if best else _fmt(r['ratio'], '.3f')} | {'—' if best else _worst(r)} | "
+                f"{'' if best else r['verdict']} | {_fmt(r['steps_to_target'], '.0f')} | "
+                f"{_fmt(r['time_to_target'], '.1f')} | {_fmt(r['eval_loss'], '.3f')} | {_fmt(r['eval_acc'], '.3f')} | "
                 f"{_fmt(r['step_ratio'], '.2f')} | {_fmt(r['lr_min'], '.2g')}–{_fmt(r['lr_max'], '.2g')} | "
-                f"{_fmt(r['lr_drop'], '.1f')} | {_fmt(r['sharp_growth'], '.2f')} | "
-                f"{_fmt(r['eval_loss'], '.3f')} | {_fmt(r['eval_acc'], '.3f')} |")
+                f"{_fmt(r['lr_drop'], '.1f')} | {_fmt(r['sharp_growth'], '.2f')} |")
     return "\n".join(lines)
 
 
 def summary_table(analysis: dict) -> str:
-    """Compact cross-task table (printed by ``make bench``)."""
-    lines = ["| task | regime | backend | param | width | tuner | ÷ best const | step time ÷ base | "
-             "LR max÷final |", "|" + "---|" * 9]
+    """Cross-task table (printed by ``make bench``)."""
+    lines = ["| task | regime | backend | param | width | tuner | median ÷ best const | worst seed | verdict | "
+             "eval loss | steps to target | step time ÷ base |", "|" + "---|" * 12]
     for g in sorted(analysis):
         task, regime, backend, param = g
         for w, info in analysis[g].items():
             for lab in _order(info["rows"]):
                 r = info["rows"][lab]
+                best = r["is_best_constant"]
                 lines.append(f"| {task} | {regime} | {backend} | {param} | {w} | {r['label']} | "
-                             f"{_fmt(r['ratio'], '.3f')} | {_fmt(r['step_ratio'], '.2f')} | "
-                             f"{_fmt(r['lr_drop'], '.1f')} |")
+                             f"{'1' if best else _fmt(r['ratio'], '.3f')} | {'—' if best else _worst(r)} | "
+                             f"{'' if best else r['verdict']} | {_fmt(r['eval_loss'], '.3f')} | "
+                             f"{_fmt(r['steps_to_target'], '.0f')} | {_fmt(r['step_ratio'], '.2f')} |")
     return "\n".join(lines)
+
+
+def readme_table(analysis: dict) -> str:
+    """One row per tuner, one column per group: median ratio over widths x seeds, worst (width, seed)."""
+    groups = sorted(analysis)
+    cells: dict = defaultdict(dict)
+    for g in groups:
+        per: dict = defaultdict(list)
+        for w, info in analysis[g].items():
+            for lab, r in info["rows"].items():
+                if r["is_best_constant"]:
+                    continue
+                best = {rec["seed"]: _final(rec) for rec in info["rows"][info["best_label"]]["runs"]}
+                for rec in r["runs"]:
+                    per[lab].append((_ratio(_final(rec), best.get(rec["seed"], math.nan)), w, rec["seed"]))
+        for lab, vals in per.items():
+            known = [v for v in vals if not math.isnan(v[0])]
+            if not known:
+                continue
+            worst = max(known, key=lambda v: v[0])
+            cells[lab][g] = f"{_fmt(_median([v[0] for v in known]), '.2f')} ({_fmt(worst[0], '.2f')}, w{worst[1]} s{worst[2]})"
+    names = sorted(cells, key=lambda lab: (ORDER.index(lab.split(":")[0]) if lab.split(":")[0] in ORDER else 99, lab))
+    head = "| tuner | " + " | ".join(f"{t} {r} {b} {p}" for t, r, b, p in groups) + " |"
+    lines = [head, "|" + "---|" * (len(groups) + 1)]
+    for lab in names:
+        lines.append(f"| {lab} | " + " | ".join(cells[lab].get(g, "—") for g in groups) + " |")
+    return ("Final train loss ÷ the best constant of the same run (a √2 grid, widened at the edges), per seed: "
+            "median over widths and seeds, in brackets the worst (width, seed). < 1 beats the tuned constant.\n\n"
+            + "\n".join(lines))
 
 
 # -------------------------------------------------------------------------------------------- plots
@@ -200,6 +270,27 @@ def _colors(labels):
 
     cmap = matplotlib.colormaps["tab10"]
     return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+
+
+def _curve(ax, kind: str, rec: dict, c, label, lw: float) -> None:
+    alpha = 1.0 if label else 0.45
+    if kind in ("loss", "lr"):
+        y = _arr(rec, kind)
+        ax.plot(np.arange(1, len(y) + 1), y, color=c, label=label, lw=lw, alpha=alpha)
+        return
+    sh = _arr(rec, _sharp_col(rec))
+    lr = _arr(rec, "lr")
+    steps = np.arange(1, len(sh) + 1)
+    every = max(1, int(rec.get("sharpness_every") or 1))
+    m = np.isfinite(sh)
+    if rec["tuner_name"] != "constant":  # the sharpness is kept between estimates
+        m &= ((steps - 1) % every == 0)
+    if m.any():
+        ax.plot(steps[m], sh[m], "o-", ms=2.5 if label else 1.5, color=c, lw=lw * 0.8, label=label, alpha=alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        thr = threshold_coefficient(rec.get("base", "gd")) / lr
+    if label and np.isfinite(thr).any() and (m.any() or rec["tuner_name"] == "constant"):
+        ax.plot(steps, thr, "--", color=c, lw=0.9, alpha=0.8)
 
 
 def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
@@ -227,29 +318,9 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
             for lab in _order(info["rows"]):
                 row = info["rows"][lab]
                 name = row["tuner_name"] if row["is_best_constant"] else lab
-                rec = row["runs"][0]
                 c = colors[name]
-                base = rec.get("base", "gd")
-                if kind == "loss":
-                    y = _arr(rec, "loss")
-                    ax.plot(np.arange(1, len(y) + 1), y, color=c, label=row["label"], lw=1.2)
-                elif kind == "lr":
-                    y = _arr(rec, "lr")
-                    ax.plot(np.arange(1, len(y) + 1), y, color=c, label=row["label"], lw=1.2)
-                else:
-                    sh = _arr(rec, _sharp_col(rec))
-                    lr = _arr(rec, "lr")
-                    steps = np.arange(1, len(sh) + 1)
-                    every = max(1, int(rec.get("sharpness_every") or 1))
-                    m = np.isfinite(sh)
-                    if rec["tuner_name"] != "constant":  # the sharpness is kept between estimates
-                        m &= ((steps - 1) % every == 0)
-                    if m.any():
-                        ax.plot(steps[m], sh[m], "o-", ms=2.5, color=c, lw=1, label=row["label"])
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        thr = threshold_coefficient(base) / lr
-                    if np.isfinite(thr).any() and (m.any() or rec["tuner_name"] == "constant"):
-                        ax.plot(steps, thr, "--", color=c, lw=0.9, alpha=0.8)
+                for k, rec in enumerate(row["runs"]):  # every seed; the legend names the first
+                    _curve(ax, kind, rec, c, row["label"] if k == 0 else None, 1.2 if k == 0 else 0.7)
             ax.set_title(f"{task} {regime} width {w}")
             ax.set_xlabel("step")
             ax.set_yscale("log")
@@ -294,13 +365,13 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
         for w in ws:
             for row in widths[w]["rows"].values():
                 if row["label"] == name:
-                    lr = _arr(row["runs"][0], "lr")
+                    lr = np.concatenate([_arr(r, "lr")[-LAST:] for r in row["runs"]])
                     lr = lr[np.isfinite(lr) & (lr > 0)]
                     if len(lr):
                         xs.append(w)
                         ys.append(float(np.exp(np.mean(np.log(lr)))))
         if xs:
-            ax.plot(xs, ys, "o--", color=colors[name], label=f"{name} (geo-mean lr)")
+            ax.plot(xs, ys, "o--", color=colors[name], label=f"{name} (final lr, geo-mean over seeds)")
     paths.append(_finish_width_plot(fig, ax, "learning rate", f"{task} {regime} {backend} {param}: lr vs width",
                                     os.path.join(out_dir, f"{stem}_lr_vs_width.png")))
     return paths
@@ -323,17 +394,22 @@ def _finish_width_plot(fig, ax, ylabel: str, title: str, path: str) -> str:
 
 def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> dict:
     """Write ``out_dir/report.md`` (and the PNGs) from ``out_dir/results.jsonl``; ``keys`` restricts the
-    report to those runs (the current plan). Returns ``{"path", "summary", "plots", "analysis"}``."""
+    report to those runs (the current plan). Returns ``{"path", "summary", "plots", "analysis",
+    "readme_table"}``."""
     recs = load_results(os.path.join(out_dir, RESULTS), repair=False)
     if keys is not None:
         recs = [r for r in recs if r.get("key") in keys]
     analysis = analyse(recs)
     errors = [r for r in recs if r.get("status") == "error"]
+    seeds = sorted({r.get("seed") for r in recs if "seed" in r})
     md = ["# curvopt benchmark report", "",
-          f"{len(recs)} runs from `{RESULTS}`. Target = the best constant's final train loss (mean of the "
-          "last 5 steps); ratios < 1 beat the tuned constant. Step time ÷ base compares median CPU "
-          "seconds per step with the bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first "
-          "estimate (preconditioned for Adam).", ""]
+          f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
+          f"constant (the grid value with the lowest median final train loss; final = mean of the last {LAST} "
+          "steps): the tables give the median ratio over seeds and the worst seed; a **win** needs both below 1. "
+          f"Steps / CPU seconds to target: first step with train loss ≤ {TARGET} × the best constant's final loss "
+          "on the same seed (median over seeds). Step time ÷ base compares median CPU seconds per step with the "
+          "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first estimate "
+          "(preconditioned for Adam).", ""]
     plot_paths: list[str] = []
     for g in sorted(analysis):
         task, regime, backend, param = g
@@ -344,9 +420,8 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
                ""]
         for w, info in widths.items():
             grid = ", ".join(f"{lr:.3g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
-            edge = info["grid"] and info["best_lr"] in (info["grid"][0], info["grid"][-1])
-            md.append(f"- width {w}: constant grid (lr: final loss) {grid}"
-                      + (" — **best at the grid edge: widen the grid**" if edge else ""))
+            md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
+                      + (" — **best still at the grid edge**" if info["best_at_edge"] else ""))
         md += ["", group_table(g, widths), ""]
         if plots:
             ps = _plot_group(out_dir, g, widths)
@@ -355,7 +430,12 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     if errors:
         md += ["## Failed runs", ""] + [f"- `{r['key']}`: {r.get('error')}" for r in errors] + [""]
     summary = summary_table(analysis)
+    compact = readme_table(analysis)
+    md[2:2] = ["## Summary", "", compact, ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(md))
-    return {"path": path, "summary": summary, "plots": plot_paths, "analysis": analysis}
+    readme = os.path.join(out_dir, "readme_table.md")
+    with open(readme, "w") as fh:
+        fh.write(compact + "\n")
+    return {"path": path, "summary": summary, "plots": plot_paths, "analysis": analysis, "readme_table": readme}

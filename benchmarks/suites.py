@@ -41,7 +41,9 @@ class Experiment:
     eval_size: int = 512
     block_len: int = 32
     grid: tuple[float, ...] | None = None  # constant-lr grid; None: per-base default
-    sharpness_every: int = 10  # online sharpness every k steps (0 = off)
+    grid_factor: float = 2 ** 0.5  # spacing of the values the grid is widened by
+    widen: int = 0  # at most this many values added beyond the grid's edges (benchmarks.plan.widening)
+    sharpness: int = 10  # online sharpness every k steps inside the curvopt tuners (0 = off)
     image_set: str = "digits"
     data_dir: str | None = None
     text_path: str | None = None
@@ -49,7 +51,7 @@ class Experiment:
     def settings_hash(self) -> str:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one."""
         d = asdict(self)
-        for k in ("widths", "tuners", "grid", "data_dir"):
+        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "data_dir"):
             d.pop(k)
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -80,15 +82,15 @@ SMOKE = Suite(
     "every task, both backends, 2 widths, a few steps (pipeline check, CI); every tuner on the MLP",
     (
         Experiment("mlp", "full", (16, 32), ALL_TUNERS, 6, full_batch_size=128, eval_size=128,
-                   grid=grid(0.25, 7), sharpness_every=3),
+                   grid=grid(0.25, 7), sharpness=3),
         Experiment("resnet", "full", (4, 8), ("constant", "cdat"), 4, full_batch_size=64, eval_size=64,
-                   grid=grid(0.25, 7), sharpness_every=0),
+                   grid=grid(0.25, 7), sharpness=0),
         Experiment("vit", "full", (8, 16), ("constant", "cdat"), 4, full_batch_size=64, eval_size=64,
-                   model={"depth": 1}, grid=grid(2e-3, 7), sharpness_every=0),
+                   model={"depth": 1}, grid=grid(2e-3, 7), sharpness=0),
         Experiment("lm", "full", (8, 16), ("constant", "cdat"), 4, full_batch_size=32, eval_size=32,
-                   block_len=16, model={"depth": 1}, grid=grid(2e-3, 7), sharpness_every=0),
+                   block_len=16, model={"depth": 1}, grid=grid(2e-3, 7), sharpness=0),
         Experiment("mlp", "mini", (16, 32), ("constant", "cdat"), 6, batch_size=32, eval_size=128,
-                   grid=grid(0.1, 7), sharpness_every=0),
+                   grid=grid(0.1, 7), sharpness=0),
     ),
     backends=("torch", "jax"),
 )
@@ -99,13 +101,13 @@ DEFAULT = Suite(
     "plus mini-batch resnet; sized for a 2-core CPU",
     (
         Experiment("resnet", "full", (4, 8, 16), FULL_TUNERS, 150, full_batch_size=128, eval_size=359,
-                   sharpness_every=10),
+                   sharpness=10),
         Experiment("vit", "full", (16, 32, 64), FULL_TUNERS, 150, full_batch_size=128, eval_size=359,
-                   sharpness_every=10),
+                   sharpness=10),
         Experiment("lm", "full", (16, 32, 64), FULL_TUNERS, 150, full_batch_size=32, block_len=32,
-                   eval_size=256, sharpness_every=10),
+                   eval_size=256, sharpness=10),
         Experiment("resnet", "mini", (16,), ("constant", "cdat"), 300, batch_size=64, eval_size=359,
-                   grid=grid(0.25, 7), sharpness_every=0),
+                   grid=grid(0.25, 7), sharpness=0),
     ),
 )
 
@@ -115,16 +117,16 @@ PAPER = Suite(
     "thousands of steps, every tuner, SP and muP",
     (
         Experiment("resnet", "full", (16, 32, 64, 128), ALL_TUNERS, 5000, model={"depth": 2, "stages": 3},
-                   full_batch_size=4096, eval_size=10000, image_set="cifar10", sharpness_every=20),
+                   full_batch_size=4096, eval_size=10000, image_set="cifar10", sharpness=20),
         Experiment("vit", "full", (64, 128, 256), ALL_TUNERS, 5000,
                    model={"depth": 4, "heads": 4, "patch": 4}, full_batch_size=4096, eval_size=10000,
-                   image_set="cifar10", sharpness_every=20),
+                   image_set="cifar10", sharpness=20),
         Experiment("lm", "full", (64, 128, 256), ALL_TUNERS, 5000, model={"depth": 4, "heads": 4},
-                   full_batch_size=2048, block_len=128, eval_size=512, sharpness_every=20),
+                   full_batch_size=2048, block_len=128, eval_size=512, sharpness=20),
         Experiment("resnet", "mini", (32, 64, 128), ALL_TUNERS, 10000, model={"depth": 2, "stages": 3},
-                   batch_size=256, eval_size=10000, image_set="cifar10", grid=grid(0.1, 9), sharpness_every=50),
+                   batch_size=256, eval_size=10000, image_set="cifar10", grid=grid(0.1, 9), sharpness=50),
         Experiment("lm", "mini", (128, 256), ALL_TUNERS, 10000, model={"depth": 4, "heads": 4},
-                   batch_size=64, block_len=128, eval_size=512, sharpness_every=50),
+                   batch_size=64, block_len=128, eval_size=512, sharpness=50),
     ),
     backends=("torch", "jax"),
     seeds=(0, 1, 2),

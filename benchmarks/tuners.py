@@ -1,68 +1,82 @@
-"""The tuner registry: builds each tuner for each backend from a name and settings.
+"""The tuner registry: what each ``--tuners`` name builds, in each backend, and how its settings are checked.
 
-Names (``--tuners``), each optionally with settings ``name:key=value,key=value`` (the whole string is then
-the run's label, e.g. ``cdat:sigma=1.5,ema=0``):
+A tuner label is ``NAME`` or ``NAME:key=value;key=value`` (the whole string is the run's label, e.g.
+``cdat:startup=paper``). Settings not given are the library's (or the peer package's) own defaults: the
+benchmark never restates a default, so ``cdat`` is always what ``curvopt.torch.CDAT(base)`` does.
 
-=============  ==================================================================================
-``constant``   the baseline: the bare base optimizer at a fixed lr; one run per value of the grid
-               (``constant:lr=0.1`` runs one value)
-``cdat``       CDAT, sigma=2, ema=0.9 (the step "on edge")
-``greedy``     the quadratically greedy step (CDAT sigma=1, ema=0)
-``linesearch`` Armijo backtracking line search (the core's defaults: c=1e-4, x2 increase, x0.8 decrease)
-``polyak``     Polyak step, f*=0
-``eos``        edge-of-stability rule lr = sigma * c / sharpness (sigma * c = 3 for GD)
-``prodigy``    peer baseline (``prodigyopt`` for torch, ``optax.contrib.prodigy`` for JAX), lr=1
-``schedulefree`` peer baseline: schedule-free AdamW (``schedulefree`` / ``optax.contrib``), lr=2.5e-3
-=============  ==================================================================================
+==============  ================================================================================
+``constant``    the bare base optimizer at a fixed lr; one run per value of the grid (``constant:lr=0.1``: one)
+``cdat``        CDAT (library defaults; ``cdat:startup=paper`` is the paper-exact start-up)
+``greedy``      the quadratically greedy step (``QuadraticGreedy``)
+``linesearch``  Armijo backtracking line search (``ArmijoLineSearch``)
+``polyak``      Polyak step (``PolyakStep``, f* = 0)
+``eos``         edge-of-stability rule (``EdgeOfStability``)
+``prodigy``     peer: Prodigy (``prodigyopt.Prodigy`` / ``optax.contrib.prodigy``), its defaults
+``schedulefree`` peer: schedule-free AdamW (``schedulefree.AdamWScheduleFree`` / ``optax.contrib``)
+``dadapt``      peer: D-Adaptation Adam (``dadaptation.DAdaptAdam`` / ``optax.contrib.dadapt_adamw``)
+``sophia``      peer: Sophia-H (``pytorch_optimizer.SophiaH``; torch only: optax's sophia has no default lr)
+==============  ================================================================================
 
-Bases as the paper pairs them: gradient descent (``gd``) or heavy ball (``momentum``, 0.9) for ResNet
-and the MLP, Adam for ViT and LM. The curvature tuners use the ``fd`` oracle in both backends by default
-(the same estimate on both sides; pass ``curvature=exact`` for JAX's forward-over-forward JVP).
+Bases as the paper pairs them: gradient descent (``gd``) or heavy ball (``momentum``, 0.9) for ResNet and
+the MLP, Adam for ViT and LM. The peers are complete optimizers and ignore the base.
+
+:func:`check_settings` validates a label's settings without building a model (the command line is checked
+before any run): the curvopt tuners through the core's rule values (``curvopt.rules``) and settings
+(``curvopt.config``), the peers against their constructor's signature and a construction on a dummy tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import importlib.util
+import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TUNERS", "TunerSpec", "parse_tuner", "build_torch", "build_optax", "available", "ExtraMissing",
-           "BASES"]
+__all__ = ["TUNERS", "TunerSpec", "parse_tuner", "check_settings", "available", "build_torch", "build_optax",
+           "torch_stats", "BASES", "MOMENTUM"]
 
 BASES = ("gd", "momentum", "adam")
 MOMENTUM = 0.9
 
 
-class ExtraMissing(RuntimeError):
-    """An optional peer baseline is not installed (the run is skipped with this message)."""
-
-
 @dataclass(frozen=True)
 class TunerSpec:
     name: str
-    kind: str  # "constant" | "curvopt" | "extra"
-    defaults: dict = field(default_factory=dict)
-    torch_cls: str | None = None
-    optax_fn: str | None = None
-    doc: str = ""
+    kind: str  # "constant" | "curvopt" | "peer"
+    doc: str
+    torch_attr: str | None = None  # curvopt.torch class, or "module:Class" of a peer
+    optax_attr: str | None = None  # curvopt.optax function, or "module:function" of a peer
+    rule: str | None = None  # the core rule whose fields are the tuner's hyperparameters
+    options: tuple[str, ...] = ()  # backend keywords beside the rule's fields
+
+    @property
+    def is_peer(self) -> bool:
+        return self.kind == "peer"
 
 
-_CURV = {"curvature": "fd"}
-TUNERS: dict[str, TunerSpec] = {
-    "constant": TunerSpec("constant", "constant", {}, doc="tuned constant learning rate (grid)"),
-    "cdat": TunerSpec("cdat", "curvopt", {"sigma": 2.0, "ema": 0.9, **_CURV}, "CDAT", "cdat", "CDAT sigma=2"),
-    "greedy": TunerSpec("greedy", "curvopt", dict(_CURV), "QuadraticGreedy", "quadratic_greedy",
-                        "quadratically greedy (sigma=1)"),
-    "linesearch": TunerSpec("linesearch", "curvopt", {}, "ArmijoLineSearch", "armijo", "Armijo line search"),
-    "polyak": TunerSpec("polyak", "curvopt", {"f_star": 0.0}, "PolyakStep", "polyak", "Polyak step"),
-    "eos": TunerSpec("eos", "curvopt", {"sigma": 1.5}, "EdgeOfStability", "edge_of_stability",
-                     "edge-of-stability rule"),
-    "prodigy": TunerSpec("prodigy", "extra", {"lr": 1.0}, doc="Prodigy (peer baseline)"),
-    "schedulefree": TunerSpec("schedulefree", "extra", {"lr": 2.5e-3, "warmup_steps": 10},
-                              doc="schedule-free AdamW (peer baseline)"),
-}
+_SHARP = ("sharpness", "seed", "max_grad_norm")
+_CURV = ("curvature",) + _SHARP
+TUNERS: dict[str, TunerSpec] = {t.name: t for t in (
+    TunerSpec("constant", "constant", "tuned constant learning rate (grid)"),
+    TunerSpec("cdat", "curvopt", "CDAT (library defaults)", "CDAT", "cdat", "CDATRule", _CURV),
+    TunerSpec("greedy", "curvopt", "quadratically greedy step", "QuadraticGreedy", "quadratic_greedy", "greedy",
+              _CURV),
+    TunerSpec("linesearch", "curvopt", "Armijo line search", "ArmijoLineSearch", "armijo", "ArmijoRule", _SHARP),
+    TunerSpec("polyak", "curvopt", "Polyak step", "PolyakStep", "polyak", "PolyakRule", _SHARP),
+    TunerSpec("eos", "curvopt", "edge-of-stability rule", "EdgeOfStability", "edge_of_stability",
+              "EdgeOfStabilityRule", _SHARP),
+    TunerSpec("prodigy", "peer", "Prodigy (peer, its defaults)", "prodigyopt:Prodigy", "optax.contrib:prodigy"),
+    TunerSpec("schedulefree", "peer", "schedule-free AdamW (peer, its defaults)",
+              "schedulefree:AdamWScheduleFree", "optax.contrib:schedule_free_adamw"),
+    TunerSpec("dadapt", "peer", "D-Adaptation Adam (peer, its defaults)", "dadaptation:DAdaptAdam",
+              "optax.contrib:dadapt_adamw"),
+    TunerSpec("sophia", "peer", "Sophia-H (peer, its defaults; torch only)", "pytorch_optimizer:SophiaH", None),
+)}
 
 
+# ------------------------------------------------------------------------------------------ parsing
 def _coerce(v: str) -> Any:
     for cast in (int, float):
         try:
@@ -73,64 +87,121 @@ def _coerce(v: str) -> Any:
         return v.lower() == "true"
     if v.lower() in ("inf", "infinity"):
         return math.inf
-    return v
+    return v  # strings stay strings: a numeric hyperparameter given "abc" is refused by check_settings
 
 
 def parse_tuner(label: str) -> tuple[str, dict]:
-    """``"cdat:sigma=1.5,ema=0"`` -> ``("cdat", {"sigma": 1.5, "ema": 0})``; validates the name."""
+    """``"cdat:sigma=1.5;ema=0"`` -> ``("cdat", {"sigma": 1.5, "ema": 0})``. Checks the name and the syntax;
+    :func:`check_settings` checks the values."""
     name, _, rest = label.partition(":")
     if name not in TUNERS:
-        raise ValueError(f"unknown tuner {name!r}; expected one of {sorted(TUNERS)}")
-    settings = {}
-    for item in filter(None, rest.split(",")):
+        raise ValueError(f"unknown tuner {name!r} in {label!r}; expected one of {', '.join(TUNERS)}")
+    settings: dict = {}
+    for item in filter(None, (s.strip() for s in rest.replace(",", ";").split(";"))):
         k, eq, v = item.partition("=")
-        if not eq:
+        if not eq or not k.strip():
             raise ValueError(f"tuner setting {item!r} in {label!r} is not key=value")
+        if k.strip() in settings:
+            raise ValueError(f"tuner setting {k.strip()!r} given twice in {label!r}")
         settings[k.strip()] = _coerce(v.strip())
     return name, settings
 
 
-def settings_for(name: str, overrides: dict) -> dict:
-    s = dict(TUNERS[name].defaults)
-    s.update(overrides)
-    return s
+def _rule(spec: TunerSpec, settings: dict, base: str):
+    """The core rule value for the curvopt tuner's rule settings (validated by the core)."""
+    from curvopt import rules
+
+    if spec.rule == "greedy":
+        return rules.CDATRule.greedy(**settings)
+    cls = getattr(rules, spec.rule)
+    kw = dict(settings)
+    if spec.rule == "EdgeOfStabilityRule":
+        kw["coefficient"] = kw.pop("stability_coefficient", None) or _base_method(base).coefficient
+    return cls(**kw)
+
+
+def _rule_keys(spec: TunerSpec) -> tuple[str, ...]:
+    from curvopt import rules
+
+    if spec.rule == "greedy":
+        return ("lr_max",)
+    keys = tuple(f.name for f in dataclasses.fields(getattr(rules, spec.rule)))
+    return tuple("stability_coefficient" if k == "coefficient" else k for k in keys)
+
+
+def _peer_class(spec: TunerSpec, backend: str):
+    mod, _, attr = (spec.torch_attr if backend == "torch" else spec.optax_attr).partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def check_settings(name: str, settings: dict, base: str) -> dict:
+    """Validate a tuner's settings (no model, no backend needed for the curvopt tuners): raises ``ValueError``
+    naming the setting and what is accepted. Returns the settings, converted."""
+    spec = TUNERS[name]
+    where = f"{name}:" + ";".join(f"{k}={v}" for k, v in settings.items())
+    try:
+        if spec.kind == "constant":
+            extra = set(settings) - {"lr"}
+            if extra:
+                raise ValueError(f"unknown setting(s) {sorted(extra)}; constant takes only lr")
+            if "lr" in settings:
+                lr = settings["lr"]
+                if isinstance(lr, (bool, str)) or not math.isfinite(float(lr)) or float(lr) <= 0:
+                    raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+                return {"lr": float(lr)}
+            return {}
+        if spec.kind == "curvopt":
+            from curvopt.config import CURVATURE_ORACLES, as_sharpness
+
+            known = _rule_keys(spec) + spec.options
+            extra = [k for k in settings if k not in known]
+            if extra:
+                raise ValueError(f"unknown setting(s) {extra}; {name} accepts {', '.join(known)}")
+            _rule(spec, {k: v for k, v in settings.items() if k in _rule_keys(spec)}, base)
+            if "curvature" in settings and settings["curvature"] not in CURVATURE_ORACLES:
+                raise ValueError(f"curvature must be one of {CURVATURE_ORACLES}, got {settings['curvature']!r}")
+            if "sharpness" in settings:
+                as_sharpness(settings["sharpness"])
+            if "seed" in settings and (isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int)):
+                raise ValueError(f"seed must be an int, got {settings['seed']!r}")
+            if "max_grad_norm" in settings:
+                v = settings["max_grad_norm"]
+                if isinstance(v, (bool, str)) or not float(v) > 0:
+                    raise ValueError(f"max_grad_norm must be a positive number, got {v!r}")
+            return dict(settings)
+        # peers: keyword names from the constructor, values checked by constructing it on a dummy tensor
+        if available(name, "torch") is None:
+            cls = _peer_class(spec, "torch")
+            params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+            extra = [k for k in settings if k not in params]
+            if extra:
+                raise ValueError(f"unknown setting(s) {extra}; {spec.torch_attr} accepts {', '.join(params)}")
+            import torch
+
+            cls([torch.zeros(1, requires_grad=True)], **settings)
+        return dict(settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"tuner {where!r}: {e}") from None
 
 
 def available(name: str, backend: str) -> str | None:
     """None if the tuner can run on the backend, else the reason (for a skip message)."""
-    if name == "prodigy":
-        mod = "prodigyopt" if backend == "torch" else "optax.contrib"
-    elif name == "schedulefree":
-        mod = "schedulefree" if backend == "torch" else "optax.contrib"
-    elif TUNERS[name].kind == "curvopt":
-        mod = "curvopt.torch" if backend == "torch" else "curvopt.optax"
-    else:
+    spec = TUNERS[name]
+    if spec.kind == "constant":
         return None
-    try:
-        m = importlib.import_module(mod)
-    except ImportError as e:
-        return f"{name} on {backend} needs {mod!r} ({e}); pip install {mod.split('.')[0]}"
-    if TUNERS[name].kind == "curvopt":
-        attr = TUNERS[name].torch_cls if backend == "torch" else TUNERS[name].optax_fn
-        if not hasattr(m, attr):
-            return f"{mod}.{attr} is not available yet"
+    if spec.kind == "curvopt":
+        mod, attr = ("curvopt.torch", spec.torch_attr) if backend == "torch" else ("curvopt.optax", spec.optax_attr)
+    else:
+        target = spec.torch_attr if backend == "torch" else spec.optax_attr
+        if target is None:
+            return f"{name} has no {backend} implementation with default settings"
+        mod, _, attr = target.partition(":")
+    if importlib.util.find_spec(mod.split(".")[0]) is None:
+        return f"{name} on {backend} needs the {mod.split('.')[0]!r} package (pip install -e '.[bench]')"
+    m = importlib.import_module(mod)  # installed: a real import error propagates
+    if not hasattr(m, attr):
+        return f"{mod}.{attr} does not exist"
     return None
-
-
-def _require(name: str, backend: str) -> None:
-    why = available(name, backend)
-    if why:
-        raise ExtraMissing(why)
-
-
-def _tuner_kwargs(name: str, settings: dict, sharpness_every: int) -> dict:
-    """The tuner's settings plus the experiment's online-sharpness period (the eos rule needs one >= 1)."""
-    kw = dict(settings)
-    if sharpness_every:
-        kw.setdefault("sharpness_every", sharpness_every)
-    if name == "eos":
-        kw.setdefault("sharpness_every", 1)
-    return kw
 
 
 # -------------------------------------------------------------------------------------------- torch
@@ -146,32 +217,33 @@ def torch_base(base: str, params, lr: float):
     raise ValueError(f"unknown base {base!r}; expected one of {BASES}")
 
 
-def build_torch(name: str, settings: dict, base: str, model, *, sharpness_every: int = 0, params=None):
-    """A ``torch.optim.Optimizer`` whose ``step(closure)`` trains ``model`` (LBFGS closure convention)."""
+def _curvopt_kwargs(spec: TunerSpec, settings: dict, sharpness: int) -> dict:
+    kw = dict(settings)
+    if sharpness and "sharpness" not in kw:
+        kw["sharpness"] = sharpness  # the experiment's online-sharpness period (for the plots)
+    return kw
+
+
+def build_torch(name: str, settings: dict, base: str, model, *, sharpness: int = 0, params=None):
+    """A ``torch.optim.Optimizer`` whose ``step(closure)`` trains ``model``."""
     params = list(model.parameters()) if params is None else params
     spec = TUNERS[name]
     if spec.kind == "constant":
         return torch_base(base, params, float(settings["lr"]))
-    if spec.kind == "extra":
-        _require(name, "torch")
-        s = dict(settings)
-        if name == "prodigy":
-            mod = importlib.import_module("prodigyopt")
-            return mod.Prodigy(params, lr=s.pop("lr"), **s)
-        mod = importlib.import_module("schedulefree")
-        opt = mod.AdamWScheduleFree(params, lr=s.pop("lr"), **s)
-        opt.train()
+    if spec.kind == "peer":
+        opt = _peer_class(spec, "torch")(params, **settings)
+        if hasattr(opt, "train"):  # schedule-free: train mode for the steps, eval mode for evaluation
+            opt.train()
         return opt
-    _require(name, "torch")
     ct = importlib.import_module("curvopt.torch")
-    kw = _tuner_kwargs(name, settings, sharpness_every)
-    return getattr(ct, spec.torch_cls)(torch_base(base, params, 1.0), modules=model, **kw)
+    kw = _curvopt_kwargs(spec, settings, sharpness)
+    return getattr(ct, spec.torch_attr)(torch_base(base, params, 1.0), modules=model, **kw)
 
 
 def torch_stats(opt) -> dict:
-    """The tuner's latest per-step numbers as floats (``nan`` when absent); constant: just the lr."""
+    """The tuner's latest per-step numbers as floats (``nan`` when absent); others: the group lr."""
     st = getattr(opt, "stats", None)
-    if st is None:
+    if not isinstance(st, dict):
         return {"lr": float(opt.param_groups[0]["lr"])}
     out = {}
     for k, v in st.items():
@@ -184,7 +256,7 @@ def torch_stats(opt) -> dict:
 
 # -------------------------------------------------------------------------------------------- optax
 def optax_direction(base: str):
-    """The base's raw direction ``d`` (gradient-like; the tuner returns ``-lr * d``)."""
+    """The base's raw direction (gradient-like; the tuner or ``optax.scale(-lr)`` turns it into a step)."""
     import optax
 
     if base == "gd":
@@ -196,27 +268,22 @@ def optax_direction(base: str):
     raise ValueError(f"unknown base {base!r}; expected one of {BASES}")
 
 
-def base_method(base: str):
-    from curvopt.optax import BaseMethod
+def _base_method(base: str):
+    from curvopt.base import BaseMethod
 
     return {"gd": BaseMethod.gd(), "momentum": BaseMethod.heavy_ball(MOMENTUM), "adam": BaseMethod.adam()}[base]
 
 
-def build_optax(name: str, settings: dict, base: str, *, sharpness_every: int = 0):
+def build_optax(name: str, settings: dict, base: str, *, sharpness: int = 0):
     """An Optax transformation; curvopt tuners get ``value``/``grad``/``value_fn``/``batch`` in ``update``."""
     import optax
 
     spec = TUNERS[name]
     if spec.kind == "constant":
         return optax.chain(optax_direction(base), optax.scale(-float(settings["lr"])))
-    if spec.kind == "extra":
-        _require(name, "jax")
-        s = dict(settings)
-        if name == "prodigy":
-            return optax.contrib.prodigy(learning_rate=s.pop("lr"), **s)
-        return optax.contrib.schedule_free_adamw(learning_rate=s.pop("lr"), **s)
-    _require(name, "jax")
+    if spec.kind == "peer":
+        return _peer_class(spec, "jax")(**settings)
     co = importlib.import_module("curvopt.optax")
-    kw = _tuner_kwargs(name, settings, sharpness_every)
-    kw.setdefault("base_method", base_method(base))
-    return getattr(co, spec.optax_fn)(optax_direction(base), **kw)
+    kw = _curvopt_kwargs(spec, settings, sharpness)
+    kw.setdefault("base_method", _base_method(base))
+    return getattr(co, spec.optax_attr)(optax_direction(base), **kw)

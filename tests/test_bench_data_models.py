@@ -1,11 +1,14 @@
 """Benchmark data loaders (on tiny files in the real formats) and torch <-> flax model agreement."""
 import os
 import pickle
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from benchmarks import data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is run from the repository
+from benchmarks import data  # noqa: E402
 
 
 def _write_cifar(tmp_path, n_per_batch=6, batches=(1, 2)):
