@@ -3,16 +3,23 @@
 Transforms that take the place of ``optax.scale_by_learning_rate``: they receive the base's raw direction
 ``d`` (gradient-like, ``u = -d``) and return ``lr * u`` with the tuned learning rate, e.g.
 ``optax.chain(optax.scale_by_adam(), scale_by_cdat(sigma=2.0))``. ``<tuner>(base, ...)`` builds the chain
-and also hands the base's state to the tuner (Adam's preconditioned sharpness).
+and also hands the base's state and the incoming gradient to the tuner (Adam's preconditioned sharpness,
+the closure-free mode) and keeps the base's state on a skipped step: the recommended composition.
+Each transform's state is its own NamedTuple with the logged numbers in ``state.stats``
+(:class:`curvopt.stats.TunerStats`), so ``optax.tree_utils.tree_get(opt_state, "lr")`` is the tuner's lr.
 """
-from .base_method import BaseMethod
-from .cdat import cdat, quadratic_greedy, scale_by_cdat, scale_by_quadratic_greedy
-from .edge_of_stability import edge_of_stability, scale_by_edge_of_stability
-from .linesearch import armijo, scale_by_armijo
-from .polyak import polyak, scale_by_polyak
-from .sharpness import hessian_top_eigenvalue, preconditioner_from_adam_state
-from .state import ArmijoState, SecantMemory, SharpnessMemory, TunerState, stats
-from .tuner import with_base_state
+from curvopt.base import BaseMethod
+from curvopt.config import SharpnessConfig
+from curvopt.stats import TunerStats
+
+from .cdat import ScaleByCDATState, ScaleByQuadraticGreedyState, cdat, quadratic_greedy, scale_by_cdat, \
+    scale_by_quadratic_greedy
+from .edge_of_stability import ScaleByEdgeOfStabilityState, edge_of_stability, scale_by_edge_of_stability
+from .linesearch import ScaleByArmijoState, armijo, scale_by_armijo
+from .oracles import SecantMemory
+from .polyak import ScaleByPolyakState, polyak, scale_by_polyak
+from .sharpness import EigenMemory, hessian_top_eigenvalue, preconditioner_from_adam_state
+from .tuner import stats, with_base_state
 
 __all__ = [
     "scale_by_cdat", "cdat",
@@ -21,8 +28,9 @@ __all__ = [
     "scale_by_polyak", "polyak",
     "scale_by_edge_of_stability", "edge_of_stability",
     "hessian_top_eigenvalue", "preconditioner_from_adam_state",
-    "with_base_state", "BaseMethod", "stats",
-    "TunerState", "ArmijoState", "SecantMemory", "SharpnessMemory",
+    "with_base_state", "BaseMethod", "SharpnessConfig", "stats",
+    "ScaleByCDATState", "ScaleByQuadraticGreedyState", "ScaleByPolyakState", "ScaleByEdgeOfStabilityState",
+    "ScaleByArmijoState", "TunerStats", "SecantMemory", "EigenMemory",
 ]
 from .mup import MuP, add_decayed_weights_mup, mup_multipliers, mup_table, parameterize, scale_by_mup  # noqa: E402
 __all__ += ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]

@@ -1,102 +1,157 @@
-"""CDAT and the quadratically greedy rule as Optax transforms (DESIGN §3)."""
+"""CDAT and the quadratically greedy rule as Optax transforms (rules: :class:`curvopt.rules.CDATRule`)."""
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
 
-from curvopt import rules
-from curvopt.config import CDATConfig, SharpnessConfig
+from curvopt.base import BaseMethod, as_base_method
+from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE
+from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule
+from curvopt.stats import TunerStats
+from curvopt.validation import check_choice
 
-from .base_method import BaseMethod, as_base_method
-from .settings import validated
-from .tuner import curvature_tuner, with_base_state
+from .direction import accumulator_dtype, vdot
+from .oracles import SecantMemory, curvature as curvature_of, secant_init
+from .settings import make, sharpness_setting
+from .sharpness import EigenMemory, eigen_init
+from .tuner import (ascent_count, convenience, finish, fresh_leaves, oracle_for, prepare, select, sharpness_of, skip,
+                    stats_init)
 
-__all__ = ["scale_by_cdat", "cdat", "scale_by_quadratic_greedy", "quadratic_greedy", "sharpness_config"]
+__all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "scale_by_cdat", "scale_by_quadratic_greedy"]
 
-_CDAT = CDATConfig()
-_SHARP = SharpnessConfig()
+_CDAT = CDATRule()
 
 
-def sharpness_config(every: Any, iters: Any, first_iters: Any, tol: Any) -> SharpnessConfig:
-    """The validated online-sharpness settings shared by every tuner."""
-    return validated(SharpnessConfig, every=every, iters=iters, first_iters=first_iters, tol=tol)
+class ScaleByCDATState(NamedTuple):
+    """State of :func:`scale_by_cdat` and :func:`scale_by_quadratic_greedy`.
+
+    * ``steps``: steps taken (skipped ones not counted), int32; the sharpness schedule and a ``sigma``
+      schedule read it;
+    * ``ascent_steps``: steps whose incoming direction pointed uphill (see :mod:`jax_backend.direction`);
+    * ``rule``: CDAT's moving averages (:class:`curvopt.rules.CDATState`);
+    * ``secant``: :class:`~jax_backend.oracles.SecantMemory` when the oracle can be the secant
+      (``curvature="secant"`` or ``"auto"``), else None;
+    * ``eigen``: :class:`~jax_backend.sharpness.EigenMemory` when the online sharpness is on, else None;
+    * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``).
+    """
+
+    steps: Any
+    ascent_steps: Any
+    rule: CDATState
+    secant: SecantMemory | None
+    eigen: EigenMemory | None
+    stats: TunerStats
+
+
+ScaleByQuadraticGreedyState = ScaleByCDATState
 
 
 def scale_by_cdat(
-    sigma: float = _CDAT.sigma,
+    sigma: Any = _CDAT.sigma,
     ema: float = _CDAT.ema,
     eps: float = _CDAT.eps,
     lr_max: float = _CDAT.lr_max,
-    curvature: str = "exact",
-    sharpness_every: int = _SHARP.every,
-    sharpness_iters: int = _SHARP.iters,
-    sharpness_first_iters: int = _SHARP.first_iters,
-    sharpness_tol: float = _SHARP.tol,
+    *,
+    startup: str = _CDAT.startup,
+    curvature: str = DEFAULT_CURVATURE,
+    sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
+    sharpness_every: int | None = None,
+    sharpness_iters: int | None = None,
+    sharpness_first_iters: int | None = None,
+    sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) / avg(|u^T H u| + eps)``.
+    """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) /
+    avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup``); ``sigma`` may be a
+    schedule ``step -> sigma`` (or injected with ``optax.inject_hyperparams``).
 
-    Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. The averages are exponential
-    moving averages with factor ``ema``, started at 0 without bias correction (the correction cancels in the
-    ratio, so step 1 is exactly ``sigma * n / d``). ``sigma = 2`` is the step "on edge", ``sigma = 1, ema = 0``
-    the quadratically greedy step. ``curvature``: ``"exact"`` (default, forward-over-forward JVP), ``"fd"``
-    or ``"secant"`` (:mod:`jax_backend.oracles`). ``sharpness_*``: online top-eigenvalue estimation every
-    ``sharpness_every`` steps (0 = off); ``base_method`` (:class:`BaseMethod`) gives the stability
-    coefficient and Adam's hyperparameters for the preconditioned sharpness. ``warn_ascent``: also warn from
-    inside the jitted step (a ``jax.debug.callback``, which costs milliseconds per step on CPU) when the first
-    step's direction points uphill, i.e. the chain was already negated; without it the state's
-    ``ascent_steps`` flags it and :func:`jax_backend.stats` warns on the host.
+    Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
+    (default: ``"fd"`` when the update gets ``value_fn``, ``"secant"`` without one), ``"fd"``, ``"exact"`` or
+    ``"secant"`` (:mod:`jax_backend.oracles`). ``sharpness``: online top-eigenvalue estimation
+    (:class:`curvopt.config.SharpnessConfig`, or an int period; off by default; needs ``value_fn``);
+    ``base_method`` (:class:`curvopt.base.BaseMethod`) gives the stability coefficient and Adam's
+    hyperparameters for the preconditioned sharpness. ``warn_ascent``: also warn from inside the jitted step
+    when the first direction points uphill. ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None, **extra)``:
-    ``value_fn(params, **extra)`` is required (the oracle differentiates it); a missing ``grad`` costs one
-    ``jax.value_and_grad``. Bad settings raise ``ValueError`` here. State: :class:`TunerState`.
+    ``grad`` is needed (given, or computed from ``value_fn``, or handed over by the :func:`cdat` convenience);
+    ``value_fn(params, **extra)`` enables the fd/exact oracles and the sharpness. Bad settings raise
+    ``ValueError`` here. State: :class:`ScaleByCDATState`.
     """
-    cfg = validated(CDATConfig, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, curvature=curvature)
-    sharp = sharpness_config(sharpness_every, sharpness_iters, sharpness_first_iters, sharpness_tol)
-
-    def rule(numerator, curv, value, sharpness, state):
-        new = rules.cdat_step(numerator, curv, state.rule, sigma=cfg.sigma, ema=cfg.ema, eps=cfg.eps,
-                              lr_max=cfg.lr_max, xp=jnp)
-        return new.lr, new
-
-    return curvature_tuner("scale_by_cdat", rule, rule_init=rules.cdat_init, oracle=cfg.curvature,
-                           needs_value=False, sharpness=sharp, method=as_base_method(base_method),
-                           warn_ascent=warn_ascent)
+    rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup)
+    return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,
+                            dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
+                                 sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
 
 def scale_by_quadratic_greedy(
-    lr_max: float = math.inf,
-    curvature: str = "exact",
-    sharpness_every: int = _SHARP.every,
-    sharpness_iters: int = _SHARP.iters,
-    sharpness_first_iters: int = _SHARP.first_iters,
-    sharpness_tol: float = _SHARP.tol,
+    lr_max: float = _CDAT.lr_max,
+    *,
+    curvature: str = DEFAULT_CURVATURE,
+    sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
+    sharpness_every: int | None = None,
+    sharpness_iters: int | None = None,
+    sharpness_first_iters: int | None = None,
+    sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """The quadratically greedy step ``lr = -g^T u / u^T H u`` (:func:`curvopt.rules.quadratic_greedy_lr`),
-    the minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat`."""
-    cfg = validated(CDATConfig, sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, curvature=curvature)
-    sharp = sharpness_config(sharpness_every, sharpness_iters, sharpness_first_iters, sharpness_tol)
-
-    def rule(numerator, curv, value, sharpness, state):
-        return rules.quadratic_greedy_lr(numerator, curv, lr_max=cfg.lr_max, xp=jnp), None
-
-    return curvature_tuner("scale_by_quadratic_greedy", rule, rule_init=lambda zero: None,
-                           oracle=cfg.curvature, needs_value=False, sharpness=sharp,
-                           method=as_base_method(base_method), warn_ascent=warn_ascent)
+    """The quadratically greedy step ``lr = -g^T u / |u^T H u|`` (:meth:`curvopt.rules.CDATRule.greedy`), the
+    minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat`."""
+    return _curvature_tuner("scale_by_quadratic_greedy", CDATRule.greedy(lr_max), curvature, base_method,
+                            warn_ascent, sharpness,
+                            dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
+                                 sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
 
-def cdat(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(base, scale_by_cdat(**kwargs))`` (same state layout), handing the base's state to the
-    tuner for the preconditioned sharpness (:func:`jax_backend.tuner.with_base_state`)."""
-    return with_base_state(base, scale_by_cdat(**kwargs))
+def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, warn_ascent: bool,
+                     sharpness: Any, legacy: dict) -> optax.GradientTransformationExtraArgs:
+    check_choice("curvature", curvature, CURVATURE_ORACLES)
+    sharp = sharpness_setting(sharpness, rule.default_sharpness, name, **legacy)
+    method = as_base_method(base_method)
+
+    def init(params: Any) -> ScaleByCDATState:
+        dtype = accumulator_dtype(params)
+        zero_i = jnp.zeros((), jnp.int32)
+        return fresh_leaves(ScaleByCDATState(
+            steps=zero_i, ascent_steps=zero_i, rule=rule.init(jnp.zeros((), dtype)),
+            secant=secant_init(params, dtype) if curvature in ("auto", "secant") else None,
+            eigen=eigen_init(params, sharp, method),
+            stats=stats_init(dtype)))
+
+    def update(updates: Any, state: ScaleByCDATState, params: Any = None, *, value: Any = None,
+               grad: Any = None, value_fn: Any = None, base_state: Any = None, **extra_args: Any
+               ) -> tuple[Any, ScaleByCDATState]:
+        dtype = state.stats.lr.dtype
+        p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
+                    extra_args=extra_args, need_value=False)
+        oracle = oracle_for(curvature, p, name)
+
+        def taken() -> tuple[Any, ScaleByCDATState]:
+            curv, calls, probe = curvature_of(oracle, p.f, params, p.grad, p.u, -p.numerator, state.secant, dtype)
+            sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
+                                                  base_state, name)
+            relevant = sharpness[1] if method.preconditioned else sharpness[0]
+            lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, curv, p.value, relevant, state.steps),
+                                        state.rule, jnp)
+            lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
+            secant = state.secant
+            if oracle == "secant":
+                secant = SecantMemory(p.u, -p.numerator, vdot(p.u, p.u, dtype), jnp.asarray(lr, dtype))
+            out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
+                                method=method, old=state.stats)
+            return out, ScaleByCDATState(
+                steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
+                rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen, stats=stats)
+
+        return select(p.finite, taken(), skip(updates, state))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
-def quadratic_greedy(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(base, scale_by_quadratic_greedy(**kwargs))``, as :func:`cdat`."""
-    return with_base_state(base, scale_by_quadratic_greedy(**kwargs))
+cdat = convenience(scale_by_cdat, "cdat")
+quadratic_greedy = convenience(scale_by_quadratic_greedy, "quadratic_greedy")
+__all__ += ["cdat", "quadratic_greedy"]

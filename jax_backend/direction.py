@@ -1,12 +1,16 @@
-"""The base direction: the incoming updates ``d`` (gradient-like, as ``scale_by_adam``/``trace`` produce
-them), the descent direction ``u = -d``, and the tree algebra the tuners need on it.
+"""The base direction and the little tree algebra the tuners need on top of ``optax.tree``.
 
-A chain that already negated ``d`` (e.g. ``optax.sgd(1.0)`` before the tuner) hands an ascent direction:
-``-g^T u = g^T d < 0``. The paper's guard clips that numerator to 0 (``lr = 0``); the tuners count such
-steps in the state's ``ascent_steps`` (a state flag: ``ascent_steps == count`` means every step so far was
-uphill), :func:`jax_backend.state.stats` warns on the host when it reads that, and with ``warn_ascent=True``
-the step itself warns through ``jax.debug.callback`` (jit-safe, but a host callback in the compiled step
-costs milliseconds per step on CPU, so it is opt-in) when it happens on the first step.
+The tuner receives the incoming updates ``d`` (gradient-like, as ``scale_by_adam``/``trace`` produce them);
+the descent direction is ``u = -d``. A chain that already negated ``d`` (e.g. ``optax.sgd(1.0)`` before the
+tuner) hands an ascent direction: ``-g^T u = g^T d < 0``. The rules clip that numerator to 0 (``lr = 0``);
+the tuners count such steps in ``ascent_steps`` (``ascent_steps == steps`` means every step so far was
+uphill), :func:`jax_backend.stats` warns on the host when it reads that, and with ``warn_ascent=True`` the step
+itself warns through ``jax.debug.callback`` (jit-safe but a host callback per step, so opt-in) on the first
+step.
+
+Inside ``optax.masked``/``optax.multi_transform`` the tuner sees the parameters with the masked-out leaves
+replaced by ``optax.MaskedNode`` (a node without leaves); :func:`like_params` brings a full tree handed as an
+extra argument (``grad=``) to that structure.
 """
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ["descent", "vdot", "sq_norm", "norm", "add_scaled", "scale", "all_finite", "cast_like",
-           "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
+from curvopt.config import accumulator_dtype_name
+
+__all__ = ["accumulator_dtype", "least_precise_eps", "descent", "vdot", "norm", "add_scaled", "scaled",
+           "all_finite", "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
 
 NEGATED_DIRECTION_MESSAGE = (
     "curvopt: the direction handed to the tuner is an ascent direction on its first step (g^T d < 0): the "
@@ -27,62 +34,61 @@ NEGATED_DIRECTION_MESSAGE = (
     "ascent_steps counts such steps.")
 
 
-def accumulator_dtype(tree: Any) -> Any:
-    """The dtype of a tuner's own scalars (learning rate, moving averages, dot products, statistics): the
-    widest floating dtype of the parameters, at least float32 (bf16/fp16 parameters accumulate in float32)."""
-    out = jnp.float32
-    for x in jax.tree_util.tree_leaves(tree):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            out = jnp.promote_types(out, x.dtype)
-    return out
+def accumulator_dtype(params: Any) -> Any:
+    """The dtype of the tuner's own scalars (:func:`curvopt.config.accumulator_dtype_name`)."""
+    return jnp.dtype(accumulator_dtype_name(str(x.dtype) for x in jax.tree.leaves(params)))
 
 
-def least_precise_eps(tree: Any) -> float:
-    """Machine epsilon of the coarsest floating dtype in ``tree``: a finite-difference displacement must be
+def least_precise_eps(params: Any) -> float:
+    """Machine epsilon of the coarsest floating dtype in ``params``: a finite-difference displacement must be
     representable in every parameter."""
-    return max(float(jnp.finfo(x.dtype).eps) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _real_sum(tree: Any, dtype: Any) -> Any:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return sum((jnp.sum(x).astype(dtype) for x in leaves), jnp.zeros((), dtype))
+    eps = [float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return max(eps, default=float(jnp.finfo(jnp.float32).eps))
 
 
 def vdot(a: Any, b: Any, dtype: Any) -> Any:
-    """``a^T b`` over two trees of the same structure, accumulated in ``dtype``."""
-    return _real_sum(jax.tree_util.tree_map(lambda x, y: x.astype(dtype) * y.astype(dtype), a, b), dtype)
-
-
-def sq_norm(a: Any, dtype: Any) -> Any:
-    return vdot(a, a, dtype)
+    """``a^T b`` accumulated in ``dtype`` (``optax.tree.vdot`` of the cast trees; 0 for empty trees)."""
+    return jnp.asarray(optax.tree.vdot(optax.tree.cast(a, dtype), optax.tree.cast(b, dtype)), dtype)
 
 
 def norm(a: Any, dtype: Any) -> Any:
-    return jnp.sqrt(sq_norm(a, dtype))
+    return jnp.sqrt(vdot(a, a, dtype))
 
 
-def cast_like(tree: Any, like: Any) -> Any:
-    """``tree`` with each leaf cast to the dtype of the matching leaf of ``like``."""
-    return jax.tree_util.tree_map(lambda x, y: jnp.asarray(x).astype(y.dtype), tree, like)
-
-
-def descent(updates: Any, params: Any) -> Any:
-    """``u = -d``, in the parameters' dtypes (JVP tangents must match their primals)."""
-    return jax.tree_util.tree_map(lambda d, p: (-d).astype(p.dtype), updates, params)
-
-
-def scale(s: Any, tree: Any) -> Any:
-    return jax.tree_util.tree_map(lambda x: (s * x).astype(x.dtype), tree)
+def scaled(s: Any, a: Any) -> Any:
+    """``s a`` in ``a``'s dtypes."""
+    return optax.tree.cast_like(optax.tree.scale(s, a), a)
 
 
 def add_scaled(a: Any, s: Any, b: Any) -> Any:
-    """``a + s b`` leafwise, in ``a``'s dtypes."""
-    return jax.tree_util.tree_map(lambda x, y: (x + s * y).astype(x.dtype), a, b)
+    """``a + s b`` in ``a``'s dtypes."""
+    return optax.tree.cast_like(optax.tree.add_scale(a, s, b), a)
+
+
+def descent(updates: Any, params: Any) -> Any:
+    """``u = -d`` in the parameters' dtypes (JVP tangents must match their primals)."""
+    return optax.tree.cast_like(optax.tree.scale(-1, updates), params)
 
 
 def all_finite(tree: Any) -> Any:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _is_masked(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def has_masked(params: Any) -> bool:
+    """Whether ``params`` is a masked view (``optax.masked``/``multi_transform``)."""
+    return any(_is_masked(x) for x in jax.tree.leaves(params, is_leaf=_is_masked))
+
+
+def like_params(tree: Any, params: Any) -> Any:
+    """``tree`` with the leaves that ``params`` masks out replaced by ``MaskedNode`` (no-op when unmasked)."""
+    if tree is None or not has_masked(params) or has_masked(tree):
+        return tree
+    return jax.tree.map(lambda p, t: p if _is_masked(p) else t, params, tree, is_leaf=_is_masked)
 
 
 def _warn(flag: Any) -> None:
@@ -90,10 +96,10 @@ def _warn(flag: Any) -> None:
         warnings.warn(NEGATED_DIRECTION_MESSAGE, RuntimeWarning, stacklevel=2)
 
 
-def warn_if_negated(numerator: Any, count: Any, enabled: bool) -> Any:
+def warn_if_negated(numerator: Any, steps: Any, enabled: bool) -> Any:
     """Whether the direction points uphill; with ``enabled``, warn (host callback) if it does on the first
     step."""
     if enabled:
-        flag = (numerator < 0) & (count == 0)
+        flag = (numerator < 0) & (steps == 0)
         jax.lax.cond(flag, lambda: jax.debug.callback(_warn, flag), lambda: None)
     return numerator < 0

@@ -1,57 +1,99 @@
-"""The edge-of-stability rule ``lr = sigma * c / sharpness`` as an Optax transform (DESIGN §3)."""
+"""The edge-of-stability rule ``lr = sigma * c / sharpness`` as an Optax transform (rule:
+:class:`curvopt.rules.EdgeOfStabilityRule`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
 
-from curvopt import rules
-from curvopt.config import EdgeOfStabilityConfig, SharpnessConfig
-from curvopt.validation import check_positive_int
+from curvopt.base import BaseMethod, as_base_method
+from curvopt.rules import EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule
+from curvopt.stats import TunerStats
 
-from .base_method import BaseMethod, as_base_method
-from .cdat import sharpness_config
-from .settings import is_traced, validated
-from .tuner import curvature_tuner, with_base_state
+from .direction import accumulator_dtype
+from .settings import make, sharpness_enabled, sharpness_setting
+from .sharpness import EigenMemory, eigen_init
+from .tuner import (ascent_count, convenience, finish, fresh_leaves, prepare, select, sharpness_of, skip,
+                    stats_init)
 
-__all__ = ["scale_by_edge_of_stability", "edge_of_stability"]
+__all__ = ["ScaleByEdgeOfStabilityState", "scale_by_edge_of_stability", "edge_of_stability"]
 
-_EOS = EdgeOfStabilityConfig()
-_SHARP = SharpnessConfig()
+_EOS = EdgeOfStabilityRule()
+
+
+class ScaleByEdgeOfStabilityState(NamedTuple):
+    """State of :func:`scale_by_edge_of_stability`: ``rule`` holds the learning rate between estimates
+    (:class:`curvopt.rules.EdgeOfStabilityState`); ``eigen`` is always present; the rest as in
+    :class:`jax_backend.ScaleByCDATState`."""
+
+    steps: Any
+    ascent_steps: Any
+    rule: EdgeOfStabilityState
+    eigen: EigenMemory
+    stats: TunerStats
 
 
 def scale_by_edge_of_stability(
-    sigma: float = _EOS.sigma,
+    sigma: Any = _EOS.sigma,
     lr_max: float = _EOS.lr_max,
-    sharpness_every: int = 10,
-    sharpness_iters: int = _SHARP.iters,
-    sharpness_first_iters: int = _SHARP.first_iters,
-    sharpness_tol: float = _SHARP.tol,
+    *,
+    sharpness: Any = None,
+    stability_coefficient: float | None = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
+    sharpness_every: int | None = None,
+    sharpness_iters: int | None = None,
+    sharpness_first_iters: int | None = None,
+    sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """``lr = sigma * c / lambda`` (:func:`curvopt.rules.edge_of_stability_lr`) with ``c`` the base's
-    stability coefficient and ``lambda`` the online sharpness (Adam: the preconditioned one, which needs the
-    base's state: use :func:`edge_of_stability` or pass ``base_state=``). The sharpness is estimated every
-    ``sharpness_every`` (>= 1) steps and the last estimate is used in between; a non-positive estimate keeps
-    the previous lr. Needs ``value_fn``. Other arguments as :func:`jax_backend.cdat.scale_by_cdat`.
+    """``lr = sigma * c / lambda`` (:class:`curvopt.rules.EdgeOfStabilityRule`) with ``c`` the base's stability
+    coefficient (``stability_coefficient``, default from ``base_method``) and ``lambda`` the online
+    sharpness (Adam: the preconditioned one, which needs the base's state: use :func:`edge_of_stability` or
+    pass ``base_state=``). ``sharpness`` defaults to the rule's (every 10 steps) and cannot be off; the last
+    estimate is used in between; a non-positive estimate keeps the previous lr. Needs ``value_fn``. Other
+    arguments as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByEdgeOfStabilityState`.
     """
-    cfg = validated(EdgeOfStabilityConfig, sigma=sigma, lr_max=lr_max)
-    if not is_traced(sharpness_every):
-        check_positive_int("sharpness_every", sharpness_every, minimum=1)
-    sharp = sharpness_config(sharpness_every, sharpness_iters, sharpness_first_iters, sharpness_tol)
+    name = "scale_by_edge_of_stability"
     method = as_base_method(base_method)
+    coefficient = method.coefficient if stability_coefficient is None else stability_coefficient
+    rule = make(EdgeOfStabilityRule, coefficient=coefficient, sigma=sigma, lr_max=lr_max)
+    sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
+                              sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
+                              sharpness_tol=sharpness_tol)
+    if not sharpness_enabled(sharp):
+        raise ValueError(f"{name}: the rule needs the online sharpness; sharpness must estimate every k >= 1 steps")
 
-    def rule(numerator, curv, value, sharpness, state):
-        return rules.edge_of_stability_lr(sharpness, state.last_lr, sigma=cfg.sigma, coefficient=method.coefficient,
-                                          lr_max=cfg.lr_max, xp=jnp), None
+    def init(params: Any) -> ScaleByEdgeOfStabilityState:
+        dtype = accumulator_dtype(params)
+        zero_i = jnp.zeros((), jnp.int32)
+        return fresh_leaves(ScaleByEdgeOfStabilityState(
+            steps=zero_i, ascent_steps=zero_i, rule=rule.init(jnp.zeros((), dtype)),
+            eigen=eigen_init(params, sharp, method), stats=stats_init(dtype)))
 
-    return curvature_tuner("scale_by_edge_of_stability", rule, rule_init=lambda zero: None, oracle=None,
-                           needs_value=False, sharpness=sharp, method=method,
-                           warn_ascent=warn_ascent)
+    def update(updates: Any, state: ScaleByEdgeOfStabilityState, params: Any = None, *, value: Any = None,
+               grad: Any = None, value_fn: Any = None, base_state: Any = None, **extra_args: Any
+               ) -> tuple[Any, ScaleByEdgeOfStabilityState]:
+        dtype = state.stats.lr.dtype
+        p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
+                    extra_args=extra_args, need_value=False)
+
+        def taken() -> tuple[Any, ScaleByEdgeOfStabilityState]:
+            sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
+                                                  base_state, name)
+            relevant = sharpness[1] if method.preconditioned else sharpness[0]
+            nan = jnp.full((), jnp.nan, dtype)
+            lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, nan, p.value, relevant, state.steps),
+                                        state.rule, jnp)
+            out, stats = finish(updates, p, lr, curvature=nan, sharpness=sharpness, calls=1 + used,
+                                method=method, old=state.stats)
+            return out, ScaleByEdgeOfStabilityState(
+                steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
+                rule=optax.tree.cast_like(rule_state, state.rule), eigen=eigen, stats=stats)
+
+        return select(p.finite, taken(), skip(updates, state))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
-def edge_of_stability(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(base, scale_by_edge_of_stability(**kwargs))``, handing the base's state to the tuner."""
-    return with_base_state(base, scale_by_edge_of_stability(**kwargs))
+edge_of_stability = convenience(scale_by_edge_of_stability, "edge_of_stability")

@@ -4,6 +4,11 @@
 that ``value_fn`` accepts by name are forwarded to it (as in ``optax.scale_by_backtracking_linesearch``);
 unlike Optax's line search, arguments ``value_fn`` does not accept are ignored rather than rejected, so a
 chain can carry keywords meant for another member. A ``value_fn`` with ``**kwargs`` receives them all.
+
+``value_fn`` may return the loss as a scalar or a one-element array (shape ``(1,)``), or ``(loss, aux)`` as a
+``has_aux`` loss does (flax examples): the tuners use the loss and **drop the aux** (a probe's aux belongs to
+a probe point, not to the step; take the aux from your own forward pass at ``params``). ``value`` likewise
+may have shape ``()`` or ``(1,)``; the tuners' state never changes shape because of it.
 """
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ import inspect
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-__all__ = ["fn_kwargs", "bind", "require_value_fn", "value_and_grad_at"]
+__all__ = ["fn_kwargs", "bind", "scalar_loss", "require_value_fn", "value_and_grad_at"]
 
 
 def fn_kwargs(value_fn: Callable[..., Any] | None, extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -28,10 +34,22 @@ def fn_kwargs(value_fn: Callable[..., Any] | None, extra_args: dict[str, Any]) -
     return {k: v for k, v in extra_args.items() if k in accepted}
 
 
+def scalar_loss(out: Any) -> Any:
+    """The loss as a 0-d array from a ``value_fn`` output or a ``value``: ``(loss, aux)`` gives ``loss``; a
+    one-element array is reshaped to ``()``; anything larger is refused (at trace time)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    out = jnp.asarray(out)
+    if out.size != 1:
+        raise ValueError(f"the loss must be a scalar (or shape (1,), or (loss, aux)), got shape {out.shape}")
+    return out.reshape(())
+
+
 def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[Any], Any]:
-    """``params -> value_fn(params, **accepted extra args)``."""
+    """``params -> loss`` (0-d): ``value_fn(params, **accepted extra args)`` through :func:`scalar_loss`."""
     kwargs = fn_kwargs(value_fn, extra_args)
-    return functools.partial(value_fn, **kwargs) if kwargs else value_fn
+    bound = functools.partial(value_fn, **kwargs) if kwargs else value_fn
+    return lambda params: scalar_loss(bound(params))
 
 
 def require_value_fn(value_fn: Any, tuner: str, why: str) -> Callable[..., Any]:
@@ -47,17 +65,20 @@ def require_value_fn(value_fn: Any, tuner: str, why: str) -> Callable[..., Any]:
 
 def value_and_grad_at(params: Any, value: Any, grad: Any, f: Callable[[Any], Any] | None, *,
                       need_value: bool, tuner: str) -> tuple[Any, Any]:
-    """The loss value and gradient at ``params``: the given ones, else computed from ``f`` (bound).
+    """The loss value (0-d, or None) and gradient at ``params``: the given ones, else computed from ``f``.
 
-    A missing ``grad`` costs one ``jax.value_and_grad`` (a forward and a backward pass, which also gives the
-    value); a missing ``value`` when ``need_value`` costs one forward pass. Pass both to avoid the cost.
-    Without ``need_value`` a missing value stays ``None`` (only the gradient is checked for finiteness).
+    A missing ``grad`` costs one ``jax.value_and_grad`` (which also gives the value); a missing ``value``
+    when ``need_value`` costs one forward pass. Without ``need_value`` a missing value stays ``None``.
     """
     if grad is None:
-        f = require_value_fn(f, tuner, "the gradient (grad was not given)")
+        if f is None:
+            raise ValueError(
+                f"{tuner} needs the gradient: pass grad= (update(updates, state, params, grad=grads)), or "
+                "value_fn= to compute it, or build the optimizer with the convenience (e.g. "
+                "curvopt.optax.cdat(optax.scale_by_adam())), which hands the incoming gradient to the tuner "
+                "(the closure-free mode of TrainState.apply_gradients / nnx.Optimizer.update)")
         computed_value, grad = jax.value_and_grad(f)(params)
         value = computed_value if value is None else value
     elif value is None and need_value:
-        f = require_value_fn(f, tuner, "the loss value (value was not given)")
-        value = f(params)
-    return value, grad
+        value = require_value_fn(f, tuner, "the loss value (value was not given)")(params)
+    return (None if value is None else scalar_loss(value)), grad

@@ -1,75 +1,86 @@
 """Curvature oracles: ``u^T H u``, the second derivative of ``t -> f(w + t u)`` at 0.
 
-* ``"exact"`` (default in JAX): forward-over-forward JVP of ``value_fn`` along ``u`` (the paper's choice),
-  about three forward passes, exact to rounding. Counts as one loss evaluation.
+Which one a step uses is :func:`curvopt.config.resolve_curvature` (``"auto"``: ``"fd"`` when the update gets
+``value_fn``, ``"secant"`` otherwise), decided when the update is traced.
+
 * ``"fd"``: one extra gradient at ``w + h u`` with ``h`` from :func:`curvopt.rules.finite_difference_step`
   (accurate to about the square root of the dtype's epsilon): ``(g(w + h u) - g(w))^T u / h``.
-* ``"secant"``: free: the gradient at the current ``w`` against the previous step's, along the previous
-  direction (:func:`curvopt.rules.secant_curvature`), lagged by one step and rescaled to the current
-  direction. It assumes the previous step moved the parameters by exactly ``lr u`` (nothing after the tuner
-  in the chain changed the updates). When there is no previous step to use (first step, or a previous
-  ``lr = 0``) it falls back to an ``"fd"`` probe.
+* ``"exact"``: forward-over-forward JVP of ``value_fn`` along ``u`` (about three forward passes).
+* ``"secant"``: free: this step's gradient against the previous one along the previous direction
+  (:func:`curvopt.rules.secant_curvature`), lagged by one step and rescaled to the current direction. It
+  assumes the previous step moved the parameters by exactly ``lr u`` (nothing after the tuner in the chain
+  changed the updates). Without a previous step to use (the first step, or a previous ``lr = 0``) there is no
+  secant: with ``value_fn`` the step falls back to an ``"fd"`` probe; without one (closure-free:
+  ``TrainState.apply_gradients``, ``nnx.Optimizer.update``) the step itself is the probe: it moves by the
+  tiny ``lr = h`` of the fd oracle, so that the next step's secant is an fd estimate, and the rule's state is
+  not touched.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from curvopt import rules
 from curvopt.curvature import finite_difference_curvature
 
-from .direction import least_precise_eps, add_scaled, norm, sq_norm, vdot
-from .state import SecantMemory
+from .direction import add_scaled, least_precise_eps, norm, vdot
 
-__all__ = ["exact_curvature", "fd_curvature", "secant_curvature", "secant_init", "curvature"]
-
-
-def exact_curvature(f: Callable[[Any], Any], params: Any, u: Any, dtype: Any) -> Any:
-    """``u^T H u`` by a JVP of the directional derivative ``w -> grad f(w)^T u`` (itself a JVP)."""
-    def directional(w: Any) -> Any:
-        return jax.jvp(f, (w,), (u,))[1]
-
-    return jnp.asarray(jax.jvp(directional, (params,), (u,))[1]).astype(dtype)
+__all__ = ["SecantMemory", "secant_init", "fd_step", "curvature"]
 
 
-def fd_curvature(f: Callable[[Any], Any], params: Any, grad: Any, u: Any, dtype: Any) -> Any:
-    """Forward difference of the gradient along ``u``; 0 when ``u = 0``."""
-    h = rules.finite_difference_step(norm(params, dtype), norm(u, dtype),
-                                     dtype_eps=least_precise_eps(params), xp=jnp)
-    # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
-    # its fast convolution path (a 30x slower step on a small CNN).
-    probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, h, u)))
-    return finite_difference_curvature(vdot(probe, u, dtype), vdot(grad, u, dtype), h, jnp).astype(dtype)
+class SecantMemory(NamedTuple):
+    """What the secant oracle keeps from the previous step: its direction ``u``, ``g^T u``, ``||u||^2`` and the
+    learning rate it took (0: no secant next step)."""
+
+    prev_direction: Any
+    prev_grad_dot_direction: Any
+    prev_direction_sq: Any
+    prev_lr: Any
 
 
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
-    zero = jnp.zeros((), dtype)
-    return SecantMemory(jax.tree_util.tree_map(jnp.zeros_like, params), zero, zero)
+    return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
+                        jnp.zeros((), dtype))
 
 
-def secant_curvature(f: Callable[[Any], Any], params: Any, grad: Any, u: Any, memory: SecantMemory,
-                     prev_lr: Any, dtype: Any, grad_dot_u: Any) -> tuple[Any, Any, SecantMemory]:
-    """(curvature, extra evaluations, new memory): the secant estimate, or an fd probe when unavailable.
-    ``grad_dot_u`` is this step's ``g^T u`` (the tuner already has it)."""
-    u_sq = sq_norm(u, dtype)
-    available = prev_lr > 0  # as PyTorch: a previous step with lr > 0
-    estimate = rules.secant_curvature(vdot(grad, memory.direction, dtype), memory.grad_dot_direction,
-                                      prev_lr, memory.direction_sq, u_sq, jnp)
-    curv, calls = jax.lax.cond(
-        available,
-        lambda: (estimate.astype(dtype), jnp.int32(0)),
-        lambda: (fd_curvature(f, params, grad, u, dtype), jnp.int32(1)),
-    )
-    return curv, calls, SecantMemory(u, grad_dot_u, u_sq)
+def fd_step(params: Any, u: Any, dtype: Any) -> Any:
+    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``)."""
+    return rules.finite_difference_step(norm(params, dtype), norm(u, dtype), dtype_eps=least_precise_eps(params),
+                                        xp=jnp).astype(dtype)
 
 
-def curvature(oracle: str, f: Callable[[Any], Any], params: Any, grad: Any, u: Any, grad_dot_u: Any,
-              memory: SecantMemory | None, prev_lr: Any, dtype: Any) -> tuple[Any, Any, SecantMemory | None]:
-    """(``u^T H u``, extra loss evaluations, new secant memory) with the named oracle."""
+def _exact(f: Callable[[Any], Any], params: Any, u: Any, dtype: Any) -> Any:
+    """``u^T H u`` by a JVP of the directional derivative ``w -> grad f(w)^T u`` (itself a JVP)."""
+    directional = lambda w: jax.jvp(f, (w,), (u,))[1]  # noqa: E731
+    return jnp.asarray(jax.jvp(directional, (params,), (u,))[1]).astype(dtype)
+
+
+def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, u: Any, dtype: Any) -> Any:
+    h = fd_step(params, u, dtype)
+    # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
+    # its fast convolution path (a 30x slower step on a small CNN).
+    probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, h, u)))
+    return finite_difference_curvature(vdot(probe, u, dtype), grad_dot_u, h, jnp).astype(dtype)
+
+
+def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, u: Any, grad_dot_u: Any,
+              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any]:
+    """``(u^T H u, extra loss evaluations, probe lr)`` with the named (resolved) oracle. ``probe lr`` is the
+    closure-free secant's probing step ``h`` when it has no secant (else NaN): the step then takes
+    ``lr = h`` and leaves the rule alone."""
+    nan = jnp.full((), jnp.nan, dtype)
     if oracle == "exact":
-        return exact_curvature(f, params, u, dtype), jnp.int32(1), memory
+        return _exact(f, params, u, dtype), jnp.int32(1), nan
     if oracle == "fd":
-        return fd_curvature(f, params, grad, u, dtype), jnp.int32(1), memory
-    return secant_curvature(f, params, grad, u, memory, prev_lr, dtype, grad_dot_u)
+        return _fd(f, params, grad_dot_u, u, dtype), jnp.int32(1), nan
+    estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
+                                      memory.prev_lr, memory.prev_direction_sq, vdot(u, u, dtype), jnp)
+    available = ~jnp.isnan(estimate)
+    if f is None:
+        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, u, dtype))
+    curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
+                               lambda: (_fd(f, params, grad_dot_u, u, dtype), jnp.int32(1)))
+    return curv, calls, nan

@@ -1,52 +1,90 @@
-"""The Polyak step as an Optax transform (DESIGN §3)."""
+"""The Polyak step as an Optax transform (rule: :class:`curvopt.rules.PolyakRule`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
 
-from curvopt import rules
-from curvopt.config import PolyakConfig, SharpnessConfig
+from curvopt.base import BaseMethod, as_base_method
+from curvopt.rules import PolyakRule, RuleInputs, apply_rule
+from curvopt.stats import TunerStats
 
-from .base_method import BaseMethod, as_base_method
-from .cdat import sharpness_config
-from .settings import validated
-from .tuner import curvature_tuner, with_base_state
+from .direction import accumulator_dtype
+from .settings import make, sharpness_setting
+from .sharpness import EigenMemory, eigen_init
+from .tuner import (ascent_count, convenience, finish, fresh_leaves, prepare, select, sharpness_of, skip,
+                    stats_init)
 
-__all__ = ["scale_by_polyak", "polyak"]
+__all__ = ["ScaleByPolyakState", "scale_by_polyak", "polyak"]
 
-_POLYAK = PolyakConfig()
-_SHARP = SharpnessConfig()
+_POLYAK = PolyakRule()
+
+
+class ScaleByPolyakState(NamedTuple):
+    """State of :func:`scale_by_polyak`: ``steps``, ``ascent_steps``, ``eigen`` and ``stats`` as in
+    :class:`jax_backend.ScaleByCDATState` (the rule keeps no state; ``stats.curvature`` is NaN)."""
+
+    steps: Any
+    ascent_steps: Any
+    eigen: EigenMemory | None
+    stats: TunerStats
 
 
 def scale_by_polyak(
     f_star: float = _POLYAK.f_star,
     lr_max: float = _POLYAK.lr_max,
-    sharpness_every: int = _SHARP.every,
-    sharpness_iters: int = _SHARP.iters,
-    sharpness_first_iters: int = _SHARP.first_iters,
-    sharpness_tol: float = _SHARP.tol,
+    *,
+    sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
+    sharpness_every: int | None = None,
+    sharpness_iters: int | None = None,
+    sharpness_first_iters: int | None = None,
+    sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Polyak's step ``lr = min((f - f_star) / (-g^T u), lr_max)`` (:func:`curvopt.rules.polyak_lr`).
+    """Polyak's step ``lr = min((f - f_star) / (-g^T u), lr_max)`` (:class:`curvopt.rules.PolyakRule`).
 
-    Needs the loss value (``value=``, else one forward pass of ``value_fn``); no curvature (the state's
-    ``curvature`` is NaN). ``value_fn`` is needed only for a missing value/grad or the online sharpness.
-    Other arguments as :func:`jax_backend.cdat.scale_by_cdat`.
+    Needs the loss value (``value=``, else one forward pass of ``value_fn``) and the gradient; no curvature.
+    ``value_fn`` is needed only for a missing value/grad or the online sharpness. Other arguments as
+    :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByPolyakState`.
     """
-    cfg = validated(PolyakConfig, f_star=f_star, lr_max=lr_max)
-    sharp = sharpness_config(sharpness_every, sharpness_iters, sharpness_first_iters, sharpness_tol)
+    name = "scale_by_polyak"
+    rule = make(PolyakRule, f_star=f_star, lr_max=lr_max)
+    sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
+                              sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
+                              sharpness_tol=sharpness_tol)
+    method = as_base_method(base_method)
 
-    def rule(numerator, curv, value, sharpness, state):
-        return rules.polyak_lr(value, numerator, f_star=cfg.f_star, lr_max=cfg.lr_max, xp=jnp), None
+    def init(params: Any) -> ScaleByPolyakState:
+        dtype = accumulator_dtype(params)
+        zero_i = jnp.zeros((), jnp.int32)
+        return fresh_leaves(ScaleByPolyakState(
+            steps=zero_i, ascent_steps=zero_i,
+            eigen=eigen_init(params, sharp, method),
+            stats=stats_init(dtype)))
 
-    return curvature_tuner("scale_by_polyak", rule, rule_init=lambda zero: None, oracle=None,
-                           needs_value=True, sharpness=sharp, method=as_base_method(base_method),
-                           warn_ascent=warn_ascent)
+    def update(updates: Any, state: ScaleByPolyakState, params: Any = None, *, value: Any = None,
+               grad: Any = None, value_fn: Any = None, base_state: Any = None, **extra_args: Any
+               ) -> tuple[Any, ScaleByPolyakState]:
+        dtype = state.stats.lr.dtype
+        p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
+                    extra_args=extra_args, need_value=True)
+
+        def taken() -> tuple[Any, ScaleByPolyakState]:
+            sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
+                                                  base_state, name)
+            nan = jnp.full((), jnp.nan, dtype)
+            lr, _ = apply_rule(rule, RuleInputs(p.numerator, nan, p.value, nan, state.steps), rule.init(nan), jnp)
+            out, stats = finish(updates, p, lr, curvature=nan, sharpness=sharpness, calls=1 + used,
+                                method=method, old=state.stats)
+            return out, ScaleByPolyakState(
+                steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
+                eigen=eigen, stats=stats)
+
+        return select(p.finite, taken(), skip(updates, state))
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
-def polyak(base: optax.GradientTransformation, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(base, scale_by_polyak(**kwargs))``, handing the base's state to the tuner."""
-    return with_base_state(base, scale_by_polyak(**kwargs))
+polyak = convenience(scale_by_polyak, "polyak")

@@ -1,39 +1,61 @@
-"""Settings of the Optax tuners: validated by the core's config dataclasses, tolerant of traced values.
+"""The Optax tuners' settings: rule values from the core, the ``sharpness=`` argument (and its deprecated
+keywords), and the values ``optax.inject_hyperparams`` hands over as arrays.
 
-The core dataclasses (:mod:`curvopt.config`) hold the defaults and raise ``ValueError`` on a bad value at
-construction, as in PyTorch. Under ``optax.inject_hyperparams`` the factory is called again inside the
-jitted update with the numeric hyperparameters as tracers: those cannot be checked (they were checked, as
-concrete arrays, when the state was initialised), so they bypass validation and are used as given.
+Under ``inject_hyperparams`` a tuner factory is called again in ``init`` and in every ``update`` with its
+numeric hyperparameters as arrays: concrete ones are validated and converted by the core as usual, traced
+ones (a jitted ``init``/``update``) cannot be read on the host and are used as given (they were checked as
+concrete values when the hyperparameters were first given). Nothing about the state's *structure* depends on
+whether a value is traced: an online-sharpness period given as an array allocates the eigenvector memory
+whatever its value (``sharpness=0`` through ``inject_hyperparams`` therefore keeps an unused eigenvector).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import jax
+import numpy as np
 
-__all__ = ["validated", "is_traced", "concrete_int"]
+from curvopt.config import SharpnessConfig, as_sharpness
+from curvopt.validation import is_abstract
+
+__all__ = ["make", "sharpness_setting", "sharpness_enabled"]
 
 
-def is_traced(value: Any) -> bool:
-    """Whether ``value`` is an abstract (traced) JAX value, i.e. cannot be read on the host."""
-    return isinstance(value, jax.core.Tracer)
-
-
-def validated(config_cls: type, **values: Any) -> Any:
-    """``config_cls(**values)`` (raising ``ValueError`` on a bad value), with traced values kept unchecked."""
-    traced = {k: v for k, v in values.items() if is_traced(v)}
-    config = config_cls(**{k: v for k, v in values.items() if k not in traced})
+def make(cls: type, **values: Any) -> Any:
+    """``cls(**values)`` (a frozen core dataclass, validated), with abstract (traced) values stored unchecked."""
+    traced = {k: v for k, v in values.items() if is_abstract(v)}
+    out = cls(**{k: v for k, v in values.items() if k not in traced})
     for name, value in traced.items():
-        object.__setattr__(config, name, value)  # frozen dataclass: bypass only for unreadable tracers
-    return config
+        object.__setattr__(out, name, value)  # frozen: bypassed only for values that cannot be read
+    return out
 
 
-def concrete_int(value: Any, default: int) -> int:
-    """The Python int of a concrete value; ``default`` for a traced one (structure decisions at trace time)."""
-    return default if is_traced(value) else int(value)
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray))
 
 
-def fields(config: Any) -> dict[str, Any]:
-    """The config's fields as a dict (values possibly traced)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+def sharpness_setting(value: Any, default: SharpnessConfig, tuner: str, **legacy: Any) -> SharpnessConfig:
+    """The tuner's online-sharpness settings from ``sharpness=`` (a :class:`SharpnessConfig`, an int period, or
+    None for the rule's ``default``) or from the deprecated ``sharpness_*`` keywords (``legacy``, None = not
+    given). An array period (``inject_hyperparams``) is kept as the config's ``every``."""
+    given = {k: v for k, v in legacy.items() if v is not None}
+    if given:
+        warnings.warn(f"{tuner}: {', '.join(sorted(given))} are deprecated and will be removed in the next "
+                      "release; pass sharpness=SharpnessConfig(every=..., iters=..., first_iters=..., tol=...) "
+                      "(or sharpness=k for every k steps)", DeprecationWarning, stacklevel=3)
+        if value is not None:
+            raise ValueError(f"{tuner}: pass either sharpness= or the deprecated sharpness_* keywords, not both")
+        fields = dataclasses.asdict(default)
+        fields.update({k[len("sharpness_"):]: v for k, v in given.items()})
+        return make(SharpnessConfig, **fields)
+    if _is_array(value):
+        return make(SharpnessConfig, every=value)
+    return as_sharpness(value, default)
+
+
+def sharpness_enabled(config: SharpnessConfig) -> bool:
+    """Whether the state carries the eigenvector memory: a positive int period, or any array period."""
+    every = config.every
+    return _is_array(every) or is_abstract(every) or int(every) > 0

@@ -1,61 +1,92 @@
-"""The step every curvature tuner shares, and the combinator that hands a base's state to a tuner.
+"""What every Optax tuner's update shares, and the combinator that hands the base's state to a tuner.
 
-One update, in the order the PyTorch tuners use (so that both backends produce the same sequence):
+Each tuner is one flat function (``scale_by_cdat``, ...) with its own state; its update runs, in the order
+the PyTorch tuners use (so that both backends produce the same sequence):
 
-1. value and gradient at ``w`` (given, else computed from ``value_fn``: see :mod:`jax_backend.loss`);
-2. if the value or the gradient is not finite: zero updates, ``skipped += 1``, the step's statistics NaN,
-   nothing else changes (a ``where`` select of the computed step and the skip, no host branching);
-3. ``u = -d`` from the incoming updates ``d``; ``numerator = -g^T u``; ``curvature = u^T H u`` from the
-   oracle (tuners that need it);
-4. the online (preconditioned) sharpness at ``w`` on steps ``1, 1 + k, ...``;
-5. ``lr`` from the tuner's rule in :mod:`curvopt.rules` (called with ``xp=jax.numpy``); for CDAT, a
-   non-finite result (a non-finite curvature probe) gives ``lr = 0`` and leaves the averages unchanged;
-6. updates ``lr * u``; ``eos_ratio = lr * sharpness / c`` (``c`` the base's stability coefficient, the
-   preconditioned sharpness for Adam).
+1. :func:`prepare`: value and gradient at ``w`` (given, else from ``value_fn``), ``u = -d`` from the incoming
+   updates ``d``, ``numerator = -g^T u``, and whether the step can be taken at all: the value (when known),
+   the gradient **and the direction** must be finite;
+2. the tuner's own work (curvature oracle, online sharpness, line search) and its rule through
+   :func:`curvopt.rules.apply_rule`, which owns the guard (a non-finite input the rule needs gives ``lr = 0``
+   and leaves the rule state unchanged);
+3. :func:`finish`: updates ``lr * u`` and the stats; or, for a step that cannot be taken, :func:`skip`: zero
+   updates, ``skipped + 1``, every other piece of state untouched. The two are combined by a ``where``
+   select (no host branching; a skipped step's NaNs are discarded).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from curvopt import rules
+from curvopt.base import BaseMethod
+from curvopt.config import SharpnessConfig, resolve_curvature
+from curvopt.stats import STAT_FIELDS, TunerStats
 
-from .base_method import BaseMethod
-from .direction import accumulator_dtype, all_finite, descent, vdot, warn_if_negated
-from .loss import bind, require_value_fn, value_and_grad_at
-from .oracles import curvature, secant_init
-from .sharpness import find_adam_state, online_sharpness, preconditioner_from_adam_state, sharpness_init
-from .state import TunerState
+from .direction import (NEGATED_DIRECTION_MESSAGE, all_finite, descent, has_masked,
+                        like_params, scaled, vdot, warn_if_negated)
+from .loss import bind, value_and_grad_at
+from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 
-__all__ = ["curvature_tuner", "with_base_state", "stat_init", "maybe_preconditioner", "skip", "Rule"]
-
-#: ``rule(numerator, curvature, value, sharpness, state) -> (lr, new rule state)``; ``sharpness`` is the
-#: one that matters for the base (preconditioned for Adam).
-Rule = Callable[[Any, Any, Any, Any, TunerState], tuple[Any, Any]]
+__all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
+           "select", "with_base_state", "convenience", "stats", "fresh_leaves"]
 
 
-def _dtype(params: Any) -> Any:
-    """The state's float dtype: the widest parameter dtype, at least float32 (bf16 params, f32 state)."""
-    return accumulator_dtype(params)
+class Prepared(NamedTuple):
+    """One step's inputs: ``f`` (``params -> loss``, or None), ``value`` (0-d accumulator dtype, NaN when not
+    known), ``grad``, ``u``, ``numerator = -g^T u``, ``finite`` (the step can be taken), ``dtype``, and
+    ``masked`` (the tuner sees a masked view of the parameters)."""
+
+    f: Callable[[Any], Any] | None
+    value: Any
+    grad: Any
+    u: Any
+    numerator: Any
+    finite: Any
+    dtype: Any
+    masked: bool
 
 
-def stat_init(params: Any) -> dict[str, Any]:
-    """The statistics before the first step: ``lr = 0``, counters 0, everything else NaN."""
-    dtype = _dtype(params)
-    nan = jnp.full((), jnp.nan, dtype)
-    zero_i = jnp.zeros((), jnp.int32)
-    return dict(lr=jnp.zeros((), dtype), numerator=nan, curvature=nan, sharpness=nan,
-                preconditioned_sharpness=nan, eos_ratio=nan, skipped=zero_i, closure_calls=zero_i,
-                count=zero_i, last_lr=jnp.zeros((), dtype), ascent_steps=zero_i)
+def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, grad: Any, value_fn: Any,
+            extra_args: dict, need_value: bool) -> Prepared:
+    if params is None:
+        raise ValueError(f"{tuner} needs params: update(updates, state, params, ...)")
+    masked = has_masked(params)
+    f = None if value_fn is None or masked else bind(value_fn, extra_args)
+    value, grad = value_and_grad_at(params, value, like_params(grad, params), f, need_value=need_value,
+                                    tuner=tuner)
+    u = descent(updates, params)
+    finite = all_finite(grad) & all_finite(u)
+    if value is None:
+        value = jnp.full((), jnp.nan, dtype)
+    else:
+        value = value.astype(dtype)
+        finite = finite & jnp.isfinite(value)
+    return Prepared(f, value, grad, u, -vdot(grad, u, dtype), finite, dtype, masked)
 
 
-def maybe_preconditioner(method: BaseMethod, memory: Any, base_state: Any, tuner: str) -> Any:
+def stats_init(dtype: Any) -> TunerStats:
+    """The stats before the first step: ``lr = 0``, counters 0, everything else NaN (distinct buffers)."""
+    nan = lambda: jnp.full((), jnp.nan, dtype)  # noqa: E731
+    return TunerStats(lr=jnp.zeros((), dtype), numerator=nan(), curvature=nan(), sharpness=nan(),
+                      preconditioned_sharpness=nan(), eos_ratio=nan(), skipped=jnp.zeros((), jnp.int32),
+                      closure_calls=jnp.zeros((), jnp.int32))
+
+
+def fresh_leaves(state: Any) -> Any:
+    """``state`` with every leaf its own buffer (``jax.jit(step, donate_argnums=...)`` refuses to donate one
+    buffer twice; ``rule.init(zero)`` and friends reuse one array for several fields)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+
+
+def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: str) -> Any:
     """Adam's ``P`` from the base's state when the preconditioned sharpness is wanted, else None."""
-    if not method.preconditioned or memory is None:
+    if not (method.preconditioned and wanted):
         return None
     adam = find_adam_state(base_state)
     if adam is None:
@@ -68,111 +99,86 @@ def maybe_preconditioner(method: BaseMethod, memory: Any, base_state: Any, tuner
     return preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
 
 
-def curvature_tuner(name: str, rule: Rule, *, rule_init: Callable[[Any], Any], oracle: str | None,
-                    needs_value: bool, sharpness: Any, method: BaseMethod, warn_ascent: bool = False
-                    ) -> optax.GradientTransformationExtraArgs:
-    """A tuner transform from a learning-rate rule (see the module docstring for the step)."""
-
-    def init(params: Any) -> TunerState:
-        dtype = _dtype(params)
-        return TunerState(
-            **stat_init(params),
-            rule=rule_init(jnp.zeros((), dtype)),
-            secant=secant_init(params, dtype) if oracle == "secant" else None,
-            sharpness_memory=sharpness_init(params, sharpness.every, method.preconditioned),
-        )
-
-    def update(updates: Any, state: TunerState, params: Any = None, *, value: Any = None, grad: Any = None,
-               value_fn: Callable[..., Any] | None = None, base_state: Any = None,
-               **extra_args: Any) -> tuple[Any, TunerState]:
-        if params is None:
-            raise ValueError(f"{name} needs params: update(updates, state, params, ...)")
-        dtype = state.lr.dtype
-        memory = state.sharpness_memory
-        if oracle is not None or memory is not None:
-            require_value_fn(value_fn, name, "the curvature oracle and the sharpness")
-        f = None if value_fn is None else bind(value_fn, extra_args)
-        value, grad = value_and_grad_at(params, value, grad, f, need_value=needs_value, tuner=name)
-        finite = all_finite(grad)
-        if value is not None:
-            finite = finite & jnp.all(jnp.isfinite(value))
-        precond = maybe_preconditioner(method, memory, base_state, name)
-        nan = jnp.full((), jnp.nan, dtype)
-
-        def step() -> tuple[Any, TunerState]:
-            u = descent(updates, params)
-            numerator = -vdot(grad, u, dtype)
-            ascent = warn_if_negated(numerator, state.count, warn_ascent)
-            calls = jnp.int32(1)
-            curv, secant = nan, state.secant
-            if oracle is not None:
-                curv, extra, secant = curvature(oracle, f, params, grad, u, -numerator, state.secant,
-                                                state.last_lr, dtype)
-                calls = calls + extra
-            sharp, pre = state.sharpness, state.preconditioned_sharpness
-            if memory is not None:
-                sharp, pre, new_memory, used = online_sharpness(
-                    f, params, memory, count=state.count, last=(sharp, pre), config=sharpness,
-                    preconditioner=precond, dtype=dtype)
-                calls = calls + used
-            else:
-                new_memory = memory
-            relevant = pre if method.preconditioned else sharp
-            val = nan if value is None else jnp.asarray(value).astype(dtype)
-            lr, rule_state = rule(numerator, curv, val, relevant, state)
-            lr = jnp.asarray(lr).astype(dtype)
-            # as PyTorch: a non-finite curvature probe gives lr 0 and leaves CDAT's averages unchanged
-            ok = jnp.isfinite(lr)
-            lr = jnp.where(ok, lr, 0.0).astype(dtype)
-            if rule_state is not None:
-                rule_state = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), rule_state, state.rule)
-            new_updates = jax.tree_util.tree_map(lambda x, d: (lr * x).astype(d.dtype), u, updates)
-            new_state = TunerState(
-                lr=lr, numerator=numerator, curvature=jnp.asarray(curv).astype(dtype),
-                sharpness=jnp.asarray(sharp).astype(dtype),
-                preconditioned_sharpness=jnp.asarray(pre).astype(dtype),
-                eos_ratio=jnp.asarray(rules.eos_ratio(lr, relevant, method.coefficient)).astype(dtype),
-                skipped=state.skipped, closure_calls=calls, count=state.count + 1, last_lr=lr,
-                ascent_steps=state.ascent_steps + ascent.astype(jnp.int32),
-                rule=jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(dtype), rule_state),
-                secant=secant, sharpness_memory=new_memory,
-            )
-            return new_updates, new_state
-
-        # A select rather than lax.cond: XLA:CPU runs convolutions inside cond/while bodies far slower
-        # (jax-ml/jax#12868; ~40x for a small CNN's backward pass). A skipped step's NaNs are discarded.
-        return select(finite, step(), skip(updates, state))
-
-    return optax.GradientTransformationExtraArgs(init, update)
+def oracle_for(curvature: str, p: Prepared, tuner: str) -> str:
+    """The oracle this step uses (:func:`curvopt.config.resolve_curvature`, at trace time)."""
+    if p.masked and curvature in ("fd", "exact"):
+        raise ValueError(f"{tuner}: inside optax.masked/multi_transform the tuner sees only part of the parameters "
+                         f'and cannot evaluate value_fn at a probe point: use curvature="secant" (or "auto", '
+                         "which picks it there)")
+    return resolve_curvature(curvature, has_loss_fn=p.f is not None)
 
 
-def select(pred: Any, on_true: Any, on_false: Any) -> Any:
-    """Leafwise ``where(pred, on_true, on_false)`` over two trees of the same structure."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any, last: Any,
+                 config: SharpnessConfig, method: BaseMethod, base_state: Any, tuner: str
+                 ) -> tuple[tuple[Any, Any], EigenMemory | None, Any]:
+    """``((sharpness, preconditioned sharpness), eigen memory, HVPs used)``: the online estimate on its
+    scheduled steps (``eigen`` memory present), else the last estimates (``last``: the stats)."""
+    kept = (last.sharpness, last.preconditioned_sharpness)
+    if eigen is None:
+        return kept, eigen, jnp.int32(0)
+    if p.f is None:
+        raise ValueError(f"{tuner}: the online sharpness evaluates Hessian-vector products of the loss, so the "
+                         "update needs value_fn over all the parameters (update(..., value_fn=loss_fn, **batch)); "
+                         "or pass sharpness=0 to turn it off")
+    pre = precondition_for(method, eigen.preconditioned_eigenvector is not None, base_state, tuner)
+    lam, lam_p, eigen, used = online_sharpness(p.f, params, eigen, kept, steps=steps, config=config,
+                                               preconditioner=pre, dtype=p.dtype)
+    return (lam, lam_p), eigen, used
+
+
+def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tuple[Any, Any], calls: Any,
+           method: BaseMethod, old: TunerStats) -> tuple[Any, TunerStats]:
+    """The taken step's updates ``lr * u`` (in the incoming dtypes) and its stats."""
+    dtype = p.dtype
+    lr = jnp.asarray(lr, dtype)
+    relevant = sharpness[1] if method.preconditioned else sharpness[0]
+    out = optax.tree.cast_like(scaled(lr, p.u), updates)
+    return out, TunerStats(
+        lr=lr, numerator=p.numerator, curvature=jnp.asarray(curvature, dtype),
+        sharpness=jnp.asarray(sharpness[0], dtype), preconditioned_sharpness=jnp.asarray(sharpness[1], dtype),
+        eos_ratio=jnp.asarray(rules.eos_ratio(lr, relevant, method.coefficient), dtype),
+        skipped=old.skipped, closure_calls=jnp.asarray(calls, jnp.int32))
+
+
+def ascent_count(p: Prepared, ascent_steps: Any, steps: Any, warn: bool) -> Any:
+    return ascent_steps + warn_if_negated(p.numerator, steps, warn).astype(jnp.int32)
 
 
 def skip(updates: Any, state: Any) -> tuple[Any, Any]:
-    """A skipped step (non-finite value or gradient), as in PyTorch: zero updates, ``skipped + 1``, the
-    step's ``lr``/``numerator``/``curvature``/``eos_ratio`` NaN, one evaluation; all memory untouched."""
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, updates)
-    nan = jnp.full((), jnp.nan, state.lr.dtype)
-    return zeros, state._replace(lr=nan, numerator=nan, curvature=nan, eos_ratio=nan,
-                                 skipped=state.skipped + 1, closure_calls=jnp.int32(1))
+    """A step that cannot be taken (non-finite value, gradient or direction), as in PyTorch: zero updates,
+    ``skipped + 1``, the step's ``lr``/``numerator``/``curvature``/``eos_ratio`` NaN, one evaluation; all other
+    state untouched."""
+    s = state.stats
+    nan = jnp.full((), jnp.nan, s.lr.dtype)
+    return optax.tree.zeros_like(updates), state._replace(stats=s._replace(
+        lr=nan, numerator=nan, curvature=nan, eos_ratio=nan, skipped=s.skipped + 1,
+        closure_calls=jnp.ones((), jnp.int32)))
+
+
+def select(pred: Any, taken: tuple[Any, Any], skipped: tuple[Any, Any]) -> tuple[Any, Any]:
+    """``taken`` where ``pred`` else ``skipped``, leafwise. A select rather than ``lax.cond``: XLA:CPU runs
+    convolutions inside cond/while bodies far slower (jax-ml/jax#12868; ~40x for a small CNN's backward)."""
+    return optax.tree.where(pred, taken, skipped)
+
+
+# ------------------------------------------------------------------------------------------------ chains
+def _tuner_stats(state: Any) -> TunerStats | None:
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, TunerStats))
+             if isinstance(s, TunerStats)]
+    return found[0] if found else None
 
 
 def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTransformation
                     ) -> optax.GradientTransformationExtraArgs:
-    """``optax.chain(base, tuner)`` that also hands the base's new state to the tuner (``base_state=``).
+    """``optax.chain(base, tuner)`` that also hands the tuner what a plain chain cannot: the base's new state
+    (``base_state=``: Adam's moments for the preconditioned sharpness) and the incoming gradient (``grad=``,
+    unless given: the closure-free mode of ``TrainState.apply_gradients``/``nnx.Optimizer.update``).
 
-    The state is the same tuple ``(base_state, tuner_state)`` as ``optax.chain``'s, and extra arguments
-    reach both members as in ``optax.chain``. Two things a plain ``optax.chain`` cannot do (members do not
-    see each other's state):
-
-    * the tuner finds Adam's moments (``optax.ScaleByAdamState``) anywhere in ``base_state`` (a chain,
-      ``inject_hyperparams``...) for the preconditioned sharpness;
-    * when the tuner skips a step (non-finite value or gradient), the base's state is kept as it was, as
-      in PyTorch, instead of absorbing the bad gradient (Adam's moments would stay NaN for good). In a plain
-      chain, wrap the base in ``optax.apply_if_finite`` for that.
+    The state is the same tuple ``(base_state, tuner_state)`` as ``optax.chain``'s, and extra arguments reach
+    both members. When the tuner skips a step (non-finite value, gradient or base direction) the base's state
+    is kept as it was, as in PyTorch, instead of absorbing the bad gradient: in a plain chain one NaN gradient
+    leaves Adam's moments NaN for good (the tuner then skips every later step: the parameters stay finite but
+    training stops).
     """
     base = optax.with_extra_args_support(base)
     tuner = optax.with_extra_args_support(tuner)
@@ -182,11 +188,55 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
         direction, base_state = base.update(updates, state[0], params, **extra_args)
-        extra_args = {k: v for k, v in extra_args.items() if k != "base_state"}
-        out, tuner_state = tuner.update(direction, state[1], params, base_state=base_state, **extra_args)
-        if hasattr(tuner_state, "skipped"):
-            skipped = tuner_state.skipped > state[1].skipped
-            base_state = jax.tree_util.tree_map(lambda new, old: jnp.where(skipped, old, new), base_state, state[0])
+        kwargs = {k: v for k, v in extra_args.items() if k != "base_state"}
+        if kwargs.get("grad") is None:
+            kwargs["grad"] = updates
+        out, tuner_state = tuner.update(direction, state[1], params, base_state=base_state, **kwargs)
+        new, old = _tuner_stats(tuner_state), _tuner_stats(state[1])
+        if new is not None:
+            base_state = optax.tree.where(new.skipped > old.skipped, state[0], base_state)
         return out, (base_state, tuner_state)
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def convenience(transform: Callable[..., Any], name: str) -> Callable[..., optax.GradientTransformationExtraArgs]:
+    """``name(base, **settings) = with_base_state(base, transform(**settings))`` with an explicit signature
+    (``base`` then the transform's parameters), so that ``optax.inject_hyperparams(name)(base, sigma=...)``
+    sees and injects the numeric settings."""
+
+    def build(base: optax.GradientTransformation, *args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        return with_base_state(base, transform(*args, **kwargs))
+
+    sig = inspect.signature(transform)
+    base = inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    build.__signature__ = sig.replace(parameters=[base, *sig.parameters.values()])
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (f"``optax.chain(base, {transform.__name__}(...))`` (same state layout) that also hands the "
+                     f"tuner the base's state and the incoming gradient, and keeps the base's state on a skipped "
+                     f"step (:func:`jax_backend.with_base_state`). Settings as :func:`{transform.__name__}`.")
+    return build
+
+
+def stats(opt_state: Any) -> dict[str, Any]:
+    """The stats of the first curvopt tuner found in ``opt_state`` (any chain/nesting), as a dict keyed by
+    :data:`curvopt.stats.STAT_FIELDS` (also ``optax.tree_utils.tree_get(opt_state, "lr")`` etc.). Raises
+    ``ValueError`` when there is none.
+
+    Read on the host (concrete values), it also warns when every step so far had an uphill direction
+    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0.
+    """
+    is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_tuner) if is_tuner(s)]
+    if not found:
+        raise ValueError("no curvopt tuner state in the given optimizer state")
+    state = found[0]
+    if not isinstance(state.steps, jax.core.Tracer):
+        steps, ascent = int(state.steps), int(state.ascent_steps)
+        if steps > 0 and ascent == steps:
+            warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", f"on all {steps} steps"),
+                          RuntimeWarning, stacklevel=2)
+    return state.stats._asdict()
+
+
+assert TunerStats._fields == STAT_FIELDS

@@ -56,7 +56,7 @@ def _run(make_tuner, base_name, A, w, steps=5):
     lrs, expected, parts = [], [], []
     for _ in range(steps):
         w, st, ref_st, greedy, nd, up, d = step(w, st, ref_st)
-        lr = float(st[1].lr)
+        lr = float(st[1].stats.lr)
         np.testing.assert_allclose(_flat(up), -lr * _flat(d), rtol=1e-13, atol=0)  # updates = -lr d
         lrs.append(lr)
         expected.append(float(greedy))
@@ -65,7 +65,7 @@ def _run(make_tuner, base_name, A, w, steps=5):
 
 
 @pytest.mark.parametrize("base", list(BASES))
-@pytest.mark.parametrize("oracle,rel", [("exact", 1e-10), ("fd", 1e-8)])
+@pytest.mark.parametrize("oracle,rel", [("exact", 1e-10), ("fd", 5e-8)])  # fd: ~sqrt(eps) relative
 def test_greedy_is_exact_line_minimiser(base, oracle, rel):
     A, w = _problem()
     lrs, expected, _, st = _run(lambda: __import__("jax_backend").scale_by_quadratic_greedy(curvature=oracle),
@@ -78,14 +78,14 @@ def test_greedy_is_exact_line_minimiser(base, oracle, rel):
 @pytest.mark.parametrize("base", list(BASES))
 def test_cdat_sigma2_is_twice_greedy(base):
     A, w = _problem(1)
-    lrs, expected, _, _ = _run(lambda: scale_by_cdat(sigma=2.0, ema=0.0), base, A, w)
+    lrs, expected, _, _ = _run(lambda: scale_by_cdat(sigma=2.0, ema=0.0, startup="paper", curvature="exact"), base, A, w)
     np.testing.assert_allclose(lrs, 2 * expected, rtol=1e-10)
 
 
 def test_cdat_ema_as_documented():
     """EMA 0.9 without bias correction: step 1 exact, then the ratio of the two raw averages."""
     A, w = _problem(1)
-    lrs, _, parts, st = _run(lambda: scale_by_cdat(sigma=2.0, ema=0.9), "heavy_ball", A, w)
+    lrs, _, parts, st = _run(lambda: scale_by_cdat(sigma=2.0, ema=0.9, startup="paper", curvature="exact"), "heavy_ball", A, w)
     num = den = 0.0
     for lr, (n, d) in zip(lrs, parts):
         num, den = 0.9 * num + 0.1 * max(n, 0.0), 0.9 * den + 0.1 * abs(d)
@@ -97,9 +97,9 @@ def test_secant_after_first_step_on_gd_quadratic():
     """Secant: the first step is an fd probe; afterwards, along a fixed direction, it is exact."""
     A = np.diag([1.0, 3.0])
     w = {"a": jnp.array([1.0, 0.0]), "b": jnp.zeros(0)}  # an eigenvector: u stays along e1
-    lrs, expected, _, st = _run(lambda: scale_by_cdat(sigma=0.5, ema=0.0, curvature="secant"), "gd", A, w, steps=3)
+    lrs, expected, _, st = _run(lambda: scale_by_cdat(sigma=0.5, ema=0.0, curvature="secant", startup="paper"), "gd", A, w, steps=3)
     np.testing.assert_allclose(lrs, 0.5 * expected, rtol=1e-8)
-    assert int(st[1].closure_calls) == 1  # free after the first step
+    assert int(st[1].stats.closure_calls) == 1  # free after the first step
 
 
 def test_conveniences_are_chains():
@@ -120,4 +120,4 @@ def test_conveniences_are_chains():
         w, sa, sb, ua, ub = step(w, sa, sb)
         np.testing.assert_array_equal(_flat(ua), _flat(ub))
     g = quadratic_greedy(optax.identity())
-    assert isinstance(g.init(w), tuple) and math.isnan(float(g.init(w)[1].numerator))
+    assert isinstance(g.init(w), tuple) and math.isnan(float(g.init(w)[1].stats.numerator))

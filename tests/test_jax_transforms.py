@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from curvopt.config import SharpnessConfig
 from curvopt.stats import STAT_FIELDS
 from jax_backend import (BaseMethod, armijo, scale_by_armijo, scale_by_cdat, scale_by_edge_of_stability,
                          scale_by_polyak, scale_by_quadratic_greedy, stats)
@@ -28,16 +29,16 @@ def _params(dtype):
 
 
 TUNERS = {
-    "cdat_exact": lambda: scale_by_cdat(sharpness_every=2),
+    "cdat_exact": lambda: scale_by_cdat(curvature="exact", sharpness=2),
     "cdat_fd": lambda: scale_by_cdat(curvature="fd"),
-    "cdat_secant_sharp": lambda: scale_by_cdat(curvature="secant", sharpness_every=2, base_method="adam"),
+    "cdat_secant_sharp": lambda: scale_by_cdat(curvature="secant", sharpness=2, base_method="adam"),
     "greedy": lambda: scale_by_quadratic_greedy(curvature="fd"),
-    "armijo": lambda: scale_by_armijo(sharpness_every=3),
+    "armijo": lambda: scale_by_armijo(sharpness=3),
     "polyak": lambda: scale_by_polyak(lr_max=10.0),
-    "eos": lambda: scale_by_edge_of_stability(sharpness_every=2),
+    "eos": lambda: scale_by_edge_of_stability(sharpness=2),
 }
-MEMORY = ("count", "last_lr", "ascent_steps", "rule", "secant", "sharpness_memory", "search", "sharpness",
-          "preconditioned_sharpness")
+MEMORY = ("steps", "ascent_steps", "rule", "secant", "eigen", "trials")
+STAT_MEMORY = ("sharpness", "preconditioned_sharpness")
 
 
 def _signature(tree):
@@ -70,15 +71,17 @@ def _check_tuner(name, dtype):
         t_old, t_new = new_state[1], state[1]
         if i in (2, 3):
             assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree_util.tree_leaves(up))
-            assert int(t_old.skipped) == int(t_new.skipped) + 1
-            assert math.isnan(float(t_old.lr)) and int(t_old.closure_calls) == 1
+            assert int(t_old.stats.skipped) == int(t_new.stats.skipped) + 1
+            assert math.isnan(float(t_old.stats.lr)) and int(t_old.stats.closure_calls) == 1
             for field in MEMORY:
                 if field in t_old._fields:
                     jax.tree_util.tree_map(np.testing.assert_array_equal, getattr(t_old, field), getattr(t_new, field))
+            for field in STAT_MEMORY:
+                np.testing.assert_array_equal(getattr(t_old.stats, field), getattr(t_new.stats, field))
             jax.tree_util.tree_map(np.testing.assert_array_equal, new_p, params)
             jax.tree_util.tree_map(np.testing.assert_array_equal, new_state[0], state[0])  # base untouched too
         else:
-            assert np.isfinite(float(t_old.lr)) and float(t_old.lr) > 0, name
+            assert np.isfinite(float(t_old.stats.lr)) and float(t_old.stats.lr) > 0, name
         params, state = new_p, new_state
     assert len(traces) == 1 and step._cache_size() == 1, f"{name} retraced"
     s = stats(state)
@@ -89,21 +92,22 @@ def _check_tuner(name, dtype):
 @pytest.mark.parametrize("name", list(TUNERS))
 def test_jit_no_retrace_dtype_stable_and_skips_float32(name):
     state = _check_tuner(name, jnp.float32)
-    assert state[1].lr.dtype == jnp.float32
+    assert state[1].stats.lr.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name", ["cdat_secant_sharp", "armijo"])
 def test_dtype_stable_float64(name):
     with jax.enable_x64(True):
         state = _check_tuner(name, jnp.float64)
-        assert state[1].lr.dtype == jnp.float64 and state[1].count.dtype == jnp.int32
+        assert state[1].stats.lr.dtype == jnp.float64 and state[1].steps.dtype == jnp.int32
 
 
 def test_inject_hyperparams_sigma():
     with jax.enable_x64(True):
         A = jnp.diag(jnp.array([1.0, 2.0, 5.0]))
         f = lambda w: 0.5 * w @ A @ w  # noqa: E731
-        opt = optax.chain(optax.identity(), optax.inject_hyperparams(scale_by_cdat)(sigma=2.0, ema=0.0))
+        opt = optax.chain(optax.identity(), optax.inject_hyperparams(scale_by_cdat)(sigma=2.0, ema=0.0, startup="paper",
+                                                                                 curvature="exact"))
         w = jnp.array([1.0, -1.0, 0.5])
         state = opt.init(w)
 
@@ -114,12 +118,13 @@ def test_inject_hyperparams_sigma():
             return w + up, state, (g @ g) / (g @ A @ g)
 
         w, state, greedy = step(w, state)
-        assert float(state[1].inner_state.lr) == pytest.approx(2 * float(greedy), rel=1e-12)
+        assert float(state[1].inner_state.stats.lr) == pytest.approx(2 * float(greedy), rel=1e-12)
         state[1].hyperparams["sigma"] = jnp.asarray(0.5, state[1].hyperparams["sigma"].dtype)
         w, state, greedy = step(w, state)
-        assert float(state[1].inner_state.lr) == pytest.approx(0.5 * float(greedy), rel=1e-12)
+        assert float(state[1].inner_state.stats.lr) == pytest.approx(0.5 * float(greedy), rel=1e-12)
         assert step._cache_size() == 1
-        assert float(stats(state)["lr"]) == float(state[1].inner_state.lr)
+        assert float(stats(state)["lr"]) == float(state[1].inner_state.stats.lr)
+        assert float(optax.tree_utils.tree_get(state, "lr")) == float(state[1].inner_state.stats.lr)
 
 
 def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
@@ -127,11 +132,13 @@ def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
     opt = optax.chain(optax.identity(), scale_by_polyak())
     s0 = opt.init(p)
     v, g = jax.value_and_grad(loss)(p, X, Y)
-    f = jax.jit(lambda p, s: opt.update(g, s, p, value=v, grad=g)[1][1].lr)  # polyak needs no value_fn
-    h = jax.jit(lambda p, s: opt.update(g, s, p, value_fn=loss, x=X, y=Y, batch_size=16)[1][1].lr)
+    f = jax.jit(lambda p, s: opt.update(g, s, p, value=v, grad=g)[1][1].stats.lr)  # polyak needs no value_fn
+    h = jax.jit(lambda p, s: opt.update(g, s, p, value_fn=loss, x=X, y=Y, batch_size=16)[1][1].stats.lr)
     assert float(f(p, s0)) == pytest.approx(float(h(p, s0)), rel=1e-6)
     with pytest.raises(ValueError, match="value_fn"):
-        optax.chain(optax.identity(), scale_by_cdat()).update(g, s0, p, value=v, grad=g)
+        optax.chain(optax.identity(), scale_by_cdat(curvature="fd")).update(g, s0, p, value=v, grad=g)
+    with pytest.raises(ValueError, match="needs the gradient"):  # closure-free in a plain chain: no gradient
+        optax.chain(optax.identity(), scale_by_cdat()).update(g, s0, p)
 
 
 def test_value_fn_kwargs_forwarding():
@@ -160,7 +167,7 @@ def test_negated_chain_is_flagged_and_warned(warn_ascent):
         state = step(p, state)
         jax.effects_barrier()
     assert [("already negated" in str(w.message)) for w in caught] == ([True] if warn_ascent else [])
-    assert int(state[1].ascent_steps) == 1 and float(state[1].lr) == 0.0  # the state flag
+    assert int(state[1].ascent_steps) == 1 and float(state[1].stats.lr) == 0.0  # the state flag
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         state = step(p, state)  # only the first step warns in the step; the counter keeps counting
@@ -172,13 +179,14 @@ def test_negated_chain_is_flagged_and_warned(warn_ascent):
 
 @pytest.mark.parametrize("make", [
     lambda: scale_by_cdat(sigma=0.0), lambda: scale_by_cdat(ema=1.0), lambda: scale_by_cdat(eps=-1.0),
-    lambda: scale_by_cdat(curvature="hvp"), lambda: scale_by_cdat(sharpness_every=-1),
-    lambda: scale_by_cdat(sharpness_tol=-1.0), lambda: scale_by_cdat(lr_max=0.0),
+    lambda: scale_by_cdat(curvature="hvp"), lambda: scale_by_cdat(sharpness=-1),
+    lambda: scale_by_cdat(sharpness=SharpnessConfig(tol=-1.0)), lambda: scale_by_cdat(lr_max=0.0),
+    lambda: scale_by_cdat(sigma="2.0"), lambda: scale_by_armijo(max_trials=3.5), lambda: scale_by_cdat(sharpness="2"),
     lambda: scale_by_cdat(base_method="sgd"), lambda: BaseMethod.heavy_ball(1.0),
     lambda: scale_by_quadratic_greedy(lr_max=-1.0), lambda: scale_by_armijo(max_trials=0),
     lambda: scale_by_armijo(c=1.0), lambda: scale_by_armijo(decrease_factor=1.0),
     lambda: scale_by_armijo(increase_factor=0.5), lambda: scale_by_armijo(init_lr=0.0),
-    lambda: scale_by_polyak(f_star=math.nan), lambda: scale_by_edge_of_stability(sharpness_every=0),
+    lambda: scale_by_polyak(f_star=math.nan), lambda: scale_by_edge_of_stability(sharpness=0),
     lambda: scale_by_edge_of_stability(sigma=-1.0),
 ])
 def test_bad_settings_raise_at_construction(make):
@@ -205,10 +213,68 @@ def test_armijo_accepts_relaxed_condition_and_caps_trials():
         for _ in range(8):
             p, state, f0, f1, gtu = step(p, state)
             t = state[1]
-            trials = int(t.search.info.num_linesearch_steps)
-            assert 1 <= trials <= 3 and int(t.closure_calls) == 1 + trials
-            if first:  # first trial min(increase_factor * init_lr, lr_max) = 1.0 (a shrink by 0.8 if rejected)
-                assert float(t.lr) == pytest.approx(0.8 ** (trials - 1), rel=1e-12)
+            trials = int(t.trials)
+            assert 1 <= trials <= 3 and int(t.stats.closure_calls) == 1 + trials
+            if first and float(t.stats.lr) > 0:  # first trial min(increase_factor * init_lr, lr_max) = 1.0
+                assert float(t.stats.lr) == pytest.approx(0.8 ** (trials - 1), rel=1e-12)
                 first = False
-            if float(t.search.info.decrease_error) == 0.0:
-                assert float(f1) <= (1 + delta) * float(f0) + c * float(t.lr) * float(gtu) + 1e-15
+            if float(t.stats.lr) > 0:  # accepted (a failed search takes no step)
+                assert float(f1) <= (1 + delta) * float(f0) + c * float(t.stats.lr) * float(gtu) + 1e-15
+            else:
+                assert float(f1) == float(f0) and trials == 3
+
+
+def test_nan_curvature_probe_is_forgotten_not_frozen():
+    """Issue 9/10: a NaN curvature probe at step k gives lr 0 and leaves CDAT's averages as they were, so the
+    lr sequence after k equals that of a run where step k was skipped (the old guard stored the NaN and froze
+    the lr for the rest of the run)."""
+    k, n = 3, 8
+
+    def f(p, x, y, poison):
+        return loss(p, x, y) * poison
+
+    p0 = _params(jnp.float32)
+
+    def run(mode):
+        opt = optax.chain(optax.identity(), scale_by_cdat(curvature="fd"))
+        p = p0
+        state = opt.init(p)
+
+        @jax.jit
+        def step(p, state, probe_poison, grad_poison):
+            v, g = jax.value_and_grad(loss)(p, X, Y)
+            g = jax.tree_util.tree_map(lambda a: a * grad_poison, g)
+            up, state = opt.update(g, state, p, value=v, grad=g, value_fn=f, x=X, y=Y, poison=probe_poison)
+            return optax.apply_updates(p, up), state
+
+        lrs = []
+        for i in range(n):
+            bad = jnp.float32(jnp.nan) if i == k else jnp.float32(1.0)
+            p, state = step(p, state, bad if mode == "probe" else jnp.float32(1.0),
+                            bad if mode == "skip" else jnp.float32(1.0))
+            lrs.append(float(state[1].stats.lr))
+        return np.array(lrs), state
+
+    probe, s_probe = run("probe")
+    skipped, s_skip = run("skip")
+    assert probe[k] == 0.0 and math.isnan(skipped[k])
+    assert math.isnan(float(s_probe[1].stats.curvature)) is False  # later steps computed a curvature again
+    np.testing.assert_array_equal(probe[k + 1:], skipped[k + 1:])
+    np.testing.assert_array_equal(probe[:k], skipped[:k])
+    assert len(set(probe[k + 1:].tolist())) > 1 and np.all(probe[k + 1:] > 0)  # not frozen
+    jax.tree_util.tree_map(np.testing.assert_array_equal, s_probe[1].rule, s_skip[1].rule)
+
+
+@pytest.mark.parametrize("name", list(TUNERS))
+def test_tree_get_lr_is_the_tuners(name):
+    """Every field name is unique in a chain: optax.tree_utils.tree_get(state, "lr") is the tuner's lr, also
+    behind Adam (count/mu/nu) and inject_hyperparams."""
+    p = _params(jnp.float32)
+    for opt in (optax.chain(optax.scale_by_adam(), TUNERS[name]()),
+                optax.chain(optax.scale_by_adam(), optax.inject_hyperparams(lambda: TUNERS[name]())())):
+        state = opt.init(p)
+        v, g = jax.value_and_grad(loss)(p, X, Y)
+        _, state = jax.jit(lambda s: opt.update(g, s, p, value=v, grad=g, value_fn=loss, x=X, y=Y))(state)
+        lr = optax.tree_utils.tree_get(state, "lr")
+        assert float(lr) == float(stats(state)["lr"]) and float(lr) >= 0
+        assert optax.tree_utils.tree_get(state, "mu") is not None  # Adam's, not ours

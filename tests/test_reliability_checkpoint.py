@@ -140,8 +140,8 @@ mode, out = sys.argv[1], sys.argv[2]
 K, N = 5, 12
 TUNERS = {
     "cdat_secant_adam_sharp": lambda: cdat(optax.scale_by_adam(), sigma=1.0, ema=0.9, curvature="secant",
-                                           sharpness_every=3),
-    "cdat_exact_mom": lambda: cdat(optax.trace(0.9), sigma=2.0, ema=0.9),
+                                           sharpness=3),
+    "cdat_exact_mom": lambda: cdat(optax.trace(0.9), sigma=2.0, ema=0.9, curvature="exact"),
     "armijo_sgd": lambda: armijo(optax.identity()),
 }
 rng = np.random.default_rng(0)
@@ -170,7 +170,7 @@ def make_step(opt):
     return step
 
 def lr_of(state):
-    return float(state[1].lr)
+    return float(state[1].stats.lr)
 
 result = {}
 if mode in ("full", "part"):

@@ -388,7 +388,7 @@ OPTS = {
     "cdat_exact_adam": lambda: cdat(optax.scale_by_adam(), sigma=2.0, ema=0.9, curvature="exact"),
     "cdat_fd_sgd": lambda: cdat(optax.identity(), sigma=2.0, ema=0.9, curvature="fd"),
     "cdat_secant_mom": lambda: cdat(optax.trace(0.9), sigma=1.5, ema=0.5, curvature="secant"),
-    "greedy_sharp": lambda: quadratic_greedy(optax.identity(), curvature="exact", sharpness_every=3),
+    "greedy_sharp": lambda: quadratic_greedy(optax.identity(), curvature="exact", sharpness=3),
     "polyak_adam": lambda: polyak(optax.scale_by_adam(), lr_max=1.0),
     "armijo_sgd": lambda: armijo(optax.identity()),
 }

@@ -308,12 +308,12 @@ def jax_steps():
     from curvopt.optax import armijo, cdat, edge_of_stability, polyak
 
     makers = {
-        "cdat_exact": lambda: cdat(optax.scale_by_adam(), sigma=2.0, ema=0.9),
+        "cdat_exact": lambda: cdat(optax.scale_by_adam(), sigma=2.0, ema=0.9, curvature="exact"),
         "cdat_fd": lambda: cdat(optax.trace(0.9), curvature="fd"),
         "cdat_secant": lambda: cdat(optax.identity(), curvature="secant"),
         "polyak": lambda: polyak(optax.scale_by_adam(), lr_max=10.0),
         "armijo": lambda: armijo(optax.identity()),
-        "eos": lambda: edge_of_stability(optax.identity(), sigma=0.9, sharpness_every=2),
+        "eos": lambda: edge_of_stability(optax.identity(), sigma=0.9, sharpness=2),
     }
 
     def loss_fn(w, a, scale, poison):
@@ -365,6 +365,6 @@ def test_jax_random_faults_never_leave_nan_parameters(jax_steps, tuner, log_scal
         bad += int(not jax_steps["finite_at"](w, *args))
         w, state = step(w, state, *args)
         assert bool(jnp.all(jnp.isfinite(w))), (tuner, log_scale, a, poison, w)
-        assert state[1].lr.dtype == jnp.float32
-    assert int(state[1].skipped) == bad
+        assert state[1].stats.lr.dtype == jnp.float32
+    assert int(state[1].stats.skipped) == bad
     _survived()

@@ -20,17 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK, VOCAB, WIDTH = 32, 256, 32
 
 
-def _jax_patched() -> bool:
-    """Whether jax_backend keeps float32 state for bf16 parameters (the issue-6 change)."""
-    from jax_backend import direction
-
-    return hasattr(direction, "accumulator_dtype")
-
-
-needs_jax_patch = pytest.mark.skipif(
-    not _jax_patched(), reason="waits for the issue-6 jax_backend changes (applied after helper2 finishes)")
-
-
 def lm_data(blocks=64):
     from benchmarks.data import lm_blocks, load_text_bytes
 
@@ -135,7 +124,7 @@ for name, make in OPTS.items():
         p, state, value = step(p, state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
         tstate = state[1]
         losses.append(float(value)); lrs.append(float(tstate.lr))
-    floats = {k: str(v.dtype) for k, v in tstate._asdict().items()
+    floats = {k: str(v.dtype) for k, v in tstate.stats._asdict().items()
               if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)}
     rule = [str(t.dtype) for t in jax.tree_util.tree_leaves(tstate.rule)] if hasattr(tstate, "rule") else []
     out[name] = {"losses": losses, "lrs": lrs, "skipped": int(tstate.skipped), "floats": floats, "rule": rule,
@@ -146,7 +135,6 @@ print("RESULT " + json.dumps(out))
 """
 
 
-@needs_jax_patch
 @pytest.mark.slow
 def test_jax_bf16_params_200_steps_no_nan_float32_accumulators():
     import json
