@@ -1,0 +1,268 @@
+"""Nothing lost (issue 10, Optax side): NaN/Inf values, gradients and ``value_fn`` outputs injected at random
+steps, for every tuner, oracle (fd, exact, secant with ``value_fn``, closure-free secant) and base (SGD, heavy
+ball, Adam), through the recommended composition (the ``<tuner>(base, ...)`` conveniences).
+
+After every step: the parameters are finite; a step whose value, gradient or base direction is not finite is
+skipped (parameters bit-equal to before, the base's state untouched, ``skipped + 1``); a poisoned probe
+(``value_fn`` only) never moves the parameters to a non-finite point and CDAT forgets it; training continues
+afterwards; and the state saved at a random step (pickled, and flattened to numpy leaves and rebuilt)
+continues bit-identically. The module prints ``jax faults: N attacks tried, M survived``.
+
+Plus the single cases: the README's plain chain ``optax.chain(optax.scale_by_adam(), scale_by_cdat())`` with
+one NaN gradient, a ``value_fn`` of shape ``(1,)``, a ``sigma`` schedule crossing 0.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from curvopt.optax import (armijo, cdat, edge_of_stability, polyak, quadratic_greedy, scale_by_armijo,
+                           scale_by_cdat, scale_by_edge_of_stability, scale_by_polyak, scale_by_quadratic_greedy,
+                           stats)
+
+TALLY: Counter = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report(request):
+    yield
+    line = (f"jax faults: {TALLY['tried']} attacks tried, {TALLY['survived']} survived "
+            f"({', '.join(f'{k}={v}' for k, v in sorted(TALLY.items()) if k not in ('tried', 'survived'))})")
+    tr = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            tr.write_line("\n" + line)
+    else:
+        print(line)
+
+
+def loss(p, a):
+    w = p["w"]
+    return jnp.sum(a * (w - 1.0) ** 2 + 0.1 * w ** 4) + p["b"] ** 2
+
+
+P0 = {"w": jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32), "b": jnp.asarray(0.7, jnp.float32)}
+A = jnp.asarray([1.0, 3.0, 0.5, 2.0], jnp.float32)
+BASES = {"sgd": optax.identity, "heavy_ball": lambda: optax.trace(0.9), "adam": optax.scale_by_adam}
+# name -> (factory(base), base, closure-free: the update gets only the gradient, as TrainState.apply_gradients)
+CONFIGS = {
+    "cdat_fd_adam": (lambda b: cdat(b, curvature="fd"), "adam", False),
+    "cdat_exact_heavy_ball": (lambda b: cdat(b, curvature="exact"), "heavy_ball", False),
+    "cdat_secant_sgd": (lambda b: cdat(b, curvature="secant"), "sgd", False),
+    "cdat_free_adam": (lambda b: cdat(b), "adam", True),
+    "greedy_fd_sgd": (lambda b: quadratic_greedy(b, lr_max=10.0), "sgd", False),
+    "greedy_free_heavy_ball": (lambda b: quadratic_greedy(b, lr_max=10.0), "heavy_ball", True),
+    "polyak_adam": (lambda b: polyak(b, lr_max=1.0), "adam", False),
+    "armijo_heavy_ball": (lambda b: armijo(b), "heavy_ball", False),
+    "eos_sgd": (lambda b: edge_of_stability(b, sigma=0.9, sharpness=2), "sgd", False),
+    "cdat_sharp_adam": (lambda b: cdat(b, sharpness=2, base_method="adam"), "adam", False),
+}
+FAULTS = ("none", "none", "none", "grad_nan", "grad_inf", "value_nan", "value_inf", "fn_nan", "fn_inf")
+_STEPS: dict = {}
+
+
+def _stepper(name):
+    """(opt, jitted step) per config, compiled once per session."""
+    if name not in _STEPS:
+        make, base, free = CONFIGS[name]
+        opt = make(BASES[base]())
+
+        def step(p, s, g_poison, v_poison, f_poison):
+            v, g = jax.value_and_grad(loss)(p, A)
+            g = jax.tree.map(lambda x: x * g_poison, g)
+            if free:
+                up, s = opt.update(g, s, p)
+            else:
+                up, s = opt.update(g, s, p, value=v + v_poison, grad=g,
+                                   value_fn=lambda q, a, f_poison: loss(q, a) * f_poison, a=A, f_poison=f_poison)
+            return optax.apply_updates(p, up), s
+
+        _STEPS[name] = (opt, jax.jit(step))
+    return _STEPS[name]
+
+
+def _poisons(fault):
+    one, zero = jnp.float32(1.0), jnp.float32(0.0)
+    bad = jnp.float32(jnp.nan if fault.endswith("nan") else jnp.inf)
+    return (bad if fault.startswith("grad") else one, bad if fault.startswith("value") else zero,
+            bad if fault.startswith("fn") else one)
+
+
+def _equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) and \
+        jax.tree.structure(a) == jax.tree.structure(b)
+
+
+def _roundtrip(tree):
+    """Through pickle and through flatten -> numpy leaves -> unflatten (as a checkpoint library would)."""
+    host = pickle.loads(pickle.dumps(jax.device_get(tree)))
+    leaves, treedef = jax.tree.flatten(host)
+    return jax.tree.unflatten(treedef, [jnp.asarray(np.asarray(x)) for x in leaves])
+
+
+def _attack(name, faults, save_at):
+    opt, step = _stepper(name)
+    _, _, free = CONFIGS[name]
+    p, s = P0, opt.init(P0)
+    saved, tail = None, []
+    for i, fault in enumerate(faults):
+        TALLY["tried"] += 1
+        TALLY[fault] += 1
+        if i == save_at:
+            saved = _roundtrip((p, s))
+        if i >= save_at:
+            tail.append(fault)
+        new_p, new_s = step(p, s, *_poisons(fault))
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_p)), (name, i, fault)
+        skip = fault.startswith("grad") or (fault.startswith("value") and not free)
+        if skip:
+            assert _equal(new_p, p), (name, i, fault)                      # parameters bit-equal
+            assert _equal(new_s[0], s[0]), (name, i, fault)                # base state untouched
+            assert int(new_s[1].stats.skipped) == int(s[1].stats.skipped) + 1
+            for field in new_s[1]._fields:
+                if field != "stats":
+                    assert _equal(getattr(new_s[1], field), getattr(s[1], field)), (name, i, fault, field)
+        else:
+            assert int(new_s[1].stats.skipped) == int(s[1].stats.skipped), (name, i, fault)
+            lr = float(new_s[1].stats.lr)
+            assert math.isfinite(lr) and lr >= 0, (name, i, fault, lr)
+            if fault.startswith("fn") and name in ("cdat_fd_adam", "cdat_exact_heavy_ball", "greedy_fd_sgd"):
+                assert lr == 0.0 and _equal(new_s[1].rule, s[1].rule), (name, i, fault)  # the probe is forgotten
+        p, s = new_p, new_s
+        TALLY["survived"] += 1
+    # training continues: clean steps take steps (momentum may raise the loss for a while: not checked)
+    TALLY["tried"] += 1
+    TALLY["continues"] += 1
+    before, lrs = p, []
+    for _ in range(6):
+        p, s = step(p, s, *_poisons("none"))
+        lrs.append(float(stats(s)["lr"]))
+    assert max(lrs) > 0 and not _equal(p, before) and math.isfinite(float(loss(p, A))), (name, faults, lrs)
+    TALLY["survived"] += 1
+    # the state saved at save_at continues bit-identically
+    TALLY["tried"] += 1
+    TALLY["roundtrip"] += 1
+    q, t = saved
+    for fault in tail:
+        q, t = step(q, t, *_poisons(fault))
+    for _ in range(6):
+        q, t = step(q, t, *_poisons("none"))
+    assert _equal(q, p) and _equal(t, s), name
+    TALLY["survived"] += 1
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(CONFIGS)), faults=st.lists(st.sampled_from(FAULTS), min_size=3, max_size=7),
+       save_at=st.integers(0, 2))
+def test_random_faults_every_tuner_oracle_base(name, faults, save_at):
+    _attack(name, faults, save_at)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_fault_once_per_config(name):
+    """Each fault at least once for each config (the random test samples)."""
+    _attack(name, ["none", "grad_nan", "fn_nan", "value_inf", "grad_inf", "fn_inf", "value_nan", "none"], 1)
+
+
+@pytest.mark.slow
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(CONFIGS)), faults=st.lists(st.sampled_from(FAULTS), min_size=3, max_size=15),
+       save_at=st.integers(0, 2))
+def test_random_faults_long(name, faults, save_at):
+    _attack(name, faults, save_at)
+
+
+# ------------------------------------------------------------------------------------------- single cases
+def test_plain_readme_chain_one_nan_gradient():
+    """The README chain without the convenience: the NaN gradient reaches Adam's moments (a plain chain cannot
+    stop that), but the tuner never writes NaN into the parameters: it skips every later step. The
+    convenience ``cdat(optax.scale_by_adam())`` keeps Adam's state on the skip and training continues."""
+    results = {}
+    for kind, opt in (("plain", optax.chain(optax.scale_by_adam(), scale_by_cdat())),
+                      ("convenience", cdat(optax.scale_by_adam()))):
+        p, s = P0, opt.init(P0)
+
+        @jax.jit
+        def step(p, s, g_poison):
+            v, g = jax.value_and_grad(loss)(p, A)
+            g = jax.tree.map(lambda x: x * g_poison, g)
+            up, s = opt.update(g, s, p, value=v, grad=g, value_fn=loss, a=A)
+            return optax.apply_updates(p, up), s
+
+        lrs = []
+        for i in range(8):
+            p, s = step(p, s, jnp.float32(jnp.nan if i == 2 else 1.0))
+            assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p)), (kind, i)
+            lrs.append(float(stats(s)["lr"]))
+        results[kind] = (lrs, int(stats(s)["skipped"]), bool(jnp.all(jnp.isfinite(s[0].mu["w"]))))
+    plain, conv = results["plain"], results["convenience"]
+    assert plain[1] == 6 and not plain[2]  # moments poisoned: every step from the NaN one on is skipped
+    assert conv[1] == 1 and conv[2] and all(lr > 0 for lr in conv[0][3:])  # one skip, then training goes on
+
+
+@pytest.mark.parametrize("make", [lambda: scale_by_cdat(curvature="fd"), lambda: scale_by_cdat(curvature="exact"),
+                                  lambda: scale_by_quadratic_greedy(), lambda: scale_by_polyak(),
+                                  lambda: scale_by_armijo(), lambda: scale_by_edge_of_stability(sharpness=2)])
+def test_value_fn_and_value_of_shape_1_keep_state_shapes(make):
+    opt = optax.chain(optax.identity(), make())
+    s0 = opt.init(P0)
+    sig = jax.tree.map(lambda x: (x.shape, x.dtype), s0)
+    f1 = lambda q, a: jnp.reshape(loss(q, a), (1,))  # noqa: E731
+
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(loss)(p, A)
+        up, s = opt.update(g, s, p, value=jnp.reshape(v, (1,)), grad=g, value_fn=f1, a=A)
+        return optax.apply_updates(p, up), s
+
+    p, s = P0, s0
+    for _ in range(3):
+        p, s = step(p, s)
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), s) == sig
+    assert float(stats(s)["lr"]) > 0
+
+
+def test_sigma_schedule_crossing_zero_gives_lr_zero():
+    """inject_hyperparams evaluates the schedule and hands a (traced) number; the core's guard clips the
+    negative lr to 0. A callable sigma given directly is evaluated by the rule at the tuner's step count."""
+    sched = optax.linear_schedule(1.0, -1.0, 4)  # 1, 0.5, 0, -0.5, -1, -1
+    for opt in (optax.chain(optax.identity(), optax.inject_hyperparams(scale_by_cdat)(sigma=sched,
+                                                                                      curvature="fd")),
+                optax.chain(optax.identity(), scale_by_cdat(sigma=sched, curvature="fd"))):
+        p, s = P0, opt.init(P0)
+
+        @jax.jit
+        def step(p, s):
+            v, g = jax.value_and_grad(loss)(p, A)
+            up, s = opt.update(g, s, p, value=v, grad=g, value_fn=loss, a=A)
+            return optax.apply_updates(p, up), s
+
+        lrs = []
+        for _ in range(6):
+            p, s = step(p, s)
+            lrs.append(float(stats(s)["lr"]))
+        assert lrs[0] > 0 and lrs[1] > 0 and lrs[2:] == [0.0] * 4, lrs
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
+
+
+def test_zero_size_leaf_works_and_complex_parameters_are_refused():
+    p = dict(P0, empty=jnp.zeros((0, 3), jnp.float32))
+    f = lambda q, a: loss({"w": q["w"], "b": q["b"]}, a) + jnp.sum(q["empty"])  # noqa: E731
+    for opt in (cdat(optax.scale_by_adam()), cdat(optax.identity(), sharpness=1), armijo(optax.identity())):
+        s = opt.init(p)
+        v, g = jax.value_and_grad(f)(p, A)
+        up, s = jax.jit(lambda s: opt.update(g, s, p, value=v, grad=g, value_fn=f, a=A))(s)
+        assert up["empty"].shape == (0, 3) and float(stats(s)["lr"]) > 0
+    with pytest.raises(ValueError, match="complex parameters"):
+        scale_by_cdat().init({"w": jnp.ones(3, jnp.complex64)})
