@@ -34,16 +34,11 @@ TALLY: Counter = Counter()
 
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
+    """Print the tally past pytest's capture."""
     yield
-    line = (f"jax faults: {TALLY['tried']} attacks tried, {TALLY['survived']} survived "
-            f"({', '.join(f'{k}={v}' for k, v in sorted(TALLY.items()) if k not in ('tried', 'survived'))})")
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if tr is not None and capman is not None:
-        with capman.global_and_fixture_disabled():
-            tr.write_line("\n" + line)
-    else:
-        print(line)
+    kinds = {k: v for k, v in sorted(TALLY.items()) if k not in ("tried", "survived")}
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(f"\njax faults: {TALLY['tried']} attacks tried, {TALLY['survived']} survived {kinds}")
 
 
 def loss(p, a):
