@@ -1,0 +1,323 @@
+"""Drop-in recipes (issue 11, Optax side), each a tested example that asserts the learning rates:
+
+* flax ``TrainState.apply_gradients(grads=...)`` unchanged (closure-free: the secant of consecutive gradients;
+  the first step is the fd probe ``lr = h``), and a ``TrainState`` subclass whose ``apply_gradients`` passes the
+  loss (``value``/``value_fn``: the fd oracle);
+* ``nnx.Optimizer.update(model, grads)`` closure-free, and with ``value_fn`` over the ``nnx.Param`` state;
+* ``optax.MultiSteps``: optax runs the inner update on every micro-step (with the running mean of the
+  gradients) but keeps its state only on the last micro-step of each group, so the tuner's state and learning
+  rate advance once per outer step, from the mean gradient;
+* ``jax.jit(step, donate_argnums=(0, 1))``: the state's leaves are distinct buffers;
+* ``value_fn`` returning ``(loss, aux)``: the aux is dropped;
+* ``optax.masked``/``optax.multi_transform``: the tuner sees a masked view and uses the secant;
+* ``optax.inject_hyperparams`` of a transform with a jitted ``init``, and of a ``<tuner>(base, ...)`` convenience.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from flax.training.train_state import TrainState
+
+from curvopt import rules
+from curvopt.optax import (armijo, cdat, edge_of_stability, polyak, quadratic_greedy, scale_by_cdat,
+                           scale_by_polyak, stats)
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+RNG = np.random.default_rng(0)
+_M = RNG.normal(size=(5, 5))
+A = _M @ _M.T / 5 + np.eye(5)
+B = RNG.normal(size=5)
+
+
+def quad(p):
+    w = jnp.concatenate([p["w"], p["b"]])
+    return 0.5 * w @ jnp.asarray(A) @ w + jnp.asarray(B) @ w
+
+
+def _p0():
+    return {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray([0.3, -0.7])}
+
+
+def _flat(t):
+    return np.concatenate([np.asarray(t["w"]), np.asarray(t["b"])])
+
+
+def _rayleigh(g):
+    return g @ A @ g / (g @ g)
+
+
+class LossTrainState(TrainState):
+    """A TrainState whose ``apply_gradients`` also hands the loss to the tuner (fd oracle, Polyak, Armijo,
+    online sharpness): ``state.apply_gradients(grads=g, value=loss, value_fn=loss_fn, batch=batch)``."""
+
+    def apply_gradients(self, *, grads, value=None, value_fn=None, **loss_kwargs):
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params, value=value, value_fn=value_fn,
+                                            **loss_kwargs)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                            opt_state=opt_state)
+
+
+def test_train_state_apply_gradients_closure_free():
+    """The greedy rule from the secant: step 1 probes with h; then lr_t = 1 / rayleigh(g_{t-1}) (exact on a
+    quadratic: the secant of the previous step along u_{t-1} = -g_{t-1})."""
+    state = TrainState.create(apply_fn=None, params=_p0(), tx=quadratic_greedy(optax.identity()))
+    step = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(quad)(s.params)))
+    lrs, grads = [], []
+    for _ in range(6):
+        grads.append(_flat(jax.grad(quad)(state.params)))
+        params = state.params
+        state = step(state)
+        lrs.append(float(stats(state.opt_state)["lr"]))
+    h = float(rules.finite_difference_step(np.linalg.norm(_flat(_p0())), np.linalg.norm(grads[0]),
+                                           dtype_eps=np.finfo(np.float64).eps, xp=np))
+    assert lrs[0] == pytest.approx(h, rel=1e-12) and lrs[0] < 1e-7
+    np.testing.assert_allclose(lrs[1:], [1 / _rayleigh(g) for g in grads[:-1]], rtol=1e-6)
+    assert int(stats(state.opt_state)["closure_calls"]) == 1 and quad(state.params) < quad(params)
+
+
+def test_train_state_adam_closure_free_matches_plain_optax_loop():
+    tx = cdat(optax.scale_by_adam())
+    state = TrainState.create(apply_fn=None, params=_p0(), tx=tx)
+    step = jax.jit(lambda s: s.apply_gradients(grads=jax.grad(quad)(s.params)))
+    p, s = _p0(), tx.init(_p0())
+
+    @jax.jit
+    def ref(p, s):
+        up, s = tx.update(jax.grad(quad)(p), s, p)
+        return optax.apply_updates(p, up), s
+
+    for _ in range(5):
+        state, (p, s) = step(state), ref(p, s)
+        assert float(stats(state.opt_state)["lr"]) == float(stats(s)["lr"])
+    assert float(stats(s)["lr"]) > 0.01
+
+
+def test_train_state_subclass_passes_the_loss():
+    """With value_fn the fd oracle gives the greedy lr g^T g / g^T A g from step 1."""
+    state = LossTrainState.create(apply_fn=None, params=_p0(), tx=quadratic_greedy(optax.identity()))
+
+    @jax.jit
+    def step(s):
+        v, g = jax.value_and_grad(quad)(s.params)
+        return s.apply_gradients(grads=g, value=v, value_fn=quad), g
+
+    for _ in range(4):
+        state, g = step(state)
+        g = _flat(g)
+        assert float(stats(state.opt_state)["lr"]) == pytest.approx(1 / _rayleigh(g), rel=1e-6)
+        assert int(stats(state.opt_state)["closure_calls"]) == 2
+
+
+def _nnx_model():
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    x = jnp.asarray(RNG.normal(size=(16, 3)))
+    y = jnp.asarray(RNG.normal(size=(16, 2)))
+    return model, x, y
+
+
+def _mse(model, x, y):
+    return jnp.mean((model(x) - y) ** 2)
+
+
+@pytest.mark.parametrize("with_loss", [False, True])
+def test_nnx_optimizer_update(with_loss):
+    """nnx.Optimizer.update(model, grads) closure-free, and with value/value_fn over the nnx.Param state
+    (``nnx.merge`` inside value_fn); the lrs equal a plain optax loop on the same parameters."""
+    model, x, y = _nnx_model()
+    tx = quadratic_greedy(optax.identity())
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, params0, rest = nnx.split(model, nnx.Param, ...)
+
+    def value_fn(params, x, y):
+        return _mse(nnx.merge(graphdef, params, rest), x, y)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(_mse)(model, x, y)
+        if with_loss:
+            optimizer.update(model, grads, value=loss, value_fn=value_fn, x=x, y=y)
+        else:
+            optimizer.update(model, grads)
+        return loss
+
+    pure = nnx.to_pure_dict(params0)
+    f = lambda p: value_fn(nnx.State(p) if False else _restore(params0, p), x, y)  # noqa: E731
+    s = tx.init(pure)
+
+    @jax.jit
+    def ref(p, s):
+        v, g = jax.value_and_grad(f)(p)
+        kw = dict(value=v, value_fn=f) if with_loss else {}
+        up, s = tx.update(g, s, p, **kw)
+        return optax.apply_updates(p, up), s
+
+    p = pure
+    for t in range(5):
+        train_step(model, optimizer, x, y)
+        p, s = ref(p, s)
+        got = float(optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state), "lr"))
+        assert got == pytest.approx(float(stats(s)["lr"]), rel=1e-9), t
+        assert got > (0 if with_loss or t > 0 else -1)
+    np.testing.assert_allclose(np.asarray(model.kernel[...]), np.asarray(p["kernel"]), rtol=1e-9)
+
+
+def _restore(template, pure):
+    state = nnx.clone(template) if hasattr(nnx, "clone") else template
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def test_multisteps_runs_the_tuner_once_per_outer_step():
+    """optax.MultiSteps(k=2): the tuner's lr changes only on every 2nd micro-step, and equals the tuner fed the
+    mean of the two micro-batch gradients directly."""
+    # two micro-batches, the same pair in every group: the mean gradient is a function of the parameters, so
+    # the closure-free secant sees the curvature (with a new batch pair each group it would see the batches'
+    # difference divided by the previous lr: the noise the secant does not correct here)
+    batches = [jnp.asarray(RNG.normal(size=5)) for _ in range(2)] * 4
+    f = lambda p, c: quad(p) + jnp.concatenate([p["w"], p["b"]]) @ c  # noqa: E731
+    inner = cdat(optax.scale_by_adam())
+    # MultiSteps accumulates in float32 unless told: the probe step's secant (a difference of gradients over
+    # a displacement of sqrt(eps) ||w||) needs the gradient to the parameters' precision
+    opt = optax.MultiSteps(inner, every_k_schedule=2, accumulator_dtype=jnp.float64)
+    p, s = _p0(), opt.init(_p0())
+    q, t = _p0(), inner.init(_p0())
+    step = jax.jit(lambda p, s, c: opt.update(jax.grad(f)(p, c), s, p))
+    ref = jax.jit(lambda q, t, g: inner.update(g, t, q))
+    lrs, ref_lrs = [], []
+    for i in range(0, 8, 2):
+        for c in batches[i:i + 2]:
+            up, s = step(p, s, c)
+            p = optax.apply_updates(p, up)
+            lrs.append(float(stats(s.inner_opt_state)["lr"]))
+        g = jax.tree.map(lambda a, b: (a + b) / 2, jax.grad(f)(q, batches[i]), jax.grad(f)(q, batches[i + 1]))
+        up, t = ref(q, t, g)
+        q = optax.apply_updates(q, up)
+        ref_lrs.append(float(stats(t)["lr"]))
+    # the state does not move on the first micro-step of a group (optax's running mean of the gradients rounds
+    # differently from the reference's (a + b) / 2)
+    assert lrs[0] == 0.0 and lrs[2::2] == lrs[1:-1:2]
+    np.testing.assert_allclose(lrs[1::2], ref_lrs, rtol=1e-6)
+    assert lrs[-1] > 0.01
+    np.testing.assert_allclose(_flat(p), _flat(q), rtol=1e-12)
+
+
+OPTS = {
+    "cdat": lambda: cdat(optax.scale_by_adam(), sharpness=2, base_method="adam"),
+    "cdat_free": lambda: cdat(optax.scale_by_adam()),
+    "greedy": lambda: quadratic_greedy(optax.trace(0.5), curvature="exact"),
+    "polyak": lambda: polyak(optax.identity()),
+    "armijo": lambda: armijo(optax.identity()),
+    "eos": lambda: edge_of_stability(optax.identity(), sharpness=2),
+}
+
+
+def _buffers(tree):
+    return [x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name", sorted(OPTS))
+def test_donate_argnums(name):
+    """jax.jit(step, donate_argnums=(0, 1)) as flax's lm1b/wmt/gemma examples: no two leaves of the initial
+    state share a buffer (eager or jitted init), and the donated run gives the same lrs."""
+    opt = OPTS[name]()
+    free = name == "cdat_free"
+
+    def step(p, s):
+        v, g = jax.value_and_grad(quad)(p)
+        up, s = opt.update(g, s, p) if free else opt.update(g, s, p, value=v, grad=g, value_fn=quad)
+        return optax.apply_updates(p, up), s
+
+    runs = {}
+    for kind, jit in (("donated", jax.jit(step, donate_argnums=(0, 1))), ("plain", jax.jit(step))):
+        for init in (opt.init, jax.jit(opt.init)):
+            p = jax.tree.map(jnp.copy, _p0())
+            s = init(p)
+            ptrs = _buffers((p, s))
+            assert len(ptrs) == len(set(ptrs)), f"{name}: leaves share a buffer"
+            lrs = []
+            for _ in range(4):
+                p, s = jit(p, s)
+                lrs.append(float(stats(s)["lr"]))
+            runs.setdefault(kind, lrs)
+            assert lrs == runs[kind]
+    # the donated program is compiled differently (buffer reuse changes XLA's fusion of the power iteration)
+    np.testing.assert_allclose(runs["donated"], runs["plain"], rtol=1e-8)
+    assert max(runs["plain"]) > 0
+
+
+def test_value_fn_with_aux_drops_the_aux():
+    opt = quadratic_greedy(optax.identity())
+    p = _p0()
+    v, g = jax.value_and_grad(quad)(p)
+    with_aux = lambda q: (quad(q), {"logits": jnp.ones(3), "acc": 0.5})  # noqa: E731
+    (_, a), (_, b) = (jax.jit(lambda s, f=f: opt.update(g, s, p, value=v, grad=g, value_fn=f))(opt.init(p))
+                      for f in (quad, with_aux))
+    assert float(stats(a)["lr"]) == float(stats(b)["lr"]) > 0
+    # value_fn also computes the gradient when grad is not given
+    _, c = jax.jit(lambda s: opt.update(g, s, p, value_fn=with_aux))(opt.init(p))
+    assert float(stats(c)["lr"]) == pytest.approx(float(stats(a)["lr"]), rel=1e-12)
+
+
+def test_masked_and_multi_transform():
+    """Inside optax.masked/multi_transform the tuner sees a masked view of the parameters (optax.MaskedNode
+    leaves) and cannot evaluate value_fn there: curvature="auto" picks the secant. The tuner's lrs equal a
+    run of the same tuner fed the same gradients of its own leaves. Caveat shown here: the secant assumes that
+    only the tuner moved the parameters; in multi_transform the other partition's SGD steps enter it, and right
+    after the probe step (lr = h, tiny) they dominate: the lr starts ~1e-6 and recovers by ~100x per step."""
+    labels = {"w": "tuned", "b": "sgd"}
+    tx = optax.multi_transform({"tuned": quadratic_greedy(optax.identity()), "sgd": optax.sgd(0.05)}, labels)
+    masked = optax.chain(optax.masked(quadratic_greedy(optax.identity()), {"w": True, "b": False}),
+                         optax.masked(optax.set_to_zero(), {"w": False, "b": True}))  # b frozen
+    for opt in (tx, masked):
+        p, s = _p0(), opt.init(_p0())
+
+        @jax.jit
+        def step(p, s):
+            v, g = jax.value_and_grad(quad)(p)
+            up, s = opt.update(g, s, p, value=v, grad=g, value_fn=quad)  # value_fn ignored by the masked tuner
+            return optax.apply_updates(p, up), s, g
+
+        sub = quadratic_greedy(optax.identity())
+        q, t = {"w": p["w"]}, sub.init({"w": p["w"]})
+        for _ in range(6):
+            p_before = p
+            p, s, g = step(p, s)
+            up, t = sub.update({"w": g["w"]}, t, {"w": p_before["w"]})
+            assert float(stats(s)["lr"]) == pytest.approx(float(stats(t)["lr"]), rel=1e-12)
+        assert float(stats(s)["lr"]) > 1e-3
+    with pytest.raises(ValueError, match="masked"):
+        bad = optax.masked(scale_by_cdat(curvature="fd"), {"w": True, "b": False})
+        bad.update(jax.grad(quad)(_p0()), bad.init(_p0()), _p0(), grad=jax.grad(quad)(_p0()), value_fn=quad)
+
+
+def test_inject_hyperparams_jitted_init_and_conveniences():
+    """The state's structure does not depend on whether init is jitted; the conveniences can be wrapped."""
+    p = _p0()
+    for opt in (optax.inject_hyperparams(scale_by_polyak)(f_star=0.0, lr_max=2.0),
+                optax.inject_hyperparams(scale_by_cdat)(sigma=1.5, sharpness=2),
+                optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5),
+                optax.inject_hyperparams(armijo)(optax.identity(), c=0.1, max_trials=10),
+                optax.inject_hyperparams(edge_of_stability)(optax.identity(), sigma=0.5)):
+        eager, jitted = opt.init(p), jax.jit(opt.init)(p)
+        assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), eager) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                                 jitted)
+        v, g = jax.value_and_grad(quad)(p)
+        chain = optax.chain(optax.identity(), opt) if "inner_state" in eager._fields and \
+            not isinstance(eager.inner_state, tuple) else opt
+        s = chain.init(p)
+        _, s = jax.jit(lambda s: chain.update(g, s, p, value=v, grad=g, value_fn=quad))(s)
+        assert float(stats(s)["lr"]) > 0
+    wrapped = optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5)
+    s = wrapped.init(p)
+    assert set(s.hyperparams) == {"sigma", "ema", "eps", "lr_max"}  # numeric settings injected
