@@ -42,11 +42,11 @@ mode, out = sys.argv[1], sys.argv[2]
 K, N = 6, 14
 TUNERS = {
     "cdat_secant_adam_sharp": lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.1), sigma=1.0, ema=0.9,
-                                            curvature="secant", sharpness_every=3, modules=m),
+                                            curvature="secant", sharpness=3, modules=m),
     "cdat_fd_mom": lambda m: CDAT(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9, weight_decay=1e-3),
                                   curvature="fd", modules=m),
     "armijo_sgd": lambda m: ArmijoLineSearch(torch.optim.SGD(m.parameters(), lr=1.0), c=0.5, modules=m),
-    "eos_adam": lambda m: EdgeOfStability(torch.optim.AdamW(m.parameters(), lr=1.0), sharpness_every=4,
+    "eos_adam": lambda m: EdgeOfStability(torch.optim.AdamW(m.parameters(), lr=1.0), sharpness=4,
                                           modules=m),
 }
 g = torch.Generator().manual_seed(123)
@@ -364,7 +364,7 @@ def _mlp(hidden=5):
 def _cdat(m):
     from curvopt.torch import CDAT
 
-    return CDAT(torch.optim.Adam(m.parameters(), lr=0.1), curvature="secant", sharpness_every=1)
+    return CDAT(torch.optim.Adam(m.parameters(), lr=0.1), curvature="secant", sharpness=1)
 
 
 @needs_torch_patch
@@ -388,7 +388,7 @@ def test_load_state_dict_from_a_different_tuner_or_base_raises_clearly():
         "QuadraticGreedy": lambda m: QuadraticGreedy(torch.optim.SGD(m.parameters(), lr=1.0)),
         "PolyakStep": lambda m: PolyakStep(torch.optim.Adam(m.parameters(), lr=0.1)),
         "ArmijoLineSearch": lambda m: ArmijoLineSearch(torch.optim.SGD(m.parameters(), lr=1.0)),
-        "EdgeOfStability": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=0.1), sharpness_every=1),
+        "EdgeOfStability": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=0.1), sharpness=1),
     }
     states = {k: _trained(_mlp(), mk)[1].state_dict() for k, mk in makers.items()}
     for src, sd in states.items():

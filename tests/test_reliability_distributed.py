@@ -37,19 +37,20 @@ def _torch_patched() -> bool:
 needs_torch_patch = pytest.mark.skipif(
     not _torch_patched(), reason="waits for the issue-6 torch_backend changes (applied after helper1 finishes)")
 
+from curvopt import SharpnessConfig  # noqa: E402
+
 # name -> (tuner class name, base, kwargs); the exact oracle gets functional_loss added by make_tuner
 CASES = {
     "cdat_fd_sgd": ("CDAT", "sgd", dict(sigma=2.0, ema=0.9, curvature="fd")),
-    "cdat_fd_adam_sharp": ("CDAT", "adam", dict(sigma=1.0, ema=0.9, curvature="fd", sharpness_every=4,
-                                                sharpness_iters=30, sharpness_first_iters=60,
-                                                sharpness_tol=1e-12)),
+    "cdat_fd_adam_sharp": ("CDAT", "adam", dict(sigma=1.0, ema=0.9, curvature="fd", sharpness=SharpnessConfig(
+        every=4, iters=30, first_iters=60, tol=1e-12))),
     "cdat_secant_mom": ("CDAT", "momentum", dict(sigma=1.5, ema=0.5, curvature="secant")),
     "cdat_exact_sgd": ("CDAT", "sgd", dict(sigma=2.0, ema=0.0, curvature="exact")),
     "greedy_fd_mom": ("QuadraticGreedy", "momentum", dict(curvature="fd")),
     "armijo_sgd": ("ArmijoLineSearch", "sgd", dict(c=0.5, increase_factor=4.0, decrease_factor=0.8)),
     "polyak_adam": ("PolyakStep", "adam", dict(lr_max=100.0)),
-    "eos_sgd": ("EdgeOfStability", "sgd", dict(sigma=1.5, sharpness_every=3, sharpness_iters=60,
-                                               sharpness_first_iters=100, sharpness_tol=1e-12)),
+    "eos_sgd": ("EdgeOfStability", "sgd", dict(sigma=1.5, sharpness=SharpnessConfig(every=3, iters=60, first_iters=100,
+                                                                                   tol=1e-12))),
 }
 #: the tuners run on FSDP1 FULL_SHARD flat parameter shards (the exact oracle is refused there)
 FSDP_SHARDED_CASES = ["cdat_fd_sgd", "cdat_fd_adam_sharp", "cdat_secant_mom", "armijo_sgd", "polyak_adam",

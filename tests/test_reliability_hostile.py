@@ -63,22 +63,25 @@ BASES = ("sgd", "momentum", "adam")
 
 
 def make_tuner(name, base, params):
+    from curvopt import SharpnessConfig
     from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
 
     b = {"sgd": lambda: torch.optim.SGD(params, lr=1.0),
          "momentum": lambda: torch.optim.SGD(params, lr=1.0, momentum=0.9, nesterov=True),
          "adam": lambda: torch.optim.Adam(params, lr=0.1)}[base]()
     if name == "cdat_fd":
-        return CDAT(b, sigma=2.0, ema=0.9, curvature="fd", sharpness_every=3, sharpness_first_iters=10)
+        return CDAT(b, sigma=2.0, ema=0.9, curvature="fd", sharpness=SharpnessConfig(every=3, first_iters=10))
     if name == "cdat_secant":
         return CDAT(b, sigma=1.0, ema=0.5, curvature="secant")
     if name == "greedy":
         return QuadraticGreedy(b, curvature="fd")
     if name == "armijo":
-        return ArmijoLineSearch(b, c=0.5, max_trials=8)
+        # the core's ArmijoRule restarts every search from init_lr after a failed one: its 8 trials must reach
+        # the small rates Nesterov momentum at lr 1 needs (2 * 0.5^7), or it never accepts (0.8^7 does not)
+        return ArmijoLineSearch(b, c=0.5, max_trials=8, decrease_factor=0.5)
     if name == "polyak":
         return PolyakStep(b, lr_max=10.0)
-    return EdgeOfStability(b, sigma=0.9, sharpness_every=2, sharpness_first_iters=10, sharpness_iters=3)
+    return EdgeOfStability(b, sigma=0.9, sharpness=SharpnessConfig(every=2, first_iters=10, iters=3))
 
 
 class Problem:

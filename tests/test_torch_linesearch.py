@@ -53,19 +53,22 @@ def test_every_accepted_step_satisfies_armijo(c, delta, base):
             accepted += 1
             new_value = float(f(w.detach()))
             assert new_value <= (1 + delta) * value + c * lr * slope
-        else:  # not accepted: only when every trial was spent
-            assert opt.last_trials == 30
+        else:  # not accepted (every trial spent, or an ascent direction: no trial): no step
+            assert opt.last_trials in (0, 30) and lr == 0.0
+            assert torch.equal(w.detach(), w_before)
     assert accepted >= 10 and float(f(w.detach())) < f0
 
 
 def test_trial_cap_and_nan_trials():
-    # an ascent direction (maximize=True base) can never satisfy the condition: the cap is hit
-    f, w = quartic()
-    opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0, maximize=True), max_trials=7)
-    closure = closure_for(opt, f, w)
-    opt.step(closure)
+    # a search that accepts nothing takes no step (Optax would take the last trial, possibly far uphill)
+    w = torch.nn.Parameter(torch.tensor([1e4, -2e4], dtype=DT))
+    f = lambda v: (v ** 2).sum()  # noqa: E731
+    opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), init_lr=1e3, decrease_factor=0.9, max_trials=7)
+    before = w.detach().clone()
+    opt.step(closure_for(opt, f, w))
     assert opt.last_trials == 7 and opt.stats["closure_calls"] == 8
-    assert opt.last_decrease_error > 0
+    assert opt.last_decrease_error > 0 and float(opt.stats["lr"]) == 0.0
+    assert torch.equal(w.detach(), before)
     # trial losses are NaN beyond |w| > 10: infinite error -> lr 0, parameters unchanged
     w2 = torch.nn.Parameter(torch.tensor([3.0, -2.0], dtype=DT))
 
@@ -79,6 +82,38 @@ def test_trial_cap_and_nan_trials():
         opt2.step(closure_for(opt2, g, w2))
     assert math.isinf(opt2.last_decrease_error) and float(opt2.stats["lr"]) == 0.0
     assert torch.equal(w2.detach(), before)
+
+
+def test_failed_search_restarts_and_ascent_takes_no_step():
+    """Issue 10: after a failed search the next one starts again from init_lr (the rate cannot collapse), an
+    ascent direction (momentum after the gradient turned) takes no step and no trial, and increase_factor=inf
+    with lr_max=inf still steps (its first trial is init_lr)."""
+    w = torch.nn.Parameter(torch.tensor([1e4, -2e4], dtype=DT))
+    f = lambda v: (v ** 2).sum()  # noqa: E731
+    opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), init_lr=1e3, decrease_factor=0.5, max_trials=3)
+    before = w.detach().clone()
+    for _ in range(3):  # trials 2e3, 1e3, 5e2 overshoot every time: each search starts again from 2 * init_lr
+        log = []
+        opt.step(closure_for(opt, f, w, log))
+        assert float(opt.stats["lr"]) == 0.0 and torch.equal(w.detach(), before)
+        first_trial = log[1][0]  # log[0] is the main call
+        torch.testing.assert_close(first_trial, before - 2e3 * 2 * before)
+    # ascent: heavy ball after the gradient turned
+    v = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
+    opt = ArmijoLineSearch(torch.optim.SGD([v], lr=1.0, momentum=0.9))
+    opt.step(closure_for(opt, lambda t: 10 * t.sum(), v))
+    before = v.detach().clone()
+    opt.step(closure_for(opt, lambda t: -t.sum(), v))
+    assert float(opt.stats["numerator"]) < 0 and float(opt.stats["lr"]) == 0.0 and opt.last_trials == 0
+    assert torch.equal(v.detach(), before) and opt.stats["closure_calls"] == 1
+    # increase_factor = inf
+    f6, w6 = quartic()
+    opt = ArmijoLineSearch(torch.optim.SGD([w6], lr=1.0), increase_factor=math.inf)
+    f0 = float(f6(w6.detach()))
+    for _ in range(3):
+        opt.step(closure_for(opt, f6, w6))
+        assert float(opt.stats["lr"]) > 0
+    assert float(f6(w6.detach())) < f0
 
 
 class _no_warning:
@@ -95,7 +130,8 @@ class _no_warning:
 def test_trial_sequence_matches_optax():
     jnp = pytest.importorskip("jax.numpy")
     optax = pytest.importorskip("optax")
-    kw = dict(c=0.3, delta=1e-3, increase_factor=3.0, decrease_factor=0.6, lr_max=5.0, max_trials=6)
+    # every search accepts a trial here (on a failed search Optax takes the last trial, curvopt takes no step)
+    kw = dict(c=0.3, delta=1e-3, increase_factor=3.0, decrease_factor=0.6, lr_max=5.0, max_trials=15)
     f, w = quartic(dtype=torch.float32, seed=1)
     wj = jnp.asarray(w.detach().numpy())
     opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), **kw)
@@ -121,7 +157,7 @@ def test_trial_sequence_matches_optax():
         wj = optax.apply_updates(wj, updates)
         opt.step(closure)
         info = state[1].info
-        assert opt.last_trials == int(info.num_linesearch_steps)
+        assert opt.last_trials == int(info.num_linesearch_steps) and opt.last_decrease_error == 0.0
         assert float(opt.stats["lr"]) == pytest.approx(float(state[1].learning_rate), rel=1e-5)
     np.testing.assert_allclose(w.detach().numpy(), np.asarray(wj), rtol=1e-4, atol=1e-6)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from curvopt import SharpnessConfig
 from curvopt.stats import STAT_FIELDS
 from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
 
@@ -24,6 +25,13 @@ def closure_for(opt, f, params, hook=None):
     return closure
 
 
+def rule_state(opt, w):
+    """The tuner's rule state as kept in the state of the first parameter (torch_backend.state)."""
+    st = opt.state[w]
+    return [st[k].clone() for k in sorted(st) if k in ("curvopt_numerator_avg", "curvopt_denominator_avg",
+                                                        "curvopt_avg_weight")]
+
+
 def adam_problem():
     w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=DT))
     base = torch.optim.Adam([w], lr=1.0)
@@ -36,7 +44,8 @@ def test_non_finite_step_is_skipped(bad):
     opt = CDAT(base, sigma=2.0, ema=0.9)
     f = lambda v: (v ** 2).sum()  # noqa: E731
     opt.step(closure_for(opt, f, [w]))
-    snap = (w.detach().clone(), copy.deepcopy(base.state_dict()), [t.clone() for t in opt._cdat])
+    snap = (w.detach().clone(), copy.deepcopy(base.state_dict()), rule_state(opt, w))
+    assert len(snap[2]) == 3
 
     def poison():
         if bad == "inf_grad":
@@ -51,7 +60,7 @@ def test_non_finite_step_is_skipped(bad):
     assert torch.equal(st["step"], snap[1]["state"][0]["step"])
     assert torch.equal(st["exp_avg"], snap[1]["state"][0]["exp_avg"])
     assert torch.equal(st["exp_avg_sq"], snap[1]["state"][0]["exp_avg_sq"])
-    assert all(torch.equal(a, b) for a, b in zip(opt._cdat, snap[2]))
+    assert all(torch.equal(a, b) for a, b in zip(rule_state(opt, w), snap[2]))
     assert opt.stats["skipped"] == 1 and opt.stats["closure_calls"] == 1
     assert math.isnan(float(opt.stats["lr"]))
     # training continues normally afterwards
@@ -75,11 +84,12 @@ def test_zero_gradient_leaves_parameters():
 
 
 def test_ascent_direction_zero_and_negative_curvature():
-    # ascent: a maximizing base gives -g^T u < 0 -> lr 0, no step, no NaN
+    # ascent: a heavy-ball base after the gradient turned gives -g^T u < 0 -> lr 0, no step, no NaN
     w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
-    opt = CDAT(torch.optim.SGD([w], lr=1.0, maximize=True), ema=0.0)
+    opt = CDAT(torch.optim.SGD([w], lr=1.0, momentum=0.9), ema=0.0)
+    opt.step(closure_for(opt, lambda v: 10 * v.sum(), [w]))
     before = w.detach().clone()
-    opt.step(closure_for(opt, lambda v: (v ** 2).sum(), [w]))
+    opt.step(closure_for(opt, lambda v: -v.sum(), [w]))  # momentum 0.9 * 10 outweighs the new gradient
     assert float(opt.stats["numerator"]) < 0 and float(opt.stats["lr"]) == 0.0
     assert torch.equal(w.detach(), before)
     # zero curvature (a linear loss): no division by zero; lr stays 0 at step 1
@@ -103,9 +113,9 @@ def bn_model():
 
 
 @pytest.mark.parametrize("make", [
-    lambda b, m: CDAT(b, modules=m, sharpness_every=2),
+    lambda b, m: CDAT(b, modules=m, sharpness=2),
     lambda b, m: ArmijoLineSearch(b, modules=m),
-    lambda b, m: EdgeOfStability(b, modules=m, sharpness_every=1),
+    lambda b, m: EdgeOfStability(b, modules=m, sharpness=1),
 ])
 def test_probes_leave_buffers_and_rng_alone(make):
     """BatchNorm running statistics after N tuner steps equal those of N bare-base steps on the same batches
@@ -169,10 +179,10 @@ def mlp():
 
 
 @pytest.mark.parametrize("make", [
-    lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.5), curvature="secant", sharpness_every=3, ema=0.9),
-    lambda m: CDAT(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9), curvature="fd", sharpness_every=4),
+    lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.5), curvature="secant", sharpness=3, ema=0.9),
+    lambda m: CDAT(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9), curvature="fd", sharpness=4),
     lambda m: ArmijoLineSearch(torch.optim.AdamW(m.parameters(), lr=1.0, weight_decay=0.1)),
-    lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness_every=5),
+    lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness=5),
 ])
 def test_state_dict_round_trip_is_bit_identical(make):
     g = torch.Generator().manual_seed(0)
@@ -238,8 +248,10 @@ def test_missing_closure_raises_type_error_showing_the_convention():
     (CDAT, {"eps": -1.0}, "eps"),
     (CDAT, {"lr_max": 0.0}, "lr_max"),
     (CDAT, {"curvature": "magic"}, "curvature"),
-    (CDAT, {"sharpness_every": -1}, "sharpness_every"),
-    (CDAT, {"sharpness_iters": 0}, "sharpness_iters"),
+    (CDAT, {"sharpness": -1}, "sharpness"),
+    (CDAT, {"sharpness": "3"}, "sharpness"),
+    (CDAT, {"sigma": "2.0"}, "sigma"),
+    (ArmijoLineSearch, {"max_trials": 3.5}, "max_trials"),
     (CDAT, {"curvature": "exact"}, "functional_loss"),
     (QuadraticGreedy, {"lr_max": -1.0}, "lr_max"),
     (ArmijoLineSearch, {"max_trials": 0}, "max_trials"),
@@ -247,7 +259,7 @@ def test_missing_closure_raises_type_error_showing_the_convention():
     (ArmijoLineSearch, {"c": -0.1}, "c"),
     (PolyakStep, {"lr_max": 0.0}, "lr_max"),
     (PolyakStep, {"f_star": float("nan")}, "f_star"),
-    (EdgeOfStability, {"sharpness_every": 0}, "sharpness_every"),
+    (EdgeOfStability, {"sharpness": 0}, "sharpness"),
     (EdgeOfStability, {"sigma": -1.0}, "sigma"),
 ])
 def test_bad_hyperparameters_raise_value_error(cls, kw, name):
@@ -259,5 +271,35 @@ def test_bad_hyperparameters_raise_value_error(cls, kw, name):
 def test_edge_of_stability_needs_a_known_coefficient():
     w = nn.Parameter(torch.ones(2, dtype=DT))
     with pytest.raises(ValueError, match="stability_coefficient"):
-        EdgeOfStability(torch.optim.RMSprop([w], lr=1.0))
-    EdgeOfStability(torch.optim.RMSprop([w], lr=1.0), stability_coefficient=2.0)
+        EdgeOfStability(torch.optim.RMSprop([w], lr=1.0), allow_any_base=True)
+    EdgeOfStability(torch.optim.RMSprop([w], lr=1.0), stability_coefficient=2.0, allow_any_base=True)
+
+
+@pytest.mark.parametrize("kw,field,value", [
+    ({"sharpness_every": 3}, "every", 3), ({"sharpness_iters": 7}, "iters", 7),
+    ({"sharpness_first_iters": 9}, "first_iters", 9), ({"sharpness_tol": 1e-5}, "tol", 1e-5)])
+def test_deprecated_sharpness_keywords_still_work(kw, field, value):
+    w, base = adam_problem()
+    with pytest.warns(DeprecationWarning, match=next(iter(kw))):
+        opt = CDAT(base, **kw)
+    assert getattr(opt.sharpness_config, field) == value
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="sharpness_every"):
+        CDAT(adam_problem()[1], sharpness_every=-1)
+    with pytest.raises(ValueError, match="not both"):
+        CDAT(adam_problem()[1], sharpness=SharpnessConfig(every=2), **kw)
+
+
+def test_sharpness_setting_and_defaults_come_from_the_core():
+    from curvopt.rules import ArmijoRule, CDATRule, EdgeOfStabilityRule, PolyakRule
+
+    w, base = adam_problem()
+    assert CDAT(base).sharpness_config == CDATRule.default_sharpness
+    assert EdgeOfStability(adam_problem()[1]).sharpness_config == EdgeOfStabilityRule.default_sharpness
+    assert CDAT(adam_problem()[1], sharpness=4).sharpness_config == SharpnessConfig(every=4)
+    cfg = SharpnessConfig(every=2, iters=3, first_iters=5, tol=1e-4)
+    assert ArmijoLineSearch(adam_problem()[1], sharpness=cfg).sharpness_config is cfg
+    assert CDAT(adam_problem()[1]).rule == CDATRule()
+    assert QuadraticGreedy(adam_problem()[1]).rule == CDATRule.greedy()
+    assert ArmijoLineSearch(adam_problem()[1]).rule == ArmijoRule()
+    assert PolyakStep(adam_problem()[1]).rule == PolyakRule()
+    assert CDAT(adam_problem()[1]).curvature == "auto"

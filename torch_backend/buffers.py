@@ -60,17 +60,16 @@ class BufferSnapshot:
             c.shape != b.shape or c.dtype != b.dtype or c.device != b.device for c, b in zip(self._copies, live)
         ):
             self._copies = [b.detach().clone() for b in live]
-        else:
+        elif live:
             with torch.no_grad():
-                for c, b in zip(self._copies, live):
-                    c.copy_(b)
+                torch._foreach_copy_(self._copies, live)
         self._live = live
 
     def restore(self) -> None:
         """Write the remembered values back (bit-exact copies)."""
-        with torch.no_grad():
-            for c, b in zip(self._copies, self._live):
-                b.copy_(c)
+        if self._live:
+            with torch.no_grad():
+                torch._foreach_copy_(self._live, self._copies)
 
 
 class RNGSnapshot:
@@ -78,7 +77,8 @@ class RNGSnapshot:
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = torch.cuda.get_rng_state_all() if cuda else None
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
@@ -90,10 +90,12 @@ class ProbeGuard:
     """Wraps the main closure call and the probe calls of one step (see the module docstring).
 
     Usage: ``loss = guard.main(closure)`` once, then any number of ``guard.probe(closure)``, then
-    ``guard.finish()``. ``calls`` counts the closure calls since ``main``.
+    ``guard.finish()`` — or ``guard.rollback()`` when the step fails: the buffers and the generators go back to
+    where they were before the main call. ``calls`` counts the closure calls since ``main``.
     """
 
     def __init__(self, modules: ModulesLike = None) -> None:
+        self.before = BufferSnapshot(modules)
         self.buffers = BufferSnapshot(modules)
         self._rng_before: Optional[RNGSnapshot] = None
         self._rng_after: Optional[RNGSnapshot] = None
@@ -104,6 +106,8 @@ class ProbeGuard:
         self._rng_before = RNGSnapshot()
         self._rng_after = None
         self._taken = False
+        self.calls = 0
+        self.before.take()
         with torch.enable_grad():
             loss = closure()
         self.calls = 1
@@ -135,3 +139,18 @@ class ProbeGuard:
             self._rng_after.restore()
         self._rng_after = None
         self._taken = False
+
+    def rollback(self) -> None:
+        """Undo the step's side effects on the model: buffers and generators as before the main call."""
+        self.before.restore()
+        if self._rng_before is not None:
+            self._rng_before.restore()
+        self._rng_after = None
+        self._taken = False
+
+    def __getstate__(self) -> dict:
+        # the snapshots are scratch of one step; the modules are what matters
+        return {"modules": self.before.modules}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["modules"])

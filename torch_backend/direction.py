@@ -1,11 +1,15 @@
-"""The base optimizer's direction ``u`` and what the tuners infer from the base.
+"""The base optimizer's direction ``u``, and what the tuners infer from (and refuse in) the base.
 
-**The trick.** Any base whose update is linear in its learning rate (SGD, momentum, Nesterov, Adam, AdamW,
+**The trick.** A base whose update is linear in its learning rate (SGD, momentum, Nesterov, Adam, AdamW,
 with weight decay) gives its direction by stepping once at its own per-group ``lr`` (the relative
 multiplier): snapshot ``w``, ``base.step()``, ``u = w_new - w`` (the update at multiplier ``lr_g``, so ``u``
-carries the per-group ratios), put ``w`` back bit-exactly (a copy, never a subtraction), and let the tuner take
-``w <- w + lr * u``. The base's state (momentum buffers, Adam's moments and step counter) advances exactly as
-in a bare run, since it does not depend on the learning rate.
+carries the per-group ratios), and let the tuner write ``w <- w + lr * u`` from the snapshot (a copy, never
+a subtraction). The base's state (momentum buffers, Adam's moments and step counter) advances exactly as in
+a bare run, since it does not depend on the learning rate.
+
+Bases for which this is wrong are refused (:func:`check_base`): a base whose update is not linear in ``lr``
+(``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search), one that keeps iterate averages (``ASGD``:
+its average would collect the probe points), ``SparseAdam`` (sparse gradients), and ``maximize=True``.
 """
 from __future__ import annotations
 
@@ -14,9 +18,21 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from curvopt.thresholds import stability_coefficient
+from curvopt.base import BaseMethod
 
-__all__ = ["base_method", "base_stability_coefficient", "is_adam_like", "snapshot_into", "direction_into"]
+__all__ = ["SUPPORTED_BASES", "base_method", "base_stability_coefficient", "check_base", "check_group",
+           "is_adam_like", "snapshot_into", "direction_into"]
+
+#: the bases the tuners accept without ``allow_any_base=True``
+SUPPORTED_BASES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+_REFUSED = {
+    "LBFGS": "its update is its own line search, not linear in lr",
+    "SparseAdam": "it works on sparse gradients, which the tuners' inner products do not support",
+    "ASGD": "it keeps an average of the iterates, which would collect the tuner's probe points",
+    "Rprop": "its per-weight step sizes adapt to the sign of the gradient: the update is not linear in lr",
+}
+_SUPPORTED_TEXT = ("torch.optim.SGD (with or without momentum/Nesterov/weight decay), torch.optim.Adam and "
+                   "torch.optim.AdamW")
 
 
 def is_adam_like(base: torch.optim.Optimizer) -> bool:
@@ -24,32 +40,59 @@ def is_adam_like(base: torch.optim.Optimizer) -> bool:
     return isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
 
 
-def base_method(base: torch.optim.Optimizer) -> Optional[tuple[str, dict]]:
-    """``(method, kwargs)`` for :func:`curvopt.thresholds.stability_coefficient`, or None if unknown.
+def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) -> None:
+    """Refuse a base the tuners cannot wrap, with the supported ones named (see the module docstring).
+
+    ``allow_any_base=True`` accepts other ``torch.optim`` optimizers whose update is linear in ``lr`` and that
+    keep no iterate averages (``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ... : the caller vouches for
+    it); the four in ``_REFUSED`` are refused regardless.
+    """
+    name = type(base).__name__
+    for cls in type(base).__mro__:
+        if cls.__module__.startswith("torch.optim") and cls.__name__ in _REFUSED:
+            raise ValueError(f"{tuner} cannot wrap {name}: {_REFUSED[cls.__name__]}. Supported bases: "
+                             f"{_SUPPORTED_TEXT}.")
+    if not isinstance(base, SUPPORTED_BASES) and not allow_any_base:
+        raise ValueError(
+            f"{tuner} does not know whether {name}'s update is linear in its lr (the tuner scales it). "
+            f"Supported bases: {_SUPPORTED_TEXT}. For another base whose update is linear in lr and that keeps "
+            "no iterate average (RMSprop, Adagrad, NAdam, ...), pass allow_any_base=True (and "
+            "stability_coefficient= if you want eos_ratio or the edge-of-stability rule).")
+    for group in base.param_groups:
+        check_group(group, tuner)
+
+
+def check_group(group: dict, tuner: str) -> None:
+    """Refuse a param group the tuners cannot handle (``maximize=True``)."""
+    if group.get("maximize", False):
+        raise ValueError(f"{tuner}: maximize=True is not supported (the tuners minimise the closure's loss); "
+                         "return the negated objective from the closure instead")
+
+
+def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:
+    """The :class:`curvopt.base.BaseMethod` of a torch base, or None for a base the core does not describe.
 
     SGD without momentum is ``"gd"``, with momentum ``"heavy_ball"`` (with its dampening) or ``"nesterov"``;
-    Adam/AdamW are ``"adam"`` with their ``beta1``. The first parameter group decides.
+    Adam/AdamW are ``"adam"`` with their betas and eps. The first parameter group decides.
     """
     group = base.param_groups[0]
     if isinstance(base, torch.optim.SGD):
         m = float(group.get("momentum", 0.0))
         if m == 0.0:
-            return "gd", {}
+            return BaseMethod.gd()
         if group.get("nesterov", False):
-            return "nesterov", {"momentum": m}
-        return "heavy_ball", {"momentum": m, "dampening": float(group.get("dampening", 0.0))}
+            return BaseMethod.nesterov(m)
+        return BaseMethod.heavy_ball(m, float(group.get("dampening", 0.0)))
     if is_adam_like(base):
-        return "adam", {"beta1": float(group["betas"][0])}
+        b1, b2 = group["betas"]
+        return BaseMethod.adam(float(b1), float(b2), float(group["eps"]))
     return None
 
 
 def base_stability_coefficient(base: torch.optim.Optimizer) -> Optional[float]:
     """The stability coefficient ``c`` of the base (threshold ``c / lr``), None for an unknown base."""
     method = base_method(base)
-    if method is None:
-        return None
-    name, kwargs = method
-    return stability_coefficient(name, **kwargs)
+    return None if method is None else method.coefficient
 
 
 def snapshot_into(w0: Sequence[Tensor], params: Sequence[Tensor]) -> None:

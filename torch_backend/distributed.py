@@ -9,8 +9,8 @@ rank-local:
 
 * the **loss** the closure returns (each rank's mean over its own shard of the batch): Polyak's rule, the
   Armijo test and the NaN/Inf check need the global loss;
-* anything computed with ``torch.func``/double backward on the bare module (the ``"exact"`` oracle's
-  double backward of ``functional_loss``): DDP's gradient hooks never see it.
+* anything computed by differentiating ``functional_loss`` on the bare module (the ``"exact"`` oracle's
+  double backward): DDP's gradient hooks never see it.
 
 :class:`DataParallel` reduces exactly those, each once, with one ``all_reduce`` (sum, then divided by the
 world size: the global loss is the mean of the ranks' losses when every rank's shard has the same size,
@@ -25,7 +25,7 @@ ranks' partial results. The reducer then knows it is ``sharded``, and the tuner'
 :func:`~torch_backend.vectors.sq_norm`, :func:`~torch_backend.vectors.norm` and
 :func:`~torch_backend.vectors.max_abs` all-reduce their partial result once (``sum_`` / ``max_abs_``). Every
 scalar built from them (``-g^T u``, the ``fd`` step ``h`` from the global norms, the ``fd``/``secant``
-curvatures, the Lanczos/power-iteration inner products) is then global. Under DDP or ``NO_SHARD`` nothing
+curvatures, the power iteration's inner products) is then global. Under DDP or ``NO_SHARD`` nothing
 changes (replicated parameters: their dot products are already global and must not be summed again).
 
 Not supported, refused by :func:`check_params` at construction with a clear error: FSDP2 ``DTensor``

@@ -1,54 +1,70 @@
 """The shared base class of the PyTorch tuners: a ``torch.optim.Optimizer`` wrapped around a base optimizer.
 
-One step (``step(closure)``):
+A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this class's step. One step
+(``step(closure)``) is a transaction:
 
 1. the *main* closure call at ``w`` (the only one allowed to update module buffers), giving the loss and
    ``g``;
-2. one host sync: if the loss or a gradient is NaN/Inf the step is skipped (parameters, the base's state,
-   including Adam's step counter and moments, and the tuner's state untouched; ``stats["skipped"]`` + 1; a
-   warning). This is the step's only host synchronisation apart from data-dependent loops (line-search
-   trials, power iterations);
-3. the base direction ``u`` (see :mod:`torch_backend.direction`) and ``numerator = -g^T u``;
-4. on sharpness steps (1, 1 + k, 1 + 2k, ... with ``sharpness_every = k``), the online sharpness at ``w``
-   (after the base stepped, so Adam's ``P`` is the one of this step's update);
-5. the learning rate from the core rule (:mod:`curvopt.rules`, called with ``xp=torch``), using the curvature
-   oracle where the rule needs ``u^T H u``;
-6. ``w <- w + lr * u``.
+2. ``w0 <- w``, a snapshot of the base's state for the parameters it will step, ``base.step()``, the base
+   direction ``u = w_new - w0`` (see :mod:`torch_backend.direction`) and ``numerator = -g^T u``;
+3. one host sync: if the loss or ``-g^T u`` is not finite (a NaN/Inf loss or gradient, or a base direction
+   that overflowed, e.g. fp16 Adam) the step is **skipped**: parameters and the base's state (Adam's step
+   counter and moments included) are put back, ``stats["skipped"]`` + 1, a warning;
+4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
+   ``w0`` (after the base stepped, so Adam's ``P`` is the one of this step's update), by the core's power
+   iteration on finite-difference Hessian-vector products;
+5. the learning rate from the rule: ``apply_rule(self.rule, RuleInputs(...), rule state, torch)`` (the core
+   owns the guard), with ``u^T H u`` from the curvature oracle where the rule needs it; the Armijo rule's
+   trials run here;
+6. commit: ``w <- w0 + lr * u``, the tuner's state and ``stats`` are written.
 
-The base's ``param_groups`` are the tuner's (same list, same dicts): an LR scheduler or μP groups act on the
-per-group ``lr``, which is a *relative multiplier*; the tuner picks the global scale ``lr``. So the effective
-learning rate of group ``i`` is ``stats["lr"] * param_groups[i]["lr"]``.
+If anything raises before the commit — the closure at any of its calls (main, curvature probe, secant
+fallback, sharpness product, line-search trial, exact oracle), ``KeyboardInterrupt`` included — the
+parameters are restored bit-exactly, the base's state and the tuner's state are as before the step, module
+buffers and random generators are as before the main call, and the exception propagates.
 
-Memory: the tuner keeps two buffers the size of the parameters (``w`` and ``u``), plus one eigenvector per
-estimated space when ``sharpness_every > 0`` (and, on sharpness steps only, the main gradient while the
-products run). After ``step`` the ``.grad`` fields hold the gradient of the last closure call of the step,
-which may be a probe; read gradients inside the closure.
+The base's ``param_groups`` and ``state`` are the tuner's (same objects): an LR scheduler or μP groups act on
+the per-group ``lr``, which is a *relative multiplier* (the tuner picks the global scale ``lr``, so the
+effective learning rate of group ``i`` is ``stats["lr"] * param_groups[i]["lr"]``), and the tuner's own state
+lives beside the base's (layout: :mod:`torch_backend.state`).
+
+Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snapshot of the base's state
+(its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
+oracle, and one eigenvector per estimated space when the sharpness is on. After ``step`` the ``.grad``
+fields hold the gradient of the last closure call of the step, which may be a probe; read gradients inside
+the closure.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from curvopt.config import SharpnessConfig
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, SharpnessConfig, accumulator_dtype_name,
+                            as_sharpness, resolve_curvature, sharpness_due)
+from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
+from curvopt.rules import secant_curvature
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
-from curvopt.validation import check_positive
+from curvopt.validation import check_choice, check_positive, check_positive_int
 
+from . import state as layout
 from .buffers import ModulesLike, ProbeGuard
+from .direction import base_method, check_base, check_group, direction_into, snapshot_into
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
-from .direction import base_stability_coefficient, direction_into, is_adam_like, snapshot_into
-from .oracles import CurvatureOracle, make_oracle
+from .oracles import check_functional_loss, exact, finite_difference
 from .preconditioning import preconditioner_scales
-from .sharpness import FiniteDifferenceHVP, OnlineSharpness, _preconditioned
-from .vectors import accumulator_dtype, axpy_into, dot, max_abs, reducing
+from .probe import Probe
+from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
+from .vectors import dot, reducing, sq_norm
 
-__all__ = ["CurvatureTuner", "StepContext", "CLOSURE_CONVENTION"]
+__all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
 
 CLOSURE_CONVENTION = """step() needs a closure (the torch.optim.LBFGS convention): a function that zeroes the
 gradients, computes the loss, calls backward and returns the loss, e.g.
@@ -63,73 +79,150 @@ gradients, computes the loss, calls backward and returns the loss, e.g.
 
 The tuner calls it once at the current parameters and, depending on the tuner, again at probe points."""
 
+#: deprecated keywords (one release) -> SharpnessConfig fields
+_LEGACY_SHARPNESS = {"sharpness_every": "every", "sharpness_iters": "iters",
+                     "sharpness_first_iters": "first_iters", "sharpness_tol": "tol"}
+
+
+def default_of(rule_cls: type, name: str) -> Any:
+    """The core's default of a rule field (the tuners' constructor defaults are the core's, never restated)."""
+    return rule_cls.__dataclass_fields__[name].default
+
+
+class RuleField:
+    """A tuner attribute that reads and assigns a field of its rule value (``opt.sigma = 1.0`` replaces
+    ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return self if obj is None else getattr(obj.rule, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
+
+
+def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
+    """``sharpness=`` (SharpnessConfig | int | None) plus the deprecated ``sharpness_*`` keywords."""
+    unknown = set(legacy) - set(_LEGACY_SHARPNESS)
+    if unknown:
+        raise TypeError(f"{tuner}() got unexpected keyword argument(s) {sorted(unknown)}")
+    cfg = as_sharpness(sharpness, default)
+    given = {k: v for k, v in legacy.items() if v is not None}
+    if not given:
+        return cfg
+    if sharpness is not None:
+        raise ValueError(f"{tuner}: give either sharpness= or the deprecated {sorted(given)}, not both")
+    warnings.warn(f"{tuner}: {', '.join(sorted(given))} are deprecated; pass sharpness=SharpnessConfig(...) (or "
+                  "an int: estimate every k steps)", DeprecationWarning, stacklevel=4)
+    fields = {_LEGACY_SHARPNESS[k]: v for k, v in given.items()}
+    try:
+        return dataclasses.replace(cfg, **fields)
+    except ValueError as e:  # name the keyword the caller used
+        for k, f in _LEGACY_SHARPNESS.items():
+            if f"sharpness.{f} " in str(e):
+                raise ValueError(f"{k}: {e}") from None
+        raise
+
 
 def _stats_doc() -> str:
     return "\n".join(f"    * ``{k}``: {v}" for k, v in STAT_DOCS.items())
 
 
-@dataclass
-class StepContext:
-    """What one step knows, handed to the learning-rate rule and the curvature oracle."""
+def _fits(b: Optional[Tensor], p: Tensor) -> bool:
+    return b is not None and b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
 
-    tuner: "CurvatureTuner"
-    closure: Callable[[], Tensor]
-    loss: Tensor
-    params: list[Tensor]
-    index: list[int]
-    grads: Optional[list[Tensor]]
-    w0: list[Tensor]
-    u: list[Tensor]
-    previous_u: Optional[list[Tensor]]
-    numerator: Tensor = field(default=None)  # type: ignore[assignment]
 
-    def probe(self, a: Tensor) -> Tensor:
-        """Call the closure at ``w + a u`` (buffers and RNG protected); the parameters stay there."""
-        axpy_into(self.params, self.w0, a, self.u)
-        for p in self.params:
-            p.grad = None
-        loss = self.tuner.guard.probe(self.closure)
-        return torch.as_tensor(loss).detach().to(self.loss.dtype)
+class _BaseSnapshot:
+    """The base's state of the parameters it is about to step, restorable bit-exactly (the copies' storage is
+    allocated once and reused)."""
 
-    def global_mean(self, x: Tensor) -> Tensor:
-        """A rank-local scalar (a probe's loss, a torch.func curvature) made global: the mean over the ranks
-        of a data-parallel run (one all_reduce), unchanged in a single process."""
-        d = self.tuner.distributed
-        return x if d is None else d.mean(x)
+    def __init__(self) -> None:
+        self._copies: list[Tensor] = []
+        self.entries: list[tuple[Tensor, Optional[dict]]] = []
+        self.tensors: list[Tensor] = []
 
-    def protected(self, fn: Callable[[], Tensor]) -> Tensor:
-        """Run ``fn`` (not a closure call, e.g. a functional loss) protected like a probe."""
-        return self.tuner.guard.protect(fn)
+    def take(self, state: dict, params: list[Tensor]) -> None:
+        entries, tensors = [], []
+        for p in params:
+            st = state.get(p)
+            if not st:
+                entries.append((p, None))
+                continue
+            saved = {k: v for k, v in st.items() if not layout.is_ours(k)}
+            entries.append((p, saved))
+            tensors.extend(v for v in saved.values() if isinstance(v, Tensor))
+        copies = self._copies
+        if len(copies) != len(tensors) or not all(_fits(c, t) for c, t in zip(copies, tensors)):
+            copies = self._copies = [torch.empty_like(t) for t in tensors]
+        if tensors:
+            torch._foreach_copy_(copies, tensors)
+        self.entries, self.tensors = entries, tensors
 
-    def all_points_and_directions(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """``(w, u)`` over all the tuner's parameters in ``param_groups`` order (``u = 0`` where no gradient)."""
-        all_params = self.tuner._all_params()
-        pos = {i: k for k, i in enumerate(self.index)}
-        ws, us = [], []
-        for i, p in enumerate(all_params):
-            if i in pos:
-                ws.append(self.w0[pos[i]].detach())
-                us.append(self.u[pos[i]])
-            else:
-                ws.append(p.detach())
-                us.append(torch.zeros_like(p))
-        return tuple(ws), tuple(us)
+    def restore(self, state: dict) -> None:
+        if self.tensors:
+            torch._foreach_copy_(self.tensors, self._copies)
+        for p, saved in self.entries:
+            st = state.get(p)
+            if st is None:
+                if saved:
+                    state[p] = dict(saved)
+                continue
+            for k in [k for k in st if not layout.is_ours(k) and (saved is None or k not in saved)]:
+                del st[k]
+            if saved:
+                st.update(saved)
+            if not st:
+                del state[p]
+        self.entries, self.tensors = [], []
+
+
+class _Transaction:
+    """What a failing step must undo (filled in as the step proceeds)."""
+
+    def __init__(self, tuner: "CurvatureTuner") -> None:
+        self.tuner = tuner
+        self.params: Optional[list[Tensor]] = None
+        self.w0: Optional[list[Tensor]] = None
+        self.base_stepped = False
+        self.hidden: Optional[tuple[Tensor, dict]] = None
+
+    def undo_base(self) -> None:
+        t = self.tuner
+        if self.base_stepped:
+            t._snapshot.restore(t.state)
+            self.base_stepped = False
+        if self.params is not None:
+            torch._foreach_copy_(self.params, self.w0)
+        if self.hidden is not None:
+            p0, keys = self.hidden
+            t.state[p0].update(keys)
+            self.hidden = None
+
+    def rollback(self) -> None:
+        with torch.no_grad():
+            self.undo_base()
+            self.tuner.guard.rollback()
 
 
 class CurvatureTuner(torch.optim.Optimizer):
-    """Base class; see the module docstring for the step and :attr:`stats` for the logged numbers."""
+    """Base class; see the module docstring for the step and :attr:`stats` for the logged numbers.
 
-    #: whether the rule uses a curvature oracle
-    uses_curvature = False
+    Subclasses set ``self.rule`` (a rule value of :mod:`curvopt.rules`) before calling ``__init__``."""
 
-    def __init__(self, base: torch.optim.Optimizer, *, sharpness: SharpnessConfig, modules: ModulesLike = None,
-                 curvature: Optional[str] = None, functional_loss: Optional[Callable] = None,
-                 stability_coefficient: Optional[float] = None, seed: int = 0,
-                 distributed: DistributedLike = "auto") -> None:
+    rule: Any
+
+    def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
+                 modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
+                 stability_coefficient: Optional[float] = None, seed: int = 0, distributed: DistributedLike = "auto",
+                 allow_any_base: bool = False, legacy: Optional[dict] = None) -> None:
+        name = type(self).__name__
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
         if isinstance(base, CurvatureTuner):
             raise TypeError("base must be a plain torch.optim optimizer, not another curvopt tuner")
+        check_base(base, bool(allow_any_base), name)
         self.__dict__["_initializing"] = True
         self.__dict__["base"] = base
         super().__init__([p for g in base.param_groups for p in g["params"]], {})
@@ -137,34 +230,47 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.__dict__.pop("_init_groups", None)
         params = self._all_params()
         if not any(p.requires_grad for p in params):
-            raise ValueError(f"{type(self).__name__}: none of the base optimizer's parameters requires_grad "
+            raise ValueError(f"{name}: none of the base optimizer's parameters requires_grad "
                              "(all frozen): there is nothing to tune")
+        #: dtype of the tuner's own scalars (at least float32, the widest parameter dtype; complex refused)
+        self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in params))
+        self._distributed_setting = distributed
         #: the reducer of a data-parallel run (None in a single process): see torch_backend.distributed
         self.distributed = resolve_distributed(distributed, params)
-        check_params(params, type(self).__name__, self.distributed, curvature if self.uses_curvature else None)
-        #: dtype of the tuner's own scalars (at least float32, the widest parameter dtype)
-        self.acc_dtype = accumulator_dtype(params)
-        self.sharpness_config = sharpness
+        needs = self.rule.needs
+        if "curvature" in needs:
+            check_choice("curvature", curvature, CURVATURE_ORACLES)
+            if curvature == "exact":
+                check_functional_loss(functional_loss)
+        check_params(params, name, self.distributed, curvature if "curvature" in needs else None)
+        #: the curvature oracle setting (None when the rule needs no curvature); "auto" is resolved per step
+        self.curvature: Optional[str] = curvature if "curvature" in needs else None
+        self.functional_loss = functional_loss
+        #: the online sharpness setting (the rule's default unless given)
+        self.sharpness_config = resolve_sharpness(sharpness, self.rule.default_sharpness, legacy or {}, name)
+        if "sharpness" in needs and not self.sharpness_config.enabled:
+            raise ValueError(f"{name} needs the online sharpness: sharpness must estimate every k >= 1 steps "
+                             "(sharpness=k or SharpnessConfig(every=k))")
+        #: the base as the core describes it (None for a base outside SGD/Adam/AdamW)
+        self.method = base_method(base)
         if stability_coefficient is not None:
             self.coefficient: Optional[float] = check_positive("stability_coefficient", stability_coefficient)
         else:
-            self.coefficient = base_stability_coefficient(base)
-        self.adam_like = is_adam_like(base)
+            self.coefficient = None if self.method is None else self.method.coefficient
+        self.preconditioned = self.method is not None and self.method.preconditioned
+        self.seed = check_positive_int("seed", seed, minimum=0)
         self.guard = ProbeGuard(modules)
-        self.oracle: Optional[CurvatureOracle] = (
-            make_oracle(curvature, functional_loss) if self.uses_curvature else None)
-        self.sharpness = OnlineSharpness(sharpness, seed)
-        self._step_count = 0
-        self._skipped = 0
-        self._w0: dict[int, Tensor] = {}
-        self._u: dict[int, Tensor] = {}
-        self._last_index: Optional[list[int]] = None
-        like = self._acc_like()
-        nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
-        self._stats: dict[str, Any] = {k: nan for k in STAT_FIELDS}
-        self._stats.update(skipped=0, closure_calls=0)
+        self._snapshot = _BaseSnapshot()
+        self._scratch_u: dict[Tensor, Tensor] = {}
+        #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
+        self.last_trials = 0
+        self.last_decrease_error = math.nan
+        #: Hessian-vector products spent by the last step's sharpness estimate
+        self.sharpness_products = 0
+        self._stats: dict[str, Any] = self._nan_stats(skipped=0)
+        self.register_state_dict_post_hook(_name_the_tuner, prepend=True)
 
-    # -- param_groups are the base's -----------------------------------------------------------------------
+    # -- param_groups and state are the base's --------------------------------------------------------------
     @property
     def param_groups(self) -> list[dict]:  # type: ignore[override]
         if self.__dict__.get("_initializing"):
@@ -178,17 +284,29 @@ class CurvatureTuner(torch.optim.Optimizer):
         else:
             self.base.param_groups = value
 
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        if self.__dict__.get("_initializing"):
+            return self.__dict__.setdefault("_init_state", {})
+        return self.base.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if not self.__dict__.get("_initializing"):
+            self.base.state = value
+
     def add_param_group(self, param_group: dict) -> None:
         if self.__dict__.get("_initializing"):
             return super().add_param_group(param_group)
+        check_group(param_group, type(self).__name__)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        accumulator_dtype_name(str(p.dtype) for p in params)  # complex refused
         self.base.add_param_group(param_group)
+        self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in self._all_params()))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
-
-    def _acc_like(self) -> Tensor:
-        """A 0-d tensor of the accumulator dtype on the parameters' device."""
-        return torch.zeros((), dtype=self.acc_dtype, device=self._all_params()[0].device)
 
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -196,206 +314,379 @@ class CurvatureTuner(torch.optim.Optimizer):
     # -- stats ---------------------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, Any]:
-        """The latest step's numbers (a fresh dict; tensors are 0-d, NaN when not computed)."""
-        return dict(self._stats)
+        """The latest step's numbers (copies; tensors are 0-d, NaN when not computed)."""
+        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._stats.items()}
+
+    def _nan_stats(self, **ints: int) -> dict[str, Any]:
+        p = self._all_params()[0]
+        nan = torch.full((), math.nan, dtype=self.acc_dtype, device=p.device)
+        out: dict[str, Any] = {k: nan for k in STAT_FIELDS}
+        out.update(skipped=0, closure_calls=0)
+        out.update(ints)
+        return out
+
+    def current_sharpness(self) -> float:
+        """The sharpness the stability threshold refers to: ``lambda_max(P^-1 H)`` for Adam-like bases,
+        ``lambda_max(H)`` otherwise (latest estimate, NaN before the first)."""
+        v = self._globals().get(layout.SHARPNESS["preconditioned" if self.preconditioned else "plain"])
+        return math.nan if v is None else float(v)
+
+    def _globals(self) -> dict:
+        """The state dict entry holding the tuner's global scalars (see :mod:`torch_backend.state`)."""
+        st = self.state.get(self._all_params()[0])
+        return st if st is not None else {}
 
     # -- the step ------------------------------------------------------------------------------------------
-    def _buffers(self, index: Sequence[int], params: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        w0, u = [], []
-        for i, p in zip(index, params):
-            for store, out in ((self._w0, w0), (self._u, u)):
-                b = store.get(i)
-                if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
-                    b = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    store[i] = b
-                out.append(b)
-        return w0, u
-
-    def _learning_rate(self, ctx: StepContext, flags: list[bool]) -> tuple[Tensor, Optional[Tensor]]:
-        """``(lr, curvature or None)`` for this step; subclasses implement their rule."""
-        raise NotImplementedError
-
-    def _rule_state(self) -> dict:
-        return {}
-
-    def _load_rule_state(self, state: dict, like: Tensor) -> None:
-        pass
-
-    def _skip(self, loss: Tensor) -> Tensor:
-        self._skipped += 1
-        warnings.warn(
-            f"{type(self).__name__}: non-finite loss or gradient, step skipped (parameters, base state and "
-            f"tuner state unchanged; {self._skipped} skipped so far)", RuntimeWarning, stacklevel=4)
-        like = self._acc_like()
-        nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
-        self._stats.update(lr=nan, numerator=nan, curvature=nan, eos_ratio=nan, skipped=self._skipped,
-                           closure_calls=self.guard.calls)
-        self.guard.finish()
-        return loss
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
         if closure is None or not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
         # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
         with reducing(self.distributed):
-            return self._step(closure)
+            tx = _Transaction(self)
+            try:
+                return self._step(closure, tx)
+            except BaseException:
+                tx.rollback()
+                raise
 
-    def _step(self, closure: Callable[[], Tensor]) -> Tensor:
-        loss = self.guard.main(closure)
+    def _step(self, closure: Callable[[], Tensor], tx: _Transaction) -> Tensor:
+        guard, state, rule = self.guard, self.state, self.rule
+        loss = guard.main(closure)
         if loss is None:
             raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
         all_params = self._all_params()
-        index = [i for i, p in enumerate(all_params) if p.grad is not None]
-        if not index:
+        index, params, grads, stepped = [], [], [], []
+        for i, p in enumerate(all_params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: parameter {i} has a sparse gradient ({g.layout}); the tuners need dense "
+                    "gradients (e.g. nn.Embedding(..., sparse=False))")
+            stepped.append(p)
+            if p.numel() > 0:
+                index.append(i)
+                params.append(p)
+                grads.append(g)
+        if not stepped:
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
-        params = [all_params[i] for i in index]
-        grads = [p.grad for p in params]
-        loss_t = torch.as_tensor(loss).detach().to(device=params[0].device, dtype=self.acc_dtype).reshape(())
+        loss_t = torch.as_tensor(loss).detach()
+        if loss_t.numel() != 1:
+            raise ValueError(f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
+        dev = (params or stepped)[0].device
+        loss_t = loss_t.to(device=dev, dtype=self.acc_dtype).reshape(())
         if self.distributed is not None:
             # the closure's loss is rank-local under DDP (the gradients are already averaged): one all_reduce
             # makes it global before the NaN check (so every rank skips together) and the rules use it
             loss_t = self.distributed.mean(loss_t)
+        p0 = all_params[0]
+        glob = self._globals()
+        count = glob.get(layout.STEP, 0)
+        oracle = resolve_curvature(self.curvature, True) if self.curvature is not None else None
+        secant = oracle == "secant"
+        prev_u = self._previous_directions(params, glob) if secant else None
+        g_dot_prev_u = dot(grads, prev_u) if prev_u is not None else None
 
-        previous_u = None
-        if self._last_index == index and self._u:
-            previous_u = [self._u[i] for i in index]
-        ctx = StepContext(self, closure, loss_t, params, index, grads, [], [], previous_u)
-        extra = self.oracle.before_direction(ctx) if self.oracle is not None else []
-        finite = torch.isfinite(loss_t) & torch.isfinite(max_abs(grads))
-        checks = [finite] + [torch.as_tensor(e, device=finite.device) for e in extra]
+        # the base's direction
+        w0, u, fresh = self._buffers(params, secant)
+        snapshot_into(w0, params)
+        tx.params, tx.w0 = params, w0
+        self._snapshot.take(state, stepped)
+        tx.base_stepped = True
+        tx.hidden = self._hide_globals(p0)
+        self.base.step()
+        if tx.hidden is not None:
+            state[p0].update(tx.hidden[1])
+            tx.hidden = None
+        if not params:  # only zero-size parameters have gradients: nothing to tune
+            guard.finish()
+            return loss
+        direction_into(u, params, w0)
+        numerator = (-dot(grads, u)).to(self.acc_dtype)
+        like = numerator
+        nan = torch.full_like(like, math.nan)
+        checks = [torch.isfinite(loss_t) & torch.isfinite(numerator)]
+        secant_c, u_sq = nan, None
+        if secant:
+            u_sq = sq_norm(u).to(self.acc_dtype)
+            if g_dot_prev_u is not None:
+                prev = [glob.get(k) for k in layout.SECANT]
+                if all(t is not None for t in prev):
+                    prev = [t.to(like) for t in prev]
+                    secant_c = secant_curvature(g_dot_prev_u.to(like), prev[0], prev[1], prev[2], u_sq, xp=torch)
+            checks.append(torch.isfinite(secant_c))
         flags = [bool(f) for f in torch.stack(checks).tolist()]  # the step's host sync
         if not flags[0]:
-            return self._skip(loss)
+            tx.undo_base()
+            return self._skip(loss, p0)
 
-        self._step_count += 1
-        w0, u = self._buffers(index, params)
-        ctx.w0, ctx.u = w0, u
-        snapshot_into(w0, params)
-        self.base.step()
-        direction_into(u, params, w0)
-        ctx.numerator = -dot(grads, u).to(self.acc_dtype)
+        probe = Probe(closure, params, grads, w0, u, loss_t, numerator, guard, self.distributed, all_params, index)
+        sharp = {}
+        cfg = self.sharpness_config
+        if cfg.enabled and sharpness_due(count, cfg.every):
+            sharp = self._estimate_sharpness(probe, glob, count)
+        curvature = nan
+        if oracle == "exact":
+            curvature = exact(probe, self.functional_loss)
+        elif oracle == "fd" or (secant and not flags[1]):
+            curvature = finite_difference(probe)  # the secant's fallback when there is no secant
+        elif secant:
+            curvature = secant_c
+        sharpness = {}
+        for space, key in layout.SHARPNESS.items():
+            if space in sharp and bool(torch.isfinite(sharp[space][0])):
+                sharpness[space] = sharp[space][0].to(like)
+            else:
+                old = glob.get(key)
+                sharpness[space] = nan if old is None else old.to(like)
+        reference = sharpness["preconditioned" if self.preconditioned else "plain"]
+        inputs = RuleInputs(numerator, curvature, loss_t, reference, count)
+        rule_state = self._rule_state(glob, like)
+        trials, error = 0, math.nan
+        if isinstance(rule, ArmijoRule):
+            lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state)
+        else:
+            lr, new_rule_state = apply_rule(rule, inputs, rule_state, torch)
 
-        sharp = self._sharpness(ctx) if self.sharpness.due(self._step_count) else None
-        ctx.grads = None
-        del grads
-        lr, curvature = self._learning_rate(ctx, flags[1:])
-        axpy_into(params, w0, lr, u)
-        self.guard.finish()
-        if self.oracle is not None:
-            self.oracle.after_update(ctx, lr)
-        self._last_index = index
-        self._record(ctx, lr, curvature, sharp)
+        # commit
+        probe.move(lr)
+        guard.finish()
+        for p, key, b in fresh:
+            state[p][key] = b
+        if secant:
+            self._commit_directions(params, u, all_params, prev_u is not None)
+        for space, (value, vec, used) in sharp.items():
+            if space in sharpness and bool(torch.isfinite(value)):
+                for p, t in zip(params, vec):
+                    state[p][layout.EIGVEC[space]] = t
+        glob = state[p0]
+        glob[layout.STEP] = count + 1
+        glob.setdefault(layout.SKIPPED, 0)
+        for f, v in zip(new_rule_state._fields, new_rule_state):
+            glob[layout.rule_key(f)] = v
+        for space, key in layout.SHARPNESS.items():
+            if space in sharp and bool(torch.isfinite(sharp[space][0])):
+                glob[key] = sharpness[space]
+        if secant:
+            for key, v in zip(layout.SECANT, (-numerator, lr, u_sq)):
+                glob[key] = v
+            glob[layout.DIRECTIONS] = len(params)
+        self.last_trials, self.last_decrease_error = trials, error
+        self.sharpness_products = sum(used for _, _, used in sharp.values())
+        ratio = eos_ratio_rule(lr, reference, self.coefficient) if self.coefficient is not None else nan
+        self._stats = {"lr": lr, "numerator": numerator, "curvature": curvature, "sharpness": sharpness["plain"],
+                       "preconditioned_sharpness": sharpness["preconditioned"], "eos_ratio": ratio,
+                       "skipped": glob[layout.SKIPPED], "closure_calls": guard.calls}
         return loss
 
-    def _sharpness(self, ctx: StepContext) -> dict[str, float]:
-        g0 = ctx.grads
-        assert g0 is not None
-        hvp = FiniteDifferenceHVP(lambda: self.guard.probe(ctx.closure), ctx.params, ctx.w0, g0)
-        out = {"plain": self.sharpness.estimate("plain", hvp, ctx.params)}
-        if self.adam_like:
-            scales = preconditioner_scales(self.base, ctx.params)
-            out["preconditioned"] = self.sharpness.estimate("preconditioned", _preconditioned(hvp, scales),
-                                                            ctx.params)
+    def _buffers(self, params: list[Tensor], secant: bool) -> tuple[list[Tensor], list[Tensor], list]:
+        """``w0`` and the buffer ``u`` is written into; new buffers go into ``state`` only at the commit (after
+        the base initialised the parameter's state). With the secant oracle ``u`` is a second buffer, swapped
+        with ``state[p]["curvopt_u"]`` at the commit, so a failed step keeps the previous direction."""
+        state = self.state
+        w0, u, fresh = [], [], []
+        for p in params:
+            st = state.get(p)
+            b = st.get(layout.W0) if st else None
+            if not _fits(b, p):
+                b = torch.empty_like(p, memory_format=torch.preserve_format)
+                fresh.append((p, layout.W0, b))
+            w0.append(b)
+            if secant:
+                c = self._scratch_u.get(p)
+                if not _fits(c, p):
+                    c = torch.empty_like(p, memory_format=torch.preserve_format)
+            else:
+                c = st.get(layout.U) if st else None
+                if not _fits(c, p):
+                    c = torch.empty_like(p, memory_format=torch.preserve_format)
+                    fresh.append((p, layout.U, c))
+            u.append(c)
+        return w0, u, fresh
+
+    def _previous_directions(self, params: list[Tensor], glob: dict) -> Optional[list[Tensor]]:
+        """The last step's ``u`` if the same parameters had gradients then (else None: no secant)."""
+        if glob.get(layout.SECANT[0]) is None or glob.get(layout.DIRECTIONS) != len(params):
+            return None
+        out = []
+        for p in params:
+            st = self.state.get(p)
+            b = st.get(layout.U) if st else None
+            if not _fits(b, p):
+                return None
+            out.append(b)
         return out
 
-    def current_sharpness(self) -> float:
-        """The sharpness the stability threshold refers to: ``lambda_max(P^-1 H)`` for Adam-like bases,
-        ``lambda_max(H)`` otherwise (latest estimate, NaN before the first)."""
-        return self.sharpness.values["preconditioned" if self.adam_like else "plain"]
+    def _commit_directions(self, params: list[Tensor], u: list[Tensor], all_params: list[Tensor],
+                           same_set: bool) -> None:
+        state = self.state
+        for p, new in zip(params, u):
+            st = state[p]
+            old = st.get(layout.U)
+            st[layout.U] = new
+            if _fits(old, p):
+                self._scratch_u[p] = old
+        if not same_set:  # exactly the parameters of this step hold a direction (the secant's invariant)
+            mine = {id(p) for p in params}
+            for p in all_params:
+                st = state.get(p)
+                if id(p) not in mine and st and layout.U in st:
+                    del st[layout.U]
 
-    def _record(self, ctx: StepContext, lr: Tensor, curvature: Optional[Tensor],
-                sharp: Optional[dict[str, float]]) -> None:
-        like = lr
-        nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
-        s = self._stats
-        s["lr"] = lr
-        s["numerator"] = ctx.numerator
-        s["curvature"] = curvature if curvature is not None else nan
-        if sharp is not None:
-            s["sharpness"] = torch.tensor(sharp["plain"], dtype=like.dtype, device=like.device)
-            if "preconditioned" in sharp:
-                s["preconditioned_sharpness"] = torch.tensor(sharp["preconditioned"], dtype=like.dtype,
-                                                             device=like.device)
-        ref = self.current_sharpness()
-        if self.coefficient is not None and not math.isnan(ref):
-            s["eos_ratio"] = eos_ratio_rule(lr, ref, self.coefficient)
-        else:
-            s["eos_ratio"] = nan
-        s["skipped"] = self._skipped
-        s["closure_calls"] = self.guard.calls
+    def _hide_globals(self, p0: Tensor) -> Optional[tuple[Tensor, dict]]:
+        """While the base steps, take the tuner's keys out of ``state[p0]`` if the base has not initialised
+        that parameter's state (so ``if len(state) == 0`` still sees an empty dict)."""
+        st = self.state.get(p0)
+        if not st or p0.grad is None or not all(layout.is_ours(k) for k in st):
+            return None
+        hidden = dict(st)
+        st.clear()
+        return p0, hidden
 
-    # -- state -----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """The base's state dict and the tuner's (rule state, counters, eigenvectors, secant memory)."""
-        tuner: dict[str, Any] = {
-            "step": self._step_count,
-            "skipped": self._skipped,
-            "last_index": None if self._last_index is None else list(self._last_index),
-            "sharpness": self.sharpness.state_dict(),
-            "rule": self._rule_state(),
-            "stats": {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._stats.items()},
-            # what the state belongs to, checked by load_state_dict
-            "kind": type(self).__name__,
-            "base_kind": type(self.base).__name__,
-            "params": [[list(p.shape), str(p.dtype).replace("torch.", "")] for p in self._all_params()],
-        }
-        if self.oracle is not None:
-            tuner["oracle"] = self.oracle.state_dict()
-            if self.oracle.name == "secant":
-                tuner["u"] = {i: t.clone() for i, t in self._u.items()}
-        return {"base": self.base.state_dict(), "tuner": tuner}
+    def _rule_state(self, glob: dict, like: Tensor) -> Any:
+        init = self.rule.init(torch.zeros_like(like))
+        vals = [glob.get(layout.rule_key(f)) for f in init._fields]
+        if any(v is None for v in vals):
+            return init
+        return type(init)(*(v.to(like) for v in vals))
 
+    def _line_search(self, probe: Probe, inputs: RuleInputs, state: Any) -> tuple[Tensor, Any, int, float]:
+        """The Armijo rule's trials (:class:`curvopt.rules.ArmijoRule`): ``f(w0 + lr u)`` from the first trial
+        down by ``decrease_factor`` until accepted or ``max_trials`` closure calls; an ascent direction gets
+        no trial (no step can satisfy the test)."""
+        rule = self.rule
+        lr = rule.first_trial(state, torch)
+        err = torch.full_like(lr, math.inf)
+        trials = 0
+        if float(inputs.numerator) > 0:
+            for k in range(rule.max_trials):
+                if k:
+                    lr = lr * rule.decrease_factor
+                err = rule.decrease_error(probe.loss_at(lr), inputs, lr, torch)
+                trials += 1
+                if float(err) <= 0.0:
+                    break
+        lr_take, new_state = rule.finish(inputs, state, lr, err, torch)
+        return lr_take, new_state, trials, float(err)
+
+    def _estimate_sharpness(self, probe: Probe, glob: dict, count: int) -> dict[str, tuple[Tensor, list, int]]:
+        """The online sharpness at ``w0`` (and the preconditioned one for Adam-like bases): the core's power
+        iteration warm-started from the stored eigenvector, cold from a seeded random vector the first time."""
+        cfg = self.sharpness_config
+        hvp = FiniteDifferenceHVP(probe.call, probe.params, probe.w0, probe.grads)
+        spaces = [("plain", hvp)]
+        if self.preconditioned:
+            spaces.append(("preconditioned", preconditioned(hvp, preconditioner_scales(self.base, probe.params))))
+        out = {}
+        like = probe.numerator
+        for k, (space, matvec) in enumerate(spaces):
+            key = layout.EIGVEC[space]
+            v0 = [self.state[p].get(key) if p in self.state else None for p in probe.params]
+            warm = all(_fits(v, p) for v, p in zip(v0, probe.params))
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + 2 * count + k) % (2 ** 63))
+            previous = glob.get(layout.SHARPNESS[space]) if warm else None
+            previous = torch.full_like(like, math.nan) if previous is None else previous.to(like)
+            if not warm:
+                v0 = random_vector(probe.params, gen)
+            value, v, used = power_estimate(matvec, v0, previous, iters=cfg.iters if warm else cfg.first_iters,
+                                            tol=cfg.tol, fresh=random_vector(probe.params, gen))
+            out[space] = (value.to(like), v, used)
+        return out
+
+    def _skip(self, loss: Any, p0: Tensor) -> Any:
+        skipped = self._globals().get(layout.SKIPPED, 0) + 1
+        warnings.warn(
+            f"{type(self).__name__}: non-finite loss, gradient or base direction, step skipped (parameters, base "
+            f"state and tuner state unchanged; {skipped} skipped so far)", RuntimeWarning, stacklevel=5)
+        self.state[p0][layout.SKIPPED] = skipped
+        self.guard.finish()
+        self._stats = self._nan_stats(skipped=skipped, closure_calls=self.guard.calls)
+        return loss
+
+    # -- state_dict ------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        if set(state_dict) != {"base", "tuner"}:
-            raise ValueError("not a curvopt tuner state dict (expected keys 'base' and 'tuner'; "
-                             "a bare torch.optim state dict goes to opt.base.load_state_dict)")
-        self._check_compatible(state_dict["tuner"])
-        self.base.load_state_dict(state_dict["base"])
-        st = state_dict["tuner"]
-        all_params = self._all_params()
-        like = self._acc_like()
-        self._step_count = int(st["step"])
-        self._skipped = int(st["skipped"])
-        self._last_index = None if st["last_index"] is None else list(st["last_index"])
-        self.sharpness.load_state_dict(st["sharpness"], all_params)
-        self._load_rule_state(st["rule"], like)
-        self._stats = {k: (v.to(like.device) if isinstance(v, Tensor) else v) for k, v in st["stats"].items()}
-        if self.oracle is not None:
-            self.oracle.load_state_dict(st.get("oracle", {"prev": None}), like)
-            self._u = {int(i): t.to(device=all_params[int(i)].device, dtype=all_params[int(i)].dtype).clone()
-                       for i, t in st.get("u", {}).items()}
+        """Load a state from :meth:`state_dict` (or a curvopt 0.2 ``{"base", "tuner"}`` checkpoint). Everything
+        is checked before anything is assigned; tensors are cast like torch does (to each parameter's device
+        and floating dtype), the tuner's own scalars to its accumulator dtype."""
+        groups = self.param_groups
+        init = self.rule.init(torch.zeros(()))
+        sd, saved_globals = layout.prepare(
+            state_dict, tuner=type(self).__name__, base=type(self.base).__name__, params=self._all_params(),
+            group_sizes=[len(g["params"]) for g in groups], rule_fields=init._fields,
+            ema=float(getattr(self.rule, "ema", 0.0)))
+        torch.optim.Optimizer.load_state_dict(self, sd)
+        glob = self.state[self._all_params()[0]]
+        p0 = self._all_params()[0]
+        for key, v in saved_globals.items():  # the saved values, not torch's cast to the parameter's dtype
+            glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
+        self._scratch_u = {}
+        self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
-    def _check_compatible(self, st: dict[str, Any]) -> None:
-        """A clear ValueError when the state comes from another tuner, base or model."""
-        me = type(self).__name__
-        kind = st.get("kind")
-        if kind is not None and kind != me:
-            raise ValueError(f"this state dict belongs to a {kind} tuner, not to a {me}: load it into a {kind}")
-        base_kind = st.get("base_kind")
-        if base_kind is not None and base_kind != type(self.base).__name__:
-            raise ValueError(f"this {me} state dict was saved around a {base_kind} base optimizer, not around a "
-                             f"{type(self.base).__name__}")
-        saved = st.get("params")
-        if saved is None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.get("_curvopt_pickle"):  # pickle / deepcopy (see __getstate__)
+            state = dict(state)
+            del state["_curvopt_pickle"]
+            cls, base_state, ours_only = state.pop("_base")
+            base = cls.__new__(cls)
+            base.__setstate__(base_state)
+            base.state.update(ours_only)
+            state["base"] = base
+            self.__dict__.update(state)
+            self._snapshot = _BaseSnapshot()
+            self._scratch_u = {}
+            self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
+            if hasattr(self, "_patch_step_function"):
+                self._patch_step_function()
             return
-        mine = [[list(p.shape), str(p.dtype).replace("torch.", "")] for p in self._all_params()]
-        if len(saved) != len(mine):
-            raise ValueError(f"this {me} state dict was saved with {len(saved)} parameter tensors, this tuner "
-                             f"has {len(mine)}: it comes from a different model")
-        for i, (a, b) in enumerate(zip(saved, mine)):
-            if list(a[0]) != list(b[0]):
-                raise ValueError(f"parameter {i} has shape {tuple(b[0])} here but shape {tuple(a[0])} in the state "
-                                 f"dict: it comes from a different model")
-            if a[1] != b[1]:
-                raise ValueError(f"parameter {i} has dtype {b[1]} here but {a[1]} in the state dict")
+        # torch.optim.Optimizer.load_state_dict hands over {"state", "param_groups"}: they are the base's
+        self.base.__setstate__(_without_ours_only(state))
+        self.base.state.update(_ours_only(state["state"]))
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        if d.get("_distributed_setting") not in ("auto", None, False, True):
+            raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
+        for k in ("_snapshot", "_scratch_u", "distributed", "step", "base"):  # scratch, live reducer, patched step
+            d.pop(k, None)
+        base = self.base
+        # the base is rebuilt through its own __setstate__, which must not see a state holding only our keys
+        # (Adam's reads state["step"] of every non-empty entry)
+        d["_base"] = (type(base), _without_ours_only(base.__getstate__()), _ours_only(base.state))
+        d["_curvopt_pickle"] = True
+        return d
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(base={self.base!r})"
+        return f"{type(self).__name__}(rule={self.rule!r}, base={self.base!r})"
+
+
+def _ours_only(state: dict) -> dict:
+    """The entries of a state dict that hold only the tuner's keys (no base state)."""
+    return {p: st for p, st in state.items() if st and all(layout.is_ours(k) for k in st)}
+
+
+def _without_ours_only(optimizer_state: dict) -> dict:
+    """``{"state", "param_groups", ...}`` with the entries of :func:`_ours_only` left out of ``state``."""
+    out = dict(optimizer_state)
+    st = out["state"]
+    hidden = _ours_only(st)
+    kept = type(st)() if not isinstance(st, collections.defaultdict) else collections.defaultdict(dict)
+    kept.update({p: v for p, v in st.items() if p not in hidden})
+    out["state"] = kept
+    return out
+
+
+def _name_the_tuner(opt: CurvatureTuner, state_dict: dict) -> dict:
+    """state_dict post-hook: the first packed group names the tuner and the base (checked on load)."""
+    state_dict["param_groups"][0][layout.META_TUNER] = type(opt).__name__
+    state_dict["param_groups"][0][layout.META_BASE] = type(opt.base).__name__
+    return state_dict
 
 
 CurvatureTuner.stats.__doc__ = (
-    "The latest step's numbers, for logging (a fresh dict each access; keys ``curvopt.stats.STAT_FIELDS``).\n\n"
+    "The latest step's numbers, for logging (a fresh dict of copies each access; keys "
+    "``curvopt.stats.STAT_FIELDS``).\n\n"
     "Values are 0-d tensors (no host sync in the step; call ``float()`` when logging), NaN when not computed "
     "this step, except the two counters, which are ints:\n\n" + _stats_doc() + "\n"
 )

@@ -2,7 +2,8 @@
 
 The tuners treat the parameters as one vector split into tensors. These helpers return 0-d tensors (no host
 sync) and write results in place where the caller provides the storage, so a step allocates nothing of the
-parameters' size beyond the buffers the tuner keeps.
+parameters' size beyond the buffers the tuner keeps. :class:`ListOps` is the vector algebra the core's power
+iteration (:mod:`curvopt.eigen`) runs on.
 
 Sharded parameters (FSDP1 ``FULL_SHARD``): inside :func:`reducing` with a sharded reducer (the tuner's step
 runs there), ``dot``, ``sq_norm``, ``norm`` and ``max_abs`` are reductions over the *global* vector: each
@@ -18,8 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["accumulator_dtype", "least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "scalar",
-           "reducing"]
+__all__ = ["least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
 _SHARDS: ContextVar[Optional[Any]] = ContextVar("curvopt_shard_reducer", default=None)
@@ -42,23 +42,23 @@ def _global_sum(x: Tensor) -> Tensor:
     return x if r is None else r.sum_(x)
 
 
-def scalar(value: float, like: Tensor) -> Tensor:
-    """A 0-d tensor with the dtype and device of ``like``."""
-    return torch.tensor(value, dtype=like.dtype, device=like.device)
-
-
-def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """``sum_i <x_i, y_i>`` as a 0-d tensor (accumulated per tensor, then summed)."""
-    return _global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
+_LOW = (torch.float16, torch.bfloat16)
 
 
 def _acc(x: Tensor) -> Tensor:
     """bf16/fp16 tensors are read in float32 for reductions (the tuners' scalars are at least float32)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float() if x.dtype in _LOW else x
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.view(-1) if x.is_contiguous() else x.reshape(-1)
+
+
+def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
+    """``sum_i <x_i, y_i>`` as a 0-d tensor (real inner product; accumulated per tensor, then summed)."""
+    if len(xs) == 1:
+        return _global_sum(torch.dot(_flat(_acc(xs[0])), _flat(_acc(ys[0]))))
+    return _global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
@@ -85,25 +85,32 @@ def axpy_into(out: Sequence[Tensor], xs: Sequence[Tensor], a: Tensor, ys: Sequen
 
     ``out`` may alias neither ``xs`` nor ``ys``; it is typically the parameters themselves.
     """
-    for o, x, y in zip(out, xs, ys):
-        torch.addcmul(x, y, a, out=o)
-
-
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def accumulator_dtype(params: Sequence[Tensor]) -> torch.dtype:
-    """The dtype of the tuners' own scalars (learning rate, moving averages, dot products, statistics): the
-    widest floating dtype of the parameters and at least float32 (bf16/fp16 parameters accumulate in
-    float32)."""
-    out = torch.float32
-    for p in params:
-        if p.is_floating_point():
-            out = torch.promote_types(out, p.dtype)
-    return out
+    out = list(out)
+    torch._foreach_copy_(out, list(xs))
+    torch._foreach_add_(out, torch._foreach_mul(list(ys), a))
 
 
 def least_precise_eps(params: Sequence[Tensor]) -> float:
     """Machine epsilon of the least precise parameter dtype: a finite-difference displacement must be
     representable in every parameter, so its size follows the coarsest one."""
     return max(torch.finfo(p.dtype).eps for p in params)
+
+
+class ListOps:
+    """The vector algebra of :class:`curvopt.eigen.VectorOps` on lists of tensors."""
+
+    @staticmethod
+    def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+        return dot(a, b)
+
+    @staticmethod
+    def scale(s: Tensor, a: Sequence[Tensor]) -> list[Tensor]:
+        return list(torch._foreach_mul(list(a), s))
+
+    @staticmethod
+    def axpy(a: Sequence[Tensor], s: Tensor, b: Sequence[Tensor]) -> list[Tensor]:
+        return list(torch._foreach_add(list(a), torch._foreach_mul(list(b), s)))
+
+    @staticmethod
+    def select(pred: Tensor, a: Sequence[Tensor], b: Sequence[Tensor]) -> list[Tensor]:
+        return [torch.where(pred, x, y) for x, y in zip(a, b)]

@@ -1,0 +1,242 @@
+"""Checkpoints of the PyTorch tuners (issues 9 and 10): torch's ``{"state", "param_groups"}`` state dict made by
+``torch.optim.Optimizer.state_dict`` (hooks run), readable with ``weights_only=True``; loading casts like torch
+(float32 checkpoint -> float64 parameters), is atomic, and reads curvopt 0.2's ``{"base", "tuner"}`` files;
+``torch.save(opt)``, pickle and ``copy.deepcopy`` round-trip."""
+import copy
+import importlib.util
+import io
+import math
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from curvopt import SharpnessConfig
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+_spec = importlib.util.spec_from_file_location("make_v0_checkpoints", os.path.join(DATA, "make_v0_checkpoints.py"))
+v0 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(v0)
+
+V0_TUNERS = {
+    "cdat_fd_adam": lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.1), curvature="fd"),
+    "cdat_secant_sgd": lambda m: CDAT(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9), curvature="secant"),
+    "armijo_sgd": lambda m: ArmijoLineSearch(torch.optim.SGD(m.parameters(), lr=1.0), c=0.5),
+    "eos_adam_sharp": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness=2),
+}
+
+
+def closure_of(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("name", list(V0_TUNERS))
+def test_v02_checkpoints_load_and_continue(name):
+    """Files written by curvopt 0.2 (tests/data/make_v0_checkpoints.py at commit fc9abc2) load into the current
+    tuners: the counters, rule state, secant memory and sharpness carry over, and training continues."""
+    ckpt = torch.load(os.path.join(DATA, f"v0_{name}.pt"), weights_only=True)
+    assert set(ckpt["opt"]) == {"base", "tuner"}
+    x, y = v0.data()
+    model = v0.model()
+    model.load_state_dict(ckpt["model"])
+    opt = V0_TUNERS[name](model)
+    opt.load_state_dict(ckpt["opt"])
+    p0 = next(model.parameters())
+    assert opt.state[p0]["curvopt_step"] == v0.STEPS
+    if "adam" in name:
+        assert torch.equal(opt.state[p0]["step"], ckpt["opt"]["base"]["state"][0]["step"])
+    closure = closure_of(model, opt, x, y)
+    first = float(closure().detach())
+    lrs = []
+    for _ in range(10):
+        opt.step(closure)
+        lrs.append(float(opt.stats["lr"]))
+        if name == "cdat_secant_sgd" and len(lrs) == 1:
+            assert opt.stats["closure_calls"] == 1  # the secant memory came along: no fd fallback
+    assert all(math.isfinite(v) and v >= 0 for v in lrs) and sum(v > 0 for v in lrs) >= 8, lrs
+    if name != "eos_adam_sharp":  # EoS at 1.5x the edge is not a descent method on this tiny problem
+        assert float(closure().detach()) < first
+    if name == "eos_adam_sharp":  # the held preconditioned sharpness gives back 0.2's last rate
+        assert lrs[0] == pytest.approx(ckpt["lrs"][-1], rel=1e-6)
+    if name == "armijo_sgd":
+        assert opt.stats["closure_calls"] >= 2
+
+
+def mlp(dtype=torch.float64, seed=5):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+
+
+def data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(40, 3, generator=g).to(dtype), torch.randn(40, 1, generator=g).to(dtype)
+
+
+MAKERS = {
+    "cdat_secant_adam_sharp": lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.5), curvature="secant",
+                                             sharpness=3),
+    "greedy_fd_momentum": lambda m: QuadraticGreedy(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.5)),
+    "armijo_adamw": lambda m: ArmijoLineSearch(torch.optim.AdamW(m.parameters(), lr=1.0, weight_decay=0.1)),
+    "polyak_sgd": lambda m: PolyakStep(torch.optim.SGD(m.parameters(), lr=1.0)),
+    "eos_adam": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness=2),
+}
+
+
+def trained(make, steps=5, dtype=torch.float64):
+    model = mlp(dtype)
+    opt = make(model)
+    x, y = data(dtype)
+    for _ in range(steps):
+        opt.step(closure_of(model, opt, x, y))
+    return model, opt
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_state_dict_is_torchs_and_loads_with_weights_only(name):
+    model, opt = trained(MAKERS[name])
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("post"))
+    sd = opt.state_dict()
+    assert calls == ["pre", "post"] and set(sd) == {"state", "param_groups"}
+    assert opt.state is opt.base.state and opt.param_groups is opt.base.param_groups
+    st0 = sd["state"][0]
+    assert st0["curvopt_step"] == 5 and "curvopt_u" in st0 and "curvopt_w0" in st0
+    if "adam" in name:  # the base's state and the tuner's in one dict
+        assert {"exp_avg", "exp_avg_sq", "step"} <= set(st0)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    x, y = data()
+    model2 = mlp()
+    model2.load_state_dict(model.state_dict())
+    opt2 = MAKERS[name](model2)
+    opt2.load_state_dict(loaded)
+    assert "curvopt_tuner" not in opt2.param_groups[0]  # the name lives only in the saved dict
+    for _ in range(6):
+        opt.step(closure_of(model, opt, x, y))
+        opt2.step(closure_of(model2, opt2, x, y))
+        assert torch.equal(opt.stats["lr"], opt2.stats["lr"])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["cdat_secant_adam_sharp", "eos_adam", "armijo_adamw"])
+def test_float32_checkpoint_loads_into_float64_parameters(name):
+    model32, opt32 = trained(MAKERS[name], dtype=torch.float32)
+    sd = opt32.state_dict()
+    model64 = mlp(torch.float64)
+    model64.load_state_dict({k: v.double() for k, v in model32.state_dict().items()})
+    opt64 = MAKERS[name](model64)
+    opt64.load_state_dict(sd)
+    p0 = next(model64.parameters())
+    for k, v in opt64.state[p0].items():
+        if isinstance(v, torch.Tensor) and k != "step":
+            assert v.dtype == torch.float64, k
+    x, y = data(torch.float32)
+    x64, y64 = x.double(), y.double()
+    for _ in range(3):
+        opt32.step(closure_of(model32, opt32, x, y))
+        opt64.step(closure_of(model64, opt64, x64, y64))
+        assert float(opt64.stats["lr"]) == pytest.approx(float(opt32.stats["lr"]), rel=2e-2)  # float32 vs 64
+
+
+def snapshot(opt, model):
+    return copy.deepcopy((opt.state_dict(), [p.detach().clone() for p in model.parameters()]))
+
+
+def assert_same(a, b):
+    (sa, pa), (sb, pb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert sa["param_groups"] == sb["param_groups"]
+    assert set(sa["state"]) == set(sb["state"])
+    for k in sa["state"]:
+        assert set(sa["state"][k]) == set(sb["state"][k]), k
+        for key, v in sa["state"][k].items():
+            w = sb["state"][k][key]
+            assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), (k, key)
+
+
+def test_load_state_dict_is_atomic():
+    """A state dict that does not fit is refused before anything is assigned (issue 10: loading an fd
+    checkpoint into a secant tuner raised KeyError after the base state was already replaced)."""
+    model, opt = trained(MAKERS["cdat_secant_adam_sharp"])
+    _, donor = trained(lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.5), curvature="fd"), steps=3)
+    good = donor.state_dict()
+    before = snapshot(opt, model)
+    bad_shape = copy.deepcopy(good)
+    bad_shape["state"][3]["exp_avg"] = torch.zeros(2)
+    bad_rule = copy.deepcopy(good)
+    del bad_rule["state"][0]["curvopt_denominator_avg"]
+    bad_count = copy.deepcopy(good)
+    bad_count["state"][0]["curvopt_step"] = -1
+    bad_group = copy.deepcopy(good)
+    bad_group["param_groups"][0]["params"] = bad_group["param_groups"][0]["params"][:-1]
+    for bad, match in ((bad_shape, "shape"), (bad_rule, "rule state"), (bad_count, "curvopt_step"),
+                       (bad_group, "parameter"), ({"base": {}, "tuner": {}}, "curvopt"), ([], "curvopt")):
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(bad)
+        assert_same(before, snapshot(opt, model))
+    opt.load_state_dict(good)  # an fd CDAT's state loads into a secant CDAT (no secant memory: fd fallback)
+    x, y = data()
+    opt.step(closure_of(model, opt, x, y))
+    assert opt.stats["closure_calls"] >= 2
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+@pytest.mark.parametrize("name", ["cdat_secant_adam_sharp", "armijo_adamw", "eos_adam"])
+def test_pickle_deepcopy_and_torch_save_round_trip(how, name):
+    model, opt = trained(MAKERS[name])
+    if how == "pickle":
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    elif how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt), buf)
+        buf.seek(0)
+        model2, opt2 = torch.load(buf, weights_only=False)
+    assert type(opt2) is type(opt) and type(opt2.base) is type(opt.base)
+    assert opt2.param_groups is opt2.base.param_groups and opt2.state is opt2.base.state
+    assert all(p2 is q2 for p2, q2 in zip(opt2.param_groups[0]["params"], model2.parameters()))
+    x, y = data()
+    for _ in range(5):
+        opt.step(closure_of(model, opt, x, y))
+        opt2.step(closure_of(model2, opt2, x, y))
+        assert torch.equal(opt.stats["lr"], opt2.stats["lr"])
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_frozen_first_parameter_and_lazy_adam_state():
+    """The globals live in the first parameter's state; a frozen first parameter (no Adam state) that is
+    unfrozen later must still get Adam's lazy initialisation, and pickling must survive it."""
+    model = mlp()
+    first = model[0].weight
+    first.requires_grad_(False)
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=0.1))
+    x, y = data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.step(closure_of(model, opt, x, y))
+    assert set(opt.state[first]) <= {k for k in opt.state[first] if k.startswith("curvopt_")}
+    opt2 = copy.deepcopy(opt)
+    assert opt2.state[opt2.param_groups[0]["params"][0]]["curvopt_step"] == 2
+    first.requires_grad_(True)
+    opt.step(closure_of(model, opt, x, y))
+    assert {"exp_avg", "exp_avg_sq", "step", "curvopt_step"} <= set(opt.state[first])
+    assert opt.state[first]["curvopt_step"] == 3
+    sd = opt.state_dict()
+    opt3 = CDAT(torch.optim.Adam(mlp().parameters(), lr=0.1))
+    opt3.load_state_dict(sd)

@@ -1,0 +1,103 @@
+"""The PyTorch tuners call the core's rule values through ``apply_rule`` (issue 9): the core's guard (a NaN
+curvature probe is forgotten, not averaged in), ``sigma`` as a value on the rule (assignable, schedulable)."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from curvopt.rules import CDATRule
+from curvopt.torch import CDAT, CurvatureTuner, EdgeOfStability
+
+DT = torch.float64
+
+
+def problem():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=DT)
+    A = a @ a.T / 6 + 0.1 * torch.eye(6, dtype=DT)
+    w0 = torch.randn(6, generator=g, dtype=DT)
+    return A, w0
+
+
+def run(fault_step, fault_call, steps=10, **kw):
+    """CDAT(fd) on ``f = 1/2 w^T A w + 0.1 sum w^4``; at ``fault_step`` the closure's call ``fault_call`` (0: the
+    main call, 1: the fd probe) returns NaN gradients and loss."""
+    A, w0 = problem()
+    w = torch.nn.Parameter(w0.clone())
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=1.5, ema=0.9, curvature="fd", **kw)
+    calls = {"step": 0, "call": 0}
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * w @ A @ w + 0.1 * (w ** 4).sum()
+        if calls["step"] == fault_step and calls["call"] == fault_call:
+            loss = loss * float("nan")
+        calls["call"] += 1
+        loss.backward()
+        return loss
+
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for t in range(steps):
+            calls["step"], calls["call"] = t, 0
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+    return lrs, w.detach().clone(), opt
+
+
+def test_nan_curvature_probe_is_forgotten_like_a_skipped_step():
+    """A NaN curvature probe at step k gives lr 0 at k and leaves the averages alone: the lr sequence after k
+    equals that of a run whose step k was skipped (NaN main loss). The old guard stored the NaN in the
+    denominator average and froze the lr for the rest of the run."""
+    k = 3
+    probe_lrs, probe_w, probe_opt = run(k, 1)
+    skip_lrs, skip_w, skip_opt = run(k, 0)
+    assert probe_lrs[k] == 0.0 and math.isnan(skip_lrs[k])
+    assert probe_lrs[:k] == skip_lrs[:k]
+    assert probe_lrs[k + 1:] == skip_lrs[k + 1:]  # bit-identical afterwards
+    assert len(set(probe_lrs[k + 1:])) > 3  # not frozen
+    assert torch.equal(probe_w, skip_w)
+    assert skip_opt.stats["skipped"] == 1 and probe_opt.stats["skipped"] == 0
+
+
+def test_sigma_is_the_rules_assignable_and_schedulable():
+    _, _, opt = run(-1, -1, steps=1)
+    assert opt.sigma == 1.5 and opt.rule == CDATRule(sigma=1.5, ema=0.9)
+    # a schedule step -> sigma (steps taken before this one): sigma 1.5 on even steps, 0.75 on odd ones
+    A, w0 = problem()
+    lrs = {}
+    for name, sigma in (("const", 1.5), ("sched", lambda t: 1.5 if t % 2 == 0 else 0.75)):
+        w = torch.nn.Parameter(w0.clone())
+        opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=sigma, ema=0.0, startup="paper", curvature="exact",
+                   functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * w @ A @ w
+            loss.backward()
+            return loss
+
+        out = []
+        for t in range(4):
+            g = (A @ w).detach()
+            opt.step(closure)
+            out.append(float(opt.stats["lr"]) / float(g @ g / (g @ A @ g)))
+        lrs[name] = out
+    assert lrs["const"] == pytest.approx([1.5] * 4, rel=1e-10)
+    assert lrs["sched"] == pytest.approx([1.5, 0.75, 1.5, 0.75], rel=1e-10)
+    opt.sigma = 0.5  # assignable: replaces the rule value (validated)
+    assert opt.rule.sigma == 0.5
+    with pytest.raises(ValueError, match="sigma"):
+        opt.sigma = -1.0
+    eos = EdgeOfStability(torch.optim.SGD([torch.nn.Parameter(w0.clone())], lr=1.0))
+    eos.sigma = 0.7
+    assert eos.rule.sigma == 0.7
+
+
+def test_no_subclass_hooks():
+    """The step calls the rule value; tuners define no learning-rate hook for the base class to call back."""
+    for cls in CurvatureTuner.__subclasses__():
+        assert "_learning_rate" not in vars(cls), cls
+    assert not hasattr(CurvatureTuner, "_learning_rate")

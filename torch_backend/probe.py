@@ -1,0 +1,88 @@
+"""One step as the curvature oracles, the line search and the sharpness see it: a :class:`Probe`.
+
+A probe carries what evaluating the loss away from ``w`` needs — the closure, the parameters that have a
+gradient this step, their values ``w0`` at the start of the step, the base direction ``u``, the main call's
+loss and gradient, the guard that protects module buffers and the random state
+(:class:`torch_backend.buffers.ProbeGuard`), and the reducer of a data-parallel run — and nothing else: it
+holds no reference to the tuner, so the oracles (:mod:`torch_backend.oracles`) and the sharpness
+(:mod:`torch_backend.sharpness`) import neither the tuner nor each other's internals.
+
+Moving the parameters (:meth:`Probe.move`) writes ``w0 + a u`` into them; the tuner's step writes the final
+``w0 + lr u`` (or restores ``w0`` if the step fails), so a probe never restores anything itself.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .buffers import ProbeGuard
+from .vectors import axpy_into
+
+__all__ = ["Probe"]
+
+
+class Probe:
+    """See the module docstring. ``all_params`` and ``index``: every parameter of the tuner in
+    ``param_groups`` order and the positions of ``params`` in it (for a functional loss over all of them)."""
+
+    def __init__(self, closure: Callable[[], Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
+                 w0: Sequence[Tensor], u: Sequence[Tensor], loss: Tensor, numerator: Tensor, guard: ProbeGuard,
+                 reducer: Optional[Any], all_params: Sequence[Tensor], index: Sequence[int]) -> None:
+        self.closure = closure
+        self.params, self.grads, self.w0, self.u = list(params), list(grads), list(w0), list(u)
+        self.loss, self.numerator = loss, numerator
+        self.guard, self.reducer = guard, reducer
+        self.all_params, self.index = list(all_params), list(index)
+
+    # -- moving and calling ------------------------------------------------------------------------------
+    def move(self, a: Tensor, direction: Optional[Sequence[Tensor]] = None) -> None:
+        """Parameters <- ``w0 + a * direction`` (``u`` by default)."""
+        axpy_into(self.params, self.w0, a, self.u if direction is None else direction)
+
+    def call(self) -> Tensor:
+        """The closure at the current parameters (a probe: buffers and RNG protected); its rank-local loss in
+        the dtype of the main loss. The gradients are then in ``.grad`` (:meth:`gradient`)."""
+        for p in self.params:
+            p.grad = None
+        out = self.guard.probe(self.closure)
+        return torch.as_tensor(out).detach().to(device=self.loss.device, dtype=self.loss.dtype).reshape(())
+
+    def loss_at(self, a: Tensor) -> Tensor:
+        """``f(w0 + a u)``, global (the mean over the ranks of a data-parallel run)."""
+        self.move(a)
+        return self.global_mean(self.call())
+
+    def gradient(self, take: bool = False) -> list[Tensor]:
+        """The gradient of the last call (zeros where a parameter got none); ``take=True`` also detaches it
+        from ``.grad`` so the caller may overwrite it."""
+        out = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if take:
+            for p in self.params:
+                p.grad = None
+        return out
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def global_mean(self, x: Tensor) -> Tensor:
+        """A rank-local scalar (a probe's loss, a double-backward curvature) made global: the mean over the
+        ranks of a data-parallel run (one all_reduce), unchanged in a single process."""
+        return x if self.reducer is None else self.reducer.mean(x)
+
+    def protected(self, fn: Callable[[], Tensor]) -> Tensor:
+        """Run ``fn`` (not a closure call, e.g. a functional loss) protected like a probe."""
+        return self.guard.protect(fn)
+
+    def all_points_and_directions(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(w0, u)`` over all the tuner's parameters in ``param_groups`` order (``u = 0`` where no gradient)."""
+        pos = {i: k for k, i in enumerate(self.index)}
+        ws, us = [], []
+        for i, p in enumerate(self.all_params):
+            k = pos.get(i)
+            if k is not None:
+                ws.append(self.w0[k].detach())
+                us.append(self.u[k])
+            else:
+                ws.append(p.detach())
+                us.append(torch.zeros_like(p))
+        return tuple(ws), tuple(us)

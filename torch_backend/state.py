@@ -1,0 +1,190 @@
+"""Where the tuners keep their state, and checking and converting state dicts before they are loaded.
+
+A tuner's ``state`` and ``param_groups`` *are* its base optimizer's (the way ``schedulefree``'s wrapper nests
+its base), so ``opt.state_dict()`` is ``torch.optim.Optimizer.state_dict`` — torch's ``{"state",
+"param_groups"}``, hooks run — holding the base's state and the tuner's side by side. Every key the tuner
+adds starts with ``curvopt_``; the values are tensors and Python ints only (no custom classes, no strings,
+so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading casts it):
+
+* per parameter (``state[p]``, written only after the base stepped ``p``, so Adam's lazy initialisation
+  ``if len(state) == 0`` still sees an empty dict): ``curvopt_w0`` (the step's start point; scratch between
+  steps), ``curvopt_u`` (the last step's base direction; the secant oracle's memory),
+  ``curvopt_eigvec`` / ``curvopt_eigvec_preconditioned`` (the online sharpness's warm starts);
+* global, in the state of the **first parameter of the first group** (as ``torch.optim.LBFGS`` keeps its
+  globals): ``curvopt_step`` (steps taken, int), ``curvopt_skipped`` (int), the rule's state fields
+  (``curvopt_numerator_avg``, ``curvopt_denominator_avg``, ``curvopt_avg_weight``, ``curvopt_held_lr``,
+  ``curvopt_search_lr``: 0-d tensors of the accumulator dtype), the latest sharpness estimates
+  (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
+  (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, and
+  ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction). When
+  that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
+  from the base while it steps, so a lazily initialising base never mistakes them for its own state.
+* ``state_dict()["param_groups"][0]`` also names the tuner and the base (``curvopt_tuner``,
+  ``curvopt_base``), so that loading a state into another tuner or around another base fails clearly; the
+  live param groups never hold these keys.
+
+:func:`prepare` checks a state dict completely before anything is assigned (``load_state_dict`` is atomic)
+and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "META_TUNER",
+           "META_BASE", "rule_key", "is_ours", "prepare"]
+
+PREFIX = "curvopt_"
+W0, U = "curvopt_w0", "curvopt_u"
+EIGVEC = {"plain": "curvopt_eigvec", "preconditioned": "curvopt_eigvec_preconditioned"}
+STEP, SKIPPED = "curvopt_step", "curvopt_skipped"
+SHARPNESS = {"plain": "curvopt_sharpness", "preconditioned": "curvopt_preconditioned_sharpness"}
+SECANT = ("curvopt_secant_grad_dot_u", "curvopt_secant_lr", "curvopt_secant_u_sq")
+DIRECTIONS = "curvopt_directions"
+META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"
+PER_PARAM = (W0, U, *EIGVEC.values())
+#: base-state keys whose tensors have the parameter's shape (checked on load)
+_BASE_PER_PARAM = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def rule_key(field: str) -> str:
+    return PREFIX + field
+
+
+def is_ours(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith(PREFIX)
+
+
+def _shape_error(i: int, here: Sequence[int], there: Sequence[int]) -> ValueError:
+    return ValueError(f"parameter {i} has shape {tuple(here)} here but shape {tuple(there)} in the state dict: "
+                      "it comes from a different model")
+
+
+def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor], group_sizes: Sequence[int],
+            rule_fields: Sequence[str], ema: float) -> tuple[dict, dict]:
+    """``(state dict for torch.optim.Optimizer.load_state_dict, the tuner's global scalars as saved)``.
+
+    Raises ``ValueError`` (nothing assigned yet) when the state dict is not a tuner's, belongs to another
+    tuner or base, or to another model. ``ema``: the loading tuner's, to weight a 0.2 CDAT average.
+    """
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"not a curvopt tuner state dict: a {type(state_dict).__name__}")
+    if set(state_dict) == {"base", "tuner"}:
+        state_dict = _from_v02(state_dict, rule_fields, ema)
+    if "state" not in state_dict or "param_groups" not in state_dict:
+        raise ValueError("not a curvopt tuner state dict (expected torch's keys 'state' and 'param_groups')")
+    groups = state_dict["param_groups"]
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("not a curvopt tuner state dict: 'param_groups' is not a list of dicts")
+    kind = groups[0].get(META_TUNER)
+    if kind is None:
+        raise ValueError("not a curvopt tuner state dict (param_groups[0] does not name a tuner): a bare "
+                         "torch.optim state dict goes to opt.base.load_state_dict")
+    if kind != tuner:
+        raise ValueError(f"this state dict belongs to a {kind} tuner, not to a {tuner}: load it into a {kind}")
+    saved_base = groups[0].get(META_BASE)
+    if saved_base != base:
+        raise ValueError(f"this {tuner} state dict was saved around a {saved_base} base optimizer, not around a "
+                         f"{base}")
+    saved_sizes = [len(g.get("params", ())) for g in groups]
+    if saved_sizes != list(group_sizes):
+        raise ValueError(f"this {tuner} state dict has parameter groups of sizes {saved_sizes} ({sum(saved_sizes)} "
+                         f"parameter tensors), this tuner {list(group_sizes)}: it comes from a different model")
+    saved_ids = [i for g in groups for i in g["params"]]
+    position = {pid: k for k, pid in enumerate(saved_ids)}
+    state = state_dict["state"]
+    if not isinstance(state, dict):
+        raise ValueError("not a curvopt tuner state dict: 'state' is not a dict")
+    for pid, st in state.items():
+        if pid not in position:
+            continue
+        k = position[pid]
+        p = params[k]
+        if not isinstance(st, dict):
+            raise ValueError(f"the state of parameter {k} is not a dict")
+        for key, v in st.items():
+            if key in PER_PARAM or key in _BASE_PER_PARAM:
+                if not isinstance(v, Tensor):
+                    raise ValueError(f"state[{k}][{key!r}] must be a tensor, got {type(v).__name__}")
+                if v.shape != p.shape:
+                    raise _shape_error(k, p.shape, v.shape)
+    globals_: dict = {}
+    first = state.get(saved_ids[0], {}) if saved_ids else {}
+    for key, v in first.items():
+        if not is_ours(key) or key in PER_PARAM:
+            continue
+        if key in (STEP, SKIPPED, DIRECTIONS):
+            if isinstance(v, Tensor) and v.numel() == 1:
+                v = int(v.item())
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"state[0][{key!r}] must be a non-negative int, got {v!r}")
+        elif not isinstance(v, Tensor) or v.numel() != 1 or not v.is_floating_point():
+            raise ValueError(f"state[0][{key!r}] must be a 0-d floating tensor, got {v!r}")
+        globals_[key] = v
+    if STEP in globals_ and globals_[STEP] > 0:
+        missing = [f for f in rule_fields if rule_key(f) not in globals_]
+        if missing:
+            raise ValueError(f"this {tuner} state dict has no rule state {missing}: it comes from another tuner")
+    groups = [dict(g) for g in groups]
+    groups[0].pop(META_TUNER, None)
+    groups[0].pop(META_BASE, None)
+    return {"state": state, "param_groups": groups}, globals_
+
+
+def _from_v02(sd: dict, rule_fields: Sequence[str], ema: float) -> dict:
+    """A curvopt 0.2 ``{"base": torch state dict, "tuner": {...}}`` in the current layout."""
+    base, tuner = sd["base"], sd["tuner"]
+    if not isinstance(base, dict) or not isinstance(tuner, dict) or "state" not in base:
+        raise ValueError("not a curvopt tuner state dict (malformed 'base'/'tuner')")
+    groups = [dict(g) for g in base["param_groups"]]
+    ids = [i for g in groups for i in g["params"]]
+    saved = tuner.get("params")
+    if saved is not None and len(saved) != len(ids):
+        raise ValueError(f"this state dict was saved with {len(saved)} parameter tensors but its base with "
+                         f"{len(ids)}")
+    state = {k: dict(v) for k, v in base["state"].items()}
+
+    def at(k: int) -> dict:
+        return state.setdefault(ids[k], {})
+
+    kind = tuner.get("kind")
+    groups[0][META_TUNER] = kind
+    groups[0][META_BASE] = tuner.get("base_kind")
+    first = at(0)
+    step = int(tuner.get("step", 0))
+    first[STEP] = step
+    first[SKIPPED] = int(tuner.get("skipped", 0))
+    rule = tuner.get("rule", {})
+    values: dict[str, Tensor] = {}
+    if "cdat" in rule:
+        n_avg, d_avg = rule["cdat"][0], rule["cdat"][1]
+        values = {"numerator_avg": n_avg, "denominator_avg": d_avg,
+                  "avg_weight": torch.tensor(1 - ema ** step, dtype=n_avg.dtype)}
+    elif "lr" in rule:
+        values = {"held_lr": rule["lr"], "search_lr": rule["lr"]}
+    for f in rule_fields:
+        if f in values:
+            first[rule_key(f)] = values[f].clone()
+    sharp = tuner.get("sharpness", {})
+    for space, key in SHARPNESS.items():
+        v = sharp.get("values", {}).get(space, math.nan)
+        if not math.isnan(float(v)):
+            first[key] = torch.tensor(float(v), dtype=torch.float64)
+        vec = sharp.get("vectors", {}).get(space)
+        if vec is not None:
+            for k, t in enumerate(vec):
+                at(k)[EIGVEC[space]] = t
+    prev = tuner.get("oracle", {}).get("prev")
+    if prev is not None:
+        for key, name in zip(SECANT, ("grad_dot_u", "lr", "u_sq")):
+            first[key] = prev[name]
+        last = tuner.get("last_index") or []
+        u = {int(k): t for k, t in tuner.get("u", {}).items()}
+        if all(k in u for k in last):  # the directions of the last step's parameters (0.2 kept older ones too)
+            for k in last:
+                at(k)[U] = u[k]
+            first[DIRECTIONS] = len(last)
+    return {"state": state, "param_groups": groups}
