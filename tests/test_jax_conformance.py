@@ -69,9 +69,8 @@ def mixed(dtype):
 TARGETS = {"parabola": parabola, "rosenbrock": rosenbrock, "matrix_parabola": matrix_parabola, "mixed": mixed}
 # (tuner, base, target) pairs that do not converge within the budget, and why (the design, not a bug)
 NOT_CONVERGING = {
-    ("eos", "sgd", "rosenbrock"): "half the stability threshold of the top curvature: ~1/2000 per step along "
-                                  "the valley floor (curvature ~0.4 against ~1000 across it)",
-    ("polyak", "sgd", "rosenbrock"): "the Polyak step with f* = 0 zig-zags across the valley (lr_max 1)",
+    ("eos", "sgd", "rosenbrock"): "half the stability threshold of the top curvature crawls along the valley "
+                                  "floor (lr 1e-3; reaches (0.94, 0.89) in 3000 steps)",
     ("greedy_free", "sgd", "rosenbrock"): "the closure-free secant is lagged by a step: greedy without an "
                                           "average applies the previous direction's curvature to a direction "
                                           "alternating across/along the valley (lrs 0.4, 0.004, ...); CDAT's "
