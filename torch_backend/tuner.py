@@ -62,7 +62,7 @@ from .oracles import check_functional_loss, exact, finite_difference
 from .preconditioning import preconditioner_scales
 from .probe import Probe
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
-from .vectors import dot, reducing, sq_norm
+from .vectors import can_concatenate, concatenating, dot, reducing, sq_norm
 
 __all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
 
@@ -140,6 +140,7 @@ class _BaseSnapshot:
 
     def __init__(self) -> None:
         self._copies: list[Tensor] = []
+        self._ids: list[int] = []
         self.entries: list[tuple[Tensor, Optional[dict]]] = []
         self.tensors: list[Tensor] = []
 
@@ -150,32 +151,36 @@ class _BaseSnapshot:
             if not st:
                 entries.append((p, None))
                 continue
-            saved = {k: v for k, v in st.items() if not layout.is_ours(k)}
-            entries.append((p, saved))
-            tensors.extend(v for v in saved.values() if isinstance(v, Tensor))
-        copies = self._copies
-        if len(copies) != len(tensors) or not all(_fits(c, t) for c, t in zip(copies, tensors)):
-            copies = self._copies = [torch.empty_like(t) for t in tensors]
+            entries.append((p, st.copy()))
+            for k, v in st.items():
+                if type(v) is Tensor and not (type(k) is str and k.startswith(layout.PREFIX)):
+                    tensors.append(v)
+        ids = [id(t) for t in tensors]
+        if ids != self._ids:  # the base's tensors changed (first steps, a load): check and reallocate
+            copies = self._copies
+            if len(copies) != len(tensors) or not all(_fits(c, t) for c, t in zip(copies, tensors)):
+                self._copies = [torch.empty_like(t) for t in tensors]
+            self._ids = ids
         if tensors:
-            torch._foreach_copy_(copies, tensors)
+            torch._foreach_copy_(self._copies, tensors)
         self.entries, self.tensors = entries, tensors
 
     def restore(self, state: dict) -> None:
+        """The base's tensors and entries as taken (the tuner writes its own keys only at the commit, so the
+        whole entry can be put back)."""
         if self.tensors:
             torch._foreach_copy_(self.tensors, self._copies)
         for p, saved in self.entries:
             st = state.get(p)
-            if st is None:
-                if saved:
-                    state[p] = dict(saved)
-                continue
-            for k in [k for k in st if not layout.is_ours(k) and (saved is None or k not in saved)]:
-                del st[k]
-            if saved:
+            if saved is None:
+                if st is not None:
+                    del state[p]
+            elif st is None:
+                state[p] = saved
+            else:
+                st.clear()
                 st.update(saved)
-            if not st:
-                del state[p]
-        self.entries, self.tensors = [], []
+        self.entries = []  # (self.tensors stays referenced: their ids cannot be reused by new tensors)
 
 
 class _Transaction:
@@ -259,6 +264,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             self.coefficient = None if self.method is None else self.method.coefficient
         self.preconditioned = self.method is not None and self.method.preconditioned
         self.seed = check_positive_int("seed", seed, minimum=0)
+        self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
         self._snapshot = _BaseSnapshot()
         self._scratch_u: dict[Tensor, Tensor] = {}
@@ -304,6 +310,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         accumulator_dtype_name(str(p.dtype) for p in params)  # complex refused
         self.base.add_param_group(param_group)
         self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in self._all_params()))
+        self._concat = can_concatenate(self._all_params())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -342,7 +349,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if closure is None or not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
         # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
-        with reducing(self.distributed):
+        with reducing(self.distributed), concatenating(self._concat):
             tx = _Transaction(self)
             try:
                 return self._step(closure, tx)
@@ -622,6 +629,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for key, v in saved_globals.items():  # the saved values, not torch's cast to the parameter's dtype
             glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
         self._scratch_u = {}
+        self._snapshot = _BaseSnapshot()
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:

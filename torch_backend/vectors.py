@@ -19,7 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "ListOps"]
+__all__ = ["least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "concatenating",
+           "can_concatenate", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
 _SHARDS: ContextVar[Optional[Any]] = ContextVar("curvopt_shard_reducer", default=None)
@@ -54,10 +55,33 @@ def _flat(x: Tensor) -> Tensor:
     return x.view(-1) if x.is_contiguous() else x.reshape(-1)
 
 
+#: below this many entries (and with one dtype and device) a tuner's dot products concatenate their operands:
+#: one kernel instead of one per tensor, for small models whose step is dispatch-bound (:func:`concatenating`)
+CONCAT_BELOW = 1 << 20
+_CONCAT: ContextVar[bool] = ContextVar("curvopt_concat_dots", default=False)
+
+
+def can_concatenate(params: Sequence[Tensor]) -> bool:
+    """Whether dot products over ``params`` (and vectors shaped like them) may concatenate their operands."""
+    return len({(p.dtype, p.device) for p in params}) == 1 and sum(p.numel() for p in params) < CONCAT_BELOW
+
+
+@contextmanager
+def concatenating(flag: bool) -> Iterator[None]:
+    """Within the block, :func:`dot` concatenates its operands when ``flag`` (see :func:`can_concatenate`)."""
+    token = _CONCAT.set(flag)
+    try:
+        yield
+    finally:
+        _CONCAT.reset(token)
+
+
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
-    """``sum_i <x_i, y_i>`` as a 0-d tensor (real inner product; accumulated per tensor, then summed)."""
+    """``sum_i <x_i, y_i>`` as a 0-d tensor (real inner product)."""
     if len(xs) == 1:
         return _global_sum(torch.dot(_flat(_acc(xs[0])), _flat(_acc(ys[0]))))
+    if _CONCAT.get():
+        return _global_sum(torch.dot(_acc(torch.cat([_flat(x) for x in xs])), _acc(torch.cat([_flat(y) for y in ys]))))
     return _global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
 
 
@@ -85,9 +109,8 @@ def axpy_into(out: Sequence[Tensor], xs: Sequence[Tensor], a: Tensor, ys: Sequen
 
     ``out`` may alias neither ``xs`` nor ``ys``; it is typically the parameters themselves.
     """
-    out = list(out)
-    torch._foreach_copy_(out, list(xs))
-    torch._foreach_add_(out, torch._foreach_mul(list(ys), a))
+    for o, x, y in zip(out, xs, ys):
+        torch.addcmul(x, y, a, out=o)
 
 
 def least_precise_eps(params: Sequence[Tensor]) -> float:
