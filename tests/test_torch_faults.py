@@ -1,0 +1,424 @@
+"""Nothing lost, ever (issue 10, PyTorch): fault injection into every tuner, oracle and base, and the bad inputs
+that used to be accepted and misused.
+
+The property test injects, at random closure calls of random steps (the main call, a curvature probe, the
+secant's fd fallback, a sharpness product, a line-search trial, the exact oracle's functional loss), an
+exception (``RuntimeError`` or ``KeyboardInterrupt``, before the forward pass or after ``backward``) or a
+NaN/Inf loss or gradient, for every tuner/oracle around SGD, momentum SGD, Adam and AdamW on a small MLP with
+BatchNorm and dropout, and checks after each step:
+
+* an exception propagates and leaves the parameters bit-equal to before the step, the base's state (Adam's
+  step counter and moments), the tuner's state, the module buffers and the random generators untouched;
+* a non-finite main call is a clean skip (parameters and base state as before, ``skipped`` + 1);
+* a non-finite probe leaves finite parameters;
+* then training continues, and ``state_dict()`` loaded into a fresh tuner continues bit-identically.
+
+The module counts the attacks it tries and survives; the tally (``torch faults: N attacks tried, M
+survived``) appears in pytest's warnings summary.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from curvopt import SharpnessConfig
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
+
+TALLY: Counter = Counter()
+DT = torch.float64
+
+
+class TallyReport(UserWarning):
+    """Carries the attack tally into pytest's warnings summary, which is printed past output capture."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_and_tally():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: intra-op threads only contend
+    yield
+    torch.set_num_threads(threads)
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(TALLY.items()) if k not in ("tried", "survived"))
+    warnings.warn(TallyReport(f"torch faults: {TALLY['tried']} attacks tried, {TALLY['survived']} survived "
+                              f"({kinds})"))
+
+
+BASES = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1.0),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9, nesterov=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+}
+SHARP = SharpnessConfig(every=2, iters=3, first_iters=6)
+TUNERS = {
+    "cdat_fd": lambda b, m, f: CDAT(b, curvature="fd", modules=m),
+    "cdat_fd_sharp": lambda b, m, f: CDAT(b, curvature="fd", sharpness=SHARP, modules=m),
+    "cdat_secant": lambda b, m, f: CDAT(b, curvature="secant", modules=m),
+    "cdat_exact": lambda b, m, f: CDAT(b, curvature="exact", functional_loss=f, modules=m),
+    "greedy_fd": lambda b, m, f: QuadraticGreedy(b, modules=m),
+    "armijo": lambda b, m, f: ArmijoLineSearch(b, c=0.5, max_trials=6, modules=m),
+    "polyak": lambda b, m, f: PolyakStep(b, lr_max=1.0, modules=m),
+    "eos": lambda b, m, f: EdgeOfStability(b, sigma=0.5, sharpness=SHARP, modules=m),
+}
+RAISES = ("raise_early", "raise_late", "interrupt")
+POISONS = ("nan_loss", "inf_loss", "nan_grad", "inf_grad")
+
+
+def model_and_data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.2), nn.Linear(6, 1)).to(DT)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(16, 3, generator=g, dtype=DT), torch.randn(16, 1, generator=g, dtype=DT)
+
+
+class Faults:
+    """Closure (and functional loss) of one step, with a fault at closure call ``at`` (0 = the main call)."""
+
+    def __init__(self, opt, model, x, y, fault=None, at=-1):
+        self.opt, self.model, self.x, self.y = opt, model, x, y
+        self.fault, self.at, self.calls = fault, at, 0
+        self.fired = False
+
+    def _fault(self):
+        k = self.calls
+        self.calls += 1
+        if k == self.at:
+            self.fired = True
+            return self.fault
+        return None
+
+    def _raise(self, fault):
+        if fault == "interrupt":
+            raise KeyboardInterrupt("injected")
+        raise RuntimeError("injected")
+
+    def closure(self):
+        fault = self._fault()
+        if fault == "raise_early":
+            self._raise(fault)
+        self.opt.zero_grad()
+        loss = ((self.model(self.x) - self.y) ** 2).mean()
+        if fault == "nan_loss":
+            loss = loss * float("nan")
+        elif fault == "inf_loss":
+            loss = loss + float("inf")
+        loss.backward()
+        for p in self.model.parameters():
+            if fault == "nan_grad" and p.grad is not None:
+                p.grad.view(-1)[0] = float("nan")
+            elif fault == "inf_grad" and p.grad is not None:
+                p.grad.view(-1)[-1] = float("inf")
+        if fault in ("raise_late", "interrupt"):
+            self._raise(fault)
+        return loss
+
+    def functional_loss(self, ps):
+        """The exact oracle's view of the same loss (one call of the step's call sequence)."""
+        fault = self._fault()
+        if fault in RAISES:
+            self._raise(fault)
+        names = [n for n, _ in self.model.named_parameters()]
+        out = torch.func.functional_call(self.model, dict(zip(names, ps)), (self.x,))
+        loss = ((out - self.y) ** 2).mean()
+        return loss * float("nan") if fault in POISONS else loss
+
+
+class Run:
+    def __init__(self, tuner, base):
+        self.model, self.x, self.y = model_and_data()
+        self.faults = Faults(None, self.model, self.x, self.y)
+        self.opt = TUNERS[tuner](BASES[base](list(self.model.parameters())), self.model,
+                                 lambda ps: self.faults.functional_loss(ps))
+        self.faults.opt = self.opt
+        self.scratch = ("curvopt_w0",) if tuner == "cdat_secant" else ("curvopt_w0", "curvopt_u")
+
+    def step(self, fault=None, at=-1):
+        f = self.faults
+        f.fault, f.at, f.calls, f.fired = fault, at, 0, False
+        return self.opt.step(f.closure)
+
+    def snapshot(self):
+        sd = copy.deepcopy(self.opt.state_dict())
+        for st_ in sd["state"].values():
+            for k in self.scratch:
+                st_.pop(k, None)
+        return dict(params=[p.detach().clone() for p in self.model.parameters()], state=sd,
+                    buffers=[b.clone() for b in self.model.buffers()], rng=torch.get_rng_state())
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
+            torch.equal(a, b) or torch.equal(torch.nan_to_num(a, 1.5, 2.5, -2.5), torch.nan_to_num(b, 1.5, 2.5, -2.5)))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b or (isinstance(a, float) and math.isnan(a) and isinstance(b, float) and math.isnan(b))
+
+
+def without_skipped(sd):
+    sd = copy.deepcopy(sd)
+    first = sd["state"].get(0, {})
+    first.pop("curvopt_skipped", None)
+    if not first:
+        sd["state"].pop(0, None)
+    return sd
+
+
+def attack(run, fault, at):
+    """One faulty step and its checks; returns whether the fault fired."""
+    TALLY["tried"] += 1
+    TALLY[f"fault:{fault}"] += 1
+    before = run.snapshot()
+    skipped = run.opt.stats["skipped"]
+    raised = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            run.step(fault, at)
+        except (RuntimeError, KeyboardInterrupt) as e:
+            raised = e
+    after = run.snapshot()
+    fired = run.faults.fired
+    if fired and fault in RAISES:
+        TALLY["where:main" if at == 0 else "where:probe"] += 1
+        assert raised is not None and "injected" in str(raised), raised
+        for k in ("params", "state", "buffers", "rng"):
+            assert same(before[k], after[k]), (fault, at, k)
+    else:
+        assert raised is None, raised
+        assert all(bool(torch.isfinite(p).all()) for p in after["params"])
+        if fired and at == 0:  # a clean skip
+            TALLY["skips"] += 1
+            assert run.opt.stats["skipped"] == skipped + 1
+            assert same(before["params"], after["params"])
+            assert same(without_skipped(before["state"]), without_skipped(after["state"]))
+        elif fired:
+            TALLY["where:probe"] += 1
+    TALLY["survived"] += 1
+    return fired
+
+
+def continue_identically(run, tuner, base, steps=3):
+    """The state dict, loaded into a fresh tuner around a copy of the model, continues bit-identically."""
+    sd = copy.deepcopy(run.opt.state_dict())
+    twin = Run(tuner, base)
+    twin.model.load_state_dict(run.model.state_dict())
+    twin.opt.load_state_dict(sd)
+    rng = torch.get_rng_state()
+    lrs = []
+    for r in (run, twin):
+        torch.set_rng_state(rng)
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(steps):
+                r.step()
+                out.append(r.opt.stats["lr"])
+        lrs.append(out)
+    assert all(same(a, b) for a, b in zip(*lrs)), lrs
+    for p, q in zip(run.model.parameters(), twin.model.parameters()):
+        assert torch.equal(p, q)
+
+
+FAULT_PLAN = dict(
+    tuner=st.sampled_from(sorted(TUNERS)),
+    base=st.sampled_from(sorted(BASES)),
+    clean_first=st.integers(0, 2),
+    plan=st.lists(st.tuples(st.sampled_from(RAISES + POISONS), st.integers(0, 7)), min_size=1, max_size=4),
+)
+
+
+def fault_run(tuner, base, clean_first, plan):
+    run = Run(tuner, base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(clean_first):
+            run.step()
+    for fault, at in plan:
+        attack(run, fault, at)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            run.step()  # training continues
+        assert all(bool(torch.isfinite(p).all()) for p in run.model.parameters())
+    continue_identically(run, tuner, base)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**FAULT_PLAN)
+def test_faults_at_random_calls_lose_nothing(tuner, base, clean_first, plan):
+    fault_run(tuner, base, clean_first, plan)
+
+
+@pytest.mark.slow
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**FAULT_PLAN)
+def test_faults_at_random_calls_lose_nothing_many(tuner, base, clean_first, plan):
+    fault_run(tuner, base, clean_first, plan)
+
+
+@pytest.mark.parametrize("tuner", sorted(TUNERS))
+@pytest.mark.parametrize("at", [0, 1, 2])
+def test_every_call_of_a_step_can_fail(tuner, at):
+    """Deterministic coverage: an exception at the main call, the first and the second probe of a step (on a
+    sharpness step for the sharpness tuners), around Adam, on the very first step (Adam's state is created
+    lazily there) and on a later one."""
+    for clean_first in (0, 2):
+        run = Run(tuner, "adam")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(clean_first):
+                run.step()
+        attack(run, "raise_late", at)
+        attack(run, "interrupt", at)
+        run.step()
+        continue_identically(run, tuner, "adam", steps=2)
+
+
+# ------------------------------------------------------------------------- inputs accepted and then misused
+def _attack(kind):
+    TALLY["tried"] += 1
+    TALLY[kind] += 1
+
+
+def test_non_finite_base_direction_is_skipped_cleanly():
+    """fp16 Adam: a tiny gradient's second moment underflows to 0 and u = m / (0 + eps) overflows; the step is
+    skipped (never w + 0 * inf = NaN) and Adam's state is put back."""
+    _attack("nonfinite_u")
+    w = nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float16))
+    base = torch.optim.Adam([w], lr=1.0, eps=1e-8)
+    opt = CDAT(base)
+    before = w.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = (w.float() * 1e-6).sum()
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), before) and opt.stats["skipped"] == 1
+    assert "exp_avg" not in opt.state[w]  # Adam's lazy state rolled back with the step
+    TALLY["survived"] += 1
+
+
+@pytest.mark.parametrize("kw,name", [({"sigma": "2.0"}, "sigma"), ({"lr_max": "inf"}, "lr_max"),
+                                     ({"ema": "0.9"}, "ema"), ({"curvature": 3}, "curvature"),
+                                     ({"seed": 1.5}, "seed"), ({"sharpness": 2.0}, "sharpness")])
+def test_strings_and_non_integers_are_refused(kw, name):
+    _attack("validation")
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=name):
+        CDAT(torch.optim.SGD([w], lr=1.0), **kw)
+    opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), max_trials=3.0)
+    assert type(opt.rule.max_trials) is int and opt.rule.max_trials == 3  # the converted value is stored
+    with pytest.raises(ValueError, match="max_trials"):
+        ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), max_trials="3")
+    TALLY["survived"] += 1
+
+
+def test_complex_parameters_are_refused_at_construction():
+    _attack("complex")
+    w = nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex"):
+        CDAT(torch.optim.SGD([w], lr=1.0))
+    opt = CDAT(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=1.0))
+    with pytest.raises(ValueError, match="complex"):
+        opt.add_param_group({"params": [w]})
+    TALLY["survived"] += 1
+
+
+@pytest.mark.parametrize("tuner", sorted(TUNERS))
+def test_zero_size_parameters_work(tuner):
+    _attack("zero_size")
+    model, x, y = model_and_data()
+    empty = nn.Parameter(torch.zeros(0, 3, dtype=DT))
+    params = list(model.parameters()) + [empty]
+    faults = Faults(None, model, x, y)
+    opt = TUNERS[tuner](torch.optim.Adam(params, lr=0.1), model, faults.functional_loss)
+    faults.opt = opt
+
+    def closure():
+        loss = faults.closure()
+        (empty.sum() * 0).backward()  # the empty parameter gets an (empty) gradient
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+    TALLY["survived"] += 1
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda ps: torch.optim.LBFGS(ps), "LBFGS"),
+    (lambda ps: torch.optim.SparseAdam(ps), "SparseAdam"),
+    (lambda ps: torch.optim.ASGD(ps), "ASGD"),
+    (lambda ps: torch.optim.Rprop(ps), "Rprop"),
+    (lambda ps: torch.optim.RMSprop(ps), "allow_any_base"),
+    (lambda ps: torch.optim.SGD(ps, lr=1.0, maximize=True), "maximize"),
+    (lambda ps: torch.optim.Adam(ps, lr=1.0, maximize=True), "maximize"),
+])
+def test_bases_that_cannot_work_are_refused(make, match):
+    _attack("bad_base")
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=match) as info:
+        CDAT(make([w]))
+    if match != "maximize":
+        assert "SGD" in str(info.value) and "Adam" in str(info.value)  # names the supported bases
+    CDAT(torch.optim.RMSprop([w]), allow_any_base=True)  # the documented opt-in
+    with pytest.raises(ValueError, match="Rprop"):
+        CDAT(torch.optim.Rprop([w]), allow_any_base=True)
+    TALLY["survived"] += 1
+
+
+def test_sparse_gradients_are_a_clear_error_and_nothing_changes():
+    _attack("sparse")
+    emb = nn.Embedding(5, 3, sparse=True)
+    opt = CDAT(torch.optim.SGD(emb.parameters(), lr=1.0))
+    before = emb.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = emb(torch.tensor([0, 2])).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(NotImplementedError, match="sparse"):
+        opt.step(closure)
+    assert torch.equal(emb.weight.detach(), before)
+    TALLY["survived"] += 1
+
+
+def test_stats_are_copies():
+    _attack("stats_copy")
+    run = Run("armijo", "sgd")
+    run.step()
+    t = run.opt.stats["lr"]
+    t += 100
+    assert float(run.opt.stats["lr"]) < 100
+    sd = run.opt.state_dict()
+    run.opt.stats["numerator"].fill_(1e9)
+    assert same(sd, run.opt.state_dict())
+    TALLY["survived"] += 1
+
+
+def test_pickle_of_a_tuner_with_modules_and_faults():
+    """A tuner pickled right after a failed step works like the original."""
+    _attack("pickle_after_fault")
+    run = Run("cdat_fd_sharp", "adam")
+    run.step()
+    attack(run, "raise_late", 1)
+    clone_model, clone_opt = pickle.loads(pickle.dumps((run.model, run.opt)))
+    assert clone_opt.guard.before.modules[0] is clone_model
+    TALLY["survived"] += 1
