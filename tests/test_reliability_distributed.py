@@ -49,7 +49,9 @@ CASES = {
     "greedy_fd_mom": ("QuadraticGreedy", "momentum", dict(curvature="fd")),
     "armijo_sgd": ("ArmijoLineSearch", "sgd", dict(c=0.5, increase_factor=4.0, decrease_factor=0.8)),
     "polyak_adam": ("PolyakStep", "adam", dict(lr_max=100.0)),
-    "eos_sgd": ("EdgeOfStability", "sgd", dict(sigma=1.5, sharpness=SharpnessConfig(every=3, iters=60, first_iters=100,
+    # sigma 1 (on the edge): above it the run oscillates with growing amplitude and amplifies the ~1e-8 rounding
+    # differences of a sharded run's finite-difference HVPs beyond the 1e-6 the comparisons allow
+    "eos_sgd": ("EdgeOfStability", "sgd", dict(sigma=1.0, sharpness=SharpnessConfig(every=3, iters=60, first_iters=100,
                                                                                    tol=1e-12))),
 }
 #: the tuners run on FSDP1 FULL_SHARD flat parameter shards (the exact oracle is refused there)
