@@ -347,8 +347,12 @@ class ArmijoRule:
     the very first from ``init_lr``), each next one ``decrease_factor`` times smaller, until
     :meth:`decrease_error` is 0 or ``max_trials`` evaluations were spent; then :meth:`finish` decides. A
     search that accepts nothing, or an ascent direction (``-g^T u <= 0``, where no positive step can satisfy
-    the test with ``c > 0``), takes **no step** (``lr = 0``) and the next search restarts from ``init_lr``: a
-    failed search never moves the parameters uphill and never leaves the rate stuck at a tiny value.
+    the test with ``c > 0``), takes **no step** (``lr = 0``): a failed search never moves the parameters
+    uphill. After a failed search the next one continues from its last trial (so a rate below
+    ``decrease_factor^max_trials`` times the first is still reached over several steps), unless the search
+    **stalled** (its last trial left the loss exactly unchanged: the step is below the parameters'
+    resolution, where no trial can ever be accepted), in which case it restarts from ``init_lr``. An ascent
+    direction leaves the search's memory as it was.
     """
 
     c: float = 1e-4
@@ -382,8 +386,13 @@ class ArmijoRule:
     def decrease_error(self, new_value: Any, x: RuleInputs, lr: Any, xp: Any) -> Any:
         return armijo_decrease_error(new_value, x.value, lr, -x.numerator, c=self.c, delta=self.delta, xp=xp)
 
-    def finish(self, x: RuleInputs, state: ArmijoSearchState, lr: Any, error: Any, xp: Any
+    def finish(self, x: RuleInputs, state: ArmijoSearchState, lr: Any, error: Any, new_value: Any, xp: Any
                ) -> tuple[Any, ArmijoSearchState]:
-        """``(lr to take, new state)`` from the last trial ``lr`` and its decrease error."""
-        accepted = (error <= 0) & (x.numerator > 0) & xp.isfinite(lr) & (lr > 0)
-        return xp.where(accepted, lr, 0.0), ArmijoSearchState(xp.where(accepted, lr, self.init_lr))
+        """``(lr to take, new state)`` from the last trial ``lr``, its decrease error and its loss
+        ``new_value`` (NaN when no trial ran)."""
+        descent = x.numerator > 0
+        accepted = (error <= 0) & descent & xp.isfinite(lr) & (lr > 0)
+        stalled = new_value == x.value
+        memory = xp.where(stalled | ~(xp.isfinite(lr) & (lr > 0)), self.init_lr, lr)
+        memory = xp.where(descent, memory, state.search_lr)
+        return xp.where(accepted, lr, 0.0), ArmijoSearchState(memory)

@@ -5,7 +5,8 @@ The trials run in a ``lax.while_loop``: the first is ``rule.first_trial`` (``min
 lr_max)``, the very first from ``init_lr``), each next one ``decrease_factor`` times smaller, until
 ``rule.decrease_error`` is 0 or ``max_trials`` evaluations of ``value_fn`` were spent; ``rule.finish`` then
 decides: a search that accepts nothing, or an ascent direction (no trial is evaluated for it), takes **no
-step** and the next search restarts from ``init_lr``. The criterion is the one of
+step**, and where the next search starts (from the last trial; from ``init_lr`` after a stall). The
+criterion is the one of
 ``optax.scale_by_backtracking_linesearch`` (``rtol = delta``, ``slope_rtol = c``), whose last-trial-anyway
 behaviour is deliberately not copied.
 """
@@ -100,19 +101,21 @@ def scale_by_armijo(
                        state.steps)
 
         def trial(carry):
-            lr, _, n = carry
+            lr, _, _, n = carry
             lr = jnp.where(n > 0, lr * rule.decrease_factor, lr).astype(dtype)
             new_value = p.f(add_scaled(params, lr, p.u)).astype(dtype)
-            return lr, rule.decrease_error(new_value, x, lr, jnp).astype(dtype), n + 1
+            return lr, rule.decrease_error(new_value, x, lr, jnp).astype(dtype), new_value, n + 1
 
         def taken() -> tuple[Any, ScaleByArmijoState]:
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             first = rule.first_trial(state.rule, jnp).astype(dtype)
             # no trial for an ascent direction: finish() takes no step for it anyway
-            lr, err, n = jax.lax.while_loop(lambda c: (c[1] > 0) & (c[2] < rule.max_trials) & (p.numerator > 0),
-                                            trial, (first, jnp.full((), jnp.inf, dtype), jnp.int32(0)))
-            lr, rule_state = rule.finish(x, state.rule, lr, err, jnp)
+            nan = jnp.full((), jnp.nan, dtype)
+            lr, err, new_value, n = jax.lax.while_loop(
+                lambda c: (c[1] > 0) & (c[3] < rule.max_trials) & (p.numerator > 0),
+                trial, (first, jnp.full((), jnp.inf, dtype), nan, jnp.int32(0)))
+            lr, rule_state = rule.finish(x, state.rule, lr, err, new_value, jnp)
             out, stats = finish(updates, p, lr, curvature=x.curvature, sharpness=sharpness, calls=1 + n + used,
                                 method=method, old=state.stats)
             return out, ScaleByArmijoState(

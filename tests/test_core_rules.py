@@ -105,17 +105,20 @@ def test_armijo_error_matches_definition():
     assert rules.armijo_initial_lr(f(1.0), increase_factor=np.inf, lr_max=np.inf, init_lr=0.5, xp=xp) == 0.5
 
 
-def test_armijo_failed_search_and_ascent_take_no_step_and_restart():
+def test_armijo_failed_search_takes_no_step_continues_and_restarts_after_a_stall():
     rule = rules.ArmijoRule(init_lr=1.0)
+    ArmijoSearchState = rules.ArmijoSearchState
     st = rule.init(f(0))
     assert float(rule.first_trial(st, xp)) == 2.0
     x = _inputs(1.0, value=1.0)
-    lr, st = rule.finish(x, st, f(0.3), f(0.0), xp)            # accepted
+    lr, st = rule.finish(x, st, f(0.3), f(0.0), f(0.9), xp)               # accepted
     assert (float(lr), float(st.search_lr)) == (0.3, 0.3)
-    lr, st = rule.finish(x, st, f(1e-9), f(0.5), xp)           # nothing accepted: no step, restart
+    lr, st = rule.finish(x, st, f(0.01), f(0.5), f(1.5), xp)              # nothing accepted: no step,
+    assert (float(lr), float(st.search_lr)) == (0.0, 0.01)                # the next search goes on from there
+    lr, st = rule.finish(x, st, f(1e-30), f(1e-34), f(1.0), xp)           # stalled (loss unchanged): restart
     assert (float(lr), float(st.search_lr)) == (0.0, 1.0)
-    lr, st = rule.finish(_inputs(-1.0, value=1.0), rule.init(f(0)), f(0.3), f(0.0), xp)  # uphill direction
-    assert float(lr) == 0.0
+    lr, st = rule.finish(_inputs(-1.0, value=1.0), ArmijoSearchState(f(0.2)), f(0.4), f(np.inf), f(np.nan), xp)
+    assert (float(lr), float(st.search_lr)) == (0.0, 0.2)                 # uphill direction: no step, memory kept
     assert float(rule.decrease_error(f(0.9), x, f(0.5), xp)) == 0.0  # 0.9 <= 1 - 1e-4 * 0.5 * 1
     assert float(rule.decrease_error(f(1.2), x, f(0.5), xp)) == pytest.approx(1.2 - 1 + 1e-4 * 0.5)
 

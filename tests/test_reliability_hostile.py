@@ -78,7 +78,7 @@ def make_tuner(name, base, params):
     if name == "armijo":
         # the core's ArmijoRule restarts every search from init_lr after a failed one: its 8 trials must reach
         # the small rates Nesterov momentum at lr 1 needs (2 * 0.5^7), or it never accepts (0.8^7 does not)
-        return ArmijoLineSearch(b, c=0.5, max_trials=8, decrease_factor=0.5)
+        return ArmijoLineSearch(b, c=0.5, max_trials=8)
     if name == "polyak":
         return PolyakStep(b, lr_max=10.0)
     return EdgeOfStability(b, sigma=0.9, sharpness=SharpnessConfig(every=2, first_iters=10, iters=3))

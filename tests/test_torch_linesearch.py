@@ -84,20 +84,26 @@ def test_trial_cap_and_nan_trials():
     assert torch.equal(w2.detach(), before)
 
 
-def test_failed_search_restarts_and_ascent_takes_no_step():
-    """Issue 10: after a failed search the next one starts again from init_lr (the rate cannot collapse), an
-    ascent direction (momentum after the gradient turned) takes no step and no trial, and increase_factor=inf
-    with lr_max=inf still steps (its first trial is init_lr)."""
+def test_failed_search_takes_no_step_and_the_next_goes_on_from_its_last_trial():
+    """Issue 10: a failed search takes no step and the next one continues from its last trial (so an acceptable
+    rate far below the first trial is reached within a few steps instead of never), an ascent direction
+    (momentum after the gradient turned) takes no step and no trial, and increase_factor=inf with lr_max=inf
+    still steps (its first trial is init_lr)."""
     w = torch.nn.Parameter(torch.tensor([1e4, -2e4], dtype=DT))
     f = lambda v: (v ** 2).sum()  # noqa: E731
     opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), init_lr=1e3, decrease_factor=0.5, max_trials=3)
     before = w.detach().clone()
-    for _ in range(3):  # trials 2e3, 1e3, 5e2 overshoot every time: each search starts again from 2 * init_lr
+    firsts = []
+    for _ in range(3):  # trials (2e3, 1e3, 5e2), (1e3, 5e2, 2.5e2), (5e2, ...) overshoot: no step each time
         log = []
         opt.step(closure_for(opt, f, w, log))
         assert float(opt.stats["lr"]) == 0.0 and torch.equal(w.detach(), before)
-        first_trial = log[1][0]  # log[0] is the main call
-        torch.testing.assert_close(first_trial, before - 2e3 * 2 * before)
+        firsts.append(log[1][0])  # log[0] is the main call
+    for lr, first in zip((2e3, 1e3, 5e2), firsts):
+        torch.testing.assert_close(first, before - lr * 2 * before)
+    for _ in range(12):  # every failure halves the next first trial: the search reaches lr <= 1 and accepts
+        opt.step(closure_for(opt, f, w))
+    assert float(f(w.detach())) < float(f(before))
     # ascent: heavy ball after the gradient turned
     v = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
     opt = ArmijoLineSearch(torch.optim.SGD([v], lr=1.0, momentum=0.9))

@@ -23,9 +23,9 @@ class ArmijoLineSearch(CurvatureTuner):
     ``lr_1 = min(increase_factor * lr_prev, lr_max)`` (``init_lr`` at the start, and when that is not a finite
     positive number, e.g. ``increase_factor = inf``), then ``lr_{k+1} = decrease_factor * lr_k``, stopping at
     the first accepted trial or after ``max_trials`` closure calls. Unlike Optax, a search that accepts nothing
-    takes **no step** (the parameters stay) and the next search restarts from ``init_lr``; an ascent direction
-    (``-g^T u <= 0``, e.g. a momentum base after the gradient turned) takes no step and spends no trial. So a
-    failed search never moves uphill and never leaves the rate stuck at a tiny value.
+    takes **no step** (the parameters stay); an ascent direction (``-g^T u <= 0``, e.g. a momentum base after
+    the gradient turned) takes no step and spends no trial. Where the next search starts after a failure is
+    :meth:`curvopt.rules.ArmijoRule.finish`'s decision (from the last trial; from ``init_lr`` after a stall).
 
     Trial closure calls run backward too (the closure convention); module buffers and the random state are
     protected. ``stats["closure_calls"]`` is 1 + the number of trials (+ sharpness products);

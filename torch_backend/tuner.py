@@ -566,16 +566,18 @@ class CurvatureTuner(torch.optim.Optimizer):
         rule = self.rule
         lr = rule.first_trial(state, torch)
         err = torch.full_like(lr, math.inf)
+        new_value = torch.full_like(lr, math.nan)
         trials = 0
         if float(inputs.numerator) > 0:
             for k in range(rule.max_trials):
                 if k:
                     lr = lr * rule.decrease_factor
-                err = rule.decrease_error(probe.loss_at(lr), inputs, lr, torch)
+                new_value = probe.loss_at(lr)
+                err = rule.decrease_error(new_value, inputs, lr, torch)
                 trials += 1
                 if float(err) <= 0.0:
                     break
-        lr_take, new_state = rule.finish(inputs, state, lr, err, torch)
+        lr_take, new_state = rule.finish(inputs, state, lr, err, new_value, torch)
         return lr_take, new_state, trials, float(err)
 
     def _estimate_sharpness(self, probe: Probe, glob: dict, count: int) -> dict[str, tuple[Tensor, list, int]]:
