@@ -402,8 +402,6 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     analysis = analyse(recs)
     errors = [r for r in recs if r.get("status") == "error"]
     seeds = sorted({r.get("seed") for r in recs if "seed" in r})
-    cpu = sum(float(np.nansum(_arr(r, "cpu"))) for r in recs)
-    wall = sum(_num(r.get("wall_time"), 0.0) for r in recs)
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
           f"constant (the grid value with the lowest median final train loss; final = mean of the last {LAST} "
@@ -411,10 +409,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
           f"Steps / CPU seconds to target: first step with train loss ≤ {TARGET} × the best constant's final loss "
           "on the same seed (median over seeds). Step time ÷ base compares median CPU seconds per step with the "
           "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first estimate "
-          "(preconditioned for Adam).", "",
-          f"Cost of these runs: {cpu / 60:.1f} CPU minutes in training steps, {wall / 60:.1f} minutes of run "
-          "wall time in total (model building, compilation and evaluation included; runs in parallel overlap).",
-          ""]
+          "(preconditioned for Adam).", ""]
     plot_paths: list[str] = []
     for g in sorted(analysis):
         task, regime, backend, param = g

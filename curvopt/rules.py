@@ -43,6 +43,7 @@ __all__ = [
     "apply_rule",
     "CDATRule",
     "CDATState",
+    "loss_bound_curvature",
     "PolyakRule",
     "EdgeOfStabilityRule",
     "EdgeOfStabilityState",
@@ -80,11 +81,11 @@ def _safe_div(num: Any, den: Any, ok: Any, xp: Any) -> Any:
 def cdat_step(numerator: Any, curvature: Any, numerator_avg: Any, denominator_avg: Any, *, ema: Any,
               eps: Any, xp: Any) -> tuple[Any, Any]:
     """CDAT's moving averages (Roulet et al. 2024): ``n = max(-g^T u, 0)`` (an ascent direction contributes 0)
-    and ``d = |u^T H u| + eps`` (negative curvature counts by its magnitude), each averaged with factor
-    ``ema`` from 0. Returns the new ``(numerator_avg, denominator_avg)``; the rate is their ratio times
-    sigma (:class:`CDATRule`)."""
+    and ``d = curvature + eps``, each averaged with factor ``ema`` from 0 (the paper passes ``|u^T H u|``: a
+    negative curvature counts by its magnitude; :class:`CDATRule` says what its variants pass). Returns the
+    new ``(numerator_avg, denominator_avg)``; the rate is their ratio times sigma."""
     n = _pos(numerator, xp)
-    d = abs(curvature) + eps
+    d = curvature + eps
     return ema * numerator_avg + (1 - ema) * n, ema * denominator_avg + (1 - ema) * d
 
 
@@ -205,40 +206,68 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
 
 
 class CDATState(NamedTuple):
-    """CDAT's moving averages of ``n`` and ``d`` and the averages' weight ``1 - ema^t`` (``t`` = updates)."""
+    """CDAT's moving averages of ``n`` and ``d``, the averages' weight ``1 - ema^t`` (``t`` = updates) and the
+    last learning rate the rule gave (the growth cap's reference)."""
 
     numerator_avg: Any
     denominator_avg: Any
     avg_weight: Any
+    cdat_lr: Any
 
 
-STARTUPS = ("ramp", "paper")
+STARTUPS = ("robust", "paper")
+
+
+def loss_bound_curvature(numerator: Any, value: Any, f_star: Any, xp: Any) -> Any:
+    """The smallest curvature consistent with the loss bound ``f >= f_star``: ``n^2 / (2 (f - f_star))``.
+
+    The quadratic model ``q(lr) = f - lr n + lr^2 c / 2`` has its minimum ``f - n^2 / (2 c)``; a curvature below
+    this one puts that minimum under ``f_star``, which the loss cannot reach, so it carries no step-size
+    information beyond the bound. 0 when the value is unknown (NaN) or not above ``f_star``.
+    """
+    n = _pos(numerator, xp)
+    gap = value - f_star
+    known = xp.isfinite(gap) & (gap > 0)
+    return _safe_div(n * n, 2 * gap, known, xp)
 
 
 @dataclass(frozen=True)
 class CDATRule:
     """CDAT (Curvature Dynamics Aware Tuning, Roulet et al. 2024): ``lr = sigma * avg(n) / avg(d)`` with
-    ``n = max(-g^T u, 0)`` and ``d = |u^T H u| + eps`` (:func:`cdat_step`). ``sigma = 1, ema = 0`` is the
-    quadratically greedy step (:meth:`greedy`); ``sigma = 2`` the step "on edge" (the largest lr with
+    ``n = max(-g^T u, 0)`` and ``d`` the curvature ``u^T H u`` (:func:`cdat_step`). ``sigma = 1, ema = 0`` is
+    the quadratically greedy step (:meth:`greedy`); ``sigma = 2`` the step "on edge" (the largest lr with
     ``q(lr) <= f``). ``sigma`` may be a schedule ``step -> sigma``.
 
-    ``startup`` — how the first steps are trusted:
+    ``startup="paper"`` is the paper's rule exactly: ``d = |u^T H u| + eps``, both averages start at 0
+    without bias correction (the correction would cancel in the ratio, so step 1 is ``sigma n_1 / d_1``), no
+    other guard. The paper used ``ema`` in {0, 0.9, 0.99}.
 
-    * ``"paper"``: the paper's rule exactly. Both averages start at 0 without bias correction; the correction
-      would cancel in the ratio, so step 1 is already ``sigma n_1 / d_1``.
-    * ``"ramp"`` (default): the numerator's average is not bias-corrected but the denominator's is, so the
-      rate ramps in as ``1 - ema^t`` over the averages' horizon (step 1 is ``(1 - ema) sigma n_1/d_1``): the
-      first directions (Adam's sign-like first update, whose curvature can be tiny or negative) cannot set a
-      rate far above what later curvature supports. On steps whose loss ``f > 0`` is known the rate is also
-      capped by ``f / n``, the Polyak step for a loss bounded below by 0: the quadratic model cannot promise a
-      decrease larger than the loss itself.
+    ``startup="robust"`` (default) keeps the rule and adds what the first, least informative directions need
+    (Adam's sign-like first update can have a tiny or negative curvature, which the paper's ``|c|`` turns into
+    a rate 100x the best constant):
+
+    1. a **loss-bound floor** ``d = max(c, n^2 / (2 (f - f_star))) + eps`` (:func:`loss_bound_curvature`): a
+       curvature that would put the model's minimum below the loss's lower bound ``f_star`` (0 for
+       cross-entropy and squared errors) is replaced by the smallest one consistent with it; so the step is
+       at most ``sigma`` times the one that would reach ``f_star`` (a Polyak bound that follows from the
+       model). Inactive when the loss is unknown (PyTorch's closure-free step) or ``f_star = -inf``; a
+       negative ``c`` then contributes 0;
+    2. a **ramp** by the averages' weight ``1 - ema^t``: the numerator's average is not bias-corrected but the
+       denominator's is, so a step is trusted in proportion to the evidence the averages hold;
+    3. a **growth cap** ``lr_t <= growth * lr_{t-1}`` (from the second step with a positive rate): one
+       spuriously small curvature cannot multiply the rate by 100.
+
+    With the default ``ema = 0.99`` (the paper's longer horizon) the denominator average reacts slowly
+    enough to break the loop "lr falls -> the sharpness rises -> lr falls" seen with 0.9 on Adam tasks.
     """
 
     sigma: Any = 2.0
-    ema: float = 0.9
+    ema: float = 0.99
     eps: float = 0.0
     lr_max: float = math.inf
-    startup: str = "ramp"
+    startup: str = "robust"
+    f_star: float = 0.0
+    growth: float = 2.0
 
     needs: ClassVar[frozenset] = frozenset({"curvature"})
     #: online sharpness is off unless asked for
@@ -250,6 +279,9 @@ class CDATRule:
         object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
         object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
         check_choice("startup", self.startup, STARTUPS)
+        if self.f_star != -math.inf:
+            object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
+        object.__setattr__(self, "growth", check_at_least("growth", self.growth, 1.0))
 
     @classmethod
     def greedy(cls, lr_max: float = math.inf) -> "CDATRule":
@@ -257,21 +289,26 @@ class CDATRule:
         return cls(sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, startup="paper")
 
     def init(self, zero: Any) -> CDATState:
-        return CDATState(zero, zero, zero)
+        return CDATState(zero, zero, zero, zero)
 
     def update(self, x: RuleInputs, state: CDATState, xp: Any) -> tuple[Any, CDATState]:
-        num_avg, den_avg = cdat_step(x.numerator, x.curvature, state.numerator_avg, state.denominator_avg,
-                                     ema=self.ema, eps=self.eps, xp=xp)
-        weight = self.ema * state.avg_weight + (1 - self.ema)
         sigma = at_step(self.sigma, x.count)
+        weight = self.ema * state.avg_weight + (1 - self.ema)
+        if self.startup == "paper":
+            curvature = abs(x.curvature)
+        else:
+            floor = loss_bound_curvature(x.numerator, x.value, self.f_star, xp)
+            curvature = xp.where(x.curvature > floor, x.curvature, floor)
+        num_avg, den_avg = cdat_step(x.numerator, curvature, state.numerator_avg, state.denominator_avg,
+                                     ema=self.ema, eps=self.eps, xp=xp)
         if self.startup == "paper":
             lr = sigma * _safe_div(num_avg, den_avg, den_avg > 0, xp)
         else:
             lr = sigma * _safe_div(num_avg * weight, den_avg, den_avg > 0, xp)
-            known = xp.isfinite(x.value) & (x.value > 0) & (x.numerator > 0)
-            lr = xp.where(known, cap(lr, _safe_div(xp.where(known, x.value, 0.0), x.numerator, known, xp), xp),
-                          lr)
-        return cap(lr, self.lr_max, xp), CDATState(num_avg, den_avg, weight)
+            grown = state.cdat_lr > 0
+            lr = xp.where(grown, cap(lr, self.growth * xp.where(grown, state.cdat_lr, 0.0), xp), lr)
+        lr = cap(lr, self.lr_max, xp)
+        return lr, CDATState(num_avg, den_avg, weight, lr)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ def scale_by_cdat(
     lr_max: float = _CDAT.lr_max,
     *,
     startup: str = _CDAT.startup,
+    f_star: float = _CDAT.f_star,
+    growth: float = _CDAT.growth,
     curvature: str = DEFAULT_CURVATURE,
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
@@ -81,7 +83,8 @@ def scale_by_cdat(
     ``value_fn(params, **extra)`` enables the fd/exact oracles and the sharpness. Bad settings raise
     ``ValueError`` here. State: :class:`ScaleByCDATState`.
     """
-    rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup)
+    rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
+                growth=growth)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))

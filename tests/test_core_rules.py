@@ -36,18 +36,29 @@ def test_cdat_paper_first_step_exact_and_ema_ratio():
     assert lrs[1] == pytest.approx(2 * num / den, rel=1e-14)
 
 
-def test_cdat_ramp_startup_by_hand():
-    # numerator average not bias-corrected, denominator average corrected: ramp 1 - ema^t
+def test_cdat_robust_startup_by_hand():
     rule = rules.CDATRule(sigma=2.0, ema=0.9)
+    # no loss known: no floor; numerator average not bias-corrected, denominator average corrected (ramp)
     lrs, state = _run(rule, [(3.0, 2.0), (1.0, 4.0)])
     assert lrs[0] == pytest.approx(2 * 0.1 * 3 / 2, rel=1e-14)
     num, den, weight = 0.9 * 0.3 + 0.1 * 1, 0.9 * 0.2 + 0.1 * 4, 0.19
     assert lrs[1] == pytest.approx(2 * num / (den / weight), rel=1e-14)
-    assert float(state.avg_weight) == pytest.approx(weight)
-    # a known positive loss caps the rate by the Polyak step f / n
-    lrs, _ = _run(rule, [(3.0, 1e-6, 0.6)])
-    assert lrs[0] == pytest.approx(0.6 / 3.0)
-    # ema = 0: no ramp at all (greedy is exact from step 1)
+    assert float(state.avg_weight) == pytest.approx(weight) and float(state.cdat_lr) == pytest.approx(lrs[1])
+    # the loss-bound floor: a curvature below n^2 / (2 f) (here negative) is replaced by it
+    lrs, state = _run(rule, [(3.0, -19.0, 0.6)])
+    floor = 3.0 ** 2 / (2 * 0.6)
+    assert float(state.denominator_avg) == pytest.approx(0.1 * floor)
+    assert lrs[0] == pytest.approx(2 * 0.1 * 3.0 / floor)  # = 0.1 * sigma * f / n: at most sigma x the Polyak step
+    # ... and leaves a larger curvature alone
+    assert _run(rule, [(3.0, 100.0, 0.6)])[1].denominator_avg == pytest.approx(10.0)
+    # f_star = -inf disables the floor; a negative curvature then contributes 0
+    assert float(_run(rules.CDATRule(f_star=-np.inf), [(3.0, -19.0, 0.6)])[1].denominator_avg) == 0.0
+    # the growth cap: at most x2 per step once a positive rate was taken
+    lrs, _ = _run(rules.CDATRule(sigma=1.0, ema=0.0), [(1.0, 1.0), (1.0, 1e-3), (1.0, 1e-3)])
+    assert lrs == [1.0, 2.0, 4.0]
+    lrs, _ = _run(rules.CDATRule(sigma=1.0, ema=0.0), [(-1.0, 1.0), (1.0, 1e-3)])  # a 0 rate does not cap
+    assert lrs == [0.0, 1000.0]
+    # ema = 0: no ramp at all
     assert _run(rules.CDATRule(sigma=1.0, ema=0.0), [(3.0, 2.0)])[0][0] == pytest.approx(1.5)
 
 
@@ -59,9 +70,10 @@ def test_cdat_guards():
     assert _run(rules.CDATRule.greedy(lr_max=5.0), [(100.0, 1.0)])[0] == [5.0]
 
 
+@pytest.mark.parametrize("startup", rules.STARTUPS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_curvature_is_forgotten_not_averaged(bad):
-    rule = rules.CDATRule(sigma=2.0, ema=0.9)
+def test_non_finite_curvature_is_forgotten_not_averaged(bad, startup):
+    rule = rules.CDATRule(sigma=2.0, ema=0.9, startup=startup)
     clean = [(1.0, 2.0), (2.0, 3.0), (0.5, 1.0), (1.5, 2.5)]
     with_nan = clean[:2] + [(7.0, bad)] + clean[2:]
     ref, ref_state = _run(rule, clean)
