@@ -2,9 +2,10 @@
 power iteration's stopping test (same conventions as :mod:`curvopt.rules`: scalars and an array namespace)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["finite_difference_curvature", "rayleigh_converged"]
+__all__ = ["finite_difference_curvature", "rayleigh_converged", "SecantNoiseState", "SECANT_NOISE_EMA",
+           "SECANT_NOISE_FLOOR", "secant_noise_numerator", "secant_noise_corrected"]
 
 
 def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
@@ -22,3 +23,75 @@ def rayleigh_converged(value: Any, previous: Any, tol: Any) -> Any:
     """Stopping test of the power iteration: the eigenvalue estimate changed by at most ``tol`` (relative);
     False when ``previous`` is NaN (no previous estimate)."""
     return abs(value - previous) <= tol * abs(value)
+
+
+# ------------------------------------------------------------------------------ the secant's mini-batch noise
+#: averaging factor of the raw secant and of its noise estimate (both averaged before they are subtracted)
+SECANT_NOISE_EMA = 0.9
+#: the corrected secant curvature is at least this fraction of the raw one (the guard of the subtraction)
+SECANT_NOISE_FLOOR = 0.1
+
+
+class SecantNoiseState(NamedTuple):
+    """Moving averages of the secant numerator ``(g_t - g_{t-1})^T u_{t-1}``, of its noise estimate and of the
+    secant's scale ``lr_{t-1} ||u_{t-1}||^2`` (field names unique: they sit beside the rule state)."""
+
+    secant_numerator_avg: Any
+    secant_noise_avg: Any
+    secant_scale_avg: Any
+
+
+def secant_noise_numerator(diff_sq: Any, diff_dot_direction: Any, direction_sq: Any, xp: Any) -> Any:
+    """The noise bias of the secant numerator ``(g_t - g_{t-1})^T u_{t-1}``, estimated from one step.
+
+    In mini-batch training ``g = grad f + xi`` with fresh noise each batch. For a base whose update is linear
+    in the current gradient, ``u = -A g + c`` (SGD: ``A = lr_group``; heavy ball: ``(1 - dampening) lr_group``;
+    Nesterov: ``(1 + momentum (1 - dampening)) lr_group``; Adam: ``lr_group (1 - beta1) / P`` elementwise), the
+    numerator contains ``-xi_{t-1}^T u_{t-1}``, whose mean is ``E[xi^T A xi] = tr(A Sigma)``, not 0, so the
+    secant curvature is biased up by ``tr(A Sigma) / lr_{t-1}`` (per unit ``||u||^2``): a smaller lr gives a
+    larger curvature and a smaller lr again. Consecutive noises are independent, so
+    ``E ||g_t - g_{t-1}||_A^2 = 2 tr(A Sigma) + ||grad f_t - grad f_{t-1}||_A^2``. The second term (the drift,
+    ``lr^2 ||H u||_A^2``) is second order but not negligible near the edge of stability, where it lies mostly
+    along the direction moved: the estimate removes the ``A``-orthogonal projection of the difference on
+    ``u_{t-1}`` (which holds ``1/dim`` of the noise) and returns ``0.5 ||D_perp||_A^2``:
+
+    ``diff_sq = D^T A D``, ``diff_dot_direction = D^T A u_{t-1}``, ``direction_sq = u_{t-1}^T A u_{t-1}`` with
+    ``D = g_t - g_{t-1}``. Never negative; 0 when the direction is 0.
+    """
+    ok = direction_sq > 0
+    along = xp.where(ok, diff_dot_direction * diff_dot_direction / xp.where(ok, direction_sq, 1.0), 0.0)
+    out = 0.5 * (diff_sq - along)
+    return xp.where(out > 0, out, 0.0)
+
+
+def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr: Any, prev_u_sq: Any, u_sq: Any,
+                           state: SecantNoiseState, *, ema: Any = SECANT_NOISE_EMA, floor: Any = SECANT_NOISE_FLOOR,
+                           xp: Any) -> tuple[Any, SecantNoiseState]:
+    """The secant curvature along ``u_t`` with the mini-batch noise bias removed: ``(curvature, state)``.
+
+    ``secant_numerator = (g_t - g_{t-1})^T u_{t-1}`` and ``noise_numerator`` (:func:`secant_noise_numerator`)
+    are averaged with factor ``ema``, and so is the scale ``prev_lr * prev_u_sq``; the Rayleigh quotient along
+    ``u_{t-1}`` is ``(avg numerator - avg noise) / avg scale``. Averaging *before* dividing weighs each step
+    by its ``lr ||u||^2``: the signal of a secant grows with the step it spans while its noise does not, so a
+    tiny step (the closure-free probing step ``lr = h``) barely counts; and one step's noise estimate is as
+    noisy as the secant itself, so the subtraction happens after averaging. The guard: the corrected quotient
+    is at least ``floor`` times the raw one (a noise estimate larger than the secant cannot make the curvature
+    vanish or change sign); a non-positive raw quotient is returned as it is (negative curvature, which the
+    rules treat by magnitude). The quotient is rescaled by ``u_sq = ||u_t||^2`` like
+    :func:`curvopt.rules.secant_curvature`. With no secant (``prev_lr = 0`` or ``prev_u_sq = 0``) or a
+    non-finite input: NaN, state unchanged. ``ema = 0`` and no noise give :func:`curvopt.rules.secant_curvature`.
+    """
+    scale = prev_lr * prev_u_sq
+    ok = (scale > 0) & xp.isfinite(secant_numerator) & xp.isfinite(noise_numerator) & xp.isfinite(scale)
+    zero = 0.0 * scale
+    num_avg = ema * state.secant_numerator_avg + (1 - ema) * xp.where(ok, secant_numerator, zero)
+    noise_avg = ema * state.secant_noise_avg + (1 - ema) * xp.where(ok, noise_numerator, zero)
+    scale_avg = ema * state.secant_scale_avg + (1 - ema) * xp.where(ok, scale, zero)
+    good = ok & (scale_avg > 0)
+    den = xp.where(good, scale_avg, 1.0)
+    r, q = num_avg / den, noise_avg / den
+    corrected = xp.where(r - q > floor * r, r - q, floor * r)
+    rayleigh = xp.where(r > 0, corrected, r)
+    new = SecantNoiseState(num_avg, noise_avg, scale_avg)
+    kept = SecantNoiseState(*(xp.where(good, n, o) for n, o in zip(new, state)))
+    return xp.where(good, rayleigh * u_sq, float("nan")), kept

@@ -4,6 +4,7 @@ Tuners wrap an existing ``torch.optim`` optimizer (the base) and choose the glob
 from the loss curvature; see :mod:`torch_backend.tuner` for the step and ``opt.stats`` for the logged
 numbers.
 """
+from .buffers import is_probe
 from .cdat import CDAT, QuadraticGreedy
 from .direction import base_stability_coefficient
 from .edge_of_stability import EdgeOfStability
@@ -23,6 +24,7 @@ __all__ = [
     "hessian_top_eigenvalue",
     "adam_preconditioner_from_optimizer",
     "base_stability_coefficient",
+    "is_probe",
 ]
 from .mup import MuPParamGroups, mup_multipliers, mup_table, parameterize, remove_parameterization  # noqa: E402
 __all__ += ["parameterize", "mup_table", "mup_multipliers", "remove_parameterization", "MuPParamGroups"]

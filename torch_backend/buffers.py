@@ -13,12 +13,34 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BufferSnapshot", "RNGSnapshot", "ProbeGuard"]
+__all__ = ["BufferSnapshot", "RNGSnapshot", "ProbeGuard", "is_probe"]
+
+#: True while a tuner runs the closure as a probe (a curvature probe, a line-search trial, a sharpness product)
+_PROBING: ContextVar[bool] = ContextVar("curvopt_probing", default=False)
+
+
+def is_probe() -> bool:
+    """Whether the closure is being called as a *probe* (``curvopt.torch.is_probe()``, or ``opt.probing``).
+
+    False during the main call of a step (the one at the current parameters, whose loss and gradient the step
+    uses) and outside any step; True while a tuner calls the closure again at a probe point. A closure can use
+    it to skip side effects that must happen once per step (logging, counters, drawing the next batch)::
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if not curvopt.torch.is_probe():
+                log(loss.item())
+            return loss
+    """
+    return _PROBING.get()
 
 ModulesLike = Optional[Union[nn.Module, Iterable[nn.Module]]]
 
@@ -101,8 +123,17 @@ class ProbeGuard:
         self._rng_after: Optional[RNGSnapshot] = None
         self._taken = False
         self.calls = 0
+        self._main_called = False
+
+    def no_main(self) -> None:
+        """A closure-free step: no main call, nothing of the model to undo on a rollback."""
+        self._rng_before = self._rng_after = None
+        self._taken = False
+        self.calls = 0
+        self._main_called = False
 
     def main(self, closure) -> Tensor:
+        self._main_called = True
         self._rng_before = RNGSnapshot()
         self._rng_after = None
         self._taken = False
@@ -126,9 +157,11 @@ class ProbeGuard:
             self._taken = True
         if self._rng_before is not None:
             self._rng_before.restore()
+        token = _PROBING.set(True)
         try:
             out = fn()
         finally:
+            _PROBING.reset(token)
             self.buffers.restore()
         self.calls += 1
         return out
@@ -142,7 +175,8 @@ class ProbeGuard:
 
     def rollback(self) -> None:
         """Undo the step's side effects on the model: buffers and generators as before the main call."""
-        self.before.restore()
+        if self._main_called:
+            self.before.restore()
         if self._rng_before is not None:
             self._rng_before.restore()
         self._rng_after = None

@@ -37,7 +37,9 @@ class CDAT(CurvatureTuner):
         ema: factor of the two exponential moving averages (numerator and denominator, kept separately).
         eps: added to ``|u^T H u|`` (0 in the paper).
         lr_max: cap on the learning rate.
-        startup: ``"ramp"`` or ``"paper"`` (:class:`curvopt.rules.CDATRule`).
+        startup, f_star, growth: ``startup="robust"`` (default: a loss-bound curvature floor for a loss bounded
+            below by ``f_star``, a ramp over the averages' horizon and a growth cap of ``growth`` per step) or
+            ``"paper"`` (the paper's rule exactly); :class:`curvopt.rules.CDATRule` states each.
         curvature: the oracle for ``u^T H u``: ``"auto"`` (``"fd"`` with a closure), ``"fd"``, ``"secant"`` or
             ``"exact"`` (see :mod:`torch_backend.oracles`).
         sharpness: the online sharpness: a :class:`curvopt.SharpnessConfig`, an int ``k`` (every k steps) or
@@ -54,23 +56,34 @@ class CDAT(CurvatureTuner):
             rank, a data-parallel run whose closure returns the rank-local loss, e.g. DDP), ``None`` (never
             reduce) or a process group; see :mod:`torch_backend.distributed` for what is reduced.
         allow_any_base: accept a base other than SGD/Adam/AdamW whose update is linear in its lr.
+        max_grad_norm: clip the gradient of the step's main call to this norm inside the tuner (the probes'
+            gradients are the loss's own; see :meth:`torch_backend.tuner.CurvatureTuner.step`). Never clip
+            inside the closure.
+        probes: False: call the closure once per step and never at probe points (Lightning's automatic
+            optimization, closures with side effects): the curvature comes from the secant as in a
+            closure-free step.
+        noise_correction: remove the secant's mini-batch noise bias (:mod:`torch_backend.noise`); None (default):
+            on in steps without probes (no closure, or ``probes=False``), off otherwise.
 
-    Guards (the core's :func:`curvopt.rules.apply_rule`): an ascent direction counts as a zero numerator,
-    negative curvature by its magnitude; a non-finite curvature probe gives lr 0 for that step and leaves the
-    averages unchanged.
+    Guards (the core's :func:`curvopt.rules.apply_rule`): an ascent direction counts as a zero numerator; a
+    non-finite curvature probe gives lr 0 for that step and leaves the averages unchanged.
     """
 
     def __init__(self, base: torch.optim.Optimizer, sigma: Any = default_of(CDATRule, "sigma"),
                  ema: float = default_of(CDATRule, "ema"), eps: float = default_of(CDATRule, "eps"),
                  lr_max: float = default_of(CDATRule, "lr_max"), *, startup: str = default_of(CDATRule, "startup"),
+                 f_star: float = default_of(CDATRule, "f_star"), growth: float = default_of(CDATRule, "growth"),
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, modules: ModulesLike = None,
                  functional_loss: Optional[Callable] = None, stability_coefficient: Optional[float] = None,
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
+                 max_grad_norm: Optional[float] = None, probes: bool = True, noise_correction: Optional[bool] = None,
                  **deprecated: Any) -> None:
-        self.rule = CDATRule(sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup)
+        self.rule = CDATRule(sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
+                             growth=growth)
         super().__init__(base, curvature=curvature, sharpness=sharpness, modules=modules,
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
-                         distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated)
+                         distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
+                         max_grad_norm=max_grad_norm, probes=probes, noise_correction=noise_correction)
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()

@@ -32,7 +32,8 @@ class EdgeOfStability(CurvatureTuner):
     def __init__(self, base: torch.optim.Optimizer, sigma: Any = default_of(EdgeOfStabilityRule, "sigma"),
                  lr_max: float = default_of(EdgeOfStabilityRule, "lr_max"), *, sharpness: SharpnessLike = None,
                  stability_coefficient: Optional[float] = None, modules: ModulesLike = None, seed: int = 0,
-                 distributed: DistributedLike = "auto", allow_any_base: bool = False, **deprecated: Any) -> None:
+                 distributed: DistributedLike = "auto", allow_any_base: bool = False,
+                 max_grad_norm: Optional[float] = None, **deprecated: Any) -> None:
         if stability_coefficient is None and isinstance(base, torch.optim.Optimizer):
             stability_coefficient = base_stability_coefficient(base)
         if stability_coefficient is None:
@@ -40,7 +41,8 @@ class EdgeOfStability(CurvatureTuner):
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")
         self.rule = EdgeOfStabilityRule(coefficient=stability_coefficient, sigma=sigma, lr_max=lr_max)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=self.rule.coefficient,
-                         seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated)
+                         seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
+                         max_grad_norm=max_grad_norm)
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()

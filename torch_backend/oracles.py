@@ -41,7 +41,7 @@ def finite_difference(probe: Probe) -> Tensor:
     eps = least_precise_eps(probe.params)  # the displacement must show in the coarsest parameter dtype
     h = finite_difference_step(norm(probe.w0), norm(probe.u), dtype_eps=eps, xp=torch)
     probe.move(h)
-    probe.call()
+    probe.fd_step, probe.fd_loss = h, probe.call()  # kept for the tuner's replay check
     return finite_difference_curvature(dot(probe.gradient(), probe.u), -probe.numerator, h, xp=torch)
 
 

@@ -26,7 +26,9 @@ class PolyakStep(CurvatureTuner):
     def __init__(self, base: torch.optim.Optimizer, f_star: float = default_of(PolyakRule, "f_star"),
                  lr_max: float = default_of(PolyakRule, "lr_max"), *, sharpness: SharpnessLike = None,
                  modules: ModulesLike = None, stability_coefficient: Optional[float] = None, seed: int = 0,
-                 distributed: DistributedLike = "auto", allow_any_base: bool = False, **deprecated: Any) -> None:
+                 distributed: DistributedLike = "auto", allow_any_base: bool = False,
+                 max_grad_norm: Optional[float] = None, **deprecated: Any) -> None:
         self.rule = PolyakRule(f_star=f_star, lr_max=lr_max)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
-                         seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated)
+                         seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
+                         max_grad_norm=max_grad_norm)

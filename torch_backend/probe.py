@@ -35,6 +35,9 @@ class Probe:
         self.loss, self.numerator = loss, numerator
         self.guard, self.reducer = guard, reducer
         self.all_params, self.index = list(all_params), list(index)
+        #: the fd oracle's step and its probe's loss (None until it ran)
+        self.fd_step: Optional[Tensor] = None
+        self.fd_loss: Optional[Tensor] = None
 
     # -- moving and calling ------------------------------------------------------------------------------
     def move(self, a: Tensor, direction: Optional[Sequence[Tensor]] = None) -> None:

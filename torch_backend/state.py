@@ -8,14 +8,16 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
 
 * per parameter (``state[p]``, written only after the base stepped ``p``, so Adam's lazy initialisation
   ``if len(state) == 0`` still sees an empty dict): ``curvopt_w0`` (the step's start point; scratch between
-  steps), ``curvopt_u`` (the last step's base direction; the secant oracle's memory),
+  steps), ``curvopt_u`` (the last step's base direction; the secant oracle's memory), ``curvopt_prev_grad``
+  (the last step's gradient, with the secant's mini-batch noise correction),
   ``curvopt_eigvec`` / ``curvopt_eigvec_preconditioned`` (the online sharpness's warm starts);
 * global, in the state of the **first parameter of the first group** (as ``torch.optim.LBFGS`` keeps its
   globals): ``curvopt_step`` (steps taken, int), ``curvopt_skipped`` (int), the rule's state fields
   (``curvopt_numerator_avg``, ``curvopt_denominator_avg``, ``curvopt_avg_weight``, ``curvopt_held_lr``,
   ``curvopt_search_lr``: 0-d tensors of the accumulator dtype), the latest sharpness estimates
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
-  (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, and
+  (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
+  averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg``, and
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
   from the base while it steps, so a lazily initialising base never mistakes them for its own state.
@@ -34,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "META_TUNER",
+__all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD", "META_TUNER",
            "META_BASE", "rule_key", "is_ours", "prepare"]
 
 PREFIX = "curvopt_"
@@ -44,8 +46,10 @@ STEP, SKIPPED = "curvopt_step", "curvopt_skipped"
 SHARPNESS = {"plain": "curvopt_sharpness", "preconditioned": "curvopt_preconditioned_sharpness"}
 SECANT = ("curvopt_secant_grad_dot_u", "curvopt_secant_lr", "curvopt_secant_u_sq")
 DIRECTIONS = "curvopt_directions"
+#: the previous step's (unclipped) gradient, kept by the secant's noise correction (torch_backend.noise)
+PREV_GRAD = "curvopt_prev_grad"
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"
-PER_PARAM = (W0, U, *EIGVEC.values())
+PER_PARAM = (W0, U, PREV_GRAD, *EIGVEC.values())
 #: base-state keys whose tensors have the parameter's shape (checked on load)
 _BASE_PER_PARAM = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 

@@ -45,24 +45,26 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from curvopt.curvature import SecantNoiseState, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, SharpnessConfig, accumulator_dtype_name,
                             as_sharpness, resolve_curvature, sharpness_due)
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
-from curvopt.rules import secant_curvature
+from curvopt.rules import finite_difference_step, secant_curvature
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_choice, check_positive, check_positive_int
 
 from . import state as layout
-from .buffers import ModulesLike, ProbeGuard
+from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, direction_into, snapshot_into
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, finite_difference
 from .preconditioning import preconditioner_scales
+from .noise import noise_metric, noise_numerator
 from .probe import Probe
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
-from .vectors import can_concatenate, concatenating, dot, reducing, sq_norm
+from .vectors import can_concatenate, concatenating, dot, least_precise_eps, norm, reducing, sq_norm
 
 __all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
 
@@ -221,7 +223,8 @@ class CurvatureTuner(torch.optim.Optimizer):
     def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
                  modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
                  stability_coefficient: Optional[float] = None, seed: int = 0, distributed: DistributedLike = "auto",
-                 allow_any_base: bool = False, legacy: Optional[dict] = None) -> None:
+                 allow_any_base: bool = False, legacy: Optional[dict] = None, max_grad_norm: Optional[float] = None,
+                 probes: bool = True, noise_correction: Optional[bool] = None) -> None:
         name = type(self).__name__
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
@@ -264,6 +267,20 @@ class CurvatureTuner(torch.optim.Optimizer):
             self.coefficient = None if self.method is None else self.method.coefficient
         self.preconditioned = self.method is not None and self.method.preconditioned
         self.seed = check_positive_int("seed", seed, minimum=0)
+        #: clip the main call's gradient to this norm inside the step (None: no clipping); see :meth:`step`
+        self.max_grad_norm = None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
+        if not isinstance(probes, bool):
+            raise TypeError(f"probes must be True or False, got {probes!r}")
+        if noise_correction is not None and not isinstance(noise_correction, bool):
+            raise TypeError(f"noise_correction must be None, True or False, got {noise_correction!r}")
+        #: False: the closure is called once per step (no probes); see :meth:`step`
+        self.probes = probes
+        #: the secant's mini-batch noise correction: None = on in probe-free steps (no closure, probes=False)
+        self.noise_correction = noise_correction
+        if not probes:
+            self._require_probe_free(has_closure=True, error=ValueError)
+        self._replay_checked = False
+        self._scratch_d: dict[Tensor, Tensor] = {}
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
         self._snapshot = _BaseSnapshot()
@@ -312,6 +329,25 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in self._all_params()))
         self._concat = can_concatenate(self._all_params())
 
+    @property
+    def defaults(self) -> dict:  # type: ignore[override]
+        """The base's ``defaults`` (LR schedulers such as ``OneCycleLR``/``CyclicLR`` read momentum/betas here)."""
+        if self.__dict__.get("_initializing"):
+            return self.__dict__.get("_init_defaults", {})
+        return self.base.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        if self.__dict__.get("_initializing"):
+            self.__dict__["_init_defaults"] = value
+        else:
+            self.base.defaults = value
+
+    @property
+    def probing(self) -> bool:
+        """True while the closure runs as a probe (:func:`torch_backend.buffers.is_probe`)."""
+        return is_probe()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
@@ -346,8 +382,10 @@ class CurvatureTuner(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
-        if closure is None or not callable(closure):
+        if closure is not None and not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
+        if closure is None:
+            self._require_probe_free(has_closure=False, error=TypeError)
         # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
         with reducing(self.distributed), concatenating(self._concat):
             tx = _Transaction(self)
@@ -357,11 +395,16 @@ class CurvatureTuner(torch.optim.Optimizer):
                 tx.rollback()
                 raise
 
-    def _step(self, closure: Callable[[], Tensor], tx: _Transaction) -> Tensor:
+    def _step(self, closure: Optional[Callable[[], Tensor]], tx: _Transaction) -> Optional[Tensor]:
         guard, state, rule = self.guard, self.state, self.rule
-        loss = guard.main(closure)
-        if loss is None:
-            raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
+        probe_free = closure is None or not self.probes
+        if closure is None:  # closure-free: the gradients are in .grad already (loss.backward(); opt.step())
+            guard.no_main()
+            loss = None
+        else:
+            loss = guard.main(closure)
+            if loss is None:
+                raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
         all_params = self._all_params()
         index, params, grads, stepped = [], [], [], []
         for i, p in enumerate(all_params):
@@ -378,23 +421,32 @@ class CurvatureTuner(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(g)
         if not stepped:
+            if closure is None:
+                raise RuntimeError("no parameter has a gradient: call loss.backward() before opt.step()")
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
-        loss_t = torch.as_tensor(loss).detach()
-        if loss_t.numel() != 1:
-            raise ValueError(f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
         dev = (params or stepped)[0].device
-        loss_t = loss_t.to(device=dev, dtype=self.acc_dtype).reshape(())
-        if self.distributed is not None:
+        if loss is None:
+            loss_t = torch.full((), math.nan, dtype=self.acc_dtype, device=dev)  # the rules see no value
+        else:
+            loss_t = torch.as_tensor(loss).detach()
+            if loss_t.numel() != 1:
+                raise ValueError(
+                    f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
+            loss_t = loss_t.to(device=dev, dtype=self.acc_dtype).reshape(())
+        if self.distributed is not None and loss is not None:
             # the closure's loss is rank-local under DDP (the gradients are already averaged): one all_reduce
             # makes it global before the NaN check (so every rank skips together) and the rules use it
             loss_t = self.distributed.mean(loss_t)
         p0 = all_params[0]
         glob = self._globals()
         count = glob.get(layout.STEP, 0)
-        oracle = resolve_curvature(self.curvature, True) if self.curvature is not None else None
+        oracle = resolve_curvature(self.curvature, not probe_free) if self.curvature is not None else None
         secant = oracle == "secant"
         prev_u = self._previous_directions(params, glob) if secant else None
         g_dot_prev_u = dot(grads, prev_u) if prev_u is not None else None
+        metric = noise_metric(self.base, params) if secant and self._noise_on(probe_free) else None
+        noise_b = self._noise(params, grads, prev_u, metric) if metric is not None and prev_u is not None else None
+        clip = self._clip(grads) if self.max_grad_norm is not None else None
 
         # the base's direction
         w0, u, fresh = self._buffers(params, secant)
@@ -403,7 +455,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._snapshot.take(state, stepped)
         tx.base_stepped = True
         tx.hidden = self._hide_globals(p0)
-        self.base.step()
+        self._base_step()
         if tx.hidden is not None:
             state[p0].update(tx.hidden[1])
             tx.hidden = None
@@ -412,33 +464,49 @@ class CurvatureTuner(torch.optim.Optimizer):
             return loss
         direction_into(u, params, w0)
         numerator = (-dot(grads, u)).to(self.acc_dtype)
+        if clip is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
+            numerator = numerator / clip
         like = numerator
         nan = torch.full_like(like, math.nan)
-        checks = [torch.isfinite(loss_t) & torch.isfinite(numerator)]
-        secant_c, u_sq = nan, None
+        checks = [(torch.isfinite(loss_t) | (loss is None)) & torch.isfinite(numerator)]
+        secant_c, u_sq, noise_state = nan, None, None
         if secant:
             u_sq = sq_norm(u).to(self.acc_dtype)
             if g_dot_prev_u is not None:
                 prev = [glob.get(k) for k in layout.SECANT]
                 if all(t is not None for t in prev):
                     prev = [t.to(like) for t in prev]
-                    secant_c = secant_curvature(g_dot_prev_u.to(like), prev[0], prev[1], prev[2], u_sq, xp=torch)
+                    if noise_b is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
+                        secant_c, noise_state = secant_noise_corrected(
+                            g_dot_prev_u.to(like) - prev[0], noise_b.to(like), prev[1], prev[2], u_sq,
+                            self._noise_state(glob, like), xp=torch)
+                    else:
+                        secant_c = secant_curvature(g_dot_prev_u.to(like), prev[0], prev[1], prev[2], u_sq,
+                                                    xp=torch)
             checks.append(torch.isfinite(secant_c))
         flags = [bool(f) for f in torch.stack(checks).tolist()]  # the step's host sync
         if not flags[0]:
             tx.undo_base()
             return self._skip(loss, p0)
 
-        probe = Probe(closure, params, grads, w0, u, loss_t, numerator, guard, self.distributed, all_params, index)
-        sharp = {}
         cfg = self.sharpness_config
+        # the probes' gradients are the loss's own (never clipped): the sharpness differences the unclipped g
+        raw_grads = grads if clip is None or not cfg.enabled else list(torch._foreach_div(grads, clip))
+        probe = Probe(closure, params, raw_grads, w0, u, loss_t, numerator, guard, self.distributed, all_params,
+                      index)
+        sharp = {}
         if cfg.enabled and sharpness_due(count, cfg.every):
             sharp = self._estimate_sharpness(probe, glob, count)
         curvature = nan
         if oracle == "exact":
             curvature = exact(probe, self.functional_loss)
+        probing = secant and not flags[1] and probe_free
+        if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
+            curvature = nan
         elif oracle == "fd" or (secant and not flags[1]):
             curvature = finite_difference(probe)  # the secant's fallback when there is no secant
+            if not self._replay_checked:
+                self._check_replay(probe, curvature)
         elif secant:
             curvature = secant_c
         sharpness = {}
@@ -456,6 +524,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state)
         else:
             lr, new_rule_state = apply_rule(rule, inputs, rule_state, torch)
+        if probing:
+            lr = finite_difference_step(norm(w0), norm(u), dtype_eps=least_precise_eps(params), xp=torch).to(like)
 
         # commit
         probe.move(lr)
@@ -480,9 +550,15 @@ class CurvatureTuner(torch.optim.Optimizer):
             for key, v in zip(layout.SECANT, (-numerator, lr, u_sq)):
                 glob[key] = v
             glob[layout.DIRECTIONS] = len(params)
+            if metric is not None:
+                self._commit_gradients(params, grads, clip)
+            if noise_state is not None:
+                for f, v in zip(noise_state._fields, noise_state):
+                    glob[layout.rule_key(f)] = v
         self.last_trials, self.last_decrease_error = trials, error
         self.sharpness_products = sum(used for _, _, used in sharp.values())
-        ratio = eos_ratio_rule(lr, reference, self.coefficient) if self.coefficient is not None else nan
+        ratio = (eos_ratio_rule(lr * self._group_lr(), reference, self.coefficient) if self.coefficient is not None
+                 else nan)
         self._stats = {"lr": lr, "numerator": numerator, "curvature": curvature, "sharpness": sharpness["plain"],
                        "preconditioned_sharpness": sharpness["preconditioned"], "eos_ratio": ratio,
                        "skipped": glob[layout.SKIPPED], "closure_calls": guard.calls}
@@ -512,6 +588,110 @@ class CurvatureTuner(torch.optim.Optimizer):
                     fresh.append((p, layout.U, c))
             u.append(c)
         return w0, u, fresh
+
+    # -- probe-free steps, clipping, the secant's noise ---------------------------------------------------------
+    def _require_probe_free(self, has_closure: bool, error: type) -> None:
+        """Refuse what a step without probes cannot do (no closure: also nothing that needs the loss)."""
+        name, needs = type(self).__name__, self.rule.needs
+        where = "without a closure (loss.backward(); opt.step())" if not has_closure else "with probes=False"
+        if not has_closure and "value" in needs:
+            raise error(f"{name} needs the loss at the current parameters, so step() needs a closure. "
+                        f"{CLOSURE_CONVENTION}\nClosure-free steps (loss.backward(); opt.step()) work with CDAT "
+                        "and QuadraticGreedy (curvature from the secant of consecutive gradients).")
+        if isinstance(self.rule, ArmijoRule) or "sharpness" in needs or self.sharpness_config.enabled:
+            what = "a line search" if isinstance(self.rule, ArmijoRule) else "the online sharpness"
+            raise error(f"{name} runs {what}, which calls the closure at probe points: it cannot step {where}. "
+                        f"{CLOSURE_CONVENTION}\nSteps without probes work with CDAT and QuadraticGreedy "
+                        "(curvature=\"secant\" or \"auto\", sharpness off).")
+        if self.curvature is not None:
+            try:
+                resolve_curvature(self.curvature, False)
+            except ValueError as e:
+                raise error(f"{name} cannot step {where}: {e}") from None
+
+    def _noise_on(self, probe_free: bool) -> bool:
+        return probe_free if self.noise_correction is None else self.noise_correction
+
+    def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor], metric: list) -> Tensor:
+        """The secant numerator's noise estimate (NaN when the previous gradient is not kept: no secant)."""
+        prev = [self.state[p].get(layout.PREV_GRAD) if p in self.state else None for p in params]
+        if not all(_fits(b, p) for b, p in zip(prev, params)):
+            return torch.full((), math.nan, dtype=self.acc_dtype, device=params[0].device)
+        diff = []
+        for p, g in zip(params, grads):
+            d = self._scratch_d.get(p)
+            if not _fits(d, p):
+                d = self._scratch_d[p] = torch.empty_like(p, memory_format=torch.preserve_format)
+            diff.append(d)
+        torch._foreach_copy_(diff, grads)
+        torch._foreach_sub_(diff, prev)
+        return noise_numerator(diff, prev_u, metric).to(self.acc_dtype)
+
+    def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor]) -> None:
+        """Keep this step's (unclipped) gradient for the next step's noise estimate."""
+        out = []
+        for p in params:
+            st = self.state[p]
+            b = st.get(layout.PREV_GRAD)
+            if not _fits(b, p):
+                b = st[layout.PREV_GRAD] = torch.empty_like(p, memory_format=torch.preserve_format)
+            out.append(b)
+        torch._foreach_copy_(out, grads)
+        if clip is not None:
+            torch._foreach_div_(out, clip)
+
+    def _noise_state(self, glob: dict, like: Tensor) -> SecantNoiseState:
+        vals = [glob.get(layout.rule_key(f)) for f in SecantNoiseState._fields]
+        if any(v is None for v in vals):
+            return SecantNoiseState(*(torch.zeros_like(like) for _ in vals))
+        return SecantNoiseState(*(v.to(like) for v in vals))
+
+    def _clip(self, grads: list[Tensor]) -> Tensor:
+        """Clip the main call's gradient in place to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``'s
+        factor ``min(1, max_norm / (norm + 1e-6))``); returns the factor."""
+        total = norm(grads).to(self.acc_dtype)
+        factor = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        return factor
+
+    def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
+        """Once per tuner, at its first fd probe: the probe's loss at ``w + h u`` must be the main call's loss
+        moved along the quadratic model (``f + h g^T u + h^2 c / 2``); a closure that draws a new batch, or
+        randomness the probe does not replay, gives a loss that differs by far more. Warns once with the fix."""
+        self._replay_checked = True
+        if probe.fd_loss is None or probe.fd_step is None or self.distributed is not None:
+            return
+        f, h = float(probe.loss), float(probe.fd_step)
+        model = f - h * float(probe.numerator) + 0.5 * h * h * float(curvature)
+        got = float(probe.fd_loss)
+        if math.isfinite(got) and math.isfinite(model) and abs(got - model) > 1e-2 * abs(f) + 1e-6:
+            warnings.warn(
+                f"{type(self).__name__}: the closure does not replay: at a probe point {h:.2g} * u away from the "
+                f"parameters its loss is {got:.6g}, the main call's model predicts {model:.6g}. The probes evaluate "
+                "the closure again at nearby points and need the same function each time: compute the batch "
+                "outside the closure (no next(loader) inside), keep randomness in torch's generators (the tuner "
+                "replays them), do not clip gradients inside the closure (use max_grad_norm=), and with gradient "
+                "accumulation compute every micro-batch inside the closure. Or step without probes: "
+                "loss.backward(); opt.step() (or probes=False), curvature from the secant.",
+                RuntimeWarning, stacklevel=4)
+
+    def _base_step(self) -> None:
+        """``base.step()`` without torch's *global* optimizer step hooks (they fire once, for the tuner's
+        step); the base's own hooks still run."""
+        base = self.base
+        fn = getattr(type(base).step, "__wrapped__", None)
+        if fn is None or "step" in base.__dict__:
+            base.step()
+            return
+        for hook in list(base._optimizer_step_pre_hooks.values()):
+            hook(base, (), {})
+        fn(base)
+        for hook in list(base._optimizer_step_post_hooks.values()):
+            hook(base, (), {})
+
+    def _group_lr(self) -> float:
+        """The largest group lr (the relative multiplier): effective lr = tuner lr x group lr."""
+        return max(float(g["lr"]) for g in self.param_groups)
 
     def _previous_directions(self, params: list[Tensor], glob: dict) -> Optional[list[Tensor]]:
         """The last step's ``u`` if the same parameters had gradients then (else None: no secant)."""

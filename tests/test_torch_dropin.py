@@ -1,0 +1,462 @@
+"""The tuners in the training loops people already have (issue 11): closure-free steps, GradScaler, gradient
+accumulation, clipping, a Lightning Trainer, a Hugging Face-style loop with a scheduler; the closure
+contract's guard rails; scheduler/hook/logging semantics. Each example asserts the learning rates."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import curvopt.torch as ct
+from curvopt.rules import finite_difference_step
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
+
+torch.set_num_threads(1)
+D64 = torch.float64
+
+
+def quadratic(n: int = 12, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, n, generator=g, dtype=D64)
+    h = q @ q.T / n + 0.1 * torch.eye(n, dtype=D64)
+    w0 = torch.randn(n, generator=g, dtype=D64)
+    return h, w0
+
+
+def quad_closure(opt, w, h):
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * w @ h @ w
+        loss.backward()
+        return loss
+    return closure
+
+
+def closure_free_run(make, h, w0, steps=6, backward_scale=None):
+    w = nn.Parameter(w0.clone())
+    opt = make([w])
+    lrs, grads, us = [], [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * w @ h @ w).backward()
+        grads.append(w.grad.detach().clone())
+        before = w.detach().clone()
+        assert opt.step() is None
+        lrs.append(float(opt.stats["lr"]))
+        assert opt.stats["closure_calls"] == 0
+        us.append((w.detach() - before) / lrs[-1])
+    return w, opt, lrs, grads, us
+
+
+# ------------------------------------------------------------------------------ closure-free steps
+def test_closure_free_greedy_is_exact_secant_and_probes_first():
+    """loss.backward(); opt.step(): step 1 is the probing step lr = h, then the greedy lr from the secant of
+    consecutive gradients (full batch on a quadratic, no correction: -g^T u / (rayleigh(u_prev) ||u||^2))."""
+    h, w0 = quadratic()
+    w, opt, lrs, grads, us = closure_free_run(
+        lambda ps: QuadraticGreedy(torch.optim.SGD(ps, lr=1.0), noise_correction=False), h, w0)
+    g0 = grads[0]
+    h_step = finite_difference_step(w0.norm(), g0.norm(), dtype_eps=torch.finfo(D64).eps, xp=torch)
+    assert lrs[0] == pytest.approx(float(h_step), rel=1e-12)
+    for t in range(1, len(lrs)):
+        u_prev, u = -grads[t - 1], -grads[t]
+        rayleigh = float(u_prev @ h @ u_prev / (u_prev @ u_prev))
+        expect = float(grads[t] @ grads[t]) / (rayleigh * float(u @ u))
+        assert lrs[t] == pytest.approx(expect, rel=1e-6 if t == 1 else 1e-9)  # step 1: an fd secant
+    assert float(0.5 * w @ h @ w) < 0.5 * float(w0 @ h @ w0)
+
+
+def test_closure_free_cdat_defaults_train_and_keep_no_closure_calls():
+    h, w0 = quadratic()
+    w, opt, lrs, _, _ = closure_free_run(lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0)), h, w0, steps=30)
+    assert all(math.isfinite(x) and x > 0 for x in lrs)
+    assert float(0.5 * w @ h @ w) < 0.2 * float(0.5 * w0 @ h @ w0)
+    assert opt.noise_correction is None and opt.curvature == "auto"
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda ps: PolyakStep(torch.optim.SGD(ps, lr=1.0)), "needs the loss"),
+    (lambda ps: ArmijoLineSearch(torch.optim.SGD(ps, lr=1.0)), "needs the loss"),
+    (lambda ps: EdgeOfStability(torch.optim.SGD(ps, lr=1.0)), "sharpness"),
+    (lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0), sharpness=5), "sharpness"),
+    (lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0), curvature="fd"), "secant"),
+    (lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0), curvature="exact", functional_loss=lambda p: p[0].sum()), "secant"),
+])
+def test_closure_free_refused_clearly(make, words):
+    w = nn.Parameter(torch.ones(3))
+    opt = make([w])
+    (w ** 2).sum().backward()
+    with pytest.raises(TypeError, match=words):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
+def test_probes_false_refuses_probing_settings_at_construction():
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="sharpness"):
+        CDAT(torch.optim.SGD([w], lr=1.0), sharpness=2, probes=False)
+    with pytest.raises(ValueError, match="secant"):
+        CDAT(torch.optim.SGD([w], lr=1.0), curvature="fd", probes=False)
+
+
+def test_probes_false_calls_the_closure_once_like_closure_free():
+    h, w0 = quadratic()
+    _, _, ref, _, _ = closure_free_run(lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0)), h, w0)
+    w = nn.Parameter(w0.clone())
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), probes=False)
+    calls, lrs = [], []
+
+    quad = quad_closure(opt, w, h)
+
+    def closure():
+        calls.append(1)
+        return quad()
+
+    for _ in range(6):
+        opt.step(closure)
+        lrs.append(float(opt.stats["lr"]))
+    assert len(calls) == 6
+    # same lrs as closure-free except where CDAT's ramp caps by the known loss (f / numerator)
+    np.testing.assert_allclose(lrs[1:], ref[1:], rtol=1e-9) if all(
+        a <= b * (1 + 1e-12) for a, b in zip(lrs, ref)) else None
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(lrs, ref))
+
+
+# ------------------------------------------------------------------------------ mini-batch noise
+def _digits_noisy(n_steps: int, correction: bool):
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    rng = np.random.default_rng(0)
+    flip = torch.from_numpy(rng.random(len(y)) < 0.3)
+    y[flip] = torch.from_numpy(rng.integers(0, 10, int(flip.sum())))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), noise_correction=correction)
+    g = torch.Generator().manual_seed(1)
+    lrs = []
+    for _ in range(n_steps):
+        idx = torch.randint(0, len(y), (32,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        lrs.append(float(opt.stats["lr"]))
+    return np.array(lrs)
+
+
+def test_secant_noise_correction_prevents_the_minibatch_collapse():
+    """Mini-batch (digits, 30% label noise, batch 32): the raw secant's noise bias tr(Sigma)/B/lr drives the lr
+    down to ~1e-6; with the correction (default closure-free) it grows like the fd oracle's."""
+    raw, corrected = _digits_noisy(120, False), _digits_noisy(120, True)
+    assert np.median(raw[-40:]) < 1e-4
+    assert np.median(corrected[-40:]) > 1e-3
+    assert np.median(corrected[-40:]) > 30 * np.median(raw[-40:])
+    assert np.median(corrected[-40:]) > 1.5 * np.median(corrected[20:60])  # still growing (the ramp-in)
+
+
+# ------------------------------------------------------------------------------ GradScaler, accumulation
+def test_grad_scaler_step_gives_the_unscaled_learning_rates():
+    h, w0 = quadratic()
+    _, _, ref, _, _ = closure_free_run(lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0)), h, w0)
+    w = nn.Parameter(w0.clone())
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    lrs = []
+    for _ in range(6):
+        opt.zero_grad()
+        scaler.scale(0.5 * w @ h @ w).backward()
+        scaler.step(opt)
+        scaler.update()
+        lrs.append(float(opt.stats["lr"]))
+    np.testing.assert_allclose(lrs, ref, rtol=1e-12)
+
+
+def test_grad_scaler_fp16_autocast_runs_and_skips_overflow():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 30)  # overflows fp16 at first: steps skipped
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    lrs, steps = [], []
+    for _ in range(40):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        lrs.append(float(opt.stats["lr"]))
+        steps.append(opt._globals().get("curvopt_step", 0))
+    assert steps[-1] < 40  # the scaler skipped the overflowing steps (opt.step not called)
+    assert steps[-1] > 5 and all(math.isfinite(v) and v >= 0 for v in lrs[-5:]) and lrs[-1] > 0
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 5, dtype=D64), torch.randn(32, dtype=D64)
+
+    def run(k):
+        w = nn.Parameter(torch.zeros(5, dtype=D64))
+        opt = CDAT(torch.optim.SGD([w], lr=1.0), noise_correction=False)
+        lrs = []
+        for _ in range(6):
+            opt.zero_grad()
+            for xb, yb in zip(x.chunk(k), y.chunk(k)):
+                (((xb @ w - yb) ** 2).mean() / k).backward()
+            opt.step()
+            lrs.append(float(opt.stats["lr"]))
+        return lrs
+
+    np.testing.assert_allclose(run(4), run(1), rtol=1e-10)
+
+
+# ------------------------------------------------------------------------------ clipping
+def _clip_run(max_grad_norm, closure_mode=True):
+    h, w0 = quadratic(seed=3)
+    w = nn.Parameter(w0.clone())
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0), max_grad_norm=max_grad_norm,
+                          curvature="fd" if closure_mode else "auto", noise_correction=False)
+
+    closure = quad_closure(opt, w, h)
+
+    out = []
+    for _ in range(4):
+        before = w.detach().clone()
+        g = h @ before
+        if closure_mode:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        lr = float(opt.stats["lr"])
+        u = (w.detach() - before) / lr
+        out.append((lr, float(opt.stats["curvature"]), g, u, float(opt.stats["numerator"])))
+    return h, out
+
+
+def test_max_grad_norm_inactive_is_no_clipping():
+    _, a = _clip_run(None)
+    _, b = _clip_run(1e9)
+    for (la, ca, *_), (lb, cb, *_) in zip(a, b):
+        assert la == lb and ca == cb
+
+
+@pytest.mark.parametrize("closure_mode", [True, False])
+def test_max_grad_norm_active_uses_the_clipped_directions_curvature(closure_mode):
+    h, out = _clip_run(0.05, closure_mode)
+    for t, (lr, curv, g, u, num) in enumerate(out):
+        assert float(u.norm()) == pytest.approx(0.05, rel=1e-5)  # the base stepped along the clipped gradient
+        assert num == pytest.approx(float(-(g @ u)), rel=1e-7)  # the true slope -g^T u
+        if closure_mode:  # fd is exact on a quadratic: the clipped direction's curvature
+            assert curv == pytest.approx(float(u @ h @ u), rel=1e-6)
+            assert lr == pytest.approx(float(-(g @ u)) / float(u @ h @ u), rel=1e-6)
+        elif t >= 1:
+            assert curv > 0
+
+
+# ------------------------------------------------------------------------------ closure contract
+def test_replay_check_warns_once_for_a_closure_that_draws_a_new_batch():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0))
+
+    g = torch.Generator().manual_seed(0)  # (torch's default generator would be replayed by the tuner)
+    batches = iter([(torch.randn(8, 4, generator=g) * 3, torch.randn(8, 1, generator=g)) for _ in range(50)])
+
+    def closure():  # next(loader) inside the closure: the probe sees another batch than the main call
+        opt.zero_grad()
+        x, noise = next(batches)
+        loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True) + noise)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(closure)
+    hits = [r for r in rec if "does not replay" in str(r.message)]
+    assert len(hits) == 1 and "max_grad_norm" in str(hits[0].message)
+
+
+def test_replay_check_silent_for_a_replaying_closure_with_dropout():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), modules=model)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step(closure)
+
+
+def test_the_closure_can_tell_the_main_call_from_probes():
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0))
+    seen = []
+
+    def closure():
+        seen.append((ct.is_probe(), opt.probing))
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert seen[0] == (False, False) and len(seen) > 1 and all(s == (True, True) for s in seen[1:])
+    assert ct.is_probe() is False
+
+
+# ------------------------------------------------------------------------------ schedulers, hooks, logging
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("sched", ["onecycle", "cyclic"])
+def test_onecycle_and_cyclic_schedulers_work(base, sched):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    b = (torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9) if base == "sgd"
+         else torch.optim.Adam(model.parameters(), lr=1.0))
+    opt = CDAT(b)
+    assert opt.defaults is b.defaults
+    if sched == "onecycle":
+        s = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    else:
+        s = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.1, max_lr=1.0, step_size_up=3)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    lrs = []
+    for _ in range(8):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        s.step()
+        lrs.append(float(opt.stats["lr"]))
+    assert all(math.isfinite(v) and v >= 0 for v in lrs) and lrs[-1] > 0
+
+
+def test_uniform_group_lr_factor_cancels_and_eos_ratio_uses_the_effective_lr():
+    h, w0 = quadratic()
+
+    def run(group_lr):
+        w = nn.Parameter(w0.clone())
+        opt = CDAT(torch.optim.SGD([w], lr=group_lr), sharpness=1, ema=0.5, startup="paper")
+
+        closure = quad_closure(opt, w, h)
+
+        out = []
+        for _ in range(4):
+            opt.step(closure)
+            out.append((float(opt.stats["lr"]), float(opt.stats["eos_ratio"]), w.detach().clone()))
+        return out
+
+    a, b = run(1.0), run(1e-3)
+    for (la, ra, wa), (lb, rb, wb) in zip(a, b):
+        assert lb * 1e-3 == pytest.approx(la, rel=1e-6)  # tuner lr x group lr is what counts
+        assert rb == pytest.approx(ra, rel=1e-5)
+        torch.testing.assert_close(wa, wb, rtol=1e-6, atol=1e-7)
+
+
+def test_sigma_is_assignable_and_schedulable():
+    w = nn.Parameter(torch.ones(3))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+    opt.sigma = 1.5
+    assert opt.rule.sigma == 1.5
+    opt.sigma = lambda step: 2.0 / (1 + step)
+    assert callable(opt.rule.sigma)
+    with pytest.raises(ValueError):
+        opt.sigma = -1.0
+
+
+def test_global_step_hooks_fire_once_per_tuner_step():
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    pre, post = [], []
+    h1 = register_optimizer_step_pre_hook(lambda o, a, k: pre.append(type(o).__name__))
+    h2 = register_optimizer_step_post_hook(lambda o, a, k: post.append(type(o).__name__))
+    try:
+        w = nn.Parameter(torch.ones(3))
+        opt = CDAT(torch.optim.SGD([w], lr=1.0))
+        base_hook = []
+        opt.base.register_step_post_hook(lambda o, a, k: base_hook.append(1))
+        for _ in range(2):
+            opt.zero_grad()
+            (w ** 2).sum().backward()
+            opt.step()
+    finally:
+        h1.remove()
+        h2.remove()
+    assert pre == ["CDAT", "CDAT"] and post == ["CDAT", "CDAT"]
+    assert base_hook == [1, 1]  # the base's own hooks still run
+
+
+# ------------------------------------------------------------------------------ Hugging Face-style loop
+def test_hugging_face_style_loop_with_clip_and_scheduler():
+    """HF Trainer's order: backward, clip_grad_norm_, optimizer.step(), lr_scheduler.step(), zero_grad."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6, dtype=D64), torch.randn(64, 1, dtype=D64)
+
+    def run(factor):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        opt = CDAT(torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.0), noise_correction=False)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factor)
+        lrs = []
+        for _ in range(10):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e6)  # inactive here
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            lrs.append(float(opt.stats["lr"]) * opt.param_groups[0]["lr"])
+        return lrs, float(loss)
+
+    (a, la), (b, lb) = run(1.0), run(0.01)
+    np.testing.assert_allclose(a, b, rtol=1e-6)  # a constant group factor cancels in CDAT
+    assert all(v > 0 for v in a[1:])
+
+
+# ------------------------------------------------------------------------------ Lightning
+def test_lightning_trainer_accumulate_and_clip():
+    pl = pytest.importorskip("lightning.pytorch")
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    calls, lrs = [], []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 1)
+
+        def training_step(self, batch, _):
+            calls.append(ct.is_probe())
+            xb, yb = batch
+            return nn.functional.mse_loss(self.net(xb), yb)
+
+        def on_train_batch_end(self, *_):
+            opt = self.optimizers().optimizer
+            lrs.append((opt._globals().get("curvopt_step", 0), float(opt.stats["lr"])))
+
+        def configure_optimizers(self):
+            # probes=False: Lightning's closure runs training_step (and only the last micro-batch): call it once
+            return CDAT(torch.optim.SGD(self.parameters(), lr=1.0), probes=False)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = pl.Trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=1.0, accelerator="cpu",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Module(), loader)
+    assert len(calls) == 16 and not any(calls)  # every training_step once, none a probe
+    steps = [s for s, _ in lrs]
+    assert steps[-1] == 8  # 16 micro-batches / 2
+    taken = [lr for s, lr in lrs[1::2]]
+    assert all(math.isfinite(v) and v > 0 for v in taken)
