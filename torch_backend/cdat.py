@@ -62,8 +62,9 @@ class CDAT(CurvatureTuner):
         probes: False: call the closure once per step and never at probe points (Lightning's automatic
             optimization, closures with side effects): the curvature comes from the secant as in a
             closure-free step.
-        noise_correction: remove the secant's mini-batch noise bias (:mod:`torch_backend.noise`); None (default):
-            on in steps without probes (no closure, or ``probes=False``), off otherwise.
+        noise_correction: True: remove the secant's mini-batch noise bias (:mod:`torch_backend.noise`;
+            experimental: it prevents the mini-batch lr collapse, but on full batch it mistakes the gradient's
+            drift for noise and can diverge). None/False (default): off.
 
     Guards (the core's :func:`curvopt.rules.apply_rule`): an ascent direction counts as a zero numerator; a
     non-finite curvature probe gives lr 0 for that step and leaves the averages unchanged.

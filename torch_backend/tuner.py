@@ -275,7 +275,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise TypeError(f"noise_correction must be None, True or False, got {noise_correction!r}")
         #: False: the closure is called once per step (no probes); see :meth:`step`
         self.probes = probes
-        #: the secant's mini-batch noise correction: None = on in probe-free steps (no closure, probes=False)
+        #: the secant's mini-batch noise correction (experimental, opt-in: True; None/False = off)
         self.noise_correction = noise_correction
         if not probes:
             self._require_probe_free(has_closure=True, error=ValueError)
@@ -610,7 +610,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 raise error(f"{name} cannot step {where}: {e}") from None
 
     def _noise_on(self, probe_free: bool) -> bool:
-        return probe_free if self.noise_correction is None else self.noise_correction
+        # off unless asked: on full batch the estimate mistakes the drift of the gradient for noise (a CNN diverged)
+        return bool(self.noise_correction)
 
     def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor], metric: list) -> Tensor:
         """The secant numerator's noise estimate (NaN when the previous gradient is not kept: no secant)."""
