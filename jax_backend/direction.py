@@ -24,7 +24,7 @@ import optax
 from curvopt.config import accumulator_dtype_name
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "descent", "vdot", "norm", "add_scaled", "scaled",
-           "all_finite", "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
+           "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
 
 NEGATED_DIRECTION_MESSAGE = (
     "curvopt: the direction handed to the tuner is an ascent direction on its first step (g^T d < 0): the "
@@ -68,11 +68,6 @@ def add_scaled(a: Any, s: Any, b: Any) -> Any:
 def descent(updates: Any, params: Any) -> Any:
     """``u = -d`` in the parameters' dtypes (JVP tangents must match their primals)."""
     return optax.tree.cast_like(optax.tree.scale(-1, updates), params)
-
-
-def all_finite(tree: Any) -> Any:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def _is_masked(x: Any) -> bool:

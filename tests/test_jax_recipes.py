@@ -183,7 +183,8 @@ def test_multisteps_runs_the_tuner_once_per_outer_step():
     # two micro-batches, the same pair in every group: the mean gradient is a function of the parameters, so
     # the closure-free secant sees the curvature (with a new batch pair each group it would see the batches'
     # difference divided by the previous lr: the noise the secant does not correct here)
-    batches = [jnp.asarray(RNG.normal(size=5)) for _ in range(2)] * 4
+    rng = np.random.default_rng(1)
+    batches = [jnp.asarray(rng.normal(size=5)) for _ in range(2)] * 4
     f = lambda p, c: quad(p) + jnp.concatenate([p["w"], p["b"]]) @ c  # noqa: E731
     inner = cdat(optax.scale_by_adam())
     # MultiSteps accumulates in float32 unless told: the probe step's secant (a difference of gradients over
@@ -320,4 +321,4 @@ def test_inject_hyperparams_jitted_init_and_conveniences():
         assert float(stats(s)["lr"]) > 0
     wrapped = optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5)
     s = wrapped.init(p)
-    assert set(s.hyperparams) == {"sigma", "ema", "eps", "lr_max"}  # numeric settings injected
+    assert {"sigma", "ema", "eps", "lr_max"} <= set(s.hyperparams)  # numeric settings injected
