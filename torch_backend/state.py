@@ -164,8 +164,8 @@ def _from_v02(sd: dict, rule_fields: Sequence[str], ema: float) -> dict:
     rule = tuner.get("rule", {})
     values: dict[str, Tensor] = {}
     if "cdat" in rule:
-        n_avg, d_avg = rule["cdat"][0], rule["cdat"][1]
-        values = {"numerator_avg": n_avg, "denominator_avg": d_avg,
+        n_avg, d_avg, last_lr = rule["cdat"][0], rule["cdat"][1], rule["cdat"][2]
+        values = {"numerator_avg": n_avg, "denominator_avg": d_avg, "cdat_lr": last_lr,
                   "avg_weight": torch.tensor(1 - ema ** step, dtype=n_avg.dtype)}
     elif "lr" in rule:
         values = {"held_lr": rule["lr"], "search_lr": rule["lr"]}
