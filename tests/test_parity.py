@@ -109,7 +109,7 @@ def run_jax(tuner, base, init):
     def step(p, state):
         v, g = jax.value_and_grad(jax_loss)(p, x, y)
         up, state = opt.update(g, state, p, value=v, grad=g, value_fn=jax_loss, x=x, y=y)
-        t = state[1]
+        t = state[1].stats
         return optax.apply_updates(p, up), state, (t.lr, t.sharpness, t.preconditioned_sharpness)
 
     lrs, sharp = [], []
