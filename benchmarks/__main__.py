@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "switches image tasks to CIFAR-10 (default images: scikit-learn digits)")
     p.add_argument("--text", default=None,
                    help="UTF-8 text file for the lm task (e.g. Tiny Shakespeare; default: pydoc_data.topics)")
+    p.add_argument("--jobs", type=_int_at_least(1), default=None,
+                   help="runs trained at once, each in its own worker process with --threads threads (default: "
+                   "the suite's, at most the number of CPUs)")
     p.add_argument("--threads", type=_int_at_least(1), default=1,
                    help="intra-op threads for torch and XLA (1 gives stable step times on a shared CPU)")
     p.add_argument("--list", action="store_true", help="print the planned runs and exit")
@@ -158,9 +161,8 @@ def experiments_from_args(args):
         exps.append(narrow(e, widths=args.widths, steps=args.steps, base=args.base, grid=args.grid,
                            sharpness=args.sharpness, data_dir=args.data_dir, image_set=image_set,
                            text_path=args.text, widen=0 if args.no_widen else None))
-    backends = suite.backends if args.backend is None else (("torch", "jax") if args.backend == "both"
-                                                             else (args.backend,))
-    return suite, exps, backends, args.tuners, args.seeds or suite.seeds, args.params or suite.params
+    backends = None if args.backend is None else (("torch", "jax") if args.backend == "both" else (args.backend,))
+    return suite, exps, backends, args.tuners, args.seeds or suite.seeds, args.params
 
 
 def _check_paths(parser, args) -> None:
@@ -211,7 +213,9 @@ def main(argv=None) -> int:
     failed = 0
     if not args.report_only:
         try:
-            counts = runner.run_all(specs, out, progress=not args.no_progress, retry_errors=args.retry_errors)
+            jobs = args.jobs or min(suite.jobs, os.cpu_count() or 1)
+            counts = runner.run_all(specs, out, progress=not args.no_progress, retry_errors=args.retry_errors,
+                                    jobs=jobs)
         except LockedError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_LOCKED

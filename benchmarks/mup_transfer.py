@@ -4,7 +4,7 @@ Four experiments on the benchmark's own tasks (:mod:`benchmarks.tasks`: scikit-l
 a fixed training subset, the ``mlp`` and ``resnet`` models; CPU, PyTorch), each at widths 32 ... 512 (x2)
 with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.torch.parameterize``:
 
-1. **Sharpness across widths** (the MLP, and the ResNet with one stage at widths <= 128 for the CPU;
+1. **Sharpness across widths** (the MLP, and the ResNet with one stage at widths 32-128 for the CPU;
    full-batch GD at one fixed base learning rate): the top eigenvalue after the last step of
    ``D^1/2 H D^1/2`` with ``D`` the per-parameter learning-rate multipliers of the parameterisation
    (``D = I`` under SP/NTK). This is the curvature the GD step ``w <- w - lr * D g`` sees (it is stable iff
@@ -50,7 +50,7 @@ class Preset:
     sharp_steps: int = 100
     sharp_every: int = 25
     sharp_n_cnn: int = 64
-    sharp_cnn_max_width: int = 128  # the ResNet at width 512 is too slow on a CPU
+    sharp_cnn_widths: tuple = (32, 64, 128)  # the ResNet at width 512 is too slow on a CPU
     sharp_lrs: tuple = (("mlp", 0.2), ("mlp", 0.05), ("resnet", 0.2))
     transfer_steps: int = 100
     transfer_grid: tuple = tuple(4e-3 * 2.0**k for k in range(7))
@@ -67,7 +67,7 @@ class Preset:
 PRESETS = {
     "default": Preset(),
     "quick": Preset(widths=(32, 128, 512), n_train=128, sharp_steps=30, sharp_every=10, sharp_n_cnn=32,
-                    sharp_cnn_max_width=64, sharp_lrs=(("mlp", 0.2), ("resnet", 0.2)), transfer_steps=30,
+                    sharp_cnn_widths=(32, 64), sharp_lrs=(("mlp", 0.2), ("resnet", 0.2)), transfer_steps=30,
                     cdat_steps=30, gammas=(0.01, 0.1, 1.0), gamma_steps=30,
                     parameterizations=("mup", "sp")),
 }
@@ -246,7 +246,7 @@ def main(argv=None) -> dict:
         res["sharpness"] = {}
         for arch_name, lr in P.sharp_lrs:
             xs, ys = (x, y) if arch_name == "mlp" else digits(arch_name, P.sharp_n_cnn)
-            ws = P.widths if arch_name == "mlp" else tuple(w for w in P.widths if w <= P.sharp_cnn_max_width)
+            ws = P.widths if arch_name == "mlp" else P.sharp_cnn_widths
             key = f"{arch_name} lr={lr:g}"
             r = {par: {w: run_sharpness(arch_name, w, par, lr, P.sharp_steps, P.sharp_every, xs, ys, P.seed)
                        for w in ws} for par in P.parameterizations}
@@ -358,6 +358,8 @@ def report(res: dict, P: Preset) -> str:
             for par in P.parameterizations:
                 vals = r[par]["final"]
                 lines.append(f"| {r['model']} (n={r['n']}) | {par} | {r['lr']:g} | " + " | ".join(_fmt(vals[w]) if w in vals else "—" for w in P.widths)
+                             + (" (" + ", ".join(f"w={w}: {_fmt(v)}" for w, v in vals.items() if w not in P.widths)
+                                + ")" if set(vals) - set(P.widths) else "")
                              + f" | {r[par]['spread'] * 100:.0f} % |")
         lines.append("")
     if "transfer" in res:

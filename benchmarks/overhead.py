@@ -17,9 +17,9 @@ Three measurements, printed as markdown tables:
    ratio, and the worst relative error of the online estimate at the samples.
 3. **Peak memory.** The peak of live tensor bytes over three steps, from ``torch.profiler``'s memory
    timeline (CPU; model, optimizer and data created inside the profiled region so every tensor is seen),
-   tuner ÷ base; also the tuner's own buffers (tensors in ``opt.state`` that are not the base's) plus the
-   base's persistent tensors (parameters, gradients, optimizer state), ÷ the latter: the bound that holds
-   when activations are negligible.
+   tuner ÷ base; also the tuner's own buffers (the state the tuner and its base keep beyond what the bare
+   base keeps) plus the base's persistent tensors (parameters, gradients, optimizer state), ÷ the latter:
+   the bound that holds when activations are negligible.
 """
 from __future__ import annotations
 
@@ -233,16 +233,16 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def _own_buffers(opt, base) -> list:
-    """The tensors the tuner keeps in ``opt.state`` that are not the base's state (by storage)."""
-    theirs = {t.untyped_storage().data_ptr() for t in _tensors(dict(base.state))}
-    out, seen = [], set()
-    for t in _tensors(dict(opt.state)):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in theirs and ptr not in seen and t.numel() > 1:
-            seen.add(ptr)
-            out.append(t)
-    return out
+def _state_bytes(*optimizers) -> int:
+    """Bytes of the distinct tensors (by storage) the optimizers keep in their ``state``."""
+    seen, total = set(), 0
+    for opt in optimizers:
+        for t in _tensors(dict(opt.state)):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += t.numel() * t.element_size()
+    return total
 
 
 def measure_memory(tasks=("cnn", "lm")) -> list[dict]:
@@ -272,11 +272,15 @@ def measure_memory(tasks=("cnn", "lm")) -> list[dict]:
                 loss.backward()
                 return loss
             opt.step(closure)
-            nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+            # the bare base after one step, on a twin model: what the base alone keeps
+            twin = make()
+            bare = BASES[base_name](twin.parameters())
+            loss_fn(twin).backward()
+            bare.step()
             params = list(model.parameters())
-            persistent = nbytes(params) * 2 + nbytes(
-                t for st in base.state.values() for t in st.values() if isinstance(t, torch.Tensor))
-            own = nbytes(_own_buffers(opt, base))
+            base_state = _state_bytes(bare)
+            persistent = 2 * sum(p.numel() * p.element_size() for p in params) + base_state
+            own = _state_bytes(opt, base) - base_state  # wherever the tuner keeps its buffers
             rows.append(dict(task=task, tuner=tuner, oracle=oracle, base=base_name,
                              peak_ratio=out["tuner"] / out["base"], base_peak_mb=out["base"] / 2 ** 20,
                              buffer_ratio=(persistent + own) / persistent))

@@ -59,10 +59,11 @@ def _grid(exp: Experiment, base: str) -> tuple[float, ...]:
     return tuple(exp.grid or DEFAULT_GRIDS[base])
 
 
-def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = None, backends=("torch",),
-         seeds=(0,), params=("sp",)) -> list[RunSpec]:
+def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = None, backends=None,
+         seeds=(0,), params=None) -> list[RunSpec]:
     """Every run of the sweep, grouped (constants first, then tuners, each over the seeds), in a stable order.
-    Tuner labels are parsed and their settings checked here (``ValueError`` before anything runs)."""
+    ``tuners``, ``backends``, ``params``: override every experiment's. Tuner labels are parsed and their
+    settings checked here (``ValueError`` before anything runs)."""
     specs: list[RunSpec] = []
     checked: dict = {}
     for exp in experiments:
@@ -77,8 +78,8 @@ def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = No
             parsed.append((label, name, checked[ck]))
         consts = [p for p in parsed if p[1] == "constant"]
         others = [p for p in parsed if p[1] != "constant"]
-        for backend in backends:
-            for param in params:
+        for backend in backends or exp.backends:
+            for param in params or exp.params:
                 for width in exp.widths:
                     for seed in seeds:
                         for label, name, sets in consts:
@@ -91,11 +92,10 @@ def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = No
                         for seed in seeds:
                             specs.append(RunSpec(exp, width, label, name, tuple(sorted(sets.items())), param,
                                                  backend, seed))
-    keys = [s.key for s in specs]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise ValueError(f"the plan names a run twice (same tuner label given twice?): {dup[:3]}")
-    return specs
+    unique: dict = {}
+    for s in specs:  # the same run named twice (a label given twice, experiments made equal by overrides)
+        unique.setdefault(s.key, s)
+    return list(unique.values())
 
 
 def _constant(exp: Experiment, width: int, lr: float, param: str, backend: str, seed: int) -> RunSpec:

@@ -39,6 +39,7 @@ from .results import LAST, RESULTS, load_results
 __all__ = ["write_report", "analyse", "threshold_coefficient", "TARGET"]
 
 MOMENTUM = 0.9
+FITTED = 1e-3  # a best constant below this final train loss has (nearly) fitted its training set
 TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
 ORDER = ["constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree", "dadapt", "sophia"]
 
@@ -402,6 +403,8 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     analysis = analyse(recs)
     errors = [r for r in recs if r.get("status") == "error"]
     seeds = sorted({r.get("seed") for r in recs if "seed" in r})
+    cpu = sum(float(np.nansum(_arr(r, "cpu"))) for r in recs)
+    wall = sum(_num(r.get("wall_time"), 0.0) for r in recs)
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
           f"constant (the grid value with the lowest median final train loss; final = mean of the last {LAST} "
@@ -409,7 +412,10 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
           f"Steps / CPU seconds to target: first step with train loss ≤ {TARGET} × the best constant's final loss "
           "on the same seed (median over seeds). Step time ÷ base compares median CPU seconds per step with the "
           "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first estimate "
-          "(preconditioned for Adam).", ""]
+          "(preconditioned for Adam).", "",
+          f"Cost of these runs: {cpu / 60:.1f} CPU minutes in training steps, {wall / 60:.1f} minutes of run "
+          "wall time in total (model building, compilation and evaluation included; runs in parallel overlap).",
+          ""]
     plot_paths: list[str] = []
     for g in sorted(analysis):
         task, regime, backend, param = g
@@ -421,7 +427,9 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
         for w, info in widths.items():
             grid = ", ".join(f"{lr:.3g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
             md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
-                      + (" — **best still at the grid edge**" if info["best_at_edge"] else ""))
+                      + (" — **best still at the grid edge**" if info["best_at_edge"] else "")
+                      + (f" — **the best constant fits the training set (final loss < {FITTED:g}): train-loss "
+                         "ratios this small are noise, compare eval loss**" if info["best_final"] < FITTED else ""))
         md += ["", group_table(g, widths), ""]
         if plots:
             ps = _plot_group(out_dir, g, widths)

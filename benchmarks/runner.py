@@ -61,11 +61,31 @@ def unavailable_reason(spec: RunSpec) -> str | None:
     return tuners_mod.available(spec.tuner, spec.backend)
 
 
+def _worker_init() -> None:
+    """A worker of ``--jobs``: one intra-op thread, and it dies with the runner (Linux), even by SIGKILL."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker exits when the runner's pipe closes
+        pass
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
 def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=None,
-            retry_errors: bool = False) -> dict:
+            retry_errors: bool = False, jobs: int = 1) -> dict:
     """Run every spec not yet recorded in ``out_dir/results.jsonl`` (plus the grid widening); returns counts:
     planned, skipped_done, ran, errors (this invocation), failed (error records of the plan, any invocation),
-    unavailable, widened. Raises :class:`benchmarks.results.LockedError` if another runner holds ``out_dir``."""
+    unavailable, widened, keys (every key of the plan, widening included). ``jobs > 1`` trains that many runs
+    at once in worker processes (only this process writes the file). Raises
+    :class:`benchmarks.results.LockedError` if another runner holds ``out_dir``."""
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     from tqdm.auto import tqdm
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -88,58 +108,97 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
         done_before = sum(1 for s in specs if s.key in records)
         if done_before:
             log(f"resuming: {done_before} of {len(specs)} runs already in {path}")
-        groups: OrderedDict = OrderedDict()
+        grids: dict = OrderedDict()
         for s in specs:
-            groups.setdefault(group_of(s), []).append(s)
+            if s.from_grid:
+                grids.setdefault(group_of(s), []).append(s)
         bar = tqdm(total=sum(s.exp.steps for s in specs if s.key not in records), desc="benchmarks", unit="step",
                    disable=not progress, file=sys.stderr, dynamic_ncols=True)
         warned: set = set()
         seen: set = set()
+        settled: set = set()  # grid runs recorded or unavailable
+        todo = deque(specs)
 
-        def handle(spec: RunSpec) -> None:
-            seen.add(spec.key)
-            if spec.key in records:
-                counts["skipped_done"] += 1
+        def after_grid_run(spec: RunSpec) -> None:
+            settled.add(spec.key)
+            grid = grids[group_of(spec)]
+            if not all(s.key in settled for s in grid):
                 return
-            bar.set_postfix_str(f"{spec.exp.task}/{spec.exp.regime} w{spec.width} {spec.label} {spec.backend} "
-                                f"s{spec.seed}")
-            why = unavailable_reason(spec)
-            if why:
-                if why not in warned:
-                    log(f"skipping {spec.tuner} ({spec.backend}, {spec.param}): {why}")
-                    warned.add(why)
-                counts["unavailable"] += 1
-                bar.update(spec.exp.steps)
-                return
-            before = bar.n
-            rec = run_one(spec, progress=bar)
-            bar.update(spec.exp.steps - (bar.n - before))  # diverged runs stop early
+            extra = [s for s in widening(grid, records) if s.key not in seen]
+            if extra:
+                counts["widened"] += len(extra)
+                counts["planned"] += len(extra)
+                bar.total += sum(s.exp.steps for s in extra if s.key not in records)
+                grid += extra
+                todo.extendleft(reversed(extra))
+
+        def recorded(spec: RunSpec, rec: dict) -> None:
             append_result(path, rec)
             records[spec.key] = rec
             counts["ran"] += 1
             if rec["status"] == "error":
                 counts["errors"] += 1
                 log(f"run {spec.key} failed: {rec['error']}")
+            if spec.from_grid:
+                after_grid_run(spec)
+
+        def ready(spec: RunSpec) -> bool:
+            """False when the spec needs no training (recorded, unavailable); True when it must run."""
+            seen.add(spec.key)
+            if spec.key in records:
+                counts["skipped_done"] += 1
+            else:
+                why = unavailable_reason(spec)
+                if not why:
+                    return True
+                if why not in warned:
+                    log(f"skipping {spec.tuner} ({spec.backend}, {spec.param}): {why}")
+                    warned.add(why)
+                counts["unavailable"] += 1
+                bar.update(spec.exp.steps)
+            if spec.from_grid:
+                after_grid_run(spec)
+            return False
+
+        def label(spec: RunSpec) -> str:
+            return f"{spec.exp.task}/{spec.exp.regime} w{spec.width} {spec.label} {spec.backend} s{spec.seed}"
 
         try:
-            for group_specs in groups.values():
-                grid = [s for s in group_specs if s.from_grid]
-                for s in group_specs:
-                    if s.tuner == "constant":
-                        handle(s)
-                while True:
-                    extra = [s for s in widening(grid, records) if s.key not in seen]
-                    if not extra:
-                        break
-                    counts["widened"] += len(extra)
-                    counts["planned"] += len(extra)
-                    bar.total += sum(s.exp.steps for s in extra if s.key not in records)
-                    for s in extra:
-                        handle(s)
-                    grid += extra
-                for s in group_specs:
-                    if s.tuner != "constant":
-                        handle(s)
+            if jobs <= 1:
+                while todo:
+                    spec = todo.popleft()
+                    if ready(spec):
+                        bar.set_postfix_str(label(spec))
+                        before = bar.n
+                        rec = run_one(spec, progress=bar)
+                        bar.update(spec.exp.steps - (bar.n - before))  # diverged runs stop early
+                        recorded(spec, rec)
+            else:
+                import multiprocessing
+
+                with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init) as pool:
+                    running: dict = {}
+                    while todo or running:
+                        while todo and len(running) < jobs:
+                            spec = todo.popleft()
+                            if ready(spec):
+                                running[pool.submit(run_one, spec)] = spec
+                        if not running:
+                            continue
+                        done, _ = wait(running, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            spec = running.pop(fut)
+                            try:
+                                rec = fut.result()
+                            except Exception as exc:  # the worker died (e.g. killed by the OOM killer)
+                                rec = {"key": spec.key, "status": "error", "error": f"worker: {exc!r}",
+                                       "task": spec.exp.task, "regime": spec.exp.regime, "width": spec.width,
+                                       "tuner": spec.label, "tuner_name": spec.tuner, "param": spec.param,
+                                       "backend": spec.backend, "seed": spec.seed}
+                            recorded(spec, rec)
+                            bar.set_postfix_str(label(spec))
+                            bar.update(spec.exp.steps)
         finally:
             bar.close()
         counts["failed"] = sum(1 for k in seen if records.get(k, {}).get("status") == "error")

@@ -1,14 +1,22 @@
-"""Suite presets: which (task, regime) experiments run, at which widths, with which tuners and sizes.
+"""Suite presets: which (task, regime) experiments run, at which widths, with which tuners, seeds and sizes.
 
-* ``smoke``   — every task, both backends, 2 widths, a few steps: checks the whole pipeline (CI).
-* ``default`` — what ``make bench`` runs on a 2-core CPU: full-batch ResNet, ViT and LM at 3 widths,
-  CDAT vs greedy vs line search vs the tuned constant grid, plus one mini-batch task (ResNet).
-* ``paper``   — the scale of Roulet et al. (2024): CIFAR-10 4,096-sample subset (``--data-dir``), Tiny
+* ``smoke``    — every task, torch and jax, 2 widths, a few steps: checks the whole pipeline (CI, ~2 min).
+* ``default``  — what ``make bench`` runs in <= 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
+  steps; full-batch ViT at 3 widths on 1,024 training digits with every peer (Prodigy, schedule-free,
+  D-Adaptation, Sophia-H), full-batch ResNet (512 digits) and LM (256 blocks of 32 bytes) at one width,
+  mini-batch ResNet and LM, JAX rows (ViT), muP rows (ViT, 3 widths). Tuners: ``cdat`` (library default)
+  beside ``cdat:startup=paper``, Prodigy and schedule-free everywhere, greedy on the full-batch images,
+  against a √2 constant grid widened while its best value sits at an edge; online sharpness every 25 steps.
+* ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
+  steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
+  all training digits / 1,024 LM blocks with deeper models, 2 widths in mini-batch, JAX and muP rows for ViT
+  and LM. Hours on a CPU.
+* ``paper``    — the scale of Roulet et al. (2024): CIFAR-10 4,096-sample subset (``--data-dir``), Tiny
   Shakespeare 2,048 blocks (``--text``), thousands of steps, all tuners, both parameterisations.
   Documented for a GPU; not run here.
 
 Every field of :class:`Experiment` can be narrowed from the command line (``--tasks``, ``--widths``,
-``--tuners``, ``--regimes``, ``--steps``, ...).
+``--tuners``, ``--regimes``, ``--steps``, ``--backend``, ``--params``, ...).
 """
 from __future__ import annotations
 
@@ -47,20 +55,22 @@ class Experiment:
     image_set: str = "digits"
     data_dir: str | None = None
     text_path: str | None = None
+    backends: tuple[str, ...] = ("torch",)  # --backend overrides
+    params: tuple[str, ...] = ("sp",)  # parameterisations ("sp", "mup"); --params overrides
 
     def settings_hash(self) -> str:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one."""
         d = asdict(self)
-        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "data_dir"):
+        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "data_dir", "backends", "params"):
             d.pop(k)
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-#: default constant-lr grids (factor 2), per base optimizer; full batch (the paper's regime) and mini batch
+#: default constant-lr grids (factor √2, 9 values), per base optimizer, when an experiment gives none
 DEFAULT_GRIDS = {
-    "gd": grid(0.25, 9),         # 2^-6 .. 2^2 (x 0.25 centre)
-    "momentum": grid(0.025, 9),
-    "adam": grid(2e-3, 9),        # ~1.2e-4 .. 3.2e-2
+    "gd": grid(0.25, 9, 2 ** 0.5),
+    "momentum": grid(0.025, 9, 2 ** 0.5),
+    "adam": grid(2e-3, 9, 2 ** 0.5),
 }
 
 
@@ -69,46 +79,94 @@ class Suite:
     name: str
     description: str
     experiments: tuple[Experiment, ...]
-    backends: tuple[str, ...] = ("torch",)
     seeds: tuple[int, ...] = (0,)
-    params: tuple[str, ...] = ("sp",)
+    jobs: int = 1  # runs at once (worker processes); --jobs overrides
 
 
-FULL_TUNERS = ("constant", "cdat", "greedy", "linesearch")
-ALL_TUNERS = ("constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree")
+R2 = 2 ** 0.5
+PEERS = ("prodigy", "schedulefree", "dadapt", "sophia")  # at their own defaults
+CDATS = ("cdat", "cdat:startup=paper")  # the library default beside the paper-exact start-up
+ALL_TUNERS = ("constant",) + CDATS + ("greedy", "linesearch", "polyak", "eos") + PEERS
 
 SMOKE = Suite(
     "smoke",
-    "every task, both backends, 2 widths, a few steps (pipeline check, CI); every tuner on the MLP",
+    "every task, 2 widths in torch and 1 in jax, a few steps (pipeline check, CI); every tuner on the MLP",
     (
         Experiment("mlp", "full", (16, 32), ALL_TUNERS, 6, full_batch_size=128, eval_size=128,
-                   grid=grid(0.25, 7), sharpness=3),
-        Experiment("resnet", "full", (4, 8), ("constant", "cdat"), 4, full_batch_size=64, eval_size=64,
-                   grid=grid(0.25, 7), sharpness=0),
-        Experiment("vit", "full", (8, 16), ("constant", "cdat"), 4, full_batch_size=64, eval_size=64,
-                   model={"depth": 1}, grid=grid(2e-3, 7), sharpness=0),
-        Experiment("lm", "full", (8, 16), ("constant", "cdat"), 4, full_batch_size=32, eval_size=32,
-                   block_len=16, model={"depth": 1}, grid=grid(2e-3, 7), sharpness=0),
+                   grid=grid(0.25, 3, 2), sharpness=3),
+        Experiment("mlp", "full", (16,), ALL_TUNERS, 6, full_batch_size=128, eval_size=128,
+                   grid=grid(0.25, 3, 2), sharpness=3, backends=("jax",)),
+        Experiment("resnet", "full", (4, 8), ("constant",) + CDATS, 4, full_batch_size=64, eval_size=64,
+                   grid=grid(0.25, 3, 2), sharpness=0),
+        Experiment("vit", "full", (8, 16), ("constant",) + CDATS, 4, full_batch_size=64, eval_size=64,
+                   model={"depth": 1}, grid=grid(2e-3, 3, 2), sharpness=0),
+        Experiment("lm", "full", (8, 16), ("constant",) + CDATS, 4, full_batch_size=32, eval_size=32,
+                   block_len=16, model={"depth": 1}, grid=grid(2e-3, 3, 2), sharpness=0),
+        Experiment("resnet", "full", (4,), ("constant", "cdat"), 4, full_batch_size=64, eval_size=64,
+                   grid=grid(0.25, 3, 2), sharpness=0, backends=("jax",)),
+        Experiment("vit", "full", (8,), ("constant", "cdat"), 4, full_batch_size=64, eval_size=64,
+                   model={"depth": 1}, grid=grid(2e-3, 3, 2), sharpness=0, backends=("jax",)),
+        Experiment("lm", "full", (8,), ("constant", "cdat"), 4, full_batch_size=32, eval_size=32,
+                   block_len=16, model={"depth": 1}, grid=grid(2e-3, 3, 2), sharpness=0, backends=("jax",)),
         Experiment("mlp", "mini", (16, 32), ("constant", "cdat"), 6, batch_size=32, eval_size=128,
-                   grid=grid(0.1, 7), sharpness=0),
+                   grid=grid(0.1, 3, 2), sharpness=0, params=("sp", "mup")),
     ),
-    backends=("torch", "jax"),
 )
 
+FULL = ("constant",) + CDATS + ("greedy", "prodigy", "schedulefree")
+MINI = ("constant",) + CDATS + ("prodigy", "schedulefree")
+VIT = {"depth": 1, "heads": 2, "patch": 4, "mlp_ratio": 2}
+LM = {"depth": 1, "heads": 2, "mlp_ratio": 2}
+DIGITS_TRAIN = 1438  # every training digit (the other 359 of the 1,797 are the eval split)
 DEFAULT = Suite(
     "default",
-    "full-batch resnet, vit, lm at 3 widths (CDAT vs greedy vs line search vs the tuned constant grid) "
-    "plus mini-batch resnet; sized for a 2-core CPU",
+    "3 seeds x 500 steps, √2 constant grid widened at its edges: full-batch ViT (1,024 digits, 3 widths, every "
+    "peer), ResNet (512 digits) and LM (256 blocks); mini-batch ResNet and LM; JAX rows (ViT) and muP rows "
+    "(ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
     (
-        Experiment("resnet", "full", (4, 8, 16), FULL_TUNERS, 150, full_batch_size=128, eval_size=359,
-                   sharpness=10),
-        Experiment("vit", "full", (16, 32, 64), FULL_TUNERS, 150, full_batch_size=128, eval_size=359,
-                   sharpness=10),
-        Experiment("lm", "full", (16, 32, 64), FULL_TUNERS, 150, full_batch_size=32, block_len=32,
-                   eval_size=256, sharpness=10),
-        Experiment("resnet", "mini", (16,), ("constant", "cdat"), 300, batch_size=64, eval_size=359,
-                   grid=grid(0.25, 7), sharpness=0),
+        Experiment("vit", "full", (8, 16, 32), FULL + ("dadapt", "sophia"), 500, model=VIT,
+                   full_batch_size=1024, eval_size=359, grid=grid(0.032, 5, R2), widen=4, sharpness=25),
+        Experiment("resnet", "full", (4,), FULL, 500, full_batch_size=512, eval_size=359,
+                   grid=grid(0.25, 5, R2), widen=4, sharpness=25),
+        Experiment("lm", "full", (16,), MINI, 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
+                   grid=grid(0.032, 5, R2), widen=4, sharpness=25),
+        Experiment("resnet", "mini", (8,), MINI, 500, batch_size=64, eval_size=359, grid=grid(0.5, 5, R2),
+                   widen=4, sharpness=25),
+        Experiment("lm", "mini", (16,), MINI, 500, model=LM, batch_size=16, block_len=32, eval_size=256,
+                   grid=grid(0.016, 5, R2), widen=4, sharpness=25),
+        Experiment("vit", "full", (8,), ("constant", "cdat", "prodigy", "schedulefree"), 500, model=VIT,
+                   full_batch_size=1024, eval_size=359, grid=grid(0.032, 5, R2), widen=4, sharpness=25,
+                   backends=("jax",)),
+        Experiment("vit", "full", (8, 16, 32), ("constant",) + CDATS, 500, model=VIT, full_batch_size=256,
+                   eval_size=359, grid=grid(0.032, 5, R2), widen=4, sharpness=25, params=("mup",)),
     ),
+    seeds=(0, 1, 2),
+    jobs=2,
+)
+
+VIT_LONG = {"depth": 2, "heads": 2, "patch": 2, "mlp_ratio": 2}
+LM_LONG = {"depth": 2, "heads": 2, "mlp_ratio": 2}
+CPU_LONG = Suite(
+    "cpu-long",
+    "what the default suite cuts, for a long CPU run (hours): 5 seeds x 1,000 full-batch steps (2,000 "
+    "mini-batch), every tuner and peer, 3 widths of every task on all 1,438 training digits / 1,024 LM "
+    "blocks, deeper ViT (patch 2) and LM, mini-batch at 2 widths, JAX and muP rows for ViT and LM",
+    (
+        Experiment("resnet", "full", (4, 8, 16), ALL_TUNERS, 1000, full_batch_size=DIGITS_TRAIN, eval_size=359,
+                   grid=grid(0.25, 7, R2), widen=6),
+        Experiment("vit", "full", (16, 32, 64), ALL_TUNERS, 1000, model=VIT_LONG, full_batch_size=DIGITS_TRAIN,
+                   eval_size=359, grid=grid(0.008, 7, R2), widen=6, backends=("torch", "jax"),
+                   params=("sp", "mup")),
+        Experiment("lm", "full", (16, 32, 64), ALL_TUNERS, 1000, model=LM_LONG, full_batch_size=1024,
+                   block_len=32, eval_size=512, grid=grid(0.016, 7, R2), widen=6, backends=("torch", "jax"),
+                   params=("sp", "mup")),
+        Experiment("resnet", "mini", (8, 16), ALL_TUNERS, 2000, batch_size=64, eval_size=359,
+                   grid=grid(0.5, 7, R2), widen=6),
+        Experiment("lm", "mini", (16, 32), ALL_TUNERS, 2000, model=LM_LONG, batch_size=32, block_len=32,
+                   eval_size=512, grid=grid(0.016, 7, R2), widen=6),
+    ),
+    seeds=(0, 1, 2, 3, 4),
+    jobs=2,
 )
 
 PAPER = Suite(
@@ -117,23 +175,24 @@ PAPER = Suite(
     "thousands of steps, every tuner, SP and muP",
     (
         Experiment("resnet", "full", (16, 32, 64, 128), ALL_TUNERS, 5000, model={"depth": 2, "stages": 3},
-                   full_batch_size=4096, eval_size=10000, image_set="cifar10", sharpness=20),
-        Experiment("vit", "full", (64, 128, 256), ALL_TUNERS, 5000,
-                   model={"depth": 4, "heads": 4, "patch": 4}, full_batch_size=4096, eval_size=10000,
-                   image_set="cifar10", sharpness=20),
+                   full_batch_size=4096, eval_size=10000, image_set="cifar10", sharpness=20, widen=6,
+                   backends=("torch", "jax"), params=("sp", "mup")),
+        Experiment("vit", "full", (64, 128, 256), ALL_TUNERS, 5000, model={"depth": 4, "heads": 4, "patch": 4},
+                   full_batch_size=4096, eval_size=10000, image_set="cifar10", sharpness=20, widen=6,
+                   backends=("torch", "jax"), params=("sp", "mup")),
         Experiment("lm", "full", (64, 128, 256), ALL_TUNERS, 5000, model={"depth": 4, "heads": 4},
-                   full_batch_size=2048, block_len=128, eval_size=512, sharpness=20),
+                   full_batch_size=2048, block_len=128, eval_size=512, sharpness=20, widen=6,
+                   backends=("torch", "jax"), params=("sp", "mup")),
         Experiment("resnet", "mini", (32, 64, 128), ALL_TUNERS, 10000, model={"depth": 2, "stages": 3},
-                   batch_size=256, eval_size=10000, image_set="cifar10", grid=grid(0.1, 9), sharpness=50),
+                   batch_size=256, eval_size=10000, image_set="cifar10", grid=grid(0.1, 9, R2), sharpness=50,
+                   widen=6, backends=("torch", "jax")),
         Experiment("lm", "mini", (128, 256), ALL_TUNERS, 10000, model={"depth": 4, "heads": 4},
-                   batch_size=64, block_len=128, eval_size=512, sharpness=50),
+                   batch_size=64, block_len=128, eval_size=512, sharpness=50, widen=6, backends=("torch", "jax")),
     ),
-    backends=("torch", "jax"),
     seeds=(0, 1, 2),
-    params=("sp", "mup"),
 )
 
-SUITES = {s.name: s for s in (SMOKE, DEFAULT, PAPER)}
+SUITES = {s.name: s for s in (SMOKE, DEFAULT, CPU_LONG, PAPER)}
 
 
 def get_suite(name: str) -> Suite:

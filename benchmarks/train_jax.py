@@ -12,7 +12,8 @@ from .train_torch import diverging
 
 __all__ = ["run"]
 
-_COMPILED: dict = {}  # the constant grid of one (experiment, width, base) shares one compiled step
+_COMPILED: dict = {}  # compiled steps by structure: the grid of one cell shares one, the seeds of a tuner too
+_KEEP = 8
 
 
 def run(spec: RunSpec, progress=None) -> dict:
@@ -28,10 +29,12 @@ def run(spec: RunSpec, progress=None) -> dict:
     if kind == "constant":  # the lr lives in the state: one compilation serves the whole grid
         tx = optax.chain(tuners_mod.optax_direction(spec.base),
                          optax.inject_hyperparams(optax.scale)(step_size=-float(settings["lr"])))
-        cache_key = (exp.settings_hash(), exp.task, exp.regime, spec.width, spec.base, "constant")
+        label = "constant"
     else:
         tx = tuners_mod.build_optax(spec.tuner, settings, spec.base, sharpness=exp.sharpness)
-        cache_key = None
+        label = spec.label
+    # the step depends on the model's structure and the transform, not on the seed (weights, data are inputs)
+    cache_key = (exp.settings_hash(), exp.task, exp.regime, spec.width, spec.base, label)
     loss_fn = prob.loss_fn
     get_stats = None
     if kind == "curvopt":
@@ -53,12 +56,12 @@ def run(spec: RunSpec, progress=None) -> dict:
     it = prob.batches()
     batch = next(it)
     t0 = time.perf_counter()
-    compiled = _COMPILED.get(cache_key) if cache_key else None
+    compiled = _COMPILED.get(cache_key)
     if compiled is None:
         compiled = jax.jit(step_fn).lower(params, state, batch).compile()
-        if cache_key:
-            _COMPILED.clear()  # keep only the current experiment's
-            _COMPILED[cache_key] = compiled
+        while len(_COMPILED) >= _KEEP:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[cache_key] = compiled
     compile_time = time.perf_counter() - t0
     cols: dict = {c: [] for c in COLUMNS}
     first = None

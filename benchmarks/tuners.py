@@ -56,7 +56,7 @@ class TunerSpec:
         return self.kind == "peer"
 
 
-_SHARP = ("sharpness", "seed", "max_grad_norm")
+_SHARP = ("sharpness",)  # keywords both backends take beside the rule's fields
 _CURV = ("curvature",) + _SHARP
 TUNERS: dict[str, TunerSpec] = {t.name: t for t in (
     TunerSpec("constant", "constant", "tuned constant learning rate (grid)"),
@@ -162,12 +162,6 @@ def check_settings(name: str, settings: dict, base: str) -> dict:
                 raise ValueError(f"curvature must be one of {CURVATURE_ORACLES}, got {settings['curvature']!r}")
             if "sharpness" in settings:
                 as_sharpness(settings["sharpness"])
-            if "seed" in settings and (isinstance(settings["seed"], bool) or not isinstance(settings["seed"], int)):
-                raise ValueError(f"seed must be an int, got {settings['seed']!r}")
-            if "max_grad_norm" in settings:
-                v = settings["max_grad_norm"]
-                if isinstance(v, (bool, str)) or not float(v) > 0:
-                    raise ValueError(f"max_grad_norm must be a positive number, got {v!r}")
             return dict(settings)
         # peers: keyword names from the constructor, values checked by constructing it on a dummy tensor
         if available(name, "torch") is None:
