@@ -435,3 +435,40 @@ def test_benchmarks_is_not_installed():
     r = subprocess.run([sys.executable, "-c", "import benchmarks"], cwd="/", capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode != 0 and "No module named 'benchmarks'" in r.stderr
+
+
+def test_parallel_jobs_record_the_same_runs(tmp_path):
+    exp = Experiment("mlp", "full", (8,), ("constant", "prodigy"), 3, full_batch_size=32, eval_size=32,
+                     sharpness=0, grid=(1e-3, 2e-3), widen=1)
+    specs = plan_mod.plan([exp], seeds=(0, 1))
+    c = runner.run_all(specs, str(tmp_path / "par"), progress=False, jobs=2)
+    s = runner.run_all(specs, str(tmp_path / "seq"), progress=False, jobs=1)
+    assert c["ran"] == s["ran"] == 8 and c["widened"] == s["widened"] == 2 and c["failed"] == 0
+    par = {r["key"]: r for r in results.load_results(str(tmp_path / "par" / results.RESULTS))}
+    seq = {r["key"]: r for r in results.load_results(str(tmp_path / "seq" / results.RESULTS))}
+    assert set(par) == set(seq)
+    for k in par:  # same numbers whichever process trained them
+        assert par[k]["steps"]["loss"] == seq[k]["steps"]["loss"], k
+
+
+def test_default_suite_design():
+    """The structure issue 12 asks of `make bench` (the sizes are documented in benchmarks/suites.py)."""
+    from benchmarks.suites import get_suite
+
+    suite = get_suite("default")
+    assert len(suite.seeds) >= 3 and suite.jobs == 2
+    exps = suite.experiments
+    for e in exps:
+        assert e.steps >= 500 and e.widen > 0 and e.grid_factor == pytest.approx(2 ** 0.5)
+        assert e.grid[1] / e.grid[0] == pytest.approx(2 ** 0.5)
+        assert "cdat" in e.tuners and ("cdat:startup=paper" in e.tuners or e.backends == ("jax",))
+    tuners = {t for e in exps for t in e.tuners}
+    assert {"prodigy", "schedulefree", "dadapt", "sophia", "greedy"} <= tuners
+    pairs = {(e.task, e.regime) for e in exps}
+    assert {("resnet", "full"), ("vit", "full"), ("lm", "full"), ("resnet", "mini"), ("lm", "mini")} <= pairs
+    assert any("jax" in e.backends for e in exps) and any("mup" in e.params for e in exps)
+    assert any(len(e.widths) >= 3 and e.regime == "full" for e in exps)
+    assert max(e.full_batch_size for e in exps if e.task in ("vit", "resnet")) >= 1024
+    assert max(e.full_batch_size for e in exps if e.task == "lm") >= 256
+    long = get_suite("cpu-long")
+    assert all(len(e.widths) >= 2 for e in long.experiments) and len(long.seeds) >= 5
