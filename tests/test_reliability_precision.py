@@ -123,11 +123,11 @@ for name, make in OPTS.items():
         idx = np.arange(16) if name == "cdat_secant" else rng.integers(0, x.shape[0], 16)
         p, state, value = step(p, state, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
         tstate = state[1]
-        losses.append(float(value)); lrs.append(float(tstate.lr))
+        losses.append(float(value)); lrs.append(float(tstate.stats.lr))
     floats = {k: str(v.dtype) for k, v in tstate.stats._asdict().items()
               if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.floating)}
     rule = [str(t.dtype) for t in jax.tree_util.tree_leaves(tstate.rule)] if hasattr(tstate, "rule") else []
-    out[name] = {"losses": losses, "lrs": lrs, "skipped": int(tstate.skipped), "floats": floats, "rule": rule,
+    out[name] = {"losses": losses, "lrs": lrs, "skipped": int(tstate.stats.skipped), "floats": floats, "rule": rule,
                  "param_dtypes": sorted({str(t.dtype) for t in jax.tree_util.tree_leaves(p)}),
                  "finite": bool(all(bool(jnp.all(jnp.isfinite(t.astype(jnp.float32))))
                                     for t in jax.tree_util.tree_leaves(p)))}
