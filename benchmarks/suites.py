@@ -6,7 +6,10 @@
   D-Adaptation, Sophia-H), full-batch ResNet (512 digits) and LM (256 blocks of 32 bytes) at one width,
   mini-batch ResNet and LM, JAX rows (ViT), muP rows (ViT, 3 widths). Tuners: ``cdat`` (library default)
   beside ``cdat:startup=paper``, Prodigy and schedule-free everywhere, greedy on the full-batch images,
-  against a √2 constant grid widened while its best value sits at an edge; online sharpness every 25 steps.
+  against a √2 constant grid widened while its best value sits at an edge (at most 4 values, 2 for the ViT,
+  whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence);
+  online sharpness every 25 steps. Estimated from per-step CPU times measured on this machine: ~48 CPU
+  minutes of training steps plus ~4 of JAX compilation, i.e. ~26 minutes with two runs at once.
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
   all training digits / 1,024 LM blocks with deeper models, 2 widths in mini-batch, JAX and muP rows for ViT
@@ -125,7 +128,7 @@ DEFAULT = Suite(
     "(ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
     (
         Experiment("vit", "full", (8, 16, 32), FULL + ("dadapt", "sophia"), 500, model=VIT,
-                   full_batch_size=1024, eval_size=359, grid=grid(0.032, 5, R2), widen=4, sharpness=25),
+                   full_batch_size=1024, eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25),
         Experiment("resnet", "full", (4,), FULL, 500, full_batch_size=512, eval_size=359,
                    grid=grid(0.25, 5, R2), widen=4, sharpness=25),
         Experiment("lm", "full", (16,), MINI, 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
@@ -135,10 +138,10 @@ DEFAULT = Suite(
         Experiment("lm", "mini", (16,), MINI, 500, model=LM, batch_size=16, block_len=32, eval_size=256,
                    grid=grid(0.016, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat", "prodigy", "schedulefree"), 500, model=VIT,
-                   full_batch_size=1024, eval_size=359, grid=grid(0.032, 5, R2), widen=4, sharpness=25,
+                   full_batch_size=1024, eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25,
                    backends=("jax",)),
         Experiment("vit", "full", (8, 16, 32), ("constant",) + CDATS, 500, model=VIT, full_batch_size=256,
-                   eval_size=359, grid=grid(0.032, 5, R2), widen=4, sharpness=25, params=("mup",)),
+                   eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25, params=("mup",)),
     ),
     seeds=(0, 1, 2),
     jobs=2,
