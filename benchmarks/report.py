@@ -4,7 +4,8 @@ One table per task x regime x backend x parameterisation. For every width: the b
 the grid and every tuner, compared **seed by seed** with that constant:
 
 * the best constant is the grid value with the lowest *median* (over seeds) final train loss (mean of the
-  last 5 steps, the paper's criterion); a run that diverged counts as ``inf``;
+  last 5 steps in full batch, the paper's criterion; of the last tenth of the steps in mini-batch, where one
+  batch's loss is noise); a run that diverged counts as ``inf``;
 * a tuner's ratio on a seed is its final train loss ÷ the best constant's on the same seed (< 1: the tuner
   beat the tuned constant); the table shows the **median** over seeds and the **worst** seed (named);
   ``verdict`` is ``win`` only when the median and the worst seed are both below 1, ``loss`` when the median
@@ -17,7 +18,8 @@ the grid and every tuner, compared **seed by seed** with that constant:
   same width and backend), in the same sweep (CPU time of the process, so other processes on a shared
   machine do not distort it; the JSONL has wall times too);
 * ``LR range`` of the learning rate the tuner chose, ``LR max÷final`` its decay factor and ``sharpness ×``
-  the last ÷ first sharpness estimate (Adam: preconditioned), medians over seeds.
+  the last ÷ early sharpness estimate (the first after a tenth of the run; Adam: preconditioned), medians
+  over seeds.
 
 Plots per task x regime x backend x parameterisation (every seed, thin lines): loss, learning rate and
 sharpness per step (with the stability threshold ``c/lr``: 2/lr for GD, 38/lr for Adam on the
@@ -97,9 +99,14 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _sharp_growth(rec: dict) -> float:
+    """Last ÷ early sharpness estimate, the early one taken after the first tenth of the run (Adam's first
+    steps have a preconditioned sharpness orders of magnitude above the rest of the run)."""
     sh = _arr(rec, _sharp_col(rec))
-    sh = sh[np.isfinite(sh)]
-    return float(sh[-1] / sh[0]) if len(sh) > 1 and sh[0] > 0 else math.nan
+    idx = np.nonzero(np.isfinite(sh))[0]
+    early = idx[idx >= len(sh) // 10]
+    if len(early) < 2 or sh[early[0]] <= 0:
+        return math.nan
+    return float(sh[idx[-1]] / sh[early[0]])
 
 
 def _lr_drop(rec: dict) -> float:
@@ -408,11 +415,11 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
           f"constant (the grid value with the lowest median final train loss; final = mean of the last {LAST} "
-          "steps): the tables give the median ratio over seeds and the worst seed; a **win** needs both below 1. "
+          "steps in full batch, of the last tenth of the steps in mini-batch): the tables give the median ratio over seeds and the worst seed; a **win** needs both below 1. "
           f"Steps / CPU seconds to target: first step with train loss ≤ {TARGET} × the best constant's final loss "
           "on the same seed (median over seeds). Step time ÷ base compares median CPU seconds per step with the "
-          "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is last ÷ first estimate "
-          "(preconditioned for Adam).", "",
+          "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is the last ÷ the first "
+          "estimate after a tenth of the run (preconditioned for Adam).", "",
           f"Cost of these runs: {cpu / 60:.1f} CPU minutes in training steps, {wall / 60:.1f} minutes of run "
           "wall time in total (model building, compilation and evaluation included; runs in parallel overlap).",
           ""]

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RESULTS", "COLUMNS", "STAT_COLUMNS", "LAST", "load_results", "append_result", "rewrite_without",
+__all__ = ["RESULTS", "COLUMNS", "STAT_COLUMNS", "LAST", "final_window", "load_results", "append_result", "rewrite_without",
            "summarise", "OutputLock", "LockedError"]
 
 RESULTS = "results.jsonl"
@@ -38,7 +38,14 @@ LOCK = ".lock"
 COLUMNS = ("loss", "lr", "numerator", "curvature", "sharpness", "preconditioned_sharpness", "eos_ratio",
            "closure_calls", "time", "cpu")
 STAT_COLUMNS = COLUMNS[1:-2]  # what the tuners report each step
-LAST = 5  # final train loss = mean over the last LAST steps (the paper's selection criterion)
+LAST = 5  # full batch: final train loss = mean over the last LAST steps (the paper's selection criterion)
+MINI_FRACTION = 10  # mini-batch: over the last 1/MINI_FRACTION of the steps (one batch's loss is noise)
+
+
+def final_window(regime: str, steps: int) -> int:
+    """How many last steps the final train loss averages: :data:`LAST` in full batch, a tenth of the run in
+    mini-batch (at least :data:`LAST`)."""
+    return LAST if regime == "full" else max(LAST, steps // MINI_FRACTION)
 
 
 def _is_record(obj: Any) -> bool:
@@ -137,14 +144,15 @@ def rewrite_without(path: str, keys: set) -> int:
 
 
 # -------------------------------------------------------------------------------------------- summary
-def summarise(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: dict) -> dict:
-    """The ``summary`` of a record: final train loss (mean of the last :data:`LAST` losses; ``inf`` when the
-    run stopped early or ended non-finite), eval loss/accuracy, step times (wall and CPU; the first step,
-    which includes warm-up, left out), the lr range, closure calls per step."""
+def summarise(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: dict, window: int = LAST) -> dict:
+    """The ``summary`` of a record: final train loss (mean of the last ``window`` losses, see
+    :func:`final_window`; ``inf`` when the run stopped early or ended non-finite), eval loss/accuracy, step
+    times (wall and CPU; the first step, which includes warm-up, left out), the lr range (final: mean over
+    the same window), closure calls per step."""
     loss = np.array(cols["loss"], dtype=float)
     lr = np.array(cols["lr"], dtype=float)
     t = np.array(cols["time"], dtype=float)
-    diverged = len(loss) < steps or not np.all(np.isfinite(loss[-LAST:]))
+    diverged = len(loss) < steps or not np.all(np.isfinite(loss[-window:]))
     lr_ok = lr[np.isfinite(lr) & (lr > 0)]
     timed = t[1:] if len(t) > 2 else t
     cpu = np.array(cols["cpu"], dtype=float)
@@ -155,7 +163,7 @@ def summarise(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: 
         return float(f(a)) if len(a) else math.nan
 
     return {
-        "final_train_loss": math.inf if diverged else float(loss[-LAST:].mean()),
+        "final_train_loss": math.inf if diverged else float(loss[-window:].mean()), "final_window": window,
         "initial_loss": stat(lambda a: a[0], loss),
         "min_train_loss": float(np.nanmin(loss)) if np.isfinite(loss).any() else math.nan,
         "eval_loss": eval_loss, "eval_accuracy": eval_acc,
@@ -164,7 +172,7 @@ def summarise(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: 
         "median_step_cpu": stat(np.median, cpu), "mean_step_cpu": stat(np.mean, cpu),
         "train_time": float(t.sum()),
         "lr_min": stat(np.min, lr_ok), "lr_max": stat(np.max, lr_ok), "lr_first": stat(lambda a: a[0], lr_ok),
-        "lr_final": stat(lambda a: a[-LAST:].mean(), lr_ok),
+        "lr_final": stat(lambda a: a[-window:].mean(), lr_ok),
         "mean_closure_calls": float(np.nanmean(calls)) if np.isfinite(calls).any() else math.nan,
         **extra,
     }

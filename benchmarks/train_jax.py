@@ -7,7 +7,7 @@ import time
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
 from .plan import RunSpec
-from .results import COLUMNS, STAT_COLUMNS, summarise
+from .results import COLUMNS, STAT_COLUMNS, final_window, summarise
 from .train_torch import diverging
 
 __all__ = ["run"]
@@ -93,5 +93,6 @@ def run(spec: RunSpec, progress=None) -> dict:
     if spec.tuner == "schedulefree":
         eval_params = optax.contrib.schedule_free_eval_params(state, params)
     ev_loss, ev_acc = prob.evaluate(eval_params)
-    return {"steps": cols, "summary": summarise(cols, exp.steps, ev_loss, ev_acc,
-                                                {"n_params": prob.n_params, "compile_time": compile_time})}
+    extra = {"n_params": prob.n_params, "compile_time": compile_time}
+    return {"steps": cols, "summary": summarise(cols, exp.steps, ev_loss, ev_acc, extra,
+                                                final_window(exp.regime, exp.steps))}

@@ -7,7 +7,7 @@ import time
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
 from .plan import RunSpec
-from .results import COLUMNS, STAT_COLUMNS, summarise
+from .results import COLUMNS, STAT_COLUMNS, final_window, summarise
 
 __all__ = ["run", "diverging"]
 
@@ -106,5 +106,6 @@ def _run(spec: RunSpec, progress=None) -> dict:
     if hasattr(opt, "eval"):  # schedule-free evaluates at its averaged point
         opt.eval()
     ev_loss, ev_acc = prob.evaluate()
-    return {"steps": cols, "summary": summarise(cols, exp.steps, ev_loss, ev_acc,
-                                                {"n_params": prob.n_params, "torch_threads": torch.get_num_threads()})}
+    extra = {"n_params": prob.n_params, "torch_threads": torch.get_num_threads()}
+    return {"steps": cols, "summary": summarise(cols, exp.steps, ev_loss, ev_acc, extra,
+                                                final_window(exp.regime, exp.steps))}
