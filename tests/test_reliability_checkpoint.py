@@ -273,11 +273,13 @@ _GARBAGE = {b"this line is not JSON", b"[1, 2, 3]", b'{"no_key": true}', b"42"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("failing", [False, True], ids=["all-ok", "some-fail"])
-def test_benchmark_runner_killed_mid_sweep_resumes_each_run_exactly_once(tmp_path, failing):
+@pytest.mark.parametrize("failing,jobs", [(False, 1), (True, 1), (True, 2)],
+                         ids=["all-ok", "some-fail", "some-fail-2-jobs"])
+def test_benchmark_runner_killed_mid_sweep_resumes_each_run_exactly_once(tmp_path, failing, jobs):
     """SIGKILL the runner at random points, damage the results file in each known way, resume: every run is
     recorded exactly once, the damaged lines are kept, and the exit status is non-zero exactly when a run
-    failed (the lm runs fail at run time on a text too short for one block)."""
+    failed (the lm runs fail at run time on a text too short for one block); also with two worker processes
+    (the runner alone writes; its workers die with it)."""
     import random
 
     rng = random.Random(20261130 + failing)
@@ -288,7 +290,7 @@ def test_benchmark_runner_killed_mid_sweep_resumes_each_run_exactly_once(tmp_pat
     args = [sys.executable, "-m", "benchmarks", "--suite", "smoke", "--tasks", "mlp,lm" if failing else "mlp",
             "--regimes", "full", "--backend", "torch", "--widths", "8", "--steps", "12", "--tuners",
             "constant:lr=0.05,constant:lr=0.1,constant:lr=0.2,prodigy,schedulefree", "--seeds", "0,1",
-            "--no-progress", "--out", str(out)] + (["--text", str(short)] if failing else [])
+            "--no-progress", "--out", str(out), "--jobs", str(jobs)] + (["--text", str(short)] if failing else [])
     listed = subprocess.run(args + ["--list"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=200)
     assert listed.returncode == 0, listed.stderr[-3000:]
     keys = [ln for ln in listed.stdout.splitlines() if ln.strip()]
