@@ -112,7 +112,7 @@ def _factory(tuner_cls: type, base_cls: type) -> type:
 #: a few tuner settings beside the defaults (desc, kwargs)
 _TUNER_INPUTS = {
     CDAT: [("sigma 1, secant", {"sigma": 1.0, "curvature": "secant"})],
-    QuadraticGreedy: [("lr_max", {"lr_max": 10.0})],
+    QuadraticGreedy: [("lr_max", {"lr_max": 0.5})],
     ArmijoLineSearch: [("c 0.5", {"c": 0.5})],
     PolyakStep: [("lr_max", {"lr_max": 0.5})],
     EdgeOfStability: [("sharpness every 3", {"sharpness": 3})],
@@ -122,8 +122,9 @@ _TUNER_INPUTS = {
 #: * EdgeOfStability's default sigma 1.5 steps 1.5x past the stability threshold c / lambda by design (it relies
 #:   on a network's self-stabilisation), which on a quadratic diverges by construction; its threshold also
 #:   ignores the base's weight decay (the update's Jacobian is H + wd, not H). Registered at sigma 0.5.
-#: * QuadraticGreedy (lr_max inf) can then take a noise ratio as its lr; registered with lr_max 100.
-_FACTORY_KWARGS = {EdgeOfStability: {"sigma": 0.5}, QuadraticGreedy: {"lr_max": 100.0}}
+#: * QuadraticGreedy (lr_max inf) can then take a noise ratio as its lr, and with weight decay the base's
+#:   direction -(g + wd w) is no descent direction of the solved loss: registered with lr_max 1.
+_FACTORY_KWARGS = {EdgeOfStability: {"sigma": 0.5}, QuadraticGreedy: {"lr_max": 1.0}}
 _CLOSURE_FREE = (CDAT, QuadraticGreedy)
 
 

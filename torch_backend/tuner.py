@@ -64,7 +64,7 @@ from .preconditioning import preconditioner_scales
 from .noise import noise_metric, noise_numerator
 from .probe import Probe
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
-from .vectors import can_concatenate, concatenating, dot, least_precise_eps, norm, reducing, sq_norm
+from .vectors import can_concatenate, concatenating, dot, dots, least_precise_eps, norm, reducing
 
 __all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
 
@@ -443,7 +443,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         oracle = resolve_curvature(self.curvature, not probe_free) if self.curvature is not None else None
         secant = oracle == "secant"
         prev_u = self._previous_directions(params, glob) if secant else None
-        g_dot_prev_u = dot(grads, prev_u) if prev_u is not None else None
+        # g^T u_prev is read after the base step, with g^T u and ||u||^2 in one reduction, where the base leaves
+        # the gradients alone (SGD/Adam/AdamW); another base might change them in place
+        early = prev_u is not None and self.method is None
+        g_dot_prev_u = dot(grads, prev_u) if early else None
         metric = noise_metric(self.base, params) if secant and self._noise_on(probe_free) else None
         noise_b = self._noise(params, grads, prev_u, metric) if metric is not None and prev_u is not None else None
         clip = self._clip(grads) if self.max_grad_norm is not None else None
@@ -463,15 +466,23 @@ class CurvatureTuner(torch.optim.Optimizer):
             guard.finish()
             return loss
         direction_into(u, params, w0)
-        numerator = (-dot(grads, u)).to(self.acc_dtype)
+        u_sq = None
+        if secant:
+            late = prev_u is not None and not early
+            both = dots([(grads, u), (u, u)] + ([(grads, prev_u)] if late else []))
+            g_dot_u, u_sq = both[0], both[1].to(self.acc_dtype)
+            if late:
+                g_dot_prev_u = both[2] if clip is None else both[2] / clip.to(both.dtype)
+        else:
+            g_dot_u = dot(grads, u)
+        numerator = (-g_dot_u).to(self.acc_dtype)
         if clip is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
             numerator = numerator / clip
         like = numerator
         nan = torch.full_like(like, math.nan)
         checks = [(torch.isfinite(loss_t) | (loss is None)) & torch.isfinite(numerator)]
-        secant_c, u_sq, noise_state = nan, None, None
+        secant_c, noise_state = nan, None
         if secant:
-            u_sq = sq_norm(u).to(self.acc_dtype)
             if g_dot_prev_u is not None:
                 prev = [glob.get(k) for k in layout.SECANT]
                 if all(t is not None for t in prev):

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_precise_eps", "dot", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "concatenating",
+__all__ = ["least_precise_eps", "dot", "dots", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "concatenating",
            "can_concatenate", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
@@ -83,6 +83,24 @@ def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     if _CONCAT.get():
         return _global_sum(torch.dot(_acc(torch.cat([_flat(x) for x in xs])), _acc(torch.cat([_flat(y) for y in ys]))))
     return _global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
+
+
+def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
+    """``[dot(xs, ys) for xs, ys in pairs]`` as one 1-d tensor: each distinct operand list is concatenated once
+    (when :func:`concatenating`) and a sharded run reduces the vector with one collective."""
+    if _CONCAT.get():
+        flat: dict[int, Tensor] = {}
+
+        def cat(xs: Sequence[Tensor]) -> Tensor:
+            k = id(xs)
+            if k not in flat:
+                flat[k] = _acc(torch.cat([_flat(x) for x in xs]) if len(xs) > 1 else _flat(xs[0]))
+            return flat[k]
+        out = torch.stack([torch.dot(cat(xs), cat(ys)) for xs, ys in pairs])
+    else:
+        out = torch.stack([torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum()
+                           for xs, ys in pairs])
+    return _global_sum(out)
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
