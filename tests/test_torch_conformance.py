@@ -48,10 +48,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import sys
 import tempfile
-import types
-import unittest
 
 import pytest
 import torch
@@ -61,13 +58,7 @@ from torch.optim import SGD, Adam
 from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR, ReduceLROnPlateau, StepLR
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-try:  # torch's testing package imports expecttest (a torch dev dependency) only for its TestCase base class
-    import expecttest  # noqa: F401
-except ImportError:
-    _shim = types.ModuleType("expecttest")
-    _shim.TestCase = unittest.TestCase
-    sys.modules["expecttest"] = _shim
-from torch.testing._internal.common_optimizers import (  # noqa: E402
+from torch.testing._internal.common_optimizers import (
     ErrorOptimizerInput,
     OptimizerErrorEnum,
     OptimizerInfo,
