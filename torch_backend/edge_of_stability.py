@@ -12,7 +12,8 @@ from curvopt.rules import EdgeOfStabilityRule
 from .buffers import ModulesLike
 from .direction import base_stability_coefficient
 from .distributed import DistributedLike
-from .tuner import CurvatureTuner, RuleField, default_of
+from .settings import RuleField, default_of
+from .tuner import CurvatureTuner
 
 __all__ = ["EdgeOfStability"]
 

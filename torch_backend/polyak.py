@@ -10,7 +10,8 @@ from curvopt.rules import PolyakRule
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
-from .tuner import CurvatureTuner, default_of
+from .settings import default_of
+from .tuner import CurvatureTuner
 
 __all__ = ["PolyakStep"]
 

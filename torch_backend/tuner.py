@@ -37,7 +37,6 @@ the closure.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import warnings
 from typing import Any, Callable, Optional
@@ -46,8 +45,8 @@ import torch
 from torch import Tensor
 
 from curvopt.curvature import SecantNoiseState, secant_noise_corrected
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, SharpnessConfig, accumulator_dtype_name,
-                            as_sharpness, resolve_curvature, sharpness_due)
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dtype_name,
+                            resolve_curvature, sharpness_due)
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature
@@ -55,6 +54,8 @@ from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_choice, check_positive, check_positive_int
 
 from . import state as layout
+from .settings import resolve_sharpness
+from .transaction import BaseSnapshot, Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, direction_into, snapshot_into
 from .distributed import DistributedLike, check_params
@@ -81,136 +82,8 @@ gradients, computes the loss, calls backward and returns the loss, e.g.
 
 The tuner calls it once at the current parameters and, depending on the tuner, again at probe points."""
 
-#: deprecated keywords (one release) -> SharpnessConfig fields
-_LEGACY_SHARPNESS = {"sharpness_every": "every", "sharpness_iters": "iters",
-                     "sharpness_first_iters": "first_iters", "sharpness_tol": "tol"}
-
-
-def default_of(rule_cls: type, name: str) -> Any:
-    """The core's default of a rule field (the tuners' constructor defaults are the core's, never restated)."""
-    return rule_cls.__dataclass_fields__[name].default
-
-
-class RuleField:
-    """A tuner attribute that reads and assigns a field of its rule value (``opt.sigma = 1.0`` replaces
-    ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type) -> Any:
-        return self if obj is None else getattr(obj.rule, self.name)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
-
-
-def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
-    """``sharpness=`` (SharpnessConfig | int | None) plus the deprecated ``sharpness_*`` keywords."""
-    unknown = set(legacy) - set(_LEGACY_SHARPNESS)
-    if unknown:
-        raise TypeError(f"{tuner}() got unexpected keyword argument(s) {sorted(unknown)}")
-    cfg = as_sharpness(sharpness, default)
-    given = {k: v for k, v in legacy.items() if v is not None}
-    if not given:
-        return cfg
-    if sharpness is not None:
-        raise ValueError(f"{tuner}: give either sharpness= or the deprecated {sorted(given)}, not both")
-    warnings.warn(f"{tuner}: {', '.join(sorted(given))} are deprecated; pass sharpness=SharpnessConfig(...) (or "
-                  "an int: estimate every k steps)", DeprecationWarning, stacklevel=4)
-    fields = {_LEGACY_SHARPNESS[k]: v for k, v in given.items()}
-    try:
-        return dataclasses.replace(cfg, **fields)
-    except ValueError as e:  # name the keyword the caller used
-        for k, f in _LEGACY_SHARPNESS.items():
-            if f"sharpness.{f} " in str(e):
-                raise ValueError(f"{k}: {e}") from None
-        raise
-
-
 def _stats_doc() -> str:
     return "\n".join(f"    * ``{k}``: {v}" for k, v in STAT_DOCS.items())
-
-
-def _fits(b: Optional[Tensor], p: Tensor) -> bool:
-    return b is not None and b.shape == p.shape and b.dtype == p.dtype and b.device == p.device
-
-
-class _BaseSnapshot:
-    """The base's state of the parameters it is about to step, restorable bit-exactly (the copies' storage is
-    allocated once and reused)."""
-
-    def __init__(self) -> None:
-        self._copies: list[Tensor] = []
-        self._ids: list[int] = []
-        self.entries: list[tuple[Tensor, Optional[dict]]] = []
-        self.tensors: list[Tensor] = []
-
-    def take(self, state: dict, params: list[Tensor]) -> None:
-        entries, tensors = [], []
-        for p in params:
-            st = state.get(p)
-            if not st:
-                entries.append((p, None))
-                continue
-            entries.append((p, st.copy()))
-            for k, v in st.items():
-                if type(v) is Tensor and not (type(k) is str and k.startswith(layout.PREFIX)):
-                    tensors.append(v)
-        ids = [id(t) for t in tensors]
-        if ids != self._ids:  # the base's tensors changed (first steps, a load): check and reallocate
-            copies = self._copies
-            if len(copies) != len(tensors) or not all(_fits(c, t) for c, t in zip(copies, tensors)):
-                self._copies = [torch.empty_like(t) for t in tensors]
-            self._ids = ids
-        if tensors:
-            torch._foreach_copy_(self._copies, tensors)
-        self.entries, self.tensors = entries, tensors
-
-    def restore(self, state: dict) -> None:
-        """The base's tensors and entries as taken (the tuner writes its own keys only at the commit, so the
-        whole entry can be put back)."""
-        if self.tensors:
-            torch._foreach_copy_(self.tensors, self._copies)
-        for p, saved in self.entries:
-            st = state.get(p)
-            if saved is None:
-                if st is not None:
-                    del state[p]
-            elif st is None:
-                state[p] = saved
-            else:
-                st.clear()
-                st.update(saved)
-        self.entries = []  # (self.tensors stays referenced: their ids cannot be reused by new tensors)
-
-
-class _Transaction:
-    """What a failing step must undo (filled in as the step proceeds)."""
-
-    def __init__(self, tuner: "CurvatureTuner") -> None:
-        self.tuner = tuner
-        self.params: Optional[list[Tensor]] = None
-        self.w0: Optional[list[Tensor]] = None
-        self.base_stepped = False
-        self.hidden: Optional[tuple[Tensor, dict]] = None
-
-    def undo_base(self) -> None:
-        t = self.tuner
-        if self.base_stepped:
-            t._snapshot.restore(t.state)
-            self.base_stepped = False
-        if self.params is not None:
-            torch._foreach_copy_(self.params, self.w0)
-        if self.hidden is not None:
-            p0, keys = self.hidden
-            t.state[p0].update(keys)
-            self.hidden = None
-
-    def rollback(self) -> None:
-        with torch.no_grad():
-            self.undo_base()
-            self.tuner.guard.rollback()
 
 
 class CurvatureTuner(torch.optim.Optimizer):
@@ -283,7 +156,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._scratch_d: dict[Tensor, Tensor] = {}
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
-        self._snapshot = _BaseSnapshot()
+        self._snapshot = BaseSnapshot()
         self._scratch_u: dict[Tensor, Tensor] = {}
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
@@ -388,14 +261,14 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._require_probe_free(has_closure=False, error=TypeError)
         # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
         with reducing(self.distributed), concatenating(self._concat):
-            tx = _Transaction(self)
+            tx = Transaction(self)
             try:
                 return self._step(closure, tx)
             except BaseException:
                 tx.rollback()
                 raise
 
-    def _step(self, closure: Optional[Callable[[], Tensor]], tx: _Transaction) -> Optional[Tensor]:
+    def _step(self, closure: Optional[Callable[[], Tensor]], tx: Transaction) -> Optional[Tensor]:
         guard, state, rule = self.guard, self.state, self.rule
         probe_free = closure is None or not self.probes
         if closure is None:  # closure-free: the gradients are in .grad already (loss.backward(); opt.step())
@@ -584,17 +457,17 @@ class CurvatureTuner(torch.optim.Optimizer):
         for p in params:
             st = state.get(p)
             b = st.get(layout.W0) if st else None
-            if not _fits(b, p):
+            if not fits(b, p):
                 b = torch.empty_like(p, memory_format=torch.preserve_format)
                 fresh.append((p, layout.W0, b))
             w0.append(b)
             if secant:
                 c = self._scratch_u.get(p)
-                if not _fits(c, p):
+                if not fits(c, p):
                     c = torch.empty_like(p, memory_format=torch.preserve_format)
             else:
                 c = st.get(layout.U) if st else None
-                if not _fits(c, p):
+                if not fits(c, p):
                     c = torch.empty_like(p, memory_format=torch.preserve_format)
                     fresh.append((p, layout.U, c))
             u.append(c)
@@ -627,12 +500,12 @@ class CurvatureTuner(torch.optim.Optimizer):
     def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor], metric: list) -> Tensor:
         """The secant numerator's noise estimate (NaN when the previous gradient is not kept: no secant)."""
         prev = [self.state[p].get(layout.PREV_GRAD) if p in self.state else None for p in params]
-        if not all(_fits(b, p) for b, p in zip(prev, params)):
+        if not all(fits(b, p) for b, p in zip(prev, params)):
             return torch.full((), math.nan, dtype=self.acc_dtype, device=params[0].device)
         diff = []
         for p, g in zip(params, grads):
             d = self._scratch_d.get(p)
-            if not _fits(d, p):
+            if not fits(d, p):
                 d = self._scratch_d[p] = torch.empty_like(p, memory_format=torch.preserve_format)
             diff.append(d)
         torch._foreach_copy_(diff, grads)
@@ -645,7 +518,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for p in params:
             st = self.state[p]
             b = st.get(layout.PREV_GRAD)
-            if not _fits(b, p):
+            if not fits(b, p):
                 b = st[layout.PREV_GRAD] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(b)
         torch._foreach_copy_(out, grads)
@@ -713,7 +586,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for p in params:
             st = self.state.get(p)
             b = st.get(layout.U) if st else None
-            if not _fits(b, p):
+            if not fits(b, p):
                 return None
             out.append(b)
         return out
@@ -725,7 +598,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             st = state[p]
             old = st.get(layout.U)
             st[layout.U] = new
-            if _fits(old, p):
+            if fits(old, p):
                 self._scratch_u[p] = old
         if not same_set:  # exactly the parameters of this step hold a direction (the secant's invariant)
             mine = {id(p) for p in params}
@@ -785,7 +658,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for k, (space, matvec) in enumerate(spaces):
             key = layout.EIGVEC[space]
             v0 = [self.state[p].get(key) if p in self.state else None for p in probe.params]
-            warm = all(_fits(v, p) for v, p in zip(v0, probe.params))
+            warm = all(fits(v, p) for v, p in zip(v0, probe.params))
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + 2 * count + k) % (2 ** 63))
             previous = glob.get(layout.SHARPNESS[space]) if warm else None
             previous = torch.full_like(like, math.nan) if previous is None else previous.to(like)
@@ -823,7 +696,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for key, v in saved_globals.items():  # the saved values, not torch's cast to the parameter's dtype
             glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
         self._scratch_u = {}
-        self._snapshot = _BaseSnapshot()
+        self._snapshot = BaseSnapshot()
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -836,7 +709,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             base.state.update(ours_only)
             state["base"] = base
             self.__dict__.update(state)
-            self._snapshot = _BaseSnapshot()
+            self._snapshot = BaseSnapshot()
             self._scratch_u = {}
             self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
             if hasattr(self, "_patch_step_function"):

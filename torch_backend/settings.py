@@ -1,0 +1,58 @@
+"""The settings surface the PyTorch tuners share: constructor defaults read from the core's rule values, rule
+fields assignable on the tuner (``opt.sigma = ...``), and the ``sharpness=`` argument with the 0.1 keywords it
+replaces (deprecated for one release)."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+from curvopt.config import SharpnessConfig, as_sharpness
+
+__all__ = ["default_of", "RuleField", "resolve_sharpness"]
+
+#: deprecated keywords (one release) -> SharpnessConfig fields
+_LEGACY_SHARPNESS = {"sharpness_every": "every", "sharpness_iters": "iters",
+                     "sharpness_first_iters": "first_iters", "sharpness_tol": "tol"}
+
+
+def default_of(rule_cls: type, name: str) -> Any:
+    """The core's default of a rule field (the tuners' constructor defaults are the core's, never restated)."""
+    return rule_cls.__dataclass_fields__[name].default
+
+
+class RuleField:
+    """A tuner attribute that reads and assigns a field of its rule value (``opt.sigma = 1.0`` replaces
+    ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type) -> Any:
+        return self if obj is None else getattr(obj.rule, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
+
+
+def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
+    """``sharpness=`` (SharpnessConfig | int | None) plus the deprecated ``sharpness_*`` keywords."""
+    unknown = set(legacy) - set(_LEGACY_SHARPNESS)
+    if unknown:
+        raise TypeError(f"{tuner}() got unexpected keyword argument(s) {sorted(unknown)}")
+    cfg = as_sharpness(sharpness, default)
+    given = {k: v for k, v in legacy.items() if v is not None}
+    if not given:
+        return cfg
+    if sharpness is not None:
+        raise ValueError(f"{tuner}: give either sharpness= or the deprecated {sorted(given)}, not both")
+    warnings.warn(f"{tuner}: {', '.join(sorted(given))} are deprecated; pass sharpness=SharpnessConfig(...) (or "
+                  "an int: estimate every k steps)", DeprecationWarning, stacklevel=4)
+    fields = {_LEGACY_SHARPNESS[k]: v for k, v in given.items()}
+    try:
+        return dataclasses.replace(cfg, **fields)
+    except ValueError as e:  # name the keyword the caller used
+        for k, f in _LEGACY_SHARPNESS.items():
+            if f"sharpness.{f} " in str(e):
+                raise ValueError(f"{k}: {e}") from None
+        raise
