@@ -1,4 +1,4 @@
-"""Benchmark data, with no downloads (DESIGN §5).
+"""Benchmark data, with no downloads.
 
 Everything here returns NumPy arrays so that the PyTorch and the JAX runs share the exact same numbers:
 

@@ -1,4 +1,4 @@
-"""Diagnostics from logged histories (NumPy only): catapults (DESIGN §3)."""
+"""Diagnostics from logged histories (NumPy only): catapults."""
 from __future__ import annotations
 
 from dataclasses import dataclass

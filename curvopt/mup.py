@@ -37,7 +37,7 @@ ntk    input/finite    σ/√fan_in       1             1                1
 ntk    hidden/output   σ/√base_fan_in  1/√m_in       1                1                 effective init = SP
 =====================  ==============  ============  ===============  ================  =============
 
-In the effective (non-multiplier) weights this is exactly DESIGN §3 / TP5 Table 3: output init variance
+In the effective (non-multiplier) weights this is exactly TP5 Table 3: output init variance
 ``∝ 1/fan_in²``; Adam learning rate 1 (input), ``1/fan_in`` (hidden), ``1/fan_in`` (output, through the
 forward multiplier); SGD ``fan_out`` (input), 1 (hidden, square growth), ``1/fan_in`` (output).
 Vector-like parameters (1-D: biases, norm gains) keep their module's own initialisation (``init_std`` is
@@ -59,7 +59,7 @@ Feature-learning strength γ
 ---------------------------
 On top of μP the output is multiplied by ``1/γ`` (``γ = 1``: plain μP; small γ: lazy / kernel-like; large γ:
 ultra-rich). The optimal SGD learning rate then scales as ``γ²`` for ``γ ≤ 1`` and ``γ^(2/L)`` for ``γ > 1``
-(Atanasov, Meterez, Simon, Pehlevan 2024, arXiv 2410.04642; DESIGN §3), with ``L`` the depth (number of
+(Atanasov, Meterez, Simon, Pehlevan 2024, arXiv 2410.04642), with ``L`` the depth (number of
 layers). For Adam-like optimizers the update size does not depend on the gradient's scale, so the ``1/γ`` in
 the gradient cancels and only the ``1/γ`` of the forward pass remains: we use ``γ`` (``γ ≤ 1``) and
 ``γ^(1/L)`` (``γ > 1``), the square root of the SGD rule. This Adam variant is our derivation by that

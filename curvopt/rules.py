@@ -13,7 +13,7 @@ shares: a non-finite input the rule needs leaves the rule state unchanged and gi
 and the learning rate is never negative or non-finite. ``needs`` says which inputs a rule reads, so a
 backend computes only those.
 
-Notation (DESIGN §3 of the project notes): ``g`` the gradient, ``u`` the base optimizer's update at learning
+Notation: ``g`` the gradient, ``u`` the base optimizer's update at learning
 rate 1 (sign included, so ``u = -g`` for gradient descent), ``H`` the Hessian; the step is ``w <- w + lr u``.
 
 * ``numerator``  is ``-g^T u`` (positive for a descent direction);

@@ -1,5 +1,5 @@
 """Parity: the same tuner with the same settings on the same problem gives the same learning rates in
-PyTorch and in Optax (DESIGN §4). The same MLP in both (weights copied), the same data, float64, 50 steps;
+PyTorch and in Optax. The same MLP in both (weights copied), the same data, float64, 50 steps;
 bases SGD (``optax.identity``), heavy ball (``torch.optim.SGD(momentum=b)`` = ``optax.trace(decay=b)``,
 both ``v <- b v + g``) and Adam (``torch.optim.Adam`` = ``optax.scale_by_adam``, eps outside the root).
 

@@ -17,18 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
 
 
-def _torch_patched() -> bool:
-    """Whether torch_backend has the issue-6 changes (distributed=, float32 accumulators, state checks)."""
-    import inspect
-
-    from curvopt.torch import CDAT
-
-    return "distributed" in inspect.signature(CDAT.__init__).parameters
-
-
-needs_torch_patch = pytest.mark.skipif(
-    not _torch_patched(), reason="waits for the issue-6 torch_backend changes (applied after helper1 finishes)")
-
 # ------------------------------------------------------------------------------------ PyTorch kill/resume
 TORCH_SCRIPT = r"""
 import os, random, signal, sys
@@ -369,7 +357,6 @@ def _cdat(m):
     return CDAT(torch.optim.Adam(m.parameters(), lr=0.1), curvature="secant", sharpness=1)
 
 
-@needs_torch_patch
 def test_load_state_dict_from_a_different_model_raises_clearly():
     _, opt = _trained(_mlp(5), _cdat)
     sd = opt.state_dict()
@@ -381,7 +368,6 @@ def test_load_state_dict_from_a_different_model_raises_clearly():
         fewer.load_state_dict(sd)
 
 
-@needs_torch_patch
 def test_load_state_dict_from_a_different_tuner_or_base_raises_clearly():
     from curvopt.torch import ArmijoLineSearch, CDAT, EdgeOfStability, PolyakStep, QuadraticGreedy
 

@@ -25,18 +25,6 @@ STEPS = 12
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _torch_patched() -> bool:
-    """Whether torch_backend has the issue-6 changes (distributed=, float32 accumulators, state checks)."""
-    import inspect
-
-    from curvopt.torch import CDAT
-
-    return "distributed" in inspect.signature(CDAT.__init__).parameters
-
-
-needs_torch_patch = pytest.mark.skipif(
-    not _torch_patched(), reason="waits for the issue-6 torch_backend changes (applied after helper1 finishes)")
-
 from curvopt import SharpnessConfig  # noqa: E402
 
 # name -> (tuner class name, base, kwargs); the exact oracle gets functional_loss added by make_tuner
@@ -242,7 +230,6 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-@needs_torch_patch
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_matches_single_process_full_batch(ddp_results, case):
@@ -257,7 +244,6 @@ def test_ddp_matches_single_process_full_batch(ddp_results, case):
         assert _rel(p, q) <= 1e-6
 
 
-@needs_torch_patch
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_ddp_reduces_each_rank_local_scalar_exactly_once(ddp_results, case):
@@ -271,7 +257,6 @@ def test_ddp_reduces_each_rank_local_scalar_exactly_once(ddp_results, case):
             assert calls == expected_base + trials, (case, rank, calls, trials)
 
 
-@needs_torch_patch
 @pytest.mark.slow
 def test_ddp_without_loss_reduction_would_differ(ddp_results):
     """Sanity check of the comparison: the rank-local loss gives a different Polyak step."""
@@ -279,7 +264,6 @@ def test_ddp_without_loss_reduction_would_differ(ddp_results):
     assert _rel(ddp_results[0]["polyak_adam_unreduced"]["lrs"], ref_lrs) > 1e-3
 
 
-@needs_torch_patch
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["cdat_fd_sgd", "armijo_sgd"])
 def test_fsdp_no_shard_matches_single_process(ddp_results, case):
@@ -290,7 +274,6 @@ def test_fsdp_no_shard_matches_single_process(ddp_results, case):
     assert _rel(got["flat"][: flat_ref.numel()], flat_ref) <= 1e-6
 
 
-@needs_torch_patch
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FSDP_SHARDED_CASES)
 def test_fsdp_full_shard_matches_single_process(ddp_results, case):
@@ -309,7 +292,6 @@ def test_fsdp_full_shard_matches_single_process(ddp_results, case):
         assert _rel(p, q) <= 1e-6
 
 
-@needs_torch_patch
 @pytest.mark.slow
 def test_unsupported_sharding_is_refused_clearly(ddp_results):
     errors = ddp_results[0]["errors"]
@@ -321,7 +303,6 @@ def test_unsupported_sharding_is_refused_clearly(ddp_results):
     assert "distributed=None" in errors["fsdp1_no_reducer"]
 
 
-@needs_torch_patch
 def test_distributed_argument_is_validated():
     import curvopt.torch as ct
 
@@ -335,7 +316,6 @@ def test_distributed_argument_is_validated():
     assert opt.distributed is None
 
 
-@needs_torch_patch
 def test_vector_reductions_go_through_a_sharded_reducer_exactly_once():
     """Inside vectors.reducing, dot/sq_norm/norm/max_abs each hand their partial result to a *sharded*
     reducer exactly once (here a stand-in that doubles, as two equal shards would); a replicated (DDP)

@@ -21,19 +21,6 @@ from torch import nn
 TALLY: Counter = Counter()
 
 
-def _torch_patched() -> bool:
-    """Whether torch_backend has the issue-6 changes (distributed=, float32 accumulators, state checks)."""
-    import inspect
-
-    from curvopt.torch import CDAT
-
-    return "distributed" in inspect.signature(CDAT.__init__).parameters
-
-
-needs_torch_patch = pytest.mark.skipif(
-    not _torch_patched(), reason="waits for the issue-6 torch_backend changes (applied after helper1 finishes)")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _report(request):
     yield
@@ -139,14 +126,12 @@ RANDOM_FAULTS = dict(
 )
 
 
-@needs_torch_patch
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**RANDOM_FAULTS)
 def test_random_faults_never_leave_nan_parameters(tuner, base, dtype, log_scale, a, faults):
     random_faults(tuner, base, dtype, log_scale, a, faults)
 
 
-@needs_torch_patch
 @pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**RANDOM_FAULTS)
@@ -235,7 +220,6 @@ def test_frozen_and_gradient_less_parameters_are_left_alone(tuner):
     _survived()
 
 
-@needs_torch_patch
 def test_empty_and_all_frozen_parameter_lists_are_refused_at_construction():
     from curvopt.torch import CDAT, hessian_top_eigenvalue
 
@@ -263,7 +247,6 @@ def test_closure_that_never_calls_backward_is_a_clear_error():
     _survived()
 
 
-@needs_torch_patch
 @pytest.mark.parametrize("tuner", TUNERS)
 @pytest.mark.parametrize("dtypes", [(torch.float64, torch.float32), (torch.float32, torch.float64),
                                     (torch.bfloat16, torch.float32)])
