@@ -53,15 +53,10 @@ def run(spec: RunSpec, progress=None) -> dict:
 
     # torch 2.13's oneDNN (mkldnn) convolution backward corrupts the heap on this CPU build when torch runs
     # single-threaded (reproduced with the plain ResNet and a manual loop); the native kernels are used.
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        with warnings.catch_warnings():
-            # Sophia-H's backward(create_graph=True): the reference cycle is broken by zero_grad(set_to_none)
-            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            return _run(spec, progress)
-    finally:
-        torch.backends.mkldnn.enabled = was
+    with torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
+        # Sophia-H's backward(create_graph=True): the reference cycle is broken by zero_grad(set_to_none)
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+        return _run(spec, progress)
 
 
 def _run(spec: RunSpec, progress=None) -> dict:

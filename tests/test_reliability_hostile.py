@@ -106,8 +106,12 @@ class Problem:
                     p.grad.view(-1)[-1] = -float("inf")
                 elif fault == "zero_grad":
                     p.grad.zero_()
-            self.finite.append(bool(torch.isfinite(loss)) and all(
-                bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None))
+            grads = [p.grad for p in params if p.grad is not None]
+            # a finite gradient whose squared norm overflows (|w| ~ 1e8 on the quartic in float32) makes -g^T u
+            # non-finite too: the tuner must skip that step as well
+            self.finite.append(bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+                               and bool(torch.isfinite(sum((g.to(torch.promote_types(g.dtype, torch.float32)) ** 2).sum()
+                                                            for g in grads))))
             return loss
         return closure
 

@@ -68,7 +68,7 @@ from torch.testing._internal.common_optimizers import (
     optim_inputs_func_sgd,
 )
 
-from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy  # noqa: E402
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
 
 torch.set_num_threads(1)
 DEVICE = "cpu"
