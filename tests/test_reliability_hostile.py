@@ -324,7 +324,9 @@ def jax_steps():
 
     def finite_at(w, *args):
         value, grad = vg(w, *args)
-        return bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad)))
+        # a finite gradient whose squared norm overflows float32 makes g^T u non-finite: a legitimate skip too
+        return (bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad)))
+                and bool(jnp.isfinite(jnp.sum(grad * grad))))
 
     out["finite_at"] = finite_at
     return out

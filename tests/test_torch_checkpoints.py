@@ -1,6 +1,6 @@
 """Checkpoints of the PyTorch tuners (issues 9 and 10): torch's ``{"state", "param_groups"}`` state dict made by
 ``torch.optim.Optimizer.state_dict`` (hooks run), readable with ``weights_only=True``; loading casts like torch
-(float32 checkpoint -> float64 parameters), is atomic, and reads curvopt 0.2's ``{"base", "tuner"}`` files;
+(float32 checkpoint -> float64 parameters), is atomic, and reads curvopt 0.1's ``{"base", "tuner"}`` files;
 ``torch.save(opt)``, pickle and ``copy.deepcopy`` round-trip."""
 import copy
 import importlib.util
@@ -40,8 +40,8 @@ def closure_of(model, opt, x, y):
 
 
 @pytest.mark.parametrize("name", list(V0_TUNERS))
-def test_v02_checkpoints_load_and_continue(name):
-    """Files written by curvopt 0.2 (tests/data/make_v0_checkpoints.py at commit fc9abc2) load into the current
+def test_v01_checkpoints_load_and_continue(name):
+    """Files written by curvopt 0.1 (tests/data/make_v0_checkpoints.py at commit fc9abc2) load into the current
     tuners: the counters, rule state, secant memory and sharpness carry over, and training continues."""
     ckpt = torch.load(os.path.join(DATA, f"v0_{name}.pt"), weights_only=True)
     assert set(ckpt["opt"]) == {"base", "tuner"}
@@ -65,7 +65,7 @@ def test_v02_checkpoints_load_and_continue(name):
     assert all(math.isfinite(v) and v >= 0 for v in lrs) and sum(v > 0 for v in lrs) >= 8, lrs
     if name != "eos_adam_sharp":  # EoS at 1.5x the edge is not a descent method on this tiny problem
         assert float(closure().detach()) < first
-    if name == "eos_adam_sharp":  # the held preconditioned sharpness gives back 0.2's last rate
+    if name == "eos_adam_sharp":  # the held preconditioned sharpness gives back 0.1's last rate
         assert lrs[0] == pytest.approx(ckpt["lrs"][-1], rel=1e-6)
     if name == "armijo_sgd":
         assert opt.stats["closure_calls"] >= 2

@@ -26,7 +26,7 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   live param groups never hold these keys.
 
 :func:`prepare` checks a state dict completely before anything is assigned (``load_state_dict`` is atomic)
-and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.2.
+and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.1.
 """
 from __future__ import annotations
 
@@ -72,12 +72,12 @@ def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor],
     """``(state dict for torch.optim.Optimizer.load_state_dict, the tuner's global scalars as saved)``.
 
     Raises ``ValueError`` (nothing assigned yet) when the state dict is not a tuner's, belongs to another
-    tuner or base, or to another model. ``ema``: the loading tuner's, to weight a 0.2 CDAT average.
+    tuner or base, or to another model. ``ema``: the loading tuner's, to weight a 0.1 CDAT average.
     """
     if not isinstance(state_dict, dict):
         raise ValueError(f"not a curvopt tuner state dict: a {type(state_dict).__name__}")
     if set(state_dict) == {"base", "tuner"}:
-        state_dict = _from_v02(state_dict, rule_fields, ema)
+        state_dict = _from_v01(state_dict, rule_fields, ema)
     if "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError("not a curvopt tuner state dict (expected torch's keys 'state' and 'param_groups')")
     groups = state_dict["param_groups"]
@@ -138,8 +138,8 @@ def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor],
     return {"state": state, "param_groups": groups}, globals_
 
 
-def _from_v02(sd: dict, rule_fields: Sequence[str], ema: float) -> dict:
-    """A curvopt 0.2 ``{"base": torch state dict, "tuner": {...}}`` in the current layout."""
+def _from_v01(sd: dict, rule_fields: Sequence[str], ema: float) -> dict:
+    """A curvopt 0.1 ``{"base": torch state dict, "tuner": {...}}`` in the current layout."""
     base, tuner = sd["base"], sd["tuner"]
     if not isinstance(base, dict) or not isinstance(tuner, dict) or "state" not in base:
         raise ValueError("not a curvopt tuner state dict (malformed 'base'/'tuner')")
@@ -187,7 +187,7 @@ def _from_v02(sd: dict, rule_fields: Sequence[str], ema: float) -> dict:
             first[key] = prev[name]
         last = tuner.get("last_index") or []
         u = {int(k): t for k, t in tuner.get("u", {}).items()}
-        if all(k in u for k in last):  # the directions of the last step's parameters (0.2 kept older ones too)
+        if all(k in u for k in last):  # the directions of the last step's parameters (0.1 kept older ones too)
             for k in last:
                 at(k)[U] = u[k]
             first[DIRECTIONS] = len(last)

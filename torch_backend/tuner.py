@@ -681,7 +681,7 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     # -- state_dict ------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Load a state from :meth:`state_dict` (or a curvopt 0.2 ``{"base", "tuner"}`` checkpoint). Everything
+        """Load a state from :meth:`state_dict` (or a curvopt 0.1 ``{"base", "tuner"}`` checkpoint). Everything
         is checked before anything is assigned; tensors are cast like torch does (to each parameter's device
         and floating dtype), the tuner's own scalars to its accumulator dtype."""
         groups = self.param_groups
