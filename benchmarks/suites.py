@@ -2,14 +2,15 @@
 
 * ``smoke``    — every task, torch and jax, 2 widths, a few steps: checks the whole pipeline (CI, ~2 min).
 * ``default``  — what ``make bench`` runs in <= 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
-  steps; full-batch ViT at 3 widths on 1,024 training digits with every peer (Prodigy, schedule-free,
-  D-Adaptation, Sophia-H), full-batch ResNet (512 digits) and LM (256 blocks of 32 bytes) at one width,
-  mini-batch ResNet and LM, JAX rows (ViT), muP rows (ViT, 3 widths). Tuners: ``cdat`` (library default)
-  beside ``cdat:startup=paper``, Prodigy and schedule-free everywhere, greedy on the full-batch images,
-  against a √2 constant grid widened while its best value sits at an edge (at most 4 values, 2 for the ViT,
-  whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence);
-  online sharpness every 25 steps. Estimated from per-step CPU times measured on this machine: ~48 CPU
-  minutes of training steps plus ~4 of JAX compilation, i.e. ~26 minutes with two runs at once.
+  steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at
+  3 widths (CDAT against the constant grid at every width; the paper-exact start-up, greedy and the peers
+  Prodigy and schedule-free at the middle width, the ViT's cheaper runs also at every width, D-Adaptation and
+  Sophia-H on the ViT's middle width), mini-batch ResNet and LM, JAX rows (ViT) and muP rows (ViT, 3
+  widths). The constant grid is √2-spaced and widened while its best value sits at an edge (ResNet/LM full
+  start from 3 values, the rest from 5; at most 2 added for the ViT, whose digits are separable: Adam's loss
+  keeps falling with the lr, so the grid would widen to divergence). Online sharpness every 25 steps (50 on
+  the full-batch ResNet and LM). Estimated from the per-run wall times of the previous default run: ~52
+  minutes of runs, i.e. ~27 minutes with two at once.
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
   all training digits / 1,024 LM blocks with deeper models, 2 widths in mini-batch, JAX and muP rows for ViT
@@ -121,22 +122,35 @@ MINI = ("constant",) + CDATS + ("prodigy", "schedulefree")
 VIT = {"depth": 1, "heads": 2, "patch": 4, "mlp_ratio": 2}
 LM = {"depth": 1, "heads": 2, "mlp_ratio": 2}
 DIGITS_TRAIN = 1438  # every training digit (the other 359 of the 1,797 are the eval split)
+
+
+def _widths(exp: Experiment, widths: tuple[int, ...], every: tuple[str, ...],
+            middle: tuple[str, ...]) -> tuple[Experiment, ...]:
+    """``exp`` with the tuners ``every`` at every width and ``middle`` too at the middle width (the runs of
+    both share their keys, so the constant grid of the middle width runs once)."""
+    return (replace(exp, widths=widths, tuners=every), replace(exp, widths=(widths[1],), tuners=middle))
+
+
 DEFAULT = Suite(
     "default",
-    "3 seeds x 500 steps, √2 constant grid widened at its edges: full-batch ViT (1,024 digits, 3 widths, every "
-    "peer), ResNet (512 digits) and LM (256 blocks); mini-batch ResNet and LM; JAX rows (ViT) and muP rows "
-    "(ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
-    (
-        Experiment("vit", "full", (8, 16, 32), FULL + ("dadapt", "sophia"), 500, model=VIT,
-                   full_batch_size=1024, eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25),
-        Experiment("resnet", "full", (4,), FULL, 500, full_batch_size=512, eval_size=359,
-                   grid=grid(0.25, 5, R2), widen=4, sharpness=25),
-        Experiment("lm", "full", (16,), MINI, 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
-                   grid=grid(0.032, 5, R2), widen=4, sharpness=25),
+    "3 seeds x 500 steps, √2 constant grid widened at its edges: full-batch ViT (1,024 digits), ResNet (512 "
+    "digits) and LM (256 blocks), 3 widths each (CDAT at every width; the paper rule, greedy and the peers at "
+    "the middle one, the ViT's paper rule, Prodigy and schedule-free at every width); mini-batch ResNet and LM; JAX rows (ViT) and "
+    "muP rows (ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
+    _widths(Experiment("vit", "full", (), (), 500, model=VIT, full_batch_size=1024, eval_size=359,
+                       grid=grid(0.064, 5, R2), widen=2, sharpness=25),
+            (4, 8, 16), MINI, FULL + ("dadapt", "sophia"))
+    + _widths(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359,
+                         grid=grid(0.177, 3, R2), widen=4, sharpness=50),
+              (2, 4, 8), ("constant", "cdat"), FULL)
+    + _widths(Experiment("lm", "full", (), (), 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
+                         grid=grid(0.032, 3, R2), widen=4, sharpness=50),
+              (4, 8, 16), ("constant", "cdat"), MINI)
+    + (
         Experiment("resnet", "mini", (8,), MINI, 500, batch_size=64, eval_size=359, grid=grid(0.5, 5, R2),
                    widen=4, sharpness=25),
         Experiment("lm", "mini", (16,), MINI, 500, model=LM, batch_size=16, block_len=32, eval_size=256,
-                   grid=grid(0.016, 5, R2), widen=4, sharpness=25),
+                   grid=grid(0.032, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat", "prodigy", "schedulefree"), 500, model=VIT,
                    full_batch_size=1024, eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25,
                    backends=("jax",)),
