@@ -3,8 +3,8 @@
 * ``smoke``    — every task, torch and jax, 2 widths, a few steps: checks the whole pipeline (CI, ~2 min).
 * ``default``  — what ``make bench`` runs in <= 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
   steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at
-  3 widths (CDAT against the constant grid at every width; the paper-exact start-up, greedy and the peers
-  Prodigy and schedule-free at the middle width, the ViT's cheaper runs also at every width, D-Adaptation and
+  3 widths (CDAT against the constant grid at every width; the paper-exact start-up, greedy (and on the
+  ResNet the line search) and the peers Prodigy and schedule-free at the middle width, the ViT's cheaper runs also at every width, D-Adaptation and
   Sophia-H on the ViT's middle width), mini-batch ResNet and LM, JAX rows (ViT) and muP rows (ViT, 3
   widths). The constant grid is √2-spaced and widened while its best value sits at an edge (ResNet/LM full
   start from 3 values, the rest from 5; at most 2 added for the ViT, whose digits are separable: Adam's loss
@@ -142,7 +142,7 @@ DEFAULT = Suite(
             (4, 8, 16), MINI, FULL + ("dadapt", "sophia"))
     + _widths(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359,
                          grid=grid(0.177, 3, R2), widen=4, sharpness=50),
-              (2, 4, 8), ("constant", "cdat"), FULL)
+              (2, 4, 8), ("constant", "cdat"), FULL + ("linesearch",))
     + _widths(Experiment("lm", "full", (), (), 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
                          grid=grid(0.032, 3, R2), widen=4, sharpness=50),
               (4, 8, 16), ("constant", "cdat"), MINI)
