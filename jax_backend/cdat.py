@@ -8,7 +8,7 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE
-from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule
+from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_ema
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
@@ -50,7 +50,7 @@ ScaleByQuadraticGreedyState = ScaleByCDATState
 
 def scale_by_cdat(
     sigma: Any = _CDAT.sigma,
-    ema: float = _CDAT.ema,
+    ema: float | None = None,
     eps: float = _CDAT.eps,
     lr_max: float = _CDAT.lr_max,
     *,
@@ -74,8 +74,11 @@ def scale_by_cdat(
     (default: ``"fd"`` when the update gets ``value_fn``, ``"secant"`` without one), ``"fd"``, ``"exact"`` or
     ``"secant"`` (:mod:`jax_backend.oracles`). ``sharpness``: online top-eigenvalue estimation
     (:class:`curvopt.config.SharpnessConfig`, or an int period; off by default; needs ``value_fn``);
-    ``base_method`` (:class:`curvopt.base.BaseMethod`) gives the stability coefficient and Adam's
-    hyperparameters for the preconditioned sharpness. ``warn_ascent``: also warn from inside the jitted step
+    ``base_method`` (:class:`curvopt.base.BaseMethod`) gives the stability coefficient, Adam's
+    hyperparameters for the preconditioned sharpness and the default ``ema`` (``ema=None``:
+    :func:`curvopt.rules.default_ema`, 0.99 for Adam, 0.9 for gradient descent and heavy ball; so pass
+    ``base_method="adam"`` behind an Adam base, as for its sharpness; ``optax.inject_hyperparams`` injects
+    ``ema`` only when it is given as a number). ``warn_ascent``: also warn from inside the jitted step
     when the first direction points uphill. ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None, **extra)``:
@@ -83,6 +86,7 @@ def scale_by_cdat(
     ``value_fn(params, **extra)`` enables the fd/exact oracles and the sharpness. Bad settings raise
     ``ValueError`` here. State: :class:`ScaleByCDATState`.
     """
+    ema = default_ema(as_base_method(base_method), ema)  # None: the base's default
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
                 growth=growth)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,

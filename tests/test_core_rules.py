@@ -303,3 +303,14 @@ def test_core_imports_no_backend():
     code = "import sys, curvopt, curvopt.rules, curvopt.eigen, curvopt.mup, curvopt.diagnostics; print('torch' in sys.modules, 'jax' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+
+def test_cdat_default_ema_by_base():
+    """The tuners' ``ema=None`` is resolved by the base: 0.99 for Adam and unknown bases (the rule value's own
+    default), 0.9 for gradient descent, heavy ball and Nesterov; an explicit ``ema`` is kept."""
+    assert rules.CDATRule().ema == rules.default_ema(BaseMethod.adam()) == 0.99
+    assert rules.default_ema(None) == 0.99
+    for method in (BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
+        assert rules.default_ema(method) == 0.9
+    assert rules.default_ema(BaseMethod.gd(), 0.5) == 0.5 and rules.default_ema(BaseMethod.adam(), 0.0) == 0.0

@@ -164,3 +164,16 @@ def test_cdat_adam_and_its_sharpness_and_preconditioned_sharpness_agree():
         np.testing.assert_allclose(j_sharp[step], t_sharp[step], rtol=1e-6, err_msg=f"step {step + 1}")
         np.testing.assert_array_equal(j_sharp[step:step + 10], np.broadcast_to(j_sharp[step], (10, 2)))
     assert np.all(np.isfinite(t_sharp)) and np.all(j_sharp[:, 1] > 0)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_cdat_default_ema_by_base_agrees(base):
+    """CDAT's library defaults (``ema=None``: the base's default, :func:`curvopt.rules.default_ema`) resolve to
+    the same rule in both backends and give the same lrs: 0.9 behind SGD, 0.99 behind Adam."""
+    TUNERS["cdat_default"] = (tb.CDAT, cdat, dict(curvature="exact"), {})
+    try:
+        check("cdat_default", base)
+    finally:
+        del TUNERS["cdat_default"]
+    torch_opt = tb.CDAT(TORCH_BASES[base](list(_torch_model().parameters())))
+    assert torch_opt.rule.ema == (0.99 if base == "adam" else 0.9)

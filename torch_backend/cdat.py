@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import DEFAULT_CURVATURE, SharpnessLike
-from curvopt.rules import CDATRule
+from curvopt.rules import CDATRule, default_ema
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
@@ -35,7 +35,9 @@ class CDAT(CurvatureTuner):
             :func:`torch_backend.direction.check_base`). Its per-group ``lr`` is a relative multiplier.
         sigma: scale of the quadratic-model step; 1 is greedy, 2 "on edge" (the largest lr with
             ``q(lr) <= f``). May be a schedule ``step -> sigma``, and assigned (``opt.sigma = ...``).
-        ema: factor of the two exponential moving averages (numerator and denominator, kept separately).
+        ema: factor of the two exponential moving averages (numerator and denominator, kept separately);
+            None (default): by the base, 0.99 for Adam/AdamW, 0.9 for SGD (with or without momentum) and 0.99
+            for another base (:func:`curvopt.rules.default_ema`, :class:`curvopt.rules.CDATRule` says why).
         eps: added to ``|u^T H u|`` (0 in the paper).
         lr_max: cap on the learning rate.
         startup, f_star, growth: ``startup="robust"`` (default: a loss-bound curvature floor for a loss bounded
@@ -72,7 +74,7 @@ class CDAT(CurvatureTuner):
     """
 
     def __init__(self, base: torch.optim.Optimizer, sigma: Any = default_of(CDATRule, "sigma"),
-                 ema: float = default_of(CDATRule, "ema"), eps: float = default_of(CDATRule, "eps"),
+                 ema: Optional[float] = None, eps: float = default_of(CDATRule, "eps"),
                  lr_max: float = default_of(CDATRule, "lr_max"), *, startup: str = default_of(CDATRule, "startup"),
                  f_star: float = default_of(CDATRule, "f_star"), growth: float = default_of(CDATRule, "growth"),
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, modules: ModulesLike = None,
@@ -80,12 +82,14 @@ class CDAT(CurvatureTuner):
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, probes: bool = True, noise_correction: Optional[bool] = None,
                  **deprecated: Any) -> None:
-        self.rule = CDATRule(sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
-                             growth=growth)
+        self.rule = CDATRule(sigma=sigma, ema=default_ema(None, ema), eps=eps, lr_max=lr_max, startup=startup,
+                             f_star=f_star, growth=growth)
         super().__init__(base, curvature=curvature, sharpness=sharpness, modules=modules,
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, probes=probes, noise_correction=noise_correction)
+        if ema is None:  # the base's default (curvopt.rules.default_ema); the base is known from here on
+            self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
