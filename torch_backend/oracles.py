@@ -22,7 +22,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -31,18 +31,26 @@ from curvopt.curvature import finite_difference_curvature
 from curvopt.rules import finite_difference_step
 
 from .probe import Probe
-from .vectors import dot, least_precise_eps, norm
+from .scalars import host_values
+from .vectors import dot, least_precise_eps
+from .vectors import norms as vector_norms
 
 __all__ = ["finite_difference", "exact", "check_functional_loss"]
 
 
-def finite_difference(probe: Probe) -> Tensor:
-    """One probe at ``w + h u``; the parameters are left there (the tuner writes the update next)."""
+def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: Optional[tuple[Any, Any]] = None) -> Any:
+    """One probe at ``w + h u``; the parameters are left there (the tuner writes the update next).
+
+    The step's scalars are host scalars (``xp`` is the tuner's :class:`torch_backend.scalars.ScalarNamespace`):
+    ``numerator = -g^T u``, ``norms = (||w0||, ||u||)`` if the step already read them; returns ``u^T H u``."""
     eps = least_precise_eps(probe.params)  # the displacement must show in the coarsest parameter dtype
-    h = finite_difference_step(norm(probe.w0), norm(probe.u), dtype_eps=eps, xp=torch)
-    probe.move(h)
+    if norms is None:
+        norms = tuple(host_values(vector_norms(probe.w0, probe.u), xp))
+    h = finite_difference_step(norms[0], norms[1], dtype_eps=eps, xp=xp)
+    probe.move(xp.tensor(h, probe.loss.device))
     probe.fd_step, probe.fd_loss = h, probe.call()  # kept for the tuner's replay check
-    return finite_difference_curvature(dot(probe.gradient(), probe.u), -probe.numerator, h, xp=torch)
+    probe_dot = host_values([probe.gradient_dot_u()], xp)[0]
+    return finite_difference_curvature(probe_dot, -numerator, h, xp=xp)
 
 
 def check_functional_loss(functional_loss: Optional[Callable]) -> Callable:

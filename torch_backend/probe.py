@@ -18,9 +18,17 @@ import torch
 from torch import Tensor
 
 from .buffers import ProbeGuard
-from .vectors import axpy_into
+from .vectors import axpy_into, dot, flat_dots
 
-__all__ = ["Probe"]
+__all__ = ["Probe", "move_flat"]
+
+
+def move_flat(params: Sequence[Tensor], w0: Tensor, u: Tensor, scratch: Tensor, views: Sequence[Tensor],
+              a: Tensor) -> None:
+    """Parameters <- ``w0 + a * u`` for flat ``w0`` and ``u`` (one kernel into ``scratch``, whose per-parameter
+    ``views`` are then copied into the parameters): the same rounding as :func:`axpy_into` per parameter."""
+    torch.addcmul(w0, u, a, out=scratch)
+    torch._foreach_copy_(list(params), list(views))
 
 
 class Probe:
@@ -29,12 +37,15 @@ class Probe:
 
     def __init__(self, closure: Callable[[], Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
                  w0: Sequence[Tensor], u: Sequence[Tensor], loss: Tensor, numerator: Tensor, guard: ProbeGuard,
-                 reducer: Optional[Any], all_params: Sequence[Tensor], index: Sequence[int]) -> None:
+                 reducer: Optional[Any], all_params: Sequence[Tensor], index: Sequence[int],
+                 flat: Optional[tuple[Tensor, Tensor, Tensor, Sequence[Tensor]]] = None) -> None:
         self.closure = closure
         self.params, self.grads, self.w0, self.u = list(params), list(grads), list(w0), list(u)
         self.loss, self.numerator = loss, numerator
         self.guard, self.reducer = guard, reducer
         self.all_params, self.index = list(all_params), list(index)
+        #: ``(w0, u, scratch, scratch's per-parameter views)`` when ``w0`` and ``u`` are views of flat buffers
+        self.flat = flat
         #: the fd oracle's step and its probe's loss (None until it ran)
         self.fd_step: Optional[Tensor] = None
         self.fd_loss: Optional[Tensor] = None
@@ -42,6 +53,9 @@ class Probe:
     # -- moving and calling ------------------------------------------------------------------------------
     def move(self, a: Tensor, direction: Optional[Sequence[Tensor]] = None) -> None:
         """Parameters <- ``w0 + a * direction`` (``u`` by default)."""
+        if direction is None and self.flat is not None:
+            move_flat(self.params, *self.flat, a)
+            return
         axpy_into(self.params, self.w0, a, self.u if direction is None else direction)
 
     def call(self) -> Tensor:
@@ -56,6 +70,14 @@ class Probe:
         """``f(w0 + a u)``, global (the mean over the ranks of a data-parallel run)."""
         self.move(a)
         return self.global_mean(self.call())
+
+    def gradient_dot_u(self) -> Tensor:
+        """``g^T u`` for the gradient of the last call (0 where a parameter got none), global."""
+        if self.flat is None:
+            return dot(self.gradient(), self.u)
+        _, u, scratch, views = self.flat
+        torch._foreach_copy_(list(views), self.gradient())
+        return flat_dots([(scratch, u)])[0]
 
     def gradient(self, take: bool = False) -> list[Tensor]:
         """The gradient of the last call (zeros where a parameter got none); ``take=True`` also detaches it

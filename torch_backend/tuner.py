@@ -41,6 +41,7 @@ import math
 import warnings
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,17 +56,22 @@ from curvopt.validation import check_choice, check_positive, check_positive_int
 
 from . import state as layout
 from .settings import resolve_sharpness
-from .transaction import BaseSnapshot, Transaction, fits
+from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
-from .direction import base_method, check_base, check_group, direction_into, snapshot_into
+from .direction import base_method, check_base, check_group
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, finite_difference
 from .preconditioning import preconditioner_scales
 from .noise import noise_metric, noise_numerator
-from .probe import Probe
+from .probe import Probe, move_flat
+from .scalars import ScalarNamespace, host_values, to_tensors
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
-from .vectors import can_concatenate, concatenating, dot, dots, least_precise_eps, norm, reducing
+from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps, norm,
+                      reducing)
+from .vectors import norms as vector_norms
+from .workspace import Workspace
+from .workspace import build as build_workspace
 
 __all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
 
@@ -156,13 +162,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._scratch_d: dict[Tensor, Tensor] = {}
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
-        self._snapshot = BaseSnapshot()
-        self._scratch_u: dict[Tensor, Tensor] = {}
+        self._ws: Optional[Workspace] = None
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
         #: Hessian-vector products spent by the last step's sharpness estimate
         self.sharpness_products = 0
+        self._stats_device = params[0].device
         self._stats: dict[str, Any] = self._nan_stats(skipped=0)
         self.register_state_dict_post_hook(_name_the_tuner, prepend=True)
 
@@ -231,7 +237,14 @@ class CurvatureTuner(torch.optim.Optimizer):
     @property
     def stats(self) -> dict[str, Any]:
         """The latest step's numbers (copies; tensors are 0-d, NaN when not computed)."""
-        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._stats.items()}
+        out = {}
+        for k, v in self._stats.items():
+            if isinstance(v, Tensor):
+                v = v.clone()
+            elif isinstance(v, np.generic):  # the step keeps its host scalars; made tensors when read
+                v = torch.tensor(float(v), dtype=self.acc_dtype, device=self._stats_device)
+            out[k] = v
+        return out
 
     def _nan_stats(self, **ints: int) -> dict[str, Any]:
         p = self._all_params()[0]
@@ -279,56 +292,65 @@ class CurvatureTuner(torch.optim.Optimizer):
             if loss is None:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
         all_params = self._all_params()
-        index, params, grads, stepped = [], [], [], []
+        has_grad = []
         for i, p in enumerate(all_params):
             g = p.grad
             if g is None:
+                has_grad.append(False)
                 continue
-            if g.is_sparse or g.layout != torch.strided:
+            if g.layout != torch.strided:
                 raise NotImplementedError(
                     f"{type(self).__name__}: parameter {i} has a sparse gradient ({g.layout}); the tuners need dense "
                     "gradients (e.g. nn.Embedding(..., sparse=False))")
-            stepped.append(p)
-            if p.numel() > 0:
-                index.append(i)
-                params.append(p)
-                grads.append(g)
-        if not stepped:
+            has_grad.append(True)
+        if not any(has_grad):
             if closure is None:
                 raise RuntimeError("no parameter has a gradient: call loss.backward() before opt.step()")
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
-        dev = (params or stepped)[0].device
+        ws = self._ws
+        if ws is None or not ws.matches(state, all_params, has_grad):
+            ws = self._ws = build_workspace(ws, state, all_params, has_grad, self._concat)
+        params, index = ws.params, ws.index
+        grads = [p.grad for p in params]
+        dev = (params or ws.stepped)[0].device
+        S = self._scalars()
+        acc = self.acc_dtype
         if loss is None:
-            loss_t = torch.full((), math.nan, dtype=self.acc_dtype, device=dev)  # the rules see no value
+            loss_t = None
         else:
             loss_t = torch.as_tensor(loss).detach()
             if loss_t.numel() != 1:
                 raise ValueError(
                     f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
-            loss_t = loss_t.to(device=dev, dtype=self.acc_dtype).reshape(())
+            loss_t = loss_t.to(device=dev, dtype=acc).reshape(())
         if self.distributed is not None and loss is not None:
             # the closure's loss is rank-local under DDP (the gradients are already averaged): one all_reduce
             # makes it global before the NaN check (so every rank skips together) and the rules use it
             loss_t = self.distributed.mean(loss_t)
         p0 = all_params[0]
-        glob = self._globals()
+        glob = state.get(p0) or {}
         count = glob.get(layout.STEP, 0)
         oracle = resolve_curvature(self.curvature, not probe_free) if self.curvature is not None else None
         secant = oracle == "secant"
-        prev_u = self._previous_directions(params, glob) if secant else None
+        target, held = ws.u_for_step(secant) if params else (0, None)
+        prev_u = None
+        if (secant and held is not None and glob.get(layout.SECANT[0]) is not None
+                and glob.get(layout.DIRECTIONS) == len(params)):
+            prev_u = ws.u[held].views
         # g^T u_prev is read after the base step, with g^T u and ||u||^2 in one reduction, where the base leaves
         # the gradients alone (SGD/Adam/AdamW); another base might change them in place
         early = prev_u is not None and self.method is None
-        g_dot_prev_u = dot(grads, prev_u) if early else None
+        g_dot_prev_u_t = dot(grads, prev_u) if early else None
         metric = noise_metric(self.base, params) if secant and self._noise_on(probe_free) else None
         noise_b = self._noise(params, grads, prev_u, metric) if metric is not None and prev_u is not None else None
         clip = self._clip(grads) if self.max_grad_norm is not None else None
 
         # the base's direction
-        w0, u, fresh = self._buffers(params, secant)
-        snapshot_into(w0, params)
-        tx.params, tx.w0 = params, w0
-        self._snapshot.take(state, stepped)
+        if params:
+            w0, u = ws.w0, ws.u[target]
+            ws.read_params(w0)
+            tx.params, tx.w0 = params, w0.views
+        tx.workspace, tx.entries = ws, ws.take_snapshot()
         tx.base_stepped = True
         tx.hidden = self._hide_globals(p0)
         self._base_step()
@@ -338,140 +360,179 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not params:  # only zero-size parameters have gradients: nothing to tune
             guard.finish()
             return loss
-        direction_into(u, params, w0)
-        u_sq = None
-        if secant:
-            late = prev_u is not None and not early
-            both = dots([(grads, u), (u, u)] + ([(grads, prev_u)] if late else []))
-            g_dot_u, u_sq = both[0], both[1].to(self.acc_dtype)
-            if late:
-                g_dot_prev_u = both[2] if clip is None else both[2] / clip.to(both.dtype)
+        ws.read_params(u)  # u <- w - w0
+        if u.flat is not None:
+            u.flat.sub_(w0.flat)
         else:
-            g_dot_u = dot(grads, u)
-        numerator = (-g_dot_u).to(self.acc_dtype)
-        if clip is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
-            numerator = numerator / clip
-        like = numerator
-        nan = torch.full_like(like, math.nan)
-        checks = [(torch.isfinite(loss_t) | (loss is None)) & torch.isfinite(numerator)]
-        secant_c, noise_state = nan, None
-        if secant:
-            if g_dot_prev_u is not None:
+            torch._foreach_sub_(u.views, w0.views)
+        late = prev_u is not None and not early
+        if ws.flat:
+            scratch = ws.scratch
+            torch._foreach_copy_(scratch.views, grads)
+            pairs = [(scratch.flat, u.flat)]
+            if secant:
+                pairs.append((u.flat, u.flat))
+            if late:
+                pairs.append((scratch.flat, ws.u[held].flat))
+            reductions = [flat_dots(pairs)]
+            flat = (w0.flat, u.flat, scratch.flat, scratch.views)
+        else:
+            pairs = [(grads, u.views)]
+            if secant:
+                pairs.append((u.views, u.views))
+            if late:
+                pairs.append((grads, prev_u))
+            reductions = [dots(pairs)]
+            flat = None
+        fd = oracle == "fd"
+        # the step's host sync: every reduction so far read at once
+        extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
+        vals = host_values(reductions + extra + (vector_norms(w0.views, u.views) if fd else []), S)
+        it = iter(vals)
+        g_dot_u = next(it)
+        u_sq = next(it) if secant else None
+        g_dot_prev_u = next(it) if late else None
+        loss_v = next(it) if loss_t is not None else S(math.nan)
+        if early:
+            g_dot_prev_u = next(it)
+        clip_v = next(it) if clip is not None else None
+        noise_v = next(it) if noise_b is not None else None
+        fd_norms = (next(it), next(it)) if fd else None
+        nan = S(math.nan)
+        with S.errstate():
+            numerator = -g_dot_u
+            if clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
+                numerator = numerator / clip_v
+                if late:
+                    g_dot_prev_u = g_dot_prev_u / clip_v
+            ok = (loss is None or S.isfinite(loss_v)) and S.isfinite(numerator)
+            secant_c, noise_state = nan, None
+            if secant and g_dot_prev_u is not None:
                 prev = [glob.get(k) for k in layout.SECANT]
                 if all(t is not None for t in prev):
-                    prev = [t.to(like) for t in prev]
-                    if noise_b is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
+                    prev = [S(t) for t in prev]
+                    if noise_v is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
                         secant_c, noise_state = secant_noise_corrected(
-                            g_dot_prev_u.to(like) - prev[0], noise_b.to(like), prev[1], prev[2], u_sq,
-                            self._noise_state(glob, like), xp=torch)
+                            g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], u_sq,
+                            self._noise_state(glob, S), xp=S)
                     else:
-                        secant_c = secant_curvature(g_dot_prev_u.to(like), prev[0], prev[1], prev[2], u_sq,
-                                                    xp=torch)
-            checks.append(torch.isfinite(secant_c))
-        flags = [bool(f) for f in torch.stack(checks).tolist()]  # the step's host sync
-        if not flags[0]:
+                        secant_c = secant_curvature(g_dot_prev_u, prev[0], prev[1], prev[2], u_sq, xp=S)
+            has_secant = bool(S.isfinite(secant_c))
+        if not ok:
             tx.undo_base()
             return self._skip(loss, p0)
 
         cfg = self.sharpness_config
-        # the probes' gradients are the loss's own (never clipped): the sharpness differences the unclipped g
-        raw_grads = grads if clip is None or not cfg.enabled else list(torch._foreach_div(grads, clip))
-        probe = Probe(closure, params, raw_grads, w0, u, loss_t, numerator, guard, self.distributed, all_params,
-                      index)
+        probe = None
+
+        def make_probe() -> Probe:
+            # the probes' gradients are the loss's own (never clipped): the sharpness differences the unclipped g
+            raw_grads = grads if clip is None or not cfg.enabled else list(torch._foreach_div(grads, clip))
+            lt = loss_t if loss_t is not None else torch.full((), math.nan, dtype=acc, device=dev)
+            return Probe(closure, params, raw_grads, w0.views, u.views, lt, S.tensor(numerator, dev), guard,
+                         self.distributed, all_params, index, flat)
         sharp = {}
         if cfg.enabled and sharpness_due(count, cfg.every):
+            probe = make_probe()
             sharp = self._estimate_sharpness(probe, glob, count)
         curvature = nan
         if oracle == "exact":
-            curvature = exact(probe, self.functional_loss)
-        probing = secant and not flags[1] and probe_free
+            probe = probe or make_probe()
+            curvature = S(exact(probe, self.functional_loss))
+        probing = secant and not has_secant and probe_free
         if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
             curvature = nan
-        elif oracle == "fd" or (secant and not flags[1]):
-            curvature = finite_difference(probe)  # the secant's fallback when there is no secant
+        elif fd or (secant and not has_secant):
+            probe = probe or make_probe()
+            with S.errstate():  # the secant's fallback when there is no secant
+                curvature = finite_difference(probe, S, numerator, fd_norms)
             if not self._replay_checked:
                 self._check_replay(probe, curvature)
         elif secant:
             curvature = secant_c
-        sharpness = {}
+        sharpness, fresh_sharp = {}, []
         for space, key in layout.SHARPNESS.items():
-            if space in sharp and bool(torch.isfinite(sharp[space][0])):
-                sharpness[space] = sharp[space][0].to(like)
+            fresh_value = S(sharp[space][0]) if space in sharp else nan
+            if space in sharp and S.isfinite(fresh_value):
+                sharpness[space] = fresh_value
+                fresh_sharp.append(space)
             else:
                 old = glob.get(key)
-                sharpness[space] = nan if old is None else old.to(like)
+                sharpness[space] = nan if old is None else S(old)
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
-        inputs = RuleInputs(numerator, curvature, loss_t, reference, count)
-        rule_state = self._rule_state(glob, like)
+        inputs = RuleInputs(numerator, curvature, loss_v, reference, count)
+        rule_state = self._rule_state(glob, S)
         trials, error = 0, math.nan
-        if isinstance(rule, ArmijoRule):
-            lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state)
-        else:
-            lr, new_rule_state = apply_rule(rule, inputs, rule_state, torch)
-        if probing:
-            lr = finite_difference_step(norm(w0), norm(u), dtype_eps=least_precise_eps(params), xp=torch).to(like)
+        with S.errstate():
+            if isinstance(rule, ArmijoRule):
+                probe = probe or make_probe()
+                lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state, S)
+            else:
+                lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
+            if probing:
+                nw, nu = host_values(vector_norms(w0.views, u.views), S)
+                lr = finite_difference_step(nw, nu, dtype_eps=least_precise_eps(params), xp=S)
+            ratio = (eos_ratio_rule(lr * self._group_lr(), reference, self.coefficient)
+                     if self.coefficient is not None else nan)
 
-        # commit
-        probe.move(lr)
-        guard.finish()
-        for p, key, b in fresh:
-            state[p][key] = b
+        # commit: every new scalar made a tensor at once, then w <- w0 + lr u
+        values = [lr, *new_rule_state]
         if secant:
-            self._commit_directions(params, u, all_params, prev_u is not None)
+            values += [-numerator, u_sq]
+            if noise_state is not None:
+                values += list(noise_state)
+        tensors = to_tensors(values, acc, dev)
+        lr_t = tensors[0]
+        if flat is not None:
+            move_flat(params, *flat, lr_t)
+        else:
+            axpy_into(params, w0.views, lr_t, u.views)
+        guard.finish()
+        ws.install(state, layout.W0, w0)
+        ws.install(state, layout.U, u)
+        if secant and prev_u is None:  # exactly the parameters of this step hold a direction (the secant's invariant)
+            mine = {id(p) for p in params}
+            for p in all_params:
+                st = state.get(p)
+                if id(p) not in mine and st and layout.U in st:
+                    del st[layout.U]
         for space, (value, vec, used) in sharp.items():
-            if space in sharpness and bool(torch.isfinite(value)):
+            if space in fresh_sharp:
                 for p, t in zip(params, vec):
                     state[p][layout.EIGVEC[space]] = t
         glob = state[p0]
         glob[layout.STEP] = count + 1
         glob.setdefault(layout.SKIPPED, 0)
-        for f, v in zip(new_rule_state._fields, new_rule_state):
+        n_rule = len(new_rule_state)
+        for f, v in zip(new_rule_state._fields, tensors[1:1 + n_rule]):
             glob[layout.rule_key(f)] = v
         for space, key in layout.SHARPNESS.items():
-            if space in sharp and bool(torch.isfinite(sharp[space][0])):
-                glob[key] = sharpness[space]
+            if space in fresh_sharp:
+                glob[key] = S.tensor(sharpness[space], dev)
         if secant:
-            for key, v in zip(layout.SECANT, (-numerator, lr, u_sq)):
+            rest = tensors[1 + n_rule:]
+            for key, v in zip(layout.SECANT, (rest[0], lr_t, rest[1])):
                 glob[key] = v
             glob[layout.DIRECTIONS] = len(params)
             if metric is not None:
                 self._commit_gradients(params, grads, clip)
             if noise_state is not None:
-                for f, v in zip(noise_state._fields, noise_state):
+                for f, v in zip(noise_state._fields, rest[2:]):
                     glob[layout.rule_key(f)] = v
         self.last_trials, self.last_decrease_error = trials, error
         self.sharpness_products = sum(used for _, _, used in sharp.values())
-        ratio = (eos_ratio_rule(lr * self._group_lr(), reference, self.coefficient) if self.coefficient is not None
-                 else nan)
-        self._stats = {"lr": lr, "numerator": numerator, "curvature": curvature, "sharpness": sharpness["plain"],
+        self._stats_device = dev
+        self._stats = {"lr": lr_t, "numerator": numerator, "curvature": curvature, "sharpness": sharpness["plain"],
                        "preconditioned_sharpness": sharpness["preconditioned"], "eos_ratio": ratio,
                        "skipped": glob[layout.SKIPPED], "closure_calls": guard.calls}
         return loss
 
-    def _buffers(self, params: list[Tensor], secant: bool) -> tuple[list[Tensor], list[Tensor], list]:
-        """``w0`` and the buffer ``u`` is written into; new buffers go into ``state`` only at the commit (after
-        the base initialised the parameter's state). With the secant oracle ``u`` is a second buffer, swapped
-        with ``state[p]["curvopt_u"]`` at the commit, so a failed step keeps the previous direction."""
-        state = self.state
-        w0, u, fresh = [], [], []
-        for p in params:
-            st = state.get(p)
-            b = st.get(layout.W0) if st else None
-            if not fits(b, p):
-                b = torch.empty_like(p, memory_format=torch.preserve_format)
-                fresh.append((p, layout.W0, b))
-            w0.append(b)
-            if secant:
-                c = self._scratch_u.get(p)
-                if not fits(c, p):
-                    c = torch.empty_like(p, memory_format=torch.preserve_format)
-            else:
-                c = st.get(layout.U) if st else None
-                if not fits(c, p):
-                    c = torch.empty_like(p, memory_format=torch.preserve_format)
-                    fresh.append((p, layout.U, c))
-            u.append(c)
-        return w0, u, fresh
+    def _scalars(self) -> ScalarNamespace:
+        """The namespace of the step's host scalars (:mod:`torch_backend.scalars`), of the accumulator dtype."""
+        ns = self.__dict__.get("_ns")
+        if ns is None or ns.dtype != self.acc_dtype:
+            ns = self.__dict__["_ns"] = ScalarNamespace(self.acc_dtype)
+        return ns
 
     # -- probe-free steps, clipping, the secant's noise ---------------------------------------------------------
     def _require_probe_free(self, has_closure: bool, error: type) -> None:
@@ -525,11 +586,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         if clip is not None:
             torch._foreach_div_(out, clip)
 
-    def _noise_state(self, glob: dict, like: Tensor) -> SecantNoiseState:
+    def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
         vals = [glob.get(layout.rule_key(f)) for f in SecantNoiseState._fields]
         if any(v is None for v in vals):
-            return SecantNoiseState(*(torch.zeros_like(like) for _ in vals))
-        return SecantNoiseState(*(v.to(like) for v in vals))
+            return SecantNoiseState(*(S(0.0) for _ in vals))
+        return SecantNoiseState(*(S(v) for v in vals))
 
     def _clip(self, grads: list[Tensor]) -> Tensor:
         """Clip the main call's gradient in place to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``'s
@@ -578,35 +639,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         """The largest group lr (the relative multiplier): effective lr = tuner lr x group lr."""
         return max(float(g["lr"]) for g in self.param_groups)
 
-    def _previous_directions(self, params: list[Tensor], glob: dict) -> Optional[list[Tensor]]:
-        """The last step's ``u`` if the same parameters had gradients then (else None: no secant)."""
-        if glob.get(layout.SECANT[0]) is None or glob.get(layout.DIRECTIONS) != len(params):
-            return None
-        out = []
-        for p in params:
-            st = self.state.get(p)
-            b = st.get(layout.U) if st else None
-            if not fits(b, p):
-                return None
-            out.append(b)
-        return out
-
-    def _commit_directions(self, params: list[Tensor], u: list[Tensor], all_params: list[Tensor],
-                           same_set: bool) -> None:
-        state = self.state
-        for p, new in zip(params, u):
-            st = state[p]
-            old = st.get(layout.U)
-            st[layout.U] = new
-            if fits(old, p):
-                self._scratch_u[p] = old
-        if not same_set:  # exactly the parameters of this step hold a direction (the secant's invariant)
-            mine = {id(p) for p in params}
-            for p in all_params:
-                st = state.get(p)
-                if id(p) not in mine and st and layout.U in st:
-                    del st[layout.U]
-
     def _hide_globals(self, p0: Tensor) -> Optional[tuple[Tensor, dict]]:
         """While the base steps, take the tuner's keys out of ``state[p0]`` if the base has not initialised
         that parameter's state (so ``if len(state) == 0`` still sees an empty dict)."""
@@ -617,32 +649,33 @@ class CurvatureTuner(torch.optim.Optimizer):
         st.clear()
         return p0, hidden
 
-    def _rule_state(self, glob: dict, like: Tensor) -> Any:
-        init = self.rule.init(torch.zeros_like(like))
+    def _rule_state(self, glob: dict, S: ScalarNamespace) -> Any:
+        init = self.rule.init(S(0.0))
         vals = [glob.get(layout.rule_key(f)) for f in init._fields]
         if any(v is None for v in vals):
-            return init
-        return type(init)(*(v.to(like) for v in vals))
+            return type(init)(*(S(v) for v in init))
+        return type(init)(*(S(v) for v in vals))
 
-    def _line_search(self, probe: Probe, inputs: RuleInputs, state: Any) -> tuple[Tensor, Any, int, float]:
+    def _line_search(self, probe: Probe, inputs: RuleInputs, state: Any, S: ScalarNamespace
+                     ) -> tuple[Any, Any, int, float]:
         """The Armijo rule's trials (:class:`curvopt.rules.ArmijoRule`): ``f(w0 + lr u)`` from the first trial
         down by ``decrease_factor`` until accepted or ``max_trials`` closure calls; an ascent direction gets
         no trial (no step can satisfy the test)."""
         rule = self.rule
-        lr = rule.first_trial(state, torch)
-        err = torch.full_like(lr, math.inf)
-        new_value = torch.full_like(lr, math.nan)
+        lr = S(rule.first_trial(state, S))
+        err = S(math.inf)
+        new_value = S(math.nan)
         trials = 0
-        if float(inputs.numerator) > 0:
+        if inputs.numerator > 0:
             for k in range(rule.max_trials):
                 if k:
                     lr = lr * rule.decrease_factor
-                new_value = probe.loss_at(lr)
-                err = rule.decrease_error(new_value, inputs, lr, torch)
+                new_value = S(probe.loss_at(S.tensor(lr, probe.loss.device)))
+                err = S(rule.decrease_error(new_value, inputs, lr, S))
                 trials += 1
-                if float(err) <= 0.0:
+                if err <= 0.0:
                     break
-        lr_take, new_state = rule.finish(inputs, state, lr, err, new_value, torch)
+        lr_take, new_state = rule.finish(inputs, state, lr, err, new_value, S)
         return lr_take, new_state, trials, float(err)
 
     def _estimate_sharpness(self, probe: Probe, glob: dict, count: int) -> dict[str, tuple[Tensor, list, int]]:
@@ -695,8 +728,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         p0 = self._all_params()[0]
         for key, v in saved_globals.items():  # the saved values, not torch's cast to the parameter's dtype
             glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
-        self._scratch_u = {}
-        self._snapshot = BaseSnapshot()
+        self._ws = None
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -709,8 +741,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             base.state.update(ours_only)
             state["base"] = base
             self.__dict__.update(state)
-            self._snapshot = BaseSnapshot()
-            self._scratch_u = {}
+            self._ws = None
             self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
             if hasattr(self, "_patch_step_function"):
                 self._patch_step_function()
@@ -723,7 +754,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         d = dict(self.__dict__)
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
-        for k in ("_snapshot", "_scratch_u", "distributed", "step", "base"):  # scratch, live reducer, patched step
+        for k in ("_ws", "_ns", "distributed", "step", "base"):  # scratch, live reducer, patched step
             d.pop(k, None)
         base = self.base
         # the base is rebuilt through its own __setstate__, which must not see a state holding only our keys

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_precise_eps", "dot", "dots", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "concatenating",
+__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "concatenating",
            "can_concatenate", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
@@ -101,6 +101,31 @@ def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
         out = torch.stack([torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum()
                            for xs, ys in pairs])
     return _global_sum(out)
+
+
+def flat_dots(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """:func:`dots` over vectors already concatenated (1-d tensors, e.g. a tuner's flat buffers): the same
+    values as :func:`dots` of the lists they concatenate, under :func:`concatenating`."""
+    acc: dict[int, Tensor] = {}
+
+    def read(x: Tensor) -> Tensor:
+        k = id(x)
+        if k not in acc:
+            acc[k] = _acc(x)
+        return acc[k]
+    return _global_sum(torch.stack([torch.dot(read(x), read(y)) for x, y in pairs]))
+
+
+def norms(*lists: Sequence[Tensor]) -> list[Tensor]:
+    """``[norm(xs) for xs in lists]`` with one fused norm kernel for all of them (same values)."""
+    if _SHARDS.get() is not None or any(x.dtype in _LOW for xs in lists for x in xs):
+        return [norm(xs) for xs in lists]
+    each = torch.stack(torch._foreach_norm([x for xs in lists for x in xs]))
+    out, o = [], 0
+    for xs in lists:
+        out.append(torch.linalg.vector_norm(each[o:o + len(xs)]))
+        o += len(xs)
+    return out
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
