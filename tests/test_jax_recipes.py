@@ -319,6 +319,7 @@ def test_inject_hyperparams_jitted_init_and_conveniences():
         s = chain.init(p)
         _, s = jax.jit(lambda s: chain.update(g, s, p, value=v, grad=g, value_fn=quad))(s)
         assert float(stats(s)["lr"]) > 0
-    wrapped = optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5)
+    # ema=None (the default: by base_method, curvopt.rules.default_ema) is static; a number given is injected
+    wrapped = optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5, ema=0.99, base_method="adam")
     s = wrapped.init(p)
     assert {"sigma", "ema", "eps", "lr_max"} <= set(s.hyperparams)  # numeric settings injected
