@@ -1,0 +1,539 @@
+"""Mini-batch study of CDAT (issues 11 and 12), on the default suite's own tasks, data and models.
+
+Two studies, each rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
+
+* ``noise`` (issue 11): closure-free (secant) CDAT's learning rate in mini-batch **with and without** the
+  secant noise correction (``CDAT(..., noise_correction=True)``, :mod:`torch_backend.noise`), beside CDAT with
+  a closure (``fd`` oracle, the suite's ``cdat``), on the mini-batch ResNet (SGD) and LM (Adam) of the default
+  suite and on the full-batch ResNet (middle width). Writes ``docs/minibatch_noise_lr.png``.
+* ``edge`` (issue 12): why CDAT, which stays on the edge, loses to the best constant on the mini-batch ResNet,
+  and rules that do not. Along each trajectory: the lr, the batch loss, two per-batch edges every
+  ``--edge-every`` steps (the quadratic one ``2 n / c``, CDAT's sigma = 2 rate along the batch's direction with
+  ``c`` by a forward difference on the same batch, and the loss edge, the smallest lr at which the batch loss
+  along that direction stops decreasing) and the top Hessian eigenvalue on 512 training digits (ARPACK, every
+  ``--sharpness-every`` steps). ``--task lm`` / ``--regime full`` run the same comparison elsewhere (the
+  checks that a rule which helps the mini-batch ResNet does not break the Adam LM or the full batch). Writes
+  ``docs/minibatch_edge.png`` (ResNet mini) or ``docs/edge_<task>_<regime>.png``.
+
+Variants (``run_variant``): ``constant:LR``; ``fd`` (CDAT with a closure); ``secant`` / ``secant+nc``
+(closure-free without / with the noise correction); ``cdat:k=v;...`` (CDAT with rule settings); research
+prototypes that are not in the library: ``snr`` / ``snru`` (sigma scaled by a measured noise ratio),
+``chord`` (the fd probe at the step's own length), ``fall:F`` (the lr falls by at most a fraction ``F`` per
+step); any CDAT variant takes ``@k=v;...`` for CDAT keywords, e.g. ``fd@ema=0.9``.
+
+Rerun (one thread; about 25 CPU minutes for everything)::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study noise --seeds 0,1,2
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --seeds 0,1,2
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
+        --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99"
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --edge-every 0 \
+        --sharpness-every 100 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9,fall:0.002@ema=0.9"
+
+The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
+in full batch, as the suite), its ratio to the constant of the same seed (median and worst seed), the eval
+loss and the median lr of the last fifth of the steps. Findings (2026-11-30) are in the lead's report and in
+``docs/minibatch_study.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+from . import suites as suites_mod
+from . import tasks as tasks_mod
+from . import tuners as tuners_mod
+
+__all__ = ["main", "run_variant"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DOCS = os.path.join(os.path.dirname(HERE), "docs")
+
+
+def experiment(task: str, regime: str):
+    """The default suite's experiment for ``(task, regime)`` (torch, standard parameterisation)."""
+    for e in suites_mod.DEFAULT.experiments:
+        if e.task == task and e.regime == regime and e.backends == ("torch",) and e.params == ("sp",):
+            return e
+    raise KeyError((task, regime))
+
+
+def width_of(exp) -> int:
+    """The experiment's middle width (the one the suite runs every tuner and peer at)."""
+    return exp.widths[len(exp.widths) // 2]
+
+
+# ------------------------------------------------------------------------------------------ one run
+def _snr_sigma(state: dict, grads, beta: float, base_sigma: float, cap: float) -> float:
+    """``sigma = base_sigma * v / ||m||^2`` (at least ``base_sigma``, at most ``cap``): ``m`` the moving
+    average of the batch gradient, ``v`` that of its squared norm (both bias-corrected). ``v / ||m||^2`` is
+    ``1 + noise / signal`` once the average holds many batches: 1 when every batch agrees (full batch), large
+    when the batch gradients are mostly noise."""
+    import torch
+
+    t = state.get("t", 0) + 1
+    m = state.get("m")
+    if m is None:
+        m = [torch.zeros_like(g) for g in grads]
+    for mi, g in zip(m, grads):
+        mi.mul_(beta).add_(g, alpha=1 - beta)
+    sq = float(sum(float((g * g).sum()) for g in grads))
+    v = beta * state.get("v", 0.0) + (1 - beta) * sq
+    state.update(t=t, m=m, v=v)
+    corr = 1 - beta ** t
+    msq = float(sum(float((mi * mi).sum()) for mi in m)) / corr ** 2
+    ratio = (v / corr) / msq if msq > 0 else 1.0
+    return float(min(max(base_sigma * ratio, base_sigma), cap))
+
+
+def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | None = None, *,
+                edge_every: int = 0, sharpness_every: int = 0) -> dict:
+    """One training run. ``variant``: ``constant:LR``, ``fd`` (CDAT with a closure, library defaults),
+    ``secant`` / ``secant+nc`` (closure-free CDAT without / with the noise correction), ``cdat:KEY=V;...``
+    (CDAT with a closure and rule settings), ``snr`` / ``snr:BETA`` (CDAT with a closure, sigma from the
+    gradient noise, :func:`_snr_sigma`), ``snru`` / ``snru:BETA`` (the same from the directions taken,
+    ``u = (w_{t+1} - w_t) / lr_t``, lagged by one step: for SGD ``u = -g``, for Adam its own averaged update),
+    ``chord`` / ``chord:KAPPA`` (CDAT with a closure whose probe sits at ``KAPPA`` times the previous lr,
+    :class:`_chord_probe`), ``fall:F`` (CDAT with a closure whose lr falls by at most a fraction ``F`` per step,
+    :func:`_fall_limited`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    exp = experiment(task, regime)
+    base = exp.base or tasks_mod.TASKS[task].base
+    steps = steps or exp.steps
+    prob = tasks_mod.torch_problem(exp, width_of(exp), seed)
+    model = prob.model
+    model.train()
+    params = list(model.parameters())
+    from curvopt.torch import CDAT
+
+    name, _, extra = variant.partition("@")  # "VARIANT@key=value;key=value": CDAT keywords (e.g. ema=0.9)
+    extra_kw = tuners_mod.parse_tuner("cdat:" + extra)[1] if extra else {}
+    closure_free = name in ("secant", "secant+nc")
+    snr = name.startswith("snr")
+    if name.startswith("constant:"):
+        opt = tuners_mod.torch_base(base, params, float(name.split(":")[1]))
+    elif closure_free:
+        opt = CDAT(tuners_mod.torch_base(base, params, 1.0), modules=model, noise_correction=name == "secant+nc",
+                   **extra_kw)
+    else:
+        kw = dict(extra_kw)
+        if name.startswith("cdat:"):
+            kw.update(tuners_mod.parse_tuner(name)[1])
+        opt = CDAT(tuners_mod.torch_base(base, params, 1.0), modules=model, **kw)
+        if name.startswith("fall:"):
+            opt.rule = _fall_limited(opt.rule, float(name.split(":")[1]))
+    chord = name.startswith("chord")  # prototype: the fd probe at the step's own scale (see _chord_probe)
+    if chord:
+        kappa = float(name.split(":")[1]) if ":" in name else 1.0
+        holder = {"lr": 0.0}
+        patch = _chord_probe(holder, kappa)
+        patch.__enter__()
+    on_u = name.startswith("snru")  # sigma from the noise of the direction taken (lagged by one step)
+    beta = float(name.split(":")[1]) if snr and ":" in name else 0.9
+    snr_state: dict = {}
+    it = prob.batches()
+    # a fixed 512-sample training subset for the full-batch sharpness
+    xs, ys = prob.x[:512], prob.y[:512]
+    rec = {k: [] for k in ("loss", "lr", "sigma")}
+    edges, sharp = [], []
+    first = None
+    t0 = time.process_time()
+    for step in range(steps):
+        xb, yb = next(it)
+
+        def closure():
+            model.zero_grad(set_to_none=True)
+            loss = prob.loss(model(xb), yb)
+            loss.backward()
+            return loss
+
+        if edge_every and step % edge_every == 0:
+            edges.append((step, _batch_edge(prob, model, params, xb, yb, base, opt)))
+        if sharpness_every and step % sharpness_every == 0:
+            sharp.append((step, _sharpness(prob, model, params, xs, ys)))
+        sigma = math.nan
+        if snr and not on_u:
+            closure()
+            sigma = _snr_sigma(snr_state, [p.grad for p in params], beta, 2.0, 64.0)
+            opt.sigma = sigma
+        elif on_u:
+            sigma = snr_state.get("sigma", 2.0)
+            opt.sigma = sigma
+            w_before = [p.detach().clone() for p in params]
+        if closure_free:
+            loss = closure()
+            opt.step()
+        else:
+            loss = opt.step(closure)
+        lv = float(loss.detach())
+        lr = float(opt.stats["lr"]) if hasattr(opt, "stats") else float(opt.param_groups[0]["lr"])
+        if on_u and lr > 0:  # the direction just taken, u = (w_new - w_old) / lr, feeds the next step's sigma
+            with torch.no_grad():
+                u = [(p.detach() - w) / lr for p, w in zip(params, w_before)]
+            snr_state["sigma"] = _snr_sigma(snr_state, u, beta, 2.0, 64.0)
+        if chord:
+            holder["lr"] = lr
+        rec["loss"].append(lv)
+        rec["lr"].append(lr)
+        rec["sigma"].append(sigma)
+        first = lv if first is None else first
+        if not math.isfinite(lv) or lv > 1000 * max(first, 1e-3):
+            break
+    cpu = time.process_time() - t0
+    if chord:
+        patch.__exit__(None, None, None)
+    ev_loss, ev_acc = prob.evaluate()
+    n = len(rec["loss"])
+    window = max(1, steps // 10) if regime == "mini" else 5
+    final = statistics.fmean(rec["loss"][-window:]) if n == steps else math.inf
+    return {"task": task, "regime": regime, "width": width_of(exp), "seed": seed, "variant": variant, "steps": steps, "final": final,
+            "eval_loss": ev_loss, "eval_acc": ev_acc, "cpu": cpu, "edges": edges, "sharpness": sharp, **rec}
+
+
+def _fall_limited(inner, fall: float):
+    """Research prototype (not the library): CDAT whose lr may rise as fast as the rule says but fall by at most
+    a fraction ``fall`` per step, ``lr_t = max(cdat_t, (1 - fall) lr_{t-1})``: the rate does not follow a
+    rising sharpness down at once, so the edge-of-stability dynamics get the time to flatten the landscape
+    (the constant's mechanism) before the rate gives way. A duck-typed rule value around ``inner``."""
+    from typing import NamedTuple
+
+    from curvopt.rules import CDATState
+
+    class FallState(NamedTuple):
+        numerator_avg: object
+        denominator_avg: object
+        avg_weight: object
+        cdat_lr: object
+        held_lr: object
+
+    class FallLimited:
+        needs = inner.needs
+        default_sharpness = inner.default_sharpness
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def init(self, zero):
+            return FallState(*inner.init(zero), zero)
+
+        def update(self, x, state, xp):
+            lr, new = inner.update(x, CDATState(*state[:4]), xp)
+            floor = (1 - fall) * state.held_lr
+            lr = xp.where(lr > floor, lr, floor)
+            return lr, FallState(*new, lr)
+
+    return FallLimited()
+
+
+class _chord_probe:
+    """Research prototype (not the library): CDAT's ``fd`` probe moved from ``h ~ sqrt(eps) ||w|| / ||u||`` to
+    ``h = kappa * lr_{t-1}``, so ``(g(w + h u) - g(w))^T u / h`` is the curvature averaged over the chord of the
+    step about to be taken (the mean of ``u^T H u`` along it) instead of the curvature at ``w``. Patches
+    ``torch_backend.oracles.finite_difference_step`` while the run lasts."""
+
+    def __init__(self, holder: dict, kappa: float):
+        self.holder, self.kappa = holder, kappa
+
+    def __enter__(self):
+        import torch
+
+        from torch_backend import oracles
+
+        self.mod, self.orig = oracles, oracles.finite_difference_step
+        orig, holder, kappa = self.orig, self.holder, self.kappa
+
+        def step(param_norm, direction_norm, *, dtype_eps, xp):
+            h = orig(param_norm, direction_norm, dtype_eps=dtype_eps, xp=xp)
+            big = kappa * holder["lr"]
+            if float(h) >= big:
+                return h
+            return torch.full_like(h, big) if isinstance(h, torch.Tensor) else type(h)(big)
+
+        oracles.finite_difference_step = step
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.finite_difference_step = self.orig
+
+
+def _flat_grad(prob, model, params, xb, yb):
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    loss = prob.loss(model(xb), yb)
+    loss.backward()
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _batch_edge(prob, model, params, xb, yb, base, opt) -> float:
+    """``2 n / c`` along the batch's gradient-descent direction ``u = -g`` (SGD) or Adam's current direction
+    estimate ``-g / (sqrt(v_hat) + eps)`` with the base's second moment (Adam): CDAT's sigma = 2 rate on this
+    batch alone, ``c = u^T H_B u`` by a forward difference on the same batch."""
+    import torch
+
+    g = _flat_grad(prob, model, params, xb, yb)
+    if base == "adam":
+        st = getattr(opt, "base", opt).state
+        u = []
+        for p, gi in zip(params, g):
+            s = st.get(p, {})
+            if "exp_avg_sq" in s and int(float(s.get("step", 1))) > 0:
+                stp = float(s["step"])
+                v = s["exp_avg_sq"] / (1 - 0.999 ** stp)
+                u.append(-gi / (v.sqrt() + 1e-8))
+            else:
+                u.append(-gi.sign())
+    else:
+        u = [-gi for gi in g]
+    n = -sum(float((gi * ui).sum()) for gi, ui in zip(g, u))
+    w = [p.detach().clone() for p in params]
+    wn = math.sqrt(sum(float((x * x).sum()) for x in w))
+    un = math.sqrt(sum(float((x * x).sum()) for x in u))
+    h = 3.5e-4 * wn / un if un > 0 else 0.0
+    with torch.no_grad():
+        for p, ui in zip(params, u):
+            p.add_(ui, alpha=h)
+    g2 = _flat_grad(prob, model, params, xb, yb)
+    with torch.no_grad():
+        for p, wi in zip(params, w):
+            p.copy_(wi)
+    model.zero_grad(set_to_none=True)
+    c = sum(float(((b - a) * ui).sum()) for a, b, ui in zip(g, g2, u)) / h if h > 0 else math.nan
+    quad = 2 * n / c if c > 0 else math.inf
+    return quad, _loss_edge(prob, model, params, xb, yb, u, quad if math.isfinite(quad) else 1.0)
+
+
+def _loss_edge(prob, model, params, xb, yb, u, start: float) -> float:
+    """The true edge along ``u`` on this batch: the smallest lr on a sqrt(2) grid from ``start / 16`` with
+    ``f_B(w + lr u) >= f_B(w)`` (inf if none below ``1024 start``), refined by 6 bisections."""
+    import torch
+
+    w = [p.detach().clone() for p in params]
+
+    def f(lr):
+        with torch.no_grad():
+            for p, wi, ui in zip(params, w, u):
+                p.copy_(wi).add_(ui, alpha=lr)
+            return float(prob.loss(model(xb), yb))
+
+    f0 = f(0.0)
+    lo, hi, lr = 0.0, math.inf, start / 16
+    while lr <= 1024 * start:
+        if f(lr) >= f0:
+            hi = lr
+            break
+        lo, lr = lr, lr * 2 ** 0.5
+    if math.isfinite(hi):
+        for _ in range(6):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if f(mid) < f0 else (lo, mid)
+    with torch.no_grad():
+        for p, wi in zip(params, w):
+            p.copy_(wi)
+    return hi
+
+
+def _sharpness(prob, model, params, xs, ys) -> float:
+    from .hessian import top_eigenvalue
+
+    try:
+        val, _ = top_eigenvalue(lambda: prob.loss(model(xs), ys), params, tol=1e-3)
+    except Exception:  # ARPACK fails on a dead network (zero or non-finite Hessian products)
+        val = math.nan
+    model.zero_grad(set_to_none=True)
+    return val
+
+
+# ------------------------------------------------------------------------------------------ cache
+class Cache:
+    def __init__(self, path: str):
+        self.path = path
+        self.rows = {}
+        if os.path.exists(path):
+            with open(path) as fh:
+                for line in fh:
+                    r = json.loads(line)
+                    self.rows[self.key(r["task"], r["regime"], r["seed"], r["variant"], r["steps"], r.get("width"))] = r
+
+    @staticmethod
+    def key(task, regime, seed, variant, steps, width=None):
+        return f"{task}|{regime}|w{width or width_of(experiment(task, regime))}|{seed}|{variant}|{steps}"
+
+    def get(self, task, regime, seed, variant, steps=None, **kw) -> dict:
+        steps = steps or experiment(task, regime).steps
+        k = self.key(task, regime, seed, variant, steps)
+        if k not in self.rows:
+            r = run_variant(task, regime, seed, variant, steps, **kw)
+            print(f"  {k}: final {r['final']:.4g} eval {r['eval_loss']:.4g} lr(last fifth) "
+                  f"{_late_lr(r):.3g} ({r['cpu']:.0f} CPU s)", flush=True)
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+            self.rows[k] = r
+        return self.rows[k]
+
+
+def _late_lr(r: dict) -> float:
+    lr = r["lr"]
+    return statistics.median(lr[-max(1, len(lr) // 5):]) if lr else math.nan
+
+
+def _smooth(xs, k=10):
+    import numpy as np
+
+    a = np.asarray(xs, dtype=float)
+    if len(a) < k:
+        return a
+    c = np.convolve(a, np.ones(k) / k, mode="valid")
+    return np.concatenate([a[:k - 1], c])
+
+
+def _table(rows: list[tuple[str, list[dict]]], ref: dict | None = None) -> str:
+    """Median over seeds of final loss / eval loss / late lr; ratio to ``ref`` (seed -> final) if given."""
+    out = ["| setting | final train loss (median) | ÷ best const median | worst (seed) | eval loss | lr, last fifth |",
+           "|---|---|---|---|---|---|"]
+    for name, rs in rows:
+        fin = [r["final"] for r in rs]
+        ev = [r["eval_loss"] for r in rs]
+        lrs = [_late_lr(r) for r in rs]
+        rat, worst = "—", "—"
+        if ref:
+            ratios = {r["seed"]: r["final"] / ref[r["seed"]] for r in rs}
+            rat = f"{statistics.median(ratios.values()):.3g}"
+            s = max(ratios, key=ratios.get)
+            worst = f"{ratios[s]:.3g} (s{s})"
+        out.append(f"| {name} | {statistics.median(fin):.4g} | {rat} | {worst} | {statistics.median(ev):.4g} | "
+                   f"{statistics.median(lrs):.3g} |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ noise (issue 11)
+NOISE_PANELS = (("resnet", "mini"), ("lm", "mini"), ("resnet", "full"))
+NOISE_VARIANTS = (("secant", "closure-free, no correction"), ("secant+nc", "closure-free, noise_correction=True"),
+                  ("fd", "with a closure (fd oracle)"))
+
+
+def noise(args, cache: Cache) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = args.seeds
+    fig, axes = plt.subplots(2, len(NOISE_PANELS), figsize=(5.2 * len(NOISE_PANELS), 7.5), squeeze=False)
+    text = []
+    for j, (task, regime) in enumerate(NOISE_PANELS):
+        exp = experiment(task, regime)
+        rows = []
+        for v, label in NOISE_VARIANTS:
+            # full batch: the first seed only (a full-batch run costs ~10 mini-batch runs on this CPU)
+            rs = [cache.get(task, regime, s, v, args.steps) for s in (seeds if regime == "mini" else seeds[:1])]
+            rows.append((label, rs))
+            r0 = rs[0]
+            axes[0, j].plot(r0["lr"], lw=0.8, label=f"{label}: lr late {statistics.median(_late_lr(r) for r in rs):.2g}")
+            axes[1, j].plot(_smooth(r0["loss"]), lw=0.8, label=label)
+        title = (f"{task} {'mini-batch ' + str(exp.batch_size) if regime == 'mini' else 'full batch'}, "
+                 f"{exp.base or tasks_mod.TASKS[task].base}, w{width_of(exp)}")
+        axes[0, j].set(yscale="log", title=f"{title}: lr (seed {seeds[0]})", xlabel="step")
+        axes[1, j].set(yscale="log", title="train loss (10-step mean)", xlabel="step")
+        axes[0, j].legend(fontsize=7)
+        axes[1, j].legend(fontsize=7)
+        text.append(f"### {title}\n\n{_table(rows)}\n")
+    fig.suptitle("closure-free (secant) CDAT with and without the secant noise correction, vs CDAT with a closure"
+                 " (medians in the legend over seeds " + ",".join(map(str, seeds)) + ")", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(args.docs, "minibatch_noise_lr.png")
+    os.makedirs(args.docs, exist_ok=True)
+    fig.savefig(path, dpi=args.dpi)
+    return "\n".join(text) + f"\nfigure: {path}\n"
+
+
+# ------------------------------------------------------------------------------------------ edge (issue 12)
+def edge(args, cache: Cache) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = args.seeds
+    task, regime = args.task, args.regime
+    variants = args.variants.split(",")
+    kw = {"edge_every": args.edge_every, "sharpness_every": args.sharpness_every}
+    res = {v: [cache.get(task, regime, s, v, args.steps, **kw) for s in seeds] for v in variants}
+    ref_v = next((v for v in variants if v.startswith("constant:")), None)
+    ref = {r["seed"]: r["final"] for r in res[ref_v]} if ref_v else None
+    text = _table([(v, rs) for v, rs in res.items()], ref)
+    measured = any(r["edges"] or r["sharpness"] for rs in res.values() for r in rs)
+    fig, axes = plt.subplots(2 if measured else 1, 2, figsize=(11, 8 if measured else 4.2), squeeze=False)
+    for v, rs in res.items():
+        r = rs[0]
+        (line,) = axes[0, 0].plot(r["lr"], lw=0.8, label=v)
+        if r["edges"]:
+            st, e = zip(*r["edges"])
+            quad, true = zip(*e)
+            axes[0, 0].plot(st, _smooth(quad, 5), ":", lw=0.8, color=line.get_color())
+            axes[0, 0].plot(st, _smooth(true, 5), "--", lw=0.8, color=line.get_color())
+            lr_at = [r["lr"][i] if i < len(r["lr"]) else math.nan for i in st]
+            axes[1, 0].plot(st, _smooth([a / b for a, b in zip(lr_at, quad)], 5), lw=0.8, color=line.get_color(),
+                            label=f"{v}: lr / quadratic edge")
+            axes[1, 0].plot(st, _smooth([a / b for a, b in zip(lr_at, true)], 5), "--", lw=0.8,
+                            color=line.get_color(), label=f"{v}: lr / loss edge")
+        axes[0, 1].plot(_smooth(r["loss"], 20), lw=0.8, label=v)
+        if r["sharpness"]:
+            st, sh = zip(*r["sharpness"])
+            axes[1, 1].plot(st, sh, "-o", ms=2, lw=0.8, label=v)
+    axes[0, 0].set(yscale="log", xlabel="step", title=f"lr (solid), batch edges: quadratic 2n/c (dotted), loss (dashed); "
+                   f"seed {seeds[0]}" if measured else f"lr, seed {seeds[0]}")
+    axes[0, 1].set(yscale="log", title="train (batch) loss, 20-step mean", xlabel="step")
+    if measured:
+        axes[1, 0].set(yscale="log", title="lr ÷ batch edge (5-point mean); 1 = on the edge", xlabel="step")
+        axes[1, 0].axhline(1, color="k", lw=0.5)
+        axes[1, 1].set(yscale="log", title="top Hessian eigenvalue, 512 training digits", xlabel="step")
+    for ax in axes.flat:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    exp = experiment(task, regime)
+    fig.suptitle(f"{task} {regime} ({exp.base or tasks_mod.TASKS[task].base}, w{width_of(exp)}, default suite): "
+                 "the best constant vs CDAT variants", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(args.docs, "minibatch_edge.png" if args.figure_name == "edge" else f"{args.figure_name}.png")
+    os.makedirs(args.docs, exist_ok=True)
+    fig.savefig(path, dpi=args.dpi)
+    return text + f"\n\nfigure: {path}\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.minibatch_study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("study", choices=("noise", "edge"))
+    ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the suite's)")
+    ap.add_argument("--out", default="results/minibatch_study", help="cache directory (runs.jsonl)")
+    ap.add_argument("--docs", default=DOCS, help="where the figure goes")
+    ap.add_argument("--dpi", type=int, default=70)
+    ap.add_argument("--variants", default="constant:0.5,fd@ema=0.99,fd@ema=0.9,cdat:sigma=4;ema=0.9,fall:0.002@ema=0.9",
+                    help="edge: runs to compare (the first constant is the ratios' reference)")
+    ap.add_argument("--task", default="resnet", help="edge: the task (default resnet)")
+    ap.add_argument("--regime", default="mini", help="edge: the regime (default mini)")
+    ap.add_argument("--edge-every", type=int, default=10)
+    ap.add_argument("--sharpness-every", type=int, default=50)
+    args = ap.parse_args(argv)
+    import torch
+
+    with torch.backends.mkldnn.flags(enabled=False):
+        name = args.study if (args.study == "noise" or (args.task, args.regime) == ("resnet", "mini")) else \
+            f"{args.study}_{args.task}_{args.regime}"
+        cache = Cache(os.path.join(args.out, f"{name}.jsonl"))
+        args.figure_name = name
+        print((noise if args.study == "noise" else edge)(args, cache))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
