@@ -83,4 +83,6 @@ def to_tensors(values: Sequence[Any], dtype: torch.dtype, device: torch.device) 
     (one transfer), so the 0-d tensors share its small storage; nothing writes into them in place."""
     if not values:
         return []
+    if device.type == "cpu" and dtype in _NUMPY:
+        return list(torch.from_numpy(np.array(values, dtype=_NUMPY[dtype])).unbind())
     return list(torch.tensor([float(v) for v in values], dtype=dtype, device=device).unbind())

@@ -163,6 +163,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
+        self._host_values: dict[int, tuple[Tensor, int, Any]] = {}
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
@@ -410,7 +411,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if secant and g_dot_prev_u is not None:
                 prev = [glob.get(k) for k in layout.SECANT]
                 if all(t is not None for t in prev):
-                    prev = [S(t) for t in prev]
+                    prev = [self._host(t, S) for t in prev]
                     if noise_v is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
                         secant_c, noise_state = secant_noise_corrected(
                             g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], u_sq,
@@ -458,7 +459,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 fresh_sharp.append(space)
             else:
                 old = glob.get(key)
-                sharpness[space] = nan if old is None else S(old)
+                sharpness[space] = nan if old is None else self._host(old, S)
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
         inputs = RuleInputs(numerator, curvature, loss_v, reference, count)
         rule_state = self._rule_state(glob, S)
@@ -482,6 +483,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             if noise_state is not None:
                 values += list(noise_state)
         tensors = to_tensors(values, acc, dev)
+        # the host values of the scalars written now, read back next step without a transfer
+        self._host_values = {id(t): (t, t._version, v) for t, v in zip(tensors, values)}
         lr_t = tensors[0]
         if flat is not None:
             move_flat(params, *flat, lr_t)
@@ -527,11 +530,20 @@ class CurvatureTuner(torch.optim.Optimizer):
                        "skipped": glob[layout.SKIPPED], "closure_calls": guard.calls}
         return loss
 
+    def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
+        """A 0-d state tensor as a host scalar: the value the last step made it from while it is still that
+        tensor, unmodified; else read (a transfer)."""
+        m = self._host_values.get(id(t))
+        if m is not None and m[0] is t and m[1] == t._version:
+            return m[2]
+        return S(t)
+
     def _scalars(self) -> ScalarNamespace:
         """The namespace of the step's host scalars (:mod:`torch_backend.scalars`), of the accumulator dtype."""
         ns = self.__dict__.get("_ns")
         if ns is None or ns.dtype != self.acc_dtype:
             ns = self.__dict__["_ns"] = ScalarNamespace(self.acc_dtype)
+            self._host_values = {}
         return ns
 
     # -- probe-free steps, clipping, the secant's noise ---------------------------------------------------------
@@ -590,7 +602,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         vals = [glob.get(layout.rule_key(f)) for f in SecantNoiseState._fields]
         if any(v is None for v in vals):
             return SecantNoiseState(*(S(0.0) for _ in vals))
-        return SecantNoiseState(*(S(v) for v in vals))
+        return SecantNoiseState(*(self._host(v, S) for v in vals))
 
     def _clip(self, grads: list[Tensor]) -> Tensor:
         """Clip the main call's gradient in place to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``'s
@@ -654,7 +666,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         vals = [glob.get(layout.rule_key(f)) for f in init._fields]
         if any(v is None for v in vals):
             return type(init)(*(S(v) for v in init))
-        return type(init)(*(S(v) for v in vals))
+        return type(init)(*(self._host(v, S) for v in vals))
 
     def _line_search(self, probe: Probe, inputs: RuleInputs, state: Any, S: ScalarNamespace
                      ) -> tuple[Any, Any, int, float]:
@@ -729,6 +741,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for key, v in saved_globals.items():  # the saved values, not torch's cast to the parameter's dtype
             glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
         self._ws = None
+        self._host_values = {}
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -742,6 +755,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             state["base"] = base
             self.__dict__.update(state)
             self._ws = None
+            self._host_values = {}
             self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
             if hasattr(self, "_patch_step_function"):
                 self._patch_step_function()
@@ -754,7 +768,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         d = dict(self.__dict__)
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
-        for k in ("_ws", "_ns", "distributed", "step", "base"):  # scratch, live reducer, patched step
+        for k in ("_ws", "_ns", "_host_values", "distributed", "step", "base"):  # scratch, live reducer, patched step
             d.pop(k, None)
         base = self.base
         # the base is rebuilt through its own __setstate__, which must not see a state holding only our keys
