@@ -1,4 +1,5 @@
-"""Overhead of the curvopt tuners: ``python -m benchmarks.overhead [--quick] [--repeats N] [--backend B]``.
+"""Overhead of the curvopt tuners: ``python -m benchmarks.overhead [--quick] [--repeats N] [--backend B]
+[--clock wall|cpu] [--baseline REV]``.
 
 Three measurements, printed as markdown tables:
 
@@ -7,7 +8,15 @@ Three measurements, printed as markdown tables:
    small byte-level transformer LM (width 32, 2 blocks, 16 sequences of 32 bytes of ``pydoc_data.topics``).
    Base and tuner blocks of steps are interleaved in one process (:mod:`benchmarks.timing`, shared with the
    JAX rows of :mod:`benchmarks.overhead_jax`), torch on one thread; the reported ratio is the median over
-   repeats of (median tuner step ÷ median base step).
+   repeats of (median tuner step ÷ median base step). The rows "no closure" time the closure-free step
+   (``loss.backward(); opt.step()``, secant curvature) against the same bare step. ``--clock cpu`` times the
+   thread's CPU time instead of wall time (steadier on a shared machine).
+
+   ``--baseline REV`` (torch rows only) measures a git revision and the working tree **in the same run**: the
+   revision is checked out with ``git worktree`` into a temporary directory, and two worker processes — one
+   importing the library (``curvopt``, ``torch_backend``) from that checkout, one from the working tree, both
+   running this file's tasks and configurations — time interleaved blocks (base, tuner of one, base, tuner of
+   the other, alternating which goes first), one worker at a time. Both ratio columns are printed.
 2. **Online sharpness.** 100 full-batch steps (256 digits, float64) of CDAT (GD base) on the CNN with the
    warm-started online estimate at every step (``SharpnessConfig(every=1, iters=20, tol=1e-3)``). At sampled
    steps an independent reference (:mod:`benchmarks.hessian`: exact HVPs, ARPACK) gives the top eigenvalue,
@@ -82,6 +91,8 @@ BASES = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1.0),
     "sgd+momentum": lambda ps: torch.optim.SGD(ps, lr=1.0, momentum=0.9),
 }
+#: the oracle column of the closure-free rows: ``loss.backward(); opt.step()`` (secant curvature, no probes)
+NO_CLOSURE = "secant, no closure"
 CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("CDAT", "fd", "adam", lambda b, m: CDAT(b, lr_max=1e-2, modules=m)),
     ("CDAT", "secant", "adam", lambda b, m: CDAT(b, curvature="secant", lr_max=1e-2, modules=m)),
@@ -92,12 +103,14 @@ CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("ArmijoLineSearch", "-", "adam", lambda b, m: ArmijoLineSearch(b, lr_max=1e-2, modules=m)),
     ("EdgeOfStability", "every 10", "adam", lambda b, m: EdgeOfStability(b, lr_max=1e-2, modules=m)),
     ("CDAT+sharpness", "fd, every 10", "adam", lambda b, m: CDAT(b, lr_max=1e-2, sharpness=10, modules=m)),
+    ("CDAT", NO_CLOSURE, "adam", lambda b, m: CDAT(b, lr_max=1e-2, modules=m)),
+    ("CDAT", NO_CLOSURE, "sgd+momentum", lambda b, m: CDAT(b, lr_max=0.05, modules=m)),
 ]
 
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _runner(make, loss_fn, base_name, factory):
+def _runner(make, loss_fn, base_name, factory, closure_free=False):
     model = make()
     base = BASES[base_name](model.parameters())
     if base_name == "adam":
@@ -117,6 +130,10 @@ def _runner(make, loss_fn, base_name, factory):
         def step():
             closure()
             base.step()
+    elif closure_free:
+        def step():
+            closure()
+            opt.step()
     else:
         def step():
             opt.step(closure)
@@ -124,17 +141,152 @@ def _runner(make, loss_fn, base_name, factory):
     return step
 
 
-def measure_step_time(repeats: int, steps: int, tasks=("cnn", "lm")) -> list[dict]:
+def _steps(task: str, config: int):
+    """The bare and the tuned step of ``CONFIGS[config]`` on ``task``."""
+    make, loss_fn = TASKS[task]()
+    _, oracle, base_name, factory = CONFIGS[config]
+    return (_runner(make, loss_fn, base_name, None),
+            _runner(make, loss_fn, base_name, factory, closure_free=oracle == NO_CLOSURE))
+
+
+def measure_step_time(repeats: int, steps: int, tasks=("cnn", "lm"), clock: str = "wall",
+                      configs=None) -> list[dict]:
     rows = []
     for task in tasks:
-        make, loss_fn = TASKS[task]()
-        for tuner, oracle, base_name, factory in CONFIGS:
-            base_step = _runner(make, loss_fn, base_name, None)
-            tuned_step = _runner(make, loss_fn, base_name, factory)
-            ratio, tb = step_time_ratio(base_step, tuned_step, repeats=repeats, steps=steps)
+        for i, (tuner, oracle, base_name, _) in enumerate(CONFIGS):
+            if configs is not None and i not in configs:
+                continue
+            base_step, tuned_step = _steps(task, i)
+            ratio, tb = step_time_ratio(base_step, tuned_step, repeats=repeats, steps=steps, clock=clock)
             skipped = int(float(tuned_step.optimizer.stats["skipped"]))
             rows.append(dict(task=task, tuner=tuner, oracle=oracle, base=base_name, backend="torch",
                              ratio=ratio, base_ms=1e3 * tb, skipped=skipped))
+    return rows
+
+# ------------------------------------------------------------------------------------------ baseline vs working tree
+
+
+#: a worker's first lines: the library's top-level packages imported from LIB (their submodules follow them),
+#: then this module from HERE
+_WORKER_BOOT = ("import sys; sys.path.insert(0, {lib!r}); import curvopt.torch, torch_backend; sys.path.remove({lib!r}); "
+                "sys.path.insert(0, {here!r}); from benchmarks.overhead import _worker; _worker({lib!r})")
+
+
+def _worker(lib: str) -> None:
+    """The loop of a ``--baseline`` worker process (started by :data:`_WORKER_BOOT`; JSON lines on
+    stdin/stdout): the library comes from ``lib`` (a checkout of the baseline revision, or the working tree),
+    this module and its tasks from the working tree. Commands: ``setup`` (task, config), ``block`` (which, n,
+    clock), ``skipped``, ``quit``."""
+    import json
+    import os
+    import sys
+
+    import curvopt
+    import torch_backend
+
+    for mod in (curvopt, torch_backend):
+        if not os.path.abspath(mod.__file__).startswith(os.path.abspath(lib) + os.sep):
+            raise RuntimeError(f"{mod.__name__} was imported from {mod.__file__}, not from {lib}")
+    overhead = sys.modules[__name__]
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    steps = {}
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing but replies on the protocol stream
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "setup":
+            steps["base"], steps["tuned"] = overhead._steps(cmd["task"], cmd["config"])
+            for s in (steps["base"], steps["tuned"]):
+                for _ in range(3):
+                    s()
+            reply: dict = {}
+        elif op == "block":
+            from benchmarks.timing import time_block
+            reply = {"t": time_block(steps[cmd["which"]], cmd["n"], cmd["clock"])}
+        elif op == "skipped":
+            reply = {"skipped": int(float(steps["tuned"].optimizer.stats["skipped"]))}
+        else:
+            break
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class _Worker:
+    def __init__(self, lib: str, here: str) -> None:
+        import os
+        import subprocess
+        import sys
+
+        code = _WORKER_BOOT.format(lib=lib, here=here)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=here, env=env)
+
+    def ask(self, **cmd) -> dict:
+        import json
+
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited (code {self.proc.wait()}) on {cmd}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        finally:
+            self.proc.wait(timeout=60)
+
+
+def measure_against(baseline: str, repeats: int, steps: int, tasks=("cnn", "lm"), clock: str = "wall",
+                    configs=None) -> list[dict]:
+    """Step-time ratios of the revision ``baseline`` and of the working tree, measured in one run (see the
+    module docstring): rows with ``ratio_baseline``, ``ratio`` (working tree) and their ``base_ms``."""
+    import os
+    import subprocess
+    import tempfile
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    rev = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=root, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    tmp = tempfile.mkdtemp(prefix="curvopt-baseline-")
+    tree = os.path.join(tmp, "tree")
+    subprocess.run(["git", "worktree", "add", "--detach", tree, rev], cwd=root, check=True, capture_output=True)
+    workers: dict[str, _Worker] = {}
+    rows = []
+    try:
+        workers = {"baseline": _Worker(tree, here), "current": _Worker(here, here)}
+        names = list(workers)
+        for task in tasks:
+            for i, (tuner, oracle, base_name, _) in enumerate(CONFIGS):
+                if configs is not None and i not in configs:
+                    continue
+                for w in workers.values():
+                    w.ask(op="setup", task=task, config=i)
+                ratios: dict[str, list[float]] = {n: [] for n in names}
+                base_s: dict[str, float] = {}
+                for r in range(repeats):
+                    for n in (names if r % 2 == 0 else names[::-1]):
+                        tb = workers[n].ask(op="block", which="base", n=steps, clock=clock)["t"]
+                        tt = workers[n].ask(op="block", which="tuned", n=steps, clock=clock)["t"]
+                        ratios[n].append(tt / tb)
+                        base_s[n] = tb
+                skipped = sum(w.ask(op="skipped")["skipped"] for w in workers.values())
+                rows.append(dict(task=task, tuner=tuner, oracle=oracle, base=base_name, backend="torch",
+                                 ratio_baseline=statistics.median(ratios["baseline"]),
+                                 ratio=statistics.median(ratios["current"]),
+                                 base_ms_baseline=1e3 * base_s["baseline"], base_ms=1e3 * base_s["current"],
+                                 skipped=skipped, baseline=rev))
+    finally:
+        for w in workers.values():
+            w.close()
+        subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=root, capture_output=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
     return rows
 
 # ------------------------------------------------------------------------------------------ sharpness HVPs
@@ -234,14 +386,15 @@ def _tensors(obj):
 
 
 def _state_bytes(*optimizers) -> int:
-    """Bytes of the distinct tensors (by storage) the optimizers keep in their ``state``."""
+    """Bytes of the distinct storages the optimizers' ``state`` tensors live in (a tuner's per-parameter
+    buffers may be views of one flat buffer: each storage counts once, whole)."""
     seen, total = set(), 0
     for opt in optimizers:
         for t in _tensors(dict(opt.state)):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                total += t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
     return total
 
 
@@ -304,15 +457,36 @@ def main(argv=None) -> None:
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: time,hvp,memory")
     ap.add_argument("--backend", choices=("torch", "jax", "both"), default="both",
                     help="which backends' step-time rows (the other measurements are torch)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by wall time (default) or by the thread's CPU time (steadier when shared)")
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also time the git revision REV, interleaved with the working tree in this run (torch "
+                         "step-time rows only; implies --backend torch --skip hvp,memory)")
+    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm)")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated row numbers of CONFIGS to time (default all; 0 = CDAT fd Adam)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)  # a skipped step is reported in the 'skipped' column
     repeats = args.repeats or (3 if args.quick else 7)
     steps = 5 if args.quick else 15
     skip = set(filter(None, args.skip.split(",")))
+    tasks = tuple(filter(None, args.tasks.split(",")))
+    configs = None if args.configs is None else {int(c) for c in args.configs.split(",")}
+
+    if args.baseline is not None:
+        rows = measure_against(args.baseline, repeats, steps, tasks, args.clock, configs)
+        print("## Step time ÷ bare base step, %s vs working tree, one run (%s clock, median of %d repeats)\n"
+              % (rows[0]["baseline"] if rows else args.baseline, args.clock, repeats))
+        print(_table(rows, ["task", "tuner", "oracle", "base", "ratio_baseline", "ratio", "base_ms_baseline",
+                            "base_ms", "skipped"]))
+        print()
+        return
 
     if "time" not in skip:
-        rows = measure_step_time(repeats, steps) if args.backend in ("torch", "both") else []
+        rows = []
+        if args.backend in ("torch", "both"):
+            rows = measure_step_time(repeats, steps, tasks, args.clock, configs)
         if args.backend in ("jax", "both"):
             if importlib.util.find_spec("jax") is None:
                 print("(no JAX rows: jax is not installed; pip install -e '.[jax]')\n")
