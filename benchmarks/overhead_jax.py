@@ -12,11 +12,23 @@ learning rate (``optax.chain(base, optax.scale(-lr))``) + ``apply_updates``; the
 ``apply_updates``. Compilation is excluded (warm-up steps); each step is timed to ``block_until_ready``;
 base and tuner blocks alternate; the ratio is the median over repeats of (median tuned step ÷ median base
 step).
+
+Compile time (``python -m benchmarks.overhead_jax --compile [--repeats N]``, :func:`compile_times`): the whole
+jitted training step of the benchmark runner (:mod:`benchmarks.train_jax`: ``value_and_grad``, the transform's
+update with ``value``/``grad``/``value_fn``/``batch``, ``apply_updates``) on the default suite's JAX ViT
+(width 8) and its LM (width 16), lowered and compiled from scratch (``jax.clear_caches()``, persistent
+compilation cache off) for the bare Adam step (the runner's constant-lr transform) and for CDAT: the library
+default with ``value_fn`` (the ``fd`` oracle), closure-free (no ``value_fn``: the secant), and with the suite's
+online sharpness every 25 steps. The steps alternate within each repeat; the ratio is the median over repeats
+of (CDAT's compile time ÷ the bare step's in the same repeat), CPU seconds of the process (``process_time``:
+XLA compiles kernels on several threads; wall seconds are also recorded).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -27,7 +39,7 @@ from benchmarks.timing import step_time_ratio
 from curvopt.base import BaseMethod
 from curvopt.optax import armijo, cdat, edge_of_stability, polyak, quadratic_greedy
 
-__all__ = ["measure", "CONFIGS", "TASKS"]
+__all__ = ["measure", "compile_times", "CONFIGS", "TASKS", "COMPILE_TASKS", "COMPILE_CONFIGS"]
 
 
 def _cnn_task(batch: int = 128):
@@ -123,16 +135,110 @@ def measure(repeats: int, steps: int = 10, tasks: tuple[str, ...] = ("cnn", "lm"
     return rows
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args(argv)
-    rows = measure(args.repeats, args.steps, verbose=True)
-    cols = ["task", "tuner", "oracle", "base", "backend", "ratio", "base_ms"]
+# ------------------------------------------------------------------------------------------- compile time
+def _suite_problem(task: str):
+    """``(loss_fn(params, batch), params, batch, experiment)`` of the default suite's JAX ViT (width 8) or its LM
+    (width 16), as :mod:`benchmarks.train_jax` builds them."""
+    from benchmarks import suites, tasks
+
+    if task == "vit":
+        exp = next(e for e in suites.DEFAULT.experiments if e.task == "vit" and "jax" in e.backends)
+    else:
+        exp = next(e for e in suites.DEFAULT.experiments if e.task == "lm" and e.regime == "full")
+    width = exp.widths[0]
+    prob = tasks.jax_problem(exp, width, seed=0)
+    return prob.loss_fn, prob.params, next(prob.batches()), exp
+
+
+def _bare_transform():
+    from benchmarks.tuners import optax_direction
+
+    return optax.chain(optax_direction("adam"), optax.inject_hyperparams(optax.scale)(step_size=-1e-3))
+
+
+def _cdat_transform(sharpness: int):
+    from benchmarks.tuners import build_optax
+
+    return build_optax("cdat", {}, "adam", sharpness=sharpness)
+
+
+#: name -> (transform factory (the experiment's sharpness period), whether the update gets value/value_fn)
+COMPILE_CONFIGS: dict[str, tuple[Callable[[int], Any], bool]] = {
+    "bare Adam": (lambda every: _bare_transform(), False),
+    "CDAT (fd)": (lambda every: _cdat_transform(0), True),
+    "CDAT closure-free (secant)": (lambda every: _cdat_transform(0), False),
+    "CDAT (fd) + sharpness": (lambda every: _cdat_transform(every), True),
+}
+COMPILE_TASKS = ("vit", "lm")
+
+
+def _compile_seconds(tx: Any, loss_fn: Callable, params: Any, batch: Any, with_loss: bool) -> tuple[float, float]:
+    """``(CPU seconds, wall seconds)`` to lower and compile the runner's step with ``tx`` from scratch."""
+    state = tx.init(params)
+
+    def step(params, state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        if with_loss:
+            updates, state = tx.update(grads, state, params, value=loss, grad=grads, value_fn=loss_fn, batch=batch)
+        else:
+            updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    jax.clear_caches()
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.jit(step).lower(params, state, batch).compile()
+    return time.process_time() - c0, time.perf_counter() - t0
+
+
+def compile_times(repeats: int = 3, tasks: tuple[str, ...] = COMPILE_TASKS, configs: tuple[str, ...] | None = None,
+                  verbose: bool = False) -> list[dict]:
+    """Rows ``{task, config, cpu_s, wall_s, ratio, wall_ratio}``: medians over ``repeats`` of the compile time
+    and of its ratio to the bare step's in the same repeat (see the module docstring)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    names = list(configs or COMPILE_CONFIGS)
+    if "bare Adam" not in names:
+        names.insert(0, "bare Adam")
+    rows = []
+    for task in tasks:
+        loss_fn, params, batch, exp = _suite_problem(task)
+        cpu: dict[str, list[float]] = {n: [] for n in names}
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(repeats):
+            for name in names:
+                make, with_loss = COMPILE_CONFIGS[name]
+                c, w = _compile_seconds(make(exp.sharpness), loss_fn, params, batch, with_loss)
+                cpu[name].append(c)
+                wall[name].append(w)
+                if verbose:
+                    print(f"{task} {name}: {c:.2f} s CPU, {w:.2f} s wall", file=sys.stderr, flush=True)
+        for name in names:
+            rows.append(dict(
+                task=task, config=name, cpu_s=statistics.median(cpu[name]), wall_s=statistics.median(wall[name]),
+                ratio=statistics.median(a / b for a, b in zip(cpu[name], cpu["bare Adam"])),
+                wall_ratio=statistics.median(a / b for a, b in zip(wall[name], wall["bare Adam"]))))
+    return rows
+
+
+def _table(rows: list[dict], cols: list[str]) -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=None, help="default 5 (step time), 3 (--compile)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--compile", action="store_true",
+                    help="compile time of the runner's step instead (bare Adam vs CDAT, ViT and LM; --repeats "
+                         "defaults to 3)")
+    args = ap.parse_args(argv)
+    if args.compile:
+        rows = compile_times(args.repeats or 3, verbose=True)
+        _table(rows, ["task", "config", "cpu_s", "wall_s", "ratio", "wall_ratio"])
+        return
+    rows = measure(args.repeats or 5, args.steps, verbose=True)
+    _table(rows, ["task", "tuner", "oracle", "base", "backend", "ratio", "base_ms"])
 
 
 if __name__ == "__main__":
