@@ -25,10 +25,12 @@ Rerun (one thread; about 25 CPU minutes for everything)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study noise --seeds 0,1,2
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --seeds 0,1,2
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --docs /tmp \
+        --variants "constant:0.5,fd@ema=0.99,cdat:sigma=4;ema=0.99,snr@ema=0.99,fall:0.01@ema=0.9"  # other rows
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
-        --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99"
+        --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99,fall:0.01@ema=0.99"
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --edge-every 0 \
-        --sharpness-every 100 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9,fall:0.002@ema=0.9"
+        --sharpness-every 0 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9"
 
 The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
 in full batch, as the suite), its ratio to the constant of the same seed (median and worst seed), the eval
@@ -441,7 +443,8 @@ def noise(args, cache: Cache) -> str:
             axes[1, j].plot(_smooth(r0["loss"]), lw=0.8, label=label)
         title = (f"{task} {'mini-batch ' + str(exp.batch_size) if regime == 'mini' else 'full batch'}, "
                  f"{exp.base or tasks_mod.TASKS[task].base}, w{width_of(exp)}")
-        axes[0, j].set(yscale="log", title=f"{title}: lr (seed {seeds[0]})", xlabel="step")
+        axes[0, j].set(yscale="log", xlabel="step", title=f"{title}: lr (seed {seeds[0]}"
+                       + (")" if regime == "mini" else " only)"))
         axes[1, j].set(yscale="log", title="train loss (10-step mean)", xlabel="step")
         axes[0, j].legend(fontsize=7)
         axes[1, j].legend(fontsize=7)
