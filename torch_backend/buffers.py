@@ -66,13 +66,22 @@ class BufferSnapshot:
         self._live: list[Tensor] = []
 
     def _buffers(self) -> list[Tensor]:
+        """Every buffer of the modules and their submodules, once each, in ``Module.buffers()`` order (a
+        direct walk of ``_modules``/``_buffers``: the generators of ``buffers()`` cost more than the copies)."""
         seen: set[int] = set()
+        seen_modules: set[int] = set()
         out = []
-        for m in self.modules:
-            for b in m.buffers():
-                if id(b) not in seen:
+        stack = list(reversed(self.modules))
+        while stack:
+            m = stack.pop()
+            if id(m) in seen_modules:
+                continue
+            seen_modules.add(id(m))
+            for b in m._buffers.values():
+                if b is not None and id(b) not in seen:
                     seen.add(id(b))
                     out.append(b)
+            stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
         return out
 
     def take(self) -> None:

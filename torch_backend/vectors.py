@@ -156,10 +156,19 @@ def axpy_into(out: Sequence[Tensor], xs: Sequence[Tensor], a: Tensor, ys: Sequen
         torch.addcmul(x, y, a, out=o)
 
 
+_EPS: dict[torch.dtype, float] = {}
+
+
 def least_precise_eps(params: Sequence[Tensor]) -> float:
     """Machine epsilon of the least precise parameter dtype: a finite-difference displacement must be
     representable in every parameter, so its size follows the coarsest one."""
-    return max(torch.finfo(p.dtype).eps for p in params)
+    out = 0.0
+    for d in {p.dtype for p in params}:
+        eps = _EPS.get(d)
+        if eps is None:
+            eps = _EPS[d] = torch.finfo(d).eps
+        out = max(out, eps)
+    return out
 
 
 class ListOps:
