@@ -137,7 +137,8 @@ def _digits_noisy(n_steps: int, correction: bool):
     y[flip] = torch.from_numpy(rng.integers(0, 10, int(flip.sum())))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), noise_correction=correction)
+    # ema 0.99 (the default for Adam; SGD's is 0.9, under which the raw secant runs away upward instead)
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), ema=0.99, noise_correction=correction)
     g = torch.Generator().manual_seed(1)
     lrs = []
     for _ in range(n_steps):
@@ -151,7 +152,8 @@ def _digits_noisy(n_steps: int, correction: bool):
 
 def test_secant_noise_correction_prevents_the_minibatch_collapse():
     """Mini-batch (digits, 30% label noise, batch 32): the raw secant's noise bias tr(Sigma)/B/lr drives the lr
-    down to ~1e-6; with the correction (default closure-free) it grows like the fd oracle's."""
+    down to ~1e-6; with the correction (opt-in: noise_correction=True) it grows like the fd oracle's. The
+    correction is not a default: on the benchmark's tasks it overshoots (docs/minibatch_study.md)."""
     raw, corrected = _digits_noisy(120, False), _digits_noisy(120, True)
     assert np.median(raw[-40:]) < 1e-4
     assert np.median(corrected[-40:]) > 1e-3
