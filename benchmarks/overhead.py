@@ -246,6 +246,7 @@ def measure_against(baseline: str, repeats: int, steps: int, tasks=("cnn", "lm")
     """Step-time ratios of the revision ``baseline`` and of the working tree, measured in one run (see the
     module docstring): rows with ``ratio_baseline``, ``ratio`` (working tree) and their ``base_ms``."""
     import os
+    import shutil
     import subprocess
     import tempfile
 
@@ -287,6 +288,7 @@ def measure_against(baseline: str, repeats: int, steps: int, tasks=("cnn", "lm")
             w.close()
         subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=root, capture_output=True)
         subprocess.run(["git", "worktree", "prune"], cwd=root, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 # ------------------------------------------------------------------------------------------ sharpness HVPs
