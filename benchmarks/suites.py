@@ -151,8 +151,7 @@ DEFAULT = Suite(
               (4, 8, 16), ("constant", "cdat"), MINI)
     + (
         Experiment("resnet", "mini", (8,), MINI + (ABOVE_EDGE,), 500, batch_size=64, eval_size=359,
-                   grid=grid(0.5, 5, R2),
-                   widen=4, sharpness=25),
+                   grid=grid(0.5, 5, R2), widen=4, sharpness=25),
         Experiment("lm", "mini", (16,), MINI, 500, model=LM, batch_size=16, block_len=32, eval_size=256,
                    grid=grid(0.032, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat", "prodigy", "schedulefree"), 500, model=VIT,
