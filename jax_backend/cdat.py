@@ -16,8 +16,8 @@ from .direction import accumulator_dtype, vdot
 from .oracles import SecantMemory, curvature as curvature_of, secant_init
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
-from .tuner import (ascent_count, convenience, finish, fresh_leaves, oracle_for, prepare, select, sharpness_of, skip,
-                    stats_init)
+from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
+                    sharpness_of, skip, stats_init)
 
 __all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "scale_by_cdat", "scale_by_quadratic_greedy"]
 
@@ -136,6 +136,7 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=False)
         oracle = oracle_for(curvature, p, name)
+        check_base_method(method, base_state, name)
 
         def taken() -> tuple[Any, ScaleByCDATState]:
             curv, calls, probe = curvature_of(oracle, p.f, params, p.grad, p.u, -p.numerator, state.secant, dtype)

@@ -11,7 +11,7 @@ Usage::
     mup = parameterize(params, base_params, optimizer="adam")        # params/base_params: arrays or shapes
     params = mup.init(key, params)                                   # re-initialise per the table
     loss = lambda p, x, y: xent(model.apply(mup.apply_multipliers(p), x), y)   # forward multipliers
-    tx = optax.chain(optax.scale_by_adam(), mup.transform, curvopt.optax.scale_by_cdat())  # or
+    tx = optax.chain(optax.scale_by_adam(), mup.transform, curvopt.optax.scale_by_cdat(base_method="adam"))  # or
     tx = optax.chain(optax.scale_by_adam(), mup.transform, optax.scale_by_learning_rate(lr))
 
 ``apply_multipliers`` multiplies each leaf by its forward multiplier (μP/NTK readout ``1/m``, γ's ``1/γ``)
@@ -92,7 +92,7 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
     """Multiply each update leaf by its (Python float) multiplier; stateless, chainable anywhere.
 
     Put it between the base direction and the learning rate / tuner:
-    ``optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults), scale_by_cdat())``.
+    ``optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults), scale_by_cdat(base_method="adam"))``.
     """
 
     def init_fn(params):

@@ -34,7 +34,7 @@ from .loss import bind, value_and_grad_at
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
-           "select", "pick", "with_base_state", "convenience", "stats", "fresh_leaves"]
+           "select", "pick", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
 
 
 class Prepared(NamedTuple):
@@ -101,6 +101,17 @@ def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: s
             "base's state after this step's update).", RuntimeWarning, stacklevel=3)
         return None
     return preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
+
+
+def check_base_method(method: BaseMethod, base_state: Any, tuner: str) -> None:
+    """At trace time: warn when the base's state handed over is Adam's but ``base_method`` is not (the default
+    ``None`` is gradient descent): CDAT's default ``ema`` and every stability coefficient follow it."""
+    if base_state is not None and not method.preconditioned and find_adam_state(base_state) is not None:
+        warnings.warn(
+            f"{tuner}: the base's state is Adam's (optax.ScaleByAdamState) but base_method is {method.kind!r}, so "
+            "the defaults for that base apply (CDAT's ema, the stability coefficient of eos_ratio) and no "
+            "preconditioned sharpness is estimated: pass base_method=\"adam\" (or BaseMethod.adam(b1, b2, eps)).",
+            RuntimeWarning, stacklevel=3)
 
 
 def oracle_for(curvature: str, p: Prepared, tuner: str) -> str:

@@ -323,3 +323,22 @@ def test_inject_hyperparams_jitted_init_and_conveniences():
     wrapped = optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5, ema=0.99, base_method="adam")
     s = wrapped.init(p)
     assert {"sigma", "ema", "eps", "lr_max"} <= set(s.hyperparams)  # numeric settings injected
+
+
+def test_adam_base_without_base_method_warns():
+    """The default base_method is gradient descent, whose CDAT ema (0.9) and stability coefficient differ from
+    Adam's: an Adam state handed over (the convenience) with base_method unset warns at trace time, once."""
+    import warnings
+
+    p = {"w": jnp.ones(3)}
+    f = lambda q: jnp.sum((q["w"] - 2.0) ** 2)  # noqa: E731
+    for method, expected in ((None, 1), ("adam", 0)):
+        opt = cdat(optax.scale_by_adam(), base_method=method)
+        s = opt.init(p)
+        step = jax.jit(lambda s: opt.update(jax.grad(f)(p), s, p, value=f(p), value_fn=f))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                _, s = step(s)
+        hits = [w for w in caught if "base_method" in str(w.message)]
+        assert len(hits) == expected, [str(w.message) for w in caught]
