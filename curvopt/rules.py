@@ -281,15 +281,15 @@ class CDATRule:
     per-step rates ``n_t / d_t`` weighted by ``n_t``), so one step whose curvature is ``k`` times the usual
     one holds the rate down for about ``log(k) / -log(ema)`` steps (``k = 100``: 460 steps at 0.99, 44 at
     0.9). Under gradient descent such spikes are the base's own oscillations at the edge of stability
-    (catapults); with 0.99 they kept the rate at 0.45-0.8 of the edge ``2 n / c`` while the sharpness of the
-    full-batch ResNet rose 1.5 -> 20-65 (progressive sharpening, which nothing opposes below the edge), and
-    the rate ended 70x below its peak: 15.6x the best constant's final loss (median of 3 seeds), 3.1x with
-    0.9 against the same grid (7.3x against the default suite's, whose best constant ends 2x lower; that
-    task's final loss moves 3-7x between constants 0.1% apart). Weighting the steps equally instead (a geometric mean of the rates, or each step's weight capped)
-    fails earlier: on the initial plateau the curvature along the gradient is ~0 or negative and the
-    unweighted rates grow until the ReLUs die. Under Adam the preconditioned curvature itself falls by
-    orders of magnitude while the second moments fill in (~1e5 -> 600 over the first steps); there the
-    longer horizon breaks the loop "lr falls -> the sharpness rises -> lr falls" seen with 0.9.
+    (catapults); with 0.99 they kept the rate at 0.45-0.8 of the edge ``2 n / c`` while the sharpness of the full-batch
+    ResNet rose 1.5 -> 20-65 (progressive sharpening, which nothing opposes below the edge), and the rate ended 70x
+    below its peak: 15.6x the best constant's final loss (median of 3 seeds), 3.1x with 0.9 against the same grid
+    (7.3x against the default suite's, whose best constant ends 2x lower; that task's final loss moves 3-7x between
+    constants 0.1% apart). Weighting the steps equally instead (a geometric mean of the rates, or each step's weight
+    capped) fails earlier: on the initial plateau the curvature along the gradient is ~0 or negative and the
+    unweighted rates grow until the ReLUs die. Under Adam the preconditioned curvature itself falls by orders of
+    magnitude while the second moments fill in (~1e5 -> 600 over the first steps); there the longer horizon breaks
+    the loop "lr falls -> the sharpness rises -> lr falls" seen with 0.9.
     """
 
     sigma: Any = 2.0
