@@ -1,16 +1,16 @@
 """Suite presets: which (task, regime) experiments run, at which widths, with which tuners, seeds and sizes.
 
 * ``smoke``    — every task, torch and jax, 2 widths, a few steps: checks the whole pipeline (CI, ~2 min).
-* ``default``  — what ``make bench`` runs in <= 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
-  steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at
-  3 widths (CDAT against the constant grid at every width; the paper-exact start-up, greedy (and on the
-  ResNet the line search and CDAT at sigma 4) and the peers Prodigy and schedule-free at the middle width, the ViT's cheaper runs also at every width, D-Adaptation and
-  Sophia-H on the ViT's middle width), mini-batch ResNet and LM, JAX rows (ViT) and muP rows (ViT, 3
-  widths). The constant grid is √2-spaced and widened while its best value sits at an edge (ResNet/LM full
-  start from 3 values, the rest from 5; at most 2 added for the ViT, whose digits are separable: Adam's loss
-  keeps falling with the lr, so the grid would widen to divergence). Online sharpness every 25 steps (50 on
-  the full-batch ResNet and LM). Estimated from the per-run wall times of the previous default run: ~52
-  minutes of runs, i.e. ~27 minutes with two at once.
+* ``default``  — what ``make bench`` runs, sized for 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
+  steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at 3
+  widths (CDAT against the constant grid at every width; the paper-exact start-up, greedy (and on the ResNet the
+  line search and CDAT at sigma 4) and the peers Prodigy and schedule-free at the middle width, the ViT's cheaper
+  runs also at every width, D-Adaptation and Sophia-H on the ViT's middle width), mini-batch ResNet and LM, JAX
+  rows (ViT) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best value sits at
+  an edge (ResNet/LM full start from 3 values, the rest from 5; at most 2 added for the ViT, whose digits are
+  separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence). Online sharpness every
+  25 steps (50 on the full-batch ResNet and LM). One run took 31 minutes on a quiet machine (the constant grids
+  widened more than estimated); the line-search row is ~2 of them.
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
   all training digits / 1,024 LM blocks with deeper models, 2 widths in mini-batch, JAX and muP rows for ViT
