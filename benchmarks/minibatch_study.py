@@ -34,8 +34,7 @@ Rerun (one thread; about 25 CPU minutes for everything)::
 
 The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
 in full batch, as the suite), its ratio to the constant of the same seed (median and worst seed), the eval
-loss and the median lr of the last fifth of the steps. Findings (2026-11-30) are in the lead's report and in
-``docs/minibatch_study.md``.
+loss and the median lr of the last fifth of the steps. Findings (2026-11-30) are in ``docs/minibatch_study.md``.
 """
 from __future__ import annotations
 
