@@ -19,7 +19,8 @@ update with ``value``/``grad``/``value_fn``/``batch``, ``apply_updates``) on the
 (width 8) and its LM (width 16), lowered and compiled from scratch (``jax.clear_caches()``, persistent
 compilation cache off) for the bare Adam step (the runner's constant-lr transform) and for CDAT: the library
 default with ``value_fn`` (the ``fd`` oracle), closure-free (no ``value_fn``: the secant), and with the suite's
-online sharpness every 25 steps. The steps alternate within each repeat; the ratio is the median over repeats
+online sharpness every 25 steps; and the bare step plus a second gradient at a probe point, the floor of any
+``fd`` oracle (the probe's forward and backward pass, no tuner logic). The steps alternate within each repeat; the ratio is the median over repeats
 of (CDAT's compile time ÷ the bare step's in the same repeat), CPU seconds of the process (``process_time``:
 XLA compiles kernels on several threads; wall seconds are also recorded).
 """
@@ -162,18 +163,23 @@ def _cdat_transform(sharpness: int):
     return build_optax("cdat", {}, "adam", sharpness=sharpness)
 
 
-#: name -> (transform factory (the experiment's sharpness period), whether the update gets value/value_fn)
-COMPILE_CONFIGS: dict[str, tuple[Callable[[int], Any], bool]] = {
-    "bare Adam": (lambda every: _bare_transform(), False),
-    "CDAT (fd)": (lambda every: _cdat_transform(0), True),
-    "CDAT closure-free (secant)": (lambda every: _cdat_transform(0), False),
-    "CDAT (fd) + sharpness": (lambda every: _cdat_transform(every), True),
+#: name -> (transform factory (the experiment's sharpness period), whether the update gets value/value_fn,
+#: whether the step also takes a second gradient at a probe point)
+COMPILE_CONFIGS: dict[str, tuple[Callable[[int], Any], bool, bool]] = {
+    "bare Adam": (lambda every: _bare_transform(), False, False),
+    "bare Adam + a second gradient (fd floor)": (lambda every: _bare_transform(), False, True),
+    "CDAT (fd)": (lambda every: _cdat_transform(0), True, False),
+    "CDAT closure-free (secant)": (lambda every: _cdat_transform(0), False, False),
+    "CDAT (fd) + sharpness": (lambda every: _cdat_transform(every), True, False),
 }
 COMPILE_TASKS = ("vit", "lm")
 
 
-def _compile_seconds(tx: Any, loss_fn: Callable, params: Any, batch: Any, with_loss: bool) -> tuple[float, float]:
-    """``(CPU seconds, wall seconds)`` to lower and compile the runner's step with ``tx`` from scratch."""
+def _compile_seconds(tx: Any, loss_fn: Callable, params: Any, batch: Any, with_loss: bool,
+                     second_gradient: bool = False) -> tuple[float, float]:
+    """``(CPU seconds, wall seconds)`` to lower and compile the runner's step with ``tx`` from scratch.
+    ``second_gradient``: the step also returns ``g(w + 1e-3 u)^T u`` (what any fd probe must compile, with
+    no tuner logic)."""
     state = tx.init(params)
 
     def step(params, state, batch):
@@ -182,6 +188,9 @@ def _compile_seconds(tx: Any, loss_fn: Callable, params: Any, batch: Any, with_l
             updates, state = tx.update(grads, state, params, value=loss, grad=grads, value_fn=loss_fn, batch=batch)
         else:
             updates, state = tx.update(grads, state, params)
+        if second_gradient:
+            probe = jax.grad(loss_fn)(optax.tree.add_scale(params, 1e-3, updates), batch)
+            loss = loss + 0.0 * optax.tree.vdot(probe, updates)
         return optax.apply_updates(params, updates), state, loss
 
     jax.clear_caches()
@@ -205,8 +214,8 @@ def compile_times(repeats: int = 3, tasks: tuple[str, ...] = COMPILE_TASKS, conf
         wall: dict[str, list[float]] = {n: [] for n in names}
         for _ in range(repeats):
             for name in names:
-                make, with_loss = COMPILE_CONFIGS[name]
-                c, w = _compile_seconds(make(exp.sharpness), loss_fn, params, batch, with_loss)
+                make, with_loss, second_gradient = COMPILE_CONFIGS[name]
+                c, w = _compile_seconds(make(exp.sharpness), loss_fn, params, batch, with_loss, second_gradient)
                 cpu[name].append(c)
                 wall[name].append(w)
                 if verbose:
