@@ -69,19 +69,19 @@ class BufferSnapshot:
         """Every buffer of the modules and their submodules, once each, in ``Module.buffers()`` order (a
         direct walk of ``_modules``/``_buffers``: the generators of ``buffers()`` cost more than the copies)."""
         seen: set[int] = set()
-        seen_modules: set[int] = set()
-        out = []
-        stack = list(reversed(self.modules))
-        while stack:
+        out: list[Tensor] = []
+        stack: list = self.modules[::-1]
+        while stack:  # pre-order, each module once (as Module.modules())
             m = stack.pop()
-            if id(m) in seen_modules:
+            if m is None or id(m) in seen:
                 continue
-            seen_modules.add(id(m))
-            for b in m._buffers.values():
-                if b is not None and id(b) not in seen:
-                    seen.add(id(b))
-                    out.append(b)
-            stack.extend(c for c in reversed(list(m._modules.values())) if c is not None)
+            seen.add(id(m))
+            if m._buffers:
+                out.extend(b for b in m._buffers.values() if b is not None)
+            if m._modules:
+                stack.extend(reversed(m._modules.values()))
+        if len(out) > 1 and len({id(b) for b in out}) < len(out):  # a buffer shared by modules: the first
+            out = list({id(b): b for b in out}.values())
         return out
 
     def take(self) -> None:
@@ -108,8 +108,7 @@ class RNGSnapshot:
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        self.cuda = torch.cuda.get_rng_state_all() if cuda else None
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
