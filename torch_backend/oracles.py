@@ -33,7 +33,6 @@ from curvopt.rules import finite_difference_step
 from .probe import Probe
 from .scalars import host_values
 from .vectors import dot, least_precise_eps
-from .vectors import norms as vector_norms
 
 __all__ = ["finite_difference", "exact", "check_functional_loss"]
 
@@ -45,7 +44,7 @@ def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: Optional[tup
     ``numerator = -g^T u``, ``norms = (||w0||, ||u||)`` if the step already read them; returns ``u^T H u``."""
     eps = least_precise_eps(probe.params)  # the displacement must show in the coarsest parameter dtype
     if norms is None:
-        norms = tuple(host_values(vector_norms(probe.w0, probe.u), xp))
+        norms = tuple(host_values(probe.norms(), xp))
     h = finite_difference_step(norms[0], norms[1], dtype_eps=eps, xp=xp)
     probe.move(xp.tensor(h, probe.loss.device))
     probe.fd_step, probe.fd_loss = h, probe.call()  # kept for the tuner's replay check

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from .buffers import ProbeGuard
-from .vectors import axpy_into, dot, flat_dots
+from .vectors import axpy_into, dot, flat_dots, flat_norms
+from .vectors import norms as vector_norms
 
 __all__ = ["Probe", "move_flat"]
 
@@ -32,11 +33,12 @@ def move_flat(params: Sequence[Tensor], w0: Tensor, u: Tensor, scratch: Tensor, 
 
 
 class Probe:
-    """See the module docstring. ``all_params`` and ``index``: every parameter of the tuner in
+    """See the module docstring. ``loss``: the main call's loss, a 0-d tensor of the accumulator dtype;
+    ``numerator``: ``-g^T u``, a host scalar; ``all_params`` and ``index``: every parameter of the tuner in
     ``param_groups`` order and the positions of ``params`` in it (for a functional loss over all of them)."""
 
     def __init__(self, closure: Callable[[], Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
-                 w0: Sequence[Tensor], u: Sequence[Tensor], loss: Tensor, numerator: Tensor, guard: ProbeGuard,
+                 w0: Sequence[Tensor], u: Sequence[Tensor], loss: Tensor, numerator: Any, guard: ProbeGuard,
                  reducer: Optional[Any], all_params: Sequence[Tensor], index: Sequence[int],
                  flat: Optional[tuple[Tensor, Tensor, Tensor, Sequence[Tensor]]] = None) -> None:
         self.closure = closure
@@ -47,7 +49,7 @@ class Probe:
         #: ``(w0, u, scratch, scratch's per-parameter views)`` when ``w0`` and ``u`` are views of flat buffers
         self.flat = flat
         #: the fd oracle's step and its probe's loss (None until it ran)
-        self.fd_step: Optional[Tensor] = None
+        self.fd_step: Any = None
         self.fd_loss: Optional[Tensor] = None
 
     # -- moving and calling ------------------------------------------------------------------------------
@@ -70,6 +72,10 @@ class Probe:
         """``f(w0 + a u)``, global (the mean over the ranks of a data-parallel run)."""
         self.move(a)
         return self.global_mean(self.call())
+
+    def norms(self) -> list[Tensor]:
+        """``[||w0||, ||u||]`` as 0-d tensors (one fused kernel)."""
+        return flat_norms(self.flat[:2]) if self.flat is not None else vector_norms(self.w0, self.u)
 
     def gradient_dot_u(self) -> Tensor:
         """``g^T u`` for the gradient of the last call (0 where a parameter got none), global."""

@@ -69,7 +69,6 @@ from .scalars import ScalarNamespace, host_values, to_tensors
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
 from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps, norm,
                       reducing)
-from .vectors import norms as vector_norms
 from .workspace import Workspace
 from .workspace import build as build_workspace
 
@@ -293,17 +292,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             if loss is None:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
         all_params = self._all_params()
-        has_grad = []
-        for i, p in enumerate(all_params):
-            g = p.grad
-            if g is None:
-                has_grad.append(False)
-                continue
-            if g.layout != torch.strided:
+        all_grads = [p.grad for p in all_params]
+        has_grad = [g is not None for g in all_grads]
+        for i, g in enumerate(all_grads):
+            if g is not None and g.layout != torch.strided:
                 raise NotImplementedError(
                     f"{type(self).__name__}: parameter {i} has a sparse gradient ({g.layout}); the tuners need dense "
                     "gradients (e.g. nn.Embedding(..., sparse=False))")
-            has_grad.append(True)
         if not any(has_grad):
             if closure is None:
                 raise RuntimeError("no parameter has a gradient: call loss.backward() before opt.step()")
@@ -312,7 +307,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if ws is None or not ws.matches(state, all_params, has_grad):
             ws = self._ws = build_workspace(ws, state, all_params, has_grad, self._concat)
         params, index = ws.params, ws.index
-        grads = [p.grad for p in params]
+        grads = [all_grads[i] for i in index]
         dev = (params or ws.stepped)[0].device
         S = self._scalars()
         acc = self.acc_dtype
@@ -388,7 +383,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         fd = oracle == "fd"
         # the step's host sync: every reduction so far read at once
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
-        vals = host_values(reductions + extra + (vector_norms(w0.views, u.views) if fd else []), S)
+        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []), S)
         it = iter(vals)
         g_dot_u = next(it)
         u_sq = next(it) if secant else None
@@ -430,7 +425,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             # the probes' gradients are the loss's own (never clipped): the sharpness differences the unclipped g
             raw_grads = grads if clip is None or not cfg.enabled else list(torch._foreach_div(grads, clip))
             lt = loss_t if loss_t is not None else torch.full((), math.nan, dtype=acc, device=dev)
-            return Probe(closure, params, raw_grads, w0.views, u.views, lt, S.tensor(numerator, dev), guard,
+            return Probe(closure, params, raw_grads, w0.views, u.views, lt, numerator, guard,
                          self.distributed, all_params, index, flat)
         sharp = {}
         if cfg.enabled and sharpness_due(count, cfg.every):
@@ -471,7 +466,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             else:
                 lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
             if probing:
-                nw, nu = host_values(vector_norms(w0.views, u.views), S)
+                nw, nu = host_values(ws.norms(w0, u), S)
                 lr = finite_difference_step(nw, nu, dtype_eps=least_precise_eps(params), xp=S)
             ratio = (eos_ratio_rule(lr * self._group_lr(), reference, self.coefficient)
                      if self.coefficient is not None else nan)
@@ -699,7 +694,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if self.preconditioned:
             spaces.append(("preconditioned", preconditioned(hvp, preconditioner_scales(self.base, probe.params))))
         out = {}
-        like = probe.numerator
+        like = probe.loss  # the accumulator dtype, on the parameters' device
         for k, (space, matvec) in enumerate(spaces):
             key = layout.EIGVEC[space]
             v0 = [self.state[p].get(key) if p in self.state else None for p in probe.params]

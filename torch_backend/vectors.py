@@ -19,8 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "sq_norm", "norm", "max_abs", "axpy_into", "reducing", "concatenating",
-           "can_concatenate", "ListOps"]
+__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "norm", "max_abs",
+           "axpy_into", "reducing", "concatenating", "can_concatenate", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
 _SHARDS: ContextVar[Optional[Any]] = ContextVar("curvopt_shard_reducer", default=None)
@@ -126,6 +126,14 @@ def norms(*lists: Sequence[Tensor]) -> list[Tensor]:
         out.append(torch.linalg.vector_norm(each[o:o + len(xs)]))
         o += len(xs)
     return out
+
+
+def flat_norms(xs: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`norms` of vectors already concatenated (1-d tensors, e.g. a tuner's flat buffers): one fused
+    kernel; equal to :func:`norms` of the lists they concatenate up to rounding."""
+    if _SHARDS.get() is not None:
+        return [norm([x]) for x in xs]
+    return list(torch._foreach_norm([_acc(x) for x in xs]))
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:

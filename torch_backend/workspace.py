@@ -8,9 +8,9 @@ as the base's own step. The workspace holds them for one set of stepped paramete
 * **Flat buffers.** When the parameters allow concatenated dot products (one dtype and device, few entries:
   :func:`torch_backend.vectors.can_concatenate`), ``w0``, ``u`` (two with the secant oracle, which keeps the
   previous direction) and a scratch vector are each one contiguous tensor with a view per parameter, so
-  ``u <- w - w0``, the dot products and ``w0 + a u`` are single operations on them. These views are what
-  ``state[p]["curvopt_w0"]`` / ``["curvopt_u"]`` hold. Otherwise they are one tensor per parameter, as
-  before, and the same code runs over the lists.
+  ``u <- w - w0``, the dot products, the norms (:meth:`Workspace.norms`) and ``w0 + a u`` are single
+  operations on them. These views are what ``state[p]["curvopt_w0"]`` / ``["curvopt_u"]`` hold. Otherwise
+  they are one tensor per parameter, as before, and the same code runs over the lists.
 * **Cached state.** The state entries of the stepped parameters, the base's tensors in them (what the
   rollback snapshot copies) and the flattened views those tensors are copied through.
 
@@ -30,6 +30,8 @@ from torch import Tensor
 
 from . import state as layout
 from .transaction import fits
+from .vectors import flat_norms
+from .vectors import norms as vector_norms
 
 __all__ = ["Workspace", "build", "split_flat"]
 
@@ -113,6 +115,13 @@ class Workspace:
             torch.cat(self.param_views, out=buf.flat)
         else:
             torch._foreach_copy_(buf.views, self.params)
+
+    @staticmethod
+    def norms(*bufs: "_Buffer") -> list[Tensor]:
+        """The Euclidean norms of the buffers as 0-d tensors (one fused kernel over the flat tensors)."""
+        if all(b.flat is not None for b in bufs):
+            return flat_norms([b.flat for b in bufs])
+        return vector_norms(*(b.views for b in bufs))
 
     def take_snapshot(self) -> list[tuple[Tensor, Optional[dict]]]:
         """Copy the base's tensors of the stepped parameters; returns the entries to restore their keys."""
