@@ -4,8 +4,9 @@
 with weight decay) gives its direction by stepping once at its own per-group ``lr`` (the relative
 multiplier): snapshot ``w``, ``base.step()``, ``u = w_new - w`` (the update at multiplier ``lr_g``, so ``u``
 carries the per-group ratios), and let the tuner write ``w <- w + lr * u`` from the snapshot (a copy, never
-a subtraction). The base's state (momentum buffers, Adam's moments and step counter) advances exactly as in
-a bare run, since it does not depend on the learning rate.
+a subtraction; the snapshot and ``u`` are the buffers of :mod:`torch_backend.workspace`). The base's state
+(momentum buffers, Adam's moments and step counter) advances exactly as in a bare run, since it does not
+depend on the learning rate.
 
 Bases for which this is wrong are refused (:func:`check_base`): a base whose update is not linear in ``lr``
 (``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search), one that keeps iterate averages (``ASGD``:
@@ -13,15 +14,14 @@ its average would collect the probe points), ``SparseAdam`` (sparse gradients), 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-from torch import Tensor
 
 from curvopt.base import BaseMethod
 
 __all__ = ["SUPPORTED_BASES", "base_method", "base_stability_coefficient", "check_base", "check_group",
-           "is_adam_like", "snapshot_into", "direction_into"]
+           "is_adam_like"]
 
 #: the bases the tuners accept without ``allow_any_base=True``
 SUPPORTED_BASES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -94,14 +94,3 @@ def base_stability_coefficient(base: torch.optim.Optimizer) -> Optional[float]:
     method = base_method(base)
     return None if method is None else method.coefficient
 
-
-def snapshot_into(w0: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-    """``w0 <- params`` (exact copies)."""
-    torch._foreach_copy_(list(w0), list(params))
-
-
-def direction_into(u: Sequence[Tensor], params: Sequence[Tensor], w0: Sequence[Tensor]) -> None:
-    """``u <- params - w0`` after the base stepped from ``w0`` to ``params``."""
-    u = list(u)
-    torch._foreach_copy_(u, list(params))
-    torch._foreach_sub_(u, list(w0))
