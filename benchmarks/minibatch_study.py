@@ -1,6 +1,6 @@
 """Mini-batch study of CDAT (issues 11 and 12), on the default suite's own tasks, data and models.
 
-Two studies, each rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
+Three studies, the first two rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
 
 * ``noise`` (issue 11): closure-free (secant) CDAT's learning rate in mini-batch **with and without** the
   secant noise correction (``CDAT(..., noise_correction=True)``, :mod:`torch_backend.noise`), beside CDAT with
@@ -14,6 +14,10 @@ Two studies, each rerunnable from a cache (one JSON line per run in ``--out``; a
   ``--sharpness-every`` steps). ``--task lm`` / ``--regime full`` run the same comparison elsewhere (the
   checks that a rule which helps the mini-batch ResNet does not break the Adam LM or the full batch). Writes
   ``docs/minibatch_edge.png`` (ResNet mini) or ``docs/edge_<task>_<regime>.png``.
+* ``guard`` (issue 12): gradient descent's default CDAT (``sigma = 4`` with the above-edge guard of
+  :class:`curvopt.rules.CDATRule`) on convex problems, where the loss cannot flatten above the edge, against
+  ``sigma = 2``, unguarded ``sigma = 4`` and a guard falling back to the edge (numpy, seconds); ``--replay``
+  counts the steps the guard refused ``sigma = 4`` in the GD CDAT runs of a benchmark ``results.jsonl``.
 
 Variants (``run_variant``): ``constant:LR``; ``fd`` (CDAT with a closure); ``secant`` / ``secant+nc``
 (closure-free without / with the noise correction); ``cdat:k=v;...`` (CDAT with rule settings); research
@@ -31,6 +35,10 @@ Rerun (one thread; about 25 CPU minutes for everything)::
         --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99,fall:0.01@ema=0.99"
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --edge-every 0 \
         --sharpness-every 0 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9"
+    python -m benchmarks.minibatch_study guard    # section 5, the convex table (seconds)
+    OMP_NUM_THREADS=1 python -m benchmarks --suite default --out results/guard --tasks resnet --regimes full \
+        --widths 2,4,8 --tuners constant,cdat --seeds 0,1,2                          # section 5, the networks
+    python -m benchmarks.minibatch_study guard --replay results/guard/results.jsonl
 
 The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
 in full batch, as the suite), its ratio to the constant of the same seed (median and worst seed), the eval
@@ -212,6 +220,9 @@ def _fall_limited(inner, fall: float):
         denominator_avg: object
         avg_weight: object
         cdat_lr: object
+        gap_avg: object
+        gap_weight: object
+        gap_min: object
         held_lr: object
 
     class FallLimited:
@@ -225,7 +236,7 @@ def _fall_limited(inner, fall: float):
             return FallState(*inner.init(zero), zero)
 
         def update(self, x, state, xp):
-            lr, new = inner.update(x, CDATState(*state[:4]), xp)
+            lr, new = inner.update(x, CDATState(*state[:-1]), xp)
             floor = (1 - fall) * state.held_lr
             lr = xp.where(lr > floor, lr, floor)
             return lr, FallState(*new, lr)
@@ -511,9 +522,100 @@ def edge(args, cache: Cache) -> str:
     return text + f"\n\nfigure: {path}\n"
 
 
+# ------------------------------------------------------------------------------------------ guard (issue 12)
+def _convex_problems():
+    """``name -> make(seed) -> (w0, fn)`` with ``fn(w) -> (f, g, hessian-vector form u -> u^T H u)``: two
+    quadratics ``w^T A w / 2`` (50 eigenvalues log-spaced in ``[1, cond]``) and a logistic regression."""
+    import numpy as np
+
+    def quad(cond):
+        def make(seed):
+            lam = np.logspace(0, math.log10(cond), 50)
+            return (np.random.default_rng(seed).standard_normal(50),
+                    lambda w: (0.5 * w @ (lam * w), lam * w, lambda u: u @ (lam * u)))
+        return make
+
+    def logreg(seed):
+        rng = np.random.default_rng(100)
+        x = rng.standard_normal((200, 20)) * np.logspace(0, 1, 20)
+        y = np.sign(x @ rng.standard_normal(20) + 0.5 * rng.standard_normal(200))
+
+        def fn(w):
+            m = y * (x @ w)
+            p = 0.5 * (1 - np.tanh(m / 2))  # 1 / (1 + e^m) without overflow
+            return (np.mean(np.logaddexp(0, -m)), -(x.T @ (y * p)) / len(y),
+                    lambda u: np.mean(p * (1 - p) * (x @ u) ** 2))
+        return np.random.default_rng(seed).standard_normal(20) * 0.1, fn
+
+    return {"quadratic, cond 100": quad(100.0), "quadratic, cond 1e4": quad(1e4), "logistic regression": logreg}
+
+
+def _gd_run(rule, make, seed: int, steps: int) -> list[float]:
+    """Plain GD with the core rule (exact curvature, loss known, numpy): the losses (stops past 1e30)."""
+    import numpy as np
+
+    from curvopt import rules
+
+    w, fn = make(seed)
+    state, losses = rule.init(np.float64(0)), []
+    for k in range(steps):
+        f, g, hv = fn(w)
+        lr, state = rules.apply_rule(rule, rules.RuleInputs(np.float64(g @ g), np.float64(hv(-g)), np.float64(f),
+                                                            np.float64(np.nan), k), state, np)
+        w = w - float(lr) * g
+        losses.append(float(f))
+        if not math.isfinite(f) or f > 1e30:
+            break
+    return losses
+
+
+def guard(args, cache=None) -> str:
+    """The above-edge guard (``curvopt.rules.above_edge_guard``): GD's default (sigma 4, guarded) against sigma 2,
+    sigma 4 unguarded and a guard falling back to the edge, on convex problems (final and peak loss / initial);
+    with ``--replay PATH`` (a benchmark ``results.jsonl``), how many steps of each GD CDAT run the guard refused
+    sigma 4 (replayed on the recorded losses: the guard depends on the loss sequence only)."""
+    import dataclasses
+
+    import numpy as np
+
+    from curvopt import rules
+    from curvopt.base import BaseMethod
+
+    gd = rules.CDATRule(sigma=rules.default_sigma(BaseMethod.gd()), ema=rules.default_ema(BaseMethod.gd()))
+    variants = (("GD default (sigma 4, guarded)", gd), ("sigma 2", dataclasses.replace(gd, sigma=2.0)),
+                ("sigma 4 unguarded", dataclasses.replace(gd, guard=math.inf)),
+                ("guard falls back to 2", dataclasses.replace(gd, guard_sigma=2.0)))
+    out = ["| problem | " + " | ".join(f"{n}: final ÷ initial (peak ÷ initial)" for n, _ in variants) + " |",
+           "|---" * (len(variants) + 1) + "|"]
+    for name, make in _convex_problems().items():
+        cells = []
+        for _, rule in variants:
+            runs = [_gd_run(rule, make, s, args.steps or 1000) for s in args.seeds]
+            fin = [r[-1] / r[0] if len(r) == (args.steps or 1000) else math.inf for r in runs]
+            peak = [max(r) / r[0] for r in runs]
+            cells.append(f"{min(fin):.2g}-{max(fin):.2g} ({min(peak):.2g}-{max(peak):.2g})")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if args.replay:
+        out.append("")
+        with open(args.replay) as fh:
+            for line in fh:
+                r = json.loads(line)
+                if r["tuner"] != "cdat" or r["base"] != "gd":
+                    continue
+                st, refused, first = (np.float64(0), np.float64(0), np.float64(np.inf)), 0, None
+                for k, v in enumerate(r["steps"]["loss"]):
+                    allowed, _, *st = rules.above_edge_guard(np.float64(v), gd.f_star, *st, guard=gd.guard, ema=gd.ema,
+                                                             xp=np)
+                    if not allowed:
+                        refused, first = refused + 1, k if first is None else first
+                out.append(f"- {r['task']} {r['regime']} w{r['width']} seed {r['seed']}: sigma 4 refused on "
+                           f"{refused} of {len(r['steps']['loss'])} steps (first at step {first})")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.minibatch_study", description=__doc__.split("\n\n")[0])
-    ap.add_argument("study", choices=("noise", "edge"))
+    ap.add_argument("study", choices=("noise", "edge", "guard"))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the suite's)")
     ap.add_argument("--out", default="results/minibatch_study", help="cache directory (runs.jsonl)")
@@ -525,7 +627,11 @@ def main(argv=None) -> int:
     ap.add_argument("--regime", default="mini", help="edge: the regime (default mini)")
     ap.add_argument("--edge-every", type=int, default=10)
     ap.add_argument("--sharpness-every", type=int, default=50)
+    ap.add_argument("--replay", default=None, help="guard: a benchmark results.jsonl whose GD CDAT runs to replay")
     args = ap.parse_args(argv)
+    if args.study == "guard":  # numpy only, no runs to cache
+        print(guard(args))
+        return 0
     import torch
 
     with torch.backends.mkldnn.flags(enabled=False):

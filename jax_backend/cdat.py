@@ -8,7 +8,7 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE
-from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_ema
+from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_ema, default_sigma
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
@@ -49,7 +49,7 @@ ScaleByQuadraticGreedyState = ScaleByCDATState
 
 
 def scale_by_cdat(
-    sigma: Any = _CDAT.sigma,
+    sigma: Any = None,
     ema: float | None = None,
     eps: float = _CDAT.eps,
     lr_max: float = _CDAT.lr_max,
@@ -57,6 +57,8 @@ def scale_by_cdat(
     startup: str = _CDAT.startup,
     f_star: float = _CDAT.f_star,
     growth: float = _CDAT.growth,
+    guard: float = _CDAT.guard,
+    guard_sigma: float = _CDAT.guard_sigma,
     curvature: str = DEFAULT_CURVATURE,
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
@@ -67,8 +69,12 @@ def scale_by_cdat(
     sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) /
-    avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup``); ``sigma`` may be a
-    schedule ``step -> sigma`` (or injected with ``optax.inject_hyperparams``).
+    avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup`` and the above-edge
+    ``guard``/``guard_sigma``); ``sigma`` may be a schedule ``step -> sigma`` (or injected with
+    ``optax.inject_hyperparams``); ``sigma=None`` (default): by ``base_method`` (:func:`curvopt.rules.default_sigma`:
+    4, guarded, for gradient descent with the robust start-up; 2 for heavy ball, Nesterov, Adam and
+    ``startup="paper"``). The guard needs the loss (``value`` or ``value_fn``); without it a ``sigma`` above 2
+    is held at 2.
 
     Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
     (default: ``"fd"`` when the update gets ``value_fn``, ``"secant"`` without one), ``"fd"``, ``"exact"`` or
@@ -87,8 +93,9 @@ def scale_by_cdat(
     ``ValueError`` here. State: :class:`ScaleByCDATState`.
     """
     ema = default_ema(as_base_method(base_method), ema)  # None: the base's default
+    sigma = default_sigma(as_base_method(base_method), sigma, startup)  # None: the base's default
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
-                growth=growth)
+                growth=growth, guard=guard, guard_sigma=guard_sigma)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))

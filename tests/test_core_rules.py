@@ -1,4 +1,5 @@
 """The core on plain numbers, through NumPy as the array namespace: exact answers by hand, dense checks."""
+import dataclasses
 import math
 
 import numpy as np
@@ -314,3 +315,89 @@ def test_cdat_default_ema_by_base():
     for method in (BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
         assert rules.default_ema(method) == 0.9
     assert rules.default_ema(BaseMethod.gd(), 0.5) == 0.5 and rules.default_ema(BaseMethod.adam(), 0.0) == 0.0
+
+
+def test_cdat_default_sigma_by_base():
+    """The tuners' ``sigma=None`` is resolved by the base: 4 (twice the edge, guarded) for plain gradient
+    descent with the robust start-up, 2 (the edge) for heavy ball, Nesterov, Adam, an unknown base and the
+    paper's start-up; an explicit ``sigma`` is kept."""
+    assert rules.CDATRule().sigma == rules.SIGMA_EDGE == 2.0
+    assert rules.default_sigma(BaseMethod.gd()) == rules.SIGMA_ABOVE_EDGE == 4.0
+    for method in (None, BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9), BaseMethod.adam()):
+        assert rules.default_sigma(method) == 2.0
+    assert rules.default_sigma(BaseMethod.gd(), None, "paper") == 2.0
+    assert rules.default_sigma(BaseMethod.gd(), 2.0) == 2.0 and rules.default_sigma(BaseMethod.adam(), 4.0) == 4.0
+
+
+def test_above_edge_guard_by_hand():
+    """The guard's average of the loss gap, its minimum and its verdict, step by step (guard 2, ema 0.5)."""
+    state = (f(0), f(0), f(np.inf))
+
+    def step(value, state):
+        allowed, seen, *state = rules.above_edge_guard(f(value), 0.0, *state, guard=2.0, ema=0.5, xp=xp)
+        return bool(allowed), bool(seen), state
+
+    allowed, seen, state = step(np.nan, state)  # no loss known yet: not seen, not allowed, nothing averaged
+    assert (allowed, seen) == (False, False) and list(map(float, state)) == [0.0, 0.0, np.inf]
+    allowed, seen, state = step(4.0, state)     # mean 4 (bias-corrected), min 4
+    assert (allowed, seen) == (True, True) and float(state[2]) == 4.0
+    allowed, seen, state = step(2.0, state)     # mean (0.25*4 + 0.5*2) / 0.75 = 8/3, the new min
+    assert allowed and float(state[2]) == pytest.approx(8 / 3)
+    allowed, seen, state = step(12.0, state)    # mean (0.5*2 + 6) / 0.875 = 8: above 2 x 8/3
+    assert (allowed, seen) == (False, True) and float(state[2]) == pytest.approx(8 / 3)
+    allowed, seen, state = step(np.nan, state)  # an unknown loss leaves the average: still 8, still refused
+    assert not allowed and float(state[0]) / float(state[1]) == pytest.approx(8.0)
+    allowed, seen, state = step(0.0, state)     # mean 3.5 / 0.9375 = 3.73 <= 16/3: allowed again
+    assert allowed and float(state[2]) == pytest.approx(8 / 3)
+
+
+def test_cdat_guard_scales_the_rate_by_hand():
+    """sigma 4 while allowed; once the loss rose past the guard, the rate at ``guard_sigma`` (1: the greedy
+    step of the same averages); without a known loss, the rate at the edge (2)."""
+    rule = rules.CDATRule(sigma=4.0, ema=0.0, guard=2.0, growth=1e9)
+    lrs, _ = _run(rule, [(1.0, 1.0, 1.0), (1.0, 1.0, 1.5), (1.0, 1.0, 2.5), (1.0, 1.0, 0.5), (1.0, 1.0, 1.5)])
+    assert lrs == [4.0, 4.0, 1.0, 4.0, 1.0]  # ema 0: the verdict is on the raw loss against its minimum
+    assert _run(rule, [(1.0, 1.0)] * 2)[0] == [2.0, 2.0]  # loss unknown (closure-free): on the edge
+    # sigma <= 2 is never touched (Adam's and heavy ball's default), nor the paper's rule
+    assert _run(dataclasses.replace(rule, sigma=2.0), [(1.0, 1.0, 1.0), (1.0, 1.0, 9.0)])[0] == [2.0, 2.0]
+    paper = dataclasses.replace(rule, startup="paper")
+    assert _run(paper, [(1.0, 1.0, 1.0), (1.0, 1.0, 9.0), (1.0, 1.0)])[0] == [4.0, 4.0, 4.0]
+
+
+def _gd_on_quadratic(rule, steps=400, seed=0, cond=100.0, d=50):
+    """Plain gradient descent on f = w^T A w / 2 (eigenvalues log-spaced in [1, cond]) with the exact
+    curvature and the loss known, the way the backends feed the rule. Returns the losses and the verdicts."""
+    rng = np.random.default_rng(seed)
+    lam = np.logspace(0, np.log10(cond), d)
+    w = rng.standard_normal(d)
+    state = rule.init(f(0))
+    losses, refused = [], 0
+    for k in range(steps):
+        g = lam * w
+        value = 0.5 * w @ g
+        allowed, *_ = rules.above_edge_guard(f(value), rule.f_star, *state[4:], guard=rule.guard,
+                                             ema=rule.ema, xp=xp)
+        refused += not bool(allowed)
+        lr, state = rules.apply_rule(rule, rules.RuleInputs(f(g @ g), f(g @ (lam * g)), f(value), f(np.nan), k),
+                                     state, xp)
+        w = w - float(lr) * g
+        losses.append(float(value))
+        if not np.isfinite(value) or value > 1e30:
+            break
+    return losses, refused
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_guarded_above_edge_default_converges_on_a_convex_quadratic(seed):
+    """GD's default (sigma 4, guarded) on a convex quadratic, where nothing flattens the landscape above the
+    edge: unguarded, the top mode grows every step and the run diverges; guarded, the guard engages (the rate
+    falls to the greedy step whenever the loss average has doubled from its minimum) and the run converges,
+    far below where sigma 2 stalls (on a quadratic the edge rule leaves the top mode neutral)."""
+    gd = rules.CDATRule(sigma=rules.default_sigma(BaseMethod.gd()), ema=rules.default_ema(BaseMethod.gd()))
+    losses, refused = _gd_on_quadratic(gd, seed=seed)
+    assert len(losses) == 400 and refused > 0
+    assert losses[-1] < 1e-8 * losses[0]
+    unguarded, _ = _gd_on_quadratic(dataclasses.replace(gd, guard=np.inf), seed=seed)
+    assert unguarded[-1] > 1e20
+    edge, _ = _gd_on_quadratic(dataclasses.replace(gd, sigma=2.0), seed=seed)
+    assert edge[-1] > 1e-3 * edge[0] > losses[-1]

@@ -104,10 +104,12 @@ def test_probes_false_refuses_probing_settings_at_construction():
 
 
 def test_probes_false_calls_the_closure_once_like_closure_free():
+    # sigma = 2 on both sides: GD's default sigma 4 goes above the edge only where the loss is known (its guard
+    # watches it), which is the case with probes=False and not closure-free
     h, w0 = quadratic()
-    _, _, ref, _, _ = closure_free_run(lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0)), h, w0)
+    _, _, ref, _, _ = closure_free_run(lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0), sigma=2.0), h, w0)
     w = nn.Parameter(w0.clone())
-    opt = CDAT(torch.optim.SGD([w], lr=1.0), probes=False)
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=2.0, probes=False)
     calls, lrs = [], []
 
     quad = quad_closure(opt, w, h)

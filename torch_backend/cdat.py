@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import DEFAULT_CURVATURE, SharpnessLike
-from curvopt.rules import CDATRule, default_ema
+from curvopt.rules import CDATRule, default_ema, default_sigma
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
@@ -34,7 +34,10 @@ class CDAT(CurvatureTuner):
             ``Adam`` or ``AdamW`` (others with ``allow_any_base=True``, see
             :func:`torch_backend.direction.check_base`). Its per-group ``lr`` is a relative multiplier.
         sigma: scale of the quadratic-model step; 1 is greedy, 2 "on edge" (the largest lr with
-            ``q(lr) <= f``). May be a schedule ``step -> sigma``, and assigned (``opt.sigma = ...``).
+            ``q(lr) <= f``). May be a schedule ``step -> sigma``, and assigned (``opt.sigma = ...``). None
+            (default): by the base, 4 (above the edge, guarded) for SGD without momentum, 2 for SGD with
+            momentum or Nesterov, Adam/AdamW, another base and ``startup="paper"``
+            (:func:`curvopt.rules.default_sigma`; :class:`curvopt.rules.CDATRule` says why).
         ema: factor of the two exponential moving averages (numerator and denominator, kept separately);
             None (default): by the base, 0.99 for Adam/AdamW, 0.9 for SGD (with or without momentum) and 0.99
             for another base (:func:`curvopt.rules.default_ema`, :class:`curvopt.rules.CDATRule` says why).
@@ -43,6 +46,10 @@ class CDAT(CurvatureTuner):
         startup, f_star, growth: ``startup="robust"`` (default: a loss-bound curvature floor for a loss bounded
             below by ``f_star``, a ramp over the averages' horizon and a growth cap of ``growth`` per step) or
             ``"paper"`` (the paper's rule exactly); :class:`curvopt.rules.CDATRule` states each.
+        guard, guard_sigma: the robust start-up's above-edge guard, for ``sigma > 2``: once the loss (averaged
+            with ``ema``) has risen past ``guard`` times its lowest average, the rate is ``guard_sigma`` times
+            the quadratic step until it is back (``guard=inf``: off). It needs the loss: in a closure-free step
+            a ``sigma`` above 2 is held at 2 (:func:`curvopt.rules.above_edge_guard`).
         curvature: the oracle for ``u^T H u``: ``"auto"`` (``"fd"`` with a closure), ``"fd"``, ``"secant"`` or
             ``"exact"`` (see :mod:`torch_backend.oracles`).
         sharpness: the online sharpness: a :class:`curvopt.SharpnessConfig`, an int ``k`` (every k steps) or
@@ -73,23 +80,28 @@ class CDAT(CurvatureTuner):
     non-finite curvature probe gives lr 0 for that step and leaves the averages unchanged.
     """
 
-    def __init__(self, base: torch.optim.Optimizer, sigma: Any = default_of(CDATRule, "sigma"),
+    def __init__(self, base: torch.optim.Optimizer, sigma: Any = None,
                  ema: Optional[float] = None, eps: float = default_of(CDATRule, "eps"),
                  lr_max: float = default_of(CDATRule, "lr_max"), *, startup: str = default_of(CDATRule, "startup"),
                  f_star: float = default_of(CDATRule, "f_star"), growth: float = default_of(CDATRule, "growth"),
+                 guard: float = default_of(CDATRule, "guard"),
+                 guard_sigma: float = default_of(CDATRule, "guard_sigma"),
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, modules: ModulesLike = None,
                  functional_loss: Optional[Callable] = None, stability_coefficient: Optional[float] = None,
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, probes: bool = True, noise_correction: Optional[bool] = None,
                  **deprecated: Any) -> None:
-        self.rule = CDATRule(sigma=sigma, ema=default_ema(None, ema), eps=eps, lr_max=lr_max, startup=startup,
-                             f_star=f_star, growth=growth)
+        self.rule = CDATRule(sigma=default_sigma(None, sigma, startup), ema=default_ema(None, ema), eps=eps,
+                             lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
+                             guard_sigma=guard_sigma)
         super().__init__(base, curvature=curvature, sharpness=sharpness, modules=modules,
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, probes=probes, noise_correction=noise_correction)
         if ema is None:  # the base's default (curvopt.rules.default_ema); the base is known from here on
             self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method))
+        if sigma is None:  # the base's default (curvopt.rules.default_sigma)
+            self.rule = dataclasses.replace(self.rule, sigma=default_sigma(self.method, None, startup))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()

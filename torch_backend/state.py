@@ -14,7 +14,9 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
 * global, in the state of the **first parameter of the first group** (as ``torch.optim.LBFGS`` keeps its
   globals): ``curvopt_step`` (steps taken, int), ``curvopt_skipped`` (int), the rule's state fields
   (``curvopt_numerator_avg``, ``curvopt_denominator_avg``, ``curvopt_avg_weight``, ``curvopt_held_lr``,
-  ``curvopt_search_lr``: 0-d tensors of the accumulator dtype), the latest sharpness estimates
+  ``curvopt_search_lr``, CDAT's above-edge guard ``curvopt_gap_avg``, ``curvopt_gap_weight``,
+  ``curvopt_gap_min``: 0-d tensors of the accumulator dtype; a CDAT state saved before the guard existed loads
+  with the guard's start values, :data:`curvopt.rules.GUARD_START`), the latest sharpness estimates
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg``, and
@@ -35,6 +37,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from curvopt.rules import GUARD_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD", "META_TUNER",
            "META_BASE", "rule_key", "is_ours", "prepare"]
@@ -130,6 +134,11 @@ def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor],
         globals_[key] = v
     if STEP in globals_ and globals_[STEP] > 0:
         missing = [f for f in rule_fields if rule_key(f) not in globals_]
+        saved = [globals_[rule_key(f)] for f in rule_fields if rule_key(f) in globals_]
+        if saved:  # a CDAT state saved before the above-edge guard existed: the guard starts afresh
+            for f in [f for f in missing if f in GUARD_START]:
+                globals_[rule_key(f)] = torch.tensor(GUARD_START[f], dtype=saved[0].dtype)
+            missing = [f for f in missing if f not in GUARD_START]
         if missing:
             raise ValueError(f"this {tuner} state dict has no rule state {missing}: it comes from another tuner")
     groups = [dict(g) for g in groups]
