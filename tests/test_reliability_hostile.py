@@ -322,13 +322,15 @@ def jax_steps():
         out[name] = (opt, jax.jit(step))
     vg = jax.jit(jax.value_and_grad(loss_fn))
 
-    def finite_at(w, *args):
+    def skip_bounds(w, *args):
+        """``(must skip, may skip)`` at ``w``: a non-finite value or gradient must be skipped; a finite gradient
+        whose squared norm overflows float32 may be (``g^T u`` overflows with ``u = -g``; behind Adam or
+        momentum ``u`` is not ``-g`` and ``g^T u`` can stay finite, so the step is rightly taken)."""
         value, grad = vg(w, *args)
-        # a finite gradient whose squared norm overflows float32 makes g^T u non-finite: a legitimate skip too
-        return (bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad)))
-                and bool(jnp.isfinite(jnp.sum(grad * grad))))
+        must = not (bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad))))
+        return must, must or not bool(jnp.isfinite(jnp.sum(grad * grad)))
 
-    out["finite_at"] = finite_at
+    out["skip_bounds"] = skip_bounds
     return out
 
 
@@ -350,13 +352,14 @@ def test_jax_random_faults_never_leave_nan_parameters(jax_steps, tuner, log_scal
     opt, step = jax_steps[tuner]
     w = jnp.asarray([1.0, -0.5, 2.0], jnp.float32)
     state = opt.init(w)
-    bad = 0
+    must, may = 0, 0
     for p in poison:
         args = (jnp.asarray(a, jnp.float32), jnp.float32(10.0 ** log_scale), jnp.float32(p))
         # skipped: a poisoned loss, or one that overflows after a step taken on a negated (lying) loss
-        bad += int(not jax_steps["finite_at"](w, *args))
+        must_skip, may_skip = jax_steps["skip_bounds"](w, *args)
+        must, may = must + must_skip, may + may_skip
         w, state = step(w, state, *args)
         assert bool(jnp.all(jnp.isfinite(w))), (tuner, log_scale, a, poison, w)
         assert state[1].stats.lr.dtype == jnp.float32
-    assert int(state[1].stats.skipped) == bad
+    assert must <= int(state[1].stats.skipped) <= may
     _survived()
