@@ -250,6 +250,8 @@ def readme_table(analysis: dict) -> str:
     for g in groups:
         per: dict = defaultdict(list)
         for w, info in analysis[g].items():
+            if info["best_label"] is None:  # no constant ran at this width (a narrowed sweep): nothing to divide by
+                continue
             for lab, r in info["rows"].items():
                 if r["is_best_constant"]:
                     continue

@@ -313,6 +313,20 @@ def test_report_tables_and_plots(tmp_path):
     assert os.path.exists(rep["readme_table"])
 
 
+def test_report_of_a_sweep_without_constants(tmp_path):
+    """A narrowed sweep (e.g. ``--tuners cdat``) has no constant to divide by: the report is still written,
+    with no ratio for those runs."""
+    for seed in (0, 1):
+        results.append_result(str(tmp_path / results.RESULTS),
+                              _fake(f"d{seed}", "cdat", None, [2.0 - 0.1 * i for i in range(10)], [0.3] * 10,
+                                    seed=seed))
+    rep = report.write_report(str(tmp_path))
+    info = rep["analysis"][("resnet", "full", "torch", "sp")][8]
+    assert info["best_label"] is None
+    assert "| cdat |" not in open(rep["readme_table"]).read()
+    assert "## resnet · full batch · torch · sp" in open(rep["path"]).read()
+
+
 def test_cli_help_documents_every_flag(capsys):
     from benchmarks.__main__ import build_parser
 
