@@ -7,10 +7,9 @@
   line search) and the peers Prodigy and schedule-free at the middle width, the ViT's cheaper
   runs also at every width, D-Adaptation and Sophia-H on the ViT's middle width), mini-batch ResNet and LM, JAX
   rows (ViT: CDAT and the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best value sits at
-  an edge (ResNet/LM full start from 3 values, the rest from 5; at most 2 added for the ViT, whose digits are
-  separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence). Online sharpness every
-  25 steps (50 on the full-batch ResNet and LM). One run took 31 minutes on a quiet machine (the constant grids
-  widened more than estimated); the line-search row is ~2 of them.
+  an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added for the ViT,
+  whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence).
+  Online sharpness every 25 steps (50 on the full-batch ResNet and LM).
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
   all training digits / 1,024 LM blocks with deeper models, 2 widths in mini-batch, JAX and muP rows for ViT
@@ -138,7 +137,7 @@ DEFAULT = Suite(
     "the middle one, the ViT's paper rule, Prodigy and schedule-free at every width); mini-batch ResNet and LM; JAX rows (ViT) and "
     "muP rows (ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
     _widths(Experiment("vit", "full", (), (), 500, model=VIT, full_batch_size=1024, eval_size=359,
-                       grid=grid(0.064, 5, R2), widen=2, sharpness=25),
+                       grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25),
             (4, 8, 16), MINI, FULL + ("dadapt", "sophia"))
     + _widths(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359,
                          grid=grid(0.177, 3, R2), widen=4, sharpness=50),
@@ -152,10 +151,10 @@ DEFAULT = Suite(
         Experiment("lm", "mini", (16,), MINI, 500, model=LM, batch_size=16, block_len=32, eval_size=256,
                    grid=grid(0.032, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat"), 500, model=VIT,
-                   full_batch_size=1024, eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25,
+                   full_batch_size=1024, eval_size=359, grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25,
                    backends=("jax",)),
         Experiment("vit", "full", (8, 16, 32), ("constant",) + CDATS, 500, model=VIT, full_batch_size=256,
-                   eval_size=359, grid=grid(0.064, 5, R2), widen=2, sharpness=25, params=("mup",)),
+                   eval_size=359, grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25, params=("mup",)),
     ),
     seeds=(0, 1, 2),
     jobs=2,
