@@ -399,11 +399,11 @@ class CDATRule:
         return cls(sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, startup="paper")
 
     def init(self, zero: Any) -> CDATState:
-        return CDATState(zero, zero, zero, zero, *(zero + v for v in GUARD_START.values()))
+        return CDATState(zero, zero, zero, zero, **{f: zero + v for f, v in GUARD_START.items()})
 
     def update(self, x: RuleInputs, state: CDATState, xp: Any) -> tuple[Any, CDATState]:
         sigma = at_step(self.sigma, x.count)
-        guard = state[4:]
+        guard = (state.gap_avg, state.gap_weight, state.gap_min)
         weight = self.ema * state.avg_weight + (1 - self.ema)
         if self.startup == "paper":
             curvature = abs(x.curvature)

@@ -92,8 +92,8 @@ def scale_by_cdat(
     ``value_fn(params, **extra)`` enables the fd/exact oracles and the sharpness. Bad settings raise
     ``ValueError`` here. State: :class:`ScaleByCDATState`.
     """
-    ema = default_ema(as_base_method(base_method), ema)  # None: the base's default
-    sigma = default_sigma(as_base_method(base_method), sigma, startup)  # None: the base's default
+    method = as_base_method(base_method)
+    ema, sigma = default_ema(method, ema), default_sigma(method, sigma, startup)  # None: the base's defaults
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
                 growth=growth, guard=guard, guard_sigma=guard_sigma)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,

@@ -105,11 +105,11 @@ def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: s
 
 def check_base_method(method: BaseMethod, base_state: Any, tuner: str) -> None:
     """At trace time: warn when the base's state handed over is Adam's but ``base_method`` is not (the default
-    ``None`` is gradient descent): CDAT's default ``ema`` and every stability coefficient follow it."""
+    ``None`` is gradient descent): CDAT's default ``sigma`` and ``ema`` and every stability coefficient follow it."""
     if base_state is not None and not method.preconditioned and find_adam_state(base_state) is not None:
         warnings.warn(
             f"{tuner}: the base's state is Adam's (optax.ScaleByAdamState) but base_method is {method.kind!r}, so "
-            "the defaults for that base apply (CDAT's ema, the stability coefficient of eos_ratio) and no "
+            "the defaults for that base apply (CDAT's sigma and ema, the stability coefficient of eos_ratio) and no "
             "preconditioned sharpness is estimated: pass base_method=\"adam\" (or BaseMethod.adam(b1, b2, eps)).",
             RuntimeWarning, stacklevel=3)
 

@@ -98,10 +98,9 @@ class CDAT(CurvatureTuner):
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, probes=probes, noise_correction=noise_correction)
-        if ema is None:  # the base's default (curvopt.rules.default_ema); the base is known from here on
-            self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method))
-        if sigma is None:  # the base's default (curvopt.rules.default_sigma)
-            self.rule = dataclasses.replace(self.rule, sigma=default_sigma(self.method, None, startup))
+        # None: the base's defaults (curvopt.rules.default_ema / default_sigma); the base is known from here on
+        self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
+                                        sigma=default_sigma(self.method, sigma, startup))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()

@@ -37,14 +37,12 @@ from .vectors import dot, least_precise_eps
 __all__ = ["finite_difference", "exact", "check_functional_loss"]
 
 
-def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: Optional[tuple[Any, Any]] = None) -> Any:
+def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: tuple[Any, Any]) -> Any:
     """One probe at ``w + h u``; the parameters are left there (the tuner writes the update next).
 
     The step's scalars are host scalars (``xp`` is the tuner's :class:`torch_backend.scalars.ScalarNamespace`):
-    ``numerator = -g^T u``, ``norms = (||w0||, ||u||)`` if the step already read them; returns ``u^T H u``."""
+    ``numerator = -g^T u``, ``norms = (||w0||, ||u||)``; returns ``u^T H u``."""
     eps = least_precise_eps(probe.params)  # the displacement must show in the coarsest parameter dtype
-    if norms is None:
-        norms = tuple(host_values(probe.norms(), xp))
     h = finite_difference_step(norms[0], norms[1], dtype_eps=eps, xp=xp)
     probe.move(xp.tensor(h, probe.loss.device))
     probe.fd_step, probe.fd_loss = h, probe.call()  # kept for the tuner's replay check

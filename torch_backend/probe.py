@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from .buffers import ProbeGuard
-from .vectors import axpy_into, dot, flat_dots, flat_norms
-from .vectors import norms as vector_norms
+from .vectors import axpy_into, dot, flat_dots
 
 __all__ = ["Probe", "move_flat"]
 
@@ -72,10 +71,6 @@ class Probe:
         """``f(w0 + a u)``, global (the mean over the ranks of a data-parallel run)."""
         self.move(a)
         return self.global_mean(self.call())
-
-    def norms(self) -> list[Tensor]:
-        """``[||w0||, ||u||]`` as 0-d tensors (one fused kernel)."""
-        return flat_norms(self.flat[:2]) if self.flat is not None else vector_norms(self.w0, self.u)
 
     def gradient_dot_u(self) -> Tensor:
         """``g^T u`` for the gradient of the last call (0 where a parameter got none), global."""

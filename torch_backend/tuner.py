@@ -441,7 +441,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         elif fd or (secant and not has_secant):
             probe = probe or make_probe()
             with S.errstate():  # the secant's fallback when there is no secant
-                curvature = finite_difference(probe, S, numerator, fd_norms)
+                norms = fd_norms if fd_norms is not None else tuple(host_values(ws.norms(w0, u), S))
+                curvature = finite_difference(probe, S, numerator, norms)
             if not self._replay_checked:
                 self._check_replay(probe, curvature)
         elif secant:
