@@ -9,8 +9,11 @@ Three measurements, printed as markdown tables:
    Base and tuner blocks of steps are interleaved in one process (:mod:`benchmarks.timing`, shared with the
    JAX rows of :mod:`benchmarks.overhead_jax`), torch on one thread; the reported ratio is the median over
    repeats of (median tuner step ÷ median base step). The rows "no closure" time the closure-free step
-   (``loss.backward(); opt.step()``, secant curvature) against the same bare step. ``--clock cpu`` times the
-   thread's CPU time instead of wall time (steadier on a shared machine).
+   (``loss.backward(); opt.step()``, secant curvature) against the same bare step. The rows "fd floor" time
+   ``closure(); closure(); base.step()`` — what the fd oracle's step (one extra closure call) would cost if
+   the tuner's own work took no time — against the same bare step: an fd row's ratio minus its floor is the
+   tuner's own work in units of the bare step, and no fd step can go below its floor. ``--clock cpu`` times
+   the thread's CPU time instead of wall time (steadier on a shared machine).
 
    ``--baseline REV`` (torch rows only) measures a git revision and the working tree **in the same run**: the
    revision is checked out with ``git worktree`` into a temporary directory, and two worker processes — one
@@ -93,6 +96,8 @@ BASES = {
 }
 #: the oracle column of the closure-free rows: ``loss.backward(); opt.step()`` (secant curvature, no probes)
 NO_CLOSURE = "secant, no closure"
+#: the oracle column of the floor rows: ``closure(); closure(); base.step()``, an fd step without the tuner's work
+FD_FLOOR = "2 closures + base.step()"
 CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("CDAT", "fd", "adam", lambda b, m: CDAT(b, lr_max=1e-2, modules=m)),
     ("CDAT", "secant", "adam", lambda b, m: CDAT(b, curvature="secant", lr_max=1e-2, modules=m)),
@@ -105,12 +110,16 @@ CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("CDAT+sharpness", "fd, every 10", "adam", lambda b, m: CDAT(b, lr_max=1e-2, sharpness=10, modules=m)),
     ("CDAT", NO_CLOSURE, "adam", lambda b, m: CDAT(b, lr_max=1e-2, modules=m)),
     ("CDAT", NO_CLOSURE, "sgd+momentum", lambda b, m: CDAT(b, lr_max=0.05, modules=m)),
+    ("fd floor", FD_FLOOR, "adam", None),
+    ("fd floor", FD_FLOOR, "sgd+momentum", None),
 ]
 
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _runner(make, loss_fn, base_name, factory, closure_free=False):
+def _runner(make, loss_fn, base_name, factory, closure_free=False, calls=1):
+    """One step of the bare base (``factory`` None: ``calls`` closure calls, then ``base.step()``) or of the
+    tuner ``factory(base, model)`` (``opt.step(closure)``, or ``closure(); opt.step()`` if ``closure_free``)."""
     model = make()
     base = BASES[base_name](model.parameters())
     if base_name == "adam":
@@ -128,7 +137,8 @@ def _runner(make, loss_fn, base_name, factory, closure_free=False):
         base.param_groups[0]["lr"] = 1e-3
 
         def step():
-            closure()
+            for _ in range(calls):
+                closure()
             base.step()
     elif closure_free:
         def step():
@@ -146,7 +156,14 @@ def _steps(task: str, config: int):
     make, loss_fn = TASKS[task]()
     _, oracle, base_name, factory = CONFIGS[config]
     return (_runner(make, loss_fn, base_name, None),
-            _runner(make, loss_fn, base_name, factory, closure_free=oracle == NO_CLOSURE))
+            _runner(make, loss_fn, base_name, factory, closure_free=oracle == NO_CLOSURE,
+                    calls=2 if oracle == FD_FLOOR else 1))
+
+
+def _skipped(step) -> int:
+    """Steps the tuner of ``step`` skipped (0 for a floor row's bare base)."""
+    stats = getattr(step.optimizer, "stats", None)
+    return 0 if stats is None else int(float(stats["skipped"]))
 
 
 def measure_step_time(repeats: int, steps: int, tasks=("cnn", "lm"), clock: str = "wall",
@@ -158,7 +175,7 @@ def measure_step_time(repeats: int, steps: int, tasks=("cnn", "lm"), clock: str 
                 continue
             base_step, tuned_step = _steps(task, i)
             ratio, tb = step_time_ratio(base_step, tuned_step, repeats=repeats, steps=steps, clock=clock)
-            skipped = int(float(tuned_step.optimizer.stats["skipped"]))
+            skipped = _skipped(tuned_step)
             rows.append(dict(task=task, tuner=tuner, oracle=oracle, base=base_name, backend="torch",
                              ratio=ratio, base_ms=1e3 * tb, skipped=skipped))
     return rows
@@ -206,7 +223,7 @@ def _worker(lib: str) -> None:
             from benchmarks.timing import time_block
             reply = {"t": time_block(steps[cmd["which"]], cmd["n"], cmd["clock"])}
         elif op == "skipped":
-            reply = {"skipped": int(float(steps["tuned"].optimizer.stats["skipped"]))}
+            reply = {"skipped": _skipped(steps["tuned"])}
         else:
             break
         out.write(json.dumps(reply) + "\n")
