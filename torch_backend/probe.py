@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .buffers import ProbeGuard
+from .scalars import as_scalar
 from .vectors import axpy_into, dot, flat_dots
 
 __all__ = ["Probe", "move_flat"]
@@ -65,7 +66,7 @@ class Probe:
         for p in self.params:
             p.grad = None
         out = self.guard.probe(self.closure)
-        return torch.as_tensor(out).detach().to(device=self.loss.device, dtype=self.loss.dtype).reshape(())
+        return as_scalar(out, self.loss.dtype, self.loss.device)
 
     def loss_at(self, a: Tensor) -> Tensor:
         """``f(w0 + a u)``, global (the mean over the ranks of a data-parallel run)."""

@@ -1,7 +1,7 @@
 """A step as a transaction: what a failing step must undo.
 
 The tuner fills a :class:`Transaction` as its step proceeds (the parameters' values before the step, the
-snapshot of the base's state taken before the base stepped — :meth:`torch_backend.workspace.Workspace.take_snapshot`
+snapshot of the base's state taken before the base stepped — :meth:`torch_backend.workspace.Workspace.take_start`
 — and the tuner's global keys it hid from the base); on any exception — and on a skipped step —
 :meth:`Transaction.rollback` puts the parameters, the base's state and the module buffers/RNG back bit-exactly.
 """

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import math
+import operator
 import warnings
 from typing import Any, Callable, Optional
 
@@ -65,7 +66,7 @@ from .oracles import check_functional_loss, exact, finite_difference
 from .preconditioning import preconditioner_scales
 from .noise import noise_metric, noise_numerator
 from .probe import Probe, move_flat
-from .scalars import ScalarNamespace, host_values, to_tensors
+from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
 from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps, norm,
                       reducing)
@@ -162,7 +163,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
-        self._host_values: dict[int, tuple[Tensor, int, Any]] = {}
+        self._store: Optional[ScalarStore] = None
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
@@ -314,11 +315,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         if loss is None:
             loss_t = None
         else:
-            loss_t = torch.as_tensor(loss).detach()
+            loss_t = torch.as_tensor(loss)
             if loss_t.numel() != 1:
                 raise ValueError(
                     f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
-            loss_t = loss_t.to(device=dev, dtype=acc).reshape(())
+            loss_t = as_scalar(loss_t, acc, dev)
         if self.distributed is not None and loss is not None:
             # the closure's loss is rank-local under DDP (the gradients are already averaged): one all_reduce
             # makes it global before the NaN check (so every rank skips together) and the rules use it
@@ -342,11 +343,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         clip = self._clip(grads) if self.max_grad_norm is not None else None
 
         # the base's direction
+        tx.workspace, tx.entries = ws, ws.take_start()  # w0 <- w and the snapshot of the base's state
         if params:
             w0, u = ws.w0, ws.u[target]
-            ws.read_params(w0)
             tx.params, tx.w0 = params, w0.views
-        tx.workspace, tx.entries = ws, ws.take_snapshot()
         tx.base_stepped = True
         tx.hidden = self._hide_globals(p0)
         self._base_step()
@@ -370,7 +370,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.flat, u.flat))
             if late:
                 pairs.append((scratch.flat, ws.u[held].flat))
-            reductions = [flat_dots(pairs)]
+            reductions = flat_dots(pairs)
             flat = (w0.flat, u.flat, scratch.flat, scratch.views)
         else:
             pairs = [(grads, u.views)]
@@ -478,9 +478,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             values += [-numerator, u_sq]
             if noise_state is not None:
                 values += list(noise_state)
-        tensors = to_tensors(values, acc, dev)
-        # the host values of the scalars written now, read back next step without a transfer
-        self._host_values = {id(t): (t, t._version, v) for t, v in zip(tensors, values)}
+        store = self._store
+        store_key = (type(new_rule_state), secant, noise_state is not None, acc, dev)
+        if store is None or store.key != store_key:
+            store = self._store = ScalarStore(store_key, len(values), acc, dev)
+        tensors = store.write(values)
         lr_t = tensors[0]
         if flat is not None:
             move_flat(params, *flat, lr_t)
@@ -503,8 +505,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         glob[layout.STEP] = count + 1
         glob.setdefault(layout.SKIPPED, 0)
         n_rule = len(new_rule_state)
-        for f, v in zip(new_rule_state._fields, tensors[1:1 + n_rule]):
-            glob[layout.rule_key(f)] = v
+        glob.update(zip(self._rule_layout(S)[1], tensors[1:1 + n_rule]))
         for space, key in layout.SHARPNESS.items():
             if space in fresh_sharp:
                 glob[key] = S.tensor(sharpness[space], dev)
@@ -529,22 +530,26 @@ class CurvatureTuner(torch.optim.Optimizer):
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
         """A 0-d state tensor as a host scalar: the value the last step made it from while it is still that
         tensor, unmodified; else read (a transfer)."""
-        m = self._host_values.get(id(t))
-        if m is not None and m[0] is t and m[1] == t._version:
-            return m[2]
-        return S(t)
+        v = None if self._store is None else self._store.host(t)
+        return S(t) if v is None else v
 
     def _scalars(self) -> ScalarNamespace:
         """The namespace of the step's host scalars (:mod:`torch_backend.scalars`), of the accumulator dtype."""
         ns = self.__dict__.get("_ns")
         if ns is None or ns.dtype != self.acc_dtype:
             ns = self.__dict__["_ns"] = ScalarNamespace(self.acc_dtype)
-            self._host_values = {}
+            self._store = None
         return ns
 
     # -- probe-free steps, clipping, the secant's noise ---------------------------------------------------------
     def _require_probe_free(self, has_closure: bool, error: type) -> None:
-        """Refuse what a step without probes cannot do (no closure: also nothing that needs the loss)."""
+        """Refuse what a step without probes cannot do (no closure: also nothing that needs the loss). The
+        settings last accepted are remembered (the rule and the sharpness setting are frozen values, so the
+        same objects mean the same answer)."""
+        settings = (self.rule, self.sharpness_config, self.curvature, has_closure)
+        accepted = self.__dict__.get("_probe_free_ok")
+        if accepted is not None and all(map(operator.is_, accepted, settings)):
+            return
         name, needs = type(self).__name__, self.rule.needs
         where = "without a closure (loss.backward(); opt.step())" if not has_closure else "with probes=False"
         if not has_closure and "value" in needs:
@@ -561,6 +566,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 resolve_curvature(self.curvature, False)
             except ValueError as e:
                 raise error(f"{name} cannot step {where}: {e}") from None
+        self.__dict__["_probe_free_ok"] = settings
 
     def _noise_on(self, probe_free: bool) -> bool:
         # off unless asked: on full batch the estimate mistakes the drift of the gradient for noise (a CNN diverged)
@@ -657,12 +663,21 @@ class CurvatureTuner(torch.optim.Optimizer):
         st.clear()
         return p0, hidden
 
+    def _rule_layout(self, S: ScalarNamespace) -> tuple[type, list[str]]:
+        """The type of the rule's state and the state keys of its fields (remembered for the current rule)."""
+        known = self.__dict__.get("_rule_layout_of")
+        if known is None or known[0] is not self.rule:
+            init = self.rule.init(S(0.0))
+            known = self.__dict__["_rule_layout_of"] = (self.rule, type(init),
+                                                        [layout.rule_key(f) for f in init._fields])
+        return known[1], known[2]
+
     def _rule_state(self, glob: dict, S: ScalarNamespace) -> Any:
-        init = self.rule.init(S(0.0))
-        vals = [glob.get(layout.rule_key(f)) for f in init._fields]
+        kind, keys = self._rule_layout(S)
+        vals = [glob.get(k) for k in keys]
         if any(v is None for v in vals):
-            return type(init)(*(S(v) for v in init))
-        return type(init)(*(self._host(v, S) for v in vals))
+            return kind(*(S(v) for v in self.rule.init(S(0.0))))
+        return kind(*(self._host(v, S) for v in vals))
 
     def _line_search(self, probe: Probe, inputs: RuleInputs, state: Any, S: ScalarNamespace
                      ) -> tuple[Any, Any, int, float]:
@@ -737,7 +752,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for key, v in saved_globals.items():  # the saved values, not torch's cast to the parameter's dtype
             glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
         self._ws = None
-        self._host_values = {}
+        self._store = None
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -751,7 +766,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             state["base"] = base
             self.__dict__.update(state)
             self._ws = None
-            self._host_values = {}
+            self._store = None
             self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
             if hasattr(self, "_patch_step_function"):
                 self._patch_step_function()
@@ -764,7 +779,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         d = dict(self.__dict__)
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
-        for k in ("_ws", "_ns", "_host_values", "distributed", "step", "base"):  # scratch, live reducer, patched step
+        for k in ("_ws", "_ns", "_store", "_probe_free_ok", "_rule_layout_of", "distributed", "step", "base"):
+            # scratch, memos, the live reducer, the patched step
             d.pop(k, None)
         base = self.base
         # the base is rebuilt through its own __setstate__, which must not see a state holding only our keys

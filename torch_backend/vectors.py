@@ -103,9 +103,10 @@ def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
     return _global_sum(out)
 
 
-def flat_dots(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
-    """:func:`dots` over vectors already concatenated (1-d tensors, e.g. a tuner's flat buffers): the same
-    values as :func:`dots` of the lists they concatenate, under :func:`concatenating`."""
+def flat_dots(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """:func:`dots` over vectors already concatenated (1-d tensors, e.g. a tuner's flat buffers), as a list of
+    0-d tensors (a sharded run reduces them with one collective): the same values as :func:`dots` of the lists
+    they concatenate, under :func:`concatenating`."""
     acc: dict[int, Tensor] = {}
 
     def read(x: Tensor) -> Tensor:
@@ -113,7 +114,8 @@ def flat_dots(pairs: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
         if k not in acc:
             acc[k] = _acc(x)
         return acc[k]
-    return _global_sum(torch.stack([torch.dot(read(x), read(y)) for x, y in pairs]))
+    out = [torch.dot(read(x), read(y)) for x, y in pairs]
+    return out if _SHARDS.get() is None else list(_global_sum(torch.stack(out)).unbind())
 
 
 def norms(*lists: Sequence[Tensor]) -> list[Tensor]:

@@ -12,7 +12,9 @@ as the base's own step. The workspace holds them for one set of stepped paramete
   operations on them. These views are what ``state[p]["curvopt_w0"]`` / ``["curvopt_u"]`` hold. Otherwise
   they are one tensor per parameter, as before, and the same code runs over the lists.
 * **Cached state.** The state entries of the stepped parameters, the base's tensors in them (what the
-  rollback snapshot copies) and the flattened views those tensors are copied through.
+  rollback snapshot copies) and the flattened views those tensors are copied through. In flat mode the
+  snapshot's storage for the tensors of the parameters' dtype and device follows ``w0`` in one allocation,
+  so ``w0 <- w`` and the snapshot are one concatenation (:meth:`Workspace.take_start`).
 
 :meth:`Workspace.matches` checks, each step, that the same parameters have gradients and that their state
 entries are the same dicts, of the same sizes, holding the same base tensors; anything else (a new parameter
@@ -23,7 +25,7 @@ memory) by copying them.
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -53,10 +55,10 @@ class _Buffer:
 
     __slots__ = ("flat", "views")
 
-    def __init__(self, params: Sequence[Tensor], flat: bool) -> None:
-        if flat:
-            self.flat: Optional[Tensor] = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                                      device=params[0].device)
+    def __init__(self, params: Sequence[Tensor], flat: Union[bool, Tensor]) -> None:
+        if flat is not False:  # True: allocate; a tensor: the storage to use
+            self.flat: Optional[Tensor] = flat if isinstance(flat, Tensor) else torch.empty(
+                sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
             self.views = split_flat(self.flat, params)
         else:
             self.flat = None
@@ -83,6 +85,8 @@ class Workspace:
         self.copies: list[Tensor] = []            # the snapshot's storage, one per base tensor
         self._copy_groups: list[tuple[list[Tensor], Tensor]] = []  # (flattened views, flat copy) per dtype/device
         self._copy_rest: list[int] = []           # positions copied one by one (non-contiguous tensors)
+        # flat mode: (the parameters' views followed by those of copy group k, the storage of w0 and its copy, k)
+        self._joint: Optional[tuple[list[Tensor], Tensor, int]] = None
         self.w0: Optional[_Buffer] = None
         self.u: list[_Buffer] = []                # u[0], and u[1] with the secant (the previous direction)
         self.scratch: Optional[_Buffer] = None    # flat mode only: gradients flattened, w0 + a u
@@ -123,10 +127,18 @@ class Workspace:
             return flat_norms([b.flat for b in bufs])
         return vector_norms(*(b.views for b in bufs))
 
-    def take_snapshot(self) -> list[tuple[Tensor, Optional[dict]]]:
-        """Copy the base's tensors of the stepped parameters; returns the entries to restore their keys."""
-        for views, flat in self._copy_groups:
-            torch.cat(views, out=flat)
+    def take_start(self) -> list[tuple[Tensor, Optional[dict]]]:
+        """``w0 <- params`` and a copy of the base's tensors of the stepped parameters (one concatenation for
+        ``w0`` and the copies of the parameters' dtype and device in flat mode); returns the entries to restore
+        their keys."""
+        joint = self._joint if self.param_views is not None else None
+        if joint is not None:
+            torch.cat(joint[0], out=joint[1])
+        elif self.params:
+            self.read_params(self.w0)
+        for k, (views, flat) in enumerate(self._copy_groups):
+            if joint is None or k != joint[2]:
+                torch.cat(views, out=flat)
         rest = self._copy_rest
         if rest:
             torch._foreach_copy_([self.copies[i] for i in rest], [self.base_tensors[i] for i in rest])
@@ -265,9 +277,15 @@ def _adopt(ws: Workspace) -> None:
 
 
 def _snapshot_storage(ws: Workspace, old: Optional[Workspace]) -> None:
+    """The snapshot's storage, one flat tensor per dtype and device; in flat mode the one of the parameters'
+    dtype and device is allocated behind a fresh ``w0`` (see the module docstring)."""
     tensors = ws.base_tensors
-    if old is not None and len(old.base_tensors) == len(tensors) and all(map(_is, old.base_tensors, tensors)):
+    if (old is not None and old.w0 is ws.w0 and len(old.base_tensors) == len(tensors)
+            and all(map(_is, old.base_tensors, tensors))):
         ws.copies, ws._copy_groups, ws._copy_rest = old.copies, old._copy_groups, old._copy_rest
+        if old._joint is not None and ws.param_views is not None:
+            k = old._joint[2]
+            ws._joint = (ws.param_views + ws._copy_groups[k][0], old._joint[1], k)
         return
     groups: dict[tuple, list[int]] = {}
     rest = []
@@ -278,12 +296,22 @@ def _snapshot_storage(ws: Workspace, old: Optional[Workspace]) -> None:
             rest.append(i)
     copies: list[Optional[Tensor]] = [None] * len(tensors)
     ws._copy_groups = []
-    for (dtype, device), idx in groups.items():
-        flat = torch.empty(sum(tensors[i].numel() for i in idx), dtype=dtype, device=device)
-        views = split_flat(flat, [tensors[i] for i in idx])
-        for i, v in zip(idx, views):
+    ws._joint = None
+    joint_key = (ws.params[0].dtype, ws.params[0].device) if ws.flat and ws.param_views is not None else None
+    for key, idx in groups.items():
+        size = sum(tensors[i].numel() for i in idx)
+        views_in = [tensors[i].view(-1) for i in idx]
+        if key == joint_key:
+            n = ws.w0.flat.numel()
+            both = torch.empty(n + size, dtype=key[0], device=key[1])
+            ws.w0 = _Buffer(ws.params, both[:n])
+            flat = both[n:]
+            ws._joint = (ws.param_views + views_in, both, len(ws._copy_groups))
+        else:
+            flat = torch.empty(size, dtype=key[0], device=key[1])
+        for i, v in zip(idx, split_flat(flat, [tensors[i] for i in idx])):
             copies[i] = v
-        ws._copy_groups.append(([tensors[i].view(-1) for i in idx], flat))
+        ws._copy_groups.append((views_in, flat))
     for i in rest:
         copies[i] = torch.empty_like(tensors[i])
     ws.copies = copies  # type: ignore[assignment]
