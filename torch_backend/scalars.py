@@ -58,7 +58,10 @@ class ScalarNamespace:
         return np.sqrt(self(x))
 
     def tensor(self, x: Any, device: torch.device) -> Tensor:
-        """``x`` as a 0-d tensor of the accumulator dtype on ``device``."""
+        """``x`` as a 0-d tensor of the accumulator dtype on ``device`` (on the CPU a NumPy scalar array's
+        memory: no torch operation)."""
+        if device.type == "cpu":
+            return torch.from_numpy(np.array(x, dtype=self.scalar))
         return torch.tensor(float(x), dtype=self.dtype, device=device)
 
     @staticmethod
@@ -87,7 +90,7 @@ def host_values(xs: Sequence[Tensor], ns: ScalarNamespace) -> list:
 def as_scalar(x: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``x`` (a loss: a number or a tensor of one element) as a detached 0-d tensor of ``dtype`` on ``device``,
     with no further operation when it already is one."""
-    t = torch.as_tensor(x).detach()
+    t = (x if isinstance(x, Tensor) else torch.as_tensor(x)).detach()
     if t.dim() or t.dtype != dtype or t.device != device:
         t = t.to(device=device, dtype=dtype).reshape(())
     return t

@@ -315,7 +315,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if loss is None:
             loss_t = None
         else:
-            loss_t = torch.as_tensor(loss)
+            loss_t = loss if isinstance(loss, Tensor) else torch.as_tensor(loss)
             if loss_t.numel() != 1:
                 raise ValueError(
                     f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
