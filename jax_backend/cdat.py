@@ -12,7 +12,7 @@ from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_e
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
-from .direction import accumulator_dtype, vdot
+from .direction import accumulator_dtype, scaled, vdot
 from .oracles import SecantMemory, curvature as curvature_of, secant_init
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
@@ -146,7 +146,7 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
         check_base_method(method, base_state, name)
 
         def taken() -> tuple[Any, ScaleByCDATState]:
-            curv, calls, probe = curvature_of(oracle, p.f, params, p.grad, p.u, -p.numerator, state.secant, dtype)
+            curv, calls, probe = curvature_of(oracle, p.f, params, p.grad, p.d, p.numerator, state.secant, dtype)
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
@@ -155,7 +155,7 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             secant = state.secant
             if oracle == "secant":
-                secant = SecantMemory(p.u, -p.numerator, vdot(p.u, p.u, dtype), jnp.asarray(lr, dtype))
+                secant = SecantMemory(scaled(-1, p.d), -p.numerator, vdot(p.d, p.d, dtype), jnp.asarray(lr, dtype))
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             return out, ScaleByCDATState(
