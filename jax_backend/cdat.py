@@ -1,13 +1,14 @@
 """CDAT and the quadratically greedy rule as Optax transforms (rules: :class:`curvopt.rules.CDATRule`)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE
+from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
 from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_ema, default_sigma
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
@@ -144,13 +145,17 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
                     extra_args=extra_args, need_value=False)
         oracle = oracle_for(curvature, p, name)
         check_base_method(method, base_state, name)
+        caveat = secant_caveat(method) if oracle == "secant" else None
+        if caveat is not None:  # at trace time
+            warnings.warn(caveat, RuntimeWarning, stacklevel=2)
 
         def taken() -> tuple[Any, ScaleByCDATState]:
-            curv, calls, probe = curvature_of(oracle, p.f, params, p.grad, p.d, p.numerator, state.secant, dtype)
+            curv, calls, probe, lagged = curvature_of(oracle, p.f, params, p.grad, p.d, p.numerator, state.secant,
+                                                       dtype)
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
-            lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, curv, p.value, relevant, state.steps),
+            lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, curv, p.value, relevant, state.steps, lagged),
                                         state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             secant = state.secant

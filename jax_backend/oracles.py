@@ -67,21 +67,22 @@ def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: An
 
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
-              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any]:
-    """``(u^T H u, extra loss evaluations, probe lr)`` with the named (resolved) oracle, for the incoming
+              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any]:
+    """``(u^T H u, extra loss evaluations, probe lr, lagged)`` with the named (resolved) oracle, for the incoming
     direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free secant's probing
-    step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule alone."""
+    step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule alone.
+    ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`)."""
     nan = jnp.full((), jnp.nan, dtype)
     grad_dot_u = -numerator
     if oracle == "exact":
-        return _exact(f, params, d, dtype), jnp.int32(1), nan
+        return _exact(f, params, d, dtype), jnp.int32(1), nan, False
     if oracle == "fd":
-        return _fd(f, params, grad_dot_u, d, dtype), jnp.int32(1), nan
+        return _fd(f, params, grad_dot_u, d, dtype), jnp.int32(1), nan, False
     estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
                                       memory.prev_lr, memory.prev_direction_sq, vdot(d, d, dtype), jnp)
     available = ~jnp.isnan(estimate)
     if f is None:
-        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype))
+        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype), jnp.int32(1)))
-    return curv, calls, nan
+    return curv, calls, nan, available
