@@ -67,22 +67,25 @@ def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: An
 
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
-              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any]:
-    """``(u^T H u, extra loss evaluations, probe lr, lagged)`` with the named (resolved) oracle, for the incoming
-    direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free secant's probing
+              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch)`` with the named (resolved) oracle, for the
+    incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free secant's probing
     step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule alone.
-    ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`)."""
+    ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`); ``stretch``: the secant's
+    ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh curvature)."""
     nan = jnp.full((), jnp.nan, dtype)
     grad_dot_u = -numerator
     if oracle == "exact":
-        return _exact(f, params, d, dtype), jnp.int32(1), nan, False
+        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0
     if oracle == "fd":
-        return _fd(f, params, grad_dot_u, d, dtype), jnp.int32(1), nan, False
+        return _fd(f, params, grad_dot_u, d, dtype), jnp.int32(1), nan, False, 1.0
+    d_sq = vdot(d, d, dtype)
     estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
-                                      memory.prev_lr, memory.prev_direction_sq, vdot(d, d, dtype), jnp)
+                                      memory.prev_lr, memory.prev_direction_sq, d_sq, jnp)
     available = ~jnp.isnan(estimate)
+    stretch = d_sq / jnp.where(available, memory.prev_direction_sq, 1.0)
     if f is None:
-        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available
+        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available, stretch
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype), jnp.int32(1)))
-    return curv, calls, nan, available
+    return curv, calls, nan, available, stretch

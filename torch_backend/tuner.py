@@ -442,7 +442,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             probe = probe or make_probe()
             curvature = S(exact(probe, self.functional_loss))
         probing = secant and not has_secant and probe_free
-        lagged = False  # the curvature is the secant's (a step old): the rule keeps the rate on the edge
+        # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
+        lagged, stretch = False, 1.0
         if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
             curvature = nan
         elif fd or (secant and not has_secant):
@@ -453,7 +454,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if not self._replay_checked:
                 self._check_replay(probe, curvature)
         elif secant:
-            curvature, lagged = secant_c, True
+            curvature, lagged, stretch = secant_c, True, u_sq / prev[2]  # stretch: ||u||^2 / ||u_prev||^2
         sharpness, fresh_sharp = {}, []
         for space, key in layout.SHARPNESS.items():
             fresh_value = S(sharp[space][0]) if space in sharp else nan
@@ -464,7 +465,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 old = glob.get(key)
                 sharpness[space] = nan if old is None else self._host(old, S)
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
-        inputs = RuleInputs(numerator, curvature, loss_v, reference, count, lagged)
+        inputs = RuleInputs(numerator, curvature, loss_v, reference, count, lagged, stretch)
         rule_state = self._rule_state(glob, S)
         trials, error = 0, math.nan
         with S.errstate():
