@@ -1,18 +1,19 @@
 """CDAT and the quadratically greedy rule as Optax transforms (rules: :class:`curvopt.rules.CDATRule`)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE
+from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
 from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_ema, default_sigma
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
-from .direction import accumulator_dtype, vdot
+from .direction import accumulator_dtype, scaled, vdot
 from .oracles import SecantMemory, curvature as curvature_of, secant_init
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
@@ -59,6 +60,7 @@ def scale_by_cdat(
     growth: float = _CDAT.growth,
     guard: float = _CDAT.guard,
     guard_sigma: float = _CDAT.guard_sigma,
+    lagged_growth: float = _CDAT.lagged_growth,
     curvature: str = DEFAULT_CURVATURE,
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
@@ -69,8 +71,8 @@ def scale_by_cdat(
     sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) /
-    avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup`` and the above-edge
-    ``guard``/``guard_sigma``); ``sigma`` may be a schedule ``step -> sigma`` (or injected with
+    avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup``, the above-edge
+    ``guard``/``guard_sigma`` and ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule ``step -> sigma`` (or injected with
     ``optax.inject_hyperparams``); ``sigma=None`` (default): by ``base_method`` (:func:`curvopt.rules.default_sigma`:
     4, guarded, for gradient descent with the robust start-up; 2 for heavy ball, Nesterov, Adam and
     ``startup="paper"``). The guard needs the loss (``value`` or ``value_fn``); without it a ``sigma`` above 2
@@ -95,7 +97,7 @@ def scale_by_cdat(
     method = as_base_method(base_method)
     ema, sigma = default_ema(method, ema), default_sigma(method, sigma, startup)  # None: the base's defaults
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
-                growth=growth, guard=guard, guard_sigma=guard_sigma)
+                growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
@@ -144,18 +146,22 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
                     extra_args=extra_args, need_value=False)
         oracle = oracle_for(curvature, p, name)
         check_base_method(method, base_state, name)
+        caveat = secant_caveat(method) if oracle == "secant" else None
+        if caveat is not None:  # at trace time
+            warnings.warn(caveat, RuntimeWarning, stacklevel=2)
 
         def taken() -> tuple[Any, ScaleByCDATState]:
-            curv, calls, probe = curvature_of(oracle, p.f, params, p.grad, p.u, -p.numerator, state.secant, dtype)
+            curv, calls, probe, lagged, stretch = curvature_of(oracle, p.f, params, p.grad, p.d, p.numerator,
+                                                                state.secant, dtype)
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
-            lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, curv, p.value, relevant, state.steps),
-                                        state.rule, jnp)
+            lr, rule_state = apply_rule(
+                rule, RuleInputs(p.numerator, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             secant = state.secant
             if oracle == "secant":
-                secant = SecantMemory(p.u, -p.numerator, vdot(p.u, p.u, dtype), jnp.asarray(lr, dtype))
+                secant = SecantMemory(scaled(-1, p.d), -p.numerator, vdot(p.d, p.d, dtype), jnp.asarray(lr, dtype))
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             return out, ScaleByCDATState(

@@ -23,7 +23,7 @@ import optax
 
 from curvopt.config import accumulator_dtype_name
 
-__all__ = ["accumulator_dtype", "least_precise_eps", "descent", "vdot", "norm", "add_scaled", "scaled",
+__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "norm", "add_scaled", "scaled",
            "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
 
 NEGATED_DIRECTION_MESSAGE = (
@@ -74,9 +74,12 @@ def add_scaled(a: Any, s: Any, b: Any) -> Any:
     return optax.tree.cast_like(optax.tree.add_scale(a, s, b), a)
 
 
-def descent(updates: Any, params: Any) -> Any:
-    """``u = -d`` in the parameters' dtypes (JVP tangents must match their primals)."""
-    return optax.tree.cast_like(optax.tree.scale(-1, updates), params)
+def incoming(updates: Any, params: Any) -> Any:
+    """The incoming direction ``d`` in the parameters' dtypes (JVP tangents must match their primals). The tuners
+    keep ``d`` and write ``u = -d`` into their formulas as sign flips (``-g^T u = g^T d``, ``w + h u = w - h d``):
+    a negated copy of every leaf would be one more XLA:CPU kernel per leaf, compiled and run each step, for
+    bit-identical results (negation is exact)."""
+    return optax.tree.cast_like(updates, params)
 
 
 def _is_masked(x: Any) -> bool:

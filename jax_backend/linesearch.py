@@ -103,7 +103,7 @@ def scale_by_armijo(
         def trial(carry):
             lr, _, _, n = carry
             lr = jnp.where(n > 0, lr * rule.decrease_factor, lr).astype(dtype)
-            new_value = p.f(add_scaled(params, lr, p.u)).astype(dtype)
+            new_value = p.f(add_scaled(params, -lr, p.d)).astype(dtype)
             return lr, rule.decrease_error(new_value, x, lr, jnp).astype(dtype), new_value, n + 1
 
         def taken() -> tuple[Any, ScaleByArmijoState]:

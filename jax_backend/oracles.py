@@ -46,41 +46,46 @@ def secant_init(params: Any, dtype: Any) -> SecantMemory:
                         jnp.zeros((), dtype))
 
 
-def fd_step(params: Any, u: Any, dtype: Any) -> Any:
-    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``)."""
-    return rules.finite_difference_step(norm(params, dtype), norm(u, dtype), dtype_eps=least_precise_eps(params),
+def fd_step(params: Any, d: Any, dtype: Any) -> Any:
+    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``)."""
+    return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=least_precise_eps(params),
                                         xp=jnp).astype(dtype)
 
 
-def _exact(f: Callable[[Any], Any], params: Any, u: Any, dtype: Any) -> Any:
-    """``u^T H u`` by a JVP of the directional derivative ``w -> grad f(w)^T u`` (itself a JVP)."""
-    directional = lambda w: jax.jvp(f, (w,), (u,))[1]  # noqa: E731
-    return jnp.asarray(jax.jvp(directional, (params,), (u,))[1]).astype(dtype)
+def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
+    """``u^T H u = d^T H d`` by a JVP of the directional derivative ``w -> grad f(w)^T d`` (itself a JVP)."""
+    directional = lambda w: jax.jvp(f, (w,), (d,))[1]  # noqa: E731
+    return jnp.asarray(jax.jvp(directional, (params,), (d,))[1]).astype(dtype)
 
 
-def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, u: Any, dtype: Any) -> Any:
-    h = fd_step(params, u, dtype)
+def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any) -> Any:
+    h = fd_step(params, d, dtype)
     # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
     # its fast convolution path (a 30x slower step on a small CNN).
-    probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, h, u)))
-    return finite_difference_curvature(vdot(probe, u, dtype), grad_dot_u, h, jnp).astype(dtype)
+    probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, -h, d)))
+    return finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp).astype(dtype)
 
 
-def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, u: Any, grad_dot_u: Any,
-              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any]:
-    """``(u^T H u, extra loss evaluations, probe lr)`` with the named (resolved) oracle. ``probe lr`` is the
-    closure-free secant's probing step ``h`` when it has no secant (else NaN): the step then takes
-    ``lr = h`` and leaves the rule alone."""
+def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
+              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch)`` with the named (resolved) oracle, for the
+    incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free secant's probing
+    step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule alone.
+    ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`); ``stretch``: the secant's
+    ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh curvature)."""
     nan = jnp.full((), jnp.nan, dtype)
+    grad_dot_u = -numerator
     if oracle == "exact":
-        return _exact(f, params, u, dtype), jnp.int32(1), nan
+        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0
     if oracle == "fd":
-        return _fd(f, params, grad_dot_u, u, dtype), jnp.int32(1), nan
+        return _fd(f, params, grad_dot_u, d, dtype), jnp.int32(1), nan, False, 1.0
+    d_sq = vdot(d, d, dtype)
     estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
-                                      memory.prev_lr, memory.prev_direction_sq, vdot(u, u, dtype), jnp)
+                                      memory.prev_lr, memory.prev_direction_sq, d_sq, jnp)
     available = ~jnp.isnan(estimate)
+    stretch = d_sq / jnp.where(available, memory.prev_direction_sq, 1.0)
     if f is None:
-        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, u, dtype))
+        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available, stretch
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
-                               lambda: (_fd(f, params, grad_dot_u, u, dtype), jnp.int32(1)))
-    return curv, calls, nan
+                               lambda: (_fd(f, params, grad_dot_u, d, dtype), jnp.int32(1)))
+    return curv, calls, nan, available, stretch

@@ -3,8 +3,8 @@
 Each tuner is one flat function (``scale_by_cdat``, ...) with its own state; its update runs, in the order
 the PyTorch tuners use (so that both backends produce the same sequence):
 
-1. :func:`prepare`: value and gradient at ``w`` (given, else from ``value_fn``), ``u = -d`` from the incoming
-   updates ``d``, ``numerator = -g^T u``, and whether the step can be taken at all: the value (when known),
+1. :func:`prepare`: value and gradient at ``w`` (given, else from ``value_fn``), the incoming updates ``d``
+   (``u = -d``), ``numerator = -g^T u``, and whether the step can be taken at all: the value (when known),
    the gradient **and the direction** must be finite;
 2. the tuner's own work (curvature oracle, online sharpness, line search) and its rule through
    :func:`curvopt.rules.apply_rule`, which owns the guard (a non-finite input the rule needs gives ``lr = 0``
@@ -28,7 +28,7 @@ from curvopt.base import BaseMethod
 from curvopt.config import SharpnessConfig, resolve_curvature
 from curvopt.stats import STAT_FIELDS, TunerStats
 
-from .direction import (NEGATED_DIRECTION_MESSAGE, descent, has_masked,
+from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_negated)
 from .loss import bind, value_and_grad_at
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
@@ -39,13 +39,14 @@ __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "f
 
 class Prepared(NamedTuple):
     """One step's inputs: ``f`` (``params -> loss``, or None), ``value`` (0-d accumulator dtype, NaN when not
-    known), ``grad``, ``u``, ``numerator = -g^T u``, ``finite`` (the step can be taken), ``dtype``, and
+    known), ``grad``, ``d`` (the incoming direction, ``u = -d``; :func:`jax_backend.direction.incoming`),
+    ``numerator = -g^T u = g^T d``, ``finite`` (the step can be taken), ``dtype``, and
     ``masked`` (the tuner sees a masked view of the parameters)."""
 
     f: Callable[[Any], Any] | None
     value: Any
     grad: Any
-    u: Any
+    d: Any
     numerator: Any
     finite: Any
     dtype: Any
@@ -60,8 +61,8 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
     value, grad = value_and_grad_at(params, value, like_params(grad, params), f, need_value=need_value,
                                     tuner=tuner)
-    u = descent(updates, params)
-    numerator = -vdot(grad, u, dtype)
+    d = incoming(updates, params)
+    numerator = vdot(grad, d, dtype)  # -g^T u
     # g^T u is finite iff no entry of g or u is NaN/Inf (a NaN or Inf term makes the sum NaN or Inf, Inf * 0
     # included), short of an overflow of the sum itself (a step that would be garbage anyway): the check costs
     # nothing beyond the numerator (per-leaf isfinite reductions doubled the update's compile time)
@@ -71,7 +72,7 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
     else:
         value = value.astype(dtype)
         finite = finite & jnp.isfinite(value)
-    return Prepared(f, value, grad, u, numerator, finite, dtype, masked)
+    return Prepared(f, value, grad, d, numerator, finite, dtype, masked)
 
 
 def stats_init(dtype: Any) -> TunerStats:
@@ -147,7 +148,7 @@ def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tup
     dtype = p.dtype
     lr = jnp.asarray(lr, dtype)
     relevant = sharpness[1] if method.preconditioned else sharpness[0]
-    out = optax.tree.cast_like(scaled(lr, p.u), updates)
+    out = optax.tree.cast_like(scaled(-lr, p.d), updates)  # lr u
     return out, TunerStats(
         lr=lr, numerator=p.numerator, curvature=jnp.asarray(curvature, dtype),
         sharpness=jnp.asarray(sharpness[0], dtype), preconditioned_sharpness=jnp.asarray(sharpness[1], dtype),

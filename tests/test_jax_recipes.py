@@ -294,7 +294,8 @@ def test_masked_and_multi_transform():
             p_before = p
             p, s, g = step(p, s)
             up, t = sub.update({"w": g["w"]}, t, {"w": p_before["w"]})
-            assert float(stats(s)["lr"]) == pytest.approx(float(stats(t)["lr"]), rel=1e-12)
+            # float32: the jitted chain and the eager run round differently (XLA fuses the jitted one)
+            assert float(stats(s)["lr"]) == pytest.approx(float(stats(t)["lr"]), rel=1e-6)
         assert float(stats(s)["lr"]) > 1e-3
     with pytest.raises(ValueError, match="masked"):
         bad = optax.masked(scale_by_cdat(curvature="fd"), {"w": True, "b": False})

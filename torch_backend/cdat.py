@@ -50,6 +50,9 @@ class CDAT(CurvatureTuner):
             with ``ema``) has risen past ``guard`` times its lowest average, the rate is ``guard_sigma`` times
             the quadratic step until it is back (``guard=inf``: off). It needs the loss: in a closure-free step
             a ``sigma`` above 2 is held at 2 (:func:`curvopt.rules.above_edge_guard`).
+        lagged_growth: on a step whose curvature is the secant's (closure-free, ``probes=False``,
+            ``curvature="secant"``) the step's length ``lr ||u||`` grows at most this factor over the previous
+            one (:class:`curvopt.rules.CDATRule`, growth cap).
         curvature: the oracle for ``u^T H u``: ``"auto"`` (``"fd"`` with a closure), ``"fd"``, ``"secant"`` or
             ``"exact"`` (see :mod:`torch_backend.oracles`).
         sharpness: the online sharpness: a :class:`curvopt.SharpnessConfig`, an int ``k`` (every k steps) or
@@ -86,6 +89,7 @@ class CDAT(CurvatureTuner):
                  f_star: float = default_of(CDATRule, "f_star"), growth: float = default_of(CDATRule, "growth"),
                  guard: float = default_of(CDATRule, "guard"),
                  guard_sigma: float = default_of(CDATRule, "guard_sigma"),
+                 lagged_growth: float = default_of(CDATRule, "lagged_growth"),
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, modules: ModulesLike = None,
                  functional_loss: Optional[Callable] = None, stability_coefficient: Optional[float] = None,
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
@@ -93,7 +97,7 @@ class CDAT(CurvatureTuner):
                  **deprecated: Any) -> None:
         self.rule = CDATRule(sigma=default_sigma(None, sigma, startup), ema=default_ema(None, ema), eps=eps,
                              lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
-                             guard_sigma=guard_sigma)
+                             guard_sigma=guard_sigma, lagged_growth=lagged_growth)
         super().__init__(base, curvature=curvature, sharpness=sharpness, modules=modules,
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from curvopt.curvature import SecantNoiseState, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dtype_name,
-                            resolve_curvature, sharpness_due)
+                            resolve_curvature, secant_caveat, sharpness_due)
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature
@@ -159,6 +159,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not probes:
             self._require_probe_free(has_closure=True, error=ValueError)
         self._replay_checked = False
+        self._secant_warned = False
         self._scratch_d: dict[Tensor, Tensor] = {}
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
@@ -329,6 +330,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         count = glob.get(layout.STEP, 0)
         oracle = resolve_curvature(self.curvature, not probe_free) if self.curvature is not None else None
         secant = oracle == "secant"
+        if secant and not self._secant_warned:
+            self._secant_warned = True
+            caveat = secant_caveat(self.method)
+            if caveat is not None:
+                warnings.warn(caveat, RuntimeWarning, stacklevel=3)
         target, held = ws.u_for_step(secant) if params else (0, None)
         prev_u = None
         if (secant and held is not None and glob.get(layout.SECANT[0]) is not None
@@ -436,6 +442,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             probe = probe or make_probe()
             curvature = S(exact(probe, self.functional_loss))
         probing = secant and not has_secant and probe_free
+        # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
+        lagged, stretch = False, 1.0
         if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
             curvature = nan
         elif fd or (secant and not has_secant):
@@ -446,7 +454,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if not self._replay_checked:
                 self._check_replay(probe, curvature)
         elif secant:
-            curvature = secant_c
+            curvature, lagged, stretch = secant_c, True, u_sq / prev[2]  # stretch: ||u||^2 / ||u_prev||^2
         sharpness, fresh_sharp = {}, []
         for space, key in layout.SHARPNESS.items():
             fresh_value = S(sharp[space][0]) if space in sharp else nan
@@ -457,7 +465,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 old = glob.get(key)
                 sharpness[space] = nan if old is None else self._host(old, S)
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
-        inputs = RuleInputs(numerator, curvature, loss_v, reference, count)
+        inputs = RuleInputs(numerator, curvature, loss_v, reference, count, lagged, stretch)
         rule_state = self._rule_state(glob, S)
         trials, error = 0, math.nan
         with S.errstate():
