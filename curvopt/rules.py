@@ -60,6 +60,7 @@ __all__ = [
     "armijo_initial_lr",
     "finite_difference_step",
     "secant_curvature",
+    "secant_stretch",
     "eos_ratio",
     "cap",
 ]
@@ -163,6 +164,13 @@ def secant_curvature(new_grad_dot_prev_u: Any, prev_grad_dot_prev_u: Any, prev_l
     return xp.where(ok, rayleigh * u_sq, float("nan"))
 
 
+def secant_stretch(prev_u_sq: Any, u_sq: Any, xp: Any) -> Any:
+    """``||u||^2 / ||u_prev||^2``, the secant's rescaling from the previous direction to this one
+    (:attr:`RuleInputs.stretch`); 1 when there was no previous direction (``u_prev = 0``: no secant either)."""
+    ok = prev_u_sq > 0
+    return xp.where(ok, u_sq / xp.where(ok, prev_u_sq, 1.0), 1.0)
+
+
 def eos_ratio(lr: Any, sharpness: Any, coefficient: float) -> Any:
     """``lr * sharpness / c``: 1 means exactly on the edge of stability, above 1 unstable on a quadratic."""
     return lr * sharpness / coefficient
@@ -178,7 +186,7 @@ class RuleInputs(NamedTuple):
     number of steps taken before this one (for schedules); ``lagged``: the curvature is the secant's, measured
     over the previous step (``False``, a Python bool, when it is the current point's; may be a boolean array when
     the choice is made at run time); ``stretch``: on a lagged step, ``||u||^2 / ||u_prev||^2`` (the secant's
-    rescaling from the previous direction to this one; read only where ``lagged``).
+    rescaling from the previous direction to this one, :func:`secant_stretch`; read only where ``lagged``).
     """
 
     numerator: Any

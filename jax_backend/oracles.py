@@ -83,7 +83,7 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
                                       memory.prev_lr, memory.prev_direction_sq, d_sq, jnp)
     available = ~jnp.isnan(estimate)
-    stretch = d_sq / jnp.where(available, memory.prev_direction_sq, 1.0)
+    stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
     if f is None:
         return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available, stretch
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),

@@ -184,3 +184,10 @@ def test_the_secant_behind_sgd_warns_once_and_not_behind_adam():
 
     assert len(jax_warnings(optax.trace(0.9), BaseMethod.heavy_ball(0.9))) == 1
     assert jax_warnings(optax.scale_by_adam(), "adam") == []
+
+
+def test_secant_stretch_by_hand():
+    """``||u||^2 / ||u_prev||^2`` in the core, both backends' one source; 1 without a previous direction."""
+    assert rules.secant_stretch(np.float64(4.0), np.float64(1.0), np) == 0.25
+    assert rules.secant_stretch(np.float64(0.0), np.float64(5.0), np) == 1.0
+    assert float(rules.secant_stretch(jnp.float32(2.0), jnp.float32(8.0), jnp)) == 4.0

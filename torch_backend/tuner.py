@@ -51,7 +51,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dt
                             resolve_curvature, secant_caveat, sharpness_due)
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
-from curvopt.rules import finite_difference_step, secant_curvature
+from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_choice, check_positive, check_positive_int
 
@@ -454,7 +454,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if not self._replay_checked:
                 self._check_replay(probe, curvature)
         elif secant:
-            curvature, lagged, stretch = secant_c, True, u_sq / prev[2]  # stretch: ||u||^2 / ||u_prev||^2
+            curvature, lagged, stretch = secant_c, True, secant_stretch(prev[2], u_sq, S)
         sharpness, fresh_sharp = {}, []
         for space, key in layout.SHARPNESS.items():
             fresh_value = S(sharp[space][0]) if space in sharp else nan
