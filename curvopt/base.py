@@ -2,7 +2,8 @@
 
 Both backends describe their base with a :class:`BaseMethod`. PyTorch infers it from the wrapped
 ``torch.optim`` instance (``torch_backend.direction.base_method``); an Optax base is a closure whose
-hyperparameters are not visible, so the Optax tuners take ``base_method=`` (``None`` = gradient descent).
+hyperparameters are not visible, so the Optax tuners take ``base_method=`` (``None`` = gradient descent, with
+a warning when the base is visibly another: ``jax_backend.tuner.check_base_method``).
 
 * ``"gd"`` (``torch.optim.SGD`` without momentum, ``optax.identity()``): stability coefficient 2;
 * ``"heavy_ball"`` (``v <- momentum v + (1 - dampening) g``; ``optax.trace(decay=momentum)``):

@@ -87,8 +87,10 @@ def scale_by_cdat(
     hyperparameters for the preconditioned sharpness and the default ``ema`` (``ema=None``:
     :func:`curvopt.rules.default_ema`, 0.99 for Adam, 0.9 for gradient descent and heavy ball; so pass
     ``base_method="adam"`` behind an Adam base, as for its sharpness; ``optax.inject_hyperparams`` injects
-    ``ema`` only when it is given as a number). ``warn_ascent``: also warn from inside the jitted step
-    when the first direction points uphill. ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
+    ``ema`` only when it is given as a number). Unset, ``base_method`` is gradient descent, and the update
+    warns when the base is visibly another (:func:`jax_backend.tuner.check_base_method`). ``warn_ascent``:
+    also warn from inside the jitted step when the first direction points uphill.
+    ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None, **extra)``:
     ``grad`` is needed (given, or computed from ``value_fn``, or handed over by the :func:`cdat` convenience);
@@ -96,10 +98,12 @@ def scale_by_cdat(
     ``ValueError`` here. State: :class:`ScaleByCDATState`.
     """
     method = as_base_method(base_method)
+    rate_follows_base = sigma is None or ema is None
     ema, sigma = default_ema(method, ema), default_sigma(method, sigma, startup)  # None: the base's defaults
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
                 growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth)
-    return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, warn_ascent, sharpness,
+    return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, rate_follows_base, warn_ascent,
+                            sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
@@ -118,14 +122,14 @@ def scale_by_quadratic_greedy(
 ) -> optax.GradientTransformationExtraArgs:
     """The quadratically greedy step ``lr = -g^T u / |u^T H u|`` (:meth:`curvopt.rules.CDATRule.greedy`), the
     minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat`."""
-    return _curvature_tuner("scale_by_quadratic_greedy", CDATRule.greedy(lr_max), curvature, base_method,
+    return _curvature_tuner("scale_by_quadratic_greedy", CDATRule.greedy(lr_max), curvature, base_method, False,
                             warn_ascent, sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
 
-def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, warn_ascent: bool,
-                     sharpness: Any, legacy: dict) -> optax.GradientTransformationExtraArgs:
+def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, rate_follows_base: bool,
+                     warn_ascent: bool, sharpness: Any, legacy: dict) -> optax.GradientTransformationExtraArgs:
     check_choice("curvature", curvature, CURVATURE_ORACLES)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, **legacy)
     method = as_base_method(base_method)
@@ -146,7 +150,7 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=False)
         oracle = oracle_for(curvature, p, name)
-        check_base_method(method, base_state, name)
+        check_base_method(base_method, method, updates, grad, base_state, name, rate_follows_base=rate_follows_base)
         caveat = secant_caveat(method) if oracle == "secant" else None
         if caveat is not None:  # at trace time
             warnings.warn(caveat, RuntimeWarning, stacklevel=2)

@@ -14,8 +14,8 @@ from curvopt.stats import TunerStats
 from .direction import accumulator_dtype
 from .settings import make, sharpness_enabled, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
-from .tuner import (ascent_count, convenience, finish, fresh_leaves, prepare, select, sharpness_of, skip,
-                    stats_init)
+from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, select,
+                    sharpness_of, skip, stats_init)
 
 __all__ = ["ScaleByEdgeOfStabilityState", "scale_by_edge_of_stability", "edge_of_stability"]
 
@@ -77,6 +77,8 @@ def scale_by_edge_of_stability(
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=False)
+        check_base_method(base_method, method, updates, grad, base_state, name,
+                          rate_follows_base=stability_coefficient is None)
 
         def taken() -> tuple[Any, ScaleByEdgeOfStabilityState]:
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,

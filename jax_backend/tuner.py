@@ -104,15 +104,54 @@ def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: s
     return preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
 
 
-def check_base_method(method: BaseMethod, base_state: Any, tuner: str) -> None:
-    """At trace time: warn when the base's state handed over is Adam's but ``base_method`` is not (the default
-    ``None`` is gradient descent): CDAT's default ``sigma`` and ``ema`` and every stability coefficient follow it."""
-    if base_state is not None and not method.preconditioned and find_adam_state(base_state) is not None:
-        warnings.warn(
-            f"{tuner}: the base's state is Adam's (optax.ScaleByAdamState) but base_method is {method.kind!r}, so "
-            "the defaults for that base apply (CDAT's sigma and ema, the stability coefficient of eos_ratio) and no "
-            "preconditioned sharpness is estimated: pass base_method=\"adam\" (or BaseMethod.adam(b1, b2, eps)).",
-            RuntimeWarning, stacklevel=3)
+def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, base_state: Any,
+                      tuner: str, *, rate_follows_base: bool = True) -> None:
+    """At trace time: warn when the base is visibly not ``base_method``'s, as the tuner's defaults follow it
+    (CDAT's ``sigma`` and ``ema``, every stability coefficient, the preconditioned sharpness). ``given`` is the
+    ``base_method`` argument as passed (``None``: unset, read as gradient descent); ``rate_follows_base``:
+    whether the rate depends on the base (CDAT with a default ``sigma`` or ``ema``, the edge-of-stability
+    rule), else only the diagnostics and the sharpness do. Warns when
+
+    * the base's state handed over (``base_state=``, the conveniences) is Adam's but ``base_method`` is not;
+    * the rate follows the base, ``base_method`` is unset and that state is a momentum trace's
+      (``optax.TraceState``);
+    * the rate follows the base, nothing is handed over, ``base_method`` is unset and the updates are not the
+      gradient itself (the same arrays as ``grad=``): behind ``optax.chain(optax.scale_by_adam(),
+      scale_by_cdat())`` the tuner cannot tell its base, and gradient descent's defaults would silently set
+      the rate of an Adam base.
+    """
+    hint = ('pass base_method="adam" (or BaseMethod.adam(b1, b2, eps)), BaseMethod.heavy_ball(momentum) / '
+            'BaseMethod.nesterov(momentum), or "gd"')
+    if base_state is not None:
+        if not method.preconditioned and find_adam_state(base_state) is not None:
+            found = "Adam's (optax.ScaleByAdamState)"
+        elif rate_follows_base and given is None and _has_trace(base_state):
+            found = "a momentum trace's (optax.TraceState)"
+        else:
+            return
+        message = (f"the base's state is {found} but base_method is {method.kind!r}, so the defaults for that base "
+                   "apply (CDAT's sigma and ema, the stability coefficient of eos_ratio and of the edge-of-"
+                   "stability rule) and no preconditioned sharpness is estimated")
+    elif rate_follows_base and given is None and not _same_arrays(updates, grad):
+        message = ("base_method is unset and the updates reaching the tuner are not the gradient (grad=), so the "
+                   "tuner cannot tell its base and assumes gradient descent: behind Adam or momentum its defaults "
+                   "(CDAT's sigma and ema, the stability coefficients) are the wrong ones")
+    else:
+        return
+    warnings.warn(f"{tuner}: {message}: {hint}.", RuntimeWarning, stacklevel=3)
+
+
+def _has_trace(tree: Any) -> bool:
+    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+    return any(is_trace(node) for node in jax.tree.leaves(tree, is_leaf=is_trace))
+
+
+def _same_arrays(updates: Any, grad: Any) -> bool:
+    """Whether ``updates`` are ``grad`` itself, leaf for leaf (the tuner is first in its chain: gradient descent)."""
+    if grad is None:
+        return False
+    a, b = jax.tree.leaves(updates), jax.tree.leaves(grad)
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def oracle_for(curvature: str, p: Prepared, tuner: str) -> str:

@@ -326,20 +326,44 @@ def test_inject_hyperparams_jitted_init_and_conveniences():
     assert {"sigma", "ema", "eps", "lr_max"} <= set(s.hyperparams)  # numeric settings injected
 
 
-def test_adam_base_without_base_method_warns():
-    """The default base_method is gradient descent, whose CDAT ema (0.9) and stability coefficient differ from
-    Adam's: an Adam state handed over (the convenience) with base_method unset warns at trace time, once."""
+def test_base_method_unset_warns_when_the_base_is_visibly_another():
+    """Unset, ``base_method`` is gradient descent, whose CDAT sigma/ema and stability coefficient differ from
+    Adam's and heavy ball's: the update warns at trace time (once per trace) when it can see another base, and
+    stays quiet when the base is declared, when the tuner sees the raw gradient (gradient descent), and where
+    only the diagnostics follow the base (the greedy step, CDAT with sigma and ema given)."""
     import warnings
+
+    from curvopt.optax import BaseMethod, scale_by_edge_of_stability, scale_by_quadratic_greedy
 
     p = {"w": jnp.ones(3)}
     f = lambda q: jnp.sum((q["w"] - 2.0) ** 2)  # noqa: E731
-    for method, expected in ((None, 1), ("adam", 0)):
-        opt = cdat(optax.scale_by_adam(), base_method=method)
+    adam, trace = optax.scale_by_adam, lambda: optax.trace(0.9)
+    cases = [  # (transform, expected warnings over two jitted steps, which base the message names)
+        (cdat(adam()), 1, "ScaleByAdamState"),
+        (cdat(adam(), base_method="adam"), 0, None),
+        (cdat(trace()), 1, "TraceState"),
+        (cdat(trace(), base_method=BaseMethod.heavy_ball(0.9)), 0, None),
+        (cdat(optax.identity()), 0, None),
+        (scale_by_cdat(), 0, None),  # first in its chain: the updates are the gradient
+        (optax.chain(adam(), scale_by_cdat()), 1, "not the gradient"),
+        (optax.chain(adam(), scale_by_cdat(base_method="gd")), 0, None),  # declared
+        (optax.chain(adam(), scale_by_cdat(sigma=2.0, ema=0.99)), 0, None),  # the rate does not follow the base
+        (optax.chain(adam(), scale_by_quadratic_greedy()), 0, None),
+        (optax.chain(trace(), scale_by_edge_of_stability()), 1, "not the gradient"),
+        (optax.chain(trace(), scale_by_edge_of_stability(stability_coefficient=38.0)), 0, None),
+    ]
+    for opt, expected, names in cases:
         s = opt.init(p)
-        step = jax.jit(lambda s: opt.update(jax.grad(f)(p), s, p, value=f(p), value_fn=f))
+
+        def step(s, opt=opt):
+            g = jax.grad(f)(p)
+            return opt.update(g, s, p, value=f(p), grad=g, value_fn=f)
+
+        jitted = jax.jit(step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(2):
-                _, s = step(s)
-        hits = [w for w in caught if "base_method" in str(w.message)]
-        assert len(hits) == expected, [str(w.message) for w in caught]
+                _, s = jitted(s)
+        hits = [str(w.message) for w in caught if "base_method" in str(w.message)]
+        assert len(hits) == expected, hits
+        assert all(names in h for h in hits), hits
