@@ -157,10 +157,14 @@ def train_loss(arch, width, par, optimizer, lr, steps, x, y, seed):
     return float(np.mean(losses))  # area under the training curve / steps
 
 
-def run_cdat(width, par, steps, x, y, seed):
-    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups."""
+def run_cdat(width, par, steps, x, y, seed, variant=""):
+    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups; ``variant``: a
+    research start-up cap of ``benchmarks.minibatch_study`` (``capA`` / ``capB``, docs/minibatch_study.md
+    section 7) wrapped around its rule, or empty for the library's rule."""
+    from benchmarks.minibatch_study import startup_variant
+
     model, groups = build("mlp", width, par, "sgd", 1.0, seed, n_train=len(x))
-    opt = tuners.build_torch("cdat", {}, "gd", model, params=groups)
+    opt = startup_variant(tuners.build_torch("cdat", {}, "gd", model, params=groups), variant)
 
     def closure():
         opt.zero_grad()
@@ -227,8 +231,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
     ap.add_argument("--out", default="results/mup")
     ap.add_argument("--only", default="sharpness,transfer,cdat,gamma", help="comma-separated experiments")
+    ap.add_argument("--seed", type=int, default=None, help="the seed of every experiment (default: the preset's, 0)")
+    ap.add_argument("--variant", default="", help="cdat: a start-up cap of benchmarks.minibatch_study (capA, capB; "
+                    "docs/minibatch_study.md section 7) around the library's rule (default: none)")
     args = ap.parse_args(argv)
     P = PRESETS["quick" if args.quick else "default"]
+    if args.seed is not None:
+        from dataclasses import replace
+
+        P = replace(P, seed=args.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.makedirs(args.out, exist_ok=True)
     import matplotlib
@@ -238,7 +249,8 @@ def main(argv=None) -> dict:
 
     only = set(args.only.split(","))
     x, y = digits("mlp", P.n_train)
-    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths)}
+    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths), "seed": P.seed,
+                 "variant": args.variant}
     t0 = time.time()
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(P.widths)))
 
@@ -295,7 +307,7 @@ def main(argv=None) -> dict:
         res["cdat"] = {}
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
         for ax, par in zip(axes, ("mup", "sp")):
-            r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed) for w in P.widths}
+            r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed, args.variant) for w in P.widths}
             res["cdat"][par] = {"final_lr": {w: r[w]["final_lr"] for w in P.widths},
                                 "spread": spread([r[w]["final_lr"] for w in P.widths]),
                                 "loss": {w: r[w]["loss"] for w in P.widths}}
@@ -372,7 +384,9 @@ def report(res: dict, P: Preset) -> str:
             lines.append(f"| {par} | " + " | ".join(f"{b[w]} ({g[b[w]]:g})" for w in P.widths) + " |")
         lines.append("")
     if "cdat" in res:
-        lines += [f"**CDAT (library defaults) on GD** (MLP, {P.cdat_steps} steps): global lr, mean of the last 10 %", "",
+        how = f"start-up cap {res['variant']}" if res.get("variant") else "library defaults"
+        lines += [f"**CDAT ({how}) on GD** (MLP, {P.cdat_steps} steps, seed {res.get('seed', P.seed)}): global lr, "
+                  "mean of the last 10 %", "",
                   "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread |",
                   "|---|" + "---|" * len(P.widths) + "---|"]
         for par in ("mup", "sp"):
