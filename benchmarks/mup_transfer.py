@@ -178,7 +178,7 @@ def run_cdat(width, par, steps, x, y, seed, variant=""):
         lrs.append(float(opt.stats["lr"]))
         losses.append(float(loss))
     tail = max(1, steps // 10)
-    return {"lrs": lrs, "final_lr": float(np.mean(lrs[-tail:])), "loss": losses[-1]}
+    return {"lrs": lrs, "final_lr": float(np.mean(lrs[-tail:])), "loss": losses[-1], "losses": losses}
 
 
 def run_gamma(gamma, width, grid, steps, x, y_onehot, seed):
@@ -310,7 +310,10 @@ def main(argv=None) -> dict:
             r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed, args.variant) for w in P.widths}
             res["cdat"][par] = {"final_lr": {w: r[w]["final_lr"] for w in P.widths},
                                 "spread": spread([r[w]["final_lr"] for w in P.widths]),
-                                "loss": {w: r[w]["loss"] for w in P.widths}}
+                                "loss": {w: r[w]["loss"] for w in P.widths},
+                                # the start-up's overshoot: the highest loss of steps 1-14 against the initial one
+                                "initial_loss": {w: r[w]["losses"][0] for w in P.widths},
+                                "early_peak": {w: max(r[w]["losses"][1:15]) for w in P.widths}}
             for c, w in zip(colors, P.widths):
                 ax.plot(r[w]["lrs"], color=c, label=f"width {w}")
             ax.set(title=f"CDAT (library defaults) on GD, MLP, {par}", yscale="log", xlabel="step")
@@ -393,6 +396,13 @@ def report(res: dict, P: Preset) -> str:
             r = res["cdat"][par]
             lines.append(f"| {par} | " + " | ".join(_fmt(r["final_lr"][w]) for w in P.widths)
                          + f" | {r['spread'] * 100:.0f} % |")
+        lines.append("")
+        for par in ("mup", "sp"):
+            r = res["cdat"][par]
+            over = [f"w={w}: {r['early_peak'][w]:.3g} (initial {r['initial_loss'][w]:.3g})" for w in P.widths
+                    if "early_peak" in r and r["early_peak"][w] > r["initial_loss"][w]]
+            lines.append(f"{par}: final train loss {min(r['loss'].values()):.3g}-{max(r['loss'].values()):.3g}; "
+                         "steps 1-14 above the initial loss: " + ("; ".join(over) if over else "none"))
         lines.append("")
     if "gamma" in res:
         r = res["gamma"]
