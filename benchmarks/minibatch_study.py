@@ -28,7 +28,7 @@ weight ``w < 0.9``; also ``benchmarks.mup_transfer --variant``); any CDAT varian
 keywords, e.g. ``fd@ema=0.9``. ``edge --widths 2,4,8`` runs the suite's other widths (default: the middle one),
 ``--ref PATH`` takes the ratios' reference from a benchmark ``results.jsonl`` (its best constant, per width).
 
-Rerun (one thread; about 25 CPU minutes for everything)::
+Rerun (one thread; about 25 CPU minutes for everything before section 7, whose runs add about 22)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study noise --seeds 0,1,2
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --seeds 0,1,2
@@ -42,6 +42,14 @@ Rerun (one thread; about 25 CPU minutes for everything)::
     OMP_NUM_THREADS=1 python -m benchmarks --suite default --out results/guard --tasks resnet --regimes full \
         --widths 2,4,8 --tuners constant,cdat --seeds 0,1,2                          # section 5, the networks
     python -m benchmarks.minibatch_study guard --replay results/guard/results.jsonl
+    for v in head capA capB; do for s in 0 1 2; do  # section 7, the μP start-up (about 2 CPU minutes)
+      OMP_NUM_THREADS=1 python -m benchmarks.mup_transfer --only cdat --variant $v --seed $s --out results/mup_startup/${v}_s$s
+    done; done
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --widths 2,4,8 \
+        --edge-every 0 --sharpness-every 0 --variants fd,capA,capB --ref results/default/results.jsonl --docs /tmp
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime mini \
+        --edge-every 0 --sharpness-every 0 --variants fd,capA,capB --ref results/default/results.jsonl --docs /tmp
+                                                      # section 7, the ResNet cells (about 20 CPU minutes)
 
 The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
 in full batch, as the suite), its ratio to the constant of the same seed (median and worst seed), the eval

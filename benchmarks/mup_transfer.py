@@ -17,6 +17,8 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
 3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults): the global
    learning rate CDAT picks,
    averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast).
+   ``--variant capA|capB`` wraps the rule in a research start-up cap of :mod:`benchmarks.minibatch_study`
+   (docs/minibatch_study.md, section 7), ``--seed`` sets the seed (default 0).
 4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
    centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
    stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
