@@ -23,9 +23,12 @@ Variants (``run_variant``): ``constant:LR``; ``fd`` (CDAT with a closure); ``sec
 (closure-free without / with the noise correction); ``cdat:k=v;...`` (CDAT with rule settings); research
 prototypes that are not in the library: ``snr`` / ``snru`` (sigma scaled by a measured noise ratio),
 ``chord`` (the fd probe at the step's own length), ``fall:F`` (the lr falls by at most a fraction ``F`` per
-step); any CDAT variant takes ``@k=v;...`` for CDAT keywords, e.g. ``fd@ema=0.9``.
+step), ``capA`` / ``capB`` (section 7's start-up caps ``lr <= w * 2 (f - f*) / n``, always / while the averages'
+weight ``w < 0.9``; also ``benchmarks.mup_transfer --variant``); any CDAT variant takes ``@k=v;...`` for CDAT
+keywords, e.g. ``fd@ema=0.9``. ``edge --widths 2,4,8`` runs the suite's other widths (default: the middle one),
+``--ref PATH`` takes the ratios' reference from a benchmark ``results.jsonl`` (its best constant, per width).
 
-Rerun (one thread; about 25 CPU minutes for everything)::
+Rerun (one thread; about 25 CPU minutes for everything before section 7, whose runs add about 22)::
 
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study noise --seeds 0,1,2
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --seeds 0,1,2
@@ -39,6 +42,14 @@ Rerun (one thread; about 25 CPU minutes for everything)::
     OMP_NUM_THREADS=1 python -m benchmarks --suite default --out results/guard --tasks resnet --regimes full \
         --widths 2,4,8 --tuners constant,cdat --seeds 0,1,2                          # section 5, the networks
     python -m benchmarks.minibatch_study guard --replay results/guard/results.jsonl
+    for v in head capA capB; do for s in 0 1 2; do  # section 7, the μP start-up (about 2 CPU minutes)
+      OMP_NUM_THREADS=1 python -m benchmarks.mup_transfer --only cdat --variant $v --seed $s --out results/mup_startup/${v}_s$s
+    done; done
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --widths 2,4,8 \
+        --edge-every 0 --sharpness-every 0 --variants fd,capA,capB --ref results/default/results.jsonl --docs /tmp
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime mini \
+        --edge-every 0 --sharpness-every 0 --variants fd,capA,capB --ref results/default/results.jsonl --docs /tmp
+                                                      # section 7, the ResNet cells (about 20 CPU minutes)
 
 The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
 in full batch, as the suite), its ratio to the constant of the same seed (median and worst seed), the eval
@@ -101,7 +112,7 @@ def _snr_sigma(state: dict, grads, beta: float, base_sigma: float, cap: float) -
 
 
 def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | None = None, *,
-                edge_every: int = 0, sharpness_every: int = 0) -> dict:
+                edge_every: int = 0, sharpness_every: int = 0, width: int | None = None) -> dict:
     """One training run. ``variant``: ``constant:LR``, ``fd`` (CDAT with a closure, library defaults),
     ``secant`` / ``secant+nc`` (closure-free CDAT without / with the noise correction), ``cdat:KEY=V;...``
     (CDAT with a closure and rule settings), ``snr`` / ``snr:BETA`` (CDAT with a closure, sigma from the
@@ -109,14 +120,16 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
     ``u = (w_{t+1} - w_t) / lr_t``, lagged by one step: for SGD ``u = -g``, for Adam its own averaged update),
     ``chord`` / ``chord:KAPPA`` (CDAT with a closure whose probe sits at ``KAPPA`` times the previous lr,
     :class:`_chord_probe`), ``fall:F`` (CDAT with a closure whose lr falls by at most a fraction ``F`` per step,
-    :func:`_fall_limited`)."""
+    :func:`_fall_limited`), ``capA`` / ``capB`` (CDAT with a closure under section 7's start-up caps,
+    :func:`_startup_capped`). ``width``: one of the suite's widths for the task (default: the middle one)."""
     import torch
 
     torch.set_num_threads(1)
     exp = experiment(task, regime)
     base = exp.base or tasks_mod.TASKS[task].base
     steps = steps or exp.steps
-    prob = tasks_mod.torch_problem(exp, width_of(exp), seed)
+    width = width or width_of(exp)
+    prob = tasks_mod.torch_problem(exp, width, seed)
     model = prob.model
     model.train()
     params = list(model.parameters())
@@ -138,6 +151,8 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
         opt = CDAT(tuners_mod.torch_base(base, params, 1.0), modules=model, **kw)
         if name.startswith("fall:"):
             opt.rule = _fall_limited(opt.rule, float(name.split(":")[1]))
+        if name in STARTUP_CAPS:  # section 7's start-up caps A / B
+            startup_variant(opt, name)
     chord = name.startswith("chord")  # prototype: the fd probe at the step's own scale (see _chord_probe)
     if chord:
         kappa = float(name.split(":")[1]) if ":" in name else 1.0
@@ -202,7 +217,7 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
     n = len(rec["loss"])
     window = max(1, steps // 10) if regime == "mini" else 5
     final = statistics.fmean(rec["loss"][-window:]) if n == steps else math.inf
-    return {"task": task, "regime": regime, "width": width_of(exp), "seed": seed, "variant": variant, "steps": steps, "final": final,
+    return {"task": task, "regime": regime, "width": width, "seed": seed, "variant": variant, "steps": steps, "final": final,
             "eval_loss": ev_loss, "eval_acc": ev_acc, "cpu": cpu, "edges": edges, "sharpness": sharp, **rec}
 
 
@@ -242,6 +257,55 @@ def _fall_limited(inner, fall: float):
             return lr, FallState(*new, lr)
 
     return FallLimited()
+
+
+# ------------------------------------------------------------------------------------------ start-up caps (section 7)
+#: research prototypes of docs/minibatch_study.md section 7 (issue 12, CDAT's start-up under μP): variant name ->
+#: the averages' weight ``w = 1 - ema^t`` below which the cap applies (A: always, B: while ``w < 0.9``)
+STARTUP_CAPS = {"capA": math.inf, "capB": 0.9}
+
+
+def _startup_capped(inner, until: float = math.inf):
+    """Research prototype (not the library): CDAT whose rate is capped by ``lr <= w * 2 (f - f_star) / n``
+    while the averages' weight ``w = 1 - ema^t`` (the rule's ramp, this step included) is below ``until``;
+    ``n = -g^T u`` the rule's numerator, ``f`` the loss. ``2 (f - f_star) / n`` is the minimiser of the flattest
+    quadratic model consistent with the loss bound (the loss-bound floor's curvature ``n^2 / (2 (f - f_star))``),
+    ramped like the rule's own rate. Applied to the rule's output rate (after the guard and the growth cap); the
+    capped rate is the one stored as the growth cap's reference. No cap where the loss is unknown (NaN), not above
+    ``f_star``, or ``n <= 0``. A duck-typed rule value around ``inner`` (a :class:`curvopt.rules.CDATRule`)."""
+    from curvopt.rules import _safe_div
+
+    class StartupCapped:
+        needs = inner.needs
+        default_sharpness = inner.default_sharpness
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+        def init(self, zero):
+            return inner.init(zero)
+
+        def update(self, x, state, xp):
+            lr, new = inner.update(x, state, xp)
+            w, n, gap = new.avg_weight, x.numerator, x.value - inner.f_star
+            on = (n > 0) & xp.isfinite(gap) & (gap > 0) & (w < until)
+            bound = _safe_div(2 * w * gap, n, on, xp)
+            lr = xp.where(on & (bound < lr), bound, lr)
+            return lr, new._replace(cdat_lr=lr)
+
+    return StartupCapped()
+
+
+def startup_variant(opt, name: str):
+    """``opt`` (a :class:`curvopt.torch.CDAT`) with its rule wrapped by the start-up cap ``name`` (a key of
+    :data:`STARTUP_CAPS`, :func:`_startup_capped`); ``name`` empty or ``"head"``: ``opt`` as it is."""
+    if name in ("", "head"):
+        return opt
+    if name not in STARTUP_CAPS:
+        raise ValueError(f"unknown start-up variant {name!r}; expected one of {sorted(STARTUP_CAPS)} or 'head'")
+    opt.rule = _startup_capped(opt.rule, STARTUP_CAPS[name])
+    return opt
+# ------------------------------------------------------------------------------------------ end of start-up caps
 
 
 class _chord_probe:
@@ -378,11 +442,11 @@ class Cache:
     def key(task, regime, seed, variant, steps, width=None):
         return f"{task}|{regime}|w{width or width_of(experiment(task, regime))}|{seed}|{variant}|{steps}"
 
-    def get(self, task, regime, seed, variant, steps=None, **kw) -> dict:
+    def get(self, task, regime, seed, variant, steps=None, width=None, **kw) -> dict:
         steps = steps or experiment(task, regime).steps
-        k = self.key(task, regime, seed, variant, steps)
+        k = self.key(task, regime, seed, variant, steps, width)
         if k not in self.rows:
-            r = run_variant(task, regime, seed, variant, steps, **kw)
+            r = run_variant(task, regime, seed, variant, steps, width=width, **kw)
             print(f"  {k}: final {r['final']:.4g} eval {r['eval_loss']:.4g} lr(last fifth) "
                   f"{_late_lr(r):.3g} ({r['cpu']:.0f} CPU s)", flush=True)
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -469,6 +533,23 @@ def noise(args, cache: Cache) -> str:
 
 
 # ------------------------------------------------------------------------------------------ edge (issue 12)
+def suite_constant(path: str, task: str, regime: str, width: int, steps: int) -> tuple[float, dict]:
+    """The best constant of a benchmark ``results.jsonl`` for the torch SP cell ``(task, regime, width)`` (the
+    report's choice: the lowest median final train loss over seeds): ``(lr, {seed: final})``."""
+    from .plan import final_loss
+    from .results import load_results
+
+    by_lr: dict = {}
+    for r in load_results(path):
+        if (r["task"], r["regime"], r["width"], r["backend"], r["param"], r["tuner_name"], r["max_steps"]) == \
+                (task, regime, width, "torch", "sp", "constant", steps) and r.get("status") in ("ok", "diverged"):
+            by_lr.setdefault(float(r["settings"]["lr"]), {}).setdefault(r["seed"], final_loss(r))
+    if not by_lr:
+        raise KeyError(f"no constant runs for {task} {regime} w{width} ({steps} steps) in {path}")
+    lr = min(by_lr, key=lambda k: (statistics.median(by_lr[k].values()), k))
+    return lr, by_lr[lr]
+
+
 def edge(args, cache: Cache) -> str:
     import matplotlib
 
@@ -479,10 +560,19 @@ def edge(args, cache: Cache) -> str:
     task, regime = args.task, args.regime
     variants = args.variants.split(",")
     kw = {"edge_every": args.edge_every, "sharpness_every": args.sharpness_every}
-    res = {v: [cache.get(task, regime, s, v, args.steps, **kw) for s in seeds] for v in variants}
-    ref_v = next((v for v in variants if v.startswith("constant:")), None)
-    ref = {r["seed"]: r["final"] for r in res[ref_v]} if ref_v else None
-    text = _table([(v, rs) for v, rs in res.items()], ref)
+    texts = []
+    for width in (args.widths or [None])[::-1]:  # the figure shows the first width
+        res = {v: [cache.get(task, regime, s, v, args.steps, width=width, **kw) for s in seeds] for v in variants}
+        ref_v = next((v for v in variants if v.startswith("constant:")), None)
+        ref = {r["seed"]: r["final"] for r in res[ref_v]} if ref_v else None
+        note = ""
+        if args.ref:  # the best constant of a benchmark run (the suite's own choice) is the ratios' reference
+            lr_ref, ref = suite_constant(args.ref, task, regime, width or width_of(experiment(task, regime)),
+                                         args.steps or experiment(task, regime).steps)
+            note = f" (÷ the best constant of {args.ref}, lr={lr_ref:g})"
+        texts.append(f"### {task} {regime} w{width or width_of(experiment(task, regime))}{note}\n\n"
+                     + _table([(v, rs) for v, rs in res.items()], ref))
+    text = "\n\n".join(texts[::-1])
     measured = any(r["edges"] or r["sharpness"] for rs in res.values() for r in rs)
     fig, axes = plt.subplots(2 if measured else 1, 2, figsize=(11, 8 if measured else 4.2), squeeze=False)
     for v, rs in res.items():
@@ -513,7 +603,7 @@ def edge(args, cache: Cache) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     exp = experiment(task, regime)
-    fig.suptitle(f"{task} {regime} ({exp.base or tasks_mod.TASKS[task].base}, w{width_of(exp)}, default suite): "
+    fig.suptitle(f"{task} {regime} ({exp.base or tasks_mod.TASKS[task].base}, w{rs[0]['width']}, default suite): "
                  "the best constant vs CDAT variants", fontsize=9)
     fig.tight_layout()
     path = os.path.join(args.docs, "minibatch_edge.png" if args.figure_name == "edge" else f"{args.figure_name}.png")
@@ -625,6 +715,10 @@ def main(argv=None) -> int:
                     help="edge: runs to compare (the first constant is the ratios' reference)")
     ap.add_argument("--task", default="resnet", help="edge: the task (default resnet)")
     ap.add_argument("--regime", default="mini", help="edge: the regime (default mini)")
+    ap.add_argument("--widths", default=None, type=lambda s: [int(x) for x in s.split(",")],
+                    help="edge: the suite's widths to run (default: the middle one); a table for each")
+    ap.add_argument("--ref", default=None,
+                    help="edge: a benchmark results.jsonl whose best constant (per width) the ratios refer to")
     ap.add_argument("--edge-every", type=int, default=10)
     ap.add_argument("--sharpness-every", type=int, default=50)
     ap.add_argument("--replay", default=None, help="guard: a benchmark results.jsonl whose GD CDAT runs to replay")

@@ -17,6 +17,8 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
 3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults): the global
    learning rate CDAT picks,
    averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast).
+   ``--variant capA|capB`` wraps the rule in a research start-up cap of :mod:`benchmarks.minibatch_study`
+   (docs/minibatch_study.md, section 7), ``--seed`` sets the seed (default 0).
 4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
    centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
    stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
@@ -157,10 +159,14 @@ def train_loss(arch, width, par, optimizer, lr, steps, x, y, seed):
     return float(np.mean(losses))  # area under the training curve / steps
 
 
-def run_cdat(width, par, steps, x, y, seed):
-    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups."""
+def run_cdat(width, par, steps, x, y, seed, variant=""):
+    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups; ``variant``: a
+    research start-up cap of ``benchmarks.minibatch_study`` (``capA`` / ``capB``, docs/minibatch_study.md
+    section 7) wrapped around its rule, or empty for the library's rule."""
+    from benchmarks.minibatch_study import startup_variant
+
     model, groups = build("mlp", width, par, "sgd", 1.0, seed, n_train=len(x))
-    opt = tuners.build_torch("cdat", {}, "gd", model, params=groups)
+    opt = startup_variant(tuners.build_torch("cdat", {}, "gd", model, params=groups), variant)
 
     def closure():
         opt.zero_grad()
@@ -174,7 +180,7 @@ def run_cdat(width, par, steps, x, y, seed):
         lrs.append(float(opt.stats["lr"]))
         losses.append(float(loss))
     tail = max(1, steps // 10)
-    return {"lrs": lrs, "final_lr": float(np.mean(lrs[-tail:])), "loss": losses[-1]}
+    return {"lrs": lrs, "final_lr": float(np.mean(lrs[-tail:])), "loss": losses[-1], "losses": losses}
 
 
 def run_gamma(gamma, width, grid, steps, x, y_onehot, seed):
@@ -227,8 +233,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
     ap.add_argument("--out", default="results/mup")
     ap.add_argument("--only", default="sharpness,transfer,cdat,gamma", help="comma-separated experiments")
+    ap.add_argument("--seed", type=int, default=None, help="the seed of every experiment (default: the preset's, 0)")
+    ap.add_argument("--variant", default="", help="cdat: a start-up cap of benchmarks.minibatch_study (capA, capB; "
+                    "docs/minibatch_study.md section 7) around the library's rule (default: none)")
     args = ap.parse_args(argv)
     P = PRESETS["quick" if args.quick else "default"]
+    if args.seed is not None:
+        from dataclasses import replace
+
+        P = replace(P, seed=args.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.makedirs(args.out, exist_ok=True)
     import matplotlib
@@ -238,7 +251,8 @@ def main(argv=None) -> dict:
 
     only = set(args.only.split(","))
     x, y = digits("mlp", P.n_train)
-    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths)}
+    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths), "seed": P.seed,
+                 "variant": args.variant}
     t0 = time.time()
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(P.widths)))
 
@@ -295,10 +309,13 @@ def main(argv=None) -> dict:
         res["cdat"] = {}
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
         for ax, par in zip(axes, ("mup", "sp")):
-            r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed) for w in P.widths}
+            r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed, args.variant) for w in P.widths}
             res["cdat"][par] = {"final_lr": {w: r[w]["final_lr"] for w in P.widths},
                                 "spread": spread([r[w]["final_lr"] for w in P.widths]),
-                                "loss": {w: r[w]["loss"] for w in P.widths}}
+                                "loss": {w: r[w]["loss"] for w in P.widths},
+                                # the start-up's overshoot: the highest loss of steps 1-14 against the initial one
+                                "initial_loss": {w: r[w]["losses"][0] for w in P.widths},
+                                "early_peak": {w: max(r[w]["losses"][1:15]) for w in P.widths}}
             for c, w in zip(colors, P.widths):
                 ax.plot(r[w]["lrs"], color=c, label=f"width {w}")
             ax.set(title=f"CDAT (library defaults) on GD, MLP, {par}", yscale="log", xlabel="step")
@@ -372,13 +389,22 @@ def report(res: dict, P: Preset) -> str:
             lines.append(f"| {par} | " + " | ".join(f"{b[w]} ({g[b[w]]:g})" for w in P.widths) + " |")
         lines.append("")
     if "cdat" in res:
-        lines += [f"**CDAT (library defaults) on GD** (MLP, {P.cdat_steps} steps): global lr, mean of the last 10 %", "",
+        how = f"start-up cap {res['variant']}" if res.get("variant") else "library defaults"
+        lines += [f"**CDAT ({how}) on GD** (MLP, {P.cdat_steps} steps, seed {res.get('seed', P.seed)}): global lr, "
+                  "mean of the last 10 %", "",
                   "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread |",
                   "|---|" + "---|" * len(P.widths) + "---|"]
         for par in ("mup", "sp"):
             r = res["cdat"][par]
             lines.append(f"| {par} | " + " | ".join(_fmt(r["final_lr"][w]) for w in P.widths)
                          + f" | {r['spread'] * 100:.0f} % |")
+        lines.append("")
+        for par in ("mup", "sp"):
+            r = res["cdat"][par]
+            over = [f"w={w}: {r['early_peak'][w]:.3g} (initial {r['initial_loss'][w]:.3g})" for w in P.widths
+                    if "early_peak" in r and r["early_peak"][w] > r["initial_loss"][w]]
+            lines.append(f"{par}: final train loss {min(r['loss'].values()):.3g}-{max(r['loss'].values()):.3g}; "
+                         "steps 1-14 above the initial loss: " + ("; ".join(over) if over else "none"))
         lines.append("")
     if "gamma" in res:
         r = res["gamma"]

@@ -1,0 +1,87 @@
+"""benchmarks.minibatch_study's start-up caps (docs/minibatch_study.md section 7, research prototypes A and B):
+the cap ``lr <= w * 2 (f - f_star) / n`` on the rule's rate by hand, B's end at ``w = 0.9``, and the variant
+reaching the μP experiment (``benchmarks.mup_transfer --variant``)."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is run from the repository, never installed
+
+from benchmarks import minibatch_study as ms  # noqa: E402
+from curvopt.rules import CDATRule, RuleInputs  # noqa: E402
+
+
+def _inputs(n, c, f, k):
+    return RuleInputs(np.float64(n), np.float64(c), np.float64(f), np.float64(np.nan), k)
+
+
+def test_minibatch_startup_cap_a_by_hand():
+    """GD's default rule (sigma 4, ema 0.9) on a flat first direction: n = 1, c = 0, f = 2. The loss-bound floor
+    gives d = n^2 / (2 f) = 0.25 and the rule 4 * 0.1 * 1 / 0.25 = 1.6 (num_avg 0.1 * weight 0.1 over the
+    bias-corrected den_avg 0.025); the cap is w * 2 f / n = 0.1 * 4 = 0.4, and the growth cap's reference is 0.4."""
+    inner = CDATRule(sigma=4.0, ema=0.9)
+    capped = ms._startup_capped(inner)
+    lr_inner, _ = inner.update(_inputs(1.0, 0.0, 2.0, 0), inner.init(np.float64(0)), np)
+    lr, st = capped.update(_inputs(1.0, 0.0, 2.0, 0), capped.init(np.float64(0)), np)
+    assert float(lr_inner) == pytest.approx(1.6)
+    assert float(lr) == pytest.approx(0.4)
+    assert float(st.cdat_lr) == pytest.approx(0.4)
+    assert float(st.avg_weight) == pytest.approx(0.1)
+
+
+def test_minibatch_startup_cap_inactive_without_a_known_loss_or_a_descent_numerator():
+    inner = CDATRule(sigma=4.0, ema=0.9)
+    capped = ms._startup_capped(inner)
+    for n, f in ((1.0, np.nan), (-1.0, 2.0), (1.0, 0.0)):
+        a, _ = inner.update(_inputs(n, 0.3, f, 0), inner.init(np.float64(0)), np)
+        b, _ = capped.update(_inputs(n, 0.3, f, 0), capped.init(np.float64(0)), np)
+        assert float(a) == float(b)
+
+
+def test_minibatch_startup_cap_b_ends_at_weight_0_9():
+    """B caps while w = 1 - 0.9^t < 0.9 (t = 1..21) and leaves the rule alone from t = 22 on; A caps throughout."""
+    inner = CDATRule(sigma=4.0, ema=0.9, growth=1e9)
+    rules = {v: ms._startup_capped(inner, ms.STARTUP_CAPS[v]) for v in ("capA", "capB")}
+    states = {v: r.init(np.float64(0)) for v, r in rules.items()}
+    st_inner = inner.init(np.float64(0))
+    capped_steps = {v: [] for v in rules}
+    for k in range(30):
+        x = _inputs(1.0, 0.0, 2.0, k)  # the floor's curvature every step: rule 4 w * 2 f / n > the cap w * 2 f / n
+        lr_inner, st_inner = inner.update(x, st_inner, np)
+        for v, r in rules.items():
+            lr, states[v] = r.update(x, states[v], np)
+            if float(lr) < float(lr_inner):
+                capped_steps[v].append(k + 1)
+    assert capped_steps["capA"] == list(range(1, 31))
+    assert capped_steps["capB"] == list(range(1, 22))
+
+
+def test_minibatch_startup_variant_names():
+    class Opt:
+        rule = CDATRule()
+
+    opt = Opt()
+    assert ms.startup_variant(opt, "head").rule is Opt.rule
+    assert ms.startup_variant(opt, "capB").rule.f_star == 0.0
+    with pytest.raises(ValueError, match="start-up variant"):
+        ms.startup_variant(Opt(), "capC")
+
+
+def test_minibatch_startup_variant_reaches_the_mup_cdat_run():
+    """mup_transfer's CDAT run with ``variant="capA"`` takes the capped rates: at width 512 (μP), where the
+    library rule's first rates are far above the ones the run settles at, its rates differ from the rule's and
+    the first is no larger."""
+    torch = pytest.importorskip("torch")
+    from benchmarks import mup_transfer as mt
+
+    torch.manual_seed(0)
+    x, y = mt.digits("mlp", 512)
+    head = mt.run_cdat(512, "mup", 3, x, y, 0)
+    cap = mt.run_cdat(512, "mup", 3, x, y, 0, "capA")
+    assert all(math.isfinite(v) and v > 0 for v in cap["lrs"])
+    assert cap["lrs"] != head["lrs"]
+    assert cap["lrs"][0] <= head["lrs"][0]
