@@ -42,13 +42,13 @@ Rerun (one thread; about 25 CPU minutes for everything before section 7, whose r
     OMP_NUM_THREADS=1 python -m benchmarks --suite default --out results/guard --tasks resnet --regimes full \
         --widths 2,4,8 --tuners constant,cdat --seeds 0,1,2                          # section 5, the networks
     python -m benchmarks.minibatch_study guard --replay results/guard/results.jsonl
-    for v in head capA capB; do for s in 0 1 2; do  # section 7, the μP start-up (about 2 CPU minutes)
+    for v in nocap capA capB; do for s in 0 1 2; do  # section 7, the μP start-up (about 2 CPU minutes)
       OMP_NUM_THREADS=1 python -m benchmarks.mup_transfer --only cdat --variant $v --seed $s --out results/mup_startup/${v}_s$s
     done; done
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --widths 2,4,8 \
-        --edge-every 0 --sharpness-every 0 --variants fd,capA,capB --ref results/default/results.jsonl --docs /tmp
+        --edge-every 0 --sharpness-every 0 --variants nocap,capA,capB --ref results/default/results.jsonl --docs /tmp
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime mini \
-        --edge-every 0 --sharpness-every 0 --variants fd,capA,capB --ref results/default/results.jsonl --docs /tmp
+        --edge-every 0 --sharpness-every 0 --variants nocap,capA,capB --ref results/default/results.jsonl --docs /tmp
                                                       # section 7, the ResNet cells (about 20 CPU minutes)
 
 The tables printed give the final train loss (mean of the last tenth of the steps in mini-batch, of the last 5
@@ -58,6 +58,7 @@ loss and the median lr of the last fifth of the steps. Findings (2026-11-30) are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -151,7 +152,7 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
         opt = CDAT(tuners_mod.torch_base(base, params, 1.0), modules=model, **kw)
         if name.startswith("fall:"):
             opt.rule = _fall_limited(opt.rule, float(name.split(":")[1]))
-        if name in STARTUP_CAPS:  # section 7's start-up caps A / B
+        if name in STARTUP_CAPS or name == "nocap":  # section 7's start-up caps A / B, and the rule without
             startup_variant(opt, name)
     chord = name.startswith("chord")  # prototype: the fd probe at the step's own scale (see _chord_probe)
     if chord:
@@ -297,13 +298,17 @@ def _startup_capped(inner, until: float = math.inf):
 
 
 def startup_variant(opt, name: str):
-    """``opt`` (a :class:`curvopt.torch.CDAT`) with its rule wrapped by the start-up cap ``name`` (a key of
-    :data:`STARTUP_CAPS`, :func:`_startup_capped`); ``name`` empty or ``"head"``: ``opt`` as it is."""
-    if name in ("", "head"):
+    """``opt`` (a :class:`curvopt.torch.CDAT`) with the start-up variant ``name``: ``""``: as it is (the library's
+    default, whose ``loss_cap`` is A since it was adopted); ``"nocap"``: the rule before that, ``loss_cap=inf``;
+    a key of :data:`STARTUP_CAPS`: that rule wrapped by the research cap (:func:`_startup_capped`; ``capA``
+    reproduces the library's ``loss_cap`` by separate code, ``tests/test_bench_minibatch_startup.py``)."""
+    if name == "":
         return opt
-    if name not in STARTUP_CAPS:
-        raise ValueError(f"unknown start-up variant {name!r}; expected one of {sorted(STARTUP_CAPS)} or 'head'")
-    opt.rule = _startup_capped(opt.rule, STARTUP_CAPS[name])
+    if name != "nocap" and name not in STARTUP_CAPS:
+        raise ValueError(f"unknown start-up variant {name!r}; expected one of {sorted(STARTUP_CAPS)} or 'nocap'")
+    opt.rule = dataclasses.replace(opt.rule, loss_cap=math.inf)
+    if name in STARTUP_CAPS:
+        opt.rule = _startup_capped(opt.rule, STARTUP_CAPS[name])
     return opt
 # ------------------------------------------------------------------------------------------ end of start-up caps
 
@@ -660,21 +665,22 @@ def _gd_run(rule, make, seed: int, steps: int) -> list[float]:
 
 
 def guard(args, cache=None) -> str:
-    """The above-edge guard (``curvopt.rules.above_edge_guard``): GD's default (sigma 4, guarded) against sigma 2,
-    sigma 4 unguarded and a guard falling back to the edge, on convex problems (final and peak loss / initial);
+    """The above-edge safeguards (``curvopt.rules.above_edge_guard`` and ``CDATRule.loss_cap``): GD's default
+    (sigma 4, guarded, loss-bound cap) against the guard alone (the default before the cap), sigma 2, sigma 4
+    with neither and a guard falling back to the edge, on convex problems (final and peak loss / initial);
     with ``--replay PATH`` (a benchmark ``results.jsonl``), how many steps of each GD CDAT run the guard refused
     sigma 4 (replayed on the recorded losses: the guard depends on the loss sequence only)."""
-    import dataclasses
-
     import numpy as np
 
     from curvopt import rules
     from curvopt.base import BaseMethod
 
     gd = rules.CDATRule(sigma=rules.default_sigma(BaseMethod.gd()), ema=rules.default_ema(BaseMethod.gd()))
-    variants = (("GD default (sigma 4, guarded)", gd), ("sigma 2", dataclasses.replace(gd, sigma=2.0)),
-                ("sigma 4 unguarded", dataclasses.replace(gd, guard=math.inf)),
-                ("guard falls back to 2", dataclasses.replace(gd, guard_sigma=2.0)))
+    alone = dataclasses.replace(gd, loss_cap=math.inf)
+    variants = (("GD default (sigma 4, guarded, capped)", gd), ("guard alone", alone),
+                ("sigma 2", dataclasses.replace(gd, sigma=2.0)),
+                ("sigma 4, neither", dataclasses.replace(alone, guard=math.inf)),
+                ("guard alone falls back to 2", dataclasses.replace(alone, guard_sigma=2.0)))
     out = ["| problem | " + " | ".join(f"{n}: final ÷ initial (peak ÷ initial)" for n, _ in variants) + " |",
            "|---" * (len(variants) + 1) + "|"]
     for name, make in _convex_problems().items():

@@ -17,8 +17,9 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
 3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults): the global
    learning rate CDAT picks,
    averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast).
-   ``--variant capA|capB`` wraps the rule in a research start-up cap of :mod:`benchmarks.minibatch_study`
-   (docs/minibatch_study.md, section 7), ``--seed`` sets the seed (default 0).
+   ``--variant nocap|capA|capB``: the rule without its loss-bound cap (``loss_cap=inf``, the default before
+   section 7's A was adopted), or that rule wrapped in a research start-up cap of
+   :mod:`benchmarks.minibatch_study` (docs/minibatch_study.md, section 7); ``--seed`` sets the seed (default 0).
 4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
    centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
    stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
@@ -160,9 +161,9 @@ def train_loss(arch, width, par, optimizer, lr, steps, x, y, seed):
 
 
 def run_cdat(width, par, steps, x, y, seed, variant=""):
-    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups; ``variant``: a
-    research start-up cap of ``benchmarks.minibatch_study`` (``capA`` / ``capB``, docs/minibatch_study.md
-    section 7) wrapped around its rule, or empty for the library's rule."""
+    """The benchmark's ``cdat`` tuner (library defaults) on GD over the μP param groups; ``variant``: empty for
+    the library's rule, else a start-up variant of ``benchmarks.minibatch_study.startup_variant`` (``nocap``,
+    ``capA``, ``capB``; docs/minibatch_study.md section 7)."""
     from benchmarks.minibatch_study import startup_variant
 
     model, groups = build("mlp", width, par, "sgd", 1.0, seed, n_train=len(x))
@@ -234,8 +235,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="results/mup")
     ap.add_argument("--only", default="sharpness,transfer,cdat,gamma", help="comma-separated experiments")
     ap.add_argument("--seed", type=int, default=None, help="the seed of every experiment (default: the preset's, 0)")
-    ap.add_argument("--variant", default="", help="cdat: a start-up cap of benchmarks.minibatch_study (capA, capB; "
-                    "docs/minibatch_study.md section 7) around the library's rule (default: none)")
+    ap.add_argument("--variant", default="", help="cdat: a start-up variant of benchmarks.minibatch_study (nocap, capA, "
+                    "capB; docs/minibatch_study.md section 7) (default: the library's rule)")
     args = ap.parse_args(argv)
     P = PRESETS["quick" if args.quick else "default"]
     if args.seed is not None:

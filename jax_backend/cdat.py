@@ -61,6 +61,7 @@ def scale_by_cdat(
     guard: float = _CDAT.guard,
     guard_sigma: float = _CDAT.guard_sigma,
     lagged_growth: float = _CDAT.lagged_growth,
+    loss_cap: float = _CDAT.loss_cap,
     curvature: str = DEFAULT_CURVATURE,
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
@@ -72,11 +73,11 @@ def scale_by_cdat(
 ) -> optax.GradientTransformationExtraArgs:
     """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) /
     avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup``, the above-edge
-    ``guard``/``guard_sigma`` and ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may
-    be a schedule ``step -> sigma`` (or injected with
-    ``optax.inject_hyperparams``); ``sigma=None`` (default): by ``base_method`` (:func:`curvopt.rules.default_sigma`:
-    4, guarded, for gradient descent with the robust start-up; 2 for heavy ball, Nesterov, Adam and
-    ``startup="paper"``). The guard needs the loss (``value`` or ``value_fn``); without it a ``sigma`` above 2
+    ``guard``/``guard_sigma`` and ``loss_cap`` (the above-edge steps' cap by the loss bound), and
+    ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule
+    ``step -> sigma`` (or injected with ``optax.inject_hyperparams``); ``sigma=None`` (default): by
+    ``base_method`` (:func:`curvopt.rules.default_sigma`: 4, guarded, for gradient descent with the robust
+    start-up; 2 for heavy ball, Nesterov, Adam and ``startup="paper"``). The guard needs the loss (``value`` or ``value_fn``); without it a ``sigma`` above 2
     is held at 2, and so is a step whose curvature is the secant's (a step old).
 
     Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
@@ -101,7 +102,8 @@ def scale_by_cdat(
     rate_follows_base = sigma is None or ema is None
     ema, sigma = default_ema(method, ema), default_sigma(method, sigma, startup)  # None: the base's defaults
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
-                growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth)
+                growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth,
+                loss_cap=loss_cap)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, rate_follows_base, warn_ascent,
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,

@@ -1,6 +1,7 @@
 """benchmarks.minibatch_study's start-up caps (docs/minibatch_study.md section 7, research prototypes A and B):
 the cap ``lr <= w * 2 (f - f_star) / n`` on the rule's rate by hand, B's end at ``w = 0.9``, and the variant
 reaching the μP experiment (``benchmarks.mup_transfer --variant``)."""
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ def test_minibatch_startup_cap_a_by_hand():
     """GD's default rule (sigma 4, ema 0.9) on a flat first direction: n = 1, c = 0, f = 2. The loss-bound floor
     gives d = n^2 / (2 f) = 0.25 and the rule 4 * 0.1 * 1 / 0.25 = 1.6 (num_avg 0.1 * weight 0.1 over the
     bias-corrected den_avg 0.025); the cap is w * 2 f / n = 0.1 * 4 = 0.4, and the growth cap's reference is 0.4."""
-    inner = CDATRule(sigma=4.0, ema=0.9)
+    inner = CDATRule(sigma=4.0, ema=0.9, loss_cap=math.inf)
     capped = ms._startup_capped(inner)
     lr_inner, _ = inner.update(_inputs(1.0, 0.0, 2.0, 0), inner.init(np.float64(0)), np)
     lr, st = capped.update(_inputs(1.0, 0.0, 2.0, 0), capped.init(np.float64(0)), np)
@@ -34,7 +35,7 @@ def test_minibatch_startup_cap_a_by_hand():
 
 
 def test_minibatch_startup_cap_inactive_without_a_known_loss_or_a_descent_numerator():
-    inner = CDATRule(sigma=4.0, ema=0.9)
+    inner = CDATRule(sigma=4.0, ema=0.9, loss_cap=math.inf)
     capped = ms._startup_capped(inner)
     for n, f in ((1.0, np.nan), (-1.0, 2.0), (1.0, 0.0)):
         a, _ = inner.update(_inputs(n, 0.3, f, 0), inner.init(np.float64(0)), np)
@@ -44,7 +45,7 @@ def test_minibatch_startup_cap_inactive_without_a_known_loss_or_a_descent_numera
 
 def test_minibatch_startup_cap_b_ends_at_weight_0_9():
     """B caps while w = 1 - 0.9^t < 0.9 (t = 1..21) and leaves the rule alone from t = 22 on; A caps throughout."""
-    inner = CDATRule(sigma=4.0, ema=0.9, growth=1e9)
+    inner = CDATRule(sigma=4.0, ema=0.9, growth=1e9, loss_cap=math.inf)
     rules = {v: ms._startup_capped(inner, ms.STARTUP_CAPS[v]) for v in ("capA", "capB")}
     states = {v: r.init(np.float64(0)) for v, r in rules.items()}
     st_inner = inner.init(np.float64(0))
@@ -65,23 +66,44 @@ def test_minibatch_startup_variant_names():
         rule = CDATRule()
 
     opt = Opt()
-    assert ms.startup_variant(opt, "head").rule is Opt.rule
+    assert ms.startup_variant(opt, "").rule is Opt.rule
+    assert ms.startup_variant(Opt(), "nocap").rule == dataclasses.replace(Opt.rule, loss_cap=math.inf)
     assert ms.startup_variant(opt, "capB").rule.f_star == 0.0
     with pytest.raises(ValueError, match="start-up variant"):
         ms.startup_variant(Opt(), "capC")
 
 
 def test_minibatch_startup_variant_reaches_the_mup_cdat_run():
-    """mup_transfer's CDAT run with ``variant="capA"`` takes the capped rates: at width 512 (μP), where the
-    library rule's first rates are far above the ones the run settles at, its rates differ from the rule's and
-    the first is no larger."""
+    """mup_transfer's CDAT run takes the variant: at width 512 (μP), where the first rates without the loss-bound
+    cap are far above the ones the run settles at, ``nocap``'s rates differ from the library's (whose
+    ``loss_cap`` is A) and its first is larger; ``capA`` (A by the research wrapper) gives the library's rates."""
     torch = pytest.importorskip("torch")
     from benchmarks import mup_transfer as mt
 
     torch.manual_seed(0)
     x, y = mt.digits("mlp", 512)
-    head = mt.run_cdat(512, "mup", 3, x, y, 0)
+    library = mt.run_cdat(512, "mup", 3, x, y, 0)
+    nocap = mt.run_cdat(512, "mup", 3, x, y, 0, "nocap")
     cap = mt.run_cdat(512, "mup", 3, x, y, 0, "capA")
-    assert all(math.isfinite(v) and v > 0 for v in cap["lrs"])
-    assert cap["lrs"] != head["lrs"]
-    assert cap["lrs"][0] <= head["lrs"][0]
+    assert all(math.isfinite(v) and v > 0 for v in library["lrs"])
+    assert nocap["lrs"] != library["lrs"] and nocap["lrs"][0] > library["lrs"][0]
+    assert cap["lrs"] == library["lrs"]
+
+
+def test_library_loss_cap_is_the_research_cap_a():
+    """The library's ``loss_cap`` (:class:`curvopt.rules.CDATRule`) and section 7's research wrapper A around the
+    rule without it are separate code for one rule: the same rates over a run of made-up steps (float64),
+    where the cap binds on some steps and not on others."""
+    rng = np.random.default_rng(0)
+    library = CDATRule(sigma=4.0, ema=0.9)
+    wrapped = ms._startup_capped(dataclasses.replace(library, loss_cap=math.inf))
+    a, b = library.init(np.float64(0)), wrapped.init(np.float64(0))
+    bound = 0
+    for k in range(40):
+        x = _inputs(rng.uniform(0.1, 2.0), rng.uniform(0.05, 3.0), rng.uniform(0.1, 3.0), k)
+        uncapped = dataclasses.replace(library, loss_cap=math.inf).update(x, a, np)[0]
+        lr_a, a = library.update(x, a, np)
+        lr_b, b = wrapped.update(x, b, np)
+        assert float(lr_a) == float(lr_b)
+        bound += float(lr_a) < float(uncapped)
+    assert 0 < bound

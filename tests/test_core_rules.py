@@ -354,7 +354,7 @@ def test_above_edge_guard_by_hand():
 def test_cdat_guard_scales_the_rate_by_hand():
     """sigma 4 while allowed; once the loss rose past the guard, the rate at ``guard_sigma`` (1: the greedy
     step of the same averages); without a known loss, the rate at the edge (2)."""
-    rule = rules.CDATRule(sigma=4.0, ema=0.0, guard=2.0, growth=1e9)
+    rule = rules.CDATRule(sigma=4.0, ema=0.0, guard=2.0, growth=1e9, loss_cap=math.inf)  # the guard alone
     lrs, _ = _run(rule, [(1.0, 1.0, 1.0), (1.0, 1.0, 1.5), (1.0, 1.0, 2.5), (1.0, 1.0, 0.5), (1.0, 1.0, 1.5)])
     assert lrs == [4.0, 4.0, 1.0, 4.0, 1.0]  # ema 0: the verdict is on the raw loss against its minimum
     assert _run(rule, [(1.0, 1.0)] * 2)[0] == [2.0, 2.0]  # loss unknown (closure-free): on the edge
@@ -387,17 +387,36 @@ def _gd_on_quadratic(rule, steps=400, seed=0, cond=100.0, d=50):
     return losses, refused
 
 
+def test_cdat_loss_cap_by_hand():
+    """Above the edge the rate is at most ``loss_cap * w * 2 (f - f_star) / n`` (``w = 1 - ema^t``): here
+    n = 1, c = 2 (above the loss-bound floor n^2 / 2f), ema 0.5, sigma 4, f_star 0. Step 1 (f = 0.5): w = 0.5,
+    the averages' rate 4 * 0.5 * 0.5 / 1 = 1, the cap 0.5 * 2 * 0.5 / 1 = 0.5. Step 2 (f = 0.4): w = 0.75, the
+    rate 4 * 0.75 * 0.75 / 1.5 = 1.5, cut by the growth cap to 2 * 0.5 = 1, then by the cap 0.75 * 2 * 0.4 = 0.6."""
+    rule = rules.CDATRule(sigma=4.0, ema=0.5, guard=math.inf)
+    lrs, state = _run(rule, [(1.0, 2.0, 0.5), (1.0, 2.0, 0.4)])
+    assert lrs == pytest.approx([0.5, 0.6], rel=1e-12)
+    assert float(state.cdat_lr) == pytest.approx(0.6, rel=1e-12)  # the capped rate is the growth cap's reference
+    assert _run(dataclasses.replace(rule, loss_cap=1.5), [(1.0, 2.0, 0.5)])[0] == pytest.approx([0.75], rel=1e-12)
+    assert _run(dataclasses.replace(rule, loss_cap=math.inf), [(1.0, 2.0, 0.5)])[0] == pytest.approx([1.0])
+    assert _run(rule, [(1.0, 2.0)])[0] == pytest.approx([0.5])  # loss unknown: no cap (sigma held at the edge)
+    # on the edge and below (Adam's and heavy ball's default sigma) there is no cap: 2 * 0.25 / 2, not 0.2
+    assert _run(dataclasses.replace(rule, sigma=2.0), [(1.0, 4.0, 0.2)])[0] == pytest.approx([0.25], rel=1e-12)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_guarded_above_edge_default_converges_on_a_convex_quadratic(seed):
-    """GD's default (sigma 4, guarded) on a convex quadratic, where nothing flattens the landscape above the
-    edge: unguarded, the top mode grows every step and the run diverges; guarded, the guard engages (the rate
-    falls to the greedy step whenever the loss average has doubled from its minimum) and the run converges,
-    far below where sigma 2 stalls (on a quadratic the edge rule leaves the top mode neutral)."""
+    """GD's default (sigma 4, guarded, loss-bound cap) on a convex quadratic, where nothing flattens the
+    landscape above the edge: without either safeguard the top mode grows every step and the run diverges;
+    each safeguard makes it converge (the guard by falling back to the greedy step whenever the loss average
+    has doubled from its minimum; the cap by bounding each step by the flattest consistent model's minimiser,
+    which leaves the guard nothing to do), far below where sigma 2 stalls (on a quadratic the edge rule leaves
+    the top mode neutral)."""
     gd = rules.CDATRule(sigma=rules.default_sigma(BaseMethod.gd()), ema=rules.default_ema(BaseMethod.gd()))
     losses, refused = _gd_on_quadratic(gd, seed=seed)
-    assert len(losses) == 400 and refused > 0
-    assert losses[-1] < 1e-8 * losses[0]
-    unguarded, _ = _gd_on_quadratic(dataclasses.replace(gd, guard=np.inf), seed=seed)
-    assert unguarded[-1] > 1e20
+    assert len(losses) == 400 and losses[-1] < 1e-10 * losses[0] and refused == 0
+    guard_only, refused = _gd_on_quadratic(dataclasses.replace(gd, loss_cap=np.inf), seed=seed)
+    assert len(guard_only) == 400 and guard_only[-1] < 1e-8 * guard_only[0] and refused > 0
+    neither, _ = _gd_on_quadratic(dataclasses.replace(gd, guard=np.inf, loss_cap=np.inf), seed=seed)
+    assert neither[-1] > 1e20
     edge, _ = _gd_on_quadratic(dataclasses.replace(gd, sigma=2.0), seed=seed)
     assert edge[-1] > 1e-3 * edge[0] > losses[-1]

@@ -53,6 +53,9 @@ class CDAT(CurvatureTuner):
         lagged_growth: on a step whose curvature is the secant's (closure-free, ``probes=False``,
             ``curvature="secant"``) the step's length ``lr ||u||`` grows at most this factor over the previous
             one (:class:`curvopt.rules.CDATRule`, growth cap).
+        loss_cap: for ``sigma > 2``, the rate is at most ``loss_cap * (1 - ema^t) * 2 (f - f_star) / (-g^T u)``
+            (1: the minimiser of the flattest quadratic model consistent with the loss bound, ramped; ``inf``:
+            off; needs the loss, so inactive in a closure-free step; :class:`curvopt.rules.CDATRule`).
         curvature: the oracle for ``u^T H u``: ``"auto"`` (``"fd"`` with a closure), ``"fd"``, ``"secant"`` or
             ``"exact"`` (see :mod:`torch_backend.oracles`).
         sharpness: the online sharpness: a :class:`curvopt.SharpnessConfig`, an int ``k`` (every k steps) or
@@ -90,6 +93,7 @@ class CDAT(CurvatureTuner):
                  guard: float = default_of(CDATRule, "guard"),
                  guard_sigma: float = default_of(CDATRule, "guard_sigma"),
                  lagged_growth: float = default_of(CDATRule, "lagged_growth"),
+                 loss_cap: float = default_of(CDATRule, "loss_cap"),
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, modules: ModulesLike = None,
                  functional_loss: Optional[Callable] = None, stability_coefficient: Optional[float] = None,
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
@@ -97,7 +101,7 @@ class CDAT(CurvatureTuner):
                  **deprecated: Any) -> None:
         self.rule = CDATRule(sigma=default_sigma(None, sigma, startup), ema=default_ema(None, ema), eps=eps,
                              lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
-                             guard_sigma=guard_sigma, lagged_growth=lagged_growth)
+                             guard_sigma=guard_sigma, lagged_growth=lagged_growth, loss_cap=loss_cap)
         super().__init__(base, curvature=curvature, sharpness=sharpness, modules=modules,
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
