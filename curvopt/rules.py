@@ -390,9 +390,10 @@ class CDATRule:
     loop: above the edge the network flattens its landscape (the sharpness falls back) and the rate climbs
     back. A problem that cannot flatten (a convex quadratic: the top mode grows by ``|1 - lr lambda| = 3``
     per step) shows a rising loss instead; the guard sees it within a few steps and takes greedy steps until
-    the loss is back, so the default converges there (faster than ``sigma = 2``, which on a quadratic leaves
-    the top mode neutral and stalls), where ``sigma = 4`` without it diverges. The same guard steps in during
-    the late loss spikes of the networks and helps there too. Measured (docs/minibatch_study.md, section 5;
+    the loss is back, so the guard alone converges there (faster than ``sigma = 2``, which on a quadratic leaves
+    the top mode neutral and stalls), where ``sigma = 4`` with neither safeguard diverges; with the loss-bound
+    cap (item 5) the loss does not rise in the first place and the guard has nothing to do. The guard steps in
+    during the late loss spikes of the networks. Measured before the cap (docs/minibatch_study.md, section 5;
     final train loss / the best constant of the default suite, median of seeds 0-2, worst seed in brackets):
     full-batch ResNet 0.63 (0.80) / 0.66 (1.06) / 0.76 (0.81) at widths 2 / 4 / 8, against 1.8 / 7.3 / 7.2 for
     ``sigma = 2`` and 0.92 (2.70) unguarded at width 4 (widths 2 and 8 move to 0.77 (1.11) and 0.54 (0.78)
