@@ -377,7 +377,8 @@ class CDATRule:
        0-2, final train loss / the default suite's best constant, median (worst seed)): full-batch ResNet
        0.65 (0.92) / 0.09 (0.10) / 0.08 (0.16) at widths 2 / 4 / 8, against 0.77 (1.11) / 0.27 (2.28) /
        0.54 (0.78) without it, eval loss 0.654 / 0.309 / 0.130 against 0.602 / 0.304 / 0.139; μP final-rate
-       spread across widths 17 / 26 / 17 % (without: 132 / 345 / 100 %) and no start-up overshoot. The price is
+       spread across widths 26 / 40 / 32 % (17 / 26 / 17 % with the study's wrapper, whose arithmetic differs
+       in rounding only; without the cap: 132 / 345 / 100 %) and no start-up overshoot. The price is
        in mini-batch, where the batch's ``n = ||g_B||^2`` carries the gradient noise that does not fall with the
        loss, so the cap binds more and more: ResNet 0.85 (2.78, seed 0) against 0.58 (0.86).
 
