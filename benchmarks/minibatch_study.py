@@ -23,7 +23,10 @@ Variants (``run_variant``): ``constant:LR``; ``fd`` (CDAT with a closure); ``sec
 (closure-free without / with the noise correction); ``cdat:k=v;...`` (CDAT with rule settings); research
 prototypes that are not in the library: ``snr`` / ``snru`` (sigma scaled by a measured noise ratio),
 ``chord`` (the fd probe at the step's own length), ``fall:F`` (the lr falls by at most a fraction ``F`` per
-step); any CDAT variant takes ``@k=v;...`` for CDAT keywords, e.g. ``fd@ema=0.9``.
+step), ``nb:MODE`` (section 8: CDAT with a closure behind Adam, the numerator without the batch's own
+gradient inside Adam's first moment, :class:`_AdamNumerator`; ``nb:mprev`` is the library's
+``numerator="momentum"``, also reachable as ``fd@numerator=momentum``); any CDAT variant takes ``@k=v;...`` for
+CDAT keywords, e.g. ``fd@ema=0.9``. ``--width`` runs another width than the suite's middle one.
 
 Rerun (one thread; about 25 CPU minutes for everything)::
 
@@ -33,6 +36,9 @@ Rerun (one thread; about 25 CPU minutes for everything)::
         --variants "constant:0.5,fd@ema=0.99,cdat:sigma=4;ema=0.99,snr@ema=0.99,fall:0.01@ema=0.9"  # other rows
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
         --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99,fall:0.01@ema=0.99"
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
+        --variants "constant:0.032,fd@ema=0.99,nb:mprev@ema=0.99,nb:gprev@ema=0.99,nb:g2prev@ema=0.99,nb:sub@ema=0.99"
+        # section 8; the same variants with --regime full (LM w8) and --task vit --regime full --width 4
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --edge-every 0 \
         --sharpness-every 0 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9"
     python -m benchmarks.minibatch_study guard    # section 5, the convex table (seconds)
@@ -101,7 +107,7 @@ def _snr_sigma(state: dict, grads, beta: float, base_sigma: float, cap: float) -
 
 
 def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | None = None, *,
-                edge_every: int = 0, sharpness_every: int = 0) -> dict:
+                edge_every: int = 0, sharpness_every: int = 0, width: int | None = None) -> dict:
     """One training run. ``variant``: ``constant:LR``, ``fd`` (CDAT with a closure, library defaults),
     ``secant`` / ``secant+nc`` (closure-free CDAT without / with the noise correction), ``cdat:KEY=V;...``
     (CDAT with a closure and rule settings), ``snr`` / ``snr:BETA`` (CDAT with a closure, sigma from the
@@ -116,7 +122,8 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
     exp = experiment(task, regime)
     base = exp.base or tasks_mod.TASKS[task].base
     steps = steps or exp.steps
-    prob = tasks_mod.torch_problem(exp, width_of(exp), seed)
+    width = width or width_of(exp)
+    prob = tasks_mod.torch_problem(exp, width, seed)
     model = prob.model
     model.train()
     params = list(model.parameters())
@@ -138,6 +145,7 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
         opt = CDAT(tuners_mod.torch_base(base, params, 1.0), modules=model, **kw)
         if name.startswith("fall:"):
             opt.rule = _fall_limited(opt.rule, float(name.split(":")[1]))
+    nbias = _AdamNumerator(opt, params, name.split(":")[1]) if name.startswith("nb:") else None  # section 8
     chord = name.startswith("chord")  # prototype: the fd probe at the step's own scale (see _chord_probe)
     if chord:
         kappa = float(name.split(":")[1]) if ":" in name else 1.0
@@ -163,6 +171,8 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
             loss.backward()
             return loss
 
+        if nbias is not None:
+            closure = nbias.wrap(closure)
         if edge_every and step % edge_every == 0:
             edges.append((step, _batch_edge(prob, model, params, xb, yb, base, opt)))
         if sharpness_every and step % sharpness_every == 0:
@@ -202,8 +212,9 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
     n = len(rec["loss"])
     window = max(1, steps // 10) if regime == "mini" else 5
     final = statistics.fmean(rec["loss"][-window:]) if n == steps else math.inf
-    return {"task": task, "regime": regime, "width": width_of(exp), "seed": seed, "variant": variant, "steps": steps, "final": final,
-            "eval_loss": ev_loss, "eval_acc": ev_acc, "cpu": cpu, "edges": edges, "sharpness": sharp, **rec}
+    return {"task": task, "regime": regime, "width": width, "seed": seed, "variant": variant, "steps": steps, "final": final,
+            "eval_loss": ev_loss, "eval_acc": ev_acc, "cpu": cpu, "edges": edges, "sharpness": sharp, **rec,
+            **({"nb": nbias.log} if nbias is not None else {})}
 
 
 def _fall_limited(inner, fall: float):
@@ -242,6 +253,99 @@ def _fall_limited(inner, fall: float):
             return lr, FallState(*new, lr)
 
     return FallLimited()
+
+
+# ------------------------------------------------------------------------------------------ section 8: Adam's numerator
+class _AdamNumerator:
+    """Research prototype (section 8, not the library): CDAT's numerator ``-g_B^T u`` under Adam without the
+    batch's correlation with itself. Adam's direction is ``u = -D m_t`` with ``m_t = b1 m_{t-1} + (1 - b1) g_B``
+    and ``D = lr_g / ((1 - b1^t) (sqrt(v_t / (1 - b2^t)) + eps))``, so ``-g_B^T u`` holds ``(1 - b1) g_B^T D g_B``,
+    whose mean over batches carries the noise ``(1 - b1) E xi^T D xi`` of the batch gradient ``g_B = G + xi``.
+    The rule sees ``-g_B^T u + (1 - b1) g_B^T D (g_hat - g_B)``, ``g_B`` inside ``m_t`` replaced by an estimate
+    ``g_hat`` of the gradient that does not share the batch's noise (``mode``):
+
+    * ``mprev``: ``g_hat = m_{t-1} / (1 - b1^(t-1))``, Adam's bias-corrected momentum before this step;
+    * ``gprev``: ``g_hat`` = the previous step's batch gradient;
+    * ``g2prev``: ``g_hat`` = the batch gradient of two steps back (at the edge of stability the full-batch
+      gradient flips sign along the sharp directions every step, so ``g_{t-2}`` is close to ``g_t`` there while
+      ``g_{t-1}`` and ``m_{t-1}`` are not);
+    * ``sub``: the noise estimated and subtracted, ``-(1 - b1) (g_B - g_prev)^T D (g_B - g_prev) / 2``
+      (half the squared difference of two independent batch gradients is the noise's second moment; in full
+      batch it is the drift between two steps);
+    * ``off``: no change (``log`` only: the numerator and its self term).
+
+    The first step (no previous momentum or gradient) is left alone. ``log`` holds, per step,
+    ``(numerator, self term (1 - b1) g_B^T D g_B, correction, g_B^T D m_t)`` (the last equals the first: a check). Torch Adam without weight decay only (the LM)."""
+
+    def __init__(self, opt, params, mode: str):
+        import torch
+
+        assert isinstance(opt.base, torch.optim.Adam) and mode in ("mprev", "gprev", "g2prev", "sub", "off"), mode
+        self.opt, self.params, self.mode = opt, params, mode
+        self.g = self.g_prev = self.g_prev2 = self.m_prev = None
+        self.log: list = []
+        inner, me = opt.rule, self
+
+        class Wrapped:
+            needs = inner.needs
+            default_sharpness = inner.default_sharpness
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def init(self, zero):
+                return inner.init(zero)
+
+            def update(self, x, state, xp):
+                return inner.update(x._replace(numerator=x.numerator + me.correction(float(x.numerator))), state, xp)
+
+        opt.rule = Wrapped()
+
+    def wrap(self, closure):
+        """The step's closure, recording the main call's batch gradient; ``m_{t-1}`` read before the step."""
+        import torch
+
+        base = self.opt.base
+        self.m_prev = [base.state[p]["exp_avg"].detach().clone() if p in base.state else torch.zeros_like(p)
+                       for p in self.params]
+        self.t_prev = int(base.state[self.params[0]]["step"]) if self.params[0] in base.state else 0
+        self.g_prev2, self.g_prev, self.g = self.g_prev, self.g, None
+
+        def recording():
+            loss = closure()
+            if self.g is None:
+                self.g = [p.grad.detach().clone() for p in self.params]
+            return loss
+
+        return recording
+
+    def correction(self, numerator: float) -> float:
+        import torch
+
+        base = self.opt.base
+        group = base.param_groups[0]
+        b1, b2 = group["betas"]
+        eps, lr_g = group["eps"], group["lr"]
+        t = int(base.state[self.params[0]]["step"])
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        self_term = corr = direct = 0.0
+        with torch.no_grad():
+            for p, g, m_prev, g_prev, g_prev2 in zip(self.params, self.g, self.m_prev, self.g_prev or [None] * len(self.g),
+                                                     self.g_prev2 or [None] * len(self.g)):
+                d = lr_g / (bc1 * ((base.state[p]["exp_avg_sq"] / bc2).sqrt() + eps))
+                dg = d * g
+                self_term += (1 - b1) * float((dg * g).sum(dtype=torch.float64))
+                direct += float((dg * base.state[p]["exp_avg"]).sum(dtype=torch.float64))  # = -g^T u (a check)
+                if self.mode == "mprev" and self.t_prev > 0:
+                    corr += (1 - b1) * float((dg * (m_prev / (1 - b1 ** self.t_prev) - g)).sum(dtype=torch.float64))
+                elif self.mode == "gprev" and g_prev is not None:
+                    corr += (1 - b1) * float((dg * (g_prev - g)).sum(dtype=torch.float64))
+                elif self.mode == "g2prev" and g_prev2 is not None:
+                    corr += (1 - b1) * float((dg * (g_prev2 - g)).sum(dtype=torch.float64))
+                elif self.mode == "sub" and g_prev is not None:
+                    corr -= 0.5 * (1 - b1) * float((d * (g - g_prev) ** 2).sum(dtype=torch.float64))
+        self.log.append((numerator, self_term, corr, direct))
+        return corr
 
 
 class _chord_probe:
@@ -380,7 +484,7 @@ class Cache:
 
     def get(self, task, regime, seed, variant, steps=None, **kw) -> dict:
         steps = steps or experiment(task, regime).steps
-        k = self.key(task, regime, seed, variant, steps)
+        k = self.key(task, regime, seed, variant, steps, kw.get("width"))
         if k not in self.rows:
             r = run_variant(task, regime, seed, variant, steps, **kw)
             print(f"  {k}: final {r['final']:.4g} eval {r['eval_loss']:.4g} lr(last fifth) "
@@ -478,7 +582,7 @@ def edge(args, cache: Cache) -> str:
     seeds = args.seeds
     task, regime = args.task, args.regime
     variants = args.variants.split(",")
-    kw = {"edge_every": args.edge_every, "sharpness_every": args.sharpness_every}
+    kw = {"edge_every": args.edge_every, "sharpness_every": args.sharpness_every, "width": args.width}
     res = {v: [cache.get(task, regime, s, v, args.steps, **kw) for s in seeds] for v in variants}
     ref_v = next((v for v in variants if v.startswith("constant:")), None)
     ref = {r["seed"]: r["final"] for r in res[ref_v]} if ref_v else None
@@ -625,6 +729,7 @@ def main(argv=None) -> int:
                     help="edge: runs to compare (the first constant is the ratios' reference)")
     ap.add_argument("--task", default="resnet", help="edge: the task (default resnet)")
     ap.add_argument("--regime", default="mini", help="edge: the regime (default mini)")
+    ap.add_argument("--width", type=int, default=None, help="edge: the width (default the suite's middle one)")
     ap.add_argument("--edge-every", type=int, default=10)
     ap.add_argument("--sharpness-every", type=int, default=50)
     ap.add_argument("--replay", default=None, help="guard: a benchmark results.jsonl whose GD CDAT runs to replay")
