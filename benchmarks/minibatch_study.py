@@ -1,6 +1,6 @@
 """Mini-batch study of CDAT (issues 11 and 12), on the default suite's own tasks, data and models.
 
-Three studies, the first two rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
+Four studies, the first two rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
 
 * ``noise`` (issue 11): closure-free (secant) CDAT's learning rate in mini-batch **with and without** the
   secant noise correction (``CDAT(..., noise_correction=True)``, :mod:`torch_backend.noise`), beside CDAT with
@@ -18,6 +18,8 @@ Three studies, the first two rerunnable from a cache (one JSON line per run in `
   :class:`curvopt.rules.CDATRule`) on convex problems, where the loss cannot flatten above the edge, against
   ``sigma = 2``, unguarded ``sigma = 4`` and a guard falling back to the edge (numpy, seconds); ``--replay``
   counts the steps the guard refused ``sigma = 4`` in the GD CDAT runs of a benchmark ``results.jsonl``.
+* ``numerator`` (issue 12, section 8): the figure of CDAT's numerator behind Adam with and without the batch's own
+  gradient (the ``nb:MODE`` prototypes, read from the ``edge`` caches of the LM mini, LM full and ViT full w4).
 
 Variants (``run_variant``): ``constant:LR``; ``fd`` (CDAT with a closure); ``secant`` / ``secant+nc``
 (closure-free without / with the noise correction); ``cdat:k=v;...`` (CDAT with rule settings); research
@@ -38,7 +40,8 @@ Rerun (one thread; about 25 CPU minutes for everything)::
         --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99,fall:0.01@ema=0.99"
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
         --variants "constant:0.032,fd@ema=0.99,nb:mprev@ema=0.99,nb:gprev@ema=0.99,nb:g2prev@ema=0.99,nb:sub@ema=0.99"
-        # section 8; the same variants with --regime full (LM w8) and --task vit --regime full --width 4
+        # section 8; the same variants with --regime full (LM w8) and --task vit --regime full --width 4, then
+    python -m benchmarks.minibatch_study numerator --seeds 0   # section 8's figure (docs/minibatch_numerator.png)
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --edge-every 0 \
         --sharpness-every 0 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9"
     python -m benchmarks.minibatch_study guard    # section 5, the convex table (seconds)
@@ -626,6 +629,67 @@ def edge(args, cache: Cache) -> str:
     return text + f"\n\nfigure: {path}\n"
 
 
+# ------------------------------------------------------------------------------------------ numerator (section 8)
+NUMERATOR_CELLS = (("lm", "mini", None, "constant:0.032"), ("lm", "full", None, "constant:0.032"),
+                   ("vit", "full", 4, "constant:0.128"))
+NUMERATOR_VARIANTS = (("fd@ema=0.99", "CDAT default (-g^T u)"), ("nb:mprev@ema=0.99", "numerator='momentum' (m_{t-1})"),
+                      ("nb:gprev@ema=0.99", "prototype: g_{t-1}"), ("nb:sub@ema=0.99", "prototype: noise subtracted"))
+
+
+class _EdgeCaches:
+    """The edge study's caches, one file per ``(task, regime)`` (``edge_<task>_<regime>.jsonl``)."""
+
+    def __init__(self, out: str):
+        self.out, self.caches = out, {}
+
+    def get(self, task, regime, seed, variant, steps=None, **kw) -> dict:
+        if (task, regime) not in self.caches:
+            self.caches[task, regime] = Cache(os.path.join(self.out, f"edge_{task}_{regime}.jsonl"))
+        return self.caches[task, regime].get(task, regime, seed, variant, steps, **kw)
+
+
+def numerator(args, cache) -> str:
+    """Section 8's figure: the lr of CDAT with and without the batch's self term in its numerator (Adam) on the
+    mini-batch LM, the full-batch LM and the full-batch ViT w4 (first seed), and the numerator's parts along the
+    ``nb:gprev`` run (``-g^T u``, the self term ``(1 - b1) g^T D g`` and the rest ``b1 g^T D m_{t-1}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    seed = args.seeds[0]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for j, (task, regime, width, const) in enumerate(NUMERATOR_CELLS):
+        ax = axes[0, j]
+        ax.axhline(float(const.split(":")[1]), color="k", lw=0.8, ls="--", label=const)
+        runs = {v: cache.get(task, regime, seed, v, width=width) for v, _ in NUMERATOR_VARIANTS}
+        for v, label in NUMERATOR_VARIANTS:
+            ax.plot(runs[v]["lr"], lw=0.8, label=label)
+        w = runs[NUMERATOR_VARIANTS[0][0]]["width"]
+        ax.set(yscale="log", title=f"{task} {regime} w{w}: lr (seed {seed})", xlabel="step")
+        nb = np.array(runs["nb:gprev@ema=0.99"]["nb"])
+        k = 25
+        sm = lambda x: np.convolve(x, np.ones(k) / k, mode="valid")  # noqa: E731
+        n, own = nb[:, 0], nb[:, 1]
+        ax = axes[1, j]
+        ax.plot(sm(n), lw=0.8, label="-g^T u")
+        ax.plot(sm(own), lw=0.8, label="self term (1 - b1) g^T D g")
+        ax.plot(sm(n - own), lw=0.8, label="rest, b1 g^T D m_{t-1}")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_yscale("symlog", linthresh=max(1e-6, float(np.median(np.abs(sm(n - own))))))
+        ax.set(title=f"{task} {regime}: the numerator's parts ({k}-step mean)", xlabel="step")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.suptitle("CDAT behind Adam: the numerator without the batch's self term (docs/minibatch_study.md, section 8)",
+                 fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(args.docs, "minibatch_numerator.png")
+    os.makedirs(args.docs, exist_ok=True)
+    fig.savefig(path, dpi=args.dpi)
+    return f"figure: {path}\n"
+
+
 # ------------------------------------------------------------------------------------------ guard (issue 12)
 def _convex_problems():
     """``name -> make(seed) -> (w0, fn)`` with ``fn(w) -> (f, g, hessian-vector form u -> u^T H u)``: two
@@ -719,7 +783,7 @@ def guard(args, cache=None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.minibatch_study", description=__doc__.split("\n\n")[0])
-    ap.add_argument("study", choices=("noise", "edge", "guard"))
+    ap.add_argument("study", choices=("noise", "edge", "guard", "numerator"))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the suite's)")
     ap.add_argument("--out", default="results/minibatch_study", help="cache directory (runs.jsonl)")
@@ -742,6 +806,10 @@ def main(argv=None) -> int:
     with torch.backends.mkldnn.flags(enabled=False):
         name = args.study if (args.study == "noise" or (args.task, args.regime) == ("resnet", "mini")) else \
             f"{args.study}_{args.task}_{args.regime}"
+        if args.study == "numerator":  # section 8: reads the edge study's caches of its three cells
+            cache = _EdgeCaches(args.out)
+            print(numerator(args, cache))
+            return 0
         cache = Cache(os.path.join(args.out, f"{name}.jsonl"))
         args.figure_name = name
         print((noise if args.study == "noise" else edge)(args, cache))
