@@ -175,7 +175,7 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
             return loss
 
         if nbias is not None:
-            closure = nbias.wrap(closure)
+            closure = nbias.wrap(closure, lambda xb=xb, yb=yb: prob.loss(model(xb), yb))
         if edge_every and step % edge_every == 0:
             edges.append((step, _batch_edge(prob, model, params, xb, yb, base, opt)))
         if sharpness_every and step % sharpness_every == 0:
@@ -275,6 +275,10 @@ class _AdamNumerator:
     * ``sub``: the noise estimated and subtracted, ``-(1 - b1) (g_B - g_prev)^T D (g_B - g_prev) / 2``
       (half the squared difference of two independent batch gradients is the noise's second moment; in full
       batch it is the drift between two steps);
+    * ``pair``: the noise's second moment from two batches at the same point, ``-(1 - b1) r^T D r / 2`` with
+      ``r = g_B(w_t) - g_{B'}(w_t)``, ``B'`` the previous step's batch (one more gradient per step): 0 in full
+      batch (the same batch twice), so the full-batch rule is unchanged (a check of the principle; the library
+      would need the previous batch, or its drift predicted from the previous fd probe, ``lr H u``);
     * ``off``: no change (``log`` only: the numerator and its self term).
 
     The first step (no previous momentum or gradient) is left alone. ``log`` holds, per step,
@@ -283,9 +287,9 @@ class _AdamNumerator:
     def __init__(self, opt, params, mode: str):
         import torch
 
-        assert isinstance(opt.base, torch.optim.Adam) and mode in ("mprev", "gprev", "g2prev", "sub", "off"), mode
+        assert isinstance(opt.base, torch.optim.Adam) and mode in ("mprev", "gprev", "g2prev", "sub", "pair", "off"), mode
         self.opt, self.params, self.mode = opt, params, mode
-        self.g = self.g_prev = self.g_prev2 = self.m_prev = None
+        self.g = self.g_prev = self.g_prev2 = self.m_prev = self.g_other = self.prev_closure = None
         self.log: list = []
         inner, me = opt.rule, self
 
@@ -304,7 +308,7 @@ class _AdamNumerator:
 
         opt.rule = Wrapped()
 
-    def wrap(self, closure):
+    def wrap(self, closure, batch_loss=None):
         """The step's closure, recording the main call's batch gradient; ``m_{t-1}`` read before the step."""
         import torch
 
@@ -312,12 +316,16 @@ class _AdamNumerator:
         self.m_prev = [base.state[p]["exp_avg"].detach().clone() if p in base.state else torch.zeros_like(p)
                        for p in self.params]
         self.t_prev = int(base.state[self.params[0]]["step"]) if self.params[0] in base.state else 0
-        self.g_prev2, self.g_prev, self.g = self.g_prev, self.g, None
+        self.g_prev2, self.g_prev, self.g, self.g_other = self.g_prev, self.g, None, None
+        previous, self.prev_closure = self.prev_closure, batch_loss  # this step's batch, bound (not late-bound)
 
         def recording():
             loss = closure()
             if self.g is None:
                 self.g = [p.grad.detach().clone() for p in self.params]
+                if self.mode == "pair" and previous is not None:  # the previous batch at this point
+                    grads = torch.autograd.grad(previous(), self.params, allow_unused=True)
+                    self.g_other = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(self.params, grads)]
             return loss
 
         return recording
@@ -333,8 +341,9 @@ class _AdamNumerator:
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
         self_term = corr = direct = 0.0
         with torch.no_grad():
-            for p, g, m_prev, g_prev, g_prev2 in zip(self.params, self.g, self.m_prev, self.g_prev or [None] * len(self.g),
-                                                     self.g_prev2 or [None] * len(self.g)):
+            none = [None] * len(self.g)
+            for p, g, m_prev, g_prev, g_prev2, g_other in zip(self.params, self.g, self.m_prev, self.g_prev or none,
+                                                              self.g_prev2 or none, self.g_other or none):
                 d = lr_g / (bc1 * ((base.state[p]["exp_avg_sq"] / bc2).sqrt() + eps))
                 dg = d * g
                 self_term += (1 - b1) * float((dg * g).sum(dtype=torch.float64))
@@ -345,6 +354,8 @@ class _AdamNumerator:
                     corr += (1 - b1) * float((dg * (g_prev - g)).sum(dtype=torch.float64))
                 elif self.mode == "g2prev" and g_prev2 is not None:
                     corr += (1 - b1) * float((dg * (g_prev2 - g)).sum(dtype=torch.float64))
+                elif self.mode == "pair" and g_other is not None:
+                    corr -= 0.5 * (1 - b1) * float((d * (g - g_other) ** 2).sum(dtype=torch.float64))
                 elif self.mode == "sub" and g_prev is not None:
                     corr -= 0.5 * (1 - b1) * float((d * (g - g_prev) ** 2).sum(dtype=torch.float64))
         self.log.append((numerator, self_term, corr, direct))
