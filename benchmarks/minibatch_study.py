@@ -175,7 +175,9 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
             return loss
 
         if nbias is not None:
-            closure = nbias.wrap(closure, lambda xb=xb, yb=yb: prob.loss(model(xb), yb))
+            closure = nbias.wrap(closure, lambda xb=xb, yb=yb: prob.loss(model(xb), yb),
+                                 lambda ps, xb=xb, yb=yb: prob.loss(torch.func.functional_call(
+                                     model, dict(zip([n for n, _ in model.named_parameters()], ps)), (xb,)), yb))
         if edge_every and step % edge_every == 0:
             edges.append((step, _batch_edge(prob, model, params, xb, yb, base, opt)))
         if sharpness_every and step % sharpness_every == 0:
@@ -279,6 +281,9 @@ class _AdamNumerator:
       ``r = g_B(w_t) - g_{B'}(w_t)``, ``B'`` the previous step's batch (one more gradient per step): 0 in full
       batch (the same batch twice), so the full-batch rule is unchanged (a check of the principle; the library
       would need the previous batch, or its drift predicted from the previous fd probe, ``lr H u``);
+    * ``pairlin``: ``pair`` with the previous batch's gradient at ``w_t`` predicted to first order from ``w_{t-1}``,
+      ``g_{t-1} + H_{B'} (w_t - w_{t-1})`` (``H_{B'} dw`` by a forward difference of the previous batch's gradient
+      at 1 % of the step): what a tuner could do from its own fd probe; not exact in full batch;
     * ``off``: no change (``log`` only: the numerator and its self term).
 
     The first step (no previous momentum or gradient) is left alone. ``log`` holds, per step,
@@ -287,7 +292,7 @@ class _AdamNumerator:
     def __init__(self, opt, params, mode: str):
         import torch
 
-        assert isinstance(opt.base, torch.optim.Adam) and mode in ("mprev", "gprev", "g2prev", "sub", "pair", "off"), mode
+        assert isinstance(opt.base, torch.optim.Adam) and mode in ("mprev", "gprev", "g2prev", "sub", "pair", "pairlin", "off"), mode
         self.opt, self.params, self.mode = opt, params, mode
         self.g = self.g_prev = self.g_prev2 = self.m_prev = self.g_other = self.prev_closure = None
         self.log: list = []
@@ -308,7 +313,7 @@ class _AdamNumerator:
 
         opt.rule = Wrapped()
 
-    def wrap(self, closure, batch_loss=None):
+    def wrap(self, closure, batch_loss=None, loss_at=None):
         """The step's closure, recording the main call's batch gradient; ``m_{t-1}`` read before the step."""
         import torch
 
@@ -318,6 +323,17 @@ class _AdamNumerator:
         self.t_prev = int(base.state[self.params[0]]["step"]) if self.params[0] in base.state else 0
         self.g_prev2, self.g_prev, self.g, self.g_other = self.g_prev, self.g, None, None
         previous, self.prev_closure = self.prev_closure, batch_loss  # this step's batch, bound (not late-bound)
+        if self.mode == "pairlin":
+            w_now = [p.detach().clone() for p in self.params]
+            prev = getattr(self, "lin_prev", None)  # (loss_at, w) of the previous step
+            if prev is not None and self.g_prev is not None:
+                h = 0.01
+                at = [w + h * (v - w) for w, v in zip(prev[1], w_now)]
+                at = [a.requires_grad_(True) for a in at]
+                g_plus = torch.autograd.grad(prev[0](at), at, allow_unused=True)
+                self.g_other = [gp + (torch.zeros_like(gp) if gq is None else (gq.detach() - gp) / h)
+                                for gp, gq in zip(self.g_prev, g_plus)]
+            self.lin_prev = (loss_at, w_now)
 
         def recording():
             loss = closure()
@@ -354,7 +370,7 @@ class _AdamNumerator:
                     corr += (1 - b1) * float((dg * (g_prev - g)).sum(dtype=torch.float64))
                 elif self.mode == "g2prev" and g_prev2 is not None:
                     corr += (1 - b1) * float((dg * (g_prev2 - g)).sum(dtype=torch.float64))
-                elif self.mode == "pair" and g_other is not None:
+                elif self.mode in ("pair", "pairlin") and g_other is not None:
                     corr -= 0.5 * (1 - b1) * float((d * (g - g_other) ** 2).sum(dtype=torch.float64))
                 elif self.mode == "sub" and g_prev is not None:
                     corr -= 0.5 * (1 - b1) * float((d * (g - g_prev) ** 2).sum(dtype=torch.float64))
