@@ -660,7 +660,8 @@ def edge(args, cache: Cache) -> str:
 NUMERATOR_CELLS = (("lm", "mini", None, "constant:0.032"), ("lm", "full", None, "constant:0.032"),
                    ("vit", "full", 4, "constant:0.128"))
 NUMERATOR_VARIANTS = (("fd@ema=0.99", "CDAT default (-g^T u)"), ("nb:mprev@ema=0.99", "numerator='momentum' (m_{t-1})"),
-                      ("nb:gprev@ema=0.99", "prototype: g_{t-1}"), ("nb:sub@ema=0.99", "prototype: noise subtracted"))
+                      ("nb:gprev@ema=0.99", "prototype: g_{t-1}"), ("nb:sub@ema=0.99", "prototype: noise subtracted"),
+                      ("nb:pairlin@ema=0.99", "prototype: noise at one point (pairlin)"))
 
 
 class _EdgeCaches:
