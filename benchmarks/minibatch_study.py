@@ -1,6 +1,6 @@
 """Mini-batch study of CDAT (issues 11 and 12), on the default suite's own tasks, data and models.
 
-Three studies, the first two rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
+Four studies, the first two rerunnable from a cache (one JSON line per run in ``--out``; a second call only replots):
 
 * ``noise`` (issue 11): closure-free (secant) CDAT's learning rate in mini-batch **with and without** the
   secant noise correction (``CDAT(..., noise_correction=True)``, :mod:`torch_backend.noise`), beside CDAT with
@@ -18,15 +18,21 @@ Three studies, the first two rerunnable from a cache (one JSON line per run in `
   :class:`curvopt.rules.CDATRule`) on convex problems, where the loss cannot flatten above the edge, against
   ``sigma = 2``, unguarded ``sigma = 4`` and a guard falling back to the edge (numpy, seconds); ``--replay``
   counts the steps the guard refused ``sigma = 4`` in the GD CDAT runs of a benchmark ``results.jsonl``.
+* ``numerator`` (issue 12, section 8): the figure of CDAT's numerator behind Adam with and without the batch's own
+  gradient (the ``nb:MODE`` prototypes, read from the ``edge`` caches of the LM mini, LM full and ViT full w4).
 
 Variants (``run_variant``): ``constant:LR``; ``fd`` (CDAT with a closure); ``secant`` / ``secant+nc``
 (closure-free without / with the noise correction); ``cdat:k=v;...`` (CDAT with rule settings); research
 prototypes that are not in the library: ``snr`` / ``snru`` (sigma scaled by a measured noise ratio),
 ``chord`` (the fd probe at the step's own length), ``fall:F`` (the lr falls by at most a fraction ``F`` per
 step), ``capA`` / ``capB`` (section 7's start-up caps ``lr <= w * 2 (f - f*) / n``, always / while the averages'
-weight ``w < 0.9``; also ``benchmarks.mup_transfer --variant``); any CDAT variant takes ``@k=v;...`` for CDAT
-keywords, e.g. ``fd@ema=0.9``. ``edge --widths 2,4,8`` runs the suite's other widths (default: the middle one),
-``--ref PATH`` takes the ratios' reference from a benchmark ``results.jsonl`` (its best constant, per width).
+weight ``w < 0.9``, around the rule without the library's ``loss_cap``; ``nocap`` that rule alone; also
+``benchmarks.mup_transfer --variant``), ``nb:MODE`` (section 8: CDAT with a closure behind Adam, the numerator
+without the batch's own gradient inside Adam's first moment, :class:`_AdamNumerator`; ``nb:mprev`` is the
+library's ``numerator="momentum"``, also reachable as ``fd@numerator=momentum``); any CDAT variant takes
+``@k=v;...`` for CDAT keywords, e.g. ``fd@ema=0.9``. ``edge --widths 2,4,8`` runs the suite's other widths
+(default: the middle one), ``--ref PATH`` takes the ratios' reference from a benchmark ``results.jsonl`` (its best
+constant, per width).
 
 Rerun (one thread; about 25 CPU minutes for everything before section 7, whose runs add about 22)::
 
@@ -36,6 +42,10 @@ Rerun (one thread; about 25 CPU minutes for everything before section 7, whose r
         --variants "constant:0.5,fd@ema=0.99,cdat:sigma=4;ema=0.99,snr@ema=0.99,fall:0.01@ema=0.9"  # other rows
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
         --variants "constant:0.032,fd@ema=0.99,cdat:sigma=4;ema=0.99,fall:0.002@ema=0.99,fall:0.01@ema=0.99"
+    OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task lm --edge-every 0 --sharpness-every 0 \
+        --variants "constant:0.032,fd@ema=0.99,nb:mprev@ema=0.99,nb:gprev@ema=0.99,nb:g2prev@ema=0.99,nb:sub@ema=0.99"
+        # section 8; the same variants with --regime full (LM w8) and --task vit --regime full --widths 4, then
+    python -m benchmarks.minibatch_study numerator --seeds 0   # section 8's figure (docs/minibatch_numerator.png)
     OMP_NUM_THREADS=1 python -m benchmarks.minibatch_study edge --task resnet --regime full --edge-every 0 \
         --sharpness-every 0 --variants "constant:0.1768,fd@ema=0.9,cdat:sigma=4;ema=0.9"
     python -m benchmarks.minibatch_study guard    # section 5, the convex table (seconds)
@@ -154,6 +164,7 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
             opt.rule = _fall_limited(opt.rule, float(name.split(":")[1]))
         if name in STARTUP_CAPS or name == "nocap":  # section 7's start-up caps A / B, and the rule without
             startup_variant(opt, name)
+    nbias = _AdamNumerator(opt, params, name.split(":")[1]) if name.startswith("nb:") else None  # section 8
     chord = name.startswith("chord")  # prototype: the fd probe at the step's own scale (see _chord_probe)
     if chord:
         kappa = float(name.split(":")[1]) if ":" in name else 1.0
@@ -179,6 +190,10 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
             loss.backward()
             return loss
 
+        if nbias is not None:
+            closure = nbias.wrap(closure, lambda xb=xb, yb=yb: prob.loss(model(xb), yb),
+                                 lambda ps, xb=xb, yb=yb: prob.loss(torch.func.functional_call(
+                                     model, dict(zip([n for n, _ in model.named_parameters()], ps)), (xb,)), yb))
         if edge_every and step % edge_every == 0:
             edges.append((step, _batch_edge(prob, model, params, xb, yb, base, opt)))
         if sharpness_every and step % sharpness_every == 0:
@@ -219,7 +234,8 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
     window = max(1, steps // 10) if regime == "mini" else 5
     final = statistics.fmean(rec["loss"][-window:]) if n == steps else math.inf
     return {"task": task, "regime": regime, "width": width, "seed": seed, "variant": variant, "steps": steps, "final": final,
-            "eval_loss": ev_loss, "eval_acc": ev_acc, "cpu": cpu, "edges": edges, "sharpness": sharp, **rec}
+            "eval_loss": ev_loss, "eval_acc": ev_acc, "cpu": cpu, "edges": edges, "sharpness": sharp, **rec,
+            **({"nb": nbias.log} if nbias is not None else {})}
 
 
 def _fall_limited(inner, fall: float):
@@ -311,6 +327,124 @@ def startup_variant(opt, name: str):
         opt.rule = _startup_capped(opt.rule, STARTUP_CAPS[name])
     return opt
 # ------------------------------------------------------------------------------------------ end of start-up caps
+
+
+# ------------------------------------------------------------------------------------------ section 8: Adam's numerator
+class _AdamNumerator:
+    """Research prototype (section 8, not the library): CDAT's numerator ``-g_B^T u`` under Adam without the
+    batch's correlation with itself. Adam's direction is ``u = -D m_t`` with ``m_t = b1 m_{t-1} + (1 - b1) g_B``
+    and ``D = lr_g / ((1 - b1^t) (sqrt(v_t / (1 - b2^t)) + eps))``, so ``-g_B^T u`` holds ``(1 - b1) g_B^T D g_B``,
+    whose mean over batches carries the noise ``(1 - b1) E xi^T D xi`` of the batch gradient ``g_B = G + xi``.
+    The rule sees ``-g_B^T u + (1 - b1) g_B^T D (g_hat - g_B)``, ``g_B`` inside ``m_t`` replaced by an estimate
+    ``g_hat`` of the gradient that does not share the batch's noise (``mode``):
+
+    * ``mprev``: ``g_hat = m_{t-1} / (1 - b1^(t-1))``, Adam's bias-corrected momentum before this step;
+    * ``gprev``: ``g_hat`` = the previous step's batch gradient;
+    * ``g2prev``: ``g_hat`` = the batch gradient of two steps back (at the edge of stability the full-batch
+      gradient flips sign along the sharp directions every step, so ``g_{t-2}`` is close to ``g_t`` there while
+      ``g_{t-1}`` and ``m_{t-1}`` are not);
+    * ``sub``: the noise estimated and subtracted, ``-(1 - b1) (g_B - g_prev)^T D (g_B - g_prev) / 2``
+      (half the squared difference of two independent batch gradients is the noise's second moment; in full
+      batch it is the drift between two steps);
+    * ``pair``: the noise's second moment from two batches at the same point, ``-(1 - b1) r^T D r / 2`` with
+      ``r = g_B(w_t) - g_{B'}(w_t)``, ``B'`` the previous step's batch (one more gradient per step): 0 in full
+      batch (the same batch twice), so the full-batch rule is unchanged (a check of the principle; the library
+      would need the previous batch, or its drift predicted from the previous fd probe, ``lr H u``);
+    * ``pairlin``: ``pair`` with the previous batch's gradient at ``w_t`` predicted to first order from ``w_{t-1}``,
+      ``g_{t-1} + H_{B'} (w_t - w_{t-1})`` (``H_{B'} dw`` by a forward difference of the previous batch's gradient
+      at 1 % of the step): what a tuner could do from its own fd probe; not exact in full batch;
+    * ``off``: no change (``log`` only: the numerator and its self term).
+
+    The first step (no previous momentum or gradient) is left alone. ``log`` holds, per step,
+    ``(numerator, self term (1 - b1) g_B^T D g_B, correction, g_B^T D m_t)`` (the last equals the first: a check). Torch Adam without weight decay only (the LM)."""
+
+    def __init__(self, opt, params, mode: str):
+        import torch
+
+        assert isinstance(opt.base, torch.optim.Adam) and mode in ("mprev", "gprev", "g2prev", "sub", "pair", "pairlin", "off"), mode
+        self.opt, self.params, self.mode = opt, params, mode
+        self.g = self.g_prev = self.g_prev2 = self.m_prev = self.g_other = self.prev_closure = None
+        self.log: list = []
+        inner, me = opt.rule, self
+
+        class Wrapped:
+            needs = inner.needs
+            default_sharpness = inner.default_sharpness
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def init(self, zero):
+                return inner.init(zero)
+
+            def update(self, x, state, xp):
+                return inner.update(x._replace(numerator=x.numerator + me.correction(float(x.numerator))), state, xp)
+
+        opt.rule = Wrapped()
+
+    def wrap(self, closure, batch_loss=None, loss_at=None):
+        """The step's closure, recording the main call's batch gradient; ``m_{t-1}`` read before the step."""
+        import torch
+
+        base = self.opt.base
+        self.m_prev = [base.state[p]["exp_avg"].detach().clone() if p in base.state else torch.zeros_like(p)
+                       for p in self.params]
+        self.t_prev = int(base.state[self.params[0]]["step"]) if self.params[0] in base.state else 0
+        self.g_prev2, self.g_prev, self.g, self.g_other = self.g_prev, self.g, None, None
+        previous, self.prev_closure = self.prev_closure, batch_loss  # this step's batch, bound (not late-bound)
+        if self.mode == "pairlin":
+            w_now = [p.detach().clone() for p in self.params]
+            prev = getattr(self, "lin_prev", None)  # (loss_at, w) of the previous step
+            if prev is not None and self.g_prev is not None:
+                h = 0.01
+                at = [w + h * (v - w) for w, v in zip(prev[1], w_now)]
+                at = [a.requires_grad_(True) for a in at]
+                g_plus = torch.autograd.grad(prev[0](at), at, allow_unused=True)
+                self.g_other = [gp + (torch.zeros_like(gp) if gq is None else (gq.detach() - gp) / h)
+                                for gp, gq in zip(self.g_prev, g_plus)]
+            self.lin_prev = (loss_at, w_now)
+
+        def recording():
+            loss = closure()
+            if self.g is None:
+                self.g = [p.grad.detach().clone() for p in self.params]
+                if self.mode == "pair" and previous is not None:  # the previous batch at this point
+                    grads = torch.autograd.grad(previous(), self.params, allow_unused=True)
+                    self.g_other = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(self.params, grads)]
+            return loss
+
+        return recording
+
+    def correction(self, numerator: float) -> float:
+        import torch
+
+        base = self.opt.base
+        group = base.param_groups[0]
+        b1, b2 = group["betas"]
+        eps, lr_g = group["eps"], group["lr"]
+        t = int(base.state[self.params[0]]["step"])
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        self_term = corr = direct = 0.0
+        with torch.no_grad():
+            none = [None] * len(self.g)
+            for p, g, m_prev, g_prev, g_prev2, g_other in zip(self.params, self.g, self.m_prev, self.g_prev or none,
+                                                              self.g_prev2 or none, self.g_other or none):
+                d = lr_g / (bc1 * ((base.state[p]["exp_avg_sq"] / bc2).sqrt() + eps))
+                dg = d * g
+                self_term += (1 - b1) * float((dg * g).sum(dtype=torch.float64))
+                direct += float((dg * base.state[p]["exp_avg"]).sum(dtype=torch.float64))  # = -g^T u (a check)
+                if self.mode == "mprev" and self.t_prev > 0:
+                    corr += (1 - b1) * float((dg * (m_prev / (1 - b1 ** self.t_prev) - g)).sum(dtype=torch.float64))
+                elif self.mode == "gprev" and g_prev is not None:
+                    corr += (1 - b1) * float((dg * (g_prev - g)).sum(dtype=torch.float64))
+                elif self.mode == "g2prev" and g_prev2 is not None:
+                    corr += (1 - b1) * float((dg * (g_prev2 - g)).sum(dtype=torch.float64))
+                elif self.mode in ("pair", "pairlin") and g_other is not None:
+                    corr -= 0.5 * (1 - b1) * float((d * (g - g_other) ** 2).sum(dtype=torch.float64))
+                elif self.mode == "sub" and g_prev is not None:
+                    corr -= 0.5 * (1 - b1) * float((d * (g - g_prev) ** 2).sum(dtype=torch.float64))
+        self.log.append((numerator, self_term, corr, direct))
+        return corr
 
 
 class _chord_probe:
@@ -617,6 +751,68 @@ def edge(args, cache: Cache) -> str:
     return text + f"\n\nfigure: {path}\n"
 
 
+# ------------------------------------------------------------------------------------------ numerator (section 8)
+NUMERATOR_CELLS = (("lm", "mini", None, "constant:0.032"), ("lm", "full", None, "constant:0.032"),
+                   ("vit", "full", 4, "constant:0.128"))
+NUMERATOR_VARIANTS = (("fd@ema=0.99", "CDAT default (-g^T u)"), ("nb:mprev@ema=0.99", "numerator='momentum' (m_{t-1})"),
+                      ("nb:gprev@ema=0.99", "prototype: g_{t-1}"), ("nb:sub@ema=0.99", "prototype: noise subtracted"),
+                      ("nb:pairlin@ema=0.99", "prototype: noise at one point (pairlin)"))
+
+
+class _EdgeCaches:
+    """The edge study's caches, one file per ``(task, regime)`` (``edge_<task>_<regime>.jsonl``)."""
+
+    def __init__(self, out: str):
+        self.out, self.caches = out, {}
+
+    def get(self, task, regime, seed, variant, steps=None, **kw) -> dict:
+        if (task, regime) not in self.caches:
+            self.caches[task, regime] = Cache(os.path.join(self.out, f"edge_{task}_{regime}.jsonl"))
+        return self.caches[task, regime].get(task, regime, seed, variant, steps, **kw)
+
+
+def numerator(args, cache) -> str:
+    """Section 8's figure: the lr of CDAT with and without the batch's self term in its numerator (Adam) on the
+    mini-batch LM, the full-batch LM and the full-batch ViT w4 (first seed), and the numerator's parts along the
+    ``nb:gprev`` run (``-g^T u``, the self term ``(1 - b1) g^T D g`` and the rest ``b1 g^T D m_{t-1}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    seed = args.seeds[0]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for j, (task, regime, width, const) in enumerate(NUMERATOR_CELLS):
+        ax = axes[0, j]
+        ax.axhline(float(const.split(":")[1]), color="k", lw=0.8, ls="--", label=const)
+        runs = {v: cache.get(task, regime, seed, v, width=width) for v, _ in NUMERATOR_VARIANTS}
+        for v, label in NUMERATOR_VARIANTS:
+            ax.plot(runs[v]["lr"], lw=0.8, label=label)
+        w = runs[NUMERATOR_VARIANTS[0][0]]["width"]
+        ax.set(yscale="log", title=f"{task} {regime} w{w}: lr (seed {seed})", xlabel="step")
+        nb = np.array(runs["nb:gprev@ema=0.99"]["nb"])
+        k = 25
+        sm = lambda x: np.convolve(x, np.ones(k) / k, mode="valid")  # noqa: E731
+        n, own = nb[:, 0], nb[:, 1]
+        ax = axes[1, j]
+        ax.plot(sm(n), lw=0.8, label="-g^T u")
+        ax.plot(sm(own), lw=0.8, label="self term (1 - b1) g^T D g")
+        ax.plot(sm(n - own), lw=0.8, label="rest, b1 g^T D m_{t-1}")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_yscale("symlog", linthresh=max(1e-6, float(np.median(np.abs(sm(n - own))))))
+        ax.set(title=f"{task} {regime}: the numerator's parts ({k}-step mean)", xlabel="step")
+    for ax in axes.flat:
+        ax.legend(fontsize=7)
+    fig.suptitle("CDAT behind Adam: the numerator without the batch's self term (docs/minibatch_study.md, section 8)",
+                 fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(args.docs, "minibatch_numerator.png")
+    os.makedirs(args.docs, exist_ok=True)
+    fig.savefig(path, dpi=args.dpi)
+    return f"figure: {path}\n"
+
+
 # ------------------------------------------------------------------------------------------ guard (issue 12)
 def _convex_problems():
     """``name -> make(seed) -> (w0, fn)`` with ``fn(w) -> (f, g, hessian-vector form u -> u^T H u)``: two
@@ -711,7 +907,7 @@ def guard(args, cache=None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.minibatch_study", description=__doc__.split("\n\n")[0])
-    ap.add_argument("study", choices=("noise", "edge", "guard"))
+    ap.add_argument("study", choices=("noise", "edge", "guard", "numerator"))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the suite's)")
     ap.add_argument("--out", default="results/minibatch_study", help="cache directory (runs.jsonl)")
@@ -737,6 +933,10 @@ def main(argv=None) -> int:
     with torch.backends.mkldnn.flags(enabled=False):
         name = args.study if (args.study == "noise" or (args.task, args.regime) == ("resnet", "mini")) else \
             f"{args.study}_{args.task}_{args.regime}"
+        if args.study == "numerator":  # section 8: reads the edge study's caches of its three cells
+            cache = _EdgeCaches(args.out)
+            print(numerator(args, cache))
+            return 0
         cache = Cache(os.path.join(args.out, f"{name}.jsonl"))
         args.figure_name = name
         print((noise if args.study == "noise" else edge)(args, cache))

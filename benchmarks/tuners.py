@@ -60,7 +60,7 @@ _SHARP = ("sharpness",)  # keywords both backends take beside the rule's fields
 _CURV = ("curvature",) + _SHARP
 TUNERS: dict[str, TunerSpec] = {t.name: t for t in (
     TunerSpec("constant", "constant", "tuned constant learning rate (grid)"),
-    TunerSpec("cdat", "curvopt", "CDAT (library defaults)", "CDAT", "cdat", "CDATRule", _CURV),
+    TunerSpec("cdat", "curvopt", "CDAT (library defaults)", "CDAT", "cdat", "CDATRule", _CURV + ("numerator",)),
     TunerSpec("greedy", "curvopt", "quadratically greedy step", "QuadraticGreedy", "quadratic_greedy", "greedy",
               _CURV),
     TunerSpec("linesearch", "curvopt", "Armijo line search", "ArmijoLineSearch", "armijo", "ArmijoRule", _SHARP),

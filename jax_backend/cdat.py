@@ -4,19 +4,21 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
-from curvopt.rules import CDATRule, CDATState, RuleInputs, apply_rule, default_ema, default_sigma
+from curvopt.rules import (NUMERATORS, CDATRule, CDATState, RuleInputs, apply_rule, default_ema, default_sigma,
+                           momentum_numerator)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
 from .direction import accumulator_dtype, scaled, vdot
 from .oracles import SecantMemory, curvature as curvature_of, secant_init
 from .settings import make, sharpness_setting
-from .sharpness import EigenMemory, eigen_init
+from .sharpness import EigenMemory, eigen_init, find_adam_state, preconditioner_from_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
                     sharpness_of, skip, stats_init)
 
@@ -66,6 +68,7 @@ def scale_by_cdat(
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
+    numerator: str = "direction",
     sharpness_every: int | None = None,
     sharpness_iters: int | None = None,
     sharpness_first_iters: int | None = None,
@@ -90,7 +93,11 @@ def scale_by_cdat(
     ``base_method="adam"`` behind an Adam base, as for its sharpness; ``optax.inject_hyperparams`` injects
     ``ema`` only when it is given as a number). Unset, ``base_method`` is gradient descent, and the update
     warns when the base is visibly another (:func:`jax_backend.tuner.check_base_method`). ``warn_ascent``:
-    also warn from inside the jitted step when the first direction points uphill.
+    also warn from inside the jitted step when the first direction points uphill. ``numerator``:
+    ``"direction"`` (default, ``-g^T u``) or ``"momentum"`` (an Adam base, ``base_method="adam"``, whose state is
+    handed over: the :func:`cdat` convenience): ``-g^T u`` without the batch's correlation with itself, the
+    batch's gradient inside Adam's first moment replaced by the previous momentum
+    (:func:`curvopt.rules.momentum_numerator`; as in PyTorch's ``CDAT(numerator="momentum")``).
     ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None, **extra)``:
@@ -104,10 +111,15 @@ def scale_by_cdat(
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
                 growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth,
                 loss_cap=loss_cap)
+    check_choice("numerator", numerator, NUMERATORS)
+    if numerator == "momentum" and method.kind != "adam":
+        raise ValueError(f"scale_by_cdat: numerator='momentum' needs base_method='adam' (Adam's first moment), "
+                         f"got {method.kind!r}")
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, rate_follows_base, warn_ascent,
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
-                                 sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
+                                 sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol),
+                            numerator)
 
 
 def scale_by_quadratic_greedy(
@@ -130,8 +142,22 @@ def scale_by_quadratic_greedy(
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
 
+def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, name: str) -> Any:
+    """:func:`curvopt.rules.momentum_numerator` from Adam's state after its update (``D = P^-1``, the
+    tuner's own learning rate being the step's; ``m_t = mu``, ``t = count``) and the incoming gradient."""
+    adam = find_adam_state(base_state)
+    if adam is None:
+        raise ValueError(f"{name}: numerator='momentum' needs Adam's state: build the optimizer with the "
+                         "convenience (cdat(optax.scale_by_adam(), ...)) or with_base_state, or pass base_state=")
+    pre = preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
+    scaled_g = jax.tree.map(lambda g, d: g.astype(p.dtype) / d.astype(p.dtype), p.grad, pre)
+    return momentum_numerator(p.numerator, vdot(scaled_g, p.grad, p.dtype), vdot(scaled_g, adam.mu, p.dtype),
+                              beta1=method.b1, step=adam.count.astype(p.dtype), xp=jnp)
+
+
 def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, rate_follows_base: bool,
-                     warn_ascent: bool, sharpness: Any, legacy: dict) -> optax.GradientTransformationExtraArgs:
+                     warn_ascent: bool, sharpness: Any, legacy: dict, numerator: str = "direction"
+                     ) -> optax.GradientTransformationExtraArgs:
     check_choice("curvature", curvature, CURVATURE_ORACLES)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, **legacy)
     method = as_base_method(base_method)
@@ -163,8 +189,9 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
+            num = p.numerator if numerator == "direction" else _momentum_numerator(p, method, base_state, name)
             lr, rule_state = apply_rule(
-                rule, RuleInputs(p.numerator, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
+                rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             secant = state.secant
             if oracle == "secant":

@@ -420,3 +420,26 @@ def test_guarded_above_edge_default_converges_on_a_convex_quadratic(seed):
     assert neither[-1] > 1e20
     edge, _ = _gd_on_quadratic(dataclasses.replace(gd, sigma=2.0), seed=seed)
     assert edge[-1] > 1e-3 * edge[0] > losses[-1]
+
+
+def test_momentum_numerator_by_hand():
+    """``numerator="momentum"`` (:func:`curvopt.rules.momentum_numerator`): Adam's ``-g^T u`` with the batch's
+    gradient inside ``m_t`` replaced by the bias-corrected previous momentum, from the two inner products a
+    backend reads after the step; float64, one Adam step written out."""
+    rng = np.random.default_rng(0)
+    g, m_prev, v_prev = rng.normal(size=7), rng.normal(size=7), rng.uniform(0.1, 1.0, size=7)
+    b1, b2, eps, lr, t = 0.9, 0.999, 1e-8, 0.5, 3
+    m = b1 * m_prev + (1 - b1) * g
+    v = b2 * v_prev + (1 - b2) * g * g
+    d = lr / adam_preconditioner(v, t, beta1=b1, beta2=b2, eps=eps, xp=np)  # u = -D m_t
+    u = -d * m
+    numerator = -g @ u
+    want = g @ (d * (b1 * m_prev + (1 - b1) * m_prev / (1 - b1 ** (t - 1))))
+    got = rules.momentum_numerator(numerator, g @ (d * g), g @ (d * m), beta1=b1, step=t, xp=np)
+    assert got == pytest.approx(want, rel=1e-12)
+    # the batch's self term is what goes: (1 - b1) g^T D g, replaced by (1 - b1) g^T D m_{t-1} / (1 - b1^(t-1))
+    assert numerator - got == pytest.approx((1 - b1) * (g @ (d * g) - g @ (d * m_prev) / (1 - b1 ** (t - 1))),
+                                            rel=1e-12)
+    # the first step (m_0 = 0) and beta1 = 0 leave -g^T u as it is
+    assert rules.momentum_numerator(numerator, 1.0, 2.0, beta1=b1, step=1, xp=np) == numerator
+    assert rules.momentum_numerator(numerator, 1.0, 2.0, beta1=0.0, step=t, xp=np) == numerator

@@ -177,3 +177,20 @@ def test_cdat_default_ema_by_base_agrees(base):
         del TUNERS["cdat_default"]
     torch_opt = tb.CDAT(TORCH_BASES[base](list(_torch_model().parameters())))
     assert torch_opt.rule.ema == (0.99 if base == "adam" else 0.9)
+
+
+def test_cdat_momentum_numerator_agrees():
+    """``numerator="momentum"`` (:func:`curvopt.rules.momentum_numerator`) behind Adam: PyTorch reads Adam's
+    state after its step, the Optax convenience the ``ScaleByAdamState`` it hands over; same lrs and parameters."""
+    TUNERS["cdat_momentum"] = (tb.CDAT, cdat, dict(sigma=2.0, ema=0.9, curvature="exact", numerator="momentum"), {})
+    try:
+        check("cdat_momentum", "adam")
+    finally:
+        del TUNERS["cdat_momentum"]
+    with pytest.raises(ValueError, match="numerator"):
+        cdat(optax.identity(), numerator="momentum")  # base_method None: gradient descent
+    from jax_backend import scale_by_cdat
+    tx = optax.chain(optax.scale_by_adam(), scale_by_cdat(base_method="adam", numerator="momentum"))
+    params = [jnp.ones(3)]
+    with pytest.raises(ValueError, match="Adam's state"):  # a plain chain hands no base_state over
+        tx.update([jnp.ones(3)], tx.init(params), params, grad=[jnp.ones(3)])

@@ -101,3 +101,43 @@ def test_no_subclass_hooks():
     for cls in CurvatureTuner.__subclasses__():
         assert "_learning_rate" not in vars(cls), cls
     assert not hasattr(CurvatureTuner, "_learning_rate")
+
+
+def test_cdat_momentum_numerator_by_hand():
+    """``CDAT(numerator="momentum")`` behind Adam: with ``sigma = 1, ema = 0`` (paper start-up) the rate is
+    ``n / |c|``, so ``lr * |curvature|`` is the rule's numerator; it equals ``g^T D (b1 m_{t-1} + (1 - b1)
+    m_{t-1} / (1 - b1^(t-1)))`` computed from Adam's state (float64), and ``-g^T u`` on the first step. Refused
+    behind SGD."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    h = a @ a.T / 6 + torch.eye(6, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    targets = [torch.randn(6, dtype=torch.float64) for _ in range(6)]  # a new "batch" each step
+    b1 = 0.9
+    base = torch.optim.Adam([w], lr=0.5, betas=(b1, 0.999))
+    opt = CDAT(base, sigma=1.0, ema=0.0, startup="paper", numerator="momentum", curvature="exact",
+               functional_loss=lambda ps: 0.5 * (ps[0] - targets[0]) @ h @ (ps[0] - targets[0]))
+    for t, y in enumerate(targets, start=1):
+        opt.functional_loss = lambda ps, y=y: 0.5 * (ps[0] - y) @ h @ (ps[0] - y)
+
+        def closure(y=y):
+            opt.zero_grad()
+            loss = 0.5 * (w - y) @ h @ (w - y)
+            loss.backward()
+            return loss
+
+        m_prev = base.state[w]["exp_avg"].clone() if t > 1 else torch.zeros(6, dtype=torch.float64)
+        g = (h @ (w.detach() - y))
+        opt.step(closure)
+        st = base.state[w]
+        d = 0.5 / ((1 - b1 ** t) * ((st["exp_avg_sq"] / (1 - 0.999 ** t)).sqrt() + 1e-8))
+        if t == 1:
+            want = float(g @ (d * st["exp_avg"]))
+        else:
+            want = float(g @ (d * (b1 * m_prev + (1 - b1) * m_prev / (1 - b1 ** (t - 1)))))
+        got = float(opt.stats["lr"]) * abs(float(opt.stats["curvature"]))
+        assert got == pytest.approx(max(want, 0.0), rel=1e-9, abs=1e-12), t
+    with pytest.raises(ValueError, match="numerator"):
+        CDAT(torch.optim.SGD([w], lr=1.0), numerator="momentum")
+    with pytest.raises(ValueError, match="numerator"):
+        CDAT(torch.optim.Adam([w], lr=1.0), numerator="batch")

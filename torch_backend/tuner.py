@@ -52,6 +52,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dt
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
+from curvopt.rules import momentum_numerator
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_choice, check_positive, check_positive_int
 
@@ -63,7 +64,7 @@ from .direction import base_method, check_base, check_group
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, finite_difference
-from .preconditioning import preconditioner_scales
+from .preconditioning import adam_preconditioner_from_optimizer, preconditioner_scales
 from .noise import noise_metric, noise_numerator
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
@@ -98,6 +99,8 @@ class CurvatureTuner(torch.optim.Optimizer):
     Subclasses set ``self.rule`` (a rule value of :mod:`curvopt.rules`) before calling ``__init__``."""
 
     rule: Any
+    #: CDAT's numerator (``"direction"``: ``-g^T u``; ``"momentum"``: :func:`curvopt.rules.momentum_numerator`)
+    numerator: str = "direction"
 
     def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
                  modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
@@ -387,9 +390,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             reductions = [dots(pairs)]
             flat = None
         fd = oracle == "fd"
+        momentum = self.numerator == "momentum"
         # the step's host sync: every reduction so far read at once
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
-        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []), S)
+        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else [])
+                           + (self._momentum_terms(params, grads, w0.views) if momentum else []), S)
         it = iter(vals)
         g_dot_u = next(it)
         u_sq = next(it) if secant else None
@@ -403,8 +408,14 @@ class CurvatureTuner(torch.optim.Optimizer):
         nan = S(math.nan)
         with S.errstate():
             numerator = -g_dot_u
+            rule_numerator = numerator
+            if momentum:  # the core's formula (Adam's count after the update, the first group's beta1)
+                self_term, momentum_term = next(it), next(it)
+                rule_numerator = momentum_numerator(numerator, self_term, momentum_term, beta1=self.method.b1,
+                                                    step=S(float(self.base.state[params[0]]["step"])), xp=S)
             if clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
                 numerator = numerator / clip_v
+                rule_numerator = rule_numerator / clip_v
                 if late:
                     g_dot_prev_u = g_dot_prev_u / clip_v
             ok = (loss is None or S.isfinite(loss_v)) and S.isfinite(numerator)
@@ -465,7 +476,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 old = glob.get(key)
                 sharpness[space] = nan if old is None else self._host(old, S)
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
-        inputs = RuleInputs(numerator, curvature, loss_v, reference, count, lagged, stretch)
+        inputs = RuleInputs(rule_numerator, curvature, loss_v, reference, count, lagged, stretch)
         rule_state = self._rule_state(glob, S)
         trials, error = 0, math.nan
         with S.errstate():
@@ -621,6 +632,23 @@ class CurvatureTuner(torch.optim.Optimizer):
         factor = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         return factor
+
+    def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor]) -> list[Tensor]:
+        """``g^T D g_in`` and ``g^T D m_t`` for :func:`curvopt.rules.momentum_numerator`, read after Adam's step:
+        ``D = lr_group / P`` (Adam's preconditioner, the core's formula), ``g_in`` the gradient Adam averaged
+        (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``."""
+        base = self.base
+        group_of = {p: g for g in base.param_groups for p in g["params"]}
+        acc = self.acc_dtype
+        terms = []
+        for p, g, w, d in zip(params, grads, w0, adam_preconditioner_from_optimizer(base, params)):
+            group = group_of[p]
+            wd = float(group.get("weight_decay", 0.0))
+            decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+            g_in = g + wd * w if wd and not decoupled else g
+            scaled_g = g.to(acc) * (float(group["lr"]) / d.to(acc))
+            terms.append(torch.stack([(scaled_g * g_in.to(acc)).sum(), (scaled_g * base.state[p]["exp_avg"].to(acc)).sum()]))
+        return list(torch.stack(terms).sum(0).unbind())
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """Once per tuner, at its first fd probe: the probe's loss at ``w + h u`` must be the main call's loss
