@@ -5,7 +5,8 @@
   steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at 3
   widths (CDAT against the constant grid at every width; the paper-exact rule, greedy (and on the ResNet the
   line search) and the peers Prodigy and schedule-free at the middle width, the ViT's cheaper
-  runs also at every width, D-Adaptation and Sophia-H on the ViT's middle width), mini-batch ResNet and LM, JAX
+  runs also at every width, D-Adaptation and Sophia-H on the ViT's middle width), mini-batch ResNet and LM (the LM
+  also with CDAT's opt-in ``numerator="momentum"``), JAX
   rows (ViT: CDAT and the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best value sits at
   an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added for the ViT,
   whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence).
@@ -148,7 +149,8 @@ DEFAULT = Suite(
     + (
         Experiment("resnet", "mini", (8,), MINI, 500, batch_size=64, eval_size=359,
                    grid=grid(0.5, 5, R2), widen=4, sharpness=25),
-        Experiment("lm", "mini", (16,), MINI, 500, model=LM, batch_size=16, block_len=32, eval_size=256,
+        Experiment("lm", "mini", (16,), MINI + ("cdat:numerator=momentum",), 500, model=LM, batch_size=16,
+                   block_len=32, eval_size=256,
                    grid=grid(0.032, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat"), 500, model=VIT,
                    full_batch_size=1024, eval_size=359, grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25,
