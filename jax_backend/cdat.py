@@ -80,8 +80,9 @@ def scale_by_cdat(
     ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule
     ``step -> sigma`` (or injected with ``optax.inject_hyperparams``); ``sigma=None`` (default): by
     ``base_method`` (:func:`curvopt.rules.default_sigma`: 4, guarded, for gradient descent with the robust
-    start-up; 2 for heavy ball, Nesterov, Adam and ``startup="paper"``). The guard needs the loss (``value`` or ``value_fn``); without it a ``sigma`` above 2
-    is held at 2, and so is a step whose curvature is the secant's (a step old).
+    start-up; 2 for heavy ball, Nesterov, Adam and ``startup="paper"``). The guard and the cap need the loss
+    (``value`` or ``value_fn``); without it a ``sigma`` above 2 is held at 2, and so is a step whose curvature
+    is the secant's (a step old).
 
     Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
     (default: ``"fd"`` when the update gets ``value_fn``, ``"secant"`` without one), ``"fd"``, ``"exact"`` or

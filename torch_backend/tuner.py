@@ -647,7 +647,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
             g_in = g + wd * w if wd and not decoupled else g
             scaled_g = g.to(acc) * (float(group["lr"]) / d.to(acc))
-            terms.append(torch.stack([(scaled_g * g_in.to(acc)).sum(), (scaled_g * base.state[p]["exp_avg"].to(acc)).sum()]))
+            moment = base.state[p]["exp_avg"].to(acc)
+            terms.append(torch.stack([(scaled_g * g_in.to(acc)).sum(), (scaled_g * moment).sum()]))
         return list(torch.stack(terms).sum(0).unbind())
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
