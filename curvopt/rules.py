@@ -410,14 +410,15 @@ class CDATRule:
        a step that would need the loss to fall below ``f_star`` on the flattest model that fits the slope is cut
        back. It binds in the first steps (where the averages hold little evidence) and at the catapults of the
        edge of stability (the numerator jumps); inactive without a loss (PyTorch's closure-free step);
-       ``loss_cap=inf`` turns it off. Measured (docs/minibatch_study.md section 7, where it is variant A; seeds
-       0-2, final train loss / the default suite's best constant, median (worst seed)): full-batch ResNet
-       0.65 (0.92) / 0.09 (0.10) / 0.08 (0.16) at widths 2 / 4 / 8, against 0.77 (1.11) / 0.27 (2.28) /
-       0.54 (0.78) without it, eval loss 0.654 / 0.309 / 0.130 against 0.602 / 0.304 / 0.139; μP final-rate
-       spread across widths 26 / 40 / 32 % (17 / 26 / 17 % with the study's wrapper, whose arithmetic differs
-       in rounding only; without the cap: 132 / 345 / 100 %) and no start-up overshoot. The price is
-       in mini-batch, where the batch's ``n = ||g_B||^2`` carries the gradient noise that does not fall with the
-       loss, so the cap binds more and more: ResNet 0.85 (2.78, seed 0) against 0.58 (0.86).
+       ``loss_cap=inf`` turns it off. Measured (``make bench``, seeds 0-2, final train loss / the best constant
+       of the same run, median (worst seed); docs/minibatch_study.md section 7, where it is variant A):
+       full-batch ResNet 0.53 (0.81) / 0.11 (0.13) / 0.04 (0.12) at widths 2 / 4 / 8, against 0.77 (1.11) /
+       0.27 (2.28) / 0.54 (0.78) without it, eval loss 0.80 / 0.31 / 0.13 against 0.60 / 0.30 / 0.14 (the
+       constant's: 0.83 / 0.37 / 0.17); μP final-rate spread across widths 26 / 40 / 32 % (17 / 26 / 17 % with
+       the study's wrapper, whose arithmetic differs in rounding only; without the cap: 132 / 345 / 100 %) and
+       no start-up overshoot. The price is in mini-batch, where the batch's ``n = ||g_B||^2`` carries the
+       gradient noise that does not fall with the loss, so the cap binds more and more: ResNet 0.85 (2.89,
+       seed 0) against 0.58 (0.86).
 
     **Above the edge for plain gradient descent.** The tuners' default ``sigma`` depends on the base
     (:func:`default_sigma`; ``sigma=None`` in both backends): 4 for gradient descent / SGD without momentum
