@@ -76,7 +76,8 @@ def test_minibatch_startup_variant_names():
 def test_minibatch_startup_variant_reaches_the_mup_cdat_run():
     """mup_transfer's CDAT run takes the variant: at width 512 (μP), where the first rates without the loss-bound
     cap are far above the ones the run settles at, ``nocap``'s rates differ from the library's (whose
-    ``loss_cap`` is A) and its first is larger; ``capA`` (A by the research wrapper) gives the library's rates."""
+    ``loss_cap`` is A) and its first is larger; ``capA`` (A by the research wrapper) gives the library's rates up
+    to float32 rounding (the two write the cap's product in a different order)."""
     torch = pytest.importorskip("torch")
     from benchmarks import mup_transfer as mt
 
@@ -87,7 +88,7 @@ def test_minibatch_startup_variant_reaches_the_mup_cdat_run():
     cap = mt.run_cdat(512, "mup", 3, x, y, 0, "capA")
     assert all(math.isfinite(v) and v > 0 for v in library["lrs"])
     assert nocap["lrs"] != library["lrs"] and nocap["lrs"][0] > library["lrs"][0]
-    assert cap["lrs"] == library["lrs"]
+    assert cap["lrs"] == pytest.approx(library["lrs"], rel=1e-5)
 
 
 def test_library_loss_cap_is_the_research_cap_a():
