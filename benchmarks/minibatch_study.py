@@ -238,6 +238,22 @@ def run_variant(task: str, regime: str, seed: int, variant: str, steps: int | No
             **({"nb": nbias.log} if nbias is not None else {})}
 
 
+def _rule_around(inner, update, init=None):
+    """A duck-typed rule value around ``inner`` (a :class:`curvopt.rules.CDATRule`) for the research prototypes:
+    ``update(x, state, xp)`` (and ``init(zero)`` when given) replace the rule's, everything else is ``inner``'s."""
+
+    class Around:
+        needs = inner.needs
+        default_sharpness = inner.default_sharpness
+
+        def __getattr__(self, name):
+            return getattr(inner, name)
+
+    Around.init = staticmethod(init or inner.init)
+    Around.update = staticmethod(update)
+    return Around()
+
+
 def _fall_limited(inner, fall: float):
     """Research prototype (not the library): CDAT whose lr may rise as fast as the rule says but fall by at most
     a fraction ``fall`` per step, ``lr_t = max(cdat_t, (1 - fall) lr_{t-1})``: the rate does not follow a
@@ -257,23 +273,13 @@ def _fall_limited(inner, fall: float):
         gap_min: object
         held_lr: object
 
-    class FallLimited:
-        needs = inner.needs
-        default_sharpness = inner.default_sharpness
+    def update(x, state, xp):
+        lr, new = inner.update(x, CDATState(*state[:-1]), xp)
+        floor = (1 - fall) * state.held_lr
+        lr = xp.where(lr > floor, lr, floor)
+        return lr, FallState(*new, lr)
 
-        def __getattr__(self, name):
-            return getattr(inner, name)
-
-        def init(self, zero):
-            return FallState(*inner.init(zero), zero)
-
-        def update(self, x, state, xp):
-            lr, new = inner.update(x, CDATState(*state[:-1]), xp)
-            floor = (1 - fall) * state.held_lr
-            lr = xp.where(lr > floor, lr, floor)
-            return lr, FallState(*new, lr)
-
-    return FallLimited()
+    return _rule_around(inner, update, init=lambda zero: FallState(*inner.init(zero), zero))
 
 
 # ------------------------------------------------------------------------------------------ start-up caps (section 7)
@@ -292,25 +298,15 @@ def _startup_capped(inner, until: float = math.inf):
     ``f_star``, or ``n <= 0``. A duck-typed rule value around ``inner`` (a :class:`curvopt.rules.CDATRule`)."""
     from curvopt.rules import _safe_div
 
-    class StartupCapped:
-        needs = inner.needs
-        default_sharpness = inner.default_sharpness
+    def update(x, state, xp):
+        lr, new = inner.update(x, state, xp)
+        w, n, gap = new.avg_weight, x.numerator, x.value - inner.f_star
+        on = (n > 0) & xp.isfinite(gap) & (gap > 0) & (w < until)
+        bound = _safe_div(2 * w * gap, n, on, xp)
+        lr = xp.where(on & (bound < lr), bound, lr)
+        return lr, new._replace(cdat_lr=lr)
 
-        def __getattr__(self, name):
-            return getattr(inner, name)
-
-        def init(self, zero):
-            return inner.init(zero)
-
-        def update(self, x, state, xp):
-            lr, new = inner.update(x, state, xp)
-            w, n, gap = new.avg_weight, x.numerator, x.value - inner.f_star
-            on = (n > 0) & xp.isfinite(gap) & (gap > 0) & (w < until)
-            bound = _safe_div(2 * w * gap, n, on, xp)
-            lr = xp.where(on & (bound < lr), bound, lr)
-            return lr, new._replace(cdat_lr=lr)
-
-    return StartupCapped()
+    return _rule_around(inner, update)
 
 
 def startup_variant(opt, name: str):
@@ -365,22 +361,9 @@ class _AdamNumerator:
         self.opt, self.params, self.mode = opt, params, mode
         self.g = self.g_prev = self.g_prev2 = self.m_prev = self.g_other = self.prev_closure = None
         self.log: list = []
-        inner, me = opt.rule, self
-
-        class Wrapped:
-            needs = inner.needs
-            default_sharpness = inner.default_sharpness
-
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-            def init(self, zero):
-                return inner.init(zero)
-
-            def update(self, x, state, xp):
-                return inner.update(x._replace(numerator=x.numerator + me.correction(float(x.numerator))), state, xp)
-
-        opt.rule = Wrapped()
+        inner = opt.rule
+        opt.rule = _rule_around(inner, lambda x, state, xp: inner.update(
+            x._replace(numerator=x.numerator + self.correction(float(x.numerator))), state, xp))
 
     def wrap(self, closure, batch_loss=None, loss_at=None):
         """The step's closure, recording the main call's batch gradient; ``m_{t-1}`` read before the step."""
