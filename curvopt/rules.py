@@ -56,6 +56,7 @@ __all__ = [
     "NoState",
     "cdat_step",
     "NUMERATORS",
+    "check_numerator",
     "momentum_numerator",
     "polyak_lr",
     "edge_of_stability_lr",
@@ -98,6 +99,16 @@ def cdat_step(numerator: Any, curvature: Any, numerator_avg: Any, denominator_av
 
 #: CDAT's numerator: ``"direction"`` (``-g^T u``, the paper's) or ``"momentum"`` (:func:`momentum_numerator`, Adam)
 NUMERATORS = ("direction", "momentum")
+
+
+def check_numerator(numerator: str, method: Any, base: str) -> str:
+    """``numerator`` validated against the base (a :class:`curvopt.base.BaseMethod`, or None when unknown):
+    one of :data:`NUMERATORS`, and ``"momentum"`` only behind Adam (it reads Adam's first moment). ``base``
+    names the base in the error."""
+    check_choice("numerator", numerator, NUMERATORS)
+    if numerator == "momentum" and (method is None or method.kind != "adam"):
+        raise ValueError(f"numerator='momentum' needs an Adam base (its first moment), got {base}")
+    return numerator
 
 
 def momentum_numerator(numerator: Any, self_term: Any, momentum_term: Any, *, beta1: float, step: Any,

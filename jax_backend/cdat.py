@@ -10,8 +10,8 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
-from curvopt.rules import (NUMERATORS, CDATRule, CDATState, RuleInputs, apply_rule, default_ema, default_sigma,
-                           momentum_numerator)
+from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
+                           default_sigma, momentum_numerator)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
@@ -112,10 +112,7 @@ def scale_by_cdat(
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
                 growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth,
                 loss_cap=loss_cap)
-    check_choice("numerator", numerator, NUMERATORS)
-    if numerator == "momentum" and method.kind != "adam":
-        raise ValueError(f"scale_by_cdat: numerator='momentum' needs base_method='adam' (Adam's first moment), "
-                         f"got {method.kind!r}")
+    check_numerator(numerator, method, f"base_method={method.kind!r} (scale_by_cdat)")
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, rate_follows_base, warn_ascent,
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,

@@ -443,3 +443,14 @@ def test_momentum_numerator_by_hand():
     # the first step (m_0 = 0) and beta1 = 0 leave -g^T u as it is
     assert rules.momentum_numerator(numerator, 1.0, 2.0, beta1=b1, step=1, xp=np) == numerator
     assert rules.momentum_numerator(numerator, 1.0, 2.0, beta1=0.0, step=t, xp=np) == numerator
+
+
+def test_check_numerator_refuses_momentum_without_adam():
+    """The numerator setting's guard, once in the core for both backends."""
+    assert rules.check_numerator("momentum", BaseMethod.adam(), "Adam") == "momentum"
+    assert rules.check_numerator("direction", None, "unknown") == "direction"
+    for method in (BaseMethod.gd(), BaseMethod.heavy_ball(0.9), None):
+        with pytest.raises(ValueError, match="needs an Adam base"):
+            rules.check_numerator("momentum", method, "SGD")
+    with pytest.raises(ValueError, match="numerator"):
+        rules.check_numerator("batch", BaseMethod.adam(), "Adam")

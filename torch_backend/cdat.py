@@ -8,8 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import DEFAULT_CURVATURE, SharpnessLike
-from curvopt.rules import NUMERATORS, CDATRule, default_ema, default_sigma
-from curvopt.validation import check_choice
+from curvopt.rules import CDATRule, check_numerator, default_ema, default_sigma
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
@@ -106,7 +105,6 @@ class CDAT(CurvatureTuner):
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, probes: bool = True, noise_correction: Optional[bool] = None,
                  numerator: str = "direction", **deprecated: Any) -> None:
-        check_choice("numerator", numerator, NUMERATORS)
         self.rule = CDATRule(sigma=default_sigma(None, sigma, startup), ema=default_ema(None, ema), eps=eps,
                              lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
                              guard_sigma=guard_sigma, lagged_growth=lagged_growth, loss_cap=loss_cap)
@@ -117,11 +115,8 @@ class CDAT(CurvatureTuner):
         # None: the base's defaults (curvopt.rules.default_ema / default_sigma); the base is known from here on
         self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
                                         sigma=default_sigma(self.method, sigma, startup))
-        if numerator == "momentum" and (self.method is None or self.method.kind != "adam"):
-            raise ValueError(f"numerator='momentum' needs an Adam/AdamW base (its first moment), got "
-                             f"{type(base).__name__}")
         #: ``"direction"`` or ``"momentum"`` (see the class docstring)
-        self.numerator = numerator
+        self.numerator = check_numerator(numerator, self.method, type(base).__name__)
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
