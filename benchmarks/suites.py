@@ -3,9 +3,9 @@
 * ``smoke``    — every task, torch and jax, 2 widths, a few steps: checks the whole pipeline (CI, ~2 min).
 * ``default``  — what ``make bench`` runs, sized for 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
   steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at 3
-  widths (CDAT against the constant grid at every width; the paper-exact rule, greedy (and on the ResNet the
-  line search) and the peers Prodigy and schedule-free at the middle width, the ViT's cheaper
-  runs also at every width, D-Adaptation and Sophia-H on the ViT's middle width), mini-batch ResNet and LM (the LM
+  widths (CDAT against the constant grid at every width, and on the ViT the paper-exact rule too; the
+  paper-exact rule, greedy and the peers Prodigy and schedule-free at the middle width, D-Adaptation and
+  Sophia-H also on the ViT's; the line search on the ResNet's narrowest, cheapest width), mini-batch ResNet and LM (the LM
   also with CDAT's opt-in ``numerator="momentum"``), JAX
   rows (ViT: CDAT and the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best value sits at
   an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added for the ViT,
@@ -135,14 +135,17 @@ DEFAULT = Suite(
     "default",
     "3 seeds x 500 steps, √2 constant grid widened at its edges: full-batch ViT (1,024 digits), ResNet (512 "
     "digits) and LM (256 blocks), 3 widths each (CDAT at every width; the paper rule, greedy and the peers at "
-    "the middle one, the ViT's paper rule, Prodigy and schedule-free at every width); mini-batch ResNet and LM; JAX rows (ViT) and "
+    "the middle one, the ViT's paper rule at every width, the ResNet's line search at the narrowest); mini-batch "
+    "ResNet and LM; JAX rows (ViT) and "
     "muP rows (ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
     _widths(Experiment("vit", "full", (), (), 500, model=VIT, full_batch_size=1024, eval_size=359,
                        grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25),
-            (4, 8, 16), MINI, FULL + ("dadapt", "sophia"))
+            (4, 8, 16), ("constant",) + CDATS, FULL + ("dadapt", "sophia"))
     + _widths(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359,
                          grid=grid(0.177, 3, R2), widen=4, sharpness=50),
-              (2, 4, 8), ("constant", "cdat"), FULL + ("linesearch",))
+              (2, 4, 8), ("constant", "cdat"), FULL)
+    + (Experiment("resnet", "full", (2,), ("constant", "linesearch"), 500, full_batch_size=512, eval_size=359,
+                  grid=grid(0.177, 3, R2), widen=4, sharpness=50),)  # the line search at the cheapest width
     + _widths(Experiment("lm", "full", (), (), 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
                          grid=grid(0.032, 3, R2), widen=4, sharpness=50),
               (4, 8, 16), ("constant", "cdat"), MINI)

@@ -475,9 +475,9 @@ def test_default_suite_design():
     for e in exps:
         assert e.steps >= 500 and e.widen > 0 and e.grid_factor == pytest.approx(2 ** 0.5)
         assert e.grid[1] / e.grid[0] == pytest.approx(2 ** 0.5)
-        assert "cdat" in e.tuners
+        assert "constant" in e.tuners  # every tuner's ratio is to a constant of the same cell and width
     tuners = {t for e in exps for t in e.tuners}
-    assert {"prodigy", "schedulefree", "dadapt", "sophia", "greedy"} <= tuners
+    assert {"prodigy", "schedulefree", "dadapt", "sophia", "greedy", "linesearch"} <= tuners
     pairs = {(e.task, e.regime) for e in exps}
     assert {("resnet", "full"), ("vit", "full"), ("lm", "full"), ("resnet", "mini"), ("lm", "mini")} <= pairs
     assert any("jax" in e.backends for e in exps) and any("mup" in e.params for e in exps)
@@ -487,7 +487,7 @@ def test_default_suite_design():
         assert len(widths) >= 3, task
     for pair in pairs:  # the paper-exact rule and the two peers beside CDAT in every task/regime pair
         names = {t for e in exps if (e.task, e.regime) == pair and e.backends == ("torch",) for t in e.tuners}
-        assert {"cdat:startup=paper", "prodigy", "schedulefree"} <= names, pair
+        assert {"cdat", "cdat:startup=paper", "prodigy", "schedulefree"} <= names, pair
     assert max(e.full_batch_size for e in exps if e.task in ("vit", "resnet")) >= 1024
     assert max(e.full_batch_size for e in exps if e.task == "lm") >= 256
     long = get_suite("cpu-long")
