@@ -16,7 +16,8 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
    and the largest width under μP, moves under SP).
 3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults): the global
    learning rate CDAT picks,
-   averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast).
+   averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast), and
+   its width trend (the fitted power law's ratio between the widest and the narrowest width).
    ``--variant nocap|capA|capB``: the rule without its loss-bound cap (``loss_cap=inf``, the default before
    section 7's A was adopted), or that rule wrapped in a research start-up cap of
    :mod:`benchmarks.minibatch_study` (docs/minibatch_study.md, section 7); ``--seed`` sets the seed (default 0).
@@ -229,6 +230,16 @@ def spread(values):
     return max(v) / min(v) - 1.0
 
 
+def width_trend(widths, values):
+    """The least-squares power law ``value ~ width^a`` through ``values``, as the ratio it predicts between the
+    widest and the narrowest width (1 = no trend). Unlike :func:`spread`, which one chaotic run at one width
+    sets, it separates a drift with the width (what μP removes) from run-to-run scatter."""
+    if not all(math.isfinite(a) and a > 0 for a in values):
+        return float("inf")
+    a = np.polyfit(np.log(widths), np.log(values), 1)[0]
+    return float((max(widths) / min(widths)) ** a)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
@@ -313,6 +324,7 @@ def main(argv=None) -> dict:
             r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed, args.variant) for w in P.widths}
             res["cdat"][par] = {"final_lr": {w: r[w]["final_lr"] for w in P.widths},
                                 "spread": spread([r[w]["final_lr"] for w in P.widths]),
+                                "trend": width_trend(P.widths, [r[w]["final_lr"] for w in P.widths]),
                                 "loss": {w: r[w]["loss"] for w in P.widths},
                                 # the start-up's overshoot: the highest loss of steps 1-14 against the initial one
                                 "initial_loss": {w: r[w]["losses"][0] for w in P.widths},
@@ -320,7 +332,8 @@ def main(argv=None) -> dict:
             for c, w in zip(colors, P.widths):
                 ax.plot(r[w]["lrs"], color=c, label=f"width {w}")
             ax.set(title=f"CDAT (library defaults) on GD, MLP, {par}", yscale="log", xlabel="step")
-            print(f"[{time.time() - t0:6.0f}s] cdat {par}: spread {res['cdat'][par]['spread']:.2f}", flush=True)
+            print(f"[{time.time() - t0:6.0f}s] cdat {par}: spread {res['cdat'][par]['spread']:.2f}, "
+                  f"width trend x{res['cdat'][par]['trend']:.2f}", flush=True)
         axes[0].set_ylabel("global learning rate")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
@@ -392,13 +405,14 @@ def report(res: dict, P: Preset) -> str:
     if "cdat" in res:
         how = f"start-up cap {res['variant']}" if res.get("variant") else "library defaults"
         lines += [f"**CDAT ({how}) on GD** (MLP, {P.cdat_steps} steps, seed {res.get('seed', P.seed)}): global lr, "
-                  "mean of the last 10 %", "",
-                  "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread |",
-                  "|---|" + "---|" * len(P.widths) + "---|"]
+                  "mean of the last 10 %; spread = max/min − 1; width trend = the fitted power law's ratio between "
+                  f"w={max(P.widths)} and w={min(P.widths)}", "",
+                  "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread | width trend |",
+                  "|---|" + "---|" * len(P.widths) + "---|---|"]
         for par in ("mup", "sp"):
             r = res["cdat"][par]
             lines.append(f"| {par} | " + " | ".join(_fmt(r["final_lr"][w]) for w in P.widths)
-                         + f" | {r['spread'] * 100:.0f} % |")
+                         + f" | {r['spread'] * 100:.0f} % | ×{r['trend']:.2f} |")
         lines.append("")
         for par in ("mup", "sp"):
             r = res["cdat"][par]

@@ -108,3 +108,17 @@ def test_library_loss_cap_is_the_research_cap_a():
         assert float(lr_a) == float(lr_b)
         bound += float(lr_a) < float(uncapped)
     assert 0 < bound
+
+
+def test_mup_width_trend_is_the_fitted_power_law():
+    """``width_trend``: exact on a power law (lr ~ width^-1/2 over 16x: ratio 1/4), 1 on values without a trend
+    (scatter that ``spread`` reports as 100 %), inf when a run diverged."""
+    from benchmarks.mup_transfer import spread, width_trend
+
+    widths = [32, 64, 128, 256, 512]
+    assert width_trend(widths, [w ** -0.5 for w in widths]) == pytest.approx(0.25, rel=1e-12)
+    flat = [1.0, 2.0, 1.0, 2.0, 1.0]
+    x = np.log(widths)
+    assert np.polyfit(x, np.log(flat), 1)[0] == pytest.approx(0.0, abs=1e-12)  # the scatter is symmetric in log w
+    assert width_trend(widths, flat) == pytest.approx(1.0, abs=1e-12) and spread(flat) == pytest.approx(1.0)
+    assert width_trend(widths, [1.0, 1.0, math.nan, 1.0, 1.0]) == math.inf
