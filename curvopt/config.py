@@ -106,7 +106,7 @@ def secant_caveat(method: Any) -> Optional[str]:
         return None
     return ("curvopt: the secant curvature (closure-free steps, probes=False or curvature=\"secant\") behind gradient "
             "descent or heavy ball is a step old: on the benchmark's full-batch ResNet it trains (closure-free final "
-            "train loss: heavy ball 1e-8-3e-8, like the fd oracle's; plain GD 0.022-0.029, fd 0.006-0.025), but "
+            "train loss: heavy ball 1e-8-3e-8, like the fd oracle's; plain GD 0.022-0.029, fd 0.0012-0.0026), but "
             "in mini-batch, where it also sees the gradient noise, heavy ball did not train (2.4-2.8; fd 1.1-1.8) "
             "and plain GD ended 1.7-13x above fd (0.39-0.48; fd 0.03-0.28). Pass a closure (PyTorch) or value_fn "
             "(Optax) for the fd oracle, or use an Adam base (there the closure-free rates train the benchmark's LM "

@@ -402,8 +402,9 @@ class CDATRule:
        the rate it keeps sends the next step ``||u_t|| / ||u_{t-1}||`` times farther into the sharp region, where
        the ReLUs die. Measured on the full-batch ResNet (width 4, seeds 0-2, 500 steps, final train loss):
        heavy ball closure-free died on 3 of 3 seeds without it and trains with it to 1e-8-4e-8 (fd ~1e-8);
-       plain GD closure-free died on 2 of 3 and trains to 0.022-0.029 (fd 0.006-0.025); a cap of 1.25 instead of
-       1.1 still lost one heavy-ball seed, a rate (not length) cap of 1.1 lost all three;
+       plain GD closure-free died on 2 of 3 and trains to 0.022-0.029 (fd 0.006-0.025 then, 0.0012-0.0026
+       since the loss-bound cap); a cap of 1.25 instead of 1.1 still lost one heavy-ball seed, a rate (not
+       length) cap of 1.1 lost all three;
     4. an **above-edge guard** for ``sigma > 2`` (:func:`above_edge_guard`): the loss's gap to ``f_star`` is
        averaged with the rule's ``ema``; while that average stays within ``guard`` (2) times its lowest value
        the rate is ``sigma`` times the quadratic step, once it has risen past that it is ``guard_sigma`` (1,
