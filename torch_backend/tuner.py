@@ -615,18 +615,21 @@ class CurvatureTuner(torch.optim.Optimizer):
         torch._foreach_sub_(diff, prev)
         return noise_numerator(diff, prev_u, metric).to(self.acc_dtype)
 
-    def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor]) -> None:
-        """Keep this step's (unclipped) gradient for the next step's noise estimate."""
+    def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
+                          key: str = layout.PREV_GRAD) -> list[Tensor]:
+        """Keep this step's (unclipped) gradient in ``state[p][key]`` (by default for the next step's noise
+        estimate); returns the buffers."""
         out = []
         for p in params:
             st = self.state[p]
-            b = st.get(layout.PREV_GRAD)
+            b = st.get(key)
             if not fits(b, p):
-                b = st[layout.PREV_GRAD] = torch.empty_like(p, memory_format=torch.preserve_format)
+                b = st[key] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(b)
         torch._foreach_copy_(out, grads)
         if clip is not None:
             torch._foreach_div_(out, clip)
+        return out
 
     def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
         vals = [glob.get(layout.rule_key(f)) for f in SecantNoiseState._fields]
@@ -693,16 +696,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         h = None if probe is None else probe.fd_step
         if h is None or not (h > 0 and lr > 0):
             return False
-        out = []
-        for p in params:
-            st = self.state[p]
-            b = st.get(layout.PREDICTED_GRAD)
-            if not fits(b, p):
-                b = st[layout.PREDICTED_GRAD] = torch.empty_like(p, memory_format=torch.preserve_format)
-            out.append(b)
-        torch._foreach_copy_(out, grads)
-        if clip is not None:
-            torch._foreach_div_(out, clip)
+        out = self._commit_gradients(params, grads, clip, layout.PREDICTED_GRAD)
         torch._foreach_lerp_(out, probe.gradient(), float(lr) / float(h))
         return True
 
