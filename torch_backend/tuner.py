@@ -679,13 +679,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         """``r^T D r`` for :func:`curvopt.rules.paired_numerator`: ``r = g - ghat`` (the loss's gradients; weight
         decay carries no noise), ``D`` from :meth:`_adam_diagonal`; under ``max_grad_norm`` both in the clipped
         gradient's units (``g`` is clipped in place, ``ghat`` is kept unclipped and scaled by this step's factor)."""
-        acc = self.acc_dtype
-        terms = []
-        for p, g, (_, d) in zip(params, grads, self._adam_diagonal(params)):
-            ghat = self.state[p][layout.PREDICTED_GRAD].to(acc)
-            r = g.to(acc) - (ghat if clip is None else ghat * clip)
-            terms.append((r * r * d).sum())
-        return torch.stack(terms).sum()
+        ghat = [self.state[p][layout.PREDICTED_GRAD] for p in params]
+        r = torch._foreach_sub(grads, ghat if clip is None else torch._foreach_mul(ghat, clip.to(ghat[0].dtype)))
+        return dot(torch._foreach_mul(r, [d for _, d in self._adam_diagonal(params)]), r)
 
     def _commit_prediction(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                            probe: Optional[Probe], lr: Any) -> bool:
