@@ -30,9 +30,9 @@ lives beside the base's (layout: :mod:`torch_backend.state`).
 
 Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snapshot of the base's state
 (its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
-oracle, and one eigenvector per estimated space when the sharpness is on. After ``step`` the ``.grad``
-fields hold the gradient of the last closure call of the step, which may be a probe; read gradients inside
-the closure.
+oracle, one more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated
+space when the sharpness is on. After ``step`` the ``.grad`` fields hold the gradient of the last closure call
+of the step, which may be a probe; read gradients inside the closure.
 """
 from __future__ import annotations
 
