@@ -58,6 +58,7 @@ __all__ = [
     "NUMERATORS",
     "check_numerator",
     "momentum_numerator",
+    "paired_numerator",
     "polyak_lr",
     "edge_of_stability_lr",
     "armijo_decrease_error",
@@ -97,17 +98,25 @@ def cdat_step(numerator: Any, curvature: Any, numerator_avg: Any, denominator_av
     return ema * numerator_avg + (1 - ema) * n, ema * denominator_avg + (1 - ema) * d
 
 
-#: CDAT's numerator: ``"direction"`` (``-g^T u``, the paper's) or ``"momentum"`` (:func:`momentum_numerator`, Adam)
-NUMERATORS = ("direction", "momentum")
+#: CDAT's numerator: ``"direction"`` (``-g^T u``, the paper's), ``"momentum"`` (:func:`momentum_numerator`, Adam)
+#: or ``"paired"`` (:func:`paired_numerator`, Adam, fd curvature)
+NUMERATORS = ("direction", "momentum", "paired")
 
 
-def check_numerator(numerator: str, method: Any, base: str) -> str:
-    """``numerator`` validated against the base (a :class:`curvopt.base.BaseMethod`, or None when unknown):
-    one of :data:`NUMERATORS`, and ``"momentum"`` only behind Adam (it reads Adam's first moment). ``base``
+def check_numerator(numerator: str, method: Any, base: str, curvature: str = "auto") -> str:
+    """``numerator`` validated against the base (a :class:`curvopt.base.BaseMethod`, or None when unknown) and
+    the curvature oracle the steps can use (``curvature``, a :data:`curvopt.config.CURVATURE_ORACLES` setting):
+    one of :data:`NUMERATORS`; ``"momentum"`` and ``"paired"`` only behind Adam (they read Adam's state), and
+    ``"paired"`` only with the ``"fd"`` oracle (or ``"auto"``, fd wherever the loss is known): its prediction is
+    the previous step's fd probe gradient, which the secant and the exact oracle do not evaluate. ``base``
     names the base in the error."""
     check_choice("numerator", numerator, NUMERATORS)
-    if numerator == "momentum" and (method is None or method.kind != "adam"):
-        raise ValueError(f"numerator='momentum' needs an Adam base (its first moment), got {base}")
+    if numerator in ("momentum", "paired") and (method is None or method.kind != "adam"):
+        raise ValueError(f"numerator={numerator!r} needs an Adam base (its first moment), got {base}")
+    if numerator == "paired" and curvature not in ("fd", "auto"):
+        raise ValueError(f"numerator='paired' needs the fd curvature oracle (curvature=\"fd\" or \"auto\" with "
+                         f"the loss: a closure with probes, value_fn): it predicts the previous batch's gradient "
+                         f"from the previous step's fd probe; got curvature={curvature!r}")
     return numerator
 
 
@@ -140,6 +149,29 @@ def momentum_numerator(numerator: Any, self_term: Any, momentum_term: Any, *, be
     has = step > 1
     correction = (1 - beta1) * (_safe_div(previous, 1 - beta1 ** (step - 1), has, xp) - self_term)
     return xp.where(has, numerator + correction, numerator)
+
+
+def paired_numerator(numerator: Any, noise_term: Any, *, beta1: float, has: Any, xp: Any) -> Any:
+    """CDAT's numerator behind Adam without the mean of the batch noise (``numerator="paired"``).
+
+    As in :func:`momentum_numerator`, ``-g^T u`` (``u = -D m_t``, ``m_t = b1 m_{t-1} + (1 - b1) g_t``, ``D``
+    Adam's diagonal ``lr_g P^-1``) holds ``(1 - b1) g_t^T D g_t``, whose mean over batches carries
+    ``(1 - b1) E[xi^T D xi]`` of the batch noise ``xi``. This numerator subtracts that second moment, measured
+    between two batches at one point::
+
+        n = -g_t^T u_t - (1 - b1) r^T D r / 2,   r = g_t - ghat_{t-1}
+
+    with ``noise_term = r^T D r`` (``D`` after Adam's update of step ``t``) and ``ghat_{t-1}`` the previous
+    batch's gradient predicted at ``w_t`` to first order, ``g_{t-1} + lr_{t-1} H_{t-1} u_{t-1}``, from the
+    previous step's fd probe (``H_{t-1} u_{t-1} ~ (g_{t-1}(w_{t-1} + h u_{t-1}) - g_{t-1}) / h``). In mini-batch
+    ``r`` is the difference of two batches' noise at one point (``E[r^T D r] = 2 E[xi^T D xi]``); in full batch
+    it is only the drift's second-order residual (the change of the curvature over the step and the fd error),
+    so the full-batch rate hardly moves, unlike :func:`momentum_numerator` (docs/minibatch_study.md, section 8).
+    ``has``: a prediction exists (the previous step took ``lr > 0`` after an fd probe); without one the
+    numerator is ``-g^T u`` unchanged. A non-finite ``noise_term`` where ``has`` gives a non-finite numerator,
+    which :func:`apply_rule`'s guard turns into ``lr = 0`` with the rule state unchanged.
+    """
+    return xp.where(has, numerator - (1 - beta1) / 2 * noise_term, numerator)
 
 
 def polyak_lr(value: Any, numerator: Any, *, f_star: Any, lr_max: Any, xp: Any) -> Any:

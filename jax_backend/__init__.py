@@ -12,8 +12,8 @@ from curvopt.base import BaseMethod
 from curvopt.config import SharpnessConfig
 from curvopt.stats import TunerStats
 
-from .cdat import ScaleByCDATState, ScaleByQuadraticGreedyState, cdat, quadratic_greedy, scale_by_cdat, \
-    scale_by_quadratic_greedy
+from .cdat import PairedMemory, ScaleByCDATState, ScaleByQuadraticGreedyState, cdat, quadratic_greedy, \
+    scale_by_cdat, scale_by_quadratic_greedy
 from .edge_of_stability import ScaleByEdgeOfStabilityState, edge_of_stability, scale_by_edge_of_stability
 from .linesearch import ScaleByArmijoState, armijo, scale_by_armijo
 from .oracles import SecantMemory
@@ -30,7 +30,7 @@ __all__ = [
     "hessian_top_eigenvalue", "preconditioner_from_adam_state",
     "with_base_state", "BaseMethod", "SharpnessConfig", "stats",
     "ScaleByCDATState", "ScaleByQuadraticGreedyState", "ScaleByPolyakState", "ScaleByEdgeOfStabilityState",
-    "ScaleByArmijoState", "TunerStats", "SecantMemory", "EigenMemory",
+    "ScaleByArmijoState", "TunerStats", "SecantMemory", "EigenMemory", "PairedMemory",
 ]
 from .mup import MuP, add_decayed_weights_mup, mup_multipliers, mup_table, parameterize, scale_by_mup  # noqa: E402
 __all__ += ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]

@@ -11,7 +11,7 @@ import optax
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
-                           default_sigma, momentum_numerator)
+                           default_sigma, momentum_numerator, paired_numerator)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
@@ -22,9 +22,20 @@ from .sharpness import EigenMemory, eigen_init, find_adam_state, preconditioner_
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
                     sharpness_of, skip, stats_init)
 
-__all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "scale_by_cdat", "scale_by_quadratic_greedy"]
+__all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "PairedMemory", "scale_by_cdat",
+           "scale_by_quadratic_greedy"]
 
 _CDAT = CDATRule()
+
+
+class PairedMemory(NamedTuple):
+    """What ``numerator="paired"`` keeps from the previous step (:func:`curvopt.rules.paired_numerator`): its
+    batch's gradient predicted at the current parameters, ``g + lr (g_probe - g) / h`` from its fd probe
+    (shaped like the parameters), and whether it is one (False before the first step, after a step with
+    ``lr = 0`` or without an fd probe)."""
+
+    predicted_grad: Any
+    predicted: Any
 
 
 class ScaleByCDATState(NamedTuple):
@@ -37,6 +48,7 @@ class ScaleByCDATState(NamedTuple):
     * ``secant``: :class:`~jax_backend.oracles.SecantMemory` when the oracle can be the secant
       (``curvature="secant"`` or ``"auto"``), else None;
     * ``eigen``: :class:`~jax_backend.sharpness.EigenMemory` when the online sharpness is on, else None;
+    * ``paired``: :class:`PairedMemory` with ``numerator="paired"``, else None;
     * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``).
     """
 
@@ -45,6 +57,7 @@ class ScaleByCDATState(NamedTuple):
     rule: CDATState
     secant: SecantMemory | None
     eigen: EigenMemory | None
+    paired: PairedMemory | None
     stats: TunerStats
 
 
@@ -98,7 +111,12 @@ def scale_by_cdat(
     ``"direction"`` (default, ``-g^T u``) or ``"momentum"`` (an Adam base, ``base_method="adam"``, whose state is
     handed over: the :func:`cdat` convenience): ``-g^T u`` without the batch's correlation with itself, the
     batch's gradient inside Adam's first moment replaced by the previous momentum
-    (:func:`curvopt.rules.momentum_numerator`; as in PyTorch's ``CDAT(numerator="momentum")``).
+    (:func:`curvopt.rules.momentum_numerator`; as in PyTorch's ``CDAT(numerator="momentum")``), or ``"paired"``
+    (the same Adam base, and the fd oracle: ``curvature="fd"``, or ``"auto"`` with ``value_fn``): ``-g^T u`` minus
+    the batch noise's second moment, measured between this batch's gradient and the previous batch's predicted at
+    the current parameters from the previous step's fd probe (:func:`curvopt.rules.paired_numerator`; one more
+    parameter-sized buffer in the state, :class:`PairedMemory`; as ``CDAT(numerator="paired")``). Only the rule
+    sees either: the stats' ``numerator`` and the secant keep ``-g^T u``.
     ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None, **extra)``:
@@ -112,7 +130,7 @@ def scale_by_cdat(
     rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
                 growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth,
                 loss_cap=loss_cap)
-    check_numerator(numerator, method, f"base_method={method.kind!r} (scale_by_cdat)")
+    check_numerator(numerator, method, f"base_method={method.kind!r} (scale_by_cdat)", curvature)
     return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, rate_follows_base, warn_ascent,
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
@@ -140,17 +158,44 @@ def scale_by_quadratic_greedy(
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
 
-def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, name: str) -> Any:
-    """:func:`curvopt.rules.momentum_numerator` from Adam's state after its update (``D = P^-1``, the
-    tuner's own learning rate being the step's; ``m_t = mu``, ``t = count``) and the incoming gradient."""
+def _adam_state(method: BaseMethod, base_state: Any, name: str, numerator: str) -> tuple[Any, Any]:
+    """Adam's state after its update and its ``P`` (``D = P^-1``: the tuner's own learning rate is the step's),
+    for the Adam numerators."""
     adam = find_adam_state(base_state)
     if adam is None:
-        raise ValueError(f"{name}: numerator='momentum' needs Adam's state: build the optimizer with the "
+        raise ValueError(f"{name}: numerator={numerator!r} needs Adam's state: build the optimizer with the "
                          "convenience (cdat(optax.scale_by_adam(), ...)) or with_base_state, or pass base_state=")
-    pre = preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
+    return adam, preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
+
+
+def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, name: str) -> Any:
+    """:func:`curvopt.rules.momentum_numerator` from Adam's state after its update (``m_t = mu``,
+    ``t = count``) and the incoming gradient."""
+    adam, pre = _adam_state(method, base_state, name, "momentum")
     scaled_g = jax.tree.map(lambda g, d: g.astype(p.dtype) / d.astype(p.dtype), p.grad, pre)
     return momentum_numerator(p.numerator, vdot(scaled_g, p.grad, p.dtype), vdot(scaled_g, adam.mu, p.dtype),
                               beta1=method.b1, step=adam.count.astype(p.dtype), xp=jnp)
+
+
+def _paired_numerator(p: Any, method: BaseMethod, base_state: Any, memory: PairedMemory, name: str) -> Any:
+    """:func:`curvopt.rules.paired_numerator` with ``r = g - ghat`` (the incoming gradient against the previous
+    step's prediction) and ``D = P^-1`` from Adam's state after its update."""
+    _, pre = _adam_state(method, base_state, name, "paired")
+    r = jax.tree.map(lambda g, q: g.astype(p.dtype) - q.astype(p.dtype), p.grad, memory.predicted_grad)
+    scaled_r = jax.tree.map(lambda x, d: x / d.astype(p.dtype), r, pre)
+    return paired_numerator(p.numerator, vdot(scaled_r, r, p.dtype), beta1=method.b1, has=memory.predicted, xp=jnp)
+
+
+def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemory:
+    """The next step's :class:`PairedMemory`: ``g + lr (g_probe - g) / h`` from this step's fd probe
+    ``(g_probe, h)`` (none under the secant: no prediction)."""
+    if fd_probe is None:
+        return PairedMemory(memory.predicted_grad, jnp.zeros((), bool))
+    probe, h = fd_probe
+    ok = (h > 0) & (lr > 0)
+    weight = jnp.where(ok, lr / jnp.where(ok, h, 1), 0)
+    predicted = jax.tree.map(lambda g, q: (g + weight.astype(g.dtype) * (q - g)).astype(g.dtype), p.grad, probe)
+    return PairedMemory(optax.tree.cast_like(predicted, memory.predicted_grad), ok)
 
 
 def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, rate_follows_base: bool,
@@ -167,6 +212,7 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
             steps=zero_i, ascent_steps=zero_i, rule=rule.init(jnp.zeros((), dtype)),
             secant=secant_init(params, dtype) if curvature in ("auto", "secant") else None,
             eigen=eigen_init(params, sharp, method),
+            paired=PairedMemory(optax.tree.zeros_like(params), jnp.zeros((), bool)) if numerator == "paired" else None,
             stats=stats_init(dtype)))
 
     def update(updates: Any, state: ScaleByCDATState, params: Any = None, *, value: Any = None,
@@ -182,12 +228,16 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
             warnings.warn(caveat, RuntimeWarning, stacklevel=2)
 
         def taken() -> tuple[Any, ScaleByCDATState]:
-            curv, calls, probe, lagged, stretch = curvature_of(oracle, p.f, params, p.grad, p.d, p.numerator,
-                                                                state.secant, dtype)
+            curv, calls, probe, lagged, stretch, fd_probe = curvature_of(oracle, p.f, params, p.grad, p.d,
+                                                                          p.numerator, state.secant, dtype)
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
-            num = p.numerator if numerator == "direction" else _momentum_numerator(p, method, base_state, name)
+            num = p.numerator
+            if numerator == "momentum":
+                num = _momentum_numerator(p, method, base_state, name)
+            elif numerator == "paired":
+                num = _paired_numerator(p, method, base_state, state.paired, name)
             lr, rule_state = apply_rule(
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
@@ -198,7 +248,9 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
                                 method=method, old=state.stats)
             return out, ScaleByCDATState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
-                rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen, stats=stats)
+                rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,
+                paired=state.paired if state.paired is None else _predict(p, fd_probe, lr, state.paired),
+                stats=stats)
 
         return select(p.finite, taken(), skip(updates, state))
 

@@ -58,34 +58,37 @@ def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
     return jnp.asarray(jax.jvp(directional, (params,), (d,))[1]).astype(dtype)
 
 
-def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any) -> Any:
+def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any) -> tuple[Any, Any, Any]:
+    """``(u^T H u, the gradient at the probe point w + h u, h)``."""
     h = fd_step(params, d, dtype)
     # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
     # its fast convolution path (a 30x slower step on a small CNN).
     probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, -h, d)))
-    return finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp).astype(dtype)
+    return finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp).astype(dtype), probe, h
 
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
-              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any, Any]:
-    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch)`` with the named (resolved) oracle, for the
-    incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free secant's probing
-    step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule alone.
-    ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`); ``stretch``: the secant's
-    ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh curvature)."""
+              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch, fd probe)`` with the named (resolved) oracle,
+    for the incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free
+    secant's probing step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule
+    alone. ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`); ``stretch``: the
+    secant's ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh curvature).
+    ``fd probe``: ``(gradient at w + h u, h)`` of the ``"fd"`` oracle, None with the others."""
     nan = jnp.full((), jnp.nan, dtype)
     grad_dot_u = -numerator
     if oracle == "exact":
-        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0
+        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0, None
     if oracle == "fd":
-        return _fd(f, params, grad_dot_u, d, dtype), jnp.int32(1), nan, False, 1.0
+        curv, probe, h = _fd(f, params, grad_dot_u, d, dtype)
+        return curv, jnp.int32(1), nan, False, 1.0, (probe, h)
     d_sq = vdot(d, d, dtype)
     estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
                                       memory.prev_lr, memory.prev_direction_sq, d_sq, jnp)
     available = ~jnp.isnan(estimate)
     stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
     if f is None:
-        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available, stretch
+        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available, stretch, None
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
-                               lambda: (_fd(f, params, grad_dot_u, d, dtype), jnp.int32(1)))
-    return curv, calls, nan, available, stretch
+                               lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
+    return curv, calls, nan, available, stretch, None

@@ -454,3 +454,46 @@ def test_check_numerator_refuses_momentum_without_adam():
             rules.check_numerator("momentum", method, "SGD")
     with pytest.raises(ValueError, match="numerator"):
         rules.check_numerator("batch", BaseMethod.adam(), "Adam")
+
+
+def test_paired_numerator_by_hand():
+    """``numerator="paired"`` (:func:`curvopt.rules.paired_numerator`): ``-g^T u - (1 - b1) r^T D r / 2`` with
+    ``r = g_t - ghat_{t-1}``, the previous batch's gradient predicted at ``w_t`` from its fd probe
+    (``ghat = g_{t-1} + lr_{t-1} (g_probe - g_{t-1}) / h``); float64, made-up numbers, one Adam step written out.
+    Without a prediction the numerator is ``-g^T u`` unchanged; a NaN noise term with a prediction gives a NaN
+    numerator, which the rule's guard turns into ``lr = 0`` with the state unchanged."""
+    rng = np.random.default_rng(1)
+    g, g_prev, hu_prev = rng.normal(size=7), rng.normal(size=7), rng.normal(size=7)
+    m_prev, v_prev = rng.normal(size=7), rng.uniform(0.1, 1.0, size=7)
+    b1, b2, eps, lr_g, t, lr_prev, h = 0.9, 0.999, 1e-8, 0.5, 3, 0.05, 1e-4
+    g_probe = g_prev + h * hu_prev  # the previous batch's gradient at w_{t-1} + h u_{t-1}
+    ghat = g_prev + lr_prev * (g_probe - g_prev) / h
+    m = b1 * m_prev + (1 - b1) * g
+    v = b2 * v_prev + (1 - b2) * g * g
+    d = lr_g / adam_preconditioner(v, t, beta1=b1, beta2=b2, eps=eps, xp=np)
+    numerator = -g @ (-d * m)
+    r = g - ghat
+    assert np.allclose(r, g - g_prev - lr_prev * hu_prev)
+    want = numerator - (1 - b1) / 2 * float(np.sum(d * r * r))
+    got = rules.paired_numerator(numerator, r @ (d * r), beta1=b1, has=True, xp=np)
+    assert got == pytest.approx(want, rel=1e-12) and got < numerator
+    assert rules.paired_numerator(numerator, r @ (d * r), beta1=b1, has=False, xp=np) == numerator
+    assert rules.paired_numerator(numerator, math.nan, beta1=b1, has=False, xp=np) == numerator
+    bad = rules.paired_numerator(numerator, math.nan, beta1=b1, has=True, xp=np)
+    assert math.isnan(bad)
+    rule = rules.CDATRule(sigma=2.0, ema=0.9)
+    state = rule.init(np.float64(0.0))
+    lr, after = rules.apply_rule(rule, rules.RuleInputs(bad, 1.0, 1.0, math.nan, 3), state, np)
+    assert lr == 0.0 and after == state
+
+
+def test_check_numerator_paired_needs_adam_and_fd():
+    """``"paired"`` needs Adam (its ``D``) and the fd oracle (its probe gradient): ``"fd"`` or ``"auto"``."""
+    for curvature in ("fd", "auto"):
+        assert rules.check_numerator("paired", BaseMethod.adam(), "Adam", curvature) == "paired"
+    with pytest.raises(ValueError, match="needs an Adam base"):
+        rules.check_numerator("paired", BaseMethod.gd(), "SGD", "fd")
+    for curvature in ("secant", "exact"):
+        with pytest.raises(ValueError, match="fd curvature oracle"):
+            rules.check_numerator("paired", BaseMethod.adam(), "Adam", curvature)
+    assert rules.check_numerator("momentum", BaseMethod.adam(), "Adam", "secant") == "momentum"

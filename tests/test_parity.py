@@ -194,3 +194,55 @@ def test_cdat_momentum_numerator_agrees():
     params = [jnp.ones(3)]
     with pytest.raises(ValueError, match="Adam's state"):  # a plain chain hands no base_state over
         tx.update([jnp.ones(3)], tx.init(params), params, grad=[jnp.ones(3)])
+
+
+def test_cdat_paired_numerator_agrees():
+    """``numerator="paired"`` (:func:`curvopt.rules.paired_numerator`) behind Adam, in mini-batch (step ``t`` on
+    batch ``t mod 4`` of 10 rows, the same sequence on both sides) with the fd oracle: PyTorch keeps the
+    prediction in ``state[p]``, Optax in :class:`jax_backend.PairedMemory`; same lrs (float64, rtol 1e-6: the
+    probes' rounding differs between the backends, ~1e-8 relative). Refused behind gradient descent and with
+    the secant."""
+    kw = dict(sigma=2.0, ema=0.9, curvature="fd", numerator="paired")
+    batches = [(X[k::4], Y[k::4]) for k in range(4)]
+    model = _torch_model()
+    init = [p.detach().numpy().copy() for p in model.parameters()]
+    opt = tb.CDAT(TORCH_BASES["adam"](list(model.parameters())), **kw)
+    t_lrs, t_num = [], []
+    for t in range(STEPS):
+        x, y = (torch.from_numpy(a) for a in batches[t % 4])
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).sum(dim=1).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        t_lrs.append(float(opt.stats["lr"]))
+        t_num.append(float(opt.stats["numerator"]))
+    with jax.enable_x64(True):
+        make_base, method = JAX_BASES["adam"]
+        tx = cdat(make_base(), base_method=method, **kw)
+        params = [jnp.asarray(a) for a in init]
+        state = tx.init(params)
+
+        @jax.jit
+        def step(p, state, x, y):
+            v, g = jax.value_and_grad(jax_loss)(p, x, y)
+            up, state = tx.update(g, state, p, value=v, grad=g, value_fn=jax_loss, x=x, y=y)
+            return optax.apply_updates(p, up), state, state[1].stats.lr, state[1].stats.numerator
+
+        j_lrs, j_num = [], []
+        for t in range(STEPS):
+            params, state, lr, num = step(params, state, *(jnp.asarray(a) for a in batches[t % 4]))
+            j_lrs.append(float(lr))
+            j_num.append(float(num))
+        assert bool(state[1].paired.predicted)
+    assert np.count_nonzero(t_lrs) > STEPS // 2, t_lrs
+    np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(j_num, t_num, rtol=1e-6, atol=1e-12)  # the stats keep -g^T u
+    with pytest.raises(ValueError, match="needs an Adam base"):
+        cdat(optax.identity(), numerator="paired")
+    from jax_backend import scale_by_cdat
+    with pytest.raises(ValueError, match="fd curvature oracle"):
+        scale_by_cdat(base_method="adam", numerator="paired", curvature="secant")

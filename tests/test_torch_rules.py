@@ -141,3 +141,95 @@ def test_cdat_momentum_numerator_by_hand():
         CDAT(torch.optim.SGD([w], lr=1.0), numerator="momentum")
     with pytest.raises(ValueError, match="numerator"):
         CDAT(torch.optim.Adam([w], lr=1.0), numerator="batch")
+
+
+def test_cdat_paired_numerator_by_hand():
+    """``CDAT(numerator="paired")`` behind Adam on a quadratic whose target (the "batch") changes every step:
+    with ``sigma = 1, ema = 0`` (paper start-up) ``lr * |curvature|`` is the rule's numerator; it equals
+    ``-g^T u - (1 - b1) r^T D r / 2`` with ``u``, ``D`` from Adam's state and ``r = g_t - ghat``, ``ghat`` the
+    previous batch's gradient at ``w_t`` recomputed by hand from the previous step's gradient, lr and fd probe
+    (on a quadratic ``g_probe - g = h H u``: ``ghat = g_{t-1} + lr_{t-1} H u_{t-1} = H (w_t - y_{t-1})``, up to
+    the fd rounding, ~1e-8 relative in float64); the tuner's buffer holds it. The first step: ``-g^T u``;
+    ``stats["numerator"]`` stays ``-g^T u``. Refused behind SGD and with the secant, the exact oracle or no
+    probes."""
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    h = a @ a.T / 6 + torch.eye(6, dtype=torch.float64)
+    w = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    y0 = 3 * torch.randn(6, dtype=torch.float64)
+    targets = [y0 + 0.5 * torch.randn(6, dtype=torch.float64) for _ in range(8)]  # a new "batch" each step
+    b1 = 0.9
+    base = torch.optim.Adam([w], lr=0.5, betas=(b1, 0.999))
+    opt = CDAT(base, sigma=1.0, ema=0.0, startup="paper", numerator="paired", curvature="fd")
+    prev = None  # (g_{t-1}, lr_{t-1}, u_{t-1})
+    for t, y in enumerate(targets, start=1):
+        def closure(y=y):
+            opt.zero_grad()
+            loss = 0.5 * (w - y) @ h @ (w - y)
+            loss.backward()
+            return loss
+
+        w_t = w.detach().clone()
+        g = h @ (w_t - y)
+        opt.step(closure)
+        st = base.state[w]
+        d = 0.5 / ((1 - b1 ** t) * ((st["exp_avg_sq"] / (1 - 0.999 ** t)).sqrt() + 1e-8))
+        u = -d * st["exp_avg"]
+        direction = float(-g @ u)
+        assert float(opt.stats["numerator"]) == pytest.approx(direction, rel=1e-12)
+        if prev is None:
+            want = direction
+        else:
+            ghat = prev[0] + prev[1] * (h @ prev[2])
+            assert torch.allclose(ghat, h @ (w_t - targets[t - 2]), rtol=1e-12, atol=1e-12)
+            r = g - ghat
+            want = direction - (1 - b1) / 2 * float(r @ (d * r))
+            assert want < 0.99 * direction  # the correction shows on these numbers (1-35 %)
+        got = float(opt.stats["lr"]) * abs(float(opt.stats["curvature"]))
+        assert got == pytest.approx(max(want, 0.0), rel=1e-6, abs=1e-12), t
+        lr = float(opt.stats["lr"])
+        # a step with lr = 0 (the correction made the numerator negative) leaves no prediction
+        assert st["curvopt_predicted"] == (lr > 0)
+        if lr > 0:
+            predicted = h @ (w.detach() - y)  # this batch's gradient at the next point, exactly
+            assert float((st["curvopt_predicted_grad"] - predicted).norm()) <= 1e-6 * float(predicted.norm())
+        prev = (g, lr, u) if lr > 0 else None
+    for kw in (dict(curvature="secant"), dict(curvature="exact", functional_loss=lambda ps: ps[0].sum()),
+               dict(probes=False)):
+        with pytest.raises(ValueError, match="fd curvature oracle"):
+            CDAT(torch.optim.Adam([w], lr=1.0), numerator="paired", **kw)
+    with pytest.raises(ValueError, match="needs an Adam base"):
+        CDAT(torch.optim.SGD([w], lr=1.0), numerator="paired")
+
+
+def test_cdat_paired_numerator_full_batch_is_the_default():
+    """In full batch on a convex quadratic the prediction ``ghat = g_{t-1} + lr_{t-1} H u_{t-1}`` is the
+    gradient at ``w_t`` (``H u`` exact up to the fd probe's rounding), so ``r`` is rounding: ``|r| / |g| ~
+    sqrt(eps) lr ||u|| / ||w|| <~ 1e-8`` in float64 and the correction ``(1 - b1) r^T D r / 2`` is ~1e-16 of
+    ``-g^T u``, below the rate's own rounding. The rates equal the default numerator's to 1e-10 (relative), and
+    the tuner does keep a prediction every step."""
+    torch.manual_seed(0)
+    a = torch.randn(8, 8, dtype=torch.float64)
+    h = a @ a.T / 8 + 0.1 * torch.eye(8, dtype=torch.float64)
+    w_init = torch.randn(8, dtype=torch.float64)
+    runs = {}
+    for numerator in ("direction", "paired"):
+        w = torch.nn.Parameter(w_init.clone())
+        opt = CDAT(torch.optim.Adam([w], lr=1.0), numerator=numerator, curvature="fd")
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * w @ h @ w
+            loss.backward()
+            return loss
+
+        lrs = []
+        for _ in range(40):
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        runs[numerator] = lrs
+        if numerator == "paired":
+            assert opt.state[w]["curvopt_predicted"] == 1
+    assert min(runs["direction"]) > 0 and max(runs["direction"]) > 2 * min(runs["direction"])
+    worst = max(abs(p / d - 1) for p, d in zip(runs["paired"], runs["direction"]))
+    assert worst <= 1e-10, worst

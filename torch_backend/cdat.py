@@ -87,6 +87,13 @@ class CDAT(CurvatureTuner):
             ``(1 - beta1) g^T P^-1 g``, whose mean is the batch noise's, not a slope. Measured on the default
             suite's mini-batch LM: 0.98x the best constant's final loss instead of 1.14x; in full batch it
             lowers the rate (the previous momentum lags the gradient; docs/minibatch_study.md, section 8).
+            ``"paired"`` (Adam/AdamW, the fd oracle: ``curvature="fd"``, or ``"auto"`` with a closure and
+            probes): ``-g^T u`` minus that noise's second moment, measured between this batch's gradient and the
+            previous batch's predicted at the current point from the previous step's fd probe
+            (:func:`curvopt.rules.paired_numerator`; one more parameter-sized buffer, no extra gradient); in
+            full batch the prediction is right to first order, so the full-batch rate hardly moves.
+            Only the rule sees either numerator: ``stats["numerator"]``, the secant and the probe's replay
+            check keep ``-g^T u``.
 
     Guards (the core's :func:`curvopt.rules.apply_rule`): an ascent direction counts as a zero numerator; a
     non-finite curvature probe gives lr 0 for that step and leaves the averages unchanged.
@@ -115,8 +122,9 @@ class CDAT(CurvatureTuner):
         # None: the base's defaults (curvopt.rules.default_ema / default_sigma); the base is known from here on
         self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
                                         sigma=default_sigma(self.method, sigma, startup))
-        #: ``"direction"`` or ``"momentum"`` (see the class docstring)
-        self.numerator = check_numerator(numerator, self.method, type(base).__name__)
+        #: ``"direction"``, ``"momentum"`` or ``"paired"`` (see the class docstring)
+        self.numerator = check_numerator(numerator, self.method, type(base).__name__,
+                                         curvature if probes else "secant")
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()

@@ -9,7 +9,9 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
 * per parameter (``state[p]``, written only after the base stepped ``p``, so Adam's lazy initialisation
   ``if len(state) == 0`` still sees an empty dict): ``curvopt_w0`` (the step's start point; scratch between
   steps), ``curvopt_u`` (the last step's base direction; the secant oracle's memory), ``curvopt_prev_grad``
-  (the last step's gradient, with the secant's mini-batch noise correction),
+  (the last step's gradient, with the secant's mini-batch noise correction), ``curvopt_predicted_grad``
+  (``numerator="paired"``: the last batch's gradient predicted at the current point, see
+  :func:`curvopt.rules.paired_numerator`),
   ``curvopt_eigvec`` / ``curvopt_eigvec_preconditioned`` (the online sharpness's warm starts);
 * global, in the state of the **first parameter of the first group** (as ``torch.optim.LBFGS`` keeps its
   globals): ``curvopt_step`` (steps taken, int), ``curvopt_skipped`` (int), the rule's state fields
@@ -20,7 +22,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg``, and
-  ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction). When
+  ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction) and, with
+  ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
   from the base while it steps, so a lazily initialising base never mistakes them for its own state.
 * ``state_dict()["param_groups"][0]`` also names the tuner and the base (``curvopt_tuner``,
@@ -40,8 +43,8 @@ from torch import Tensor
 
 from curvopt.rules import GUARD_START
 
-__all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD", "META_TUNER",
-           "META_BASE", "rule_key", "is_ours", "prepare"]
+__all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
+           "PREDICTED_GRAD", "PREDICTED", "META_TUNER", "META_BASE", "rule_key", "is_ours", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -52,8 +55,10 @@ SECANT = ("curvopt_secant_grad_dot_u", "curvopt_secant_lr", "curvopt_secant_u_sq
 DIRECTIONS = "curvopt_directions"
 #: the previous step's (unclipped) gradient, kept by the secant's noise correction (torch_backend.noise)
 PREV_GRAD = "curvopt_prev_grad"
+#: ``numerator="paired"``: the previous batch's gradient predicted at the current point, and whether it is kept
+PREDICTED_GRAD, PREDICTED = "curvopt_predicted_grad", "curvopt_predicted"
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"
-PER_PARAM = (W0, U, PREV_GRAD, *EIGVEC.values())
+PER_PARAM = (W0, U, PREV_GRAD, PREDICTED_GRAD, *EIGVEC.values())
 #: base-state keys whose tensors have the parameter's shape (checked on load)
 _BASE_PER_PARAM = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
@@ -124,7 +129,7 @@ def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor],
     for key, v in first.items():
         if not is_ours(key) or key in PER_PARAM:
             continue
-        if key in (STEP, SKIPPED, DIRECTIONS):
+        if key in (STEP, SKIPPED, DIRECTIONS, PREDICTED):
             if isinstance(v, Tensor) and v.numel() == 1:
                 v = int(v.item())
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

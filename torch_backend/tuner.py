@@ -30,9 +30,9 @@ lives beside the base's (layout: :mod:`torch_backend.state`).
 
 Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snapshot of the base's state
 (its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
-oracle, and one eigenvector per estimated space when the sharpness is on. After ``step`` the ``.grad``
-fields hold the gradient of the last closure call of the step, which may be a probe; read gradients inside
-the closure.
+oracle, one more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated
+space when the sharpness is on. After ``step`` the ``.grad`` fields hold the gradient of the last closure call
+of the step, which may be a probe; read gradients inside the closure.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dt
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
-from curvopt.rules import momentum_numerator
+from curvopt.rules import momentum_numerator, paired_numerator
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_choice, check_positive, check_positive_int
 
@@ -99,7 +99,8 @@ class CurvatureTuner(torch.optim.Optimizer):
     Subclasses set ``self.rule`` (a rule value of :mod:`curvopt.rules`) before calling ``__init__``."""
 
     rule: Any
-    #: CDAT's numerator (``"direction"``: ``-g^T u``; ``"momentum"``: :func:`curvopt.rules.momentum_numerator`)
+    #: CDAT's numerator (``"direction"``: ``-g^T u``; ``"momentum"``: :func:`curvopt.rules.momentum_numerator`;
+    #: ``"paired"``: :func:`curvopt.rules.paired_numerator`)
     numerator: str = "direction"
 
     def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
@@ -391,10 +392,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             flat = None
         fd = oracle == "fd"
         momentum = self.numerator == "momentum"
+        paired = self.numerator == "paired"
+        predicted = paired and self._has_prediction(params, glob)
         # the step's host sync: every reduction so far read at once
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
         vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else [])
-                           + (self._momentum_terms(params, grads, w0.views) if momentum else []), S)
+                           + (self._momentum_terms(params, grads, w0.views) if momentum else [])
+                           + ([self._paired_term(params, grads, clip)] if predicted else []), S)
         it = iter(vals)
         g_dot_u = next(it)
         u_sq = next(it) if secant else None
@@ -413,6 +417,9 @@ class CurvatureTuner(torch.optim.Optimizer):
                 self_term, momentum_term = next(it), next(it)
                 rule_numerator = momentum_numerator(numerator, self_term, momentum_term, beta1=self.method.b1,
                                                     step=S(float(self.base.state[params[0]]["step"])), xp=S)
+            if paired:  # the core's formula (the first group's beta1)
+                rule_numerator = paired_numerator(numerator, next(it) if predicted else nan, beta1=self.method.b1,
+                                                  has=predicted, xp=S)
             if clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
                 numerator = numerator / clip_v
                 rule_numerator = rule_numerator / clip_v
@@ -521,6 +528,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 for p, t in zip(params, vec):
                     state[p][layout.EIGVEC[space]] = t
         glob = state[p0]
+        if paired:
+            glob[layout.PREDICTED] = int(self._commit_prediction(params, grads, clip, probe, lr))
         glob[layout.STEP] = count + 1
         glob.setdefault(layout.SKIPPED, 0)
         n_rule = len(new_rule_state)
@@ -606,18 +615,21 @@ class CurvatureTuner(torch.optim.Optimizer):
         torch._foreach_sub_(diff, prev)
         return noise_numerator(diff, prev_u, metric).to(self.acc_dtype)
 
-    def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor]) -> None:
-        """Keep this step's (unclipped) gradient for the next step's noise estimate."""
+    def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
+                          key: str = layout.PREV_GRAD) -> list[Tensor]:
+        """Keep this step's (unclipped) gradient in ``state[p][key]`` (by default for the next step's noise
+        estimate); returns the buffers."""
         out = []
         for p in params:
             st = self.state[p]
-            b = st.get(layout.PREV_GRAD)
+            b = st.get(key)
             if not fits(b, p):
-                b = st[layout.PREV_GRAD] = torch.empty_like(p, memory_format=torch.preserve_format)
+                b = st[key] = torch.empty_like(p, memory_format=torch.preserve_format)
             out.append(b)
         torch._foreach_copy_(out, grads)
         if clip is not None:
             torch._foreach_div_(out, clip)
+        return out
 
     def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
         vals = [glob.get(layout.rule_key(f)) for f in SecantNoiseState._fields]
@@ -633,23 +645,56 @@ class CurvatureTuner(torch.optim.Optimizer):
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         return factor
 
-    def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor]) -> list[Tensor]:
-        """``g^T D g_in`` and ``g^T D m_t`` for :func:`curvopt.rules.momentum_numerator`, read after Adam's step:
-        ``D = lr_group / P`` (Adam's preconditioner, the core's formula), ``g_in`` the gradient Adam averaged
-        (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``."""
+    def _adam_diagonal(self, params: list[Tensor]) -> list[tuple[dict, Tensor]]:
+        """Each parameter's group and Adam's ``D = lr_group / P`` after its step (``P`` the core's
+        preconditioner), in the accumulator dtype: the diagonal of the Adam numerators."""
         base = self.base
         group_of = {p: g for g in base.param_groups for p in g["params"]}
         acc = self.acc_dtype
+        return [(group_of[p], float(group_of[p]["lr"]) / d.to(acc))
+                for p, d in zip(params, adam_preconditioner_from_optimizer(base, params))]
+
+    def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor]) -> list[Tensor]:
+        """``g^T D g_in`` and ``g^T D m_t`` for :func:`curvopt.rules.momentum_numerator`, read after Adam's step:
+        ``D`` from :meth:`_adam_diagonal`, ``g_in`` the gradient Adam averaged (``g + weight_decay w`` under
+        Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``."""
+        base = self.base
+        acc = self.acc_dtype
         terms = []
-        for p, g, w, d in zip(params, grads, w0, adam_preconditioner_from_optimizer(base, params)):
-            group = group_of[p]
+        for p, g, w, (group, d) in zip(params, grads, w0, self._adam_diagonal(params)):
             wd = float(group.get("weight_decay", 0.0))
             decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
             g_in = g + wd * w if wd and not decoupled else g
-            scaled_g = g.to(acc) * (float(group["lr"]) / d.to(acc))
+            scaled_g = g.to(acc) * d
             moment = base.state[p]["exp_avg"].to(acc)
             terms.append(torch.stack([(scaled_g * g_in.to(acc)).sum(), (scaled_g * moment).sum()]))
         return list(torch.stack(terms).sum(0).unbind())
+
+    def _has_prediction(self, params: list[Tensor], glob: dict) -> bool:
+        """The previous step left :func:`curvopt.rules.paired_numerator`'s prediction for these parameters."""
+        return bool(glob.get(layout.PREDICTED)) and all(
+            fits(self.state[p].get(layout.PREDICTED_GRAD), p) for p in params)
+
+    def _paired_term(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor]) -> Tensor:
+        """``r^T D r`` for :func:`curvopt.rules.paired_numerator`: ``r = g - ghat`` (the loss's gradients; weight
+        decay carries no noise), ``D`` from :meth:`_adam_diagonal`; under ``max_grad_norm`` both in the clipped
+        gradient's units (``g`` is clipped in place, ``ghat`` is kept unclipped and scaled by this step's factor)."""
+        ghat = [self.state[p][layout.PREDICTED_GRAD] for p in params]
+        r = torch._foreach_sub(grads, ghat if clip is None else torch._foreach_mul(ghat, clip.to(ghat[0].dtype)))
+        return dot(torch._foreach_mul(r, [d for _, d in self._adam_diagonal(params)]), r)
+
+    def _commit_prediction(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
+                           probe: Optional[Probe], lr: Any) -> bool:
+        """Keep the next step's ``ghat = g + lr (g_probe - g) / h``, this batch's gradient predicted at the next
+        point to first order from this step's fd probe (``g_probe`` its gradient at ``w + h u``; ``g`` unclipped),
+        one buffer per parameter (:data:`torch_backend.state.PREDICTED_GRAD`). False (no prediction) without an
+        fd probe or a step (``lr = 0``)."""
+        h = None if probe is None else probe.fd_step
+        if h is None or not (h > 0 and lr > 0):
+            return False
+        out = self._commit_gradients(params, grads, clip, layout.PREDICTED_GRAD)
+        torch._foreach_lerp_(out, probe.gradient(), float(lr) / float(h))
+        return True
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """Once per tuner, at its first fd probe: the probe's loss at ``w + h u`` must be the main call's loss
