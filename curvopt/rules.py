@@ -165,8 +165,9 @@ def paired_numerator(numerator: Any, noise_term: Any, *, beta1: float, has: Any,
     batch's gradient predicted at ``w_t`` to first order, ``g_{t-1} + lr_{t-1} H_{t-1} u_{t-1}``, from the
     previous step's fd probe (``H_{t-1} u_{t-1} ~ (g_{t-1}(w_{t-1} + h u_{t-1}) - g_{t-1}) / h``). In mini-batch
     ``r`` is the difference of two batches' noise at one point (``E[r^T D r] = 2 E[xi^T D xi]``); in full batch
-    it is only the drift's second-order residual (the change of the curvature over the step and the fd error),
-    so the full-batch rate hardly moves, unlike :func:`momentum_numerator` (docs/minibatch_study.md, section 8).
+    it is only the drift's second-order residual (the change of the curvature over the step and the fd error):
+    zero on a quadratic, but not small over a step at the edge of stability on a network (measured: the
+    full-batch LM's rate 5x lower, its loss unchanged; docs/minibatch_study.md, section 8).
     ``has``: a prediction exists (the previous step took ``lr > 0`` after an fd probe); without one the
     numerator is ``-g^T u`` unchanged. A non-finite ``noise_term`` where ``has`` gives a non-finite numerator,
     which :func:`apply_rule`'s guard turns into ``lr = 0`` with the rule state unchanged.
