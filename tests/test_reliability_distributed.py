@@ -33,6 +33,9 @@ CASES = {
     "cdat_fd_adam_sharp": ("CDAT", "adam", dict(sigma=1.0, ema=0.9, curvature="fd", sharpness=SharpnessConfig(
         every=4, iters=30, first_iters=60, tol=1e-12))),
     "cdat_secant_mom": ("CDAT", "momentum", dict(sigma=1.5, ema=0.5, curvature="secant")),
+    # the Adam numerators' inner products (g^T D g, g^T D m_t; r^T D r) must be global sums on shards too
+    "cdat_fd_adam_momentum": ("CDAT", "adam", dict(sigma=1.0, ema=0.9, curvature="fd", numerator="momentum")),
+    "cdat_fd_adam_paired": ("CDAT", "adam", dict(sigma=1.0, ema=0.9, curvature="fd", numerator="paired")),
     "cdat_exact_sgd": ("CDAT", "sgd", dict(sigma=2.0, ema=0.0, curvature="exact")),
     "greedy_fd_mom": ("QuadraticGreedy", "momentum", dict(curvature="fd")),
     "armijo_sgd": ("ArmijoLineSearch", "sgd", dict(c=0.5, increase_factor=4.0, decrease_factor=0.8)),
@@ -43,8 +46,8 @@ CASES = {
                                                                                    tol=1e-12))),
 }
 #: the tuners run on FSDP1 FULL_SHARD flat parameter shards (the exact oracle is refused there)
-FSDP_SHARDED_CASES = ["cdat_fd_sgd", "cdat_fd_adam_sharp", "cdat_secant_mom", "armijo_sgd", "polyak_adam",
-                      "eos_sgd"]
+FSDP_SHARDED_CASES = ["cdat_fd_sgd", "cdat_fd_adam_sharp", "cdat_secant_mom", "cdat_fd_adam_momentum",
+                      "cdat_fd_adam_paired", "armijo_sgd", "polyak_adam", "eos_sgd"]
 #: collectives a tuner issues per step (Armijo: plus one per line-search trial)
 REDUCTIONS_PER_STEP = {"exact": 2}
 

@@ -657,18 +657,18 @@ class CurvatureTuner(torch.optim.Optimizer):
     def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor]) -> list[Tensor]:
         """``g^T D g_in`` and ``g^T D m_t`` for :func:`curvopt.rules.momentum_numerator`, read after Adam's step:
         ``D`` from :meth:`_adam_diagonal`, ``g_in`` the gradient Adam averaged (``g + weight_decay w`` under
-        Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``."""
+        Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``; global sums (one collective on
+        sharded parameters, like every inner product of the step)."""
         base = self.base
         acc = self.acc_dtype
-        terms = []
+        scaled, inputs, moments = [], [], []
         for p, g, w, (group, d) in zip(params, grads, w0, self._adam_diagonal(params)):
             wd = float(group.get("weight_decay", 0.0))
             decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-            g_in = g + wd * w if wd and not decoupled else g
-            scaled_g = g.to(acc) * d
-            moment = base.state[p]["exp_avg"].to(acc)
-            terms.append(torch.stack([(scaled_g * g_in.to(acc)).sum(), (scaled_g * moment).sum()]))
-        return list(torch.stack(terms).sum(0).unbind())
+            scaled.append(g.to(acc) * d)
+            inputs.append((g + wd * w if wd and not decoupled else g).to(acc))
+            moments.append(base.state[p]["exp_avg"].to(acc))
+        return list(dots([(scaled, inputs), (scaled, moments)]).unbind())
 
     def _has_prediction(self, params: list[Tensor], glob: dict) -> bool:
         """The previous step left :func:`curvopt.rules.paired_numerator`'s prediction for these parameters."""
