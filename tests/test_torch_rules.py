@@ -1,5 +1,6 @@
 """The PyTorch tuners call the core's rule values through ``apply_rule`` (issue 9): the core's guard (a NaN
 curvature probe is forgotten, not averaged in), ``sigma`` as a value on the rule (assignable, schedulable)."""
+import copy
 import math
 import warnings
 
@@ -233,3 +234,49 @@ def test_cdat_paired_numerator_full_batch_is_the_default():
     assert min(runs["direction"]) > 0 and max(runs["direction"]) > 2 * min(runs["direction"])
     worst = max(abs(p / d - 1) for p, d in zip(runs["paired"], runs["direction"]))
     assert worst <= 1e-10, worst
+
+
+def test_cdat_paired_numerator_survives_a_state_dict_round_trip():
+    """The paired prediction lives in ``state[p]`` (and its flag in the first parameter's state): a run saved
+    after 4 mini-batch steps and loaded into a fresh tuner continues with the uninterrupted run's rates, which
+    the prediction changes (a run that lost it would take ``-g^T u`` at its next step)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, 5, dtype=torch.float64)  # 6 batches of 16
+    y = torch.randn(6, 16, dtype=torch.float64)
+    w_init = torch.randn(5, dtype=torch.float64)
+
+    def make(numerator="paired"):
+        w = torch.nn.Parameter(w_init.clone())
+        return w, CDAT(torch.optim.Adam([w], lr=1.0), numerator=numerator, curvature="fd")
+
+    def steps(w, opt, batches):
+        lrs = []
+        for k in batches:
+            def closure():
+                opt.zero_grad()
+                loss = ((torch.tanh(x[k] @ w) - y[k]) ** 2).mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        return lrs
+
+    w, opt = make()
+    whole = steps(w, opt, range(6))
+    w, opt = make()
+    first = steps(w, opt, range(4))
+    saved, w_saved = opt.state_dict(), w.detach().clone()
+    assert saved["state"][0]["curvopt_predicted"] == 1 and "curvopt_predicted_grad" in saved["state"][0]
+    w2, opt2 = make()
+    with torch.no_grad():
+        w2.copy_(w_saved)
+    opt2.load_state_dict(saved)
+    rest = steps(w2, opt2, range(4, 6))
+    assert first + rest == pytest.approx(whole, rel=1e-12)
+    lost = copy.deepcopy(saved)  # the same checkpoint without its prediction: the next rate differs
+    lost["state"][0]["curvopt_predicted"] = 0
+    w3, opt3 = make()
+    with torch.no_grad():
+        w3.copy_(w_saved)
+    opt3.load_state_dict(lost)
+    assert steps(w3, opt3, range(4, 5))[0] != pytest.approx(whole[4], rel=1e-6)
