@@ -5,11 +5,12 @@
   steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at 3
   widths (CDAT against the constant grid at every width, and on the ViT the paper-exact rule too; the
   paper-exact rule, greedy and the peers Prodigy and schedule-free at the middle width, D-Adaptation and
-  Sophia-H also on the ViT's; the line search on the ResNet's narrowest, cheapest width), mini-batch ResNet and LM (the LM
-  also with CDAT's opt-in numerators ``"momentum"`` and ``"paired"``), JAX
-  rows (ViT: CDAT and the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best value sits at
-  an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added for the ViT,
-  whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence).
+  Sophia-H also on the ViT's; the line search on the ResNet's narrowest, cheapest width), mini-batch ResNet
+  and LM (the LM also with CDAT's opt-in numerators ``"momentum"`` and ``"paired"``), JAX rows (ViT: CDAT and
+  the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best
+  value sits at an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added
+  for the ViT, whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to
+  divergence).
   Online sharpness every 25 steps (50 on the full-batch ResNet and LM).
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
