@@ -59,6 +59,7 @@ __all__ = [
     "check_numerator",
     "momentum_numerator",
     "paired_numerator",
+    "paired_prediction_weight",
     "polyak_lr",
     "edge_of_stability_lr",
     "armijo_decrease_error",
@@ -173,6 +174,14 @@ def paired_numerator(numerator: Any, noise_term: Any, *, beta1: float, has: Any,
     which :func:`apply_rule`'s guard turns into ``lr = 0`` with the rule state unchanged.
     """
     return xp.where(has, numerator - (1 - beta1) / 2 * noise_term, numerator)
+
+
+def paired_prediction_weight(lr: Any, h: Any, xp: Any) -> Any:
+    """The weight of :func:`paired_numerator`'s prediction ``ghat = g + weight (g_probe - g)``: this batch's
+    gradient moved to the next point to first order, the step ``lr u`` over the fd probe's ``h u``, so
+    ``weight = lr / h``. 0, meaning no prediction, without a probe step (``h <= 0``) or a step (``lr <= 0``)."""
+    ok = (h > 0) & (lr > 0)
+    return xp.where(ok, lr / xp.where(ok, h, 1), 0)
 
 
 def polyak_lr(value: Any, numerator: Any, *, f_star: Any, lr_max: Any, xp: Any) -> Any:

@@ -11,7 +11,8 @@ import optax
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
-                           default_sigma, momentum_numerator, paired_numerator)
+                           default_sigma, momentum_numerator, paired_numerator,
+                           paired_prediction_weight)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
@@ -192,10 +193,9 @@ def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemo
     if fd_probe is None:
         return PairedMemory(memory.predicted_grad, jnp.zeros((), bool))
     probe, h = fd_probe
-    ok = (h > 0) & (lr > 0)
-    weight = jnp.where(ok, lr / jnp.where(ok, h, 1), 0)
+    weight = paired_prediction_weight(lr, h, jnp)
     predicted = jax.tree.map(lambda g, q: (g + weight.astype(g.dtype) * (q - g)).astype(g.dtype), p.grad, probe)
-    return PairedMemory(optax.tree.cast_like(predicted, memory.predicted_grad), ok)
+    return PairedMemory(optax.tree.cast_like(predicted, memory.predicted_grad), weight > 0)
 
 
 def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, rate_follows_base: bool,

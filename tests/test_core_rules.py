@@ -479,6 +479,10 @@ def test_paired_numerator_by_hand():
     assert got == pytest.approx(want, rel=1e-12) and got < numerator
     assert rules.paired_numerator(numerator, r @ (d * r), beta1=b1, has=False, xp=np) == numerator
     assert rules.paired_numerator(numerator, math.nan, beta1=b1, has=False, xp=np) == numerator
+    weight = rules.paired_prediction_weight(lr_prev, h, np)  # the backends' ghat = g + weight (g_probe - g)
+    assert np.allclose(g_prev + weight * (g_probe - g_prev), ghat, rtol=1e-12) and weight == lr_prev / h
+    for lr_, h_ in ((0.0, h), (lr_prev, 0.0), (math.nan, h)):  # no step, no probe step: no prediction
+        assert rules.paired_prediction_weight(lr_, h_, np) == 0
     bad = rules.paired_numerator(numerator, math.nan, beta1=b1, has=True, xp=np)
     assert math.isnan(bad)
     rule = rules.CDATRule(sigma=2.0, ema=0.9)

@@ -52,7 +52,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dt
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
-from curvopt.rules import momentum_numerator, paired_numerator
+from curvopt.rules import momentum_numerator, paired_numerator, paired_prediction_weight
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import check_choice, check_positive, check_positive_int
 
@@ -688,12 +688,14 @@ class CurvatureTuner(torch.optim.Optimizer):
         """Keep the next step's ``ghat = g + lr (g_probe - g) / h``, this batch's gradient predicted at the next
         point to first order from this step's fd probe (``g_probe`` its gradient at ``w + h u``; ``g`` unclipped),
         one buffer per parameter (:data:`torch_backend.state.PREDICTED_GRAD`). False (no prediction) without an
-        fd probe or a step (``lr = 0``)."""
-        h = None if probe is None else probe.fd_step
-        if h is None or not (h > 0 and lr > 0):
+        fd probe or a step (``lr = 0``; :func:`curvopt.rules.paired_prediction_weight`)."""
+        if probe is None or probe.fd_step is None:
+            return False
+        weight = paired_prediction_weight(lr, probe.fd_step, self._scalars())
+        if not weight > 0:
             return False
         out = self._commit_gradients(params, grads, clip, layout.PREDICTED_GRAD)
-        torch._foreach_lerp_(out, probe.gradient(), float(lr) / float(h))
+        torch._foreach_lerp_(out, probe.gradient(), float(weight))
         return True
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
