@@ -53,7 +53,10 @@ def run(spec: RunSpec, progress=None) -> dict:
 
     # torch 2.13's oneDNN (mkldnn) convolution backward corrupts the heap on this CPU build when torch runs
     # single-threaded (reproduced with the plain ResNet and a manual loop); the native kernels are used.
-    with torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings():
+    # The global generator is seeded per run (models, data and the tuners' probes use their own generators; a
+    # peer that draws from the global one, Sophia-H's Hutchinson probes, then gives the same run in any order).
+    with torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings(), torch.random.fork_rng():
+        torch.manual_seed(spec.seed)
         # Sophia-H's backward(create_graph=True): the reference cycle is broken by zero_grad(set_to_none)
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
         return _run(spec, progress)
