@@ -6,7 +6,8 @@
   widths (CDAT against the constant grid at every width, and on the ViT the paper-exact rule too; the
   paper-exact rule, greedy and the peers Prodigy and schedule-free at the middle width, D-Adaptation and
   Sophia-H also on the ViT's; the line search on the ResNet's narrowest, cheapest width), mini-batch ResNet
-  and LM (the LM also with CDAT's opt-in numerators ``"momentum"`` and ``"paired"``), JAX rows (ViT: CDAT and
+  and LM (the LM also with CDAT's paper numerator ``"direction"``, the Adam default before the momentum numerator,
+  and the opt-in ``"paired"``), JAX rows (ViT: CDAT and
   the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best
   value sits at an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added
   for the ViT, whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to
@@ -153,7 +154,7 @@ DEFAULT = Suite(
     + (
         Experiment("resnet", "mini", (8,), MINI, 500, batch_size=64, eval_size=359,
                    grid=grid(0.5, 5, R2), widen=4, sharpness=25),
-        Experiment("lm", "mini", (16,), MINI + ("cdat:numerator=momentum", "cdat:numerator=paired"), 500, model=LM,
+        Experiment("lm", "mini", (16,), MINI + ("cdat:numerator=direction", "cdat:numerator=paired"), 500, model=LM,
                    batch_size=16, block_len=32, eval_size=256,
                    grid=grid(0.032, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat"), 500, model=VIT,

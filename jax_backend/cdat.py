@@ -11,7 +11,7 @@ import optax
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
-                           default_sigma, momentum_numerator, paired_numerator,
+                           default_numerator, default_sigma, momentum_numerator, paired_numerator,
                            paired_prediction_weight)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
@@ -82,7 +82,7 @@ def scale_by_cdat(
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
-    numerator: str = "direction",
+    numerator: str | None = None,
     sharpness_every: int | None = None,
     sharpness_iters: int | None = None,
     sharpness_first_iters: int | None = None,
@@ -93,8 +93,9 @@ def scale_by_cdat(
     ``guard``/``guard_sigma`` and ``loss_cap`` (the above-edge steps' cap by the loss bound), and
     ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule
     ``step -> sigma`` (or injected with ``optax.inject_hyperparams``); ``sigma=None`` (default): by
-    ``base_method`` (:func:`curvopt.rules.default_sigma`: 4, guarded, for gradient descent with the robust
-    start-up; 2 for heavy ball, Nesterov, Adam and ``startup="paper"``). The guard and the cap need the loss
+    ``base_method`` and the numerator (:func:`curvopt.rules.default_sigma`: 4, guarded, with the robust
+    start-up for gradient descent and for Adam with the momentum numerator; 2 for heavy ball, Nesterov, Adam
+    with another numerator and ``startup="paper"``). The guard and the cap need the loss
     (``value`` or ``value_fn``); without it a ``sigma`` above 2 is held at 2, and so is a step whose curvature
     is the secant's (a step old).
 
@@ -109,7 +110,10 @@ def scale_by_cdat(
     ``ema`` only when it is given as a number). Unset, ``base_method`` is gradient descent, and the update
     warns when the base is visibly another (:func:`jax_backend.tuner.check_base_method`). ``warn_ascent``:
     also warn from inside the jitted step when the first direction points uphill. ``numerator``:
-    ``"direction"`` (default, ``-g^T u``) or ``"momentum"`` (an Adam base, ``base_method="adam"``, whose state is
+    None (default: :func:`curvopt.rules.default_numerator`, ``"momentum"`` behind Adam, ``base_method="adam"``,
+    with the robust start-up when the update gets Adam's state, as from the :func:`cdat` convenience; else
+    ``"direction"``, and a chain that does not hand Adam's state over gets a warning at trace time),
+    ``"direction"`` (``-g^T u``) or ``"momentum"`` (an Adam base, ``base_method="adam"``, whose state is
     handed over: the :func:`cdat` convenience): ``-g^T u`` without the batch's correlation with itself, the
     batch's gradient inside Adam's first moment replaced by the previous momentum
     (:func:`curvopt.rules.momentum_numerator`; as in PyTorch's ``CDAT(numerator="momentum")``), or ``"paired"``
@@ -127,16 +131,19 @@ def scale_by_cdat(
     """
     method = as_base_method(base_method)
     rate_follows_base = sigma is None or ema is None
-    ema, sigma = default_ema(method, ema), default_sigma(method, sigma, startup)  # None: the base's defaults
-    rule = make(CDATRule, sigma=sigma, ema=ema, eps=eps, lr_max=lr_max, startup=startup, f_star=f_star,
-                growth=growth, guard=guard, guard_sigma=guard_sigma, lagged_growth=lagged_growth,
-                loss_cap=loss_cap)
-    check_numerator(numerator, method, f"base_method={method.kind!r} (scale_by_cdat)", curvature)
-    return _curvature_tuner("scale_by_cdat", rule, curvature, base_method, rate_follows_base, warn_ascent,
+    ema = default_ema(method, ema)  # None: the base's default
+    rules = {}  # the rule for each numerator the update may use: the default's depends on Adam's state at hand
+    for has_moments in (True, False):
+        kind = check_numerator(default_numerator(method, numerator, startup, has_moments), method,
+                               f"base_method={method.kind!r} (scale_by_cdat)", curvature)
+        rules[kind] = make(CDATRule, sigma=default_sigma(method, sigma, startup, kind), ema=ema, eps=eps,
+                           lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
+                           guard_sigma=guard_sigma, lagged_growth=lagged_growth, loss_cap=loss_cap)
+    return _curvature_tuner("scale_by_cdat", rules, curvature, base_method, rate_follows_base, warn_ascent,
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol),
-                            numerator)
+                            numerator, startup)
 
 
 def scale_by_quadratic_greedy(
@@ -153,8 +160,8 @@ def scale_by_quadratic_greedy(
 ) -> optax.GradientTransformationExtraArgs:
     """The quadratically greedy step ``lr = -g^T u / |u^T H u|`` (:meth:`curvopt.rules.CDATRule.greedy`), the
     minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat`."""
-    return _curvature_tuner("scale_by_quadratic_greedy", CDATRule.greedy(lr_max), curvature, base_method, False,
-                            warn_ascent, sharpness,
+    return _curvature_tuner("scale_by_quadratic_greedy", {"direction": CDATRule.greedy(lr_max)}, curvature,
+                            base_method, False, warn_ascent, sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
@@ -198,12 +205,17 @@ def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemo
     return PairedMemory(optax.tree.cast_like(predicted, memory.predicted_grad), weight > 0)
 
 
-def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any, rate_follows_base: bool,
-                     warn_ascent: bool, sharpness: Any, legacy: dict, numerator: str = "direction"
+def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base_method: Any,
+                     rate_follows_base: bool, warn_ascent: bool, sharpness: Any, legacy: dict,
+                     numerator: str | None = "direction", startup: str = "paper"
                      ) -> optax.GradientTransformationExtraArgs:
+    """The CDAT-rule transform; ``rules``: the rule for each numerator :func:`curvopt.rules.default_numerator`
+    can pick for ``numerator`` (None: the default, which depends on whether the update gets Adam's state)."""
     check_choice("curvature", curvature, CURVATURE_ORACLES)
+    rule = next(iter(rules.values()))  # every one has the same state and default sharpness
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, **legacy)
     method = as_base_method(base_method)
+    preferred = default_numerator(method, numerator, startup)
 
     def init(params: Any) -> ScaleByCDATState:
         dtype = accumulator_dtype(params)
@@ -226,6 +238,14 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
         caveat = secant_caveat(method) if oracle == "secant" else None
         if caveat is not None:  # at trace time
             warnings.warn(caveat, RuntimeWarning, stacklevel=2)
+        kind = default_numerator(method, numerator, startup, find_adam_state(base_state) is not None)
+        if kind != preferred:  # at trace time
+            warnings.warn(f"{name}: behind Adam the default numerator is 'momentum' (with sigma 4), which reads "
+                          f"Adam's state; this update did not get it, so it uses the paper's numerator on the edge "
+                          f"(sigma 2). Build the optimizer with the convenience (cdat(optax.scale_by_adam(), "
+                          f"base_method='adam')) or with_base_state, or pass numerator='direction' to silence this",
+                          RuntimeWarning, stacklevel=2)
+        rule = rules[kind]
 
         def taken() -> tuple[Any, ScaleByCDATState]:
             curv, calls, probe, lagged, stretch, fd_probe = curvature_of(oracle, p.f, params, p.grad, p.d,
@@ -234,9 +254,9 @@ def _curvature_tuner(name: str, rule: CDATRule, curvature: str, base_method: Any
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
             num = p.numerator
-            if numerator == "momentum":
+            if kind == "momentum":
                 num = _momentum_numerator(p, method, base_state, name)
-            elif numerator == "paired":
+            elif kind == "paired":
                 num = _paired_numerator(p, method, base_state, state.paired, name)
             lr, rule_state = apply_rule(
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)

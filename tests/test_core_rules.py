@@ -319,14 +319,34 @@ def test_cdat_default_ema_by_base():
 
 def test_cdat_default_sigma_by_base():
     """The tuners' ``sigma=None`` is resolved by the base: 4 (twice the edge, guarded) for plain gradient
-    descent with the robust start-up, 2 (the edge) for heavy ball, Nesterov, Adam, an unknown base and the
-    paper's start-up; an explicit ``sigma`` is kept."""
+    descent and for Adam with the momentum numerator, both with the robust start-up, 2 (the edge) for heavy
+    ball, Nesterov, Adam with another numerator, an unknown base and the paper's start-up; an explicit ``sigma``
+    is kept."""
     assert rules.CDATRule().sigma == rules.SIGMA_EDGE == 2.0
     assert rules.default_sigma(BaseMethod.gd()) == rules.SIGMA_ABOVE_EDGE == 4.0
     for method in (None, BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9), BaseMethod.adam()):
         assert rules.default_sigma(method) == 2.0
     assert rules.default_sigma(BaseMethod.gd(), None, "paper") == 2.0
     assert rules.default_sigma(BaseMethod.gd(), 2.0) == 2.0 and rules.default_sigma(BaseMethod.adam(), 4.0) == 4.0
+    # behind Adam the numerator decides: above the edge with the momentum numerator only
+    assert rules.default_sigma(BaseMethod.adam(), None, "robust", "momentum") == 4.0
+    for numerator in ("direction", "paired"):
+        assert rules.default_sigma(BaseMethod.adam(), None, "robust", numerator) == 2.0
+    assert rules.default_sigma(BaseMethod.adam(), None, "paper", "momentum") == 2.0
+    assert rules.default_sigma(BaseMethod.adam(), 3.0, "robust", "momentum") == 3.0
+
+
+def test_cdat_default_numerator_by_base():
+    """``numerator=None``: the momentum numerator behind Adam with the robust start-up when Adam's moments are at
+    hand, the paper's ``-g^T u`` otherwise (other bases, ``startup="paper"``, no moments); a given one is kept."""
+    adam = BaseMethod.adam()
+    assert rules.default_numerator(adam) == "momentum"
+    assert rules.default_numerator(adam, None, "paper") == "direction"
+    assert rules.default_numerator(adam, None, "robust", has_moments=False) == "direction"
+    for method in (None, BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
+        assert rules.default_numerator(method) == "direction"
+    assert rules.default_numerator(adam, "paired") == "paired"
+    assert rules.default_numerator(adam, "direction") == "direction"
 
 
 def test_above_edge_guard_by_hand():

@@ -279,3 +279,39 @@ def test_tree_get_lr_is_the_tuners(name):
         lr = optax.tree_utils.tree_get(state, "lr")
         assert float(lr) == float(stats(state)["lr"]) and float(lr) >= 0
         assert optax.tree_utils.tree_get(state, "mu") is not None  # Adam's, not ours
+
+
+def test_adam_default_numerator_needs_adam_state_and_falls_back_with_a_warning():
+    """Behind Adam (``base_method="adam"``) the default numerator is the momentum one with sigma 4
+    (:func:`curvopt.rules.default_numerator`), read from the Adam state the convenience hands over; a bare
+    ``optax.chain`` hands none over, so its update warns at trace time and runs the paper's numerator on the edge:
+    the same lrs as ``numerator="direction"`` (sigma 2), and not those of the convenience."""
+    from jax_backend import cdat
+
+    w_star = jnp.array([1.0, -2.0, 0.5])
+    scales = jnp.array([4.0, 1.0, 0.25])
+    loss = lambda p: 0.5 * jnp.sum(scales * (p - w_star) ** 2)  # noqa: E731
+
+    def lrs(tx, steps=8):
+        p, state, out = jnp.zeros(3), tx.init(jnp.zeros(3)), []
+        for _ in range(steps):
+            v, g = jax.value_and_grad(loss)(p)
+            u, state = tx.update(g, state, p, value=v, grad=g, value_fn=loss)
+            p = optax.apply_updates(p, u)
+            out.append(float(optax.tree_utils.tree_get(state, "lr")))
+        return np.array(out)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bare = lrs(optax.chain(optax.scale_by_adam(), scale_by_cdat(base_method="adam")))
+    assert any("default numerator is 'momentum'" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explicit numerators and the convenience do not warn
+        paper_numerator = lrs(optax.chain(optax.scale_by_adam(), scale_by_cdat(base_method="adam",
+                                                                                numerator="direction")))
+        convenience = lrs(cdat(optax.scale_by_adam(), base_method="adam"))
+        momentum = lrs(cdat(optax.scale_by_adam(), base_method="adam", numerator="momentum"))
+    np.testing.assert_array_equal(bare, paper_numerator)
+    np.testing.assert_array_equal(convenience, momentum)
+    assert np.all(np.isfinite(convenience)) and np.all(convenience[1:] > 0)
+    assert not np.allclose(convenience, paper_numerator)

@@ -169,7 +169,8 @@ def test_cdat_adam_and_its_sharpness_and_preconditioned_sharpness_agree():
 @pytest.mark.parametrize("base", ["sgd", "adam"])
 def test_cdat_default_ema_by_base_agrees(base):
     """CDAT's library defaults (``ema=None``: the base's default, :func:`curvopt.rules.default_ema`) resolve to
-    the same rule in both backends and give the same lrs: 0.9 behind SGD, 0.99 behind Adam."""
+    the same rule in both backends and give the same lrs: 0.9 behind SGD, 0.99 behind Adam (there with the
+    default momentum numerator and sigma 4, :func:`curvopt.rules.default_numerator`)."""
     TUNERS["cdat_default"] = (tb.CDAT, cdat, dict(curvature="exact"), {})
     try:
         check("cdat_default", base)
@@ -177,6 +178,7 @@ def test_cdat_default_ema_by_base_agrees(base):
         del TUNERS["cdat_default"]
     torch_opt = tb.CDAT(TORCH_BASES[base](list(_torch_model().parameters())))
     assert torch_opt.rule.ema == (0.99 if base == "adam" else 0.9)
+    assert torch_opt.numerator == ("momentum" if base == "adam" else "direction")
 
 
 def test_cdat_momentum_numerator_agrees():

@@ -302,7 +302,12 @@ def test_sharpness_setting_and_defaults_come_from_the_core():
     assert CDAT(adam_problem()[1], sharpness=4).sharpness_config == SharpnessConfig(every=4)
     cfg = SharpnessConfig(every=2, iters=3, first_iters=5, tol=1e-4)
     assert ArmijoLineSearch(adam_problem()[1], sharpness=cfg).sharpness_config is cfg
-    assert CDAT(adam_problem()[1]).rule == CDATRule()
+    # behind Adam the defaults are the momentum numerator above the edge (curvopt.rules.default_numerator/_sigma)
+    adam_cdat = CDAT(adam_problem()[1])
+    assert adam_cdat.rule == CDATRule(sigma=4.0) and adam_cdat.numerator == "momentum"
+    assert CDAT(adam_problem()[1], numerator="direction").rule == CDATRule()
+    paper = CDAT(adam_problem()[1], startup="paper")
+    assert paper.numerator == "direction" and paper.rule.sigma == 2.0
     assert QuadraticGreedy(adam_problem()[1]).rule == CDATRule.greedy()
     assert ArmijoLineSearch(adam_problem()[1]).rule == ArmijoRule()
     assert PolyakStep(adam_problem()[1]).rule == PolyakRule()

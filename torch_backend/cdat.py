@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import DEFAULT_CURVATURE, SharpnessLike
-from curvopt.rules import CDATRule, check_numerator, default_ema, default_sigma
+from curvopt.rules import CDATRule, check_numerator, default_ema, default_numerator, default_sigma
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
@@ -35,8 +35,9 @@ class CDAT(CurvatureTuner):
             :func:`torch_backend.direction.check_base`). Its per-group ``lr`` is a relative multiplier.
         sigma: scale of the quadratic-model step; 1 is greedy, 2 "on edge" (the largest lr with
             ``q(lr) <= f``). May be a schedule ``step -> sigma``, and assigned (``opt.sigma = ...``). None
-            (default): by the base, 4 (above the edge, guarded) for SGD without momentum, 2 for SGD with
-            momentum or Nesterov, Adam/AdamW, another base and ``startup="paper"``
+            (default): by the base and the numerator, 4 (above the edge, guarded) for SGD without momentum and
+            for Adam/AdamW with the momentum numerator (their defaults), 2 for SGD with momentum or Nesterov,
+            Adam/AdamW with another numerator, another base and ``startup="paper"``
             (:func:`curvopt.rules.default_sigma`; :class:`curvopt.rules.CDATRule` says why).
         ema: factor of the two exponential moving averages (numerator and denominator, kept separately);
             None (default): by the base, 0.99 for Adam/AdamW, 0.9 for SGD (with or without momentum) and 0.99
@@ -81,19 +82,21 @@ class CDAT(CurvatureTuner):
         noise_correction: True: remove the secant's mini-batch noise bias (:mod:`torch_backend.noise`;
             experimental: it prevents the mini-batch lr collapse, but on full batch it mistakes the gradient's
             drift for noise and can diverge). None/False (default): off.
-        numerator: ``"direction"`` (default): ``-g^T u``, the paper's; ``"momentum"`` (Adam/AdamW only): ``-g^T u``
-            with the batch's own gradient inside Adam's first moment replaced by the previous (bias-corrected)
-            momentum (:func:`curvopt.rules.momentum_numerator`): in mini-batch ``-g^T u`` holds
-            ``(1 - beta1) g^T P^-1 g``, whose mean is the batch noise's, not a slope. Measured on the default
-            suite's mini-batch LM: 0.98x the best constant's final loss instead of 1.14x; in full batch it
-            lowers the rate (the previous momentum lags the gradient; docs/minibatch_study.md, section 8).
+        numerator: None (default): ``"momentum"`` behind Adam/AdamW with ``startup="robust"``, else
+            ``"direction"`` (:func:`curvopt.rules.default_numerator`). ``"direction"``: ``-g^T u``, the paper's;
+            ``"momentum"`` (Adam/AdamW only): ``-g^T u`` with the batch's own gradient inside Adam's first moment
+            replaced by the previous (bias-corrected) momentum (:func:`curvopt.rules.momentum_numerator`): in
+            mini-batch ``-g^T u`` holds ``(1 - beta1) g^T P^-1 g``, whose mean is the batch noise's, not a slope;
+            in full batch it lowers the rate (the previous momentum lags the gradient;
+            docs/minibatch_study.md, section 8), which the default's ``sigma = 4`` makes up for
+            (:class:`curvopt.rules.CDATRule` gives the measurements).
             ``"paired"`` (Adam/AdamW, the fd oracle: ``curvature="fd"``, or ``"auto"`` with a closure and
             probes): ``-g^T u`` minus that noise's second moment, measured between this batch's gradient and the
             previous batch's predicted at the current point from the previous step's fd probe
             (:func:`curvopt.rules.paired_numerator`; one more parameter-sized buffer, no extra gradient).
             Suite's mini-batch LM: 1.03x instead of 1.14x. In full batch what it subtracts is the prediction's
             second-order error, which over a step at the edge is not small (the full-batch LM's rate 5x lower,
-            its loss unchanged), so it is not the default either.
+            its loss unchanged), so it is not the default.
             Only the rule sees either numerator: ``stats["numerator"]``, the secant and the probe's replay
             check keep ``-g^T u``.
 
@@ -113,7 +116,7 @@ class CDAT(CurvatureTuner):
                  functional_loss: Optional[Callable] = None, stability_coefficient: Optional[float] = None,
                  seed: int = 0, distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, probes: bool = True, noise_correction: Optional[bool] = None,
-                 numerator: str = "direction", **deprecated: Any) -> None:
+                 numerator: Optional[str] = None, **deprecated: Any) -> None:
         self.rule = CDATRule(sigma=default_sigma(None, sigma, startup), ema=default_ema(None, ema), eps=eps,
                              lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
                              guard_sigma=guard_sigma, lagged_growth=lagged_growth, loss_cap=loss_cap)
@@ -122,11 +125,11 @@ class CDAT(CurvatureTuner):
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, probes=probes, noise_correction=noise_correction)
         # None: the base's defaults (curvopt.rules.default_ema / default_sigma); the base is known from here on
-        self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
-                                        sigma=default_sigma(self.method, sigma, startup))
         #: ``"direction"``, ``"momentum"`` or ``"paired"`` (see the class docstring)
-        self.numerator = check_numerator(numerator, self.method, type(base).__name__,
-                                         curvature if probes else "secant")
+        self.numerator = check_numerator(default_numerator(self.method, numerator, startup), self.method,
+                                         type(base).__name__, curvature if probes else "secant")
+        self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
+                                        sigma=default_sigma(self.method, sigma, startup, self.numerator))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
