@@ -280,3 +280,53 @@ def test_cdat_paired_numerator_survives_a_state_dict_round_trip():
         w3.copy_(w_saved)
     opt3.load_state_dict(lost)
     assert steps(w3, opt3, range(4, 5))[0] != pytest.approx(whole[4], rel=1e-6)
+
+
+def test_adam_diagonal_by_group_is_the_per_parameter_diagonal():
+    """The momentum numerator's flat ``D = lr_group / P`` per param group equals the per-parameter one (float64,
+    two groups with their own lr, eps and amsgrad), and is refused (None) once a group's step counts differ."""
+    from torch_backend.preconditioning import adam_diagonal_by_group, adam_preconditioner_from_optimizer
+
+    torch.manual_seed(0)
+    ps = [torch.randn(3, 2, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    opt = torch.optim.Adam([{"params": ps[:3], "lr": 0.5}, {"params": ps[3:], "lr": 2.0, "eps": 1e-3,
+                                                             "amsgrad": True}], betas=(0.8, 0.95))
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    order = [ps[3], ps[0], ps[2], ps[1]]  # positions follow the order asked for, not the groups'
+    got = adam_diagonal_by_group(opt, order, torch.float64)
+    assert [(g["lr"], pos) for g, pos, _ in got] == [(2.0, [0]), (0.5, [1, 2, 3])]
+    per = adam_preconditioner_from_optimizer(opt, order)
+    for g, pos, d in got:
+        torch.testing.assert_close(d, torch.cat([g["lr"] / per[i].reshape(-1) for i in pos]), rtol=1e-15, atol=0)
+    opt.state[ps[1]]["step"] += 1
+    assert adam_diagonal_by_group(opt, order, torch.float64) is None
+
+
+def test_momentum_terms_flat_and_per_parameter_paths_agree(monkeypatch):
+    """``_momentum_terms`` sums the same ``g^T D g_in`` and ``g^T D m_t`` whether ``D`` comes flat per group or,
+    when step counts differ, per parameter (Adam with L2 weight decay: ``g_in = g + wd w``)."""
+    import torch_backend.tuner as tuner_module
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0, weight_decay=0.1))
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+    for _ in range(3):
+        opt.step(closure)
+    closure()
+    params = list(model.parameters())
+    grads, w0 = [p.grad for p in params], [p.detach().clone() for p in params]
+    flat = torch.stack(opt._momentum_terms(params, grads, w0))
+    monkeypatch.setattr(tuner_module, "adam_diagonal_by_group", lambda *a: None)
+    per = torch.stack(opt._momentum_terms(params, grads, w0))
+    torch.testing.assert_close(flat, per, rtol=1e-13, atol=0)
+    assert torch.all(flat != 0)

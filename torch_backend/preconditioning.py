@@ -17,7 +17,7 @@ from curvopt.preconditioner import adam_preconditioner, inverse_sqrt
 
 from .direction import is_adam_like
 
-__all__ = ["adam_preconditioner_from_optimizer", "preconditioner_scales"]
+__all__ = ["adam_preconditioner_from_optimizer", "adam_diagonal_by_group", "preconditioner_scales"]
 
 PreconditionerLike = Optional[Union[torch.optim.Optimizer, Sequence[Optional[Tensor]]]]
 
@@ -75,4 +75,34 @@ def preconditioner_scales(preconditioner: PreconditionerLike, params: Sequence[T
             if d.shape != p.shape:
                 raise ValueError(f"preconditioner shape {tuple(d.shape)} != parameter shape {tuple(p.shape)}")
             out.append(inverse_sqrt(d.to(p.dtype), torch))
+    return out
+
+
+def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype
+                           ) -> Optional[list[tuple[dict, list[int], Tensor]]]:
+    """Adam's ``D = lr_group / P`` for ``params`` (all stepped by ``optimizer``), one flat tensor per param
+    group: ``[(group, positions in params, D over those parameters flattened and concatenated), ...]`` in
+    ``dtype``, the core's formula applied once per group (a few tensor operations instead of a few per
+    parameter). None when a group's parameters are at different step counts (their bias corrections differ:
+    use :func:`adam_preconditioner_from_optimizer` per parameter)."""
+    positions: dict[int, list[int]] = {}
+    groups: dict[int, dict] = {}
+    group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+    for i, p in enumerate(params):
+        g = group_of[p]
+        positions.setdefault(id(g), []).append(i)
+        groups[id(g)] = g
+    out = []
+    for key, pos in positions.items():
+        g = groups[key]
+        states = [optimizer.state[params[i]] for i in pos]
+        steps = {float(st["step"]) for st in states}
+        if len(steps) != 1:
+            return None
+        step = steps.pop()
+        v = torch.cat([st["max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
+                       for st in states]).to(dtype)
+        beta1, beta2 = g["betas"]
+        pre = adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(g["eps"]), xp=torch)
+        out.append((g, pos, float(g["lr"]) / pre))
     return out

@@ -64,7 +64,7 @@ from .direction import base_method, check_base, check_group
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, finite_difference
-from .preconditioning import adam_preconditioner_from_optimizer, preconditioner_scales
+from .preconditioning import adam_diagonal_by_group, adam_preconditioner_from_optimizer, preconditioner_scales
 from .noise import noise_metric, noise_numerator
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
@@ -656,19 +656,29 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor]) -> list[Tensor]:
         """``g^T D g_in`` and ``g^T D m_t`` for :func:`curvopt.rules.momentum_numerator`, read after Adam's step:
-        ``D`` from :meth:`_adam_diagonal`, ``g_in`` the gradient Adam averaged (``g + weight_decay w`` under
-        Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``; global sums (one collective on
-        sharded parameters, like every inner product of the step)."""
+        ``D`` from :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group; per
+        parameter from :meth:`_adam_diagonal` when a group's step counts differ), ``g_in`` the gradient Adam
+        averaged (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t =
+        exp_avg``; global sums (one collective on sharded parameters, like every inner product of the step)."""
         base = self.base
         acc = self.acc_dtype
-        scaled, inputs, moments = [], [], []
-        for p, g, w, (group, d) in zip(params, grads, w0, self._adam_diagonal(params)):
+        by_group = adam_diagonal_by_group(base, params, acc)
+        if by_group is None:
+            by_group = [(group, [i], d.reshape(-1)) for i, (group, d) in enumerate(self._adam_diagonal(params))]
+        moments_all = [base.state[p]["exp_avg"] for p in params]
+        total = None
+        for group, pos, d in by_group:
             wd = float(group.get("weight_decay", 0.0))
-            decoupled = isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-            scaled.append(g.to(acc) * d)
-            inputs.append((g + wd * w if wd and not decoupled else g).to(acc))
-            moments.append(base.state[p]["exp_avg"].to(acc))
-        return list(dots([(scaled, inputs), (scaled, moments)]).unbind())
+            coupled = wd and not (isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False))
+
+            def flat(ts: list[Tensor]) -> Tensor:
+                return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
+            g = flat(grads)
+            scaled = g * d
+            inputs = g + wd * flat(w0) if coupled else g
+            sums = dots([([scaled], [inputs]), ([scaled], [flat(moments_all)])])
+            total = sums if total is None else total + sums
+        return list(total.unbind())
 
     def _has_prediction(self, params: list[Tensor], glob: dict) -> bool:
         """The previous step left :func:`curvopt.rules.paired_numerator`'s prediction for these parameters."""
