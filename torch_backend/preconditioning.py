@@ -96,10 +96,10 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
     for key, pos in positions.items():
         g = groups[key]
         states = [optimizer.state[params[i]] for i in pos]
-        steps = {float(st["step"]) for st in states}
-        if len(steps) != 1:
+        steps = torch.stack([torch.as_tensor(st["step"]) for st in states])
+        step = steps[0].to(torch.float64)  # the bias corrections in double, as from a Python number
+        if len(states) > 1 and not bool(torch.all(steps == steps[0])):  # one host read per group
             return None
-        step = steps.pop()
         v = torch.cat([st["max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
                        for st in states]).to(dtype)
         beta1, beta2 = g["betas"]
