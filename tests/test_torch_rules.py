@@ -305,15 +305,18 @@ def test_adam_diagonal_by_group_is_the_per_parameter_diagonal():
     assert adam_diagonal_by_group(opt, order, torch.float64) is None
 
 
-def test_momentum_terms_flat_and_per_parameter_paths_agree(monkeypatch):
-    """``_momentum_terms`` sums the same ``g^T D g_in`` and ``g^T D m_t`` whether ``D`` comes flat per group or,
-    when step counts differ, per parameter (Adam with L2 weight decay: ``g_in = g + wd w``)."""
+@pytest.mark.parametrize("adamw", [False, True])
+def test_momentum_terms_flat_and_per_parameter_paths_agree(monkeypatch, adamw):
+    """``_momentum_terms`` sums the same ``g^T D g_in`` (and, under AdamW's decoupled decay, ``g^T D m_t``)
+    whether ``D`` comes flat per group or, when step counts differ, per parameter, and whether the gradients
+    come concatenated or per parameter (Adam with L2 weight decay: ``g_in = g + wd w``; AdamW: ``g_in = g``)."""
     import torch_backend.tuner as tuner_module
 
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0, weight_decay=0.1))
+    base = (torch.optim.AdamW if adamw else torch.optim.Adam)(model.parameters(), lr=1.0, weight_decay=0.1)
+    opt = CDAT(base)
 
     def closure():
         opt.zero_grad()
@@ -325,8 +328,34 @@ def test_momentum_terms_flat_and_per_parameter_paths_agree(monkeypatch):
     closure()
     params = list(model.parameters())
     grads, w0 = [p.grad for p in params], [p.detach().clone() for p in params]
-    flat = torch.stack(opt._momentum_terms(params, grads, w0))
+    flat = torch.stack(opt._momentum_terms(params, grads, w0, torch.cat([g.reshape(-1) for g in grads])))
+    assert flat.shape == ((2,) if adamw else (1,))
     monkeypatch.setattr(tuner_module, "adam_diagonal_by_group", lambda *a: None)
-    per = torch.stack(opt._momentum_terms(params, grads, w0))
+    per = torch.stack(opt._momentum_terms(params, grads, w0, None))
     torch.testing.assert_close(flat, per, rtol=1e-13, atol=0)
     assert torch.all(flat != 0)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_direction_is_minus_d_times_the_first_moment(weight_decay):
+    """What the momentum numerator relies on to skip an inner product: torch's Adam (L2 decay or none) steps by
+    exactly ``u = -D m_t`` (``D = lr / P``, the core's preconditioner, ``m_t = exp_avg``), so ``g^T D m_t =
+    -g^T u``; AdamW's decoupled decay adds ``-lr wd w0`` (float64, amsgrad off and on)."""
+    from torch_backend.preconditioning import adam_preconditioner_from_optimizer
+
+    torch.manual_seed(2)
+    for cls, amsgrad in ((torch.optim.Adam, False), (torch.optim.Adam, True), (torch.optim.AdamW, False)):
+        ps = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64,
+                                                                                  requires_grad=True)]
+        opt = cls(ps, lr=0.3, betas=(0.8, 0.95), weight_decay=weight_decay, amsgrad=amsgrad)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            w0 = [p.detach().clone() for p in ps]
+            opt.step()
+        u = [p.detach() - w for p, w in zip(ps, w0)]
+        expected = [-0.3 * opt.state[p]["exp_avg"] / d for p, d in zip(ps, adam_preconditioner_from_optimizer(opt, ps))]
+        if cls is torch.optim.AdamW:
+            expected = [e - 0.3 * weight_decay * w for e, w in zip(expected, w0)]
+        for a, b in zip(u, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)

@@ -84,7 +84,8 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
     group: ``[(group, positions in params, D over those parameters flattened and concatenated), ...]`` in
     ``dtype``, the core's formula applied once per group (a few tensor operations instead of a few per
     parameter). None when a group's parameters are at different step counts (their bias corrections differ:
-    use :func:`adam_preconditioner_from_optimizer` per parameter)."""
+    use :func:`adam_preconditioner_from_optimizer` per parameter). The step counts are read with one host
+    read for all groups; the bias corrections are Python doubles."""
     positions: dict[int, list[int]] = {}
     groups: dict[int, dict] = {}
     group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
@@ -92,17 +93,19 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
         g = group_of[p]
         positions.setdefault(id(g), []).append(i)
         groups[id(g)] = g
+    states = [optimizer.state[p] for p in params]
+    counts = [st["step"] for st in states]
+    if all(isinstance(c, Tensor) for c in counts):
+        counts = torch.stack(counts).tolist()  # the one host read
     out = []
     for key, pos in positions.items():
         g = groups[key]
-        states = [optimizer.state[params[i]] for i in pos]
-        steps = torch.stack([torch.as_tensor(st["step"]) for st in states])
-        step = steps[0].to(torch.float64)  # the bias corrections in double, as from a Python number
-        if len(states) > 1 and not bool(torch.all(steps == steps[0])):  # one host read per group
+        step = float(counts[pos[0]])
+        if any(counts[i] != counts[pos[0]] for i in pos):
             return None
-        v = torch.cat([st["max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
-                       for st in states]).to(dtype)
+        v = torch.cat([states[i]["max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
+                       for i in pos]).to(dtype)
         beta1, beta2 = g["betas"]
         pre = adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(g["eps"]), xp=torch)
-        out.append((g, pos, float(g["lr"]) / pre))
+        out.append((g, pos, pre.reciprocal_().mul_(float(g["lr"]))))
     return out

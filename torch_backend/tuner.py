@@ -396,8 +396,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         predicted = paired and self._has_prediction(params, glob)
         # the step's host sync: every reduction so far read at once
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
+        flat_grads = ws.scratch.flat if ws.flat else None
         vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else [])
-                           + (self._momentum_terms(params, grads, w0.views) if momentum else [])
+                           + (self._momentum_terms(params, grads, w0.views, flat_grads) if momentum else [])
                            + ([self._paired_term(params, grads, clip)] if predicted else []), S)
         it = iter(vals)
         g_dot_u = next(it)
@@ -414,7 +415,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             numerator = -g_dot_u
             rule_numerator = numerator
             if momentum:  # the core's formula (Adam's count after the update, the first group's beta1)
-                self_term, momentum_term = next(it), next(it)
+                self_term = next(it)
+                momentum_term = next(it) if self._decoupled_decay() else numerator
                 rule_numerator = momentum_numerator(numerator, self_term, momentum_term, beta1=self.method.b1,
                                                     step=S(float(self.base.state[params[0]]["step"])), xp=S)
             if paired:  # the core's formula (the first group's beta1)
@@ -654,31 +656,45 @@ class CurvatureTuner(torch.optim.Optimizer):
         return [(group_of[p], float(group_of[p]["lr"]) / d.to(acc))
                 for p, d in zip(params, adam_preconditioner_from_optimizer(base, params))]
 
-    def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor]) -> list[Tensor]:
-        """``g^T D g_in`` and ``g^T D m_t`` for :func:`curvopt.rules.momentum_numerator`, read after Adam's step:
-        ``D`` from :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group; per
-        parameter from :meth:`_adam_diagonal` when a group's step counts differ), ``g_in`` the gradient Adam
-        averaged (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t =
-        exp_avg``; global sums (one collective on sharded parameters, like every inner product of the step)."""
+    def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor],
+                        flat_grads: Optional[Tensor]) -> list[Tensor]:
+        """``[g^T D g_in]``, and ``g^T D m_t`` after it where it is not ``-g^T u``, for
+        :func:`curvopt.rules.momentum_numerator`, read after Adam's step: ``D`` from
+        :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group; per parameter from
+        :meth:`_adam_diagonal` when a group's step counts differ), ``g_in`` the gradient Adam averaged
+        (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``.
+        Adam's direction is ``u = -D m_t`` exactly unless a group decays its weights decoupled (AdamW: ``u`` also
+        holds ``-lr weight_decay w``), so ``g^T D m_t`` is the step's ``-g^T u`` and is computed only under
+        decoupled decay (:meth:`_decoupled_decay`). ``flat_grads``: the gradients already concatenated in
+        ``params`` order (the flat workspace's scratch), or None. Global sums (one collective on sharded
+        parameters, like every inner product of the step)."""
         base = self.base
         acc = self.acc_dtype
         by_group = adam_diagonal_by_group(base, params, acc)
         if by_group is None:
             by_group = [(group, [i], d.reshape(-1)) for i, (group, d) in enumerate(self._adam_diagonal(params))]
-        moments_all = [base.state[p]["exp_avg"] for p in params]
+        decoupled = self._decoupled_decay()
         total = None
         for group, pos, d in by_group:
             wd = float(group.get("weight_decay", 0.0))
-            coupled = wd and not (isinstance(base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False))
+            coupled = wd and not _decouples(base, group)
 
             def flat(ts: list[Tensor]) -> Tensor:
                 return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
-            g = flat(grads)
+            whole = flat_grads is not None and len(pos) == len(params)
+            g = flat_grads.to(acc) if whole else flat(grads)
             scaled = g * d
             inputs = g + wd * flat(w0) if coupled else g
-            sums = dots([([scaled], [inputs]), ([scaled], [flat(moments_all)])])
+            pairs = [([scaled], [inputs])]
+            if decoupled:
+                pairs.append(([scaled], [flat([base.state[p]["exp_avg"] for p in params])]))
+            sums = dots(pairs)
             total = sums if total is None else total + sums
         return list(total.unbind())
+
+    def _decoupled_decay(self) -> bool:
+        """Some group of the Adam base decays its weights decoupled (AdamW), so its direction is not ``-D m_t``."""
+        return any(float(g.get("weight_decay", 0.0)) and _decouples(self.base, g) for g in self.base.param_groups)
 
     def _has_prediction(self, params: list[Tensor], glob: dict) -> bool:
         """The previous step left :func:`curvopt.rules.paired_numerator`'s prediction for these parameters."""
@@ -916,3 +932,8 @@ CurvatureTuner.stats.__doc__ = (
     "Values are 0-d tensors (no host sync in the step; call ``float()`` when logging), NaN when not computed "
     "this step, except the two counters, which are ints:\n\n" + _stats_doc() + "\n"
 )
+
+
+def _decouples(base: torch.optim.Optimizer, group: dict) -> bool:
+    """The Adam base's ``group`` decays its weights decoupled (AdamW) rather than as an L2 term in the gradient."""
+    return isinstance(base, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
