@@ -1,23 +1,32 @@
 """Adam's diagonal preconditioner, for the preconditioned sharpness ``lambda_max(P^-1 H)``.
 
 Adam's update at learning rate 1 is ``u = -P^-1 m`` with ``m`` the raw first-moment EMA and
-``P = (1 - beta1^t) (sqrt(v / (1 - beta2^t)) + eps)`` (both bias corrections, ``eps`` outside the root).
+``P = (1 - beta1^t) (sqrt(v / (1 - beta2^t)) + eps)`` (both bias corrections, ``eps`` outside the root;
+infinite where ``v = 0``, see :func:`adam_preconditioner`).
 ``lambda_max(P^-1 H)`` is computed as ``lambda_max(P^-1/2 H P^-1/2)``, a symmetric problem with the same
 eigenvalues, so power iteration and Lanczos apply: :func:`inverse_sqrt` gives the scales and
 :func:`sandwich` the operator.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 __all__ = ["adam_preconditioner", "inverse_sqrt", "sandwich"]
 
 
 def adam_preconditioner(exp_avg_sq: Any, step: Any, *, beta1: float, beta2: float, eps: float, xp: Any) -> Any:
-    """The diagonal ``P`` (same shape as ``exp_avg_sq``) at step ``step`` (1 after the first update)."""
+    """The diagonal ``P`` (same shape as ``exp_avg_sq``) at step ``step`` (1 after the first update).
+
+    ``P`` is infinite (``P^-1 = 0``) where ``exp_avg_sq`` is 0: a coordinate whose gradients have all been zero,
+    whose first moment is 0 too, so Adam has not moved it and its update there is 0 whatever ``P``. The formula
+    would give ``P = (1 - beta1^t) eps`` there, and a curvature along such a coordinate (a parabola's coordinate
+    started at its optimum, the layers behind a zero-initialised head) would make ``lambda_max(P^-1 H)`` that
+    curvature / eps: a sharpness of 1e8-1e10 for a coordinate that takes no part in Adam's dynamics. It enters
+    the preconditioned sharpness with its first nonzero gradient."""
     bc1 = 1 - beta1 ** step
     bc2 = 1 - beta2 ** step
-    return bc1 * (xp.sqrt(exp_avg_sq / bc2) + eps)
+    return xp.where(exp_avg_sq > 0, bc1 * (xp.sqrt(exp_avg_sq / bc2) + eps), math.inf)
 
 
 def inverse_sqrt(diag: Any, xp: Any) -> Any:

@@ -200,6 +200,14 @@ def test_adam_preconditioner():
     np.testing.assert_allclose(p, expected, rtol=1e-15)
 
 
+def test_adam_preconditioner_is_infinite_where_no_gradient_yet():
+    """``v = 0`` (every gradient so far 0: Adam has not moved the coordinate) gives ``P = inf``, ``P^-1 = 0``."""
+    v = np.array([0.0, 4.0, 0.0])
+    p = adam_preconditioner(v, 3, beta1=0.9, beta2=0.99, eps=1e-8, xp=xp)
+    assert np.isinf(p[0]) and np.isinf(p[2]) and p[1] == (1 - 0.9 ** 3) * (np.sqrt(4.0 / (1 - 0.99 ** 3)) + 1e-8)
+    np.testing.assert_array_equal(1 / p, [0.0, 1 / p[1], 0.0])
+
+
 @pytest.mark.parametrize("cls,kw,name", [
     (rules.CDATRule, {"sigma": 0.0}, "sigma"),
     (rules.CDATRule, {"sigma": -1.0}, "sigma"),

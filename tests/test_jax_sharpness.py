@@ -102,6 +102,27 @@ def test_online_sharpness_and_preconditioned_sharpness_match_dense():
     assert lam_p == pytest.approx(float(s["preconditioned_sharpness"]), rel=1e-6)
 
 
+def test_preconditioned_sharpness_leaves_out_parameters_adam_has_not_moved():
+    """Behind a zero-initialised head the first layer's gradients are 0 at step 0, so after Adam's first update
+    its ``nu`` is 0 and its ``P`` infinite: ``lambda_max(P^-1 H)`` is the dense top eigenvalue with those
+    coordinates left out (float64)."""
+    params, x, y, loss = _mlp()
+    params = {**params, "w2": jnp.zeros_like(params["w2"]), "b2": jnp.zeros_like(params["b2"])}
+    adam = optax.scale_by_adam(b1=0.9, b2=0.99, eps=1e-8)
+    updates, state = adam.update(jax.grad(loss)(params, x, y), adam.init(params))
+    params = optax.apply_updates(params, optax.tree.scale(-1e-2, updates))
+    P = preconditioner_from_adam_state(state, b1=0.9, b2=0.99, eps=1e-8)
+    assert all(bool(jnp.all(jnp.isinf(P[k]))) for k in ("w1", "b1"))
+    assert all(bool(jnp.all(jnp.isfinite(P[k]))) for k in ("w2", "b2"))
+    moved = np.isfinite(np.asarray(ravel_pytree(P)[0]))
+    H = np.asarray(_hessian_matrix(params, x, y))
+    s = 1 / np.sqrt(np.asarray(ravel_pytree(P)[0])[moved])
+    want = np.linalg.eigvalsh(s[:, None] * H[np.ix_(moved, moved)] * s[None, :])[-1]
+    assert np.abs(H[~moved][:, moved]).max() > 1e-3  # the first layer is curved (with the head) at this point
+    lam, _ = hessian_top_eigenvalue(loss, params, preconditioner=P, tol=1e-12, x=x, y=y)
+    assert lam == pytest.approx(want, rel=1e-6)
+
+
 def test_sharpness_schedule_and_warm_start():
     params, x, y, loss = _mlp()
     opt = cdat(optax.identity(), sharpness=SharpnessConfig(every=3, iters=4, first_iters=200, tol=1e-3))

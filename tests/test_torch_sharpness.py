@@ -100,6 +100,30 @@ def test_preconditioned_sharpness_matches_dense():
         assert abs(float(lam) - want) <= 1e-6 * abs(want)
 
 
+def test_preconditioned_sharpness_leaves_out_parameters_adam_has_not_moved():
+    """Behind a zero-initialised head the first layer's gradients are 0 at step 0, so after Adam's first step
+    its ``v`` is 0 and its ``P`` infinite: ``lambda_max(P^-1 H)`` is the dense top eigenvalue with those
+    coordinates left out (float64), where the formula's ``P = (1 - b1) eps`` would make it > 100x larger (eps 1e-6)."""
+    model, x, y = mlp_problem(2)
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    adam = adam_after_steps(model, x, y, steps=1)
+    p = torch.cat([t.reshape(-1) for t in adam_preconditioner_from_optimizer(adam)]).numpy()
+    first = model[0].weight.numel() + model[0].bias.numel()
+    moved = np.isfinite(p)
+    assert not moved[:first].any() and moved[first:].all()
+    H = dense_hessian(model, x, y)
+    assert np.abs(H[:first, first:]).max() > 1e-3  # the first layer is curved (with the head) at this point
+    s = 1 / np.sqrt(p[moved])
+    want = np.linalg.eigvalsh(s[:, None] * H[np.ix_(moved, moved)] * s[None, :])[-1]
+    for pre in (adam, adam_preconditioner_from_optimizer(adam)):
+        lam, _ = hessian_top_eigenvalue(make_closure(model, x, y), model.parameters(), preconditioner=pre,
+                                        iters=400, tol=1e-12)
+        assert abs(float(lam) - want) <= 1e-6 * abs(want)
+    s_eps = 1 / np.sqrt(np.where(moved, p, (1 - 0.9) * 1e-6))
+    assert np.linalg.eigvalsh(s_eps[:, None] * H * s_eps[None, :])[-1] > 100 * want
+
+
 def test_negative_dominant_eigenvalue_still_gives_top():
     w = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0], dtype=DT))
     D = torch.tensor([-5.0, 2.0, 0.5], dtype=DT)
