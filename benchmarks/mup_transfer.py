@@ -20,7 +20,8 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
    its width trend (the fitted power law's ratio between the widest and the narrowest width).
    ``--variant nocap|capA|capB``: the rule without its loss-bound cap (``loss_cap=inf``, the default before
    section 7's A was adopted), or that rule wrapped in a research start-up cap of
-   :mod:`benchmarks.minibatch_study` (docs/minibatch_study.md, section 7); ``--seed`` sets the seed (default 0).
+   :mod:`benchmarks.minibatch_study` (docs/minibatch_study.md, section 7); ``--seed`` sets the seed (default 0);
+   ``--cdat-steps`` the horizon (default 100).
 4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
    centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
    stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
@@ -35,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -248,12 +249,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=None, help="the seed of every experiment (default: the preset's, 0)")
     ap.add_argument("--variant", default="", help="cdat: a start-up variant of benchmarks.minibatch_study (nocap, capA, "
                     "capB; docs/minibatch_study.md section 7) (default: the library's rule)")
+    ap.add_argument("--cdat-steps", type=int, default=None,
+                    help="cdat: the horizon in steps (default: the preset's, 100; 30 with --quick)")
     args = ap.parse_args(argv)
     P = PRESETS["quick" if args.quick else "default"]
     if args.seed is not None:
-        from dataclasses import replace
-
         P = replace(P, seed=args.seed)
+    if args.cdat_steps is not None:
+        P = replace(P, cdat_steps=args.cdat_steps)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.makedirs(args.out, exist_ok=True)
     import matplotlib
