@@ -920,9 +920,17 @@ def _without_ours_only(optimizer_state: dict) -> dict:
 
 
 def _name_the_tuner(opt: CurvatureTuner, state_dict: dict) -> dict:
-    """state_dict post-hook: the first packed group names the tuner and the base (checked on load)."""
+    """state_dict post-hook: the first packed group names the tuner and the base (checked on load), and our
+    per-parameter buffers are saved as compact copies. They are views of the workspace's flat buffers (``w0``'s
+    also holds the base's state snapshot behind it), and ``torch.save`` writes a view's whole storage."""
     state_dict["param_groups"][0][layout.META_TUNER] = type(opt).__name__
     state_dict["param_groups"][0][layout.META_BASE] = type(opt.base).__name__
+    packed = state_dict["state"]
+    for i, st in packed.items():
+        views = {k: t.clone() for k, t in st.items() if layout.is_ours(k) and isinstance(t, Tensor)
+                 and t._base is not None}
+        if views:  # a new dict: the packed entries are the live state's own
+            packed[i] = {**st, **views}
     return state_dict
 
 
