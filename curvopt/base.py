@@ -68,11 +68,17 @@ class BaseMethod:
 
 
 def as_base_method(value: "BaseMethod | str | None") -> BaseMethod:
-    """``None`` -> gradient descent; a string -> that kind with default hyperparameters."""
+    """``None`` -> gradient descent; ``"gd"``, or ``"adam"`` with Adam's default betas and eps (optax's and
+    torch's); ``"heavy_ball"`` and ``"nesterov"`` are refused (their momentum has no default: the string would
+    mean momentum 0, a stability coefficient of 2 instead of 3.8 at momentum 0.9)."""
     if value is None:
         return BaseMethod.gd()
     if isinstance(value, BaseMethod):
         return value
+    if value in ("heavy_ball", "nesterov"):
+        raise ValueError(f"base_method={value!r} needs the momentum: pass BaseMethod.{value}(momentum) "
+                         f"(e.g. BaseMethod.{value}(0.9) behind optax.trace(decay=0.9"
+                         f"{', nesterov=True' if value == 'nesterov' else ''}))")
     if isinstance(value, str):
         return BaseMethod(value)
     raise ValueError(f"base_method must be None, one of {METHODS} or a BaseMethod, got {value!r}")

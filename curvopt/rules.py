@@ -379,11 +379,12 @@ def above_edge_guard(value: Any, f_star: Any, gap_avg: Any, gap_weight: Any, gap
     """The loss watch that lets CDAT's ``sigma`` exceed the edge 2 only while the loss is not rising.
 
     The gap ``f - f_star`` is averaged with factor ``ema`` (bias-corrected by its weight; a step whose
-    loss is unknown, NaN, leaves the average as it was), and the lowest value of that average is kept.
+    loss is unknown, NaN, or below ``f_star``, which is then not the loss's lower bound, leaves the average as
+    it was), and the lowest value of that average is kept.
     Returns ``(allowed, seen, gap_avg, gap_weight, gap_min)``: ``seen`` is true once a loss has been known,
     ``allowed`` while moreover the average is at most ``guard`` times its lowest value."""
     gap = value - f_star
-    known = xp.isfinite(gap)
+    known = xp.isfinite(gap) & (gap >= 0)
     gap_avg = xp.where(known, ema * gap_avg + (1 - ema) * xp.where(known, gap, 0.0), gap_avg)
     gap_weight = xp.where(known, ema * gap_weight + (1 - ema), gap_weight)
     seen = gap_weight > 0

@@ -110,12 +110,15 @@ def find_adam_state(tree: Any) -> optax.ScaleByAdamState | None:
 def preconditioner_from_adam_state(state: Any, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Any:
     """Adam's diagonal ``P`` (:func:`curvopt.preconditioner.adam_preconditioner`) from the state of
     ``optax.scale_by_adam(b1, b2, eps)`` after its update (``t = count``), or any optimizer state that
-    contains it; the hyperparameters must be the base's own (they are not in its state)."""
+    contains it; the hyperparameters must be the base's own (they are not in its state). Computed in at least
+    float32 (``nu``'s dtype if wider)."""
     adam = find_adam_state(state)
     if adam is None:
         raise ValueError("no optax.ScaleByAdamState in the given state")
-    return jax.tree.map(lambda nu: adam_preconditioner(nu, adam.count.astype(nu.dtype), beta1=b1, beta2=b2,
-                                                       eps=eps, xp=jnp).astype(nu.dtype), adam.nu)
+    def of(nu: Any) -> Any:  # in at least float32: 1 - b2^t is 0 in bfloat16 (0.999 rounds to 1)
+        dtype = jnp.promote_types(nu.dtype, jnp.float32)
+        return adam_preconditioner(nu.astype(dtype), adam.count.astype(dtype), beta1=b1, beta2=b2, eps=eps, xp=jnp)
+    return jax.tree.map(of, adam.nu)
 
 
 def _precondition(matvec: Callable[[Any], Any], preconditioner: Any) -> Callable[[Any], Any]:

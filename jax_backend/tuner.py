@@ -288,15 +288,16 @@ def stats(opt_state: Any) -> dict[str, Any]:
     :data:`curvopt.stats.STAT_FIELDS` (also ``optax.tree_utils.tree_get(opt_state, "lr")`` etc.). Raises
     ``ValueError`` when there is none.
 
-    Read on the host (concrete values), it also warns when every step so far had an uphill direction
-    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0.
+    Read on the host (concrete values, one run's), it also warns when every step so far had an uphill direction
+    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0. A vmapped
+    state (an ensemble) gives each field with its leading axis.
     """
     is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_tuner) if is_tuner(s)]
     if not found:
         raise ValueError("no curvopt tuner state in the given optimizer state")
     state = found[0]
-    if not isinstance(state.steps, jax.core.Tracer):
+    if not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 0:  # (not a vmapped ensemble)
         steps, ascent = int(state.steps), int(state.ascent_steps)
         if steps > 0 and ascent == steps:
             warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", f"on all {steps} steps"),

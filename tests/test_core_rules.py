@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from curvopt import eigen, rules, thresholds
-from curvopt.base import BaseMethod
+from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import (SharpnessConfig, accumulator_dtype_name, as_sharpness, resolve_curvature,
                             sharpness_due)
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
@@ -377,6 +377,16 @@ def test_above_edge_guard_by_hand():
     assert not allowed and float(state[0]) / float(state[1]) == pytest.approx(8.0)
     allowed, seen, state = step(0.0, state)     # mean 3.5 / 0.9375 = 3.73 <= 16/3: allowed again
     assert allowed and float(state[2]) == pytest.approx(8 / 3)
+    before = list(map(float, state))
+    allowed, seen, state = step(-1.0, state)    # below f_star (then not a lower bound): ignored like NaN
+    assert allowed and list(map(float, state)) == before
+
+
+def test_as_base_method_refuses_momentum_kinds_without_their_momentum():
+    assert as_base_method("adam") == BaseMethod.adam() and as_base_method(None) == BaseMethod.gd()
+    for kind in ("heavy_ball", "nesterov"):
+        with pytest.raises(ValueError, match=f"BaseMethod.{kind}"):
+            as_base_method(kind)
 
 
 def test_cdat_guard_scales_the_rate_by_hand():

@@ -10,7 +10,8 @@
 * ``jax.jit(step, donate_argnums=(0, 1))``: the state's leaves are distinct buffers;
 * ``value_fn`` returning ``(loss, aux)``: the aux is dropped;
 * ``optax.masked``/``optax.multi_transform``: the tuner sees a masked view and uses the secant;
-* ``optax.inject_hyperparams`` of a transform with a jitted ``init``, and of a ``<tuner>(base, ...)`` convenience.
+* ``optax.inject_hyperparams`` of a transform with a jitted ``init``, and of a ``<tuner>(base, ...)`` convenience;
+* clipping inside the base (or ``grad=`` the raw gradient), not in front of the convenience.
 """
 from __future__ import annotations
 
@@ -367,3 +368,25 @@ def test_base_method_unset_warns_when_the_base_is_visibly_another():
         hits = [str(w.message) for w in caught if "base_method" in str(w.message)]
         assert len(hits) == expected, hits
         assert all(names in h for h in hits), hits
+
+
+def test_clipping_inside_the_base_or_grad_passed_keeps_the_fd_curvature():
+    """The README's recipe for clipping: ``clip_by_global_norm`` in front of the convenience hands the clipped
+    updates over as the gradient, so the fd probe differences the loss's gradient against the clipped one (the
+    greedy rate 1e-9); inside the base, or with ``grad=`` the raw gradient, the rate is the greedy step along
+    the clipped direction, ``-g^T u / u^T H u`` (float64, a quadratic)."""
+    A = jax.random.normal(jax.random.key(0), (6, 6))
+    H = A @ A.T + 0.5 * jnp.eye(6)
+    b = jax.random.normal(jax.random.key(1), (6,))
+    loss = lambda p: 0.5 * p["w"] @ H @ p["w"] - b @ p["w"] + 3.0  # noqa: E731
+    params = {"w": jnp.ones(6)}
+    value, g = jax.value_and_grad(loss)(params)
+    clip = optax.clip_by_global_norm(0.1)
+    u = -clip.update(g, clip.init(params))[0]["w"]
+    want = float(-(g["w"] @ u) / (u @ H @ u))
+    inside = quadratic_greedy(optax.chain(clip, optax.identity()), curvature="fd")
+    before = optax.chain(clip, quadratic_greedy(optax.identity(), curvature="fd"))
+    for opt, kw, ok in ((inside, {}, True), (before, {"grad": g}, True), (before, {}, False)):
+        _, state = opt.update(g, opt.init(params), params, value=value, value_fn=loss, **kw)
+        lr = float(stats(state)["lr"])
+        assert (lr == pytest.approx(want, rel=1e-6)) == ok, (kw, lr, want)

@@ -315,3 +315,19 @@ def test_adam_default_numerator_needs_adam_state_and_falls_back_with_a_warning()
     np.testing.assert_array_equal(convenience, momentum)
     assert np.all(np.isfinite(convenience)) and np.all(convenience[1:] > 0)
     assert not np.allclose(convenience, paper_numerator)
+
+
+def test_stats_of_a_vmapped_ensemble_state():
+    """``stats`` of a state built and updated under ``jax.vmap`` (an ensemble of runs) gives each field with
+    its leading axis instead of failing on the host-side check of one run's counters."""
+    from curvopt.optax import cdat, stats
+
+    opt = cdat(optax.identity())
+    params = {"w": jnp.stack([jnp.ones(3), 2 * jnp.ones(3)])}
+
+    def step(p):
+        state = opt.init(p)
+        g = jax.grad(lambda q: jnp.sum(q["w"] ** 2))(p)
+        return opt.update(g, state, p)[1]
+    s = stats(jax.vmap(step)(params))
+    assert s["lr"].shape == (2,) and s["skipped"].shape == (2,)

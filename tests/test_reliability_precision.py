@@ -235,3 +235,35 @@ def test_torch_compile_exact_oracle_is_right_or_refuses_clearly():
             return
         curv[oracle] = float(opt.stats["curvature"])
     assert abs(curv["exact"] - curv["fd"]) <= 1e-6 * abs(curv["exact"]), curv
+
+
+def test_adam_preconditioner_of_bfloat16_parameters_is_finite_in_both_backends():
+    """Adam's ``P`` from bfloat16 moments is computed in float32 (in bfloat16 ``0.999`` rounds to 1, so
+    ``1 - beta2^t`` is 0 and ``P`` was infinite everywhere: the edge-of-stability rate stayed 0, the momentum
+    numerator's correction vanished); it equals ``P`` from the same moments in float32 to bfloat16's precision."""
+    import jax.numpy as jnp
+    import optax
+
+    from curvopt.optax import preconditioner_from_adam_state
+    from curvopt.torch import adam_preconditioner_from_optimizer
+
+    w = torch.linspace(-1, 1, 12).reshape(3, 4)
+    ps = {dt: w.clone().to(dt).requires_grad_() for dt in (torch.bfloat16, torch.float32)}
+    opts = {dt: torch.optim.Adam([p], lr=1e-3) for dt, p in ps.items()}
+    tx = optax.scale_by_adam()
+    states = {dt: tx.init(jnp.asarray(w.numpy(), dt)) for dt in (jnp.bfloat16, jnp.float32)}
+    for t in range(5):
+        g = torch.sin(w * (t + 1))
+        for dt, p in ps.items():
+            p.grad = g.to(dt)
+            opts[dt].step()
+        for dt in states:
+            _, states[dt] = tx.update(jnp.asarray(g.numpy(), dt), states[dt])
+    want = adam_preconditioner_from_optimizer(opts[torch.float32])[0]
+    got = adam_preconditioner_from_optimizer(opts[torch.bfloat16])[0]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=0)
+    want_j = preconditioner_from_adam_state(states[jnp.float32])
+    got_j = preconditioner_from_adam_state(states[jnp.bfloat16])
+    assert got_j.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(got_j)))
+    assert float(jnp.max(jnp.abs(got_j / want_j - 1))) < 2e-2

@@ -464,3 +464,25 @@ def test_lightning_trainer_accumulate_and_clip():
     assert steps[-1] == 8  # 16 micro-batches / 2
     taken = [lr for s, lr in lrs[1::2]]
     assert all(math.isfinite(v) and v > 0 for v in taken)
+
+
+def test_closure_free_warns_once_when_parameters_take_part_on_alternate_steps():
+    """Two heads used on alternate steps: the parameters with a gradient change every step, so the secant has
+    no previous direction and each step only probes (lr = h); the tuner says so once. One head: no warning."""
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+
+    def run(pattern):
+        torch.manual_seed(0)
+        trunk, heads = nn.Linear(4, 8).double(), [nn.Linear(8, 2).double() for _ in range(2)]
+        params = list(trunk.parameters()) + [p for h in heads for p in h.parameters()]
+        opt = CDAT(torch.optim.Adam(params, lr=1.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(6):
+                opt.zero_grad()
+                ((heads[pattern(t)](torch.tanh(trunk(x))) - y) ** 2).mean().backward()
+                opt.step()
+        return [str(c.message) for c in caught if "not the previous step's" in str(c.message)]
+
+    assert len(run(lambda t: t % 2)) == 1
+    assert run(lambda t: 0) == []

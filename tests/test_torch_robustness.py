@@ -272,6 +272,42 @@ def test_bad_hyperparameters_raise_value_error(cls, kw, name):
         cls(base, **kw)
 
 
+def test_stability_coefficient_follows_the_bases_betas_unless_given():
+    """A scheduler that changes Adam's beta1 (OneCycleLR cycles it) changes the stability coefficient
+    ``(2 + 2 b1) / (1 - b1)`` the edge-of-stability rule and ``eos_ratio`` use; a given one stays."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, dtype=DT))
+    A = torch.diag(torch.linspace(1.0, 3.0, 6, dtype=DT))
+    opt = EdgeOfStability(torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999)), sigma=0.5, sharpness=1)
+    fixed = EdgeOfStability(torch.optim.Adam([nn.Parameter(w.detach().clone())], lr=1.0), sharpness=1,
+                            stability_coefficient=10.0)
+    assert opt.coefficient == pytest.approx(38.0) and fixed.coefficient == 10.0
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, base_momentum=0.85,
+                                                max_momentum=0.95)
+    assert opt.param_groups[0]["betas"][0] == pytest.approx(0.95)
+    for _ in range(3):
+        opt.step(closure_for(opt, lambda v: 0.5 * v @ A @ v, [w]))
+        b1 = opt.param_groups[0]["betas"][0]
+        c = (2 + 2 * b1) / (1 - b1)
+        assert opt.rule.coefficient == pytest.approx(c)
+        lam = float(opt.stats["preconditioned_sharpness"])
+        assert float(opt.stats["lr"]) == pytest.approx(0.5 * c / lam, rel=1e-12)
+        sched.step()
+    assert opt.param_groups[0]["betas"][0] < 0.95
+
+
+def test_warns_once_when_the_loss_falls_below_f_star():
+    w = nn.Parameter(torch.ones(3, dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+    with pytest.warns(RuntimeWarning, match="below f_star=0"):
+        opt.step(closure_for(opt, lambda v: (v * v).sum() - 10.0, [w]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure_for(opt, lambda v: (v * v).sum() - 10.0, [w]))
+        ok = CDAT(torch.optim.SGD([w], lr=1.0), f_star=-math.inf)
+        ok.step(closure_for(ok, lambda v: (v * v).sum() - 10.0, [w]))
+
+
 def test_edge_of_stability_needs_a_known_coefficient():
     w = nn.Parameter(torch.ones(2, dtype=DT))
     with pytest.raises(ValueError, match="stability_coefficient"):

@@ -297,9 +297,9 @@ def test_adam_diagonal_by_group_is_the_per_parameter_diagonal():
         opt.step()
     order = [ps[3], ps[0], ps[2], ps[1]]  # positions follow the order asked for, not the groups'
     got = adam_diagonal_by_group(opt, order, torch.float64)
-    assert [(g["lr"], pos) for g, pos, _ in got] == [(2.0, [0]), (0.5, [1, 2, 3])]
+    assert [(g["lr"], pos, count) for g, pos, count, _ in got] == [(2.0, [0], 3.0), (0.5, [1, 2, 3], 3.0)]
     per = adam_preconditioner_from_optimizer(opt, order)
-    for g, pos, d in got:
+    for g, pos, _, d in got:
         torch.testing.assert_close(d, torch.cat([g["lr"] / per[i].reshape(-1) for i in pos]), rtol=1e-15, atol=0)
     opt.state[ps[1]]["step"] += 1
     assert adam_diagonal_by_group(opt, order, torch.float64) is None
@@ -328,12 +328,66 @@ def test_momentum_terms_flat_and_per_parameter_paths_agree(monkeypatch, adamw):
     closure()
     params = list(model.parameters())
     grads, w0 = [p.grad for p in params], [p.detach().clone() for p in params]
-    flat = torch.stack(opt._momentum_terms(params, grads, w0, torch.cat([g.reshape(-1) for g in grads])))
-    assert flat.shape == ((2,) if adamw else (1,))
+    keys, sums = opt._momentum_terms(params, grads, w0, torch.cat([g.reshape(-1) for g in grads]))
+    assert keys == [(0.9, 3.0, not adamw)] and len(sums) == (2 if adamw else 1)
     monkeypatch.setattr(tuner_module, "adam_diagonal_by_group", lambda *a: None)
-    per = torch.stack(opt._momentum_terms(params, grads, w0, None))
-    torch.testing.assert_close(flat, per, rtol=1e-13, atol=0)
-    assert torch.all(flat != 0)
+    keys_per, sums_per = opt._momentum_terms(params, grads, w0, None)
+    assert keys_per == keys
+    torch.testing.assert_close(torch.stack(sums), torch.stack(sums_per), rtol=1e-13, atol=0)
+    assert all(t != 0 for t in sums)
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_momentum_numerator_per_beta1_and_step_count(monkeypatch, swap):
+    """Param groups with their own beta1, and one added after two steps (its Adam count lags): the numerator is
+    ``-g^T u + sum_i (1 - b1_i) (g_i^T D_i m_{t-1,i} / (1 - b1_i^(t_i - 1)) - g_i^T D_i g_i)`` over the
+    parameters, each with its own group's beta1 and count (0 for a count of 1), computed here from Adam's state
+    in float64, whichever group comes first."""
+    import torch_backend.tuner as tuner_module
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    groups = [{"params": first, "betas": (0.9, 0.999)}, {"params": second[:1], "betas": (0.7, 0.99)}]
+    opt = CDAT(torch.optim.Adam(groups[::-1] if swap else groups, lr=0.05))
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+    for t in range(4):
+        if t == 2:
+            opt.add_param_group({"params": second[1:], "betas": (0.8, 0.99)})
+        opt.step(closure)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    m_prev = [opt.base.state[p]["exp_avg"].clone() for p in params]
+    w_prev = [p.detach().clone() for p in params]
+    seen = []
+    real = tuner_module.momentum_numerator
+    monkeypatch.setattr(tuner_module, "momentum_numerator", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    opt.step(closure)
+    lr = float(opt.stats["lr"])
+    closure()  # the gradients at w_prev were overwritten: recompute them there
+    with torch.no_grad():
+        w_new = [p.detach().clone() for p in params]
+        for p, w in zip(params, w_prev):
+            p.copy_(w)
+    closure()
+    group_of = {p: g for g in opt.param_groups for p in g["params"]}
+    want = 0.0
+    for p, w1, w0, m in zip(params, w_new, w_prev, m_prev):
+        g, st, grp = p.grad, opt.base.state[p], group_of[p]
+        b1, b2 = grp["betas"]
+        t = float(st["step"])
+        u = (w1 - w0) / lr
+        d = grp["lr"] / ((1 - b1 ** t) * (torch.sqrt(st["exp_avg_sq"] / (1 - b2 ** t)) + grp["eps"]))
+        want += float(-(g * u).sum())
+        if t > 1:
+            want += (1 - b1) * float((g * d * m).sum() / (1 - b1 ** (t - 1)) - (g * d * g).sum())
+    assert {float(opt.base.state[p]["step"]) for p in params} == {5.0, 3.0}
+    assert float(seen[-1]) == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -20,7 +20,9 @@ __all__ = ["EdgeOfStability"]
 
 class EdgeOfStability(CurvatureTuner):
     """``lr = sigma * c / lambda`` with ``c`` the base's stability coefficient (2 for GD, ``2 + 2 beta`` for
-    heavy ball, ``(2 + 2 beta1) / (1 - beta1)`` for Adam) and ``lambda`` the online sharpness
+    heavy ball, ``(2 + 2 beta1) / (1 - beta1)`` for Adam, from the base's first group at each step, so a
+    scheduler that cycles the momentum or beta1 moves it; ``stability_coefficient`` fixes it) and ``lambda``
+    the online sharpness
     (``lambda_max(P^-1 H)`` for Adam/AdamW bases, ``lambda_max(H)`` otherwise).
 
     The sharpness is estimated on steps 1, 1 + k, 1 + 2k, ... (``sharpness=k``; the rule's default,
@@ -35,13 +37,14 @@ class EdgeOfStability(CurvatureTuner):
                  stability_coefficient: Optional[float] = None, modules: ModulesLike = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, **deprecated: Any) -> None:
-        if stability_coefficient is None and isinstance(base, torch.optim.Optimizer):
-            stability_coefficient = base_stability_coefficient(base)
-        if stability_coefficient is None:
+        coefficient = stability_coefficient
+        if coefficient is None and isinstance(base, torch.optim.Optimizer):
+            coefficient = base_stability_coefficient(base)
+        if coefficient is None:
             raise ValueError(f"stability_coefficient must be given for a {type(base).__name__} base "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")
-        self.rule = EdgeOfStabilityRule(coefficient=stability_coefficient, sigma=sigma, lr_max=lr_max)
-        super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=self.rule.coefficient,
+        self.rule = EdgeOfStabilityRule(coefficient=coefficient, sigma=sigma, lr_max=lr_max)
+        super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm)
 

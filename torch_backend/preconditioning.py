@@ -24,7 +24,7 @@ PreconditionerLike = Optional[Union[torch.optim.Optimizer, Sequence[Optional[Ten
 
 def adam_preconditioner_from_optimizer(optimizer: torch.optim.Optimizer,
                                        params: Optional[Iterable[Tensor]] = None) -> list[Optional[Tensor]]:
-    """The diagonal ``P`` of each parameter (None for a parameter Adam has not stepped yet).
+    """The diagonal ``P`` of each parameter (None for a parameter Adam has not stepped yet), in at least float32.
 
     ``params`` defaults to all parameters of ``optimizer`` in ``param_groups`` order.
     """
@@ -46,8 +46,9 @@ def adam_preconditioner_from_optimizer(optimizer: torch.optim.Optimizer,
             out.append(None)
             continue
         v = st["max_exp_avg_sq"] if g.get("amsgrad", False) else st["exp_avg_sq"]
+        v = v.to(torch.promote_types(v.dtype, torch.float32))  # 1 - beta2^t is 0 in bfloat16
         step = st["step"]
-        step = step.to(v.dtype) if isinstance(step, Tensor) else float(step)
+        step = step.to(torch.float64) if isinstance(step, Tensor) else float(step)
         beta1, beta2 = g["betas"]
         out.append(adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(g["eps"]),
                                        xp=torch))
@@ -79,9 +80,10 @@ def preconditioner_scales(preconditioner: PreconditionerLike, params: Sequence[T
 
 
 def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype
-                           ) -> Optional[list[tuple[dict, list[int], Tensor]]]:
+                           ) -> Optional[list[tuple[dict, list[int], float, Tensor]]]:
     """Adam's ``D = lr_group / P`` for ``params`` (all stepped by ``optimizer``), one flat tensor per param
-    group: ``[(group, positions in params, D over those parameters flattened and concatenated), ...]`` in
+    group: ``[(group, positions in params, its step count, D over those parameters flattened and
+    concatenated), ...]`` in
     ``dtype``, the core's formula applied once per group (a few tensor operations instead of a few per
     parameter). None when a group's parameters are at different step counts (their bias corrections differ:
     use :func:`adam_preconditioner_from_optimizer` per parameter). The step counts are read with one host
@@ -107,5 +109,5 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
                        for i in pos]).to(dtype)
         beta1, beta2 = g["betas"]
         pre = adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(g["eps"]), xp=torch)
-        out.append((g, pos, pre.reciprocal_().mul_(float(g["lr"]))))
+        out.append((g, pos, step, pre.reciprocal_().mul_(float(g["lr"]))))
     return out

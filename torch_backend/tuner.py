@@ -37,6 +37,7 @@ of the step, which may be a probe; read gradients inside the closure.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import operator
 import warnings
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dtype_name,
                             resolve_curvature, secant_caveat, sharpness_due)
@@ -103,6 +105,11 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: ``"paired"``: :func:`curvopt.rules.paired_numerator`)
     numerator: str = "direction"
 
+    #: the once-per-tuner warning that the loss fell below the rule's ``f_star`` was given
+    _below_bound_warned = False
+    #: the once-per-tuner warning that a closure-free step found no previous direction for its parameters was given
+    _regrouped_warned = False
+
     def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
                  modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
                  stability_coefficient: Optional[float] = None, seed: int = 0, distributed: DistributedLike = "auto",
@@ -142,12 +149,12 @@ class CurvatureTuner(torch.optim.Optimizer):
         if "sharpness" in needs and not self.sharpness_config.enabled:
             raise ValueError(f"{name} needs the online sharpness: sharpness must estimate every k >= 1 steps "
                              "(sharpness=k or SharpnessConfig(every=k))")
-        #: the base as the core describes it (None for a base outside SGD/Adam/AdamW)
+        #: the base as the core describes it at construction (None for a base outside SGD/Adam/AdamW): its kind
+        #: and the defaults chosen from it; each step reads its momentum/betas afresh (:meth:`current_method`)
         self.method = base_method(base)
-        if stability_coefficient is not None:
-            self.coefficient: Optional[float] = check_positive("stability_coefficient", stability_coefficient)
-        else:
-            self.coefficient = None if self.method is None else self.method.coefficient
+        #: the stability coefficient given (None: the base's, see :attr:`coefficient`)
+        self.given_coefficient = (None if stability_coefficient is None
+                                  else check_positive("stability_coefficient", stability_coefficient))
         self.preconditioned = self.method is not None and self.method.preconditioned
         self.seed = check_positive_int("seed", seed, minimum=0)
         #: clip the main call's gradient to this norm inside the step (None: no clipping); see :meth:`step`
@@ -266,6 +273,21 @@ class CurvatureTuner(torch.optim.Optimizer):
         v = self._globals().get(layout.SHARPNESS["preconditioned" if self.preconditioned else "plain"])
         return math.nan if v is None else float(v)
 
+    def current_method(self) -> Optional[BaseMethod]:
+        """The base as the core describes it now: its first group's momentum (SGD) or betas and eps (Adam) as
+        they are at this step (schedulers such as ``OneCycleLR`` and ``CyclicLR`` change them); None for a base
+        outside SGD/Adam/AdamW."""
+        return base_method(self.base) if self.method is not None else None
+
+    @property
+    def coefficient(self) -> Optional[float]:
+        """The stability coefficient ``c`` (the edge of stability is ``lr = c / sharpness``): the one given,
+        else the base's at this step (:meth:`current_method`); None for an unknown base without one."""
+        if self.given_coefficient is not None:
+            return self.given_coefficient
+        method = self.current_method()
+        return None if method is None else method.coefficient
+
     def _globals(self) -> dict:
         """The state dict entry holding the tuner's global scalars (see :mod:`torch_backend.state`)."""
         st = self.state.get(self._all_params()[0])
@@ -289,6 +311,9 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _step(self, closure: Optional[Callable[[], Tensor]], tx: Transaction) -> Optional[Tensor]:
         guard, state, rule = self.guard, self.state, self.rule
+        method, coefficient = self.current_method(), self.coefficient
+        if getattr(rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's now
+            rule = self.rule = dataclasses.replace(rule, coefficient=coefficient)
         probe_free = closure is None or not self.probes
         if closure is None:  # closure-free: the gradients are in .grad already (loss.backward(); opt.step())
             guard.no_main()
@@ -336,7 +361,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         secant = oracle == "secant"
         if secant and not self._secant_warned:
             self._secant_warned = True
-            caveat = secant_caveat(self.method)
+            caveat = secant_caveat(method)
             if caveat is not None:
                 warnings.warn(caveat, RuntimeWarning, stacklevel=3)
         target, held = ws.u_for_step(secant) if params else (0, None)
@@ -346,7 +371,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             prev_u = ws.u[held].views
         # g^T u_prev is read after the base step, with g^T u and ||u||^2 in one reduction, where the base leaves
         # the gradients alone (SGD/Adam/AdamW); another base might change them in place
-        early = prev_u is not None and self.method is None
+        early = prev_u is not None and method is None
         g_dot_prev_u_t = dot(grads, prev_u) if early else None
         metric = noise_metric(self.base, params) if secant and self._noise_on(probe_free) else None
         noise_b = self._noise(params, grads, prev_u, metric) if metric is not None and prev_u is not None else None
@@ -396,9 +421,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         predicted = paired and self._has_prediction(params, glob)
         # the step's host sync: every reduction so far read at once
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
-        flat_grads = ws.scratch.flat if ws.flat else None
-        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else [])
-                           + (self._momentum_terms(params, grads, w0.views, flat_grads) if momentum else [])
+        momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
+                                                             else None) if momentum else ([], []))
+        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []) + momentum_sums
                            + ([self._paired_term(params, grads, clip)] if predicted else []), S)
         it = iter(vals)
         g_dot_u = next(it)
@@ -414,13 +439,14 @@ class CurvatureTuner(torch.optim.Optimizer):
         with S.errstate():
             numerator = -g_dot_u
             rule_numerator = numerator
-            if momentum:  # the core's formula (Adam's count after the update, the first group's beta1)
-                self_term = next(it)
-                momentum_term = next(it) if self._decoupled_decay() else numerator
-                rule_numerator = momentum_numerator(numerator, self_term, momentum_term, beta1=self.method.b1,
-                                                    step=S(float(self.base.state[params[0]]["step"])), xp=S)
+            if momentum:  # the core's formula, once per (beta1, Adam's count after the update) the parameters share
+                for beta1, adam_count, derived in momentum_keys:
+                    self_term = next(it)
+                    momentum_term = numerator if derived else next(it)
+                    rule_numerator = momentum_numerator(rule_numerator, self_term, momentum_term, beta1=beta1,
+                                                        step=S(adam_count), xp=S)
             if paired:  # the core's formula (the first group's beta1)
-                rule_numerator = paired_numerator(numerator, next(it) if predicted else nan, beta1=self.method.b1,
+                rule_numerator = paired_numerator(numerator, next(it) if predicted else nan, beta1=method.b1,
                                                   has=predicted, xp=S)
             if clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
                 numerator = numerator / clip_v
@@ -443,6 +469,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not ok:
             tx.undo_base()
             return self._skip(loss, p0)
+        f_star = getattr(rule, "f_star", -math.inf)
+        if loss_v < f_star and not self._below_bound_warned:
+            self._below_bound_warned = True
+            warnings.warn(f"{type(self).__name__}: the loss {float(loss_v):.6g} is below f_star={f_star:g}, which the "
+                          "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
+                          "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
+                          "off", RuntimeWarning, stacklevel=3)
 
         cfg = self.sharpness_config
         probe = None
@@ -462,6 +495,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             probe = probe or make_probe()
             curvature = S(exact(probe, self.functional_loss))
         probing = secant and not has_secant and probe_free
+        if probing and prev_u is None and glob.get(layout.SECANT[0]) is not None and not self._regrouped_warned:
+            self._regrouped_warned = True
+            warnings.warn(f"{type(self).__name__}: the parameters with a gradient are not the previous step's, so the "
+                          "secant has no previous direction for them and this step only probes (lr = h). The "
+                          "closure-free secant compares consecutive gradients of the same parameters: when parameters "
+                          "take part on alternate steps (several heads, experts), pass a closure (the fd oracle)",
+                          RuntimeWarning, stacklevel=3)
         # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
         lagged, stretch = False, 1.0
         if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
@@ -497,8 +537,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             if probing:
                 nw, nu = host_values(ws.norms(w0, u), S)
                 lr = finite_difference_step(nw, nu, dtype_eps=least_precise_eps(params), xp=S)
-            ratio = (eos_ratio_rule(lr * self._group_lr(), reference, self.coefficient)
-                     if self.coefficient is not None else nan)
+            ratio = (eos_ratio_rule(lr * self._group_lr(), reference, coefficient)
+                     if coefficient is not None else nan)
 
         # commit: every new scalar made a tensor at once, then w <- w0 + lr u
         values = [lr, *new_rule_state]
@@ -647,50 +687,61 @@ class CurvatureTuner(torch.optim.Optimizer):
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         return factor
 
-    def _adam_diagonal(self, params: list[Tensor]) -> list[tuple[dict, Tensor]]:
-        """Each parameter's group and Adam's ``D = lr_group / P`` after its step (``P`` the core's
+    def _adam_diagonal(self, params: list[Tensor]) -> list[tuple[dict, float, Tensor]]:
+        """Each parameter's group, Adam's step count and ``D = lr_group / P`` after its step (``P`` the core's
         preconditioner), in the accumulator dtype: the diagonal of the Adam numerators."""
         base = self.base
         group_of = {p: g for g in base.param_groups for p in g["params"]}
         acc = self.acc_dtype
-        return [(group_of[p], float(group_of[p]["lr"]) / d.to(acc))
+        return [(group_of[p], float(base.state[p]["step"]), float(group_of[p]["lr"]) / d.to(acc))
                 for p, d in zip(params, adam_preconditioner_from_optimizer(base, params))]
 
     def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor],
-                        flat_grads: Optional[Tensor]) -> list[Tensor]:
-        """``[g^T D g_in]``, and ``g^T D m_t`` after it where it is not ``-g^T u``, for
-        :func:`curvopt.rules.momentum_numerator`, read after Adam's step: ``D`` from
-        :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group; per parameter from
-        :meth:`_adam_diagonal` when a group's step counts differ), ``g_in`` the gradient Adam averaged
-        (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t = exp_avg``.
-        Adam's direction is ``u = -D m_t`` exactly unless a group decays its weights decoupled (AdamW: ``u`` also
-        holds ``-lr weight_decay w``), so ``g^T D m_t`` is the step's ``-g^T u`` and is computed only under
-        decoupled decay (:meth:`_decoupled_decay`). ``flat_grads``: the gradients already concatenated in
-        ``params`` order (the flat workspace's scratch), or None. Global sums (one collective on sharded
-        parameters, like every inner product of the step)."""
+                        flat_grads: Optional[Tensor]) -> tuple[list[tuple[float, float, bool]], list[Tensor]]:
+        """The sums :func:`curvopt.rules.momentum_numerator` needs, read after Adam's step, once per set of
+        parameters sharing Adam's ``beta1`` and step count (one set unless param groups differ in ``beta1`` or
+        parameters joined at different steps, e.g. a group added mid-training): ``keys`` ``(beta1, count,
+        derived)`` and the 0-d tensors ``g^T D g_in``, then ``g^T D m_t`` unless ``derived``, for each.
+
+        ``D`` from :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group; per
+        parameter from :meth:`_adam_diagonal` when a group's step counts differ), ``g_in`` the gradient Adam
+        averaged (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t =
+        exp_avg``. Adam's direction is ``u = -D m_t`` exactly unless a group decays its weights decoupled
+        (AdamW: ``u`` also holds ``-lr weight_decay w``), so with one set ``g^T D m_t`` is the step's ``-g^T u``
+        (``derived``) and is computed only under decoupled decay (:meth:`_decoupled_decay`). ``flat_grads``:
+        the gradients already concatenated in ``params`` order (the flat workspace's scratch), or None. Global
+        sums (one collective on sharded parameters, like every inner product of the step)."""
         base = self.base
         acc = self.acc_dtype
         by_group = adam_diagonal_by_group(base, params, acc)
         if by_group is None:
-            by_group = [(group, [i], d.reshape(-1)) for i, (group, d) in enumerate(self._adam_diagonal(params))]
-        decoupled = self._decoupled_decay()
-        total = None
-        for group, pos, d in by_group:
-            wd = float(group.get("weight_decay", 0.0))
-            coupled = wd and not _decouples(base, group)
+            by_group = [(group, [i], count, d.reshape(-1)) for i, (group, count, d)
+                        in enumerate(self._adam_diagonal(params))]
+        sets: dict[tuple[float, float], list] = {}
+        for group, pos, count, d in by_group:
+            sets.setdefault((float(group["betas"][0]), count), []).append((group, pos, d))
+        derived = len(sets) == 1 and not self._decoupled_decay()
+        keys, sums = [], []
+        for (beta1, count), entries in sets.items():
+            total = None
+            for group, pos, d in entries:
+                wd = float(group.get("weight_decay", 0.0))
+                coupled = wd and not _decouples(base, group)
 
-            def flat(ts: list[Tensor]) -> Tensor:
-                return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
-            whole = flat_grads is not None and len(pos) == len(params)
-            g = flat_grads.to(acc) if whole else flat(grads)
-            scaled = g * d
-            inputs = g + wd * flat(w0) if coupled else g
-            pairs = [([scaled], [inputs])]
-            if decoupled:
-                pairs.append(([scaled], [flat([base.state[p]["exp_avg"] for p in params])]))
-            sums = dots(pairs)
-            total = sums if total is None else total + sums
-        return list(total.unbind())
+                def flat(ts: list[Tensor]) -> Tensor:
+                    return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
+                whole = flat_grads is not None and len(pos) == len(params)
+                g = flat_grads.to(acc) if whole else flat(grads)
+                scaled = g * d
+                inputs = g + wd * flat(w0) if coupled else g
+                pairs = [([scaled], [inputs])]
+                if not derived:
+                    pairs.append(([scaled], [flat([base.state[p]["exp_avg"] for p in params])]))
+                part = dots(pairs)
+                total = part if total is None else total + part
+            keys.append((beta1, count, derived))
+            sums += list(total.unbind())
+        return keys, sums
 
     def _decoupled_decay(self) -> bool:
         """Some group of the Adam base decays its weights decoupled (AdamW), so its direction is not ``-D m_t``."""
@@ -707,7 +758,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         gradient's units (``g`` is clipped in place, ``ghat`` is kept unclipped and scaled by this step's factor)."""
         ghat = [self.state[p][layout.PREDICTED_GRAD] for p in params]
         r = torch._foreach_sub(grads, ghat if clip is None else torch._foreach_mul(ghat, clip.to(ghat[0].dtype)))
-        return dot(torch._foreach_mul(r, [d for _, d in self._adam_diagonal(params)]), r)
+        return dot(torch._foreach_mul(r, [d for _, _, d in self._adam_diagonal(params)]), r)
 
     def _commit_prediction(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                            probe: Optional[Probe], lr: Any) -> bool:
@@ -927,6 +978,8 @@ def _name_the_tuner(opt: CurvatureTuner, state_dict: dict) -> dict:
     state_dict["param_groups"][0][layout.META_BASE] = type(opt.base).__name__
     packed = state_dict["state"]
     for i, st in packed.items():
+        if not isinstance(st, dict):
+            continue
         views = {k: t.clone() for k, t in st.items() if layout.is_ours(k) and isinstance(t, Tensor)
                  and t._base is not None}
         if views:  # a new dict: the packed entries are the live state's own
