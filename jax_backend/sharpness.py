@@ -115,6 +115,7 @@ def preconditioner_from_adam_state(state: Any, *, b1: float = 0.9, b2: float = 0
     adam = find_adam_state(state)
     if adam is None:
         raise ValueError("no optax.ScaleByAdamState in the given state")
+
     def of(nu: Any) -> Any:  # in at least float32: 1 - b2^t is 0 in bfloat16 (0.999 rounds to 1)
         dtype = jnp.promote_types(nu.dtype, jnp.float32)
         return adam_preconditioner(nu.astype(dtype), adam.count.astype(dtype), beta1=b1, beta2=b2, eps=eps, xp=jnp)
