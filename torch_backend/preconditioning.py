@@ -17,7 +17,8 @@ from curvopt.preconditioner import adam_preconditioner, inverse_sqrt
 
 from .direction import is_adam_like
 
-__all__ = ["adam_preconditioner_from_optimizer", "adam_diagonal_by_group", "preconditioner_scales"]
+__all__ = ["adam_preconditioner_from_optimizer", "adam_diagonal_by_group", "adam_step_counts",
+           "preconditioner_scales"]
 
 PreconditionerLike = Optional[Union[torch.optim.Optimizer, Sequence[Optional[Tensor]]]]
 
@@ -79,6 +80,14 @@ def preconditioner_scales(preconditioner: PreconditionerLike, params: Sequence[T
     return out
 
 
+def adam_step_counts(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[float]:
+    """Adam's step count of each of ``params`` (all stepped by ``optimizer``), read with one host read."""
+    counts = [optimizer.state[p]["step"] for p in params]
+    if all(isinstance(c, Tensor) for c in counts):
+        return torch.stack(counts).tolist()
+    return [float(c) for c in counts]
+
+
 def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype
                            ) -> Optional[list[tuple[dict, list[int], float, Tensor]]]:
     """Adam's ``D = lr_group / P`` for ``params`` (all stepped by ``optimizer``), one flat tensor per param
@@ -96,9 +105,7 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
         positions.setdefault(id(g), []).append(i)
         groups[id(g)] = g
     states = [optimizer.state[p] for p in params]
-    counts = [st["step"] for st in states]
-    if all(isinstance(c, Tensor) for c in counts):
-        counts = torch.stack(counts).tolist()  # the one host read
+    counts = adam_step_counts(optimizer, params)
     out = []
     for key, pos in positions.items():
         g = groups[key]

@@ -66,7 +66,8 @@ from .direction import base_method, check_base, check_group
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, finite_difference
-from .preconditioning import adam_diagonal_by_group, adam_preconditioner_from_optimizer, preconditioner_scales
+from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
+                              preconditioner_scales)
 from .noise import noise_metric, noise_numerator
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
@@ -283,9 +284,11 @@ class CurvatureTuner(torch.optim.Optimizer):
     def coefficient(self) -> Optional[float]:
         """The stability coefficient ``c`` (the edge of stability is ``lr = c / sharpness``): the one given,
         else the base's at this step (:meth:`current_method`); None for an unknown base without one."""
+        return self._coefficient_of(self.current_method())
+
+    def _coefficient_of(self, method: Optional[BaseMethod]) -> Optional[float]:
         if self.given_coefficient is not None:
             return self.given_coefficient
-        method = self.current_method()
         return None if method is None else method.coefficient
 
     def _globals(self) -> dict:
@@ -311,7 +314,8 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _step(self, closure: Optional[Callable[[], Tensor]], tx: Transaction) -> Optional[Tensor]:
         guard, state, rule = self.guard, self.state, self.rule
-        method, coefficient = self.current_method(), self.coefficient
+        method = self.current_method()
+        coefficient = self._coefficient_of(method)
         if getattr(rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's now
             rule = self.rule = dataclasses.replace(rule, coefficient=coefficient)
         probe_free = closure is None or not self.probes
@@ -687,13 +691,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         return factor
 
-    def _adam_diagonal(self, params: list[Tensor]) -> list[tuple[dict, float, Tensor]]:
-        """Each parameter's group, Adam's step count and ``D = lr_group / P`` after its step (``P`` the core's
+    def _adam_diagonal(self, params: list[Tensor]) -> list[tuple[dict, Tensor]]:
+        """Each parameter's group and Adam's ``D = lr_group / P`` after its step (``P`` the core's
         preconditioner), in the accumulator dtype: the diagonal of the Adam numerators."""
         base = self.base
         group_of = {p: g for g in base.param_groups for p in g["params"]}
         acc = self.acc_dtype
-        return [(group_of[p], float(base.state[p]["step"]), float(group_of[p]["lr"]) / d.to(acc))
+        return [(group_of[p], float(group_of[p]["lr"]) / d.to(acc))
                 for p, d in zip(params, adam_preconditioner_from_optimizer(base, params))]
 
     def _momentum_terms(self, params: list[Tensor], grads: list[Tensor], w0: list[Tensor],
@@ -715,8 +719,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         acc = self.acc_dtype
         by_group = adam_diagonal_by_group(base, params, acc)
         if by_group is None:
-            by_group = [(group, [i], count, d.reshape(-1)) for i, (group, count, d)
-                        in enumerate(self._adam_diagonal(params))]
+            by_group = [(group, [i], count, d.reshape(-1)) for i, ((group, d), count)
+                        in enumerate(zip(self._adam_diagonal(params), adam_step_counts(base, params)))]
         sets: dict[tuple[float, float], list] = {}
         for group, pos, count, d in by_group:
             sets.setdefault((float(group["betas"][0]), count), []).append((group, pos, d))
@@ -758,7 +762,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         gradient's units (``g`` is clipped in place, ``ghat`` is kept unclipped and scaled by this step's factor)."""
         ghat = [self.state[p][layout.PREDICTED_GRAD] for p in params]
         r = torch._foreach_sub(grads, ghat if clip is None else torch._foreach_mul(ghat, clip.to(ghat[0].dtype)))
-        return dot(torch._foreach_mul(r, [d for _, _, d in self._adam_diagonal(params)]), r)
+        return dot(torch._foreach_mul(r, [d for _, d in self._adam_diagonal(params)]), r)
 
     def _commit_prediction(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                            probe: Optional[Probe], lr: Any) -> bool:
