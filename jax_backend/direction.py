@@ -23,7 +23,7 @@ import optax
 
 from curvopt.config import accumulator_dtype_name
 
-__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "norm", "add_scaled", "scaled",
+__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "flat", "norm", "add_scaled", "scaled",
            "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
 
 NEGATED_DIRECTION_MESSAGE = (
@@ -52,12 +52,17 @@ def vdot(a: Any, b: Any, dtype: Any) -> Any:
     reduction as a kernel of its own and copies the sum of the partial results into every consumer's kernel;
     one reduction over the whole tree (the concatenation fuses into it) keeps the jitted update's compile time
     close to the bare base's. ``b`` must have ``a``'s structure."""
-    left = jax.tree.leaves(a)
-    right = jax.tree.structure(a).flatten_up_to(b)
-    if not left:
+    if not jax.tree.leaves(a):
         return jnp.zeros((), dtype)
-    flat = lambda leaves: jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])  # noqa: E731
-    return jnp.vdot(flat(left), flat(right), precision=jax.lax.Precision.HIGHEST).astype(dtype)
+    return jnp.vdot(flat(a, dtype), flat(b, dtype, like=a), precision=jax.lax.Precision.HIGHEST).astype(dtype)
+
+
+def flat(tree: Any, dtype: Any, like: Any = None) -> Any:
+    """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype`` and
+    concatenated into one vector: the tuners' inner products and elementwise formulas over a whole tree run on it
+    as one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`)."""
+    leaves = jax.tree.leaves(tree) if like is None else jax.tree.structure(like).flatten_up_to(tree)
+    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
 
 
 def norm(a: Any, dtype: Any) -> Any:

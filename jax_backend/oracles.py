@@ -32,10 +32,11 @@ __all__ = ["SecantMemory", "secant_init", "fd_step", "curvature"]
 
 
 class SecantMemory(NamedTuple):
-    """What the secant oracle keeps from the previous step: its direction ``u``, ``g^T u``, ``||u||^2`` and the
-    learning rate it took (0: no secant next step)."""
+    """What the secant oracle keeps from the previous step: its incoming direction ``d`` (``u = -d``: kept as
+    handed over, a negated copy would be one more kernel per leaf), ``g^T u``, ``||u||^2`` and the learning rate
+    it took (0: no secant next step)."""
 
-    prev_direction: Any
+    prev_incoming: Any
     prev_grad_dot_direction: Any
     prev_direction_sq: Any
     prev_lr: Any
@@ -83,7 +84,7 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
         curv, probe, h = _fd(f, params, grad_dot_u, d, dtype)
         return curv, jnp.int32(1), nan, False, 1.0, (probe, h)
     d_sq = vdot(d, d, dtype)
-    estimate = rules.secant_curvature(vdot(grad, memory.prev_direction, dtype), memory.prev_grad_dot_direction,
+    estimate = rules.secant_curvature(-vdot(grad, memory.prev_incoming, dtype), memory.prev_grad_dot_direction,
                                       memory.prev_lr, memory.prev_direction_sq, d_sq, jnp)
     available = ~jnp.isnan(estimate)
     stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
