@@ -203,6 +203,46 @@ def test_cdat_paired_numerator_by_hand():
         CDAT(torch.optim.SGD([w], lr=1.0), numerator="paired")
 
 
+def test_cdat_paired_numerator_per_group_beta1():
+    """Param groups with their own ``beta1``: the paired correction is each group's ``(1 - b1) r^T D r / 2``
+    (its own ``beta1`` and ``D``), summed; with the first group's ``beta1`` for all the rate would be off. The
+    prediction ``ghat`` is read from the tuner's buffer before each step (its value is checked by hand in
+    :func:`test_cdat_paired_numerator_by_hand`)."""
+    torch.manual_seed(1)
+    hs = [torch.diag(torch.rand(4, dtype=torch.float64) + 0.5) for _ in range(2)]
+    ws = [torch.nn.Parameter(torch.randn(4, dtype=torch.float64)) for _ in range(2)]
+    betas = (0.9, 0.3)
+    base = torch.optim.Adam([{"params": [ws[0]], "betas": (betas[0], 0.999)},
+                             {"params": [ws[1]], "betas": (betas[1], 0.999)}], lr=0.3)
+    opt = CDAT(base, sigma=1.0, ema=0.0, startup="paper", numerator="paired", curvature="fd")
+    checked = 0
+    for t in range(1, 9):
+        ys = [2 * torch.randn(4, dtype=torch.float64) for _ in range(2)]  # a new "batch" each step
+
+        def closure():
+            opt.zero_grad()
+            loss = sum(0.5 * (w - y) @ h @ (w - y) for w, y, h in zip(ws, ys, hs))
+            loss.backward()
+            return loss
+
+        predicted = bool(opt.state[ws[0]].get("curvopt_predicted"))
+        ghats = [opt.state[w]["curvopt_predicted_grad"].clone() if predicted else None for w in ws]
+        gs = [h @ (w.detach() - y) for w, y, h in zip(ws, ys, hs)]
+        opt.step(closure)
+        direction = float(opt.stats["numerator"])
+        want = direction
+        for w, g, ghat, b1 in zip(ws, gs, ghats, betas):
+            st = base.state[w]
+            d = 0.3 / ((1 - b1 ** t) * ((st["exp_avg_sq"] / (1 - 0.999 ** t)).sqrt() + 1e-8))
+            if ghat is not None:
+                r = g - ghat
+                want -= (1 - b1) / 2 * float(r @ (d * r))
+        got = float(opt.stats["lr"]) * abs(float(opt.stats["curvature"]))
+        assert got == pytest.approx(max(want, 0.0), rel=1e-6, abs=1e-12), t
+        checked += predicted and want > 0
+    assert checked >= 3
+
+
 def test_cdat_paired_numerator_full_batch_is_the_default():
     """In full batch on a convex quadratic the prediction ``ghat = g_{t-1} + lr_{t-1} H u_{t-1}`` is the
     gradient at ``w_t`` (``H u`` exact up to the fd probe's rounding), so ``r`` is rounding: ``|r| / |g| ~

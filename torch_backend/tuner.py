@@ -427,8 +427,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
         momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
                                                              else None) if momentum else ([], []))
-        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []) + momentum_sums
-                           + ([self._paired_term(params, grads, clip)] if predicted else []), S)
+        paired_keys, paired_sums = self._paired_terms(params, grads, clip) if predicted else ([], [])
+        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []) + momentum_sums + paired_sums, S)
         it = iter(vals)
         g_dot_u = next(it)
         u_sq = next(it) if secant else None
@@ -449,9 +449,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     momentum_term = numerator if derived else next(it)
                     rule_numerator = momentum_numerator(rule_numerator, self_term, momentum_term, beta1=beta1,
                                                         step=S(adam_count), xp=S)
-            if paired:  # the core's formula (the first group's beta1)
-                rule_numerator = paired_numerator(numerator, next(it) if predicted else nan, beta1=method.b1,
-                                                  has=predicted, xp=S)
+            for beta1 in paired_keys:  # the core's formula, once per beta1 the parameters share
+                rule_numerator = paired_numerator(rule_numerator, next(it), beta1=beta1, has=True, xp=S)
             if clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
                 numerator = numerator / clip_v
                 rule_numerator = rule_numerator / clip_v
@@ -756,13 +755,21 @@ class CurvatureTuner(torch.optim.Optimizer):
         return bool(glob.get(layout.PREDICTED)) and all(
             fits(self.state[p].get(layout.PREDICTED_GRAD), p) for p in params)
 
-    def _paired_term(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor]) -> Tensor:
-        """``r^T D r`` for :func:`curvopt.rules.paired_numerator`: ``r = g - ghat`` (the loss's gradients; weight
-        decay carries no noise), ``D`` from :meth:`_adam_diagonal`; under ``max_grad_norm`` both in the clipped
-        gradient's units (``g`` is clipped in place, ``ghat`` is kept unclipped and scaled by this step's factor)."""
+    def _paired_terms(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor]
+                      ) -> tuple[list[float], list[Tensor]]:
+        """``r^T D r`` for :func:`curvopt.rules.paired_numerator`, once per ``beta1`` of the base's param groups
+        (``keys``, and a 0-d tensor for each): ``r = g - ghat`` (the loss's gradients; weight decay carries no
+        noise), ``D`` from :meth:`_adam_diagonal`; under ``max_grad_norm`` both in the clipped gradient's units
+        (``g`` is clipped in place, ``ghat`` is kept unclipped and scaled by this step's factor)."""
         ghat = [self.state[p][layout.PREDICTED_GRAD] for p in params]
         r = torch._foreach_sub(grads, ghat if clip is None else torch._foreach_mul(ghat, clip.to(ghat[0].dtype)))
-        return dot(torch._foreach_mul(r, [d for _, d in self._adam_diagonal(params)]), r)
+        sets: dict[float, list[int]] = {}
+        diagonal = self._adam_diagonal(params)
+        for i, (group, _) in enumerate(diagonal):
+            sets.setdefault(float(group["betas"][0]), []).append(i)
+        scaled = torch._foreach_mul(r, [d for _, d in diagonal])
+        sums = dots([([scaled[i] for i in pos], [r[i] for i in pos]) for pos in sets.values()])
+        return list(sets), list(sums.unbind())
 
     def _commit_prediction(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                            probe: Optional[Probe], lr: Any) -> bool:
