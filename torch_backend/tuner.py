@@ -185,6 +185,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._stats_device = params[0].device
         self._stats: dict[str, Any] = self._nan_stats(skipped=0)
         self.register_state_dict_post_hook(_name_the_tuner, prepend=True)
+        base.register_state_dict_post_hook(_compact_buffers, prepend=True)
 
     # -- param_groups and state are the base's --------------------------------------------------------------
     @property
@@ -983,10 +984,17 @@ def _without_ours_only(optimizer_state: dict) -> dict:
 
 def _name_the_tuner(opt: CurvatureTuner, state_dict: dict) -> dict:
     """state_dict post-hook: the first packed group names the tuner and the base (checked on load), and our
-    per-parameter buffers are saved as compact copies. They are views of the workspace's flat buffers (``w0``'s
-    also holds the base's state snapshot behind it), and ``torch.save`` writes a view's whole storage."""
+    per-parameter buffers are saved compact (:func:`_compact_buffers`)."""
     state_dict["param_groups"][0][layout.META_TUNER] = type(opt).__name__
     state_dict["param_groups"][0][layout.META_BASE] = type(opt.base).__name__
+    return _compact_buffers(opt, state_dict)
+
+
+def _compact_buffers(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """state_dict post-hook of the tuner and of its base (whose state holds our buffers, so its own
+    ``state_dict()`` carries them too): our per-parameter buffers are saved as compact copies. They are views of
+    the workspace's flat buffers (``w0``'s also holds the base's state snapshot behind it), and ``torch.save``
+    writes a view's whole storage."""
     packed = state_dict["state"]
     for i, st in packed.items():
         if not isinstance(st, dict):
