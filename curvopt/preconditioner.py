@@ -10,9 +10,9 @@ eigenvalues, so power iteration and Lanczos apply: :func:`inverse_sqrt` gives th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["adam_preconditioner", "inverse_sqrt", "sandwich"]
+__all__ = ["adam_preconditioner", "inverse_sqrt", "sandwich", "relative_rates"]
 
 
 def adam_preconditioner(exp_avg_sq: Any, step: Any, *, beta1: float, beta2: float, eps: float, xp: Any) -> Any:
@@ -38,3 +38,21 @@ def sandwich(matvec: Callable[[Any], Any], scales: Any, mul: Callable[[Any, Any]
     """``v -> S H S v`` with ``S = P^-1/2`` (``scales``, a vector of the backend) and ``mul`` the backend's
     elementwise product of two vectors: the symmetric operator whose top eigenvalue is ``lambda_max(P^-1 H)``."""
     return lambda v: mul(scales, matvec(mul(scales, v)))
+
+
+def relative_rates(group_lrs: Sequence[float]) -> tuple[float, Optional[list[float]]]:
+    """``(top, ratios)``: the largest of the param groups' learning rates and each group's rate relative to it,
+    ``lr_g / top`` (None when every group has the same rate, or none is positive).
+
+    A tuner's ``lr`` multiplies every group's own rate (a relative multiplier, as μP groups use), so the step
+    moves group ``g`` by ``lr * lr_g`` times the base's direction. Its edge of stability is then that of
+    ``M H`` (``M P^-1 H`` behind Adam) with ``M`` the groups' rates: with ``M = top R``, the step is on the edge
+    when ``lr * top * lambda_max(R^1/2 H R^1/2) = c`` (a frozen group, rate 0, drops out; equal rates: the plain
+    ``lambda_max(H)``). The ratios enter the sharpness's operator as the scales ``sqrt(lr_g / top)``
+    (:func:`sandwich`); ``top`` multiplies the tuner's rate like a scheduler's factor (the edge-of-stability
+    rule's ``lr = sigma c / sharpness`` then sits at ``sigma * top`` of the edge)."""
+    rates = [float(r) for r in group_lrs]
+    top = max(rates, default=0.0)
+    if top <= 0 or all(r == top for r in rates):
+        return top, None
+    return top, [r / top for r in rates]

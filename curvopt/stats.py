@@ -13,9 +13,12 @@ STAT_DOCS = {
     "lr": "the global learning rate the tuner chose for this step (multiplies the base's per-group lr)",
     "numerator": "-g^T u: the decrease rate of the loss along the base direction u (positive = descent)",
     "curvature": "u^T H u: the second derivative of the loss along u (from the curvature oracle)",
-    "sharpness": "lambda_max(H), the latest online estimate (NaN until the first estimate)",
-    "preconditioned_sharpness": "lambda_max(P^-1 H) for Adam-like bases, the latest estimate (NaN otherwise)",
-    "eos_ratio": "lr * (preconditioned) sharpness / the base's stability coefficient (1 = edge of stability)",
+    "sharpness": "lambda_max(H), the latest online estimate (NaN until the first estimate); with param groups at "
+                 "different rates, of R^1/2 H R^1/2, R each group's rate over the largest (PyTorch)",
+    "preconditioned_sharpness": "lambda_max(P^-1 H) for Adam-like bases, the latest estimate (NaN otherwise); "
+                                "with param groups at different rates, of R^1/2 P^-1/2 H P^-1/2 R^1/2 (PyTorch)",
+    "eos_ratio": "effective lr (PyTorch: times the largest group lr) * (preconditioned) sharpness / the base's "
+                 "stability coefficient (1 = edge of stability)",
     "skipped": "number of steps skipped so far because the loss or gradient was not finite",
     "closure_calls": "loss/gradient evaluations spent in this step (PyTorch: closure calls)",
 }

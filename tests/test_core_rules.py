@@ -539,3 +539,10 @@ def test_check_numerator_paired_needs_adam_and_fd():
         with pytest.raises(ValueError, match="fd curvature oracle"):
             rules.check_numerator("paired", BaseMethod.adam(), "Adam", curvature)
     assert rules.check_numerator("momentum", BaseMethod.adam(), "Adam", "secant") == "momentum"
+
+
+def test_relative_rates():
+    from curvopt.preconditioner import relative_rates
+    assert relative_rates([0.5, 0.5]) == (0.5, None)
+    assert relative_rates([0.0, 0.0]) == (0.0, None)
+    assert relative_rates([0.1, 0.0, 0.4]) == (0.4, [0.25, 0.0, 1.0])

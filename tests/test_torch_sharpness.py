@@ -157,6 +157,35 @@ def test_online_sharpness_in_tuner_and_eos_ratio():
         assert float(opt.stats["eos_ratio"]) == pytest.approx(ratio, rel=1e-12)
 
 
+@pytest.mark.parametrize("rates", [(0.05, 0.5), (0.0, 0.5), (0.5, 0.5)])
+def test_sharpness_and_edge_follow_the_groups_rates(rates):
+    """Param groups at their own rates (relative multipliers of the tuner's lr): the sharpness is of the operator
+    the step applies, ``lambda_max(R^1/2 P^-1/2 H P^-1/2 R^1/2)`` with ``R`` each group's rate over the largest
+    (a frozen group, rate 0, drops out; equal rates: the plain ``lambda_max(P^-1 H)``), and the
+    edge-of-stability rule's ``lr = sigma * 38 / sharpness`` puts the step at ``sigma * top`` of the edge of the
+    groups it moves (``top`` the largest group rate, a factor like a scheduler's; ``eos_ratio`` says so). Dense
+    float64 check; the sharpness of ``H`` itself would hold the rate-0.05 group to the other's edge and let a
+    frozen group's curvature set the rate."""
+    model, x, y = mlp_problem(4)
+    params = list(model.parameters())
+    base = torch.optim.Adam([{"params": params[:2], "lr": rates[0]}, {"params": params[2:], "lr": rates[1]}])
+    opt = EdgeOfStability(base, sigma=0.5, sharpness=SharpnessConfig(every=1, first_iters=500, iters=500, tol=1e-13))
+    closure = make_closure(model, x, y)
+    r = np.concatenate([np.full(p.numel(), rate / max(rates)) for p, rate in
+                        zip(params, [rates[0]] * 2 + [rates[1]] * (len(params) - 2))])
+    for _ in range(3):
+        H = dense_hessian(model, x, y)
+        opt.step(closure)
+        P = torch.cat([q.reshape(-1) for q in adam_preconditioner_from_optimizer(base)]).numpy()
+        s = np.sqrt(r) / np.sqrt(P)
+        want_pre = np.linalg.eigvalsh(s[:, None] * H * s[None, :])[-1]
+        want = np.linalg.eigvalsh(np.sqrt(r)[:, None] * H * np.sqrt(r)[None, :])[-1]
+        assert float(opt.stats["preconditioned_sharpness"]) == pytest.approx(want_pre, rel=1e-6)
+        assert float(opt.stats["sharpness"]) == pytest.approx(want, rel=1e-6)
+        assert float(opt.stats["lr"]) * want_pre == pytest.approx(0.5 * 38.0, rel=1e-6)
+        assert float(opt.stats["eos_ratio"]) == pytest.approx(0.5 * max(rates), rel=1e-12)
+
+
 def test_warm_start_needs_few_products():
     model, x, y = mlp_problem(3)
     opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), sharpness=SharpnessConfig(every=1, iters=4))

@@ -51,6 +51,7 @@ from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dtype_name,
                             resolve_curvature, secant_caveat, sharpness_due)
+from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
@@ -824,7 +825,17 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _group_lr(self) -> float:
         """The largest group lr (the relative multiplier): effective lr = tuner lr x group lr."""
-        return max(float(g["lr"]) for g in self.param_groups)
+        return relative_rates([g["lr"] for g in self.param_groups])[0]
+
+    def _rate_scales(self, params: list[Tensor]) -> Optional[list[float]]:
+        """``sqrt(lr_g / top)`` of each parameter's group (:func:`curvopt.preconditioner.relative_rates`), the
+        scales that put the groups' relative rates into the sharpness; None when the groups' rates are equal."""
+        _, ratios = relative_rates([g["lr"] for g in self.param_groups])
+        if ratios is None:
+            return None
+        of_group = {id(g): math.sqrt(r) for g, r in zip(self.param_groups, ratios)}
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
+        return [of_group[id(group_of[p])] for p in params]
 
     def _hide_globals(self, p0: Tensor) -> Optional[tuple[Tensor, dict]]:
         """While the base steps, take the tuner's keys out of ``state[p0]`` if the base has not initialised
@@ -876,12 +887,19 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _estimate_sharpness(self, probe: Probe, glob: dict, count: int) -> dict[str, tuple[Tensor, list, int]]:
         """The online sharpness at ``w0`` (and the preconditioned one for Adam-like bases): the core's power
-        iteration warm-started from the stored eigenvector, cold from a seeded random vector the first time."""
+        iteration warm-started from the stored eigenvector, cold from a seeded random vector the first time. With
+        param groups at different rates, of the operator the step applies, relative to the largest group's rate
+        (:meth:`_rate_scales`; a frozen group drops out)."""
         cfg = self.sharpness_config
         hvp = FiniteDifferenceHVP(probe.call, probe.params, probe.w0, probe.grads)
-        spaces = [("plain", hvp)]
+        rates = self._rate_scales(probe.params)
+        spaces = [("plain", preconditioned(hvp, None if rates is None else
+                                           [p.new_full(p.shape, r) for p, r in zip(probe.params, rates)]))]
         if self.preconditioned:
-            spaces.append(("preconditioned", preconditioned(hvp, preconditioner_scales(self.base, probe.params))))
+            scales = preconditioner_scales(self.base, probe.params)
+            if rates is not None:
+                torch._foreach_mul_(scales, rates)
+            spaces.append(("preconditioned", preconditioned(hvp, scales)))
         out = {}
         like = probe.loss  # the accumulator dtype, on the parameters' device
         for k, (space, matvec) in enumerate(spaces):
