@@ -486,3 +486,40 @@ def test_closure_free_warns_once_when_parameters_take_part_on_alternate_steps():
 
     assert len(run(lambda t: t % 2)) == 1
     assert run(lambda t: 0) == []
+
+
+@pytest.mark.parametrize("make", [lambda ps: CDAT(torch.optim.Adam(ps, lr=1.0)),
+                                  lambda ps: ArmijoLineSearch(torch.optim.SGD(ps, lr=1.0, momentum=0.9))])
+def test_freeing_a_frozen_first_layers_state_keeps_the_tuner(make):
+    """Freeze the first layer and free its optimizer state (``opt.state.pop(p)``), as one does for a frozen
+    backbone: the tuner's globals live in the first parameter's state, and the tuner continues exactly as
+    when the state is kept (it restarted: CDAT's rate fell 10x to its start-up ramp). Clearing the whole state
+    still restarts the tuner."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    runs = []
+    for free in (False, True, "all"):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+        opt = make(model.parameters())
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        lrs = []
+        for t in range(10):
+            if t == 5:
+                model[0].requires_grad_(False)
+                if free == "all":
+                    opt.state.clear()
+                elif free:
+                    for p in model[0].parameters():
+                        opt.state.pop(p, None)
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        runs.append((lrs, opt.state[next(model.parameters())]["curvopt_step"]))
+    assert runs[1] == runs[0] and runs[0][1] == 10
+    assert runs[2][1] == 5  # a cleared state is a restart

@@ -25,7 +25,9 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
-  from the base while it steps, so a lazily initialising base never mistakes them for its own state.
+  from the base while it steps, so a lazily initialising base never mistakes them for its own state. When
+  only that parameter's state is removed (``opt.state.pop(p)`` to free a frozen layer), the next step puts the
+  globals back (the tuner keeps a reference to them after each step); a cleared state is a restart.
 * ``state_dict()["param_groups"][0]`` also names the tuner and the base (``curvopt_tuner``,
   ``curvopt_base``), so that loading a state into another tuner or around another base fails clearly; the
   live param groups never hold these keys.

@@ -178,6 +178,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
+        #: the global entries of the first parameter's state after the last step (restored if only that
+        #: parameter's state is removed)
+        self._kept_globals: Optional[dict] = None
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
@@ -309,10 +312,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         with reducing(self.distributed), concatenating(self._concat):
             tx = Transaction(self)
             try:
-                return self._step(closure, tx)
+                loss = self._step(closure, tx)
             except BaseException:
                 tx.rollback()
                 raise
+        self._kept_globals = {k: v for k, v in self._globals().items()
+                              if layout.is_ours(k) and k not in layout.PER_PARAM}
+        return loss
 
     def _step(self, closure: Optional[Callable[[], Tensor]], tx: Transaction) -> Optional[Tensor]:
         guard, state, rule = self.guard, self.state, self.rule
@@ -362,6 +368,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             loss_t = self.distributed.mean(loss_t)
         p0 = all_params[0]
         glob = state.get(p0) or {}
+        if layout.STEP not in glob and self._kept_globals and any(st for p, st in state.items() if p is not p0):
+            # the first parameter's state was removed, not the rest (a frozen layer's state freed to save
+            # memory): the tuner's globals there are not that parameter's, and the tuner does not restart
+            glob = state[p0]
+            glob.update(self._kept_globals)
         count = glob.get(layout.STEP, 0)
         oracle = resolve_curvature(self.curvature, not probe_free) if self.curvature is not None else None
         secant = oracle == "secant"
@@ -944,6 +955,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[key] = v if isinstance(v, int) else v.detach().to(device=p0.device, dtype=self.acc_dtype).reshape(())
         self._ws = None
         self._store = None
+        self._kept_globals = None
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -958,6 +970,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             self.__dict__.update(state)
             self._ws = None
             self._store = None
+            self._kept_globals = None
             self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
             if hasattr(self, "_patch_step_function"):
                 self._patch_step_function()
@@ -970,7 +983,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         d = dict(self.__dict__)
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
-        for k in ("_ws", "_ns", "_store", "_probe_free_ok", "_rule_layout_of", "distributed", "step", "base"):
+        for k in ("_ws", "_ns", "_store", "_kept_globals", "_probe_free_ok", "_rule_layout_of", "distributed", "step",
+                  "base"):
             # scratch, memos, the live reducer, the patched step
             d.pop(k, None)
         base = self.base
