@@ -17,6 +17,9 @@ __all__ = [
     "sharpness_due",
     "resolve_curvature",
     "secant_caveat",
+    "SECANT_STALL_STEPS",
+    "SECANT_STALL_MESSAGE",
+    "secant_stalled",
     "accumulator_dtype_name",
 ]
 
@@ -111,6 +114,25 @@ def secant_caveat(method: Any) -> Optional[str]:
             "and plain GD ended 1.7-13x above fd (0.39-0.48; fd 0.03-0.28). Pass a closure (PyTorch) or value_fn "
             "(Optax) for the fd oracle, or use an Adam base (there the closure-free rates train the benchmark's LM "
             "to within 5% of fd's loss).")
+
+
+#: secant steps after the closure-free probing step before :func:`secant_stalled` judges the rate
+SECANT_STALL_STEPS = 10
+SECANT_STALL_MESSAGE = (
+    "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step) "
+    f"{SECANT_STALL_STEPS} steps later: the secant of consecutive gradients is dominated by their noise (small "
+    "mini-batches, dropout). It overestimates the curvature by about the noise's variance divided by the previous rate, so a "
+    "small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 where the fd oracle "
+    "chose 0.2). Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches.")
+
+
+def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:
+    """``(judged, stalled)`` (host scalars or traced arrays): a closure-free run's secant rate ``lr`` is judged :data:`SECANT_STALL_STEPS` steps
+    after its probing step ``probe_lr``, and has stalled when it is still below that step: the noise-driven
+    collapse the tuners warn about once (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above the
+    probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
+    judged = steps_since_probe == SECANT_STALL_STEPS
+    return judged, judged & (lr < probe_lr)
 
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")

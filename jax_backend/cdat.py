@@ -18,7 +18,7 @@ from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
 from .direction import accumulator_dtype, flat, vdot
-from .oracles import SecantMemory, curvature as curvature_of, secant_init
+from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
@@ -278,7 +278,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             secant = state.secant
             if oracle == "secant":
-                secant = SecantMemory(p.d, -p.numerator, vdot(p.d, p.d, dtype), jnp.asarray(lr, dtype))
+                secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, state.steps, dtype)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             return out, ScaleByCDATState(

@@ -24,27 +24,45 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import rules
+from curvopt.config import secant_stalled
 from curvopt.curvature import finite_difference_curvature
 
 from .direction import add_scaled, least_precise_eps, norm, vdot
 
-__all__ = ["SecantMemory", "secant_init", "fd_step", "curvature"]
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "fd_step", "curvature"]
 
 
 class SecantMemory(NamedTuple):
     """What the secant oracle keeps from the previous step: its incoming direction ``d`` (``u = -d``: kept as
     handed over, a negated copy would be one more kernel per leaf), ``g^T u``, ``||u||^2`` and the learning rate
-    it took (0: no secant next step)."""
+    it took (0: no secant next step); and the closure-free probing step's rate and step count (NaN, 0 before
+    one) and whether the rate had stalled below it when judged (:func:`curvopt.config.secant_stalled`;
+    :func:`jax_backend.stats` warns)."""
 
     prev_incoming: Any
     prev_grad_dot_direction: Any
     prev_direction_sq: Any
     prev_lr: Any
+    probe_lr: Any
+    probe_step: Any
+    stalled: Any
 
 
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
-                        jnp.zeros((), dtype))
+                        jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
+                        jnp.zeros((), bool))
+
+
+def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, steps: Any,
+                    dtype: Any) -> SecantMemory:
+    """The memory after a step of direction ``d`` (``-g^T u = numerator``) at rate ``lr``; ``probe``: the
+    closure-free probing rate ``h`` if this step probed, else NaN; ``steps``: the steps taken before it."""
+    probing = ~jnp.isnan(probe)
+    judged, stalled = secant_stalled(lr, memory.probe_lr, steps - memory.probe_step)
+    return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
+                        jnp.where(probing, probe, memory.probe_lr), jnp.where(probing, steps, memory.probe_step),
+                        ~probing & jnp.where(judged, stalled, memory.stalled))
 
 
 def fd_step(params: Any, d: Any, dtype: Any) -> Any:

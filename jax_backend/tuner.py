@@ -25,7 +25,7 @@ import optax
 
 from curvopt import rules
 from curvopt.base import BaseMethod
-from curvopt.config import SharpnessConfig, resolve_curvature
+from curvopt.config import SECANT_STALL_MESSAGE, SharpnessConfig, resolve_curvature
 from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
@@ -289,7 +289,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
     ``ValueError`` when there is none.
 
     Read on the host (concrete values, one run's), it also warns when every step so far had an uphill direction
-    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0. A vmapped
+    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; and when a
+    closure-free rate stalled below its probing step (:func:`curvopt.config.secant_stalled`: the secant of
+    noisy consecutive gradients; pass ``value_fn``). A vmapped
     state (an ensemble) gives each field with its leading axis.
     """
     is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731
@@ -302,6 +304,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
         if steps > 0 and ascent == steps:
             warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", f"on all {steps} steps"),
                           RuntimeWarning, stacklevel=2)
+        secant = getattr(state, "secant", None)
+        if secant is not None and bool(secant.stalled):
+            warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=2)
     return state.stats._asdict()
 
 

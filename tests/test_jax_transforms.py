@@ -331,3 +331,38 @@ def test_stats_of_a_vmapped_ensemble_state():
         return opt.update(g, state, p)[1]
     s = stats(jax.vmap(step)(params))
     assert s["lr"].shape == (2,) and s["skipped"].shape == (2,)
+
+
+def test_closure_free_stall_in_noisy_mini_batches_is_reported_by_stats():
+    """Closure-free in small noisy mini-batches the secant's rate stays below its probing step (the noise over
+    the previous rate inflates the curvature): ``stats`` warns once the rate is judged, 10 steps after the
+    probe, as PyTorch's step does. Full batch: the rate climbs, no warning."""
+    from curvopt.optax import cdat
+
+    kx, kw, k1, k2 = jax.random.split(jax.random.key(0), 4)
+    x_all = jax.random.normal(kx, (512, 8))
+    y_all = jnp.argmax(x_all @ jax.random.normal(kw, (8, 4)), -1)
+    params0 = {"w1": jax.random.normal(k1, (8, 16)) / np.sqrt(8), "w2": jax.random.normal(k2, (16, 4)) / 4.0}
+
+    def loss_fn(p, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(x @ p["w1"]) @ p["w2"], y).mean()
+
+    for batch, stalls in ((16, True), (512, False)):
+        opt = cdat(optax.scale_by_adam(), base_method="adam")
+
+        @jax.jit
+        def step(p, s, x, y):
+            u, s = opt.update(jax.grad(loss_fn)(p, x, y), s, p)
+            return optax.apply_updates(p, u), s
+
+        p, s = params0, opt.init(params0)
+        said = []
+        for t in range(20):
+            i = (t * batch) % 512
+            p, s = step(p, s, x_all[i:i + batch], y_all[i:i + batch])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                lr = float(stats(s)["lr"])
+            said.append(any("still below the tiny probing step" in str(w.message) for w in caught))
+        assert said == [stalls and t >= 10 for t in range(20)], batch
+        assert (lr < 1e-5) if stalls else (lr > 1e-2), (batch, lr)

@@ -523,3 +523,27 @@ def test_freeing_a_frozen_first_layers_state_keeps_the_tuner(make):
         runs.append((lrs, opt.state[next(model.parameters())]["curvopt_step"]))
     assert runs[1] == runs[0] and runs[0][1] == 10
     assert runs[2][1] == 5  # a cleared state is a restart
+
+
+def test_closure_free_warns_when_mini_batch_noise_stalls_the_secant():
+    """Closure-free in small noisy mini-batches the secant overestimates the curvature by the noise over the
+    previous rate and the rate stays below its tiny probing step (here ~1e-7 where fd chooses ~0.2): one
+    warning, 10 steps after the probe. In full batch the rate climbs and nothing is said."""
+    torch.manual_seed(0)
+    x_all = torch.randn(512, 8)
+    y_all = (x_all @ torch.randn(8, 4)).argmax(-1)
+    for batch, stalls in ((16, True), (512, False)):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(20):
+                i = (t * batch) % 512
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x_all[i:i + batch]), y_all[i:i + batch]).backward()
+                opt.step()
+        said = [w for w in caught if "still below the tiny probing step" in str(w.message)]
+        assert len(said) == (1 if stalls else 0), batch
+        lr = float(opt.stats["lr"])
+        assert (lr < 1e-5) if stalls else (lr > 1e-2), (batch, lr)

@@ -49,8 +49,8 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, secant_noise_corrected
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, accumulator_dtype_name,
-                            resolve_curvature, secant_caveat, sharpness_due)
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, SECANT_STALL_MESSAGE, accumulator_dtype_name,
+                            resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -181,6 +181,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: the global entries of the first parameter's state after the last step (restored if only that
         #: parameter's state is removed)
         self._kept_globals: Optional[dict] = None
+        #: (lr, step) of the last closure-free probing step, until its rate is judged (``secant_stalled``)
+        self._probed: Optional[tuple[float, int]] = None
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
@@ -553,6 +555,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             if probing:
                 nw, nu = host_values(ws.norms(w0, u), S)
                 lr = finite_difference_step(nw, nu, dtype_eps=least_precise_eps(params), xp=S)
+                self._probed = (float(lr), count)
+            elif lagged and self._probed is not None:
+                judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
+                if stalled:
+                    warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=3)
+                if judged:
+                    self._probed = None
             ratio = (eos_ratio_rule(lr * self._group_lr(), reference, coefficient)
                      if coefficient is not None else nan)
 
@@ -956,6 +965,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._ws = None
         self._store = None
         self._kept_globals = None
+        self._probed = None
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
