@@ -46,10 +46,26 @@ def scalar_loss(out: Any) -> Any:
 
 
 def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[Any], Any]:
-    """``params -> loss`` (0-d): ``value_fn(params, **accepted extra args)`` through :func:`scalar_loss`."""
+    """``params -> loss`` (0-d): ``value_fn(params, **accepted extra args)`` through :func:`scalar_loss`. A
+    ``TypeError`` from the call while some extra arguments were not accepted (a ``value_fn`` taking ``*args`` or
+    positional-only parameters, or other names) says which were left out."""
     kwargs = fn_kwargs(value_fn, extra_args)
     bound = functools.partial(value_fn, **kwargs) if kwargs else value_fn
-    return lambda params: scalar_loss(bound(params))
+    left_out = sorted(set(extra_args) - set(kwargs))
+
+    def f(params: Any) -> Any:
+        try:
+            out = bound(params)
+        except TypeError as e:
+            if not left_out:
+                raise
+            raise TypeError(
+                f"value_fn(params, **{sorted(kwargs)}) raised {type(e).__name__}: {e}. The tuners pass value_fn the "
+                "update's extra arguments by keyword, only those its signature names (parameters that can be "
+                f"passed by keyword, or **kwargs); these were not passed: {left_out}. Name them in value_fn's "
+                "signature (value_fn(params, x, y)), not *args or positional-only.") from e
+        return scalar_loss(out)
+    return f
 
 
 def require_value_fn(value_fn: Any, tuner: str, why: str) -> Callable[..., Any]:

@@ -366,3 +366,16 @@ def test_closure_free_stall_in_noisy_mini_batches_is_reported_by_stats():
             said.append(any("still below the tiny probing step" in str(w.message) for w in caught))
         assert said == [stalls and t >= 10 for t in range(20)], batch
         assert (lr < 1e-5) if stalls else (lr > 1e-2), (batch, lr)
+
+
+def test_value_fn_with_star_args_fails_saying_which_arguments_were_left_out():
+    """The extra update arguments reach value_fn by keyword, only those its signature names: a value_fn with
+    *args gets none, and its own TypeError ("missing x and y") is re-raised naming the arguments left out."""
+    p = _params(jnp.float32)
+    opt = scale_by_cdat(curvature="fd")
+    state = opt.init(p)
+    g = jax.grad(loss)(p, X, Y)
+    with pytest.raises(TypeError, match=r"these were not passed: \['x', 'y'\]"):
+        opt.update(g, state, p, grad=g, value_fn=lambda q, *batch: loss(q, *batch), x=X, y=Y)
+    out, _ = opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(q, x, y), x=X, y=Y, other=1)
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
