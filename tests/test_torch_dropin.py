@@ -401,6 +401,41 @@ def test_global_step_hooks_fire_once_per_tuner_step():
     assert base_hook == [1, 1]  # the base's own hooks still run
 
 
+@pytest.mark.parametrize("closure_free", [False, True])
+def test_base_step_hooks_see_the_steps_result(closure_free):
+    """A hook registered on the base (an EMA of the weights, a logger) runs around the tuner's whole step: the
+    pre-hook sees the parameters before it, the post-hook the step's result, not the intermediate point where
+    the base stepped at its own lr = 1 (221x farther behind Adam in a field test)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    base = torch.optim.Adam(model.parameters(), lr=1.0)
+    seen = {}
+    base.register_step_pre_hook(lambda o, a, k: seen.__setitem__("pre", [p.detach().clone() for p in
+                                                                         model.parameters()]))
+    base.register_step_post_hook(lambda o, a, k: seen.__setitem__("post", [p.detach().clone() for p in
+                                                                          model.parameters()]))
+    opt = CDAT(base)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        before = [p.detach().clone() for p in model.parameters()]
+        if closure_free:
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
+        after = list(model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(seen["pre"], before))
+        assert all(torch.equal(a, b) for a, b in zip(seen["post"], after))
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
 # ------------------------------------------------------------------------------ Hugging Face-style loop
 def test_hugging_face_style_loop_with_clip_and_scheduler():
     """HF Trainer's order: backward, clip_grad_norm_, optimizer.step(), lr_scheduler.step(), zero_grad."""
@@ -547,3 +582,18 @@ def test_closure_free_warns_when_mini_batch_noise_stalls_the_secant():
         assert len(said) == (1 if stalls else 0), batch
         lr = float(opt.stats["lr"])
         assert (lr < 1e-5) if stalls else (lr > 1e-2), (batch, lr)
+
+
+def test_closure_returning_a_tuple_is_refused_clearly_and_nothing_moves():
+    w = nn.Parameter(torch.ones(3))
+    opt = CDAT(torch.optim.Adam([w], lr=1.0))
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss, w.detach()
+
+    with pytest.raises(TypeError, match="return the loss alone"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), torch.ones(3)) and not opt.base.state

@@ -310,6 +310,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
         if closure is None:
             self._require_probe_free(has_closure=False, error=TypeError)
+        base_hooks = self._base_hooks()
+        for hook in list(base_hooks[0].values()):  # the base's own step hooks, around the whole step
+            hook(self.base, (), {})
         # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
         with reducing(self.distributed), concatenating(self._concat):
             tx = Transaction(self)
@@ -320,7 +323,19 @@ class CurvatureTuner(torch.optim.Optimizer):
                 raise
         self._kept_globals = {k: v for k, v in self._globals().items()
                               if layout.is_ours(k) and k not in layout.PER_PARAM}
+        for hook in list(base_hooks[1].values()):
+            hook(self.base, (), {})
         return loss
+
+    def _base_hooks(self) -> tuple[dict, dict]:
+        """The base's own step pre- and post-hooks that :meth:`step` runs around the tuner's whole step: an EMA
+        or logging hook registered on the base sees the step's result, not the intermediate point of
+        :meth:`_base_step` (the base's step at its own lr, before the tuner rescales it). Empty when the base's
+        ``step`` is not torch's hooked one (then :meth:`_base_step` calls it as it is, hooks and all)."""
+        base = self.base
+        if getattr(type(base).step, "__wrapped__", None) is None or "step" in base.__dict__:
+            return {}, {}
+        return base._optimizer_step_pre_hooks, base._optimizer_step_post_hooks
 
     def _step(self, closure: Optional[Callable[[], Tensor]], tx: Transaction) -> Optional[Tensor]:
         guard, state, rule = self.guard, self.state, self.rule
@@ -359,6 +374,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if loss is None:
             loss_t = None
         else:
+            if isinstance(loss, (tuple, list, dict)):
+                raise TypeError(f"the closure must return the scalar loss, got a {type(loss).__name__}: return the "
+                                "loss alone and keep other outputs (logits, metrics) in a variable outside the closure")
             loss_t = loss if isinstance(loss, Tensor) else torch.as_tensor(loss)
             if loss_t.numel() != 1:
                 raise ValueError(
@@ -830,18 +848,14 @@ class CurvatureTuner(torch.optim.Optimizer):
                 RuntimeWarning, stacklevel=4)
 
     def _base_step(self) -> None:
-        """``base.step()`` without torch's *global* optimizer step hooks (they fire once, for the tuner's
-        step); the base's own hooks still run."""
+        """``base.step()`` without torch's step hooks: the global ones fire once, for the tuner's step, and the
+        base's own ones around the tuner's whole step (:meth:`_base_hooks`)."""
         base = self.base
         fn = getattr(type(base).step, "__wrapped__", None)
         if fn is None or "step" in base.__dict__:
             base.step()
             return
-        for hook in list(base._optimizer_step_pre_hooks.values()):
-            hook(base, (), {})
         fn(base)
-        for hook in list(base._optimizer_step_post_hooks.values()):
-            hook(base, (), {})
 
     def _group_lr(self) -> float:
         """The largest group lr (the relative multiplier): effective lr = tuner lr x group lr."""
