@@ -70,6 +70,10 @@ def scale_by_polyak(
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=True)
+        if p.masked:
+            raise ValueError(f"{name}: inside optax.masked/multi_transform the Polyak step would divide the whole "
+                             "loss gap f - f_star by this part's slope alone (each part taking the whole decrease: "
+                             "twice the step with two parts); use it on the whole parameter tree")
 
         def taken() -> tuple[Any, ScaleByPolyakState]:
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,

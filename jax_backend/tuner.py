@@ -58,6 +58,12 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
     if params is None:
         raise ValueError(f"{tuner} needs params: update(updates, state, params, ...)")
     masked = has_masked(params)
+    if masked and value_fn is not None:  # at trace time
+        warnings.warn(f"{tuner}: inside optax.masked/multi_transform value_fn is not used: it takes the whole "
+                      "parameter tree and the tuner sees only its part. The curvature is the closure-free secant's, "
+                      "which assumes the other parts do not move between steps (a frozen part); another optimizer "
+                      "on the other part changes this part's gradients and the secant reads that as curvature",
+                      RuntimeWarning, stacklevel=3)
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
     value, grad = value_and_grad_at(params, value, like_params(grad, params), f, need_value=need_value,
                                     tuner=tuner)
@@ -172,9 +178,11 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
     if eigen is None:
         return kept, eigen, jnp.int32(0)
     if p.f is None:
+        where = (" (inside optax.masked/multi_transform the tuner sees only part of the parameters and cannot use "
+                 "value_fn: use it on the whole tree)" if p.masked else "")
         raise ValueError(f"{tuner}: the online sharpness evaluates Hessian-vector products of the loss, so the "
-                         "update needs value_fn over all the parameters (update(..., value_fn=loss_fn, **batch)); "
-                         "or pass sharpness=0 to turn it off")
+                         "update needs value_fn over all the parameters (update(..., value_fn=loss_fn, **batch))"
+                         f"{where}; or pass sharpness=0 to turn it off where the tuner allows it")
     pre = precondition_for(method, eigen.preconditioned_eigenvector is not None, base_state, tuner)
     lam, lam_p, eigen, used = online_sharpness(p.f, params, eigen, kept, steps=steps, config=config,
                                                preconditioner=pre, dtype=p.dtype)
@@ -302,10 +310,10 @@ def stats(opt_state: Any) -> dict[str, Any]:
     if not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 0:  # (not a vmapped ensemble)
         steps, ascent = int(state.steps), int(state.ascent_steps)
         if steps > 0 and ascent == steps:
-            warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", f"on all {steps} steps"),
+            warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"),
                           RuntimeWarning, stacklevel=2)
         secant = getattr(state, "secant", None)
-        if secant is not None and bool(secant.stalled):
+        if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
             warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=2)
     return state.stats._asdict()
 

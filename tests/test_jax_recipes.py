@@ -168,6 +168,7 @@ def test_nnx_optimizer_update(with_loss):
         p, s = ref(p, s)
         got = float(optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state), "lr"))
         assert got == pytest.approx(float(stats(s)["lr"]), rel=1e-9), t
+        assert float(stats(optimizer.opt_state)["lr"]) == got  # stats reads the nnx.Optimizer's own state too
         assert got > (0 if with_loss or t > 0 else -1)
     np.testing.assert_allclose(np.asarray(model.kernel[...]), np.asarray(p["kernel"]), rtol=1e-9)
 
@@ -286,7 +287,8 @@ def test_masked_and_multi_transform():
         @jax.jit
         def step(p, s):
             v, g = jax.value_and_grad(quad)(p)
-            up, s = opt.update(g, s, p, value=v, grad=g, value_fn=quad)  # value_fn ignored by the masked tuner
+            with pytest.warns(RuntimeWarning, match="value_fn is not used"):  # ignored by the masked tuner
+                up, s = opt.update(g, s, p, value=v, grad=g, value_fn=quad)
             return optax.apply_updates(p, up), s, g
 
         sub = quadratic_greedy(optax.identity())
@@ -301,6 +303,9 @@ def test_masked_and_multi_transform():
     with pytest.raises(ValueError, match="masked"):
         bad = optax.masked(scale_by_cdat(curvature="fd"), {"w": True, "b": False})
         bad.update(jax.grad(quad)(_p0()), bad.init(_p0()), _p0(), grad=jax.grad(quad)(_p0()), value_fn=quad)
+    with pytest.raises(ValueError, match="whole loss gap"):  # each part would take the whole decrease
+        bad = optax.masked(scale_by_polyak(), {"w": True, "b": False})
+        bad.update(jax.grad(quad)(_p0()), bad.init(_p0()), _p0(), value=quad(_p0()), grad=jax.grad(quad)(_p0()))
 
 
 def test_inject_hyperparams_jitted_init_and_conveniences():

@@ -173,7 +173,7 @@ def test_negated_chain_is_flagged_and_warned(warn_ascent):
         state = step(p, state)  # only the first step warns in the step; the counter keeps counting
         jax.effects_barrier()
     assert int(state[1].ascent_steps) == 2
-    with pytest.warns(RuntimeWarning, match="on all 2 steps"):  # reading the stats on the host warns
+    with pytest.warns(RuntimeWarning, match="on every step so far"):  # reading the stats on the host warns
         stats(state)
 
 

@@ -844,7 +844,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                 "outside the closure (no next(loader) inside), keep randomness in torch's generators (the tuner "
                 "replays them), do not clip gradients inside the closure (use max_grad_norm=), and with gradient "
                 "accumulation compute every micro-batch inside the closure. Or step without probes: "
-                "loss.backward(); opt.step() (or probes=False), curvature from the secant.",
+                "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
+                "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
+                "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
+                "it outside the region where the loss is quadratic; curvature='exact' or the secant avoid it.)",
                 RuntimeWarning, stacklevel=4)
 
     def _base_step(self) -> None:
