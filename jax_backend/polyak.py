@@ -1,6 +1,7 @@
 """The Polyak step as an Optax transform (rule: :class:`curvopt.rules.PolyakRule`)."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -70,10 +71,11 @@ def scale_by_polyak(
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=True)
-        if p.masked:
-            raise ValueError(f"{name}: inside optax.masked/multi_transform the Polyak step would divide the whole "
-                             "loss gap f - f_star by this part's slope alone (each part taking the whole decrease: "
-                             "twice the step with two parts); use it on the whole parameter tree")
+        if p.masked:  # at trace time
+            warnings.warn(f"{name}: inside optax.masked/multi_transform the Polyak step divides the whole loss gap "
+                          "f - f_star by this part's slope alone: right when the other parts are frozen, but when "
+                          "another part moves too, each takes the whole decrease (twice the step with two parts)",
+                          RuntimeWarning, stacklevel=2)
 
         def taken() -> tuple[Any, ScaleByPolyakState]:
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
