@@ -120,7 +120,8 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
 
     * the base's state handed over (``base_state=``, the conveniences) is Adam's but ``base_method`` is not;
     * the rate follows the base, ``base_method`` is unset and that state is a momentum trace's
-      (``optax.TraceState``);
+      (``optax.TraceState``), or another that keeps per-parameter arrays (``scale_by_rms``, ``scale_by_belief``,
+      ``scale_by_lion``: not gradient descent, whose defaults would apply);
     * the rate follows the base, nothing is handed over, ``base_method`` is unset and the updates are not the
       gradient itself (the same arrays as ``grad=``): behind ``optax.chain(optax.scale_by_adam(),
       scale_by_cdat())`` the tuner cannot tell its base, and gradient descent's defaults would silently set
@@ -133,6 +134,9 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
             found = "Adam's (optax.ScaleByAdamState)"
         elif rate_follows_base and given is None and _has_trace(base_state):
             found = "a momentum trace's (optax.TraceState)"
+        elif rate_follows_base and given is None and _keeps_per_parameter_state(base_state):
+            found = (f"{_state_names(base_state)}, which keeps per-parameter state the tuner does not recognise "
+                     "(RMSprop, AdaBelief, Lion, ...: preconditioned or momentum bases)")
         else:
             return
         message = (f"the base's state is {found} but base_method is {method.kind!r}, so the defaults for that base "
@@ -145,6 +149,21 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
     else:
         return
     warnings.warn(f"{tuner}: {message}: {hint}.", RuntimeWarning, stacklevel=3)
+
+
+def _keeps_per_parameter_state(tree: Any) -> bool:
+    """Whether a base's state holds floating arrays of at least one dimension (moments, traces), not only
+    counters and empty states."""
+    return any(jnp.ndim(x) >= 1 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in jax.tree.leaves(tree))
+
+
+def _state_names(tree: Any) -> str:
+    """The names of the NamedTuple states in a base's state (a chain's is a tuple of them) that keep
+    per-parameter arrays."""
+    named = lambda x: hasattr(x, "_fields")  # noqa: E731
+    names = [type(x).__name__ for x in jax.tree.leaves(tree, is_leaf=named)
+             if named(x) and _keeps_per_parameter_state(x)]
+    return " + ".join(dict.fromkeys(names)) or type(tree).__name__
 
 
 def _has_trace(tree: Any) -> bool:

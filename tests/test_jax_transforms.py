@@ -379,3 +379,26 @@ def test_value_fn_with_star_args_fails_saying_which_arguments_were_left_out():
         opt.update(g, state, p, grad=g, value_fn=lambda q, *batch: loss(q, *batch), x=X, y=Y)
     out, _ = opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(q, x, y), x=X, y=Y, other=1)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
+
+
+def test_unrecognised_stateful_base_warns_without_base_method():
+    """A base handed over whose state keeps per-parameter arrays the tuner does not know (RMSprop, AdaBelief,
+    Lion) gets gradient descent's defaults unless base_method says otherwise: a warning at trace time names
+    the state; stateless bases, counters and an explicit base_method stay quiet."""
+    from curvopt.optax import cdat
+
+    p = {"w": jnp.ones(3)}
+    g = {"w": jnp.array([1.0, -2.0, 0.5])}
+    for base, kw, named in ((optax.scale_by_rms(), {}, "ScaleByRmsState"),
+                            (optax.scale_by_lion(), {}, "ScaleByLionState"),
+                            (optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_belief()), {},
+                             "ScaleByBeliefState"),
+                            (optax.identity(), {}, None), (optax.scale_by_schedule(lambda t: 1.0), {}, None),
+                            (optax.scale_by_rms(), {"base_method": "gd"}, None)):
+        tx = cdat(base, **kw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tx.update(g, tx.init(p), p)
+        said = [str(w.message) for w in caught if "does not recognise" in str(w.message)]
+        assert len(said) == (named is not None), (base, kw)
+        assert named is None or f"the base's state is {named}," in said[0]
