@@ -300,7 +300,7 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _globals(self) -> dict:
         """The state dict entry holding the tuner's global scalars (see :mod:`torch_backend.state`)."""
-        st = self.state.get(self._all_params()[0])
+        st = self.state.get(next(p for g in self.param_groups for p in g["params"]))  # not a list of them all
         return st if st is not None else {}
 
     # -- the step ------------------------------------------------------------------------------------------
