@@ -305,6 +305,130 @@ def test_replay_check_silent_for_a_replaying_closure_with_dropout():
             opt.step(closure)
 
 
+def _mlp_problem(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    x, y = torch.randn(64, 6, dtype=dtype), torch.arange(64) % 3
+    return model, x, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+@pytest.mark.parametrize("habit", ["no_zero_grad", "private_generator", "bf16_autocast"])
+def test_replay_check_catches_closures_that_compute_another_function(habit, dtype):
+    """Closures the loss-level check of 0.1 let through (the rate fell 1e4-1e7x, silently): no zero_grad (the
+    main call adds to the previous step's gradients; caught at the second step), input noise from a private
+    torch.Generator (not replayed), and a bf16 autocast forward pass (the fd displacement is below bf16's
+    precision). Each warns once within the first three steps."""
+    if habit == "bf16_autocast" and dtype == D64:
+        pytest.skip("autocast to bf16 is a float32 habit")
+    model, x, y = _mlp_problem(dtype)
+    opt = QuadraticGreedy(torch.optim.Adam(model.parameters(), lr=1.0))
+    gen = torch.Generator().manual_seed(1)
+
+    def closure():
+        if habit != "no_zero_grad":
+            opt.zero_grad()
+        inputs = x + 0.01 * torch.randn(x.shape, generator=gen, dtype=dtype) if habit == "private_generator" else x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=habit == "bf16_autocast"):
+            logits = model(inputs)
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.step(closure)
+    hits = [r for r in rec if "does not replay" in str(r.message)]
+    assert len(hits) == 1
+
+
+def test_replay_check_silent_over_the_first_steps_of_a_replaying_closure():
+    """The tightened check (a tenth of the step's first-order change) stays silent on a closure that replays,
+    in float32 and float64, behind SGD and Adam, over the steps it checks."""
+    for dtype in (torch.float32, D64):
+        for make in (lambda ps: torch.optim.SGD(ps, lr=1.0), lambda ps: torch.optim.Adam(ps, lr=1.0)):
+            model, x, y = _mlp_problem(dtype)
+            opt = CDAT(make(model.parameters()))
+
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for _ in range(5):
+                    opt.step(closure)
+
+
+class _Decaying(nn.Module):
+    """A module whose forward reads a buffer an earlier forward wrote (as spectral_norm's power iteration
+    does): ``y = s W x`` with ``s`` halved after every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor([[1.0, -0.5], [0.3, 2.0]], dtype=D64))
+        self.register_buffer("s", torch.tensor(1.0, dtype=D64))
+
+    def forward(self, x):
+        out = self.s * x @ self.weight.T
+        self.s.mul_(0.5)
+        return out
+
+
+def test_probes_start_from_the_buffers_the_main_call_started_from():
+    """Each probe computes the main call's function: with the buffer the main call read (not the one it left),
+    the fd curvature of a quadratic is exact and the greedy rate is ``g^T g / g^T H g`` of the main call's
+    ``s``; after the step the buffer is where the main call left it (halved once per step, as without a tuner).
+    Before, the probe saw ``s / 2`` (and the next probe ``s / 4``), and the rate was off by orders of
+    magnitude."""
+    torch.manual_seed(0)
+    m = _Decaying()
+    x, y = torch.randn(8, 2, dtype=D64), torch.randn(8, 2, dtype=D64)
+    opt = QuadraticGreedy(torch.optim.SGD(m.parameters(), lr=1.0), modules=m)
+    for t in range(3):
+        s = float(m.s)
+        w = m.weight.detach().clone().requires_grad_(True)
+        f = lambda v: 0.5 * ((s * x @ v.T - y) ** 2).sum()  # noqa: E731
+        g = torch.autograd.grad(f(w), w)[0]
+        hg = torch.autograd.functional.hvp(f, w, g)[1]
+        expected = float((g * g).sum() / (g * hg).sum())
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((m(x) - y) ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert opt.stats["lr"] == pytest.approx(expected, rel=1e-6), t
+        assert float(m.s) == s / 2
+
+
+def test_a_graph_built_outside_the_closure_fails_with_the_contract_and_loses_nothing():
+    """GAN habit: a forward pass built once outside the closure (retain_graph=True) cannot be differentiated
+    after the tuner moved the parameters in place for its probe; the error says so (torch's own only names a
+    tensor version), and the step rolls back."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(8, 4)
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(x).pow(2).mean() + model.weight.pow(2).sum()  # built once (pow saves the weight)
+
+    def closure():
+        opt.zero_grad()
+        loss.backward(retain_graph=True)
+        return loss
+
+    with pytest.raises(RuntimeError, match="forward pass anew"):
+        opt.step(closure)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not opt.base.state
+
+
 def test_the_closure_can_tell_the_main_call_from_probes():
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0))

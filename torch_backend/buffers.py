@@ -3,9 +3,12 @@
 A tuner evaluates the closure more than once per step (a curvature probe at ``w + h u``, line-search trials,
 power iterations for the sharpness). Only the first, *main* call may have side effects on the model:
 
-* **Buffers.** BatchNorm's running statistics (and any other registered buffer) are snapshotted after the
-  main call and restored after every probe, so after N tuner steps they equal those after N steps of the bare
-  base optimizer on the same batches. Pass the model (or a list of modules) as ``modules=`` to the tuner.
+* **Buffers.** BatchNorm's running statistics (and any other registered buffer) are snapshotted before and
+  after the main call; every probe starts from the values the main call started from (a module whose forward
+  reads what an earlier forward wrote, such as ``spectral_norm``'s power-iteration vectors, computes the same
+  function in the probe as in the main call) and leaves them as the main call left them, so after N tuner steps
+  they equal those after N steps of the bare base optimizer on the same batches. Pass the model (or a list of
+  modules) as ``modules=`` to the tuner.
 * **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
@@ -158,16 +161,27 @@ class ProbeGuard:
             return self.protect(closure)
 
     def protect(self, fn):
-        """Run ``fn`` with the buffers restored afterwards and the main call's random state replayed."""
+        """Run ``fn`` from the buffers and the random state the main call started from; afterwards the buffers
+        are as the main call left them."""
         if not self._taken:
             self.buffers.take()
             self._rng_after = RNGSnapshot()
             self._taken = True
+        if self._main_called:
+            self.before.restore()
         if self._rng_before is not None:
             self._rng_before.restore()
         token = _PROBING.set(True)
         try:
             out = fn()
+        except RuntimeError as err:
+            if "modified by an inplace operation" not in str(err):
+                raise
+            raise RuntimeError(
+                "curvopt: the closure's backward failed in a probe because the tuner moved the parameters in place "
+                "to the probe point: the closure must build its forward pass anew at every call (a graph built "
+                "outside it, kept with retain_graph=True, still refers to the parameters' old versions). "
+                f"torch said: {err}") from err
         finally:
             _PROBING.reset(token)
             self.buffers.restore()

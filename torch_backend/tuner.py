@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from curvopt.base import BaseMethod
-from curvopt.curvature import SecantNoiseState, secant_noise_corrected
+from curvopt.curvature import SecantNoiseState, replay_mismatch, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, SECANT_STALL_MESSAGE, accumulator_dtype_name,
                             resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
 from curvopt.preconditioner import relative_rates
@@ -92,6 +92,9 @@ gradients, computes the loss, calls backward and returns the loss, e.g.
     loss = opt.step(closure)
 
 The tuner calls it once at the current parameters and, depending on the tuner, again at probe points."""
+
+#: fd probes checked against the main call's quadratic model (the first ones of a tuner)
+_REPLAY_CHECKS = 3
 
 def _stats_doc() -> str:
     return "\n".join(f"    * ``{k}``: {v}" for k, v in STAT_DOCS.items())
@@ -171,7 +174,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.noise_correction = noise_correction
         if not probes:
             self._require_probe_free(has_closure=True, error=ValueError)
-        self._replay_checked = False
+        #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
+        self._replay_checks = _REPLAY_CHECKS
         self._secant_warned = False
         self._scratch_d: dict[Tensor, Tensor] = {}
         self._concat = can_concatenate(params)
@@ -547,7 +551,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             with S.errstate():  # the secant's fallback when there is no secant
                 norms = fd_norms if fd_norms is not None else tuple(host_values(ws.norms(w0, u), S))
                 curvature = finite_difference(probe, S, numerator, norms)
-            if not self._replay_checked:
+            if self._replay_checks:
                 self._check_replay(probe, curvature)
         elif secant:
             curvature, lagged, stretch = secant_c, True, secant_stretch(prev[2], u_sq, S)
@@ -827,23 +831,31 @@ class CurvatureTuner(torch.optim.Optimizer):
         return True
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
-        """Once per tuner, at its first fd probe: the probe's loss at ``w + h u`` must be the main call's loss
-        moved along the quadratic model (``f + h g^T u + h^2 c / 2``); a closure that draws a new batch, or
-        randomness the probe does not replay, gives a loss that differs by far more. Warns once with the fix."""
-        self._replay_checked = True
+        """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
+        call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`); a closure that
+        draws a new batch, or randomness the probe does not replay, gives a loss that differs by far more, and one
+        that does not zero the gradients does from its second step on (the probes start from none, the main call
+        adds to the previous step's). Warns once with the fix."""
+        self._replay_checks -= 1
         if probe.fd_loss is None or probe.fd_step is None or self.distributed is not None:
             return
-        f, h = float(probe.loss), float(probe.fd_step)
-        model = f - h * float(probe.numerator) + 0.5 * h * h * float(curvature)
-        got = float(probe.fd_loss)
-        if math.isfinite(got) and math.isfinite(model) and abs(got - model) > 1e-2 * abs(f) + 1e-6:
+        f, h, got = float(probe.loss), float(probe.fd_step), float(probe.fd_loss)
+        c, numerator = float(curvature), float(probe.numerator)
+        if not all(map(math.isfinite, (f, got, c, numerator))):
+            return
+        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps)
+        if mismatch > 1:
+            self._replay_checks = 0
             warnings.warn(
                 f"{type(self).__name__}: the closure does not replay: at a probe point {h:.2g} * u away from the "
-                f"parameters its loss is {got:.6g}, the main call's model predicts {model:.6g}. The probes evaluate "
-                "the closure again at nearby points and need the same function each time: compute the batch "
-                "outside the closure (no next(loader) inside), keep randomness in torch's generators (the tuner "
-                "replays them), do not clip gradients inside the closure (use max_grad_norm=), and with gradient "
-                "accumulation compute every micro-batch inside the closure. Or step without probes: "
+                f"parameters its loss is {got:.9g}, the main call's model predicts {model:.9g}. The probes evaluate "
+                "the closure again at nearby points and need the same function each time: zero the gradients "
+                "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
+                "draw randomness from torch's default generators (the tuner replays them; a private "
+                "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
+                "and with gradient accumulation compute every micro-batch inside the closure. A forward pass in "
+                "bf16/fp16 (torch.autocast) trips this too: the probe's displacement is below its precision, so "
+                "the fd curvature is rounding noise; use curvature='exact' or the secant. Or step without probes: "
                 "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
                 "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
                 "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
