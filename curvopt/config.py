@@ -144,7 +144,7 @@ def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
     widest floating dtype of the parameters, at least float32 (bf16/fp16 parameters accumulate in float32).
 
     ``dtype_names``: the parameters' dtype names (``"float32"``, ``"torch.bfloat16"``, ...). Complex
-    parameters are refused: the tuners' inner products are real.
+    parameters are refused (the tuners' inner products are real), and so are integer and boolean ones.
     """
     out = "float32"
     for raw in dtype_names:
@@ -155,5 +155,8 @@ def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
         if name == "float64":
             out = "float64"
         elif name not in _FLOATS:
-            continue  # integer/bool leaves (counters, masks) do not take part
+            raise ValueError(
+                f"the parameters hold a leaf of dtype {name}: the tuners step floating-point parameters only. Keep counters "
+                "and masks out of the parameters, or leave them out of the tuner (Optax: optax.masked or "
+                "optax.multi_transform)")
     return out

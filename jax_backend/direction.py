@@ -36,13 +36,14 @@ NEGATED_DIRECTION_MESSAGE = (
 
 def accumulator_dtype(params: Any) -> Any:
     """The dtype of the tuner's own scalars (:func:`curvopt.config.accumulator_dtype_name`)."""
-    return jnp.dtype(accumulator_dtype_name(str(x.dtype) for x in jax.tree.leaves(params)))
+    return jnp.dtype(accumulator_dtype_name(str(jnp.result_type(x)) for x in jax.tree.leaves(params)))
 
 
 def least_precise_eps(params: Any) -> float:
     """Machine epsilon of the coarsest floating dtype in ``params``: a finite-difference displacement must be
     representable in every parameter."""
-    eps = [float(jnp.finfo(x.dtype).eps) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    dtypes = [jnp.result_type(x) for x in jax.tree.leaves(params)]
+    eps = [float(jnp.finfo(d).eps) for d in dtypes if jnp.issubdtype(d, jnp.floating)]
     return max(eps, default=float(jnp.finfo(jnp.float32).eps))
 
 

@@ -270,6 +270,23 @@ def test_zero_size_leaf_works_and_complex_parameters_are_refused():
         scale_by_cdat().init({"w": jnp.ones(3, jnp.complex64)})
 
 
+def test_integer_leaves_are_refused_and_python_floats_accepted():
+    """A counter kept in the parameters is refused by name at ``init`` (it failed inside ``update`` with an
+    unrelated error); a Python-float leaf works like a 0-d array (it raised ``AttributeError``)."""
+    for extra in (jnp.array(0, jnp.int32), jnp.array(True)):
+        with pytest.raises(ValueError, match="dtype (int32|bool)"):
+            cdat(optax.scale_by_adam()).init(dict(P0, count=extra))
+    p = {"w": 1.0, "v": jnp.ones(2)}
+    f = lambda q: 2.5 * q["w"] ** 2 + jnp.sum(q["v"] ** 2)  # noqa: E731
+    opt = quadratic_greedy(optax.identity())
+    s = opt.init(p)
+    v, g = jax.value_and_grad(f)(p)
+    up, s = opt.update(g, s, p, value=v, value_fn=f)
+    gg = g["w"] ** 2 + jnp.sum(g["v"] ** 2)
+    expected = gg / (5 * g["w"] ** 2 + 2 * jnp.sum(g["v"] ** 2))  # g^T g / g^T H g, H = diag(5, 2, 2)
+    assert float(stats(s)["lr"]) == pytest.approx(float(expected), rel=1e-3)
+
+
 def test_armijo_heavy_ball_resumes_after_its_momentum_turns():
     """The case the long random test found: after runs of poisoned ``value_fn`` probes, Armijo behind heavy ball
     is left with a momentum pointing uphill; the first 6 clean steps take lr 0 (each an ascent step) while the

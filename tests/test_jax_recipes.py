@@ -130,6 +130,50 @@ def _mse(model, x, y):
     return jnp.mean((model(x) - y) ** 2)
 
 
+class _DropoutNet(nnx.Module):
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(8, 16, rngs=rngs, param_dtype=jnp.float64)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.l2 = nnx.Linear(16, 3, rngs=rngs, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        return self.l2(self.drop(nnx.relu(self.l1(x))))
+
+
+def test_nnx_dropout_value_fn_replays_the_mask(x64):
+    """The README's nnx recipe with Dropout: ``value_fn`` rebuilds the model from a ``rest`` cloned before the
+    forward pass, so every probe draws the forward pass's mask and the greedy rate is the exact
+    ``g^T g / g^T H g`` of that mask's loss (with the split's ``rest`` itself, whose rng stream the forward pass
+    advances, it was 1e-6 of it)."""
+    x = jnp.asarray(RNG.normal(size=(32, 8)))
+    y = jnp.asarray(np.arange(32) % 3)
+    model = _DropoutNet(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, quadratic_greedy(optax.identity()), wrt=nnx.Param)
+
+    def xent(logits, y):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        rest = nnx.clone(rest)  # the rng state as the forward pass below starts from it
+
+        def value_fn(params, x, y):
+            return xent(nnx.merge(graphdef, params, rest, copy=True)(x), y)
+
+        g = jax.grad(value_fn)(params, x, y)
+        hg = jax.jvp(jax.grad(lambda q: value_fn(q, x, y)), (params,), (g,))[1]
+        gg = sum(jnp.vdot(a, a) for a in jax.tree.leaves(g))
+        expected = gg / sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(hg)))
+        loss, grads = nnx.value_and_grad(lambda m: xent(m(x), y))(model)
+        optimizer.update(model, grads, value=loss, value_fn=value_fn, x=x, y=y)
+        return expected
+
+    for t in range(3):
+        expected = float(train_step(model, optimizer, x, y))
+        assert float(stats(optimizer.opt_state)["lr"]) == pytest.approx(expected, rel=1e-5), t
+
+
 @pytest.mark.parametrize("with_loss", [False, True])
 def test_nnx_optimizer_update(with_loss):
     """nnx.Optimizer.update(model, grads) closure-free, and with value/value_fn over the nnx.Param state
