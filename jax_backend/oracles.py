@@ -4,7 +4,10 @@ Which one a step uses is :func:`curvopt.config.resolve_curvature` (``"auto"``: `
 ``value_fn``, ``"secant"`` otherwise), decided when the update is traced.
 
 * ``"fd"``: one extra gradient at ``w + h u`` with ``h`` from :func:`curvopt.rules.finite_difference_step`
-  (accurate to about the square root of the dtype's epsilon): ``(g(w + h u) - g(w))^T u / h``.
+  (accurate to about the square root of the dtype's epsilon): ``(g(w + h u) - g(w))^T u / h``. The epsilon is
+  the coarsest of the parameters' dtypes and of the floating dtypes ``value_fn`` computes in (read from its
+  jaxpr when the update is traced): flax's mixed precision (``dtype=jnp.bfloat16``, float32 parameters) rounds
+  a float32-sized displacement away.
 * ``"exact"``: forward-over-forward JVP of ``value_fn`` along ``u`` (about three forward passes).
 * ``"secant"``: free: this step's gradient against the previous one along the previous direction
   (:func:`curvopt.rules.secant_curvature`), lagged by one step and rescaled to the current direction. It
@@ -65,10 +68,36 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
                         ~probing & jnp.where(judged, stalled, memory.stalled))
 
 
-def fd_step(params: Any, d: Any, dtype: Any) -> Any:
-    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``)."""
-    return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=least_precise_eps(params),
-                                        xp=jnp).astype(dtype)
+def _float_dtypes(jaxpr: Any, found: set) -> set:
+    """The floating dtypes of every value a jaxpr computes, nested jaxprs (jit, cond, remat, custom rules)
+    included."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            dt = getattr(var.aval, "dtype", None)
+            if dt is not None and jnp.issubdtype(dt, jnp.floating):
+                found.add(jnp.dtype(dt))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(inner, "eqns"):
+                    _float_dtypes(inner, found)
+    return found
+
+
+def computation_eps(f: Callable[[Any], Any], params: Any) -> float:
+    """Machine epsilon of the coarsest floating dtype ``f`` computes with at ``params`` (0.0: none), from its
+    jaxpr (traced once, when the update is traced)."""
+    found = _float_dtypes(jax.make_jaxpr(f)(params).jaxpr, set())
+    return max((float(jnp.finfo(dt).eps) for dt in found), default=0.0)
+
+
+def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None) -> Any:
+    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``), ``eps``
+    the coarsest of the parameters' dtypes and, given the loss ``f``, of the dtypes it computes in."""
+    eps = least_precise_eps(params)
+    if f is not None:
+        eps = max(eps, computation_eps(f, params))
+    return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
 
 
 def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
@@ -79,7 +108,7 @@ def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
 
 def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any) -> tuple[Any, Any, Any]:
     """``(u^T H u, the gradient at the probe point w + h u, h)``."""
-    h = fd_step(params, d, dtype)
+    h = fd_step(params, d, dtype, f)
     # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
     # its fast convolution path (a 30x slower step on a small CNN).
     probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, -h, d)))

@@ -267,3 +267,32 @@ def test_adam_preconditioner_of_bfloat16_parameters_is_finite_in_both_backends()
     got_j = preconditioner_from_adam_state(states[jnp.bfloat16])
     assert got_j.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(got_j)))
     assert float(jnp.max(jnp.abs(got_j / want_j - 1))) < 2e-2
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float16"])
+def test_jax_fd_probe_sized_for_the_precision_value_fn_computes_in(compute):
+    """flax's mixed precision (float32 parameters, a model computing in bf16/fp16): the fd displacement is
+    sized from the coarsest dtype in value_fn's jaxpr, not only the parameters'. A float32-sized probe rounded
+    away in bf16 (curvature 0, greedy rate 0); now the greedy rate on a quadratic is g^T g / g^T A g to the
+    compute precision's accuracy."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from curvopt.optax import quadratic_greedy, stats
+
+    cdt = jnp.dtype(compute)
+    a = jnp.diag(jnp.array([1.0, 3.0, 10.0, 2.0]))
+
+    def loss(p):
+        w = p["w"].astype(cdt)
+        return (0.5 * w @ a.astype(cdt) @ w).astype(jnp.float32)
+
+    p = {"w": jnp.array([1.0, 1.0, 1.0, 0.5], jnp.float32)}
+    opt = quadratic_greedy(optax.identity(), curvature="fd")
+    v, g = jax.value_and_grad(loss)(p)
+    _, s = jax.jit(lambda g, s, p, v: opt.update(g, s, p, value=v, value_fn=loss))(g, opt.init(p), p, v)
+    gf = np.asarray(g["w"], np.float64)
+    expected = gf @ gf / (gf @ np.asarray(a, np.float64) @ gf)
+    assert float(stats(s)["lr"]) == pytest.approx(expected, rel=3e-2)
