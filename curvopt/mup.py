@@ -30,8 +30,8 @@ parameterisation/role  init std        forward mult  lr (Adam-like)   lr (SGD-li
 =====================  ==============  ============  ===============  ================  =============
 mup    input           σ/√fan_in       1             1                m_out             TP5 Table 3
 mup    hidden          σ/√fan_in       1             1/m_in           m_out/m_in
-mup    output          σ/√fan_in       1/m_in        1                m_in              effective init
-                                                                                        var σ²/(fan_in m_in²)
+mup    output          σ/√base_fan_in  1/m_in        1                m_in              effective init
+                                                                                        var σ²/(base_fan_in m_in²)
 sp     any             σ/√fan_in       1             1                1
 ntk    input/finite    σ/√fan_in       1             1                1
 ntk    hidden/output   σ/√base_fan_in  1/√m_in       1                1                 effective init = SP
@@ -231,8 +231,8 @@ def role_scaling(role: str, m_in: float, m_out: float, *, optimizer: str, parame
             lr = 1.0 if family == "adam" else m_out
         elif role == "hidden":
             lr = 1.0 / m_in if family == "adam" else m_out / m_in
-        elif role == "output":
-            fwd = 1.0 / m_in
+        elif role == "output":  # stored std σ/√base_fan_in, as mup's MuReadout rescales it (× √m_in)
+            init, fwd = math.sqrt(m_in), 1.0 / m_in
             lr = 1.0 if family == "adam" else m_in
     elif parameterization == "ntk":
         if role in ("hidden", "output"):

@@ -148,14 +148,21 @@ def test_role_scaling_table_cells():
     cell = lambda role, opt, par: core.role_scaling(role, m, m, optimizer=opt, parameterization=par)  # noqa: E731
     assert cell("input", "adam", "mup") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
     assert cell("hidden", "adam", "mup") == core.RoleScaling(1.0, 1.0, 0.25, 4.0)
-    assert cell("output", "adam", "mup") == core.RoleScaling(1.0, 0.25, 1.0, 1.0)
+    assert cell("output", "adam", "mup") == core.RoleScaling(2.0, 0.25, 1.0, 1.0)  # stored std σ/√base_fan_in
     assert cell("input", "sgd", "mup") == core.RoleScaling(1.0, 1.0, 4.0, 0.25)
     assert cell("hidden", "sgd", "mup") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
-    assert cell("output", "sgd", "mup") == core.RoleScaling(1.0, 0.25, 4.0, 0.25)
+    assert cell("output", "sgd", "mup") == core.RoleScaling(2.0, 0.25, 4.0, 0.25)
     for role in core.ROLES:
         assert cell(role, "adam", "sp") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
     assert cell("hidden", "sgd", "ntk") == core.RoleScaling(2.0, 0.5, 1.0, 1.0)
     assert cell("input", "adam", "ntk") == core.RoleScaling(1.0, 1.0, 1.0, 1.0)
+    # TP5 Table 3 in effective weights (forward multiplier x stored std): output init variance ∝ 1/fan_in²
+    # (mup's MuReadout: stored std σ/√fan_in rescaled by √m_in, forward 1/m_in), hidden ∝ 1/fan_in
+    for fan_in in (32, 128, 512):
+        t = core.build_table({"h": ((fan_in, fan_in), "out_in"), "o": ((10, fan_in), "out_in")},
+                             {"h": (32, 32), "o": (10, 32)})
+        assert (t["o"].forward_mult * t["o"].init_std) ** 2 * fan_in ** 2 == pytest.approx(32.0)
+        assert (t["h"].forward_mult * t["h"].init_std) ** 2 * fan_in == pytest.approx(1.0)
     # rectangular hidden growth under SGD: fan_out / fan_in multipliers
     assert core.role_scaling("hidden", 2.0, 8.0, optimizer="sgd", parameterization="mup").lr_mult == 4.0
 
@@ -213,7 +220,7 @@ def test_torch_mlp_table_by_hand():
     assert mult(t, "0.bias") == ("input", None, 1.0, 1.0, 1.0)
     assert mult(t, "2.weight") == ("hidden", 1 / math.sqrt(128), 1.0, 0.25, 4.0)
     assert mult(t, "2.bias") == ("input", None, 1.0, 1.0, 1.0)
-    assert mult(t, "4.weight") == ("output", 1 / math.sqrt(128), 0.25, 1.0, 1.0)
+    assert mult(t, "4.weight") == ("output", 1 / math.sqrt(32), 0.25, 1.0, 1.0)  # σ/√base_fan_in
     assert mult(t, "4.bias") == ("finite", None, 1.0, 1.0, 1.0)
     s = tmup.mup_table(model, base, optimizer="sgd")
     assert [s[n].lr_mult for n in ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")] == [
@@ -248,7 +255,7 @@ def test_torch_transformer_table_by_hand(width):
     assert mult(a, "blocks.1.attn.proj.weight") == ("hidden", 1 / math.sqrt(width), 1.0, 1 / m, m)
     assert mult(a, "blocks.0.mlp.0.weight") == ("hidden", 1 / math.sqrt(width), 1.0, 1 / m, m)
     assert mult(a, "blocks.0.mlp.2.weight") == ("hidden", 1 / math.sqrt(4 * width), 1.0, 1 / m, m)
-    assert mult(a, "head.weight") == ("output", 1 / math.sqrt(width), 1 / m, 1.0, 1.0)
+    assert mult(a, "head.weight") == ("output", math.sqrt(m) / math.sqrt(width), 1 / m, 1.0, 1.0)  # σ/√base_fan_in
     assert mult(a, "head.bias") == ("finite", None, 1.0, 1.0, 1.0)
     # without the override the [T, d] position table reads as a readout (fan-in = d grows): overrides exist for this
     assert tmup.mup_table(model, base)["pos"].role == "output"
@@ -277,7 +284,7 @@ def test_torch_parameterize_groups_init_and_hooks():
     assert by_name["0.weight"] == pytest.approx((1e-3, 0.1)) and by_name["4.weight"] == pytest.approx((1e-3, 0.1))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     assert model[2].weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
-    assert model[4].weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.1)
+    assert model[4].weight.std().item() == pytest.approx(1 / math.sqrt(32), rel=0.1)
     opt = torch.optim.AdamW(groups)
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in groups]
     # the readout's forward multiplier scales W x, not the bias
@@ -473,3 +480,60 @@ def test_zero_readout_and_delta_model_both_backends():
         zero_readout=True)["4.weight"])
     with pytest.raises(ValueError, match="same parameter names"):
         tmup.mup_table(torch_mlp(32), torch_mlp(32), delta_model=TorchGPT(32))
+
+
+class _ResMLP(nn.Module):
+    """``x + fc2(relu(fc1(x)))`` blocks, optionally one block shared across depth (ALBERT-style), and a head
+    reachable under a second name (``readout``)."""
+
+    def __init__(self, w: int, depth: int, shared: bool = False, alias: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(IN, w)
+        make = lambda: nn.Sequential(nn.Linear(w, 2 * w), nn.ReLU(), nn.Linear(2 * w, w))  # noqa: E731
+        one = make()
+        self.blocks = nn.ModuleList([one if shared else make() for _ in range(depth)])
+        self.head = nn.Linear(w, 3)
+        if alias:
+            self.readout = self.head
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.head(h)
+
+
+def _branch_output_factor(model, block):
+    """The factor the hooks put on a block's output (its call with hooks over its bare computation)."""
+    x = torch.randn(5, model.inp.out_features)
+    with torch.no_grad():
+        bare = block[2](block[1](block[0](x)))
+        return float((block(x) / bare).mean())
+
+
+def test_torch_residual_branch_globs_hook_each_block_once():
+    """``"blocks.*"`` matches the blocks and everything inside them: only the outermost match is a branch, so a
+    block's output is multiplied by 1/sqrt(L) once (it was (1/sqrt(L))^k, k the nested modules matched: 0.039
+    instead of 0.25 at L = 16); naming the never-called ModuleList itself is refused (its multiplier never
+    applied while the Adam lr was still scaled)."""
+    L = 16
+    model = _ResMLP(64, L)
+    tmup.parameterize(model, _ResMLP(32, L), optimizer="adam", depth=L, residual_branches=["blocks.*"], reinit=False)
+    assert _branch_output_factor(model, model.blocks[3]) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="ModuleList, which is never called"):
+        tmup.parameterize(_ResMLP(64, L), _ResMLP(32, L), optimizer="adam", depth=L, residual_branches=["blocks"])
+
+
+def test_torch_shared_block_and_aliased_head_get_one_hook_each():
+    """A block shared across depth gets the branch multiplier once per call (and its parameters one role, not a
+    'tied parameter' error), and a head reachable under two names its 1/m readout multiplier once (it got two
+    hooks: 1/m²)."""
+    L = 4
+    model = _ResMLP(64, L, shared=True, alias=True)
+    tmup.parameterize(model, _ResMLP(32, L, shared=True, alias=True), optimizer="adam", depth=L,
+                      residual_branches=["blocks.*"], reinit=False)
+    assert _branch_output_factor(model, model.blocks[2]) == pytest.approx(0.5)
+    h = torch.randn(5, 64)
+    with torch.no_grad():
+        bare = h @ model.head.weight.T * 0.5 + model.head.bias  # readout multiplier 1/m = 1/2 on W h
+        torch.testing.assert_close(model.head(h), bare)

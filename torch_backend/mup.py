@@ -128,9 +128,16 @@ def _build(
     core.check_same_names(views, base_views)
     branch_modules: list[str] = []
     if residual_branches:
-        names = [n for n, _ in model.named_modules() if n]
-        for pat, hits in core.match_names(residual_branches, names, "residual_branches").items():
+        by_name = {n: m for n, m in model.named_modules(remove_duplicate=False) if n}  # a shared block: every name
+        for pat, hits in core.match_names(residual_branches, list(by_name), "residual_branches").items():
             branch_modules += [h for h in hits if h not in branch_modules]
+        # a glob also matches inside a branch ("blocks.*" matches "blocks.0.attn"): the outermost match is the branch
+        branch_modules = [b for b in branch_modules if not any(b.startswith(o + ".") for o in branch_modules)]
+        for b in branch_modules:
+            if isinstance(by_name[b], (nn.ModuleList, nn.ModuleDict)):
+                raise ValueError(
+                    f"residual_branches matches {b!r}, a {type(by_name[b]).__name__}, which is never called: its "
+                    f"branch multiplier would not apply. Name the branches inside it (e.g. '{b}.*').")
     if residual_branches and depth is None:
         raise ValueError("residual_branches needs depth (the number of residual blocks L)")
     in_branch = [v for v, (mname, *_rest) in views.items()
@@ -232,7 +239,7 @@ def parameterize(
         zero_readout=zero_readout, delta_model=delta_model)
 
     # Check every non-unit forward multiplier can be applied before changing anything.
-    module_mult: dict[str, tuple[nn.Module, float, str]] = {}
+    module_mult: dict[int, tuple[nn.Module, float, str]] = {}  # by module: one hook for a module under two names
     for v, (mname, mod, pname, p) in views.items():
         c = table[v].forward_mult
         if c == 1.0:
@@ -247,7 +254,9 @@ def parameterize(
                 f"{type(mod).__name__}; only nn.Linear, nn.ConvNd and nn.Embedding weights are supported. "
                 "Apply it in your forward from mup_table(...) or override the role."
             )
-        module_mult[mname] = (mod, c, kind)
+        if module_mult.setdefault(id(mod), (mod, c, kind)) != (mod, c, kind):
+            raise ValueError(f"curvopt.mup: module {mname!r} is reachable under several names that need different "
+                             "forward multipliers; pass overrides to give its parameters one role")
 
     remove_parameterization(model)
     if reinit:
@@ -257,14 +266,14 @@ def parameterize(
                 if std is not None:
                     views[vs[0]][3].normal_(0.0, std, generator=generator)
     handles = []
-    for mname, (mod, c, kind) in module_mult.items():
+    for mod, c, kind in module_mult.values():
         if kind == "input":
             handles.append(mod.register_forward_pre_hook(_ScaleInput(c)))
         else:
             handles.append(mod.register_forward_hook(_ScaleOutput(c)))
-    modules = dict(model.named_modules())
-    for b in branch_modules:
-        handles.append(modules[b].register_forward_hook(_ScaleOutput(branch_mult)))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for mod in {id(m): m for m in (modules[b] for b in branch_modules)}.values():  # a shared block once
+        handles.append(mod.register_forward_hook(_ScaleOutput(branch_mult)))
     model.__dict__[_HANDLES_ATTR] = handles
     canonical_table = {n: table[vs[0]] for n, vs in aliases.items()}
     model.__dict__[_TABLE_ATTR] = canonical_table
