@@ -402,6 +402,11 @@ def build_table(
             width_mult_in=m_in, width_mult_out=m_out, init_std=init_std, forward_mult=fwd,
             lr_mult=width_depth_lr * g_lr, wd_mult=1.0 / width_depth_lr, residual_branch=in_branch,
         )
+    if gamma != 1.0 and not any(s.role == "output" for s in table.values()):
+        raise ValueError(
+            f"gamma={gamma:g} multiplies the readout by 1/gamma, but no parameter has the output role (a target as "
+            "wide as the base: pass delta_model; a readout through a tied embedding: override its role), so only "
+            "the learning-rate part of the rule would apply")
     return table
 
 

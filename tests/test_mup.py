@@ -463,8 +463,11 @@ def test_coordinate_check_mup_vs_sp():
 
 
 def test_zero_readout_and_delta_model_both_backends():
-    t = tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5)
-    assert t["4.weight"].role == "finite" and t["4.weight"].forward_mult == 1.0  # base width: no readout known
+    # base width without delta_model: no readout is known, so gamma's 1/gamma output multiplier has nowhere to
+    # go; refused (it applied the gamma learning-rate scale alone)
+    with pytest.raises(ValueError, match="no parameter has the output role"):
+        tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5)
+    assert tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd")["4.weight"].role == "finite"
     t = tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5, delta_model=torch_mlp(64),
                        zero_readout=True)
     assert mult(t, "4.weight") == ("output", 0.0, 2.0, 0.25, 1.0)
@@ -537,3 +540,30 @@ def test_torch_shared_block_and_aliased_head_get_one_hook_each():
     with torch.no_grad():
         bare = h @ model.head.weight.T * 0.5 + model.head.bias  # readout multiplier 1/m = 1/2 on W h
         torch.testing.assert_close(model.head(h), bare)
+
+
+class _TiedHeadFirst(nn.Module):
+    """A language-model head registered before the embedding it shares its weight with."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.head = nn.Linear(d, VOCAB, bias=False)
+        self.emb = nn.Embedding(VOCAB, d)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens))
+
+
+def test_torch_tied_embedding_is_drawn_as_the_embedding_whichever_registers_first():
+    """The shared tensor gets the embedding's init std (σ, Θ(1) coordinates), not the readout's (it took the
+    first-registered view's: σ/√base_d, and zero with zero_readout=True), and the head keeps its 1/m forward
+    multiplier; a keyword call (``head(input=h)``) goes through the input hook too."""
+    torch.manual_seed(0)
+    model = _TiedHeadFirst(256)
+    tmup.parameterize(model, _TiedHeadFirst(64), optimizer="adam", zero_readout=True,
+                      overrides={"emb.weight": "embedding", "head.weight": "output"})
+    assert model.emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    h = torch.randn(3, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(model.head(input=h), h @ model.emb.weight.T / 4)

@@ -34,13 +34,18 @@ _LINEAR_IN_INPUT = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class _ScaleInput:
-    """Forward pre-hook: multiply the first positional input by a constant."""
+    """Forward pre-hook (``with_kwargs=True``): multiply the input (the first positional argument, or the
+    ``input=`` keyword of ``nn.Linear``/``nn.ConvNd``) by a constant."""
 
     def __init__(self, mult: float):
         self.mult = float(mult)
 
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        return (args[0] * self.mult,) + tuple(args[1:])
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (args[0] * self.mult,) + tuple(args[1:]), kwargs
+        if "input" in kwargs:
+            return args, {**kwargs, "input": kwargs["input"] * self.mult}
+        raise TypeError(f"curvopt.mup: {type(module).__name__} called without its input (positional or input=)")
 
     def __repr__(self) -> str:
         return f"ScaleInput({self.mult:g})"
@@ -262,13 +267,15 @@ def parameterize(
     if reinit:
         with torch.no_grad():
             for name, vs in aliases.items():
-                std = table[vs[0]].init_std
+                # a tied embedding/unembedding is drawn as the embedding (mup's MuSharedReadout), whichever
+                # module registered it first; the readout view keeps its forward multiplier
+                std = table[next((v for v in vs if table[v].role != "output"), vs[0])].init_std
                 if std is not None:
                     views[vs[0]][3].normal_(0.0, std, generator=generator)
     handles = []
     for mod, c, kind in module_mult.values():
         if kind == "input":
-            handles.append(mod.register_forward_pre_hook(_ScaleInput(c)))
+            handles.append(mod.register_forward_pre_hook(_ScaleInput(c), with_kwargs=True))
         else:
             handles.append(mod.register_forward_hook(_ScaleOutput(c)))
     modules = dict(model.named_modules(remove_duplicate=False))
