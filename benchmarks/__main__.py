@@ -165,6 +165,22 @@ def experiments_from_args(args):
     return suite, exps, backends, args.tuners, args.seeds or suite.seeds, args.params
 
 
+def _check_cells(parser, exps, backends, params) -> None:
+    """Two experiments that would share one report cell (task, regime, backend, parameterisation) with
+    different settings (e.g. ``--params sp`` turning the default suite's μP ViT into a second SP ViT on other
+    data) are refused: the report would compare one's tuners with the other's best constant."""
+    seen: dict = {}
+    for e in exps:
+        for backend in backends or e.backends:
+            for param in params or e.params:
+                cell = (e.task, e.regime, backend, param)
+                other = seen.setdefault(cell, e)
+                if other.settings_hash() != e.settings_hash():
+                    parser.error(f"two experiments of this plan would share the report cell {' '.join(cell)} with "
+                                 "different settings (data size, model, steps): narrow it with --tasks/--regimes, or "
+                                 "leave --params/--backend at the suite's")
+
+
 def _check_paths(parser, args) -> None:
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir!r} is not a directory")
@@ -197,6 +213,9 @@ def main(argv=None) -> int:
     suite, exps, backends, tuners, seeds, params = experiments_from_args(args)
     if not exps:
         parser.error(f"no experiment of suite {args.suite!r} matches --tasks/--regimes")
+    _check_cells(parser, exps, backends, params)
+    if args.report_only and not os.path.isfile(os.path.join(out, RESULTS)):
+        parser.error(f"--report-only: no {RESULTS} in {out!r} (run the suite first, or pass its --out)")
     try:
         specs = plan_mod.plan(exps, tuners=tuners, backends=backends, seeds=seeds, params=params)
     except ValueError as e:

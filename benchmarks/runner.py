@@ -23,6 +23,13 @@ from .results import RESULTS, OutputLock, append_result, load_results, rewrite_w
 __all__ = ["run_one", "run_all", "unavailable_reason"]
 
 
+def _worker_error(spec: RunSpec, exc: BaseException) -> dict:
+    """The record of a run whose worker process failed it (died, or could not return the result)."""
+    return {"key": spec.key, "status": "error", "error": f"worker: {exc!r}", "task": spec.exp.task,
+            "regime": spec.exp.regime, "width": spec.width, "tuner": spec.label, "tuner_name": spec.tuner,
+            "param": spec.param, "backend": spec.backend, "seed": spec.seed}
+
+
 def run_one(spec: RunSpec, progress=None) -> dict:
     """Train one run and return its record (status ``ok``/``diverged``/``error``)."""
     e = spec.exp
@@ -85,6 +92,7 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
     :class:`benchmarks.results.LockedError` if another runner holds ``out_dir``."""
     from collections import deque
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm.auto import tqdm
 
@@ -176,29 +184,39 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
             else:
                 import multiprocessing
 
-                with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_worker_init) as pool:
-                    running: dict = {}
-                    while todo or running:
-                        while todo and len(running) < jobs:
-                            spec = todo.popleft()
-                            if ready(spec):
-                                running[pool.submit(run_one, spec)] = spec
-                        if not running:
-                            continue
-                        done, _ = wait(running, return_when=FIRST_COMPLETED)
-                        for fut in done:
-                            spec = running.pop(fut)
-                            try:
-                                rec = fut.result()
-                            except Exception as exc:  # the worker died (e.g. killed by the OOM killer)
-                                rec = {"key": spec.key, "status": "error", "error": f"worker: {exc!r}",
-                                       "task": spec.exp.task, "regime": spec.exp.regime, "width": spec.width,
-                                       "tuner": spec.label, "tuner_name": spec.tuner, "param": spec.param,
-                                       "backend": spec.backend, "seed": spec.seed}
-                            recorded(spec, rec)
-                            bar.set_postfix_str(label(spec))
-                            bar.update(spec.exp.steps)
+                # A worker that dies (the OOM killer, kill -9) breaks the whole pool and fails every run in
+                # flight, not only its own: those runs go back to the queue and a new pool takes over; a run in
+                # flight at a second break is recorded as failed.
+                breaks: dict = {}
+                while todo:
+                    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init) as pool:
+                        running: dict = {}
+                        broken = False
+                        while (todo and not broken) or running:
+                            while todo and not broken and len(running) < jobs:
+                                spec = todo.popleft()
+                                if ready(spec):
+                                    running[pool.submit(run_one, spec)] = spec
+                            if not running:
+                                continue
+                            done, _ = wait(running, return_when=FIRST_COMPLETED)
+                            for fut in done:
+                                spec = running.pop(fut)
+                                try:
+                                    rec = fut.result()
+                                except BrokenProcessPool as exc:
+                                    broken = True
+                                    breaks[spec.key] = breaks.get(spec.key, 0) + 1
+                                    if breaks[spec.key] < 2:
+                                        todo.appendleft(spec)
+                                        continue
+                                    rec = _worker_error(spec, exc)
+                                except Exception as exc:  # noqa: BLE001 - recorded; the sweep goes on
+                                    rec = _worker_error(spec, exc)
+                                recorded(spec, rec)
+                                bar.set_postfix_str(label(spec))
+                                bar.update(spec.exp.steps)
         finally:
             bar.close()
         counts["failed"] = sum(1 for k in seen if records.get(k, {}).get("status") == "error")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 __all__ = ["Experiment", "Suite", "SUITES", "get_suite", "grid"]
@@ -65,10 +66,18 @@ class Experiment:
     params: tuple[str, ...] = ("sp",)  # parameterisations ("sp", "mup"); --params overrides
 
     def settings_hash(self) -> str:
-        """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one."""
+        """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one. The
+        widths are an axis, except that μP's base model is the narrowest of them; a local data directory
+        counts by its path (left out when unset, so the embedded defaults keep their hashes)."""
         d = asdict(self)
-        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "data_dir", "backends", "params"):
+        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
             d.pop(k)
+        if "mup" in self.params:
+            d["mup_base_width"] = min(self.widths)
+        if d["data_dir"] is None:
+            d.pop("data_dir")
+        else:
+            d["data_dir"] = os.path.abspath(d["data_dir"])
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

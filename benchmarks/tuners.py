@@ -116,7 +116,8 @@ def _rule(spec: TunerSpec, settings: dict, base: str):
     cls = getattr(rules, spec.rule)
     kw = dict(settings)
     if spec.rule == "EdgeOfStabilityRule":
-        kw["coefficient"] = kw.pop("stability_coefficient", None) or _base_method(base).coefficient
+        given = kw.pop("stability_coefficient", None)
+        kw["coefficient"] = _base_method(base).coefficient if given is None else given
     return cls(**kw)
 
 

@@ -1,6 +1,7 @@
 """Benchmark runner: results file (append/resume/repair/damage), plan and grid widening, command-line checks,
 the output lock, exit status, report and CLI on micro configurations."""
 import ast
+import dataclasses
 import json
 import os
 import sys
@@ -238,6 +239,8 @@ BAD_ARGS = [
     (["--steps", "0"], "--steps"), (["--seeds", "-1"], "--seeds"), (["--tasks", "foo"], "--tasks"),
     (["--regimes", "half"], "--regimes"), (["--params", "ntk"], "--params"), (["--threads", "0"], "--threads"),
     (["--text", "/nonexistent/file.txt"], "--text"), (["--tuners", "constant:lr=0"], "lr"),
+    (["--tuners", "eos:stability_coefficient=0"], "stability_coefficient"),  # was replaced by the default
+    (["--report-only"], "--report-only"),  # no results there: was a traceback
 ]
 
 
@@ -252,6 +255,29 @@ def test_cli_refuses_bad_command_lines_before_any_run(tmp_path, capsys, args, ma
     err = capsys.readouterr().err
     assert "error:" in err and match in err, err
     assert not out.exists()
+
+
+def test_cli_refuses_overrides_that_merge_two_experiments_into_one_cell(tmp_path, capsys):
+    """``--params sp`` on the default suite's ViT turns its μP rows (256 digits) into a second SP ViT cell next
+    to the 1,024-digit one: the report compared one's tuners with the other's best constant. Refused."""
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--suite", "default", "--tasks", "vit", "--params", "sp", "--out", str(tmp_path / "o"), "--list"])
+    assert e.value.code == 2 and "share the report cell" in capsys.readouterr().err
+
+
+def test_settings_hash_knows_the_mup_base_width_and_the_data_directory():
+    """A resume reuses a run only with the same hash: μP's base model is the narrowest width (a rerun with
+    another narrowest width reused the old μP runs), and a local data directory is part of the data (another
+    --data-dir reused the first one's runs); the embedded defaults keep their hash."""
+    from benchmarks.suites import Experiment
+
+    sp = Experiment("mlp", "full", (16, 32), ("cdat",), 10)
+    mup = dataclasses.replace(sp, params=("mup",))
+    assert dataclasses.replace(sp, widths=(32,)).settings_hash() == sp.settings_hash()
+    assert dataclasses.replace(mup, widths=(32,)).settings_hash() != mup.settings_hash()
+    assert dataclasses.replace(sp, data_dir="/a").settings_hash() != dataclasses.replace(sp, data_dir="/b").settings_hash()
 
 
 # --------------------------------------------------------------------------------------- report and CLI
