@@ -156,7 +156,7 @@ def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
             out = "float64"
         elif name not in _FLOATS:
             raise ValueError(
-                f"the parameters hold a leaf of dtype {name}: the tuners step floating-point parameters only. Keep counters "
-                "and masks out of the parameters, or leave them out of the tuner (Optax: optax.masked or "
-                "optax.multi_transform)")
+                f"the parameters hold a leaf of dtype {name}: the tuners step floating-point parameters only. "
+                "Keep counters and masks out of the parameters, or leave them out of the tuner (Optax: "
+                "optax.masked or optax.multi_transform)")
     return out

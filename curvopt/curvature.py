@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["finite_difference_curvature", "replay_mismatch", "rayleigh_converged", "SecantNoiseState", "SECANT_NOISE_EMA",
-           "SECANT_NOISE_FLOOR", "secant_noise_numerator", "secant_noise_corrected"]
+__all__ = ["finite_difference_curvature", "replay_mismatch", "rayleigh_converged", "SecantNoiseState",
+           "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "secant_noise_numerator", "secant_noise_corrected"]
 
 
 def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
@@ -28,9 +28,9 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     With ``c`` the curvature from the same two gradients, ``f + h g^T u + h^2 c / 2`` is the trapezoid rule
     ``f + h (g(w) + g(w + h u))^T u / 2``, off by ``h^3 / 12`` times the third derivative along ``u`` only: far
     below a tenth of the step's own first-order change ``h |g^T u|``. The loss's rounding is allowed 100
-    roundings of its dtype (``loss_eps``: the machine epsilon). A new batch or noise the probe does not replay, a closure that adds to the previous gradients,
-    or a forward pass in a low precision (bf16 autocast: ``w + h u`` rounds back to ``w``) all exceed it.
-    ``numerator = -g^T u``; host floats."""
+    roundings of its dtype (``loss_eps``: the machine epsilon). A new batch or noise the probe does not replay,
+    a closure that adds to the previous gradients, or a forward pass in a low precision (bf16 autocast:
+    ``w + h u`` rounds back to ``w``) all exceed it. ``numerator = -g^T u``; host floats."""
     model = loss - h * numerator + 0.5 * h * h * curvature
     allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * abs(loss) + 1e-30
     return abs(probe_loss - model) / allowed, model

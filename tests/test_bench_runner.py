@@ -277,7 +277,8 @@ def test_settings_hash_knows_the_mup_base_width_and_the_data_directory():
     mup = dataclasses.replace(sp, params=("mup",))
     assert dataclasses.replace(sp, widths=(32,)).settings_hash() == sp.settings_hash()
     assert dataclasses.replace(mup, widths=(32,)).settings_hash() != mup.settings_hash()
-    assert dataclasses.replace(sp, data_dir="/a").settings_hash() != dataclasses.replace(sp, data_dir="/b").settings_hash()
+    at = lambda path: dataclasses.replace(sp, data_dir=path).settings_hash()  # noqa: E731
+    assert at("/a") != at("/b")
 
 
 # --------------------------------------------------------------------------------------- report and CLI
