@@ -132,6 +132,7 @@ def _build(
     base_views, _ = _views(base_model)
     core.check_same_names(views, base_views)
     branch_modules: list[str] = []
+    by_name: dict[str, nn.Module] = {}
     if residual_branches:
         by_name = {n: m for n, m in model.named_modules(remove_duplicate=False) if n}  # a shared block: every name
         for pat, hits in core.match_names(residual_branches, list(by_name), "residual_branches").items():
@@ -165,7 +166,8 @@ def _build(
                 )
     branch_mult = core.depth_multiplier(depth)
     attention = core.resolve_attention(attention, parameterization)
-    return views, aliases, table, branch_modules, branch_mult, attention
+    branches = list({id(by_name[b]): by_name[b] for b in branch_modules}.values())  # a shared block once
+    return views, aliases, table, branches, branch_mult, attention
 
 
 def mup_table(model: nn.Module, base_model: nn.Module, *, optimizer: str = "adam", parameterization: str = "mup",
@@ -238,7 +240,7 @@ def parameterize(
     """
     check_positive("lr", lr)
     check_nonnegative("weight_decay", weight_decay)
-    views, aliases, table, branch_modules, branch_mult, attention = _build(
+    views, aliases, table, branches, branch_mult, attention = _build(
         model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
         zero_readout=zero_readout, delta_model=delta_model)
@@ -278,8 +280,7 @@ def parameterize(
             handles.append(mod.register_forward_pre_hook(_ScaleInput(c), with_kwargs=True))
         else:
             handles.append(mod.register_forward_hook(_ScaleOutput(c)))
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for mod in {id(m): m for m in (modules[b] for b in branch_modules)}.values():  # a shared block once
+    for mod in branches:
         handles.append(mod.register_forward_hook(_ScaleOutput(branch_mult)))
     model.__dict__[_HANDLES_ATTR] = handles
     canonical_table = {n: table[vs[0]] for n, vs in aliases.items()}

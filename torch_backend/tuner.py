@@ -96,6 +96,13 @@ The tuner calls it once at the current parameters and, depending on the tuner, a
 #: fd probes checked against the main call's quadratic model (the first ones of a tuner)
 _REPLAY_CHECKS = 3
 
+
+def _unhooked_step(base: torch.optim.Optimizer) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
+    """The base's ``step`` without torch's hook wrapper (``type(base).step.__wrapped__``), or None when its
+    step is not torch's hooked one (a custom wrapper, or ``step`` patched on the instance)."""
+    fn = getattr(type(base).step, "__wrapped__", None)
+    return None if fn is None or "step" in base.__dict__ else fn
+
 def _stats_doc() -> str:
     return "\n".join(f"    * ``{k}``: {v}" for k, v in STAT_DOCS.items())
 
@@ -337,7 +344,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         :meth:`_base_step` (the base's step at its own lr, before the tuner rescales it). Empty when the base's
         ``step`` is not torch's hooked one (then :meth:`_base_step` calls it as it is, hooks and all)."""
         base = self.base
-        if getattr(type(base).step, "__wrapped__", None) is None or "step" in base.__dict__:
+        if _unhooked_step(base) is None:
             return {}, {}
         return base._optimizer_step_pre_hooks, base._optimizer_step_post_hooks
 
@@ -865,12 +872,11 @@ class CurvatureTuner(torch.optim.Optimizer):
     def _base_step(self) -> None:
         """``base.step()`` without torch's step hooks: the global ones fire once, for the tuner's step, and the
         base's own ones around the tuner's whole step (:meth:`_base_hooks`)."""
-        base = self.base
-        fn = getattr(type(base).step, "__wrapped__", None)
-        if fn is None or "step" in base.__dict__:
-            base.step()
+        fn = _unhooked_step(self.base)
+        if fn is None:
+            self.base.step()
             return
-        fn(base)
+        fn(self.base)
 
     def _group_lr(self) -> float:
         """The largest group lr (the relative multiplier): effective lr = tuner lr x group lr."""
