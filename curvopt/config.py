@@ -20,6 +20,8 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "secant_stalled",
+    "GRADIENT_MISSING_MESSAGE",
+    "has_gradient",
     "accumulator_dtype_name",
 ]
 
@@ -134,6 +136,23 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any,
     is far above the probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
     judged = steps_since_probe == SECANT_STALL_STEPS
     return judged, judged & (lr < probe_lr)
+
+
+GRADIENT_MISSING_MESSAGE = (
+    "every entry of the gradient is zero: step skipped (parameters, base state and tuner state unchanged). "
+    "Without a closure (PyTorch) or value_fn (Optax) the tuner reads the gradient it is handed: call "
+    "loss.backward() before opt.step() (gradients zeroed with set_to_none=False and no backward look like this); "
+    "a batch whose loss does not depend on the parameters (every target ignored under a summed loss) has nothing "
+    "to step on.")
+
+
+def has_gradient(grad_sq: Any) -> Any:
+    """Whether a closure-free step (the secant's: the gradient is handed over, not computed by the tuner) can be
+    taken: ``||g||^2 > 0``. A gradient that is zero in every entry carries no descent information and is most
+    often one that was never computed (:data:`GRADIENT_MISSING_MESSAGE`); the secant would read the previous
+    step's ``-g_{t-1}^T u_{t-1}`` against it as curvature, and a momentum or Adam base would still move. Such a
+    step is skipped like a non-finite one (a NaN ``grad_sq`` gives False too)."""
+    return grad_sq > 0
 
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, secant_caveat
+from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, has_gradient, secant_caveat
 from curvopt.preconditioner import adam_preconditioner
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
                            default_numerator, default_sigma, momentum_numerator, paired_numerator,
@@ -287,7 +287,10 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 paired=state.paired if state.paired is None else _predict(p, fd_probe, lr, state.paired),
                 stats=stats)
 
-        return select(p.finite, taken(), skip(updates, state))
+        ok = p.finite
+        if oracle == "secant" and p.f is None:  # closure-free: a gradient that was never computed is skipped
+            ok = ok & has_gradient(vdot(p.grad, p.grad, dtype))
+        return select(ok, taken(), skip(updates, state))
 
     return optax.GradientTransformationExtraArgs(init, update)
 

@@ -227,7 +227,8 @@ def ascent_count(p: Prepared, ascent_steps: Any, steps: Any, warn: bool) -> Any:
 
 
 def skip(updates: Any, state: Any) -> tuple[Any, Any]:
-    """A step that cannot be taken (non-finite value, gradient or direction), as in PyTorch: zero updates,
+    """A step that cannot be taken (non-finite value, gradient or direction; closure-free, a gradient that is zero
+    in every entry: :func:`curvopt.config.has_gradient`), as in PyTorch: zero updates,
     ``skipped + 1``, the step's ``lr``/``numerator``/``curvature``/``eos_ratio`` NaN, one evaluation; all other
     state untouched."""
     s = state.stats

@@ -9,7 +9,8 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    direction ``u = w_new - w0`` (see :mod:`torch_backend.direction`) and ``numerator = -g^T u``;
 3. one host sync: if the loss or ``-g^T u`` is not finite (a NaN/Inf loss or gradient, or a base direction
    that overflowed, e.g. fp16 Adam) the step is **skipped**: parameters and the base's state (Adam's step
-   counter and moments included) are put back, ``stats["skipped"]`` + 1, a warning;
+   counter and moments included) are put back, ``stats["skipped"]`` + 1, a warning; a closure-free step whose
+   gradient is zero in every entry is skipped the same way (:func:`curvopt.config.has_gradient`);
 4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
    ``w0`` (after the base stepped, so Adam's ``P`` is the one of this step's update), by the core's power
    iteration on finite-difference Hessian-vector products;
@@ -49,8 +50,9 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, replay_mismatch, secant_noise_corrected
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, SECANT_STALL_MESSAGE, accumulator_dtype_name,
-                            resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE,
+                            accumulator_dtype_name, has_gradient, resolve_curvature, secant_caveat, secant_stalled,
+                            sharpness_due)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -95,6 +97,9 @@ The tuner calls it once at the current parameters and, depending on the tuner, a
 
 #: fd probes checked against the main call's quadratic model (the first ones of a tuner)
 _REPLAY_CHECKS = 3
+#: the warning of a step skipped for a non-finite input (:func:`curvopt.rules.apply_rule`'s guard, taken early)
+SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
+                "state unchanged)")
 
 
 def _unhooked_step(base: torch.optim.Optimizer) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
@@ -453,6 +458,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.flat, u.flat))
             if late:
                 pairs.append((scratch.flat, ws.u[held].flat))
+            if closure is None:
+                pairs.append((scratch.flat, scratch.flat))
             reductions = flat_dots(pairs)
             flat = (w0.flat, u.flat, scratch.flat, scratch.views)
         else:
@@ -461,6 +468,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.views, u.views))
             if late:
                 pairs.append((grads, prev_u))
+            if closure is None:
+                pairs.append((grads, grads))
             reductions = [dots(pairs)]
             flat = None
         fd = oracle == "fd"
@@ -477,6 +486,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         g_dot_u = next(it)
         u_sq = next(it) if secant else None
         g_dot_prev_u = next(it) if late else None
+        grad_sq = next(it) if closure is None else None
         loss_v = next(it) if loss_t is not None else S(math.nan)
         if early:
             g_dot_prev_u = next(it)
@@ -516,6 +526,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not ok:
             tx.undo_base()
             return self._skip(loss, p0)
+        if grad_sq is not None and not has_gradient(grad_sq):
+            tx.undo_base()
+            return self._skip(loss, p0, GRADIENT_MISSING_MESSAGE)
         f_star = getattr(rule, "f_star", -math.inf)
         if loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
@@ -971,11 +984,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             out[space] = (value.to(like), v, used)
         return out
 
-    def _skip(self, loss: Any, p0: Tensor) -> Any:
+    def _skip(self, loss: Any, p0: Tensor, why: str = SKIP_MESSAGE) -> Any:
         skipped = self._globals().get(layout.SKIPPED, 0) + 1
-        warnings.warn(
-            f"{type(self).__name__}: non-finite loss, gradient or base direction, step skipped (parameters, base "
-            f"state and tuner state unchanged; {skipped} skipped so far)", RuntimeWarning, stacklevel=5)
+        warnings.warn(f"{type(self).__name__}: {why} ({skipped} skipped so far)", RuntimeWarning, stacklevel=5)
         self.state[p0][layout.SKIPPED] = skipped
         self.guard.finish()
         self._stats = self._nan_stats(skipped=skipped, closure_calls=self.guard.calls)
