@@ -104,9 +104,11 @@ OPTIMIZERS = ("adam", "sgd")
 PARAMETERIZATIONS = ("mup", "sp", "ntk")
 #: How a tensor's axes map to fan-in / fan-out.
 #: ``out_in``: PyTorch Linear/Conv ``[out, in, *kernel]``; ``in_out``: Flax/JAX ``[*kernel, in, out]``;
-#: ``embedding``: ``[vocab, dim]`` (fan-in = vocab for roles, one-hot input so init std = σ);
-#: ``vector``: 1-D (bias, norm gain): fan-out = its length, fan-in = 1.
-LAYOUTS = ("out_in", "in_out", "embedding", "vector")
+#: ``in_heads``: Flax ``DenseGeneral`` onto several output axes ``[in, *out]`` (attention's query/key/value
+#: kernels ``[in, heads, head_dim]``); ``embedding``: ``[vocab, dim]`` (fan-in = vocab for roles, one-hot input
+#: so init std = σ); ``vector``: a bias or norm gain of any shape (Flax attention's biases are
+#: ``[heads, head_dim]``): every axis fan-out, fan-in = 1, never re-initialised.
+LAYOUTS = ("out_in", "in_out", "in_heads", "embedding", "vector")
 ATTENTION_SCALINGS = ("1/d", "1/sqrt(d)")
 
 # Names users pass for the optimizer family; anything Adam-like (per-coordinate normalised updates) vs SGD-like.
@@ -160,9 +162,7 @@ class ParamScaling:
 def _check_layout(layout: str, shape: Sequence[int]) -> None:
     check_choice("layout", layout, LAYOUTS)
     nd = len(shape)
-    if layout == "vector" and nd > 1:
-        raise ValueError(f"layout 'vector' needs a 0-d or 1-d shape, got {tuple(shape)}")
-    if layout in ("out_in", "in_out", "embedding") and nd < 2:
+    if layout in ("out_in", "in_out", "in_heads", "embedding") and nd < 2:
         raise ValueError(f"layout {layout!r} needs at least 2 dims, got shape {tuple(shape)}")
     if layout == "embedding" and nd != 2:
         raise ValueError(f"layout 'embedding' needs a 2-d [vocab, dim] shape, got {tuple(shape)}")
@@ -177,6 +177,8 @@ def _axes(shape: Sequence[int], layout: str) -> tuple[tuple[int, ...], tuple[int
         return tuple(range(1, nd)), (0,)
     if layout == "in_out":
         return tuple(range(0, nd - 1)), (nd - 1,)
+    if layout == "in_heads":
+        return (0,), tuple(range(1, nd))
     return (0,), (1,)  # embedding
 
 
@@ -198,7 +200,7 @@ def infer_role(shape: Sequence[int], base_shape: Sequence[int], layout: str) -> 
     """Role from the dimensions that differ between the target and the base (as ``mup.set_base_shapes``).
 
     No differing dim: ``"finite"``; only fan-out dims differ: ``"input"``; only fan-in dims: ``"output"``;
-    both: ``"hidden"``. 1-D tensors (biases, gains) are fan-out only, so they are ``"input"`` when they grow.
+    both: ``"hidden"``. Vectors (biases, gains) are fan-out only, so they are ``"input"`` when they grow.
     """
     shape, base_shape = tuple(int(s) for s in shape), tuple(int(s) for s in base_shape)
     if len(shape) != len(base_shape):
@@ -362,7 +364,7 @@ def build_table(
         for n in names:
             role_over[n] = role
     if gamma_depth is None:
-        gamma_depth = depth if depth is not None else max(1, sum(len(s) >= 2 for s, _ in shapes.values()))
+        gamma_depth = depth if depth is not None else max(1, sum(len(s) >= 2 and lay != "vector" for s, lay in shapes.values()))
     g_lr = gamma_lr_scale(gamma, family, gamma_depth)
     g_out = gamma_output_multiplier(gamma)
     d_lr = depth_lr_mult(depth, family)
@@ -386,7 +388,7 @@ def build_table(
         m_in, m_out = width_mults(shape, base, layout)
         cell = role_scaling(role, m_in, m_out, optimizer=family, parameterization=parameterization)
         fi, fo = fans(shape, layout)
-        if len(shape) < 2:
+        if len(shape) < 2 or layout == "vector":
             init_std = None
         elif layout == "embedding":
             init_std = init_sigma * cell.init_mult

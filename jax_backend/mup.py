@@ -3,8 +3,10 @@
 The numbers come from :mod:`curvopt.mup` (the same table as the PyTorch backend). Leaf names are the pytree
 paths joined by ``/`` (``"params/Dense_0/kernel"`` for a Flax param dict). Tensors are read in Flax's layout
 ``[*kernel, in, out]`` by default (``layouts={glob: "out_in"}`` for PyTorch-style arrays); 0-d/1-d leaves
-are vectors (biases, norm gains). Flax ``nn.Embed`` tables look like Dense kernels ``[vocab, dim]`` — same
-role and learning rate — but their init should ignore the vocabulary: pass ``overrides={path: "embedding"}``.
+and every ``bias``/``scale`` leaf are vectors (biases, norm gains), and the 3-d ``query``/``key``/``value``
+kernels of Flax's attention are ``[in, heads, head_dim]`` (layout ``in_heads``). Flax ``nn.Embed`` tables look
+like Dense kernels ``[vocab, dim]`` — same role and learning rate — but their init should ignore the
+vocabulary: pass ``overrides={path: "embedding"}``.
 
 Usage::
 
@@ -57,6 +59,20 @@ def _named_shapes(tree: Any, what: str) -> tuple[dict[str, tuple], Any]:
     return out, treedef
 
 
+def _default_layout(name: str, shape: tuple[int, ...]) -> str:
+    """Flax's layout of a leaf: a ``bias``/``scale`` leaf or a 0-d/1-d one is a vector (attention's biases are
+    ``[heads, head_dim]``), a 3-d ``query``/``key``/``value`` kernel is attention's ``[in, heads, head_dim]``
+    (``in_heads``), any other ``[*kernel, in, out]``. An ``nnx`` state's paths end in the variable's ``value``."""
+    parts = name.split("/")
+    if len(parts) > 2 and parts[-1] == "value" and parts[-2] in ("kernel", "bias", "scale"):
+        parts = parts[:-1]
+    if len(shape) <= 1 or parts[-1] in ("bias", "scale"):
+        return "vector"
+    if len(shape) == 3 and parts[-1] == "kernel" and len(parts) > 1 and parts[-2] in ("query", "key", "value"):
+        return "in_heads"
+    return "in_out"
+
+
 def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", parameterization: str = "mup",
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
               residual_branches: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
@@ -65,7 +81,7 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
     shapes, _ = _named_shapes(params, "params")
     base_shapes, _ = _named_shapes(base_params, "base_params")
     core.check_same_names(shapes, base_shapes)
-    layout = {n: ("vector" if len(s) <= 1 else "in_out") for n, s in shapes.items()}
+    layout = {n: _default_layout(n, s) for n, s in shapes.items()}
     for pat, hits in core.match_names((layouts or {}).keys(), shapes, "layouts").items():
         check_choice(f"layouts[{pat!r}]", layouts[pat], core.LAYOUTS)
         for h in hits:

@@ -567,3 +567,53 @@ def test_torch_tied_embedding_is_drawn_as_the_embedding_whichever_registers_firs
     h = torch.randn(3, 256)
     with torch.no_grad():
         torch.testing.assert_close(model.head(input=h), h @ model.emb.weight.T / 4)
+
+
+class _FlaxAttention(fnn.Module):
+    width: int
+
+    @fnn.compact
+    def __call__(self, x):
+        return fnn.MultiHeadDotProductAttention(num_heads=4, qkv_features=self.width, out_features=self.width)(
+            fnn.Dense(self.width)(x))
+
+
+class _TorchAttention(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.embed = nn.Linear(IN, width)
+        self.attn = nn.MultiheadAttention(width, 4)
+
+
+def test_flax_attention_kernels_and_biases_read_like_torch_multihead_attention():
+    """Flax's attention stores query/key/value kernels ``[in, heads, head_dim]`` and biases ``[heads, head_dim]``:
+    read as ``[*kernel, in, out]`` the kernels had fan-in ``in * heads`` (init and learning rate off by the head
+    count) and the biases were weights re-initialised at random. They now get the numbers of PyTorch's
+    ``in_proj_weight [3 width, width]`` (fan-in ``width``) and stay zero, in linen and in nnx."""
+    from flax import nnx
+
+    x = jnp.zeros((1, 5, IN))
+    linen = jmup.mup_table(flax_shapes(_FlaxAttention(128), x), flax_shapes(_FlaxAttention(32), x))
+    torch_t = tmup.mup_table(_TorchAttention(128), _TorchAttention(32))
+    ref = torch_t["attn.in_proj_weight"]
+    for part in ("query", "key", "value"):
+        kernel = linen[f"params/MultiHeadDotProductAttention_0/{part}/kernel"]
+        assert (kernel.layout, kernel.role, kernel.fan_in) == ("in_heads", "hidden", 128)
+        assert kernel.init_std == pytest.approx(ref.init_std) and kernel.lr_mult == pytest.approx(ref.lr_mult)
+        bias = linen[f"params/MultiHeadDotProductAttention_0/{part}/bias"]
+        assert (bias.layout, bias.init_std, bias.lr_mult) == ("vector", None, 1.0)
+    out = linen["params/MultiHeadDotProductAttention_0/out/kernel"]
+    assert out.init_std == pytest.approx(torch_t["attn.out_proj.weight"].init_std) and out.fan_in == 128
+
+    params = _FlaxAttention(128).init(jax.random.key(0), x)
+    mup = jmup.parameterize(params, flax_shapes(_FlaxAttention(32), x))
+    new = mup.init(jax.random.key(1), params)["params"]["MultiHeadDotProductAttention_0"]
+    assert not jnp.any(new["query"]["bias"])  # flax's zeros, not redrawn
+    assert float(jnp.std(new["query"]["kernel"])) == pytest.approx(ref.init_std, rel=0.1)
+
+    def nnx_state(width):
+        return nnx.state(nnx.MultiHeadAttention(num_heads=4, in_features=width, qkv_features=width, decode=False,
+                                                rngs=nnx.Rngs(0)), nnx.Param)
+    table = jmup.mup_table(nnx_state(128), nnx_state(32))
+    assert table["query/kernel/value"].layout == "in_heads" and table["query/kernel/value"].fan_in == 128
+    assert table["value/bias/value"].layout == "vector"
