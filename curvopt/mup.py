@@ -93,6 +93,7 @@ __all__ = [
     "attention_scale",
     "optimizer_family",
     "match_names",
+    "with_layouts",
     "check_same_names",
     "build_table",
     "table_numbers",
@@ -300,6 +301,17 @@ def match_names(patterns: Iterable[str], names: Iterable[str], what: str) -> dic
         if not hits:
             raise ValueError(f"{what} pattern {pat!r} matches no parameter; names are e.g. {names[:6]}")
         out[pat] = hits
+    return out
+
+
+def with_layouts(layouts: Mapping[str, str], chosen: Mapping[str, str] | None) -> dict[str, str]:
+    """The backend's default ``{name: layout}`` with the user's ``chosen={name or glob: layout}`` applied (a
+    glob that matches no parameter is refused)."""
+    out = dict(layouts)
+    for pat, hits in match_names((chosen or {}).keys(), out, "layouts").items():
+        check_choice(f"layouts[{pat!r}]", chosen[pat], LAYOUTS)
+        for h in hits:
+            out[h] = chosen[pat]
     return out
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt import mup as core
-from curvopt.validation import check_choice, check_nonnegative
+from curvopt.validation import check_nonnegative
 
 __all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]
 
@@ -81,11 +81,7 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
     shapes, _ = _named_shapes(params, "params")
     base_shapes, _ = _named_shapes(base_params, "base_params")
     core.check_same_names(shapes, base_shapes)
-    layout = {n: _default_layout(n, s) for n, s in shapes.items()}
-    for pat, hits in core.match_names((layouts or {}).keys(), shapes, "layouts").items():
-        check_choice(f"layouts[{pat!r}]", layouts[pat], core.LAYOUTS)
-        for h in hits:
-            layout[h] = layouts[pat]
+    layout = core.with_layouts({n: _default_layout(n, s) for n, s in shapes.items()}, layouts)
     in_branch: list[str] = []
     if residual_branches:
         if depth is None:

@@ -617,3 +617,39 @@ def test_flax_attention_kernels_and_biases_read_like_torch_multihead_attention()
     table = jmup.mup_table(nnx_state(128), nnx_state(32))
     assert table["query/kernel/value"].layout == "in_heads" and table["query/kernel/value"].fan_in == 128
     assert table["value/bias/value"].layout == "vector"
+
+
+class _TorchTokens(nn.Module):
+    """timm's ViT tokens: ``cls_token [1, 1, d]`` and ``pos_embed [1, T, d]``, added to the activations."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.embed = nn.Linear(IN, width)
+        self.cls_token = nn.Parameter(torch.full((1, 1, width), 0.02))
+        self.pos_embed = nn.Parameter(torch.full((1, T, width), 0.02))
+        self.head = nn.Linear(width, OUT)
+
+
+def test_torch_layouts_make_timm_tokens_vectors():
+    """Read as ``[out, in, ...]`` the tokens' width axis is fan-in: they were taken for readouts (output role,
+    redrawn). ``layouts={...: "vector"}`` makes them what they are, input-like tensors every axis of which is
+    fan-out, kept as the model initialised them, at the Adam rate of an input weight, as in the JAX backend."""
+    kw = dict(optimizer="adam")
+    wrong = tmup.mup_table(_TorchTokens(128), _TorchTokens(32), **kw)
+    assert wrong["pos_embed"].role == "output"
+    lay = {"cls_token": "vector", "pos_embed": "vector"}
+    table = tmup.mup_table(_TorchTokens(128), _TorchTokens(32), layouts=lay, **kw)
+    for name in lay:
+        assert (table[name].layout, table[name].role, table[name].init_std, table[name].lr_mult) == (
+            "vector", "input", None, 1.0)
+    model = _TorchTokens(128)
+    groups = tmup.parameterize(model, _TorchTokens(32), layouts=lay, **kw)
+    assert torch.all(model.pos_embed == 0.02) and torch.all(model.cls_token == 0.02)
+    assert {n for g in groups for n in g["param_names"]} == {n for n, _ in model.named_parameters()}
+    jax_table = jmup.mup_table({"pos_embed": jnp.zeros((1, T, 128))}, {"pos_embed": jnp.zeros((1, T, 32))},
+                               layouts={"pos_embed": "vector"}, **kw)
+    assert jax_table["pos_embed"].lr_mult == table["pos_embed"].lr_mult
+    with pytest.raises(ValueError, match="layouts pattern 'nope' matches no parameter"):
+        tmup.mup_table(_TorchTokens(128), _TorchTokens(32), layouts={"nope": "vector"})
+    with pytest.raises(ValueError, match="layouts"):
+        tmup.mup_table(_TorchTokens(128), _TorchTokens(32), layouts={"pos_embed": "sideways"})

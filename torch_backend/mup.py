@@ -125,6 +125,7 @@ def _build(
     attention: str | None,
     zero_readout: bool = False,
     delta_model: nn.Module | None = None,
+    layouts: Mapping[str, str] | None = None,
 ):
     if not isinstance(model, nn.Module) or not isinstance(base_model, nn.Module):
         raise ValueError("model and base_model must be torch.nn.Module instances")
@@ -148,13 +149,15 @@ def _build(
         raise ValueError("residual_branches needs depth (the number of residual blocks L)")
     in_branch = [v for v, (mname, *_rest) in views.items()
                  if any(mname == b or mname.startswith(b + ".") for b in branch_modules)]
-    shapes = {v: (tuple(t[3].shape), _layout(t[1], t[2], t[3])) for v, t in views.items()}
+    layout = core.with_layouts({v: _layout(t[1], t[2], t[3]) for v, t in views.items()}, layouts)
+    shapes = {v: (tuple(t[3].shape), layout[v]) for v, t in views.items()}
     base_shapes = {v: tuple(base_views[v][3].shape) for v in views}
     table = core.build_table(
         shapes, base_shapes, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         residual_branch=in_branch, overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout,
         delta_shapes=None if delta_model is None else {v: tuple(t[3].shape) for v, t in _views(delta_model)[0].items()},
-        gamma_depth=depth if depth is not None else sum(len(shapes[vs[0]][0]) >= 2 for vs in aliases.values()),
+        gamma_depth=depth if depth is not None else sum(len(shapes[vs[0]][0]) >= 2 and shapes[vs[0]][1] != "vector"
+                                                        for vs in aliases.values()),
     )
     for name, vs in aliases.items():
         first = table[vs[0]]
@@ -173,13 +176,14 @@ def _build(
 def mup_table(model: nn.Module, base_model: nn.Module, *, optimizer: str = "adam", parameterization: str = "mup",
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
               residual_branches: Sequence[str] | None = None, init_sigma: float = 1.0,
-              zero_readout: bool = False, delta_model: nn.Module | None = None) -> dict:
+              zero_readout: bool = False, delta_model: nn.Module | None = None,
+              layouts: Mapping[str, str] | None = None) -> dict:
     """``{name: curvopt.mup.ParamScaling}`` for every parameter (canonical names; a tied parameter's other
     names are included too), without touching the model. Same arguments as :func:`parameterize`."""
     _, _, table, _, _, _ = _build(model, base_model, optimizer=optimizer, parameterization=parameterization,
                                   gamma=gamma, depth=depth, overrides=overrides,
                                   residual_branches=residual_branches, init_sigma=init_sigma, attention=None,
-                                  zero_readout=zero_readout, delta_model=delta_model)
+                                  zero_readout=zero_readout, delta_model=delta_model, layouts=layouts)
     return table
 
 
@@ -210,6 +214,7 @@ def parameterize(
     init_sigma: float = 1.0,
     zero_readout: bool = False,
     delta_model: nn.Module | None = None,
+    layouts: Mapping[str, str] | None = None,
     reinit: bool = True,
     lr: float = 1.0,
     weight_decay: float = 0.0,
@@ -221,9 +226,13 @@ def parameterize(
       (:func:`curvopt.mup.infer_role`); ``overrides={name or glob: role}`` fixes the cases inference gets
       wrong (``"input"``, ``"hidden"``, ``"output"``, ``"finite"``, ``"embedding"``). Tied weights are
       recognised; their views must agree on the learning rate.
-    * ``reinit``: weights (≥ 2-D) are redrawn from ``N(0, init_std²)`` of the table (``init_std =
-      init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``); 1-D
-      parameters keep their values. ``zero_readout=True``: output-role weights start at 0 (TP5's advice).
+    * ``layouts={name or glob: layout}`` (:data:`curvopt.mup.LAYOUTS`) says how a tensor's axes map to fan-in
+      and fan-out where the default (``[out, in, *kernel]``; 0-d/1-d: ``"vector"``; ``nn.Embedding``:
+      ``"embedding"``) is wrong: e.g. ``{"cls_token": "vector", "pos_embed": "vector"}`` for timm's
+      ``[1, T, d]`` tokens, which are added to the activations (every axis fan-out; kept as initialised).
+    * ``reinit``: weights (≥ 2-D, not ``"vector"``) are redrawn from ``N(0, init_std²)`` of the table
+      (``init_std = init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``);
+      vectors keep their values. ``zero_readout=True``: output-role weights start at 0 (TP5's advice).
     * ``delta_model``: optional third model of another width (as ``mup``'s ``delta``): roles come from
       ``base_model`` vs ``delta_model``, multipliers from ``model`` vs ``base_model``. Needed when ``model``
       is as wide as ``base_model`` but should still get γ's output multiplier or ``zero_readout``.
@@ -243,7 +252,7 @@ def parameterize(
     views, aliases, table, branches, branch_mult, attention = _build(
         model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
-        zero_readout=zero_readout, delta_model=delta_model)
+        zero_readout=zero_readout, delta_model=delta_model, layouts=layouts)
 
     # Check every non-unit forward multiplier can be applied before changing anything.
     module_mult: dict[int, tuple[nn.Module, float, str]] = {}  # by module: one hook for a module under two names
