@@ -194,6 +194,19 @@ def _check_paths(parser, args) -> None:
             parser.error(f"--text {args.text!r} is not UTF-8 ({e})")
 
 
+def _check_data(parser, exps) -> None:
+    """Every dataset the plan trains on loads (once per dataset, in this process): a --data-dir without CIFAR-10's
+    files, or a --text too short for one block, is a usage error before anything runs (it was one failed run per
+    cell, recorded as such)."""
+    from .tasks import TASKS, dataset_for
+
+    for e in {(TASKS[e.task].kind, e.image_set, e.data_dir, e.text_path, e.block_len): e for e in exps}.values():
+        try:
+            dataset_for(e)
+        except (OSError, ValueError) as err:
+            parser.error(f"the data of {e.task} ({e.regime}) does not load: {type(err).__name__}: {err}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -214,6 +227,8 @@ def main(argv=None) -> int:
     if not exps:
         parser.error(f"no experiment of suite {args.suite!r} matches --tasks/--regimes")
     _check_cells(parser, exps, backends, params)
+    if not args.report_only:
+        _check_data(parser, exps)
     if args.report_only and not os.path.isfile(os.path.join(out, RESULTS)):
         parser.error(f"--report-only: no {RESULTS} in {out!r} (run the suite first, or pass its --out)")
     try:

@@ -241,6 +241,7 @@ BAD_ARGS = [
     (["--text", "/nonexistent/file.txt"], "--text"), (["--tuners", "constant:lr=0"], "lr"),
     (["--tuners", "eos:stability_coefficient=0"], "stability_coefficient"),  # was replaced by the default
     (["--report-only"], "--report-only"),  # no results there: was a traceback
+    (["--tasks", "resnet", "--data-dir", "/"], "does not load"),  # no CIFAR-10 there: was one failed run per cell
 ]
 
 
