@@ -313,6 +313,79 @@ def test_non_finite_base_direction_is_skipped_cleanly():
     TALLY["survived"] += 1
 
 
+def test_a_skipped_step_puts_module_buffers_and_the_generator_back():
+    """A batch with one NaN feature: the step is skipped, and BatchNorm's statistics (which the main call updated
+    with the NaN) and the generator (which drew the dropout mask) are as before the step, as when the closure
+    raises. Before, the running statistics stayed NaN for good: the model's eval output was NaN."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1)).double()
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), modules=model)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randn(16, 1, generator=gen, dtype=torch.float64)
+
+    def closure_on(inputs):
+        def closure():
+            opt.zero_grad()
+            loss = ((model(inputs) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        return closure
+
+    opt.step(closure_on(x))
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(closure_on(bad))
+    assert opt.stats["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+class _Counting(nn.Module):
+    """A forward pass that reassigns its buffers (``self.calls = self.calls + 1``) instead of writing them in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("ema", torch.zeros(4, dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        self.ema = 0.9 * self.ema + 0.1 * x.detach().mean(0)
+        return x - self.ema
+
+
+@pytest.mark.parametrize("tuner", [CDAT, ArmijoLineSearch])
+def test_reassigned_buffers_are_guarded_like_buffers_written_in_place(tuner):
+    """The probes and a failed step put back the tensor the module held, not only its values: the reassigned
+    buffer advanced once per closure call (6 after 3 CDAT steps) and a failing step left it moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _Counting(), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = tuner(torch.optim.SGD(model.parameters(), lr=0.1), modules=model)
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    calls = {"n": 0, "fail_at": None}
+
+    def closure():
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        if calls["n"] == calls["fail_at"]:
+            raise RuntimeError("probe failed")
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert calls["n"] > 3 and float(model[1].calls) == 3
+    before = [b.clone() for b in model.buffers()]
+    calls["fail_at"] = calls["n"] + 2  # the step's first probe
+    with pytest.raises(RuntimeError, match="probe failed"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
 @pytest.mark.parametrize("kw,name", [({"sigma": "2.0"}, "sigma"), ({"lr_max": "inf"}, "lr_max"),
                                      ({"ema": "0.9"}, "ema"), ({"curvature": 3}, "curvature"),
                                      ({"seed": 1.5}, "seed"), ({"sharpness": 2.0}, "sharpness")])

@@ -67,12 +67,14 @@ class BufferSnapshot:
         self.modules = _as_modules(modules)
         self._copies: list[Tensor] = []
         self._live: list[Tensor] = []
+        self._slots: list[tuple[dict, str, Tensor]] = []
 
-    def _buffers(self) -> list[Tensor]:
-        """Every buffer of the modules and their submodules, once each, in ``Module.buffers()`` order (a
-        direct walk of ``_modules``/``_buffers``: the generators of ``buffers()`` cost more than the copies)."""
+    def _buffers(self) -> list[tuple[dict, str, Tensor]]:
+        """``(module._buffers, name, tensor)`` of every buffer of the modules and their submodules, once each, in
+        ``Module.buffers()`` order (a direct walk of ``_modules``/``_buffers``: the generators of ``buffers()``
+        cost more than the copies)."""
         seen: set[int] = set()
-        out: list[Tensor] = []
+        out: list[tuple[dict, str, Tensor]] = []
         stack: list = self.modules[::-1]
         while stack:  # pre-order, each module once (as Module.modules())
             m = stack.pop()
@@ -80,16 +82,20 @@ class BufferSnapshot:
                 continue
             seen.add(id(m))
             if m._buffers:
-                out.extend(b for b in m._buffers.values() if b is not None)
+                out.extend((m._buffers, k, b) for k, b in m._buffers.items() if b is not None)
             if m._modules:
                 stack.extend(reversed(m._modules.values()))
-        if len(out) > 1 and len({id(b) for b in out}) < len(out):  # a buffer shared by modules: the first
-            out = list({id(b): b for b in out}.values())
+        if len(out) > 1 and len({id(b) for _, _, b in out}) < len(out):  # a buffer shared by modules: the first
+            first: dict[int, tuple[dict, str, Tensor]] = {}
+            for slot in out:
+                first.setdefault(id(slot[2]), slot)
+            out = list(first.values())
         return out
 
     def take(self) -> None:
-        """Remember the current buffer values."""
-        live = self._buffers()
+        """Remember the current buffers: their values, and which tensor each module holds."""
+        self._slots = self._buffers()
+        live = [b for _, _, b in self._slots]
         if len(live) != len(self._copies) or any(
             c.shape != b.shape or c.dtype != b.dtype or c.device != b.device for c, b in zip(self._copies, live)
         ):
@@ -100,7 +106,12 @@ class BufferSnapshot:
         self._live = live
 
     def restore(self) -> None:
-        """Write the remembered values back (bit-exact copies)."""
+        """Write the remembered values back (bit-exact copies), into the tensors the modules held: a forward pass
+        that reassigns a buffer (``self.ema = 0.9 * self.ema + ...``) instead of writing it in place gets the
+        remembered tensor back."""
+        for d, k, b in self._slots:
+            if d.get(k) is not b:
+                d[k] = b
         if self._live:
             with torch.no_grad():
                 torch._foreach_copy_(self._live, self._copies)

@@ -9,7 +9,8 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    direction ``u = w_new - w0`` (see :mod:`torch_backend.direction`) and ``numerator = -g^T u``;
 3. one host sync: if the loss or ``-g^T u`` is not finite (a NaN/Inf loss or gradient, or a base direction
    that overflowed, e.g. fp16 Adam) the step is **skipped**: parameters and the base's state (Adam's step
-   counter and moments included) are put back, ``stats["skipped"]`` + 1, a warning; a closure-free step whose
+   counter and moments included) are put back, and so are the module buffers and the random generators (as
+   before the main call: a NaN batch's BatchNorm statistics), ``stats["skipped"]`` + 1, a warning; a closure-free step whose
    gradient is zero in every entry is skipped the same way (:func:`curvopt.config.has_gradient`);
 4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
    ``w0`` (after the base stepped, so Adam's ``P`` is the one of this step's update), by the core's power
@@ -988,7 +989,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         skipped = self._globals().get(layout.SKIPPED, 0) + 1
         warnings.warn(f"{type(self).__name__}: {why} ({skipped} skipped so far)", RuntimeWarning, stacklevel=5)
         self.state[p0][layout.SKIPPED] = skipped
-        self.guard.finish()
+        self.guard.rollback()  # module buffers and generators as before the main call (a NaN batch's BN statistics)
         self._stats = self._nan_stats(skipped=skipped, closure_calls=self.guard.calls)
         return loss
 
