@@ -3,6 +3,7 @@ the tuners' own numbers. Each decision here is made once; the backends ask, they
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
@@ -78,13 +79,20 @@ def as_sharpness(value: SharpnessLike, default: SharpnessConfig | None = None) -
     return SharpnessConfig(every=value)
 
 
-def sharpness_due(count: Any, every: Any) -> Any:
+def sharpness_due(count: Any, every: Any, last: Any = 0.0) -> Any:
     """Whether this step estimates the sharpness: steps 1, 1 + every, ... where ``count`` is the number of
     steps taken *before* this one (Python ints, or traced integers: ``every`` may be an abstract value under
-    ``optax.inject_hyperparams``)."""
+    ``optax.inject_hyperparams``), and every step after one whose estimate failed: ``last``, the current
+    estimate of the sharpness the rule reads, is not finite (a NaN product voids an estimate,
+    :func:`curvopt.eigen.power_step`: it is retried at once, not a period later)."""
     if isinstance(count, int) and isinstance(every, int):
-        return every > 0 and count % every == 0
-    return (every > 0) & (count % (every + (every <= 0)) == 0)
+        return every > 0 and (count % every == 0 or not math.isfinite(float(last)))
+    return (every > 0) & ((count % (every + (every <= 0)) == 0) | ~_isfinite(last))
+
+
+def _isfinite(x: Any) -> Any:
+    """``isfinite`` of a host or traced scalar without importing an array library here."""
+    return (x == x) & (abs(x) != float("inf"))
 
 
 def resolve_curvature(curvature: str, has_loss_fn: bool) -> str:

@@ -9,8 +9,11 @@ Hessian-vector product, which costs a closure call anyway), JAX runs ``lax.while
 Each product ``z = (M - shift I) v`` gives the Rayleigh quotient ``lambda = v^T z`` and the next vector
 ``z / ||z||``. A pass stops when ``lambda`` changes by at most ``tol`` (relative,
 :func:`curvopt.curvature.rayleigh_converged`) from the previous product (for the first product of a warm
-start: from the previous estimate, so a converged warm start costs one product), on a non-finite or zero
-product, or after its budget of products. If the dominant eigenvalue turns out negative, a second pass on
+start: from the previous estimate, so a converged warm start costs one product), on a zero product (``M v = 0``:
+the estimate is ``shift``), or after its budget of products. A non-finite product (a NaN in one closure call)
+voids the whole estimate: it is NaN, not the Rayleigh quotient of the products before it (a pass cut short after
+two products can be 40x low, and an edge-of-stability rate 40x high), and the tuners retry at the next step
+(:func:`curvopt.config.sharpness_due`). If the dominant eigenvalue turns out negative, a second pass on
 ``M - lambda I`` from a fresh vector finds the top (algebraic) one. The standalone
 ``hessian_top_eigenvalue`` of both backends uses SciPy's ARPACK instead (accurate to its ``tol``).
 """
@@ -37,7 +40,7 @@ class VectorOps(Protocol):
 
 class PowerState(NamedTuple):
     """One power iteration in progress. ``value``: the latest estimate of the top eigenvalue of ``M`` (NaN
-    before the first finite product); ``previous``: the last Rayleigh quotient of this pass (NaN: none);
+    before the first product, and after a non-finite one); ``previous``: the last Rayleigh quotient of this pass (NaN: none);
     ``shift``: 0, or the negative dominant eigenvalue during the second pass; ``used``: products in all;
     ``pass_used``: products in this pass."""
 
@@ -67,11 +70,12 @@ def power_step(state: PowerState, matvec: Callable[[Any], Any], *, fresh: Any, i
     z = ops.axpy(matvec(v), -shift, v)
     lam = ops.dot(v, z)
     n = xp.sqrt(ops.dot(z, z))
-    bad = ~xp.isfinite(lam) | ~xp.isfinite(n) | (n == 0)
+    broken = ~xp.isfinite(lam) | ~xp.isfinite(n)
+    bad = broken | (n == 0)
     v_next = ops.select(bad, v, ops.scale(1 / xp.where(bad, 1.0, n), z))
     pass_used = state.pass_used + 1
     over = bad | rayleigh_converged(lam, state.previous, tol) | (pass_used >= iters)
-    value = xp.where(bad, state.value, lam + shift)
+    value = xp.where(broken, float("nan"), lam + shift)
     switch = over & ~state.second & ~bad & (lam < 0)
     return PowerState(
         v=ops.select(switch, fresh, v_next),

@@ -141,8 +141,9 @@ def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessCo
 def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, last: tuple[Any, Any], *,
                      steps: Any, config: SharpnessConfig, preconditioner: Any, dtype: Any
                      ) -> tuple[Any, Any, EigenMemory, Any]:
-    """On the scheduled steps (``steps`` taken before this one) re-estimate the sharpness and, with an Adam
-    ``preconditioner``, the preconditioned one; otherwise keep ``last``. Returns ``(sharpness, preconditioned
+    """On the scheduled steps (``steps`` taken before this one, and the step after a failed estimate: NaN,
+    :func:`curvopt.config.sharpness_due`) re-estimate the sharpness and, with an Adam ``preconditioner``, the
+    preconditioned one; otherwise keep ``last``. Returns ``(sharpness, preconditioned
     sharpness, memory, HVPs used)``."""
     ops = TreeOps(dtype)
 
@@ -159,7 +160,8 @@ def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, 
     def keep():
         return last[0], last[1], memory, jnp.int32(0)
 
-    return jax.lax.cond(sharpness_due(steps, config.every), estimate, keep)
+    reference = last[1] if memory.preconditioned_eigenvector is not None and preconditioner is not None else last[0]
+    return jax.lax.cond(sharpness_due(steps, config.every, reference), estimate, keep)
 
 
 def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, preconditioner: Any = None,

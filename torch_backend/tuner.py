@@ -294,7 +294,7 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def current_sharpness(self) -> float:
         """The sharpness the stability threshold refers to: ``lambda_max(P^-1 H)`` for Adam-like bases,
-        ``lambda_max(H)`` otherwise (latest estimate, NaN before the first)."""
+        ``lambda_max(H)`` otherwise (latest estimate, NaN before the first and after a failed one)."""
         v = self._globals().get(layout.SHARPNESS["preconditioned" if self.preconditioned else "plain"])
         return math.nan if v is None else float(v)
 
@@ -548,7 +548,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             return Probe(closure, params, raw_grads, w0.views, u.views, lt, numerator, guard,
                          self.distributed, all_params, index, flat)
         sharp = {}
-        if cfg.enabled and sharpness_due(count, cfg.every):
+        ref_key = layout.SHARPNESS["preconditioned" if self.preconditioned else "plain"]
+        last = glob.get(ref_key)
+        if cfg.enabled and sharpness_due(count, cfg.every, math.nan if last is None else self._host(last, S)):
             probe = make_probe()
             sharp = self._estimate_sharpness(probe, glob, count)
         curvature = nan
@@ -578,10 +580,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             curvature, lagged, stretch = secant_c, True, secant_stretch(prev[2], u_sq, S)
         sharpness, fresh_sharp = {}, []
         for space, key in layout.SHARPNESS.items():
-            fresh_value = S(sharp[space][0]) if space in sharp else nan
-            if space in sharp and S.isfinite(fresh_value):
-                sharpness[space] = fresh_value
-                fresh_sharp.append(space)
+            if space in sharp:  # a failed estimate (NaN) is this step's sharpness too: retried next step
+                sharpness[space] = S(sharp[space][0])
+                if S.isfinite(sharpness[space]):
+                    fresh_sharp.append(space)  # its eigenvector is kept for the next warm start
             else:
                 old = glob.get(key)
                 sharpness[space] = nan if old is None else self._host(old, S)
@@ -645,7 +647,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         n_rule = len(new_rule_state)
         glob.update(zip(self._rule_layout(S)[1], tensors[1:1 + n_rule]))
         for space, key in layout.SHARPNESS.items():
-            if space in fresh_sharp:
+            if space in sharp:
                 glob[key] = S.tensor(sharpness[space], dev)
         if secant:
             rest = tensors[1 + n_rule:]

@@ -1,0 +1,116 @@
+"""A non-finite Hessian-vector product voids the online sharpness estimate (core power iteration), and the
+estimate is retried at the next step (core ``sharpness_due``), in both backends. Before, the pass stopped and kept
+the Rayleigh quotient of the products before the bad one: after two products of a power iteration the sharpness
+was 40x low and the edge-of-stability rate 40x high until the next scheduled estimate (divergence), and a NaN at
+the first product gave lr 0 for the whole period."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from curvopt.config import sharpness_due
+from curvopt.eigen import power_init, power_step
+from curvopt.optax import edge_of_stability, stats
+from curvopt.torch import EdgeOfStability
+
+A = np.diag([10.0, 3.0, 1.0, 0.5])  # the quadratic's Hessian: sharpness 10
+EVERY = 5
+
+
+class _NumpyOps:
+    dot = staticmethod(lambda a, b: np.dot(a, b))
+    scale = staticmethod(lambda s, a: s * a)
+    axpy = staticmethod(lambda a, s, b: a + s * b)
+    select = staticmethod(lambda pred, a, b: a if pred else b)
+
+
+def test_core_a_nan_product_voids_the_estimate():
+    calls = {"n": 0}
+
+    def matvec(v):
+        calls["n"] += 1
+        return A @ v * (math.nan if calls["n"] == 2 else 1.0)
+
+    state = power_init(np.ones(4), np.float64(math.nan), _NumpyOps, np)
+    while not state.done:
+        state = power_step(state, matvec, fresh=np.ones(4) / 2, iters=50, tol=1e-9, ops=_NumpyOps, xp=np)
+    assert math.isnan(state.value) and calls["n"] == 2
+    # a zero product is an eigenvalue 0, not a failure
+    zero = power_step(power_init(np.ones(4), np.float64(math.nan), _NumpyOps, np), lambda v: 0 * v,
+                      fresh=np.ones(4) / 2, iters=50, tol=1e-9, ops=_NumpyOps, xp=np)
+    assert zero.done and zero.value == 0.0
+
+
+def test_core_a_failed_estimate_is_due_again_at_once():
+    assert sharpness_due(0, EVERY) and not sharpness_due(1, EVERY, 10.0)
+    assert sharpness_due(1, EVERY, math.nan) and not sharpness_due(1, 0, math.nan)  # 0: off
+    assert bool(sharpness_due(jnp.int32(1), jnp.int32(EVERY), jnp.float32(jnp.nan)))
+    assert not bool(sharpness_due(jnp.int32(1), jnp.int32(EVERY), jnp.float32(10.0)))
+
+
+def _torch_run(nan_at):
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    a = torch.tensor(A)
+    opt = EdgeOfStability(torch.optim.SGD([w], lr=1.0), sharpness=EVERY)
+    calls = {"n": 0}
+    out = []
+    for _ in range(3):
+        def closure():
+            calls["n"] += 1
+            opt.zero_grad()
+            loss = 0.5 * w @ a @ w * (math.nan if calls["n"] == nan_at else 1.0)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        out.append((float(opt.stats["lr"]), float(opt.stats["sharpness"])))
+    return out
+
+
+def test_torch_edge_of_stability_after_a_nan_product():
+    clean = _torch_run(None)
+    faulty = _torch_run(nan_at=3)  # the main call, then the sharpness's second product
+    assert faulty[0][0] == 0.0 and math.isnan(faulty[0][1])
+    assert faulty[1][1] == pytest.approx(10.0, rel=1e-3)  # retried at the next step, not five steps later
+    assert faulty[1][0] == pytest.approx(clean[0][0], rel=1e-3)
+
+
+def _jax_run(nan_at):
+    count = {"n": 0}
+
+    def flag(_):
+        count["n"] += 1
+        return np.float64(math.nan if count["n"] == nan_at else 1.0)
+
+    def loss(w):
+        f = jax.pure_callback(flag, jax.ShapeDtypeStruct((), jnp.float64), jax.lax.stop_gradient(w.sum()))
+        return 0.5 * w @ jnp.asarray(A) @ w * jax.lax.stop_gradient(f)
+
+    opt = edge_of_stability(optax.identity(), base_method="gd", sharpness=EVERY)
+    w = jnp.ones(4)
+    state = opt.init(w)
+
+    @jax.jit
+    def step(w, state):
+        value, grad = jax.value_and_grad(loss)(w)
+        updates, state = opt.update(grad, state, w, value=value, value_fn=loss)
+        return optax.apply_updates(w, updates), state
+
+    out = []
+    for _ in range(3):
+        w, state = step(w, state)
+        s = stats(state)
+        out.append((float(s["lr"]), float(s["sharpness"])))
+    return out
+
+
+def test_jax_edge_of_stability_after_a_nan_product():
+    with jax.enable_x64(True):
+        clean = _jax_run(None)
+        faulty = _jax_run(nan_at=2)  # the main value, then the first product of the sharpness
+    assert faulty[0][0] == 0.0 and math.isnan(faulty[0][1])
+    assert faulty[1][1] == pytest.approx(10.0, rel=1e-3)
+    assert faulty[1][0] == pytest.approx(clean[0][0], rel=1e-3)
