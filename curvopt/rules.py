@@ -678,7 +678,7 @@ class EdgeOfStabilityRule:
 
 
 class ArmijoSearchState(NamedTuple):
-    """The learning rate the next search starts from (times ``increase_factor``)."""
+    """The learning rate the next search starts from, divided by ``increase_factor``."""
 
     search_lr: Any
 
@@ -694,8 +694,9 @@ class ArmijoRule:
     :meth:`decrease_error` is 0 or ``max_trials`` evaluations were spent; then :meth:`finish` decides. A
     search that accepts nothing, or an ascent direction (``-g^T u <= 0``, where no positive step can satisfy
     the test with ``c > 0``), takes **no step** (``lr = 0``): a failed search never moves the parameters
-    uphill. After a failed search the next one continues from its last trial (so a rate below
-    ``decrease_factor^max_trials`` times the first is still reached over several steps), unless the search
+    uphill. After a failed search the next one continues where it stopped, at its last trial times
+    ``decrease_factor`` (so a rate below ``decrease_factor^max_trials`` times the first is still reached over
+    several steps, whatever ``increase_factor``), unless the search
     **stalled** (its last trial left the loss exactly unchanged: the step is below the parameters'
     resolution, where no trial can ever be accepted), in which case it restarts from ``init_lr``. An ascent
     direction leaves the search's memory as it was.
@@ -739,6 +740,12 @@ class ArmijoRule:
         descent = x.numerator > 0
         accepted = (error <= 0) & descent & xp.isfinite(lr) & (lr > 0)
         stalled = new_value == x.value
-        memory = xp.where(stalled | ~(xp.isfinite(lr) & (lr > 0)), self.init_lr, lr)
+        inc = self.increase_factor
+        # a failed search hands on its next trial, lr * decrease_factor: stored over increase_factor, which
+        # first_trial multiplies back (remembering lr itself, the next search started increase_factor times
+        # higher, and when increase_factor * decrease_factor^(max_trials - 1) >= 1 it never came down)
+        failed_next = xp.where(xp.isfinite(inc), lr * self.decrease_factor / xp.where(xp.isfinite(inc), inc, 1.0), lr)
+        memory = xp.where(accepted, lr, failed_next)
+        memory = xp.where(stalled | ~(xp.isfinite(lr) & (lr > 0)), self.init_lr, memory)
         memory = xp.where(descent, memory, state.search_lr)
         return xp.where(accepted, lr, 0.0), ArmijoSearchState(memory)

@@ -126,8 +126,8 @@ def test_armijo_failed_search_takes_no_step_continues_and_restarts_after_a_stall
     x = _inputs(1.0, value=1.0)
     lr, st = rule.finish(x, st, f(0.3), f(0.0), f(0.9), xp)               # accepted
     assert (float(lr), float(st.search_lr)) == (0.3, 0.3)
-    lr, st = rule.finish(x, st, f(0.01), f(0.5), f(1.5), xp)              # nothing accepted: no step,
-    assert (float(lr), float(st.search_lr)) == (0.0, 0.01)                # the next search goes on from there
+    lr, st = rule.finish(x, st, f(0.01), f(0.5), f(1.5), xp)              # nothing accepted: no step, the
+    assert float(lr) == 0.0 and float(rule.first_trial(st, xp)) == pytest.approx(0.008)  # next goes on at 0.8 x
     lr, st = rule.finish(x, st, f(1e-30), f(1e-34), f(1.0), xp)           # stalled (loss unchanged): restart
     assert (float(lr), float(st.search_lr)) == (0.0, 1.0)
     lr, st = rule.finish(_inputs(-1.0, value=1.0), ArmijoSearchState(f(0.2)), f(0.4), f(np.inf), f(np.nan), xp)

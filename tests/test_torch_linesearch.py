@@ -85,8 +85,10 @@ def test_trial_cap_and_nan_trials():
 
 
 def test_failed_search_takes_no_step_and_the_next_goes_on_from_its_last_trial():
-    """Issue 10: a failed search takes no step and the next one continues from its last trial (so an acceptable
-    rate far below the first trial is reached within a few steps instead of never), an ascent direction
+    """Issue 10: a failed search takes no step and the next one continues where it stopped, at its last trial
+    times decrease_factor (so an acceptable rate far below the first trial is reached within a few steps
+    instead of never, whatever increase_factor: with the defaults 2 and 0.8 and max_trials=3 a search that
+    restarted from 2x its last trial climbed for ever and took 1 step of 40), an ascent direction
     (momentum after the gradient turned) takes no step and no trial, and increase_factor=inf with lr_max=inf
     still steps (its first trial is init_lr)."""
     w = torch.nn.Parameter(torch.tensor([1e4, -2e4], dtype=DT))
@@ -94,16 +96,24 @@ def test_failed_search_takes_no_step_and_the_next_goes_on_from_its_last_trial():
     opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), init_lr=1e3, decrease_factor=0.5, max_trials=3)
     before = w.detach().clone()
     firsts = []
-    for _ in range(3):  # trials (2e3, 1e3, 5e2), (1e3, 5e2, 2.5e2), (5e2, ...) overshoot: no step each time
+    for _ in range(3):  # trials (2e3, 1e3, 5e2), (2.5e2, 1.25e2, 62.5), (31.25, ...) overshoot: no step each time
         log = []
         opt.step(closure_for(opt, f, w, log))
         assert float(opt.stats["lr"]) == 0.0 and torch.equal(w.detach(), before)
         firsts.append(log[1][0])  # log[0] is the main call
-    for lr, first in zip((2e3, 1e3, 5e2), firsts):
+    for lr, first in zip((2e3, 2.5e2, 31.25), firsts):
         torch.testing.assert_close(first, before - lr * 2 * before)
-    for _ in range(12):  # every failure halves the next first trial: the search reaches lr <= 1 and accepts
+    for _ in range(2):  # (3.9, 1.95, 0.98): the third trial is accepted
         opt.step(closure_for(opt, f, w))
     assert float(f(w.detach())) < float(f(before))
+    # the defaults' factors with few trials: 2 * 0.8^2 > 1, the old restart from 2x the last trial climbed
+    q = torch.nn.Parameter(torch.tensor([3.0, -1.0], dtype=DT))
+    opt = ArmijoLineSearch(torch.optim.SGD([q], lr=1.0), init_lr=10.0, max_trials=3)
+    taken = 0
+    for _ in range(40):
+        opt.step(closure_for(opt, f, q))
+        taken += float(opt.stats["lr"]) > 0
+    assert taken >= 15 and float(f(q.detach())) < 1e-2 * 10.0
     # ascent: heavy ball after the gradient turned
     v = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
     opt = ArmijoLineSearch(torch.optim.SGD([v], lr=1.0, momentum=0.9))
