@@ -72,7 +72,8 @@ def scale_by_edge_of_stability(
             eigen=eigen_init(params, sharp, method), stats=stats_init(dtype)))
 
     def update(updates: Any, state: ScaleByEdgeOfStabilityState, params: Any = None, *, value: Any = None,
-               grad: Any = None, value_fn: Any = None, base_state: Any = None, **extra_args: Any
+               grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
+               **extra_args: Any
                ) -> tuple[Any, ScaleByEdgeOfStabilityState]:
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,

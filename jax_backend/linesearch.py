@@ -88,7 +88,8 @@ def scale_by_armijo(
             stats=stats_init(dtype)))
 
     def update(updates: Any, state: ScaleByArmijoState, params: Any = None, *, value: Any = None,
-               grad: Any = None, value_fn: Any = None, base_state: Any = None, **extra_args: Any
+               grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
+               **extra_args: Any
                ) -> tuple[Any, ScaleByArmijoState]:
         require_value_fn(value_fn, name, "the line-search trials")
         dtype = state.stats.lr.dtype

@@ -66,7 +66,8 @@ def scale_by_polyak(
             stats=stats_init(dtype)))
 
     def update(updates: Any, state: ScaleByPolyakState, params: Any = None, *, value: Any = None,
-               grad: Any = None, value_fn: Any = None, base_state: Any = None, **extra_args: Any
+               grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
+               **extra_args: Any
                ) -> tuple[Any, ScaleByPolyakState]:
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,

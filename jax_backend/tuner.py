@@ -264,7 +264,8 @@ def _tuner_stats(state: Any) -> TunerStats | None:
 def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTransformation
                     ) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(base, tuner)`` that also hands the tuner what a plain chain cannot: the base's new state
-    (``base_state=``: Adam's moments for the preconditioned sharpness) and the incoming gradient (``grad=``,
+    (``base_state=``: Adam's moments for the preconditioned sharpness; ``base_state_before=``: its state before
+    the update, for the gradient Adam averaged) and the incoming gradient (``grad=``,
     unless given: the closure-free mode of ``TrainState.apply_gradients``/``nnx.Optimizer.update``).
 
     The state is the same tuple ``(base_state, tuner_state)`` as ``optax.chain``'s, and extra arguments reach
@@ -284,7 +285,9 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
         kwargs = {k: v for k, v in extra_args.items() if k != "base_state"}
         if kwargs.get("grad") is None:
             kwargs["grad"] = updates
-        out, tuner_state = tuner.update(direction, state[1], params, base_state=base_state, **kwargs)
+        kwargs.pop("base_state_before", None)
+        out, tuner_state = tuner.update(direction, state[1], params, base_state=base_state,
+                                        base_state_before=state[0], **kwargs)
         new, old = _tuner_stats(tuner_state), _tuner_stats(state[1])
         if new is not None:
             base_state = pick(new.skipped > old.skipped, state[0], base_state)
