@@ -105,3 +105,49 @@ def test_the_backends_agree_around_the_skip():
     with jax.enable_x64(True):
         jax_lrs = _jax_run(skip_at=SKIP_AT)
     np.testing.assert_allclose(_torch_run(skip_at=SKIP_AT), jax_lrs, rtol=1e-6)
+
+
+def test_torch_closure_free_after_a_closure_step_has_an_exact_secant():
+    """Once a run has taken closure-free steps, a closure (fd) step keeps the secant's memory too: the next
+    closure-free step's curvature is the exact secant along the closure step's direction (on a quadratic), not a
+    mix of the fd step's direction with the older secant's scalars (3x off), and a closure step that fails leaves
+    the memory as it was."""
+    a = torch.tensor(np.diag([30.0, 10.0, 1.0]))
+    rng = np.random.default_rng(3)
+    start = torch.tensor(rng.standard_normal(3))
+
+    def run(plan):
+        w = torch.nn.Parameter(start.clone())
+        opt = CDAT(torch.optim.SGD([w], lr=1.0))
+        out = []
+        for kind in plan:
+            def closure(fail=kind == "fail"):
+                opt.zero_grad()
+                loss = 0.5 * w @ a @ w
+                loss.backward()
+                if fail and opt.probing:
+                    raise RuntimeError("probe failed")
+                return loss
+            u = -(a @ w.detach())  # SGD at group lr 1: the base's direction
+            if kind == "fail":
+                with pytest.raises(RuntimeError):
+                    opt.step(closure)
+                continue
+            if kind == "closure":
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+            out.append((kind, u, float(opt.stats["curvature"]), float(opt.stats["lr"])))
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the secant behind GD's caveat
+        steps = run(["free", "free", "closure", "free", "closure", "fail", "free"])
+        reference = run(["free", "free", "closure", "free", "closure", "free"])
+    for prev, cur in zip(steps, steps[1:]):
+        if cur[0] == "free" and prev[0] == "closure":
+            u_prev, u = prev[1], cur[1]
+            expected = float(u_prev @ a @ u_prev / (u_prev @ u_prev) * (u @ u))
+            assert cur[2] == pytest.approx(expected, rel=1e-9)
+    assert [s[3] for s in steps] == [s[3] for s in reference]

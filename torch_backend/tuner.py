@@ -418,7 +418,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             caveat = secant_caveat(method)
             if caveat is not None:
                 warnings.warn(caveat, RuntimeWarning, stacklevel=3)
-        target, held = ws.u_for_step(secant) if params else (0, None)
+        # once the run has taken secant steps every step keeps the secant's memory, so that a closure-free step
+        # after a closure step has its secant, and its u goes to the buffer the memory does not hold (a failed step
+        # leaves the previous direction as it was)
+        remember = secant or glob.get(layout.SECANT[0]) is not None
+        target, held = ws.u_for_step(remember) if params else (0, None)
         prev_u = None
         if (secant and held is not None and glob.get(layout.SECANT[0]) is not None
                 and glob.get(layout.DIRECTIONS) == len(params)):
@@ -455,7 +459,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
             pairs = [(scratch.flat, u.flat)]
-            if secant:
+            if remember:
                 pairs.append((u.flat, u.flat))
             if late:
                 pairs.append((scratch.flat, ws.u[held].flat))
@@ -465,7 +469,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             flat = (w0.flat, u.flat, scratch.flat, scratch.views)
         else:
             pairs = [(grads, u.views)]
-            if secant:
+            if remember:
                 pairs.append((u.views, u.views))
             if late:
                 pairs.append((grads, prev_u))
@@ -485,7 +489,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []) + momentum_sums + paired_sums, S)
         it = iter(vals)
         g_dot_u = next(it)
-        u_sq = next(it) if secant else None
+        u_sq = next(it) if remember else None
         g_dot_prev_u = next(it) if late else None
         grad_sq = next(it) if closure is None else None
         loss_v = next(it) if loss_t is not None else S(math.nan)
@@ -612,12 +616,12 @@ class CurvatureTuner(torch.optim.Optimizer):
 
         # commit: every new scalar made a tensor at once, then w <- w0 + lr u
         values = [lr, *new_rule_state]
-        if secant:
+        if remember:
             values += [-numerator, u_sq]
             if noise_state is not None:
                 values += list(noise_state)
         store = self._store
-        store_key = (type(new_rule_state), secant, noise_state is not None, acc, dev)
+        store_key = (type(new_rule_state), remember, noise_state is not None, acc, dev)
         if store is None or store.key != store_key:
             store = self._store = ScalarStore(store_key, len(values), acc, dev)
         tensors = store.write(values)
@@ -629,7 +633,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         guard.finish()
         ws.install(state, layout.W0, w0)
         ws.install(state, layout.U, u)
-        if secant and prev_u is None:  # exactly the parameters of this step hold a direction (the secant's invariant)
+        if remember and prev_u is None:  # exactly this step's parameters hold a direction (the secant's invariant)
             mine = {id(p) for p in params}
             for p in all_params:
                 st = state.get(p)
@@ -649,7 +653,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         for space, key in layout.SHARPNESS.items():
             if space in sharp:
                 glob[key] = S.tensor(sharpness[space], dev)
-        if secant:
+        if remember:
             rest = tensors[1 + n_rule:]
             for key, v in zip(layout.SECANT, (rest[0], lr_t, rest[1])):
                 glob[key] = v
