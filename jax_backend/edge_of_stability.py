@@ -89,7 +89,7 @@ def scale_by_edge_of_stability(
             lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, nan, p.value, relevant, state.steps),
                                         state.rule, jnp)
             out, stats = finish(updates, p, lr, curvature=nan, sharpness=sharpness, calls=1 + used,
-                                method=method, old=state.stats)
+                                method=method, old=state.stats, coefficient=rule.coefficient)
             return out, ScaleByEdgeOfStabilityState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
                 rule=optax.tree.cast_like(rule_state, state.rule), eigen=eigen, stats=stats)

@@ -209,8 +209,9 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
 
 
 def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tuple[Any, Any], calls: Any,
-           method: BaseMethod, old: TunerStats) -> tuple[Any, TunerStats]:
-    """The taken step's updates ``lr * u`` (in the incoming dtypes) and its stats."""
+           method: BaseMethod, old: TunerStats, coefficient: Any = None) -> tuple[Any, TunerStats]:
+    """The taken step's updates ``lr * u`` (in the incoming dtypes) and its stats; ``eos_ratio`` against
+    ``coefficient`` (a tuner's own ``stability_coefficient``), by default the base's."""
     dtype = p.dtype
     lr = jnp.asarray(lr, dtype)
     relevant = sharpness[1] if method.preconditioned else sharpness[0]
@@ -218,7 +219,8 @@ def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tup
     return out, TunerStats(
         lr=lr, numerator=p.numerator, curvature=jnp.asarray(curvature, dtype),
         sharpness=jnp.asarray(sharpness[0], dtype), preconditioned_sharpness=jnp.asarray(sharpness[1], dtype),
-        eos_ratio=jnp.asarray(rules.eos_ratio(lr, relevant, method.coefficient), dtype),
+        eos_ratio=jnp.asarray(rules.eos_ratio(lr, relevant, method.coefficient if coefficient is None
+                                              else coefficient), dtype),
         skipped=old.skipped, closure_calls=jnp.asarray(calls, jnp.int32))
 
 

@@ -432,3 +432,21 @@ def test_momentum_numerator_reads_the_gradient_adam_averaged():
     clipped = rates(optax.chain(optax.clip_by_global_norm(1e-3), optax.scale_by_adam()))
     ratio = float(np.median(clipped[-10:] / plain[-10:]))
     assert 0.7 < ratio < 1.4, (ratio, clipped[-10:], plain[-10:])
+
+
+def test_eos_ratio_uses_the_given_stability_coefficient():
+    """edge_of_stability(stability_coefficient=c) holds lr = sigma c / sharpness, so its eos_ratio is sigma (as in
+    PyTorch); it was divided by the base's coefficient instead (0.75 for sigma 0.3, c 5 behind GD)."""
+    import optax
+    from curvopt.optax import edge_of_stability, stats
+
+    a = jnp.diag(jnp.array([4.0, 1.0]))
+    loss = lambda w: 0.5 * w @ a @ w  # noqa: E731
+    opt = edge_of_stability(optax.identity(), sigma=0.3, stability_coefficient=5.0, base_method="gd")
+    w = jnp.array([1.0, 1.0])
+    state = opt.init(w)
+    for _ in range(3):
+        value, grad = jax.value_and_grad(loss)(w)
+        updates, state = opt.update(grad, state, w, value=value, value_fn=loss)
+        w = optax.apply_updates(w, updates)
+        assert float(stats(state)["eos_ratio"]) == pytest.approx(0.3, rel=1e-4)
