@@ -200,16 +200,17 @@ def test_error_runs_are_recorded_once_and_fail_the_sweep(tmp_path, monkeypatch):
     assert sorted(r["key"] for r in recs) == sorted(s.key for s in specs) and {r["status"] for r in recs} == {"ok"}
 
 
-def test_cli_exit_status_says_whether_a_run_failed(tmp_path, capsys):
+def test_cli_exit_status_says_whether_a_run_failed(tmp_path, capsys, monkeypatch):
+    from benchmarks import train_torch
     from benchmarks.__main__ import main
 
-    empty = tmp_path / "no_cifar"
-    empty.mkdir()
     base = ["--suite", "smoke", "--tasks", "mlp", "--regimes", "full", "--widths", "8", "--steps", "2",
             "--tuners", "constant:lr=0.1", "--backend", "torch", "--no-progress"]
     assert main(base + ["--out", str(tmp_path / "ok")]) == 0
-    bad = base + ["--out", str(tmp_path / "bad"), "--data-dir", str(empty)]  # every image run fails at run time
-    assert main(bad) == 1
+    bad = base + ["--out", str(tmp_path / "bad")]
+    with monkeypatch.context() as m:
+        m.setattr(train_torch, "run", lambda spec, progress=None: 1 / 0)  # every torch run fails at run time
+        assert main(bad) == 1
     assert "1 run(s) of this plan failed" in capsys.readouterr().err
     assert main(bad) == 1  # resumed: still failed, nothing appended
     assert len(results.load_results(str(tmp_path / "bad" / results.RESULTS))) == 1
