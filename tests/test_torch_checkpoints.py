@@ -266,3 +266,46 @@ def test_frozen_first_parameter_and_lazy_adam_state():
     sd = opt.state_dict()
     opt3 = CDAT(torch.optim.Adam(mlp().parameters(), lr=0.1))
     opt3.load_state_dict(sd)
+
+
+def test_a_failed_first_step_after_loading_keeps_the_loaded_w0():
+    """A fresh optimizer that loaded a state dict adopts the loaded ``curvopt_w0`` into its own buffers with its
+    values: a first step that failed (a probe raised) left never-initialised memory in ``state_dict()``."""
+    import copy
+    import io
+
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(32, 1)
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        return model, CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+
+    def closure_for(model, opt, fail_at=None):
+        calls = {"n": 0}
+
+        def closure():
+            calls["n"] += 1
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            if calls["n"] == fail_at:
+                raise RuntimeError("probe failed")
+            return loss
+        return closure
+
+    model, opt = make()
+    for _ in range(3):
+        opt.step(closure_for(model, opt))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    model2, opt2 = make()
+    model2.load_state_dict(model.state_dict())
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(RuntimeError, match="probe failed"):
+        opt2.step(closure_for(model2, opt2, fail_at=2))
+    after = opt2.state_dict()
+    for p, st in before["state"].items():
+        assert torch.equal(after["state"][p]["curvopt_w0"], st["curvopt_w0"])

@@ -261,7 +261,8 @@ def build(old: Optional[Workspace], state: Any, all_params: list[Tensor], has_gr
 
 def _adopt(ws: Workspace) -> None:
     """Make the state's ``curvopt_w0``/``curvopt_u`` of the parameters our buffers' views, copying the values
-    of ``u`` (the secant's memory) when every parameter holds one that fits; never adds a key."""
+    (of ``u``, the secant's memory, when every parameter holds one that fits; of each ``w0`` that fits); never
+    adds a key."""
     dicts = ws.dicts_of_params()
     if any(d is None for d in dicts):
         return
@@ -271,8 +272,10 @@ def _adopt(ws: Workspace) -> None:
             torch._foreach_copy_(ws.u[0].views, held)
             for d, v in zip(dicts, ws.u[0].views):
                 d[layout.U] = v
-    for d, v in zip(dicts, ws.w0.views):
+    for d, v, p in zip(dicts, ws.w0.views, ws.params):
         if layout.W0 in d and d[layout.W0] is not v:
+            if fits(d[layout.W0], p):  # its values too: a step that fails before writing w0 leaves them in state
+                v.copy_(d[layout.W0])
             d[layout.W0] = v
 
 
