@@ -194,6 +194,18 @@ def _check_paths(parser, args) -> None:
             parser.error(f"--text {args.text!r} is not UTF-8 ({e})")
 
 
+def _check_widths(parser, exps) -> None:
+    """A transformer's width must split into its heads (width 3 with 2 heads was one failed run per cell)."""
+    from .tasks import model_options
+
+    for e in exps:
+        heads = model_options(e).get("heads")
+        bad = [w for w in e.widths if heads and w % heads]
+        if bad:
+            parser.error(f"--widths: {e.task} has {heads} heads, so its widths must be multiples of {heads} "
+                         f"(got {bad})")
+
+
 def _check_data(parser, exps) -> None:
     """Every dataset the plan trains on loads (once per dataset, in this process): a --data-dir without CIFAR-10's
     files, or a --text too short for one block, is a usage error before anything runs (it was one failed run per
@@ -227,6 +239,7 @@ def main(argv=None) -> int:
     if not exps:
         parser.error(f"no experiment of suite {args.suite!r} matches --tasks/--regimes")
     _check_cells(parser, exps, backends, params)
+    _check_widths(parser, exps)
     if not args.report_only:
         _check_data(parser, exps)
     if args.report_only and not os.path.isfile(os.path.join(out, RESULTS)):

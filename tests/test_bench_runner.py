@@ -243,6 +243,7 @@ BAD_ARGS = [
     (["--tuners", "eos:stability_coefficient=0"], "stability_coefficient"),  # was replaced by the default
     (["--report-only"], "--report-only"),  # no results there: was a traceback
     (["--tasks", "resnet", "--data-dir", "/"], "does not load"),  # no CIFAR-10 there: was one failed run per cell
+    (["--tasks", "lm", "--widths", "3"], "multiples of 2"),  # 2 heads: was one failed run per cell
 ]
 
 
