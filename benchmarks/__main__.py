@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         parser.error(f"no experiment of suite {args.suite!r} matches --tasks/--regimes")
     _check_cells(parser, exps, backends, params)
     _check_widths(parser, exps)
-    if not args.report_only:
+    if not (args.report_only or args.list):
         _check_data(parser, exps)
     if args.report_only and not os.path.isfile(os.path.join(out, RESULTS)):
         parser.error(f"--report-only: no {RESULTS} in {out!r} (run the suite first, or pass its --out)")
