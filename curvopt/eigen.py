@@ -40,9 +40,9 @@ class VectorOps(Protocol):
 
 class PowerState(NamedTuple):
     """One power iteration in progress. ``value``: the latest estimate of the top eigenvalue of ``M`` (NaN
-    before the first product, and after a non-finite one); ``previous``: the last Rayleigh quotient of this pass (NaN: none);
-    ``shift``: 0, or the negative dominant eigenvalue during the second pass; ``used``: products in all;
-    ``pass_used``: products in this pass."""
+    before the first product, and after a non-finite one); ``previous``: the last Rayleigh quotient of this
+    pass (NaN: none); ``shift``: 0, or the negative dominant eigenvalue during the second pass; ``used``:
+    products in all; ``pass_used``: products in this pass."""
 
     v: Any
     value: Any

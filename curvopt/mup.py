@@ -376,7 +376,8 @@ def build_table(
         for n in names:
             role_over[n] = role
     if gamma_depth is None:
-        gamma_depth = depth if depth is not None else max(1, sum(len(s) >= 2 and lay != "vector" for s, lay in shapes.values()))
+        layers = sum(len(s) >= 2 and lay != "vector" for s, lay in shapes.values())
+        gamma_depth = depth if depth is not None else max(1, layers)
     g_lr = gamma_lr_scale(gamma, family, gamma_depth)
     g_out = gamma_output_multiplier(gamma)
     d_lr = depth_lr_mult(depth, family)

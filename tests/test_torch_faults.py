@@ -321,7 +321,8 @@ def test_a_skipped_step_puts_module_buffers_and_the_generator_back():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1)).double()
     opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), modules=model)
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randn(16, 1, generator=gen, dtype=torch.float64)
+    x = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(16, 1, generator=gen, dtype=torch.float64)
 
     def closure_on(inputs):
         def closure():

@@ -10,8 +10,9 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
 3. one host sync: if the loss or ``-g^T u`` is not finite (a NaN/Inf loss or gradient, or a base direction
    that overflowed, e.g. fp16 Adam) the step is **skipped**: parameters and the base's state (Adam's step
    counter and moments included) are put back, and so are the module buffers and the random generators (as
-   before the main call: a NaN batch's BatchNorm statistics), ``stats["skipped"]`` + 1, a warning; a closure-free step whose
-   gradient is zero in every entry is skipped the same way (:func:`curvopt.config.has_gradient`);
+   before the main call: a NaN batch's BatchNorm statistics), ``stats["skipped"]`` + 1, a warning; a
+   closure-free step whose gradient is zero in every entry is skipped the same way
+   (:func:`curvopt.config.has_gradient`);
 4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
    ``w0`` (after the base stepped, so Adam's ``P`` is the one of this step's update), by the core's power
    iteration on finite-difference Hessian-vector products;
