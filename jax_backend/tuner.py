@@ -304,6 +304,10 @@ def convenience(transform: Callable[..., Any], name: str) -> Callable[..., optax
     sees and injects the numeric settings."""
 
     def build(base: optax.GradientTransformation, *args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+        if not (hasattr(base, "init") and hasattr(base, "update")):
+            raise TypeError(f"{name}(base, ...): base must be an optax.GradientTransformation, got "
+                            f"{getattr(base, '__name__', type(base).__name__)!r}"
+                            + (" (a factory: call it, e.g. optax.scale_by_adam())" if callable(base) else ""))
         return with_base_state(base, transform(*args, **kwargs))
 
     sig = inspect.signature(transform)

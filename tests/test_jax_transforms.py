@@ -450,3 +450,11 @@ def test_eos_ratio_uses_the_given_stability_coefficient():
         updates, state = opt.update(grad, state, w, value=value, value_fn=loss)
         w = optax.apply_updates(w, updates)
         assert float(stats(state)["eos_ratio"]) == pytest.approx(0.3, rel=1e-4)
+
+
+def test_a_base_factory_passed_uncalled_is_a_clear_error():
+    import optax
+    from curvopt.optax import cdat
+
+    with pytest.raises(TypeError, match=r"call it, e.g. optax.scale_by_adam\(\)"):
+        cdat(optax.scale_by_adam)  # was: AttributeError: 'function' object has no attribute 'init'
