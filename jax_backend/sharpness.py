@@ -130,12 +130,13 @@ def _precondition(matvec: Callable[[Any], Any], preconditioner: Any) -> Callable
 def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessConfig, fresh: Any,
            ops: TreeOps) -> tuple[Any, Any, Any]:
     """One warm-started estimate: ``(eigenvalue, eigenvector, products)``; ``first_iters`` products before
-    any estimate (``last`` NaN), else ``iters``; a non-finite result keeps ``last`` and ``v0``."""
+    any estimate (``last`` NaN), else ``iters``. A failed estimate (a non-finite product) is NaN, as in PyTorch,
+    and keeps ``v0`` (the next step retries: :func:`curvopt.config.sharpness_due`)."""
     iters = jnp.where(jnp.isnan(last), config.first_iters, config.iters)
     step = functools.partial(power_step, matvec=matvec, fresh=fresh, iters=iters, tol=config.tol, ops=ops, xp=jnp)
     st = jax.lax.while_loop(lambda s: ~s.done, step, power_init(v0, last, ops, jnp))
     ok = jnp.isfinite(st.value)
-    return jnp.where(ok, st.value, last), ops.select(ok, st.v, v0), st.used.astype(jnp.int32)
+    return st.value, ops.select(ok, st.v, v0), st.used.astype(jnp.int32)
 
 
 def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, last: tuple[Any, Any], *,

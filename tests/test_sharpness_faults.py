@@ -52,17 +52,19 @@ def test_core_a_failed_estimate_is_due_again_at_once():
     assert not bool(sharpness_due(jnp.int32(1), jnp.int32(EVERY), jnp.float32(10.0)))
 
 
-def _torch_run(nan_at):
+def _torch_run(nan_step, nan_call=2, steps=3):
+    """(lr, sharpness) per step; the ``nan_call``-th closure call of step ``nan_step`` (1: the main call) is NaN."""
     w = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
     a = torch.tensor(A)
     opt = EdgeOfStability(torch.optim.SGD([w], lr=1.0), sharpness=EVERY)
-    calls = {"n": 0}
     out = []
-    for _ in range(3):
+    for t in range(steps):
+        calls = {"n": 0}
+
         def closure():
             calls["n"] += 1
             opt.zero_grad()
-            loss = 0.5 * w @ a @ w * (math.nan if calls["n"] == nan_at else 1.0)
+            loss = 0.5 * w @ a @ w * (math.nan if (t, calls["n"]) == (nan_step, nan_call) else 1.0)
             loss.backward()
             return loss
         opt.step(closure)
@@ -72,18 +74,23 @@ def _torch_run(nan_at):
 
 def test_torch_edge_of_stability_after_a_nan_product():
     clean = _torch_run(None)
-    faulty = _torch_run(nan_at=3)  # the main call, then the sharpness's second product
+    faulty = _torch_run(0, nan_call=3)  # the main call, then the sharpness's second product
     assert faulty[0][0] == 0.0 and math.isnan(faulty[0][1])
     assert faulty[1][1] == pytest.approx(10.0, rel=1e-3)  # retried at the next step, not five steps later
     assert faulty[1][0] == pytest.approx(clean[0][0], rel=1e-3)
+    # a later scheduled estimate fails: NaN that step (the rule keeps its rate), retried at the next
+    later = _torch_run(EVERY, steps=EVERY + 2)
+    assert math.isnan(later[EVERY][1]) and later[EVERY][0] == later[EVERY - 1][0]
+    assert later[EVERY + 1][1] == pytest.approx(10.0, rel=1e-3)
 
 
-def _jax_run(nan_at):
-    count = {"n": 0}
+def _jax_run(nan_step, nan_call=2, steps=3):
+    """As :func:`_torch_run`: the ``nan_call``-th loss evaluation of step ``nan_step`` is NaN."""
+    count = {"n": 0, "t": 0}
 
     def flag(_):
         count["n"] += 1
-        return np.float64(math.nan if count["n"] == nan_at else 1.0)
+        return np.float64(math.nan if (count["t"], count["n"]) == (nan_step, nan_call) else 1.0)
 
     def loss(w):
         f = jax.pure_callback(flag, jax.ShapeDtypeStruct((), jnp.float64), jax.lax.stop_gradient(w.sum()))
@@ -100,7 +107,8 @@ def _jax_run(nan_at):
         return optax.apply_updates(w, updates), state
 
     out = []
-    for _ in range(3):
+    for t in range(steps):
+        count["t"], count["n"] = t, 0
         w, state = step(w, state)
         s = stats(state)
         out.append((float(s["lr"]), float(s["sharpness"])))
@@ -110,7 +118,10 @@ def _jax_run(nan_at):
 def test_jax_edge_of_stability_after_a_nan_product():
     with jax.enable_x64(True):
         clean = _jax_run(None)
-        faulty = _jax_run(nan_at=2)  # the main value, then the first product of the sharpness
+        faulty = _jax_run(0)  # the main value, then the first product of the sharpness
+        later = _jax_run(EVERY, steps=EVERY + 2)
     assert faulty[0][0] == 0.0 and math.isnan(faulty[0][1])
     assert faulty[1][1] == pytest.approx(10.0, rel=1e-3)
     assert faulty[1][0] == pytest.approx(clean[0][0], rel=1e-3)
+    assert math.isnan(later[EVERY][1]) and later[EVERY][0] == later[EVERY - 1][0]  # the rule keeps its rate
+    assert later[EVERY + 1][1] == pytest.approx(10.0, rel=1e-3)
