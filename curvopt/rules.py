@@ -220,9 +220,12 @@ def armijo_decrease_error(new_value: Any, value: Any, lr: Any, slope: Any, *, c:
 
 
 def armijo_initial_lr(previous_lr: Any, *, increase_factor: Any, lr_max: Any, init_lr: Any, xp: Any) -> Any:
-    """The first trial of a backtracking search: ``min(increase_factor * previous_lr, lr_max)``, or
-    ``init_lr`` when that is not a finite positive number (``increase_factor = inf`` with ``lr_max = inf``)."""
-    first = cap(increase_factor * previous_lr, lr_max, xp)
+    """The first trial of a backtracking search: ``min(increase_factor * previous_lr, lr_max)`` after an
+    accepted rate ``previous_lr``, ``min(-previous_lr, lr_max)`` where ``previous_lr`` is negative (a failed
+    search's next trial, stored negated: :class:`ArmijoSearchState`), or ``init_lr`` when that is not a finite
+    positive number (``increase_factor = inf`` with ``lr_max = inf``)."""
+    resume = previous_lr < 0
+    first = cap(xp.where(resume, -previous_lr, increase_factor * xp.where(resume, 1.0, previous_lr)), lr_max, xp)
     return xp.where(xp.isfinite(first) & (first > 0), first, init_lr)
 
 
@@ -678,7 +681,9 @@ class EdgeOfStabilityRule:
 
 
 class ArmijoSearchState(NamedTuple):
-    """The learning rate the next search starts from, divided by ``increase_factor``."""
+    """Where the next search starts (:func:`armijo_initial_lr`): the rate the last search accepted (positive; the
+    next starts ``increase_factor`` times higher), or minus the trial a failed search hands on (negative; the
+    next starts there, whatever ``increase_factor``: with ``inf`` every search would restart at the top)."""
 
     search_lr: Any
 
@@ -740,12 +745,10 @@ class ArmijoRule:
         descent = x.numerator > 0
         accepted = (error <= 0) & descent & xp.isfinite(lr) & (lr > 0)
         stalled = new_value == x.value
-        inc = self.increase_factor
-        # a failed search hands on its next trial, lr * decrease_factor: stored over increase_factor, which
-        # first_trial multiplies back (remembering lr itself, the next search started increase_factor times
-        # higher, and when increase_factor * decrease_factor^(max_trials - 1) >= 1 it never came down)
-        failed_next = xp.where(xp.isfinite(inc), lr * self.decrease_factor / xp.where(xp.isfinite(inc), inc, 1.0), lr)
-        memory = xp.where(accepted, lr, failed_next)
+        # a failed search hands on its next trial, lr * decrease_factor, negated (remembering lr as an accepted
+        # rate, the next search started increase_factor times higher: when increase_factor *
+        # decrease_factor^(max_trials - 1) >= 1, or increase_factor = inf, it never came down)
+        memory = xp.where(accepted, lr, -lr * self.decrease_factor)
         memory = xp.where(stalled | ~(xp.isfinite(lr) & (lr > 0)), self.init_lr, memory)
         memory = xp.where(descent, memory, state.search_lr)
         return xp.where(accepted, lr, 0.0), ArmijoSearchState(memory)

@@ -132,6 +132,13 @@ def test_armijo_failed_search_takes_no_step_continues_and_restarts_after_a_stall
     assert (float(lr), float(st.search_lr)) == (0.0, 1.0)
     lr, st = rule.finish(_inputs(-1.0, value=1.0), ArmijoSearchState(f(0.2)), f(0.4), f(np.inf), f(np.nan), xp)
     assert (float(lr), float(st.search_lr)) == (0.0, 0.2)                 # uphill direction: no step, memory kept
+    # increase_factor = inf: every search after an accepted one starts at the top, and a failed one is still
+    # continued where it stopped (it restarted at the top, so a rate below 0.8^29 of it was never reached)
+    inf_rule = rules.ArmijoRule(increase_factor=np.inf, lr_max=10.0)
+    _, s_inf = inf_rule.finish(x, inf_rule.init(f(0)), f(0.01), f(0.5), f(1.5), xp)
+    assert float(inf_rule.first_trial(s_inf, xp)) == pytest.approx(0.008)
+    _, s_inf = inf_rule.finish(x, s_inf, f(0.3), f(0.0), f(0.9), xp)
+    assert float(inf_rule.first_trial(s_inf, xp)) == 10.0
     assert float(rule.decrease_error(f(0.9), x, f(0.5), xp)) == 0.0  # 0.9 <= 1 - 1e-4 * 0.5 * 1
     assert float(rule.decrease_error(f(1.2), x, f(0.5), xp)) == pytest.approx(1.2 - 1 + 1e-4 * 0.5)
 
