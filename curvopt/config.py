@@ -154,13 +154,14 @@ GRADIENT_MISSING_MESSAGE = (
     "to step on.")
 
 
-def has_gradient(grad_sq: Any) -> Any:
+def has_gradient(grad_abs_max: Any) -> Any:
     """Whether a closure-free step (the secant's: the gradient is handed over, not computed by the tuner) can be
-    taken: ``||g||^2 > 0``. A gradient that is zero in every entry carries no descent information and is most
-    often one that was never computed (:data:`GRADIENT_MISSING_MESSAGE`); the secant would read the previous
-    step's ``-g_{t-1}^T u_{t-1}`` against it as curvature, and a momentum or Adam base would still move. Such a
-    step is skipped like a non-finite one (a NaN ``grad_sq`` gives False too)."""
-    return grad_sq > 0
+    taken: ``max_i |g_i| > 0`` (not ``||g||^2``, which underflows to 0 for a tiny float32 gradient). A gradient
+    that is zero in every entry carries no descent information and is most often one that was never computed
+    (:data:`GRADIENT_MISSING_MESSAGE`); the secant would read the previous step's ``-g_{t-1}^T u_{t-1}`` against
+    it as curvature, and a momentum or Adam base would still move. Such a step is skipped like a non-finite one
+    (a NaN ``grad_abs_max`` gives False too)."""
+    return grad_abs_max > 0
 
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")

@@ -296,7 +296,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
 
         ok = p.finite
         if oracle == "secant" and p.f is None:  # closure-free: a gradient that was never computed is skipped
-            ok = ok & has_gradient(vdot(p.grad, p.grad, dtype))
+            ok = ok & has_gradient(optax.tree.norm(p.grad, ord="inf"))
         return select(ok, taken(), skip(updates, state))
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -151,3 +151,24 @@ def test_torch_closure_free_after_a_closure_step_has_an_exact_secant():
             expected = float(u_prev @ a @ u_prev / (u_prev @ u_prev) * (u @ u))
             assert cur[2] == pytest.approx(expected, rel=1e-9)
     assert [s[3] for s in steps] == [s[3] for s in reference]
+
+
+def test_a_tiny_gradient_is_not_a_missing_one():
+    """The check is on the largest entry: a float32 gradient of 1e-26 (a loss scaled far down) has ||g||^2 = 0 in
+    float32 but is a gradient: no step is skipped in either backend (they were, as "every entry is zero")."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = CDAT(torch.optim.Adam([w], lr=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.zero_grad()
+            (1e-26 * (w ** 2).sum()).backward()
+            opt.step()
+    assert opt.stats["skipped"] == 0
+    params = jnp.array([1.0, -2.0, 0.5], jnp.float32)
+    tx = cdat(optax.scale_by_adam(), base_method="adam")
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(2e-26 * params, state, params)
+        params = optax.apply_updates(params, updates)
+    assert int(stats(state)["skipped"]) == 0

@@ -77,8 +77,8 @@ from .noise import noise_metric, noise_numerator
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
-from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps, norm,
-                      reducing)
+from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps, max_abs,
+                      norm, reducing)
 from .workspace import Workspace
 from .workspace import build as build_workspace
 
@@ -464,8 +464,6 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.flat, u.flat))
             if late:
                 pairs.append((scratch.flat, ws.u[held].flat))
-            if closure is None:
-                pairs.append((scratch.flat, scratch.flat))
             reductions = flat_dots(pairs)
             flat = (w0.flat, u.flat, scratch.flat, scratch.views)
         else:
@@ -474,8 +472,6 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.views, u.views))
             if late:
                 pairs.append((grads, prev_u))
-            if closure is None:
-                pairs.append((grads, grads))
             reductions = [dots(pairs)]
             flat = None
         fd = oracle == "fd"
@@ -483,7 +479,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         paired = self.numerator == "paired"
         predicted = paired and self._has_prediction(params, glob)
         # the step's host sync: every reduction so far read at once
-        extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b) if t is not None]
+        grad_max_t = max_abs(grads) if closure is None else None  # closure-free: was a gradient handed over?
+        extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b, grad_max_t) if t is not None]
         momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
                                                              else None) if momentum else ([], []))
         paired_keys, paired_sums = self._paired_terms(params, grads, clip) if predicted else ([], [])
@@ -492,12 +489,12 @@ class CurvatureTuner(torch.optim.Optimizer):
         g_dot_u = next(it)
         u_sq = next(it) if remember else None
         g_dot_prev_u = next(it) if late else None
-        grad_sq = next(it) if closure is None else None
         loss_v = next(it) if loss_t is not None else S(math.nan)
         if early:
             g_dot_prev_u = next(it)
         clip_v = next(it) if clip is not None else None
         noise_v = next(it) if noise_b is not None else None
+        grad_max = next(it) if grad_max_t is not None else None
         fd_norms = (next(it), next(it)) if fd else None
         nan = S(math.nan)
         with S.errstate():
@@ -532,7 +529,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not ok:
             tx.undo_base()
             return self._skip(loss, p0)
-        if grad_sq is not None and not has_gradient(grad_sq):
+        if grad_max is not None and not has_gradient(grad_max):
             tx.undo_base()
             return self._skip(loss, p0, GRADIENT_MISSING_MESSAGE)
         f_star = getattr(rule, "f_star", -math.inf)
