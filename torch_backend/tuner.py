@@ -550,9 +550,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             return Probe(closure, params, raw_grads, w0.views, u.views, lt, numerator, guard,
                          self.distributed, all_params, index, flat)
         sharp = {}
-        ref_key = layout.SHARPNESS["preconditioned" if self.preconditioned else "plain"]
-        last = glob.get(ref_key)
-        if cfg.enabled and sharpness_due(count, cfg.every, math.nan if last is None else self._host(last, S)):
+        held = {space: nan if glob.get(key) is None else self._host(glob[key], S)  # the estimates so far, read once
+                for space, key in layout.SHARPNESS.items()}
+        if cfg.enabled and sharpness_due(count, cfg.every, held["preconditioned" if self.preconditioned else "plain"]):
             probe = make_probe()
             sharp = self._estimate_sharpness(probe, glob, count)
         curvature = nan
@@ -581,14 +581,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         elif secant:
             curvature, lagged, stretch = secant_c, True, secant_stretch(prev[2], u_sq, S)
         sharpness, fresh_sharp = {}, []
-        for space, key in layout.SHARPNESS.items():
+        for space in layout.SHARPNESS:
             if space in sharp:  # a failed estimate (NaN) is this step's sharpness too: retried next step
                 sharpness[space] = S(sharp[space][0])
                 if S.isfinite(sharpness[space]):
                     fresh_sharp.append(space)  # its eigenvector is kept for the next warm start
             else:
-                old = glob.get(key)
-                sharpness[space] = nan if old is None else self._host(old, S)
+                sharpness[space] = held[space]
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
         inputs = RuleInputs(rule_numerator, curvature, loss_v, reference, count, lagged, stretch)
         rule_state = self._rule_state(glob, S)
