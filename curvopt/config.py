@@ -130,19 +130,22 @@ def secant_caveat(method: Any) -> Optional[str]:
 SECANT_STALL_STEPS = 10
 SECANT_STALL_MESSAGE = (
     "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step) "
-    f"{SECANT_STALL_STEPS} steps later: the secant of consecutive gradients is dominated by their noise (small "
-    "mini-batches, dropout). It overestimates the curvature by about the noise's variance divided by the "
+    f"{SECANT_STALL_STEPS} steps later. Either the secant of consecutive gradients is dominated by their noise "
+    "(small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
-    "where the fd oracle chose 0.2). Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use "
-    "larger batches.")
+    "where the fd oracle chose 0.2); or the curvature along the update is not positive (a concave start, where "
+    "without the loss the rule has no step to take and probes again: it never left the start of a double well). "
+    "Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches.")
 
 
 def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:
     """``(judged, stalled)`` (host scalars or traced arrays): a closure-free run's secant rate ``lr`` is judged
-    :data:`SECANT_STALL_STEPS` steps after its probing step ``probe_lr``, and has stalled when it is still below
-    that step: the noise-driven collapse the tuners warn about (:data:`SECANT_STALL_MESSAGE`). A rate that trains
-    is far above the probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
-    judged = steps_since_probe == SECANT_STALL_STEPS
+    from :data:`SECANT_STALL_STEPS` steps after its probing step ``probe_lr`` on (the backends judge once per
+    probe, at the first secant step from then, and keep the first probe of a run of probes, so that probes
+    repeated after steps of rate 0 do not postpone the judgement for ever), and has stalled when it is still below
+    that step: the collapse the tuners warn about (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above
+    the probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
+    judged = steps_since_probe >= SECANT_STALL_STEPS
     return judged, judged & (lr < probe_lr)
 
 

@@ -38,9 +38,9 @@ __all__ = ["SecantMemory", "secant_init", "secant_remember", "fd_step", "curvatu
 class SecantMemory(NamedTuple):
     """What the secant oracle keeps from the previous step: its incoming direction ``d`` (``u = -d``: kept as
     handed over, a negated copy would be one more kernel per leaf), ``g^T u``, ``||u||^2`` and the learning rate
-    it took (0: no secant next step); and the closure-free probing step's rate and step count (NaN, 0 before
-    one) and whether the rate had stalled below it when judged (:func:`curvopt.config.secant_stalled`;
-    :func:`jax_backend.stats` warns)."""
+    it took (0: no secant next step); and the closure-free probing step's rate and step count (NaN before one
+    and once judged; the first of a run of probes is kept until then) and whether the rate was below it when
+    last judged (:func:`curvopt.config.secant_stalled`; :func:`jax_backend.stats` warns)."""
 
     prev_incoming: Any
     prev_grad_dot_direction: Any
@@ -62,10 +62,14 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     """The memory after a step of direction ``d`` (``-g^T u = numerator``) at rate ``lr``; ``probe``: the
     closure-free probing rate ``h`` if this step probed, else NaN; ``steps``: the steps taken before it."""
     probing = ~jnp.isnan(probe)
+    pending = ~jnp.isnan(memory.probe_lr)  # a probe not judged yet: the first of a run of probes is judged
     judged, stalled = secant_stalled(lr, memory.probe_lr, steps - memory.probe_step)
+    judged = pending & judged & ~probing
+    new_probe = probing & ~pending
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
-                        jnp.where(probing, probe, memory.probe_lr), jnp.where(probing, steps, memory.probe_step),
-                        ~probing & jnp.where(judged, stalled, memory.stalled))
+                        jnp.where(new_probe, probe, jnp.where(judged, jnp.nan, memory.probe_lr)),
+                        jnp.where(new_probe, steps, memory.probe_step),
+                        jnp.where(judged, stalled, memory.stalled))
 
 
 def _float_dtypes(jaxpr: Any, found: set) -> set:

@@ -601,7 +601,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             if probing:
                 nw, nu = host_values(ws.norms(w0, u), S)
                 lr = finite_difference_step(nw, nu, dtype_eps=least_precise_eps(params), xp=S)
-                self._probed = (float(lr), count)
+                if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
+                    self._probed = (float(lr), count)
             elif lagged and self._probed is not None:
                 judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
                 if stalled:
