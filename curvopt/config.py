@@ -21,6 +21,9 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "secant_stalled",
+    "EXTERNAL_CLIP_STEPS",
+    "EXTERNAL_CLIP_MESSAGE",
+    "external_clip_suspected",
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
     "accumulator_dtype_name",
@@ -147,6 +150,34 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any,
     the probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
     judged = steps_since_probe >= SECANT_STALL_STEPS
     return judged, judged & (lr < probe_lr)
+
+
+#: consecutive secant steps whose gradients all have one norm (to :data:`EXTERNAL_CLIP_RTOL`) before
+#: :func:`external_clip_suspected` says so
+EXTERNAL_CLIP_STEPS = 3
+EXTERNAL_CLIP_RTOL = 1e-5
+EXTERNAL_CLIP_MESSAGE = (
+    "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
+    f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient-norm clip outside the tuner "
+    "(torch.nn.utils.clip_grad_norm_ before opt.step(), Hugging Face's max_grad_norm, Lightning's "
+    "gradient_clip_val). It scales each step's gradient by a factor of its own, and the secant curvature, the "
+    "difference of consecutive gradients, is then wrong (measured on a quadratic: the greedy rate 1e8-1e19x too "
+    "high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's max_grad_norm= instead, which divides its "
+    "factor back out (Hugging Face: max_grad_norm=0 in TrainingArguments; Lightning: gradient_clip_val=None).")
+
+
+def external_clip_suspected(norms: Any) -> bool:
+    """Whether the gradient norms of the last consecutive closure-free secant steps (host floats, oldest first)
+    say that an active norm clip outside the tuner produced them: :data:`EXTERNAL_CLIP_STEPS` of them, all
+    positive and finite and equal to :data:`EXTERNAL_CLIP_RTOL` relative. ``clip_grad_norm_`` scales to
+    ``max_norm * n / (n + 1e-6)``, one value to ~1e-6; consecutive true gradients after steps that moved the
+    parameters (the backends leave out steps after a probe, whose tiny step barely changes the gradient) differ
+    by far more."""
+    norms = list(norms)
+    if len(norms) < EXTERNAL_CLIP_STEPS or not all(math.isfinite(n) and n > 0 for n in norms):
+        return False
+    top = max(norms)
+    return top - min(norms) <= EXTERNAL_CLIP_RTOL * top
 
 
 GRADIENT_MISSING_MESSAGE = (

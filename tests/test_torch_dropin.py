@@ -587,6 +587,38 @@ def test_hugging_face_style_loop_with_clip_and_scheduler():
     assert all(v > 0 for v in a[1:])
 
 
+@pytest.mark.parametrize("tuner", [CDAT, QuadraticGreedy])
+def test_an_active_clip_outside_the_closure_free_step_is_reported(tuner):
+    """``clip_grad_norm_`` before ``opt.step()`` with an active clip scales each step's gradient by its own factor,
+    so the secant differences two gradients on different scales (the greedy rate went 30 -> 6e9 -> 2e19 on this
+    quadratic): the tuner cannot undo a factor it never sees, and says so once, a few steps in. Unclipped, with an
+    inactive clip, or clipped by the tuner's own max_grad_norm (whose factor it divides out): no warning, and
+    max_grad_norm=1 gives the exact greedy rate of the clipped direction."""
+    h = torch.tensor([1.0, 10.0], dtype=D64)
+
+    def run(outside, inside=None):
+        w = nn.Parameter(torch.tensor([30.0, 30.0], dtype=D64))
+        opt = tuner(torch.optim.SGD([w], lr=1.0), max_grad_norm=inside)
+        lrs = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(8):
+                opt.zero_grad()
+                (0.5 * (h * w * w).sum()).backward()
+                if outside is not None:
+                    torch.nn.utils.clip_grad_norm_([w], outside)
+                opt.step()
+                lrs.append(float(opt.stats["lr"]))
+        return lrs, sum("same norm on the last" in str(m.message) for m in caught)
+
+    assert run(1.0)[1] == 1
+    for outside, inside in ((None, None), (1e9, None), (None, 1.0)):
+        assert run(outside, inside)[1] == 0, (outside, inside)
+    if tuner is QuadraticGreedy:  # the step after the probe: -g^T u / u^T H u along u = -g / ||g||, exact
+        g_sq, g_h_g = float((h * h * 900).sum()), float((h ** 3 * 900).sum())
+        assert run(None, 1.0)[0][1] == pytest.approx(g_sq / g_h_g * math.sqrt(g_sq), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------ Lightning
 def test_lightning_trainer_accumulate_and_clip():
     pl = pytest.importorskip("lightning.pytorch")
@@ -611,10 +643,12 @@ def test_lightning_trainer_accumulate_and_clip():
 
         def configure_optimizers(self):
             # probes=False: Lightning's closure runs training_step (and only the last micro-batch): call it once
-            return CDAT(torch.optim.SGD(self.parameters(), lr=1.0), probes=False)
+            # max_grad_norm: clipped by the tuner, which divides its factor back out (not gradient_clip_val, whose
+            # factor it never sees: test_an_active_clip_outside_the_closure_free_step_is_reported)
+            return CDAT(torch.optim.SGD(self.parameters(), lr=1.0), probes=False, max_grad_norm=1.0)
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = pl.Trainer(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=1.0, accelerator="cpu",
+    trainer = pl.Trainer(max_epochs=2, accumulate_grad_batches=2, accelerator="cpu",
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False)
     trainer.fit(Module(), loader)

@@ -52,7 +52,8 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, replay_mismatch, secant_noise_corrected
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE,
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
+                            GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, external_clip_suspected,
                             accumulator_dtype_name, has_gradient, resolve_curvature, secant_caveat, secant_stalled,
                             sharpness_due)
 from curvopt.preconditioner import relative_rates
@@ -191,6 +192,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
         self._replay_checks = _REPLAY_CHECKS
         self._secant_warned = False
+        #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's), and
+        #: whether the last step probed: :meth:`_watch_clip`
+        self._clip_norms: list[float] = []
+        self._probed_last: Optional[bool] = None
+        self._clip_warned = False
         self._scratch_d: dict[Tensor, Tensor] = {}
         self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
@@ -456,6 +462,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         else:
             torch._foreach_sub_(u.views, w0.views)
         late = prev_u is not None and not early
+        # closure-free secant steps watch ||g|| for a norm clip outside the tuner (external_clip_suspected)
+        watch_clip = secant and self.max_grad_norm is None and not self._clip_warned
         if ws.flat:
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
@@ -464,6 +472,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.flat, u.flat))
             if late:
                 pairs.append((scratch.flat, ws.u[held].flat))
+            if watch_clip:
+                pairs.append((scratch.flat, scratch.flat))
             reductions = flat_dots(pairs)
             flat = (w0.flat, u.flat, scratch.flat, scratch.views)
         else:
@@ -472,6 +482,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 pairs.append((u.views, u.views))
             if late:
                 pairs.append((grads, prev_u))
+            if watch_clip:
+                pairs.append((grads, grads))
             reductions = [dots(pairs)]
             flat = None
         fd = oracle == "fd"
@@ -489,6 +501,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         g_dot_u = next(it)
         u_sq = next(it) if remember else None
         g_dot_prev_u = next(it) if late else None
+        g_sq = next(it) if watch_clip else None
         loss_v = next(it) if loss_t is not None else S(math.nan)
         if early:
             g_dot_prev_u = next(it)
@@ -532,6 +545,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if grad_max is not None and not has_gradient(grad_max):
             tx.undo_base()
             return self._skip(loss, p0, GRADIENT_MISSING_MESSAGE)
+        if watch_clip:
+            self._watch_clip(g_sq, after_move=prev_u is not None and self._probed_last is False)
         f_star = getattr(rule, "f_star", -math.inf)
         if loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
@@ -629,6 +644,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         else:
             axpy_into(params, w0.views, lr_t, u.views)
         guard.finish()
+        self._probed_last = probing if secant else None
         ws.install(state, layout.W0, w0)
         ws.install(state, layout.U, u)
         if remember and prev_u is None:  # exactly this step's parameters hold a direction (the secant's invariant)
@@ -854,6 +870,18 @@ class CurvatureTuner(torch.optim.Optimizer):
         out = self._commit_gradients(params, grads, clip, layout.PREDICTED_GRAD)
         torch._foreach_lerp_(out, probe.gradient(), float(weight))
         return True
+
+    def _watch_clip(self, g_sq: Any, after_move: bool) -> None:
+        """Keeps ``||g||`` of consecutive closure-free secant steps that follow a step which moved the parameters
+        (``after_move``; a probe's tiny step leaves the gradient nearly as it was) and warns once when they say
+        that a norm clip outside the tuner produced them (:func:`curvopt.config.external_clip_suspected`)."""
+        if not after_move:
+            self._clip_norms = []
+            return
+        self._clip_norms = (self._clip_norms + [math.sqrt(max(float(g_sq), 0.0))])[-EXTERNAL_CLIP_STEPS:]
+        if external_clip_suspected(self._clip_norms):
+            self._clip_warned = True
+            warnings.warn(EXTERNAL_CLIP_MESSAGE, RuntimeWarning, stacklevel=4)
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
