@@ -97,7 +97,7 @@ def scale_by_cdat(
     ``base_method`` and the numerator (:func:`curvopt.rules.default_sigma`: 4, guarded, with the robust
     start-up for gradient descent and for Adam with the momentum numerator; 2 for heavy ball, Nesterov, Adam
     with another numerator and ``startup="paper"``). The guard and the cap need the loss
-    (``value`` or ``value_fn``); without it a ``sigma`` above 2 is held at 2, and so is a step whose curvature
+    (``value``, or ``value_fn``: one more forward pass when ``value`` is not given); without it a ``sigma`` above 2 is held at 2, and so is a step whose curvature
     is the secant's (a step old).
 
     Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
@@ -253,8 +253,10 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                **extra_args: Any
                ) -> tuple[Any, ScaleByCDATState]:
         dtype = state.stats.lr.dtype
+        # the robust start-up's floor, guard and cap use the loss: given value_fn but not value (the grad handed
+        # over, as the conveniences do), one forward pass computes it
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
-                    extra_args=extra_args, need_value=False)
+                    extra_args=extra_args, need_value=False, want_value=startup == "robust")
         oracle = oracle_for(curvature, p, name)
         check_base_method(base_method, method, updates, grad, base_state, name, rate_follows_base=rate_follows_base)
         caveat = secant_caveat(method) if oracle == "secant" else None

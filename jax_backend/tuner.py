@@ -54,7 +54,10 @@ class Prepared(NamedTuple):
 
 
 def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, grad: Any, value_fn: Any,
-            extra_args: dict, need_value: bool) -> Prepared:
+            extra_args: dict, need_value: bool, want_value: bool = False) -> Prepared:
+    """The step's :class:`Prepared` inputs. A missing loss value is computed from ``value_fn`` (one forward
+    pass) when ``need_value`` (an error without ``value_fn``), or when ``want_value`` and ``value_fn`` is usable
+    (not inside ``optax.masked``, where the tuner sees part of the parameters)."""
     if params is None:
         raise ValueError(f"{tuner} needs params: update(updates, state, params, ...)")
     masked = has_masked(params)
@@ -65,8 +68,8 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
                       "on the other part changes this part's gradients and the secant reads that as curvature",
                       RuntimeWarning, stacklevel=3)
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
-    value, grad = value_and_grad_at(params, value, like_params(grad, params), f, need_value=need_value,
-                                    tuner=tuner)
+    value, grad = value_and_grad_at(params, value, like_params(grad, params), f,
+                                    need_value=need_value or (want_value and f is not None), tuner=tuner)
     d = incoming(updates, params)
     numerator = vdot(grad, d, dtype)  # -g^T u
     # g^T u is finite iff no entry of g or u is NaN/Inf (a NaN or Inf term makes the sum NaN or Inf, Inf * 0
