@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["finite_difference_curvature", "replay_mismatch", "rayleigh_converged", "SecantNoiseState",
+__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "rayleigh_converged", "SecantNoiseState",
            "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "secant_noise_numerator", "secant_noise_corrected"]
 
 
@@ -34,6 +34,15 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     model = loss - h * numerator + 0.5 * h * h * curvature
     allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * abs(loss) + 1e-30
     return abs(probe_loss - model) / allowed, model
+
+
+def replay_mismatch_in_place(loss: float, replay_loss: float, loss_eps: float) -> float:
+    """How far the closure's loss evaluated again at the unchanged parameters is from the main call's, in units of
+    100 roundings of the loss's dtype (``loss_eps``: the machine epsilon): > 1, the closure did not evaluate the
+    same function (a new batch, randomness that is not replayed). The check of the tuners whose probes are not
+    ``fd`` probes (:func:`replay_mismatch` checks those): the line search's trials and the sharpness's products
+    have no quadratic model to compare with. Host floats."""
+    return abs(replay_loss - loss) / (100 * loss_eps * abs(loss) + 1e-30)
 
 
 def rayleigh_converged(value: Any, previous: Any, tol: Any) -> Any:

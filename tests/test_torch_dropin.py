@@ -3,6 +3,7 @@ accumulation, clipping, a Lightning Trainer, a Hugging Face-style loop with a sc
 contract's guard rails; scheduler/hook/logging semantics. Each example asserts the learning rates."""
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -264,13 +265,23 @@ def test_max_grad_norm_active_uses_the_clipped_directions_curvature(closure_mode
 
 
 # ------------------------------------------------------------------------------ closure contract
-def test_replay_check_warns_once_for_a_closure_that_draws_a_new_batch():
+_PROBING_TUNERS = {
+    "cdat_fd": lambda b, **kw: CDAT(b, **kw),
+    # no fd probes: the closure is called once more at the unchanged parameters, before the first sharpness
+    # estimate or line search (before, the sharpness came out 1e7x too high and the rate as low, silently)
+    "eos": lambda b, **kw: EdgeOfStability(b, sharpness=1, **kw),
+    "armijo": lambda b, **kw: ArmijoLineSearch(b, **kw),
+}
+
+
+@pytest.mark.parametrize("tuner", list(_PROBING_TUNERS))
+def test_replay_check_warns_once_for_a_closure_that_draws_a_new_batch(tuner):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
-    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0))
+    opt = _PROBING_TUNERS[tuner](torch.optim.SGD(model.parameters(), lr=1.0))
 
     g = torch.Generator().manual_seed(0)  # (torch's default generator would be replayed by the tuner)
-    batches = iter([(torch.randn(8, 4, generator=g) * 3, torch.randn(8, 1, generator=g)) for _ in range(50)])
+    batches = itertools.cycle([(torch.randn(8, 4, generator=g) * 3, torch.randn(8, 1, generator=g)) for _ in range(50)])
 
     def closure():  # next(loader) inside the closure: the probe sees another batch than the main call
         opt.zero_grad()
@@ -287,11 +298,12 @@ def test_replay_check_warns_once_for_a_closure_that_draws_a_new_batch():
     assert len(hits) == 1 and "max_grad_norm" in str(hits[0].message)
 
 
-def test_replay_check_silent_for_a_replaying_closure_with_dropout():
+@pytest.mark.parametrize("tuner", list(_PROBING_TUNERS))
+def test_replay_check_silent_for_a_replaying_closure_with_dropout(tuner):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
     x, y = torch.randn(16, 4), torch.randn(16, 1)
-    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), modules=model)
+    opt = _PROBING_TUNERS[tuner](torch.optim.SGD(model.parameters(), lr=1.0), modules=model)
 
     def closure():
         opt.zero_grad()
@@ -755,3 +767,44 @@ def test_closure_returning_a_tuple_is_refused_clearly_and_nothing_moves():
     with pytest.raises(TypeError, match="return the loss alone"):
         opt.step(closure)
     assert torch.equal(w.detach(), torch.ones(3)) and not opt.base.state
+
+
+def test_parameters_converted_or_materialised_after_the_tuner_is_built():
+    """``model.double()`` after building the tuner (as a plain optimizer allows: the parameters are converted in
+    place) gives the run of a tuner built after it (before: the tuner's flat buffers and scalars stayed float32 and
+    the parameters drifted by 1.0 in 30 Adam steps); lazy modules (``nn.LazyLinear``, materialised at the first
+    forward pass) train like their eager twins (before: the tuner's construction raised)."""
+    x, y = torch.randn(32, 3, dtype=D64), torch.randn(32, 1, dtype=D64)
+
+    def run(make, convert_after, closure_mode=True, materialise=False):
+        torch.manual_seed(1)
+        model = make()
+        if not convert_after:
+            model.double()
+        if materialise:  # the lazy twin materialised before the tuner is built
+            model(x)
+        opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+        if convert_after:
+            model.double()
+        lrs = []
+        for _ in range(8):
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+            if closure_mode:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+            lrs.append(float(opt.stats["lr"]))
+        return lrs, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    eager = lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))  # noqa: E731
+    lazy = lambda: nn.Sequential(nn.LazyLinear(4), nn.Tanh(), nn.Linear(4, 1))  # noqa: E731
+    for closure_mode in (True, False):
+        (a, pa), (b, pb) = run(eager, False, closure_mode), run(eager, True, closure_mode)
+        assert a == b and torch.equal(pa, pb) and pb.dtype == torch.float64
+        (c, pc), (d, pd) = run(lazy, False, closure_mode), run(lazy, False, closure_mode, materialise=True)
+        assert c == d and torch.equal(pc, pd) and all(v > 0 for v in c[1:])

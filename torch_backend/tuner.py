@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from curvopt.base import BaseMethod
-from curvopt.curvature import SecantNoiseState, replay_mismatch, secant_noise_corrected
+from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch_in_place, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, external_clip_suspected,
                             accumulator_dtype_name, has_gradient, resolve_curvature, secant_caveat, secant_stalled,
@@ -150,8 +150,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not any(p.requires_grad for p in params):
             raise ValueError(f"{name}: none of the base optimizer's parameters requires_grad "
                              "(all frozen): there is nothing to tune")
-        #: dtype of the tuner's own scalars (at least float32, the widest parameter dtype; complex refused)
-        self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in params))
+        self._adopt_layout()
         self._distributed_setting = distributed
         #: the reducer of a data-parallel run (None in a single process): see torch_backend.distributed
         self.distributed = resolve_distributed(distributed, params)
@@ -198,7 +197,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._probed_last: Optional[bool] = None
         self._clip_warned = False
         self._scratch_d: dict[Tensor, Tensor] = {}
-        self._concat = can_concatenate(params)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -250,8 +248,15 @@ class CurvatureTuner(torch.optim.Optimizer):
         params = [params] if isinstance(params, Tensor) else list(params)
         accumulator_dtype_name(str(p.dtype) for p in params)  # complex refused
         self.base.add_param_group(param_group)
-        self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in self._all_params()))
-        self._concat = can_concatenate(self._all_params())
+        self._adopt_layout()
+
+    def _adopt_layout(self) -> None:
+        """What the parameters' dtypes, devices and sizes decide, read again whenever they may have changed (a new
+        group; the step's workspace rebuilt, e.g. after ``model.double()`` converted them in place)."""
+        params = self._all_params()
+        #: dtype of the tuner's own scalars (at least float32, the widest parameter dtype; complex refused)
+        self.acc_dtype = getattr(torch, accumulator_dtype_name(str(p.dtype) for p in params))
+        self._concat = can_concatenate(params)
 
     @property
     def defaults(self) -> dict:  # type: ignore[override]
@@ -389,6 +394,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
         ws = self._ws
         if ws is None or not ws.matches(state, all_params, has_grad):
+            self._adopt_layout()
             ws = self._ws = build_workspace(ws, state, all_params, has_grad, self._concat)
         params, index = ws.params, ws.index
         grads = [all_grads[i] for i in index]
@@ -569,6 +575,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 for space, key in layout.SHARPNESS.items()}
         if cfg.enabled and sharpness_due(count, cfg.every, held["preconditioned" if self.preconditioned else "plain"]):
             probe = make_probe()
+            if self._replay_checks and not fd:
+                self._check_replay_in_place(probe)
             sharp = self._estimate_sharpness(probe, glob, count)
         curvature = nan
         if oracle == "exact":
@@ -610,6 +618,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         with S.errstate():
             if isinstance(rule, ArmijoRule):
                 probe = probe or make_probe()
+                if self._replay_checks:
+                    self._check_replay_in_place(probe)
                 lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state, S)
             else:
                 lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
@@ -898,22 +908,39 @@ class CurvatureTuner(torch.optim.Optimizer):
             return
         mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps)
         if mismatch > 1:
-            self._replay_checks = 0
-            warnings.warn(
-                f"{type(self).__name__}: the closure does not replay: at a probe point {h:.2g} * u away from the "
-                f"parameters its loss is {got:.9g}, the main call's model predicts {model:.9g}. The probes evaluate "
-                "the closure again at nearby points and need the same function each time: zero the gradients "
-                "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
-                "draw randomness from torch's default generators (the tuner replays them; a private "
-                "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
-                "and with gradient accumulation compute every micro-batch inside the closure. A forward pass in "
-                "bf16/fp16 (torch.autocast) trips this too: the probe's displacement is below its precision, so "
-                "the fd curvature is rounding noise; use curvature='exact' or the secant. Or step without probes: "
-                "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
-                "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
-                "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
-                "it outside the region where the loss is quadratic; curvature='exact' or the secant avoid it.)",
-                RuntimeWarning, stacklevel=4)
+            self._warn_no_replay(f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the "
+                                 f"main call's model predicts {model:.9g}")
+
+    def _check_replay_in_place(self, probe: Probe) -> None:
+        """Once, before the first sharpness estimate or line search of a tuner that takes no ``fd`` probes (whose
+        probes :meth:`_check_replay` covers): the closure called again at the unchanged parameters must give the
+        main call's loss (:func:`curvopt.curvature.replay_mismatch_in_place`). One more closure call, once."""
+        self._replay_checks = 0
+        if self.distributed is not None or not math.isfinite(f := float(probe.loss)):
+            return
+        got = float(probe.loss_at(torch.zeros((), dtype=probe.loss.dtype, device=probe.loss.device)))
+        if math.isfinite(got) and replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
+            self._warn_no_replay(f"called again at the same parameters its loss is {got:.9g}, the main call's was "
+                                 f"{f:.9g}")
+
+    def _warn_no_replay(self, evidence: str) -> None:
+        """The warning of a closure that does not replay (:meth:`_check_replay`, :meth:`_check_replay_in_place`),
+        once: no further checks."""
+        self._replay_checks = 0
+        warnings.warn(
+            f"{type(self).__name__}: the closure does not replay: {evidence}. The probes evaluate "
+            "the closure again at nearby points and need the same function each time: zero the gradients "
+            "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
+            "draw randomness from torch's default generators (the tuner replays them; a private "
+            "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
+            "and with gradient accumulation compute every micro-batch inside the closure. A forward pass in "
+            "bf16/fp16 (torch.autocast) trips this too: the probe's displacement is below its precision, so "
+            "the fd curvature is rounding noise; use curvature='exact' or the secant. Or step without probes: "
+            "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
+            "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
+            "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
+            "it outside the region where the loss is quadratic; curvature='exact' or the secant avoid it.)",
+            RuntimeWarning, stacklevel=5)
 
     def _base_step(self) -> None:
         """``base.step()`` without torch's step hooks: the global ones fire once, for the tuner's step, and the

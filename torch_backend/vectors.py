@@ -62,7 +62,10 @@ _CONCAT: ContextVar[bool] = ContextVar("curvopt_concat_dots", default=False)
 
 
 def can_concatenate(params: Sequence[Tensor]) -> bool:
-    """Whether dot products over ``params`` (and vectors shaped like them) may concatenate their operands."""
+    """Whether dot products over ``params`` (and vectors shaped like them) may concatenate their operands (not
+    before lazy modules have materialised their parameters: their sizes are unknown)."""
+    if any(isinstance(p, torch.nn.parameter.UninitializedTensorMixin) for p in params):
+        return False
     return len({(p.dtype, p.device) for p in params}) == 1 and sum(p.numel() for p in params) < CONCAT_BELOW
 
 

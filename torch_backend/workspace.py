@@ -72,6 +72,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self.all_params: list[Tensor] = []
+        self.dtypes: list[torch.dtype] = []         # of ``all_params`` when built (model.double() rebuilds)
         self.has_grad: list[bool] = []
         self.params: list[Tensor] = []
         self.stepped: list[Tensor] = []
@@ -104,6 +105,8 @@ class Workspace:
         if not self.valid or state is not self.state or has_grad != self.has_grad:
             return False
         if len(all_params) != len(self.all_params) or not all(map(_is, all_params, self.all_params)):
+            return False
+        if [p.dtype for p in all_params] != self.dtypes:
             return False
         if len(state) != self.n_entries or [len(d) if d is not None else -1 for d in self.dicts] != self.sizes:
             return False
@@ -220,6 +223,7 @@ def build(old: Optional[Workspace], state: Any, all_params: list[Tensor], has_gr
     by our views (same values)."""
     ws = Workspace()
     ws.all_params = list(all_params)
+    ws.dtypes = [p.dtype for p in all_params]
     ws.has_grad = list(has_grad)
     ws.stepped = [p for p, g in zip(all_params, has_grad) if g]
     ws.index = [i for i, (p, g) in enumerate(zip(all_params, has_grad)) if g and p.numel() > 0]
