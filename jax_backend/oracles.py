@@ -8,7 +8,10 @@ Which one a step uses is :func:`curvopt.config.resolve_curvature` (``"auto"``: `
   the coarsest of the parameters' dtypes and of the floating dtypes ``value_fn`` computes in (read from its
   jaxpr when the update is traced): flax's mixed precision (``dtype=jnp.bfloat16``, float32 parameters) rounds
   a float32-sized displacement away.
-* ``"exact"``: forward-over-forward JVP of ``value_fn`` along ``u`` (about three forward passes).
+* ``"exact"``: forward-over-forward JVP of ``value_fn`` along ``u`` (about three forward passes); where
+  that cannot be traced (a ``jax.custom_vjp`` op in the loss: custom activations, fused kernels, which have no
+  second forward-mode rule), forward-over-reverse instead (``u^T`` times the HVP along ``u``, as the online
+  sharpness computes it), chosen when the update is traced. Both are exact.
 * ``"secant"``: free: this step's gradient against the previous one along the previous direction
   (:func:`curvopt.rules.secant_curvature`), lagged by one step and rescaled to the current direction. It
   assumes the previous step moved the parameters by exactly ``lr u`` (nothing after the tuner in the chain
@@ -25,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend.core import jaxpr_as_fun
 
 from curvopt import rules
 from curvopt.config import secant_stalled
@@ -105,9 +109,23 @@ def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = No
 
 
 def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
-    """``u^T H u = d^T H d`` by a JVP of the directional derivative ``w -> grad f(w)^T d`` (itself a JVP)."""
-    directional = lambda w: jax.jvp(f, (w,), (d,))[1]  # noqa: E731
-    return jnp.asarray(jax.jvp(directional, (params,), (d,))[1]).astype(dtype)
+    """``u^T H u = d^T H d`` by a JVP of the directional derivative ``w -> grad f(w)^T d`` (itself a JVP), or,
+    where tracing that raises (forward-over-forward through a ``jax.custom_vjp`` op: "Differentiation rule for
+    'custom_lin' not implemented"), by forward-over-reverse: ``d^T`` times the HVP ``jax.jvp(jax.grad(f))``
+    along ``d``. The forward-over-forward attempt is traced on its own (``jax.make_jaxpr``) and replayed into
+    the caller's trace only if it succeeds: a failed attempt leaves nothing behind (no dead equations, no
+    second run of the loss's effects such as ``jax.debug.print``). An error of the fallback too (a broken loss)
+    is raised with the first one as its context."""
+    def forward(w: Any, v: Any) -> Any:
+        directional = lambda x: jax.jvp(f, (x,), (v,))[1]  # noqa: E731
+        return jax.jvp(directional, (w,), (v,))[1]
+
+    try:
+        traced = jax.make_jaxpr(forward)(params, d)
+    except Exception:  # noqa: BLE001 -- any failure to trace forward mode: the fallback raises if f itself fails
+        hvp = jax.jvp(jax.grad(f), (params,), (d,))[1]
+        return jnp.asarray(vdot(d, hvp, dtype)).astype(dtype)
+    return jnp.asarray(jaxpr_as_fun(traced)(*jax.tree.leaves((params, d)))[0]).astype(dtype)
 
 
 def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any) -> tuple[Any, Any, Any]:

@@ -29,7 +29,7 @@ from curvopt.eigen import power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
 from .direction import accumulator_dtype, add_scaled, norm, scaled, vdot
-from .loss import fn_kwargs as accepted_kwargs, scalar_loss
+from .loss import bind, fn_kwargs as accepted_kwargs
 from .settings import sharpness_enabled
 
 __all__ = ["EigenMemory", "eigen_init", "online_sharpness", "hessian_top_eigenvalue", "hvp_operator",
@@ -178,19 +178,22 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     instead (the eigenvector returned is that of ``P^-1/2 H P^-1/2``). ``v0``: a start vector shaped like
     ``params`` (default: :func:`random_unit`). ``max_products``: ARPACK's iteration cap (default
     ``max(100, 10 n)``). Extra keyword arguments that ``value_fn`` does not accept are ignored; ``value_fn``
-    may return ``(loss, aux)``.
+    may return ``(loss, aux)``. The arrays among the keyword arguments (leaves of pytrees too) are traced
+    arguments of the jitted HVP (new values of the same shapes reuse its compilation); the other leaves
+    (``train=True``, ``mode="sum"``, Python numbers) are bound as Python values, so ``value_fn`` can branch on
+    them (each new value compiles once more).
     """
     from scipy.sparse.linalg import LinearOperator, eigsh
 
     flat, unravel = ravel_pytree(params)
     n = flat.size
-    kwargs = accepted_kwargs(value_fn, fn_kwargs)
+    arrays, static = _split_kwargs(accepted_kwargs(value_fn, fn_kwargs))
     start = random_unit(params) if v0 is None else v0
     start = np.asarray(ravel_pytree(start)[0], np.float64)
 
     def mv(x: np.ndarray) -> np.ndarray:
         v = unravel(jnp.asarray(np.ravel(x), flat.dtype))
-        return np.asarray(ravel_pytree(_hvp(value_fn, params, v, preconditioner, kwargs))[0], np.float64)
+        return np.asarray(ravel_pytree(_hvp(value_fn, static, params, v, preconditioner, arrays))[0], np.float64)
 
     if n == 1:
         lam = float(mv(np.ones(1))[0])
@@ -201,9 +204,52 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     return float(vals[0]), unravel(jnp.asarray(v, flat.dtype))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _hvp(value_fn: Callable[..., Any], params: Any, v: Any, preconditioner: Any, kwargs: dict) -> Any:
-    """One (preconditioned) HVP, compiled once per ``value_fn`` and argument structure."""
-    f = lambda w: scalar_loss(value_fn(w, **kwargs))  # noqa: E731
+class _Static:
+    """A non-array keyword leaf as a static jit argument: equal and hashed by value, or by identity when it
+    is not hashable (such an object then compiles once per object)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        try:
+            self._key: Any = ("value", hash(value), value)
+        except TypeError:
+            self._key = ("id", id(value))
+
+    def __hash__(self) -> int:
+        return hash(self._key[:2])
+
+    def __eq__(self, other: Any) -> bool:
+        if not isinstance(other, _Static) or self._key[0] != other._key[0]:
+            return False
+        if self._key[0] == "id":
+            return self.value is other.value
+        return type(self.value) is type(other.value) and self.value == other.value
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _split_kwargs(kwargs: dict) -> tuple[list, tuple]:
+    """``(array leaves, static part)`` of the keyword arguments: the arrays are traced arguments of
+    :func:`_hvp`; the static part (the tree structure and the other leaves, None where an array goes) is
+    hashable and rebuilt by :func:`_join_kwargs`."""
+    leaves, treedef = jax.tree.flatten(kwargs)
+    arrays = [x for x in leaves if _is_array(x)]
+    return arrays, (treedef, tuple(None if _is_array(x) else _Static(x) for x in leaves))
+
+
+def _join_kwargs(static: tuple, arrays: list) -> dict:
+    treedef, slots = static
+    it = iter(arrays)
+    return jax.tree.unflatten(treedef, [next(it) if slot is None else slot.value for slot in slots])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _hvp(value_fn: Callable[..., Any], static: tuple, params: Any, v: Any, preconditioner: Any,
+         arrays: list) -> Any:
+    """One (preconditioned) HVP, compiled once per ``value_fn``, static keyword values and argument structure;
+    the keyword arguments are bound the tuners' way (:func:`jax_backend.loss.bind`)."""
+    f = bind(value_fn, _join_kwargs(static, arrays))
     hvp = lambda x: jax.jvp(jax.grad(f), (params,), (x,))[1]  # noqa: E731
     return (hvp if preconditioner is None else _precondition(hvp, preconditioner))(v)

@@ -1,0 +1,161 @@
+"""The exact oracle through a ``jax.custom_vjp`` op (forward-over-forward cannot trace it: forward-over-reverse
+fallback), and ``hessian_top_eigenvalue`` with non-array keyword arguments (Python flags bound statically),
+against dense Hessians in float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from curvopt.config import SharpnessConfig
+from jax_backend import cdat, hessian_top_eigenvalue, quadratic_greedy, scale_by_cdat, stats
+from jax_backend import sharpness as sharpness_module
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@jax.custom_vjp
+def _act(x):
+    return jnp.tanh(x)
+
+
+_act.defvjp(lambda x: (jnp.tanh(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2),))
+
+
+def _problem():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 4)))
+    y = jnp.arange(16) % 2
+    params = {"w": jnp.asarray(0.5 * rng.normal(size=(4, 2))), "b": jnp.asarray(0.1 * rng.normal(size=(2,)))}
+    return params, x, y
+
+
+def _loss(p, x, y):  # a custom_vjp activation, then cross-entropy: forward-over-forward cannot trace it
+    return optax.softmax_cross_entropy_with_integer_labels(_act(x @ p["w"] + p["b"]), y).mean()
+
+
+@jax.jit
+def _dense_hessian(params, x, y):
+    flat, unravel = ravel_pytree(params)
+    return jax.jacrev(jax.grad(lambda v: _loss(unravel(v), x, y)))(flat)
+
+
+@pytest.mark.parametrize("tuner,factor", [
+    (lambda: quadratic_greedy(optax.identity(), curvature="exact"), 1.0),
+    (lambda: cdat(optax.identity(), sigma=2.0, ema=0.0, startup="paper", curvature="exact"), 2.0),
+])
+def test_exact_oracle_through_custom_vjp_is_exact(tuner, factor):
+    """Gradient descent base (u = -g): the rate is factor * g^T g / g^T H g with H the dense Hessian."""
+    params, x, y = _problem()
+    opt = tuner()
+    st = opt.init(params)
+
+    @jax.jit
+    def step(params, st):
+        v, g = jax.value_and_grad(_loss)(params, x, y)
+        up, st = opt.update(g, st, params, value=v, grad=g, value_fn=_loss, x=x, y=y)
+        return optax.apply_updates(params, up), st, g
+
+    for _ in range(3):
+        H = np.asarray(_dense_hessian(params, x, y))
+        params, st, g = step(params, st)
+        gf = np.asarray(ravel_pytree(g)[0])
+        expected = factor * (gf @ gf) / abs(gf @ H @ gf)  # the rules divide by |u^T H u|
+        s = stats(st)
+        assert float(s["lr"]) == pytest.approx(expected, rel=1e-12)
+        assert int(s["skipped"]) == 0
+
+
+def test_exact_oracle_custom_vjp_effects_once():
+    """The failed forward-over-forward attempt leaves nothing behind: the loss's debug callback runs as often
+    as with a loss the forward-over-forward oracle handles."""
+    params, x, y = _problem()
+    g, v = jax.grad(_loss)(params, x, y), _loss(params, x, y)
+    calls, counts = [], []
+
+    def counted(act):
+        def loss(p, x, y):
+            jax.debug.callback(lambda: calls.append(1))
+            return optax.softmax_cross_entropy_with_integer_labels(act(x @ p["w"] + p["b"]), y).mean()
+        return loss
+
+    for act in (_act, jnp.tanh):
+        loss = counted(act)
+        opt = scale_by_cdat(sigma=1.0, ema=0.0, startup="paper", curvature="exact")
+        st = opt.init(params)
+        calls.clear()
+        jax.jit(lambda st: opt.update(g, st, params, value=v, grad=g, value_fn=loss, x=x, y=y))(st)
+        jax.effects_barrier()
+        counts.append(len(calls))
+    assert counts[0] == counts[1] >= 1
+
+
+def test_exact_oracle_custom_vjp_eager():
+    """Outside jit (no enclosing trace) the fallback gives the exact rate too."""
+    params, x, y = _problem()
+    g, v = jax.grad(_loss)(params, x, y), _loss(params, x, y)
+    opt = scale_by_cdat(sigma=1.0, ema=0.0, startup="paper", curvature="exact")
+    _, st = opt.update(g, opt.init(params), params, value=v, grad=g, value_fn=_loss, x=x, y=y)
+    H, gf = np.asarray(_dense_hessian(params, x, y)), np.asarray(ravel_pytree(g)[0])
+    assert float(stats(st)["lr"]) == pytest.approx((gf @ gf) / abs(gf @ H @ gf), rel=1e-12)
+
+
+def test_online_sharpness_through_custom_vjp():
+    """The online sharpness (forward-over-reverse already: it never had the problem; a guard) handles the
+    custom_vjp loss: the dense top eigenvalue."""
+    params, x, y = _problem()
+    opt = cdat(optax.identity(), curvature="fd",
+               sharpness=SharpnessConfig(every=1, first_iters=1000, iters=1000, tol=1e-13))
+    st = opt.init(params)
+    v, g = jax.value_and_grad(_loss)(params, x, y)
+    _, st = jax.jit(lambda st: opt.update(g, st, params, value=v, grad=g, value_fn=_loss, x=x, y=y))(st)
+    top = np.linalg.eigvalsh(np.asarray(_dense_hessian(params, x, y)))[-1]
+    assert float(stats(st)["sharpness"]) == pytest.approx(top, rel=1e-8)
+
+
+def _quad_problem():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(5, 5))
+    A = a @ a.T / 5 + np.eye(5)
+    return jnp.asarray(A), {"w": jnp.asarray(rng.normal(size=(5,)))}
+
+
+def test_hessian_top_eigenvalue_python_flag_and_string_kwargs():
+    A, p = _quad_problem()
+    top = np.linalg.eigvalsh(np.asarray(A))[-1]
+
+    def loss(params, A, train=False, mode="mean", scale=1.0):
+        w = params["w"]
+        if train:  # a flax-style Python flag
+            w = 2.0 * w
+        return {"mean": 0.5, "sum": 1.0}[mode] * scale * (w @ A @ w)
+
+    lam, v = hessian_top_eigenvalue(loss, p, A=A, train=True)  # 0.5 * 4 * 2 = 4 A
+    assert lam == pytest.approx(4 * top, rel=1e-6)
+    lam, _ = hessian_top_eigenvalue(loss, p, A=A, mode="sum")  # 2 A
+    assert lam == pytest.approx(2 * top, rel=1e-6)
+    lam, _ = hessian_top_eigenvalue(loss, p, A=A, train=True, mode="sum", scale=0.5, unused="ignored")
+    assert lam == pytest.approx(4 * top, rel=1e-6)
+    lam, _ = hessian_top_eigenvalue(loss, p, A=A, train=False)
+    assert lam == pytest.approx(top, rel=1e-6)
+
+
+def test_hessian_top_eigenvalue_array_kwargs_do_not_recompile():
+    """Arrays (also inside pytrees) stay traced: new values of the same shapes reuse the compiled HVP."""
+    A, p = _quad_problem()
+
+    def loss(params, batch, train=False):
+        w = params["w"] * (2.0 if train else 1.0)
+        return 0.5 * w @ batch["A"] @ w * batch["c"]
+
+    hessian_top_eigenvalue(loss, p, batch={"A": A, "c": jnp.asarray(1.0)}, train=True)
+    size = sharpness_module._hvp._cache_size()
+    for c in (2.0, 3.0):
+        lam, _ = hessian_top_eigenvalue(loss, p, batch={"A": A * c, "c": jnp.asarray(c)}, train=True)
+        assert lam == pytest.approx(4 * c * c * np.linalg.eigvalsh(np.asarray(A))[-1], rel=1e-6)
+    assert sharpness_module._hvp._cache_size() == size
