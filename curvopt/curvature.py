@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "rayleigh_converged", "SecantNoiseState",
-           "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "secant_noise_numerator", "secant_noise_corrected"]
+__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "rayleigh_converged",
+           "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "secant_noise_numerator",
+           "secant_noise_corrected"]
 
 
 def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
