@@ -96,9 +96,9 @@ def scale_by_cdat(
     ``step -> sigma`` (or injected with ``optax.inject_hyperparams``); ``sigma=None`` (default): by
     ``base_method`` and the numerator (:func:`curvopt.rules.default_sigma`: 4, guarded, with the robust
     start-up for gradient descent and for Adam with the momentum numerator; 2 for heavy ball, Nesterov, Adam
-    with another numerator and ``startup="paper"``). The guard and the cap need the loss
-    (``value``, or ``value_fn``: one more forward pass when ``value`` is not given); without it a ``sigma`` above 2 is held at 2, and so is a step whose curvature
-    is the secant's (a step old).
+    with another numerator and ``startup="paper"``). The guard and the cap need the loss (``value``, or
+    ``value_fn``: one more forward pass when ``value`` is not given); without it a ``sigma`` above 2 is held at
+    2, and so is a step whose curvature is the secant's (a step old).
 
     Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
     (default: ``"fd"`` when the update gets ``value_fn``, ``"secant"`` without one), ``"fd"``, ``"exact"`` or
