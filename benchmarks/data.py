@@ -101,15 +101,30 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as fh:
-        d = pickle.load(fh, encoding="bytes")
-    data = d[b"data"] if b"data" in d else d["data"]
-    labels = d[b"labels"] if b"labels" in d else d["labels"]
+    """One CIFAR-10 batch file: images (N x 32 x 32 x 3, uint8) and labels. A file that is not such a batch
+    (not a pickle, truncated, no ``data``/``labels``, other shapes, labels outside 0-9 or not one per image)
+    raises ``ValueError`` naming the file."""
+    try:
+        with open(path, "rb") as fh:
+            d = pickle.load(fh, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError) as err:
+        raise ValueError(f"{path}: not a CIFAR-10 python-pickle batch ({type(err).__name__}: {err})") from err
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 batch (a pickled {type(d).__name__}, expected a dict)")
+    try:
+        data = d[b"data"] if b"data" in d else d["data"]
+        labels = d[b"labels"] if b"labels" in d else d["labels"]
+    except KeyError as err:
+        raise ValueError(f"{path}: not a CIFAR-10 batch (no {err} entry)") from None
     data = np.asarray(data, dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: expected b'data' of shape N x 3072, got {data.shape}")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (data.shape[0],) or labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: expected one label in 0-9 per image ({data.shape[0]} images), got labels of "
+                         f"shape {labels.shape}" + (f" in {labels.min()}..{labels.max()}" if labels.size else ""))
     x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major planes -> NHWC
-    return x, np.asarray(labels, dtype=np.int64)
+    return x, labels
 
 
 def load_cifar10(data_dir: str) -> Dataset:

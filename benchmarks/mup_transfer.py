@@ -241,17 +241,30 @@ def width_trend(widths, values):
     return float((max(widths) / min(widths)) ** a)
 
 
+#: the experiments of this module, in the order they run (``--only``)
+EXPERIMENTS = ("sharpness", "transfer", "cdat", "gamma")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
     ap.add_argument("--out", default="results/mup")
-    ap.add_argument("--only", default="sharpness,transfer,cdat,gamma", help="comma-separated experiments")
+    ap.add_argument("--only", default=",".join(EXPERIMENTS),
+                    help=f"comma-separated experiments, of {', '.join(EXPERIMENTS)} (default: all)")
     ap.add_argument("--seed", type=int, default=None, help="the seed of every experiment (default: the preset's, 0)")
     ap.add_argument("--variant", default="", help="cdat: a start-up variant of benchmarks.minibatch_study (nocap, capA, "
                     "capB; docs/minibatch_study.md section 7) (default: the library's rule)")
     ap.add_argument("--cdat-steps", type=int, default=None,
                     help="cdat: the horizon in steps (default: the preset's, 100; 30 with --quick)")
     args = ap.parse_args(argv)
+    only = set(filter(None, args.only.split(",")))
+    if not only or only - set(EXPERIMENTS):
+        ap.error(f"--only: expected some of {', '.join(EXPERIMENTS)}, got {args.only!r}")
+    if args.variant:
+        from benchmarks.minibatch_study import STARTUP_CAPS
+
+        if args.variant != "nocap" and args.variant not in STARTUP_CAPS:
+            ap.error(f"--variant: expected nocap or one of {', '.join(sorted(STARTUP_CAPS))}, got {args.variant!r}")
     P = PRESETS["quick" if args.quick else "default"]
     if args.seed is not None:
         P = replace(P, seed=args.seed)
@@ -264,7 +277,6 @@ def main(argv=None) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    only = set(args.only.split(","))
     x, y = digits("mlp", P.n_train)
     res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths), "seed": P.seed,
                  "variant": args.variant}

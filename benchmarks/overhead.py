@@ -481,9 +481,10 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also time the git revision REV, interleaved with the working tree in this run (torch "
                          "step-time rows only; implies --backend torch --skip hvp,memory)")
-    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm)")
+    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm), both backends")
     ap.add_argument("--configs", default=None,
-                    help="comma-separated row numbers of CONFIGS to time (default all; 0 = CDAT fd Adam)")
+                    help="comma-separated row numbers of this module's CONFIGS, the torch rows, to time (default "
+                         "all; 0 = CDAT fd Adam); the JAX rows (benchmarks.overhead_jax.CONFIGS) all run")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)  # a skipped step is reported in the 'skipped' column
@@ -512,7 +513,7 @@ def main(argv=None) -> None:
             else:
                 from benchmarks import overhead_jax  # installed: a real import error propagates
 
-                rows += overhead_jax.measure(repeats, steps)
+                rows += overhead_jax.measure(repeats, steps, tasks)
         print("## Step time ÷ bare base step (median of %d repeats)\n" % repeats)
         print(_table(rows, ["task", "tuner", "oracle", "base", "backend", "ratio", "base_ms", "skipped"]))
         print()

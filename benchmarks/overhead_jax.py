@@ -235,9 +235,11 @@ def _table(rows: list[dict], cols: list[str]) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="JAX rows of the overhead table: the jitted step time of each Optax "
+                                 "tuner ÷ the bare base step, or (--compile) the compile time of the benchmark "
+                                 "runner's training step; see the module docstring")
     ap.add_argument("--repeats", type=int, default=None, help="default 5 (step time), 3 (--compile)")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per block (step time)")
     ap.add_argument("--compile", action="store_true",
                     help="compile time of the runner's step instead (bare Adam vs CDAT, ViT and LM; --repeats "
                          "defaults to 3)")

@@ -42,7 +42,7 @@ class RunSpec:
     def key(self) -> str:
         e = self.exp
         return (f"{e.task}|{e.regime}|w{self.width}|{self.label}|{self.param}|{self.backend}|s{self.seed}"
-                f"|{self.base}|{e.steps}|{e.settings_hash()}")
+                f"|{self.base}|{e.steps}|{e.settings_hash(self.param)}")
 
 
 def group_of(spec: RunSpec) -> tuple:

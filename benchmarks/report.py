@@ -278,8 +278,8 @@ def readme_table(analysis: dict) -> str:
 def _colors(labels):
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10"]
-    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]  # distinct for up to 20 curves
+    return {lab: cmap(i % cmap.N) for i, lab in enumerate(labels)}
 
 
 def _curve(ax, kind: str, rec: dict, c, label, lw: float) -> None:
@@ -407,8 +407,10 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     report to those runs (the current plan). Returns ``{"path", "summary", "plots", "analysis",
     "readme_table"}``."""
     recs = load_results(os.path.join(out_dir, RESULTS), repair=False)
+    missing = 0
     if keys is not None:
         recs = [r for r in recs if r.get("key") in keys]
+        missing = len(set(keys) - {r.get("key") for r in recs})
     analysis = analyse(recs)
     errors = [r for r in recs if r.get("status") == "error"]
     seeds = sorted({r.get("seed") for r in recs if "seed" in r})
@@ -449,6 +451,11 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     summary = summary_table(analysis)
     compact = readme_table(analysis)
     md[2:2] = ["## Summary", "", compact, ""]
+    if missing:  # a sweep stopped early (--report-only on partial results): nothing below is settled
+        note = (f"**Incomplete: {missing} of the plan's {len(keys)} runs are not in {RESULTS}** (a sweep that "
+                "stopped early?): the best constants, the grid edges and every ratio may change once they have run.")
+        md[2:2] = [note, ""]
+        summary = note + "\n\n" + summary
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(md))

@@ -65,14 +65,16 @@ class Experiment:
     backends: tuple[str, ...] = ("torch",)  # --backend overrides
     params: tuple[str, ...] = ("sp",)  # parameterisations ("sp", "mup"); --params overrides
 
-    def settings_hash(self) -> str:
+    def settings_hash(self, param: str | None = None) -> str:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one. The
-        widths are an axis, except that μP's base model is the narrowest of them; a local data directory
-        counts by its path (left out when unset, so the embedded defaults keep their hashes)."""
+        widths are an axis, except that μP's base model is the narrowest of them (for the experiment's μP runs,
+        and for a run of parameterisation ``param`` "mup", as ``--params mup`` makes of an SP experiment); a
+        local data directory counts by its path (left out when unset, so the embedded defaults keep their
+        hashes)."""
         d = asdict(self)
         for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
             d.pop(k)
-        if "mup" in self.params:
+        if "mup" in self.params or param == "mup":
             d["mup_base_width"] = min(self.widths)
         if d["data_dir"] is None:
             d.pop("data_dir")

@@ -44,6 +44,22 @@ def test_cifar10_pickle_loader(tmp_path):
         data.load_images("cifar10", str(tmp_path / "nope"))
 
 
+@pytest.mark.parametrize("bad", ["not a pickle", "truncated", "no data", "a list", "labels short", "label 10"])
+def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad):
+    """A batch file that is not CIFAR-10's (before: raw UnpicklingError/KeyError/TypeError tracebacks from the
+    command line, and a label count that did not match passed the check and failed every run)."""
+    parent, planes = _write_cifar(tmp_path)
+    path = parent / "cifar-10-batches-py" / "data_batch_2"
+    x, y = planes["data_batch_2"]
+    content = {"not a pickle": b"hello", "truncated": pickle.dumps({b"data": x, b"labels": y})[:40],
+               "no data": pickle.dumps({b"labels": y}), "a list": pickle.dumps([1, 2]),
+               "labels short": pickle.dumps({b"data": x, b"labels": y[:-1]}),
+               "label 10": pickle.dumps({b"data": x, b"labels": [10] * len(y)})}[bad]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="data_batch_2"):
+        data.load_images("cifar10", str(parent))
+
+
 def test_digits_default():
     ds = data.load_images()
     assert ds.name == "digits" and ds.input_shape == (8, 8, 1) and ds.num_classes == 10

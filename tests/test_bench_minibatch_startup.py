@@ -122,3 +122,14 @@ def test_mup_width_trend_is_the_fitted_power_law():
     assert np.polyfit(x, np.log(flat), 1)[0] == pytest.approx(0.0, abs=1e-12)  # the scatter is symmetric in log w
     assert width_trend(widths, flat) == pytest.approx(1.0, abs=1e-12) and spread(flat) == pytest.approx(1.0)
     assert width_trend(widths, [1.0, 1.0, math.nan, 1.0, 1.0]) == math.inf
+
+
+@pytest.mark.parametrize("argv", [["--only", "foo"], ["--only", ""], ["--variant", "bogus"]])
+def test_mup_transfer_refuses_unknown_experiments_and_variants_before_running(argv, capsys):
+    """Before: --only foo ran nothing and exited 0 with an empty report; a bad --variant failed with a traceback
+    once the cdat experiment was reached (after the others had run)."""
+    from benchmarks import mup_transfer as mt
+
+    with pytest.raises(SystemExit) as e:
+        mt.main(["--quick", *argv])
+    assert e.value.code == 2 and "expected" in capsys.readouterr().err

@@ -282,6 +282,14 @@ def test_settings_hash_knows_the_mup_base_width_and_the_data_directory():
     assert dataclasses.replace(mup, widths=(32,)).settings_hash() != mup.settings_hash()
     at = lambda path: dataclasses.replace(sp, data_dir=path).settings_hash()  # noqa: E731
     assert at("/a") != at("/b")
+    # an SP experiment run under --params mup: its μP runs know their base width too (they reused runs of
+    # another base model), its SP runs keep their keys
+    from benchmarks.plan import plan
+
+    def key_w32(exp, param):
+        return next(s.key for s in plan([exp], params=(param,)) if s.width == 32)
+    assert key_w32(sp, "mup") != key_w32(dataclasses.replace(sp, widths=(32,)), "mup")
+    assert key_w32(sp, "sp") == key_w32(dataclasses.replace(sp, widths=(32,)), "sp")
 
 
 # --------------------------------------------------------------------------------------- report and CLI
@@ -341,6 +349,18 @@ def test_report_tables_and_plots(tmp_path):
     assert len(rep["plots"]) == 5 and all(os.path.getsize(p) > 1000 for p in rep["plots"])
     assert "| resnet | full | torch | sp | 8 | cdat |" in rep["summary"]
     assert os.path.exists(rep["readme_table"])
+
+
+def test_report_of_an_incomplete_plan_says_so(tmp_path):
+    """--report-only on a sweep that stopped early: the report and the printed summary say how many planned runs
+    are missing (before, a partial grid was reported as settled, its best "at the grid edge")."""
+    for key, lr in (("a", 0.1), ("b", 0.2)):
+        results.append_result(str(tmp_path / results.RESULTS),
+                              _fake(key, f"constant:lr={lr}", lr, [2.0 - lr * i for i in range(10)], [lr] * 10))
+    rep = report.write_report(str(tmp_path), keys={"a", "b", "c", "d", "e"}, plots=False)
+    assert "Incomplete: 3 of the plan's 5 runs" in rep["summary"] and "Incomplete" in open(rep["path"]).read()
+    rep = report.write_report(str(tmp_path), keys={"a", "b"}, plots=False)
+    assert "Incomplete" not in rep["summary"] + open(rep["path"]).read()
 
 
 def test_report_of_a_sweep_without_constants(tmp_path):
