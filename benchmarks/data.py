@@ -116,10 +116,15 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
         labels = d[b"labels"] if b"labels" in d else d["labels"]
     except KeyError as err:
         raise ValueError(f"{path}: not a CIFAR-10 batch (no {err} entry)") from None
-    data = np.asarray(data, dtype=np.uint8)
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: expected b'data' of shape N x 3072, got {data.shape}")
-    labels = np.asarray(labels, dtype=np.int64)
+    data, labels = np.asarray(data), np.asarray(labels)
+    if data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072 or data.size and (
+            data.min() < 0 or data.max() > 255):
+        raise ValueError(f"{path}: expected b'data' of N x 3072 pixel values 0-255, got {data.dtype} of shape "
+                         f"{data.shape}")
+    data = data.astype(np.uint8)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: expected integer labels, got {labels.dtype}")
+    labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],) or labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{path}: expected one label in 0-9 per image ({data.shape[0]} images), got labels of "
                          f"shape {labels.shape}" + (f" in {labels.min()}..{labels.max()}" if labels.size else ""))

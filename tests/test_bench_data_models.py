@@ -44,7 +44,8 @@ def test_cifar10_pickle_loader(tmp_path):
         data.load_images("cifar10", str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("bad", ["not a pickle", "truncated", "no data", "a list", "labels short", "label 10"])
+@pytest.mark.parametrize("bad", ["not a pickle", "truncated", "no data", "a list", "labels short", "label 10",
+                                 "data None", "string labels", "float labels", "pixel 300"])
 def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad):
     """A batch file that is not CIFAR-10's (before: raw UnpicklingError/KeyError/TypeError tracebacks from the
     command line, and a label count that did not match passed the check and failed every run)."""
@@ -54,7 +55,11 @@ def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad)
     content = {"not a pickle": b"hello", "truncated": pickle.dumps({b"data": x, b"labels": y})[:40],
                "no data": pickle.dumps({b"labels": y}), "a list": pickle.dumps([1, 2]),
                "labels short": pickle.dumps({b"data": x, b"labels": y[:-1]}),
-               "label 10": pickle.dumps({b"data": x, b"labels": [10] * len(y)})}[bad]
+               "label 10": pickle.dumps({b"data": x, b"labels": [10] * len(y)}),
+               "data None": pickle.dumps({b"data": None, b"labels": y}),
+               "string labels": pickle.dumps({b"data": x, b"labels": ["cat"] * len(y)}),
+               "float labels": pickle.dumps({b"data": x, b"labels": [1.7] * len(y)}),
+               "pixel 300": pickle.dumps({b"data": x.astype(np.int64) + 300, b"labels": y})}[bad]
     path.write_bytes(content)
     with pytest.raises(ValueError, match="data_batch_2"):
         data.load_images("cifar10", str(parent))

@@ -808,3 +808,26 @@ def test_parameters_converted_or_materialised_after_the_tuner_is_built():
         assert a == b and torch.equal(pa, pb) and pb.dtype == torch.float64
         (c, pc), (d, pd) = run(lazy, False, closure_mode), run(lazy, False, closure_mode, materialise=True)
         assert c == d and torch.equal(pc, pd) and all(v > 0 for v in c[1:])
+    # converted mid-run: the tuner's buffers follow (they stayed float32 and rounded every update to float32;
+    # closure-free, the next secant's dot product raised on the mixed dtypes)
+    for closure_mode in (True, False):
+        torch.manual_seed(1)
+        model = eager()
+        opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0))
+
+        def closure():
+            opt.zero_grad()
+            dtype = next(model.parameters()).dtype
+            loss = nn.functional.mse_loss(model(x.to(dtype)), y.to(dtype))
+            loss.backward()
+            return loss
+        for t in range(6):
+            if t == 2:
+                model.double()
+            if closure_mode:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        assert w.dtype == D64 and not torch.equal(w, w.float().double())  # no longer float32 values

@@ -191,6 +191,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
         self._replay_checks = _REPLAY_CHECKS
         self._secant_warned = False
+        self._stall_warned = False
         #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's), and
         #: whether the last step probed: :meth:`_watch_clip`
         self._clip_norms: list[float] = []
@@ -630,7 +631,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = (float(lr), count)
             elif lagged and self._probed is not None:
                 judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
-                if stalled:
+                if stalled and not self._stall_warned:  # once per tuner
+                    self._stall_warned = True
                     warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=3)
                 if judged:
                     self._probed = None

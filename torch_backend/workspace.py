@@ -65,6 +65,10 @@ class _Buffer:
             self.views = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
 
 
+def _kinds(params: Sequence[Tensor]) -> list[tuple]:
+    return [(p.dtype, p.device) for p in params]
+
+
 class Workspace:
     """See the module docstring. Built by :func:`build`; ``params`` are the parameters with a gradient and
     entries (the step's vectors), ``stepped`` those with a gradient (zero-size ones included: the base steps
@@ -72,7 +76,8 @@ class Workspace:
 
     def __init__(self) -> None:
         self.all_params: list[Tensor] = []
-        self.dtypes: list[torch.dtype] = []         # of ``all_params`` when built (model.double() rebuilds)
+        self.kinds: list[tuple] = []                # (dtype, device) of ``all_params`` when built (model.double()
+        #                                             or .to(device) converts them in place: rebuilt, new buffers)
         self.has_grad: list[bool] = []
         self.params: list[Tensor] = []
         self.stepped: list[Tensor] = []
@@ -106,7 +111,7 @@ class Workspace:
             return False
         if len(all_params) != len(self.all_params) or not all(map(_is, all_params, self.all_params)):
             return False
-        if [p.dtype for p in all_params] != self.dtypes:
+        if _kinds(all_params) != self.kinds:
             return False
         if len(state) != self.n_entries or [len(d) if d is not None else -1 for d in self.dicts] != self.sizes:
             return False
@@ -223,7 +228,7 @@ def build(old: Optional[Workspace], state: Any, all_params: list[Tensor], has_gr
     by our views (same values)."""
     ws = Workspace()
     ws.all_params = list(all_params)
-    ws.dtypes = [p.dtype for p in all_params]
+    ws.kinds = _kinds(all_params)
     ws.has_grad = list(has_grad)
     ws.stepped = [p for p, g in zip(all_params, has_grad) if g]
     ws.index = [i for i, (p, g) in enumerate(zip(all_params, has_grad)) if g and p.numel() > 0]
@@ -234,7 +239,7 @@ def build(old: Optional[Workspace], state: Any, all_params: list[Tensor], has_gr
     ws.state = state
     params = ws.params
     same = (old is not None and old.flat == ws.flat and len(old.params) == len(params)
-            and all(map(_is, old.params, params)))
+            and all(map(_is, old.params, params)) and old.kinds == ws.kinds)
     if same:
         ws.w0, ws.u, ws.scratch = old.w0, old.u, old.scratch
     elif params:
