@@ -348,7 +348,9 @@ def build_table(
     the depth-μP learning-rate correction when ``depth`` is given). ``overrides``: ``{name or glob: role}``
     (a role in :data:`ROLES`, or ``"embedding"`` = input role with a one-hot input, init std σ).
     ``gamma_depth``: the ``L`` of the γ > 1 rule (defaults to ``depth``, then to the number of parameters
-    with at least 2 dims, i.e. the number of weight layers). ``zero_readout``: output-role weights start at
+    with at least 2 dims, i.e. the number of weight tensors: a packed or fused projection, such as
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` for q, k and v, counts once, separate ones three times, so
+    pass ``gamma_depth`` for an ``L`` that does not depend on how the model is written). ``zero_readout``: output-role weights start at
     zero (TP5's recommended "zero readout" initialisation, ``mup.MuReadout(readout_zero_init=True)``).
     ``delta_shapes``: shapes of a third model of another width (``mup``'s ``delta``); when given, roles are
     inferred from ``base_shapes`` vs ``delta_shapes`` and only the multipliers from the target, so that a
@@ -417,11 +419,15 @@ def build_table(
             width_mult_in=m_in, width_mult_out=m_out, init_std=init_std, forward_mult=fwd,
             lr_mult=width_depth_lr * g_lr, wd_mult=1.0 / width_depth_lr, residual_branch=in_branch,
         )
-    if gamma != 1.0 and not any(s.role == "output" for s in table.values()):
+    if (gamma != 1.0 or zero_readout) and not any(s.role == "output" for s in table.values()):
+        what = (f"gamma={gamma:g} multiplies the readout by 1/gamma" if gamma != 1.0
+                else "zero_readout=True zeroes the readout's initial weights")
         raise ValueError(
-            f"gamma={gamma:g} multiplies the readout by 1/gamma, but no parameter has the output role (a target as "
-            "wide as the base: pass delta_model; a readout through a tied embedding: override its role), so only "
-            "the learning-rate part of the rule would apply")
+            f"{what}, but no parameter has the output role, so it would not apply: a target as wide as the base "
+            "(every width multiplier 1) needs delta_model/delta_params, a model of a third width, to tell its "
+            "readout; a readout through a tied embedding (h @ emb.weight.T, flax Embed.attend) is not a parameter "
+            "of its own: untie it into a Linear/Dense readout, or apply the readout's multipliers in your forward "
+            "pass from mup_table")
     return table
 
 

@@ -23,6 +23,7 @@ is ``c`` times the effective one). Biases are never scaled. The depth-μP residu
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -76,7 +77,8 @@ def _default_layout(name: str, shape: tuple[int, ...]) -> str:
 def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", parameterization: str = "mup",
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
               residual_branches: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
-              init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None) -> dict:
+              init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None,
+              gamma_depth: int | None = None) -> dict:
     """``{leaf name: curvopt.mup.ParamScaling}``; same arguments as :func:`parameterize`."""
     shapes, _ = _named_shapes(params, "params")
     base_shapes, _ = _named_shapes(base_params, "base_params")
@@ -91,7 +93,7 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
     return core.build_table(
         {n: (s, layout[n]) for n, s in shapes.items()}, base_shapes, optimizer=optimizer,
         parameterization=parameterization, gamma=gamma, depth=depth, residual_branch=in_branch,
-        overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout,
+        overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout, gamma_depth=gamma_depth,
         delta_shapes=None if delta_params is None else _named_shapes(delta_params, "delta_params")[0])
 
 
@@ -190,6 +192,7 @@ def parameterize(
     attention: str | None = None,
     layouts: Mapping[str, str] | None = None,
     init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None,
+    gamma_depth: int | None = None,
 ) -> MuP:
     """μP (or SP/NTK) for the model whose parameters are ``params`` relative to ``base_params``.
 
@@ -201,7 +204,8 @@ def parameterize(
     """
     table = mup_table(params, base_params, optimizer=optimizer, parameterization=parameterization, gamma=gamma,
                       depth=depth, overrides=overrides, residual_branches=residual_branches, layouts=layouts,
-                      init_sigma=init_sigma, zero_readout=zero_readout, delta_params=delta_params)
+                      init_sigma=init_sigma, zero_readout=zero_readout, delta_params=delta_params,
+                      gamma_depth=gamma_depth)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [_name(p) for p, _ in leaves]
 
@@ -209,6 +213,12 @@ def parameterize(
         return jax.tree_util.tree_unflatten(treedef, [float(getattr(table[n], attr)) for n in names])
 
     attention = core.resolve_attention(attention, parameterization)
+    if attention == "1/d" and any(s.layout == "in_heads" for s in table.values()):
+        warnings.warn("curvopt.mup: flax's MultiHeadDotProductAttention (query/key/value kernels [in, heads, "
+                      "head_dim]) scales its logits by 1/sqrt(head_dim) unless given an attention_fn, so μP's 1/d "
+                      "attention applies only through one: scale the query by mup.attention_scale(head_dim, "
+                      "base_head_dim) * sqrt(head_dim) in it, or pass attention='1/sqrt(d)' to record what the model "
+                      "does.", RuntimeWarning, stacklevel=2)
     lr_mults = tree("lr_mult")
     return MuP(table=table, lr_mults=lr_mults, wd_mults=tree("wd_mult"), forward_mults=tree("forward_mult"),
                transform=scale_by_mup(lr_mults), branch_multiplier=core.depth_multiplier(depth),

@@ -468,6 +468,13 @@ def test_zero_readout_and_delta_model_both_backends():
     with pytest.raises(ValueError, match="no parameter has the output role"):
         tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5)
     assert tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd")["4.weight"].role == "finite"
+    # zero_readout likewise (it left the readout at its random init at the base width, where the learning rates
+    # are tuned, and zeroed it at every other width), in both backends
+    with pytest.raises(ValueError, match="zero_readout=True zeroes"):
+        tmup.mup_table(torch_mlp(32), torch_mlp(32), zero_readout=True)
+    with pytest.raises(ValueError, match="zero_readout=True zeroes"):
+        jmup.mup_table(flax_shapes(FlaxMLP(32), jnp.zeros((1, IN))), flax_shapes(FlaxMLP(32), jnp.zeros((1, IN))),
+                       zero_readout=True)
     t = tmup.mup_table(torch_mlp(32), torch_mlp(32), optimizer="sgd", gamma=0.5, delta_model=torch_mlp(64),
                        zero_readout=True)
     assert mult(t, "4.weight") == ("output", 0.0, 2.0, 0.25, 1.0)
@@ -653,3 +660,29 @@ def test_torch_layouts_make_timm_tokens_vectors():
         tmup.mup_table(_TorchTokens(128), _TorchTokens(32), layouts={"nope": "vector"})
     with pytest.raises(ValueError, match="layouts"):
         tmup.mup_table(_TorchTokens(128), _TorchTokens(32), layouts={"pos_embed": "sideways"})
+
+
+def test_gamma_depth_and_builtin_attention_both_backends():
+    """The γ rule's ``L`` defaults to the count of weight tensors, so one attention block written with torch's
+    packed ``in_proj_weight`` (2 tensors) and with flax's separate query/key/value/out kernels (4) gets other
+    learning-rate scales; ``gamma_depth`` fixes ``L`` in both (the same numbers). Under μP's 1/d attention, a
+    built-in attention module, whose scale is 1/sqrt(head_dim), warns in both backends."""
+    x = jnp.zeros((1, 5, IN))
+    with pytest.warns(RuntimeWarning, match="1/sqrt"):
+        tmup.parameterize(_TorchAttention(128), _TorchAttention(32))
+    with pytest.warns(RuntimeWarning, match="1/sqrt"):
+        jmup.parameterize(flax_shapes(_FlaxAttention(128), x), flax_shapes(_FlaxAttention(32), x))
+    # the output projection stands in for a readout (γ needs one)
+    t_kw = dict(optimizer="sgd", gamma=4.0, overrides={"attn.out_proj.weight": "output"})
+    f_out = "params/MultiHeadDotProductAttention_0/out/kernel"
+
+    def torch_lr(**k):
+        return tmup.mup_table(_TorchAttention(128), _TorchAttention(32), **t_kw, **k)["embed.weight"].lr_mult
+
+    def flax_lr(**k):
+        return jmup.mup_table(flax_shapes(_FlaxAttention(128), x), flax_shapes(_FlaxAttention(32), x),
+                              optimizer="sgd", gamma=4.0, overrides={f_out: "output"},
+                              **k)["params/Dense_0/kernel"].lr_mult
+    assert flax_lr() != pytest.approx(torch_lr())  # L = 5 weight tensors in flax, 3 in torch
+    for depth in (2, 6):
+        assert torch_lr(gamma_depth=depth) == pytest.approx(flax_lr(gamma_depth=depth))

@@ -18,6 +18,7 @@ Calling :func:`parameterize` again replaces the hooks of the previous call.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -126,6 +127,7 @@ def _build(
     zero_readout: bool = False,
     delta_model: nn.Module | None = None,
     layouts: Mapping[str, str] | None = None,
+    gamma_depth: int | None = None,
 ):
     if not isinstance(model, nn.Module) or not isinstance(base_model, nn.Module):
         raise ValueError("model and base_model must be torch.nn.Module instances")
@@ -156,8 +158,8 @@ def _build(
         shapes, base_shapes, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         residual_branch=in_branch, overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout,
         delta_shapes=None if delta_model is None else {v: tuple(t[3].shape) for v, t in _views(delta_model)[0].items()},
-        gamma_depth=depth if depth is not None else sum(len(shapes[vs[0]][0]) >= 2 and shapes[vs[0]][1] != "vector"
-                                                        for vs in aliases.values()),
+        gamma_depth=gamma_depth if gamma_depth is not None else depth if depth is not None else sum(
+            len(shapes[vs[0]][0]) >= 2 and shapes[vs[0]][1] != "vector" for vs in aliases.values()),
     )
     for name, vs in aliases.items():
         first = table[vs[0]]
@@ -177,13 +179,14 @@ def mup_table(model: nn.Module, base_model: nn.Module, *, optimizer: str = "adam
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
               residual_branches: Sequence[str] | None = None, init_sigma: float = 1.0,
               zero_readout: bool = False, delta_model: nn.Module | None = None,
-              layouts: Mapping[str, str] | None = None) -> dict:
+              layouts: Mapping[str, str] | None = None, gamma_depth: int | None = None) -> dict:
     """``{name: curvopt.mup.ParamScaling}`` for every parameter (canonical names; a tied parameter's other
     names are included too), without touching the model. Same arguments as :func:`parameterize`."""
     _, _, table, _, _, _ = _build(model, base_model, optimizer=optimizer, parameterization=parameterization,
                                   gamma=gamma, depth=depth, overrides=overrides,
                                   residual_branches=residual_branches, init_sigma=init_sigma, attention=None,
-                                  zero_readout=zero_readout, delta_model=delta_model, layouts=layouts)
+                                  zero_readout=zero_readout, delta_model=delta_model, layouts=layouts,
+                                  gamma_depth=gamma_depth)
     return table
 
 
@@ -215,6 +218,7 @@ def parameterize(
     zero_readout: bool = False,
     delta_model: nn.Module | None = None,
     layouts: Mapping[str, str] | None = None,
+    gamma_depth: int | None = None,
     reinit: bool = True,
     lr: float = 1.0,
     weight_decay: float = 0.0,
@@ -245,14 +249,22 @@ def parameterize(
       pass the base learning rate as ``lr``.
 
     ``attention``: ``"1/d"`` or ``"1/sqrt(d)"`` (default: ``"1/d"`` under μP) is recorded on the result; use
-    ``groups.attention_scale(head_dim, base_head_dim)`` as the ``scale`` of your attention.
+    ``groups.attention_scale(head_dim, base_head_dim)`` as the ``scale`` of your attention (``1/d`` with an
+    ``nn.MultiheadAttention``, whose scale is fixed, warns). ``gamma_depth``: the ``L`` of the γ rule
+    (:func:`curvopt.mup.build_table`).
     """
     check_positive("lr", lr)
     check_nonnegative("weight_decay", weight_decay)
     views, aliases, table, branches, branch_mult, attention = _build(
         model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
-        zero_readout=zero_readout, delta_model=delta_model, layouts=layouts)
+        zero_readout=zero_readout, delta_model=delta_model, layouts=layouts, gamma_depth=gamma_depth)
+    if attention == "1/d" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        warnings.warn("curvopt.mup: nn.MultiheadAttention scales its logits by 1/sqrt(head_dim), which cannot be "
+                      "changed, so μP's 1/d attention does not apply to it (the attention logits' updates grow with "
+                      "width). Use an attention of your own with scale=groups.attention_scale(head_dim, "
+                      "base_head_dim) (e.g. F.scaled_dot_product_attention(q, k, v, scale=...)), or pass "
+                      "attention='1/sqrt(d)' to record what the model does.", RuntimeWarning, stacklevel=2)
 
     # Check every non-unit forward multiplier can be applied before changing anything.
     module_mult: dict[int, tuple[nn.Module, float, str]] = {}  # by module: one hook for a module under two names
