@@ -278,6 +278,7 @@ def main(argv=None) -> int:
 
             recs = {r["key"]: r for r in load_results(os.path.join(out, RESULTS), repair=False)}
             keys |= plan_mod.widened_keys(specs, recs)
+        keys -= {s.key for s in specs if runner.unavailable_reason(s)}  # never recorded here: not missing
         rep = report.write_report(out, keys=keys)
     print()
     print(rep["summary"])
