@@ -350,8 +350,9 @@ def build_table(
     ``gamma_depth``: the ``L`` of the γ > 1 rule (defaults to ``depth``, then to the number of parameters
     with at least 2 dims, i.e. the number of weight tensors: a packed or fused projection, such as
     ``nn.MultiheadAttention``'s ``in_proj_weight`` for q, k and v, counts once, separate ones three times, so
-    pass ``gamma_depth`` for an ``L`` that does not depend on how the model is written). ``zero_readout``: output-role weights start at
-    zero (TP5's recommended "zero readout" initialisation, ``mup.MuReadout(readout_zero_init=True)``).
+    pass ``gamma_depth`` for an ``L`` that does not depend on how the model is written). ``zero_readout``:
+    output-role weights start at zero (TP5's recommended "zero readout" initialisation,
+    ``mup.MuReadout(readout_zero_init=True)``).
     ``delta_shapes``: shapes of a third model of another width (``mup``'s ``delta``); when given, roles are
     inferred from ``base_shapes`` vs ``delta_shapes`` and only the multipliers from the target, so that a
     target as wide as the base still knows its readout (for γ and ``zero_readout``).
