@@ -72,6 +72,7 @@ def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = No
         parsed = []
         for label in labels:
             name, sets = tuners_mod.parse_tuner(label)
+            label = tuners_mod.canonical_label(label)
             ck = (label, base)
             if ck not in checked:
                 checked[ck] = tuners_mod.check_settings(name, sets, base)

@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TUNERS", "TunerSpec", "parse_tuner", "check_settings", "available", "build_torch", "build_optax",
-           "torch_stats", "BASES", "MOMENTUM"]
+__all__ = ["TUNERS", "TunerSpec", "parse_tuner", "canonical_label", "check_settings", "available", "build_torch",
+           "build_optax", "torch_stats", "BASES", "MOMENTUM"]
 
 BASES = ("gd", "momentum", "adam")
 MOMENTUM = 0.9
@@ -105,6 +105,16 @@ def parse_tuner(label: str) -> tuple[str, dict]:
             raise ValueError(f"tuner setting {k.strip()!r} given twice in {label!r}")
         settings[k.strip()] = _coerce(v.strip())
     return name, settings
+
+
+def canonical_label(label: str) -> str:
+    """One spelling per run: ``"cdat:sigma=2, ema=0.9"`` -> ``"cdat:ema=0.9;sigma=2"`` (settings sorted, ``;``,
+    no spaces; the values as written). The label keys the run in ``results.jsonl`` (a resume finds it) and names its
+    row in the report."""
+    name, _, rest = label.partition(":")
+    items = sorted(filter(None, ("=".join(p.strip() for p in s.partition("=")[::2]) if "=" in s else s.strip()
+                                 for s in rest.replace(",", ";").split(";"))))
+    return f"{name}:{';'.join(items)}" if items else name
 
 
 def _rule(spec: TunerSpec, settings: dict, base: str):

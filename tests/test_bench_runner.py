@@ -90,6 +90,15 @@ def test_plan_groups_constants_first_and_keeps_given_settings():
     assert all(s.from_grid for s in specs if s.tuner == "constant")
 
 
+def test_plan_names_one_run_by_one_label_whatever_the_settings_order():
+    """The same settings written in another order or with spaces are one run with one key (a resume reuses it, the
+    report shows one row), and the committed single-setting labels keep their spelling."""
+    exp = Experiment("mlp", "full", (8,), ("cdat:sigma=2;ema=0.9", "cdat:ema = 0.9, sigma=2", "cdat:startup=paper"),
+                     3, grid=(0.1,))
+    specs = plan_mod.plan([exp], backends=("torch",), seeds=(0,))
+    assert [s.label for s in specs if s.tuner == "cdat"] == ["cdat:ema=0.9;sigma=2", "cdat:startup=paper"]
+
+
 @pytest.mark.parametrize("label,match", [
     ("nope", "unknown tuner"), ("cdat:sigma=abc", "sigma"), ("cdat:bogus=1", "bogus"),
     ("cdat:startup=nope", "startup"), ("cdat:ema=2", "ema"), ("cdat:curvature=magic", "curvature"),
