@@ -26,6 +26,9 @@ __all__ = [
     "external_clip_suspected",
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
+    "DESCENT_STALL_STEPS",
+    "descent_run",
+    "descent_stall_message",
     "accumulator_dtype_name",
 ]
 
@@ -178,6 +181,33 @@ def external_clip_suspected(norms: Any) -> bool:
         return False
     top = max(norms)
     return top - min(norms) <= EXTERNAL_CLIP_RTOL * top
+
+
+#: consecutive steps at rate 0 with the loss rising along the update before the tuners warn
+DESCENT_STALL_STEPS = 10
+
+
+def descent_run(run: int, lr: float, numerator: float) -> int:
+    """The count of consecutive steps, this one included, at learning rate 0 on a slope ``numerator = -g^T u``
+    that is not positive (host floats): the base's update does not descend the loss the rate is chosen for, no
+    rule moves along it, and behind gradient descent or heavy ball the next update is the same one, so the run
+    does not end. From :data:`DESCENT_STALL_STEPS` on the tuners warn (:func:`descent_stall_message`)."""
+    return run + 1 if lr == 0 and numerator <= 0 else 0
+
+
+def descent_stall_message(decays: bool) -> str:
+    """The warning for a run of :func:`descent_run` steps; ``decays``: the base decays its weights."""
+    head = (f"curvopt: the learning rate has been 0 for {DESCENT_STALL_STEPS} steps: the loss rises along the base "
+            "optimizer's update (-g^T u <= 0), so the tuner does not move the parameters, and the update may not "
+            "change. ")
+    if decays:
+        return head + (
+            "The rate is chosen for the loss the gradient comes from (the closure's); the base's weight_decay is not "
+            "part of it, and where the decay outweighs that gradient the update climbs the loss (measured: logistic "
+            "regression behind SGD(momentum=0.9, weight_decay=1e-3) stopped for good at step 8). Put the L2 term "
+            "in the loss (0.5 * wd * sum of squared weights) instead of weight_decay=, or lower weight_decay.")
+    return head + ("The update is not a descent direction of the loss: a base the tuner does not know "
+                   "(allow_any_base=True), or gradients that are not the loss's.")
 
 
 GRADIENT_MISSING_MESSAGE = (

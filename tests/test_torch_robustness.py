@@ -348,3 +348,42 @@ def test_sharpness_setting_and_defaults_come_from_the_core():
     assert ArmijoLineSearch(adam_problem()[1]).rule == ArmijoRule()
     assert PolyakStep(adam_problem()[1]).rule == PolyakRule()
     assert CDAT(adam_problem()[1]).curvature == "auto"
+
+
+def _separable_logistic():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 10, generator=g, dtype=DT)
+    y = (X @ torch.randn(10, generator=g, dtype=DT) > 0).to(DT)
+    return lambda w: nn.functional.binary_cross_entropy_with_logits(X @ w, y)
+
+
+@pytest.mark.parametrize("decay_in", ["base", "loss"])
+def test_weight_decay_that_stops_the_rate_is_said_once(decay_in):
+    """Separable logistic regression behind SGD(momentum, weight_decay): once the decay outweighs the loss's
+    gradient, the update climbs the loss the rate is chosen for, the greedy rate is 0 and stays 0 (the parameters
+    never move again). The tuner says so once, naming weight_decay; with the same L2 term in the loss it trains
+    and says nothing."""
+    f, wd = _separable_logistic(), 1e-3
+    w = nn.Parameter(torch.zeros(10, dtype=DT))
+    loss_of = f if decay_in == "base" else (lambda w: f(w) + 0.5 * wd * w.square().sum())
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0, momentum=0.9, weight_decay=wd if decay_in == "base" else 0))
+    closure = closure_for(opt, loss_of, [w])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        lrs = [float(opt.step(closure) is not None and opt.stats["lr"]) for _ in range(60)]
+    said = [str(r.message) for r in rec if "loss rises along" in str(r.message)]
+    if decay_in == "base":
+        assert lrs[-30:] == [0.0] * 30
+        assert len(said) == 1 and "weight_decay" in said[0]
+    else:
+        assert min(lrs) > 0 and not said
+
+
+@pytest.mark.parametrize("base_cls,match", [(torch.optim.LBFGS, "cannot wrap LBFGS"),
+                                            (torch.optim.RMSprop, "allow_any_base|does not know")])
+def test_edge_of_stability_refuses_a_base_before_asking_for_its_coefficient(base_cls, match):
+    """The first error for a base the tuner cannot wrap is that one, not 'stability_coefficient must be given'
+    (which, once given, was followed by the refusal)."""
+    w = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=match):
+        EdgeOfStability(base_cls([w], lr=1.0))

@@ -10,7 +10,7 @@ from curvopt.config import SharpnessLike
 from curvopt.rules import EdgeOfStabilityRule
 
 from .buffers import ModulesLike
-from .direction import base_stability_coefficient
+from .direction import base_stability_coefficient, check_base
 from .distributed import DistributedLike
 from .settings import RuleField, default_of
 from .tuner import CurvatureTuner
@@ -37,6 +37,8 @@ class EdgeOfStability(CurvatureTuner):
                  stability_coefficient: Optional[float] = None, modules: ModulesLike = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, **deprecated: Any) -> None:
+        if isinstance(base, torch.optim.Optimizer):  # a base it cannot wrap is refused before anything is asked
+            check_base(base, bool(allow_any_base), type(self).__name__)
         coefficient = stability_coefficient
         if coefficient is None and isinstance(base, torch.optim.Optimizer):
             coefficient = base_stability_coefficient(base)

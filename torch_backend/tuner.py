@@ -52,10 +52,10 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch_in_place, secant_noise_corrected
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
-                            GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, external_clip_suspected,
-                            accumulator_dtype_name, has_gradient, resolve_curvature, secant_caveat, secant_stalled,
-                            sharpness_due)
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, DESCENT_STALL_STEPS, EXTERNAL_CLIP_MESSAGE,
+                            EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, accumulator_dtype_name,
+                            descent_run, descent_stall_message, external_clip_suspected, has_gradient,
+                            resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -197,6 +197,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_norms: list[float] = []
         self._probed_last: Optional[bool] = None
         self._clip_warned = False
+        #: consecutive steps at rate 0 on a rising slope (:func:`curvopt.config.descent_run`); None once warned
+        self._descent_run: Optional[int] = 0
         self._scratch_d: dict[Tensor, Tensor] = {}
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
@@ -636,6 +638,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=3)
                 if judged:
                     self._probed = None
+            if not probing and self._descent_run is not None:
+                self._watch_descent(lr, numerator)
             ratio = (eos_ratio_rule(lr * self._group_lr(), reference, coefficient)
                      if coefficient is not None else nan)
 
@@ -894,6 +898,15 @@ class CurvatureTuner(torch.optim.Optimizer):
         if external_clip_suspected(self._clip_norms):
             self._clip_warned = True
             warnings.warn(EXTERNAL_CLIP_MESSAGE, RuntimeWarning, stacklevel=4)
+
+    def _watch_descent(self, lr: Any, numerator: Any) -> None:
+        """Warn once when the rate has been 0 on a rising slope for :data:`DESCENT_STALL_STEPS` steps (naming the
+        base's weight decay when it has one)."""
+        self._descent_run = descent_run(self._descent_run, float(lr), float(numerator))
+        if self._descent_run >= DESCENT_STALL_STEPS:
+            self._descent_run = None
+            decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
+            warnings.warn(descent_stall_message(decays), RuntimeWarning, stacklevel=4)
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
