@@ -26,6 +26,7 @@ __all__ = [
     "external_clip_suspected",
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
+    "SKIP_MESSAGE",
     "DESCENT_STALL_STEPS",
     "descent_run",
     "descent_stall_message",
@@ -182,6 +183,10 @@ def external_clip_suspected(norms: Any) -> bool:
     top = max(norms)
     return top - min(norms) <= EXTERNAL_CLIP_RTOL * top
 
+
+#: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)
+SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
+                "state unchanged)")
 
 #: consecutive steps at rate 0 with the loss rising along the update before the tuners warn
 DESCENT_STALL_STEPS = 10

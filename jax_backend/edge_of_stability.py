@@ -2,12 +2,14 @@
 :class:`curvopt.rules.EdgeOfStabilityRule`)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
+from curvopt.config import SharpnessConfig
 from curvopt.rules import EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule
 from curvopt.stats import TunerStats
 
@@ -50,7 +52,9 @@ def scale_by_edge_of_stability(
     """``lr = sigma * c / lambda`` (:class:`curvopt.rules.EdgeOfStabilityRule`) with ``c`` the base's stability
     coefficient (``stability_coefficient``, default from ``base_method``) and ``lambda`` the online
     sharpness (Adam: the preconditioned one, which needs the base's state: use :func:`edge_of_stability` or
-    pass ``base_state=``). ``sharpness`` defaults to the rule's (every 10 steps) and cannot be off; the last
+    pass ``base_state=``). ``sharpness`` defaults to the rule's (every 10 steps) and cannot be off (a period
+    injected by ``optax.inject_hyperparams`` and set to 0 is refused, and under ``jit``, where it cannot be,
+    estimates every step); the last
     estimate is used in between; a non-positive estimate keeps the previous lr. Needs ``value_fn``. Other
     arguments as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByEdgeOfStabilityState`.
     """
@@ -63,6 +67,8 @@ def scale_by_edge_of_stability(
                               sharpness_tol=sharpness_tol)
     if not sharpness_enabled(sharp):
         raise ValueError(f"{name}: the rule needs the online sharpness; sharpness must estimate every k >= 1 steps")
+    if not isinstance(sharp.every, int):  # a traced period (jit) cannot be refused: 0 is every step
+        sharp = make(SharpnessConfig, **{**dataclasses.asdict(sharp), "every": jnp.maximum(sharp.every, 1)})
 
     def init(params: Any) -> ScaleByEdgeOfStabilityState:
         dtype = accumulator_dtype(params)

@@ -49,7 +49,7 @@ def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[
     """``params -> loss`` (0-d): ``value_fn(params, **accepted extra args)`` through :func:`scalar_loss`. A
     ``TypeError`` from the call while some extra arguments were not accepted (a ``value_fn`` taking ``*args`` or
     positional-only parameters, or other names) says which were left out."""
-    kwargs = fn_kwargs(value_fn, extra_args)
+    kwargs = fn_kwargs(_callable(value_fn), extra_args)
     bound = functools.partial(value_fn, **kwargs) if kwargs else value_fn
     left_out = sorted(set(extra_args) - set(kwargs))
 
@@ -74,8 +74,13 @@ def require_value_fn(value_fn: Any, tuner: str, why: str) -> Callable[..., Any]:
         raise ValueError(
             f"{tuner} needs value_fn for {why}: call update(updates, state, params, value=loss, grad=grads, "
             "value_fn=loss_fn, **batch_kwargs) with loss_fn(params, **batch_kwargs) -> scalar")
+    return _callable(value_fn)
+
+
+def _callable(value_fn: Any) -> Callable[..., Any]:
     if not callable(value_fn):
-        raise TypeError(f"value_fn must be callable, got {type(value_fn).__name__}")
+        raise TypeError(f"value_fn must be callable (value_fn(params, **batch) -> loss), got "
+                        f"{type(value_fn).__name__}; the loss's value goes to value=")
     return value_fn
 
 

@@ -25,7 +25,7 @@ import optax
 
 from curvopt import rules
 from curvopt.base import BaseMethod
-from curvopt.config import SECANT_STALL_MESSAGE, SharpnessConfig, resolve_curvature
+from curvopt.config import SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig, resolve_curvature
 from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
@@ -329,7 +329,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
     ``ValueError`` when there is none.
 
     Read on the host (concrete values, one run's), it also warns when every step so far had an uphill direction
-    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; and when a
+    (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; when every
+    step so far was skipped (non-finite: the parameters have not moved); and when a
     closure-free rate stalled below its probing step (:func:`curvopt.config.secant_stalled`: the secant of
     noisy consecutive gradients; pass ``value_fn``). A vmapped
     state (an ensemble) gives each field with its leading axis.
@@ -341,6 +342,11 @@ def stats(opt_state: Any) -> dict[str, Any]:
     state = found[0]
     if not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 0:  # (not a vmapped ensemble)
         steps, ascent = int(state.steps), int(state.ascent_steps)
+        skipped = int(state.stats.skipped)
+        if steps == 0 and skipped:
+            warnings.warn(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
+                          "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) does this",
+                          RuntimeWarning, stacklevel=2)
         if steps > 0 and ascent == steps:
             warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"),
                           RuntimeWarning, stacklevel=2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from collections import Counter
 
 import jax
@@ -292,3 +293,55 @@ def test_armijo_heavy_ball_resumes_after_its_momentum_turns():
     is left with a momentum pointing uphill; the first 6 clean steps take lr 0 (each an ascent step) while the
     momentum turns, the 7th trains again. Nothing is lost; it only takes longer than 6 steps."""
     _attack("armijo_heavy_ball", ["none", "fn_nan", "fn_nan", "none", "none", "fn_nan", "fn_nan", "none", "none"], 0)
+
+
+@pytest.mark.parametrize("make", [lambda: cdat(optax.identity()), lambda: edge_of_stability(optax.identity()),
+                                  lambda: armijo(optax.identity())])
+def test_a_value_fn_that_is_not_callable_is_named(make):
+    """The loss's value handed as value_fn= (a common slip) is said as such by every tuner, not a raw
+    'object is not callable' from inside the probe."""
+    params = {"w": jnp.ones(3)}
+    tx = make()
+    with pytest.raises(TypeError, match="value_fn must be callable"):
+        tx.update(params, tx.init(params), params, value=jnp.float32(1.0), value_fn=jnp.float32(1.0))
+
+
+def test_an_injected_sharpness_period_of_zero_keeps_edge_of_stability_estimating():
+    """The edge-of-stability rule cannot run without the sharpness: a period injected by inject_hyperparams that
+    is set to 0 mid-run is refused outside jit (as sharpness=0 is at construction) and, inside jit, where nothing
+    can be refused, estimates every step (it stopped estimating, and the rate froze, silently)."""
+    A = jnp.diag(jnp.array([1.0, 2.0, 4.0]))
+    f = lambda p: 0.5 * p["w"] @ A @ p["w"]  # noqa: E731
+    tx = optax.inject_hyperparams(edge_of_stability)(optax.identity(), sharpness=4)
+    params = {"w": jnp.array([1.0, -1.0, 0.5])}
+    state = tx.init(params)
+    step = jax.jit(lambda g, state, params, v: tx.update(g, state, params, value=v, value_fn=f))
+    calls = []
+    for i in range(8):
+        if i == 3:
+            state.hyperparams["sharpness"] = jnp.zeros_like(state.hyperparams["sharpness"])
+            with pytest.raises(ValueError, match="needs the online sharpness"):
+                tx.update(params, state, params, value=f(params), value_fn=f)
+        v, g = jax.value_and_grad(f)(params)
+        u, state = step(g, state, params, v)
+        params = optax.apply_updates(params, u)
+        calls.append(int(stats(state)["closure_calls"]))
+    assert calls[3:] == [2] * 5  # the step's own gradient is given: 1 call + 1 power-iteration product
+
+
+def test_stats_say_when_no_step_was_taken():
+    """A base whose update is NaN from the start (here: a NaN gradient every step) has every step skipped and the
+    parameters never move; stats() says so (PyTorch warns at each skipped step), and says nothing once a step
+    was taken."""
+    params = {"w": jnp.ones(3)}
+    tx = cdat(optax.identity())
+    state = tx.init(params)
+    bad = {"w": jnp.full(3, jnp.nan)}
+    for _ in range(3):
+        _, state = tx.update(bad, state, params)
+    with pytest.warns(RuntimeWarning, match="none of the 3 steps so far was taken"):
+        stats(state)
+    _, state = tx.update({"w": jnp.ones(3)}, state, params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats(state)
