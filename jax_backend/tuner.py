@@ -345,7 +345,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
         skipped = int(state.stats.skipped)
         if steps == 0 and skipped:
             warnings.warn(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
-                          "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) does this",
+                          "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) "
+                          "does this",
                           RuntimeWarning, stacklevel=2)
         if steps > 0 and ascent == steps:
             warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"),

@@ -53,9 +53,9 @@ from torch import Tensor
 from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch_in_place, secant_noise_corrected
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, DESCENT_STALL_STEPS, EXTERNAL_CLIP_MESSAGE,
-                            EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, accumulator_dtype_name,
-                            SKIP_MESSAGE, descent_run, descent_stall_message, external_clip_suspected, has_gradient,
-                            resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
+                            EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE,
+                            accumulator_dtype_name, descent_run, descent_stall_message, external_clip_suspected,
+                            has_gradient, resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -100,7 +100,8 @@ The tuner calls it once at the current parameters and, depending on the tuner, a
 
 #: fd probes checked against the main call's quadratic model (the first ones of a tuner)
 _REPLAY_CHECKS = 3
-#: the warning of a step skipped for a non-finite input (:func:`curvopt.rules.apply_rule`'s guard, taken early)
+
+
 def _unhooked_step(base: torch.optim.Optimizer) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
     """The base's ``step`` without torch's hook wrapper (``type(base).step.__wrapped__``), or None when its
     step is not torch's hooked one (a custom wrapper, or ``step`` patched on the instance)."""
