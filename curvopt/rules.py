@@ -695,7 +695,7 @@ class ArmijoRule:
     {0, 1e-3}; at most 30 trials in mini-batch).
 
     The backend runs the trials: the first is :meth:`first_trial` (``min(increase_factor * previous, lr_max)``,
-    the very first from ``init_lr``), each next one ``decrease_factor`` times smaller, until
+    the very first with ``previous = init_lr``), each next one ``decrease_factor`` times smaller, until
     :meth:`decrease_error` is 0 or ``max_trials`` evaluations were spent; then :meth:`finish` decides. A
     search that accepts nothing, or an ascent direction (``-g^T u <= 0``, where no positive step can satisfy
     the test with ``c > 0``), takes **no step** (``lr = 0``): a failed search never moves the parameters

@@ -2,7 +2,7 @@
 :class:`curvopt.rules.ArmijoRule`).
 
 The trials run in a ``lax.while_loop``: the first is ``rule.first_trial`` (``min(increase_factor * previous,
-lr_max)``, the very first from ``init_lr``), each next one ``decrease_factor`` times smaller, until
+lr_max)``, the very first with ``previous = init_lr``), each next one ``decrease_factor`` times smaller, until
 ``rule.decrease_error`` is 0 or ``max_trials`` evaluations of ``value_fn`` were spent; ``rule.finish`` then
 decides: a search that accepts nothing, or an ascent direction (no trial is evaluated for it), takes **no
 step**, and where the next search starts (from the last trial; from ``init_lr`` after a stall). The

@@ -21,7 +21,8 @@ class ArmijoLineSearch(CurvatureTuner):
 
     Trials (the sequence of ``optax.scale_by_backtracking_linesearch`` with
     ``max_backtracking_steps = max_trials - 1``, ``slope_rtol = c``, ``rtol = delta``, ``atol = 0``):
-    ``lr_1 = min(increase_factor * lr_prev, lr_max)`` (``init_lr`` at the start, and when that is not a finite
+    ``lr_1 = min(increase_factor * lr_prev, lr_max)`` with ``lr_prev = init_lr`` at the start (so the very first
+    trial is ``min(increase_factor * init_lr, lr_max)``, as in Optax; ``init_lr`` itself when that is not a finite
     positive number, e.g. ``increase_factor = inf``), then ``lr_{k+1} = decrease_factor * lr_k``, stopping at
     the first accepted trial or after ``max_trials`` closure calls. Unlike Optax, a search that accepts nothing
     takes **no step** (the parameters stay); an ascent direction (``-g^T u <= 0``, e.g. a momentum base after
