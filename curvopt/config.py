@@ -27,9 +27,9 @@ __all__ = [
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
     "SKIP_MESSAGE",
-    "DESCENT_STALL_STEPS",
-    "descent_run",
-    "descent_stall_message",
+    "ZERO_RATE_STEPS",
+    "zero_rate_run",
+    "zero_rate_message",
     "accumulator_dtype_name",
 ]
 
@@ -188,23 +188,28 @@ def external_clip_suspected(norms: Any) -> bool:
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
                 "state unchanged)")
 
-#: consecutive steps at rate 0 with the loss rising along the update before the tuners warn
-DESCENT_STALL_STEPS = 10
+#: consecutive steps at rate 0 before the tuners warn (:func:`zero_rate_run`)
+ZERO_RATE_STEPS = 10
 
 
-def descent_run(run: int, lr: float, numerator: float) -> int:
-    """The count of consecutive steps, this one included, at learning rate 0 on a slope ``numerator = -g^T u``
-    that is not positive (host floats): the base's update does not descend the loss the rate is chosen for, no
-    rule moves along it, and behind gradient descent or heavy ball the next update is the same one, so the run
-    does not end. From :data:`DESCENT_STALL_STEPS` on the tuners warn (:func:`descent_stall_message`)."""
-    return run + 1 if lr == 0 and numerator <= 0 else 0
+def zero_rate_run(run: int, lr: float) -> int:
+    """The count of consecutive steps, this one included, at learning rate 0 (host floats). A healthy run never
+    has :data:`ZERO_RATE_STEPS` of them: the parameters have not moved, and behind gradient descent or heavy ball
+    the next step sees the same inputs, so the run does not end. From then on the tuners warn
+    (:func:`zero_rate_message`)."""
+    return run + 1 if lr == 0 else 0
 
 
-def descent_stall_message(decays: bool) -> str:
-    """The warning for a run of :func:`descent_run` steps; ``decays``: the base decays its weights."""
-    head = (f"curvopt: the learning rate has been 0 for {DESCENT_STALL_STEPS} steps: the loss rises along the base "
-            "optimizer's update (-g^T u <= 0), so the tuner does not move the parameters, and the update may not "
-            "change. ")
+def zero_rate_message(rising: bool, decays: bool) -> str:
+    """The warning for a run of :func:`zero_rate_run` steps. ``rising``: the loss rises along the base's update
+    (``-g^T u <= 0``) on the last of them; ``decays``: the base decays its weights."""
+    head = f"curvopt: the learning rate has been 0 for {ZERO_RATE_STEPS} steps, so the parameters have not moved. "
+    if not rising:
+        return head + (
+            "The loss falls along the base optimizer's update, but the rule gives it no step: the curvature along "
+            "the update is not positive and nothing bounds the step (f_star=-inf turns off the floor that gives "
+            "one: pass a lower bound of the loss), or a line search accepts no trial.")
+    head += "The loss rises along the base optimizer's update (-g^T u <= 0). "
     if decays:
         return head + (
             "The rate is chosen for the loss the gradient comes from (the closure's); the base's weight_decay is not "

@@ -387,3 +387,18 @@ def test_edge_of_stability_refuses_a_base_before_asking_for_its_coefficient(base
     w = nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match=match):
         EdgeOfStability(base_cls([w], lr=1.0))
+
+
+def test_a_rate_held_at_zero_on_a_falling_loss_is_said_once():
+    """CDAT with f_star=-inf at a concave start (a double well at w = 0.1: curvature along the update -3.9) has no
+    step to take for ever, the loss falling along the update: the tuner says so once and names f_star."""
+    w = nn.Parameter(torch.tensor([0.1], dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), f_star=-math.inf)
+    closure = closure_for(opt, lambda w: ((w.square() - 1) ** 2).sum(), [w])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(30):
+            opt.step(closure)
+    said = [str(r.message) for r in rec if "has been 0 for" in str(r.message)]
+    assert float(w) == 0.1
+    assert len(said) == 1 and "f_star" in said[0] and "weight_decay" not in said[0]

@@ -52,10 +52,10 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod
 from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch_in_place, secant_noise_corrected
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, DESCENT_STALL_STEPS, EXTERNAL_CLIP_MESSAGE,
-                            EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE,
-                            accumulator_dtype_name, descent_run, descent_stall_message, external_clip_suspected,
-                            has_gradient, resolve_curvature, secant_caveat, secant_stalled, sharpness_due)
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
+                            GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
+                            accumulator_dtype_name, external_clip_suspected, has_gradient, resolve_curvature,
+                            secant_caveat, secant_stalled, sharpness_due, zero_rate_message, zero_rate_run)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -194,8 +194,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_norms: list[float] = []
         self._probed_last: Optional[bool] = None
         self._clip_warned = False
-        #: consecutive steps at rate 0 on a rising slope (:func:`curvopt.config.descent_run`); None once warned
-        self._descent_run: Optional[int] = 0
+        #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
+        self._zero_run: Optional[int] = 0
         self._scratch_d: dict[Tensor, Tensor] = {}
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
@@ -635,8 +635,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=3)
                 if judged:
                     self._probed = None
-            if not probing and self._descent_run is not None:
-                self._watch_descent(lr, numerator)
+            if not probing and not lagged and self._zero_run is not None:  # (the secant's stall: secant_stalled)
+                self._watch_zero_rate(lr, numerator)
             ratio = (eos_ratio_rule(lr * self._group_lr(), reference, coefficient)
                      if coefficient is not None else nan)
 
@@ -896,14 +896,14 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._clip_warned = True
             warnings.warn(EXTERNAL_CLIP_MESSAGE, RuntimeWarning, stacklevel=4)
 
-    def _watch_descent(self, lr: Any, numerator: Any) -> None:
-        """Warn once when the rate has been 0 on a rising slope for :data:`DESCENT_STALL_STEPS` steps (naming the
-        base's weight decay when it has one)."""
-        self._descent_run = descent_run(self._descent_run, float(lr), float(numerator))
-        if self._descent_run >= DESCENT_STALL_STEPS:
-            self._descent_run = None
+    def _watch_zero_rate(self, lr: Any, numerator: Any) -> None:
+        """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps, saying why (the base's weight
+        decay when the loss rises along its update and it has one)."""
+        self._zero_run = zero_rate_run(self._zero_run, float(lr))
+        if self._zero_run >= ZERO_RATE_STEPS:
+            self._zero_run = None
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
-            warnings.warn(descent_stall_message(decays), RuntimeWarning, stacklevel=4)
+            warnings.warn(zero_rate_message(float(numerator) <= 0, decays), RuntimeWarning, stacklevel=6)
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
