@@ -97,7 +97,7 @@ def parse_tuner(label: str) -> tuple[str, dict]:
     if name not in TUNERS:
         raise ValueError(f"unknown tuner {name!r} in {label!r}; expected one of {', '.join(TUNERS)}")
     settings: dict = {}
-    for item in filter(None, (s.strip() for s in rest.replace(",", ";").split(";"))):
+    for item in _setting_items(rest):
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise ValueError(f"tuner setting {item!r} in {label!r} is not key=value")
@@ -112,9 +112,13 @@ def canonical_label(label: str) -> str:
     no spaces; the values as written). The label keys the run in ``results.jsonl`` (a resume finds it) and names its
     row in the report."""
     name, _, rest = label.partition(":")
-    items = sorted(filter(None, ("=".join(p.strip() for p in s.partition("=")[::2]) if "=" in s else s.strip()
-                                 for s in rest.replace(",", ";").split(";"))))
+    items = sorted(k.strip() + eq + v.strip() for k, eq, v in (i.partition("=") for i in _setting_items(rest)))
     return f"{name}:{';'.join(items)}" if items else name
+
+
+def _setting_items(rest: str) -> list[str]:
+    """The ``key=value`` items after a label's ``:`` (separated by ``;`` or ``,``), stripped, empty ones dropped."""
+    return [s.strip() for s in rest.replace(",", ";").split(";") if s.strip()]
 
 
 def _rule(spec: TunerSpec, settings: dict, base: str):

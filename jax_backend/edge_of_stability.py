@@ -2,7 +2,6 @@
 :class:`curvopt.rules.EdgeOfStabilityRule`)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -68,7 +67,7 @@ def scale_by_edge_of_stability(
     if not sharpness_enabled(sharp):
         raise ValueError(f"{name}: the rule needs the online sharpness; sharpness must estimate every k >= 1 steps")
     if not isinstance(sharp.every, int):  # a traced period (jit) cannot be refused: 0 is every step
-        sharp = make(SharpnessConfig, **{**dataclasses.asdict(sharp), "every": jnp.maximum(sharp.every, 1)})
+        sharp = make(SharpnessConfig, **{**vars(sharp), "every": jnp.maximum(sharp.every, 1)})
 
     def init(params: Any) -> ScaleByEdgeOfStabilityState:
         dtype = accumulator_dtype(params)
