@@ -1,10 +1,12 @@
 """JAX/Optax backend of curvopt (public entry point: ``curvopt.optax``).
 
 Transforms that take the place of ``optax.scale_by_learning_rate``: they receive the base's raw direction
-``d`` (gradient-like, ``u = -d``) and return ``lr * u`` with the tuned learning rate, e.g.
-``optax.chain(optax.scale_by_adam(), scale_by_cdat(sigma=2.0))``. ``<tuner>(base, ...)`` builds the chain
-and also hands the base's state and the incoming gradient to the tuner (Adam's preconditioned sharpness,
-the closure-free mode) and keeps the base's state on a skipped step: the recommended composition.
+``d`` (gradient-like, ``u = -d``) and return ``lr * u`` with the tuned learning rate.
+``<tuner>(base, ...)``, e.g. ``cdat(optax.scale_by_adam(), base_method="adam")``, builds the chain
+``optax.chain(base, scale_by_<tuner>(...))`` and also hands the base's state and the incoming gradient to the
+tuner (Adam's momentum numerator and preconditioned sharpness, the closure-free mode) and keeps the base's state
+on a skipped step: the recommended composition (behind Adam, a bare chain gets no Adam state: ``scale_by_cdat``
+warns and falls back to the paper's numerator).
 Each transform's state is its own NamedTuple with the logged numbers in ``state.stats``
 (:class:`curvopt.stats.TunerStats`), so ``optax.tree_utils.tree_get(opt_state, "lr")`` is the tuner's lr.
 """

@@ -24,8 +24,9 @@ _EOS = EdgeOfStabilityRule()
 
 
 class ScaleByEdgeOfStabilityState(NamedTuple):
-    """State of :func:`scale_by_edge_of_stability`: ``rule`` holds the learning rate between estimates
-    (:class:`curvopt.rules.EdgeOfStabilityState`); ``eigen`` is always present; the rest as in
+    """State of :func:`scale_by_edge_of_stability`: ``rule`` holds the previous learning rate, kept while the
+    estimate is not positive and finite (:class:`curvopt.rules.EdgeOfStabilityState`; between estimates the
+    rate is recomputed from the last one); ``eigen`` is always present; the rest as in
     :class:`jax_backend.ScaleByCDATState`."""
 
     steps: Any
@@ -54,7 +55,8 @@ def scale_by_edge_of_stability(
     pass ``base_state=``). ``sharpness`` defaults to the rule's (every 10 steps) and cannot be off (a period
     injected by ``optax.inject_hyperparams`` and set to 0 is refused, and under ``jit``, where it cannot be,
     estimates every step); the last
-    estimate is used in between; a non-positive estimate keeps the previous lr. Needs ``value_fn``. Other
+    estimate is used in between, the rate recomputed from it at every step (a ``sigma`` schedule moves it); a
+    non-positive estimate keeps the previous lr. Needs ``value_fn``. Other
     arguments as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByEdgeOfStabilityState`.
     """
     name = "scale_by_edge_of_stability"

@@ -26,10 +26,12 @@ class EdgeOfStability(CurvatureTuner):
     (``lambda_max(P^-1 H)`` for Adam/AdamW bases, ``lambda_max(H)`` otherwise).
 
     The sharpness is estimated on steps 1, 1 + k, 1 + 2k, ... (``sharpness=k``; the rule's default,
-    ``EdgeOfStabilityRule.default_sharpness``, when None); in between the learning rate stays. ``sigma = 1``
-    sits exactly on the edge; the paper found ``sigma c`` about 3 good for GD (``sigma = 1.5``). A
-    non-positive estimate keeps the previous lr (0 at step 1). ``stability_coefficient`` must be given for a
-    base other than SGD/momentum/Nesterov/Adam/AdamW. Other arguments as in :class:`torch_backend.CDAT`.
+    ``EdgeOfStabilityRule.default_sharpness``, when None); in between the last estimate is held and the rate is
+    recomputed from it at every step, so a ``sigma`` schedule or a scheduled momentum/beta1 moves the rate
+    between estimates. ``sigma = 1`` sits exactly on the edge; the paper found ``sigma c`` about 3 good for GD
+    (``sigma = 1.5``). A non-positive estimate keeps the previous lr (0 at step 1). ``stability_coefficient``
+    must be given for a base other than SGD/momentum/Nesterov/Adam/AdamW. Other arguments as in
+    :class:`torch_backend.CDAT`.
     """
 
     def __init__(self, base: torch.optim.Optimizer, sigma: Any = default_of(EdgeOfStabilityRule, "sigma"),

@@ -30,9 +30,10 @@ class ArmijoLineSearch(CurvatureTuner):
     :meth:`curvopt.rules.ArmijoRule.finish`'s decision (from the last trial; from ``init_lr`` after a stall).
 
     Trial closure calls run backward too (the closure convention); module buffers and the random state are
-    protected. ``stats["closure_calls"]`` is 1 + the number of trials (+ sharpness products);
-    ``last_trials`` and ``last_decrease_error`` (0 = accepted) describe the last search. Other arguments as
-    in :class:`torch_backend.CDAT`.
+    protected. ``stats["closure_calls"]`` is 1 + the number of trials (+ sharpness products), and one more
+    once, at the first search (or first sharpness estimate): the check that the closure replays (not in
+    distributed runs). ``last_trials`` and ``last_decrease_error`` (0 = accepted) describe the last search.
+    Other arguments as in :class:`torch_backend.CDAT`.
     """
 
     def __init__(self, base: torch.optim.Optimizer, c: float = default_of(ArmijoRule, "c"),

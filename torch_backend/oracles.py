@@ -2,8 +2,10 @@
 
 * ``"fd"`` — one extra closure call at ``w + h u`` with ``h ||u|| = sqrt(eps) ||w||``
   (:func:`curvopt.rules.finite_difference_step`), curvature ``(g(w + h u) - g(w))^T u / h``
-  (:func:`curvopt.curvature.finite_difference_curvature`). Works with any closure (DDP, autocast); accurate
-  to about the square root of the dtype's epsilon; costs one forward + backward.
+  (:func:`curvopt.curvature.finite_difference_curvature`). Works with any closure (DDP); accurate to about
+  the square root of ``eps``, the least precise parameter dtype's epsilon (under a bf16 ``torch.autocast`` the
+  displacement is too small for the forward pass: use ``"exact"`` or ``"secant"``); costs one forward +
+  backward.
 * ``"secant"`` — free: the next step's gradient along the previous direction,
   ``u_prev^T H u_prev ~ (g_t - g_{t-1})^T u_prev / lr_{t-1}`` (:func:`curvopt.rules.secant_curvature`),
   rescaled by ``||u_t||^2 / ||u_prev||^2``. Approximations: the curvature is *lagged* by one step (it is
@@ -81,7 +83,7 @@ def exact(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor]) -> Te
         raise RuntimeError(
             'curvature="exact": autograd could not differentiate functional_loss twice (double backward) '
             f"({type(e).__name__}: {e}). Some modules and compiled graphs do not support it; use "
-            'curvature="fd" (one extra gradient, works with any closure, DDP, autocast and torch.compile) '
+            'curvature="fd" (one extra gradient, works with any closure, DDP and torch.compile) '
             'or "secant".') from e
     # a functional loss bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
     return probe.global_mean(out.detach().to(probe.loss.dtype).reshape(()))

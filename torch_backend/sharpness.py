@@ -135,7 +135,9 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     maximum number of ARPACK restarts. ``method="power"``: the core's power iteration (the online
     solver), ``iters`` products at most, stopping when the eigenvalue changes by less than ``tol`` (relative)
     between products — cheaper per step but slow when the eigengap is small. ``modules``: modules whose
-    buffers (BatchNorm statistics) must not change.
+    buffers (BatchNorm statistics) must not change. ``generator``: a CPU ``torch.Generator`` for the random
+    vectors (drawn on the CPU): the start vector when ``v0`` is None, and with ``method="power"`` the start of
+    the shifted second pass it takes when the dominant eigenvalue is negative (None: torch's default generator).
 
     Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
     ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner).
