@@ -16,6 +16,7 @@ __all__ = [
     "SharpnessLike",
     "as_sharpness",
     "sharpness_due",
+    "power_iters",
     "resolve_curvature",
     "secant_caveat",
     "SECANT_STALL_STEPS",
@@ -51,7 +52,8 @@ class SharpnessConfig:
     ``every``: estimate on steps 1, 1 + every, 1 + 2 every, ... (0 = never). Each estimate is the warm-started
     power iteration of :mod:`curvopt.eigen` on Hessian-vector products: at most ``iters`` products from the
     previous eigenvector, stopping once the eigenvalue changes by less than ``tol`` (relative); the first
-    estimate spends up to ``first_iters`` products from a pseudo-random start.
+    estimate (from a pseudo-random start) and the one retrying a failed estimate spend up to ``first_iters``
+    (:func:`power_iters`).
     """
 
     every: int = 0
@@ -95,6 +97,15 @@ def sharpness_due(count: Any, every: Any, last: Any = 0.0) -> Any:
     if isinstance(count, int) and isinstance(every, int):
         return every > 0 and (count % every == 0 or not math.isfinite(float(last)))
     return (every > 0) & ((count % (every + (every <= 0)) == 0) | ~_isfinite(last))
+
+
+def power_iters(config: SharpnessConfig, last: Any) -> Any:
+    """The products one estimate may spend: ``first_iters`` while ``last``, the estimate the rule reads, is not
+    finite (before the first estimate, from a pseudo-random start, and when retrying a failed one: the stored
+    eigenvector is then at least an estimate old), else ``iters``. ``last``: a host float or a 0-d array."""
+    if isinstance(last, (int, float)):
+        return config.iters if math.isfinite(last) else config.first_iters
+    return config.first_iters + (config.iters - config.first_iters) * _isfinite(last)
 
 
 def _isfinite(x: Any) -> Any:
@@ -192,17 +203,18 @@ SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (para
 ZERO_RATE_STEPS = 10
 
 
-def zero_rate_run(run: int, lr: float) -> int:
-    """The count of consecutive steps, this one included, at learning rate 0 (host floats). A healthy run never
-    has :data:`ZERO_RATE_STEPS` of them: the parameters have not moved, and behind gradient descent or heavy ball
-    the next step sees the same inputs, so the run does not end. From then on the tuners warn
-    (:func:`zero_rate_message`)."""
-    return run + 1 if lr == 0 else 0
+def zero_rate_run(run: int, lr: float, numerator: float) -> int:
+    """The count of consecutive steps, this one included, at learning rate 0 with a nonzero numerator ``-g^T u``
+    (host floats). A healthy run never has :data:`ZERO_RATE_STEPS` of them: the parameters have not moved, and
+    behind gradient descent or heavy ball the next step sees the same inputs, so the run does not end. From then
+    on the tuners warn (:func:`zero_rate_message`). A numerator of exactly 0 is a stationary point along the
+    update (a zero gradient: a run that has converged, e.g. a float32 loss at 0), where rate 0 is right."""
+    return run + 1 if lr == 0 and numerator != 0 else 0
 
 
 def zero_rate_message(rising: bool, decays: bool) -> str:
     """The warning for a run of :func:`zero_rate_run` steps. ``rising``: the loss rises along the base's update
-    (``-g^T u <= 0``) on the last of them; ``decays``: the base decays its weights."""
+    (``-g^T u < 0``) on the last of them; ``decays``: the base decays its weights."""
     head = f"curvopt: the learning rate has been 0 for {ZERO_RATE_STEPS} steps, so the parameters have not moved. "
     if not rising:
         return head + (
@@ -224,8 +236,8 @@ GRADIENT_MISSING_MESSAGE = (
     "every entry of the gradient is zero: step skipped (parameters, base state and tuner state unchanged). "
     "Without a closure (PyTorch) or value_fn (Optax) the tuner reads the gradient it is handed: call "
     "loss.backward() before opt.step() (gradients zeroed with set_to_none=False and no backward look like this); "
-    "a batch whose loss does not depend on the parameters (every target ignored under a summed loss) has nothing "
-    "to step on.")
+    "a batch whose loss does not depend on the parameters (every target ignored under a summed loss), or a point "
+    "where the gradient is exactly zero (an optimum reached), has nothing to step on.")
 
 
 def has_gradient(grad_abs_max: Any) -> Any:

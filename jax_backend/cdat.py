@@ -1,7 +1,6 @@
 """CDAT and the quadratically greedy rule as Optax transforms (rules: :class:`curvopt.rules.CDATRule`)."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +22,7 @@ from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
                     sharpness_of, skip, stats_init)
+from .warning import warn
 
 __all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "PairedMemory", "scale_by_cdat",
            "scale_by_quadratic_greedy"]
@@ -89,10 +89,12 @@ def scale_by_cdat(
     sharpness_first_iters: int | None = None,
     sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(max(-g^T u, 0)) /
-    avg(|u^T H u| + eps)`` (:class:`curvopt.rules.CDATRule`, which documents ``startup``, the above-edge
-    ``guard``/``guard_sigma`` and ``loss_cap`` (the above-edge steps' cap by the loss bound), and
-    ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule
+    """CDAT in place of ``optax.scale_by_learning_rate``: ``lr = sigma * avg(n) / avg(d + eps)``, ``n =
+    max(-g^T u, 0)`` (the rule's numerator, see ``numerator``) and ``d`` the curvature ``u^T H u``, under the
+    default ``startup="robust"`` floored by the loss bound, ``max(u^T H u, n^2 / (2 (f - f_star)))``, under
+    ``startup="paper"`` the paper's ``|u^T H u|`` (:class:`curvopt.rules.CDATRule`, which documents
+    ``startup``, the above-edge ``guard``/``guard_sigma`` and ``loss_cap`` (the above-edge steps' cap by the
+    loss bound), and ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule
     ``step -> sigma`` (or injected with ``optax.inject_hyperparams``); ``sigma=None`` (default): by
     ``base_method`` and the numerator (:func:`curvopt.rules.default_sigma`: 4, guarded, with the robust
     start-up for gradient descent and for Adam with the momentum numerator; 2 for heavy ball, Nesterov, Adam
@@ -261,14 +263,13 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
         check_base_method(base_method, method, updates, grad, base_state, name, rate_follows_base=rate_follows_base)
         caveat = secant_caveat(method) if oracle == "secant" else None
         if caveat is not None:  # at trace time
-            warnings.warn(caveat, RuntimeWarning, stacklevel=2)
+            warn(caveat)
         kind = default_numerator(method, numerator, startup, find_adam_state(base_state) is not None)
         if kind != preferred:  # at trace time
-            warnings.warn(f"{name}: behind Adam the default numerator is 'momentum' (with sigma 4), which reads "
-                          f"Adam's state; this update did not get it, so it uses the paper's numerator on the edge "
-                          f"(sigma 2). Build the optimizer with the convenience (cdat(optax.scale_by_adam(), "
-                          f"base_method='adam')) or with_base_state, or pass numerator='direction' to silence this",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"{name}: behind Adam the default numerator is 'momentum' (with sigma 4), which reads "
+                 f"Adam's state; this update did not get it, so it uses the paper's numerator on the edge "
+                 f"(sigma 2). Build the optimizer with the convenience (cdat(optax.scale_by_adam(), "
+                 f"base_method='adam')) or with_base_state, or pass numerator='direction' to silence this")
         rule = rules[kind]
 
         def taken() -> tuple[Any, ScaleByCDATState]:

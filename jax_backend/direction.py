@@ -14,7 +14,6 @@ extra argument (``grad=``) to that structure.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
@@ -22,6 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.config import accumulator_dtype_name
+
+from .warning import warn
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "flat", "norm", "add_scaled", "scaled",
            "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
@@ -106,7 +107,7 @@ def like_params(tree: Any, params: Any) -> Any:
 
 def _warn(flag: Any) -> None:
     if bool(flag):
-        warnings.warn(NEGATED_DIRECTION_MESSAGE, RuntimeWarning, stacklevel=2)
+        warn(NEGATED_DIRECTION_MESSAGE)
 
 
 def warn_if_negated(numerator: Any, steps: Any, enabled: bool) -> Any:

@@ -13,7 +13,7 @@ Usage::
     mup = parameterize(params, base_params, optimizer="adam")        # params/base_params: arrays or shapes
     params = mup.init(key, params)                                   # re-initialise per the table
     loss = lambda p, x, y: xent(model.apply(mup.apply_multipliers(p), x), y)   # forward multipliers
-    tx = optax.chain(optax.scale_by_adam(), mup.transform, curvopt.optax.scale_by_cdat(base_method="adam"))  # or
+    tx = curvopt.optax.cdat(optax.chain(optax.scale_by_adam(), mup.transform), base_method="adam")  # or
     tx = optax.chain(optax.scale_by_adam(), mup.transform, optax.scale_by_learning_rate(lr))
 
 ``apply_multipliers`` multiplies each leaf by its forward multiplier (μP/NTK readout ``1/m``, γ's ``1/γ``)
@@ -23,7 +23,6 @@ is ``c`` times the effective one). Biases are never scaled. The depth-μP residu
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -32,6 +31,8 @@ import optax
 
 from curvopt import mup as core
 from curvopt.validation import check_nonnegative
+
+from .warning import warn
 
 __all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]
 
@@ -106,7 +107,9 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
     """Multiply each update leaf by its (Python float) multiplier; stateless, chainable anywhere.
 
     Put it between the base direction and the learning rate / tuner:
-    ``optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults), scale_by_cdat(base_method="adam"))``.
+    ``cdat(optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults)), base_method="adam")`` (the
+    convenience hands Adam's state to the tuner; a bare ``optax.chain(..., scale_by_cdat(...))`` does not, so
+    the tuner warns and falls back to the paper's numerator).
     """
 
     def init_fn(params):
@@ -214,11 +217,11 @@ def parameterize(
 
     attention = core.resolve_attention(attention, parameterization)
     if attention == "1/d" and any(s.layout == "in_heads" for s in table.values()):
-        warnings.warn("curvopt.mup: flax's MultiHeadDotProductAttention (query/key/value kernels [in, heads, "
-                      "head_dim]) scales its logits by 1/sqrt(head_dim) unless given an attention_fn, so μP's 1/d "
-                      "attention applies only through one: scale the query by mup.attention_scale(head_dim, "
-                      "base_head_dim) * sqrt(head_dim) in it, or pass attention='1/sqrt(d)' to record what the model "
-                      "does.", RuntimeWarning, stacklevel=2)
+        warn("curvopt.mup: flax's MultiHeadDotProductAttention (query/key/value kernels [in, heads, "
+             "head_dim]) scales its logits by 1/sqrt(head_dim) unless given an attention_fn, so μP's 1/d "
+             "attention applies only through one: scale the query by mup.attention_scale(head_dim, "
+             "base_head_dim) * sqrt(head_dim) in it, or pass attention='1/sqrt(d)' to record what the model "
+             "does.")
     lr_mults = tree("lr_mult")
     return MuP(table=table, lr_mults=lr_mults, wd_mults=tree("wd_mult"), forward_mults=tree("forward_mult"),
                transform=scale_by_mup(lr_mults), branch_multiplier=core.depth_multiplier(depth),

@@ -28,7 +28,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.extend.core import jaxpr_as_fun
+from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
 from curvopt.config import secant_stalled
@@ -80,22 +80,69 @@ def _float_dtypes(jaxpr: Any, found: set) -> set:
     """The floating dtypes of every value a jaxpr computes, nested jaxprs (jit, cond, remat, custom rules)
     included."""
     for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            dt = getattr(var.aval, "dtype", None)
-            if dt is not None and jnp.issubdtype(dt, jnp.floating):
-                found.add(jnp.dtype(dt))
-        for value in eqn.params.values():
-            for item in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds its Jaxpr
-                if hasattr(inner, "eqns"):
-                    _float_dtypes(inner, found)
+        _add_float_outputs(eqn, found)
+        for inner in _inner_jaxprs(eqn):
+            _float_dtypes(inner, found)
+    return found
+
+
+def _add_float_outputs(eqn: Any, found: set) -> None:
+    for var in eqn.outvars:
+        dt = getattr(var.aval, "dtype", None)
+        if dt is not None and jnp.issubdtype(dt, jnp.floating):
+            found.add(jnp.dtype(dt))
+
+
+def _inner_jaxprs(eqn: Any) -> list:
+    """The jaxprs nested in an equation's parameters (a ClosedJaxpr's Jaxpr)."""
+    out = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                out.append(inner)
+    return out
+
+
+def _vars(atoms: Any) -> list:
+    return [v for v in atoms if isinstance(v, Var)]
+
+
+def _path_float_dtypes(jaxpr: Any, varying: list, wanted: list, found: set) -> set:
+    """The floating dtypes of the values on a path from the inputs marked ``varying`` to the outputs marked
+    ``wanted``: what the loss's value at the parameters is computed in, leaving out what does not depend on the
+    parameters (the batch's own preprocessing) and what does not reach the loss (an auxiliary output that
+    ``value_fn`` returns and the tuner drops, a model's updated statistics). A call whose inner jaxpr maps its
+    inputs and outputs one to one (jit, remat, custom rules) is followed inside; any other nested jaxpr on the
+    path counts whole."""
+    live = {v for v, w in zip(jaxpr.outvars, wanted) if w and isinstance(v, Var)}
+    needed = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            needed.append(eqn)
+            live.update(_vars(eqn.invars))
+    dep = {v for v, m in zip(jaxpr.invars, varying) if m}
+    for eqn in reversed(needed):
+        marks = [isinstance(v, Var) and v in dep for v in eqn.invars]
+        if not any(marks):
+            continue
+        dep.update(eqn.outvars)
+        inner = _inner_jaxprs(eqn)
+        if (len(inner) == 1 and len(inner[0].invars) == len(eqn.invars)
+                and len(inner[0].outvars) == len(eqn.outvars)):
+            _path_float_dtypes(inner[0], marks, [v in live for v in eqn.outvars], found)
+        else:
+            _add_float_outputs(eqn, found)
+            for sub in inner:
+                _float_dtypes(sub, found)
     return found
 
 
 def computation_eps(f: Callable[[Any], Any], params: Any) -> float:
-    """Machine epsilon of the coarsest floating dtype ``f`` computes with at ``params`` (0.0: none), from its
-    jaxpr (traced once, when the update is traced)."""
-    found = _float_dtypes(jax.make_jaxpr(f)(params).jaxpr, set())
+    """Machine epsilon of the coarsest floating dtype ``f`` computes its value with from ``params`` (0.0: none),
+    from its jaxpr (traced once, when the update is traced; :func:`_path_float_dtypes`)."""
+    jaxpr = jax.make_jaxpr(f)(params).jaxpr
+    found = _path_float_dtypes(jaxpr, [True] * len(jaxpr.invars), [True] * len(jaxpr.outvars), set())
     return max((float(jnp.finfo(dt).eps) for dt in found), default=0.0)
 
 

@@ -1,7 +1,6 @@
 """The Polyak step as an Optax transform (rule: :class:`curvopt.rules.PolyakRule`)."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
 from .tuner import (ascent_count, convenience, finish, fresh_leaves, prepare, select, sharpness_of, skip,
                     stats_init)
+from .warning import warn
 
 __all__ = ["ScaleByPolyakState", "scale_by_polyak", "polyak"]
 
@@ -73,10 +73,9 @@ def scale_by_polyak(
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=True)
         if p.masked:  # at trace time
-            warnings.warn(f"{name}: inside optax.masked/multi_transform the Polyak step divides the whole loss gap "
-                          "f - f_star by this part's slope alone: right when the other parts are frozen, but when "
-                          "another part moves too, each takes the whole decrease (twice the step with two parts)",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"{name}: inside optax.masked/multi_transform the Polyak step divides the whole loss gap "
+                 "f - f_star by this part's slope alone: right when the other parts are frozen, but when "
+                 "another part moves too, each takes the whole decrease (twice the step with two parts)")
 
         def taken() -> tuple[Any, ScaleByPolyakState]:
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,

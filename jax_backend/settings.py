@@ -11,7 +11,6 @@ whatever its value (``sharpness=0`` through ``inject_hyperparams`` therefore kee
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import jax
@@ -19,6 +18,8 @@ import numpy as np
 
 from curvopt.config import SharpnessConfig, as_sharpness
 from curvopt.validation import is_abstract
+
+from .warning import warn
 
 __all__ = ["make", "sharpness_setting", "sharpness_enabled"]
 
@@ -42,9 +43,9 @@ def sharpness_setting(value: Any, default: SharpnessConfig, tuner: str, **legacy
     given). An array period (``inject_hyperparams``) is kept as the config's ``every``."""
     given = {k: v for k, v in legacy.items() if v is not None}
     if given:
-        warnings.warn(f"{tuner}: {', '.join(sorted(given))} are deprecated and will be removed in the next "
-                      "release; pass sharpness=SharpnessConfig(every=..., iters=..., first_iters=..., tol=...) "
-                      "(or sharpness=k for every k steps)", DeprecationWarning, stacklevel=3)
+        warn(f"{tuner}: {', '.join(sorted(given))} are deprecated and will be removed in the next "
+             "release; pass sharpness=SharpnessConfig(every=..., iters=..., first_iters=..., tol=...) "
+             "(or sharpness=k for every k steps)", DeprecationWarning)
         if value is not None:
             raise ValueError(f"{tuner}: pass either sharpness= or the deprecated sharpness_* keywords, not both")
         fields = dataclasses.asdict(default)

@@ -24,7 +24,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from curvopt.base import BaseMethod
-from curvopt.config import SharpnessConfig, sharpness_due
+from curvopt.config import SharpnessConfig, power_iters, sharpness_due
 from curvopt.eigen import power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
@@ -129,10 +129,10 @@ def _precondition(matvec: Callable[[Any], Any], preconditioner: Any) -> Callable
 
 def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessConfig, fresh: Any,
            ops: TreeOps) -> tuple[Any, Any, Any]:
-    """One warm-started estimate: ``(eigenvalue, eigenvector, products)``; ``first_iters`` products before
-    any estimate (``last`` NaN), else ``iters``. A failed estimate (a non-finite product) is NaN, as in PyTorch,
+    """One warm-started estimate: ``(eigenvalue, eigenvector, products)``, at most
+    :func:`curvopt.config.power_iters` products. A failed estimate (a non-finite product) is NaN, as in PyTorch,
     and keeps ``v0`` (the next step retries: :func:`curvopt.config.sharpness_due`)."""
-    iters = jnp.where(jnp.isnan(last), config.first_iters, config.iters)
+    iters = power_iters(config, last)
     step = functools.partial(power_step, matvec=matvec, fresh=fresh, iters=iters, tol=config.tol, ops=ops, xp=jnp)
     st = jax.lax.while_loop(lambda s: ~s.done, step, power_init(v0, last, ops, jnp))
     ok = jnp.isfinite(st.value)

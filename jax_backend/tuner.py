@@ -16,7 +16,6 @@ the PyTorch tuners use (so that both backends produce the same sequence):
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -32,6 +31,7 @@ from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_negated)
 from .loss import bind, value_and_grad_at
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
+from .warning import warn
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
            "select", "pick", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
@@ -62,11 +62,10 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
         raise ValueError(f"{tuner} needs params: update(updates, state, params, ...)")
     masked = has_masked(params)
     if masked and value_fn is not None:  # at trace time
-        warnings.warn(f"{tuner}: inside optax.masked/multi_transform value_fn is not used: it takes the whole "
-                      "parameter tree and the tuner sees only its part. The curvature is the closure-free secant's, "
-                      "which assumes the other parts do not move between steps (a frozen part); another optimizer "
-                      "on the other part changes this part's gradients and the secant reads that as curvature",
-                      RuntimeWarning, stacklevel=3)
+        warn(f"{tuner}: inside optax.masked/multi_transform value_fn is not used: it takes the whole "
+             "parameter tree and the tuner sees only its part. The curvature is the closure-free secant's, "
+             "which assumes the other parts do not move between steps (a frozen part); another optimizer "
+             "on the other part changes this part's gradients and the secant reads that as curvature")
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
     value, grad = value_and_grad_at(params, value, like_params(grad, params), f,
                                     need_value=need_value or (want_value and f is not None), tuner=tuner)
@@ -104,11 +103,11 @@ def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: s
         return None
     adam = find_adam_state(base_state)
     if adam is None:
-        warnings.warn(
+        warn(
             f"{tuner}: base_method is Adam but no optax.ScaleByAdamState was handed over, so the "
             "preconditioned sharpness stays NaN: build the optimizer with the convenience (e.g. "
             "cdat(optax.scale_by_adam(), ...)) or with_base_state(base, tuner), or pass base_state= (the "
-            "base's state after this step's update).", RuntimeWarning, stacklevel=3)
+            "base's state after this step's update).")
         return None
     return preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
 
@@ -151,7 +150,7 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
                    "(CDAT's sigma and ema, the stability coefficients) are the wrong ones")
     else:
         return
-    warnings.warn(f"{tuner}: {message}: {hint}.", RuntimeWarning, stacklevel=3)
+    warn(f"{tuner}: {message}: {hint}.")
 
 
 def _keeps_per_parameter_state(tree: Any) -> bool:
@@ -344,16 +343,14 @@ def stats(opt_state: Any) -> dict[str, Any]:
         steps, ascent = int(state.steps), int(state.ascent_steps)
         skipped = int(state.stats.skipped)
         if steps == 0 and skipped:
-            warnings.warn(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
-                          "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) "
-                          "does this",
-                          RuntimeWarning, stacklevel=2)
+            warn(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
+                 "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) "
+                 "does this")
         if steps > 0 and ascent == steps:
-            warnings.warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"),
-                          RuntimeWarning, stacklevel=2)
+            warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"))
         secant = getattr(state, "secant", None)
         if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
-            warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=2)
+            warn(SECANT_STALL_MESSAGE)
     return state.stats._asdict()
 
 

@@ -63,6 +63,26 @@ def test_cdat_robust_startup_by_hand():
     assert _run(rules.CDATRule(sigma=1.0, ema=0.0), [(3.0, 2.0)])[0][0] == pytest.approx(1.5)
 
 
+def test_paper_rule_caps_the_length_of_a_secant_step_only():
+    """startup="paper" is the paper's rule where the curvature is the current point's; on a secant step
+    (``lagged``) the step's length may grow by at most ``lagged_growth`` (1.1): lr <= 1.1 / sqrt(stretch) x the
+    previous rate (closure-free QuadraticGreedy behind Adam diverged without it)."""
+    greedy = rules.CDATRule.greedy()
+
+    def run(steps):
+        state, lrs = greedy.init(f(0)), []
+        for k, (n, c, lagged, stretch) in enumerate(steps):
+            x = rules.RuleInputs(f(n), f(c), f(np.nan), f(np.nan), k, lagged=lagged, stretch=f(stretch))
+            lr, state = rules.apply_rule(greedy, x, state, xp)
+            lrs.append(float(lr))
+        return lrs
+
+    assert run([(1.0, 1.0, False, 1.0), (1.0, 1e-3, False, 1.0)]) == [1.0, 1000.0]  # the paper's: no cap
+    assert run([(1.0, 1.0, False, 1.0), (1.0, 1e-3, True, 4.0)]) == pytest.approx([1.0, 1.1 / 2.0], rel=1e-15)
+    assert run([(1.0, 1.0, False, 1.0), (1.0, 2.0, True, 4.0)]) == pytest.approx([1.0, 0.5], rel=1e-15)  # below it
+    assert run([(1.0, 1e-3, True, 4.0)]) == [1000.0]  # no previous rate: nothing to cap by
+
+
 def test_cdat_guards():
     greedy = rules.CDATRule.greedy()
     assert _run(greedy, [(-1.0, 2.0)])[0] == [0.0]          # ascent direction: numerator clipped to 0

@@ -2,6 +2,7 @@
 non-finite input, extra-argument forwarding (and tolerance of keywords meant for other chain members),
 inject_hyperparams, a negated chain caught, bad settings rejected, the Armijo search's guarantees."""
 import math
+import sys
 import warnings
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 
 from curvopt.config import SharpnessConfig
 from curvopt.stats import STAT_FIELDS
-from jax_backend import (BaseMethod, armijo, scale_by_armijo, scale_by_cdat, scale_by_edge_of_stability,
+from jax_backend import (BaseMethod, armijo, cdat, scale_by_armijo, scale_by_cdat, scale_by_edge_of_stability,
                          scale_by_polyak, scale_by_quadratic_greedy, stats)
 from jax_backend.loss import fn_kwargs
 
@@ -458,3 +459,65 @@ def test_a_base_factory_passed_uncalled_is_a_clear_error():
 
     with pytest.raises(TypeError, match=r"call it, e.g. optax.scale_by_adam\(\)"):
         cdat(optax.scale_by_adam)  # was: AttributeError: 'function' object has no attribute 'init'
+
+
+def _lineno():
+    """The caller's line number."""
+    return sys._getframe(1).f_lineno
+
+
+def test_warnings_point_at_the_line_of_the_training_loop():
+    """A warning given while an update inside a chain is traced by ``jax.jit``, or by a constructor behind a
+    convenience, names the user's line, not a frame of JAX, Optax or curvopt (a fixed stacklevel pointed them
+    into optax's chain or jax's tracing)."""
+    here = __file__
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        tx = optax.chain(optax.clip_by_global_norm(10.0), cdat(optax.sgd(1.0), sharpness_iters=4)); ctor = _lineno()
+        params = jnp.array([1.0, -2.0])
+        state = tx.init(params)
+        update = jax.jit(tx.update)
+        updates, state = update(2 * params, state, params); step = _lineno()
+    said = {str(r.message).split(":")[0][:40]: (r.filename, r.lineno) for r in rec}
+    assert [(r.filename, r.lineno) for r in rec if "deprecated" in str(r.message)] == [(here, ctor)]
+    assert [(r.filename, r.lineno) for r in rec if "secant curvature" in str(r.message)] == [(here, step)], said
+
+
+def test_fd_step_reads_the_dtypes_of_the_path_from_parameters_to_loss():
+    """The fd probe's epsilon is the coarsest dtype the loss's value is computed in from the parameters: flax's
+    mixed precision (parameters cast to bfloat16) counts; an auxiliary output the tuner drops, a model's updated
+    statistics or the batch's own preprocessing in bfloat16 do not (they made the float32 probe 250x too large
+    and the greedy rate 28 % low), inside a jitted call as well."""
+    from jax_backend.oracles import computation_eps
+    f32, bf16 = float(jnp.finfo(jnp.float32).eps), float(jnp.finfo(jnp.bfloat16).eps)
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+
+    def model(p, x):
+        return jnp.tanh(x @ p["w"] + p["b"])
+
+    losses = {
+        "plain": (lambda p: model(p, x).sum(), f32),
+        "bf16 compute": (lambda p: model(jax.tree.map(lambda a: a.astype(jnp.bfloat16), p), x)
+                         .astype(jnp.float32).sum(), bf16),
+        "bf16 aux dropped": (lambda p: (model(p, x).sum(), model(p, x).astype(jnp.bfloat16))[0], f32),
+        "bf16 batch": (lambda p: model(p, x.astype(jnp.bfloat16).astype(jnp.float32)).sum(), f32),
+        "jitted, bf16 aux": (lambda p: jax.jit(lambda q: (model(q, x).sum(), model(q, x).astype(jnp.bfloat16)))(p)[0],
+                             f32),
+        "jitted, bf16 compute": (lambda p: jax.jit(lambda q: model(jax.tree.map(lambda a: a.astype(jnp.bfloat16), q),
+                                                                  x).astype(jnp.float32).sum())(p), bf16),
+    }
+    got = {name: computation_eps(f, params) for name, (f, _) in losses.items()}
+    assert got == {name: eps for name, (_, eps) in losses.items()}
+
+    def value_fn(p):  # the tuner drops the aux: the fd rate is the float32 one, near the exact rate
+        return model(p, x).sum() ** 2, {"logits": model(p, x).astype(jnp.bfloat16)}
+
+    def greedy_lr(curvature):
+        tx = scale_by_quadratic_greedy(curvature=curvature)
+        state = tx.init(params)
+        grad = jax.grad(lambda p: value_fn(p)[0])(params)
+        _, state = tx.update(grad, state, params, value_fn=value_fn)
+        return float(stats(state)["lr"])
+
+    assert greedy_lr("fd") == pytest.approx(greedy_lr("exact"), rel=1e-3)

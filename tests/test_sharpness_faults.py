@@ -12,7 +12,7 @@ import optax
 import pytest
 import torch
 
-from curvopt.config import sharpness_due
+from curvopt.config import SharpnessConfig, power_iters, sharpness_due
 from curvopt.eigen import power_init, power_step
 from curvopt.optax import edge_of_stability, stats
 from curvopt.torch import EdgeOfStability
@@ -52,11 +52,12 @@ def test_core_a_failed_estimate_is_due_again_at_once():
     assert not bool(sharpness_due(jnp.int32(1), jnp.int32(EVERY), jnp.float32(10.0)))
 
 
-def _torch_run(nan_step, nan_call=2, steps=3):
-    """(lr, sharpness) per step; the ``nan_call``-th closure call of step ``nan_step`` (1: the main call) is NaN."""
-    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
-    a = torch.tensor(A)
-    opt = EdgeOfStability(torch.optim.SGD([w], lr=1.0), sharpness=EVERY)
+def _torch_run(nan_step, nan_call=2, steps=3, hessian=A, sharpness=EVERY):
+    """(lr, sharpness, closure calls) per step; the ``nan_call``-th closure call of step ``nan_step`` (1: the main
+    call) is NaN."""
+    w = torch.nn.Parameter(torch.ones(len(hessian), dtype=torch.float64))
+    a = torch.tensor(hessian)
+    opt = EdgeOfStability(torch.optim.SGD([w], lr=1.0), sharpness=sharpness)
     out = []
     for t in range(steps):
         calls = {"n": 0}
@@ -68,7 +69,7 @@ def _torch_run(nan_step, nan_call=2, steps=3):
             loss.backward()
             return loss
         opt.step(closure)
-        out.append((float(opt.stats["lr"]), float(opt.stats["sharpness"])))
+        out.append((float(opt.stats["lr"]), float(opt.stats["sharpness"]), int(opt.stats["closure_calls"])))
     return out
 
 
@@ -84,7 +85,7 @@ def test_torch_edge_of_stability_after_a_nan_product():
     assert later[EVERY + 1][1] == pytest.approx(10.0, rel=1e-3)
 
 
-def _jax_run(nan_step, nan_call=2, steps=3):
+def _jax_run(nan_step, nan_call=2, steps=3, hessian=A, sharpness=EVERY):
     """As :func:`_torch_run`: the ``nan_call``-th loss evaluation of step ``nan_step`` is NaN."""
     count = {"n": 0, "t": 0}
 
@@ -94,10 +95,10 @@ def _jax_run(nan_step, nan_call=2, steps=3):
 
     def loss(w):
         f = jax.pure_callback(flag, jax.ShapeDtypeStruct((), jnp.float64), jax.lax.stop_gradient(w.sum()))
-        return 0.5 * w @ jnp.asarray(A) @ w * jax.lax.stop_gradient(f)
+        return 0.5 * w @ jnp.asarray(hessian) @ w * jax.lax.stop_gradient(f)
 
-    opt = edge_of_stability(optax.identity(), base_method="gd", sharpness=EVERY)
-    w = jnp.ones(4)
+    opt = edge_of_stability(optax.identity(), base_method="gd", sharpness=sharpness)
+    w = jnp.ones(len(hessian))
     state = opt.init(w)
 
     @jax.jit
@@ -111,7 +112,7 @@ def _jax_run(nan_step, nan_call=2, steps=3):
         count["t"], count["n"] = t, 0
         w, state = step(w, state)
         s = stats(state)
-        out.append((float(s["lr"]), float(s["sharpness"])))
+        out.append((float(s["lr"]), float(s["sharpness"]), int(s["closure_calls"])))
     return out
 
 
@@ -125,3 +126,22 @@ def test_jax_edge_of_stability_after_a_nan_product():
     assert faulty[1][0] == pytest.approx(clean[0][0], rel=1e-3)
     assert math.isnan(later[EVERY][1]) and later[EVERY][0] == later[EVERY - 1][0]  # the rule keeps its rate
     assert later[EVERY + 1][1] == pytest.approx(10.0, rel=1e-3)
+
+
+def test_core_a_retry_gets_the_first_estimates_budget():
+    cfg = SharpnessConfig(every=EVERY, iters=4, first_iters=50)
+    assert power_iters(cfg, math.nan) == 50 and power_iters(cfg, 10.0) == 4 and power_iters(cfg, math.inf) == 50
+    assert int(power_iters(cfg, jnp.float32(jnp.nan))) == 50 and int(power_iters(cfg, jnp.float32(3.0))) == 4
+    assert int(power_iters(cfg, torch.tensor(math.nan))) == 50 and int(power_iters(cfg, torch.tensor(3.0))) == 4
+
+
+def test_a_retry_spends_the_same_products_in_both_backends():
+    """A scheduled estimate fails on a Hessian whose top eigenvalues are close (slow power iteration): the retry
+    at the next step spends up to ``first_iters`` products in both backends (Optax spent 50 and PyTorch 4 from
+    the same stored eigenvector: the rates then differed until the next estimate)."""
+    hessian = np.diag(np.linspace(1.0, 1.05, 20))
+    cfg = SharpnessConfig(every=EVERY, iters=4, first_iters=50, tol=1e-12)
+    torch_run = _torch_run(EVERY, steps=EVERY + 2, hessian=hessian, sharpness=cfg)
+    with jax.enable_x64(True):
+        jax_run = _jax_run(EVERY, steps=EVERY + 2, hessian=hessian, sharpness=cfg)
+    assert torch_run[EVERY + 1][2] == jax_run[EVERY + 1][2] > 1 + cfg.iters  # (their random starts differ)

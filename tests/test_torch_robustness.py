@@ -1,6 +1,7 @@
 """Bad inputs, module buffers, schedulers, checkpoints and argument checks of the PyTorch tuners."""
 import copy
 import math
+import sys
 import warnings
 
 import pytest
@@ -402,3 +403,67 @@ def test_a_rate_held_at_zero_on_a_falling_loss_is_said_once():
     said = [str(r.message) for r in rec if "has been 0 for" in str(r.message)]
     assert float(w) == 0.1
     assert len(said) == 1 and "f_star" in said[0] and "weight_decay" not in said[0]
+
+
+def _warned_here(rec, text):
+    """The recorded warnings whose message contains ``text``, each with the file and line it is attributed to."""
+    return [(r.filename, r.lineno) for r in rec if text in str(r.message)]
+
+
+def test_warnings_point_at_the_line_of_the_training_loop():
+    """Every warning of a step names the caller's line whatever the path into the tuner: ``opt.step(closure)``
+    (through torch's step wrapper), ``scaler.step(opt)`` (through the GradScaler), and the constructor (a
+    fixed stacklevel pointed the GradScaler's into torch/utils/_contextlib.py)."""
+    here = __file__
+    w = nn.Parameter(torch.tensor([0.1], dtype=DT))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = CDAT(torch.optim.SGD([w], lr=1.0), f_star=-math.inf, sharpness_every=3); ctor_line = _lineno()
+        closure = closure_for(opt, lambda w: ((w.square() - 1) ** 2).sum(), [w])
+        for _ in range(12):
+            opt.step(closure); step_line = _lineno()
+    assert _warned_here(rec, "deprecated") == [(here, ctor_line)]
+    assert _warned_here(rec, "has been 0 for") == [(here, step_line)]
+
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0, momentum=0.9))
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale(w.square().sum()).backward()
+            scaler.step(opt); scaler_line = _lineno()
+            scaler.update()
+        loss = w.square().sum() * math.nan
+        opt.zero_grad(); loss.backward()
+        opt.step(); nan_line = _lineno()
+    assert _warned_here(rec, "secant curvature") == [(here, scaler_line)]
+    assert _warned_here(rec, "step skipped") == [(here, nan_line)]
+
+
+def _lineno():
+    """The caller's line number."""
+    return sys._getframe(1).f_lineno
+
+
+def test_a_run_that_has_converged_is_not_warned_about():
+    """At an exact optimum (gradient 0) the rate is 0 and that is right: no zero-rate warning (it fired after 10
+    steps); closure-free, the steps are skipped and the skip is said once for the loop's line under Python's
+    default filter (the count was in the text, so every step's warning was new)."""
+    for make in (lambda p: QuadraticGreedy(torch.optim.SGD(p, lr=1.0)), lambda p: CDAT(torch.optim.Adam(p, lr=1.0))):
+        w = nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
+        opt = make([w])
+        closure = closure_for(opt, lambda w: (w - torch.tensor([1.0, 2.0], dtype=DT)).square().sum(), [w])
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for _ in range(15):
+                opt.step(closure)
+        assert not rec and float(opt.stats["lr"]) == 0.0
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("default")
+            for _ in range(15):
+                closure()
+                opt.step()
+        assert len([r for r in rec if "gradient is exactly zero" in str(r.message)]) == 1
+        assert opt.stats["skipped"] == 15 and w.tolist() == [1.0, 2.0]

@@ -19,8 +19,11 @@ __all__ = ["CDAT", "QuadraticGreedy"]
 
 
 class CDAT(CurvatureTuner):
-    """``lr_t = sigma * avg(max(-g^T u, 0)) / avg(|u^T H u| + eps)`` around a base optimizer
-    (:class:`curvopt.rules.CDATRule`, whose docstring gives the start-up modes).
+    """``lr_t = sigma * avg(n) / avg(d + eps)`` around a base optimizer, ``n = max(-g^T u, 0)`` (the rule's
+    numerator, see ``numerator``) and ``d`` the curvature ``u^T H u``: under the default ``startup="robust"``
+    floored by the loss bound, ``d = max(u^T H u, n^2 / (2 (f - f_star)))``, with a ramp, a growth cap and,
+    above the edge, a guard and a loss cap; under ``startup="paper"`` the paper's ``d = |u^T H u|``
+    (:class:`curvopt.rules.CDATRule`, whose docstring states each).
 
     Example::
 
@@ -42,7 +45,7 @@ class CDAT(CurvatureTuner):
         ema: factor of the two exponential moving averages (numerator and denominator, kept separately);
             None (default): by the base, 0.99 for Adam/AdamW, 0.9 for SGD (with or without momentum) and 0.99
             for another base (:func:`curvopt.rules.default_ema`, :class:`curvopt.rules.CDATRule` says why).
-        eps: added to ``|u^T H u|`` (0 in the paper).
+        eps: added to the curvature ``d`` (0 in the paper).
         lr_max: cap on the learning rate.
         startup, f_star, growth: ``startup="robust"`` (default: a loss-bound curvature floor for a loss bounded
             below by ``f_star``, a ramp over the averages' horizon and a growth cap of ``growth`` per step) or
@@ -54,9 +57,10 @@ class CDAT(CurvatureTuner):
         lagged_growth: on a step whose curvature is the secant's (closure-free, ``probes=False``,
             ``curvature="secant"``) the step's length ``lr ||u||`` grows at most this factor over the previous
             one (:class:`curvopt.rules.CDATRule`, growth cap).
-        loss_cap: for ``sigma > 2``, the rate is at most ``loss_cap * (1 - ema^t) * 2 (f - f_star) / (-g^T u)``
-            (1: the minimiser of the flattest quadratic model consistent with the loss bound, ramped; ``inf``:
-            off; needs the loss, so inactive in a closure-free step; :class:`curvopt.rules.CDATRule`).
+        loss_cap: for ``sigma > 2``, the rate is at most ``loss_cap * (1 - ema^t) * 2 (f - f_star) / n``, ``n``
+            the rule's numerator (``-g^T u``; behind Adam/AdamW by default the momentum numerator) (1: the
+            minimiser of the flattest quadratic model consistent with the loss bound, ramped; ``inf``: off;
+            needs the loss, so inactive in a closure-free step; :class:`curvopt.rules.CDATRule`).
         curvature: the oracle for ``u^T H u``: ``"auto"`` (``"fd"`` with a closure), ``"fd"``, ``"secant"`` or
             ``"exact"`` (see :mod:`torch_backend.oracles`).
         sharpness: the online sharpness: a :class:`curvopt.SharpnessConfig`, an int ``k`` (every k steps) or
@@ -137,11 +141,17 @@ class CDAT(CurvatureTuner):
 
 class QuadraticGreedy(CDAT):
     """``lr = -g^T u / |u^T H u|``, the minimiser of the quadratic model along ``u``
-    (:meth:`curvopt.rules.CDATRule.greedy`). Same keyword arguments as :class:`CDAT` otherwise."""
+    (:meth:`curvopt.rules.CDATRule.greedy`). The keyword arguments of :class:`CDAT` but the rule's, which it
+    fixes (``sigma``, ``ema``, ``eps``, ``startup``, ``f_star``, ...: CDAT with ``sigma=1, ema=0, eps=0,
+    startup="paper"``; a ``TypeError`` names them)."""
 
     def __init__(self, base: torch.optim.Optimizer,
                  lr_max: float = inspect.signature(CDATRule.greedy).parameters["lr_max"].default, *,
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, **kwargs: Any) -> None:
         greedy = CDATRule.greedy(lr_max)
-        super().__init__(base, **{f.name: getattr(greedy, f.name) for f in dataclasses.fields(greedy)},
-                         curvature=curvature, sharpness=sharpness, **kwargs)
+        fixed = {f.name: getattr(greedy, f.name) for f in dataclasses.fields(greedy)}
+        given = sorted(set(kwargs) & set(fixed))
+        if given:
+            raise TypeError(f"QuadraticGreedy fixes the rule's {', '.join(given)} (it is CDAT with sigma=1, ema=0, "
+                            "eps=0, startup='paper'); set them on CDAT instead")
+        super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, **kwargs)

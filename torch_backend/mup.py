@@ -18,7 +18,6 @@ Calling :func:`parameterize` again replaces the hooks of the previous call.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -26,6 +25,8 @@ from torch import nn
 
 from curvopt import mup as core
 from curvopt.validation import check_nonnegative, check_positive
+
+from .warning import warn
 
 __all__ = ["parameterize", "mup_table", "mup_multipliers", "remove_parameterization", "MuPParamGroups"]
 
@@ -181,7 +182,10 @@ def mup_table(model: nn.Module, base_model: nn.Module, *, optimizer: str = "adam
               zero_readout: bool = False, delta_model: nn.Module | None = None,
               layouts: Mapping[str, str] | None = None, gamma_depth: int | None = None) -> dict:
     """``{name: curvopt.mup.ParamScaling}`` for every parameter (canonical names; a tied parameter's other
-    names are included too), without touching the model. Same arguments as :func:`parameterize`."""
+    names are included too), without touching the model. Takes these arguments of :func:`parameterize`, with
+    the same meaning: ``optimizer``, ``parameterization``, ``gamma``, ``depth``, ``overrides``,
+    ``residual_branches``, ``init_sigma``, ``zero_readout``, ``delta_model``, ``layouts``, ``gamma_depth`` (not
+    ``attention``, ``reinit``, ``lr``, ``weight_decay`` or ``generator``, which do not change the table)."""
     _, _, table, _, _, _ = _build(model, base_model, optimizer=optimizer, parameterization=parameterization,
                                   gamma=gamma, depth=depth, overrides=overrides,
                                   residual_branches=residual_branches, init_sigma=init_sigma, attention=None,
@@ -251,7 +255,11 @@ def parameterize(
     ``attention``: ``"1/d"`` or ``"1/sqrt(d)"`` (default: ``"1/d"`` under μP) is recorded on the result; use
     ``groups.attention_scale(head_dim, base_head_dim)`` as the ``scale`` of your attention (``1/d`` with an
     ``nn.MultiheadAttention``, whose scale is fixed, warns). ``gamma_depth``: the ``L`` of the γ rule
-    (:func:`curvopt.mup.build_table`).
+    (:func:`curvopt.mup.build_table`). ``optimizer``: the family the learning-rate multipliers are for,
+    ``"adam"`` (default; ``"adamw"``, ``"rmsprop"``, ... are Adam-like) or ``"sgd"`` (``"momentum"``,
+    ``"nesterov"``, ...; :func:`curvopt.mup.optimizer_family`). ``parameterization``: ``"mup"`` (default),
+    ``"ntk"`` or ``"sp"`` (the standard one: no width multipliers; :func:`curvopt.mup.role_scaling`).
+    ``generator``: the ``torch.Generator`` of ``reinit``'s draws (None: torch's default generator).
     """
     check_positive("lr", lr)
     check_nonnegative("weight_decay", weight_decay)
@@ -260,11 +268,11 @@ def parameterize(
         overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
         zero_readout=zero_readout, delta_model=delta_model, layouts=layouts, gamma_depth=gamma_depth)
     if attention == "1/d" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        warnings.warn("curvopt.mup: nn.MultiheadAttention scales its logits by 1/sqrt(head_dim), which cannot be "
-                      "changed, so μP's 1/d attention does not apply to it (the attention logits' updates grow with "
-                      "width). Use an attention of your own with scale=groups.attention_scale(head_dim, "
-                      "base_head_dim) (e.g. F.scaled_dot_product_attention(q, k, v, scale=...)), or pass "
-                      "attention='1/sqrt(d)' to record what the model does.", RuntimeWarning, stacklevel=2)
+        warn("curvopt.mup: nn.MultiheadAttention scales its logits by 1/sqrt(head_dim), which cannot be "
+             "changed, so μP's 1/d attention does not apply to it (the attention logits' updates grow with "
+             "width). Use an attention of your own with scale=groups.attention_scale(head_dim, "
+             "base_head_dim) (e.g. F.scaled_dot_product_attention(q, k, v, scale=...)), or pass "
+             "attention='1/sqrt(d)' to record what the model does.")
 
     # Check every non-unit forward multiplier can be applied before changing anything.
     module_mult: dict[int, tuple[nn.Module, float, str]] = {}  # by module: one hook for a module under two names

@@ -4,10 +4,11 @@ replaces (deprecated for one release)."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 from curvopt.config import SharpnessConfig, as_sharpness
+
+from .warning import warn
 
 __all__ = ["default_of", "RuleField", "resolve_sharpness"]
 
@@ -46,8 +47,8 @@ def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tu
         return cfg
     if sharpness is not None:
         raise ValueError(f"{tuner}: give either sharpness= or the deprecated {sorted(given)}, not both")
-    warnings.warn(f"{tuner}: {', '.join(sorted(given))} are deprecated; pass sharpness=SharpnessConfig(...) (or "
-                  "an int: estimate every k steps)", DeprecationWarning, stacklevel=4)
+    warn(f"{tuner}: {', '.join(sorted(given))} are deprecated; pass sharpness=SharpnessConfig(...) (or "
+         "an int: estimate every k steps)", DeprecationWarning)
     fields = {_LEGACY_SHARPNESS[k]: v for k, v in given.items()}
     try:
         return dataclasses.replace(cfg, **fields)

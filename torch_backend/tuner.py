@@ -43,7 +43,6 @@ import collections
 import dataclasses
 import math
 import operator
-import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -55,7 +54,8 @@ from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, external_clip_suspected, has_gradient, resolve_curvature,
-                            secant_caveat, secant_stalled, sharpness_due, zero_rate_message, zero_rate_run)
+                            power_iters, secant_caveat, secant_stalled, sharpness_due, zero_rate_message,
+                            zero_rate_run)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -82,6 +82,7 @@ from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat
                       norm, reducing)
 from .workspace import Workspace
 from .workspace import build as build_workspace
+from .warning import warn
 
 __all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
 
@@ -189,10 +190,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._replay_checks = _REPLAY_CHECKS
         self._secant_warned = False
         self._stall_warned = False
-        #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's), and
-        #: whether the last step probed: :meth:`_watch_clip`
+        #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's, not
+        #: at rate 0), and whether the last step was such a step: :meth:`_watch_clip`
         self._clip_norms: list[float] = []
-        self._probed_last: Optional[bool] = None
+        self._moved_last = False
         self._clip_warned = False
         #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
         self._zero_run: Optional[int] = 0
@@ -335,6 +336,20 @@ class CurvatureTuner(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
+        """One step, the transaction of the module docstring; returns the main call's loss (what the closure
+        returned; None closure-free).
+
+        ``closure``: zeroes the gradients, computes the loss, calls backward and returns the loss
+        (:data:`CLOSURE_CONVENTION`); called once at the current parameters (the main call) and, by tuner and
+        settings, again at probe points (the fd curvature, the online sharpness, Armijo's trials); with
+        ``probes=False`` only once. ``closure=None`` (``loss.backward(); opt.step()``): the gradients in
+        ``.grad`` are the main call's and the curvature is the secant of consecutive gradients (the first such
+        step takes the probing step ``lr = h``); only for CDAT and QuadraticGreedy with ``curvature="auto"`` or
+        ``"secant"`` and the sharpness off (a ``TypeError`` otherwise). ``max_grad_norm``: the main call's
+        gradient is clipped in place by ``torch.nn.utils.clip_grad_norm_``'s factor
+        ``min(1, max_grad_norm / (||g|| + 1e-6))`` before the base steps, so ``u`` is the clipped direction; the
+        rules see the unclipped slope (``-g^T u`` over the factor) and the probes' gradients are the loss's own,
+        never clipped."""
         if closure is not None and not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
         if closure is None:
@@ -430,7 +445,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._secant_warned = True
             caveat = secant_caveat(method)
             if caveat is not None:
-                warnings.warn(caveat, RuntimeWarning, stacklevel=3)
+                warn(caveat)
         # once the run has taken secant steps every step keeps the secant's memory, so that a closure-free step
         # after a closure step has its secant, and its u goes to the buffer the memory does not hold (a failed step
         # leaves the previous direction as it was)
@@ -552,14 +567,14 @@ class CurvatureTuner(torch.optim.Optimizer):
             tx.undo_base()
             return self._skip(loss, p0, GRADIENT_MISSING_MESSAGE)
         if watch_clip:
-            self._watch_clip(g_sq, after_move=prev_u is not None and self._probed_last is False)
-        f_star = getattr(rule, "f_star", -math.inf)
+            self._watch_clip(g_sq, after_move=prev_u is not None and self._moved_last)
+        f_star = getattr(rule, "loss_bound", -math.inf)
         if loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
-            warnings.warn(f"{type(self).__name__}: the loss {float(loss_v):.6g} is below f_star={f_star:g}, which the "
-                          "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
-                          "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
-                          "off", RuntimeWarning, stacklevel=3)
+            warn(f"{type(self).__name__}: the loss {float(loss_v):.6g} is below f_star={f_star:g}, which the "
+                 "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
+                 "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
+                 "off")
 
         cfg = self.sharpness_config
         probe = None
@@ -585,11 +600,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         probing = secant and not has_secant and probe_free
         if probing and prev_u is None and glob.get(layout.SECANT[0]) is not None and not self._regrouped_warned:
             self._regrouped_warned = True
-            warnings.warn(f"{type(self).__name__}: the parameters with a gradient are not the previous step's, so the "
-                          "secant has no previous direction for them and this step only probes (lr = h). The "
-                          "closure-free secant compares consecutive gradients of the same parameters: when parameters "
-                          "take part on alternate steps (several heads, experts), pass a closure (the fd oracle)",
-                          RuntimeWarning, stacklevel=3)
+            warn(f"{type(self).__name__}: the parameters with a gradient are not the previous step's, so the "
+                 "secant has no previous direction for them and this step only probes (lr = h). The "
+                 "closure-free secant compares consecutive gradients of the same parameters: when parameters "
+                 "take part on alternate steps (several heads, experts), pass a closure (the fd oracle)")
         # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
         lagged, stretch = False, 1.0
         if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
@@ -632,7 +646,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
-                    warnings.warn(SECANT_STALL_MESSAGE, RuntimeWarning, stacklevel=3)
+                    warn(SECANT_STALL_MESSAGE)
                 if judged:
                     self._probed = None
             if not probing and not lagged and self._zero_run is not None:  # (the secant's stall: secant_stalled)
@@ -657,15 +671,17 @@ class CurvatureTuner(torch.optim.Optimizer):
         else:
             axpy_into(params, w0.views, lr_t, u.views)
         guard.finish()
-        self._probed_last = probing if secant else None
+        self._moved_last = bool(secant and not probing and lr > 0)
         ws.install(state, layout.W0, w0)
         ws.install(state, layout.U, u)
-        if remember and prev_u is None:  # exactly this step's parameters hold a direction (the secant's invariant)
+        # exactly this step's parameters hold a direction (the secant's invariant) and a prediction (paired's)
+        stale = [layout.U] * bool(remember and prev_u is None) + [layout.PREDICTED_GRAD] * paired
+        if stale:
             mine = {id(p) for p in params}
             for p in all_params:
-                st = state.get(p)
-                if id(p) not in mine and st and layout.U in st:
-                    del st[layout.U]
+                st = state.get(p) if id(p) not in mine else None
+                for key in stale if st else ():
+                    st.pop(key, None)
         for space, (value, vec, used) in sharp.items():
             if space in fresh_sharp:
                 for p, t in zip(params, vec):
@@ -886,7 +902,8 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _watch_clip(self, g_sq: Any, after_move: bool) -> None:
         """Keeps ``||g||`` of consecutive closure-free secant steps that follow a step which moved the parameters
-        (``after_move``; a probe's tiny step leaves the gradient nearly as it was) and warns once when they say
+        (``after_move``; a probe's tiny step leaves the gradient nearly as it was, a step at rate 0 exactly: the
+        same batch then gives the same norm) and warns once when they say
         that a norm clip outside the tuner produced them (:func:`curvopt.config.external_clip_suspected`)."""
         if not after_move:
             self._clip_norms = []
@@ -894,16 +911,16 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_norms = (self._clip_norms + [math.sqrt(max(float(g_sq), 0.0))])[-EXTERNAL_CLIP_STEPS:]
         if external_clip_suspected(self._clip_norms):
             self._clip_warned = True
-            warnings.warn(EXTERNAL_CLIP_MESSAGE, RuntimeWarning, stacklevel=4)
+            warn(EXTERNAL_CLIP_MESSAGE)
 
     def _watch_zero_rate(self, lr: Any, numerator: Any) -> None:
         """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps, saying why (the base's weight
         decay when the loss rises along its update and it has one)."""
-        self._zero_run = zero_rate_run(self._zero_run, float(lr))
+        self._zero_run = zero_rate_run(self._zero_run, float(lr), float(numerator))
         if self._zero_run >= ZERO_RATE_STEPS:
             self._zero_run = None
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
-            warnings.warn(zero_rate_message(float(numerator) <= 0, decays), RuntimeWarning, stacklevel=6)
+            warn(zero_rate_message(float(numerator) < 0, decays))
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
@@ -939,7 +956,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         """The warning of a closure that does not replay (:meth:`_check_replay`, :meth:`_check_replay_in_place`),
         once: no further checks."""
         self._replay_checks = 0
-        warnings.warn(
+        warn(
             f"{type(self).__name__}: the closure does not replay: {evidence}. The probes evaluate "
             "the closure again at nearby points and need the same function each time: zero the gradients "
             "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
@@ -951,8 +968,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
             "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
             "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
-            "it outside the region where the loss is quadratic; curvature='exact' or the secant avoid it.)",
-            RuntimeWarning, stacklevel=5)
+            "it outside the region where the loss is quadratic; curvature='exact' or the secant avoid it.)")
 
     def _base_step(self) -> None:
         """``base.step()`` without torch's step hooks: the global ones fire once, for the tuner's step, and the
@@ -1051,14 +1067,14 @@ class CurvatureTuner(torch.optim.Optimizer):
             previous = torch.full_like(like, math.nan) if previous is None else previous.to(like)
             if not warm:
                 v0 = random_vector(probe.params, gen)
-            value, v, used = power_estimate(matvec, v0, previous, iters=cfg.iters if warm else cfg.first_iters,
+            value, v, used = power_estimate(matvec, v0, previous, iters=int(power_iters(cfg, previous)),
                                             tol=cfg.tol, fresh=random_vector(probe.params, gen))
             out[space] = (value.to(like), v, used)
         return out
 
     def _skip(self, loss: Any, p0: Tensor, why: str = SKIP_MESSAGE) -> Any:
         skipped = self._globals().get(layout.SKIPPED, 0) + 1
-        warnings.warn(f"{type(self).__name__}: {why} ({skipped} skipped so far)", RuntimeWarning, stacklevel=5)
+        warn(f"{type(self).__name__}: {why.rstrip('.')}; opt.stats['skipped'] counts the skipped steps")  # one text
         self.state[p0][layout.SKIPPED] = skipped
         self.guard.rollback()  # module buffers and generators as before the main call (a NaN batch's BN statistics)
         self._stats = self._nan_stats(skipped=skipped, closure_calls=self.guard.calls)
