@@ -21,7 +21,8 @@ Sources:
 
 Regimes: :func:`full_batch_subset` picks a fixed-size subset (every step trains on all of it);
 :func:`minibatches` (NumPy) and :func:`torch_loader` (``torch.utils.data.DataLoader``) give shuffled
-batches in the same seeded order, and the held-out split serves evaluation.
+batches, each reproducible from its seed (the two orders differ: within a backend every run of a seed sees the
+same batches, across backends not), and the held-out split serves evaluation.
 """
 from __future__ import annotations
 

@@ -71,20 +71,26 @@ def _sharp_col(rec: dict) -> str:
 
 def _step_time(rec: dict) -> float:
     """Median CPU seconds per step (robust to other processes on a shared machine); wall time if absent."""
-    s = rec.get("summary", {})
+    s = _summary(rec)
     v = s.get("median_step_cpu")
     return _num(v) if v is not None else _num(s.get("median_step_time"))
 
 
 def _to_target(rec: dict, target: float) -> tuple[float, float]:
-    """(steps, CPU seconds) until the loss first reaches ``target``; (inf, inf) if it never does."""
+    """(updates, CPU seconds) until the mean of the last ``w`` losses, ``w`` the window the final loss averages
+    (:func:`benchmarks.results.final_window`: one batch's loss is noise), first reaches ``target``; (inf, inf)
+    if it never does. ``loss[i]`` is the loss after ``i`` updates (0: at the initialisation), so the earliest
+    count is ``w - 1``."""
     loss = _arr(rec, "loss")
-    hit = np.nonzero(loss <= target * (1 + 1e-12))[0]
-    if not math.isfinite(target) or not len(hit):
+    window = max(1, min(int(_summary(rec).get("final_window") or 1), len(loss)))
+    if not math.isfinite(target) or not len(loss):
         return math.inf, math.inf
-    i = int(hit[0])
-    t = np.cumsum(np.nan_to_num(_arr(rec, "cpu") if "cpu" in rec.get("steps", {}) else _arr(rec, "time")))
-    return float(i + 1), float(t[i]) if len(t) > i else math.nan
+    hit = np.nonzero(np.convolve(loss, np.ones(window) / window, "valid") <= target * (1 + 1e-12))[0]
+    if not len(hit):
+        return math.inf, math.inf
+    i = int(hit[0]) + window - 1
+    t = np.nan_to_num(_arr(rec, "cpu") if "cpu" in rec.get("steps", {}) else _arr(rec, "time"))
+    return float(i), float(t[:i].sum()) if len(t) >= i else math.nan
 
 
 def _median(xs) -> float:
@@ -93,9 +99,16 @@ def _median(xs) -> float:
 
 
 def _ratio(a: float, b: float) -> float:
-    if not math.isfinite(b) or b <= 0:
+    """A run's final loss ``a`` over the best constant's ``b`` on the same seed: ``inf`` when the run diverged or
+    failed, 0 when only the constant did (the run won that seed), 1 when both did; NaN (not compared) when the
+    constant has no record for the seed or fitted its training set exactly (``b = 0 < a``)."""
+    if math.isnan(a) or math.isnan(b):
         return math.nan
-    return a / b  # inf when the tuner diverged
+    if math.isinf(a) or math.isinf(b):
+        return 1.0 if math.isinf(a) and math.isinf(b) else math.inf if math.isinf(a) else 0.0
+    if b <= 0:
+        return 1.0 if a <= 0 else math.nan
+    return a / b
 
 
 def _sharp_growth(rec: dict) -> float:
@@ -109,8 +122,18 @@ def _sharp_growth(rec: dict) -> float:
     return float(sh[idx[-1]] / sh[early[0]])
 
 
+def _summary(rec: dict) -> dict:
+    return rec.get("summary") or {}  # a failed run has none
+
+
+def _eval_loss(rec: dict) -> float:
+    """The eval loss; ``inf`` for a run that diverged or failed without one (dropping it flattered the median)."""
+    v = _summary(rec).get("eval_loss")
+    return _num(v) if v is not None else math.inf if math.isinf(_final(rec)) else math.nan
+
+
 def _lr_drop(rec: dict) -> float:
-    s = rec.get("summary", {})
+    s = _summary(rec)
     hi, fin = _num(s.get("lr_max")), _num(s.get("lr_final"))
     return hi / fin if fin > 0 else math.nan
 
@@ -121,9 +144,7 @@ def analyse(records: list[dict]) -> dict:
     for r in records:
         by_key.setdefault(r["key"], r)  # each run once (the first record of a key)
     groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
-    for r in by_key.values():
-        if r.get("status") not in ("ok", "diverged"):
-            continue
+    for r in by_key.values():  # a failed run counts as diverged (final loss inf), as in the grid's widening
         g = (r["task"], r["regime"], r["backend"], r["param"])
         groups[g][r["width"]][r["tuner"]][r["seed"]] = r
     out: dict = {}
@@ -132,8 +153,8 @@ def analyse(records: list[dict]) -> dict:
         for w, by_tuner in sorted(widths.items()):
             consts = {lab: runs for lab, runs in by_tuner.items()
                       if next(iter(runs.values()))["tuner_name"] == "constant"}
-            grid_finals = {float(next(iter(runs.values()))["settings"]["lr"]): _median([_final(r) for r in runs.values()])
-                           for runs in consts.values()}
+            grid_finals = {float(lab.split("lr=")[-1]): _median([_final(r) for r in runs.values()])
+                           for lab, runs in consts.items()}
             best_lab = min(consts, key=lambda lab: (_median([_final(r) for r in consts[lab].values()]), lab),
                            default=None)
             best = consts.get(best_lab, {})
@@ -151,6 +172,7 @@ def analyse(records: list[dict]) -> dict:
                 med = _median(list(known.values()))
                 worst = known[worst_seed] if known else math.nan
                 hits = [_to_target(runs[s], TARGET * best_final.get(s, math.nan)) for s in seeds]
+                complete = len(known) == len(seeds)
                 steps_t = _median([h[0] for h in hits])
                 cpu_t = _median([h[1] for h in hits])
                 lr = np.concatenate([_arr(r, "lr") for r in runs.values()])
@@ -160,12 +182,12 @@ def analyse(records: list[dict]) -> dict:
                     "label": "constant (best: lr=" + lab.split("lr=")[-1] + ")" if lab == best_lab else lab,
                     "is_best_constant": lab == best_lab,
                     "tuner_name": runs[seeds[0]]["tuner_name"],
-                    "seeds": len(seeds),
+                    "seeds": len(seeds), "compared": len(known),
                     "final": _median(list(finals.values())),
                     "ratio": med, "worst_ratio": worst, "worst_seed": worst_seed,
                     "verdict": ("—" if math.isnan(med) else "loss" if med > 1 else
-                                "win" if med < 1 and worst < 1 else "mixed"),
-                    "win": bool(med < 1 and worst < 1),
+                                "win" if med < 1 and worst < 1 and complete else "mixed"),
+                    "win": bool(med < 1 and worst < 1 and complete),
                     "steps_to_target": steps_t if math.isfinite(steps_t) else math.nan,
                     "time_to_target": cpu_t if math.isfinite(cpu_t) else math.nan,
                     "step_time": step_time,
@@ -174,9 +196,9 @@ def analyse(records: list[dict]) -> dict:
                     "lr_max": float(lr.max()) if len(lr) else math.nan,
                     "lr_drop": _median([_lr_drop(r) for r in runs.values()]),
                     "sharp_growth": _median([_sharp_growth(r) for r in runs.values()]),
-                    "eval_loss": _median([_num(r["summary"].get("eval_loss")) for r in runs.values()]),
-                    "eval_acc": _median([_num(r["summary"].get("eval_accuracy")) for r in runs.values()]),
-                    "closure_calls": _median([_num(r["summary"].get("mean_closure_calls")) for r in runs.values()]),
+                    "eval_loss": _median([_eval_loss(r) for r in runs.values()]),
+                    "eval_acc": _median([_num(_summary(r).get("eval_accuracy")) for r in runs.values()]),
+                    "closure_calls": _median([_num(_summary(r).get("mean_closure_calls")) for r in runs.values()]),
                     "runs": [runs[s] for s in seeds],
                 }
             grid = sorted(grid_finals)
@@ -186,6 +208,18 @@ def analyse(records: list[dict]) -> dict:
                          "grid_finals": grid_finals,
                          "best_at_edge": bool(grid) and len(grid) > 1 and best_lr in (grid[0], grid[-1])}
     return out
+
+
+def _described(info: dict) -> dict:
+    """A record of a width's runs that describes the group (base, steps, data, model): a failed worker's
+    record has only the run's key fields."""
+    recs = [r for row in info["rows"].values() for r in row["runs"]]
+    return next((r for r in recs if "max_steps" in r), recs[0])
+
+
+def _seeds(r: dict) -> str:
+    """The seeds column: ``n``, or ``compared/n`` when some seed has no ratio (its constant is missing)."""
+    return str(r["seeds"]) if r["compared"] == r["seeds"] else f"{r['compared']}/{r['seeds']}"
 
 
 def _fmt(x, spec=".3g", none="—") -> str:
@@ -217,7 +251,7 @@ def group_table(g, widths: dict) -> str:
             r = info["rows"][lab]
             best = r["is_best_constant"]
             lines.append(
-                f"| {w} | {r['label']} | {r['seeds']} | {_fmt(r['final'], '.4g')} | "
+                f"| {w} | {r['label']} | {_seeds(r)} | {_fmt(r['final'], '.4g')} | "
                 f"{'1' if best else _fmt(r['ratio'], '.3f')} | {'—' if best else _worst(r)} | "
                 f"{'' if best else r['verdict']} | {_fmt(r['steps_to_target'], '.0f')} | "
                 f"{_fmt(r['time_to_target'], '.1f')} | {_fmt(r['eval_loss'], '.3f')} | {_fmt(r['eval_acc'], '.3f')} | "
@@ -228,15 +262,15 @@ def group_table(g, widths: dict) -> str:
 
 def summary_table(analysis: dict) -> str:
     """Cross-task table (printed by ``make bench``)."""
-    lines = ["| task | regime | backend | param | width | tuner | median ÷ best const | worst seed | verdict | "
-             "eval loss | steps to target | step time ÷ base |", "|" + "---|" * 12]
+    lines = ["| task | regime | backend | param | width | tuner | seeds | median ÷ best const | worst seed | "
+             "verdict | eval loss | steps to target | step time ÷ base |", "|" + "---|" * 13]
     for g in sorted(analysis):
         task, regime, backend, param = g
         for w, info in analysis[g].items():
             for lab in _order(info["rows"]):
                 r = info["rows"][lab]
                 best = r["is_best_constant"]
-                lines.append(f"| {task} | {regime} | {backend} | {param} | {w} | {r['label']} | "
+                lines.append(f"| {task} | {regime} | {backend} | {param} | {w} | {r['label']} | {_seeds(r)} | "
                              f"{'1' if best else _fmt(r['ratio'], '.3f')} | {'—' if best else _worst(r)} | "
                              f"{'' if best else r['verdict']} | {_fmt(r['eval_loss'], '.3f')} | "
                              f"{_fmt(r['steps_to_target'], '.0f')} | {_fmt(r['step_ratio'], '.2f')} |")
@@ -263,7 +297,9 @@ def readme_table(analysis: dict) -> str:
             if not known:
                 continue
             worst = max(known, key=lambda v: v[0])
-            cells[lab][g] = f"{_fmt(_median([v[0] for v in known]), '.2f')} ({_fmt(worst[0], '.2f')}, w{worst[1]} s{worst[2]})"
+            partial = f", {len(known)} of {len(vals)} runs compared" if len(known) < len(vals) else ""
+            cells[lab][g] = (f"{_fmt(_median([v[0] for v in known]), '.2f')} ({_fmt(worst[0], '.2f')}, "
+                             f"w{worst[1]} s{worst[2]}{partial})")
     names = sorted(cells, key=lambda lab: (ORDER.index(lab.split(":")[0]) if lab.split(":")[0] in ORDER else 99, lab))
     head = "| tuner | " + " | ".join(f"{t} {r} {b} {p}" for t, r, b, p in groups) + " |"
     lines = [head, "|" + "---|" * (len(groups) + 1)]
@@ -333,9 +369,9 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
                     _curve(ax, kind, rec, c, row["label"] if k == 0 else None, 1.2 if k == 0 else 0.7)
             ax.set_title(f"{task} {regime} width {w}")
             ax.set_xlabel("step")
-            ax.set_yscale("log")
+            _log_y(ax)
             if kind == "sharpness":
-                coef = threshold_coefficient(widths[w]["rows"][next(iter(widths[w]["rows"]))]["runs"][0]["base"])
+                coef = threshold_coefficient(_described(widths[w])["base"])
                 ax.set_ylabel(("preconditioned sharpness" if coef > 10 else "sharpness") +
                               f" (dashed: {coef:.3g}/lr)")
             else:
@@ -387,11 +423,17 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
     return paths
 
 
+def _log_y(ax) -> None:
+    """A log y axis where the axes hold a positive value (every run of a group may have failed: nothing drawn)."""
+    if any(np.any(np.asarray(ln.get_ydata(), dtype=float) > 0) for ln in ax.get_lines()):
+        ax.set_yscale("log")
+
+
 def _finish_width_plot(fig, ax, ylabel: str, title: str, path: str) -> str:
     import matplotlib.pyplot as plt
 
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xlabel("width")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -419,8 +461,12 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
           f"constant (the grid value with the lowest median final train loss; final = mean of the last {LAST} "
-          "steps in full batch, of the last tenth of the steps in mini-batch): the tables give the median ratio over seeds and the worst seed; a **win** needs both below 1. "
-          f"Steps / CPU seconds to target: first step with train loss ≤ {TARGET} × the best constant's final loss "
+          "steps in full batch, of the last tenth of the steps in mini-batch): the tables give the median ratio "
+          "over seeds and the worst seed; a **win** needs both below 1 on every seed. A run that diverged or failed "
+          "counts as diverged on its seed (ratio `diverged`; 0 where only the constant diverged, 1 where both "
+          "did); `seeds` reads `k/n` when n − k seeds had no constant to compare with (no win then). "
+          f"Steps / CPU seconds to target: updates until the train loss, averaged over the final loss's window "
+          f"(trailing), first reaches {TARGET} × the best constant's final loss "
           "on the same seed (median over seeds). Step time ÷ base compares median CPU seconds per step with the "
           "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is the last ÷ the first "
           "estimate after a tenth of the run (preconditioned for Adam).", "",
@@ -431,7 +477,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     for g in sorted(analysis):
         task, regime, backend, param = g
         widths = analysis[g]
-        rec0 = next(iter(next(iter(widths.values()))["rows"].values()))["runs"][0]
+        rec0 = _described(next(iter(widths.values())))
         md += [f"## {task} · {'full batch' if regime == 'full' else 'mini-batch'} · {backend} · {param}", "",
                f"base: {rec0['base']}, {rec0['max_steps']} steps, data: {rec0['data']}, model: {rec0['model']}.",
                ""]
