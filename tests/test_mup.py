@@ -686,3 +686,46 @@ def test_gamma_depth_and_builtin_attention_both_backends():
     assert flax_lr() != pytest.approx(torch_lr())  # L = 5 weight tensors in flax, 3 in torch
     for depth in (2, 6):
         assert torch_lr(gamma_depth=depth) == pytest.approx(flax_lr(gamma_depth=depth))
+
+
+class _PaddedEmbedding(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.emb = nn.Embedding(10, width, padding_idx=0)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_torch_reinit_keeps_the_padding_row_at_zero():
+    """The re-initialisation drew the padding row too (torch keeps it 0 and it gets no gradient: a pad token then
+    added a fixed random vector for good)."""
+    torch.manual_seed(0)
+    model = _PaddedEmbedding(64)
+    tmup.parameterize(model, _PaddedEmbedding(16))
+    assert model.emb.weight[0].abs().max().item() == 0.0 and model.emb.weight[1:].std().item() > 0.5
+
+
+def test_torch_parameterize_after_a_submodule_was_parameterized_hooks_once():
+    """parameterize(model.net, ...) then parameterize(model, ...): the submodule's hooks go (the readout took its
+    1/m multiplier twice: output x 0.25 at width 4 x the base)."""
+    class Wrapped(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.net = torch_mlp(w)
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    once, twice = Wrapped(256), Wrapped(256)
+    twice.load_state_dict(once.state_dict())
+    tmup.parameterize(once, Wrapped(64), reinit=False)
+    tmup.parameterize(twice.net, Wrapped(64).net, reinit=False)
+    tmup.parameterize(twice, Wrapped(64), reinit=False)
+    x = torch.randn(5, IN)
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x), once(x))
+    tmup.remove_parameterization(twice)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in twice.modules())

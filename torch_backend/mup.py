@@ -200,11 +200,13 @@ def mup_multipliers(model: nn.Module, base_model: nn.Module, **kwargs: Any) -> d
 
 
 def remove_parameterization(model: nn.Module) -> None:
-    """Remove the hooks installed by :func:`parameterize` (weights are left as they are)."""
-    for h in getattr(model, _HANDLES_ATTR, ()):
-        h.remove()
-    model.__dict__.pop(_HANDLES_ATTR, None)
-    model.__dict__.pop(_TABLE_ATTR, None)
+    """Remove the hooks installed by :func:`parameterize` on ``model`` or on any of its submodules (a submodule
+    parameterized first would otherwise keep its multipliers beside the new ones); weights are left as they
+    are."""
+    for mod in model.modules():
+        for h in mod.__dict__.pop(_HANDLES_ATTR, ()):
+            h.remove()
+        mod.__dict__.pop(_TABLE_ATTR, None)
 
 
 def parameterize(
@@ -302,7 +304,10 @@ def parameterize(
                 # module registered it first; the readout view keeps its forward multiplier
                 std = table[next((v for v in vs if table[v].role != "output"), vs[0])].init_std
                 if std is not None:
-                    views[vs[0]][3].normal_(0.0, std, generator=generator)
+                    _, mod, _, p = views[vs[0]]
+                    p.normal_(0.0, std, generator=generator)
+                    if getattr(mod, "padding_idx", None) is not None and p is mod.weight:
+                        p[mod.padding_idx].zero_()  # as torch's own reset_parameters: the pad row stays 0
     handles = []
     for mod, c, kind in module_mult.values():
         if kind == "input":
