@@ -71,7 +71,16 @@ def _run(spec: RunSpec, progress=None) -> dict:
     model = prob.model
     model.train()
     params = _mup_groups(model, spec) if spec.param == "mup" else None
-    opt = tuners_mod.build_torch(spec.tuner, settings, spec.base, model, sharpness=exp.sharpness, params=params)
+    names = {id(p): n for n, p in model.named_parameters()}
+    batch: dict = {}
+
+    def functional_loss(ps):  # the step's loss over the tuner's parameters (param_groups order)
+        order = (p for g in opt.param_groups for p in g["params"])
+        values = {names[id(p)]: q for p, q in zip(order, ps)}
+        return prob.loss(torch.func.functional_call(model, values, (batch["x"],)), batch["y"])
+
+    opt = tuners_mod.build_torch(spec.tuner, settings, spec.base, model, sharpness=exp.sharpness, params=params,
+                                 functional_loss=functional_loss)
     kind = tuners_mod.TUNERS[spec.tuner].kind
     create_graph = spec.tuner == "sophia"  # Sophia-H's Hutchinson estimate differentiates the gradient
     cols: dict = {c: [] for c in COLUMNS}
@@ -79,6 +88,7 @@ def _run(spec: RunSpec, progress=None) -> dict:
     first = None
     for _ in range(exp.steps):
         xb, yb = next(it)
+        batch.update(x=xb, y=yb)
 
         def closure():
             model.zero_grad(set_to_none=True)

@@ -233,8 +233,11 @@ def _curvopt_kwargs(spec: TunerSpec, settings: dict, sharpness: int) -> dict:
     return kw
 
 
-def build_torch(name: str, settings: dict, base: str, model, *, sharpness: int = 0, params=None):
-    """A ``torch.optim.Optimizer`` whose ``step(closure)`` trains ``model``."""
+def build_torch(name: str, settings: dict, base: str, model, *, sharpness: int = 0, params=None,
+                functional_loss=None):
+    """A ``torch.optim.Optimizer`` whose ``step(closure)`` trains ``model``; with the online sharpness on, a
+    curvopt tuner gets ``functional_loss`` (its products are then exact, as Optax's: a finite difference of
+    gradients crosses the ReLUs' kinks in float32 and read the sharpness 2-11x too high)."""
     params = list(model.parameters()) if params is None else params
     spec = TUNERS[name]
     if spec.kind == "constant":
@@ -246,6 +249,8 @@ def build_torch(name: str, settings: dict, base: str, model, *, sharpness: int =
         return opt
     ct = importlib.import_module("curvopt.torch")
     kw = _curvopt_kwargs(spec, settings, sharpness)
+    if kw.get("sharpness") and functional_loss is not None:
+        kw["functional_loss"] = functional_loss
     return getattr(ct, spec.torch_attr)(torch_base(base, params, 1.0), modules=model, **kw)
 
 

@@ -30,10 +30,11 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     ``f + h (g(w) + g(w + h u))^T u / 2``, off by ``h^3 / 12`` times the third derivative along ``u`` only: far
     below a tenth of the step's own first-order change ``h |g^T u|``. The loss's rounding is allowed 100
     roundings of its dtype (``loss_eps``: the machine epsilon). A new batch or noise the probe does not replay,
-    or a closure that adds to the previous gradients, exceeds it; a forward pass in a low precision (bf16
-    autocast: ``w + h u`` rounds back to ``w``) may not (measured: CDAT behind Adam under bf16 autocast, the
-    curvature off by a median 46-127 % per seed, no warning on 3 of 6 seeds). ``numerator = -g^T u``; host
-    floats."""
+    or a closure that adds to the previous gradients, exceeds it; a forward pass in a lower precision than the
+    probe was sized for (``w + h u`` rounds back to ``w``) may not (measured: CDAT behind Adam under a bf16
+    autocast with a float32-sized probe, the curvature off by a median 46-127 % per seed, no warning on 3 of 6
+    seeds; the backends size the probe for the precision the loss is computed in). ``numerator = -g^T u``;
+    host floats."""
     model = loss - h * numerator + 0.5 * h * h * curvature
     allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * abs(loss) + 1e-30
     return abs(probe_loss - model) / allowed, model

@@ -40,8 +40,9 @@ __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "f
 class Prepared(NamedTuple):
     """One step's inputs: ``f`` (``params -> loss``, or None), ``value`` (0-d accumulator dtype, NaN when not
     known), ``grad``, ``d`` (the incoming direction, ``u = -d``; :func:`jax_backend.direction.incoming`),
-    ``numerator = -g^T u = g^T d``, ``finite`` (the step can be taken), ``dtype``, and
-    ``masked`` (the tuner sees a masked view of the parameters)."""
+    ``numerator = -g^T u = g^T d``, ``finite`` (the step can be taken), ``dtype``, ``masked`` (the tuner sees a
+    masked view of the parameters) and ``extra_calls`` (1 when the value was computed here from ``value_fn`` by
+    a forward pass of its own, beside the gradient handed over; counted in ``closure_calls``)."""
 
     f: Callable[[Any], Any] | None
     value: Any
@@ -51,6 +52,7 @@ class Prepared(NamedTuple):
     finite: Any
     dtype: Any
     masked: bool
+    extra_calls: int
 
 
 def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, grad: Any, value_fn: Any,
@@ -67,8 +69,10 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
              "which assumes the other parts do not move between steps (a frozen part); another optimizer "
              "on the other part changes this part's gradients and the secant reads that as curvature")
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
+    given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation
     value, grad = value_and_grad_at(params, value, like_params(grad, params), f,
                                     need_value=need_value or (want_value and f is not None), tuner=tuner)
+    extra_calls = int(not given and value is not None)
     d = incoming(updates, params)
     numerator = vdot(grad, d, dtype)  # -g^T u
     # g^T u is finite iff no entry of g or u is NaN/Inf (a NaN or Inf term makes the sum NaN or Inf, Inf * 0
@@ -80,7 +84,7 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
     else:
         value = value.astype(dtype)
         finite = finite & jnp.isfinite(value)
-    return Prepared(f, value, grad, d, numerator, finite, dtype, masked)
+    return Prepared(f, value, grad, d, numerator, finite, dtype, masked, extra_calls)
 
 
 def stats_init(dtype: Any) -> TunerStats:
@@ -213,7 +217,8 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
 def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tuple[Any, Any], calls: Any,
            method: BaseMethod, old: TunerStats, coefficient: Any = None) -> tuple[Any, TunerStats]:
     """The taken step's updates ``lr * u`` (in the incoming dtypes) and its stats; ``eos_ratio`` against
-    ``coefficient`` (a tuner's own ``stability_coefficient``), by default the base's."""
+    ``coefficient`` (a tuner's own ``stability_coefficient``), by default the base's; ``calls`` the tuner's
+    evaluations (the main one included), to which the forward pass :func:`prepare` spent is added."""
     dtype = p.dtype
     lr = jnp.asarray(lr, dtype)
     relevant = sharpness[1] if method.preconditioned else sharpness[0]
@@ -223,7 +228,7 @@ def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tup
         sharpness=jnp.asarray(sharpness[0], dtype), preconditioned_sharpness=jnp.asarray(sharpness[1], dtype),
         eos_ratio=jnp.asarray(rules.eos_ratio(lr, relevant, method.coefficient if coefficient is None
                                               else coefficient), dtype),
-        skipped=old.skipped, closure_calls=jnp.asarray(calls, jnp.int32))
+        skipped=old.skipped, closure_calls=jnp.asarray(calls + p.extra_calls, jnp.int32))
 
 
 def ascent_count(p: Prepared, ascent_steps: Any, steps: Any, warn: bool) -> Any:

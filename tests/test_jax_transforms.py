@@ -521,3 +521,20 @@ def test_fd_step_reads_the_dtypes_of_the_path_from_parameters_to_loss():
         return float(stats(state)["lr"])
 
     assert greedy_lr("fd") == pytest.approx(greedy_lr("exact"), rel=1e-3)
+
+
+def test_closure_calls_count_the_forward_pass_the_tuner_spends_on_the_value():
+    """Given the gradient but not the value, the robust CDAT start-up and Polyak compute the loss with a forward
+    pass of their own: closure_calls counts it (it logged the same as with value= given)."""
+    from curvopt.optax import cdat, polyak
+    a = jnp.diag(jnp.array([1.0, 3.0]))
+
+    def loss(p):
+        return 0.5 * p @ a @ p
+
+    p = jnp.array([1.0, -1.0])
+    value, grad = jax.value_and_grad(loss)(p)
+    for opt, with_value in ((cdat(optax.identity(), base_method="gd"), 2), (polyak(optax.identity()), 1)):
+        for kw, calls in (({"value": value}, with_value), ({}, with_value + 1)):
+            _, state = opt.update(grad, opt.init(p), p, value_fn=loss, **kw)
+            assert int(stats(state)["closure_calls"]) == calls

@@ -296,3 +296,37 @@ def test_jax_fd_probe_sized_for_the_precision_value_fn_computes_in(compute):
     gf = np.asarray(g["w"], np.float64)
     expected = gf @ gf / (gf @ np.asarray(a, np.float64) @ gf)
     assert float(stats(s)["lr"]) == pytest.approx(expected, rel=3e-2)
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_torch_fd_probe_sized_for_the_precision_the_closure_computes_in(sized, monkeypatch):
+    """PyTorch's counterpart of the test above: float32 parameters, a closure computing in bf16 under
+    torch.autocast. The tuner reads the closure's precision on its first call (torch_backend.precision) and sizes
+    the fd displacement for it; sized for float32 (``sized=False``: what it did before) the probe is rounded away
+    and the greedy rate is noise."""
+    import torch_backend.buffers as buffers
+    from curvopt.torch import QuadraticGreedy
+
+    if not sized:
+        monkeypatch.setattr(buffers, "computation_eps", lambda fn: (fn(), 0.0))
+    a = torch.diag(torch.tensor([1.0, 3.0, 10.0, 2.0]))
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0, 0.5]))
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0), curvature="fd")
+
+    def closure():
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = 0.5 * (w @ a @ w)
+        assert loss.dtype == torch.bfloat16
+        loss.float().backward()
+        return loss.float()
+
+    opt.step(closure)
+    g = w.detach().new_tensor([1.0, 3.0, 10.0, 1.0]).double()  # a w at the start
+    expected = float(g @ g / (g @ a.double() @ g))
+    got = float(opt.stats["lr"])
+    if sized:
+        assert opt.guard.compute_eps == torch.finfo(torch.bfloat16).eps
+        assert got == pytest.approx(expected, rel=3e-2)
+    else:
+        assert got != pytest.approx(expected, rel=3e-2)

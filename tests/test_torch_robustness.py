@@ -467,3 +467,24 @@ def test_a_run_that_has_converged_is_not_warned_about():
                 opt.step()
         assert len([r for r in rec if "gradient is exactly zero" in str(r.message)]) == 1
         assert opt.stats["skipped"] == 15 and w.tolist() == [1.0, 2.0]
+
+
+def test_a_skipped_step_keeps_the_sharpness_estimate_in_the_stats():
+    """The stats of a skipped step are NaN but for the sharpness estimates held (as between estimates, and as
+    Optax's skip keeps them): a NaN batch made a gap in every sharpness plot; a loaded checkpoint shows the
+    stored estimate too."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0], dtype=DT))
+    a = torch.diag(torch.tensor([3.0, 1.0], dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), sharpness=10)
+    bad = {"on": False}
+    closure = closure_for(opt, lambda w: 0.5 * w @ a @ w * (math.nan if bad["on"] else 1.0), [w])
+    opt.step(closure)
+    estimate = float(opt.stats["sharpness"])
+    assert estimate == pytest.approx(3.0, rel=1e-3)
+    bad["on"] = True
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step(closure)
+    assert math.isnan(float(opt.stats["lr"])) and float(opt.stats["sharpness"]) == estimate
+    fresh = CDAT(torch.optim.SGD([w], lr=1.0), sharpness=10)
+    fresh.load_state_dict(opt.state_dict())
+    assert float(fresh.stats["sharpness"]) == estimate

@@ -22,6 +22,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .precision import computation_eps
+from .vectors import least_precise_eps
+
 __all__ = ["BufferSnapshot", "RNGSnapshot", "ProbeGuard", "is_probe"]
 
 #: True while a tuner runs the closure as a probe (a curvature probe, a line-search trial, a sharpness product)
@@ -146,6 +149,9 @@ class ProbeGuard:
         self._taken = False
         self.calls = 0
         self._main_called = False
+        #: the machine epsilon of the closure's least precise computation (:mod:`torch_backend.precision`), read
+        #: on the first main call; None before
+        self.compute_eps: Optional[float] = None
 
     def no_main(self) -> None:
         """A closure-free step: no main call, nothing of the model to undo on a rollback."""
@@ -162,9 +168,17 @@ class ProbeGuard:
         self.calls = 0
         self.before.take()
         with torch.enable_grad():
-            loss = closure()
+            if self.compute_eps is None:
+                loss, self.compute_eps = computation_eps(closure)
+            else:
+                loss = closure()
         self.calls = 1
         return loss
+
+    def fd_eps(self, params: Iterable[Tensor]) -> float:
+        """The epsilon a finite-difference displacement of ``params`` is sized by: of the least precise dtype among
+        them and the closure's own computation (a bf16 autocast: :attr:`compute_eps`)."""
+        return max(least_precise_eps(params), self.compute_eps or 0.0)
 
     def probe(self, closure) -> Tensor:
         """Call ``closure`` as a probe (counted in ``calls``)."""

@@ -69,7 +69,9 @@ class CDAT(CurvatureTuner):
         modules: the model (or a list of modules) whose buffers (BatchNorm running statistics) probes must
             not change.
         functional_loss: ``f(params: list[Tensor]) -> Tensor`` over the tuner's parameters in
-            ``param_groups`` order; required by ``curvature="exact"``.
+            ``param_groups`` order; required by ``curvature="exact"``. Given, the online sharpness's
+            Hessian-vector products are exact too (double backward; finite differences of closure gradients
+            otherwise, which on a float32 ReLU network cross kinks and read the sharpness 2-11x too high).
         stability_coefficient: the base's ``c`` (threshold ``c / lr``) for ``stats["eos_ratio"]``; inferred
             for SGD/momentum/Nesterov/Adam/AdamW.
         seed: seeds the random start of the power iteration.

@@ -1,7 +1,7 @@
 """Armijo backtracking line search around a base optimizer (:class:`curvopt.rules.ArmijoRule`)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -44,9 +44,10 @@ class ArmijoLineSearch(CurvatureTuner):
                  max_trials: int = default_of(ArmijoRule, "max_trials"), *, sharpness: SharpnessLike = None,
                  modules: ModulesLike = None, stability_coefficient: Optional[float] = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
-                 max_grad_norm: Optional[float] = None, **deprecated: Any) -> None:
+                 max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
+                 **deprecated: Any) -> None:
         self.rule = ArmijoRule(c=c, delta=delta, increase_factor=increase_factor, decrease_factor=decrease_factor,
                                lr_max=lr_max, init_lr=init_lr, max_trials=max_trials)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, functional_loss=functional_loss)

@@ -3,9 +3,9 @@
 * ``"fd"`` — one extra closure call at ``w + h u`` with ``h ||u|| = sqrt(eps) ||w||``
   (:func:`curvopt.rules.finite_difference_step`), curvature ``(g(w + h u) - g(w))^T u / h``
   (:func:`curvopt.curvature.finite_difference_curvature`). Works with any closure (DDP); accurate to about
-  the square root of ``eps``, the least precise parameter dtype's epsilon (under a bf16 ``torch.autocast`` the
-  displacement is too small for the forward pass: use ``"exact"`` or ``"secant"``); costs one forward +
-  backward.
+  the square root of ``eps``, the epsilon of the least precise dtype among the parameters and the closure's own
+  computation (a bf16 ``torch.autocast``, read on the tuner's first call: :mod:`torch_backend.precision`);
+  costs one forward + backward.
 * ``"secant"`` — free: the next step's gradient along the previous direction,
   ``u_prev^T H u_prev ~ (g_t - g_{t-1})^T u_prev / lr_{t-1}`` (:func:`curvopt.rules.secant_curvature`),
   rescaled by ``||u_t||^2 / ||u_prev||^2``. Approximations: the curvature is *lagged* by one step (it is
@@ -34,9 +34,9 @@ from curvopt.rules import finite_difference_step
 
 from .probe import Probe
 from .scalars import host_values
-from .vectors import dot, least_precise_eps
+from .vectors import dot
 
-__all__ = ["finite_difference", "exact", "check_functional_loss"]
+__all__ = ["finite_difference", "exact", "exact_hvp", "explain_double_backward", "check_functional_loss"]
 
 
 def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: tuple[Any, Any]) -> Any:
@@ -44,8 +44,7 @@ def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: tuple[Any, A
 
     The step's scalars are host scalars (``xp`` is the tuner's :class:`torch_backend.scalars.ScalarNamespace`):
     ``numerator = -g^T u``, ``norms = (||w0||, ||u||)``; returns ``u^T H u``."""
-    eps = least_precise_eps(probe.params)  # the displacement must show in the coarsest parameter dtype
-    h = finite_difference_step(norms[0], norms[1], dtype_eps=eps, xp=xp)
+    h = finite_difference_step(norms[0], norms[1], dtype_eps=probe.guard.fd_eps(probe.params), xp=xp)
     probe.move(xp.tensor(h, probe.loss.device))
     probe.fd_step, probe.fd_loss = h, probe.call()  # kept for the tuner's replay check
     probe_dot = host_values([probe.gradient_dot_u()], xp)[0]
@@ -63,27 +62,55 @@ def check_functional_loss(functional_loss: Optional[Callable]) -> Callable:
 
 def exact(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor]) -> Tensor:
     """``u^T H u`` by double backward of ``functional_loss`` at ``w0`` (made global under DDP)."""
-    primals, tangents = probe.all_points_and_directions()
-
     def run() -> Tensor:
-        with torch.enable_grad():
-            ps = [w.detach().requires_grad_(True) for w in primals]
-            gs = torch.autograd.grad(functional_loss(ps), ps, create_graph=True, allow_unused=True)
-            used = [(p, g, u) for p, g, u in zip(ps, gs, tangents) if g is not None]
-            gu = dot([g for _, g, _ in used], [u for _, _, u in used])
-            if not gu.requires_grad:  # the loss is at most linear in the parameters
-                return torch.zeros_like(gu)
-            hs = torch.autograd.grad(gu, [p for p, _, _ in used], allow_unused=True)
-        return dot([torch.zeros_like(u) if h is None else h for h, (_, _, u) in zip(hs, used)],
-                   [u for _, _, u in used])
+        return dot(exact_hvp(probe, functional_loss, reduce=False)(probe.u), probe.u)
 
+    out = explain_double_backward(lambda: probe.protected(run))
+    # a functional loss bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
+    return probe.global_mean(out.detach().to(probe.loss.dtype).reshape(()))
+
+
+def exact_hvp(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor],
+              reduce: bool = True) -> Callable[[list[Tensor]], list[Tensor]]:
+    """``v -> H v`` at ``w0`` for vectors over ``probe.params``, by double backward of ``functional_loss``: its
+    gradient's graph is built once (a forward and a backward), each product is one backward through that graph.
+    Build it and take its products inside one ``probe.protected`` call (the graph holds the module buffers the
+    forward pass read, which the protection puts back afterwards), through :func:`explain_double_backward`.
+    With ``reduce``, a data-parallel run's product is averaged over the ranks (the functional loss bypasses
+    DDP's gradient averaging). Where the loss is piecewise linear (ReLU) this is the Hessian almost everywhere,
+    as Optax's products are; a finite difference of gradients also sees the kinks it crosses
+    (:class:`torch_backend.sharpness.FiniteDifferenceHVP`)."""
+    primals, _ = probe.all_points_and_directions()
+    with torch.enable_grad():
+        ps = [w.detach().requires_grad_(True) for w in primals]
+        gs = torch.autograd.grad(functional_loss(ps), ps, create_graph=True, allow_unused=True)
+    mine = [(ps[i], gs[i]) for i in probe.index]
+    used = [k for k, (_, g) in enumerate(mine) if g is not None and g.requires_grad]  # (not: linear in it)
+
+    def hvp(v: list[Tensor]) -> list[Tensor]:
+        out = [torch.zeros_like(x) for x in v]
+        if used:
+            with torch.enable_grad():
+                gv = dot([mine[k][1] for k in used], [v[k].detach() for k in used])
+                hs = torch.autograd.grad(gv, [mine[k][0] for k in used], retain_graph=True, allow_unused=True)
+            for k, h in zip(used, hs):
+                if h is not None:
+                    out[k] = h.detach().to(out[k].dtype)
+        if reduce and probe.reducer is not None:
+            flat = probe.reducer.mean(torch.cat([o.reshape(-1) for o in out]))
+            out = [c.view_as(o) for c, o in zip(torch.split(flat, [o.numel() for o in out]), out)]
+        return out
+
+    return hvp
+
+
+def explain_double_backward(fn: Callable[[], Any]) -> Any:
+    """``fn()``, autograd's failure to differentiate ``functional_loss`` twice explained."""
     try:
-        out = probe.protected(run)
+        return fn()
     except RuntimeError as e:
         raise RuntimeError(
             'curvature="exact": autograd could not differentiate functional_loss twice (double backward) '
             f"({type(e).__name__}: {e}). Some modules and compiled graphs do not support it; use "
             'curvature="fd" (one extra gradient, works with any closure, DDP and torch.compile) '
             'or "secant".') from e
-    # a functional loss bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
-    return probe.global_mean(out.detach().to(probe.loss.dtype).reshape(()))

@@ -1,7 +1,7 @@
 """Polyak step size around a base optimizer (:class:`curvopt.rules.PolyakRule`)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -28,8 +28,9 @@ class PolyakStep(CurvatureTuner):
                  lr_max: float = default_of(PolyakRule, "lr_max"), *, sharpness: SharpnessLike = None,
                  modules: ModulesLike = None, stability_coefficient: Optional[float] = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
-                 max_grad_norm: Optional[float] = None, **deprecated: Any) -> None:
+                 max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
+                 **deprecated: Any) -> None:
         self.rule = PolyakRule(f_star=f_star, lr_max=lr_max)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, functional_loss=functional_loss)

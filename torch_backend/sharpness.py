@@ -37,14 +37,15 @@ class FiniteDifferenceHVP:
     """``v -> H v`` at ``w0`` by forward differences of closure gradients.
 
     ``call()`` runs the closure at the parameters as moved (clearing ``.grad`` first, protecting buffers and
-    RNG); ``g0`` is the gradient at ``w0``. The parameters are left at the last probe point: the caller
-    restores them. ``count`` counts the products.
+    RNG); ``g0`` is the gradient at ``w0``; ``eps`` sizes the displacement (the least precise parameter dtype's
+    by default). The parameters are left at the last probe point: the caller restores them. ``count`` counts
+    the products.
     """
 
     def __init__(self, call: Callable[[], object], params: Sequence[Tensor], w0: Sequence[Tensor],
-                 g0: Sequence[Tensor]) -> None:
+                 g0: Sequence[Tensor], eps: Optional[float] = None) -> None:
         self.call, self.params, self.w0, self.g0 = call, list(params), list(w0), list(g0)
-        self.eps = least_precise_eps(self.params)
+        self.eps = least_precise_eps(self.params) if eps is None else eps
         self.w_norm = norm(self.w0)
         self.count = 0
 
@@ -160,7 +161,7 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
         g0 = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         with torch.no_grad():
             scales = preconditioner_scales(preconditioner, params)
-            hvp = FiniteDifferenceHVP(lambda: guard.probe(closure), params, w0, g0)
+            hvp = FiniteDifferenceHVP(lambda: guard.probe(closure), params, w0, g0, eps=guard.fd_eps(params))
             matvec = preconditioned(hvp, scales)
             start = list(v0) if v0 is not None else random_vector(params, generator)
             start = [s.detach().to(p.dtype).clone() for s, p in zip(start, params)]

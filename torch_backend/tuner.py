@@ -71,7 +71,7 @@ from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
-from .oracles import check_functional_loss, exact, finite_difference
+from .oracles import check_functional_loss, exact, exact_hvp, explain_double_backward, finite_difference
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
                               preconditioner_scales)
 from .noise import noise_metric, noise_numerator
@@ -298,9 +298,16 @@ class CurvatureTuner(torch.optim.Optimizer):
         return out
 
     def _nan_stats(self, **ints: int) -> dict[str, Any]:
+        """The stats of a step that chose no rate (skipped, or none yet): NaN but for the sharpness estimates
+        held (as between estimates; the Optax backend's skip keeps them too) and the counters ``ints``."""
         p = self._all_params()[0]
         nan = torch.full((), math.nan, dtype=self.acc_dtype, device=p.device)
         out: dict[str, Any] = {k: nan for k in STAT_FIELDS}
+        glob = self._globals()
+        for field, space in (("sharpness", "plain"), ("preconditioned_sharpness", "preconditioned")):
+            held = glob.get(layout.SHARPNESS[space])
+            if held is not None:
+                out[field] = torch.as_tensor(held).to(nan)
         out.update(skipped=0, closure_calls=0)
         out.update(ints)
         return out
@@ -963,8 +970,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             "draw randomness from torch's default generators (the tuner replays them; a private "
             "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
             "and with gradient accumulation compute every micro-batch inside the closure. A forward pass in "
-            "bf16/fp16 (torch.autocast) trips this too: the probe's displacement is below its precision, so "
-            "the fd curvature is rounding noise; use curvature='exact' or the secant. Or step without probes: "
+            "bf16/fp16 (torch.autocast) that began after the tuner's first step trips this too (the probe is "
+            "sized for the precision the first call computed in): the fd curvature is then rounding noise; use "
+            "curvature='exact' or the secant. Or step without probes: "
             "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
             "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
             "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
@@ -1045,9 +1053,18 @@ class CurvatureTuner(torch.optim.Optimizer):
         """The online sharpness at ``w0`` (and the preconditioned one for Adam-like bases): the core's power
         iteration warm-started from the stored eigenvector, cold from a seeded random vector the first time. With
         param groups at different rates, of the operator the step applies, relative to the largest group's rate
-        (:meth:`_rate_scales`; a frozen group drops out)."""
+        (:meth:`_rate_scales`; a frozen group drops out). The products are exact (double backward) when the
+        tuner has a ``functional_loss``, else finite differences of closure gradients."""
+        if self.functional_loss is not None:  # one evaluation; the products are backward passes through its graph
+            return explain_double_backward(lambda: probe.protected(
+                lambda: self._power_estimates(probe, glob, count, exact_hvp(probe, self.functional_loss))))
+        return self._power_estimates(probe, glob, count, FiniteDifferenceHVP(
+            probe.call, probe.params, probe.w0, probe.grads, eps=probe.guard.fd_eps(probe.params)))
+
+    def _power_estimates(self, probe: Probe, glob: dict, count: int, hvp: Callable
+                         ) -> dict[str, tuple[Tensor, list, int]]:
+        """:meth:`_estimate_sharpness`'s power iterations with the products ``hvp``."""
         cfg = self.sharpness_config
-        hvp = FiniteDifferenceHVP(probe.call, probe.params, probe.w0, probe.grads)
         rates = self._rate_scales(probe.params)
         spaces = [("plain", preconditioned(hvp, None if rates is None else
                                            [p.new_full(p.shape, r) for p, r in zip(probe.params, rates)]))]
