@@ -19,7 +19,8 @@ STAT_DOCS = {
                                 "with param groups at different rates, of R^1/2 P^-1/2 H P^-1/2 R^1/2 (PyTorch)",
     "eos_ratio": "effective lr (PyTorch: times the largest group lr) * (preconditioned) sharpness / the base's "
                  "stability coefficient (1 = edge of stability)",
-    "skipped": "number of steps skipped so far because the loss or gradient was not finite (or, closure-free, zero in every entry)",
+    "skipped": "number of steps skipped so far because the loss or gradient was not finite (or, closure-free, "
+               "zero in every entry)",
     "closure_calls": "loss/gradient evaluations spent in this step (PyTorch: closure calls)",
 }
 
