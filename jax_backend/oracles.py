@@ -108,13 +108,18 @@ def _vars(atoms: Any) -> list:
     return [v for v in atoms if isinstance(v, Var)]
 
 
+#: the call primitives whose one inner jaxpr maps the equation's inputs and outputs one to one (a loop's body
+#: does not: its carry feeds itself)
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint", "custom_jvp_call",
+                    "custom_vjp_call", "custom_vjp_call_jaxpr"})
+
+
 def _path_float_dtypes(jaxpr: Any, varying: list, wanted: list, found: set) -> set:
     """The floating dtypes of the values on a path from the inputs marked ``varying`` to the outputs marked
     ``wanted``: what the loss's value at the parameters is computed in, leaving out what does not depend on the
     parameters (the batch's own preprocessing) and what does not reach the loss (an auxiliary output that
-    ``value_fn`` returns and the tuner drops, a model's updated statistics). A call whose inner jaxpr maps its
-    inputs and outputs one to one (jit, remat, custom rules) is followed inside; any other nested jaxpr on the
-    path counts whole."""
+    ``value_fn`` returns and the tuner drops, a model's updated statistics). A call (:data:`_CALLS`: jit, remat,
+    custom rules) is followed inside; any other nested jaxpr on the path (a loop, a conditional) counts whole."""
     live = {v for v, w in zip(jaxpr.outvars, wanted) if w and isinstance(v, Var)}
     needed = []
     for eqn in reversed(jaxpr.eqns):
@@ -128,7 +133,7 @@ def _path_float_dtypes(jaxpr: Any, varying: list, wanted: list, found: set) -> s
             continue
         dep.update(eqn.outvars)
         inner = _inner_jaxprs(eqn)
-        if (len(inner) == 1 and len(inner[0].invars) == len(eqn.invars)
+        if (eqn.primitive.name in _CALLS and len(inner) == 1 and len(inner[0].invars) == len(eqn.invars)
                 and len(inner[0].outvars) == len(eqn.outvars)):
             _path_float_dtypes(inner[0], marks, [v in live for v in eqn.outvars], found)
         else:

@@ -504,6 +504,8 @@ def test_fd_step_reads_the_dtypes_of_the_path_from_parameters_to_loss():
         "bf16 batch": (lambda p: model(p, x.astype(jnp.bfloat16).astype(jnp.float32)).sum(), f32),
         "jitted, bf16 aux": (lambda p: jax.jit(lambda q: (model(q, x).sum(), model(q, x).astype(jnp.bfloat16)))(p)[0],
                              f32),
+        "scan, bf16 carry": (lambda p: jax.lax.scan(lambda c, xi: ((c + jnp.tanh(xi @ p["w"]).sum()).astype(
+            jnp.bfloat16).astype(jnp.float32), None), jnp.float32(0.0), x)[0], bf16),  # a loop counts whole
         "jitted, bf16 compute": (lambda p: jax.jit(lambda q: model(jax.tree.map(lambda a: a.astype(jnp.bfloat16), q),
                                                                   x).astype(jnp.float32).sum())(p), bf16),
     }
