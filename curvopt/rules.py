@@ -599,6 +599,13 @@ class CDATRule:
         reach = _safe_div(self.lagged_growth, xp.sqrt(x.stretch), x.stretch > 0, xp)
         return xp.where(x.lagged & (x.stretch > 0) & (reach < growth), reach, growth)
 
+    @staticmethod
+    def _capped_growth(lr: Any, growth: Any, state: CDATState, xp: Any) -> Any:
+        """``lr`` at most ``growth`` times the previous rate, once a positive rate was taken (``growth`` may be
+        inf: no cap)."""
+        grown = state.cdat_lr > 0
+        return xp.where(grown, cap(lr, growth * xp.where(grown, state.cdat_lr, 1.0), xp), lr)
+
     def init(self, zero: Any) -> CDATState:
         return CDATState(zero, zero, zero, zero, **{f: zero + v for f, v in GUARD_START.items()})
 
@@ -613,12 +620,10 @@ class CDATRule:
             curvature = xp.where(x.curvature > floor, x.curvature, floor)
         num_avg, den_avg = cdat_step(x.numerator, curvature, state.numerator_avg, state.denominator_avg,
                                      ema=self.ema, eps=self.eps, xp=xp)
-        grown = state.cdat_lr > 0
         if self.startup == "paper":
             lr = sigma * _safe_div(num_avg, den_avg, den_avg > 0, xp)
             if x.lagged is not False:  # the paper measured the current point's curvature, not a step-old secant
-                reach = self._lagged_reach(x, math.inf, xp)
-                lr = xp.where(grown & x.lagged, cap(lr, reach * xp.where(grown, state.cdat_lr, 0.0), xp), lr)
+                lr = self._capped_growth(lr, self._lagged_reach(x, math.inf, xp), state, xp)
         else:
             lr = sigma * _safe_div(num_avg * weight, den_avg, den_avg > 0, xp)
             # above the edge only while the loss is not rising (above_edge_guard) and the curvature is the current
@@ -634,7 +639,7 @@ class CDATRule:
                     allowed, top = allowed | ~above, xp.where(above, top, lr)
                 lr = xp.where(allowed, top, xp.where(seen, lr * (self.guard_sigma / sigma), edge))
             growth = self.growth if x.lagged is False else self._lagged_reach(x, self.growth, xp)
-            lr = xp.where(grown, cap(lr, growth * xp.where(grown, state.cdat_lr, 0.0), xp), lr)
+            lr = self._capped_growth(lr, growth, state, xp)
             if above is not False:  # above the edge, at most the flattest consistent model's minimiser (ramped)
                 bounded = cap(lr, self.loss_cap * weight * loss_bound_step(x.numerator, x.value, self.f_star, xp), xp)
                 lr = bounded if isinstance(above, bool) else xp.where(above, bounded, lr)

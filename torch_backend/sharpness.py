@@ -26,7 +26,7 @@ from curvopt.rules import finite_difference_step
 
 from .buffers import BufferSnapshot, ModulesLike, ProbeGuard
 from .preconditioning import PreconditionerLike, preconditioner_scales
-from .vectors import ListOps, axpy_into, least_precise_eps, norm
+from .vectors import ListOps, axpy_into, norm
 
 __all__ = ["hessian_top_eigenvalue", "FiniteDifferenceHVP", "power_estimate", "random_vector", "preconditioned"]
 
@@ -37,15 +37,15 @@ class FiniteDifferenceHVP:
     """``v -> H v`` at ``w0`` by forward differences of closure gradients.
 
     ``call()`` runs the closure at the parameters as moved (clearing ``.grad`` first, protecting buffers and
-    RNG); ``g0`` is the gradient at ``w0``; ``eps`` sizes the displacement (the least precise parameter dtype's
-    by default). The parameters are left at the last probe point: the caller restores them. ``count`` counts
-    the products.
+    RNG); ``g0`` is the gradient at ``w0``; ``eps`` sizes the displacement
+    (:meth:`torch_backend.buffers.ProbeGuard.fd_eps`). The parameters are left at the last probe point: the
+    caller restores them. ``count`` counts the products.
     """
 
     def __init__(self, call: Callable[[], object], params: Sequence[Tensor], w0: Sequence[Tensor],
-                 g0: Sequence[Tensor], eps: Optional[float] = None) -> None:
+                 g0: Sequence[Tensor], eps: float) -> None:
         self.call, self.params, self.w0, self.g0 = call, list(params), list(w0), list(g0)
-        self.eps = least_precise_eps(self.params) if eps is None else eps
+        self.eps = eps
         self.w_norm = norm(self.w0)
         self.count = 0
 
