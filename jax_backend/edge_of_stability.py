@@ -9,7 +9,7 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import SharpnessConfig
-from curvopt.rules import EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule
+from curvopt.rules import EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule, default_eos_sigma
 from curvopt.stats import TunerStats
 
 from .direction import accumulator_dtype
@@ -37,9 +37,10 @@ class ScaleByEdgeOfStabilityState(NamedTuple):
 
 
 def scale_by_edge_of_stability(
-    sigma: Any = _EOS.sigma,
+    sigma: Any = None,
     lr_max: float = _EOS.lr_max,
     *,
+    growth: float = _EOS.growth,
     sharpness: Any = None,
     stability_coefficient: float | None = None,
     base_method: BaseMethod | str | None = None,
@@ -50,7 +51,9 @@ def scale_by_edge_of_stability(
     sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``lr = sigma * c / lambda`` (:class:`curvopt.rules.EdgeOfStabilityRule`) with ``c`` the base's stability
-    coefficient (``stability_coefficient``, default from ``base_method``) and ``lambda`` the online
+    coefficient (``stability_coefficient``, default from ``base_method``), ``sigma`` by default from ``base_method``
+    (:func:`curvopt.rules.default_eos_sigma`: 0.25 behind heavy ball and Nesterov, 1.5 otherwise), the rate at most
+    ``growth`` (1.005) times the previous one (the rule says why; ``inf``: the paper's rule), and ``lambda`` the online
     sharpness (Adam: the preconditioned one, which needs the base's state: use :func:`edge_of_stability` or
     pass ``base_state=``). ``sharpness`` defaults to the rule's (every 10 steps) and cannot be off (a period
     injected by ``optax.inject_hyperparams`` and set to 0 is refused, and under ``jit``, where it cannot be,
@@ -62,7 +65,8 @@ def scale_by_edge_of_stability(
     name = "scale_by_edge_of_stability"
     method = as_base_method(base_method)
     coefficient = method.coefficient if stability_coefficient is None else stability_coefficient
-    rule = make(EdgeOfStabilityRule, coefficient=coefficient, sigma=sigma, lr_max=lr_max)
+    rule = make(EdgeOfStabilityRule, coefficient=coefficient, sigma=default_eos_sigma(method, sigma), lr_max=lr_max,
+                growth=growth)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
                               sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
                               sharpness_tol=sharpness_tol)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.rules import ArmijoRule, ArmijoSearchState, RuleInputs
+from curvopt.rules import ArmijoRule, ArmijoSearchState, RuleInputs, default_armijo_c
 from curvopt.stats import TunerStats
 
 from .direction import accumulator_dtype, add_scaled
@@ -48,7 +48,7 @@ class ScaleByArmijoState(NamedTuple):
 
 
 def scale_by_armijo(
-    c: float = _ARMIJO.c,
+    c: float | None = None,
     delta: float = _ARMIJO.delta,
     increase_factor: float = _ARMIJO.increase_factor,
     decrease_factor: float = _ARMIJO.decrease_factor,
@@ -68,16 +68,17 @@ def scale_by_armijo(
     {0, 1e-4, 0.5}, ``increase_factor`` in {4, inf}, ``decrease_factor`` in {0.8, 0.9}, ``delta`` in {0, 1e-3}).
 
     Needs ``value_fn`` (each trial evaluates it with the forwarded extra arguments) and the value at ``w``
-    (``value=``, else one forward pass). Settings as :class:`curvopt.rules.ArmijoRule`; ``sharpness`` and
-    ``base_method`` as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByArmijoState`.
+    (``value=``, else one forward pass). Settings as :class:`curvopt.rules.ArmijoRule`, ``c`` by default from
+    ``base_method`` (:func:`curvopt.rules.default_armijo_c`: 0.1 for gradient descent, 0.5 otherwise); ``sharpness``
+    and ``base_method`` as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByArmijoState`.
     """
     name = "scale_by_armijo"
-    rule = make(ArmijoRule, c=c, delta=delta, increase_factor=increase_factor, decrease_factor=decrease_factor,
-                lr_max=lr_max, init_lr=init_lr, max_trials=max_trials)
+    method = as_base_method(base_method)
+    rule = make(ArmijoRule, c=default_armijo_c(method, c), delta=delta, increase_factor=increase_factor,
+                decrease_factor=decrease_factor, lr_max=lr_max, init_lr=init_lr, max_trials=max_trials)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
                               sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
                               sharpness_tol=sharpness_tol)
-    method = as_base_method(base_method)
 
     def init(params: Any) -> ScaleByArmijoState:
         dtype = accumulator_dtype(params)

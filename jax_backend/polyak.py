@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.rules import PolyakRule, RuleInputs, apply_rule
+from curvopt.rules import PolyakRule, RuleInputs, apply_rule, polyak_cap_warning
 from curvopt.stats import TunerStats
 
 from .direction import accumulator_dtype
@@ -34,7 +34,7 @@ class ScaleByPolyakState(NamedTuple):
 
 def scale_by_polyak(
     f_star: float = _POLYAK.f_star,
-    lr_max: float = _POLYAK.lr_max,
+    lr_max: float | None = None,
     *,
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
@@ -47,15 +47,20 @@ def scale_by_polyak(
     """Polyak's step ``lr = min((f - f_star) / (-g^T u), lr_max)`` (:class:`curvopt.rules.PolyakRule`).
 
     Needs the loss value (``value=``, else one forward pass of ``value_fn``) and the gradient; no curvature.
-    ``value_fn`` is needed only for a missing value/grad or the online sharpness. Other arguments as
-    :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByPolyakState`.
+    ``value_fn`` is needed only for a missing value/grad or the online sharpness. ``lr_max`` defaults to 1; behind a
+    ``base_method`` other than gradient descent give it, in the base's units (else a warning:
+    :func:`curvopt.rules.polyak_cap_warning`). Other arguments as :func:`jax_backend.scale_by_cdat`. State:
+    :class:`ScaleByPolyakState`.
     """
     name = "scale_by_polyak"
-    rule = make(PolyakRule, f_star=f_star, lr_max=lr_max)
+    method = as_base_method(base_method)
+    message = polyak_cap_warning(method, lr_max)
+    if message:
+        warn(f"{name}: {message}")
+    rule = make(PolyakRule, f_star=f_star, lr_max=_POLYAK.lr_max if lr_max is None else lr_max)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
                               sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
                               sharpness_tol=sharpness_tol)
-    method = as_base_method(base_method)
 
     def init(params: Any) -> ScaleByPolyakState:
         dtype = accumulator_dtype(params)

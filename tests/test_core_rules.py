@@ -139,7 +139,7 @@ def test_armijo_error_matches_definition():
 
 
 def test_armijo_failed_search_takes_no_step_continues_and_restarts_after_a_stall():
-    rule = rules.ArmijoRule(init_lr=1.0)
+    rule = rules.ArmijoRule(init_lr=1.0, c=1e-4)  # the criterion read at c = 1e-4
     ArmijoSearchState = rules.ArmijoSearchState
     st = rule.init(f(0))
     assert float(rule.first_trial(st, xp)) == 2.0
@@ -170,6 +170,10 @@ def test_secant_exact_on_quadratic():
     g0, g1 = A @ w, A @ (w + lr * u)
     c = rules.secant_curvature(g1 @ u, g0 @ u, f(lr), u @ u, u @ u, xp)
     assert c == pytest.approx(u @ A @ u, rel=1e-12)
+    # a new direction of another length: the previous direction's Rayleigh quotient times ||u_new||^2
+    u_new = 3.0 * rng.normal(size=5)
+    c = rules.secant_curvature(g1 @ u, g0 @ u, f(lr), u @ u, u_new @ u_new, xp)
+    assert c == pytest.approx((u @ A @ u) / (u @ u) * (u_new @ u_new), rel=1e-12)
 
 
 def test_fd_step_scale():
@@ -353,6 +357,52 @@ def test_cdat_default_ema_by_base():
     for method in (BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
         assert rules.default_ema(method) == 0.9
     assert rules.default_ema(BaseMethod.gd(), 0.5) == 0.5 and rules.default_ema(BaseMethod.adam(), 0.0) == 0.0
+
+
+def test_eos_growth_cap_by_hand():
+    """The edge-of-stability rate rises at most ``growth`` times per step and falls at once; the first rate and
+    a held rate are not capped by a zero previous one; ``growth=inf`` is the paper's rule."""
+    rule = rules.EdgeOfStabilityRule(coefficient=2.0, sigma=1.5, growth=1.25)
+    sharp = [np.nan, 4.0, 1.0, 1.0, 1.0, -1.0, 8.0, 0.5]
+    lrs, state = _run(rule, [(1.0, np.nan, np.nan, s) for s in sharp])
+    # 3 / sharpness: -, 0.75, 3, 3, 3, (held), 0.375, 6
+    want = [0.0, 0.75, 0.75 * 1.25, 0.75 * 1.25 ** 2, 0.75 * 1.25 ** 3, 0.75 * 1.25 ** 3, 0.375, 0.375 * 1.25]
+    assert lrs == pytest.approx(want, rel=1e-15)
+    assert float(state.held_lr) == pytest.approx(0.375 * 1.25, rel=1e-15)
+    paper, _ = _run(dataclasses.replace(rule, growth=math.inf), [(1.0, np.nan, np.nan, s) for s in sharp])
+    assert paper == pytest.approx([0.0, 0.75, 3.0, 3.0, 3.0, 3.0, 0.375, 6.0], rel=1e-15)
+    assert rules.EdgeOfStabilityRule().growth == 1.005
+    with pytest.raises(ValueError, match="growth"):
+        rules.EdgeOfStabilityRule(growth=0.99)
+
+
+def test_eos_default_sigma_by_base():
+    """The edge-of-stability tuners' ``sigma=None``: 0.25 behind heavy ball and Nesterov, 1.5 otherwise (GD,
+    Adam, an unknown base); an explicit ``sigma`` is kept."""
+    assert rules.EdgeOfStabilityRule().sigma == rules.SIGMA_EOS == 1.5
+    for method in (None, BaseMethod.gd(), BaseMethod.adam()):
+        assert rules.default_eos_sigma(method) == 1.5
+    for method in (BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
+        assert rules.default_eos_sigma(method) == rules.SIGMA_EOS_MOMENTUM == 0.25
+    assert rules.default_eos_sigma(BaseMethod.heavy_ball(0.9), 1.0) == 1.0
+
+
+def test_polyak_cap_warning_by_base():
+    """Only a base other than gradient descent (an unknown one included) at the default lr_max is warned about."""
+    assert rules.polyak_cap_warning(BaseMethod.gd(), None) is None
+    assert rules.polyak_cap_warning(BaseMethod.adam(), 1e-3) is None
+    assert "behind adam" in rules.polyak_cap_warning(BaseMethod.adam(), None)
+    assert "behind nesterov" in rules.polyak_cap_warning(BaseMethod.nesterov(0.9), None)
+    assert "other than gradient descent" in rules.polyak_cap_warning(None, None)
+
+
+def test_armijo_default_c_by_base():
+    """The line search's ``c=None``: 0.1 behind gradient descent, 0.5 behind heavy ball, Nesterov, Adam and an
+    unknown base; an explicit ``c`` is kept; the rule's own default is gradient descent's."""
+    assert rules.ArmijoRule().c == rules.default_armijo_c(BaseMethod.gd()) == rules.ARMIJO_C_GD == 0.1
+    for method in (None, BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9), BaseMethod.adam()):
+        assert rules.default_armijo_c(method) == rules.ARMIJO_C_MOMENTUM == 0.5
+    assert rules.default_armijo_c(BaseMethod.adam(), 1e-4) == 1e-4
 
 
 def test_cdat_default_sigma_by_base():

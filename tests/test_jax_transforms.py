@@ -188,11 +188,26 @@ def test_negated_chain_is_flagged_and_warned(warn_ascent):
     lambda: scale_by_armijo(c=1.0), lambda: scale_by_armijo(decrease_factor=1.0),
     lambda: scale_by_armijo(increase_factor=0.5), lambda: scale_by_armijo(init_lr=0.0),
     lambda: scale_by_polyak(f_star=math.nan), lambda: scale_by_edge_of_stability(sharpness=0),
-    lambda: scale_by_edge_of_stability(sigma=-1.0),
+    lambda: scale_by_edge_of_stability(sigma=-1.0), lambda: scale_by_edge_of_stability(growth=0.5),
 ])
 def test_bad_settings_raise_at_construction(make):
     with pytest.raises(ValueError):
         make()
+
+
+def test_polyak_behind_a_base_other_than_gd_asks_for_lr_max():
+    """``scale_by_polyak`` behind Adam or heavy ball at the default ``lr_max`` warns (its rate would sit at 1, a
+    rate of that base: :func:`curvopt.rules.polyak_cap_warning`); with ``lr_max`` given, or behind gradient
+    descent, it does not."""
+    with pytest.warns(RuntimeWarning, match="Polyak step behind adam with the default lr_max=1") as rec:
+        scale_by_polyak(base_method="adam")
+    assert rec[0].filename == __file__
+    with pytest.warns(RuntimeWarning, match="behind heavy ball"):
+        scale_by_polyak(base_method=BaseMethod.heavy_ball(0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scale_by_polyak(base_method="adam", lr_max=1e-3)
+        scale_by_polyak()
 
 
 def test_armijo_accepts_relaxed_condition_and_caps_trials():

@@ -128,16 +128,16 @@ def check(tuner, base):
     np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-6, atol=0, err_msg=f"{tuner}/{base} lr sequence")
     # The edge-of-stability rule takes PyTorch's sharpness from finite-difference HVPs (~1e-8 accurate), so
     # its lrs differ by up to ~1e-7 and entries of the final parameters near 0 need an absolute tolerance.
-    atol = 1e-6 if tuner == "eos" else 1e-9
+    atol = 1e-6 if tuner.startswith("eos") else 1e-9
     for a, b in zip(j_params, t_params):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=atol, err_msg=f"{tuner}/{base} final parameters")
     diff = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(j_params, t_params)))
     assert diff <= 1e-6 * np.sqrt(sum(np.sum(b ** 2) for b in t_params)), (tuner, base, diff)
-    return t_sharp, j_sharp
+    return t_sharp, j_sharp, t_lrs
 
 
 FAST = [("cdat", "sgd"), ("cdat", "heavy_ball"), ("armijo", "sgd"), ("polyak", "adam"), ("eos", "sgd")]
-ALL = [(t, b) for t in TUNERS for b in TORCH_BASES]
+ALL = [(t, b) for t in TUNERS for b in TORCH_BASES if (t, b) != ("eos", "adam")]  # that one: test_eos_growth_cap...
 
 
 @pytest.mark.parametrize("tuner,base", FAST)
@@ -157,7 +157,7 @@ def test_cdat_adam_and_its_sharpness_and_preconditioned_sharpness_agree():
     TUNERS["cdat_sharp"] = (tb.CDAT, cdat, dict(sigma=2.0, ema=0.9, curvature="exact", sharpness_every=10,
                                                  **SHARP), {})
     try:
-        t_sharp, j_sharp = check("cdat_sharp", "adam")
+        t_sharp, j_sharp, _ = check("cdat_sharp", "adam")
     finally:
         del TUNERS["cdat_sharp"]
     for step in (0, 10, 20, 30, 40):  # estimates on steps 1, 11, 21, 31, 41
@@ -179,6 +179,34 @@ def test_cdat_default_ema_by_base_agrees(base):
     torch_opt = tb.CDAT(TORCH_BASES[base](list(_torch_model().parameters())))
     assert torch_opt.rule.ema == (0.99 if base == "adam" else 0.9)
     assert torch_opt.numerator == ("momentum" if base == "adam" else "direction")
+
+
+def test_eos_growth_cap_and_defaults_agree():
+    """The edge-of-stability rule behind Adam, where its rate rises and the growth cap (1.005 per step) binds on
+    some steps, and its defaults behind heavy ball (``sigma=None``: 0.25, :func:`curvopt.rules.default_eos_sigma`)
+    give the same lrs and parameters in both backends."""
+    *_, t_lrs = check("eos", "adam")
+    ratio = t_lrs[1:] / t_lrs[:-1]
+    assert np.any(np.isclose(ratio, 1.005, rtol=1e-12)), ratio  # the cap bound on some step
+    assert np.all(ratio <= 1.005 * (1 + 1e-12))
+    TUNERS["eos_default"] = (tb.EdgeOfStability, edge_of_stability, dict(sharpness_every=10, **SHARP), {})
+    try:
+        check("eos_default", "heavy_ball")
+    finally:
+        del TUNERS["eos_default"]
+    assert tb.EdgeOfStability(TORCH_BASES["heavy_ball"](list(_torch_model().parameters()))).rule.sigma == 0.25
+
+
+def test_armijo_default_c_by_base_agrees():
+    """The line search's ``c=None`` (:func:`curvopt.rules.default_armijo_c`: 0.5 behind heavy ball, 0.1 behind
+    SGD) resolves alike in both backends: same trials, lrs and parameters."""
+    TUNERS["armijo_default"] = (tb.ArmijoLineSearch, armijo, dict(init_lr=0.5), {})
+    try:
+        check("armijo_default", "heavy_ball")
+    finally:
+        del TUNERS["armijo_default"]
+    for base, c in (("heavy_ball", 0.5), ("sgd", 0.1), ("adam", 0.5)):
+        assert tb.ArmijoLineSearch(TORCH_BASES[base](list(_torch_model().parameters()))).rule.c == c
 
 
 def test_cdat_momentum_numerator_agrees():

@@ -85,7 +85,9 @@ MAKERS = {
     "cdat_secant_adam_sharp": lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.5), curvature="secant",
                                              sharpness=3),
     "greedy_fd_momentum": lambda m: QuadraticGreedy(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.5)),
-    "armijo_adamw": lambda m: ArmijoLineSearch(torch.optim.AdamW(m.parameters(), lr=1.0, weight_decay=0.1)),
+    # c = 1e-4: a search whose trials sit far from the acceptance boundary (at AdamW's default c = 0.5 the float32
+    # and float64 runs accept trials one backtracking step apart, 1.25x, a rounding-level tie)
+    "armijo_adamw": lambda m: ArmijoLineSearch(torch.optim.AdamW(m.parameters(), lr=1.0, weight_decay=0.1), c=1e-4),
     "polyak_sgd": lambda m: PolyakStep(torch.optim.SGD(m.parameters(), lr=1.0)),
     "eos_adam": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness=2),
 }

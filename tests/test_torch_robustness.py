@@ -266,6 +266,7 @@ def test_missing_closure_raises_type_error_showing_the_convention():
     (PolyakStep, {"f_star": float("nan")}, "f_star"),
     (EdgeOfStability, {"sharpness": 0}, "sharpness"),
     (EdgeOfStability, {"sigma": -1.0}, "sigma"),
+    (EdgeOfStability, {"growth": 0.5}, "growth"),
 ])
 def test_bad_hyperparameters_raise_value_error(cls, kw, name):
     w, base = adam_problem()
@@ -279,7 +280,8 @@ def test_stability_coefficient_follows_the_bases_betas_unless_given():
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(6, dtype=DT))
     A = torch.diag(torch.linspace(1.0, 3.0, 6, dtype=DT))
-    opt = EdgeOfStability(torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999)), sigma=0.5, sharpness=1)
+    opt = EdgeOfStability(torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999)), sigma=0.5, sharpness=1,
+                          growth=math.inf)  # the rate rises with the coefficient here: uncapped, sigma c / lambda
     fixed = EdgeOfStability(torch.optim.Adam([nn.Parameter(w.detach().clone())], lr=1.0), sharpness=1,
                             stability_coefficient=10.0)
     assert opt.coefficient == pytest.approx(38.0) and fixed.coefficient == 10.0
@@ -346,8 +348,17 @@ def test_sharpness_setting_and_defaults_come_from_the_core():
     paper = CDAT(adam_problem()[1], startup="paper")
     assert paper.numerator == "direction" and paper.rule.sigma == 2.0
     assert QuadraticGreedy(adam_problem()[1]).rule == CDATRule.greedy()
-    assert ArmijoLineSearch(adam_problem()[1]).rule == ArmijoRule()
-    assert PolyakStep(adam_problem()[1]).rule == PolyakRule()
+    assert ArmijoLineSearch(adam_problem()[1]).rule == ArmijoRule(c=0.5)  # curvopt.rules.default_armijo_c
+    assert ArmijoLineSearch(torch.optim.SGD([w], lr=1.0)).rule == ArmijoRule()
+    with pytest.warns(RuntimeWarning, match="Polyak step behind adam with the default lr_max=1") as rec:
+        assert PolyakStep(adam_problem()[1]).rule == PolyakRule()
+    assert rec[0].filename == __file__  # the user's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a given lr_max, or a plain SGD base: no warning
+        assert PolyakStep(adam_problem()[1], lr_max=1e-3).rule == PolyakRule(lr_max=1e-3)
+        PolyakStep(torch.optim.SGD([w], lr=1.0))
+    with pytest.warns(RuntimeWarning, match="behind heavy ball"):
+        PolyakStep(torch.optim.SGD([w], lr=1.0, momentum=0.9))
     assert CDAT(adam_problem()[1]).curvature == "auto"
 
 

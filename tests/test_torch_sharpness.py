@@ -1,5 +1,6 @@
 """Sharpness and Adam's preconditioned sharpness against the dense Hessian of a tiny MLP (float64)."""
 import copy
+import math
 import numpy as np
 import pytest
 import torch
@@ -170,7 +171,8 @@ def test_sharpness_and_edge_follow_the_groups_rates(rates):
     model, x, y = mlp_problem(4)
     params = list(model.parameters())
     base = torch.optim.Adam([{"params": params[:2], "lr": rates[0]}, {"params": params[2:], "lr": rates[1]}])
-    opt = EdgeOfStability(base, sigma=0.5, sharpness=SharpnessConfig(every=1, first_iters=500, iters=500, tol=1e-13))
+    opt = EdgeOfStability(base, sigma=0.5, growth=math.inf,  # the rule's formula, no growth cap
+                          sharpness=SharpnessConfig(every=1, first_iters=500, iters=500, tol=1e-13))
     closure = make_closure(model, x, y)
     r = np.concatenate([np.full(p.numel(), rate / max(rates)) for p, rate in
                         zip(params, [rates[0]] * 2 + [rates[1]] * (len(params) - 2))])

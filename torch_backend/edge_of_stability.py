@@ -2,12 +2,13 @@
 (:class:`curvopt.rules.EdgeOfStabilityRule`)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
 
 from curvopt.config import SharpnessLike
-from curvopt.rules import EdgeOfStabilityRule
+from curvopt.rules import EdgeOfStabilityRule, default_eos_sigma
 
 from .buffers import ModulesLike
 from .direction import base_stability_coefficient, check_base
@@ -29,15 +30,19 @@ class EdgeOfStability(CurvatureTuner):
     ``EdgeOfStabilityRule.default_sharpness``, when None); in between the last estimate is held and the rate is
     recomputed from it at every step, so a ``sigma`` schedule or a scheduled momentum/beta1 moves the rate
     between estimates. ``sigma = 1`` sits exactly on the edge; the paper found ``sigma c`` about 3 good for GD
-    (``sigma = 1.5``). A non-positive estimate keeps the previous lr (0 at step 1). ``stability_coefficient``
+    (``sigma = 1.5``; the default, 0.25 behind heavy ball and Nesterov: :func:`curvopt.rules.default_eos_sigma`).
+    The rate rises at most ``growth`` (1.005) times per step and falls at once: set from the sharpness alone it
+    ran away in field tests (:class:`curvopt.rules.EdgeOfStabilityRule` gives the measurements; ``growth=inf``
+    is the paper's rule). A non-positive estimate keeps the previous lr (0 at step 1). ``stability_coefficient``
     must be given for a base other than SGD/momentum/Nesterov/Adam/AdamW. ``functional_loss`` (as in
     :class:`torch_backend.CDAT`) makes the sharpness's Hessian-vector products exact (double backward) instead of
     finite differences of closure gradients, which on a float32 ReLU network cross kinks and read the sharpness
     2-11x too high (and the rate as much too low). Other arguments as in :class:`torch_backend.CDAT`.
     """
 
-    def __init__(self, base: torch.optim.Optimizer, sigma: Any = default_of(EdgeOfStabilityRule, "sigma"),
-                 lr_max: float = default_of(EdgeOfStabilityRule, "lr_max"), *, sharpness: SharpnessLike = None,
+    def __init__(self, base: torch.optim.Optimizer, sigma: Any = None,
+                 lr_max: float = default_of(EdgeOfStabilityRule, "lr_max"), *,
+                 growth: float = default_of(EdgeOfStabilityRule, "growth"), sharpness: SharpnessLike = None,
                  stability_coefficient: Optional[float] = None, modules: ModulesLike = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
@@ -50,10 +55,13 @@ class EdgeOfStability(CurvatureTuner):
         if coefficient is None:
             raise ValueError(f"stability_coefficient must be given for a {type(base).__name__} base "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")
-        self.rule = EdgeOfStabilityRule(coefficient=coefficient, sigma=sigma, lr_max=lr_max)
+        self.rule = EdgeOfStabilityRule(coefficient=coefficient, sigma=default_eos_sigma(None, sigma), lr_max=lr_max,
+                                        growth=growth)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
+        # None: the base's default (curvopt.rules.default_eos_sigma); the base is known from here on
+        self.rule = dataclasses.replace(self.rule, sigma=default_eos_sigma(self.method, sigma))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()

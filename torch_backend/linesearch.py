@@ -1,12 +1,13 @@
 """Armijo backtracking line search around a base optimizer (:class:`curvopt.rules.ArmijoRule`)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import torch
 
 from curvopt.config import SharpnessLike
-from curvopt.rules import ArmijoRule
+from curvopt.rules import ArmijoRule, default_armijo_c
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
@@ -33,10 +34,12 @@ class ArmijoLineSearch(CurvatureTuner):
     protected. ``stats["closure_calls"]`` is 1 + the number of trials (+ sharpness products), and one more
     once, at the first search (or first sharpness estimate): the check that the closure replays (not in
     distributed runs). ``last_trials`` and ``last_decrease_error`` (0 = accepted) describe the last search.
-    Other arguments as in :class:`torch_backend.CDAT`.
+    ``c`` defaults by the base (:func:`curvopt.rules.default_armijo_c`: 0.1 behind SGD, 0.5 behind momentum,
+    Nesterov and Adam; :class:`curvopt.rules.ArmijoRule` gives the measurements). Other arguments as in
+    :class:`torch_backend.CDAT`.
     """
 
-    def __init__(self, base: torch.optim.Optimizer, c: float = default_of(ArmijoRule, "c"),
+    def __init__(self, base: torch.optim.Optimizer, c: Optional[float] = None,
                  delta: float = default_of(ArmijoRule, "delta"),
                  increase_factor: float = default_of(ArmijoRule, "increase_factor"),
                  decrease_factor: float = default_of(ArmijoRule, "decrease_factor"),
@@ -46,8 +49,10 @@ class ArmijoLineSearch(CurvatureTuner):
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
                  **deprecated: Any) -> None:
-        self.rule = ArmijoRule(c=c, delta=delta, increase_factor=increase_factor, decrease_factor=decrease_factor,
-                               lr_max=lr_max, init_lr=init_lr, max_trials=max_trials)
+        self.rule = ArmijoRule(c=default_armijo_c(None, c), delta=delta, increase_factor=increase_factor,
+                               decrease_factor=decrease_factor, lr_max=lr_max, init_lr=init_lr, max_trials=max_trials)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
+        # None: the base's default (curvopt.rules.default_armijo_c); the base is known from here on
+        self.rule = dataclasses.replace(self.rule, c=default_armijo_c(self.method, c))

@@ -6,12 +6,13 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import SharpnessLike
-from curvopt.rules import PolyakRule
+from curvopt.rules import PolyakRule, polyak_cap_warning
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
 from .settings import default_of
 from .tuner import CurvatureTuner
+from .warning import warn
 
 __all__ = ["PolyakStep"]
 
@@ -20,17 +21,21 @@ class PolyakStep(CurvatureTuner):
     """``lr = min((f - f_star) / (-g^T u), lr_max)`` (``||g||^2`` in the denominator for GD); no extra
     closure call. 0 when ``f <= f_star`` or ``u`` is not a descent direction.
 
-    Args: ``f_star`` (the optimal value or a lower bound, 0 for most losses), ``lr_max``; the other arguments
-    as in :class:`torch_backend.CDAT`.
+    Args: ``f_star`` (the optimal value or a lower bound, 0 for most losses), ``lr_max`` (default 1; behind a
+    base other than SGD give it, in the base's units: :func:`curvopt.rules.polyak_cap_warning` says why, and
+    warns); the other arguments as in :class:`torch_backend.CDAT`.
     """
 
     def __init__(self, base: torch.optim.Optimizer, f_star: float = default_of(PolyakRule, "f_star"),
-                 lr_max: float = default_of(PolyakRule, "lr_max"), *, sharpness: SharpnessLike = None,
+                 lr_max: Optional[float] = None, *, sharpness: SharpnessLike = None,
                  modules: ModulesLike = None, stability_coefficient: Optional[float] = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
                  **deprecated: Any) -> None:
-        self.rule = PolyakRule(f_star=f_star, lr_max=lr_max)
+        self.rule = PolyakRule(f_star=f_star, lr_max=default_of(PolyakRule, "lr_max") if lr_max is None else lr_max)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
+        message = polyak_cap_warning(self.method, lr_max)
+        if message:
+            warn(f"{type(self).__name__}: {message}")
