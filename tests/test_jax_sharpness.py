@@ -93,13 +93,21 @@ def test_online_sharpness_and_preconditioned_sharpness_match_dense():
         before = params
         params, state = step(params, state)
     s = stats(state)
-    P = preconditioner_from_adam_state(state[0], b1=0.9, b2=0.99, eps=1e-8)
+    P = _adam_P_by_hand(state[0], b1=0.9, b2=0.99, eps=1e-8)
     assert float(s["sharpness"]) == pytest.approx(_dense(loss, before, x, y), rel=1e-6)
     assert float(s["preconditioned_sharpness"]) == pytest.approx(_dense(loss, before, x, y, P), rel=1e-6)
     assert float(s["eos_ratio"]) == pytest.approx(float(s["lr"]) * float(s["preconditioned_sharpness"]) / 38.0,
                                                   rel=1e-12)
     lam_p, _ = hessian_top_eigenvalue(loss, before, preconditioner=P, tol=1e-12, x=x, y=y)
     assert lam_p == pytest.approx(float(s["preconditioned_sharpness"]), rel=1e-6)
+
+
+def _adam_P_by_hand(state, *, b1, b2, eps):
+    """Adam's ``P`` (its update is ``-lr m / P``) from its state, written out: ``(1 - b1^t) (sqrt(nu / (1 - b2^t))
+    + eps)``, infinite where ``nu`` is 0 (no gradient yet: such a coordinate has not moved)."""
+    t = state.count
+    return jax.tree.map(lambda nu: jnp.where(nu > 0, (1 - b1 ** t) * (jnp.sqrt(nu / (1 - b2 ** t)) + eps), jnp.inf),
+                        state.nu)
 
 
 def test_preconditioned_sharpness_leaves_out_parameters_adam_has_not_moved():
@@ -111,7 +119,9 @@ def test_preconditioned_sharpness_leaves_out_parameters_adam_has_not_moved():
     adam = optax.scale_by_adam(b1=0.9, b2=0.99, eps=1e-8)
     updates, state = adam.update(jax.grad(loss)(params, x, y), adam.init(params))
     params = optax.apply_updates(params, optax.tree.scale(-1e-2, updates))
-    P = preconditioner_from_adam_state(state, b1=0.9, b2=0.99, eps=1e-8)
+    P = _adam_P_by_hand(state, b1=0.9, b2=0.99, eps=1e-8)
+    lib = preconditioner_from_adam_state(state, b1=0.9, b2=0.99, eps=1e-8)
+    assert all(np.array_equal(np.asarray(P[k]), np.asarray(lib[k])) for k in P)
     assert all(bool(jnp.all(jnp.isinf(P[k]))) for k in ("w1", "b1"))
     assert all(bool(jnp.all(jnp.isfinite(P[k]))) for k in ("w2", "b2"))
     moved = np.isfinite(np.asarray(ravel_pytree(P)[0]))

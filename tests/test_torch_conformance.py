@@ -483,10 +483,10 @@ def _conv_bn(dtype=F32):
     model = nn.Sequential(nn.Conv2d(4, 2, 1, stride=2), nn.BatchNorm2d(2)).to(dtype)
     x = torch.rand(1, 4, 16, 16, dtype=dtype)
 
-    def make_closure(optimizer):
+    def make_closure(optimizer, net=model):
         def closure():
             optimizer.zero_grad()
-            loss = model(x).square().mean()
+            loss = net(x).square().mean()
             loss.backward()
             return loss
         return closure
@@ -504,8 +504,12 @@ def test_can_load_older_state_dict(optim_info):
         for group in old["param_groups"]:
             for flag in optim_info.not_og_supported_flags:
                 group.pop(flag, None)
+        model_c, optimizer_c = copy.deepcopy((model, optimizer))  # goes on without the reload
         optimizer.load_state_dict(old)
         take_step(optimizer, optim_info, make_closure(optimizer))
+        take_step(optimizer_c, optim_info, make_closure(optimizer_c, model_c))
+        for p, q in zip(model.parameters(), model_c.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 @db
@@ -577,24 +581,28 @@ def test_load_float32_state_into_float64(optim_info):
 
 @db
 def test_load_nontensor_step(optim_info):
-    params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
-    g = torch.Generator().manual_seed(0)
-
-    def closure():
-        for p in params:
-            p.grad = torch.rand(2, 3, generator=g)
-        return torch.rand(1, generator=g) + 1.0
+    def closure_for(params):
+        def closure():  # the loss sum(p^2 + sin p) / 2 + 1, its gradient by hand
+            for p in params:
+                p.grad = (p + 0.5 * torch.cos(p)).detach()
+            return sum(0.5 * (p * p + torch.sin(p)).sum() for p in params).detach() + 1.0
+        return closure
 
     for optim_input in all_inputs(optim_info, skip=("differentiable",)):
+        params = [Parameter(torch.randn(2, 3, generator=torch.Generator().manual_seed(i))) for i in range(2)]
         optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
         for _ in range(3):
-            take_step(optimizer, optim_info, closure)
+            take_step(optimizer, optim_info, closure_for(params))
         sd = copy.deepcopy(optimizer.state_dict())
         for st in sd["state"].values():
             if "step" in st and torch.is_tensor(st["step"]):
                 st["step"] = st["step"].item()
+        params_c, optimizer_c = copy.deepcopy((params, optimizer))  # goes on with its tensor steps
         optimizer.load_state_dict(sd)
-        take_step(optimizer, optim_info, closure)
+        take_step(optimizer, optim_info, closure_for(params))
+        take_step(optimizer_c, optim_info, closure_for(params_c))
+        for p, q in zip(params, params_c):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 @db
