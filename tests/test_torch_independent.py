@@ -71,12 +71,7 @@ def test_edge_of_stability_behind_adam_is_38_over_the_dense_preconditioned_sharp
     base = torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999), eps=1e-8)
     opt = EdgeOfStability(base, sigma=1.0, growth=math.inf,  # the formula alone, no growth cap
                           sharpness=SharpnessConfig(every=1, iters=500, first_iters=500, tol=1e-12))
-
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * w @ A @ w
-        loss.backward()
-        return loss
+    closure = _quadratic_closure(opt, w, A)
 
     for t in range(1, 4):
         opt.step(closure)
@@ -86,6 +81,25 @@ def test_edge_of_stability_behind_adam_is_38_over_the_dense_preconditioned_sharp
         lam = float(torch.linalg.eigvalsh(S @ A @ S)[-1])
         assert float(opt.stats["lr"]) == pytest.approx(38.0 / lam, rel=1e-4)
         assert opt.coefficient == pytest.approx(38.0, rel=1e-12)
+
+
+def _quadratic_closure(opt, w, A):
+    """torch's closure for ``f(w) = w^T A w / 2``."""
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * w @ A @ w
+        loss.backward()
+        return loss
+    return closure
+
+
+def _cdat_on_a_diagonal_quadratic():
+    """CDAT (paper start-up, exact curvature) behind SGD on ``diag(1, 4, 9)``: ``(w, opt, closure)``."""
+    A = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=DT))
+    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5], dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=2.0, ema=0.9, startup="paper", curvature="exact",
+               functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
+    return w, opt, _quadratic_closure(opt, w, A)
 
 
 def _twin_direction(base, params, grads):
@@ -418,14 +432,7 @@ def test_armijo_delta_relaxes_the_test_by_hand():
     assert want != accepted(0.0)
     opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), c=c, delta=delta, increase_factor=inc,
                            decrease_factor=dec, init_lr=init, max_trials=30)
-
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * w @ A @ w
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(_quadratic_closure(opt, w, A))
     assert float(opt.stats["lr"]) == pytest.approx(want, rel=1e-12)
 
 
@@ -434,19 +441,9 @@ def test_an_in_place_edit_of_the_tuners_state_is_read_by_the_next_step():
     edit (``.mul_``, ``.copy_``, a distributed checkpoint loading into the existing tensors) must be seen. Two
     tuners, one edited in place and one given a new tensor of the same value, take the same next rate. Kills:
     the version check of ScalarStore.host dropped (the edit silently ignored)."""
-    A = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=DT))
     lrs = []
     for in_place in (True, False):
-        w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5], dtype=DT))
-        opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=2.0, ema=0.9, startup="paper", curvature="exact",
-                   functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
-
-        def closure():
-            opt.zero_grad()
-            loss = 0.5 * w @ A @ w
-            loss.backward()
-            return loss
-
+        w, opt, closure = _cdat_on_a_diagonal_quadratic()
         for _ in range(3):
             opt.step(closure)
         st = opt.state[w]
@@ -466,17 +463,7 @@ def test_a_step_that_raises_during_its_commit_keeps_the_rule_state(monkeypatch):
     store writing the buffer the state's current views live in."""
     import torch_backend.workspace as workspace
 
-    A = torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=DT))
-    w = torch.nn.Parameter(torch.tensor([1.0, -1.0, 0.5], dtype=DT))
-    opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=2.0, ema=0.9, startup="paper", curvature="exact",
-               functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
-
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * w @ A @ w
-        loss.backward()
-        return loss
-
+    w, opt, closure = _cdat_on_a_diagonal_quadratic()
     for _ in range(2):
         opt.step(closure)
     before = {k: float(v) for k, v in opt.state[w].items() if k.startswith("curvopt_") and torch.is_tensor(v)
