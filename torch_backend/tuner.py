@@ -35,7 +35,9 @@ Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snaps
 (its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
 oracle, one more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated
 space when the sharpness is on. After ``step`` the ``.grad`` fields hold the gradient of the last closure call
-of the step, which may be a probe; read gradients inside the closure.
+of the step, which may be a probe (zeros for a parameter the main call reached and that call did not: under
+``zero_grad(set_to_none=False)`` the base keeps stepping it, as torch's optimizers do); read gradients inside
+the closure.
 """
 from __future__ import annotations
 
@@ -105,9 +107,14 @@ _REPLAY_CHECKS = 3
 
 def _unhooked_step(base: torch.optim.Optimizer) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
     """The base's ``step`` without torch's hook wrapper (``type(base).step.__wrapped__``), or None when its
-    step is not torch's hooked one (a custom wrapper, or ``step`` patched on the instance)."""
+    step is not torch's hooked one (a custom wrapper, or ``step`` patched on the instance other than by an LR
+    scheduler built on the base, whose patch only records the call: :meth:`CurvatureTuner._base_step`)."""
     fn = getattr(type(base).step, "__wrapped__", None)
-    return None if fn is None or "step" in base.__dict__ else fn
+    patched = base.__dict__.get("step")
+    if patched is not None and not getattr(patched, "_wrapped_by_lr_sched", False):
+        return None
+    return fn
+
 
 def _stats_doc() -> str:
     return "\n".join(f"    * ``{k}``: {v}" for k, v in STAT_DOCS.items())
@@ -341,6 +348,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         return st if st is not None else {}
 
     # -- the step ------------------------------------------------------------------------------------------
+    @torch.compiler.disable  # under torch.compile(opt.step) too: the step's host-side rule and state writes
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
         """One step, the transaction of the module docstring; returns the main call's loss (what the closure
@@ -719,6 +727,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._stats = {"lr": lr_t, "numerator": numerator, "curvature": curvature, "sharpness": sharpness["plain"],
                        "preconditioned_sharpness": sharpness["preconditioned"], "eos_ratio": ratio,
                        "skipped": glob[layout.SKIPPED], "closure_calls": guard.calls}
+        if guard.calls > 1:  # the probes set .grad = None: where the closure left it so, a zeroed gradient
+            for p, g in zip(params, grads):  # (every g is a main-call gradient: params are those that had one)
+                if p.grad is None:
+                    p.grad = g.zero_()
         return loss
 
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
@@ -985,6 +997,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if fn is None:
             self.base.step()
             return
+        if "step" in self.base.__dict__:  # an LR scheduler's patch (see _unhooked_step): what it records
+            self.base._opt_called = True
         fn(self.base)
 
     def _group_lr(self) -> float:
