@@ -170,9 +170,9 @@ def scale_by_quadratic_greedy(
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
 
 
-def _adam(base_state: Any, name: str, numerator: str) -> Any:
+def _adam(base_state: Any, method: BaseMethod, name: str, numerator: str) -> Any:
     """Adam's state after its update, for the Adam numerators."""
-    adam = find_adam_state(base_state)
+    adam = find_adam_state(base_state, method.b2)
     if adam is None:
         raise ValueError(f"{name}: numerator={numerator!r} needs Adam's state: build the optimizer with the "
                          "convenience (cdat(optax.scale_by_adam(), ...)) or with_base_state, or pass base_state=")
@@ -194,12 +194,12 @@ def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, before: Any
     ``(m_t - b1 m_{t-1}) / (1 - b1)`` when Adam's state before the update is known (``before``: handed over by
     :func:`jax_backend.tuner.with_base_state`), else ``g``: a transform before Adam that rescales the gradient
     (``clip_by_global_norm``) makes them differ, and ``g`` in its place gave a rate 5-17x too low."""
-    adam = _adam(base_state, name, "momentum")
+    adam = _adam(base_state, method, name, "momentum")
     if not jax.tree.leaves(p.grad):
         return p.numerator
     g = flat(p.grad, p.dtype)
     mu = flat(adam.mu, p.dtype, like=p.grad)
-    old = find_adam_state(before)
+    old = find_adam_state(before, method.b2)
     g_in = g if old is None else (mu - method.b1 * flat(old.mu, p.dtype, like=p.grad)) / (1 - method.b1)
     scaled_g = _over_adam(g, p, method, adam)
     return momentum_numerator(p.numerator, vdot(scaled_g, g_in, p.dtype), vdot(scaled_g, mu, p.dtype),
@@ -209,7 +209,7 @@ def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, before: Any
 def _paired_numerator(p: Any, method: BaseMethod, base_state: Any, memory: PairedMemory, name: str) -> Any:
     """:func:`curvopt.rules.paired_numerator` with ``r = g - ghat`` (the incoming gradient against the previous
     step's prediction) and ``D = P^-1`` from Adam's state after its update."""
-    adam = _adam(base_state, name, "paired")
+    adam = _adam(base_state, method, name, "paired")
     if not jax.tree.leaves(p.grad):
         return p.numerator
     r = flat(p.grad, p.dtype) - flat(memory.predicted_grad, p.dtype, like=p.grad)
@@ -264,7 +264,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
         caveat = secant_caveat(method) if oracle == "secant" else None
         if caveat is not None:  # at trace time
             warn(caveat)
-        kind = default_numerator(method, numerator, startup, find_adam_state(base_state) is not None)
+        kind = default_numerator(method, numerator, startup, find_adam_state(base_state, method.b2) is not None)
         if kind != preferred:  # at trace time
             warn(f"{name}: behind Adam the default numerator is 'momentum' (with sigma 4), which reads "
                  f"Adam's state; this update did not get it, so it uses the paper's numerator on the edge "

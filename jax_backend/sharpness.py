@@ -98,23 +98,32 @@ def eigen_init(params: Any, config: SharpnessConfig, method: BaseMethod) -> Eige
     return EigenMemory(random_unit(params), random_unit(params) if method.preconditioned else None)
 
 
-def find_adam_state(tree: Any) -> optax.ScaleByAdamState | None:
-    """The first ``optax.ScaleByAdamState`` (``count``, ``mu``, ``nu``) in an optimizer state, or None."""
-    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+def find_adam_state(tree: Any, b2: float) -> optax.ScaleByAdamState | None:
+    """The first Adam state in an optimizer state, as an ``optax.ScaleByAdamState`` (``count``, ``mu``, ``nu``),
+    or None. ``optax.scale_by_amsgrad``'s counts (at its default ``bias_correction_nu=True``): it divides by
+    ``sqrt(nu_max) + eps``, ``nu_max`` the running maximum of the bias-corrected second moment, which is Adam's
+    ``P`` for ``nu = nu_max (1 - b2^t)``; ``b2`` is the base's (``BaseMethod.b2``)."""
+    known = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
+    is_adam = lambda x: isinstance(x, known)  # noqa: E731
     for node in jax.tree.leaves(tree, is_leaf=is_adam):
-        if is_adam(node):
+        if isinstance(node, optax.ScaleByAdamState):
             return node
+        if isinstance(node, optax.ScaleByAmsgradState):
+            def unbiased(v: Any) -> Any:  # in at least float32: 1 - b2^t is 0 in bfloat16
+                wide = v.astype(jnp.promote_types(v.dtype, jnp.float32))
+                return wide * (1 - b2 ** node.count.astype(wide.dtype))
+            return optax.ScaleByAdamState(node.count, node.mu, jax.tree.map(unbiased, node.nu_max))
     return None
 
 
 def preconditioner_from_adam_state(state: Any, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Any:
     """Adam's diagonal ``P`` (:func:`curvopt.preconditioner.adam_preconditioner`) from the state of
-    ``optax.scale_by_adam(b1, b2, eps)`` after its update (``t = count``), or any optimizer state that
-    contains it; the hyperparameters must be the base's own (they are not in its state). Computed in at least
-    float32 (``nu``'s dtype if wider)."""
-    adam = find_adam_state(state)
+    ``optax.scale_by_adam(b1, b2, eps)`` (or ``optax.scale_by_amsgrad``) after its update (``t = count``), or any
+    optimizer state that contains it; the hyperparameters must be the base's own (they are not in its state).
+    Computed in at least float32 (``nu``'s dtype if wider)."""
+    adam = find_adam_state(state, b2)
     if adam is None:
-        raise ValueError("no optax.ScaleByAdamState in the given state")
+        raise ValueError("no optax.ScaleByAdamState or ScaleByAmsgradState in the given state")
 
     def of(nu: Any) -> Any:  # in at least float32: 1 - b2^t is 0 in bfloat16 (0.999 rounds to 1)
         dtype = jnp.promote_types(nu.dtype, jnp.float32)

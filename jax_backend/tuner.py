@@ -105,7 +105,7 @@ def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: s
     """Adam's ``P`` from the base's state when the preconditioned sharpness is wanted, else None."""
     if not (method.preconditioned and wanted):
         return None
-    adam = find_adam_state(base_state)
+    adam = find_adam_state(base_state, method.b2)
     if adam is None:
         warn(
             f"{tuner}: base_method is Adam but no optax.ScaleByAdamState was handed over, so the "
@@ -136,7 +136,7 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
     hint = ('pass base_method="adam" (or BaseMethod.adam(b1, b2, eps)), BaseMethod.heavy_ball(momentum) / '
             'BaseMethod.nesterov(momentum), or "gd"')
     if base_state is not None:
-        if not method.preconditioned and find_adam_state(base_state) is not None:
+        if not method.preconditioned and find_adam_state(base_state, method.b2) is not None:
             found = "Adam's (optax.ScaleByAdamState)"
         elif rate_follows_base and given is None and _has_trace(base_state):
             found = "a momentum trace's (optax.TraceState)"
@@ -250,9 +250,11 @@ def skip(updates: Any, state: Any) -> tuple[Any, Any]:
 def select(pred: Any, taken: tuple[Any, Any], skipped: tuple[Any, Any]) -> tuple[Any, Any]:
     """``taken`` (updates, state) if ``pred`` else ``skipped``. Both are computed (no host branching, and no
     computation inside a ``lax.cond``: XLA:CPU runs convolutions inside cond/while bodies far slower,
-    jax-ml/jax#12868, ~40x for a small CNN's backward); the updates by a leafwise ``where`` (it fuses into
-    ``apply_updates``), the state by :func:`pick`."""
-    return optax.tree.where(pred, taken[0], skipped[0]), pick(pred, taken[1], skipped[1])
+    jax-ml/jax#12868, ~40x for a small CNN's backward) and passed through one :func:`pick`. A leafwise ``where``
+    on the updates grew the compile time faster than the leaf count (closure-free CDAT behind Adam, 500 leaves:
+    70 s against 8.5 s with the pick, the bare Adam step 2.1 s; a 242-leaf flax MLP 17 s against 6.8 s, and
+    13 ms against 8.3 ms a step)."""
+    return pick(pred, taken, skipped)
 
 
 def pick(pred: Any, a: Any, b: Any) -> Any:

@@ -95,3 +95,60 @@ def test_paired_prediction_is_dropped_after_a_step_at_rate_zero():
             assert not bool(st[1].paired.predicted)
         if t == 2:
             assert float(s.lr) * abs(float(s.curvature)) == pytest.approx(float(s.numerator), rel=1e-9)
+
+
+def test_amsgrad_state_reads_as_adam_with_its_running_maximum():
+    """``cdat(optax.scale_by_amsgrad(), base_method="adam")``: the tuner finds Adam's state (no warning, the
+    momentum numerator at its default), and its ``P`` is AMSGrad's own ``(1 - b1^t)(sqrt(nu_max) + eps)``: the
+    preconditioned sharpness at step 1 against the float64 dense ``lambda_max(P^-1 H)``, and every later rate
+    against the momentum numerator by hand. Kills: ``optax.ScaleByAmsgradState`` not recognised, ``nu_max``
+    read without undoing its bias correction."""
+    from jax.flatten_util import ravel_pytree
+
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    rng = np.random.default_rng(0)
+    x, y = jnp.asarray(rng.normal(size=(16, 3))), jnp.asarray(rng.normal(size=(16,)))
+    w0 = {"a": jnp.asarray(rng.normal(size=(3, 4)) * 0.5), "b": jnp.asarray(rng.normal(size=(4,)) * 0.5)}
+
+    def loss(w):
+        return jnp.mean((jnp.tanh(x @ w["a"]) @ w["b"] - y) ** 2)
+
+    def run(tx, steps):
+        @jax.jit
+        def step(w, st):
+            v, g = jax.value_and_grad(loss)(w)
+            up, new = tx.update(g, st, w, value=v, grad=g, value_fn=loss)
+            return optax.apply_updates(w, up), new, g
+
+        w, st, out = w0, tx.init(w0), []
+        for _ in range(steps):
+            w_next, new, g = step(w, st)
+            out.append((w, st, new, g))
+            w, st = w_next, new
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neither "no Adam state" nor the numerator's fallback
+        run(cdat(optax.scale_by_amsgrad(b1, b2, eps), base_method="adam", curvature="exact"), 3)
+
+    tx = cdat(optax.scale_by_amsgrad(b1, b2, eps), base_method="adam", sigma=2.0, ema=0.0, startup="paper",
+              numerator="momentum", curvature="exact", sharpness=SharpnessConfig(1, 500, 500, 1e-12))
+    recs = run(tx, 12)
+    w, _, after, _ = recs[0]
+    flat, unravel = ravel_pytree(w)
+    H = np.asarray(jax.hessian(lambda v: loss(unravel(v)))(flat))
+    P = (1 - b1) * (np.sqrt(np.asarray(ravel_pytree(after[0].nu_max)[0])) + eps)
+    S = 1 / np.sqrt(P)
+    lam = np.linalg.eigvalsh(S[:, None] * H * S[None, :])[-1]
+    assert float(after[1].stats.preconditioned_sharpness) == pytest.approx(lam, rel=1e-6)
+    checked = 0
+    for t, (_, before, after, g) in enumerate(recs, start=1):
+        s = after[1].stats
+        if t == 1 or float(s.lr) == 0:
+            continue
+        gf, m_prev = ravel_pytree(g)[0], ravel_pytree(before[0].mu)[0]
+        D = 1 / ((1 - b1 ** t) * (np.sqrt(ravel_pytree(after[0].nu_max)[0]) + eps))
+        n = float(s.numerator) + (1 - b1) * (gf @ (D * m_prev) / (1 - b1 ** (t - 1)) - gf @ (D * gf))
+        assert float(s.lr) * abs(float(s.curvature)) / 2 == pytest.approx(float(n), rel=1e-8)
+        checked += 1
+    assert checked >= 5
