@@ -54,6 +54,7 @@ __all__ = [
     "polyak_cap_warning",
     "default_armijo_c",
     "default_eos_sigma",
+    "default_eos_free_steps",
     "capped_growth",
     "EdgeOfStabilityState",
     "ArmijoRule",
@@ -700,21 +701,37 @@ class EdgeOfStabilityState(NamedTuple):
     held_lr: Any
 
 
-#: the edge-of-stability rule's default ``sigma`` (gradient descent, Adam, a base the core does not know)
+#: the edge-of-stability rule's default ``sigma`` (gradient descent, a base the core does not know)
 SIGMA_EOS = 1.5
-#: the edge-of-stability rule's default ``sigma`` behind heavy ball and Nesterov (see :class:`EdgeOfStabilityRule`)
+#: the edge-of-stability rule's default ``sigma`` behind heavy ball, Nesterov and Adam (see
+#: :class:`EdgeOfStabilityRule`)
 SIGMA_EOS_MOMENTUM = 0.25
 
 
 def default_eos_sigma(method: Any, sigma: Any = None) -> Any:
     """The edge-of-stability rule's ``sigma``: ``sigma`` when given, else :data:`SIGMA_EOS_MOMENTUM` behind heavy
-    ball and Nesterov (``method.kind``) and :data:`SIGMA_EOS` otherwise (:class:`EdgeOfStabilityRule` gives the
-    measurements)."""
+    ball, Nesterov and Adam (``method.kind``) and :data:`SIGMA_EOS` otherwise (:class:`EdgeOfStabilityRule` gives
+    the measurements)."""
     if sigma is not None:
         return sigma
-    if method is not None and method.kind in ("heavy_ball", "nesterov"):
+    if method is not None and method.kind in ("heavy_ball", "nesterov", "adam"):
         return SIGMA_EOS_MOMENTUM
     return SIGMA_EOS
+
+
+def default_eos_free_steps(method: Any, every: Any, free_steps: Any = None) -> Any:
+    """The edge-of-stability rule's ``free_steps``: ``free_steps`` when given, else ``every + 1`` behind a
+    preconditioned base (Adam: ``method.preconditioned``), so that the growth cap is anchored at the rate of the
+    second sharpness estimate (step ``every + 1``), and 0 (the cap from the second step) otherwise. ``every``: the
+    sharpness period (:attr:`curvopt.config.SharpnessConfig.every`); a value that is not a Python int (traced
+    under ``jit``) stands for the rule's default period. :class:`EdgeOfStabilityRule` says why."""
+    if free_steps is not None:
+        return free_steps
+    if method is None or not method.preconditioned:
+        return 0
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        every = EdgeOfStabilityRule.default_sharpness.every
+    return every + 1
 
 
 @dataclass(frozen=True)
@@ -726,7 +743,10 @@ class EdgeOfStabilityRule:
     backends pass the last estimate, and the rate is recomputed from it at every step, so a ``sigma`` schedule
     (or, in PyTorch, a scheduled momentum/beta1 through ``c``) moves it; when the estimate is not positive and
     finite the previous rate is held (0 before the first estimate). ``sigma`` may be a schedule; the tuners'
-    ``sigma=None`` is :func:`default_eos_sigma` (0.25 behind heavy ball and Nesterov, 1.5 otherwise).
+    ``sigma=None`` is :func:`default_eos_sigma` (0.25 behind heavy ball, Nesterov and Adam, 1.5 otherwise). The
+    rate is also at most ``loss_cap`` (1) times the **loss-bound step** ``2 (f - f_star) / (-g^T u)``
+    (:func:`loss_bound_step`, CDAT's item 5 without its ramp: the minimiser of the flattest quadratic model
+    consistent with the loss bound ``f_star``; inactive where the loss is unknown; ``loss_cap=inf``: off).
 
     Why the cap: above the edge (``sigma > 1``) the sharpness falls (the edge of stability's self-stabilisation),
     so a rate set from it rises, pushing the sharpness lower still; near a fitted cross-entropy, after an
@@ -740,15 +760,39 @@ class EdgeOfStabilityRule:
     constant's); heavy ball at ``sigma = 0.25`` (its best constants sit at ~0.25 of the edge in mini-batch;
     at 1.5 it still diverged) 0.87-3.5x, Nesterov at 0.25 3-50x with its eval loss below the constant's (at
     1.5: 0.3-0.4x in full batch, 50-87x and eval loss 2-4x higher in mini-batch); Adam 8-106x (at 1.02: 0.01x
-    in full batch but 660-2,800x in mini-batch). On the benchmark's full-batch ResNet (width 4): dead or
-    diverged on every seed without the cap, 60x / 8.2x / 0.64x of the best constant with it (the first
-    estimate's rate, 3-10x the best constant, is held for 10 steps: nothing to cap it against). The cap binds on most steps: the rate climbs at most 1.005x per
-    step (12x over 500 steps), and falls when the sharpness rises."""
+    in full batch but 660-2,800x in mini-batch). The cap binds on most steps: the rate climbs at most 1.005x
+    per step (12x over 500 steps), and falls when the sharpness rises.
+
+    **Behind Adam** the cap's first reference is the problem: the first estimate, ``lambda_max(P^-1 H)`` with
+    Adam's ``P`` built from one squared gradient, is 20-500x the sharpness of the second estimate ten steps later
+    (1-2.5x behind GD and heavy ball; digits MLP above), so the whole run's rate was that first estimate's times
+    ``1.005^t``: 8-106x the best constant. ``free_steps`` (the tuners' default: :func:`default_eos_free_steps`,
+    ``every + 1`` behind Adam, 0 otherwise) lets the rate follow the estimates, uncapped, on the first
+    ``free_steps`` steps (``count < free_steps``), so the cap is anchored at the second estimate's rate. Then
+    ``sigma = 1.5`` is too high in mini-batch (the best constants sit far below the edge, as for heavy ball:
+    518-1,220x), and behind Adam ``sigma`` defaults to 0.25 (:func:`default_eos_sigma`).
+
+    Why the loss-bound cap (``loss_cap = 1``): it binds on the batch loss's catapults in mini-batch and after
+    an overshoot, where the sharpness estimate (10 steps old) cannot see the rate is too long. The same MLP,
+    seeds 0-2, median (worst) of final train loss / the best constant, full batch ReLU / tanh then mini-batch
+    ReLU / tanh, without -> with it: behind Adam (with ``free_steps`` and ``sigma`` 0.25) 0.21 / 0.25, 0.82
+    (11.2) / 1.03 (1.63) -> 1.16 (1.7) / 1.7 (2.4), 0.33 (2.6) / 0.99 (1.03), eval loss 0.13 / 0.070 / 0.115 /
+    0.080 against the constant's 0.14 / 0.12 / 0.08 / 0.08 (before both: 8-106x); behind heavy ball the
+    mini-batch ReLU's worst seed 177x -> 1.28x (medians 1.28 / 0.87 -> 0.98 / 0.98, full batch unchanged);
+    behind GD full batch 0.97 / 0.46 -> 0.84 / 0.46 and mini-batch 1.36 / 0.79 -> 2.48 / 1.44 with eval loss
+    0.074 / 0.065 against 0.092 / 0.064. On the benchmark's full-batch ResNet (width 4, GD, exact
+    products, ``python -m benchmarks --suite default --tasks resnet --regimes full --widths 4 --tuners
+    constant,eos``) the rule without it died on 2 of 3 seeds (train loss ln 10; 33x / 31x / 8.4x: the first
+    rates 0.85-2.5 against the best constant 0.25), with it 3.8x / 3.2x / 0.77x, eval loss 0.27 / 0.36 / 0.34
+    against the constant's 0.18 / 0.23 / 0.40."""
 
     coefficient: float = 2.0
     sigma: Any = SIGMA_EOS
     lr_max: float = math.inf
     growth: float = 1.005
+    free_steps: int = 0
+    loss_cap: float = 1.0
+    f_star: float = 0.0
 
     needs: ClassVar[frozenset] = frozenset({"sharpness"})
     #: this rule needs the sharpness: estimated every 10 steps unless configured
@@ -759,6 +803,15 @@ class EdgeOfStabilityRule:
         object.__setattr__(self, "sigma", check_schedulable(check_positive, "sigma", self.sigma))
         object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
         object.__setattr__(self, "growth", check_at_least("growth", self.growth, 1.0))
+        object.__setattr__(self, "free_steps", check_positive_int("free_steps", self.free_steps, minimum=0))
+        object.__setattr__(self, "loss_cap", check_positive("loss_cap", self.loss_cap, allow_inf=True))
+        if self.f_star != -math.inf:
+            object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
+
+    @property
+    def loss_bound(self) -> float:
+        """The lower bound of the loss the rule leans on: ``f_star`` with the loss-bound cap on, else ``-inf``."""
+        return self.f_star if self.loss_cap != math.inf else -math.inf
 
     def init(self, zero: Any) -> EdgeOfStabilityState:
         return EdgeOfStabilityState(zero)
@@ -766,7 +819,12 @@ class EdgeOfStabilityRule:
     def update(self, x: RuleInputs, state: EdgeOfStabilityState, xp: Any) -> tuple[Any, EdgeOfStabilityState]:
         lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=at_step(self.sigma, x.count),
                                   coefficient=self.coefficient, lr_max=self.lr_max, xp=xp)
-        lr = capped_growth(lr, self.growth, state.held_lr, xp)
+        # on the first free_steps steps the rate is the estimate's: the cap is anchored after them
+        lr = xp.where(x.count < self.free_steps, lr, capped_growth(lr, self.growth, state.held_lr, xp))
+        # at most loss_cap times the flattest consistent model's minimiser (inf where the loss is unknown); a
+        # where, not an if: loss_cap may be traced (optax.inject_hyperparams), and inf * 0 must not reach cap
+        bound = loss_bound_step(x.numerator, x.value, self.f_star, xp)
+        lr = cap(lr, xp.where(self.loss_cap < math.inf, self.loss_cap * bound, math.inf), xp)
         return lr, EdgeOfStabilityState(lr)
 
 

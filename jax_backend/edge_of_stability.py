@@ -9,7 +9,8 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import SharpnessConfig
-from curvopt.rules import EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule, default_eos_sigma
+from curvopt.rules import (EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule, default_eos_free_steps,
+                           default_eos_sigma)
 from curvopt.stats import TunerStats
 
 from .direction import accumulator_dtype
@@ -41,6 +42,9 @@ def scale_by_edge_of_stability(
     lr_max: float = _EOS.lr_max,
     *,
     growth: float = _EOS.growth,
+    free_steps: int | None = None,
+    loss_cap: float = _EOS.loss_cap,
+    f_star: float = _EOS.f_star,
     sharpness: Any = None,
     stability_coefficient: float | None = None,
     base_method: BaseMethod | str | None = None,
@@ -52,8 +56,11 @@ def scale_by_edge_of_stability(
 ) -> optax.GradientTransformationExtraArgs:
     """``lr = sigma * c / lambda`` (:class:`curvopt.rules.EdgeOfStabilityRule`) with ``c`` the base's stability
     coefficient (``stability_coefficient``, default from ``base_method``), ``sigma`` by default from ``base_method``
-    (:func:`curvopt.rules.default_eos_sigma`: 0.25 behind heavy ball and Nesterov, 1.5 otherwise), the rate at most
-    ``growth`` (1.005) times the previous one (the rule says why; ``inf``: the paper's rule), and ``lambda`` the online
+    (:func:`curvopt.rules.default_eos_sigma`: 0.25 behind heavy ball, Nesterov and Adam, 1.5 otherwise), the rate at
+    most ``growth`` (1.005) times the previous one (the rule says why; ``inf``: the paper's rule) after the first
+    ``free_steps`` steps (:func:`curvopt.rules.default_eos_free_steps`: ``every + 1`` behind Adam, 0 otherwise) and
+    at most ``loss_cap`` (1; ``inf``: off) times the loss-bound step ``2 (f - f_star) / (-g^T u)`` (inactive
+    without the loss), and ``lambda`` the online
     sharpness (Adam: the preconditioned one, which needs the base's state: use :func:`edge_of_stability` or
     pass ``base_state=``). ``sharpness`` defaults to the rule's (every 10 steps) and cannot be off (a period
     injected by ``optax.inject_hyperparams`` and set to 0 is refused, and under ``jit``, where it cannot be,
@@ -66,7 +73,7 @@ def scale_by_edge_of_stability(
     method = as_base_method(base_method)
     coefficient = method.coefficient if stability_coefficient is None else stability_coefficient
     rule = make(EdgeOfStabilityRule, coefficient=coefficient, sigma=default_eos_sigma(method, sigma), lr_max=lr_max,
-                growth=growth)
+                growth=growth, loss_cap=loss_cap, f_star=f_star)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
                               sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
                               sharpness_tol=sharpness_tol)
@@ -74,6 +81,8 @@ def scale_by_edge_of_stability(
         raise ValueError(f"{name}: the rule needs the online sharpness; sharpness must estimate every k >= 1 steps")
     if not isinstance(sharp.every, int):  # a traced period (jit) cannot be refused: 0 is every step
         sharp = make(SharpnessConfig, **{**vars(sharp), "every": jnp.maximum(sharp.every, 1)})
+    rule = make(EdgeOfStabilityRule, **{**vars(rule), "free_steps": default_eos_free_steps(method, sharp.every,
+                                                                                           free_steps)})
 
     def init(params: Any) -> ScaleByEdgeOfStabilityState:
         dtype = accumulator_dtype(params)

@@ -377,14 +377,40 @@ def test_eos_growth_cap_by_hand():
 
 
 def test_eos_default_sigma_by_base():
-    """The edge-of-stability tuners' ``sigma=None``: 0.25 behind heavy ball and Nesterov, 1.5 otherwise (GD,
-    Adam, an unknown base); an explicit ``sigma`` is kept."""
+    """The edge-of-stability tuners' ``sigma=None``: 0.25 behind heavy ball, Nesterov and Adam, 1.5 otherwise (GD,
+    an unknown base); an explicit ``sigma`` is kept."""
     assert rules.EdgeOfStabilityRule().sigma == rules.SIGMA_EOS == 1.5
-    for method in (None, BaseMethod.gd(), BaseMethod.adam()):
+    for method in (None, BaseMethod.gd()):
         assert rules.default_eos_sigma(method) == 1.5
-    for method in (BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
+    for method in (BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9), BaseMethod.adam()):
         assert rules.default_eos_sigma(method) == rules.SIGMA_EOS_MOMENTUM == 0.25
     assert rules.default_eos_sigma(BaseMethod.heavy_ball(0.9), 1.0) == 1.0
+
+
+def test_eos_default_free_steps_by_base():
+    """``free_steps=None``: the sharpness period + 1 behind Adam (the cap anchored at the second estimate), 0
+    otherwise; a period that is not an int stands for the rule's default (10); an explicit value is kept."""
+    assert rules.EdgeOfStabilityRule().free_steps == 0
+    assert rules.default_eos_free_steps(BaseMethod.adam(), 10) == 11
+    assert rules.default_eos_free_steps(BaseMethod.adam(), 3) == 4
+    assert rules.default_eos_free_steps(BaseMethod.adam(), object()) == 11
+    for method in (None, BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
+        assert rules.default_eos_free_steps(method, 10) == 0
+    assert rules.default_eos_free_steps(BaseMethod.adam(), 10, 0) == 0
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="free_steps"):
+            rules.EdgeOfStabilityRule(free_steps=bad)
+
+
+def test_eos_free_steps_anchor_the_growth_cap():
+    """On the first ``free_steps`` steps the rate is the estimate's (it may rise past the growth cap, e.g. to a
+    second estimate 100x lower in sharpness); from step ``free_steps`` on the cap holds, anchored at that rate."""
+    rule = rules.EdgeOfStabilityRule(coefficient=2.0, sigma=1.5, growth=1.25, free_steps=3)
+    sharp = [300.0, 300.0, 3.0, 1.0, 1.0]
+    lrs, state = _run(rule, [(1.0, np.nan, np.nan, s) for s in sharp])
+    assert lrs == pytest.approx([0.01, 0.01, 1.0, 1.25, 1.25 ** 2], rel=1e-15)
+    capped, _ = _run(dataclasses.replace(rule, free_steps=0), [(1.0, np.nan, np.nan, s) for s in sharp])
+    assert capped == pytest.approx([0.01, 0.01, 0.0125, 0.0125 * 1.25, 0.0125 * 1.25 ** 2], rel=1e-15)
 
 
 def test_polyak_cap_warning_by_base():
@@ -626,3 +652,17 @@ def test_relative_rates():
     assert relative_rates([0.5, 0.5]) == (0.5, None)
     assert relative_rates([0.0, 0.0]) == (0.0, None)
     assert relative_rates([0.1, 0.0, 0.4]) == (0.4, [0.25, 0.0, 1.0])
+
+
+def test_eos_loss_cap_by_hand():
+    """``loss_cap``: the rate at most ``loss_cap * 2 (f - f_star) / (-g^T u)`` (the flattest consistent model's
+    minimiser), inactive where the loss is unknown (NaN) or the cap is off; the capped rate anchors the growth cap;
+    the default is 1."""
+    rule = rules.EdgeOfStabilityRule(coefficient=2.0, sigma=1.5, growth=2.0, loss_cap=1.0)
+    # 3 / sharpness = 3; the loss bound 2 f / n: 0.5 (step 1), unknown (step 2), 100 (step 3)
+    lrs, _ = _run(rule, [(4.0, np.nan, 1.0, 1.0), (4.0, np.nan, np.nan, 1.0), (1.0, np.nan, 50.0, 1.0)])
+    assert lrs == pytest.approx([0.5, 1.0, 2.0], rel=1e-15)
+    off, _ = _run(dataclasses.replace(rule, loss_cap=math.inf), [(4.0, np.nan, 1.0, 1.0)])
+    assert off == pytest.approx([3.0], rel=1e-15)
+    assert rules.EdgeOfStabilityRule().loss_cap == 1.0 and rules.EdgeOfStabilityRule().loss_bound == 0.0
+    assert dataclasses.replace(rule, loss_cap=math.inf).loss_bound == -math.inf

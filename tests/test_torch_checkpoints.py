@@ -26,7 +26,9 @@ V0_TUNERS = {
     "cdat_fd_adam": lambda m: CDAT(torch.optim.Adam(m.parameters(), lr=0.1), curvature="fd"),
     "cdat_secant_sgd": lambda m: CDAT(torch.optim.SGD(m.parameters(), lr=1.0, momentum=0.9), curvature="secant"),
     "armijo_sgd": lambda m: ArmijoLineSearch(torch.optim.SGD(m.parameters(), lr=1.0), c=0.5),
-    "eos_adam_sharp": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness=2),
+    # 0.1's rule behind Adam (sigma 1.5, no loss-bound cap) so that the held rate comes back
+    "eos_adam_sharp": lambda m: EdgeOfStability(torch.optim.Adam(m.parameters(), lr=1.0), sharpness=2, sigma=1.5,
+                                                loss_cap=math.inf),
 }
 
 

@@ -69,7 +69,7 @@ def test_edge_of_stability_behind_adam_is_38_over_the_dense_preconditioned_sharp
     A = a @ a.T / 6 + 0.5 * torch.eye(6, dtype=DT)
     w = torch.nn.Parameter(torch.randn(6, generator=g, dtype=DT))
     base = torch.optim.Adam([w], lr=1.0, betas=(0.9, 0.999), eps=1e-8)
-    opt = EdgeOfStability(base, sigma=1.0, growth=math.inf,  # the formula alone, no growth cap
+    opt = EdgeOfStability(base, sigma=1.0, growth=math.inf, loss_cap=math.inf,  # the formula alone, no caps
                           sharpness=SharpnessConfig(every=1, iters=500, first_iters=500, tol=1e-12))
     closure = _quadratic_closure(opt, w, A)
 

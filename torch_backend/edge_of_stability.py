@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import SharpnessLike
-from curvopt.rules import EdgeOfStabilityRule, default_eos_sigma
+from curvopt.rules import EdgeOfStabilityRule, default_eos_free_steps, default_eos_sigma
 
 from .buffers import ModulesLike
 from .direction import base_stability_coefficient, check_base
@@ -30,10 +30,15 @@ class EdgeOfStability(CurvatureTuner):
     ``EdgeOfStabilityRule.default_sharpness``, when None); in between the last estimate is held and the rate is
     recomputed from it at every step, so a ``sigma`` schedule or a scheduled momentum/beta1 moves the rate
     between estimates. ``sigma = 1`` sits exactly on the edge; the paper found ``sigma c`` about 3 good for GD
-    (``sigma = 1.5``; the default, 0.25 behind heavy ball and Nesterov: :func:`curvopt.rules.default_eos_sigma`).
+    (``sigma = 1.5``; the default, 0.25 behind heavy ball, Nesterov and Adam: :func:`curvopt.rules.default_eos_sigma`).
     The rate rises at most ``growth`` (1.005) times per step and falls at once: set from the sharpness alone it
     ran away in field tests (:class:`curvopt.rules.EdgeOfStabilityRule` gives the measurements; ``growth=inf``
-    is the paper's rule). A non-positive estimate keeps the previous lr (0 at step 1). ``stability_coefficient``
+    is the paper's rule); on the first ``free_steps`` steps it follows the estimates uncapped (default
+    :func:`curvopt.rules.default_eos_free_steps`: ``every + 1`` behind Adam, whose first preconditioned estimate is
+    taken with one gradient's second moment, 0 otherwise), and at most ``loss_cap`` (1; ``inf``: off) times
+    ``2 (f - f_star) / (-g^T u)``, the minimiser of the flattest quadratic model consistent with the loss bound
+    ``f_star`` (an overshoot the sharpness estimate is too old to see). A non-positive estimate
+    keeps the previous lr (0 at step 1). ``stability_coefficient``
     must be given for a base other than SGD/momentum/Nesterov/Adam/AdamW. ``functional_loss`` (as in
     :class:`torch_backend.CDAT`) makes the sharpness's Hessian-vector products exact (double backward) instead of
     finite differences of closure gradients, which on a float32 ReLU network cross kinks and read the sharpness
@@ -46,7 +51,8 @@ class EdgeOfStability(CurvatureTuner):
                  stability_coefficient: Optional[float] = None, modules: ModulesLike = None, seed: int = 0,
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
-                 **deprecated: Any) -> None:
+                 free_steps: Optional[int] = None, loss_cap: float = default_of(EdgeOfStabilityRule, "loss_cap"),
+                 f_star: float = default_of(EdgeOfStabilityRule, "f_star"), **deprecated: Any) -> None:
         if isinstance(base, torch.optim.Optimizer):  # a base it cannot wrap is refused before anything is asked
             check_base(base, bool(allow_any_base), type(self).__name__)
         coefficient = stability_coefficient
@@ -56,12 +62,15 @@ class EdgeOfStability(CurvatureTuner):
             raise ValueError(f"stability_coefficient must be given for a {type(base).__name__} base "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")
         self.rule = EdgeOfStabilityRule(coefficient=coefficient, sigma=default_eos_sigma(None, sigma), lr_max=lr_max,
-                                        growth=growth)
+                                        growth=growth, loss_cap=loss_cap, f_star=f_star)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
-        # None: the base's default (curvopt.rules.default_eos_sigma); the base is known from here on
-        self.rule = dataclasses.replace(self.rule, sigma=default_eos_sigma(self.method, sigma))
+        # None: the base's defaults (curvopt.rules.default_eos_sigma, default_eos_free_steps); the base is known
+        # from here on
+        self.rule = dataclasses.replace(
+            self.rule, sigma=default_eos_sigma(self.method, sigma),
+            free_steps=default_eos_free_steps(self.method, self.sharpness_config.every, free_steps))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
