@@ -16,7 +16,7 @@ from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_nu
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
-from .direction import accumulator_dtype, flat, vdot
+from .direction import abs_max, accumulator_dtype, flat, vdot
 from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
@@ -288,7 +288,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             secant = state.secant
             if oracle == "secant":
-                secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, state.steps, dtype)
+                secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, state.steps, dtype, p.grad)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             return out, ScaleByCDATState(
@@ -299,7 +299,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
 
         ok = p.finite
         if oracle == "secant" and p.f is None:  # closure-free: a gradient that was never computed is skipped
-            ok = ok & has_gradient(optax.tree.norm(p.grad, ord="inf"))
+            ok = ok & has_gradient(abs_max(p.grad, dtype))
         return select(ok, taken(), skip(updates, state))
 
     return optax.GradientTransformationExtraArgs(init, update)

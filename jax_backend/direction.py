@@ -71,6 +71,14 @@ def norm(a: Any, dtype: Any) -> Any:
     return jnp.sqrt(vdot(a, a, dtype))
 
 
+def abs_max(a: Any, dtype: Any) -> Any:
+    """``max_i |a_i|`` over the whole tree in ``dtype`` (0 for an empty tree), one reduction (see :func:`vdot`):
+    ``optax.tree.norm(a, ord="inf")`` is three kernels per leaf."""
+    if not jax.tree.leaves(a):
+        return jnp.zeros((), dtype)
+    return jnp.max(jnp.abs(flat(a, dtype)))
+
+
 def scaled(s: Any, a: Any) -> Any:
     """``s a`` in ``a``'s dtypes."""
     return optax.tree.cast_like(optax.tree.scale(s, a), a)

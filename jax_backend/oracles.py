@@ -31,7 +31,7 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import secant_stalled
+from curvopt.config import EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_stalled, watched_norms
 from curvopt.curvature import finite_difference_curvature
 
 from .direction import add_scaled, least_precise_eps, norm, vdot
@@ -44,7 +44,10 @@ class SecantMemory(NamedTuple):
     handed over, a negated copy would be one more kernel per leaf), ``g^T u``, ``||u||^2`` and the learning rate
     it took (0: no secant next step); and the closure-free probing step's rate and step count (NaN before one
     and once judged; the first of a run of probes is kept until then) and whether the rate was below it when
-    last judged (:func:`curvopt.config.secant_stalled`; :func:`jax_backend.stats` warns)."""
+    last judged (:func:`curvopt.config.secant_stalled`; :func:`jax_backend.stats` warns); the gradient norms of
+    the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
+    this one moved them, and whether the norms ever said that a clip before the tuner fixed them
+    (:func:`curvopt.config.external_clip_suspected`; :func:`jax_backend.stats` warns)."""
 
     prev_incoming: Any
     prev_grad_dot_direction: Any
@@ -53,19 +56,25 @@ class SecantMemory(NamedTuple):
     probe_lr: Any
     probe_step: Any
     stalled: Any
+    grad_norms: Any
+    moved: Any
+    clip_suspected: Any
 
 
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
                         jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
+                        jnp.zeros((), bool), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype), jnp.zeros((), bool),
                         jnp.zeros((), bool))
 
 
 def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, steps: Any,
-                    dtype: Any) -> SecantMemory:
+                    dtype: Any, grad: Any) -> SecantMemory:
     """The memory after a step of direction ``d`` (``-g^T u = numerator``) at rate ``lr``; ``probe``: the
-    closure-free probing rate ``h`` if this step probed, else NaN; ``steps``: the steps taken before it."""
+    closure-free probing rate ``h`` if this step probed, else NaN; ``steps``: the steps taken before it;
+    ``grad``: the gradient handed to the step."""
     probing = ~jnp.isnan(probe)
+    norms = watched_norms(memory.grad_norms, norm(grad, dtype), memory.moved, jnp)
     pending = ~jnp.isnan(memory.probe_lr)  # a probe not judged yet: the first of a run of probes is judged
     judged, stalled = secant_stalled(lr, memory.probe_lr, steps - memory.probe_step)
     judged = pending & judged & ~probing
@@ -73,7 +82,8 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
                         jnp.where(new_probe, probe, jnp.where(judged, jnp.nan, memory.probe_lr)),
                         jnp.where(new_probe, steps, memory.probe_step),
-                        jnp.where(judged, stalled, memory.stalled))
+                        jnp.where(judged, stalled, memory.stalled), norms, ~probing & (lr > 0),
+                        memory.clip_suspected | external_clip_suspected(norms, jnp))
 
 
 def _float_dtypes(jaxpr: Any, found: set) -> set:

@@ -24,7 +24,8 @@ import optax
 
 from curvopt import rules
 from curvopt.base import BaseMethod
-from curvopt.config import SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig, resolve_curvature
+from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
+                            resolve_curvature)
 from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
@@ -358,6 +359,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
         secant = getattr(state, "secant", None)
         if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
             warn(SECANT_STALL_MESSAGE)
+        if secant is not None and int(secant.clip_suspected):
+            warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
     return state.stats._asdict()
 
 

@@ -556,3 +556,34 @@ def test_closure_calls_count_the_forward_pass_the_tuner_spends_on_the_value():
         for kw, calls in (({"value": value}, with_value), ({}, with_value + 1)):
             _, state = opt.update(grad, opt.init(p), p, value_fn=loss, **kw)
             assert int(stats(state)["closure_calls"]) == calls
+
+
+def test_a_clip_before_the_closure_free_tuner_is_reported():
+    """``optax.chain(optax.clip_by_global_norm(c), <tuner>(base))`` closure-free (a TrainState's tx): the secant
+    differences gradients whose norm the clip fixed (the greedy step took a quadratic's loss from 5 to 2e4), and
+    ``stats`` says so, naming the fix; with the clip inside the base, or none, it stays silent."""
+    import optax
+    from curvopt.config import EXTERNAL_CLIP_MESSAGE_OPTAX
+    from curvopt.optax import quadratic_greedy, stats
+
+    a = jnp.diag(jnp.array([4.0, 1.0, 0.25]))
+    loss = lambda w: 0.5 * w @ a @ w  # noqa: E731
+    clip = optax.clip_by_global_norm(0.1)
+    chains = {"before": optax.chain(clip, quadratic_greedy(optax.identity())),
+              "inside": quadratic_greedy(optax.chain(clip, optax.identity())),
+              "none": quadratic_greedy(optax.identity())}
+    for where, tx in chains.items():
+        w = jnp.array([1.0, -2.0, 3.0])
+        state = tx.init(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the secant's caveat behind GD
+            step = jax.jit(lambda w, s, tx=tx: tx.update(jax.grad(loss)(w), s, w))
+            for _ in range(12):
+                updates, state = step(w, state)
+                w = optax.apply_updates(w, updates)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            stats(state)
+        said = [str(m.message) for m in seen if str(m.message) == EXTERNAL_CLIP_MESSAGE_OPTAX]
+        assert bool(said) == (where == "before"), (where, [str(m.message)[:80] for m in seen])
+        assert (float(loss(w)) > 1e3) == (where == "before")

@@ -248,6 +248,27 @@ def test_pickle_deepcopy_and_torch_save_round_trip(how, name):
         assert torch.equal(p, q)
 
 
+def test_a_pickle_with_the_outside_clip_watch_as_a_list_loads_and_still_watches():
+    """Earlier builds kept the closure-free outside-clip watch (the last gradient norms) as a list; such a pickle
+    loads with an empty window, and the watch still warns when a clip before ``step`` fixes the norm."""
+    from curvopt.config import EXTERNAL_CLIP_MESSAGE
+
+    model = mlp()
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), curvature="secant")
+    x, y = data()
+    opt._clip_norms = [0.5, 0.5]  # what such a build pickled
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert not isinstance(opt2._clip_norms, list) and not opt2._clip_norms.any()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            opt2.zero_grad()
+            ((model2(x) - y) ** 2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(model2.parameters(), 1e-3)
+            opt2.step()
+    assert any(str(m.message) == EXTERNAL_CLIP_MESSAGE for m in seen)
+
+
 def test_frozen_first_parameter_and_lazy_adam_state():
     """The globals live in the first parameter's state; a frozen first parameter (no Adam state) that is
     unfrozen later must still get Adam's lazy initialisation, and pickling must survive it."""

@@ -56,8 +56,8 @@ from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, external_clip_suspected, has_gradient, resolve_curvature,
-                            power_iters, secant_caveat, secant_stalled, sharpness_due, zero_rate_message,
-                            zero_rate_run)
+                            power_iters, secant_caveat, secant_stalled, sharpness_due, watched_norms,
+                            zero_rate_message, zero_rate_run)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -198,8 +198,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._secant_warned = False
         self._stall_warned = False
         #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's, not
-        #: at rate 0), and whether the last step was such a step: :meth:`_watch_clip`
-        self._clip_norms: list[float] = []
+        #: at rate 0; :func:`curvopt.config.watched_norms`), and whether the last step was such a step
+        self._clip_norms = np.zeros(EXTERNAL_CLIP_STEPS)
         self._moved_last = False
         self._clip_warned = False
         #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
@@ -921,14 +921,10 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _watch_clip(self, g_sq: Any, after_move: bool) -> None:
         """Keeps ``||g||`` of consecutive closure-free secant steps that follow a step which moved the parameters
-        (``after_move``; a probe's tiny step leaves the gradient nearly as it was, a step at rate 0 exactly: the
-        same batch then gives the same norm) and warns once when they say
-        that a norm clip outside the tuner produced them (:func:`curvopt.config.external_clip_suspected`)."""
-        if not after_move:
-            self._clip_norms = []
-            return
-        self._clip_norms = (self._clip_norms + [math.sqrt(max(float(g_sq), 0.0))])[-EXTERNAL_CLIP_STEPS:]
-        if external_clip_suspected(self._clip_norms):
+        (``after_move``: :func:`curvopt.config.watched_norms`) and warns once when they say that a norm clip
+        outside the tuner produced them (:func:`curvopt.config.external_clip_suspected`)."""
+        self._clip_norms = watched_norms(self._clip_norms, math.sqrt(max(float(g_sq), 0.0)), after_move, np)
+        if external_clip_suspected(self._clip_norms, np):
             self._clip_warned = True
             warn(EXTERNAL_CLIP_MESSAGE)
 
@@ -1142,6 +1138,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             base.__setstate__(base_state)
             base.state.update(ours_only)
             state["base"] = base
+            if isinstance(state.get("_clip_norms"), list):  # pickled by an earlier build: a list of the last norms
+                state["_clip_norms"] = np.zeros(EXTERNAL_CLIP_STEPS)
             self.__dict__.update(state)
             self._ws = None
             self._store = None
