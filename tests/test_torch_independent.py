@@ -83,11 +83,12 @@ def test_edge_of_stability_behind_adam_is_38_over_the_dense_preconditioned_sharp
         assert opt.coefficient == pytest.approx(38.0, rel=1e-12)
 
 
-def _quadratic_closure(opt, w, A):
-    """torch's closure for ``f(w) = w^T A w / 2``."""
+def _quadratic_closure(opt, w, A, y=None):
+    """torch's closure for ``f(w) = (w - y)^T A (w - y) / 2`` (``y`` 0 when None)."""
     def closure():
         opt.zero_grad()
-        loss = 0.5 * w @ A @ w
+        r = w if y is None else w - y
+        loss = 0.5 * r @ A @ r
         loss.backward()
         return loss
     return closure
@@ -329,12 +330,7 @@ def _adam_momentum_numerator_run(make_base, wd_coupled):
     for t, y in enumerate(targets, start=1):
         opt.functional_loss = lambda ps, y=y: 0.5 * (ps[0] - y) @ h @ (ps[0] - y)
 
-        def closure(y=y):
-            opt.zero_grad()
-            loss = 0.5 * (w - y) @ h @ (w - y)
-            loss.backward()
-            return loss
-
+        closure = _quadratic_closure(opt, w, h, y)
         w0 = w.detach().clone()
         g = h @ (w0 - y)
         m_prev = base.state[w]["exp_avg"].clone() if t > 1 else torch.zeros(6, dtype=DT)
@@ -381,12 +377,7 @@ def test_paired_numerator_by_hand_under_an_active_clip():
     opt = CDAT(base, sigma=1.0, ema=0.0, startup="paper", numerator="paired", curvature="fd", max_grad_norm=max_norm)
     prev_y, checked = None, 0
     for t, y in enumerate(targets, start=1):
-        def closure(y=y):
-            opt.zero_grad()
-            loss = 0.5 * (w - y) @ h @ (w - y)
-            loss.backward()
-            return loss
-
+        closure = _quadratic_closure(opt, w, h, y)
         w_t = w.detach().clone()
         g = h @ (w_t - y)
         c = min(1.0, max_norm / (float(g.norm()) + 1e-6))
