@@ -6,7 +6,8 @@ tuner) hands an ascent direction: ``-g^T u = g^T d < 0``. The rules clip that nu
 the tuners count such steps in ``ascent_steps`` (``ascent_steps == steps`` means every step so far was
 uphill), :func:`jax_backend.stats` warns on the host when it reads that, and with ``warn_ascent=True`` the step
 itself warns through ``jax.debug.callback`` (jit-safe but a host callback per step, so opt-in) on the first
-step.
+step; a tuner built around its base (the conveniences) checks the base's sign when ``init`` runs on concrete
+parameters (:func:`warn_if_base_negates`).
 
 Inside ``optax.masked``/``optax.multi_transform`` the tuner sees the parameters with the masked-out leaves
 replaced by ``optax.MaskedNode`` (a node without leaves); :func:`like_params` brings a full tree handed as an
@@ -25,7 +26,7 @@ from curvopt.config import accumulator_dtype_name
 from .warning import warn
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "flat", "norm", "add_scaled", "scaled",
-           "has_masked", "like_params", "warn_if_negated", "NEGATED_DIRECTION_MESSAGE"]
+           "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates", "NEGATED_DIRECTION_MESSAGE"]
 
 NEGATED_DIRECTION_MESSAGE = (
     "curvopt: the direction handed to the tuner is an ascent direction on its first step (g^T d < 0): the "
@@ -111,6 +112,27 @@ def like_params(tree: Any, params: Any) -> Any:
     if tree is None or not has_masked(params) or has_masked(tree):
         return tree
     return jax.tree.map(lambda p, t: p if _is_masked(p) else t, params, tree, is_leaf=_is_masked)
+
+
+def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
+    """At ``init`` of a tuner built around ``base`` (:func:`jax_backend.with_base_state`, the conveniences), on
+    concrete parameters: warn when the base's first update of an all-ones gradient points uphill (``1^T d <
+    0``), as ``optax.adam(1e-3)`` or ``optax.sgd(0.1)`` in place of ``optax.scale_by_adam()`` or
+    ``optax.identity()`` do: the tuner's rate would be 0 on every step, and inside ``jax.jit`` the step itself
+    cannot tell (only :func:`jax_backend.stats` or ``warn_ascent=True`` would). Skipped under tracing (a jitted
+    ``init``) and for a base whose update cannot run on that gradient alone (it needs extra arguments): the
+    check is a diagnostic and never stops ``init``."""
+    leaves = jax.tree.leaves(params)
+    if not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return
+    ones = jax.tree.map(jnp.ones_like, params)
+    try:
+        d, _ = base.update(ones, base_state, params)
+    except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check
+        return
+    if float(vdot(ones, d, jnp.float32)) < 0:
+        warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step (g^T d < 0)",
+                                               "(the base's update of an all-ones gradient is negative)"))
 
 
 def _warn(flag: Any) -> None:

@@ -29,7 +29,7 @@ from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, SECANT_STALL_MESSAGE, S
 from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
-                        like_params, scaled, vdot, warn_if_negated)
+                        like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import bind, value_and_grad_at
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 from .warning import warn
@@ -284,13 +284,16 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
     both members. When the tuner skips a step (non-finite value, gradient or base direction) the base's state
     is kept as it was, as in PyTorch, instead of absorbing the bad gradient: in a plain chain one NaN gradient
     leaves Adam's moments NaN for good (the tuner then skips every later step: the parameters stay finite but
-    training stops).
+    training stops). ``init`` warns when ``base`` already applies a negative learning rate
+    (:func:`jax_backend.direction.warn_if_base_negates`).
     """
     base = optax.with_extra_args_support(base)
     tuner = optax.with_extra_args_support(tuner)
 
     def init(params: Any) -> tuple[Any, Any]:
-        return base.init(params), tuner.init(params)
+        base_state = base.init(params)
+        warn_if_base_negates(base, base_state, params)
+        return base_state, tuner.init(params)
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
         direction, base_state = base.update(updates, state[0], params, **extra_args)

@@ -151,6 +151,25 @@ def test_value_fn_kwargs_forwarding():
     assert fn_kwargs(lambda p: p, {"a": 1}) == {}
 
 
+@pytest.mark.parametrize("base, negated", [(optax.adam(1e-3), True), (optax.sgd(0.1, momentum=0.9), True),
+                                           (optax.scale_by_adam(), False), (optax.identity(), False),
+                                           (optax.trace(0.9), False)])
+def test_convenience_init_warns_when_the_base_already_negates(base, negated):
+    """``cdat(optax.adam(1e-3))`` (a natural mistake: the base's learning rate is the tuner's job) keeps the rate at
+    0 on every step; under jit the step cannot see the sign, so ``init`` checks it on concrete parameters. A jitted
+    ``init`` is not checked (and not broken). Kills: the check removed, or its sign flipped."""
+    from curvopt.optax import cdat
+
+    p = _params(jnp.float32)
+    opt = cdat(base, base_method="gd")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = opt.init(p)
+        jitted = jax.jit(opt.init)(p)
+    assert [("already negated" in str(w.message)) for w in caught] == ([True] if negated else [])
+    assert jax.tree.structure(jitted) == jax.tree.structure(state)
+
+
 @pytest.mark.parametrize("warn_ascent", [False, True])
 def test_negated_chain_is_flagged_and_warned(warn_ascent):
     p = _params(jnp.float32)
