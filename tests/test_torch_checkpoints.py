@@ -293,6 +293,41 @@ def test_frozen_first_parameter_and_lazy_adam_state():
     opt3.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("freeze_first", [True, False])
+def test_base_state_dict_loads_into_the_bare_base_at_the_effective_rate(freeze_first):
+    """``opt.base_state_dict()`` goes on without the tuner: the bare AdamW loads it (the tuner's own
+    ``state_dict()`` raises ``KeyError: 'step'`` there when the first parameter is frozen), keeps Adam's moments and
+    counts, holds none of the tuner's keys, runs at ``stats['lr'] x`` the group lr and steps on. Kills: the tuner's keys kept, the rate left at the group's,
+    the rate not multiplied by the group's."""
+    model = mlp()
+    model[0].weight.requires_grad_(not freeze_first)
+    opt = CDAT(torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1))
+    x, y = data()
+    with pytest.raises(ValueError, match="no learning rate"):
+        opt.base_state_dict()
+    for _ in range(3):
+        opt.step(closure_of(model, opt, x, y))
+    rate = float(opt.stats["lr"])
+    sd = opt.base_state_dict()
+    assert not any(k.startswith("curvopt_") for entry in sd["state"].values() for k in entry)
+    assert not any(k.startswith("curvopt_") for g in sd["param_groups"] for k in g)
+    assert sd["param_groups"][0]["lr"] == pytest.approx(0.5 * rate, rel=1e-12)
+    bare = torch.optim.AdamW(model.parameters(), lr=1.0)
+    bare.load_state_dict(sd)
+    assert bare.param_groups[0]["lr"] == pytest.approx(0.5 * rate, rel=1e-12)
+    assert bare.param_groups[0]["weight_decay"] == 0.1
+    moved = [p for p in model.parameters() if p.requires_grad]
+    for p in moved:
+        assert torch.equal(bare.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+        assert torch.equal(bare.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+    closure_of(model, bare, x, y)()
+    bare.step()
+    assert all(bare.state[p]["step"] == 4 for p in moved)
+    assert model[0].weight not in bare.state if freeze_first else bare.state[model[0].weight]["step"] == 4
+    with pytest.raises(ValueError, match="finite number"):
+        opt.base_state_dict(lr=float("nan"))
+
+
 def test_a_failed_first_step_after_loading_keeps_the_loaded_w0():
     """A fresh optimizer that loaded a state dict adopts the loaded ``curvopt_w0`` into its own buffers with its
     values: a first step that failed (a probe raised) left never-initialised memory in ``state_dict()``."""

@@ -33,7 +33,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   live param groups never hold these keys.
 
 :func:`prepare` checks a state dict completely before anything is assigned (``load_state_dict`` is atomic)
-and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.1.
+and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.1. :func:`without_ours` gives the base's part alone (the tuners'
+``base_state_dict()``, to go on with the bare base).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from torch import Tensor
 from curvopt.rules import GUARD_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
-           "PREDICTED_GRAD", "PREDICTED", "META_TUNER", "META_BASE", "rule_key", "is_ours", "prepare"]
+           "PREDICTED_GRAD", "PREDICTED", "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -71,6 +72,20 @@ def rule_key(field: str) -> str:
 
 def is_ours(key: Any) -> bool:
     return isinstance(key, str) and key.startswith(PREFIX)
+
+
+def without_ours(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` as the base alone would have written it: the tuner's ``curvopt_*`` keys dropped from every
+    parameter's state and from the param groups, and a parameter whose state held nothing else (the globals on a
+    frozen first parameter) left out, as torch leaves out a parameter its optimizer never stepped (a bare Adam
+    reads a non-empty state as its own and looks for ``"step"``)."""
+    state = {}
+    for i, entry in state_dict["state"].items():
+        kept = {k: v for k, v in entry.items() if not is_ours(k)}
+        if kept:
+            state[i] = kept
+    groups = [{k: v for k, v in g.items() if not is_ours(k)} for g in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _shape_error(i: int, here: Sequence[int], there: Sequence[int]) -> ValueError:

@@ -1108,6 +1108,24 @@ class CurvatureTuner(torch.optim.Optimizer):
         return loss
 
     # -- state_dict ------------------------------------------------------------------------------------------
+    def base_state_dict(self, lr: Optional[float] = None) -> dict[str, Any]:
+        """The base's state dict as the bare base would write it, to go on without the tuner
+        (``torch.optim.AdamW(model.parameters()).load_state_dict(opt.base_state_dict())``; the tuner's own
+        ``state_dict()`` in its place raised ``KeyError: 'step'`` when the first parameter was frozen): the
+        tuner's keys dropped (:func:`torch_backend.state.without_ours`) and each group's ``lr`` set to the
+        effective rate, ``lr`` (default: the last step's, ``stats["lr"]``) times the group's own. Raises
+        ``ValueError`` when ``lr`` is not given and the last step chose none (no step yet, or a skipped one)."""
+        rate = float(self.stats["lr"]) if lr is None else float(lr)
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"{type(self).__name__}.base_state_dict: " + (
+                f"lr must be a finite number >= 0, got {lr!r}" if lr is not None else
+                f"the last step chose no learning rate (stats['lr'] is {rate}: no step yet, or a skipped one); "
+                "pass lr="))
+        sd = layout.without_ours(self.state_dict())
+        for group in sd["param_groups"]:
+            group["lr"] = group["lr"] * rate
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Load a state from :meth:`state_dict` (or a curvopt 0.1 ``{"base", "tuner"}`` checkpoint). Everything
         is checked before anything is assigned; tensors are cast like torch does (to each parameter's device
