@@ -3,7 +3,9 @@ the tuners' own numbers. Each decision here is made once; the backends ask, they
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
@@ -205,9 +207,13 @@ def external_clip_suspected(norms: Any, xp: Any) -> Any:
     """Whether the window of :func:`watched_norms` says that an active norm clip outside the tuner produced
     them: all positive and finite and equal to :data:`EXTERNAL_CLIP_RTOL` relative. ``clip_grad_norm_`` scales
     to ``max_norm * n / (n + 1e-6)``, one value to ~1e-6, ``optax.clip_by_global_norm`` to ``max_norm``;
-    consecutive true gradients after steps that moved the parameters differ by far more."""
-    top = xp.max(norms)
-    return xp.all(xp.isfinite(norms) & (norms > 0)) & (top - xp.min(norms) <= EXTERNAL_CLIP_RTOL * top)
+    consecutive true gradients after steps that moved the parameters differ by far more. Written entry by entry
+    (the window is short): under ``jax.jit`` each reduction (``max``, ``min``, ``all``) is an XLA:CPU kernel of
+    its own, compiled with every step; the elementwise form is one."""
+    values = [norms[i] for i in range(len(norms))]
+    top, low = functools.reduce(xp.maximum, values), functools.reduce(xp.minimum, values)
+    valid = functools.reduce(operator.and_, [xp.isfinite(v) & (v > 0) for v in values])
+    return valid & (top - low <= EXTERNAL_CLIP_RTOL * top)
 
 
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)

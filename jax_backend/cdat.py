@@ -298,9 +298,10 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 stats=stats)
 
         ok = p.finite
-        if oracle == "secant" and p.f is None:  # closure-free: a gradient that was never computed is skipped
+        closure_free = oracle == "secant" and p.f is None
+        if closure_free:  # a gradient that was never computed is skipped
             ok = ok & has_gradient(abs_max(p.grad, dtype))
-        return select(ok, taken(), skip(updates, state))
+        return select(ok, taken(), skip(updates, state), leafwise_updates=closure_free)
 
     return optax.GradientTransformationExtraArgs(init, update)
 
