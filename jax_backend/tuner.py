@@ -257,9 +257,8 @@ def select(pred: Any, taken: tuple[Any, Any], skipped: tuple[Any, Any], *, leafw
     fuses into the scaling and into ``optax.apply_updates`` where the pick's pass-through keeps them apart. The
     closure-free update uses it: ~0.2 s less compile on the benchmark ViT's 19 leaves (the tuner's update alone,
     1.6 s against 1.8 s; the runner's whole step ~0.15 of a bare step less), and at 500 leaves 10.6 s against
-    11.4 s. With ``value_fn`` the leafwise ``where`` grows
-    the compile time faster than the leaf count (CDAT behind Adam, 500 leaves: 74 s against 16 s with the pick,
-    the bare Adam step ~4 s)."""
+    11.4 s. With ``value_fn`` the leafwise ``where`` grows the compile time faster than the leaf count (CDAT
+    behind Adam, 500 leaves: 73 s against 17 s with the pick, the bare Adam step ~4 s)."""
     if leafwise_updates:
         updates = jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken[0], skipped[0])
         return updates, pick(pred, taken[1], skipped[1])

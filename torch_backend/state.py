@@ -33,8 +33,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   live param groups never hold these keys.
 
 :func:`prepare` checks a state dict completely before anything is assigned (``load_state_dict`` is atomic)
-and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.1. :func:`without_ours` gives the base's part alone (the tuners'
-``base_state_dict()``, to go on with the bare base).
+and converts the ``{"base", "tuner"}`` checkpoints written by curvopt 0.1. :func:`without_ours` gives the
+base's part alone (the tuners' ``base_state_dict()``, to go on with the bare base).
 """
 from __future__ import annotations
 
