@@ -49,6 +49,7 @@ __all__ = [
     "above_edge_guard",
     "loss_bound_curvature",
     "loss_bound_step",
+    "POLYAK_LR_MAX",
     "PolyakRule",
     "EdgeOfStabilityRule",
     "polyak_cap_warning",
@@ -652,19 +653,25 @@ class CDATRule:
         return lr, CDATState(num_avg, den_avg, weight, lr, *guard)
 
 
+#: the Polyak step's default cap (a rate of gradient descent)
+POLYAK_LR_MAX = 1.0
+
+
 @dataclass(frozen=True)
 class PolyakRule:
-    """Polyak's step ``min((f - f_star) / (-g^T u), lr_max)`` (:func:`polyak_lr`)."""
+    """Polyak's step ``min((f - f_star) / (-g^T u), lr_max)`` (:func:`polyak_lr`); ``lr_max=None`` is
+    :data:`POLYAK_LR_MAX` (:func:`polyak_cap_warning` says where that default is not a rate)."""
 
     f_star: float = 0.0
-    lr_max: float = 1.0
+    lr_max: float | None = None
 
     needs: ClassVar[frozenset] = frozenset({"value"})
     default_sharpness: ClassVar[SharpnessConfig] = SharpnessConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
-        object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
+        lr_max = POLYAK_LR_MAX if self.lr_max is None else self.lr_max
+        object.__setattr__(self, "lr_max", check_positive("lr_max", lr_max, allow_inf=True))
 
     @property
     def loss_bound(self) -> float:
@@ -689,7 +696,7 @@ def polyak_cap_warning(method: Any, lr_max: Any) -> str | None:
     if lr_max is not None or (method is not None and method.kind == "gd"):
         return None
     base = "a base other than gradient descent" if method is None else method.kind.replace("_", " ")
-    return (f"the Polyak step behind {base} with the default lr_max={PolyakRule.lr_max:g}: until the loss nears "
+    return (f"the Polyak step behind {base} with the default lr_max={POLYAK_LR_MAX:g}: until the loss nears "
             "f_star its rate (f - f_star) / (-g^T u) sits at lr_max, which is a learning rate of this base; pass "
             "lr_max= (in the base's units, e.g. its tuned constant learning rate)")
 

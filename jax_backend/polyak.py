@@ -57,7 +57,7 @@ def scale_by_polyak(
     message = polyak_cap_warning(method, lr_max)
     if message:
         warn(f"{name}: {message}")
-    rule = make(PolyakRule, f_star=f_star, lr_max=_POLYAK.lr_max if lr_max is None else lr_max)
+    rule = make(PolyakRule, f_star=f_star, lr_max=lr_max)
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, sharpness_every=sharpness_every,
                               sharpness_iters=sharpness_iters, sharpness_first_iters=sharpness_first_iters,
                               sharpness_tol=sharpness_tol)

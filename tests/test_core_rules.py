@@ -422,6 +422,13 @@ def test_polyak_cap_warning_by_base():
     assert "other than gradient descent" in rules.polyak_cap_warning(None, None)
 
 
+def test_polyak_default_cap_lives_in_the_rule():
+    """``lr_max=None`` (what both backends pass when the user gives none) is the core's one default."""
+    assert rules.PolyakRule().lr_max == rules.PolyakRule(lr_max=None).lr_max == rules.POLYAK_LR_MAX == 1.0
+    assert rules.PolyakRule(lr_max=0.5).lr_max == 0.5
+    assert dataclasses.replace(rules.PolyakRule(lr_max=0.5), lr_max=None).lr_max == rules.POLYAK_LR_MAX
+
+
 def test_armijo_default_c_by_base():
     """The line search's ``c=None``: 0.1 behind gradient descent, 0.5 behind heavy ball, Nesterov, Adam and an
     unknown base; an explicit ``c`` is kept; the rule's own default is gradient descent's."""

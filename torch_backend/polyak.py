@@ -32,7 +32,7 @@ class PolyakStep(CurvatureTuner):
                  distributed: DistributedLike = "auto", allow_any_base: bool = False,
                  max_grad_norm: Optional[float] = None, functional_loss: Optional[Callable] = None,
                  **deprecated: Any) -> None:
-        self.rule = PolyakRule(f_star=f_star, lr_max=default_of(PolyakRule, "lr_max") if lr_max is None else lr_max)
+        self.rule = PolyakRule(f_star=f_star, lr_max=lr_max)
         super().__init__(base, sharpness=sharpness, modules=modules, stability_coefficient=stability_coefficient,
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
