@@ -16,7 +16,7 @@ step).
 Compile time (``python -m benchmarks.overhead_jax --compile [--repeats N]``, :func:`compile_times`): the whole
 jitted training step of the benchmark runner (:mod:`benchmarks.train_jax`: ``value_and_grad``, the transform's
 update with ``value``/``grad``/``value_fn``/``batch``, ``apply_updates``) on the default suite's JAX ViT
-(width 8) and its LM (width 16), lowered and compiled from scratch (``jax.clear_caches()``, persistent
+(width 8) and its full-batch LM (width 4), lowered and compiled from scratch (``jax.clear_caches()``, persistent
 compilation cache off) for the bare Adam step (the runner's constant-lr transform) and for CDAT: the library
 default with ``value_fn`` (the ``fd`` oracle), closure-free (no ``value_fn``: the secant), and with the suite's
 online sharpness every 25 steps; and the bare step plus a second gradient at a probe point, the floor of any
@@ -138,15 +138,13 @@ def measure(repeats: int, steps: int = 10, tasks: tuple[str, ...] = ("cnn", "lm"
 
 # ------------------------------------------------------------------------------------------- compile time
 def _suite_problem(task: str):
-    """``(loss_fn(params, batch), params, batch, experiment)`` of the default suite's JAX ViT (width 8) or its LM
-    (width 16), as :mod:`benchmarks.train_jax` builds them."""
+    """``(loss_fn(params, batch), params, batch, experiment)`` of the default suite's JAX ViT (width 8) or its
+    full-batch LM (width 4), as :mod:`benchmarks.train_jax` builds them."""
     from benchmarks import suites, tasks
 
-    if task == "vit":
-        exp = next(e for e in suites.DEFAULT.experiments if e.task == "vit" and "jax" in e.backends)
-    else:
-        exp = next(e for e in suites.DEFAULT.experiments if e.task == "lm" and e.regime == "full")
-    width = exp.widths[0]
+    width = {"vit": 8, "lm": 4}[task]
+    exp = next(e for e in suites.DEFAULT.experiments
+               if e.task == task and e.regime == "full" and width in e.widths and e.params == ("sp",))
     prob = tasks.jax_problem(exp, width, seed=0)
     return prob.loss_fn, prob.params, next(prob.batches()), exp
 

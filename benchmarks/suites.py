@@ -9,9 +9,9 @@
   and LM (the LM also with CDAT's paper numerator ``"direction"``, the Adam default before the momentum numerator,
   and the opt-in ``"paired"``), JAX rows (ViT: CDAT and
   the constant grid) and muP rows (ViT, 3 widths). The constant grid is √2-spaced and widened while its best
-  value sits at an edge (the full-batch cells start from 3 values, the mini-batch ones from 5; at most 2 added
-  for the ViT, whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to
-  divergence).
+  value sits at an edge (the full-batch SP cells start from 3 values per width around the best constant of earlier
+  runs, the muP cell from 3 values shared by its widths, the mini-batch ones from 5; at most 2 added for the ViT,
+  whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence).
   Online sharpness every 25 steps (50 on the full-batch ResNet and LM).
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
@@ -130,38 +130,45 @@ SMOKE = Suite(
     ),
 )
 
-FULL = ("constant",) + CDATS + ("greedy", "prodigy", "schedulefree")
 MINI = ("constant",) + CDATS + ("prodigy", "schedulefree")
 VIT = {"depth": 1, "heads": 2, "patch": 4, "mlp_ratio": 2}
 LM = {"depth": 1, "heads": 2, "mlp_ratio": 2}
 DIGITS_TRAIN = 1438  # every training digit (the other 359 of the 1,797 are the eval split)
 
 
-def _widths(exp: Experiment, widths: tuple[int, ...], every: tuple[str, ...],
-            middle: tuple[str, ...]) -> tuple[Experiment, ...]:
-    """``exp`` with the tuners ``every`` at every width and ``middle`` too at the middle width (the runs of
-    both share their keys, so the constant grid of the middle width runs once)."""
-    return (replace(exp, widths=widths, tuners=every), replace(exp, widths=(widths[1],), tuners=middle))
+def _per_width(exp: Experiment, centres: dict[int, float], every: tuple[str, ...],
+               middle: tuple[str, ...]) -> tuple[Experiment, ...]:
+    """``exp`` once per width of ``centres`` (width -> the centre of that width's 3-value √2 constant grid), with
+    the tuners ``every`` at each width and ``middle`` too at the middle one. The centres are where the best
+    constant sat in earlier runs of the suite; the widening (``exp.widen``) follows the best wherever it lies, so
+    a centre only saves the runs the widening would add (one shared grid for 3 widths widened by 3-4 values)."""
+    widths = sorted(centres)
+    return tuple(replace(exp, widths=(w,), grid=grid(centres[w], 3, R2),
+                         tuners=every + (middle if w == widths[len(widths) // 2] else ()))
+                 for w in widths)
 
 
 DEFAULT = Suite(
     "default",
-    "3 seeds x 500 steps, √2 constant grid widened at its edges: full-batch ViT (1,024 digits), ResNet (512 "
-    "digits) and LM (256 blocks), 3 widths each (CDAT at every width; the paper rule, greedy and the peers at "
+    "3 seeds x 500 steps, √2 constant grid per width widened at its edges: full-batch ViT (1,024 digits), ResNet "
+    "(512 digits) and LM (256 blocks), 3 widths each (CDAT at every width; the paper rule, greedy and the peers at "
     "the middle one, the ViT's paper rule at every width, the ResNet's line search at the narrowest); mini-batch "
     "ResNet and LM; JAX rows (ViT) and "
     "muP rows (ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
-    _widths(Experiment("vit", "full", (), (), 500, model=VIT, full_batch_size=1024, eval_size=359,
-                       grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25),
-            (4, 8, 16), ("constant",) + CDATS, FULL + ("dadapt", "sophia"))
-    + _widths(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359,
-                         grid=grid(0.177, 3, R2), widen=4, sharpness=50),
-              (2, 4, 8), ("constant", "cdat"), FULL)
+    _per_width(Experiment("vit", "full", (), (), 500, model=VIT, full_batch_size=1024, eval_size=359,
+                          widen=2, sharpness=25),
+               {4: 0.09051, 8: 0.128, 16: 0.128}, ("constant",) + CDATS,
+               ("greedy",) + PEERS)
+    + _per_width(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359, widen=4,
+                            sharpness=50),
+                 {2: 0.354, 4: 0.2503, 8: 0.1252}, ("constant", "cdat"),
+                 ("cdat:startup=paper", "greedy", "prodigy", "schedulefree"))
     + (Experiment("resnet", "full", (2,), ("constant", "linesearch"), 500, full_batch_size=512, eval_size=359,
-                  grid=grid(0.177, 3, R2), widen=4, sharpness=50),)  # the line search at the cheapest width
-    + _widths(Experiment("lm", "full", (), (), 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
-                         grid=grid(0.032, 3, R2), widen=4, sharpness=50),
-              (4, 8, 16), ("constant", "cdat"), MINI)
+                  grid=grid(0.354, 3, R2), widen=4, sharpness=50),)  # the line search at the cheapest width
+    + _per_width(Experiment("lm", "full", (), (), 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
+                            widen=4, sharpness=50),
+                 {4: 0.06399, 8: 0.02263, 16: 0.032}, ("constant", "cdat"),
+                 ("cdat:startup=paper", "prodigy", "schedulefree"))
     + (
         Experiment("resnet", "mini", (8,), MINI, 500, batch_size=64, eval_size=359,
                    grid=grid(0.5, 5, R2), widen=4, sharpness=25),
@@ -169,7 +176,7 @@ DEFAULT = Suite(
                    batch_size=16, block_len=32, eval_size=256,
                    grid=grid(0.032, 5, R2), widen=4, sharpness=25),
         Experiment("vit", "full", (8,), ("constant", "cdat"), 500, model=VIT,
-                   full_batch_size=1024, eval_size=359, grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25,
+                   full_batch_size=1024, eval_size=359, grid=grid(0.128, 3, R2), widen=2, sharpness=25,
                    backends=("jax",)),
         Experiment("vit", "full", (8, 16, 32), ("constant",) + CDATS, 500, model=VIT, full_batch_size=256,
                    eval_size=359, grid=grid(0.064 * R2, 3, R2), widen=2, sharpness=25, params=("mup",)),
