@@ -9,12 +9,15 @@ grad (that depend on the parameters: the batch's own preprocessing does not coun
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["computation_eps"]
+__all__ = ["computation_eps", "gradient_eps"]
+
+#: the half-precision dtypes an autocast forward pass computes in, coarsest first
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class _GradDtypes(TorchFunctionMode):
@@ -36,3 +39,29 @@ def computation_eps(fn: Callable[[], Any]) -> tuple[Any, float]:
     with _GradDtypes() as mode:
         out = fn()
     return out, max((torch.finfo(d).eps for d in mode.seen), default=0.0)
+
+
+def gradient_eps(grads: Sequence[torch.Tensor], min_entries: int = 64) -> float:
+    """The machine epsilon of the coarsest half-precision dtype (bfloat16, then float16) in which some wider
+    gradient is exactly representable in each of its nonzero entries (at least ``min_entries`` of them); 0.0 if
+    none is.
+
+    Closure-free, the forward pass ran before ``step``, so its precision cannot be watched
+    (:func:`computation_eps`). An autocast forward pass leaves its trace in the gradients, though: the gradient
+    of a parameter whose operation ran in bfloat16 is a bfloat16 tensor cast up, every entry representable in
+    bfloat16, which an entry computed in float32 is with a chance of 2^-16. Parameters whose operations autocast
+    keeps in float32 (normalisation layers) do not count against it. A gradient rescaled by a factor that is not
+    a power of two (an outside ``clip_grad_norm_``, accumulated micro-batches) loses the trace: 0.0 then."""
+    out = 0.0
+    for g in grads:
+        if g.dtype not in (torch.float32, torch.float64) or g.is_sparse:
+            continue
+        nonzero = g[g != 0]
+        if nonzero.numel() < min_entries:
+            continue
+        for d in _HALF:
+            eps = torch.finfo(d).eps
+            if eps > out and bool(torch.equal(nonzero.to(d).to(g.dtype), nonzero)):
+                out = eps
+                break
+    return out

@@ -77,6 +77,7 @@ from .oracles import check_functional_loss, exact, exact_hvp, explain_double_bac
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
                               preconditioner_scales)
 from .noise import noise_metric, noise_numerator
+from .precision import gradient_eps
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
@@ -654,7 +655,9 @@ class CurvatureTuner(torch.optim.Optimizer):
                 lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
             if probing:
                 nw, nu = host_values(ws.norms(w0, u), S)
-                lr = finite_difference_step(nw, nu, dtype_eps=least_precise_eps(params), xp=S)
+                # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps)
+                lr = finite_difference_step(nw, nu, dtype_eps=max(least_precise_eps(params), gradient_eps(grads)),
+                                            xp=S)
                 if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
                     self._probed = (float(lr), count)
             elif lagged and self._probed is not None:
