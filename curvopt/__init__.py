@@ -3,13 +3,13 @@
 This package is the backend-agnostic core: the rules as formulas and as values (``rules``), the base
 optimizer's description (``base``), stability thresholds (``thresholds``), Adam's preconditioner
 (``preconditioner``), the online eigen-solver (``eigen``), shared settings (``config``), hyperparameter checks
-(``validation``), the names of the logged statistics (``stats``), diagnostics and the μP tables (``mup``). It
-imports neither torch nor jax.
+(``validation``), the names of the logged statistics (``stats``), the precision a gradient shows (``precision``),
+diagnostics and the μP tables (``mup``). It imports neither torch nor jax.
 
 The tuners themselves live in the backends, imported through ``curvopt.torch`` (PyTorch) and
 ``curvopt.optax`` (JAX/Optax).
 """
-from . import base, config, diagnostics, eigen, preconditioner, rules, stats, thresholds, validation
+from . import base, config, diagnostics, eigen, precision, preconditioner, rules, stats, thresholds, validation
 from .base import BaseMethod
 from .config import SharpnessConfig
 from .rules import ArmijoRule, CDATRule, EdgeOfStabilityRule, PolyakRule
@@ -18,7 +18,8 @@ from .thresholds import stability_coefficient, stability_threshold
 __version__ = "0.2.0"
 
 __all__ = [
-    "base", "config", "diagnostics", "eigen", "preconditioner", "rules", "stats", "thresholds", "validation",
+    "base", "config", "diagnostics", "eigen", "precision", "preconditioner", "rules", "stats", "thresholds",
+    "validation",
     "BaseMethod", "SharpnessConfig", "CDATRule", "PolyakRule", "EdgeOfStabilityRule", "ArmijoRule",
     "stability_coefficient", "stability_threshold",
 ]

@@ -33,10 +33,11 @@ from jax.extend.core import Var, jaxpr_as_fun
 from curvopt import rules
 from curvopt.config import EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_stalled, watched_norms
 from curvopt.curvature import finite_difference_curvature
+from curvopt.precision import HALF_DTYPES, gradient_compute_eps
 
 from .direction import add_scaled, least_precise_eps, norm, vdot
 
-__all__ = ["SecantMemory", "secant_init", "secant_remember", "fd_step", "curvature"]
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "gradient_eps", "fd_step", "curvature"]
 
 
 class SecantMemory(NamedTuple):
@@ -161,12 +162,31 @@ def computation_eps(f: Callable[[Any], Any], params: Any) -> float:
     return max((float(jnp.finfo(dt).eps) for dt in found), default=0.0)
 
 
-def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None) -> Any:
+def gradient_eps(grad: Any) -> Any:
+    """The precision the forward pass behind ``grad`` computed in, as the core reads it from the gradient
+    (:func:`curvopt.precision.gradient_compute_eps`; a flax module with ``dtype=bfloat16`` over float32
+    parameters leaves bfloat16 values cast up): a traced machine epsilon, 0 when nothing shows a half dtype. One
+    reduction over the concatenated float32/float64 leaves."""
+    wide = [x for x in jax.tree.leaves(grad) if jnp.result_type(x) in (jnp.float32, jnp.float64)]
+    if not wide:
+        return jnp.float32(0.0)
+    g = jnp.concatenate([jnp.ravel(x).astype(jnp.float64 if jnp.result_type(x) == jnp.float64 else jnp.float32)
+                         for x in wide])
+    nz = g != 0
+    counts = jnp.stack([nz] + [(g.astype(dt).astype(g.dtype) == g) & nz for dt, _ in HALF_DTYPES]).sum(
+        axis=1, dtype=jnp.int32)
+    return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
+
+
+def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None, grad: Any = None) -> Any:
     """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``), ``eps``
-    the coarsest of the parameters' dtypes and, given the loss ``f``, of the dtypes it computes in."""
+    the coarsest of the parameters' dtypes and, given the loss ``f``, of the dtypes it computes in, or given only
+    the gradient ``grad`` (closure-free), of the dtype it shows (:func:`gradient_eps`)."""
     eps = least_precise_eps(params)
     if f is not None:
         eps = max(eps, computation_eps(f, params))
+    elif grad is not None:
+        eps = jnp.maximum(eps, gradient_eps(grad))
     return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
 
 
@@ -220,7 +240,7 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     available = ~jnp.isnan(estimate)
     stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
     if f is None:
-        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype)), available, stretch, None
+        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype, grad=grad)), available, stretch, None
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
     return curv, calls, nan, available, stretch, None

@@ -673,3 +673,15 @@ def test_eos_loss_cap_by_hand():
     assert off == pytest.approx([3.0], rel=1e-15)
     assert rules.EdgeOfStabilityRule().loss_cap == 1.0 and rules.EdgeOfStabilityRule().loss_bound == 0.0
     assert dataclasses.replace(rule, loss_cap=math.inf).loss_bound == -math.inf
+
+
+def test_gradient_compute_eps_takes_the_coarsest_half_dtype_most_entries_fit():
+    from curvopt.precision import MIN_NONZERO, gradient_compute_eps
+
+    bf16, f16 = 2.0 ** -7, 2.0 ** -10
+    assert gradient_compute_eps(1000, [1000, 1000], np) == bf16  # bf16 values fit fp16 too: the coarser wins
+    assert gradient_compute_eps(1000, [120, 990], np) == f16
+    assert gradient_compute_eps(1000, [500, 500], np) == bf16  # half is enough
+    assert gradient_compute_eps(1000, [499, 499], np) == 0.0
+    assert gradient_compute_eps(1000, [1, 0], np) == 0.0  # a float32 computation
+    assert gradient_compute_eps(MIN_NONZERO - 1, [MIN_NONZERO - 1] * 2, np) == 0.0  # too few to tell

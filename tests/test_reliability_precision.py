@@ -395,3 +395,43 @@ def test_gradient_eps_reads_the_forward_precision_from_the_gradients():
     grads = [p.grad for p in model.parameters()]
     assert gradient_eps([g / 3.0 for g in grads if g.numel() >= 64]) == 0.0  # rescaled: the trace is gone
     assert gradient_eps([torch.zeros(100), torch.ones(10)]) == 0.0  # too few nonzero entries to tell
+
+
+def test_jax_closure_free_probe_sized_for_a_bf16_forward_and_the_same_reading_as_torch():
+    """The Optax counterpart: closure-free there is no value_fn to read the precision from, so the probing step
+    reads it from the gradient (jax_backend.oracles.gradient_eps, the core's curvopt.precision rule): a model
+    computing in bf16 over float32 parameters probes 2^8 x farther than the float32 model. And the same
+    gradients (float32, bf16 values cast up, fp16 values cast up) read the same precision in both backends."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from curvopt.optax import cdat, stats
+    from jax_backend.oracles import gradient_eps as jax_gradient_eps
+    from torch_backend.precision import gradient_eps as torch_gradient_eps
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((256, 20)), jnp.float32)
+    y = jnp.asarray((np.asarray(x) @ rng.standard_normal((20, 3))).argmax(1))
+    r = np.random.default_rng(1)
+    p0 = {"w1": jnp.asarray(r.standard_normal((20, 64)) / np.sqrt(20), jnp.float32), "b1": jnp.zeros(64),
+          "w2": jnp.asarray(r.standard_normal((64, 3)) / 8, jnp.float32), "b2": jnp.zeros(3)}
+
+    def first_rate(cdt):
+        def loss(p):
+            q = jax.tree.map(lambda a: a.astype(cdt), p)
+            logits = (jax.nn.gelu(x.astype(cdt) @ q["w1"] + q["b1"]) @ q["w2"] + q["b2"]).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        opt = cdat(optax.scale_by_adam())
+        v, g = jax.value_and_grad(loss)(p0)
+        _, s = jax.jit(lambda g, s, p, v: opt.update(g, s, p, value=v, grad=g))(g, opt.init(p0), p0, v)
+        return float(stats(s)["lr"]), g
+
+    h32, g32 = first_rate(jnp.float32)
+    h16, g16 = first_rate(jnp.bfloat16)
+    assert h16 / h32 == pytest.approx(2.0 ** 8, rel=1e-3)
+    for g, want in ((g32, 0.0), (g16, 2.0 ** -7),
+                    (jax.tree.map(lambda a: a.astype(jnp.float16).astype(jnp.float32), g32), 2.0 ** -10)):
+        assert float(jax_gradient_eps(g)) == want
+        assert torch_gradient_eps([torch.from_numpy(np.asarray(a)) for a in jax.tree.leaves(g)]) == want

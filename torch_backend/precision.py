@@ -5,19 +5,23 @@ A ``torch.autocast(bfloat16)`` forward pass computes in bfloat16 while the param
 finite-difference displacement sized for float32 is then rounded away in the forward pass (the ``fd`` curvature
 was off by a median 46-127 % per seed behind Adam on a digits MLP, worst 66x, with sign flips). The torch
 function mode below watches one call and records the floating dtypes of the operations' outputs that require
-grad (that depend on the parameters: the batch's own preprocessing does not count).
+grad (that depend on the parameters: the batch's own preprocessing does not count). Closure-free there is no
+call to watch: :func:`gradient_eps` reads the precision from the gradients (:mod:`curvopt.precision`).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from curvopt.precision import HALF_DTYPES, gradient_compute_eps
+
 __all__ = ["computation_eps", "gradient_eps"]
 
-#: the half-precision dtypes an autocast forward pass computes in, coarsest first
-_HALF = (torch.bfloat16, torch.float16)
+#: :data:`curvopt.precision.HALF_DTYPES` as torch dtypes
+_HALF = tuple(getattr(torch, name) for name, _ in HALF_DTYPES)
 
 
 class _GradDtypes(TorchFunctionMode):
@@ -41,27 +45,13 @@ def computation_eps(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, max((torch.finfo(d).eps for d in mode.seen), default=0.0)
 
 
-def gradient_eps(grads: Sequence[torch.Tensor], min_entries: int = 64) -> float:
-    """The machine epsilon of the coarsest half-precision dtype (bfloat16, then float16) in which some wider
-    gradient is exactly representable in each of its nonzero entries (at least ``min_entries`` of them); 0.0 if
-    none is.
-
-    Closure-free, the forward pass ran before ``step``, so its precision cannot be watched
-    (:func:`computation_eps`). An autocast forward pass leaves its trace in the gradients, though: the gradient
-    of a parameter whose operation ran in bfloat16 is a bfloat16 tensor cast up, every entry representable in
-    bfloat16, which an entry computed in float32 is with a chance of 2^-16. Parameters whose operations autocast
-    keeps in float32 (normalisation layers) do not count against it. A gradient rescaled by a factor that is not
-    a power of two (an outside ``clip_grad_norm_``, accumulated micro-batches) loses the trace: 0.0 then."""
-    out = 0.0
-    for g in grads:
-        if g.dtype not in (torch.float32, torch.float64) or g.is_sparse:
-            continue
-        nonzero = g[g != 0]
-        if nonzero.numel() < min_entries:
-            continue
-        for d in _HALF:
-            eps = torch.finfo(d).eps
-            if eps > out and bool(torch.equal(nonzero.to(d).to(g.dtype), nonzero)):
-                out = eps
-                break
-    return out
+def gradient_eps(grads: Sequence[torch.Tensor]) -> float:
+    """The precision the forward pass behind ``grads`` computed in, as the core reads it from them
+    (:func:`curvopt.precision.gradient_compute_eps`): a machine epsilon, 0.0 when nothing shows a half dtype."""
+    wide = [g for g in grads if g.dtype in (torch.float32, torch.float64) and not g.is_sparse]
+    if not wide:
+        return 0.0
+    nonzero = sum(int(torch.count_nonzero(g)) for g in wide)
+    representable = [sum(int(torch.count_nonzero((g.to(d).to(g.dtype) == g) & (g != 0))) for g in wide)
+                     for d in _HALF]
+    return float(gradient_compute_eps(nonzero, representable, np))
