@@ -51,7 +51,7 @@ def gradient_eps(grads: Sequence[torch.Tensor]) -> float:
     wide = [g for g in grads if g.dtype in (torch.float32, torch.float64) and not g.is_sparse]
     if not wide:
         return 0.0
-    nonzero = sum(int(torch.count_nonzero(g)) for g in wide)
-    representable = [sum(int(torch.count_nonzero((g.to(d).to(g.dtype) == g) & (g != 0))) for g in wide)
-                     for d in _HALF]
+    counts = torch.stack([torch.stack([torch.count_nonzero(g)] + [
+        torch.count_nonzero((g.to(d).to(g.dtype) == g) & (g != 0)) for d in _HALF]) for g in wide]).sum(0)
+    nonzero, *representable = counts.tolist()  # one host read
     return float(gradient_compute_eps(nonzero, representable, np))
