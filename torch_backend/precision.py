@@ -18,6 +18,8 @@ from torch.overrides import TorchFunctionMode
 
 from curvopt.precision import HALF_DTYPES, gradient_compute_eps
 
+from .vectors import global_sum
+
 __all__ = ["computation_eps", "gradient_eps"]
 
 #: :data:`curvopt.precision.HALF_DTYPES` as torch dtypes
@@ -53,5 +55,5 @@ def gradient_eps(grads: Sequence[torch.Tensor]) -> float:
         return 0.0
     counts = torch.stack([torch.stack([torch.count_nonzero(g)] + [
         torch.count_nonzero((g.to(d).to(g.dtype) == g) & (g != 0)) for d in _HALF]) for g in wide]).sum(0)
-    nonzero, *representable = counts.tolist()  # one host read
+    nonzero, *representable = global_sum(counts).tolist()  # over every shard; one host read
     return float(gradient_compute_eps(nonzero, representable, np))

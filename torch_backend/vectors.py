@@ -38,7 +38,9 @@ def reducing(reducer: Optional[Any]) -> Iterator[None]:
         _SHARDS.reset(token)
 
 
-def _global_sum(x: Tensor) -> Tensor:
+def global_sum(x: Tensor) -> Tensor:
+    """``x``, a sum over this rank's parameters, summed over the ranks' shards inside :func:`reducing` with sharded
+    parameters (else unchanged: replicated parameters' sums are already global)."""
     r = _SHARDS.get()
     return x if r is None else r.sum_(x)
 
@@ -82,10 +84,10 @@ def concatenating(flag: bool) -> Iterator[None]:
 def dot(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> Tensor:
     """``sum_i <x_i, y_i>`` as a 0-d tensor (real inner product)."""
     if len(xs) == 1:
-        return _global_sum(torch.dot(_flat(_acc(xs[0])), _flat(_acc(ys[0]))))
+        return global_sum(torch.dot(_flat(_acc(xs[0])), _flat(_acc(ys[0]))))
     if _CONCAT.get():
-        return _global_sum(torch.dot(_acc(torch.cat([_flat(x) for x in xs])), _acc(torch.cat([_flat(y) for y in ys]))))
-    return _global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
+        return global_sum(torch.dot(_acc(torch.cat([_flat(x) for x in xs])), _acc(torch.cat([_flat(y) for y in ys]))))
+    return global_sum(torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum())
 
 
 def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
@@ -103,7 +105,7 @@ def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> Tensor:
     else:
         out = torch.stack([torch.stack([torch.dot(_flat(_acc(x)), _flat(_acc(y))) for x, y in zip(xs, ys)]).sum()
                            for xs, ys in pairs])
-    return _global_sum(out)
+    return global_sum(out)
 
 
 def flat_dots(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
@@ -118,7 +120,7 @@ def flat_dots(pairs: Sequence[tuple[Tensor, Tensor]]) -> list[Tensor]:
             acc[k] = _acc(x)
         return acc[k]
     out = [torch.dot(read(x), read(y)) for x, y in pairs]
-    return out if _SHARDS.get() is None else list(_global_sum(torch.stack(out)).unbind())
+    return out if _SHARDS.get() is None else list(global_sum(torch.stack(out)).unbind())
 
 
 def norms(*lists: Sequence[Tensor]) -> list[Tensor]:
@@ -143,7 +145,7 @@ def flat_norms(xs: Sequence[Tensor]) -> list[Tensor]:
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
     """``sum_i ||x_i||^2`` (one fused norm kernel per call)."""
-    return _global_sum(torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum())
+    return global_sum(torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum())
 
 
 def norm(xs: Sequence[Tensor]) -> Tensor:
