@@ -240,7 +240,8 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     available = ~jnp.isnan(estimate)
     stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
     if f is None:
-        return estimate, jnp.int32(0), jnp.where(available, nan, fd_step(params, d, dtype, grad=grad)), available, stretch, None
+        probe_lr = jnp.where(available, nan, fd_step(params, d, dtype, grad=grad))
+        return estimate, jnp.int32(0), probe_lr, available, stretch, None
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
     return curv, calls, nan, available, stretch, None
