@@ -28,12 +28,13 @@ from .warning import warn
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "flat", "norm", "add_scaled", "scaled",
            "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates", "NEGATED_DIRECTION_MESSAGE"]
 
-NEGATED_DIRECTION_MESSAGE = (
-    "curvopt: the direction handed to the tuner is an ascent direction on its first step (g^T d < 0): the "
+_NEGATED = (
+    "curvopt: the direction handed to the tuner is an ascent direction {evidence}: the "
     "chain before it probably already negated the updates (e.g. optax.sgd(1.0)). The tuner replaces "
     "optax.scale_by_learning_rate: chain it after a scale_by_* base (optax.scale_by_adam(), optax.trace(...), "
     "optax.identity() for gradient descent). With the paper's guard the learning rate is 0; the state's "
     "ascent_steps counts such steps.")
+NEGATED_DIRECTION_MESSAGE = _NEGATED.format(evidence="on its first step (g^T d < 0)")
 
 
 def accumulator_dtype(params: Any) -> Any:
@@ -131,8 +132,7 @@ def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
     except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check
         return
     if float(vdot(ones, d, jnp.float32)) < 0:
-        warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step (g^T d < 0)",
-                                               "(the base's update of an all-ones gradient is negative)"))
+        warn(_NEGATED.format(evidence="(the base's update of an all-ones gradient is negative)"))
 
 
 def _warn(flag: Any) -> None:

@@ -240,7 +240,9 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     available = ~jnp.isnan(estimate)
     stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
     if f is None:
-        probe_lr = jnp.where(available, nan, fd_step(params, d, dtype, grad=grad))
+        # the probe's size only where it probes (the first step, a re-probe): its reductions over the parameters
+        # and the gradient are not needed on a step that has its secant
+        probe_lr = jax.lax.cond(available, lambda: nan, lambda: fd_step(params, d, dtype, grad=grad))
         return estimate, jnp.int32(0), probe_lr, available, stretch, None
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
