@@ -685,3 +685,18 @@ def test_gradient_compute_eps_takes_the_coarsest_half_dtype_most_entries_fit():
     assert gradient_compute_eps(1000, [499, 499], np) == 0.0
     assert gradient_compute_eps(1000, [1, 0], np) == 0.0  # a float32 computation
     assert gradient_compute_eps(MIN_NONZERO - 1, [MIN_NONZERO - 1] * 2, np) == 0.0  # too few to tell
+
+
+def test_significant_bit_budgets_are_the_half_dtypes_bits_widened_for_an_average():
+    """One gradient: bfloat16's 8 and float16's 11 significant bits (exactly representable); the average of n
+    gradients (data-parallel ranks) may have ceil(log2 n) more bits, plus SPREAD_BITS (2) for the exponents' spread."""
+    from curvopt.precision import SPREAD_BITS, significant_bit_budgets, summed_bits
+
+    assert SPREAD_BITS == 2
+    assert significant_bit_budgets() == significant_bit_budgets(1) == (8, 11)
+    assert [summed_bits(n) for n in (1, 2, 3, 4, 8, 9, 32)] == [0, 3, 4, 4, 5, 6, 7]
+    assert significant_bit_budgets(8) == (13, 16)
+    # the budgets against values of known significant bits: 1 + 2^-7 has 8, 1 + 2^-8 has 9
+    mantissa = np.frexp(np.array([1 + 2.0 ** -7, 1 + 2.0 ** -8]))[0]
+    within = [[float(m * 2.0 ** b).is_integer() for m in mantissa] for b in significant_bit_budgets()]
+    assert within == [[True, False], [True, True]]

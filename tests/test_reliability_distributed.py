@@ -107,6 +107,23 @@ def train(case, model, module, x, y, distributed="auto", steps=STEPS, on_step=No
     return lrs, opt
 
 
+def closure_free_autocast(net, model, x, y, dtype=torch.bfloat16, steps=3):
+    """Closure-free CDAT behind Adam, the forward pass of ``net`` (``model`` or its DDP wrapper) under
+    ``torch.autocast(dtype)`` (None: float32): the learning rates (the first is the probing step's ``h``)."""
+    import curvopt.torch as ct
+
+    opt = ct.CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+    lrs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            loss = ((net(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        lrs.append(float(opt.stats["lr"]))
+    return lrs
+
+
 def reference(case):
     x, y = data()
     model = make_model()
@@ -161,6 +178,9 @@ def _ddp_worker(rank, world, port, out_dir):
         model = make_model()
         lrs, _ = train("polyak_adam", DDP(model), model, xl, yl, distributed=None)
         results["polyak_adam_unreduced"] = {"lrs": lrs}
+        # closure-free under bf16 autocast: the probe is sized for the precision read from the averaged gradients
+        model = make_model().float()
+        results["bf16_closure_free"] = {"lrs": closure_free_autocast(DDP(model), model, xl.float(), yl.float())}
 
         # FSDP1 with NO_SHARD (replicated flat parameters, averaged gradients) is supported
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy, fully_shard
@@ -265,6 +285,24 @@ def test_ddp_without_loss_reduction_would_differ(ddp_results):
     """Sanity check of the comparison: the rank-local loss gives a different Polyak step."""
     ref_lrs, _ = reference("polyak_adam")
     assert _rel(ddp_results[0]["polyak_adam_unreduced"]["lrs"], ref_lrs) > 1e-3
+
+
+@pytest.mark.slow
+def test_ddp_closure_free_probe_sized_for_the_ranks_bf16_forward(ddp_results):
+    """Under bf16 autocast each rank's gradient is bfloat16 values cast up, but DDP averages them in float32 and
+    most entries of the average are no longer bfloat16 values: read as one gradient it showed float16, a probe
+    2^1.5 too short. With the world size the tuner widens the reading's budget and sizes the probe as the
+    single-process full-batch run does (2^8 x float32's); the next steps' rates follow that run's."""
+    x, y = data()
+    model = make_model().float()
+    ref = closure_free_autocast(model, model, x.float(), y.float())
+    model = make_model().float()
+    fp32 = closure_free_autocast(model, model, x.float(), y.float(), dtype=None)
+    got = ddp_results[0]["bf16_closure_free"]["lrs"]
+    assert ddp_results[1]["bf16_closure_free"]["lrs"] == got
+    assert ref[0] / fp32[0] == pytest.approx(2.0 ** 8, rel=1e-3)
+    assert got[0] == pytest.approx(ref[0], rel=1e-2)
+    assert got[1:] == pytest.approx(ref[1:], rel=0.1)
 
 
 @pytest.mark.slow

@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from curvopt.precision import HALF_DTYPES, gradient_compute_eps
+from curvopt.precision import gradient_compute_eps, significant_bit_budgets
 
 from .vectors import global_sum
 
 __all__ = ["computation_eps", "gradient_eps"]
 
-#: :data:`curvopt.precision.HALF_DTYPES` as torch dtypes
-_HALF = tuple(getattr(torch, name) for name, _ in HALF_DTYPES)
 
 
 class _GradDtypes(TorchFunctionMode):
@@ -47,13 +45,21 @@ def computation_eps(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, max((torch.finfo(d).eps for d in mode.seen), default=0.0)
 
 
-def gradient_eps(grads: Sequence[torch.Tensor]) -> float:
+def gradient_eps(grads: Sequence[torch.Tensor], terms: int = 1) -> float:
     """The precision the forward pass behind ``grads`` computed in, as the core reads it from them
-    (:func:`curvopt.precision.gradient_compute_eps`): a machine epsilon, 0.0 when nothing shows a half dtype."""
+    (:func:`curvopt.precision.gradient_compute_eps`): a machine epsilon, 0.0 when nothing shows a half dtype.
+    ``terms``: the number of gradients averaged into ``grads`` (the data-parallel world size), which widens each
+    dtype's budget of significant bits (:func:`curvopt.precision.significant_bit_budgets`)."""
     wide = [g for g in grads if g.dtype in (torch.float32, torch.float64) and not g.is_sparse]
     if not wide:
         return 0.0
-    counts = torch.stack([torch.stack([torch.count_nonzero(g)] + [
-        torch.count_nonzero((g.to(d).to(g.dtype) == g) & (g != 0)) for d in _HALF]) for g in wide]).sum(0)
+    budgets = significant_bit_budgets(terms)
+
+    def within(g: torch.Tensor) -> list[torch.Tensor]:
+        mantissa = torch.frexp(g).mantissa
+        nonzero = g != 0
+        return [torch.count_nonzero((s == s.round()) & nonzero) for s in (mantissa * 2.0 ** b for b in budgets)]
+
+    counts = torch.stack([torch.stack([torch.count_nonzero(g)] + within(g)) for g in wide]).sum(0)
     nonzero, *representable = global_sum(counts).tolist()  # over every shard; one host read
     return float(gradient_compute_eps(nonzero, representable, np))

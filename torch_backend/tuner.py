@@ -655,9 +655,11 @@ class CurvatureTuner(torch.optim.Optimizer):
                 lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
             if probing:
                 nw, nu = host_values(ws.norms(w0, u), S)
-                # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps)
-                lr = finite_difference_step(nw, nu, dtype_eps=max(least_precise_eps(params), gradient_eps(grads)),
-                                            xp=S)
+                # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps),
+                # averaged over the data-parallel ranks
+                terms = 1 if self.distributed is None else self.distributed.world_size
+                lr = finite_difference_step(nw, nu, dtype_eps=max(least_precise_eps(params),
+                                                                  gradient_eps(grads, terms)), xp=S)
                 if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
                     self._probed = (float(lr), count)
             elif lagged and self._probed is not None:
