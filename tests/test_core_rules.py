@@ -700,3 +700,26 @@ def test_significant_bit_budgets_are_the_half_dtypes_bits_widened_for_an_average
     mantissa = np.frexp(np.array([1 + 2.0 ** -7, 1 + 2.0 ** -8]))[0]
     within = [[float(m * 2.0 ** b).is_integer() for m in mantissa] for b in significant_bit_budgets()]
     assert within == [[True, False], [True, True]]
+
+
+def test_cdat_robust_does_not_average_a_curvature_that_says_nothing():
+    """Rule 6 of CDATRule: with no loss to floor it (closure-free), a curvature that is not positive before the
+    averages hold a positive one leaves them and their weight as they were (rate 0). Averaged in as 0, 50 such
+    steps grew the numerator's average alone and the first positive curvature gave a rate 1,600x the one the same
+    curvature gives at the start (closure-free full-batch LM, seed 1: lr 181, loss 5.9 -> 3.7e5). Later they are
+    averaged in as before (0), under the growth cap."""
+    rule = rules.CDATRule(sigma=2.0, ema=0.99, guard=math.inf, loss_cap=math.inf)
+    lrs, state = _run(rule, [(1.0, -3.0)] * 50 + [(1.0, 2.0)])
+    assert lrs[:50] == [0.0] * 50
+    assert lrs[50] == pytest.approx(2 * 0.01 * 1.0 / 2.0, rel=1e-12)  # as the run's first step: sigma w n / c
+    assert float(state.avg_weight) == pytest.approx(0.01)
+    fresh, _ = _run(rule, [(1.0, 2.0)])
+    assert lrs[50] == pytest.approx(fresh[0], rel=1e-12)
+    # mid-run: averaged in as 0 (the denominator's average decays, the numerator's grows)
+    lrs, state = _run(rule, [(1.0, 2.0)] * 20 + [(1.0, -5.0)])
+    w = 1 - 0.99 ** 21
+    num, den = 0.99 * (1 - 0.99 ** 20) + 0.01, 0.99 * 2 * (1 - 0.99 ** 20)
+    assert lrs[20] == pytest.approx(2 * num * w / den, rel=1e-12) and float(state.avg_weight) == pytest.approx(w)
+    # with the loss known the floor makes the curvature positive and it is averaged as before
+    floor, _ = _run(rule, [(1.0, -3.0, 5.0)])
+    assert floor[0] == pytest.approx(2 * 0.01 * 1.0 / (1.0 / (2 * 5.0)), rel=1e-12)

@@ -1,7 +1,12 @@
-"""Closure-free CDAT behind Adam in mini-batch, on small models: ``python -m benchmarks.secant_minibatch
-[--seeds 0,1,2] [--steps 200] [--batches 32,128,512]``.
+"""Closure-free CDAT (``loss.backward(); opt.step()``, the secant of consecutive gradients) against CDAT with a
+closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite] [--seeds 0,1,2] [--steps 200]
+[--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
 
-A field test of the secant's noise collapse (docs/minibatch_study.md, section 10). Two small models trained with
+``suite``: the default suite's own cells (:func:`benchmarks.minibatch_study.run_variant`: the middle width, the
+suite's data, batch and 500 steps), mini-batch LM and ResNet, full-batch LM, ResNet and ViT; per seed the final
+train loss (the suite's definition), the eval loss and the ratio closure-free / ``fd``.
+
+``small`` (default): a field test of the secant's noise collapse on small models. Two small models trained with
 Adam on 512 examples: the benchmark's MLP (width 64) on scikit-learn's digits, and a GELU MLP on a 3-class
 Gaussian problem; per batch size and seed, ``--steps`` updates on reshuffled mini-batches (512: full batch). Compared: CDAT
 closure-free (``loss.backward(); opt.step()``: the secant of consecutive gradients), the same with
@@ -78,8 +83,28 @@ def run(task, variant: str, batch: int, seed: int, steps: int) -> tuple[float, f
     return train, test, variant if isinstance(variant, float) else float(opt.stats["lr"])
 
 
+SUITE_CELLS = (("lm", "mini"), ("resnet", "mini"), ("lm", "full"), ("resnet", "full"), ("vit", "full"))
+
+
+def suite(seeds: list[int]) -> None:
+    from benchmarks.minibatch_study import run_variant
+
+    print("| cell | closure-free: train loss per seed | fd: train loss per seed | ratio per seed | eval loss, "
+          "closure-free / fd |")
+    print("|---|---|---|---|---|")
+    for task, regime in SUITE_CELLS:
+        runs = {v: [run_variant(task, regime, s, v) for s in seeds] for v in ("secant", "fd")}
+        free, fd = runs["secant"], runs["fd"]
+        print(f"| {task} {regime} | " + " / ".join(f"{r['final']:.4g}" for r in free) + " | "
+              + " / ".join(f"{r['final']:.4g}" for r in fd) + " | "
+              + " / ".join(f"{a['final'] / b['final']:.3g}" for a, b in zip(free, fd)) + " | "
+              + " / ".join(f"{a['eval_loss']:.3g} vs {b['eval_loss']:.3g}" for a, b in zip(free, fd)) + " |",
+              flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="32,128,512")
@@ -87,6 +112,9 @@ def main(argv=None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the closure-free stall warning fires in the collapsing runs; the table shows it
+    if args.part == "suite":
+        suite(seeds)
+        return
     print("| task | batch | run | train loss per seed | eval loss per seed | last rate per seed |")
     print("|---|---|---|---|---|---|")
     for name, make_task in TASKS.items():
