@@ -27,8 +27,8 @@ __all__ = ["HALF_DTYPES", "MIN_NONZERO", "REPRESENTABLE_SHARE", "SPREAD_BITS", "
 
 #: the half-precision dtypes a forward pass may compute in, coarsest first, with their machine epsilons
 HALF_DTYPES: tuple[tuple[str, float], ...] = (("bfloat16", 2.0 ** -7), ("float16", 2.0 ** -10))
-#: the share of the gradient's nonzero entries exactly representable in a half dtype from which on the forward
-#: pass is taken to have computed in it
+#: the share of the gradient's nonzero entries within a half dtype's budget of significant bits (for one gradient:
+#: exactly representable in it) from which on the forward pass is taken to have computed in it
 REPRESENTABLE_SHARE = 0.5
 #: fewer nonzero gradient entries than this tell nothing (small integers are representable in any dtype)
 MIN_NONZERO = 64
@@ -58,10 +58,11 @@ def significant_bit_budgets(terms: int = 1) -> tuple[int, ...]:
 
 
 def gradient_compute_eps(nonzero: Any, representable: Sequence[Any], xp: Any) -> Any:
-    """The machine epsilon of the coarsest of :data:`HALF_DTYPES` in which at least :data:`REPRESENTABLE_SHARE`
-    of the gradient's ``nonzero`` entries (at least :data:`MIN_NONZERO` of them) are exactly representable, else
-    0. ``representable``: per dtype of :data:`HALF_DTYPES`, in its order, the count of nonzero entries within its
-    budget of :func:`significant_bit_budgets` (with one gradient: exactly representable in it)."""
+    """The machine epsilon of the coarsest of :data:`HALF_DTYPES` for which at least :data:`REPRESENTABLE_SHARE`
+    of the gradient's ``nonzero`` entries (at least :data:`MIN_NONZERO` of them) are within its budget of
+    significant bits, else 0. ``representable``: per dtype of :data:`HALF_DTYPES`, in its order, the count of
+    nonzero entries within its budget of :func:`significant_bit_budgets` (for one gradient: exactly representable
+    in the dtype)."""
     eps = nonzero * 0.0
     enough = nonzero >= MIN_NONZERO
     for (_, dtype_eps), count in reversed(list(zip(HALF_DTYPES, representable))):  # the coarsest decides last

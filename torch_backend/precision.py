@@ -23,7 +23,6 @@ from .vectors import global_sum
 __all__ = ["computation_eps", "gradient_eps"]
 
 
-
 class _GradDtypes(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
