@@ -4,19 +4,26 @@ closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite] [
 
 ``suite``: the default suite's own cells (:func:`benchmarks.minibatch_study.run_variant`: the middle width, the
 suite's data, batch and 500 steps), mini-batch LM and ResNet, full-batch LM, ResNet and ViT; per seed the final
-train loss (the suite's definition), the eval loss and the ratio closure-free / ``fd``.
+train loss (the suite's definition), the eval loss and the ratio to ``fd`` of the closure-free step, of the same
+with ``noise_correction=True`` and of a research variant, ``weighted`` (not a library setting): the noise correction's averaging without its subtraction
+(:func:`curvopt.curvature.secant_noise_corrected` with ``floor=1``), i.e. the secant's numerator and its scale
+``lr ||u||^2`` averaged before dividing, so that a step counts in proportion to its length (the probing step
+barely does).
 
 ``small`` (default): a field test of the secant's noise collapse on small models. Two small models trained with
 Adam on 512 examples: the benchmark's MLP (width 64) on scikit-learn's digits, and a GELU MLP on a 3-class
 Gaussian problem; per batch size and seed, ``--steps`` updates on reshuffled mini-batches (512: full batch). Compared: CDAT
 closure-free (``loss.backward(); opt.step()``: the secant of consecutive gradients), the same with
-``noise_correction=True``, CDAT with a closure (the ``fd`` oracle on each batch) and Adam at constant rates
+``noise_correction=True``, the research variant ``weighted`` (below), CDAT with a closure (the ``fd`` oracle on
+each batch) and Adam at constant rates
 (factor 2, 1e-3 ... 3.2e-2). Printed: final train loss on the 512 examples, eval loss on held-out examples, and
 CDAT's last rate, per seed; for the constants, the best of the grid by median train loss.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import statistics
 import warnings
 
@@ -86,20 +93,37 @@ def run(task, variant: str, batch: int, seed: int, steps: int) -> tuple[float, f
 SUITE_CELLS = (("lm", "mini"), ("resnet", "mini"), ("lm", "full"), ("resnet", "full"), ("vit", "full"))
 
 
+@contextlib.contextmanager
+def _weighted_only():
+    """The noise correction's averaging without its subtraction (the research variant ``weighted``)."""
+    import torch_backend.tuner as tuner_mod
+    from curvopt.curvature import secant_noise_corrected
+
+    tuner_mod.secant_noise_corrected = functools.partial(secant_noise_corrected, floor=1.0)
+    try:
+        yield
+    finally:
+        tuner_mod.secant_noise_corrected = secant_noise_corrected
+
+
 def suite(seeds: list[int]) -> None:
     from benchmarks.minibatch_study import run_variant
 
-    print("| cell | closure-free: train loss per seed | fd: train loss per seed | ratio per seed | eval loss, "
-          "closure-free / fd |")
-    print("|---|---|---|---|---|")
+    names = ("closure-free", "noise_correction=True", "weighted (research)")
+    print("| cell | `fd`: train loss per seed | " + " | ".join(f"{n}: train loss ÷ `fd`'s" for n in names)
+          + " | eval loss: " + ", ".join(names + ("`fd`",)) + " |")
+    print("|---|---|" + "---|" * len(names) + "---|")
     for task, regime in SUITE_CELLS:
-        runs = {v: [run_variant(task, regime, s, v) for s in seeds] for v in ("secant", "fd")}
-        free, fd = runs["secant"], runs["fd"]
-        print(f"| {task} {regime} | " + " / ".join(f"{r['final']:.4g}" for r in free) + " | "
-              + " / ".join(f"{r['final']:.4g}" for r in fd) + " | "
-              + " / ".join(f"{a['final'] / b['final']:.3g}" for a, b in zip(free, fd)) + " | "
-              + " / ".join(f"{a['eval_loss']:.3g} vs {b['eval_loss']:.3g}" for a, b in zip(free, fd)) + " |",
-              flush=True)
+        runs = {v: [run_variant(task, regime, s, v) for s in seeds] for v in ("fd", "secant", "secant+nc")}
+        with _weighted_only():
+            runs["weighted"] = [run_variant(task, regime, s, "secant+nc") for s in seeds]
+        fd = runs["fd"]
+        cols = [" / ".join(f"{a['final'] / b['final']:.3g}" for a, b in zip(runs[v], fd))
+                for v in ("secant", "secant+nc", "weighted")]
+        evals = " / ".join(", ".join(f"{runs[v][i]['eval_loss']:.3g}" for v in ("secant", "secant+nc", "weighted", "fd"))
+                           for i in range(len(seeds)))
+        print(f"| {task} {regime} | " + " / ".join(f"{r['final']:.4g}" for r in fd) + " | " + " | ".join(cols)
+              + f" | {evals} |", flush=True)
 
 
 def main(argv=None) -> None:
@@ -121,6 +145,8 @@ def main(argv=None) -> None:
         task = make_task()
         for batch in (int(b) for b in args.batches.split(",")):
             rows = {v: [run(task, v, batch, s, args.steps) for s in seeds] for v in ("secant", "secant+nc", "fd")}
+            with _weighted_only():
+                rows["weighted (research)"] = [run(task, "secant+nc", batch, s, args.steps) for s in seeds]
             grid = {c: [run(task, c, batch, s, args.steps) for s in seeds] for c in CONSTANTS}
             best = min(grid, key=lambda c: statistics.median(r[0] for r in grid[c]))
             rows[f"constant {best:.3g} (best of the grid)"] = grid[best]

@@ -780,7 +780,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.__dict__["_probe_free_ok"] = settings
 
     def _noise_on(self, probe_free: bool) -> bool:
-        # off unless asked: on full batch the estimate mistakes the drift of the gradient for noise (a CNN diverged)
+        # off unless asked (opt-in: the Optax backend has no counterpart; docs/minibatch_study.md, sections 1 and 10)
         return bool(self.noise_correction)
 
     def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor], metric: list) -> Tensor:
