@@ -159,7 +159,8 @@ SECANT_STALL_MESSAGE = (
     "without the loss the rule has no step to take and probes again: it never left the start of a double well). "
     "Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches; in PyTorch, "
     "noise_correction=True removes the secant's noise bias (it trained two small MLPs where this stalled, batches "
-    "of 32 and 128 of 512, and ended below the uncorrected step on 13 of the default suite's 15 closure-free runs).")
+    "of 32 and 128 of 512, and ended below the uncorrected step on 13 of the default suite's 15 closure-free runs; "
+    "behind SGD its rate collapsed late on the benchmark's mini-batch ResNet: watch the rate).")
 
 
 def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:
