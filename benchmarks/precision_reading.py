@@ -69,10 +69,7 @@ def averaged_gradient(task, dtype, world: int) -> list[torch.Tensor]:
 
 def _shares(grads: list[torch.Tensor], world: int) -> list[float]:
     g = torch.cat([t.reshape(-1) for t in grads])
-    g = g[g != 0]
-    mantissa = torch.frexp(g).mantissa
-    return [float(((mantissa * 2.0 ** b) == (mantissa * 2.0 ** b).round()).float().mean())
-            for b in precision.significant_bit_budgets(world)]
+    return [float(w.float().mean()) for w in precision.within_budgets(g[g != 0], world, torch)]
 
 
 def main(argv=None) -> None:

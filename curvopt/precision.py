@@ -23,7 +23,7 @@ import math
 from typing import Any, Sequence
 
 __all__ = ["HALF_DTYPES", "MIN_NONZERO", "REPRESENTABLE_SHARE", "SPREAD_BITS", "gradient_compute_eps",
-           "significant_bit_budgets", "summed_bits"]
+           "significant_bit_budgets", "summed_bits", "within_budgets"]
 
 #: the half-precision dtypes a forward pass may compute in, coarsest first, with their machine epsilons
 HALF_DTYPES: tuple[tuple[str, float], ...] = (("bfloat16", 2.0 ** -7), ("float16", 2.0 ** -10))
@@ -55,6 +55,13 @@ def significant_bit_budgets(terms: int = 1) -> tuple[int, ...]:
     the number of gradients averaged into it (the data-parallel world size). An entry ``x`` has at most ``b``
     significant bits iff ``m * 2**b`` is an integer for ``x = m * 2**e``, ``0.5 <= |m| < 1`` (``frexp``)."""
     return tuple(round(1 - math.log2(eps)) + summed_bits(terms) for _, eps in HALF_DTYPES)
+
+
+def within_budgets(values: Any, terms: int, xp: Any) -> list[Any]:
+    """Per dtype of :data:`HALF_DTYPES`, in its order, a boolean array: which entries of ``values`` (a float32 or
+    float64 array) are within its budget of :func:`significant_bit_budgets` for ``terms``."""
+    mantissa = xp.frexp(values)[0]
+    return [s == xp.round(s) for s in (mantissa * 2.0 ** b for b in significant_bit_budgets(terms))]
 
 
 def gradient_compute_eps(nonzero: Any, representable: Sequence[Any], xp: Any) -> Any:

@@ -33,7 +33,7 @@ from jax.extend.core import Var, jaxpr_as_fun
 from curvopt import rules
 from curvopt.config import EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_stalled, watched_norms
 from curvopt.curvature import finite_difference_curvature
-from curvopt.precision import gradient_compute_eps, significant_bit_budgets
+from curvopt.precision import gradient_compute_eps, within_budgets
 
 from .direction import add_scaled, least_precise_eps, norm, vdot
 
@@ -173,9 +173,7 @@ def gradient_eps(grad: Any) -> Any:
     g = jnp.concatenate([jnp.ravel(x).astype(jnp.float64 if jnp.result_type(x) == jnp.float64 else jnp.float32)
                          for x in wide])
     nz = g != 0
-    mantissa = jnp.frexp(g)[0]
-    scaled = [mantissa * 2.0 ** b for b in significant_bit_budgets()]
-    counts = jnp.stack([nz] + [(s == jnp.round(s)) & nz for s in scaled]).sum(axis=1, dtype=jnp.int32)
+    counts = jnp.stack([nz] + [w & nz for w in within_budgets(g, 1, jnp)]).sum(axis=1, dtype=jnp.int32)
     return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
 
 

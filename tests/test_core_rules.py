@@ -690,16 +690,17 @@ def test_gradient_compute_eps_takes_the_coarsest_half_dtype_most_entries_fit():
 def test_significant_bit_budgets_are_the_half_dtypes_bits_widened_for_an_average():
     """One gradient: bfloat16's 8 and float16's 11 significant bits (exactly representable); the average of n
     gradients (data-parallel ranks) may have ceil(log2 n) more bits, plus SPREAD_BITS (2) for the exponents' spread."""
-    from curvopt.precision import SPREAD_BITS, significant_bit_budgets, summed_bits
+    from curvopt.precision import SPREAD_BITS, significant_bit_budgets, summed_bits, within_budgets
 
     assert SPREAD_BITS == 2
     assert significant_bit_budgets() == significant_bit_budgets(1) == (8, 11)
     assert [summed_bits(n) for n in (1, 2, 3, 4, 8, 9, 32)] == [0, 3, 4, 4, 5, 6, 7]
     assert significant_bit_budgets(8) == (13, 16)
     # the budgets against values of known significant bits: 1 + 2^-7 has 8, 1 + 2^-8 has 9
-    mantissa = np.frexp(np.array([1 + 2.0 ** -7, 1 + 2.0 ** -8]))[0]
-    within = [[float(m * 2.0 ** b).is_integer() for m in mantissa] for b in significant_bit_budgets()]
+    values = np.array([1 + 2.0 ** -7, 1 + 2.0 ** -8])
+    within = [w.tolist() for w in within_budgets(values, 1, np)]
     assert within == [[True, False], [True, True]]
+    assert [w.tolist() for w in within_budgets(values, 2, np)] == [[True, True], [True, True]]  # 8 + 3 bits
 
 
 def test_cdat_robust_does_not_average_a_curvature_that_says_nothing():

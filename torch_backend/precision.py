@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from curvopt.precision import gradient_compute_eps, significant_bit_budgets
+from curvopt.precision import gradient_compute_eps, within_budgets
 
 from .vectors import global_sum
 
@@ -52,13 +52,12 @@ def gradient_eps(grads: Sequence[torch.Tensor], terms: int = 1) -> float:
     wide = [g for g in grads if g.dtype in (torch.float32, torch.float64) and not g.is_sparse]
     if not wide:
         return 0.0
-    budgets = significant_bit_budgets(terms)
 
-    def within(g: torch.Tensor) -> list[torch.Tensor]:
-        mantissa = torch.frexp(g).mantissa
+    def counts_of(g: torch.Tensor) -> torch.Tensor:
         nonzero = g != 0
-        return [torch.count_nonzero((s == s.round()) & nonzero) for s in (mantissa * 2.0 ** b for b in budgets)]
+        return torch.stack([torch.count_nonzero(nonzero)]
+                           + [torch.count_nonzero(w & nonzero) for w in within_budgets(g, terms, torch)])
 
-    counts = torch.stack([torch.stack([torch.count_nonzero(g)] + within(g)) for g in wide]).sum(0)
+    counts = torch.stack([counts_of(g) for g in wide]).sum(0)
     nonzero, *representable = global_sum(counts).tolist()  # over every shard; one host read
     return float(gradient_compute_eps(nonzero, representable, np))
