@@ -4,8 +4,9 @@ closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite] [
 
 ``suite``: the default suite's own cells (:func:`benchmarks.minibatch_study.run_variant`: the middle width, the
 suite's data, batch and 500 steps), mini-batch LM and ResNet, full-batch LM, ResNet and ViT; per seed the final
-train loss (the suite's definition), the eval loss and the ratio to ``fd`` of the closure-free step, of the same
-with ``noise_correction=True`` and of a research variant, ``weighted`` (not a library setting): the noise correction's averaging without its subtraction
+train loss (the suite's definition), the eval loss and the ratio to ``fd`` of the closure-free step without the
+secant's noise correction (``noise_correction=False``), of the same with it (``True``: the default behind Adam,
+opt-in behind SGD) and of a research variant, ``weighted`` (not a library setting): the noise correction's averaging without its subtraction
 (:func:`curvopt.curvature.secant_noise_corrected` with ``floor=1``), i.e. the secant's numerator and its scale
 ``lr ||u||^2`` averaged before dividing, so that a step counts in proportion to its length (the probing step
 barely does).
@@ -13,8 +14,8 @@ barely does).
 ``small`` (default): a field test of the secant's noise collapse on small models. Two small models trained with
 Adam on 512 examples: the benchmark's MLP (width 64) on scikit-learn's digits, and a GELU MLP on a 3-class
 Gaussian problem; per batch size and seed, ``--steps`` updates on reshuffled mini-batches (512: full batch). Compared: CDAT
-closure-free (``loss.backward(); opt.step()``: the secant of consecutive gradients), the same with
-``noise_correction=True``, the research variant ``weighted`` (below), CDAT with a closure (the ``fd`` oracle on
+closure-free (``loss.backward(); opt.step()``: the secant of consecutive gradients) without the noise correction
+(``noise_correction=False``), the same with it (the default behind Adam), the research variant ``weighted`` (below), CDAT with a closure (the ``fd`` oracle on
 each batch) and Adam at constant rates
 (factor 2, 1e-3 ... 3.2e-2). Printed: final train loss on the 512 examples, eval loss on held-out examples, and
 CDAT's last rate, per seed; for the constants, the best of the grid by median train loss.
@@ -109,7 +110,7 @@ def _weighted_only():
 def suite(seeds: list[int]) -> None:
     from benchmarks.minibatch_study import run_variant
 
-    names = ("closure-free", "noise_correction=True", "weighted (research)")
+    names = ("noise_correction=False", "noise_correction=True (Adam's default)", "weighted (research)")
     print("| cell | `fd`: train loss per seed | " + " | ".join(f"{n}: train loss ÷ `fd`'s" for n in names)
           + " | eval loss: " + ", ".join(names + ("`fd`",)) + " |")
     print("|---|---|" + "---|" * len(names) + "---|")

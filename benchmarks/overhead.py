@@ -9,7 +9,8 @@ Three measurements, printed as markdown tables:
    Base and tuner blocks of steps are interleaved in one process (:mod:`benchmarks.timing`, shared with the
    JAX rows of :mod:`benchmarks.overhead_jax`), torch on one thread; the reported ratio is the median over
    repeats of (median tuner step ÷ median base step). The rows "no closure" time the closure-free step
-   (``loss.backward(); opt.step()``, secant curvature) against the same bare step. The rows "fd floor" time
+   (``loss.backward(); opt.step()``, secant curvature; behind Adam with the secant's noise correction, on by default
+   there, and once more without it: ``noise_correction=False``) against the same bare step. The rows "fd floor" time
    ``closure(); closure(); base.step()`` — what the fd oracle's step (one extra closure call) would cost if
    the tuner's own work took no time — against the same bare step: an fd row's ratio minus its floor is the
    tuner's own work in units of the bare step, and no fd step can go below its floor. ``--clock cpu`` times
@@ -112,6 +113,8 @@ CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("CDAT", NO_CLOSURE, "sgd+momentum", lambda b, m: CDAT(b, lr_max=0.05, modules=m)),
     ("fd floor", FD_FLOOR, "adam", None),
     ("fd floor", FD_FLOOR, "sgd+momentum", None),
+    ("CDAT, noise_correction=False", NO_CLOSURE, "adam",
+     lambda b, m: CDAT(b, lr_max=1e-2, modules=m, noise_correction=False)),
 ]
 
 # ------------------------------------------------------------------------------------------ timing

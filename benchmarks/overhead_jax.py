@@ -18,7 +18,8 @@ jitted training step of the benchmark runner (:mod:`benchmarks.train_jax`: ``val
 update with ``value``/``grad``/``value_fn``/``batch``, ``apply_updates``) on the default suite's JAX ViT
 (width 8) and its full-batch LM (width 4), lowered and compiled from scratch (``jax.clear_caches()``, persistent
 compilation cache off) for the bare Adam step (the runner's constant-lr transform) and for CDAT: the library
-default with ``value_fn`` (the ``fd`` oracle), closure-free (no ``value_fn``: the secant), and with the suite's
+default with ``value_fn`` (the ``fd`` oracle), closure-free (no ``value_fn``: the secant, with its noise
+correction, the default behind Adam, and without it), and with the suite's
 online sharpness every 25 steps; and the bare step plus a second gradient at a probe point, the floor of any
 ``fd`` oracle (the probe's forward and backward pass, no tuner logic). The steps alternate within each repeat; the ratio is the median over repeats
 of (CDAT's compile time ÷ the bare step's in the same repeat), CPU seconds of the process (``process_time``:
@@ -155,10 +156,10 @@ def _bare_transform():
     return optax.chain(optax_direction("adam"), optax.inject_hyperparams(optax.scale)(step_size=-1e-3))
 
 
-def _cdat_transform(sharpness: int):
+def _cdat_transform(sharpness: int, **settings: Any):
     from benchmarks.tuners import build_optax
 
-    return build_optax("cdat", {}, "adam", sharpness=sharpness)
+    return build_optax("cdat", settings, "adam", sharpness=sharpness)
 
 
 #: name -> (transform factory (the experiment's sharpness period), whether the update gets value/value_fn,
@@ -168,6 +169,8 @@ COMPILE_CONFIGS: dict[str, tuple[Callable[[int], Any], bool, bool]] = {
     "bare Adam + a second gradient (fd floor)": (lambda every: _bare_transform(), False, True),
     "CDAT (fd)": (lambda every: _cdat_transform(0), True, False),
     "CDAT closure-free (secant)": (lambda every: _cdat_transform(0), False, False),
+    "CDAT closure-free, noise_correction=False": (lambda every: _cdat_transform(0, noise_correction=False), False,
+                                                  False),
     "CDAT (fd) + sharpness": (lambda every: _cdat_transform(every), True, False),
 }
 COMPILE_TASKS = ("vit", "lm")

@@ -157,10 +157,11 @@ SECANT_STALL_MESSAGE = (
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
     "where the fd oracle chose 0.2); or the curvature along the update is not positive (a concave start, where "
     "without the loss the rule has no step to take and probes again: it never left the start of a double well). "
-    "Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches; in PyTorch, "
-    "noise_correction=True removes the secant's noise bias (it trained two small MLPs where this stalled, batches "
-    "of 32 and 128 of 512, and ended below the uncorrected step on 13 of the default suite's 15 closure-free runs; "
-    "behind SGD its rate collapsed late on the benchmark's mini-batch ResNet: watch the rate).")
+    "Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches. The secant's noise "
+    "correction (noise_correction=, on by default behind Adam) removes the noise's bias: it trained two small MLPs "
+    "where the uncorrected secant stalled, batches of 32 and 128 of 512, though its rate may still take a few more "
+    "steps to pass the probing step; behind SGD it is opt-in (noise_correction=True; its rate collapsed late on the "
+    "benchmark's mini-batch ResNet: watch the rate).")
 
 
 def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 __all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "rayleigh_converged",
-           "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "secant_noise_numerator",
-           "secant_noise_corrected"]
+           "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "GREEDY_NOISE_CORRECTION", "gradient_weight",
+           "gradient_scale", "noise_correction_on", "secant_noise_numerator", "secant_noise_corrected"]
 
 
 def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
@@ -71,6 +71,43 @@ class SecantNoiseState(NamedTuple):
     secant_scale_avg: Any
 
 
+def gradient_weight(kind: str, *, momentum: float = 0.0, dampening: float = 0.0, beta1: float = 0.9) -> float:
+    """The weight ``a`` of the current gradient in the base's direction at unit rate, ``u = -a g + c`` (Adam:
+    ``u = -a P^-1 g + c``, the backends divide by Adam's preconditioner ``P`` elementwise): gradient descent 1
+    (any ``kind`` without momentum), heavy ball ``1 - dampening``, Nesterov ``1 + momentum (1 - dampening)``,
+    Adam ``1 - beta1``. Times the base's own rate it is the metric ``A`` of :func:`secant_noise_numerator`.
+
+    Behind Adam this is the first moment's share only, not the derivative of Adam's update: the second moment
+    reacts to the same gradient (on the first step it cancels the first moment's reaction, ``u = -sign(g)``).
+    For small noise that reaction is real (a bf16 forward's rounding is read as noise on the step after a
+    closure-free probe: the curvature at the floor, a tenth of the raw one, for that step). For the large noise
+    the correction is for it is not: ``E[xi sign(mu + xi)]`` is about ``0.8 sigma`` where the derivative says 0,
+    and with the derivative as the metric two small MLPs at batch 32 ended at 0.13-0.45 instead of 0.02-0.06
+    (``python -m benchmarks.closure_free``)."""
+    if kind == "adam":
+        return 1.0 - beta1
+    if momentum == 0.0:
+        return 1.0
+    return 1.0 + momentum * (1.0 - dampening) if kind == "nesterov" else 1.0 - dampening
+
+
+#: the quadratically greedy rule's default ``noise_correction``: off behind every base. Full batch, where there is no
+#: noise, the correction subtracts part of the gradient's drift instead: closure-free behind Adam on a digits MLP
+#: (full batch, 60 steps, seeds 0-2) it took the greedy rule's final loss from 5e-6-5e-5 to 2e-4-1.2e-2 (40-260x;
+#: CDAT's moved by 0.95-1.4x, and CDAT keeps it on behind Adam, where mini-batch training gains)
+GREEDY_NOISE_CORRECTION = False
+
+
+def noise_correction_on(setting: Any, adam: bool) -> bool:
+    """Whether the secant's curvature has its mini-batch noise bias removed (:func:`secant_noise_corrected`):
+    ``setting`` True/False as given; None (the default) behind Adam only. Measured closure-free
+    (docs/minibatch_study.md, section 10): behind Adam it trained two small MLPs that the raw secant left untrained
+    (batch 32 of 512) and ended at or below the raw secant on the default suite's Adam cells (mini-batch LM
+    1.02-1.09x ``fd`` against 1.05-1.14x, full-batch ViT 1.5-1.8x against 1.9-2.1x, full-batch LM 0.98-1.06x
+    against 1.00-1.07x); behind SGD its rate collapsed late on the mini-batch ResNet."""
+    return adam if setting is None else bool(setting)
+
+
 def secant_noise_numerator(diff_sq: Any, diff_dot_direction: Any, direction_sq: Any, xp: Any) -> Any:
     """The noise bias of the secant numerator ``(g_t - g_{t-1})^T u_{t-1}``, estimated from one step.
 
@@ -93,7 +130,8 @@ def secant_noise_numerator(diff_sq: Any, diff_dot_direction: Any, direction_sq: 
     noise``: mini-batch ResNet lr 7-11, the mini-batch Adam LM diverged on 3 of 3 seeds, the full-batch ResNet
     died); on this release's (``python -m benchmarks.closure_free suite``, section 10) it runs away on none of
     them and ends below the uncorrected secant on 13 of 15 runs, but behind SGD on the mini-batch ResNet its rate
-    collapses late (from step ~250, once the loss is near 0.02). Opt-in: the Optax backend has no counterpart.
+    collapses late (from step ~250, once the loss is near 0.02). On by default behind Adam only
+    (:func:`noise_correction_on`).
     """
     ok = direction_sq > 0
     along = xp.where(ok, diff_dot_direction * diff_dot_direction / xp.where(ok, direction_sq, 1.0), 0.0)
@@ -101,12 +139,29 @@ def secant_noise_numerator(diff_sq: Any, diff_dot_direction: Any, direction_sq: 
     return xp.where(out > 0, out, 0.0)
 
 
+def gradient_scale(seen_dot_grad: Any, seen_dot_params: Any, grad_dot_params: Any, grad_sq: Any, params_sq: Any,
+                   xp: Any) -> Any:
+    """How much of the raw gradient ``g`` the base saw, ``c`` in ``g_seen = c g + b w`` (a global-norm clip before
+    the base: its factor; coupled weight decay, before or after the clip, the multiple of the parameters ``w``):
+    ``g_seen^T r / g^T r`` with ``r`` the gradient's part orthogonal to the parameters, from the five inner
+    products. 1 where ``g^T r`` is below 1e-6 of ``||g||^2`` (a gradient along the parameters, or zero) or an
+    input is not finite. The :func:`secant_noise_corrected`'s ``input_scale``."""
+    ratio = grad_dot_params / xp.where(params_sq > 0, params_sq, 1.0)
+    num = seen_dot_grad - ratio * seen_dot_params
+    den = grad_sq - ratio * grad_dot_params
+    ok = (den > 1e-6 * grad_sq) & xp.isfinite(num) & xp.isfinite(den)
+    return xp.where(ok, num / xp.where(ok, den, 1.0), 1.0)
+
+
 def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr: Any, prev_u_sq: Any, u_sq: Any,
-                           state: SecantNoiseState, *, ema: Any = SECANT_NOISE_EMA, floor: Any = SECANT_NOISE_FLOOR,
-                           xp: Any) -> tuple[Any, SecantNoiseState]:
+                           state: SecantNoiseState, *, input_scale: Any = 1.0, ema: Any = SECANT_NOISE_EMA,
+                           floor: Any = SECANT_NOISE_FLOOR, xp: Any) -> tuple[Any, SecantNoiseState]:
     """The secant curvature along ``u_t`` with the mini-batch noise bias removed: ``(curvature, state)``.
 
-    ``secant_numerator = (g_t - g_{t-1})^T u_{t-1}`` and ``noise_numerator`` (:func:`secant_noise_numerator`)
+    ``secant_numerator = (g_t - g_{t-1})^T u_{t-1}`` and ``noise_numerator`` (:func:`secant_noise_numerator` of
+    the raw gradients, times ``input_scale``: the share of the previous step's raw gradient its base saw, the
+    factor of a clip before the base, by which the noise entered ``u_{t-1}``; without it a small float32 MLP
+    behind Adam, clipped to 1e-3 at every step, took 7-9x the unclipped run's rates, with it 0.85-0.87x)
     are averaged with factor ``ema``, and so is the scale ``prev_lr * prev_u_sq``; the Rayleigh quotient along
     ``u_{t-1}`` is ``(avg numerator - avg noise) / avg scale``. Averaging *before* dividing weighs each step
     by its ``lr ||u||^2``: the signal of a secant grows with the step it spans while its noise does not, so a
@@ -120,6 +175,7 @@ def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr:
     non-finite input: NaN, state unchanged. ``ema = 0`` and no noise give :func:`curvopt.rules.secant_curvature`.
     """
     scale = prev_lr * prev_u_sq
+    noise_numerator = noise_numerator * input_scale
     ok = (scale > 0) & xp.isfinite(secant_numerator) & xp.isfinite(noise_numerator) & xp.isfinite(scale)
     zero = 0.0 * scale
     num_avg = ema * state.secant_numerator_avg + (1 - ema) * xp.where(ok, secant_numerator, zero)

@@ -34,5 +34,7 @@ __all__ = [
     "ScaleByCDATState", "ScaleByQuadraticGreedyState", "ScaleByPolyakState", "ScaleByEdgeOfStabilityState",
     "ScaleByArmijoState", "TunerStats", "SecantMemory", "EigenMemory", "PairedMemory",
 ]
-from .mup import MuP, add_decayed_weights_mup, mup_multipliers, mup_table, parameterize, scale_by_mup  # noqa: E402
-__all__ += ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]
+from .mup import (MuP, ScaleByMupState, add_decayed_weights_mup, mup_multipliers, mup_table, parameterize,  # noqa: E402
+                  scale_by_mup)
+__all__ += ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "ScaleByMupState", "add_decayed_weights_mup",
+            "MuP"]

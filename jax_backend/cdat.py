@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
+from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, has_gradient, secant_caveat
 from curvopt.preconditioner import adam_preconditioner
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
@@ -17,6 +18,7 @@ from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
 from .direction import abs_max, accumulator_dtype, flat, vdot
+from .noise import NoiseMemory, adam_averaged_gradient, noise_init, noise_metric, seen_scale
 from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
@@ -51,6 +53,8 @@ class ScaleByCDATState(NamedTuple):
       (``curvature="secant"`` or ``"auto"``), else None;
     * ``eigen``: :class:`~jax_backend.sharpness.EigenMemory` when the online sharpness is on, else None;
     * ``paired``: :class:`PairedMemory` with ``numerator="paired"``, else None;
+    * ``noise``: :class:`~jax_backend.noise.NoiseMemory` when the secant's noise correction is on and the oracle
+      can be the secant, else None;
     * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``).
     """
 
@@ -60,6 +64,7 @@ class ScaleByCDATState(NamedTuple):
     secant: SecantMemory | None
     eigen: EigenMemory | None
     paired: PairedMemory | None
+    noise: NoiseMemory | None
     stats: TunerStats
 
 
@@ -84,6 +89,7 @@ def scale_by_cdat(
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
     numerator: str | None = None,
+    noise_correction: bool | None = None,
     sharpness_every: int | None = None,
     sharpness_iters: int | None = None,
     sharpness_first_iters: int | None = None,
@@ -124,7 +130,12 @@ def scale_by_cdat(
     the batch noise's second moment, measured between this batch's gradient and the previous batch's predicted at
     the current parameters from the previous step's fd probe (:func:`curvopt.rules.paired_numerator`; one more
     parameter-sized buffer in the state, :class:`PairedMemory`; as ``CDAT(numerator="paired")``). Only the rule
-    sees either: the stats' ``numerator`` and the secant keep ``-g^T u``.
+    sees either: the stats' ``numerator`` and the secant keep ``-g^T u``. ``noise_correction``: whether the secant
+    curvature has its mini-batch noise bias removed (:mod:`jax_backend.noise`; one more parameter-sized buffer in
+    the state, the previous gradient; as PyTorch's ``CDAT(noise_correction=...)``): None (default) behind Adam
+    (``base_method="adam"``) only (:func:`curvopt.curvature.noise_correction_on`), when the update gets Adam's state
+    before its update (the :func:`cdat` convenience hands it over; without it the default is off, and True raises
+    ``ValueError``); True/False: on/off. Only the secant oracle uses it.
     ``sharpness_every/_iters/_first_iters/_tol``: deprecated.
 
     ``update(updates, state, params, *, value=None, grad=None, value_fn=None, base_state=None,
@@ -147,7 +158,7 @@ def scale_by_cdat(
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
                                  sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol),
-                            numerator, startup)
+                            noise_correction, numerator, startup)
 
 
 def scale_by_quadratic_greedy(
@@ -157,17 +168,20 @@ def scale_by_quadratic_greedy(
     sharpness: Any = None,
     base_method: BaseMethod | str | None = None,
     warn_ascent: bool = False,
+    noise_correction: bool | None = GREEDY_NOISE_CORRECTION,
     sharpness_every: int | None = None,
     sharpness_iters: int | None = None,
     sharpness_first_iters: int | None = None,
     sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The quadratically greedy step ``lr = -g^T u / |u^T H u|`` (:meth:`curvopt.rules.CDATRule.greedy`), the
-    minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat`."""
+    minimiser of the quadratic model along ``u``; arguments as :func:`scale_by_cdat` (``noise_correction`` off
+    by default behind every base: :data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`)."""
     return _curvature_tuner("scale_by_quadratic_greedy", {"direction": CDATRule.greedy(lr_max)}, curvature,
                             base_method, False, warn_ascent, sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,
-                                 sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol))
+                                 sharpness_first_iters=sharpness_first_iters, sharpness_tol=sharpness_tol),
+                            noise_correction)
 
 
 def _adam(base_state: Any, method: BaseMethod, name: str, numerator: str) -> Any:
@@ -199,8 +213,7 @@ def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, before: Any
         return p.numerator
     g = flat(p.grad, p.dtype)
     mu = flat(adam.mu, p.dtype, like=p.grad)
-    old = find_adam_state(before, method.b2)
-    g_in = g if old is None else (mu - method.b1 * flat(old.mu, p.dtype, like=p.grad)) / (1 - method.b1)
+    g_in = adam_averaged_gradient(p.grad, adam, find_adam_state(before, method.b2), method, p.dtype)
     scaled_g = _over_adam(g, p, method, adam)
     return momentum_numerator(p.numerator, vdot(scaled_g, g_in, p.dtype), vdot(scaled_g, mu, p.dtype),
                               beta1=method.b1, step=adam.count.astype(p.dtype), xp=jnp)
@@ -230,14 +243,17 @@ def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemo
 
 def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base_method: Any,
                      rate_follows_base: bool, warn_ascent: bool, sharpness: Any, legacy: dict,
-                     numerator: str | None = "direction", startup: str = "paper"
+                     noise_correction: bool | None, numerator: str | None = "direction", startup: str = "paper"
                      ) -> optax.GradientTransformationExtraArgs:
     """The CDAT-rule transform; ``rules``: the rule for each numerator :func:`curvopt.rules.default_numerator`
     can pick for ``numerator`` (None: the default, which depends on whether the update gets Adam's state)."""
     check_choice("curvature", curvature, CURVATURE_ORACLES)
+    if noise_correction is not None and not isinstance(noise_correction, bool):
+        raise TypeError(f"{name}: noise_correction must be None, True or False, got {noise_correction!r}")
     rule = next(iter(rules.values()))  # every one has the same state and default sharpness
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, **legacy)
     method = as_base_method(base_method)
+    denoise = noise_correction_on(noise_correction, method.preconditioned) and curvature in ("auto", "secant")
     preferred = default_numerator(method, numerator, startup)
 
     def init(params: Any) -> ScaleByCDATState:
@@ -248,6 +264,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             secant=secant_init(params, dtype) if curvature in ("auto", "secant") else None,
             eigen=eigen_init(params, sharp, method),
             paired=PairedMemory(optax.tree.zeros_like(params), jnp.zeros((), bool)) if numerator == "paired" else None,
+            noise=noise_init(params, dtype) if denoise else None,
             stats=stats_init(dtype)))
 
     def update(updates: Any, state: ScaleByCDATState, params: Any = None, *, value: Any = None,
@@ -272,9 +289,15 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                  f"base_method='adam')) or with_base_state, or pass numerator='direction' to silence this")
         rule = rules[kind]
 
+        noise = None
+        if denoise and oracle == "secant":  # by default (None) only where Adam's state before the update is at hand
+            metric = noise_metric(method, base_state_before, p.grad, dtype, name, required=noise_correction is True)
+            if metric is not None:
+                noise = (state.noise, metric, seen_scale(method, base_state, base_state_before, p.grad, params, dtype))
+
         def taken() -> tuple[Any, ScaleByCDATState]:
-            curv, calls, probe, lagged, stretch, fd_probe = curvature_of(oracle, p.f, params, p.grad, p.d,
-                                                                          p.numerator, state.secant, dtype)
+            curv, calls, probe, lagged, stretch, fd_probe, noise_memory = curvature_of(
+                oracle, p.f, params, p.grad, p.d, p.numerator, state.secant, dtype, noise)
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
@@ -295,7 +318,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
                 rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,
                 paired=state.paired if state.paired is None else _predict(p, fd_probe, lr, state.paired),
-                stats=stats)
+                noise=state.noise if noise_memory is None else noise_memory, stats=stats)
 
         ok = p.finite
         closure_free = oracle == "secant" and p.f is None

@@ -34,7 +34,8 @@ from curvopt.validation import check_nonnegative
 
 from .warning import warn
 
-__all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "add_decayed_weights_mup", "MuP"]
+__all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "ScaleByMupState", "find_lr_mults",
+           "add_decayed_weights_mup", "MuP"]
 
 
 def _name(path: Sequence[Any]) -> str:
@@ -103,8 +104,22 @@ def mup_multipliers(params: Any, base_params: Any, **kwargs: Any) -> dict[str, d
     return core.table_numbers(mup_table(params, base_params, **kwargs))
 
 
+class ScaleByMupState(NamedTuple):
+    """The multipliers of :func:`scale_by_mup` (float32 scalars, shaped like the parameters' tree), kept so that a
+    tuner handed the base's state reads them (the secant's noise metric, :mod:`jax_backend.noise`); constant."""
+
+    lr_mults: Any
+
+
+def find_lr_mults(tree: Any) -> Any:
+    """The multipliers of the first :class:`ScaleByMupState` in an optimizer state, or None."""
+    is_mup = lambda x: isinstance(x, ScaleByMupState)  # noqa: E731
+    return next((node.lr_mults for node in jax.tree.leaves(tree, is_leaf=is_mup) if is_mup(node)), None)
+
+
 def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
-    """Multiply each update leaf by its (Python float) multiplier; stateless, chainable anywhere.
+    """Multiply each update leaf by its (Python float) multiplier; chainable anywhere (its state,
+    :class:`ScaleByMupState`, only records the multipliers).
 
     Put it between the base direction and the learning rate / tuner:
     ``cdat(optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults)), base_method="adam")`` (the
@@ -114,7 +129,7 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
 
     def init_fn(params):
         del params
-        return optax.EmptyState()
+        return ScaleByMupState(jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), lr_mults))
 
     def update_fn(updates, state, params=None):
         del params

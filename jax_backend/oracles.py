@@ -19,7 +19,8 @@ Which one a step uses is :func:`curvopt.config.resolve_curvature` (``"auto"``: `
   secant: with ``value_fn`` the step falls back to an ``"fd"`` probe; without one (closure-free:
   ``TrainState.apply_gradients``, ``nnx.Optimizer.update``) the step itself is the probe: it moves by the
   tiny ``lr = h`` of the fd oracle, so that the next step's secant is an fd estimate, and the rule's state is
-  not touched.
+  not touched. With the noise correction (:mod:`jax_backend.noise`; CDAT's default behind Adam) the secant's
+  mini-batch noise bias is removed.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, within_budgets
 
 from .direction import add_scaled, least_precise_eps, norm, vdot
+from .noise import NoiseMemory, corrected_secant
 
 __all__ = ["SecantMemory", "secant_init", "secant_remember", "gradient_eps", "fd_step", "curvature"]
 
@@ -219,30 +221,37 @@ def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: An
 
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
-              memory: SecantMemory | None, dtype: Any) -> tuple[Any, Any, Any, Any, Any, Any]:
-    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch, fd probe)`` with the named (resolved) oracle,
-    for the incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the closure-free
-    secant's probing step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and leaves the rule
-    alone. ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`); ``stretch``: the
-    secant's ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh curvature).
-    ``fd probe``: ``(gradient at w + h u, h)`` of the ``"fd"`` oracle, None with the others."""
+              memory: SecantMemory | None, dtype: Any, noise: tuple[NoiseMemory, Any, Any] | None = None
+              ) -> tuple[Any, Any, Any, Any, Any, Any, NoiseMemory | None]:
+    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch, fd probe, noise memory)`` with the named
+    (resolved) oracle, for the incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the
+    closure-free secant's probing step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and
+    leaves the rule alone. ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`);
+    ``stretch``: the secant's ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh
+    curvature). ``fd probe``: ``(gradient at w + h u, h)`` of the ``"fd"`` oracle, None with the others.
+    ``noise``: ``(memory, metric, seen)`` of the secant's noise correction (:mod:`jax_backend.noise`), whose new memory
+    the secant returns (else the memory is returned as given)."""
     nan = jnp.full((), jnp.nan, dtype)
     grad_dot_u = -numerator
+    kept = None if noise is None else noise[0]
     if oracle == "exact":
-        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0, None
+        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0, None, kept
     if oracle == "fd":
         curv, probe, h = _fd(f, params, grad_dot_u, d, dtype)
-        return curv, jnp.int32(1), nan, False, 1.0, (probe, h)
+        return curv, jnp.int32(1), nan, False, 1.0, (probe, h), kept
     d_sq = vdot(d, d, dtype)
-    estimate = rules.secant_curvature(-vdot(grad, memory.prev_incoming, dtype), memory.prev_grad_dot_direction,
-                                      memory.prev_lr, memory.prev_direction_sq, d_sq, jnp)
+    secant = (memory.prev_incoming, memory.prev_grad_dot_direction, memory.prev_lr, memory.prev_direction_sq, d_sq)
+    if noise is None:
+        estimate = rules.secant_curvature(-vdot(grad, memory.prev_incoming, dtype), *secant[1:], jnp)
+    else:
+        estimate, kept = corrected_secant(*noise, grad, *secant, dtype)
     available = ~jnp.isnan(estimate)
     stretch = rules.secant_stretch(memory.prev_direction_sq, d_sq, jnp)
     if f is None:
         # the probe's size only where it probes (the first step, a re-probe): its reductions over the parameters
         # and the gradient are not needed on a step that has its secant
         probe_lr = jax.lax.cond(available, lambda: nan, lambda: fd_step(params, d, dtype, grad=grad))
-        return estimate, jnp.int32(0), probe_lr, available, stretch, None
+        return estimate, jnp.int32(0), probe_lr, available, stretch, None, kept
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
-    return curv, calls, nan, available, stretch, None
+    return curv, calls, nan, available, stretch, None, kept

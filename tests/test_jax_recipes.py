@@ -261,6 +261,7 @@ def test_multisteps_runs_the_tuner_once_per_outer_step():
 OPTS = {
     "cdat": lambda: cdat(optax.scale_by_adam(), sharpness=2, base_method="adam"),
     "cdat_free": lambda: cdat(optax.scale_by_adam()),
+    "cdat_free_noise": lambda: cdat(optax.scale_by_adam(), base_method="adam", noise_correction=True),
     "greedy": lambda: quadratic_greedy(optax.trace(0.5), curvature="exact"),
     "polyak": lambda: polyak(optax.identity()),
     "armijo": lambda: armijo(optax.identity()),
@@ -277,7 +278,7 @@ def test_donate_argnums(name):
     """jax.jit(step, donate_argnums=(0, 1)) as flax's lm1b/wmt/gemma examples: no two leaves of the initial
     state share a buffer (eager or jitted init), and the donated run gives the same lrs."""
     opt = OPTS[name]()
-    free = name == "cdat_free"
+    free = name.startswith("cdat_free")
 
     def step(p, s):
         v, g = jax.value_and_grad(quad)(p)
@@ -363,6 +364,7 @@ def test_inject_hyperparams_jitted_init_and_conveniences():
     for opt in (optax.inject_hyperparams(scale_by_polyak)(f_star=0.0, lr_max=2.0),
                 optax.inject_hyperparams(scale_by_cdat)(sigma=1.5, sharpness=2),
                 optax.inject_hyperparams(cdat)(optax.scale_by_adam(), sigma=1.5),
+                optax.inject_hyperparams(cdat)(optax.scale_by_adam(), base_method="adam", noise_correction=True),
                 optax.inject_hyperparams(armijo)(optax.identity(), c=0.1, max_trials=10),
                 optax.inject_hyperparams(edge_of_stability)(optax.identity(), sigma=0.5)):
         eager, jitted = opt.init(p), jax.jit(opt.init)(p)

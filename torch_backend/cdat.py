@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from curvopt.config import DEFAULT_CURVATURE, SharpnessLike
+from curvopt.curvature import GREEDY_NOISE_CORRECTION
 from curvopt.rules import CDATRule, check_numerator, default_ema, default_numerator, default_sigma
 
 from .buffers import ModulesLike
@@ -85,9 +86,12 @@ class CDAT(CurvatureTuner):
         probes: False: call the closure once per step and never at probe points (Lightning's automatic
             optimization, closures with side effects): the curvature comes from the secant as in a
             closure-free step.
-        noise_correction: True: remove the secant's mini-batch noise bias (:mod:`torch_backend.noise`;
-            experimental: it prevents the mini-batch lr collapse, but on full batch it mistakes the gradient's
-            drift for noise and can diverge). None/False (default): off.
+        noise_correction: whether the secant curvature (closure-free steps, ``probes=False``,
+            ``curvature="secant"``) has its mini-batch noise bias removed (:mod:`torch_backend.noise`; one more
+            parameter-sized buffer, the previous gradient). None (default): behind Adam/AdamW only
+            (:func:`curvopt.curvature.noise_correction_on`: behind SGD its rate collapsed late on the benchmark's
+            mini-batch ResNet; in full batch, where there is no noise, it subtracts part of the gradient's drift:
+            :data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`); True/False: on/off behind any base.
         numerator: None (default): ``"momentum"`` behind Adam/AdamW with ``startup="robust"``, else
             ``"direction"`` (:func:`curvopt.rules.default_numerator`). ``"direction"``: ``-g^T u``, the paper's;
             ``"momentum"`` (Adam/AdamW only): ``-g^T u`` with the batch's own gradient inside Adam's first moment
@@ -145,15 +149,18 @@ class QuadraticGreedy(CDAT):
     """``lr = -g^T u / |u^T H u|``, the minimiser of the quadratic model along ``u``
     (:meth:`curvopt.rules.CDATRule.greedy`). The keyword arguments of :class:`CDAT` but the rule's, which it
     fixes (``sigma``, ``ema``, ``eps``, ``startup``, ``f_star``, ...: CDAT with ``sigma=1, ema=0, eps=0,
-    startup="paper"``; a ``TypeError`` names them)."""
+    startup="paper"``; a ``TypeError`` names them). The secant's ``noise_correction`` is off by default behind
+    every base (:data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`)."""
 
     def __init__(self, base: torch.optim.Optimizer,
                  lr_max: float = inspect.signature(CDATRule.greedy).parameters["lr_max"].default, *,
-                 curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, **kwargs: Any) -> None:
+                 curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None,
+                 noise_correction: Optional[bool] = GREEDY_NOISE_CORRECTION, **kwargs: Any) -> None:
         greedy = CDATRule.greedy(lr_max)
         fixed = {f.name: getattr(greedy, f.name) for f in dataclasses.fields(greedy)}
         given = sorted(set(kwargs) & set(fixed))
         if given:
             raise TypeError(f"QuadraticGreedy fixes the rule's {', '.join(given)} (it is CDAT with sigma=1, ema=0, "
                             "eps=0, startup='paper'); set them on CDAT instead")
-        super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, **kwargs)
+        super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, noise_correction=noise_correction,
+                         **kwargs)

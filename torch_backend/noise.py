@@ -1,13 +1,16 @@
 """The secant's mini-batch noise in PyTorch: the base's noise metric ``A`` and the three ``A``-inner products of
 :func:`curvopt.curvature.secant_noise_numerator` (the formula and its derivation are the core's).
 
-For a base whose update is linear in the current gradient, ``u = -A g + c``:
+For a base whose update is linear in the current gradient, ``u = -A g + c``, ``A = lr_group a`` with ``a`` the
+core's :func:`curvopt.curvature.gradient_weight` of the group's hyperparameters (weight decay adds to ``c``, not
+to ``A``); behind Adam/AdamW divided elementwise by ``P``, the core's Adam preconditioner
+(:func:`curvopt.preconditioner.adam_preconditioner`) read from the base's state before it steps (the ``P`` of the
+previous step, the one the noise of the previous gradient went through).
 
-* SGD: ``A = lr_group``; heavy ball: ``(1 - dampening) lr_group``; Nesterov: ``(1 + momentum (1 - dampening))
-  lr_group`` (weight decay adds to ``c``, not to ``A``);
-* Adam/AdamW: ``A = lr_group (1 - beta1) / P`` elementwise, ``P`` the core's Adam preconditioner read from the
-  base's state before it steps (the ``P`` of the previous step, the one the noise of the previous gradient went
-  through).
+The products run over chunks of parameters that share ``A``'s scalars (a param group and, behind Adam, a step
+count): a chunk's vectors are concatenated when the step concatenates its dot products
+(:func:`torch_backend.vectors.concatenating`: small models, whose step is dispatch-bound), so the metric and
+the products cost a few kernels per chunk rather than per parameter; else each parameter is a chunk.
 
 Another base (``allow_any_base=True``) has no known ``A``: the correction is off for it.
 """
@@ -18,50 +21,83 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from curvopt.curvature import secant_noise_numerator
+from curvopt.curvature import gradient_weight, secant_noise_numerator
+from curvopt.preconditioner import adam_preconditioner
 
 from .direction import is_adam_like
-from .preconditioning import adam_preconditioner_from_optimizer
-from .vectors import dot
+from .vectors import concatenating_now, global_sum
 
-__all__ = ["noise_metric", "noise_numerator"]
-
-Metric = list[Union[float, Tensor]]
+__all__ = ["knows_noise", "noise_numerator"]
 
 
-def noise_metric(base: torch.optim.Optimizer, params: Sequence[Tensor]) -> Optional[Metric]:
-    """``A`` per parameter (a float for the SGD family, a tensor for Adam), or None for an unknown base."""
+def knows_noise(base: torch.optim.Optimizer) -> bool:
+    """Whether the base's noise metric ``A`` is known (SGD, Adam, AdamW)."""
+    return isinstance(base, torch.optim.SGD) or is_adam_like(base)
+
+
+Step = Union[float, Tensor]
+
+
+def _step(st: dict) -> Step:
+    """Adam's step count: a float when it is on the host (a number, or a CPU tensor), else a float64 tensor on its
+    device (``capturable``/``fused`` Adam: reading it would synchronise)."""
+    step = st["step"]
+    if not isinstance(step, Tensor):
+        return float(step)
+    return float(step) if step.device.type == "cpu" else step.to(torch.float64)
+
+
+def _chunks(base: torch.optim.Optimizer, params: Sequence[Tensor]
+            ) -> list[tuple[list[int], float, Optional[dict], Optional[Step]]]:
+    """``(indices, lr_group a, Adam's group or None, Adam's step or None)`` per chunk; behind Adam a parameter it
+    has not stepped yet (``A = 0``) is in none."""
     group_of = {p: g for g in base.param_groups for p in g["params"]}
-    if isinstance(base, torch.optim.SGD):
-        out: Metric = []
-        for p in params:
-            g = group_of[p]
-            m, d = float(g.get("momentum", 0.0)), float(g.get("dampening", 0.0))
-            factor = 1.0 if m == 0.0 else (1.0 + m * (1.0 - d) if g.get("nesterov", False) else 1.0 - d)
-            out.append(float(g["lr"]) * factor)
-        return out
-    if is_adam_like(base):
-        diags = adam_preconditioner_from_optimizer(base, params)
-        out = []
-        for p, d in zip(params, diags):
-            g = group_of[p]
-            if d is None:
-                out.append(0.0)
-            else:
-                out.append((float(g["lr"]) * (1.0 - float(g["betas"][0]))) / d.to(p.dtype))
-        return out
-    return None
+    adam = is_adam_like(base)
+    together = concatenating_now()
+    chunks: dict[tuple, tuple[list[int], Optional[Step]]] = {}
+    for i, p in enumerate(params):
+        g, step = group_of[p], None
+        if adam:
+            st = base.state.get(p, {})
+            if "exp_avg_sq" not in st:
+                continue
+            step = _step(st)
+        key = (id(g), step) if together and not isinstance(step, Tensor) else (i,)
+        chunks.setdefault(key, ([], step))[0].append(i)
+    out = []
+    for idx, step in chunks.values():
+        g = group_of[params[idx[0]]]
+        if adam:
+            a = gradient_weight("adam", beta1=float(g["betas"][0]))
+        else:
+            a = gradient_weight("nesterov" if g.get("nesterov", False) else "heavy_ball",
+                                momentum=float(g.get("momentum", 0.0)), dampening=float(g.get("dampening", 0.0)))
+        out.append((idx, float(g["lr"]) * a, g if adam else None, step))
+    return out
 
 
-def _weighted_dot(xs: Sequence[Tensor], ys: Sequence[Tensor], a: Metric) -> Tensor:
-    if all(not isinstance(w, Tensor) for w in a):
-        if len(set(a)) == 1:
-            return a[0] * dot(xs, ys)
-        return dot(list(torch._foreach_mul(list(xs), list(a))), ys)
-    return dot([x * w for x, w in zip(xs, a)], ys)
+def _cat(xs: Sequence[Tensor]) -> Tensor:
+    """The tensors' entries as one float vector of at least float32 (a view for one contiguous tensor)."""
+    flat = xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])
+    return flat if flat.dtype not in (torch.float16, torch.bfloat16) else flat.float()
 
 
-def noise_numerator(diff: Sequence[Tensor], prev_u: Sequence[Tensor], a: Metric) -> Tensor:
-    """``0.5 ||D_perp||_A^2`` with ``D = g_t - g_{t-1}`` (``diff``) and ``u_{t-1}`` (``prev_u``)."""
-    return secant_noise_numerator(_weighted_dot(diff, diff, a), _weighted_dot(diff, prev_u, a),
-                                  _weighted_dot(prev_u, prev_u, a), xp=torch)
+def noise_numerator(base: torch.optim.Optimizer, params: Sequence[Tensor], diff: Sequence[Tensor],
+                    prev_u: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``0.5 ||D_perp||_A^2`` with ``D = g_t - g_{t-1}`` (``diff``) and ``u_{t-1}`` (``prev_u``), in ``dtype``; the
+    base's ``A`` read before it steps (:func:`knows_noise` must hold)."""
+    sums = torch.zeros(3, dtype=dtype, device=params[0].device)
+    for idx, scale, adam, step in _chunks(base, params):
+        d, u = _cat([diff[i] for i in idx]), _cat([prev_u[i] for i in idx])
+        if adam is None:
+            metric = scale
+        else:
+            v = _cat([base.state[params[i]]["max_exp_avg_sq" if adam.get("amsgrad", False) else "exp_avg_sq"]
+                      for i in idx])
+            beta1, beta2 = adam["betas"]
+            metric = scale / adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2),
+                                                 eps=float(adam["eps"]), xp=torch)
+        ad = d * metric
+        sums += torch.stack([torch.dot(ad, d), torch.dot(ad, u), torch.dot(u * metric, u)]).to(dtype)
+    sums = global_sum(sums)
+    return secant_noise_numerator(sums[0], sums[1], sums[2], xp=torch)

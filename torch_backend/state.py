@@ -9,7 +9,7 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
 * per parameter (``state[p]``, written only after the base stepped ``p``, so Adam's lazy initialisation
   ``if len(state) == 0`` still sees an empty dict): ``curvopt_w0`` (the step's start point; scratch between
   steps), ``curvopt_u`` (the last step's base direction; the secant oracle's memory), ``curvopt_prev_grad``
-  (the last step's gradient, with the secant's mini-batch noise correction), ``curvopt_predicted_grad``
+  (the last step's gradient, unclipped, with the secant's mini-batch noise correction), ``curvopt_predicted_grad``
   (``numerator="paired"``: the last batch's gradient predicted at the current point, see
   :func:`curvopt.rules.paired_numerator`),
   ``curvopt_eigvec`` / ``curvopt_eigvec_preconditioned`` (the online sharpness's warm starts);
@@ -21,7 +21,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   with the guard's start values, :data:`curvopt.rules.GUARD_START`), the latest sharpness estimates
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
-  averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg``, and
+  averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
+  ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor), and
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
@@ -47,7 +48,7 @@ from torch import Tensor
 from curvopt.rules import GUARD_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
-           "PREDICTED_GRAD", "PREDICTED", "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
+           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -58,6 +59,8 @@ SECANT = ("curvopt_secant_grad_dot_u", "curvopt_secant_lr", "curvopt_secant_u_sq
 DIRECTIONS = "curvopt_directions"
 #: the previous step's (unclipped) gradient, kept by the secant's noise correction (torch_backend.noise)
 PREV_GRAD = "curvopt_prev_grad"
+#: the share of the previous step's gradient its base saw (the tuner's clip factor; global)
+PREV_GRAD_SCALE = "curvopt_prev_grad_scale"
 #: ``numerator="paired"``: the previous batch's gradient predicted at the current point, and whether it is kept
 PREDICTED_GRAD, PREDICTED = "curvopt_predicted_grad", "curvopt_predicted"
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"

@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from curvopt.base import BaseMethod
-from curvopt.curvature import SecantNoiseState, replay_mismatch, replay_mismatch_in_place, secant_noise_corrected
+from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mismatch, replay_mismatch_in_place,
+                               secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, external_clip_suspected, has_gradient, resolve_curvature,
@@ -70,13 +71,13 @@ from . import state as layout
 from .settings import resolve_sharpness
 from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
-from .direction import base_method, check_base, check_group
+from .direction import base_method, check_base, check_group, is_adam_like
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, exact_hvp, explain_double_backward, finite_difference
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
                               preconditioner_scales)
-from .noise import noise_metric, noise_numerator
+from .noise import knows_noise, noise_numerator
 from .precision import gradient_eps
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
@@ -190,7 +191,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise TypeError(f"noise_correction must be None, True or False, got {noise_correction!r}")
         #: False: the closure is called once per step (no probes); see :meth:`step`
         self.probes = probes
-        #: the secant's mini-batch noise correction (experimental, opt-in: True; None/False = off)
+        #: the secant's mini-batch noise correction (None: behind Adam only, curvopt.curvature.noise_correction_on)
         self.noise_correction = noise_correction
         if not probes:
             self._require_probe_free(has_closure=True, error=ValueError)
@@ -475,8 +476,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         # the gradients alone (SGD/Adam/AdamW); another base might change them in place
         early = prev_u is not None and method is None
         g_dot_prev_u_t = dot(grads, prev_u) if early else None
-        metric = noise_metric(self.base, params) if secant and self._noise_on(probe_free) else None
-        noise_b = self._noise(params, grads, prev_u, metric) if metric is not None and prev_u is not None else None
+        denoise = secant and self._noise_on() and knows_noise(self.base)
+        noise_b = self._noise(params, grads, prev_u) if denoise and prev_u is not None else None
         clip = self._clip(grads) if self.max_grad_norm is not None else None
 
         # the base's direction
@@ -570,9 +571,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                 if all(t is not None for t in prev):
                     prev = [self._host(t, S) for t in prev]
                     if noise_v is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
+                        seen = glob.get(layout.PREV_GRAD_SCALE)
                         secant_c, noise_state = secant_noise_corrected(
-                            g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], u_sq,
-                            self._noise_state(glob, S), xp=S)
+                            g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], u_sq, self._noise_state(glob, S),
+                            input_scale=S(1.0) if seen is None else self._host(seen, S), xp=S)
                     else:
                         secant_c = secant_curvature(g_dot_prev_u, prev[0], prev[1], prev[2], u_sq, xp=S)
             has_secant = bool(S.isfinite(secant_c))
@@ -676,12 +678,15 @@ class CurvatureTuner(torch.optim.Optimizer):
 
         # commit: every new scalar made a tensor at once, then w <- w0 + lr u
         values = [lr, *new_rule_state]
+        seen_kept = remember and denoise and clip_v is not None  # the share of the gradient the base saw
         if remember:
             values += [-numerator, u_sq]
             if noise_state is not None:
                 values += list(noise_state)
+            if seen_kept:
+                values.append(clip_v)
         store = self._store
-        store_key = (type(new_rule_state), remember, noise_state is not None, acc, dev)
+        store_key = (type(new_rule_state), remember, noise_state is not None, seen_kept, acc, dev)
         if store is None or store.key != store_key:
             store = self._store = ScalarStore(store_key, len(values), acc, dev)
         tensors = store.write(values)
@@ -721,11 +726,15 @@ class CurvatureTuner(torch.optim.Optimizer):
             for key, v in zip(layout.SECANT, (rest[0], lr_t, rest[1])):
                 glob[key] = v
             glob[layout.DIRECTIONS] = len(params)
-            if metric is not None:
-                self._commit_gradients(params, grads, clip)
             if noise_state is not None:
                 for f, v in zip(noise_state._fields, rest[2:]):
                     glob[layout.rule_key(f)] = v
+            if denoise:
+                self._commit_gradients(params, grads, clip)
+                if seen_kept:
+                    glob[layout.PREV_GRAD_SCALE] = rest[-1]
+                else:
+                    glob.pop(layout.PREV_GRAD_SCALE, None)
         self.last_trials, self.last_decrease_error = trials, error
         self.sharpness_products = sum(used for _, _, used in sharp.values())
         self._stats_device = dev
@@ -779,11 +788,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                 raise error(f"{name} cannot step {where}: {e}") from None
         self.__dict__["_probe_free_ok"] = settings
 
-    def _noise_on(self, probe_free: bool) -> bool:
-        # off unless asked (opt-in: the Optax backend has no counterpart; docs/minibatch_study.md, sections 1 and 10)
-        return bool(self.noise_correction)
+    def _noise_on(self) -> bool:
+        return noise_correction_on(self.noise_correction, is_adam_like(self.base))
 
-    def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor], metric: list) -> Tensor:
+    def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor]) -> Tensor:
         """The secant numerator's noise estimate (NaN when the previous gradient is not kept: no secant)."""
         prev = [self.state[p].get(layout.PREV_GRAD) if p in self.state else None for p in params]
         if not all(fits(b, p) for b, p in zip(prev, params)):
@@ -796,7 +804,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             diff.append(d)
         torch._foreach_copy_(diff, grads)
         torch._foreach_sub_(diff, prev)
-        return noise_numerator(diff, prev_u, metric).to(self.acc_dtype)
+        return noise_numerator(self.base, params, diff, prev_u, self.acc_dtype)
 
     def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                           key: str = layout.PREV_GRAD) -> list[Tensor]:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "norm", "max_abs",
-           "axpy_into", "reducing", "concatenating", "can_concatenate", "ListOps"]
+           "axpy_into", "reducing", "concatenating", "concatenating_now",
+           "can_concatenate", "global_sum", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
 _SHARDS: ContextVar[Optional[Any]] = ContextVar("curvopt_shard_reducer", default=None)
@@ -69,6 +70,11 @@ def can_concatenate(params: Sequence[Tensor]) -> bool:
     if any(isinstance(p, torch.nn.parameter.UninitializedTensorMixin) for p in params):
         return False
     return len({(p.dtype, p.device) for p in params}) == 1 and sum(p.numel() for p in params) < CONCAT_BELOW
+
+
+def concatenating_now() -> bool:
+    """Whether the step running now concatenates its dot products (inside :func:`concatenating`)."""
+    return _CONCAT.get()
 
 
 @contextmanager

@@ -1,0 +1,118 @@
+"""The secant's mini-batch noise in Optax (``scale_by_cdat``'s ``noise_correction``): the base's noise metric
+``A`` and the secant curvature with the noise bias removed (the formulas and their derivation are the core's:
+:func:`curvopt.curvature.secant_noise_numerator` and :func:`curvopt.curvature.secant_noise_corrected`).
+
+The incoming direction is ``d = A g + c`` (``u = -d``), ``A = a`` with ``a`` the core's
+:func:`curvopt.curvature.gradient_weight` of ``base_method``, times the per-leaf multipliers of a
+:func:`jax_backend.mup.scale_by_mup` in the base's state (as PyTorch's group rates); behind Adam divided
+elementwise by ``P``, the core's Adam preconditioner from the base's state before its update (the ``P`` of the
+previous step, the one the noise of the previous gradient went through; handed over by the conveniences as
+``base_state_before``). Other per-leaf rescalings inside the base (an ``optax.multi_transform`` of scales) are
+not seen. A clip before Adam inside the base (``optax.clip_by_global_norm``) scales the gradient Adam averaged:
+its factor is read from Adam's states before and after the update (:func:`seen_scale`) and enters the next step's
+estimate (:func:`curvopt.curvature.secant_noise_corrected`'s ``input_scale``); behind the gradient-descent
+family such a clip is not seen.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt.base import BaseMethod
+from curvopt.curvature import (SecantNoiseState, gradient_scale, gradient_weight, secant_noise_corrected,
+                               secant_noise_numerator)
+from curvopt.preconditioner import adam_preconditioner
+
+from .direction import flat
+from .mup import find_lr_mults
+from .sharpness import find_adam_state
+
+__all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient", "seen_scale", "corrected_secant"]
+
+
+class NoiseMemory(NamedTuple):
+    """What the noise correction keeps: the previous step's gradient (shaped like the parameters) and the
+    moving averages of the secant numerator, its noise estimate and its scale
+    (:class:`curvopt.curvature.SecantNoiseState`)."""
+
+    prev_grad: Any
+    prev_scale: Any
+    averages: SecantNoiseState
+
+
+def noise_init(params: Any, dtype: Any) -> NoiseMemory:
+    return NoiseMemory(optax.tree.zeros_like(params), jnp.ones((), dtype),
+                       SecantNoiseState(*(jnp.zeros((), dtype) for _ in range(3))))
+
+
+def adam_averaged_gradient(grad: Any, adam: optax.ScaleByAdamState, before: optax.ScaleByAdamState | None,
+                           method: BaseMethod, dtype: Any) -> Any:
+    """The gradient Adam averaged into its first moment this step, ``(m_t - b1 m_{t-1}) / (1 - b1)``, flat
+    (:func:`jax_backend.direction.flat` like ``grad``), from its states after and before the update; ``grad``
+    itself when the state before is unknown."""
+    g = flat(grad, dtype)
+    if before is None:
+        return g
+    return (flat(adam.mu, dtype, like=grad) - method.b1 * flat(before.mu, dtype, like=grad)) / (1 - method.b1)
+
+
+def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad: Any, params: Any, dtype: Any
+               ) -> Any:
+    """The share of ``grad`` the base saw (:func:`curvopt.curvature.gradient_scale`, which leaves coupled weight
+    decay out): behind Adam from the gradient it averaged (:func:`adam_averaged_gradient`); 1 behind the
+    gradient-descent family."""
+    adam, before = find_adam_state(base_state, method.b2), find_adam_state(base_state_before, method.b2)
+    if not method.preconditioned or adam is None or before is None:
+        return jnp.ones((), dtype)
+    g, w = flat(grad, dtype), flat(params, dtype, like=grad)
+    seen = adam_averaged_gradient(grad, adam, before, method, dtype)
+    return gradient_scale(_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w), xp=jnp)
+
+
+def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: Any, name: str, required: bool
+                 ) -> Any:
+    """``A``: a scalar for the gradient-descent family, behind Adam a flat vector (:func:`jax_backend.direction.flat`
+    of a tree shaped like ``grad``). Behind Adam without its state before the update: ``ValueError`` if
+    ``required`` (``noise_correction=True``), else None (the default's correction off)."""
+    a = gradient_weight(method.kind, momentum=method.momentum, dampening=method.dampening, beta1=method.b1)
+    mults = find_lr_mults(base_state_before)
+    if mults is not None:  # group rates: a per-leaf factor
+        a = a * flat(jax.tree.map(lambda g, m: jnp.broadcast_to(m, g.shape), grad, mults), dtype, like=grad)
+    if not method.preconditioned:
+        return jnp.asarray(a, dtype)
+    adam = find_adam_state(base_state_before, method.b2)
+    if adam is None and not required:
+        return None
+    if adam is None:
+        raise ValueError(f"{name}: noise_correction=True behind Adam needs Adam's state before its update: build the "
+                         "optimizer with the convenience (cdat(optax.scale_by_adam(), ...)) or with_base_state, or "
+                         "pass base_state_before=")
+    return a / adam_preconditioner(flat(adam.nu, dtype, like=grad), adam.count.astype(dtype), beta1=method.b1,
+                                   beta2=method.b2, eps=method.eps, xp=jnp)
+
+
+def _dot(a: Any, b: Any) -> Any:
+    return jnp.vdot(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
+def corrected_secant(memory: NoiseMemory, metric: Any, seen: Any, grad: Any, prev_incoming: Any,
+                     prev_grad_dot_direction: Any, prev_lr: Any, prev_direction_sq: Any, d_sq: Any, dtype: Any
+                     ) -> tuple[Any, NoiseMemory]:
+    """``(curvature along u_t, memory)``: :func:`curvopt.curvature.secant_noise_corrected` of the secant numerator
+    ``(g_t - g_{t-1})^T u_{t-1}`` and of its noise estimate from ``D = g_t - g_{t-1}`` (NaN without a secant, the
+    averages then kept); the memory keeps ``g_t`` and ``seen``, the share of it the base saw (:func:`seen_scale`),
+    for the next step."""
+    g = flat(grad, dtype)
+    diff = g - flat(memory.prev_grad, dtype, like=grad)
+    prev_u = flat(prev_incoming, dtype, like=grad)  # -u_{t-1}: the sign cancels in every A-product below
+    a_diff = metric * diff
+    noise = secant_noise_numerator(_dot(a_diff, diff), _dot(a_diff, prev_u), _dot(metric * prev_u, prev_u), xp=jnp)
+    secant_numerator = -_dot(g, prev_u) - prev_grad_dot_direction
+    curvature, averages = secant_noise_corrected(secant_numerator, noise, prev_lr, prev_direction_sq, d_sq,
+                                                 memory.averages, input_scale=memory.prev_scale, xp=jnp)
+    kept = NoiseMemory(optax.tree.cast_like(grad, memory.prev_grad), seen.astype(memory.prev_scale.dtype),
+                       optax.tree.cast_like(averages, memory.averages))
+    return curvature.astype(dtype), kept
