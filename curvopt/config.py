@@ -158,8 +158,8 @@ SECANT_STALL_MESSAGE = (
     "where the fd oracle chose 0.2); or the curvature along the update is not positive (a concave start, where "
     "without the loss the rule has no step to take and probes again: it never left the start of a double well). "
     "Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches. The secant's noise "
-    "correction (noise_correction=, on by default behind Adam) removes the noise's bias: it trained two small MLPs "
-    "where the uncorrected secant stalled, batches of 32 and 128 of 512, though its rate may still take a few more "
+    "correction (noise_correction=, on by default for CDAT behind Adam) removes the noise's bias: it trained two "
+    "small MLPs where the uncorrected secant stalled, batches of 32 and 128 of 512, though its rate may take more "
     "steps to pass the probing step; behind SGD it is opt-in (noise_correction=True; its rate collapsed late on the "
     "benchmark's mini-batch ResNet: watch the rate).")
 
