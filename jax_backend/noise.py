@@ -34,9 +34,9 @@ __all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient"
 
 
 class NoiseMemory(NamedTuple):
-    """What the noise correction keeps: the previous step's gradient (shaped like the parameters) and the
-    moving averages of the secant numerator, its noise estimate and its scale
-    (:class:`curvopt.curvature.SecantNoiseState`)."""
+    """What the noise correction keeps: the previous step's gradient (shaped like the parameters), the share of it
+    the base saw (:func:`seen_scale`; 1 before a step) and the moving averages of the secant numerator, its noise
+    estimate and its scale (:class:`curvopt.curvature.SecantNoiseState`)."""
 
     prev_grad: Any
     prev_scale: Any
