@@ -24,6 +24,8 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "secant_stalled",
+    "REPROBE_GROWTH",
+    "concave_reprobe",
     "EXTERNAL_CLIP_STEPS",
     "EXTERNAL_CLIP_MESSAGE",
     "EXTERNAL_CLIP_MESSAGE_OPTAX",
@@ -155,8 +157,8 @@ SECANT_STALL_MESSAGE = (
     f"{SECANT_STALL_STEPS} steps later. Either the secant of consecutive gradients is dominated by their noise "
     "(small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
-    "where the fd oracle chose 0.2); or the curvature along the update is not positive (a concave start, where "
-    "without the loss the rule has no step to take and probes again: it never left the start of a double well). "
+    "where the fd oracle chose 0.2); or the curvature along the update was not positive at the start and the "
+    "probes that follow (each twice the last) are still short of where it turns positive. "
     "Pass a closure (PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches. The secant's noise "
     "correction (noise_correction=, on by default for CDAT behind Adam) removes the noise's bias: it trained two "
     "small MLPs where the uncorrected secant stalled, batches of 32 and 128 of 512, though its rate may take more "
@@ -173,6 +175,22 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any,
     the probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
     judged = steps_since_probe >= SECANT_STALL_STEPS
     return judged, judged & (lr < probe_lr)
+
+
+#: the factor by which a closure-free step at a concave start probes farther than the previous probe
+REPROBE_GROWTH = 2.0
+
+
+def concave_reprobe(lr: Any, numerator: Any, curvature: Any, last_probe: Any, xp: Any) -> tuple[Any, Any]:
+    """``(rate, reprobe)`` of a closure-free secant step. Where the rule took no step (``lr = 0``) because the
+    secant's curvature is not positive along a descent direction (``numerator = -g^T u > 0``): a concave start,
+    where without the loss the rule has no step to take. The step then probes again, at :data:`REPROBE_GROWTH`
+    times the last probe ``last_probe``, so that the next secant spans a longer segment (probing again at the fd
+    step ``h`` never left the start of a double well). ``last_probe`` is NaN when the rule has moved since the
+    last probe (then ``lr``, as elsewhere). A zero rate for another reason (an ascent direction: ``numerator <= 0``)
+    is never grown."""
+    reprobe = (lr == 0) & (numerator > 0) & (curvature <= 0) & xp.isfinite(last_probe)
+    return xp.where(reprobe, REPROBE_GROWTH * xp.where(reprobe, last_probe, 0.0), lr), reprobe
 
 
 #: consecutive secant steps whose gradients all have one norm (to :data:`EXTERNAL_CLIP_RTOL`) before

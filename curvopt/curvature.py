@@ -103,8 +103,8 @@ def noise_correction_on(setting: Any, adam: bool) -> bool:
     ``setting`` True/False as given; None (the default) behind Adam only. Measured closure-free
     (docs/minibatch_study.md, section 10): behind Adam it trained two small MLPs that the raw secant left untrained
     (batch 32 of 512) and ended at or below the raw secant on the default suite's Adam cells (mini-batch LM
-    1.02-1.09x ``fd`` against 1.05-1.14x, full-batch ViT 1.5-1.8x against 1.9-2.1x, full-batch LM 0.98-1.06x
-    against 1.00-1.07x); behind SGD its rate collapsed late on the mini-batch ResNet."""
+    1.02-1.09x ``fd`` against 1.05-1.14x, full-batch ViT 1.5-1.8x against 1.9-2.1x, full-batch LM 0.98-1.01x
+    against 1.00-1.06x); behind SGD its rate collapsed late on the mini-batch ResNet."""
     return adam if setting is None else bool(setting)
 
 

@@ -9,7 +9,7 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
-from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, has_gradient, secant_caveat
+from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
 from curvopt.preconditioner import adam_preconditioner
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
                            default_numerator, default_sigma, momentum_numerator, paired_numerator,
@@ -309,6 +309,9 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             lr, rule_state = apply_rule(
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
+            if oracle == "secant" and p.f is None:  # a concave start probes farther
+                lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, jnp)
+                probe = jnp.where(reprobe, lr, probe)
             secant = state.secant
             if oracle == "secant":
                 secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, state.steps, dtype, p.grad)

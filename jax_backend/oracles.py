@@ -19,8 +19,10 @@ Which one a step uses is :func:`curvopt.config.resolve_curvature` (``"auto"``: `
   secant: with ``value_fn`` the step falls back to an ``"fd"`` probe; without one (closure-free:
   ``TrainState.apply_gradients``, ``nnx.Optimizer.update``) the step itself is the probe: it moves by the
   tiny ``lr = h`` of the fd oracle, so that the next step's secant is an fd estimate, and the rule's state is
-  not touched. With the noise correction (:mod:`jax_backend.noise`; CDAT's default behind Adam) the secant's
-  mini-batch noise bias is removed.
+  not touched; at a concave start, where the secant's curvature is not positive and the rule takes no step,
+  the step probes again at twice the last probe (:func:`curvopt.config.concave_reprobe`, in
+  :mod:`jax_backend.cdat`). With the noise correction (:mod:`jax_backend.noise`; CDAT's default behind Adam)
+  the secant's mini-batch noise bias is removed.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ class SecantMemory(NamedTuple):
     last judged (:func:`curvopt.config.secant_stalled`; :func:`jax_backend.stats` warns); the gradient norms of
     the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
     this one moved them, and whether the norms ever said that a clip before the tuner fixed them
-    (:func:`curvopt.config.external_clip_suspected`; :func:`jax_backend.stats` warns)."""
+    (:func:`curvopt.config.external_clip_suspected`; :func:`jax_backend.stats` warns); and the last probing step's
+    rate until the rule moves (NaN: none; :func:`curvopt.config.concave_reprobe`)."""
 
     prev_incoming: Any
     prev_grad_dot_direction: Any
@@ -62,13 +65,14 @@ class SecantMemory(NamedTuple):
     grad_norms: Any
     moved: Any
     clip_suspected: Any
+    last_probe: Any
 
 
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
                         jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
                         jnp.zeros((), bool), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype), jnp.zeros((), bool),
-                        jnp.zeros((), bool))
+                        jnp.zeros((), bool), jnp.full((), jnp.nan, dtype))
 
 
 def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, steps: Any,
@@ -86,7 +90,8 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
                         jnp.where(new_probe, probe, jnp.where(judged, jnp.nan, memory.probe_lr)),
                         jnp.where(new_probe, steps, memory.probe_step),
                         jnp.where(judged, stalled, memory.stalled), norms, ~probing & (lr > 0),
-                        memory.clip_suspected | external_clip_suspected(norms, jnp))
+                        memory.clip_suspected | external_clip_suspected(norms, jnp),
+                        jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype))
 
 
 def _float_dtypes(jaxpr: Any, found: set) -> set:

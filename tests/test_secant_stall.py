@@ -1,11 +1,14 @@
 """Closure-free CDAT at a concave start (the double well ``(w^2 - 1)^2`` from ``w = 0.3``, where ``f'' < 0``): the
-secant's curvature is negative, without the loss the rule has no step to take (lr 0), and the next step probes
-again with the tiny fd step, so the run never leaves the start. The stall is reported once (PyTorch's step; Optax's
-``stats`` from then on): before, every repeated probe restarted the 10-step count and nothing was said."""
+secant's curvature is negative and without the loss the rule has no step to take (lr 0). The step then probes
+again at twice the last probe (``curvopt.config.concave_reprobe``), so the secant spans ever longer segments until it
+reaches past the inflection point and the rule takes over: the run leaves the start and converges (before, every
+step probed again at the tiny fd step and the run never left). An ascent direction (a negated chain) also gives
+lr 0 but is never probed farther."""
 import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import torch
 
@@ -15,22 +18,22 @@ from curvopt.torch import CDAT
 STALL = "still below the tiny probing step"
 
 
-def test_torch_reports_a_closure_free_stall_at_a_concave_start():
-    for make_base in (lambda w: torch.optim.SGD([w], lr=1.0), lambda w: torch.optim.Adam([w], lr=1.0)):
-        w = torch.nn.Parameter(torch.tensor([0.3], dtype=torch.float64))
-        opt = CDAT(make_base(w))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(30):
-                opt.zero_grad()
-                ((w ** 2 - 1) ** 2).sum().backward()
-                opt.step()
-        assert abs(float(w) - 0.3) < 1e-6  # the stall itself: closure-free has no step here
-        assert sum(STALL in str(m.message) for m in caught) == 1  # once
+def _torch_run(make_base, steps=80):
+    w = torch.nn.Parameter(torch.tensor([0.3], dtype=torch.float64))
+    opt = CDAT(make_base(w))
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            opt.zero_grad()
+            ((w ** 2 - 1) ** 2).sum().backward()
+            opt.step()
+            lrs.append(float(opt.stats["lr"]))
+    return float(w.detach()), np.array(lrs), [str(m.message) for m in caught]
 
 
-def test_optax_reports_a_closure_free_stall_at_a_concave_start():
-    opt = cdat(optax.identity())  # the base's direction at rate 1 (optax.sgd would negate it: an ascent)
+def _optax_run(w0, base=None, steps=80):
+    opt = cdat(base or optax.identity())  # the base's direction at rate 1 (optax.sgd would negate it: an ascent)
     loss = lambda p: ((p["w"] ** 2 - 1) ** 2).sum()  # noqa: E731
 
     @jax.jit
@@ -38,19 +41,41 @@ def test_optax_reports_a_closure_free_stall_at_a_concave_start():
         u, s = opt.update(jax.grad(loss)(p), s, p)
         return optax.apply_updates(p, u), s
 
-    def run(w0):
-        params = {"w": jnp.array([w0])}
-        state, said = opt.init(params), []
-        for _ in range(30):
-            params, state = step(params, state)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                stats(state)
-            said.append(any(STALL in str(m.message) for m in caught))
-        return float(params["w"][0]), said
+    params = {"w": jnp.array([w0])}
+    state, lrs, said = opt.init(params), [], []
+    for _ in range(steps):
+        params, state = step(params, state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lrs.append(float(stats(state)["lr"]))
+        said.append(any(STALL in str(m.message) for m in caught))
+    return float(params["w"][0]), np.array(lrs), said
 
-    w, said = run(0.3)
-    assert abs(w - 0.3) < 1e-2  # float32 probes: tiny steps, never out of the well's top
-    assert any(said) and said[-1]
-    w, said = run(2.0)  # started where the curvature is positive: converges without a word
-    assert not any(said) and abs(w - 1.0) < 1e-3
+
+def test_torch_leaves_a_concave_start_by_probing_farther():
+    for make_base in (lambda w: torch.optim.SGD([w], lr=1.0), lambda w: torch.optim.Adam([w], lr=1.0)):
+        w, lrs, messages = _torch_run(make_base)
+        np.testing.assert_allclose(lrs[1:6] / lrs[:5], 2.0, rtol=1e-12)  # each probe twice the last
+        assert w > 0.9, w  # out of the well's top (0.3; the inflection point is at 0.577) towards its minimum 1
+        assert not any(STALL in m for m in messages)
+    w, _, _ = _torch_run(lambda w: torch.optim.SGD([w], lr=1.0))
+    assert abs(w - 1.0) < 1e-3  # on the edge there (rate ~0.26, 2 / f''(1) = 0.25): it oscillates in
+
+
+def test_optax_leaves_a_concave_start_by_probing_farther_with_pytorchs_rates():
+    with jax.enable_x64(True):
+        w, lrs, said = _optax_run(0.3)
+        assert abs(w - 1.0) < 1e-3 and not any(said)
+        _, torch_lrs, _ = _torch_run(lambda w: torch.optim.SGD([w], lr=1.0))
+        np.testing.assert_allclose(lrs, torch_lrs, rtol=1e-8)  # 3e-9 at the edge, where the secant cancels
+        w, _, said = _optax_run(2.0)  # started where the curvature is positive: converges without a word
+        assert not any(said) and abs(w - 1.0) < 1e-3
+
+
+def test_an_ascent_direction_is_never_probed_farther():
+    """A chain that negates the base's direction (``optax.scale(-1)``): the numerator is clipped to 0, the rate
+    is 0, and the probes stay at the fd step (never doubled): the parameters move by ~1e-8 in 40 steps."""
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w, lrs, _ = _optax_run(0.3, optax.scale(-1.0), steps=40)
+    assert abs(w - 0.3) < 1e-6 and np.nanmax(lrs) < 1e-7, (w, np.nanmax(lrs))

@@ -22,7 +22,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
-  ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor), and
+  ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor;
+  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves), and
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
@@ -48,7 +49,7 @@ from torch import Tensor
 from curvopt.rules import GUARD_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
-           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
+           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_PROBE", "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -61,6 +62,8 @@ DIRECTIONS = "curvopt_directions"
 PREV_GRAD = "curvopt_prev_grad"
 #: the share of the previous step's gradient its base saw (the tuner's clip factor; global)
 PREV_GRAD_SCALE = "curvopt_prev_grad_scale"
+#: the closure-free probing step's rate, until the rule moves (curvopt.config.concave_reprobe; global)
+LAST_PROBE = "curvopt_secant_last_probe"
 #: ``numerator="paired"``: the previous batch's gradient predicted at the current point, and whether it is kept
 PREDICTED_GRAD, PREDICTED = "curvopt_predicted_grad", "curvopt_predicted"
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"

@@ -56,8 +56,8 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mis
                                secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
-                            accumulator_dtype_name, external_clip_suspected, has_gradient, resolve_curvature,
-                            power_iters, secant_caveat, secant_stalled, sharpness_due, watched_norms,
+                            accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
+                            resolve_curvature, power_iters, secant_caveat, secant_stalled, sharpness_due, watched_norms,
                             zero_rate_message, zero_rate_run)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
@@ -664,7 +664,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                                                                   gradient_eps(grads, terms)), xp=S)
                 if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
                     self._probed = (float(lr), count)
-            elif lagged and self._probed is not None:
+            elif lagged and probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
+                lr, reprobe = concave_reprobe(lr, numerator, curvature, self._host(glob[layout.LAST_PROBE], S), xp=S)
+                probing = bool(reprobe)
+            if lagged and not probing and self._probed is not None:
                 judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
@@ -715,6 +718,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         if paired:
             glob[layout.PREDICTED] = int(self._commit_prediction(params, grads, clip, probe, lr))
         glob[layout.STEP] = count + 1
+        if probing:  # the last probe, until the rule moves (concave_reprobe)
+            glob[layout.LAST_PROBE] = torch.tensor(float(lr), dtype=acc, device=dev)
+        elif lr > 0:
+            glob.pop(layout.LAST_PROBE, None)
         glob.setdefault(layout.SKIPPED, 0)
         n_rule = len(new_rule_state)
         glob.update(zip(self._rule_layout(S)[1], tensors[1:1 + n_rule]))
