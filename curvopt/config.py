@@ -181,16 +181,19 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any,
 REPROBE_GROWTH = 2.0
 
 
-def concave_reprobe(lr: Any, numerator: Any, curvature: Any, last_probe: Any, xp: Any) -> tuple[Any, Any]:
+def concave_reprobe(lr: Any, numerator: Any, curvature: Any, last_probe: Any, lr_max: Any, xp: Any
+                    ) -> tuple[Any, Any]:
     """``(rate, reprobe)`` of a closure-free secant step. Where the rule took no step (``lr = 0``) because the
     secant's curvature is not positive along a descent direction (``numerator = -g^T u > 0``): a concave start,
     where without the loss the rule has no step to take. The step then probes again, at :data:`REPROBE_GROWTH`
     times the last probe ``last_probe``, so that the next secant spans a longer segment (probing again at the fd
-    step ``h`` never left the start of a double well). ``last_probe`` is NaN when the rule has moved since the
-    last probe (then ``lr``, as elsewhere). A zero rate for another reason (an ascent direction: ``numerator <= 0``)
-    is never grown."""
+    step ``h`` never left the start of a double well), at most the rule's ``lr_max`` (along a direction where the
+    loss is linear the probes would otherwise grow for ever). ``last_probe`` is NaN when the rule has moved since
+    the last probe (then ``lr``, as elsewhere). A zero rate for another reason (an ascent direction:
+    ``numerator <= 0``) is never grown."""
     reprobe = (lr == 0) & (numerator > 0) & (curvature <= 0) & xp.isfinite(last_probe)
-    return xp.where(reprobe, REPROBE_GROWTH * xp.where(reprobe, last_probe, 0.0), lr), reprobe
+    grown = REPROBE_GROWTH * xp.where(reprobe, last_probe, 0.0)
+    return xp.where(reprobe, xp.where(grown < lr_max, grown, lr_max), lr), reprobe
 
 
 #: consecutive secant steps whose gradients all have one norm (to :data:`EXTERNAL_CLIP_RTOL`) before

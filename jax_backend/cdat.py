@@ -310,7 +310,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             if oracle == "secant" and p.f is None:  # a concave start probes farther
-                lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, jnp)
+                lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)
                 probe = jnp.where(reprobe, lr, probe)
             secant = state.secant
             if oracle == "secant":

@@ -79,3 +79,32 @@ def test_an_ascent_direction_is_never_probed_farther():
         warnings.simplefilter("ignore")
         w, lrs, _ = _optax_run(0.3, optax.scale(-1.0), steps=40)
     assert abs(w - 0.3) < 1e-6 and np.nanmax(lrs) < 1e-7, (w, np.nanmax(lrs))
+
+
+def test_probes_at_a_concave_start_stop_at_lr_max():
+    """Along a direction where the loss is linear (``f = -w``: curvature 0 everywhere) the probes would double for
+    ever; they stop at the rule's ``lr_max``, in both backends."""
+    w = torch.nn.Parameter(torch.tensor([0.0], dtype=torch.float64))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), lr_max=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lrs = []
+        for _ in range(80):
+            opt.zero_grad()
+            (-w).sum().backward()
+            opt.step()
+            lrs.append(float(opt.stats["lr"]))
+    assert max(lrs) == 0.5 and lrs[-1] == 0.5, lrs[-5:]
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tx = cdat(optax.identity(), lr_max=0.5)
+        p = {"w": jnp.array([0.0])}
+        s = tx.init(p)
+        step = jax.jit(lambda p, s: tx.update(jax.grad(lambda q: -q["w"].sum())(p), s, p))
+        jax_lrs = []
+        for _ in range(80):
+            u, s = step(p, s)
+            p = optax.apply_updates(p, u)
+            jax_lrs.append(float(stats(s)["lr"]))
+    np.testing.assert_allclose(jax_lrs, lrs, rtol=1e-12)
+

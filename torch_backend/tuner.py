@@ -57,8 +57,8 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mis
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
-                            resolve_curvature, power_iters, secant_caveat, secant_stalled, sharpness_due, watched_norms,
-                            zero_rate_message, zero_rate_run)
+                            resolve_curvature, power_iters, secant_caveat, secant_stalled, sharpness_due,
+                            watched_norms, zero_rate_message, zero_rate_run)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -665,7 +665,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
                     self._probed = (float(lr), count)
             elif lagged and probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
-                lr, reprobe = concave_reprobe(lr, numerator, curvature, self._host(glob[layout.LAST_PROBE], S), xp=S)
+                lr, reprobe = concave_reprobe(lr, numerator, curvature, self._host(glob[layout.LAST_PROBE], S),
+                                              rule.lr_max, xp=S)
                 probing = bool(reprobe)
             if lagged and not probing and self._probed is not None:
                 judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
