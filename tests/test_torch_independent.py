@@ -147,7 +147,8 @@ def test_noise_metric_is_the_bases_sensitivity_to_the_gradient(make, concat):
     u2 = _twin_direction(base, ws, [x + d for x, d in zip(g, delta)])
     want = -0.5 * sum(float(d @ (b - a)) for d, a, b in zip(delta, u1, u2))
     with concatenating(concat):
-        got = float(noise_numerator(base, ws, delta, [torch.zeros_like(w) for w in ws], DT))
+        zeros = [torch.zeros_like(w) for w in ws]
+        got = float(noise_numerator(base, ws, delta, zeros, zeros, DT))  # D = delta - 0, no previous direction
     assert got == pytest.approx(want, rel=2e-2)
 
 
@@ -168,7 +169,8 @@ def test_noise_numerator_is_half_the_a_norm_of_the_orthogonal_difference(concat)
     perp = D - (a * D @ u) / (a * u @ u) * u
     want = 0.5 * a * float(perp @ perp)
     with concatenating(concat):
-        got = float(noise_numerator(torch.optim.SGD(params, lr=a), params, diff, prev_u, DT))
+        got = float(noise_numerator(torch.optim.SGD(params, lr=a), params, diff, [torch.zeros_like(x) for x in diff],
+                                    prev_u, DT))
     assert got == pytest.approx(want, rel=1e-10)
 
 

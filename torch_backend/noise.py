@@ -82,13 +82,15 @@ def _cat(xs: Sequence[Tensor]) -> Tensor:
     return flat if flat.dtype not in (torch.float16, torch.bfloat16) else flat.float()
 
 
-def noise_numerator(base: torch.optim.Optimizer, params: Sequence[Tensor], diff: Sequence[Tensor],
-                    prev_u: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
-    """``0.5 ||D_perp||_A^2`` with ``D = g_t - g_{t-1}`` (``diff``) and ``u_{t-1}`` (``prev_u``), in ``dtype``; the
-    base's ``A`` read before it steps (:func:`knows_noise` must hold)."""
+def noise_numerator(base: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor],
+                    prev_grads: Sequence[Tensor], prev_u: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """``0.5 ||D_perp||_A^2`` with ``D = g_t - g_{t-1}`` (``grads`` minus ``prev_grads``, a chunk at a time: no
+    buffer of the parameters' size is kept for it) and ``u_{t-1}`` (``prev_u``), in ``dtype``; the base's ``A``
+    read before it steps (:func:`knows_noise` must hold)."""
     sums = torch.zeros(3, dtype=dtype, device=params[0].device)
     for idx, scale, adam, step in _chunks(base, params):
-        d, u = _cat([diff[i] for i in idx]), _cat([prev_u[i] for i in idx])
+        d = _cat([grads[i] for i in idx]) - _cat([prev_grads[i] for i in idx])
+        u = _cat([prev_u[i] for i in idx])
         if adam is None:
             metric = scale
         else:

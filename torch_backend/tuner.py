@@ -206,7 +206,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_warned = False
         #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
         self._zero_run: Optional[int] = 0
-        self._scratch_d: dict[Tensor, Tensor] = {}
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -804,15 +803,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         prev = [self.state[p].get(layout.PREV_GRAD) if p in self.state else None for p in params]
         if not all(fits(b, p) for b, p in zip(prev, params)):
             return torch.full((), math.nan, dtype=self.acc_dtype, device=params[0].device)
-        diff = []
-        for p, g in zip(params, grads):
-            d = self._scratch_d.get(p)
-            if not fits(d, p):
-                d = self._scratch_d[p] = torch.empty_like(p, memory_format=torch.preserve_format)
-            diff.append(d)
-        torch._foreach_copy_(diff, grads)
-        torch._foreach_sub_(diff, prev)
-        return noise_numerator(self.base, params, diff, prev_u, self.acc_dtype)
+        return noise_numerator(self.base, params, grads, prev, prev_u, self.acc_dtype)
 
     def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                           key: str = layout.PREV_GRAD) -> list[Tensor]:
