@@ -5,7 +5,8 @@ Three measurements, printed as markdown tables:
 
 1. **Step time.** Per-step wall time of each tuner ÷ the bare base optimizer's step (closure + ``base.step()``)
    on a small CNN (pre-activation ResNet, width 16, on a 128-image batch of scikit-learn's 8x8 digits) and a
-   small byte-level transformer LM (width 32, 2 blocks, 16 sequences of 32 bytes of ``pydoc_data.topics``).
+   small byte-level transformer LM (width 32, 2 blocks, 16 sequences of 32 bytes of ``pydoc_data.topics``);
+   ``--tasks cnn-wide,lm-wide`` (torch only) times wider ones (:data:`TASKS`).
    Base and tuner blocks of steps are interleaved in one process (:mod:`benchmarks.timing`, shared with the
    JAX rows of :mod:`benchmarks.overhead_jax`), torch on one thread; the reported ratio is the median over
    repeats of (median tuner step ÷ median base step). The rows "no closure" time the closure-free step
@@ -56,7 +57,7 @@ from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, Q
 # ------------------------------------------------------------------------------------------ tasks
 
 
-def _cnn_task(batch: int = 128):
+def _cnn_task(batch: int = 128, width: int = 16):
     from benchmarks.data import load_digits
     from benchmarks.models_torch import build_model
 
@@ -65,14 +66,14 @@ def _cnn_task(batch: int = 128):
     y = torch.from_numpy(ds.y_train[:batch])
 
     def make():
-        return build_model("resnet", ds.input_shape, ds.num_classes, width=16, seed=0)
+        return build_model("resnet", ds.input_shape, ds.num_classes, width=width, seed=0)
 
     def loss_fn(model):
         return nn.functional.cross_entropy(model(x), y)
     return make, loss_fn
 
 
-def _lm_task(batch: int = 16, block: int = 32):
+def _lm_task(batch: int = 16, block: int = 32, width: int = 32, depth: int = 2):
     from benchmarks.data import lm_blocks, load_text_bytes
     from benchmarks.models_torch import build_model
 
@@ -80,7 +81,7 @@ def _lm_task(batch: int = 16, block: int = 32):
     x, y = torch.from_numpy(xs), torch.from_numpy(ys)
 
     def make():
-        return build_model("lm", (block,), 256, width=32, seed=0, depth=2, heads=2)
+        return build_model("lm", (block,), 256, width=width, seed=0, depth=depth, heads=2)
 
     def loss_fn(model):
         logits = model(x)
@@ -88,7 +89,12 @@ def _lm_task(batch: int = 16, block: int = 32):
     return make, loss_fn
 
 
-TASKS = {"cnn": _cnn_task, "lm": _lm_task}
+#: ``cnn`` and ``lm`` (the default) are the benchmark's models; the wide ones (``--tasks cnn-wide,lm-wide``, torch
+#: only) show how the tuner's own work scales with the parameter count: CNN width 64 (0.31M parameters), LM width
+#: 128 with 4 blocks (0.60M), against 20k / 35k for the default pair
+TASKS = {"cnn": _cnn_task, "lm": _lm_task, "cnn-wide": lambda: _cnn_task(width=64),
+         "lm-wide": lambda: _lm_task(width=128, depth=4)}
+TORCH_ONLY_TASKS = ("cnn-wide", "lm-wide")
 
 # (tuner, oracle, base label, factory(base, model))
 BASES = {
@@ -484,7 +490,7 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also time the git revision REV, interleaved with the working tree in this run (torch "
                          "step-time rows only; implies --backend torch --skip hvp,memory)")
-    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm), both backends")
+    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm: both backends; cnn-wide,lm-wide: torch only)")
     ap.add_argument("--configs", default=None,
                     help="comma-separated row numbers of this module's CONFIGS, the torch rows, to time (default "
                          "all; 0 = CDAT fd Adam); the JAX rows (benchmarks.overhead_jax.CONFIGS) all run")
@@ -495,6 +501,8 @@ def main(argv=None) -> None:
     steps = 5 if args.quick else 15
     skip = set(filter(None, args.skip.split(",")))
     tasks = tuple(filter(None, args.tasks.split(",")))
+    if not set(tasks) <= set(TASKS):
+        ap.error(f"--tasks: unknown {sorted(set(tasks) - set(TASKS))}; choose from {', '.join(TASKS)}")
     configs = None if args.configs is None else {int(c) for c in args.configs.split(",")}
 
     if args.baseline is not None:
@@ -516,7 +524,7 @@ def main(argv=None) -> None:
             else:
                 from benchmarks import overhead_jax  # installed: a real import error propagates
 
-                rows += overhead_jax.measure(repeats, steps, tasks)
+                rows += overhead_jax.measure(repeats, steps, tuple(t for t in tasks if t not in TORCH_ONLY_TASKS))
         print("## Step time ÷ bare base step (median of %d repeats)\n" % repeats)
         print(_table(rows, ["task", "tuner", "oracle", "base", "backend", "ratio", "base_ms", "skipped"]))
         print()

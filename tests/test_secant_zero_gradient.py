@@ -28,6 +28,23 @@ def test_has_gradient():
     assert not has_gradient(np.float64(np.nan))
 
 
+def test_max_abs_reads_every_entry():
+    """The gradient's largest entry that the skip decides on (``torch_backend.vectors.max_abs``): the largest
+    magnitude over all tensors, NaN if any entry is NaN, inf if any is infinite, 0 with no entries; tensors of
+    different dtypes and non-contiguous ones."""
+    from torch_backend.vectors import max_abs
+
+    xs = [torch.tensor([[0.5, -0.25], [0.0, 2.0]]), torch.tensor([-7.0, 3.0]), torch.zeros(0)]
+    assert float(max_abs(xs)) == 7.0
+    assert float(max_abs([xs[0].t(), xs[1][:1]])) == 7.0
+    assert float(max_abs([torch.zeros(0)])) == 0.0 and float(max_abs([torch.zeros(3)])) == 0.0
+    assert float(max_abs([torch.tensor([1.0], dtype=torch.float16),
+                          torch.tensor([-3.0], dtype=torch.bfloat16)])) == 3.0
+    assert float(max_abs([torch.tensor([1e-40], dtype=torch.float64)])) == 1e-40
+    assert float(max_abs([xs[1], torch.tensor([-float("inf"), 1.0])])) == float("inf")
+    assert np.isnan(float(max_abs([torch.tensor([1.0, float("nan")]), torch.tensor([float("inf")])])))
+
+
 def _torch_run(skip_at):
     x, y = torch.tensor(X), torch.tensor(Y)
     w1 = torch.nn.Parameter(torch.tensor(W1))

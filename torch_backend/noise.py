@@ -83,14 +83,18 @@ def _cat(xs: Sequence[Tensor]) -> Tensor:
 
 
 def noise_numerator(base: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor],
-                    prev_grads: Sequence[Tensor], prev_u: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+                    prev_grads: Sequence[Tensor], prev_u: Sequence[Tensor], dtype: torch.dtype,
+                    prev_u_flat: Optional[Tensor] = None) -> Tensor:
     """``0.5 ||D_perp||_A^2`` with ``D = g_t - g_{t-1}`` (``grads`` minus ``prev_grads``, a chunk at a time: no
-    buffer of the parameters' size is kept for it) and ``u_{t-1}`` (``prev_u``), in ``dtype``; the base's ``A``
-    read before it steps (:func:`knows_noise` must hold)."""
+    buffer of the parameters' size is kept for it) and ``u_{t-1}`` (``prev_u``; ``prev_u_flat``: the same entries
+    as one flat tensor in ``params`` order when the tuner keeps it so, read in place of a concatenation where a
+    chunk holds every parameter), in ``dtype``; the base's ``A`` read before it steps (:func:`knows_noise` must
+    hold)."""
     sums = torch.zeros(3, dtype=dtype, device=params[0].device)
     for idx, scale, adam, step in _chunks(base, params):
         d = _cat([grads[i] for i in idx]) - _cat([prev_grads[i] for i in idx])
-        u = _cat([prev_u[i] for i in idx])
+        whole = prev_u_flat is not None and len(idx) == len(params)
+        u = _cat([prev_u_flat] if whole else [prev_u[i] for i in idx])
         if adam is None:
             metric = scale
         else:

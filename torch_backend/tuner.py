@@ -476,7 +476,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         early = prev_u is not None and method is None
         g_dot_prev_u_t = dot(grads, prev_u) if early else None
         denoise = secant and self._noise_on() and knows_noise(self.base)
-        noise_b = self._noise(params, grads, prev_u) if denoise and prev_u is not None else None
+        noise_b = (self._noise(params, grads, prev_u, ws.u[held].flat) if denoise and prev_u is not None
+                   else None)
         clip = self._clip(grads) if self.max_grad_norm is not None else None
 
         # the base's direction
@@ -798,12 +799,13 @@ class CurvatureTuner(torch.optim.Optimizer):
     def _noise_on(self) -> bool:
         return noise_correction_on(self.noise_correction, is_adam_like(self.base))
 
-    def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor]) -> Tensor:
+    def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor],
+               prev_u_flat: Optional[Tensor]) -> Tensor:
         """The secant numerator's noise estimate (NaN when the previous gradient is not kept: no secant)."""
         prev = [self.state[p].get(layout.PREV_GRAD) if p in self.state else None for p in params]
         if not all(fits(b, p) for b, p in zip(prev, params)):
             return torch.full((), math.nan, dtype=self.acc_dtype, device=params[0].device)
-        return noise_numerator(self.base, params, grads, prev, prev_u, self.acc_dtype)
+        return noise_numerator(self.base, params, grads, prev, prev_u, self.acc_dtype, prev_u_flat)
 
     def _commit_gradients(self, params: list[Tensor], grads: list[Tensor], clip: Optional[Tensor],
                           key: str = layout.PREV_GRAD) -> list[Tensor]:
