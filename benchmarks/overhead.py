@@ -91,10 +91,11 @@ def _lm_task(batch: int = 16, block: int = 32, width: int = 32, depth: int = 2):
 
 #: ``cnn`` and ``lm`` (the default) are the benchmark's models; the wide ones (``--tasks cnn-wide,lm-wide``, torch
 #: only) show how the tuner's own work scales with the parameter count: CNN width 64 (0.31M parameters), LM width
-#: 128 with 4 blocks (0.60M), against 20k / 35k for the default pair
+#: 128 with 4 blocks (0.60M), against 20k / 35k for the default pair; ``lm-wide-b64`` is the wide LM on 64 sequences
+#: a step instead of 16 (the tuner's share falls with the work per parameter of a forward and backward pass)
 TASKS = {"cnn": _cnn_task, "lm": _lm_task, "cnn-wide": lambda: _cnn_task(width=64),
-         "lm-wide": lambda: _lm_task(width=128, depth=4)}
-TORCH_ONLY_TASKS = ("cnn-wide", "lm-wide")
+         "lm-wide": lambda: _lm_task(width=128, depth=4), "lm-wide-b64": lambda: _lm_task(64, width=128, depth=4)}
+TORCH_ONLY_TASKS = ("cnn-wide", "lm-wide", "lm-wide-b64")
 
 # (tuner, oracle, base label, factory(base, model))
 BASES = {
@@ -490,7 +491,7 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also time the git revision REV, interleaved with the working tree in this run (torch "
                          "step-time rows only; implies --backend torch --skip hvp,memory)")
-    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm: both backends; cnn-wide,lm-wide: torch only)")
+    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm: both backends; cnn-wide,lm-wide,lm-wide-b64: torch only)")
     ap.add_argument("--configs", default=None,
                     help="comma-separated row numbers of this module's CONFIGS, the torch rows, to time (default "
                          "all; 0 = CDAT fd Adam); the JAX rows (benchmarks.overhead_jax.CONFIGS) all run")
