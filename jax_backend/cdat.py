@@ -293,7 +293,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
         if denoise and oracle == "secant":  # by default (None) only where Adam's state before the update is at hand
             metric = noise_metric(method, base_state_before, p.grad, dtype, name, required=noise_correction is True)
             if metric is not None:
-                noise = (state.noise, metric, seen_scale(method, base_state, base_state_before, p.grad, params, dtype))
+                noise = (state.noise, metric, seen_scale(method, base_state, base_state_before, p.grad, p.d, params,
+                                                          dtype))
 
         def taken() -> tuple[Any, ScaleByCDATState]:
             curv, calls, probe, lagged, stretch, fd_probe, noise_memory = curvature_of(

@@ -8,10 +8,11 @@ The incoming direction is ``d = A g + c`` (``u = -d``), ``A = a`` with ``a`` the
 elementwise by ``P``, the core's Adam preconditioner from the base's state before its update (the ``P`` of the
 previous step, the one the noise of the previous gradient went through; handed over by the conveniences as
 ``base_state_before``). Other per-leaf rescalings inside the base (an ``optax.multi_transform`` of scales) are
-not seen. A clip before Adam inside the base (``optax.clip_by_global_norm``) scales the gradient Adam averaged:
-its factor is read from Adam's states before and after the update (:func:`seen_scale`) and enters the next step's
-estimate (:func:`curvopt.curvature.secant_noise_corrected`'s ``input_scale``); behind the gradient-descent
-family such a clip is not seen.
+not seen. A clip before the base's own transform inside the base (``optax.clip_by_global_norm``) scales the
+gradient the base took in: its factor is read (:func:`seen_scale`) from Adam's states before and after the update,
+from ``optax.trace``'s behind heavy ball and Nesterov, and from the incoming direction behind gradient descent, and
+enters the next step's estimate (:func:`curvopt.curvature.secant_noise_corrected`'s ``input_scale``), as PyTorch's
+``max_grad_norm`` factor does.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from .direction import flat
 from .mup import find_lr_mults
 from .sharpness import find_adam_state
 
-__all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient", "seen_scale", "corrected_secant"]
+__all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient", "find_trace_state", "seen_scale",
+           "corrected_secant"]
 
 
 class NoiseMemory(NamedTuple):
@@ -59,17 +61,46 @@ def adam_averaged_gradient(grad: Any, adam: optax.ScaleByAdamState, before: opta
     return (flat(adam.mu, dtype, like=grad) - method.b1 * flat(before.mu, dtype, like=grad)) / (1 - method.b1)
 
 
-def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad: Any, params: Any, dtype: Any
-               ) -> Any:
+def find_trace_state(tree: Any) -> optax.TraceState | None:
+    """The first ``optax.TraceState`` (``optax.trace``'s momentum buffer) in an optimizer state, or None."""
+    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
+    return next((node for node in jax.tree.leaves(tree, is_leaf=is_trace) if is_trace(node)), None)
+
+
+def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad: Any, incoming: Any, params: Any,
+               dtype: Any) -> Any:
     """The share of ``grad`` the base saw (:func:`curvopt.curvature.gradient_scale`, which leaves coupled weight
-    decay out): behind Adam from the gradient it averaged (:func:`adam_averaged_gradient`); 1 behind the
-    gradient-descent family."""
-    adam, before = find_adam_state(base_state, method.b2), find_adam_state(base_state_before, method.b2)
-    if not method.preconditioned or adam is None or before is None:
-        return jnp.ones((), dtype)
+    decay out), from the gradient the base took in: behind Adam the one it averaged (:func:`adam_averaged_gradient`);
+    behind heavy ball and Nesterov the one ``optax.trace`` added, ``trace_t - momentum trace_{t-1}``, over ``1 -
+    dampening`` (a damped trace is ``optax.trace`` behind a scale by ``1 - dampening``, a share the noise metric
+    already holds); behind gradient descent ``incoming``, the base's direction (the tuner's ``d``), which holds it
+    times the group rates' multipliers (:func:`jax_backend.mup.scale_by_mup`'s, in the base's state), so the
+    gradient and the parameters are weighted by them too (a frozen group, multiplier 0, drops out). 1 where the
+    base's states are not at hand."""
     g, w = flat(grad, dtype), flat(params, dtype, like=grad)
-    seen = adam_averaged_gradient(grad, adam, before, method, dtype)
+    if method.preconditioned:
+        adam, before = find_adam_state(base_state, method.b2), find_adam_state(base_state_before, method.b2)
+        if adam is None or before is None:
+            return jnp.ones((), dtype)
+        seen = adam_averaged_gradient(grad, adam, before, method, dtype)
+    elif method.momentum:
+        trace, before = find_trace_state(base_state), find_trace_state(base_state_before)
+        if trace is None or before is None:
+            return jnp.ones((), dtype)
+        added = flat(trace.trace, dtype, like=grad) - method.momentum * flat(before.trace, dtype, like=grad)
+        seen = added / (1 - method.dampening)
+    else:
+        seen = flat(incoming, dtype, like=grad)
+        mults = find_lr_mults(base_state_before)
+        if mults is not None:
+            m = _per_entry(mults, grad, dtype)
+            g, w = g * m, w * m
     return gradient_scale(_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w), xp=jnp)
+
+
+def _per_entry(mults: Any, grad: Any, dtype: Any) -> Any:
+    """Per-leaf multipliers broadcast to every entry, flat like ``grad``."""
+    return flat(jax.tree.map(lambda g, m: jnp.broadcast_to(m, g.shape), grad, mults), dtype, like=grad)
 
 
 def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: Any, name: str, required: bool
@@ -80,7 +111,7 @@ def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: A
     a = gradient_weight(method.kind, momentum=method.momentum, dampening=method.dampening, beta1=method.b1)
     mults = find_lr_mults(base_state_before)
     if mults is not None:  # group rates: a per-leaf factor
-        a = a * flat(jax.tree.map(lambda g, m: jnp.broadcast_to(m, g.shape), grad, mults), dtype, like=grad)
+        a = a * _per_entry(mults, grad, dtype)
     if not method.preconditioned:
         return jnp.asarray(a, dtype)
     adam = find_adam_state(base_state_before, method.b2)

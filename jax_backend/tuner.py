@@ -31,6 +31,7 @@ from curvopt.stats import STAT_FIELDS, TunerStats
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import bind, value_and_grad_at
+from .noise import find_trace_state
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 from .warning import warn
 
@@ -139,7 +140,7 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
     if base_state is not None:
         if not method.preconditioned and find_adam_state(base_state, method.b2) is not None:
             found = "Adam's (optax.ScaleByAdamState)"
-        elif rate_follows_base and given is None and _has_trace(base_state):
+        elif rate_follows_base and given is None and find_trace_state(base_state) is not None:
             found = "a momentum trace's (optax.TraceState)"
         elif rate_follows_base and given is None and _keeps_per_parameter_state(base_state):
             found = (f"{_state_names(base_state)}, which keeps per-parameter state the tuner does not recognise "
@@ -171,11 +172,6 @@ def _state_names(tree: Any) -> str:
     names = [type(x).__name__ for x in jax.tree.leaves(tree, is_leaf=named)
              if named(x) and _keeps_per_parameter_state(x)]
     return " + ".join(dict.fromkeys(names)) or type(tree).__name__
-
-
-def _has_trace(tree: Any) -> bool:
-    is_trace = lambda x: isinstance(x, optax.TraceState)  # noqa: E731
-    return any(is_trace(node) for node in jax.tree.leaves(tree, is_leaf=is_trace))
 
 
 def _same_arrays(updates: Any, grad: Any) -> bool:

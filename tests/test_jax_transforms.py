@@ -647,3 +647,44 @@ def test_noise_correction_under_a_clip_before_adam_gives_the_unclipped_rates():
     for pre in ((), (optax.add_decayed_weights(0.05),)):
         ratio = float(np.median(rates(*pre, optax.clip_by_global_norm(1e-3))[-10:] / rates(*pre)[-10:]))
         assert 0.7 < ratio < 1.4, (pre, ratio)
+
+
+@pytest.mark.parametrize("case", ["gd", "gd_decay", "gd_groups", "heavy_ball", "nesterov", "damped"])
+def test_noise_correction_reads_a_clip_inside_a_gradient_descent_base(case):
+    """``optax.clip_by_global_norm`` first inside a base of the gradient-descent family: the share of the raw
+    gradient the base took in (``jax_backend.noise.seen_scale``, the noise correction's ``input_scale``) is the
+    clip's factor ``max_norm / ||g||``, as PyTorch's ``max_grad_norm`` keeps it for every base; exactly 1 without
+    the clip. Read from the incoming direction behind gradient descent (coupled weight decay before the clip left
+    out; group multipliers weighted in, a frozen group's 0 included), from ``optax.trace``'s states behind heavy
+    ball and Nesterov (a damped trace: ``optax.trace`` behind a scale by ``1 - dampening``). Float64, by hand.
+    Kills: the factor left at 1 behind these bases (the earlier code), the dampening's share counted twice, a
+    multiplier of 0 dividing."""
+    from jax_backend.mup import scale_by_mup
+    from jax_backend.noise import seen_scale
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        params = {"w": jnp.asarray(rng.normal(size=(5, 3))), "b": jnp.asarray(rng.normal(size=(3,)))}
+        grads = [{k: jnp.asarray(rng.normal(size=v.shape)) for k, v in params.items()} for _ in range(2)]
+        norm = float(optax.tree.norm(grads[1]))
+        bases = {
+            "gd": (lambda *pre: optax.chain(*pre, optax.identity()), BaseMethod.gd()),
+            "gd_decay": (lambda *pre: optax.chain(optax.add_decayed_weights(0.1), *pre, optax.identity()),
+                         BaseMethod.gd()),
+            "gd_groups": (lambda *pre: optax.chain(*pre, scale_by_mup({"w": 2.0, "b": 0.0})), BaseMethod.gd()),
+            "heavy_ball": (lambda *pre: optax.chain(*pre, optax.trace(decay=0.9)), BaseMethod.heavy_ball(0.9)),
+            "nesterov": (lambda *pre: optax.chain(*pre, optax.trace(decay=0.9, nesterov=True)),
+                         BaseMethod.nesterov(0.9)),
+            "damped": (lambda *pre: optax.chain(*pre, optax.scale(0.5), optax.trace(decay=0.9)),
+                       BaseMethod.heavy_ball(0.9, dampening=0.5)),
+        }
+        make, method = bases[case]
+        clipped = grads[1] if case != "gd_decay" else optax.tree.add_scale(grads[1], 0.1, params)  # what it clips
+        factor = 0.3 * norm / float(optax.tree.norm(clipped))
+        for pre, expected in (((optax.clip_by_global_norm(0.3 * norm),), factor), ((), 1.0)):
+            base = make(*pre)
+            state = base.init(params)
+            _, before = base.update(grads[0], state, params)  # a trace holds something before the step read
+            updates, after = base.update(grads[1], before, params)
+            got = float(seen_scale(method, after, before, grads[1], updates, params, jnp.float64))
+            assert got == pytest.approx(expected, rel=1e-12, abs=0), (case, bool(pre), got)
