@@ -273,6 +273,7 @@ def _fall_limited(inner, fall: float):
         gap_avg: object
         gap_weight: object
         gap_min: object
+        unit: object
         held_lr: object
 
     def update(x, state, xp):

@@ -6,7 +6,8 @@ from typing import Any, NamedTuple
 
 __all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "rayleigh_converged",
            "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "GREEDY_NOISE_CORRECTION", "gradient_weight",
-           "gradient_scale", "noise_correction_on", "secant_noise_numerator", "secant_noise_corrected"]
+           "gradient_scale", "gradient_fit", "GRADIENT_FIT_TOL", "noise_correction_on", "secant_noise_numerator",
+           "secant_noise_corrected"]
 
 
 def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
@@ -139,6 +140,14 @@ def secant_noise_numerator(diff_sq: Any, diff_dot_direction: Any, direction_sq: 
     return xp.where(out > 0, out, 0.0)
 
 
+def _along_residual(seen_dot_grad: Any, seen_dot_params: Any, grad_dot_params: Any, grad_sq: Any, params_sq: Any,
+                    xp: Any) -> tuple[Any, Any]:
+    """``(g_seen^T r, ||r||^2)`` with ``r = g - (g^T w / ||w||^2) w``, the gradient's part orthogonal to the
+    parameters (``r = g`` where ``w = 0``)."""
+    ratio = grad_dot_params / xp.where(params_sq > 0, params_sq, 1.0)
+    return seen_dot_grad - ratio * seen_dot_params, grad_sq - ratio * grad_dot_params
+
+
 def gradient_scale(seen_dot_grad: Any, seen_dot_params: Any, grad_dot_params: Any, grad_sq: Any, params_sq: Any,
                    xp: Any) -> Any:
     """How much of the raw gradient ``g`` the base saw, ``c`` in ``g_seen = c g + b w`` (a global-norm clip before
@@ -146,11 +155,27 @@ def gradient_scale(seen_dot_grad: Any, seen_dot_params: Any, grad_dot_params: An
     ``g_seen^T r / g^T r`` with ``r`` the gradient's part orthogonal to the parameters, from the five inner
     products. 1 where ``g^T r`` is below 1e-6 of ``||g||^2`` (a gradient along the parameters, or zero) or an
     input is not finite. The :func:`secant_noise_corrected`'s ``input_scale``."""
-    ratio = grad_dot_params / xp.where(params_sq > 0, params_sq, 1.0)
-    num = seen_dot_grad - ratio * seen_dot_params
-    den = grad_sq - ratio * grad_dot_params
+    num, den = _along_residual(seen_dot_grad, seen_dot_params, grad_dot_params, grad_sq, params_sq, xp)
     ok = (den > 1e-6 * grad_sq) & xp.isfinite(num) & xp.isfinite(den)
     return xp.where(ok, num / xp.where(ok, den, 1.0), 1.0)
+
+
+#: the largest squared residual of the fit ``g_seen = c g + b w``, relative to ``||g_seen||^2``, under which a
+#: direction counts as a rescaled gradient (:func:`gradient_fit`): 1% of its norm, far above float32's rounding
+GRADIENT_FIT_TOL = 1e-4
+
+
+def gradient_fit(seen_sq: Any, seen_dot_grad: Any, seen_dot_params: Any, grad_dot_params: Any, grad_sq: Any,
+                 params_sq: Any, xp: Any) -> Any:
+    """Whether ``g_seen`` is ``c g + b w`` (:func:`gradient_scale`'s model) to within :data:`GRADIENT_FIT_TOL`: the
+    least-squares residual ``||g_seen||^2 - (g_seen^T w)^2 / ||w||^2 - (g_seen^T r)^2 / ||r||^2`` (``r`` the
+    gradient's part orthogonal to the parameters) from the six inner products. False for a direction that carries
+    more (a momentum buffer) or an input that is not finite."""
+    num, den = _along_residual(seen_dot_grad, seen_dot_params, grad_dot_params, grad_sq, params_sq, xp)
+    along_w = seen_dot_params * seen_dot_params / xp.where(params_sq > 0, params_sq, 1.0)
+    along_r = num * num / xp.where(den > 0, den, 1.0)
+    residual = seen_sq - along_w - along_r
+    return (residual <= GRADIENT_FIT_TOL * seen_sq) & xp.isfinite(residual)
 
 
 def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr: Any, prev_u_sq: Any, u_sq: Any,

@@ -294,7 +294,10 @@ class RuleInputs(NamedTuple):
     number of steps taken before this one (for schedules); ``lagged``: the curvature is the secant's, measured
     over the previous step (``False``, a Python bool, when it is the current point's; may be a boolean array when
     the choice is made at run time); ``stretch``: on a lagged step, ``||u||^2 / ||u_prev||^2`` (the secant's
-    rescaling from the previous direction to this one, :func:`secant_stretch`; read only where ``lagged``).
+    rescaling from the previous direction to this one, :func:`secant_stretch`; read only where ``lagged``);
+    ``unit``: the scale of this step's direction that the rule's rate undoes but its averages must follow (a
+    clip's factor behind gradient descent, :func:`curvopt.base.direction_unit`; 1 behind other bases, NaN where
+    not known); CDAT carries its averages from the last step's unit into this one's (:meth:`CDATRule.carry`).
     """
 
     numerator: Any
@@ -304,6 +307,7 @@ class RuleInputs(NamedTuple):
     count: Any
     lagged: Any = False
     stretch: Any = 1.0
+    unit: Any = 1.0
 
 
 class NoState(NamedTuple):
@@ -331,9 +335,10 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
 
 class CDATState(NamedTuple):
     """CDAT's moving averages of ``n`` and ``d``, the averages' weight ``1 - ema^t`` (``t`` = updates), the
-    last learning rate the rule gave (the growth cap's reference), and the above-edge guard's memory
+    last learning rate the rule gave (the growth cap's reference), the above-edge guard's memory
     (:func:`above_edge_guard`): the moving average of the loss's gap to ``f_star``, its weight, and the
-    lowest bias-corrected value of that average (``inf`` before the first known loss)."""
+    lowest bias-corrected value of that average (``inf`` before the first known loss), and the unit the averages
+    and the rate are in (:attr:`RuleInputs.unit`, 1 at the start)."""
 
     numerator_avg: Any
     denominator_avg: Any
@@ -342,11 +347,12 @@ class CDATState(NamedTuple):
     gap_avg: Any
     gap_weight: Any
     gap_min: Any
+    unit: Any
 
 
-#: the above-edge guard's fields of :class:`CDATState` and the values they start from (a state saved before the
-#: guard existed is completed with them)
-GUARD_START = {"gap_avg": 0.0, "gap_weight": 0.0, "gap_min": math.inf}
+#: the fields of :class:`CDATState` added after curvopt 0.1 (the above-edge guard's memory, the averages' unit) and
+#: the values they start from (a state saved before them is completed with them)
+ADDED_START = {"gap_avg": 0.0, "gap_weight": 0.0, "gap_min": math.inf, "unit": 1.0}
 
 STARTUPS = ("robust", "paper")
 
@@ -623,9 +629,25 @@ class CDATRule:
         return xp.where(x.lagged & (x.stretch > 0) & (reach < growth), reach, growth)
 
     def init(self, zero: Any) -> CDATState:
-        return CDATState(zero, zero, zero, zero, **{f: zero + v for f, v in GUARD_START.items()})
+        return CDATState(zero, zero, zero, zero, **{f: zero + v for f, v in ADDED_START.items()})
+
+    @staticmethod
+    def carry(state: CDATState, unit: Any, xp: Any) -> tuple[CDATState, Any]:
+        """The state in the units of this step's direction (:attr:`RuleInputs.unit`) and the factor ``r`` it was
+        carried by (this unit over the state's; 1 where either is not a positive number): ``n`` is linear in the
+        direction, ``d`` quadratic and a rate inverse, so ``n_avg r``, ``d_avg r^2`` and ``lr / r``, with which
+        unchanged averages take the last step's step along the rescaled direction. The rule is invariant to the
+        scale of the direction on one step; this makes its averages so across steps."""
+        known = (unit > 0) & xp.isfinite(unit)
+        both = known & (state.unit > 0)
+        ratio = xp.where(both, unit / xp.where(both, state.unit, 1.0), 1.0)
+        return state._replace(numerator_avg=state.numerator_avg * ratio,
+                              denominator_avg=state.denominator_avg * ratio ** 2, cdat_lr=state.cdat_lr / ratio,
+                              unit=xp.where(known, unit, state.unit)), ratio
 
     def update(self, x: RuleInputs, state: CDATState, xp: Any) -> tuple[Any, CDATState]:
+        state, ratio = self.carry(state, x.unit, xp)
+        x = x._replace(stretch=x.stretch / ratio ** 2)  # this step's length over the last one's, in the last's units
         sigma = at_step(self.sigma, x.count)
         guard = (state.gap_avg, state.gap_weight, state.gap_min)
         weight = self.ema * state.avg_weight + (1 - self.ema)
@@ -665,7 +687,7 @@ class CDATRule:
                 bounded = cap(lr, self.loss_cap * weight * loss_bound_step(x.numerator, x.value, self.f_star, xp), xp)
                 lr = bounded if isinstance(above, bool) else xp.where(above, bounded, lr)
         lr = cap(lr, self.lr_max, xp)
-        return lr, CDATState(num_avg, den_avg, weight, lr, *guard)
+        return lr, CDATState(num_avg, den_avg, weight, lr, *guard, state.unit)
 
 
 #: the Polyak step's default cap (a rate of gradient descent)

@@ -18,7 +18,7 @@ from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
 from .direction import abs_max, accumulator_dtype, flat, vdot
-from .noise import NoiseMemory, adam_averaged_gradient, noise_init, noise_metric, seen_scale
+from .noise import NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric, seen_scale
 from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
@@ -296,6 +296,9 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 noise = (state.noise, metric, seen_scale(method, base_state, base_state_before, p.grad, p.d, params,
                                                           dtype))
 
+        # the direction's unit, which CDAT's averages follow (behind gradient descent: a clip's factor)
+        unit = gradient_descent_unit(method, base_state_before, p.grad, p.d, params, dtype)
+
         def taken() -> tuple[Any, ScaleByCDATState]:
             curv, calls, probe, lagged, stretch, fd_probe, noise_memory = curvature_of(
                 oracle, p.f, params, p.grad, p.d, p.numerator, state.secant, dtype, noise)
@@ -308,7 +311,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             elif kind == "paired":
                 num = _paired_numerator(p, method, base_state, state.paired, name)
             lr, rule_state = apply_rule(
-                rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch), state.rule, jnp)
+                rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch, unit), state.rule, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             if oracle == "secant" and p.f is None:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)

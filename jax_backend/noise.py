@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from curvopt.base import BaseMethod
-from curvopt.curvature import (SecantNoiseState, gradient_scale, gradient_weight, secant_noise_corrected,
-                               secant_noise_numerator)
+from curvopt.base import BaseMethod, direction_unit
+from curvopt.curvature import (SecantNoiseState, gradient_fit, gradient_scale, gradient_weight,
+                               secant_noise_corrected, secant_noise_numerator)
 from curvopt.preconditioner import adam_preconditioner
 
 from .direction import flat
@@ -32,7 +32,7 @@ from .mup import find_lr_mults
 from .sharpness import find_adam_state
 
 __all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient", "find_trace_state", "seen_scale",
-           "corrected_secant"]
+           "gradient_descent_unit", "corrected_secant"]
 
 
 class NoiseMemory(NamedTuple):
@@ -90,12 +90,35 @@ def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad
         added = flat(trace.trace, dtype, like=grad) - method.momentum * flat(before.trace, dtype, like=grad)
         seen = added / (1 - method.dampening)
     else:
-        seen = flat(incoming, dtype, like=grad)
-        mults = find_lr_mults(base_state_before)
-        if mults is not None:
-            m = _per_entry(mults, grad, dtype)
-            g, w = g * m, w * m
+        seen, g, w = _incoming_terms(base_state_before, grad, incoming, params, dtype)
     return gradient_scale(_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w), xp=jnp)
+
+
+def _incoming_terms(base_state_before: Any, grad: Any, incoming: Any, params: Any, dtype: Any
+                    ) -> tuple[Any, Any, Any]:
+    """Behind gradient descent: the incoming direction, the gradient and the parameters, flat, the last two
+    weighted by the group rates' multipliers (:func:`jax_backend.mup.scale_by_mup`'s) as the direction is."""
+    seen, g, w = flat(incoming, dtype, like=grad), flat(grad, dtype), flat(params, dtype, like=grad)
+    mults = find_lr_mults(base_state_before)
+    if mults is not None:
+        m = _per_entry(mults, grad, dtype)
+        g, w = g * m, w * m
+    return seen, g, w
+
+
+def gradient_descent_unit(method: BaseMethod, base_state_before: Any, grad: Any, incoming: Any, params: Any,
+                          dtype: Any) -> Any:
+    """The unit CDAT's averages follow (:func:`curvopt.base.direction_unit`): behind gradient descent the share of
+    ``grad`` the incoming direction holds (:func:`curvopt.curvature.gradient_scale`: a clip's factor inside the base
+    times the base's own scale), NaN where the direction is not that share of the gradient plus a multiple of the
+    parameters (:func:`curvopt.curvature.gradient_fit`: a momentum base declared as gradient descent); 1 behind
+    other bases."""
+    if not method.rescaled_gradient:
+        return direction_unit(method, 1.0, jnp)
+    seen, g, w = _incoming_terms(base_state_before, grad, incoming, params, dtype)
+    dots = (_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w))
+    fits = gradient_fit(_dot(seen, seen), *dots, xp=jnp)
+    return direction_unit(method, gradient_scale(*dots, xp=jnp), jnp, fits=fits)
 
 
 def _per_entry(mults: Any, grad: Any, dtype: Any) -> Any:

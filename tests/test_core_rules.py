@@ -526,7 +526,7 @@ def _gd_on_quadratic(rule, steps=400, seed=0, cond=100.0, d=50):
     for k in range(steps):
         g = lam * w
         value = 0.5 * w @ g
-        allowed, *_ = rules.above_edge_guard(f(value), rule.f_star, *state[4:], guard=rule.guard,
+        allowed, *_ = rules.above_edge_guard(f(value), rule.f_star, *state[4:7], guard=rule.guard,
                                              ema=rule.ema, xp=xp)
         refused += not bool(allowed)
         lr, state = rules.apply_rule(rule, rules.RuleInputs(f(g @ g), f(g @ (lam * g)), f(value), f(np.nan), k),
@@ -724,3 +724,51 @@ def test_cdat_robust_does_not_average_a_curvature_that_says_nothing():
     # with the loss known the floor makes the curvature positive and it is averaged as before
     floor, _ = _run(rule, [(1.0, -3.0, 5.0)])
     assert floor[0] == pytest.approx(2 * 0.01 * 1.0 / (1.0 / (2 * 5.0)), rel=1e-12)
+
+
+def test_cdat_averages_follow_the_directions_unit():
+    """``RuleInputs.unit`` (a clip's factor behind gradient descent): the same steps fed in a unit that changes from
+    step to step (``n`` times the unit, ``d`` times its square, the secant's stretch in the actual directions) give
+    the rates of the unit-1 run divided by the unit, on every step, so ``lr * u`` is the same step; with the unit left
+    at 1 the rates part. A unit that is not a positive number is not known: the averages stay in the last one's.
+    The start-up's growth and length caps included (lagged steps, stretch); float64, by hand."""
+    rng = np.random.default_rng(4)
+    rule = rules.CDATRule(sigma=2.0, ema=0.9, f_star=-np.inf)
+    n, d, stretch = rng.uniform(0.5, 2.0, 30), rng.uniform(0.5, 2.0, 30), rng.uniform(0.3, 3.0, 30)
+    units = np.where(rng.uniform(size=30) < 0.5, 1.0, rng.uniform(0.05, 1.0, 30))
+    units[7] = np.nan  # not known: no carry, so this step's rate stays in the last step's unit
+    stretch_seen = stretch * (np.nan_to_num(units, nan=units[6]) / np.r_[1.0, np.nan_to_num(units, nan=units[6])[:-1]]) ** 2
+
+    def run(scaled, with_unit):
+        state, out = rule.init(np.float64(0)), []
+        for t in range(30):
+            u = units[t] if np.isfinite(units[t]) else units[6]
+            k = u if scaled else 1.0
+            x = rules.RuleInputs(np.float64(n[t] * k), np.float64(d[t] * k * k), np.float64(np.nan), np.float64(np.nan),
+                                 t, lagged=t > 0, stretch=np.float64(stretch_seen[t] if scaled else stretch[t]),
+                                 unit=np.float64(units[t] if with_unit else 1.0))
+            lr, state = rules.apply_rule(rule, x, state, np)
+            out.append(float(lr) * k)  # the step's length along the unscaled direction
+        return np.array(out)
+
+    plain = run(False, False)
+    assert plain.min() > 0
+    np.testing.assert_allclose(run(True, True), plain, rtol=1e-12)
+    assert np.max(np.abs(run(True, False) / plain - 1)) > 0.5
+
+
+def test_direction_unit_and_gradient_fit():
+    """``curvopt.base.direction_unit``: the seen share behind gradient descent where the direction fits ``c g + b w``,
+    NaN where it does not, 1 behind other bases; ``curvopt.curvature.gradient_fit`` from the six inner products."""
+    from curvopt.base import direction_unit
+    from curvopt.curvature import gradient_fit, gradient_scale
+    rng = np.random.default_rng(2)
+    g, w, m = rng.normal(size=20), rng.normal(size=20), rng.normal(size=20)
+    for seen, fits in ((0.3 * g + 0.01 * w, True), (0.3 * g + 0.9 * m, False)):
+        dots = (seen @ g, seen @ w, g @ w, g @ g, w @ w)
+        assert bool(gradient_fit(seen @ seen, *dots, xp=np)) is fits
+        unit = direction_unit(BaseMethod.gd(), gradient_scale(*dots, xp=np), np, fits=gradient_fit(seen @ seen, *dots, xp=np))
+        assert (float(unit) == pytest.approx(0.3, rel=1e-12)) if fits else np.isnan(unit)
+    assert direction_unit(BaseMethod.adam(), 0.3, np) == 1.0
+    assert direction_unit(BaseMethod.heavy_ball(0.9), 0.3, np) == 1.0
+    assert direction_unit(None, 0.3, np) == 1.0

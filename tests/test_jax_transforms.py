@@ -688,3 +688,42 @@ def test_noise_correction_reads_a_clip_inside_a_gradient_descent_base(case):
             updates, after = base.update(grads[1], before, params)
             got = float(seen_scale(method, after, before, grads[1], updates, params, jnp.float64))
             assert got == pytest.approx(expected, rel=1e-12, abs=0), (case, bool(pre), got)
+
+
+@pytest.mark.parametrize("closure_free", [True, False])
+def test_a_clip_inside_a_gradient_descent_base_takes_the_unclipped_runs_steps(closure_free):
+    """``optax.clip_by_global_norm`` first inside a gradient-descent base, binding on the first half of the run
+    and not on the second: the clip only rescales the direction, which the rate undoes, and CDAT's averages are
+    carried across the changing factor (the rule state's ``unit``, :func:`curvopt.base.direction_unit`), so
+    the clipped run takes the unclipped run's steps, the base's own scale (``optax.scale(0.5)``) included.
+    Closure-free (the secant) and with ``value_fn`` (fd); float64 quadratic, by hand (not parity)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        q = rng.normal(size=(12, 12))
+        h = jnp.asarray(q @ q.T / 12 + 0.1 * np.eye(12))
+        w0 = jnp.asarray(4 * rng.normal(size=12))
+
+        def loss(w):
+            return 0.5 * w @ h @ w
+
+        def run(*pre):
+            tx = cdat(optax.chain(*pre, optax.scale(0.5)), sigma=2.0, curvature="auto")
+            w, state, out, norms = w0, None, [], []
+            state = tx.init(w)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the secant's caveat behind gradient descent
+                for _ in range(25):
+                    g = jax.grad(loss)(w)
+                    norms.append(float(jnp.linalg.norm(g)))
+                    kw = {} if closure_free else {"value_fn": loss}
+                    updates, state = tx.update(g, state, w, **kw)
+                    w = optax.apply_updates(w, updates)
+                    out.append(np.asarray(w))
+            return np.array(out), np.array(norms)
+
+        free, norms = run()
+        clip = float(np.median(norms))
+        clipped, _ = run(optax.clip_by_global_norm(clip))
+        assert (norms > clip).sum() >= 5 and (norms < clip).sum() >= 5
+        assert np.linalg.norm(free[-1]) < 0.25 * np.linalg.norm(w0)  # it trains
+        np.testing.assert_allclose(clipped, free, rtol=1e-6, atol=1e-6 * float(np.linalg.norm(free[0])))

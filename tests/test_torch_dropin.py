@@ -264,6 +264,40 @@ def test_max_grad_norm_active_uses_the_clipped_directions_curvature(closure_mode
             assert curv > 0
 
 
+def _sgd_cdat_trajectory(max_grad_norm, closure_mode, steps=25):
+    h, w0 = quadratic(seed=5)
+    w = nn.Parameter(4 * w0)
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), max_grad_norm=max_grad_norm, curvature="fd" if closure_mode else "auto",
+               sigma=2.0)
+    closure = quad_closure(opt, w, h)
+    out, norms = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the secant's caveat behind SGD
+        for _ in range(steps):
+            norms.append(float((h @ w.detach()).norm()))
+            if closure_mode:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+            out.append(w.detach().clone())
+    return torch.stack(out), np.array(norms)
+
+
+@pytest.mark.parametrize("closure_mode", [True, False])
+def test_max_grad_norm_behind_sgd_takes_the_unclipped_runs_steps(closure_mode):
+    """Behind plain SGD a global clip only rescales the direction, which the rule's rate undoes; a clip binding on
+    some steps and not on others changes the direction's units from step to step, and CDAT's averages are carried
+    across (the rule state's unit, curvopt.base.direction_unit): the clipped run takes the unclipped run's steps (to the fd probe's
+    rounding). Kept in the units of each step's direction instead, the averages gave the rate of long clipped
+    steps to the short unclipped ones (closure-free mini-batch: divergence)."""
+    free, norms = _sgd_cdat_trajectory(None, closure_mode)
+    clip = float(np.median(norms))  # binds on the first half of the run, not on the second
+    clipped, clipped_norms = _sgd_cdat_trajectory(clip, closure_mode)
+    assert (norms > clip).sum() >= 5 and (norms < clip).sum() >= 5
+    np.testing.assert_allclose(clipped.numpy(), free.numpy(), rtol=1e-6, atol=1e-6 * float(free[0].norm()))
+
+
 # ------------------------------------------------------------------------------ closure contract
 _PROBING_TUNERS = {
     "cdat_fd": lambda b, **kw: CDAT(b, **kw),

@@ -17,8 +17,9 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   globals): ``curvopt_step`` (steps taken, int), ``curvopt_skipped`` (int), the rule's state fields
   (``curvopt_numerator_avg``, ``curvopt_denominator_avg``, ``curvopt_avg_weight``, ``curvopt_held_lr``,
   ``curvopt_search_lr``, CDAT's above-edge guard ``curvopt_gap_avg``, ``curvopt_gap_weight``,
-  ``curvopt_gap_min``: 0-d tensors of the accumulator dtype; a CDAT state saved before the guard existed loads
-  with the guard's start values, :data:`curvopt.rules.GUARD_START`), the latest sharpness estimates
+  ``curvopt_gap_min`` and the averages' unit ``curvopt_unit``: 0-d tensors of the accumulator dtype; a CDAT state
+  saved before the guard or the unit existed loads with their start values, :data:`curvopt.rules.ADDED_START`, so
+  under an active ``max_grad_norm`` its first step carries the averages from unit 1), the latest sharpness estimates
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
@@ -46,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from curvopt.rules import GUARD_START
+from curvopt.rules import ADDED_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
            "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_PROBE", "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
@@ -163,10 +164,10 @@ def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor],
     if STEP in globals_ and globals_[STEP] > 0:
         missing = [f for f in rule_fields if rule_key(f) not in globals_]
         saved = [globals_[rule_key(f)] for f in rule_fields if rule_key(f) in globals_]
-        if saved:  # a CDAT state saved before the above-edge guard existed: the guard starts afresh
-            for f in [f for f in missing if f in GUARD_START]:
-                globals_[rule_key(f)] = torch.tensor(GUARD_START[f], dtype=saved[0].dtype)
-            missing = [f for f in missing if f not in GUARD_START]
+        if saved:  # a CDAT state saved before the above-edge guard or the unit existed: they start afresh
+            for f in [f for f in missing if f in ADDED_START]:
+                globals_[rule_key(f)] = torch.tensor(ADDED_START[f], dtype=saved[0].dtype)
+            missing = [f for f in missing if f not in ADDED_START]
         if missing:
             raise ValueError(f"this {tuner} state dict has no rule state {missing}: it comes from another tuner")
     groups = [dict(g) for g in groups]

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvopt.base import BaseMethod
+from curvopt.base import BaseMethod, direction_unit
 from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mismatch, replay_mismatch_in_place,
                                secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
@@ -644,7 +644,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             else:
                 sharpness[space] = held[space]
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
-        inputs = RuleInputs(rule_numerator, curvature, loss_v, reference, count, lagged, stretch)
+        # the direction's unit, which CDAT's averages follow: behind SGD the clip's factor
+        unit = direction_unit(method, S(1.0) if clip_v is None else clip_v, S)
+        inputs = RuleInputs(rule_numerator, curvature, loss_v, reference, count, lagged, stretch, unit)
         rule_state = self._rule_state(glob, S)
         trials, error = 0, math.nan
         with S.errstate():
