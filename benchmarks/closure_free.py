@@ -1,6 +1,12 @@
 """Closure-free CDAT (``loss.backward(); opt.step()``, the secant of consecutive gradients) against CDAT with a
-closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite] [--seeds 0,1,2] [--steps 200]
+closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip] [--seeds 0,1,2] [--steps 200]
 [--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
+
+``clip``: a global-norm clip under CDAT behind plain SGD (PyTorch's ``max_grad_norm``; Optax's
+``optax.clip_by_global_norm`` inside ``optax.identity()``) and behind AdamW (PyTorch), on a tanh MLP (6 -> 16 -> 2,
+64 Gaussian examples, batches of 16 drawn with replacement, 300 steps; ``--steps`` and ``--batches`` not used):
+final train loss on the 64 examples per seed, per clip (none, 3, 1, 0.3, 0.01), closure-free, with a closure
+(``fd``) and closure-free with ``noise_correction=True`` (docs/pytorch.md, "Clipping"; docs/limits.md).
 
 ``suite``: the default suite's own cells (:func:`benchmarks.minibatch_study.run_variant`: the middle width, the
 suite's data, batch and 500 steps), mini-batch LM and ResNet, full-batch LM, ResNet and ViT; per seed the final
@@ -28,6 +34,7 @@ import functools
 import statistics
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -91,6 +98,86 @@ def run(task, variant: str, batch: int, seed: int, steps: int) -> tuple[float, f
     return train, test, variant if isinstance(variant, float) else float(opt.stats["lr"])
 
 
+CLIPS = (None, 3.0, 1.0, 0.3, 0.01)
+CLIP_STEPS, CLIP_BATCH = 300, 16
+
+
+def _clip_problem():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(64, 6, generator=gen), torch.randn(64, 2, generator=gen)
+
+
+def _clip_init(seed: int) -> list:
+    torch.manual_seed(seed)
+    return [torch.randn(6, 16) * 0.5, torch.randn(16, 2) * 0.5]
+
+
+def clip_torch(base: str, max_grad_norm, seed: int, closure: bool = False, **kw) -> float:
+    """Final train loss of CDAT behind ``torch.optim.SGD`` (``base="sgd"``) or ``AdamW`` with ``max_grad_norm``."""
+    from curvopt.torch import CDAT
+
+    x, y = _clip_problem()
+    w1, w2 = (w.requires_grad_() for w in _clip_init(seed))
+    make = torch.optim.SGD if base == "sgd" else torch.optim.AdamW
+    opt = CDAT(make([w1, w2], lr=1.0), max_grad_norm=max_grad_norm, **kw)
+    rows = torch.from_numpy(np.random.default_rng(seed).integers(0, 64, (CLIP_STEPS, CLIP_BATCH)))
+
+    def loss_of(idx):
+        return ((torch.tanh(x[idx] @ w1) @ w2 - y[idx]) ** 2).mean()
+    for idx in rows:
+        def step_closure():
+            opt.zero_grad()
+            loss = loss_of(idx)
+            loss.backward()
+            return loss
+        if closure:
+            opt.step(step_closure)
+        else:
+            step_closure()
+            opt.step()
+    with torch.no_grad():
+        return float(loss_of(torch.arange(64)))
+
+
+def clip_optax(max_norm, seed: int) -> float:
+    """The same closure-free behind ``optax.chain(optax.clip_by_global_norm(max_norm), optax.identity())``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from curvopt.optax import cdat
+
+    x, y = (jnp.asarray(a.numpy()) for a in _clip_problem())
+    params = [jnp.asarray(w.numpy()) for w in _clip_init(seed)]
+    tx = cdat(optax.chain(*(() if max_norm is None else (optax.clip_by_global_norm(max_norm),)), optax.identity()))
+
+    def loss_of(p, idx):
+        return jnp.mean((jnp.tanh(x[idx] @ p[0]) @ p[1] - y[idx]) ** 2)
+
+    @jax.jit
+    def step(p, state, idx):
+        updates, state = tx.update(jax.grad(loss_of)(p, idx), state, p)
+        return optax.apply_updates(p, updates), state
+    state = tx.init(params)
+    for idx in np.random.default_rng(seed).integers(0, 64, (CLIP_STEPS, CLIP_BATCH)):
+        params, state = step(params, state, jnp.asarray(idx))
+    return float(loss_of(params, jnp.arange(64)))
+
+
+def clip_table(seeds: list[int]) -> None:
+    runs = {"PyTorch, SGD, closure-free": lambda c, s: clip_torch("sgd", c, s),
+            "PyTorch, SGD, closure (fd)": lambda c, s: clip_torch("sgd", c, s, closure=True),
+            "PyTorch, SGD, closure-free, noise_correction=True": lambda c, s: clip_torch("sgd", c, s,
+                                                                                          noise_correction=True),
+            "PyTorch, AdamW, closure-free": lambda c, s: clip_torch("adamw", c, s),
+            "Optax, identity(), closure-free": clip_optax}
+    print("| run | " + " | ".join("no clip" if c is None else f"clip {c:g}" for c in CLIPS) + " |")
+    print("|---|" + "---|" * len(CLIPS))
+    for label, fn in runs.items():
+        cells = [" / ".join(f"{fn(c, s):.3g}" for s in seeds) for c in CLIPS]
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
 SUITE_CELLS = (("lm", "mini"), ("resnet", "mini"), ("lm", "full"), ("resnet", "full"), ("vit", "full"))
 
 
@@ -129,7 +216,7 @@ def suite(seeds: list[int]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite"))
+    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="32,128,512")
@@ -139,6 +226,9 @@ def main(argv=None) -> None:
     warnings.simplefilter("ignore")  # the closure-free stall warning fires in the collapsing runs; the table shows it
     if args.part == "suite":
         suite(seeds)
+        return
+    if args.part == "clip":
+        clip_table(seeds)
         return
     print("| task | batch | run | train loss per seed | eval loss per seed | last rate per seed |")
     print("|---|---|---|---|---|---|")
