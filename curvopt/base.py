@@ -94,8 +94,9 @@ def as_base_method(value: "BaseMethod | str | None") -> BaseMethod:
 def direction_unit(method: "BaseMethod | None", seen: Any, xp: Any, fits: Any = True) -> Any:
     """The scale of the base's direction that CDAT's averages follow from step to step
     (:attr:`curvopt.rules.RuleInputs.unit`): behind gradient descent ``seen``, the share of the gradient the base
-    took in (PyTorch's ``max_grad_norm`` factor; in Optax :func:`curvopt.curvature.gradient_scale` of the incoming
-    direction: a clip's factor times the base's own scale), where ``fits`` (the direction is that share of the
+    took in (in PyTorch the largest group lr, a scheduler's factor, times ``max_grad_norm``'s factor; in Optax
+    :func:`curvopt.curvature.gradient_scale` of the incoming direction: a clip's factor times the base's own scale,
+    schedule included), where ``fits`` (the direction is that share of the
     gradient plus a multiple of the parameters; else NaN, not known: a momentum base declared as gradient descent);
     1 behind any other base, whose direction is not a rescaled gradient (momentum carries earlier steps' factors,
     Adam's normalisation cancels a lasting one).

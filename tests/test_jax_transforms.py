@@ -706,8 +706,8 @@ def test_a_clip_inside_a_gradient_descent_base_takes_the_unclipped_runs_steps(cl
         def loss(w):
             return 0.5 * w @ h @ w
 
-        def run(*pre):
-            tx = cdat(optax.chain(*pre, optax.scale(0.5)), sigma=2.0, curvature="auto")
+        def run(*pre, scale=optax.scale(0.5)):
+            tx = cdat(optax.chain(*pre, scale), sigma=2.0, curvature="auto")
             w, state, out, norms = w0, None, [], []
             state = tx.init(w)
             with warnings.catch_warnings():
@@ -727,3 +727,6 @@ def test_a_clip_inside_a_gradient_descent_base_takes_the_unclipped_runs_steps(cl
         assert (norms > clip).sum() >= 5 and (norms < clip).sum() >= 5
         assert np.linalg.norm(free[-1]) < 0.25 * np.linalg.norm(w0)  # it trains
         np.testing.assert_allclose(clipped, free, rtol=1e-6, atol=1e-6 * float(np.linalg.norm(free[0])))
+        # a schedule inside the base is a scale of the direction too (PyTorch: a scheduler on an SGD base)
+        scheduled, _ = run(scale=optax.scale_by_schedule(lambda k: 0.5 + 0.4 * jnp.sin(k)))
+        np.testing.assert_allclose(scheduled, free, rtol=1e-6, atol=1e-6 * float(np.linalg.norm(free[0])))

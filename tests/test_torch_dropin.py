@@ -264,11 +264,12 @@ def test_max_grad_norm_active_uses_the_clipped_directions_curvature(closure_mode
             assert curv > 0
 
 
-def _sgd_cdat_trajectory(max_grad_norm, closure_mode, steps=25):
+def _sgd_cdat_trajectory(max_grad_norm, closure_mode, steps=25, factor=None):
     h, w0 = quadratic(seed=5)
     w = nn.Parameter(4 * w0)
     opt = CDAT(torch.optim.SGD([w], lr=1.0), max_grad_norm=max_grad_norm, curvature="fd" if closure_mode else "auto",
                sigma=2.0)
+    sched = None if factor is None else torch.optim.lr_scheduler.LambdaLR(opt, factor)
     closure = quad_closure(opt, w, h)
     out, norms = [], []
     with warnings.catch_warnings():
@@ -280,6 +281,8 @@ def _sgd_cdat_trajectory(max_grad_norm, closure_mode, steps=25):
             else:
                 closure()
                 opt.step()
+            if sched is not None:
+                sched.step()
             out.append(w.detach().clone())
     return torch.stack(out), np.array(norms)
 
@@ -296,6 +299,16 @@ def test_max_grad_norm_behind_sgd_takes_the_unclipped_runs_steps(closure_mode):
     clipped, clipped_norms = _sgd_cdat_trajectory(clip, closure_mode)
     assert (norms > clip).sum() >= 5 and (norms < clip).sum() >= 5
     np.testing.assert_allclose(clipped.numpy(), free.numpy(), rtol=1e-6, atol=1e-6 * float(free[0].norm()))
+
+
+@pytest.mark.parametrize("closure_mode", [True, False])
+def test_a_scheduler_on_an_sgd_base_cancels_at_once(closure_mode):
+    """A scheduler's factor on the group rate of an SGD base is a uniform scale of the direction, like a clip's:
+    CDAT's averages follow it (the unit is the top group rate times the clip's factor), so a factor that changes on
+    every step leaves the steps of the unscheduled run (in Optax: a schedule inside a gradient-descent base)."""
+    free, _ = _sgd_cdat_trajectory(None, closure_mode)
+    scheduled, _ = _sgd_cdat_trajectory(None, closure_mode, factor=lambda k: 0.5 + 0.4 * math.sin(k))
+    np.testing.assert_allclose(scheduled.numpy(), free.numpy(), rtol=1e-6, atol=1e-6 * float(free[0].norm()))
 
 
 # ------------------------------------------------------------------------------ closure contract

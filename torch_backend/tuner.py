@@ -28,7 +28,8 @@ buffers and random generators are as before the main call, and the exception pro
 
 The base's ``param_groups`` and ``state`` are the tuner's (same objects): an LR scheduler or μP groups act on
 the per-group ``lr``, which is a *relative multiplier* (the tuner picks the global scale ``lr``, so the
-effective learning rate of group ``i`` is ``stats["lr"] * param_groups[i]["lr"]``), and the tuner's own state
+effective learning rate of group ``i`` is ``stats["lr"] * param_groups[i]["lr"]``; behind plain SGD CDAT's
+averages follow the largest group lr, so a scheduler's factor cancels at once), and the tuner's own state
 lives beside the base's (layout: :mod:`torch_backend.state`).
 
 Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snapshot of the base's state
@@ -644,8 +645,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             else:
                 sharpness[space] = held[space]
         reference = sharpness["preconditioned" if self.preconditioned else "plain"]
-        # the direction's unit, which CDAT's averages follow: behind SGD the clip's factor
-        unit = direction_unit(method, S(1.0) if clip_v is None else clip_v, S)
+        # the direction's unit, which CDAT's averages follow: behind SGD the group rate (a scheduler's factor) times
+        # the clip's factor
+        group_lr = self._group_lr()
+        unit = direction_unit(method, S(group_lr) if clip_v is None else S(group_lr) * clip_v, S)
         inputs = RuleInputs(rule_numerator, curvature, loss_v, reference, count, lagged, stretch, unit)
         rule_state = self._rule_state(glob, S)
         trials, error = 0, math.nan
@@ -679,7 +682,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = None
             if not probing and not lagged and self._zero_run is not None:  # (the secant's stall: secant_stalled)
                 self._watch_zero_rate(lr, numerator)
-            ratio = (eos_ratio_rule(lr * self._group_lr(), reference, coefficient)
+            ratio = (eos_ratio_rule(lr * group_lr, reference, coefficient)
                      if coefficient is not None else nan)
 
         # commit: every new scalar made a tensor at once, then w <- w0 + lr u
