@@ -338,7 +338,8 @@ class CDATState(NamedTuple):
     last learning rate the rule gave (the growth cap's reference), the above-edge guard's memory
     (:func:`above_edge_guard`): the moving average of the loss's gap to ``f_star``, its weight, and the
     lowest bias-corrected value of that average (``inf`` before the first known loss), and the unit the averages
-    and the rate are in (:attr:`RuleInputs.unit`, 1 at the start)."""
+    and the rate are in (:attr:`RuleInputs.unit`; NaN, not known, at the start and in a state saved before it
+    existed: the first step's unit is taken as it is)."""
 
     numerator_avg: Any
     denominator_avg: Any
@@ -352,7 +353,7 @@ class CDATState(NamedTuple):
 
 #: the fields of :class:`CDATState` added after curvopt 0.1 (the above-edge guard's memory, the averages' unit) and
 #: the values they start from (a state saved before them is completed with them)
-ADDED_START = {"gap_avg": 0.0, "gap_weight": 0.0, "gap_min": math.inf, "unit": 1.0}
+ADDED_START = {"gap_avg": 0.0, "gap_weight": 0.0, "gap_min": math.inf, "unit": math.nan}
 
 STARTUPS = ("robust", "paper")
 
@@ -634,7 +635,8 @@ class CDATRule:
     @staticmethod
     def carry(state: CDATState, unit: Any, xp: Any) -> tuple[CDATState, Any]:
         """The state in the units of this step's direction (:attr:`RuleInputs.unit`) and the factor ``r`` it was
-        carried by (this unit over the state's; 1 where either is not a positive number): ``n`` is linear in the
+        carried by (this unit over the state's; 1 where either is not a positive number, the state's unit then
+        becoming this one where this one is): ``n`` is linear in the
         direction, ``d`` quadratic and a rate inverse, so ``n_avg r``, ``d_avg r^2`` and ``lr / r``, with which
         unchanged averages take the last step's step along the rescaled direction. The rule is invariant to the
         scale of the direction on one step; this makes its averages so across steps."""

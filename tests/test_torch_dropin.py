@@ -291,12 +291,12 @@ def _sgd_cdat_trajectory(max_grad_norm, closure_mode, steps=25, factor=None):
 def test_max_grad_norm_behind_sgd_takes_the_unclipped_runs_steps(closure_mode):
     """Behind plain SGD a global clip only rescales the direction, which the rule's rate undoes; a clip binding on
     some steps and not on others changes the direction's units from step to step, and CDAT's averages are carried
-    across (the rule state's unit, curvopt.base.direction_unit): the clipped run takes the unclipped run's steps (to the fd probe's
-    rounding). Kept in the units of each step's direction instead, the averages gave the rate of long clipped
-    steps to the short unclipped ones (closure-free mini-batch: divergence)."""
+    across (the rule state's unit, curvopt.base.direction_unit): the clipped run takes the unclipped run's steps
+    (to the fd probe's rounding). Kept in the units of each step's direction instead, the averages gave the rate
+    of long clipped steps to the short unclipped ones (closure-free mini-batch: divergence)."""
     free, norms = _sgd_cdat_trajectory(None, closure_mode)
     clip = float(np.median(norms))  # binds on the first half of the run, not on the second
-    clipped, clipped_norms = _sgd_cdat_trajectory(clip, closure_mode)
+    clipped, _ = _sgd_cdat_trajectory(clip, closure_mode)
     assert (norms > clip).sum() >= 5 and (norms < clip).sum() >= 5
     np.testing.assert_allclose(clipped.numpy(), free.numpy(), rtol=1e-6, atol=1e-6 * float(free[0].norm()))
 
