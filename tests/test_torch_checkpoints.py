@@ -369,3 +369,36 @@ def test_a_failed_first_step_after_loading_keeps_the_loaded_w0():
     after = opt2.state_dict()
     for p, st in before["state"].items():
         assert torch.equal(after["state"][p]["curvopt_w0"], st["curvopt_w0"])
+
+
+def test_a_state_saved_before_the_unit_continues_as_the_uninterrupted_run():
+    """A CDAT state saved before the rule state had its unit (``curvopt_unit``, the scale CDAT's averages follow
+    behind SGD: the group lr times the clip's factor) loads with the unit not known, so the next step takes the
+    averages as they are: behind ``SGD(lr=0.1)`` (unit 0.1) the run continues as the uninterrupted one. Started at
+    1 instead, the first step would have carried the averages by 0.1."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+
+    def make():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        return model, CDAT(torch.optim.SGD(model.parameters(), lr=0.1), curvature="fd")
+
+    model, opt = make()
+    for _ in range(5):
+        opt.step(closure_of(model, opt, x, y))
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    old = next(st for st in saved["state"].values() if "curvopt_unit" in st)
+    assert old.pop("curvopt_unit") == pytest.approx(0.1)  # as a state saved before the unit existed
+    rates = []
+    for _ in range(5):
+        opt.step(closure_of(model, opt, x, y))
+        rates.append(float(opt.stats["lr"]))
+    model2, opt2 = make()
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved)
+    resumed = []
+    for _ in range(5):
+        opt2.step(closure_of(model2, opt2, x, y))
+        resumed.append(float(opt2.stats["lr"]))
+    assert resumed == pytest.approx(rates, rel=1e-12)
