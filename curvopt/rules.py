@@ -338,7 +338,7 @@ class CDATState(NamedTuple):
     last learning rate the rule gave (the growth cap's reference), the above-edge guard's memory
     (:func:`above_edge_guard`): the moving average of the loss's gap to ``f_star``, its weight, and the
     lowest bias-corrected value of that average (``inf`` before the first known loss), and the unit the averages
-    and the rate are in (:attr:`RuleInputs.unit`; NaN, not known, at the start and in a state saved before it
+    and the rate are in (:attr:`RuleInputs.unit`; 0, not known, at the start and in a state saved before it
     existed: the first step's unit is taken as it is)."""
 
     numerator_avg: Any
@@ -353,7 +353,7 @@ class CDATState(NamedTuple):
 
 #: the fields of :class:`CDATState` added after curvopt 0.1 (the above-edge guard's memory, the averages' unit) and
 #: the values they start from (a state saved before them is completed with them)
-ADDED_START = {"gap_avg": 0.0, "gap_weight": 0.0, "gap_min": math.inf, "unit": math.nan}
+ADDED_START = {"gap_avg": 0.0, "gap_weight": 0.0, "gap_min": math.inf, "unit": 0.0}
 
 STARTUPS = ("robust", "paper")
 
