@@ -635,11 +635,11 @@ class CDATRule:
     @staticmethod
     def carry(state: CDATState, unit: Any, xp: Any) -> tuple[CDATState, Any]:
         """The state in the units of this step's direction (:attr:`RuleInputs.unit`) and the factor ``r`` it was
-        carried by (this unit over the state's; 1 where either is not a positive number, the state's unit then
-        becoming this one where this one is): ``n`` is linear in the
-        direction, ``d`` quadratic and a rate inverse, so ``n_avg r``, ``d_avg r^2`` and ``lr / r``, with which
-        unchanged averages take the last step's step along the rescaled direction. The rule is invariant to the
-        scale of the direction on one step; this makes its averages so across steps."""
+        carried by: this unit over the state's (1 where either is not a positive number; the state's unit becomes
+        this one where this one is). ``n`` is linear in the direction, ``d`` quadratic and a rate inverse, so
+        ``n_avg r``, ``d_avg r^2`` and ``lr / r``, with which unchanged averages take the last step's step along
+        the rescaled direction. The rule is invariant to the scale of the direction on one step; this makes its
+        averages so across steps."""
         known = (unit > 0) & xp.isfinite(unit)
         both = known & (state.unit > 0)
         ratio = xp.where(both, unit / xp.where(both, state.unit, 1.0), 1.0)

@@ -737,15 +737,16 @@ def test_cdat_averages_follow_the_directions_unit():
     n, d, stretch = rng.uniform(0.5, 2.0, 30), rng.uniform(0.5, 2.0, 30), rng.uniform(0.3, 3.0, 30)
     units = np.where(rng.uniform(size=30) < 0.5, 1.0, rng.uniform(0.05, 1.0, 30))
     units[7] = np.nan  # not known: no carry, so this step's rate stays in the last step's unit
-    stretch_seen = stretch * (np.nan_to_num(units, nan=units[6]) / np.r_[1.0, np.nan_to_num(units, nan=units[6])[:-1]]) ** 2
+    scale = np.nan_to_num(units, nan=units[6])  # the directions' actual scale
+    stretch_seen = stretch * (scale / np.r_[1.0, scale[:-1]]) ** 2
 
     def run(scaled, with_unit):
         state, out = rule.init(np.float64(0)), []
         for t in range(30):
-            u = units[t] if np.isfinite(units[t]) else units[6]
-            k = u if scaled else 1.0
-            x = rules.RuleInputs(np.float64(n[t] * k), np.float64(d[t] * k * k), np.float64(np.nan), np.float64(np.nan),
-                                 t, lagged=t > 0, stretch=np.float64(stretch_seen[t] if scaled else stretch[t]),
+            k = scale[t] if scaled else 1.0
+            x = rules.RuleInputs(np.float64(n[t] * k), np.float64(d[t] * k * k), np.float64(np.nan),
+                                 np.float64(np.nan), t, lagged=t > 0,
+                                 stretch=np.float64(stretch_seen[t] if scaled else stretch[t]),
                                  unit=np.float64(units[t] if with_unit else 1.0))
             lr, state = rules.apply_rule(rule, x, state, np)
             out.append(float(lr) * k)  # the step's length along the unscaled direction
@@ -767,7 +768,8 @@ def test_direction_unit_and_gradient_fit():
     for seen, fits in ((0.3 * g + 0.01 * w, True), (0.3 * g + 0.9 * m, False)):
         dots = (seen @ g, seen @ w, g @ w, g @ g, w @ w)
         assert bool(gradient_fit(seen @ seen, *dots, xp=np)) is fits
-        unit = direction_unit(BaseMethod.gd(), gradient_scale(*dots, xp=np), np, fits=gradient_fit(seen @ seen, *dots, xp=np))
+        fit = gradient_fit(seen @ seen, *dots, xp=np)
+        unit = direction_unit(BaseMethod.gd(), gradient_scale(*dots, xp=np), np, fits=fit)
         assert (float(unit) == pytest.approx(0.3, rel=1e-12)) if fits else np.isnan(unit)
     assert direction_unit(BaseMethod.adam(), 0.3, np) == 1.0
     assert direction_unit(BaseMethod.heavy_ball(0.9), 0.3, np) == 1.0

@@ -708,8 +708,7 @@ def test_a_clip_inside_a_gradient_descent_base_takes_the_unclipped_runs_steps(cl
 
         def run(*pre, scale=optax.scale(0.5)):
             tx = cdat(optax.chain(*pre, scale), sigma=2.0, curvature="auto")
-            w, state, out, norms = w0, None, [], []
-            state = tx.init(w)
+            w, state, out, norms = w0, tx.init(w0), [], []
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the secant's caveat behind gradient descent
                 for _ in range(25):
