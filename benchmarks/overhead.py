@@ -14,7 +14,10 @@ Three measurements, printed as markdown tables:
    there, and once more without it: ``noise_correction=False``) against the same bare step. The rows "fd floor" time
    ``closure(); closure(); base.step()`` — what the fd oracle's step (one extra closure call) would cost if
    the tuner's own work took no time — against the same bare step: an fd row's ratio minus its floor is the
-   tuner's own work in units of the bare step, and no fd step can go below its floor. ``--clock cpu`` times
+   tuner's own work in units of the bare step, and no fd step can go below its floor. The rows "closure-free floor" time
+   a closure and ``base.step()`` wrapped in the vector work every closure-free CDAT step must do (``_least_secant_work``:
+   the snapshot, the direction, three inner products, the write-back, the secant's memory) with none of the
+   tuner's logic: no closure-free step can go below it. ``--clock cpu`` times
    the thread's CPU time instead of wall time (steadier on a shared machine).
 
    ``--baseline REV`` (torch rows only) measures a git revision and the working tree **in the same run**: the
@@ -106,6 +109,8 @@ BASES = {
 NO_CLOSURE = "secant, no closure"
 #: the oracle column of the floor rows: ``closure(); closure(); base.step()``, an fd step without the tuner's work
 FD_FLOOR = "2 closures + base.step()"
+#: the oracle column of the closure-free floor rows: a closure, ``base.step()`` and :func:`_least_secant_work`
+CF_FLOOR = "1 closure + base.step() + the secant's vector work"
 CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("CDAT", "fd", "adam", lambda b, m: CDAT(b, lr_max=1e-2, modules=m)),
     ("CDAT", "secant", "adam", lambda b, m: CDAT(b, curvature="secant", lr_max=1e-2, modules=m)),
@@ -122,14 +127,34 @@ CONFIGS: list[tuple[str, str, str, Callable]] = [
     ("fd floor", FD_FLOOR, "sgd+momentum", None),
     ("CDAT, noise_correction=False", NO_CLOSURE, "adam",
      lambda b, m: CDAT(b, lr_max=1e-2, modules=m, noise_correction=False)),
+    ("closure-free floor", CF_FLOOR, "adam", None),
+    ("closure-free floor", CF_FLOOR, "sgd+momentum", None),
 ]
 
 # ------------------------------------------------------------------------------------------ timing
 
 
-def _runner(make, loss_fn, base_name, factory, closure_free=False, calls=1):
-    """One step of the bare base (``factory`` None: ``calls`` closure calls, then ``base.step()``) or of the
-    tuner ``factory(base, model)`` (``opt.step(closure)``, or ``closure(); opt.step()`` if ``closure_free``)."""
+def _least_secant_work(params: list, base, memory: dict, lr: float = 1.0) -> None:
+    """``base.step()`` wrapped in the vector work any closure-free CDAT step does around it, with none of the
+    tuner's logic (the closure-free floor rows): keep ``w0``, step the base, ``u = w - w0``, the inner products
+    ``g^T u``, ``g^T u_prev`` and ``u^T u`` read to the host at once, ``w = w0 + lr u``, and ``g`` and ``u`` kept
+    for the next step's secant. Flat concatenations, one pass each: ten passes over the parameters and one
+    host read. (``g_prev^T u_prev`` is the previous step's ``g^T u``; ``lr = 1`` keeps the base's trajectory.)"""
+    flat = [p.detach().reshape(-1) for p in params]
+    w0 = torch.cat(flat)
+    base.step()
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    u = torch.cat(flat) - w0
+    dots = torch.stack([g @ u, g @ memory.get("u", u), u @ u]).tolist()
+    moved = torch.split(w0 + lr * u, [p.numel() for p in params])
+    torch._foreach_copy_(flat, list(moved))
+    memory.update(g=g, u=u, dots=dots)
+
+
+def _runner(make, loss_fn, base_name, factory, closure_free=False, calls=1, floor=False):
+    """One step of the bare base (``factory`` None: ``calls`` closure calls, then ``base.step()``; with ``floor``
+    one closure call and :func:`_least_secant_work`) or of the tuner ``factory(base, model)``
+    (``opt.step(closure)``, or ``closure(); opt.step()`` if ``closure_free``)."""
     model = make()
     base = BASES[base_name](model.parameters())
     if base_name == "adam":
@@ -145,11 +170,15 @@ def _runner(make, loss_fn, base_name, factory, closure_free=False, calls=1):
 
     if factory is None:
         base.param_groups[0]["lr"] = 1e-3
+        params, memory = list(model.parameters()), {}
 
         def step():
             for _ in range(calls):
                 closure()
-            base.step()
+            if floor:
+                _least_secant_work(params, base, memory)
+            else:
+                base.step()
     elif closure_free:
         def step():
             closure()
@@ -167,7 +196,7 @@ def _steps(task: str, config: int):
     _, oracle, base_name, factory = CONFIGS[config]
     return (_runner(make, loss_fn, base_name, None),
             _runner(make, loss_fn, base_name, factory, closure_free=oracle == NO_CLOSURE,
-                    calls=2 if oracle == FD_FLOOR else 1))
+                    calls=2 if oracle == FD_FLOOR else 1, floor=oracle == CF_FLOOR))
 
 
 def _skipped(step) -> int:

@@ -156,6 +156,31 @@ def _bare_transform():
     return optax.chain(optax_direction("adam"), optax.inject_hyperparams(optax.scale)(step_size=-1e-3))
 
 
+def _secant_floor_transform():
+    """Adam wrapped in the least a closure-free CDAT update computes, none of its guards: ``n = g^T u``, the
+    secant ``d = (g - g_prev)^T u_prev / lr_prev``, their averages (``ema`` 0.99), ``lr = 2 n_avg / d_avg``
+    where that is positive (else the last rate), ``g`` and ``u`` kept for the next step. The floor of the
+    closure-free rows' compile time (no closure-free CDAT compiles less)."""
+    from benchmarks.tuners import optax_direction
+
+    base = optax_direction("adam")
+
+    def init(params):
+        zero = jnp.zeros([], jnp.float32)
+        return (base.init(params), optax.tree.zeros_like(params), optax.tree.zeros_like(params), zero, zero, zero)
+
+    def update(grads, state, params=None):
+        base_state, g_prev, u_prev, lr_prev, n_avg, d_avg = state
+        u, base_state = base.update(grads, base_state, params)
+        n = optax.tree.vdot(grads, u)
+        d = optax.tree.vdot(optax.tree.sub(grads, g_prev), u_prev) / jnp.where(lr_prev > 0, lr_prev, 1.0)
+        n_avg, d_avg = 0.99 * n_avg + 0.01 * n, 0.99 * d_avg + 0.01 * d
+        lr = jnp.where((n_avg > 0) & (d_avg > 0), 2 * n_avg / d_avg, jnp.where(lr_prev > 0, lr_prev, 1e-3))
+        return optax.tree.scale(-lr, u), (base_state, grads, u, lr, n_avg, d_avg)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _cdat_transform(sharpness: int, **settings: Any):
     from benchmarks.tuners import build_optax
 
@@ -172,6 +197,7 @@ COMPILE_CONFIGS: dict[str, tuple[Callable[[int], Any], bool, bool]] = {
     "CDAT closure-free, noise_correction=False": (lambda every: _cdat_transform(0, noise_correction=False), False,
                                                   False),
     "CDAT (fd) + sharpness": (lambda every: _cdat_transform(every), True, False),
+    "closure-free floor (Adam + the secant's arithmetic)": (lambda every: _secant_floor_transform(), False, False),
 }
 COMPILE_TASKS = ("vit", "lm")
 
