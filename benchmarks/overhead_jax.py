@@ -158,9 +158,9 @@ def _bare_transform():
 
 def _secant_floor_transform():
     """Adam wrapped in the least a closure-free CDAT update computes, none of its guards: ``n = g^T u``, the
-    secant ``d = (g - g_prev)^T u_prev / lr_prev``, their averages (``ema`` 0.99), ``lr = 2 n_avg / d_avg``
-    where that is positive (else the last rate), ``g`` and ``u`` kept for the next step. The floor of the
-    closure-free rows' compile time (no closure-free CDAT compiles less)."""
+    secant ``d = (g_prev - g)^T u_prev / lr_prev`` (the last step was ``-lr_prev u_prev``), their averages
+    (``ema`` 0.99), ``lr = 2 n_avg / d_avg`` where both are positive (else the last rate), ``g`` and ``u`` kept
+    for the next step. The floor of the closure-free rows' compile time (no closure-free CDAT compiles less)."""
     from benchmarks.tuners import optax_direction
 
     base = optax_direction("adam")
@@ -173,7 +173,7 @@ def _secant_floor_transform():
         base_state, g_prev, u_prev, lr_prev, n_avg, d_avg = state
         u, base_state = base.update(grads, base_state, params)
         n = optax.tree.vdot(grads, u)
-        d = optax.tree.vdot(optax.tree.sub(grads, g_prev), u_prev) / jnp.where(lr_prev > 0, lr_prev, 1.0)
+        d = optax.tree.vdot(optax.tree.sub(g_prev, grads), u_prev) / jnp.where(lr_prev > 0, lr_prev, 1.0)
         n_avg, d_avg = 0.99 * n_avg + 0.01 * n, 0.99 * d_avg + 0.01 * d
         lr = jnp.where((n_avg > 0) & (d_avg > 0), 2 * n_avg / d_avg, jnp.where(lr_prev > 0, lr_prev, 1e-3))
         return optax.tree.scale(-lr, u), (base_state, grads, u, lr, n_avg, d_avg)
