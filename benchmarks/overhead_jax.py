@@ -21,7 +21,8 @@ compilation cache off) for the bare Adam step (the runner's constant-lr transfor
 default with ``value_fn`` (the ``fd`` oracle), closure-free (no ``value_fn``: the secant, with its noise
 correction, the default behind Adam, and without it), and with the suite's
 online sharpness every 25 steps; and the bare step plus a second gradient at a probe point, the floor of any
-``fd`` oracle (the probe's forward and backward pass, no tuner logic). The steps alternate within each repeat; the ratio is the median over repeats
+``fd`` oracle (the probe's forward and backward pass, no tuner logic); and Adam wrapped in the secant rule's
+arithmetic alone, the floor of any closure-free step (:func:`_secant_floor_transform`). The steps alternate within each repeat; the ratio is the median over repeats
 of (CDAT's compile time ÷ the bare step's in the same repeat), CPU seconds of the process (``process_time``:
 XLA compiles kernels on several threads; wall seconds are also recorded).
 """
