@@ -137,9 +137,10 @@ CONFIGS: list[tuple[str, str, str, Callable]] = [
 def _least_secant_work(params: list, base, memory: dict, lr: float = 1.0) -> None:
     """``base.step()`` wrapped in the vector work any closure-free CDAT step does around it, with none of the
     tuner's logic (the closure-free floor rows): keep ``w0``, step the base, ``u = w - w0``, the inner products
-    ``g^T u``, ``g^T u_prev`` and ``u^T u`` read to the host at once, ``w = w0 + lr u``, and ``g`` and ``u`` kept
-    for the next step's secant. Flat concatenations, one pass each: ten passes over the parameters and one
-    host read. (``g_prev^T u_prev`` is the previous step's ``g^T u``; ``lr = 1`` keeps the base's trajectory.)"""
+    ``g^T u``, ``g^T u_prev`` and ``u^T u`` read to the host at once, ``w = w0 + lr u``, and ``u`` kept for the
+    next step's secant (its ``g_prev^T u_prev`` is this step's ``g^T u``, so no gradient is kept). Flat
+    concatenations, one pass each: about ten passes over the parameters and one host read (``lr = 1`` keeps the
+    base's trajectory)."""
     flat = [p.detach().reshape(-1) for p in params]
     w0 = torch.cat(flat)
     base.step()
@@ -148,7 +149,7 @@ def _least_secant_work(params: list, base, memory: dict, lr: float = 1.0) -> Non
     dots = torch.stack([g @ u, g @ memory.get("u", u), u @ u]).tolist()
     moved = torch.split(w0 + lr * u, [p.numel() for p in params])
     torch._foreach_copy_(flat, list(moved))
-    memory.update(g=g, u=u, dots=dots)
+    memory.update(u=u, dots=dots)
 
 
 def _runner(make, loss_fn, base_name, factory, closure_free=False, calls=1, floor=False):
