@@ -14,14 +14,15 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
    curve; the final loss is ~1e-5 and dominated by Adam's late oscillations once the 512 examples are
    memorised) on a 7-point grid (factor 2); the best grid point per width (target: the same at the smallest
    and the largest width under μP, moves under SP).
-3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults): the global
-   learning rate CDAT picks,
-   averaged over the last 10 % of steps, across widths (target: spread <= 20 % under μP; SP contrast), and
-   its width trend (the fitted power law's ratio between the widest and the narrowest width).
+3. **CDAT under μP** (MLP, GD base, the benchmark's ``cdat`` = ``CDAT`` at the library's defaults, seeds 0-4):
+   the global learning rate CDAT picks, averaged over the last 10 % of steps, across widths: each seed's spread
+   (target: <= 20 % under μP; SP contrast), their median and worst, the spread of the per-width median over
+   seeds (the rate each width gets, with the seeds' scatter averaged out), and that median's width trend (the
+   fitted power law's ratio between the widest and the narrowest width).
    ``--variant nocap|capA|capB``: the rule without its loss-bound cap (``loss_cap=inf``, the default before
    section 7's A was adopted), or that rule wrapped in a research start-up cap of
-   :mod:`benchmarks.minibatch_study` (docs/minibatch_study.md, section 7); ``--seed`` sets the seed (default 0);
-   ``--cdat-steps`` the horizon (default 100).
+   :mod:`benchmarks.minibatch_study` (docs/minibatch_study.md, section 7); ``--seed`` sets the one seed of every
+   experiment (default: 0, and seeds 0-4 here); ``--cdat-steps`` the horizon (default 100).
 4. **γ sweep** (MLP width 128, GD, MSE on one-hot targets, output multiplier 1/γ on top of μP, output
    centred at its initial value): best global learning rate vs γ in [1e-2, 1] on a factor-2 grid (ascending,
    stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
@@ -60,6 +61,7 @@ class Preset:
     transfer_steps: int = 100
     transfer_grid: tuple = tuple(4e-3 * 2.0**k for k in range(7))
     cdat_steps: int = 100
+    cdat_seeds: tuple = (0, 1, 2, 3, 4)
     gamma_width: int = 128
     gammas: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
     gamma_steps: int = 100
@@ -73,7 +75,7 @@ PRESETS = {
     "default": Preset(),
     "quick": Preset(widths=(32, 128, 512), n_train=128, sharp_steps=30, sharp_every=10, sharp_n_cnn=32,
                     sharp_cnn_widths=(32, 64), sharp_lrs=(("mlp", 0.2), ("resnet", 0.2)), transfer_steps=30,
-                    cdat_steps=30, gammas=(0.01, 0.1, 1.0), gamma_steps=30,
+                    cdat_steps=30, cdat_seeds=(0, 1, 2), gammas=(0.01, 0.1, 1.0), gamma_steps=30,
                     parameterizations=("mup", "sp")),
 }
 BASE_WIDTH = 32
@@ -181,7 +183,7 @@ def run_cdat(width, par, steps, x, y, seed, variant=""):
     for _ in range(steps):
         loss = opt.step(closure)
         lrs.append(float(opt.stats["lr"]))
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     tail = max(1, steps // 10)
     return {"lrs": lrs, "final_lr": float(np.mean(lrs[-tail:])), "loss": losses[-1], "losses": losses}
 
@@ -224,6 +226,25 @@ def _gamma_loss(gamma, width, lr, steps, x, y_onehot, seed):
 
 
 # --------------------------------------------------------------------------------------------------- report
+def cdat_summary(runs: dict, widths) -> dict:
+    """The CDAT experiment's figures from ``runs[seed][width]`` (:func:`run_cdat`): the final lr per seed and
+    width, each seed's spread across widths with their median and worst, the per-width median over seeds with
+    its spread and width trend, the seeds' scatter at one width (their spread, median over widths: what a
+    seed's spread reads where the rate does not depend on the width), the worst seed's final train loss per width, and the start-up's overshoot (the
+    highest loss of steps 1-14 over the initial one, worst over seeds)."""
+    final = {seed: {w: r[w]["final_lr"] for w in widths} for seed, r in runs.items()}
+    per_seed = {seed: spread(list(f.values())) for seed, f in final.items()}
+    worst = max(per_seed, key=per_seed.get)
+    median_lr = {w: float(np.median([f[w] for f in final.values()])) for w in widths}
+    return {"final_lr": final, "spread_per_seed": per_seed, "spread_median": float(np.median(list(per_seed.values()))),
+            "spread_worst": per_seed[worst], "worst_seed": worst, "median_lr": median_lr,
+            "spread": spread(list(median_lr.values())), "trend": width_trend(widths, list(median_lr.values())),
+            "seed_scatter": float(np.median([spread([f[w] for f in final.values()]) for w in widths])),
+            "loss": {w: max(r[w]["loss"] for r in runs.values()) for w in widths},
+            "early_peak": {w: max(max(r[w]["losses"][1:15]) / r[w]["losses"][0] for r in runs.values())
+                           for w in widths}}
+
+
 def spread(values):
     v = [a for a in values if math.isfinite(a) and a > 0]
     if len(v) < len(values):
@@ -251,7 +272,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="results/mup")
     ap.add_argument("--only", default=",".join(EXPERIMENTS),
                     help=f"comma-separated experiments, of {', '.join(EXPERIMENTS)} (default: all)")
-    ap.add_argument("--seed", type=int, default=None, help="the seed of every experiment (default: the preset's, 0)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="the seed of every experiment (default: the preset's, 0; the cdat experiment's 0-4)")
     ap.add_argument("--variant", default="", help="cdat: a start-up variant of benchmarks.minibatch_study (nocap, capA, "
                     "capB; docs/minibatch_study.md section 7) (default: the library's rule)")
     ap.add_argument("--cdat-steps", type=int, default=None,
@@ -267,7 +289,7 @@ def main(argv=None) -> dict:
             ap.error(f"--variant: expected nocap or one of {', '.join(sorted(STARTUP_CAPS))}, got {args.variant!r}")
     P = PRESETS["quick" if args.quick else "default"]
     if args.seed is not None:
-        P = replace(P, seed=args.seed)
+        P = replace(P, seed=args.seed, cdat_seeds=(args.seed,))
     if args.cdat_steps is not None:
         P = replace(P, cdat_steps=args.cdat_steps)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -279,6 +301,7 @@ def main(argv=None) -> dict:
 
     x, y = digits("mlp", P.n_train)
     res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths), "seed": P.seed,
+                 "cdat_seeds": list(P.cdat_seeds),
                  "variant": args.variant}
     t0 = time.time()
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(P.widths)))
@@ -336,19 +359,17 @@ def main(argv=None) -> dict:
         res["cdat"] = {}
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
         for ax, par in zip(axes, ("mup", "sp")):
-            r = {w: run_cdat(w, par, P.cdat_steps, x, y, P.seed, args.variant) for w in P.widths}
-            res["cdat"][par] = {"final_lr": {w: r[w]["final_lr"] for w in P.widths},
-                                "spread": spread([r[w]["final_lr"] for w in P.widths]),
-                                "trend": width_trend(P.widths, [r[w]["final_lr"] for w in P.widths]),
-                                "loss": {w: r[w]["loss"] for w in P.widths},
-                                # the start-up's overshoot: the highest loss of steps 1-14 against the initial one
-                                "initial_loss": {w: r[w]["losses"][0] for w in P.widths},
-                                "early_peak": {w: max(r[w]["losses"][1:15]) for w in P.widths}}
+            runs = {seed: {w: run_cdat(w, par, P.cdat_steps, x, y, seed, args.variant) for w in P.widths}
+                    for seed in P.cdat_seeds}
+            res["cdat"][par] = cdat_summary(runs, P.widths)
             for c, w in zip(colors, P.widths):
-                ax.plot(r[w]["lrs"], color=c, label=f"width {w}")
+                for k, seed in enumerate(P.cdat_seeds):
+                    ax.plot(runs[seed][w]["lrs"], color=c, lw=0.8, label=f"width {w}" if k == 0 else None)
             ax.set(title=f"CDAT (library defaults) on GD, MLP, {par}", yscale="log", xlabel="step")
-            print(f"[{time.time() - t0:6.0f}s] cdat {par}: spread {res['cdat'][par]['spread']:.2f}, "
-                  f"width trend x{res['cdat'][par]['trend']:.2f}", flush=True)
+            r = res["cdat"][par]
+            print(f"[{time.time() - t0:6.0f}s] cdat {par}: spread per seed {r['spread_median']:.2f} median, "
+                  f"{r['spread_worst']:.2f} worst; of the seeds' median {r['spread']:.2f}, "
+                  f"width trend x{r['trend']:.2f}", flush=True)
         axes[0].set_ylabel("global learning rate")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
@@ -419,22 +440,30 @@ def report(res: dict, P: Preset) -> str:
         lines.append("")
     if "cdat" in res:
         how = f"start-up cap {res['variant']}" if res.get("variant") else "library defaults"
-        lines += [f"**CDAT ({how}) on GD** (MLP, {P.cdat_steps} steps, seed {res.get('seed', P.seed)}): global lr, "
-                  "mean of the last 10 %; spread = max/min − 1; width trend = the fitted power law's ratio between "
-                  f"w={max(P.widths)} and w={min(P.widths)}", "",
-                  "| param | " + " | ".join(f"w={w}" for w in P.widths) + " | spread | width trend |",
-                  "|---|" + "---|" * len(P.widths) + "---|---|"]
+        seeds = res.get("cdat_seeds", list(P.cdat_seeds))
+        lines += [f"**CDAT ({how}) on GD** (MLP, {P.cdat_steps} steps, seeds {', '.join(map(str, seeds))}): global "
+                  "lr, mean of the last 10 % of steps, median over seeds per width; spread = max/min − 1 across "
+                  "widths, per seed (median, worst) and of the medians; width trend = the fitted power law's ratio "
+                  f"between w={max(P.widths)} and w={min(P.widths)} (of the medians); the seeds' scatter at one "
+                  "width = max/min − 1 over seeds, median over widths", "",
+                  "| param | " + " | ".join(f"w={w}" for w in P.widths)
+                  + " | spread per seed: median (worst) | spread of the medians | width trend | seeds' scatter at "
+                  "one width |", "|---|" + "---|" * len(P.widths) + "---|---|---|---|"]
         for par in ("mup", "sp"):
             r = res["cdat"][par]
-            lines.append(f"| {par} | " + " | ".join(_fmt(r["final_lr"][w]) for w in P.widths)
-                         + f" | {r['spread'] * 100:.0f} % | ×{r['trend']:.2f} |")
+            lines.append(f"| {par} | " + " | ".join(_fmt(r["median_lr"][w]) for w in P.widths)
+                         + f" | {r['spread_median'] * 100:.0f} % ({r['spread_worst'] * 100:.0f} %, seed "
+                         f"{r['worst_seed']}) | {r['spread'] * 100:.0f} % | ×{r['trend']:.2f} | "
+                         f"{r['seed_scatter'] * 100:.0f} % |")
         lines.append("")
         for par in ("mup", "sp"):
             r = res["cdat"][par]
-            over = [f"w={w}: {r['early_peak'][w]:.3g} (initial {r['initial_loss'][w]:.3g})" for w in P.widths
-                    if "early_peak" in r and r["early_peak"][w] > r["initial_loss"][w]]
-            lines.append(f"{par}: final train loss {min(r['loss'].values()):.3g}-{max(r['loss'].values()):.3g}; "
-                         "steps 1-14 above the initial loss: " + ("; ".join(over) if over else "none"))
+            lines.append(f"{par}: spread per seed " + ", ".join(f"{s}: {v * 100:.0f} %"
+                                                               for s, v in r["spread_per_seed"].items()) + ".")
+            over = [f"w={w}: ×{r['early_peak'][w]:.3g}" for w in P.widths if r["early_peak"][w] > 1]
+            lines.append(f"{par}: final train loss, worst seed per width, {min(r['loss'].values()):.3g}-"
+                         f"{max(r['loss'].values()):.3g}; the highest loss of steps 1-14 over the initial one, where above 1 (worst seed): "
+                         + ("; ".join(over) if over else "none"))
         lines.append("")
     if "gamma" in res:
         r = res["gamma"]

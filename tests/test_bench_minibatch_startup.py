@@ -133,3 +133,30 @@ def test_mup_transfer_refuses_unknown_experiments_and_variants_before_running(ar
     with pytest.raises(SystemExit) as e:
         mt.main(["--quick", *argv])
     assert e.value.code == 2 and "expected" in capsys.readouterr().err
+
+
+def test_mup_cdat_summary_separates_the_seeds_scatter_from_the_width_dependence():
+    """``cdat_summary`` on made-up runs: a rate that does not depend on the width but scatters by seed has a
+    per-seed spread (median, worst with its seed) that the seeds' medians do not have, and the seeds' scatter at
+    one width reads it; a rate falling as width^-1/2 on every seed has the trend on the medians too."""
+    from benchmarks.mup_transfer import cdat_summary
+
+    widths = [32, 64, 128, 256, 512]
+    jitter = {0: [1.0, 1.2, 1.0, 1.0, 1.0], 1: [1.0, 1.0, 1.0, 1.3, 1.0], 2: [1.1, 1.0, 1.0, 1.0, 1.0]}
+
+    def runs(rate):
+        return {s: {w: {"final_lr": rate(w) * j, "loss": 0.01 * (s + 1), "losses": [2.0] + [1.0 + s] * 14}
+                    for w, j in zip(widths, js)} for s, js in jitter.items()}
+
+    flat = cdat_summary(runs(lambda w: 0.5), widths)
+    assert flat["spread_per_seed"] == pytest.approx({0: 0.2, 1: 0.3, 2: 0.1})
+    assert flat["spread_median"] == pytest.approx(0.2) and flat["spread_worst"] == pytest.approx(0.3)
+    assert flat["worst_seed"] == 1
+    assert flat["median_lr"] == pytest.approx({w: 0.5 for w in widths}) and flat["spread"] == pytest.approx(0.0)
+    assert flat["trend"] == pytest.approx(1.0)
+    assert flat["seed_scatter"] == pytest.approx(0.1)  # per width 0.1 / 0.2 / 0 / 0.3 / 0
+    assert flat["loss"] == {w: 0.03 for w in widths}
+    assert flat["early_peak"] == {w: 1.5 for w in widths}  # seed 2's 3.0 over its initial 2.0
+
+    falling = cdat_summary(runs(lambda w: w ** -0.5), widths)
+    assert falling["trend"] == pytest.approx(0.25) and falling["spread"] == pytest.approx(3.0)
