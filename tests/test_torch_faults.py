@@ -313,13 +313,16 @@ def test_non_finite_base_direction_is_skipped_cleanly():
     TALLY["survived"] += 1
 
 
-def test_a_skipped_step_puts_module_buffers_and_the_generator_back():
+@pytest.mark.parametrize("given", [True, False], ids=["modules", "found"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_a_skipped_step_puts_module_buffers_and_the_generator_back(given, first):
     """A batch with one NaN feature: the step is skipped, and BatchNorm's statistics (which the main call updated
     with the NaN) and the generator (which drew the dropout mask) are as before the step, as when the closure
-    raises. Before, the running statistics stayed NaN for good: the model's eval output was NaN."""
+    raises. Before, the running statistics stayed NaN for good: the model's eval output was NaN. Without
+    ``modules=`` too, on the step that finds the modules and on a later one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1)).double()
-    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), modules=model)
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), modules=model if given else None)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(16, 4, generator=gen, dtype=torch.float64)
     y = torch.randn(16, 1, generator=gen, dtype=torch.float64)
@@ -332,7 +335,8 @@ def test_a_skipped_step_puts_module_buffers_and_the_generator_back():
             return loss
         return closure
 
-    opt.step(closure_on(x))
+    if not first:
+        opt.step(closure_on(x))
     buffers = [b.clone() for b in model.buffers()]
     rng = torch.get_rng_state()
     bad = x.clone()

@@ -119,11 +119,16 @@ def bn_model():
     lambda b, m: CDAT(b, modules=m, sharpness=2),
     lambda b, m: ArmijoLineSearch(b, modules=m),
     lambda b, m: EdgeOfStability(b, modules=m, sharpness=1),
-])
+    lambda b, m: CDAT(b, sharpness=2),
+    lambda b, m: ArmijoLineSearch(b),
+    lambda b, m: EdgeOfStability(b, sharpness=1),
+], ids=["cdat", "armijo", "eos", "cdat-found", "armijo-found", "eos-found"])
 def test_probes_leave_buffers_and_rng_alone(make):
     """BatchNorm running statistics after N tuner steps equal those of N bare-base steps on the same batches
     (first BN layer: its input is the data, so the statistics depend on the batches only), every BN layer
-    counts exactly N batches, and the random stream ends where the bare run's does."""
+    counts exactly N batches, and the random stream ends where the bare run's does; with ``modules=`` and
+    without it (the modules found in the first main call). Before, without ``modules=`` every probe counted a
+    batch and moved the statistics."""
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 5, generator=g, dtype=DT) * 3 + 1, torch.randint(0, 2, (16,), generator=g))
                for _ in range(4)]
@@ -152,6 +157,90 @@ def test_probes_leave_buffers_and_rng_alone(make):
         assert torch.equal(getattr(tuned[0], k), getattr(bare[0], k))
     assert int(tuned[2].num_batches_tracked) == len(batches)
     assert torch.equal(rng_t, rng_b)
+
+
+def _bn_closure(opt, model, x, y, calls_before=None):
+    def closure():
+        opt.zero_grad()
+        if calls_before is not None:
+            calls_before(x)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def test_modules_found_when_the_first_main_call_raises_midway():
+    """Without ``modules=``: a first main call that raises after the first BN layer ran is rolled back (its
+    statistics as before the step) and does not fix the modules to what it reached (the tuner looks again at the
+    next main call); the hook is gone after each call; later steps count one batch per step in both BN layers;
+    a copy of the tuner does not copy the model."""
+    model = bn_model()
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=0.1), sharpness=1)
+    x, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 2, (16,))
+    before = [b.clone() for b in model.buffers()]
+
+    def failing():
+        opt.zero_grad()
+        model[0](x)
+        raise KeyError("the data loader broke")
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert not nn.modules.module._global_forward_pre_hooks
+    for _ in range(3):
+        opt.step(_bn_closure(opt, model, x, y))
+        assert not nn.modules.module._global_forward_pre_hooks
+        assert opt.stats["closure_calls"] > 1
+    assert int(model[0].num_batches_tracked) == int(model[2].num_batches_tracked) == 3
+    assert copy.deepcopy(opt).guard.__getstate__() == {"modules": None}
+
+
+def test_modules_found_when_a_submodule_runs_before_its_parent():
+    """A closure that calls the first BN layer on its own before the whole model (each BN layer runs twice a
+    step): without ``modules=`` the statistics after N tuner steps equal those of N bare-base steps, the layer
+    that ran first getting its values from before it ran."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 5, generator=g, dtype=DT) + 2, torch.randint(0, 2, (16,), generator=g))
+               for _ in range(3)]
+
+    def run(tuned):
+        model = bn_model()
+        base = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt = CDAT(base, sharpness=1) if tuned else base
+        for x, y in batches:
+            closure = _bn_closure(opt, model, x, y, calls_before=model[0])
+            if tuned:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        return model
+
+    tuned, bare = run(True), run(False)
+    assert int(tuned[0].num_batches_tracked) == 2 * len(batches)
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(tuned[0], k), getattr(bare[0], k))
+
+
+@pytest.mark.slow
+def test_modules_found_inside_a_compiled_model():
+    """``torch.compile(model)`` inlines its BN layers into one graph, whose hooks do not fire; the tuner, given
+    no ``modules=``, snapshots the compiled wrapper's whole tree, so the statistics count one batch per step. The
+    only warning is torch's about a global hook under ``torch.compile`` (the tuner's, in its first main call)."""
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    model = bn_model()
+    fwd = torch.compile(model, backend="inductor", dynamic=False)
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=0.1), sharpness=1)
+    x, y = torch.randn(16, 5, dtype=DT), torch.randint(0, 2, (16,))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(_bn_closure(opt, fwd, x, y))
+    assert int(model[0].num_batches_tracked) == int(model[2].num_batches_tracked) == 3
+    assert len(seen) == 1 and str(seen[0].message).startswith("Using `torch.compile(module)` when there are global")
 
 
 def test_lr_scheduler_acts_on_the_multiplier():

@@ -273,3 +273,27 @@ def test_sharpness_with_a_functional_loss_is_the_hessians_on_a_relu_network():
     opt.step(closure)
     assert float(opt.stats["sharpness"]) == pytest.approx(dense, rel=1e-3)
     assert opt.stats["closure_calls"] == len(calls) + 1  # the closure's calls + the sharpness's one evaluation
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["modules", "found"])
+def test_standalone_estimate_restores_module_buffers_and_the_generator(given):
+    """``hessian_top_eigenvalue`` on a model with BatchNorm and dropout: afterwards the running statistics (which
+    the main call and every product's call update) and torch's generator (which the calls draw dropout masks
+    from) are as before, with ``modules=`` and without it. Before, without ``modules=`` every call counted a
+    batch, and in both cases the generator stayed where the main call left it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1)).to(DT)
+    x, y = torch.randn(32, 3, dtype=DT), torch.randn(32, 1, dtype=DT)
+
+    def closure():
+        model.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    lam, _ = hessian_top_eigenvalue(closure, list(model.parameters()), modules=model if given else None, iters=20)
+    assert math.isfinite(float(lam)) and float(lam) > 0
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())

@@ -8,7 +8,10 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   reads what an earlier forward wrote, such as ``spectral_norm``'s power-iteration vectors, computes the same
   function in the probe as in the main call) and leaves them as the main call left them, so after N tuner steps
   they equal those after N steps of the bare base optimizer on the same batches. Pass the model (or a list of
-  modules) as ``modules=`` to the tuner.
+  modules) as ``modules=`` to the tuner. Without it the tuner finds the modules that run in its first main
+  call (:class:`RunSnapshot`: a global forward pre-hook for the length of that call, which sees every module
+  called through ``Module.__call__``, a compiled model included) and uses them from then on; a module the
+  closure starts calling later is not seen: pass ``modules=`` then.
 * **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
@@ -16,8 +19,9 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +29,7 @@ from torch import Tensor, nn
 from .precision import computation_eps
 from .vectors import least_precise_eps
 
-__all__ = ["BufferSnapshot", "RNGSnapshot", "ProbeGuard", "is_probe"]
+__all__ = ["BufferSnapshot", "RunSnapshot", "RNGSnapshot", "ProbeGuard", "is_probe"]
 
 #: True while a tuner runs the closure as a probe (a curvature probe, a line-search trial, a sharpness product)
 _PROBING: ContextVar[bool] = ContextVar("curvopt_probing", default=False)
@@ -120,6 +124,48 @@ class BufferSnapshot:
                 torch._foreach_copy_(self._live, self._copies)
 
 
+class RunSnapshot:
+    """The buffers of the modules that run during a call, as they were before the call (:meth:`watch`): how a
+    tuner given no ``modules=`` finds them."""
+
+    def __init__(self) -> None:
+        #: the outermost modules that ran during the watched call, in the order they first ran
+        self.modules: list[nn.Module] = []
+        #: whether the watched call ran to its end (else ``modules`` may be a part of what it calls)
+        self.complete = False
+        self._taken: list[BufferSnapshot] = []
+
+    @contextmanager
+    def watch(self) -> Iterator[None]:
+        """For the length of the block, a global forward pre-hook snapshots the buffers of each module, and of
+        its submodules (a compiled model's inlined ones too), when it is the first of its tree to run."""
+        self.modules, self._taken, self.complete = [], [], False
+        covered: set[int] = set()
+
+        def first_run(module: nn.Module, args) -> None:
+            if id(module) not in covered:
+                snap = BufferSnapshot(module)
+                snap.take()
+                covered.update(id(m) for m in module.modules())
+                self.modules.append(module)
+                self._taken.append(snap)
+
+        # (torch.compile's wrapper warns, once, that a global hook fires for it as well: this one expects that; a
+        # filter against the warning would reset every once-only warning of the process)
+        handle = nn.modules.module.register_module_forward_pre_hook(first_run)
+        try:
+            yield
+        finally:
+            handle.remove()
+        self.complete = True
+
+    def restore(self) -> None:
+        """The buffers as they were before the watched call: the snapshots written back last to first, so that
+        a module that ran before its parent gets its values from before it ran."""
+        for snap in reversed(self._taken):
+            snap.restore()
+
+
 class RNGSnapshot:
     """The CPU generator state and those of the CUDA devices in use."""
 
@@ -142,7 +188,10 @@ class ProbeGuard:
     """
 
     def __init__(self, modules: ModulesLike = None) -> None:
-        self.before = BufferSnapshot(modules)
+        #: the buffers before the main call: of ``modules``; without them, of the modules found running in the
+        #: first main call that returned (:class:`RunSnapshot`), and from the next step on as if they were passed
+        self._given = modules is not None
+        self.before: Union[BufferSnapshot, RunSnapshot] = BufferSnapshot(modules) if self._given else RunSnapshot()
         self.buffers = BufferSnapshot(modules)
         self._rng_before: Optional[RNGSnapshot] = None
         self._rng_after: Optional[RNGSnapshot] = None
@@ -166,12 +215,17 @@ class ProbeGuard:
         self._rng_after = None
         self._taken = False
         self.calls = 0
-        self.before.take()
-        with torch.enable_grad():
+        if isinstance(self.before, RunSnapshot) and self.before.complete:
+            self.before = BufferSnapshot(self.before.modules)
+        finding = isinstance(self.before, RunSnapshot)
+        if not finding:
+            self.before.take()
+        with torch.enable_grad(), self.before.watch() if finding else nullcontext():
             if self.compute_eps is None:
                 loss, self.compute_eps = computation_eps(closure)
             else:
                 loss = closure()
+        self.buffers.modules = self.before.modules
         self.calls = 1
         return loss
 
@@ -230,8 +284,8 @@ class ProbeGuard:
         self._taken = False
 
     def __getstate__(self) -> dict:
-        # the snapshots are scratch of one step; the modules are what matters
-        return {"modules": self.before.modules}
+        # the snapshots are scratch of one step; the modules are what matters (None: a copy finds them anew)
+        return {"modules": self.before.modules if self._given else None}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["modules"])

@@ -24,7 +24,7 @@ from curvopt.eigen import power_init, power_step
 from curvopt.preconditioner import sandwich
 from curvopt.rules import finite_difference_step
 
-from .buffers import BufferSnapshot, ModulesLike, ProbeGuard
+from .buffers import ModulesLike, ProbeGuard
 from .preconditioning import PreconditionerLike, preconditioner_scales
 from .vectors import ListOps, axpy_into, norm
 
@@ -136,9 +136,10 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     maximum number of ARPACK restarts. ``method="power"``: the core's power iteration (the online
     solver), ``iters`` products at most, stopping when the eigenvalue changes by less than ``tol`` (relative)
     between products — cheaper per step but slow when the eigengap is small. ``modules``: modules whose
-    buffers (BatchNorm statistics) must not change. ``generator``: a CPU ``torch.Generator`` for the random
-    vectors (drawn on the CPU): the start vector when ``v0`` is None, and with ``method="power"`` the start of
-    the shifted second pass it takes when the dominant eigenvalue is negative (None: torch's default generator).
+    buffers (BatchNorm statistics) must not change (None: those the closure runs). ``generator``: a CPU
+    ``torch.Generator`` for the random vectors (drawn on the CPU): the start vector when ``v0`` is None, and with
+    ``method="power"`` the start of the shifted second pass it takes when the dominant eigenvalue is negative
+    (None: torch's default generator).
 
     Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
     ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner).
@@ -151,8 +152,6 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     if method not in ("eigsh", "power"):
         raise ValueError(f"method must be 'eigsh' or 'power', got {method!r}")
     guard = ProbeGuard(modules)
-    before = BufferSnapshot(modules)
-    before.take()
     with torch.no_grad():
         w0 = [p.detach().clone() for p in params]
     g0: Optional[list[Tensor]] = None
@@ -179,6 +178,5 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
             if g0 is not None:
                 for p, g in zip(params, g0):
                     p.grad = g
-            guard.finish()
-            before.restore()
+            guard.rollback()  # the module buffers and the generators as before the main call
     return torch.tensor(lam, dtype=params[0].dtype), v
