@@ -24,6 +24,7 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "secant_stalled",
+    "secant_stall_reference",
     "REPROBE_GROWTH",
     "concave_reprobe",
     "EXTERNAL_CLIP_STEPS",
@@ -166,13 +167,31 @@ SECANT_STALL_MESSAGE = (
     "benchmark's mini-batch ResNet: watch the rate).")
 
 
+#: the machine epsilon whose probing step the stall judgement uses at most (float32's; :func:`secant_stall_reference`)
+SECANT_STALL_EPS = 2.0 ** -23
+
+
+def secant_stall_reference(probe_lr: Any, dtype_eps: Any, xp: Any) -> Any:
+    """The rate that :func:`secant_stalled` judges a closure-free run's secant rate against: its probing step
+    ``probe_lr`` (``h``, sized by the machine epsilon ``dtype_eps`` of the parameters and the forward pass:
+    :func:`curvopt.rules.finite_difference_step`), as a float32 computation would size it where the one behind the
+    gradients is coarser. The judgement is whether the rate ever left the *tiny* step it started from; under a
+    bfloat16 autocast ``h`` moves the parameters by ``sqrt(2^-8)``, 6 % of ``||w||``, which is a rate that trains:
+    measured on a small CNN behind Adam (closure-free, seeds 0-2), the rate fell to 0.16-0.3 of that probe and
+    climbed at the secant's growth cap, still below it 10 steps later, and the run trained further in 40 steps
+    than the float32 run, which no judgement flagged."""
+    ratio = SECANT_STALL_EPS / dtype_eps
+    return probe_lr * xp.where(ratio < 1.0, ratio, 1.0) ** 0.5
+
+
 def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:
     """``(judged, stalled)`` (host scalars or traced arrays): a closure-free run's secant rate ``lr`` is judged
-    from :data:`SECANT_STALL_STEPS` steps after its probing step ``probe_lr`` on (the backends judge once per
-    probe, at the first secant step from then, and keep the first probe of a run of probes, so that probes
-    repeated after steps of rate 0 do not postpone the judgement for ever), and has stalled when it is still below
-    that step: the collapse the tuners warn about (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above
-    the probe's ``sqrt(eps)``-relative step by then (it may double every step)."""
+    from :data:`SECANT_STALL_STEPS` steps after its probing step on, against ``probe_lr``, that step's
+    :func:`secant_stall_reference` (the backends judge once per probe, at the first secant step from then, and keep
+    the first probe of a run of probes, so that probes repeated after steps of rate 0 do not postpone the judgement
+    for ever), and has stalled when it is still below it: the collapse the tuners warn about
+    (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above the probe's ``sqrt(eps)``-relative step by
+    then."""
     judged = steps_since_probe >= SECANT_STALL_STEPS
     return judged, judged & (lr < probe_lr)
 

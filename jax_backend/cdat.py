@@ -300,7 +300,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
         unit = gradient_descent_unit(method, base_state_before, p.grad, p.d, params, dtype)
 
         def taken() -> tuple[Any, ScaleByCDATState]:
-            curv, calls, probe, lagged, stretch, fd_probe, noise_memory = curvature_of(
+            curv, calls, probe, reference, lagged, stretch, fd_probe, noise_memory = curvature_of(
                 oracle, p.f, params, p.grad, p.d, p.numerator, state.secant, dtype, noise)
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
                                                   base_state, name)
@@ -315,10 +315,11 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             if oracle == "secant" and p.f is None:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)
-                probe = jnp.where(reprobe, lr, probe)
+                probe, reference = jnp.where(reprobe, lr, probe), jnp.where(reprobe, lr, reference)
             secant = state.secant
             if oracle == "secant":
-                secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, state.steps, dtype, p.grad)
+                secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, reference, state.steps, dtype,
+                                         p.grad)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             return out, ScaleByCDATState(

@@ -34,7 +34,8 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_stalled, watched_norms
+from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_stall_reference, secant_stalled,
+                            watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, within_budgets
 
@@ -47,9 +48,11 @@ __all__ = ["SecantMemory", "secant_init", "secant_remember", "gradient_eps", "fd
 class SecantMemory(NamedTuple):
     """What the secant oracle keeps from the previous step: its incoming direction ``d`` (``u = -d``: kept as
     handed over, a negated copy would be one more kernel per leaf), ``g^T u``, ``||u||^2`` and the learning rate
-    it took (0: no secant next step); and the closure-free probing step's rate and step count (NaN before one
-    and once judged; the first of a run of probes is kept until then) and whether the rate was below it when
-    last judged (:func:`curvopt.config.secant_stalled`; :func:`jax_backend.stats` warns); the gradient norms of
+    it took (0: no secant next step); and the closure-free probing step's stall reference (``probe_lr``:
+    :func:`curvopt.config.secant_stall_reference`, its rate where nothing coarser than float32 computed the
+    gradient) and step count (NaN before one and once judged; the first of a run of probes is kept until then) and
+    whether the rate was below it when last judged (:func:`curvopt.config.secant_stalled`;
+    :func:`jax_backend.stats` warns); the gradient norms of
     the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
     this one moved them, and whether the norms ever said that a clip before the tuner fixed them
     (:func:`curvopt.config.external_clip_suspected`; :func:`jax_backend.stats` warns); and the last probing step's
@@ -75,10 +78,11 @@ def secant_init(params: Any, dtype: Any) -> SecantMemory:
                         jnp.zeros((), bool), jnp.full((), jnp.nan, dtype))
 
 
-def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, steps: Any,
+def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, reference: Any, steps: Any,
                     dtype: Any, grad: Any) -> SecantMemory:
     """The memory after a step of direction ``d`` (``-g^T u = numerator``) at rate ``lr``; ``probe``: the
-    closure-free probing rate ``h`` if this step probed, else NaN; ``steps``: the steps taken before it;
+    closure-free probing rate ``h`` if this step probed, else NaN, and ``reference`` the rate a later step's is
+    judged against (:func:`curvopt.config.secant_stall_reference`); ``steps``: the steps taken before it;
     ``grad``: the gradient handed to the step."""
     probing = ~jnp.isnan(probe)
     norms = watched_norms(memory.grad_norms, norm(grad, dtype), memory.moved, jnp)
@@ -87,7 +91,7 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     judged = pending & judged & ~probing
     new_probe = probing & ~pending
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
-                        jnp.where(new_probe, probe, jnp.where(judged, jnp.nan, memory.probe_lr)),
+                        jnp.where(new_probe, reference, jnp.where(judged, jnp.nan, memory.probe_lr)),
                         jnp.where(new_probe, steps, memory.probe_step),
                         jnp.where(judged, stalled, memory.stalled), norms, ~probing & (lr > 0),
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
@@ -184,16 +188,19 @@ def gradient_eps(grad: Any) -> Any:
     return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
 
 
-def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None, grad: Any = None) -> Any:
+def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None, grad: Any = None,
+            stall_reference: bool = False) -> Any:
     """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``), ``eps``
     the coarsest of the parameters' dtypes and, given the loss ``f``, of the dtypes it computes in, or given only
-    the gradient ``grad`` (closure-free), of the dtype it shows (:func:`gradient_eps`)."""
+    the gradient ``grad`` (closure-free), of the dtype it shows (:func:`gradient_eps`); with ``stall_reference``,
+    ``(h, its curvopt.config.secant_stall_reference)``."""
     eps = least_precise_eps(params)
     if f is not None:
         eps = max(eps, computation_eps(f, params))
     elif grad is not None:
         eps = jnp.maximum(eps, gradient_eps(grad))
-    return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
+    h = rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
+    return (h, secant_stall_reference(h, eps, jnp).astype(dtype)) if stall_reference else h
 
 
 def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
@@ -227,11 +234,12 @@ def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: An
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
               memory: SecantMemory | None, dtype: Any, noise: tuple[NoiseMemory, Any, Any] | None = None
-              ) -> tuple[Any, Any, Any, Any, Any, Any, NoiseMemory | None]:
-    """``(u^T H u, extra loss evaluations, probe lr, lagged, stretch, fd probe, noise memory)`` with the named
-    (resolved) oracle, for the incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``. ``probe lr`` is the
-    closure-free secant's probing step ``h`` when it has no secant (else NaN): the step then takes ``lr = h`` and
-    leaves the rule alone. ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`);
+              ) -> tuple[Any, Any, Any, Any, Any, Any, Any, NoiseMemory | None]:
+    """``(u^T H u, extra loss evaluations, probe lr, its stall reference, lagged, stretch, fd probe, noise memory)``
+    with the named (resolved) oracle, for the incoming direction ``d`` (``u = -d``) and ``numerator = -g^T u``.
+    ``probe lr`` is the closure-free secant's probing step ``h`` when it has no secant (else NaN): the step then
+    takes ``lr = h`` and leaves the rule alone; the stall reference is what the rate is judged against later
+    (:func:`curvopt.config.secant_stall_reference`; NaN with ``probe lr``). ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`);
     ``stretch``: the secant's ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh
     curvature). ``fd probe``: ``(gradient at w + h u, h)`` of the ``"fd"`` oracle, None with the others.
     ``noise``: ``(memory, metric, seen)`` of the secant's noise correction (:mod:`jax_backend.noise`), whose new memory
@@ -240,10 +248,10 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     grad_dot_u = -numerator
     kept = None if noise is None else noise[0]
     if oracle == "exact":
-        return _exact(f, params, d, dtype), jnp.int32(1), nan, False, 1.0, None, kept
+        return _exact(f, params, d, dtype), jnp.int32(1), nan, nan, False, 1.0, None, kept
     if oracle == "fd":
         curv, probe, h = _fd(f, params, grad_dot_u, d, dtype)
-        return curv, jnp.int32(1), nan, False, 1.0, (probe, h), kept
+        return curv, jnp.int32(1), nan, nan, False, 1.0, (probe, h), kept
     d_sq = vdot(d, d, dtype)
     secant = (memory.prev_incoming, memory.prev_grad_dot_direction, memory.prev_lr, memory.prev_direction_sq, d_sq)
     if noise is None:
@@ -255,8 +263,9 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     if f is None:
         # the probe's size only where it probes (the first step, a re-probe): its reductions over the parameters
         # and the gradient are not needed on a step that has its secant
-        probe_lr = jax.lax.cond(available, lambda: nan, lambda: fd_step(params, d, dtype, grad=grad))
-        return estimate, jnp.int32(0), probe_lr, available, stretch, None, kept
+        probe_lr, reference = jax.lax.cond(available, lambda: (nan, nan),
+                                           lambda: fd_step(params, d, dtype, grad=grad, stall_reference=True))
+        return estimate, jnp.int32(0), probe_lr, reference, available, stretch, None, kept
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
-    return curv, calls, nan, available, stretch, None, kept
+    return curv, calls, nan, nan, available, stretch, None, kept

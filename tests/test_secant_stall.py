@@ -108,3 +108,77 @@ def test_probes_at_a_concave_start_stop_at_lr_max():
             jax_lrs.append(float(stats(s)["lr"]))
     np.testing.assert_allclose(jax_lrs, lrs, rtol=1e-12)
 
+
+
+def test_stall_reference_is_the_probe_as_float32_would_size_it():
+    """``secant_stall_reference``: the probing step itself where the gradients were computed in float32 or
+    float64, and under a half-precision computation the step float32's ``sqrt(eps)`` gives (bfloat16:
+    ``h * sqrt(2^-23 / 2^-8)``; float16: ``h * sqrt(2^-23 / 2^-10)``), in NumPy and traced alike."""
+    from curvopt.config import secant_stall_reference
+
+    h = 0.011
+    assert secant_stall_reference(h, 2.0 ** -23, np) == h
+    assert secant_stall_reference(h, 2.0 ** -52, np) == h
+    np.testing.assert_allclose(secant_stall_reference(h, 2.0 ** -8, np), h * 2.0 ** -7.5, rtol=1e-15)
+    np.testing.assert_allclose(float(jax.jit(lambda e: secant_stall_reference(jnp.float32(h), e, jnp))(
+        jnp.float32(2.0 ** -10))), h * 2.0 ** -6.5, rtol=1e-6)
+
+
+def _bf16_runs():
+    """Closure-free CDAT behind Adam on a tanh MLP whose forward pass computes in bfloat16 (a torch autocast; in
+    JAX the inputs cast), seeds 0-2, 40 steps: the rates and whether the stall warning came."""
+    out = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(64, 16, generator=g), torch.randint(0, 10, (64,), generator=g)
+        w1, w2 = torch.randn(16, 32, generator=g) / 4, torch.randn(32, 10, generator=g) / 6
+        tp = [torch.nn.Parameter(w1.clone()), torch.nn.Parameter(w2.clone())]
+        opt = CDAT(torch.optim.Adam(tp, lr=1.0))
+        t_lrs, t_warned = [], False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(40):
+                opt.zero_grad()
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = torch.tanh(x @ tp[0]) @ tp[1]
+                torch.nn.functional.cross_entropy(logits.float(), y).backward()
+                opt.step()
+                t_lrs.append(float(opt.stats["lr"]))
+        t_warned = any(STALL in str(m.message) for m in caught)
+
+        def loss(p, x=jnp.asarray(x.numpy()), y=jnp.asarray(y.numpy())):
+            b = jnp.bfloat16
+            logits = (jnp.tanh(x.astype(b) @ p["w1"].astype(b)) @ p["w2"].astype(b)).astype(jnp.float32)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        jopt = cdat(optax.scale_by_adam(), base_method="adam")
+
+        @jax.jit
+        def step(p, s):
+            u, s = jopt.update(jax.grad(loss)(p), s, p)
+            return optax.apply_updates(p, u), s
+
+        p = {"w1": jnp.asarray(w1.numpy()), "w2": jnp.asarray(w2.numpy())}
+        s, j_lrs, j_warned = jopt.init(p), [], False
+        for _ in range(40):
+            p, s = step(p, s)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                j_lrs.append(float(stats(s)["lr"]))
+            j_warned |= any(STALL in str(m.message) for m in caught)
+        out.append((np.array(t_lrs), t_warned, np.array(j_lrs), j_warned))
+    return out
+
+
+def test_a_bfloat16_forward_pass_is_not_taken_for_a_stall():
+    """Under a bfloat16 forward pass the probing step moves the parameters by sqrt(2^-8) (6 %) of their norm, and
+    the secant's rates can sit below it for the first 10 steps while they climb at the secant's growth cap (here
+    on seeds 1 and 2, in both backends): before, both warned of a stall there; now neither does, and every run's
+    rate ends far above the probe."""
+    below = 0
+    for t_lrs, t_warned, j_lrs, j_warned in _bf16_runs():
+        for lrs, warned in ((t_lrs, t_warned), (j_lrs, j_warned)):
+            assert not warned
+            assert lrs[-1] > 3 * lrs[0], lrs[[0, -1]]
+            below += bool(lrs[10] < lrs[0])
+    assert below == 4  # the case the judgement used to take for a stall

@@ -58,8 +58,8 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mis
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
-                            resolve_curvature, power_iters, secant_caveat, secant_stalled, sharpness_due,
-                            watched_norms, zero_rate_message, zero_rate_run)
+                            resolve_curvature, power_iters, secant_caveat, secant_stall_reference, secant_stalled,
+                            sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -213,7 +213,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: the global entries of the first parameter's state after the last step (restored if only that
         #: parameter's state is removed)
         self._kept_globals: Optional[dict] = None
-        #: (lr, step) of the last closure-free probing step, until its rate is judged (``secant_stalled``)
+        #: (the stall reference of its rate, step) of the last closure-free probing step, until judged
+        #: (``secant_stalled``)
         self._probed: Optional[tuple[float, int]] = None
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
@@ -665,10 +666,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                 # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps),
                 # averaged over the data-parallel ranks
                 terms = 1 if self.distributed is None else self.distributed.world_size
-                lr = finite_difference_step(nw, nu, dtype_eps=max(least_precise_eps(params),
-                                                                  gradient_eps(grads, terms)), xp=S)
+                eps = max(least_precise_eps(params), gradient_eps(grads, terms))
+                lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
                 if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
-                    self._probed = (float(lr), count)
+                    self._probed = (float(secant_stall_reference(lr, eps, S)), count)
             elif lagged and probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, numerator, curvature, self._host(glob[layout.LAST_PROBE], S),
                                               rule.lr_max, xp=S)
