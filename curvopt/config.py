@@ -190,8 +190,7 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any,
     :func:`secant_stall_reference` (the backends judge once per probe, at the first secant step from then, and keep
     the first probe of a run of probes, so that probes repeated after steps of rate 0 do not postpone the judgement
     for ever), and has stalled when it is still below it: the collapse the tuners warn about
-    (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above the probe's ``sqrt(eps)``-relative step by
-    then."""
+    (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above a float32-sized probe by then."""
     judged = steps_since_probe >= SECANT_STALL_STEPS
     return judged, judged & (lr < probe_lr)
 
