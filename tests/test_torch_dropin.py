@@ -446,16 +446,17 @@ class _Decaying(nn.Module):
         return out
 
 
-def test_probes_start_from_the_buffers_the_main_call_started_from():
+@pytest.mark.parametrize("given", [True, False], ids=["modules", "found"])
+def test_probes_start_from_the_buffers_the_main_call_started_from(given):
     """Each probe computes the main call's function: with the buffer the main call read (not the one it left),
     the fd curvature of a quadratic is exact and the greedy rate is ``g^T g / g^T H g`` of the main call's
     ``s``; after the step the buffer is where the main call left it (halved once per step, as without a tuner).
     Before, the probe saw ``s / 2`` (and the next probe ``s / 4``), and the rate was off by orders of
-    magnitude."""
+    magnitude; without ``modules=`` it still was, until the tuner found the modules itself."""
     torch.manual_seed(0)
     m = _Decaying()
     x, y = torch.randn(8, 2, dtype=D64), torch.randn(8, 2, dtype=D64)
-    opt = QuadraticGreedy(torch.optim.SGD(m.parameters(), lr=1.0), modules=m)
+    opt = QuadraticGreedy(torch.optim.SGD(m.parameters(), lr=1.0), modules=m if given else None)
     for t in range(3):
         s = float(m.s)
         w = m.weight.detach().clone().requires_grad_(True)
