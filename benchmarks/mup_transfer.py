@@ -230,8 +230,8 @@ def cdat_summary(runs: dict, widths) -> dict:
     """The CDAT experiment's figures from ``runs[seed][width]`` (:func:`run_cdat`): the final lr per seed and
     width, each seed's spread across widths with their median and worst, the per-width median over seeds with
     its spread and width trend, the seeds' scatter at one width (their spread, median over widths: what a
-    seed's spread reads where the rate does not depend on the width), the worst seed's final train loss per width, and the start-up's overshoot (the
-    highest loss of steps 1-14 over the initial one, worst over seeds)."""
+    seed's spread reads where the rate does not depend on the width), the worst seed's final train loss per
+    width, and the start-up's overshoot (the highest loss of steps 1-14 over the initial one, worst over seeds)."""
     final = {seed: {w: r[w]["final_lr"] for w in widths} for seed, r in runs.items()}
     per_seed = {seed: spread(list(f.values())) for seed, f in final.items()}
     worst = max(per_seed, key=per_seed.get)
@@ -440,7 +440,7 @@ def report(res: dict, P: Preset) -> str:
         lines.append("")
     if "cdat" in res:
         how = f"start-up cap {res['variant']}" if res.get("variant") else "library defaults"
-        seeds = res.get("cdat_seeds", list(P.cdat_seeds))
+        seeds = res["cdat_seeds"]
         lines += [f"**CDAT ({how}) on GD** (MLP, {P.cdat_steps} steps, seeds {', '.join(map(str, seeds))}): global "
                   "lr, mean of the last 10 % of steps, median over seeds per width; spread = max/min − 1 across "
                   "widths, per seed (median, worst) and of the medians; width trend = the fitted power law's ratio "

@@ -42,7 +42,7 @@ from curvopt.precision import gradient_compute_eps, within_budgets
 from .direction import add_scaled, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
-__all__ = ["SecantMemory", "secant_init", "secant_remember", "gradient_eps", "fd_step", "curvature"]
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "gradient_eps", "fd_eps", "fd_step", "curvature"]
 
 
 class SecantMemory(NamedTuple):
@@ -188,19 +188,32 @@ def gradient_eps(grad: Any) -> Any:
     return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
 
 
-def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None, grad: Any = None,
-            stall_reference: bool = False) -> Any:
-    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``), ``eps``
-    the coarsest of the parameters' dtypes and, given the loss ``f``, of the dtypes it computes in, or given only
-    the gradient ``grad`` (closure-free), of the dtype it shows (:func:`gradient_eps`); with ``stall_reference``,
-    ``(h, its curvopt.config.secant_stall_reference)``."""
+def fd_eps(params: Any, f: Callable[[Any], Any] | None = None, grad: Any = None) -> Any:
+    """The machine epsilon a finite-difference step is sized by: the coarsest of the parameters' dtypes and,
+    given the loss ``f``, of the dtypes it computes in, or given only the gradient ``grad`` (closure-free), of the
+    dtype it shows (:func:`gradient_eps`)."""
     eps = least_precise_eps(params)
     if f is not None:
-        eps = max(eps, computation_eps(f, params))
-    elif grad is not None:
-        eps = jnp.maximum(eps, gradient_eps(grad))
-    h = rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
-    return (h, secant_stall_reference(h, eps, jnp).astype(dtype)) if stall_reference else h
+        return max(eps, computation_eps(f, params))
+    if grad is not None:
+        return jnp.maximum(eps, gradient_eps(grad))
+    return eps
+
+
+def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None, grad: Any = None,
+            eps: Any = None) -> Any:
+    """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``; ``||u|| = ||d||``), ``eps``
+    given or :func:`fd_eps` of ``params``, ``f`` and ``grad``."""
+    eps = fd_eps(params, f, grad) if eps is None else eps
+    return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
+
+
+def _probing_step(params: Any, d: Any, dtype: Any, grad: Any) -> tuple[Any, Any]:
+    """The closure-free probing step ``h`` and the rate its stall is judged against
+    (:func:`curvopt.config.secant_stall_reference`)."""
+    eps = fd_eps(params, grad=grad)
+    h = fd_step(params, d, dtype, eps=eps)
+    return h, secant_stall_reference(h, eps, jnp).astype(dtype)
 
 
 def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
@@ -264,7 +277,7 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
         # the probe's size only where it probes (the first step, a re-probe): its reductions over the parameters
         # and the gradient are not needed on a step that has its secant
         probe_lr, reference = jax.lax.cond(available, lambda: (nan, nan),
-                                           lambda: fd_step(params, d, dtype, grad=grad, stall_reference=True))
+                                           lambda: _probing_step(params, d, dtype, grad))
         return estimate, jnp.int32(0), probe_lr, reference, available, stretch, None, kept
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))

@@ -225,7 +225,8 @@ class ProbeGuard:
                 loss, self.compute_eps = computation_eps(closure)
             else:
                 loss = closure()
-        self.buffers.modules = self.before.modules
+        if finding:
+            self.buffers.modules = self.before.modules
         self.calls = 1
         return loss
 
