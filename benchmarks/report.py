@@ -211,8 +211,8 @@ def analyse(records: list[dict]) -> dict:
 
 
 def _described(info: dict) -> dict:
-    """A record of a width's runs that describes the group (base, steps, data, model): a failed worker's
-    record has only the run's key fields."""
+    """A record of a width's runs that describes the group (base, steps, data, model): a failed worker's record
+    written by a runner before these fields were added to it has only the run's key fields."""
     recs = [r for row in info["rows"].values() for r in row["runs"]]
     return next((r for r in recs if "max_steps" in r), recs[0])
 

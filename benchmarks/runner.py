@@ -23,23 +23,27 @@ from .results import RESULTS, OutputLock, append_result, load_results, rewrite_w
 __all__ = ["run_one", "run_all", "unavailable_reason"]
 
 
+def _described_run(spec: RunSpec) -> dict:
+    """What a run's record says about the run before any result: its key, cell, tuner, base, steps, data and
+    model (the report describes a group from it, a failed worker's run included)."""
+    e = spec.exp
+    return {"key": spec.key, "task": e.task, "regime": e.regime, "width": spec.width, "tuner": spec.label,
+            "tuner_name": spec.tuner, "settings": dict(spec.settings), "base": spec.base, "param": spec.param,
+            "backend": spec.backend, "seed": spec.seed, "max_steps": e.steps, "sharpness_every": e.sharpness,
+            "from_grid": spec.from_grid,
+            "data": {"image_set": e.image_set, "text": e.text_path, "full_batch_size": e.full_batch_size,
+                     "batch_size": e.batch_size, "block_len": e.block_len, "eval_size": e.eval_size},
+            "model": tasks_mod.model_options(e, spec.param)}
+
+
 def _worker_error(spec: RunSpec, exc: BaseException) -> dict:
     """The record of a run whose worker process failed it (died, or could not return the result)."""
-    return {"key": spec.key, "status": "error", "error": f"worker: {exc!r}", "task": spec.exp.task,
-            "regime": spec.exp.regime, "width": spec.width, "tuner": spec.label, "tuner_name": spec.tuner,
-            "param": spec.param, "backend": spec.backend, "seed": spec.seed}
+    return {**_described_run(spec), "status": "error", "error": f"worker: {exc!r}"}
 
 
 def run_one(spec: RunSpec, progress=None) -> dict:
     """Train one run and return its record (status ``ok``/``diverged``/``error``)."""
-    e = spec.exp
-    rec = {"key": spec.key, "task": e.task, "regime": e.regime, "width": spec.width, "tuner": spec.label,
-           "tuner_name": spec.tuner, "settings": dict(spec.settings), "base": spec.base, "param": spec.param,
-           "backend": spec.backend, "seed": spec.seed, "max_steps": e.steps, "sharpness_every": e.sharpness,
-           "from_grid": spec.from_grid,
-           "data": {"image_set": e.image_set, "text": e.text_path, "full_batch_size": e.full_batch_size,
-                    "batch_size": e.batch_size, "block_len": e.block_len, "eval_size": e.eval_size},
-           "model": tasks_mod.model_options(e, spec.param), "started": time.time()}
+    rec = {**_described_run(spec), "started": time.time()}
     try:
         if spec.backend == "torch":
             from .train_torch import run

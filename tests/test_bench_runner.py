@@ -209,6 +209,18 @@ def test_error_runs_are_recorded_once_and_fail_the_sweep(tmp_path, monkeypatch):
     assert sorted(r["key"] for r in recs) == sorted(s.key for s in specs) and {r["status"] for r in recs} == {"ok"}
 
 
+def test_report_of_a_group_whose_every_worker_died(tmp_path):
+    """A group where every run's worker process died (killed, out of memory) is reported from the failed
+    records: they describe the run as a finished one's does (before, the report stopped with KeyError 'base')."""
+    specs = plan_mod.plan([MICRO])
+    for s in specs:
+        results.append_result(str(tmp_path / results.RESULTS), runner._worker_error(s, RuntimeError("died")))
+    rep = report.write_report(str(tmp_path), plots=False)
+    text = open(tmp_path / "report.md").read()
+    assert f"base: {specs[0].base}, {MICRO.steps} steps" in text
+    assert rep["analysis"][("mlp", "full", "torch", "sp")][8]["rows"]
+
+
 def test_cli_exit_status_says_whether_a_run_failed(tmp_path, capsys, monkeypatch):
     from benchmarks import train_torch
     from benchmarks.__main__ import main
