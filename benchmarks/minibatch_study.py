@@ -914,9 +914,9 @@ def main(argv=None) -> int:
     if args.study == "guard":  # numpy only, no runs to cache
         print(guard(args))
         return 0
-    import torch
+    from .train_torch import native_kernels
 
-    with torch.backends.mkldnn.flags(enabled=False):
+    with native_kernels():
         name = args.study if (args.study == "noise" or (args.task, args.regime) == ("resnet", "mini")) else \
             f"{args.study}_{args.task}_{args.regime}"
         if args.study == "numerator":  # section 8: reads the edge study's caches of its three cells

@@ -1,15 +1,17 @@
 """The PyTorch training loop of one run: build the problem and the optimizer, take the steps, record them."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
 from .plan import RunSpec
 from .results import COLUMNS, STAT_COLUMNS, final_window, summarise
 
-__all__ = ["run", "diverging"]
+__all__ = ["run", "diverging", "native_kernels"]
 
 
 def diverging(loss: float, first: float) -> bool:
@@ -46,16 +48,26 @@ def _peer_lr(opt) -> float:
     return _f(g.get("lr")) * _f(g.get("d", 1.0))
 
 
-def run(spec: RunSpec, progress=None) -> dict:
-    import warnings
-
+@contextlib.contextmanager
+def native_kernels():
+    """torch's native CPU kernels instead of oneDNN's (mkldnn): torch 2.13's oneDNN convolution backward corrupts
+    the heap on this CPU build when torch runs single-threaded (reproduced with the plain ResNet and a manual
+    loop). Leaving the flags' context restores oneDNN's TF32 setting, which makes a CPU-only torch 2.13 print a
+    notice about Intel GPUs; it is silenced."""
     import torch
 
-    # torch 2.13's oneDNN (mkldnn) convolution backward corrupts the heap on this CPU build when torch runs
-    # single-threaded (reproduced with the plain ResNet and a manual loop); the native kernels are used.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+def run(spec: RunSpec, progress=None) -> dict:
+    import torch
+
     # The global generator is seeded per run (models, data and the tuners' probes use their own generators; a
     # peer that draws from the global one, Sophia-H's Hutchinson probes, then gives the same run in any order).
-    with torch.backends.mkldnn.flags(enabled=False), warnings.catch_warnings(), torch.random.fork_rng():
+    with native_kernels(), warnings.catch_warnings(), torch.random.fork_rng():
         torch.manual_seed(spec.seed)
         # Sophia-H's backward(create_graph=True): the reference cycle is broken by zero_grad(set_to_none)
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
