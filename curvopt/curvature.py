@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "rayleigh_converged",
+__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "replay_slope_mismatch",
+           "rayleigh_converged",
            "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "GREEDY_NOISE_CORRECTION", "gradient_weight",
            "gradient_scale", "gradient_fit", "GRADIENT_FIT_TOL", "noise_correction_on", "secant_noise_numerator",
            "secant_noise_corrected"]
@@ -28,8 +29,13 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     evaluate the same smooth function).
 
     With ``c`` the curvature from the same two gradients, ``f + h g^T u + h^2 c / 2`` is the trapezoid rule
-    ``f + h (g(w) + g(w + h u))^T u / 2``, off by ``h^3 / 12`` times the third derivative along ``u`` only: far
-    below a tenth of the step's own first-order change ``h |g^T u|``. The loss's rounding is allowed 100
+    ``f + h (g(w) + g(w + h u))^T u / 2``, off by ``h^3 / 12`` times the third derivative along ``u`` only:
+    usually far below a tenth of the step's own first-order change ``h |g^T u|``, not always (the first steps of a
+    small ViT behind Adam, 314 parameters moved alike by the sign-like first direction: the loss along ``u`` is
+    far from quadratic over the probe's step, the fd curvature changes sign between ``h / 4`` and ``h`` in float64
+    too, and a closure that replays exceeded it; the tuner then evaluates the closure again at the unchanged
+    parameters, :func:`replay_mismatch_in_place` and :func:`replay_slope_mismatch`, before it says that the
+    closure does not replay). The loss's rounding is allowed 100
     roundings of its dtype (``loss_eps``: the machine epsilon). A new batch or noise the probe does not replay,
     or a closure that adds to the previous gradients, exceeds it; a forward pass in a lower precision than the
     probe was sized for (``w + h u`` rounds back to ``w``) may not (measured: CDAT behind Adam under a bf16
@@ -48,6 +54,15 @@ def replay_mismatch_in_place(loss: float, replay_loss: float, loss_eps: float) -
     ``fd`` probes (:func:`replay_mismatch` checks those): the line search's trials and the sharpness's products
     have no quadratic model to compare with. Host floats."""
     return abs(replay_loss - loss) / (100 * loss_eps * abs(loss) + 1e-30)
+
+
+def replay_slope_mismatch(numerator: float, replay_slope: float) -> float:
+    """How far the slope ``g^T u`` of the closure evaluated again at the unchanged parameters is from the main
+    call's (``numerator = -g^T u``), in units of a tenth of it: the slack :func:`replay_mismatch` gives the slope
+    over the probe's step. > 1: the closure's gradient is not the main call's although its loss may be (a closure
+    that does not zero the gradients adds the previous step's to the main call's; the probes start from none).
+    Host floats."""
+    return abs(replay_slope + numerator) / (0.1 * abs(numerator) + 1e-30)
 
 
 def rayleigh_converged(value: Any, previous: Any, tol: Any) -> Any:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from curvopt import eigen, rules
-from curvopt.curvature import (SecantNoiseState, rayleigh_converged, replay_mismatch, secant_noise_corrected,
-                               secant_noise_numerator)
+from curvopt.curvature import (SecantNoiseState, rayleigh_converged, replay_mismatch, replay_slope_mismatch,
+                               secant_noise_corrected, secant_noise_numerator)
 from curvopt.diagnostics import detect_catapults
 from curvopt import mup as core_mup
 
@@ -165,6 +165,19 @@ def test_replay_model_is_exact_on_a_quadratic():
                                           np.finfo(np.float64).eps)
         assert model == pytest.approx(loss(w + h * u), rel=1e-12, abs=1e-12)
         assert mismatch < 1e-3
+
+
+def test_replay_slope_mismatch_flags_a_gradient_added_to_the_previous_one():
+    """The slope at the unchanged parameters: the same gradient is 0 units, 5 % off is under 1, and a gradient
+    added to the previous step's (no zero_grad) is several units, on a quadratic in float64."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 5)); A = a @ a.T
+    w, u = rng.normal(size=5), rng.normal(size=5)
+    g, g_prev = A @ w, A @ (w - 0.1 * u)
+    numerator = -(g @ u)
+    assert replay_slope_mismatch(numerator, g @ u) == 0.0
+    assert replay_slope_mismatch(numerator, 1.05 * (g @ u)) < 1
+    assert replay_slope_mismatch(-((g + g_prev) @ u), g @ u) > 5
 
 
 def test_power_iteration_converges_relative_to_the_eigenvalue_scale():

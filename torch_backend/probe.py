@@ -73,6 +73,17 @@ class Probe:
         self.move(a)
         return self.global_mean(self.call())
 
+    def replay(self) -> tuple[Tensor, Tensor]:
+        """The closure called again at ``w0`` (a probe): its loss and ``g^T u``, both global. The gradients the
+        previous call left in ``.grad`` are put back afterwards, so a check leaves the step what it read."""
+        kept = [p.grad for p in self.params]
+        try:
+            loss = self.loss_at(torch.zeros((), dtype=self.loss.dtype, device=self.loss.device))
+            return loss, self.gradient_dot_u()
+        finally:
+            for p, g in zip(self.params, kept):
+                p.grad = g
+
     def gradient_dot_u(self) -> Tensor:
         """``g^T u`` for the gradient of the last call (0 where a parameter got none), global."""
         if self.flat is None:

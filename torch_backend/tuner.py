@@ -54,7 +54,7 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod, direction_unit
 from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mismatch, replay_mismatch_in_place,
-                               secant_noise_corrected)
+                               replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
@@ -104,7 +104,8 @@ gradients, computes the loss, calls backward and returns the loss, e.g.
 
 The tuner calls it once at the current parameters and, depending on the tuner, again at probe points."""
 
-#: fd probes checked against the main call's quadratic model (the first ones of a tuner)
+#: the closure checks of a tuner's first steps: fd probes against the main call's quadratic model, or (the line
+#: search) replays at the unchanged parameters before a search
 _REPLAY_CHECKS = 3
 
 
@@ -610,8 +611,9 @@ class CurvatureTuner(torch.optim.Optimizer):
                 for space, key in layout.SHARPNESS.items()}
         if cfg.enabled and sharpness_due(count, cfg.every, held["preconditioned" if self.preconditioned else "plain"]):
             probe = make_probe()
-            if self._replay_checks and not fd:
+            if self._replay_checks and not fd:  # once: the sharpness's probes leave .grad zeroed
                 self._check_replay_in_place(probe)
+                self._replay_checks = 0
             sharp = self._estimate_sharpness(probe, glob, count)
         curvature = nan
         if oracle == "exact":
@@ -959,10 +961,12 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
-        call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`); a closure that
-        draws a new batch, or randomness the probe does not replay, gives a loss that differs by far more, and one
-        that does not zero the gradients does from its second step on (the probes start from none, the main call
-        adds to the previous step's). Warns once with the fix."""
+        call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`). Where it is not,
+        the closure is called again at the unchanged parameters (:meth:`_replay_evidence`): a closure that draws a
+        new batch, or randomness the probe does not replay, gives another loss there, and one that does not zero
+        the gradients another slope (from its second step on: the probes start from none, the main call adds to
+        the previous step's); one that replays there computes a gradient that does not predict its loss (a clip
+        inside it) or a loss far from quadratic over the probe's step. Warns once, with the fix."""
         self._replay_checks -= 1
         if probe.fd_loss is None or probe.fd_step is None or self.distributed is not None:
             return
@@ -971,21 +975,42 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not all(map(math.isfinite, (f, got, c, numerator))):
             return
         mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps)
-        if mismatch > 1:
-            self._warn_no_replay(f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the "
-                                 f"main call's model predicts {model:.9g}")
+        if mismatch <= 1:
+            return
+        at_probe = f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's " \
+                   f"model predicts {model:.9g}"
+        evidence = self._replay_evidence(probe)
+        if evidence is None:
+            self._warn_unpredicted(at_probe)
+        else:
+            self._warn_no_replay(f"{at_probe}; {evidence}")
 
     def _check_replay_in_place(self, probe: Probe) -> None:
-        """Once, before the first sharpness estimate or line search of a tuner that takes no ``fd`` probes (whose
-        probes :meth:`_check_replay` covers): the closure called again at the unchanged parameters must give the
-        main call's loss (:func:`curvopt.curvature.replay_mismatch_in_place`). One more closure call, once."""
-        self._replay_checks = 0
-        if self.distributed is not None or not math.isfinite(f := float(probe.loss)):
-            return
-        got = float(probe.loss_at(torch.zeros((), dtype=probe.loss.dtype, device=probe.loss.device)))
-        if math.isfinite(got) and replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
-            self._warn_no_replay(f"called again at the same parameters its loss is {got:.9g}, the main call's was "
-                                 f"{f:.9g}")
+        """Before the first sharpness estimate, or the first :data:`_REPLAY_CHECKS` line searches, of a tuner that
+        takes no ``fd`` probes (whose probes :meth:`_check_replay` covers): the closure called again at the
+        unchanged parameters must give the main call's loss and slope (:meth:`_replay_evidence`). Behind the line
+        search, which leaves its last trial's gradient in ``.grad``, a closure that does not zero the gradients
+        gives another slope from its second step on; the sharpness's probes leave ``.grad`` zeroed, so there one
+        check suffices. One more closure call each."""
+        self._replay_checks -= 1
+        if self.distributed is None and (evidence := self._replay_evidence(probe)) is not None:
+            self._warn_no_replay(evidence)
+
+    @staticmethod
+    def _replay_evidence(probe: Probe) -> Optional[str]:
+        """The closure called again at the unchanged parameters (:meth:`torch_backend.probe.Probe.replay`): None
+        where its loss and its slope along ``u`` are the main call's
+        (:func:`curvopt.curvature.replay_mismatch_in_place`, :func:`curvopt.curvature.replay_slope_mismatch`),
+        else what differs."""
+        f, numerator = float(probe.loss), float(probe.numerator)
+        got, slope = map(float, probe.replay())
+        if math.isfinite(f) and math.isfinite(got) and \
+                replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
+            return f"called again at the same parameters its loss is {got:.9g}, the main call's was {f:.9g}"
+        if math.isfinite(numerator) and math.isfinite(slope) and replay_slope_mismatch(numerator, slope) > 1:
+            return (f"called again at the same parameters its gradient's slope along the update is {slope:.6g}, the "
+                    f"main call's was {-numerator:.6g}")
+        return None
 
     def _warn_no_replay(self, evidence: str) -> None:
         """The warning of a closure that does not replay (:meth:`_check_replay`, :meth:`_check_replay_in_place`),
@@ -997,14 +1022,24 @@ class CurvatureTuner(torch.optim.Optimizer):
             "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
             "draw randomness from torch's default generators (the tuner replays them; a private "
             "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
-            "and with gradient accumulation compute every micro-batch inside the closure. A forward pass in "
-            "bf16/fp16 (torch.autocast) that began after the tuner's first step trips this too (the probe is "
-            "sized for the precision the first call computed in): the fd curvature is then rounding noise; use "
-            "curvature='exact' or the secant. Or step without probes: "
-            "loss.backward(); opt.step() (or probes=False), curvature from the secant. (A closure that replays "
-            "can trip this too when a few parameters are far larger than the rest, e.g. 1e4 against 1: the "
-            "probe's displacement is sqrt(eps) times the norm of all the parameters, and the large ones put "
-            "it outside the region where the loss is quadratic; curvature='exact' or the secant avoid it.)")
+            "and with gradient accumulation compute every micro-batch inside the closure. Or step without probes: "
+            "loss.backward(); opt.step() (or probes=False), curvature from the secant.")
+
+    def _warn_unpredicted(self, at_probe: str) -> None:
+        """The warning of a closure that replays at the unchanged parameters but whose gradient does not predict
+        its loss at the fd probe point (:meth:`_check_replay`), once: no further checks."""
+        self._replay_checks = 0
+        warn(
+            f"{type(self).__name__}: the closure's gradient does not predict its loss: {at_probe}, while called "
+            "again at the same parameters it gives the main call's loss and slope (it replays). Either it changes "
+            "the gradient it computes (clip_grad_norm_ or a scaling of the gradients inside the closure: clip "
+            "with max_grad_norm= instead), or its forward pass runs in a lower precision than the probe was sized "
+            "for (a bf16/fp16 torch.autocast that began after the tuner's first step: the probe is sized for the "
+            "precision the first call computed in), or the loss is far from quadratic over the probe's "
+            "displacement, sqrt(eps) times the norm of all the parameters (a few parameters far larger than the "
+            "rest, e.g. 1e4 against 1; the first steps of a small model behind Adam, whose sign-like first "
+            "directions move every parameter alike). The fd curvature of such steps is not the local one; "
+            "curvature='exact' or the secant (loss.backward(); opt.step()) avoid it.")
 
     def _base_step(self) -> None:
         """``base.step()`` without torch's step hooks: the global ones fire once, for the tuner's step, and the
