@@ -112,14 +112,17 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _sharp_growth(rec: dict) -> float:
-    """Last ÷ early sharpness estimate, the early one taken after the first tenth of the run (Adam's first
-    steps have a preconditioned sharpness orders of magnitude above the rest of the run)."""
+    """Last ÷ early sharpness estimate, the early one the first estimated after the first tenth of the run
+    (Adam's first steps have a preconditioned sharpness orders of magnitude above the rest of the run). The
+    column repeats the latest estimate at every step, so an estimate is where the value changes: with estimates
+    sparser than a tenth of the run, the step-0 value repeated past the tenth is not one."""
     sh = _arr(rec, _sharp_col(rec))
-    idx = np.nonzero(np.isfinite(sh))[0]
-    early = idx[idx >= len(sh) // 10]
-    if len(early) < 2 or sh[early[0]] <= 0:
+    ok = np.isfinite(sh)
+    fresh = np.nonzero(ok & ~np.concatenate([[False], ok[1:] & ok[:-1] & (sh[1:] == sh[:-1])]))[0]
+    early = fresh[fresh >= len(sh) // 10]
+    if len(early) < 1 or early[0] == fresh[-1] or sh[early[0]] <= 0:
         return math.nan
-    return float(sh[idx[-1]] / sh[early[0]])
+    return float(sh[fresh[-1]] / sh[early[0]])
 
 
 def _summary(rec: dict) -> dict:

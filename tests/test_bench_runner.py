@@ -3,6 +3,7 @@ the output lock, exit status, report and CLI on micro configurations."""
 import ast
 import dataclasses
 import json
+import math
 import os
 import sys
 import warnings
@@ -425,6 +426,19 @@ def test_report_time_to_target_in_mini_batch_reads_the_finals_window(tmp_path):
     assert report._to_target(rec, 1.3)[0] == 3  # the mean of the first 4 losses, 1.25: after 3 updates
     rec["summary"]["final_window"] = 1
     assert report._to_target(rec, 1.0) == (0.0, 0.0)  # the initial loss (0.5): no update needed
+
+
+def test_sharpness_growth_starts_from_the_first_estimate_after_a_tenth_of_the_run():
+    """The sharpness column repeats the latest estimate at every step. With estimates every 100 of 500 steps the
+    step-0 estimate (Adam's start, ~1e4-1e5 against ~1e2 later) still filled step 50, and the LM rows read
+    "sharpness x 0.03" where the sharpness had climbed 10x from step 100 to step 400."""
+    def rec(every, values):
+        sharp = [values[i // every] for i in range(500)]
+        return _fake("s", "cdat", None, [1.0] * 500, [0.1] * 500, sharp=sharp)
+
+    assert report._sharp_growth(rec(100, [3e4, 150.0, 300.0, 800.0, 1500.0])) == pytest.approx(10.0)
+    assert report._sharp_growth(rec(50, [3e4] + [100.0 * (i + 1) for i in range(9)])) == pytest.approx(9.0)
+    assert math.isnan(report._sharp_growth(rec(500, [3e4])))  # one estimate: no growth to read
 
 
 def test_report_of_an_incomplete_plan_says_so(tmp_path):
