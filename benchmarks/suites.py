@@ -2,7 +2,7 @@
 
 * ``smoke``    — every task, torch and jax, 2 widths, a few steps: checks the whole pipeline (CI, ~2 min).
 * ``default``  — what ``make bench`` runs, sized for 30 minutes on 2 CPU cores (two runs at once): 3 seeds x 500
-  steps; full-batch ViT (1,024 training digits), ResNet (512 digits) and LM (256 blocks of 32 bytes), each at 3
+  steps; full-batch ViT (1,024 training digits), ResNet (384 digits) and LM (256 blocks of 32 bytes), each at 3
   widths (CDAT against the constant grid at every width, and on the ViT the paper-exact rule too; the
   paper-exact rule, greedy and the peers Prodigy and schedule-free at the middle width, D-Adaptation and
   Sophia-H also on the ViT's; the line search on the ResNet's narrowest, cheapest width), mini-batch ResNet
@@ -12,7 +12,7 @@
   value sits at an edge (the full-batch SP cells start from 3 values per width around the best constant of earlier
   runs, the muP cell from 3 values shared by its widths, the mini-batch ones from 5; at most 2 added for the ViT,
   whose digits are separable: Adam's loss keeps falling with the lr, so the grid would widen to divergence).
-  Online sharpness every 25 steps (50 on the full-batch ResNet and LM).
+  Online sharpness every 25 steps (100 on the full-batch ResNet and LM, whose closures cost the most).
 * ``cpu-long`` — what ``default`` cuts to fit its 30 minutes: 5 seeds, 1,000 full-batch / 2,000 mini-batch
   steps, every tuner (line search, Polyak, edge of stability) and peer, 3 widths of every full-batch task on
   all training digits / 1,024 LM blocks with deeper models, 2 widths in mini-batch, JAX and muP rows for ViT
@@ -151,7 +151,7 @@ def _per_width(exp: Experiment, centres: dict[int, float], every: tuple[str, ...
 DEFAULT = Suite(
     "default",
     "3 seeds x 500 steps, √2 constant grid per width widened at its edges: full-batch ViT (1,024 digits), ResNet "
-    "(512 digits) and LM (256 blocks), 3 widths each (CDAT at every width; the paper rule, greedy and the peers at "
+    "(384 digits) and LM (256 blocks), 3 widths each (CDAT at every width; the paper rule, greedy and the peers at "
     "the middle one, the ViT's paper rule at every width, the ResNet's line search at the narrowest); mini-batch "
     "ResNet and LM; JAX rows (ViT) and "
     "muP rows (ViT, 3 widths, 256 digits); sized for 30 minutes on 2 CPU cores (the rest: --suite cpu-long)",
@@ -159,15 +159,15 @@ DEFAULT = Suite(
                           widen=2, sharpness=25),
                {4: 0.09051, 8: 0.128, 16: 0.128}, ("constant",) + CDATS,
                ("greedy",) + PEERS)
-    + _per_width(Experiment("resnet", "full", (), (), 500, full_batch_size=512, eval_size=359, widen=4,
-                            sharpness=50),
-                 {2: 0.354, 4: 0.2503, 8: 0.1252}, ("constant", "cdat"),
+    + _per_width(Experiment("resnet", "full", (), (), 500, full_batch_size=384, eval_size=359, widen=4,
+                            sharpness=100),
+                 {2: 0.5006, 4: 0.2503, 8: 0.1771}, ("constant", "cdat"),
                  ("cdat:startup=paper", "greedy", "prodigy", "schedulefree"))
-    + (Experiment("resnet", "full", (2,), ("constant", "linesearch"), 500, full_batch_size=512, eval_size=359,
-                  grid=grid(0.354, 3, R2), widen=4, sharpness=50),)  # the line search at the cheapest width
+    + (Experiment("resnet", "full", (2,), ("constant", "linesearch"), 500, full_batch_size=384, eval_size=359,
+                  grid=grid(0.5006, 3, R2), widen=4, sharpness=100),)  # the line search at the cheapest width
     + _per_width(Experiment("lm", "full", (), (), 500, model=LM, full_batch_size=256, block_len=32, eval_size=256,
-                            widen=4, sharpness=50),
-                 {4: 0.06399, 8: 0.02263, 16: 0.032}, ("constant", "cdat"),
+                            widen=4, sharpness=100),
+                 {4: 0.06399, 8: 0.032, 16: 0.032}, ("constant", "cdat"),
                  ("cdat:startup=paper", "prodigy", "schedulefree"))
     + (
         Experiment("resnet", "mini", (8,), MINI, 500, batch_size=64, eval_size=359,
