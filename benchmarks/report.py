@@ -112,10 +112,11 @@ def _ratio(a: float, b: float) -> float:
 
 
 def _sharp_growth(rec: dict) -> float:
-    """Last ÷ early sharpness estimate, the early one the first estimated after the first tenth of the run
-    (Adam's first steps have a preconditioned sharpness orders of magnitude above the rest of the run). The
-    column repeats the latest estimate at every step, so an estimate is where the value changes: with estimates
-    sparser than a tenth of the run, the step-0 value repeated past the tenth is not one."""
+    """Last ÷ early sharpness estimate, the early one the first estimate made after the first tenth of the run
+    (Adam's first steps have a preconditioned sharpness orders of magnitude above the rest of the run); NaN with
+    fewer than two such estimates. The column repeats the latest estimate at every step, so an estimate is made
+    where the value changes: with estimates sparser than a tenth of the run, the step-0 value repeated past the
+    tenth is not one."""
     sh = _arr(rec, _sharp_col(rec))
     ok = np.isfinite(sh)
     fresh = np.nonzero(ok & ~np.concatenate([[False], ok[1:] & ok[:-1] & (sh[1:] == sh[:-1])]))[0]
