@@ -23,7 +23,7 @@ def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, 
 
 
 def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, curvature: float,
-                    loss_eps: float) -> tuple[float, float]:
+                    loss_eps: float, loss_scale: float = 0.0) -> tuple[float, float]:
     """``(mismatch, predicted)``: the loss the main call predicts at the ``fd`` probe point, and how far the
     probe's loss is from it in units of what rounding and the difference quotient allow (> 1: the probe did not
     evaluate the same smooth function).
@@ -36,14 +36,18 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     too, and a closure that replays exceeded it; the tuner then evaluates the closure again at the unchanged
     parameters, :func:`replay_mismatch_in_place` and :func:`replay_slope_mismatch`, before it says that the
     closure does not replay). The loss's rounding is allowed 100
-    roundings of its dtype (``loss_eps``: the machine epsilon). A new batch or noise the probe does not replay,
+    roundings of its dtype (``loss_eps``: the machine epsilon) at the larger of ``|loss|`` and ``loss_scale``: a
+    loss near its minimum computed by cancellation (a least-squares residual near 0) rounds like the terms it
+    cancels, not like itself (the greedy rule behind SGD lands on a linear least squares' minimum in one step:
+    in float32 its next probes missed the model by 1e-13 at a loss of 2e-13); the backends pass the largest loss
+    the check has seen. A new batch or noise the probe does not replay,
     or a closure that adds to the previous gradients, exceeds it; a forward pass in a lower precision than the
     probe was sized for (``w + h u`` rounds back to ``w``) may not (measured: CDAT behind Adam under a bf16
     autocast with a float32-sized probe, the curvature off by a median 46-127 % per seed, no warning on 3 of 6
     seeds; the backends size the probe for the precision the loss is computed in). ``numerator = -g^T u``;
     host floats."""
     model = loss - h * numerator + 0.5 * h * h * curvature
-    allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * abs(loss) + 1e-30
+    allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * max(abs(loss), loss_scale) + 1e-30
     return abs(probe_loss - model) / allowed, model
 
 

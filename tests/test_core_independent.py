@@ -167,6 +167,27 @@ def test_replay_model_is_exact_on_a_quadratic():
         assert mismatch < 1e-3
 
 
+def test_replay_model_allows_the_rounding_of_the_terms_a_small_loss_cancels():
+    """A float32 least squares at its minimum: the loss (~1e-12) sums the squares of residuals that cancel O(1)
+    terms, so it rounds like them. At a probe 1e-5 away along u (every entry of w moved) the float32 loss misses
+    the float64 quadratic model by ~10 allowances at the loss's own scale, and by ~1e-7 of one at the scale
+    of the loss at the start (~50)."""
+    rng = np.random.default_rng(2)
+    A = rng.normal(size=(10, 5)).astype(np.float32)
+    b = (A @ rng.normal(size=5)).astype(np.float32)  # interpolating: the minimum is 0
+    w = np.linalg.lstsq(A.astype(np.float64), b.astype(np.float64), rcond=None)[0].astype(np.float32)
+    u = rng.normal(size=5).astype(np.float32)
+    loss32 = lambda v: float(np.sum(np.square(A @ v - b, dtype=np.float32)))  # noqa: E731
+    r = (A @ w - b).astype(np.float64)
+    h = 1e-5 / float(np.linalg.norm(u))
+    numerator, curvature = -2.0 * float(r @ (A @ u)), 2.0 * float(np.sum((A @ u.astype(np.float64)) ** 2))
+    f, got, eps = loss32(w), loss32((w + h * u).astype(np.float32)), float(np.finfo(np.float32).eps)
+    start = loss32(np.zeros(5, np.float32))
+    assert f < 1e-9 < start
+    assert replay_mismatch(f, got, h, numerator, curvature, eps)[0] > 1
+    assert replay_mismatch(f, got, h, numerator, curvature, eps, loss_scale=start)[0] < 1
+
+
 def test_replay_slope_mismatch_flags_a_gradient_added_to_the_previous_one():
     """The slope at the unchanged parameters: the same gradient is 0 units, 5 % off is under 1, and a gradient
     added to the previous step's (no zero_grad) is several units, on a quadratic in float64."""

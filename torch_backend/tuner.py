@@ -199,6 +199,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._require_probe_free(has_closure=True, error=ValueError)
         #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
         self._replay_checks = _REPLAY_CHECKS
+        #: the largest main-call loss the fd checks have seen: the scale of the loss's rounding
+        self._replay_scale = 0.0
         self._secant_warned = False
         self._stall_warned = False
         #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's, not
@@ -961,7 +963,8 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
-        call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`). Where it is not,
+        call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`, its rounding
+        allowance at the largest main-call loss checked so far). Where it is not,
         the closure is called again at the unchanged parameters (:meth:`_replay_evidence`): a closure that draws a
         new batch, or randomness the probe does not replay, gives another loss there, and one that does not zero
         the gradients another slope (from its second step on: the probes start from none, the main call adds to
@@ -974,7 +977,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         c, numerator = float(curvature), float(probe.numerator)
         if not all(map(math.isfinite, (f, got, c, numerator))):
             return
-        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps)
+        self._replay_scale = max(self._replay_scale, abs(f))
+        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps,
+                                          self._replay_scale)
         if mismatch <= 1:
             return
         at_probe = f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's " \
@@ -1213,6 +1218,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             state["base"] = base
             if isinstance(state.get("_clip_norms"), list):  # pickled by an earlier build: a list of the last norms
                 state["_clip_norms"] = np.zeros(EXTERNAL_CLIP_STEPS)
+            state.setdefault("_replay_scale", 0.0)  # pickled by an earlier build
             self.__dict__.update(state)
             self._ws = None
             self._store = None
