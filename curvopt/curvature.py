@@ -39,8 +39,8 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     roundings of its dtype (``loss_eps``: the machine epsilon) at the larger of ``|loss|`` and ``loss_scale``: a
     loss near its minimum computed by cancellation (a least-squares residual near 0) rounds like the terms it
     cancels, not like itself (the greedy rule behind SGD lands on a linear least squares' minimum in one step:
-    in float32 its next probes missed the model by 1e-13 at a loss of 2e-13); the backends pass the largest loss
-    the check has seen. A new batch or noise the probe does not replay,
+    in float32 its next probes missed the model by 1e-13 at a loss of 2e-13); the PyTorch tuners pass the largest
+    loss the check has seen. A new batch or noise the probe does not replay,
     or a closure that adds to the previous gradients, exceeds it; a forward pass in a lower precision than the
     probe was sized for (``w + h u`` rounds back to ``w``) may not (measured: CDAT behind Adam under a bf16
     autocast with a float32-sized probe, the curvature off by a median 46-127 % per seed, no warning on 3 of 6
