@@ -118,12 +118,13 @@ def _sharp_growth(rec: dict) -> float:
     where the value changes: with estimates sparser than a tenth of the run, the step-0 value repeated past the
     tenth is not one."""
     sh = _arr(rec, _sharp_col(rec))
-    ok = np.isfinite(sh)
-    fresh = np.nonzero(ok & ~np.concatenate([[False], ok[1:] & ok[:-1] & (sh[1:] == sh[:-1])]))[0]
-    early = fresh[fresh >= len(sh) // 10]
-    if len(early) < 1 or early[0] == fresh[-1] or sh[early[0]] <= 0:
+    made = np.isfinite(sh)
+    made[1:] &= sh[1:] != sh[:-1]  # NaN != NaN: the first finite value after a gap counts
+    early = np.nonzero(made)[0]
+    early = early[early >= len(sh) // 10]
+    if len(early) < 2 or sh[early[0]] <= 0:
         return math.nan
-    return float(sh[fresh[-1]] / sh[early[0]])
+    return float(sh[early[-1]] / sh[early[0]])
 
 
 def _summary(rec: dict) -> dict:
