@@ -269,20 +269,24 @@ def test_a_pickle_with_the_outside_clip_watch_as_a_list_loads_and_still_watches(
     assert any(str(m.message) == EXTERNAL_CLIP_MESSAGE for m in seen)
 
 
-def test_a_pickle_without_the_replay_checks_loss_scale_loads_and_steps():
-    """Earlier builds had no ``_replay_scale`` (the rounding scale of the fd replay check); a tuner pickled
-    before its first fd probe, whose checks are still to run, loads and takes its checked steps."""
+@pytest.mark.parametrize("attribute", [None, 0.5], ids=["no-scale", "scale-attribute"])
+def test_a_pickle_from_a_build_without_the_replay_scale_in_the_state_loads_and_steps(attribute):
+    """The fd replay check's rounding scale (the largest loss it has checked) is a global of the state now
+    (``curvopt_replay_scale``); a tuner pickled before its first fd probe by a build that had no scale, or that
+    kept it as the attribute ``_replay_scale``, loads without that attribute and takes its checked steps, which
+    put the scale in the state."""
     model = mlp()
     opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0))
-    del opt._replay_scale  # what such a build pickled
+    if attribute is not None:
+        opt._replay_scale = attribute  # what such a build pickled
     model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
-    assert opt2._replay_scale == 0.0 and opt2._replay_checks > 0
+    assert not hasattr(opt2, "_replay_scale") and opt2._replay_checks > 0
     x, y = data()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(4):
             opt2.step(closure_of(model2, opt2, x, y))
-    assert opt2._replay_scale > 0 and opt2._replay_checks <= 0
+    assert float(opt2.state[next(model2.parameters())]["curvopt_replay_scale"]) > 0 and opt2._replay_checks <= 0
 
 
 def test_frozen_first_parameter_and_lazy_adam_state():

@@ -454,6 +454,33 @@ def test_replay_check_allows_the_rounding_of_a_loss_near_its_minimum():
         assert not [m for m in messages if "does not predict" in m or "does not replay" in m], (seed, messages)
 
 
+def test_replay_check_of_a_run_resumed_at_the_minimum_keeps_the_loss_scale():
+    """The scale of the check's rounding allowance is saved with the state: a fresh tuner that loads the state of
+    the least squares above after one step, at its minimum, checks its first probes with the loss of the first
+    step (before, it started from the ~1e-13 loss there and said its gradient does not predict its loss)."""
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        weight, bias = nn.Parameter(torch.randn(10, 5, generator=g)), nn.Parameter(torch.randn(10, generator=g))
+        x = torch.randn(5, generator=g)
+
+        def closure_for(opt):
+            def closure():
+                opt.zero_grad()
+                loss = (weight.mv(x) + bias).pow(2).sum()
+                loss.backward()
+                return loss
+            return closure
+
+        opt = QuadraticGreedy(torch.optim.SGD([weight, bias], lr=1.0))
+        first = float(opt.step(closure_for(opt)))
+        assert float(opt.state[weight]["curvopt_replay_scale"]) == pytest.approx(first)
+        resumed = QuadraticGreedy(torch.optim.SGD([weight, bias], lr=1.0))
+        resumed.load_state_dict(opt.state_dict())
+        messages = _step_warnings(resumed, closure_for(resumed), 3)
+        assert float(closure_for(resumed)()) < 1e-8  # at the minimum
+        assert not [m for m in messages if "does not predict" in m or "does not replay" in m], (seed, messages)
+
+
 def _rough_loss(w):
     """A loss far from quadratic over an fd probe's step in float32 (mismatches 3.7-8 times the check's
     allowance over the first five probes behind SGD and Adam): a quadratic plus a fast, large oscillation."""

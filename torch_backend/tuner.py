@@ -199,8 +199,6 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._require_probe_free(has_closure=True, error=ValueError)
         #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
         self._replay_checks = _REPLAY_CHECKS
-        #: the largest main-call loss the fd checks have seen: the scale of the loss's rounding
-        self._replay_scale = 0.0
         self._secant_warned = False
         self._stall_warned = False
         #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's, not
@@ -629,7 +627,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                  "closure-free secant compares consecutive gradients of the same parameters: when parameters "
                  "take part on alternate steps (several heads, experts), pass a closure (the fd oracle)")
         # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
-        lagged, stretch = False, 1.0
+        lagged, stretch, replay_scale = False, 1.0, None
         if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
             curvature = nan
         elif fd or (secant and not has_secant):
@@ -638,7 +636,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 norms = fd_norms if fd_norms is not None else tuple(host_values(ws.norms(w0, u), S))
                 curvature = finite_difference(probe, S, numerator, norms)
             if self._replay_checks:
-                self._check_replay(probe, curvature)
+                replay_scale = self._check_replay(probe, curvature, glob)
         elif secant:
             curvature, lagged, stretch = secant_c, True, secant_stretch(prev[2], u_sq, S)
         sharpness, fresh_sharp = {}, []
@@ -734,6 +732,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         elif lr > 0:
             glob.pop(layout.LAST_PROBE, None)
         glob.setdefault(layout.SKIPPED, 0)
+        if replay_scale is not None:
+            glob[layout.REPLAY_SCALE] = torch.tensor(replay_scale, dtype=acc, device=dev)
         n_rule = len(new_rule_state)
         glob.update(zip(self._rule_layout(S)[1], tensors[1:1 + n_rule]))
         for space, key in layout.SHARPNESS.items():
@@ -961,10 +961,12 @@ class CurvatureTuner(torch.optim.Optimizer):
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
             warn(zero_rate_message(float(numerator) < 0, decays))
 
-    def _check_replay(self, probe: Probe, curvature: Tensor) -> None:
+    def _check_replay(self, probe: Probe, curvature: Tensor, glob: dict) -> Optional[float]:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
         call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`, its rounding
-        allowance at the largest main-call loss checked so far). Where it is not,
+        allowance at the largest main-call loss checked so far, ``glob``'s :data:`torch_backend.state.REPLAY_SCALE`
+        (saved with the state: a run resumed near the loss's minimum keeps it); returns the new largest loss,
+        None where nothing was checked). Where it is not,
         the closure is called again at the unchanged parameters (:meth:`_replay_evidence`): a closure that draws a
         new batch, or randomness the probe does not replay, gives another loss there, and one that does not zero
         the gradients another slope (from its second step on: the probes start from none, the main call adds to
@@ -972,16 +974,16 @@ class CurvatureTuner(torch.optim.Optimizer):
         inside it) or a loss far from quadratic over the probe's step. Warns once, with the fix."""
         self._replay_checks -= 1
         if probe.fd_loss is None or probe.fd_step is None or self.distributed is not None:
-            return
+            return None
         f, h, got = float(probe.loss), float(probe.fd_step), float(probe.fd_loss)
         c, numerator = float(curvature), float(probe.numerator)
         if not all(map(math.isfinite, (f, got, c, numerator))):
-            return
-        self._replay_scale = max(self._replay_scale, abs(f))
-        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps,
-                                          self._replay_scale)
+            return None
+        seen = glob.get(layout.REPLAY_SCALE)
+        scale = max(0.0 if seen is None else float(seen), abs(f))
+        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps, scale)
         if mismatch <= 1:
-            return
+            return scale
         at_probe = f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's " \
                    f"model predicts {model:.9g}"
         evidence = self._replay_evidence(probe)
@@ -989,6 +991,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._warn_unpredicted(at_probe)
         else:
             self._warn_no_replay(f"{at_probe}; {evidence}")
+        return scale
 
     def _check_replay_in_place(self, probe: Probe) -> None:
         """Before the first sharpness estimate, or the first :data:`_REPLAY_CHECKS` line searches, of a tuner that
@@ -1218,7 +1221,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             state["base"] = base
             if isinstance(state.get("_clip_norms"), list):  # pickled by an earlier build: a list of the last norms
                 state["_clip_norms"] = np.zeros(EXTERNAL_CLIP_STEPS)
-            state.setdefault("_replay_scale", 0.0)  # pickled by an earlier build
+            state.pop("_replay_scale", None)  # an earlier build's: the scale is in the state now (REPLAY_SCALE)
             self.__dict__.update(state)
             self._ws = None
             self._store = None
