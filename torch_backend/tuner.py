@@ -532,7 +532,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         paired = self.numerator == "paired"
         predicted = paired and self._has_prediction(params, glob)
         # the step's host sync: every reduction so far read at once
-        grad_max_t = max_abs(grads) if closure is None else None  # closure-free: was a gradient handed over?
+        # closure-free: was a gradient handed over? (in flat mode from the scratch copy: one kernel)
+        grad_max_t = max_abs([ws.scratch.flat] if ws.flat else grads) if closure is None else None
         extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b, grad_max_t) if t is not None]
         momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
                                                              else None) if momentum else ([], []))
