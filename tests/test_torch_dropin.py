@@ -432,26 +432,39 @@ def test_replay_check_silent_over_the_first_steps_of_a_replaying_closure():
                     opt.step(closure)
 
 
+def _least_squares(seed):
+    """torch's conformance least squares in float32: ``(weight, bias)`` and ``closure_for(opt)``, the closure of
+    the loss ``||W x + b||^2`` zeroing ``opt``'s gradients."""
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = nn.Parameter(torch.randn(10, 5, generator=g)), nn.Parameter(torch.randn(10, generator=g))
+    x = torch.randn(5, generator=g)
+
+    def closure_for(opt):
+        def closure():
+            opt.zero_grad()
+            loss = (weight.mv(x) + bias).pow(2).sum()
+            loss.backward()
+            return loss
+        return closure
+    return (weight, bias), closure_for
+
+
+def _replay_warnings(messages):
+    return [m for m in messages if "does not predict" in m or "does not replay" in m]
+
+
 def test_replay_check_allows_the_rounding_of_a_loss_near_its_minimum():
     """The greedy rule behind SGD lands on a linear least squares' minimum in one step (torch's conformance
     problem, float32): the next probes' losses, ~1e-13, missed the quadratic model by as much as themselves,
     the rounding of the O(1) terms the loss cancels, and the tuner said its gradient does not predict its loss.
     The check allows the rounding of the largest loss it has seen."""
     for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        weight, bias = nn.Parameter(torch.randn(10, 5, generator=g)), nn.Parameter(torch.randn(10, generator=g))
-        x = torch.randn(5, generator=g)
-        opt = QuadraticGreedy(torch.optim.SGD([weight, bias], lr=1.0))
-
-        def closure():
-            opt.zero_grad()
-            loss = (weight.mv(x) + bias).pow(2).sum()
-            loss.backward()
-            return loss
-
+        params, closure_for = _least_squares(seed)
+        opt = QuadraticGreedy(torch.optim.SGD(params, lr=1.0))
+        closure = closure_for(opt)
         messages = _step_warnings(opt, closure, 4)
         assert float(closure()) < 1e-8  # at the minimum
-        assert not [m for m in messages if "does not predict" in m or "does not replay" in m], (seed, messages)
+        assert not _replay_warnings(messages), (seed, messages)
 
 
 def test_replay_check_of_a_run_resumed_at_the_minimum_keeps_the_loss_scale():
@@ -459,26 +472,15 @@ def test_replay_check_of_a_run_resumed_at_the_minimum_keeps_the_loss_scale():
     the least squares above after one step, at its minimum, checks its first probes with the loss of the first
     step (before, it started from the ~1e-13 loss there and said its gradient does not predict its loss)."""
     for seed in range(3):
-        g = torch.Generator().manual_seed(seed)
-        weight, bias = nn.Parameter(torch.randn(10, 5, generator=g)), nn.Parameter(torch.randn(10, generator=g))
-        x = torch.randn(5, generator=g)
-
-        def closure_for(opt):
-            def closure():
-                opt.zero_grad()
-                loss = (weight.mv(x) + bias).pow(2).sum()
-                loss.backward()
-                return loss
-            return closure
-
-        opt = QuadraticGreedy(torch.optim.SGD([weight, bias], lr=1.0))
+        params, closure_for = _least_squares(seed)
+        opt = QuadraticGreedy(torch.optim.SGD(params, lr=1.0))
         first = float(opt.step(closure_for(opt)))
-        assert float(opt.state[weight]["curvopt_replay_scale"]) == pytest.approx(first)
-        resumed = QuadraticGreedy(torch.optim.SGD([weight, bias], lr=1.0))
+        assert float(opt.state[params[0]]["curvopt_replay_scale"]) == pytest.approx(first)
+        resumed = QuadraticGreedy(torch.optim.SGD(params, lr=1.0))
         resumed.load_state_dict(opt.state_dict())
         messages = _step_warnings(resumed, closure_for(resumed), 3)
         assert float(closure_for(resumed)()) < 1e-8  # at the minimum
-        assert not [m for m in messages if "does not predict" in m or "does not replay" in m], (seed, messages)
+        assert not _replay_warnings(messages), (seed, messages)
 
 
 def _rough_loss(w):
