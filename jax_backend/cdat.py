@@ -10,6 +10,7 @@ import optax
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
+from curvopt.minibatch_watch import MinibatchWatch, watch_minibatch, watches
 from curvopt.preconditioner import adam_preconditioner
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
                            default_numerator, default_sigma, momentum_numerator, paired_numerator,
@@ -55,6 +56,9 @@ class ScaleByCDATState(NamedTuple):
     * ``paired``: :class:`PairedMemory` with ``numerator="paired"``, else None;
     * ``noise``: :class:`~jax_backend.noise.NoiseMemory` when the secant's noise correction is on and the oracle
       can be the secant, else None;
+    * ``watch``: :class:`curvopt.minibatch_watch.MinibatchWatch` behind heavy ball and Nesterov (``base_method``),
+      else None: the watch for mini-batch training, fed by the steps that know their loss and their current
+      curvature (``value_fn``); :func:`jax_backend.stats` warns once it fired;
     * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``).
     """
 
@@ -65,6 +69,7 @@ class ScaleByCDATState(NamedTuple):
     eigen: EigenMemory | None
     paired: PairedMemory | None
     noise: NoiseMemory | None
+    watch: MinibatchWatch | None
     stats: TunerStats
 
 
@@ -265,6 +270,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             eigen=eigen_init(params, sharp, method),
             paired=PairedMemory(optax.tree.zeros_like(params), jnp.zeros((), bool)) if numerator == "paired" else None,
             noise=noise_init(params, dtype) if denoise else None,
+            watch=MinibatchWatch.start(jnp.zeros((), dtype)) if watches(method) else None,
             stats=stats_init(dtype)))
 
     def update(updates: Any, state: ScaleByCDATState, params: Any = None, *, value: Any = None,
@@ -322,11 +328,16 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                                          p.grad)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
+            watch = state.watch
+            if watch is not None:  # the secant's curvature is a step old: it predicts nothing
+                watch = watch_minibatch(watch, p.value, lr, p.numerator, jnp.nan if oracle == "secant" else curv,
+                                        float(jnp.finfo(dtype).eps), jnp)
             return out, ScaleByCDATState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
                 rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,
                 paired=state.paired if state.paired is None else _predict(p, fd_probe, lr, state.paired),
-                noise=state.noise if noise_memory is None else noise_memory, stats=stats)
+                noise=state.noise if noise_memory is None else noise_memory,
+                watch=optax.tree.cast_like(watch, state.watch), stats=stats)
 
         ok = p.finite
         closure_free = oracle == "secant" and p.f is None

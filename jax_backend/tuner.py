@@ -16,6 +16,7 @@ the PyTorch tuners use (so that both backends produce the same sequence):
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -26,6 +27,7 @@ from curvopt import rules
 from curvopt.base import BaseMethod
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
                             resolve_curvature)
+from curvopt.minibatch_watch import MINIBATCH_MOMENTUM_MESSAGE
 from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
@@ -345,7 +347,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
     (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; when every
     step so far was skipped (non-finite: the parameters have not moved); and when a
     closure-free rate stalled below its probing step (:func:`curvopt.config.secant_stalled`: the secant of
-    noisy consecutive gradients; pass ``value_fn``). A vmapped
+    noisy consecutive gradients; pass ``value_fn``); and when CDAT behind heavy ball or Nesterov saw the loss change
+    between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
     state (an ensemble) gives each field with its leading axis.
     """
     is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731
@@ -367,6 +370,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
             warn(SECANT_STALL_MESSAGE)
         if secant is not None and int(secant.clip_suspected):
             warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
+        watch = getattr(state, "watch", None)
+        if watch is not None and math.isfinite(float(watch.watch_fired)):
+            warn(MINIBATCH_MOMENTUM_MESSAGE.format(share=float(watch.watch_fired)))
     return state.stats._asdict()
 
 

@@ -77,7 +77,7 @@ TUNERS = {
 }
 
 
-def run_torch(tuner, base):
+def run_torch(tuner, base, keep=None):
     cls, _, kw, extra = TUNERS[tuner]
     model = _torch_model()
     init = [p.detach().numpy().copy() for p in model.parameters()]
@@ -100,10 +100,12 @@ def run_torch(tuner, base):
         opt.step(closure)
         lrs.append(float(opt.stats["lr"]))
         sharp.append((float(opt.stats["sharpness"]), float(opt.stats["preconditioned_sharpness"])))
+    if keep is not None:
+        keep["tuner"] = opt
     return init, np.array(lrs), np.array(sharp), [p.detach().numpy() for p in model.parameters()]
 
 
-def run_jax(tuner, base, init):
+def run_jax(tuner, base, init, keep=None):
     _, make, kw, _ = TUNERS[tuner]
     make_base, method = JAX_BASES[base]
     opt = make(make_base(), base_method=method, **kw)
@@ -123,6 +125,8 @@ def run_jax(tuner, base, init):
         params, state, (lr, s, ps) = step(params, state)
         lrs.append(float(lr))
         sharp.append((float(s), float(ps)))
+    if keep is not None:
+        keep["state"] = state[1]
     return np.array(lrs), np.array(sharp), [np.asarray(p) for p in params]
 
 
@@ -152,6 +156,21 @@ ALL = [(t, b) for t in TUNERS for b in TORCH_BASES if (t, b) not in {("eos", "ad
 @pytest.mark.parametrize("tuner,base", FAST)
 def test_lr_sequences_and_final_params_agree(tuner, base):
     check(tuner, base)
+
+
+@pytest.mark.parametrize("base", ["heavy_ball", "nesterov"])
+def test_minibatch_watch_agrees(base):
+    """CDAT's mini-batch watch (:mod:`curvopt.minibatch_watch`) behind heavy ball and Nesterov: the same memory in
+    PyTorch (on the tuner) and in Optax (in the state) after the same full-batch run."""
+    kept_t, kept_j = {}, {}
+    init, *_ = run_torch("cdat", base, keep=kept_t)
+    with jax.enable_x64(True):
+        run_jax("cdat", base, init, keep=kept_j)
+    t, j = kept_t["tuner"]._minibatch_watch, kept_j["state"].watch
+    assert t.watch_judged > STEPS // 2 and float(j.watch_judged) == t.watch_judged
+    for field in ("watch_share", "watch_weight", "watch_scale", "watch_predicted", "watch_change"):
+        np.testing.assert_allclose(float(getattr(j, field)), float(getattr(t, field)), rtol=1e-6, err_msg=field)
+    assert np.isnan(t.watch_fired) and np.isnan(j.watch_fired)
 
 
 @pytest.mark.slow

@@ -289,6 +289,24 @@ def test_a_pickle_from_a_build_without_the_replay_scale_in_the_state_loads_and_s
     assert float(opt2.state[next(model2.parameters())]["curvopt_replay_scale"]) > 0 and opt2._replay_checks <= 0
 
 
+def test_a_pickle_from_a_build_without_the_minibatch_watch_loads_and_watches():
+    """A CDAT pickled by a build without the mini-batch watch (no ``_minibatch_watch`` attribute) loads with a fresh
+    watch and steps; the watch's memory is pickled with the tuner."""
+    model = mlp()
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9))
+    x, y = data()
+    opt.step(closure_of(model, opt, x, y))
+    del opt._minibatch_watch  # what such a build pickled
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2._minibatch_watch.watch_judged == 0 and math.isnan(opt2._minibatch_watch.watch_predicted)
+    for _ in range(3):
+        opt2.step(closure_of(model2, opt2, x, y))
+    assert opt2._minibatch_watch.watch_judged == 2  # the first step after loading has no prediction to judge
+    model3, opt3 = pickle.loads(pickle.dumps((model2, opt2)))
+    assert opt3._minibatch_watch.watch_judged == 2
+    assert opt3._minibatch_watch.watch_predicted == opt2._minibatch_watch.watch_predicted
+
+
 def test_frozen_first_parameter_and_lazy_adam_state():
     """The globals live in the first parameter's state; a frozen first parameter (no Adam state) that is
     unfrozen later must still get Adam's lazy initialisation, and pickling must survive it."""

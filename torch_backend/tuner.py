@@ -60,8 +60,9 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
                             resolve_curvature, power_iters, secant_caveat, secant_stall_reference, secant_stalled,
                             sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
+from curvopt.minibatch_watch import MINIBATCH_MOMENTUM_MESSAGE, MinibatchWatch, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
-from curvopt.rules import ArmijoRule, RuleInputs, apply_rule
+from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
 from curvopt.rules import momentum_numerator, paired_numerator, paired_prediction_weight
@@ -208,6 +209,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_warned = False
         #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
         self._zero_run: Optional[int] = 0
+        #: CDAT's watch for mini-batch training behind heavy ball and Nesterov (:meth:`_watch_minibatch`); None for
+        #: the other rules and once warned
+        self._minibatch_watch: Optional[MinibatchWatch] = (MinibatchWatch.start(0.0) if isinstance(self.rule, CDATRule)
+                                                           else None)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -686,6 +691,9 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = None
             if not probing and not lagged and self._zero_run is not None:  # (the secant's stall: secant_stalled)
                 self._watch_zero_rate(lr, numerator)
+            if self._minibatch_watch is not None and watches(method):
+                self._watch_minibatch(loss_v, lr, numerator, nan if probing or lagged else curvature,
+                                      torch.finfo(loss_t.dtype).eps if loss_t is not None else nan, S)
             ratio = (eos_ratio_rule(lr * group_lr, reference, coefficient)
                      if coefficient is not None else nan)
 
@@ -962,6 +970,17 @@ class CurvatureTuner(torch.optim.Optimizer):
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
             warn(zero_rate_message(float(numerator) < 0, decays))
 
+    def _watch_minibatch(self, value: Any, lr: Any, numerator: Any, curvature: Any, loss_eps: float,
+                         S: ScalarNamespace) -> None:
+        """CDAT behind heavy ball or Nesterov: warn once when consecutive losses are not one function's, as in
+        mini-batch training (:func:`curvopt.minibatch_watch.watch_minibatch`; a closure-free step, whose loss is
+        not known, judges nothing)."""
+        watch = self._minibatch_watch = watch_minibatch(self._minibatch_watch, S(value), S(lr), S(numerator),
+                                                        S(curvature), loss_eps, S)
+        if S.isfinite(watch.watch_fired):
+            self._minibatch_watch = None
+            warn(MINIBATCH_MOMENTUM_MESSAGE.format(share=float(watch.watch_fired)))
+
     def _check_replay(self, probe: Probe, curvature: Tensor, glob: dict) -> Optional[float]:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
         call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`, its rounding
@@ -1223,6 +1242,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             if isinstance(state.get("_clip_norms"), list):  # pickled by an earlier build: a list of the last norms
                 state["_clip_norms"] = np.zeros(EXTERNAL_CLIP_STEPS)
             state.pop("_replay_scale", None)  # an earlier build's: the scale is in the state now (REPLAY_SCALE)
+            if "_minibatch_watch" not in state:  # pickled by a build without the watch: it starts afresh
+                state["_minibatch_watch"] = MinibatchWatch.start(0.0) if isinstance(state["rule"], CDATRule) else None
             self.__dict__.update(state)
             self._ws = None
             self._store = None

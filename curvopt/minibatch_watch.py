@@ -1,0 +1,94 @@
+"""The watch for mini-batch training behind heavy ball and Nesterov (host floats; PyTorch's steps with a closure).
+
+A step with a closure knows its quadratic model along the update, ``q(lr) = f - lr n + lr^2 c / 2`` (``n = -g^T u``,
+``c = u^T H u``), and so the loss it predicts at the point it moves to. In full batch the next step's loss is that
+prediction up to the model's error, a small share of the predicted change ``lr n``; in mini-batch the next loss is
+another batch's, and from a few dozen steps on the batches' differences outweigh the change on many steps. Behind
+heavy ball and Nesterov CDAT's rate then climbs far above a tuned constant's (docs/limits.md), which the tuner can
+not undo, so it says so once (:data:`MINIBATCH_MOMENTUM_MESSAGE`).
+
+Measured (CDAT with a closure, digits MLP of width 64 and the default suite's ResNet and LM with a momentum base,
+seeds 0-2; docs/limits.md): in full batch the share of missed steps (:data:`MISS`) stayed at most 0.12 per 50
+steps once the loss's rounding is allowed for (:data:`ROUNDING`: a cross-entropy at float32's floor, 1e-8, is
+rounded in steps of ~6e-9) and the watch never fired; in batches of 32-256 it fired 50-130 steps in on every run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+__all__ = ["MISS", "ROUNDING", "WATCH_EMA", "WATCH_STEPS", "WATCH_SHARE", "MinibatchWatch", "watches",
+           "watch_minibatch", "MINIBATCH_MOMENTUM_MESSAGE"]
+
+#: a step is missed when its loss differs from the previous step's prediction by more than this many times the
+#: predicted change ``lr n``
+MISS = 1.0
+#: a step is judged only when the predicted change exceeds the loss's rounding, this many float epsilons times the
+#: largest loss seen
+ROUNDING = 100.0
+#: the averaging factor of the missed share (a horizon of ~20 judged steps)
+WATCH_EMA = 0.95
+#: judged steps before the watch may fire
+WATCH_STEPS = 50
+#: the (bias-corrected) missed share above which the watch fires
+WATCH_SHARE = 0.3
+
+MINIBATCH_MOMENTUM_MESSAGE = (
+    "curvopt: the loss of each step is often not the one the previous step's quadratic model predicted ({share:.0%} "
+    "of the last ~20 steps missed it by more than the predicted change): the loss changes between steps, as in "
+    "mini-batch training. Behind heavy ball or Nesterov momentum CDAT's rate climbs in mini-batch training: in "
+    "batches of 64 its final loss was 4x to 5,000x a tuned constant rate's on the problems measured (the README's "
+    "Known limits). Use Adam or AdamW as the base, or a tuned constant rate. (Dropout drawn anew each step also "
+    "changes the loss between steps.)")
+
+
+def watches(method: Any) -> bool:
+    """Whether CDAT watches for mini-batch training behind the base ``method`` (a
+    :class:`curvopt.base.BaseMethod`, or None for a base the core does not know): behind heavy ball and Nesterov."""
+    return method is not None and method.kind in ("heavy_ball", "nesterov")
+
+
+class MinibatchWatch(NamedTuple):
+    """The watch's memory (scalars of the tuner's accumulator dtype; field names unique, as they sit in Optax's
+    state beside the rule's): the moving average of the missed indicator and its weight, the count of judged steps,
+    the largest loss seen, the previous step's prediction and predicted change (NaN: none, the next step is not
+    judged), and the missed share at which the watch fired (NaN until it fires; then kept)."""
+
+    watch_share: Any
+    watch_weight: Any
+    watch_judged: Any
+    watch_scale: Any
+    watch_predicted: Any
+    watch_change: Any
+    watch_fired: Any
+
+    @classmethod
+    def start(cls, zero: Any) -> "MinibatchWatch":
+        """The memory before any step, from a 0 of the accumulator dtype (a float, a NumPy or JAX scalar)."""
+        nan = zero + math.nan
+        return cls(zero, zero, zero, zero, nan, nan, nan)
+
+
+def watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any, loss_eps: float,
+                    xp: Any) -> MinibatchWatch:
+    """Judge this step's loss ``value`` against the previous step's prediction, then record this step's: the rate
+    ``lr`` it takes, its ``numerator = -g^T u`` and ``curvature = u^T H u`` at the current point (a NaN
+    ``curvature``, lagged or unknown, records none; so does a NaN ``value``, which judges nothing). ``xp``: the
+    array namespace (``where``, ``isfinite``). The new memory's ``watch_fired`` is the missed share once
+    :data:`WATCH_STEPS` steps have been judged and it exceeds :data:`WATCH_SHARE` (then kept), else NaN."""
+    share, weight, judged, scale, predicted, change, fired = watch
+    known = xp.isfinite(value)
+    size = xp.where(known, abs(value), 0.0)
+    scale = xp.where(size > scale, size, scale)
+    judge = known & xp.isfinite(predicted) & (change > ROUNDING * loss_eps * scale)
+    missed = xp.where(abs(value - predicted) > MISS * change, 1.0, 0.0)
+    share = xp.where(judge, WATCH_EMA * share + (1 - WATCH_EMA) * missed, share)
+    weight = xp.where(judge, WATCH_EMA * weight + (1 - WATCH_EMA), weight)
+    judged = xp.where(judge, judged + 1, judged)
+    step_change = lr * numerator
+    model = known & (lr > 0) & (numerator > 0) & xp.isfinite(curvature) & xp.isfinite(step_change)
+    predicted = xp.where(model, value - step_change + 0.5 * lr * lr * curvature, math.nan)
+    change = xp.where(model, step_change, math.nan)
+    fires = (judged >= WATCH_STEPS) & (share > WATCH_SHARE * weight)
+    fired = xp.where(xp.isfinite(fired), fired, xp.where(fires, share / xp.where(fires, weight, 1.0), math.nan))
+    return MinibatchWatch(share, weight, judged, scale, predicted, change, fired)

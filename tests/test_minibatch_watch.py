@@ -1,0 +1,212 @@
+"""CDAT's watch for mini-batch training behind heavy ball and Nesterov (:mod:`curvopt.minibatch_watch`): the core
+by hand on numbers, then PyTorch's tuner on a small classifier, which warns once in mini-batch training behind
+momentum and never in full batch or behind other bases."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from curvopt import minibatch_watch as mw
+from curvopt.base import BaseMethod
+from curvopt.torch import CDAT, QuadraticGreedy
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def _feed(values, lr=0.5, numerator=2.0, curvature=3.0, eps=EPS32):
+    """The watch over steps whose losses are ``values`` (every step at the same rate, numerator and curvature), in
+    float64 through NumPy; the step at which it fired (None), the share it fired at and its memory."""
+    watch = mw.MinibatchWatch.start(np.float64(0))
+    for t, v in enumerate(values):
+        watch = mw.watch_minibatch(watch, np.float64(v), lr, numerator, curvature, eps, np)
+        if np.isfinite(watch.watch_fired):
+            return t, float(watch.watch_fired), watch
+    return None, math.nan, watch
+
+
+def test_the_model_predicts_the_next_loss_exactly_and_nothing_is_missed():
+    """Losses that follow the quadratic model exactly (f' = f - lr n + lr^2 c / 2 = f - 1 + 0.375) are judged
+    from the second step on and never missed."""
+    values = [100.0 - 0.625 * t for t in range(120)]
+    fired, _, watch = _feed(values)
+    assert fired is None and watch.watch_judged == 119 and watch.watch_share == 0.0
+    assert watch.watch_predicted == pytest.approx(values[-1] - 0.625) and watch.watch_change == 1.0
+
+
+def test_losses_off_the_model_by_more_than_the_change_fire_at_the_judged_count():
+    """Every loss 1.5 predicted changes off the prediction: missed each time; the watch fires on the step that makes
+    WATCH_STEPS judged steps (the first step is not judged), with a share of 1."""
+    values = [50.0 + (1.5 if t % 2 else -1.5) for t in range(200)]  # |f_t - (f_{t-1} - 0.625)| >= 2.375 > 1
+    fired, share, watch = _feed(values)
+    assert fired == mw.WATCH_STEPS and share == pytest.approx(1.0) and watch.watch_judged == mw.WATCH_STEPS
+    later = mw.watch_minibatch(watch, np.float64(values[-1]), 0.5, 2.0, 3.0, EPS32, np)
+    assert later.watch_fired == watch.watch_fired  # kept
+
+
+def test_a_miss_share_below_the_threshold_never_fires():
+    """One step in five missed (share 0.2 < WATCH_SHARE): never fires."""
+    values, f = [], 50.0
+    for t in range(400):
+        f = f - 0.625 + (3.0 if t % 5 == 0 else 0.0)
+        values.append(f)
+    fired, _, watch = _feed(values)
+    assert fired is None and 0.1 < watch.watch_share / watch.watch_weight < mw.WATCH_SHARE
+
+
+def test_changes_below_the_losss_rounding_are_not_judged():
+    """A predicted change below ROUNDING eps times the largest loss seen (a loss at float32's floor) is not judged:
+    losses far off the model there never fire."""
+    values = [2.3] + [1e-8 * (1 + t % 2) for t in range(300)]
+    fired, _, watch = _feed(values, lr=1e3, numerator=1e-12, curvature=1e-16)
+    assert fired is None and watch.watch_judged == 0 and watch.watch_scale == 2.3
+
+
+@pytest.mark.parametrize("lr, numerator, curvature", [(0.0, 2.0, 3.0), (0.5, -1.0, 3.0), (0.5, 2.0, math.nan)])
+def test_a_step_without_a_model_records_no_prediction(lr, numerator, curvature):
+    """No step (lr 0), an uphill direction, or a lagged/unknown curvature: nothing predicted, the next step is not
+    judged; a non-finite loss judges nothing and forgets the prediction."""
+    step = lambda w, *a: mw.watch_minibatch(w, *map(np.float64, a), EPS32, np)  # noqa: E731
+    watch = step(mw.MinibatchWatch.start(np.float64(0)), 10.0, lr, numerator, curvature)
+    assert np.isnan(watch.watch_predicted)
+    watch = step(watch, 1.0, 0.5, 2.0, 3.0)
+    assert watch.watch_judged == 0
+    watch = step(watch, math.nan, 0.5, 2.0, 3.0)
+    assert watch.watch_judged == 0 and np.isnan(watch.watch_predicted) and watch.watch_scale == 10.0
+
+
+def test_watched_bases():
+    assert mw.watches(BaseMethod.heavy_ball(0.9)) and mw.watches(BaseMethod.nesterov(0.9))
+    assert not mw.watches(BaseMethod("gd")) and not mw.watches(BaseMethod("adam")) and not mw.watches(None)
+
+
+# ------------------------------------------------------------------------------------------------------ PyTorch
+def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, closure: bool = True):
+    """A small MLP on a noisy teacher's labels, CDAT with a closure behind ``base``, in batches of ``batch``
+    (0: full batch); the watch's warnings, the tuner's rates and the tuner."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 20, generator=g)
+    y = (x @ torch.randn(20, 4, generator=g) + 2.0 * torch.randn(512, 4, generator=g)).argmax(1)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 4))
+    make = {"heavy_ball": lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9),
+            "nesterov": lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9, nesterov=True),
+            "sgd": lambda p: torch.optim.SGD(p, lr=1.0), "adam": lambda p: torch.optim.Adam(p, lr=1.0)}[base]
+    opt = tuner(make(model.parameters()))
+    lrs = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            idx = torch.randint(0, 512, (batch,), generator=g) if batch else slice(None)
+            xb, yb = x[idx], y[idx]
+
+            def step_closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                return loss
+
+            if closure:
+                opt.step(step_closure)
+            else:
+                step_closure()
+                opt.step()
+            lrs.append(float(opt.stats["lr"]))
+    return [str(w.message) for w in seen if "quadratic model predicted" in str(w.message)], lrs, opt
+
+
+@pytest.mark.parametrize("base", ["heavy_ball", "nesterov"])
+def test_momentum_in_minibatch_warns_once(base):
+    """Behind heavy ball and Nesterov in batches of 16, one warning, saying what was seen and what to do."""
+    found, lrs, _ = _train(base, batch=16)
+    assert len(found) == 1, found
+    assert "mini-batch" in found[0] and "Use Adam or AdamW as the base, or a tuned constant rate" in found[0]
+    assert all(math.isfinite(v) for v in lrs)
+
+
+@pytest.mark.parametrize("base, batch, tuner, closure", [
+    ("heavy_ball", 0, CDAT, True), ("nesterov", 0, CDAT, True), ("heavy_ball", 0, QuadraticGreedy, True),
+    ("adam", 16, CDAT, True), ("sgd", 16, CDAT, True), ("heavy_ball", 16, CDAT, False)])
+def test_no_warning_in_full_batch_behind_other_bases_or_without_a_closure(base, batch, tuner, closure):
+    """Full batch behind momentum (the model predicts the next loss), mini-batch behind Adam and plain SGD (not
+    watched), and closure-free steps (no loss to judge): no warning."""
+    found, _, opt = _train(base, batch, tuner=tuner, closure=closure)
+    assert found == []
+    if batch == 0:  # judged on enough steps to fire (not silent for want of a prediction), missed on few
+        watch = opt._minibatch_watch
+        assert watch.watch_judged >= mw.WATCH_STEPS and watch.watch_share < 0.1 * watch.watch_weight
+
+
+# ---------------------------------------------------------------------------------------------------------- Optax
+def _train_optax(batch: int, base_method: str = "heavy_ball", seed: int = 0, steps: int = 200):
+    """The same kind of problem in Optax: ``cdat`` behind ``optax.trace(0.9)`` (heavy ball) or
+    ``optax.scale_by_adam()`` with ``value_fn`` (the fd oracle); the final state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from curvopt.optax import BaseMethod, cdat
+
+    key = jax.random.key(seed)
+    kx, ky, kn, kw, kb = jax.random.split(key, 5)
+    x = jax.random.normal(kx, (512, 20))
+    y = jnp.argmax(x @ jax.random.normal(ky, (20, 4)) + 2.0 * jax.random.normal(kn, (512, 4)), axis=1)
+    params = {"w1": jax.random.normal(kw, (20, 32)) / 20 ** 0.5, "b1": jnp.zeros(32),
+              "w2": jax.random.normal(kb, (32, 4)) / 32 ** 0.5, "b2": jnp.zeros(4)}
+
+    def loss_fn(p, xb, yb):
+        logits = jnp.tanh(xb @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+    if base_method == "heavy_ball":
+        opt = cdat(optax.trace(decay=0.9), base_method=BaseMethod.heavy_ball(0.9))
+    else:
+        opt = cdat(optax.scale_by_adam(), base_method="adam")
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s, xb, yb):
+        value, grads = jax.value_and_grad(loss_fn)(p, xb, yb)
+        updates, s = opt.update(grads, s, p, value=value, grad=grads, value_fn=loss_fn, xb=xb, yb=yb)
+        return optax.apply_updates(p, updates), s
+
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        idx = rng.integers(0, 512, batch) if batch else np.arange(512)
+        params, state = step(params, state, x[idx], y[idx])
+    return state
+
+
+def _watch_of(state):
+    return next(s.watch for s in state if hasattr(s, "watch"))
+
+
+def test_optax_heavy_ball_in_minibatch_fires_and_stats_warns_once_per_read():
+    """Behind ``optax.trace`` in batches of 16 the state's watch fires and ``stats`` says so."""
+    from curvopt.optax import stats
+
+    state = _train_optax(batch=16)
+    watch = _watch_of(state)
+    assert watch.watch_judged >= mw.WATCH_STEPS and np.isfinite(watch.watch_fired)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        stats(state)
+    found = [str(w.message) for w in seen if "quadratic model predicted" in str(w.message)]
+    assert len(found) == 1 and "Use Adam or AdamW as the base" in found[0]
+
+
+def test_optax_full_batch_heavy_ball_does_not_fire_and_adam_has_no_watch():
+    from curvopt.optax import stats
+
+    watch = _watch_of(_train_optax(batch=0))
+    assert watch.watch_judged >= mw.WATCH_STEPS and np.isnan(watch.watch_fired)
+    assert watch.watch_share < 0.1 * watch.watch_weight
+    state = _train_optax(batch=16, base_method="adam", steps=3)
+    assert _watch_of(state) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats(state)
