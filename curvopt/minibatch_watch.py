@@ -1,11 +1,13 @@
-"""The watch for mini-batch training behind heavy ball and Nesterov (host floats; PyTorch's steps with a closure).
+"""The watch for mini-batch training behind heavy ball and Nesterov (the steps that know their loss and their
+current curvature: a closure in PyTorch, ``value_fn`` in Optax).
 
 A step with a closure knows its quadratic model along the update, ``q(lr) = f - lr n + lr^2 c / 2`` (``n = -g^T u``,
 ``c = u^T H u``), and so the loss it predicts at the point it moves to. In full batch the next step's loss is that
 prediction up to the model's error, a small share of the predicted change ``lr n``; in mini-batch the next loss is
 another batch's, and from a few dozen steps on the batches' differences outweigh the change on many steps. Behind
-heavy ball and Nesterov CDAT's rate then climbs far above a tuned constant's (docs/limits.md), which the tuner can
-not undo, so it says so once (:data:`MINIBATCH_MOMENTUM_MESSAGE`).
+heavy ball and Nesterov CDAT's rate climbs in mini-batch training and its final loss ends 4-5,000x a tuned
+constant's in batches of 64; none of the fixes tried so far holds (docs/limits.md), so the tuner says so, once
+(:data:`MINIBATCH_MOMENTUM_MESSAGE`).
 
 Measured (CDAT with a closure, digits MLP of width 64 and the default suite's ResNet and LM with a momentum base,
 seeds 0-2; docs/limits.md): in full batch the share of missed steps (:data:`MISS`) stayed at most 0.12 per 50
