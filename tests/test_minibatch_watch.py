@@ -1,6 +1,6 @@
 """CDAT's watch for mini-batch training behind heavy ball and Nesterov (:mod:`curvopt.minibatch_watch`): the core
-by hand on numbers, then PyTorch's tuner on a small classifier, which warns once in mini-batch training behind
-momentum and never in full batch or behind other bases."""
+by hand on numbers, then PyTorch's tuner and the Optax transform on a small classifier: they warn once in mini-batch
+training behind momentum, never in full batch or behind other bases."""
 from __future__ import annotations
 
 import math
@@ -39,8 +39,9 @@ def test_the_model_predicts_the_next_loss_exactly_and_nothing_is_missed():
 
 
 def test_losses_off_the_model_by_more_than_the_change_fire_at_the_judged_count():
-    """Every loss 1.5 predicted changes off the prediction: missed each time; the watch fires on the step that makes
-    WATCH_STEPS judged steps (the first step is not judged), with a share of 1."""
+    """Losses alternating 3 apart, each at least 2.375 predicted changes off the prediction: missed each time; the
+    watch fires on the step that makes WATCH_STEPS judged steps (the first step is not judged), with a share of 1,
+    and keeps that share."""
     values = [50.0 + (1.5 if t % 2 else -1.5) for t in range(200)]  # |f_t - (f_{t-1} - 0.625)| >= 2.375 > 1
     fired, share, watch = _feed(values)
     assert fired == mw.WATCH_STEPS and share == pytest.approx(1.0) and watch.watch_judged == mw.WATCH_STEPS
