@@ -20,7 +20,7 @@ import math
 from typing import Any, NamedTuple
 
 __all__ = ["MISS", "ROUNDING", "WATCH_EMA", "WATCH_STEPS", "WATCH_SHARE", "MinibatchWatch", "watches",
-           "watch_minibatch", "MINIBATCH_MOMENTUM_MESSAGE"]
+           "missed_share", "watch_minibatch", "MINIBATCH_MOMENTUM_MESSAGE"]
 
 #: a step is missed when its loss differs from the previous step's prediction by more than this many times the
 #: predicted change ``lr n``
@@ -52,12 +52,12 @@ def watches(method: Any) -> bool:
 
 class MinibatchWatch(NamedTuple):
     """The watch's memory (scalars of the tuner's accumulator dtype; field names unique, as they sit in Optax's
-    state beside the rule's): the moving average of the missed indicator and its weight, the count of judged steps,
-    the largest loss seen, the previous step's prediction and predicted change (NaN: none, the next step is not
-    judged), and the missed share at which the watch fired (NaN until it fires; then kept)."""
+    state beside the rule's): the moving average of the missed indicator (its weight follows from the count of
+    judged steps, :func:`missed_share`), the count of judged steps, the largest loss seen, the previous step's
+    prediction and predicted change (NaN: none, the next step is not judged), and the missed share at which the
+    watch fired (NaN until it fires; then kept)."""
 
     watch_share: Any
-    watch_weight: Any
     watch_judged: Any
     watch_scale: Any
     watch_predicted: Any
@@ -68,7 +68,14 @@ class MinibatchWatch(NamedTuple):
     def start(cls, zero: Any) -> "MinibatchWatch":
         """The memory before any step, from a 0 of the accumulator dtype (a float, a NumPy or JAX scalar)."""
         nan = zero + math.nan
-        return cls(zero, zero, zero, zero, nan, nan, nan)
+        return cls(zero, zero, zero, nan, nan, nan)
+
+
+def missed_share(watch: MinibatchWatch, xp: Any) -> Any:
+    """The share of recent judged steps that missed the prediction: the moving average bias-corrected by its weight
+    ``1 - WATCH_EMA^judged`` (0 before any judged step)."""
+    weight = 1 - WATCH_EMA ** watch.watch_judged
+    return xp.where(weight > 0, watch.watch_share / xp.where(weight > 0, weight, 1.0), 0.0)
 
 
 def watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any, loss_eps: float,
@@ -78,19 +85,19 @@ def watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, 
     ``curvature``, lagged or unknown, records none; so does a NaN ``value``, which judges nothing). ``xp``: the
     array namespace (``where``, ``isfinite``). The new memory's ``watch_fired`` is the missed share once
     :data:`WATCH_STEPS` steps have been judged and it exceeds :data:`WATCH_SHARE` (then kept), else NaN."""
-    share, weight, judged, scale, predicted, change, fired = watch
+    share, judged, scale, predicted, change, fired = watch
     known = xp.isfinite(value)
     size = xp.where(known, abs(value), 0.0)
     scale = xp.where(size > scale, size, scale)
     judge = known & xp.isfinite(predicted) & (change > ROUNDING * loss_eps * scale)
     missed = xp.where(abs(value - predicted) > MISS * change, 1.0, 0.0)
     share = xp.where(judge, WATCH_EMA * share + (1 - WATCH_EMA) * missed, share)
-    weight = xp.where(judge, WATCH_EMA * weight + (1 - WATCH_EMA), weight)
     judged = xp.where(judge, judged + 1, judged)
     step_change = lr * numerator
     model = known & (lr > 0) & (numerator > 0) & xp.isfinite(curvature) & xp.isfinite(step_change)
     predicted = xp.where(model, value - step_change + 0.5 * lr * lr * curvature, math.nan)
     change = xp.where(model, step_change, math.nan)
-    fires = (judged >= WATCH_STEPS) & (share > WATCH_SHARE * weight)
-    fired = xp.where(xp.isfinite(fired), fired, xp.where(fires, share / xp.where(fires, weight, 1.0), math.nan))
-    return MinibatchWatch(share, weight, judged, scale, predicted, change, fired)
+    watch = MinibatchWatch(share, judged, scale, predicted, change, fired)
+    now = missed_share(watch, xp)
+    fires = (judged >= WATCH_STEPS) & (now > WATCH_SHARE)
+    return watch._replace(watch_fired=xp.where(xp.isfinite(fired), fired, xp.where(fires, now, math.nan)))

@@ -56,7 +56,7 @@ def test_a_miss_share_below_the_threshold_never_fires():
         f = f - 0.625 + (3.0 if t % 5 == 0 else 0.0)
         values.append(f)
     fired, _, watch = _feed(values)
-    assert fired is None and 0.1 < watch.watch_share / watch.watch_weight < mw.WATCH_SHARE
+    assert fired is None and 0.1 < mw.missed_share(watch, np) < mw.WATCH_SHARE
 
 
 def test_changes_below_the_losss_rounding_are_not_judged():
@@ -139,7 +139,7 @@ def test_no_warning_in_full_batch_behind_other_bases_or_without_a_closure(base, 
     assert found == []
     if batch == 0:  # judged on enough steps to fire (not silent for want of a prediction), missed on few
         watch = opt._minibatch_watch
-        assert watch.watch_judged >= mw.WATCH_STEPS and watch.watch_share < 0.1 * watch.watch_weight
+        assert watch.watch_judged >= mw.WATCH_STEPS and mw.missed_share(watch, np) < 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------- Optax
@@ -205,7 +205,7 @@ def test_optax_full_batch_heavy_ball_does_not_fire_and_adam_has_no_watch():
 
     watch = _watch_of(_train_optax(batch=0))
     assert watch.watch_judged >= mw.WATCH_STEPS and np.isnan(watch.watch_fired)
-    assert watch.watch_share < 0.1 * watch.watch_weight
+    assert mw.missed_share(watch, np) < 0.1
     state = _train_optax(batch=16, base_method="adam", steps=3)
     assert _watch_of(state) is None
     with warnings.catch_warnings():

@@ -168,7 +168,7 @@ def test_minibatch_watch_agrees(base):
         run_jax("cdat", base, init, keep=kept_j)
     t, j = kept_t["tuner"]._minibatch_watch, kept_j["state"].watch
     assert t.watch_judged > STEPS // 2 and float(j.watch_judged) == t.watch_judged
-    for field in ("watch_share", "watch_weight", "watch_scale", "watch_predicted", "watch_change"):
+    for field in ("watch_share", "watch_scale", "watch_predicted", "watch_change"):
         np.testing.assert_allclose(float(getattr(j, field)), float(getattr(t, field)), rtol=1e-6, err_msg=field)
     assert np.isnan(t.watch_fired) and np.isnan(j.watch_fired)
 
