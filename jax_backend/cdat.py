@@ -10,7 +10,7 @@ import optax
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
-from curvopt.minibatch_watch import MinibatchWatch, watch_minibatch, watches
+from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, watch_minibatch, watches
 from curvopt.preconditioner import adam_preconditioner
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
                            default_numerator, default_sigma, momentum_numerator, paired_numerator,
@@ -58,7 +58,8 @@ class ScaleByCDATState(NamedTuple):
       can be the secant, else None;
     * ``watch``: :class:`curvopt.minibatch_watch.MinibatchWatch` behind heavy ball and Nesterov (``base_method``),
       else None: the watch for mini-batch training, fed by the steps that know their loss and their current
-      curvature (``value_fn``); :func:`jax_backend.stats` warns once it fired;
+      curvature (``value_fn``); once it fired the rate is held at most at that step's (but for the paper's rule:
+      :func:`curvopt.minibatch_watch.held_rate`) and :func:`jax_backend.stats` warns;
     * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``).
     """
 
@@ -111,7 +112,10 @@ def scale_by_cdat(
     start-up for gradient descent and for Adam with the momentum numerator; 2 for heavy ball, Nesterov, Adam
     with another numerator and ``startup="paper"``). The guard and the cap need the loss (``value``, or
     ``value_fn``: one more forward pass when ``value`` is not given); without it a ``sigma`` above 2 is held at
-    2, and so is a step whose curvature is the secant's (a step old).
+    2, and so is a step whose curvature is the secant's (a step old). Behind heavy ball and Nesterov the steps
+    with ``value_fn`` also feed a watch for mini-batch training (the state's ``watch``): once it fires,
+    :func:`jax_backend.stats` warns and, but for ``startup="paper"``, the rate is held from then on at most at
+    that step's (:mod:`curvopt.minibatch_watch`).
 
     Receives the base's direction ``d`` (``u = -d``) and returns ``lr * u``. ``curvature``: ``"auto"``
     (default: ``"fd"`` when the update gets ``value_fn``, ``"secant"`` without one), ``"fd"``, ``"exact"`` or
@@ -318,6 +322,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 num = _paired_numerator(p, method, base_state, state.paired, name)
             lr, rule_state = apply_rule(
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch, unit), state.rule, jnp)
+            if state.watch is not None:  # held once the mini-batch watch has fired
+                lr = held_rate(state.watch, lr, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             if oracle == "secant" and p.f is None:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)
@@ -331,7 +337,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             watch = state.watch
             if watch is not None:  # the secant's curvature is a step old: it predicts nothing
                 watch = watch_minibatch(watch, p.value, lr, p.numerator, jnp.nan if oracle == "secant" else curv,
-                                        float(jnp.finfo(dtype).eps), jnp)
+                                        float(jnp.finfo(dtype).eps), holds(rule), jnp)
             return out, ScaleByCDATState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
                 rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,

@@ -27,7 +27,7 @@ from curvopt import rules
 from curvopt.base import BaseMethod
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
                             resolve_curvature)
-from curvopt.minibatch_watch import MINIBATCH_MOMENTUM_MESSAGE
+from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
@@ -372,7 +372,7 @@ def stats(opt_state: Any) -> dict[str, Any]:
             warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
         watch = getattr(state, "watch", None)
         if watch is not None and math.isfinite(float(watch.watch_fired)):
-            warn(MINIBATCH_MOMENTUM_MESSAGE.format(share=float(watch.watch_fired)))
+            warn(minibatch_message(watch))
     return state.stats._asdict()
 
 

@@ -1,6 +1,6 @@
 """CDAT's watch for mini-batch training behind heavy ball and Nesterov (:mod:`curvopt.minibatch_watch`): the core
 by hand on numbers, then PyTorch's tuner and the Optax transform on a small classifier: they warn once in mini-batch
-training behind momentum, never in full batch or behind other bases."""
+training behind momentum and hold the rate from then on, never in full batch or behind other bases."""
 from __future__ import annotations
 
 import math
@@ -18,12 +18,12 @@ from curvopt.torch import CDAT, QuadraticGreedy
 EPS32 = float(torch.finfo(torch.float32).eps)
 
 
-def _feed(values, lr=0.5, numerator=2.0, curvature=3.0, eps=EPS32):
+def _feed(values, lr=0.5, numerator=2.0, curvature=3.0, eps=EPS32, hold=True):
     """The watch over steps whose losses are ``values`` (every step at the same rate, numerator and curvature), in
     float64 through NumPy; the step at which it fired (None), the share it fired at and its memory."""
     watch = mw.MinibatchWatch.start(np.float64(0))
     for t, v in enumerate(values):
-        watch = mw.watch_minibatch(watch, np.float64(v), lr, numerator, curvature, eps, np)
+        watch = mw.watch_minibatch(watch, np.float64(v), lr, numerator, curvature, eps, hold, np)
         if np.isfinite(watch.watch_fired):
             return t, float(watch.watch_fired), watch
     return None, math.nan, watch
@@ -45,8 +45,31 @@ def test_losses_off_the_model_by_more_than_the_change_fire_at_the_judged_count()
     values = [50.0 + (1.5 if t % 2 else -1.5) for t in range(200)]  # |f_t - (f_{t-1} - 0.625)| >= 2.375 > 1
     fired, share, watch = _feed(values)
     assert fired == mw.WATCH_STEPS and share == pytest.approx(1.0) and watch.watch_judged == mw.WATCH_STEPS
-    later = mw.watch_minibatch(watch, np.float64(values[-1]), 0.5, 2.0, 3.0, EPS32, np)
-    assert later.watch_fired == watch.watch_fired  # kept
+    assert watch.watch_held == 0.5  # the rate of the step it fired on
+    later = mw.watch_minibatch(watch, np.float64(values[-1]), 0.25, 2.0, 3.0, EPS32, True, np)
+    assert later.watch_fired == watch.watch_fired and later.watch_held == 0.5  # kept
+
+
+def test_the_rate_is_held_only_once_the_watch_has_fired():
+    """Before firing the rule's rate passes unchanged (any size); after, it is at most the held rate, and lower
+    rates pass."""
+    start = mw.MinibatchWatch.start(np.float64(0))
+    assert mw.held_rate(start, np.float64(1e6), np) == 1e6
+    _, _, fired = _feed([50.0 + (1.5 if t % 2 else -1.5) for t in range(200)])
+    assert mw.held_rate(fired, np.float64(3.0), np) == 0.5 and mw.held_rate(fired, np.float64(0.1), np) == 0.1
+    assert mw.held_rate(fired, np.float64(0.0), np) == 0.0
+    assert "held at most at this step's, 0.5." in mw.minibatch_message(fired)
+
+
+def test_the_papers_rule_is_watched_and_not_held():
+    """``startup="paper"`` (and the greedy step): the watch fires and holds nothing; the message says so."""
+    from curvopt.rules import CDATRule
+
+    assert mw.holds(CDATRule()) and not mw.holds(CDATRule(startup="paper")) and not mw.holds(CDATRule.greedy())
+    fired, _, watch = _feed([50.0 + (1.5 if t % 2 else -1.5) for t in range(200)], hold=False)
+    assert fired == mw.WATCH_STEPS and np.isnan(watch.watch_held)
+    assert mw.held_rate(watch, np.float64(1e6), np) == 1e6
+    assert "which the paper's rule (startup='paper', the greedy step) does not do" in mw.minibatch_message(watch)
 
 
 def test_a_miss_share_below_the_threshold_never_fires():
@@ -71,7 +94,7 @@ def test_changes_below_the_losss_rounding_are_not_judged():
 def test_a_step_without_a_model_records_no_prediction(lr, numerator, curvature):
     """No step (lr 0), an uphill direction, or a lagged/unknown curvature: nothing predicted, the next step is not
     judged; a non-finite loss judges nothing and forgets the prediction."""
-    step = lambda w, *a: mw.watch_minibatch(w, *map(np.float64, a), EPS32, np)  # noqa: E731
+    step = lambda w, *a: mw.watch_minibatch(w, *map(np.float64, a), EPS32, True, np)  # noqa: E731
     watch = step(mw.MinibatchWatch.start(np.float64(0)), 10.0, lr, numerator, curvature)
     assert np.isnan(watch.watch_predicted)
     watch = step(watch, 1.0, 0.5, 2.0, 3.0)
@@ -120,13 +143,33 @@ def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, c
     return [str(w.message) for w in seen if "quadratic model predicted" in str(w.message)], lrs, opt
 
 
+def torch_watch(opt) -> mw.MinibatchWatch:
+    """A PyTorch CDAT's mini-batch watch, read from its state."""
+    from torch_backend.state import WATCH
+
+    glob = opt.state[opt.param_groups[0]["params"][0]]
+    return mw.MinibatchWatch(*(float(glob[k]) for k in WATCH))
+
+
 @pytest.mark.parametrize("base", ["heavy_ball", "nesterov"])
-def test_momentum_in_minibatch_warns_once(base):
-    """Behind heavy ball and Nesterov in batches of 16, one warning, saying what was seen and what to do."""
-    found, lrs, _ = _train(base, batch=16)
+def test_momentum_in_minibatch_warns_once_and_holds_the_rate(base):
+    """Behind heavy ball and Nesterov in batches of 16, one warning, saying what was seen, the held rate and what
+    to do; from the step it fired on, every rate at most that step's."""
+    found, lrs, opt = _train(base, batch=16)
     assert len(found) == 1, found
     assert "mini-batch" in found[0] and "Use Adam or AdamW as the base, or a tuned constant rate" in found[0]
+    held = torch_watch(opt).watch_held
+    assert f"at most at this step's, {held:.4g}" in found[0]
+    fired = lrs.index(held)
+    assert fired < len(lrs) - 50 and max(lrs[fired:]) == held
     assert all(math.isfinite(v) for v in lrs)
+
+
+def test_the_greedy_step_in_minibatch_warns_and_is_not_held():
+    found, _, opt = _train("heavy_ball", batch=16, tuner=QuadraticGreedy)
+    assert len(found) == 1 and "does not do" in found[0]
+    watch = torch_watch(opt)
+    assert np.isfinite(watch.watch_fired) and np.isnan(watch.watch_held)
 
 
 @pytest.mark.parametrize("base, batch, tuner, closure", [
@@ -138,8 +181,9 @@ def test_no_warning_in_full_batch_behind_other_bases_or_without_a_closure(base, 
     found, _, opt = _train(base, batch, tuner=tuner, closure=closure)
     assert found == []
     if batch == 0:  # judged on enough steps to fire (not silent for want of a prediction), missed on few
-        watch = opt._minibatch_watch
+        watch = torch_watch(opt)
         assert watch.watch_judged >= mw.WATCH_STEPS and mw.missed_share(watch, np) < 0.1
+        assert math.isnan(watch.watch_held)
 
 
 # ---------------------------------------------------------------------------------------------------------- Optax
@@ -193,11 +237,14 @@ def test_optax_heavy_ball_in_minibatch_fires_and_stats_warns_once_per_read():
     state = _train_optax(batch=16)
     watch = _watch_of(state)
     assert watch.watch_judged >= mw.WATCH_STEPS and np.isfinite(watch.watch_fired)
+    last_lr = next(s.stats.lr for s in state if hasattr(s, "watch"))
+    assert 0 < last_lr <= watch.watch_held
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         stats(state)
     found = [str(w.message) for w in seen if "quadratic model predicted" in str(w.message)]
     assert len(found) == 1 and "Use Adam or AdamW as the base" in found[0]
+    assert f"at most at this step's, {float(watch.watch_held):.4g}" in found[0]
 
 
 def test_optax_full_batch_heavy_ball_does_not_fire_and_adam_has_no_watch():

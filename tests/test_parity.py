@@ -77,26 +77,29 @@ TUNERS = {
 }
 
 
-def run_torch(tuner, base, keep=None):
+def run_torch(tuner, base, keep=None, batches=None):
+    """``batches``: the rows of X, Y each step trains on (default: all of them, STEPS steps)."""
     cls, _, kw, extra = TUNERS[tuner]
     model = _torch_model()
     init = [p.detach().numpy().copy() for p in model.parameters()]
     names = [n for n, _ in model.named_parameters()]
-    x, y = torch.from_numpy(X), torch.from_numpy(Y)
-    mse = lambda out: ((out - y) ** 2).sum(dim=1).mean()  # noqa: E731
+    batches = [slice(None)] * STEPS if batches is None else batches
+    data = {}
+    mse = lambda out: ((out - data["y"]) ** 2).sum(dim=1).mean()  # noqa: E731
     if kw.get("curvature") == "exact":
         extra = dict(extra, functional_loss=lambda ps: mse(torch.func.functional_call(model, dict(zip(names, ps)),
-                                                                                       (x,))))
+                                                                                       (data["x"],))))
     opt = cls(TORCH_BASES[base](list(model.parameters())), **kw, **extra)
 
     def closure():
         opt.zero_grad()
-        loss = mse(model(x))
+        loss = mse(model(data["x"]))
         loss.backward()
         return loss
 
     lrs, sharp = [], []
-    for _ in range(STEPS):
+    for rows in batches:
+        data["x"], data["y"] = torch.from_numpy(X[rows]), torch.from_numpy(Y[rows])
         opt.step(closure)
         lrs.append(float(opt.stats["lr"]))
         sharp.append((float(opt.stats["sharpness"]), float(opt.stats["preconditioned_sharpness"])))
@@ -105,29 +108,38 @@ def run_torch(tuner, base, keep=None):
     return init, np.array(lrs), np.array(sharp), [p.detach().numpy() for p in model.parameters()]
 
 
-def run_jax(tuner, base, init, keep=None):
+def run_jax(tuner, base, init, keep=None, batches=None):
     _, make, kw, _ = TUNERS[tuner]
     make_base, method = JAX_BASES[base]
     opt = make(make_base(), base_method=method, **kw)
     params = [jnp.asarray(a) for a in init]
     state = opt.init(params)
-    x, y = jnp.asarray(X), jnp.asarray(Y)
+    batches = [slice(None)] * STEPS if batches is None else batches
 
     @jax.jit
-    def step(p, state):
+    def step(p, state, x, y):
         v, g = jax.value_and_grad(jax_loss)(p, x, y)
         up, state = opt.update(g, state, p, value=v, grad=g, value_fn=jax_loss, x=x, y=y)
         t = state[1].stats
         return optax.apply_updates(p, up), state, (t.lr, t.sharpness, t.preconditioned_sharpness)
 
     lrs, sharp = [], []
-    for _ in range(STEPS):
-        params, state, (lr, s, ps) = step(params, state)
+    for rows in batches:
+        params, state, (lr, s, ps) = step(params, state, jnp.asarray(X[rows]), jnp.asarray(Y[rows]))
         lrs.append(float(lr))
         sharp.append((float(s), float(ps)))
     if keep is not None:
         keep["state"] = state[1]
     return np.array(lrs), np.array(sharp), [np.asarray(p) for p in params]
+
+
+def torch_watch(opt):
+    """A PyTorch CDAT's mini-batch watch, from its state."""
+    from curvopt.minibatch_watch import MinibatchWatch
+    from torch_backend.state import WATCH
+
+    glob = opt.state[opt.param_groups[0]["params"][0]]
+    return MinibatchWatch(*(float(glob[k]) for k in WATCH))
 
 
 def check(tuner, base):
@@ -166,11 +178,29 @@ def test_minibatch_watch_agrees(base):
     init, *_ = run_torch("cdat", base, keep=kept_t)
     with jax.enable_x64(True):
         run_jax("cdat", base, init, keep=kept_j)
-    t, j = kept_t["tuner"]._minibatch_watch, kept_j["state"].watch
+    t, j = torch_watch(kept_t["tuner"]), kept_j["state"].watch
     assert t.watch_judged > STEPS // 2 and float(j.watch_judged) == t.watch_judged
     for field in ("watch_share", "watch_scale", "watch_predicted", "watch_change"):
         np.testing.assert_allclose(float(getattr(j, field)), float(getattr(t, field)), rtol=1e-6, err_msg=field)
     assert np.isnan(t.watch_fired) and np.isnan(j.watch_fired)
+
+
+@pytest.mark.filterwarnings("ignore:curvopt. the loss of each step")
+@pytest.mark.parametrize("base", ["heavy_ball", "nesterov"])
+def test_the_held_rate_agrees_in_minibatch(base):
+    """In batches of 2 of the 40 rows the watch fires in both backends on the same step, and the rates, held from
+    then on at most at that step's, agree."""
+    batches = [np.random.default_rng(t).choice(len(X), 2, replace=False) for t in range(120)]
+    kept_t, kept_j = {}, {}
+    init, t_lrs, _, _ = run_torch("cdat", base, keep=kept_t, batches=batches)
+    with jax.enable_x64(True):
+        j_lrs, _, _ = run_jax("cdat", base, init, keep=kept_j, batches=batches)
+    t, j = torch_watch(kept_t["tuner"]), kept_j["state"].watch
+    assert np.isfinite(t.watch_held) and float(j.watch_held) == pytest.approx(t.watch_held, rel=1e-6)
+    fired = int(np.flatnonzero(t_lrs == t.watch_held)[0])
+    assert fired < len(batches) - 20 and np.all(t_lrs[fired + 1:] <= t.watch_held)
+    assert np.any(t_lrs[fired + 1:] == t.watch_held)  # the hold binds
+    np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-6, atol=0)
 
 
 @pytest.mark.slow

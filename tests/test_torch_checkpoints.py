@@ -289,22 +289,83 @@ def test_a_pickle_from_a_build_without_the_replay_scale_in_the_state_loads_and_s
     assert float(opt2.state[next(model2.parameters())]["curvopt_replay_scale"]) > 0 and opt2._replay_checks <= 0
 
 
-def test_a_pickle_from_a_build_without_the_minibatch_watch_loads_and_watches():
-    """A CDAT pickled by a build without the mini-batch watch (no ``_minibatch_watch`` attribute) loads with a fresh
-    watch and steps; the watch's memory is pickled with the tuner."""
+def _minibatch_run():
+    """CDAT behind heavy ball with a closure on batches of 2 of the 40 rows (step ``t`` on batch ``t``) up to the
+    step its mini-batch watch fires on: the model, the tuner, a closure maker for step ``t`` and the rates."""
+    x, y = data()
+    rows = [torch.randperm(40, generator=torch.Generator().manual_seed(t))[:2] for t in range(400)]
     model = mlp()
     opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9))
-    x, y = data()
-    opt.step(closure_of(model, opt, x, y))
-    del opt._minibatch_watch  # what such a build pickled
+
+    def closure_at(m, o, t):
+        return closure_of(m, o, x[rows[t]], y[rows[t]])
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "curvopt: the loss of each step")
+        rates = []
+        while not math.isfinite(float(opt.state[next(model.parameters())].get("curvopt_watch_fired", math.nan))):
+            opt.step(closure_at(model, opt, len(rates)))
+            rates.append(float(opt.stats["lr"]))
+    return model, opt, closure_at, rates
+
+
+def _continue(model, opt, closure_at, first: int, steps: int) -> list:
+    rates = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "curvopt: the loss of each step")
+        for t in range(first, first + steps):
+            opt.step(closure_at(model, opt, t))
+            rates.append(float(opt.stats["lr"]))
+    return rates
+
+
+def test_the_held_rate_is_kept_by_the_state_dict():
+    """CDAT's mini-batch watch lives in the state (``curvopt_watch_*``): a run resumed from a state dict saved just
+    after the watch fired goes on at the held rate exactly as the uninterrupted run, and warns no second time."""
+    model, opt, closure_at, rates = _minibatch_run()
+    held, fired = float(opt.state[next(model.parameters())]["curvopt_watch_held"]), len(rates) - 1
+    assert held == rates[-1] and fired < 150
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    after = _continue(model, opt, closure_at, fired + 1, 30)
+    assert max(after) <= held and held in after  # the hold binds
+    model2 = mlp()
+    model2.load_state_dict(saved_model)
+    opt2 = CDAT(torch.optim.SGD(model2.parameters(), lr=1.0, momentum=0.9))
+    opt2.load_state_dict(torch.load(_saved(saved), weights_only=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = []
+        for t in range(fired + 1, fired + 31):
+            opt2.step(closure_at(model2, opt2, t))
+            resumed.append(float(opt2.stats["lr"]))
+    assert resumed == after
+
+
+def _saved(sd: dict) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_a_state_dict_or_pickle_without_the_watch_starts_it_afresh():
+    """A state saved by a build that kept no watch in the state (no ``curvopt_watch_*`` keys), loaded as a state
+    dict or in a pickle that held the watch on the tuner (``_minibatch_watch``), starts the watch afresh: no rate
+    held, the first step after loading judges nothing."""
+    model, opt, closure_at, rates = _minibatch_run()
+    glob = opt.state[next(model.parameters())]
+    for key in [k for k in glob if k.startswith("curvopt_watch_")]:
+        del glob[key]
+    opt._minibatch_watch = object()  # what such a build pickled beside the state
     model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
-    assert opt2._minibatch_watch.watch_judged == 0 and math.isnan(opt2._minibatch_watch.watch_predicted)
-    for _ in range(3):
-        opt2.step(closure_of(model2, opt2, x, y))
-    assert opt2._minibatch_watch.watch_judged == 2  # the first step after loading has no prediction to judge
-    model3, opt3 = pickle.loads(pickle.dumps((model2, opt2)))
-    assert opt3._minibatch_watch.watch_judged == 2
-    assert opt3._minibatch_watch.watch_predicted == opt2._minibatch_watch.watch_predicted
+    assert not hasattr(opt2, "_minibatch_watch")
+    model3 = copy.deepcopy(model)
+    opt3 = CDAT(torch.optim.SGD(model3.parameters(), lr=1.0, momentum=0.9))
+    opt3.load_state_dict(opt.state_dict())
+    for m, o in ((model2, opt2), (model3, opt3)):
+        _continue(m, o, closure_at, len(rates), 2)
+        g = o.state[next(m.parameters())]
+        assert float(g["curvopt_watch_judged"]) == 1 and math.isnan(float(g["curvopt_watch_held"]))
 
 
 def test_frozen_first_parameter_and_lazy_adam_state():

@@ -793,8 +793,8 @@ def _compare_impls(optim_info, flag, dtype=torch.float64):
                 take_step(opt, optim_info, closure)
             for p, q in zip(models[0].parameters(), models[1].parameters()):
                 torch.testing.assert_close(p, q)
-                for k, v in optimizers[0].state[p].items():
-                    torch.testing.assert_close(v, optimizers[1].state[q][k])
+                for k, v in optimizers[0].state[p].items():  # (NaN: CDAT's watch has no prediction yet)
+                    torch.testing.assert_close(v, optimizers[1].state[q][k], equal_nan=True)
 
 
 @db

@@ -50,7 +50,10 @@ class CDAT(CurvatureTuner):
         lr_max: cap on the learning rate.
         startup, f_star, growth: ``startup="robust"`` (default: a loss-bound curvature floor for a loss bounded
             below by ``f_star``, a ramp over the averages' horizon and a growth cap of ``growth`` per step) or
-            ``"paper"`` (the paper's rule exactly); :class:`curvopt.rules.CDATRule` states each.
+            ``"paper"`` (the paper's rule exactly); :class:`curvopt.rules.CDATRule` states each. Behind heavy ball
+            and Nesterov, steps with a closure also feed a watch for mini-batch training, which warns once and,
+            but for ``"paper"``, holds the rate from then on at most at that step's
+            (:mod:`curvopt.minibatch_watch`).
         guard, guard_sigma: the robust start-up's above-edge guard, for ``sigma > 2``: once the loss (averaged
             with ``ema``) has risen past ``guard`` times its lowest average, the rate is ``guard_sigma`` times
             the quadratic step until it is back (``guard=inf``: off). It needs the loss: in a closure-free step

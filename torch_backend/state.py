@@ -24,7 +24,10 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
   ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor;
-  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves),
+  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves), CDAT's mini-batch
+  watch behind heavy ball and Nesterov (:data:`WATCH`: ``curvopt_watch_share``, ``curvopt_watch_judged``,
+  ``curvopt_watch_scale``, ``curvopt_watch_predicted``, ``curvopt_watch_change``, ``curvopt_watch_fired``,
+  ``curvopt_watch_held``; a state without them, saved before the watch was kept there, starts it afresh),
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction),
   ``curvopt_replay_scale`` (the largest loss the first ``fd`` probes' replay checks have seen, the scale of the
   loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it) and, with
@@ -49,11 +52,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from curvopt.minibatch_watch import MinibatchWatch
 from curvopt.rules import ADDED_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
-           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_PROBE", "REPLAY_SCALE", "META_TUNER", "META_BASE",
-           "rule_key", "is_ours", "without_ours", "prepare"]
+           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_PROBE", "REPLAY_SCALE", "WATCH", "META_TUNER",
+           "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -72,6 +76,8 @@ LAST_PROBE = "curvopt_secant_last_probe"
 PREDICTED_GRAD, PREDICTED = "curvopt_predicted_grad", "curvopt_predicted"
 #: the largest main-call loss the fd replay checks have seen: the scale of the loss's rounding (global)
 REPLAY_SCALE = "curvopt_replay_scale"
+#: CDAT's mini-batch watch behind heavy ball and Nesterov, one key per field (global)
+WATCH = tuple(PREFIX + f for f in MinibatchWatch._fields)
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"
 PER_PARAM = (W0, U, PREV_GRAD, PREDICTED_GRAD, *EIGVEC.values())
 #: base-state keys whose tensors have the parameter's shape (checked on load)

@@ -60,7 +60,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
                             resolve_curvature, power_iters, secant_caveat, secant_stall_reference, secant_stalled,
                             sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
-from curvopt.minibatch_watch import MINIBATCH_MOMENTUM_MESSAGE, MinibatchWatch, watch_minibatch, watches
+from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
 from curvopt.rules import eos_ratio as eos_ratio_rule
@@ -209,10 +209,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_warned = False
         #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
         self._zero_run: Optional[int] = 0
-        #: CDAT's watch for mini-batch training behind heavy ball and Nesterov (:meth:`_watch_minibatch`); None for
-        #: the other rules and once warned
-        self._minibatch_watch: Optional[MinibatchWatch] = (MinibatchWatch.start(0.0) if isinstance(self.rule, CDATRule)
-                                                           else None)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -669,6 +665,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                 lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state, S)
             else:
                 lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
+            # CDAT behind heavy ball or Nesterov: the watch for mini-batch training (curvopt.minibatch_watch)
+            watch = self._watch_state(glob, S) if isinstance(rule, CDATRule) and watches(method) else None
+            if watch is not None:
+                lr = held_rate(watch, lr, S)
             if probing:
                 nw, nu = host_values(ws.norms(w0, u), S)
                 # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps),
@@ -691,14 +691,15 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = None
             if not probing and not lagged and self._zero_run is not None:  # (the secant's stall: secant_stalled)
                 self._watch_zero_rate(lr, numerator)
-            if self._minibatch_watch is not None and watches(method):
-                self._watch_minibatch(loss_v, lr, numerator, nan if probing or lagged else curvature,
-                                      torch.finfo(loss_t.dtype).eps if loss_t is not None else nan, S)
+            if watch is not None:
+                watch = self._watch_minibatch(watch, loss_v, lr, numerator, nan if probing or lagged else curvature,
+                                              torch.finfo(loss_t.dtype).eps if loss_t is not None else nan,
+                                              holds(rule), S)
             ratio = (eos_ratio_rule(lr * group_lr, reference, coefficient)
                      if coefficient is not None else nan)
 
         # commit: every new scalar made a tensor at once, then w <- w0 + lr u
-        values = [lr, *new_rule_state]
+        values = [lr, *new_rule_state, *(watch if watch is not None else ())]
         seen_kept = remember and denoise and clip_v is not None  # the share of the gradient the base saw
         if remember:
             values += [-numerator, u_sq]
@@ -707,7 +708,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if seen_kept:
                 values.append(clip_v)
         store = self._store
-        store_key = (type(new_rule_state), remember, noise_state is not None, seen_kept, acc, dev)
+        store_key = (type(new_rule_state), watch is not None, remember, noise_state is not None, seen_kept, acc, dev)
         if store is None or store.key != store_key:
             store = self._store = ScalarStore(store_key, len(values), acc, dev)
         tensors = store.write(values)
@@ -745,6 +746,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[layout.REPLAY_SCALE] = torch.tensor(replay_scale, dtype=acc, device=dev)
         n_rule = len(new_rule_state)
         glob.update(zip(self._rule_layout(S)[1], tensors[1:1 + n_rule]))
+        if watch is not None:
+            glob.update(zip(layout.WATCH, tensors[1 + n_rule:1 + n_rule + len(watch)]))
+            n_rule += len(watch)
         for space, key in layout.SHARPNESS.items():
             if space in sharp:
                 glob[key] = S.tensor(sharpness[space], dev)
@@ -970,16 +974,23 @@ class CurvatureTuner(torch.optim.Optimizer):
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
             warn(zero_rate_message(float(numerator) < 0, decays))
 
-    def _watch_minibatch(self, value: Any, lr: Any, numerator: Any, curvature: Any, loss_eps: float,
-                         S: ScalarNamespace) -> None:
-        """CDAT behind heavy ball or Nesterov: warn once when consecutive losses are not one function's, as in
-        mini-batch training (:func:`curvopt.minibatch_watch.watch_minibatch`; a closure-free step, whose loss is
-        not known, judges nothing)."""
-        watch = self._minibatch_watch = watch_minibatch(self._minibatch_watch, S(value), S(lr), S(numerator),
-                                                        S(curvature), loss_eps, S)
-        if S.isfinite(watch.watch_fired):
-            self._minibatch_watch = None
-            warn(MINIBATCH_MOMENTUM_MESSAGE.format(share=float(watch.watch_fired)))
+    def _watch_state(self, glob: dict, S: ScalarNamespace) -> MinibatchWatch:
+        """The mini-batch watch's memory in the state (its start where the state has none: a new run, or a state
+        saved by a build without the watch)."""
+        vals = [glob.get(k) for k in layout.WATCH]
+        if any(v is None for v in vals):
+            return MinibatchWatch.start(S(0.0))
+        return MinibatchWatch(*(self._host(v, S) for v in vals))
+
+    @staticmethod
+    def _watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any,
+                         loss_eps: float, hold: bool, S: ScalarNamespace) -> MinibatchWatch:
+        """CDAT behind heavy ball or Nesterov: the watch's new memory (:func:`curvopt.minibatch_watch.watch_minibatch`;
+        a closure-free step, whose loss is not known, judges nothing), and a warning on the step it fires."""
+        new = watch_minibatch(watch, S(value), S(lr), S(numerator), S(curvature), loss_eps, hold, S)
+        if not S.isfinite(watch.watch_fired) and S.isfinite(new.watch_fired):
+            warn(minibatch_message(new))
+        return new
 
     def _check_replay(self, probe: Probe, curvature: Tensor, glob: dict) -> Optional[float]:
         """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
@@ -1242,8 +1253,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if isinstance(state.get("_clip_norms"), list):  # pickled by an earlier build: a list of the last norms
                 state["_clip_norms"] = np.zeros(EXTERNAL_CLIP_STEPS)
             state.pop("_replay_scale", None)  # an earlier build's: the scale is in the state now (REPLAY_SCALE)
-            if "_minibatch_watch" not in state:  # pickled by a build without the watch: it starts afresh
-                state["_minibatch_watch"] = MinibatchWatch.start(0.0) if isinstance(state["rule"], CDATRule) else None
+            state.pop("_minibatch_watch", None)  # an earlier build's: the watch's memory is in the state now
             self.__dict__.update(state)
             self._ws = None
             self._store = None
