@@ -24,7 +24,7 @@ from flax import nnx
 from flax.training.train_state import TrainState
 
 from curvopt import rules
-from curvopt.optax import (armijo, cdat, edge_of_stability, polyak, quadratic_greedy, scale_by_cdat,
+from curvopt.optax import (BaseMethod, armijo, cdat, edge_of_stability, polyak, quadratic_greedy, scale_by_cdat,
                            scale_by_polyak, stats)
 
 
@@ -262,6 +262,7 @@ OPTS = {
     "cdat": lambda: cdat(optax.scale_by_adam(), sharpness=2, base_method="adam"),
     "cdat_free": lambda: cdat(optax.scale_by_adam()),
     "cdat_free_noise": lambda: cdat(optax.scale_by_adam(), base_method="adam", noise_correction=True),
+    "cdat_heavy_ball": lambda: cdat(optax.trace(0.9), base_method=BaseMethod.heavy_ball(0.9)),  # the watch's state
     "greedy": lambda: quadratic_greedy(optax.trace(0.5), curvature="exact"),
     "polyak": lambda: polyak(optax.identity()),
     "armijo": lambda: armijo(optax.identity()),
@@ -390,7 +391,7 @@ def test_base_method_unset_warns_when_the_base_is_visibly_another():
     only the diagnostics follow the base (the greedy step, CDAT with sigma and ema given)."""
     import warnings
 
-    from curvopt.optax import BaseMethod, scale_by_edge_of_stability, scale_by_quadratic_greedy
+    from curvopt.optax import scale_by_edge_of_stability, scale_by_quadratic_greedy
 
     p = {"w": jnp.ones(3)}
     f = lambda q: jnp.sum((q["w"] - 2.0) ** 2)  # noqa: E731
