@@ -48,8 +48,8 @@ _MESSAGE = (
     "(the README's Known limits). Use Adam or AdamW as the base, or a tuned constant rate. (Dropout drawn anew each "
     "step also changes the loss between steps.)")
 _HELD = (", so from now on the rate is held at most at this step's, {held:.4g}. Held so, its final loss was still up "
-         "to 80x a tuned constant rate's on the problems measured")
-_NOT_HELD = (": its final loss was 4x to 5,000x a tuned constant rate's on the problems measured, 80x at most with "
+         "to 81x a tuned constant rate's on the problems measured")
+_NOT_HELD = (": its final loss was 4x to 5,000x a tuned constant rate's on the problems measured, 81x at most with "
              "the rate held, which the paper's rule (startup='paper', the greedy step) does not do")
 
 

@@ -24,13 +24,13 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
   ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor;
-  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves), CDAT's mini-batch
-  watch behind heavy ball and Nesterov (:data:`WATCH`: ``curvopt_watch_share``, ``curvopt_watch_judged``,
-  ``curvopt_watch_scale``, ``curvopt_watch_predicted``, ``curvopt_watch_change``, ``curvopt_watch_fired``,
-  ``curvopt_watch_held``; a state without them, saved before the watch was kept there, starts it afresh),
+  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves),
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction),
   ``curvopt_replay_scale`` (the largest loss the first ``fd`` probes' replay checks have seen, the scale of the
-  loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it) and, with
+  loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it), CDAT's
+  mini-batch watch behind heavy ball and Nesterov (:data:`WATCH`: ``curvopt_watch_share``,
+  ``curvopt_watch_judged``, ``curvopt_watch_scale``, ``curvopt_watch_predicted``, ``curvopt_watch_change``,
+  ``curvopt_watch_fired``, ``curvopt_watch_held``; a state saved without them starts the watch afresh) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
   from the base while it steps, so a lazily initialising base never mistakes them for its own state. When
