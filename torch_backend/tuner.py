@@ -47,7 +47,7 @@ import collections
 import dataclasses
 import math
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -848,10 +848,17 @@ class CurvatureTuner(torch.optim.Optimizer):
         return out
 
     def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
-        vals = [glob.get(layout.rule_key(f)) for f in SecantNoiseState._fields]
+        return self._saved(glob, [layout.rule_key(f) for f in SecantNoiseState._fields], SecantNoiseState,
+                           lambda: SecantNoiseState(*(S(0.0) for _ in SecantNoiseState._fields)), S)
+
+    def _saved(self, glob: dict, keys: Sequence[str], kind: type, start: Callable[[], Any],
+               S: ScalarNamespace) -> Any:
+        """The named tuple ``kind`` held in the globals under ``keys`` (host values), or ``start()`` where any is
+        missing (a new run, or a state saved by a build without them)."""
+        vals = [glob.get(k) for k in keys]
         if any(v is None for v in vals):
-            return SecantNoiseState(*(S(0.0) for _ in vals))
-        return SecantNoiseState(*(self._host(v, S) for v in vals))
+            return start()
+        return kind(*(self._host(v, S) for v in vals))
 
     def _clip(self, grads: list[Tensor]) -> Tensor:
         """Clip the main call's gradient in place to ``max_grad_norm`` (``torch.nn.utils.clip_grad_norm_``'s
@@ -976,12 +983,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             warn(zero_rate_message(float(numerator) < 0, decays))
 
     def _watch_state(self, glob: dict, S: ScalarNamespace) -> MinibatchWatch:
-        """The mini-batch watch's memory in the state (its start where the state has none: a new run, or a state
-        saved by a build without the watch)."""
-        vals = [glob.get(k) for k in layout.WATCH]
-        if any(v is None for v in vals):
-            return MinibatchWatch.start(S(0.0))
-        return MinibatchWatch(*(self._host(v, S) for v in vals))
+        """The mini-batch watch's memory in the state (its start where the state has none)."""
+        return self._saved(glob, layout.WATCH, MinibatchWatch, lambda: MinibatchWatch.start(S(0.0)), S)
 
     @staticmethod
     def _watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any,
@@ -1127,10 +1130,7 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _rule_state(self, glob: dict, S: ScalarNamespace) -> Any:
         kind, keys = self._rule_layout(S)
-        vals = [glob.get(k) for k in keys]
-        if any(v is None for v in vals):
-            return kind(*(S(v) for v in self.rule.init(S(0.0))))
-        return kind(*(self._host(v, S) for v in vals))
+        return self._saved(glob, keys, kind, lambda: kind(*(S(v) for v in self.rule.init(S(0.0)))), S)
 
     def _line_search(self, probe: Probe, inputs: RuleInputs, state: Any, S: ScalarNamespace
                      ) -> tuple[Any, Any, int, float]:
