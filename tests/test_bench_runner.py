@@ -498,6 +498,7 @@ def test_cli_peers_micro_both_backends(tmp_path, capsys):
     assert "sophia has no jax implementation" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~14 s; the fast suite keeps both backends through test_cli_peers_micro_both_backends
 def test_cli_micro_both_backends(tmp_path, capsys):
     from benchmarks.__main__ import main
 

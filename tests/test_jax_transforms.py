@@ -690,6 +690,7 @@ def test_noise_correction_reads_a_clip_inside_a_gradient_descent_base(case):
             assert got == pytest.approx(expected, rel=1e-12, abs=0), (case, bool(pre), got)
 
 
+@pytest.mark.slow  # ~26 s: two 300-step runs per backend
 @pytest.mark.parametrize("closure_free", [True, False])
 def test_a_clip_inside_a_gradient_descent_base_takes_the_unclipped_runs_steps(closure_free):
     """``optax.clip_by_global_norm`` first inside a gradient-descent base, binding on the first half of the run

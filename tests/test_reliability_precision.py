@@ -423,6 +423,7 @@ def test_gradient_eps_sees_the_half_precision_through_a_data_parallel_average():
     assert gradient_eps(_rank_averaged_gradient(torch.bfloat16, 1), terms=1) == bf16
 
 
+@pytest.mark.slow  # ~13 s (JAX compiles)
 def test_jax_closure_free_probe_sized_for_a_bf16_forward_and_the_same_reading_as_torch():
     """The Optax counterpart: closure-free there is no value_fn to read the precision from, so the probing step
     reads it from the gradient (jax_backend.oracles.gradient_eps, the core's curvopt.precision rule): a model
