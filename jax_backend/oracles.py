@@ -34,8 +34,8 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_stall_reference, secant_stalled,
-                            watched_norms)
+from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_probe_eps, secant_stall_reference,
+                            secant_stalled, watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, within_budgets
 
@@ -211,7 +211,7 @@ def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = No
 def _probing_step(params: Any, d: Any, dtype: Any, grad: Any) -> tuple[Any, Any]:
     """The closure-free probing step ``h`` and the rate its stall is judged against
     (:func:`curvopt.config.secant_stall_reference`)."""
-    eps = fd_eps(params, grad=grad)
+    eps = secant_probe_eps(fd_eps(params, grad=grad), jnp)
     h = fd_step(params, d, dtype, eps=eps)
     return h, secant_stall_reference(h, eps, jnp).astype(dtype)
 

@@ -80,8 +80,8 @@ def test_train_state_apply_gradients_closure_free():
         state = step(state)
         lrs.append(float(stats(state.opt_state)["lr"]))
     h = float(rules.finite_difference_step(np.linalg.norm(_flat(_p0())), np.linalg.norm(grads[0]),
-                                           dtype_eps=np.finfo(np.float64).eps, xp=np))
-    assert lrs[0] == pytest.approx(h, rel=1e-12) and lrs[0] < 1e-7
+                                           dtype_eps=2.0 ** -23, xp=np))  # at least float32's (secant_probe_eps)
+    assert lrs[0] == pytest.approx(h, rel=1e-12) and lrs[0] < 1e-3
     np.testing.assert_allclose(lrs[1:], [1 / _rayleigh(g) for g in grads[:-1]], rtol=1e-6)
     assert int(stats(state.opt_state)["closure_calls"]) == 1 and quad(state.params) < quad(params)
 
@@ -322,9 +322,9 @@ def test_masked_and_multi_transform():
     leaves) and cannot evaluate value_fn there: curvature="auto" picks the secant. The tuner's lrs equal a
     run of the same tuner fed the same gradients of its own leaves. Caveat shown here: the secant assumes that
     only the tuner moved the parameters; in multi_transform the other partition's SGD steps enter it, and right
-    after the probe step (lr = h, tiny) they dominate: the lr starts ~1e-6, and since a secant step's length
-    grows at most ``lagged_growth`` (1.1x) per step it recovers by that factor per step (~100x per step before
-    the cap applied to the greedy rule: closure-free behind Adam it diverged without it)."""
+    after the probe step (lr = h, small) they dominate: the lr starts at 0.03 (the tuned part alone: 0.5-0.7),
+    and since a secant step's length grows at most ``lagged_growth`` (1.1x) per step it recovers gradually (0.07
+    at step 6, 0.7 at step 12)."""
     labels = {"w": "tuned", "b": "sgd"}
     tx = optax.multi_transform({"tuned": quadratic_greedy(optax.identity()), "sgd": optax.sgd(0.05)}, labels)
     masked = optax.chain(optax.masked(quadratic_greedy(optax.identity()), {"w": True, "b": False}),
@@ -350,7 +350,7 @@ def test_masked_and_multi_transform():
             assert float(stats(s)["lr"]) == pytest.approx(float(stats(t)["lr"]), rel=1e-6)
         lrs[opt is tx] = float(stats(s)["lr"])
     assert lrs[False] > 1e-3  # masked, b frozen: the secant is the tuned part's own
-    assert 1e-6 < lrs[True] < 1e-5  # multi_transform: b's SGD steps in the secant after the probe (see above)
+    assert 0.01 < lrs[True] < 0.2  # multi_transform: b's SGD steps in the secant after the probe (see above)
     with pytest.raises(ValueError, match="masked"):
         bad = optax.masked(scale_by_cdat(curvature="fd"), {"w": True, "b": False})
         bad.update(jax.grad(quad)(_p0()), bad.init(_p0()), _p0(), grad=jax.grad(quad)(_p0()), value_fn=quad)

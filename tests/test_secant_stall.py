@@ -58,14 +58,15 @@ def test_torch_leaves_a_concave_start_by_probing_farther():
         np.testing.assert_allclose(lrs[1:6] / lrs[:5], 2.0, rtol=1e-12)  # each probe twice the last
         assert w > 0.9, w  # out of the well's top (0.3; the inflection point is at 0.577) towards its minimum 1
         assert not any(STALL in m for m in messages)
-    w, _, _ = _torch_run(lambda w: torch.optim.SGD([w], lr=1.0))
-    assert abs(w - 1.0) < 1e-3  # on the edge there (rate ~0.26, 2 / f''(1) = 0.25): it oscillates in
+    w, lrs, _ = _torch_run(lambda w: torch.optim.SGD([w], lr=1.0))
+    # on the edge there (2 / f''(1) = 0.25): a two-cycle around the minimum, 0.04 wide at a rate 0.7 % above it
+    assert abs(w - 1.0) < 0.05 and abs(lrs[-1] / 0.25 - 1.0) < 0.01, (w, lrs[-1])
 
 
 def test_optax_leaves_a_concave_start_by_probing_farther_with_pytorchs_rates():
     with jax.enable_x64(True):
         w, lrs, said = _optax_run(0.3)
-        assert abs(w - 1.0) < 1e-3 and not any(said)
+        assert abs(w - 1.0) < 0.05 and not any(said)
         _, torch_lrs, _ = _torch_run(lambda w: torch.optim.SGD([w], lr=1.0))
         np.testing.assert_allclose(lrs, torch_lrs, rtol=1e-8)  # 3e-9 at the edge, where the secant cancels
         w, _, said = _optax_run(2.0)  # started where the curvature is positive: converges without a word
@@ -74,11 +75,14 @@ def test_optax_leaves_a_concave_start_by_probing_farther_with_pytorchs_rates():
 
 def test_an_ascent_direction_is_never_probed_farther():
     """A chain that negates the base's direction (``optax.scale(-1)``): the numerator is clipped to 0, the rate
-    is 0, and the probes stay at the fd step (never doubled): the parameters move by ~1e-8 in 40 steps."""
+    is 0, and the probes stay at the probing step (never doubled: ``h = sqrt(2^-23) |w| / |g|`` = 9.5e-5): the
+    parameters move by 2e-3 in 40 steps."""
     with jax.enable_x64(True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w, lrs, _ = _optax_run(0.3, optax.scale(-1.0), steps=40)
-    assert abs(w - 0.3) < 1e-6 and np.nanmax(lrs) < 1e-7, (w, np.nanmax(lrs))
+    h = 2.0 ** -11.5 * 0.3 / abs(4 * 0.3 * (0.3 ** 2 - 1))
+    np.testing.assert_allclose(np.nanmax(lrs), h, rtol=1e-6)
+    assert abs(w - 0.3) < 40 * h * 1.1, w  # |f'| < 1.1 on the way (1.09 at 0.3)
 
 
 def test_probes_at_a_concave_start_stop_at_lr_max():
@@ -182,3 +186,76 @@ def test_a_bfloat16_forward_pass_is_not_taken_for_a_stall():
             assert lrs[-1] > 3 * lrs[0], lrs[[0, -1]]
             below += bool(lrs[10] < lrs[0])
     assert below == 4  # the case the judgement used to take for a stall
+
+
+def test_a_rate_of_zero_is_not_judged_a_stall():
+    """``secant_stalled`` judges only a step that moved: a rate of 0 (the rule declining an ascent, as after Adam's
+    momentum carried the double well's run past its minimum, at step 13 of :func:`_torch_run` behind Adam) waits
+    for the next step with a rate; a small positive rate is judged."""
+    from curvopt.config import SECANT_STALL_STEPS, secant_stalled
+
+    assert not secant_stalled(0.0, 1e-4, SECANT_STALL_STEPS + 3)[0]
+    assert secant_stalled(1e-5, 1e-4, SECANT_STALL_STEPS) == (True, True)
+    assert secant_stalled(1e-3, 1e-4, SECANT_STALL_STEPS) == (True, False)
+    assert not secant_stalled(1e-5, 1e-4, SECANT_STALL_STEPS - 1)[0]
+
+
+def _minibatch_mlp_rates(dtype, steps=60):
+    """Closure-free CDAT behind Adam on a tanh MLP in batches of 32 of 256 (noise correction on, the default),
+    in PyTorch and (``jax.enable_x64`` for float64) Optax: the rates of both."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (256,), generator=g)
+    w1, w2 = torch.randn(8, 16, generator=g, dtype=torch.float64) / 3, torch.randn(16, 3, generator=g,
+                                                                                 dtype=torch.float64) / 4
+    tp = [torch.nn.Parameter(w1.to(dtype, copy=True)), torch.nn.Parameter(w2.to(dtype, copy=True))]
+    opt = CDAT(torch.optim.Adam(tp, lr=1.0))
+    t_lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in range(steps):
+            i = (t * 32) % 256
+            opt.zero_grad()
+            logits = torch.tanh(x[i:i + 32].to(dtype) @ tp[0]) @ tp[1]
+            torch.nn.functional.cross_entropy(logits, y[i:i + 32]).backward()
+            opt.step()
+            t_lrs.append(float(opt.stats["lr"]))
+    wide = dtype == torch.float64
+    with jax.enable_x64(wide):
+        jdt = jnp.float64 if wide else jnp.float32
+        xs, ys = jnp.asarray(x.numpy(), jdt), jnp.asarray(y.numpy())
+
+        def loss(p, xb, yb):
+            return optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(xb @ p["w1"]) @ p["w2"], yb).mean()
+
+        jopt = cdat(optax.scale_by_adam(), base_method="adam")
+
+        @jax.jit
+        def step(p, s, xb, yb):
+            u, s = jopt.update(jax.grad(loss)(p, xb, yb), s, p)
+            return optax.apply_updates(p, u), s
+
+        p = {"w1": jnp.asarray(w1.numpy(), jdt), "w2": jnp.asarray(w2.numpy(), jdt)}
+        s, j_lrs = jopt.init(p), []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in range(steps):
+                i = (t * 32) % 256
+                p, s = step(p, s, xs[i:i + 32], ys[i:i + 32])
+                j_lrs.append(float(stats(s)["lr"]))
+    return np.array(t_lrs), np.array(j_lrs)
+
+
+def test_float64_probes_like_float32_in_both_backends():
+    """The closure-free probing step is sized by at least float32's epsilon (``curvopt.config.secant_probe_eps``):
+    its secant differences two batches' gradients, whose noise swamps the curvature over float64's displacement
+    (``1.5e-8 ||w||``; before, this float64 run's rate at step 60 was 1.5e-7 where the float32 run's is 2.9e-3).
+    Float64 now takes float32's probe and the same rates (to float32's rounding), in both backends, and climbs
+    far above its probe."""
+    t32, j32 = _minibatch_mlp_rates(torch.float32)
+    t64, j64 = _minibatch_mlp_rates(torch.float64)
+    for lrs in (t32, j32, t64, j64):
+        assert lrs[-1] > 10 * lrs[0], lrs[[0, -1]]
+    np.testing.assert_allclose(t64[0], t32[0], rtol=1e-6)
+    np.testing.assert_allclose(t64, t32, rtol=1e-2)
+    np.testing.assert_allclose(j64, t64, rtol=1e-6)
+    np.testing.assert_allclose(j32, t32, rtol=1e-2)

@@ -59,8 +59,8 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mis
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
-                            resolve_curvature, power_iters, secant_caveat, secant_stall_reference, secant_stalled,
-                            sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
+                            resolve_curvature, power_iters, secant_caveat, secant_probe_eps, secant_stall_reference,
+                            secant_stalled, sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -675,7 +675,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps),
                 # averaged over the data-parallel ranks
                 terms = 1 if self.distributed is None else self.distributed.world_size
-                eps = max(least_precise_eps(params), gradient_eps(grads, terms))
+                eps = float(secant_probe_eps(max(least_precise_eps(params), gradient_eps(grads, terms)), np))
                 lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
                 if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
                     self._probed = (float(secant_stall_reference(lr, eps, S)), count)
