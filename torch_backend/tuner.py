@@ -15,10 +15,10 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    (:func:`curvopt.config.has_gradient`);
 4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
    ``w0`` (after the base stepped, so Adam's ``P`` is the one of this step's update), by the core's power
-   iteration on finite-difference Hessian-vector products;
+   iteration on finite-difference Hessian-vector products; then ``u^T H u`` from the curvature oracle where
+   the rule needs it;
 5. the learning rate from the rule: ``apply_rule(self.rule, RuleInputs(...), rule state, torch)`` (the core
-   owns the guard), with ``u^T H u`` from the curvature oracle where the rule needs it; the Armijo rule's
-   trials run here; CDAT behind heavy ball and Nesterov then holds it once its mini-batch watch has fired
+   owns the guard); the Armijo rule's trials run here; CDAT behind heavy ball and Nesterov then holds it once its mini-batch watch has fired
    (:mod:`curvopt.minibatch_watch`);
 6. commit: ``w <- w0 + lr * u``, the tuner's state and ``stats`` are written.
 
@@ -109,6 +109,79 @@ The tuner calls it once at the current parameters and, depending on the tuner, a
 #: the closure checks of a tuner's first steps: fd probes against the main call's quadratic model, or (the line
 #: search) replays at the unchanged parameters before a search
 _REPLAY_CHECKS = 3
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Step:
+    """One step's values, filled in phase by phase by :meth:`CurvatureTuner._step` and gone with the step: tensors,
+    host scalars of the accumulator dtype (``S``) and the flags that say what the step computes."""
+
+    # the main call (phase 1)
+    closure: Optional[Callable[[], Tensor]]
+    probe_free: bool  # closure-free or probes=False: the closure is called once at most
+    method: Optional[BaseMethod]
+    coefficient: Optional[float]
+    loss: Any  # what the closure returned (None closure-free)
+    loss_t: Optional[Tensor]
+    all_params: list[Tensor]
+    ws: Workspace
+    params: list[Tensor]  # the parameters with a gradient (the workspace's)
+    grads: list[Tensor]
+    dev: torch.device
+    S: ScalarNamespace
+    p0: Tensor  # the first parameter, whose state holds the tuner's globals
+    glob: dict
+    count: int
+    # the plan (:meth:`CurvatureTuner._plan`)
+    oracle: Optional[str] = None
+    secant: bool = False
+    remember: bool = False  # the secant's memory is kept (u_sq read, the direction kept)
+    target: int = 0  # the workspace's u buffer this step's direction goes to
+    held: Optional[int] = None  # the one holding the previous direction
+    prev_u: Optional[list[Tensor]] = None
+    early: bool = False  # g^T u_prev read before the base steps
+    g_dot_prev_u_t: Optional[Tensor] = None
+    denoise: bool = False
+    noise_b: Optional[Tensor] = None
+    clip: Optional[Tensor] = None  # max_grad_norm's factor
+    # the direction (phase 2)
+    w0: Any = None
+    u: Any = None
+    # the reads (phase 3)
+    watch_clip: bool = False
+    flat: Optional[tuple] = None  # the flat workspace's (w0, u, g, g views), or None
+    fd: bool = False
+    paired: bool = False
+    u_sq: Any = None
+    g_sq: Any = None
+    loss_v: Any = None
+    clip_v: Any = None
+    grad_max: Any = None
+    fd_norms: Optional[tuple] = None
+    numerator: Any = None  # -g^T u (the true slope under a clip)
+    rule_numerator: Any = None  # the rule's numerator (momentum's, paired's)
+    ok: bool = False
+    secant_c: Any = None
+    prev_u_sq: Any = None
+    noise_state: Optional[SecantNoiseState] = None
+    has_secant: bool = False
+    # the curvature (phase 4)
+    probe: Optional[Probe] = None
+    sharp: dict = dataclasses.field(default_factory=dict)  # this step's estimates: space -> (value, vector, products)
+    curvature: Any = None
+    probing: bool = False
+    lagged: bool = False
+    stretch: Any = 1.0
+    replay_scale: Optional[float] = None
+    sharpness: dict = dataclasses.field(default_factory=dict)  # space -> this step's sharpness
+    fresh_sharp: list = dataclasses.field(default_factory=list)
+    # the rate (phase 5)
+    lr: Any = None
+    new_rule_state: Any = None
+    trials: int = 0
+    error: float = math.nan
+    watch: Optional[MinibatchWatch] = None
+    ratio: Any = None
 
 
 def _unhooked_step(base: torch.optim.Optimizer) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
@@ -403,17 +476,38 @@ class CurvatureTuner(torch.optim.Optimizer):
         return base._optimizer_step_pre_hooks, base._optimizer_step_post_hooks
 
     def _step(self, closure: Optional[Callable[[], Tensor]], tx: Transaction) -> Optional[Tensor]:
-        guard, state, rule = self.guard, self.state, self.rule
+        """The transaction's phases (the module docstring's 1-6), each filling in the step's record :class:`_Step`;
+        returns the main call's loss."""
+        st = self._main_call(closure)  # 1. the main call, its gradients and loss checked
+        self._plan(st)
+        if not self._take_direction(st, tx):  # 2. w0, the base's step, u (no parameter to tune: done)
+            self.guard.finish()
+            return st.loss
+        self._read(st)  # 3. the step's one host sync
+        if not st.ok:
+            tx.undo_base()
+            return self._skip(st.loss, st.p0)
+        if st.grad_max is not None and not has_gradient(st.grad_max):
+            tx.undo_base()
+            return self._skip(st.loss, st.p0, GRADIENT_MISSING_MESSAGE)
+        self._watch_reads(st)
+        self._curvature(st)  # 4. the online sharpness and the curvature along u
+        self._rate(st)  # 5. the rule's rate
+        self._commit(st)  # 6. w <- w0 + lr u, the tuner's state, the stats
+        return st.loss
+
+    def _main_call(self, closure: Optional[Callable[[], Tensor]]) -> _Step:
+        """Phase 1: the main closure call (closure-free: the gradients already in ``.grad``), its gradients and loss
+        checked; the step's record with the workspace, the loss as a scalar tensor and the tuner's globals."""
         method = self.current_method()
         coefficient = self._coefficient_of(method)
-        if getattr(rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's now
-            rule = self.rule = dataclasses.replace(rule, coefficient=coefficient)
-        probe_free = closure is None or not self.probes
+        if getattr(self.rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's
+            self.rule = dataclasses.replace(self.rule, coefficient=coefficient)
         if closure is None:  # closure-free: the gradients are in .grad already (loss.backward(); opt.step())
-            guard.no_main()
+            self.guard.no_main()
             loss = None
         else:
-            loss = guard.main(closure)
+            loss = self.guard.main(closure)
             if loss is None:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
         all_params = self._all_params()
@@ -429,131 +523,149 @@ class CurvatureTuner(torch.optim.Optimizer):
                 raise RuntimeError("no parameter has a gradient: call loss.backward() before opt.step()")
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
         ws = self._ws
-        if ws is None or not ws.matches(state, all_params, has_grad):
+        if ws is None or not ws.matches(self.state, all_params, has_grad):
             self._adopt_layout()
-            ws = self._ws = build_workspace(ws, state, all_params, has_grad, self._concat)
-        params, index = ws.params, ws.index
-        grads = [all_grads[i] for i in index]
-        dev = (params or ws.stepped)[0].device
+            ws = self._ws = build_workspace(ws, self.state, all_params, has_grad, self._concat)
+        dev = (ws.params or ws.stepped)[0].device
         S = self._scalars()
-        acc = self.acc_dtype
-        if loss is None:
-            loss_t = None
-        else:
-            if isinstance(loss, (tuple, list, dict)):
-                raise TypeError(f"the closure must return the scalar loss, got a {type(loss).__name__}: return the "
-                                "loss alone and keep other outputs (logits, metrics) in a variable outside the closure")
-            loss_t = loss if isinstance(loss, Tensor) else torch.as_tensor(loss)
-            if loss_t.numel() != 1:
-                raise ValueError(
-                    f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
-            loss_t = as_scalar(loss_t, acc, dev)
-        if self.distributed is not None and loss is not None:
-            # the closure's loss is rank-local under DDP (the gradients are already averaged): one all_reduce
-            # makes it global before the NaN check (so every rank skips together) and the rules use it
-            loss_t = self.distributed.mean(loss_t)
+        loss_t = self._loss_tensor(loss, dev)
         p0 = all_params[0]
+        glob = self._step_globals(p0)
+        return _Step(closure=closure, probe_free=closure is None or not self.probes, method=method,
+                     coefficient=coefficient, loss=loss, loss_t=loss_t, all_params=all_params, ws=ws,
+                     params=ws.params, grads=[all_grads[i] for i in ws.index], dev=dev, S=S, p0=p0, glob=glob,
+                     count=glob.get(layout.STEP, 0))
+
+    def _loss_tensor(self, loss: Any, dev: torch.device) -> Optional[Tensor]:
+        """The closure's loss as a 0-d tensor of the accumulator dtype on ``dev`` (None closure-free), checked to be
+        a scalar; the mean over the ranks under data parallelism (the closure's loss is rank-local, the gradients
+        already averaged: one all_reduce makes it global before the NaN check, so every rank skips together)."""
+        if loss is None:
+            return None
+        if isinstance(loss, (tuple, list, dict)):
+            raise TypeError(f"the closure must return the scalar loss, got a {type(loss).__name__}: return the "
+                            "loss alone and keep other outputs (logits, metrics) in a variable outside the closure")
+        loss_t = loss if isinstance(loss, Tensor) else torch.as_tensor(loss)
+        if loss_t.numel() != 1:
+            raise ValueError(f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
+        loss_t = as_scalar(loss_t, self.acc_dtype, dev)
+        return loss_t if self.distributed is None else self.distributed.mean(loss_t)
+
+    def _step_globals(self, p0: Tensor) -> dict:
+        """The tuner's globals (in the first parameter's state). Where that state was removed and not the rest (a
+        frozen layer's state freed to save memory), the globals there are not that parameter's, and the tuner
+        does not restart: the last step's are put back."""
+        state = self.state
         glob = state.get(p0) or {}
         if layout.STEP not in glob and self._kept_globals and any(st for p, st in state.items() if p is not p0):
-            # the first parameter's state was removed, not the rest (a frozen layer's state freed to save
-            # memory): the tuner's globals there are not that parameter's, and the tuner does not restart
             glob = state[p0]
             glob.update(self._kept_globals)
-        count = glob.get(layout.STEP, 0)
-        oracle = resolve_curvature(self.curvature, not probe_free) if self.curvature is not None else None
-        secant = oracle == "secant"
-        if secant and not self._secant_warned:
+        return glob
+
+    def _plan(self, st: _Step) -> None:
+        """What the step computes besides the rule: the curvature oracle, the secant's memory and previous
+        direction, the secant's noise estimate, the clip (``max_grad_norm``)."""
+        glob, params, grads, ws = st.glob, st.params, st.grads, st.ws
+        st.oracle = resolve_curvature(self.curvature, not st.probe_free) if self.curvature is not None else None
+        st.secant = st.oracle == "secant"
+        if st.secant and not self._secant_warned:
             self._secant_warned = True
-            caveat = secant_caveat(method)
+            caveat = secant_caveat(st.method)
             if caveat is not None:
                 warn(caveat)
         # once the run has taken secant steps every step keeps the secant's memory, so that a closure-free step
         # after a closure step has its secant, and its u goes to the buffer the memory does not hold (a failed step
         # leaves the previous direction as it was)
-        remember = secant or glob.get(layout.SECANT[0]) is not None
-        target, held = ws.u_for_step(remember) if params else (0, None)
-        prev_u = None
-        if (secant and held is not None and glob.get(layout.SECANT[0]) is not None
+        st.remember = st.secant or glob.get(layout.SECANT[0]) is not None
+        st.target, st.held = ws.u_for_step(st.remember) if params else (0, None)
+        if (st.secant and st.held is not None and glob.get(layout.SECANT[0]) is not None
                 and glob.get(layout.DIRECTIONS) == len(params)):
-            prev_u = ws.u[held].views
+            st.prev_u = ws.u[st.held].views
         # g^T u_prev is read after the base step, with g^T u and ||u||^2 in one reduction, where the base leaves
         # the gradients alone (SGD/Adam/AdamW); another base might change them in place
-        early = prev_u is not None and method is None
-        g_dot_prev_u_t = dot(grads, prev_u) if early else None
-        denoise = secant and self._noise_on() and knows_noise(self.base)
-        noise_b = (self._noise(params, grads, prev_u, ws.u[held].flat) if denoise and prev_u is not None
-                   else None)
-        clip = self._clip(grads) if self.max_grad_norm is not None else None
+        st.early = st.prev_u is not None and st.method is None
+        st.g_dot_prev_u_t = dot(grads, st.prev_u) if st.early else None
+        st.denoise = st.secant and self._noise_on() and knows_noise(self.base)
+        st.noise_b = (self._noise(params, grads, st.prev_u, ws.u[st.held].flat)
+                      if st.denoise and st.prev_u is not None else None)
+        st.clip = self._clip(grads) if self.max_grad_norm is not None else None
 
-        # the base's direction
-        tx.workspace, tx.entries = ws, ws.take_start()  # w0 <- w and the snapshot of the base's state
+    def _take_direction(self, st: _Step, tx: Transaction) -> bool:
+        """Phase 2: ``w0 <- w`` and the snapshot of the base's state (in ``tx``), the base's step, and its direction
+        ``u = w - w0``. False when only zero-size parameters have gradients: nothing to tune."""
+        ws, params, state = st.ws, st.params, self.state
+        tx.workspace, tx.entries = ws, ws.take_start()
         if params:
-            w0, u = ws.w0, ws.u[target]
-            tx.params, tx.w0 = params, w0.views
+            st.w0, st.u = ws.w0, ws.u[st.target]
+            tx.params, tx.w0 = params, st.w0.views
         tx.base_stepped = True
-        tx.hidden = self._hide_globals(p0)
+        tx.hidden = self._hide_globals(st.p0)
         self._base_step()
         if tx.hidden is not None:
-            state[p0].update(tx.hidden[1])
+            state[st.p0].update(tx.hidden[1])
             tx.hidden = None
-        if not params:  # only zero-size parameters have gradients: nothing to tune
-            guard.finish()
-            return loss
+        if not params:
+            return False
+        u, w0 = st.u, st.w0
         ws.read_params(u)  # u <- w - w0
         if u.flat is not None:
             u.flat.sub_(w0.flat)
         else:
             torch._foreach_sub_(u.views, w0.views)
-        late = prev_u is not None and not early
+        return True
+
+    def _read(self, st: _Step) -> None:
+        """Phase 3: every reduction of the step read to the host at once (``-g^T u``, ``||u||^2``, the secant's
+        ``g^T u_prev``, the loss, the clip's factor, ...), the rule's numerator and the secant's curvature from
+        them, and whether the step can go on (``st.ok``: a finite loss and ``-g^T u``)."""
+        ws, params, grads, u, w0, glob, S = st.ws, st.params, st.grads, st.u, st.w0, st.glob, st.S
+        late = st.prev_u is not None and not st.early
         # closure-free secant steps watch ||g|| for a norm clip outside the tuner (external_clip_suspected)
-        watch_clip = secant and self.max_grad_norm is None and not self._clip_warned
+        st.watch_clip = st.secant and self.max_grad_norm is None and not self._clip_warned
         if ws.flat:
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
             pairs = [(scratch.flat, u.flat)]
-            if remember:
+            if st.remember:
                 pairs.append((u.flat, u.flat))
             if late:
-                pairs.append((scratch.flat, ws.u[held].flat))
-            if watch_clip:
+                pairs.append((scratch.flat, ws.u[st.held].flat))
+            if st.watch_clip:
                 pairs.append((scratch.flat, scratch.flat))
             reductions = flat_dots(pairs)
-            flat = (w0.flat, u.flat, scratch.flat, scratch.views)
+            st.flat = (w0.flat, u.flat, scratch.flat, scratch.views)
         else:
             pairs = [(grads, u.views)]
-            if remember:
+            if st.remember:
                 pairs.append((u.views, u.views))
             if late:
-                pairs.append((grads, prev_u))
-            if watch_clip:
+                pairs.append((grads, st.prev_u))
+            if st.watch_clip:
                 pairs.append((grads, grads))
             reductions = [dots(pairs)]
-            flat = None
-        fd = oracle == "fd"
+        st.fd = st.oracle == "fd"
         momentum = self.numerator == "momentum"
-        paired = self.numerator == "paired"
-        predicted = paired and self._has_prediction(params, glob)
-        # the step's host sync: every reduction so far read at once
+        st.paired = self.numerator == "paired"
+        predicted = st.paired and self._has_prediction(params, glob)
         # closure-free: was a gradient handed over? (in flat mode from the scratch copy: one kernel)
-        grad_max_t = max_abs([ws.scratch.flat] if ws.flat else grads) if closure is None else None
-        extra = [t for t in (loss_t, g_dot_prev_u_t, clip, noise_b, grad_max_t) if t is not None]
+        grad_max_t = max_abs([ws.scratch.flat] if ws.flat else grads) if st.closure is None else None
+        extra = [t for t in (st.loss_t, st.g_dot_prev_u_t, st.clip, st.noise_b, grad_max_t) if t is not None]
         momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
                                                              else None) if momentum else ([], []))
-        paired_keys, paired_sums = self._paired_terms(params, grads, clip) if predicted else ([], [])
-        vals = host_values(reductions + extra + (ws.norms(w0, u) if fd else []) + momentum_sums + paired_sums, S)
-        it = iter(vals)
+        paired_keys, paired_sums = self._paired_terms(params, grads, st.clip) if predicted else ([], [])
+        it = iter(host_values(reductions + extra + (ws.norms(w0, u) if st.fd else []) + momentum_sums + paired_sums,
+                              S))
         g_dot_u = next(it)
-        u_sq = next(it) if remember else None
+        st.u_sq = next(it) if st.remember else None
         g_dot_prev_u = next(it) if late else None
-        g_sq = next(it) if watch_clip else None
-        loss_v = next(it) if loss_t is not None else S(math.nan)
-        if early:
+        st.g_sq = next(it) if st.watch_clip else None
+        st.loss_v = next(it) if st.loss_t is not None else S(math.nan)
+        if st.early:
             g_dot_prev_u = next(it)
-        clip_v = next(it) if clip is not None else None
-        noise_v = next(it) if noise_b is not None else None
-        grad_max = next(it) if grad_max_t is not None else None
-        fd_norms = (next(it), next(it)) if fd else None
-        nan = S(math.nan)
+        st.clip_v = next(it) if st.clip is not None else None
+        noise_v = next(it) if st.noise_b is not None else None
+        st.grad_max = next(it) if grad_max_t is not None else None
+        st.fd_norms = (next(it), next(it)) if st.fd else None
         with S.errstate():
             numerator = -g_dot_u
             rule_numerator = numerator
@@ -565,194 +677,223 @@ class CurvatureTuner(torch.optim.Optimizer):
                                                         step=S(adam_count), xp=S)
             for beta1 in paired_keys:  # the core's formula, once per beta1 the parameters share
                 rule_numerator = paired_numerator(rule_numerator, next(it), beta1=beta1, has=True, xp=S)
-            if clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
-                numerator = numerator / clip_v
-                rule_numerator = rule_numerator / clip_v
+            if st.clip_v is not None:  # the rules see the true slope -g^T u (the clipped g is clip * g)
+                numerator = numerator / st.clip_v
+                rule_numerator = rule_numerator / st.clip_v
                 if late:
-                    g_dot_prev_u = g_dot_prev_u / clip_v
-            ok = (loss is None or S.isfinite(loss_v)) and S.isfinite(numerator)
-            secant_c, noise_state = nan, None
-            if secant and g_dot_prev_u is not None:
+                    g_dot_prev_u = g_dot_prev_u / st.clip_v
+            st.numerator, st.rule_numerator = numerator, rule_numerator
+            st.ok = (st.loss is None or S.isfinite(st.loss_v)) and S.isfinite(numerator)
+            st.secant_c = S(math.nan)
+            if st.secant and g_dot_prev_u is not None:
                 prev = [glob.get(k) for k in layout.SECANT]
                 if all(t is not None for t in prev):
                     prev = [self._host(t, S) for t in prev]
+                    st.prev_u_sq = prev[2]
                     if noise_v is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
                         seen = glob.get(layout.PREV_GRAD_SCALE)
-                        secant_c, noise_state = secant_noise_corrected(
-                            g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], u_sq, self._noise_state(glob, S),
+                        st.secant_c, st.noise_state = secant_noise_corrected(
+                            g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], st.u_sq, self._noise_state(glob, S),
                             input_scale=S(1.0) if seen is None else self._host(seen, S), xp=S)
                     else:
-                        secant_c = secant_curvature(g_dot_prev_u, prev[0], prev[1], prev[2], u_sq, xp=S)
-            has_secant = bool(S.isfinite(secant_c))
-        if not ok:
-            tx.undo_base()
-            return self._skip(loss, p0)
-        if grad_max is not None and not has_gradient(grad_max):
-            tx.undo_base()
-            return self._skip(loss, p0, GRADIENT_MISSING_MESSAGE)
-        if watch_clip:
-            self._watch_clip(g_sq, after_move=prev_u is not None and self._moved_last)
-        f_star = getattr(rule, "loss_bound", -math.inf)
-        if loss_v < f_star and not self._below_bound_warned:
+                        st.secant_c = secant_curvature(g_dot_prev_u, prev[0], prev[1], prev[2], st.u_sq, xp=S)
+            st.has_secant = bool(S.isfinite(st.secant_c))
+
+    def _watch_reads(self, st: _Step) -> None:
+        """The checks on the step's reads that warn: a norm clip outside a closure-free step
+        (:meth:`_watch_clip`), a loss below the rule's lower bound ``f_star`` (once)."""
+        if st.watch_clip:
+            self._watch_clip(st.g_sq, after_move=st.prev_u is not None and self._moved_last)
+        f_star = getattr(self.rule, "loss_bound", -math.inf)
+        if st.loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
-            warn(f"{type(self).__name__}: the loss {float(loss_v):.6g} is below f_star={f_star:g}, which the "
+            warn(f"{type(self).__name__}: the loss {float(st.loss_v):.6g} is below f_star={f_star:g}, which the "
                  "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
                  "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
                  "off")
 
-        cfg = self.sharpness_config
-        probe = None
+    def _probe(self, st: _Step) -> Probe:
+        """The step's probe (made on first use: closure calls at points along ``u``,
+        :class:`torch_backend.probe.Probe`). Its gradients are the loss's own, never clipped: the sharpness
+        differences the unclipped ``g``."""
+        if st.probe is None:
+            grads = st.grads
+            if st.clip is not None and self.sharpness_config.enabled:
+                grads = list(torch._foreach_div(grads, st.clip))
+            lt = (st.loss_t if st.loss_t is not None
+                  else torch.full((), math.nan, dtype=self.acc_dtype, device=st.dev))
+            st.probe = Probe(st.closure, st.params, grads, st.w0.views, st.u.views, lt, st.numerator, self.guard,
+                             self.distributed, st.all_params, st.ws.index, st.flat)
+        return st.probe
 
-        def make_probe() -> Probe:
-            # the probes' gradients are the loss's own (never clipped): the sharpness differences the unclipped g
-            raw_grads = grads if clip is None or not cfg.enabled else list(torch._foreach_div(grads, clip))
-            lt = loss_t if loss_t is not None else torch.full((), math.nan, dtype=acc, device=dev)
-            return Probe(closure, params, raw_grads, w0.views, u.views, lt, numerator, guard,
-                         self.distributed, all_params, index, flat)
-        sharp = {}
+    def _curvature(self, st: _Step) -> None:
+        """Phase 4: the online sharpness on its steps, and ``u^T H u`` from the oracle: exact, fd, the secant's (a
+        step old: lagged, with the stretch to this direction), or none on a closure-free probing step."""
+        glob, S, cfg = st.glob, st.S, self.sharpness_config
+        nan = S(math.nan)
         held = {space: nan if glob.get(key) is None else self._host(glob[key], S)  # the estimates so far, read once
                 for space, key in layout.SHARPNESS.items()}
-        if cfg.enabled and sharpness_due(count, cfg.every, held["preconditioned" if self.preconditioned else "plain"]):
-            probe = make_probe()
-            if self._replay_checks and not fd:  # once: the sharpness's probes leave .grad zeroed
+        if cfg.enabled and sharpness_due(st.count, cfg.every,
+                                         held["preconditioned" if self.preconditioned else "plain"]):
+            probe = self._probe(st)
+            if self._replay_checks and not st.fd:  # once: the sharpness's probes leave .grad zeroed
                 self._check_replay_in_place(probe)
                 self._replay_checks = 0
-            sharp = self._estimate_sharpness(probe, glob, count)
-        curvature = nan
-        if oracle == "exact":
-            probe = probe or make_probe()
-            curvature = S(exact(probe, self.functional_loss))
-        probing = secant and not has_secant and probe_free
-        if probing and prev_u is None and glob.get(layout.SECANT[0]) is not None and not self._regrouped_warned:
+            st.sharp = self._estimate_sharpness(probe, glob, st.count)
+        st.curvature = nan
+        if st.oracle == "exact":
+            st.curvature = S(exact(self._probe(st), self.functional_loss))
+        st.probing = st.secant and not st.has_secant and st.probe_free
+        if (st.probing and st.prev_u is None and glob.get(layout.SECANT[0]) is not None
+                and not self._regrouped_warned):
             self._regrouped_warned = True
             warn(f"{type(self).__name__}: the parameters with a gradient are not the previous step's, so the "
                  "secant has no previous direction for them and this step only probes (lr = h). The "
                  "closure-free secant compares consecutive gradients of the same parameters: when parameters "
                  "take part on alternate steps (several heads, experts), pass a closure (the fd oracle)")
         # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
-        lagged, stretch, replay_scale = False, 1.0, None
-        if probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
-            curvature = nan
-        elif fd or (secant and not has_secant):
-            probe = probe or make_probe()
+        if st.probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
+            st.curvature = nan
+        elif st.fd or (st.secant and not st.has_secant):
+            probe = self._probe(st)
             with S.errstate():  # the secant's fallback when there is no secant
-                norms = fd_norms if fd_norms is not None else tuple(host_values(ws.norms(w0, u), S))
-                curvature = finite_difference(probe, S, numerator, norms)
+                norms = st.fd_norms if st.fd_norms is not None else tuple(host_values(st.ws.norms(st.w0, st.u), S))
+                st.curvature = finite_difference(probe, S, st.numerator, norms)
             if self._replay_checks:
-                replay_scale = self._check_replay(probe, curvature, glob)
-        elif secant:
-            curvature, lagged, stretch = secant_c, True, secant_stretch(prev[2], u_sq, S)
-        sharpness, fresh_sharp = {}, []
+                st.replay_scale = self._check_replay(probe, st.curvature, glob)
+        elif st.secant:
+            st.curvature, st.lagged, st.stretch = st.secant_c, True, secant_stretch(st.prev_u_sq, st.u_sq, S)
         for space in layout.SHARPNESS:
-            if space in sharp:  # a failed estimate (NaN) is this step's sharpness too: retried next step
-                sharpness[space] = S(sharp[space][0])
-                if S.isfinite(sharpness[space]):
-                    fresh_sharp.append(space)  # its eigenvector is kept for the next warm start
+            if space in st.sharp:  # a failed estimate (NaN) is this step's sharpness too: retried next step
+                st.sharpness[space] = S(st.sharp[space][0])
+                if S.isfinite(st.sharpness[space]):
+                    st.fresh_sharp.append(space)  # its eigenvector is kept for the next warm start
             else:
-                sharpness[space] = held[space]
-        reference = sharpness["preconditioned" if self.preconditioned else "plain"]
+                st.sharpness[space] = held[space]
+
+    def _rate(self, st: _Step) -> None:
+        """Phase 5: the rule's rate (the Armijo rule's trials; CDAT's mini-batch hold behind heavy ball and
+        Nesterov), or the probing step's ``h``; the stall and zero-rate watches; the edge-of-stability ratio."""
+        rule, S, glob, count = self.rule, st.S, st.glob, st.count
+        nan = S(math.nan)
+        reference = st.sharpness["preconditioned" if self.preconditioned else "plain"]
         # the direction's unit, which CDAT's averages follow: behind SGD the group rate (a scheduler's factor) times
         # the clip's factor
         group_lr = self._group_lr()
-        unit = direction_unit(method, S(group_lr) if clip_v is None else S(group_lr) * clip_v, S)
-        inputs = RuleInputs(rule_numerator, curvature, loss_v, reference, count, lagged, stretch, unit)
+        unit = direction_unit(st.method, S(group_lr) if st.clip_v is None else S(group_lr) * st.clip_v, S)
+        inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
+                            unit)
         rule_state = self._rule_state(glob, S)
-        trials, error = 0, math.nan
         with S.errstate():
             if isinstance(rule, ArmijoRule):
-                probe = probe or make_probe()
+                probe = self._probe(st)
                 if self._replay_checks:
                     self._check_replay_in_place(probe)
-                lr, new_rule_state, trials, error = self._line_search(probe, inputs, rule_state, S)
+                lr, st.new_rule_state, st.trials, st.error = self._line_search(probe, inputs, rule_state, S)
             else:
-                lr, new_rule_state = apply_rule(rule, inputs, rule_state, S)
+                lr, st.new_rule_state = apply_rule(rule, inputs, rule_state, S)
             # CDAT behind heavy ball or Nesterov: the watch for mini-batch training (curvopt.minibatch_watch)
-            watch = self._watch_state(glob, S) if isinstance(rule, CDATRule) and watches(method) else None
+            watch = self._watch_state(glob, S) if isinstance(rule, CDATRule) and watches(st.method) else None
             if watch is not None:
                 lr = held_rate(watch, lr, S)
-            if probing:
-                nw, nu = host_values(ws.norms(w0, u), S)
-                # sized for the forward pass's precision: an autocast forward's gradients show it (gradient_eps),
-                # averaged over the data-parallel ranks
-                terms = 1 if self.distributed is None else self.distributed.world_size
-                eps = float(secant_probe_eps(max(least_precise_eps(params), gradient_eps(grads, terms)), np))
-                lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
-                if self._probed is None:  # the first probe of a run of probes is judged (secant_stalled)
-                    self._probed = (float(secant_stall_reference(lr, eps, S)), count)
-            elif lagged and probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
-                lr, reprobe = concave_reprobe(lr, numerator, curvature, self._host(glob[layout.LAST_PROBE], S),
+            if st.probing:
+                lr = self._probing_rate(st)
+            elif st.lagged and st.probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
+                lr, reprobe = concave_reprobe(lr, st.numerator, st.curvature, self._host(glob[layout.LAST_PROBE], S),
                                               rule.lr_max, xp=S)
-                probing = bool(reprobe)
-            if lagged and not probing and self._probed is not None:
+                st.probing = bool(reprobe)
+            if st.lagged and not st.probing and self._probed is not None:
                 judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
                     warn(SECANT_STALL_MESSAGE)
                 if judged:
                     self._probed = None
-            if not probing and not lagged and self._zero_run is not None:  # (the secant's stall: secant_stalled)
-                self._watch_zero_rate(lr, numerator)
+            if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
+                self._watch_zero_rate(lr, st.numerator)
             if watch is not None:
-                watch = self._watch_minibatch(watch, loss_v, lr, numerator, nan if probing or lagged else curvature,
-                                              torch.finfo(loss_t.dtype).eps if loss_t is not None else nan,
+                watch = self._watch_minibatch(watch, st.loss_v, lr, st.numerator,
+                                              nan if st.probing or st.lagged else st.curvature,
+                                              torch.finfo(st.loss_t.dtype).eps if st.loss_t is not None else nan,
                                               holds(rule), S)
-            ratio = (eos_ratio_rule(lr * group_lr, reference, coefficient)
-                     if coefficient is not None else nan)
+            st.ratio = (eos_ratio_rule(lr * group_lr, reference, st.coefficient)
+                        if st.coefficient is not None else nan)
+        st.lr, st.watch = lr, watch
 
-        # commit: every new scalar made a tensor at once, then w <- w0 + lr u
-        values = [lr, *new_rule_state, *(watch if watch is not None else ())]
-        seen_kept = remember and denoise and clip_v is not None  # the share of the gradient the base saw
+    def _probing_rate(self, st: _Step) -> Any:
+        """A closure-free probing step's rate ``h`` (:func:`curvopt.rules.finite_difference_step`), sized for the
+        forward pass's precision (an autocast forward's gradients show it: :func:`gradient_eps`, averaged over the
+        data-parallel ranks) and at least float32's (:func:`curvopt.config.secant_probe_eps`); the first probe of a
+        run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`)."""
+        S = st.S
+        nw, nu = host_values(st.ws.norms(st.w0, st.u), S)
+        terms = 1 if self.distributed is None else self.distributed.world_size
+        eps = float(secant_probe_eps(max(least_precise_eps(st.params), gradient_eps(st.grads, terms)), np))
+        lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
+        if self._probed is None:
+            self._probed = (float(secant_stall_reference(lr, eps, S)), st.count)
+        return lr
+
+    def _commit(self, st: _Step) -> None:
+        """Phase 6: every new scalar made a tensor at once, ``w <- w0 + lr u``, and the tuner's state and stats
+        written (the rule's, the watch's and the secant's memory, the eigenvectors, the prediction)."""
+        state, params, glob, S, dev, lr = self.state, st.params, st.glob, st.S, st.dev, st.lr
+        remember, noise_state, watch = st.remember, st.noise_state, st.watch
+        values = [lr, *st.new_rule_state, *(watch if watch is not None else ())]
+        seen_kept = remember and st.denoise and st.clip_v is not None  # the share of the gradient the base saw
         if remember:
-            values += [-numerator, u_sq]
+            values += [-st.numerator, st.u_sq]
             if noise_state is not None:
                 values += list(noise_state)
             if seen_kept:
-                values.append(clip_v)
+                values.append(st.clip_v)
+        acc = self.acc_dtype
         store = self._store
-        store_key = (type(new_rule_state), watch is not None, remember, noise_state is not None, seen_kept, acc, dev)
+        store_key = (type(st.new_rule_state), watch is not None, remember, noise_state is not None, seen_kept, acc,
+                     dev)
         if store is None or store.key != store_key:
             store = self._store = ScalarStore(store_key, len(values), acc, dev)
         tensors = store.write(values)
         lr_t = tensors[0]
-        if flat is not None:
-            move_flat(params, *flat, lr_t)
+        if st.flat is not None:
+            move_flat(params, *st.flat, lr_t)
         else:
-            axpy_into(params, w0.views, lr_t, u.views)
-        guard.finish()
-        self._moved_last = bool(secant and not probing and lr > 0)
-        ws.install(state, layout.W0, w0)
-        ws.install(state, layout.U, u)
+            axpy_into(params, st.w0.views, lr_t, st.u.views)
+        self.guard.finish()
+        self._moved_last = bool(st.secant and not st.probing and lr > 0)
+        st.ws.install(state, layout.W0, st.w0)
+        st.ws.install(state, layout.U, st.u)
         # exactly this step's parameters hold a direction (the secant's invariant) and a prediction (paired's)
-        stale = [layout.U] * bool(remember and prev_u is None) + [layout.PREDICTED_GRAD] * paired
+        stale = [layout.U] * bool(remember and st.prev_u is None) + [layout.PREDICTED_GRAD] * st.paired
         if stale:
             mine = {id(p) for p in params}
-            for p in all_params:
-                st = state.get(p) if id(p) not in mine else None
-                for key in stale if st else ():
-                    st.pop(key, None)
-        for space, (value, vec, used) in sharp.items():
-            if space in fresh_sharp:
+            for p in st.all_params:
+                pst = state.get(p) if id(p) not in mine else None
+                for key in stale if pst else ():
+                    pst.pop(key, None)
+        for space, (value, vec, used) in st.sharp.items():
+            if space in st.fresh_sharp:
                 for p, t in zip(params, vec):
                     state[p][layout.EIGVEC[space]] = t
-        glob = state[p0]
-        if paired:
-            glob[layout.PREDICTED] = int(self._commit_prediction(params, grads, clip, probe, lr))
-        glob[layout.STEP] = count + 1
-        if probing:  # the last probe, until the rule moves (concave_reprobe)
+        glob = state[st.p0]
+        if st.paired:
+            glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
+        glob[layout.STEP] = st.count + 1
+        if st.probing:  # the last probe, until the rule moves (concave_reprobe)
             glob[layout.LAST_PROBE] = torch.tensor(float(lr), dtype=acc, device=dev)
         elif lr > 0:
             glob.pop(layout.LAST_PROBE, None)
         glob.setdefault(layout.SKIPPED, 0)
-        if replay_scale is not None:
-            glob[layout.REPLAY_SCALE] = torch.tensor(replay_scale, dtype=acc, device=dev)
-        n_rule = len(new_rule_state)
+        if st.replay_scale is not None:
+            glob[layout.REPLAY_SCALE] = torch.tensor(st.replay_scale, dtype=acc, device=dev)
+        n_rule = len(st.new_rule_state)
         glob.update(zip(self._rule_layout(S)[1], tensors[1:1 + n_rule]))
         if watch is not None:
             glob.update(zip(layout.WATCH, tensors[1 + n_rule:1 + n_rule + len(watch)]))
             n_rule += len(watch)
         for space, key in layout.SHARPNESS.items():
-            if space in sharp:
-                glob[key] = S.tensor(sharpness[space], dev)
+            if space in st.sharp:
+                glob[key] = S.tensor(st.sharpness[space], dev)
         if remember:
             rest = tensors[1 + n_rule:]
             for key, v in zip(layout.SECANT, (rest[0], lr_t, rest[1])):
@@ -761,23 +902,22 @@ class CurvatureTuner(torch.optim.Optimizer):
             if noise_state is not None:
                 for f, v in zip(noise_state._fields, rest[2:]):
                     glob[layout.rule_key(f)] = v
-            if denoise:
-                self._commit_gradients(params, grads, clip)
+            if st.denoise:
+                self._commit_gradients(params, st.grads, st.clip)
                 if seen_kept:
                     glob[layout.PREV_GRAD_SCALE] = rest[-1]
                 else:
                     glob.pop(layout.PREV_GRAD_SCALE, None)
-        self.last_trials, self.last_decrease_error = trials, error
-        self.sharpness_products = sum(used for _, _, used in sharp.values())
+        self.last_trials, self.last_decrease_error = st.trials, st.error
+        self.sharpness_products = sum(used for _, _, used in st.sharp.values())
         self._stats_device = dev
-        self._stats = {"lr": lr_t, "numerator": numerator, "curvature": curvature, "sharpness": sharpness["plain"],
-                       "preconditioned_sharpness": sharpness["preconditioned"], "eos_ratio": ratio,
-                       "skipped": glob[layout.SKIPPED], "closure_calls": guard.calls}
-        if guard.calls > 1:  # the probes set .grad = None: where the closure left it so, a zeroed gradient
-            for p, g in zip(params, grads):  # (every g is a main-call gradient: params are those that had one)
+        self._stats = {"lr": lr_t, "numerator": st.numerator, "curvature": st.curvature,
+                       "sharpness": st.sharpness["plain"], "preconditioned_sharpness": st.sharpness["preconditioned"],
+                       "eos_ratio": st.ratio, "skipped": glob[layout.SKIPPED], "closure_calls": self.guard.calls}
+        if self.guard.calls > 1:  # the probes set .grad = None: where the closure left it so, a zeroed gradient
+            for p, g in zip(params, st.grads):  # (every g is a main-call gradient: params are those that had one)
                 if p.grad is None:
                     p.grad = g.zero_()
-        return loss
 
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
         """A 0-d state tensor as a host scalar: the value the last step made it from while it is still that
