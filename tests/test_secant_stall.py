@@ -1,9 +1,9 @@
 """Closure-free CDAT at a concave start (the double well ``(w^2 - 1)^2`` from ``w = 0.3``, where ``f'' < 0``): the
 secant's curvature is negative and without the loss the rule has no step to take (lr 0). The step then probes
 again at twice the last probe (``curvopt.config.concave_reprobe``), so the secant spans ever longer segments until it
-reaches past the inflection point and the rule takes over: the run leaves the start and converges (before, every
-step probed again at the tiny fd step and the run never left). An ascent direction (a negated chain) also gives
-lr 0 but is never probed farther."""
+reaches past the inflection point and the rule takes over: the run leaves the start for the minimum, where it
+settles on the edge (before, every step probed again at the tiny fd step and the run never left). An ascent
+direction (a negated chain) also gives lr 0 but is never probed farther."""
 import warnings
 
 import jax
@@ -190,7 +190,7 @@ def test_a_bfloat16_forward_pass_is_not_taken_for_a_stall():
 
 def test_a_rate_of_zero_is_not_judged_a_stall():
     """``secant_stalled`` judges only a step that moved: a rate of 0 (the rule declining an ascent, as after Adam's
-    momentum carried the double well's run past its minimum, at step 13 of :func:`_torch_run` behind Adam) waits
+    momentum carried the double well's run past its minimum, the 14th step of :func:`_torch_run` behind Adam) waits
     for the next step with a rate; a small positive rate is judged."""
     from curvopt.config import SECANT_STALL_STEPS, secant_stalled
 
