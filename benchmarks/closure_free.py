@@ -1,6 +1,11 @@
 """Closure-free CDAT (``loss.backward(); opt.step()``, the secant of consecutive gradients) against CDAT with a
-closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip] [--seeds 0,1,2] [--steps 200]
-[--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
+closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip|dtype] [--seeds 0,1,2]
+[--steps 200] [--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
+
+``dtype``: the ``small`` field test's closure-free default (behind Adam, noise correction on) in float32 and in
+float64, and in float64 with the probing step sized by float64's own epsilon (the library before
+:func:`curvopt.config.secant_probe_eps`; patched here), against CDAT with a closure (``fd``) in float64
+(docs/precision.md).
 
 ``clip``: a global-norm clip under CDAT behind plain SGD (PyTorch's ``max_grad_norm``; Optax's
 ``optax.clip_by_global_norm`` inside ``optax.identity()``) and behind AdamW (PyTorch), on a tanh MLP (6 -> 16 -> 2,
@@ -66,13 +71,15 @@ def _gaussian():
 TASKS = {"digits MLP": _digits, "Gaussian GELU MLP": _gaussian}
 
 
-def run(task, variant: str, batch: int, seed: int, steps: int) -> tuple[float, float, float]:
-    """``(final train loss, eval loss, last rate)`` of one run; ``variant``: ``secant``, ``secant+nc``, ``fd`` or
-    a constant rate."""
+def run(task, variant: str, batch: int, seed: int, steps: int, dtype: torch.dtype = torch.float32
+        ) -> tuple[float, float, float]:
+    """``(final train loss, eval loss, last rate)`` of one run in ``dtype``; ``variant``: ``secant``,
+    ``secant+nc``, ``fd`` or a constant rate."""
     from curvopt.torch import CDAT
 
     x, y, xe, ye, make = task
-    model = make(seed)
+    x, xe = x.to(dtype), xe.to(dtype)
+    model = make(seed).to(dtype)
     if isinstance(variant, float):
         opt = torch.optim.Adam(model.parameters(), lr=variant)
     else:
@@ -182,6 +189,38 @@ SUITE_CELLS = (("lm", "mini"), ("resnet", "mini"), ("lm", "full"), ("resnet", "f
 
 
 @contextlib.contextmanager
+def _dtype_sized_probe():
+    """The closure-free probing step sized by the dtype's own epsilon, float64's in float64 (the library before
+    :func:`curvopt.config.secant_probe_eps`)."""
+    import torch_backend.tuner as tuner_mod
+    from curvopt.config import secant_probe_eps
+
+    tuner_mod.secant_probe_eps = lambda eps, xp: eps
+    try:
+        yield
+    finally:
+        tuner_mod.secant_probe_eps = secant_probe_eps
+
+
+def dtype_table(seeds: list[int], steps: int, batches: list[int]) -> None:
+    print("| task | batch | run | train loss per seed | eval loss per seed | last rate per seed |")
+    print("|---|---|---|---|---|---|")
+    f64 = torch.float64
+    for name, make_task in TASKS.items():
+        task = make_task()
+        for batch in batches:
+            rows = {"closure-free, float32": [run(task, "secant+nc", batch, s, steps) for s in seeds],
+                    "closure-free, float64": [run(task, "secant+nc", batch, s, steps, f64) for s in seeds]}
+            with _dtype_sized_probe():
+                rows["closure-free, float64, float64-sized probe (before)"] = [
+                    run(task, "secant+nc", batch, s, steps, f64) for s in seeds]
+            rows["closure (fd), float64"] = [run(task, "fd", batch, s, steps, f64) for s in seeds]
+            for label, rs in rows.items():
+                cols = [" / ".join(f"{r[k]:.3g}" for r in rs) for k in range(3)]
+                print(f"| {name} | {batch} | {label} | " + " | ".join(cols) + " |", flush=True)
+
+
+@contextlib.contextmanager
 def _weighted_only():
     """The noise correction's averaging without its subtraction (the research variant ``weighted``)."""
     import torch_backend.tuner as tuner_mod
@@ -216,7 +255,7 @@ def suite(seeds: list[int]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip"))
+    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip", "dtype"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="32,128,512")
@@ -229,6 +268,9 @@ def main(argv=None) -> None:
         return
     if args.part == "clip":
         clip_table(seeds)
+        return
+    if args.part == "dtype":
+        dtype_table(seeds, args.steps, [int(b) for b in args.batches.split(",")])
         return
     print("| task | batch | run | train loss per seed | eval loss per seed | last rate per seed |")
     print("|---|---|---|---|---|---|")
