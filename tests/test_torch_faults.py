@@ -460,6 +460,22 @@ def test_bases_that_cannot_work_are_refused(make, match):
     TALLY["survived"] += 1
 
 
+def test_noise_correction_behind_a_base_without_a_noise_metric_is_refused():
+    """``noise_correction=True`` behind a base whose noise metric the tuner does not know (``allow_any_base``):
+    a clear error, not a correction silently left off (closure-free behind RMSprop, Adagrad, NAdam, Lion, Adan and
+    Adafactor the uncorrected rate collapsed in batches of 32; docs/pytorch.md). The default (None) and False
+    construct; SGD, Adam and AdamW take True."""
+    _attack("bad_base")
+    w = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="noise_correction=True needs the base's noise metric.*RMSprop"):
+        CDAT(torch.optim.RMSprop([w]), allow_any_base=True, noise_correction=True)
+    for setting in (None, False):
+        CDAT(torch.optim.RMSprop([w]), allow_any_base=True, noise_correction=setting)
+    for make in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+        CDAT(make([w], lr=1.0), noise_correction=True)
+    TALLY["survived"] += 1
+
+
 def test_sparse_gradients_are_a_clear_error_and_nothing_changes():
     _attack("sparse")
     emb = nn.Embedding(5, 3, sparse=True)

@@ -95,7 +95,9 @@ class CDAT(CurvatureTuner):
             parameter-sized buffer, the previous gradient). None (default): behind Adam/AdamW only
             (:func:`curvopt.curvature.noise_correction_on`: behind SGD its rate collapsed late on the benchmark's
             mini-batch ResNet; in full batch, where there is no noise, it subtracts part of the gradient's drift:
-            :data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`); True/False: on/off behind any base.
+            :data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`); True/False: on/off. The correction needs the
+            base's noise metric, known for SGD, Adam and AdamW: behind another base (``allow_any_base``) it is
+            off and True is refused.
         numerator: None (default): ``"momentum"`` behind Adam/AdamW with ``startup="robust"``, else
             ``"direction"`` (:func:`curvopt.rules.default_numerator`). ``"direction"``: ``-g^T u``, the paper's;
             ``"momentum"`` (Adam/AdamW only): ``-g^T u`` with the batch's own gradient inside Adam's first moment

@@ -268,6 +268,12 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise TypeError(f"noise_correction must be None, True or False, got {noise_correction!r}")
         #: False: the closure is called once per step (no probes); see :meth:`step`
         self.probes = probes
+        if noise_correction and not knows_noise(base):
+            raise ValueError(
+                f"{name}: noise_correction=True needs the base's noise metric, known for SGD (with or without "
+                f"momentum), Adam and AdamW, not {type(base).__name__}. Without it the closure-free secant is not "
+                "corrected, and in mini-batch training its rate collapses (the stall warning says so): pass a "
+                "closure there (the fd oracle)")
         #: the secant's mini-batch noise correction (None: behind Adam only, curvopt.curvature.noise_correction_on)
         self.noise_correction = noise_correction
         if not probes:
