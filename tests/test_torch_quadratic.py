@@ -75,7 +75,8 @@ def run_and_check(tuner_fn, base_name, rel, steps=4, expected_lr=None, curvature
 @pytest.mark.parametrize("oracle,rel", [("fd", FD_REL), ("exact", 1e-10)])
 def test_greedy_is_exact_quadratic_minimiser(base_name, oracle, rel):
     def make(base, A):
-        return QuadraticGreedy(base, curvature=oracle, functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
+        return QuadraticGreedy(base, curvature=oracle, functional_loss=(lambda ps: 0.5 * ps[0] @ A @ ps[0])
+                               if oracle == "exact" else None)
     run_and_check(make, base_name, rel)
 
 
@@ -83,7 +84,7 @@ def test_greedy_is_exact_quadratic_minimiser(base_name, oracle, rel):
 def test_cdat_sigma2_is_twice_greedy(oracle, rel):
     def make(base, A):
         return CDAT(base, sigma=2.0, ema=0.0, startup="paper", curvature=oracle,
-                    functional_loss=lambda ps: 0.5 * ps[0] @ A @ ps[0])
+                    functional_loss=(lambda ps: 0.5 * ps[0] @ A @ ps[0]) if oracle == "exact" else None)
     run_and_check(make, "heavy_ball", rel, expected_lr=lambda h: 2 * h[-1][0] / h[-1][1])
 
 

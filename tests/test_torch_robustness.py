@@ -363,6 +363,21 @@ def test_bad_hyperparameters_raise_value_error(cls, kw, name):
         cls(base, **kw)
 
 
+def test_a_functional_loss_nothing_uses_is_reported():
+    """``functional_loss`` serves ``curvature="exact"`` and the online sharpness's products: given to a tuner with
+    neither, a warning says it is not used (the fd curvature is not made exact by it); with either, no warning."""
+    f = lambda ps: (ps[0] ** 2).sum()  # noqa: E731
+    for cls, kw in ((CDAT, {}), (CDAT, {"curvature": "fd"}), (PolyakStep, {})):
+        w, base = adam_problem()
+        with pytest.warns(RuntimeWarning, match="functional_loss is not used"):
+            cls(base, functional_loss=f, **kw)
+    for cls, kw in ((CDAT, {"curvature": "exact"}), (CDAT, {"sharpness": 5}), (EdgeOfStability, {})):
+        w, base = adam_problem()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cls(base, functional_loss=f, **kw)
+
+
 def test_stability_coefficient_follows_the_bases_betas_unless_given():
     """A scheduler that changes Adam's beta1 (OneCycleLR cycles it) changes the stability coefficient
     ``(2 + 2 b1) / (1 - b1)`` the edge-of-stability rule and ``eos_ratio`` use; a given one stays."""

@@ -76,7 +76,8 @@ class CDAT(CurvatureTuner):
         functional_loss: ``f(params: list[Tensor]) -> Tensor`` over the tuner's parameters in
             ``param_groups`` order; required by ``curvature="exact"``. Given, the online sharpness's
             Hessian-vector products are exact too (double backward; finite differences of closure gradients
-            otherwise, which on a float32 ReLU network cross kinks and read the sharpness 2-11x too high).
+            otherwise, which on a float32 ReLU network cross kinks and read the sharpness 2-11x too high). With
+            neither it is not used, and a warning says so.
         stability_coefficient: the base's ``c`` (threshold ``c / lr``) for ``stats["eos_ratio"]``; inferred
             for SGD/momentum/Nesterov/Adam/AdamW.
         seed: seeds the random start of the power iteration.

@@ -252,6 +252,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         if "sharpness" in needs and not self.sharpness_config.enabled:
             raise ValueError(f"{name} needs the online sharpness: sharpness must estimate every k >= 1 steps "
                              "(sharpness=k or SharpnessConfig(every=k))")
+        if functional_loss is not None and self.curvature != "exact" and not self.sharpness_config.enabled:
+            oracle = f"curvature={self.curvature!r}" if self.curvature is not None else "no curvature oracle"
+            warn(f"{name}: functional_loss is not used: it serves curvature=\"exact\" and the online sharpness's "
+                 f"Hessian-vector products, and this tuner has {oracle} and the sharpness off")
         #: the base as the core describes it at construction (None for a base outside SGD/Adam/AdamW): its kind
         #: and the defaults chosen from it; each step reads its momentum/betas afresh (:meth:`current_method`)
         self.method = base_method(base)
