@@ -18,8 +18,8 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    iteration on finite-difference Hessian-vector products; then ``u^T H u`` from the curvature oracle where
    the rule needs it;
 5. the learning rate from the rule: ``apply_rule(self.rule, RuleInputs(...), rule state, torch)`` (the core
-   owns the guard); the Armijo rule's trials run here; CDAT behind heavy ball and Nesterov then holds it once its mini-batch watch has fired
-   (:mod:`curvopt.minibatch_watch`);
+   owns the guard); the Armijo rule's trials run here; CDAT behind heavy ball and Nesterov then holds it once
+   its mini-batch watch has fired (:mod:`curvopt.minibatch_watch`);
 6. commit: ``w <- w0 + lr * u``, the tuner's state and ``stats`` are written.
 
 If anything raises before the commit — the closure at any of its calls (main, curvature probe, secant
