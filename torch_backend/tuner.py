@@ -741,10 +741,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         step old: lagged, with the stretch to this direction), or none on a closure-free probing step."""
         glob, S, cfg = st.glob, st.S, self.sharpness_config
         nan = S(math.nan)
-        held = {space: nan if glob.get(key) is None else self._host(glob[key], S)  # the estimates so far, read once
-                for space, key in layout.SHARPNESS.items()}
+        so_far = {space: nan if glob.get(key) is None else self._host(glob[key], S)  # the estimates, read once
+                  for space, key in layout.SHARPNESS.items()}
         if cfg.enabled and sharpness_due(st.count, cfg.every,
-                                         held["preconditioned" if self.preconditioned else "plain"]):
+                                         so_far["preconditioned" if self.preconditioned else "plain"]):
             probe = self._probe(st)
             if self._replay_checks and not st.fd:  # once: the sharpness's probes leave .grad zeroed
                 self._check_replay_in_place(probe)
@@ -779,7 +779,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 if S.isfinite(st.sharpness[space]):
                     st.fresh_sharp.append(space)  # its eigenvector is kept for the next warm start
             else:
-                st.sharpness[space] = held[space]
+                st.sharpness[space] = so_far[space]
 
     def _rate(self, st: _Step) -> None:
         """Phase 5: the rule's rate (the Armijo rule's trials; CDAT's mini-batch hold behind heavy ball and
