@@ -197,6 +197,42 @@ def test_modules_found_when_the_first_main_call_raises_midway():
     assert copy.deepcopy(opt).guard.__getstate__() == {"modules": None}
 
 
+@pytest.mark.parametrize("tuner", ["cdat", "armijo"])
+def test_a_module_the_closure_calls_from_a_later_step_on_is_found_by_the_probes(tuner):
+    """An auxiliary head (BN + linear) the loss uses from step 3 on, outside the modules the first main call ran:
+    without ``modules=`` the probes (CDAT's fd and power iterations, the line search's trials) find it, restore
+    its statistics after each probe, and from the next step on snapshot it with the others: its BN counts one
+    batch per step it ran in, its statistics equal those of the run given ``modules=``, and no hook is left
+    behind. Before, every probe counted a batch (CDAT 6, Armijo 22 after 3 steps), silently."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 5, generator=g, dtype=DT), torch.randn(64, 1, generator=g, dtype=DT)
+
+    def run(given):
+        torch.manual_seed(0)
+        trunk, head = nn.Linear(5, 8).double(), nn.Linear(8, 1).double()
+        aux = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 1)).double()
+        base = torch.optim.Adam([*trunk.parameters(), *head.parameters(), *aux.parameters()], lr=1.0)
+        kw = {"modules": [trunk, head, aux]} if given else {}
+        opt = CDAT(base, sharpness=1, **kw) if tuner == "cdat" else ArmijoLineSearch(base, **kw)
+        for step in range(6):
+            def closure():
+                opt.zero_grad()
+                h = torch.tanh(trunk(x))
+                loss = (head(h) - y).square().mean()
+                if step >= 3:
+                    loss = loss + (aux(h) - y).square().mean()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            assert not nn.modules.module._global_forward_pre_hooks
+        assert opt.stats["closure_calls"] > 1
+        return aux[0]
+
+    found, given = run(False), run(True)
+    assert int(found.num_batches_tracked) == int(given.num_batches_tracked) == 3
+    assert torch.equal(found.running_mean, given.running_mean) and torch.equal(found.running_var, given.running_var)
+
+
 def test_modules_found_when_a_submodule_runs_before_its_parent():
     """A closure that calls the first BN layer on its own before the whole model (each BN layer runs twice a
     step): without ``modules=`` the statistics after N tuner steps equal those of N bare-base steps, the layer
@@ -228,7 +264,10 @@ def test_modules_found_when_a_submodule_runs_before_its_parent():
 def test_modules_found_inside_a_compiled_model():
     """``torch.compile(model)`` inlines its BN layers into one graph, whose hooks do not fire; the tuner, given
     no ``modules=``, snapshots the compiled wrapper's whole tree, so the statistics count one batch per step. The
-    only warning is torch's about a global hook under ``torch.compile`` (the tuner's, in its first main call)."""
+    only warning is torch's about a global hook under ``torch.compile`` (the tuner's, in its first main call and
+    in the probes, which look for modules not found before; torch warns at each such call, shown once under the
+    default filter), and the compiled forward is not recompiled at every probe (the hook is one function under
+    one key)."""
     torch.set_num_threads(1)
     torch._dynamo.reset()
     model = bn_model()
@@ -240,7 +279,8 @@ def test_modules_found_inside_a_compiled_model():
         for _ in range(3):
             opt.step(_bn_closure(opt, fwd, x, y))
     assert int(model[0].num_batches_tracked) == int(model[2].num_batches_tracked) == 3
-    assert len(seen) == 1 and str(seen[0].message).startswith("Using `torch.compile(module)` when there are global")
+    assert seen and all(str(w.message).startswith("Using `torch.compile(module)` when there are global") for w in seen)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 
 def test_lr_scheduler_acts_on_the_multiplier():

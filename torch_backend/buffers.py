@@ -10,8 +10,11 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   they equal those after N steps of the bare base optimizer on the same batches. Pass the model (or a list of
   modules) as ``modules=`` to the tuner. Without it the tuner finds the modules that run in its first main
   call (:class:`RunSnapshot`: a global forward pre-hook for the length of that call, which sees every module
-  called through ``Module.__call__``, a compiled model included) and uses them from then on; a module the
-  closure starts calling later is not seen: pass ``modules=`` then.
+  called through ``Module.__call__``, a compiled model included) and uses them from then on. A module the
+  closure starts calling later (an auxiliary head switched on after warm-up) is found by the same hook around
+  each probe, snapshotted before its first forward there (its buffers as the main call left them) and restored
+  after the probe; from the next step on it is one of the modules. Its first step's probes start from the
+  values the main call left, not from those the main call started from.
 * **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .precision import computation_eps
 from .vectors import least_precise_eps
@@ -53,6 +57,36 @@ def is_probe() -> bool:
     return _PROBING.get()
 
 ModulesLike = Optional[Union[nn.Module, Iterable[nn.Module]]]
+
+#: what the global forward pre-hook of :func:`_watching` calls for each module about to run (None: nothing)
+_WATCHER: ContextVar[Optional[Callable[[nn.Module], None]]] = ContextVar("curvopt_watcher", default=None)
+#: the key the hook is installed under, reserved once: ``torch.compile`` guards a compiled forward on the global
+#: hooks' keys and functions, so a fresh registration at every call would recompile it at every call
+_HOOK_KEY = RemovableHandle(nn.modules.module._global_forward_pre_hooks).id
+
+
+def _on_forward(module: nn.Module, args) -> None:
+    if torch.compiler.is_compiling():  # a compiled model's inlined layers: its wrapper's call, eager, saw them
+        return
+    watcher = _WATCHER.get()
+    if watcher is not None:
+        watcher(module)
+
+
+@contextmanager
+def _watching(watcher: Callable[[nn.Module], None]) -> Iterator[None]:
+    """For the length of the block, ``watcher(module)`` before the forward of each module called through
+    ``Module.__call__``: one global forward pre-hook, the same function under the same key every time."""
+    hooks = nn.modules.module._global_forward_pre_hooks
+    outermost = _HOOK_KEY not in hooks
+    token = _WATCHER.set(watcher)
+    hooks[_HOOK_KEY] = _on_forward
+    try:
+        yield
+    finally:
+        _WATCHER.reset(token)
+        if outermost:
+            hooks.pop(_HOOK_KEY, None)
 
 
 def _as_modules(modules: ModulesLike) -> list[nn.Module]:
@@ -136,13 +170,14 @@ class RunSnapshot:
         self._taken: list[BufferSnapshot] = []
 
     @contextmanager
-    def watch(self) -> Iterator[None]:
+    def watch(self, known: frozenset[int] = frozenset()) -> Iterator[None]:
         """For the length of the block, a global forward pre-hook snapshots the buffers of each module, and of
-        its submodules (a compiled model's inlined ones too), when it is the first of its tree to run."""
+        its submodules (a compiled model's inlined ones too), when it is the first of its tree to run; modules
+        whose ``id`` is in ``known`` are left out."""
         self.modules, self._taken, self.complete = [], [], False
-        covered: set[int] = set()
+        covered: set[int] = set(known)
 
-        def first_run(module: nn.Module, args) -> None:
+        def first_run(module: nn.Module) -> None:
             if id(module) not in covered:
                 snap = BufferSnapshot(module)
                 snap.take()
@@ -152,11 +187,8 @@ class RunSnapshot:
 
         # (torch.compile's wrapper warns, once, that a global hook fires for it as well: this one expects that; a
         # filter against the warning would reset every once-only warning of the process)
-        handle = nn.modules.module.register_module_forward_pre_hook(first_run)
-        try:
+        with _watching(first_run):
             yield
-        finally:
-            handle.remove()
         self.complete = True
 
     def restore(self) -> None:
@@ -198,6 +230,9 @@ class ProbeGuard:
         self._taken = False
         self.calls = 0
         self._main_called = False
+        #: ids of the modules whose buffers ``self.buffers`` covers, their submodules included (None: not counted
+        #: since the modules last changed); without ``modules=``, probes look for modules outside them
+        self._known: Optional[frozenset[int]] = None
         #: the machine epsilon of the closure's least precise computation (:mod:`torch_backend.precision`), read
         #: on the first main call; None before
         self.compute_eps: Optional[float] = None
@@ -227,6 +262,7 @@ class ProbeGuard:
                 loss = closure()
         if finding:
             self.buffers.modules = self.before.modules
+            self._known = None
         self.calls = 1
         return loss
 
@@ -251,9 +287,11 @@ class ProbeGuard:
             self.before.restore()
         if self._rng_before is not None:
             self._rng_before.restore()
+        late = None if self._given else RunSnapshot()  # modules first called now (not found in a main call)
         token = _PROBING.set(True)
         try:
-            out = fn()
+            with nullcontext() if late is None else late.watch(self._known_modules()):
+                out = fn()
         except RuntimeError as err:
             if "modified by an inplace operation" not in str(err):
                 raise
@@ -265,8 +303,26 @@ class ProbeGuard:
         finally:
             _PROBING.reset(token)
             self.buffers.restore()
+            if late is not None and late.modules:
+                late.restore()
+                self._adopt(late.modules)
         self.calls += 1
         return out
+
+    def _known_modules(self) -> frozenset[int]:
+        if self._known is None:
+            self._known = frozenset(id(m) for root in self.buffers.modules for m in root.modules())
+        return self._known
+
+    def _adopt(self, modules: list[nn.Module]) -> None:
+        """Make modules a probe found running (their buffers just restored) part of the snapshots: from this
+        step's next probe on (``self.buffers`` taken again, every buffer now as the main call left it) and from
+        the next main call on (``self.before``)."""
+        self.buffers.modules.extend(modules)
+        if self.before.modules is not self.buffers.modules:
+            self.before.modules.extend(modules)
+        self._known = None
+        self.buffers.take()
 
     def finish(self) -> None:
         """Put the generators where the main call left them."""

@@ -71,8 +71,8 @@ class CDAT(CurvatureTuner):
             None (off). The old ``sharpness_every``/``sharpness_iters``/``sharpness_first_iters``/
             ``sharpness_tol`` keywords still work for one release (deprecated).
         modules: the model (or a list of modules) whose buffers (BatchNorm running statistics) probes must
-            not change; None: the modules the closure runs in its first call
-            (:class:`torch_backend.buffers.RunSnapshot`).
+            not change; None: the modules the closure runs in its first call, and any it starts calling later,
+            found by the probes (:mod:`torch_backend.buffers`).
         functional_loss: ``f(params: list[Tensor]) -> Tensor`` over the tuner's parameters in
             ``param_groups`` order; required by ``curvature="exact"``. Given, the online sharpness's
             Hessian-vector products are exact too (double backward; finite differences of closure gradients
