@@ -121,12 +121,14 @@ def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
     0``), as ``optax.adam(1e-3)`` or ``optax.sgd(0.1)`` in place of ``optax.scale_by_adam()`` or
     ``optax.identity()`` do: the tuner's rate would be 0 on every step, and inside ``jax.jit`` the step itself
     cannot tell (only :func:`jax_backend.stats` or ``warn_ascent=True`` would). Skipped under tracing (a jitted
-    ``init``) and for a base whose update cannot run on that gradient alone (it needs extra arguments): the
-    check is a diagnostic and never stops ``init``."""
-    leaves = jax.tree.leaves(params)
-    if not leaves or any(isinstance(x, jax.core.Tracer) for x in leaves):
+    ``init``, or one traced with the parameters closed over: ``jax.eval_shape(lambda: tx.init(params))``, where
+    the parameters are concrete but the arrays made from them are not) and for a base whose update cannot run on
+    that gradient alone (it needs extra arguments): the check is a diagnostic and never stops ``init``."""
+    if not jax.tree.leaves(params):
         return
     ones = jax.tree.map(jnp.ones_like, params)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, ones, base_state))):
+        return
     try:
         d, _ = base.update(ones, base_state, params)
     except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check

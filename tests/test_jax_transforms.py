@@ -170,6 +170,32 @@ def test_convenience_init_warns_when_the_base_already_negates(base, negated):
     assert jax.tree.structure(jitted) == jax.tree.structure(state)
 
 
+@pytest.mark.parametrize("make", ["cdat", "quadratic_greedy", "armijo", "polyak", "edge_of_stability", "swept"])
+def test_convenience_init_traced_over_closed_over_parameters(make):
+    """``jax.eval_shape(lambda: tx.init(params))`` (how flax and orbax users get an abstract state), a jitted
+    ``init`` that closes over the parameters, and a vmapped ``inject_hyperparams`` sweep under jit: the
+    parameters are concrete there but the base's update of them is traced, and the sign check of ``init`` read
+    it with ``float()`` (ConcretizationTypeError). Each gives the state structure, shapes and dtypes of the eager
+    ``init``. Kills: the check testing only whether the parameters are tracers."""
+    from curvopt import optax as co
+
+    p = _params(jnp.float32)
+    if make == "swept":
+        eager = optax.inject_hyperparams(co.cdat)(optax.identity(), sigma=1.0).init(p)
+        traced = jax.jit(jax.vmap(lambda s: optax.inject_hyperparams(co.cdat)(optax.identity(), sigma=s).init(p)))(
+            jnp.array([0.5, 1.0]))
+        assert jax.tree.structure(traced) == jax.tree.structure(eager)
+        assert jax.tree.map(lambda x: x.shape[1:], traced) == jax.tree.map(jnp.shape, eager)
+        return
+    kw = {"edge_of_stability": {"sigma": 0.5}, "polyak": {"f_star": 0.0, "lr_max": 1e-3}}.get(make, {})
+    opt = getattr(co, make)(optax.scale_by_adam(), base_method="adam", **kw)
+    eager = opt.init(p)
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), eager)
+    for traced in (jax.eval_shape(lambda: opt.init(p)), jax.jit(lambda: opt.init(p))()):
+        assert jax.tree.structure(traced) == jax.tree.structure(eager)
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), traced) == shapes
+
+
 @pytest.mark.parametrize("warn_ascent", [False, True])
 def test_negated_chain_is_flagged_and_warned(warn_ascent):
     p = _params(jnp.float32)
