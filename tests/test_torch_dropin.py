@@ -1029,7 +1029,10 @@ def test_closure_free_warns_when_mini_batch_noise_stalls_the_secant():
     assert corrected[-1] > 100 * raw[-1] and corrected[-1] > 1e-4, (corrected[-1], raw[-1])  # 2.2e-4, 9.7e-7
 
 
-def test_closure_returning_a_tuple_is_refused_clearly_and_nothing_moves():
+@pytest.mark.parametrize("returns,words", [("tuple", "return the loss alone"), ("str", r"a tensor or a number\), got a str")])
+def test_closure_returning_a_tuple_is_refused_clearly_and_nothing_moves(returns, words):
+    """A closure returning ``(loss, logits)``, or something that is not a number at all (a string: torch's own
+    ``new(): invalid data type 'str'`` before), gets our TypeError, and nothing moves."""
     w = nn.Parameter(torch.ones(3))
     opt = CDAT(torch.optim.Adam([w], lr=1.0))
 
@@ -1037,9 +1040,9 @@ def test_closure_returning_a_tuple_is_refused_clearly_and_nothing_moves():
         opt.zero_grad()
         loss = (w ** 2).sum()
         loss.backward()
-        return loss, w.detach()
+        return (loss, w.detach()) if returns == "tuple" else f"{float(loss):.3f}"
 
-    with pytest.raises(TypeError, match="return the loss alone"):
+    with pytest.raises(TypeError, match=words):
         opt.step(closure)
     assert torch.equal(w.detach(), torch.ones(3)) and not opt.base.state
 

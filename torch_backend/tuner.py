@@ -555,7 +555,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         if isinstance(loss, (tuple, list, dict)):
             raise TypeError(f"the closure must return the scalar loss, got a {type(loss).__name__}: return the "
                             "loss alone and keep other outputs (logits, metrics) in a variable outside the closure")
-        loss_t = loss if isinstance(loss, Tensor) else torch.as_tensor(loss)
+        try:
+            loss_t = loss if isinstance(loss, Tensor) else torch.as_tensor(loss)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"the closure must return the scalar loss (a tensor or a number), got a "
+                            f"{type(loss).__name__}") from err
         if loss_t.numel() != 1:
             raise ValueError(f"the closure must return the scalar loss, got a tensor of shape {tuple(loss_t.shape)}")
         loss_t = as_scalar(loss_t, self.acc_dtype, dev)
