@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -40,9 +41,9 @@ def _positive(v):
     return v > 0
 
 
-def _nonnegative(v):
-    """>= 0"""
-    return v >= 0
+def _seed(v):
+    """an integer from 0 to 2**64 - 1 (torch.manual_seed's range)"""
+    return 0 <= v < 2 ** 64
 
 
 def _positive_finite(v):
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which framework(s) to run (default: the suite's)")
     p.add_argument("--params", type=_csv(str, "parameterisation", _one_of(("sp", "mup"))), default=None,
                    help="parameterisations: sp (standard), mup (torch only)")
-    p.add_argument("--seeds", type=_csv(int, "seed", _nonnegative), default=None,
+    p.add_argument("--seeds", type=_csv(int, "seed", _seed), default=None,
                    help="comma-separated non-negative seeds (default: the suite's)")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
                    help="override the number of training steps per run (>= 1)")
@@ -219,6 +220,17 @@ def _check_data(parser, exps) -> None:
             parser.error(f"the data of {e.task} ({e.regime}) does not load: {type(err).__name__}: {err}")
 
 
+def _check_writable(parser, out: str) -> None:
+    """OUT can be created and written in: a read-only place is a usage error before anything runs (it was a
+    traceback from the runner's lock, or from the first plot of ``--report-only``)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        parser.error(f"cannot write the results in {out!r}: {err}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -255,6 +267,7 @@ def main(argv=None) -> int:
         print(f"{len(specs)} runs" + (" (plus grid widening while the best constant sits at an edge)"
                                       if widen else ""), file=sys.stderr)
         return 0
+    _check_writable(parser, out)
     t0 = time.time()
     keys = {s.key for s in specs}
     failed = 0
@@ -277,7 +290,12 @@ def main(argv=None) -> int:
             from .results import load_results
 
             recs = {r["key"]: r for r in load_results(os.path.join(out, RESULTS), repair=False)}
+            if recs and not keys & recs.keys():  # another plan's results: its report is not overwritten by nothing
+                parser.error(f"--report-only: none of the {len(recs)} runs in {os.path.join(out, RESULTS)} belong "
+                             f"to this plan (suite {args.suite!r} and the other flags): pass the flags of the run "
+                             "that wrote them (e.g. --suite default)")
             keys |= plan_mod.widened_keys(specs, recs)
+            failed = sum(recs[k].get("status") == "error" for k in keys & recs.keys())
         keys -= {s.key for s in specs if runner.unavailable_reason(s)}  # never recorded here: not missing
         rep = report.write_report(out, keys=keys)
     print()

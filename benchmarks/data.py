@@ -108,7 +108,7 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError) as err:
+    except Exception as err:  # noqa: BLE001 -- unpickling other bytes raises almost anything (OverflowError, ...)
         raise ValueError(f"{path}: not a CIFAR-10 python-pickle batch ({type(err).__name__}: {err})") from err
     if not isinstance(d, dict):
         raise ValueError(f"{path}: not a CIFAR-10 batch (a pickled {type(d).__name__}, expected a dict)")
@@ -197,6 +197,10 @@ def load_text(path: str | None = None, block_len: int = 64, test_fraction: float
     """Byte-level LM blocks; the last ``test_fraction`` of the stream is the held-out split."""
     raw = load_text_bytes(path)
     cut = int(len(raw) * (1.0 - test_fraction))
+    if min(cut, len(raw) - cut) < block_len + 1:
+        raise ValueError(f"text of {len(raw)} bytes is too short: its training part ({cut} bytes) and its held-out "
+                         f"last {test_fraction:.0%} ({len(raw) - cut} bytes) must each hold a block of "
+                         f"{block_len + 1} bytes")
     x_tr, y_tr = lm_blocks(raw[:cut], block_len)
     x_te, y_te = lm_blocks(raw[cut:], block_len)
     name = "pydoc" if path in (None, "pydoc") else os.path.basename(path)

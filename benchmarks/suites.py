@@ -69,8 +69,8 @@ class Experiment:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one. The
         widths are an axis, except that μP's base model is the narrowest of them (for the experiment's μP runs,
         and for a run of parameterisation ``param`` "mup", as ``--params mup`` makes of an SP experiment); a
-        local data directory counts by its path (left out when unset, so the embedded defaults keep their
-        hashes)."""
+        local data directory and a text file count by their absolute paths (left out when unset, so the embedded
+        defaults keep their hashes), not by their contents."""
         d = asdict(self)
         for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
             d.pop(k)
@@ -80,6 +80,8 @@ class Experiment:
             d.pop("data_dir")
         else:
             d["data_dir"] = os.path.abspath(d["data_dir"])
+        if d["text_path"] is not None:
+            d["text_path"] = os.path.abspath(d["text_path"])
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

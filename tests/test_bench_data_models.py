@@ -45,7 +45,7 @@ def test_cifar10_pickle_loader(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["not a pickle", "truncated", "no data", "a list", "labels short", "label 10",
-                                 "data None", "string labels", "float labels", "pixel 300"])
+                                 "data None", "string labels", "float labels", "pixel 300", "frame overflow"])
 def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad):
     """A batch file that is not CIFAR-10's (before: raw UnpicklingError/KeyError/TypeError tracebacks from the
     command line, and a label count that did not match passed the check and failed every run)."""
@@ -59,10 +59,23 @@ def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad)
                "data None": pickle.dumps({b"data": None, b"labels": y}),
                "string labels": pickle.dumps({b"data": x, b"labels": ["cat"] * len(y)}),
                "float labels": pickle.dumps({b"data": x, b"labels": [1.7] * len(y)}),
-               "pixel 300": pickle.dumps({b"data": x.astype(np.int64) + 300, b"labels": y})}[bad]
+               "pixel 300": pickle.dumps({b"data": x.astype(np.int64) + 300, b"labels": y}),
+               # junk whose unpickling raises OverflowError (was a traceback from the command line, exit 1)
+               "frame overflow": b"\x95\xe2\xbeFP?=\xc3\xcd\xefG\x99\xb5\xf2\xd4o\xf4\xfa"}[bad]
     path.write_bytes(content)
     with pytest.raises(ValueError, match="data_batch_2"):
         data.load_images("cifar10", str(parent))
+
+
+def test_text_too_short_says_which_part(tmp_path):
+    """A 100-byte text: its held-out 10 % cannot hold a block of 17 bytes. The message gives the file's size and
+    both parts' (before: "text of 10 bytes", the held-out part's size alone, as if it were the file's)."""
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghij" * 10)
+    with pytest.raises(ValueError, match=r"text of 100 bytes is too short: its training part \(90 bytes\) and its "
+                                         r"held-out last 10% \(10 bytes\)"):
+        data.load_text(str(path), block_len=16)
+    assert len(data.load_text(str(path), block_len=8).x_test) == 1
 
 
 def test_digits_default():

@@ -260,6 +260,7 @@ BAD_ARGS = [
     (["--tuners", "cdat:bogus=1"], "bogus"), (["--grid", "-0.1"], "--grid"), (["--grid", "inf"], "--grid"),
     (["--sharpness-every", "-1"], "--sharpness"), (["--sharpness", "-1"], "--sharpness"),
     (["--steps", "0"], "--steps"), (["--seeds", "-1"], "--seeds"), (["--tasks", "foo"], "--tasks"),
+    (["--seeds", str(2 ** 64)], "2**64 - 1"),  # passed, then every run failed in torch.manual_seed
     (["--regimes", "half"], "--regimes"), (["--params", "ntk"], "--params"), (["--threads", "0"], "--threads"),
     (["--text", "/nonexistent/file.txt"], "--text"), (["--tuners", "constant:lr=0"], "lr"),
     (["--tuners", "eos:stability_coefficient=0"], "stability_coefficient"),  # was replaced by the default
@@ -280,6 +281,34 @@ def test_cli_refuses_bad_command_lines_before_any_run(tmp_path, capsys, args, ma
     err = capsys.readouterr().err
     assert "error:" in err and match in err, err
     assert not out.exists()
+
+
+def test_cli_refuses_an_out_it_cannot_write_before_any_run(tmp_path, capsys):
+    """An --out that cannot be created or written (here under a regular file; a read-only mount alike) is a usage
+    error naming it, not a traceback from the runner's lock (exit 1, the status of a failed run)."""
+    from benchmarks.__main__ import main
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--suite", "smoke", "--tasks", "mlp", "--out", str(tmp_path / "file" / "o"), "--no-progress"])
+    assert e.value.code == 2 and "cannot write the results in" in capsys.readouterr().err
+
+
+def test_report_only_of_another_plan_keeps_the_report(tmp_path, capsys):
+    """``--report-only --out DIR`` without the flags of the run that wrote DIR (the default --suite is smoke, so
+    rebuilding ``make bench``'s report that way) rewrote report.md with an empty table and exited 0: refused
+    now, the report untouched; with the run's flags it is rebuilt."""
+    from benchmarks.__main__ import main
+
+    run = ["--suite", "smoke", "--tasks", "mlp", "--regimes", "full", "--widths", "8", "--steps", "2",
+           "--tuners", "constant:lr=0.1", "--backend", "torch", "--no-progress", "--out", str(tmp_path)]
+    assert main(run) == 0
+    report = (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["--report-only", "--no-progress", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "belong to this plan" in capsys.readouterr().err
+    assert (tmp_path / "report.md").read_text() == report
+    assert main(run + ["--report-only"]) == 0 and (tmp_path / "report.md").read_text() == report
 
 
 def test_cli_refuses_overrides_that_merge_two_experiments_into_one_cell(tmp_path, capsys):
@@ -304,6 +333,11 @@ def test_settings_hash_knows_the_mup_base_width_and_the_data_directory():
     assert dataclasses.replace(mup, widths=(32,)).settings_hash() != mup.settings_hash()
     at = lambda path: dataclasses.replace(sp, data_dir=path).settings_hash()  # noqa: E731
     assert at("/a") != at("/b")
+    # a text file counts by its absolute path: spelled another way it is the same file (each spelling redid
+    # every run)
+    text = lambda path: dataclasses.replace(sp, text_path=path).settings_hash()  # noqa: E731
+    here = os.path.join(os.getcwd(), "corpus.txt")
+    assert text("corpus.txt") == text("./corpus.txt") == text(here) == text(here.replace("/corpus", "//corpus")) != text("/a.txt")
     # an SP experiment run under --params mup: its μP runs know their base width too (they reused runs of
     # another base model), its SP runs keep their keys
     from benchmarks.plan import plan
