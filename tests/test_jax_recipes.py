@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import nnx
 from flax.training.train_state import TrainState
 
@@ -59,13 +60,14 @@ def _rayleigh(g):
 
 class LossTrainState(TrainState):
     """A TrainState whose ``apply_gradients`` also hands the loss to the tuner (fd oracle, Polyak, Armijo,
-    online sharpness): ``state.apply_gradients(grads=g, value=loss, value_fn=loss_fn, batch=batch)``."""
+    online sharpness): ``state.apply_gradients(grads=g, value=loss, value_fn=loss_fn, loss_kwargs={"batch":
+    batch})``; other keywords replace fields, as flax's ``apply_gradients`` does (``batch_stats=``)."""
 
-    def apply_gradients(self, *, grads, value=None, value_fn=None, **loss_kwargs):
+    def apply_gradients(self, *, grads, value=None, value_fn=None, loss_kwargs=None, **kwargs):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, value=value, value_fn=value_fn,
-                                            **loss_kwargs)
+                                            **(loss_kwargs or {}))
         return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                            opt_state=opt_state)
+                            opt_state=opt_state, **kwargs)
 
 
 def test_train_state_apply_gradients_closure_free():
@@ -117,6 +119,53 @@ def test_train_state_subclass_passes_the_loss():
         g = _flat(g)
         assert float(stats(state.opt_state)["lr"]) == pytest.approx(1 / _rayleigh(g), rel=1e-6)
         assert int(stats(state.opt_state)["closure_calls"]) == 2
+
+
+class _BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Dense(8, param_dtype=jnp.float64)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, param_dtype=jnp.float64)(x)
+        return nn.Dense(2, param_dtype=jnp.float64)(nn.tanh(x))
+
+
+class _BatchStatsState(LossTrainState):
+    batch_stats: dict
+
+
+def test_train_state_with_batch_stats_keeps_flax_replace_keywords():
+    """flax's ImageNet-style ``state.apply_gradients(grads=..., batch_stats=new)`` with a linen BatchNorm: the
+    recipe's state stores the step's statistics (the recipe before sent every keyword to ``tx.update``, whose
+    ``value_fn`` did not take it, so the statistics stayed at 0 silently), and ``value_fn(params, batch_stats,
+    x, y)`` gets its arguments through ``loss_kwargs``: the fd oracle's greedy rate, equal to a run of the plain
+    transform fed the same arguments, and the statistics those of a plain flax loop."""
+    model = _BatchNormNet()
+    x = jnp.asarray(RNG.normal(size=(16, 3))) + 1.0
+    y = jnp.asarray(RNG.normal(size=(16, 2)))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss_fn(params, batch_stats, x, y):
+        out, new = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                               mutable=["batch_stats"])
+        return jnp.mean((out - y) ** 2), new
+
+    tx = quadratic_greedy(optax.identity())
+    state = _BatchStatsState.create(apply_fn=model.apply, params=variables["params"],
+                                    batch_stats=variables["batch_stats"], tx=tx)
+    params, opt_state, stats_ref = variables["params"], tx.init(variables["params"]), variables["batch_stats"]
+    for _ in range(3):
+        (v, new), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, x, y)
+        state = state.apply_gradients(grads=g, value=v, value_fn=loss_fn, batch_stats=new["batch_stats"],
+                                      loss_kwargs={"batch_stats": state.batch_stats, "x": x, "y": y})
+        (v, new), g = jax.value_and_grad(loss_fn, has_aux=True)(params, stats_ref, x, y)
+        updates, opt_state = tx.update(g, opt_state, params, value=v, value_fn=loss_fn, batch_stats=stats_ref, x=x,
+                                       y=y)
+        params, stats_ref = optax.apply_updates(params, updates), new["batch_stats"]
+        assert float(stats(state.opt_state)["lr"]) == float(stats(opt_state)["lr"]) > 0
+        assert int(stats(state.opt_state)["closure_calls"]) == 2
+    mean = state.batch_stats["BatchNorm_0"]["mean"]
+    assert float(jnp.abs(mean).max()) > 0.1
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.batch_stats, stats_ref))
 
 
 def _nnx_model():
