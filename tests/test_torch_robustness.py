@@ -270,6 +270,7 @@ def test_modules_found_inside_a_compiled_model():
     one key)."""
     torch.set_num_threads(1)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = bn_model()
     fwd = torch.compile(model, backend="inductor", dynamic=False)
     opt = CDAT(torch.optim.SGD(model.parameters(), lr=0.1), sharpness=1)
