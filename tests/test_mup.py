@@ -729,3 +729,55 @@ def test_torch_parameterize_after_a_submodule_was_parameterized_hooks_once():
         torch.testing.assert_close(twice(x), once(x))
     tmup.remove_parameterization(twice)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in twice.modules())
+    # the other order: the model first, then its submodule (its readout took 1/m twice: 1/16 for 1/4), and
+    # removing from the submodule removes what the model's call installed there
+    tmup.parameterize(twice, Wrapped(64), reinit=False)
+    tmup.parameterize(twice.net, Wrapped(64).net, reinit=False)
+    with torch.no_grad():
+        torch.testing.assert_close(twice(x), once(x))
+    tmup.remove_parameterization(twice.net)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in twice.modules())
+
+
+class _TiedPadded(nn.Module):
+    """A head registered before the padded embedding it shares its weight with."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.head = nn.Linear(d, VOCAB, bias=False)
+        self.emb = nn.Embedding(VOCAB, d, padding_idx=0)
+        self.head.weight = self.emb.weight
+
+
+def test_torch_tied_padded_embedding_keeps_its_pad_row_whichever_registers_first():
+    """The pad row was zeroed only when the first name of the shared tensor was the embedding's."""
+    torch.manual_seed(0)
+    model = _TiedPadded(64)
+    tmup.parameterize(model, _TiedPadded(16))
+    assert model.emb.weight[0].abs().max().item() == 0.0 and model.emb.weight[1:].std().item() > 0.5
+
+
+class _Attn(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, 4, batch_first=True)
+
+    def forward(self, h):
+        return h + self.mha(h, h, h, need_weights=False)[0]
+
+
+def test_torch_multihead_attention_out_proj_is_refused_and_the_attention_scales_as_a_branch():
+    """nn.MultiheadAttention never calls its out_proj (F.multi_head_attention_forward reads the weight): a
+    forward multiplier or a branch multiplier hooked there did nothing, silently; both are refused. The attention
+    module as a residual branch has its attention output scaled (its (output, weights) tuple was a TypeError at
+    the first forward)."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="never calls its out_proj"):
+        tmup.parameterize(_Attn(64), _Attn(16), parameterization="ntk", overrides={"mha.in_proj_weight": "input"})
+    with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
+        tmup.parameterize(_Attn(64), _Attn(16), depth=4, residual_branches=["mha.out_proj"], reinit=False)
+    model, h = _Attn(64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        branch = model.mha(h, h, h, need_weights=False)[0]
+        tmup.parameterize(model, _Attn(16), depth=4, residual_branches=["mha"], reinit=False, attention="1/sqrt(d)")
+        torch.testing.assert_close(model(h), h + 0.5 * branch)

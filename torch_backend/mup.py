@@ -12,9 +12,11 @@ Forward multipliers are applied with **module hooks**, never by changing the sto
 * residual branches (depth-μP): a forward hook multiplies the branch module's output by ``1/sqrt(L)``.
 
 Hooks hold no state of their own (small picklable callables), so ``state_dict`` keys and values are those of
-the plain model (save/load round-trips unchanged, also into an un-parameterised copy), ``copy.deepcopy`` and
-``torch.save(model)`` keep them, and ``torch.func.functional_call`` runs them (it calls the module).
-Calling :func:`parameterize` again replaces the hooks of the previous call.
+the plain model, ``copy.deepcopy`` and ``torch.save(model)`` keep them, and ``torch.func.functional_call`` runs
+them (it calls the module). A ``state_dict`` does not carry them: loaded into a fresh model, the model needs
+``parameterize(model, base_model, reinit=False)`` (the hooks, not a redraw of the loaded weights) to compute the
+same function. Calling :func:`parameterize` again replaces the hooks of the previous call, also those a call on
+a containing model installed.
 """
 from __future__ import annotations
 
@@ -54,12 +56,15 @@ class _ScaleInput:
 
 
 class _ScaleOutput:
-    """Forward hook: multiply the module's (tensor) output by a constant."""
+    """Forward hook: multiply the module's (tensor) output by a constant; of an ``nn.MultiheadAttention``, the
+    attention output (the first of its ``(output, weights)``)."""
 
     def __init__(self, mult: float):
         self.mult = float(mult)
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(module, nn.MultiheadAttention) and isinstance(output, tuple):
+            return (output[0] * self.mult,) + tuple(output[1:])
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"curvopt.mup: cannot scale the output of {type(module).__name__} (a {type(output).__name__}); "
@@ -148,6 +153,10 @@ def _build(
                 raise ValueError(
                     f"residual_branches matches {b!r}, a {type(by_name[b]).__name__}, which is never called: its "
                     f"branch multiplier would not apply. Name the branches inside it (e.g. '{b}.*').")
+            if isinstance(by_name[b], nn.modules.linear.NonDynamicallyQuantizableLinear):
+                raise ValueError(
+                    f"residual_branches matches {b!r}, the out_proj of an nn.MultiheadAttention, which never calls "
+                    "it: its branch multiplier would not apply. Name the attention module itself.")
     if residual_branches and depth is None:
         raise ValueError("residual_branches needs depth (the number of residual blocks L)")
     in_branch = [v for v, (mname, *_rest) in views.items()
@@ -199,10 +208,14 @@ def mup_multipliers(model: nn.Module, base_model: nn.Module, **kwargs: Any) -> d
     return core.table_numbers(mup_table(model, base_model, **kwargs))
 
 
+def _keep(module: nn.Module, handle: Any) -> None:
+    module.__dict__.setdefault(_HANDLES_ATTR, []).append(handle)
+
+
 def remove_parameterization(model: nn.Module) -> None:
-    """Remove the hooks installed by :func:`parameterize` on ``model`` or on any of its submodules (a submodule
-    parameterized first would otherwise keep its multipliers beside the new ones); weights are left as they
-    are."""
+    """Remove the hooks installed by :func:`parameterize` on ``model``'s modules, whichever call installed them
+    (on ``model``, on a submodule, or on a model that contains it: each hook's handle is kept on the module it
+    hooks); weights are left as they are."""
     for mod in model.modules():
         for h in mod.__dict__.pop(_HANDLES_ATTR, ()):
             h.remove()
@@ -282,6 +295,11 @@ def parameterize(
         c = table[v].forward_mult
         if c == 1.0:
             continue
+        if isinstance(mod, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            raise ValueError(
+                f"curvopt.mup: parameter {v!r} needs forward multiplier {c:g}, but nn.MultiheadAttention never "
+                "calls its out_proj (F.multi_head_attention_forward reads the weight), so a hook would not apply "
+                "it. Use an attention of your own with nn.Linear projections, or override the role.")
         if isinstance(mod, _LINEAR_IN_INPUT) and pname == "weight":
             kind = "input"
         elif isinstance(mod, nn.Embedding) and pname == "weight":
@@ -304,19 +322,19 @@ def parameterize(
                 # module registered it first; the readout view keeps its forward multiplier
                 std = table[next((v for v in vs if table[v].role != "output"), vs[0])].init_std
                 if std is not None:
-                    _, mod, _, p = views[vs[0]]
+                    p = views[vs[0]][3]
                     p.normal_(0.0, std, generator=generator)
-                    if getattr(mod, "padding_idx", None) is not None and p is mod.weight:
-                        p[mod.padding_idx].zero_()  # as torch's own reset_parameters: the pad row stays 0
-    handles = []
-    for mod, c, kind in module_mult.values():
-        if kind == "input":
-            handles.append(mod.register_forward_pre_hook(_ScaleInput(c), with_kwargs=True))
+                    for v in vs:  # as torch's own reset_parameters: the pad row stays 0, under any of the names
+                        mod = views[v][1]
+                        if getattr(mod, "padding_idx", None) is not None and p is mod.weight:
+                            p[mod.padding_idx].zero_()
+    for mod, c, kind in module_mult.values():  # each handle kept on its module: a later call on a submodule
+        if kind == "input":                     # (or on the model) finds and replaces it
+            _keep(mod, mod.register_forward_pre_hook(_ScaleInput(c), with_kwargs=True))
         else:
-            handles.append(mod.register_forward_hook(_ScaleOutput(c)))
+            _keep(mod, mod.register_forward_hook(_ScaleOutput(c)))
     for mod in branches:
-        handles.append(mod.register_forward_hook(_ScaleOutput(branch_mult)))
-    model.__dict__[_HANDLES_ATTR] = handles
+        _keep(mod, mod.register_forward_hook(_ScaleOutput(branch_mult)))
     canonical_table = {n: table[vs[0]] for n, vs in aliases.items()}
     model.__dict__[_TABLE_ATTR] = canonical_table
 
