@@ -237,6 +237,10 @@ def concave_reprobe(lr: Any, numerator: Any, curvature: Any, last_probe: Any, lr
 #: :func:`external_clip_suspected` says so
 EXTERNAL_CLIP_STEPS = 3
 EXTERNAL_CLIP_RTOL = 1e-5
+#: the case the norm watch cannot tell from a clip (a field test: an L1 fit of a parameter tensor warned)
+_CONSTANT_NORM_LOSS = ("Without any clip, a loss whose gradient has the same norm wherever it is taken (an L1 or "
+                       "pinball loss on the parameters themselves: a gradient of signs) looks the same; ignore this "
+                       "warning then.")
 EXTERNAL_CLIP_MESSAGE = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip outside the tuner "
@@ -244,7 +248,8 @@ EXTERNAL_CLIP_MESSAGE = (
     "Lightning's gradient_clip_val). It changes each step's gradient by a factor of its own, and the secant "
     "curvature, the difference of consecutive gradients, is then wrong (measured on a quadratic: the greedy rate "
     "1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's max_grad_norm= instead, which divides its "
-    "factor back out (Hugging Face: max_grad_norm=0 in TrainingArguments; Lightning: gradient_clip_val=None).")
+    "factor back out (Hugging Face: max_grad_norm=0 in TrainingArguments; Lightning: gradient_clip_val=None). "
+    + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): a norm clip chained before the tuner "
@@ -252,7 +257,7 @@ EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "changes each step's gradient by a factor of its own, and the secant curvature, the difference of "
     "consecutive gradients, is then wrong (measured on a digits MLP: GD's loss to 6.5e4, Adam stuck near "
     "chance). Put the clip inside the base: cdat(optax.chain(optax.clip_by_global_norm(c), optax.scale_by_adam()), "
-    "base_method='adam').")
+    "base_method='adam'). " + _CONSTANT_NORM_LOSS)
 
 
 def watched_norms(norms: Any, norm: Any, counted: Any, xp: Any) -> Any:
