@@ -22,6 +22,7 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -63,6 +64,9 @@ _WATCHER: ContextVar[Optional[Callable[[nn.Module], None]]] = ContextVar("curvop
 #: the key the hook is installed under, reserved once: ``torch.compile`` guards a compiled forward on the global
 #: hooks' keys and functions, so a fresh registration at every call would recompile it at every call
 _HOOK_KEY = RemovableHandle(nn.modules.module._global_forward_pre_hooks).id
+#: how many :func:`_watching` blocks are open, in every thread (the hook goes when the last one closes)
+_OPEN = [0]
+_OPEN_LOCK = threading.Lock()
 
 
 def _on_forward(module: nn.Module, args) -> None:
@@ -78,15 +82,18 @@ def _watching(watcher: Callable[[nn.Module], None]) -> Iterator[None]:
     """For the length of the block, ``watcher(module)`` before the forward of each module called through
     ``Module.__call__``: one global forward pre-hook, the same function under the same key every time."""
     hooks = nn.modules.module._global_forward_pre_hooks
-    outermost = _HOOK_KEY not in hooks
     token = _WATCHER.set(watcher)
-    hooks[_HOOK_KEY] = _on_forward
+    with _OPEN_LOCK:
+        _OPEN[0] += 1
+        hooks[_HOOK_KEY] = _on_forward
     try:
         yield
     finally:
         _WATCHER.reset(token)
-        if outermost:
-            hooks.pop(_HOOK_KEY, None)
+        with _OPEN_LOCK:
+            _OPEN[0] -= 1
+            if not _OPEN[0]:
+                hooks.pop(_HOOK_KEY, None)
 
 
 def _as_modules(modules: ModulesLike) -> list[nn.Module]:
