@@ -22,11 +22,12 @@ from curvopt.base import BaseMethod, as_base_method
 from curvopt.rules import ArmijoRule, ArmijoSearchState, RuleInputs, default_armijo_c
 from curvopt.stats import TunerStats
 
-from .direction import accumulator_dtype, add_scaled
+from .direction import accumulator_dtype, scaled
 from .loss import require_value_fn
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
-from .tuner import (ascent_count, convenience, finish, fresh_leaves, prepare, sharpness_of, skip, stats_init)
+from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, sharpness_of, skip,
+                    stats_init)
 
 __all__ = ["ScaleByArmijoState", "scale_by_armijo", "armijo"]
 
@@ -99,13 +100,19 @@ def scale_by_armijo(
         if p.f is None:
             raise ValueError(f"{name}: inside optax.masked/multi_transform the line search cannot evaluate "
                              "value_fn on the partial parameters")
+        check_base_method(base_method, method, updates, grad, base_state, name, rate_follows_base=c is None)
         x = RuleInputs(p.numerator, jnp.full((), jnp.nan, dtype), p.value, jnp.full((), jnp.nan, dtype),
                        state.steps)
 
         def trial(carry):
             lr, _, _, n = carry
             lr = jnp.where(n > 0, lr * rule.decrease_factor, lr).astype(dtype)
-            new_value = p.f(add_scaled(params, -lr, p.d)).astype(dtype)
+            # the point the step lands on: the update as finish() returns it, applied as optax.apply_updates
+            # does, and materialised in the parameters' dtype (the barrier: XLA may otherwise keep a bf16 point
+            # in float32 inside value_fn). In bf16 either difference made the accepted trial another point than
+            # the one reached, which broke the condition on 1 of 200 steps of a quadratic.
+            point = jax.lax.optimization_barrier(optax.apply_updates(params, scaled(-lr, p.d)))
+            new_value = p.f(point).astype(dtype)
             return lr, rule.decrease_error(new_value, x, lr, jnp).astype(dtype), new_value, n + 1
 
         def taken() -> tuple[Any, ScaleByArmijoState]:
