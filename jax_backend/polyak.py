@@ -13,8 +13,8 @@ from curvopt.stats import TunerStats
 from .direction import accumulator_dtype
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
-from .tuner import (ascent_count, convenience, finish, fresh_leaves, prepare, select, sharpness_of, skip,
-                    stats_init)
+from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, select, sharpness_of,
+                    skip, stats_init)
 from .warning import warn
 
 __all__ = ["ScaleByPolyakState", "scale_by_polyak", "polyak"]
@@ -77,6 +77,7 @@ def scale_by_polyak(
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=True)
+        check_base_method(base_method, method, updates, grad, base_state, name, rate_follows_base=False)
         if p.masked:  # at trace time
             warn(f"{name}: inside optax.masked/multi_transform the Polyak step divides the whole loss gap "
                  "f - f_star by this part's slope alone: right when the other parts are frozen, but when "

@@ -437,7 +437,8 @@ def test_base_method_unset_warns_when_the_base_is_visibly_another():
     """Unset, ``base_method`` is gradient descent, whose CDAT sigma/ema and stability coefficient differ from
     Adam's and heavy ball's: the update warns at trace time (once per trace) when it can see another base, and
     stays quiet when the base is declared, when the tuner sees the raw gradient (gradient descent), and where
-    only the diagnostics follow the base (the greedy step, CDAT with sigma and ema given)."""
+    only the diagnostics follow the base (the greedy step, CDAT with sigma and ema given, the line search with c
+    given, Polyak behind momentum)."""
     import warnings
 
     from curvopt.optax import scale_by_edge_of_stability, scale_by_quadratic_greedy
@@ -458,6 +459,13 @@ def test_base_method_unset_warns_when_the_base_is_visibly_another():
         (optax.chain(adam(), scale_by_quadratic_greedy()), 0, None),
         (optax.chain(trace(), scale_by_edge_of_stability()), 1, "not the gradient"),
         (optax.chain(trace(), scale_by_edge_of_stability(stability_coefficient=38.0)), 0, None),
+        # the line search's c and Polyak's lr_max follow the base too (they warned nowhere: c = 0.1 behind Adam)
+        (armijo(adam()), 1, "ScaleByAdamState"),
+        (armijo(adam(), base_method="adam"), 0, None),
+        (armijo(trace()), 1, "TraceState"),
+        (armijo(trace(), c=0.5), 0, None),  # c given: only the diagnostics follow the base
+        (polyak(adam(), lr_max=1e-3), 1, "ScaleByAdamState"),
+        (polyak(trace(), lr_max=1e-3), 0, None),
     ]
     for opt, expected, names in cases:
         s = opt.init(p)
