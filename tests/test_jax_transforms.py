@@ -288,7 +288,8 @@ def test_armijo_accepts_relaxed_condition_and_caps_trials():
 def test_armijo_in_bfloat16_lands_on_the_point_it_accepted():
     """bf16 parameters: the search evaluated ``w + lr u`` rounded once (and XLA kept it in float32 inside the
     loss), the step lands on ``w`` plus the bf16 update, rounded twice; on a quadratic the point reached broke
-    the Armijo condition on 1 of 200 steps (seed 21, step 4). Every step now satisfies it where it lands."""
+    the Armijo condition on 1 of 200 steps (seed 21, step 4). On these two seeds every step now satisfies it where
+    it lands."""
     n, c = 64, 0.5
     for seed in (8, 21):
         k = jax.random.key(seed)

@@ -203,7 +203,8 @@ def test_a_module_the_closure_calls_from_a_later_step_on_is_found_by_the_probes(
     without ``modules=`` the probes (CDAT's fd and power iterations, the line search's trials) find it, restore
     its statistics after each probe, and from the next step on snapshot it with the others: its BN counts one
     batch per step it ran in, its statistics equal those of the run given ``modules=``, and no hook is left
-    behind. Before, every probe counted a batch (CDAT 6, Armijo 22 after 3 steps), silently."""
+    behind. Before, every probe counted a batch (CDAT 6, Armijo 22 after 6 steps, 3 of them with the head),
+    silently."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(64, 5, generator=g, dtype=DT), torch.randn(64, 1, generator=g, dtype=DT)
 
