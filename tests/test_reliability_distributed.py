@@ -222,6 +222,15 @@ def _ddp_worker(rank, world, port, out_dir):
             ct.PolyakStep(torch.optim.SGD(model.parameters(), lr=1.0))
         except NotImplementedError as e:
             errors["fsdp2"] = str(e)
+        # use_orig_params=True hands the optimizer per-rank views of the shard (or full copies under NO_SHARD)
+        for strategy in (ShardingStrategy.FULL_SHARD, ShardingStrategy.NO_SHARD):
+            fsdp = FSDP(make_model(), device_id=torch.device("cpu"), sharding_strategy=strategy,
+                        use_orig_params=True)
+            for tuner in (ct.CDAT, ct.EdgeOfStability):
+                try:
+                    tuner(torch.optim.SGD(fsdp.parameters(), lr=1.0))
+                except NotImplementedError as e:
+                    errors[f"fsdp1_orig_{strategy.name}_{tuner.__name__}"] = str(e)
         results["errors"] = errors
     finally:
         dist.all_reduce = real
@@ -336,12 +345,15 @@ def test_fsdp_full_shard_matches_single_process(ddp_results, case):
 @pytest.mark.slow
 def test_unsupported_sharding_is_refused_clearly(ddp_results):
     errors = ddp_results[0]["errors"]
-    assert set(errors) == {"fsdp1_exact", "fsdp1_no_reducer", "fsdp2"}, errors
+    orig = {f"fsdp1_orig_{s}_{t}" for s in ("FULL_SHARD", "NO_SHARD") for t in ("CDAT", "EdgeOfStability")}
+    assert set(errors) == {"fsdp1_exact", "fsdp1_no_reducer", "fsdp2"} | orig, errors
     for msg in errors.values():
         assert "sharded" in msg and "NO_SHARD" in msg and "DistributedDataParallel" in msg and "FULL_SHARD" in msg
     assert "fully_shard" in errors["fsdp2"] and "DTensor" in errors["fsdp2"]
     assert '"exact"' in errors["fsdp1_exact"] and '"fd"' in errors["fsdp1_exact"]
     assert "distributed=None" in errors["fsdp1_no_reducer"]
+    for key in orig:
+        assert "use_orig_params=True" in errors[key] and "use_orig_params=False" in errors[key]
 
 
 def test_distributed_argument_is_validated():

@@ -29,7 +29,9 @@ curvatures, the power iteration's inner products) is then global. Under DDP or `
 changes (replicated parameters: their dot products are already global and must not be summed again).
 
 Not supported, refused by :func:`check_params` at construction with a clear error: FSDP2 ``DTensor``
-parameters (``fully_shard``), sharding that does not split each flat parameter evenly over the reducer's
+parameters (``fully_shard``), FSDP1 with ``use_orig_params=True`` on more than one rank (the optimizer then
+holds each rank's views of its shard, or full copies under ``NO_SHARD``, and nothing on them tells which),
+sharding that does not split each flat parameter evenly over the reducer's
 group (``HYBRID_SHARD``/``_HYBRID_SHARD_ZERO2``: replicas would be summed twice), ``distributed=None`` with
 sharded parameters, and the ``"exact"`` oracle on sharded parameters (its double backward needs the full
 parameters).
@@ -49,7 +51,7 @@ SHARDED_MESSAGE = (
     "{tuner}: the parameters are sharded across ranks ({kind}), which curvopt's tuners do not support: {why}. "
     "Supported: DistributedDataParallel, FSDP1 with sharding_strategy=ShardingStrategy.NO_SHARD, and FSDP1 "
     "FULL_SHARD/SHARD_GRAD_OP with use_orig_params=False (flat parameter shards, dot products and norms summed "
-    "across the ranks); not supported: FSDP2 fully_shard (DTensor parameters), HYBRID_SHARD.")
+    "across the ranks); not supported: FSDP2 fully_shard (DTensor parameters), FSDP1 with use_orig_params=True, HYBRID_SHARD.")
 
 
 def _dist_ready() -> bool:
@@ -136,6 +138,9 @@ def _sharding_kind(p: Tensor) -> Optional[str]:
         DTensor = ()  # type: ignore[assignment]
     if DTensor and isinstance(p, DTensor):
         return "DTensor parameters, e.g. FSDP2 fully_shard"
+    if getattr(p, "_fsdp_flattened", False) and not getattr(p, "_is_flat_param", False):
+        # FSDP1 marks the original parameters it flattened; they reach the optimizer only with use_orig_params=True
+        return "FSDP1 with use_orig_params=True"
     if getattr(p, "_is_flat_param", False):
         # FSDP1: a FlatParameter holds this rank's shard unless the strategy is NO_SHARD (then it holds the
         # full flattened parameters)
@@ -155,6 +160,12 @@ def check_params(params: Sequence[Tensor], tuner: str, reducer: Optional[DataPar
         why = None
         if kind.startswith("DTensor"):
             why = "their local shards are not read through DTensor's API"
+        elif kind.endswith("use_orig_params=True"):
+            if not _dist_ready() or torch.distributed.get_world_size() <= 1:
+                continue  # one rank holds the full parameters
+            why = ("each rank's parameters are views of its own shard (FULL_SHARD, SHARD_GRAD_OP: shapes differ "
+                   "between the ranks) or full copies (NO_SHARD), which cannot be told apart from the parameters; "
+                   "wrap the model with use_orig_params=False")
         elif reducer is None:
             why = ("distributed=None (or a one-rank group) with sharded parameters: their dot products and "
                    "norms must be summed across the ranks; pass distributed='auto' or the FSDP process group")
