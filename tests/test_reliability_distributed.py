@@ -232,6 +232,14 @@ def _ddp_worker(rank, world, port, out_dir):
                 except NotImplementedError as e:
                     errors[f"fsdp1_orig_{strategy.name}_{tuner.__name__}"] = str(e)
         results["errors"] = errors
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        zero = ZeroRedundancyOptimizer(make_model().parameters(), optimizer_class=torch.optim.SGD, lr=1.0)
+        results["zero_errors"] = []
+        for allow in (False, True):
+            try:
+                ct.CDAT(zero, allow_any_base=allow)
+            except ValueError as e:
+                results["zero_errors"].append(str(e))
     finally:
         dist.all_reduce = real
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -354,6 +362,9 @@ def test_unsupported_sharding_is_refused_clearly(ddp_results):
     assert "distributed=None" in errors["fsdp1_no_reducer"]
     for key in orig:
         assert "use_orig_params=True" in errors[key] and "use_orig_params=False" in errors[key]
+    # ZeroRedundancyOptimizer as the base: refused even with allow_any_base=True (it ran, with other rates)
+    zero = ddp_results[0]["zero_errors"]
+    assert len(zero) == 2 and all("ZeroRedundancyOptimizer" in m and "DistributedDataParallel" in m for m in zero)
 
 
 def test_distributed_argument_is_validated():

@@ -460,6 +460,13 @@ def test_bases_that_cannot_work_are_refused(make, match):
     TALLY["survived"] += 1
 
 
+def test_parameters_in_place_of_a_base_say_how_to_wrap():
+    w = nn.Parameter(torch.ones(3))
+    for given in ([w], {"params": [w]}):  # e.g. ZeroRedundancyOptimizer(params, optimizer_class=CDAT)
+        with pytest.raises(TypeError, match=r"wraps an optimizer, CDAT\(torch.optim.AdamW"):
+            CDAT(given)
+
+
 def test_noise_correction_behind_a_base_without_a_noise_metric_is_refused():
     """``noise_correction=True`` behind a base whose noise metric the tuner does not know (``allow_any_base``):
     a clear error, not a correction silently left off (closure-free behind RMSprop, Adagrad, NAdam, Lion, Adan and

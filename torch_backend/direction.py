@@ -10,7 +10,8 @@ depend on the learning rate.
 
 Bases for which this is wrong are refused (:func:`check_base`): a base whose update is not linear in ``lr``
 (``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search), one that keeps iterate averages (``ASGD``:
-its average would collect the probe points), ``SparseAdam`` (sparse gradients), and ``maximize=True``.
+its average would collect the probe points), ``SparseAdam`` (sparse gradients), ``maximize=True``, and
+``torch.distributed.optim.ZeroRedundancyOptimizer`` (each rank holds the base's state for its shard only).
 """
 from __future__ import annotations
 
@@ -45,9 +46,17 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
 
     ``allow_any_base=True`` accepts other ``torch.optim`` optimizers whose update is linear in ``lr`` and that
     keep no iterate averages (``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ... : the caller vouches for
-    it); the four in ``_REFUSED`` are refused regardless.
+    it); the four in ``_REFUSED`` and ``ZeroRedundancyOptimizer`` are refused regardless.
     """
     name = type(base).__name__
+    if any(cls.__name__ == "ZeroRedundancyOptimizer" and cls.__module__.startswith("torch.distributed.optim")
+           for cls in type(base).__mro__):
+        raise ValueError(
+            f"{tuner} cannot wrap ZeroRedundancyOptimizer, even with allow_any_base=True: each rank keeps the base's "
+            "state (Adam's moments) for its own shard of the parameters only, where the tuner reads it for all of "
+            "them (the preconditioner, the noise correction), and the base's kind, which sets the tuner's "
+            "defaults, is hidden inside. Wrap the plain base under DistributedDataParallel instead: "
+            f"{tuner}(torch.optim.AdamW(ddp_model.parameters(), lr=1.0)).")
     for cls in type(base).__mro__:
         if cls.__module__.startswith("torch.optim") and cls.__name__ in _REFUSED:
             raise ValueError(f"{tuner} cannot wrap {name}: {_REFUSED[cls.__name__]}. Supported bases: "

@@ -221,7 +221,9 @@ class CurvatureTuner(torch.optim.Optimizer):
                  probes: bool = True, noise_correction: Optional[bool] = None) -> None:
         name = type(self).__name__
         if not isinstance(base, torch.optim.Optimizer):
-            raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
+            raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}: a tuner "
+                            f"wraps an optimizer, {name}(torch.optim.AdamW(model.parameters(), lr=1.0)), and "
+                            "cannot be given parameters (nor be another optimizer's optimizer_class)")
         if isinstance(base, CurvatureTuner):
             raise TypeError("base must be a plain torch.optim optimizer, not another curvopt tuner")
         check_base(base, bool(allow_any_base), name)
