@@ -418,6 +418,30 @@ def test_add_param_group(optim_info):
 
 
 @db
+def test_maximize_set_after_construction_is_refused_without_a_change(optim_info):
+    # found in the field: EdgeOfStability climbed the loss 1.2 -> 366 after maximize=True came in this way
+    weight, bias, x = linear_problem()
+    optimizer = optim_info.optim_cls([weight, bias])
+    closure = functools.partial(fwd_bwd, optimizer, weight, bias, x)
+    take_step(optimizer, optim_info, closure)
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0]["maximize"] = True
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match="maximize=True is not supported"):
+        optimizer.load_state_dict(saved)
+    optimizer.param_groups[0]["maximize"] = True
+    w = weight.detach().clone()
+    with pytest.raises(ValueError, match="maximize=True is not supported"):
+        take_step(optimizer, optim_info, closure)
+    assert torch.equal(weight.detach(), w)
+    optimizer.param_groups[0]["maximize"] = False
+    after = optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v))
+               for i, entry in before["state"].items() for k, v in entry.items())
+
+
+@db
 def test_step_is_noop_for_zero_grads(optim_info):
     for optim_input in all_inputs(optim_info):
         kwargs = optim_input.kwargs

@@ -460,6 +460,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
         if closure is None:
             self._require_probe_free(has_closure=False, error=TypeError)
+        for group in self.param_groups:  # refused at construction, but a group can be edited since
+            check_group(group, type(self).__name__)
         base_hooks = self._base_hooks()
         for hook in list(base_hooks[0].values()):  # the base's own step hooks, around the whole step
             hook(self.base, (), {})
@@ -1387,6 +1389,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             state_dict, tuner=type(self).__name__, base=type(self.base).__name__, params=self._all_params(),
             group_sizes=[len(g["params"]) for g in groups], rule_fields=init._fields,
             ema=float(getattr(self.rule, "ema", 0.0)))
+        for group in sd["param_groups"]:
+            check_group(group, type(self).__name__)
         torch.optim.Optimizer.load_state_dict(self, sd)
         glob = self.state[self._all_params()[0]]
         p0 = self._all_params()[0]
