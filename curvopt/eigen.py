@@ -14,7 +14,8 @@ the estimate is ``shift``), or after its budget of products. A non-finite produc
 voids the whole estimate: it is NaN, not the Rayleigh quotient of the products before it (a pass cut short after
 two products can be 40x low, and an edge-of-stability rate 40x high), and the tuners retry at the next step
 (:func:`curvopt.config.sharpness_due`). If the dominant eigenvalue turns out negative, a second pass on
-``M - lambda I`` from a fresh vector finds the top (algebraic) one. The standalone
+``M - lambda I`` from a fresh vector finds the top (algebraic) one, its stopping test on the unshifted
+quotient. The standalone
 ``hessian_top_eigenvalue`` of both backends uses SciPy's ARPACK instead (accurate to its ``tol``).
 """
 from __future__ import annotations
@@ -74,7 +75,9 @@ def power_step(state: PowerState, matvec: Callable[[Any], Any], *, fresh: Any, i
     bad = broken | (n == 0)
     v_next = ops.select(bad, v, ops.scale(1 / xp.where(bad, 1.0, n), z))
     pass_used = state.pass_used + 1
-    over = bad | rayleigh_converged(lam, state.previous, tol) | (pass_used >= iters)
+    # converged on the estimate itself: in the shifted pass a change that is small next to the shifted
+    # quotient (|shift| + top) can be large next to the top eigenvalue (-1.9 read where the top was +124)
+    over = bad | rayleigh_converged(lam + shift, state.previous + shift, tol) | (pass_used >= iters)
     value = xp.where(broken, float("nan"), lam + shift)
     switch = over & ~state.second & ~bad & (lam < 0)
     return PowerState(

@@ -297,3 +297,26 @@ def test_standalone_estimate_restores_module_buffers_and_the_generator(given):
     assert math.isfinite(float(lam)) and float(lam) > 0
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_first_adam_estimate_is_positive_when_the_dominant_eigenvalue_is_negative():
+    """Found in the field: behind Adam's first step P^-1 H had eigenvalues from -13,800 to +1,240, the shifted
+    second pass stopped on a change small next to the shifted quotient (~15,000) and read -1.9, and the
+    edge-of-stability rate was 0 until the next estimate. The estimate must be positive and, a Rayleigh quotient,
+    at most the top eigenvalue."""
+    torch.manual_seed(0)
+    X = torch.randn(128, 8)  # the field case, in float32; the dense Hessian in float64
+    y = ((X[:, 0] > 0).long() + (X[:, 1] > 0).long())[:32]
+    x = X[:32]
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    H = dense_hessian(copy.deepcopy(model).to(DT), x.to(DT), y)
+    base = torch.optim.Adam(model.parameters(), lr=1.0)
+    opt = EdgeOfStability(base, modules=model, sharpness=SharpnessConfig(every=3))
+    opt.step(make_closure(model, x, y))
+    s = 1 / np.sqrt(torch.cat([q.reshape(-1) for q in adam_preconditioner_from_optimizer(base)]).numpy())
+    spectrum = np.linalg.eigvalsh(s[:, None] * H * s[None, :])
+    assert spectrum[0] < -5 * spectrum[-1] < 0  # the dominant eigenvalue is the negative one
+    estimate = float(opt.stats["preconditioned_sharpness"])
+    assert 0.1 * spectrum[-1] < estimate <= spectrum[-1] * (1 + 1e-9), (estimate, spectrum[[0, -1]])
+    assert float(opt.stats["lr"]) > 0
