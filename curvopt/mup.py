@@ -340,6 +340,7 @@ def build_table(
     gamma_depth: int | None = None,
     zero_readout: bool = False,
     delta_shapes: Mapping[str, Sequence[int]] | None = None,
+    tensor_counts: Mapping[str, int] | None = None,
 ) -> dict[str, ParamScaling]:
     """The table for a whole model.
 
@@ -356,6 +357,8 @@ def build_table(
     ``delta_shapes``: shapes of a third model of another width (``mup``'s ``delta``); when given, roles are
     inferred from ``base_shapes`` vs ``delta_shapes`` and only the multipliers from the target, so that a
     target as wide as the base still knows its readout (for γ and ``zero_readout``).
+    ``tensor_counts``: ``{name: n}`` for a parameter that stores ``n`` layers' tensors stacked (a scanned
+    layer; ``shapes`` then gives one layer's shape): it counts ``n`` times in the γ rule's ``L``.
     """
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     family = optimizer_family(optimizer)
@@ -379,7 +382,8 @@ def build_table(
         for n in names:
             role_over[n] = role
     if gamma_depth is None:
-        layers = sum(len(s) >= 2 and lay != "vector" for s, lay in shapes.values())
+        counts = tensor_counts or {}
+        layers = sum(counts.get(n, 1) for n, (s, lay) in shapes.items() if len(s) >= 2 and lay != "vector")
         gamma_depth = depth if depth is not None else max(1, layers)
     g_lr = gamma_lr_scale(gamma, family, gamma_depth)
     g_out = gamma_output_multiplier(gamma)

@@ -6,7 +6,8 @@ paths joined by ``/`` (``"params/Dense_0/kernel"`` for a Flax param dict). Tenso
 and every ``bias``/``scale`` leaf are vectors (biases, norm gains), and the 3-d ``query``/``key``/``value``
 kernels of Flax's attention are ``[in, heads, head_dim]`` (layout ``in_heads``). Flax ``nn.Embed`` tables look
 like Dense kernels ``[vocab, dim]`` — same role and learning rate — but their init should ignore the
-vocabulary: pass ``overrides={path: "embedding"}``.
+vocabulary: pass ``overrides={path: "embedding"}``. Leaves that stack layers (``nn.scan``: ``[L, in, out]``)
+need ``stacked={glob: 1}``: the leading axes are then neither fan-in nor width.
 
 Usage::
 
@@ -23,6 +24,7 @@ is ``c`` times the effective one). Biases are never scaled. The depth-μP residu
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -80,11 +82,26 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
               gamma: float = 1.0, depth: int | None = None, overrides: Mapping[str, str] | None = None,
               residual_branches: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
               init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None,
-              gamma_depth: int | None = None) -> dict:
-    """``{leaf name: curvopt.mup.ParamScaling}``; same arguments as :func:`parameterize`."""
+              gamma_depth: int | None = None, stacked: Mapping[str, int] | None = None) -> dict:
+    """``{leaf name: curvopt.mup.ParamScaling}``; same arguments as :func:`parameterize` (a stacked leaf's row
+    has one layer's shape)."""
     shapes, _ = _named_shapes(params, "params")
     base_shapes, _ = _named_shapes(base_params, "base_params")
     core.check_same_names(shapes, base_shapes)
+    delta_shapes = None if delta_params is None else _named_shapes(delta_params, "delta_params")[0]
+    counts = {}
+    for pat, hits in core.match_names((stacked or {}).keys(), shapes, "stacked").items():
+        axes = stacked[pat]
+        if not isinstance(axes, int) or isinstance(axes, bool) or axes < 1:
+            raise ValueError(f"stacked[{pat!r}] must be the number of leading layer axes (an int >= 1), "
+                             f"got {axes!r}")
+        for n in hits:
+            if len(shapes[n]) <= axes:
+                raise ValueError(f"stacked[{pat!r}]: {n!r} of shape {shapes[n]} has no axes left after {axes} "
+                                 "layer axes")
+            counts[n] = math.prod(shapes[n][:axes])
+            for tree in (shapes, base_shapes) + ((delta_shapes,) if delta_shapes is not None else ()):
+                tree[n] = tree[n][axes:]
     layout = core.with_layouts({n: _default_layout(n, s) for n, s in shapes.items()}, layouts)
     in_branch: list[str] = []
     if residual_branches:
@@ -96,7 +113,7 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
         {n: (s, layout[n]) for n, s in shapes.items()}, base_shapes, optimizer=optimizer,
         parameterization=parameterization, gamma=gamma, depth=depth, residual_branch=in_branch,
         overrides=overrides, init_sigma=init_sigma, zero_readout=zero_readout, gamma_depth=gamma_depth,
-        delta_shapes=None if delta_params is None else _named_shapes(delta_params, "delta_params")[0])
+        delta_shapes=delta_shapes, tensor_counts=counts)
 
 
 def mup_multipliers(params: Any, base_params: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
@@ -211,6 +228,7 @@ def parameterize(
     layouts: Mapping[str, str] | None = None,
     init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None,
     gamma_depth: int | None = None,
+    stacked: Mapping[str, int] | None = None,
 ) -> MuP:
     """μP (or SP/NTK) for the model whose parameters are ``params`` relative to ``base_params``.
 
@@ -218,12 +236,17 @@ def parameterize(
     same paths. ``residual_branches``: globs over leaf names of the parameters inside residual branches
     (they get depth-μP's Adam learning-rate correction; scale the branch outputs by
     ``branch_multiplier`` in the model). ``delta_params``: a third tree of another width (roles from
-    ``base_params`` vs ``delta_params``). Other arguments as the PyTorch ``parameterize``.
+    ``base_params`` vs ``delta_params``). ``stacked``: ``{glob: k}`` for leaves whose first ``k`` axes stack
+    layers (``nn.scan``, ``nnx.vmap``/``nnx.scan`` over layers: a ``[L, in, out]`` kernel); those axes are
+    neither fan-in nor width, each layer is initialised and scaled as one unstacked tensor, and the stack
+    counts ``L`` times in the γ rule's ``L`` (the model and the base may differ in ``L``). Without it the stack
+    axis is read as part of the fan-in: the multipliers are wrong and nothing can tell. Other arguments as
+    the PyTorch ``parameterize``.
     """
     table = mup_table(params, base_params, optimizer=optimizer, parameterization=parameterization, gamma=gamma,
                       depth=depth, overrides=overrides, residual_branches=residual_branches, layouts=layouts,
                       init_sigma=init_sigma, zero_readout=zero_readout, delta_params=delta_params,
-                      gamma_depth=gamma_depth)
+                      gamma_depth=gamma_depth, stacked=stacked)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [_name(p) for p, _ in leaves]
 

@@ -626,6 +626,67 @@ def test_flax_attention_kernels_and_biases_read_like_torch_multihead_attention()
     assert table["value/bias/value"].layout == "vector"
 
 
+class _FlaxBlock(fnn.Module):
+    width: int
+
+    @fnn.compact
+    def __call__(self, h, _):
+        a = fnn.MultiHeadDotProductAttention(num_heads=self.width // 8)(h[:, None, :])[:, 0]
+        return h + fnn.Dense(self.width)(fnn.relu(h + a)), None
+
+
+class _FlaxStack(fnn.Module):
+    """Residual blocks (attention + Dense), unrolled or as one ``nn.scan`` (every block leaf ``[L, ...]``)."""
+
+    width: int
+    scan: bool
+    depth: int = 4
+
+    @fnn.compact
+    def __call__(self, x):
+        h = fnn.Dense(self.width)(x)
+        if self.scan:
+            blocks = fnn.scan(_FlaxBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                              length=self.depth)(self.width, name="blocks")
+            h, _ = blocks(h, None)
+        else:
+            for i in range(self.depth):
+                h, _ = _FlaxBlock(self.width, name="blocks" if i == 0 else f"blocks_{i}")(h, None)
+        return fnn.Dense(OUT)(h)
+
+
+def test_stacked_layers_are_scaled_as_their_unstacked_layers():
+    """Found in the field: the layer axis of an ``nn.scan`` stack was read as fan-in, so the stacked attention
+    kernels became readouts (their forward multiplier 1/16), the Dense kernels started sqrt(L) too small, and
+    the γ rule counted a stack once. With ``stacked=`` every block leaf gets the unrolled model's numbers, also
+    against a base of another depth."""
+    x = jnp.zeros((2, IN))
+    key = jax.random.key(0)
+    unrolled = _FlaxStack(128, False).init(key, x)
+    want = jmup.mup_table(unrolled, flax_shapes(_FlaxStack(32, False), x), gamma=2.0)
+    params = _FlaxStack(128, True).init(key, x)
+    wrong = jmup.mup_table(params, flax_shapes(_FlaxStack(32, True), x), gamma=2.0)
+    assert wrong["params/blocks/MultiHeadDotProductAttention_0/query/kernel"].role == "output"  # the old reading
+    for base_depth in (4, 2):
+        mup = jmup.parameterize(params, flax_shapes(_FlaxStack(32, True, base_depth), x), gamma=2.0,
+                                stacked={"params/blocks/*": 1})
+        for name, row in mup.table.items():
+            ref = want[name]
+            assert (row.role, row.layout, row.fan_in) == (ref.role, ref.layout, ref.fan_in), name
+            for attr in ("forward_mult", "lr_mult", "wd_mult"):
+                assert getattr(row, attr) == pytest.approx(getattr(ref, attr), rel=1e-12), (name, attr)
+            assert (row.init_std is None) == (ref.init_std is None), name
+            if ref.init_std is not None:
+                assert row.init_std == pytest.approx(ref.init_std, rel=1e-12), name
+        kernel = mup.init(jax.random.key(1), params)["params"]["blocks"]["Dense_0"]["kernel"]
+        assert kernel.shape == (4, 128, 128)
+        assert float(jnp.std(kernel)) == pytest.approx(128 ** -0.5, rel=0.02)
+    with pytest.raises(ValueError, match="leading layer axes"):
+        jmup.parameterize(params, params, stacked={"params/blocks/*": 0})
+    with pytest.raises(ValueError, match="matches no parameter"):
+        jmup.parameterize(params, params, stacked={"params/layers/*": 1})
+
+
 class _TorchTokens(nn.Module):
     """timm's ViT tokens: ``cls_token [1, 1, d]`` and ``pos_embed [1, T, d]``, added to the activations."""
 
