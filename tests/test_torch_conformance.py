@@ -818,7 +818,10 @@ def _compare_impls(optim_info, flag, dtype=torch.float64):
             for p, q in zip(models[0].parameters(), models[1].parameters()):
                 torch.testing.assert_close(p, q)
                 for k, v in optimizers[0].state[p].items():  # (NaN: CDAT's watch has no prediction yet)
-                    torch.testing.assert_close(v, optimizers[1].state[q][k], equal_nan=True)
+                    # the power iteration's vector is more sensitive than its eigenvalue to the kernels'
+                    # rounding (here 5e-7 against 1.3e-8 for the eigenvalue; the parameters match to 1e-7)
+                    tol = dict(rtol=1e-5, atol=1e-6) if k.startswith("curvopt_eig") else {}
+                    torch.testing.assert_close(v, optimizers[1].state[q][k], equal_nan=True, **tol)
 
 
 @db
