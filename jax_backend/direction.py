@@ -64,9 +64,14 @@ def vdot(a: Any, b: Any, dtype: Any) -> Any:
 def flat(tree: Any, dtype: Any, like: Any = None) -> Any:
     """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype`` and
     concatenated into one vector: the tuners' inner products and elementwise formulas over a whole tree run on it
-    as one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`)."""
-    leaves = jax.tree.leaves(tree) if like is None else jax.tree.structure(like).flatten_up_to(tree)
-    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+    as one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`).
+    A leaf that ``tree`` masks out where ``like`` has an array (a base state inside the base's own
+    ``optax.masked``/``multi_transform``: the frozen part of the tree has no moments) reads as zeros."""
+    if like is None:
+        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)])
+    leaves = jax.tree.structure(like).flatten_up_to(tree)
+    return jnp.concatenate([jnp.zeros(jnp.size(y), dtype) if _is_masked(x) else jnp.ravel(x).astype(dtype)
+                            for x, y in zip(leaves, jax.tree.leaves(like))])
 
 
 def norm(a: Any, dtype: Any) -> Any:
@@ -106,6 +111,18 @@ def _is_masked(x: Any) -> bool:
 def has_masked(params: Any) -> bool:
     """Whether ``params`` is a masked view (``optax.masked``/``multi_transform``)."""
     return any(_is_masked(x) for x in jax.tree.leaves(params, is_leaf=_is_masked))
+
+
+def merge_masked(trees: list) -> Any:
+    """One tree from masked views of the same tree (``multi_transform``'s groups): each leaf from the first view
+    that has it (still masked where none has)."""
+    return jax.tree.map(lambda *xs: next((x for x in xs if not _is_masked(x)), xs[0]), *trees, is_leaf=_is_masked)
+
+
+def fill_masked(tree: Any, like: Any, value: float) -> Any:
+    """``tree`` with its masked-out leaves replaced by ``value`` in the shape of ``like``'s (unmasked ones kept)."""
+    return jax.tree.map(lambda x, y: jnp.full(jnp.shape(y), value, jnp.result_type(y)) if _is_masked(x) and not
+                        _is_masked(y) else x, tree, like, is_leaf=_is_masked)
 
 
 def like_params(tree: Any, params: Any) -> Any:

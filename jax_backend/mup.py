@@ -34,6 +34,7 @@ import optax
 from curvopt import mup as core
 from curvopt.validation import check_nonnegative
 
+from .direction import like_params
 from .warning import warn
 
 __all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "ScaleByMupState", "find_lr_mults",
@@ -135,8 +136,8 @@ def find_lr_mults(tree: Any) -> Any:
 
 
 def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
-    """Multiply each update leaf by its (Python float) multiplier; chainable anywhere (its state,
-    :class:`ScaleByMupState`, only records the multipliers).
+    """Multiply each update leaf by its (Python float) multiplier; chainable anywhere, inside ``optax.masked`` and
+    ``optax.multi_transform`` too (its state, :class:`ScaleByMupState`, only records the multipliers).
 
     Put it between the base direction and the learning rate / tuner:
     ``cdat(optax.chain(optax.scale_by_adam(), scale_by_mup(mup.lr_mults)), base_method="adam")`` (the
@@ -151,7 +152,7 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
     def update_fn(updates, state, params=None):
         del params
         return jax.tree_util.tree_map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype),
-                                      updates, lr_mults), state
+                                      updates, like_params(lr_mults, updates)), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -171,7 +172,8 @@ def add_decayed_weights_mup(weight_decay: float, wd_mults: Any) -> optax.Gradien
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("add_decayed_weights_mup needs params in update(updates, state, params)")
-        return jax.tree_util.tree_map(lambda u, p, m: u + (weight_decay * m) * p, updates, params, wd_mults), state
+        return jax.tree_util.tree_map(lambda u, p, m: u + (weight_decay * m) * p, updates, params,
+                                      like_params(wd_mults, updates)), state
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -27,7 +27,7 @@ from curvopt.curvature import (SecantNoiseState, gradient_fit, gradient_scale, g
                                secant_noise_corrected, secant_noise_numerator)
 from curvopt.preconditioner import adam_preconditioner
 
-from .direction import flat
+from .direction import flat, like_params
 from .mup import find_lr_mults
 from .sharpness import find_adam_state
 
@@ -123,7 +123,8 @@ def gradient_descent_unit(method: BaseMethod, base_state_before: Any, grad: Any,
 
 def _per_entry(mults: Any, grad: Any, dtype: Any) -> Any:
     """Per-leaf multipliers broadcast to every entry, flat like ``grad``."""
-    return flat(jax.tree.map(lambda g, m: jnp.broadcast_to(m, g.shape), grad, mults), dtype, like=grad)
+    return flat(jax.tree.map(lambda g, m: jnp.broadcast_to(m, g.shape), grad, like_params(mults, grad)), dtype,
+                like=grad)
 
 
 def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: Any, name: str, required: bool

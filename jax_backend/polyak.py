@@ -77,7 +77,8 @@ def scale_by_polyak(
         dtype = state.stats.lr.dtype
         p = prepare(name, updates, params, dtype, value=value, grad=grad, value_fn=value_fn,
                     extra_args=extra_args, need_value=True)
-        check_base_method(base_method, method, updates, grad, base_state, name, rate_follows_base=False)
+        check_base_method(base_method, method, updates, grad, base_state, name,
+                          rate_follows_base=lr_max is None)
         if p.masked:  # at trace time
             warn(f"{name}: inside optax.masked/multi_transform the Polyak step divides the whole loss gap "
                  "f - f_star by this part's slope alone: right when the other parts are frozen, but when "

@@ -28,7 +28,7 @@ from curvopt.config import SharpnessConfig, power_iters, sharpness_due
 from curvopt.eigen import power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
-from .direction import accumulator_dtype, add_scaled, norm, scaled, vdot
+from .direction import accumulator_dtype, add_scaled, has_masked, merge_masked, norm, scaled, vdot
 from .loss import bind, fn_kwargs as accepted_kwargs
 from .settings import sharpness_enabled
 
@@ -102,18 +102,25 @@ def find_adam_state(tree: Any, b2: float) -> optax.ScaleByAdamState | None:
     """The first Adam state in an optimizer state, as an ``optax.ScaleByAdamState`` (``count``, ``mu``, ``nu``),
     or None. ``optax.scale_by_amsgrad``'s counts (at its default ``bias_correction_nu=True``): it divides by
     ``sqrt(nu_max) + eps``, ``nu_max`` the running maximum of the bias-corrected second moment, which is Adam's
-    ``P`` for ``nu = nu_max (1 - b2^t)``; ``b2`` is the base's (``BaseMethod.b2``)."""
+    ``P`` for ``nu = nu_max (1 - b2^t)``; ``b2`` is the base's (``BaseMethod.b2``). A base that runs Adam on parts
+    of the tree (``optax.multi_transform`` with an Adam group and a frozen one, ``optax.masked(scale_by_adam())``)
+    holds masked views: their moments are merged into one state (the first group's ``count``), still masked
+    where no Adam group covers the leaf (:func:`jax_backend.direction.flat` reads zeros there: ``P^-1 = 0``)."""
     known = (optax.ScaleByAdamState, optax.ScaleByAmsgradState)
     is_adam = lambda x: isinstance(x, known)  # noqa: E731
+    found = []
     for node in jax.tree.leaves(tree, is_leaf=is_adam):
         if isinstance(node, optax.ScaleByAdamState):
-            return node
-        if isinstance(node, optax.ScaleByAmsgradState):
+            found.append(node)
+        elif isinstance(node, optax.ScaleByAmsgradState):
             def unbiased(v: Any) -> Any:  # in at least float32: 1 - b2^t is 0 in bfloat16
                 wide = v.astype(jnp.promote_types(v.dtype, jnp.float32))
                 return wide * (1 - b2 ** node.count.astype(wide.dtype))
-            return optax.ScaleByAdamState(node.count, node.mu, jax.tree.map(unbiased, node.nu_max))
-    return None
+            found.append(optax.ScaleByAdamState(node.count, node.mu, jax.tree.map(unbiased, node.nu_max)))
+    if len(found) <= 1 or not has_masked(found[0].mu):
+        return found[0] if found else None
+    return optax.ScaleByAdamState(found[0].count, merge_masked([s.mu for s in found]),
+                                  merge_masked([s.nu for s in found]))
 
 
 def preconditioner_from_adam_state(state: Any, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Any:

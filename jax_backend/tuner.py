@@ -30,7 +30,7 @@ from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, SECANT_STALL_MESSAGE, S
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
-from .direction import (NEGATED_DIRECTION_MESSAGE, has_masked, incoming,
+from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import bind, value_and_grad_at
 from .noise import find_trace_state
@@ -105,8 +105,9 @@ def fresh_leaves(state: Any) -> Any:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), state)
 
 
-def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: str) -> Any:
-    """Adam's ``P`` from the base's state when the preconditioned sharpness is wanted, else None."""
+def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, params: Any, tuner: str) -> Any:
+    """Adam's ``P`` from the base's state when the preconditioned sharpness is wanted, else None; infinite
+    (``P^-1 = 0``) on leaves no Adam group of the base covers (:func:`jax_backend.sharpness.find_adam_state`)."""
     if not (method.preconditioned and wanted):
         return None
     adam = find_adam_state(base_state, method.b2)
@@ -117,7 +118,8 @@ def precondition_for(method: BaseMethod, wanted: bool, base_state: Any, tuner: s
             "cdat(optax.scale_by_adam(), ...)) or with_base_state(base, tuner), or pass base_state= (the "
             "base's state after this step's update).")
         return None
-    return preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps)
+    return fill_masked(preconditioner_from_adam_state(adam, b1=method.b1, b2=method.b2, eps=method.eps), params,
+                       math.inf)
 
 
 def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, base_state: Any,
@@ -150,12 +152,13 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
         else:
             return
         message = (f"the base's state is {found} but base_method is {method.kind!r}, so the defaults for that base "
-                   "apply (CDAT's sigma and ema, the stability coefficient of eos_ratio and of the edge-of-"
-                   "stability rule) and no preconditioned sharpness is estimated")
+                   "apply (CDAT's sigma and ema, Polyak's lr_max, the line search's c, the stability coefficient "
+                   "of eos_ratio and of the edge-of-stability rule) and no preconditioned sharpness is estimated")
     elif rate_follows_base and given is None and not _same_arrays(updates, grad):
         message = ("base_method is unset and the updates reaching the tuner are not the gradient (grad=), so the "
                    "tuner cannot tell its base and assumes gradient descent: behind Adam or momentum its defaults "
-                   "(CDAT's sigma and ema, the stability coefficients) are the wrong ones")
+                   "(CDAT's sigma and ema, Polyak's lr_max, the line search's c, the stability coefficients) are "
+                   "the wrong ones")
     else:
         return
     warn(f"{tuner}: {message}: {hint}.")
@@ -206,8 +209,8 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
                  "value_fn: use it on the whole tree)" if p.masked else "")
         raise ValueError(f"{tuner}: the online sharpness evaluates Hessian-vector products of the loss, so the "
                          "update needs value_fn over all the parameters (update(..., value_fn=loss_fn, **batch))"
-                         f"{where}; or pass sharpness=0 to turn it off where the tuner allows it")
-    pre = precondition_for(method, eigen.preconditioned_eigenvector is not None, base_state, tuner)
+                         f"{where}" + ("" if "edge_of_stability" in tuner else "; or pass sharpness=0 to turn it off"))
+    pre = precondition_for(method, eigen.preconditioned_eigenvector is not None, base_state, params, tuner)
     lam, lam_p, eigen, used = online_sharpness(p.f, params, eigen, kept, steps=steps, config=config,
                                                preconditioner=pre, dtype=p.dtype)
     return (lam, lam_p), eigen, used

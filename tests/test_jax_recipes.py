@@ -438,7 +438,7 @@ def test_base_method_unset_warns_when_the_base_is_visibly_another():
     Adam's and heavy ball's: the update warns at trace time (once per trace) when it can see another base, and
     stays quiet when the base is declared, when the tuner sees the raw gradient (gradient descent), and where
     only the diagnostics follow the base (the greedy step, CDAT with sigma and ema given, the line search with c
-    given, Polyak behind momentum)."""
+    given, Polyak behind momentum with lr_max given)."""
     import warnings
 
     from curvopt.optax import scale_by_edge_of_stability, scale_by_quadratic_greedy
@@ -466,6 +466,8 @@ def test_base_method_unset_warns_when_the_base_is_visibly_another():
         (armijo(trace(), c=0.5), 0, None),  # c given: only the diagnostics follow the base
         (polyak(adam(), lr_max=1e-3), 1, "ScaleByAdamState"),
         (polyak(trace(), lr_max=1e-3), 0, None),
+        (polyak(trace()), 1, "TraceState"),  # the default lr_max = 1 is gradient descent's (a field test)
+        (polyak(adam()), 1, "ScaleByAdamState"),
     ]
     for opt, expected, names in cases:
         s = opt.init(p)
@@ -530,3 +532,66 @@ def test_convenience_given_value_fn_without_value_uses_the_loss():
         np.testing.assert_allclose(lrs(cdat(base, base_method=method), False), ref, rtol=1e-6)
     bare = optax.chain(optax.identity(), scale_by_cdat())
     np.testing.assert_allclose(lrs(bare, False), lrs(cdat(optax.identity()), True), rtol=1e-6)
+
+
+def _frozen_problem():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {"w1": jax.random.normal(k1, (16, 32)) / 4, "b1": jnp.zeros(32),
+              "w2": jax.random.normal(k2, (32, 10)) / 6, "b2": jnp.zeros(10)}
+    x, y = jax.random.normal(k3, (64, 16)), jnp.arange(64) % 10
+
+    def loss(p, x, y):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return optax.softmax_cross_entropy_with_integer_labels(h @ p["w2"] + p["b2"], y).mean()
+    return params, x, y, loss
+
+
+#: the power iteration run to convergence (the two runs start it from different random vectors)
+_CONVERGED = dict(sharpness_first_iters=400, sharpness_iters=400, sharpness_tol=1e-9)
+
+
+@pytest.mark.parametrize("make", [
+    lambda base: cdat(base, base_method="adam"),
+    lambda base: cdat(base, base_method="adam", numerator="momentum", sharpness_every=3, **_CONVERGED),
+    lambda base: edge_of_stability(base, base_method="adam", sharpness_every=3, **_CONVERGED),
+], ids=["cdat", "cdat_momentum_sharpness", "edge_of_stability"])
+def test_a_base_that_freezes_part_of_the_tree_tunes_the_rest(make):
+    """Found in the field: a tuner around ``multi_transform({"train": scale_by_adam(), "frozen": set_to_zero()})``
+    (docs/optax.md: tune the whole tree with one tuner, per-part rules inside its base) raised MaskedNode errors:
+    the Adam state has no moments for the frozen part. It now tunes the trained part exactly as a tuner over that
+    part alone (frozen coordinates: u = 0 and P^-1 = 0), and a base of two Adam groups as one Adam."""
+    params, x, y, loss = _frozen_problem()
+    labels = {"w1": "frozen", "b1": "frozen", "w2": "train", "b2": "train"}
+    frozen = {"w1": params["w1"], "b1": params["b1"]}
+
+    def head_loss(q, x, y):
+        return loss({**frozen, **q}, x, y)
+
+    def run(tx, p, f, steps=8):
+        @jax.jit
+        def step(p, state):
+            value, grad = jax.value_and_grad(f)(p, x, y)
+            u, state = tx.update(grad, state, p, value=value, grad=grad, value_fn=f, x=x, y=y)
+            return optax.apply_updates(p, u), state
+
+        state, lrs, sharp = tx.init(p), [], []
+        for _ in range(steps):
+            p, state = step(p, state)
+            lrs.append(float(stats(state)["lr"]))
+            sharp.append(float(stats(state)["preconditioned_sharpness"]))
+        return p, np.array(lrs), np.array(sharp)
+
+    split = optax.multi_transform({"train": optax.scale_by_adam(), "frozen": optax.set_to_zero()}, labels)
+    p, lrs, sharp = run(make(split), params, loss)
+    head = {"w2": params["w2"], "b2": params["b2"]}
+    q, want_lrs, want_sharp = run(make(optax.scale_by_adam()), head, head_loss)
+    assert np.all(p["w1"] == params["w1"]) and np.all(p["b1"] == params["b1"])
+    np.testing.assert_allclose(lrs, want_lrs, rtol=1e-4)
+    np.testing.assert_allclose(sharp, want_sharp, rtol=1e-3)  # NaN where not estimated, in both
+    assert np.all(lrs > 0)
+    np.testing.assert_allclose(p["w2"], q["w2"], rtol=1e-4, atol=1e-6)
+    # two Adam groups are one Adam
+    groups = optax.multi_transform({"train": optax.scale_by_adam(), "frozen": optax.scale_by_adam()}, labels)
+    _, lrs2, _ = run(make(groups), params, loss)
+    _, want2, _ = run(make(optax.scale_by_adam()), params, loss)
+    np.testing.assert_allclose(lrs2, want2, rtol=1e-4)

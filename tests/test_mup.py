@@ -842,3 +842,33 @@ def test_torch_multihead_attention_out_proj_is_refused_and_the_attention_scales_
         branch = model.mha(h, h, h, need_weights=False)[0]
         tmup.parameterize(model, _Attn(16), depth=4, residual_branches=["mha"], reinit=False, attention="1/sqrt(d)")
         torch.testing.assert_close(model(h), h + 0.5 * branch)
+
+
+def test_mup_transform_and_decay_inside_masked_and_multi_transform():
+    """Found in the field: ``scale_by_mup`` (documented as chainable anywhere) raised a MaskedNode pytree error
+    inside ``optax.multi_transform``, and so did a tuner behind it there (the noise metric's multipliers)."""
+    from curvopt.optax import cdat
+
+    params = {"a": jnp.ones((4, 8)), "b": jnp.full((8, 3), 0.5), "c": jnp.ones(3)}
+    mults = {"a": 2.0, "b": 0.25, "c": 1.0}
+    labels = {"a": "frozen", "b": "train", "c": "train"}
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    full = optax.chain(jmup.add_decayed_weights_mup(0.1, mults), jmup.scale_by_mup(mults))
+    want, _ = full.update(grads, full.init(params), params)
+    split = optax.multi_transform({"train": full, "frozen": optax.set_to_zero()}, labels)
+    got, _ = split.update(grads, split.init(params), params)
+    assert not jnp.any(got["a"])
+    for k in ("b", "c"):
+        assert jnp.allclose(got[k], want[k], rtol=1e-6)
+    masked = optax.masked(jmup.scale_by_mup(mults), {"a": False, "b": True, "c": True})
+    got, _ = masked.update(grads, masked.init(params), params)
+    assert jnp.array_equal(got["a"], grads["a"]) and jnp.allclose(got["b"], 0.25 * grads["b"])
+    tuned = optax.multi_transform({"train": cdat(optax.chain(optax.scale_by_adam(), jmup.scale_by_mup(mults)),
+                                                 base_method="adam"), "frozen": optax.set_to_zero()}, labels)
+    state = tuned.init(params)
+    for _ in range(3):
+        u, state = jax.jit(tuned.update)(grads, state, params)
+        params = optax.apply_updates(params, u)
+        grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+    assert jnp.array_equal(params["a"], jnp.ones((4, 8)))
