@@ -4,7 +4,8 @@ This package is the backend-agnostic core: the rules as formulas and as values (
 optimizer's description (``base``), stability thresholds (``thresholds``), Adam's preconditioner
 (``preconditioner``), the online eigen-solver (``eigen``), shared settings (``config``), hyperparameter checks
 (``validation``), the names of the logged statistics (``stats``), the precision a gradient shows (``precision``),
-diagnostics and the μP tables (``mup``). It imports neither torch nor jax.
+the curvature oracles' formulas (``curvature``), the mini-batch watch (``minibatch_watch``), warnings at the
+user's line (``caller``), diagnostics and the μP tables (``mup``). It imports neither torch nor jax.
 
 The tuners themselves live in the backends, imported through ``curvopt.torch`` (PyTorch) and
 ``curvopt.optax`` (JAX/Optax).

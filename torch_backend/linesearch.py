@@ -32,7 +32,7 @@ class ArmijoLineSearch(CurvatureTuner):
 
     Trial closure calls run backward too (the closure convention); module buffers and the random state are
     protected. ``stats["closure_calls"]`` is 1 + the number of trials (+ sharpness products), and one more
-    once, at the first search (or first sharpness estimate): the check that the closure replays (not in
+    at each of the first 3 searches (or sharpness estimates): the check that the closure replays (not in
     distributed runs). ``last_trials`` and ``last_decrease_error`` (0 = accepted) describe the last search.
     ``c`` defaults by the base (:func:`curvopt.rules.default_armijo_c`: 0.1 behind SGD, 0.5 behind momentum,
     Nesterov and Adam; :class:`curvopt.rules.ArmijoRule` gives the measurements). Other arguments as in

@@ -15,7 +15,8 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    (:func:`curvopt.config.has_gradient`);
 4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
    ``w0`` (after the base stepped, so Adam's ``P`` is the one of this step's update), by the core's power
-   iteration on finite-difference Hessian-vector products; then ``u^T H u`` from the curvature oracle where
+   iteration on Hessian-vector products (finite differences; exact, by double backward, with
+   ``functional_loss``); then ``u^T H u`` from the curvature oracle where
    the rule needs it;
 5. the learning rate from the rule: ``apply_rule(self.rule, RuleInputs(...), rule state, torch)`` (the core
    owns the guard); the Armijo rule's trials run here; CDAT behind heavy ball and Nesterov then holds it once
