@@ -30,6 +30,7 @@ __all__ = [
     "concave_reprobe",
     "EXTERNAL_CLIP_STEPS",
     "EXTERNAL_CLIP_MESSAGE",
+    "EXTERNAL_CLIP_MESSAGE_CLOSURE",
     "EXTERNAL_CLIP_MESSAGE_OPTAX",
     "watched_norms",
     "external_clip_suspected",
@@ -250,6 +251,14 @@ EXTERNAL_CLIP_MESSAGE = (
     "1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's max_grad_norm= instead, which divides its "
     "factor back out (Hugging Face: max_grad_norm=0 in TrainingArguments; Lightning: gradient_clip_val=None). "
     + _CONSTANT_NORM_LOSS)
+EXTERNAL_CLIP_MESSAGE_CLOSURE = (
+    "curvopt: the gradients the closure computed have had the same norm on the last "
+    f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip inside the closure "
+    "(torch.nn.utils.clip_grad_norm_ after backward, Lightning's gradient_clip_val or self.clip_gradients). The "
+    "tuner then reads the clipped gradient as the loss's: the slope -g^T u is too small by the clip's factor, so "
+    "Polyak's rate is too large by it (a field test: pinned at lr_max), the line search's test is too lenient and "
+    "the sharpness's gradient differences are wrong. Clip with the tuner's max_grad_norm= instead, which clips "
+    "the update with the main call's factor and gives the rules the loss's own slope. " + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): a norm clip chained before the tuner "
@@ -261,8 +270,9 @@ EXTERNAL_CLIP_MESSAGE_OPTAX = (
 
 
 def watched_norms(norms: Any, norm: Any, counted: Any, xp: Any) -> Any:
-    """The window of the last :data:`EXTERNAL_CLIP_STEPS` gradient norms of consecutive closure-free secant
-    steps (an array, oldest first, 0 for a step not seen; start from zeros) after a step whose gradient has
+    """The window of the last :data:`EXTERNAL_CLIP_STEPS` gradient norms of consecutive watched steps
+    (closure-free secant steps; in PyTorch also closure steps without ``fd`` probes, whose replay check would
+    catch a clip; an array, oldest first, 0 for a step not seen; start from zeros) after a step whose gradient has
     norm ``norm``: shifted in when the step counts (``counted``: it follows a step that moved the parameters;
     a probe's tiny step leaves the gradient nearly as it was, a step at rate 0 exactly, the same batch then
     giving the same norm), else cleared."""

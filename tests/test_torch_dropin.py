@@ -899,6 +899,40 @@ def test_an_active_clip_outside_the_closure_free_step_is_reported(tuner):
         assert run(None, 1.0)[0][1] == pytest.approx(g_sq / g_h_g * math.sqrt(g_sq), rel=2e-3)
 
 
+
+@pytest.mark.parametrize("tuner", [PolyakStep, ArmijoLineSearch, EdgeOfStability])
+def test_an_active_clip_inside_a_closure_no_probe_checks_is_reported(tuner):
+    """Found in the field: Polyak with ``clip_grad_norm_`` inside the closure (Lightning's manual clipping) sat at
+    lr_max, 1, 1, 1, ... for 0.24, 0.41, ... unclipped, without a word: its slope -g^T u was the clipped one.
+    Tuners whose closure no fd probe checks now watch the closure's gradient norms as the closure-free step
+    does, and warn once, a few steps in; unclipped, with an inactive clip or with max_grad_norm: no warning."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), (torch.randn(32) > 0).long()
+
+    def run(clip, max_grad_norm=None):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        opt = tuner(torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=max_grad_norm)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
+            return loss
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(10):
+                opt.step(closure)
+        return [str(m.message) for m in caught if "same norm on the last" in str(m.message)]
+
+    found = run(0.05)
+    assert len(found) == 1 and "inside the closure" in found[0] and "max_grad_norm" in found[0]
+    for clip, inside in ((None, None), (1e9, None), (None, 0.05)):
+        assert run(clip, inside) == [], (clip, inside)
+
+
 # ------------------------------------------------------------------------------ Lightning
 def test_lightning_trainer_accumulate_and_clip():
     pl = pytest.importorskip("lightning.pytorch")

@@ -57,7 +57,8 @@ from torch import Tensor
 from curvopt.base import BaseMethod, direction_unit
 from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mismatch, replay_mismatch_in_place,
                                replay_slope_mismatch, secant_noise_corrected)
-from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE, EXTERNAL_CLIP_STEPS,
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
+                            EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
                             resolve_curvature, power_iters, secant_caveat, secant_probe_eps, secant_stall_reference,
@@ -639,8 +640,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         them, and whether the step can go on (``st.ok``: a finite loss and ``-g^T u``)."""
         ws, params, grads, u, w0, glob, S = st.ws, st.params, st.grads, st.u, st.w0, st.glob, st.S
         late = st.prev_u is not None and not st.early
-        # closure-free secant steps watch ||g|| for a norm clip outside the tuner (external_clip_suspected)
-        st.watch_clip = st.secant and self.max_grad_norm is None and not self._clip_warned
+        # ||g|| is watched for a norm clip outside the tuner (external_clip_suspected): before a closure-free
+        # secant step, or inside a closure that no fd probe checks (Polyak, the line search, the sharpness alone)
+        st.watch_clip = st.oracle != "fd" and self.max_grad_norm is None and not self._clip_warned
         if ws.flat:
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
@@ -722,7 +724,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         """The checks on the step's reads that warn: a norm clip outside a closure-free step
         (:meth:`_watch_clip`), a loss below the rule's lower bound ``f_star`` (once)."""
         if st.watch_clip:
-            self._watch_clip(st.g_sq, after_move=st.prev_u is not None and self._moved_last)
+            self._watch_clip(st.g_sq, after_move=self._moved_last and (st.prev_u is not None or not st.secant),
+                             closure=not st.secant)
         f_star = getattr(self.rule, "loss_bound", -math.inf)
         if st.loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
@@ -879,7 +882,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         else:
             axpy_into(params, st.w0.views, lr_t, st.u.views)
         self.guard.finish()
-        self._moved_last = bool(st.secant and not st.probing and lr > 0)
+        self._moved_last = bool(lr > 0 and not (st.secant and st.probing))
         st.ws.install(state, layout.W0, st.w0)
         st.ws.install(state, layout.U, st.u)
         # exactly this step's parameters hold a direction (the secant's invariant) and a prediction (paired's)
@@ -1123,14 +1126,15 @@ class CurvatureTuner(torch.optim.Optimizer):
         torch._foreach_lerp_(out, probe.gradient(), float(weight))
         return True
 
-    def _watch_clip(self, g_sq: Any, after_move: bool) -> None:
-        """Keeps ``||g||`` of consecutive closure-free secant steps that follow a step which moved the parameters
+    def _watch_clip(self, g_sq: Any, after_move: bool, closure: bool) -> None:
+        """Keeps ``||g||`` of consecutive watched steps that follow a step which moved the parameters
         (``after_move``: :func:`curvopt.config.watched_norms`) and warns once when they say that a norm clip
-        outside the tuner produced them (:func:`curvopt.config.external_clip_suspected`)."""
+        outside the tuner produced them (:func:`curvopt.config.external_clip_suspected`): before a closure-free
+        step, or (``closure``) inside the closure."""
         self._clip_norms = watched_norms(self._clip_norms, math.sqrt(max(float(g_sq), 0.0)), after_move, np)
         if external_clip_suspected(self._clip_norms, np):
             self._clip_warned = True
-            warn(EXTERNAL_CLIP_MESSAGE)
+            warn(EXTERNAL_CLIP_MESSAGE_CLOSURE if closure else EXTERNAL_CLIP_MESSAGE)
 
     def _watch_zero_rate(self, lr: Any, numerator: Any) -> None:
         """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps, saying why (the base's weight
