@@ -342,6 +342,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             self.base.state = value
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base (the tuner's ``param_groups`` are the base's), refusing what the tuners cannot
+        handle (``maximize=True``, complex parameters) before the base sees it."""
         if self.__dict__.get("_initializing"):
             return super().add_param_group(param_group)
         check_group(param_group, type(self).__name__)
@@ -379,6 +381,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         return is_probe()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The base's ``zero_grad`` (the same parameters)."""
         self.base.zero_grad(set_to_none=set_to_none)
 
     def _all_params(self) -> list[Tensor]:
