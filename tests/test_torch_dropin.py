@@ -1165,3 +1165,34 @@ def test_noise_correction_under_an_active_clip_gives_the_unclipped_rates():
     it the late rates were 9x the unclipped run's; with it 0.85x (the runs drift apart a little)."""
     ratio = float(np.median(_clipped_mlp_rates(1e-3)[-10:] / _clipped_mlp_rates(None)[-10:]))
     assert 0.7 < ratio < 1.4, ratio
+
+
+@pytest.mark.parametrize("tuner", [QuadraticGreedy, CDAT])
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_a_tiny_group_lr_cancels_in_float32(tuner, base):
+    """Found in the field: ``ReduceLROnPlateau`` behind SGD keeps cutting a group lr the tuner cancels, down to
+    1e-8, where the base's float32 step at that lr is within the weights' rounding and ``u = w - w0`` was noise:
+    greedy's rate 0 from step 1 on (Adam: 83x too high at step 2). The base now steps at the group lrs over the
+    largest and ``u`` is scaled back, so the effective rates (tuner lr x group lr) of group lr 1e-8 are group lr
+    1's."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 5)
+    y = torch.tanh(x @ torch.randn(5, 1))
+
+    def run(group_lr):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+        make = torch.optim.SGD if base == "sgd" else torch.optim.Adam
+        opt = tuner(make(model.parameters(), lr=group_lr))
+        rates = []
+        for _ in range(6):
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            rates.append(float(opt.stats["lr"]) * group_lr)
+        return np.array(rates)
+
+    np.testing.assert_allclose(run(1e-8), run(1.0), rtol=2e-3)

@@ -623,7 +623,22 @@ class CurvatureTuner(torch.optim.Optimizer):
             tx.params, tx.w0 = params, st.w0.views
         tx.base_stepped = True
         tx.hidden = self._hide_globals(st.p0)
-        self._base_step()
+        top = self._group_lr()
+        groups = self.param_groups
+        lrs = [g["lr"] for g in groups]
+        # the base steps at its group lrs over the largest (the largest at 1), and u is scaled back: at a small
+        # group lr (a scheduler's factor of 1e-8) a step taken at that lr is within the weights' rounding, and
+        # w - w0 read noise (float32: the rate 83x too high behind Adam). The bases are linear in lr.
+        rescale = 0.0 < top != 1.0 and math.isfinite(top)
+        if rescale:
+            for g in groups:
+                g["lr"] = g["lr"] / top
+        try:
+            self._base_step()
+        finally:
+            if rescale:
+                for g, lr in zip(groups, lrs):
+                    g["lr"] = lr
         if tx.hidden is not None:
             state[st.p0].update(tx.hidden[1])
             tx.hidden = None
@@ -633,8 +648,12 @@ class CurvatureTuner(torch.optim.Optimizer):
         ws.read_params(u)  # u <- w - w0
         if u.flat is not None:
             u.flat.sub_(w0.flat)
+            if rescale:
+                u.flat.mul_(top)
         else:
             torch._foreach_sub_(u.views, w0.views)
+            if rescale:
+                torch._foreach_mul_(u.views, top)
         return True
 
     def _read(self, st: _Step) -> None:
