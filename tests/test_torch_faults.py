@@ -523,3 +523,23 @@ def test_pickle_of_a_tuner_with_modules_and_faults():
     clone_model, clone_opt = pickle.loads(pickle.dumps((run.model, run.opt)))
     assert clone_opt.guard.before.modules[0] is clone_model
     TALLY["survived"] += 1
+
+
+def test_a_step_under_inference_mode_is_refused_and_leaves_the_tuner_usable():
+    """Found in the field: a closure-free step under ``torch.inference_mode()`` raised torch's "Inference tensors
+    do not track version counter" and left inference tensors in the tuner's cached buffers, so every later
+    normal step raised too. It is now refused before anything runs, and the next step works."""
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+
+    def backward():
+        opt.zero_grad()
+        (w * w).sum().backward()
+    backward()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, 2.0]))
+    for _ in range(3):
+        backward()
+        opt.step()
+    assert float((w * w).sum()) < 5.0

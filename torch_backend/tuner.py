@@ -463,6 +463,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         never clipped."""
         if closure is not None and not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
+        if torch.is_inference_mode_enabled():  # the step's cached buffers would become inference tensors
+            raise RuntimeError(f"{type(self).__name__}.step() was called under torch.inference_mode(), where "
+                               "parameters cannot be updated in place for training; step outside it")
         if closure is None:
             self._require_probe_free(has_closure=False, error=TypeError)
         for group in self.param_groups:  # refused at construction, but a group can be edited since
@@ -540,7 +543,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not any(has_grad):
             if closure is None:
                 raise RuntimeError("no parameter has a gradient: call loss.backward() before opt.step()")
-            raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?")
+            raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()? (Or the "
+                               "optimizer holds parameters the model no longer uses: it was built before "
+                               "model.to_empty(), or a reassignment of the model's parameters.)")
         ws = self._ws
         if ws is None or not ws.matches(self.state, all_params, has_grad):
             self._adopt_layout()
