@@ -51,7 +51,8 @@ SHARDED_MESSAGE = (
     "{tuner}: the parameters are sharded across ranks ({kind}), which curvopt's tuners do not support: {why}. "
     "Supported: DistributedDataParallel, FSDP1 with sharding_strategy=ShardingStrategy.NO_SHARD, and FSDP1 "
     "FULL_SHARD/SHARD_GRAD_OP with use_orig_params=False (flat parameter shards, dot products and norms summed "
-    "across the ranks); not supported: FSDP2 fully_shard (DTensor parameters), FSDP1 with use_orig_params=True, HYBRID_SHARD.")
+    "across the ranks); not supported: FSDP2 fully_shard (DTensor parameters), FSDP1 with use_orig_params=True, "
+    "HYBRID_SHARD.")
 
 
 def _dist_ready() -> bool:
