@@ -103,7 +103,7 @@ def scale_by_edge_of_stability(
 
         def taken() -> tuple[Any, ScaleByEdgeOfStabilityState]:
             sharpness, eigen, used = sharpness_of(p, params, state.eigen, state.steps, state.stats, sharp, method,
-                                                  base_state, name)
+                                                  base_state, name, optional=False)
             relevant = sharpness[1] if method.preconditioned else sharpness[0]
             nan = jnp.full((), jnp.nan, dtype)
             lr, rule_state = apply_rule(rule, RuleInputs(p.numerator, nan, p.value, relevant, state.steps),

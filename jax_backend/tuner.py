@@ -197,10 +197,11 @@ def oracle_for(curvature: str, p: Prepared, tuner: str) -> str:
 
 
 def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any, last: Any,
-                 config: SharpnessConfig, method: BaseMethod, base_state: Any, tuner: str
+                 config: SharpnessConfig, method: BaseMethod, base_state: Any, tuner: str, *, optional: bool = True
                  ) -> tuple[tuple[Any, Any], EigenMemory | None, Any]:
     """``((sharpness, preconditioned sharpness), eigen memory, HVPs used)``: the online estimate on its
-    scheduled steps (``eigen`` memory present), else the last estimates (``last``: the stats)."""
+    scheduled steps (``eigen`` memory present), else the last estimates (``last``: the stats). ``optional``:
+    whether the tuner can run without it (``sharpness=0``; not the edge-of-stability rule)."""
     kept = (last.sharpness, last.preconditioned_sharpness)
     if eigen is None:
         return kept, eigen, jnp.int32(0)
@@ -209,7 +210,7 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
                  "value_fn: use it on the whole tree)" if p.masked else "")
         raise ValueError(f"{tuner}: the online sharpness evaluates Hessian-vector products of the loss, so the "
                          "update needs value_fn over all the parameters (update(..., value_fn=loss_fn, **batch))"
-                         f"{where}" + ("" if "edge_of_stability" in tuner else "; or pass sharpness=0 to turn it off"))
+                         f"{where}" + ("; or pass sharpness=0 to turn it off" if optional else ""))
     pre = precondition_for(method, eigen.preconditioned_eigenvector is not None, base_state, params, tuner)
     lam, lam_p, eigen, used = online_sharpness(p.f, params, eigen, kept, steps=steps, config=config,
                                                preconditioner=pre, dtype=p.dtype)

@@ -595,3 +595,13 @@ def test_a_base_that_freezes_part_of_the_tree_tunes_the_rest(make):
     _, lrs2, _ = run(make(groups), params, loss)
     _, want2, _ = run(make(optax.scale_by_adam()), params, loss)
     np.testing.assert_allclose(lrs2, want2, rtol=1e-4)
+
+
+def test_the_sharpness_error_suggests_turning_it_off_only_where_it_can_be():
+    """Without ``value_fn`` the online sharpness cannot run; the error suggested ``sharpness=0`` to the
+    edge-of-stability rule too, which refuses it."""
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.ones(3)}
+    for tx, hint in ((edge_of_stability(optax.identity()), False), (cdat(optax.identity(), sharpness_every=2), True)):
+        with pytest.raises(ValueError, match="online sharpness evaluates") as info:
+            tx.update(grads, tx.init(params), params, value=jnp.asarray(1.0))
+        assert ("sharpness=0" in str(info.value)) == hint

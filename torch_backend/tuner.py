@@ -146,6 +146,7 @@ class _Step:
     denoise: bool = False
     noise_b: Optional[Tensor] = None
     clip: Optional[Tensor] = None  # max_grad_norm's factor
+    group_lr: float = 1.0  # the largest group lr (phase 2): u is the base's update at the group lrs
     # the direction (phase 2)
     w0: Any = None
     u: Any = None
@@ -628,7 +629,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             tx.params, tx.w0 = params, st.w0.views
         tx.base_stepped = True
         tx.hidden = self._hide_globals(st.p0)
-        top = self._group_lr()
+        top = st.group_lr = self._group_lr()
         groups = self.param_groups
         lrs = [g["lr"] for g in groups]
         # the base steps at its group lrs over the largest (the largest at 1), and u is scaled back: at a small
@@ -828,8 +829,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         reference = st.sharpness["preconditioned" if self.preconditioned else "plain"]
         # the direction's unit, which CDAT's averages follow: behind SGD the group rate (a scheduler's factor) times
         # the clip's factor
-        group_lr = self._group_lr()
-        unit = direction_unit(st.method, S(group_lr) if st.clip_v is None else S(group_lr) * st.clip_v, S)
+        unit = direction_unit(st.method, S(st.group_lr) if st.clip_v is None else S(st.group_lr) * st.clip_v, S)
         inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
                             unit)
         rule_state = self._rule_state(glob, S)
@@ -865,7 +865,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                                               nan if st.probing or st.lagged else st.curvature,
                                               torch.finfo(st.loss_t.dtype).eps if st.loss_t is not None else nan,
                                               holds(rule), S)
-            st.ratio = (eos_ratio_rule(lr * group_lr, reference, st.coefficient)
+            st.ratio = (eos_ratio_rule(lr * st.group_lr, reference, st.coefficient)
                         if st.coefficient is not None else nan)
         st.lr, st.watch = lr, watch
 
