@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from .validation import check_choice, check_positive, check_positive_int
@@ -155,9 +155,6 @@ class ParamScaling:
     lr_mult: float  # relative learning rate (width x depth x γ parts)
     wd_mult: float  # relative weight decay
     residual_branch: bool = False
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _check_layout(layout: str, shape: Sequence[int]) -> None:

@@ -630,6 +630,9 @@ class CDATRule:
         return xp.where(x.lagged & (x.stretch > 0) & (reach < growth), reach, growth)
 
     def init(self, zero: Any) -> CDATState:
+        """The state before the first step: empty averages (weight 0), no rate yet (0), the guard's memory empty
+        and the unit not known (:data:`ADDED_START`); ``zero`` is a 0-d zero of the accumulator dtype, whose array
+        type every field takes."""
         return CDATState(zero, zero, zero, zero, **{f: zero + v for f, v in ADDED_START.items()})
 
     @staticmethod
@@ -648,6 +651,9 @@ class CDATRule:
                               unit=xp.where(known, unit, state.unit)), ratio
 
     def update(self, x: RuleInputs, state: CDATState, xp: Any) -> tuple[Any, CDATState]:
+        """``(lr, new state)``: the averages carried into this step's unit and updated by :func:`cdat_step`,
+        ``sigma`` times their ratio; under the robust start-up with the loss-bound curvature floor, the ramp, the
+        growth cap and, above the edge, the loss watch and the loss-bound cap; at most ``lr_max``."""
         state, ratio = self.carry(state, x.unit, xp)
         x = x._replace(stretch=x.stretch / ratio ** 2)  # this step's length over the last one's, in the last's units
         sigma = at_step(self.sigma, x.count)
@@ -718,9 +724,11 @@ class PolyakRule:
         return self.f_star
 
     def init(self, zero: Any) -> NoState:
+        """No state: the step depends on this step's inputs only."""
         return NoState()
 
     def update(self, x: RuleInputs, state: NoState, xp: Any) -> tuple[Any, NoState]:
+        """``(lr, state)``: :func:`polyak_lr` of this step's loss and ``-g^T u``."""
         return polyak_lr(x.value, x.numerator, f_star=self.f_star, lr_max=self.lr_max, xp=xp), state
 
 
@@ -860,9 +868,12 @@ class EdgeOfStabilityRule:
         return self.f_star if self.loss_cap != math.inf else -math.inf
 
     def init(self, zero: Any) -> EdgeOfStabilityState:
+        """The state before the first step: no rate held yet (0)."""
         return EdgeOfStabilityState(zero)
 
     def update(self, x: RuleInputs, state: EdgeOfStabilityState, xp: Any) -> tuple[Any, EdgeOfStabilityState]:
+        """``(lr, new state)``: :func:`edge_of_stability_lr` of the latest sharpness, its rise capped by
+        ``growth`` after the first ``free_steps`` steps, at most ``loss_cap`` times the loss-bound step."""
         lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=at_step(self.sigma, x.count),
                                   coefficient=self.coefficient, lr_max=self.lr_max, xp=xp)
         # on the first free_steps steps the rate is the estimate's: the cap is anchored after them
@@ -945,13 +956,18 @@ class ArmijoRule:
         object.__setattr__(self, "max_trials", check_positive_int("max_trials", self.max_trials))
 
     def init(self, zero: Any) -> ArmijoSearchState:
+        """The state before the first search: ``init_lr`` held as if accepted, so the first trial is
+        ``min(increase_factor * init_lr, lr_max)``."""
         return ArmijoSearchState(zero + self.init_lr)
 
     def first_trial(self, state: ArmijoSearchState, xp: Any) -> Any:
+        """This search's first trial rate (:func:`armijo_initial_lr` of the state's memory)."""
         return armijo_initial_lr(state.search_lr, increase_factor=self.increase_factor, lr_max=self.lr_max,
                                  init_lr=self.init_lr, xp=xp)
 
     def decrease_error(self, new_value: Any, x: RuleInputs, lr: Any, xp: Any) -> Any:
+        """How far the trial ``lr`` with loss ``new_value`` misses the sufficient-decrease test (<= 0: accepted;
+        :func:`armijo_decrease_error`)."""
         return armijo_decrease_error(new_value, x.value, lr, -x.numerator, c=self.c, delta=self.delta, xp=xp)
 
     def finish(self, x: RuleInputs, state: ArmijoSearchState, lr: Any, error: Any, new_value: Any, xp: Any

@@ -236,7 +236,9 @@ def test_cli_exit_status_says_whether_a_run_failed(tmp_path, capsys, monkeypatch
     assert "1 run(s) of this plan failed" in capsys.readouterr().err
     assert main(bad) == 1  # resumed: still failed, nothing appended
     assert len(results.load_results(str(tmp_path / "bad" / results.RESULTS))) == 1
+    assert main(bad + ["--report-only"]) == 1  # the rebuilt report of a failed plan fails too
     assert main(base + ["--out", str(tmp_path / "ok")]) == 0
+    assert main(base + ["--out", str(tmp_path / "ok"), "--report-only"]) == 0
 
 
 def test_lock_refuses_a_second_runner_and_ignores_a_stale_lock(tmp_path, capsys):

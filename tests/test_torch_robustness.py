@@ -197,6 +197,61 @@ def test_modules_found_when_the_first_main_call_raises_midway():
     assert copy.deepcopy(opt).guard.__getstate__() == {"modules": None}
 
 
+def test_two_threads_stepping_at_once_keep_each_others_buffers():
+    """Two threads, each training its own BN model with a tuner that finds its modules (no ``modules=``), their
+    main calls' forwards run while both are open (two barriers): each thread's hook watches its own
+    modules only (a tuner that took the other thread's would restore that model's statistics to a stale copy),
+    the hook is gone after both; each BN counts one batch a step, and the first thread's statistics are those of
+    the same run alone. (No dropout: torch's default generator is the process's, shared by the threads, and the
+    probes' replay of it is not thread-safe.)"""
+    import threading
+
+    from curvopt.torch import is_probe
+
+    steps, barrier, errors = 4, threading.Barrier(2, timeout=60), []
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).to(DT)
+
+    models = [model(), model()]
+    alone = model()  # the first thread's run without a second thread
+    xs = [torch.randn(16, 5, dtype=DT, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    y = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(2))
+
+    def train(model, x, meet):
+        opt = CDAT(torch.optim.SGD(model.parameters(), lr=0.1), sharpness=2)
+        closure = _bn_closure(opt, model, x, y)
+        for _ in range(steps):
+            def met():
+                if not meet or is_probe():
+                    return closure()
+                barrier.wait()  # both main calls open: their forwards run while both watch
+                loss = closure()
+                barrier.wait()
+                return loss
+            opt.step(met)
+
+    def run(i):
+        try:
+            train(models[i], xs[i], True)
+        except BaseException as e:  # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert not nn.modules.module._global_forward_pre_hooks
+    train(alone, xs[0], False)
+    for bn in (0, 2):
+        assert int(models[0][bn].num_batches_tracked) == int(models[1][bn].num_batches_tracked) == steps
+        assert torch.equal(models[0][bn].running_mean, alone[bn].running_mean)
+        assert torch.equal(models[0][bn].running_var, alone[bn].running_var)
+
+
 @pytest.mark.parametrize("tuner", ["cdat", "armijo"])
 def test_a_module_the_closure_calls_from_a_later_step_on_is_found_by_the_probes(tuner):
     """An auxiliary head (BN + linear) the loss uses from step 3 on, outside the modules the first main call ran:
