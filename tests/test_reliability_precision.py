@@ -462,3 +462,35 @@ def test_jax_closure_free_probe_sized_for_a_bf16_forward_and_the_same_reading_as
                     (jax.tree.map(lambda a: a.astype(jnp.float16).astype(jnp.float32), g32), 2.0 ** -10)):
         assert float(jax_gradient_eps(g)) == want
         assert torch_gradient_eps([torch.from_numpy(np.asarray(a)) for a in jax.tree.leaves(g)]) == want
+
+
+def test_torch_float16_parameters_behind_a_small_group_lr_keep_the_effective_rate():
+    """float16 parameters behind SGD at group lr 1e-4: the tuner's rate is 1e4 times the effective one, above
+    float16's largest number (65504) on the second step. ``addcmul`` cast it to float16 first, and the
+    parameters became inf/NaN for good; now the effective rates equal those at group lr 1 (to 1 %) and the
+    parameters stay finite."""
+    from curvopt.torch import QuadraticGreedy
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 20).half(), torch.randint(0, 5, (256,))
+
+    def effective_rates(group_lr):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5)).half()
+        opt = QuadraticGreedy(torch.optim.SGD(model.parameters(), lr=group_lr))
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            return loss
+        rates = []
+        for _ in range(4):
+            opt.step(closure)
+            rates.append(float(opt.stats["lr"]) * group_lr)
+            assert all(bool(p.isfinite().all()) for p in model.parameters())
+        return rates
+
+    at_one, small = effective_rates(1.0), effective_rates(1e-4)
+    assert max(small) / 1e-4 > torch.finfo(torch.float16).max  # the tuner's own rate
+    assert small == pytest.approx(at_one, rel=1e-2)

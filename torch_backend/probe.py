@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .buffers import ProbeGuard
 from .scalars import as_scalar
-from .vectors import axpy_into, dot, flat_dots
+from .vectors import axpy, axpy_into, dot, flat_dots
 
 __all__ = ["Probe", "move_flat"]
 
@@ -28,7 +28,7 @@ def move_flat(params: Sequence[Tensor], w0: Tensor, u: Tensor, scratch: Tensor, 
               a: Tensor) -> None:
     """Parameters <- ``w0 + a * u`` for flat ``w0`` and ``u`` (one kernel into ``scratch``, whose per-parameter
     ``views`` are then copied into the parameters): the same rounding as :func:`axpy_into` per parameter."""
-    torch.addcmul(w0, u, a, out=scratch)
+    axpy(w0, u, a, scratch)
     torch._foreach_copy_(list(params), list(views))
 
 

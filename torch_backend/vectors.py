@@ -182,7 +182,17 @@ def axpy_into(out: Sequence[Tensor], xs: Sequence[Tensor], a: Tensor, ys: Sequen
     ``out`` may alias neither ``xs`` nor ``ys``; it is typically the parameters themselves.
     """
     for o, x, y in zip(out, xs, ys):
-        torch.addcmul(x, y, a, out=o)
+        axpy(x, y, a, o)
+
+
+def axpy(x: Tensor, y: Tensor, a: Tensor, out: Tensor) -> None:
+    """``out <- x + a * y`` with a 0-d tensor ``a``, one kernel. In float16 two: ``addcmul`` would cast ``a`` to
+    float16 first, and a rate above 65504 (behind a group lr of 1e-4 the rate is 1e4 times the effective one)
+    became inf and the parameters NaN; ``mul`` reads a 0-d ``a`` at float32 and rounds only the product."""
+    if x.dtype == torch.float16:
+        torch.add(x, torch.mul(y, a), out=out)
+    else:
+        torch.addcmul(x, y, a, out=out)
 
 
 _EPS: dict[torch.dtype, float] = {}
