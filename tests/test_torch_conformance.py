@@ -400,14 +400,17 @@ def test_param_group_lr_change_takes_effect(optim_info):
 
 
 @db
-def test_add_param_group(optim_info):
+@pytest.mark.parametrize("given", [list, iter], ids=["list", "generator"])
+def test_add_param_group(optim_info, given):
+    """A group's parameters as a list or a generator (``module.parameters()``; found in the field: the tuner's
+    check read the generator and the base got an empty group, silently)."""
     weight, bias, x = linear_problem()
     optimizer = optim_info.optim_cls([weight])
     closure = functools.partial(fwd_bwd, optimizer, weight, bias, x)
     take_step(optimizer, optim_info, closure)
-    optimizer.add_param_group({"params": [bias], "lr": 0.5})
+    optimizer.add_param_group({"params": given([bias]), "lr": 0.5})
     assert optimizer.param_groups is optimizer.base.param_groups and len(optimizer.param_groups) == 2
-    assert optimizer.param_groups[1]["lr"] == 0.5
+    assert optimizer.param_groups[1]["lr"] == 0.5 and optimizer.param_groups[1]["params"] == [bias]
     assert set(optimizer.defaults) <= set(optimizer.param_groups[1])  # defaults filled in by the base
     before = bias.detach().clone()
     for _ in range(3):

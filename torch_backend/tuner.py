@@ -349,8 +349,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         check_group(param_group, type(self).__name__)
         params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        accumulator_dtype_name(str(p.dtype) for p in params)  # complex refused
+        if not isinstance(params, (Tensor, set)):  # listed once, as torch's add_param_group does (a set: its
+            # error): a generator (module.parameters()) read by the check below would reach the base empty
+            param_group["params"] = params = list(params)
+        accumulator_dtype_name(str(p.dtype) for p in ([params] if isinstance(params, Tensor) else params))
         self.base.add_param_group(param_group)
         self._adopt_layout()
 
