@@ -286,10 +286,11 @@ def main(argv=None) -> int:
               f"{counts['errors']} errors) -> {out}/{RESULTS}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # damaged lines were reported by the runner already
+        warnings.filterwarnings("default", message="skipping .* record")  # not the records the report skips
         if args.report_only:
-            from .results import load_results
+            from .results import latest_by_key, load_results
 
-            recs = {r["key"]: r for r in load_results(os.path.join(out, RESULTS), repair=False)}
+            recs = latest_by_key(load_results(os.path.join(out, RESULTS), repair=False))
             if recs and not keys & recs.keys():  # another plan's results: its report is not overwritten by nothing
                 parser.error(f"--report-only: none of the {len(recs)} runs in {os.path.join(out, RESULTS)} belong "
                              f"to this plan (suite {args.suite!r} and the other flags): pass the flags of the run "

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
+from .results import best_rate
 from .suites import DEFAULT_GRIDS, Experiment
 
 __all__ = ["RunSpec", "plan", "group_of", "widening", "widened_keys", "fmt_lr", "final_loss"]
@@ -143,10 +144,10 @@ def widening(group_specs: Sequence[RunSpec], records: dict) -> list[RunSpec]:
     if not any(math.isfinite(m) for m in med):
         new = lower  # everything diverged: go down
     else:
-        i = int(np.argmin(med))
-        if 0 < i < len(lrs) - 1:
+        best = best_rate(dict(zip(lrs, med)))  # the report's best constant, by the same rule
+        if lrs[0] < best < lrs[-1]:
             return []
-        new = lower if i == 0 else initial[-1] * exp.grid_factor ** (up + 1)
+        new = lower if best == lrs[0] else initial[-1] * exp.grid_factor ** (up + 1)
     s0 = grid_specs[0]
     seeds = sorted({s.seed for s in grid_specs})
     return [_constant(exp, s0.width, new, s0.param, s0.backend, seed) for seed in seeds]

@@ -5,15 +5,17 @@ the grid and every tuner, compared **seed by seed** with that constant:
 
 * the best constant is the grid value with the lowest *median* (over seeds) final train loss (mean of the
   last 5 steps in full batch, the paper's criterion; of the last tenth of the steps in mini-batch, where one
-  batch's loss is noise); a run that diverged counts as ``inf``;
+  batch's loss is noise), the lower rate on a tie (:func:`benchmarks.results.best_rate`, as the grid's
+  widening); a run that diverged counts as ``inf``;
 * a tuner's ratio on a seed is its final train loss ÷ the best constant's on the same seed (< 1: the tuner
   beat the tuned constant); the table shows the **median** over seeds and the **worst** seed (named);
   ``verdict`` is ``win`` only when the median and the worst seed are both below 1, ``loss`` when the median
   is above 1, ``mixed`` otherwise;
 * ``steps to target`` / ``CPU s to target``: the first step at which the training loss is at or below
-  1.1 x the best constant's final train loss on the same seed, median over seeds (``—``: the median seed
-  never reached it), and the CPU seconds of the run until then;
-* eval loss and accuracy on the held-out split (medians over seeds) beside the train loss;
+  1.1 x the best constant's final train loss on the same seed, median over the seeds where that constant did
+  not diverge (``—``: the median seed never reached it), and the CPU seconds of the run until then;
+* eval loss and accuracy on the held-out split (medians over seeds) beside the train loss; a run without
+  one (diverged, failed, or non-finite) counts as the worst (eval loss ``inf``, accuracy 0);
 * ``step time ÷ base``: median CPU time per step ÷ that of the bare base optimizer (the constant runs of the
   same width and backend), in the same sweep (CPU time of the process, so other processes on a shared
   machine do not distort it; the JSONL has wall times too);
@@ -25,24 +27,33 @@ Plots per task x regime x backend x parameterisation (every seed, thin lines): l
 sharpness per step (with the stability threshold ``c/lr``: 2/lr for GD, 38/lr for Adam on the
 preconditioned sharpness), final loss vs width per tuner, learning rate vs width. ``readme_table.md``: one
 row per tuner, one column per task x regime x backend x parameterisation, each cell the median ratio over
-widths and seeds with the worst (width, seed) in brackets.
+widths and seeds with the worst (width, seed) in brackets. There and in the summary table a ratio against a best
+constant still at an edge of its grid is marked (:data:`EDGE`, with a legend line).
+
+A run recorded twice (an older runner appended the rerun of a failed run after its error record) counts once, by
+its last record; a record without one of :data:`AXES` is skipped with a warning.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import defaultdict
 
 import numpy as np
 
 from .plan import final_loss as _final
-from .results import LAST, RESULTS, load_results
+from .results import LAST, RESULTS, best_rate, latest_by_key, load_results
 
 __all__ = ["write_report", "analyse", "threshold_coefficient", "TARGET"]
 
 MOMENTUM = 0.9
 FITTED = 1e-3  # a best constant below this final train loss has (nearly) fitted its training set
 TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
+AXES = ("task", "regime", "backend", "param", "width", "tuner", "tuner_name", "seed")  # what a run is grouped by
+EDGE = "†"  # marks a ratio against a best constant still at an edge of its grid (report.md's "grid edge")
+EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid (the widening stopped there); a constant "
+             "beyond that edge may do better, which would raise the ratio.")
 ORDER = ["constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree", "dadapt", "sophia"]
 
 
@@ -78,12 +89,13 @@ def _step_time(rec: dict) -> float:
 
 def _to_target(rec: dict, target: float) -> tuple[float, float]:
     """(updates, CPU seconds) until the mean of the last ``w`` losses, ``w`` the window the final loss averages
-    (:func:`benchmarks.results.final_window`: one batch's loss is noise), first reaches ``target``; (inf, inf)
-    if it never does. ``loss[i]`` is the loss after ``i`` updates (0: at the initialisation), so the earliest
-    count is ``w - 1``."""
+    (:func:`benchmarks.results.final_window`: one batch's loss is noise; :data:`LAST` in a summary written before
+    it recorded its window, whose final loss was the mean of the last :data:`LAST` losses), first reaches the
+    finite ``target``; (inf, inf) if it never does. ``loss[i]`` is the loss after ``i`` updates (0: at the
+    initialisation), so the earliest count is ``w - 1``."""
     loss = _arr(rec, "loss")
-    window = max(1, min(int(_summary(rec).get("final_window") or 1), len(loss)))
-    if not math.isfinite(target) or not len(loss):
+    window = max(1, min(int(_summary(rec).get("final_window") or LAST), len(loss)))
+    if not len(loss):
         return math.inf, math.inf
     hit = np.nonzero(np.convolve(loss, np.ones(window) / window, "valid") <= target * (1 + 1e-12))[0]
     if not len(hit):
@@ -131,10 +143,25 @@ def _summary(rec: dict) -> dict:
     return rec.get("summary") or {}  # a failed run has none
 
 
+def _eval(rec: dict, field: str, worst: float) -> float:
+    """A summary's eval metric; ``worst`` where it is ``null`` (a non-finite value, written as ``null``) or the run
+    diverged or failed without one (dropping such runs flattered the median); NaN where a finished run's summary
+    has no such field."""
+    s = _summary(rec)
+    v = s.get(field)
+    if v is not None:
+        return float(v)
+    return worst if field in s or math.isinf(_final(rec)) else math.nan
+
+
 def _eval_loss(rec: dict) -> float:
-    """The eval loss; ``inf`` for a run that diverged or failed without one (dropping it flattered the median)."""
-    v = _summary(rec).get("eval_loss")
-    return _num(v) if v is not None else math.inf if math.isinf(_final(rec)) else math.nan
+    """The eval loss, ``inf`` for the worst (see :func:`_eval`)."""
+    return _eval(rec, "eval_loss", math.inf)
+
+
+def _eval_acc(rec: dict) -> float:
+    """The eval accuracy, 0 for the worst (see :func:`_eval`)."""
+    return _eval(rec, "eval_accuracy", 0.0)
 
 
 def _lr_drop(rec: dict) -> float:
@@ -143,13 +170,25 @@ def _lr_drop(rec: dict) -> float:
     return hi / fin if fin > 0 else math.nan
 
 
+def _runs(records: list[dict]) -> list[dict]:
+    """Each run once, the last record of its key (:func:`benchmarks.results.latest_by_key`), without the records
+    that lack one of the :data:`AXES` (an older runner's, or one edited by hand): those are skipped with one
+    warning, never fatal, like a damaged line of the results file."""
+    runs = latest_by_key(records)
+    bad = [k for k, r in runs.items() if any(a not in r for a in AXES)]
+    if bad:
+        warnings.warn(f"skipping {len(bad)} record(s) without one of {', '.join(AXES)} (e.g. {bad[0]!r}): "
+                      "they are left out of the report")
+    for k in bad:
+        del runs[k]
+    return list(runs.values())
+
+
 def analyse(records: list[dict]) -> dict:
-    """Group the runs and compute every table entry: ``{(task, regime, backend, param): {width: info}}``."""
-    by_key: dict = {}
-    for r in records:
-        by_key.setdefault(r["key"], r)  # each run once (the first record of a key)
+    """Group the runs (:func:`_runs`) and compute every table entry: ``{(task, regime, backend, param): {width:
+    info}}``."""
     groups: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
-    for r in by_key.values():  # a failed run counts as diverged (final loss inf), as in the grid's widening
+    for r in _runs(records):  # a failed run counts as diverged (final loss inf), as in the grid's widening
         g = (r["task"], r["regime"], r["backend"], r["param"])
         groups[g][r["width"]][r["tuner"]][r["seed"]] = r
     out: dict = {}
@@ -158,10 +197,10 @@ def analyse(records: list[dict]) -> dict:
         for w, by_tuner in sorted(widths.items()):
             consts = {lab: runs for lab, runs in by_tuner.items()
                       if next(iter(runs.values()))["tuner_name"] == "constant"}
-            grid_finals = {float(lab.split("lr=")[-1]): _median([_final(r) for r in runs.values()])
-                           for lab, runs in consts.items()}
-            best_lab = min(consts, key=lambda lab: (_median([_final(r) for r in consts[lab].values()]), lab),
-                           default=None)
+            label_of = {float(lab.split("lr=")[-1]): lab for lab in consts}
+            grid_finals = {lr: _median([_final(r) for r in consts[lab].values()]) for lr, lab in label_of.items()}
+            best_lr = best_rate(grid_finals)
+            best_lab = label_of.get(best_lr)
             best = consts.get(best_lab, {})
             best_final = {seed: _final(r) for seed, r in best.items()}
             base_time = _median([_step_time(r) for runs in consts.values() for r in runs.values()])
@@ -176,7 +215,9 @@ def analyse(records: list[dict]) -> dict:
                 worst_seed = max(known, key=lambda s: known[s]) if known else None
                 med = _median(list(known.values()))
                 worst = known[worst_seed] if known else math.nan
-                hits = [_to_target(runs[s], TARGET * best_final.get(s, math.nan)) for s in seeds]
+                # a seed whose best constant diverged (or did not run) has no target: left out of the median
+                hits = [_to_target(runs[s], TARGET * best_final[s]) for s in seeds
+                        if math.isfinite(best_final.get(s, math.nan))]
                 complete = len(known) == len(seeds)
                 steps_t = _median([h[0] for h in hits])
                 cpu_t = _median([h[1] for h in hits])
@@ -202,15 +243,14 @@ def analyse(records: list[dict]) -> dict:
                     "lr_drop": _median([_lr_drop(r) for r in runs.values()]),
                     "sharp_growth": _median([_sharp_growth(r) for r in runs.values()]),
                     "eval_loss": _median([_eval_loss(r) for r in runs.values()]),
-                    "eval_acc": _median([_num(_summary(r).get("eval_accuracy")) for r in runs.values()]),
+                    "eval_acc": _median([_eval_acc(r) for r in runs.values()]),
                     "closure_calls": _median([_num(_summary(r).get("mean_closure_calls")) for r in runs.values()]),
                     "runs": [runs[s] for s in seeds],
                 }
             grid = sorted(grid_finals)
-            best_lr = float(best_lab.split("lr=")[-1]) if best_lab else math.nan
             out[g][w] = {"best_label": best_lab, "best_final": _median(list(best_final.values())),
-                         "best_lr": best_lr, "base_time": base_time, "rows": rows, "grid": grid,
-                         "grid_finals": grid_finals,
+                         "best_lr": math.nan if best_lr is None else best_lr, "base_time": base_time, "rows": rows,
+                         "grid": grid, "grid_finals": grid_finals,
                          "best_at_edge": bool(grid) and len(grid) > 1 and best_lr in (grid[0], grid[-1])}
     return out
 
@@ -266,24 +306,30 @@ def group_table(g, widths: dict) -> str:
 
 
 def summary_table(analysis: dict) -> str:
-    """Cross-task table (printed by ``make bench``)."""
+    """Cross-task table (printed by ``make bench``); :data:`EDGE` marks the ratios of a width whose best constant
+    is still at an edge of its grid (a legend line under the table says so)."""
     lines = ["| task | regime | backend | param | width | tuner | seeds | median ÷ best const | worst seed | "
              "verdict | eval loss | steps to target | step time ÷ base |", "|" + "---|" * 13]
+    edge = False
     for g in sorted(analysis):
         task, regime, backend, param = g
         for w, info in analysis[g].items():
+            mark = EDGE if info["best_at_edge"] else ""
+            edge |= info["best_at_edge"]
             for lab in _order(info["rows"]):
                 r = info["rows"][lab]
                 best = r["is_best_constant"]
                 lines.append(f"| {task} | {regime} | {backend} | {param} | {w} | {r['label']} | {_seeds(r)} | "
-                             f"{'1' if best else _fmt(r['ratio'], '.3f')} | {'—' if best else _worst(r)} | "
+                             f"{'1' if best else _fmt(r['ratio'], '.3f')}{mark} | {'—' if best else _worst(r)} | "
                              f"{'' if best else r['verdict']} | {_fmt(r['eval_loss'], '.3f')} | "
                              f"{_fmt(r['steps_to_target'], '.0f')} | {_fmt(r['step_ratio'], '.2f')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + (["", EDGE_NOTE] if edge else []))
 
 
 def readme_table(analysis: dict) -> str:
-    """One row per tuner, one column per group: median ratio over widths x seeds, worst (width, seed)."""
+    """One row per tuner, one column per group: median ratio over widths x seeds, worst (width, seed);
+    :data:`EDGE` marks a cell with a ratio against a best constant still at an edge of its grid (a legend line
+    under the table says so)."""
     groups = sorted(analysis)
     cells: dict = defaultdict(dict)
     for g in groups:
@@ -296,20 +342,24 @@ def readme_table(analysis: dict) -> str:
                     continue
                 best = {rec["seed"]: _final(rec) for rec in info["rows"][info["best_label"]]["runs"]}
                 for rec in r["runs"]:
-                    per[lab].append((_ratio(_final(rec), best.get(rec["seed"], math.nan)), w, rec["seed"]))
+                    per[lab].append((_ratio(_final(rec), best.get(rec["seed"], math.nan)), w, rec["seed"],
+                                     info["best_at_edge"]))
         for lab, vals in per.items():
             known = [v for v in vals if not math.isnan(v[0])]
             if not known:
                 continue
             worst = max(known, key=lambda v: v[0])
             partial = f", {len(known)} of {len(vals)} runs compared" if len(known) < len(vals) else ""
-            cells[lab][g] = (f"{_fmt(_median([v[0] for v in known]), '.2f')} ({_fmt(worst[0], '.2f')}, "
+            mark = EDGE if any(v[3] for v in known) else ""
+            cells[lab][g] = (f"{_fmt(_median([v[0] for v in known]), '.2f')}{mark} ({_fmt(worst[0], '.2f')}, "
                              f"w{worst[1]} s{worst[2]}{partial})")
     names = sorted(cells, key=lambda lab: (ORDER.index(lab.split(":")[0]) if lab.split(":")[0] in ORDER else 99, lab))
     head = "| tuner | " + " | ".join(f"{t} {r} {b} {p}" for t, r, b, p in groups) + " |"
     lines = [head, "|" + "---|" * (len(groups) + 1)]
     for lab in names:
         lines.append(f"| {lab} | " + " | ".join(cells[lab].get(g, "—") for g in groups) + " |")
+    if any(EDGE in cell for row in cells.values() for cell in row.values()):
+        lines += ["", EDGE_NOTE]
     return ("Final train loss ÷ the best constant of the same run (a √2 grid, widened at the edges), per seed: "
             "median over widths and seeds, in brackets the worst (width, seed). < 1 beats the tuned constant.\n\n"
             + "\n".join(lines))
@@ -453,7 +503,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     """Write ``out_dir/report.md`` (and the PNGs) from ``out_dir/results.jsonl``; ``keys`` restricts the
     report to those runs (the current plan). Returns ``{"path", "summary", "plots", "analysis",
     "readme_table"}``."""
-    recs = load_results(os.path.join(out_dir, RESULTS), repair=False)
+    recs = list(latest_by_key(load_results(os.path.join(out_dir, RESULTS), repair=False)).values())
     missing = 0
     if keys is not None:
         recs = [r for r in recs if r.get("key") in keys]
@@ -465,15 +515,17 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     wall = sum(_num(r.get("wall_time"), 0.0) for r in recs)
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
-          f"constant (the grid value with the lowest median final train loss; final = mean of the last {LAST} "
-          "steps in full batch, of the last tenth of the steps in mini-batch): the tables give the median ratio "
-          "over seeds and the worst seed; a **win** needs both below 1 on every seed. A run that diverged or failed "
-          "counts as diverged on its seed (ratio `diverged`; 0 where only the constant diverged, 1 where both "
-          "did); `seeds` reads `k/n` when n − k seeds had no constant to compare with (no win then). "
+          f"constant (the grid value with the lowest median final train loss, the lower rate on a tie; final = mean "
+          f"of the last {LAST} steps in full batch, of the last tenth of the steps in mini-batch): the tables give "
+          "the median ratio over seeds and the worst seed; a **win** needs both below 1 on every seed. A run that "
+          "diverged or failed counts as diverged on its seed (ratio `diverged`; 0 where only the constant "
+          "diverged, 1 where both did); a run without an eval loss or accuracy (diverged, failed, or non-finite) "
+          "counts as the worst (eval loss inf, accuracy 0); `seeds` reads `k/n` when n − k seeds had no constant "
+          "to compare with (no win then). "
           f"Steps / CPU seconds to target: updates until the train loss, averaged over the final loss's window "
-          f"(trailing), first reaches {TARGET} × the best constant's final loss "
-          "on the same seed (median over seeds). Step time ÷ base compares median CPU seconds per step with the "
-          "bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is the last ÷ the first "
+          f"(trailing), first reaches {TARGET} × the best constant's final loss on the same seed (median over the "
+          "seeds where that constant did not diverge). Step time ÷ base compares median CPU seconds per step with "
+          "the bare base optimizer (the constant runs) in the same sweep. `sharpness ×` is the last ÷ the first "
           "estimate after a tenth of the run (preconditioned for Adam).", "",
           f"Cost of these runs: {cpu / 60:.1f} CPU minutes in training steps, {wall / 60:.1f} minutes of run "
           "wall time in total (model building, compilation and evaluation included; runs in parallel overlap).",

@@ -3,7 +3,9 @@
 One JSON object per finished run, appended with flush + fsync as each run finishes, each with a ``key`` (the
 run's identity, :attr:`benchmarks.plan.RunSpec.key`) and a ``status`` (``ok``, ``diverged`` or ``error``).
 Every run is recorded exactly once: a resumed sweep skips every key already in the file, error runs
-included (``--retry-errors`` removes the error records first, then reruns them).
+included (``--retry-errors`` removes the error records first, then reruns them). A file written by an older
+runner may hold a key twice (the rerun of a failed run appended after its error record): the last record of a
+key is the run's (:func:`latest_by_key`), for the runner, the report and ``--report-only`` alike.
 
 Damage is skipped and kept, never fatal: a line that is not valid JSON, or valid JSON that is not an object
 with a string ``key``, is reported, skipped, and left in the file as it was (a person may want to look at it);
@@ -30,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RESULTS", "COLUMNS", "STAT_COLUMNS", "LAST", "final_window", "load_results", "append_result", "rewrite_without",
-           "summarise", "OutputLock", "LockedError"]
+__all__ = ["RESULTS", "COLUMNS", "STAT_COLUMNS", "LAST", "final_window", "best_rate", "load_results", "latest_by_key",
+           "append_result", "rewrite_without", "summarise", "OutputLock", "LockedError"]
 
 RESULTS = "results.jsonl"
 LOCK = ".lock"
@@ -46,6 +48,13 @@ def final_window(regime: str, steps: int) -> int:
     """How many last steps the final train loss averages: :data:`LAST` in full batch, a tenth of the run in
     mini-batch (at least :data:`LAST`)."""
     return LAST if regime == "full" else max(LAST, steps // MINI_FRACTION)
+
+
+def best_rate(medians: dict) -> float | None:
+    """The learning rate with the lowest median final train loss in ``{lr: median}``, a tie going to the lower
+    rate (by number: ``10`` is not below ``2``); None for an empty grid. The report's best constant; the grid
+    widening (:func:`benchmarks.plan.widening`) finds the edge to widen by the same rule."""
+    return min(medians, key=lambda lr: (medians[lr], lr), default=None)
 
 
 def _is_record(obj: Any) -> bool:
@@ -93,6 +102,12 @@ def load_results(path: str, repair: bool = True) -> list[dict]:
             fh.flush()
             os.fsync(fh.fileno())
     return out
+
+
+def latest_by_key(records: list[dict]) -> dict:
+    """``{key: record}``, the last record of each key (a later record of a key is a rerun), keys in the order
+    of their first record."""
+    return {r["key"]: r for r in records}
 
 
 def _clean(x: Any) -> Any:

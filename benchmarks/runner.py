@@ -18,7 +18,7 @@ from collections import OrderedDict
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
 from .plan import RunSpec, group_of, widening
-from .results import RESULTS, OutputLock, append_result, load_results, rewrite_without
+from .results import RESULTS, OutputLock, append_result, latest_by_key, load_results, rewrite_without
 
 __all__ = ["run_one", "run_all", "unavailable_reason"]
 
@@ -106,9 +106,7 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
     counts = {"planned": len(specs), "skipped_done": 0, "ran": 0, "errors": 0, "failed": 0, "unavailable": 0,
               "widened": 0}
     with OutputLock(out_dir):
-        records: dict = {}
-        for r in load_results(path):
-            records.setdefault(r["key"], r)  # the first record of a key is the run's (older files may repeat)
+        records = latest_by_key(load_results(path))  # older files may repeat a key: its last record is the run's
         planned = {s.key for s in specs}
         if retry_errors:
             again = {k for k, r in records.items() if k in planned and r.get("status") == "error"}
