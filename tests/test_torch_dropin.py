@@ -900,6 +900,60 @@ def test_an_active_clip_outside_the_closure_free_step_is_reported(tuner):
 
 
 
+@pytest.mark.parametrize("tuner", [CDAT, QuadraticGreedy])
+def test_parameters_moved_outside_the_closure_free_step_are_reported(tuner):
+    """Found in the field: an active clamp after ``opt.step()`` (also a renorm, decay by hand, Lookahead's sync,
+    weights reloaded) moves the parameters between two closure-free steps, and the secant,
+    which assumes the tuner's step alone moved them, read 355x the exact curvature; the greedy rule's median rate
+    was 1.5 % of the exact greedy rate, silently. Now one warning, at the first step after such a move. None
+    without it, after an EMA-style swap that restores the weights exactly, or with a closure (the curvature
+    measured where the parameters are); the rates of a run without the move are as before."""
+    x, y = torch.randn(64, 6, dtype=D64), torch.randn(64, 1, dtype=D64)
+
+    def run(after_step, closure=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+        opt = tuner(torch.optim.SGD(model.parameters(), lr=1.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(12):
+                def loss_fn():
+                    opt.zero_grad()
+                    loss = (model(x) - y).square().mean()
+                    loss.backward()
+                    return loss
+                if closure:
+                    opt.step(loss_fn)
+                else:
+                    loss_fn()
+                    opt.step()
+                with torch.no_grad():
+                    after_step(model, t)
+        moved = [m for m in caught if "changed between two steps outside the optimizer" in str(m.message)]
+        return len(moved), float(opt.stats["lr"])
+
+    def swap(model, t):  # an EMA's weights in for evaluation, then the trained ones back, bit for bit
+        saved = [p.clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.mul_(0.5)
+        for p, s in zip(model.parameters(), saved):
+            p.copy_(s)
+
+    def clamp(model, t):
+        for p in model.parameters():
+            p.clamp_(-0.1, 0.1)
+
+    def once(model, t):  # a single reload of other weights at step 6
+        if t == 6:
+            for p in model.parameters():
+                p.mul_(0.9)
+
+    untouched = run(lambda model, t: None)
+    assert untouched[0] == 0 and run(swap) == untouched
+    assert run(clamp)[0] == 1 and run(once)[0] == 1
+    assert run(clamp, closure=True)[0] == 0
+
+
 @pytest.mark.parametrize("tuner", [PolyakStep, ArmijoLineSearch, EdgeOfStability])
 def test_an_active_clip_inside_a_closure_no_probe_checks_is_reported(tuner):
     """Found in the field: Polyak with ``clip_grad_norm_`` inside the closure (Lightning's manual clipping) sat at

@@ -59,7 +59,7 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mis
                                replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
-                            GRADIENT_MISSING_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
+                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
                             accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
                             resolve_curvature, power_iters, secant_caveat, secant_probe_eps, secant_stall_reference,
                             secant_stalled, sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
@@ -87,8 +87,8 @@ from .precision import gradient_eps
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
-from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps, max_abs,
-                      norm, reducing)
+from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps,
+                      local_sq_norm, max_abs, norm, reducing)
 from .workspace import Workspace
 from .workspace import build as build_workspace
 from .warning import warn
@@ -160,6 +160,7 @@ class _Step:
     loss_v: Any = None
     clip_v: Any = None
     grad_max: Any = None
+    moved_outside: bool = False  # the parameters moved outside the optimizer since the last step
     fd_norms: Optional[tuple] = None
     numerator: Any = None  # -g^T u (the true slope under a clip)
     rule_numerator: Any = None  # the rule's numerator (momentum's, paired's)
@@ -296,6 +297,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._clip_norms = np.zeros(EXTERNAL_CLIP_STEPS)
         self._moved_last = False
         self._clip_warned = False
+        self._motion_warned = False
         #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
         self._zero_run: Optional[int] = 0
         self.guard = ProbeGuard(modules)
@@ -673,6 +675,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         # ||g|| is watched for a norm clip outside the tuner (external_clip_suspected): before a closure-free
         # secant step, or inside a closure that no fd probe checks (Polyak, the line search, the sharpness alone)
         st.watch_clip = st.oracle != "fd" and self.max_grad_norm is None and not self._clip_warned
+        # did the parameters move outside the optimizer since the last step? (a closure-free secant assumes not;
+        # flat mode: ||w0||^2 against ||w||^2 as the last commit left them, the same kernel on the same values)
+        exit_sq, ws.exit_sq = ws.exit_sq, None
+        motion = (exit_sq, local_sq_norm(w0.flat)) if (ws.flat and st.secant and exit_sq is not None
+                                                       and st.prev_u is not None and not self._motion_warned) else ()
         if ws.flat:
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
@@ -700,7 +707,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         predicted = st.paired and self._has_prediction(params, glob)
         # closure-free: was a gradient handed over? (in flat mode from the scratch copy: one kernel)
         grad_max_t = max_abs([ws.scratch.flat] if ws.flat else grads) if st.closure is None else None
-        extra = [t for t in (st.loss_t, st.g_dot_prev_u_t, st.clip, st.noise_b, grad_max_t) if t is not None]
+        extra = [t for t in (st.loss_t, st.g_dot_prev_u_t, st.clip, st.noise_b, grad_max_t, *motion) if t is not None]
         momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
                                                              else None) if momentum else ([], []))
         paired_keys, paired_sums = self._paired_terms(params, grads, st.clip) if predicted else ([], [])
@@ -716,6 +723,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         st.clip_v = next(it) if st.clip is not None else None
         noise_v = next(it) if st.noise_b is not None else None
         st.grad_max = next(it) if grad_max_t is not None else None
+        if motion:
+            left, found = next(it), next(it)
+            st.moved_outside = bool(left != found and S.isfinite(left) and S.isfinite(found))
         st.fd_norms = (next(it), next(it)) if st.fd else None
         with S.errstate():
             numerator = -g_dot_u
@@ -756,6 +766,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if st.watch_clip:
             self._watch_clip(st.g_sq, after_move=self._moved_last and (st.prev_u is not None or not st.secant),
                              closure=not st.secant)
+        if st.moved_outside:
+            self._motion_warned = True
+            warn(OUTSIDE_MOTION_MESSAGE)
         f_star = getattr(self.rule, "loss_bound", -math.inf)
         if st.loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
@@ -908,6 +921,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         lr_t = tensors[0]
         if st.flat is not None:
             move_flat(params, *st.flat, lr_t)
+            if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
+                st.ws.exit_sq = local_sq_norm(st.flat[2])
         else:
             axpy_into(params, st.w0.views, lr_t, st.u.views)
         self.guard.finish()

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "norm", "max_abs",
+__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "local_sq_norm", "norm", "max_abs",
            "axpy_into", "reducing", "concatenating", "concatenating_now",
            "can_concatenate", "global_sum", "ListOps"]
 
@@ -147,6 +147,13 @@ def flat_norms(xs: Sequence[Tensor]) -> list[Tensor]:
     if _SHARDS.get() is not None:
         return [norm([x]) for x in xs]
     return list(torch._foreach_norm([_acc(x) for x in xs]))
+
+
+def local_sq_norm(x: Tensor) -> Tensor:
+    """``x^T x`` of a 1-d tensor on this process alone (no collective; one kernel: the same values in two buffers
+    give the same result)."""
+    a = _acc(x)
+    return torch.dot(a, a)
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
