@@ -20,7 +20,7 @@ from curvopt.validation import check_choice
 
 from .direction import abs_max, accumulator_dtype, flat, vdot
 from .noise import NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric, seen_scale
-from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember
+from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember, secant_watch_motion
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
@@ -334,6 +334,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                                          p.grad)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
+            if oracle == "secant":
+                secant = secant_watch_motion(secant, params, out, dtype)
             watch = state.watch
             if watch is not None:  # the secant's curvature is a step old: it predicts nothing
                 watch = watch_minibatch(watch, p.value, lr, p.numerator, jnp.nan if oracle == "secant" else curv,

@@ -34,15 +34,16 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, secant_probe_eps, secant_stall_reference,
-                            secant_stalled, watched_norms)
+from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, moved_outside, secant_probe_eps,
+                            secant_stall_reference, secant_stalled, watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, within_budgets
 
 from .direction import add_scaled, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
-__all__ = ["SecantMemory", "secant_init", "secant_remember", "gradient_eps", "fd_eps", "fd_step", "curvature"]
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_watch_motion", "gradient_eps", "fd_eps", "fd_step",
+           "curvature"]
 
 
 class SecantMemory(NamedTuple):
@@ -56,7 +57,9 @@ class SecantMemory(NamedTuple):
     the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
     this one moved them, and whether the norms ever said that a clip before the tuner fixed them
     (:func:`curvopt.config.external_clip_suspected`; :func:`jax_backend.stats` warns); and the last probing step's
-    rate until the rule moves (NaN: none; :func:`curvopt.config.concave_reprobe`)."""
+    rate until the rule moves (NaN: none; :func:`curvopt.config.concave_reprobe`); ``||w||^2`` of the parameters
+    as the last step left them (NaN: not known) and whether a step ever started elsewhere (:func:`secant_watch_motion`;
+    :func:`jax_backend.stats` warns)."""
 
     prev_incoming: Any
     prev_grad_dot_direction: Any
@@ -69,13 +72,16 @@ class SecantMemory(NamedTuple):
     moved: Any
     clip_suspected: Any
     last_probe: Any
+    left_sq: Any
+    moved_outside: Any
 
 
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
                         jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
                         jnp.zeros((), bool), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype), jnp.zeros((), bool),
-                        jnp.zeros((), bool), jnp.full((), jnp.nan, dtype))
+                        jnp.zeros((), bool), jnp.full((), jnp.nan, dtype), jnp.full((), jnp.nan, dtype),
+                        jnp.zeros((), bool))
 
 
 def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, reference: Any, steps: Any,
@@ -95,7 +101,23 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
                         jnp.where(new_probe, steps, memory.probe_step),
                         jnp.where(judged, stalled, memory.stalled), norms, ~probing & (lr > 0),
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
-                        jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype))
+                        jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype),
+                        memory.left_sq, memory.moved_outside)
+
+
+def secant_watch_motion(memory: SecantMemory, params: Any, out: Any, dtype: Any) -> SecantMemory:
+    """The memory after this step's check that nothing but the tuner moved the parameters since its last step,
+    which the secant assumes (:func:`curvopt.config.moved_outside` of ``||params||^2``, this step's start, and the
+    ``||w||^2`` the last step left); then the ``||w||^2`` this step leaves, of ``params`` plus its updates ``out`` as
+    ``optax.apply_updates`` adds them. Unchanged without ``params``."""
+    if params is None:
+        return memory
+    found = vdot(params, params, dtype)
+    moved = moved_outside(found, memory.left_sq, least_precise_eps(params), jnp)
+    # materialised, so that its norm is the same reduction over the same kind of array as the next step's (fused
+    # into the sum, the order of the sum's terms may differ)
+    after = jax.lax.optimization_barrier(optax.apply_updates(params, out))
+    return memory._replace(left_sq=vdot(after, after, dtype), moved_outside=memory.moved_outside | moved)
 
 
 def _float_dtypes(jaxpr: Any, found: set) -> set:

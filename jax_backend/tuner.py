@@ -25,8 +25,8 @@ import optax
 
 from curvopt import rules
 from curvopt.base import BaseMethod
-from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
-                            resolve_curvature)
+from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, SECANT_STALL_MESSAGE,
+                            SKIP_MESSAGE, SharpnessConfig, resolve_curvature)
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
@@ -374,6 +374,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
             warn(SECANT_STALL_MESSAGE)
         if secant is not None and int(secant.clip_suspected):
             warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
+        if secant is not None and int(secant.moved_outside):
+            warn(OUTSIDE_MOTION_MESSAGE_OPTAX)
         watch = getattr(state, "watch", None)
         if watch is not None and math.isfinite(float(watch.watch_fired)):
             warn(minibatch_message(watch))

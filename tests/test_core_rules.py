@@ -774,3 +774,20 @@ def test_direction_unit_and_gradient_fit():
     assert direction_unit(BaseMethod.adam(), 0.3, np) == 1.0
     assert direction_unit(BaseMethod.heavy_ball(0.9), 0.3, np) == 1.0
     assert direction_unit(None, 0.3, np) == 1.0
+
+
+def test_moved_outside_allows_only_the_stated_roundings():
+    """The check that the parameters a closure-free step starts from are those the tuner left: exact where the
+    tuner wrote them itself (PyTorch, eps = 0), within OUTSIDE_MOTION_ULPS float32 roundings where the loop adds
+    the updates (Optax), never where a norm was not recorded (NaN) or is not finite."""
+    import numpy as np
+
+    from curvopt.config import OUTSIDE_MOTION_ULPS, moved_outside
+
+    eps = float(np.finfo(np.float32).eps)
+    assert not moved_outside(2.0, 2.0, 0.0, np) and moved_outside(np.nextafter(2.0, 3.0), 2.0, 0.0, np)
+    assert not moved_outside(2.0 * (1 + 0.9 * OUTSIDE_MOTION_ULPS * eps), 2.0, eps, np)
+    assert moved_outside(2.0 * (1 + 1.1 * OUTSIDE_MOTION_ULPS * eps), 2.0, eps, np)
+    assert moved_outside(1.0, 2.0, eps, np)
+    for left, found in ((np.nan, 1.0), (1.0, np.inf), (np.inf, np.inf)):
+        assert not moved_outside(found, left, 0.0, np)

@@ -666,6 +666,44 @@ def test_a_clip_before_the_closure_free_tuner_is_reported():
         assert (float(loss(w)) > 1e3) == (where == "before")
 
 
+def test_parameters_moved_outside_the_closure_free_tuner_are_reported():
+    """Anything that moves the parameters between two closure-free steps besides the tuner's own updates spoils
+    the secant, which assumes the tuner's step alone moved them (PyTorch field test: a clamp gave 355x the exact
+    curvature): ``stats`` warns for a clamp of the parameters in the train step, for ``optax.apply_every`` after
+    the tuner (which holds the parameters still on every other step) and for a reload of other weights; not for
+    a plain run, not under ``MultiSteps`` (the parameters stand still between the tuner's steps), nor with
+    ``value_fn`` (the curvature measured where the parameters are), in float32 and under ``jit``."""
+    from curvopt.config import OUTSIDE_MOTION_MESSAGE_OPTAX
+    from curvopt.optax import quadratic_greedy, stats
+
+    k = jax.random.split(jax.random.key(0), 4)
+    x, y = jax.random.normal(k[0], (64, 6)), jax.random.normal(k[1], (64, 1))
+    w0 = {"a": 0.4 * jax.random.normal(k[2], (6, 16)), "b": 0.3 * jax.random.normal(k[3], (16, 1))}
+    loss = lambda w: jnp.mean((jnp.tanh(x @ w["a"]) @ w["b"] - y) ** 2)  # noqa: E731
+    clamp = lambda w, t: jax.tree.map(lambda v: jnp.clip(v, -0.3, 0.3), w)  # noqa: E731
+    reload = lambda w, t: jax.tree.map(lambda v: 0.9 * v, w) if t == 6 else w  # noqa: E731
+
+    def warned(tx, after=lambda w, t: w, value_fn=False):
+        w, state = w0, tx.init(w0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the secant's caveat behind GD
+            step = jax.jit(lambda w, s: tx.update(jax.grad(loss)(w), s, w, **(
+                {"value": loss(w), "value_fn": loss} if value_fn else {})))
+            for t in range(12):
+                updates, state = step(w, state)
+                w = after(optax.apply_updates(w, updates), t)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            stats(state)
+        return any(str(m.message) == OUTSIDE_MOTION_MESSAGE_OPTAX for m in seen)
+
+    greedy = lambda: quadratic_greedy(optax.identity())  # noqa: E731
+    assert not warned(greedy()) and not warned(optax.MultiSteps(greedy(), 2))
+    assert warned(greedy(), clamp) and warned(greedy(), reload)
+    assert warned(optax.chain(greedy(), optax.apply_every(2)))
+    assert not warned(greedy(), clamp, value_fn=True)
+
+
 def test_noise_correction_under_a_clip_before_adam_gives_the_unclipped_rates():
     """``optax.clip_by_global_norm(1e-3)`` before Adam inside the base, always active: Adam does not see the
     gradient's scale, so the tuner's rates stay near the unclipped run's (a small full-batch tanh MLP, 30 steps),

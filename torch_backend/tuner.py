@@ -59,8 +59,9 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mis
                                replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
-                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS,
-                            accumulator_dtype_name, concave_reprobe, external_clip_suspected, has_gradient,
+                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE,
+                            ZERO_RATE_STEPS, accumulator_dtype_name, concave_reprobe, external_clip_suspected,
+                            has_gradient, moved_outside,
                             resolve_curvature, power_iters, secant_caveat, secant_probe_eps, secant_stall_reference,
                             secant_stalled, sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
@@ -725,7 +726,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         st.grad_max = next(it) if grad_max_t is not None else None
         if motion:
             left, found = next(it), next(it)
-            st.moved_outside = bool(left != found and S.isfinite(left) and S.isfinite(found))
+            st.moved_outside = bool(moved_outside(found, left, 0.0, S))
         st.fd_norms = (next(it), next(it)) if st.fd else None
         with S.errstate():
             numerator = -g_dot_u
