@@ -19,8 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "local_sq_norm", "norm", "max_abs",
-           "axpy_into", "reducing", "concatenating", "concatenating_now",
+__all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "local_sq_norm", "norm",
+           "max_abs", "axpy", "axpy_into", "reducing", "concatenating", "concatenating_now",
            "can_concatenate", "global_sum", "ListOps"]
 
 #: the reducer of sharded parameters while a tuner step runs (None: reductions are local)
