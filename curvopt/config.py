@@ -298,17 +298,17 @@ def external_clip_suspected(norms: Any, xp: Any) -> Any:
 
 
 #: how many roundings of the least precise parameter dtype ``||w||^2`` may differ by between the tuner's record of
-#: the parameters it left and the loop's (:func:`moved_outside`): XLA may fuse the loop's ``params + updates``
-#: into a multiply-add, which rounds an entry differently by 1 ulp (measured: 0.5 eps of ||w||^2 in float32)
+#: the parameters it left and the next step's reading (:func:`moved_outside`): XLA may fuse the loop's ``params +
+#: updates`` into a multiply-add, which rounds an entry differently by 1 ulp (measured: 0.5 eps of ||w||^2 in
+#: float32), and a norm over two copies of the same values in other layouts may sum in another order
 OUTSIDE_MOTION_ULPS = 16
 
 
 def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
     """Whether the parameters a closure-free step starts from are not those the tuner's last step left, which the
     secant assumes: their squared norm ``found`` differs from the one recorded then, ``left``, by more than
-    :data:`OUTSIDE_MOTION_ULPS` roundings ``eps`` relative (``eps = 0`` where the tuner wrote the parameters itself
-    and the same reduction reads the same values: PyTorch; the least precise parameter dtype's where the loop
-    adds the updates: Optax). False where either is not finite (NaN: not recorded)."""
+    :data:`OUTSIDE_MOTION_ULPS` roundings ``eps`` relative (the least precise parameter dtype's; 0: exact). False
+    where either is not finite (NaN: not recorded)."""
     known = xp.isfinite(found) & xp.isfinite(left)
     return known & (abs(found - left) > OUTSIDE_MOTION_ULPS * eps * abs(left))
 
@@ -318,20 +318,20 @@ def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
 OUTSIDE_MOTION_MESSAGE = (
     "curvopt: the parameters changed between two steps outside the optimizer (e.g. a weight clamp or "
     "renormalisation after opt.step(), weight decay applied by hand, a Lookahead wrapper around the tuner, weights "
-    "reloaded without the optimizer). The closure-free secant curvature assumes that only the "
-    "tuner's step moved them, so its learning rates are unreliable from here on (field tests: with an active "
-    "clamp the greedy rule's median rate was 1.5 % of the exact greedy rate, 39 % without it; after 6 of 7 "
-    "Lookahead syncs CDAT's curvature came out negative). Pass a "
-    "closure, opt.step(closure): the curvature is then measured at the parameters as they are; or move the change "
-    "into the base optimizer (weight decay: its weight_decay=).")
+    "reloaded without the optimizer). The closure-free secant curvature assumes that only the tuner's step moved "
+    "them, so its learning rates are unreliable from here on (field tests: with an active clamp the greedy rule's "
+    "median rate was 1.5 % of the exact greedy rate, 39 % without it; after 6 of 7 Lookahead syncs CDAT's "
+    "curvature came out negative). Pass a closure, opt.step(closure): the curvature is then measured at the "
+    "parameters as they are; or move the change into the base optimizer (weight decay: its weight_decay=).")
 
 OUTSIDE_MOTION_MESSAGE_OPTAX = (
     "curvopt: the parameters a closure-free step started from were not those the tuner's last step left (e.g. "
     "optax.apply_every or a schedule, scale or add_decayed_weights chained after the tuner, optax.lookahead's sync, "
     "a projection or clamp of the parameters in the train step, parameters restored without the optimizer state). "
     "The closure-free secant curvature assumes that only the tuner's step moved them, so its learning rates are "
-    "unreliable. Pass value_fn= (the curvature is then measured at the parameters as they are), or move the "
-    "change inside the base, before the tuner (weight decay: cdat(optax.chain(optax.scale_by_adam(), "
+    "unreliable. Pass value_fn= (the curvature is then measured at the parameters as they are); schedule sigma "
+    "with optax.inject_hyperparams rather than chaining a schedule after the tuner; move a change of the update "
+    "into the base, the tuner's first argument (weight decay: cdat(optax.chain(optax.scale_by_adam(), "
     "optax.add_decayed_weights(wd)), base_method='adam') is AdamW).")
 
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)

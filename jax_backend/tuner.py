@@ -349,10 +349,12 @@ def stats(opt_state: Any) -> dict[str, Any]:
 
     Read on the host (concrete values, one run's), it also warns when every step so far had an uphill direction
     (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; when every
-    step so far was skipped (non-finite: the parameters have not moved); and when a
-    closure-free rate stalled below its probing step (:func:`curvopt.config.secant_stalled`: the secant of
-    noisy consecutive gradients; pass ``value_fn``); and when CDAT behind heavy ball or Nesterov saw the loss change
-    between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
+    step so far was skipped (non-finite: the parameters have not moved); when a closure-free rate stalled below
+    its probing step (:func:`curvopt.config.secant_stalled`: the secant of noisy consecutive gradients; pass
+    ``value_fn``); when a clip before the closure-free tuner fixed the gradients' norm
+    (:func:`curvopt.config.external_clip_suspected`); when a closure-free step started from other parameters than
+    the tuner's last step left (:func:`curvopt.config.moved_outside`); and when CDAT behind heavy ball or Nesterov
+    saw the loss change between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
     state (an ensemble) gives each field with its leading axis.
     """
     is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731

@@ -900,14 +900,18 @@ def test_an_active_clip_outside_the_closure_free_step_is_reported(tuner):
 
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-parameter"])
 @pytest.mark.parametrize("tuner", [CDAT, QuadraticGreedy])
-def test_parameters_moved_outside_the_closure_free_step_are_reported(tuner):
+def test_parameters_moved_outside_the_closure_free_step_are_reported(tuner, flat, monkeypatch):
     """Found in the field: an active clamp after ``opt.step()`` (also a renorm, decay by hand, Lookahead's sync,
     weights reloaded) moves the parameters between two closure-free steps, and the secant,
     which assumes the tuner's step alone moved them, read 355x the exact curvature; the greedy rule's median rate
     was 1.5 % of the exact greedy rate, silently. Now one warning, at the first step after such a move. None
     without it, after an EMA-style swap that restores the weights exactly, or with a closure (the curvature
-    measured where the parameters are); the rates of a run without the move are as before."""
+    measured where the parameters are); the rates of a run without the move are as before. Both workspaces: one
+    flat buffer (small models) and one buffer per parameter (above ``CONCAT_BELOW`` entries, or mixed dtypes)."""
+    if not flat:
+        monkeypatch.setattr("torch_backend.vectors.CONCAT_BELOW", 0)
     x, y = torch.randn(64, 6, dtype=D64), torch.randn(64, 1, dtype=D64)
 
     def run(after_step, closure=False):

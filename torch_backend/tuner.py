@@ -676,11 +676,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         # ||g|| is watched for a norm clip outside the tuner (external_clip_suspected): before a closure-free
         # secant step, or inside a closure that no fd probe checks (Polyak, the line search, the sharpness alone)
         st.watch_clip = st.oracle != "fd" and self.max_grad_norm is None and not self._clip_warned
-        # did the parameters move outside the optimizer since the last step? (a closure-free secant assumes not;
-        # flat mode: ||w0||^2 against ||w||^2 as the last commit left them, the same kernel on the same values)
+        # did the parameters move outside the optimizer since the last step? (a closure-free secant assumes not:
+        # ||w0||^2 against ||w||^2 as the last commit left them)
         exit_sq, ws.exit_sq = ws.exit_sq, None
-        motion = (exit_sq, local_sq_norm(w0.flat)) if (ws.flat and st.secant and exit_sq is not None
-                                                       and st.prev_u is not None and not self._motion_warned) else ()
+        motion = (exit_sq, local_sq_norm(w0.views)) if (st.secant and exit_sq is not None and st.prev_u is not None
+                                                        and not self._motion_warned) else ()
         if ws.flat:
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
@@ -726,7 +726,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         st.grad_max = next(it) if grad_max_t is not None else None
         if motion:
             left, found = next(it), next(it)
-            st.moved_outside = bool(moved_outside(found, left, 0.0, S))
+            st.moved_outside = bool(moved_outside(found, left, least_precise_eps(params), S))
         st.fd_norms = (next(it), next(it)) if st.fd else None
         with S.errstate():
             numerator = -g_dot_u
@@ -922,10 +922,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         lr_t = tensors[0]
         if st.flat is not None:
             move_flat(params, *st.flat, lr_t)
-            if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
-                st.ws.exit_sq = local_sq_norm(st.flat[2])
         else:
             axpy_into(params, st.w0.views, lr_t, st.u.views)
+        if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
+            st.ws.exit_sq = local_sq_norm(params)
         self.guard.finish()
         self._moved_last = bool(lr > 0 and not (st.secant and st.probing))
         st.ws.install(state, layout.W0, st.w0)

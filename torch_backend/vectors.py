@@ -149,11 +149,9 @@ def flat_norms(xs: Sequence[Tensor]) -> list[Tensor]:
     return list(torch._foreach_norm([_acc(x) for x in xs]))
 
 
-def local_sq_norm(x: Tensor) -> Tensor:
-    """``x^T x`` of a 1-d tensor on this process alone (no collective; one kernel: the same values in two buffers
-    give the same result)."""
-    a = _acc(x)
-    return torch.dot(a, a)
+def local_sq_norm(xs: Sequence[Tensor]) -> Tensor:
+    """``sum_i ||x_i||^2`` on this process alone (no collective; one fused norm kernel)."""
+    return torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum()
 
 
 def sq_norm(xs: Sequence[Tensor]) -> Tensor:
