@@ -679,8 +679,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         # did the parameters move outside the optimizer since the last step? (a closure-free secant assumes not:
         # ||w0||^2 against ||w||^2 as the last commit left them)
         exit_sq, ws.exit_sq = ws.exit_sq, None
-        motion = (exit_sq, local_sq_norm(w0.views)) if (st.secant and exit_sq is not None and st.prev_u is not None
-                                                        and not self._motion_warned) else ()
+        motion = (exit_sq, local_sq_norm([w0.flat] if ws.flat else w0.views)) if (
+            st.secant and exit_sq is not None and st.prev_u is not None and not self._motion_warned) else ()
         if ws.flat:
             scratch = ws.scratch
             torch._foreach_copy_(scratch.views, grads)
@@ -925,7 +925,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         else:
             axpy_into(params, st.w0.views, lr_t, st.u.views)
         if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
-            st.ws.exit_sq = local_sq_norm(params)
+            st.ws.exit_sq = local_sq_norm(params if st.flat is None else [st.flat[2]])
         self.guard.finish()
         self._moved_last = bool(lr > 0 and not (st.secant and st.probing))
         st.ws.install(state, layout.W0, st.w0)

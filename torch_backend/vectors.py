@@ -150,7 +150,11 @@ def flat_norms(xs: Sequence[Tensor]) -> list[Tensor]:
 
 
 def local_sq_norm(xs: Sequence[Tensor]) -> Tensor:
-    """``sum_i ||x_i||^2`` on this process alone (no collective; one fused norm kernel)."""
+    """``sum_i ||x_i||^2`` on this process alone (no collective): one fused norm kernel, or one inner product for
+    a single contiguous tensor (a flat buffer)."""
+    if len(xs) == 1 and xs[0].is_contiguous():
+        a = _acc(xs[0]).view(-1)
+        return torch.dot(a, a)
     return torch.stack(torch._foreach_norm([_acc(x) for x in xs])).square().sum()
 
 
