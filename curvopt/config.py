@@ -319,20 +319,23 @@ OUTSIDE_MOTION_MESSAGE = (
     "curvopt: the parameters changed between two steps outside the optimizer (e.g. a weight clamp or "
     "renormalisation after opt.step(), weight decay applied by hand, a Lookahead wrapper around the tuner, weights "
     "reloaded without the optimizer). The closure-free secant curvature assumes that only the tuner's step moved "
-    "them, so its learning rates are unreliable from here on (field tests: with an active clamp the greedy rule's "
-    "median rate was 1.5 % of the exact greedy rate, 39 % without it; after 6 of 7 Lookahead syncs CDAT's "
-    "curvature came out negative). Pass a closure, opt.step(closure): the curvature is then measured at the "
-    "parameters as they are; or move the change into the base optimizer (weight decay: its weight_decay=).")
+    "them, so its learning rates are unreliable from here on (field tests: a clamp cut the greedy rule's median "
+    "rate from 39 % to 1.5 % of the exact greedy rate; after 6 of 7 Lookahead syncs CDAT's curvature came out "
+    "negative). Pass a closure, opt.step(closure), with probes on (the default, not probes=False or "
+    "curvature='secant'): the curvature is then measured at the parameters as they are; or move the change into "
+    "the base optimizer (weight decay: its weight_decay=).")
 
 OUTSIDE_MOTION_MESSAGE_OPTAX = (
     "curvopt: the parameters a closure-free step started from were not those the tuner's last step left (e.g. "
     "optax.apply_every or a schedule, scale or add_decayed_weights chained after the tuner, optax.lookahead's sync, "
-    "a projection or clamp of the parameters in the train step, parameters restored without the optimizer state). "
+    "optax.contrib.schedule_free around the tuner, a projection or clamp of the parameters in the train step, "
+    "parameters restored without the optimizer state). "
     "The closure-free secant curvature assumes that only the tuner's step moved them, so its learning rates are "
     "unreliable. Pass value_fn= (the curvature is then measured at the parameters as they are); schedule sigma "
     "with optax.inject_hyperparams rather than chaining a schedule after the tuner; move a change of the update "
     "into the base, the tuner's first argument (weight decay: cdat(optax.chain(optax.scale_by_adam(), "
-    "optax.add_decayed_weights(wd)), base_method='adam') is AdamW).")
+    "optax.add_decayed_weights(wd)), base_method='adam') is AdamW); accumulate with optax.MultiSteps rather than "
+    "optax.apply_every.")
 
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "

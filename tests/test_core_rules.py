@@ -777,9 +777,9 @@ def test_direction_unit_and_gradient_fit():
 
 
 def test_moved_outside_allows_only_the_stated_roundings():
-    """The check that the parameters a closure-free step starts from are those the tuner left: exact where the
-    tuner wrote them itself (PyTorch, eps = 0), within OUTSIDE_MOTION_ULPS float32 roundings where the loop adds
-    the updates (Optax), never where a norm was not recorded (NaN) or is not finite."""
+    """The check that the parameters a closure-free step starts from are those the tuner left: exact with
+    eps = 0, within OUTSIDE_MOTION_ULPS roundings of eps relative to the recorded norm (float32 here), never where a
+    norm was not recorded (NaN) or is not finite."""
     import numpy as np
 
     from curvopt.config import OUTSIDE_MOTION_ULPS, moved_outside
