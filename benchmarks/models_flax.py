@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["MLP", "ResNet", "ViT", "LM", "build_model", "init_variables", "torch_to_flax", "NORMS"]
 
@@ -292,9 +291,3 @@ def torch_to_flax(torch_model, dtype=None) -> dict:
     if stats:
         out["batch_stats"] = stats
     return out
-
-
-def count_params(variables: dict) -> int:
-    return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(variables["params"])))
-
-

@@ -63,8 +63,6 @@ def schedules(lr: float, factors: list[float], steps: int) -> dict[str, Callable
 def train(exp: suites.Experiment, width: int, seed: int, lr_at: Callable[[int], float],
           steps: int) -> tuple[float, float]:
     """Final train loss (the suite's final window) and eval loss of the base optimizer under ``lr_at``."""
-    import torch
-
     prob = tasks_mod.torch_problem(exp, width, seed)
     model = prob.model
     model.train()

@@ -51,10 +51,6 @@ class TunerSpec:
     rule: str | None = None  # the core rule whose fields are the tuner's hyperparameters
     options: tuple[str, ...] = ()  # backend keywords beside the rule's fields
 
-    @property
-    def is_peer(self) -> bool:
-        return self.kind == "peer"
-
 
 _SHARP = ("sharpness",)  # keywords both backends take beside the rule's fields
 _CURV = ("curvature",) + _SHARP

@@ -1,5 +1,4 @@
 """Benchmark data loaders (on tiny files in the real formats) and torch <-> flax model agreement."""
-import os
 import pickle
 import sys
 from pathlib import Path

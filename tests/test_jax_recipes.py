@@ -390,7 +390,7 @@ def test_masked_and_multi_transform():
             return optax.apply_updates(p, up), s, g
 
         sub = quadratic_greedy(optax.identity())
-        q, t = {"w": p["w"]}, sub.init({"w": p["w"]})
+        t = sub.init({"w": p["w"]})
         for _ in range(6):
             p_before = p
             p, s, g = step(p, s)

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from curvopt import SharpnessConfig
 from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

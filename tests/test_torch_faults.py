@@ -462,9 +462,9 @@ def test_bases_that_cannot_work_are_refused(make, match):
 
 def test_parameters_in_place_of_a_base_say_how_to_wrap():
     w = nn.Parameter(torch.ones(3))
-    for given in ([w], {"params": [w]}):  # e.g. ZeroRedundancyOptimizer(params, optimizer_class=CDAT)
+    for params in ([w], {"params": [w]}):  # e.g. ZeroRedundancyOptimizer(params, optimizer_class=CDAT)
         with pytest.raises(TypeError, match=r"wraps an optimizer, CDAT\(torch.optim.AdamW"):
-            CDAT(given)
+            CDAT(params)
 
 
 def test_noise_correction_behind_a_base_without_a_noise_metric_is_refused():

@@ -1,10 +1,12 @@
-"""No import cycles in the project's packages (issue 9): the imports of every module of ``curvopt``,
+"""The project's import structure (issue 9). No import cycles: the imports of every module of ``curvopt``,
 ``torch_backend``, ``jax_backend`` and ``benchmarks`` are read with ``ast`` (module level, inside functions and
 in ``if TYPE_CHECKING:`` blocks: a static dependency in a circle is a cycle too), resolved to project modules,
 and the graph must have no cycle.
 
 A module's implicit imports of its own parent packages (``from . import x`` in ``pkg/a.py``) are not edges:
-Python runs the package ``__init__`` first, so they cannot form a cycle at import time."""
+Python runs the package ``__init__`` first, so they cannot form a cycle at import time.
+
+And every name a module's ``__all__`` lists is bound at its top level (else ``from module import *`` raises)."""
 from __future__ import annotations
 
 import ast
@@ -126,3 +128,40 @@ def test_torch_oracles_do_not_import_the_tuner():
     graph = _graph()
     for mod in ("torch_backend.oracles", "torch_backend.probe", "torch_backend.sharpness"):
         assert "torch_backend.tuner" not in graph[mod], mod
+
+
+def _defined_names(tree: ast.Module) -> set[str] | None:
+    """The names a module binds at its top level (None when it star-imports: unknown)."""
+    names: set[str] = set()
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.If, ast.Try)):  # module-level branches bind names too
+            stack.extend(node.body + node.orelse + getattr(node, "finalbody", [])
+                         + [s for h in getattr(node, "handlers", []) for s in h.body])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for a in node.names:
+                if a.name == "*":
+                    return None
+                names.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def test_every_name_in_all_is_defined():
+    """``from module import *`` raises AttributeError for a name ``__all__`` lists but the module does not bind
+    (``torch_backend.tuner`` listed two names it only imported in another module)."""
+    bad = []
+    for name, path in _modules().items():
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        listed = [n for node in tree.body if isinstance(node, ast.Assign)
+                  for t in node.targets if isinstance(t, ast.Name) and t.id == "__all__"
+                  for n in ast.literal_eval(node.value)]
+        defined = _defined_names(tree)
+        if defined is not None:
+            bad += [f"{name}.{n}" for n in listed if n not in defined]
+    assert not bad, f"listed in __all__ but not defined: {bad}"

@@ -7,7 +7,6 @@ float64 dense Hessian. float64 throughout unless the test is about low precision
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 

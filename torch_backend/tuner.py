@@ -94,7 +94,7 @@ from .workspace import Workspace
 from .workspace import build as build_workspace
 from .warning import warn
 
-__all__ = ["CurvatureTuner", "CLOSURE_CONVENTION", "default_of", "RuleField"]
+__all__ = ["CurvatureTuner", "CLOSURE_CONVENTION"]
 
 CLOSURE_CONVENTION = """step() needs a closure (the torch.optim.LBFGS convention): a function that zeroes the
 gradients, computes the loss, calls backward and returns the loss, e.g.
@@ -420,12 +420,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         out.update(skipped=0, closure_calls=0)
         out.update(ints)
         return out
-
-    def current_sharpness(self) -> float:
-        """The sharpness the stability threshold refers to: ``lambda_max(P^-1 H)`` for Adam-like bases,
-        ``lambda_max(H)`` otherwise (latest estimate, NaN before the first and after a failed one)."""
-        v = self._globals().get(layout.SHARPNESS["preconditioned" if self.preconditioned else "plain"])
-        return math.nan if v is None else float(v)
 
     def current_method(self) -> Optional[BaseMethod]:
         """The base as the core describes it now: its first group's momentum (SGD) or betas and eps (Adam) as
