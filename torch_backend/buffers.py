@@ -19,13 +19,19 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
   the training run is the one of the bare base optimizer.
+* **Gradients of the other parameters.** The parameters of those modules that the tuner does not step (a head
+  under another optimizer, a GAN's other network) keep the gradients the main call left: each probe starts them
+  from none and after the step they are the main call's tensors again, so an optimizer stepping them next reads
+  the gradient at the point the main call saw (before, it read the last probe's, or the sum of the main call's
+  and the probes' where the closure zeroed only the tuner's gradients). The tuner's own ``.grad`` are its
+  business (:mod:`torch_backend.tuner`).
 """
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +114,21 @@ def _as_modules(modules: ModulesLike) -> list[nn.Module]:
     return out
 
 
+def _each_module(modules: list[nn.Module]) -> Iterator[nn.Module]:
+    """``modules`` and their submodules, each once, pre-order (as ``Module.modules()``; a direct walk of
+    ``_modules``: the generators of ``modules()`` and ``buffers()`` cost more than the work done per step)."""
+    seen: set[int] = set()
+    stack: list = modules[::-1]
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        yield m
+        if m._modules:
+            stack.extend(reversed(m._modules.values()))
+
+
 class BufferSnapshot:
     """Copies of every buffer of ``modules``; the storage is allocated once and reused."""
 
@@ -119,20 +140,11 @@ class BufferSnapshot:
 
     def _buffers(self) -> list[tuple[dict, str, Tensor]]:
         """``(module._buffers, name, tensor)`` of every buffer of the modules and their submodules, once each, in
-        ``Module.buffers()`` order (a direct walk of ``_modules``/``_buffers``: the generators of ``buffers()``
-        cost more than the copies)."""
-        seen: set[int] = set()
+        ``Module.buffers()`` order."""
         out: list[tuple[dict, str, Tensor]] = []
-        stack: list = self.modules[::-1]
-        while stack:  # pre-order, each module once (as Module.modules())
-            m = stack.pop()
-            if m is None or id(m) in seen:
-                continue
-            seen.add(id(m))
+        for m in _each_module(self.modules):
             if m._buffers:
                 out.extend((m._buffers, k, b) for k, b in m._buffers.items() if b is not None)
-            if m._modules:
-                stack.extend(reversed(m._modules.values()))
         if len(out) > 1 and len({id(b) for _, _, b in out}) < len(out):  # a buffer shared by modules: the first
             first: dict[int, tuple[dict, str, Tensor]] = {}
             for slot in out:
@@ -221,9 +233,10 @@ class RNGSnapshot:
 class ProbeGuard:
     """Wraps the main closure call and the probe calls of one step (see the module docstring).
 
-    Usage: ``loss = guard.main(closure)`` once, then any number of ``guard.probe(closure)``, then
-    ``guard.finish()`` — or ``guard.rollback()`` when the step fails: the buffers and the generators go back to
-    where they were before the main call. ``calls`` counts the closure calls since ``main``.
+    Usage: ``loss = guard.main(closure, owned)`` once (``owned``: the parameters the caller steps), then any
+    number of ``guard.probe(closure)``, then ``guard.finish()`` — or ``guard.rollback()`` when the step fails:
+    the buffers and the generators go back to where they were before the main call. Either way the other
+    parameters' gradients are the main call's. ``calls`` counts the closure calls since ``main``.
     """
 
     def __init__(self, modules: ModulesLike = None) -> None:
@@ -243,6 +256,10 @@ class ProbeGuard:
         #: the machine epsilon of the closure's least precise computation (:mod:`torch_backend.precision`), read
         #: on the first main call; None before
         self.compute_eps: Optional[float] = None
+        #: the parameters the caller steps (their gradients are left alone), and, once a probe ran this step,
+        #: every other parameter of the modules with the gradient the main call left it
+        self._owned: Sequence[Tensor] = ()
+        self._grads: list[tuple[Tensor, Optional[Tensor]]] = []
 
     def no_main(self) -> None:
         """A closure-free step: no main call, nothing of the model to undo on a rollback."""
@@ -251,8 +268,10 @@ class ProbeGuard:
         self.calls = 0
         self._main_called = False
 
-    def main(self, closure) -> Tensor:
+    def main(self, closure, owned: Sequence[Tensor] = ()) -> Tensor:
         self._main_called = True
+        self._owned = owned
+        self._grads = []
         self._rng_before = RNGSnapshot()
         self._rng_after = None
         self._taken = False
@@ -290,6 +309,10 @@ class ProbeGuard:
             self.buffers.take()
             self._rng_after = RNGSnapshot()
             self._taken = True
+            if self._main_called:
+                self._grads = self._other_gradients()
+        for p, _ in self._grads:
+            p.grad = None
         if self._main_called:
             self.before.restore()
         if self._rng_before is not None:
@@ -316,6 +339,22 @@ class ProbeGuard:
         self.calls += 1
         return out
 
+    def _other_gradients(self) -> list[tuple[Tensor, Optional[Tensor]]]:
+        """``(p, p.grad)`` of every parameter of the modules that requires a gradient and is not ``owned``."""
+        skip = {id(p) for p in self._owned}
+        out = []
+        for m in _each_module(self.buffers.modules):
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad and id(p) not in skip:
+                    skip.add(id(p))  # a parameter shared by modules: once
+                    out.append((p, p.grad))
+        return out
+
+    def _restore_gradients(self) -> None:
+        for p, g in self._grads:
+            p.grad = g
+        self._grads = []
+
     def _known_modules(self) -> frozenset[int]:
         if self._known is None:
             self._known = frozenset(id(m) for root in self.buffers.modules for m in root.modules())
@@ -332,14 +371,17 @@ class ProbeGuard:
         self.buffers.take()
 
     def finish(self) -> None:
-        """Put the generators where the main call left them."""
+        """Put the generators where the main call left them, and the other parameters' gradients."""
+        self._restore_gradients()
         if self._rng_after is not None:
             self._rng_after.restore()
         self._rng_after = None
         self._taken = False
 
     def rollback(self) -> None:
-        """Undo the step's side effects on the model: buffers and generators as before the main call."""
+        """Undo the step's side effects on the model: buffers and generators as before the main call (the other
+        parameters' gradients as the main call left them)."""
+        self._restore_gradients()
         if self._main_called:
             self.before.restore()
         if self._rng_before is not None:

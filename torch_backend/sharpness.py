@@ -156,7 +156,7 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
         w0 = [p.detach().clone() for p in params]
     g0: Optional[list[Tensor]] = None
     try:
-        guard.main(closure)
+        guard.main(closure, params)
         g0 = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         with torch.no_grad():
             scales = preconditioner_scales(preconditioner, params)

@@ -37,10 +37,11 @@ lives beside the base's (layout: :mod:`torch_backend.state`).
 Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snapshot of the base's state
 (its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
 oracle, one more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated
-space when the sharpness is on. After ``step`` the ``.grad`` fields hold the gradient of the last closure call
-of the step, which may be a probe (zeros for a parameter the main call reached and that call did not: under
-``zero_grad(set_to_none=False)`` the base keeps stepping it, as torch's optimizers do); read gradients inside
-the closure.
+space when the sharpness is on. After ``step`` the tuner's parameters' ``.grad`` hold the gradient of the last
+closure call of the step, which may be a probe (zeros for a parameter the main call reached and that call did
+not: under ``zero_grad(set_to_none=False)`` the base keeps stepping it, as torch's optimizers do); read gradients
+inside the closure. The other parameters of the modules the closure runs keep the main call's gradient (another
+optimizer steps them: :mod:`torch_backend.buffers`).
 """
 from __future__ import annotations
 
@@ -525,14 +526,14 @@ class CurvatureTuner(torch.optim.Optimizer):
         coefficient = self._coefficient_of(method)
         if getattr(self.rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's
             self.rule = dataclasses.replace(self.rule, coefficient=coefficient)
+        all_params = self._all_params()
         if closure is None:  # closure-free: the gradients are in .grad already (loss.backward(); opt.step())
             self.guard.no_main()
             loss = None
         else:
-            loss = self.guard.main(closure)
+            loss = self.guard.main(closure, all_params)
             if loss is None:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
-        all_params = self._all_params()
         all_grads = [p.grad for p in all_params]
         has_grad = [g is not None for g in all_grads]
         for i, g in enumerate(all_grads):
