@@ -1,6 +1,12 @@
 """Closure-free CDAT (``loss.backward(); opt.step()``, the secant of consecutive gradients) against CDAT with a
-closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip|dtype] [--seeds 0,1,2]
+closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip|dtype|probe] [--seeds 0,1,2]
 [--steps 200] [--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
+
+``probe``: the closure-free default (behind Adam, noise correction on; the suite's cells as they run it) with a
+larger probing step than :func:`curvopt.config.secant_probe_eps` gives (sized by at least ``2^-16``, ``2^-12``,
+``2^-8`` instead of float32's ``2^-23``; patched here), on the ``small`` field test's models and batches and on the
+``suite`` cells: does a longer first step, whose secant the batch noise swamps less, train mini-batch runs
+better without hurting full batch (docs/minibatch_study.md, section 10)?
 
 ``dtype``: the ``small`` field test's closure-free default (behind Adam, noise correction on) in float32 and in
 float64, and in float64 with the probing step sized by float64's own epsilon (the library before
@@ -189,17 +195,41 @@ SUITE_CELLS = (("lm", "mini"), ("resnet", "mini"), ("lm", "full"), ("resnet", "f
 
 
 @contextlib.contextmanager
-def _dtype_sized_probe():
-    """The closure-free probing step sized by the dtype's own epsilon, float64's in float64 (the library before
-    :func:`curvopt.config.secant_probe_eps`)."""
+def _probe_sized_by(size):
+    """The closure-free probing step sized by the epsilon ``size(eps, xp)`` instead of
+    :func:`curvopt.config.secant_probe_eps` (PyTorch)."""
     import torch_backend.tuner as tuner_mod
     from curvopt.config import secant_probe_eps
 
-    tuner_mod.secant_probe_eps = lambda eps, xp: eps
+    tuner_mod.secant_probe_eps = size
     try:
         yield
     finally:
         tuner_mod.secant_probe_eps = secant_probe_eps
+
+
+PROBE_EPS_LOG2 = (-23, -16, -12, -8)  # float32's epsilon (the library's floor), then larger probing steps
+
+
+def probe_table(seeds: list[int], steps: int, batches: list[int]) -> None:
+    from benchmarks.minibatch_study import run_variant
+
+    print("| task | batch | probe sized by at least | train loss per seed | eval loss per seed | last rate per seed |")
+    print("|---|---|---|---|---|---|")
+    for name, make_task in TASKS.items():
+        task = make_task()
+        for batch in batches:
+            for k in PROBE_EPS_LOG2:
+                with _probe_sized_by(lambda eps, xp, k=k: xp.maximum(eps, 2.0 ** k)):
+                    rs = [run(task, "secant+nc", batch, s, steps) for s in seeds]
+                cols = [" / ".join(f"{r[i]:.3g}" for r in rs) for i in range(3)]
+                print(f"| {name} | {batch} | 2^{k} | " + " | ".join(cols) + " |", flush=True)
+    for task, regime in SUITE_CELLS:
+        for k in PROBE_EPS_LOG2:
+            with _probe_sized_by(lambda eps, xp, k=k: xp.maximum(eps, 2.0 ** k)):
+                rs = [run_variant(task, regime, s, "secant+nc") for s in seeds]
+            print(f"| {task} {regime} (suite) | | 2^{k} | " + " / ".join(f"{r['final']:.4g}" for r in rs) + " | "
+                  + " / ".join(f"{r['eval_loss']:.3g}" for r in rs) + " | |", flush=True)
 
 
 def dtype_table(seeds: list[int], steps: int, batches: list[int]) -> None:
@@ -211,7 +241,7 @@ def dtype_table(seeds: list[int], steps: int, batches: list[int]) -> None:
         for batch in batches:
             rows = {"closure-free, float32": [run(task, "secant+nc", batch, s, steps) for s in seeds],
                     "closure-free, float64": [run(task, "secant+nc", batch, s, steps, f64) for s in seeds]}
-            with _dtype_sized_probe():
+            with _probe_sized_by(lambda eps, xp: eps):
                 rows["closure-free, float64, float64-sized probe (before)"] = [
                     run(task, "secant+nc", batch, s, steps, f64) for s in seeds]
             rows["closure (fd), float64"] = [run(task, "fd", batch, s, steps, f64) for s in seeds]
@@ -255,7 +285,7 @@ def suite(seeds: list[int]) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip", "dtype"))
+    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip", "dtype", "probe"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batches", default="32,128,512")
@@ -269,8 +299,9 @@ def main(argv=None) -> None:
     if args.part == "clip":
         clip_table(seeds)
         return
-    if args.part == "dtype":
-        dtype_table(seeds, args.steps, [int(b) for b in args.batches.split(",")])
+    if args.part in ("dtype", "probe"):
+        table = dtype_table if args.part == "dtype" else probe_table
+        table(seeds, args.steps, [int(b) for b in args.batches.split(",")])
         return
     print("| task | batch | run | train loss per seed | eval loss per seed | last rate per seed |")
     print("|---|---|---|---|---|---|")

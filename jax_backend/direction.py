@@ -132,12 +132,19 @@ def like_params(tree: Any, params: Any) -> Any:
     return jax.tree.map(lambda p, t: p if _is_masked(p) else t, params, tree, is_leaf=_is_masked)
 
 
+#: how many updates :func:`warn_if_base_negates` takes while they are exactly zero (a schedule warming up from 0)
+NEGATION_CHECK_UPDATES = 3
+
+
 def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
     """At ``init`` of a tuner built around ``base`` (:func:`jax_backend.with_base_state`, the conveniences), on
     concrete parameters: warn when the base's first update of an all-ones gradient points uphill (``1^T d <
     0``), as ``optax.adam(1e-3)`` or ``optax.sgd(0.1)`` in place of ``optax.scale_by_adam()`` or
     ``optax.identity()`` do: the tuner's rate would be 0 on every step, and inside ``jax.jit`` the step itself
-    cannot tell (only :func:`jax_backend.stats` or ``warn_ascent=True`` would). Skipped under tracing (a jitted
+    cannot tell (only :func:`jax_backend.stats` or ``warn_ascent=True`` would). An update of exactly zero (a
+    learning-rate schedule that warms up from 0, ``optax.adamw(optax.linear_schedule(0.0, 1e-3, 100))``) tells
+    nothing, so up to :data:`NEGATION_CHECK_UPDATES` updates are taken, each from the state the last one left
+    (a field test: no warning there, and the rate stayed 0 on every step). Skipped under tracing (a jitted
     ``init``, or one traced with the parameters closed over: ``jax.eval_shape(lambda: tx.init(params))``, where
     the parameters are concrete but the arrays made from them are not) and for a base whose update cannot run on
     that gradient alone (it needs extra arguments): the check is a diagnostic and never stops ``init``."""
@@ -146,12 +153,17 @@ def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
     ones = jax.tree.map(jnp.ones_like, params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, ones, base_state))):
         return
-    try:
-        d, _ = base.update(ones, base_state, params)
-    except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check
-        return
-    if float(vdot(ones, d, jnp.float32)) < 0:
-        warn(_NEGATED.format(evidence="(the base's update of an all-ones gradient is negative)"))
+    state = base_state
+    for _ in range(NEGATION_CHECK_UPDATES):
+        try:
+            d, state = base.update(ones, state, params)
+        except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check
+            return
+        slope = float(vdot(ones, d, jnp.float32))
+        if slope < 0:
+            warn(_NEGATED.format(evidence="(the base's update of an all-ones gradient is negative)"))
+        if slope != 0:
+            return
 
 
 def _warn(flag: Any) -> None:

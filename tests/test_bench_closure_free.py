@@ -18,3 +18,25 @@ def test_dtype_table_compares_what_it_says(capsys):
     before = rows["closure-free, float64, float64-sized probe (before)"]
     assert abs(f64[0] / f32[0] - 1) < 0.02
     assert before[0] > 1.5 * f64[0]  # the collapsed run has not left chance level (2.3)
+
+
+def test_probe_table_patch_sizes_the_first_step():
+    """``probe``'s patch takes effect: the closure-free first step, ``h = sqrt(eps) ||w|| / ||u||``, is
+    ``sqrt(2^-8 / 2^-23)`` times longer under ``2^-8`` than under the library's float32 floor."""
+    import torch
+
+    from curvopt.torch import CDAT
+
+    def first_rate():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = CDAT(torch.optim.Adam(model.parameters(), lr=1e-3))
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        return float(opt.stats["lr"])
+
+    now = first_rate()
+    with closure_free._probe_sized_by(lambda eps, xp: xp.maximum(eps, 2.0 ** -8)):
+        longer = first_rate()
+    assert first_rate() == now  # put back
+    assert longer / now == pytest.approx(2.0 ** 7.5, rel=1e-6)

@@ -152,12 +152,15 @@ def test_value_fn_kwargs_forwarding():
 
 
 @pytest.mark.parametrize("base, negated", [(optax.adam(1e-3), True), (optax.sgd(0.1, momentum=0.9), True),
+                                           (optax.adamw(optax.linear_schedule(0.0, 1e-3, 100)), True),
                                            (optax.scale_by_adam(), False), (optax.identity(), False),
                                            (optax.trace(0.9), False)])
 def test_convenience_init_warns_when_the_base_already_negates(base, negated):
     """``cdat(optax.adam(1e-3))`` (a natural mistake: the base's learning rate is the tuner's job) keeps the rate at
     0 on every step; under jit the step cannot see the sign, so ``init`` checks it on concrete parameters. A jitted
-    ``init`` is not checked (and not broken). Kills: the check removed, or its sign flipped."""
+    ``init`` is not checked (and not broken). A warm-up from 0 gives a zero first update, which tells nothing: the
+    check takes the next one (a field test: no warning, rate 0 on every step). Kills: the check removed, or its
+    sign flipped, or only one update taken."""
     from curvopt.optax import cdat
 
     p = _params(jnp.float32)
