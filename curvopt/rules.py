@@ -245,11 +245,14 @@ def armijo_initial_lr(previous_lr: Any, *, increase_factor: Any, lr_max: Any, in
 def finite_difference_step(param_norm: Any, direction_norm: Any, *, dtype_eps: float, xp: Any) -> Any:
     """Step ``h`` for the forward difference ``u^T H u ~ (g(w + h u) - g(w))^T u / h``.
 
-    The displacement is ``h ||u|| = sqrt(eps) ||w||``: relative to the parameters' own scale, which balances
-    the rounding error of forming ``w + h u`` against the truncation error of the difference, so the
-    curvature is accurate to about ``sqrt(eps)`` of the dtype (1.5e-8 in float64, 3.5e-4 in float32) whatever
-    the scale of ``w`` (1e-6 or 1e6: no absolute floor). Where ``w = 0`` the scale is ``||u||`` instead
-    (``h = sqrt(eps)``). Returns 0 when ``u = 0``.
+    The displacement is ``h ||u|| = sqrt(eps) ||w||``: relative to the parameters' own scale (1e-6 or 1e6: no
+    absolute floor), which balances the rounding error of forming ``w + h u`` against the truncation error of the
+    difference. Both are about ``sqrt(eps)`` relative (1.5e-8 in float64, 3.5e-4 in float32) where the curvature
+    changes over a distance of about ``||w||``; the truncation error is the displacement times the curvature's
+    relative rate of change, so a loss whose curvature changes faster reads worse (a field test, tanh MLP at
+    ``||w|| ~ 59``, float64: 1e-8 to 5.6e-6 relative against the dense Hessian; a central difference at the same
+    ``h``: 2.4e-8, at twice the gradients). Where ``w = 0`` the scale is ``||u||`` instead (``h = sqrt(eps)``).
+    Returns 0 when ``u = 0``.
     """
     ok = direction_norm > 0
     scale = xp.where(param_norm > 0, param_norm, direction_norm)

@@ -32,7 +32,7 @@ from .mup import find_lr_mults
 from .sharpness import find_adam_state
 
 __all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient", "find_trace_state", "seen_scale",
-           "gradient_descent_unit", "corrected_secant"]
+           "gradient_descent_unit", "corrected_secant", "rate_multipliers"]
 
 
 class NoiseMemory(NamedTuple):
@@ -99,9 +99,8 @@ def _incoming_terms(base_state_before: Any, grad: Any, incoming: Any, params: An
     """Behind gradient descent: the incoming direction, the gradient and the parameters, flat, the last two
     weighted by the group rates' multipliers (:func:`jax_backend.mup.scale_by_mup`'s) as the direction is."""
     seen, g, w = flat(incoming, dtype, like=grad), flat(grad, dtype), flat(params, dtype, like=grad)
-    mults = find_lr_mults(base_state_before)
-    if mults is not None:
-        m = _per_entry(mults, grad, dtype)
+    m = rate_multipliers(base_state_before, grad, dtype)
+    if m is not None:
         g, w = g * m, w * m
     return seen, g, w
 
@@ -121,8 +120,12 @@ def gradient_descent_unit(method: BaseMethod, base_state_before: Any, grad: Any,
     return direction_unit(method, gradient_scale(*dots, xp=jnp), jnp, fits=fits)
 
 
-def _per_entry(mults: Any, grad: Any, dtype: Any) -> Any:
-    """Per-leaf multipliers broadcast to every entry, flat like ``grad``."""
+def rate_multipliers(base_state: Any, grad: Any, dtype: Any) -> Any:
+    """The group rates' multipliers (:func:`jax_backend.mup.scale_by_mup`'s, in the base's state: PyTorch's group
+    lrs) broadcast to every entry, flat like ``grad``; None without a ``scale_by_mup`` in the base."""
+    mults = find_lr_mults(base_state)
+    if mults is None:
+        return None
     return flat(jax.tree.map(lambda g, m: jnp.broadcast_to(m, g.shape), grad, like_params(mults, grad)), dtype,
                 like=grad)
 
@@ -133,9 +136,9 @@ def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: A
     of a tree shaped like ``grad``). Behind Adam without its state before the update: ``ValueError`` if
     ``required`` (``noise_correction=True``), else None (the default's correction off)."""
     a = gradient_weight(method.kind, momentum=method.momentum, dampening=method.dampening, beta1=method.b1)
-    mults = find_lr_mults(base_state_before)
+    mults = rate_multipliers(base_state_before, grad, dtype)
     if mults is not None:  # group rates: a per-leaf factor
-        a = a * _per_entry(mults, grad, dtype)
+        a = a * mults
     if not method.preconditioned:
         return jnp.asarray(a, dtype)
     adam = find_adam_state(base_state_before, method.b2)

@@ -312,10 +312,11 @@ def test_coupled_weight_decay_agrees_more(registry, tuner, base):
 
 
 # ------------------------------------------------------------------------------------------ (d) param groups
-@pytest.mark.parametrize("tuner,base", [("cdat", "heavy_ball_groups")])
+@pytest.mark.parametrize("tuner,base", [("cdat", "heavy_ball_groups"), ("cdat_default", "adam_groups")])
 def test_group_rates_agree(registry, tuner, base):
     """Group lrs 1 and 0.25 = a per-leaf multiplier after the base, for the rules that read only ``-g^T u`` and
-    ``u^T H u`` (``u`` has the rates in both)."""
+    ``u^T H u`` (``u`` has the rates in both), and for the default behind Adam, whose momentum numerator reads
+    ``D = lr_group / P`` (Optax: ``scale_by_mup``'s multipliers over ``P``; without them the rates drifted apart)."""
     check(tuner, base)
 
 
@@ -327,7 +328,7 @@ def test_group_rates_agree_more(registry, tuner, base):
 
 
 def test_group_rates_momentum_numerator_by_hand():
-    """The momentum numerator behind Adam with group rates (not paired: Optax's misses the multipliers, README),
+    """The momentum numerator behind Adam with group rates (PyTorch's; test_group_rates_agree pairs it with Optax's),
     by hand: CDAT ``startup="paper", ema=0, sigma=2`` gives ``lr = 2 n / |u^T H u|``, so ``n = lr curvature / 2``
     must be ``-g^T u + (1 - b1) (g^T D m_{t-1} / (1 - b1^(t-1)) - g^T D g)`` with ``D = lr_group / P`` (numpy
     float64 from Adam's state before and after each step)."""

@@ -3,7 +3,8 @@
 Hessian-vector products (HVPs) are forward finite differences of closure gradients,
 ``H v ~ (g(w + h v) - g(w)) / h`` with ``h ||v|| = sqrt(eps) ||w||`` (the core's
 :func:`curvopt.rules.finite_difference_step`): one closure call per product, any closure works (no double
-backward needed), accurate to about ``sqrt(eps)`` of the dtype (1e-8 relative in float64). For ``P^-1 H``
+backward needed), accurate to about ``sqrt(eps)`` of the dtype where the curvature changes over ``||w||``
+(1e-8 relative in float64; more where it changes faster: :func:`curvopt.rules.finite_difference_step`). For ``P^-1 H``
 the operator is the symmetric ``P^-1/2 H P^-1/2`` (:func:`curvopt.preconditioner.sandwich`), which has the
 same eigenvalues.
 
