@@ -6,6 +6,7 @@ float64 dense Hessian. float64 throughout unless the test is about low precision
 """
 import copy
 import math
+import weakref
 
 import pytest
 import torch
@@ -484,3 +485,55 @@ def test_a_step_that_raises_during_its_commit_keeps_the_rule_state(monkeypatch):
     after = {k: float(v) for k, v in opt.state[w].items() if k in before}
     assert after == before
     assert torch.equal(w.detach(), w_before)
+
+
+def test_adam_numerator_in_runs_is_the_single_run_numerator(monkeypatch):
+    """Above ``CONCAT_BELOW`` entries the default (momentum) numerator behind Adam forms ``D = lr_group / P`` one
+    run of at most ``CONCAT_BELOW`` entries at a time (the whole model at once held 3 parameter-sized copies
+    beyond the tuner's buffers behind a 60M-parameter model in a field test). The runs change only the order of
+    the sums: CDAT's rates with runs of one parameter and with runs of up to 20 entries agree to rounding, and
+    with the flat path's single run to the fd curvature's rounding (the per-tensor path forms the probe
+    differently); at most one run's ``D`` exists at a time. Kills: a run left out of the sums, a run's ``D`` over
+    another run's entries."""
+    import torch_backend.preconditioning as preconditioning
+    import torch_backend.vectors as vectors
+
+    def rates(limit):
+        if limit is not None:
+            monkeypatch.setattr(vectors, "CONCAT_BELOW", limit)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+        x, y = torch.randn(32, 6, dtype=DT), torch.randn(32, 3, dtype=DT)
+        opt = CDAT(torch.optim.Adam([{"params": model[0].parameters()}, {"params": model[2].parameters(),
+                                                                         "lr": 0.5}], lr=1.0))
+
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+        out = []
+        for _ in range(8):
+            opt.step(closure)
+            out.append(float(opt.stats["lr"]))
+        return out
+
+    live, most = [], [0]
+    diagonal = preconditioning._diagonal
+
+    def watched(*args):
+        d = diagonal(*args)
+        live[:] = [r for r in live if r() is not None]
+        most[0] = max(most[0], len(live) + 1)
+        live.append(weakref.ref(d))
+        return d
+    monkeypatch.setattr(preconditioning, "_diagonal", watched)
+    whole = rates(None)
+    assert most[0] == 1
+    by_limit = {}
+    for limit in (0, 20):  # one run per parameter; runs of up to 20 entries (the 30-entry weight alone)
+        most[0] = 0
+        by_limit[limit] = rates(limit)
+        assert by_limit[limit] == pytest.approx(whole, rel=1e-6)
+        assert most[0] == 1
+    assert by_limit[20] == pytest.approx(by_limit[0], rel=1e-12)

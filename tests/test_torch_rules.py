@@ -355,7 +355,8 @@ def test_cdat_paired_numerator_survives_a_state_dict_round_trip():
 
 def test_adam_diagonal_by_group_is_the_per_parameter_diagonal():
     """The momentum numerator's flat ``D = lr_group / P`` per param group equals the per-parameter one (float64,
-    two groups with their own lr, eps and amsgrad), and is refused (None) once a group's step counts differ."""
+    two groups with their own lr, eps and amsgrad), in runs of at most ``chunk`` entries (a larger parameter
+    alone), and is refused (None) once a group's step counts differ."""
     from torch_backend.preconditioning import adam_diagonal_by_group, adam_preconditioner_from_optimizer
 
     torch.manual_seed(0)
@@ -367,13 +368,17 @@ def test_adam_diagonal_by_group_is_the_per_parameter_diagonal():
             p.grad = torch.randn_like(p)
         opt.step()
     order = [ps[3], ps[0], ps[2], ps[1]]  # positions follow the order asked for, not the groups'
-    got = adam_diagonal_by_group(opt, order, torch.float64)
-    assert [(g["lr"], pos, count) for g, pos, count, _ in got] == [(2.0, [0], 3.0), (0.5, [1, 2, 3], 3.0)]
     per = adam_preconditioner_from_optimizer(opt, order)
-    for g, pos, _, d in got:
-        torch.testing.assert_close(d, torch.cat([g["lr"] / per[i].reshape(-1) for i in pos]), rtol=1e-15, atol=0)
+    for chunk, runs in ((100, [(2.0, [0]), (0.5, [1, 2, 3])]), (12, [(2.0, [0]), (0.5, [1, 2]), (0.5, [3])]),
+                        (5, [(2.0, [0]), (0.5, [1]), (0.5, [2]), (0.5, [3])])):
+        got = adam_diagonal_by_group(opt, order, torch.float64, chunk)
+        assert [(g["lr"], pos) for g, pos, _, _ in got] == runs, chunk
+        assert all(count == 3.0 for _, _, count, _ in got)
+        for g, pos, _, d in got:
+            torch.testing.assert_close(d(), torch.cat([g["lr"] / per[i].reshape(-1) for i in pos]), rtol=1e-15,
+                                       atol=0)
     opt.state[ps[1]]["step"] += 1
-    assert adam_diagonal_by_group(opt, order, torch.float64) is None
+    assert adam_diagonal_by_group(opt, order, torch.float64, 100) is None
 
 
 @pytest.mark.parametrize("adamw", [False, True])

@@ -8,7 +8,8 @@ preconditioned Hessian whose top eigenvalue Adam's stability threshold ``38 / lr
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+import functools
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -88,15 +89,30 @@ def adam_step_counts(optimizer: torch.optim.Optimizer, params: Sequence[Tensor])
     return [float(c) for c in counts]
 
 
-def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype
-                           ) -> Optional[list[tuple[dict, list[int], float, Tensor]]]:
+def _runs(positions: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """``positions`` cut into consecutive runs of at most ``limit`` entries in total (a larger one alone)."""
+    out: list[list[int]] = []
+    total = 0
+    for i in positions:
+        if not out or (out[-1] and total + sizes[i] > limit):
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += sizes[i]
+    return out
+
+
+def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype,
+                           chunk: int) -> Optional[list[tuple[dict, list[int], float, Callable[[], Tensor]]]]:
     """Adam's ``D = lr_group / P`` for ``params`` (all stepped by ``optimizer``), one flat tensor per param
-    group: ``[(group, positions in params, its step count, D over those parameters flattened and
-    concatenated), ...]`` in
-    ``dtype``, the core's formula applied once per group (a few tensor operations instead of a few per
-    parameter). None when a group's parameters are at different step counts (their bias corrections differ:
-    use :func:`adam_preconditioner_from_optimizer` per parameter). The step counts are read with one host
-    read for all groups; the bias corrections are Python doubles."""
+    group, or per run of its parameters of at most ``chunk`` entries: ``[(group, positions in params, its step
+    count, a function that returns D over those parameters flattened and concatenated), ...]``, in ``dtype``,
+    the core's formula applied once per run (a few tensor operations instead of a few per parameter). Computed
+    when asked for, one run at a time, the runs bound the step's transient memory (the whole model in one piece
+    held 3 parameter-sized copies at once behind a 60M-parameter model in a field test). None when a group's
+    parameters are at different step counts (their bias corrections differ: use
+    :func:`adam_preconditioner_from_optimizer` per parameter). The step counts are read with one host read for
+    all groups; the bias corrections are Python doubles."""
     positions: dict[int, list[int]] = {}
     groups: dict[int, dict] = {}
     group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
@@ -106,15 +122,22 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
         groups[id(g)] = g
     states = [optimizer.state[p] for p in params]
     counts = adam_step_counts(optimizer, params)
+    sizes = [p.numel() for p in params]
     out = []
-    for key, pos in positions.items():
+    for key, group_pos in positions.items():
         g = groups[key]
-        step = float(counts[pos[0]])
-        if any(counts[i] != counts[pos[0]] for i in pos):
+        step = float(counts[group_pos[0]])
+        if any(counts[i] != step for i in group_pos):
             return None
-        v = torch.cat([states[i]["max_exp_avg_sq" if g.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
-                       for i in pos]).to(dtype)
-        beta1, beta2 = g["betas"]
-        pre = adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(g["eps"]), xp=torch)
-        out.append((g, pos, step, pre.reciprocal_().mul_(float(g["lr"]))))
+        out += [(g, pos, step, functools.partial(_diagonal, g, [states[i] for i in pos], step, dtype))
+                for pos in _runs(group_pos, sizes, chunk)]
     return out
+
+
+def _diagonal(group: dict, states: list[dict], step: float, dtype: torch.dtype) -> Tensor:
+    """``D = lr_group / P`` over the parameters whose Adam ``states`` are given, flattened and concatenated."""
+    v = torch.cat([st["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
+                   for st in states]).to(dtype)
+    beta1, beta2 = group["betas"]
+    pre = adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), xp=torch)
+    return pre.reciprocal_().mul_(float(group["lr"]))

@@ -36,11 +36,15 @@ lives beside the base's (layout: :mod:`torch_backend.state`).
 
 Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snapshot of the base's state
 (its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
-oracle, one more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated
-space when the sharpness is on. After ``step`` the tuner's parameters' ``.grad`` hold the gradient of the last
-closure call of the step, which may be a probe (zeros for a parameter the main call reached and that call did
-not: under ``zero_grad(set_to_none=False)`` the base keeps stepping it, as torch's optimizers do); read gradients
-inside the closure. The other parameters of the modules the closure runs keep the main call's gradient (another
+oracle, the previous gradient with the secant's noise correction (closure-free behind Adam, by default), one
+more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated space when the
+sharpness is on. Within a step a probe's gradients sit beside the main call's (one more, transient), and the
+Adam numerators' diagonal is formed over at most :data:`torch_backend.vectors.CONCAT_BELOW` entries at a time.
+
+After ``step`` the tuner's parameters' ``.grad`` hold the gradient of the last closure call of the step, which
+may be a probe (zeros for a parameter the main call reached and that call did not: under
+``zero_grad(set_to_none=False)`` the base keeps stepping it, as torch's optimizers do); read gradients inside
+the closure. The other parameters of the modules the closure runs keep the main call's gradient (another
 optimizer steps them: :mod:`torch_backend.buffers`).
 """
 from __future__ import annotations
@@ -89,6 +93,7 @@ from .precision import gradient_eps
 from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
+from . import vectors
 from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps,
                       local_sq_norm, max_abs, norm, reducing)
 from .workspace import Workspace
@@ -1087,7 +1092,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         parameters joined at different steps, e.g. a group added mid-training): ``keys`` ``(beta1, count,
         derived)`` and the 0-d tensors ``g^T D g_in``, then ``g^T D m_t`` unless ``derived``, for each.
 
-        ``D`` from :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group; per
+        ``D`` from :func:`torch_backend.preconditioning.adam_diagonal_by_group` (flat per param group, in runs
+        of at most :data:`torch_backend.vectors.CONCAT_BELOW` entries, each computed and used in turn; per
         parameter from :meth:`_adam_diagonal` when a group's step counts differ), ``g_in`` the gradient Adam
         averaged (``g + weight_decay w`` under Adam's L2 decay, ``g`` under AdamW's decoupled one), ``m_t =
         exp_avg``. Adam's direction is ``u = -D m_t`` exactly unless a group decays its weights decoupled
@@ -1097,35 +1103,31 @@ class CurvatureTuner(torch.optim.Optimizer):
         sums (one collective on sharded parameters, like every inner product of the step)."""
         base = self.base
         acc = self.acc_dtype
-        by_group = adam_diagonal_by_group(base, params, acc)
-        if by_group is None:
-            by_group = [(group, [i], count, d.reshape(-1)) for i, ((group, d), count)
-                        in enumerate(zip(self._adam_diagonal(params), adam_step_counts(base, params)))]
-        sets: dict[tuple[float, float], list] = {}
-        for group, pos, count, d in by_group:
-            sets.setdefault((float(group["betas"][0]), count), []).append((group, pos, d))
-        derived = len(sets) == 1 and not self._decoupled_decay()
-        keys, sums = [], []
-        for (beta1, count), entries in sets.items():
-            total = None
-            for group, pos, d in entries:
-                wd = float(group.get("weight_decay", 0.0))
-                coupled = wd and not _decouples(base, group)
+        runs = adam_diagonal_by_group(base, params, acc, vectors.CONCAT_BELOW)
+        if runs is None:
+            runs = [(group, [i], count, lambda d=d: d.reshape(-1)) for i, ((group, d), count)
+                    in enumerate(zip(self._adam_diagonal(params), adam_step_counts(base, params)))]
+        derived = (len({(float(group["betas"][0]), count) for group, _, count, _ in runs}) == 1
+                   and not self._decoupled_decay())
+        totals: dict[tuple[float, float], Tensor] = {}
+        for group, pos, count, diagonal in runs:  # one run's D at a time: the transient memory of one run
+            wd = float(group.get("weight_decay", 0.0))
+            coupled = wd and not _decouples(base, group)
 
-                def flat(ts: list[Tensor]) -> Tensor:
-                    return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
-                whole = flat_grads is not None and len(pos) == len(params)
-                g = flat_grads.to(acc) if whole else flat(grads)
-                scaled = g * d
-                inputs = g + wd * flat(w0) if coupled else g
-                pairs = [([scaled], [inputs])]
-                if not derived:
-                    pairs.append(([scaled], [flat([base.state[p]["exp_avg"] for p in params])]))
-                part = dots(pairs)
-                total = part if total is None else total + part
-            keys.append((beta1, count, derived))
-            sums += list(total.unbind())
-        return keys, sums
+            def flat(ts: list[Tensor]) -> Tensor:
+                return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
+            whole = flat_grads is not None and len(pos) == len(params)
+            g = flat_grads.to(acc) if whole else flat(grads)
+            scaled = g * diagonal()
+            inputs = g + wd * flat(w0) if coupled else g
+            pairs = [([scaled], [inputs])]
+            if not derived:
+                pairs.append(([scaled], [flat([base.state[p]["exp_avg"] for p in params])]))
+            part = dots(pairs)
+            key = (float(group["betas"][0]), count)
+            totals[key] = part if key not in totals else totals[key] + part
+        keys = [(beta1, count, derived) for beta1, count in totals]
+        return keys, [s for total in totals.values() for s in total.unbind()]
 
     def _decoupled_decay(self) -> bool:
         """Some group of the Adam base decays its weights decoupled (AdamW), so its direction is not ``-D m_t``."""

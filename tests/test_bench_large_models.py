@@ -1,0 +1,27 @@
+"""``python -m benchmarks.large_models``: every configuration steps and trains, the timing is relative to the bare
+step, and the memory of a fresh process is measured above the model (the documented 4 parameter sizes of a CDAT
+step with a closure, not the parent's peak)."""
+import pytest
+
+from benchmarks import large_models
+
+
+def test_every_configuration_trains_and_the_times_are_relative(monkeypatch):
+    monkeypatch.setitem(large_models.SIZES, "tiny", (16, 2))
+    for config in large_models.CONFIGS:
+        model, step = large_models._problem("tiny", config)
+        before = [p.detach().clone() for p in model.parameters()]
+        for _ in range(3):
+            step()
+        assert any((p.detach() != b).any() for p, b in zip(model.parameters(), before)), config
+    ratios = large_models.step_times("tiny", rounds=2)
+    assert set(ratios) == set(large_models.CONFIGS) and ratios["bare"] == 1.0
+
+
+@pytest.mark.slow
+def test_memory_of_a_fresh_process():
+    """5M parameters: bare AdamW keeps its gradient and two moments (~3 sizes); CDAT with a closure ~4 more."""
+    bare, _ = large_models.memory("5M", "bare")
+    fd, peak = large_models.memory("5M", "fd")
+    assert 2.5 < bare < 4.5
+    assert 3.5 < fd - bare < 5.0 and peak >= fd
