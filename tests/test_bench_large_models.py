@@ -20,8 +20,9 @@ def test_every_configuration_trains_and_the_times_are_relative(monkeypatch):
 
 @pytest.mark.slow
 def test_memory_of_a_fresh_process():
-    """5M parameters: bare AdamW keeps its gradient and two moments (~3 sizes); CDAT with a closure ~4 more."""
-    bare, _ = large_models.memory("5M", "bare")
-    fd, peak = large_models.memory("5M", "fd")
+    """25M parameters: bare AdamW keeps its gradient and two moments (~3 sizes); CDAT with a closure ~4 more. (At
+    5M the allocator's own overhead moved bare AdamW's figure from 3.8 to 4.9 between two runs.)"""
+    bare, _ = large_models.memory("25M", "bare")
+    fd, peak = large_models.memory("25M", "fd")
     assert 2.5 < bare < 4.5
     assert 3.5 < fd - bare < 5.0 and peak >= fd
