@@ -1109,6 +1109,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                     in enumerate(zip(self._adam_diagonal(params), adam_step_counts(base, params)))]
         derived = (len({(float(group["betas"][0]), count) for group, _, count, _ in runs}) == 1
                    and not self._decoupled_decay())
+        exp_avgs = None if derived else [base.state[p]["exp_avg"] for p in params]
         totals: dict[tuple[float, float], Tensor] = {}
         for group, pos, count, diagonal in runs:  # one run's D at a time: the transient memory of one run
             wd = float(group.get("weight_decay", 0.0))
@@ -1121,8 +1122,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             scaled = g * diagonal()
             inputs = g + wd * flat(w0) if coupled else g
             pairs = [([scaled], [inputs])]
-            if not derived:
-                pairs.append(([scaled], [flat([base.state[p]["exp_avg"] for p in params])]))
+            if exp_avgs is not None:
+                pairs.append(([scaled], [flat(exp_avgs)]))
             part = dots(pairs)
             key = (float(group["betas"][0]), count)
             totals[key] = part if key not in totals else totals[key] + part
