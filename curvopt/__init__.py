@@ -5,12 +5,13 @@ optimizer's description (``base``), stability thresholds (``thresholds``), Adam'
 (``preconditioner``), the online eigen-solver (``eigen``), shared settings (``config``), hyperparameter checks
 (``validation``), the names of the logged statistics (``stats``), the precision a gradient shows (``precision``),
 the curvature oracles' formulas (``curvature``), the mini-batch watch (``minibatch_watch``), warnings at the
-user's line (``caller``), diagnostics and the μP tables (``mup``). It imports neither torch nor jax.
+user's line (``caller``), diagnostics and the μP tables (``mup``), and how the parameters are cut into runs for
+vector work (``runs``). It imports neither torch nor jax.
 
 The tuners themselves live in the backends, imported through ``curvopt.torch`` (PyTorch) and
 ``curvopt.optax`` (JAX/Optax).
 """
-from . import base, config, diagnostics, eigen, precision, preconditioner, rules, stats, thresholds, validation
+from . import base, config, diagnostics, eigen, precision, preconditioner, rules, runs, stats, thresholds, validation
 from .base import BaseMethod
 from .config import SharpnessConfig
 from .rules import ArmijoRule, CDATRule, EdgeOfStabilityRule, PolyakRule
@@ -19,7 +20,7 @@ from .thresholds import stability_coefficient, stability_threshold
 __version__ = "0.2.0"
 
 __all__ = [
-    "base", "config", "diagnostics", "eigen", "precision", "preconditioner", "rules", "stats", "thresholds",
+    "base", "config", "diagnostics", "eigen", "precision", "preconditioner", "rules", "runs", "stats", "thresholds",
     "validation",
     "BaseMethod", "SharpnessConfig", "CDATRule", "PolyakRule", "EdgeOfStabilityRule", "ArmijoRule",
     "stability_coefficient", "stability_threshold",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt
+from curvopt.runs import cut_into_runs
 
 from .direction import is_adam_like
 
@@ -89,19 +90,6 @@ def adam_step_counts(optimizer: torch.optim.Optimizer, params: Sequence[Tensor])
     return [float(c) for c in counts]
 
 
-def _runs(positions: list[int], sizes: list[int], limit: int) -> list[list[int]]:
-    """``positions`` cut into consecutive runs of at most ``limit`` entries in total (a larger one alone)."""
-    out: list[list[int]] = []
-    total = 0
-    for i in positions:
-        if not out or (out[-1] and total + sizes[i] > limit):
-            out.append([])
-            total = 0
-        out[-1].append(i)
-        total += sizes[i]
-    return out
-
-
 def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], dtype: torch.dtype,
                            chunk: int) -> Optional[list[tuple[dict, list[int], float, Callable[[], Tensor]]]]:
     """Adam's ``D = lr_group / P`` for ``params`` (all stepped by ``optimizer``), one flat tensor per param
@@ -130,7 +118,7 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
         if any(counts[i] != step for i in group_pos):
             return None
         out += [(g, pos, step, functools.partial(_diagonal, g, [states[i] for i in pos], step, dtype))
-                for pos in _runs(group_pos, sizes, chunk)]
+                for pos in cut_into_runs(group_pos, sizes, chunk)]
     return out
 
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from curvopt import runs
+
 __all__ = ["least_precise_eps", "dot", "dots", "flat_dots", "norms", "flat_norms", "sq_norm", "local_sq_norm", "norm",
            "max_abs", "axpy", "axpy_into", "reducing", "concatenating", "concatenating_now",
            "can_concatenate", "global_sum", "ListOps"]
@@ -59,8 +61,9 @@ def _flat(x: Tensor) -> Tensor:
 
 
 #: below this many entries (and with one dtype and device) a tuner's dot products concatenate their operands:
-#: one kernel instead of one per tensor, for small models whose step is dispatch-bound (:func:`concatenating`)
-CONCAT_BELOW = 1 << 20
+#: one kernel instead of one per tensor, for small models whose step is dispatch-bound (:func:`concatenating`);
+#: the core's run size (:data:`curvopt.runs.CONCAT_BELOW`), here so that tests can lower it for this backend
+CONCAT_BELOW = runs.CONCAT_BELOW
 _CONCAT: ContextVar[bool] = ContextVar("curvopt_concat_dots", default=False)
 
 
