@@ -467,8 +467,9 @@ def test_jax_closure_free_probe_sized_for_a_bf16_forward_and_the_same_reading_as
 def test_torch_float16_parameters_behind_a_small_group_lr_keep_the_effective_rate():
     """float16 parameters behind SGD at group lr 1e-4: the tuner's rate is 1e4 times the effective one, above
     float16's largest number (65504) on the second step. ``addcmul`` cast it to float16 first, and the
-    parameters became inf/NaN for good; now the effective rates equal those at group lr 1 (to 1 %) and the
-    parameters stay finite."""
+    parameters became inf/NaN for good; now the effective rates equal those at group lr 1 (to 2 %: the two runs
+    round their float16 parameters differently, 1.2 % apart by the fourth step on a CPU with AVX512-FP16, under
+    1 % on the one the test was written on) and the parameters stay finite."""
     from curvopt.torch import QuadraticGreedy
 
     torch.manual_seed(0)
@@ -493,4 +494,4 @@ def test_torch_float16_parameters_behind_a_small_group_lr_keep_the_effective_rat
 
     at_one, small = effective_rates(1.0), effective_rates(1e-4)
     assert max(small) / 1e-4 > torch.finfo(torch.float16).max  # the tuner's own rate
-    assert small == pytest.approx(at_one, rel=1e-2)
+    assert small == pytest.approx(at_one, rel=2e-2)
