@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 SIZES = {"5M": (1024, 5), "25M": (2048, 6), "60M": (2048, 14)}  # (width, hidden layers)
 CONFIGS = ("bare", "fd", "closure-free", "fd direction", "closure-free direction")
@@ -83,21 +84,27 @@ def memory(size: str, config: str) -> tuple[float, float]:
     return float(out[-2]), float(out[-1])
 
 
+def interleaved_ratios(steps: dict[str, Callable[[], None]], rounds: int, warmup: int = 3,
+                       clock: Callable[[], float] = time.process_time) -> dict[str, float]:
+    """Median time of a call of each of ``steps`` (one training step each, called in turn round by round) over
+    ``rounds`` rounds after ``warmup``, ÷ the median of ``steps["bare"]``."""
+    times: dict[str, list[float]] = {c: [] for c in steps}
+    for r in range(rounds + warmup):
+        for c, step in steps.items():
+            t0 = clock()
+            step()
+            if r >= warmup:
+                times[c].append(clock() - t0)
+    bare = statistics.median(times["bare"])
+    return {c: statistics.median(t) / bare for c, t in times.items()}
+
+
 def step_times(size: str, rounds: int) -> dict[str, float]:
     """Median CPU time of a step of each configuration ÷ the bare step's, interleaved in this process."""
     import torch
 
     torch.set_num_threads(2)
-    steps = {c: _problem(size, c)[1] for c in CONFIGS}
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    for r in range(rounds + 3):
-        for c, step in steps.items():
-            t0 = time.process_time()
-            step()
-            if r >= 3:
-                times[c].append(time.process_time() - t0)
-    bare = statistics.median(times["bare"])
-    return {c: statistics.median(t) / bare for c, t in times.items()}
+    return interleaved_ratios({c: _problem(size, c)[1] for c in CONFIGS}, rounds)
 
 
 def main(argv=None) -> None:

@@ -11,16 +11,15 @@ from curvopt.base import BaseMethod, as_base_method
 from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, watch_minibatch, watches
-from curvopt.preconditioner import adam_preconditioner
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
                            default_numerator, default_sigma, momentum_numerator, paired_numerator,
                            paired_prediction_weight)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
-from .direction import abs_max, accumulator_dtype, flat, vdot
+from .direction import abs_max, accumulator_dtype, flat
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
-                    rate_multipliers, seen_scale)
+                    over_preconditioner, rate_multipliers, seen_scale)
 from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember, secant_watch_motion
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
@@ -210,10 +209,9 @@ def _over_adam(x: Any, p: Any, method: BaseMethod, adam: Any, base_state: Any) -
     is ``lr_group / P``; without them the rates of a μP or layer-wise-decay base drifted 0.3-27 % from
     PyTorch's). The Adam numerators work on the flattened trees: ``P`` and ``P^-1 x`` leaf by leaf were ~0.1 of a
     bare step's compile time."""
-    d = x / adam_preconditioner(flat(adam.nu, p.dtype, like=p.grad), adam.count.astype(p.dtype),
-                                beta1=method.b1, beta2=method.b2, eps=method.eps, xp=jnp)
+    d = over_preconditioner(x, adam, method, p.grad, p.dtype)
     mults = rate_multipliers(base_state, p.grad, p.dtype)
-    return d if mults is None else d * mults
+    return d if mults is None else optax.tree.mul(d, mults)
 
 
 def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, before: Any, name: str) -> Any:
@@ -229,7 +227,7 @@ def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, before: Any
     mu = flat(adam.mu, p.dtype, like=p.grad)
     g_in = adam_averaged_gradient(p.grad, adam, find_adam_state(before, method.b2), method, p.dtype)
     scaled_g = _over_adam(g, p, method, adam, base_state)
-    return momentum_numerator(p.numerator, vdot(scaled_g, g_in, p.dtype), vdot(scaled_g, mu, p.dtype),
+    return momentum_numerator(p.numerator, optax.tree.vdot(scaled_g, g_in), optax.tree.vdot(scaled_g, mu),
                               beta1=method.b1, step=adam.count.astype(p.dtype), xp=jnp)
 
 
@@ -239,9 +237,9 @@ def _paired_numerator(p: Any, method: BaseMethod, base_state: Any, memory: Paire
     adam = _adam(base_state, method, name, "paired")
     if not jax.tree.leaves(p.grad):
         return p.numerator
-    r = flat(p.grad, p.dtype) - flat(memory.predicted_grad, p.dtype, like=p.grad)
+    r = optax.tree.sub(flat(p.grad, p.dtype), flat(memory.predicted_grad, p.dtype, like=p.grad))
     d_r = _over_adam(r, p, method, adam, base_state)
-    return paired_numerator(p.numerator, vdot(d_r, r, p.dtype), beta1=method.b1, has=memory.predicted, xp=jnp)
+    return paired_numerator(p.numerator, optax.tree.vdot(d_r, r), beta1=method.b1, has=memory.predicted, xp=jnp)
 
 
 def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemory:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.config import accumulator_dtype_name
+from curvopt.runs import CONCAT_BELOW, cut_into_runs
 
 from .warning import warn
 
@@ -51,27 +52,36 @@ def least_precise_eps(params: Any) -> float:
 
 
 def vdot(a: Any, b: Any, dtype: Any) -> Any:
-    """``a^T b`` accumulated in ``dtype`` (0 for empty trees): one ``jnp.vdot`` of the concatenated leaves
-    (cast to ``dtype``), rather than ``optax.tree.vdot``'s one per leaf. XLA:CPU compiles each per-leaf
-    reduction as a kernel of its own and copies the sum of the partial results into every consumer's kernel;
-    one reduction over the whole tree (the concatenation fuses into it) keeps the jitted update's compile time
-    close to the bare base's. ``b`` must have ``a``'s structure."""
+    """``a^T b`` accumulated in ``dtype`` (0 for empty trees): one ``jnp.vdot`` per run of concatenated leaves
+    (:func:`flat`; a small tree is one run), rather than ``optax.tree.vdot``'s one per leaf. XLA:CPU compiles each
+    per-leaf reduction as a kernel of its own and copies the sum of the partial results into every consumer's
+    kernel; one reduction over the whole tree (the concatenation fuses into it) keeps the jitted update's compile
+    time close to the bare base's. ``b`` must have ``a``'s structure."""
     if not jax.tree.leaves(a):
         return jnp.zeros((), dtype)
-    return jnp.vdot(flat(a, dtype), flat(b, dtype, like=a), precision=jax.lax.Precision.HIGHEST).astype(dtype)
+    return optax.tree.vdot(flat(a, dtype), flat(b, dtype, like=a)).astype(dtype)
 
 
-def flat(tree: Any, dtype: Any, like: Any = None) -> Any:
-    """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype`` and
-    concatenated into one vector: the tuners' inner products and elementwise formulas over a whole tree run on it
-    as one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`).
-    A leaf that ``tree`` masks out where ``like`` has an array (a base state inside the base's own
-    ``optax.masked``/``multi_transform``: the frozen part of the tree has no moments) reads as zeros."""
+def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
+    """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype``, raveled
+    and concatenated in runs: a tuple of vectors, each the consecutive leaves of at most
+    :data:`curvopt.runs.CONCAT_BELOW` entries (a larger leaf alone; :func:`curvopt.runs.cut_into_runs` of the leaf
+    sizes of ``like``, else of ``tree``, so two trees of one structure are cut alike). The tuners' inner products
+    and elementwise formulas over a whole tree run on the runs (``optax.tree`` arithmetic): a small tree is one run,
+    one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`); on a
+    large tree (5M-60M parameters in a field test) the concatenation was materialised, temporaries of 5-13
+    parameter sizes, where runs keep them within a few runs. A leaf that ``tree`` masks out where ``like`` has an
+    array (a base state inside the base's own ``optax.masked``/``multi_transform``: the frozen part of the tree
+    has no moments) reads as zeros."""
+    ref = jax.tree.leaves(tree if like is None else like)
     if like is None:
-        return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)])
-    leaves = jax.tree.structure(like).flatten_up_to(tree)
-    return jnp.concatenate([jnp.zeros(jnp.size(y), dtype) if _is_masked(x) else jnp.ravel(x).astype(dtype)
-                            for x, y in zip(leaves, jax.tree.leaves(like))])
+        parts = [jnp.ravel(x).astype(dtype) for x in ref]
+    else:
+        parts = [jnp.zeros(jnp.size(y), dtype) if _is_masked(x) else jnp.ravel(x).astype(dtype)
+                 for x, y in zip(jax.tree.structure(like).flatten_up_to(tree), ref)]
+    sizes = [jnp.size(x) for x in ref]
+    return tuple(jnp.concatenate([parts[i] for i in run]) for run in
+                 cut_into_runs(range(len(sizes)), sizes, CONCAT_BELOW))
 
 
 def norm(a: Any, dtype: Any) -> Any:
@@ -79,11 +89,11 @@ def norm(a: Any, dtype: Any) -> Any:
 
 
 def abs_max(a: Any, dtype: Any) -> Any:
-    """``max_i |a_i|`` over the whole tree in ``dtype`` (0 for an empty tree), one reduction (see :func:`vdot`):
-    ``optax.tree.norm(a, ord="inf")`` is three kernels per leaf."""
+    """``max_i |a_i|`` over the whole tree in ``dtype`` (0 for an empty tree), one reduction per run (see
+    :func:`vdot`): ``optax.tree.norm(a, ord="inf")`` is three kernels per leaf."""
     if not jax.tree.leaves(a):
         return jnp.zeros((), dtype)
-    return jnp.max(jnp.abs(flat(a, dtype)))
+    return optax.tree.max(jax.tree.map(jnp.abs, flat(a, dtype)))
 
 
 def scaled(s: Any, a: Any) -> Any:

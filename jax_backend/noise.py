@@ -32,7 +32,7 @@ from .mup import find_lr_mults
 from .sharpness import find_adam_state
 
 __all__ = ["NoiseMemory", "noise_init", "noise_metric", "adam_averaged_gradient", "find_trace_state", "seen_scale",
-           "gradient_descent_unit", "corrected_secant", "rate_multipliers"]
+           "gradient_descent_unit", "corrected_secant", "rate_multipliers", "over_preconditioner"]
 
 
 class NoiseMemory(NamedTuple):
@@ -55,10 +55,10 @@ def adam_averaged_gradient(grad: Any, adam: optax.ScaleByAdamState, before: opta
     """The gradient Adam averaged into its first moment this step, ``(m_t - b1 m_{t-1}) / (1 - b1)``, flat
     (:func:`jax_backend.direction.flat` like ``grad``), from its states after and before the update; ``grad``
     itself when the state before is unknown."""
-    g = flat(grad, dtype)
     if before is None:
-        return g
-    return (flat(adam.mu, dtype, like=grad) - method.b1 * flat(before.mu, dtype, like=grad)) / (1 - method.b1)
+        return flat(grad, dtype)
+    return jax.tree.map(lambda m, b: (m - method.b1 * b) / (1 - method.b1), flat(adam.mu, dtype, like=grad),
+                        flat(before.mu, dtype, like=grad))
 
 
 def find_trace_state(tree: Any) -> optax.TraceState | None:
@@ -87,8 +87,8 @@ def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad
         trace, before = find_trace_state(base_state), find_trace_state(base_state_before)
         if trace is None or before is None:
             return jnp.ones((), dtype)
-        added = flat(trace.trace, dtype, like=grad) - method.momentum * flat(before.trace, dtype, like=grad)
-        seen = added / (1 - method.dampening)
+        seen = jax.tree.map(lambda t, b: (t - method.momentum * b) / (1 - method.dampening),
+                            flat(trace.trace, dtype, like=grad), flat(before.trace, dtype, like=grad))
     else:
         seen, g, w = _incoming_terms(base_state_before, grad, incoming, params, dtype)
     return gradient_scale(_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w), xp=jnp)
@@ -101,7 +101,7 @@ def _incoming_terms(base_state_before: Any, grad: Any, incoming: Any, params: An
     seen, g, w = flat(incoming, dtype, like=grad), flat(grad, dtype), flat(params, dtype, like=grad)
     m = rate_multipliers(base_state_before, grad, dtype)
     if m is not None:
-        g, w = g * m, w * m
+        g, w = optax.tree.mul(g, m), optax.tree.mul(w, m)
     return seen, g, w
 
 
@@ -132,15 +132,16 @@ def rate_multipliers(base_state: Any, grad: Any, dtype: Any) -> Any:
 
 def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: Any, name: str, required: bool
                  ) -> Any:
-    """``A``: a scalar for the gradient-descent family, behind Adam a flat vector (:func:`jax_backend.direction.flat`
-    of a tree shaped like ``grad``). Behind Adam without its state before the update: ``ValueError`` if
-    ``required`` (``noise_correction=True``), else None (the default's correction off)."""
-    a = gradient_weight(method.kind, momentum=method.momentum, dampening=method.dampening, beta1=method.b1)
+    """``A``: a scalar for the gradient-descent family, flat (:func:`jax_backend.direction.flat` of a tree shaped
+    like ``grad``) behind Adam or with group rates. Behind Adam without its state before the update:
+    ``ValueError`` if ``required`` (``noise_correction=True``), else None (the default's correction off)."""
+    a = jnp.asarray(gradient_weight(method.kind, momentum=method.momentum, dampening=method.dampening,
+                                    beta1=method.b1), dtype)
     mults = rate_multipliers(base_state_before, grad, dtype)
     if mults is not None:  # group rates: a per-leaf factor
-        a = a * mults
+        a = optax.tree.scale(a, mults)
     if not method.preconditioned:
-        return jnp.asarray(a, dtype)
+        return a
     adam = find_adam_state(base_state_before, method.b2)
     if adam is None and not required:
         return None
@@ -148,12 +149,26 @@ def noise_metric(method: BaseMethod, base_state_before: Any, grad: Any, dtype: A
         raise ValueError(f"{name}: noise_correction=True behind Adam needs Adam's state before its update: build the "
                          "optimizer with the convenience (cdat(optax.scale_by_adam(), ...)) or with_base_state, or "
                          "pass base_state_before=")
-    return a / adam_preconditioner(flat(adam.nu, dtype, like=grad), adam.count.astype(dtype), beta1=method.b1,
-                                   beta2=method.b2, eps=method.eps, xp=jnp)
+    return over_preconditioner(a, adam, method, grad, dtype)
 
 
-def _dot(a: Any, b: Any) -> Any:
-    return jnp.vdot(a, b, precision=jax.lax.Precision.HIGHEST)
+def over_preconditioner(x: Any, adam: optax.ScaleByAdamState, method: BaseMethod, grad: Any, dtype: Any) -> Any:
+    """``x / P``, flat like ``grad`` (:func:`jax_backend.direction.flat`), for ``x`` a scalar or flat like
+    ``grad`` and ``P`` Adam's diagonal (:func:`curvopt.preconditioner.adam_preconditioner`) from its state
+    ``adam``."""
+    count = adam.count.astype(dtype)
+    nus = flat(adam.nu, dtype, like=grad)
+    over_p = lambda v, nu: v / adam_preconditioner(nu, count, beta1=method.b1, beta2=method.b2,  # noqa: E731
+                                                   eps=method.eps, xp=jnp)
+    return jax.tree.map(over_p, x if isinstance(x, tuple) else (x,) * len(nus), nus)
+
+
+def _times(metric: Any, v: Any) -> Any:
+    """``A v`` for ``A`` (:func:`noise_metric`) a scalar or flat, and ``v`` flat."""
+    return optax.tree.mul(metric, v) if isinstance(metric, tuple) else optax.tree.scale(metric, v)
+
+
+_dot = optax.tree.vdot  # over flat trees: one reduction per run
 
 
 def corrected_secant(memory: NoiseMemory, metric: Any, seen: Any, grad: Any, prev_incoming: Any,
@@ -164,10 +179,11 @@ def corrected_secant(memory: NoiseMemory, metric: Any, seen: Any, grad: Any, pre
     averages then kept); the memory keeps ``g_t`` and ``seen``, the share of it the base saw (:func:`seen_scale`),
     for the next step."""
     g = flat(grad, dtype)
-    diff = g - flat(memory.prev_grad, dtype, like=grad)
+    diff = optax.tree.sub(g, flat(memory.prev_grad, dtype, like=grad))
     prev_u = flat(prev_incoming, dtype, like=grad)  # -u_{t-1}: the sign cancels in every A-product below
-    a_diff = metric * diff
-    noise = secant_noise_numerator(_dot(a_diff, diff), _dot(a_diff, prev_u), _dot(metric * prev_u, prev_u), xp=jnp)
+    a_diff = _times(metric, diff)
+    noise = secant_noise_numerator(_dot(a_diff, diff), _dot(a_diff, prev_u), _dot(_times(metric, prev_u), prev_u),
+                                   xp=jnp)
     secant_numerator = -_dot(g, prev_u) - prev_grad_dot_direction
     curvature, averages = secant_noise_corrected(secant_numerator, noise, prev_lr, prev_direction_sq, d_sq,
                                                  memory.averages, input_scale=memory.prev_scale, xp=jnp)

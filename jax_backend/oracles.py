@@ -37,9 +37,9 @@ from curvopt import rules
 from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, moved_outside, secant_probe_eps,
                             secant_stall_reference, secant_stalled, watched_norms)
 from curvopt.curvature import finite_difference_curvature
-from curvopt.precision import gradient_compute_eps, within_budgets
+from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
-from .direction import add_scaled, least_precise_eps, norm, vdot
+from .direction import add_scaled, flat, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
 __all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_watch_motion", "gradient_eps", "fd_eps", "fd_step",
@@ -198,15 +198,17 @@ def computation_eps(f: Callable[[Any], Any], params: Any) -> float:
 def gradient_eps(grad: Any) -> Any:
     """The precision the forward pass behind ``grad`` computed in, as the core reads it from the gradient
     (:func:`curvopt.precision.gradient_compute_eps`; a flax module with ``dtype=bfloat16`` over float32
-    parameters leaves bfloat16 values cast up): a traced machine epsilon, 0 when nothing shows a half dtype. One
-    reduction over the concatenated float32/float64 leaves."""
-    wide = [x for x in jax.tree.leaves(grad) if jnp.result_type(x) in (jnp.float32, jnp.float64)]
+    parameters leaves bfloat16 values cast up): a traced machine epsilon, 0 when nothing shows a half dtype. Read from
+    at most :data:`curvopt.precision.SAMPLE_ENTRIES` entries of each float32/float64 leaf, one reduction per run of
+    them (:func:`jax_backend.direction.flat`)."""
+    wide = [jnp.ravel(x)[::sample_stride(jnp.size(x))] for x in jax.tree.leaves(grad)
+            if jnp.result_type(x) in (jnp.float32, jnp.float64)]
     if not wide:
         return jnp.float32(0.0)
-    g = jnp.concatenate([jnp.ravel(x).astype(jnp.float64 if jnp.result_type(x) == jnp.float64 else jnp.float32)
-                         for x in wide])
-    nz = g != 0
-    counts = jnp.stack([nz] + [w & nz for w in within_budgets(g, 1, jnp)]).sum(axis=1, dtype=jnp.int32)
+    counts = 0
+    for g in flat(wide, jnp.float64 if any(jnp.result_type(x) == jnp.float64 for x in wide) else jnp.float32):
+        nz = g != 0
+        counts = counts + jnp.stack([nz] + [w & nz for w in within_budgets(g, 1, jnp)]).sum(axis=1, dtype=jnp.int32)
     return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
 
 

@@ -1,6 +1,6 @@
-"""``python -m benchmarks.large_models``: every configuration steps and trains, the timing is relative to the bare
-step, and the memory of a fresh process is measured above the model (the documented 4 parameter sizes of a CDAT
-step with a closure, not the parent's peak)."""
+"""``python -m benchmarks.large_models`` (PyTorch): every configuration steps and trains, the timing is relative to
+the bare step, and the memory of a fresh process is measured above the model (the documented 4 parameter sizes of
+a CDAT step with a closure, not the parent's peak); ``benchmarks.large_models_jax`` (Optax) likewise."""
 import pytest
 
 from benchmarks import large_models
@@ -26,3 +26,23 @@ def test_memory_of_a_fresh_process():
     fd, peak = large_models.memory("25M", "fd")
     assert 2.5 < bare < 4.5
     assert 3.5 < fd - bare < 5.0 and peak >= fd
+
+
+def test_optax_configurations_train_and_the_figures_are_relative(monkeypatch):
+    """``python -m benchmarks.large_models_jax`` on a tiny MLP: every configuration's step moves the parameters,
+    the times are relative to the bare step, and the memory is read from the compiled step (bare ``optax.adam``
+    keeps two parameter sizes of state, the tuner four; donating the arguments shrinks the footprint)."""
+    import jax
+
+    from benchmarks import large_models_jax
+
+    monkeypatch.setitem(large_models.SIZES, "tiny", (16, 2))
+    for config in large_models_jax.CONFIGS:
+        params, state, step = large_models_jax._problem("tiny", config)
+        new, _ = jax.jit(step)(params, state)
+        assert any(bool((a != b).any()) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params))), config
+    ratios = large_models_jax.step_times("tiny", rounds=2)
+    assert set(ratios) == set(large_models_jax.CONFIGS) and ratios["bare"] == 1.0
+    state, footprint, donated = large_models_jax.memory("tiny", "bare")
+    assert round(state) == 2 and donated < footprint
+    assert round(large_models_jax.memory("tiny", "fd")[0]) == 4

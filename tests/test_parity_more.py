@@ -21,7 +21,9 @@ equivalent, in float64 (lrs and final parameters to relative 1e-6, :func:`test_p
 * closure-free steps (``loss.backward(); opt.step()`` / ``update(g, state, params)``) of CDAT and the greedy rule
   at their defaults;
 * the per-tensor path (``torch_backend.vectors.CONCAT_BELOW``: above it the dot products and the workspace are
-  per parameter, never met by these small models otherwise), forced by lowering the threshold.
+  per parameter, never met by these small models otherwise), forced by lowering the threshold; and Optax's runs
+  (``jax_backend.direction.CONCAT_BELOW``: above it the leaves are concatenated in runs, not into one vector),
+  forced the same way.
 """
 import math
 from typing import Any, NamedTuple
@@ -36,6 +38,8 @@ torch = pytest.importorskip("torch")
 
 import torch_backend as tb  # noqa: E402
 import torch_backend.vectors as tvectors  # noqa: E402
+import jax_backend.direction as jdirection  # noqa: E402
+import test_parity  # noqa: E402
 from curvopt.config import SharpnessConfig  # noqa: E402
 from jax_backend import BaseMethod, cdat, quadratic_greedy, scale_by_mup  # noqa: E402
 from test_parity import (BETA, JAX_BASES, STEPS, TORCH_BASES, TUNERS, X, Y, _torch_model, check,  # noqa: E402
@@ -566,3 +570,37 @@ def test_per_tensor_more_bases_agree(registry, per_tensor, tuner, base):
 @pytest.mark.parametrize("tuner,base", [("greedy", "heavy_ball"), ("cdat", "sgd")])
 def test_per_tensor_closure_free_agrees_more(per_tensor, tuner, base):
     check_closure_free(tuner, base)
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Optax's vector work in runs of at most 35 entries, as on a model of more than ``CONCAT_BELOW`` entries:
+    the model's leaves of 40, 10, 30 and 3 entries in three runs, the first a leaf larger than a run, the last
+    two leaves."""
+    monkeypatch.setattr(jdirection, "CONCAT_BELOW", 35)
+    sizes = [p.numel() for p in _torch_model().parameters()]
+    assert [len(r) for r in jdirection.flat([jnp.zeros(n) for n in sizes], jnp.float32)] == [40, 10, 33], sizes
+
+
+@pytest.mark.parametrize("tuner,base", [("cdat_default", "adam"), ("cdat_default", "adam_groups"),
+                                        ("greedy", "sgd_groups")])
+def test_runs_path_agrees(registry, runs, per_tensor, tuner, base):
+    """Both backends on their large-model paths: the default (momentum) numerator's ``D = M P^-1`` and, behind
+    gradient descent, the direction's unit run by run."""
+    check(tuner, base)
+
+
+def test_runs_paired_numerator_agrees(runs):
+    test_parity.test_cdat_paired_numerator_agrees()
+
+
+@pytest.mark.parametrize("base", ["adam", "adam_groups"])
+def test_runs_closure_free_noise_correction_agrees(registry, runs, base):
+    """Closure-free behind Adam in mini-batch, the noise metric ``A = a M / P`` and the secant's products run by
+    run (a scalar ``a`` against flat group multipliers ``M``)."""
+    check_closure_free("cdat", base, dict(noise_correction=True), batch=8)
+
+
+def test_runs_closure_free_heavy_ball_agrees(runs):
+    """Behind heavy ball: the share of the gradient ``optax.trace`` took in, run by run."""
+    check_closure_free("greedy", "heavy_ball")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from curvopt.precision import gradient_compute_eps, within_budgets
+from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
 from .vectors import global_sum
 
@@ -46,7 +46,8 @@ def computation_eps(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 def gradient_eps(grads: Sequence[torch.Tensor], terms: int = 1) -> float:
     """The precision the forward pass behind ``grads`` computed in, as the core reads it from them
-    (:func:`curvopt.precision.gradient_compute_eps`): a machine epsilon, 0.0 when nothing shows a half dtype.
+    (:func:`curvopt.precision.gradient_compute_eps`, from at most :data:`curvopt.precision.SAMPLE_ENTRIES`
+    entries of each tensor): a machine epsilon, 0.0 when nothing shows a half dtype.
     ``terms``: the number of gradients averaged into ``grads`` (the data-parallel world size), which widens each
     dtype's budget of significant bits (:func:`curvopt.precision.significant_bit_budgets`)."""
     wide = [g for g in grads if g.dtype in (torch.float32, torch.float64) and not g.is_sparse]
@@ -54,6 +55,7 @@ def gradient_eps(grads: Sequence[torch.Tensor], terms: int = 1) -> float:
         return 0.0
 
     def counts_of(g: torch.Tensor) -> torch.Tensor:
+        g = g.reshape(-1)[::sample_stride(g.numel())]
         nonzero = g != 0
         return torch.stack([torch.count_nonzero(nonzero)]
                            + [torch.count_nonzero(w & nonzero) for w in within_budgets(g, terms, torch)])
