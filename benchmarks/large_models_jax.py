@@ -11,7 +11,8 @@ closure-free, each with the default numerator and with ``numerator="direction"``
   share with donated arguments) above bare ``optax.adam``'s, with the parameters and the state passed as they
   are and donated (``jax.jit(step, donate_argnums=(0, 1))``, as large models are trained: the new state is
   written over the old). The temporaries alone mislead: XLA places some of them in the outputs' buffers before
-  the outputs are written.
+  the outputs are written. Also the bytes the compiled step reads and writes per parameter (XLA's cost
+  analysis): the tuner's passes over the parameters, which at this batch outweigh the forward and backward pass.
 * **Time**: the configurations interleaved step by step in one process, median of ``--rounds`` steps after 2
   warm-up steps ÷ the bare step's (wall clock, ``block_until_ready``).
 """
@@ -68,19 +69,24 @@ def _bytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def memory(size: str, config: str) -> tuple[float, float, float]:
+def memory(size: str, config: str) -> tuple[float, float, float, float]:
     """(state, footprint, footprint with the arguments donated) of ``config``'s compiled step at ``size``, in
-    parameter sizes."""
+    parameter sizes, and the bytes the step accesses per parameter."""
     import jax
 
     params, state, step = _problem(size, config)
-    footprints = []
+    footprints, traffic = [], 0.0
     for donate in ((), (0, 1)):
-        m = jax.jit(step, donate_argnums=donate).lower(params, state).compile().memory_analysis()
+        compiled = jax.jit(step, donate_argnums=donate).lower(params, state).compile()
+        m = compiled.memory_analysis()
         footprints.append(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                           - m.alias_size_in_bytes)
+        if not donate:
+            cost = compiled.cost_analysis()
+            traffic = (cost[0] if isinstance(cost, list) else cost).get("bytes accessed", float("nan"))
     size_bytes = _bytes(params)
-    return _bytes(state) / size_bytes, footprints[0] / size_bytes, footprints[1] / size_bytes
+    count = size_bytes / 4  # float32
+    return _bytes(state) / size_bytes, footprints[0] / size_bytes, footprints[1] / size_bytes, traffic / count
 
 
 def step_times(size: str, rounds: int) -> dict[str, float]:
@@ -105,15 +111,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     print("| size | bare: state, footprint / donated | " + " | ".join(f"{c}: state, above bare / donated"
                                                                  for c in CONFIGS[1:]) + " | time ÷ bare: "
-          + ", ".join(CONFIGS[1:]) + " |")
-    print("|---|" + "---|" * (len(CONFIGS) + 1))
+          + ", ".join(CONFIGS[1:]) + " | bytes accessed per parameter: " + ", ".join(CONFIGS) + " |")
+    print("|---|" + "---|" * (len(CONFIGS) + 2))
     for size in args.sizes.split(","):
         mem = [memory(size, c) for c in CONFIGS]
-        (_, bare, bare_donated), rest = mem[0], mem[1:]
+        (_, bare, bare_donated, _), rest = mem[0], mem[1:]
         ratios = None if args.no_time else step_times(size, args.rounds)
         print(f"| {size} | {mem[0][0]:.2f}, {bare:.2f} / {bare_donated:.2f} | "
-              + " | ".join(f"{s:.2f}, {t - bare:.2f} / {d - bare_donated:.2f}" for s, t, d in rest) + " | "
-              + ("-" if ratios is None else ", ".join(f"{ratios[c]:.2f}" for c in CONFIGS[1:])) + " |", flush=True)
+              + " | ".join(f"{s:.2f}, {t - bare:.2f} / {d - bare_donated:.2f}" for s, t, d, _ in rest) + " | "
+              + ("-" if ratios is None else ", ".join(f"{ratios[c]:.2f}" for c in CONFIGS[1:])) + " | "
+              + ", ".join(f"{m[3]:.0f}" for m in mem) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,6 @@ def test_optax_configurations_train_and_the_figures_are_relative(monkeypatch):
         assert any(bool((a != b).any()) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params))), config
     ratios = large_models_jax.step_times("tiny", rounds=2)
     assert set(ratios) == set(large_models_jax.CONFIGS) and ratios["bare"] == 1.0
-    state, footprint, donated = large_models_jax.memory("tiny", "bare")
-    assert round(state) == 2 and donated < footprint
+    state, footprint, donated, traffic = large_models_jax.memory("tiny", "bare")
+    assert round(state) == 2 and donated < footprint and traffic > 0
     assert round(large_models_jax.memory("tiny", "fd")[0]) == 4
