@@ -251,7 +251,7 @@ _CONSTANT_NORM_LOSS = ("Without any clip, a loss whose gradient has the same nor
 EXTERNAL_CLIP_MESSAGE = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip outside the tuner "
-    "(torch.nn.utils.clip_grad_norm_ or clip_grad_value_ before opt.step(), Hugging Face's max_grad_norm, "
+    "(torch.nn.utils.clip_grad_norm_ before opt.step(), Hugging Face's max_grad_norm, "
     "Lightning's gradient_clip_val). It changes each step's gradient by a factor of its own, and the secant "
     "curvature, the difference of consecutive gradients, is then wrong (measured on a quadratic: the greedy rate "
     "1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's max_grad_norm= instead, which divides its "
