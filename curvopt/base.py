@@ -91,15 +91,17 @@ def as_base_method(value: "BaseMethod | str | None") -> BaseMethod:
     raise ValueError(f"base_method must be None, one of {METHODS} or a BaseMethod, got {value!r}")
 
 
-def direction_unit(method: "BaseMethod | None", seen: Any, xp: Any, fits: Any = True) -> Any:
+def direction_unit(method: "BaseMethod | None", seen: Any, xp: Any, fits: Any = True, rate: Any = 1.0) -> Any:
     """The scale of the base's direction that CDAT's averages follow from step to step
     (:attr:`curvopt.rules.RuleInputs.unit`): behind gradient descent ``seen``, the share of the gradient the base
     took in (in PyTorch the largest group lr, a scheduler's factor, times ``max_grad_norm``'s factor; in Optax
     :func:`curvopt.curvature.gradient_scale` of the incoming direction: a clip's factor times the base's own scale,
     schedule included), where ``fits`` (the direction is that share of the
     gradient plus a multiple of the parameters; else NaN, not known: a momentum base declared as gradient descent);
-    1 behind any other base, whose direction is not a rescaled gradient (momentum carries earlier steps' factors,
-    Adam's normalisation cancels a lasting one).
+    ``rate`` behind any other base, whose direction is not a rescaled gradient (momentum carries earlier steps'
+    factors, Adam's normalisation cancels a lasting one) but is linear in the rate the base steps at (PyTorch's
+    momentum and Adam multiply their step by the current lr): PyTorch's largest group lr in the units the rule
+    state's ``unit`` already holds, so that a scheduler's factor cancels at once there too; 1 in Optax.
 
     Why: CDAT's averages weigh steps in their direction's units. A global clip that binds on some steps and not on
     others changes those units from step to step; the rate, a ratio of averages in the old units applied to the new
@@ -108,5 +110,5 @@ def direction_unit(method: "BaseMethod | None", seen: Any, xp: Any, fits: Any = 
     seeds 0-2, ``max_grad_norm=1.0``) the final train loss was 5e4-1.8e6 against 0.65 / 1.56 / 0.71 unclipped; with
     the averages carried the clipped run is the unclipped one (0.72 / 1.56 / 0.71), in both backends."""
     if method is None or not method.rescaled_gradient:
-        return 1.0
+        return rate
     return xp.where(fits, seen, float("nan"))

@@ -198,8 +198,9 @@ def gradient_fit(seen_sq: Any, seen_dot_grad: Any, seen_dot_params: Any, grad_do
 
 
 def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr: Any, prev_u_sq: Any, u_sq: Any,
-                           state: SecantNoiseState, *, input_scale: Any = 1.0, ema: Any = SECANT_NOISE_EMA,
-                           floor: Any = SECANT_NOISE_FLOOR, xp: Any) -> tuple[Any, SecantNoiseState]:
+                           state: SecantNoiseState, *, input_scale: Any = 1.0, rate: Any = 1.0,
+                           ema: Any = SECANT_NOISE_EMA, floor: Any = SECANT_NOISE_FLOOR, xp: Any
+                           ) -> tuple[Any, SecantNoiseState]:
     """The secant curvature along ``u_t`` with the mini-batch noise bias removed: ``(curvature, state)``.
 
     ``secant_numerator = (g_t - g_{t-1})^T u_{t-1}`` and ``noise_numerator`` (:func:`secant_noise_numerator` of
@@ -217,9 +218,15 @@ def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr:
     floor, 0 without a loss: :class:`curvopt.rules.CDATRule`). The quotient is rescaled by ``u_sq = ||u_t||^2`` like
     :func:`curvopt.rules.secant_curvature`. With no secant (``prev_lr = 0`` or ``prev_u_sq = 0``) or a
     non-finite input: NaN, state unchanged. ``ema = 0`` and no noise give :func:`curvopt.rules.secant_curvature`.
+
+    ``rate``: the rate ``u_{t-1}`` was taken at (PyTorch's largest group lr; 1 in Optax). The three terms are each
+    linear in it (``A`` holds it, the tuner's ``prev_lr`` its inverse) and are averaged divided by it, so that a
+    scheduler's factor cancels in the quotient as it does in the rule (:meth:`curvopt.rules.CDATRule.carry`); with
+    the terms in their own units a warm restart's jump weighed the averages 40x for a few steps.
     """
-    scale = prev_lr * prev_u_sq
-    noise_numerator = noise_numerator * input_scale
+    scale = prev_lr * prev_u_sq / rate
+    secant_numerator = secant_numerator / rate
+    noise_numerator = noise_numerator * input_scale / rate
     ok = (scale > 0) & xp.isfinite(secant_numerator) & xp.isfinite(noise_numerator) & xp.isfinite(scale)
     zero = 0.0 * scale
     num_avg = ema * state.secant_numerator_avg + (1 - ema) * xp.where(ok, secant_numerator, zero)

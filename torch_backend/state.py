@@ -56,8 +56,8 @@ from curvopt.minibatch_watch import MinibatchWatch
 from curvopt.rules import ADDED_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
-           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_PROBE", "REPLAY_SCALE", "WATCH", "META_TUNER",
-           "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
+           "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_GROUP_LR", "LAST_PROBE", "REPLAY_SCALE", "WATCH",
+           "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -70,6 +70,9 @@ DIRECTIONS = "curvopt_directions"
 PREV_GRAD = "curvopt_prev_grad"
 #: the share of the previous step's gradient its base saw (the tuner's clip factor; global)
 PREV_GRAD_SCALE = "curvopt_prev_grad_scale"
+#: the largest group lr of the last step taken (global): the rate the secant's direction was taken at,
+#: and the reference a scheduler's change of the group lr is measured from (curvopt.base.direction_unit)
+LAST_GROUP_LR = "curvopt_last_group_lr"
 #: the closure-free probing step's rate, until the rule moves (curvopt.config.concave_reprobe; global)
 LAST_PROBE = "curvopt_secant_last_probe"
 #: ``numerator="paired"``: the previous batch's gradient predicted at the current point, and whether it is kept

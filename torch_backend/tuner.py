@@ -754,9 +754,12 @@ class CurvatureTuner(torch.optim.Optimizer):
                     st.prev_u_sq = prev[2]
                     if noise_v is not None:  # mini-batch: the secant's noise bias removed (curvopt.curvature)
                         seen = glob.get(layout.PREV_GRAD_SCALE)
+                        last = self._last_group_lr(glob, st, S)
+                        # A was read at this step's group lr; u_{t-1}'s noise went through the last step's
+                        noise_v = noise_v * S(last / st.group_lr) if st.group_lr > 0 else noise_v
                         st.secant_c, st.noise_state = secant_noise_corrected(
                             g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], st.u_sq, self._noise_state(glob, S),
-                            input_scale=S(1.0) if seen is None else self._host(seen, S), xp=S)
+                            input_scale=S(1.0) if seen is None else self._host(seen, S), rate=S(last), xp=S)
                     else:
                         st.secant_c = secant_curvature(g_dot_prev_u, prev[0], prev[1], prev[2], st.u_sq, xp=S)
             st.has_secant = bool(S.isfinite(st.secant_c))
@@ -845,11 +848,15 @@ class CurvatureTuner(torch.optim.Optimizer):
         nan = S(math.nan)
         reference = st.sharpness["preconditioned" if self.preconditioned else "plain"]
         # the direction's unit, which CDAT's averages follow: behind SGD the group rate (a scheduler's factor) times
-        # the clip's factor
-        unit = direction_unit(st.method, S(st.group_lr) if st.clip_v is None else S(st.group_lr) * st.clip_v, S)
+        # the clip's factor; behind other bases the state's unit times the group rate's change since the last step
+        # (none known after a zero rate, or after loading a state saved without it)
+        rule_state = self._rule_state(glob, S)
+        held, last = getattr(rule_state, "unit", 0.0), self._last_group_lr(glob, st, S)
+        change = st.group_lr / last if st.group_lr > 0 else 1.0
+        unit = direction_unit(st.method, S(st.group_lr) if st.clip_v is None else S(st.group_lr) * st.clip_v, S,
+                              rate=S((held if held > 0 else 1.0) * change))
         inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
                             unit)
-        rule_state = self._rule_state(glob, S)
         with S.errstate():
             if isinstance(rule, ArmijoRule):
                 probe = self._probe(st)
@@ -913,13 +920,14 @@ class CurvatureTuner(torch.optim.Optimizer):
                 values += list(noise_state)
             if seen_kept:
                 values.append(st.clip_v)
+        values.append(st.group_lr)
         acc = self.acc_dtype
         store = self._store
         store_key = (type(st.new_rule_state), watch is not None, remember, noise_state is not None, seen_kept, acc,
                      dev)
         if store is None or store.key != store_key:
             store = self._store = ScalarStore(store_key, len(values), acc, dev)
-        tensors = store.write(values)
+        *tensors, group_lr_t = store.write(values)
         lr_t = tensors[0]
         if st.flat is not None:
             move_flat(params, *st.flat, lr_t)
@@ -947,6 +955,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if st.paired:
             glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
         glob[layout.STEP] = st.count + 1
+        glob[layout.LAST_GROUP_LR] = group_lr_t
         if st.probing:  # the last probe, until the rule moves (concave_reprobe)
             glob[layout.LAST_PROBE] = torch.tensor(float(lr), dtype=acc, device=dev)
         elif lr > 0:
@@ -1054,6 +1063,12 @@ class CurvatureTuner(torch.optim.Optimizer):
         if clip is not None:
             torch._foreach_div_(out, clip)
         return out
+
+    def _last_group_lr(self, glob: dict, st: _Step, S: ScalarNamespace) -> Any:
+        """The largest group lr the last step took (this step's where none is known or it was 0; 1 if both are)."""
+        saved = glob.get(layout.LAST_GROUP_LR)
+        last = 0.0 if saved is None else float(self._host(saved, S))
+        return last if last > 0 else (st.group_lr if st.group_lr > 0 else 1.0)
 
     def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
         return self._saved(glob, [layout.rule_key(f) for f in SecantNoiseState._fields], SecantNoiseState,
