@@ -222,7 +222,8 @@ def secant_noise_corrected(secant_numerator: Any, noise_numerator: Any, prev_lr:
     ``rate``: the rate ``u_{t-1}`` was taken at (PyTorch's largest group lr; 1 in Optax). The three terms are each
     linear in it (``A`` holds it, the tuner's ``prev_lr`` its inverse) and are averaged divided by it, so that a
     scheduler's factor cancels in the quotient as it does in the rule (:meth:`curvopt.rules.CDATRule.carry`); with
-    the terms in their own units a warm restart's jump weighed the averages 40x for a few steps.
+    the terms in their own units, the rates of a run with warm restarts every 5 steps drifted from the unscheduled
+    run's, 2e-3 relative by step 40 (tests/test_torch_dropin.py).
     """
     scale = prev_lr * prev_u_sq / rate
     secant_numerator = secant_numerator / rate
