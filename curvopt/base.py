@@ -21,7 +21,7 @@ from typing import Any
 from .thresholds import METHODS, stability_coefficient
 from .validation import check_choice, check_in_unit_interval, check_nonnegative
 
-__all__ = ["BaseMethod", "as_base_method", "direction_unit"]
+__all__ = ["BaseMethod", "as_base_method", "direction_unit", "followed_rate"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +112,12 @@ def direction_unit(method: "BaseMethod | None", seen: Any, xp: Any, fits: Any = 
     if method is None or not method.rescaled_gradient:
         return rate
     return xp.where(fits, seen, float("nan"))
+
+
+def followed_rate(held: Any, current: float, last: float) -> Any:
+    """:func:`direction_unit`'s ``rate`` for a base whose step is linear in the rate it steps at: ``held``, the
+    rule state's unit (1 while none is known), times the rate's change since the last step, ``current / last``
+    (1 where either is not positive: after a zero rate, or with no last rate, as in a state saved before it was
+    kept, which is then not rescaled)."""
+    change = current / last if current > 0 and last > 0 else 1.0
+    return (held if held > 0 else 1.0) * change

@@ -774,6 +774,16 @@ def test_direction_unit_and_gradient_fit():
     assert direction_unit(BaseMethod.adam(), 0.3, np) == 1.0
     assert direction_unit(BaseMethod.heavy_ball(0.9), 0.3, np) == 1.0
     assert direction_unit(None, 0.3, np) == 1.0
+    assert direction_unit(BaseMethod.adam(), 0.3, np, rate=0.25) == 0.25  # the rate it steps at
+
+
+def test_followed_rate():
+    """``curvopt.base.followed_rate``: the held unit times the rate's change, 1 where nothing is held yet, and no
+    change where either rate is not positive (a zero rate, no last rate)."""
+    from curvopt.base import followed_rate
+    assert followed_rate(2.0, 0.5, 0.25) == 4.0
+    assert followed_rate(0.0, 0.5, 0.25) == 2.0
+    assert followed_rate(2.0, 0.5, 0.0) == 2.0 and followed_rate(2.0, 0.0, 0.5) == 2.0
 
 
 def test_moved_outside_allows_only_the_stated_roundings():

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvopt.base import BaseMethod, direction_unit
+from curvopt.base import BaseMethod, direction_unit, followed_rate
 from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mismatch, replay_mismatch_in_place,
                                replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
@@ -848,13 +848,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         nan = S(math.nan)
         reference = st.sharpness["preconditioned" if self.preconditioned else "plain"]
         # the direction's unit, which CDAT's averages follow: behind SGD the group rate (a scheduler's factor) times
-        # the clip's factor; behind other bases the state's unit times the group rate's change since the last step
-        # (none known after a zero rate, or after loading a state saved without it)
+        # the clip's factor; behind other bases the group rate followed from the last step (curvopt.base)
         rule_state = self._rule_state(glob, S)
-        held, last = getattr(rule_state, "unit", 0.0), self._last_group_lr(glob, st, S)
-        change = st.group_lr / last if st.group_lr > 0 else 1.0
+        rate = followed_rate(getattr(rule_state, "unit", 0.0), st.group_lr, self._saved_group_lr(glob, S))
         unit = direction_unit(st.method, S(st.group_lr) if st.clip_v is None else S(st.group_lr) * st.clip_v, S,
-                              rate=S((held if held > 0 else 1.0) * change))
+                              rate=S(rate))
         inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
                             unit)
         with S.errstate():
@@ -1064,10 +1062,14 @@ class CurvatureTuner(torch.optim.Optimizer):
             torch._foreach_div_(out, clip)
         return out
 
-    def _last_group_lr(self, glob: dict, st: _Step, S: ScalarNamespace) -> Any:
-        """The largest group lr the last step took (this step's where none is known or it was 0; 1 if both are)."""
+    def _saved_group_lr(self, glob: dict, S: ScalarNamespace) -> float:
+        """The largest group lr the last step took, 0 where none is kept (a new run, an older state)."""
         saved = glob.get(layout.LAST_GROUP_LR)
-        last = 0.0 if saved is None else float(self._host(saved, S))
+        return 0.0 if saved is None else float(self._host(saved, S))
+
+    def _last_group_lr(self, glob: dict, st: _Step, S: ScalarNamespace) -> float:
+        """The largest group lr the last step took (this step's where none is known or it was 0; 1 if both are)."""
+        last = self._saved_group_lr(glob, S)
         return last if last > 0 else (st.group_lr if st.group_lr > 0 else 1.0)
 
     def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
