@@ -103,7 +103,9 @@ class ScalarStore:
     step runs (a step that raises keeps them). On the CPU a write goes through a NumPy array sharing the
     tensor's memory (no torch operation), elsewhere it is one host-to-device copy. ``key`` names the layout
     (which scalar each position holds); a step whose layout differs makes a new store. The values written
-    are kept on the host (:meth:`host`)."""
+    are kept on the host (:meth:`host`) as the tensors hold them: a value of another precision (a group lr as a
+    Python float) reads back rounded to the store's dtype, as it does from a loaded state, so a resumed run
+    continues bit for bit."""
 
     def __init__(self, key: Any, n: int, dtype: torch.dtype, device: torch.device) -> None:
         self.key = key
@@ -129,11 +131,13 @@ class ScalarStore:
         k = self._next
         self._next = 1 - k
         flat = self._flats[k]
-        if self._arrays[k] is not None:
-            self._arrays[k][:] = values
+        array = self._arrays[k]
+        if array is not None:
+            array[:] = values
         else:
-            flat.copy_(torch.tensor([float(v) for v in values], dtype=flat.dtype))
-        self._values[k] = values
+            array = np.array([float(v) for v in values], dtype=_NUMPY[flat.dtype])
+            flat.copy_(torch.from_numpy(array))
+        self._values[k] = tuple(array)  # as stored (rounded to the dtype), as a state loaded later reads them
         self._versions[k] = flat._version
         return self._views[k]
 

@@ -756,7 +756,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                         seen = glob.get(layout.PREV_GRAD_SCALE)
                         last = self._last_group_lr(glob, st, S)
                         # A was read at this step's group lr; u_{t-1}'s noise went through the last step's
-                        noise_v = noise_v * S(last / st.group_lr) if st.group_lr > 0 else noise_v
+                        noise_v = noise_v * (last / S(st.group_lr)) if st.group_lr > 0 else noise_v
                         st.secant_c, st.noise_state = secant_noise_corrected(
                             g_dot_prev_u - prev[0], noise_v, prev[1], prev[2], st.u_sq, self._noise_state(glob, S),
                             input_scale=S(1.0) if seen is None else self._host(seen, S), rate=S(last), xp=S)
@@ -850,7 +850,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         # the direction's unit, which CDAT's averages follow: behind SGD the group rate (a scheduler's factor) times
         # the clip's factor; behind other bases the group rate followed from the last step (curvopt.base)
         rule_state = self._rule_state(glob, S)
-        rate = followed_rate(getattr(rule_state, "unit", 0.0), st.group_lr, self._saved_group_lr(glob, S))
+        rate = followed_rate(getattr(rule_state, "unit", 0.0), S(st.group_lr), self._saved_group_lr(glob, S))
         unit = direction_unit(st.method, S(st.group_lr) if st.clip_v is None else S(st.group_lr) * st.clip_v, S,
                               rate=S(rate))
         inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
@@ -1062,15 +1062,18 @@ class CurvatureTuner(torch.optim.Optimizer):
             torch._foreach_div_(out, clip)
         return out
 
-    def _saved_group_lr(self, glob: dict, S: ScalarNamespace) -> float:
-        """The largest group lr the last step took, 0 where none is kept (a new run, an older state)."""
+    def _saved_group_lr(self, glob: dict, S: ScalarNamespace) -> Any:
+        """The largest group lr the last step took, 0 where none is kept (a new run, an older state), in the
+        accumulator dtype it is kept in: compare it with ``S(group_lr)``, so that an unchanged rate (0.001 as a
+        Python float, its float32 rounding as kept) gives the ratio 1 exactly."""
         saved = glob.get(layout.LAST_GROUP_LR)
-        return 0.0 if saved is None else float(self._host(saved, S))
+        return S(0.0) if saved is None else S(self._host(saved, S))
 
-    def _last_group_lr(self, glob: dict, st: _Step, S: ScalarNamespace) -> float:
-        """The largest group lr the last step took (this step's where none is known or it was 0; 1 if both are)."""
+    def _last_group_lr(self, glob: dict, st: _Step, S: ScalarNamespace) -> Any:
+        """The largest group lr the last step took (this step's where none is known or it was 0; 1 if both are),
+        in the accumulator dtype."""
         last = self._saved_group_lr(glob, S)
-        return last if last > 0 else (st.group_lr if st.group_lr > 0 else 1.0)
+        return last if last > 0 else S(st.group_lr if st.group_lr > 0 else 1.0)
 
     def _noise_state(self, glob: dict, S: ScalarNamespace) -> SecantNoiseState:
         return self._saved(glob, [layout.rule_key(f) for f in SecantNoiseState._fields], SecantNoiseState,
