@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["fn_kwargs", "bind", "scalar_loss", "require_value_fn", "value_and_grad_at"]
+__all__ = ["fn_kwargs", "bind", "scalar_loss", "require_value_fn", "value_and_grad_at", "check_fits_params"]
 
 
 def fn_kwargs(value_fn: Callable[..., Any] | None, extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -103,3 +103,26 @@ def value_and_grad_at(params: Any, value: Any, grad: Any, f: Callable[[Any], Any
     elif value is None and need_value:
         value = require_value_fn(f, tuner, "the loss value (value was not given)")(params)
     return (None if value is None else scalar_loss(value)), grad
+
+
+def check_fits_params(params: Any, grad: Any, f: Callable[[Any], Any] | None, tuner: str) -> None:
+    """At trace time: a ``ValueError`` when ``grad`` does not have the structure of ``params``, or when the
+    parameters are one vector (as ``optax.flatten`` around the tuner hands them over: it ravels the updates and
+    the parameters but passes ``grad=`` and ``value_fn=`` through as they are) and ``f`` cannot take them (an
+    abstract evaluation, no computation). A tree of several leaves is not evaluated here: its ``value_fn``
+    fails, if at all, with its own error."""
+    leaves = jax.tree.leaves(params)
+    flat = len(leaves) == 1 and jnp.ndim(leaves[0]) == 1
+    hint = (" optax.flatten around a tuner ravels the updates and the parameters into one vector but passes "
+            "grad= and value_fn= through unraveled; the tuners concatenate the leaves themselves, so leave "
+            "optax.flatten out (or ravel grad and value_fn's argument yourself: jax.flatten_util.ravel_pytree)."
+            if flat else "")
+    if grad is not None and jax.tree.structure(grad) != jax.tree.structure(params):
+        raise ValueError(f"{tuner}: grad= must have the structure of params: got {jax.tree.structure(grad)} for "
+                         f"{jax.tree.structure(params)}.{hint}")
+    if flat and f is not None:
+        try:
+            jax.eval_shape(f, params)
+        except Exception as e:  # the user's function on the wrong argument: say why, the error chained below
+            raise ValueError(f"{tuner}: value_fn cannot take the parameters the tuner was handed, one vector of "
+                             f"{leaves[0].shape[0]} entries ({type(e).__name__}: {e}).{hint}") from e

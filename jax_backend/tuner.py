@@ -32,7 +32,7 @@ from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
-from .loss import bind, value_and_grad_at
+from .loss import bind, check_fits_params, value_and_grad_at
 from .noise import find_trace_state
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 from .warning import warn
@@ -73,6 +73,7 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
              "which assumes the other parts do not move between steps (a frozen part); another optimizer "
              "on the other part changes this part's gradients and the secant reads that as curvature")
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
+    check_fits_params(params, like_params(grad, params), f, tuner)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation
     value, grad = value_and_grad_at(params, value, like_params(grad, params), f,
                                     need_value=need_value or (want_value and f is not None), tuner=tuner)

@@ -408,6 +408,35 @@ def test_masked_and_multi_transform():
         part.update(jax.grad(quad)(_p0()), part.init(_p0()), _p0(), value=quad(_p0()), grad=jax.grad(quad)(_p0()))
 
 
+def test_optax_flatten_around_a_tuner_says_what_to_do():
+    """optax.flatten ravels the updates and params it hands the tuner but passes grad= and value_fn= through as
+    they are: a clear error (it was JAX's "does not support string indexing" from inside a probe), and the
+    closure-free tuner, which needs neither, takes the flat vector and the rates of the unflattened chain."""
+    p = _p0()
+    v, g = jax.value_and_grad(quad)(p)
+    for extra, what in ((dict(value=v, value_fn=quad), "value_fn cannot take"), (dict(grad=g), "grad= must")):
+        opt = optax.flatten(quadratic_greedy(optax.identity()))
+        with pytest.raises(ValueError, match=what) as e:
+            jax.jit(lambda s, extra=extra: opt.update(g, s, p, **extra))(opt.init(p))
+        assert "leave optax.flatten out" in str(e.value)
+    lrs = []
+    for opt in (optax.flatten(cdat(optax.scale_by_adam(), base_method="adam")),
+                cdat(optax.scale_by_adam(), base_method="adam")):
+        q, s = p, opt.init(p)
+        for _ in range(4):
+            up, s = jax.jit(opt.update)(jax.grad(quad)(q), s, q)
+            q = optax.apply_updates(q, up)
+        lrs.append(float(stats(s)["lr"]))
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-5) and lrs[0] > 0
+    # a model whose parameters are one vector keeps its value_fn
+    one = jnp.arange(1.0, 4.0)
+    opt = quadratic_greedy(optax.identity())
+    f = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 4.0) * w ** 2)  # noqa: E731
+    gw = jax.grad(f)(one)
+    _, s = opt.update(gw, opt.init(one), one, value=f(one), value_fn=f)
+    assert float(stats(s)["lr"]) == pytest.approx(float(gw @ gw / (gw @ (jnp.arange(1.0, 4.0) * gw))), rel=1e-3)
+
+
 def test_inject_hyperparams_jitted_init_and_conveniences():
     """The state's structure does not depend on whether init is jitted; the conveniences can be wrapped."""
     p = _p0()
