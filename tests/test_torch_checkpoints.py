@@ -500,3 +500,88 @@ def test_a_state_saved_before_the_unit_continues_as_the_uninterrupted_run():
         opt2.step(closure_of(model2, opt2, x, y))
         resumed.append(float(opt2.stats["lr"]))
     assert resumed == pytest.approx(rates, rel=1e-12)
+
+
+def _dcp_problem(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 16, generator=g, dtype=dtype), torch.randint(0, 4, (128,), generator=g)
+
+    def make(tuner=CDAT):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
+        return model, tuner(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01))
+
+    def step(model, opt, closure_free=True):
+        if closure_free:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        else:
+            def closure():
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return float(opt.stats["lr"])
+    return make, step
+
+
+def test_torch_distributed_checkpoint_state_initialisation_is_a_no_op_that_says_why(tmp_path):
+    """torch.distributed.checkpoint creates an optimizer's state by stepping it once with zero gradients at lr 0
+    (_init_optim_state, before get_/set_optimizer_state_dict). Before, CDAT skipped that step with a misleading
+    zero-gradient warning (its template then held one stray key, and dcp.load with strict=False silently restarted
+    the tuner), and PolyakStep, ArmijoLineSearch and EdgeOfStability raised "needs a closure", so
+    set_optimizer_state_dict failed. Now the call does nothing and warns what a template taken then lacks; a saved
+    state loads through set_optimizer_state_dict into every tuner; dcp.save / dcp.load into a template taken after
+    two steps resumes bit for bit."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict, get_state_dict,
+                                                         set_optimizer_state_dict, set_state_dict)
+    make, step = _dcp_problem()
+    model, opt = make()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="torch.distributed.checkpoint does to create"):
+        assert get_optimizer_state_dict(model, opt)["state"] == {}
+    assert not opt.state and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    for tuner in (PolyakStep, ArmijoLineSearch, EdgeOfStability):  # these need a closure: they raised here
+        model, opt = make(tuner)
+        step(model, opt, closure_free=False)
+        saved = get_optimizer_state_dict(model, opt)
+        model2, opt2 = make(tuner)
+        model2.load_state_dict(model.state_dict())
+        with pytest.warns(RuntimeWarning, match="torch.distributed.checkpoint"):
+            set_optimizer_state_dict(model2, opt2, saved)
+        assert step(model2, opt2, closure_free=False) == step(model, opt, closure_free=False)
+    # the documented way with dcp.load: the template after two steps, which the load overwrites
+    model, opt = make()
+    expected = [step(model, opt) for _ in range(12)]
+    model, opt = make()
+    for _ in range(6):
+        step(model, opt)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt"))
+    model2, opt2 = make()
+    for _ in range(2):
+        step(model2, opt2)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    loaded = {"model": msd2, "optim": osd2}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "ckpt"))
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    assert [step(model2, opt2) for _ in range(6)] == expected[6:]
+
+
+def test_a_state_dict_flattened_by_torch_distributed_checkpoint_is_refused_saying_so():
+    pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    make, step = _dcp_problem()
+    model, opt = make()
+    step(model, opt)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    _, flat = get_state_dict(model, opt, options=options)
+    model2, opt2 = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the state-initialisation call's
+        with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True"):
+            set_state_dict(model2, opt2, model_state_dict=model.state_dict(), optim_state_dict=flat, options=options)
+    assert not any(opt2.state.values())

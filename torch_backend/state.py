@@ -57,7 +57,8 @@ from curvopt.rules import ADDED_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
            "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_GROUP_LR", "LAST_PROBE", "REPLAY_SCALE", "WATCH",
-           "META_TUNER", "META_BASE", "rule_key", "is_ours", "without_ours", "prepare"]
+           "META_TUNER", "META_BASE", "TEMPLATE_MESSAGE", "rule_key", "is_ours", "without_ours", "is_template_call",
+           "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -85,6 +86,28 @@ META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"
 PER_PARAM = (W0, U, PREV_GRAD, PREDICTED_GRAD, *EIGVEC.values())
 #: base-state keys whose tensors have the parameter's shape (checked on load)
 _BASE_PER_PARAM = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+#: what a step called to build a state template does (:func:`is_template_call`), and why
+TEMPLATE_MESSAGE = (
+    "{tuner}.step() was called before the first step with every gradient zero and every group lr 0, as "
+    "torch.distributed.checkpoint does to create an optimizer's state (get_state_dict, get_optimizer_state_dict, "
+    "set_optimizer_state_dict): nothing was done. A state dict loaded next (set_optimizer_state_dict with the "
+    "unflattened dict, load_state_dict) is unaffected. But a template taken now for dcp.load holds none of the "
+    "tuner's state, which its steps create, so dcp.load restores nothing of the tuner into it (with "
+    "StateDictOptions(strict=False) the tuner silently starts over): take the template after the tuner's first two "
+    "steps (the load overwrites them), or save and load opt.state_dict() as it is.")
+
+
+def is_template_call(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> bool:
+    """Whether a closure-free step looks like ``torch.distributed.checkpoint``'s ``_init_optim_state``, which
+    steps an optimizer that has no state yet once with zero gradients at lr 0 to make its state's keys: no state
+    (empty entries, which reading a ``defaultdict`` makes, count as none), every group's lr 0, and every gradient
+    present and zero (read only when the first two hold)."""
+    if any(optimizer.state.values()) or any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
+        return False
+    grads = [p.grad for p in params if p.requires_grad]
+    return bool(grads) and all(g is not None and not bool(g.any()) for g in grads)
 
 
 def rule_key(field: str) -> str:
@@ -133,7 +156,10 @@ def prepare(state_dict: Any, *, tuner: str, base: str, params: Sequence[Tensor],
     kind = groups[0].get(META_TUNER)
     if kind is None:
         raise ValueError("not a curvopt tuner state dict (param_groups[0] does not name a tuner): a bare "
-                         "torch.optim state dict goes to opt.base.load_state_dict")
+                         "torch.optim state dict goes to opt.base.load_state_dict. (A tuner's state dict loses its "
+                         "names, and its state, on the way through torch.distributed.checkpoint's "
+                         "flatten_optimizer_state_dict=True, which keeps only the keys the live optimizer has: save "
+                         "and load opt.state_dict() unflattened.)")
     if kind != tuner:
         raise ValueError(f"this state dict belongs to a {kind} tuner, not to a {tuner}: load it into a {kind}")
     saved_base = groups[0].get(META_BASE)

@@ -473,6 +473,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__}.step() was called under torch.inference_mode(), where "
                                "parameters cannot be updated in place for training; step outside it")
         if closure is None:
+            if layout.is_template_call(self, self._all_params()):
+                warn(layout.TEMPLATE_MESSAGE.format(tuner=type(self).__name__))
+                return None
             self._require_probe_free(has_closure=False, error=TypeError)
         for group in self.param_groups:  # refused at construction, but a group can be edited since
             check_group(group, type(self).__name__)
