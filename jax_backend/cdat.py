@@ -24,7 +24,7 @@ from .oracles import SecantMemory, curvature as curvature_of, secant_init, secan
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
-                    sharpness_of, skip, stats_init)
+                    sharpness_of, skip, stats_init, transform)
 from .warning import warn
 
 __all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "PairedMemory", "scale_by_cdat",
@@ -356,7 +356,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             ok = ok & has_gradient(abs_max(p.grad, dtype))
         return select(ok, taken(), skip(updates, state), leafwise_updates=closure_free)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return transform(init, update)
 
 
 cdat = convenience(scale_by_cdat, "cdat")

@@ -17,7 +17,7 @@ from .direction import accumulator_dtype
 from .settings import make, sharpness_enabled, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, select,
-                    sharpness_of, skip, stats_init)
+                    sharpness_of, skip, stats_init, transform)
 
 __all__ = ["ScaleByEdgeOfStabilityState", "scale_by_edge_of_stability", "edge_of_stability"]
 
@@ -116,7 +116,7 @@ def scale_by_edge_of_stability(
 
         return select(p.finite, taken(), skip(updates, state))
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return transform(init, update)
 
 
 edge_of_stability = convenience(scale_by_edge_of_stability, "edge_of_stability")

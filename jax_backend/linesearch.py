@@ -27,7 +27,7 @@ from .loss import require_value_fn
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, sharpness_of, skip,
-                    stats_init)
+                    stats_init, transform)
 
 __all__ = ["ScaleByArmijoState", "scale_by_armijo", "armijo"]
 
@@ -135,7 +135,7 @@ def scale_by_armijo(
         # evaluations of the line search.
         return jax.lax.cond(p.finite, taken, lambda: skip(updates, state))
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return transform(init, update)
 
 
 armijo = convenience(scale_by_armijo, "armijo")

@@ -14,7 +14,7 @@ from .direction import accumulator_dtype
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, select, sharpness_of,
-                    skip, stats_init)
+                    skip, stats_init, transform)
 from .warning import warn
 
 __all__ = ["ScaleByPolyakState", "scale_by_polyak", "polyak"]
@@ -97,7 +97,7 @@ def scale_by_polyak(
 
         return select(p.finite, taken(), skip(updates, state))
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return transform(init, update)
 
 
 polyak = convenience(scale_by_polyak, "polyak")

@@ -38,7 +38,7 @@ from .sharpness import EigenMemory, find_adam_state, online_sharpness, precondit
 from .warning import warn
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
-           "select", "pick", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
+           "select", "pick", "transform", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
 
 
 class Prepared(NamedTuple):
@@ -266,6 +266,25 @@ def select(pred: Any, taken: tuple[Any, Any], skipped: tuple[Any, Any], *, leafw
         updates = jax.tree.map(lambda a, b: jnp.where(pred, a, b), taken[0], skipped[0])
         return updates, pick(pred, taken[1], skipped[1])
     return pick(pred, taken, skipped)
+
+
+def transform(init: Callable[[Any], Any], update: Callable[..., tuple[Any, Any]]
+              ) -> optax.GradientTransformationExtraArgs:
+    """A tuner's transformation, whose ``update`` first makes the incoming state's flags bool again where
+    ``init`` makes them bool (an abstract evaluation of ``init``, no computation; a cast only where a dtype
+    differs). Wrappers that blend a reset state in arithmetically, ``(1 - s) * state + s * init``
+    (``optax.lookahead(reset_state=True)``, ``optax.contrib.sam``), turn the state's bool leaves into int32, and
+    the update's skip (:func:`pick`, a ``lax.cond`` between the new state and the old) needs both of one type.
+    Other dtypes are left as they come (a state made before ``jax_enable_x64`` was switched keeps its float32),
+    and a state of another structure reaches ``update``, which says what is wrong with it."""
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        if params is not None:
+            like = jax.eval_shape(init, params)
+            if jax.tree.structure(like) == jax.tree.structure(state):
+                state = jax.tree.map(lambda x, y: x.astype(bool) if y.dtype == bool and x.dtype != bool else x,
+                                     state, like)
+        return update(updates, state, params, **extra_args)
+    return optax.GradientTransformationExtraArgs(init, update_fn)
 
 
 def pick(pred: Any, a: Any, b: Any) -> Any:

@@ -15,10 +15,13 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax import contrib
 import pytest
 from flax import linen as nn
 from flax import nnx
@@ -435,6 +438,47 @@ def test_optax_flatten_around_a_tuner_says_what_to_do():
     gw = jax.grad(f)(one)
     _, s = opt.update(gw, opt.init(one), one, value=f(one), value_fn=f)
     assert float(stats(s)["lr"]) == pytest.approx(float(gw @ gw / (gw @ (jnp.arange(1.0, 4.0) * gw))), rel=1e-3)
+
+
+@pytest.mark.parametrize("wrap", ["lookahead", "sam"])
+@pytest.mark.parametrize("make", [lambda: cdat(optax.scale_by_adam(), base_method="adam"),
+                                  lambda: quadratic_greedy(optax.identity())])
+def test_wrappers_that_blend_a_reset_state_in_keep_the_tuner_running(make, wrap):
+    """optax.lookahead(reset_state=True) and optax.contrib.sam blend a reset state in as (1 - s) * state + s * init,
+    which turns the tuner's bool state leaves into int32: the skip's lax.cond between the new state and the old
+    raised "cond branches must have equal output types" at the second step. The tuner makes them bool again."""
+    tuner = make()
+    if wrap == "lookahead":
+        opt = optax.lookahead(tuner, sync_period=3, slow_step_size=0.5, reset_state=True)
+        p = optax.LookaheadParams.init_synced(_p0())
+    else:
+        opt = contrib.sam(tuner, optax.sgd(0.05), sync_period=2)
+        p = _p0()
+    s = opt.init(p)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(quad)(p.fast if wrap == "lookahead" else p)
+        up, s = opt.update(g, s, p)
+        return optax.apply_updates(p, up), s
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tuner's own advice (closure-free behind these wrappers)
+        losses = [float(quad(p.slow if wrap == "lookahead" else p))]
+        for _ in range(8):
+            p, s = step(p, s)
+            losses.append(float(quad(p.slow if wrap == "lookahead" else p)))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # a state whose bool leaves the blending made int32 steps like the state itself (the blending's arithmetic
+    # also turns an inf leaf into NaN, 0 * inf: the wrappers change the tuner's state beyond its dtypes)
+    state = tuner.init(_p0())
+    blended = jax.tree.map(lambda x: x * 1 if x.dtype == jnp.bool_ else x, state)
+    assert any(a.dtype != b.dtype for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(blended)))
+    g = jax.grad(quad)(_p0())
+    (u1, s1), (u2, s2) = (jax.jit(tuner.update)(g, st, _p0()) for st in (state, blended))
+    assert all(bool(jnp.array_equal(a, b, equal_nan=True))
+               for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))))
+    assert [x.dtype for x in jax.tree.leaves(s2)] == [x.dtype for x in jax.tree.leaves(state)]
 
 
 def test_inject_hyperparams_jitted_init_and_conveniences():
