@@ -872,3 +872,57 @@ def test_mup_transform_and_decay_inside_masked_and_multi_transform():
         grads = jax.tree.map(lambda p: 0.1 * p + 0.01, params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
     assert jnp.array_equal(params["a"], jnp.ones((4, 8)))
+
+
+class _FrozenStem(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.stem = nn.Linear(IN, width)
+        self.body = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(torch.tanh(self.stem(x)))))
+
+
+def test_torch_reinit_keeps_frozen_parameters():
+    """A frozen (pretrained) layer was redrawn like the rest: its values were lost without a word. It keeps them;
+    the trained weights are still redrawn at the table's scale."""
+    torch.manual_seed(0)
+    model = _FrozenStem(256)
+    with torch.no_grad():
+        model.stem.weight.fill_(0.5)
+    model.stem.requires_grad_(False)
+    body_before = model.body.weight.clone()
+    table = tmup.mup_table(_FrozenStem(256), _FrozenStem(64))
+    tmup.parameterize(model, _FrozenStem(64))
+    assert torch.all(model.stem.weight == 0.5)
+    assert not torch.equal(model.body.weight, body_before)
+    assert model.body.weight.std().item() == pytest.approx(table["body.weight"].init_std, rel=0.05)
+
+
+class _BiasKV(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.embed = nn.Linear(IN, width)
+        self.attn = nn.MultiheadAttention(width, 4, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_torch_multihead_attention_bias_kv_are_vectors():
+    """add_bias_kv's bias_k / bias_v ([1, 1, d]) were read as [out, in] weights whose fan-in grows: taken for
+    readouts (forward multiplier 1/m, which parameterize then refused). They are rows appended to the keys and
+    values: vectors, kept as initialised, at an input weight's Adam rate."""
+    table = tmup.mup_table(_BiasKV(256), _BiasKV(64))
+    for name in ("attn.bias_k", "attn.bias_v"):
+        assert (table[name].layout, table[name].role, table[name].init_std, table[name].lr_mult,
+                table[name].forward_mult) == ("vector", "input", None, 1.0, 1.0)
+    model = _BiasKV(256)
+    kept = model.attn.bias_k.clone()
+    with pytest.warns(RuntimeWarning, match="1/sqrt"):
+        tmup.parameterize(model, _BiasKV(64))
+    assert torch.equal(model.attn.bias_k, kept)

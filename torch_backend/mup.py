@@ -94,6 +94,8 @@ def _layout(module: nn.Module, pname: str, p: torch.Tensor) -> str:
         return "vector"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pname == "weight":
         return "embedding"
+    if isinstance(module, nn.MultiheadAttention) and pname in ("bias_k", "bias_v"):
+        return "vector"  # add_bias_kv's [1, 1, d]: a key/value row appended to the sequence, not an [out, in] weight
     if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         raise ValueError("curvopt.mup: ConvTranspose layers are not supported (their weight is [in, out, *k])")
     return "out_in"  # nn.Linear / ConvNd / MultiheadAttention in_proj and any other [out, in, ...] weight
@@ -255,7 +257,8 @@ def parameterize(
       ``[1, T, d]`` tokens, which are added to the activations (every axis fan-out; kept as initialised).
     * ``reinit``: weights (≥ 2-D, not ``"vector"``) are redrawn from ``N(0, init_std²)`` of the table
       (``init_std = init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``);
-      vectors keep their values. ``zero_readout=True``: output-role weights start at 0 (TP5's advice).
+      vectors keep their values, and so do frozen parameters (``requires_grad=False``: pretrained weights).
+      ``zero_readout=True``: output-role weights start at 0 (TP5's advice).
     * ``delta_model``: optional third model of another width (as ``mup``'s ``delta``): roles come from
       ``base_model`` vs ``delta_model``, multipliers from ``model`` vs ``base_model``. Needed when ``model``
       is as wide as ``base_model`` but should still get γ's output multiplier or ``zero_readout``.
@@ -321,8 +324,8 @@ def parameterize(
                 # a tied embedding/unembedding is drawn as the embedding (mup's MuSharedReadout), whichever
                 # module registered it first; the readout view keeps its forward multiplier
                 std = table[next((v for v in vs if table[v].role != "output"), vs[0])].init_std
-                if std is not None:
-                    p = views[vs[0]][3]
+                p = views[vs[0]][3]
+                if std is not None and p.requires_grad:  # a frozen (pretrained) weight keeps its values
                     p.normal_(0.0, std, generator=generator)
                     for v in vs:  # as torch's own reset_parameters: the pad row stays 0, under any of the names
                         mod = views[v][1]
