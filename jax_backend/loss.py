@@ -12,6 +12,7 @@ may have shape ``()`` or ``(1,)``; the tuners' state never changes shape because
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from typing import Any, Callable
@@ -19,7 +20,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["fn_kwargs", "bind", "scalar_loss", "require_value_fn", "value_and_grad_at", "check_fits_params"]
+__all__ = ["fn_kwargs", "bind", "scalar_loss", "require_value_fn", "value_and_grad_at", "check_fits_params",
+           "LOSS_KEYWORDS", "misspelled_keywords"]
+
+#: the keywords through which the tuners' ``update`` takes the loss
+LOSS_KEYWORDS = ("value", "grad", "value_fn")
 
 
 def fn_kwargs(value_fn: Callable[..., Any] | None, extra_args: dict[str, Any]) -> dict[str, Any]:
@@ -126,3 +131,16 @@ def check_fits_params(params: Any, grad: Any, f: Callable[[Any], Any] | None, tu
         except Exception as e:  # the user's function on the wrong argument: say why, the error chained below
             raise ValueError(f"{tuner}: value_fn cannot take the parameters the tuner was handed, one vector of "
                              f"{leaves[0].shape[0]} entries ({type(e).__name__}: {e}).{hint}") from e
+
+
+def misspelled_keywords(extra_args: dict[str, Any], value_fn: Any) -> dict[str, str]:
+    """``{keyword: loss keyword}`` for the extra arguments that look like a misspelled :data:`LOSS_KEYWORDS`
+    (``grads=`` for ``grad=``, ``valuefn=``) and that ``value_fn`` does not take: such an argument is otherwise
+    ignored, and the tuner runs without the loss or gradient it was meant to get."""
+    taken = fn_kwargs(_callable(value_fn), extra_args) if value_fn is not None else {}
+    found = {}
+    for key in extra_args:
+        close = difflib.get_close_matches(key, LOSS_KEYWORDS, n=1, cutoff=0.8)
+        if close and key not in taken:
+            found[key] = close[0]
+    return found

@@ -32,7 +32,7 @@ from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
-from .loss import bind, check_fits_params, value_and_grad_at
+from .loss import bind, check_fits_params, misspelled_keywords, value_and_grad_at
 from .noise import find_trace_state
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 from .warning import warn
@@ -72,6 +72,9 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
              "parameter tree and the tuner sees only its part. The curvature is the closure-free secant's, "
              "which assumes the other parts do not move between steps (a frozen part); another optimizer "
              "on the other part changes this part's gradients and the secant reads that as curvature")
+    for key, meant in misspelled_keywords(extra_args, value_fn).items():  # at trace time
+        warn(f"{tuner}: update() got {key}=, which the tuner does not take (did you mean {meant}=?) and value_fn "
+             "does not accept, so it is ignored")
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
     check_fits_params(params, like_params(grad, params), f, tuner)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation

@@ -481,6 +481,21 @@ def test_wrappers_that_blend_a_reset_state_in_keep_the_tuner_running(make, wrap)
     assert [x.dtype for x in jax.tree.leaves(s2)] == [x.dtype for x in jax.tree.leaves(state)]
 
 
+def test_a_misspelled_loss_keyword_warns():
+    """update(..., grads=g) or valuefn=loss went silently to the extra arguments (value_fn's, by name), and the
+    tuner ran without them: it says so at trace time, unless value_fn takes that name."""
+    p = _p0()
+    v, g = jax.value_and_grad(quad)(p)
+    opt = quadratic_greedy(optax.identity())
+    for extra, meant in ((dict(grads=g), "grad="), (dict(valuefn=quad), "value_fn="), (dict(values=v), "value=")):
+        with pytest.warns(RuntimeWarning, match=f"did you mean {meant}"):
+            jax.jit(lambda s, extra=extra: opt.update(g, s, p, **extra))(opt.init(p))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a value_fn that takes grads=, and keywords unlike the loss's: no warning
+        opt.update(g, opt.init(p), p, value=v, value_fn=lambda q, grads=None: quad(q), grads=g)
+        opt.update(g, opt.init(p), p, value=v, value_fn=lambda q, x, y: quad(q), x=1.0, y=2.0)
+
+
 def test_inject_hyperparams_jitted_init_and_conveniences():
     """The state's structure does not depend on whether init is jitted; the conveniences can be wrapped."""
     p = _p0()
