@@ -38,7 +38,8 @@ from .sharpness import EigenMemory, find_adam_state, online_sharpness, precondit
 from .warning import warn
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
-           "select", "pick", "transform", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
+           "select", "pick", "transform", "with_base_state", "check_base_method", "convenience", "stats",
+           "fresh_leaves"]
 
 
 class Prepared(NamedTuple):
