@@ -75,6 +75,7 @@ from typing import Iterable, Mapping, Sequence
 from .validation import check_choice, check_positive, check_positive_int
 
 __all__ = [
+    "missing_readout_message",
     "ROLES",
     "OPTIMIZERS",
     "PARAMETERIZATIONS",
@@ -431,6 +432,22 @@ def build_table(
             "of its own: untie it into a Linear/Dense readout, or apply the readout's multipliers in your forward "
             "pass from mup_table")
     return table
+
+
+def missing_readout_message(table: Mapping[str, ParamScaling], parameterization: str) -> str | None:
+    """The warning for a μP table of a model wider than its base (a parameter has the hidden role) in which no
+    parameter has the output role, so that μP's readout rule (forward ``1/m``) applies to none; None otherwise. A
+    readout whose class count or vocabulary differs from the base's, or a last ``Linear(width, width)``, is read as
+    hidden; ``build_table`` raises where the readout is needed for ``gamma`` or ``zero_readout``."""
+    roles = {s.role for s in table.values()}
+    if parameterization != "mup" or "output" in roles or "hidden" not in roles:
+        return None
+    return ("curvopt.mup: no parameter has the output role, so μP's readout multiplier 1/m applies to none, while the "
+            "model is wider than its base. A readout is a weight whose fan-in grows with the width and whose fan-out "
+            "does not: a last layer of the model's width (Linear(width, width)), a class count or vocabulary that "
+            "differs between the model and its base, or a readout through a tied embedding is not read as one. Name "
+            "it with overrides={name: 'output'}; a model without a readout (its output grows with the width) has "
+            "none to name.")
 
 
 def table_numbers(table: Mapping[str, ParamScaling]) -> dict[str, dict]:

@@ -5,6 +5,7 @@ import copy
 import math
 import pickle
 import re
+import warnings
 
 import pytest
 
@@ -926,3 +927,30 @@ def test_torch_multihead_attention_bias_kv_are_vectors():
     with pytest.warns(RuntimeWarning, match="1/sqrt"):
         tmup.parameterize(model, _BiasKV(64))
     assert torch.equal(model.attn.bias_k, kept)
+
+
+def test_a_model_whose_readout_is_not_recognised_warns_in_both_backends():
+    """A last layer as wide as the model (or a class count that grows with it) is read as hidden: under μP with
+    γ = 1 no parameter got the output role, and the readout's 1/m applied to none, silently (γ != 1 raises). It
+    warns; naming the readout in overrides gives it the role, and a model with a readout does not warn."""
+    def headless(w):
+        return nn.Sequential(nn.Linear(IN, w), nn.ReLU(), nn.Linear(w, w))
+    with pytest.warns(RuntimeWarning, match="no parameter has the output role"):
+        tmup.parameterize(headless(128), headless(32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = tmup.parameterize(headless(128), headless(32), overrides={"2.weight": "output"})
+        assert groups.table["2.weight"].role == "output"
+        tmup.parameterize(torch_mlp(128), torch_mlp(32))
+        jmup.parameterize(flax_shapes(FlaxMLP(128), jnp.zeros((1, IN))), flax_shapes(FlaxMLP(32), jnp.zeros((1, IN))))
+        tmup.parameterize(headless(128), headless(32), parameterization="sp")  # SP has no readout rule
+    x = jnp.zeros((1, IN))
+
+    class Headless(fnn.Module):
+        w: int
+
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(self.w)(fnn.relu(fnn.Dense(self.w)(x)))
+    with pytest.warns(RuntimeWarning, match="no parameter has the output role"):
+        jmup.parameterize(flax_shapes(Headless(128), x), flax_shapes(Headless(32), x))

@@ -285,6 +285,9 @@ def parameterize(
         model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
         zero_readout=zero_readout, delta_model=delta_model, layouts=layouts, gamma_depth=gamma_depth)
+    message = core.missing_readout_message(table, parameterization)
+    if message is not None:
+        warn(message)
     if attention == "1/d" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         warn("curvopt.mup: nn.MultiheadAttention scales its logits by 1/sqrt(head_dim), which cannot be "
              "changed, so μP's 1/d attention does not apply to it (the attention logits' updates grow with "
