@@ -144,14 +144,16 @@ def _summary(rec: dict) -> dict:
 
 
 def _eval(rec: dict, field: str, worst: float) -> float:
-    """A summary's eval metric; ``worst`` where it is ``null`` (a non-finite value, written as ``null``) or the run
-    diverged or failed without one (dropping such runs flattered the median); NaN where a finished run's summary
-    has no such field."""
+    """A summary's eval metric; ``worst`` where the run diverged or failed (its final loss is ``inf``: the runner
+    still evaluates a diverged model, and its finite figure flattered the median) or the metric is ``null`` (a
+    non-finite value, written as ``null``); NaN where a finished run's summary has no such field."""
     s = _summary(rec)
+    if math.isinf(_final(rec)):
+        return worst
     v = s.get(field)
     if v is not None:
         return float(v)
-    return worst if field in s or math.isinf(_final(rec)) else math.nan
+    return worst if field in s else math.nan
 
 
 def _eval_loss(rec: dict) -> float:
@@ -287,22 +289,25 @@ def _worst(r: dict) -> str:
 
 
 def group_table(g, widths: dict) -> str:
+    """A group's per-width table; :data:`EDGE` marks the ratios of a width whose best constant is still at an edge
+    of its grid (a legend line under the table says so)."""
     head = ("| width | tuner | seeds | final train loss | median ÷ best const | worst seed | verdict | "
             "steps to target | CPU s to target | eval loss | eval acc | step time ÷ base | LR range | "
             "LR max÷final | sharpness × |")
     lines = [head, "|" + "---|" * 15]
     for w, info in widths.items():
+        mark = EDGE if info["best_at_edge"] else ""
         for lab in _order(info["rows"]):
             r = info["rows"][lab]
             best = r["is_best_constant"]
             lines.append(
                 f"| {w} | {r['label']} | {_seeds(r)} | {_fmt(r['final'], '.4g')} | "
-                f"{'1' if best else _fmt(r['ratio'], '.3f')} | {'—' if best else _worst(r)} | "
+                f"{'1' if best else _fmt(r['ratio'], '.3f')}{mark} | {'—' if best else _worst(r)} | "
                 f"{'' if best else r['verdict']} | {_fmt(r['steps_to_target'], '.0f')} | "
                 f"{_fmt(r['time_to_target'], '.1f')} | {_fmt(r['eval_loss'], '.3f')} | {_fmt(r['eval_acc'], '.3f')} | "
                 f"{_fmt(r['step_ratio'], '.2f')} | {_fmt(r['lr_min'], '.2g')}–{_fmt(r['lr_max'], '.2g')} | "
                 f"{_fmt(r['lr_drop'], '.1f')} | {_fmt(r['sharp_growth'], '.2f')} |")
-    return "\n".join(lines)
+    return "\n".join(lines + (["", EDGE_NOTE] if any(info["best_at_edge"] for info in widths.values()) else []))
 
 
 def summary_table(analysis: dict) -> str:
@@ -539,7 +544,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
                f"base: {rec0['base']}, {rec0['max_steps']} steps, data: {rec0['data']}, model: {rec0['model']}.",
                ""]
         for w, info in widths.items():
-            grid = ", ".join(f"{lr:.3g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
+            grid = ", ".join(f"{lr:.4g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
             md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
                       + (" — **best still at the grid edge**" if info["best_at_edge"] else "")
                       + (f" — **the best constant fits the training set (final loss < {FITTED:g}): train-loss "

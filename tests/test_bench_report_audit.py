@@ -251,3 +251,26 @@ def test_eval_loss_counts_a_finished_run_with_a_null_eval_loss_as_the_worst(tmp_
     assert rows["cdat"]["eval_loss"] == 0.6
     legacy = _rec("cdat", 3, 0.9, drop=("eval_loss",))  # a finished run whose summary has no eval loss: unknown
     assert math.isnan(report._eval_loss(legacy))
+
+
+def test_a_diverged_run_counts_as_the_worst_eval_whatever_eval_it_wrote(tmp_path):
+    """The runner still evaluates a diverged model and writes a finite eval loss (a field audit: 9.6e6, accuracy
+    0.09); the report took it, where the README counts a diverged run as the worst (eval loss inf, accuracy 0):
+    a median over seeds 0.4 / 0.6 / 0.5 read 0.5 instead of 0.6."""
+    recs = [_rec("constant:lr=0.1", s, 1.0, eval_loss=0.5) for s in (0, 1, 2)]
+    recs += [_rec("cdat", 0, 0.9, eval_loss=0.4, eval_acc=0.9), _rec("cdat", 1, 0.9, eval_loss=0.6, eval_acc=0.7),
+             _rec("cdat", 2, math.inf, eval_loss=0.5, eval_acc=0.8)]
+    cdat = _rows(_report(tmp_path, recs))["cdat"]
+    assert (cdat["eval_loss"], cdat["eval_acc"]) == (0.6, 0.7)
+
+
+def test_the_per_width_tables_mark_ratios_against_a_constant_at_the_grid_edge(tmp_path):
+    """The summary and README tables marked them (a field audit found the per-width tables of report.md did not),
+    and grid values 0.5006 and 0.501 printed alike in the grid line."""
+    recs = [_rec(f"constant:lr={lr}", s, f) for lr, f in ((0.5006, 1.0), (0.501, 2.0), (0.9, 3.0)) for s in (0, 1)]
+    rep = _report(tmp_path, recs + [_rec("cdat", s, 0.9) for s in (0, 1)])
+    assert rep["analysis"][GROUP][16]["best_at_edge"]
+    text = Path(rep["path"]).read_text()
+    table = report.group_table(GROUP, rep["analysis"][GROUP])
+    assert f"0.900{report.EDGE}" in table and report.EDGE_NOTE in table
+    assert "0.5006: 1" in text and "0.501: 2" in text
