@@ -75,7 +75,6 @@ from typing import Iterable, Mapping, Sequence
 from .validation import check_choice, check_positive, check_positive_int
 
 __all__ = [
-    "missing_readout_message",
     "ROLES",
     "OPTIMIZERS",
     "PARAMETERIZATIONS",
@@ -97,6 +96,7 @@ __all__ = [
     "with_layouts",
     "check_same_names",
     "build_table",
+    "missing_readout_message",
     "table_numbers",
     "resolve_attention",
 ]
