@@ -77,9 +77,10 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
         warn(f"{tuner}: update() got {key}=, which the tuner does not take (did you mean {meant}=?) and value_fn "
              "does not accept, so it is ignored")
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
-    check_fits_params(params, like_params(grad, params), f, tuner)
+    grad = like_params(grad, params)
+    check_fits_params(params, grad, f, tuner)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation
-    value, grad = value_and_grad_at(params, value, like_params(grad, params), f,
+    value, grad = value_and_grad_at(params, value, grad, f,
                                     need_value=need_value or (want_value and f is not None), tuner=tuner)
     extra_calls = int(not given and value is not None)
     d = incoming(updates, params)
