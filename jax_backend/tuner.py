@@ -38,8 +38,8 @@ from .sharpness import EigenMemory, find_adam_state, online_sharpness, precondit
 from .warning import warn
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
-           "select", "pick", "transform", "with_base_state", "check_base_method", "convenience", "stats",
-           "fresh_leaves"]
+           "select", "pick", "transform", "check_state", "STATE_MISMATCH_MESSAGE", "with_base_state",
+           "check_base_method", "convenience", "stats", "fresh_leaves"]
 
 
 class Prepared(NamedTuple):
@@ -280,16 +280,49 @@ def transform(init: Callable[[Any], Any], update: Callable[..., tuple[Any, Any]]
     differs). Wrappers that blend a reset state in arithmetically, ``(1 - s) * state + s * init``
     (``optax.lookahead(reset_state=True)``, ``optax.contrib.sam``), turn the state's bool leaves into int32, and
     the update's skip (:func:`pick`, a ``lax.cond`` between the new state and the old) needs both of one type.
-    Other dtypes are left as they come (a state made before ``jax_enable_x64`` was switched keeps its float32),
-    and a state of another structure reaches ``update``, which says what is wrong with it."""
+    Other scalars' dtypes are left as they come (a state made before ``jax_enable_x64`` was switched keeps its
+    float32). A state that ``init`` would not make for these parameters is refused (:func:`check_state`)."""
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         if params is not None:
             like = jax.eval_shape(init, params)
-            if jax.tree.structure(like) == jax.tree.structure(state):
-                state = jax.tree.map(lambda x, y: x.astype(bool) if y.dtype == bool and x.dtype != bool else x,
-                                     state, like)
+            check_state(state, like)
+            state = jax.tree.map(lambda x, y: x.astype(bool) if y.dtype == bool and x.dtype != bool else x,
+                                 state, like)
         return update(updates, state, params, **extra_args)
     return optax.GradientTransformationExtraArgs(init, update_fn)
+
+
+STATE_MISMATCH_MESSAGE = (
+    "curvopt: the optimizer state does not fit this transformation ({detail}). It was made by another "
+    "configuration (another tuner or base, or a setting that shapes the state: sharpness=, noise_correction=, "
+    "curvature=, numerator=), for parameters of another dtype, or restored without a target (orbax's "
+    "restore(path) returns dicts and lists). Initialise it with opt.init(params), or restore the checkpoint "
+    "into a target of this configuration: jax.eval_shape(opt.init, params).")
+
+
+def check_state(state: Any, like: Any, dtypes: bool = True) -> None:
+    """Raise ``ValueError`` (:data:`STATE_MISMATCH_MESSAGE`, naming the first difference) when ``state`` is not
+    what ``init`` makes for the parameters at hand, ``like`` (its abstract evaluation): another structure (a
+    field missing or extra, other containers), or, with ``dtypes``, a parameter-shaped leaf (not a scalar) of
+    another dtype. Without
+    it such a state met an ``AttributeError`` deep in the update (a state made with ``noise_correction=False``
+    fed to the default), a ``lax.cond`` type error (a float32 state for bfloat16 parameters), or ran silently
+    without a part of the tuner (a state made without ``sharpness=`` fed to a tuner with it: no estimate, no
+    warning). A bool flag that arrives as a number (:func:`transform`) and a scalar's dtype pass."""
+    if jax.tree.structure(state) != jax.tree.structure(like):
+        have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
+        want = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+        missing = [k for k in want if k not in have]
+        extra = sorted(have - set(want))
+        detail = (f"init makes state{missing[0]}, which it lacks" if missing else
+                  f"it holds state{extra[0]}, which init does not make" if extra else
+                  "it holds init's fields in other containers, e.g. dicts where init makes NamedTuples")
+        raise ValueError(STATE_MISMATCH_MESSAGE.format(detail=detail))
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(like)):
+        if dtypes and jnp.ndim(y) and jnp.result_type(x) != y.dtype:
+            raise ValueError(STATE_MISMATCH_MESSAGE.format(
+                detail=f"state{jax.tree_util.keystr(path)} is {jnp.result_type(x)}, init makes it {y.dtype} for "
+                       "these parameters"))
 
 
 def pick(pred: Any, a: Any, b: Any) -> Any:
@@ -319,7 +352,8 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
     is kept as it was, as in PyTorch, instead of absorbing the bad gradient: in a plain chain one NaN gradient
     leaves Adam's moments NaN for good (the tuner then skips every later step: the parameters stay finite but
     training stops). ``init`` warns when ``base`` already applies a negative learning rate
-    (:func:`jax_backend.direction.warn_if_base_negates`).
+    (:func:`jax_backend.direction.warn_if_base_negates`); ``update`` refuses a state whose base part ``base.init``
+    would not make (:func:`check_state`: a checkpoint of another base).
     """
     base = optax.with_extra_args_support(base)
     tuner = optax.with_extra_args_support(tuner)
@@ -330,6 +364,9 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
         return base_state, tuner.init(params)
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
+        if params is not None:
+            # the structure (a checkpoint of another base); its dtypes are the base's affair, as in optax.chain
+            check_state(state, (jax.eval_shape(base.init, params), jax.eval_shape(tuner.init, params)), dtypes=False)
         direction, base_state = base.update(updates, state[0], params, **extra_args)
         kwargs = {k: v for k, v in extra_args.items() if k != "base_state"}
         if kwargs.get("grad") is None:

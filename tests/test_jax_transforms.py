@@ -136,10 +136,13 @@ def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
     f = jax.jit(lambda p, s: opt.update(g, s, p, value=v, grad=g)[1][1].stats.lr)  # polyak needs no value_fn
     h = jax.jit(lambda p, s: opt.update(g, s, p, value_fn=loss, x=X, y=Y, batch_size=16)[1][1].stats.lr)
     assert float(f(p, s0)) == pytest.approx(float(h(p, s0)), rel=1e-6)
+    fd, free = (optax.chain(optax.identity(), scale_by_cdat(**kw)) for kw in ({"curvature": "fd"}, {}))
     with pytest.raises(ValueError, match="value_fn"):
-        optax.chain(optax.identity(), scale_by_cdat(curvature="fd")).update(g, s0, p, value=v, grad=g)
+        fd.update(g, fd.init(p), p, value=v, grad=g)
     with pytest.raises(ValueError, match="needs the gradient"):  # closure-free in a plain chain: no gradient
-        optax.chain(optax.identity(), scale_by_cdat()).update(g, s0, p)
+        free.update(g, free.init(p), p)
+    with pytest.raises(ValueError, match=r"does not fit .*init makes state\.rule\.numerator_avg, which it lacks"):
+        free.update(g, s0, p, grad=g)  # Polyak's state
 
 
 def test_value_fn_kwargs_forwarding():

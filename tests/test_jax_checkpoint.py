@@ -1,0 +1,89 @@
+"""A restored Optax state is checked against the transformation it is fed to (``jax_backend.tuner.check_state``).
+
+Found in a field test (orbax, flax.serialization, pickle): a state made by another configuration, for parameters of
+another dtype or restored without a target reached the update and met an ``AttributeError`` deep inside it, a
+``lax.cond`` type error, or ran silently without a part of the tuner (no sharpness estimate, no warning).
+"""
+from __future__ import annotations
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from curvopt.optax import cdat, edge_of_stability, polyak, stats
+
+
+def _problem(dtype=jnp.float32):
+    x = jax.random.normal(jax.random.key(0), (32, 8))
+    y = jnp.arange(32) % 3
+    params = {"w": 0.1 * jax.random.normal(jax.random.key(1), (8, 3)).astype(dtype), "b": jnp.zeros(3, dtype)}
+
+    def loss(p):
+        logits = (x @ p["w"].astype(jnp.float32)) + p["b"].astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return params, loss
+
+
+def _update(opt, state, params, loss, with_loss):
+    value, grads = jax.value_and_grad(loss)(params)
+    kwargs = dict(value=value, value_fn=loss) if with_loss else {}
+    return opt.update(grads, state, params, **kwargs)
+
+
+ADAM = dict(base_method="adam")
+MISMATCHES = {  # name -> (the state's maker, the transformation fed it, fed the loss, what the message names)
+    "sharpness turned on": (lambda: cdat(optax.scale_by_adam(), **ADAM), lambda: cdat(
+        optax.scale_by_adam(), sharpness=2, **ADAM), True, r"state\[1\]\.eigen"),
+    "noise correction turned on": (lambda: cdat(optax.scale_by_adam(), noise_correction=False, **ADAM),
+                                   lambda: cdat(optax.scale_by_adam(), **ADAM), False, r"state\[1\]\.noise"),
+    "another tuner": (lambda: polyak(optax.identity(), lr_max=1.0), lambda: cdat(optax.identity()), True,
+                      r"state\[1\]\.rule"),
+    "another base": (lambda: cdat(optax.scale_by_adam(), **ADAM), lambda: cdat(optax.scale_by_rms(), **ADAM),
+                     False, r"state\[0\]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISMATCHES))
+def test_a_state_of_another_configuration_is_refused(name):
+    made_by, fed_to, with_loss, where = MISMATCHES[name]
+    params, loss = _problem()
+    state = made_by().init(params)
+    opt = fed_to()
+    with pytest.raises(ValueError, match=r"does not fit this transformation \(.*" + where):
+        jax.jit(lambda s: _update(opt, s, params, loss, with_loss))(state)
+    _update(opt, opt.init(params), params, loss, with_loss)  # its own state runs
+
+
+@pytest.mark.parametrize("make, with_loss", [(lambda: cdat(optax.scale_by_adam(), **ADAM), False),
+                                             (lambda: edge_of_stability(optax.scale_by_adam(), sharpness=2, **ADAM),
+                                              True)])
+def test_a_state_made_for_other_dtypes_is_refused(make, with_loss):
+    params32, _ = _problem(jnp.float32)
+    params16, loss16 = _problem(jnp.bfloat16)
+    opt = make()
+    with pytest.raises(ValueError, match=r"is float32, init makes it bfloat16"):
+        _update(opt, opt.init(params32), params16, loss16, with_loss)
+    _update(opt, opt.init(params16), params16, loss16, with_loss)
+
+
+def test_a_state_restored_without_its_containers_is_refused_and_with_them_resumes():
+    params, loss = _problem()
+    opt = cdat(optax.scale_by_adam(), **ADAM)
+    step = jax.jit(lambda p, s: (lambda u, s2: (optax.apply_updates(p, u), s2))(*_update(opt, s, p, loss, True)))
+    p, s = params, opt.init(params)
+    for _ in range(3):
+        p, s = step(p, s)
+    raw = flax.serialization.to_state_dict(s)  # what a restore without a target gives: dicts
+    with pytest.raises(ValueError, match="does not fit this transformation"):
+        step(p, raw)
+    restored = flax.serialization.from_state_dict(opt.init(params), jax.tree.map(np.asarray, raw))
+    rates = []
+    for state in (s, restored):
+        q = p
+        for _ in range(3):
+            q, state = step(q, state)
+        rates.append(float(stats(state)["lr"]))
+    assert rates[0] == rates[1] > 0
