@@ -12,8 +12,8 @@ from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, watch_minibatch, watches
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
-                           default_numerator, default_sigma, momentum_numerator, paired_numerator,
-                           paired_prediction_weight)
+                           default_lagged_growth, default_numerator, default_sigma, momentum_numerator,
+                           paired_numerator, paired_prediction_weight)
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
@@ -88,7 +88,7 @@ def scale_by_cdat(
     growth: float = _CDAT.growth,
     guard: float = _CDAT.guard,
     guard_sigma: float = _CDAT.guard_sigma,
-    lagged_growth: float = _CDAT.lagged_growth,
+    lagged_growth: float | None = None,
     loss_cap: float = _CDAT.loss_cap,
     curvature: str = DEFAULT_CURVATURE,
     sharpness: Any = None,
@@ -106,7 +106,8 @@ def scale_by_cdat(
     default ``startup="robust"`` floored by the loss bound, ``max(u^T H u, n^2 / (2 (f - f_star)))``, under
     ``startup="paper"`` the paper's ``|u^T H u|`` (:class:`curvopt.rules.CDATRule`, which documents
     ``startup``, the above-edge ``guard``/``guard_sigma`` and ``loss_cap`` (the above-edge steps' cap by the
-    loss bound), and ``lagged_growth``, the secant steps' cap on the step's length); ``sigma`` may be a schedule
+    loss bound), and ``lagged_growth``, the secant steps' cap on the step's length, None: by ``base_method``,
+    :func:`curvopt.rules.default_lagged_growth`); ``sigma`` may be a schedule
     ``step -> sigma`` (or injected with ``optax.inject_hyperparams``); ``sigma=None`` (default): by
     ``base_method`` and the numerator (:func:`curvopt.rules.default_sigma`: 4, guarded, with the robust
     start-up for gradient descent and for Adam with the momentum numerator; 2 for heavy ball, Nesterov, Adam
@@ -162,7 +163,8 @@ def scale_by_cdat(
                                f"base_method={method.kind!r} (scale_by_cdat)", curvature)
         rules[kind] = make(CDATRule, sigma=default_sigma(method, sigma, startup, kind), ema=ema, eps=eps,
                            lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
-                           guard_sigma=guard_sigma, lagged_growth=lagged_growth, loss_cap=loss_cap)
+                           guard_sigma=guard_sigma, loss_cap=loss_cap,
+                           lagged_growth=default_lagged_growth(method, lagged_growth, startup, growth))
     return _curvature_tuner("scale_by_cdat", rules, curvature, base_method, rate_follows_base, warn_ascent,
                             sharpness,
                             dict(sharpness_every=sharpness_every, sharpness_iters=sharpness_iters,

@@ -457,6 +457,27 @@ def test_cdat_default_sigma_by_base():
     assert rules.default_sigma(BaseMethod.adam(), 3.0, "robust", "momentum") == 3.0
 
 
+def test_cdat_default_lagged_growth_by_base():
+    """The tuners' ``lagged_growth=None`` is resolved by the base: the rate's ``growth`` behind Adam with the robust
+    start-up, 1.1 behind every other base (an unknown one included) and under ``startup="paper"``; a given value is
+    kept. Both backends' CDAT take it, the greedy step keeps 1.1."""
+    assert rules.CDATRule().lagged_growth == rules.LAGGED_GROWTH == 1.1
+    assert rules.default_lagged_growth(BaseMethod.adam()) == rules.CDATRule().growth == 2.0
+    assert rules.default_lagged_growth(BaseMethod.adam(), None, "robust", 3.0) == 3.0
+    assert rules.default_lagged_growth(BaseMethod.adam(), None, "paper") == 1.1
+    for method in (None, BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
+        assert rules.default_lagged_growth(method) == 1.1
+    assert rules.default_lagged_growth(BaseMethod.adam(), 1.25) == 1.25
+    import torch
+    from curvopt.torch import CDAT, QuadraticGreedy
+    w = [torch.zeros(2, requires_grad=True)]
+    assert CDAT(torch.optim.AdamW(w, lr=1.0)).rule.lagged_growth == 2.0
+    assert CDAT(torch.optim.AdamW(w, lr=1.0), growth=1.5).rule.lagged_growth == 1.5
+    assert CDAT(torch.optim.AdamW(w, lr=1.0), lagged_growth=1.1).rule.lagged_growth == 1.1
+    assert CDAT(torch.optim.SGD(w, lr=1.0, momentum=0.9)).rule.lagged_growth == 1.1
+    assert QuadraticGreedy(torch.optim.Adam(w, lr=1.0)).rule.lagged_growth == 1.1
+
+
 def test_cdat_default_numerator_by_base():
     """``numerator=None``: the momentum numerator behind Adam with the robust start-up when Adam's moments are at
     hand, the paper's ``-g^T u`` otherwise (other bases, ``startup="paper"``, no moments); a given one is kept."""

@@ -593,8 +593,8 @@ def test_sharpness_setting_and_defaults_come_from_the_core():
     assert ArmijoLineSearch(adam_problem()[1], sharpness=cfg).sharpness_config is cfg
     # behind Adam the defaults are the momentum numerator above the edge (curvopt.rules.default_numerator/_sigma)
     adam_cdat = CDAT(adam_problem()[1])
-    assert adam_cdat.rule == CDATRule(sigma=4.0) and adam_cdat.numerator == "momentum"
-    assert CDAT(adam_problem()[1], numerator="direction").rule == CDATRule()
+    assert adam_cdat.rule == CDATRule(sigma=4.0, lagged_growth=2.0) and adam_cdat.numerator == "momentum"
+    assert CDAT(adam_problem()[1], numerator="direction").rule == CDATRule(lagged_growth=2.0)
     paper = CDAT(adam_problem()[1], startup="paper")
     assert paper.numerator == "direction" and paper.rule.sigma == 2.0
     assert QuadraticGreedy(adam_problem()[1]).rule == CDATRule.greedy()

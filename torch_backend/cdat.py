@@ -9,7 +9,8 @@ import torch
 
 from curvopt.config import DEFAULT_CURVATURE, SharpnessLike
 from curvopt.curvature import GREEDY_NOISE_CORRECTION
-from curvopt.rules import CDATRule, check_numerator, default_ema, default_numerator, default_sigma
+from curvopt.rules import (CDATRule, check_numerator, default_ema, default_lagged_growth, default_numerator,
+                           default_sigma)
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
@@ -60,7 +61,8 @@ class CDAT(CurvatureTuner):
             a ``sigma`` above 2 is held at 2 (:func:`curvopt.rules.above_edge_guard`).
         lagged_growth: on a step whose curvature is the secant's (closure-free, ``probes=False``,
             ``curvature="secant"``) the step's length ``lr ||u||`` grows at most this factor over the previous
-            one (:class:`curvopt.rules.CDATRule`, growth cap).
+            one (:class:`curvopt.rules.CDATRule`, growth cap); None (default): ``growth`` behind Adam/AdamW, 1.1
+            behind SGD and with ``startup="paper"`` (:func:`curvopt.rules.default_lagged_growth`).
         loss_cap: for ``sigma > 2``, the rate is at most ``loss_cap * (1 - ema^t) * 2 (f - f_star) / n``, ``n``
             the rule's numerator (``-g^T u``; behind Adam/AdamW by default the momentum numerator) (1: the
             minimiser of the flattest quadratic model consistent with the loss bound, ramped; ``inf``: off;
@@ -127,7 +129,7 @@ class CDAT(CurvatureTuner):
                  f_star: float = default_of(CDATRule, "f_star"), growth: float = default_of(CDATRule, "growth"),
                  guard: float = default_of(CDATRule, "guard"),
                  guard_sigma: float = default_of(CDATRule, "guard_sigma"),
-                 lagged_growth: float = default_of(CDATRule, "lagged_growth"),
+                 lagged_growth: Optional[float] = None,
                  loss_cap: float = default_of(CDATRule, "loss_cap"),
                  curvature: str = DEFAULT_CURVATURE, sharpness: SharpnessLike = None, modules: ModulesLike = None,
                  functional_loss: Optional[Callable] = None, stability_coefficient: Optional[float] = None,
@@ -136,7 +138,9 @@ class CDAT(CurvatureTuner):
                  numerator: Optional[str] = None, **deprecated: Any) -> None:
         self.rule = CDATRule(sigma=default_sigma(None, sigma, startup), ema=default_ema(None, ema), eps=eps,
                              lr_max=lr_max, startup=startup, f_star=f_star, growth=growth, guard=guard,
-                             guard_sigma=guard_sigma, lagged_growth=lagged_growth, loss_cap=loss_cap)
+                             guard_sigma=guard_sigma,
+                             lagged_growth=default_lagged_growth(None, lagged_growth, startup, growth),
+                             loss_cap=loss_cap)
         super().__init__(base, curvature=curvature, sharpness=sharpness, modules=modules,
                          functional_loss=functional_loss, stability_coefficient=stability_coefficient, seed=seed,
                          distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
@@ -146,7 +150,9 @@ class CDAT(CurvatureTuner):
         self.numerator = check_numerator(default_numerator(self.method, numerator, startup), self.method,
                                          type(base).__name__, curvature if probes else "secant")
         self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
-                                        sigma=default_sigma(self.method, sigma, startup, self.numerator))
+                                        sigma=default_sigma(self.method, sigma, startup, self.numerator),
+                                        lagged_growth=default_lagged_growth(self.method, lagged_growth, startup,
+                                                                            growth))
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
