@@ -304,11 +304,11 @@ def check_state(state: Any, like: Any, dtypes: bool = True) -> None:
     """Raise ``ValueError`` (:data:`STATE_MISMATCH_MESSAGE`, naming the first difference) when ``state`` is not
     what ``init`` makes for the parameters at hand, ``like`` (its abstract evaluation): another structure (a
     field missing or extra, other containers), or, with ``dtypes``, a parameter-shaped leaf (not a scalar) of
-    another dtype. Without
-    it such a state met an ``AttributeError`` deep in the update (a state made with ``noise_correction=False``
-    fed to the default), a ``lax.cond`` type error (a float32 state for bfloat16 parameters), or ran silently
-    without a part of the tuner (a state made without ``sharpness=`` fed to a tuner with it: no estimate, no
-    warning). A bool flag that arrives as a number (:func:`transform`) and a scalar's dtype pass."""
+    another dtype. Without it such a state met an ``AttributeError`` deep in the update (a state made with
+    ``noise_correction=False`` fed to the default), a ``lax.cond`` type error (a float32 state for bfloat16
+    parameters), or ran silently without a part of the tuner (a state made without ``sharpness=`` fed to a tuner
+    with it: no estimate, no warning). A bool flag that arrives as a number (:func:`transform`) and a scalar's
+    dtype pass."""
     if jax.tree.structure(state) != jax.tree.structure(like):
         have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]}
         want = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
@@ -366,7 +366,8 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
         if params is not None:
             # the structure (a checkpoint of another base); its dtypes are the base's affair, as in optax.chain
-            check_state(state, (jax.eval_shape(base.init, params), jax.eval_shape(tuner.init, params)), dtypes=False)
+            like = (jax.eval_shape(base.init, params), jax.eval_shape(tuner.init, params))
+            check_state(state, like, dtypes=False)
         direction, base_state = base.update(updates, state[0], params, **extra_args)
         kwargs = {k: v for k, v in extra_args.items() if k != "base_state"}
         if kwargs.get("grad") is None:
