@@ -24,6 +24,7 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "secant_stalled",
+    "in_stall_units",
     "secant_probe_eps",
     "secant_stall_reference",
     "REPROBE_GROWTH",
@@ -208,6 +209,17 @@ def secant_stall_reference(probe_lr: Any, dtype_eps: Any, xp: Any) -> Any:
     return probe_lr * xp.where(ratio < 1.0, ratio, 1.0) ** 0.5
 
 
+def in_stall_units(rate: Any, unit: Any, xp: Any) -> Any:
+    """A closure-free rate, or its probe's stall reference, in the units :func:`secant_stalled` compares them in:
+    times the direction's unit (:attr:`curvopt.rules.RuleInputs.unit`: the group rate a scheduler sets, a clip's
+    factor, which CDAT's rate cancels) where that is a positive number, else as it is. In the tuner's own units a
+    warm-up of the group rate after the probe lowered a rate that trained against the probe by the warm-up's
+    factor: a field test's `LambdaLR` warm-up from 0.1 to 1 over 20 steps behind AdamW warned of a stall on 3 of 3
+    seeds."""
+    known = (unit > 0) & xp.isfinite(unit)
+    return rate * xp.where(known, unit, 1.0)
+
+
 def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:
     """``(judged, stalled)`` (host scalars or traced arrays): a closure-free run's secant rate ``lr`` is judged
     from :data:`SECANT_STALL_STEPS` steps after its probing step on, at a step that moved (``lr > 0``: a rate of 0
@@ -216,7 +228,8 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any,
     step's :func:`secant_stall_reference` (the backends judge once per probe, at the first such step from then,
     and keep the first probe of a run of probes, so that probes repeated after steps of rate 0 do not postpone the
     judgement for ever), and has stalled when it is still below it: the collapse the tuners warn about
-    (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above a float32-sized probe by then."""
+    (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above a float32-sized probe by then. Both in
+    :func:`in_stall_units`, each with its own step's unit."""
     judged = (steps_since_probe >= SECANT_STALL_STEPS) & (lr > 0)
     return judged, judged & (lr < probe_lr)
 

@@ -336,7 +336,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             secant = state.secant
             if oracle == "secant":
                 secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, reference, state.steps, dtype,
-                                         p.grad)
+                                         p.grad, unit)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             if oracle == "secant":

@@ -34,8 +34,8 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, moved_outside, secant_probe_eps,
-                            secant_stall_reference, secant_stalled, watched_norms)
+from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, in_stall_units, moved_outside,
+                            secant_probe_eps, secant_stall_reference, secant_stalled, watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
@@ -85,17 +85,19 @@ def secant_init(params: Any, dtype: Any) -> SecantMemory:
 
 
 def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, reference: Any, steps: Any,
-                    dtype: Any, grad: Any) -> SecantMemory:
+                    dtype: Any, grad: Any, unit: Any) -> SecantMemory:
     """The memory after a step of direction ``d`` (``-g^T u = numerator``) at rate ``lr``; ``probe``: the
     closure-free probing rate ``h`` if this step probed, else NaN, and ``reference`` the rate a later step's is
     judged against (:func:`curvopt.config.secant_stall_reference`); ``steps``: the steps taken before it;
-    ``grad``: the gradient handed to the step."""
+    ``grad``: the gradient handed to the step; ``unit``: the direction's (:attr:`curvopt.rules.RuleInputs.unit`),
+    in which the probe is kept and the rate judged (:func:`curvopt.config.in_stall_units`)."""
     probing = ~jnp.isnan(probe)
     norms = watched_norms(memory.grad_norms, norm(grad, dtype), memory.moved, jnp)
     pending = ~jnp.isnan(memory.probe_lr)  # a probe not judged yet: the first of a run of probes is judged
-    judged, stalled = secant_stalled(lr, memory.probe_lr, steps - memory.probe_step)
+    judged, stalled = secant_stalled(in_stall_units(lr, unit, jnp), memory.probe_lr, steps - memory.probe_step)
     judged = pending & judged & ~probing
     new_probe = probing & ~pending
+    reference = in_stall_units(reference, unit, jnp)
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
                         jnp.where(new_probe, reference, jnp.where(judged, jnp.nan, memory.probe_lr)),
                         jnp.where(new_probe, steps, memory.probe_step),

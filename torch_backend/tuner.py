@@ -66,7 +66,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE,
                             ZERO_RATE_STEPS, accumulator_dtype_name, concave_reprobe, external_clip_suspected,
-                            has_gradient, moved_outside,
+                            has_gradient, in_stall_units, moved_outside,
                             resolve_curvature, power_iters, secant_caveat, secant_probe_eps, secant_stall_reference,
                             secant_stalled, sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
@@ -871,13 +871,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             if watch is not None:
                 lr = held_rate(watch, lr, S)
             if st.probing:
-                lr = self._probing_rate(st)
+                lr = self._probing_rate(st, unit)
             elif st.lagged and st.probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, st.numerator, st.curvature, self._host(glob[layout.LAST_PROBE], S),
                                               rule.lr_max, xp=S)
                 st.probing = bool(reprobe)
             if st.lagged and not st.probing and self._probed is not None:
-                judged, stalled = secant_stalled(lr, self._probed[0], count - self._probed[1])
+                judged, stalled = secant_stalled(in_stall_units(lr, unit, S), self._probed[0], count - self._probed[1])
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
                     warn(SECANT_STALL_MESSAGE)
@@ -894,18 +894,19 @@ class CurvatureTuner(torch.optim.Optimizer):
                         if st.coefficient is not None else nan)
         st.lr, st.watch = lr, watch
 
-    def _probing_rate(self, st: _Step) -> Any:
+    def _probing_rate(self, st: _Step, unit: Any) -> Any:
         """A closure-free probing step's rate ``h`` (:func:`curvopt.rules.finite_difference_step`), sized for the
         forward pass's precision (an autocast forward's gradients show it: :func:`gradient_eps`, averaged over the
         data-parallel ranks) and at least float32's (:func:`curvopt.config.secant_probe_eps`); the first probe of a
-        run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`)."""
+        run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`), in the units of the
+        direction's ``unit`` of this step (:func:`curvopt.config.in_stall_units`)."""
         S = st.S
         nw, nu = host_values(st.ws.norms(st.w0, st.u), S)
         terms = 1 if self.distributed is None else self.distributed.world_size
         eps = float(secant_probe_eps(max(least_precise_eps(st.params), gradient_eps(st.grads, terms)), np))
         lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
         if self._probed is None:
-            self._probed = (float(secant_stall_reference(lr, eps, S)), st.count)
+            self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count)
         return lr
 
     def _commit(self, st: _Step) -> None:
