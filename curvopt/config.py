@@ -23,6 +23,7 @@ __all__ = [
     "secant_caveat",
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
+    "SECANT_STALL_RECOVERY",
     "secant_stalled",
     "in_stall_units",
     "secant_probe_eps",
@@ -158,11 +159,15 @@ def secant_caveat(method: Any) -> Optional[str]:
             "to within 5% of fd's loss).")
 
 
-#: secant steps after the closure-free probing step before :func:`secant_stalled` judges the rate
+#: secant steps after the closure-free probing step before :func:`secant_stalled` judges the rate (a window)
 SECANT_STALL_STEPS = 10
+#: how much a closure-free rate still below its probe must have grown over a judgement window of
+#: :data:`SECANT_STALL_STEPS` steps for :func:`secant_stalled` to wait another window instead of judging it
+SECANT_STALL_RECOVERY = 2.0
 SECANT_STALL_MESSAGE = (
     "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step) "
-    f"{SECANT_STALL_STEPS} steps later. Either the secant of consecutive gradients is dominated by their noise "
+    f"{SECANT_STALL_STEPS} steps later, and not climbing toward it (less than {SECANT_STALL_RECOVERY:g}x over "
+    f"the last {SECANT_STALL_STEPS}). Either the secant of consecutive gradients is dominated by their noise "
     "(small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
     "where the fd oracle chose 0.2); or the curvature along the update was not positive at the start and the "
@@ -220,18 +225,27 @@ def in_stall_units(rate: Any, unit: Any, xp: Any) -> Any:
     return rate * xp.where(known, unit, 1.0)
 
 
-def secant_stalled(lr: Any, probe_lr: Any, steps_since_probe: Any) -> tuple[Any, Any]:
-    """``(judged, stalled)`` (host scalars or traced arrays): a closure-free run's secant rate ``lr`` is judged
-    from :data:`SECANT_STALL_STEPS` steps after its probing step on, at a step that moved (``lr > 0``: a rate of 0
-    is the rule declining an ascent or concave direction, which the next step probes again, as after Adam's
-    momentum carried a run past a minimum; not the small rate the noise keeps small), against ``probe_lr``, that
-    step's :func:`secant_stall_reference` (the backends judge once per probe, at the first such step from then,
-    and keep the first probe of a run of probes, so that probes repeated after steps of rate 0 do not postpone the
-    judgement for ever), and has stalled when it is still below it: the collapse the tuners warn about
-    (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above a float32-sized probe by then. Both in
+def secant_stalled(lr: Any, probe_lr: Any, steps_in_window: Any, window_lr: Any) -> tuple[Any, Any, Any]:
+    """``(judged, stalled, recovering)`` (host scalars or traced arrays): a closure-free run's secant rate ``lr`` is
+    judged :data:`SECANT_STALL_STEPS` steps into a window that starts at its probing step, at a step that moved
+    (``lr > 0``: a rate of 0 is the rule declining an ascent or concave direction, which the next step probes
+    again, as after Adam's momentum carried a run past a minimum; not the small rate the noise keeps small),
+    against ``probe_lr``, that step's :func:`secant_stall_reference` (the backends judge once per probe, at the
+    first such step from then, and keep the first probe of a run of probes, so that probes repeated after steps of
+    rate 0 do not postpone the judgement for ever), and has stalled when it is still below it: the collapse the
+    tuners warn about (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above a float32-sized probe by then,
+    or on its way there: a rate still below the probe but at least :data:`SECANT_STALL_RECOVERY` times
+    ``window_lr``, the window's first rate after its probe (NaN: none yet), is ``recovering``, not judged, and the
+    backends start a new window at this step from this rate. Fine-tuning a pretrained MLP behind AdamW in batches
+    of 32, the first secant after the probe read the batches' noise and fell 10-200x below it on 2 of 6 seeds, then
+    climbed 1.1-2x per step past it by step 16 and trained like the other seeds: judged at step 10, both warned of
+    a stall. A rate that keeps itself small (the collapse) stays within a factor of 2 over a window. All rates in
     :func:`in_stall_units`, each with its own step's unit."""
-    judged = (steps_since_probe >= SECANT_STALL_STEPS) & (lr > 0)
-    return judged, judged & (lr < probe_lr)
+    due = (steps_in_window >= SECANT_STALL_STEPS) & (lr > 0)
+    below = lr < probe_lr
+    recovering = due & below & (lr >= SECANT_STALL_RECOVERY * window_lr)
+    judged = due & ~recovering
+    return judged, judged & below, recovering
 
 
 #: the factor by which a closure-free step at a concave start probes farther than the previous probe

@@ -51,8 +51,9 @@ class SecantMemory(NamedTuple):
     handed over, a negated copy would be one more kernel per leaf), ``g^T u``, ``||u||^2`` and the learning rate
     it took (0: no secant next step); and the closure-free probing step's stall reference (``probe_lr``:
     :func:`curvopt.config.secant_stall_reference`, its rate where nothing coarser than float32 computed the
-    gradient) and step count (NaN before one and once judged; the first of a run of probes is kept until then) and
-    whether the rate was below it when last judged (:func:`curvopt.config.secant_stalled`;
+    gradient; NaN before one and once judged; the first of a run of probes is kept until then), the step its
+    judgement window starts at and the window's first rate (NaN: none yet), and whether the rate was below it
+    when last judged (:func:`curvopt.config.secant_stalled`;
     :func:`jax_backend.stats` warns); the gradient norms of
     the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
     this one moved them, and whether the norms ever said that a clip before the tuner fixed them
@@ -67,6 +68,7 @@ class SecantMemory(NamedTuple):
     prev_lr: Any
     probe_lr: Any
     probe_step: Any
+    window_lr: Any
     stalled: Any
     grad_norms: Any
     moved: Any
@@ -79,9 +81,9 @@ class SecantMemory(NamedTuple):
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
                         jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
-                        jnp.zeros((), bool), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype), jnp.zeros((), bool),
-                        jnp.zeros((), bool), jnp.full((), jnp.nan, dtype), jnp.full((), jnp.nan, dtype),
-                        jnp.zeros((), bool))
+                        jnp.full((), jnp.nan, dtype), jnp.zeros((), bool), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype),
+                        jnp.zeros((), bool), jnp.zeros((), bool), jnp.full((), jnp.nan, dtype),
+                        jnp.full((), jnp.nan, dtype), jnp.zeros((), bool))
 
 
 def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, reference: Any, steps: Any,
@@ -94,13 +96,17 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     probing = ~jnp.isnan(probe)
     norms = watched_norms(memory.grad_norms, norm(grad, dtype), memory.moved, jnp)
     pending = ~jnp.isnan(memory.probe_lr)  # a probe not judged yet: the first of a run of probes is judged
-    judged, stalled = secant_stalled(in_stall_units(lr, unit, jnp), memory.probe_lr, steps - memory.probe_step)
-    judged = pending & judged & ~probing
+    rate = in_stall_units(lr, unit, jnp)
+    judged, stalled, recovering = secant_stalled(rate, memory.probe_lr, steps - memory.probe_step, memory.window_lr)
+    judged, recovering = (pending & x & ~probing for x in (judged, recovering))
+    first = pending & ~probing & jnp.isnan(memory.window_lr) & (lr > 0)  # the window's first rate
     new_probe = probing & ~pending
     reference = in_stall_units(reference, unit, jnp)
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
                         jnp.where(new_probe, reference, jnp.where(judged, jnp.nan, memory.probe_lr)),
-                        jnp.where(new_probe, steps, memory.probe_step),
+                        jnp.where(new_probe | recovering, steps, memory.probe_step),
+                        jnp.where(new_probe | judged, jnp.nan,
+                                  jnp.where(recovering | first, rate, memory.window_lr)).astype(dtype),
                         jnp.where(judged, stalled, memory.stalled), norms, ~probing & (lr > 0),
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
                         jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype),

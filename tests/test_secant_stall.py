@@ -230,10 +230,77 @@ def test_a_rate_of_zero_is_not_judged_a_stall():
     for the next step with a rate; a small positive rate is judged."""
     from curvopt.config import SECANT_STALL_STEPS, secant_stalled
 
-    assert not secant_stalled(0.0, 1e-4, SECANT_STALL_STEPS + 3)[0]
-    assert secant_stalled(1e-5, 1e-4, SECANT_STALL_STEPS) == (True, True)
-    assert secant_stalled(1e-3, 1e-4, SECANT_STALL_STEPS) == (True, False)
-    assert not secant_stalled(1e-5, 1e-4, SECANT_STALL_STEPS - 1)[0]
+    nan = float("nan")
+    assert not secant_stalled(0.0, 1e-4, SECANT_STALL_STEPS + 3, nan)[0]
+    assert secant_stalled(1e-5, 1e-4, SECANT_STALL_STEPS, nan) == (True, True, False)
+    assert secant_stalled(1e-3, 1e-4, SECANT_STALL_STEPS, nan) == (True, False, False)
+    assert not secant_stalled(1e-5, 1e-4, SECANT_STALL_STEPS - 1, nan)[0]
+
+
+def test_a_rate_climbing_toward_its_probe_is_given_another_window():
+    """Below the probe but at least ``SECANT_STALL_RECOVERY`` times the window's first rate: recovering, judged a
+    window later; below it, or without a first rate, judged a stall; above the probe, judged no stall."""
+    from curvopt.config import SECANT_STALL_RECOVERY, SECANT_STALL_STEPS, secant_stalled
+
+    n = SECANT_STALL_STEPS
+    assert secant_stalled(2e-5, 1e-4, n, 2e-5 / SECANT_STALL_RECOVERY) == (False, False, True)
+    assert secant_stalled(2e-5, 1e-4, n, 1.01e-5) == (True, True, False)  # within 2x: the collapse
+    assert secant_stalled(2e-5, 1e-4, n - 1, 1e-7) == (False, False, False)  # not due yet
+    assert secant_stalled(2e-4, 1e-4, n, 1e-7) == (True, False, False)
+
+
+def test_torch_fine_tuning_whose_rate_climbs_back_to_its_probe_is_not_a_stall():
+    """A field test's fine-tuning of an AdamW-pretrained MLP behind AdamW, closure-free in batches of 32: the first
+    secant after the probe reads the batches' noise and the rate falls ~200x below the probe (seed 5 here), then
+    climbs past it by step ~16 and the run trains; judged at step 10 it warned of a stall."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    loss = lambda idx: torch.nn.functional.cross_entropy(model(x[idx]), y[idx])  # noqa: E731
+    pre = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(200):
+        pre.zero_grad()
+        loss(torch.randint(0, 700, (32,))).backward()
+        pre.step()
+    opt = CDAT(torch.optim.AdamW(model.parameters(), lr=1.0))
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(30):
+            opt.zero_grad()
+            loss(torch.randint(0, 1400, (32,))).backward()
+            opt.step()
+            lrs.append(float(opt.stats["lr"]))
+    assert lrs[1] < lrs[0] / 20 and lrs[10] < lrs[0]  # below the probe at the first judgement
+    assert lrs[-1] > 2 * lrs[0]  # and past it later
+    assert not any(STALL in str(m.message) for m in caught)
+
+
+def test_optax_stall_windows_follow_the_core():
+    """The Optax secant memory's judgement windows (``jax_backend.oracles.secant_remember``) on rates fed in: one
+    climbing 2x per step from 1e-4 of the probe is given a new window and passes the probe; one that stays at
+    1e-4 of it is judged a stall at step 10; one that falls 100x and climbs back at 1.05x per step is judged a stall
+    (less than 2x over the window)."""
+    from jax_backend.oracles import secant_init, secant_remember
+
+    def judged_stalled(rates, probe=1e-3):
+        params = {"w": jnp.ones(3)}
+        mem = secant_init(params, jnp.float32)
+        g = {"w": jnp.ones(3)}
+        nan = jnp.float32(jnp.nan)
+        mem = secant_remember(mem, g, 1.0, probe, jnp.float32(probe), jnp.float32(probe), 0, jnp.float32, g, 1.0)
+        for step, lr in enumerate(rates, start=1):
+            mem = secant_remember(mem, g, 1.0, lr, nan, nan, step, jnp.float32, g, 1.0)
+        return bool(mem.stalled), bool(jnp.isnan(mem.probe_lr))
+
+    climbing = [1e-7 * 2.0 ** k for k in range(20)]
+    assert judged_stalled(climbing) == (False, True)  # judged once past the probe: no stall
+    assert judged_stalled(climbing[:12]) == (False, False)  # still in its second window
+    assert judged_stalled([1e-7] * 12) == (True, True)
+    assert judged_stalled([1e-5 * 1.05 ** k for k in range(12)]) == (True, True)
 
 
 def _minibatch_mlp_rates(dtype, steps=60):

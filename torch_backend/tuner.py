@@ -313,9 +313,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: the global entries of the first parameter's state after the last step (restored if only that
         #: parameter's state is removed)
         self._kept_globals: Optional[dict] = None
-        #: (the stall reference of its rate, step) of the last closure-free probing step, until judged
-        #: (``secant_stalled``)
-        self._probed: Optional[tuple[float, int]] = None
+        #: (the stall reference of its rate, the step its judgement window starts at, the window's first rate or
+        #: NaN) of the last closure-free probing step, until judged (``secant_stalled``)
+        self._probed: Optional[tuple[float, int, float]] = None
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
@@ -877,12 +877,16 @@ class CurvatureTuner(torch.optim.Optimizer):
                                               rule.lr_max, xp=S)
                 st.probing = bool(reprobe)
             if st.lagged and not st.probing and self._probed is not None:
-                judged, stalled = secant_stalled(in_stall_units(lr, unit, S), self._probed[0], count - self._probed[1])
+                reference, start, first = self._probed
+                rate = float(in_stall_units(lr, unit, S))
+                judged, stalled, recovering = secant_stalled(rate, reference, count - start, first)
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
                     warn(SECANT_STALL_MESSAGE)
                 if judged:
                     self._probed = None
+                elif recovering or (math.isnan(first) and lr > 0):  # a new window, or its first rate
+                    self._probed = (reference, count if recovering else start, rate)
             if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
                 self._watch_zero_rate(lr, st.numerator)
             if watch is not None:
@@ -906,7 +910,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         eps = float(secant_probe_eps(max(least_precise_eps(st.params), gradient_eps(st.grads, terms)), np))
         lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
         if self._probed is None:
-            self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count)
+            self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
         return lr
 
     def _commit(self, st: _Step) -> None:
