@@ -126,6 +126,7 @@ def _error_inputs(closure_free: bool):
             p = Parameter(torch.randn(3, 2, device=device, dtype=dtype))
             p.grad = torch.randn(3, 2, device=device, dtype=dtype).to_sparse()
             return [p]
+        twice = Parameter(torch.randn(2, 3, device=device, dtype=dtype))
         out = [
             ErrorOptimizerInput(OptimizerInput(params=None, kwargs={"maximize": True}, desc="maximize"),
                                 error_type=ValueError, error_regex="maximize=True is not supported"),
@@ -134,6 +135,8 @@ def _error_inputs(closure_free: bool):
                                desc="complex"), error_type=ValueError, error_regex="complex"),
             ErrorOptimizerInput(OptimizerInput(params=[torch.randn(2, 3)], kwargs={}, desc="all frozen"),
                                 error_type=ValueError, error_regex="requires_grad"),
+            ErrorOptimizerInput(OptimizerInput(params=[twice] * 2, kwargs={}, desc="a parameter listed twice"),
+                                error_type=ValueError, error_regex="same tensor more than once"),
         ]
         if closure_free:
             out.append(ErrorOptimizerInput(OptimizerInput(params=sparse_grad(), kwargs={}, desc="sparse grad"),
@@ -418,6 +421,10 @@ def test_add_param_group(optim_info, given):
     assert not torch.equal(bias.detach(), before)
     with pytest.raises(ValueError, match="maximize"):
         optimizer.add_param_group({"params": [Parameter(torch.randn(2))], "maximize": True})
+    twice = Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="same tensor more than once"):  # torch only warns
+        optimizer.add_param_group({"params": given([twice, twice])})
+    assert len(optimizer.param_groups) == 2
 
 
 @db

@@ -15,9 +15,10 @@ its average would collect the probe points), ``SparseAdam`` (sparse gradients), 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from curvopt.base import BaseMethod
 
@@ -69,6 +70,7 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
             "stability_coefficient= if you want eos_ratio or the edge-of-stability rule).")
     for group in base.param_groups:
         check_group(group, tuner)
+        check_listed_once(group["params"], tuner)
 
 
 def check_group(group: dict, tuner: str) -> None:
@@ -76,6 +78,18 @@ def check_group(group: dict, tuner: str) -> None:
     if group.get("maximize", False):
         raise ValueError(f"{tuner}: maximize=True is not supported (the tuners minimise the closure's loss); "
                          "return the negated objective from the closure instead")
+
+
+def check_listed_once(params: Any, tuner: str) -> None:
+    """Refuse a parameter listed twice in a group (torch only warns that this is deprecated): the base steps it
+    twice per step and the tuner's direction holds it twice, so the rates are those of another problem (a field
+    test: a digits MLP behind AdamW, closure-free, ended at loss 0.045 against 1e-4 listed once, its rate 4.5x
+    lower, with a warning that named another cause)."""
+    params = [params] if isinstance(params, Tensor) else list(params)
+    if len({id(p) for p in params}) < len(params):
+        raise ValueError(f"{tuner}: a parameter group lists the same tensor more than once; the base would step it "
+                         "twice per step and the tuner would count it twice. List each parameter once "
+                         "(model.parameters() lists a tied weight once; list(dict.fromkeys(params)) drops repeats).")
 
 
 def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:

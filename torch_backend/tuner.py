@@ -82,7 +82,7 @@ from . import state as layout
 from .settings import resolve_sharpness
 from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
-from .direction import base_method, check_base, check_group, is_adam_like
+from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, exact_hvp, explain_double_backward, finite_difference
@@ -359,8 +359,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         check_group(param_group, type(self).__name__)
         params = param_group["params"]
         if not isinstance(params, (Tensor, set)):  # listed once, as torch's add_param_group does (a set: its
-            # error): a generator (module.parameters()) read by the check below would reach the base empty
+            # error): a generator (module.parameters()) read by the checks below would reach the base empty
             param_group["params"] = params = list(params)
+            check_listed_once(params, type(self).__name__)
         accumulator_dtype_name(str(p.dtype) for p in ([params] if isinstance(params, Tensor) else params))
         self.base.add_param_group(param_group)
         self._adopt_layout()
@@ -450,7 +451,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         return st if st is not None else {}
 
     # -- the step ------------------------------------------------------------------------------------------
-    @torch.compiler.disable  # under torch.compile(opt.step) too: the step's host-side rule and state writes
+    # eager under torch.compile(opt.step) too: the step's rule and state writes run on the host
+    @torch.compiler.disable(reason="curvopt's tuner step runs eagerly (its rule runs on the host): compile the "
+                            "model and the loss, not opt.step")
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
         """One step, the transaction of the module docstring; returns the main call's loss (what the closure
