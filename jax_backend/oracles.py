@@ -35,7 +35,8 @@ from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
 from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, in_stall_units, moved_outside,
-                            secant_probe_eps, secant_stall_reference, secant_stalled, watched_norms)
+                            probe_reads_forward, secant_probe_eps, secant_stall_reference, secant_stalled,
+                            watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
@@ -240,10 +241,11 @@ def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = No
     return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
 
 
-def _probing_step(params: Any, d: Any, dtype: Any, grad: Any) -> tuple[Any, Any]:
+def _probing_step(params: Any, d: Any, dtype: Any, grad: Any, denoised: bool) -> tuple[Any, Any]:
     """The closure-free probing step ``h`` and the rate its stall is judged against
-    (:func:`curvopt.config.secant_stall_reference`)."""
-    eps = secant_probe_eps(fd_eps(params, grad=grad), jnp)
+    (:func:`curvopt.config.secant_stall_reference`); ``denoised``: the secant's noise correction is on, and the
+    forward pass's precision does not size the probe (:func:`curvopt.config.probe_reads_forward`)."""
+    eps = secant_probe_eps(fd_eps(params, grad=grad if probe_reads_forward(denoised) else None), jnp)
     h = fd_step(params, d, dtype, eps=eps)
     return h, secant_stall_reference(h, eps, jnp).astype(dtype)
 
@@ -309,7 +311,7 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
         # the probe's size only where it probes (the first step, a re-probe): its reductions over the parameters
         # and the gradient are not needed on a step that has its secant
         probe_lr, reference = jax.lax.cond(available, lambda: (nan, nan),
-                                           lambda: _probing_step(params, d, dtype, grad))
+                                           lambda: _probing_step(params, d, dtype, grad, noise is not None))
         return estimate, jnp.int32(0), probe_lr, reference, available, stretch, None, kept
     curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
                                lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))

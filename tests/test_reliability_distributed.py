@@ -108,11 +108,12 @@ def train(case, model, module, x, y, distributed="auto", steps=STEPS, on_step=No
 
 
 def closure_free_autocast(net, model, x, y, dtype=torch.bfloat16, steps=3):
-    """Closure-free CDAT behind Adam, the forward pass of ``net`` (``model`` or its DDP wrapper) under
+    """Closure-free CDAT behind Adam without the noise correction (where the forward's precision sizes the probe:
+    ``curvopt.config.probe_reads_forward``), the forward pass of ``net`` (``model`` or its DDP wrapper) under
     ``torch.autocast(dtype)`` (None: float32): the learning rates (the first is the probing step's ``h``)."""
     import curvopt.torch as ct
 
-    opt = ct.CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+    opt = ct.CDAT(torch.optim.Adam(model.parameters(), lr=1.0), noise_correction=False)
     lrs = []
     for _ in range(steps):
         opt.zero_grad()

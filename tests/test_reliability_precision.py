@@ -332,7 +332,7 @@ def test_torch_fd_probe_sized_for_the_precision_the_closure_computes_in(sized, m
         assert got != pytest.approx(expected, rel=3e-2)
 
 
-def _autocast_mlp_run(dtype, steps=2):
+def _autocast_mlp_run(dtype, steps=2, noise_correction=False):
     """Closure-free CDAT behind Adam on a small GELU MLP, the forward pass under ``torch.autocast(dtype)`` (None:
     float32): ``(lrs, curvatures)`` of the first ``steps`` steps. Without the noise correction, which on the step
     after the probe reads the bf16 rounding as noise and holds that step's curvature at its floor
@@ -344,7 +344,7 @@ def _autocast_mlp_run(dtype, steps=2):
     y = (x @ torch.randn(20, 3, generator=gen)).argmax(1)
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
-    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), noise_correction=False)
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), noise_correction=noise_correction)
     lrs, curvatures = [], []
     for _ in range(steps):
         opt.zero_grad()
@@ -377,6 +377,36 @@ def test_torch_closure_free_probe_sized_for_an_autocast_forward(sized, monkeypat
     else:
         assert h16 == pytest.approx(h32, rel=1e-3)
         assert c16 != pytest.approx(c32, rel=0.25)
+
+
+def test_closure_free_probe_under_the_noise_correction_ignores_a_bf16_forward():
+    """With the noise correction on (the default behind Adam) the forward's precision does not size the probing
+    step (``curvopt.config.probe_reads_forward``), in both backends: a bf16-sized probe (6 % of ``||w||``) spanned
+    a segment whose gradient drift the correction read as noise, and the rates stayed 1.3-7x float32's. The
+    parameters' dtype still counts (bf16 parameters probe as bf16)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from curvopt.optax import cdat, stats
+
+    (h32, _), _ = _autocast_mlp_run(None, noise_correction=True)
+    (h16, _), _ = _autocast_mlp_run(torch.bfloat16, noise_correction=True)
+    assert h16 == pytest.approx(h32, rel=1e-3)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 8)), jnp.float32)
+    p0 = {"w": jnp.asarray(np.random.default_rng(1).standard_normal((8, 3)) / 3, jnp.float32)}
+
+    def first_rate(compute, params):
+        loss = lambda p: jnp.mean(jnp.tanh(x.astype(compute) @ p["w"].astype(compute)).astype(jnp.float32) ** 2)  # noqa
+        opt = cdat(optax.scale_by_adam(), base_method="adam")
+        _, s = opt.update(jax.grad(loss)(params), opt.init(params), params)
+        return float(stats(s)["lr"])
+
+    f32 = first_rate(jnp.float32, p0)
+    assert first_rate(jnp.bfloat16, p0) == pytest.approx(f32, rel=1e-3)
+    bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p0)
+    assert first_rate(jnp.bfloat16, bf16_params) / f32 == pytest.approx(2.0 ** 8, rel=0.05)  # sqrt(2^-7 / 2^-23)
 
 
 def test_gradient_eps_reads_the_forward_precision_from_the_gradients():

@@ -66,9 +66,10 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE,
                             ZERO_RATE_STEPS, accumulator_dtype_name, concave_reprobe, external_clip_suspected,
-                            has_gradient, in_stall_units, moved_outside,
-                            resolve_curvature, power_iters, secant_caveat, secant_probe_eps, secant_stall_reference,
-                            secant_stalled, sharpness_due, watched_norms, zero_rate_message, zero_rate_run)
+                            has_gradient, in_stall_units, moved_outside, probe_reads_forward,
+                            resolve_curvature, power_iters, secant_caveat, secant_probe_eps,
+                            secant_stall_reference, secant_stalled, sharpness_due, watched_norms, zero_rate_message,
+                            zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -625,7 +626,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         # the gradients alone (SGD/Adam/AdamW); another base might change them in place
         st.early = st.prev_u is not None and st.method is None
         st.g_dot_prev_u_t = dot(grads, st.prev_u) if st.early else None
-        st.denoise = st.secant and self._noise_on() and knows_noise(self.base)
+        st.denoise = st.secant and self._noise_on()
         st.noise_b = (self._noise(params, grads, st.prev_u, ws.u[st.held].flat)
                       if st.denoise and st.prev_u is not None else None)
         st.clip = self._clip(grads) if self.max_grad_norm is not None else None
@@ -903,14 +904,16 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _probing_rate(self, st: _Step, unit: Any) -> Any:
         """A closure-free probing step's rate ``h`` (:func:`curvopt.rules.finite_difference_step`), sized for the
+        parameters' dtype and, without the noise correction (:func:`curvopt.config.probe_reads_forward`), the
         forward pass's precision (an autocast forward's gradients show it: :func:`gradient_eps`, averaged over the
-        data-parallel ranks) and at least float32's (:func:`curvopt.config.secant_probe_eps`); the first probe of a
+        data-parallel ranks), at least float32's (:func:`curvopt.config.secant_probe_eps`); the first probe of a
         run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`), in the units of the
         direction's ``unit`` of this step (:func:`curvopt.config.in_stall_units`)."""
         S = st.S
         nw, nu = host_values(st.ws.norms(st.w0, st.u), S)
         terms = 1 if self.distributed is None else self.distributed.world_size
-        eps = float(secant_probe_eps(max(least_precise_eps(st.params), gradient_eps(st.grads, terms)), np))
+        forward = gradient_eps(st.grads, terms) if probe_reads_forward(self._noise_on()) else 0.0
+        eps = float(secant_probe_eps(max(least_precise_eps(st.params), forward), np))
         lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
         if self._probed is None:
             self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
@@ -1047,7 +1050,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.__dict__["_probe_free_ok"] = settings
 
     def _noise_on(self) -> bool:
-        return noise_correction_on(self.noise_correction, is_adam_like(self.base))
+        """Whether the secant's noise correction runs (on, and the base's noise metric known)."""
+        return noise_correction_on(self.noise_correction, is_adam_like(self.base)) and knows_noise(self.base)
 
     def _noise(self, params: list[Tensor], grads: list[Tensor], prev_u: list[Tensor],
                prev_u_flat: Optional[Tensor]) -> Tensor:
