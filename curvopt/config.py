@@ -24,6 +24,9 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "SECANT_STALL_RECOVERY",
+    "SECANT_COLLAPSE_FALL",
+    "SECANT_COLLAPSE_MESSAGE",
+    "secant_collapsed",
     "secant_stalled",
     "in_stall_units",
     "secant_probe_eps",
@@ -180,6 +183,36 @@ SECANT_STALL_MESSAGE = (
     "small MLPs where the uncorrected secant stalled, batches of 32 and 128 of 512, though its rate may take more "
     "steps to pass the probing step; behind SGD it is opt-in (noise_correction=True; its rate collapsed late on the "
     "benchmark's mini-batch ResNet: watch the rate).")
+
+
+#: how many times below its peak a closure-free rate held by the noise correction's floor must fall before
+#: :func:`secant_collapsed` says so
+SECANT_COLLAPSE_FALL = 100.0
+SECANT_COLLAPSE_MESSAGE = (
+    f"curvopt: closure-free, the rate has fallen more than {SECANT_COLLAPSE_FALL:g}x below its peak while the "
+    "secant's curvature is dominated by the gradient noise (the noise correction's estimate leaves less than a "
+    "tenth of the secant, and the corrected curvature sits at its floor, an overestimate): the smaller the rate, "
+    "the more noise per unit step, and the rate keeps falling. Measured: a GRU character LM behind AdamW in "
+    "batches of 32, rate 0.048 at step 200, 3e-4 at 1,500 and 1e-5 at 3,000, its loss stalled at 1.65 where CDAT "
+    "with a closure reached 1.47-1.49 at 2,000 (like a cosine-decayed AdamW); the benchmark's mini-batch ResNet "
+    "behind momentum SGD with noise_correction=True, rate 0.95 -> 3e-25 (seed 0). For "
+    "long mini-batch runs pass a closure "
+    "(PyTorch) or value_fn (Optax) for the fd oracle, or use larger batches.")
+
+
+def secant_collapsed(rate: Any, peak: Any, dominated: Any) -> Any:
+    """Whether a closure-free run's rate has collapsed: it is :data:`SECANT_COLLAPSE_FALL` times below ``peak``, the
+    largest rate of its secant steps since the last probing step, while the noise dominates its curvature
+    (``dominated``: :func:`curvopt.curvature.noise_dominated`, so only where the noise correction runs). Both rates in
+    :func:`in_stall_units` (a scheduler's factor, which the tuner's rate cancels, cancels here too). The rate of a
+    run that trains falls too (the benchmark's mini-batch LM: 3-6x from its peak by step 500); the GRU LM of
+    :data:`SECANT_COLLAPSE_MESSAGE` fell 100x by steps 1,231-1,479 (seeds 0-2, warned there) and kept falling. Not
+    every collapse is the noise's: the mini-batch ResNet behind momentum SGD with the correction fell 160x to 4e24x
+    (seeds 0-2), warned on seed 0, where the floor held the curvature; on the others it did not. No warning on the
+    benchmark's mini-batch and full-batch LM and full-batch ViT (closure-free behind Adam, seeds 0-2), on
+    ``benchmarks.closure_free``'s two MLPs (batches of 16-512, 400 steps, seeds 0-2: 24 runs) or on a fine-tuning
+    field test (6 seeds)."""
+    return dominated & (rate * SECANT_COLLAPSE_FALL < peak)
 
 
 #: float32's machine epsilon: the closure-free probing step is sized by at least it (:func:`secant_probe_eps`), and

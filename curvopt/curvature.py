@@ -8,7 +8,7 @@ __all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in
            "rayleigh_converged",
            "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "GREEDY_NOISE_CORRECTION", "gradient_weight",
            "gradient_scale", "gradient_fit", "GRADIENT_FIT_TOL", "noise_correction_on", "secant_noise_numerator",
-           "secant_noise_corrected"]
+           "secant_noise_corrected", "noise_dominated"]
 
 
 def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
@@ -89,6 +89,15 @@ class SecantNoiseState(NamedTuple):
     secant_numerator_avg: Any
     secant_noise_avg: Any
     secant_scale_avg: Any
+
+
+def noise_dominated(state: SecantNoiseState, xp: Any, floor: Any = SECANT_NOISE_FLOOR) -> Any:
+    """Whether the averaged noise estimate leaves less than ``floor`` of the averaged secant numerator
+    (:func:`secant_noise_corrected`'s averages, ``state``): the corrected curvature then sits at its floor, an
+    overestimate of a curvature the noise hides, and the rate set from it is too small. A rate kept small that way
+    lets in more noise per unit step, which keeps it small: :func:`curvopt.config.secant_collapsed`."""
+    num = state.secant_numerator_avg
+    return (num > 0) & (num - state.secant_noise_avg <= floor * num)
 
 
 def gradient_weight(kind: str, *, momentum: float = 0.0, dampening: float = 0.0, beta1: float = 0.9) -> float:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on
+from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on, noise_dominated
 from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, watch_minibatch, watches
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
@@ -335,8 +335,9 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 probe, reference = jnp.where(reprobe, lr, probe), jnp.where(reprobe, lr, reference)
             secant = state.secant
             if oracle == "secant":
+                dominated = False if noise_memory is None else noise_dominated(noise_memory.averages, jnp)
                 secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, reference, state.steps, dtype,
-                                         p.grad, unit)
+                                         p.grad, unit, dominated)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,
                                 method=method, old=state.stats)
             if oracle == "secant":

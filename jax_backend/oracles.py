@@ -35,8 +35,8 @@ from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
 from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, in_stall_units, moved_outside,
-                            probe_reads_forward, secant_probe_eps, secant_stall_reference, secant_stalled,
-                            watched_norms)
+                            probe_reads_forward, secant_collapsed, secant_probe_eps, secant_stall_reference,
+                            secant_stalled, watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
@@ -54,7 +54,8 @@ class SecantMemory(NamedTuple):
     :func:`curvopt.config.secant_stall_reference`, its rate where nothing coarser than float32 computed the
     gradient; NaN before one and once judged; the first of a run of probes is kept until then), the step its
     judgement window starts at and the window's first rate (NaN: none yet), and whether the rate was below it
-    when last judged (:func:`curvopt.config.secant_stalled`;
+    when last judged (:func:`curvopt.config.secant_stalled`), the largest rate since the last probe and whether a
+    rate ever collapsed below it (:func:`curvopt.config.secant_collapsed`; both
     :func:`jax_backend.stats` warns); the gradient norms of
     the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
     this one moved them, and whether the norms ever said that a clip before the tuner fixed them
@@ -71,6 +72,8 @@ class SecantMemory(NamedTuple):
     probe_step: Any
     window_lr: Any
     stalled: Any
+    peak_lr: Any
+    collapsed: Any
     grad_norms: Any
     moved: Any
     clip_suspected: Any
@@ -82,18 +85,20 @@ class SecantMemory(NamedTuple):
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
                         jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
-                        jnp.full((), jnp.nan, dtype), jnp.zeros((), bool), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype),
+                        jnp.full((), jnp.nan, dtype), jnp.zeros((), bool), jnp.zeros((), dtype), jnp.zeros((), bool),
+                        jnp.zeros(EXTERNAL_CLIP_STEPS, dtype),
                         jnp.zeros((), bool), jnp.zeros((), bool), jnp.full((), jnp.nan, dtype),
                         jnp.full((), jnp.nan, dtype), jnp.zeros((), bool))
 
 
 def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe: Any, reference: Any, steps: Any,
-                    dtype: Any, grad: Any, unit: Any) -> SecantMemory:
+                    dtype: Any, grad: Any, unit: Any, dominated: Any = False) -> SecantMemory:
     """The memory after a step of direction ``d`` (``-g^T u = numerator``) at rate ``lr``; ``probe``: the
     closure-free probing rate ``h`` if this step probed, else NaN, and ``reference`` the rate a later step's is
     judged against (:func:`curvopt.config.secant_stall_reference`); ``steps``: the steps taken before it;
     ``grad``: the gradient handed to the step; ``unit``: the direction's (:attr:`curvopt.rules.RuleInputs.unit`),
-    in which the probe is kept and the rate judged (:func:`curvopt.config.in_stall_units`)."""
+    in which the probe is kept and the rate judged (:func:`curvopt.config.in_stall_units`); ``dominated``: the noise
+    dominates this step's curvature (:func:`curvopt.curvature.noise_dominated`; False without the correction)."""
     probing = ~jnp.isnan(probe)
     norms = watched_norms(memory.grad_norms, norm(grad, dtype), memory.moved, jnp)
     pending = ~jnp.isnan(memory.probe_lr)  # a probe not judged yet: the first of a run of probes is judged
@@ -102,13 +107,16 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     judged, recovering = (pending & x & ~probing for x in (judged, recovering))
     first = pending & ~probing & jnp.isnan(memory.window_lr) & (lr > 0)  # the window's first rate
     new_probe = probing & ~pending
+    moved = ~probing & (lr > 0)
+    peak = jnp.where(probing, 0.0, jnp.where(moved, jnp.maximum(memory.peak_lr, rate), memory.peak_lr))
+    collapsed = memory.collapsed | (moved & secant_collapsed(rate, peak, dominated))
     reference = in_stall_units(reference, unit, jnp)
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
                         jnp.where(new_probe, reference, jnp.where(judged, jnp.nan, memory.probe_lr)),
                         jnp.where(new_probe | recovering, steps, memory.probe_step),
                         jnp.where(new_probe | judged, jnp.nan,
                                   jnp.where(recovering | first, rate, memory.window_lr)).astype(dtype),
-                        jnp.where(judged, stalled, memory.stalled), norms, ~probing & (lr > 0),
+                        jnp.where(judged, stalled, memory.stalled), peak.astype(dtype), collapsed, norms, moved,
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
                         jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype),
                         memory.left_sq, memory.moved_outside)

@@ -25,8 +25,8 @@ import optax
 
 from curvopt import rules
 from curvopt.base import BaseMethod
-from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, SECANT_STALL_MESSAGE,
-                            SKIP_MESSAGE, SharpnessConfig, resolve_curvature)
+from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, SECANT_COLLAPSE_MESSAGE,
+                            SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig, resolve_curvature)
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
@@ -414,7 +414,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
     (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; when every
     step so far was skipped (non-finite: the parameters have not moved); when a closure-free rate stalled below
     its probing step (:func:`curvopt.config.secant_stalled`: the secant of noisy consecutive gradients; pass
-    ``value_fn``); when a clip before the closure-free tuner fixed the gradients' norm
+    ``value_fn``), or collapsed far below its peak where the noise dominated its curvature
+    (:func:`curvopt.config.secant_collapsed`); when a clip before the closure-free tuner fixed the gradients' norm
     (:func:`curvopt.config.external_clip_suspected`); when a closure-free step started from other parameters than
     the tuner's last step left (:func:`curvopt.config.moved_outside`); and when CDAT behind heavy ball or Nesterov
     saw the loss change between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
@@ -437,6 +438,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
         secant = getattr(state, "secant", None)
         if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
             warn(SECANT_STALL_MESSAGE)
+        if secant is not None and int(secant.collapsed):
+            warn(SECANT_COLLAPSE_MESSAGE)
         if secant is not None and int(secant.clip_suspected):
             warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
         if secant is not None and int(secant.moved_outside):

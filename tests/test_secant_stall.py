@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 
 from curvopt.optax import cdat, stats
@@ -302,6 +303,94 @@ def test_optax_stall_windows_follow_the_core():
     assert judged_stalled(climbing[:12]) == (False, False)  # still in its second window
     assert judged_stalled([1e-7] * 12) == (True, True)
     assert judged_stalled([1e-5 * 1.05 ** k for k in range(12)]) == (True, True)
+
+
+def test_a_collapse_is_a_fall_far_below_the_peak_where_the_noise_dominates():
+    """``noise_dominated``: the averaged noise estimate leaves at most the floor's share of the averaged secant;
+    ``secant_collapsed``: then a rate ``SECANT_COLLAPSE_FALL`` times below the peak."""
+    from curvopt.config import SECANT_COLLAPSE_FALL, secant_collapsed
+    from curvopt.curvature import SECANT_NOISE_FLOOR, SecantNoiseState, noise_dominated
+
+    assert noise_dominated(SecantNoiseState(1.0, 1.0 - SECANT_NOISE_FLOOR, 1.0), np)
+    assert not noise_dominated(SecantNoiseState(1.0, 0.8, 1.0), np)
+    assert not noise_dominated(SecantNoiseState(-1.0, 0.0, 1.0), np)  # a negative secant: not the noise's doing
+    assert secant_collapsed(0.99e-2 / SECANT_COLLAPSE_FALL, 1e-2, True)
+    assert not secant_collapsed(1.01e-2 / SECANT_COLLAPSE_FALL, 1e-2, True)
+    assert not secant_collapsed(1e-9, 1e-2, False)
+
+
+def test_optax_collapse_follows_the_core():
+    """The Optax secant memory's peak and collapse flag (``jax_backend.oracles.secant_remember``) on rates fed in:
+    up to 1e-2, then down to 5e-5 where the noise dominates: collapsed; the same without the noise dominating, or
+    after a new probe (which starts a new peak): not."""
+    from jax_backend.oracles import secant_init, secant_remember
+
+    nan = jnp.float32(jnp.nan)
+
+    def collapsed(rates, dominated, probe_at=None):
+        g = {"w": jnp.ones(3)}
+        mem = secant_init(g, jnp.float32)
+        h = jnp.float32(1e-4)
+        mem = secant_remember(mem, g, 1.0, h, h, h, 0, jnp.float32, g, 1.0)
+        for step, lr in enumerate(rates, start=1):
+            probe = jnp.float32(lr) if step == probe_at else nan
+            mem = secant_remember(mem, g, 1.0, lr, probe, probe, step, jnp.float32, g, 1.0, dominated)
+        return bool(mem.collapsed)
+
+    rates = [1e-3, 1e-2, 1e-3, 1e-4, 5e-5]
+    assert collapsed(rates, True)
+    assert not collapsed(rates, False)
+    assert not collapsed(rates[:4], True)  # 100x below the peak, not more
+    assert not collapsed(rates[:2] + [1e-6] + rates[3:], True, probe_at=3)  # a new probe: a new peak
+
+
+def test_no_collapse_warning_on_small_mini_batches_that_train():
+    """The collapse warning stays quiet on runs whose rate climbs and settles: ``benchmarks.closure_free``'s digits
+    MLP behind Adam in batches of 16 of 512, closure-free, 400 steps, seeds 0-2 (and in a check of that module's two
+    MLPs at batches 16-512, seeds 0-2: 0 of 24 runs)."""
+    from benchmarks import closure_free as cf
+
+    task = cf.TASKS["digits MLP"]()
+    for seed in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, _, _ = cf.run(task, "secant+nc", 16, seed, 400)
+        assert train < 0.5
+        assert not any("fallen more than" in str(m.message) for m in caught)
+
+
+@pytest.mark.slow  # ~10 s
+def test_torch_warns_of_a_late_collapse_of_a_long_mini_batch_run():
+    """A field test's long run: a GRU character LM on ``pydoc_data.topics`` behind AdamW, closure-free in batches of
+    32, whose rate peaked at ~0.05 by step 200 and then fell without end as the noise came to dominate the secant
+    (3e-4 by step 1,500, 1e-5 by 3,000), silently. The collapse warning comes once the rate is 100x below its
+    peak (steps 1,231-1,479 on seeds 0-2; here seed 0)."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics[k] for k in sorted(topics))[:400_000]
+    vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+    data = torch.tensor([vocab[c] for c in text])
+    torch.manual_seed(0)
+    emb, rnn, out = torch.nn.Embedding(len(vocab), 32), torch.nn.GRU(32, 64, batch_first=True), \
+        torch.nn.Linear(64, len(vocab))
+    params = [p for m in (emb, rnn, out) for p in m.parameters()]
+    opt = CDAT(torch.optim.AdamW(params, lr=1.0))
+    gen = torch.Generator().manual_seed(1000)
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2000):
+            starts = torch.randint(0, len(data) - 33, (32,), generator=gen).tolist()
+            windows = torch.stack([data[i:i + 33] for i in starts])
+            opt.zero_grad()
+            logits = out(rnn(emb(windows[:, :-1]))[0])
+            torch.nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), windows[:, 1:].reshape(-1)).backward()
+            opt.step()
+            lrs.append(float(opt.stats["lr"]))
+            if any("fallen more than" in str(m.message) for m in caught):
+                break
+    assert 500 < len(lrs) < 2000  # warned, late
+    assert lrs[-1] < max(lrs) / 100
 
 
 def _minibatch_mlp_rates(dtype, steps=60):

@@ -60,14 +60,15 @@ import torch
 from torch import Tensor
 
 from curvopt.base import BaseMethod, direction_unit, followed_rate
-from curvopt.curvature import (SecantNoiseState, noise_correction_on, replay_mismatch, replay_mismatch_in_place,
-                               replay_slope_mismatch, secant_noise_corrected)
+from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_dominated, replay_mismatch,
+                               replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
-                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE,
+                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_COLLAPSE_MESSAGE,
+                            SECANT_STALL_MESSAGE, SKIP_MESSAGE,
                             ZERO_RATE_STEPS, accumulator_dtype_name, concave_reprobe, external_clip_suspected,
                             has_gradient, in_stall_units, moved_outside, probe_reads_forward,
-                            resolve_curvature, power_iters, secant_caveat, secant_probe_eps,
+                            resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
                             secant_stall_reference, secant_stalled, sharpness_due, watched_norms, zero_rate_message,
                             zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
@@ -317,6 +318,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: (the stall reference of its rate, the step its judgement window starts at, the window's first rate or
         #: NaN) of the last closure-free probing step, until judged (``secant_stalled``)
         self._probed: Optional[tuple[float, int, float]] = None
+        #: the largest closure-free secant rate since the last probing step, in stall units (``secant_collapsed``)
+        self._peak = 0.0
+        self._collapse_warned = False
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
         self.last_decrease_error = math.nan
@@ -891,6 +895,13 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = None
                 elif recovering or (math.isnan(first) and lr > 0):  # a new window, or its first rate
                     self._probed = (reference, count if recovering else start, rate)
+            if st.lagged and not st.probing and st.noise_state is not None and lr > 0:
+                rate = float(in_stall_units(lr, unit, S))
+                self._peak = max(self._peak, rate)
+                if not self._collapse_warned and secant_collapsed(rate, self._peak,
+                                                                  noise_dominated(st.noise_state, S)):
+                    self._collapse_warned = True
+                    warn(SECANT_COLLAPSE_MESSAGE)
             if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
                 self._watch_zero_rate(lr, st.numerator)
             if watch is not None:
@@ -917,6 +928,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
         if self._probed is None:
             self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
+        self._peak = 0.0
         return lr
 
     def _commit(self, st: _Step) -> None:
@@ -1484,6 +1496,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._store = None
         self._kept_globals = None
         self._probed = None
+        self._peak = 0.0
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
