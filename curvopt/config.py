@@ -494,6 +494,6 @@ def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
         elif name not in _FLOATS:
             raise ValueError(
                 f"the parameters hold a leaf of dtype {name}: the tuners step floating-point parameters only. "
-                "Keep counters and masks out of the parameters, or leave them out of the tuner (Optax: "
-                "optax.masked or optax.multi_transform)")
+                "Keep counters and masks out of the parameters (equinox: eqx.filter(model, eqx.is_inexact_array), "
+                "not eqx.is_array), or leave them out of the tuner (Optax: optax.masked or optax.multi_transform)")
     return out
