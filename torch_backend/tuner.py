@@ -895,7 +895,9 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = None
                 elif recovering or (math.isnan(first) and lr > 0):  # a new window, or its first rate
                     self._probed = (reference, count if recovering else start, rate)
-            if st.lagged and not st.probing and st.noise_state is not None and lr > 0:
+            if st.probing:  # a new peak from each probe (a concave start's too)
+                self._peak = 0.0
+            elif st.lagged and st.noise_state is not None and lr > 0:
                 rate = float(in_stall_units(lr, unit, S))
                 self._peak = max(self._peak, rate)
                 if not self._collapse_warned and secant_collapsed(rate, self._peak,
@@ -928,7 +930,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
         if self._probed is None:
             self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
-        self._peak = 0.0
         return lr
 
     def _commit(self, st: _Step) -> None:
