@@ -248,7 +248,8 @@ def probe_reads_forward(noise_corrected: bool) -> bool:
     ``benchmarks.closure_free``, batches of 32, 128 and 512 of 512, 200 steps, seeds 0-2) the last rates were
     1.3-7x float32's, the held-out loss up to 8.7x (Gaussian problem, batches of 128: 0.71-1.29 against 0.15) and
     the digits' train loss in batches of 32 0.064-0.117 against 0.017-0.037; with float32's probe the runs end
-    where float32's do (that train loss 0.020-0.031, the Gaussian runs to 3 digits). A probe below the parameters'
+    where float32's do (that train loss 0.020-0.031, the Gaussian runs to 3 digits; in full batch not on every seed:
+    docs/precision.md). A probe below the parameters'
     own resolution would be rounded away, so their dtype always counts."""
     return not noise_corrected
 
