@@ -28,6 +28,7 @@ __all__ = [
     "SECANT_COLLAPSE_MESSAGE",
     "secant_collapsed",
     "secant_stalled",
+    "stall_window",
     "in_stall_units",
     "secant_probe_eps",
     "probe_reads_forward",
@@ -299,6 +300,14 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_in_window: Any, window_lr: Any)
     recovering = due & below & (lr >= SECANT_STALL_RECOVERY * window_lr)
     judged = due & ~recovering
     return judged, judged & below, recovering
+
+
+def stall_window(lr: Any, step: Any, start: Any, window_lr: Any, recovering: Any, xp: Any) -> tuple[Any, Any]:
+    """``(start, window_lr)`` of the judgement window after a closure-free secant step at rate ``lr`` (in stall
+    units) that :func:`secant_stalled` did not judge: a new window from this step and rate where ``recovering``;
+    else the window's first rate is this one where it has none yet (NaN) and the step moved."""
+    first = (window_lr != window_lr) & (lr > 0)
+    return xp.where(recovering, step, start), xp.where(recovering | first, lr, window_lr)
 
 
 #: the factor by which a closure-free step at a concave start probes farther than the previous probe

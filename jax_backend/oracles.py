@@ -36,7 +36,7 @@ from jax.extend.core import Var, jaxpr_as_fun
 from curvopt import rules
 from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, in_stall_units, moved_outside,
                             probe_reads_forward, secant_collapsed, secant_probe_eps, secant_stall_reference,
-                            secant_stalled, watched_norms)
+                            secant_stalled, stall_window, watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
@@ -105,7 +105,8 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     rate = in_stall_units(lr, unit, jnp)
     judged, stalled, recovering = secant_stalled(rate, memory.probe_lr, steps - memory.probe_step, memory.window_lr)
     judged, recovering = (pending & x & ~probing for x in (judged, recovering))
-    first = pending & ~probing & jnp.isnan(memory.window_lr) & (lr > 0)  # the window's first rate
+    start, window_lr = stall_window(rate, steps, memory.probe_step, memory.window_lr, recovering, jnp)
+    window_lr = jnp.where(pending & ~probing, window_lr, memory.window_lr)
     new_probe = probing & ~pending
     moved = ~probing & (lr > 0)
     peak = jnp.where(probing, 0.0, jnp.where(moved, jnp.maximum(memory.peak_lr, rate), memory.peak_lr))
@@ -113,9 +114,8 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     reference = in_stall_units(reference, unit, jnp)
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
                         jnp.where(new_probe, reference, jnp.where(judged, jnp.nan, memory.probe_lr)),
-                        jnp.where(new_probe | recovering, steps, memory.probe_step),
-                        jnp.where(new_probe | judged, jnp.nan,
-                                  jnp.where(recovering | first, rate, memory.window_lr)).astype(dtype),
+                        jnp.where(new_probe, steps, start),
+                        jnp.where(new_probe | judged, jnp.nan, window_lr).astype(dtype),
                         jnp.where(judged, stalled, memory.stalled), peak.astype(dtype), collapsed, norms, moved,
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
                         jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype),

@@ -69,8 +69,8 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             ZERO_RATE_STEPS, accumulator_dtype_name, concave_reprobe, external_clip_suspected,
                             has_gradient, in_stall_units, moved_outside, probe_reads_forward,
                             resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
-                            secant_stall_reference, secant_stalled, sharpness_due, watched_norms, zero_rate_message,
-                            zero_rate_run)
+                            secant_stall_reference, secant_stalled, sharpness_due, stall_window, watched_norms,
+                            zero_rate_message, zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -893,8 +893,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     warn(SECANT_STALL_MESSAGE)
                 if judged:
                     self._probed = None
-                elif recovering or (math.isnan(first) and lr > 0):  # a new window, or its first rate
-                    self._probed = (reference, count if recovering else start, rate)
+                else:  # (NumPy: float64 holds the step count exactly)
+                    self._probed = (reference, *map(float, stall_window(rate, count, start, first, recovering, np)))
             if st.probing:  # a new peak from each probe (a concave start's too)
                 self._peak = 0.0
             elif st.lagged and st.noise_state is not None and lr > 0:
