@@ -748,6 +748,10 @@ def test_gamma_depth_and_builtin_attention_both_backends():
     assert flax_lr() != pytest.approx(torch_lr())  # L = 5 weight tensors in flax, 3 in torch
     for depth in (2, 6):
         assert torch_lr(gamma_depth=depth) == pytest.approx(flax_lr(gamma_depth=depth))
+    # independently of the core's table: SGD's γ > 1 scale is γ^(2/L), and the defaults are L = 3 and 5
+    assert torch_lr(gamma_depth=2) / torch_lr(gamma_depth=6) == pytest.approx(4.0 ** (2 / 2 - 2 / 6))
+    assert torch_lr() == pytest.approx(torch_lr(gamma_depth=3))
+    assert flax_lr() == pytest.approx(flax_lr(gamma_depth=5))
 
 
 class _PaddedEmbedding(nn.Module):

@@ -419,22 +419,34 @@ def test_complex_parameters_are_refused_at_construction():
 
 @pytest.mark.parametrize("tuner", sorted(TUNERS))
 def test_zero_size_parameters_work(tuner):
+    """An empty parameter (with its empty gradient) changes nothing: the same rates and parameters as without it."""
     _attack("zero_size")
-    model, x, y = model_and_data()
-    empty = nn.Parameter(torch.zeros(0, 3, dtype=DT))
-    params = list(model.parameters()) + [empty]
-    faults = Faults(None, model, x, y)
-    opt = TUNERS[tuner](torch.optim.Adam(params, lr=0.1), model, faults.functional_loss)
-    faults.opt = opt
+    runs = []
+    for with_empty in (True, False):
+        model, x, y = model_and_data()
+        empty = nn.Parameter(torch.zeros(0, 3, dtype=DT))
+        params = list(model.parameters()) + [empty] * with_empty
+        faults = Faults(None, model, x, y)
+        opt = TUNERS[tuner](torch.optim.Adam(params, lr=0.1), model, faults.functional_loss)
+        faults.opt = opt
 
-    def closure():
-        loss = faults.closure()
-        (empty.sum() * 0).backward()  # the empty parameter gets an (empty) gradient
-        return loss
+        def closure():
+            loss = faults.closure()
+            if with_empty:
+                (empty.sum() * 0).backward()  # the empty parameter gets an (empty) gradient
+            return loss
 
-    for _ in range(3):
-        opt.step(closure)
-    assert all(bool(torch.isfinite(p).all()) for p in params)
+        before = [p.detach().clone() for p in model.parameters()]
+        lrs = []
+        for _ in range(3):
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        assert int(opt.stats["skipped"]) == 0 and lrs[0] > 0
+        assert empty.shape == (0, 3)
+        runs.append((lrs, [p.detach() for p in model.parameters()]))
+        assert not all(torch.equal(p, b) for p, b in zip(runs[-1][1], before))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     TALLY["survived"] += 1
 
 
