@@ -7,7 +7,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from .validation import check_choice, check_nonnegative, check_positive_int
 
@@ -106,6 +106,30 @@ def as_sharpness(value: SharpnessLike, default: SharpnessConfig | None = None) -
         raise ValueError(f"sharpness must be a SharpnessConfig, an int (estimate every k steps) or None, "
                          f"got {value!r}")
     return SharpnessConfig(every=value)
+
+
+#: the 0.1 keywords ``sharpness=`` replaces (deprecated for one release) -> their :class:`SharpnessConfig` fields
+LEGACY_SHARPNESS = {"sharpness_every": "every", "sharpness_iters": "iters",
+                    "sharpness_first_iters": "first_iters", "sharpness_tol": "tol"}
+
+
+def legacy_sharpness(value: Any, legacy: dict, tuner: str, warn: Callable[..., None]) -> dict:
+    """The :class:`SharpnessConfig` fields the deprecated ``sharpness_*`` keywords set (``legacy``: keyword ->
+    value, None where not given); empty when none is given. Otherwise ``warn(message, DeprecationWarning)`` (the
+    backend's warning), then a ``ValueError`` if ``sharpness=`` (``value``) is given too. An unknown keyword is a
+    ``TypeError``, as Python's own for a function that does not take it."""
+    unknown = set(legacy) - set(LEGACY_SHARPNESS)
+    if unknown:
+        raise TypeError(f"{tuner}() got unexpected keyword argument(s) {sorted(unknown)}")
+    given = {k: v for k, v in legacy.items() if v is not None}
+    if not given:
+        return {}
+    warn(f"{tuner}: {', '.join(sorted(given))} are deprecated and will be removed in the next release; pass "
+         "sharpness=SharpnessConfig(every=..., iters=..., first_iters=..., tol=...) (or sharpness=k: estimate "
+         "every k steps)", DeprecationWarning)
+    if value is not None:
+        raise ValueError(f"{tuner}: pass either sharpness= or the deprecated {sorted(given)}, not both")
+    return {LEGACY_SHARPNESS[k]: v for k, v in given.items()}
 
 
 def sharpness_due(count: Any, every: Any, last: Any = 0.0) -> Any:
@@ -214,6 +238,13 @@ def secant_collapsed(rate: Any, peak: Any, dominated: Any) -> Any:
     ``benchmarks.closure_free``'s two MLPs (batches of 16-512, 400 steps, seeds 0-2: 24 runs) or on a fine-tuning
     field test (6 seeds)."""
     return dominated & (rate * SECANT_COLLAPSE_FALL < peak)
+
+
+def collapse_peak(rate: Any, peak: Any, probing: Any, moved: Any, xp: Any) -> Any:
+    """The peak :func:`secant_collapsed` judges a rate against, after a closure-free step at ``rate`` (in
+    :func:`in_stall_units`): 0 again at a probing step (a new peak from each probe, a concave start's too), the
+    larger of the two where the step ``moved`` (a secant step at a rate above 0), else ``peak`` unchanged."""
+    return xp.where(probing, 0.0, xp.where(moved, xp.maximum(peak, rate), peak))
 
 
 #: float32's machine epsilon: the closure-free probing step is sized by at least it (:func:`secant_probe_eps`), and
@@ -327,6 +358,12 @@ def concave_reprobe(lr: Any, numerator: Any, curvature: Any, last_probe: Any, lr
     reprobe = (lr == 0) & (numerator > 0) & (curvature <= 0) & xp.isfinite(last_probe)
     grown = REPROBE_GROWTH * xp.where(reprobe, last_probe, 0.0)
     return xp.where(reprobe, xp.where(grown < lr_max, grown, lr_max), lr), reprobe
+
+
+def remember_probe(last_probe: Any, lr: Any, probing: Any, xp: Any) -> Any:
+    """The ``last_probe`` :func:`concave_reprobe` reads, after a closure-free step at rate ``lr``: this rate at a
+    probing step, NaN once a step moves (``lr > 0``), else unchanged (a step that took no step keeps it)."""
+    return xp.where(probing, lr, xp.where(lr > 0, float("nan"), last_probe))
 
 
 #: consecutive secant steps whose gradients all have one norm (to :data:`EXTERNAL_CLIP_RTOL`) before

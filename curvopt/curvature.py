@@ -91,7 +91,7 @@ class SecantNoiseState(NamedTuple):
     secant_scale_avg: Any
 
 
-def noise_dominated(state: SecantNoiseState, xp: Any, floor: Any = SECANT_NOISE_FLOOR) -> Any:
+def noise_dominated(state: SecantNoiseState, floor: Any = SECANT_NOISE_FLOOR) -> Any:
     """Whether the averaged noise estimate leaves less than ``floor`` of the averaged secant numerator
     (:func:`secant_noise_corrected`'s averages, ``state``): the corrected curvature then sits at its floor, an
     overestimate of a curvature the noise hides, and the rate set from it is too small. A rate kept small that way

@@ -16,7 +16,8 @@ two products can be 40x low, and an edge-of-stability rate 40x high), and the tu
 (:func:`curvopt.config.sharpness_due`). If the dominant eigenvalue turns out negative, a second pass on
 ``M - lambda I`` from a fresh vector finds the top (algebraic) one, its stopping test on the unshifted
 quotient. The standalone
-``hessian_top_eigenvalue`` of both backends uses SciPy's ARPACK instead (accurate to its ``tol``).
+``hessian_top_eigenvalue`` of both backends uses SciPy's ARPACK instead (accurate to its ``tol``):
+:func:`arpack_top_eigenpair`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 from .curvature import rayleigh_converged
 
-__all__ = ["VectorOps", "PowerState", "power_init", "power_step"]
+__all__ = ["VectorOps", "PowerState", "power_init", "power_step", "ARPACK_TOL", "arpack_top_eigenpair"]
 
 
 class VectorOps(Protocol):
@@ -90,3 +91,27 @@ def power_step(state: PowerState, matvec: Callable[[Any], Any], *, fresh: Any, i
         pass_used=xp.where(switch, pass_used * 0, pass_used),
         done=over & ~switch,
     )
+
+
+#: the standalone eigen-solver's default relative accuracy of the eigenvalue (:func:`arpack_top_eigenpair`)
+ARPACK_TOL = 1e-6
+
+
+def arpack_top_eigenpair(matvec: Callable[[Any], Any], n: int, v0: Any = None, *, tol: float = ARPACK_TOL,
+                         maxiter: int | None = None) -> tuple[float, Any]:
+    """``(lambda, unit eigenvector)``: the largest algebraic eigenvalue of the symmetric operator ``matvec`` on
+    float64 NumPy vectors of size ``n``, by SciPy's ARPACK (``eigsh``, ``which="LA"``) from ``v0`` (None: ARPACK's
+    random start), ``tol`` its relative accuracy of the eigenvalue, ``maxiter`` its cap on restarts (None:
+    ``max(100, 10 n)``). Below 3 unknowns, the dense matrix from ``n`` products and its exact decomposition instead
+    (ARPACK's Lanczos basis there would cost as many products). Both backends' standalone
+    ``hessian_top_eigenvalue`` call it, on the host."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    if n < 3:
+        H = np.stack([matvec(np.eye(n)[i]) for i in range(n)], axis=1)
+        vals, vecs = np.linalg.eigh(0.5 * (H + H.T))
+        return float(vals[-1]), vecs[:, -1]
+    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    vals, vecs = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=maxiter or max(100, 10 * n))
+    return float(vals[0]), vecs[:, 0] / np.linalg.norm(vecs[:, 0])

@@ -601,7 +601,7 @@ class CDATRule:
     where at the edge of stability the self term is a real slope (the previous momentum lags the gradient).
 
     The tuners' default ``ema`` depends on the base (:func:`default_ema`; both backends take ``ema=None`` to
-    mean it): 0.99 for Adam (this value's own default), 0.9 for gradient descent and heavy ball. Why the base
+    mean it): 0.99 for Adam (this value's own default), 0.9 for gradient descent, heavy ball and Nesterov. Why the base
     matters: the two averages weight each step by its own curvature (the rate is a harmonic mean of the
     per-step rates ``n_t / d_t`` weighted by ``n_t``), so one step whose curvature is ``k`` times the usual
     one holds the rate down for about ``log(k) / -log(ema)`` steps (``k = 100``: 460 steps at 0.99, 44 at

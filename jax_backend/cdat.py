@@ -335,7 +335,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 probe, reference = jnp.where(reprobe, lr, probe), jnp.where(reprobe, lr, reference)
             secant = state.secant
             if oracle == "secant":
-                dominated = False if noise_memory is None else noise_dominated(noise_memory.averages, jnp)
+                dominated = False if noise_memory is None else noise_dominated(noise_memory.averages)
                 secant = secant_remember(state.secant, p.d, p.numerator, lr, probe, reference, state.steps, dtype,
                                          p.grad, unit, dominated)
             out, stats = finish(updates, p, lr, curvature=curv, sharpness=sharpness, calls=1 + calls + used,

@@ -34,9 +34,9 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, external_clip_suspected, in_stall_units, moved_outside,
-                            probe_reads_forward, secant_collapsed, secant_probe_eps, secant_stall_reference,
-                            secant_stalled, stall_window, watched_norms)
+from curvopt.config import (EXTERNAL_CLIP_STEPS, collapse_peak, external_clip_suspected, in_stall_units,
+                            moved_outside, probe_reads_forward, remember_probe, secant_collapsed, secant_probe_eps,
+                            secant_stall_reference, secant_stalled, stall_window, watched_norms)
 from curvopt.curvature import finite_difference_curvature
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
@@ -109,7 +109,7 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     window_lr = jnp.where(pending & ~probing, window_lr, memory.window_lr)
     new_probe = probing & ~pending
     moved = ~probing & (lr > 0)
-    peak = jnp.where(probing, 0.0, jnp.where(moved, jnp.maximum(memory.peak_lr, rate), memory.peak_lr))
+    peak = collapse_peak(rate, memory.peak_lr, probing, moved, jnp)
     collapsed = memory.collapsed | (moved & secant_collapsed(rate, peak, dominated))
     reference = in_stall_units(reference, unit, jnp)
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
@@ -118,7 +118,7 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
                         jnp.where(new_probe | judged, jnp.nan, window_lr).astype(dtype),
                         jnp.where(judged, stalled, memory.stalled), peak.astype(dtype), collapsed, norms, moved,
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
-                        jnp.where(probing, probe, jnp.where(lr > 0, jnp.nan, memory.last_probe)).astype(dtype),
+                        remember_probe(memory.last_probe, jnp.where(probing, probe, lr), probing, jnp).astype(dtype),
                         memory.left_sq, memory.moved_outside)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from curvopt.config import SharpnessConfig, as_sharpness
+from curvopt.config import SharpnessConfig, as_sharpness, legacy_sharpness
 from curvopt.validation import is_abstract
 
 from .warning import warn
@@ -41,16 +41,9 @@ def sharpness_setting(value: Any, default: SharpnessConfig, tuner: str, **legacy
     """The tuner's online-sharpness settings from ``sharpness=`` (a :class:`SharpnessConfig`, an int period, or
     None for the rule's ``default``) or from the deprecated ``sharpness_*`` keywords (``legacy``, None = not
     given). An array period (``inject_hyperparams``) is kept as the config's ``every``."""
-    given = {k: v for k, v in legacy.items() if v is not None}
-    if given:
-        warn(f"{tuner}: {', '.join(sorted(given))} are deprecated and will be removed in the next "
-             "release; pass sharpness=SharpnessConfig(every=..., iters=..., first_iters=..., tol=...) "
-             "(or sharpness=k for every k steps)", DeprecationWarning)
-        if value is not None:
-            raise ValueError(f"{tuner}: pass either sharpness= or the deprecated sharpness_* keywords, not both")
-        fields = dataclasses.asdict(default)
-        fields.update({k[len("sharpness_"):]: v for k, v in given.items()})
-        return make(SharpnessConfig, **fields)
+    fields = legacy_sharpness(value, legacy, tuner, warn)
+    if fields:
+        return make(SharpnessConfig, **{**dataclasses.asdict(default), **fields})
     if _is_array(value):
         return make(SharpnessConfig, every=value)
     return as_sharpness(value, default)

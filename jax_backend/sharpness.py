@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 from curvopt.base import BaseMethod
 from curvopt.config import SharpnessConfig, power_iters, sharpness_due
-from curvopt.eigen import power_init, power_step
+from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
 from .direction import accumulator_dtype, add_scaled, has_masked, merge_masked, norm, scaled, vdot
@@ -182,7 +182,7 @@ def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, 
 
 
 def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, preconditioner: Any = None,
-                           v0: Any = None, tol: float = 1e-6, max_products: int | None = None,
+                           v0: Any = None, tol: float = ARPACK_TOL, max_products: int | None = None,
                            **fn_kwargs: Any) -> tuple[float, Any]:
     """``(lambda_max, unit eigenvector)`` of the Hessian of ``value_fn(params, **fn_kwargs)`` at ``params``
     (on the host, not inside ``jit``): SciPy's ARPACK (``eigsh``, ``which="LA"``, the largest algebraic
@@ -199,8 +199,6 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     (``train=True``, ``mode="sum"``, Python numbers) are bound as Python values, so ``value_fn`` can branch on
     them (each new value compiles once more).
     """
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
     flat, unravel = ravel_pytree(params)
     n = flat.size
     arrays, static = _split_kwargs(accepted_kwargs(value_fn, fn_kwargs))
@@ -211,13 +209,8 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
         v = unravel(jnp.asarray(np.ravel(x), flat.dtype))
         return np.asarray(ravel_pytree(_hvp(value_fn, static, params, v, preconditioner, arrays))[0], np.float64)
 
-    if n == 1:
-        lam = float(mv(np.ones(1))[0])
-        return lam, unravel(jnp.ones(1, flat.dtype))
-    op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
-    vals, vecs = eigsh(op, k=1, which="LA", v0=start, tol=tol, maxiter=max_products or max(100, 10 * n))
-    v = vecs[:, 0] / np.linalg.norm(vecs[:, 0])
-    return float(vals[0]), unravel(jnp.asarray(v, flat.dtype))
+    lam, v = arpack_top_eigenpair(mv, n, start, tol=tol, maxiter=max_products)
+    return lam, unravel(jnp.asarray(v, flat.dtype))
 
 
 class _Static:

@@ -312,3 +312,17 @@ def test_catapult_sharpness_is_filled_forward_at_its_ends():
 def test_no_catapult_when_the_sharpness_is_unchanged():
     """D02 (``after < before`` -> ``<=``): a spike that ends as sharp as it started is not a catapult."""
     assert detect_catapults([2.0, 1.0, 5.0, 0.9], [10, 10, 10, 10]) == []
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 12])
+def test_arpack_top_eigenpair_matches_a_dense_decomposition(n):
+    """The standalone solver's top (algebraic) eigenpair against NumPy's dense decomposition, float64: the dense
+    path below 3 unknowns and ARPACK above, on a matrix whose largest-magnitude eigenvalue is negative."""
+    rng = np.random.default_rng(n)
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    vals = np.linspace(-3.0, 1.0, n) if n > 1 else np.array([-2.0])
+    A = q @ np.diag(vals) @ q.T
+    lam, v = eigen.arpack_top_eigenpair(lambda x: A @ x, n, rng.standard_normal(n), tol=1e-12)
+    assert lam == pytest.approx(vals.max(), abs=1e-10)
+    assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(A @ v, lam * v, atol=1e-8)

@@ -311,9 +311,9 @@ def test_a_collapse_is_a_fall_far_below_the_peak_where_the_noise_dominates():
     from curvopt.config import SECANT_COLLAPSE_FALL, secant_collapsed
     from curvopt.curvature import SECANT_NOISE_FLOOR, SecantNoiseState, noise_dominated
 
-    assert noise_dominated(SecantNoiseState(1.0, 1.0 - SECANT_NOISE_FLOOR, 1.0), np)
-    assert not noise_dominated(SecantNoiseState(1.0, 0.8, 1.0), np)
-    assert not noise_dominated(SecantNoiseState(-1.0, 0.0, 1.0), np)  # a negative secant: not the noise's doing
+    assert noise_dominated(SecantNoiseState(1.0, 1.0 - SECANT_NOISE_FLOOR, 1.0))
+    assert not noise_dominated(SecantNoiseState(1.0, 0.8, 1.0))
+    assert not noise_dominated(SecantNoiseState(-1.0, 0.0, 1.0))  # a negative secant: not the noise's doing
     assert secant_collapsed(0.99e-2 / SECANT_COLLAPSE_FALL, 1e-2, True)
     assert not secant_collapsed(1.01e-2 / SECANT_COLLAPSE_FALL, 1e-2, True)
     assert not secant_collapsed(1e-9, 1e-2, False)

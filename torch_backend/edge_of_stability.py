@@ -20,8 +20,9 @@ __all__ = ["EdgeOfStability"]
 
 
 class EdgeOfStability(CurvatureTuner):
-    """``lr = sigma * c / lambda`` with ``c`` the base's stability coefficient (2 for GD, ``2 + 2 beta`` for
-    heavy ball, ``(2 + 2 beta1) / (1 - beta1)`` for Adam, from the base's first group at each step, so a
+    """``lr = sigma * c / lambda`` with ``c`` the base's stability coefficient
+    (:func:`curvopt.thresholds.stability_coefficient`: 2 for GD, ``(2 + 2 beta1) / (1 - beta1)`` for Adam; heavy ball
+    and Nesterov by their momentum and dampening), read from the base's first group at each step, so a
     scheduler that cycles the momentum or beta1 moves it; ``stability_coefficient`` fixes it) and ``lambda``
     the online sharpness
     (``lambda_max(P^-1 H)`` for Adam/AdamW bases, ``lambda_max(H)`` otherwise).

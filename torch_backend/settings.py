@@ -6,16 +6,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from curvopt.config import SharpnessConfig, as_sharpness
+from curvopt.config import LEGACY_SHARPNESS, SharpnessConfig, as_sharpness, legacy_sharpness
 
 from .warning import warn
 
 __all__ = ["default_of", "RuleField", "resolve_sharpness"]
-
-#: deprecated keywords (one release) -> SharpnessConfig fields
-_LEGACY_SHARPNESS = {"sharpness_every": "every", "sharpness_iters": "iters",
-                     "sharpness_first_iters": "first_iters", "sharpness_tol": "tol"}
-
 
 def default_of(rule_cls: type, name: str) -> Any:
     """The core's default of a rule field (the tuners' constructor defaults are the core's, never restated)."""
@@ -37,23 +32,14 @@ class RuleField:
 
 
 def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
-    """``sharpness=`` (SharpnessConfig | int | None) plus the deprecated ``sharpness_*`` keywords."""
-    unknown = set(legacy) - set(_LEGACY_SHARPNESS)
-    if unknown:
-        raise TypeError(f"{tuner}() got unexpected keyword argument(s) {sorted(unknown)}")
+    """``sharpness=`` (SharpnessConfig | int | None) plus the deprecated ``sharpness_*`` keywords
+    (:func:`curvopt.config.legacy_sharpness`)."""
+    fields = legacy_sharpness(sharpness, legacy, tuner, warn)
     cfg = as_sharpness(sharpness, default)
-    given = {k: v for k, v in legacy.items() if v is not None}
-    if not given:
-        return cfg
-    if sharpness is not None:
-        raise ValueError(f"{tuner}: give either sharpness= or the deprecated {sorted(given)}, not both")
-    warn(f"{tuner}: {', '.join(sorted(given))} are deprecated; pass sharpness=SharpnessConfig(...) (or "
-         "an int: estimate every k steps)", DeprecationWarning)
-    fields = {_LEGACY_SHARPNESS[k]: v for k, v in given.items()}
     try:
-        return dataclasses.replace(cfg, **fields)
+        return dataclasses.replace(cfg, **fields) if fields else cfg
     except ValueError as e:  # name the keyword the caller used
-        for k, f in _LEGACY_SHARPNESS.items():
+        for k, f in LEGACY_SHARPNESS.items():
             if f"sharpness.{f} " in str(e):
                 raise ValueError(f"{k}: {e}") from None
         raise

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from curvopt.eigen import power_init, power_step
+from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, power_init, power_step
 from curvopt.preconditioner import sandwich
 from curvopt.rules import finite_difference_step
 
@@ -95,7 +95,6 @@ def power_estimate(matvec: MatVec, v0: list[Tensor], previous: Tensor, *, iters:
 
 def _eigsh(matvec: MatVec, start: list[Tensor], iters: int, tol: float) -> tuple[float, list[Tensor]]:
     import numpy as np
-    from scipy.sparse.linalg import LinearOperator, eigsh
 
     shapes = [t.shape for t in start]
     sizes = [t.numel() for t in start]
@@ -109,21 +108,16 @@ def _eigsh(matvec: MatVec, start: list[Tensor], iters: int, tol: float) -> tuple
         out = matvec(to_list(x))
         return torch.cat([o.reshape(-1) for o in out]).to("cpu", torch.float64).numpy()
 
-    n = sum(sizes)
-    if n < 3:  # ARPACK needs k < n - 1: the dense matrix from n products
-        H = np.stack([mv(np.eye(n)[i]) for i in range(n)], axis=1)
-        vals, vecs = np.linalg.eigh(0.5 * (H + H.T))
-        return float(vals[-1]), to_list(vecs[:, -1])
-    op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
     v0 = torch.cat([t.reshape(-1) for t in start]).to("cpu", torch.float64).numpy()
-    vals, vecs = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=iters)
-    return float(vals[0]), to_list(vecs[:, 0])
+    lam, vec = arpack_top_eigenpair(mv, sum(sizes), v0, tol=tol, maxiter=iters)
+    return lam, to_list(vec)
 
 
 def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tensor], *,
                            preconditioner: PreconditionerLike = None, v0: Optional[Sequence[Tensor]] = None,
-                           iters: int = 100, tol: float = 1e-6, method: str = "eigsh", modules: ModulesLike = None,
-                           generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[Tensor]]:
+                           iters: int = 100, tol: float = ARPACK_TOL, method: str = "eigsh",
+                           modules: ModulesLike = None, generator: Optional[torch.Generator] = None
+                           ) -> tuple[Tensor, list[Tensor]]:
     """Top Hessian eigenvalue ``lambda_max(H)`` (or ``lambda_max(P^-1 H)``) at the current parameters.
 
     ``closure`` follows the LBFGS convention (zeroes the gradients, computes the loss, calls ``backward``,

@@ -65,12 +65,12 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_domi
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_COLLAPSE_MESSAGE,
-                            SECANT_STALL_MESSAGE, SKIP_MESSAGE,
-                            ZERO_RATE_STEPS, accumulator_dtype_name, concave_reprobe, external_clip_suspected,
-                            has_gradient, in_stall_units, moved_outside, probe_reads_forward,
-                            resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
-                            secant_stall_reference, secant_stalled, sharpness_due, stall_window, watched_norms,
-                            zero_rate_message, zero_rate_run)
+                            SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS, accumulator_dtype_name,
+                            collapse_peak, concave_reprobe, external_clip_suspected, has_gradient, in_stall_units,
+                            moved_outside, probe_reads_forward, remember_probe, resolve_curvature, power_iters,
+                            secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
+                            secant_stalled, sharpness_due, stall_window, watched_norms, zero_rate_message,
+                            zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -895,13 +895,12 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = None
                 else:  # (NumPy: float64 holds the step count exactly)
                     self._probed = (reference, *map(float, stall_window(rate, count, start, first, recovering, np)))
-            if st.probing:  # a new peak from each probe (a concave start's too)
-                self._peak = 0.0
-            elif st.lagged and st.noise_state is not None and lr > 0:
+            moved = st.lagged and not st.probing and st.noise_state is not None and lr > 0  # (the watched steps)
+            if st.probing or moved:
                 rate = float(in_stall_units(lr, unit, S))
-                self._peak = max(self._peak, rate)
-                if not self._collapse_warned and secant_collapsed(rate, self._peak,
-                                                                  noise_dominated(st.noise_state, S)):
+                self._peak = float(collapse_peak(rate, self._peak, st.probing, moved, np))
+                if moved and not self._collapse_warned and secant_collapsed(rate, self._peak,
+                                                                            noise_dominated(st.noise_state)):
                     self._collapse_warned = True
                     warn(SECANT_COLLAPSE_MESSAGE)
             if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
@@ -981,9 +980,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
         glob[layout.STEP] = st.count + 1
         glob[layout.LAST_GROUP_LR] = group_lr_t
-        if st.probing:  # the last probe, until the rule moves (concave_reprobe)
-            glob[layout.LAST_PROBE] = torch.tensor(float(lr), dtype=acc, device=dev)
-        elif lr > 0:
+        last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
+                                    else S(math.nan), S(float(lr)), st.probing, S)  # (concave_reprobe's)
+        if S.isfinite(last_probe):
+            glob[layout.LAST_PROBE] = torch.tensor(float(last_probe), dtype=acc, device=dev)
+        else:
             glob.pop(layout.LAST_PROBE, None)
         glob.setdefault(layout.SKIPPED, 0)
         if st.replay_scale is not None:
