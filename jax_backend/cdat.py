@@ -17,7 +17,7 @@ from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_nu
 from curvopt.stats import TunerStats
 from curvopt.validation import check_choice
 
-from .direction import abs_max, accumulator_dtype, flat
+from .direction import abs_max, accumulator_dtype, flat, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
                     over_preconditioner, rate_multipliers, seen_scale)
 from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember, secant_watch_motion
@@ -229,7 +229,7 @@ def _momentum_numerator(p: Any, method: BaseMethod, base_state: Any, before: Any
     mu = flat(adam.mu, p.dtype, like=p.grad)
     g_in = adam_averaged_gradient(p.grad, adam, find_adam_state(before, method.b2), method, p.dtype)
     scaled_g = _over_adam(g, p, method, adam, base_state)
-    return momentum_numerator(p.numerator, optax.tree.vdot(scaled_g, g_in), optax.tree.vdot(scaled_g, mu),
+    return momentum_numerator(p.numerator, runs_vdot(scaled_g, g_in), runs_vdot(scaled_g, mu),
                               beta1=method.b1, step=adam.count.astype(p.dtype), xp=jnp)
 
 
@@ -241,7 +241,7 @@ def _paired_numerator(p: Any, method: BaseMethod, base_state: Any, memory: Paire
         return p.numerator
     r = optax.tree.sub(flat(p.grad, p.dtype), flat(memory.predicted_grad, p.dtype, like=p.grad))
     d_r = _over_adam(r, p, method, adam, base_state)
-    return paired_numerator(p.numerator, optax.tree.vdot(d_r, r), beta1=method.b1, has=memory.predicted, xp=jnp)
+    return paired_numerator(p.numerator, runs_vdot(d_r, r), beta1=method.b1, has=memory.predicted, xp=jnp)
 
 
 def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemory:

@@ -15,6 +15,7 @@ extra argument (``grad=``) to that structure.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from curvopt.runs import CONCAT_BELOW, cut_into_runs
 
 from .warning import warn
 
-__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "flat", "norm", "add_scaled", "scaled",
+__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled", "scaled",
            "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates", "NEGATED_DIRECTION_MESSAGE"]
 
 _NEGATED = (
@@ -59,7 +60,19 @@ def vdot(a: Any, b: Any, dtype: Any) -> Any:
     time close to the bare base's. ``b`` must have ``a``'s structure."""
     if not jax.tree.leaves(a):
         return jnp.zeros((), dtype)
-    return optax.tree.vdot(flat(a, dtype), flat(b, dtype, like=a)).astype(dtype)
+    return runs_vdot(flat(a, dtype), flat(b, dtype, like=a)).astype(dtype)
+
+
+def runs_vdot(a: tuple, b: tuple) -> Any:
+    """``a^T b`` of two trees of real arrays of one structure and shapes (the runs of :func:`flat`): one
+    ``tensordot`` over every axis of each array, as ``optax.tree.vdot`` means to, without raveling: a ravel of an
+    array split across devices along another than its first axis (a weight matrix split by columns over a
+    ``model`` mesh axis) gathers it whole on every device. (optax 0.2.8 ravels with jnp.vdot under any JAX from
+    0.10: its test ``jax.__version__ < '0.7.2'`` compares strings. Measured in a field test, a 2.1M-parameter MLP
+    split 4 ways by columns: ``cdat`` behind Adam closure-free held 90 MiB of temporaries per device, one device
+    unsplit 65 MiB, bare ``optax.adam`` 2 MiB.)"""
+    dots = jax.tree.map(lambda x, y: jnp.tensordot(x, y, jnp.ndim(x), precision=jax.lax.Precision.HIGHEST), a, b)
+    return jax.tree.reduce(operator.add, dots, initializer=0)
 
 
 def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
@@ -74,14 +87,12 @@ def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
     array (a base state inside the base's own ``optax.masked``/``multi_transform``: the frozen part of the tree
     has no moments) reads as zeros."""
     ref = jax.tree.leaves(tree if like is None else like)
-    if like is None:
-        parts = [jnp.ravel(x).astype(dtype) for x in ref]
-    else:
-        parts = [jnp.zeros(jnp.size(y), dtype) if _is_masked(x) else jnp.ravel(x).astype(dtype)
-                 for x, y in zip(jax.tree.structure(like).flatten_up_to(tree), ref)]
+    leaves = ref if like is None else jax.tree.structure(like).flatten_up_to(tree)
+    parts = [jnp.zeros(jnp.shape(y), dtype) if _is_masked(x) else jnp.asarray(x).astype(dtype)
+             for x, y in zip(leaves, ref)]
     sizes = [jnp.size(x) for x in ref]
-    return tuple(jnp.concatenate([parts[i] for i in run]) for run in
-                 cut_into_runs(range(len(sizes)), sizes, CONCAT_BELOW))
+    return tuple(parts[run[0]] if len(run) == 1 else jnp.concatenate([jnp.ravel(parts[i]) for i in run])
+                 for run in cut_into_runs(range(len(sizes)), sizes, CONCAT_BELOW))
 
 
 def norm(a: Any, dtype: Any) -> Any:

@@ -27,7 +27,7 @@ from curvopt.curvature import (SecantNoiseState, gradient_fit, gradient_scale, g
                                secant_noise_corrected, secant_noise_numerator)
 from curvopt.preconditioner import adam_preconditioner
 
-from .direction import flat, like_params
+from .direction import flat, like_params, runs_vdot
 from .mup import find_lr_mults
 from .sharpness import find_adam_state
 
@@ -168,7 +168,7 @@ def _times(metric: Any, v: Any) -> Any:
     return optax.tree.mul(metric, v) if isinstance(metric, tuple) else optax.tree.scale(metric, v)
 
 
-_dot = optax.tree.vdot  # over flat trees: one reduction per run
+_dot = runs_vdot  # over flat trees: one reduction per run
 
 
 def corrected_secant(memory: NoiseMemory, metric: Any, seen: Any, grad: Any, prev_incoming: Any,
