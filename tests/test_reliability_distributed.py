@@ -413,6 +413,18 @@ def test_vector_reductions_go_through_a_sharded_reducer_exactly_once():
 
 
 # ------------------------------------------------------------------------------------------------ JAX
+def _run_jax_script(script):
+    """Run ``script`` in a fresh process (its own XLA device count) and return the JSON of its ``RESULT`` line."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
 JAX_SHARDED = r"""
 import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -480,14 +492,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_jax_batch_sharded_over_two_devices_matches_unsharded():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", JAX_SHARDED], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    import json
-
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = _run_jax_script(JAX_SHARDED)
     print({k: (r["rel"], r["prel"]) for k, r in out.items()})
     for name, r in out.items():
         assert r["sharded"], name
@@ -560,14 +565,7 @@ def test_jax_model_parallel_weights_stay_split():
     gathered whole on each device by the tuner's inner products (a field test: a 2.1M-parameter MLP split 4 ways
     held 90 MiB of temporaries per device behind closure-free CDAT, 65 MiB unsplit on one device: each ``jnp.vdot``
     raveled the split matrix), and the rates are the unsplit run's."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", JAX_MODEL_PARALLEL], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    import json
-
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    out = json.loads(line[len("RESULT "):])
+    out = _run_jax_script(JAX_MODEL_PARALLEL)
     print({k: (r["temp"], r["ref_temp"], r["gathered"]) for k, r in out.items()})
     for name, r in out.items():
         assert "f32[1024,1280]" not in r["gathered"], (name, r["gathered"])
