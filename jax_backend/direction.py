@@ -27,8 +27,9 @@ from curvopt.runs import CONCAT_BELOW, cut_into_runs
 
 from .warning import warn
 
-__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled", "scaled",
-           "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates", "NEGATED_DIRECTION_MESSAGE"]
+__all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled",
+           "scaled", "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates",
+           "NEGATED_DIRECTION_MESSAGE"]
 
 _NEGATED = (
     "curvopt: the direction handed to the tuner is an ascent direction {evidence}: the "
@@ -53,11 +54,11 @@ def least_precise_eps(params: Any) -> float:
 
 
 def vdot(a: Any, b: Any, dtype: Any) -> Any:
-    """``a^T b`` accumulated in ``dtype`` (0 for empty trees): one ``jnp.vdot`` per run of concatenated leaves
-    (:func:`flat`; a small tree is one run), rather than ``optax.tree.vdot``'s one per leaf. XLA:CPU compiles each
-    per-leaf reduction as a kernel of its own and copies the sum of the partial results into every consumer's
-    kernel; one reduction over the whole tree (the concatenation fuses into it) keeps the jitted update's compile
-    time close to the bare base's. ``b`` must have ``a``'s structure."""
+    """``a^T b`` accumulated in ``dtype`` (0 for empty trees): one reduction per run of concatenated leaves
+    (:func:`flat`, :func:`runs_vdot`; a small tree is one run), rather than ``optax.tree.vdot``'s one per leaf.
+    XLA:CPU compiles each per-leaf reduction as a kernel of its own and copies the sum of the partial results into
+    every consumer's kernel; one reduction over the whole tree (the concatenation fuses into it) keeps the jitted
+    update's compile time close to the bare base's. ``b`` must have ``a``'s structure."""
     if not jax.tree.leaves(a):
         return jnp.zeros((), dtype)
     return runs_vdot(flat(a, dtype), flat(b, dtype, like=a)).astype(dtype)
@@ -78,8 +79,9 @@ def runs_vdot(a: tuple, b: tuple) -> Any:
 def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
     """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype``, raveled
     and concatenated in runs: a tuple of vectors, each the consecutive leaves of at most
-    :data:`curvopt.runs.CONCAT_BELOW` entries (a larger leaf alone; :func:`curvopt.runs.cut_into_runs` of the leaf
-    sizes of ``like``, else of ``tree``, so two trees of one structure are cut alike). The tuners' inner products
+    :data:`curvopt.runs.CONCAT_BELOW` entries (a larger leaf alone, in its own shape: raveling an array split
+    across devices gathers it, see :func:`runs_vdot`; :func:`curvopt.runs.cut_into_runs` of the leaf sizes of
+    ``like``, else of ``tree``, so two trees of one structure are cut alike). The tuners' inner products
     and elementwise formulas over a whole tree run on the runs (``optax.tree`` arithmetic): a small tree is one run,
     one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`); on a
     large tree (5M-60M parameters in a field test) the concatenation was materialised, temporaries of 5-13
