@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def experiments_from_args(args):
-    from .suites import get_suite, narrow
+    from .suites import at_widths, get_suite, narrow
 
     suite = get_suite(args.suite)
     exps = []
@@ -159,9 +159,11 @@ def experiments_from_args(args):
         if args.regimes and e.regime not in args.regimes:
             continue
         image_set = "cifar10" if args.data_dir else None
-        exps.append(narrow(e, widths=args.widths, steps=args.steps, base=args.base, grid=args.grid,
+        exps.append(narrow(e, steps=args.steps, base=args.base, grid=args.grid,
                            sharpness=args.sharpness, data_dir=args.data_dir, image_set=image_set,
                            text_path=args.text, widen=0 if args.no_widen else None))
+    if args.widths:
+        exps = at_widths(exps, args.widths)
     backends = None if args.backend is None else (("torch", "jax") if args.backend == "both" else (args.backend,))
     return suite, exps, backends, args.tuners, args.seeds or suite.seeds, args.params
 

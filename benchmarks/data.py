@@ -46,6 +46,7 @@ __all__ = [
     "minibatches",
     "torch_loader",
     "CIFAR10_TRAIN_FILES",
+    "cifar10_files",
 ]
 
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -133,6 +134,17 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     return x, labels
 
 
+def cifar10_files(data_dir: str) -> tuple[str | None, list[str]]:
+    """``(root, training batch files)`` of a CIFAR-10 copy: ``root`` is ``data_dir`` or its
+    ``cifar-10-batches-py``, whichever holds the test batch (None: neither), and the files of
+    ``data_batch_1..5`` present there."""
+    cand = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]
+    root = next((c for c in cand if os.path.exists(os.path.join(c, CIFAR10_TEST_FILE))), None)
+    if root is None:
+        return None, []
+    return root, [os.path.join(root, f) for f in CIFAR10_TRAIN_FILES if os.path.exists(os.path.join(root, f))]
+
+
 def load_cifar10(data_dir: str) -> Dataset:
     """Real CIFAR-10 from ``data_dir`` in the standard python-pickle format (see module docstring).
 
@@ -141,15 +153,13 @@ def load_cifar10(data_dir: str) -> Dataset:
     """
     if data_dir is None:
         raise FileNotFoundError("CIFAR-10 needs --data-dir pointing at the cifar-10-batches-py folder")
-    cand = [data_dir, os.path.join(data_dir, "cifar-10-batches-py")]
-    root = next((c for c in cand if os.path.exists(os.path.join(c, CIFAR10_TEST_FILE))), None)
+    root, train = cifar10_files(data_dir)
     if root is None:
         raise FileNotFoundError(
             f"no CIFAR-10 python-pickle files in {data_dir!r} (expected data_batch_1..5 and test_batch)")
-    parts = [_read_cifar_batch(os.path.join(root, f)) for f in CIFAR10_TRAIN_FILES
-             if os.path.exists(os.path.join(root, f))]
-    if not parts:
+    if not train:
         raise FileNotFoundError(f"no data_batch_* files in {root!r}")
+    parts = [_read_cifar_batch(f) for f in train]
     x_tr = np.concatenate([p[0] for p in parts]).astype(np.float64) / 255.0
     y_tr = np.concatenate([p[1] for p in parts])
     x_te, y_te = _read_cifar_batch(os.path.join(root, CIFAR10_TEST_FILE))

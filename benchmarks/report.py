@@ -23,9 +23,10 @@ the grid and every tuner, compared **seed by seed** with that constant:
   the last ÷ early sharpness estimate (the first after a tenth of the run; Adam: preconditioned), medians
   over seeds.
 
-Plots per task x regime x backend x parameterisation (every seed, thin lines): loss, learning rate and
-sharpness per step (with the stability threshold ``c/lr``: 2/lr for GD, 38/lr for Adam on the
-preconditioned sharpness), final loss vs width per tuner, learning rate vs width. ``readme_table.md``: one
+Plots per task x regime x backend x parameterisation (every seed, thin lines drawn alike, the legend naming each
+tuner once): loss, learning rate and sharpness per step (with the stability threshold ``c/lr`` of the first seed's
+rate: 2/lr for GD, 38/lr for Adam on the preconditioned sharpness; no sharpness plot where no run estimated it),
+final loss vs width per tuner (the medians of the tables), learning rate vs width. ``readme_table.md``: one
 row per tuner, one column per task x regime x backend x parameterisation, each cell the median ratio over
 widths and seeds with the worst (width, seed) in brackets. There and in the summary table a ratio against a best
 constant still at an edge of its grid is marked (:data:`EDGE`, with a legend line).
@@ -379,7 +380,7 @@ def _colors(labels):
 
 
 def _curve(ax, kind: str, rec: dict, c, label, lw: float) -> None:
-    alpha = 1.0 if label else 0.45
+    alpha = 0.7
     if kind in ("loss", "lr"):
         y = _arr(rec, kind)
         ax.plot(np.arange(1, len(y) + 1), y, color=c, label=label, lw=lw, alpha=alpha)
@@ -392,7 +393,7 @@ def _curve(ax, kind: str, rec: dict, c, label, lw: float) -> None:
     if rec["tuner_name"] != "constant":  # the sharpness is kept between estimates
         m &= ((steps - 1) % every == 0)
     if m.any():
-        ax.plot(steps[m], sh[m], "o-", ms=2.5 if label else 1.5, color=c, lw=lw * 0.8, label=label, alpha=alpha)
+        ax.plot(steps[m], sh[m], "o-", ms=2, color=c, lw=lw * 0.8, label=label, alpha=alpha)
     with np.errstate(divide="ignore", invalid="ignore"):
         thr = threshold_coefficient(rec.get("base", "gd")) / lr
     if label and np.isfinite(thr).any() and (m.any() or rec["tuner_name"] == "constant"):
@@ -425,8 +426,8 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
                 row = info["rows"][lab]
                 name = row["tuner_name"] if row["is_best_constant"] else lab
                 c = colors[name]
-                for k, rec in enumerate(row["runs"]):  # every seed; the legend names the first
-                    _curve(ax, kind, rec, c, row["label"] if k == 0 else None, 1.2 if k == 0 else 0.7)
+                for k, rec in enumerate(row["runs"]):  # every seed alike (no seed stands for the others)
+                    _curve(ax, kind, rec, c, row["label"] if k == 0 else None, 0.9)
             ax.set_title(f"{task} {regime} width {w}")
             ax.set_xlabel("step")
             _log_y(ax)
@@ -444,7 +445,9 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
         plt.close(fig)
         return p
 
-    for kind in ("loss", "lr", "sharpness"):
+    estimated = any(np.isfinite(_arr(rec, _sharp_col(rec))).any() for info in widths.values()
+                    for row in info["rows"].values() for rec in row["runs"])
+    for kind in ("loss", "lr") + (("sharpness",) if estimated else ()):
         paths.append(curve_fig(kind))
 
     # final loss vs width per tuner, best lr vs width

@@ -26,10 +26,16 @@ Every field of :class:`Experiment` can be narrowed from the command line (``--ta
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+from .data import CIFAR10_TEST_FILE, cifar10_files
+from .tasks import TASKS
 
 __all__ = ["Experiment", "Suite", "SUITES", "get_suite", "grid"]
 
@@ -68,21 +74,55 @@ class Experiment:
     def settings_hash(self, param: str | None = None) -> str:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one. The
         widths are an axis, except that μP's base model is the narrowest of them (for the experiment's μP runs,
-        and for a run of parameterisation ``param`` "mup", as ``--params mup`` makes of an SP experiment); a
-        local data directory and a text file count by their absolute paths (left out when unset, so the embedded
-        defaults keep their hashes), not by their contents."""
+        and for a run of parameterisation ``param`` "mup", as ``--params mup`` makes of an SP experiment). Only the
+        data the task reads counts: a local data directory for an image task on CIFAR-10, a text file for the LM,
+        each by its absolute path and its contents (:func:`content_digest`: an edited file or a replaced batch
+        file is other data, where a resume once mixed runs on the old text with runs on the new in one cell);
+        unset or unread, they are left out, so the embedded defaults keep their hashes."""
         d = asdict(self)
         for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
             d.pop(k)
         if "mup" in self.params or param == "mup":
             d["mup_base_width"] = min(self.widths)
-        if d["data_dir"] is None:
+        text = TASKS[self.task].kind == "text"
+        if text:
+            d["image_set"] = "digits"  # (as left unset)
+        if d["data_dir"] is None or text or self.image_set != "cifar10":
             d.pop("data_dir")
         else:
-            d["data_dir"] = os.path.abspath(d["data_dir"])
-        if d["text_path"] is not None:
-            d["text_path"] = os.path.abspath(d["text_path"])
+            root, train = cifar10_files(d["data_dir"])
+            files = train + [os.path.join(root, CIFAR10_TEST_FILE)] if root is not None else []
+            d["data_dir"] = os.path.abspath(d["data_dir"]) + "#" + content_digest(files)
+        if d["text_path"] is not None and text:
+            d["text_path"] = os.path.abspath(d["text_path"]) + "#" + content_digest([d["text_path"]])
+        else:
+            d["text_path"] = None
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def content_digest(files: Sequence[str]) -> str:
+    """A digest of the names and bytes of the data files a task reads (``"missing"`` for those that are not
+    there), read once per process for each file's size and modification time."""
+    stamps = []
+    for f in files:
+        f = os.path.abspath(f)
+        st = os.stat(f) if os.path.isfile(f) else None
+        stamps.append((f, None if st is None else (st.st_size, st.st_mtime_ns)))
+    return _digest(tuple(stamps))
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(stamps: tuple) -> str:
+    h = hashlib.sha1()
+    for f, stamp in stamps:
+        h.update(os.path.basename(f).encode() + b"\0")
+        if stamp is None:
+            h.update(b"missing\0")
+            continue
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
 
 
 #: default constant-lr grids (factor √2, 9 values), per base optimizer, when an experiment gives none
@@ -247,3 +287,24 @@ def get_suite(name: str) -> Suite:
 def narrow(exp: Experiment, **overrides) -> Experiment:
     """``exp`` with the given non-None fields replaced."""
     return replace(exp, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def at_widths(experiments: Sequence[Experiment], widths: Sequence[int]) -> list[Experiment]:
+    """The experiments at the given widths (``--widths``). Experiments that split one report cell by width (the
+    default suite's, each width with its own constant grid, :func:`_per_width`) become one experiment per width
+    asked for, with the grid of the suite's nearest width (on a log scale) and the tuners of them all; setting
+    every one of them to the asked width instead merged their grids into one of near-duplicate values (0.177 and
+    0.1771), each widened on its own. Other experiments take the widths as they are."""
+    cells: dict[tuple, list[Experiment]] = {}
+    for e in experiments:
+        cells.setdefault((e.settings_hash(), e.backends, e.params, e.widen, e.grid_factor), []).append(e)
+    out: list[Experiment] = []
+    for group in cells.values():
+        if len(group) == 1:
+            out.append(replace(group[0], widths=tuple(widths)))
+            continue
+        tuners = tuple(dict.fromkeys(t for e in group for t in e.tuners))
+        for w in widths:
+            nearest = min(group, key=lambda e: min(abs(math.log(w / x)) for x in e.widths))
+            out.append(replace(nearest, widths=(w,), tuners=tuners))
+    return out

@@ -177,10 +177,15 @@ def check_settings(name: str, settings: dict, base: str) -> dict:
         # peers: keyword names from the constructor, values checked by constructing it on a dummy tensor
         if available(name, "torch") is None:
             cls = _peer_class(spec, "torch")
-            params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+            signature = inspect.signature(cls.__init__).parameters
+            params = [p for p in signature if p not in ("self", "params")]
             extra = [k for k in settings if k not in params]
             if extra:
                 raise ValueError(f"unknown setting(s) {extra}; {spec.torch_attr} accepts {', '.join(params)}")
+            for k, v in settings.items():  # (the constructors compare a string with a number: a cryptic TypeError)
+                default = signature[k].default
+                if isinstance(v, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+                    raise ValueError(f"{k} must be a number (its default: {default!r}), got {v!r}")
             import torch
 
             cls([torch.zeros(1, requires_grad=True)], **settings)

@@ -105,7 +105,7 @@ def test_plan_names_one_run_by_one_label_whatever_the_settings_order():
     ("cdat:startup=nope", "startup"), ("cdat:ema=2", "ema"), ("cdat:curvature=magic", "curvature"),
     ("greedy:sigma=1", "sigma"), ("linesearch:c=-1", "c"), ("eos:sharpness=-1", "sharpness"),
     ("constant:lr=-0.1", "lr"), ("constant:lr=0.1;momentum=1", "momentum"), ("prodigy:d0=-1", "d0"),
-    ("schedulefree:bogus=1", "bogus"), ("cdat:sigma", "key=value"),
+    ("schedulefree:bogus=1", "bogus"), ("cdat:sigma", "key=value"), ("prodigy:lr=abc", "lr must be a number"),
 ])
 def test_plan_refuses_bad_tuner_settings(label, match):
     with pytest.raises(ValueError, match=match):
@@ -333,14 +333,21 @@ def test_settings_hash_knows_the_mup_base_width_and_the_data_directory():
     mup = dataclasses.replace(sp, params=("mup",))
     assert dataclasses.replace(sp, widths=(32,)).settings_hash() == sp.settings_hash()
     assert dataclasses.replace(mup, widths=(32,)).settings_hash() != mup.settings_hash()
-    at = lambda path: dataclasses.replace(sp, data_dir=path).settings_hash()  # noqa: E731
+    cifar = dataclasses.replace(sp, image_set="cifar10")
+    at = lambda path: dataclasses.replace(cifar, data_dir=path).settings_hash()  # noqa: E731
     assert at("/a") != at("/b")
     # a text file counts by its absolute path: spelled another way it is the same file (each spelling redid
     # every run)
-    text = lambda path: dataclasses.replace(sp, text_path=path).settings_hash()  # noqa: E731
+    lm = Experiment("lm", "full", (16,), ("cdat",), 10)
+    text = lambda path: dataclasses.replace(lm, text_path=path).settings_hash()  # noqa: E731
     here = os.path.join(os.getcwd(), "corpus.txt")
     assert text("corpus.txt") == text("./corpus.txt") == text(here) == text(here.replace("/corpus", "//corpus"))
     assert text("corpus.txt") != text("/a.txt")
+    # only the data a task reads counts: a text file is nothing to an image task, a data directory nothing to
+    # the LM or to the digits (each changed every key: a suite rerun with --text added retrained every image run)
+    assert dataclasses.replace(sp, text_path="/a.txt").settings_hash() == sp.settings_hash()
+    assert dataclasses.replace(sp, data_dir="/a").settings_hash() == sp.settings_hash()
+    assert dataclasses.replace(lm, data_dir="/a", image_set="cifar10").settings_hash() == lm.settings_hash()
     # an SP experiment run under --params mup: its μP runs know their base width too (they reused runs of
     # another base model), its SP runs keep their keys
     from benchmarks.plan import plan
@@ -685,3 +692,54 @@ def test_runs_unavailable_here_are_not_reported_missing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "unavailable" in out and "Incomplete" not in out
     assert main(argv + ["--report-only"]) == 0 and "Incomplete" not in capsys.readouterr().out
+
+
+def test_settings_hash_reads_the_data_contents(tmp_path):
+    """A text file or a data directory edited in place is other data: a resume reused the runs on the old text
+    and compared a new tuner's run on the new text with them in one cell (a field test: "win" at 0.60)."""
+    from benchmarks.suites import Experiment
+
+    corpus, folder = tmp_path / "corpus.txt", tmp_path / "cifar"
+    folder.mkdir()
+    corpus.write_text("first text " * 50)
+    (folder / "data_batch_1").write_bytes(b"one")
+    (folder / "test_batch").write_bytes(b"test")
+    lm = Experiment("lm", "full", (16,), ("cdat",), 10, text_path=str(corpus))
+    images = Experiment("resnet", "full", (4,), ("cdat",), 10, image_set="cifar10", data_dir=str(folder))
+    before = lm.settings_hash(), images.settings_hash()
+    assert (lm.settings_hash(), images.settings_hash()) == before  # stable
+    corpus.write_text("other text " * 50)
+    (folder / "data_batch_1").write_bytes(b"two")
+    assert lm.settings_hash() != before[0]
+    assert images.settings_hash() != before[1]
+    changed = images.settings_hash()
+    (folder / "data_batch_2").write_bytes(b"")
+    with_second = images.settings_hash()
+    assert with_second not in (before[1], changed)
+    (folder / "notes.txt").write_bytes(b"not data")  # a file the loader does not read changes nothing
+    assert images.settings_hash() == with_second
+
+
+def test_widths_of_a_cell_split_by_width_keep_one_grid_per_width(tmp_path, capsys):
+    """--widths on the default suite, whose full-batch ResNet is one experiment per width (each its own 3-value
+    grid) plus the line search's: one experiment at the asked width, with the grid of the suite's nearest width
+    and every tuner; before, every per-width experiment was set to the asked width and their grids merged into
+    one of near-duplicates (0.177 beside 0.1771), each widened on its own."""
+    from benchmarks.__main__ import main
+    from benchmarks.suites import at_widths, get_suite
+
+    main(["--suite", "default", "--tasks", "resnet", "--regimes", "full", "--widths", "4", "--seeds", "0",
+          "--out", str(tmp_path / "o"), "--list"])
+    keys = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("resnet|")]
+    rates = sorted(float(k.split("|")[3].split("=")[1]) for k in keys if "|constant:lr=" in k)
+    assert rates == [0.177, 0.2503, 0.354]  # width 4's grid in the suite, nothing else
+    tuners = [k.split("|")[3] for k in keys if "|constant" not in k]
+    assert sorted(tuners) == sorted(["cdat", "cdat:startup=paper", "greedy", "prodigy", "schedulefree",
+                                     "linesearch"])
+    full = [e for e in get_suite("default").experiments if e.task == "resnet" and e.regime == "full"]
+    got = at_widths(full, (3, 6))
+    assert [e.widths for e in got] == [(3,), (6,)]
+    assert got[0].grid == next(e.grid for e in full if e.widths == (4,))  # nearer 4 than 2 (log scale)
+    assert got[1].grid == next(e.grid for e in full if e.widths == (8,))
+    mini = [e for e in get_suite("default").experiments if e.regime == "mini"]
+    assert [e.widths for e in at_widths(mini, (4, 32))] == [(4, 32)] * len(mini)  # one experiment each: as asked
