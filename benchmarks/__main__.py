@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("torch", "jax", "both"), default=None,
                    help="which framework(s) to run (default: the suite's)")
     p.add_argument("--params", type=_csv(str, "parameterisation", _one_of(("sp", "mup"))), default=None,
-                   help="parameterisations: sp (standard), mup (torch only)")
+                   help="parameterisations: sp (standard), mup (torch only); an experiment the suite runs in "
+                        "another one is left out where the suite has one in the asked one for its task and regime")
     p.add_argument("--seeds", type=_csv(int, "seed", _seed), default=None,
                    help="comma-separated non-negative seeds (default: the suite's)")
     p.add_argument("--steps", type=_int_at_least(1), default=None,
@@ -162,9 +163,13 @@ def experiments_from_args(args):
         exps.append(narrow(e, steps=args.steps, base=args.base, grid=args.grid,
                            sharpness=args.sharpness, data_dir=args.data_dir, image_set=image_set,
                            text_path=args.text, widen=0 if args.no_widen else None))
-    if args.widths:
-        exps = at_widths(exps, args.widths)
+    if args.params:  # (the default suite's muP ViT under --params sp: a second SP ViT on other data, refused)
+        asked = set(args.params)
+        covered = {(e.task, e.regime) for e in exps if asked & set(e.params)}
+        exps = [e for e in exps if asked & set(e.params) or (e.task, e.regime) not in covered]
     backends = None if args.backend is None else (("torch", "jax") if args.backend == "both" else (args.backend,))
+    if args.widths:
+        exps = at_widths(exps, args.widths, backends)
     return suite, exps, backends, args.tuners, args.seeds or suite.seeds, args.params
 
 

@@ -287,8 +287,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip", "dtype", "probe"))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batches", default="32,128,512")
+    ap.add_argument("--steps", type=int, default=200,
+                    help="steps per run of small, dtype and probe (suite and clip run their own horizons)")
+    ap.add_argument("--batches", default="32,128,512", help="batch sizes of small, dtype and probe")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)

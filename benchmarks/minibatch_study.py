@@ -772,7 +772,7 @@ def numerator(args, cache) -> str:
     for j, (task, regime, width, const) in enumerate(NUMERATOR_CELLS):
         ax = axes[0, j]
         ax.axhline(float(const.split(":")[1]), color="k", lw=0.8, ls="--", label=const)
-        runs = {v: cache.get(task, regime, seed, v, width=width) for v, _ in NUMERATOR_VARIANTS}
+        runs = {v: cache.get(task, regime, seed, v, args.steps, width=width) for v, _ in NUMERATOR_VARIANTS}
         for v, label in NUMERATOR_VARIANTS:
             ax.plot(runs[v]["lr"], lw=0.8, label=label)
         w = runs[NUMERATOR_VARIANTS[0][0]]["width"]
@@ -895,7 +895,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.minibatch_study", description=__doc__.split("\n\n")[0])
     ap.add_argument("study", choices=("noise", "edge", "guard", "numerator"))
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])
-    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the suite's)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default: the suite's; guard: 1000)")
     ap.add_argument("--out", default="results/minibatch_study", help="cache directory (runs.jsonl)")
     ap.add_argument("--docs", default=DOCS, help="where the figure goes")
     ap.add_argument("--dpi", type=int, default=70)

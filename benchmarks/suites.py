@@ -289,15 +289,18 @@ def narrow(exp: Experiment, **overrides) -> Experiment:
     return replace(exp, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def at_widths(experiments: Sequence[Experiment], widths: Sequence[int]) -> list[Experiment]:
+def at_widths(experiments: Sequence[Experiment], widths: Sequence[int],
+              backends: Sequence[str] | None = None) -> list[Experiment]:
     """The experiments at the given widths (``--widths``). Experiments that split one report cell by width (the
     default suite's, each width with its own constant grid, :func:`_per_width`) become one experiment per width
     asked for, with the grid of the suite's nearest width (on a log scale) and the tuners of them all; setting
     every one of them to the asked width instead merged their grids into one of near-duplicate values (0.177 and
-    0.1771), each widened on its own. Other experiments take the widths as they are."""
+    0.1771), each widened on its own. Other experiments take the widths as they are. ``backends``: the backends
+    every experiment runs on (``--backend``; None: each its own), so that a JAX row run in PyTorch joins its cell."""
     cells: dict[tuple, list[Experiment]] = {}
     for e in experiments:
-        cells.setdefault((e.settings_hash(), e.backends, e.params, e.widen, e.grid_factor), []).append(e)
+        on = tuple(backends) if backends is not None else e.backends
+        cells.setdefault((e.settings_hash(), on, e.params, e.widen, e.grid_factor), []).append(e)
     out: list[Experiment] = []
     for group in cells.values():
         if len(group) == 1:

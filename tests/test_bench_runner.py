@@ -314,13 +314,22 @@ def test_report_only_of_another_plan_keeps_the_report(tmp_path, capsys):
 
 
 def test_cli_refuses_overrides_that_merge_two_experiments_into_one_cell(tmp_path, capsys):
-    """``--params sp`` on the default suite's ViT turns its μP rows (256 digits) into a second SP ViT cell next
-    to the 1,024-digit one: the report compared one's tuners with the other's best constant. Refused."""
+    """``--params sp,mup`` on the default suite's ViT runs its 1,024-digit SP experiments in μP too, a second μP
+    ViT cell beside the suite's (256 digits): the report would compare one's tuners with the other's best
+    constant. Refused. ``--params sp`` alone leaves the μP experiment out (the suite has SP ViTs), where it once
+    made it a second SP ViT and was refused too, which broke the study's rerun recipes."""
     from benchmarks.__main__ import main
+    from benchmarks.suites import get_suite
 
     with pytest.raises(SystemExit) as e:
-        main(["--suite", "default", "--tasks", "vit", "--params", "sp", "--out", str(tmp_path / "o"), "--list"])
+        main(["--suite", "default", "--tasks", "vit", "--params", "sp,mup", "--out", str(tmp_path / "o"), "--list"])
     assert e.value.code == 2 and "share the report cell" in capsys.readouterr().err
+    main(["--suite", "default", "--tasks", "vit", "--regimes", "full", "--params", "sp", "--out", str(tmp_path / "o"),
+          "--list"])
+    keys = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("vit|")]
+    assert keys and all("|sp|" in k for k in keys)
+    assert {k.split("|")[-1] for k in keys} == {next(e.settings_hash() for e in get_suite("default").experiments
+                                                     if e.task == "vit" and e.params == ("sp",))}
 
 
 def test_settings_hash_knows_the_mup_base_width_and_the_data_directory():
@@ -741,5 +750,8 @@ def test_widths_of_a_cell_split_by_width_keep_one_grid_per_width(tmp_path, capsy
     assert [e.widths for e in got] == [(3,), (6,)]
     assert got[0].grid == next(e.grid for e in full if e.widths == (4,))  # nearer 4 than 2 (log scale)
     assert got[1].grid == next(e.grid for e in full if e.widths == (8,))
+    vit = [e for e in get_suite("default").experiments if e.task == "vit" and e.params == ("sp",)]
+    assert len(at_widths(vit, (4,))) == 2  # the JAX row apart
+    assert len(at_widths(vit, (4,), ("torch",))) == 1  # run in PyTorch (--backend torch), it joins the cell
     mini = [e for e in get_suite("default").experiments if e.regime == "mini"]
     assert [e.widths for e in at_widths(mini, (4, 32))] == [(4, 32)] * len(mini)  # one experiment each: as asked
