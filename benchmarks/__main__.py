@@ -15,6 +15,7 @@ import time
 import warnings
 
 EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_LOCKED = 1, 2, 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 
 def _csv(cast=str, what: str = "value", check=None):
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the number of training steps per run (>= 1)")
     p.add_argument("--base", choices=("gd", "momentum", "adam"), default=None,
                    help="override the base optimizer (default: the paper's pairing: gd for resnet/mlp, "
-                   "adam for vit/lm)")
+                   "adam for vit/lm); the peers (prodigy, schedulefree, dadapt, sophia) are their own optimizers "
+                   "and ignore it")
     p.add_argument("--grid", type=_csv(float, "learning rate", _positive_finite), default=None,
                    help="override the constant-lr grid (comma-separated positive learning rates)")
     p.add_argument("--no-widen", action="store_true",
@@ -286,6 +288,10 @@ def main(argv=None) -> int:
         except LockedError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_LOCKED
+        except KeyboardInterrupt:  # the runs already recorded are whole (each line is written when its run ends)
+            print(f"\ninterrupted: the finished runs are kept in {os.path.join(out, RESULTS)}; the same command "
+                  "resumes (it skips them)", file=sys.stderr)
+            return EXIT_INTERRUPTED
         keys = set(counts["keys"])
         failed = counts["failed"]
         print(f"{counts['ran']} runs in {time.time() - t0:.1f}s ({counts['skipped_done']} already done, "

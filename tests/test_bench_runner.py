@@ -257,6 +257,35 @@ def test_lock_refuses_a_second_runner_and_ignores_a_stale_lock(tmp_path, capsys)
     assert main(argv) == 0
 
 
+def test_ctrl_c_ends_with_a_message_and_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a sweep printed a KeyboardInterrupt traceback from deep in autograd; now one line saying what
+    is kept and how to resume, exit status 130; the runs finished before it stay in the results file and a
+    rerun skips them."""
+    from benchmarks.__main__ import EXIT_INTERRUPTED, main
+
+    out = tmp_path / "o"
+    argv = ["--suite", "smoke", "--tasks", "mlp", "--regimes", "full", "--widths", "8", "--steps", "2",
+            "--tuners", "constant:lr=0.1,cdat", "--backend", "torch", "--no-progress", "--out", str(out)]
+    real = runner.run_one
+    calls = []
+
+    def interrupted_second(spec, *a, **kw):
+        calls.append(spec.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(spec, *a, **kw)
+
+    monkeypatch.setattr(runner, "run_one", interrupted_second)
+    assert main(argv) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "resumes" in err and "Traceback" not in err
+    kept = results.load_results(str(out / results.RESULTS))
+    assert [r["key"] for r in kept] == calls[:1]
+    monkeypatch.setattr(runner, "run_one", real)
+    assert main(argv) == 0
+    assert "1 already done" in capsys.readouterr().out
+
+
 BAD_ARGS = [
     (["--widths", "0"], "--widths"), (["--widths", "8,x"], "--widths"), (["--tuners", "cdat:sigma=abc"], "sigma"),
     (["--tuners", "cdat:bogus=1"], "bogus"), (["--grid", "-0.1"], "--grid"), (["--grid", "inf"], "--grid"),
