@@ -1,6 +1,11 @@
 """Closure-free CDAT (``loss.backward(); opt.step()``, the secant of consecutive gradients) against CDAT with a
-closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip|dtype|probe] [--seeds 0,1,2]
+closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip|dtype|probe|baseline] [--seeds 0,1,2]
 [--steps 200] [--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
+
+``baseline``: closure-free CDAT behind AdamW on a GRU character LM over ``--steps`` (2,000 in the study), and every
+``--every`` steps the curvature along the last step and along the last ``--every`` steps' displacement, each from the
+batch gradients' secant and from a central difference on fixed windows: can a secant over a longer baseline read a
+curvature the one-step secant's noise hides (docs/minibatch_study.md, section 18)?
 
 ``probe``: the closure-free default (behind Adam, noise correction on; the suite's cells as they run it) with a
 larger probing step than :func:`curvopt.config.secant_probe_eps` gives (sized by at least ``2^-16``, ``2^-12``,
@@ -283,19 +288,103 @@ def suite(seeds: list[int]) -> None:
               + f" | {evals} |", flush=True)
 
 
+class _GRULM(torch.nn.Module):
+    """The long-run field test's character LM (docs/limits.md): embedding 32, one GRU layer of 64, a linear head."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.embed, self.gru, self.head = torch.nn.Embedding(vocab, 32), torch.nn.GRU(32, 64, batch_first=True), \
+            torch.nn.Linear(64, vocab)
+
+    def forward(self, x):
+        return self.head(self.gru(self.embed(x))[0])
+
+
+def baseline_run(seed: int, steps: int, every: int, window: int = 32, batch: int = 32) -> tuple[list, list]:
+    """Closure-free CDAT behind AdamW (rate 1) on the GRU LM (the bytes of ``pydoc_data.topics`` as symbols, batches
+    of 32 windows of 32 from the first 90 %), and every ``every`` steps the Rayleigh quotient ``d^T H d / ||d||^2``
+    along two displacements: the last step's and the last ``every`` steps' (a secant over a longer baseline).
+    Each is read twice: the secant of the batch gradients at its two ends (what a closure-free rule can see) and a
+    central difference of the gradient on 1,024 fixed training windows (the curvature it should see). Returns
+    ``(rows, rates)``: per reading ``(step, lr, (secant, fd) along the last step, (secant, fd) along the last
+    every steps)`` and the rate of every step; the readings leave the run as it would be without them."""
+    from torch.nn.utils import parameters_to_vector as to_vec
+
+    from benchmarks.data import load_text_bytes
+    from curvopt.torch import CDAT
+
+    symbols, text = np.unique(np.frombuffer(load_text_bytes(), dtype=np.uint8), return_inverse=True)
+    text = torch.as_tensor(text[: int(0.9 * len(text))], dtype=torch.long)
+
+    def windows(n, gen):
+        start = torch.randint(0, len(text) - window - 1, (n,), generator=gen)
+        rows = torch.stack([text[i:i + window + 1] for i in start])
+        return rows[:, :-1], rows[:, 1:]
+
+    torch.manual_seed(seed)
+    model = _GRULM(len(symbols))
+    params = list(model.parameters())
+    opt = CDAT(torch.optim.AdamW(params, lr=1.0))
+    fixed, gen = windows(1024, torch.Generator().manual_seed(7)), torch.Generator().manual_seed(1000 + seed)
+
+    def grad_at(w, x, y):
+        with torch.no_grad():  # copied in: torch's vector_to_parameters would make the parameters views of w
+            for p, v in zip(params, w.split([p.numel() for p in params])):
+                p.copy_(v.view_as(p))
+        model.zero_grad()
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        return to_vec([p.grad for p in params])
+
+    def rayleigh(w, g, w_then, g_then):
+        d = w - w_then
+        u, h = d / d.norm(), 1e-3 * float(w.norm())
+        fd = float((grad_at(w + h * u, *fixed) - grad_at(w - h * u, *fixed)) @ u) / (2 * h)
+        return float((g - g_then) @ d) / float(d @ d), fd
+
+    rows, rates, last, start = [], [], None, None
+    for t in range(steps):
+        x, y = windows(batch, gen)
+        w = to_vec(params).detach().clone()
+        g = grad_at(w, x, y)
+        if t % every == 0 and t > 0:
+            rows.append((t, float(opt.stats["lr"]), rayleigh(w, g, *last), rayleigh(w, g, *start)))
+            grad_at(w, x, y)  # the parameters and the batch gradient back for the step
+        if t % every == 0:
+            start = (w, g)
+        last = (w, g)
+        opt.step()
+        rates.append(float(opt.stats["lr"]))
+    return rows, rates
+
+
+def baseline_trace(seeds: list[int], steps: int, every: int) -> None:
+    """:func:`baseline_run`'s readings per seed, as a table."""
+    print("| seed | step | lr | last step: secant / fd | last %d steps: secant / fd |" % every)
+    print("|---|---|---|---|---|")
+    for seed in seeds:
+        for t, lr, short, long in baseline_run(seed, steps, every)[0]:
+            print(f"| {seed} | {t} | {lr:.3g} | {short[0]:.3g} / {short[1]:.3g} | {long[0]:.3g} / {long[1]:.3g} |",
+                  flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", nargs="?", default="small", choices=("small", "suite", "clip", "dtype", "probe"))
+    ap.add_argument("part", nargs="?", default="small",
+                    choices=("small", "suite", "clip", "dtype", "probe", "baseline"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200,
-                    help="steps per run of small, dtype and probe (suite and clip run their own horizons)")
+                    help="steps per run of small, dtype, probe and baseline (suite and clip run their own horizons)")
     ap.add_argument("--batches", default="32,128,512", help="batch sizes of small, dtype and probe")
+    ap.add_argument("--every", type=int, default=100, help="baseline: the longer secant's span, in steps")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the closure-free stall warning fires in the collapsing runs; the table shows it
     if args.part == "suite":
         suite(seeds)
+        return
+    if args.part == "baseline":
+        baseline_trace(seeds, args.steps, args.every)
         return
     if args.part == "clip":
         clip_table(seeds)

@@ -1,5 +1,8 @@
 """``python -m benchmarks.closure_free dtype``: its patch of the probing step takes effect (the float64 run with a
-float64-sized probe is not the library's float64 run) and the library's float64 run is the float32 one."""
+float64-sized probe is not the library's float64 run) and the library's float64 run is the float32 one;
+``baseline``: its curvature readings do not change the run they read."""
+import math
+
 import pytest
 
 from benchmarks import closure_free
@@ -40,3 +43,12 @@ def test_probe_table_patch_sizes_the_first_step():
         longer = first_rate()
     assert first_rate() == now  # put back
     assert longer / now == pytest.approx(2.0 ** 7.5, rel=1e-6)
+
+
+def test_baseline_readings_leave_the_run_unchanged_and_read_positive_curvatures():
+    rows, rates = closure_free.baseline_run(0, steps=41, every=20)
+    _, untraced = closure_free.baseline_run(0, steps=41, every=10 ** 6)
+    assert rates == untraced  # the probes' parameters and gradients are put back before each step
+    assert [r[0] for r in rows] == [20, 40] and all(r[1] == rates[r[0] - 1] for r in rows)
+    for _, _, short, long in rows:  # both displacements' secants and fixed-window curvatures: finite and positive
+        assert all(math.isfinite(v) and v > 0 for v in short + long)
