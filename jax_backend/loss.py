@@ -52,8 +52,9 @@ def scalar_loss(out: Any) -> Any:
 
 def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[Any], Any]:
     """``params -> loss`` (0-d): ``value_fn(params, **accepted extra args)`` through :func:`scalar_loss`. A
-    ``TypeError`` from the call while some extra arguments were not accepted (a ``value_fn`` taking ``*args`` or
-    positional-only parameters, or other names) says which were left out."""
+    ``TypeError`` from the call says which extra arguments were left out (a ``value_fn`` taking ``*args`` or
+    positional-only parameters, or other names), or, with none left out, how the tuners call ``value_fn`` (a batch
+    not passed to ``update``, a ``value_fn`` written to take a model)."""
     kwargs = fn_kwargs(_callable(value_fn), extra_args)
     bound = functools.partial(value_fn, **kwargs) if kwargs else value_fn
     left_out = sorted(set(extra_args) - set(kwargs))
@@ -62,13 +63,15 @@ def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[
         try:
             out = bound(params)
         except TypeError as e:
-            if not left_out:
-                raise
+            why = (f"these were not passed: {left_out}. Name them in value_fn's signature (value_fn(params, x, y)), "
+                   "not *args or positional-only." if left_out else
+                   "the batch goes to update() by keyword too (update(..., value_fn=loss_fn, x=x, y=y)). The first "
+                   "argument is the parameter tree the tuner probes, not a model: with nnx the state nnx.Optimizer's "
+                   "wrt= selects; rebuild the model inside value_fn with nnx.merge(graphdef, params, rest).")
             raise TypeError(
                 f"value_fn(params, **{sorted(kwargs)}) raised {type(e).__name__}: {e}. The tuners pass value_fn the "
                 "update's extra arguments by keyword, only those its signature names (parameters that can be "
-                f"passed by keyword, or **kwargs); these were not passed: {left_out}. Name them in value_fn's "
-                "signature (value_fn(params, x, y)), not *args or positional-only.") from e
+                f"passed by keyword, or **kwargs); {why}") from e
         return scalar_loss(out)
     return f
 

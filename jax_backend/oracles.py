@@ -43,7 +43,8 @@ from curvopt.precision import gradient_compute_eps, sample_stride, within_budget
 from .direction import add_scaled, flat, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
-__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_watch_motion", "gradient_eps", "fd_eps", "fd_step",
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_watch_motion", "gradient_eps", "loss_reads_params",
+           "fd_eps", "fd_step",
            "curvature"]
 
 
@@ -210,6 +211,16 @@ def computation_eps(f: Callable[[Any], Any], params: Any) -> float:
     jaxpr = jax.make_jaxpr(f)(params).jaxpr
     found = _path_float_dtypes(jaxpr, [True] * len(jaxpr.invars), [True] * len(jaxpr.outvars), set())
     return max((float(jnp.finfo(dt).eps) for dt in found), default=0.0)
+
+
+def loss_reads_params(f: Callable[[Any], Any], params: Any) -> bool:
+    """Whether the loss ``f`` computes from ``params`` depends on them at all, from its jaxpr (traced when the
+    update is traced): False for a ``value_fn`` that ignores its argument and closes over the model instead (an
+    easy slip with ``nnx``), whose every probe then reads the same loss and a zero gradient."""
+    jaxpr = jax.make_jaxpr(f)(params).jaxpr
+    wanted = [True] * len(jaxpr.outvars)
+    return (any(v in jaxpr.invars for v in _vars(jaxpr.outvars))
+            or bool(_path_float_dtypes(jaxpr, [True] * len(jaxpr.invars), wanted, set())))
 
 
 def gradient_eps(grad: Any) -> Any:

@@ -480,6 +480,25 @@ def test_value_fn_with_star_args_fails_saying_which_arguments_were_left_out():
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
 
 
+def test_value_fn_that_ignores_the_parameters_or_misses_its_batch_fails_saying_how_value_fn_is_called():
+    """A value_fn that closes over the parameters instead of reading its argument (an easy slip with nnx) gave
+    every probe the same loss and a zero gradient: a greedy rate 440x too small in a field test, silently. It
+    fails at trace time; a value_fn whose batch was not passed to update says the batch goes by keyword."""
+    p = _params(jnp.float32)
+    g = jax.grad(loss)(p, X, Y)
+    for opt in (scale_by_cdat(curvature="fd"), scale_by_quadratic_greedy()):
+        state = opt.init(p)
+        with pytest.raises(ValueError, match="does not depend on its first argument"):
+            opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(p, x, y), x=X, y=Y)
+        with pytest.raises(TypeError, match=r"the batch goes to update\(\) by keyword"):
+            opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(q, x, y))
+        out, _ = opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(q, x, y), x=X, y=Y)
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
+        # a loss that is one of the parameters itself (no operation between them) reads them
+        out, _ = opt.update(g, state, p, grad=g, value_fn=lambda q: jax.tree.leaves(q)[0].ravel()[0])
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
+
+
 def test_unrecognised_stateful_base_warns_without_base_method():
     """A base handed over whose state keeps per-parameter arrays the tuner does not know (RMSprop, AdaBelief,
     Lion) gets gradient descent's defaults unless base_method says otherwise: a warning at trace time names
