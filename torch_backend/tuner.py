@@ -1338,7 +1338,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             "displacement, sqrt(eps) times the norm of all the parameters (a few parameters far larger than the "
             "rest, e.g. 1e4 against 1; the first steps of a small model behind Adam, whose sign-like first "
             "directions move every parameter alike). The fd curvature of such steps is not the local one; "
-            "curvature='exact' or the secant (loss.backward(); opt.step()) avoid it.")
+            "curvature='exact' (with functional_loss=) avoids it, and so does the secant (loss.backward(); "
+            "opt.step()) in full batch; not over long mini-batch runs, where the secant's rate can collapse "
+            "(docs/limits.md).")
 
     def _base_step(self) -> None:
         """``base.step()`` without torch's step hooks: the global ones fire once, for the tuner's step, and the
