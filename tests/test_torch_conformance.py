@@ -130,6 +130,8 @@ def _error_inputs(closure_free: bool):
         out = [
             ErrorOptimizerInput(OptimizerInput(params=None, kwargs={"maximize": True}, desc="maximize"),
                                 error_type=ValueError, error_regex="maximize=True is not supported"),
+            ErrorOptimizerInput(OptimizerInput(params=None, kwargs={"differentiable": True}, desc="differentiable"),
+                                error_type=ValueError, error_regex="differentiable=True is not supported"),
             ErrorOptimizerInput(
                 OptimizerInput(params=[torch.randn(2, dtype=torch.complex64, requires_grad=True)], kwargs={},
                                desc="complex"), error_type=ValueError, error_regex="complex"),

@@ -74,10 +74,14 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
 
 
 def check_group(group: dict, tuner: str) -> None:
-    """Refuse a param group the tuners cannot handle (``maximize=True``)."""
+    """Refuse a param group the tuners cannot handle (``maximize=True``, ``differentiable=True``)."""
     if group.get("maximize", False):
         raise ValueError(f"{tuner}: maximize=True is not supported (the tuners minimise the closure's loss); "
                          "return the negated objective from the closure instead")
+    if group.get("differentiable", False):
+        raise ValueError(f"{tuner}: differentiable=True is not supported (the tuner's step runs under no_grad and "
+                         "its rate comes from host-side rules: no gradient flows through it); build the base "
+                         "without it")
 
 
 def check_listed_once(params: Any, tuner: str) -> None:
