@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.config import accumulator_dtype_name
-from curvopt.runs import CONCAT_BELOW, cut_into_runs
+from curvopt.runs import CONCAT_BELOW, concat_limit, cut_into_runs
 
 from .warning import warn
 
@@ -55,10 +55,10 @@ def least_precise_eps(params: Any) -> float:
 
 def vdot(a: Any, b: Any, dtype: Any) -> Any:
     """``a^T b`` accumulated in ``dtype`` (0 for empty trees): one reduction per run of concatenated leaves
-    (:func:`flat`, :func:`runs_vdot`; a small tree is one run), rather than ``optax.tree.vdot``'s one per leaf.
-    XLA:CPU compiles each per-leaf reduction as a kernel of its own and copies the sum of the partial results into
-    every consumer's kernel; one reduction over the whole tree (the concatenation fuses into it) keeps the jitted
-    update's compile time close to the bare base's. ``b`` must have ``a``'s structure."""
+    (:func:`flat`, :func:`runs_vdot`; a small tree on one device is one run), rather than ``optax.tree.vdot``'s one
+    per leaf. XLA:CPU compiles each per-leaf reduction as a kernel of its own and copies the sum of the partial
+    results into every consumer's kernel; one reduction over the whole tree (the concatenation fuses into it) keeps
+    the jitted update's compile time close to the bare base's. ``b`` must have ``a``'s structure."""
     if not jax.tree.leaves(a):
         return jnp.zeros((), dtype)
     return runs_vdot(flat(a, dtype), flat(b, dtype, like=a)).astype(dtype)
@@ -71,17 +71,22 @@ def runs_vdot(a: tuple, b: tuple) -> Any:
     ``model`` mesh axis) gathers it whole on every device. (optax 0.2.8 ravels with jnp.vdot under any JAX from
     0.10: its test ``jax.__version__ < '0.7.2'`` compares strings. Measured in a field test, a 2.1M-parameter MLP
     split 4 ways by columns: ``cdat`` behind Adam closure-free held 90 MiB of temporaries per device, one device
-    unsplit 65 MiB, bare ``optax.adam`` 2 MiB.)"""
+    unsplit 65 MiB, bare ``optax.adam`` 2 MiB.) The concatenation of smaller leaves into one run would gather them
+    as well, so with more than one device :func:`flat` keeps every leaf in its own shape (an MLP of four 2^18-entry
+    weights split 4 ways: 90 all-gathers of whole weights per step and 59 MiB of temporaries per device before,
+    none and 6 MiB after)."""
     dots = jax.tree.map(lambda x, y: jnp.tensordot(x, y, jnp.ndim(x), precision=jax.lax.Precision.HIGHEST), a, b)
     return jax.tree.reduce(operator.add, dots, initializer=0)
 
 
 def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
-    """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype``, raveled
-    and concatenated in runs: a tuple of vectors, each the consecutive leaves of at most
-    :data:`curvopt.runs.CONCAT_BELOW` entries (a larger leaf alone, in its own shape: raveling an array split
-    across devices gathers it, see :func:`runs_vdot`; :func:`curvopt.runs.cut_into_runs` of the leaf sizes of
-    ``like``, else of ``tree``, so two trees of one structure are cut alike). The tuners' inner products
+    """The leaves of ``tree`` (taken in the order of ``like``'s structure when given) cast to ``dtype``, in runs:
+    a tuple of arrays, each the consecutive leaves of at most :data:`curvopt.runs.CONCAT_BELOW` entries raveled
+    and concatenated into a vector, or a larger leaf alone in its own shape (raveling an array split across
+    devices gathers it, see :func:`runs_vdot`). With more than one device (``jax.device_count()``: a leaf may be
+    split across them, and the trace does not tell) every leaf is a run of its own, in its own shape
+    (:func:`curvopt.runs.concat_limit`). The cut is :func:`curvopt.runs.cut_into_runs` of the leaf sizes of
+    ``like``, else of ``tree``, so two trees of one structure are cut alike. The tuners' inner products
     and elementwise formulas over a whole tree run on the runs (``optax.tree`` arithmetic): a small tree is one run,
     one XLA:CPU kernel (the concatenation fuses into its consumer) instead of one per leaf (see :func:`vdot`); on a
     large tree (5M-60M parameters in a field test) the concatenation was materialised, temporaries of 5-13
@@ -94,7 +99,7 @@ def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
              for x, y in zip(leaves, ref)]
     sizes = [jnp.size(x) for x in ref]
     return tuple(parts[run[0]] if len(run) == 1 else jnp.concatenate([jnp.ravel(parts[i]) for i in run])
-                 for run in cut_into_runs(range(len(sizes)), sizes, CONCAT_BELOW))
+                 for run in cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW)))
 
 
 def norm(a: Any, dtype: Any) -> Any:

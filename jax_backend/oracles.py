@@ -228,16 +228,26 @@ def gradient_eps(grad: Any) -> Any:
     (:func:`curvopt.precision.gradient_compute_eps`; a flax module with ``dtype=bfloat16`` over float32
     parameters leaves bfloat16 values cast up): a traced machine epsilon, 0 when nothing shows a half dtype. Read from
     at most :data:`curvopt.precision.SAMPLE_ENTRIES` entries of each float32/float64 leaf, one reduction per run of
-    them (:func:`jax_backend.direction.flat`)."""
-    wide = [jnp.ravel(x)[::sample_stride(jnp.size(x))] for x in jax.tree.leaves(grad)
-            if jnp.result_type(x) in (jnp.float32, jnp.float64)]
+    them (:func:`jax_backend.direction.flat`); none is raveled (:func:`_sample`)."""
+    wide = [_sample(x) for x in jax.tree.leaves(grad) if jnp.result_type(x) in (jnp.float32, jnp.float64)]
     if not wide:
         return jnp.float32(0.0)
     counts = 0
     for g in flat(wide, jnp.float64 if any(jnp.result_type(x) == jnp.float64 for x in wide) else jnp.float32):
         nz = g != 0
-        counts = counts + jnp.stack([nz] + [w & nz for w in within_budgets(g, 1, jnp)]).sum(axis=1, dtype=jnp.int32)
+        counts = counts + jnp.stack([nz] + [w & nz for w in within_budgets(g, 1, jnp)]).sum(
+            axis=tuple(range(1, g.ndim + 1)), dtype=jnp.int32)
     return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
+
+
+def _sample(x: Any) -> Any:
+    """``x`` whole, in its shape, when :func:`curvopt.precision.sample_stride` reads every entry, else its sample:
+    every ``sample_stride``-th entry of the flattened ``x``, read by index. A ravel gathers an array split across
+    devices whole on every device (:func:`jax_backend.direction.runs_vdot`; with every leaf a run of its own, a
+    2-device test gathered a 1024x1280 split weight for its sample); indexing reads each device's entries and sums
+    the sample across devices."""
+    stride = sample_stride(jnp.size(x))
+    return x if stride == 1 else x[jnp.unravel_index(jnp.arange(0, jnp.size(x), stride), jnp.shape(x))]
 
 
 def fd_eps(params: Any, f: Callable[[Any], Any] | None = None, grad: Any = None) -> Any:
