@@ -40,3 +40,87 @@ def test_exact_curvature_matches_double_backward_with_norm_layers(norm):
     hu = torch.autograd.grad(sum((gi * ui).sum() for gi, ui in zip(g, u)), qs)
     ref = float(sum((h * ui).sum() for h, ui in zip(hu, u)))
     assert float(opt.stats["curvature"]) == pytest.approx(ref, rel=1e-9)
+
+
+def _mlp_problem():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    return model, x, y, names
+
+
+def _one_exact_step(model, x, y, functional_loss, sharpness=False):
+    from curvopt import SharpnessConfig
+    from curvopt.torch import QuadraticGreedy
+
+    opt = QuadraticGreedy(torch.optim.SGD(model.parameters(), lr=1.0), curvature="exact",
+                          functional_loss=functional_loss, sharpness=SharpnessConfig(every=1) if sharpness else None)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return opt
+
+
+@pytest.mark.parametrize("mistake, match", [
+    ("closes_over_module", "does not depend on the parameters it is handed"),
+    ("no_grad", "does not depend on the parameters it is handed"),
+    ("per_sample", r"returned shape \(32,\)"),
+    ("python_float", "returned float"),
+])
+@pytest.mark.parametrize("sharpness", [False, True])
+def test_a_functional_loss_mistake_is_named_and_changes_nothing(mistake, match, sharpness):
+    """A functional_loss that ignores its parameters gave a curvature and a sharpness of 0 silently (a field test);
+    its other mistakes were reported as autograd failing to differentiate twice, with advice to use fd. Each is a
+    ValueError naming it, before any double backward, the parameters unchanged."""
+    model, x, y, names = _mlp_problem()
+    call = lambda ps: torch.func.functional_call(model, dict(zip(names, ps)), (x,))  # noqa: E731
+    f = {"closes_over_module": lambda ps: F.mse_loss(model(x), y),
+         "no_grad": lambda ps: torch.no_grad()(lambda: F.mse_loss(call(ps), y))(),
+         "per_sample": lambda ps: ((call(ps) - y) ** 2).mean(1),
+         "python_float": lambda ps: float(F.mse_loss(call(ps), y)),
+         }[mistake]
+    w0 = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        _one_exact_step(model, x, y, f, sharpness)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+
+
+def test_an_error_of_functional_loss_itself_reaches_the_caller_as_it_is():
+    """Parameters zipped in reverse order: functional_call raises its own RuntimeError, which was re-raised as
+    "autograd could not differentiate functional_loss twice ... use fd" (a field test); now it goes on as it is,
+    and the parameters are unchanged."""
+    model, x, y, names = _mlp_problem()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    f = lambda ps: F.mse_loss(torch.func.functional_call(model, dict(zip(names, ps[::-1])), (x,)), y)  # noqa: E731
+    with pytest.raises(RuntimeError) as caught:
+        _one_exact_step(model, x, y, f)
+    assert "differentiate" not in str(caught.value)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))
+
+
+@pytest.mark.parametrize("sharpness", [False, True])
+def test_a_functional_loss_that_is_not_the_closures_loss_warns_once(sharpness):
+    """Two same-shape weights swapped, a stale batch or a scaled loss: the exact rates came out 1.2-100x off,
+    silently (a field test). The first steps compare functional_loss with the closure's main call (loss and slope
+    along the update) and warn; the right one does not warn."""
+    import warnings
+
+    model, x, y, names = _mlp_problem()
+    call = lambda ps, order=(0, 1, 2, 3), xb=x: torch.func.functional_call(  # noqa: E731
+        model, dict(zip(names, [ps[i] for i in order])), (xb,))
+    cases = {"right": lambda ps: F.mse_loss(call(ps), y),
+             "swapped": lambda ps: F.mse_loss(call(ps, (2, 1, 0, 3)), y),
+             "stale batch": lambda ps: F.mse_loss(call(ps, xb=x.flip(0)), y),
+             "scaled": lambda ps: 100 * F.mse_loss(call(ps), y)}
+    for name, f in cases.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _one_exact_step(model, x, y, f, sharpness)
+        said = [str(w.message) for w in caught if "does not compute the closure's loss" in str(w.message)]
+        assert len(said) == (name != "right"), (name, said)

@@ -79,7 +79,8 @@ class CDAT(CurvatureTuner):
             ``param_groups`` order; required by ``curvature="exact"``. Given, the online sharpness's
             Hessian-vector products are exact too (double backward; finite differences of closure gradients
             otherwise, which on a float32 ReLU network cross kinks and read the sharpness 2-11x too high). With
-            neither it is not used, and a warning says so.
+            neither it is not used, and a warning says so. It must be the closure's loss on the same batch: the
+            first three steps that use it compare its loss and slope with the closure's and warn on a mismatch.
         stability_coefficient: the base's ``c`` (threshold ``c / lr``) for ``stats["eos_ratio"]``; inferred
             for SGD/momentum/Nesterov/Adam/AdamW.
         seed: seeds the random start of the power iteration.

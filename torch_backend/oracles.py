@@ -24,19 +24,20 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-from curvopt.curvature import finite_difference_curvature
+from curvopt.curvature import finite_difference_curvature, replay_mismatch_in_place, replay_slope_mismatch
 from curvopt.rules import finite_difference_step
 
 from .probe import Probe
 from .scalars import host_values
 from .vectors import dot
 
-__all__ = ["finite_difference", "exact", "exact_hvp", "explain_double_backward", "check_functional_loss"]
+__all__ = ["finite_difference", "exact", "exact_hvp", "check_functional_loss", "functional_evidence"]
 
 
 def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: tuple[Any, Any]) -> Any:
@@ -65,7 +66,7 @@ def exact(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor]) -> Te
     def run() -> Tensor:
         return dot(exact_hvp(probe, functional_loss, reduce=False)(probe.u), probe.u)
 
-    out = explain_double_backward(lambda: probe.protected(run))
+    out = probe.protected(run)
     # a functional loss bypasses DDP's gradient averaging: the curvature of the rank-local loss is made global
     return probe.global_mean(out.detach().to(probe.loss.dtype).reshape(()))
 
@@ -75,16 +76,14 @@ def exact_hvp(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor],
     """``v -> H v`` at ``w0`` for vectors over ``probe.params``, by double backward of ``functional_loss``: its
     gradient's graph is built once (a forward and a backward), each product is one backward through that graph.
     Build it and take its products inside one ``probe.protected`` call (the graph holds the module buffers the
-    forward pass read, which the protection puts back afterwards), through :func:`explain_double_backward`.
+    forward pass read, which the protection puts back afterwards). An error of ``functional_loss`` itself reaches
+    the caller as it is; a failure of the products to differentiate it twice is explained
+    (:func:`_explain_double_backward`).
     With ``reduce``, a data-parallel run's product is averaged over the ranks (the functional loss bypasses
     DDP's gradient averaging). Where the loss is piecewise linear (ReLU) this is the Hessian almost everywhere,
     as Optax's products are; a finite difference of gradients also sees the kinks it crosses
     (:class:`torch_backend.sharpness.FiniteDifferenceHVP`)."""
-    primals, _ = probe.all_points_and_directions()
-    with torch.enable_grad():
-        ps = [w.detach().requires_grad_(True) for w in primals]
-        gs = torch.autograd.grad(functional_loss(ps), ps, create_graph=True, allow_unused=True)
-    mine = [(ps[i], gs[i]) for i in probe.index]
+    _, mine = _functional_gradient(probe, functional_loss, create_graph=True)
     used = [k for k, (_, g) in enumerate(mine) if g is not None and g.requires_grad]  # (not: linear in it)
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
@@ -92,7 +91,8 @@ def exact_hvp(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor],
         if used:
             with torch.enable_grad():
                 gv = dot([mine[k][1] for k in used], [v[k].detach() for k in used])
-                hs = torch.autograd.grad(gv, [mine[k][0] for k in used], retain_graph=True, allow_unused=True)
+                hs = _explain_double_backward(lambda: torch.autograd.grad(
+                    gv, [mine[k][0] for k in used], retain_graph=True, allow_unused=True))
             for k, h in zip(used, hs):
                 if h is not None:
                     out[k] = h.detach().to(out[k].dtype)
@@ -104,8 +104,61 @@ def exact_hvp(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor],
     return hvp
 
 
-def explain_double_backward(fn: Callable[[], Any]) -> Any:
-    """``fn()``, autograd's failure to differentiate ``functional_loss`` twice explained."""
+def _functional_gradient(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor], create_graph: bool
+                         ) -> tuple[Tensor, list[tuple[Tensor, Optional[Tensor]]]]:
+    """``(loss, [(parameter, gradient or None)])``: ``functional_loss`` at ``w0`` and its gradient for the parameters
+    with a gradient this step. A ``ValueError`` names the mistake when the function returns no scalar tensor or a
+    loss that does not depend on the parameters it is handed (one that closes over the module: its probes read a
+    curvature and a sharpness of 0, silently, in a field test); an error it raises goes on as it is, with a note
+    saying how it is called (Python 3.11+; a wrong parameter order was reported as a failure to differentiate
+    twice, with advice to use ``fd``)."""
+    primals, _ = probe.all_points_and_directions()
+    call = ("functional_loss(params) is called with the tuner's parameters as a list in param_groups order "
+            f"({len(primals)} tensors; not the model's order where the groups list them otherwise) and returns the "
+            "loss computed from them as a 0-d tensor, e.g. lambda ps: loss_fn(torch.func.functional_call(model, "
+            "dict(zip(names, ps)), (x,)), y) with names in the same order")
+    with torch.enable_grad():
+        ps = [w.detach().requires_grad_(True) for w in primals]
+        try:
+            loss = functional_loss(ps)
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(f"(curvopt) raised by functional_loss: {call}")
+            raise
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"functional_loss returned {got}, not the loss as one number. {call}")
+        gs = _explain_double_backward(lambda: torch.autograd.grad(
+            loss.reshape(()), ps, create_graph=create_graph, allow_unused=True)) \
+            if loss.requires_grad else (None,) * len(ps)
+    mine = [(ps[i], gs[i]) for i in probe.index]
+    if all(g is None for _, g in mine):
+        raise ValueError("functional_loss's loss does not depend on the parameters it is handed (one that closes "
+                         f"over the module, or computes under torch.no_grad, reads a curvature of 0). {call}")
+    return loss.detach().reshape(()), mine
+
+
+def functional_evidence(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor]) -> Optional[str]:
+    """``functional_loss`` at the step's parameters against the closure's main call: None where its loss and its
+    gradient's slope along ``u`` are the main call's (:func:`curvopt.curvature.replay_mismatch_in_place`,
+    :func:`curvopt.curvature.replay_slope_mismatch`, the closure replay's tolerances), else what differs. A
+    function that is not the closure's loss (two same-shape weights swapped, param groups in another order than
+    the names it zips them with, a scaled loss, a stale batch) gave exact rates 1.2-100x off, silently, in a field
+    test. Host floats; one forward and backward of ``functional_loss``."""
+    loss, mine = _functional_gradient(probe, functional_loss, create_graph=False)
+    slope = dot([g for _, g in mine if g is not None], [u for (_, g), u in zip(mine, probe.u) if g is not None])
+    f, got, numerator, slope = float(probe.loss), float(loss), float(probe.numerator), float(slope)
+    if math.isfinite(f) and math.isfinite(got) and \
+            replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
+        return f"its loss at the step's parameters is {got:.9g}, the closure's was {f:.9g}"
+    if math.isfinite(numerator) and math.isfinite(slope) and replay_slope_mismatch(numerator, slope) > 1:
+        return f"its gradient's slope along the update is {slope:.6g}, the closure's was {-numerator:.6g}"
+    return None
+
+
+def _explain_double_backward(fn: Callable[[], Any]) -> Any:
+    """``fn()``, a backward through ``functional_loss``'s graph (its gradient's, or a product's through that),
+    autograd's failure explained."""
     try:
         return fn()
     except RuntimeError as e:

@@ -87,7 +87,7 @@ from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
-from .oracles import check_functional_loss, exact, exact_hvp, explain_double_backward, finite_difference
+from .oracles import check_functional_loss, exact, exact_hvp, finite_difference, functional_evidence
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
                               preconditioner_scales)
 from .noise import knows_noise, noise_numerator
@@ -118,7 +118,8 @@ gradients, computes the loss, calls backward and returns the loss, e.g.
 The tuner calls it once at the current parameters and, depending on the tuner, again at probe points."""
 
 #: the closure checks of a tuner's first steps: fd probes against the main call's quadratic model, or (the line
-#: search) replays at the unchanged parameters before a search
+#: search) replays at the unchanged parameters before a search; and as many checks of functional_loss against the
+#: main call
 _REPLAY_CHECKS = 3
 
 
@@ -299,6 +300,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._require_probe_free(has_closure=True, error=ValueError)
         #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
         self._replay_checks = _REPLAY_CHECKS
+        #: steps still to check functional_loss against the closure (:meth:`_check_functional`); 0 once it warned
+        self._functional_checks = _REPLAY_CHECKS
         self._secant_warned = False
         self._stall_warned = False
         #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's, not
@@ -819,9 +822,12 @@ class CurvatureTuner(torch.optim.Optimizer):
             if self._replay_checks and not st.fd:  # once: the sharpness's probes leave .grad zeroed
                 self._check_replay_in_place(probe)
                 self._replay_checks = 0
+            if self.functional_loss is not None:
+                self._check_functional(probe)
             st.sharp = self._estimate_sharpness(probe, glob, st.count)
         st.curvature = nan
         if st.oracle == "exact":
+            self._check_functional(self._probe(st))
             st.curvature = S(exact(self._probe(st), self.functional_loss))
         st.probing = st.secant and not st.has_secant and st.probe_free
         if (st.probing and st.prev_u is None and glob.get(layout.SECANT[0]) is not None
@@ -1284,6 +1290,24 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._warn_no_replay(f"{at_probe}; {evidence}")
         return scale
 
+    def _check_functional(self, probe: Probe) -> None:
+        """On the first :data:`_REPLAY_CHECKS` steps that use ``functional_loss`` (the exact curvature, the online
+        sharpness's products): its loss and slope at the step's parameters must be the closure's main call's
+        (:func:`torch_backend.oracles.functional_evidence`; one more forward and backward of it each), else a warning,
+        once. Not under data parallelism, where the functional loss is the rank's own and the gradient the ranks'
+        average."""
+        if not self._functional_checks or self.distributed is not None:
+            return
+        self._functional_checks -= 1
+        evidence = probe.protected(lambda: functional_evidence(probe, self.functional_loss))
+        if evidence is not None:
+            self._functional_checks = 0
+            warn(f"{type(self).__name__}: functional_loss does not compute the closure's loss: {evidence}. The exact "
+                 "curvature and the sharpness come from functional_loss and the step from the closure; make it the "
+                 "same loss on the same batch, its parameters taken in param_groups order (zip them with the "
+                 "names of the params in that order, not model.named_parameters() when the groups list them "
+                 "otherwise)")
+
     def _check_replay_in_place(self, probe: Probe) -> None:
         """Before the first sharpness estimate, or the first :data:`_REPLAY_CHECKS` line searches, of a tuner that
         takes no ``fd`` probes (whose probes :meth:`_check_replay` covers): the closure called again at the
@@ -1419,8 +1443,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         (:meth:`_rate_scales`; a frozen group drops out). The products are exact (double backward) when the
         tuner has a ``functional_loss``, else finite differences of closure gradients."""
         if self.functional_loss is not None:  # one evaluation; the products are backward passes through its graph
-            return explain_double_backward(lambda: probe.protected(
-                lambda: self._power_estimates(probe, glob, count, exact_hvp(probe, self.functional_loss))))
+            return probe.protected(
+                lambda: self._power_estimates(probe, glob, count, exact_hvp(probe, self.functional_loss)))
         return self._power_estimates(probe, glob, count, FiniteDifferenceHVP(
             probe.call, probe.params, probe.w0, probe.grads, eps=probe.guard.fd_eps(probe.params)))
 
