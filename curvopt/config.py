@@ -47,7 +47,7 @@ __all__ = [
     "moved_outside",
     "OUTSIDE_MOTION_MESSAGE",
     "OUTSIDE_MOTION_MESSAGE_OPTAX",
-    "watched_norms",
+    "watched_norms", "moved_measurably",
     "external_clip_suspected",
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
@@ -405,6 +405,18 @@ EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "base_method='adam'). " + _CONSTANT_NORM_LOSS)
 
 
+def moved_measurably(lr: float, numerator: float, loss: float) -> bool:
+    """Whether a step at rate ``lr`` moved the parameters enough for :func:`watched_norms` to count the next
+    gradient: ``lr > 0`` and, where the loss is known (finite), its first-order change ``lr |g^T u|``
+    (``numerator = -g^T u``) above :data:`EXTERNAL_CLIP_RTOL` of ``|loss|``. A step below that leaves the next
+    gradient's norm within the watch's tolerance of this one's (a field test: Polyak with an ``f_star`` the run
+    reaches, its rates falling 7.9e-5, 2e-10, 1.5e-15 as the loss settled on it, read as a clip inside the
+    closure). Host floats."""
+    if not lr > 0:
+        return False
+    return not math.isfinite(loss) or lr * abs(numerator) > EXTERNAL_CLIP_RTOL * abs(loss)
+
+
 def watched_norms(norms: Any, norm: Any, counted: Any, xp: Any) -> Any:
     """The window of the last :data:`EXTERNAL_CLIP_STEPS` gradient norms of consecutive watched steps
     (closure-free secant steps; in PyTorch also closure steps without ``fd`` probes, whose replay check would
@@ -494,7 +506,9 @@ def zero_rate_message(rising: bool, decays: bool) -> str:
         return head + (
             "The loss falls along the base optimizer's update, but the rule gives it no step: the curvature along "
             "the update is not positive and nothing bounds the step (f_star=-inf turns off the floor that gives "
-            "one: pass a lower bound of the loss), or a line search accepts no trial.")
+            "one: pass a lower bound of the loss), a line search accepts no trial, or the loss is at the rule's "
+            "f_star (Polyak's rate (f - f_star) / (-g^T u) is then 0: if the loss can go lower, f_star is too "
+            "high).")
     head += "The loss rises along the base optimizer's update (-g^T u <= 0). "
     if decays:
         return head + (

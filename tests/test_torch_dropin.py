@@ -1031,6 +1031,33 @@ def test_an_active_clip_inside_a_closure_no_probe_checks_is_reported(tuner):
         assert run(clip, inside) == [], (clip, inside)
 
 
+def test_polyak_settling_on_a_reachable_f_star_is_not_read_as_a_clip():
+    """Polyak with an f_star the run reaches: its rates fall to ~0 as the loss settles on f_star, the parameters
+    stop, and the gradients keep their norm. That read as "an active gradient clip inside the closure" (a field
+    test) and the zero-rate warning named curvature and line searches; now the steps too small to change the
+    gradient do not count for the clip watch, and the zero-rate warning names f_star."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    x, y = torch.randn(64, 8, dtype=torch.float64), torch.randint(0, 3, (64,))
+    f_star = 0.9 * float(nn.functional.cross_entropy(model(x), y))
+    opt = ct.PolyakStep(torch.optim.SGD(model.parameters(), lr=1.0), f_star=f_star)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(40):
+            loss = float(opt.step(closure))
+    said = [str(m.message) for m in caught]
+    assert loss == pytest.approx(f_star, rel=1e-9) and float(opt.stats["lr"]) == 0.0  # settled on f_star
+    assert not any("same norm on the last" in m for m in said), said
+    assert sum("learning rate has been 0" in m and "f_star is too high" in m for m in said) == 1, said
+
+
 # ------------------------------------------------------------------------------ Lightning
 def test_lightning_trainer_accumulate_and_clip():
     pl = pytest.importorskip("lightning.pytorch")

@@ -67,8 +67,8 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_COLLAPSE_MESSAGE,
                             SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS, accumulator_dtype_name,
                             collapse_peak, concave_reprobe, external_clip_suspected, has_gradient, in_stall_units,
-                            moved_outside, probe_reads_forward, remember_probe, resolve_curvature, power_iters,
-                            secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
+                            moved_measurably, moved_outside, probe_reads_forward, remember_probe, resolve_curvature,
+                            power_iters, secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
                             secant_stalled, sharpness_due, stall_window, watched_norms, zero_rate_message,
                             zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
@@ -966,7 +966,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
             st.ws.exit_sq = local_sq_norm(params if st.flat is None else [st.flat[2]])
         self.guard.finish()
-        self._moved_last = bool(lr > 0 and not (st.secant and st.probing))
+        self._moved_last = moved_measurably(float(lr), float(st.numerator), float(st.loss_v)) and not (
+            st.secant and st.probing)
         st.ws.install(state, layout.W0, st.w0)
         st.ws.install(state, layout.U, st.u)
         # exactly this step's parameters hold a direction (the secant's invariant) and a prediction (paired's)
