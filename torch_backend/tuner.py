@@ -816,8 +816,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         nan = S(math.nan)
         so_far = {space: nan if glob.get(key) is None else self._host(glob[key], S)  # the estimates, read once
                   for space, key in layout.SHARPNESS.items()}
-        if cfg.enabled and sharpness_due(st.count, cfg.every,
-                                         so_far["preconditioned" if self.preconditioned else "plain"]):
+        due = cfg.enabled and sharpness_due(st.count, cfg.every,
+                                            so_far["preconditioned" if self.preconditioned else "plain"])
+        if due:
             probe = self._probe(st)
             if self._replay_checks and not st.fd:  # once: the sharpness's probes leave .grad zeroed
                 self._check_replay_in_place(probe)
@@ -827,7 +828,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             st.sharp = self._estimate_sharpness(probe, glob, st.count)
         st.curvature = nan
         if st.oracle == "exact":
-            self._check_functional(self._probe(st))
+            if not due:  # else checked above, at the same point
+                self._check_functional(self._probe(st))
             st.curvature = S(exact(self._probe(st), self.functional_loss))
         st.probing = st.secant and not st.has_secant and st.probe_free
         if (st.probing and st.prev_u is None and glob.get(layout.SECANT[0]) is not None
