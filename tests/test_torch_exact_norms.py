@@ -124,3 +124,32 @@ def test_a_functional_loss_that_is_not_the_closures_loss_warns_once(sharpness):
             _one_exact_step(model, x, y, f, sharpness)
         said = [str(w.message) for w in caught if "does not compute the closure's loss" in str(w.message)]
         assert len(said) == (name != "right"), (name, said)
+
+
+def test_a_float32_functional_loss_beside_a_bf16_closure_is_not_a_mismatch():
+    """The docs advise curvature="exact" for a closure under a bf16 autocast; its float32 functional_loss differs
+    from the closure's loss by bf16's rounding (6e-5 relative here), which the check first read as another loss.
+    It allows the closure's compute precision; a loss x100 still warns."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    names = [n for n, _ in model.named_parameters()]
+    for scale, warns in ((1.0, False), (100.0, True)):
+        f = lambda ps, s=scale: s * F.cross_entropy(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), y)
+        opt = CDAT(torch.optim.AdamW(model.parameters(), lr=1.0), curvature="exact", functional_loss=f)
+
+        def closure():
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.step(closure)
+        said = [str(w.message) for w in caught if "does not compute the closure's loss" in str(w.message)]
+        assert len(said) == warns, (scale, said)

@@ -144,12 +144,14 @@ def functional_evidence(probe: Probe, functional_loss: Callable[[list[Tensor]], 
     :func:`curvopt.curvature.replay_slope_mismatch`, the closure replay's tolerances), else what differs. A
     function that is not the closure's loss (two same-shape weights swapped, param groups in another order than
     the names it zips them with, a scaled loss, a stale batch) gave exact rates 1.2-100x off, silently, in a field
-    test. Host floats; one forward and backward of ``functional_loss``."""
+    test. The loss is allowed the rounding of the closure's own computation (a closure under a bf16 autocast with a
+    float32 ``functional_loss``, the exact curvature the docs advise there, differs by ~1e-4 relative). Host
+    floats; one forward and backward of ``functional_loss``."""
     loss, mine = _functional_gradient(probe, functional_loss, create_graph=False)
     slope = dot([g for _, g in mine if g is not None], [u for (_, g), u in zip(mine, probe.u) if g is not None])
     f, got, numerator, slope = float(probe.loss), float(loss), float(probe.numerator), float(slope)
-    if math.isfinite(f) and math.isfinite(got) and \
-            replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
+    loss_eps = max(torch.finfo(probe.loss.dtype).eps, probe.guard.fd_eps(probe.params))  # a bf16 closure: bf16's
+    if math.isfinite(f) and math.isfinite(got) and replay_mismatch_in_place(f, got, loss_eps) > 1:
         return f"its loss at the step's parameters is {got:.9g}, the closure's was {f:.9g}"
     if math.isfinite(numerator) and math.isfinite(slope) and replay_slope_mismatch(numerator, slope) > 1:
         return f"its gradient's slope along the update is {slope:.6g}, the closure's was {-numerator:.6g}"
