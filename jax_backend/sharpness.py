@@ -163,23 +163,23 @@ def moving_parts(direction: Any, dtype: Any) -> Any:
 
 
 def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, last: tuple[Any, Any], *,
-                     steps: Any, config: SharpnessConfig, preconditioner: Any, dtype: Any, moving: Any = None
+                     steps: Any, config: SharpnessConfig, preconditioner: Any, dtype: Any, direction: Any = None
                      ) -> tuple[Any, Any, EigenMemory, Any]:
     """On the scheduled steps (``steps`` taken before this one, and the step after a failed estimate: NaN,
     :func:`curvopt.config.sharpness_due`) re-estimate the sharpness and, with an Adam ``preconditioner``, the
     preconditioned one; otherwise keep ``last``. Returns ``(sharpness, preconditioned
-    sharpness, memory, HVPs used)``. The sharpness is that of the parts the step moves (``moving``:
-    :func:`moving_parts`; None, the whole tree), ``lambda_max(M H M)``, as PyTorch's drops a frozen group: with
-    a frozen head inside the base it was the whole tree's (4.09 in a field test, the trained body's block 1.04:
-    the edge-of-stability rate behind gradient descent 3.9x too low). Adam's preconditioner already leaves a
-    frozen part out (no moments)."""
+    sharpness, memory, HVPs used)``. The sharpness is that of the parts the base's ``direction`` moves
+    (:func:`moving_parts`, read on the estimate's steps only; None, the whole tree), ``lambda_max(M H M)``, as
+    PyTorch's drops a frozen group: with a frozen head inside the base it was the whole tree's (4.09 in a field
+    test, the trained body's block 1.04: the edge-of-stability rate behind gradient descent 3.9x too low). Adam's
+    preconditioner already leaves a frozen part out (no moments)."""
     ops = TreeOps(dtype)
 
     def estimate():
         hvp = hvp_operator(f, params)
         fresh = random_unit(params, steps + 1)
-        plain = hvp if moving is None else sandwich(
-            hvp, moving, lambda m, v: jax.tree.map(lambda a, b: (a * b).astype(b.dtype), m, v))
+        mask = lambda m, v: jax.tree.map(lambda a, b: (a * b).astype(b.dtype), m, v)  # noqa: E731
+        plain = hvp if direction is None else sandwich(hvp, moving_parts(direction, dtype), mask)
         lam, v, used = _power(plain, memory.eigenvector, last[0], config, fresh, ops)
         pre, vp = last[1], memory.preconditioned_eigenvector
         if vp is not None and preconditioner is not None:

@@ -35,7 +35,7 @@ from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, inco
 from .loss import bind, check_fits_params, misspelled_keywords, value_and_grad_at
 from .noise import find_trace_state
 from .oracles import loss_reads_params
-from .sharpness import EigenMemory, find_adam_state, moving_parts, online_sharpness, preconditioner_from_adam_state
+from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 from .warning import warn
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
@@ -226,7 +226,7 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
                          f"{where}" + ("; or pass sharpness=0 to turn it off" if optional else ""))
     pre = precondition_for(method, eigen.preconditioned_eigenvector is not None, base_state, params, tuner)
     lam, lam_p, eigen, used = online_sharpness(p.f, params, eigen, kept, steps=steps, config=config, preconditioner=pre,
-                                               dtype=p.dtype, moving=moving_parts(p.d, p.dtype))
+                                               dtype=p.dtype, direction=p.d)
     return (lam, lam_p), eigen, used
 
 

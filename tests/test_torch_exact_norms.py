@@ -8,6 +8,15 @@ import torch.nn.functional as F
 from curvopt.torch import CDAT
 
 
+def _closure(opt, model, x, y, loss_fn):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
 @pytest.mark.parametrize("norm", [nn.LayerNorm, nn.BatchNorm1d])
 def test_exact_curvature_matches_double_backward_with_norm_layers(norm):
     torch.manual_seed(0)
@@ -25,14 +34,7 @@ def test_exact_curvature_matches_double_backward_with_norm_layers(norm):
 
     opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), curvature="exact", functional_loss=f, modules=model)
     w0 = [p.detach().clone() for p in model.parameters()]
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(_closure(opt, model, x, y, F.cross_entropy))
     # reference: u^T H u by reverse-over-reverse at w0 along u = -g (the SGD direction at multiplier 1)
     qs = [w.clone().requires_grad_(True) for w in w0]
     g = torch.autograd.grad(f(qs), qs, create_graph=True)
@@ -56,14 +58,7 @@ def _one_exact_step(model, x, y, functional_loss, sharpness=False):
 
     opt = QuadraticGreedy(torch.optim.SGD(model.parameters(), lr=1.0), curvature="exact",
                           functional_loss=functional_loss, sharpness=SharpnessConfig(every=1) if sharpness else None)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(_closure(opt, model, x, y, F.mse_loss))
     return opt
 
 
