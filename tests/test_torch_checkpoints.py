@@ -426,6 +426,65 @@ def test_base_state_dict_loads_into_the_bare_base_at_the_effective_rate(freeze_f
         opt.base_state_dict(lr=float("nan"))
 
 
+def _clean_copy(model, base):
+    """The model and a bare base with the same parameters' values and the base's own state (no tuner keys)."""
+    twin = copy.deepcopy(model)
+    plain = type(base)(twin.parameters(), lr=1.0)  # the hyperparameters come with the state dict
+    plain.load_state_dict({"state": {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()
+                                         if not k.startswith("curvopt_")}
+                                     for i, st in base.state_dict()["state"].items()},
+                           "param_groups": [{k: v for k, v in g.items() if not k.startswith("curvopt_")}
+                                            for g in base.state_dict()["param_groups"]]})
+    return twin, plain
+
+
+@pytest.mark.parametrize("before, after, closure_free", [
+    (CDAT, CDAT, True),  # the old secant memory and noise averages went on: the secant read 105-337x too high
+    (QuadraticGreedy, CDAT, False),  # the greedy rule's averages went on as CDAT's: its start-up skipped
+    ("loaded", CDAT, True),  # a tuner's state dict loaded into the bare base, then wrapped
+])
+def test_a_new_tuner_around_a_base_another_tuner_used_starts_afresh(before, after, closure_free):
+    """A tuner built around a base that holds a tuner's state (an earlier tuner wrapped it, or a tuner's state dict
+    was loaded into it) warns and starts afresh: its rates are those of the same tuner around a clean copy of the
+    base (Adam's moments and counts kept, no tuner keys). Kills: the old keys left in the base (the new tuner took
+    the old one's secant memory and rule averages, silently)."""
+    model = mlp()
+    x, y = data()
+    base = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.01)
+    def train(opt, m, steps):
+        for _ in range(steps):
+            if closure_free:
+                closure_of(m, opt, x, y)()
+                opt.step()
+            else:
+                opt.step(closure_of(m, opt, x, y))
+            yield float(opt.stats["lr"])
+
+    old = (before if before != "loaded" else CDAT)(base)
+    list(train(old, model, 6))
+    for _ in range(3):  # the base alone moves on: the old tuner's memory is now stale
+        closure_of(model, base, x, y)()
+        base.step()
+    if before == "loaded":
+        saved = old.state_dict()
+        base = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.01)
+        base.load_state_dict(saved)  # torch takes the tuner's keys along
+        assert any(k.startswith("curvopt_") for g in base.param_groups for k in g)
+    twin, plain = _clean_copy(model, base)
+    with pytest.warns(RuntimeWarning, match="starts afresh"):
+        new = after(base)
+    assert not any(k.startswith("curvopt_") for st in base.state.values() for k in st)
+    assert not any(k.startswith("curvopt_") for g in base.param_groups for k in g)
+    assert all(torch.equal(base.state[p]["exp_avg"], plain.state[q]["exp_avg"])
+               for p, q in zip(model.parameters(), twin.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = after(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the closure-free start-up's advice
+        assert list(train(new, model, 4)) == pytest.approx(list(train(clean, twin, 4)), rel=1e-12)
+
+
 def test_a_failed_first_step_after_loading_keeps_the_loaded_w0():
     """A fresh optimizer that loaded a state dict adopts the loaded ``curvopt_w0`` into its own buffers with its
     values: a first step that failed (a probe raised) left never-initialised memory in ``state_dict()``."""

@@ -749,3 +749,37 @@ def test_a_skipped_step_keeps_the_sharpness_estimate_in_the_stats():
     fresh = CDAT(torch.optim.SGD([w], lr=1.0), sharpness=10)
     fresh.load_state_dict(opt.state_dict())
     assert float(fresh.stats["sharpness"]) == estimate
+
+
+@pytest.mark.parametrize("base_kind, moves", [("adamw", True), ("sgd", False)])
+def test_a_frozen_parameter_the_base_still_moves_is_reported(base_kind, moves):
+    """A layer frozen with ``requires_grad_(False)`` under ``zero_grad(set_to_none=False)`` keeps a zero gradient,
+    and AdamW's momentum and weight decay go on moving it: no backward pass differentiates it, so the tuner's
+    slope and curvature miss that motion (the greedy rate was 5x the exact one). It warns once; plain SGD
+    (no momentum, no decay) does not move it and nothing is said. Kills: the check removed or always quiet."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+    x, y = torch.randn(40, 3, dtype=DT), torch.randn(40, 1, dtype=DT)
+    base = (torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.01) if base_kind == "adamw"
+            else torch.optim.SGD(model.parameters(), lr=1.0))
+    opt = QuadraticGreedy(base)
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step(closure)
+    model[0].requires_grad_(False)
+    before = model[0].weight.detach().clone()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(closure)
+    said = [w for w in seen if "requires_grad=False" in str(w.message)]
+    assert len(said) == (1 if moves else 0)
+    assert (not torch.equal(model[0].weight, before)) == moves

@@ -57,8 +57,8 @@ from curvopt.rules import ADDED_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
            "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_GROUP_LR", "LAST_PROBE", "REPLAY_SCALE", "WATCH",
-           "META_TUNER", "META_BASE", "TEMPLATE_MESSAGE", "rule_key", "is_ours", "without_ours", "is_template_call",
-           "prepare"]
+           "META_TUNER", "META_BASE", "TEMPLATE_MESSAGE", "rule_key", "is_ours", "without_ours", "drop_ours",
+           "is_template_call", "prepare"]
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"
@@ -130,6 +130,28 @@ def without_ours(state_dict: dict[str, Any]) -> dict[str, Any]:
             state[i] = kept
     groups = [{k: v for k, v in g.items() if not is_ours(k)} for g in state_dict["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def drop_ours(optimizer: torch.optim.Optimizer) -> bool:
+    """Remove the tuner's keys from a live optimizer, in place: from each parameter's state (an entry that held
+    nothing else goes, as :func:`without_ours` leaves it out of a state dict) and from the param groups (a tuner's
+    state dict loaded into a bare optimizer puts them there). Whether there were any."""
+    found = False
+
+    def strip(entry: dict) -> bool:
+        ours = [k for k in entry if is_ours(k)]
+        for k in ours:
+            del entry[k]
+        return bool(ours)
+
+    for p in list(optimizer.state):
+        if strip(optimizer.state[p]):
+            found = True
+            if not optimizer.state[p]:
+                del optimizer.state[p]
+    for group in optimizer.param_groups:
+        found = strip(group) or found
+    return found
 
 
 def _shape_error(i: int, here: Sequence[int], there: Sequence[int]) -> ValueError:

@@ -227,6 +227,9 @@ class CurvatureTuner(torch.optim.Optimizer):
     _below_bound_warned = False
     #: the once-per-tuner warning that a closure-free step found no previous direction for its parameters was given
     _regrouped_warned = False
+    #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
+    #: (:meth:`_watch_frozen`); None once it warned
+    _frozen_checked: Optional[tuple[int, ...]] = ()
 
     def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
                  modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
@@ -331,6 +334,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.sharpness_products = 0
         self._stats_device = params[0].device
         self._stats: dict[str, Any] = self._nan_stats(skipped=0)
+        # a tuner starts afresh: another tuner's state left in the base (it wrapped this base before, or its state
+        # dict was loaded into the base) would go on as this one's (a stale secant, another rule's averages)
+        if layout.drop_ours(base):
+            warn(f"{name}: the base optimizer holds a curvopt tuner's state (a tuner wrapped it before, or a tuner's "
+                 f"state dict was loaded into it); this {name} starts afresh without it (its start-up, no secant "
+                 "memory; the base's own state is kept). To resume a tuner, load its state dict into the new tuner: "
+                 f"{name}(base).load_state_dict(saved)")
         self.register_state_dict_post_hook(_name_the_tuner, prepend=True)
         base.register_state_dict_post_hook(_compact_buffers, prepend=True)
 
@@ -787,6 +797,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if st.moved_outside:
             self._motion_warned = True
             warn(OUTSIDE_MOTION_MESSAGE)
+        self._watch_frozen(st)
         f_star = getattr(self.rule, "loss_bound", -math.inf)
         if st.loss_v < f_star and not self._below_bound_warned:
             self._below_bound_warned = True
@@ -794,6 +805,27 @@ class CurvatureTuner(torch.optim.Optimizer):
                  "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
                  "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
                  "off")
+
+    def _watch_frozen(self, st: _Step) -> None:
+        """Warn once when the base moves a parameter with ``requires_grad=False`` that still has a gradient
+        (``zero_grad(set_to_none=False)`` keeps a zero one, which the base's momentum and weight decay act on, as a
+        bare torch optimizer's do): no closure call differentiates it, so the slope and curvature the tuner reads
+        miss that motion. Read (one host sync per such parameter) when the set of them changes."""
+        if self._frozen_checked is None:
+            return
+        frozen = tuple(k for k, p in enumerate(st.params) if not p.requires_grad)
+        if frozen == self._frozen_checked:
+            return
+        self._frozen_checked = frozen
+        if any(bool(st.u.views[k].any()) for k in frozen):
+            self._frozen_checked = None
+            warn(f"{type(self).__name__}: the base moves parameters with requires_grad=False: they still have a "
+                 "gradient (zero_grad(set_to_none=False) keeps a zero one) and the base's momentum or weight decay "
+                 "moves them, as a bare torch optimizer would. No backward pass differentiates them, so the slope "
+                 "and curvature the tuner reads miss that motion and the rate can be too high (measured: a greedy "
+                 "rate 5x the exact one at the step after freezing a layer behind AdamW). When you freeze "
+                 "parameters, set their .grad to None (optimizer.zero_grad() does by default) or take them out of "
+                 "the optimizer")
 
     def _probe(self, st: _Step) -> Probe:
         """The step's probe (made on first use: closure calls at points along ``u``,
