@@ -213,11 +213,11 @@ def computation_eps(f: Callable[[Any], Any], params: Any) -> float:
     return max((float(jnp.finfo(dt).eps) for dt in found), default=0.0)
 
 
-def loss_reads_params(f: Callable[[Any], Any], params: Any) -> bool:
-    """Whether the loss ``f`` computes from ``params`` depends on them at all, from its jaxpr (traced when the
-    update is traced): False for a ``value_fn`` that ignores its argument and closes over the model instead (an
-    easy slip with ``nnx``), whose every probe then reads the same loss and a zero gradient."""
-    jaxpr = jax.make_jaxpr(f)(params).jaxpr
+def loss_reads_params(traced: Any) -> bool:
+    """Whether a loss depends on its argument at all, from its jaxpr ``traced`` (``jax.make_jaxpr(f)(params)``,
+    traced when the update is traced): False for a ``value_fn`` that ignores its argument and closes over the model
+    instead (an easy slip with ``nnx``), whose every probe then reads the same loss and a zero gradient."""
+    jaxpr = traced.jaxpr
     wanted = [True] * len(jaxpr.outvars)
     return (any(v in jaxpr.invars for v in _vars(jaxpr.outvars))
             or bool(_path_float_dtypes(jaxpr, [True] * len(jaxpr.invars), wanted, set())))

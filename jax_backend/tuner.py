@@ -32,7 +32,7 @@ from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming,
                         like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
-from .loss import bind, check_fits_params, misspelled_keywords, value_and_grad_at
+from .loss import bind, check_fits_params, check_loss_agrees, misspelled_keywords, value_and_grad_at
 from .noise import find_trace_state
 from .oracles import loss_reads_params
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
@@ -80,12 +80,14 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
     f = None if value_fn is None or masked else bind(value_fn, extra_args)
     grad = like_params(grad, params)
     check_fits_params(params, grad, f, tuner)
-    if f is not None and not loss_reads_params(f, params):  # at trace time
+    traced = jax.make_jaxpr(f)(params) if f is not None else None  # at trace time
+    if traced is not None and not loss_reads_params(traced):
         raise ValueError(f"{tuner}: value_fn's loss does not depend on its first argument, the parameters the "
                          "tuner probes (a value_fn that closes over the model and ignores its argument: every "
                          "probe would read the same loss and a zero gradient, and the rate come out hundreds of "
                          "times too small). Compute the loss from the argument: value_fn(params, **batch); with "
                          "nnx, nnx.merge(graphdef, params, rest) inside value_fn (docs/optax.md)")
+    check_loss_agrees(tuner, params, value, traced.out_avals[0] if traced is not None else None)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation
     value, grad = value_and_grad_at(params, value, grad, f,
                                     need_value=need_value or (want_value and f is not None), tuner=tuner)
