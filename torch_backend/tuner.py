@@ -326,6 +326,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._probed: Optional[tuple[float, int, float]] = None
         #: the largest closure-free secant rate since the last probing step, in stall units (``secant_collapsed``)
         self._peak = 0.0
+        #: ``_probed`` and ``_peak`` as the state holds them (:data:`torch_backend.state.SECANT_WATCH`; None for an
+        #: absent key): written when they change
+        self._watch_saved: tuple[Optional[float], ...] = ()
         self._collapse_warned = False
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
@@ -1046,6 +1049,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if noise_state is not None:
                 for f, v in zip(noise_state._fields, rest[2:]):
                     glob[layout.rule_key(f)] = v
+            self._commit_secant_watch(glob, acc, dev)
             if st.denoise:
                 self._commit_gradients(params, st.grads, st.clip)
                 if seen_kept:
@@ -1062,6 +1066,21 @@ class CurvatureTuner(torch.optim.Optimizer):
             for p, g in zip(params, st.grads):  # (every g is a main-call gradient: params are those that had one)
                 if p.grad is None:
                     p.grad = g.zero_()
+
+    def _commit_secant_watch(self, glob: dict, dtype: torch.dtype, dev: torch.device) -> None:
+        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; a
+        window's key is absent while none is open, its first rate's until it has one), so a resumed run goes on
+        judging them; written only when they changed (no transfer on most steps)."""
+        values = (*(self._probed or (math.nan,) * 3), self._peak)
+        now = tuple(None if math.isnan(v) else float(v) for v in values)
+        if now == self._watch_saved:
+            return
+        self._watch_saved = now
+        for key, v in zip(layout.SECANT_WATCH, now):
+            if v is None:
+                glob.pop(key, None)
+            else:
+                glob[key] = torch.tensor(v, dtype=dtype, device=dev)
 
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
         """A 0-d state tensor as a host scalar: the value the last step made it from while it is still that
@@ -1558,8 +1577,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._ws = None
         self._store = None
         self._kept_globals = None
-        self._probed = None
-        self._peak = 0.0
+        reference, start, first, peak = (float(glob[k]) if k in glob else None for k in layout.SECANT_WATCH)
+        self._probed = None if reference is None or start is None else (
+            reference, start, math.nan if first is None else first)
+        self._peak = 0.0 if peak is None else peak  # (a state saved without them starts them afresh)
+        self._watch_saved = ()
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
