@@ -426,6 +426,28 @@ def test_base_state_dict_loads_into_the_bare_base_at_the_effective_rate(freeze_f
         opt.base_state_dict(lr=float("nan"))
 
 
+def test_base_state_dict_after_a_closure_free_probing_step_asks_for_the_rate():
+    """A closure-free probing step's rate is the tiny finite-difference step (a field test: 1.6e-4 after an unfreeze
+    where the step before took 0.078); handed to the bare base by default it would crawl. ``base_state_dict()``
+    refuses it and says to pass ``lr=``; after a step the rule chose it hands that rate over. Kills: the probe's
+    rate handed over silently."""
+    model, (x, y) = mlp(), data()
+    opt = CDAT(torch.optim.AdamW(model.parameters(), lr=1.0))
+    rates = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(6):
+            closure_of(model, opt, x, y)()
+            opt.step()
+            rates.append(float(opt.stats["lr"]))
+            if len(rates) == 1:  # the first closure-free step probes
+                with pytest.raises(ValueError, match="probing step"):
+                    opt.base_state_dict()
+                assert opt.base_state_dict(lr=0.01)["param_groups"][0]["lr"] == pytest.approx(0.01)
+    assert rates[-1] > 10 * rates[0]
+    assert opt.base_state_dict()["param_groups"][0]["lr"] == pytest.approx(rates[-1], rel=1e-12)
+
+
 def _clean_copy(model, base):
     """The model and a bare base with the same parameters' values and the base's own state (no tuner keys)."""
     twin = copy.deepcopy(model)

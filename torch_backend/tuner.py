@@ -1545,7 +1545,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         ``state_dict()`` in its place raised ``KeyError: 'step'`` when the first parameter was frozen): the
         tuner's keys dropped (:func:`torch_backend.state.without_ours`) and each group's ``lr`` set to the
         effective rate, ``lr`` (default: the last step's, ``stats["lr"]``) times the group's own. Raises
-        ``ValueError`` when ``lr`` is not given and the last step chose none (no step yet, or a skipped one)."""
+        ``ValueError`` when ``lr`` is not given and the last step chose none (no step yet, or a skipped one) or
+        was a closure-free probing step (its rate the tiny finite-difference step, not one to go on with)."""
+        if lr is None and layout.LAST_PROBE in self.state.get(self._all_params()[0], {}):
+            raise ValueError(f"{type(self).__name__}.base_state_dict: the last step was a closure-free probing step "
+                             "(its rate is the tiny finite-difference step that measures the curvature, as after a "
+                             "change of the parameters with a gradient), not a rate to go on with: pass lr= (e.g. "
+                             "an earlier step's stats['lr']), or take the state after the next step")
         rate = float(self.stats["lr"]) if lr is None else float(lr)
         if not (math.isfinite(rate) and rate >= 0):
             raise ValueError(f"{type(self).__name__}.base_state_dict: " + (
