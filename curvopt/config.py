@@ -462,7 +462,7 @@ def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
 OUTSIDE_MOTION_MESSAGE = (
     "curvopt: the parameters changed between two steps outside the optimizer (e.g. a weight clamp or "
     "renormalisation after opt.step(), weight decay applied by hand, a Lookahead wrapper around the tuner, weights "
-    "reloaded without the optimizer). The closure-free secant curvature assumes that only the tuner's step moved "
+    "reloaded without the optimizer, or an optimizer state loaded beside weights of another step). The closure-free secant curvature assumes that only the tuner's step moved "
     "them, so its learning rates are unreliable from here on (field tests: a clamp cut the greedy rule's median "
     "rate from 39 % to 1.5 % of the exact greedy rate; after 6 of 7 Lookahead syncs CDAT's curvature came out "
     "negative). Pass a closure, opt.step(closure), with probes on (the default, not probes=False or "

@@ -448,6 +448,40 @@ def test_base_state_dict_after_a_closure_free_probing_step_asks_for_the_rate():
     assert opt.base_state_dict()["param_groups"][0]["lr"] == pytest.approx(rates[-1], rel=1e-12)
 
 
+@pytest.mark.parametrize("weights_from", ["saved step", "later step"])
+def test_a_state_loaded_beside_weights_of_another_step_is_told(weights_from):
+    """The outside-motion check's reference (the parameters' norm as the last secant step left them) is in the state:
+    an optimizer state loaded beside the weights of a later step (or one that went through a bare optimizer) warns
+    at the first closure-free step, as a weight change between two live steps does; the matching weights resume
+    silently and bit for bit. Kills: the reference kept only in memory (a new tuner had none and said nothing)."""
+    model, (x, y) = mlp(), data()
+    make = lambda m: CDAT(torch.optim.AdamW(m.parameters(), lr=1.0))  # noqa: E731
+    opt = make(model)
+
+    def step(m, o):
+        closure_of(m, o, x, y)()
+        o.step()
+        return float(o.stats["lr"])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the closure-free start-up's advice
+        for _ in range(6):
+            step(model, opt)
+        saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+        expected = [step(model, opt) for _ in range(3)]
+    resumed = mlp()
+    resumed.load_state_dict(weights if weights_from == "saved step" else model.state_dict())
+    new = make(resumed)
+    new.load_state_dict(saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rates = [step(resumed, new) for _ in range(3)]
+    told = [m for m in caught if "changed between two steps outside the optimizer" in str(m.message)]
+    assert len(told) == (weights_from == "later step")
+    if weights_from == "saved step":
+        assert rates == expected
+
+
 def _clean_copy(model, base):
     """The model and a bare base with the same parameters' values and the base's own state (no tuner keys)."""
     twin = copy.deepcopy(model)

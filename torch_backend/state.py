@@ -25,7 +25,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
   ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor;
   ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves; the stall and collapse
-  warnings' memory :data:`SECANT_WATCH`, a state saved without it starts them afresh),
+  warnings' memory :data:`SECANT_WATCH`, a state saved without it starts them afresh; ``curvopt_exit_sq``, the
+  parameters' squared norm as the last secant step left them),
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction),
   ``curvopt_replay_scale`` (the largest loss the first ``fd`` probes' replay checks have seen, the scale of the
   loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it), CDAT's
@@ -58,7 +59,7 @@ from curvopt.rules import ADDED_START
 
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
            "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_GROUP_LR", "LAST_PROBE", "REPLAY_SCALE",
-           "SECANT_WATCH", "WATCH", "META_TUNER", "META_BASE", "TEMPLATE_MESSAGE", "rule_key", "is_ours",
+           "SECANT_WATCH", "EXIT_SQ", "WATCH", "META_TUNER", "META_BASE", "TEMPLATE_MESSAGE", "rule_key", "is_ours",
            "without_ours", "drop_ours", "is_template_call", "prepare"]
 
 PREFIX = "curvopt_"
@@ -85,6 +86,10 @@ REPLAY_SCALE = "curvopt_replay_scale"
 #: first rate, absent while none is open: :func:`curvopt.config.secant_stalled`) and the collapse watch's peak rate
 #: (:func:`curvopt.config.secant_collapsed`), so that a resumed run goes on judging
 SECANT_WATCH = ("curvopt_stall_reference", "curvopt_stall_start", "curvopt_stall_first", "curvopt_secant_peak")
+#: ``||w||^2`` of the parameters as the last secant step left them (global; absent when not known), which the next
+#: secant step compares with its start's (:func:`curvopt.config.moved_outside`): anything else that moved them spoils
+#: the secant, a run resumed from other parameters than the saved step's included
+EXIT_SQ = "curvopt_exit_sq"
 #: CDAT's mini-batch watch behind heavy ball and Nesterov, one key per field (global)
 WATCH = tuple(PREFIX + f for f in MinibatchWatch._fields)
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"

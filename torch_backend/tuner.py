@@ -705,7 +705,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         st.watch_clip = st.oracle != "fd" and self.max_grad_norm is None and not self._clip_warned
         # did the parameters move outside the optimizer since the last step? (a closure-free secant assumes not:
         # ||w0||^2 against ||w||^2 as the last commit left them)
-        exit_sq, ws.exit_sq = ws.exit_sq, None
+        exit_sq = glob.get(layout.EXIT_SQ)
         motion = (exit_sq, local_sq_norm([w0.flat] if ws.flat else w0.views)) if (
             st.secant and exit_sq is not None and st.prev_u is not None and not self._motion_warned) else ()
         if ws.flat:
@@ -1000,8 +1000,6 @@ class CurvatureTuner(torch.optim.Optimizer):
             move_flat(params, *st.flat, lr_t)
         else:
             axpy_into(params, st.w0.views, lr_t, st.u.views)
-        if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
-            st.ws.exit_sq = local_sq_norm(params if st.flat is None else [st.flat[2]])
         self.guard.finish()
         self._moved_last = moved_measurably(float(lr), float(st.numerator), float(st.loss_v)) and not (
             st.secant and st.probing)
@@ -1024,6 +1022,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
         glob[layout.STEP] = st.count + 1
         glob[layout.LAST_GROUP_LR] = group_lr_t
+        if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
+            glob[layout.EXIT_SQ] = local_sq_norm(params if st.flat is None else [st.flat[2]])
+        else:
+            glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
                                     else S(math.nan), S(float(lr)), st.probing, S)  # (concave_reprobe's)
         if S.isfinite(last_probe):

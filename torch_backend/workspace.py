@@ -96,9 +96,6 @@ class Workspace:
         self.w0: Optional[_Buffer] = None
         self.u: list[_Buffer] = []                # u[0], and u[1] with the secant (the previous direction)
         self.scratch: Optional[_Buffer] = None    # flat mode only: gradients flattened, w0 + a u
-        #: ||w||^2 of the parameters as the last step's commit left them (None: not known), which the next secant
-        #: step compares with its ``w0``'s (anything else that moved them spoils the secant)
-        self.exit_sq: Optional[Tensor] = None
         self._param_pos: list[int] = []           # position of each of ``params`` in ``stepped``
         self.n_entries = 0                         # len(state) when built
         self.param_views: Optional[list[Tensor]] = None  # flat mode: ``p.view(-1)`` of each parameter
