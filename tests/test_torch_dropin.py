@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -518,6 +519,10 @@ def test_replay_check_tells_a_gradient_that_misses_its_loss_from_a_closure_that_
     assert not [m for m in messages if "does not replay" in m]
     hits = [m for m in messages if "does not predict its loss" in m]
     assert len(hits) == 1 and "max_grad_norm" in hits[0] and "far from quadratic" in hits[0]
+    # the numbers show the miss (a field test read "its loss is 1.25935511, the main call's model predicts 1.25935511")
+    got, model, off, times = re.search(r"its loss is (\S+), the main call's model predicts (\S+) \(off by (\S+), "
+                                       r"(\S+)x what", hits[0]).groups()
+    assert float(off) == pytest.approx(float(got) - float(model), rel=1e-2, abs=1e-8) and float(times) > 1
 
 
 @pytest.mark.parametrize("numerator", [None, "paired"])

@@ -1337,8 +1337,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps, scale)
         if mismatch <= 1:
             return scale
-        at_probe = f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's " \
-                   f"model predicts {model:.9g}"
+        at_probe = (f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's "
+                    f"model predicts {model:.9g} (off by {got - model:.3g}, {mismatch:.3g}x what rounding and the "
+                    "model's error allow)")
         evidence = self._replay_evidence(probe)
         if evidence is None:
             self._warn_unpredicted(at_probe)
@@ -1412,7 +1413,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             f"{type(self).__name__}: the closure's gradient does not predict its loss: {at_probe}, while called "
             "again at the same parameters it gives the main call's loss and slope (it replays). Either it changes "
             "the gradient it computes (clip_grad_norm_ or a scaling of the gradients inside the closure: clip "
-            "with max_grad_norm= instead), or its forward pass runs in a lower precision than the probe was sized "
+            "with max_grad_norm= instead; a gradient hook, p.register_hook, that rescales them: a factor common to "
+            "all cancels in CDAT's and the greedy rule's rate, not in PolyakStep's), or its forward pass runs in a lower precision than the probe was sized "
             "for (a bf16/fp16 torch.autocast that began after the tuner's first step: the probe is sized for the "
             "precision the first call computed in), or the loss is far from quadratic over the probe's "
             "displacement, sqrt(eps) times the norm of all the parameters (a few parameters far larger than the "
