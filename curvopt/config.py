@@ -45,6 +45,8 @@ __all__ = [
     "EXTERNAL_CLIP_MESSAGE_OPTAX",
     "OUTSIDE_MOTION_ULPS",
     "moved_outside",
+    "REPLAY_CHECKS",
+    "REPLAY_MESSAGE_OPTAX",
     "OUTSIDE_MOTION_MESSAGE",
     "OUTSIDE_MOTION_MESSAGE_OPTAX",
     "watched_norms", "moved_measurably",
@@ -457,12 +459,19 @@ def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
     return known & (abs(found - left) > OUTSIDE_MOTION_ULPS * eps * abs(left))
 
 
+#: the closure checks of a tuner's first steps: fd probes against the main call's quadratic model
+#: (:func:`curvopt.curvature.replay_mismatch`; Optax: ``value_fn`` at the probe against ``value`` and ``grad``), or
+#: (PyTorch's line search) replays at the unchanged parameters before a search; and as many checks of
+#: functional_loss against the main call
+REPLAY_CHECKS = 3
+
 #: the warning when the parameters a closure-free (secant) step starts from are not those the tuner's last step
 #: left (:func:`moved_outside`; PyTorch: :class:`torch_backend.workspace.Workspace`'s ``exit_sq``)
 OUTSIDE_MOTION_MESSAGE = (
     "curvopt: the parameters changed between two steps outside the optimizer (e.g. a weight clamp or "
     "renormalisation after opt.step(), weight decay applied by hand, a Lookahead wrapper around the tuner, weights "
-    "reloaded without the optimizer, or an optimizer state loaded beside weights of another step). The closure-free secant curvature assumes that only the tuner's step moved "
+    "reloaded without the optimizer, or an optimizer state loaded beside weights of another step). "
+    "The closure-free secant curvature assumes that only the tuner's step moved "
     "them, so its learning rates are unreliable from here on (field tests: a clamp cut the greedy rule's median "
     "rate from 39 % to 1.5 % of the exact greedy rate; after 6 of 7 Lookahead syncs CDAT's curvature came out "
     "negative). Pass a closure, opt.step(closure), with probes on (the default, not probes=False or "
@@ -480,6 +489,22 @@ OUTSIDE_MOTION_MESSAGE_OPTAX = (
     "into the base, the tuner's first argument (weight decay: cdat(optax.chain(optax.scale_by_adam(), "
     "optax.add_decayed_weights(wd)), base_method='adam') is AdamW); accumulate with optax.MultiSteps rather than "
     "optax.apply_every.")
+
+#: Optax's warning (:func:`jax_backend.stats`) when one of the first :data:`REPLAY_CHECKS` fd probes missed the
+#: step's quadratic model (:func:`curvopt.curvature.replay_mismatch`); PyTorch's tells the causes apart by calling
+#: the closure again at the unchanged parameters
+REPLAY_MESSAGE_OPTAX = (
+    f"curvopt: on one of the first {REPLAY_CHECKS} steps, value_fn's loss at the fd probe point (a tiny step h "
+    "along the update) was not what the step's value and gradient predict there: value_fn does not compute the "
+    "loss whose value= and grad= the step passes, and the fd curvature, and the rate, can be off by orders of "
+    "magnitude (a field test: the greedy rate 1.4e-6 where 2.07 was right). Usually randomness value_fn does not "
+    "replay: a dropout key other than the one the gradient was computed with (pass that key to value_fn through "
+    "update, e.g. update(..., value_fn=loss_fn, rng=key), under a name value_fn takes, and do not split a fresh "
+    "key inside it); a batch other than the gradient's (the last micro-batch's under accumulation); a term in "
+    "the gradient that value_fn lacks; a clip chained before the tuner, whose clipped updates it takes for the "
+    "gradient (pass grad= the raw gradient, or clip inside the base). Otherwise the loss is far from quadratic "
+    "over the probe's step (the first "
+    "steps of a small model behind Adam), which needs no fix.")
 
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "

@@ -22,8 +22,8 @@ def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, 
     return xp.where(ok, (probe_grad_dot_u - grad_dot_u) / xp.where(ok, h, 1.0), 0.0)
 
 
-def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, curvature: float,
-                    loss_eps: float, loss_scale: float = 0.0) -> tuple[float, float]:
+def replay_mismatch(loss: Any, probe_loss: Any, h: Any, numerator: Any, curvature: Any, loss_eps: float,
+                    loss_scale: Any, xp: Any) -> tuple[Any, Any]:
     """``(mismatch, predicted)``: the loss the main call predicts at the ``fd`` probe point, and how far the
     probe's loss is from it in units of what rounding and the difference quotient allow (> 1: the probe did not
     evaluate the same smooth function).
@@ -45,9 +45,9 @@ def replay_mismatch(loss: float, probe_loss: float, h: float, numerator: float, 
     probe was sized for (``w + h u`` rounds back to ``w``) may not (measured: CDAT behind Adam under a bf16
     autocast with a float32-sized probe, the curvature off by a median 46-127 % per seed, no warning on 3 of 6
     seeds; the backends size the probe for the precision the loss is computed in). ``numerator = -g^T u``;
-    host floats."""
+    scalars of ``xp`` (NaN in, NaN out: nothing checked)."""
     model = loss - h * numerator + 0.5 * h * h * curvature
-    allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * max(abs(loss), loss_scale) + 1e-30
+    allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * xp.maximum(abs(loss), loss_scale) + 1e-30
     return abs(probe_loss - model) / allowed, model
 
 

@@ -20,7 +20,8 @@ from curvopt.validation import check_choice
 from .direction import abs_max, accumulator_dtype, flat, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
                     over_preconditioner, rate_multipliers, seen_scale)
-from .oracles import SecantMemory, curvature as curvature_of, secant_init, secant_remember, secant_watch_motion
+from .oracles import (ReplayCheck, SecantMemory, curvature as curvature_of, replay_check, replay_init, secant_init,
+                      secant_remember, secant_watch_motion)
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
@@ -56,6 +57,8 @@ class ScaleByCDATState(NamedTuple):
     * ``paired``: :class:`PairedMemory` with ``numerator="paired"``, else None;
     * ``noise``: :class:`~jax_backend.noise.NoiseMemory` when the secant's noise correction is on and the oracle
       can be the secant, else None;
+    * ``replay``: :class:`~jax_backend.oracles.ReplayCheck` when the oracle can be ``fd`` (``curvature="fd"`` or
+      ``"auto"``), else None: the first fd probes' check that ``value_fn`` computes the step's loss;
     * ``watch``: :class:`curvopt.minibatch_watch.MinibatchWatch` behind heavy ball and Nesterov (``base_method``),
       else None: the watch for mini-batch training, fed by the steps that know their loss and their current
       curvature (``value_fn``); once it fired the rate is held at most at that step's (but for the paper's rule:
@@ -70,6 +73,7 @@ class ScaleByCDATState(NamedTuple):
     eigen: EigenMemory | None
     paired: PairedMemory | None
     noise: NoiseMemory | None
+    replay: ReplayCheck | None
     watch: MinibatchWatch | None
     stats: TunerStats
 
@@ -249,7 +253,7 @@ def _predict(p: Any, fd_probe: Any, lr: Any, memory: PairedMemory) -> PairedMemo
     ``(g_probe, h)`` (none under the secant: no prediction)."""
     if fd_probe is None:
         return PairedMemory(memory.predicted_grad, jnp.zeros((), bool))
-    probe, h = fd_probe
+    probe, h, _ = fd_probe
     weight = paired_prediction_weight(lr, h, jnp)
     predicted = jax.tree.map(lambda g, q: (g + weight.astype(g.dtype) * (q - g)).astype(g.dtype), p.grad, probe)
     return PairedMemory(optax.tree.cast_like(predicted, memory.predicted_grad), weight > 0)
@@ -279,6 +283,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             eigen=eigen_init(params, sharp, method),
             paired=PairedMemory(optax.tree.zeros_like(params), jnp.zeros((), bool)) if numerator == "paired" else None,
             noise=noise_init(params, dtype) if denoise else None,
+            replay=replay_init(dtype) if curvature in ("auto", "fd") else None,
             watch=MinibatchWatch.start(jnp.zeros((), dtype)) if watches(method) else None,
             stats=stats_init(dtype)))
 
@@ -351,6 +356,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,
                 paired=state.paired if state.paired is None else _predict(p, fd_probe, lr, state.paired),
                 noise=state.noise if noise_memory is None else noise_memory,
+                replay=state.replay if fd_probe is None else replay_check(state.replay, p.value, p.numerator, curv,
+                                                                           fd_probe, state.steps, dtype),
                 watch=optax.tree.cast_like(watch, state.watch), stats=stats)
 
         ok = p.finite

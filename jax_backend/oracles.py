@@ -34,17 +34,17 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, collapse_peak, external_clip_suspected, in_stall_units,
+from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, collapse_peak, external_clip_suspected, in_stall_units,
                             moved_outside, probe_reads_forward, remember_probe, secant_collapsed, secant_probe_eps,
                             secant_stall_reference, secant_stalled, stall_window, watched_norms)
-from curvopt.curvature import finite_difference_curvature
+from curvopt.curvature import finite_difference_curvature, replay_mismatch
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
 from .direction import add_scaled, flat, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
 __all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_watch_motion", "gradient_eps", "loss_reads_params",
-           "fd_eps", "fd_step",
+           "fd_eps", "fd_step", "ReplayCheck", "replay_init", "replay_check",
            "curvature"]
 
 
@@ -279,6 +279,33 @@ def _probing_step(params: Any, d: Any, dtype: Any, grad: Any, denoised: bool) ->
     return h, secant_stall_reference(h, eps, jnp).astype(dtype)
 
 
+class ReplayCheck(NamedTuple):
+    """The check of the first :data:`curvopt.config.REPLAY_CHECKS` fd probes (:func:`replay_check`): the largest
+    loss checked so far (the scale of its rounding) and whether a probe's loss ever missed the step's quadratic
+    model (:func:`jax_backend.stats` warns: :data:`curvopt.config.REPLAY_MESSAGE_OPTAX`)."""
+
+    scale: Any
+    missed: Any
+
+
+def replay_init(dtype: Any) -> ReplayCheck:
+    return ReplayCheck(jnp.zeros((), dtype), jnp.zeros((), bool))
+
+
+def replay_check(memory: ReplayCheck, value: Any, numerator: Any, curvature: Any, fd_probe: tuple[Any, Any, Any],
+                 steps: Any, dtype: Any) -> ReplayCheck:
+    """``memory`` after this step's check (on the first :data:`curvopt.config.REPLAY_CHECKS` steps, where the loss
+    ``value`` is known): the loss ``value_fn`` gives at the fd probe point against the one the step's value,
+    slope ``-numerator`` and fd ``curvature`` predict (:func:`curvopt.curvature.replay_mismatch`). A ``value_fn``
+    that draws other dropout masks than the gradient's, or reads another batch, misses it by far."""
+    _, h, loss = fd_probe
+    checked = (steps < REPLAY_CHECKS) & jnp.isfinite(value) & jnp.isfinite(loss)
+    scale = jnp.where(checked, jnp.maximum(memory.scale, abs(value)), memory.scale)
+    mismatch, _ = replay_mismatch(value, loss.astype(dtype), h, numerator, curvature,
+                                  float(jnp.finfo(jnp.result_type(loss)).eps), scale, jnp)
+    return ReplayCheck(scale.astype(dtype), memory.missed | (checked & (mismatch > 1)))
+
+
 def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
     """``u^T H u = d^T H d`` by a JVP of the directional derivative ``w -> grad f(w)^T d`` (itself a JVP), or,
     where tracing that raises (forward-over-forward through a ``jax.custom_vjp`` op: "Differentiation rule for
@@ -299,13 +326,14 @@ def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:
     return jnp.asarray(jaxpr_as_fun(traced)(*jax.tree.leaves((params, d)))[0]).astype(dtype)
 
 
-def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any) -> tuple[Any, Any, Any]:
-    """``(u^T H u, the gradient at the probe point w + h u, h)``."""
+def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: Any
+        ) -> tuple[Any, tuple[Any, Any, Any]]:
+    """``(u^T H u, (the gradient at the probe point w + h u, h, the loss there))``."""
     h = fd_step(params, d, dtype, f)
     # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
     # its fast convolution path (a 30x slower step on a small CNN).
-    probe = jax.grad(f)(jax.lax.optimization_barrier(add_scaled(params, -h, d)))
-    return finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp).astype(dtype), probe, h
+    loss, probe = jax.value_and_grad(f)(jax.lax.optimization_barrier(add_scaled(params, -h, d)))
+    return finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp).astype(dtype), (probe, h, loss)
 
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,
@@ -317,7 +345,8 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     takes ``lr = h`` and leaves the rule alone; the stall reference is what the rate is judged against later
     (:func:`curvopt.config.secant_stall_reference`; NaN with ``probe lr``). ``lagged``: the curvature is the secant's (:attr:`curvopt.rules.RuleInputs.lagged`);
     ``stretch``: the secant's ``||u||^2 / ||u_prev||^2`` (:attr:`curvopt.rules.RuleInputs.stretch`; 1 with a fresh
-    curvature). ``fd probe``: ``(gradient at w + h u, h)`` of the ``"fd"`` oracle, None with the others.
+    curvature). ``fd probe``: ``(gradient at w + h u, h, the loss there)`` of the ``"fd"`` oracle, None with the
+    others.
     ``noise``: ``(memory, metric, seen)`` of the secant's noise correction (:mod:`jax_backend.noise`), whose new memory
     the secant returns (else the memory is returned as given)."""
     nan = jnp.full((), jnp.nan, dtype)
@@ -326,8 +355,8 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     if oracle == "exact":
         return _exact(f, params, d, dtype), jnp.int32(1), nan, nan, False, 1.0, None, kept
     if oracle == "fd":
-        curv, probe, h = _fd(f, params, grad_dot_u, d, dtype)
-        return curv, jnp.int32(1), nan, nan, False, 1.0, (probe, h), kept
+        curv, fd_probe = _fd(f, params, grad_dot_u, d, dtype)
+        return curv, jnp.int32(1), nan, nan, False, 1.0, fd_probe, kept
     d_sq = vdot(d, d, dtype)
     secant = (memory.prev_incoming, memory.prev_grad_dot_direction, memory.prev_lr, memory.prev_direction_sq, d_sq)
     if noise is None:

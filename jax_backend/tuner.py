@@ -25,8 +25,9 @@ import optax
 
 from curvopt import rules
 from curvopt.base import BaseMethod
-from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, SECANT_COLLAPSE_MESSAGE,
-                            SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig, resolve_curvature)
+from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
+                            SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
+                            resolve_curvature)
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
@@ -426,7 +427,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
     ``value_fn``), or collapsed far below its peak where the noise dominated its curvature
     (:func:`curvopt.config.secant_collapsed`); when a clip before the closure-free tuner fixed the gradients' norm
     (:func:`curvopt.config.external_clip_suspected`); when a closure-free step started from other parameters than
-    the tuner's last step left (:func:`curvopt.config.moved_outside`); and when CDAT behind heavy ball or Nesterov
+    the tuner's last step left (:func:`curvopt.config.moved_outside`); when one of the first fd probes found
+    ``value_fn``'s loss off the step's quadratic model (:func:`jax_backend.oracles.replay_check`: randomness or a
+    batch ``value_fn`` does not replay); and when CDAT behind heavy ball or Nesterov
     saw the loss change between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
     state (an ensemble) gives each field with its leading axis.
     """
@@ -453,6 +456,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
             warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
         if secant is not None and int(secant.moved_outside):
             warn(OUTSIDE_MOTION_MESSAGE_OPTAX)
+        replay = getattr(state, "replay", None)
+        if replay is not None and int(replay.missed):
+            warn(REPLAY_MESSAGE_OPTAX)
         watch = getattr(state, "watch", None)
         if watch is not None and math.isfinite(float(watch.watch_fired)):
             warn(minibatch_message(watch))

@@ -162,7 +162,7 @@ def test_replay_model_is_exact_on_a_quadratic():
     loss = lambda v: 0.5 * v @ A @ v  # noqa: E731
     for h in (1e-4, 0.1, 1.0):
         mismatch, model = replay_mismatch(loss(w), loss(w + h * u), h, -(A @ w) @ u, u @ A @ u,
-                                          np.finfo(np.float64).eps)
+                                          np.finfo(np.float64).eps, 0.0, np)
         assert model == pytest.approx(loss(w + h * u), rel=1e-12, abs=1e-12)
         assert mismatch < 1e-3
 
@@ -184,8 +184,8 @@ def test_replay_model_allows_the_rounding_of_the_terms_a_small_loss_cancels():
     f, got, eps = loss32(w), loss32((w + h * u).astype(np.float32)), float(np.finfo(np.float32).eps)
     start = loss32(np.zeros(5, np.float32))
     assert f < 1e-9 < start
-    assert replay_mismatch(f, got, h, numerator, curvature, eps)[0] > 1
-    assert replay_mismatch(f, got, h, numerator, curvature, eps, loss_scale=start)[0] < 1
+    assert replay_mismatch(f, got, h, numerator, curvature, eps, 0.0, np)[0] > 1
+    assert replay_mismatch(f, got, h, numerator, curvature, eps, start, np)[0] < 1
 
 
 def test_replay_slope_mismatch_flags_a_gradient_added_to_the_previous_one():

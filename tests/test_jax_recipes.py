@@ -592,8 +592,13 @@ def test_clipping_inside_the_base_or_grad_passed_keeps_the_fd_curvature():
     before = optax.chain(clip, quadratic_greedy(optax.identity(), curvature="fd"))
     for opt, kw, ok in ((inside, {}, True), (before, {"grad": g}, True), (before, {}, False)):
         _, state = opt.update(g, opt.init(params), params, value=value, value_fn=loss, **kw)
-        lr = float(stats(state)["lr"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lr = float(stats(state)["lr"])
         assert (lr == pytest.approx(want, rel=1e-6)) == ok, (kw, lr, want)
+        # the fd probe's check: the clipped gradient does not predict value_fn's loss at the probe point
+        told = [str(w.message) for w in caught if "fd probe point" in str(w.message)]
+        assert len(told) == (not ok) and all("a clip chained before the tuner" in m for m in told), told
 
 
 def test_convenience_given_value_fn_without_value_uses_the_loss():

@@ -533,7 +533,7 @@ def test_replay_checks_change_nothing_the_step_computes(numerator, monkeypatch):
     import torch_backend.tuner as tuner_mod
 
     def run(checks):
-        monkeypatch.setattr(tuner_mod, "_REPLAY_CHECKS", checks)
+        monkeypatch.setattr(tuner_mod, "REPLAY_CHECKS", checks)
         torch.manual_seed(0)
         w = nn.Parameter(torch.randn(20))
         opt = CDAT(torch.optim.Adam([w], lr=1.0), numerator=numerator)

@@ -64,7 +64,7 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_domi
                                replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
-                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, SECANT_COLLAPSE_MESSAGE,
+                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE,
                             SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS, accumulator_dtype_name,
                             collapse_peak, concave_reprobe, external_clip_suspected, has_gradient, in_stall_units,
                             moved_measurably, moved_outside, probe_reads_forward, remember_probe, resolve_curvature,
@@ -116,12 +116,6 @@ gradients, computes the loss, calls backward and returns the loss, e.g.
     loss = opt.step(closure)
 
 The tuner calls it once at the current parameters and, depending on the tuner, again at probe points."""
-
-#: the closure checks of a tuner's first steps: fd probes against the main call's quadratic model, or (the line
-#: search) replays at the unchanged parameters before a search; and as many checks of functional_loss against the
-#: main call
-_REPLAY_CHECKS = 3
-
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _Step:
@@ -302,9 +296,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not probes:
             self._require_probe_free(has_closure=True, error=ValueError)
         #: fd probes still to check against the main call (:meth:`_check_replay`); 0 once it warned
-        self._replay_checks = _REPLAY_CHECKS
+        self._replay_checks = REPLAY_CHECKS
         #: steps still to check functional_loss against the closure (:meth:`_check_functional`); 0 once it warned
-        self._functional_checks = _REPLAY_CHECKS
+        self._functional_checks = REPLAY_CHECKS
         self._secant_warned = False
         self._stall_warned = False
         #: ||g|| of the last closure-free secant steps after steps that moved the parameters (not a probe's, not
@@ -1315,7 +1309,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         return new
 
     def _check_replay(self, probe: Probe, curvature: Tensor, glob: dict) -> Optional[float]:
-        """At the tuner's first :data:`_REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
+        """At the tuner's first :data:`REPLAY_CHECKS` fd probes: the probe's loss at ``w + h u`` must be the main
         call's loss moved along the quadratic model (:func:`curvopt.curvature.replay_mismatch`, its rounding
         allowance at the largest main-call loss checked so far, ``glob``'s :data:`torch_backend.state.REPLAY_SCALE`
         (saved with the state: a run resumed near the loss's minimum keeps it); returns the new largest loss,
@@ -1334,7 +1328,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             return None
         seen = glob.get(layout.REPLAY_SCALE)
         scale = max(0.0 if seen is None else float(seen), abs(f))
-        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps, scale)
+        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps, scale, np)
         if mismatch <= 1:
             return scale
         at_probe = (f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's "
@@ -1348,7 +1342,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         return scale
 
     def _check_functional(self, probe: Probe) -> None:
-        """On the first :data:`_REPLAY_CHECKS` steps that use ``functional_loss`` (the exact curvature, the online
+        """On the first :data:`REPLAY_CHECKS` steps that use ``functional_loss`` (the exact curvature, the online
         sharpness's products): its loss and slope at the step's parameters must be the closure's main call's
         (:func:`torch_backend.oracles.functional_evidence`; one more forward and backward of it each), else a warning,
         once. Not under data parallelism, where the functional loss is the rank's own and the gradient the ranks'
@@ -1366,7 +1360,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                  "otherwise)")
 
     def _check_replay_in_place(self, probe: Probe) -> None:
-        """Before the first sharpness estimate, or the first :data:`_REPLAY_CHECKS` line searches, of a tuner that
+        """Before the first sharpness estimate, or the first :data:`REPLAY_CHECKS` line searches, of a tuner that
         takes no ``fd`` probes (whose probes :meth:`_check_replay` covers): the closure called again at the
         unchanged parameters must give the main call's loss and slope (:meth:`_replay_evidence`). Behind the line
         search, which leaves its last trial's gradient in ``.grad``, a closure that does not zero the gradients
