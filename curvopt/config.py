@@ -466,13 +466,13 @@ def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
 REPLAY_CHECKS = 3
 
 #: the warning when the parameters a closure-free (secant) step starts from are not those the tuner's last step
-#: left (:func:`moved_outside`; PyTorch: :class:`torch_backend.workspace.Workspace`'s ``exit_sq``)
+#: left (:func:`moved_outside`; PyTorch: the state's ``curvopt_exit_sq``, :data:`torch_backend.state.EXIT_SQ`)
 OUTSIDE_MOTION_MESSAGE = (
     "curvopt: the parameters changed between two steps outside the optimizer (e.g. a weight clamp or "
     "renormalisation after opt.step(), weight decay applied by hand, a Lookahead wrapper around the tuner, weights "
-    "reloaded without the optimizer, or an optimizer state loaded beside weights of another step). "
-    "The closure-free secant curvature assumes that only the tuner's step moved "
-    "them, so its learning rates are unreliable from here on (field tests: a clamp cut the greedy rule's median "
+    "reloaded without the optimizer, or an optimizer state loaded beside weights of another step). The "
+    "closure-free secant curvature assumes that only the tuner's step moved them, so its learning rates are "
+    "unreliable from here on (field tests: a clamp cut the greedy rule's median "
     "rate from 39 % to 1.5 % of the exact greedy rate; after 6 of 7 Lookahead syncs CDAT's curvature came out "
     "negative). Pass a closure, opt.step(closure), with probes on (the default, not probes=False or "
     "curvature='secant'): the curvature is then measured at the parameters as they are; or move the change into "
@@ -503,8 +503,7 @@ REPLAY_MESSAGE_OPTAX = (
     "key inside it); a batch other than the gradient's (the last micro-batch's under accumulation); a term in "
     "the gradient that value_fn lacks; a clip chained before the tuner, whose clipped updates it takes for the "
     "gradient (pass grad= the raw gradient, or clip inside the base). Otherwise the loss is far from quadratic "
-    "over the probe's step (the first "
-    "steps of a small model behind Adam), which needs no fix.")
+    "over the probe's step (the first steps of a small model behind Adam), which needs no fix.")
 
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
