@@ -40,6 +40,13 @@ def closure_of(model, opt, x, y):
     return closure
 
 
+def closure_free_step(model, opt, x, y):
+    """``loss.backward(); opt.step()``; the rate taken."""
+    closure_of(model, opt, x, y)()
+    opt.step()
+    return float(opt.stats["lr"])
+
+
 @pytest.mark.parametrize("name", list(V0_TUNERS))
 def test_v01_checkpoints_load_and_continue(name):
     """Files written by curvopt 0.1 (tests/data/make_v0_checkpoints.py at commit fc9abc2) load into the current
@@ -193,7 +200,10 @@ def assert_same(a, b):
         assert set(sa["state"][k]) == set(sb["state"][k]), k
         for key, v in sa["state"][k].items():
             w = sb["state"][k][key]
-            assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), (k, key)
+            # (bit for bit; a NaN, a stall window not open, equals a NaN)
+            assert (torch.equal(v.nan_to_num(), w.nan_to_num()) and torch.equal(v.isnan(), w.isnan())
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() else
+                    torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), (k, key)
 
 
 def test_load_state_dict_is_atomic():
@@ -286,6 +296,69 @@ def test_a_pickle_from_a_build_without_the_replay_scale_in_the_state_loads_and_s
         for _ in range(4):
             opt2.step(closure_of(model2, opt2, x, y))
     assert float(opt2.state[next(model2.parameters())]["curvopt_replay_scale"]) > 0 and opt2._replay_checks <= 0
+
+
+def test_a_pickle_from_a_build_without_the_stall_memory_in_the_state_resumes_closure_free():
+    """A closure-free tuner pickled by the build before the stall window and peak went into the state had no
+    ``_watch_saved`` (the memory of what the state holds); its first step after loading raised ``AttributeError``
+    (a checkpoint field test). It resumes as the uninterrupted run. Kills: the attribute only set in ``__init__``."""
+    model, (x, y) = mlp(), data()
+    opt = CDAT(torch.optim.AdamW(model.parameters(), lr=1.0))
+
+    def step(m, o):
+        return closure_free_step(m, o, x, y)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the closure-free start-up's advice
+        for _ in range(3):
+            step(model, opt)
+        del opt.__dict__["_watch_saved"]  # what that build pickled
+        for key in ("curvopt_stall_reference", "curvopt_stall_start", "curvopt_stall_first", "curvopt_secant_peak",
+                    "curvopt_exit_sq"):
+            opt.state[next(model.parameters())].pop(key)
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+        assert [step(model2, opt2) for _ in range(3)] == [step(model, opt) for _ in range(3)]
+
+
+def test_a_float32_checkpoint_resumed_in_float64_is_not_taken_for_motion():
+    """The outside-motion check's reference saved by a float32 run (the parameters' squared norm, rounded in float32)
+    differs from the float64 norm of the same weights by ~1e-9 relative, far past float64's allowance: resumed into
+    float64 parameters (the model converted with them) it warned that the parameters had moved (a checkpoint field
+    test, 8 of 8 closure-free cases). The reference is not used then; a float64 state into float64 still checks.
+    Kills: the saved reference compared whatever its dtype."""
+    model32, (x, y) = mlp(torch.float32), data(torch.float32)
+    opt32 = CDAT(torch.optim.AdamW(model32.parameters(), lr=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the closure-free start-up's advice
+        for _ in range(5):
+            closure_free_step(model32, opt32, x, y)
+    model64 = mlp(torch.float64)
+    model64.load_state_dict({k: v.double() for k, v in model32.state_dict().items()})
+    opt64 = CDAT(torch.optim.AdamW(model64.parameters(), lr=1.0))
+    opt64.load_state_dict(opt32.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            closure_free_step(model64, opt64, x.double(), y.double())
+    assert not [m for m in caught if "outside the optimizer" in str(m.message)]
+    assert math.isfinite(float(opt64.state[next(model64.parameters())]["curvopt_exit_sq"]))  # checked again
+
+
+def test_the_closure_free_state_keeps_its_keys_from_step_to_step():
+    """``torch.distributed.checkpoint`` loads into a template taken after two steps and needs every key of the saved
+    state there: the stall window's keys were removed when the window closed (step 11 of a field test's run), and
+    a checkpoint saved then failed to load into the template ("Missing key in checkpoint"). After the first
+    closure-free step the keys stay. Kills: the window's keys popped when it closes."""
+    model, (x, y) = mlp(), data()
+    opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9))
+    keys = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(25):
+            closure_free_step(model, opt, x, y)
+            keys.append(frozenset(opt.state[next(model.parameters())]))
+    assert opt._probed is None  # the window closed along the run
+    assert all(k == keys[1] for k in keys[1:]), [sorted(k ^ keys[1]) for k in keys[1:] if k != keys[1]]
 
 
 def _minibatch_run():
@@ -459,9 +532,7 @@ def test_a_state_loaded_beside_weights_of_another_step_is_told(weights_from):
     opt = make(model)
 
     def step(m, o):
-        closure_of(m, o, x, y)()
-        o.step()
-        return float(o.stats["lr"])
+        return closure_free_step(m, o, x, y)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the closure-free start-up's advice

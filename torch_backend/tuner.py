@@ -224,6 +224,9 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
     #: (:meth:`_watch_frozen`); None once it warned
     _frozen_checked: Optional[tuple[int, ...]] = ()
+    #: ``_probed`` and ``_peak`` as the state holds them (:data:`torch_backend.state.SECANT_WATCH`; None for NaN):
+    #: written when they change (a class default: a tuner pickled by an earlier build has none)
+    _watch_saved: tuple[Optional[float], ...] = ()
 
     def __init__(self, base: torch.optim.Optimizer, *, curvature: str = DEFAULT_CURVATURE, sharpness: Any = None,
                  modules: ModulesLike = None, functional_loss: Optional[Callable] = None,
@@ -320,9 +323,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._probed: Optional[tuple[float, int, float]] = None
         #: the largest closure-free secant rate since the last probing step, in stall units (``secant_collapsed``)
         self._peak = 0.0
-        #: ``_probed`` and ``_peak`` as the state holds them (:data:`torch_backend.state.SECANT_WATCH`; None for an
-        #: absent key): written when they change
-        self._watch_saved: tuple[Optional[float], ...] = ()
         self._collapse_warned = False
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
@@ -1016,8 +1016,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
         glob[layout.STEP] = st.count + 1
         glob[layout.LAST_GROUP_LR] = group_lr_t
-        if st.secant and not self._motion_warned:  # the parameters as this step leaves them, for the next
-            glob[layout.EXIT_SQ] = local_sq_norm(params if st.flat is None else [st.flat[2]])
+        if st.secant:  # the parameters as this step leaves them, for the next (NaN: not checked; the key stays)
+            glob[layout.EXIT_SQ] = (local_sq_norm(params if st.flat is None else [st.flat[2]]) if not
+                                    self._motion_warned else torch.tensor(math.nan, dtype=acc, device=dev))
         else:
             glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
@@ -1064,19 +1065,16 @@ class CurvatureTuner(torch.optim.Optimizer):
                     p.grad = g.zero_()
 
     def _commit_secant_watch(self, glob: dict, dtype: torch.dtype, dev: torch.device) -> None:
-        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; a
-        window's key is absent while none is open, its first rate's until it has one), so a resumed run goes on
-        judging them; written only when they changed (no transfer on most steps)."""
+        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; NaN
+        while no window is open, the window's first rate until it has one: the keys stay the same from step to step,
+        as a ``torch.distributed.checkpoint`` template needs), so a resumed run goes on judging them; written only
+        when they changed (no transfer on most steps)."""
         values = (*(self._probed or (math.nan,) * 3), self._peak)
         now = tuple(None if math.isnan(v) else float(v) for v in values)
-        if now == self._watch_saved:
+        if now == self._watch_saved and all(k in glob for k in layout.SECANT_WATCH):
             return
         self._watch_saved = now
-        for key, v in zip(layout.SECANT_WATCH, now):
-            if v is None:
-                glob.pop(key, None)
-            else:
-                glob[key] = torch.tensor(v, dtype=dtype, device=dev)
+        glob.update(zip(layout.SECANT_WATCH, torch.tensor(values, dtype=dtype, device=dev).unbind()))
 
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
         """A 0-d state tensor as a host scalar: the value the last step made it from while it is still that
@@ -1582,11 +1580,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._ws = None
         self._store = None
         self._kept_globals = None
-        reference, start, first, peak = (float(glob[k]) if k in glob else None for k in layout.SECANT_WATCH)
-        self._probed = None if reference is None or start is None else (
-            reference, start, math.nan if first is None else first)
-        self._peak = 0.0 if peak is None else peak  # (a state saved without them starts them afresh)
+        reference, start, first, peak = (float(glob[k]) if k in glob else math.nan for k in layout.SECANT_WATCH)
+        self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
+        self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
         self._watch_saved = ()
+        if layout.EXIT_SQ in saved_globals and torch.finfo(saved_globals[layout.EXIT_SQ].dtype).eps > float(
+                least_precise_eps(self._all_params())):  # (saved in a coarser dtype: it would read as motion)
+            glob[layout.EXIT_SQ] = torch.tensor(math.nan, dtype=self.acc_dtype, device=p0.device)
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
