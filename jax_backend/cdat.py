@@ -57,13 +57,14 @@ class ScaleByCDATState(NamedTuple):
     * ``paired``: :class:`PairedMemory` with ``numerator="paired"``, else None;
     * ``noise``: :class:`~jax_backend.noise.NoiseMemory` when the secant's noise correction is on and the oracle
       can be the secant, else None;
-    * ``replay``: :class:`~jax_backend.oracles.ReplayCheck` when the oracle can be ``fd`` (``curvature="fd"`` or
-      ``"auto"``), else None: the first fd probes' check that ``value_fn`` computes the step's loss;
     * ``watch``: :class:`curvopt.minibatch_watch.MinibatchWatch` behind heavy ball and Nesterov (``base_method``),
       else None: the watch for mini-batch training, fed by the steps that know their loss and their current
       curvature (``value_fn``); once it fired the rate is held at most at that step's (but for the paper's rule:
       :func:`curvopt.minibatch_watch.held_rate`) and :func:`jax_backend.stats` warns;
-    * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``).
+    * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``);
+    * ``replay``: :class:`~jax_backend.oracles.ReplayCheck` when the oracle can be ``fd`` (``curvature="fd"`` or
+      ``"auto"``), else None: the first fd probes' check that ``value_fn`` computes the step's loss (None too in a
+      state pickled before the check existed, which resumes without it).
     """
 
     steps: Any
@@ -73,9 +74,9 @@ class ScaleByCDATState(NamedTuple):
     eigen: EigenMemory | None
     paired: PairedMemory | None
     noise: NoiseMemory | None
-    replay: ReplayCheck | None
     watch: MinibatchWatch | None
     stats: TunerStats
+    replay: ReplayCheck | None = None  # (last, with a default: a state pickled before it existed loads without it)
 
 
 ScaleByQuadraticGreedyState = ScaleByCDATState
@@ -283,9 +284,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             eigen=eigen_init(params, sharp, method),
             paired=PairedMemory(optax.tree.zeros_like(params), jnp.zeros((), bool)) if numerator == "paired" else None,
             noise=noise_init(params, dtype) if denoise else None,
-            replay=replay_init(dtype) if curvature in ("auto", "fd") else None,
             watch=MinibatchWatch.start(jnp.zeros((), dtype)) if watches(method) else None,
-            stats=stats_init(dtype)))
+            stats=stats_init(dtype), replay=replay_init(dtype) if curvature in ("auto", "fd") else None))
 
     def update(updates: Any, state: ScaleByCDATState, params: Any = None, *, value: Any = None,
                grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
@@ -356,9 +356,9 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,
                 paired=state.paired if state.paired is None else _predict(p, fd_probe, lr, state.paired),
                 noise=state.noise if noise_memory is None else noise_memory,
-                replay=state.replay if fd_probe is None else replay_check(state.replay, p.value, p.numerator, curv,
-                                                                           fd_probe, state.steps, dtype),
-                watch=optax.tree.cast_like(watch, state.watch), stats=stats)
+                watch=optax.tree.cast_like(watch, state.watch), stats=stats,
+                replay=state.replay if fd_probe is None or state.replay is None else replay_check(
+                    state.replay, p.value, p.numerator, curv, fd_probe, state.steps, dtype))
 
         ok = p.finite
         closure_free = oracle == "secant" and p.f is None

@@ -294,12 +294,22 @@ def transform(init: Callable[[Any], Any], update: Callable[..., tuple[Any, Any]]
     float32). A state that ``init`` would not make for these parameters is refused (:func:`check_state`)."""
     def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
         if params is not None:
-            like = jax.eval_shape(init, params)
+            like = _without_added(jax.eval_shape(init, params), state)
             check_state(state, like)
             state = jax.tree.map(lambda x, y: x.astype(bool) if y.dtype == bool and x.dtype != bool else x,
                                  state, like)
         return update(updates, state, params, **extra_args)
     return optax.GradientTransformationExtraArgs(init, update_fn)
+
+
+def _without_added(like: Any, state: Any) -> Any:
+    """``like`` (what ``init`` makes) without the fields ``state`` lacks because it was made before they were added:
+    a state NamedTuple's fields with a default (None) that are None in ``state``. Such a state goes on without
+    them (a CDAT state pickled before its ``replay`` check existed)."""
+    defaults = getattr(type(like), "_field_defaults", {})
+    if type(state) is not type(like) or not defaults:
+        return like
+    return like._replace(**{f: None for f in defaults if getattr(state, f) is None})
 
 
 STATE_MISMATCH_MESSAGE = (

@@ -87,3 +87,37 @@ def test_a_state_restored_without_its_containers_is_refused_and_with_them_resume
             q, state = step(q, state)
         rates.append(float(stats(state)["lr"]))
     assert rates[0] == rates[1] > 0
+
+
+def test_a_state_made_before_the_replay_check_resumes_without_it():
+    """The CDAT/greedy state's ``replay`` field (the first fd probes' check of ``value_fn``) is its last and defaults
+    to None: a state pickled before it existed (no such field) loads and steps, with the rates of a state that has
+    it, and keeps None (the state's structure does not change under ``jit``). Kills: the field placed before
+    others, or required (a pickled old state raised ``TypeError: missing ... 'stats'``)."""
+    import pickle
+
+    from curvopt.optax import scale_by_quadratic_greedy
+
+    tx = scale_by_quadratic_greedy()
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    loss = lambda p: jnp.sum(jnp.array([3.0, 1.0, 0.2]) * p["w"] ** 2)  # noqa: E731
+    state = tx.init(params)
+    fields = [f for f in type(state)._fields if f != "replay"]
+    old = pickle.loads(pickle.dumps(type(state)(*[getattr(state, f) for f in fields])))
+    assert old.replay is None and state.replay is not None
+
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p, value=v, grad=g, value_fn=loss)
+        return optax.apply_updates(p, u), s
+
+    rates = {}
+    for name, s in (("new", state), ("old", old)):
+        p, lrs = params, []
+        for _ in range(3):
+            p, s = step(p, s)
+            lrs.append(float(s.stats.lr))
+        rates[name] = lrs
+        assert (s.replay is None) == (name == "old")
+    assert rates["old"] == rates["new"] and min(rates["new"]) > 0
