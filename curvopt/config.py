@@ -46,6 +46,8 @@ __all__ = [
     "OUTSIDE_MOTION_ULPS",
     "moved_outside",
     "REPLAY_CHECKS",
+    "REPLAY_MISS_OPTAX",
+    "REPLAY_PROBE_SHARE_OPTAX",
     "REPLAY_MESSAGE_OPTAX",
     "OUTSIDE_MOTION_MESSAGE",
     "OUTSIDE_MOTION_MESSAGE_OPTAX",
@@ -464,6 +466,18 @@ def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
 #: (PyTorch's line search) replays at the unchanged parameters before a search; and as many checks of
 #: functional_loss against the main call
 REPLAY_CHECKS = 3
+#: Optax's check (:func:`jax_backend.oracles.replay_check`) warns at a miss of this many allowances of
+#: :func:`curvopt.curvature.replay_mismatch`; PyTorch's, at 1, then calls the closure again at the unchanged
+#: parameters to tell the causes apart, which Optax's cannot inside ``jit``. A float32 loss fitted near 0 rounds like
+#: the terms it cancels (cross-entropy: its logits), not like itself: a value_fn that replays missed by up to 16.8
+#: allowances at the loss's own scale in a field test (Optax's check allows the rounding of a loss of at least 1),
+#: where one that drew other dropout masks missed by 18-176 on a step (68-176 at the worst of the first 3)
+REPLAY_MISS_OPTAX = 20.0
+#: nor does Optax's judge a probe whose first-order change ``h |g^T u|`` exceeds this share of the loss: the quadratic
+#: model's own error is not small then (a probe sized for a bf16 forward pass on a small transformer moved the loss
+#: by 77 % of it and missed the model by 2-3 allowances with a value_fn that replays, in a field test; PyTorch's
+#: check says so in its warning when the closure replays)
+REPLAY_PROBE_SHARE_OPTAX = 0.01
 
 #: the warning when the parameters a closure-free (secant) step starts from are not those the tuner's last step
 #: left (:func:`moved_outside`; PyTorch: the state's ``curvopt_exit_sq``, :data:`torch_backend.state.EXIT_SQ`)

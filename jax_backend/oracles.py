@@ -34,9 +34,10 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, collapse_peak, external_clip_suspected, in_stall_units,
-                            moved_outside, probe_reads_forward, remember_probe, secant_collapsed, secant_probe_eps,
-                            secant_stall_reference, secant_stalled, stall_window, watched_norms)
+from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, REPLAY_MISS_OPTAX, REPLAY_PROBE_SHARE_OPTAX,
+                            collapse_peak, external_clip_suspected, in_stall_units, moved_outside, probe_reads_forward,
+                            remember_probe, secant_collapsed, secant_probe_eps, secant_stall_reference,
+                            secant_stalled, stall_window, watched_norms)
 from curvopt.curvature import finite_difference_curvature, replay_mismatch
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
@@ -280,30 +281,35 @@ def _probing_step(params: Any, d: Any, dtype: Any, grad: Any, denoised: bool) ->
 
 
 class ReplayCheck(NamedTuple):
-    """The check of the first :data:`curvopt.config.REPLAY_CHECKS` fd probes (:func:`replay_check`): the largest
-    loss checked so far (the scale of its rounding) and whether a probe's loss ever missed the step's quadratic
-    model (:func:`jax_backend.stats` warns: :data:`curvopt.config.REPLAY_MESSAGE_OPTAX`)."""
+    """The check of the first :data:`curvopt.config.REPLAY_CHECKS` fd probes (:func:`replay_check`): the scale of
+    the loss's rounding, the largest loss checked so far and at least 1 (a float32 cross-entropy fitted to 3e-6
+    rounds like the O(1) logits it cancels: a ``value_fn`` that replays missed the model by 23 allowances at its own
+    scale), and whether a probe's loss ever missed the step's quadratic model (:func:`jax_backend.stats` warns:
+    :data:`curvopt.config.REPLAY_MESSAGE_OPTAX`)."""
 
     scale: Any
     missed: Any
 
 
 def replay_init(dtype: Any) -> ReplayCheck:
-    return ReplayCheck(jnp.zeros((), dtype), jnp.zeros((), bool))
+    return ReplayCheck(jnp.ones((), dtype), jnp.zeros((), bool))
 
 
 def replay_check(memory: ReplayCheck, value: Any, numerator: Any, curvature: Any, fd_probe: tuple[Any, Any, Any],
                  steps: Any, dtype: Any) -> ReplayCheck:
     """``memory`` after this step's check (on the first :data:`curvopt.config.REPLAY_CHECKS` steps, where the loss
     ``value`` is known): the loss ``value_fn`` gives at the fd probe point against the one the step's value,
-    slope ``-numerator`` and fd ``curvature`` predict (:func:`curvopt.curvature.replay_mismatch`). A ``value_fn``
-    that draws other dropout masks than the gradient's, or reads another batch, misses it by far."""
+    slope ``-numerator`` and fd ``curvature`` predict (:func:`curvopt.curvature.replay_mismatch`), missed when by
+    more than :data:`curvopt.config.REPLAY_MISS_OPTAX` allowances, where the probe's first-order change is at most
+    :data:`curvopt.config.REPLAY_PROBE_SHARE_OPTAX` of the loss. A ``value_fn`` that draws other dropout masks
+    than the gradient's, or reads another batch, misses it by far."""
     _, h, loss = fd_probe
     checked = (steps < REPLAY_CHECKS) & jnp.isfinite(value) & jnp.isfinite(loss)
     scale = jnp.where(checked, jnp.maximum(memory.scale, abs(value)), memory.scale)
     mismatch, _ = replay_mismatch(value, loss.astype(dtype), h, numerator, curvature,
                                   float(jnp.finfo(jnp.result_type(loss)).eps), scale, jnp)
-    return ReplayCheck(scale.astype(dtype), memory.missed | (checked & (mismatch > 1)))
+    judged = checked & (h * abs(numerator) <= REPLAY_PROBE_SHARE_OPTAX * scale)
+    return ReplayCheck(scale.astype(dtype), memory.missed | (judged & (mismatch > REPLAY_MISS_OPTAX)))
 
 
 def _exact(f: Callable[[Any], Any], params: Any, d: Any, dtype: Any) -> Any:

@@ -397,3 +397,51 @@ def test_a_value_fn_that_draws_other_dropout_masks_is_told(tuner):
     if tuner == "greedy":
         assert lr == pytest.approx(exact, rel=1e-6)
         assert lr_bad < lr / 100  # what the warning is about
+
+
+@pytest.mark.parametrize("scale", [11.0, 13.0, 15.0])
+def test_a_value_fn_that_replays_is_not_told_near_a_fitted_float32_loss(scale):
+    """A fresh tuner on a float32 softmax classifier that already fits its batch (cross-entropy 1e-4-1e-6): the loss
+    rounds like its logits, not like itself, and a ``value_fn`` that replays missed the quadratic model by up to 16.8
+    allowances (a false-alarm field test); the check warns past :data:`curvopt.config.REPLAY_MISS_OPTAX`. Kills: a
+    threshold of 1 allowance."""
+    labels = jnp.arange(32) % 10
+    x = jnp.eye(32, dtype=jnp.float32) + 0.01 * jax.random.normal(jax.random.key(0), (32, 32))
+    w = scale * jax.nn.one_hot(labels, 10, dtype=jnp.float32) + 0.1 * jax.random.normal(jax.random.key(1), (32, 10))
+    loss = lambda w, x: optax.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean()  # noqa: E731
+    for tx in (quadratic_greedy(optax.identity(), curvature="fd"), cdat(optax.scale_by_adam(), base_method="adam")):
+        state, p = tx.init(w), w
+
+        @jax.jit
+        def step(p, state):
+            v, g = jax.value_and_grad(loss)(p, x)
+            u, state = tx.update(g, state, p, value=v, grad=g, value_fn=loss, x=x)
+            return optax.apply_updates(p, u), state
+
+        for _ in range(4):
+            p, state = step(p, state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats(state)
+        assert float(loss(w, x)) < 2e-4
+        assert not [m for m in caught if "fd probe point" in str(m.message)]
+
+
+def test_the_replay_check_judges_only_probes_that_move_the_loss_little():
+    """The quadratic model is judged only where the probe's first-order change ``h |g^T u|`` is at most
+    :data:`curvopt.config.REPLAY_PROBE_SHARE_OPTAX` of the loss: a probe sized for a bf16 forward pass moved a small
+    transformer's loss by 77 % of it and missed the model with a value_fn that replays (a false-alarm field test).
+    A small probe that misses is told; a large one is not judged; a value_fn whose loss is unknown is not judged.
+    Kills: the share rule removed, or applied to every probe."""
+    from jax_backend.oracles import replay_check, replay_init
+
+    def missed(h, probe_loss, value=5.08, numerator=3.9, steps=0):
+        memory = replay_check(replay_init(jnp.float32), jnp.float32(value), jnp.float32(numerator), jnp.float32(0.0),
+                              (None, jnp.float32(h), jnp.float32(probe_loss)), jnp.int32(steps), jnp.float32)
+        return bool(memory.missed)
+
+    assert missed(1e-4, 5.08 + 1.0)  # a tiny probe, the loss 1.0 off: another function
+    assert not missed(1e-4, 5.08 - 1e-4 * 3.9)  # on the model
+    assert not missed(1.0, 50.0)  # the probe moves the loss by 77 %: not judged
+    assert not missed(1e-4, 5.08 + 1.0, value=float("nan"))  # no value: nothing to judge
+    assert not missed(1e-4, 5.08 + 1.0, steps=3)  # past the first 3 steps

@@ -1326,7 +1326,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             return None
         seen = glob.get(layout.REPLAY_SCALE)
         scale = max(0.0 if seen is None else float(seen), abs(f))
-        mismatch, model = replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps, scale, np)
+        mismatch, model = map(float, replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps,
+                                                     scale, np))
         if mismatch <= 1:
             return scale
         at_probe = (f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's "
