@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_mismatch_in_place", "replay_slope_mismatch",
-           "rayleigh_converged",
+from curvopt.config import REPLAY_PROBE_SHARE
+
+__all__ = ["finite_difference_curvature", "replay_mismatch", "replay_judged", "replay_mismatch_in_place",
+           "replay_slope_mismatch", "rayleigh_converged",
            "SecantNoiseState", "SECANT_NOISE_EMA", "SECANT_NOISE_FLOOR", "GREEDY_NOISE_CORRECTION", "gradient_weight",
            "gradient_scale", "gradient_fit", "GRADIENT_FIT_TOL", "noise_correction_on", "secant_noise_numerator",
            "secant_noise_corrected", "noise_dominated"]
@@ -49,6 +51,14 @@ def replay_mismatch(loss: Any, probe_loss: Any, h: Any, numerator: Any, curvatur
     model = loss - h * numerator + 0.5 * h * h * curvature
     allowed = 0.1 * h * abs(numerator) + 100 * loss_eps * xp.maximum(abs(loss), loss_scale) + 1e-30
     return abs(probe_loss - model) / allowed, model
+
+
+def replay_judged(h: Any, numerator: Any, loss_scale: Any) -> Any:
+    """Whether :func:`replay_mismatch` can judge the probe: its first-order change ``h |g^T u|`` is at most
+    :data:`curvopt.config.REPLAY_PROBE_SHARE` of the loss's scale, so that the quadratic model's own error is small
+    beside what a closure that does not replay makes of it. A probe sized for a low-precision forward pass moves the
+    loss by much more (bf16 on a small transformer: 40-77 % of it). Host floats or traced scalars."""
+    return h * abs(numerator) <= REPLAY_PROBE_SHARE * loss_scale
 
 
 def replay_mismatch_in_place(loss: float, replay_loss: float, loss_eps: float) -> float:

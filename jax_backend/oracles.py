@@ -34,11 +34,11 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, REPLAY_MISS_OPTAX, REPLAY_PROBE_SHARE_OPTAX,
+from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, REPLAY_MISS_OPTAX,
                             collapse_peak, external_clip_suspected, in_stall_units, moved_outside, probe_reads_forward,
                             remember_probe, secant_collapsed, secant_probe_eps, secant_stall_reference,
                             secant_stalled, stall_window, watched_norms)
-from curvopt.curvature import finite_difference_curvature, replay_mismatch
+from curvopt.curvature import finite_difference_curvature, replay_judged, replay_mismatch
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
 from .direction import add_scaled, flat, least_precise_eps, norm, vdot
@@ -300,15 +300,15 @@ def replay_check(memory: ReplayCheck, value: Any, numerator: Any, curvature: Any
     """``memory`` after this step's check (on the first :data:`curvopt.config.REPLAY_CHECKS` steps, where the loss
     ``value`` is known): the loss ``value_fn`` gives at the fd probe point against the one the step's value,
     slope ``-numerator`` and fd ``curvature`` predict (:func:`curvopt.curvature.replay_mismatch`), missed when by
-    more than :data:`curvopt.config.REPLAY_MISS_OPTAX` allowances, where the probe's first-order change is at most
-    :data:`curvopt.config.REPLAY_PROBE_SHARE_OPTAX` of the loss. A ``value_fn`` that draws other dropout masks
+    more than :data:`curvopt.config.REPLAY_MISS_OPTAX` allowances, where the probe is small enough to judge
+    (:func:`curvopt.curvature.replay_judged`). A ``value_fn`` that draws other dropout masks
     than the gradient's, or reads another batch, misses it by far."""
     _, h, loss = fd_probe
     checked = (steps < REPLAY_CHECKS) & jnp.isfinite(value) & jnp.isfinite(loss)
     scale = jnp.where(checked, jnp.maximum(memory.scale, abs(value)), memory.scale)
     mismatch, _ = replay_mismatch(value, loss.astype(dtype), h, numerator, curvature,
                                   float(jnp.finfo(jnp.result_type(loss)).eps), scale, jnp)
-    judged = checked & (h * abs(numerator) <= REPLAY_PROBE_SHARE_OPTAX * scale)
+    judged = checked & replay_judged(h, numerator, scale)
     return ReplayCheck(scale.astype(dtype), memory.missed | (judged & (mismatch > REPLAY_MISS_OPTAX)))
 
 

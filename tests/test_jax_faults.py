@@ -429,7 +429,7 @@ def test_a_value_fn_that_replays_is_not_told_near_a_fitted_float32_loss(scale):
 
 def test_the_replay_check_judges_only_probes_that_move_the_loss_little():
     """The quadratic model is judged only where the probe's first-order change ``h |g^T u|`` is at most
-    :data:`curvopt.config.REPLAY_PROBE_SHARE_OPTAX` of the loss: a probe sized for a bf16 forward pass moved a small
+    :data:`curvopt.config.REPLAY_PROBE_SHARE` of the loss: a probe sized for a bf16 forward pass moved a small
     transformer's loss by 77 % of it and missed the model with a value_fn that replays (a false-alarm field test).
     A small probe that misses is told; a large one is not judged; a value_fn whose loss is unknown is not judged.
     Kills: the share rule removed, or applied to every probe."""

@@ -60,8 +60,8 @@ import torch
 from torch import Tensor
 
 from curvopt.base import BaseMethod, direction_unit, followed_rate
-from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_dominated, replay_mismatch,
-                               replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
+from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_dominated, replay_judged,
+                               replay_mismatch, replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE,
@@ -1316,7 +1316,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         new batch, or randomness the probe does not replay, gives another loss there, and one that does not zero
         the gradients another slope (from its second step on: the probes start from none, the main call adds to
         the previous step's); one that replays there computes a gradient that does not predict its loss (a clip
-        inside it) or a loss far from quadratic over the probe's step. Warns once, with the fix."""
+        inside it) or a loss far from quadratic over the probe's step, told only of a probe small enough to judge
+        the model by (:func:`curvopt.curvature.replay_judged`; a probe sized for a bf16 forward pass is often not).
+        Warns once, with the fix."""
         self._replay_checks -= 1
         if probe.fd_loss is None or probe.fd_step is None or self.distributed is not None:
             return None
@@ -1335,7 +1337,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     "model's error allow)")
         evidence = self._replay_evidence(probe)
         if evidence is None:
-            self._warn_unpredicted(at_probe)
+            if replay_judged(h, numerator, scale):
+                self._warn_unpredicted(at_probe)
         else:
             self._warn_no_replay(f"{at_probe}; {evidence}")
         return scale
