@@ -25,7 +25,7 @@ from curvopt.curvature import gradient_weight, secant_noise_numerator
 from curvopt.preconditioner import adam_preconditioner
 
 from .direction import is_adam_like
-from .vectors import concatenating_now, global_sum
+from .vectors import concatenating_now, global_sum, joined
 
 __all__ = ["knows_noise", "noise_numerator"]
 
@@ -78,7 +78,7 @@ def _chunks(base: torch.optim.Optimizer, params: Sequence[Tensor]
 
 def _cat(xs: Sequence[Tensor]) -> Tensor:
     """The tensors' entries as one float vector of at least float32 (a view for one contiguous tensor)."""
-    flat = xs[0].reshape(-1) if len(xs) == 1 else torch.cat([x.reshape(-1) for x in xs])
+    flat = joined(xs)
     return flat if flat.dtype not in (torch.float16, torch.bfloat16) else flat.float()
 
 

@@ -18,6 +18,7 @@ from curvopt.preconditioner import adam_preconditioner, inverse_sqrt
 from curvopt.runs import cut_into_runs
 
 from .direction import is_adam_like
+from .vectors import joined
 
 __all__ = ["adam_preconditioner_from_optimizer", "adam_diagonal_by_group", "adam_step_counts",
            "preconditioner_scales"]
@@ -124,8 +125,7 @@ def adam_diagonal_by_group(optimizer: torch.optim.Optimizer, params: Sequence[Te
 
 def _diagonal(group: dict, states: list[dict], step: float, dtype: torch.dtype) -> Tensor:
     """``D = lr_group / P`` over the parameters whose Adam ``states`` are given, flattened and concatenated."""
-    v = torch.cat([st["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"].reshape(-1)
-                   for st in states]).to(dtype)
+    v = joined([st["max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"] for st in states]).to(dtype)
     beta1, beta2 = group["betas"]
     pre = adam_preconditioner(v, step, beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]), xp=torch)
     return pre.reciprocal_().mul_(float(group["lr"]))

@@ -96,7 +96,7 @@ from .probe import Probe, move_flat
 from .scalars import ScalarNamespace, ScalarStore, as_scalar, host_values
 from .sharpness import FiniteDifferenceHVP, power_estimate, preconditioned, random_vector
 from . import vectors
-from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, least_precise_eps,
+from .vectors import (axpy_into, can_concatenate, concatenating, dot, dots, flat_dots, joined, least_precise_eps,
                       local_sq_norm, max_abs, norm, reducing)
 from .workspace import Workspace
 from .workspace import build as build_workspace
@@ -1219,7 +1219,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             coupled = wd and not _decouples(base, group)
 
             def flat(ts: list[Tensor]) -> Tensor:
-                return torch.cat([ts[i].reshape(-1) for i in pos]).to(acc)
+                return joined([ts[i] for i in pos]).to(acc)
             whole = flat_grads is not None and len(pos) == len(params)
             g = flat_grads.to(acc) if whole else flat(grads)
             scaled = g * diagonal()
