@@ -386,10 +386,11 @@ EXTERNAL_CLIP_MESSAGE = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip outside the tuner "
     "(torch.nn.utils.clip_grad_norm_ before opt.step(), Hugging Face's max_grad_norm, "
-    "Lightning's gradient_clip_val). It changes each step's gradient by a factor of its own, and the secant "
-    "curvature, the difference of consecutive gradients, is then wrong (measured on a quadratic: the greedy rate "
-    "1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's max_grad_norm= instead, which divides its "
-    "factor back out (Hugging Face: max_grad_norm=0 in TrainingArguments; Lightning: gradient_clip_val=None). "
+    "Lightning's gradient_clip_val or self.clip_gradients). It changes each step's gradient by a factor of its "
+    "own, and the secant curvature, the difference of consecutive gradients, is then wrong (measured on a "
+    "quadratic: the greedy rate 1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's "
+    "max_grad_norm= instead, which divides its factor back out (Hugging Face: max_grad_norm=0 in "
+    "TrainingArguments; Lightning: gradient_clip_val=None, no self.clip_gradients). "
     + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_CLOSURE = (
     "curvopt: the gradients the closure computed have had the same norm on the last "

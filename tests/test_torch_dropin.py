@@ -1137,6 +1137,121 @@ def test_lightning_trainer_accumulate_and_clip():
     assert all(math.isfinite(v) and v > 0 for v in taken)
 
 
+def _do_nothing():
+    """Lightning's ``do_nothing_closure``: what its manual optimization hands the optimizer for ``opt.step()``."""
+    return None
+
+
+def test_a_closure_that_computes_nothing_gives_a_closure_free_step():
+    """Lightning's manual optimization turns ``manual_backward(loss); opt.step()`` into ``step(closure)`` with a
+    closure that returns None and computes nothing: a field test's first step raised "the closure returned None"
+    for CDAT and QuadraticGreedy. Such a closure is called once (Lightning's hooks run in it, and may clip the
+    gradients in place) and the step is a closure-free one, rates equal to ``opt.step()``'s to the bit; a later
+    closure still finds the model's BatchNorm to protect from its probes. A closure that computes new gradients
+    but returns None is still refused; the tuners that need the loss or probes say what to pass, in Lightning's
+    terms, and leave the parameters alone. Kills: the idle call refused, or taken as a main call."""
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+
+    def run(cls, step_of, steps=6):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1)).double()
+        opt = cls(torch.optim.Adam(model.parameters(), lr=1.0))
+        lrs = []
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            step_of(opt)
+            lrs.append(float(opt.stats["lr"]))
+        return lrs, model, opt
+
+    for cls in (CDAT, QuadraticGreedy):
+        free, _, _ = run(cls, lambda o: o.step())
+        idle, model, opt = run(cls, lambda o: o.step(_do_nothing))
+        assert idle == free and all(v > 0 for v in free[1:])
+        # then a closure with probes: BatchNorm's running mean moves once per step (by the main call's batch mean),
+        # not once per probe
+        once = 0.9 * model[1].running_mean + 0.1 * model[0](x).detach().mean(0)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+        torch.testing.assert_close(model[1].running_mean, once, rtol=0, atol=1e-12)
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+
+    def forgets_to_return():
+        opt.zero_grad()
+        (w ** 2).sum().backward()
+    with pytest.raises(TypeError, match="the closure returned None"):
+        opt.step(forgets_to_return)
+    # hooks that change the gradients in place inside it (Lightning's on_before_optimizer_step: self.clip_gradients,
+    # which multiplies them even when inactive) leave the same tensors: still a closure-free step
+    def scales_in_place():
+        for p in [w]:
+            p.grad.mul_(1.0)
+    opt.zero_grad()
+    (w ** 2).sum().backward()
+    opt.step(scales_in_place)
+    assert float(opt.stats["lr"]) > 0
+    polyak = PolyakStep(torch.optim.SGD([w], lr=1.0))
+    for tuner in (polyak, ArmijoLineSearch(torch.optim.SGD([w], lr=1.0)), CDAT(torch.optim.SGD([w], lr=1.0),
+                                                                                curvature="fd")):
+        before = w.detach().clone()
+        with pytest.raises(TypeError, match="returns None and computes nothing.*Lightning.*self.manual_backward"):
+            tuner.step(_do_nothing)
+        assert torch.equal(w, before)
+
+
+def test_lightning_manual_optimization_closure_free():
+    """Lightning's manual optimization, ``self.manual_backward(loss); opt.step()`` (a field test: a TypeError on
+    the first step): the rates of a plain ``loss.backward(); opt.step()`` loop on the same batches, to the bit."""
+    pl = pytest.importorskip("lightning.pytorch")
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+    lrs = []
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.net = net()
+
+        def training_step(self, batch, _):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self.net(batch[0]), batch[1]))
+            opt.step()
+            lrs.append(float(opt.optimizer.stats["lr"]))
+
+        def configure_optimizers(self):
+            return CDAT(torch.optim.Adam(self.parameters(), lr=1.0))
+
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Module(), torch.utils.data.DataLoader(batches, batch_size=None))
+    model = net()
+    opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+    want = []
+    for _ in range(2):
+        for xb, yb in batches:
+            opt.zero_grad()
+            nn.functional.mse_loss(model(xb), yb).backward()
+            opt.step()
+            want.append(float(opt.stats["lr"]))
+    assert lrs == want and len(want) == 8 and all(v > 0 for v in want[1:])
+
+
 def test_closure_free_warns_once_when_parameters_take_part_on_alternate_steps():
     """Two heads used on alternate steps: the parameters with a gradient change every step, so the secant has
     no previous direction and each step only probes (lr = h); the tuner says so once. One head: no warning."""

@@ -25,10 +25,16 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   the gradient at the point the main call saw (before, it read the last probe's, or the sum of the main call's
   and the probes' where the closure zeroed only the tuner's gradients). The tuner's own ``.grad`` are its
   business (:mod:`torch_backend.tuner`).
+* **A main call that computes nothing.** A closure that returns None and leaves the parameters with the gradient
+  tensors it found (Lightning's manual optimization hands ``opt.step()`` such a closure, ``do_nothing_closure``,
+  wrapped in its hooks, which may clip or scale them in place) is no main call: the guard forgets it
+  (:attr:`ProbeGuard.idle`) and the step is a closure-free one. A closure that computed new gradient tensors
+  (``zero_grad()``, backward) and returned None is a closure that forgot its loss.
 """
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -230,6 +236,14 @@ class RNGSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+def _same(mark: Optional[weakref.ref], grad: Optional[Tensor]) -> bool:
+    """Whether ``grad`` is the gradient tensor ``mark`` refers to (None both times); its values may have changed
+    in place."""
+    if mark is None or grad is None:
+        return mark is None and grad is None
+    return mark() is grad
+
+
 class ProbeGuard:
     """Wraps the main closure call and the probe calls of one step (see the module docstring).
 
@@ -260,9 +274,14 @@ class ProbeGuard:
         #: every other parameter of the modules with the gradient the main call left it
         self._owned: Sequence[Tensor] = ()
         self._grads: list[tuple[Tensor, Optional[Tensor]]] = []
+        #: the last main call returned None and left the parameters the caller steps with the gradient tensors it
+        #: found: it was forgotten as if there had been none (:meth:`no_main`), the step is the caller's to take
+        #: closure-free
+        self.idle = False
 
     def no_main(self) -> None:
         """A closure-free step: no main call, nothing of the model to undo on a rollback."""
+        self.idle = False
         self._rng_before = self._rng_after = None
         self._taken = False
         self.calls = 0
@@ -276,16 +295,27 @@ class ProbeGuard:
         self._rng_after = None
         self._taken = False
         self.calls = 0
+        self.idle = False
         if isinstance(self.before, RunSnapshot) and self.before.complete:
             self.before = BufferSnapshot(self.before.modules)
         finding = isinstance(self.before, RunSnapshot)
         if not finding:
             self.before.take()
+        marks = [weakref.ref(g) if g is not None else None for g in (p.grad for p in owned)]
+        eps_before = self.compute_eps
         with torch.enable_grad(), self.before.watch() if finding else nullcontext():
             if self.compute_eps is None:
                 loss, self.compute_eps = computation_eps(closure)
             else:
                 loss = closure()
+        if loss is None and all(map(_same, marks, (p.grad for p in owned))):
+            # nothing ran that the step could use: no modules found, no precision read, nothing to undo
+            self.compute_eps = eps_before
+            if finding:
+                self.before = RunSnapshot()
+            self.no_main()
+            self.idle = True
+            return loss
         if finding:
             self.buffers.modules = self.before.modules
             self._known = None

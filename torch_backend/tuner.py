@@ -480,7 +480,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         ``probes=False`` only once. ``closure=None`` (``loss.backward(); opt.step()``): the gradients in
         ``.grad`` are the main call's and the curvature is the secant of consecutive gradients (the first such
         step takes the probing step ``lr = h``); only for CDAT and QuadraticGreedy with ``curvature="auto"`` or
-        ``"secant"`` and the sharpness off (a ``TypeError`` otherwise). ``max_grad_norm``: the main call's
+        ``"secant"`` and the sharpness off (a ``TypeError`` otherwise). A closure that returns None and leaves
+        every gradient as it was (Lightning's manual optimization hands ``opt.step()`` such a closure) is called
+        once and the step is then a closure-free one. ``max_grad_norm``: the main call's
         gradient is clipped in place by ``torch.nn.utils.clip_grad_norm_``'s factor
         ``min(1, max_grad_norm / (||g|| + 1e-6))`` before the base steps, so ``u`` is the clipped direction; the
         rules see the unclipped slope (``-g^T u`` over the factor) and the probes' gradients are the loss's own,
@@ -558,8 +560,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             loss = None
         else:
             loss = self.guard.main(closure, all_params)
-            if loss is None:
+            if loss is None and not self.guard.idle:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
+            if self.guard.idle:  # it computed nothing (Lightning's manual optimization: opt.step()): closure-free
+                self._require_probe_free(has_closure=False, error=TypeError, idle=True)
+                closure = None
         all_grads = [p.grad for p in all_params]
         has_grad = [g is not None for g in all_grads]
         for i, g in enumerate(all_grads):
@@ -569,7 +574,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                     "gradients (e.g. nn.Embedding(..., sparse=False))")
         if not any(has_grad):
             if closure is None:
-                raise RuntimeError("no parameter has a gradient: call loss.backward() before opt.step()")
+                raise RuntimeError("no parameter has a gradient: call loss.backward() (Lightning: "
+                                   "self.manual_backward(loss)) before opt.step()")
             raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()? (Or the "
                                "optimizer holds parameters the model no longer uses: it was built before "
                                "model.to_empty(), or a reassignment of the model's parameters.)")
@@ -1091,30 +1097,38 @@ class CurvatureTuner(torch.optim.Optimizer):
         return ns
 
     # -- probe-free steps, clipping, the secant's noise ---------------------------------------------------------
-    def _require_probe_free(self, has_closure: bool, error: type) -> None:
+    def _require_probe_free(self, has_closure: bool, error: type, idle: bool = False) -> None:
         """Refuse what a step without probes cannot do (no closure: also nothing that needs the loss). The
         settings last accepted are remembered (the rule and the sharpness setting are frozen values, so the
-        same objects mean the same answer)."""
+        same objects mean the same answer). ``idle``: the step's closure returned None and computed nothing
+        (:attr:`torch_backend.buffers.ProbeGuard.idle`: Lightning's manual optimization, ``opt.step()``), which
+        the messages say, with Lightning's fix in place of the closure convention."""
         settings = (self.rule, self.sharpness_config, self.curvature, has_closure)
         accepted = self.__dict__.get("_probe_free_ok")
         if accepted is not None and all(map(operator.is_, accepted, settings)):
             return
         name, needs = type(self).__name__, self.rule.needs
         where = "without a closure (loss.backward(); opt.step())" if not has_closure else "with probes=False"
+        convention = CLOSURE_CONVENTION
+        if idle:
+            where = ("with a closure that returns None and computes nothing (what Lightning's manual optimization "
+                     "passes for opt.step())")
+            convention = ("Pass opt.step(closure=closure), with a closure that zeroes the gradients, computes the "
+                          "loss, calls self.manual_backward(loss) (or loss.backward()) and returns the loss.")
         if not has_closure and "value" in needs:
-            raise error(f"{name} needs the loss at the current parameters, so step() needs a closure. "
-                        f"{CLOSURE_CONVENTION}\nClosure-free steps (loss.backward(); opt.step()) work with CDAT "
+            raise error(f"{name} needs the loss at the current parameters: it cannot step {where}. "
+                        f"{convention}\nClosure-free steps (loss.backward(); opt.step()) work with CDAT "
                         "and QuadraticGreedy (curvature from the secant of consecutive gradients).")
         if isinstance(self.rule, ArmijoRule) or "sharpness" in needs or self.sharpness_config.enabled:
             what = "a line search" if isinstance(self.rule, ArmijoRule) else "the online sharpness"
             raise error(f"{name} runs {what}, which calls the closure at probe points: it cannot step {where}. "
-                        f"{CLOSURE_CONVENTION}\nSteps without probes work with CDAT and QuadraticGreedy "
+                        f"{convention}\nSteps without probes work with CDAT and QuadraticGreedy "
                         "(curvature=\"secant\" or \"auto\", sharpness off).")
         if self.curvature is not None:
             try:
                 resolve_curvature(self.curvature, False)
             except ValueError as e:
-                raise error(f"{name} cannot step {where}: {e}") from None
+                raise error(f"{name} cannot step {where}: {e}" + (f" {convention}" if idle else "")) from None
         self.__dict__["_probe_free_ok"] = settings
 
     def _noise_on(self) -> bool:
