@@ -472,7 +472,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
         watch = getattr(state, "watch", None)
         if watch is not None and math.isfinite(float(watch.watch_fired)):
             warn(minibatch_message(watch))
-    return state.stats._asdict()
+    # an nnx.Optimizer's state holds each leaf in an OptArray: hand out its array, as from any other state
+    return {k: getattr(v, "value", v) for k, v in state.stats._asdict().items()}
 
 
 assert TunerStats._fields == STAT_FIELDS

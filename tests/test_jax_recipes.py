@@ -248,7 +248,7 @@ def test_nnx_optimizer_update(with_loss):
         return loss
 
     pure = nnx.to_pure_dict(params0)
-    f = lambda p: value_fn(nnx.State(p) if False else _restore(params0, p), x, y)  # noqa: E731
+    f = lambda p: value_fn(_restore(params0, p), x, y)  # noqa: E731
     s = tx.init(pure)
 
     @jax.jit
@@ -265,6 +265,8 @@ def test_nnx_optimizer_update(with_loss):
         got = float(optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state), "lr"))
         assert got == pytest.approx(float(stats(s)["lr"]), rel=1e-9), t
         assert float(stats(optimizer.opt_state)["lr"]) == got  # stats reads the nnx.Optimizer's own state too
+        # as arrays (a logger given an nnx OptArray stores its repr)
+        assert all(isinstance(v, jax.Array) for v in stats(optimizer.opt_state).values())
         assert got > (0 if with_loss or t > 0 else -1)
     np.testing.assert_allclose(np.asarray(model.kernel[...]), np.asarray(p["kernel"]), rtol=1e-9)
 
