@@ -477,9 +477,10 @@ REPLAY_MISS_OPTAX = 20.0
 #: neither backend judges the quadratic model at a probe whose first-order change ``h |g^T u|`` exceeds this share
 #: of the loss (:func:`curvopt.curvature.replay_judged`): the model's own error is not small then (field tests: a
 #: probe sized for a bf16 forward pass on a small transformer moved the loss by 77 % of it in Optax, 40-60 % in
-#: PyTorch, and missed the model by 1.7-3.2 allowances with a loss that replays; 1 % before, in Optax alone, which
-#: left unjudged a float32 probe of a loss far from quadratic at 1.4 %); PyTorch's check still calls the closure
-#: again at the unchanged parameters where such a probe misses, and tells a closure that does not replay
+#: PyTorch, and missed the model by 1.7-3.2 allowances with a loss that replays; 1 % before, in Optax alone: at 1 %
+#: PyTorch's check would not judge the float32 probes of its test's loss far from quadratic, 1.4 % of it); PyTorch's
+#: check still calls the closure again at the unchanged parameters where such a probe misses, and tells a closure
+#: that does not replay
 REPLAY_PROBE_SHARE = 0.1
 
 #: the warning when the parameters a closure-free (secant) step starts from are not those the tuner's last step

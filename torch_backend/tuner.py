@@ -481,8 +481,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         ``.grad`` are the main call's and the curvature is the secant of consecutive gradients (the first such
         step takes the probing step ``lr = h``); only for CDAT and QuadraticGreedy with ``curvature="auto"`` or
         ``"secant"`` and the sharpness off (a ``TypeError`` otherwise). A closure that returns None and leaves
-        every gradient as it was (Lightning's manual optimization hands ``opt.step()`` such a closure) is called
-        once and the step is then a closure-free one. ``max_grad_norm``: the main call's
+        the parameters with the gradient tensors they had (Lightning's manual optimization hands ``opt.step()``
+        such a closure; its hooks may change the values in place) is called once and the step is then a
+        closure-free one. ``max_grad_norm``: the main call's
         gradient is clipped in place by ``torch.nn.utils.clip_grad_norm_``'s factor
         ``min(1, max_grad_norm / (||g|| + 1e-6))`` before the base steps, so ``u`` is the clipped direction; the
         rules see the unclipped slope (``-g^T u`` over the factor) and the probes' gradients are the loss's own,
