@@ -146,7 +146,9 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
     whether the rate depends on the base (CDAT with a default ``sigma`` or ``ema``, the edge-of-stability
     rule), else only the diagnostics and the sharpness do. Warns when
 
-    * the base's state handed over (``base_state=``, the conveniences) is Adam's but ``base_method`` is not;
+    * the base's state handed over (``base_state=``, the conveniences) is Adam's but ``base_method`` is not (a
+      base that runs Adam on some parameters and another per-parameter method on the rest, such as
+      ``optax.contrib.muon``, is not Adam: it falls under the next cases, whose advice ``"gd"`` it takes);
     * the rate follows the base, ``base_method`` is unset and that state is a momentum trace's
       (``optax.TraceState``), or another that keeps per-parameter arrays (``scale_by_rms``, ``scale_by_belief``,
       ``scale_by_lion``: not gradient descent, whose defaults would apply);
@@ -158,13 +160,15 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
     hint = ('pass base_method="adam" (or BaseMethod.adam(b1, b2, eps)), BaseMethod.heavy_ball(momentum) / '
             'BaseMethod.nesterov(momentum), or "gd"')
     if base_state is not None:
-        if not method.preconditioned and find_adam_state(base_state, method.b2) is not None:
+        if (not method.preconditioned and find_adam_state(base_state, method.b2) is not None
+                and not _keeps_per_parameter_state(_without_adam(base_state))):
             found = "Adam's (optax.ScaleByAdamState)"
         elif rate_follows_base and given is None and find_trace_state(base_state) is not None:
             found = "a momentum trace's (optax.TraceState)"
         elif rate_follows_base and given is None and _keeps_per_parameter_state(base_state):
             found = (f"{_state_names(base_state)}, which keeps per-parameter state the tuner does not recognise "
-                     "(RMSprop, AdaBelief, Lion, ...: preconditioned or momentum bases)")
+                     "(RMSprop, AdaBelief, Lion, Muon with Adam on the other parameters, ...: preconditioned or "
+                     "momentum bases)")
         else:
             return
         message = (f"the base's state is {found} but base_method is {method.kind!r}, so the defaults for that base "
@@ -186,13 +190,26 @@ def _keeps_per_parameter_state(tree: Any) -> bool:
     return any(jnp.ndim(x) >= 1 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in jax.tree.leaves(tree))
 
 
+def _without_adam(tree: Any) -> Any:
+    """A base's state with its Adam states (``optax.ScaleByAdamState``/``ScaleByAmsgradState``) left out."""
+    is_adam = lambda x: isinstance(x, (optax.ScaleByAdamState, optax.ScaleByAmsgradState))  # noqa: E731
+    return jax.tree.map(lambda x: None if is_adam(x) else x, tree, is_leaf=is_adam)
+
+
 def _state_names(tree: Any) -> str:
-    """The names of the NamedTuple states in a base's state (a chain's is a tuple of them) that keep
-    per-parameter arrays."""
+    """The names of the innermost NamedTuple states in a base's state (a chain's is a tuple of them; a wrapper's,
+    ``optax.partition``'s or ``masked``'s, holds others) that keep per-parameter arrays."""
+    return " + ".join(dict.fromkeys(type(x).__name__ for x in _innermost_states(tree))) or type(tree).__name__
+
+
+def _innermost_states(tree: Any) -> list:
+    """The NamedTuple nodes of ``tree`` that keep per-parameter arrays and hold no other such node."""
     named = lambda x: hasattr(x, "_fields")  # noqa: E731
-    names = [type(x).__name__ for x in jax.tree.leaves(tree, is_leaf=named)
-             if named(x) and _keeps_per_parameter_state(x)]
-    return " + ".join(dict.fromkeys(names)) or type(tree).__name__
+    out = []
+    for node in jax.tree.leaves(tree, is_leaf=named):
+        if named(node) and _keeps_per_parameter_state(node):
+            out += _innermost_states(list(node)) or [node]
+    return out
 
 
 def _same_arrays(updates: Any, grad: Any) -> bool:
