@@ -106,6 +106,9 @@ def test_a_step_without_a_model_records_no_prediction(lr, numerator, curvature):
 def test_watched_bases():
     assert mw.watches(BaseMethod.heavy_ball(0.9)) and mw.watches(BaseMethod.nesterov(0.9))
     assert not mw.watches(BaseMethod("gd")) and not mw.watches(BaseMethod("adam")) and not mw.watches(None)
+    # a base the core does not know: watched when it has a momentum (RAdam's betas[0], RMSprop's momentum)
+    assert mw.watches(None, 0.9) and not mw.watches(None, 0.0)
+    assert not mw.watches(BaseMethod("adam"), 0.9)
 
 
 # ------------------------------------------------------------------------------------------------------ PyTorch
@@ -119,8 +122,12 @@ def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, c
     model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 4))
     make = {"heavy_ball": lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9),
             "nesterov": lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9, nesterov=True),
-            "sgd": lambda p: torch.optim.SGD(p, lr=1.0), "adam": lambda p: torch.optim.Adam(p, lr=1.0)}[base]
-    opt = tuner(make(model.parameters()))
+            "sgd": lambda p: torch.optim.SGD(p, lr=1.0), "adam": lambda p: torch.optim.Adam(p, lr=1.0),
+            "radam": lambda p: torch.optim.RAdam(p, lr=1.0),
+            "rmsprop_momentum": lambda p: torch.optim.RMSprop(p, lr=1.0, momentum=0.9),
+            "adagrad": lambda p: torch.optim.Adagrad(p, lr=1.0)}[base]
+    known = base in ("heavy_ball", "nesterov", "sgd", "adam")
+    opt = tuner(make(model.parameters()), **({} if known else {"allow_any_base": True}))
     lrs = []
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -151,10 +158,12 @@ def torch_watch(opt) -> mw.MinibatchWatch:
     return mw.MinibatchWatch(*(float(glob[k]) for k in WATCH))
 
 
-@pytest.mark.parametrize("base", ["heavy_ball", "nesterov"])
+@pytest.mark.parametrize("base", ["heavy_ball", "nesterov", "radam", "rmsprop_momentum"])
 def test_momentum_in_minibatch_warns_once_and_holds_the_rate(base):
     """Behind heavy ball and Nesterov in batches of 16, one warning, saying what was seen, the held rate and what
-    to do; from the step it fired on, every rate at most that step's."""
+    to do; from the step it fired on, every rate at most that step's. The same behind bases the core does not
+    know that have a momentum (RAdam, RMSprop with momentum: unwatched, a field test's rates climbed while the
+    loss did, 2-29x a tuned constant's)."""
     found, lrs, opt = _train(base, batch=16)
     assert len(found) == 1, found
     assert "mini-batch" in found[0] and "Use Adam or AdamW as the base, or a tuned constant rate" in found[0]
@@ -174,10 +183,12 @@ def test_the_greedy_step_in_minibatch_warns_and_is_not_held():
 
 @pytest.mark.parametrize("base, batch, tuner, closure", [
     ("heavy_ball", 0, CDAT, True), ("nesterov", 0, CDAT, True), ("heavy_ball", 0, QuadraticGreedy, True),
-    ("adam", 16, CDAT, True), ("sgd", 16, CDAT, True), ("heavy_ball", 16, CDAT, False)])
+    ("adam", 16, CDAT, True), ("sgd", 16, CDAT, True), ("heavy_ball", 16, CDAT, False), ("radam", 0, CDAT, True),
+    ("adagrad", 16, CDAT, True)])
 def test_no_warning_in_full_batch_behind_other_bases_or_without_a_closure(base, batch, tuner, closure):
-    """Full batch behind momentum (the model predicts the next loss), mini-batch behind Adam and plain SGD (not
-    watched), and closure-free steps (no loss to judge): no warning."""
+    """Full batch behind momentum (the model predicts the next loss), mini-batch behind Adam, plain SGD and a
+    base without momentum the core does not know (Adagrad: not watched; the held rate was worse there in a field
+    test), and closure-free steps (no loss to judge): no warning."""
     found, _, opt = _train(base, batch, tuner=tuner, closure=closure)
     assert found == []
     if batch == 0:  # judged on enough steps to fire (not silent for want of a prediction), missed on few

@@ -30,7 +30,7 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction),
   ``curvopt_replay_scale`` (the largest loss the first ``fd`` probes' replay checks have seen, the scale of the
   loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it), CDAT's
-  mini-batch watch behind heavy ball and Nesterov (:data:`WATCH`: ``curvopt_watch_share``,
+  mini-batch watch behind a watched base (:data:`WATCH`: ``curvopt_watch_share``,
   ``curvopt_watch_judged``, ``curvopt_watch_scale``, ``curvopt_watch_predicted``, ``curvopt_watch_change``,
   ``curvopt_watch_fired``, ``curvopt_watch_held``; a state saved without them starts the watch afresh) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
@@ -91,7 +91,7 @@ SECANT_WATCH = ("curvopt_stall_reference", "curvopt_stall_start", "curvopt_stall
 #: start's (:func:`curvopt.config.moved_outside`): anything else that moved them spoils the secant, a run resumed
 #: from other parameters than the saved step's included
 EXIT_SQ = "curvopt_exit_sq"
-#: CDAT's mini-batch watch behind heavy ball and Nesterov, one key per field (global)
+#: CDAT's mini-batch watch behind heavy ball, Nesterov and unknown bases with momentum, one key per field (global)
 WATCH = tuple(PREFIX + f for f in MinibatchWatch._fields)
 META_TUNER, META_BASE = "curvopt_tuner", "curvopt_base"
 PER_PARAM = (W0, U, PREV_GRAD, PREDICTED_GRAD, *EIGVEC.values())

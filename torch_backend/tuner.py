@@ -19,7 +19,7 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    ``functional_loss``); then ``u^T H u`` from the curvature oracle where
    the rule needs it;
 5. the learning rate from the rule: ``apply_rule(self.rule, RuleInputs(...), rule state, torch)`` (the core
-   owns the guard); the Armijo rule's trials run here; CDAT behind heavy ball and Nesterov then holds it once
+   owns the guard); the Armijo rule's trials run here; CDAT behind a watched base then holds it once
    its mini-batch watch has fired (:mod:`curvopt.minibatch_watch`);
 6. commit: ``w <- w0 + lr * u``, the tuner's state and ``stats`` are written.
 
@@ -448,6 +448,19 @@ class CurvatureTuner(torch.optim.Optimizer):
         they are at this step (schedulers such as ``OneCycleLR`` and ``CyclicLR`` change them); None for a base
         outside SGD/Adam/AdamW."""
         return base_method(self.base) if self.method is not None else None
+
+    def _unknown_momentum(self, method: Optional[BaseMethod]) -> float:
+        """A base outside SGD/Adam/AdamW (``method`` None): its first group's ``momentum`` or ``betas[0]`` (0 if it
+        has neither), for the mini-batch watch (:func:`curvopt.minibatch_watch.watches`); 0 for a known base."""
+        if method is not None:
+            return 0.0
+        group = self.base.param_groups[0]
+        betas = group.get("betas")
+        value = group.get("momentum", betas[0] if isinstance(betas, (tuple, list)) and betas else 0.0)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return 0.0
 
     @property
     def coefficient(self) -> Optional[float]:
@@ -918,8 +931,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                 lr, st.new_rule_state, st.trials, st.error = self._line_search(probe, inputs, rule_state, S)
             else:
                 lr, st.new_rule_state = apply_rule(rule, inputs, rule_state, S)
-            # CDAT behind heavy ball or Nesterov: the watch for mini-batch training (curvopt.minibatch_watch)
-            watch = self._watch_state(glob, S) if isinstance(rule, CDATRule) and watches(st.method) else None
+            # CDAT behind heavy ball, Nesterov or another base with momentum: the watch for mini-batch training
+            # (curvopt.minibatch_watch)
+            watch = (self._watch_state(glob, S) if isinstance(rule, CDATRule)
+                     and watches(st.method, self._unknown_momentum(st.method)) else None)
             if watch is not None:
                 lr = held_rate(watch, lr, S)
             if st.probing:
@@ -1314,8 +1329,9 @@ class CurvatureTuner(torch.optim.Optimizer):
     @staticmethod
     def _watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any,
                          loss_eps: float, hold: bool, S: ScalarNamespace) -> MinibatchWatch:
-        """CDAT behind heavy ball or Nesterov: the watch's new memory (:func:`curvopt.minibatch_watch.watch_minibatch`;
-        a closure-free step, whose loss is not known, judges nothing), and a warning on the step it fires."""
+        """CDAT behind a watched base (:func:`curvopt.minibatch_watch.watches`): the watch's new memory
+        (:func:`curvopt.minibatch_watch.watch_minibatch`; a closure-free step, whose loss is not known, judges
+        nothing), and a warning on the step it fires."""
         new = watch_minibatch(watch, S(value), S(lr), S(numerator), S(curvature), loss_eps, hold, S)
         if not S.isfinite(watch.watch_fired) and S.isfinite(new.watch_fired):
             warn(minibatch_message(new))
