@@ -1168,15 +1168,24 @@ def test_a_closure_that_computes_nothing_gives_a_closure_free_step():
         free, _, _ = run(cls, lambda o: o.step())
         idle, model, opt = run(cls, lambda o: o.step(_do_nothing))
         assert idle == free and all(v > 0 for v in free[1:])
-        # then a closure with probes: BatchNorm's running mean moves once per step (by the main call's batch mean),
-        # not once per probe
-        once = 0.9 * model[1].running_mean + 0.1 * model[0](x).detach().mean(0)
-
+        # then a closure with probes finds the model's BatchNorm as a first closure would: one raising in a probe
+        # leaves it as before the step, and a step's probes leave it moved once (by the main call's batch mean)
         def closure():
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             return loss
+
+        def fails_in_probe():
+            loss = closure()
+            if ct.is_probe():
+                raise RuntimeError("probe failed")
+            return loss
+        before = model[1].running_mean.clone()
+        with pytest.raises(RuntimeError, match="probe failed"):
+            opt.step(fails_in_probe)
+        assert torch.equal(model[1].running_mean, before)
+        once = 0.9 * model[1].running_mean + 0.1 * model[0](x).detach().mean(0)
         opt.step(closure)
         torch.testing.assert_close(model[1].running_mean, once, rtol=0, atol=1e-12)
 

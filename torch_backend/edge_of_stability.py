@@ -60,7 +60,7 @@ class EdgeOfStability(CurvatureTuner):
         if coefficient is None and isinstance(base, torch.optim.Optimizer):
             coefficient = base_stability_coefficient(base)
         if coefficient is None:
-            raise ValueError(f"stability_coefficient must be given for a {type(base).__name__} base "
+            raise ValueError(f"stability_coefficient must be given for the base {type(base).__name__} "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")
         self.rule = EdgeOfStabilityRule(coefficient=coefficient, sigma=default_eos_sigma(None, sigma), lr_max=lr_max,
                                         growth=growth, loss_cap=loss_cap, f_star=f_star)
