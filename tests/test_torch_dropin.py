@@ -1198,6 +1198,13 @@ def test_a_closure_that_computes_nothing_gives_a_closure_free_step():
         (w ** 2).sum().backward()
     with pytest.raises(TypeError, match="the closure returned None"):
         opt.step(forgets_to_return)
+
+    def forgets_to_return_zeroing_in_place():  # the same gradient tensors, a backward into them
+        opt.zero_grad(set_to_none=False)
+        (w ** 2).sum().backward()
+    (w ** 2).sum().backward()
+    with pytest.raises(TypeError, match="the closure returned None"):
+        opt.step(forgets_to_return_zeroing_in_place)
     # hooks that change the gradients in place inside it (Lightning's on_before_optimizer_step: self.clip_gradients,
     # which multiplies them even when inactive) leave the same tensors: still a closure-free step
     def scales_in_place():

@@ -26,10 +26,11 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   and the probes' where the closure zeroed only the tuner's gradients). The tuner's own ``.grad`` are its
   business (:mod:`torch_backend.tuner`).
 * **A main call that computes nothing.** A closure that returns None and leaves the parameters with the gradient
-  tensors it found (Lightning's manual optimization hands ``opt.step()`` such a closure, ``do_nothing_closure``,
-  wrapped in its hooks, which may clip or scale them in place) is no main call: the guard forgets it
-  (:attr:`ProbeGuard.idle`) and the step is a closure-free one. A closure that computed new gradient tensors
-  (``zero_grad()``, backward) and returned None is a closure that forgot its loss.
+  tensors it found, no backward having accumulated into them (Lightning's manual optimization hands ``opt.step()``
+  such a closure, ``do_nothing_closure``, wrapped in its hooks, which may clip or scale them in place), is no main
+  call: the guard forgets it (:attr:`ProbeGuard.idle`) and the step is a closure-free one. A closure that ran a
+  backward (into new gradient tensors or, after ``zero_grad(set_to_none=False)``, into the old ones) and returned
+  None is a closure that forgot its loss.
 """
 from __future__ import annotations
 
@@ -274,8 +275,8 @@ class ProbeGuard:
         #: every other parameter of the modules with the gradient the main call left it
         self._owned: Sequence[Tensor] = ()
         self._grads: list[tuple[Tensor, Optional[Tensor]]] = []
-        #: the last main call returned None and left the parameters the caller steps with the gradient tensors it
-        #: found: it was forgotten as if there had been none (:meth:`no_main`), the step is the caller's to take
+        #: the last main call returned None, ran no backward into the parameters the caller steps and left them the
+        #: gradient tensors it found: it was forgotten as if there had been none (:meth:`no_main`), the step is the caller's to take
         #: closure-free
         self.idle = False
 
@@ -302,13 +303,19 @@ class ProbeGuard:
         if not finding:
             self.before.take()
         marks = [weakref.ref(g) if g is not None else None for g in (p.grad for p in owned)]
+        accumulated: list[Tensor] = []  # parameters a backward in the call accumulated a gradient into
+        handles = [p.register_post_accumulate_grad_hook(accumulated.append) for p in owned if p.requires_grad]
         eps_before = self.compute_eps
-        with torch.enable_grad(), self.before.watch() if finding else nullcontext():
-            if self.compute_eps is None:
-                loss, self.compute_eps = computation_eps(closure)
-            else:
-                loss = closure()
-        if loss is None and all(map(_same, marks, (p.grad for p in owned))):
+        try:
+            with torch.enable_grad(), self.before.watch() if finding else nullcontext():
+                if self.compute_eps is None:
+                    loss, self.compute_eps = computation_eps(closure)
+                else:
+                    loss = closure()
+        finally:
+            for handle in handles:
+                handle.remove()
+        if loss is None and not accumulated and all(map(_same, marks, (p.grad for p in owned))):
             # nothing ran that the step could use: no modules found, no precision read, nothing to undo
             self.compute_eps = eps_before
             if finding:
