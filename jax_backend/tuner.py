@@ -489,8 +489,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
         watch = getattr(state, "watch", None)
         if watch is not None and math.isfinite(float(watch.watch_fired)):
             warn(minibatch_message(watch))
-    # an nnx.Optimizer's state holds each leaf in an OptArray: hand out its array, as from any other state
-    return {k: getattr(v, "value", v) for k, v in state.stats._asdict().items()}
+    # an nnx.Optimizer's state holds each leaf in an OptArray: hand out its array, as from any other state (by
+    # get_value(): reading .value is deprecated since flax 0.12)
+    return {k: v.get_value() if hasattr(v, "get_value") else v for k, v in state.stats._asdict().items()}
 
 
 assert TunerStats._fields == STAT_FIELDS

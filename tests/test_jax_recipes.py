@@ -265,8 +265,10 @@ def test_nnx_optimizer_update(with_loss):
         got = float(optax.tree_utils.tree_get(nnx.as_pure(optimizer.opt_state), "lr"))
         assert got == pytest.approx(float(stats(s)["lr"]), rel=1e-9), t
         assert float(stats(optimizer.opt_state)["lr"]) == got  # stats reads the nnx.Optimizer's own state too
-        # as arrays (a logger given an nnx OptArray stores its repr)
-        assert all(isinstance(v, jax.Array) for v in stats(optimizer.opt_state).values())
+        # as arrays (a logger given an nnx OptArray stores its repr), read without flax's deprecated .value
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            assert all(isinstance(v, jax.Array) for v in stats(optimizer.opt_state).values())
         assert got > (0 if with_loss or t > 0 else -1)
     np.testing.assert_allclose(np.asarray(model.kernel[...]), np.asarray(p["kernel"]), rtol=1e-9)
 
