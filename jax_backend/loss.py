@@ -65,13 +65,24 @@ def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[
         except TypeError as e:
             why = (f"these were not passed: {left_out}. Name them in value_fn's signature (value_fn(params, x, y)), "
                    "not *args or positional-only." if left_out else
-                   "the batch goes to update() by keyword too (update(..., value_fn=loss_fn, x=x, y=y)). The first "
+                   "the batch goes to update() by keyword too (update(..., value_fn=loss_fn, x=x, y=y); through "
+                   "the README's LossTrainState, apply_gradients(..., loss_kwargs=dict(x=x, y=y))). The first "
                    "argument is the parameter tree the tuner probes, not a model: with nnx the state nnx.Optimizer's "
                    "wrt= selects; rebuild the model inside value_fn with nnx.merge(graphdef, params, rest).")
             raise TypeError(
                 f"value_fn(params, **{sorted(kwargs)}) raised {type(e).__name__}: {e}. The tuners pass value_fn the "
                 "update's extra arguments by keyword, only those its signature names (parameters that can be "
                 f"passed by keyword, or **kwargs); {why}") from e
+        except Exception as e:
+            if type(e).__name__ != "TraceContextError":  # flax's (not imported: flax is optional)
+                raise
+            raise ValueError(
+                f"value_fn raised flax's TraceContextError: {e}. The tuners call value_fn inside their own "
+                "transformations (jax.jvp, jax.grad), where it may not write to the model's nnx Variables "
+                "(BatchNorm statistics, rng streams): rebuild the model inside value_fn from its argument and "
+                "copies of the rest, graphdef, params, rest = nnx.split(model, nnx.Param, ...); rest = "
+                "nnx.clone(rest); value_fn(params, x, y) applies nnx.merge(graphdef, params, rest, copy=True), "
+                "and do not close over the model (docs/optax.md, nnx)") from e
         return scalar_loss(out)
     return f
 

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import jax
@@ -224,6 +225,48 @@ def test_nnx_dropout_value_fn_replays_the_mask(x64):
     for t in range(3):
         expected = float(train_step(model, optimizer, x, y))
         assert float(stats(optimizer.opt_state)["lr"]) == pytest.approx(expected, rel=1e-5), t
+
+
+@pytest.mark.parametrize("case", ["merge without copy", "closes over the model"])
+def test_nnx_value_fn_writing_to_the_model_says_how_to_rebuild_it(case):
+    """With BatchNorm and Dropout, a value_fn built on ``nnx.merge`` without ``copy=True``, or one closing over
+    the model, writes to the model's Variables from inside the tuner's jvp: a field test got flax's bare
+    ``TraceContextError`` ("Cannot mutate BatchStat from a different trace level"), no hint of the fix. The error
+    names the recipe; the recipe itself trains (the rate is finite and positive)."""
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.l1, self.bn = nnx.Linear(8, 16, rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
+            self.drop, self.l2 = nnx.Dropout(0.3, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(self.drop(nnx.relu(self.bn(self.l1(x)))))
+
+    x, y = jnp.asarray(RNG.normal(size=(32, 8)), jnp.float32), jnp.asarray(np.arange(32) % 3)
+    model = Net(nnx.Rngs(0, dropout=1))
+    optimizer = nnx.Optimizer(model, cdat(optax.scale_by_adam(), base_method="adam"), wrt=nnx.Param)
+
+    def xent(logits):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def make_step(right):
+        @nnx.jit
+        def train_step(model, optimizer):
+            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+            rest = nnx.clone(rest)
+            if right:
+                value_fn = lambda p: xent(nnx.merge(graphdef, p, rest, copy=True)(x))  # noqa: E731
+            elif case == "merge without copy":
+                value_fn = lambda p: xent(nnx.merge(graphdef, p, rest)(x))  # noqa: E731
+            else:
+                value_fn = lambda p: xent(model(x))  # noqa: E731
+            loss, grads = nnx.value_and_grad(lambda m: xent(m(x)))(model)
+            optimizer.update(model, grads, value=loss, value_fn=value_fn)
+        return train_step
+
+    with pytest.raises(ValueError, match=r"TraceContextError.*nnx.merge\(graphdef, params, rest, copy=True\)"):
+        make_step(right=False)(model, optimizer)
+    make_step(right=True)(model, optimizer)
+    assert 0 < float(stats(optimizer.opt_state)["lr"]) < math.inf
 
 
 @pytest.mark.parametrize("with_loss", [False, True])
