@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
 from .precision import computation_eps
@@ -304,7 +305,8 @@ class ProbeGuard:
             self.before.take()
         marks = [weakref.ref(g) if g is not None else None for g in (p.grad for p in owned)]
         accumulated: list[Tensor] = []  # parameters a backward in the call accumulated a gradient into
-        handles = [p.register_post_accumulate_grad_hook(accumulated.append) for p in owned if p.requires_grad]
+        handles = [p.register_post_accumulate_grad_hook(accumulated.append) for p in owned
+                   if p.requires_grad and not is_lazy(p)]  # (a lazy module's parameter takes no hook until it runs)
         eps_before = self.compute_eps
         try:
             with torch.enable_grad(), self.before.watch() if finding else nullcontext():
