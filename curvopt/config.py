@@ -26,6 +26,7 @@ __all__ = [
     "SECANT_STALL_STEPS",
     "SECANT_STALL_MESSAGE",
     "SECANT_STALL_RECOVERY",
+    "SECANT_STALL_DEPTH",
     "SECANT_COLLAPSE_FALL",
     "SECANT_COLLAPSE_MESSAGE",
     "secant_collapsed",
@@ -201,9 +202,14 @@ SECANT_STALL_STEPS = 10
 #: how much a closure-free rate still below its probe must have grown over a judgement window of
 #: :data:`SECANT_STALL_STEPS` steps for :func:`secant_stalled` to wait another window instead of judging it
 SECANT_STALL_RECOVERY = 2.0
+#: how far below its probe a closure-free rate must be for :func:`secant_stalled` to call it a stall: the
+#: collapse keeps the rate orders of magnitude below (a small MLP in batches of 16: 150x), while a rate on the edge
+#: can sit a little below a probe that is not tiny where the gradient is small against the weights (a field test's
+#: tanh MLP fitting a curve in full batch behind momentum SGD, 0.6x the probe and climbing slowly, was warned of)
+SECANT_STALL_DEPTH = 10.0
 SECANT_STALL_MESSAGE = (
-    "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step) "
-    f"{SECANT_STALL_STEPS} steps later, and not climbing toward it (less than {SECANT_STALL_RECOVERY:g}x over "
+    "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step), "
+    f"more than {SECANT_STALL_DEPTH:g}x, {SECANT_STALL_STEPS} steps later, and not climbing toward it (less than {SECANT_STALL_RECOVERY:g}x over "
     f"the last {SECANT_STALL_STEPS}). Either the secant of consecutive gradients is dominated by their noise "
     "(small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
@@ -325,9 +331,10 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_in_window: Any, window_lr: Any)
     again, as after Adam's momentum carried a run past a minimum; not the small rate the noise keeps small),
     against ``probe_lr``, that step's :func:`secant_stall_reference` (the backends judge once per probe, at the
     first such step from then, and keep the first probe of a run of probes, so that probes repeated after steps of
-    rate 0 do not postpone the judgement for ever), and has stalled when it is still below it: the collapse the
-    tuners warn about (:data:`SECANT_STALL_MESSAGE`). A rate that trains is far above a float32-sized probe by then,
-    or on its way there: a rate still below the probe but at least :data:`SECANT_STALL_RECOVERY` times
+    rate 0 do not postpone the judgement for ever), and has stalled when it is still more than
+    :data:`SECANT_STALL_DEPTH` times below it: the collapse the tuners warn about (:data:`SECANT_STALL_MESSAGE`). A
+    rate that trains is far above a float32-sized probe by then, or on its way there: a rate that far below the
+    probe but at least :data:`SECANT_STALL_RECOVERY` times
     ``window_lr``, the window's first rate after its probe (NaN: none yet), is ``recovering``, not judged, and the
     backends start a new window at this step from this rate. Fine-tuning a pretrained MLP behind AdamW in batches
     of 32, the first secant after the probe read the batches' noise and fell 13x and 230x below it on 2 of 6 seeds,
@@ -335,7 +342,7 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_in_window: Any, window_lr: Any)
     warned of a stall. A rate that keeps itself small (the collapse) stays within a factor of 2 over a window. All rates in
     :func:`in_stall_units`, each with its own step's unit."""
     due = (steps_in_window >= SECANT_STALL_STEPS) & (lr > 0)
-    below = lr < probe_lr
+    below = lr * SECANT_STALL_DEPTH < probe_lr
     recovering = due & below & (lr >= SECANT_STALL_RECOVERY * window_lr)
     judged = due & ~recovering
     return judged, judged & below, recovering
