@@ -63,6 +63,14 @@ class BaseMethod:
         return self.kind == "adam"
 
     @property
+    def carries_gradients(self) -> bool:
+        """Whether the base's update carries earlier steps' gradients (a momentum, Adam's first moment), so that
+        after steps that overshot it can point uphill for a while (:func:`curvopt.config.zero_rate_message`)."""
+        if self.kind == "adam":
+            return self.b1 > 0
+        return self.kind != "gd" and self.momentum > 0
+
+    @property
     def rescaled_gradient(self) -> bool:
         """Whether the base's direction is the gradient it took in times a scale (gradient descent): a clip's
         factor is then a unit the rule's averages follow (:func:`direction_unit`)."""

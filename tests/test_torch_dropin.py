@@ -1097,6 +1097,27 @@ def test_polyak_settling_on_a_reachable_f_star_is_not_read_as_a_clip():
     assert sum("learning rate has been 0" in m and "f_star is too high" in m for m in said) == 1, said
 
 
+
+@pytest.mark.parametrize("base,carries", [
+    (lambda p: torch.optim.Adam(p, lr=1.0), True), (lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9), True),
+    (lambda p: torch.optim.Adam(p, lr=1.0, betas=(0.0, 0.999)), False), (lambda p: torch.optim.SGD(p, lr=1.0), False),
+    (lambda p: torch.optim.RMSprop(p, lr=1.0, momentum=0.9), True), (lambda p: torch.optim.Adagrad(p, lr=1.0), False)])
+def test_a_rate_of_zero_on_an_uphill_update_names_the_base_s_memory_where_it_has_one(base, carries):
+    """Ten steps of rate 0 along an update that climbs the loss: behind a base whose update carries earlier
+    gradients (a momentum, Adam's first moment; an unknown base's momentum or betas[0]) the warning says that after
+    steps that overshot it climbs until that memory turns (a field test: QuadraticGreedy behind Adam in batches of
+    64 overshot to 29 from 0.24 and sat at rate 0 for 30 steps, told only of "a base the tuner does not know, or
+    gradients that are not the loss's"); behind one without, the general causes alone."""
+    w = nn.Parameter(torch.ones(3))
+    opt = QuadraticGreedy(base([w]), allow_any_base=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(10):
+            opt._watch_zero_rate(torch.tensor(0.0), torch.tensor(-1.0))
+    (said,) = [str(m.message) for m in caught]
+    assert "learning rate has been 0" in said and "gradients that are not the loss's" in said
+    assert ("carries earlier steps' gradients" in said) == carries, said
+
 # ------------------------------------------------------------------------------ Lightning
 def test_lightning_trainer_accumulate_and_clip():
     pl = pytest.importorskip("lightning.pytorch")

@@ -1320,7 +1320,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if self._zero_run >= ZERO_RATE_STEPS:
             self._zero_run = None
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
-            warn(zero_rate_message(float(numerator) < 0, decays))
+            method = self.current_method()
+            carries = method.carries_gradients if method is not None else self._unknown_momentum(method) > 0
+            warn(zero_rate_message(float(numerator) < 0, decays, carries))
 
     def _watch_state(self, glob: dict, S: ScalarNamespace) -> MinibatchWatch:
         """The mini-batch watch's memory in the state (its start where the state has none)."""
