@@ -888,10 +888,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         if (st.probing and st.prev_u is None and glob.get(layout.SECANT[0]) is not None
                 and not self._regrouped_warned):
             self._regrouped_warned = True
-            warn(f"{type(self).__name__}: the parameters with a gradient are not the previous step's, so the "
-                 "secant has no previous direction for them and this step only probes (lr = h). The "
-                 "closure-free secant compares consecutive gradients of the same parameters. A one-off change (a "
-                 "parameter group added, a part unfrozen) costs this step only; when parameters take part on "
+            warn(f"{type(self).__name__}: the parameters with a gradient are not the previous step's, or their "
+                 "state was removed, so the secant has no previous direction for them and this step only probes "
+                 "(lr = h). The closure-free secant compares consecutive gradients of the same parameters. A one-off "
+                 "change (a parameter group added, a part unfrozen, del opt.state[p]) costs this step only; when "
+                 "parameters take part on "
                  "alternate steps (several heads, experts), pass a closure (the fd oracle)")
         # the curvature is the secant's (a step old): the rule keeps the rate on the edge and caps the step's length
         if st.probing:  # no secant and no probes: this step is the probe (a tiny step lr = h, rule state untouched)
