@@ -209,8 +209,8 @@ SECANT_STALL_RECOVERY = 2.0
 SECANT_STALL_DEPTH = 10.0
 SECANT_STALL_MESSAGE = (
     "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step), "
-    f"more than {SECANT_STALL_DEPTH:g}x, {SECANT_STALL_STEPS} steps later, and not climbing toward it (less than {SECANT_STALL_RECOVERY:g}x over "
-    f"the last {SECANT_STALL_STEPS}). Either the secant of consecutive gradients is dominated by their noise "
+    f"more than {SECANT_STALL_DEPTH:g}x, {SECANT_STALL_STEPS} steps later, and not climbing toward it (less than "
+    f"{SECANT_STALL_RECOVERY:g}x over the last {SECANT_STALL_STEPS}). Either the secant of consecutive gradients is dominated by their noise "
     "(small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
     "where the fd oracle chose 0.2); or the curvature along the update was not positive at the start and the "

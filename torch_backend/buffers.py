@@ -277,8 +277,8 @@ class ProbeGuard:
         self._owned: Sequence[Tensor] = ()
         self._grads: list[tuple[Tensor, Optional[Tensor]]] = []
         #: the last main call returned None, ran no backward into the parameters the caller steps and left them the
-        #: gradient tensors it found: it was forgotten as if there had been none (:meth:`no_main`), the step is the caller's to take
-        #: closure-free
+        #: gradient tensors it found: it was forgotten as if there had been none (:meth:`no_main`), the step is the
+        #: caller's to take closure-free
         self.idle = False
 
     def no_main(self) -> None:
