@@ -59,6 +59,7 @@ __all__ = [
     "SKIP_MESSAGE",
     "ZERO_RATE_STEPS",
     "zero_rate_run",
+    "numerator_scale",
     "zero_rate_message",
     "accumulator_dtype_name",
 ]
@@ -210,8 +211,8 @@ SECANT_STALL_DEPTH = 10.0
 SECANT_STALL_MESSAGE = (
     "curvopt: closure-free, the rate is still below the tiny probing step it started from (lr = h, the fd step), "
     f"more than {SECANT_STALL_DEPTH:g}x, {SECANT_STALL_STEPS} steps later, and not climbing toward it (less than "
-    f"{SECANT_STALL_RECOVERY:g}x over the last {SECANT_STALL_STEPS}). Either the secant of consecutive gradients is dominated by their noise "
-    "(small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
+    f"{SECANT_STALL_RECOVERY:g}x over the last {SECANT_STALL_STEPS}). Either the secant of consecutive gradients "
+    "is dominated by their noise (small mini-batches, dropout): it overestimates the curvature by about the noise's variance divided by the "
     "previous rate, so a small rate keeps itself small (measured: a small MLP at batch 16 of 512 stayed at 1e-7 "
     "where the fd oracle chose 0.2); or the curvature along the update was not positive at the start and the "
     "probes that follow (each twice the last) are still short of where it turns positive; or other parameters of "
@@ -536,15 +537,35 @@ SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (para
 
 #: consecutive steps at rate 0 before the tuners warn (:func:`zero_rate_run`)
 ZERO_RATE_STEPS = 10
+#: how many machine epsilons of the loss a decrease must exceed to show in it, for :func:`zero_rate_run` (a mean
+#: over a batch is rounded by more than one: least squares at its minimum in float64 had steps promising 4x one)
+ZERO_RATE_ROUNDING = 64.0
 
 
-def zero_rate_run(run: int, lr: float, numerator: float) -> int:
-    """The count of consecutive steps, this one included, at learning rate 0 with a nonzero numerator ``-g^T u``
-    (host floats). A healthy run never has :data:`ZERO_RATE_STEPS` of them: the parameters have not moved, and
-    behind gradient descent or heavy ball the next step sees the same inputs, so the run does not end. From then
-    on the tuners warn (:func:`zero_rate_message`). A numerator of exactly 0 is a stationary point along the
-    update (a zero gradient: a run that has converged, e.g. a float32 loss at 0), where rate 0 is right."""
-    return run + 1 if lr == 0 and numerator != 0 else 0
+def zero_rate_run(run: int, lr: float, numerator: float, scale: float, eps: float, loss: float = math.nan,
+                  last_rate: float = math.nan) -> int:
+    """The count of consecutive steps, this one included, at learning rate 0 with a numerator ``-g^T u`` that is
+    not negligible (host floats). A healthy run never has :data:`ZERO_RATE_STEPS` of them: the parameters have not
+    moved, and behind gradient descent or heavy ball the next step sees the same inputs, so the run does not end.
+    From then on the tuners warn (:func:`zero_rate_message`). A run that has converged is at rate 0 rightly, and
+    its numerator is negligible: within ``eps`` (the parameters' machine epsilon) times ``scale`` (the magnitude
+    of the run's first numerator, :func:`numerator_scale`), its sign rounding's; or, with the ``loss`` known, the
+    decrease it promises at the last rate the rule took (``last_rate``) is within :data:`ZERO_RATE_ROUNDING` times
+    ``eps`` of the loss, below what the loss can show (a field test, the line search behind heavy ball in full
+    batch: the digits to a loss of 2e-17 in float64 with numerators of -6e-23, or 1e-9 in float32, warned on 7 of
+    7 runs; least squares to its minimum 0.465 in float64, numerators of 4e-15, warned). A numerator of exactly 0
+    is a stationary point along the update."""
+    size = abs(numerator)
+    negligible = numerator == 0 or size <= eps * scale or size * last_rate <= ZERO_RATE_ROUNDING * eps * abs(loss)
+    return run + 1 if lr == 0 and not negligible else 0
+
+
+def numerator_scale(scale: float, numerator: float) -> float:
+    """The reference :func:`zero_rate_run` measures numerators against: the magnitude of the first finite nonzero
+    numerator since the tuner started (NaN before). Not the run's largest, which a divergence would inflate so
+    that the numerators of the run it leaves behind read as negligible."""
+    fresh = scale != scale and math.isfinite(numerator) and numerator != 0
+    return abs(numerator) if fresh else scale
 
 
 def zero_rate_message(rising: bool, decays: bool, carries: bool = False) -> str:
@@ -560,22 +581,21 @@ def zero_rate_message(rising: bool, decays: bool, carries: bool = False) -> str:
             "f_star (Polyak's rate (f - f_star) / (-g^T u) is then 0: if the loss can go lower, f_star is too "
             "high).")
     head += "The loss rises along the base optimizer's update (-g^T u <= 0). "
-    if decays:
-        return head + (
-            "The rate is chosen for the loss the gradient comes from (the closure's); the base's weight_decay is not "
-            "part of it, and where the decay outweighs that gradient the update climbs the loss (measured: logistic "
-            "regression behind SGD(momentum=0.9, weight_decay=1e-3) stopped for good at step 8). Put the L2 term "
-            "in the loss (0.5 * wd * sum of squared weights) instead of weight_decay=, or lower weight_decay.")
-    if carries:
+    if carries:  # each cause that applies, then the others
         head += (
             "The base's update carries earlier steps' gradients (its momentum, Adam's first moment): after steps "
             "that overshot, where the loss rose, it can climb the loss until that memory turns, the rate staying 0 "
             "meanwhile (measured: QuadraticGreedy behind Adam on an autoencoder in batches of 64, the loss from 0.24 "
-            "to 29 by step 64, then rate 0 for 30 steps, then training again). If the loss did not rise before, "
-            "the update is not a descent direction of the loss: ")
-    else:
-        head += "The update is not a descent direction of the loss: "
-    return head + "a base the tuner does not know (allow_any_base=True), or gradients that are not the loss's."
+            "to 29 by step 64, then rate 0 for 30 steps, then training again). ")
+    if decays:
+        head += (
+            "The rate is chosen for the loss the gradient comes from (the closure's); the base's weight_decay is not "
+            "part of it, and where the decay outweighs that gradient the update climbs the loss (measured: logistic "
+            "regression behind SGD(momentum=0.9, weight_decay=1e-3) stopped for good at step 8). Put the L2 term "
+            "in the loss (0.5 * wd * sum of squared weights) instead of weight_decay=, or lower weight_decay. ")
+    return head + ("Otherwise the update" if carries or decays else "The update") + (
+        " is not a descent direction of the loss: a base the tuner does not know (allow_any_base=True), or gradients "
+        "that are not the loss's.")
 
 
 GRADIENT_MISSING_MESSAGE = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 from typing import Any, Callable
 
 import jax
@@ -50,11 +51,17 @@ def scalar_loss(out: Any) -> Any:
     return out.reshape(())
 
 
+#: how Python words a call that does not fit a signature (the TypeErrors :func:`bind` explains)
+_SIGNATURE_ERROR = re.compile(r"missing \d+ required|unexpected keyword argument|positional argument|"
+                              r"multiple values for argument")
+
+
 def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[Any], Any]:
     """``params -> loss`` (0-d): ``value_fn(params, **accepted extra args)`` through :func:`scalar_loss`. A
     ``TypeError`` from the call says which extra arguments were left out (a ``value_fn`` taking ``*args`` or
     positional-only parameters, or other names), or, with none left out, how the tuners call ``value_fn`` (a batch
-    not passed to ``update``, a ``value_fn`` written to take a model)."""
+    not passed to ``update``, a ``value_fn`` written to take a model); another ``TypeError`` (a shape mismatch in
+    the loss) passes unchanged."""
     kwargs = fn_kwargs(_callable(value_fn), extra_args)
     bound = functools.partial(value_fn, **kwargs) if kwargs else value_fn
     left_out = sorted(set(extra_args) - set(kwargs))
@@ -63,12 +70,14 @@ def bind(value_fn: Callable[..., Any], extra_args: dict[str, Any]) -> Callable[[
         try:
             out = bound(params)
         except TypeError as e:
+            if not _SIGNATURE_ERROR.search(str(e)):  # a TypeError of the loss's own computation (shapes, dtypes)
+                raise
             why = (f"these were not passed: {left_out}. Name them in value_fn's signature (value_fn(params, x, y)), "
                    "not *args or positional-only." if left_out else
                    "the batch goes to update() by keyword too (update(..., value_fn=loss_fn, x=x, y=y); through "
                    "the README's LossTrainState, apply_gradients(..., loss_kwargs=dict(x=x, y=y))). The first "
                    "argument is the parameter tree the tuner probes, not a model: with nnx the state nnx.Optimizer's "
-                   "wrt= selects; rebuild the model inside value_fn with nnx.merge(graphdef, params, rest).")
+                   "wrt= selects; rebuild the model inside value_fn with nnx.merge(graphdef, params, rest, copy=True).")
             raise TypeError(
                 f"value_fn(params, **{sorted(kwargs)}) raised {type(e).__name__}: {e}. The tuners pass value_fn the "
                 "update's extra arguments by keyword, only those its signature names (parameters that can be "

@@ -87,7 +87,8 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
                          "tuner probes (a value_fn that closes over the model and ignores its argument: every "
                          "probe would read the same loss and a zero gradient, and the rate come out hundreds of "
                          "times too small). Compute the loss from the argument: value_fn(params, **batch); with "
-                         "nnx, nnx.merge(graphdef, params, rest) inside value_fn (docs/optax.md)")
+                         "nnx, nnx.merge(graphdef, params, rest, copy=True) inside value_fn, rest cloned from the "
+                         "split (docs/optax.md)")
     check_loss_agrees(tuner, params, value, traced.out_avals[0] if traced is not None else None)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation
     value, grad = value_and_grad_at(params, value, grad, f,

@@ -821,3 +821,27 @@ def test_moved_outside_allows_only_the_stated_roundings():
     assert moved_outside(1.0, 2.0, eps, np)
     for left, found in ((np.nan, 1.0), (1.0, np.inf), (np.inf, np.inf)):
         assert not moved_outside(found, left, 0.0, np)
+
+
+def test_zero_rate_run_counts_only_numerators_a_converged_run_would_not_have():
+    """``zero_rate_run`` counts a step at rate 0 whose numerator is not rounding's: measured against the run's
+    first numerator (``numerator_scale``, which a later divergence does not inflate) and, with the loss, against
+    the decrease the last rate would promise in units of the loss's last place."""
+    import math
+
+    from curvopt.config import ZERO_RATE_ROUNDING, numerator_scale, zero_rate_run
+
+    eps = 2.0 ** -52
+    scale = math.nan
+    for num in (0.0, 2.0, 1e6, -3.0):  # exactly 0 is no numerator; the first nonzero one is kept
+        scale = numerator_scale(scale, num)
+    assert scale == 2.0
+    assert zero_rate_run(4, 0.0, -1.0, scale, eps) == 5  # uphill, not rounding: counted
+    assert zero_rate_run(4, 0.0, 1e-14, scale, eps) == 5  # above eps * scale, no loss given
+    assert zero_rate_run(4, 0.0, -1e-17, scale, eps) == 0  # within eps * scale: converged
+    assert zero_rate_run(4, 0.0, 0.0, math.nan, eps) == 0
+    assert zero_rate_run(4, 0.5, -1.0, scale, eps) == 0  # a step that moved ends the run
+    loss, last = 0.5, 0.1  # a decrease of 1e-14 * 0.1 is below the loss's last places, 1e-3 * 0.1 is not
+    assert zero_rate_run(4, 0.0, 1e-14, scale, eps, loss, last) == 0
+    assert 1e-14 * last <= ZERO_RATE_ROUNDING * eps * loss
+    assert zero_rate_run(4, 0.0, 1e-3, scale, eps, loss, last) == 5

@@ -476,6 +476,11 @@ def test_value_fn_with_star_args_fails_saying_which_arguments_were_left_out():
     g = jax.grad(loss)(p, X, Y)
     with pytest.raises(TypeError, match=r"these were not passed: \['x', 'y'\]"):
         opt.update(g, state, p, grad=g, value_fn=lambda q, *batch: loss(q, *batch), x=X, y=Y)
+    # a TypeError of the loss's own computation (a shape mismatch: a field test was told the batch goes by keyword)
+    # passes unchanged
+    with pytest.raises(TypeError) as raised:
+        opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(q, x, y) + jnp.ones(3) @ jnp.ones(4), x=X, y=Y)
+    assert "by keyword" not in str(raised.value) and "these were not passed" not in str(raised.value)
     out, _ = opt.update(g, state, p, grad=g, value_fn=lambda q, x, y: loss(q, x, y), x=X, y=Y, other=1)
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(out))
 

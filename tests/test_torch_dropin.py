@@ -1101,13 +1101,15 @@ def test_polyak_settling_on_a_reachable_f_star_is_not_read_as_a_clip():
 @pytest.mark.parametrize("base,carries", [
     (lambda p: torch.optim.Adam(p, lr=1.0), True), (lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9), True),
     (lambda p: torch.optim.Adam(p, lr=1.0, betas=(0.0, 0.999)), False), (lambda p: torch.optim.SGD(p, lr=1.0), False),
-    (lambda p: torch.optim.RMSprop(p, lr=1.0, momentum=0.9), True), (lambda p: torch.optim.Adagrad(p, lr=1.0), False)])
+    (lambda p: torch.optim.RMSprop(p, lr=1.0, momentum=0.9), True), (lambda p: torch.optim.Adagrad(p, lr=1.0), False),
+    (lambda p: torch.optim.AdamW(p, lr=1.0), True)])
 def test_a_rate_of_zero_on_an_uphill_update_names_the_base_s_memory_where_it_has_one(base, carries):
     """Ten steps of rate 0 along an update that climbs the loss: behind a base whose update carries earlier
     gradients (a momentum, Adam's first moment; an unknown base's momentum or betas[0]) the warning says that after
     steps that overshot it climbs until that memory turns (a field test: QuadraticGreedy behind Adam in batches of
     64 overshot to 29 from 0.24 and sat at rate 0 for 30 steps, told only of "a base the tuner does not know, or
-    gradients that are not the loss's"); behind one without, the general causes alone."""
+    gradients that are not the loss's"); behind one without, the general causes alone; behind AdamW's decay both
+    its causes (the field test's AdamW run was told only of the decay)."""
     w = nn.Parameter(torch.ones(3))
     opt = QuadraticGreedy(base([w]), allow_any_base=True)
     with warnings.catch_warnings(record=True) as caught:
@@ -1117,6 +1119,36 @@ def test_a_rate_of_zero_on_an_uphill_update_names_the_base_s_memory_where_it_has
     (said,) = [str(m.message) for m in caught]
     assert "learning rate has been 0" in said and "gradients that are not the loss's" in said
     assert ("carries earlier steps' gradients" in said) == carries, said
+    assert ("weight_decay is not part of it" in said) == bool(opt.param_groups[0].get("weight_decay")), said
+
+
+def test_a_run_at_rest_on_its_minimum_is_not_warned_of_a_rate_of_zero():
+    """Least squares in float64, the line search behind heavy ball: at the minimum (loss 0.465) the steps promise
+    decreases of a few units in the last place of the loss, the line search accepts no trial and the rate is 0 for
+    19 steps in a row: converged, not stuck. A field test's runs like this (and the digits to 2e-17 in float64,
+    1e-9 in float32) were warned "the learning rate has been 0 for 10 steps" on 7 of 7 runs. A run whose update
+    climbs the loss at a rate of 0 is still warned (the test above). Kills: the numerator not judged against the
+    run's first one and the loss."""
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 5, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    w = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    opt = ArmijoLineSearch(torch.optim.SGD([w], lr=1.0, momentum=0.9))
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((a @ w - b) ** 2).mean()
+        loss.backward()
+        return loss
+    run = longest = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(300):
+            opt.step(closure)
+            run = run + 1 if float(opt.stats["lr"]) == 0 else 0
+            longest = max(longest, run)
+    minimum = 0.5 * float(((a @ torch.linalg.lstsq(a, b).solution - b) ** 2).mean())
+    assert float(closure()) == pytest.approx(minimum, rel=1e-14) and longest >= 10, longest
+    assert not [m for m in caught if "learning rate has been 0" in str(m.message)]
 
 # ------------------------------------------------------------------------------ Lightning
 def test_lightning_trainer_accumulate_and_clip():

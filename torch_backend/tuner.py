@@ -67,10 +67,10 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE,
                             SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS, accumulator_dtype_name,
                             collapse_peak, concave_reprobe, external_clip_suspected, has_gradient, in_stall_units,
-                            moved_measurably, moved_outside, probe_reads_forward, remember_probe, resolve_curvature,
-                            power_iters, secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
-                            secant_stalled, sharpness_due, stall_window, watched_norms, zero_rate_message,
-                            zero_rate_run)
+                            moved_measurably, moved_outside, numerator_scale, probe_reads_forward, remember_probe,
+                            resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
+                            secant_stall_reference, secant_stalled, sharpness_due, stall_window, watched_norms,
+                            zero_rate_message, zero_rate_run)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -310,8 +310,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._moved_last = False
         self._clip_warned = False
         self._motion_warned = False
-        #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned
+        #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned; and what they are
+        #: judged against, the first numerator (:func:`curvopt.config.numerator_scale`) and the last rate above 0
+        #: (not saved: after a load, the next ones)
         self._zero_run: Optional[int] = 0
+        self._numerator_scale = self._last_rate = math.nan
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -968,7 +971,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._collapse_warned = True
                     warn(SECANT_COLLAPSE_MESSAGE)
             if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
-                self._watch_zero_rate(lr, st.numerator)
+                self._watch_zero_rate(lr, st.numerator, st.loss_v)
             if watch is not None:
                 watch = self._watch_minibatch(watch, st.loss_v, lr, st.numerator,
                                               nan if st.probing or st.lagged else st.curvature,
@@ -1318,10 +1321,15 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._clip_warned = True
             warn(EXTERNAL_CLIP_MESSAGE_CLOSURE if closure else EXTERNAL_CLIP_MESSAGE)
 
-    def _watch_zero_rate(self, lr: Any, numerator: Any) -> None:
-        """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps, saying why (the base's weight
-        decay when the loss rises along its update and it has one)."""
-        self._zero_run = zero_rate_run(self._zero_run, float(lr), float(numerator))
+    def _watch_zero_rate(self, lr: Any, numerator: Any, loss: Any = None) -> None:
+        """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps of a run that has not converged,
+        saying why (:func:`curvopt.config.zero_rate_run`, :func:`curvopt.config.zero_rate_message`)."""
+        self._numerator_scale = numerator_scale(self._numerator_scale, float(numerator))
+        self._zero_run = zero_rate_run(self._zero_run, float(lr), float(numerator), self._numerator_scale,
+                                       least_precise_eps(self._all_params()),
+                                       math.nan if loss is None else float(loss), self._last_rate)
+        if float(lr) > 0:
+            self._last_rate = float(lr)
         if self._zero_run >= ZERO_RATE_STEPS:
             self._zero_run = None
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
@@ -1625,6 +1633,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         reference, start, first, peak = (float(glob[k]) if k in glob else math.nan for k in layout.SECANT_WATCH)
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
+        self._numerator_scale = self._last_rate = math.nan  # (not saved: the loaded run's next ones)
         self._watch_saved = ()
         if layout.EXIT_SQ in saved_globals and torch.finfo(saved_globals[layout.EXIT_SQ].dtype).eps > float(
                 least_precise_eps(self._all_params())):  # (saved in a coarser dtype: it would read as motion)
