@@ -4,6 +4,7 @@ contract's guard rails; scheduler/hook/logging semantics. Each example asserts t
 from __future__ import annotations
 
 import itertools
+import copy
 import math
 import re
 import warnings
@@ -1348,12 +1349,13 @@ def test_closure_free_warns_once_when_parameters_take_part_on_alternate_steps():
 def test_freeing_a_frozen_first_layers_state_keeps_the_tuner(make):
     """Freeze the first layer and free its optimizer state (``opt.state.pop(p)``), as one does for a frozen
     backbone: the tuner's globals live in the first parameter's state, and the tuner continues exactly as
-    when the state is kept (it restarted: CDAT's rate fell 10x to its start-up ramp). Clearing the whole state
-    still restarts the tuner."""
+    when the state is kept (it restarted: CDAT's rate fell 10x to its start-up ramp), also through a state dict
+    saved before the next step and loaded into a new tuner (a follow-up field test: that restarted). Clearing the
+    whole state still restarts the tuner."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 6), torch.randn(64, 2)
     runs = []
-    for free in (False, True, "all"):
+    for free in (False, True, "saved", "all"):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
         opt = make(model.parameters())
@@ -1369,11 +1371,16 @@ def test_freeing_a_frozen_first_layers_state_keeps_the_tuner(make):
                 elif free:
                     for p in model[0].parameters():
                         opt.state.pop(p, None)
+                if free == "saved":
+                    saved = copy.deepcopy(opt.state_dict())
+                    opt = make(model.parameters())
+                    opt.load_state_dict(saved)
+                    closure = _mse_closure(opt, model, x, y)
             opt.step(closure)
             lrs.append(float(opt.stats["lr"]))
         runs.append((lrs, opt.state[next(model.parameters())]["curvopt_step"]))
-    assert runs[1] == runs[0] and runs[0][1] == 10
-    assert runs[2][1] == 5  # a cleared state is a restart
+    assert runs[1] == runs[0] and runs[2] == runs[0] and runs[0][1] == 10
+    assert runs[3][1] == 5  # a cleared state is a restart
 
 
 def test_closure_free_warns_when_mini_batch_noise_stalls_the_secant():

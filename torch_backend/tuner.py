@@ -341,6 +341,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                  f"state dict was loaded into it); this {name} starts afresh without it (its start-up, no secant "
                  "memory; the base's own state is kept). To resume a tuner, load its state dict into the new tuner: "
                  f"{name}(base).load_state_dict(saved)")
+        self.register_state_dict_pre_hook(_put_back_globals, prepend=True)
         self.register_state_dict_post_hook(_name_the_tuner, prepend=True)
         base.register_state_dict_post_hook(_compact_buffers, prepend=True)
 
@@ -1698,6 +1699,13 @@ def _without_ours_only(optimizer_state: dict) -> dict:
     kept.update({p: v for p, v in st.items() if p not in hidden})
     out["state"] = kept
     return out
+
+
+def _put_back_globals(opt: CurvatureTuner) -> None:
+    """state_dict pre-hook: the globals go back into the first parameter's state where it was freed (a frozen
+    layer's), as the next step would put them (:meth:`CurvatureTuner._step_globals`), so that a state dict saved
+    before that step resumes the tuner instead of restarting it."""
+    opt._step_globals(opt._all_params()[0])
 
 
 def _name_the_tuner(opt: CurvatureTuner, state_dict: dict) -> dict:
