@@ -1325,12 +1325,13 @@ class CurvatureTuner(torch.optim.Optimizer):
     def _watch_zero_rate(self, lr: Any, numerator: Any, loss: Any = None) -> None:
         """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps of a run that has not converged,
         saying why (:func:`curvopt.config.zero_rate_run`, :func:`curvopt.config.zero_rate_message`)."""
-        self._numerator_scale = numerator_scale(self._numerator_scale, float(numerator))
-        self._zero_run = zero_rate_run(self._zero_run, float(lr), float(numerator), self._numerator_scale,
-                                       least_precise_eps(self._all_params()),
+        lr, numerator = float(lr), float(numerator)
+        self._numerator_scale = numerator_scale(self._numerator_scale, numerator)
+        eps = least_precise_eps(self._all_params()) if lr == 0 else math.nan  # (read only where it is judged)
+        self._zero_run = zero_rate_run(self._zero_run, lr, numerator, self._numerator_scale, eps,
                                        math.nan if loss is None else float(loss), self._last_rate)
-        if float(lr) > 0:
-            self._last_rate = float(lr)
+        if lr > 0:
+            self._last_rate = lr
         if self._zero_run >= ZERO_RATE_STEPS:
             self._zero_run = None
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
