@@ -28,6 +28,7 @@ def test_memory_of_a_fresh_process():
     assert 3.5 < fd - bare < 5.0 and peak >= fd
 
 
+@pytest.mark.slow  # ~15 s: the default suite sat at 9:57 of its ~10 minutes
 def test_optax_configurations_train_and_the_figures_are_relative(monkeypatch):
     """``python -m benchmarks.large_models_jax`` on a tiny MLP: every configuration's step moves the parameters,
     the times are relative to the bare step, and the memory is read from the compiled step (bare ``optax.adam``

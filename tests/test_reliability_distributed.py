@@ -631,6 +631,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # ~9 s, with the next ~11 s: the default suite sat at 9:57 of its ~10 minutes
 def test_jax_model_parallel_weights_stay_split():
     """A weight split by columns over a ``model`` mesh axis (as Megatron-style model parallelism splits it) is not
     gathered whole on each device by the tuner's inner products (a field test: a 2.1M-parameter MLP split 4 ways
@@ -672,6 +673,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_jax_model_parallel_small_weights_stay_split():
     """Leaves smaller than ``curvopt.runs.CONCAT_BELOW`` split over a ``model`` mesh axis of 2 devices are not
     gathered by the tuner's step either: with more than one device every leaf is a run of its own, in its own shape
