@@ -16,12 +16,12 @@ The coefficient scales ``eos_ratio`` and the edge-of-stability rule (:mod:`curvo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from .thresholds import METHODS, stability_coefficient
 from .validation import check_choice, check_in_unit_interval, check_nonnegative
 
-__all__ = ["BaseMethod", "as_base_method", "direction_unit", "followed_rate"]
+__all__ = ["BaseMethod", "as_base_method", "carries_gradients", "direction_unit", "followed_rate"]
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,6 @@ class BaseMethod:
         return self.kind == "adam"
 
     @property
-    def carries_gradients(self) -> bool:
-        """Whether the base's update carries earlier steps' gradients (a momentum, Adam's first moment), so that
-        after steps that overshot it can point uphill for a while (:func:`curvopt.config.zero_rate_message`)."""
-        if self.kind == "adam":
-            return self.b1 > 0
-        return self.kind != "gd" and self.momentum > 0
-
-    @property
     def rescaled_gradient(self) -> bool:
         """Whether the base's direction is the gradient it took in times a scale (gradient descent): a clip's
         factor is then a unit the rule's averages follow (:func:`direction_unit`)."""
@@ -80,6 +72,18 @@ class BaseMethod:
     def coefficient(self) -> float:
         """The stability coefficient ``c`` (threshold ``c / lr``)."""
         return stability_coefficient(self.kind, momentum=self.momentum, dampening=self.dampening, beta1=self.b1)
+
+
+def carries_gradients(method: Optional[BaseMethod], momentum: float = 0.0) -> bool:
+    """Whether the base's update carries earlier steps' gradients (a momentum, Adam's first moment), so that after
+    steps that overshot it can point uphill for a while (:func:`curvopt.config.zero_rate_message`). ``method``
+    None: a base the core does not know, which carries them when it has a ``momentum`` (its first-moment factor,
+    PyTorch's ``momentum`` or ``betas[0]``), as :func:`curvopt.minibatch_watch.watches` reads it."""
+    if method is None:
+        return momentum > 0
+    if method.kind == "adam":
+        return method.b1 > 0
+    return method.kind != "gd" and method.momentum > 0
 
 
 def as_base_method(value: "BaseMethod | str | None") -> BaseMethod:

@@ -571,7 +571,7 @@ def numerator_scale(scale: float, numerator: float) -> float:
 def zero_rate_message(rising: bool, decays: bool, carries: bool = False) -> str:
     """The warning for a run of :func:`zero_rate_run` steps. ``rising``: the loss rises along the base's update
     (``-g^T u < 0``) on the last of them; ``decays``: the base decays its weights; ``carries``: its update carries
-    earlier steps' gradients (:attr:`curvopt.base.BaseMethod.carries_gradients`)."""
+    earlier steps' gradients (:func:`curvopt.base.carries_gradients`)."""
     head = f"curvopt: the learning rate has been 0 for {ZERO_RATE_STEPS} steps, so the parameters have not moved. "
     if not rising:
         return head + (

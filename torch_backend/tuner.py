@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from curvopt.base import BaseMethod, direction_unit, followed_rate
+from curvopt.base import BaseMethod, carries_gradients, direction_unit, followed_rate
 from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_dominated, replay_judged,
                                replay_mismatch, replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
@@ -455,7 +455,8 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _unknown_momentum(self, method: Optional[BaseMethod]) -> float:
         """A base outside SGD/Adam/AdamW (``method`` None): its first group's ``momentum`` or ``betas[0]`` (0 if it
-        has neither), for the mini-batch watch (:func:`curvopt.minibatch_watch.watches`); 0 for a known base."""
+        has neither), for the mini-batch watch (:func:`curvopt.minibatch_watch.watches`) and the rate-0 warning
+        (:func:`curvopt.base.carries_gradients`); 0 for a known base."""
         if method is not None:
             return 0.0
         group = self.base.param_groups[0]
@@ -1336,8 +1337,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._zero_run = None
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
             method = self.current_method()
-            carries = method.carries_gradients if method is not None else self._unknown_momentum(method) > 0
-            warn(zero_rate_message(float(numerator) < 0, decays, carries))
+            carries = carries_gradients(method, self._unknown_momentum(method))
+            warn(zero_rate_message(numerator < 0, decays, carries))
 
     def _watch_state(self, glob: dict, S: ScalarNamespace) -> MinibatchWatch:
         """The mini-batch watch's memory in the state (its start where the state has none)."""
