@@ -1322,6 +1322,70 @@ def test_lightning_manual_optimization_closure_free():
     assert lrs == want and len(want) == 8 and all(v > 0 for v in want[1:])
 
 
+@pytest.mark.parametrize("make", [lambda ps: CDAT(torch.optim.SGD(ps, lr=1.0)),
+                                  lambda ps: QuadraticGreedy(torch.optim.Adam(ps, lr=1.0))])
+def test_a_second_step_on_one_backward_is_skipped_and_said(make):
+    """``loss.backward(); opt.step(); opt.step()``: the second step finds the gradients it stepped on (no backward
+    since), skips (parameters and state untouched) and says why; the run equals the one without the slip. Before,
+    the secant compared the gradient with itself (curvature 0) and the rates went wrong."""
+    h, w0 = quadratic()
+
+    def run(twice):
+        w = nn.Parameter(w0.clone())
+        opt = make([w])
+        lrs, messages = [], []
+        for _ in range(5):
+            opt.zero_grad()
+            (0.5 * w @ h @ w).backward()
+            opt.step()
+            lrs.append(float(opt.stats["lr"]))
+            if twice:
+                before, state = w.detach().clone(), copy.deepcopy(opt.state_dict())
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    opt.step()
+                messages += [str(c.message) for c in caught]
+                assert torch.equal(w.detach(), before)
+                assert str(opt.state_dict()["state"]) == str({**state["state"], 0: {
+                    **state["state"][0], "curvopt_skipped": opt.stats["skipped"]}})
+        return w.detach(), lrs, messages, opt.stats["skipped"]
+
+    w_plain, lrs_plain, quiet, _ = run(False)
+    w_twice, lrs_twice, messages, skipped = run(True)
+    assert quiet == [] and skipped == 5
+    assert len(messages) == 5 and all("no backward pass since the last step" in m for m in messages)
+    assert lrs_twice == lrs_plain and torch.equal(w_twice, w_plain)
+
+
+def test_a_forgotten_zero_grad_is_reported_once_and_a_gradient_written_in_place_is_not():
+    """Without ``zero_grad`` each backward accumulates into the last step's gradients: the secant of consecutive
+    sums reads the newest gradient alone, a curvature that is not positive (the rate doubled each step and a field
+    test's MLP diverged, silently). The tuner names the slip once. A loop that writes each step's own gradient in
+    place (``p.grad.copy_(g)``) advances the gradient's version the same way; on this convex quadratic its secant
+    is positive, and it is not warned."""
+    h, w0 = quadratic()
+
+    def run(habit):
+        w = nn.Parameter(w0.clone())
+        opt = CDAT(torch.optim.SGD([w], lr=1.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(6):
+                if habit == "copy" and w.grad is not None:
+                    w.grad.copy_(h @ w.detach())
+                elif habit == "plain":
+                    opt.zero_grad()
+                    (0.5 * w @ h @ w).backward()
+                else:  # "forgotten": backward into the last step's gradient
+                    (0.5 * w @ h @ w).backward()
+                opt.step()
+        return [str(c.message) for c in caught if "not zeroed" in str(c.message)]
+
+    forgotten = run("forgotten")
+    assert len(forgotten) == 1 and "optimizer.zero_grad()" in forgotten[0]
+    assert run("plain") == [] and run("copy") == []
+
+
 def test_closure_free_warns_once_when_parameters_take_part_on_alternate_steps():
     """Two heads used on alternate steps: the parameters with a gradient change every step, so the secant has
     no previous direction and each step only probes (lr = h); the tuner says so once. One head: no warning."""

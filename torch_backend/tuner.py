@@ -86,6 +86,7 @@ from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like
 from .distributed import DistributedLike, check_params
+from .freshness import ACCUMULATED_GRADIENT_MESSAGE, STALE_GRADIENT_MESSAGE, GradientMarks
 from .distributed import resolve as resolve_distributed
 from .oracles import check_functional_loss, exact, exact_hvp, finite_difference, functional_evidence
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
@@ -124,6 +125,7 @@ class _Step:
 
     # the main call (phase 1)
     closure: Optional[Callable[[], Tensor]]
+    freshness: Optional[str]  # closure-free: "stale", "accumulated" or None (torch_backend.freshness)
     probe_free: bool  # closure-free or probes=False: the closure is called once at most
     method: Optional[BaseMethod]
     coefficient: Optional[float]
@@ -321,6 +323,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: the global entries of the first parameter's state after the last step (restored if only that
         #: parameter's state is removed)
         self._kept_globals: Optional[dict] = None
+        #: the gradient tensors and their versions as the last step left them (:mod:`torch_backend.freshness`)
+        self._marks = GradientMarks()
+        self._accumulation_warned = False
         #: (the stall reference of its rate, the step its judgement window starts at, the window's first rate or
         #: NaN) of the last closure-free probing step, until judged (``secant_stalled``)
         self._probed: Optional[tuple[float, int, float]] = None
@@ -529,6 +534,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             except BaseException:
                 tx.rollback()
                 raise
+        self._marks.take(self._all_params())
         self._kept_globals = {k: v for k, v in self._globals().items()
                               if layout.is_ours(k) and k not in layout.PER_PARAM}
         for hook in list(base_hooks[1].values()):
@@ -549,6 +555,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         """The transaction's phases (the module docstring's 1-6), each filling in the step's record :class:`_Step`;
         returns the main call's loss."""
         st = self._main_call(closure)  # 1. the main call, its gradients and loss checked
+        if st.freshness == "stale":
+            return self._skip(st.loss, st.p0, STALE_GRADIENT_MESSAGE)
         self._plan(st)
         if not self._take_direction(st, tx):  # 2. w0, the base's step, u (no parameter to tune: done)
             self.guard.finish()
@@ -607,7 +615,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         loss_t = self._loss_tensor(loss, dev)
         p0 = all_params[0]
         glob = self._step_globals(p0)
-        return _Step(closure=closure, probe_free=closure is None or not self.probes, method=method,
+        return _Step(closure=closure, freshness=self._marks.compare(all_params) if closure is None else None,
+                     probe_free=closure is None or not self.probes, method=method,
                      coefficient=coefficient, loss=loss, loss_t=loss_t, all_params=all_params, ws=ws,
                      params=ws.params, grads=[all_grads[i] for i in ws.index], dev=dev, S=S, p0=p0, glob=glob,
                      count=glob.get(layout.STEP, 0))
@@ -823,6 +832,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         if st.moved_outside:
             self._motion_warned = True
             warn(OUTSIDE_MOTION_MESSAGE)
+        if (st.freshness == "accumulated" and st.has_secant and not st.secant_c > 0
+                and not self._accumulation_warned):
+            self._accumulation_warned = True
+            warn(ACCUMULATED_GRADIENT_MESSAGE.format(tuner=type(self).__name__))
         self._watch_frozen(st)
         f_star = getattr(self.rule, "loss_bound", -math.inf)
         if st.loss_v < f_star and not self._below_bound_warned:
@@ -1633,6 +1646,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._ws = None
         self._store = None
         self._kept_globals = None
+        self._marks.clear()
         reference, start, first, peak = (float(glob[k]) if k in glob else math.nan for k in layout.SECANT_WATCH)
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
@@ -1660,6 +1674,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._ws = None
             self._store = None
             self._kept_globals = None
+            self._marks = GradientMarks()
             self.distributed = resolve_distributed(self._distributed_setting, self._all_params())
             if hasattr(self, "_patch_step_function"):
                 self._patch_step_function()
@@ -1672,7 +1687,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         d = dict(self.__dict__)
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
-        for k in ("_ws", "_ns", "_store", "_kept_globals", "_probe_free_ok", "_rule_layout_of", "distributed", "step",
+        for k in ("_ws", "_ns", "_store", "_kept_globals", "_marks", "_probe_free_ok", "_rule_layout_of", "distributed", "step",
                   "base"):
             # scratch, memos, the live reducer, the patched step
             d.pop(k, None)

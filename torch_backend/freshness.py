@@ -1,0 +1,73 @@
+"""Whether the gradients a closure-free step reads came from a new backward pass into zeroed gradients.
+
+A bare torch optimizer steps on whatever ``.grad`` holds, and two slips in a training loop leave it training: a
+second ``opt.step()`` on one backward (the same gradient twice) and a forgotten ``zero_grad`` (each step's gradient
+the sum of every backward so far). The closure-free secant compares consecutive gradients, so on the first it reads
+the gradient against itself (curvature 0, averaged in) and on the second the difference of two sums, the newest
+gradient alone, whose slope along the last step is a descent's: a negative curvature, which the concave re-probe
+answers by doubling the rate each step. A field test, CDAT behind SGD on an MLP on the digits, 30 steps: the loss
+281 with each step taken twice and 765 without ``zero_grad``, against 0.14 (bare SGD with the same slips: 0.36 and
+0.0008).
+
+Autograd's version counter tells both apart from a normal step: every in-place write to a tensor advances it, a
+backward that accumulates into an existing gradient by one, ``zero_grad(set_to_none=False)`` by one more, and
+``zero_grad()`` (``set_to_none=True``, the default) hands the next backward a new tensor. :class:`GradientMarks`
+records each gradient tensor and its version as a step leaves them; at the next closure-free step
+
+* every gradient the same tensor at the same version: no backward ran since (``"stale"``);
+* every gradient the same tensor, one write further: one backward accumulated into the last step's gradients,
+  unzeroed (``"accumulated"``). Writing a new gradient in place (``p.grad.copy_(g)``, a functional loop's habit)
+  looks the same; the tuner warns only when the secant then reads a curvature that is not positive.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Optional, Sequence
+
+from torch import Tensor
+
+__all__ = ["GradientMarks", "STALE_GRADIENT_MESSAGE", "ACCUMULATED_GRADIENT_MESSAGE"]
+
+STALE_GRADIENT_MESSAGE = (
+    "no backward pass since the last step: the gradients are the ones it stepped on (the same tensors, unchanged), "
+    "so the step is skipped (the closure-free secant would compare the gradient with itself). Call loss.backward() "
+    "once before each opt.step()")
+
+ACCUMULATED_GRADIENT_MESSAGE = (
+    "{tuner}: the gradients were not zeroed since the last step: one backward pass accumulated into the gradient "
+    "tensors the last step read, and the secant of consecutive gradients then reads the newest gradient alone (here "
+    "a curvature that is not positive; the rate grows each step and the run diverges). Call optimizer.zero_grad() "
+    "before each backward (or after each step). If you write the gradients in place yourself (p.grad.copy_(g)), "
+    "each step's own, this warning is a false alarm: assign them (p.grad = g) instead")
+
+
+class GradientMarks:
+    """The gradient tensors of a list of parameters and their versions, as a step left them (weak references: the
+    marks keep no gradient alive)."""
+
+    def __init__(self) -> None:
+        self._marks: Optional[list] = None
+
+    def take(self, params: Sequence[Tensor]) -> None:
+        self._marks = [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+    def clear(self) -> None:
+        self._marks = None
+
+    def compare(self, params: Sequence[Tensor]) -> Optional[str]:
+        """``"stale"``, ``"accumulated"`` (module docstring) or None (new gradients, or nothing to compare:
+        no marks, other parameters)."""
+        marks = self._marks
+        if marks is None or len(marks) != len(params):
+            return None
+        advanced = set()
+        for p, mark in zip(params, marks):
+            g = p.grad
+            if g is None:
+                continue
+            if mark is None or mark[0]() is not g:
+                return None
+            advanced.add(g._version - mark[1])
+        if advanced == {0}:
+            return "stale"
+        return "accumulated" if advanced == {1} else None
