@@ -57,6 +57,7 @@ __all__ = [
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
     "SKIP_MESSAGE",
+    "skip_message",
     "ZERO_RATE_STEPS",
     "zero_rate_run",
     "numerator_scale",
@@ -534,6 +535,21 @@ REPLAY_MESSAGE_OPTAX = (
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
                 "state unchanged)")
+
+
+def skip_message(loss_finite: bool, gradient_finite: bool) -> str:
+    """:data:`SKIP_MESSAGE` naming what was not finite, where the backend has read it: the loss, else the
+    gradient, else the base's update alone, whose usual cause is named (a field test: float16 parameters behind
+    Adam, no autocast, every step skipped with finite losses and gradients)."""
+    if not loss_finite:
+        what = "non-finite loss"
+    elif not gradient_finite:
+        what = "non-finite gradient (the loss is finite)"
+    else:
+        what = ("non-finite base direction: the loss and the gradient are finite, the base optimizer's update is "
+                "not (behind Adam with float16 parameters eps=1e-8 rounds to 0 and 0/0 is NaN: keep float32 "
+                "parameters under torch.autocast, or pass eps=1e-4)")
+    return what + SKIP_MESSAGE[SKIP_MESSAGE.index(", step skipped"):]
 
 #: consecutive steps at rate 0 before the tuners warn (:func:`zero_rate_run`)
 ZERO_RATE_STEPS = 10

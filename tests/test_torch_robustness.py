@@ -476,7 +476,7 @@ def test_missing_closure_raises_type_error_showing_the_convention():
     opt = PolyakStep(base)  # needs the loss (CDAT steps closure-free since issue 11: tests/test_torch_dropin.py)
     with pytest.raises(TypeError, match=r"loss.backward\(\)"):
         opt.step()
-    with pytest.raises(RuntimeError, match=r"call loss.backward\(\) .*before opt.step\(\)"):
+    with pytest.raises(RuntimeError, match=r"call loss.backward\(\) .*before opt.step\(\).*model.double\(\)"):
         CDAT(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=1.0)).step()  # closure-free, no gradient
     with pytest.raises(TypeError):
         CDAT(w)  # not an optimizer
@@ -728,6 +728,32 @@ def test_a_run_that_has_converged_is_not_warned_about():
                 opt.step()
         assert len([r for r in rec if "gradient is exactly zero" in str(r.message)]) == 1
         assert opt.stats["skipped"] == 15 and w.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("closure_free", [False, True])
+def test_a_skipped_step_names_what_was_not_finite(closure_free):
+    """The skip's warning names the loss, the gradient or the base's update alone, and the usual cause of the last:
+    float16 parameters behind Adam (no autocast) had every step skipped with finite losses and gradients, warned
+    as a "non-finite loss, gradient or base direction" (a field test)."""
+    def messages(dtype, scale):
+        w = nn.Parameter(torch.tensor([1e-3, -2e-3], dtype=dtype))  # float16: Adam's second moment underflows
+        opt = CDAT(torch.optim.Adam([w], lr=1.0))
+        loss_fn = lambda w: w.float().square().sum() * scale  # noqa: E731
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            if closure_free:
+                opt.zero_grad()
+                loss_fn(w).backward()
+                opt.step()
+            else:
+                opt.step(closure_for(opt, loss_fn, [w]))
+        assert opt.stats["skipped"] == 1 and w.tolist() == torch.tensor([1e-3, -2e-3], dtype=dtype).tolist()
+        return [str(r.message) for r in rec if "step skipped" in str(r.message)]
+
+    (half,) = messages(torch.float16, 1.0)
+    assert "the loss and the gradient are finite, the base optimizer's update is not" in half and "eps=1e-4" in half
+    (nan,) = messages(DT, math.nan)
+    assert ("non-finite gradient (the loss is finite)" if closure_free else "non-finite loss") in nan
 
 
 def test_a_skipped_step_keeps_the_sharpness_estimate_in_the_stats():

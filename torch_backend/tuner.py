@@ -65,7 +65,7 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_domi
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
                             GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE,
-                            SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_RATE_STEPS, accumulator_dtype_name,
+                            SECANT_STALL_MESSAGE, ZERO_RATE_STEPS, skip_message, accumulator_dtype_name,
                             collapse_peak, concave_reprobe, external_clip_suspected, has_gradient, in_stall_units,
                             moved_measurably, moved_outside, numerator_scale, probe_reads_forward, remember_probe,
                             resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
@@ -192,6 +192,12 @@ class _Step:
     error: float = math.nan
     watch: Optional[MinibatchWatch] = None
     ratio: Any = None
+
+
+#: the other cause of a step where no parameter has a gradient
+_ORPHANED = (" (Or the optimizer holds parameters the model no longer uses: it was built before model.to_empty(), "
+             "a reassignment of the model's parameters, or a conversion such as model.double() under "
+             "torch.__future__.set_overwrite_module_params_on_conversion(True).)")
 
 
 def _unhooked_step(base: torch.optim.Optimizer) -> Optional[Callable[[torch.optim.Optimizer], Any]]:
@@ -564,7 +570,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._read(st)  # 3. the step's one host sync
         if not st.ok:
             tx.undo_base()
-            return self._skip(st.loss, st.p0)
+            return self._skip(st.loss, st.p0, skip_message(
+                loss_finite=bool(st.S.isfinite(st.loss_v)) or st.loss is None,
+                gradient_finite=all(bool(torch.isfinite(g).all()) for g in st.grads)))
         if st.grad_max is not None and not has_gradient(st.grad_max):
             tx.undo_base()
             return self._skip(st.loss, st.p0, GRADIENT_MISSING_MESSAGE)
@@ -602,10 +610,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not any(has_grad):
             if closure is None:
                 raise RuntimeError("no parameter has a gradient: call loss.backward() (Lightning: "
-                                   "self.manual_backward(loss)) before opt.step()")
-            raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()? (Or the "
-                               "optimizer holds parameters the model no longer uses: it was built before "
-                               "model.to_empty(), or a reassignment of the model's parameters.)")
+                                   "self.manual_backward(loss)) before opt.step()" + _ORPHANED)
+            raise RuntimeError("no parameter has a gradient after the closure: did it call loss.backward()?"
+                               + _ORPHANED)
         ws = self._ws
         if ws is None or not ws.matches(self.state, all_params, has_grad):
             self._adopt_layout()
@@ -1593,7 +1600,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             out[space] = (value.to(like), v, used)
         return out
 
-    def _skip(self, loss: Any, p0: Tensor, why: str = SKIP_MESSAGE) -> Any:
+    def _skip(self, loss: Any, p0: Tensor, why: str) -> Any:
         skipped = self._globals().get(layout.SKIPPED, 0) + 1
         warn(f"{type(self).__name__}: {why.rstrip('.')}; opt.stats['skipped'] counts the skipped steps")  # one text
         self.state[p0][layout.SKIPPED] = skipped
