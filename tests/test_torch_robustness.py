@@ -756,6 +756,27 @@ def test_a_skipped_step_names_what_was_not_finite(closure_free):
     assert ("non-finite gradient (the loss is finite)" if closure_free else "non-finite loss") in nan
 
 
+@pytest.mark.parametrize("make", [lambda p: CDAT(torch.optim.Adam(p, lr=1.0)),
+                                  lambda p: PolyakStep(torch.optim.Adam(p, lr=1.0), lr_max=0.1)])
+def test_a_loss_that_presses_on_f_star_from_above_is_reported_once(make):
+    """A loss whose minimum (-1) is below the default ``f_star=0``: the rate leans on the bound and the loss creeps
+    down to it without crossing, the rate toward 0, silently (a field test's Gaussian NLL: loss 5e-19, rate 2e-19,
+    slope 4.78 throughout). Warned once, with the fix; the same loss shifted to its minimum 0 is not warned."""
+    def messages(offset):
+        w = nn.Parameter(torch.tensor([0.0, 0.5], dtype=DT))
+        opt = make([w])
+        closure = closure_for(opt, lambda w: (w - torch.tensor([3.0, -1.0], dtype=DT)).square().sum() - offset, [w])
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            for _ in range(50):
+                opt.step(closure)
+        return [str(r.message) for r in rec if "presses on f_star" in str(r.message)]
+
+    (pressed,) = messages(1.0)
+    assert "Pass the loss's lower bound as f_star, or f_star=-inf" in pressed
+    assert messages(0.0) == []
+
+
 def test_a_skipped_step_keeps_the_sharpness_estimate_in_the_stats():
     """The stats of a skipped step are NaN but for the sharpness estimates held (as between estimates, and as
     Optax's skip keeps them): a NaN batch made a gap in every sharpness plot; a loaded checkpoint shows the

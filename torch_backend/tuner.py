@@ -70,7 +70,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             moved_measurably, moved_outside, numerator_scale, probe_reads_forward, remember_probe,
                             resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
                             secant_stall_reference, secant_stalled, sharpness_due, stall_window, watched_norms,
-                            zero_rate_message, zero_rate_run)
+                            zero_rate_message, zero_rate_run, pressing_on_bound, BOUND_PRESS_MESSAGE)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -225,8 +225,9 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: ``"paired"``: :func:`curvopt.rules.paired_numerator`)
     numerator: str = "direction"
 
-    #: the once-per-tuner warning that the loss fell below the rule's ``f_star`` was given
+    #: the once-per-tuner warnings that the loss fell below the rule's ``f_star``, or pressed on it, were given
     _below_bound_warned = False
+    _bound_press_warned = False
     #: the once-per-tuner warning that a closure-free step found no previous direction for its parameters was given
     _regrouped_warned = False
     #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
@@ -323,6 +324,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: (not saved: after a load, the next ones)
         self._zero_run: Optional[int] = 0
         self._numerator_scale = self._last_rate = math.nan
+        #: the first distance of the loss to ``f_star`` and the largest slope -g^T u since (not saved: after a load,
+        #: the next ones), for :func:`curvopt.config.pressing_on_bound`
+        self._bound_reference = (math.nan, 0.0)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -851,6 +855,18 @@ class CurvatureTuner(torch.optim.Optimizer):
                  "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
                  "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
                  "off")
+        if math.isfinite(f_star) and not self._bound_press_warned:
+            self._watch_bound(float(st.loss_v) - f_star, float(st.numerator), f_star)
+
+    def _watch_bound(self, gap: float, slope: float, f_star: float) -> None:
+        """Warn once when the loss presses on ``f_star`` from above (:func:`curvopt.config.pressing_on_bound`)."""
+        if not (math.isfinite(gap) and gap > 0 and math.isfinite(slope)):
+            return
+        first, peak = self._bound_reference
+        self._bound_reference = first, peak = (gap if math.isnan(first) else first), max(peak, slope)
+        if pressing_on_bound(gap, first, slope, peak):
+            self._bound_press_warned = True
+            warn(BOUND_PRESS_MESSAGE.format(tuner=type(self).__name__, loss=gap + f_star, f_star=f_star, gap=gap))
 
     def _watch_frozen(self, st: _Step) -> None:
         """Warn once when the base moves a parameter with ``requires_grad=False`` that still has a gradient
@@ -1658,6 +1674,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
         self._numerator_scale = self._last_rate = math.nan  # (not saved: the loaded run's next ones)
+        self._bound_reference = (math.nan, 0.0)
         self._watch_saved = ()
         if layout.EXIT_SQ in saved_globals and torch.finfo(saved_globals[layout.EXIT_SQ].dtype).eps > float(
                 least_precise_eps(self._all_params())):  # (saved in a coarser dtype: it would read as motion)
