@@ -29,11 +29,11 @@ __all__ = [
     "SECANT_STALL_DEPTH",
     "SECANT_COLLAPSE_FALL",
     "SECANT_COLLAPSE_MESSAGE",
-    "secant_collapsed",
+    "secant_collapsed", "SECANT_COLLAPSE_STEPS", "collapse_run", "collapse_sustained",
     "collapse_peak",
     "secant_stalled",
     "stall_window",
-    "in_stall_units",
+    "in_direction_units",
     "secant_probe_eps",
     "probe_reads_forward",
     "secant_stall_reference",
@@ -230,8 +230,11 @@ SECANT_STALL_MESSAGE = (
 #: how many times below its peak a closure-free rate held by the noise correction's floor must fall before
 #: :func:`secant_collapsed` says so
 SECANT_COLLAPSE_FALL = 100.0
+#: how many consecutive secant steps the rate must stay collapsed (:func:`collapse_run`) before the tuners say so
+SECANT_COLLAPSE_STEPS = 20
 SECANT_COLLAPSE_MESSAGE = (
-    f"curvopt: closure-free, the rate has fallen more than {SECANT_COLLAPSE_FALL:g}x below its peak while the "
+    f"curvopt: closure-free, the rate has stayed more than {SECANT_COLLAPSE_FALL:g}x below its peak for "
+    f"{SECANT_COLLAPSE_STEPS} steps while the "
     "secant's curvature is dominated by the gradient noise (the noise correction's estimate leaves less than a "
     "tenth of the secant, and the corrected curvature sits at its floor, an overestimate): the smaller the rate, "
     "the more noise per unit step, and the rate keeps falling. Measured: a GRU character LM behind AdamW in "
@@ -246,7 +249,7 @@ def secant_collapsed(rate: Any, peak: Any, dominated: Any) -> Any:
     """Whether a closure-free run's rate has collapsed: it is :data:`SECANT_COLLAPSE_FALL` times below ``peak``, the
     largest rate of its secant steps since the last probing step, while the noise dominates its curvature
     (``dominated``: :func:`curvopt.curvature.noise_dominated`, so only where the noise correction runs). Both rates in
-    :func:`in_stall_units` (a scheduler's factor, which the tuner's rate cancels, cancels here too). The rate of a
+    :func:`in_direction_units` (a scheduler's factor, which the tuner's rate cancels, cancels here too). The rate of a
     run that trains falls too (the benchmark's mini-batch LM: 3-6x from its peak by step 500); the GRU LM of
     :data:`SECANT_COLLAPSE_MESSAGE` fell 100x by steps 1,231-1,479 (seeds 0-2, warned there) and kept falling. Not
     every collapse is the noise's: the mini-batch ResNet behind momentum SGD with the correction fell 160x to 4e24x
@@ -257,9 +260,28 @@ def secant_collapsed(rate: Any, peak: Any, dominated: Any) -> Any:
     return dominated & (rate * SECANT_COLLAPSE_FALL < peak)
 
 
+def collapse_run(run: Any, collapsed: Any, probing: Any, moved: Any, xp: Any) -> Any:
+    """The count of consecutive secant steps that moved at which the rate was collapsed (``collapsed``:
+    :func:`secant_collapsed`), after a closure-free step: 0 again at a probing step (a new peak) or a step that moved
+    and was not collapsed, unchanged at one that did not move, and kept once it reaches
+    :data:`SECANT_COLLAPSE_STEPS`, from when the tuners say so (:func:`collapse_sustained`). One collapsed step is
+    not a collapse: a loss spike took a 5,000-step closure-free run behind AdamW in batches of 64 (a field test, a
+    digits MLP, train loss 1e-4) from its peak rate 0.030 to 9.7e-5, more than 100x below, for 3 steps, and it
+    climbed back to 0.033 (warned on 4 of 5 such runs); the collapses of :data:`SECANT_COLLAPSE_MESSAGE` last
+    thousands of steps."""
+    sustained = collapse_sustained(run)
+    counted = xp.where(moved, xp.where(collapsed, run + 1, 0), run)
+    return xp.where(sustained, run, xp.where(probing, 0, counted))
+
+
+def collapse_sustained(run: Any) -> Any:
+    """Whether a :func:`collapse_run` count says the rate has collapsed."""
+    return run >= SECANT_COLLAPSE_STEPS
+
+
 def collapse_peak(rate: Any, peak: Any, probing: Any, moved: Any, xp: Any) -> Any:
     """The peak :func:`secant_collapsed` judges a rate against, after a closure-free step at ``rate`` (in
-    :func:`in_stall_units`): 0 again at a probing step (a new peak from each probe, a concave start's too), the
+    :func:`in_direction_units`): 0 again at a probing step (a new peak from each probe, a concave start's too), the
     larger of the two where the step ``moved`` (a secant step at a rate above 0), else ``peak`` unchanged."""
     return xp.where(probing, 0.0, xp.where(moved, xp.maximum(peak, rate), peak))
 
@@ -316,13 +338,14 @@ def secant_stall_reference(probe_lr: Any, dtype_eps: Any, xp: Any) -> Any:
     return probe_lr * xp.where(ratio < 1.0, ratio, 1.0) ** 0.5
 
 
-def in_stall_units(rate: Any, unit: Any, xp: Any) -> Any:
-    """A closure-free rate, or its probe's stall reference, in the units :func:`secant_stalled` compares them in:
-    times the direction's unit (:attr:`curvopt.rules.RuleInputs.unit`: the group rate a scheduler sets, a clip's
-    factor, which CDAT's rate cancels) where that is a positive number, else as it is. In the tuner's own units a
-    warm-up of the group rate after the probe lowered a rate that trained against the probe by the warm-up's
-    factor: a field test's `LambdaLR` warm-up from 0.1 to 1 over 20 steps behind AdamW warned of a stall on 3 of 3
-    seeds."""
+def in_direction_units(rate: Any, unit: Any, xp: Any) -> Any:
+    """A rate in the units the watches compare rates of different steps in: times the direction's unit
+    (:attr:`curvopt.rules.RuleInputs.unit`: the group rate a scheduler sets, a clip's factor, which CDAT's rate
+    cancels) where that is a positive number, else as it is. The stall and collapse watches (:func:`secant_stalled`,
+    :func:`secant_collapsed`) and the mini-batch watch's held rate (:func:`curvopt.minibatch_watch.held_rate`) keep
+    their rates so. In the tuner's own units a warm-up of the group rate after the probe lowered a rate that trained
+    against the probe by the warm-up's factor (a field test's `LambdaLR` warm-up from 0.1 to 1 over 20 steps behind
+    AdamW warned of a stall on 3 of 3 seeds), and the held rate rose by it (below)."""
     known = (unit > 0) & xp.isfinite(unit)
     return rate * xp.where(known, unit, 1.0)
 
@@ -342,8 +365,8 @@ def secant_stalled(lr: Any, probe_lr: Any, steps_in_window: Any, window_lr: Any)
     backends start a new window at this step from this rate. Fine-tuning a pretrained MLP behind AdamW in batches
     of 32, the first secant after the probe read the batches' noise and fell 13x and 230x below it on 2 of 6 seeds,
     then climbed 1.1-2x per step past it by step 16 and trained like the other seeds: judged at step 10, both
-    warned of a stall. A rate that keeps itself small (the collapse) stays within a factor of 2 over a window. All rates in
-    :func:`in_stall_units`, each with its own step's unit."""
+    warned of a stall. A rate that keeps itself small (the collapse) stays within a factor of 2 over a window. All
+    rates in :func:`in_direction_units`, each with its own step's unit."""
     due = (steps_in_window >= SECANT_STALL_STEPS) & (lr > 0)
     below = lr * SECANT_STALL_DEPTH < probe_lr
     recovering = due & below & (lr >= SECANT_STALL_RECOVERY * window_lr)

@@ -21,7 +21,7 @@ from .direction import abs_max, accumulator_dtype, flat, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
                     over_preconditioner, rate_multipliers, seen_scale)
 from .oracles import (ReplayCheck, SecantMemory, curvature as curvature_of, replay_check, replay_init, secant_init,
-                      secant_remember, secant_watch_motion)
+                      secant_forget, secant_remember, secant_watch_motion)
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
@@ -333,7 +333,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             lr, rule_state = apply_rule(
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch, unit), state.rule, jnp)
             if state.watch is not None:  # held once the mini-batch watch has fired
-                lr = held_rate(state.watch, lr, jnp)
+                lr = held_rate(state.watch, lr, unit, jnp)
             lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
             if oracle == "secant" and p.f is None:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)
@@ -347,10 +347,12 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                                 method=method, old=state.stats)
             if oracle == "secant":
                 secant = secant_watch_motion(secant, params, out, dtype)
+            elif secant is not None:  # value_fn this step, maybe closure-free steps around it
+                secant = secant_forget(secant, dtype)
             watch = state.watch
             if watch is not None:  # the secant's curvature is a step old: it predicts nothing
                 watch = watch_minibatch(watch, p.value, lr, p.numerator, jnp.nan if oracle == "secant" else curv,
-                                        float(jnp.finfo(dtype).eps), holds(rule), jnp)
+                                        float(jnp.finfo(dtype).eps), holds(rule), unit, jnp)
             return out, ScaleByCDATState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
                 rule=optax.tree.cast_like(rule_state, state.rule), secant=secant, eigen=eigen,

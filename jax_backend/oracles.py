@@ -34,8 +34,8 @@ import optax
 from jax.extend.core import Var, jaxpr_as_fun
 
 from curvopt import rules
-from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, REPLAY_MISS_OPTAX,
-                            collapse_peak, external_clip_suspected, in_stall_units, moved_outside, probe_reads_forward,
+from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, REPLAY_MISS_OPTAX, collapse_peak, collapse_run,
+                            external_clip_suspected, in_direction_units, moved_outside, probe_reads_forward,
                             remember_probe, secant_collapsed, secant_probe_eps, secant_stall_reference,
                             secant_stalled, stall_window, watched_norms)
 from curvopt.curvature import finite_difference_curvature, replay_judged, replay_mismatch
@@ -44,7 +44,8 @@ from curvopt.precision import gradient_compute_eps, sample_stride, within_budget
 from .direction import add_scaled, flat, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
-__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_watch_motion", "gradient_eps", "loss_reads_params",
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_forget", "secant_watch_motion", "gradient_eps",
+           "loss_reads_params",
            "fd_eps", "fd_step", "ReplayCheck", "replay_init", "replay_check",
            "curvature"]
 
@@ -56,9 +57,9 @@ class SecantMemory(NamedTuple):
     :func:`curvopt.config.secant_stall_reference`, its rate where nothing coarser than float32 computed the
     gradient; NaN before one and once judged; the first of a run of probes is kept until then), the step its
     judgement window starts at and the window's first rate (NaN: none yet), and whether the rate was below it
-    when last judged (:func:`curvopt.config.secant_stalled`), the largest rate since the last probe and whether a
-    rate ever collapsed below it (:func:`curvopt.config.secant_collapsed`; both
-    :func:`jax_backend.stats` warns); the gradient norms of
+    when last judged (:func:`curvopt.config.secant_stalled`), the largest rate since the last probe and the count of
+    consecutive steps the rate has collapsed below it, kept once sustained (:func:`curvopt.config.collapse_run`,
+    int32; both :func:`jax_backend.stats` warns); the gradient norms of
     the last steps that followed a step which moved the parameters (:func:`curvopt.config.watched_norms`), whether
     this one moved them, and whether the norms ever said that a clip before the tuner fixed them
     (:func:`curvopt.config.external_clip_suspected`; :func:`jax_backend.stats` warns); and the last probing step's
@@ -87,8 +88,8 @@ class SecantMemory(NamedTuple):
 def secant_init(params: Any, dtype: Any) -> SecantMemory:
     return SecantMemory(optax.tree.zeros_like(params), jnp.zeros((), dtype), jnp.zeros((), dtype),
                         jnp.zeros((), dtype), jnp.full((), jnp.nan, dtype), jnp.zeros((), jnp.int32),
-                        jnp.full((), jnp.nan, dtype), jnp.zeros((), bool), jnp.zeros((), dtype), jnp.zeros((), bool),
-                        jnp.zeros(EXTERNAL_CLIP_STEPS, dtype),
+                        jnp.full((), jnp.nan, dtype), jnp.zeros((), bool), jnp.zeros((), dtype),
+                        jnp.zeros((), jnp.int32), jnp.zeros(EXTERNAL_CLIP_STEPS, dtype),
                         jnp.zeros((), bool), jnp.zeros((), bool), jnp.full((), jnp.nan, dtype),
                         jnp.full((), jnp.nan, dtype), jnp.zeros((), bool))
 
@@ -99,12 +100,12 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     closure-free probing rate ``h`` if this step probed, else NaN, and ``reference`` the rate a later step's is
     judged against (:func:`curvopt.config.secant_stall_reference`); ``steps``: the steps taken before it;
     ``grad``: the gradient handed to the step; ``unit``: the direction's (:attr:`curvopt.rules.RuleInputs.unit`),
-    in which the probe is kept and the rate judged (:func:`curvopt.config.in_stall_units`); ``dominated``: the noise
+    in which the probe is kept and the rate judged (:func:`curvopt.config.in_direction_units`); ``dominated``: the noise
     dominates this step's curvature (:func:`curvopt.curvature.noise_dominated`; False without the correction)."""
     probing = ~jnp.isnan(probe)
     norms = watched_norms(memory.grad_norms, norm(grad, dtype), memory.moved, jnp)
     pending = ~jnp.isnan(memory.probe_lr)  # a probe not judged yet: the first of a run of probes is judged
-    rate = in_stall_units(lr, unit, jnp)
+    rate = in_direction_units(lr, unit, jnp)
     judged, stalled, recovering = secant_stalled(rate, memory.probe_lr, steps - memory.probe_step, memory.window_lr)
     judged, recovering = (pending & x & ~probing for x in (judged, recovering))
     start, window_lr = stall_window(rate, steps, memory.probe_step, memory.window_lr, recovering, jnp)
@@ -112,8 +113,8 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
     new_probe = probing & ~pending
     moved = ~probing & (lr > 0)
     peak = collapse_peak(rate, memory.peak_lr, probing, moved, jnp)
-    collapsed = memory.collapsed | (moved & secant_collapsed(rate, peak, dominated))
-    reference = in_stall_units(reference, unit, jnp)
+    collapsed = collapse_run(memory.collapsed, secant_collapsed(rate, peak, dominated), probing, moved, jnp)
+    reference = in_direction_units(reference, unit, jnp)
     return SecantMemory(d, -numerator, vdot(d, d, dtype), jnp.asarray(lr, dtype),
                         jnp.where(new_probe, reference, jnp.where(judged, jnp.nan, memory.probe_lr)),
                         jnp.where(new_probe, steps, start),
@@ -122,6 +123,19 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
                         memory.clip_suspected | external_clip_suspected(norms, jnp),
                         remember_probe(memory.last_probe, jnp.where(probing, probe, lr), probing, jnp).astype(dtype),
                         memory.left_sq, memory.moved_outside)
+
+
+def secant_forget(memory: SecantMemory, dtype: Any) -> SecantMemory:
+    """The memory after a step that took its curvature elsewhere (``value_fn``: the fd oracle) in a run that may
+    also take closure-free steps: no secant for the next step (``prev_lr`` 0: a closure-free step next probes, ``lr =
+    h``) and no outside-motion check at it (``left_sq`` NaN: not recorded). Left as it was, the next closure-free
+    step read the secant of the last closure-free step's direction, several steps old (a field test, ``value_fn``
+    every third step: greedy rates 0.456, 1.11, 1.55 where a one-step-old secant gave 0.696, 0.915, 10.4), and
+    ``stats`` warned that something else had moved the parameters. PyTorch keeps the memory through a step with a
+    closure instead (no probe after it: :meth:`torch_backend.tuner.CurvatureTuner._commit`); here keeping this
+    step's direction cost a parameter-sized temporary in every jitted step with ``value_fn`` (measured: 0.01 -> 1.0
+    parameter sizes on ``tests/test_large_trees.py``'s MLP), for the habit of mixing."""
+    return memory._replace(prev_lr=jnp.zeros((), dtype), left_sq=jnp.full((), jnp.nan, dtype))
 
 
 def secant_watch_motion(memory: SecantMemory, params: Any, out: Any, dtype: Any) -> SecantMemory:

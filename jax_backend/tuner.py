@@ -27,7 +27,7 @@ from curvopt import rules
 from curvopt.base import BaseMethod
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
                             SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
-                            resolve_curvature)
+                            collapse_sustained, resolve_curvature)
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
@@ -478,7 +478,7 @@ def stats(opt_state: Any) -> dict[str, Any]:
         secant = getattr(state, "secant", None)
         if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
             warn(SECANT_STALL_MESSAGE)
-        if secant is not None and int(secant.collapsed):
+        if secant is not None and collapse_sustained(int(secant.collapsed)):
             warn(SECANT_COLLAPSE_MESSAGE)
         if secant is not None and int(secant.clip_suspected):
             warn(EXTERNAL_CLIP_MESSAGE_OPTAX)

@@ -18,12 +18,12 @@ from curvopt.torch import CDAT, QuadraticGreedy
 EPS32 = float(torch.finfo(torch.float32).eps)
 
 
-def _feed(values, lr=0.5, numerator=2.0, curvature=3.0, eps=EPS32, hold=True):
+def _feed(values, lr=0.5, numerator=2.0, curvature=3.0, eps=EPS32, hold=True, unit=1.0):
     """The watch over steps whose losses are ``values`` (every step at the same rate, numerator and curvature), in
     float64 through NumPy; the step at which it fired (None), the share it fired at and its memory."""
     watch = mw.MinibatchWatch.start(np.float64(0))
     for t, v in enumerate(values):
-        watch = mw.watch_minibatch(watch, np.float64(v), lr, numerator, curvature, eps, hold, np)
+        watch = mw.watch_minibatch(watch, np.float64(v), lr, numerator, curvature, eps, hold, unit, np)
         if np.isfinite(watch.watch_fired):
             return t, float(watch.watch_fired), watch
     return None, math.nan, watch
@@ -46,7 +46,7 @@ def test_losses_off_the_model_by_more_than_the_change_fire_at_the_judged_count()
     fired, share, watch = _feed(values)
     assert fired == mw.WATCH_STEPS and share == pytest.approx(1.0) and watch.watch_judged == mw.WATCH_STEPS
     assert watch.watch_held == 0.5  # the rate of the step it fired on
-    later = mw.watch_minibatch(watch, np.float64(values[-1]), 0.25, 2.0, 3.0, EPS32, True, np)
+    later = mw.watch_minibatch(watch, np.float64(values[-1]), 0.25, 2.0, 3.0, EPS32, True, 1.0, np)
     assert later.watch_fired == watch.watch_fired and later.watch_held == 0.5  # kept
 
 
@@ -54,11 +54,18 @@ def test_the_rate_is_held_only_once_the_watch_has_fired():
     """Before firing the rule's rate passes unchanged (any size); after, it is at most the held rate, and lower
     rates pass."""
     start = mw.MinibatchWatch.start(np.float64(0))
-    assert mw.held_rate(start, np.float64(1e6), np) == 1e6
+    assert mw.held_rate(start, np.float64(1e6), 1.0, np) == 1e6
     _, _, fired = _feed([50.0 + (1.5 if t % 2 else -1.5) for t in range(200)])
-    assert mw.held_rate(fired, np.float64(3.0), np) == 0.5 and mw.held_rate(fired, np.float64(0.1), np) == 0.1
-    assert mw.held_rate(fired, np.float64(0.0), np) == 0.0
+    assert mw.held_rate(fired, np.float64(3.0), 1.0, np) == 0.5 and mw.held_rate(fired, np.float64(0.1), 1.0, np) == 0.1
+    assert mw.held_rate(fired, np.float64(0.0), 1.0, np) == 0.0
     assert "held at most at this step's, 0.5." in mw.minibatch_message(fired)
+    # in the direction's units: a scheduler's factor 4 since the watch fired (the effective rate lr * unit) holds
+    # the tuner's rate at a quarter; the unit on the step it fires scales what is kept, and the message undoes it
+    assert mw.held_rate(fired, np.float64(3.0), 4.0, np) == 0.125
+    assert mw.held_rate(fired, np.float64(3.0), math.nan, np) == 0.5  # not known: as it is
+    _, _, at_two = _feed([50.0 + (1.5 if t % 2 else -1.5) for t in range(200)], unit=2.0)
+    assert at_two.watch_held == 1.0 and mw.held_rate(at_two, np.float64(3.0), 2.0, np) == 0.5
+    assert "held at most at this step's, 0.5." in mw.minibatch_message(at_two, 2.0)
 
 
 def test_the_papers_rule_is_watched_and_not_held():
@@ -68,7 +75,7 @@ def test_the_papers_rule_is_watched_and_not_held():
     assert mw.holds(CDATRule()) and not mw.holds(CDATRule(startup="paper")) and not mw.holds(CDATRule.greedy())
     fired, _, watch = _feed([50.0 + (1.5 if t % 2 else -1.5) for t in range(200)], hold=False)
     assert fired == mw.WATCH_STEPS and np.isnan(watch.watch_held)
-    assert mw.held_rate(watch, np.float64(1e6), np) == 1e6
+    assert mw.held_rate(watch, np.float64(1e6), 1.0, np) == 1e6
     assert "which the paper's rule (startup='paper', the greedy step) does not do" in mw.minibatch_message(watch)
 
 
@@ -94,7 +101,7 @@ def test_changes_below_the_losss_rounding_are_not_judged():
 def test_a_step_without_a_model_records_no_prediction(lr, numerator, curvature):
     """No step (lr 0), an uphill direction, or a lagged/unknown curvature: nothing predicted, the next step is not
     judged; a non-finite loss judges nothing and forgets the prediction."""
-    step = lambda w, *a: mw.watch_minibatch(w, *map(np.float64, a), EPS32, True, np)  # noqa: E731
+    step = lambda w, *a: mw.watch_minibatch(w, *map(np.float64, a), EPS32, True, 1.0, np)  # noqa: E731
     watch = step(mw.MinibatchWatch.start(np.float64(0)), 10.0, lr, numerator, curvature)
     assert np.isnan(watch.watch_predicted)
     watch = step(watch, 1.0, 0.5, 2.0, 3.0)
@@ -112,9 +119,11 @@ def test_watched_bases():
 
 
 # ------------------------------------------------------------------------------------------------------ PyTorch
-def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, closure: bool = True):
+def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, closure: bool = True,
+           rescale: tuple = (None, 1.0)):
     """A small MLP on a noisy teacher's labels, CDAT with a closure behind ``base``, in batches of ``batch``
-    (0: full batch); the watch's warnings, the tuner's rates and the tuner."""
+    (0: full batch); the watch's warnings, the tuner's rates and the tuner. ``rescale = (t, k)``: every group's lr
+    multiplied by ``k`` before step ``t`` (a scheduler's factor)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 20, generator=g)
     y = (x @ torch.randn(20, 4, generator=g) + 2.0 * torch.randn(512, 4, generator=g)).argmax(1)
@@ -131,7 +140,10 @@ def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, c
     lrs = []
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        for _ in range(steps):
+        for t in range(steps):
+            if t == rescale[0]:
+                for group in opt.param_groups:
+                    group["lr"] *= rescale[1]
             idx = torch.randint(0, 512, (batch,), generator=g) if batch else slice(None)
             xb, yb = x[idx], y[idx]
 
@@ -172,6 +184,17 @@ def test_momentum_in_minibatch_warns_once_and_holds_the_rate(base):
     fired = lrs.index(held)
     assert fired < len(lrs) - 50 and max(lrs[fired:]) == held
     assert all(math.isfinite(v) for v in lrs)
+
+
+def test_the_held_rate_follows_a_schedulers_factor():
+    """The held rate is kept in the direction's units: after the group rates grow 8x (a warm-up's end) the
+    effective rate, the tuner's times the group's, stays at most the one held. In the tuner's own units the
+    effective rate climbed 3-6x above it in a field test's warm-up and the loss went back to chance under
+    OneCycleLR."""
+    found, lrs, opt = _train("heavy_ball", batch=16, steps=160, rescale=(120, 8.0))
+    held = torch_watch(opt).watch_held
+    assert len(found) == 1 and lrs.index(held) < 120
+    assert max(lrs[120:]) * 8.0 <= held * (1 + 1e-12) and max(lrs[120:]) * 8.0 > 0.5 * held
 
 
 def test_the_greedy_step_in_minibatch_warns_and_is_not_held():

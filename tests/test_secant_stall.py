@@ -193,16 +193,16 @@ def test_a_bfloat16_forward_pass_is_not_taken_for_a_stall():
 
 
 def test_a_warm_up_scheduler_is_not_taken_for_a_stall():
-    """The stall is judged in the direction's units (``curvopt.config.in_stall_units``): a field test's ``LambdaLR``
+    """The stall is judged in the direction's units (``curvopt.config.in_direction_units``): a field test's ``LambdaLR``
     warm-up of the group lr from 0.1 to 1 over 20 steps behind AdamW, closure-free, made the tuner's rate (which
     cancels the factor) read 10x lower against the probe taken at 0.1, and the stall warning came on 3 of 3 seeds
     of a run that trained. Here: a digits MLP in batches of 32, the same warm-up, seeds 0-2."""
     from sklearn.datasets import load_digits
 
-    from curvopt.config import in_stall_units
+    from curvopt.config import in_direction_units
 
-    assert in_stall_units(2.0, 0.5, np) == 1.0
-    assert in_stall_units(2.0, 0.0, np) == in_stall_units(2.0, np.nan, np) == 2.0  # unit not known: as it is
+    assert in_direction_units(2.0, 0.5, np) == 1.0
+    assert in_direction_units(2.0, 0.0, np) == in_direction_units(2.0, np.nan, np) == 2.0  # unit not known: as it is
     x, y = load_digits(return_X_y=True)
     x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
     for seed in range(3):
@@ -322,9 +322,11 @@ def test_a_collapse_is_a_fall_far_below_the_peak_where_the_noise_dominates():
 
 
 def test_optax_collapse_follows_the_core():
-    """The Optax secant memory's peak and collapse flag (``jax_backend.oracles.secant_remember``) on rates fed in:
-    up to 1e-2, then down to 5e-5 where the noise dominates: collapsed; the same without the noise dominating, or
-    after a new probe (which starts a new peak): not."""
+    """The Optax secant memory's peak and collapse count (``jax_backend.oracles.secant_remember``) on rates fed in:
+    up to 1e-2, then down to 5e-5 where the noise dominates, for ``SECANT_COLLAPSE_STEPS`` steps: collapsed (and
+    kept once it is); for one step fewer, or a dip that climbs back (a field test's loss spike: 3 steps), or without
+    the noise dominating, or after a new probe (which starts a new peak): not."""
+    from curvopt.config import SECANT_COLLAPSE_STEPS, collapse_sustained
     from jax_backend.oracles import secant_init, secant_remember
 
     nan = jnp.float32(jnp.nan)
@@ -337,12 +339,15 @@ def test_optax_collapse_follows_the_core():
         for step, lr in enumerate(rates, start=1):
             probe = jnp.float32(lr) if step == probe_at else nan
             mem = secant_remember(mem, g, 1.0, lr, probe, probe, step, jnp.float32, g, 1.0, dominated)
-        return bool(mem.collapsed)
+        return bool(collapse_sustained(int(mem.collapsed)))
 
-    rates = [1e-3, 1e-2, 1e-3, 1e-4, 5e-5]
+    rates = [1e-3, 1e-2, 1e-3, 1e-4] + [5e-5] * SECANT_COLLAPSE_STEPS
     assert collapsed(rates, True)
+    assert collapsed(rates + [1e-2], True)  # kept
+    assert not collapsed(rates[:-1], True)
+    assert not collapsed(rates[:4] + [5e-5] * 3 + [1e-3] + rates[4:-4], True)  # a dip, then the count anew
     assert not collapsed(rates, False)
-    assert not collapsed(rates[:4], True)  # 100x below the peak, not more
+    assert not collapsed(rates[:4] + [1e-4] * SECANT_COLLAPSE_STEPS, True)  # 100x below the peak, not more
     assert not collapsed(rates[:2] + [1e-6] + rates[3:], True, probe_at=3)  # a new probe: a new peak
 
 
@@ -518,3 +523,50 @@ def test_a_resumed_run_goes_on_judging_the_stall():
     assert len(warned) == 1 and 5 < warned[0] < 20, warned
     for at in (6, warned[0]):
         assert run(at) == (warned, lrs), at
+
+
+def test_optax_closure_free_steps_after_a_step_with_value_fn_probe_afresh():
+    """``value_fn`` on every third step, closure-free on the others (greedy behind gradient descent, float64, a
+    digits-sized softmax regression): the closure-free step after a ``value_fn`` step probes (``lr = h``) and the
+    next reads the secant along that probe, the exact greedy step of the last displacement here (``s^T s / s^T y``
+    for the step ``s`` and the change ``y`` of the gradient, computed apart); nothing warns that the parameters
+    moved. Before, it read the last closure-free step's secant, several steps old, and ``stats`` warned."""
+    from curvopt.optax import quadratic_greedy
+    from curvopt.rules import finite_difference_step
+
+    with jax.enable_x64(True):
+        k1, k2 = jax.random.split(jax.random.key(0))
+        x, y = jax.random.normal(k1, (64, 8)), jax.random.randint(k2, (64,), 0, 3)
+
+        def loss(w):
+            return optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean()
+
+        tx = quadratic_greedy(optax.identity())
+        w = jnp.zeros((8, 3)) + 0.01
+        state = tx.init(w)
+
+        @jax.jit
+        def step(w, state, with_fn):
+            value, g = jax.value_and_grad(loss)(w)
+            u, state = jax.lax.cond(with_fn, lambda: tx.update(g, state, w, value=value, value_fn=loss),
+                                    lambda: tx.update(g, state, w))
+            return optax.apply_updates(w, u), state, g
+
+        rows, last = [], None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for t in range(9):
+                w_new, state, g = step(w, state, t % 3 == 0)
+                rows.append((t, float(stats(state)["lr"]), last, (w, g)))
+                last, w = (w, g), w_new
+            stats(state)
+        assert not [c for c in caught if "not those the tuner" in str(c.message)]
+        for t, lr, prev, now in rows:
+            if t % 3 == 1:  # after a value_fn step: a probe, sized by float32's epsilon (a closure-free probe's)
+                h = finite_difference_step(jnp.linalg.norm(now[0]), jnp.linalg.norm(now[1]), dtype_eps=2.0 ** -23,
+                                           xp=jnp)
+                assert lr == pytest.approx(float(h), rel=1e-9)
+            if t % 3 == 2:  # the secant along the probe, or 1.1x the last rate that was not a probe (the growth cap)
+                s = now[0] - prev[0]
+                secant = float(jnp.vdot(s, s) / jnp.vdot(s, now[1] - prev[1]))
+                assert lr == pytest.approx(secant, rel=1e-9) or lr == pytest.approx(1.1 * rows[t - 2][1], rel=2e-3)

@@ -63,14 +63,15 @@ from curvopt.base import BaseMethod, carries_gradients, direction_unit, followed
 from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_dominated, replay_judged,
                                replay_mismatch, replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
-                            EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS,
-                            GRADIENT_MISSING_MESSAGE, OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE,
-                            SECANT_STALL_MESSAGE, ZERO_RATE_STEPS, skip_message, accumulator_dtype_name,
-                            collapse_peak, concave_reprobe, external_clip_suspected, has_gradient, in_stall_units,
-                            moved_measurably, moved_outside, numerator_scale, probe_reads_forward, remember_probe,
-                            resolve_curvature, power_iters, secant_caveat, secant_collapsed, secant_probe_eps,
-                            secant_stall_reference, secant_stalled, sharpness_due, stall_window, watched_norms,
-                            zero_rate_message, zero_rate_run, pressing_on_bound, BOUND_PRESS_MESSAGE)
+                            EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE,
+                            OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE,
+                            ZERO_RATE_STEPS, skip_message, accumulator_dtype_name, collapse_peak, collapse_run,
+                            collapse_sustained, concave_reprobe,
+                            external_clip_suspected, has_gradient, in_direction_units, moved_measurably,
+                            moved_outside, numerator_scale, probe_reads_forward, remember_probe, resolve_curvature,
+                            power_iters, secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
+                            secant_stalled, sharpness_due, stall_window, watched_norms, zero_rate_message,
+                            zero_rate_run, pressing_on_bound, BOUND_PRESS_MESSAGE)
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -341,6 +342,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._probed: Optional[tuple[float, int, float]] = None
         #: the largest closure-free secant rate since the last probing step, in stall units (``secant_collapsed``)
         self._peak = 0.0
+        #: consecutive secant steps at a collapsed rate (:func:`curvopt.config.collapse_run`; not saved)
+        self._collapse_run = 0
         self._collapse_warned = False
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
@@ -982,7 +985,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             watch = (self._watch_state(glob, S) if isinstance(rule, CDATRule)
                      and watches(st.method, self._unknown_momentum(st.method)) else None)
             if watch is not None:
-                lr = held_rate(watch, lr, S)
+                lr = held_rate(watch, lr, unit, S)
             if st.probing:
                 lr = self._probing_rate(st, unit)
             elif st.lagged and st.probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
@@ -991,7 +994,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 st.probing = bool(reprobe)
             if st.lagged and not st.probing and self._probed is not None:
                 reference, start, first = self._probed
-                rate = float(in_stall_units(lr, unit, S))
+                rate = float(in_direction_units(lr, unit, S))
                 judged, stalled, recovering = secant_stalled(rate, reference, count - start, first)
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
@@ -1002,10 +1005,11 @@ class CurvatureTuner(torch.optim.Optimizer):
                     self._probed = (reference, *map(float, stall_window(rate, count, start, first, recovering, np)))
             moved = st.lagged and not st.probing and st.noise_state is not None and lr > 0  # (the watched steps)
             if st.probing or moved:
-                rate = float(in_stall_units(lr, unit, S))
+                rate = float(in_direction_units(lr, unit, S))
                 self._peak = float(collapse_peak(rate, self._peak, st.probing, moved, np))
-                if moved and not self._collapse_warned and secant_collapsed(rate, self._peak,
-                                                                            noise_dominated(st.noise_state)):
+                collapsed = moved and secant_collapsed(rate, self._peak, noise_dominated(st.noise_state))
+                self._collapse_run = int(collapse_run(self._collapse_run, collapsed, st.probing, moved, np))
+                if collapse_sustained(self._collapse_run) and not self._collapse_warned:
                     self._collapse_warned = True
                     warn(SECANT_COLLAPSE_MESSAGE)
             if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
@@ -1014,7 +1018,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 watch = self._watch_minibatch(watch, st.loss_v, lr, st.numerator,
                                               nan if st.probing or st.lagged else st.curvature,
                                               torch.finfo(st.loss_t.dtype).eps if st.loss_t is not None else nan,
-                                              holds(rule), S)
+                                              holds(rule), unit, S)
             st.ratio = (eos_ratio_rule(lr * st.group_lr, reference, st.coefficient)
                         if st.coefficient is not None else nan)
         st.lr, st.watch = lr, watch
@@ -1025,7 +1029,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         forward pass's precision (an autocast forward's gradients show it: :func:`gradient_eps`, averaged over the
         data-parallel ranks), at least float32's (:func:`curvopt.config.secant_probe_eps`); the first probe of a
         run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`), in the units of the
-        direction's ``unit`` of this step (:func:`curvopt.config.in_stall_units`)."""
+        direction's ``unit`` of this step (:func:`curvopt.config.in_direction_units`)."""
         S = st.S
         nw, nu = host_values(st.ws.norms(st.w0, st.u), S)
         terms = 1 if self.distributed is None else self.distributed.world_size
@@ -1033,7 +1037,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         eps = float(secant_probe_eps(max(least_precise_eps(st.params), forward), np))
         lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
         if self._probed is None:
-            self._probed = (float(in_stall_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
+            self._probed = (float(in_direction_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
         return lr
 
     def _commit(self, st: _Step) -> None:
@@ -1382,13 +1386,13 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     @staticmethod
     def _watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any,
-                         loss_eps: float, hold: bool, S: ScalarNamespace) -> MinibatchWatch:
+                         loss_eps: float, hold: bool, unit: Any, S: ScalarNamespace) -> MinibatchWatch:
         """CDAT behind a watched base (:func:`curvopt.minibatch_watch.watches`): the watch's new memory
         (:func:`curvopt.minibatch_watch.watch_minibatch`; a closure-free step, whose loss is not known, judges
         nothing), and a warning on the step it fires."""
-        new = watch_minibatch(watch, S(value), S(lr), S(numerator), S(curvature), loss_eps, hold, S)
+        new = watch_minibatch(watch, S(value), S(lr), S(numerator), S(curvature), loss_eps, hold, unit, S)
         if not S.isfinite(watch.watch_fired) and S.isfinite(new.watch_fired):
-            warn(minibatch_message(new))
+            warn(minibatch_message(new, float(unit)))
         return new
 
     def _check_replay(self, probe: Probe, curvature: Tensor, glob: dict) -> Optional[float]:
@@ -1673,6 +1677,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         reference, start, first, peak = (float(glob[k]) if k in glob else math.nan for k in layout.SECANT_WATCH)
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
+        self._collapse_run = 0
         self._numerator_scale = self._last_rate = math.nan  # (not saved: the loaded run's next ones)
         self._bound_reference = (math.nan, 0.0)
         self._watch_saved = ()
