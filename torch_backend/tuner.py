@@ -87,8 +87,8 @@ from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like
 from .distributed import DistributedLike, check_params
-from .freshness import ACCUMULATED_GRADIENT_MESSAGE, STALE_GRADIENT_MESSAGE, GradientMarks
 from .distributed import resolve as resolve_distributed
+from .freshness import ACCUMULATED_GRADIENT_MESSAGE, STALE_GRADIENT_MESSAGE, GradientMarks
 from .oracles import check_functional_loss, exact, exact_hvp, finite_difference, functional_evidence
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
                               preconditioner_scales)
@@ -229,6 +229,13 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: the once-per-tuner warnings that the loss fell below the rule's ``f_star``, or pressed on it, were given
     _below_bound_warned = False
     _bound_press_warned = False
+    #: the first distance of the loss to ``f_star`` and the largest slope -g^T u since (not saved: after a load,
+    #: the next ones), for :func:`curvopt.config.pressing_on_bound`
+    _bound_reference = (math.nan, 0.0)
+    #: the once-per-tuner warning that a closure-free step found the gradients unzeroed (:mod:`.freshness`) was given
+    _accumulation_warned = False
+    #: consecutive secant steps at a collapsed rate (:func:`curvopt.config.collapse_run`; not saved)
+    _collapse_run = 0
     #: the once-per-tuner warning that a closure-free step found no previous direction for its parameters was given
     _regrouped_warned = False
     #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
@@ -325,9 +332,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: (not saved: after a load, the next ones)
         self._zero_run: Optional[int] = 0
         self._numerator_scale = self._last_rate = math.nan
-        #: the first distance of the loss to ``f_star`` and the largest slope -g^T u since (not saved: after a load,
-        #: the next ones), for :func:`curvopt.config.pressing_on_bound`
-        self._bound_reference = (math.nan, 0.0)
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -336,14 +340,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._kept_globals: Optional[dict] = None
         #: the gradient tensors and their versions as the last step left them (:mod:`torch_backend.freshness`)
         self._marks = GradientMarks()
-        self._accumulation_warned = False
         #: (the stall reference of its rate, the step its judgement window starts at, the window's first rate or
         #: NaN) of the last closure-free probing step, until judged (``secant_stalled``)
         self._probed: Optional[tuple[float, int, float]] = None
         #: the largest closure-free secant rate since the last probing step, in stall units (``secant_collapsed``)
         self._peak = 0.0
-        #: consecutive secant steps at a collapsed rate (:func:`curvopt.config.collapse_run`; not saved)
-        self._collapse_run = 0
         self._collapse_warned = False
         #: trials of the last step and the decrease error of its last trial (Armijo; 0 = accepted)
         self.last_trials = 0
@@ -1716,8 +1717,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         d = dict(self.__dict__)
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
-        for k in ("_ws", "_ns", "_store", "_kept_globals", "_marks", "_probe_free_ok", "_rule_layout_of", "distributed", "step",
-                  "base"):
+        for k in ("_ws", "_ns", "_store", "_kept_globals", "_marks", "_probe_free_ok", "_rule_layout_of", "distributed",
+                  "step", "base"):
             # scratch, memos, the live reducer, the patched step
             d.pop(k, None)
         base = self.base
