@@ -561,18 +561,19 @@ SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (para
                 "state unchanged)")
 
 
-def skip_message(loss_finite: bool, gradient_finite: bool) -> str:
-    """:data:`SKIP_MESSAGE` naming what was not finite, where the backend has read it: the loss, else the
-    gradient, else the base's update alone, whose usual cause is named (a field test: float16 parameters behind
-    Adam, no autocast, every step skipped with finite losses and gradients)."""
-    if not loss_finite:
+def skip_message(loss_finite: bool | None, gradient_finite: bool) -> str:
+    """:data:`SKIP_MESSAGE` naming what was not finite, where the backend has read it: the loss (None: not known,
+    a closure-free step), else the gradient, else the base's update alone, whose usual cause is named (a field
+    test: float16 parameters behind Adam, no autocast, every step skipped with finite losses and gradients)."""
+    known = "the loss and the gradient are" if loss_finite else "the gradient is"
+    if loss_finite is False:
         what = "non-finite loss"
     elif not gradient_finite:
-        what = "non-finite gradient (the loss is finite)"
+        what = "non-finite gradient" + (" (the loss is finite)" if loss_finite else "")
     else:
-        what = ("non-finite base direction: the loss and the gradient are finite, the base optimizer's update is "
-                "not (behind Adam with float16 parameters eps=1e-8 rounds to 0 and 0/0 is NaN: keep float32 "
-                "parameters under torch.autocast, or pass eps=1e-4)")
+        what = (f"non-finite base direction: {known} finite, the base optimizer's update is not (behind Adam with "
+                "float16 parameters eps=1e-8 rounds to 0 and 0/0 is NaN: keep float32 parameters under "
+                "torch.autocast, or pass eps=1e-4)")
     return what + SKIP_MESSAGE[SKIP_MESSAGE.index(", step skipped"):]
 
 #: consecutive steps at rate 0 before the tuners warn (:func:`zero_rate_run`)
@@ -616,7 +617,9 @@ def pressing_on_bound(gap: float, first_gap: float, slope: float, peak_slope: fl
     log-likelihood under the default ``f_star=0``) the slope stays and the rules' curvature floor
     ``n^2 / (2 gap)`` and step cap ``2 gap / n``, which lean on the bound, take the rate toward 0: a field test, CDAT
     behind Adam, the loss 2e-6 at step 30 and 5e-19 at step 299, the rate 2e-19, the slope 4.78 throughout, no
-    warning (the loss never crossed the bound, and the rate was not 0)."""
+    warning (the loss never crossed the bound, and the rate was not 0). A loss with a kink at its minimum (L1) keeps
+    its slope too, and is said alike (a field test: Polyak's step on an exact L1 fit, warned at a loss of 2e-8 on
+    its way to 5e-16); the message says so."""
     return 0 < gap <= BOUND_PRESS_GAP * first_gap and slope >= BOUND_PRESS_SLOPE * peak_slope
 
 
@@ -624,7 +627,9 @@ BOUND_PRESS_MESSAGE = (
     "{tuner}: the loss {loss:.6g} presses on f_star={f_star:g} from above: it came within {gap:.3g} of it while its "
     "slope along the update did not fall, so the loss probably goes on below f_star (a negative log-likelihood, a "
     "loss with a constant term), and the rate, which leans on f_star as the loss's lower bound (its curvature floor "
-    "and step cap), falls toward 0. Pass the loss's lower bound as f_star, or f_star=-inf")
+    "and step cap, Polyak's step), falls toward 0. Pass the loss's lower bound as f_star (CDAT and the "
+    "edge-of-stability rule also take f_star=-inf, which turns those safeguards off). A loss with a kink at its "
+    "minimum f_star (an L1 or hinge loss, whose slope does not fall as it nears it) looks the same: there ignore this")
 
 
 def numerator_scale(scale: float, numerator: float) -> float:

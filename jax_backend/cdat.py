@@ -21,7 +21,7 @@ from .direction import abs_max, accumulator_dtype, flat, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
                     over_preconditioner, rate_multipliers, seen_scale)
 from .oracles import (ReplayCheck, SecantMemory, curvature as curvature_of, replay_check, replay_init, secant_init,
-                      secant_forget, secant_remember, secant_watch_motion)
+                      secant_remember, secant_unwatched, secant_watch_motion)
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
@@ -348,7 +348,7 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             if oracle == "secant":
                 secant = secant_watch_motion(secant, params, out, dtype)
             elif secant is not None:  # value_fn this step, maybe closure-free steps around it
-                secant = secant_forget(secant, dtype)
+                secant = secant_unwatched(secant, dtype)
             watch = state.watch
             if watch is not None:  # the secant's curvature is a step old: it predicts nothing
                 watch = watch_minibatch(watch, p.value, lr, p.numerator, jnp.nan if oracle == "secant" else curv,

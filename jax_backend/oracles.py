@@ -44,7 +44,7 @@ from curvopt.precision import gradient_compute_eps, sample_stride, within_budget
 from .direction import add_scaled, flat, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
-__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_forget", "secant_watch_motion", "gradient_eps",
+__all__ = ["SecantMemory", "secant_init", "secant_remember", "secant_unwatched", "secant_watch_motion", "gradient_eps",
            "loss_reads_params",
            "fd_eps", "fd_step", "ReplayCheck", "replay_init", "replay_check",
            "curvature"]
@@ -125,17 +125,19 @@ def secant_remember(memory: SecantMemory, d: Any, numerator: Any, lr: Any, probe
                         memory.left_sq, memory.moved_outside)
 
 
-def secant_forget(memory: SecantMemory, dtype: Any) -> SecantMemory:
+def secant_unwatched(memory: SecantMemory, dtype: Any) -> SecantMemory:
     """The memory after a step that took its curvature elsewhere (``value_fn``: the fd oracle) in a run that may
-    also take closure-free steps: no secant for the next step (``prev_lr`` 0: a closure-free step next probes, ``lr =
-    h``) and no outside-motion check at it (``left_sq`` NaN: not recorded). Left as it was, the next closure-free
-    step read the secant of the last closure-free step's direction, several steps old (a field test, ``value_fn``
-    every third step: greedy rates 0.456, 1.11, 1.55 where a one-step-old secant gave 0.696, 0.915, 10.4), and
-    ``stats`` warned that something else had moved the parameters. PyTorch keeps the memory through a step with a
-    closure instead (no probe after it: :meth:`torch_backend.tuner.CurvatureTuner._commit`); here keeping this
-    step's direction cost a parameter-sized temporary in every jitted step with ``value_fn`` (measured: 0.01 -> 1.0
-    parameter sizes on ``tests/test_large_trees.py``'s MLP), for the habit of mixing."""
-    return memory._replace(prev_lr=jnp.zeros((), dtype), left_sq=jnp.full((), jnp.nan, dtype))
+    also take closure-free steps: the outside-motion check skips the next closure-free step (``left_sq`` NaN: this
+    step did not record where it leaves the parameters; left as it was, :func:`jax_backend.stats` warned that
+    something else had moved them). The secant's direction stays the last closure-free step's, so the next
+    closure-free step reads a secant that can be several steps old (a field test, ``value_fn`` every third step:
+    greedy rates 0.46, 1.11, 1.55 where a one-step-old secant gave 0.70, 0.92, 10.4). The two ways out cost more:
+    forgetting it (the next closure-free step probes, ``lr = h``) trained heavy ball in full batch 10-450x worse in
+    a follow-up field test (CDAT behind ``optax.trace(0.9)`` on the digits, ``value_fn`` every 2, 5, 10 steps), and
+    keeping this step's direction made a parameter-sized temporary in every jitted step with ``value_fn`` (0.014
+    -> 1.0 parameter sizes on ``tests/test_large_trees.py``'s MLP). PyTorch keeps the direction (no temporary to
+    pay there: :meth:`torch_backend.tuner.CurvatureTuner._commit`)."""
+    return memory._replace(left_sq=jnp.full((), jnp.nan, dtype))
 
 
 def secant_watch_motion(memory: SecantMemory, params: Any, out: Any, dtype: Any) -> SecantMemory:

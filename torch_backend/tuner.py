@@ -88,7 +88,8 @@ from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
-from .freshness import ACCUMULATED_GRADIENT_MESSAGE, STALE_GRADIENT_MESSAGE, GradientMarks
+from .freshness import (ACCUMULATED_GRADIENT_MESSAGE, ACCUMULATED_MISSES, ACCUMULATED_WINDOW, STALE_GRADIENT_MESSAGE,
+                        UNCONFIRMED_STALE_MESSAGE, GradientMarks)
 from .oracles import check_functional_loss, exact, exact_hvp, finite_difference, functional_evidence
 from .preconditioning import (adam_diagonal_by_group, adam_preconditioner_from_optimizer, adam_step_counts,
                               preconditioner_scales)
@@ -232,8 +233,12 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: the first distance of the loss to ``f_star`` and the largest slope -g^T u since (not saved: after a load,
     #: the next ones), for :func:`curvopt.config.pressing_on_bound`
     _bound_reference = (math.nan, 0.0)
-    #: the once-per-tuner warning that a closure-free step found the gradients unzeroed (:mod:`.freshness`) was given
+    #: the once-per-tuner warnings that a closure-free step found the gradients unzeroed, or unchanged without the
+    #: values to confirm it (:mod:`.freshness`), were given; whether the last accumulated steps' secants were not
+    #: positive
     _accumulation_warned = False
+    _stale_warned = False
+    _accumulated: tuple = ()
     #: consecutive secant steps at a collapsed rate (:func:`curvopt.config.collapse_run`; not saved)
     _collapse_run = 0
     #: the once-per-tuner warning that a closure-free step found no previous direction for its parameters was given
@@ -570,7 +575,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         returns the main call's loss."""
         st = self._main_call(closure)  # 1. the main call, its gradients and loss checked
         if st.freshness == "stale":
-            return self._skip(st.loss, st.p0, STALE_GRADIENT_MESSAGE)
+            if self._unchanged(st.params, st.grads):
+                return self._skip(st.loss, st.p0, STALE_GRADIENT_MESSAGE)
+            if not self._stale_warned:
+                self._stale_warned = True
+                warn(UNCONFIRMED_STALE_MESSAGE.format(tuner=type(self).__name__))
         self._plan(st)
         if not self._take_direction(st, tx):  # 2. w0, the base's step, u (no parameter to tune: done)
             self.guard.finish()
@@ -579,7 +588,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not st.ok:
             tx.undo_base()
             return self._skip(st.loss, st.p0, skip_message(
-                loss_finite=bool(st.S.isfinite(st.loss_v)) or st.loss is None,
+                loss_finite=None if st.loss is None else bool(st.S.isfinite(st.loss_v)),
                 gradient_finite=all(bool(torch.isfinite(g).all()) for g in st.grads)))
         if st.grad_max is not None and not has_gradient(st.grad_max):
             tx.undo_base()
@@ -589,6 +598,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._rate(st)  # 5. the rule's rate
         self._commit(st)  # 6. w <- w0 + lr u, the tuner's state, the stats
         return st.loss
+
+    def _unchanged(self, params: list[Tensor], grads: list[Tensor]) -> bool:
+        """Whether the gradients are those the last step kept (behind Adam, for the noise correction), value for
+        value; False where it kept none (:mod:`torch_backend.freshness`: a count that says "unchanged" is confirmed
+        here before a step is skipped)."""
+        kept = [self.state[p].get(layout.PREV_GRAD) if p in self.state else None for p in params]
+        return all(b is not None and torch.equal(b, g) for b, g in zip(kept, grads))
 
     def _main_call(self, closure: Optional[Callable[[], Tensor]]) -> _Step:
         """Phase 1: the main closure call (closure-free: the gradients already in ``.grad``), its gradients and loss
@@ -847,10 +863,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         if st.moved_outside:
             self._motion_warned = True
             warn(OUTSIDE_MOTION_MESSAGE)
-        if (st.freshness == "accumulated" and st.has_secant and not st.secant_c > 0
-                and not self._accumulation_warned):
-            self._accumulation_warned = True
-            warn(ACCUMULATED_GRADIENT_MESSAGE.format(tuner=type(self).__name__))
+        if st.freshness == "accumulated" and st.has_secant and not self._accumulation_warned:
+            self._accumulated = (*self._accumulated[1 - ACCUMULATED_WINDOW:], not st.secant_c > 0)
+            if sum(self._accumulated) >= ACCUMULATED_MISSES:
+                self._accumulation_warned = True
+                warn(ACCUMULATED_GRADIENT_MESSAGE.format(tuner=type(self).__name__))
         self._watch_frozen(st)
         f_star = getattr(self.rule, "loss_bound", -math.inf)
         if st.loss_v < f_star and not self._below_bound_warned:
