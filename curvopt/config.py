@@ -576,6 +576,7 @@ def skip_message(loss_finite: bool | None, gradient_finite: bool) -> str:
                 "torch.autocast, or pass eps=1e-4)")
     return what + SKIP_MESSAGE[SKIP_MESSAGE.index(", step skipped"):]
 
+
 #: consecutive steps at rate 0 before the tuners warn (:func:`zero_rate_run`)
 ZERO_RATE_STEPS = 10
 #: how many machine epsilons of the loss a decrease must exceed to show in it, for :func:`zero_rate_run` (a mean
