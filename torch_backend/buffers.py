@@ -35,7 +35,6 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 from __future__ import annotations
 
 import threading
-import weakref
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
 
+from .freshness import GradientMarks
 from .precision import computation_eps
 from .vectors import least_precise_eps
 
@@ -238,14 +238,6 @@ class RNGSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def _same(mark: Optional[weakref.ref], grad: Optional[Tensor]) -> bool:
-    """Whether ``grad`` is the gradient tensor ``mark`` refers to (None both times); its values may have changed
-    in place."""
-    if mark is None or grad is None:
-        return mark is None and grad is None
-    return mark() is grad
-
-
 class ProbeGuard:
     """Wraps the main closure call and the probe calls of one step (see the module docstring).
 
@@ -303,7 +295,8 @@ class ProbeGuard:
         finding = isinstance(self.before, RunSnapshot)
         if not finding:
             self.before.take()
-        marks = [weakref.ref(g) if g is not None else None for g in (p.grad for p in owned)]
+        marks = GradientMarks()
+        marks.take(owned)
         accumulated: list[Tensor] = []  # parameters a backward in the call accumulated a gradient into
         handles = [p.register_post_accumulate_grad_hook(accumulated.append) for p in owned
                    if p.requires_grad and not is_lazy(p)]  # (a lazy module's parameter takes no hook until it runs)
@@ -317,7 +310,7 @@ class ProbeGuard:
         finally:
             for handle in handles:
                 handle.remove()
-        if loss is None and not accumulated and all(map(_same, marks, (p.grad for p in owned))):
+        if loss is None and not accumulated and marks.same_tensors(owned):
             # nothing ran that the step could use: no modules found, no precision read, nothing to undo
             self.compute_eps = eps_before
             if finding:

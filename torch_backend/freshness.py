@@ -63,7 +63,8 @@ ACCUMULATED_GRADIENT_MESSAGE = (
 
 class GradientMarks:
     """The gradient tensors of a list of parameters and their versions, as a step left them (weak references: the
-    marks keep no gradient alive)."""
+    marks keep no gradient alive); also what :class:`torch_backend.buffers.ProbeGuard` reads to tell a closure that
+    computed nothing (:meth:`same_tensors`)."""
 
     def __init__(self) -> None:
         self._marks: Optional[list] = None
@@ -73,6 +74,14 @@ class GradientMarks:
 
     def clear(self) -> None:
         self._marks = None
+
+    def same_tensors(self, params: Sequence[Tensor]) -> bool:
+        """Whether every parameter has the gradient tensor marked (None both times); their values may have changed
+        in place."""
+        marks = self._marks
+        return marks is not None and len(marks) == len(params) and all(
+            (mark is None) if p.grad is None else (mark is not None and mark[0]() is p.grad)
+            for p, mark in zip(params, marks))
 
     def compare(self, params: Sequence[Tensor]) -> Optional[str]:
         """``"stale"``, ``"accumulated"`` (module docstring) or None (new gradients, or nothing to compare:
