@@ -91,11 +91,13 @@ def _jax_run(nan_step, nan_call=2, steps=3, hessian=A, sharpness=EVERY):
 
     def flag(_):
         count["n"] += 1
-        return np.float64(math.nan if (count["t"], count["n"]) == (nan_step, nan_call) else 1.0)
+        return np.float32(math.nan if (count["t"], count["n"]) == (nan_step, nan_call) else 1.0)
 
     def loss(w):
-        f = jax.pure_callback(flag, jax.ShapeDtypeStruct((), jnp.float64), jax.lax.stop_gradient(w.sum()))
-        return 0.5 * w @ jnp.asarray(hessian) @ w * jax.lax.stop_gradient(f)
+        # float32 out (cast after): XLA may run the callback on a thread of its own, where the caller's
+        # enable_x64 context does not hold, and a float64 result comes back as float32 and is refused
+        f = jax.pure_callback(flag, jax.ShapeDtypeStruct((), jnp.float32), jax.lax.stop_gradient(w.sum()))
+        return 0.5 * w @ jnp.asarray(hessian) @ w * jax.lax.stop_gradient(f).astype(w.dtype)
 
     opt = edge_of_stability(optax.identity(), base_method="gd", sharpness=sharpness)
     w = jnp.ones(len(hessian))
