@@ -7,7 +7,7 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 from .validation import check_choice, check_nonnegative, check_positive_int
 
@@ -61,7 +61,7 @@ __all__ = [
     "ZERO_RATE_STEPS",
     "zero_rate_run",
     "numerator_scale",
-    "BOUND_PRESS_GAP", "BOUND_PRESS_SLOPE", "pressing_on_bound", "BOUND_PRESS_MESSAGE",
+    "ZeroRateWatch", "watch_zero_rate",
     "zero_rate_message",
     "accumulator_dtype_name",
 ]
@@ -584,67 +584,68 @@ ZERO_RATE_STEPS = 10
 ZERO_RATE_ROUNDING = 64.0
 
 
-def zero_rate_run(run: int, lr: float, numerator: float, scale: float, eps: float, loss: float = math.nan,
-                  last_rate: float = math.nan) -> int:
+def zero_rate_run(run: Any, lr: Any, numerator: Any, scale: Any, eps: Any, loss: Any, last_rate: Any, xp: Any
+                  ) -> Any:
     """The count of consecutive steps, this one included, at learning rate 0 with a numerator ``-g^T u`` that is
-    not negligible (host floats). A healthy run never has :data:`ZERO_RATE_STEPS` of them: the parameters have not
+    not negligible. A healthy run never has :data:`ZERO_RATE_STEPS` of them: the parameters have not
     moved, and behind gradient descent or heavy ball the next step sees the same inputs, so the run does not end.
     From then on the tuners warn (:func:`zero_rate_message`). A run that has converged is at rate 0 rightly, and
     its numerator is negligible: within ``eps`` (the parameters' machine epsilon) times ``scale`` (the magnitude
-    of the run's first numerator, :func:`numerator_scale`), its sign rounding's; or, with the ``loss`` known, the
-    decrease it promises at the last rate the rule took (``last_rate``) is within :data:`ZERO_RATE_ROUNDING` times
-    ``eps`` of the loss, below what the loss can show (a field test, the line search behind heavy ball in full
-    batch: the digits to a loss of 2e-17 in float64 with numerators of -6e-23, or 1e-9 in float32, warned on 7 of
-    7 runs; least squares to its minimum 0.465 in float64, numerators of 4e-15, warned). A numerator of exactly 0
-    is a stationary point along the update."""
+    of the run's first numerator, :func:`numerator_scale`), its sign rounding's; or, with the ``loss`` known (NaN:
+    not), the decrease it promises at the last rate the rule took (``last_rate``, NaN before one) is within
+    :data:`ZERO_RATE_ROUNDING` times ``eps`` of the loss, below what the loss can show (a field test, the line
+    search behind heavy ball in full batch: the digits to a loss of 2e-17 in float64 with numerators of -6e-23, or
+    1e-9 in float32, warned on 7 of 7 runs; least squares to its minimum 0.465 in float64, numerators of 4e-15,
+    warned). A numerator of exactly 0 is a stationary point along the update."""
     size = abs(numerator)
-    negligible = numerator == 0 or size <= eps * scale or size * last_rate <= ZERO_RATE_ROUNDING * eps * abs(loss)
-    return run + 1 if lr == 0 and not negligible else 0
+    negligible = ((numerator == 0) | (size <= eps * scale)
+                  | (size * last_rate <= ZERO_RATE_ROUNDING * eps * abs(loss)))
+    return xp.where((lr == 0) & ~negligible, run + 1, 0 * run)
 
 
-#: how close to ``f_star`` the loss must come, relative to its first distance, with a slope that has not fallen, for
-#: the tuners to say that it presses on its bound (:func:`pressing_on_bound`)
-BOUND_PRESS_GAP = 1e-8
-#: the share of the run's largest slope that the slope then keeps (:func:`pressing_on_bound`)
-BOUND_PRESS_SLOPE = 1e-2
-
-
-def pressing_on_bound(gap: float, first_gap: float, slope: float, peak_slope: float) -> bool:
-    """Whether the loss presses on its lower bound ``f_star`` from above (host floats): its distance to it
-    ``gap = f - f_star`` came within :data:`BOUND_PRESS_GAP` of the run's first distance while the slope along the
-    update ``-g^T u`` stayed above :data:`BOUND_PRESS_SLOPE` of its largest. Where ``f_star`` is the loss's infimum
-    the slope falls with the distance (near a minimum of a smooth loss the gradient is of order ``sqrt(gap)``, and
-    in cross-entropy's memorisation ``gap`` itself); where the loss goes on below it (a Gaussian negative
-    log-likelihood under the default ``f_star=0``) the slope stays and the rules' curvature floor
-    ``n^2 / (2 gap)`` and step cap ``2 gap / n``, which lean on the bound, take the rate toward 0: a field test, CDAT
-    behind Adam, the loss 2e-6 at step 30 and 5e-19 at step 299, the rate 2e-19, the slope 4.78 throughout, no
-    warning (the loss never crossed the bound, and the rate was not 0). A loss with a kink at its minimum (L1) keeps
-    its slope too, and is said alike (a field test: Polyak's step on an exact L1 fit, warned at a loss of 2e-8 on
-    its way to 5e-16); the message says so."""
-    return 0 < gap <= BOUND_PRESS_GAP * first_gap and slope >= BOUND_PRESS_SLOPE * peak_slope
-
-
-BOUND_PRESS_MESSAGE = (
-    "{tuner}: the loss {loss:.6g} presses on f_star={f_star:g} from above: it came within {gap:.3g} of it while its "
-    "slope along the update did not fall, so the loss probably goes on below f_star (a negative log-likelihood, a "
-    "loss with a constant term), and the rate, which leans on f_star as the loss's lower bound (its curvature floor "
-    "and step cap, Polyak's step), falls toward 0. Pass the loss's lower bound as f_star (CDAT and the "
-    "edge-of-stability rule also take f_star=-inf, which turns those safeguards off). A loss with a kink at its "
-    "minimum f_star (an L1 or hinge loss, whose slope does not fall as it nears it) looks the same: there ignore this")
-
-
-def numerator_scale(scale: float, numerator: float) -> float:
+def numerator_scale(scale: Any, numerator: Any, xp: Any) -> Any:
     """The reference :func:`zero_rate_run` measures numerators against: the magnitude of the first finite nonzero
     numerator since the tuner started (NaN before). Not the run's largest, which a divergence would inflate so
     that the numerators of the run it leaves behind read as negligible."""
-    fresh = scale != scale and math.isfinite(numerator) and numerator != 0
-    return abs(numerator) if fresh else scale
+    fresh = xp.isnan(scale) & xp.isfinite(numerator) & (numerator != 0)
+    return xp.where(fresh, abs(numerator), scale)
 
 
-def zero_rate_message(rising: bool, decays: bool, carries: bool = False) -> str:
+class ZeroRateWatch(NamedTuple):
+    """The memory of the watch on runs of steps at rate 0 (:func:`watch_zero_rate`; scalars: 0-d arrays in Optax's
+    state, where the field names are unique beside the rule's, NumPy numbers in PyTorch): the current run's
+    length, the run's first numerator magnitude (:func:`numerator_scale`), the last rate above 0 (NaN before
+    one), and whether the numerator was negative (the loss rising along the update) on the step a run first
+    reached :data:`ZERO_RATE_STEPS` (NaN before; 1.0 or 0.0 then, kept: the tuners warn once)."""
+
+    zero_run: Any
+    zero_scale: Any
+    zero_last_rate: Any
+    zero_rising: Any
+
+    @classmethod
+    def start(cls, zero: Any, zero_count: Any) -> "ZeroRateWatch":
+        """The memory before any step, from a 0 of the accumulator dtype and one of the count's integer type."""
+        nan = zero + math.nan
+        return cls(zero_count, nan, nan, nan)
+
+
+def watch_zero_rate(watch: ZeroRateWatch, lr: Any, numerator: Any, loss: Any, eps: Any, xp: Any) -> ZeroRateWatch:
+    """``watch`` after a step at rate ``lr`` with numerator ``-g^T u`` and ``loss`` (NaN: not known); ``eps``: the
+    parameters' machine epsilon (:func:`zero_rate_run`)."""
+    scale = numerator_scale(watch.zero_scale, numerator, xp)
+    run = zero_rate_run(watch.zero_run, lr, numerator, scale, eps, loss, watch.zero_last_rate, xp)
+    last = xp.where(lr > 0, lr, watch.zero_last_rate)
+    fired = xp.isnan(watch.zero_rising) & (run >= ZERO_RATE_STEPS)
+    rising = xp.where(fired, xp.where(numerator < 0, 1.0, 0.0), watch.zero_rising)
+    return ZeroRateWatch(run, scale, last, rising)
+
+
+def zero_rate_message(rising: bool, decays: bool, carries: bool = False, optax: bool = False) -> str:
     """The warning for a run of :func:`zero_rate_run` steps. ``rising``: the loss rises along the base's update
     (``-g^T u < 0``) on the last of them; ``decays``: the base decays its weights; ``carries``: its update carries
-    earlier steps' gradients (:func:`curvopt.base.carries_gradients`)."""
+    earlier steps' gradients (:func:`curvopt.base.carries_gradients`); ``optax``: Optax's wording (what the base
+    chain holds is not known where the state is read: a memory and a decay are named as possible causes)."""
     head = f"curvopt: the learning rate has been 0 for {ZERO_RATE_STEPS} steps, so the parameters have not moved. "
     if not rising:
         return head + (
@@ -654,21 +655,29 @@ def zero_rate_message(rising: bool, decays: bool, carries: bool = False) -> str:
             "f_star (Polyak's rate (f - f_star) / (-g^T u) is then 0: if the loss can go lower, f_star is too "
             "high).")
     head += "The loss rises along the base optimizer's update (-g^T u <= 0). "
-    if carries:  # each cause that applies, then the others
+    if carries or optax:  # each cause that applies, then the others
+        head += ("If the base's update carries earlier steps' gradients (a momentum, Adam's first moment), " if optax
+                 else "The base's update carries earlier steps' gradients (its momentum, Adam's first moment): ") + (
+            "after steps that overshot, where the loss rose, it can climb the loss until that memory turns, the rate "
+            "staying 0 meanwhile (measured: QuadraticGreedy behind Adam on an autoencoder in batches of 64, the loss "
+            "from 0.24 to 29 by step 64, then rate 0 for 30 steps, then training again). ")
+    if optax:
         head += (
-            "The base's update carries earlier steps' gradients (its momentum, Adam's first moment): after steps "
-            "that overshot, where the loss rose, it can climb the loss until that memory turns, the rate staying 0 "
-            "meanwhile (measured: QuadraticGreedy behind Adam on an autoencoder in batches of 64, the loss from 0.24 "
-            "to 29 by step 64, then rate 0 for 30 steps, then training again). ")
-    if decays:
+            "If the base decays the weights (optax.add_decayed_weights inside it), the rate is chosen for the loss "
+            "without the decay, and where the decay outweighs the gradient the update climbs the loss (measured: "
+            "quadratic_greedy(optax.chain(optax.identity(), optax.add_decayed_weights(0.3))) stopped for good at "
+            "step 3): put the L2 term in the loss (0.5 * wd * sum of squared weights) instead, or lower the decay. ")
+    elif decays:
         head += (
             "The rate is chosen for the loss the gradient comes from (the closure's); the base's weight_decay is not "
             "part of it, and where the decay outweighs that gradient the update climbs the loss (measured: logistic "
             "regression behind SGD(momentum=0.9, weight_decay=1e-3) stopped for good at step 8). Put the L2 term "
             "in the loss (0.5 * wd * sum of squared weights) instead of weight_decay=, or lower weight_decay. ")
-    return head + ("Otherwise the update" if carries or decays else "The update") + (
-        " is not a descent direction of the loss: a base the tuner does not know (allow_any_base=True), or gradients "
-        "that are not the loss's.")
+    unknown = ("a base_method that is not the base's, or updates handed to the tuner that are not the loss's "
+               "gradient transformed by the base" if optax else
+               "a base the tuner does not know (allow_any_base=True), or gradients that are not the loss's")
+    return head + ("Otherwise the update" if carries or decays or optax else "The update") + (
+        f" is not a descent direction of the loss: {unknown}.")
 
 
 GRADIENT_MISSING_MESSAGE = (

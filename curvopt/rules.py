@@ -652,10 +652,9 @@ class CDATRule:
         """The quadratically greedy step ``-g^T u / |u^T H u|`` (the minimiser of the quadratic model)."""
         return cls(sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, startup="paper")
 
-    @property
-    def loss_bound(self) -> float:
-        """The lower bound of the loss the rule leans on (``-inf``: none): ``f_star`` under the robust start-up;
-        the paper's rule uses none."""
+    def loss_bound(self, xp: Any) -> Any:
+        """The lower bound of the loss the rule leans on (``-inf``: none; :mod:`curvopt.bound_watch`): ``f_star``
+        under the robust start-up; the paper's rule uses none."""
         return self.f_star if self.startup == "robust" else -math.inf
 
     def _lagged_reach(self, x: RuleInputs, growth: Any, xp: Any) -> Any:
@@ -754,9 +753,8 @@ class PolyakRule:
         lr_max = POLYAK_LR_MAX if self.lr_max is None else self.lr_max
         object.__setattr__(self, "lr_max", check_positive("lr_max", lr_max, allow_inf=True))
 
-    @property
-    def loss_bound(self) -> float:
-        """The lower bound of the loss the rule leans on: ``f_star``."""
+    def loss_bound(self, xp: Any) -> Any:
+        """The lower bound of the loss the rule leans on (:mod:`curvopt.bound_watch`): ``f_star``."""
         return self.f_star
 
     def init(self, zero: Any) -> NoState:
@@ -898,10 +896,10 @@ class EdgeOfStabilityRule:
         if self.f_star != -math.inf:
             object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
 
-    @property
-    def loss_bound(self) -> float:
-        """The lower bound of the loss the rule leans on: ``f_star`` with the loss-bound cap on, else ``-inf``."""
-        return self.f_star if self.loss_cap != math.inf else -math.inf
+    def loss_bound(self, xp: Any) -> Any:
+        """The lower bound of the loss the rule leans on (:mod:`curvopt.bound_watch`): ``f_star`` with the
+        loss-bound cap on, else ``-inf`` (``loss_cap`` may be injected: a traced array)."""
+        return xp.where(self.loss_cap != math.inf, self.f_star, -math.inf)
 
     def init(self, zero: Any) -> EdgeOfStabilityState:
         """The state before the first step: no rate held yet (0)."""

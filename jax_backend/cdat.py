@@ -9,7 +9,9 @@ import optax
 
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on, noise_dominated
-from curvopt.config import CURVATURE_ORACLES, DEFAULT_CURVATURE, concave_reprobe, has_gradient, secant_caveat
+from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, ZeroRateWatch, concave_reprobe, has_gradient,
+                            secant_caveat)
+from curvopt.bound_watch import BoundWatch
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, watch_minibatch, watches
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
                            default_lagged_growth, default_numerator, default_sigma, momentum_numerator,
@@ -24,8 +26,9 @@ from .oracles import (ReplayCheck, SecantMemory, curvature as curvature_of, repl
                       secant_remember, secant_unwatched, secant_watch_motion)
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init, find_adam_state
-from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, oracle_for, prepare, select,
-                    sharpness_of, skip, stats_init, transform)
+from .tuner import (ascent_count, bound_init, bound_watched, check_base_method, convenience, finish, fresh_leaves,
+                    oracle_for, prepare, select, sharpness_of, skip, stats_init, transform, zero_rate_init,
+                    zero_rate_watched)
 from .warning import warn
 
 __all__ = ["ScaleByCDATState", "ScaleByQuadraticGreedyState", "PairedMemory", "scale_by_cdat",
@@ -64,7 +67,13 @@ class ScaleByCDATState(NamedTuple):
     * ``stats``: the logged numbers (:class:`curvopt.stats.TunerStats`; ``tree_get(state, "lr")``);
     * ``replay``: :class:`~jax_backend.oracles.ReplayCheck` when the oracle can be ``fd`` (``curvature="fd"`` or
       ``"auto"``), else None: the first fd probes' check that ``value_fn`` computes the step's loss (None too in a
-      state pickled before the check existed, which resumes without it).
+      state pickled before the check existed, which resumes without it);
+    * ``bound``: :class:`curvopt.bound_watch.BoundWatch`, the watch on the loss against ``f_star``
+      (:func:`jax_backend.stats` warns when the loss went below it or pressed on it; None in a state pickled
+      before the watch existed);
+    * ``zero_rate``: :class:`curvopt.config.ZeroRateWatch`, the watch on runs of steps at rate 0, fed by the steps
+      whose curvature is the current point's (:func:`jax_backend.stats` warns after
+      :data:`curvopt.config.ZERO_RATE_STEPS` of them on a run that has not converged; None likewise).
     """
 
     steps: Any
@@ -77,6 +86,8 @@ class ScaleByCDATState(NamedTuple):
     watch: MinibatchWatch | None
     stats: TunerStats
     replay: ReplayCheck | None = None  # (last, with a default: a state pickled before it existed loads without it)
+    bound: BoundWatch | None = None  # (likewise)
+    zero_rate: ZeroRateWatch | None = None  # (likewise)
 
 
 ScaleByQuadraticGreedyState = ScaleByCDATState
@@ -285,7 +296,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             paired=PairedMemory(optax.tree.zeros_like(params), jnp.zeros((), bool)) if numerator == "paired" else None,
             noise=noise_init(params, dtype) if denoise else None,
             watch=MinibatchWatch.start(jnp.zeros((), dtype)) if watches(method) else None,
-            stats=stats_init(dtype), replay=replay_init(dtype) if curvature in ("auto", "fd") else None))
+            stats=stats_init(dtype), replay=replay_init(dtype) if curvature in ("auto", "fd") else None,
+            bound=bound_init(dtype), zero_rate=zero_rate_init(dtype)))
 
     def update(updates: Any, state: ScaleByCDATState, params: Any = None, *, value: Any = None,
                grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
@@ -360,7 +372,10 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 noise=state.noise if noise_memory is None else noise_memory,
                 watch=optax.tree.cast_like(watch, state.watch), stats=stats,
                 replay=state.replay if fd_probe is None or state.replay is None else replay_check(
-                    state.replay, p.value, p.numerator, curv, fd_probe, state.steps, dtype))
+                    state.replay, p.value, p.numerator, curv, fd_probe, state.steps, dtype),
+                bound=bound_watched(state.bound, p, rule.loss_bound(jnp)),
+                zero_rate=state.zero_rate if oracle == "secant" else zero_rate_watched(state.zero_rate, p, stats,
+                                                                                        params))
 
         ok = p.finite
         closure_free = oracle == "secant" and p.f is None

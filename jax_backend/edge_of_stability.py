@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
-from curvopt.config import SharpnessConfig
+from curvopt.bound_watch import BoundWatch
+from curvopt.config import SharpnessConfig, ZeroRateWatch
 from curvopt.rules import (EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule, default_eos_free_steps,
                            default_eos_sigma)
 from curvopt.stats import TunerStats
@@ -16,8 +17,9 @@ from curvopt.stats import TunerStats
 from .direction import accumulator_dtype
 from .settings import make, sharpness_enabled, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
-from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, select,
-                    sharpness_of, skip, stats_init, transform)
+from .tuner import (ascent_count, bound_init, bound_watched, check_base_method, convenience, finish, fresh_leaves,
+                    prepare, select, sharpness_of, skip, stats_init, transform, zero_rate_init,
+                    zero_rate_watched)
 
 __all__ = ["ScaleByEdgeOfStabilityState", "scale_by_edge_of_stability", "edge_of_stability"]
 
@@ -35,6 +37,8 @@ class ScaleByEdgeOfStabilityState(NamedTuple):
     rule: EdgeOfStabilityState
     eigen: EigenMemory
     stats: TunerStats
+    bound: BoundWatch | None = None  # (last, with a default: a state pickled before it existed loads without it)
+    zero_rate: ZeroRateWatch | None = None  # (likewise)
 
 
 def scale_by_edge_of_stability(
@@ -89,7 +93,8 @@ def scale_by_edge_of_stability(
         zero_i = jnp.zeros((), jnp.int32)
         return fresh_leaves(ScaleByEdgeOfStabilityState(
             steps=zero_i, ascent_steps=zero_i, rule=rule.init(jnp.zeros((), dtype)),
-            eigen=eigen_init(params, sharp, method), stats=stats_init(dtype)))
+            eigen=eigen_init(params, sharp, method), stats=stats_init(dtype), bound=bound_init(dtype),
+            zero_rate=zero_rate_init(dtype)))
 
     def update(updates: Any, state: ScaleByEdgeOfStabilityState, params: Any = None, *, value: Any = None,
                grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
@@ -112,7 +117,9 @@ def scale_by_edge_of_stability(
                                 method=method, old=state.stats, coefficient=rule.coefficient)
             return out, ScaleByEdgeOfStabilityState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
-                rule=optax.tree.cast_like(rule_state, state.rule), eigen=eigen, stats=stats)
+                rule=optax.tree.cast_like(rule_state, state.rule), eigen=eigen, stats=stats,
+                bound=bound_watched(state.bound, p, rule.loss_bound(jnp)),
+                zero_rate=zero_rate_watched(state.zero_rate, p, stats, params))
 
         return select(p.finite, taken(), skip(updates, state))
 

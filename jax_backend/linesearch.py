@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
+from curvopt.config import ZeroRateWatch
 from curvopt.rules import ArmijoRule, ArmijoSearchState, RuleInputs, default_armijo_c
 from curvopt.stats import TunerStats
 
@@ -27,7 +28,7 @@ from .loss import require_value_fn
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
 from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, sharpness_of, skip,
-                    stats_init, transform)
+                    stats_init, transform, zero_rate_init, zero_rate_watched)
 
 __all__ = ["ScaleByArmijoState", "scale_by_armijo", "armijo"]
 
@@ -46,6 +47,7 @@ class ScaleByArmijoState(NamedTuple):
     trials: Any
     eigen: EigenMemory | None
     stats: TunerStats
+    zero_rate: ZeroRateWatch | None = None  # (last, with a default: a state pickled before it existed loads without it)
 
 
 def scale_by_armijo(
@@ -87,7 +89,7 @@ def scale_by_armijo(
         return fresh_leaves(ScaleByArmijoState(
             steps=zero_i, ascent_steps=zero_i, rule=rule.init(jnp.zeros((), dtype)), trials=zero_i,
             eigen=eigen_init(params, sharp, method),
-            stats=stats_init(dtype)))
+            stats=stats_init(dtype), zero_rate=zero_rate_init(dtype)))
 
     def update(updates: Any, state: ScaleByArmijoState, params: Any = None, *, value: Any = None,
                grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
@@ -129,7 +131,8 @@ def scale_by_armijo(
                                 method=method, old=state.stats)
             return out, ScaleByArmijoState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
-                rule=optax.tree.cast_like(rule_state, state.rule), trials=n, eigen=eigen, stats=stats)
+                rule=optax.tree.cast_like(rule_state, state.rule), trials=n, eigen=eigen, stats=stats,
+                zero_rate=zero_rate_watched(state.zero_rate, p, stats, params))
 
         # lax.cond (not the select of the other tuners): a skipped step must not run up to max_trials
         # evaluations of the line search.

@@ -7,14 +7,17 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.base import BaseMethod, as_base_method
+from curvopt.bound_watch import BoundWatch
+from curvopt.config import ZeroRateWatch
 from curvopt.rules import PolyakRule, RuleInputs, apply_rule, polyak_cap_warning
 from curvopt.stats import TunerStats
 
 from .direction import accumulator_dtype
 from .settings import make, sharpness_setting
 from .sharpness import EigenMemory, eigen_init
-from .tuner import (ascent_count, check_base_method, convenience, finish, fresh_leaves, prepare, select, sharpness_of,
-                    skip, stats_init, transform)
+from .tuner import (ascent_count, bound_init, bound_watched, check_base_method, convenience, finish, fresh_leaves,
+                    prepare, select, sharpness_of, skip, stats_init, transform, zero_rate_init,
+                    zero_rate_watched)
 from .warning import warn
 
 __all__ = ["ScaleByPolyakState", "scale_by_polyak", "polyak"]
@@ -23,13 +26,16 @@ _POLYAK = PolyakRule()
 
 
 class ScaleByPolyakState(NamedTuple):
-    """State of :func:`scale_by_polyak`: ``steps``, ``ascent_steps``, ``eigen`` and ``stats`` as in
-    :class:`jax_backend.ScaleByCDATState` (the rule keeps no state; ``stats.curvature`` is NaN)."""
+    """State of :func:`scale_by_polyak`: ``steps``, ``ascent_steps``, ``eigen``, ``stats``, ``bound`` and
+    ``zero_rate`` as in :class:`jax_backend.ScaleByCDATState` (the rule keeps no state; ``stats.curvature`` is
+    NaN)."""
 
     steps: Any
     ascent_steps: Any
     eigen: EigenMemory | None
     stats: TunerStats
+    bound: BoundWatch | None = None  # (last, with a default: a state pickled before it existed loads without it)
+    zero_rate: ZeroRateWatch | None = None  # (likewise)
 
 
 def scale_by_polyak(
@@ -68,7 +74,8 @@ def scale_by_polyak(
         return fresh_leaves(ScaleByPolyakState(
             steps=zero_i, ascent_steps=zero_i,
             eigen=eigen_init(params, sharp, method),
-            stats=stats_init(dtype)))
+            stats=stats_init(dtype), bound=bound_init(dtype),
+            zero_rate=zero_rate_init(dtype)))
 
     def update(updates: Any, state: ScaleByPolyakState, params: Any = None, *, value: Any = None,
                grad: Any = None, value_fn: Any = None, base_state: Any = None, base_state_before: Any = None,
@@ -93,7 +100,8 @@ def scale_by_polyak(
                                 method=method, old=state.stats)
             return out, ScaleByPolyakState(
                 steps=state.steps + 1, ascent_steps=ascent_count(p, state.ascent_steps, state.steps, warn_ascent),
-                eigen=eigen, stats=stats)
+                eigen=eigen, stats=stats, bound=bound_watched(state.bound, p, rule.loss_bound(jnp)),
+                zero_rate=zero_rate_watched(state.zero_rate, p, stats, params))
 
         return select(p.finite, taken(), skip(updates, state))
 

@@ -27,11 +27,12 @@ from curvopt import rules
 from curvopt.base import BaseMethod
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
                             SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
-                            collapse_sustained, resolve_curvature)
+                            ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate, zero_rate_message)
+from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
-from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming,
+from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming, least_precise_eps,
                         like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import bind, check_fits_params, check_loss_agrees, misspelled_keywords, value_and_grad_at
 from .noise import find_trace_state
@@ -39,9 +40,9 @@ from .oracles import loss_reads_params
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
 from .warning import warn
 
-__all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "ascent_count", "skip",
-           "select", "pick", "transform", "check_state", "STATE_MISMATCH_MESSAGE", "with_base_state",
-           "check_base_method", "convenience", "stats", "fresh_leaves"]
+__all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "bound_init", "bound_watched",
+           "zero_rate_init", "zero_rate_watched", "ascent_count", "skip", "select", "pick", "transform", "check_state",
+           "STATE_MISMATCH_MESSAGE", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
 
 
 class Prepared(NamedTuple):
@@ -268,6 +269,33 @@ def finish(updates: Any, p: Prepared, lr: Any, *, curvature: Any, sharpness: tup
         skipped=old.skipped, closure_calls=jnp.asarray(calls + p.extra_calls, jnp.int32))
 
 
+def bound_init(dtype: Any) -> BoundWatch:
+    return BoundWatch.start(jnp.zeros((), dtype))
+
+
+def bound_watched(watch: BoundWatch | None, p: Prepared, f_star: float) -> BoundWatch | None:
+    """The watch on the loss against the rule's bound ``f_star`` after a taken step (:mod:`curvopt.bound_watch`;
+    :func:`stats` warns); None stays None (a state made before the watch existed goes on without it)."""
+    if watch is None:
+        return None
+    return optax.tree.cast_like(watch_bound(watch, p.value, p.numerator, f_star, jnp), watch)
+
+
+def zero_rate_init(dtype: Any) -> ZeroRateWatch:
+    return ZeroRateWatch.start(jnp.zeros((), dtype), jnp.zeros((), jnp.int32))
+
+
+def zero_rate_watched(watch: ZeroRateWatch | None, p: Prepared, stats: TunerStats, params: Any
+                      ) -> ZeroRateWatch | None:
+    """The watch on runs of steps at rate 0 after a taken step whose curvature, if any, is the current point's
+    (:func:`curvopt.config.watch_zero_rate`, with the step's logged rate; :func:`stats` warns); None stays None (a
+    state made before the watch existed goes on without it)."""
+    if watch is None:
+        return None
+    eps = least_precise_eps(p.d if params is None else params)
+    return optax.tree.cast_like(watch_zero_rate(watch, stats.lr, p.numerator, p.value, eps, jnp), watch)
+
+
 def ascent_count(p: Prepared, ascent_steps: Any, steps: Any, warn: bool) -> Any:
     return ascent_steps + warn_if_negated(p.numerator, steps, warn).astype(jnp.int32)
 
@@ -403,8 +431,10 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
         if params is not None:
-            # the structure (a checkpoint of another base); its dtypes are the base's affair, as in optax.chain
-            like = (jax.eval_shape(base.init, params), jax.eval_shape(tuner.init, params))
+            # the structure (a checkpoint of another base); its dtypes are the base's affair, as in optax.chain; a
+            # tuner state made before a field was added goes on without it (_without_added), as the bare one does
+            made = state[1] if isinstance(state, (tuple, list)) and len(state) == 2 else None
+            like = (jax.eval_shape(base.init, params), _without_added(jax.eval_shape(tuner.init, params), made))
             check_state(state, like, dtypes=False)
         direction, base_state = base.update(updates, state[0], params, **extra_args)
         kwargs = {k: v for k, v in extra_args.items() if k != "base_state"}
@@ -490,6 +520,12 @@ def stats(opt_state: Any) -> dict[str, Any]:
         watch = getattr(state, "watch", None)
         if watch is not None and math.isfinite(float(watch.watch_fired)):
             warn(minibatch_message(watch))
+        bound = getattr(state, "bound", None)
+        for message in [] if bound is None else bound_messages(bound, "curvopt"):
+            warn(message)
+        zero = getattr(state, "zero_rate", None)
+        if zero is not None and not math.isnan(float(zero.zero_rising)):
+            warn(zero_rate_message(float(zero.zero_rising) > 0, decays=False, optax=True))
     # an nnx.Optimizer's state holds each leaf in an OptArray: hand out its array, as from any other state (by
     # get_value(): reading .value is deprecated since flax 0.12)
     return {k: v.get_value() if hasattr(v, "get_value") else v for k, v in state.stats._asdict().items()}

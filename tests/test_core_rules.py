@@ -691,8 +691,8 @@ def test_eos_loss_cap_by_hand():
     assert lrs == pytest.approx([0.5, 1.0, 2.0], rel=1e-15)
     off, _ = _run(dataclasses.replace(rule, loss_cap=math.inf), [(4.0, np.nan, 1.0, 1.0)])
     assert off == pytest.approx([3.0], rel=1e-15)
-    assert rules.EdgeOfStabilityRule().loss_cap == 1.0 and rules.EdgeOfStabilityRule().loss_bound == 0.0
-    assert dataclasses.replace(rule, loss_cap=math.inf).loss_bound == -math.inf
+    assert rules.EdgeOfStabilityRule().loss_cap == 1.0 and rules.EdgeOfStabilityRule().loss_bound(np) == 0.0
+    assert dataclasses.replace(rule, loss_cap=math.inf).loss_bound(np) == -math.inf
 
 
 def test_gradient_compute_eps_takes_the_coarsest_half_dtype_most_entries_fit():
@@ -829,12 +829,16 @@ def test_zero_rate_run_counts_only_numerators_a_converged_run_would_not_have():
     the decrease the last rate would promise in units of the loss's last place."""
     import math
 
-    from curvopt.config import ZERO_RATE_ROUNDING, numerator_scale, zero_rate_run
+    from curvopt.config import ZERO_RATE_ROUNDING, ZERO_RATE_STEPS, ZeroRateWatch, numerator_scale, watch_zero_rate
+    from curvopt.config import zero_rate_run as run_with
+
+    def zero_rate_run(run, lr, num, scale, eps, loss=math.nan, last=math.nan):
+        return int(run_with(run, lr, num, scale, eps, loss, last, np))
 
     eps = 2.0 ** -52
     scale = math.nan
     for num in (0.0, 2.0, 1e6, -3.0):  # exactly 0 is no numerator; the first nonzero one is kept
-        scale = numerator_scale(scale, num)
+        scale = float(numerator_scale(scale, num, np))
     assert scale == 2.0
     assert zero_rate_run(4, 0.0, -1.0, scale, eps) == 5  # uphill, not rounding: counted
     assert zero_rate_run(4, 0.0, 1e-14, scale, eps) == 5  # above eps * scale, no loss given
@@ -845,3 +849,60 @@ def test_zero_rate_run_counts_only_numerators_a_converged_run_would_not_have():
     assert zero_rate_run(4, 0.0, 1e-14, scale, eps, loss, last) == 0
     assert 1e-14 * last <= ZERO_RATE_ROUNDING * eps * loss
     assert zero_rate_run(4, 0.0, 1e-3, scale, eps, loss, last) == 5
+    # the watch: the last rate above 0 is the reference; the run's sign is kept from the step it reached the count
+    watch = watch_zero_rate(ZeroRateWatch.start(0.0, 0), 0.1, 2.0, 0.5, eps, np)
+    assert (int(watch.zero_run), float(watch.zero_scale), float(watch.zero_last_rate)) == (0, 2.0, 0.1)
+    for t in range(ZERO_RATE_STEPS):
+        assert math.isnan(float(watch.zero_rising))
+        watch = watch_zero_rate(watch, 0.0, -1.0, 0.5, eps, np)
+    assert (int(watch.zero_run), float(watch.zero_rising), float(watch.zero_last_rate)) == (ZERO_RATE_STEPS, 1.0, 0.1)
+    watch = watch_zero_rate(watch, 0.0, 1.0, 0.5, eps, np)  # later steps leave the sign said
+    assert float(watch.zero_rising) == 1.0 and int(watch.zero_run) == ZERO_RATE_STEPS + 1
+
+
+def test_the_bound_watch_by_hand():
+    """``watch_bound``, independent of either backend: the reference distance is the first finite positive one,
+    the slope's reference its largest; pressing needs the distance within ``BOUND_PRESS_GAP`` of the first while
+    the slope keeps ``BOUND_PRESS_SLOPE`` of its largest; a loss below the bound is kept; each is said once
+    (``since``); NaN losses and ``f_star=-inf`` leave it unchanged."""
+    from curvopt.bound_watch import BOUND_PRESS_GAP, BOUND_PRESS_SLOPE, BoundWatch, bound_messages, watch_bound
+
+    watch = BoundWatch.start(0.0)
+    watch = watch_bound(watch, math.nan, 1.0, 0.0, np)  # an unknown loss: no reference yet
+    assert math.isnan(float(watch.bound_first_gap)) and float(watch.bound_peak_slope) == 0.0
+    watch = watch_bound(watch, 10.0, 4.0, 0.0, np)
+    assert (float(watch.bound_first_gap), float(watch.bound_peak_slope)) == (10.0, 4.0)
+    falling = watch_bound(watch, 10.0 * BOUND_PRESS_GAP, 4.0 * BOUND_PRESS_SLOPE * 0.99, 0.0, np)  # slope fell
+    assert math.isnan(float(falling.bound_pressed)) and bound_messages(falling, "T") == []
+    far = watch_bound(watch, 10.0 * BOUND_PRESS_GAP * 1.01, 4.0, 0.0, np)  # not close enough yet
+    assert math.isnan(float(far.bound_pressed))
+    pressed = watch_bound(watch, 10.0 * BOUND_PRESS_GAP, 4.0 * BOUND_PRESS_SLOPE, 0.0, np)
+    assert float(pressed.bound_pressed) == pytest.approx(10.0 * BOUND_PRESS_GAP)
+    (said,) = bound_messages(pressed, "T", since=watch)
+    assert said.startswith("T: the loss 1e-07 presses on f_star=0")
+    assert bound_messages(watch_bound(pressed, 1e-8, 4.0, 0.0, np), "T", since=pressed) == []  # once
+    below = watch_bound(pressed, -0.5, 4.0, 0.0, np)
+    assert float(below.bound_below) == -0.5 and float(below.bound_first_gap) == 10.0  # (no gap below the bound)
+    (said,) = bound_messages(below, "T", since=pressed)
+    assert said.startswith("T: the loss -0.5 is below f_star=0")
+    assert len(bound_messages(below, "T")) == 2
+    unbounded = watch_bound(BoundWatch.start(0.0), -5.0, 4.0, -math.inf, np)
+    assert bound_messages(unbounded, "T") == [] and math.isnan(float(unbounded.bound_first_gap))
+
+
+def test_the_bound_watch_starts_afresh_under_another_bound():
+    """What the watch found was about the bound it had: after ``f_star`` is corrected (injected, set) or dropped
+    (``-inf``), the old findings go and the references are taken again (a follow-up field test: Optax kept saying
+    "the loss -3.9e-08 is below f_star=-1" after the user lowered ``f_star`` to -1)."""
+    from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
+
+    watch = watch_bound(BoundWatch.start(0.0), 1.0, 4.0, 0.0, np)
+    watch = watch_bound(watch, -0.5, 4.0, 0.0, np)
+    assert [m[:31] for m in bound_messages(watch, "T")] == ["T: the loss -0.5 is below f_sta"]
+    moved = watch_bound(watch, -0.5, 2.0, -1.0, np)
+    assert bound_messages(moved, "T") == [] and float(moved.bound_f_star) == -1.0
+    assert (float(moved.bound_first_gap), float(moved.bound_peak_slope)) == (0.5, 2.0)
+    dropped = watch_bound(watch, -0.5, 2.0, -math.inf, np)
+    assert bound_messages(dropped, "T") == [] and math.isnan(float(dropped.bound_first_gap))
+    kept = watch_bound(watch, -0.6, 2.0, 0.0, np)  # the same bound: said once, kept
+    assert float(kept.bound_below) == -0.5 and float(kept.bound_first_gap) == 1.0

@@ -90,10 +90,11 @@ def test_a_state_restored_without_its_containers_is_refused_and_with_them_resume
 
 
 def test_a_state_made_before_the_replay_check_resumes_without_it():
-    """The CDAT/greedy state's ``replay`` field (the first fd probes' check of ``value_fn``) is its last and defaults
-    to None: a state pickled before it existed (no such field) loads and steps, with the rates of a state that has
-    it, and keeps None (the state's structure does not change under ``jit``). Kills: the field placed before
-    others, or required (a pickled old state raised ``TypeError: missing ... 'stats'``)."""
+    """The CDAT/greedy state's ``replay`` field (the first fd probes' check of ``value_fn``) and ``bound`` (the watch
+    on ``f_star``) are its last and default to None: a state pickled before they existed (no such fields) loads
+    and steps, with the rates of a state that has them, and keeps None (the state's structure does not change
+    under ``jit``). Kills: a field placed before others, or required (a pickled old state raised ``TypeError:
+    missing ... 'stats'``)."""
     import pickle
 
     from curvopt.optax import scale_by_quadratic_greedy
@@ -102,9 +103,9 @@ def test_a_state_made_before_the_replay_check_resumes_without_it():
     params = {"w": jnp.array([1.0, -2.0, 0.5])}
     loss = lambda p: jnp.sum(jnp.array([3.0, 1.0, 0.2]) * p["w"] ** 2)  # noqa: E731
     state = tx.init(params)
-    fields = [f for f in type(state)._fields if f != "replay"]
+    fields = type(state)._fields[:type(state)._fields.index("replay")]
     old = pickle.loads(pickle.dumps(type(state)(*[getattr(state, f) for f in fields])))
-    assert old.replay is None and state.replay is not None
+    assert old.replay is None and old.bound is None and state.replay is not None and state.bound is not None
 
     @jax.jit
     def step(p, s):
@@ -119,5 +120,42 @@ def test_a_state_made_before_the_replay_check_resumes_without_it():
             p, s = step(p, s)
             lrs.append(float(s.stats.lr))
         rates[name] = lrs
-        assert (s.replay is None) == (name == "old")
+        assert (s.replay is None) == (s.bound is None) == (name == "old")
+    assert rates["old"] == rates["new"] and min(rates["new"]) > 0
+
+
+@pytest.mark.parametrize("make", ["cdat", "polyak"])
+def test_an_older_state_resumes_through_the_conveniences(make):
+    """The conveniences check the state they are handed too (``with_base_state``): a tuner state made before its
+    last fields existed (``replay``, ``bound``, ``zero_rate``: None) resumes there as it does bare (a follow-up field
+    test: a pickled ``cdat(...)`` / ``polyak(...)`` state raised "init makes state[1].bound.bound_f_star, which it
+    lacks"), with the rates of a fresh state."""
+    import pickle
+
+    from curvopt.optax import cdat, polyak
+
+    tx = {"cdat": lambda: cdat(optax.identity(), base_method="gd"),
+          "polyak": lambda: polyak(optax.identity(), base_method="gd")}[make]()
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    loss = lambda p: jnp.sum(jnp.array([3.0, 1.0, 0.2]) * p["w"] ** 2)  # noqa: E731
+    state = tx.init(params)
+    tuner = state[1]
+    added = [f for f in type(tuner)._fields if f in ("replay", "bound", "zero_rate")]
+    fields = type(tuner)._fields[:type(tuner)._fields.index(added[0])]
+    old = pickle.loads(pickle.dumps((state[0], type(tuner)(*[getattr(tuner, f) for f in fields]))))
+    assert all(getattr(old[1], f) is None for f in added)
+
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p, value=v, value_fn=loss)
+        return optax.apply_updates(p, u), s
+
+    rates = {}
+    for name, s in (("new", state), ("old", old)):
+        p, lrs = params, []
+        for _ in range(3):
+            p, s = step(p, s)
+            lrs.append(float(s[1].stats.lr))
+        rates[name] = lrs
     assert rates["old"] == rates["new"] and min(rates["new"]) > 0

@@ -13,8 +13,8 @@ import pytest
 
 from curvopt.config import SharpnessConfig
 from curvopt.stats import STAT_FIELDS
-from jax_backend import (BaseMethod, armijo, cdat, scale_by_armijo, scale_by_cdat, scale_by_edge_of_stability,
-                         scale_by_polyak, scale_by_quadratic_greedy, stats)
+from jax_backend import (BaseMethod, armijo, cdat, edge_of_stability, polyak, scale_by_armijo, scale_by_cdat,
+                         scale_by_edge_of_stability, scale_by_polyak, scale_by_quadratic_greedy, stats)
 from jax_backend.loss import fn_kwargs
 
 RNG = np.random.default_rng(0)
@@ -856,3 +856,73 @@ def test_a_clip_inside_a_gradient_descent_base_takes_the_unclipped_runs_steps(cl
         # a schedule inside the base is a scale of the direction too (PyTorch: a scheduler on an SGD base)
         scheduled, _ = run(scale=optax.scale_by_schedule(lambda k: 0.5 + 0.4 * jnp.sin(k)))
         np.testing.assert_allclose(scheduled, free, rtol=1e-6, atol=1e-6 * float(np.linalg.norm(free[0])))
+
+
+@pytest.mark.parametrize("make, creeps", [
+    (lambda: cdat(optax.scale_by_adam(), base_method="adam"), True),
+    (lambda: polyak(optax.scale_by_adam(), base_method="adam", lr_max=0.1), True),
+    (lambda: edge_of_stability(optax.scale_by_adam(), base_method="adam", sharpness_every=5), False)])
+def test_a_loss_below_or_pressing_on_f_star_is_reported(make, creeps):
+    """As in PyTorch (``tests/test_torch_robustness.py``), ``stats`` says when the loss went below ``f_star`` (a
+    Gaussian NLL under the default 0: silent before) and when it presses on it from above (a loss whose minimum -1
+    is below the bound: CDAT's and Polyak's rates lean on it and the loss creeps down to it, the rate toward 0; the
+    edge-of-stability rule's only caps its steps, and it goes below); neither for the same loss shifted to its
+    minimum 0; the same warnings as PyTorch's, with the fix."""
+    from curvopt.optax import stats
+
+    def said(offset):
+        with jax.enable_x64(True):
+            target = jnp.array([3.0, -1.0])
+            loss = lambda w: jnp.sum((w - target) ** 2) - offset  # noqa: E731
+            w = jnp.array([0.0, 0.5])
+            tx = make()
+            state = tx.init(w)
+            step = jax.jit(lambda w, s: tx.update(jax.grad(loss)(w), s, w, value=loss(w), value_fn=loss))
+            for _ in range(50):
+                updates, state = step(w, state)
+                w = optax.apply_updates(w, updates)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                stats(state)
+        return [str(m.message) for m in seen if "below f_star" in str(m.message) or "on f_star" in str(m.message)]
+
+    creeping = said(1.0)
+    pressed = [m for m in creeping if "presses on f_star=0" in m]
+    assert len(pressed) == creeps and all("Pass the loss's lower bound as f_star" in m for m in pressed), creeping
+    assert creeps or any("is below f_star=0" in m for m in creeping), creeping
+    (below,) = said(20.0)  # below the bound from the first step
+    assert below.startswith("curvopt: the loss -") and "is below f_star=0" in below
+    assert said(0.0) == []
+
+
+@pytest.mark.parametrize("make", ["greedy", "cdat", "polyak", "armijo"])
+def test_a_rate_of_zero_for_ten_steps_is_reported(make):
+    """As in PyTorch (``tests/test_torch_dropin.py``), ``stats`` says when the rate has been 0 for
+    ``ZERO_RATE_STEPS`` steps of a run that has not converged (silent in Optax before: a decay inside a
+    gradient-descent base that outweighs the gradient turns the update uphill for good), naming the decay and a
+    base's memory as possible causes; not before the tenth step, and not for a run at rest on its minimum."""
+    from curvopt.config import ZERO_RATE_STEPS
+    from curvopt.optax import quadratic_greedy, stats
+
+    tuners = {"greedy": lambda b: quadratic_greedy(b), "cdat": lambda b: cdat(b, base_method="gd"),
+              "polyak": lambda b: polyak(b, base_method="gd"), "armijo": lambda b: armijo(b, base_method="gd")}
+    a, c = jnp.diag(jnp.array([3.0, 1.0])), jnp.array([3.0, -1.0])
+    loss = lambda w: 0.5 * (w - c) @ a @ (w - c)  # noqa: E731
+
+    def said(base, w, steps):
+        tx = tuners[make](base)
+        state = tx.init(w)
+        step = jax.jit(lambda w, s: tx.update(jax.grad(loss)(w), s, w, value=loss(w), value_fn=loss))
+        for _ in range(steps):
+            updates, state = step(w, state)
+            w = optax.apply_updates(w, updates)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            stats(state)
+        return [str(m.message) for m in seen if "has been 0" in str(m.message)]
+
+    uphill = optax.chain(optax.identity(), optax.add_decayed_weights(3.0))  # (g + 3 w)^T g < 0 at the start
+    assert said(uphill, jnp.array([2.5, -0.8]), ZERO_RATE_STEPS - 1) == []
+    (zero,) = said(uphill, jnp.array([2.5, -0.8]), ZERO_RATE_STEPS)
+    assert "The loss rises along" in zero and "add_decayed_weights" in zero and "a momentum" in zero
+    assert said(optax.identity(), jnp.array([2.5, -0.8]), 60) == []  # to the minimum, then at rest there

@@ -812,3 +812,27 @@ def test_a_state_dict_flattened_by_torch_distributed_checkpoint_is_refused_sayin
         with pytest.raises(ValueError, match="flatten_optimizer_state_dict=True"):
             set_state_dict(model2, opt2, model_state_dict=model.state_dict(), optim_state_dict=flat, options=options)
     assert not any(opt2.state.values())
+
+
+@pytest.mark.parametrize("make", [lambda p: CDAT(torch.optim.Adam(p, lr=1.0)), lambda p: PolyakStep(
+    torch.optim.SGD(p, lr=1.0)), lambda p: ArmijoLineSearch(torch.optim.SGD(p, lr=1.0))])
+def test_a_pickle_from_a_build_without_the_rate_and_bound_watches_resumes(make):
+    """A tuner pickled by a build before the watches on the loss bound and on runs of rate 0 were
+    ``curvopt.bound_watch.BoundWatch`` / ``curvopt.config.ZeroRateWatch`` has neither attribute: it resumes (class
+    defaults), as the uninterrupted run. Kills: the watch only set in ``__init__`` (``AttributeError``)."""
+    model, (x, y) = mlp(), data()
+    opt = make(list(model.parameters()))
+
+    def step(m, o):
+        def closure():
+            o.zero_grad()
+            loss = nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            return loss
+        return float(o.step(closure))
+
+    assert len({step(model, opt) for _ in range(3)}) == 3  # (it trains)
+    for name in ("_zero_watch", "_bound_watch"):
+        opt.__dict__.pop(name, None)  # what that build pickled
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert [step(model2, opt2) for _ in range(3)] == [step(model, opt) for _ in range(3)]

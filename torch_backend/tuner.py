@@ -65,13 +65,14 @@ from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_domi
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE,
                             OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE,
-                            ZERO_RATE_STEPS, skip_message, accumulator_dtype_name, collapse_peak, collapse_run,
+                            ZeroRateWatch, skip_message, accumulator_dtype_name, collapse_peak, collapse_run,
                             collapse_sustained, concave_reprobe,
                             external_clip_suspected, has_gradient, in_direction_units, moved_measurably,
-                            moved_outside, numerator_scale, probe_reads_forward, remember_probe, resolve_curvature,
+                            moved_outside, probe_reads_forward, remember_probe, resolve_curvature,
                             power_iters, secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
-                            secant_stalled, sharpness_due, stall_window, watched_norms, zero_rate_message,
-                            zero_rate_run, pressing_on_bound, BOUND_PRESS_MESSAGE)
+                            secant_stalled, sharpness_due, stall_window, watch_zero_rate, watched_norms,
+                            zero_rate_message)
+from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, minibatch_message, watch_minibatch, watches
 from curvopt.preconditioner import relative_rates
 from curvopt.rules import ArmijoRule, CDATRule, RuleInputs, apply_rule
@@ -227,12 +228,12 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: ``"paired"``: :func:`curvopt.rules.paired_numerator`)
     numerator: str = "direction"
 
-    #: the once-per-tuner warnings that the loss fell below the rule's ``f_star``, or pressed on it, were given
-    _below_bound_warned = False
-    _bound_press_warned = False
-    #: the first distance of the loss to ``f_star`` and the largest slope -g^T u since (not saved: after a load,
-    #: the next ones), for :func:`curvopt.config.pressing_on_bound`
-    _bound_reference = (math.nan, 0.0)
+    #: the watch on the loss against the rule's ``f_star`` (:mod:`curvopt.bound_watch`; not saved: after a load,
+    #: the next steps' distance and slope are its references, the warnings already given stay given)
+    _bound_watch = BoundWatch.start(0.0)
+    #: the watch on runs of steps at rate 0 (:class:`curvopt.config.ZeroRateWatch`; likewise; a class default, as
+    #: the other watches': a tuner pickled before it existed loads without it)
+    _zero_watch = ZeroRateWatch.start(0.0, 0)
     #: the once-per-tuner warnings that a closure-free step found the gradients unzeroed, or unchanged without the
     #: values to confirm it (:mod:`.freshness`), were given; whether the last accumulated steps' secants were not
     #: positive
@@ -332,11 +333,6 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._moved_last = False
         self._clip_warned = False
         self._motion_warned = False
-        #: consecutive steps at rate 0 (:func:`curvopt.config.zero_rate_run`); None once warned; and what they are
-        #: judged against, the first numerator (:func:`curvopt.config.numerator_scale`) and the last rate above 0
-        #: (not saved: after a load, the next ones)
-        self._zero_run: Optional[int] = 0
-        self._numerator_scale = self._last_rate = math.nan
         self.guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
@@ -856,7 +852,8 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _watch_reads(self, st: _Step) -> None:
         """The checks on the step's reads that warn: a norm clip outside a closure-free step
-        (:meth:`_watch_clip`), a loss below the rule's lower bound ``f_star`` (once)."""
+        (:meth:`_watch_clip`), a loss below the rule's lower bound ``f_star`` or pressing on it
+        (:mod:`curvopt.bound_watch`, each once)."""
         if st.watch_clip:
             self._watch_clip(st.g_sq, after_move=self._moved_last and (st.prev_u is not None or not st.secant),
                              closure=not st.secant)
@@ -869,25 +866,12 @@ class CurvatureTuner(torch.optim.Optimizer):
                 self._accumulation_warned = True
                 warn(ACCUMULATED_GRADIENT_MESSAGE.format(tuner=type(self).__name__))
         self._watch_frozen(st)
-        f_star = getattr(self.rule, "loss_bound", -math.inf)
-        if st.loss_v < f_star and not self._below_bound_warned:
-            self._below_bound_warned = True
-            warn(f"{type(self).__name__}: the loss {float(st.loss_v):.6g} is below f_star={f_star:g}, which the "
-                 "rule takes as a lower bound of the loss (its step cap and curvature floor lean on it); "
-                 "pass the loss's lower bound as f_star, or f_star=-inf to turn the loss-based safeguards "
-                 "off")
-        if math.isfinite(f_star) and not self._bound_press_warned:
-            self._watch_bound(float(st.loss_v) - f_star, float(st.numerator), f_star)
-
-    def _watch_bound(self, gap: float, slope: float, f_star: float) -> None:
-        """Warn once when the loss presses on ``f_star`` from above (:func:`curvopt.config.pressing_on_bound`)."""
-        if not (math.isfinite(gap) and gap > 0 and math.isfinite(slope)):
-            return
-        first, peak = self._bound_reference
-        self._bound_reference = first, peak = (gap if math.isnan(first) else first), max(peak, slope)
-        if pressing_on_bound(gap, first, slope, peak):
-            self._bound_press_warned = True
-            warn(BOUND_PRESS_MESSAGE.format(tuner=type(self).__name__, loss=gap + f_star, f_star=f_star, gap=gap))
+        if math.isfinite(float(st.loss_v)):  # (a closure-free step's loss is not known: nothing to watch)
+            before = self._bound_watch
+            bound = getattr(self.rule, "loss_bound", lambda xp: -math.inf)  # (none: the line search)
+            self._bound_watch = watch_bound(before, float(st.loss_v), float(st.numerator), bound(np), np)
+            for message in bound_messages(self._bound_watch, type(self).__name__, since=before):
+                warn(message)
 
     def _watch_frozen(self, st: _Step) -> None:
         """Warn once when the base moves a parameter with ``requires_grad=False`` that still has a gradient
@@ -1030,7 +1014,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 if collapse_sustained(self._collapse_run) and not self._collapse_warned:
                     self._collapse_warned = True
                     warn(SECANT_COLLAPSE_MESSAGE)
-            if not st.probing and not st.lagged and self._zero_run is not None:  # (the secant's: secant_stalled)
+            if not st.probing and not st.lagged:  # (the secant's: secant_stalled)
                 self._watch_zero_rate(lr, st.numerator, st.loss_v)
             if watch is not None:
                 watch = self._watch_minibatch(watch, st.loss_v, lr, st.numerator,
@@ -1382,17 +1366,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             warn(EXTERNAL_CLIP_MESSAGE_CLOSURE if closure else EXTERNAL_CLIP_MESSAGE)
 
     def _watch_zero_rate(self, lr: Any, numerator: Any, loss: Any = None) -> None:
-        """Warn once when the rate has been 0 for :data:`ZERO_RATE_STEPS` steps of a run that has not converged,
-        saying why (:func:`curvopt.config.zero_rate_run`, :func:`curvopt.config.zero_rate_message`)."""
+        """Warn once when the rate has been 0 for :data:`curvopt.config.ZERO_RATE_STEPS` steps of a run that has not
+        converged, saying why (:func:`curvopt.config.watch_zero_rate`, :func:`curvopt.config.zero_rate_message`)."""
         lr, numerator = float(lr), float(numerator)
-        self._numerator_scale = numerator_scale(self._numerator_scale, numerator)
         eps = least_precise_eps(self._all_params()) if lr == 0 else math.nan  # (read only where it is judged)
-        self._zero_run = zero_rate_run(self._zero_run, lr, numerator, self._numerator_scale, eps,
-                                       math.nan if loss is None else float(loss), self._last_rate)
-        if lr > 0:
-            self._last_rate = lr
-        if self._zero_run >= ZERO_RATE_STEPS:
-            self._zero_run = None
+        before = self._zero_watch
+        self._zero_watch = watch_zero_rate(before, lr, numerator, math.nan if loss is None else float(loss), eps, np)
+        if math.isnan(float(before.zero_rising)) and not math.isnan(float(self._zero_watch.zero_rising)):
             decays = any(float(g.get("weight_decay", 0.0)) for g in self.base.param_groups)
             method = self.current_method()
             carries = carries_gradients(method, self._unknown_momentum(method))
@@ -1696,8 +1676,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
         self._collapse_run = 0
-        self._numerator_scale = self._last_rate = math.nan  # (not saved: the loaded run's next ones)
-        self._bound_reference = (math.nan, 0.0)
+        self._zero_watch = ZeroRateWatch.start(0.0, 0)._replace(  # (not saved: the loaded run's next ones)
+            zero_rising=self._zero_watch.zero_rising)
+        self._bound_watch = BoundWatch.start(0.0)._replace(bound_below=self._bound_watch.bound_below,
+                                                           bound_pressed=self._bound_watch.bound_pressed)
         self._watch_saved = ()
         if layout.EXIT_SQ in saved_globals and torch.finfo(saved_globals[layout.EXIT_SQ].dtype).eps > float(
                 least_precise_eps(self._all_params())):  # (saved in a coarser dtype: it would read as motion)
