@@ -556,7 +556,7 @@ REPLAY_MESSAGE_OPTAX = (
     "gradient (pass grad= the raw gradient, or clip inside the base). Otherwise the loss is far from quadratic "
     "over the probe's step (the first steps of a small model behind Adam), which needs no fix.")
 
-#: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken)
+#: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken, or the last)
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
                 "state unchanged)")
 

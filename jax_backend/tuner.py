@@ -480,7 +480,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
 
     Read on the host (concrete values, one run's), it also warns when every step so far had an uphill direction
     (``ascent_steps == steps > 0``): the chain before the tuner negated the updates and ``lr`` is 0; when every
-    step so far was skipped (non-finite: the parameters have not moved); when a closure-free rate stalled below
+    step so far was skipped (non-finite: the parameters have not moved), or the last one (``stats["skipped"]``
+    counts them all); when a closure-free rate stalled below
     its probing step (:func:`curvopt.config.secant_stalled`: the secant of noisy consecutive gradients; pass
     ``value_fn``), or collapsed far below its peak where the noise dominated its curvature
     (:func:`curvopt.config.secant_collapsed`); when a clip before the closure-free tuner fixed the gradients' norm
@@ -503,6 +504,11 @@ def stats(opt_state: Any) -> dict[str, Any]:
             warn(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
                  "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) "
                  "does this")
+        elif skipped and math.isnan(float(state.stats.lr)):  # (a skipped step's lr is NaN, a taken one's not)
+            warn(f"curvopt: the last step was skipped ({skipped} of the {steps + skipped} steps so far): "
+                 f"{SKIP_MESSAGE}. In a bare chain (optax.chain(optax.scale_by_adam(), scale_by_cdat())) the "
+                 "non-finite gradient also reached the base's state, Adam's moments, and every later step is "
+                 "skipped too: the conveniences (cdat(base), ...) keep the base's state on a skipped step")
         if steps > 0 and ascent == steps:
             warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"))
         secant = getattr(state, "secant", None)

@@ -347,6 +347,33 @@ def test_stats_say_when_no_step_was_taken():
         stats(state)
 
 
+def test_stats_say_when_the_last_step_was_skipped():
+    """A skip after taken steps: stats() says so while the last step is a skipped one (PyTorch warns at each), with
+    the count, and names the bare chain whose base state the NaN poisoned (every later step skipped, which
+    stats() was silent about: a field test); after a taken step it says nothing. Kills: only the all-skipped
+    case warned."""
+    params = {"w": jnp.ones(3)}
+    tx = optax.chain(optax.scale_by_adam(), scale_by_cdat())
+    state = tx.init(params)
+    for g in (jnp.ones(3), jnp.full(3, jnp.nan), jnp.ones(3)):  # Adam's moments NaN from the 2nd step on
+        _, state = tx.update({"w": g}, state, params, value=jnp.float32(1.0), grad={"w": g})
+    assert int(stats(state)["skipped"]) == 2
+    with pytest.warns(RuntimeWarning, match=r"the last step was skipped \(2 of the 3 steps so far\).*bare chain"):
+        stats(state)
+    tx = cdat(optax.scale_by_adam())  # keeps Adam's state on the skip: the next step is taken
+    state = tx.init(params)
+    for g in (jnp.ones(3), jnp.full(3, jnp.nan)):
+        u, state = tx.update({"w": g}, state, params, value=jnp.float32(1.0))
+        params = optax.apply_updates(params, u)
+    with pytest.warns(RuntimeWarning, match=r"the last step was skipped \(1 of the 2"):
+        stats(state)
+    _, state = tx.update({"w": jnp.ones(3)}, state, params, value=jnp.float32(1.0))
+    assert int(stats(state)["skipped"]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats(state)
+
+
 def _dropout_problem():
     """A float64 linear least squares whose forward pass drops half the features with a key, as a dropout layer
     does: ``value_fn`` must get the key the gradient was computed with."""
