@@ -473,6 +473,45 @@ def convenience(transform: Callable[..., Any], name: str) -> Callable[..., optax
     return build
 
 
+def _warnings_of(state: Any) -> list[str]:
+    """The warnings :func:`stats` gives for one run's tuner state (host values)."""
+    said: list[str] = []
+    steps, ascent = int(state.steps), int(state.ascent_steps)
+    skipped = int(state.stats.skipped)
+    if steps == 0 and skipped:
+        said.append(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
+                    "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) does this")
+    elif skipped and math.isnan(float(state.stats.lr)):  # (a skipped step's lr is NaN, a taken one's not)
+        said.append(f"curvopt: the last step was skipped ({skipped} of the {steps + skipped} steps so far): "
+                    f"{SKIP_MESSAGE}. In a bare chain (optax.chain(optax.scale_by_adam(), scale_by_cdat())) the "
+                    "non-finite gradient also reached the base's state, Adam's moments, and every later step is "
+                    "skipped too: the conveniences (cdat(base), ...) keep the base's state on a skipped step")
+    if steps > 0 and ascent == steps:
+        said.append(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"))
+    secant = getattr(state, "secant", None)
+    if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
+        said.append(SECANT_STALL_MESSAGE)
+    if secant is not None and collapse_sustained(int(secant.collapsed)):
+        said.append(SECANT_COLLAPSE_MESSAGE)
+    if secant is not None and int(secant.clip_suspected):
+        said.append(EXTERNAL_CLIP_MESSAGE_OPTAX)
+    if secant is not None and int(secant.moved_outside):
+        said.append(OUTSIDE_MOTION_MESSAGE_OPTAX)
+    replay = getattr(state, "replay", None)
+    if replay is not None and int(replay.missed):
+        said.append(REPLAY_MESSAGE_OPTAX)
+    watch = getattr(state, "watch", None)
+    if watch is not None and math.isfinite(float(watch.watch_fired)):
+        said.append(minibatch_message(watch))
+    bound = getattr(state, "bound", None)
+    if bound is not None:
+        said.extend(bound_messages(bound, "curvopt"))
+    zero = getattr(state, "zero_rate", None)
+    if zero is not None and not math.isnan(float(zero.zero_rising)):
+        said.append(zero_rate_message(float(zero.zero_rising) > 0, decays=False, optax=True))
+    return said
+
+
 def stats(opt_state: Any) -> dict[str, Any]:
     """The stats of the first curvopt tuner found in ``opt_state`` (any chain/nesting), as a dict keyed by
     :data:`curvopt.stats.STAT_FIELDS` (also ``optax.tree_utils.tree_get(opt_state, "lr")`` etc.). Raises
@@ -490,48 +529,26 @@ def stats(opt_state: Any) -> dict[str, Any]:
     ``value_fn``'s loss off the step's quadratic model (:func:`jax_backend.oracles.replay_check`: randomness or a
     batch ``value_fn`` does not replay); and when CDAT behind heavy ball or Nesterov
     saw the loss change between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
-    state (an ensemble) gives each field with its leading axis.
+    state (an ensemble) gives each field with its leading axis, and each warning once, naming the members it
+    applies to.
     """
     is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_tuner) if is_tuner(s)]
     if not found:
         raise ValueError("no curvopt tuner state in the given optimizer state")
     state = found[0]
-    if not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 0:  # (not a vmapped ensemble)
-        steps, ascent = int(state.steps), int(state.ascent_steps)
-        skipped = int(state.stats.skipped)
-        if steps == 0 and skipped:
-            warn(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
-                 "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) "
-                 "does this")
-        elif skipped and math.isnan(float(state.stats.lr)):  # (a skipped step's lr is NaN, a taken one's not)
-            warn(f"curvopt: the last step was skipped ({skipped} of the {steps + skipped} steps so far): "
-                 f"{SKIP_MESSAGE}. In a bare chain (optax.chain(optax.scale_by_adam(), scale_by_cdat())) the "
-                 "non-finite gradient also reached the base's state, Adam's moments, and every later step is "
-                 "skipped too: the conveniences (cdat(base), ...) keep the base's state on a skipped step")
-        if steps > 0 and ascent == steps:
-            warn(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"))
-        secant = getattr(state, "secant", None)
-        if secant is not None and int(secant.stalled):  # int(): also an nnx.Optimizer's OptArray
-            warn(SECANT_STALL_MESSAGE)
-        if secant is not None and collapse_sustained(int(secant.collapsed)):
-            warn(SECANT_COLLAPSE_MESSAGE)
-        if secant is not None and int(secant.clip_suspected):
-            warn(EXTERNAL_CLIP_MESSAGE_OPTAX)
-        if secant is not None and int(secant.moved_outside):
-            warn(OUTSIDE_MOTION_MESSAGE_OPTAX)
-        replay = getattr(state, "replay", None)
-        if replay is not None and int(replay.missed):
-            warn(REPLAY_MESSAGE_OPTAX)
-        watch = getattr(state, "watch", None)
-        if watch is not None and math.isfinite(float(watch.watch_fired)):
-            warn(minibatch_message(watch))
-        bound = getattr(state, "bound", None)
-        for message in [] if bound is None else bound_messages(bound, "curvopt"):
+    if not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 0:
+        for message in _warnings_of(state):
             warn(message)
-        zero = getattr(state, "zero_rate", None)
-        if zero is not None and not math.isnan(float(zero.zero_rising)):
-            warn(zero_rate_message(float(zero.zero_rising) > 0, decays=False, optax=True))
+    elif not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 1:  # a vmapped ensemble
+        members: dict[str, list[int]] = {}  # each member's warnings (its scalars: the 1-d leaves), said once
+        for i in range(len(state.steps)):
+            member = jax.tree.map(lambda x: x[i] if jnp.ndim(x) == 1 else x, state)
+            for message in _warnings_of(member):
+                members.setdefault(message, []).append(i)
+        for message, which in members.items():
+            warn(f"{message} (ensemble member{'s' * (len(which) > 1)} {', '.join(map(str, which))} of "
+                 f"{len(state.steps)})")
     # an nnx.Optimizer's state holds each leaf in an OptArray: hand out its array, as from any other state (by
     # get_value(): reading .value is deprecated since flax 0.12)
     return {k: v.get_value() if hasattr(v, "get_value") else v for k, v in state.stats._asdict().items()}

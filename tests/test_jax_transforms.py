@@ -423,6 +423,37 @@ def test_stats_of_a_vmapped_ensemble_state():
     assert s["lr"].shape == (2,) and s["skipped"].shape == (2,)
 
 
+def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
+    """Each member of a vmapped ensemble is watched as a single run is: a warning one member's state holds is
+    given once, naming the members it holds for (the ensemble's ``stats`` used to give none). Here members 1 and
+    2 have their last gradient NaN (skipped), and member 0's loss is below ``f_star=0`` from the start. Kills: no
+    warnings for an ensemble; a warning per member; a member's warning pinned on another."""
+    from curvopt.optax import cdat, stats
+
+    opt = cdat(optax.identity(), base_method="gd")
+    params = {"w": jnp.stack([jnp.ones(3), 2 * jnp.ones(3), 3 * jnp.ones(3)])}
+    poison = jnp.asarray([1.0, jnp.nan, jnp.nan])
+
+    def run(p, bad):
+        state = opt.init(p)
+        for i in range(3):
+            v, g = jax.value_and_grad(lambda q: jnp.sum(q["w"] ** 2) - 10.0)(p)
+            g = jax.tree.map(lambda x: x * jnp.where(i == 2, bad, 1.0), g)
+            u, state = opt.update(g, state, p, value=v)
+            p = optax.apply_updates(p, u)
+        return state
+
+    states = jax.vmap(run)(params, poison)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats(states)
+    said = [str(w.message) for w in caught]
+    skips = [m for m in said if "last step was skipped" in m]
+    assert len(skips) == 1 and skips[0].endswith("(ensemble members 1, 2 of 3)"), said
+    below = [m for m in said if "the loss -7 is below f_star" in m]
+    assert len(below) == 1 and below[0].endswith("(ensemble member 0 of 3)"), said
+
+
 def test_closure_free_stall_in_noisy_mini_batches_is_reported_by_stats():
     """Closure-free in small noisy mini-batches the secant's rate stays below its probing step (the noise over
     the previous rate inflates the curvature): without the noise correction ``stats`` warns once the rate is
