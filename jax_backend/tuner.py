@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvopt import rules
@@ -542,8 +543,9 @@ def stats(opt_state: Any) -> dict[str, Any]:
             warn(message)
     elif not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 1:  # a vmapped ensemble
         members: dict[str, list[int]] = {}  # each member's warnings (its scalars: the 1-d leaves), said once
+        host = jax.tree.map(lambda x: np.asarray(x) if jnp.ndim(x) == 1 else x, state)  # (one transfer a leaf)
         for i in range(len(state.steps)):
-            member = jax.tree.map(lambda x: x[i] if jnp.ndim(x) == 1 else x, state)
+            member = jax.tree.map(lambda x: x[i] if isinstance(x, np.ndarray) else x, host)
             for message in _warnings_of(member):
                 members.setdefault(message, []).append(i)
         for message, which in members.items():
