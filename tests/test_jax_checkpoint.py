@@ -89,6 +89,19 @@ def test_a_state_restored_without_its_containers_is_refused_and_with_them_resume
     assert rates[0] == rates[1] > 0
 
 
+def _three_rates(step, params, states, tuner_of):
+    """Each named state's learning rates over three ``step``s from ``params`` (``tuner_of``: the tuner's part of
+    the state), and the states they end in."""
+    rates, ends = {}, {}
+    for name, s in states.items():
+        p, rates[name] = params, []
+        for _ in range(3):
+            p, s = step(p, s)
+            rates[name].append(float(tuner_of(s).stats.lr))
+        ends[name] = s
+    return rates, ends
+
+
 def test_a_state_made_before_the_replay_check_resumes_without_it():
     """The CDAT/greedy state's ``replay`` field (the first fd probes' check of ``value_fn``) and ``bound`` (the watch
     on ``f_star``) are its last and default to None: a state pickled before they existed (no such fields) loads
@@ -113,13 +126,8 @@ def test_a_state_made_before_the_replay_check_resumes_without_it():
         u, s = tx.update(g, s, p, value=v, grad=g, value_fn=loss)
         return optax.apply_updates(p, u), s
 
-    rates = {}
-    for name, s in (("new", state), ("old", old)):
-        p, lrs = params, []
-        for _ in range(3):
-            p, s = step(p, s)
-            lrs.append(float(s.stats.lr))
-        rates[name] = lrs
+    rates, ends = _three_rates(step, params, {"new": state, "old": old}, lambda s: s)
+    for name, s in ends.items():
         assert (s.replay is None) == (s.bound is None) == (name == "old")
     assert rates["old"] == rates["new"] and min(rates["new"]) > 0
 
@@ -151,11 +159,5 @@ def test_an_older_state_resumes_through_the_conveniences(make):
         u, s = tx.update(g, s, p, value=v, value_fn=loss)
         return optax.apply_updates(p, u), s
 
-    rates = {}
-    for name, s in (("new", state), ("old", old)):
-        p, lrs = params, []
-        for _ in range(3):
-            p, s = step(p, s)
-            lrs.append(float(s[1].stats.lr))
-        rates[name] = lrs
+    rates, _ = _three_rates(step, params, {"new": state, "old": old}, lambda s: s[1])
     assert rates["old"] == rates["new"] and min(rates["new"]) > 0
