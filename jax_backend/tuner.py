@@ -351,12 +351,14 @@ def transform(init: Callable[[Any], Any], update: Callable[..., tuple[Any, Any]]
 
 def _without_added(like: Any, state: Any) -> Any:
     """``like`` (what ``init`` makes) without the fields ``state`` lacks because it was made before they were added:
-    a state NamedTuple's fields with a default (None) that are None in ``state``. Such a state goes on without
-    them (a CDAT state pickled before its ``replay`` check existed)."""
-    defaults = getattr(type(like), "_field_defaults", {})
-    if type(state) is not type(like) or not defaults:
+    a state NamedTuple's fields with a default (None) that are None in ``state``, in it and in the NamedTuples it
+    holds. Such a state goes on without them (a CDAT state pickled before its ``replay`` check existed, a rule state
+    before the above-edge guard's lagged minimum)."""
+    if type(state) is not type(like) or not hasattr(like, "_fields"):
         return like
-    return like._replace(**{f: None for f in defaults if getattr(state, f) is None})
+    defaults = type(like)._field_defaults
+    return like._replace(**{f: None if f in defaults and getattr(state, f) is None
+                            else _without_added(getattr(like, f), getattr(state, f)) for f in like._fields})
 
 
 STATE_MISMATCH_MESSAGE = (

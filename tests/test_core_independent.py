@@ -128,8 +128,9 @@ def test_above_edge_guard_is_scale_free():
     scale keeps the curvature above the loss-bound floor n^2 / 2f, so the rate is 4 n / c = 4)."""
     rule = rules.CDATRule(sigma=4.0, ema=0.0, guard=2.0, growth=1e9, loss_cap=math.inf)
     for scale in (1e-4, 1.0, 1e4, 1e8):
-        lrs, state = _run(rule, [(scale, scale, scale), (scale, scale, 1.5 * scale), (scale, scale, 2.5 * scale)])
-        assert lrs == [4.0, 4.0, 1.0], scale
+        losses = [2 * scale, scale, 1.5 * scale, 2.5 * scale]
+        lrs, state = _run(rule, [(scale, scale, v) for v in losses])
+        assert lrs == [4.0, 4.0, 4.0, 1.0], scale
         assert float(state.gap_min) == scale
 
 

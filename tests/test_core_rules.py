@@ -492,28 +492,48 @@ def test_cdat_default_numerator_by_base():
 
 
 def test_above_edge_guard_by_hand():
-    """The guard's average of the loss gap, its minimum and its verdict, step by step (guard 2, ema 0.5)."""
-    state = (f(0), f(0), f(np.inf))
+    """The guard's average of the loss gap, its minimum, its lagged minimum and its verdict, step by step (guard 2,
+    ema 0.5: the lagged minimum's factor 1 - 0.5 / GUARD_LAG = 0.75, and the progress rule from the weight
+    1 - 0.5^(GUARD_LAG / 0.5) = 0.9375 on). A state without the lagged minimum (None: saved before it) keeps the
+    first verdict alone."""
+    assert (rules.GUARD_LAG, rules.GUARD_FALLEN) == (2.0, 0.5)
 
     def step(value, state):
         allowed, seen, *state = rules.above_edge_guard(f(value), 0.0, *state, guard=2.0, ema=0.5, xp=xp)
         return bool(allowed), bool(seen), state
 
+    state = (f(0), f(0), f(np.inf), f(np.inf), f(np.inf))
+    old = (f(0), f(0), f(np.inf), None, None)
     allowed, seen, state = step(np.nan, state)  # no loss known yet: not seen, not allowed, nothing averaged
-    assert (allowed, seen) == (False, False) and list(map(float, state)) == [0.0, 0.0, np.inf]
-    allowed, seen, state = step(4.0, state)     # mean 4 (bias-corrected), min 4
-    assert (allowed, seen) == (True, True) and float(state[2]) == 4.0
+    assert (allowed, seen) == (False, False) and list(map(float, state)) == [0.0, 0.0, np.inf, np.inf, np.inf]
+    allowed, seen, state = step(4.0, state)     # mean 4 (bias-corrected), min 4; the lagged min and the first: 4
+    assert (allowed, seen) == (True, True) and list(map(float, state[2:])) == [4.0, 4.0, 4.0]
     allowed, seen, state = step(2.0, state)     # mean (0.25*4 + 0.5*2) / 0.75 = 8/3, the new min
     assert allowed and float(state[2]) == pytest.approx(8 / 3)
+    assert float(state[3]) == pytest.approx(0.75 * 4 + 0.25 * 8 / 3) and float(state[4]) == 4.0
     allowed, seen, state = step(12.0, state)    # mean (0.5*2 + 6) / 0.875 = 8: above 2 x 8/3
     assert (allowed, seen) == (False, True) and float(state[2]) == pytest.approx(8 / 3)
     allowed, seen, state = step(np.nan, state)  # an unknown loss leaves the average: still 8, still refused
     assert not allowed and float(state[0]) / float(state[1]) == pytest.approx(8.0)
-    allowed, seen, state = step(0.0, state)     # mean 3.5 / 0.9375 = 3.73 <= 16/3: allowed again
-    assert allowed and float(state[2]) == pytest.approx(8 / 3)
+    lagged = float(state[3])
+    # mean 3.5 / 0.9375 = 3.73 <= 16/3, but the weight is 0.9375 and the min 8/3 is above half the first 4: the
+    # rise 3.73 - 8/3 = 1.07 exceeds the recent progress, the lagged min 0.75 * 3.67 + 0.25 * 8/3 = 3.42 less 8/3
+    allowed, seen, state = step(0.0, state)
+    assert float(state[3]) == pytest.approx(0.75 * lagged + 0.25 * 8 / 3) and float(state[1]) == 0.9375
+    assert not allowed and float(state[2]) == pytest.approx(8 / 3)
     before = list(map(float, state))
     allowed, seen, state = step(-1.0, state)    # below f_star (then not a lower bound): ignored like NaN
-    assert allowed and list(map(float, state)) == before
+    assert not allowed and list(map(float, state)) == before
+    for value in (np.nan, 4.0, 2.0, 12.0, np.nan):  # the same losses on a state saved before the lagged minimum
+        allowed, seen, old = step(value, old)
+    allowed, seen, old = step(0.0, old)         # 3.73 <= 16/3: allowed, as the first verdict alone
+    assert allowed and old[3:] == [None, None] and float(old[2]) == pytest.approx(8 / 3)
+    # a PyTorch state saved (after a known loss) before them loads them as inf (ADDED_START): the same
+    _, _, resumed = step(4.0, (f(0), f(0), f(np.inf), None, None))
+    resumed[3:] = [f(rules.ADDED_START["gap_lagged"]), f(rules.ADDED_START["gap_first"])]
+    for value in (2.0, 12.0, np.nan, 0.0):
+        allowed, seen, resumed = step(value, resumed)
+    assert allowed and list(map(float, resumed[3:])) == [np.inf, np.inf]
 
 
 def test_as_base_method_refuses_momentum_kinds_without_their_momentum():
@@ -527,8 +547,9 @@ def test_cdat_guard_scales_the_rate_by_hand():
     """sigma 4 while allowed; once the loss rose past the guard, the rate at ``guard_sigma`` (1: the greedy
     step of the same averages); without a known loss, the rate at the edge (2)."""
     rule = rules.CDATRule(sigma=4.0, ema=0.0, guard=2.0, growth=1e9, loss_cap=math.inf)  # the guard alone
-    lrs, _ = _run(rule, [(1.0, 1.0, 1.0), (1.0, 1.0, 1.5), (1.0, 1.0, 2.5), (1.0, 1.0, 0.5), (1.0, 1.0, 1.5)])
-    assert lrs == [4.0, 4.0, 1.0, 4.0, 1.0]  # ema 0: the verdict is on the raw loss against its minimum
+    losses = [2.0, 1.0, 1.5, 2.5, 0.5, 1.5]  # halved from the first at once: the first verdict alone
+    lrs, _ = _run(rule, [(1.0, 1.0, v) for v in losses])
+    assert lrs == [4.0, 4.0, 4.0, 1.0, 4.0, 1.0]  # ema 0: the verdict is on the raw loss against its minimum
     assert _run(rule, [(1.0, 1.0)] * 2)[0] == [2.0, 2.0]  # loss unknown (closure-free): on the edge
     # sigma <= 2 is never touched (Adam's and heavy ball's default), nor the paper's rule
     assert _run(dataclasses.replace(rule, sigma=2.0), [(1.0, 1.0, 1.0), (1.0, 1.0, 9.0)])[0] == [2.0, 2.0]
@@ -547,7 +568,7 @@ def _gd_on_quadratic(rule, steps=400, seed=0, cond=100.0, d=50):
     for k in range(steps):
         g = lam * w
         value = 0.5 * w @ g
-        allowed, *_ = rules.above_edge_guard(f(value), rule.f_star, *state[4:7], guard=rule.guard,
+        allowed, *_ = rules.above_edge_guard(f(value), rule.f_star, *state[4:7], *state[8:], guard=rule.guard,
                                              ema=rule.ema, xp=xp)
         refused += not bool(allowed)
         lr, state = rules.apply_rule(rule, rules.RuleInputs(f(g @ g), f(g @ (lam * g)), f(value), f(np.nan), k),

@@ -161,3 +161,33 @@ def test_an_older_state_resumes_through_the_conveniences(make):
 
     rates, _ = _three_rates(step, params, {"new": state, "old": old}, lambda s: s[1])
     assert rates["old"] == rates["new"] and min(rates["new"]) > 0
+
+
+def test_a_rule_state_made_before_the_guards_lagged_minimum_resumes_with_the_first_verdict():
+    """CDAT's rule state gained the above-edge guard's lagged lowest gap and first average (``gap_lagged``,
+    ``gap_first``) as its last fields, default None: a state pickled before them loads and steps, keeps None (the
+    structure does not change under ``jit``) and the guard's first verdict alone (``above_edge_guard``); on these
+    three steps, where the progress rule cannot act yet, its rates are a fresh state's."""
+    import pickle
+
+    from curvopt.optax import scale_by_cdat
+    from curvopt.rules import CDATState
+
+    tx = scale_by_cdat(base_method="gd")
+    params = {"w": jnp.array([1.0, -2.0, 0.5])}
+    loss = lambda p: jnp.sum(jnp.array([3.0, 1.0, 0.2]) * p["w"] ** 2)  # noqa: E731
+    state = tx.init(params)
+    fields = CDATState._fields[:CDATState._fields.index("gap_lagged")]
+    old = pickle.loads(pickle.dumps(state._replace(rule=CDATState(*[getattr(state.rule, f) for f in fields]))))
+    assert old.rule.gap_lagged is None and old.rule.gap_first is None and state.rule.gap_lagged is not None
+
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p, value=v, value_fn=loss)
+        return optax.apply_updates(p, u), s
+
+    rates, ends = _three_rates(step, params, {"new": state, "old": old}, lambda s: s)
+    assert ends["old"].rule.gap_lagged is None and ends["old"].rule.gap_first is None
+    assert float(ends["new"].rule.gap_first) > 0
+    assert rates["old"] == rates["new"] and min(rates["new"]) > 0

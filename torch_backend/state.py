@@ -17,9 +17,11 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   globals): ``curvopt_step`` (steps taken, int), ``curvopt_skipped`` (int), the rule's state fields
   (``curvopt_numerator_avg``, ``curvopt_denominator_avg``, ``curvopt_avg_weight``, ``curvopt_held_lr``,
   ``curvopt_search_lr``, CDAT's above-edge guard ``curvopt_gap_avg``, ``curvopt_gap_weight``,
-  ``curvopt_gap_min`` and the averages' unit ``curvopt_unit``: 0-d tensors of the accumulator dtype; a CDAT state
-  saved before the guard or the unit existed loads with their start values, :data:`curvopt.rules.ADDED_START`: the
-  unit not known, so its first step takes the averages as they are), the latest sharpness estimates
+  ``curvopt_gap_min``, the averages' unit ``curvopt_unit`` and the guard's ``curvopt_gap_lagged``,
+  ``curvopt_gap_first``: 0-d tensors of the accumulator dtype; a CDAT state saved before the guard, the unit or
+  the guard's lagged minimum existed loads with their start values, :data:`curvopt.rules.ADDED_START`: the unit not
+  known, so its first step takes the averages as they are; the lagged minimum never set, so the guard keeps its
+  first verdict alone), the latest sharpness estimates
   (``curvopt_sharpness``, ``curvopt_preconditioned_sharpness``) and the secant's scalars
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
