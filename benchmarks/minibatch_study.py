@@ -880,7 +880,9 @@ def guard(args, cache=None) -> str:
                 r = json.loads(line)
                 if r["tuner"] != "cdat" or r["base"] != "gd":
                     continue
-                st, refused, first = (np.float64(0), np.float64(0), np.float64(np.inf)), 0, None
+                start = gd.init(np.float64(0))
+                st = (start.gap_avg, start.gap_weight, start.gap_min, start.gap_lagged, start.gap_first)
+                refused, first = 0, None
                 for k, v in enumerate(r["steps"]["loss"]):
                     allowed, _, *st = rules.above_edge_guard(np.float64(v), gd.f_star, *st, guard=gd.guard, ema=gd.ema,
                                                              xp=np)
