@@ -577,7 +577,7 @@ class CDATRule:
        (worst H + 635) against H + 2.0 (2.9). Its cost on the default suite (seeds 0-2, final train loss against
        the first verdict alone): full-batch ResNet width 2 1.87 / 1.00 / 1.21 and width 4 1.00 / 1.06 / 1.55 (eval
        loss 0.83-1.01 of it on every seed), mini-batch ResNet 1.00 / 1.29 / 0.79, width 8 and the Adam tasks
-       (``sigma`` 2) unchanged.
+       unchanged (replayed on their losses, the progress rule refused no step the first verdict allowed).
        ``guard=inf`` turns it off; a ``sigma <= 2`` is never touched;
     5. a **loss-bound cap** for ``sigma > 2``, with the guard: ``lr <= loss_cap * w * 2 (f - f_star) / n`` with
        ``w = 1 - ema^t`` the ramp above, so at ``loss_cap = 1`` (default) the step is at most the minimiser of
