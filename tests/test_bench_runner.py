@@ -674,6 +674,7 @@ def test_benchmarks_is_not_installed():
     assert r.returncode != 0 and "No module named 'benchmarks'" in r.stderr
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_parallel_jobs_record_the_same_runs(tmp_path):
     exp = Experiment("mlp", "full", (8,), ("constant", "prodigy"), 3, full_batch_size=32, eval_size=32,
                      sharpness=0, grid=(1e-3, 2e-3), widen=1)

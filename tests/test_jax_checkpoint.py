@@ -47,6 +47,7 @@ MISMATCHES = {  # name -> (the state's maker, the transformation fed it, fed the
 
 
 @pytest.mark.parametrize("name", sorted(MISMATCHES))
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_state_of_another_configuration_is_refused(name):
     made_by, fed_to, with_loss, where = MISMATCHES[name]
     params, loss = _problem()

@@ -168,6 +168,7 @@ def _attack(name, faults, save_at):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(CONFIGS)), faults=st.lists(st.sampled_from(FAULTS), min_size=3, max_size=7),
        save_at=st.integers(0, 2))
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_random_faults_every_tuner_oracle_base(name, faults, save_at):
     _attack(name, faults, save_at)
 
@@ -388,6 +389,7 @@ def _dropout_problem():
 
 
 @pytest.mark.parametrize("tuner", ["greedy", "cdat"])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_value_fn_that_draws_other_dropout_masks_is_told(tuner):
     """A ``value_fn`` that does not replay the step's randomness (a fresh key split inside it: a field test's greedy
     rate was 1.4e-6 where 2.07 was right, CDAT's 1e-7, silently) misses the step's quadratic model at the first fd
@@ -427,6 +429,7 @@ def test_a_value_fn_that_draws_other_dropout_masks_is_told(tuner):
 
 
 @pytest.mark.parametrize("scale", [11.0, 13.0, 15.0])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_value_fn_that_replays_is_not_told_near_a_fitted_float32_loss(scale):
     """A fresh tuner on a float32 softmax classifier that already fits its batch (cross-entropy 1e-4-1e-6): the loss
     rounds like its logits, not like itself, and a ``value_fn`` that replays missed the quadratic model by up to 16.8

@@ -97,6 +97,7 @@ def test_paired_prediction_is_dropped_after_a_step_at_rate_zero():
             assert float(s.lr) * abs(float(s.curvature)) == pytest.approx(float(s.numerator), rel=1e-9)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_amsgrad_state_reads_as_adam_with_its_running_maximum():
     """``cdat(optax.scale_by_amsgrad(), base_method="adam")``: the tuner finds Adam's state (no warning, the
     momentum numerator at its default), and its ``P`` is AMSGrad's own ``(1 - b1^t)(sqrt(nu_max) + eps)``: the
@@ -180,6 +181,7 @@ def _noisy_quadratic_run(noise_correction: bool, sigma: float | None = None, ste
     return np.array(quotients[steps // 2:]), np.array(lrs[steps // 2:])
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_noise_correction_reads_the_true_curvature_under_gradient_noise():
     """The secant of consecutive noisy gradients reads ``c + tr(Sigma) / (lr ||u||^2)``. At ``sigma = 1`` (rate
     ``1 / c``: the iterates stay at the noise floor, where the noise is as large as the gradient's signal) the

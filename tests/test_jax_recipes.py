@@ -137,6 +137,7 @@ class _BatchStatsState(LossTrainState):
     batch_stats: dict
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_train_state_with_batch_stats_keeps_flax_replace_keywords():
     """flax's ImageNet-style ``state.apply_gradients(grads=..., batch_stats=new)`` with a linen BatchNorm: the
     recipe's state stores the step's statistics (the recipe before sent every keyword to ``tx.update``, whose
@@ -228,6 +229,7 @@ def test_nnx_dropout_value_fn_replays_the_mask(x64):
 
 
 @pytest.mark.parametrize("case", ["merge without copy", "closes over the model"])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_nnx_value_fn_writing_to_the_model_says_how_to_rebuild_it(case):
     """With BatchNorm and Dropout, a value_fn built on ``nnx.merge`` without ``copy=True``, or one closing over
     the model, writes to the model's Variables from inside the tuner's jvp: a field test got flax's bare
@@ -374,6 +376,7 @@ def _buffers(tree):
 
 
 @pytest.mark.parametrize("name", sorted(OPTS))
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_donate_argnums(name):
     """jax.jit(step, donate_argnums=(0, 1)) as flax's lm1b/wmt/gemma examples: no two leaves of the initial
     state share a buffer (eager or jitted init), and the donated run gives the same lrs."""
@@ -416,6 +419,7 @@ def test_value_fn_with_aux_drops_the_aux():
     assert float(stats(c)["lr"]) == pytest.approx(float(stats(a)["lr"]), rel=1e-12)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_masked_and_multi_transform():
     """Inside optax.masked/multi_transform the tuner sees a masked view of the parameters (optax.MaskedNode
     leaves) and cannot evaluate value_fn there: curvature="auto" picks the secant. The tuner's lrs equal a
@@ -490,6 +494,7 @@ def test_optax_flatten_around_a_tuner_says_what_to_do():
 @pytest.mark.parametrize("wrap", ["lookahead", "sam"])
 @pytest.mark.parametrize("make", [lambda: cdat(optax.scale_by_adam(), base_method="adam"),
                                   lambda: quadratic_greedy(optax.identity())])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_wrappers_that_blend_a_reset_state_in_keep_the_tuner_running(make, wrap):
     """optax.lookahead(reset_state=True) and optax.contrib.sam blend a reset state in as (1 - s) * state + s * init,
     which turns the tuner's bool state leaves into int32: the skip's lax.cond between the new state and the old
@@ -543,6 +548,7 @@ def test_a_misspelled_loss_keyword_warns():
         opt.update(g, opt.init(p), p, value=v, value_fn=lambda q, x, y: quad(q), x=1.0, y=2.0)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_inject_hyperparams_jitted_init_and_conveniences():
     """The state's structure does not depend on whether init is jitted; the conveniences can be wrapped."""
     p = _p0()
@@ -568,6 +574,7 @@ def test_inject_hyperparams_jitted_init_and_conveniences():
     assert {"sigma", "ema", "eps", "lr_max"} <= set(s.hyperparams)  # numeric settings injected
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_base_method_unset_warns_when_the_base_is_visibly_another():
     """Unset, ``base_method`` is gradient descent, whose CDAT sigma/ema and stability coefficient differ from
     Adam's and heavy ball's: the update warns at trace time (once per trace) when it can see another base, and
@@ -695,6 +702,7 @@ _CONVERGED = dict(sharpness_first_iters=400, sharpness_iters=400, sharpness_tol=
     lambda base: cdat(base, base_method="adam", numerator="momentum", sharpness_every=3, **_CONVERGED),
     lambda base: edge_of_stability(base, base_method="adam", sharpness_every=3, **_CONVERGED),
 ], ids=["cdat", "cdat_momentum_sharpness", "edge_of_stability"])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_base_that_freezes_part_of_the_tree_tunes_the_rest(make):
     """Found in the field: a tuner around ``multi_transform({"train": scale_by_adam(), "frozen": set_to_zero()})``
     (docs/optax.md: tune the whole tree with one tuner, per-part rules inside its base) raised MaskedNode errors:

@@ -357,6 +357,7 @@ def test_nan_curvature_probe_is_forgotten_not_frozen():
 
 @pytest.mark.filterwarnings("ignore:.*base_method")  # behind Adam without base_method: what is read is the point
 @pytest.mark.parametrize("name", list(TUNERS))
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_tree_get_lr_is_the_tuners(name):
     """Every field name is unique in a chain: optax.tree_utils.tree_get(state, "lr") is the tuner's lr, also
     behind Adam (count/mu/nu) and inject_hyperparams."""
@@ -407,6 +408,7 @@ def test_adam_default_numerator_needs_adam_state_and_falls_back_with_a_warning()
     assert not np.allclose(convenience, paper_numerator)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_stats_of_a_vmapped_ensemble_state():
     """``stats`` of a state built and updated under ``jax.vmap`` (an ensemble of runs) gives each field with
     its leading axis instead of failing on the host-side check of one run's counters."""
@@ -423,6 +425,7 @@ def test_stats_of_a_vmapped_ensemble_state():
     assert s["lr"].shape == (2,) and s["skipped"].shape == (2,)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
     """Each member of a vmapped ensemble is watched as a single run is: a warning one member's state holds is
     given once, naming the members it holds for (the ensemble's ``stats`` used to give none). Here members 1 and
@@ -454,6 +457,7 @@ def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
     assert len(below) == 1 and below[0].endswith("(ensemble member 0 of 3)"), said
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_closure_free_stall_in_noisy_mini_batches_is_reported_by_stats():
     """Closure-free in small noisy mini-batches the secant's rate stays below its probing step (the noise over
     the previous rate inflates the curvature): without the noise correction ``stats`` warns once the rate is
@@ -736,6 +740,7 @@ def test_a_clip_before_the_closure_free_tuner_is_reported():
         assert (float(loss(w)) > 1e3) == (where == "before")
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_parameters_moved_outside_the_closure_free_tuner_are_reported():
     """Anything that moves the parameters between two closure-free steps besides the tuner's own updates spoils
     the secant, which assumes the tuner's step alone moved them (PyTorch field test: a clamp gave 355x the exact
@@ -927,6 +932,7 @@ def test_a_loss_below_or_pressing_on_f_star_is_reported(make, creeps):
 
 
 @pytest.mark.parametrize("make", ["greedy", "cdat", "polyak", "armijo"])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_rate_of_zero_for_ten_steps_is_reported(make):
     """As in PyTorch (``tests/test_torch_dropin.py``), ``stats`` says when the rate has been 0 for
     ``ZERO_RATE_STEPS`` steps of a run that has not converged (silent in Optax before: a decay inside a

@@ -57,6 +57,7 @@ def _mlp(width: int, depth: int):
 
 
 @pytest.mark.parametrize("closure,bound", [(True, 0.5), (False, 3.5)])
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_large_tree_temporaries(closure, bound):
     """``cdat(optax.scale_by_adam())`` on an MLP of 4 x 2^20 + 4 x 1024 parameters (leaves of exactly
     CONCAT_BELOW entries, the biases in runs of their own), its jitted step's temporaries in parameter sizes:

@@ -264,6 +264,7 @@ def _watch_of(state):
     return next(s.watch for s in state if hasattr(s, "watch"))
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_optax_heavy_ball_in_minibatch_fires_and_stats_warns_once_per_read():
     """Behind ``optax.trace`` in batches of 16 the state's watch fires and ``stats`` says so."""
     from curvopt.optax import stats
@@ -281,6 +282,7 @@ def test_optax_heavy_ball_in_minibatch_fires_and_stats_warns_once_per_read():
     assert f"at most at this step's, {float(watch.watch_held):.4g}" in found[0]
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_optax_full_batch_heavy_ball_does_not_fire_and_adam_has_no_watch():
     from curvopt.optax import stats
 

@@ -370,6 +370,7 @@ def test_torch_validation_errors():
 
 
 # ----------------------------------------------------------------------------------------------- jax
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_jax_parameterize_tables_init_and_transform():
     x = jnp.zeros((1, IN))
     params, base = flax_params(FlaxMLP(128), x), flax_shapes(FlaxMLP(32), x)
@@ -656,6 +657,7 @@ class _FlaxStack(fnn.Module):
         return fnn.Dense(OUT)(h)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_stacked_layers_are_scaled_as_their_unstacked_layers():
     """Found in the field: the layer axis of an ``nn.scan`` stack was read as fan-in, so the stacked attention
     kernels became readouts (their forward multiplier 1/16), the Dense kernels started sqrt(L) too small, and
@@ -849,6 +851,7 @@ def test_torch_multihead_attention_out_proj_is_refused_and_the_attention_scales_
         torch.testing.assert_close(model(h), h + 0.5 * branch)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_mup_transform_and_decay_inside_masked_and_multi_transform():
     """Found in the field: ``scale_by_mup`` (documented as chainable anywhere) raised a MaskedNode pytree error
     inside ``optax.multi_transform``, and so did a tuner behind it there (the noise metric's multipliers)."""

@@ -551,6 +551,7 @@ print("RESULT " + json.dumps({name: {mode: run(name, mode) for mode in
 """
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_jax_shard_map_refuses_each_devices_own_loss():
     """Under ``shard_map`` (``check_vma=True``) the tuner needs the batch's loss: ``value=`` or a ``value_fn`` that
     returns each device's own (not ``lax.pmean``'d) loss is refused at trace time with the fix (it gave each device

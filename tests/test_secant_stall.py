@@ -178,6 +178,7 @@ def _bf16_runs():
     return out
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_bfloat16_forward_pass_is_not_taken_for_a_stall():
     """Under a bfloat16 forward pass the probing step moves the parameters by sqrt(2^-8) (6 %) of their norm, and
     the secant's rates can sit below it for the first 10 steps while they climb at the secant's growth cap (here

@@ -256,6 +256,7 @@ def fault_run(tuner, base, clean_first, plan):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**FAULT_PLAN)
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_faults_at_random_calls_lose_nothing(tuner, base, clean_first, plan):
     fault_run(tuner, base, clean_first, plan)
 
