@@ -11,6 +11,9 @@ the grid and every tuner, compared **seed by seed** with that constant:
   beat the tuned constant); the table shows the **median** over seeds and the **worst** seed (named);
   ``verdict`` is ``win`` only when the median and the worst seed are both below 1, ``loss`` when the median
   is above 1, ``mixed`` otherwise;
+* where the best constant fits its training set (median final train loss below :data:`FITTED`, marked
+  :data:`FIT`) train losses that small are noise: the verdict is on the eval loss, the ratio of each seed's
+  eval loss to the best constant's (``eval ÷ best const``, given for every width);
 * ``steps to target`` / ``CPU s to target``: the first step at which the training loss is at or below
   1.1 x the best constant's final train loss on the same seed, median over the seeds where that constant did
   not diverge (``—``: the median seed never reached it), and the CPU seconds of the run until then;
@@ -28,8 +31,10 @@ tuner once): loss, learning rate and sharpness per step (with the stability thre
 rate: 2/lr for GD, 38/lr for Adam on the preconditioned sharpness; no sharpness plot where no run estimated it),
 final loss vs width per tuner (the medians of the tables), learning rate vs width. ``readme_table.md``: one
 row per tuner, one column per task x regime x backend x parameterisation, each cell the median ratio over
-widths and seeds with the worst (width, seed) in brackets. There and in the summary table a ratio against a best
-constant still at an edge of its grid is marked (:data:`EDGE`, with a legend line).
+widths and seeds with the worst (width, seed) in brackets, the widths whose best constant fitted its training set
+pooled apart by their eval-loss ratios. There and in the summary table a ratio against a best constant still at an
+edge of its grid is marked (:data:`EDGE`), and one of a width whose constant fitted (:data:`FIT`), each with a legend
+line.
 
 A run recorded twice (an older runner appended the rerun of a failed run after its error record) counts once, by
 its last record; a record without one of :data:`AXES` is skipped with a warning.
@@ -55,6 +60,10 @@ AXES = ("task", "regime", "backend", "param", "width", "tuner", "tuner_name", "s
 EDGE = "†"  # marks a ratio against a best constant still at an edge of its grid (report.md's "grid edge")
 EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid (the widening stopped there); a constant "
              "beyond that edge may do better, which would raise the ratio.")
+FIT = "‡"  # marks a width whose best constant fitted its training set (median final train loss < FITTED)
+FIT_NOTE = (f"{FIT}: a width whose best constant fits its training set (median final train loss < {FITTED:g}): "
+            "train losses that small are noise, so there the verdict, and the README table's figure, is the eval "
+            "loss ÷ that constant's on the same seed (median, worst seed).")
 ORDER = ["constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree", "dadapt", "sophia"]
 
 
@@ -122,6 +131,14 @@ def _ratio(a: float, b: float) -> float:
     if b <= 0:
         return 1.0 if a <= 0 else math.nan
     return a / b
+
+
+def _spread(ratios: dict) -> tuple[float, float, object, dict]:
+    """``(median, worst, worst seed, compared)`` of per-seed ratios ``{seed: ratio}`` (NaN: not compared, left
+    out; worst seed None when none was compared)."""
+    known = {s: v for s, v in ratios.items() if not math.isnan(v)}
+    worst_seed = max(known, key=lambda s: known[s]) if known else None
+    return _median(list(known.values())), known[worst_seed] if known else math.nan, worst_seed, known
 
 
 def _sharp_growth(rec: dict) -> float:
@@ -206,6 +223,8 @@ def analyse(records: list[dict]) -> dict:
             best_lab = label_of.get(best_lr)
             best = consts.get(best_lab, {})
             best_final = {seed: _final(r) for seed, r in best.items()}
+            best_eval = {seed: _eval_loss(r) for seed, r in best.items()}
+            fitted = _median(list(best_final.values())) < FITTED
             base_time = _median([_step_time(r) for runs in consts.values() for r in runs.values()])
             rows = {}
             for lab, runs in by_tuner.items():
@@ -213,15 +232,14 @@ def analyse(records: list[dict]) -> dict:
                     continue
                 seeds = sorted(runs)
                 finals = {s: _final(runs[s]) for s in seeds}
-                ratios = {s: _ratio(finals[s], best_final.get(s, math.nan)) for s in seeds}
-                known = {s: v for s, v in ratios.items() if not math.isnan(v)}
-                worst_seed = max(known, key=lambda s: known[s]) if known else None
-                med = _median(list(known.values()))
-                worst = known[worst_seed] if known else math.nan
+                med, worst, worst_seed, known = _spread({s: _ratio(finals[s], best_final.get(s, math.nan))
+                                                         for s in seeds})
+                evals = _spread({s: _ratio(_eval_loss(runs[s]), best_eval.get(s, math.nan)) for s in seeds})
                 # a seed whose best constant diverged (or did not run) has no target: left out of the median
                 hits = [_to_target(runs[s], TARGET * best_final[s]) for s in seeds
                         if math.isfinite(best_final.get(s, math.nan))]
-                complete = len(known) == len(seeds)
+                judged = evals if fitted else (med, worst, worst_seed, known)  # what the verdict is on
+                win = bool(judged[0] < 1 and judged[1] < 1 and len(judged[3]) == len(seeds))
                 steps_t = _median([h[0] for h in hits])
                 cpu_t = _median([h[1] for h in hits])
                 lr = np.concatenate([_arr(r, "lr") for r in runs.values()])
@@ -234,9 +252,10 @@ def analyse(records: list[dict]) -> dict:
                     "seeds": len(seeds), "compared": len(known),
                     "final": _median(list(finals.values())),
                     "ratio": med, "worst_ratio": worst, "worst_seed": worst_seed,
-                    "verdict": ("—" if math.isnan(med) else "loss" if med > 1 else
-                                "win" if med < 1 and worst < 1 and complete else "mixed"),
-                    "win": bool(med < 1 and worst < 1 and complete),
+                    "eval_ratio": evals[0], "eval_worst_ratio": evals[1], "eval_worst_seed": evals[2],
+                    "verdict": ("—" if math.isnan(judged[0]) else "loss" if judged[0] > 1 else
+                                "win" if win else "mixed"),
+                    "win": win,
                     "steps_to_target": steps_t if math.isfinite(steps_t) else math.nan,
                     "time_to_target": cpu_t if math.isfinite(cpu_t) else math.nan,
                     "step_time": step_time,
@@ -253,7 +272,7 @@ def analyse(records: list[dict]) -> dict:
             grid = sorted(grid_finals)
             out[g][w] = {"best_label": best_lab, "best_final": _median(list(best_final.values())),
                          "best_lr": math.nan if best_lr is None else best_lr, "base_time": base_time, "rows": rows,
-                         "grid": grid, "grid_finals": grid_finals,
+                         "grid": grid, "grid_finals": grid_finals, "fitted": fitted,
                          "best_at_edge": bool(grid) and len(grid) > 1 and best_lr in (grid[0], grid[-1])}
     return out
 
@@ -289,15 +308,37 @@ def _worst(r: dict) -> str:
     return f"{_fmt(r['worst_ratio'], '.3f')} (seed {r['worst_seed']})"
 
 
+def _eval_spread(r: dict) -> str:
+    """The eval-loss ratio column: median (worst seed), ``1`` for the best constant itself."""
+    if r["is_best_constant"]:
+        return "1"
+    if r["eval_worst_seed"] is None:
+        return "—"
+    return f"{_fmt(r['eval_ratio'], '.3f')} ({_fmt(r['eval_worst_ratio'], '.3f')}, seed {r['eval_worst_seed']})"
+
+
+def _mark(info: dict) -> str:
+    """The marks of a width's ratios: :data:`EDGE` and :data:`FIT`."""
+    return (EDGE if info["best_at_edge"] else "") + (FIT if info["fitted"] else "")
+
+
+def _notes(infos) -> list[str]:
+    """The legend lines of the marks the widths ``infos`` carry, with a blank line before them."""
+    infos = list(infos)
+    notes = [note for note, key in ((EDGE_NOTE, "best_at_edge"), (FIT_NOTE, "fitted")) if any(i[key] for i in infos)]
+    return [""] + notes if notes else []
+
+
 def group_table(g, widths: dict) -> str:
     """A group's per-width table; :data:`EDGE` marks the ratios of a width whose best constant is still at an edge
-    of its grid (a legend line under the table says so)."""
+    of its grid, :data:`FIT` those of a width whose best constant fitted its training set, where the verdict is
+    on the eval loss (legend lines under the table say so)."""
     head = ("| width | tuner | seeds | final train loss | median ÷ best const | worst seed | verdict | "
-            "steps to target | CPU s to target | eval loss | eval acc | step time ÷ base | LR range | "
-            "LR max÷final | sharpness × |")
-    lines = [head, "|" + "---|" * 15]
+            "steps to target | CPU s to target | eval loss | eval ÷ best const | eval acc | step time ÷ base | "
+            "LR range | LR max÷final | sharpness × |")
+    lines = [head, "|" + "---|" * 16]
     for w, info in widths.items():
-        mark = EDGE if info["best_at_edge"] else ""
+        mark = _mark(info)
         for lab in _order(info["rows"]):
             r = info["rows"][lab]
             best = r["is_best_constant"]
@@ -305,67 +346,79 @@ def group_table(g, widths: dict) -> str:
                 f"| {w} | {r['label']} | {_seeds(r)} | {_fmt(r['final'], '.4g')} | "
                 f"{'1' if best else _fmt(r['ratio'], '.3f')}{mark} | {'—' if best else _worst(r)} | "
                 f"{'' if best else r['verdict']} | {_fmt(r['steps_to_target'], '.0f')} | "
-                f"{_fmt(r['time_to_target'], '.1f')} | {_fmt(r['eval_loss'], '.3f')} | {_fmt(r['eval_acc'], '.3f')} | "
-                f"{_fmt(r['step_ratio'], '.2f')} | {_fmt(r['lr_min'], '.2g')}–{_fmt(r['lr_max'], '.2g')} | "
+                f"{_fmt(r['time_to_target'], '.1f')} | {_fmt(r['eval_loss'], '.3f')} | {_eval_spread(r)} | "
+                f"{_fmt(r['eval_acc'], '.3f')} | {_fmt(r['step_ratio'], '.2f')} | "
+                f"{_fmt(r['lr_min'], '.2g')}–{_fmt(r['lr_max'], '.2g')} | "
                 f"{_fmt(r['lr_drop'], '.1f')} | {_fmt(r['sharp_growth'], '.2f')} |")
-    return "\n".join(lines + (["", EDGE_NOTE] if any(info["best_at_edge"] for info in widths.values()) else []))
+    return "\n".join(lines + _notes(widths.values()))
 
 
 def summary_table(analysis: dict) -> str:
-    """Cross-task table (printed by ``make bench``); :data:`EDGE` marks the ratios of a width whose best constant
-    is still at an edge of its grid (a legend line under the table says so)."""
+    """Cross-task table (printed by ``make bench``), marked as :func:`group_table`'s."""
     lines = ["| task | regime | backend | param | width | tuner | seeds | median ÷ best const | worst seed | "
-             "verdict | eval loss | steps to target | step time ÷ base |", "|" + "---|" * 13]
-    edge = False
+             "verdict | eval loss | eval ÷ best const | steps to target | step time ÷ base |", "|" + "---|" * 14]
     for g in sorted(analysis):
         task, regime, backend, param = g
         for w, info in analysis[g].items():
-            mark = EDGE if info["best_at_edge"] else ""
-            edge |= info["best_at_edge"]
+            mark = _mark(info)
             for lab in _order(info["rows"]):
                 r = info["rows"][lab]
                 best = r["is_best_constant"]
                 lines.append(f"| {task} | {regime} | {backend} | {param} | {w} | {r['label']} | {_seeds(r)} | "
                              f"{'1' if best else _fmt(r['ratio'], '.3f')}{mark} | {'—' if best else _worst(r)} | "
                              f"{'' if best else r['verdict']} | {_fmt(r['eval_loss'], '.3f')} | "
-                             f"{_fmt(r['steps_to_target'], '.0f')} | {_fmt(r['step_ratio'], '.2f')} |")
-    return "\n".join(lines + (["", EDGE_NOTE] if edge else []))
+                             f"{_eval_spread(r)} | {_fmt(r['steps_to_target'], '.0f')} | "
+                             f"{_fmt(r['step_ratio'], '.2f')} |")
+    return "\n".join(lines + _notes(info for widths in analysis.values() for info in widths.values()))
+
+
+def _pooled(vals: list, prefix: str) -> str:
+    """``prefix`` and the median of the ratios ``[(ratio, width, seed, at_edge), ...]`` with the worst (width,
+    seed) in brackets (:data:`EDGE` when one is against a best constant at its grid's edge); "" when none was
+    compared."""
+    known = [v for v in vals if not math.isnan(v[0])]
+    if not known:
+        return ""
+    worst = max(known, key=lambda v: v[0])
+    partial = f", {len(known)} of {len(vals)} runs compared" if len(known) < len(vals) else ""
+    mark = EDGE if any(v[3] for v in known) else ""
+    return (f"{prefix}{_fmt(_median([v[0] for v in known]), '.2f')}{mark} ({_fmt(worst[0], '.2f')}, "
+            f"w{worst[1]} s{worst[2]}{partial})")
 
 
 def readme_table(analysis: dict) -> str:
-    """One row per tuner, one column per group: median ratio over widths x seeds, worst (width, seed);
-    :data:`EDGE` marks a cell with a ratio against a best constant still at an edge of its grid (a legend line
-    under the table says so)."""
+    """One row per tuner, one column per group: the median ratio over widths x seeds with the worst (width, seed);
+    the widths whose best constant fitted its training set (:data:`FIT`) pooled apart, by their eval-loss ratios
+    (``; ‡ eval ...``, or alone where every width fitted). :data:`EDGE` marks a figure with a ratio against a best
+    constant still at an edge of its grid. Legend lines under the table say so."""
     groups = sorted(analysis)
     cells: dict = defaultdict(dict)
     for g in groups:
-        per: dict = defaultdict(list)
+        per: dict = defaultdict(lambda: {False: [], True: []})  # tuner -> fitted? -> [(ratio, width, seed, edge)]
         for w, info in analysis[g].items():
             if info["best_label"] is None:  # no constant ran at this width (a narrowed sweep): nothing to divide by
                 continue
+            best = {rec["seed"]: rec for rec in info["rows"][info["best_label"]]["runs"]}
+            measure = _eval_loss if info["fitted"] else _final
             for lab, r in info["rows"].items():
                 if r["is_best_constant"]:
                     continue
-                best = {rec["seed"]: _final(rec) for rec in info["rows"][info["best_label"]]["runs"]}
                 for rec in r["runs"]:
-                    per[lab].append((_ratio(_final(rec), best.get(rec["seed"], math.nan)), w, rec["seed"],
-                                     info["best_at_edge"]))
-        for lab, vals in per.items():
-            known = [v for v in vals if not math.isnan(v[0])]
-            if not known:
-                continue
-            worst = max(known, key=lambda v: v[0])
-            partial = f", {len(known)} of {len(vals)} runs compared" if len(known) < len(vals) else ""
-            mark = EDGE if any(v[3] for v in known) else ""
-            cells[lab][g] = (f"{_fmt(_median([v[0] for v in known]), '.2f')}{mark} ({_fmt(worst[0], '.2f')}, "
-                             f"w{worst[1]} s{worst[2]}{partial})")
+                    b = best.get(rec["seed"])
+                    ratio = math.nan if b is None else _ratio(measure(rec), measure(b))
+                    per[lab][info["fitted"]].append((ratio, w, rec["seed"], info["best_at_edge"]))
+        for lab, by_fit in per.items():
+            parts = [p for p in (_pooled(by_fit[False], ""), _pooled(by_fit[True], f"{FIT} eval ")) if p]
+            if parts:
+                cells[lab][g] = "; ".join(parts)
     names = sorted(cells, key=lambda lab: (ORDER.index(lab.split(":")[0]) if lab.split(":")[0] in ORDER else 99, lab))
     head = "| tuner | " + " | ".join(f"{t} {r} {b} {p}" for t, r, b, p in groups) + " |"
     lines = [head, "|" + "---|" * (len(groups) + 1)]
     for lab in names:
         lines.append(f"| {lab} | " + " | ".join(cells[lab].get(g, "—") for g in groups) + " |")
-    if any(EDGE in cell for row in cells.values() for cell in row.values()):
-        lines += ["", EDGE_NOTE]
+    shown = " ".join(cell for row in cells.values() for cell in row.values())
+    notes = [note for note, mark in ((EDGE_NOTE, EDGE), (FIT_NOTE, FIT)) if mark in shown]
+    lines += [""] + notes if notes else []
     return ("Final train loss ÷ the best constant of the same run (a √2 grid, widened at the edges), per seed: "
             "median over widths and seeds, in brackets the worst (width, seed). < 1 beats the tuned constant.\n\n"
             + "\n".join(lines))
@@ -551,7 +604,8 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
             md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
                       + (" — **best still at the grid edge**" if info["best_at_edge"] else "")
                       + (f" — **the best constant fits the training set (final loss < {FITTED:g}): train-loss "
-                         "ratios this small are noise, compare eval loss**" if info["best_final"] < FITTED else ""))
+                         f"ratios this small are noise, the verdict is on the eval loss** ({FIT})"
+                         if info["fitted"] else ""))
         md += ["", group_table(g, widths), ""]
         if plots:
             ps = _plot_group(out_dir, g, widths)

@@ -274,3 +274,48 @@ def test_the_per_width_tables_mark_ratios_against_a_constant_at_the_grid_edge(tm
     table = report.group_table(GROUP, rep["analysis"][GROUP])
     assert f"0.900{report.EDGE}" in table and report.EDGE_NOTE in table
     assert "0.5006: 1" in text and "0.501: 2" in text
+
+
+# --------------------------------------------------------- 8. a best constant that fitted its training set
+def test_a_width_whose_best_constant_fitted_its_training_set_is_judged_on_eval_loss(tmp_path):
+    """A benchmark audit: the full-batch ViT's best constants end at train loss ~1e-4 (the digits memorised), where
+    a tuner's train-loss 'win' is noise, yet the README table pooled those ratios with the other widths' (the ViT
+    cell read 1.00 where its one unfitted width read 2.35). Such a width is marked, its verdict is on the eval loss
+    ÷ the constant's, seed by seed, and the README cell pools it apart."""
+    fitted = [_rec(f"constant:lr={lr}", s, f, eval_loss=e) for lr, f, e in ((0.1, 4e-4, 0.5), (0.2, 2e-4, 0.4),
+                                                                          (0.4, 3e-4, 0.3)) for s in (0, 1, 2)]
+    tuner = [_rec("cdat", s, 1e-5, eval_loss=e) for s, e in ((0, 0.6), (1, 0.2), (2, 0.5))]  # train 0.05x, eval not
+    rep = _report(tmp_path / "fitted", fitted + tuner)
+    info = rep["analysis"][GROUP][16]
+    cdat = info["rows"]["cdat"]
+    assert info["fitted"] and not info["best_at_edge"]
+    assert cdat["ratio"] == pytest.approx(0.05)  # the train loss alone would say 'win'
+    assert (cdat["eval_ratio"], cdat["eval_worst_ratio"], cdat["eval_worst_seed"]) == pytest.approx((1.25, 1.5, 0))
+    assert (cdat["verdict"], cdat["win"]) == ("loss", False)
+    readme = open(rep["readme_table"]).read()
+    assert f"| cdat | {report.FIT} eval 1.25 (1.50, w16 s0) |" in readme and report.FIT_NOTE in readme
+    assert f"| 16 | cdat | 3 | 0.050{report.FIT} |" in rep["summary"] and report.FIT_NOTE in rep["summary"]
+    assert "1.250 (1.500, seed 0)" in report.group_table(GROUP, rep["analysis"][GROUP])
+    assert f"verdict is on the eval loss** ({report.FIT})" in Path(rep["path"]).read_text()
+
+    # an eval 'win' on every seed is a win; a width that did not fit keeps the train-loss verdict, unmarked
+    tuner = [_rec("cdat", s, 1e-5, eval_loss=0.3) for s in (0, 1, 2)]
+    cdat = _rows(_report(tmp_path / "fitted_win", fitted + tuner))["cdat"]
+    assert cdat["eval_ratio"] == pytest.approx(0.75) and (cdat["verdict"], cdat["win"]) == ("win", True)
+    plain = _consts({0.1: 0.5, 0.2: 0.4, 0.4: 0.6}) + [_rec("cdat", s, 0.2, eval_loss=2.0) for s in (0, 1, 2)]
+    rep = _report(tmp_path / "plain", plain)
+    assert not rep["analysis"][GROUP][16]["fitted"] and _rows(rep)["cdat"]["verdict"] == "win"
+    assert report.FIT not in open(rep["readme_table"]).read() + rep["summary"]
+
+
+def test_the_readme_cell_pools_fitted_and_unfitted_widths_apart(tmp_path):
+    """One group with a width that fits (16) and one that does not (32): the cell gives the unfitted width's
+    train-loss ratio, then the fitted width's eval-loss ratio after the mark."""
+    recs = [_rec(f"constant:lr={lr}", s, f, eval_loss=0.4) for lr, f in ((0.1, 3e-4), (0.2, 2e-4), (0.4, 4e-4))
+            for s in (0, 1, 2)] + [_rec("cdat", s, 1e-4, eval_loss=0.2) for s in (0, 1, 2)]
+    wide = []
+    for r in _consts({0.1: 0.5, 0.2: 0.4, 0.4: 0.6}) + [_rec("cdat", s, 0.8) for s in (0, 1, 2)]:
+        r = dict(r, width=32, key=r["key"].replace("|w16|", "|w32|"))
+        wide.append(r)
+    readme = open(_report(tmp_path, recs + wide)["readme_table"]).read()
+    assert f"| cdat | 2.00 (2.00, w32 s0); {report.FIT} eval 0.50 (0.50, w16 s0) |" in readme
