@@ -49,6 +49,7 @@ __all__ = [
     "REPLAY_CHECKS",
     "REPLAY_MISS_OPTAX",
     "REPLAY_PROBE_SHARE",
+    "REPLAY_SHORTER",
     "REPLAY_MESSAGE_OPTAX",
     "OUTSIDE_MOTION_MESSAGE",
     "OUTSIDE_MOTION_MESSAGE_OPTAX",
@@ -515,6 +516,13 @@ REPLAY_MISS_OPTAX = 20.0
 #: check still calls the closure again at the unchanged parameters where such a probe misses, and tells a closure
 #: that does not replay
 REPLAY_PROBE_SHARE = 0.1
+#: where PyTorch's check finds a closure that replays at the unchanged parameters but misses the quadratic model at
+#: the fd probe, it probes once more at this fraction of the probe's step, its model through that probe's own
+#: gradient, before it says that the gradient does not predict the loss: a loss merely far from quadratic over the
+#: probe's step fits it there (the model's error falls with the cube of the step, the allowance with the step),
+#: while a gradient changed inside the closure (a clip, a rescaling hook) misses by as many allowances at any step
+#: (the benchmark's full-batch ViT at width 4, seed 2: told at 1.06 allowances, with a closure that replays)
+REPLAY_SHORTER = 0.25
 
 #: the warning when the parameters a closure-free (secant) step starts from are not those the tuner's last step
 #: left (:func:`moved_outside`; PyTorch: the state's ``curvopt_exit_sq``, :data:`torch_backend.state.EXIT_SQ`)

@@ -526,6 +526,29 @@ def test_replay_check_tells_a_gradient_that_misses_its_loss_from_a_closure_that_
     assert float(off) == pytest.approx(float(got) - float(model), rel=1e-2, abs=1e-8) and float(times) > 1
 
 
+@pytest.mark.parametrize("clip", [None, 0.5, 2.0])
+def test_replay_check_probes_shorter_before_it_blames_the_gradient(clip):
+    """A loss far from quadratic over the fd probe's step (a quartic beside parameters 3,000x larger, which size
+    the probe: the probe moves the quartic's coordinates by ~1-4) misses the main call's model with a closure
+    that is sound, and the tuner told it that its gradient does not predict its loss (the benchmark's full-batch ViT
+    at width 4, seed 2, the same). A quarter of the step fits the model through its own gradient, so no warning;
+    a clip inside the closure still gets it (its miss does not shrink with the step)."""
+    big = nn.Parameter(torch.full((4,), 3e3))
+    x = nn.Parameter(torch.ones(4))
+    opt = CDAT(torch.optim.SGD([big, x], lr=1.0))
+
+    def closure():
+        opt.zero_grad()
+        loss = (0.5 * x ** 2 + x ** 4).sum() + 1e-6 * (big ** 2).sum()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([big, x], clip)
+        return loss
+
+    hits = [m for m in _step_warnings(opt, closure, 3) if "does not predict its loss" in m]
+    assert len(hits) == (0 if clip is None else 1), hits
+
+
 @pytest.mark.parametrize("draw", ["replayed", "new_batch_per_call"])
 def test_replay_check_does_not_judge_a_probe_sized_for_bf16(draw):
     """Under a bf16 autocast the probe is sized for bf16 (about 0.03-0.05 u on a small pre-norm transformer behind

@@ -73,12 +73,13 @@ class Probe:
         self.move(a)
         return self.global_mean(self.call())
 
-    def replay(self) -> tuple[Tensor, Tensor]:
-        """The closure called again at ``w0`` (a probe): its loss and ``g^T u``, both global. The gradients the
-        previous call left in ``.grad`` are put back afterwards, so a check leaves the step what it read."""
+    def replay(self, a: float = 0.0) -> tuple[Tensor, Tensor]:
+        """The closure called at ``w0 + a u`` (a probe; by default again at ``w0``): its loss and ``g^T u``, both
+        global. The gradients the previous call left in ``.grad`` are put back afterwards, so a check leaves the
+        step what it read."""
         kept = [p.grad for p in self.params]
         try:
-            loss = self.loss_at(torch.zeros((), dtype=self.loss.dtype, device=self.loss.device))
+            loss = self.loss_at(torch.tensor(a, dtype=self.loss.dtype, device=self.loss.device))
             return loss, self.gradient_dot_u()
         finally:
             for p, g in zip(self.params, kept):

@@ -60,11 +60,13 @@ import torch
 from torch import Tensor
 
 from curvopt.base import BaseMethod, carries_gradients, direction_unit, followed_rate
-from curvopt.curvature import (SecantNoiseState, noise_correction_on, noise_dominated, replay_judged,
-                               replay_mismatch, replay_mismatch_in_place, replay_slope_mismatch, secant_noise_corrected)
+from curvopt.curvature import (SecantNoiseState, finite_difference_curvature, noise_correction_on, noise_dominated,
+                               replay_judged, replay_mismatch, replay_mismatch_in_place, replay_slope_mismatch,
+                               secant_noise_corrected)
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_MESSAGE,
                             EXTERNAL_CLIP_MESSAGE_CLOSURE, EXTERNAL_CLIP_STEPS, GRADIENT_MISSING_MESSAGE,
-                            OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE,
+                            OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, REPLAY_SHORTER, SECANT_COLLAPSE_MESSAGE,
+                            SECANT_STALL_MESSAGE,
                             ZeroRateWatch, skip_message, accumulator_dtype_name, collapse_peak, collapse_run,
                             collapse_sustained, concave_reprobe,
                             external_clip_suspected, has_gradient, in_direction_units, moved_measurably,
@@ -1403,9 +1405,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         new batch, or randomness the probe does not replay, gives another loss there, and one that does not zero
         the gradients another slope (from its second step on: the probes start from none, the main call adds to
         the previous step's); one that replays there computes a gradient that does not predict its loss (a clip
-        inside it) or a loss far from quadratic over the probe's step, told only of a probe small enough to judge
-        the model by (:func:`curvopt.curvature.replay_judged`; a probe sized for a bf16 forward pass is often not).
-        Warns once, with the fix."""
+        inside it), told only of a probe small enough to judge the model by (:func:`curvopt.curvature.replay_judged`;
+        a probe sized for a bf16 forward pass is often not) and not where a shorter probe fits its own model
+        (:meth:`_fits_shorter`: the loss is merely far from quadratic over the probe's step). Warns once, with the
+        fix."""
         self._replay_checks -= 1
         if probe.fd_loss is None or probe.fd_step is None or self.distributed is not None:
             return None
@@ -1424,7 +1427,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                     "model's error allow)")
         evidence = self._replay_evidence(probe)
         if evidence is None:
-            if replay_judged(h, numerator, scale):
+            if replay_judged(h, numerator, scale) and not self._fits_shorter(probe, h, scale):
                 self._warn_unpredicted(at_probe)
         else:
             self._warn_no_replay(f"{at_probe}; {evidence}")
@@ -1475,6 +1478,21 @@ class CurvatureTuner(torch.optim.Optimizer):
                     f"main call's was {-numerator:.6g}")
         return None
 
+    @staticmethod
+    def _fits_shorter(probe: Probe, h: float, scale: float) -> bool:
+        """Whether the closure's loss at a shorter probe, :data:`curvopt.config.REPLAY_SHORTER` times the fd step
+        ``h`` along ``u``, agrees with the main call's quadratic model through that probe's own gradient
+        (:func:`curvopt.curvature.replay_mismatch`, its rounding allowance at ``scale``): a loss far from quadratic
+        over the fd step does, a gradient changed inside the closure does not. One more closure call."""
+        a = REPLAY_SHORTER * h
+        f, numerator = float(probe.loss), float(probe.numerator)
+        got, slope = map(float, probe.replay(a))
+        if not (math.isfinite(got) and math.isfinite(slope)):
+            return False
+        c = finite_difference_curvature(slope, -numerator, a, np)
+        mismatch, _ = replay_mismatch(f, got, a, numerator, c, torch.finfo(probe.loss.dtype).eps, scale, np)
+        return bool(mismatch <= 1)
+
     def _warn_no_replay(self, evidence: str) -> None:
         """The warning of a closure that does not replay (:meth:`_check_replay`, :meth:`_check_replay_in_place`),
         once: no further checks."""
@@ -1501,9 +1519,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             "lower precision than the probe was sized for (a bf16/fp16 torch.autocast that began after the tuner's "
             "first step: the probe is sized for the "
             "precision the first call computed in), or the loss is far from quadratic over the probe's "
-            "displacement, sqrt(eps) times the norm of all the parameters (a few parameters far larger than the "
-            "rest, e.g. 1e4 against 1; the first steps of a small model behind Adam, whose sign-like first "
-            "directions move every parameter alike). The fd curvature of such steps is not the local one; "
+            "displacement, sqrt(eps) times the norm of all the parameters, and over a quarter of it too (a few "
+            "parameters far larger than the rest, e.g. 1e4 against 1, on a loss that is rough at that scale). The "
+            "fd curvature of such steps is not the local one; "
             "curvature='exact' (with functional_loss=) avoids it, and so does the secant (loss.backward(); "
             "opt.step()) in full batch; not over long mini-batch runs, where the secant's rate can collapse "
             "(docs/limits.md).")
