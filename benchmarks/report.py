@@ -29,7 +29,7 @@ the grid and every tuner, compared **seed by seed** with that constant:
 Plots per task x regime x backend x parameterisation (every seed, thin lines drawn alike, the legend naming each
 tuner once): loss, learning rate and sharpness per step (with the stability threshold ``c/lr`` of the first seed's
 rate: 2/lr for GD, 38/lr for Adam on the preconditioned sharpness; no sharpness plot where no run estimated it),
-final loss vs width per tuner (the medians of the tables), learning rate vs width. ``readme_table.md``: one
+final train and eval loss vs width per tuner (the medians of the tables), learning rate vs width. ``readme_table.md``: one
 row per tuner, one column per task x regime x backend x parameterisation, each cell the median ratio over
 widths and seeds with the worst (width, seed) in brackets, the widths whose best constant fitted its training set
 pooled apart by their eval-loss ratios. There and in the summary table a ratio against a best constant still at an
@@ -503,20 +503,23 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
     for kind in ("loss", "lr") + (("sharpness",) if estimated else ()):
         paths.append(curve_fig(kind))
 
-    # final loss vs width per tuner, best lr vs width
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name in labels:
-        xs, ys = [], []
-        for w in ws:
-            for row in widths[w]["rows"].values():
-                nm = row["tuner_name"] if row["is_best_constant"] else None
-                if nm == name or (nm is None and row["label"] == name):
-                    xs.append(w)
-                    ys.append(row["final"] if math.isfinite(row["final"]) else np.nan)
-        if xs:
-            ax.plot(xs, ys, "o-", color=colors[name], label="constant (best)" if name == "constant" else name)
-    paths.append(_finish_width_plot(fig, ax, "final train loss", f"{task} {regime} {backend} {param}: final "
-                                    "loss vs width", os.path.join(out_dir, f"{stem}_final_vs_width.png")))
+    # final train and eval loss vs width per tuner (a width whose best constant fitted its training set is judged
+    # on the eval loss), best lr vs width
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, field in zip(axes, ("final", "eval_loss")):
+        for name in labels:
+            xs, ys = [], []
+            for w in ws:
+                for row in widths[w]["rows"].values():
+                    nm = row["tuner_name"] if row["is_best_constant"] else None
+                    if nm == name or (nm is None and row["label"] == name):
+                        xs.append(w)
+                        ys.append(row[field] if math.isfinite(row[field]) else np.nan)
+            if xs:
+                ax.plot(xs, ys, "o-", color=colors[name], label="constant (best)" if name == "constant" else name)
+    paths.append(_finish_width_plot(fig, [(axes[0], "final train loss"), (axes[1], "eval loss")],
+                                    f"{task} {regime} {backend} {param}", os.path.join(out_dir,
+                                                                                       f"{stem}_final_vs_width.png")))
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.plot(ws, [widths[w]["best_lr"] for w in ws], "s-", color="k", label="best constant lr")
@@ -534,7 +537,7 @@ def _plot_group(out_dir: str, g, widths: dict) -> list[str]:
                         ys.append(float(np.exp(np.mean(np.log(lr)))))
         if xs:
             ax.plot(xs, ys, "o--", color=colors[name], label=f"{name} (final lr, geo-mean over seeds)")
-    paths.append(_finish_width_plot(fig, ax, "learning rate", f"{task} {regime} {backend} {param}: lr vs width",
+    paths.append(_finish_width_plot(fig, [(ax, "learning rate")], f"{task} {regime} {backend} {param}",
                                     os.path.join(out_dir, f"{stem}_lr_vs_width.png")))
     return paths
 
@@ -545,15 +548,18 @@ def _log_y(ax) -> None:
         ax.set_yscale("log")
 
 
-def _finish_width_plot(fig, ax, ylabel: str, title: str, path: str) -> str:
+def _finish_width_plot(fig, panels: list, title: str, path: str) -> str:
+    """Style the ``[(axes, y label), ...]`` of a figure against the width (titled ``title: <y label> vs width``),
+    save it to ``path`` and close it."""
     import matplotlib.pyplot as plt
 
-    ax.set_xscale("log", base=2)
-    _log_y(ax)
-    ax.set_xlabel("width")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    for ax, ylabel in panels:
+        ax.set_xscale("log", base=2)
+        _log_y(ax)
+        ax.set_xlabel("width")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: {ylabel} vs width", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
