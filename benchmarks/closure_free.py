@@ -1,6 +1,6 @@
 """Closure-free CDAT (``loss.backward(); opt.step()``, the secant of consecutive gradients) against CDAT with a
-closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|clip|dtype|probe|baseline] [--seeds 0,1,2]
-[--steps 200] [--batches 32,128,512]`` (docs/minibatch_study.md, section 10).
+closure (the ``fd`` oracle): ``python -m benchmarks.closure_free [small|suite|widths|clip|dtype|probe|baseline]
+[--seeds 0,1,2] [--steps 200] [--batches 32,128,512] [--tasks vit,lm]`` (docs/minibatch_study.md, section 10).
 
 ``baseline``: closure-free CDAT behind AdamW on a GRU character LM over ``--steps`` (2,000 in the study), and every
 ``--every`` steps the curvature along the last step and along the last ``--every`` steps' displacement, each from the
@@ -23,6 +23,12 @@ float64, and in float64 with the probing step sized by float64's own epsilon (th
 64 Gaussian examples, batches of 16 drawn with replacement, 300 steps; ``--steps`` and ``--batches`` not used):
 final train loss on the 64 examples per seed, per clip (none, 3, 1, 0.3, 0.01), closure-free, with a closure
 (``fd``) and closure-free with ``noise_correction=True`` (docs/pytorch.md, "Clipping"; docs/limits.md).
+
+``widths``: the closure-free default (the noise correction on behind Adam, off behind gradient descent) against
+CDAT with a closure (``fd``) on the default suite's full-batch cells of ``--tasks`` (``vit,lm``) at every width the
+suite runs them at, judged as the benchmark's report judges (:data:`benchmarks.report.FITTED`): per seed the
+train-loss ratio to ``fd`` and the eval-loss ratio, the verdict on the eval loss where ``fd``'s median train loss
+shows the training set fitted (docs/minibatch_study.md, section 10).
 
 ``suite``: the default suite's own cells (:func:`benchmarks.minibatch_study.run_variant`: the middle width, the
 suite's data, batch and 500 steps), mini-batch LM and ResNet, full-batch LM, ResNet and ViT; per seed the final
@@ -268,6 +274,27 @@ def _weighted_only():
         tuner_mod.secant_noise_corrected = secant_noise_corrected
 
 
+def widths_table(seeds: list[int], tasks: list[str]) -> None:
+    from benchmarks import report, suites, tasks as tasks_mod
+    from benchmarks.minibatch_study import experiment, run_variant
+
+    print("| cell | width | `fd`: train loss per seed | closure-free ÷ `fd`: train loss | eval loss | judged on |")
+    print("|---|---|---|---|---|---|")
+    for task in tasks:
+        exp = experiment(task, "full")
+        variant = "secant+nc" if (exp.base or tasks_mod.TASKS[task].base) == "adam" else "secant"
+        widths = sorted({w for e in suites.DEFAULT.experiments if (e.task, e.regime, e.backends, e.params) ==
+                         (task, "full", ("torch",), ("sp",)) for w in e.widths})
+        for w in widths:
+            fd = [run_variant(task, "full", s, "fd", width=w) for s in seeds]
+            free = [run_variant(task, "full", s, variant, width=w) for s in seeds]
+            fitted = statistics.median(r["final"] for r in fd) < report.FITTED
+            train = " / ".join(f"{a['final'] / b['final']:.3g}" for a, b in zip(free, fd))
+            evals = " / ".join(f"{a['eval_loss'] / b['eval_loss']:.3g}" for a, b in zip(free, fd))
+            print(f"| {task} full | {w} | " + " / ".join(f"{r['final']:.3g}" for r in fd) + f" | {train} | {evals} | "
+                  + ("eval loss (fitted)" if fitted else "train loss") + " |", flush=True)
+
+
 def suite(seeds: list[int]) -> None:
     from benchmarks.minibatch_study import run_variant
 
@@ -370,18 +397,22 @@ def baseline_trace(seeds: list[int], steps: int, every: int) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", nargs="?", default="small",
-                    choices=("small", "suite", "clip", "dtype", "probe", "baseline"))
+                    choices=("small", "suite", "widths", "clip", "dtype", "probe", "baseline"))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=200,
                     help="steps per run of small, dtype, probe and baseline (suite and clip run their own horizons)")
     ap.add_argument("--batches", default="32,128,512", help="batch sizes of small, dtype and probe")
     ap.add_argument("--every", type=int, default=100, help="baseline: the longer secant's span, in steps")
+    ap.add_argument("--tasks", default="vit,lm", help="widths: the full-batch cells to run")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # the closure-free stall warning fires in the collapsing runs; the table shows it
     if args.part == "suite":
         suite(seeds)
+        return
+    if args.part == "widths":
+        widths_table(seeds, args.tasks.split(","))
         return
     if args.part == "baseline":
         baseline_trace(seeds, args.steps, args.every)

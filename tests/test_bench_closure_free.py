@@ -52,3 +52,25 @@ def test_baseline_readings_leave_the_run_unchanged_and_read_positive_curvatures(
     assert [r[0] for r in rows] == [20, 40] and all(r[1] == rates[r[0] - 1] for r in rows)
     for _, _, short, long in rows:  # both displacements' secants and fixed-window curvatures: finite and positive
         assert all(math.isfinite(v) and v > 0 for v in short + long)
+
+
+def test_widths_table_judges_a_fitted_width_on_eval_loss(monkeypatch, capsys):
+    """``widths`` runs every width the default suite runs a full-batch cell at, the closure-free default against
+    ``fd``, and says which loss it judges by: the eval loss where ``fd``'s median train loss is below the report's
+    FITTED (the ViT's wider widths), the train loss elsewhere."""
+    from benchmarks import minibatch_study, report
+
+    calls = []
+
+    def fake(task, regime, seed, variant, width=None):
+        calls.append((task, width, variant))
+        final = (0.5 if width == 4 else report.FITTED / 10) * (2 if variant != "fd" else 1)
+        return {"final": final, "eval_loss": 0.4 if variant == "fd" else 0.3}
+
+    monkeypatch.setattr(minibatch_study, "run_variant", fake)
+    closure_free.widths_table([0, 1], ["vit"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[1] for r in rows] == ["4", "8", "16"]
+    assert [r[5] for r in rows] == ["train loss", "eval loss (fitted)", "eval loss (fitted)"]
+    assert rows[0][3] == "2 / 2" and rows[0][4] == "0.75 / 0.75"
+    assert {v for _, _, v in calls} == {"fd", "secant+nc"}  # behind Adam the correction is on, as by default
