@@ -549,6 +549,37 @@ def test_replay_check_probes_shorter_before_it_blames_the_gradient(clip):
     assert len(hits) == (0 if clip is None else 1), hits
 
 
+def test_a_closure_that_raises_at_the_shorter_probe_leaves_the_step_undone():
+    """The shorter probe is one more closure call inside the step: a closure that raises there (the fourth call of
+    the third step on the problem above) propagates the error and leaves the parameters and the base's state as
+    the step found them."""
+    big, x = nn.Parameter(torch.full((4,), 3e3)), nn.Parameter(torch.ones(4))
+    opt = CDAT(torch.optim.SGD([big, x], lr=1.0, momentum=0.9))
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 10:
+            raise RuntimeError("closure failed")
+        opt.zero_grad()
+        loss = (0.5 * x ** 2 + x ** 4).sum() + 1e-6 * (big ** 2).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            opt.step(closure)
+        assert calls[0] == 6
+        params = [p.detach().clone() for p in (big, x)]
+        moments = [opt.base.state[p]["momentum_buffer"].clone() for p in (big, x)]
+        with pytest.raises(RuntimeError, match="closure failed"):
+            opt.step(closure)
+    assert calls[0] == 10  # main call, fd probe, replay at the unchanged parameters, the shorter probe
+    assert all(torch.equal(a, p) for a, p in zip(params, (big, x)))
+    assert all(torch.equal(m, opt.base.state[p]["momentum_buffer"]) for m, p in zip(moments, (big, x)))
+
+
 @pytest.mark.parametrize("draw", ["replayed", "new_batch_per_call"])
 def test_replay_check_does_not_judge_a_probe_sized_for_bf16(draw):
     """Under a bf16 autocast the probe is sized for bf16 (about 0.03-0.05 u on a small pre-norm transformer behind
