@@ -238,8 +238,9 @@ def analyse(records: list[dict]) -> dict:
                 # a seed whose best constant diverged (or did not run) has no target: left out of the median
                 hits = [_to_target(runs[s], TARGET * best_final[s]) for s in seeds
                         if math.isfinite(best_final.get(s, math.nan))]
-                judged = evals if fitted else (med, worst, worst_seed, known)  # what the verdict is on
-                win = bool(judged[0] < 1 and judged[1] < 1 and len(judged[3]) == len(seeds))
+                # the verdict is on the eval-loss ratios where the best constant fitted its training set
+                v_med, v_worst, _, v_known = evals if fitted else (med, worst, worst_seed, known)
+                win = bool(v_med < 1 and v_worst < 1 and len(v_known) == len(seeds))
                 steps_t = _median([h[0] for h in hits])
                 cpu_t = _median([h[1] for h in hits])
                 lr = np.concatenate([_arr(r, "lr") for r in runs.values()])
@@ -253,8 +254,7 @@ def analyse(records: list[dict]) -> dict:
                     "final": _median(list(finals.values())),
                     "ratio": med, "worst_ratio": worst, "worst_seed": worst_seed,
                     "eval_ratio": evals[0], "eval_worst_ratio": evals[1], "eval_worst_seed": evals[2],
-                    "verdict": ("—" if math.isnan(judged[0]) else "loss" if judged[0] > 1 else
-                                "win" if win else "mixed"),
+                    "verdict": "—" if math.isnan(v_med) else "loss" if v_med > 1 else "win" if win else "mixed",
                     "win": win,
                     "steps_to_target": steps_t if math.isfinite(steps_t) else math.nan,
                     "time_to_target": cpu_t if math.isfinite(cpu_t) else math.nan,
