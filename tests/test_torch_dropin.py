@@ -526,58 +526,55 @@ def test_replay_check_tells_a_gradient_that_misses_its_loss_from_a_closure_that_
     assert float(off) == pytest.approx(float(got) - float(model), rel=1e-2, abs=1e-8) and float(times) > 1
 
 
-@pytest.mark.parametrize("clip", [None, 0.5, 2.0])
-def test_replay_check_probes_shorter_before_it_blames_the_gradient(clip):
-    """A loss far from quadratic over the fd probe's step (a quartic beside parameters 3,000x larger, which size
-    the probe: the probe moves the quartic's coordinates by ~1-4) misses the main call's model with a closure
-    that is sound, and the tuner told it that its gradient does not predict its loss (the benchmark's full-batch ViT
-    at width 4, seed 2, the same). A quarter of the step fits the model through its own gradient, so no warning;
-    a clip inside the closure still gets it (its miss does not shrink with the step)."""
-    big = nn.Parameter(torch.full((4,), 3e3))
-    x = nn.Parameter(torch.ones(4))
-    opt = CDAT(torch.optim.SGD([big, x], lr=1.0))
+def _quartic_beside_large(momentum=0.0, clip=None, fail_at=None):
+    """A loss far from quadratic over the fd probe's step: a quartic beside parameters 3,000x larger, which size the
+    probe (it moves the quartic's coordinates by ~1-4); CDAT behind SGD. The closure clips inside at ``clip`` and
+    raises at its call ``fail_at``. Returns ``(opt, closure, params, calls)``, ``calls[0]`` counting the calls."""
+    big, x = nn.Parameter(torch.full((4,), 3e3)), nn.Parameter(torch.ones(4))
+    opt = CDAT(torch.optim.SGD([big, x], lr=1.0, momentum=momentum))
+    calls = [0]
 
     def closure():
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("closure failed")
         opt.zero_grad()
         loss = (0.5 * x ** 2 + x ** 4).sum() + 1e-6 * (big ** 2).sum()
         loss.backward()
         if clip is not None:
             torch.nn.utils.clip_grad_norm_([big, x], clip)
         return loss
+    return opt, closure, (big, x), calls
 
+
+@pytest.mark.parametrize("clip", [None, 0.5, 2.0])
+def test_replay_check_probes_shorter_before_it_blames_the_gradient(clip):
+    """A loss far from quadratic over the fd probe's step (:func:`_quartic_beside_large`) misses the main call's
+    model with a closure that is sound, and the tuner told it that its gradient does not predict its loss (the
+    benchmark's full-batch ViT at width 4, seed 2, the same). A quarter of the step fits the model through its own
+    gradient, so no warning; a clip inside the closure still gets it (its miss does not shrink with the step)."""
+    opt, closure, _, _ = _quartic_beside_large(clip=clip)
     hits = [m for m in _step_warnings(opt, closure, 3) if "does not predict its loss" in m]
     assert len(hits) == (0 if clip is None else 1), hits
 
 
 def test_a_closure_that_raises_at_the_shorter_probe_leaves_the_step_undone():
     """The shorter probe is one more closure call inside the step: a closure that raises there (the fourth call of
-    the third step on the problem above) propagates the error and leaves the parameters and the base's state as
-    the step found them."""
-    big, x = nn.Parameter(torch.full((4,), 3e3)), nn.Parameter(torch.ones(4))
-    opt = CDAT(torch.optim.SGD([big, x], lr=1.0, momentum=0.9))
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        if calls[0] == 10:
-            raise RuntimeError("closure failed")
-        opt.zero_grad()
-        loss = (0.5 * x ** 2 + x ** 4).sum() + 1e-6 * (big ** 2).sum()
-        loss.backward()
-        return loss
-
+    the third step on :func:`_quartic_beside_large`) propagates the error and leaves the parameters and the base's
+    state as the step found them."""
+    opt, closure, params, calls = _quartic_beside_large(momentum=0.9, fail_at=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(2):
             opt.step(closure)
         assert calls[0] == 6
-        params = [p.detach().clone() for p in (big, x)]
-        moments = [opt.base.state[p]["momentum_buffer"].clone() for p in (big, x)]
+        before = [p.detach().clone() for p in params]
+        moments = [opt.base.state[p]["momentum_buffer"].clone() for p in params]
         with pytest.raises(RuntimeError, match="closure failed"):
             opt.step(closure)
     assert calls[0] == 10  # main call, fd probe, replay at the unchanged parameters, the shorter probe
-    assert all(torch.equal(a, p) for a, p in zip(params, (big, x)))
-    assert all(torch.equal(m, opt.base.state[p]["momentum_buffer"]) for m, p in zip(moments, (big, x)))
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert all(torch.equal(m, opt.base.state[p]["momentum_buffer"]) for m, p in zip(moments, params))
 
 
 @pytest.mark.parametrize("draw", ["replayed", "new_batch_per_call"])

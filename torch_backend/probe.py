@@ -73,8 +73,8 @@ class Probe:
         self.move(a)
         return self.global_mean(self.call())
 
-    def replay(self, a: float = 0.0) -> tuple[Tensor, Tensor]:
-        """The closure called at ``w0 + a u`` (a probe; by default again at ``w0``): its loss and ``g^T u``, both
+    def call_at(self, a: float) -> tuple[Tensor, Tensor]:
+        """The closure called at ``w0 + a u`` (a probe; ``a = 0``: again at ``w0``): its loss and ``g^T u``, both
         global. The gradients the previous call left in ``.grad`` are put back afterwards, so a check leaves the
         step what it read."""
         kept = [p.grad for p in self.params]

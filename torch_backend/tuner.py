@@ -1464,12 +1464,12 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     @staticmethod
     def _replay_evidence(probe: Probe) -> Optional[str]:
-        """The closure called again at the unchanged parameters (:meth:`torch_backend.probe.Probe.replay`): None
+        """The closure called again at the unchanged parameters (:meth:`torch_backend.probe.Probe.call_at` at 0): None
         where its loss and its slope along ``u`` are the main call's
         (:func:`curvopt.curvature.replay_mismatch_in_place`, :func:`curvopt.curvature.replay_slope_mismatch`),
         else what differs."""
         f, numerator = float(probe.loss), float(probe.numerator)
-        got, slope = map(float, probe.replay())
+        got, slope = map(float, probe.call_at(0.0))
         if math.isfinite(f) and math.isfinite(got) and \
                 replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
             return f"called again at the same parameters its loss is {got:.9g}, the main call's was {f:.9g}"
@@ -1486,7 +1486,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         over the fd step does, a gradient changed inside the closure does not. One more closure call."""
         a = REPLAY_SHORTER * h
         f, numerator = float(probe.loss), float(probe.numerator)
-        got, slope = map(float, probe.replay(a))
+        got, slope = map(float, probe.call_at(a))
         if not (math.isfinite(got) and math.isfinite(slope)):
             return False
         c = finite_difference_curvature(slope, -numerator, a, np)
