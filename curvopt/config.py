@@ -84,7 +84,8 @@ class SharpnessConfig:
 
     ``every``: estimate on steps 1, 1 + every, 1 + 2 every, ... (0 = never). Each estimate is the warm-started
     power iteration of :mod:`curvopt.eigen` on Hessian-vector products: at most ``iters`` products from the
-    previous eigenvector, stopping once the eigenvalue changes by less than ``tol`` (relative); the first
+    previous eigenvector, stopping once the Rayleigh quotient changes by less than ``tol`` (relative), the
+    estimate read from the span of the last products (:func:`curvopt.eigen.krylov_estimate`); the first
     estimate (from a pseudo-random start) and the one retrying a failed estimate spend up to ``first_iters``
     (:func:`power_iters`).
     """

@@ -6,8 +6,9 @@ traced once per estimate and each product is one linear JVP through it).
 
 * **Online** (the tuners' ``sharpness=``): the core's warm-started power iteration
   (:func:`curvopt.eigen.power_init`/:func:`~curvopt.eigen.power_step`, the same algorithm as PyTorch's) in a
-  ``lax.while_loop``, from the previous eigenvector (the first estimate from a fixed pseudo-random vector,
-  :func:`random_unit`, with ``first_iters`` products at most), on steps ``1, 1 + k, ...``
+  ``lax.while_loop``, its estimate read from the span of the pass's last products
+  (:func:`curvopt.eigen.krylov_estimate`), from the previous eigenvector (the first estimate from a fixed
+  pseudo-random vector, :func:`random_unit`, with ``first_iters`` products at most), on steps ``1, 1 + k, ...``
   (:func:`curvopt.config.sharpness_due`).
 * **Standalone** :func:`hessian_top_eigenvalue`: SciPy's ARPACK (``eigsh``, ``which="LA"``) on a jitted HVP,
   accurate to its ``tol`` as a relative error of the eigenvalue.
@@ -25,10 +26,10 @@ from jax.flatten_util import ravel_pytree
 
 from curvopt.base import BaseMethod
 from curvopt.config import SharpnessConfig, power_iters, sharpness_due
-from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, power_init, power_step
+from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, krylov_estimate, power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
-from .direction import accumulator_dtype, add_scaled, has_masked, merge_masked, norm, scaled, vdot
+from .direction import accumulator_dtype, add_scaled, has_masked, least_precise_eps, merge_masked, norm, scaled, vdot
 from .loss import bind, fn_kwargs as accepted_kwargs
 from .settings import sharpness_enabled
 
@@ -146,13 +147,14 @@ def _precondition(matvec: Callable[[Any], Any], preconditioner: Any) -> Callable
 def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessConfig, fresh: Any,
            ops: TreeOps) -> tuple[Any, Any, Any]:
     """One warm-started estimate: ``(eigenvalue, eigenvector, products)``, at most
-    :func:`curvopt.config.power_iters` products. A failed estimate (a non-finite product) is NaN, as in PyTorch,
+    :func:`curvopt.config.power_iters` products, the eigenvalue read from the pass's last iterates
+    (:func:`curvopt.eigen.krylov_estimate`). A failed estimate (a non-finite product) is NaN, as in PyTorch,
     and keeps ``v0`` (the next step retries: :func:`curvopt.config.sharpness_due`)."""
     iters = power_iters(config, last)
     step = functools.partial(power_step, matvec=matvec, fresh=fresh, iters=iters, tol=config.tol, ops=ops, xp=jnp)
     st = jax.lax.while_loop(lambda s: ~s.done, step, power_init(v0, last, ops, jnp))
-    ok = jnp.isfinite(st.value)
-    return st.value, ops.select(ok, st.v, v0), st.used.astype(jnp.int32)
+    value = krylov_estimate(st, least_precise_eps(v0), jnp)
+    return value, ops.select(jnp.isfinite(value), st.v, v0), st.used.astype(jnp.int32)
 
 
 def moving_parts(direction: Any, dtype: Any) -> Any:

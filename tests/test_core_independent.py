@@ -289,6 +289,83 @@ def test_an_infinite_product_voids_the_estimate():
     assert bool(bad.done) and np.isnan(bad.value)
 
 
+
+def _power_pass(M, v0, iters, previous=np.nan, fresh=None):
+    """A pass of the core's power iteration on the matrix ``M`` (float64): ``(final state, the iterates each
+    product was taken at)``."""
+    st = eigen.power_init(v0, f(previous), _Ops, np)
+    fresh = np.eye(len(v0))[0] if fresh is None else fresh / np.linalg.norm(fresh)
+    seen = []
+    while not bool(st.done):
+        seen.append(st.v.copy())
+        st = eigen.power_step(st, lambda v: M @ v, fresh=fresh, iters=iters, tol=1e-14, ops=_Ops, xp=np)
+    return st, seen
+
+
+def _ritz_on(M, vectors):
+    """Rayleigh-Ritz by an explicit orthonormal basis of the vectors' span: its largest Ritz value."""
+    basis, _ = np.linalg.qr(np.stack(vectors, axis=1))
+    return np.linalg.eigvalsh(basis.T @ M @ basis)[-1]
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 4, 7])
+def test_krylov_estimate_is_rayleigh_ritz_on_the_last_iterates(iters):
+    """The pass's estimate from its products' scalars alone equals Rayleigh-Ritz on an explicit orthonormal basis
+    of the span of its last ``min(iters, KRYLOV_WINDOW)`` iterates (float64, a spectrum with a 1 % gap and a
+    near-dominant negative end, where power iteration's quotient is far low), lies between the last Rayleigh
+    quotient and the top eigenvalue, and reaches the top exactly once that span is the whole space."""
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.normal(size=(40, 40)))
+    top = 2.0
+    M = q @ np.diag(np.concatenate([[top, 1.98], rng.uniform(-1.9, 1.5, 38)])) @ q.T
+    st, seen = _power_pass(M, rng.normal(size=40), iters)
+    est = eigen.krylov_estimate(st, np.finfo(np.float64).eps, np)
+    ref = _ritz_on(M, seen[-min(int(st.pass_used), eigen.KRYLOV_WINDOW):])  # this pass's (a shifted one after a
+    # negative quotient: the estimate is the unshifted operator's all the same)
+    assert est == pytest.approx(ref, rel=1e-10)
+    assert st.value - 1e-12 <= est <= top + 1e-12
+    if iters >= 3:
+        assert est > st.value + 0.05  # the quotient is far low here; the span is not
+    small = np.diag([3.0, 2.97, 0.5, -2.9])  # 4 unknowns: the window's span is the whole space
+    st, _ = _power_pass(small, np.ones(4), eigen.KRYLOV_WINDOW)
+    assert st.value < 2.9 and eigen.krylov_estimate(st, np.finfo(np.float64).eps, np) == pytest.approx(3.0, rel=1e-9)
+
+
+def test_krylov_estimate_after_the_shifted_pass_and_on_failed_or_zero_products():
+    """A negative dominant eigenvalue: the estimate is read from the shifted second pass and is the top (algebraic)
+    eigenvalue (the second pass's span is the whole space); a non-finite product keeps the estimate NaN; a zero
+    product (``M v = 0``) keeps the shift (0: the estimate of the zero matrix)."""
+    M = np.diag([-5.0, 1.0, 0.5, -0.5])
+    st, _ = _power_pass(M, np.ones(4), eigen.KRYLOV_WINDOW, fresh=np.array([1.0, 2.0, 3.0, 4.0]))
+    assert bool(st.second) and int(st.pass_used) == eigen.KRYLOV_WINDOW and st.value < 0.99
+    assert eigen.krylov_estimate(st, np.finfo(np.float64).eps, np) == pytest.approx(1.0, rel=1e-9)
+    v0 = np.ones(4)
+    bad = eigen.power_step(eigen.power_init(v0, f(np.nan), _Ops, np), lambda v: v * np.nan, fresh=v0 / 2,
+                           iters=5, tol=1e-3, ops=_Ops, xp=np)
+    assert np.isnan(eigen.krylov_estimate(bad, 1e-16, np))
+    st, _ = _power_pass(np.zeros((4, 4)), v0, 5)
+    assert eigen.krylov_estimate(st, 1e-16, np) == 0.0
+
+
+def test_krylov_estimate_drops_directions_below_the_products_precision():
+    """Products accurate to ``sqrt(eps)`` (finite differences in float32, here a relative error of 3e-4 added to
+    each): the estimate stays within that error of the top eigenvalue instead of reading the noise in nearly
+    parallel iterates as curvature, and at least the last Rayleigh quotient."""
+    rng = np.random.default_rng(11)
+    q, _ = np.linalg.qr(rng.normal(size=(60, 60)))
+    M = q @ np.diag(np.concatenate([[1.0, 0.999], rng.uniform(0, 0.5, 58)])) @ q.T
+
+    def noisy(v):
+        z = M @ v
+        return z + 3e-4 * np.linalg.norm(z) * rng.normal(size=60) / np.sqrt(60)
+    for trial in range(20):
+        st = eigen.power_init(q[:, 0] + 0.01 * rng.normal(size=60), f(np.nan), _Ops, np)  # nearly converged
+        while not bool(st.done):
+            st = eigen.power_step(st, noisy, fresh=np.eye(60)[0], iters=4, tol=0.0, ops=_Ops, xp=np)
+        est = eigen.krylov_estimate(st, float(np.finfo(np.float32).eps), np)
+        assert st.value <= est <= 1.0 + 3e-3
+
+
 # ------------------------------------------------------------------------------------------------ mup.py
 def test_gamma_depth_counts_weight_tensors_not_two_d_vectors():
     """M06 (``lay != "vector"`` dropped from the default gamma_depth): a 2-d bias in the vector layout (Flax

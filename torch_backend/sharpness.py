@@ -9,7 +9,8 @@ the operator is the symmetric ``P^-1/2 H P^-1/2`` (:func:`curvopt.preconditioner
 same eigenvalues.
 
 * **Online** (inside a tuner, :func:`power_estimate`): the core's warm-started power iteration
-  (:mod:`curvopt.eigen`), the same algorithm as the Optax backend, looped here ``while not bool(done)``.
+  (:mod:`curvopt.eigen`), the same algorithm as the Optax backend, looped here ``while not bool(done)``, its
+  estimate read from the span of the pass's last products (:func:`curvopt.eigen.krylov_estimate`).
 * **Standalone** (:func:`hessian_top_eigenvalue`): SciPy's ARPACK (``eigsh``, ``which="LA"``), accurate to its
   ``tol`` as a relative error of the eigenvalue (up to the HVPs' own accuracy); ``method="power"`` runs the
   core's power iteration instead.
@@ -21,13 +22,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, power_init, power_step
+from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, krylov_estimate, power_init, power_step
 from curvopt.preconditioner import sandwich
 from curvopt.rules import finite_difference_step
 
 from .buffers import ModulesLike, ProbeGuard
 from .preconditioning import PreconditionerLike, preconditioner_scales
-from .vectors import ListOps, axpy_into, norm
+from .vectors import ListOps, axpy_into, least_precise_eps, norm
 
 __all__ = ["hessian_top_eigenvalue", "FiniteDifferenceHVP", "power_estimate", "random_vector", "preconditioned"]
 
@@ -83,14 +84,15 @@ def power_estimate(matvec: MatVec, v0: list[Tensor], previous: Tensor, *, iters:
                    fresh: list[Tensor]) -> tuple[Tensor, list[Tensor], int]:
     """The core's power iteration (:func:`curvopt.eigen.power_step`) from ``v0`` (warm start when
     ``previous``, the last estimate, is finite); ``fresh`` starts the shifted second pass when the dominant
-    eigenvalue is negative. Returns ``(eigenvalue, unit vector, products)``; the eigenvalue is NaN when no
-    product was finite."""
+    eigenvalue is negative. Returns ``(eigenvalue, unit vector, products)``: the eigenvalue read from the pass's
+    last iterates (:func:`curvopt.eigen.krylov_estimate`, at the precision of ``v0``'s least precise dtype), NaN
+    when a product was not finite; the vector is the last iterate."""
     ops = ListOps()
     st = power_init(v0, previous, ops, torch)
     fresh = ops.scale(1 / torch.sqrt(ops.dot(fresh, fresh)), fresh)
     while not bool(st.done):
         st = power_step(st, matvec, fresh=fresh, iters=iters, tol=tol, ops=ops, xp=torch)
-    return st.value, list(st.v), int(st.used)
+    return krylov_estimate(st, least_precise_eps(v0), torch), list(st.v), int(st.used)
 
 
 def _eigsh(matvec: MatVec, start: list[Tensor], iters: int, tol: float) -> tuple[float, list[Tensor]]:
@@ -129,8 +131,9 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     eigenvalue it stops at (the default ``1e-6`` gives an eigenvalue accurate to about 1e-6 relative in
     float64, where the HVPs are accurate to ~1e-8; in float32 the HVPs limit it to ~1e-3) and ``iters`` the
     maximum number of ARPACK restarts. ``method="power"``: the core's power iteration (the online
-    solver), ``iters`` products at most, stopping when the eigenvalue changes by less than ``tol`` (relative)
-    between products — cheaper per step but slow when the eigengap is small. ``modules``: modules whose
+    solver, its estimate from the span of its last products), ``iters`` products at most, stopping when the
+    eigenvalue changes by less than ``tol`` (relative) between products — cheaper per step but slow when the
+    eigengap is small. ``modules``: modules whose
     buffers (BatchNorm statistics) must not change (None: those the closure runs). ``generator``: a CPU
     ``torch.Generator`` for the random vectors (drawn on the CPU): the start vector when ``v0`` is None, and with
     ``method="power"`` the start of the shifted second pass it takes when the dominant eigenvalue is negative
