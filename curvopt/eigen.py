@@ -51,8 +51,9 @@ class VectorOps(Protocol):
 
 
 class PowerState(NamedTuple):
-    """One power iteration in progress. ``value``: the latest estimate of the top eigenvalue of ``M`` (NaN
-    before the first product, and after a non-finite one); ``previous``: the last Rayleigh quotient of this
+    """One power iteration in progress. ``value``: the latest Rayleigh quotient of ``M`` (the shift added back;
+    NaN before the first product, and after a non-finite one), which :func:`krylov_estimate` improves on once
+    the pass is done; ``previous``: the last Rayleigh quotient of this
     pass (NaN: none); ``shift``: 0, or the negative dominant eigenvalue during the second pass; ``used``:
     products in all; ``pass_used``: products in this pass; ``recent_rayleigh``, ``recent_norm``: the Rayleigh
     quotients ``v^T z`` and norms ``||z||`` of the last :data:`KRYLOV_WINDOW` products, oldest first (the last
