@@ -150,7 +150,7 @@ def krylov_estimate(state: PowerState, eps: float, xp: Any) -> Any:
         return out * rel[s // 2] if s % 2 else out
 
     last = rel[k - 1]
-    gram = xp.stack([xp.stack([xp.where(valid[i] & valid[j], moment(i + j, i, j), unit * 0 + float(i == j))
+    gram = xp.stack([xp.stack([xp.where(valid[i] & valid[j], moment(i + j, i, j), float(i == j))
                                for j in range(k)]) for i in range(k)])
     proj = xp.stack([xp.stack([xp.where(valid[i] & valid[j], moment(i + j + 1, i, j), last * float(i == j))
                                for j in range(k)]) for i in range(k)])
