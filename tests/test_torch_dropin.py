@@ -318,9 +318,11 @@ def test_a_scheduler_on_an_sgd_base_cancels_at_once(closure_mode):
 _PROBING_TUNERS = {
     "cdat_fd": lambda b, **kw: CDAT(b, **kw),
     # no fd probes: the closure is called once more at the unchanged parameters, before the first sharpness
-    # estimate or line search (before, the sharpness came out 1e7x too high and the rate as low, silently)
+    # estimate or on the first line searches (before, the sharpness came out 1e7x too high and the rate as low,
+    # silently) and Polyak steps (before, silent: the rate from another batch's gradient)
     "eos": lambda b, **kw: EdgeOfStability(b, sharpness=1, **kw),
     "armijo": lambda b, **kw: ArmijoLineSearch(b, **kw),
+    "polyak": lambda b, **kw: PolyakStep(b, lr_max=10.0, **kw),
 }
 
 
@@ -357,6 +359,56 @@ def test_replay_check_silent_for_a_replaying_closure_with_dropout(tuner):
         warnings.simplefilter("error")
         for _ in range(3):
             opt.step(closure)
+
+
+@pytest.mark.parametrize("habit", ["no_zero_grad", "accumulation"])
+def test_polyak_warns_of_a_closure_that_does_not_replay(habit):
+    """Polyak's rate is the closure's loss over its slope: a closure that forgets zero_grad (the gradients of all
+    steps summed: a field test's rates fell 6x from the third step on) or that computes only the last micro-batch
+    of a gradient accumulated outside it (Lightning's accumulate_grad_batches: the loss of one micro-batch over
+    the slope of all, a rate k times too short) gave a wrong rate without a word. Now one warning within the first
+    three steps, which does not offer the step without probes PolyakStep cannot take."""
+    model, x, y = _mlp_problem()
+    opt = PolyakStep(torch.optim.SGD(model.parameters(), lr=1.0), lr_max=100.0)
+
+    def closure():  # neither zeroes the gradients: accumulation zeroes them before its first micro-batch
+        loss = nn.functional.cross_entropy(model(x[32:]), y[32:]) / 2
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            if habit == "accumulation":  # the first micro-batch accumulated outside the closure, as Lightning does
+                opt.zero_grad()
+                (nn.functional.cross_entropy(model(x[:32]), y[:32]) / 2).backward()
+            opt.step(closure)
+    hits = [str(r.message) for r in rec if "does not replay" in str(r.message)]
+    assert len(hits) == 1 and "no step without probes" in hits[0] and "loss.backward(); opt.step()" not in hits[0]
+
+
+def test_polyak_checks_its_closure_on_its_first_steps_only():
+    """The check costs one closure call on each of the first three steps and none after. A replaying closure is
+    not warned of."""
+    model, x, y = _mlp_problem()
+    opt = PolyakStep(torch.optim.SGD(model.parameters(), lr=1.0), lr_max=100.0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    counts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            calls.clear()
+            opt.step(closure)
+            counts.append(len(calls))
+    assert counts == [2, 2, 2, 1, 1]
 
 
 def _mse_closure(opt, model, x, y):

@@ -182,9 +182,9 @@ def test_trial_sequence_matches_optax():
 def test_polyak_step():
     f, w = quartic()
     opt = PolyakStep(torch.optim.SGD([w], lr=1.0), f_star=0.0, lr_max=10.0)
-    for _ in range(3):
+    for k in range(5):
         value = float(f(w))
         g = torch.autograd.grad(f(w), w)[0]
         opt.step(closure_for(opt, f, w))
         assert float(opt.stats["lr"]) == pytest.approx(value / float(g @ g), rel=1e-12)
-        assert opt.stats["closure_calls"] == 1
+        assert opt.stats["closure_calls"] == (2 if k < 3 else 1)  # the replay check's call on the first 3 steps

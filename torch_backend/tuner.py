@@ -977,11 +977,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
                             unit)
         with S.errstate():
+            if self._replay_checks and "value" in rule.needs:  # the line search, Polyak: no fd probe checks them
+                self._check_replay_in_place(self._probe(st))
             if isinstance(rule, ArmijoRule):
-                probe = self._probe(st)
-                if self._replay_checks:
-                    self._check_replay_in_place(probe)
-                lr, st.new_rule_state, st.trials, st.error = self._line_search(probe, inputs, rule_state, S)
+                lr, st.new_rule_state, st.trials, st.error = self._line_search(self._probe(st), inputs, rule_state, S)
             else:
                 lr, st.new_rule_state = apply_rule(rule, inputs, rule_state, S)
             # CDAT behind heavy ball, Nesterov or another base with momentum: the watch for mini-batch training
@@ -1452,12 +1451,14 @@ class CurvatureTuner(torch.optim.Optimizer):
                  "otherwise)")
 
     def _check_replay_in_place(self, probe: Probe) -> None:
-        """Before the first sharpness estimate, or the first :data:`REPLAY_CHECKS` line searches, of a tuner that
-        takes no ``fd`` probes (whose probes :meth:`_check_replay` covers): the closure called again at the
-        unchanged parameters must give the main call's loss and slope (:meth:`_replay_evidence`). Behind the line
-        search, which leaves its last trial's gradient in ``.grad``, a closure that does not zero the gradients
-        gives another slope from its second step on; the sharpness's probes leave ``.grad`` zeroed, so there one
-        check suffices. One more closure call each."""
+        """Before the first sharpness estimate, or on the first :data:`REPLAY_CHECKS` steps of a rule that reads
+        the loss (the line search, Polyak's step), of a tuner that takes no ``fd`` probes (whose probes
+        :meth:`_check_replay` covers): the closure called again at the unchanged parameters must give the main
+        call's loss and slope (:meth:`_replay_evidence`). There a closure that does not zero the gradients gives
+        another slope from its second step on (the main call adds to what the last step left in ``.grad``, the
+        probe starts from none), and one that computes only the last micro-batch of an accumulated gradient
+        (Lightning's ``accumulate_grad_batches``) another slope from its first; the sharpness's probes leave
+        ``.grad`` zeroed, so there one check suffices. One more closure call each."""
         self._replay_checks -= 1
         if self.distributed is None and (evidence := self._replay_evidence(probe)) is not None:
             self._warn_no_replay(evidence)
@@ -1495,16 +1496,23 @@ class CurvatureTuner(torch.optim.Optimizer):
 
     def _warn_no_replay(self, evidence: str) -> None:
         """The warning of a closure that does not replay (:meth:`_check_replay`, :meth:`_check_replay_in_place`),
-        once: no further checks."""
+        once: no further checks. It offers the step without probes only where the tuner, as configured, can take
+        one (:meth:`_require_probe_free`)."""
         self._replay_checks = 0
+        try:
+            self._require_probe_free(has_closure=False, error=ValueError)
+            instead = ("Or step without probes: loss.backward(); opt.step() (or probes=False), curvature from the "
+                       "secant.")
+        except ValueError:
+            instead = (f"{type(self).__name__}, as configured, needs the closure each step (the loss, a line search "
+                       "or the online sharpness): it has no step without probes.")
         warn(
             f"{type(self).__name__}: the closure does not replay: {evidence}. The probes evaluate "
             "the closure again at nearby points and need the same function each time: zero the gradients "
             "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
             "draw randomness from torch's default generators (the tuner replays them; a private "
             "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
-            "and with gradient accumulation compute every micro-batch inside the closure. Or step without probes: "
-            "loss.backward(); opt.step() (or probes=False), curvature from the secant.")
+            f"and with gradient accumulation compute every micro-batch inside the closure. {instead}")
 
     def _warn_unpredicted(self, at_probe: str) -> None:
         """The warning of a closure that replays at the unchanged parameters but whose gradient does not predict
