@@ -10,7 +10,7 @@ import optax
 from curvopt.base import BaseMethod, as_base_method
 from curvopt.curvature import GREEDY_NOISE_CORRECTION, noise_correction_on, noise_dominated
 from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, ZeroRateWatch, concave_reprobe, has_gradient,
-                            secant_caveat)
+                            probes_along, secant_caveat)
 from curvopt.bound_watch import BoundWatch
 from curvopt.minibatch_watch import MinibatchWatch, held_rate, holds, watch_minibatch, watches
 from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_numerator, default_ema,
@@ -346,7 +346,9 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
                 rule, RuleInputs(num, curv, p.value, relevant, state.steps, lagged, stretch, unit), state.rule, jnp)
             if state.watch is not None:  # held once the mini-batch watch has fired
                 lr = held_rate(state.watch, lr, unit, jnp)
-            lr = jnp.where(jnp.isnan(probe), lr, probe)  # closure-free secant without a secant: probe with h
+            # closure-free secant without a secant: probe with h along a descent direction (else the rule's 0)
+            probe, reference = (jnp.where(probes_along(p.numerator), x, jnp.nan) for x in (probe, reference))
+            lr = jnp.where(jnp.isnan(probe), lr, probe)
             if oracle == "secant" and p.f is None:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)
                 probe, reference = jnp.where(reprobe, lr, probe), jnp.where(reprobe, lr, reference)

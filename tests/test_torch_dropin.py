@@ -411,6 +411,47 @@ def test_polyak_checks_its_closure_on_its_first_steps_only():
     assert counts == [2, 2, 2, 1, 1]
 
 
+class _Ascent(torch.optim.Optimizer):
+    """A base the core does not know that steps uphill (``p += lr * grad``): the Optax mistake of a negating base
+    inside the tuner, in PyTorch."""
+
+    def __init__(self, params, lr=1.0):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=group["lr"])
+
+
+@pytest.mark.parametrize("tuner", [CDAT, QuadraticGreedy])
+def test_closure_free_steps_do_not_probe_along_an_ascent_direction(tuner):
+    """A closure-free step without a secant probes with a small step ``h``; along an ascent direction that step
+    climbed, on every other step for ever (the Optax field test's negated chain). The rate stays 0 there and the
+    parameters do not move; behind a base that descends the first step probes (``h > 0``)."""
+    model, x, y = _mlp_problem()
+    start = [p.detach().clone() for p in model.parameters()]
+    for base, moves in ((_Ascent, False), (torch.optim.SGD, True)):
+        for p, p0 in zip(model.parameters(), start):
+            p.data.copy_(p0)
+        opt = tuner(base(model.parameters(), lr=1.0), **({} if moves else {"allow_any_base": True}))
+        lrs = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the unknown base's and the zero rate's warnings
+            for _ in range(4):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                lrs.append(float(opt.stats["lr"]))
+        if moves:
+            assert lrs[0] > 0
+        else:
+            assert lrs == [0.0] * 4
+            assert all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), start))
+
+
 def _mse_closure(opt, model, x, y):
     """The closure of the small regression problems below: zero_grad, MSE loss, backward."""
     def closure():

@@ -68,7 +68,7 @@ from curvopt.config import (CURVATURE_ORACLES, DEFAULT_CURVATURE, EXTERNAL_CLIP_
                             OUTSIDE_MOTION_MESSAGE, REPLAY_CHECKS, REPLAY_SHORTER, SECANT_COLLAPSE_MESSAGE,
                             SECANT_STALL_MESSAGE,
                             ZeroRateWatch, skip_message, accumulator_dtype_name, collapse_peak, collapse_run,
-                            collapse_sustained, concave_reprobe,
+                            collapse_sustained, concave_reprobe, probes_along,
                             external_clip_suspected, has_gradient, in_direction_units, moved_measurably,
                             moved_outside, probe_reads_forward, remember_probe, resolve_curvature,
                             power_iters, secant_caveat, secant_collapsed, secant_probe_eps, secant_stall_reference,
@@ -989,6 +989,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                      and watches(st.method, self._unknown_momentum(st.method)) else None)
             if watch is not None:
                 lr = held_rate(watch, lr, unit, S)
+            st.probing = st.probing and bool(probes_along(st.numerator))  # (else the rule's 0: no curvature)
             if st.probing:
                 lr = self._probing_rate(st, unit)
             elif st.lagged and st.probe_free and layout.LAST_PROBE in glob:  # a concave start probes farther
