@@ -21,7 +21,8 @@ from typing import Any, Optional
 from .thresholds import METHODS, stability_coefficient
 from .validation import check_choice, check_in_unit_interval, check_nonnegative
 
-__all__ = ["BaseMethod", "as_base_method", "carries_gradients", "direction_unit", "followed_rate"]
+__all__ = ["BaseMethod", "as_base_method", "carries_gradients", "direction_unit", "followed_rate", "BETAS_RTOL",
+           "adam_betas_seen"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,25 @@ class BaseMethod:
     def coefficient(self) -> float:
         """The stability coefficient ``c`` (threshold ``c / lr``)."""
         return stability_coefficient(self.kind, momentum=self.momentum, dampening=self.dampening, beta1=self.b1)
+
+
+#: how far ``1 - beta`` read off an Adam base's first update may be from the declared one, relative (bfloat16
+#: moments round by 0.4 %)
+BETAS_RTOL = 0.05
+
+
+def adam_betas_seen(method: BaseMethod, first_mu: float, first_nu: float) -> Optional[tuple[float, float]]:
+    """The betas ``(b1, b2)`` an Adam base shows where they are not ``method``'s, else None: from zero moments, its
+    first update of an all-ones gradient leaves ``first_mu = 1 - b1`` and ``first_nu = 1 - b2`` (``optax`` cannot
+    be asked for them, and a ``base_method="adam"`` that means the default betas for ``scale_by_adam(b2=0.95)`` set
+    the edge-of-stability rule's rate 7-12x too high and read the preconditioned sharpness 50x low in a field
+    test). Each ``1 - beta`` may be off by :data:`BETAS_RTOL` of the declared one; a NaN one is not judged."""
+    def off(seen: float, declared: float) -> bool:
+        return abs(seen - (1 - declared)) > BETAS_RTOL * (1 - declared)
+
+    if off(first_mu, method.b1) or off(first_nu, method.b2):
+        return 1 - first_mu, 1 - first_nu
+    return None
 
 
 def carries_gradients(method: Optional[BaseMethod], momentum: float = 0.0) -> bool:

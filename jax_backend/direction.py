@@ -28,7 +28,7 @@ from curvopt.runs import CONCAT_BELOW, concat_limit, cut_into_runs
 from .warning import warn
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled",
-           "scaled", "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates",
+           "scaled", "has_masked", "like_params", "warn_if_negated", "warn_if_base_negates", "base_update_at_init",
            "NEGATED_DIRECTION_MESSAGE"]
 
 _NEGATED = (
@@ -176,22 +176,34 @@ def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
     ``init``, or one traced with the parameters closed over: ``jax.eval_shape(lambda: tx.init(params))``, where
     the parameters are concrete but the arrays made from them are not) and for a base whose update cannot run on
     that gradient alone (it needs extra arguments): the check is a diagnostic and never stops ``init``."""
-    if not jax.tree.leaves(params):
-        return
-    ones = jax.tree.map(jnp.ones_like, params)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, ones, base_state))):
-        return
     state = base_state
     for _ in range(NEGATION_CHECK_UPDATES):
-        try:
-            d, state = base.update(ones, state, params)
-        except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check
+        taken = base_update_at_init(base, state, params)
+        if taken is None:
             return
-        slope = float(vdot(ones, d, jnp.float32))
+        d, state = taken
+        slope = float(vdot(jax.tree.map(jnp.ones_like, params), d, jnp.float32))
         if slope < 0:
             warn(_NEGATED.format(evidence="(the base's update of an all-ones gradient is negative)"))
         if slope != 0:
             return
+
+
+def base_update_at_init(base: Any, base_state: Any, params: Any) -> tuple[Any, Any] | None:
+    """``base.update`` of an all-ones gradient from ``base_state``: ``(direction, new state)``, or None under
+    tracing (a jitted ``init``, or one traced with the parameters closed over, where the arrays made from them are
+    not concrete), for no parameters, and for a base whose update cannot run on that gradient alone (it needs extra
+    arguments). The init-time checks' (:func:`warn_if_base_negates`, :func:`jax_backend.tuner.with_base_state`'s
+    betas), which never stop ``init``."""
+    if not jax.tree.leaves(params):
+        return None
+    ones = jax.tree.map(jnp.ones_like, params)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, ones, base_state))):
+        return None
+    try:
+        return base.update(ones, base_state, params)
+    except Exception:  # noqa: BLE001 -- a base that needs more than (updates, state, params): no check
+        return None
 
 
 def _warn(flag: Any) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from curvopt import rules
-from curvopt.base import BaseMethod
+from curvopt.base import BaseMethod, adam_betas_seen, as_base_method
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
                             SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
                             ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate, zero_rate_message)
@@ -33,8 +33,8 @@ from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
-from .direction import (NEGATED_DIRECTION_MESSAGE, fill_masked, has_masked, incoming, least_precise_eps,
-                        like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
+from .direction import (NEGATED_DIRECTION_MESSAGE, base_update_at_init, fill_masked, has_masked, incoming,
+                        least_precise_eps, like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import bind, check_fits_params, check_loss_agrees, misspelled_keywords, value_and_grad_at
 from .noise import find_trace_state
 from .oracles import loss_reads_params
@@ -409,8 +409,32 @@ def _tuner_stats(state: Any) -> TunerStats | None:
     return found[0] if found else None
 
 
-def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTransformation
-                    ) -> optax.GradientTransformationExtraArgs:
+def warn_if_betas_differ(base: Any, base_state: Any, params: Any, method: BaseMethod) -> None:
+    """At ``init`` of a tuner declared to follow Adam (``method``) around ``base``, on concrete parameters: warn
+    when the base's first update moves Adam's moments as other betas would (:func:`curvopt.base.adam_betas_seen`),
+    since the tuner reads the declared ones. Nothing is judged without an Adam state in the base
+    (:func:`jax_backend.sharpness.find_adam_state`) or where the update cannot be taken at init
+    (:func:`jax_backend.direction.base_update_at_init`)."""
+    taken = base_update_at_init(base, base_state, params)
+    adam = None if taken is None else find_adam_state(taken[1], method.b2)
+    if adam is None or int(adam.count) != 1:
+        return
+
+    def first(tree: Any) -> float:  # every entry the same after an all-ones gradient (masked ones 0)
+        return max((float(jnp.max(x)) for x in jax.tree.leaves(tree) if x.size), default=math.nan)
+
+    seen = adam_betas_seen(method, first(adam.mu), first(adam.nu))
+    if seen is not None:
+        b1, b2 = (1 - float(f"{1 - b:.2g}") for b in seen)  # (bfloat16 moments: 0.2002 for 1 - b1 = 0.2)
+        warn(f"curvopt: base_method declares Adam with b1={method.b1:g}, b2={method.b2:g}, but the base's first "
+             f"update moves its moments as Adam's with b1={b1:g}, b2={b2:g}. The tuner reads the declared betas "
+             "(the preconditioned sharpness, the edge-of-stability rule's rate, eos_ratio, CDAT's momentum "
+             f"numerator): pass base_method=BaseMethod.adam(b1={b1:g}, b2={b2:g}) (the string \"adam\" means the "
+             "default betas; an Optax base cannot be asked for its own)")
+
+
+def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTransformation,
+                    base_method: BaseMethod | str | None = None) -> optax.GradientTransformationExtraArgs:
     """``optax.chain(base, tuner)`` that also hands the tuner what a plain chain cannot: the base's new state
     (``base_state=``: Adam's moments for the preconditioned sharpness; ``base_state_before=``: its state before
     the update, for the gradient Adam averaged) and the incoming gradient (``grad=``,
@@ -422,14 +446,19 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
     leaves Adam's moments NaN for good (the tuner then skips every later step: the parameters stay finite but
     training stops). ``init`` warns when ``base`` already applies a negative learning rate
     (:func:`jax_backend.direction.warn_if_base_negates`); ``update`` refuses a state whose base part ``base.init``
-    would not make (:func:`check_state`: a checkpoint of another base).
+    would not make (:func:`check_state`: a checkpoint of another base). ``base_method``: the tuner's, as passed to
+    it (the conveniences hand it over); behind Adam ``init`` warns when the base's betas are not the declared ones
+    (:func:`warn_if_betas_differ`).
     """
     base = optax.with_extra_args_support(base)
     tuner = optax.with_extra_args_support(tuner)
+    method = as_base_method(base_method)
 
     def init(params: Any) -> tuple[Any, Any]:
         base_state = base.init(params)
         warn_if_base_negates(base, base_state, params)
+        if method.kind == "adam":
+            warn_if_betas_differ(base, base_state, params, method)
         return base_state, tuner.init(params)
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
@@ -464,7 +493,8 @@ def convenience(transform: Callable[..., Any], name: str) -> Callable[..., optax
             raise TypeError(f"{name}(base, ...): base must be an optax.GradientTransformation, got "
                             f"{getattr(base, '__name__', type(base).__name__)!r}"
                             + (" (a factory: call it, e.g. optax.scale_by_adam())" if callable(base) else ""))
-        return with_base_state(base, transform(*args, **kwargs))
+        given = sig.bind_partial(*args, **kwargs).arguments.get("base_method")
+        return with_base_state(base, transform(*args, **kwargs), base_method=given)
 
     sig = inspect.signature(transform)
     base = inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD)

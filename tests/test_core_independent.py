@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from curvopt import eigen, rules
+from curvopt.base import BETAS_RTOL, BaseMethod, adam_betas_seen
 from curvopt.curvature import (SecantNoiseState, rayleigh_converged, replay_mismatch, replay_slope_mismatch,
                                secant_noise_corrected, secant_noise_numerator)
 from curvopt.diagnostics import detect_catapults
@@ -404,3 +405,17 @@ def test_arpack_top_eigenpair_matches_a_dense_decomposition(n):
     assert lam == pytest.approx(vals.max(), abs=1e-10)
     assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(A @ v, lam * v, atol=1e-8)
+
+
+def test_adam_betas_seen_reads_one_minus_beta_off_the_first_moments():
+    """From zero moments an all-ones gradient leaves ``mu = 1 - b1`` and ``nu = 1 - b2``: the betas come back
+    where either ``1 - beta`` is off the declared one by more than BETAS_RTOL (relative), else None; a NaN moment
+    (nothing to read) is not judged."""
+    adam = BaseMethod.adam(0.9, 0.999)
+    assert adam_betas_seen(adam, 0.1, 0.001) is None
+    assert adam_betas_seen(adam, 0.1 * (1 + 0.9 * BETAS_RTOL), 0.001 * (1 - 0.9 * BETAS_RTOL)) is None
+    b1, b2 = adam_betas_seen(adam, 0.1, 0.05)
+    assert b1 == pytest.approx(0.9) and b2 == pytest.approx(0.95)
+    b1, b2 = adam_betas_seen(adam, 0.1 * (1 + 1.1 * BETAS_RTOL), 0.001)
+    assert b1 == pytest.approx(1 - 0.1 * (1 + 1.1 * BETAS_RTOL))
+    assert adam_betas_seen(adam, 0.1, math.nan) is None

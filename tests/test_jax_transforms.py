@@ -229,6 +229,34 @@ def test_closure_free_steps_do_not_probe_along_a_negated_chain(make):
     assert descending[0] > 0
 
 
+def _init_warnings(opt, p, jit=False):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (jax.jit(opt.init) if jit else opt.init)(p)
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("make", [cdat, edge_of_stability])
+def test_init_warns_when_adams_betas_are_not_the_declared_ones(make):
+    """``base_method="adam"`` means Adam's default betas; behind ``scale_by_adam(b2=0.95)`` (an LLM's usual
+    setting) the edge-of-stability rule's rate came out 7-12x too high and the preconditioned sharpness 50x low in a
+    field test, silently. ``init`` now reads the betas off the base's first update and says which to declare."""
+    p = _params(jnp.float32)
+    said = _init_warnings(make(optax.scale_by_adam(b2=0.95), base_method="adam"), p)
+    assert len(said) == 1 and "BaseMethod.adam(b1=0.9, b2=0.95)" in said[0]
+    said = _init_warnings(make(optax.scale_by_adam(b1=0.8, b2=0.95, mu_dtype=jnp.bfloat16), base_method="adam"), p)
+    assert len(said) == 1 and "BaseMethod.adam(b1=0.8, b2=0.95)" in said[0]  # bfloat16's 0.2002 read as 0.2
+    injected = optax.inject_hyperparams(optax.scale_by_adam)(b2=0.98)
+    assert "b2=0.98)" in _init_warnings(make(injected, base_method="adam"), p)[0]
+    for base, declared in ((optax.scale_by_adam(b2=0.95), BaseMethod.adam(b2=0.95)), (optax.scale_by_adam(), "adam"),
+                           (optax.scale_by_adam(b1=0.8, mu_dtype=jnp.bfloat16), BaseMethod.adam(b1=0.8)),
+                           (optax.masked(optax.scale_by_adam(b2=0.9), {"w": True, "b": False}),
+                            BaseMethod.adam(b2=0.9))):
+        assert _init_warnings(make(base, base_method=declared), p) == []
+    # a jitted init has no concrete update to read: nothing said, nothing traced into the state
+    assert _init_warnings(make(optax.scale_by_adam(b2=0.95), base_method="adam"), p, jit=True) == []
+
+
 @pytest.mark.parametrize("warn_ascent", [False, True])
 def test_negated_chain_is_flagged_and_warned(warn_ascent):
     p = _params(jnp.float32)
