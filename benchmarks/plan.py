@@ -74,9 +74,9 @@ def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = No
         for label in labels:
             name, sets = tuners_mod.parse_tuner(label)
             label = tuners_mod.canonical_label(label)
-            ck = (label, base)
+            ck = (label, base, tuple(backends or exp.backends))
             if ck not in checked:
-                checked[ck] = tuners_mod.check_settings(name, sets, base)
+                checked[ck] = tuners_mod.check_settings(name, sets, base, backends or exp.backends)
             parsed.append((label, name, checked[ck]))
         consts = [p for p in parsed if p[1] == "constant"]
         others = [p for p in parsed if p[1] != "constant"]

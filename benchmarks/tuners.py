@@ -32,7 +32,7 @@ import importlib.util
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = ["TUNERS", "TunerSpec", "parse_tuner", "canonical_label", "check_settings", "available", "build_torch",
            "build_optax", "torch_stats", "BASES", "MOMENTUM"]
@@ -145,9 +145,11 @@ def _peer_class(spec: TunerSpec, backend: str):
     return getattr(importlib.import_module(mod), attr)
 
 
-def check_settings(name: str, settings: dict, base: str) -> dict:
+def check_settings(name: str, settings: dict, base: str, backends: Sequence[str] = ("torch",)) -> dict:
     """Validate a tuner's settings (no model, no backend needed for the curvopt tuners): raises ``ValueError``
-    naming the setting and what is accepted. Returns the settings, converted."""
+    naming the setting and what is accepted. A peer's settings are its own constructor's keywords, checked against
+    the implementation of every one of ``backends`` it runs on (the PyTorch package's and ``optax.contrib``'s
+    names differ: ``lr`` against ``learning_rate``). Returns the settings, converted."""
     spec = TUNERS[name]
     where = f"{name}:" + ";".join(f"{k}={v}" for k, v in settings.items())
     try:
@@ -174,24 +176,39 @@ def check_settings(name: str, settings: dict, base: str) -> dict:
             if "sharpness" in settings:
                 as_sharpness(settings["sharpness"])
             return dict(settings)
-        # peers: keyword names from the constructor, values checked by constructing it on a dummy tensor
-        if available(name, "torch") is None:
-            cls = _peer_class(spec, "torch")
-            signature = inspect.signature(cls.__init__).parameters
-            params = [p for p in signature if p not in ("self", "params")]
-            extra = [k for k in settings if k not in params]
-            if extra:
-                raise ValueError(f"unknown setting(s) {extra}; {spec.torch_attr} accepts {', '.join(params)}")
-            for k, v in settings.items():  # (the constructors compare a string with a number: a cryptic TypeError)
-                default = signature[k].default
-                if isinstance(v, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
-                    raise ValueError(f"{k} must be a number (its default: {default!r}), got {v!r}")
-            import torch
-
-            cls([torch.zeros(1, requires_grad=True)], **settings)
+        # peers: keyword names from the constructor, values checked by constructing it on a dummy tensor/array
+        for backend in backends:
+            if available(name, backend) is None:
+                _check_peer_settings(spec, backend, settings)
         return dict(settings)
     except (TypeError, ValueError) as e:
         raise ValueError(f"tuner {where!r}: {e}") from None
+
+
+def _check_peer_settings(spec: TunerSpec, backend: str, settings: dict) -> None:
+    """A peer's ``settings`` against its ``backend`` implementation's keywords, then used to build it on a dummy
+    parameter (``ValueError``/``TypeError`` naming what is wrong)."""
+    make = _peer_class(spec, backend)
+    attr = spec.torch_attr if backend == "torch" else spec.optax_attr
+    signature = inspect.signature(make.__init__ if backend == "torch" else make).parameters
+    params = [p for p in signature if p not in ("self", "params")]
+    extra = [k for k in settings if k not in params]
+    if extra:
+        raise ValueError(f"unknown setting(s) {extra} for {backend}; {attr} accepts {', '.join(params)} (a peer's "
+                         "settings go to each backend's own implementation: where their names differ, run one "
+                         "--backend at a time)")
+    for k, v in settings.items():  # (the constructors compare a string with a number: a cryptic TypeError)
+        default = signature[k].default
+        if isinstance(v, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise ValueError(f"{k} must be a number (its default: {default!r}), got {v!r}")
+    if backend == "torch":
+        import torch
+
+        make([torch.zeros(1, requires_grad=True)], **settings)
+    else:
+        import jax.numpy as jnp
+
+        make(**settings).init(jnp.zeros(1))
 
 
 def available(name: str, backend: str) -> str | None:
