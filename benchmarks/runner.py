@@ -42,9 +42,13 @@ def _worker_error(spec: RunSpec, exc: BaseException) -> dict:
 
 
 def run_one(spec: RunSpec, progress=None) -> dict:
-    """Train one run and return its record (status ``ok``/``diverged``/``error``)."""
+    """Train one run and return its record (status ``ok``/``diverged``/``error``). Its ``data`` also says how many
+    training and eval examples (LM: blocks) the run had: a dataset smaller than the suite's sizes (a short
+    ``--text``, a small ``--data-dir``) is used whole."""
     rec = {**_described_run(spec), "started": time.time()}
     try:
+        x, _, xe, _ = tasks_mod.train_eval_arrays(spec.exp, spec.seed)
+        rec["data"].update(train_examples=len(x), eval_examples=len(xe))
         if spec.backend == "torch":
             from .train_torch import run
         else:

@@ -112,6 +112,24 @@ def test_plan_refuses_bad_tuner_settings(label, match):
         plan_mod.plan([MICRO], tuners=[label])
 
 
+@pytest.mark.parametrize("label,backends,accepted", [
+    ("prodigy:lr=0.5", ("torch",), True), ("prodigy:lr=0.5", ("jax",), False),
+    ("prodigy:learning_rate=0.5", ("jax",), True), ("prodigy:learning_rate=0.5", ("torch",), False),
+    ("prodigy:lr=0.5", ("torch", "jax"), False), ("prodigy:eps=1e-6", ("torch", "jax"), True),
+])
+def test_plan_checks_peer_settings_against_every_backend_it_runs(label, backends, accepted):
+    """A peer's settings are its implementation's keywords, which differ between the PyTorch package and
+    optax.contrib (prodigyopt's lr, optax's learning_rate). They were checked against PyTorch's only: a JAX run
+    accepted prodigy:lr, then every run failed with a TypeError (the table said "diverged"), and a JAX learning
+    rate could not be set at all. Now each backend the plan runs on checks them before anything runs."""
+    if not accepted:
+        with pytest.raises(ValueError, match="unknown setting"):
+            plan_mod.plan([MICRO], tuners=[label], backends=backends)
+        return
+    specs = plan_mod.plan([MICRO], tuners=[label], backends=backends)
+    assert {s.backend for s in specs} == set(backends)
+
+
 def _rec(spec, final):
     status = "ok" if np.isfinite(final) else "diverged"
     return {"key": spec.key, "status": status, "summary": {"final_train_loss": final, "diverged": status != "ok"}}
@@ -785,3 +803,17 @@ def test_widths_of_a_cell_split_by_width_keep_one_grid_per_width(tmp_path, capsy
     assert len(at_widths(vit, (4,), ("torch",))) == 1  # run in PyTorch (--backend torch), it joins the cell
     mini = [e for e in get_suite("default").experiments if e.regime == "mini"]
     assert [e.widths for e in at_widths(mini, (4, 32))] == [(4, 32)] * len(mini)  # one experiment each: as asked
+
+
+def test_a_run_records_the_examples_it_had():
+    """A dataset smaller than the experiment's sizes is used whole; the record (and the report, which prints the
+    run's data) said the asked sizes only (a field test: full_batch_size 32 recorded for 56 blocks of a short
+    --text, eval_size 32 for 6). Now the record's data also holds the counts the run trained and evaluated on."""
+    exp = dataclasses.replace(MICRO, full_batch_size=10**6, eval_size=40)
+    spec = plan_mod.plan([exp], tuners=["constant:lr=0.1"])[0]
+    rec = runner.run_one(spec)
+    assert rec["status"] == "ok"
+    assert rec["data"]["full_batch_size"] == 10**6 and rec["data"]["eval_size"] == 40
+    from benchmarks.tasks import dataset_for
+    assert rec["data"]["train_examples"] == len(dataset_for(exp).x_train) < 10**6
+    assert rec["data"]["eval_examples"] == 40
