@@ -58,8 +58,8 @@ FITTED = 1e-3  # a best constant below this final train loss has (nearly) fitted
 TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
 AXES = ("task", "regime", "backend", "param", "width", "tuner", "tuner_name", "seed")  # what a run is grouped by
 EDGE = "†"  # marks a ratio against a best constant still at an edge of its grid (report.md's "grid edge")
-EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid (the widening stopped there); a constant "
-             "beyond that edge may do better, which would raise the ratio.")
+EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid (where the suite widens its grids, the "
+             "widening stopped there); a constant beyond that edge may do better, which would raise the ratio.")
 FIT = "‡"  # marks a width whose best constant fitted its training set (median final train loss < FITTED)
 FIT_NOTE = (f"{FIT}: a width whose best constant fits its training set (median final train loss < {FITTED:g}): "
             "train losses that small are noise, so there the verdict, and the README table's figure, is the eval "
@@ -390,8 +390,11 @@ def readme_table(analysis: dict) -> str:
     """One row per tuner, one column per group: the median ratio over widths x seeds with the worst (width, seed);
     the widths whose best constant fitted its training set (:data:`FIT`) pooled apart, by their eval-loss ratios
     (``; ‡ eval ...``, or alone where every width fitted). :data:`EDGE` marks a figure with a ratio against a best
-    constant still at an edge of its grid. Legend lines under the table say so."""
+    constant still at an edge of its grid. Legend lines under the table say so; no groups (nothing ran): a line
+    that says so."""
     groups = sorted(analysis)
+    if not groups:
+        return "No run to summarise (every planned run was skipped or none was planned)."
     cells: dict = defaultdict(dict)
     for g in groups:
         per: dict = defaultdict(lambda: {False: [], True: []})  # tuner -> fitted? -> [(ratio, width, seed, edge)]
@@ -419,7 +422,8 @@ def readme_table(analysis: dict) -> str:
     shown = " ".join(cell for row in cells.values() for cell in row.values())
     notes = [note for note, mark in ((EDGE_NOTE, EDGE), (FIT_NOTE, FIT)) if mark in shown]
     lines += [""] + notes if notes else []
-    return ("Final train loss ÷ the best constant of the same run (a √2 grid, widened at the edges), per seed: "
+    return ("Final train loss ÷ the best constant of the same run (each width's constant grid, listed in report.md), "
+            "per seed: "
             "median over widths and seeds, in brackets the worst (width, seed). < 1 beats the tuned constant.\n\n"
             + "\n".join(lines))
 

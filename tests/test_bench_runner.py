@@ -817,3 +817,11 @@ def test_a_run_records_the_examples_it_had():
     from benchmarks.tasks import dataset_for
     assert rec["data"]["train_examples"] == len(dataset_for(exp).x_train) < 10**6
     assert rec["data"]["eval_examples"] == 40
+
+
+def test_the_summary_of_no_runs_says_so():
+    """A sweep whose every run was skipped (``--regimes mini --backend jax --params mup``) printed a table whose
+    header had two columns and its separator one; now one line says nothing ran."""
+    assert report.readme_table(report.analyse([])) == (
+        "No run to summarise (every planned run was skipped or none was planned).")
+    assert report.readme_table({}).startswith("No run")
