@@ -28,7 +28,10 @@ with base width 32 (where μP, SP and NTK coincide), parameterised by ``curvopt.
    stopped after two diverged runs), refined at the best point's two √2 neighbours; the fitted log-log
    slope (target ≈ 2).
 
-Writes PNG plots, ``results.md`` (tables) and ``results.json`` into ``--out``.
+Writes PNG plots, ``results.md`` (tables) and ``results.json`` into ``--out``. A run of some experiments
+(``--only``) into an ``--out`` that holds results keeps the experiments it did not run: its own are merged into
+``results.json`` and ``results.md`` is written from the merged results; where a kept experiment was measured under
+other settings than this run's (the preset, the seeds, the cdat variant or horizon) it refuses before anything runs.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -44,6 +48,7 @@ import torch
 from torch import nn
 
 from benchmarks import tasks, tuners
+from benchmarks.__main__ import _csv, _int_at_least, _seed
 from benchmarks.hessian import top_eigenvalue
 from benchmarks.suites import Experiment
 from curvopt.torch import parameterize
@@ -264,20 +269,117 @@ def width_trend(widths, values):
 
 #: the experiments of this module, in the order they run (``--only``)
 EXPERIMENTS = ("sharpness", "transfer", "cdat", "gamma")
+#: the settings of results.json each experiment's results depend on (all of them on the preset and its widths)
+SETTINGS = {"sharpness": ("seed",), "transfer": ("seed",), "cdat": ("cdat_seeds", "variant", "cdat_steps"),
+            "gamma": ("seed",)}
+RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _numeric_keys(obj):
+    """``obj`` read back from JSON with the keys JSON turned into strings (widths, seeds, γ) numbers again."""
+    if isinstance(obj, list):
+        return [_numeric_keys(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        if re.fullmatch(r"-?\d+", k):
+            k = int(k)
+        else:
+            try:
+                k = float(k) if math.isfinite(float(k)) else k
+            except ValueError:
+                pass
+        out[k] = _numeric_keys(v)
+    return out
+
+
+def load_results(out: str) -> dict | None:
+    """The results.json in ``out`` (None if there is none); a ValueError if it cannot be read."""
+    path = os.path.join(out, RESULTS_JSON)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            res = _numeric_keys(json.load(fh))
+        if not isinstance(res, dict) or res.get("preset") not in PRESETS:
+            raise ValueError("it does not hold the results of this module")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); remove it or pass another --out, so "
+                         "that its results are not overwritten") from None
+    # a file written before the cdat horizon was recorded: the preset's
+    res.setdefault("cdat_steps", PRESETS[res["preset"]].cdat_steps)
+    return res
+
+
+def merge_results(old: dict | None, new: dict, ran) -> dict:
+    """The results of this run (``new``: its settings and the sections of the experiments in ``ran``) merged into
+    those read back from results.json (``old``, None if none): the sections of ``old`` this run did not redo are
+    kept, each with the settings it was measured under. A ValueError, naming the setting, if a kept section and
+    one of this run were measured under different settings (one report cannot describe both); ``seconds`` adds
+    up the runs' times."""
+    if old is None:
+        return new
+    kept = [e for e in EXPERIMENTS if e in old and e not in ran]
+    merged = {k: v for k, v in new.items() if k not in EXPERIMENTS}
+    for e in kept:
+        for key in ("preset", "widths", *SETTINGS[e]):
+            users = [r for r in ran if key in ("preset", "widths", *SETTINGS[r])]
+            if users and old.get(key) != new.get(key):
+                raise ValueError(f"the {e} results in results.json were measured with {key} {old.get(key)!r}, this "
+                                 f"run's {', '.join(users)} with {new.get(key)!r}; pass another --out, or rerun "
+                                 f"{e} too (--only)")
+            if not users:
+                merged[key] = old.get(key)
+    merged["seconds"] = old.get("seconds", 0.0) + new.get("seconds", 0.0)
+    for e in EXPERIMENTS:
+        if e in new or e in kept:
+            merged[e] = new[e] if e in new else old[e]
+    return merged
+
+
+def write_results(out: str, res: dict, P: Preset) -> str:
+    """Write ``res`` to results.json and its report to results.md in ``out`` (each replaced whole, never left
+    half-written); returns the report, read with the cdat horizon ``res`` records."""
+    text = report(res, replace(P, cdat_steps=res["cdat_steps"]))
+    for name, body in ((RESULTS_JSON, json.dumps(res, indent=1, default=str)), (RESULTS_MD, text)):
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w") as fh:
+            fh.write(body)
+        os.replace(path + ".tmp", path)
+    return text
+
+
+def _one_seed(s: str) -> int:
+    seeds = _csv(int, "seed", _seed)(s)
+    if len(seeds) != 1:
+        raise argparse.ArgumentTypeError(f"expected one seed, got {s!r}")
+    return seeds[0]
+
+
+#: the least --cdat-steps: the start-up figure reads the losses of steps 0 and 1 on
+MIN_CDAT_STEPS = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, each number checked as it is parsed (a bad one: a usage error, exit status 2)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.mup_transfer", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small preset (about a minute)")
     ap.add_argument("--out", default="results/mup")
     ap.add_argument("--only", default=",".join(EXPERIMENTS),
                     help=f"comma-separated experiments, of {', '.join(EXPERIMENTS)} (default: all)")
-    ap.add_argument("--seed", type=int, default=None,
+    ap.add_argument("--seed", type=_one_seed, default=None,
                     help="the seed of every experiment (default: the preset's, 0; the cdat experiment's 0-4)")
-    ap.add_argument("--variant", default="", help="cdat: a start-up variant of benchmarks.minibatch_study (nocap, capA, "
-                    "capB; docs/minibatch_study.md section 7) (default: the library's rule)")
-    ap.add_argument("--cdat-steps", type=int, default=None,
-                    help="cdat: the horizon in steps (default: the preset's, 100; 30 with --quick)")
+    ap.add_argument("--variant", default="", help="cdat: a start-up variant of benchmarks.minibatch_study (nocap, "
+                    "capA, capB; docs/minibatch_study.md section 7) (default: the library's rule)")
+    ap.add_argument("--cdat-steps", type=_int_at_least(MIN_CDAT_STEPS), default=None,
+                    help=f"cdat: the horizon in steps (>= {MIN_CDAT_STEPS}; default: the preset's, 100; 30 with "
+                    "--quick)")
+    return ap
+
+
+def main(argv=None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
     if not only or only - set(EXPERIMENTS):
@@ -292,6 +394,13 @@ def main(argv=None) -> dict:
         P = replace(P, seed=args.seed, cdat_seeds=(args.seed,))
     if args.cdat_steps is not None:
         P = replace(P, cdat_steps=args.cdat_steps)
+    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths), "seed": P.seed,
+                 "cdat_seeds": list(P.cdat_seeds), "variant": args.variant, "cdat_steps": P.cdat_steps}
+    try:  # refused now, not after the runs: results already written are never lost
+        old = load_results(args.out)
+        merge_results(old, res, only)
+    except ValueError as e:
+        ap.error(f"--out {args.out!r}: {e}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.makedirs(args.out, exist_ok=True)
     import matplotlib
@@ -300,9 +409,6 @@ def main(argv=None) -> dict:
     import matplotlib.pyplot as plt
 
     x, y = digits("mlp", P.n_train)
-    res: dict = {"preset": "quick" if args.quick else "default", "widths": list(P.widths), "seed": P.seed,
-                 "cdat_seeds": list(P.cdat_seeds),
-                 "variant": args.variant}
     t0 = time.time()
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(P.widths)))
 
@@ -401,11 +507,8 @@ def main(argv=None) -> dict:
         print(f"[{time.time() - t0:6.0f}s] gamma: best {best}, slope {slope:.2f}", flush=True)
 
     res["seconds"] = time.time() - t0
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(res, fh, indent=1, default=str)
-    with open(os.path.join(args.out, "results.md"), "w") as fh:
-        fh.write(report(res, P))
-    print(report(res, P))
+    res = merge_results(old, res, only)
+    print(write_results(args.out, res, P))
     return res
 
 

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.__main__ import _csv, _int_at_least, _one_of
 from benchmarks.hessian import hvp_operator, top_eigenvalue
 from benchmarks.timing import step_time_ratio
 from curvopt.config import SharpnessConfig
@@ -298,6 +299,29 @@ class _Worker:
             self.proc.wait(timeout=60)
 
 
+def _git(args: list[str], cwd: str) -> str:
+    """``git ARGS`` run in ``cwd``, its output stripped; a RuntimeError with git's own message if it fails."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot run git: {e}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed: {(done.stderr or done.stdout).strip()}")
+    return done.stdout.strip()
+
+
+def resolve_revision(baseline: str) -> tuple[str, str]:
+    """The top of the git work tree holding this file and the commit ``baseline`` names there (abbreviated);
+    a RuntimeError with git's message if there is no such tree or commit."""
+    import os
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = _git(["rev-parse", "--show-toplevel"], here)
+    return root, _git(["rev-parse", "--verify", "--short", "--end-of-options", f"{baseline}^{{commit}}"], root)
+
+
 def measure_against(baseline: str, repeats: int, steps: int, tasks=("cnn", "lm"), clock: str = "wall",
                     configs=None) -> list[dict]:
     """Step-time ratios of the revision ``baseline`` and of the working tree, measured in one run (see the
@@ -307,17 +331,14 @@ def measure_against(baseline: str, repeats: int, steps: int, tasks=("cnn", "lm")
     import subprocess
     import tempfile
 
+    root, rev = resolve_revision(baseline)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, check=True, capture_output=True,
-                          text=True).stdout.strip()
-    rev = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=root, check=True, capture_output=True,
-                         text=True).stdout.strip()
     tmp = tempfile.mkdtemp(prefix="curvopt-baseline-")
     tree = os.path.join(tmp, "tree")
-    subprocess.run(["git", "worktree", "add", "--detach", tree, rev], cwd=root, check=True, capture_output=True)
     workers: dict[str, _Worker] = {}
     rows = []
     try:
+        _git(["worktree", "add", "--detach", tree, rev], root)
         workers = {"baseline": _Worker(tree, here), "current": _Worker(here, here)}
         names = list(workers)
         for task in tasks:
@@ -509,11 +530,23 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _row_of_configs(v: int) -> bool:
+    return 0 <= v < len(CONFIGS)
+
+
+_row_of_configs.__doc__ = f"a row number of CONFIGS, 0 to {len(CONFIGS) - 1}"
+#: the measurements ``--skip`` can leave out
+PARTS = ("time", "hvp", "memory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every value checked as it is parsed (a bad one: a usage error, exit status 2)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and steps, fewer sharpness samples")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: time,hvp,memory")
+    ap.add_argument("--repeats", type=_int_at_least(1), default=None,
+                    help="timed repeats (>= 1; default 7, 3 with --quick)")
+    ap.add_argument("--skip", type=_csv(str, "part", _one_of(PARTS)), default=(),
+                    help=f"comma-separated parts to skip, of {','.join(PARTS)}")
     ap.add_argument("--backend", choices=("torch", "jax", "both"), default="both",
                     help="which backends' step-time rows (the other measurements are torch)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -521,20 +554,29 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, metavar="REV",
                     help="also time the git revision REV, interleaved with the working tree in this run (torch "
                          "step-time rows only; implies --backend torch --skip hvp,memory)")
-    ap.add_argument("--tasks", default="cnn,lm", help="comma-separated step-time tasks (cnn,lm: both backends; cnn-wide,lm-wide,lm-wide-b64: torch only)")
-    ap.add_argument("--configs", default=None,
+    ap.add_argument("--tasks", type=_csv(str, "task", _one_of(tuple(TASKS))), default=("cnn", "lm"),
+                    help="comma-separated step-time tasks (cnn,lm: both backends; cnn-wide,lm-wide,lm-wide-b64: "
+                         "torch only)")
+    ap.add_argument("--configs", type=_csv(int, "config row", _row_of_configs), default=None,
                     help="comma-separated row numbers of this module's CONFIGS, the torch rows, to time (default "
                          "all; 0 = CDAT fd Adam); the JAX rows (benchmarks.overhead_jax.CONFIGS) all run")
+    return ap
+
+
+def main(argv=None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.baseline is not None:
+        try:
+            resolve_revision(args.baseline)
+        except RuntimeError as e:
+            ap.error(f"--baseline {args.baseline!r}: {e}")
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", RuntimeWarning)  # a skipped step is reported in the 'skipped' column
     repeats = args.repeats or (3 if args.quick else 7)
     steps = 5 if args.quick else 15
-    skip = set(filter(None, args.skip.split(",")))
-    tasks = tuple(filter(None, args.tasks.split(",")))
-    if not set(tasks) <= set(TASKS):
-        ap.error(f"--tasks: unknown {sorted(set(tasks) - set(TASKS))}; choose from {', '.join(TASKS)}")
-    configs = None if args.configs is None else {int(c) for c in args.configs.split(",")}
+    skip, tasks = set(args.skip), args.tasks
+    configs = None if args.configs is None else set(args.configs)
 
     if args.baseline is not None:
         rows = measure_against(args.baseline, repeats, steps, tasks, args.clock, configs)

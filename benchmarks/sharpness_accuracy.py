@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.__main__ import _csv, _int_at_least, _one_of, _seed
 from benchmarks.data import load_digits
 from benchmarks.hessian import top_eigenvalue
 from curvopt.torch import EdgeOfStability
@@ -32,6 +33,8 @@ from torch_backend.preconditioning import preconditioner_scales
 ACTS = {"tanh": nn.Tanh, "gelu": nn.GELU}
 BASES = {"gd": lambda ps: torch.optim.SGD(ps, lr=1.0), "adam": lambda ps: torch.optim.Adam(ps, lr=1.0)}
 ESTIMATORS = ("krylov", "rayleigh")
+#: the reference is taken every 10 steps after step 0, so a run needs 11 steps for one estimate / reference ratio
+MIN_STEPS = 11
 
 
 def _estimator(name: str):
@@ -67,25 +70,32 @@ def run(act: str, base: str, seed: int, estimator: str, steps: int, x: torch.Ten
     return {"ratios": ratios, "loss": loss}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, every value checked as it is parsed (a bad one: a usage error, exit status 2)."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sharpness_accuracy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=_csv(int, "seed", _seed), default=(0, 1, 2), help="comma-separated seeds")
+    ap.add_argument("--steps", type=_int_at_least(MIN_STEPS), default=300,
+                    help=f"training steps per run (>= {MIN_STEPS}: the first reference is at step 10)")
+    ap.add_argument("--acts", type=_csv(str, "activation", _one_of(tuple(ACTS))), default=tuple(ACTS),
+                    help=f"comma-separated activations, of {', '.join(ACTS)}")
+    ap.add_argument("--bases", type=_csv(str, "base", _one_of(tuple(BASES))), default=tuple(BASES),
+                    help=f"comma-separated base optimizers, of {', '.join(BASES)}")
+    return ap
+
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--acts", default="tanh,gelu")
-    ap.add_argument("--bases", default="gd,adam")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     data = load_digits()
     x = torch.tensor(data.x_train[:512].reshape(512, -1))
     y = torch.tensor(data.y_train[:512])
-    seeds = [int(s) for s in args.seeds.split(",")]
     print("| activation | base | estimator | estimate / reference: median | lowest | share > 5 % low | highest "
           "| final train loss (median) |")
     print("|---|---|---|---|---|---|---|---|")
-    for act in args.acts.split(","):
-        for base in args.bases.split(","):
+    for act in args.acts:
+        for base in args.bases:
             for est in ESTIMATORS:
-                runs = [run(act, base, s, est, args.steps, x, y) for s in seeds]
+                runs = [run(act, base, s, est, args.steps, x, y) for s in args.seeds]
                 r = np.concatenate([o["ratios"] for o in runs])
                 print(f"| {act} | {base} | {est} | {np.median(r):.3f} | {r.min():.3f} | {np.mean(r < 0.95):.0%} "
                       f"| {r.max():.3f} | {np.median([o['loss'] for o in runs]):.4g} |", flush=True)
