@@ -25,6 +25,7 @@ is ``c`` times the effective one). Biases are never scaled. The depth-μP residu
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -123,8 +124,9 @@ def mup_multipliers(params: Any, base_params: Any, **kwargs: Any) -> dict[str, d
 
 
 class ScaleByMupState(NamedTuple):
-    """The multipliers of :func:`scale_by_mup` (float32 scalars, shaped like the parameters' tree), kept so that a
-    tuner handed the base's state reads them (the secant's noise metric, :mod:`jax_backend.noise`); constant."""
+    """The multipliers of :func:`scale_by_mup` (float32 scalars, shaped like the parameters' tree, without ``nnx``
+    variable nodes: :func:`_pure`), kept so that a tuner handed the base's state reads them (the secant's noise
+    metric, :mod:`jax_backend.noise`); constant."""
 
     lr_mults: Any
 
@@ -133,6 +135,15 @@ def find_lr_mults(tree: Any) -> Any:
     """The multipliers of the first :class:`ScaleByMupState` in an optimizer state, or None."""
     is_mup = lambda x: isinstance(x, ScaleByMupState)  # noqa: E731
     return next((node.lr_mults for node in jax.tree.leaves(tree, is_leaf=is_mup) if is_mup(node)), None)
+
+
+def _pure(tree: Any) -> Any:
+    """``tree`` with flax ``nnx`` variables replaced by their values (``nnx.as_pure``), as ``nnx.Optimizer`` hands a
+    transform its state: multipliers built from an ``nnx.State`` kept their ``Param`` nodes in the state ``init``
+    made, which a tuner's check of the state it is handed then refused (a field test: μP under ``nnx.Optimizer``
+    with ``cdat``). Other trees unchanged (without ``flax.nnx`` imported there are no such variables)."""
+    nnx = sys.modules.get("flax.nnx")
+    return tree if nnx is None else nnx.as_pure(tree)
 
 
 def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
@@ -147,7 +158,7 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
 
     def init_fn(params):
         del params
-        return ScaleByMupState(jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), lr_mults))
+        return ScaleByMupState(jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), _pure(lr_mults)))
 
     def update_fn(updates, state, params=None):
         del params

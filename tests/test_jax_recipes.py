@@ -29,8 +29,8 @@ from flax import nnx
 from flax.training.train_state import TrainState
 
 from curvopt import rules
-from curvopt.optax import (BaseMethod, armijo, cdat, edge_of_stability, polyak, quadratic_greedy, scale_by_cdat,
-                           scale_by_polyak, stats)
+from curvopt.optax import (BaseMethod, armijo, cdat, edge_of_stability, parameterize, polyak, quadratic_greedy,
+                           scale_by_cdat, scale_by_polyak, stats)
 
 
 @pytest.fixture(autouse=True)
@@ -753,3 +753,39 @@ def test_the_sharpness_error_suggests_turning_it_off_only_where_it_can_be():
         with pytest.raises(ValueError, match="online sharpness evaluates") as info:
             tx.update(grads, tx.init(params), params, value=jnp.asarray(1.0))
         assert ("sharpness=0" in str(info.value)) == hint
+
+
+def test_nnx_optimizer_with_mup_multipliers():
+    """μP on an nnx model under nnx.Optimizer, the README's μP and nnx recipes together: the multipliers built from
+    the nnx.State kept their Param nodes in the state init made, nnx.Optimizer hands the transform bare arrays, and
+    the tuner's state check refused every update ("the optimizer state does not fit"). Now it trains, with the
+    rates of the same chain on the bare arrays."""
+    class Net(nnx.Module):
+        def __init__(self, width, rngs):
+            self.l1, self.l2 = nnx.Linear(8, width, rngs=rngs), nnx.Linear(width, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jnp.tanh(self.l1(x)))
+
+    x, y = jnp.asarray(RNG.normal(size=(32, 8)), jnp.float32), jnp.asarray(np.arange(32) % 3)
+    model = Net(32, nnx.Rngs(0))
+    mup = parameterize(nnx.state(model, nnx.Param), nnx.state(Net(8, nnx.Rngs(0)), nnx.Param))
+
+    def make():
+        return cdat(optax.chain(optax.scale_by_adam(), mup.transform), base_method="adam")
+
+    def xent(m):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.as_pure(params)
+    tx = make()
+    state = tx.init(params)
+    optimizer = nnx.Optimizer(model, make(), wrt=nnx.Param)
+    for _ in range(3):
+        grads = jax.grad(lambda p: xent(nnx.merge(graphdef, p)))(params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        optimizer.update(model, nnx.grad(xent)(model))
+        assert 0 < float(stats(optimizer.opt_state)["lr"]) < math.inf
+        np.testing.assert_allclose(float(stats(optimizer.opt_state)["lr"]), float(stats(state)["lr"]), rtol=1e-5)
