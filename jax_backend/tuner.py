@@ -35,7 +35,8 @@ from curvopt.stats import STAT_FIELDS, TunerStats
 
 from .direction import (NEGATED_DIRECTION_MESSAGE, base_update_at_init, fill_masked, has_masked, incoming,
                         least_precise_eps, like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
-from .loss import bind, check_fits_params, check_loss_agrees, misspelled_keywords, value_and_grad_at
+from .loss import (bind, check_fits_params, check_loss_agrees, check_params_whole, misspelled_keywords,
+                   value_and_grad_at)
 from .noise import find_trace_state
 from .oracles import loss_reads_params
 from .sharpness import EigenMemory, find_adam_state, online_sharpness, preconditioner_from_adam_state
@@ -91,7 +92,9 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
                          "times too small). Compute the loss from the argument: value_fn(params, **batch); with "
                          "nnx, nnx.merge(graphdef, params, rest, copy=True) inside value_fn, rest cloned from the "
                          "split (docs/optax.md)")
-    check_loss_agrees(tuner, params, value, traced.out_avals[0] if traced is not None else None)
+    loss = traced.out_avals[0] if traced is not None else None
+    check_params_whole(tuner, params, value, loss)
+    check_loss_agrees(tuner, params, value, loss)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation
     value, grad = value_and_grad_at(params, value, grad, f,
                                     need_value=need_value or (want_value and f is not None), tuner=tuner)
