@@ -57,7 +57,9 @@ def test_torch_leaves_a_concave_start_by_probing_farther():
     for make_base in (lambda w: torch.optim.SGD([w], lr=1.0), lambda w: torch.optim.Adam([w], lr=1.0)):
         w, lrs, messages = _torch_run(make_base)
         np.testing.assert_allclose(lrs[1:6] / lrs[:5], 2.0, rtol=1e-12)  # each probe twice the last
-        assert w > 0.9, w  # out of the well's top (0.3; the inflection point is at 0.577) towards its minimum 1
+        # out of the well's top (0.3; the inflection point is at 0.577) to its minimum 1, around which Adam on the
+        # edge oscillates by up to 0.13 (the final step is a snapshot of that oscillation)
+        assert abs(w - 1.0) < 0.2, w
         assert not any(STALL in m for m in messages)
     w, lrs, _ = _torch_run(lambda w: torch.optim.SGD([w], lr=1.0))
     # on the edge there (2 / f''(1) = 0.25): a two-cycle around the minimum, 0.04 wide at a rate 0.7 % above it
@@ -76,14 +78,14 @@ def test_optax_leaves_a_concave_start_by_probing_farther_with_pytorchs_rates():
 
 def test_an_ascent_direction_is_never_probed_farther():
     """A chain that negates the base's direction (``optax.scale(-1)``): the numerator is clipped to 0, the rate
-    is 0, and the probes stay at the probing step (never doubled: ``h = sqrt(2^-23) |w| / |g|`` = 9.5e-5): the
-    parameters move by 2e-3 in 40 steps."""
+    is 0, and no probe is taken along it (:func:`curvopt.config.probes_along`; before, the probing step
+    ``h = sqrt(2^-23) |w| / |g|`` = 9.5e-5 was taken uphill on every other step, never doubled): the parameters
+    do not move in 40 steps."""
     with jax.enable_x64(True), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         w, lrs, _ = _optax_run(0.3, optax.scale(-1.0), steps=40)
-    h = 2.0 ** -11.5 * 0.3 / abs(4 * 0.3 * (0.3 ** 2 - 1))
-    np.testing.assert_allclose(np.nanmax(lrs), h, rtol=1e-6)
-    assert abs(w - 0.3) < 40 * h * 1.1, w  # |f'| < 1.1 on the way (1.09 at 0.3)
+    assert np.nanmax(lrs) == 0.0
+    assert w == 0.3
 
 
 def test_probes_at_a_concave_start_stop_at_lr_max():
