@@ -216,6 +216,19 @@ def _check_widths(parser, exps) -> None:
                          f"(got {bad})")
 
 
+def _check_data_used(parser, args, exps) -> None:
+    """``--text`` and ``--data-dir`` each feed one kind of task (the LM; the image tasks): given to a plan without
+    such a task, they were ignored without a word."""
+    from .tasks import TASKS
+
+    kinds = {TASKS[e.task].kind for e in exps}
+    for option, value, kind, tasks in (("--text", args.text, "text", "lm"),
+                                       ("--data-dir", args.data_dir, "image", "mlp, resnet, vit")):
+        if value is not None and kind not in kinds:
+            parser.error(f"{option} feeds the {tasks} task(s), and this plan runs none of them "
+                         f"({', '.join(sorted({e.task for e in exps}))}): add one with --tasks, or leave {option} out")
+
+
 def _check_data(parser, exps) -> None:
     """Every dataset the plan trains on loads (once per dataset, in this process): a --data-dir without CIFAR-10's
     files, or a --text too short for one block, is a usage error before anything runs (it was one failed run per
@@ -261,6 +274,7 @@ def main(argv=None) -> int:
         parser.error(f"no experiment of suite {args.suite!r} matches --tasks/--regimes")
     _check_cells(parser, exps, backends, params)
     _check_widths(parser, exps)
+    _check_data_used(parser, args, exps)
     if not (args.report_only or args.list):
         _check_data(parser, exps)
     if args.report_only and not os.path.isfile(os.path.join(out, RESULTS)):

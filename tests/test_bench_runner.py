@@ -316,6 +316,8 @@ BAD_ARGS = [
     (["--report-only"], "--report-only"),  # no results there: was a traceback
     (["--tasks", "resnet", "--data-dir", "/"], "does not load"),  # no CIFAR-10 there: was one failed run per cell
     (["--tasks", "lm", "--widths", "3"], "multiples of 2"),  # 2 heads: was one failed run per cell
+    (["--tasks", "mlp", "--text", __file__], "--text feeds the lm task"),  # was ignored without a word
+    (["--tasks", "lm", "--data-dir", "/"], "--data-dir feeds the mlp, resnet, vit task"),  # likewise
 ]
 
 
