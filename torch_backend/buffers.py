@@ -10,11 +10,12 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   they equal those after N steps of the bare base optimizer on the same batches. Pass the model (or a list of
   modules) as ``modules=`` to the tuner. Without it the tuner finds the modules that run in its first main
   call (:class:`RunSnapshot`: a global forward pre-hook for the length of that call, which sees every module
-  called through ``Module.__call__``, a compiled model included) and uses them from then on. A module the
-  closure starts calling later (an auxiliary head switched on after warm-up) is found by the same hook around
-  each probe, snapshotted before its first forward there (its buffers as the main call left them) and restored
-  after the probe; from the next step on it is one of the modules. Its first step's probes start from the
-  values the main call left, not from those the main call started from.
+  called through ``Module.__call__``, a compiled model included) and uses them from then on. A module outside
+  them that the closure calls (an auxiliary head switched on after warm-up, a module left out of ``modules=``)
+  is found by the same hook around each later main call and each probe, snapshotted before its first forward
+  there and treated as the others from then on: a main call that finds it starts its probes from, and a step
+  that fails puts it back to, the values it had before that call; one that only a probe finds is restored after
+  the probe to the values the main call left.
 * **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
@@ -35,7 +36,7 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -272,6 +273,8 @@ class ProbeGuard:
         #: gradient tensors it found: it was forgotten as if there had been none (:meth:`no_main`), the step is the
         #: caller's to take closure-free
         self.idle = False
+        #: the modules outside those known that this step's main call ran, as they were before it (None: none)
+        self._new: Optional[RunSnapshot] = None
 
     def no_main(self) -> None:
         """A closure-free step: no main call, nothing of the model to undo on a rollback."""
@@ -280,6 +283,7 @@ class ProbeGuard:
         self._taken = False
         self.calls = 0
         self._main_called = False
+        self._new = None
 
     def main(self, closure, owned: Sequence[Tensor] = ()) -> Tensor:
         self._main_called = True
@@ -293,6 +297,7 @@ class ProbeGuard:
         if isinstance(self.before, RunSnapshot) and self.before.complete:
             self.before = BufferSnapshot(self.before.modules)
         finding = isinstance(self.before, RunSnapshot)
+        self._new = None if finding else RunSnapshot()
         if not finding:
             self.before.take()
         marks = GradientMarks()
@@ -302,7 +307,8 @@ class ProbeGuard:
                    if p.requires_grad and not is_lazy(p)]  # (a lazy module's parameter takes no hook until it runs)
         eps_before = self.compute_eps
         try:
-            with torch.enable_grad(), self.before.watch() if finding else nullcontext():
+            with torch.enable_grad(), (self.before if finding else self._new).watch(
+                    frozenset() if finding else self._known_modules()):
                 if self.compute_eps is None:
                     loss, self.compute_eps = computation_eps(closure)
                 else:
@@ -321,6 +327,8 @@ class ProbeGuard:
         if finding:
             self.buffers.modules = self.before.modules
             self._known = None
+        elif self._new.modules:
+            self._adopt(self._new.modules)
         self.calls = 1
         return loss
 
@@ -346,13 +354,13 @@ class ProbeGuard:
         for p, _ in self._grads:
             p.grad = None
         if self._main_called:
-            self.before.restore()
+            self._restore_before()
         if self._rng_before is not None:
             self._rng_before.restore()
-        late = None if self._given else RunSnapshot()  # modules first called now (not found in a main call)
+        late = RunSnapshot()  # modules first called now (not found in a main call)
         token = _PROBING.set(True)
         try:
-            with nullcontext() if late is None else late.watch(self._known_modules()):
+            with late.watch(self._known_modules()):
                 out = fn()
         except RuntimeError as err:
             if "modified by an inplace operation" not in str(err):
@@ -365,7 +373,7 @@ class ProbeGuard:
         finally:
             _PROBING.reset(token)
             self.buffers.restore()
-            if late is not None and late.modules:
+            if late.modules:
                 late.restore()
                 self._adopt(late.modules)
         self.calls += 1
@@ -402,6 +410,12 @@ class ProbeGuard:
         self._known = None
         self.buffers.take()
 
+    def _restore_before(self) -> None:
+        """The buffers as they were before the main call, of the modules it found too."""
+        self.before.restore()
+        if self._new is not None:
+            self._new.restore()
+
     def finish(self) -> None:
         """Put the generators where the main call left them, and the other parameters' gradients."""
         self._restore_gradients()
@@ -415,7 +429,7 @@ class ProbeGuard:
         parameters' gradients as the main call left them)."""
         self._restore_gradients()
         if self._main_called:
-            self.before.restore()
+            self._restore_before()
         if self._rng_before is not None:
             self._rng_before.restore()
         self._rng_after = None
