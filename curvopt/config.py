@@ -669,7 +669,9 @@ def zero_rate_message(rising: bool, decays: bool, carries: bool = False, optax: 
     if not rising:
         return head + (
             "The loss falls along the base optimizer's update, but the rule gives it no step: the curvature along "
-            "the update is not positive and nothing bounds the step (f_star=-inf turns off the floor that gives "
+            "the update is not finite (a probe's loss or gradient is NaN or inf, the closure failing a little way "
+            "from the parameters: the stats' curvature is NaN), or it is not positive and nothing bounds the step "
+            "(f_star=-inf turns off the floor that gives "
             "one: pass a lower bound of the loss), a line search accepts no trial, or the loss is at the rule's "
             "f_star (Polyak's rate (f - f_star) / (-g^T u) is then 0: if the loss can go lower, f_star is too "
             "high).")

@@ -556,3 +556,158 @@ def test_a_step_under_inference_mode_is_refused_and_leaves_the_tuner_usable():
         backward()
         opt.step()
     assert float((w * w).sum()) < 5.0
+
+
+# --- a step that fails leaves the modules it found and the tuner's watches as before it (stop 69) ----------------
+
+def _aux_run(make, fail_at, *, modules: bool, nan: bool = False):
+    """Two steps without an auxiliary BatchNorm, then a step whose closure first calls it and fails at call
+    ``fail_at`` (raises, or returns a NaN loss with ``nan``), then that step retried: the aux's buffers before
+    the failed step, after it, and after the retry, and the parameters."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    aux = nn.BatchNorm1d(3)
+    opt = make(torch.optim.Adam(model.parameters(), lr=1.0), model if modules else None)
+
+    def closure_of(use_aux, fail):
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            opt.zero_grad()
+            out = model(x)
+            loss = nn.functional.cross_entropy(aux(out) if use_aux else out, y)
+            if calls[0] == fail and not nan:
+                raise RuntimeError("injected")
+            (loss * (math.nan if calls[0] == fail else 1.0)).backward()
+            return loss * (math.nan if calls[0] == fail else 1.0)
+        return closure
+
+    for _ in range(2):
+        opt.step(closure_of(False, None))
+    before = (aux.running_mean.clone(), int(aux.num_batches_tracked))
+    if fail_at is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                opt.step(closure_of(True, fail_at))
+            except RuntimeError:
+                pass
+    after = (aux.running_mean.clone(), int(aux.num_batches_tracked))
+    opt.step(closure_of(True, None))
+    return before, after, (aux.running_mean.clone(), int(aux.num_batches_tracked)), list(model.parameters())
+
+
+AUX_TUNERS = {
+    "cdat": lambda b, m: CDAT(b, modules=m),
+    "armijo": lambda b, m: ArmijoLineSearch(b, modules=m),
+    "polyak": lambda b, m: PolyakStep(b, modules=m),
+    "eos": lambda b, m: EdgeOfStability(b, sharpness=1, modules=m),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUX_TUNERS))
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_module_first_run_by_a_failing_step_is_put_back(name, fail_at):
+    """Its buffers were neither snapshotted before the main call nor restored: the failed step's batch stayed
+    counted (num_batches_tracked 0 -> 1) and the retried step counted it again (running_mean 0.03-0.1 off)."""
+    make = AUX_TUNERS[name]
+    _, _, clean, p_clean = _aux_run(make, None, modules=False)
+    before, after, retried, p_retried = _aux_run(make, fail_at, modules=False)
+    assert after[1] == before[1] and torch.equal(after[0], before[0])
+    assert retried[1] == clean[1] == 1 and torch.equal(retried[0], clean[0])
+    assert all(torch.equal(a, b) for a, b in zip(p_clean, p_retried))
+
+
+@pytest.mark.parametrize("modules", [False, True])
+def test_a_skipped_step_puts_back_a_module_it_first_ran(modules):
+    """A NaN main call on the step that first runs a module outside the known ones (found, or outside
+    ``modules=model``): its BatchNorm went 0 -> 1 while the model's was put back."""
+    before, after, _, _ = _aux_run(AUX_TUNERS["cdat"], 1, modules=modules, nan=True)
+    assert after[1] == before[1] == 0 and torch.equal(after[0], before[0])
+
+
+@pytest.mark.parametrize("name", sorted(AUX_TUNERS))
+def test_a_module_outside_modules_given_counts_one_batch_per_step(name):
+    """``modules=model`` and a BatchNorm outside it that the closure runs: every probe counted a batch in it
+    (CDAT 2, 4, 6 after 3 steps; the line search 18, 25, 28; the edge rule 88, 96, 103)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    aux = nn.BatchNorm1d(3)
+    opt = AUX_TUNERS[name](torch.optim.Adam(model.parameters(), lr=1.0), model)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(aux(model(x)), y)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in range(1, 4):
+            opt.step(closure)
+            assert int(aux.num_batches_tracked) == k
+
+
+def _flaky(closure, fail_on):
+    calls = [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] == fail_on:
+            raise RuntimeError("transient")
+        return closure()
+    return flaky
+
+
+@pytest.mark.parametrize("make", [PolyakStep, ArmijoLineSearch], ids=["polyak", "armijo"])
+def test_failed_steps_do_not_use_up_the_replay_checks(make):
+    """The checks still to run were counted down before the replay call that raised: after 3 failed steps a
+    closure that draws a new batch at every call was never told of."""
+    torch.manual_seed(0)
+    data = iter([(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(200)])
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = make(torch.optim.SGD(model.parameters(), lr=1.0))
+
+    def new_batch_each_call():
+        xb, yb = next(data)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with pytest.raises(RuntimeError, match="transient"):
+                opt.step(_flaky(new_batch_each_call, 2))
+        for _ in range(3):
+            opt.step(new_batch_each_call)
+    assert sum("does not replay" in str(w.message) for w in seen) == 1
+
+
+@pytest.mark.parametrize("make", [ArmijoLineSearch, lambda b: EdgeOfStability(b, sharpness=1)],
+                         ids=["armijo", "eos"])
+def test_retried_steps_raise_no_false_clip_alarm(make):
+    """Each attempt at one batch fed the same gradient norm to the clip watch: after 3 attempts it warned of a
+    gradient clip inside the closure that does not exist, and watched no more."""
+    torch.manual_seed(0)
+    xs, ys = [torch.randn(16, 6) for _ in range(6)], [torch.randint(0, 3, (16,)) for _ in range(6)]
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = make(torch.optim.Adam(model.parameters(), lr=1.0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for x, y in zip(xs, ys):
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            for _ in range(2):
+                with pytest.raises(RuntimeError, match="transient"):
+                    opt.step(_flaky(closure, 2))
+            opt.step(closure)
+    assert not [w for w in seen if "clip" in str(w.message)]
+    assert not opt._clip_warned

@@ -3,10 +3,13 @@
 The tuner fills a :class:`Transaction` as its step proceeds (the parameters' values before the step, the
 snapshot of the base's state taken before the base stepped — :meth:`torch_backend.workspace.Workspace.take_start`
 — and the tuner's global keys it hid from the base); on any exception — and on a skipped step —
-:meth:`Transaction.rollback` puts the parameters, the base's state and the module buffers/RNG back bit-exactly.
+:meth:`Transaction.rollback` puts the parameters, the base's state and the module buffers/RNG back bit-exactly,
+and on an exception the tuner's watches too (its attributes named in ``STEP_MEMORY``: a step retried after its
+closure raised is judged once, not once per attempt).
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -30,6 +33,7 @@ class Transaction:
         self.workspace: Any = None
         self.entries: Optional[list] = None
         self.hidden: Optional[tuple[Tensor, dict]] = None
+        self.memory = {name: copy.copy(getattr(tuner, name)) for name in tuner.STEP_MEMORY}
 
     def undo_base(self) -> None:
         t = self.tuner
@@ -47,3 +51,5 @@ class Transaction:
         with torch.no_grad():
             self.undo_base()
             self.tuner.guard.rollback()
+        for name, value in self.memory.items():
+            setattr(self.tuner, name, value)

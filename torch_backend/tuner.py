@@ -244,6 +244,10 @@ class CurvatureTuner(torch.optim.Optimizer):
     _accumulated: tuple = ()
     #: consecutive secant steps at a collapsed rate (:func:`curvopt.config.collapse_run`; not saved)
     _collapse_run = 0
+    #: what one step's watches remember from step to step (the checks still to run, the norms and runs watched):
+    #: put back when a step raises (:class:`torch_backend.transaction.Transaction`)
+    STEP_MEMORY = ("_replay_checks", "_functional_checks", "_clip_norms", "_moved_last", "_zero_watch", "_bound_watch",
+                   "_probed", "_peak", "_collapse_run", "_accumulated")
     #: the once-per-tuner warning that a closure-free step found no previous direction for its parameters was given
     _regrouped_warned = False
     #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
