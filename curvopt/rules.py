@@ -324,14 +324,17 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
 
     The guard (every tuner, both backends): if the numerator or an input the rule ``needs`` (curvature,
     value) is not finite, or the rule's learning rate comes out non-finite, the step's learning rate is 0 and
-    the rule state is left as it was (a NaN curvature probe is forgotten, not averaged in). A negative
-    learning rate (e.g. a schedule of ``sigma`` that crosses 0) is clipped to 0. A state field that is None (one
-    added after the state was saved) stays None.
+    the rule state is left as it was (a NaN curvature probe is forgotten, not averaged in); so too where the
+    rule's ``sigma`` at this step (a schedule's value, or one injected by ``optax.inject_hyperparams``) is not
+    finite. A negative learning rate (e.g. a schedule of ``sigma`` that crosses 0) is clipped to 0. A state field
+    that is None (one added after the state was saved) stays None.
     """
     ok = xp.isfinite(inputs.numerator)
     for name in ("curvature", "value"):
         if name in rule.needs:
             ok = ok & xp.isfinite(getattr(inputs, name))
+    if getattr(rule, "sigma", None) is not None:
+        ok = ok & xp.isfinite(at_step(rule.sigma, inputs.count))
     lr, new = rule.update(inputs, state, xp)
     ok = ok & xp.isfinite(lr)
     lr = xp.where(ok & (lr > 0), lr, 0.0)

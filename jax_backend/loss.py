@@ -48,6 +48,8 @@ def scalar_loss(out: Any) -> Any:
     out = jnp.asarray(out)
     if out.size != 1:
         raise ValueError(f"the loss must be a scalar (or shape (1,), or (loss, aux)), got shape {out.shape}")
+    if out.dtype == jnp.bool_ or jnp.issubdtype(out.dtype, jnp.complexfloating):
+        raise ValueError(f"the loss must be a real number, got dtype {out.dtype}")
     return out.reshape(())
 
 
@@ -148,6 +150,11 @@ def check_fits_params(params: Any, grad: Any, f: Callable[[Any], Any] | None, tu
     if grad is not None and jax.tree.structure(grad) != jax.tree.structure(params):
         raise ValueError(f"{tuner}: grad= must have the structure of params: got {jax.tree.structure(grad)} for "
                          f"{jax.tree.structure(params)}.{hint}")
+    if grad is not None:
+        for (path, g), p in zip(jax.tree_util.tree_leaves_with_path(grad), leaves):
+            if jnp.shape(g) != jnp.shape(p):
+                raise ValueError(f"{tuner}: grad= must have the shapes of params: grad{jax.tree_util.keystr(path)} "
+                                 f"has shape {jnp.shape(g)}, the parameter {jnp.shape(p)}")
     if flat and f is not None:
         try:
             jax.eval_shape(f, params)

@@ -260,6 +260,45 @@ def test_sigma_schedule_crossing_zero_gives_lr_zero():
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_sigma_schedule_not_finite_gives_lr_zero_and_is_forgotten(bad):
+    """A schedule's NaN took the step at the growth cap (1.5x the clean run's rate), an inf one near it, with
+    no word; now the guard treats them as a non-positive sigma: rate 0, the averages as before, the next step
+    as if it had not happened."""
+    def run(sched):
+        for opt in (optax.chain(optax.identity(), optax.inject_hyperparams(scale_by_cdat)(sigma=sched,
+                                                                                          curvature="fd")),
+                    optax.chain(optax.identity(), scale_by_cdat(sigma=sched, curvature="fd"))):
+            p, s = P0, opt.init(P0)
+            lrs = []
+            for _ in range(5):
+                v, g = jax.value_and_grad(loss)(p, A)
+                up, s = jax.jit(lambda p, s, v, g: opt.update(g, s, p, value=v, grad=g, value_fn=loss, a=A))(
+                    p, s, v, g)
+                p = optax.apply_updates(p, up)
+                lrs.append(float(stats(s)["lr"]))
+            yield lrs
+    for lrs, clean in zip(run(lambda k: jnp.where(k == 2, bad, 1.0)), run(lambda k: 1.0)):
+        assert lrs[:2] == clean[:2] and lrs[2] == 0.0 and lrs[3] > 0, (lrs, clean)
+
+
+def test_grad_of_another_shape_and_a_loss_not_real_are_refused():
+    """A transposed leaf of the same size was taken silently (numerator 2.54 for 4.05), one of another size
+    failed inside dot_general; a complex or boolean loss was taken (its imaginary part dropped)."""
+    opt = cdat(optax.identity())
+    s = opt.init(P0)
+    v, g = jax.value_and_grad(loss)(P0, A)
+    bad = dict(g, w=g["w"].reshape(2, 2))
+    with pytest.raises(ValueError, match=r"grad\['w'\] has shape \(2, 2\), the parameter \(4,\)"):
+        opt.update(bad, s, P0, value=v, grad=bad, value_fn=loss, a=A)
+    other = polyak(optax.identity())
+    for value in (v + 5j, True):
+        with pytest.raises(ValueError, match="the loss must be a real number"):
+            other.update(g, other.init(P0), P0, value=value, grad=g)
+    with pytest.raises(ValueError, match="the loss must be a real number"):
+        opt.update(g, s, P0, value=v, grad=g, value_fn=lambda q, a: loss(q, a) + 1j, a=A)
+
+
 def test_zero_size_leaf_works_and_complex_parameters_are_refused():
     p = dict(P0, empty=jnp.zeros((0, 3), jnp.float32))
     f = lambda q, a: loss({"w": q["w"], "b": q["b"]}, a) + jnp.sum(q["empty"])  # noqa: E731

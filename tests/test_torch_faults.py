@@ -711,3 +711,27 @@ def test_retried_steps_raise_no_false_clip_alarm(make):
             opt.step(closure)
     assert not [w for w in seen if "clip" in str(w.message)]
     assert not opt._clip_warned
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_sigma_schedule_not_finite_gives_lr_zero(bad):
+    """The core's guard (both backends): a schedule's NaN or inf at a step is no rate there, as a non-positive
+    one, and the averages are as if that step had not been judged."""
+    def rates(sched):
+        torch.manual_seed(0)
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), sigma=sched)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        out = []
+        for _ in range(4):
+            opt.step(closure)
+            out.append(float(opt.stats["lr"]))
+        return out
+    clean, hit = rates(lambda k: 1.0), rates(lambda k: bad if k == 2 else 1.0)
+    assert hit[:2] == clean[:2] and hit[2] == 0.0 and hit[3] > 0, (hit, clean)
