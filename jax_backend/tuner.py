@@ -414,19 +414,21 @@ def _tuner_stats(state: Any) -> TunerStats | None:
 
 def warn_if_betas_differ(base: Any, base_state: Any, params: Any, method: BaseMethod) -> None:
     """At ``init`` of a tuner declared to follow Adam (``method``) around ``base``, on concrete parameters: warn
-    when the base's first update moves Adam's moments as other betas would (:func:`curvopt.base.adam_betas_seen`),
-    since the tuner reads the declared ones. Nothing is judged without an Adam state in the base
+    when the base's first update moves Adam's moments as other betas would (:func:`curvopt.base.adam_betas_seen`,
+    which a second update tells from a clip's factor), since the tuner reads the declared ones. Nothing is judged without an Adam state in the base
     (:func:`jax_backend.sharpness.find_adam_state`) or where the update cannot be taken at init
     (:func:`jax_backend.direction.base_update_at_init`)."""
     taken = base_update_at_init(base, base_state, params)
     adam = None if taken is None else find_adam_state(taken[1], method.b2)
     if adam is None or int(adam.count) != 1:
         return
+    again = base_update_at_init(base, taken[1], params)  # (the betas free of a clip's factor)
+    second = None if again is None else find_adam_state(again[1], method.b2)
 
     def first(tree: Any) -> float:  # every entry the same after an all-ones gradient (masked ones 0)
         return max((float(jnp.max(x)) for x in jax.tree.leaves(tree) if x.size), default=math.nan)
 
-    seen = adam_betas_seen(method, first(adam.mu), first(adam.nu))
+    seen = adam_betas_seen(method, first(adam.mu), first(adam.nu), math.nan if second is None else first(second.mu))
     if seen is not None:
         b1, b2 = (1 - float(f"{1 - b:.2g}") for b in seen)  # (bfloat16 moments: 0.2002 for 1 - b1 = 0.2)
         warn(f"curvopt: base_method declares Adam with b1={method.b1:g}, b2={method.b2:g}, but the base's first "

@@ -419,3 +419,12 @@ def test_adam_betas_seen_reads_one_minus_beta_off_the_first_moments():
     b1, b2 = adam_betas_seen(adam, 0.1 * (1 + 1.1 * BETAS_RTOL), 0.001)
     assert b1 == pytest.approx(1 - 0.1 * (1 + 1.1 * BETAS_RTOL))
     assert adam_betas_seen(adam, 0.1, math.nan) is None
+    # a factor c on the gradient before Adam (a clip) scales the moments by c and c^2: the declared betas then
+    # fit mu^2 / nu, and a second update's mu = (1 - b1^2) c reads them free of c where they do not
+    c = 0.2
+    assert adam_betas_seen(adam, 0.1 * c, 0.001 * c * c, 0.19 * c) is None
+    assert adam_betas_seen(adam, 0.1 * c, 0.001 * c * c) is None
+    b1, b2 = adam_betas_seen(adam, 0.1 * c, 0.05 * c * c, 0.19 * c)
+    assert b1 == pytest.approx(0.9) and b2 == pytest.approx(0.95)
+    b1, b2 = adam_betas_seen(adam, 0.2, 0.05, 0.36)  # no factor: the first moments read as they are
+    assert (b1, b2) == (0.8, 0.95)
