@@ -35,7 +35,7 @@ import optax
 from curvopt import mup as core
 from curvopt.validation import check_nonnegative
 
-from .direction import like_params
+from .direction import accumulator_dtype, like_params
 from .warning import warn
 
 __all__ = ["parameterize", "mup_table", "mup_multipliers", "scale_by_mup", "ScaleByMupState", "find_lr_mults",
@@ -156,9 +156,9 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
     the tuner warns and falls back to the paper's numerator).
     """
 
-    def init_fn(params):
-        del params
-        return ScaleByMupState(jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), _pure(lr_mults)))
+    def init_fn(params):  # the multipliers in the tuners' accumulator dtype (float64 ones under x64: 0.3 exactly)
+        dtype = accumulator_dtype(params)
+        return ScaleByMupState(jax.tree.map(lambda m: jnp.asarray(m, dtype), _pure(lr_mults)))
 
     def update_fn(updates, state, params=None):
         del params

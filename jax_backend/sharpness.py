@@ -29,8 +29,10 @@ from curvopt.config import SharpnessConfig, power_iters, sharpness_due
 from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, krylov_estimate, power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
-from .direction import accumulator_dtype, add_scaled, has_masked, least_precise_eps, merge_masked, norm, scaled, vdot
+from .direction import (accumulator_dtype, add_scaled, has_masked, least_precise_eps, like_params, merge_masked, norm,
+                        scaled, vdot)
 from .loss import bind, fn_kwargs as accepted_kwargs
+from .mup import find_lr_mults
 from .settings import sharpness_enabled
 
 __all__ = ["EigenMemory", "eigen_init", "moving_parts", "online_sharpness", "hessian_top_eigenvalue", "hvp_operator",
@@ -139,9 +141,24 @@ def preconditioner_from_adam_state(state: Any, *, b1: float = 0.9, b2: float = 0
     return jax.tree.map(of, adam.nu)
 
 
-def _precondition(matvec: Callable[[Any], Any], preconditioner: Any) -> Callable[[Any], Any]:
+def _precondition(matvec: Callable[[Any], Any], preconditioner: Any, rates: Any = None) -> Callable[[Any], Any]:
     scales = jax.tree.map(lambda p: inverse_sqrt(p, jnp), preconditioner)
+    if rates is not None:
+        scales = jax.tree.map(lambda r, x: r * x, rates, scales)
     return sandwich(matvec, scales, lambda a, b: optax.tree.cast_like(optax.tree.mul(a, b), b))
+
+
+def group_rate_scales(base_state: Any, params: Any, dtype: Any) -> tuple[Any, Any]:
+    """``(top, scales)``: the largest of the group rates the base applies (:func:`jax_backend.mup.scale_by_mup`'s
+    multipliers, PyTorch's group lrs) and each leaf's ``sqrt(rate / top)``, the scale its rate enters the sharpness's
+    operator with (:func:`curvopt.preconditioner.relative_rates`; PyTorch's ``_rate_scales``); ``(1, None)`` without
+    a ``scale_by_mup`` in the base, or with every leaf at one rate."""
+    mults = find_lr_mults(base_state)
+    if mults is None:
+        return jnp.ones((), dtype), None
+    mults = jax.tree.map(lambda m: jnp.asarray(m, dtype), like_params(mults, params))
+    top = jnp.max(jnp.stack([jnp.max(m) for m in jax.tree.leaves(mults)]))
+    return top, jax.tree.map(lambda m: jnp.sqrt(jnp.where(top > 0, m / top, 0.0)), mults)
 
 
 def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessConfig, fresh: Any,
@@ -165,8 +182,8 @@ def moving_parts(direction: Any, dtype: Any) -> Any:
 
 
 def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, last: tuple[Any, Any], *,
-                     steps: Any, config: SharpnessConfig, preconditioner: Any, dtype: Any, direction: Any = None
-                     ) -> tuple[Any, Any, EigenMemory, Any]:
+                     steps: Any, config: SharpnessConfig, preconditioner: Any, dtype: Any, direction: Any = None,
+                     rates: Any = None) -> tuple[Any, Any, EigenMemory, Any]:
     """On the scheduled steps (``steps`` taken before this one, and the step after a failed estimate: NaN,
     :func:`curvopt.config.sharpness_due`) re-estimate the sharpness and, with an Adam ``preconditioner``, the
     preconditioned one; otherwise keep ``last``. Returns ``(sharpness, preconditioned
@@ -174,18 +191,23 @@ def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, 
     (:func:`moving_parts`, read on the estimate's steps only; None, the whole tree), ``lambda_max(M H M)``, as
     PyTorch's drops a frozen group: with a frozen head inside the base it was the whole tree's (4.09 in a field
     test, the trained body's block 1.04: the edge-of-stability rate behind gradient descent 3.9x too low). Adam's
-    preconditioner already leaves a frozen part out (no moments)."""
+    preconditioner already leaves a frozen part out (no moments). ``rates``: each leaf's group-rate scale
+    (:func:`group_rate_scales`), folded into both operators as PyTorch folds its groups' (``lambda_max(R^1/2 H
+    R^1/2)``, ``lambda_max(R^1/2 P^-1/2 H P^-1/2 R^1/2)``); None: every leaf at one rate."""
     ops = TreeOps(dtype)
 
     def estimate():
         hvp = hvp_operator(f, params)
         fresh = random_unit(params, steps + 1)
         mask = lambda m, v: jax.tree.map(lambda a, b: (a * b).astype(b.dtype), m, v)  # noqa: E731
-        plain = hvp if direction is None else sandwich(hvp, moving_parts(direction, dtype), mask)
+        scales = None if direction is None else moving_parts(direction, dtype)
+        if rates is not None:
+            scales = rates if scales is None else mask(rates, scales)
+        plain = hvp if scales is None else sandwich(hvp, scales, mask)
         lam, v, used = _power(plain, memory.eigenvector, last[0], config, fresh, ops)
         pre, vp = last[1], memory.preconditioned_eigenvector
         if vp is not None and preconditioner is not None:
-            pre, vp, used_p = _power(_precondition(hvp, preconditioner), vp, last[1], config, fresh, ops)
+            pre, vp, used_p = _power(_precondition(hvp, preconditioner, rates), vp, last[1], config, fresh, ops)
             used = used + used_p
         return lam, pre, EigenMemory(v, vp), used
 

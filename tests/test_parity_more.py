@@ -13,8 +13,8 @@ equivalent, in float64 (lrs and final parameters to relative 1e-6, :func:`test_p
   reads under ``amsgrad``;
 * coupled (L2) weight decay: ``weight_decay=`` of SGD / Adam = ``optax.add_decayed_weights`` before the base;
 * param groups at different rates = a per-leaf multiplier after the base (``scale_by_mup``), for the rules
-  that read only ``-g^T u`` and ``u^T H u`` (the README: the Adam momentum numerator's correction terms and the
-  sharpness's group rates are PyTorch's only; the numerator's group rates are checked by hand instead);
+  that read only ``-g^T u`` and ``u^T H u``, for the Adam momentum numerator (its group rates also by hand) and
+  for the edge-of-stability rule (the sharpness's group rates, also by hand);
 * the tuner's clip, ``max_grad_norm=`` = a global-norm clip first in the base, the unclipped gradient as ``grad=``
   (the README's recipe), active and inactive; the clip is :func:`clip_like_torch`, ``optax.clip_by_global_norm``
   with ``clip_grad_norm_``'s ``+ 1e-6`` (with Optax's own the lrs part by 1.8e-6, beyond the 1e-6 tolerance);
@@ -41,7 +41,7 @@ import torch_backend.vectors as tvectors  # noqa: E402
 import jax_backend.direction as jdirection  # noqa: E402
 import test_parity  # noqa: E402
 from curvopt.config import SharpnessConfig  # noqa: E402
-from jax_backend import BaseMethod, cdat, quadratic_greedy, scale_by_mup  # noqa: E402
+from jax_backend import BaseMethod, cdat, edge_of_stability, quadratic_greedy, scale_by_mup  # noqa: E402
 from test_parity import (BETA, JAX_BASES, STEPS, TORCH_BASES, TUNERS, X, Y, _torch_model, check,  # noqa: E402
                          jax_loss, one_torch_thread)  # noqa: F401  (the fixture: one torch thread here too)
 
@@ -372,14 +372,18 @@ def test_group_rates_momentum_numerator_by_hand():
     assert checked >= 10
 
 
-def test_group_rates_sharpness_by_hand():
-    """The sharpness with group rates (PyTorch only, README: Optax's is of the plain Hessian), by hand: on
-    ``f = (2 a^2 + 4 b^2) / 2`` with ``a`` at group lr 1 and ``b`` at 0.25 the operator ``R^1/2 H R^1/2`` is
-    ``diag(2, 1)``, so the edge-of-stability rule's first rate is ``sigma 2 / 2`` (plain ``H``: ``sigma 2 / 4``)."""
+@pytest.mark.parametrize("top", [1.0, 2.0])
+def test_group_rates_sharpness_by_hand(top):
+    """The sharpness with group rates, by hand, in both backends (Optax read the plain Hessian behind
+    ``scale_by_mup``: the edge-of-stability rule's rates were 11-46 % off PyTorch's): on ``f = (2 a^2 + 4 b^2) / 2``
+    with ``a`` at group rate ``top`` and ``b`` at ``top / 4`` the operator ``R^1/2 H R^1/2`` is ``diag(2, 1)``, so the
+    rule's first rate is ``sigma 2 / 2`` (plain ``H``: ``sigma 2 / 4``), and ``eos_ratio`` that of the fastest group's
+    rate ``lr top``: ``lr top 2 / 2``."""
+    sigma, config = 0.5, SharpnessConfig(10, 100, 100, 1e-12)
     a = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([-1.0], dtype=torch.float64, requires_grad=True)
-    opt = tb.EdgeOfStability(torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": SLOW_RATE}]),
-                             sigma=0.5, sharpness=SharpnessConfig(10, 100, 100, 1e-12),
+    opt = tb.EdgeOfStability(torch.optim.SGD([{"params": [a], "lr": top}, {"params": [b], "lr": top * SLOW_RATE}]),
+                             sigma=sigma, sharpness=config, loss_cap=math.inf,
                              functional_loss=lambda ps: (2 * ps[0] ** 2 + 4 * ps[1] ** 2).sum() / 2)
 
     def closure():
@@ -388,8 +392,29 @@ def test_group_rates_sharpness_by_hand():
         loss.backward()
         return loss
     opt.step(closure)
-    np.testing.assert_allclose(float(opt.stats["sharpness"]), 2.0, rtol=1e-9)
-    np.testing.assert_allclose(float(opt.stats["lr"]), 0.5 * 2 / 2.0, rtol=1e-9)
+    f = lambda q: (2 * q["a"] ** 2 + 4 * q["b"] ** 2).sum() / 2  # noqa: E731
+    with jax.enable_x64(True):
+        q = {"a": jnp.array([1.0]), "b": jnp.array([-1.0])}
+        tx = edge_of_stability(scale_by_mup({"a": top, "b": top * SLOW_RATE}), sigma=sigma, sharpness=config,
+                               loss_cap=math.inf)  # (the loss-bound step 2 f / (-g^T u) is 0.375 at top 2)
+        g = jax.grad(f)(q)
+        _, state = tx.update(g, tx.init(q), q, value=f(q), grad=g, value_fn=f)
+        optax_stats = state[1].stats
+        got = {"optax": {k: float(getattr(optax_stats, k)) for k in ("sharpness", "lr", "eos_ratio")},
+               "torch": {k: float(opt.stats[k]) for k in ("sharpness", "lr", "eos_ratio")}}
+    for side in got.values():
+        np.testing.assert_allclose(side["sharpness"], 2.0, rtol=1e-9)
+        np.testing.assert_allclose(side["lr"], sigma * 2 / 2.0, rtol=1e-9)
+        np.testing.assert_allclose(side["eos_ratio"], sigma * top * 2.0 / 2.0, rtol=1e-9)
+
+
+@pytest.mark.parametrize("tuner,base", [("eos_exact", "sgd_groups"), ("eos_exact", "adam_groups")])
+def test_edge_of_stability_behind_group_rates_agrees(registry, tuner, base):
+    """The online sharpness with group rates folded in (Optax: ``scale_by_mup``'s multipliers read from the base's
+    state), plain and preconditioned: the rule's rates and the sharpness pair."""
+    t_sharp, j_sharp, _ = check(tuner, base)
+    column = 1 if base.startswith("adam") else 0
+    np.testing.assert_allclose(j_sharp[:, column], t_sharp[:, column], rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ (e) clipping
