@@ -19,11 +19,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+
 from .thresholds import METHODS, stability_coefficient
 from .validation import check_choice, check_in_unit_interval, check_nonnegative
 
 __all__ = ["BaseMethod", "as_base_method", "carries_gradients", "direction_unit", "followed_rate", "BETAS_RTOL",
-           "adam_betas_seen"]
+           "adam_betas_seen", "adam_update_unlike", "UNLIKE_SCALE"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,47 @@ def adam_betas_seen(method: BaseMethod, first_mu: float, first_nu: float,
     if not math.isfinite(seen_a) or not off(first_mu, seen_a):  # no factor (c = 1): the first moments' exact reading
         return 1 - first_mu, 1 - first_nu
     return 1 - seen_a, 1 - seen_a ** 2 * ratio(first_nu, first_mu ** 2)
+
+
+#: how much smaller the gradient of :func:`adam_update_unlike`'s second reading is than the all-ones one
+UNLIKE_SCALE = 0.01
+
+
+def adam_update_unlike(method: BaseMethod, first: tuple[Any, Any, Any], small: tuple[Any, Any, Any]
+                       ) -> Optional[str]:
+    """Why a base declared to be Adam (``method``) does not update as Adam, else None. ``first``: ``(mu, nu,
+    direction)``, flat NumPy arrays, after its first update of an all-ones gradient from zero moments; ``small``:
+    the same after one of a gradient :data:`UNLIKE_SCALE` times that. Per entry (a weight decay in the base makes
+    the gradient Adam sees uneven), judged on the median entry of those whose moments are not 0:
+
+    * Adam's second moment is the gradient's square, so ``nu`` scales as ``mu`` squared (``scale_by_adamax``, which
+      keeps ``optax.ScaleByAdamState`` too, keeps the absolute value: it was read as Adam with ``b2 = 0``, and the
+      edge-of-stability rule's rate came out 80x too high in a field test);
+    * its denominator is ``sqrt(nu_hat) + eps`` of its own moments, so the direction changes between the two
+      gradients as ``mu_hat / (sqrt(nu_hat) + eps)`` does (a factor on the numerator, NAdam's, cancels):
+      ``scale_by_radam``'s first steps take ``mu_hat`` alone (1,280x off the rate's assumption there), an
+      ``eps_root`` inside the root shrinks the small gradient's direction (the preconditioned sharpness read 5.7x
+      high at ``eps_root = 1e-3``), and so does an ``eps`` other than the declared one.
+
+    Each may be off by :data:`BETAS_RTOL` (relative); arrays of other lengths are not judged."""
+    (mu, nu, d), (mu_s, nu_s, d_s) = (tuple(np.asarray(x, np.float64) for x in t) for t in (first, small))
+    if len({x.shape for x in (mu, nu, d, mu_s, nu_s, d_s)}) != 1:
+        return None
+    read = (mu != 0) & (mu_s != 0) & (nu > 0) & (nu_s > 0) & (d != 0) & np.isfinite(d_s)
+    if not read.any():
+        return None
+    mu, nu, d, mu_s, nu_s, d_s = (x[read] for x in (mu, nu, d, mu_s, nu_s, d_s))
+    if abs(np.median(nu_s / nu / (mu_s / mu) ** 2) - 1) > BETAS_RTOL:
+        return ("its second moment does not grow as the gradient's square (scale_by_adamax keeps a maximum of "
+                "absolute values in Adam's state)")
+    adam, adam_s = ((m / (1 - method.b1)) / (np.sqrt(v / (1 - method.b2)) + method.eps) for m, v in ((mu, nu),
+                                                                                                 (mu_s, nu_s)))
+    change = np.median((d_s / d) / (adam_s / adam))
+    if abs(change - 1) > BETAS_RTOL:
+        return (f"at a gradient {UNLIKE_SCALE:g} times smaller its direction changes by {change:.3g} times what "
+                "Adam's from its own moments would (scale_by_radam's first steps are not preconditioned; an "
+                "eps_root adds to the second moment inside the root; an eps other than the declared one)")
+    return None
 
 
 def carries_gradients(method: Optional[BaseMethod], momentum: float = 0.0) -> bool:

@@ -189,15 +189,15 @@ def warn_if_base_negates(base: Any, base_state: Any, params: Any) -> None:
             return
 
 
-def base_update_at_init(base: Any, base_state: Any, params: Any) -> tuple[Any, Any] | None:
-    """``base.update`` of an all-ones gradient from ``base_state``: ``(direction, new state)``, or None under
+def base_update_at_init(base: Any, base_state: Any, params: Any, scale: float = 1.0) -> tuple[Any, Any] | None:
+    """``base.update`` of an all-``scale`` gradient from ``base_state``: ``(direction, new state)``, or None under
     tracing (a jitted ``init``, or one traced with the parameters closed over, where the arrays made from them are
     not concrete), for no parameters, and for a base whose update cannot run on that gradient alone (it needs extra
     arguments). The init-time checks' (:func:`warn_if_base_negates`, :func:`jax_backend.tuner.with_base_state`'s
     betas), which never stop ``init``."""
     if not jax.tree.leaves(params):
         return None
-    ones = jax.tree.map(jnp.ones_like, params)
+    ones = jax.tree.map(lambda x: jnp.full_like(x, scale), params)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, ones, base_state))):
         return None
     try:

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from curvopt import rules
-from curvopt.base import BaseMethod, adam_betas_seen, as_base_method
+from curvopt.base import UNLIKE_SCALE, BaseMethod, adam_betas_seen, adam_update_unlike, as_base_method
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
                             SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
                             ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate, zero_rate_message)
@@ -45,7 +45,8 @@ from .warning import warn
 
 __all__ = ["Prepared", "prepare", "oracle_for", "sharpness_of", "stats_init", "finish", "bound_init", "bound_watched",
            "zero_rate_init", "zero_rate_watched", "ascent_count", "skip", "select", "pick", "transform", "check_state",
-           "STATE_MISMATCH_MESSAGE", "Sharpness", "with_base_state", "check_base_method", "convenience", "stats", "fresh_leaves"]
+           "STATE_MISMATCH_MESSAGE", "Sharpness", "with_base_state", "check_base_method", "convenience", "stats",
+           "fresh_leaves"]
 
 
 class Prepared(NamedTuple):
@@ -169,7 +170,8 @@ def check_base_method(given: Any, method: BaseMethod, updates: Any, grad: Any, b
     if base_state is not None:
         if (not method.preconditioned and find_adam_state(base_state, method.b2) is not None
                 and not _keeps_per_parameter_state(_without_adam(base_state))):
-            found = "Adam's (optax.ScaleByAdamState)"
+            found = ("Adam's (optax.ScaleByAdamState; scale_by_radam and scale_by_adamax keep it too, and behind "
+                     "them base_method stays unset, with a sigma and ema of your own)")
         elif rate_follows_base and given is None and find_trace_state(base_state) is not None:
             found = "a momentum trace's (optax.TraceState)"
         elif rate_follows_base and given is None and _keeps_per_parameter_state(base_state):
@@ -425,24 +427,39 @@ def _tuner_stats(state: Any) -> TunerStats | None:
     return found[0] if found else None
 
 
-def warn_if_betas_differ(base: Any, base_state: Any, params: Any, method: BaseMethod) -> None:
+def warn_if_not_declared_adam(base: Any, base_state: Any, params: Any, method: BaseMethod) -> None:
     """At ``init`` of a tuner declared to follow Adam (``method``) around ``base``, on concrete parameters: warn
     when the base's first update moves Adam's moments as other betas would (:func:`curvopt.base.adam_betas_seen`,
-    which a second update tells from a clip's factor), since the tuner reads the declared ones. Nothing is judged without an Adam state in the base
-    (:func:`jax_backend.sharpness.find_adam_state`) or where the update cannot be taken at init
-    (:func:`jax_backend.direction.base_update_at_init`)."""
+    which a second update tells from a clip's factor), or is not Adam's update at all (a third, of a smaller
+    gradient: :func:`curvopt.base.adam_update_unlike`), since the tuner reads the declared method. Nothing is
+    judged without an Adam state in the base (:func:`jax_backend.sharpness.find_adam_state`) or where the update
+    cannot be taken at init (:func:`jax_backend.direction.base_update_at_init`)."""
     taken = base_update_at_init(base, base_state, params)
     adam = None if taken is None else find_adam_state(taken[1], method.b2)
     if adam is None or int(adam.count) != 1:
         return
     again = base_update_at_init(base, taken[1], params)  # (the betas free of a clip's factor)
     second = None if again is None else find_adam_state(again[1], method.b2)
+    small = base_update_at_init(base, base_state, params, UNLIKE_SCALE)
+    small_adam = None if small is None else find_adam_state(small[1], method.b2)
 
-    def first(tree: Any) -> float:  # every entry the same after an all-ones gradient (masked ones 0)
+    def first(tree: Any) -> float:  # every entry the same after a uniform gradient (masked ones 0)
         return max((float(jnp.max(x)) for x in jax.tree.leaves(tree) if x.size), default=math.nan)
 
+    def entries(tree: Any) -> np.ndarray:  # each leaf's first entries, in the order of the leaves (masked ones out)
+        return np.concatenate([np.asarray(jnp.ravel(x)[:1024], np.float64) for x in jax.tree.leaves(tree)]
+                              or [np.zeros(0)])
+
     seen = adam_betas_seen(method, first(adam.mu), first(adam.nu), math.nan if second is None else first(second.mu))
-    if seen is not None:
+    unlike = None if small_adam is None else adam_update_unlike(
+        method, (entries(adam.mu), entries(adam.nu), entries(like_params(taken[0], adam.mu))),
+        (entries(small_adam.mu), entries(small_adam.nu), entries(like_params(small[0], adam.mu))))
+    if unlike is not None and (seen is None or "second moment" in unlike):
+        warn(f"curvopt: base_method declares Adam, but the base's update is not Adam's: {unlike}. The tuner reads "
+             "Adam's update (the preconditioned sharpness, the edge-of-stability rule's rate, eos_ratio, CDAT's "
+             "momentum numerator): use optax.scale_by_adam (eps_root=0), or leave base_method unset (gradient "
+             "descent's defaults) and choose sigma and ema yourself")
+    elif seen is not None:
         b1, b2 = (1 - float(f"{1 - b:.2g}") for b in seen)  # (bfloat16 moments: 0.2002 for 1 - b1 = 0.2)
         warn(f"curvopt: base_method declares Adam with b1={method.b1:g}, b2={method.b2:g}, but the base's first "
              f"update moves its moments as Adam's with b1={b1:g}, b2={b2:g}. The tuner reads the declared betas "
@@ -466,7 +483,7 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
     (:func:`jax_backend.direction.warn_if_base_negates`); ``update`` refuses a state whose base part ``base.init``
     would not make (:func:`check_state`: a checkpoint of another base). ``base_method``: the tuner's, as passed to
     it (the conveniences hand it over); behind Adam ``init`` warns when the base's betas are not the declared ones
-    (:func:`warn_if_betas_differ`).
+    (:func:`warn_if_not_declared_adam`).
     """
     base = optax.with_extra_args_support(base)
     tuner = optax.with_extra_args_support(tuner)
@@ -476,7 +493,7 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
         base_state = base.init(params)
         warn_if_base_negates(base, base_state, params)
         if method.kind == "adam":
-            warn_if_betas_differ(base, base_state, params, method)
+            warn_if_not_declared_adam(base, base_state, params, method)
         return base_state, tuner.init(params)
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from curvopt import eigen, rules
-from curvopt.base import BETAS_RTOL, BaseMethod, adam_betas_seen
+from curvopt.base import BETAS_RTOL, BaseMethod, adam_betas_seen, adam_update_unlike
 from curvopt.curvature import (SecantNoiseState, rayleigh_converged, replay_mismatch, replay_slope_mismatch,
                                secant_noise_corrected, secant_noise_numerator)
 from curvopt.diagnostics import detect_catapults
@@ -405,6 +405,26 @@ def test_arpack_top_eigenpair_matches_a_dense_decomposition(n):
     assert lam == pytest.approx(vals.max(), abs=1e-10)
     assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-12)
     np.testing.assert_allclose(A @ v, lam * v, atol=1e-8)
+
+
+def test_adam_update_unlike_tells_adam_from_bases_that_keep_its_state():
+    """Adam's moments and direction after an all-ones gradient and one 100x smaller (x = 1 and 0.01 per entry),
+    by hand: Adam's pass (NAdam's numerator factor too); Adamax's |x| second moment, RAdam's unpreconditioned
+    direction and an eps_root fail."""
+    adam = BaseMethod.adam(0.9, 0.999)
+    x, xs = np.array([1.0, 2.0, 0.5]), np.array([0.01, 0.02, 0.005])
+
+    def reading(x, *, nu=None, d=None):
+        nu = 0.001 * x * x if nu is None else nu
+        return 0.1 * x, nu, (x / (np.sqrt(nu / 0.001) + 1e-8) if d is None else d)
+    assert adam_update_unlike(adam, reading(x), reading(xs)) is None
+    assert adam_update_unlike(adam, reading(x, d=1.47 * np.sign(x)), reading(xs, d=1.47 * np.sign(xs))) is None
+    assert "second moment" in adam_update_unlike(adam, reading(x, nu=np.abs(x)), reading(xs, nu=np.abs(xs)))
+    assert "direction changes by 0.01 " in adam_update_unlike(adam, reading(x, d=x), reading(xs, d=xs))
+    eps_root = 1e-4
+    rooted = [reading(v, d=v / np.sqrt(v * v + eps_root)) for v in (x, xs)]
+    assert "direction changes" in adam_update_unlike(adam, *rooted)
+    assert adam_update_unlike(adam, reading(x), reading(xs[:2])) is None  # not comparable: not judged
 
 
 def test_adam_betas_seen_reads_one_minus_beta_off_the_first_moments():

@@ -261,6 +261,17 @@ def test_init_warns_when_adams_betas_are_not_the_declared_ones(make):
     said = _init_warnings(make(optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(b2=0.95),
                                            optax.add_decayed_weights(1e-4)), base_method="adam"), p)
     assert len(said) == 1 and "BaseMethod.adam(b1=0.9, b2=0.95)" in said[0]
+    # a base that keeps Adam's state but is not Adam: its second moment (Adamax: read as b2=0, the edge rule 80x
+    # too high) or its denominator (RAdam's first steps, an eps_root, another eps) is not Adam's; NAdam's
+    # numerator and a coupled decay (an uneven gradient) are
+    for base in (optax.scale_by_adamax(), optax.scale_by_radam(), optax.scale_by_adam(eps_root=1e-4),
+                 optax.scale_by_adam(eps=1e-3)):
+        said = _init_warnings(make(base, base_method="adam"), p)
+        assert len(said) == 1 and "the base's update is not Adam's" in said[0], said
+    for base, declared in ((optax.scale_by_adam(nesterov=True), "adam"), (optax.scale_by_amsgrad(), "adam"),
+                           (optax.chain(optax.add_decayed_weights(0.1), optax.scale_by_adam()), "adam"),
+                           (optax.scale_by_adam(eps=1e-3), BaseMethod.adam(eps=1e-3))):
+        assert _init_warnings(make(base, base_method=declared), p) == []
     # a jitted init has no concrete update to read: nothing said, nothing traced into the state
     assert _init_warnings(make(optax.scale_by_adam(b2=0.95), base_method="adam"), p, jit=True) == []
 
