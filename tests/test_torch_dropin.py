@@ -1781,3 +1781,17 @@ def test_a_tiny_group_lr_cancels_in_float32(tuner, base):
         return np.array(rates)
 
     np.testing.assert_allclose(run(1e-8), run(1.0), rtol=2e-3)
+
+
+def test_a_subclass_of_a_supported_base_needs_allow_any_base():
+    """A subclass may reshape the step: one of SGD that capped each parameter's step at norm 1e-3 was accepted as
+    SGD, and the greedy rule's rate 1658 moved the parameters 2.345 (2,300x its cap). Now it asks for
+    ``allow_any_base=True``, with which it is read as its parent."""
+    class CappedSGD(torch.optim.SGD):
+        pass
+
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="a subclass of torch.optim.SGD.*allow_any_base=True"):
+        QuadraticGreedy(CappedSGD([w], lr=1.0))
+    opt = QuadraticGreedy(CappedSGD([w], lr=1.0), allow_any_base=True)
+    assert opt.method is not None and opt.method.kind == "gd"

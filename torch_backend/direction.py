@@ -46,8 +46,9 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
     """Refuse a base the tuners cannot wrap, with the supported ones named (see the module docstring).
 
     ``allow_any_base=True`` accepts other ``torch.optim`` optimizers whose update is linear in ``lr`` and that
-    keep no iterate averages (``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ... : the caller vouches for
-    it); the four in ``_REFUSED`` and ``ZeroRedundancyOptimizer`` are refused regardless.
+    keep no iterate averages (``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ... , and subclasses of the
+    supported ones, read as their parent: the caller vouches for it); the four in ``_REFUSED`` and
+    ``ZeroRedundancyOptimizer`` are refused regardless.
     """
     name = type(base).__name__
     if any(cls.__name__ == "ZeroRedundancyOptimizer" and cls.__module__.startswith("torch.distributed.optim")
@@ -62,7 +63,13 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
         if cls.__module__.startswith("torch.optim") and cls.__name__ in _REFUSED:
             raise ValueError(f"{tuner} cannot wrap {name}: {_REFUSED[cls.__name__]}. Supported bases: "
                              f"{_SUPPORTED_TEXT}.")
-    if not isinstance(base, SUPPORTED_BASES) and not allow_any_base:
+    if type(base) not in SUPPORTED_BASES and not allow_any_base:
+        parent = next((cls for cls in SUPPORTED_BASES if isinstance(base, cls)), None)
+        if parent is not None:  # a subclass may reshape the step (a field test's capped SGD: moved 2,300x its cap)
+            raise ValueError(
+                f"{tuner} cannot tell whether the step of {name}, a subclass of torch.optim.{parent.__name__}, is "
+                f"still {parent.__name__}'s (linear in lr, no iterate average, the same state). If it is, pass "
+                f"allow_any_base=True: the tuner then reads it as {parent.__name__}.")
         raise ValueError(
             f"{tuner} does not know whether {name}'s update is linear in its lr (the tuner scales it). "
             f"Supported bases: {_SUPPORTED_TEXT}. For another base whose update is linear in lr and that keeps "
