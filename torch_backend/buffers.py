@@ -11,11 +11,14 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   modules) as ``modules=`` to the tuner. Without it the tuner finds the modules that run in its first main
   call (:class:`RunSnapshot`: a global forward pre-hook for the length of that call, which sees every module
   called through ``Module.__call__``, a compiled model included) and uses them from then on. A module outside
-  them that the closure calls (an auxiliary head switched on after warm-up, a module left out of ``modules=``)
-  is found by the same hook around each later main call and each probe, snapshotted before its first forward
-  there and treated as the others from then on: a main call that finds it starts its probes from, and a step
-  that fails puts it back to, the values it had before that call; one that only a probe finds is restored after
-  the probe to the values the main call left.
+  them that the closure starts calling later (an auxiliary head switched on after warm-up) is found by the same
+  hook around each later main call and each probe, snapshotted before its first forward there and treated as the
+  others from then on: a main call that finds it starts its probes from, and a step that fails puts it back to,
+  the values it had before that call; one that only a probe finds is restored after the probe to the values the
+  main call left. A module with neither buffers nor parameters (a loss module built in the closure) is not kept.
+  ``modules=`` names every module the tuner keeps: one outside them is left alone (a frozen teacher in
+  distillation is not copied at every step), and counts a batch at every closure call if it has BatchNorm
+  statistics that it updates.
 * **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
@@ -36,7 +39,7 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -201,15 +204,17 @@ class RunSnapshot:
     def watch(self, known: frozenset[int] = frozenset()) -> Iterator[None]:
         """For the length of the block, a global forward pre-hook snapshots the buffers of each module, and of
         its submodules (a compiled model's inlined ones too), when it is the first of its tree to run; modules
-        whose ``id`` is in ``known`` are left out."""
+        whose ``id`` is in ``known`` are left out, and so are those with neither buffers nor parameters."""
         self.modules, self._taken, self.complete = [], [], False
         covered: set[int] = set(known)
 
         def first_run(module: nn.Module) -> None:
             if id(module) not in covered:
+                covered.update(id(m) for m in module.modules())
+                if next(module.buffers(), None) is None and next(module.parameters(), None) is None:
+                    return  # nothing to keep (a loss module built in the closure at every call: never adopted)
                 snap = BufferSnapshot(module)
                 snap.take()
-                covered.update(id(m) for m in module.modules())
                 self.modules.append(module)
                 self._taken.append(snap)
 
@@ -297,7 +302,7 @@ class ProbeGuard:
         if isinstance(self.before, RunSnapshot) and self.before.complete:
             self.before = BufferSnapshot(self.before.modules)
         finding = isinstance(self.before, RunSnapshot)
-        self._new = None if finding else RunSnapshot()
+        self._new = None if finding or self._given else RunSnapshot()
         if not finding:
             self.before.take()
         marks = GradientMarks()
@@ -307,8 +312,8 @@ class ProbeGuard:
                    if p.requires_grad and not is_lazy(p)]  # (a lazy module's parameter takes no hook until it runs)
         eps_before = self.compute_eps
         try:
-            with torch.enable_grad(), (self.before if finding else self._new).watch(
-                    frozenset() if finding else self._known_modules()):
+            with torch.enable_grad(), (self.before.watch() if finding else nullcontext() if self._new is None
+                                       else self._new.watch(self._known_modules())):
                 if self.compute_eps is None:
                     loss, self.compute_eps = computation_eps(closure)
                 else:
@@ -327,7 +332,7 @@ class ProbeGuard:
         if finding:
             self.buffers.modules = self.before.modules
             self._known = None
-        elif self._new.modules:
+        elif self._new is not None and self._new.modules:
             self._adopt(self._new.modules)
         self.calls = 1
         return loss
@@ -357,10 +362,10 @@ class ProbeGuard:
             self._restore_before()
         if self._rng_before is not None:
             self._rng_before.restore()
-        late = RunSnapshot()  # modules first called now (not found in a main call)
+        late = None if self._given else RunSnapshot()  # modules first called now (not found in a main call)
         token = _PROBING.set(True)
         try:
-            with late.watch(self._known_modules()):
+            with nullcontext() if late is None else late.watch(self._known_modules()):
                 out = fn()
         except RuntimeError as err:
             if "modified by an inplace operation" not in str(err):
@@ -373,7 +378,7 @@ class ProbeGuard:
         finally:
             _PROBING.reset(token)
             self.buffers.restore()
-            if late.modules:
+            if late is not None and late.modules:
                 late.restore()
                 self._adopt(late.modules)
         self.calls += 1
@@ -401,8 +406,8 @@ class ProbeGuard:
         return self._known
 
     def _adopt(self, modules: list[nn.Module]) -> None:
-        """Make modules a probe found running (their buffers just restored) part of the snapshots: from this
-        step's next probe on (``self.buffers`` taken again, every buffer now as the main call left it) and from
+        """Make modules a main call or a probe found running part of the snapshots: from this step's next probe
+        on (``self.buffers`` taken again: every buffer as the main call left it, a probe's just restored) and from
         the next main call on (``self.before``)."""
         self.buffers.modules.extend(modules)
         if self.before.modules is not self.buffers.modules:
