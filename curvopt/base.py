@@ -83,8 +83,8 @@ class BaseMethod:
 BETAS_RTOL = 0.05
 
 
-def adam_betas_seen(method: BaseMethod, first_mu: float, first_nu: float,
-                    second_mu: float = math.nan) -> Optional[tuple[float, float]]:
+def adam_betas_seen(method: BaseMethod, first_mu: float, first_nu: float, second_mu: float = math.nan,
+                    mu_eps: float = 0.0) -> Optional[tuple[float, float]]:
     """The betas ``(b1, b2)`` an Adam base shows where they are not ``method``'s, else None: from zero moments, its
     first update of an all-ones gradient leaves ``first_mu = 1 - b1`` and ``first_nu = 1 - b2`` (``optax`` cannot
     be asked for them, and a ``base_method="adam"`` that means the default betas for ``scale_by_adam(b2=0.95)`` set
@@ -92,12 +92,13 @@ def adam_betas_seen(method: BaseMethod, first_mu: float, first_nu: float,
     test). Each ``1 - beta`` may be off by :data:`BETAS_RTOL` of the declared one; a NaN one is not judged.
 
     A factor ``c`` the base applies to the gradient before Adam (``clip_by_global_norm`` shrinks the all-ones
-    gradient by ``max_norm / sqrt(n)``) leaves ``(1 - b1) c`` and ``(1 - b2) c^2``: their ratio
-    ``first_mu^2 / first_nu`` is free of it, and where it is the declared betas' (within :data:`BETAS_RTOL`) they
-    are not judged otherwise (the README's clip-inside-the-base recipe read as ``b2 = 0.999999`` in a field test,
-    and following that advice trained 13x worse). ``second_mu``, the first moment after a second such update
-    (``(1 - b1^2) c``), gives the betas free of ``c`` (``1 - b1 = 2 - second_mu / first_mu``), used where ``c``
-    is not 1 (a difference of two moments: rough in bfloat16); NaN: read at ``c = 1``."""
+    gradient by ``max_norm / sqrt(n)``) leaves ``(1 - b1) c`` and ``(1 - b2) c^2`` (the README's clip-inside-the-
+    base recipe read as ``b2 = 0.999999`` in a field test, and following that advice trained 13x worse).
+    ``second_mu``, the first moment after a second such update (``(1 - b1^2) c``), gives the betas free of ``c``:
+    ``1 - b1 = 2 - second_mu / first_mu``, then ``1 - b2 = (1 - b1)^2 first_nu / first_mu^2``; where that
+    difference of two moments is too rough to judge (``mu_eps``, the first moment's machine epsilon: bfloat16's)
+    or ``second_mu`` is NaN, only the ratio ``first_mu^2 / first_nu``, free of ``c``, is judged against the
+    declared betas' (it cannot tell ``b1 = 0.8, b2 = 0.996`` from the defaults)."""
     def off(seen: float, declared: float) -> bool:
         return abs(seen - declared) > BETAS_RTOL * declared
 
@@ -105,20 +106,23 @@ def adam_betas_seen(method: BaseMethod, first_mu: float, first_nu: float,
         return x / y if y else math.nan
 
     a, b = 1 - method.b1, 1 - method.b2
-    if not (off(first_mu, a) or off(first_nu, b)) or not off(ratio(first_mu ** 2, first_nu), a * a / b):
+    if not (off(first_mu, a) or off(first_nu, b)):
         return None
     seen_a = 2 - ratio(second_mu, first_mu)
-    if not math.isfinite(seen_a) or not off(first_mu, seen_a):  # no factor (c = 1): the first moments' exact reading
-        return 1 - first_mu, 1 - first_nu
-    return 1 - seen_a, 1 - seen_a ** 2 * ratio(first_nu, first_mu ** 2)
+    if math.isfinite(seen_a) and 8 * mu_eps <= BETAS_RTOL * a:  # free of c, and precise enough to judge
+        seen_b = seen_a ** 2 * ratio(first_nu, first_mu ** 2)
+        return None if not (off(seen_a, a) or off(seen_b, b)) else (1 - seen_a, 1 - seen_b)
+    if not off(ratio(first_mu ** 2, first_nu), a * a / b):
+        return None
+    return 1 - first_mu, 1 - first_nu  # (read at c = 1)
 
 
 #: how much smaller the gradient of :func:`adam_update_unlike`'s second reading is than the all-ones one
 UNLIKE_SCALE = 0.01
 
 
-def adam_update_unlike(method: BaseMethod, first: tuple[Any, Any, Any], small: tuple[Any, Any, Any]
-                       ) -> Optional[str]:
+def adam_update_unlike(method: BaseMethod, first: tuple[Any, Any, Any], small: tuple[Any, Any, Any],
+                       tiny: float = 0.0) -> Optional[str]:
     """Why a base declared to be Adam (``method``) does not update as Adam, else None. ``first``: ``(mu, nu,
     direction)``, flat NumPy arrays, after its first update of an all-ones gradient from zero moments; ``small``:
     the same after one of a gradient :data:`UNLIKE_SCALE` times that. Per entry (a weight decay in the base makes
@@ -133,11 +137,14 @@ def adam_update_unlike(method: BaseMethod, first: tuple[Any, Any, Any], small: t
       ``eps_root`` inside the root shrinks the small gradient's direction (the preconditioned sharpness read 5.7x
       high at ``eps_root = 1e-3``), and so does an ``eps`` other than the declared one.
 
-    Each may be off by :data:`BETAS_RTOL` (relative); arrays of other lengths are not judged."""
+    Each may be off by :data:`BETAS_RTOL` (relative); arrays of other lengths are not judged, nor entries whose
+    second moment is below ``tiny / BETAS_RTOL`` (``tiny``: the smallest normal number of its dtype; float16's
+    small reading is subnormal, and read plain Adam as not Adam in a review)."""
     (mu, nu, d), (mu_s, nu_s, d_s) = (tuple(np.asarray(x, np.float64) for x in t) for t in (first, small))
     if len({x.shape for x in (mu, nu, d, mu_s, nu_s, d_s)}) != 1:
         return None
-    read = (mu != 0) & (mu_s != 0) & (nu > 0) & (nu_s > 0) & (d != 0) & np.isfinite(d_s)
+    floor = tiny / BETAS_RTOL
+    read = (mu != 0) & (mu_s != 0) & (nu > floor) & (nu_s > floor) & (d != 0) & np.isfinite(d_s)
     if not read.any():
         return None
     mu, nu, d, mu_s, nu_s, d_s = (x[read] for x in (mu, nu, d, mu_s, nu_s, d_s))

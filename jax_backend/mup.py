@@ -137,6 +137,17 @@ def find_lr_mults(tree: Any) -> Any:
     return next((node.lr_mults for node in jax.tree.leaves(tree, is_leaf=is_mup) if is_mup(node)), None)
 
 
+def find_whole_lr_mults(tree: Any) -> Any:
+    """The multipliers of the one :class:`ScaleByMupState` of an optimizer state that applies to every leaf, or
+    None: none, several, or one inside ``optax.masked`` / ``optax.multi_transform`` (whose state records the
+    multipliers of every leaf, also of those its mask leaves unscaled)."""
+    stop = lambda x: isinstance(x, (ScaleByMupState, optax.MaskedState, optax.MultiTransformState))  # noqa: E731
+    nodes = [node for node in jax.tree.leaves(tree, is_leaf=stop) if stop(node)]
+    whole = [node for node in nodes if isinstance(node, ScaleByMupState)]
+    nested = any(find_lr_mults(node) is not None for node in nodes if not isinstance(node, ScaleByMupState))
+    return whole[0].lr_mults if len(whole) == 1 and not nested else None
+
+
 def _pure(tree: Any) -> Any:
     """``tree`` with flax ``nnx`` variables replaced by their values (``nnx.as_pure``), as ``nnx.Optimizer`` hands a
     transform its state: multipliers built from an ``nnx.State`` kept their ``Param`` nodes in the state ``init``
@@ -157,7 +168,8 @@ def scale_by_mup(lr_mults: Any) -> optax.GradientTransformation:
     """
 
     def init_fn(params):  # the multipliers in the tuners' accumulator dtype (float64 ones under x64: 0.3 exactly)
-        dtype = accumulator_dtype(params)
+        floats = [x for x in jax.tree.leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+        dtype = accumulator_dtype(floats) if floats else jnp.float32
         return ScaleByMupState(jax.tree.map(lambda m: jnp.asarray(m, dtype), _pure(lr_mults)))
 
     def update_fn(updates, state, params=None):

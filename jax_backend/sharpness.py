@@ -32,7 +32,7 @@ from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 from .direction import (accumulator_dtype, add_scaled, has_masked, least_precise_eps, like_params, merge_masked, norm,
                         scaled, vdot)
 from .loss import bind, fn_kwargs as accepted_kwargs
-from .mup import find_lr_mults
+from .mup import find_whole_lr_mults
 from .settings import sharpness_enabled
 
 __all__ = ["EigenMemory", "eigen_init", "moving_parts", "online_sharpness", "hessian_top_eigenvalue", "hvp_operator",
@@ -151,9 +151,11 @@ def _precondition(matvec: Callable[[Any], Any], preconditioner: Any, rates: Any 
 def group_rate_scales(base_state: Any, params: Any, dtype: Any) -> tuple[Any, Any]:
     """``(top, scales)``: the largest of the group rates the base applies (:func:`jax_backend.mup.scale_by_mup`'s
     multipliers, PyTorch's group lrs) and each leaf's ``sqrt(rate / top)``, the scale its rate enters the sharpness's
-    operator with (:func:`curvopt.preconditioner.relative_rates`; PyTorch's ``_rate_scales``); ``(1, None)`` without
-    a ``scale_by_mup`` in the base, or with every leaf at one rate."""
-    mults = find_lr_mults(base_state)
+    operator with (:func:`curvopt.preconditioner.relative_rates`'s ratios, here on arrays: the state is traced under
+    ``jit``; a frozen leaf's rate 0 drops it out; PyTorch's ``_rate_scales``); ``(1, None)`` without one
+    ``scale_by_mup`` over the whole tree in the base (:func:`jax_backend.mup.find_whole_lr_mults`: one inside
+    ``optax.masked`` or ``multi_transform``, or several, are not read, and the sharpness is the plain Hessian's)."""
+    mults = find_whole_lr_mults(base_state)
     if mults is None:
         return jnp.ones((), dtype), None
     mults = jax.tree.map(lambda m: jnp.asarray(m, dtype), like_params(mults, params))

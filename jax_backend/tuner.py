@@ -434,15 +434,6 @@ def warn_if_not_declared_adam(base: Any, base_state: Any, params: Any, method: B
     gradient: :func:`curvopt.base.adam_update_unlike`), since the tuner reads the declared method. Nothing is
     judged without an Adam state in the base (:func:`jax_backend.sharpness.find_adam_state`) or where the update
     cannot be taken at init (:func:`jax_backend.direction.base_update_at_init`)."""
-    taken = base_update_at_init(base, base_state, params)
-    adam = None if taken is None else find_adam_state(taken[1], method.b2)
-    if adam is None or int(adam.count) != 1:
-        return
-    again = base_update_at_init(base, taken[1], params)  # (the betas free of a clip's factor)
-    second = None if again is None else find_adam_state(again[1], method.b2)
-    small = base_update_at_init(base, base_state, params, UNLIKE_SCALE)
-    small_adam = None if small is None else find_adam_state(small[1], method.b2)
-
     def first(tree: Any) -> float:  # every entry the same after a uniform gradient (masked ones 0)
         return max((float(jnp.max(x)) for x in jax.tree.leaves(tree) if x.size), default=math.nan)
 
@@ -450,10 +441,31 @@ def warn_if_not_declared_adam(base: Any, base_state: Any, params: Any, method: B
         return np.concatenate([np.asarray(jnp.ravel(x)[:1024], np.float64) for x in jax.tree.leaves(tree)]
                               or [np.zeros(0)])
 
-    seen = adam_betas_seen(method, first(adam.mu), first(adam.nu), math.nan if second is None else first(second.mu))
-    unlike = None if small_adam is None else adam_update_unlike(
-        method, (entries(adam.mu), entries(adam.nu), entries(like_params(taken[0], adam.mu))),
-        (entries(small_adam.mu), entries(small_adam.nu), entries(like_params(small[0], adam.mu))))
+    def readings(scale: float, state: Any) -> tuple[Any, Any] | None:
+        """``(Adam's state, (mu, nu, direction) entries)`` after one update of a uniform gradient (host values:
+        the update's trees are let go before the next is taken)."""
+        taken = base_update_at_init(base, state, params, scale)
+        adam = None if taken is None else find_adam_state(taken[1], method.b2)
+        if adam is None:
+            return None
+        return taken[1], (entries(adam.mu), entries(adam.nu), entries(like_params(taken[0], adam.mu)),
+                          first(adam.mu), first(adam.nu), int(adam.count), jnp.result_type(*jax.tree.leaves(adam.mu)),
+                          jnp.result_type(*jax.tree.leaves(adam.nu)))
+
+    taken = readings(1.0, base_state)
+    if taken is None or taken[1][5] != 1:
+        return
+    state, one = taken
+    del taken
+    again = readings(1.0, state)  # (the betas free of a clip's factor)
+    del state
+    second_mu = math.nan if again is None else again[1][3]
+    del again
+    small = readings(UNLIKE_SCALE, base_state)
+    small = None if small is None else small[1]
+    mu_eps, nu_tiny = float(jnp.finfo(one[6]).eps), float(jnp.finfo(one[7]).tiny)
+    seen = adam_betas_seen(method, one[3], one[4], second_mu, mu_eps)
+    unlike = None if small is None else adam_update_unlike(method, one[:3], small[:3], nu_tiny)
     if unlike is not None and (seen is None or "second moment" in unlike):
         warn(f"curvopt: base_method declares Adam, but the base's update is not Adam's: {unlike}. The tuner reads "
              "Adam's update (the preconditioned sharpness, the edge-of-stability rule's rate, eos_ratio, CDAT's "

@@ -425,6 +425,8 @@ def test_adam_update_unlike_tells_adam_from_bases_that_keep_its_state():
     rooted = [reading(v, d=v / np.sqrt(v * v + eps_root)) for v in (x, xs)]
     assert "direction changes" in adam_update_unlike(adam, *rooted)
     assert adam_update_unlike(adam, reading(x), reading(xs[:2])) is None  # not comparable: not judged
+    # the small reading's second moment below float16's smallest normal number / BETAS_RTOL: not judged
+    assert adam_update_unlike(adam, reading(x, nu=np.abs(x)), reading(xs, nu=np.abs(xs)), tiny=1.0) is None
 
 
 def test_adam_betas_seen_reads_one_minus_beta_off_the_first_moments():
@@ -447,4 +449,9 @@ def test_adam_betas_seen_reads_one_minus_beta_off_the_first_moments():
     b1, b2 = adam_betas_seen(adam, 0.1 * c, 0.05 * c * c, 0.19 * c)
     assert b1 == pytest.approx(0.9) and b2 == pytest.approx(0.95)
     b1, b2 = adam_betas_seen(adam, 0.2, 0.05, 0.36)  # no factor: the first moments read as they are
-    assert (b1, b2) == (0.8, 0.95)
+    assert b1 == pytest.approx(0.8) and b2 == pytest.approx(0.95)
+    # b1 = 0.8, b2 = 0.996 has the defaults' mu^2 / nu (0.04 / 0.004 = 10): the second update tells them apart,
+    # unless the moments are too coarse for its difference (bfloat16's epsilon), where only the ratio is judged
+    b1, b2 = adam_betas_seen(adam, 0.2, 0.004, 0.36)
+    assert b1 == pytest.approx(0.8) and b2 == pytest.approx(0.996)
+    assert adam_betas_seen(adam, 0.2, 0.004, 0.36, mu_eps=2.0 ** -8) is None

@@ -264,6 +264,9 @@ def test_init_warns_when_adams_betas_are_not_the_declared_ones(make):
     # a base that keeps Adam's state but is not Adam: its second moment (Adamax: read as b2=0, the edge rule 80x
     # too high) or its denominator (RAdam's first steps, an eps_root, another eps) is not Adam's; NAdam's
     # numerator and a coupled decay (an uneven gradient) are
+    said = _init_warnings(make(optax.scale_by_adam(b1=0.8, b2=0.996), base_method="adam"), p)  # mu^2/nu as 0.9, 0.999
+    assert len(said) == 1 and "BaseMethod.adam(b1=0.8, b2=0.996)" in said[0]
+    assert _init_warnings(make(optax.scale_by_adam(), base_method="adam"), _params(jnp.float16)) == []
     for base in (optax.scale_by_adamax(), optax.scale_by_radam(), optax.scale_by_adam(eps_root=1e-4),
                  optax.scale_by_adam(eps=1e-3)):
         said = _init_warnings(make(base, base_method="adam"), p)

@@ -961,3 +961,13 @@ def test_a_model_whose_readout_is_not_recognised_warns_in_both_backends():
             return fnn.Dense(self.w)(fnn.relu(fnn.Dense(self.w)(x)))
     with pytest.warns(RuntimeWarning, match="no parameter has the output role"):
         jmup.parameterize(flax_shapes(Headless(128), x), flax_shapes(Headless(32), x))
+
+
+def test_scale_by_mup_init_takes_integer_leaves():
+    """Its multipliers are kept in the accumulator dtype of the floating leaves (a step counter in the params
+    tree made init refuse the tree once the dtype was read from every leaf)."""
+    import jax.numpy as jnp
+    from jax_backend import scale_by_mup
+    params = {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)}
+    state = scale_by_mup({"w": 0.5, "step": 1.0}).init(params)
+    assert float(state.lr_mults["w"]) == 0.5 and state.lr_mults["w"].dtype == jnp.float32

@@ -408,6 +408,20 @@ def test_group_rates_sharpness_by_hand(top):
         np.testing.assert_allclose(side["eos_ratio"], sigma * top * 2.0 / 2.0, rtol=1e-9)
 
 
+def test_group_rates_inside_masked_are_not_folded_in():
+    """``scale_by_mup`` inside ``optax.masked`` records the multipliers of every leaf, also of those its mask
+    leaves unscaled: read as the groups' rates they put the edge rule at 2x its sigma in a review. Only one
+    ``scale_by_mup`` over the whole tree is folded in; here the operator is the plain ``H = diag(2, 4)``."""
+    f = lambda q: (2 * q["a"] ** 2 + 4 * q["b"] ** 2).sum() / 2  # noqa: E731
+    with jax.enable_x64(True):
+        q = {"a": jnp.array([1.0]), "b": jnp.array([-1.0])}
+        tx = edge_of_stability(optax.masked(scale_by_mup({"a": 1.0, "b": SLOW_RATE}), {"a": True, "b": False}),
+                               sigma=0.5, sharpness=SharpnessConfig(10, 100, 100, 1e-12), loss_cap=math.inf)
+        g = jax.grad(f)(q)
+        _, state = tx.update(g, tx.init(q), q, value=f(q), grad=g, value_fn=f)
+        np.testing.assert_allclose(float(state[1].stats.sharpness), 4.0, rtol=1e-9)
+
+
 @pytest.mark.parametrize("tuner,base", [("eos_exact", "sgd_groups"), ("eos_exact", "adam_groups")])
 def test_edge_of_stability_behind_group_rates_agrees(registry, tuner, base):
     """The online sharpness with group rates folded in (Optax: ``scale_by_mup``'s multipliers read from the base's
