@@ -254,10 +254,10 @@ def sharpness_of(p: Prepared, params: Any, eigen: EigenMemory | None, steps: Any
     of a ``scale_by_mup`` in the base folded in (:func:`jax_backend.sharpness.group_rate_scales`; before, Optax read
     the plain Hessian there, and the edge-of-stability rule's rate was 11-46 % off PyTorch's with the same groups).
     ``optional``: whether the tuner can run without it (``sharpness=0``; not the edge-of-stability rule)."""
+    if eigen is None:  # (no estimate: the sharpness and eos_ratio stay NaN, no group rates to read)
+        return Sharpness(last.sharpness, last.preconditioned_sharpness, jnp.ones((), p.dtype)), eigen, jnp.int32(0)
     top, rates = group_rate_scales(base_state, params, p.dtype)
     kept = Sharpness(last.sharpness, last.preconditioned_sharpness, top)
-    if eigen is None:
-        return kept, eigen, jnp.int32(0)
     if p.f is None:
         where = (" (inside optax.masked/multi_transform the tuner sees only part of the parameters and cannot use "
                  "value_fn: use it on the whole tree)" if p.masked else "")
@@ -427,6 +427,18 @@ def _tuner_stats(state: Any) -> TunerStats | None:
     return found[0] if found else None
 
 
+class _AdamReading(NamedTuple):
+    """What :func:`warn_if_not_declared_adam` reads off Adam's state after one update: ``(mu, nu, direction)``
+    entries, the largest ``mu`` and ``nu``, the step count, and the moments' dtype limits (``mu``'s epsilon,
+    ``nu``'s smallest normal number)."""
+    entries: tuple
+    mu: float
+    nu: float
+    count: int
+    mu_eps: float
+    nu_tiny: float
+
+
 def warn_if_not_declared_adam(base: Any, base_state: Any, params: Any, method: BaseMethod) -> None:
     """At ``init`` of a tuner declared to follow Adam (``method``) around ``base``, on concrete parameters: warn
     when the base's first update moves Adam's moments as other betas would (:func:`curvopt.base.adam_betas_seen`,
@@ -441,31 +453,29 @@ def warn_if_not_declared_adam(base: Any, base_state: Any, params: Any, method: B
         return np.concatenate([np.asarray(jnp.ravel(x)[:1024], np.float64) for x in jax.tree.leaves(tree)]
                               or [np.zeros(0)])
 
-    def readings(scale: float, state: Any) -> tuple[Any, Any] | None:
-        """``(Adam's state, (mu, nu, direction) entries)`` after one update of a uniform gradient (host values:
-        the update's trees are let go before the next is taken)."""
+    def readings(scale: float, state: Any) -> tuple[Any, _AdamReading] | None:
+        """``(the base's new state, what Adam's part of it reads)`` after one update of a uniform gradient (host
+        values: the update's trees are let go before the next is taken)."""
         taken = base_update_at_init(base, state, params, scale)
         adam = None if taken is None else find_adam_state(taken[1], method.b2)
         if adam is None:
             return None
-        return taken[1], (entries(adam.mu), entries(adam.nu), entries(like_params(taken[0], adam.mu)),
-                          first(adam.mu), first(adam.nu), int(adam.count), jnp.result_type(*jax.tree.leaves(adam.mu)),
-                          jnp.result_type(*jax.tree.leaves(adam.nu)))
+        return taken[1], _AdamReading(
+            (entries(adam.mu), entries(adam.nu), entries(like_params(taken[0], adam.mu))), first(adam.mu),
+            first(adam.nu), int(adam.count), float(jnp.finfo(jnp.result_type(*jax.tree.leaves(adam.mu))).eps),
+            float(jnp.finfo(jnp.result_type(*jax.tree.leaves(adam.nu))).tiny))
 
     taken = readings(1.0, base_state)
-    if taken is None or taken[1][5] != 1:
+    if taken is None or taken[1].count != 1:
         return
     state, one = taken
-    del taken
     again = readings(1.0, state)  # (the betas free of a clip's factor)
-    del state
-    second_mu = math.nan if again is None else again[1][3]
+    del taken, state
+    second_mu = math.nan if again is None else again[1].mu
     del again
     small = readings(UNLIKE_SCALE, base_state)
-    small = None if small is None else small[1]
-    mu_eps, nu_tiny = float(jnp.finfo(one[6]).eps), float(jnp.finfo(one[7]).tiny)
-    seen = adam_betas_seen(method, one[3], one[4], second_mu, mu_eps)
-    unlike = None if small is None else adam_update_unlike(method, one[:3], small[:3], nu_tiny)
+    seen = adam_betas_seen(method, one.mu, one.nu, second_mu, one.mu_eps)
+    unlike = None if small is None else adam_update_unlike(method, one.entries, small[1].entries, one.nu_tiny)
     if unlike is not None and (seen is None or "second moment" in unlike):
         warn(f"curvopt: base_method declares Adam, but the base's update is not Adam's: {unlike}. The tuner reads "
              "Adam's update (the preconditioned sharpness, the edge-of-stability rule's rate, eos_ratio, CDAT's "
