@@ -119,7 +119,7 @@ def widening(group_specs: Sequence[RunSpec], records: dict) -> list[RunSpec]:
     """The next constant runs the group needs, or ``[]`` when its grid is settled.
 
     ``group_specs``: the group's grid runs so far (``from_grid``); ``records``: key -> record. Returns the
-    runs (one value, every seed) one grid factor beyond the edge where the best median sits, while fewer than
+    runs (one value, every seed) one grid factor beyond the edge where the best constant sits (:func:`best_rate`), while fewer than
     ``exp.widen`` values were added; ``[]`` if some run of the grid is not recorded yet or the best is inside.
     """
     grid_specs = [s for s in group_specs if s.from_grid]
@@ -144,7 +144,7 @@ def widening(group_specs: Sequence[RunSpec], records: dict) -> list[RunSpec]:
     if not any(math.isfinite(m) for m in med):
         new = lower  # everything diverged: go down
     else:
-        best = best_rate(dict(zip(lrs, med)))  # the report's best constant, by the same rule
+        best = best_rate(by_lr)  # the report's best constant, by the same rule
         if lrs[0] < best < lrs[-1]:
             return []
         new = lower if best == lrs[0] else initial[-1] * exp.grid_factor ** (up + 1)

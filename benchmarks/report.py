@@ -6,17 +6,20 @@ the grid and every tuner, compared **seed by seed** with that constant:
 * the best constant is the grid value with the lowest *median* (over seeds) final train loss (mean of the
   last 5 steps in full batch, the paper's criterion; of the last tenth of the steps in mini-batch, where one
   batch's loss is noise), the lower rate on a tie (:func:`benchmarks.results.best_rate`, as the grid's
-  widening); a run that diverged counts as ``inf``;
+  widening); a run that diverged counts as ``inf``, and a value that diverged on any seed ranks behind every
+  value that trained on all of them;
 * a tuner's ratio on a seed is its final train loss ÷ the best constant's on the same seed (< 1: the tuner
   beat the tuned constant); the table shows the **median** over seeds and the **worst** seed (named);
   ``verdict`` is ``win`` only when the median and the worst seed are both below 1, ``loss`` when the median
   is above 1, ``mixed`` otherwise;
 * where the best constant fits its training set (median final train loss below :data:`FITTED`, marked
-  :data:`FIT`) train losses that small are noise: the verdict is on the eval loss, the ratio of each seed's
-  eval loss to the best constant's (``eval ÷ best const``, given for every width);
+  :data:`FIT`) train losses that small are noise: the best constant is then the grid value best by the eval loss
+  (same rule) and the verdict is on the eval loss, the ratio of each seed's eval loss to the best constant's
+  (``eval ÷ best const``, given for every width);
 * ``steps to target`` / ``CPU s to target``: the first step at which the training loss is at or below
   1.1 x the best constant's final train loss on the same seed, median over the seeds where that constant did
-  not diverge (``—``: the median seed never reached it), and the CPU seconds of the run until then;
+  not diverge (``—``: the median seed never reached it; a run that diverged never reaches it, whatever its loss
+  on the way), and the CPU seconds of the run until then;
 * eval loss and accuracy on the held-out split (medians over seeds) beside the train loss; a run without
   one (diverged, failed, or non-finite) counts as the worst (eval loss ``inf``, accuracy 0);
 * ``step time ÷ base``: median CPU time per step ÷ that of the bare base optimizer (the constant runs of the
@@ -58,7 +61,7 @@ FITTED = 1e-3  # a best constant below this final train loss has (nearly) fitted
 TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
 AXES = ("task", "regime", "backend", "param", "width", "tuner", "tuner_name", "seed")  # what a run is grouped by
 EDGE = "†"  # marks a ratio against a best constant still at an edge of its grid (report.md's "grid edge")
-EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid (where the suite widens its grids, the "
+EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid, or its only value (where the suite widens its grids, the "
              "widening stopped there); a constant beyond that edge may do better, which would raise the ratio.")
 FIT = "‡"  # marks a width whose best constant fitted its training set (median final train loss < FITTED)
 FIT_NOTE = (f"{FIT}: a width whose best constant fits its training set (median final train loss < {FITTED:g}): "
@@ -102,8 +105,11 @@ def _to_target(rec: dict, target: float) -> tuple[float, float]:
     (:func:`benchmarks.results.final_window`: one batch's loss is noise; :data:`LAST` in a summary written before
     it recorded its window, whose final loss was the mean of the last :data:`LAST` losses), first reaches the
     finite ``target``; (inf, inf) if it never does. ``loss[i]`` is the loss after ``i`` updates (0: at the
-    initialisation), so the earliest count is ``w - 1``."""
+    initialisation), so the earliest count is ``w - 1``. A run that diverged (or failed) never does: its loss on
+    the way to the blow-up is no result (a run that diverged on every seed was the fastest to target)."""
     loss = _arr(rec, "loss")
+    if math.isinf(_final(rec)):
+        return math.inf, math.inf
     window = max(1, min(int(_summary(rec).get("final_window") or LAST), len(loss)))
     if not len(loss):
         return math.inf, math.inf
@@ -218,13 +224,16 @@ def analyse(records: list[dict]) -> dict:
             consts = {lab: runs for lab, runs in by_tuner.items()
                       if next(iter(runs.values()))["tuner_name"] == "constant"}
             label_of = {float(lab.split("lr=")[-1]): lab for lab in consts}
-            grid_finals = {lr: _median([_final(r) for r in consts[lab].values()]) for lr, lab in label_of.items()}
-            best_lr = best_rate(grid_finals)
+            seed_finals = {lr: [_final(r) for r in consts[lab].values()] for lr, lab in label_of.items()}
+            grid_finals = {lr: _median(fs) for lr, fs in seed_finals.items()}
+            best_lr = best_rate(seed_finals)
+            fitted = grid_finals.get(best_lr, math.nan) < FITTED
+            if fitted:  # the verdict is on the eval loss there: the constant to beat is the one best by it
+                best_lr = best_rate({lr: [_eval_loss(r) for r in consts[lab].values()] for lr, lab in label_of.items()})
             best_lab = label_of.get(best_lr)
             best = consts.get(best_lab, {})
             best_final = {seed: _final(r) for seed, r in best.items()}
             best_eval = {seed: _eval_loss(r) for seed, r in best.items()}
-            fitted = _median(list(best_final.values())) < FITTED
             base_time = _median([_step_time(r) for runs in consts.values() for r in runs.values()])
             rows = {}
             for lab, runs in by_tuner.items():
@@ -273,7 +282,7 @@ def analyse(records: list[dict]) -> dict:
             out[g][w] = {"best_label": best_lab, "best_final": _median(list(best_final.values())),
                          "best_lr": math.nan if best_lr is None else best_lr, "base_time": base_time, "rows": rows,
                          "grid": grid, "grid_finals": grid_finals, "fitted": fitted,
-                         "best_at_edge": bool(grid) and len(grid) > 1 and best_lr in (grid[0], grid[-1])}
+                         "best_at_edge": bool(grid) and best_lr in (grid[0], grid[-1])}
     return out
 
 
@@ -586,7 +595,9 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     wall = sum(_num(r.get("wall_time"), 0.0) for r in recs)
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
-          f"constant (the grid value with the lowest median final train loss, the lower rate on a tie; final = mean "
+          f"constant (the grid value with the lowest median final train loss, the lower rate on a tie, a value that "
+          f"diverged on any seed ranking behind those that trained on all; by the eval loss where it fits the "
+          f"training set, {FIT}; final = mean "
           f"of the last {LAST} steps in full batch, of the last tenth of the steps in mini-batch): the tables give "
           "the median ratio over seeds and the worst seed; a **win** needs both below 1 on every seed. A run that "
           "diverged or failed counts as diverged on its seed (ratio `diverged`; 0 where only the constant "
@@ -614,7 +625,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
             md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
                       + (" — **best still at the grid edge**" if info["best_at_edge"] else "")
                       + (f" — **the best constant fits the training set (final loss < {FITTED:g}): train-loss "
-                         f"ratios this small are noise, the verdict is on the eval loss** ({FIT})"
+                         f"ratios this small are noise, the best constant and the verdict are by the eval loss** ({FIT})"
                          if info["fitted"] else ""))
         md += ["", group_table(g, widths), ""]
         if plots:
@@ -631,6 +642,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
                 "stopped early?): the best constants, the grid edges and every ratio may change once they have run.")
         md[2:2] = [note, ""]
         summary = note + "\n\n" + summary
+        compact = note + "\n\n" + compact  # the table that goes into a README says so too
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as fh:
         fh.write("\n".join(md))

@@ -27,7 +27,9 @@ Every field of :class:`Experiment` can be narrowed from the command line (``--ta
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -78,8 +80,11 @@ class Experiment:
         data the task reads counts: a local data directory for an image task on CIFAR-10, a text file for the LM,
         each by its absolute path and its contents (:func:`content_digest`: an edited file or a replaced batch
         file is other data, where a resume once mixed runs on the old text with runs on the new in one cell);
-        unset or unread, they are left out, so the embedded defaults keep their hashes."""
+        unset or unread, they are left out, so the embedded defaults keep their hashes. The code counts too
+        (:func:`code_digest`): a resume after an edit of the library or of the training code redoes the runs (it
+        once pooled the old seeds with the new in one cell, silently)."""
         d = asdict(self)
+        d["code"] = code_digest()
         for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
             d.pop(k)
         if "mup" in self.params or param == "mup":
@@ -98,6 +103,35 @@ class Experiment:
         else:
             d["text_path"] = None
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+#: the packages whose code a run's result depends on (every ``.py`` file below them but :data:`RENDERING`) ...
+CODE_PACKAGES = ("curvopt", "torch_backend", "jax_backend", "benchmarks")
+#: ... the benchmark's modules that only render results (an edit changes the tables, not the runs) ...
+RENDERING = ("benchmarks/report.py",)
+#: ... and the installed distributions it runs on (a version not installed counts as such)
+DISTRIBUTIONS = ("torch", "numpy", "scikit-learn", "jax", "jaxlib", "optax", "flax", "prodigyopt", "schedulefree",
+                 "dadaptation", "pytorch-optimizer")
+
+
+@functools.lru_cache(maxsize=4)
+def code_digest(root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) -> str:
+    """A digest of the code a run executes: the sources of :data:`CODE_PACKAGES` below ``root`` (the repository
+    this file is in; by path and contents) and the versions of :data:`DISTRIBUTIONS`; read once per process."""
+    files = sorted(f for pkg in CODE_PACKAGES for f in glob.glob(os.path.join(root, pkg, "**", "*.py"), recursive=True)
+                   if os.path.relpath(f, root) not in RENDERING)
+    h = hashlib.sha1()
+    for f in files:
+        h.update(os.path.relpath(f, root).encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(fh.read() + b"\0")
+    for name in DISTRIBUTIONS:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        h.update(f"{name}={version}\0".encode())
+    return h.hexdigest()[:12]
 
 
 def content_digest(files: Sequence[str]) -> str:
