@@ -888,6 +888,24 @@ def test_uniform_group_lr_factor_cancels_and_eos_ratio_uses_the_effective_lr():
         torch.testing.assert_close(wa, wb, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("tuner", [CDAT, QuadraticGreedy])
+def test_closure_free_eos_ratio_is_nan_without_a_sharpness(tuner):
+    """A docs field test: closure-free there is no sharpness, yet ``eos_ratio`` read 7.6e-4-6.3e-3 on steps 2-11
+    (the secant stall watch's rate reference, under the sharpness' name), where Optax reads NaN."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = tuner(torch.optim.SGD(model.parameters(), lr=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(15):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            assert math.isnan(float(opt.stats["sharpness"])) and math.isnan(float(opt.stats["eos_ratio"]))
+            assert float(opt.stats["lr"]) > 0
+
+
 @pytest.mark.parametrize("base", ["adam", "heavy_ball"])
 @pytest.mark.parametrize("closure_free", [False, True])
 def test_a_scheduler_on_the_base_cancels_in_cdat(base, closure_free):

@@ -1001,16 +1001,17 @@ class CurvatureTuner(torch.optim.Optimizer):
                                               rule.lr_max, xp=S)
                 st.probing = bool(reprobe)
             if st.lagged and not st.probing and self._probed is not None:
-                reference, start, first = self._probed
+                stall_reference, start, first = self._probed  # (not the sharpness' reference: eos_ratio reads it)
                 rate = float(in_direction_units(lr, unit, S))
-                judged, stalled, recovering = secant_stalled(rate, reference, count - start, first)
+                judged, stalled, recovering = secant_stalled(rate, stall_reference, count - start, first)
                 if stalled and not self._stall_warned:  # once per tuner
                     self._stall_warned = True
                     warn(SECANT_STALL_MESSAGE)
                 if judged:
                     self._probed = None
                 else:  # (NumPy: float64 holds the step count exactly)
-                    self._probed = (reference, *map(float, stall_window(rate, count, start, first, recovering, np)))
+                    self._probed = (stall_reference,
+                                    *map(float, stall_window(rate, count, start, first, recovering, np)))
             moved = st.lagged and not st.probing and st.noise_state is not None and lr > 0  # (the watched steps)
             if st.probing or moved:
                 rate = float(in_direction_units(lr, unit, S))
