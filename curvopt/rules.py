@@ -223,13 +223,15 @@ def edge_of_stability_lr(sharpness: Any, previous_lr: Any, *, sigma: Any, coeffi
 
 def armijo_decrease_error(new_value: Any, value: Any, lr: Any, slope: Any, *, c: Any, delta: Any,
                           xp: Any) -> Any:
-    """How far ``f(w + lr u)`` is above the (1+delta)-relaxed Armijo bound; 0 means accepted.
+    """How far ``f(w + lr u)`` is above the delta-relaxed Armijo bound; 0 means accepted.
 
-    Bound: ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u`` with ``slope = g^T u``. The same criterion and
-    NaN handling (a NaN trial counts as infinitely bad) as ``optax.scale_by_backtracking_linesearch``, whose
-    ``rtol`` is ``delta`` and ``slope_rtol`` is ``c``.
+    Bound: ``f(w + lr u) <= f(w) + delta |f(w)| + c lr g^T u`` with ``slope = g^T u``: the paper's ``(1 + delta)
+    f(w)`` where ``f >= 0``, and a slack, never a stricter test, where the loss is negative (a log-likelihood:
+    ``(1 + delta) f`` asked each step to cut ``delta |f|`` off the loss, and the search stalled at rate 0). The
+    same criterion for ``f >= 0``, and the same NaN handling (a NaN trial counts as infinitely bad), as
+    ``optax.scale_by_backtracking_linesearch``, whose ``rtol`` is ``delta`` and ``slope_rtol`` is ``c``.
     """
-    err = new_value - (1 + delta) * value - lr * c * slope
+    err = new_value - value - delta * xp.where(value < 0, -value, value) - lr * c * slope
     err = xp.where(err != err, float("inf"), err)
     return _pos(err, xp)
 
@@ -750,7 +752,10 @@ class CDATRule:
             den_avg = xp.where(informative, den_avg, state.denominator_avg)
             weight = xp.where(informative, weight, state.avg_weight)
         if self.startup == "paper":
-            lr = sigma * _safe_div(num_avg, den_avg, den_avg > 0, xp)
+            # a flat model (d = 0, as along a piecewise-linear loss) along a descent direction: its minimiser lies
+            # beyond every step, so the rate is lr_max's (inf without one: the guard's 0)
+            flat = xp.where(num_avg > 0, math.inf, 0.0)
+            lr = sigma * xp.where(den_avg > 0, _safe_div(num_avg, den_avg, den_avg > 0, xp), flat)
             if x.lagged is not False:  # the paper measured the current point's curvature, not a step-old secant
                 lr = capped_growth(lr, self._lagged_reach(x, math.inf, xp), state.cdat_lr, xp)
         else:
@@ -985,9 +990,13 @@ class ArmijoSearchState(NamedTuple):
     search_lr: Any
 
 
+#: the most trials a line search may spend in a step (JAX counts them in an int32; PyTorch alike, for pairing)
+MAX_TRIALS = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class ArmijoRule:
-    """Backtracking line search on ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u`` (paper grid: ``c`` in
+    """Backtracking line search on ``f(w + lr u) <= f(w) + delta |f(w)| + c lr g^T u`` (paper grid: ``c`` in
     {0, 1e-4, 0.5}, ``increase_factor`` in {4, inf}, ``decrease_factor`` in {0.8, 0.9}, ``delta`` in
     {0, 1e-3}; at most 30 trials in mini-batch).
 
@@ -1030,7 +1039,7 @@ class ArmijoRule:
                            check_in_unit_interval("decrease_factor", self.decrease_factor, closed_low=False))
         object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
         object.__setattr__(self, "init_lr", check_positive("init_lr", self.init_lr))
-        object.__setattr__(self, "max_trials", check_positive_int("max_trials", self.max_trials))
+        object.__setattr__(self, "max_trials", check_positive_int("max_trials", self.max_trials, maximum=MAX_TRIALS))
 
     def init(self, zero: Any) -> ArmijoSearchState:
         """The state before the first search: ``init_lr`` held as if accepted, so the first trial is

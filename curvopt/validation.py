@@ -114,9 +114,9 @@ def check_at_least(name: str, value: Any, low: float) -> Any:
     return v
 
 
-def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """An integer >= ``minimum`` (an integral float such as ``3.0`` is converted; ``3.5`` and strings are
-    refused)."""
+def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer >= ``minimum`` and, given, <= ``maximum`` (an integral float such as ``3.0`` is converted;
+    ``3.5`` and strings are refused)."""
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if not isinstance(value, int):
@@ -129,6 +129,8 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
         value = as_int
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an integer <= {maximum}, got {value!r}")
     return int(value)
 
 

@@ -1,4 +1,4 @@
-"""The paper's (1 + delta)-relaxed Armijo line search as an Optax transform (rule:
+"""The paper's delta-relaxed Armijo line search as an Optax transform (rule:
 :class:`curvopt.rules.ArmijoRule`).
 
 The trials run in a ``lax.while_loop``: the first is ``rule.first_trial`` (``min(increase_factor * previous,
@@ -67,7 +67,7 @@ def scale_by_armijo(
     sharpness_first_iters: int | None = None,
     sharpness_tol: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Backtracking line search on ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u`` (paper: ``c`` in
+    """Backtracking line search on ``f(w + lr u) <= f(w) + delta |f(w)| + c lr g^T u`` (paper: ``c`` in
     {0, 1e-4, 0.5}, ``increase_factor`` in {4, inf}, ``decrease_factor`` in {0.8, 0.9}, ``delta`` in {0, 1e-3}).
 
     Needs ``value_fn`` (each trial evaluates it with the forwarded extra arguments) and the value at ``w``

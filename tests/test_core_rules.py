@@ -126,12 +126,33 @@ def test_greedy_polyak_eos():
     assert rules.edge_of_stability_lr(f(np.nan), f(0.1), sigma=1.5, coefficient=2.0, lr_max=math.inf, xp=xp) == 0.1
 
 
+def test_the_greedy_step_on_a_flat_model_is_lr_max():
+    """A field test: along a piecewise-linear loss (L1 regression) the curvature is exactly 0 and the greedy rate
+    was 0 forever (no step), where any curvature in (0, 1e-300] gives lr_max: the model's minimiser lies beyond
+    every step, so the rate is lr_max's; without one it is the guard's 0, the averages untouched."""
+    capped = rules.CDATRule.greedy(lr_max=0.5)
+    lrs, state = _run(capped, [(2.0, 0.0), (2.0, 1e-300), (2.0, 0.0), (0.0, 0.0)])
+    assert lrs == [0.5, 0.5, 0.5, 0.0]
+    lrs, state = _run(rules.CDATRule.greedy(), [(2.0, 4.0), (2.0, 0.0)])
+    assert lrs == [0.5, 0.0] and float(state.cdat_lr) == 0.5  # (the last rate the rule took, kept)
+    with pytest.raises(ValueError, match="max_trials must be an integer <= 2147483647"):
+        rules.ArmijoRule(max_trials=2**31)
+    with pytest.raises(ValueError, match="max_trials"):
+        rules.ArmijoRule(max_trials=1e300)
+
+
 def test_armijo_error_matches_definition():
     err = rules.armijo_decrease_error(f(0.9), f(1.0), f(0.5), f(-1.0), c=0.5, delta=0.0, xp=xp)
     assert err == pytest.approx(0.15)  # 0.9 - 1 + 0.25
     assert rules.armijo_decrease_error(f(0.7), f(1.0), f(0.5), f(-1.0), c=0.5, delta=0.0, xp=xp) == 0
-    # the (1 + delta) relaxation accepts a small increase
+    # the delta relaxation accepts a small increase
     assert rules.armijo_decrease_error(f(1.0005), f(1.0), f(0.5), f(0.0), c=0.5, delta=1e-3, xp=xp) == 0
+    # ... also where the loss is negative (a field test: (1 + delta) f asked every step to cut delta |f| off the
+    # loss there, and the search stalled at rate 0 on |w|^2 - 100 once the excess was below 0.1)
+    assert rules.armijo_decrease_error(f(-99.9995), f(-100.0), f(0.5), f(0.0), c=0.5, delta=1e-3, xp=xp) == 0
+    assert rules.armijo_decrease_error(f(-100.0), f(-100.0), f(0.5), f(0.0), c=0.5, delta=1e-3, xp=xp) == 0
+    assert rules.armijo_decrease_error(f(-99.8), f(-100.0), f(0.5), f(0.0), c=0.5,
+                                       delta=1e-3, xp=xp) == pytest.approx(0.1)
     assert rules.armijo_decrease_error(f(np.nan), f(1.0), f(0.5), f(-1.0), c=0.5, delta=0.0, xp=xp) == np.inf
     assert rules.armijo_initial_lr(f(1.0), increase_factor=4.0, lr_max=2.0, init_lr=1.0, xp=xp) == 2.0
     # increase_factor = inf with lr_max = inf: no infinite first trial, the search starts from init_lr

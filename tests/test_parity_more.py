@@ -643,3 +643,43 @@ def test_runs_closure_free_noise_correction_agrees(registry, runs, base):
 def test_runs_closure_free_heavy_ball_agrees(runs):
     """Behind heavy ball: the share of the gradient ``optax.trace`` took in, run by run."""
     check_closure_free("greedy", "heavy_ball")
+
+
+def test_the_greedy_step_along_a_piecewise_linear_loss_is_lr_max_in_both_backends():
+    """A field test: on L1 regression (exact curvature 0 along every direction between kinks) QuadraticGreedy with
+    ``lr_max=0.5`` never moved, in both backends; the flat model's minimiser lies beyond every step, so each step
+    is ``0.5 u`` (by hand: ``u = -g``, ``g = X^T sign(X w - y) / n``)."""
+    import curvopt.optax as co
+    from curvopt.torch import QuadraticGreedy
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 3)), rng.standard_normal(20)
+    expect, w = [], np.zeros(3)
+    for _ in range(3):
+        w = w - 0.5 * x.T @ np.sign(x @ w - y) / len(y)
+        expect.append(w)
+    xt, yt = torch.tensor(x), torch.tensor(y)
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = QuadraticGreedy(torch.optim.SGD([p], lr=1.0), lr_max=0.5, curvature="exact",
+                          functional_loss=lambda ps: (xt @ ps[0] - yt).abs().mean())
+
+    def closure():
+        opt.zero_grad()
+        loss = (xt @ p - yt).abs().mean()
+        loss.backward()
+        return loss
+    tx = co.quadratic_greedy(optax.identity(), base_method="gd", lr_max=0.5, curvature="exact")
+
+    def loss_fn(q):
+        return jnp.abs(jnp.asarray(x) @ q - jnp.asarray(y)).mean()
+    with jax.enable_x64(True):
+        q = jnp.zeros(3, jnp.float64)
+        state = tx.init(q)
+        for want in expect:
+            opt.step(closure)
+            value, grad = jax.value_and_grad(loss_fn)(q)
+            u, state = tx.update(grad, state, q, value=value, grad=grad, value_fn=loss_fn)
+            q = optax.apply_updates(q, u)
+            assert float(opt.stats["lr"]) == 0.5 and float(co.stats(state)["lr"]) == 0.5
+            np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(q), want, rtol=1e-12)

@@ -18,7 +18,7 @@ __all__ = ["ArmijoLineSearch"]
 
 
 class ArmijoLineSearch(CurvatureTuner):
-    """Accept the first ``lr`` with ``f(w + lr u) <= (1 + delta) f(w) + c lr g^T u``.
+    """Accept the first ``lr`` with ``f(w + lr u) <= f(w) + delta |f(w)| + c lr g^T u``.
 
     Trials (the sequence of ``optax.scale_by_backtracking_linesearch`` with
     ``max_backtracking_steps = max_trials - 1``, ``slope_rtol = c``, ``rtol = delta``, ``atol = 0``):
