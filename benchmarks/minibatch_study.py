@@ -660,9 +660,9 @@ def noise(args, cache: Cache) -> str:
 # ------------------------------------------------------------------------------------------ edge (issue 12)
 def suite_constant(path: str, task: str, regime: str, width: int, steps: int) -> tuple[float, dict]:
     """The best constant of a benchmark ``results.jsonl`` for the torch SP cell ``(task, regime, width)`` (the
-    report's choice: the lowest median final train loss over seeds): ``(lr, {seed: final})``."""
+    report's choice, :func:`benchmarks.results.best_rate`): ``(lr, {seed: final})``."""
     from .plan import final_loss
-    from .results import load_results
+    from .results import best_rate, load_results
 
     by_lr: dict = {}
     for r in load_results(path):
@@ -671,7 +671,7 @@ def suite_constant(path: str, task: str, regime: str, width: int, steps: int) ->
             by_lr.setdefault(float(r["settings"]["lr"]), {}).setdefault(r["seed"], final_loss(r))
     if not by_lr:
         raise KeyError(f"no constant runs for {task} {regime} w{width} ({steps} steps) in {path}")
-    lr = min(by_lr, key=lambda k: (statistics.median(by_lr[k].values()), k))
+    lr = best_rate({k: list(finals.values()) for k, finals in by_lr.items()})
     return lr, by_lr[lr]
 
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from . import suites
 from . import tasks as tasks_mod
-from .results import final_window, load_results
+from .plan import final_loss
+from .results import best_rate, final_window, load_results
 from .tuners import torch_base
 
 WARMUP = 25
@@ -36,15 +37,15 @@ def experiment(task: str) -> suites.Experiment:
 
 
 def best_constant(records: list[dict], exp: suites.Experiment, width: int) -> float:
-    """The grid value with the lowest median final train loss over seeds in ``records`` (the report's rule)."""
+    """The best constant of ``records`` by the report's rule (:func:`benchmarks.results.best_rate`)."""
     by_lr: dict[float, list[float]] = {}
     for r in records:
         if ((r["task"], r["regime"], r["width"], r["tuner_name"], r["param"], r["backend"])
                 == (exp.task, exp.regime, width, "constant", "sp", "torch")):
-            by_lr.setdefault(r["settings"]["lr"], []).append(r["summary"]["final_train_loss"])
+            by_lr.setdefault(r["settings"]["lr"], []).append(final_loss(r))
     if not by_lr:
         raise ValueError(f"no constant runs of {exp.task} full width {width} in the results")
-    return min(by_lr, key=lambda lr: float(np.median(by_lr[lr])))
+    return best_rate(by_lr)
 
 
 def schedules(lr: float, factors: list[float], steps: int) -> dict[str, Callable[[int], float]]:

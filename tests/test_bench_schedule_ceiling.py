@@ -23,10 +23,13 @@ def test_best_constant_is_the_lowest_median_over_seeds():
 
     def rec(lr, seed, loss, width=4):
         return dict(task="lm", regime="full", width=width, tuner_name="constant", param="sp", backend="torch",
-                    settings={"lr": lr}, seed=seed, summary={"final_train_loss": loss})
+                    settings={"lr": lr}, seed=seed, summary={"final_train_loss": loss}, status="ok")
     records = [rec(0.1, 0, 1.0), rec(0.1, 1, 5.0), rec(0.1, 2, 5.0),  # best seed, worse median
                rec(0.2, 0, 2.0), rec(0.2, 1, 2.0), rec(0.2, 2, 2.0), rec(0.4, 0, 0.1, width=8)]
     assert sc.best_constant(records, exp, 4) == 0.2
+    # the report's rule: a rate that diverged on a seed ranks behind those that trained on all
+    diverged = [rec(0.3, 0, 0.5), rec(0.3, 1, 0.5), dict(rec(0.3, 2, None), status="diverged")]
+    assert sc.best_constant(records + diverged, exp, 4) == 0.2
     with pytest.raises(ValueError, match="no constant runs"):
         sc.best_constant(records, exp, 16)
 
