@@ -5,8 +5,10 @@ A ``torch.autocast(bfloat16)`` forward pass computes in bfloat16 while the param
 finite-difference displacement sized for float32 is then rounded away in the forward pass (the ``fd`` curvature
 was off by a median 46-127 % per seed behind Adam on a digits MLP, worst 66x, with sign flips). The torch
 function mode below watches one call and records the floating dtypes of the operations' outputs that require
-grad (that depend on the parameters: the batch's own preprocessing does not count). Closure-free there is no
-call to watch: :func:`gradient_eps` reads the precision from the gradients (:mod:`curvopt.precision`).
+grad (that depend on the parameters: the batch's own preprocessing does not count) and that the returned loss was
+computed through (a bfloat16 metric logged beside a float32 loss does not count: it sized the probe 256x too
+large, the greedy rates up to 36 % off). Closure-free there is no call to watch: :func:`gradient_eps` reads the
+precision from the gradients (:mod:`curvopt.precision`).
 """
 from __future__ import annotations
 
@@ -24,24 +26,44 @@ __all__ = ["computation_eps", "gradient_eps"]
 
 
 class _GradDtypes(TorchFunctionMode):
+    """The floating dtypes of the outputs that require grad, by the autograd node that made them."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.seen: set[torch.dtype] = set()
+        self.made: dict[Any, set[torch.dtype]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
-                self.seen.add(t.dtype)
+                self.made.setdefault(t.grad_fn, set()).add(t.dtype)
         return out
+
+
+def _graph_of(loss: Any) -> set | None:
+    """The autograd nodes ``loss`` was computed through (its graph's structure outlives the backward pass); None
+    when it is no tensor with a graph (a closure that returns a detached loss or a number)."""
+    root = getattr(loss, "grad_fn", None)
+    if root is None:
+        return None
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(child for child, _ in node.next_functions)
+    return seen
 
 
 def computation_eps(fn: Callable[[], Any]) -> tuple[Any, float]:
     """``(fn(), eps)``: ``eps`` the machine epsilon of the least precise floating dtype among the outputs of the
-    torch operations ``fn`` ran that require grad (0.0: none)."""
+    torch operations ``fn`` ran that require grad and that its result was computed through (every such output
+    where the result has no graph), 0.0: none."""
     with _GradDtypes() as mode:
         out = fn()
-    return out, max((torch.finfo(d).eps for d in mode.seen), default=0.0)
+    graph = _graph_of(out)
+    dtypes = {d for node, ds in mode.made.items() if graph is None or node in graph for d in ds}
+    return out, max((torch.finfo(d).eps for d in dtypes), default=0.0)
 
 
 def gradient_eps(grads: Sequence[torch.Tensor], terms: int = 1) -> float:
