@@ -104,7 +104,8 @@ def resolve(distributed: DistributedLike, params: Sequence[Tensor] = ()) -> Opti
 
     * ``"auto"`` (default): when ``torch.distributed`` is initialized with more than one rank, a data-parallel
       run over the default group (each rank computes the loss on its own shard of the batch, as with DDP);
-      otherwise nothing.
+      otherwise nothing. The tuners resolve it again at each step while it is nothing, so a process group set up
+      after the tuner is found (DDP wraps a model built before it).
     * ``None`` or ``False``: never reduce (e.g. independent runs that happen to share a process group).
     * a ``ProcessGroup``: a data-parallel run over that group.
 

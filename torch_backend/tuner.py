@@ -544,6 +544,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._require_probe_free(has_closure=False, error=TypeError)
         for group in self.param_groups:  # refused at construction, but a group can be edited since
             check_group(group, type(self).__name__)
+        if self.distributed is None and self._distributed_setting == "auto":  # a process group set up since
+            # (the model and the tuner built before init_process_group, DDP after: the ranks drifted apart)
+            self.distributed = resolve_distributed("auto", self._all_params())
         base_hooks = self._base_hooks()
         for hook in list(base_hooks[0].values()):  # the base's own step hooks, around the whole step
             hook(self.base, (), {})
@@ -1425,7 +1428,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         seen = glob.get(layout.REPLAY_SCALE)
         scale = max(0.0 if seen is None else float(seen), abs(f))
         mismatch, model = map(float, replay_mismatch(f, got, h, numerator, c,
-                                                     self.guard.loss_eps(probe.loss, probe.params), scale, np))
+                                                     probe.guard.loss_eps(probe.loss, probe.params), scale, np))
         if mismatch <= 1:
             return scale
         at_probe = (f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's "
@@ -1479,7 +1482,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         f, numerator = float(probe.loss), float(probe.numerator)
         got, slope = map(float, probe.call_at(0.0))
         if math.isfinite(f) and math.isfinite(got) and \
-                replay_mismatch_in_place(f, got, self.guard.loss_eps(probe.loss, probe.params)) > 1:
+                replay_mismatch_in_place(f, got, probe.guard.loss_eps(probe.loss, probe.params)) > 1:
             return f"called again at the same parameters its loss is {got:.9g}, the main call's was {f:.9g}"
         if math.isfinite(numerator) and math.isfinite(slope) and replay_slope_mismatch(numerator, slope) > 1:
             return (f"called again at the same parameters its gradient's slope along the update is {slope:.6g}, the "
@@ -1498,7 +1501,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not (math.isfinite(got) and math.isfinite(slope)):
             return False
         c = finite_difference_curvature(slope, -numerator, a, np)
-        mismatch, _ = replay_mismatch(f, got, a, numerator, c, self.guard.loss_eps(probe.loss, probe.params), scale,
+        mismatch, _ = replay_mismatch(f, got, a, numerator, c, probe.guard.loss_eps(probe.loss, probe.params), scale,
                                       np)
         return bool(mismatch <= 1)
 
