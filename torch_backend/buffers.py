@@ -342,13 +342,6 @@ class ProbeGuard:
         them and the closure's own computation (a bf16 autocast: :attr:`compute_eps`)."""
         return max(least_precise_eps(params), self.compute_eps or 0.0)
 
-    def loss_eps(self, loss: Tensor, params: Iterable[Tensor]) -> float:
-        """The epsilon the closure's loss ``loss`` (kept in the accumulator dtype) is rounded by: its computation's,
-        :meth:`fd_eps` (bf16 parameters or a bf16 autocast: bf16's), or its own dtype's if coarser. The rounding
-        the replay checks and the mini-batch watch allow (allowed float32's, a bf16 loss that replays exactly
-        was warned about as not replaying)."""
-        return max(torch.finfo(loss.dtype).eps, self.fd_eps(params))
-
     def probe(self, closure) -> Tensor:
         """Call ``closure`` as a probe (counted in ``calls``)."""
         with torch.enable_grad():

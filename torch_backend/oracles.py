@@ -150,7 +150,7 @@ def functional_evidence(probe: Probe, functional_loss: Callable[[list[Tensor]], 
     loss, mine = _functional_gradient(probe, functional_loss, create_graph=False)
     slope = dot([g for _, g in mine if g is not None], [u for (_, g), u in zip(mine, probe.u) if g is not None])
     f, got, numerator, slope = float(probe.loss), float(loss), float(probe.numerator), float(slope)
-    loss_eps = probe.guard.loss_eps(probe.loss, probe.params)
+    loss_eps = max(torch.finfo(probe.loss.dtype).eps, probe.guard.fd_eps(probe.params))  # a bf16 closure: bf16's
     if math.isfinite(f) and math.isfinite(got) and replay_mismatch_in_place(f, got, loss_eps) > 1:
         return f"its loss at the step's parameters is {got:.9g}, the closure's was {f:.9g}"
     if math.isfinite(numerator) and math.isfinite(slope) and replay_slope_mismatch(numerator, slope) > 1:

@@ -1029,8 +1029,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             if watch is not None:
                 watch = self._watch_minibatch(watch, st.loss_v, lr, st.numerator,
                                               nan if st.probing or st.lagged else st.curvature,
-                                              self.guard.loss_eps(st.loss_t, st.params) if st.loss_t is not None
-                                              else nan,
+                                              torch.finfo(st.loss_t.dtype).eps if st.loss_t is not None else nan,
                                               holds(rule), unit, S)
             st.ratio = (eos_ratio_rule(lr * st.group_lr, reference, st.coefficient)
                         if st.coefficient is not None else nan)
@@ -1427,8 +1426,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             return None
         seen = glob.get(layout.REPLAY_SCALE)
         scale = max(0.0 if seen is None else float(seen), abs(f))
-        mismatch, model = map(float, replay_mismatch(f, got, h, numerator, c,
-                                                     probe.guard.loss_eps(probe.loss, probe.params), scale, np))
+        mismatch, model = map(float, replay_mismatch(f, got, h, numerator, c, torch.finfo(probe.loss.dtype).eps,
+                                                     scale, np))
         if mismatch <= 1:
             return scale
         at_probe = (f"at a probe point {h:.2g} * u away from the parameters its loss is {got:.9g}, the main call's "
@@ -1482,7 +1481,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         f, numerator = float(probe.loss), float(probe.numerator)
         got, slope = map(float, probe.call_at(0.0))
         if math.isfinite(f) and math.isfinite(got) and \
-                replay_mismatch_in_place(f, got, probe.guard.loss_eps(probe.loss, probe.params)) > 1:
+                replay_mismatch_in_place(f, got, torch.finfo(probe.loss.dtype).eps) > 1:
             return f"called again at the same parameters its loss is {got:.9g}, the main call's was {f:.9g}"
         if math.isfinite(numerator) and math.isfinite(slope) and replay_slope_mismatch(numerator, slope) > 1:
             return (f"called again at the same parameters its gradient's slope along the update is {slope:.6g}, the "
@@ -1501,8 +1500,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not (math.isfinite(got) and math.isfinite(slope)):
             return False
         c = finite_difference_curvature(slope, -numerator, a, np)
-        mismatch, _ = replay_mismatch(f, got, a, numerator, c, probe.guard.loss_eps(probe.loss, probe.params), scale,
-                                      np)
+        mismatch, _ = replay_mismatch(f, got, a, numerator, c, torch.finfo(probe.loss.dtype).eps, scale, np)
         return bool(mismatch <= 1)
 
     def _warn_no_replay(self, evidence: str) -> None:
