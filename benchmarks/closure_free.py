@@ -26,7 +26,7 @@ final train loss on the 64 examples per seed, per clip (none, 3, 1, 0.3, 0.01), 
 
 ``widths``: the closure-free default (the noise correction on behind Adam, off behind gradient descent) against
 CDAT with a closure (``fd``) on the default suite's full-batch cells of ``--tasks`` (``vit,lm``) at every width the
-suite runs them at, judged as the benchmark's report judges (:data:`benchmarks.report.FITTED`): per seed the
+suite runs them at, judged as the benchmark's report judges (:data:`benchmarks.best_constant.FITTED`): per seed the
 train-loss ratio to ``fd`` and the eval-loss ratio, the verdict on the eval loss where ``fd``'s median train loss
 shows the training set fitted (docs/minibatch_study.md, section 10).
 
@@ -275,7 +275,8 @@ def _weighted_only():
 
 
 def widths_table(seeds: list[int], tasks: list[str]) -> None:
-    from benchmarks import report, suites, tasks as tasks_mod
+    from benchmarks import suites, tasks as tasks_mod
+    from benchmarks.best_constant import FITTED
     from benchmarks.minibatch_study import experiment, run_variant
 
     print("| cell | width | `fd`: train loss per seed | closure-free ÷ `fd`: train loss | eval loss | judged on |")
@@ -288,7 +289,7 @@ def widths_table(seeds: list[int], tasks: list[str]) -> None:
         for w in widths:
             fd = [run_variant(task, "full", s, "fd", width=w) for s in seeds]
             free = [run_variant(task, "full", s, variant, width=w) for s in seeds]
-            fitted = statistics.median(r["final"] for r in fd) < report.FITTED
+            fitted = statistics.median(r["final"] for r in fd) < FITTED
             train = " / ".join(f"{a['final'] / b['final']:.3g}" for a, b in zip(free, fd))
             evals = " / ".join(f"{a['eval_loss'] / b['eval_loss']:.3g}" for a, b in zip(free, fd))
             print(f"| {task} full | {w} | " + " / ".join(f"{r['final']:.3g}" for r in fd) + f" | {train} | {evals} | "

@@ -660,19 +660,22 @@ def noise(args, cache: Cache) -> str:
 # ------------------------------------------------------------------------------------------ edge (issue 12)
 def suite_constant(path: str, task: str, regime: str, width: int, steps: int) -> tuple[float, dict]:
     """The best constant of a benchmark ``results.jsonl`` for the torch SP cell ``(task, regime, width)`` (the
-    report's choice, :func:`benchmarks.results.best_rate`): ``(lr, {seed: final})``."""
-    from .plan import final_loss
-    from .results import best_rate, load_results
+    report's choice, :func:`benchmarks.best_constant.best_constant`; each seed's run by its last record, as a
+    results file resumed after a code change holds one per code version): ``(lr, {seed: final})``."""
+    from .best_constant import best_constant
+    from .plan import eval_metric, final_loss
+    from .results import load_results
 
-    by_lr: dict = {}
+    runs: dict = {}
     for r in load_results(path):
         if (r["task"], r["regime"], r["width"], r["backend"], r["param"], r["tuner_name"], r["max_steps"]) == \
                 (task, regime, width, "torch", "sp", "constant", steps) and r.get("status") in ("ok", "diverged"):
-            by_lr.setdefault(float(r["settings"]["lr"]), {}).setdefault(r["seed"], final_loss(r))
-    if not by_lr:
+            runs.setdefault(float(r["settings"]["lr"]), {})[r["seed"]] = r
+    if not runs:
         raise KeyError(f"no constant runs for {task} {regime} w{width} ({steps} steps) in {path}")
-    lr = best_rate({k: list(finals.values()) for k, finals in by_lr.items()})
-    return lr, by_lr[lr]
+    lr, _ = best_constant({k: [final_loss(r) for r in rs.values()] for k, rs in runs.items()},
+                          {k: [eval_metric(r, "eval_loss", math.inf) for r in rs.values()] for k, rs in runs.items()})
+    return lr, {seed: final_loss(r) for seed, r in runs[lr].items()}
 
 
 def edge(args, cache: Cache) -> str:

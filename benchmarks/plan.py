@@ -3,7 +3,7 @@ and the constant grid's automatic widening.
 
 Runs come in groups of (experiment, backend, parameterisation, width): first the constant grid on every
 seed, then the tuners. A grid given as the bare ``constant`` label is *widened*: while the best grid value
-(:func:`benchmarks.results.best_rate`: the lowest median final train loss over seeds) sits at an edge of the grid, one more value, a grid factor
+(:func:`benchmarks.best_constant.best_constant`, the report's) sits at an edge of the grid, one more value, a grid factor
 beyond that edge, is run on every seed (at most ``Experiment.widen`` values per group). The widening values
 are a function of the results already recorded, so a killed and resumed sweep plans the same runs.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
-from .results import best_rate
+from .best_constant import best_constant
 from .suites import DEFAULT_GRIDS, Experiment
 
 __all__ = ["RunSpec", "plan", "group_of", "widening", "widened_keys", "fmt_lr", "final_loss"]
@@ -115,11 +115,26 @@ def final_loss(rec: dict) -> float:
     return math.inf if v is None else float(v)
 
 
+def eval_metric(rec: dict, field: str, worst: float) -> float:
+    """A record's eval metric ``field`` (``eval_loss``, ``eval_accuracy``); ``worst`` where the run diverged or
+    failed (its final loss is ``inf``: the runner still evaluates a diverged model, and its finite figure flattered
+    the median) or the metric is ``null`` (a non-finite value, written as ``null``); NaN where a finished run's
+    summary has no such field."""
+    s = rec.get("summary") or {}
+    if math.isinf(final_loss(rec)):
+        return worst
+    v = s.get(field)
+    if v is not None:
+        return float(v)
+    return worst if field in s else math.nan
+
+
 def widening(group_specs: Sequence[RunSpec], records: dict) -> list[RunSpec]:
     """The next constant runs the group needs, or ``[]`` when its grid is settled.
 
     ``group_specs``: the group's grid runs so far (``from_grid``); ``records``: key -> record. Returns the
-    runs (one value, every seed) one grid factor beyond the edge where the best constant sits (:func:`best_rate`), while fewer than
+    runs (one value, every seed) one grid factor beyond the edge where the best constant sits
+    (:func:`benchmarks.best_constant.best_constant`), while fewer than
     ``exp.widen`` values were added; ``[]`` if some run of the grid is not recorded yet or the best is inside.
     """
     grid_specs = [s for s in group_specs if s.from_grid]
@@ -128,11 +143,13 @@ def widening(group_specs: Sequence[RunSpec], records: dict) -> list[RunSpec]:
     exp = grid_specs[0].exp
     base = grid_specs[0].base
     by_lr: dict = {}
+    evals: dict = {}
     for s in grid_specs:
         rec = records.get(s.key)
         if rec is None:
             return []
         by_lr.setdefault(dict(s.settings)["lr"], []).append(final_loss(rec))
+        evals.setdefault(dict(s.settings)["lr"], []).append(eval_metric(rec, "eval_loss", math.inf))
     lrs = sorted(by_lr)
     initial = sorted({float(fmt_lr(v)) for v in _grid(exp, base)})
     up = sum(1 for lr in lrs if lr > initial[-1])
@@ -144,7 +161,7 @@ def widening(group_specs: Sequence[RunSpec], records: dict) -> list[RunSpec]:
     if not any(math.isfinite(m) for m in med):
         new = lower  # everything diverged: go down
     else:
-        best = best_rate(by_lr)  # the report's best constant, by the same rule
+        best, _ = best_constant(by_lr, evals)  # the report's best constant, by the same rule
         if lrs[0] < best < lrs[-1]:
             return []
         new = lower if best == lrs[0] else initial[-1] * exp.grid_factor ** (up + 1)

@@ -5,16 +5,16 @@ the grid and every tuner, compared **seed by seed** with that constant:
 
 * the best constant is the grid value with the lowest *median* (over seeds) final train loss (mean of the
   last 5 steps in full batch, the paper's criterion; of the last tenth of the steps in mini-batch, where one
-  batch's loss is noise), the lower rate on a tie (:func:`benchmarks.results.best_rate`, as the grid's
-  widening); a run that diverged counts as ``inf``, and a value that diverged on any seed ranks behind every
-  value that trained on all of them;
+  batch's loss is noise), the lower rate on a tie; a run that diverged counts as ``inf``, and a value that
+  diverged on any seed ranks behind every value that trained on all of them
+  (:func:`benchmarks.best_constant.best_constant`, as the grid's widening);
 * a tuner's ratio on a seed is its final train loss ÷ the best constant's on the same seed (< 1: the tuner
   beat the tuned constant); the table shows the **median** over seeds and the **worst** seed (named);
   ``verdict`` is ``win`` only when the median and the worst seed are both below 1, ``loss`` when the median
   is above 1, ``mixed`` otherwise;
-* where the best constant fits its training set (median final train loss below :data:`FITTED`, marked
-  :data:`FIT`) train losses that small are noise: the best constant is then the grid value best by the eval loss
-  (same rule) and the verdict is on the eval loss, the ratio of each seed's eval loss to the best constant's
+* where that constant fits its training set (median final train loss below
+  :data:`benchmarks.best_constant.FITTED`, marked :data:`FIT`) train losses that small are noise: the best
+  constant is then the grid value best by the eval loss (same rule) and the verdict is on the eval loss, the ratio of each seed's eval loss to the best constant's
   (``eval ÷ best const``, given for every width);
 * ``steps to target`` / ``CPU s to target``: the first step at which the training loss is at or below
   1.1 x the best constant's final train loss on the same seed, median over the seeds where that constant did
@@ -51,22 +51,24 @@ from collections import defaultdict
 
 import numpy as np
 
+from .best_constant import FITTED, best_constant
+from .plan import eval_metric
 from .plan import final_loss as _final
-from .results import LAST, RESULTS, best_rate, latest_by_key, load_results
+from .results import LAST, RESULTS, latest_by_key, load_results
 
 __all__ = ["write_report", "analyse", "threshold_coefficient", "TARGET"]
 
 MOMENTUM = 0.9
-FITTED = 1e-3  # a best constant below this final train loss has (nearly) fitted its training set
 TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
 AXES = ("task", "regime", "backend", "param", "width", "tuner", "tuner_name", "seed")  # what a run is grouped by
 EDGE = "†"  # marks a ratio against a best constant still at an edge of its grid (report.md's "grid edge")
 EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid, or its only value (where the suite widens its grids, the "
              "widening stopped there); a constant beyond that edge may do better, which would raise the ratio.")
 FIT = "‡"  # marks a width whose best constant fitted its training set (median final train loss < FITTED)
-FIT_NOTE = (f"{FIT}: a width whose best constant fits its training set (median final train loss < {FITTED:g}): "
-            "train losses that small are noise, so there the verdict, and the README table's figure, is the eval "
-            "loss ÷ that constant's on the same seed (median, worst seed).")
+FIT_NOTE = (f"{FIT}: a width whose best constant by train loss fits its training set (median final train loss < "
+            f"{FITTED:g}): train losses that small are noise, so there the best constant is the grid value best by "
+            "eval loss, and the verdict, and the README table's figure, is the eval loss ÷ that constant's on the "
+            "same seed (median, worst seed).")
 ORDER = ["constant", "cdat", "greedy", "linesearch", "polyak", "eos", "prodigy", "schedulefree", "dadapt", "sophia"]
 
 
@@ -167,27 +169,14 @@ def _summary(rec: dict) -> dict:
     return rec.get("summary") or {}  # a failed run has none
 
 
-def _eval(rec: dict, field: str, worst: float) -> float:
-    """A summary's eval metric; ``worst`` where the run diverged or failed (its final loss is ``inf``: the runner
-    still evaluates a diverged model, and its finite figure flattered the median) or the metric is ``null`` (a
-    non-finite value, written as ``null``); NaN where a finished run's summary has no such field."""
-    s = _summary(rec)
-    if math.isinf(_final(rec)):
-        return worst
-    v = s.get(field)
-    if v is not None:
-        return float(v)
-    return worst if field in s else math.nan
-
-
 def _eval_loss(rec: dict) -> float:
-    """The eval loss, ``inf`` for the worst (see :func:`_eval`)."""
-    return _eval(rec, "eval_loss", math.inf)
+    """The eval loss, ``inf`` for the worst (:func:`benchmarks.plan.eval_metric`)."""
+    return eval_metric(rec, "eval_loss", math.inf)
 
 
 def _eval_acc(rec: dict) -> float:
-    """The eval accuracy, 0 for the worst (see :func:`_eval`)."""
-    return _eval(rec, "eval_accuracy", 0.0)
+    """The eval accuracy, 0 for the worst (:func:`benchmarks.plan.eval_metric`)."""
+    return eval_metric(rec, "eval_accuracy", 0.0)
 
 
 def _lr_drop(rec: dict) -> float:
@@ -226,10 +215,10 @@ def analyse(records: list[dict]) -> dict:
             label_of = {float(lab.split("lr=")[-1]): lab for lab in consts}
             seed_finals = {lr: [_final(r) for r in consts[lab].values()] for lr, lab in label_of.items()}
             grid_finals = {lr: _median(fs) for lr, fs in seed_finals.items()}
-            best_lr = best_rate(seed_finals)
-            fitted = grid_finals.get(best_lr, math.nan) < FITTED
-            if fitted:  # the verdict is on the eval loss there: the constant to beat is the one best by it
-                best_lr = best_rate({lr: [_eval_loss(r) for r in consts[lab].values()] for lr, lab in label_of.items()})
+            # where the constants fit the training set the verdict is on the eval loss: the one to beat is the
+            # best by it
+            best_lr, fitted = best_constant(seed_finals, {lr: [_eval_loss(r) for r in consts[lab].values()]
+                                                          for lr, lab in label_of.items()})
             best_lab = label_of.get(best_lr)
             best = consts.get(best_lab, {})
             best_final = {seed: _final(r) for seed, r in best.items()}
@@ -596,8 +585,8 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
     md = ["# curvopt benchmark report", "",
           f"{len(recs)} runs from `{RESULTS}`, seeds {seeds}. Every tuner is compared seed by seed with the best "
           f"constant (the grid value with the lowest median final train loss, the lower rate on a tie, a value that "
-          f"diverged on any seed ranking behind those that trained on all; by the eval loss where it fits the "
-          f"training set, {FIT}; final = mean "
+          f"diverged on any seed ranking behind those that trained on all; by the eval loss where that one fits "
+          f"the training set, {FIT}; final = mean "
           f"of the last {LAST} steps in full batch, of the last tenth of the steps in mini-batch): the tables give "
           "the median ratio over seeds and the worst seed; a **win** needs both below 1 on every seed. A run that "
           "diverged or failed counts as diverged on its seed (ratio `diverged`; 0 where only the constant "
@@ -624,8 +613,9 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
             grid = ", ".join(f"{lr:.4g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
             md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
                       + (" — **best still at the grid edge**" if info["best_at_edge"] else "")
-                      + (f" — **the best constant fits the training set (final loss < {FITTED:g}): train-loss "
-                         f"ratios this small are noise, the best constant and the verdict are by the eval loss** ({FIT})"
+                      + (f" — **the best constant by train loss fits the training set (final loss < {FITTED:g}): "
+                         f"train-loss ratios this small are noise, the best constant and the verdict are by the eval "
+                         f"loss** ({FIT})"
                          if info["fitted"] else ""))
         md += ["", group_table(g, widths), ""]
         if plots:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RESULTS", "COLUMNS", "STAT_COLUMNS", "LAST", "final_window", "best_rate", "load_results", "latest_by_key",
+__all__ = ["RESULTS", "COLUMNS", "STAT_COLUMNS", "LAST", "final_window", "load_results", "latest_by_key",
            "append_result", "rewrite_without", "summarise", "OutputLock", "LockedError"]
 
 RESULTS = "results.jsonl"
@@ -48,19 +48,6 @@ def final_window(regime: str, steps: int) -> int:
     """How many last steps the final train loss averages: :data:`LAST` in full batch, a tenth of the run in
     mini-batch (at least :data:`LAST`)."""
     return LAST if regime == "full" else max(LAST, steps // MINI_FRACTION)
-
-
-def best_rate(finals: dict) -> float | None:
-    """The grid's best constant in ``{lr: [final loss of each seed]}`` (``inf``: diverged or failed): of the rates
-    that trained on every seed, if any did, the one with the lowest median, a tie going to the lower rate (by
-    number: ``10`` is not below ``2``); None for an empty grid. A rate that diverged on one seed is no tuned
-    constant a user could rely on, however low its median (one diverged seed in three left it the best, and the
-    tuner's ratio on that seed a 0, a win). The report's best constant; the grid widening
-    (:func:`benchmarks.plan.widening`) finds the edge to widen by the same rule."""
-    def rank(lr: float) -> tuple:
-        xs = [x for x in finals[lr] if not math.isnan(x)]
-        return (not all(math.isfinite(x) for x in xs), float(np.median(xs)) if xs else math.inf, lr)
-    return min(finals, key=rank, default=None)
 
 
 def _is_record(obj: Any) -> bool:

@@ -147,6 +147,7 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
                 todo.extendleft(reversed(extra))
 
         def recorded(spec: RunSpec, rec: dict) -> None:
+            rec["key"] = spec.key  # the plan's: a worker reads the code digest anew (an edit mid-sweep changed it)
             append_result(path, rec)
             records[spec.key] = rec
             counts["ran"] += 1

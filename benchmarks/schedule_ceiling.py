@@ -4,8 +4,8 @@
 A tuner's target "≤ 0.9× the best constant" is out of reach of any learning-rate rule on a task where no
 schedule gets there either. This trains the default suite's full-batch cell of ``--task`` (its data, model,
 base and horizon: :mod:`benchmarks.suites`, :mod:`benchmarks.tasks`) with the bare base optimizer under simple
-schedules of peak ``c × lr*``, ``lr*`` the best constant (the grid value with the lowest median final train
-loss in ``--results``, or ``--lr``): the constant itself, a cosine decay to 0, a linear decay to 0 and a
+schedules of peak ``c × lr*``, ``lr*`` the best constant (the report's rule on ``--results``,
+:func:`benchmarks.best_constant.best_constant`, or ``--lr``): the constant itself, a cosine decay to 0, a linear decay to 0 and a
 cosine decay after a 25-step linear warm-up, for ``c`` in ``--factors``. Each run's final train loss (the
 suite's final window) is divided by the constant's rerun on the same seed; the table gives the median and the
 worst over seeds, and the median eval loss. The rows print as they finish; ``--out`` appends them as JSON lines.
@@ -21,8 +21,9 @@ import numpy as np
 
 from . import suites
 from . import tasks as tasks_mod
-from .plan import final_loss
-from .results import best_rate, final_window, load_results
+from .best_constant import best_constant as choose
+from .plan import eval_metric, final_loss
+from .results import final_window, load_results
 from .tuners import torch_base
 
 WARMUP = 25
@@ -37,15 +38,17 @@ def experiment(task: str) -> suites.Experiment:
 
 
 def best_constant(records: list[dict], exp: suites.Experiment, width: int) -> float:
-    """The best constant of ``records`` by the report's rule (:func:`benchmarks.results.best_rate`)."""
-    by_lr: dict[float, list[float]] = {}
+    """The best constant of ``records`` by the report's rule (:func:`benchmarks.best_constant.best_constant`), each
+    seed's run by its last record (a results file resumed after a code change holds a record per code version)."""
+    runs: dict[float, dict] = {}
     for r in records:
         if ((r["task"], r["regime"], r["width"], r["tuner_name"], r["param"], r["backend"])
                 == (exp.task, exp.regime, width, "constant", "sp", "torch")):
-            by_lr.setdefault(r["settings"]["lr"], []).append(final_loss(r))
-    if not by_lr:
+            runs.setdefault(r["settings"]["lr"], {})[r["seed"]] = r
+    if not runs:
         raise ValueError(f"no constant runs of {exp.task} full width {width} in the results")
-    return best_rate(by_lr)
+    return choose({lr: [final_loss(r) for r in rs.values()] for lr, rs in runs.items()},
+                  {lr: [eval_metric(r, "eval_loss", math.inf) for r in rs.values()] for lr, rs in runs.items()})[0]
 
 
 def schedules(lr: float, factors: list[float], steps: int) -> dict[str, Callable[[int], float]]:

@@ -81,8 +81,8 @@ class Experiment:
         each by its absolute path and its contents (:func:`content_digest`: an edited file or a replaced batch
         file is other data, where a resume once mixed runs on the old text with runs on the new in one cell);
         unset or unread, they are left out, so the embedded defaults keep their hashes. The code counts too
-        (:func:`code_digest`): a resume after an edit of the library or of the training code redoes the runs (it
-        once pooled the old seeds with the new in one cell, silently)."""
+        (:func:`code_digest`): a resume after an edit of the library or of the code a run executes redoes the runs
+        (it once pooled the old seeds with the new in one cell, silently)."""
         d = asdict(self)
         d["code"] = code_digest()
         for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
@@ -105,10 +105,13 @@ class Experiment:
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-#: the packages whose code a run's result depends on (every ``.py`` file below them but :data:`RENDERING`) ...
-CODE_PACKAGES = ("curvopt", "torch_backend", "jax_backend", "benchmarks")
-#: ... the benchmark's modules that only render results (an edit changes the tables, not the runs) ...
-RENDERING = ("benchmarks/report.py",)
+#: the code a run's result depends on: the library's packages (every ``.py`` file below them) ...
+CODE_PACKAGES = ("curvopt", "torch_backend", "jax_backend")
+#: ... the benchmark's modules a run executes (not the report, the plan, the command line or the study scripts:
+#: an edit there changes no run, and ``--report-only`` still finds the runs) ...
+TRAINING_MODULES = ("benchmarks/data.py", "benchmarks/tasks.py", "benchmarks/models_torch.py",
+                    "benchmarks/models_flax.py", "benchmarks/tuners.py", "benchmarks/train_torch.py",
+                    "benchmarks/train_jax.py", "benchmarks/results.py", "benchmarks/runner.py")
 #: ... and the installed distributions it runs on (a version not installed counts as such)
 DISTRIBUTIONS = ("torch", "numpy", "scikit-learn", "jax", "jaxlib", "optax", "flax", "prodigyopt", "schedulefree",
                  "dadaptation", "pytorch-optimizer")
@@ -116,13 +119,15 @@ DISTRIBUTIONS = ("torch", "numpy", "scikit-learn", "jax", "jaxlib", "optax", "fl
 
 @functools.lru_cache(maxsize=4)
 def code_digest(root: str = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) -> str:
-    """A digest of the code a run executes: the sources of :data:`CODE_PACKAGES` below ``root`` (the repository
-    this file is in; by path and contents) and the versions of :data:`DISTRIBUTIONS`; read once per process."""
-    files = sorted(f for pkg in CODE_PACKAGES for f in glob.glob(os.path.join(root, pkg, "**", "*.py"), recursive=True)
-                   if os.path.relpath(f, root) not in RENDERING)
+    """A digest of the code a run executes: the sources of :data:`CODE_PACKAGES` and :data:`TRAINING_MODULES` below
+    ``root`` (the repository this file is in; by path, ``/``-separated, and contents) and the versions of
+    :data:`DISTRIBUTIONS`; read once per process."""
+    files = sorted({f for pkg in CODE_PACKAGES for f in glob.glob(os.path.join(root, pkg, "**", "*.py"), recursive=True)}
+                   | {os.path.join(root, *m.split("/")) for m in TRAINING_MODULES if os.path.isfile(
+                       os.path.join(root, *m.split("/")))})
     h = hashlib.sha1()
     for f in files:
-        h.update(os.path.relpath(f, root).encode() + b"\0")
+        h.update(os.path.relpath(f, root).replace(os.sep, "/").encode() + b"\0")
         with open(f, "rb") as fh:
             h.update(fh.read() + b"\0")
     for name in DISTRIBUTIONS:

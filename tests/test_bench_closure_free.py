@@ -58,13 +58,13 @@ def test_widths_table_judges_a_fitted_width_on_eval_loss(monkeypatch, capsys):
     """``widths`` runs every width the default suite runs a full-batch cell at, the closure-free default against
     ``fd``, and says which loss it judges by: the eval loss where ``fd``'s median train loss is below the report's
     FITTED (the ViT's wider widths), the train loss elsewhere."""
-    from benchmarks import minibatch_study, report
+    from benchmarks import best_constant, minibatch_study
 
     calls = []
 
     def fake(task, regime, seed, variant, width=None):
         calls.append((task, width, variant))
-        final = (0.5 if width == 4 else report.FITTED / 10) * (2 if variant != "fd" else 1)
+        final = (0.5 if width == 4 else best_constant.FITTED / 10) * (2 if variant != "fd" else 1)
         return {"final": final, "eval_loss": 0.4 if variant == "fd" else 0.3}
 
     monkeypatch.setattr(minibatch_study, "run_variant", fake)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is run from the repository, never installed
 
 from benchmarks import plan as plan_mod  # noqa: E402
-from benchmarks import report, results, runner  # noqa: E402
+from benchmarks import best_constant, report, results, runner  # noqa: E402
 from benchmarks.suites import Experiment  # noqa: E402
 
 GROUP = ("mlp", "full", "torch", "sp")
@@ -182,7 +182,7 @@ def test_a_tie_between_constants_goes_to_the_lower_rate_as_in_the_widening(tmp_p
     """Two grid values with the same median: the best is the lower rate, as the grid widening decides (the report
     took the label that sorts first as a string, "10" before "2", and called the grid settled where the widening
     had gone on, or the other way round)."""
-    assert results.best_rate({2.0: [1.0], 10.0: [1.0], 0.5: [3.0]}) == 2.0 and results.best_rate({}) is None
+    assert best_constant.best_rate({2.0: [1.0], 10.0: [1.0], 0.5: [3.0]}) == 2.0 and best_constant.best_rate({}) is None
     recs = [_rec(f"constant:lr={lr}", s, f) for lr, fs in ((2, (1.0, 1.0, 1.0)), (10, (0.2, 1.0, 5.0)),
                                                           (0.5, (3, 3, 3))) for s, f in enumerate(fs)]
     rep = _report(tmp_path / "tie", recs + [_rec("cdat", s, 0.9) for s in (0, 1, 2)])
@@ -329,8 +329,10 @@ def test_a_constant_that_diverged_on_a_seed_is_not_the_best(tmp_path):
     """A constant that diverged on one seed in three (median 0.1) was the best, and the tuner's ratio on that seed
     0 (a win: median 0.95, worst seed 0), where a constant that trained on every seed (0.2) ends below the
     tuner's 0.5 on seed 2. The rates that trained on every seed come first, in the report and in the widening."""
-    assert results.best_rate({0.1: [0.1, 0.1, math.inf], 0.2: [0.2, 0.2, 0.2]}) == 0.2
-    assert results.best_rate({0.1: [0.1, math.inf], 0.2: [math.inf, 0.2]}) == 0.1  # none trained on all: median
+    assert best_constant.best_rate({0.1: [0.1, 0.1, math.inf], 0.2: [0.2, 0.2, 0.2]}) == 0.2
+    assert best_constant.best_rate({0.1: [0.1, math.inf], 0.2: [math.inf, 0.2]}) == 0.1  # none trained on all: median
+    # a loss not known counts as not trained (a value with no numbers was the best)
+    assert best_constant.best_rate({0.1: [math.nan] * 3, 0.2: [0.1, 0.1, math.inf], 0.4: [0.3] * 3}) == 0.4
     recs = [_rec("constant:lr=0.1", s, f) for s, f in enumerate((0.1, 0.1, math.inf))]
     recs += _consts({0.2: 0.2, 0.05: 0.3, 0.4: 0.35}) + [_rec("cdat", s, f) for s, f in enumerate((0.095, 0.095, 0.5))]
     rep = _report(tmp_path / "diverged", recs)
@@ -360,6 +362,16 @@ def test_where_the_constant_fits_the_training_set_the_best_is_by_eval_loss(tmp_p
     cdat = info["rows"]["cdat"]
     assert info["fitted"] and info["best_lr"] == 0.2 and info["best_at_edge"]
     assert cdat["eval_ratio"] == pytest.approx(1.75) and cdat["verdict"] == "loss"
+    # the widening goes by the same rule: the eval loss's best is at the top edge, so it widens upwards (it
+    # stopped at the train loss's best inside the grid while the report marked the top edge)
+    exp = Experiment("mlp", "full", (16,), ("constant",), 20, grid=(0.05, 0.1, 0.2), widen=2)
+    specs = plan_mod.plan([exp], seeds=(0, 1, 2))
+    by_lr = {0.05: (3e-5, 0.6), 0.1: (1e-5, 0.9), 0.2: (1.1e-5, 0.4)}
+    recs = {s.key: {**runner._described_run(s), "status": "ok", "steps": {"loss": [1.0] * 20},
+                    "summary": {"final_train_loss": by_lr[dict(s.settings)["lr"]][0], "diverged": False,
+                                "eval_loss": by_lr[dict(s.settings)["lr"]][1]}} for s in specs}
+    assert [dict(s.settings)["lr"] for s in plan_mod.widening(specs, recs)] == [pytest.approx(0.2 * math.sqrt(2),
+                                                                                           rel=1e-3)] * 3
 
 
 def test_the_readme_table_says_when_the_sweep_is_incomplete(tmp_path):

@@ -837,7 +837,7 @@ def test_a_resume_after_a_code_change_redoes_the_runs(tmp_path, monkeypatch):
     the versions of the packages they run on."""
     from benchmarks import suites
 
-    for pkg in suites.CODE_PACKAGES:
+    for pkg in suites.CODE_PACKAGES + ("benchmarks",):
         (tmp_path / pkg).mkdir()
         (tmp_path / pkg / "__init__.py").write_text(f"# {pkg}\n")
     (tmp_path / "benchmarks" / "report.py").write_text("TABLE = 1\n")
@@ -860,3 +860,7 @@ def test_a_resume_after_a_code_change_redoes_the_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(suites, "code_digest", lambda: "another")
     after = {s.key for s in plan_mod.plan([exp], seeds=(0,))}
     assert before and not before & after
+    # what a run executes counts, not the report, the plan, the command line or the study scripts (an edit there
+    # kept --report-only from finding the runs)
+    assert "benchmarks/report.py" not in suites.TRAINING_MODULES and "benchmarks/plan.py" not in suites.TRAINING_MODULES
+    assert all(os.path.isfile(os.path.join(ROOT, m)) for m in suites.TRAINING_MODULES)
