@@ -530,7 +530,10 @@ class CDATRule:
 
     ``startup="paper"`` is the paper's rule exactly: ``d = |u^T H u| + eps``, both averages start at 0
     without bias correction (the correction would cancel in the ratio, so step 1 is ``sigma n_1 / d_1``), no
-    other guard where the curvature is the current point's, as in the paper. On a step whose curvature is the
+    other guard where the curvature is the current point's, as in the paper. Where the denominator's average is
+    exactly 0 (``eps = 0``, the greedy step's, on a flat model: a piecewise-linear loss) along a descent direction,
+    the model's minimiser lies beyond every step: the rate is ``lr_max`` (without one, inf: the guard's 0, and
+    the step is left out of the averages); also where the curvature is 0 only by rounding. On a step whose curvature is the
     secant's (closure-free, ``RuleInputs.lagged``), which the paper did not use, the step's length is capped as
     in 3 below (``lagged_growth``): the quadratically greedy step closure-free behind Adam diverged without it
     (digits MLP, full batch, seeds 0-2: loss 2.3 -> 2e4-2e6; with a closure 0-4e-8; a rate cap of 2x per step
@@ -694,7 +697,8 @@ class CDATRule:
 
     @classmethod
     def greedy(cls, lr_max: float = math.inf) -> "CDATRule":
-        """The quadratically greedy step ``-g^T u / |u^T H u|`` (the minimiser of the quadratic model)."""
+        """The quadratically greedy step ``-g^T u / |u^T H u|`` (the minimiser of the quadratic model; ``lr_max``
+        where the curvature is exactly 0 along a descent direction)."""
         return cls(sigma=1.0, ema=0.0, eps=0.0, lr_max=lr_max, startup="paper")
 
     def loss_bound(self, xp: Any) -> Any:
@@ -753,8 +757,9 @@ class CDATRule:
             weight = xp.where(informative, weight, state.avg_weight)
         if self.startup == "paper":
             # a flat model (d = 0, as along a piecewise-linear loss) along a descent direction: its minimiser lies
-            # beyond every step, so the rate is lr_max's (inf without one: the guard's 0)
-            flat = xp.where(num_avg > 0, math.inf, 0.0)
+            # beyond every step, so the rate is lr_max's (inf without one: the guard's 0); at sigma 0 (a warm-up's
+            # first step) it is 0
+            flat = xp.where(num_avg * sigma > 0, math.inf, 0.0)
             lr = sigma * xp.where(den_avg > 0, _safe_div(num_avg, den_avg, den_avg > 0, xp), flat)
             if x.lagged is not False:  # the paper measured the current point's curvature, not a step-old secant
                 lr = capped_growth(lr, self._lagged_reach(x, math.inf, xp), state.cdat_lr, xp)

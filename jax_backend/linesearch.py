@@ -7,8 +7,9 @@ lr_max)``, the very first with ``previous = init_lr``), each next one ``decrease
 decides: a search that accepts nothing, or an ascent direction (no trial is evaluated for it), takes **no
 step**, and where the next search starts (from the last trial; from ``init_lr`` after a stall). The
 criterion is the one of
-``optax.scale_by_backtracking_linesearch`` (``rtol = delta``, ``slope_rtol = c``), whose last-trial-anyway
-behaviour is deliberately not copied.
+``optax.scale_by_backtracking_linesearch`` (``rtol = delta``, ``slope_rtol = c``) where the loss is not negative
+(Optax's ``(1 + rtol) f`` is stricter than ``f`` on a negative one: :func:`curvopt.rules.armijo_decrease_error`),
+whose last-trial-anyway behaviour is deliberately not copied.
 """
 from __future__ import annotations
 

@@ -135,6 +135,9 @@ def test_the_greedy_step_on_a_flat_model_is_lr_max():
     assert lrs == [0.5, 0.5, 0.5, 0.0]
     lrs, state = _run(rules.CDATRule.greedy(), [(2.0, 4.0), (2.0, 0.0)])
     assert lrs == [0.5, 0.0] and float(state.cdat_lr) == 0.5  # (the last rate the rule took, kept)
+    # a sigma warm-up's 0 is no step on a flat model either (sigma x inf read NaN, capped to lr_max)
+    warm = dataclasses.replace(capped, sigma=lambda t: min(1.0, t / 10))
+    assert _run(warm, [(2.0, 0.0), (2.0, 0.0)])[0] == [0.0, 0.5]
     with pytest.raises(ValueError, match="max_trials must be an integer <= 2147483647"):
         rules.ArmijoRule(max_trials=2**31)
     with pytest.raises(ValueError, match="max_trials"):

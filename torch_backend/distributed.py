@@ -109,9 +109,11 @@ def resolve(distributed: DistributedLike, params: Sequence[Tensor] = ()) -> Opti
     * ``None`` or ``False``: never reduce (e.g. independent runs that happen to share a process group).
     * a ``ProcessGroup``: a data-parallel run over that group.
 
-    The reducer is ``sharded`` when some of ``params`` are FSDP1 flat-parameter shards.
+    The reducer is ``sharded`` when some of ``params`` are FSDP1 flat-parameter shards (read only when there is
+    a reducer: ``"auto"`` without a process group costs no pass over the parameters, at every step it is resolved).
     """
-    sharded = any(_sharding_kind(p) is not None for p in params)
+    def sharded() -> bool:
+        return any(_sharding_kind(p) is not None for p in params)
     if distributed is None or distributed is False:
         return None
     if isinstance(distributed, str):
@@ -120,17 +122,17 @@ def resolve(distributed: DistributedLike, params: Sequence[Tensor] = ()) -> Opti
                              f"got {distributed!r}")
         if not _dist_ready() or torch.distributed.get_world_size() <= 1:
             return None
-        return DataParallel(None, sharded)
+        return DataParallel(None, sharded())
     if distributed is True:
         if not _dist_ready():
             raise ValueError("distributed=True but torch.distributed is not initialized "
                              "(call torch.distributed.init_process_group first)")
-        return DataParallel(None, sharded)
+        return DataParallel(None, sharded())
     if not _dist_ready():
         raise ValueError("distributed= was given a process group but torch.distributed is not initialized")
     if torch.distributed.get_world_size(distributed) <= 1:
         return None
-    return DataParallel(distributed, sharded)
+    return DataParallel(distributed, sharded())
 
 
 def _sharding_kind(p: Tensor) -> Optional[str]:

@@ -20,7 +20,8 @@ __all__ = ["ArmijoLineSearch"]
 class ArmijoLineSearch(CurvatureTuner):
     """Accept the first ``lr`` with ``f(w + lr u) <= f(w) + delta |f(w)| + c lr g^T u``.
 
-    Trials (the sequence of ``optax.scale_by_backtracking_linesearch`` with
+    The test is Optax's where ``f >= 0`` (:func:`curvopt.rules.armijo_decrease_error`). Trials (the sequence of
+    ``optax.scale_by_backtracking_linesearch`` with
     ``max_backtracking_steps = max_trials - 1``, ``slope_rtol = c``, ``rtol = delta``, ``atol = 0``):
     ``lr_1 = min(increase_factor * lr_prev, lr_max)`` with ``lr_prev = init_lr`` at the start (so the very first
     trial is ``min(increase_factor * init_lr, lr_max)``, as in Optax; ``init_lr`` itself when that is not a finite
