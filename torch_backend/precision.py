@@ -25,6 +25,11 @@ from .vectors import global_sum
 __all__ = ["computation_eps", "gradient_eps"]
 
 
+#: the key of the dtypes seen while ``torch.compile`` traces the call: they count whatever the loss's graph (reading
+#: an output's ``grad_fn`` there broke the compiled BatchNorm model's graph, and its probes no longer replayed it)
+_TRACED = object()
+
+
 class _GradDtypes(TorchFunctionMode):
     """The floating dtypes of the outputs that require grad, by the autograd node that made them."""
 
@@ -36,7 +41,7 @@ class _GradDtypes(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
-                self.made.setdefault(t.grad_fn, set()).add(t.dtype)
+                self.made.setdefault(_TRACED if torch.compiler.is_compiling() else t.grad_fn, set()).add(t.dtype)
         return out
 
 
@@ -58,11 +63,11 @@ def _graph_of(loss: Any) -> set | None:
 def computation_eps(fn: Callable[[], Any]) -> tuple[Any, float]:
     """``(fn(), eps)``: ``eps`` the machine epsilon of the least precise floating dtype among the outputs of the
     torch operations ``fn`` ran that require grad and that its result was computed through (every such output
-    where the result has no graph), 0.0: none."""
+    where the result has no graph, and every one ``torch.compile`` traced), 0.0: none."""
     with _GradDtypes() as mode:
         out = fn()
     graph = _graph_of(out)
-    dtypes = {d for node, ds in mode.made.items() if graph is None or node in graph for d in ds}
+    dtypes = {d for node, ds in mode.made.items() if graph is None or node is _TRACED or node in graph for d in ds}
     return out, max((torch.finfo(d).eps for d in dtypes), default=0.0)
 
 
