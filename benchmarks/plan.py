@@ -3,8 +3,8 @@ and the constant grid's automatic widening.
 
 Runs come in groups of (experiment, backend, parameterisation, width): first the constant grid on every
 seed, then the tuners. A grid given as the bare ``constant`` label is *widened*: while the best grid value
-(:func:`benchmarks.best_constant.best_constant`, the report's) sits at an edge of the grid, one more value, a grid factor
-beyond that edge, is run on every seed (at most ``Experiment.widen`` values per group). The widening values
+(:func:`benchmarks.best_constant.best_constant`, the report's) sits at an edge of the grid, one more value, a
+grid factor beyond that edge, is run on every seed (at most ``Experiment.widen`` values per group). The widening values
 are a function of the results already recorded, so a killed and resumed sweep plans the same runs.
 """
 from __future__ import annotations

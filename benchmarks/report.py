@@ -14,8 +14,8 @@ the grid and every tuner, compared **seed by seed** with that constant:
   is above 1, ``mixed`` otherwise;
 * where that constant fits its training set (median final train loss below
   :data:`benchmarks.best_constant.FITTED`, marked :data:`FIT`) train losses that small are noise: the best
-  constant is then the grid value best by the eval loss (same rule) and the verdict is on the eval loss, the ratio of each seed's eval loss to the best constant's
-  (``eval ÷ best const``, given for every width);
+  constant is then the grid value best by the eval loss (same rule) and the verdict is on the eval loss, the
+  ratio of each seed's eval loss to the best constant's (``eval ÷ best const``, given for every width);
 * ``steps to target`` / ``CPU s to target``: the first step at which the training loss is at or below
   1.1 x the best constant's final train loss on the same seed, median over the seeds where that constant did
   not diverge (``—``: the median seed never reached it; a run that diverged never reaches it, whatever its loss
@@ -62,8 +62,9 @@ MOMENTUM = 0.9
 TARGET = 1.1  # time to target: first step with loss <= TARGET x the best constant's final loss (same seed)
 AXES = ("task", "regime", "backend", "param", "width", "tuner", "tuner_name", "seed")  # what a run is grouped by
 EDGE = "†"  # marks a ratio against a best constant still at an edge of its grid (report.md's "grid edge")
-EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid, or its only value (where the suite widens its grids, the "
-             "widening stopped there); a constant beyond that edge may do better, which would raise the ratio.")
+EDGE_NOTE = (f"{EDGE}: against a best constant still at an edge of its grid, or its only value (where the suite "
+             "widens its grids, the widening stopped there); a constant beyond that edge may do better, which would "
+             "raise the ratio.")
 FIT = "‡"  # marks a width whose best constant fitted its training set (median final train loss < FITTED)
 FIT_NOTE = (f"{FIT}: a width whose best constant by train loss fits its training set (median final train loss < "
             f"{FITTED:g}): train losses that small are noise, so there the best constant is the grid value best by "

@@ -5,10 +5,10 @@ A tuner's target "≤ 0.9× the best constant" is out of reach of any learning-r
 schedule gets there either. This trains the default suite's full-batch cell of ``--task`` (its data, model,
 base and horizon: :mod:`benchmarks.suites`, :mod:`benchmarks.tasks`) with the bare base optimizer under simple
 schedules of peak ``c × lr*``, ``lr*`` the best constant (the report's rule on ``--results``,
-:func:`benchmarks.best_constant.best_constant`, or ``--lr``): the constant itself, a cosine decay to 0, a linear decay to 0 and a
-cosine decay after a 25-step linear warm-up, for ``c`` in ``--factors``. Each run's final train loss (the
-suite's final window) is divided by the constant's rerun on the same seed; the table gives the median and the
-worst over seeds, and the median eval loss. The rows print as they finish; ``--out`` appends them as JSON lines.
+:func:`benchmarks.best_constant.best_constant`, or ``--lr``): the constant itself, a cosine decay to 0, a linear
+decay to 0 and a cosine decay after a 25-step linear warm-up, for ``c`` in ``--factors``. Each run's final train
+loss (the suite's final window) is divided by the constant's rerun on the same seed; the table gives the median and
+the worst over seeds, and the median eval loss. The rows print as they finish; ``--out`` appends them as JSON lines.
 """
 from __future__ import annotations
 

@@ -122,9 +122,9 @@ def code_digest(root: str = os.path.dirname(os.path.dirname(os.path.abspath(__fi
     """A digest of the code a run executes: the sources of :data:`CODE_PACKAGES` and :data:`TRAINING_MODULES` below
     ``root`` (the repository this file is in; by path, ``/``-separated, and contents) and the versions of
     :data:`DISTRIBUTIONS`; read once per process."""
-    files = sorted({f for pkg in CODE_PACKAGES for f in glob.glob(os.path.join(root, pkg, "**", "*.py"), recursive=True)}
-                   | {os.path.join(root, *m.split("/")) for m in TRAINING_MODULES if os.path.isfile(
-                       os.path.join(root, *m.split("/")))})
+    modules = {os.path.join(root, *m.split("/")) for m in TRAINING_MODULES}
+    packages = {f for pkg in CODE_PACKAGES for f in glob.glob(os.path.join(root, pkg, "**", "*.py"), recursive=True)}
+    files = sorted(packages | {f for f in modules if os.path.isfile(f)})
     h = hashlib.sha1()
     for f in files:
         h.update(os.path.relpath(f, root).replace(os.sep, "/").encode() + b"\0")

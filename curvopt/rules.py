@@ -533,13 +533,13 @@ class CDATRule:
     other guard where the curvature is the current point's, as in the paper. Where the denominator's average is
     exactly 0 (``eps = 0``, the greedy step's, on a flat model: a piecewise-linear loss) along a descent direction,
     the model's minimiser lies beyond every step: the rate is ``lr_max`` (without one, inf: the guard's 0, and
-    the step is left out of the averages); also where the curvature is 0 only by rounding. On a step whose curvature is the
-    secant's (closure-free, ``RuleInputs.lagged``), which the paper did not use, the step's length is capped as
-    in 3 below (``lagged_growth``): the quadratically greedy step closure-free behind Adam diverged without it
+    the step is left out of the averages); also where the curvature is 0 only by rounding. On a step whose curvature
+    is the secant's (closure-free, ``RuleInputs.lagged``), which the paper did not use, the step's length is capped
+    as in 3 below (``lagged_growth``): the quadratically greedy step closure-free behind Adam diverged without it
     (digits MLP, full batch, seeds 0-2: loss 2.3 -> 2e4-2e6; with a closure 0-4e-8; a rate cap of 2x per step
     instead still lost one seed). Its price: after a step far too short (a secant spoiled by other parameters'
-    moves, as in ``optax.multi_transform``) the rate recovers by 1.1x per step. The paper used ``ema`` in
-    {0, 0.9, 0.99}.
+    moves, as in ``optax.multi_transform``) the rate recovers by 1.1x per step. The paper used ``ema`` in {0, 0.9,
+    0.99}.
 
     ``startup="robust"`` (default) keeps the rule and adds what the first, least informative directions need
     (Adam's sign-like first update can have a tiny or negative curvature, which the paper's ``|c|`` turns into

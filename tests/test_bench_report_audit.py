@@ -381,7 +381,8 @@ def test_the_readme_table_says_when_the_sweep_is_incomplete(tmp_path):
     keys = {r["key"] for r in recs} | {_rec("cdat", 2, 0.5)["key"]}
     rep = _report(tmp_path, recs, keys=keys)
     readme = open(rep["readme_table"]).read()
-    assert readme.startswith("**Incomplete: 1 of the plan's 6 runs") and f"| cdat | 0.50{report.EDGE} (0.50, w16 s0) |" in readme
+    assert readme.startswith("**Incomplete: 1 of the plan's 6 runs")
+    assert f"| cdat | 0.50{report.EDGE} (0.50, w16 s0) |" in readme
 
 
 def test_a_run_that_diverged_never_reaches_the_target(tmp_path):

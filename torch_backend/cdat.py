@@ -161,7 +161,8 @@ class CDAT(CurvatureTuner):
 
 class QuadraticGreedy(CDAT):
     """``lr = -g^T u / |u^T H u|``, the minimiser of the quadratic model along ``u``, at most ``lr_max`` (the rate
-    where the curvature is exactly 0 along a descent direction; without one no step) (:meth:`curvopt.rules.CDATRule.greedy`). The keyword arguments of :class:`CDAT` but the rule's, which it
+    where the curvature is exactly 0 along a descent direction; without one no step)
+    (:meth:`curvopt.rules.CDATRule.greedy`). The keyword arguments of :class:`CDAT` but the rule's, which it
     fixes (``sigma``, ``ema``, ``eps``, ``startup``, ``f_star``, ...: CDAT with ``sigma=1, ema=0, eps=0,
     startup="paper"``; a ``TypeError`` names them). The secant's ``noise_correction`` is off by default behind
     every base (:data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`)."""
