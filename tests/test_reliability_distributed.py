@@ -89,8 +89,10 @@ def make_tuner(case, params, module, x, y, distributed="auto"):
     return getattr(ct, cls)(make_base(base_kind, params), distributed=distributed, **kwargs)
 
 
-def train(case, model, module, x, y, distributed="auto", steps=STEPS, on_step=None):
-    opt = make_tuner(case, list(model.parameters()), module, x, y, distributed)
+def train(case, model, module, x, y, distributed="auto", steps=STEPS, on_step=None, opt=None):
+    """``steps`` steps of ``case``'s tuner (``opt`` when given one already built) on ``model``: ``(lrs, opt)``."""
+    if opt is None:
+        opt = make_tuner(case, list(model.parameters()), module, x, y, distributed)
 
     def closure():
         opt.zero_grad()
@@ -181,17 +183,7 @@ def _ddp_worker(rank, world, port, out_dir):
         model = make_model()
         lrs, _ = train("polyak_adam", DDP(model), model, xl, yl, distributed=None)
         results["polyak_adam_unreduced"] = {"lrs": lrs}
-        ddp = DDP(early)
-
-        def closure():
-            early_opt.zero_grad()
-            loss = ((ddp(xl) - yl) ** 2).mean()
-            loss.backward()
-            return loss
-        lrs = []
-        for _ in range(STEPS):
-            early_opt.step(closure)
-            lrs.append(float(early_opt.stats["lr"]))
+        lrs, _ = train("polyak_adam", DDP(early), early, xl, yl, opt=early_opt)
         results["polyak_adam_built_first"] = {"lrs": lrs, "params": [p.detach().clone() for p in early.parameters()]}
         # closure-free under bf16 autocast: the probe is sized for the precision read from the averaged gradients
         model = make_model().float()
