@@ -512,11 +512,12 @@ def with_base_state(base: optax.GradientTransformation, tuner: optax.GradientTra
     method = as_base_method(base_method)
 
     def init(params: Any) -> tuple[Any, Any]:
+        tuner_state = tuner.init(params)  # first: it refuses the leaves no tuner takes (complex, integer) clearly
         base_state = base.init(params)
         warn_if_base_negates(base, base_state, params)
         if method.kind == "adam":
             warn_if_not_declared_adam(base, base_state, params, method)
-        return base_state, tuner.init(params)
+        return base_state, tuner_state
 
     def update(updates: Any, state: tuple[Any, Any], params: Any = None, **extra_args: Any):
         if params is not None:

@@ -301,6 +301,7 @@ def test_grad_of_another_shape_and_a_loss_not_real_are_refused():
 
 
 def test_zero_size_leaf_works_and_complex_parameters_are_refused():
+    """A zero-size leaf steps; a complex one is refused by name at ``init``, whatever the base."""
     p = dict(P0, empty=jnp.zeros((0, 3), jnp.float32))
     f = lambda q, a: loss({"w": q["w"], "b": q["b"]}, a) + jnp.sum(q["empty"])  # noqa: E731
     for opt in (cdat(optax.scale_by_adam()), cdat(optax.identity(), sharpness=1), armijo(optax.identity())):
@@ -310,6 +311,14 @@ def test_zero_size_leaf_works_and_complex_parameters_are_refused():
         assert up["empty"].shape == (0, 3) and float(stats(s)["lr"]) > 0
     with pytest.raises(ValueError, match="complex parameters"):
         scale_by_cdat().init({"w": jnp.ones(3, jnp.complex64)})
+    # behind a declared Adam too: the betas check ran first and failed with "float() argument must be ... not
+    # 'complex'"; an integer leaf drew a false "b2=0" warning before its refusal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="complex parameters"):
+            cdat(optax.scale_by_adam(), base_method="adam").init({"w": jnp.ones(3, jnp.complex64)})
+        with pytest.raises(ValueError, match="dtype bool"):
+            cdat(optax.scale_by_adam(), base_method="adam").init({"w": jnp.ones(3), "flag": jnp.array(True)})
 
 
 def test_integer_leaves_are_refused_and_python_floats_accepted():

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from curvopt.base import BaseMethod
 
-__all__ = ["SUPPORTED_BASES", "base_method", "base_stability_coefficient", "check_base", "check_group",
+__all__ = ["SUPPORTED_BASES", "base_method", "base_stability_coefficient", "check_base", "check_group", "group_method",
            "is_adam_like"]
 
 #: the bases the tuners accept without ``allow_any_base=True``
@@ -103,13 +103,13 @@ def check_listed_once(params: Any, tuner: str) -> None:
                          "(model.parameters() lists a tied weight once; list(dict.fromkeys(params)) drops repeats).")
 
 
-def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:
-    """The :class:`curvopt.base.BaseMethod` of a torch base, or None for a base the core does not describe.
+def group_method(base: torch.optim.Optimizer, group: dict) -> Optional[BaseMethod]:
+    """The :class:`curvopt.base.BaseMethod` of one parameter group of a torch base, or None for a base the core
+    does not describe.
 
     SGD without momentum is ``"gd"``, with momentum ``"heavy_ball"`` (with its dampening) or ``"nesterov"``;
-    Adam/AdamW are ``"adam"`` with their betas and eps. The first parameter group decides.
+    Adam/AdamW are ``"adam"`` with their betas and eps.
     """
-    group = base.param_groups[0]
     if isinstance(base, torch.optim.SGD):
         m = float(group.get("momentum", 0.0))
         if m == 0.0:
@@ -123,8 +123,38 @@ def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:
     return None
 
 
-def base_stability_coefficient(base: torch.optim.Optimizer) -> Optional[float]:
-    """The stability coefficient ``c`` of the base (threshold ``c / lr``), None for an unknown base."""
+def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:
+    """The base as the core describes it (:func:`group_method`), or None for a base the core does not describe.
+
+    The first parameter group's momentum/betas give the numbers; groups may differ in them (Adam's numerators
+    read each group's own), not in kind: SGD groups with and without momentum, or with and without Nesterov,
+    are a ValueError (the first group's kind would choose the tuner's defaults for all, by the order the groups
+    were listed in).
+    """
+    methods = [group_method(base, group) for group in base.param_groups]
+    for i, method in enumerate(methods[1:], start=1):
+        if method is not None and method.kind != methods[0].kind:
+            raise ValueError(f"param groups 0 and {i} of the base are {methods[0].kind!r} and {method.kind!r}: the "
+                             "tuner chooses its defaults from one kind of base, so every group must have momentum "
+                             "(or none) and nesterov alike")
+    return methods[0]
+
+
+def base_stability_coefficient(base: torch.optim.Optimizer, needed_by: Optional[str] = None) -> Optional[float]:
+    """The stability coefficient ``c`` of the base (threshold ``c / lr``), shared by its parameter groups; None
+    for an unknown base, and for groups whose momentum or beta1 give different coefficients (the edge is not
+    one ``c / lr`` then), which is a ValueError instead when ``needed_by`` names a rule that needs it."""
     method = base_method(base)
-    return None if method is None else method.coefficient
+    if method is None:
+        return None
+    coefficients = [group_method(base, group).coefficient for group in base.param_groups]
+    if any(c != coefficients[0] for c in coefficients):
+        if needed_by is None:
+            return None
+        i = next(i for i, c in enumerate(coefficients) if c != coefficients[0])
+        raise ValueError(f"{needed_by}: param groups 0 and {i} of the base have different stability coefficients "
+                         f"({coefficients[0]:g} and {coefficients[i]:g}, from their momentum or beta1), so the edge "
+                         "of stability is not one c / lr: give the groups the same momentum (SGD) or beta1 (Adam), "
+                         "or pass stability_coefficient=")
+    return coefficients[0]
 

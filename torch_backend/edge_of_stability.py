@@ -58,7 +58,7 @@ class EdgeOfStability(CurvatureTuner):
             check_base(base, bool(allow_any_base), type(self).__name__)
         coefficient = stability_coefficient
         if coefficient is None and isinstance(base, torch.optim.Optimizer):
-            coefficient = base_stability_coefficient(base)
+            coefficient = base_stability_coefficient(base, type(self).__name__)
         if coefficient is None:
             raise ValueError(f"stability_coefficient must be given for the base {type(base).__name__} "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")

@@ -88,7 +88,8 @@ from . import state as layout
 from .settings import resolve_sharpness
 from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
-from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like
+from .direction import (base_method, base_stability_coefficient, check_base, check_group, check_listed_once,
+                        is_adam_like)
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .freshness import (ACCUMULATED_GRADIENT_MESSAGE, ACCUMULATED_MISSES, ACCUMULATED_WINDOW, STALE_GRADIENT_MESSAGE,
@@ -496,13 +497,12 @@ class CurvatureTuner(torch.optim.Optimizer):
     @property
     def coefficient(self) -> Optional[float]:
         """The stability coefficient ``c`` (the edge of stability is ``lr = c / sharpness``): the one given,
-        else the base's at this step (:meth:`current_method`); None for an unknown base without one."""
-        return self._coefficient_of(self.current_method())
-
-    def _coefficient_of(self, method: Optional[BaseMethod]) -> Optional[float]:
-        if self.given_coefficient is not None:
+        else the one the base's groups share at this step (their momentum or beta1 now, as schedulers set them);
+        None for an unknown base without one and for groups with different ones."""
+        if self.given_coefficient is not None or self.method is None:
             return self.given_coefficient
-        return None if method is None else method.coefficient
+        # the edge-of-stability rule needs one (its groups' differing momentum or beta1: a ValueError)
+        return base_stability_coefficient(self.base, type(self).__name__ if hasattr(self.rule, "coefficient") else None)
 
     def _globals(self) -> dict:
         """The state dict entry holding the tuner's global scalars (see :mod:`torch_backend.state`)."""
@@ -615,7 +615,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         """Phase 1: the main closure call (closure-free: the gradients already in ``.grad``), its gradients and loss
         checked; the step's record with the workspace, the loss as a scalar tensor and the tuner's globals."""
         method = self.current_method()
-        coefficient = self._coefficient_of(method)
+        coefficient = self.coefficient
         if getattr(self.rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's
             self.rule = dataclasses.replace(self.rule, coefficient=coefficient)
         all_params = self._all_params()
