@@ -9,7 +9,7 @@ user's line (``caller``), diagnostics and the μP tables (``mup``), and how the 
 vector work (``runs``). It imports neither torch nor jax.
 
 The tuners themselves live in the backends, imported through ``curvopt.torch`` (PyTorch) and
-``curvopt.optax`` (JAX/Optax).
+``curvopt.optax`` (JAX/Optax), which check first that the backend can be found (``backends``).
 """
 from . import base, config, diagnostics, eigen, precision, preconditioner, rules, runs, stats, thresholds, validation
 from .base import BaseMethod

@@ -165,3 +165,21 @@ def test_every_name_in_all_is_defined():
         if defined is not None:
             bad += [f"{name}.{n}" for n in listed if n not in defined]
     assert not bad, f"listed in __all__ but not defined: {bad}"
+
+
+@pytest.mark.parametrize("entry,package,framework,extra", [("curvopt.torch", "torch_backend", "torch", "torch"),
+                                                           ("curvopt.optax", "jax_backend", "optax", "jax")])
+def test_entry_points_say_what_to_install_and_what_shadows_them(tmp_path, entry, package, framework, extra):
+    """Found installing the wheel: a framework left out gave ``No module named 'torch'`` (not the extra), and a
+    user's ``torch_backend.py`` beside the script gave ``cannot import name 'CDAT' from 'curvopt.torch'``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    missing = f"import sys; sys.modules[{framework!r}] = None; import {entry}"
+    out = subprocess.run([sys.executable, "-c", missing], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0 and f"pip install 'curvopt[{extra}]'" in out.stderr, out.stderr[-2000:]
+    (tmp_path / f"{package}.py").write_text("raise SystemExit('the shadowing module was run')\n")
+    shadowed = f"import sys; sys.path.insert(0, ''); import {entry}"
+    out = subprocess.run([sys.executable, "-c", shadowed], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode != 0 and f"{tmp_path / package}.py is found first" in out.stderr, out.stderr[-2000:]
