@@ -44,6 +44,11 @@ class BaseMethod:
         for name in ("momentum", "dampening", "b1", "b2"):
             object.__setattr__(self, name, check_in_unit_interval(name, getattr(self, name)))
         object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
+        unused = [name for name in ("momentum", "dampening") if getattr(self, name) and (
+            self.kind in ("gd", "adam") or (self.kind, name) == ("nesterov", "dampening"))]
+        if unused:  # (read as 0: kind="gd" with momentum 0.9 stepped as plain gradient descent)
+            raise ValueError(f"base_method {self.kind!r} takes no {unused[0]} (got {getattr(self, unused[0])!r}): "
+                             "momentum belongs to 'heavy_ball' (with its dampening) and 'nesterov'")
 
     @classmethod
     def gd(cls) -> "BaseMethod":

@@ -239,11 +239,12 @@ def armijo_decrease_error(new_value: Any, value: Any, lr: Any, slope: Any, *, c:
 def armijo_initial_lr(previous_lr: Any, *, increase_factor: Any, lr_max: Any, init_lr: Any, xp: Any) -> Any:
     """The first trial of a backtracking search: ``min(increase_factor * previous_lr, lr_max)`` after an
     accepted rate ``previous_lr``, ``min(-previous_lr, lr_max)`` where ``previous_lr`` is negative (a failed
-    search's next trial, stored negated: :class:`ArmijoSearchState`), or ``init_lr`` when that is not a finite
-    positive number (``increase_factor = inf`` with ``lr_max = inf``)."""
+    search's next trial, stored negated: :class:`ArmijoSearchState`), or ``min(init_lr, lr_max)`` when that is
+    not a finite positive number (``increase_factor = inf`` with ``lr_max = inf``; an ``lr_max`` that is 0 in
+    the working precision, where ``init_lr`` alone stepped at 0.41 past a cap of 1e-50 in float32)."""
     resume = previous_lr < 0
     first = cap(xp.where(resume, -previous_lr, increase_factor * xp.where(resume, 1.0, previous_lr)), lr_max, xp)
-    return xp.where(xp.isfinite(first) & (first > 0), first, init_lr)
+    return xp.where(xp.isfinite(first) & (first > 0), first, cap(init_lr, lr_max, xp))
 
 
 def finite_difference_step(param_norm: Any, direction_norm: Any, *, dtype_eps: float, xp: Any) -> Any:
@@ -336,7 +337,7 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
         if name in rule.needs:
             ok = ok & xp.isfinite(getattr(inputs, name))
     if getattr(rule, "sigma", None) is not None:
-        ok = ok & xp.isfinite(at_step(rule.sigma, inputs.count))
+        ok = ok & xp.isfinite(at_step(rule.sigma, inputs.count, "sigma"))
     lr, new = rule.update(inputs, state, xp)
     ok = ok & xp.isfinite(lr)
     lr = xp.where(ok & (lr > 0), lr, 0.0)
@@ -740,7 +741,7 @@ class CDATRule:
         growth cap and, above the edge, the loss watch and the loss-bound cap; at most ``lr_max``."""
         state, ratio = self.carry(state, x.unit, xp)
         x = x._replace(stretch=x.stretch / ratio ** 2)  # this step's length over the last one's, in the last's units
-        sigma = at_step(self.sigma, x.count)
+        sigma = at_step(self.sigma, x.count, "sigma")
         guard = (state.gap_avg, state.gap_weight, state.gap_min, state.gap_lagged, state.gap_first)
         weight = self.ema * state.avg_weight + (1 - self.ema)
         if self.startup == "paper":
@@ -864,15 +865,20 @@ def default_eos_free_steps(method: Any, every: Any, free_steps: Any = None) -> A
     """The edge-of-stability rule's ``free_steps``: ``free_steps`` when given, else ``every + 1`` behind a
     preconditioned base (Adam: ``method.preconditioned``), so that the growth cap is anchored at the rate of the
     second sharpness estimate (step ``every + 1``), and 0 (the cap from the second step) otherwise. ``every``: the
-    sharpness period (:attr:`curvopt.config.SharpnessConfig.every`); a value that is not a Python int (traced
-    under ``jit``) stands for the rule's default period. :class:`EdgeOfStabilityRule` says why."""
+    sharpness period (:attr:`curvopt.config.SharpnessConfig.every`); behind a preconditioned base a period that
+    is an array (injected by ``optax.inject_hyperparams``, traced under ``jit``) is a ValueError: it cannot be
+    read, and the rule's default period in its place moved the rates 7-23x. :class:`EdgeOfStabilityRule` says
+    why."""
     if free_steps is not None:
         return free_steps
     if method is None or not method.preconditioned:
         return 0
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        every = EdgeOfStabilityRule.default_sharpness.every
-    return every + 1
+    if not isinstance(every, int) or isinstance(every, bool):
+        raise ValueError("the edge-of-stability rule behind Adam anchors its growth cap at step sharpness + 1, so it "
+                         "needs the sharpness period as a number: it was given as an array (optax.inject_hyperparams "
+                         "injects an int sharpness=): pass static_args=('sharpness',) to inject_hyperparams, or "
+                         "free_steps=")
+    return every + 1 if every >= 1 else EdgeOfStabilityRule.default_sharpness.every + 1
 
 
 @dataclass(frozen=True)
@@ -961,7 +967,7 @@ class EdgeOfStabilityRule:
     def update(self, x: RuleInputs, state: EdgeOfStabilityState, xp: Any) -> tuple[Any, EdgeOfStabilityState]:
         """``(lr, new state)``: :func:`edge_of_stability_lr` of the latest sharpness, its rise capped by
         ``growth`` after the first ``free_steps`` steps, at most ``loss_cap`` times the loss-bound step."""
-        lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=at_step(self.sigma, x.count),
+        lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=at_step(self.sigma, x.count, "sigma"),
                                   coefficient=self.coefficient, lr_max=self.lr_max, xp=xp)
         # on the first free_steps steps the rate is the estimate's: the cap is anchored after them
         lr = xp.where(x.count < self.free_steps, lr, capped_growth(lr, self.growth, state.held_lr, xp))
@@ -993,10 +999,6 @@ class ArmijoSearchState(NamedTuple):
     next starts there, whatever ``increase_factor``: with ``inf`` every search would restart at the top)."""
 
     search_lr: Any
-
-
-#: the most trials a line search may spend in a step (JAX counts them in an int32; PyTorch alike, for pairing)
-MAX_TRIALS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -1044,7 +1046,7 @@ class ArmijoRule:
                            check_in_unit_interval("decrease_factor", self.decrease_factor, closed_low=False))
         object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
         object.__setattr__(self, "init_lr", check_positive("init_lr", self.init_lr))
-        object.__setattr__(self, "max_trials", check_positive_int("max_trials", self.max_trials, maximum=MAX_TRIALS))
+        object.__setattr__(self, "max_trials", check_positive_int("max_trials", self.max_trials))
 
     def init(self, zero: Any) -> ArmijoSearchState:
         """The state before the first search: ``init_lr`` held as if accepted, so the first trial is

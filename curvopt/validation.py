@@ -18,6 +18,8 @@ import math
 from typing import Any, Callable, Iterable
 
 __all__ = [
+    "INT32_MAX",
+    "check_bool",
     "check_positive",
     "check_nonnegative",
     "check_in_unit_interval",
@@ -114,9 +116,14 @@ def check_at_least(name: str, value: Any, low: float) -> Any:
     return v
 
 
-def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> int:
-    """An integer >= ``minimum`` and, given, <= ``maximum`` (an integral float such as ``3.0`` is converted;
-    ``3.5`` and strings are refused)."""
+#: the largest count a hyperparameter may hold: JAX keeps the tuners' counts (steps, trials, iterations) in int32
+#: (a larger one wrapped negative or overflowed inside jit), and PyTorch takes the same range, for pairing
+INT32_MAX = 2**31 - 1
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = INT32_MAX) -> int:
+    """An integer >= ``minimum`` and <= ``maximum`` (:data:`INT32_MAX` unless given; None: no bound); an integral
+    float such as ``3.0`` is converted, ``3.5`` and strings are refused."""
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if not isinstance(value, int):
@@ -132,6 +139,14 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int 
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be an integer <= {maximum}, got {value!r}")
     return int(value)
+
+
+def check_bool(name: str, value: Any, *, none: bool = False) -> Any:
+    """``True`` or ``False`` (and ``None`` where ``none``), nothing read by its truth value: a string ``"False"``
+    switched ``allow_any_base`` on."""
+    if not (isinstance(value, bool) or (none and value is None)):
+        raise TypeError(f"{name} must be {'None, ' if none else ''}True or False, got {value!r}")
+    return value
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -150,7 +165,13 @@ def check_schedulable(check: Callable[..., Any], name: str, value: Any, **kwargs
     return check(name, value, **kwargs)
 
 
-def at_step(value: Any, step: Any) -> Any:
+def at_step(value: Any, step: Any, name: str) -> Any:
     """A hyperparameter's value at ``step`` (steps taken before this one): ``value(step)`` for a schedule,
-    else ``value``."""
-    return value(step) if callable(value) else value
+    else ``value``. A schedule returning no number (None, a string: it failed deep inside the step, in Optax
+    inside the jit trace) is a TypeError naming ``name``; a non-finite number is the rule guard's affair."""
+    if not callable(value):
+        return value
+    out = value(step)
+    if out is None or isinstance(out, (str, bytes, bool, list, tuple, dict)):
+        raise TypeError(f"the schedule given as {name} returned {out!r}; it must return a number")
+    return out

@@ -17,7 +17,7 @@ from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_nu
                            default_lagged_growth, default_numerator, default_sigma, momentum_numerator,
                            paired_numerator, paired_prediction_weight)
 from curvopt.stats import TunerStats
-from curvopt.validation import check_choice
+from curvopt.validation import check_bool, check_choice
 
 from .direction import abs_max, accumulator_dtype, flat, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
@@ -278,8 +278,8 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
     """The CDAT-rule transform; ``rules``: the rule for each numerator :func:`curvopt.rules.default_numerator`
     can pick for ``numerator`` (None: the default, which depends on whether the update gets Adam's state)."""
     check_choice("curvature", curvature, CURVATURE_ORACLES)
-    if noise_correction is not None and not isinstance(noise_correction, bool):
-        raise TypeError(f"{name}: noise_correction must be None, True or False, got {noise_correction!r}")
+    check_bool(f"{name}: noise_correction", noise_correction, none=True)
+    check_bool(f"{name}: warn_ascent", warn_ascent)
     rule = next(iter(rules.values()))  # every one has the same state and default sharpness
     sharp = sharpness_setting(sharpness, rule.default_sharpness, name, **legacy)
     method = as_base_method(base_method)

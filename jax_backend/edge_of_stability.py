@@ -13,6 +13,7 @@ from curvopt.config import SharpnessConfig, ZeroRateWatch
 from curvopt.rules import (EdgeOfStabilityRule, EdgeOfStabilityState, RuleInputs, apply_rule, default_eos_free_steps,
                            default_eos_sigma)
 from curvopt.stats import TunerStats
+from curvopt.validation import check_bool
 
 from .direction import accumulator_dtype
 from .settings import make, sharpness_enabled, sharpness_setting
@@ -74,6 +75,7 @@ def scale_by_edge_of_stability(
     arguments as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByEdgeOfStabilityState`.
     """
     name = "scale_by_edge_of_stability"
+    check_bool(f"{name}: warn_ascent", warn_ascent)
     method = as_base_method(base_method)
     coefficient = method.coefficient if stability_coefficient is None else stability_coefficient
     rule = make(EdgeOfStabilityRule, coefficient=coefficient, sigma=default_eos_sigma(method, sigma), lr_max=lr_max,

@@ -23,6 +23,7 @@ from curvopt.base import BaseMethod, as_base_method
 from curvopt.config import ZeroRateWatch
 from curvopt.rules import ArmijoRule, ArmijoSearchState, RuleInputs, default_armijo_c
 from curvopt.stats import TunerStats
+from curvopt.validation import check_bool
 
 from .direction import accumulator_dtype, scaled
 from .loss import require_value_fn
@@ -77,6 +78,7 @@ def scale_by_armijo(
     and ``base_method`` as :func:`jax_backend.scale_by_cdat`. State: :class:`ScaleByArmijoState`.
     """
     name = "scale_by_armijo"
+    check_bool(f"{name}: warn_ascent", warn_ascent)
     method = as_base_method(base_method)
     rule = make(ArmijoRule, c=default_armijo_c(method, c), delta=delta, increase_factor=increase_factor,
                 decrease_factor=decrease_factor, lr_max=lr_max, init_lr=init_lr, max_trials=max_trials)

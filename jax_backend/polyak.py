@@ -11,6 +11,7 @@ from curvopt.bound_watch import BoundWatch
 from curvopt.config import ZeroRateWatch
 from curvopt.rules import PolyakRule, RuleInputs, apply_rule, polyak_cap_warning
 from curvopt.stats import TunerStats
+from curvopt.validation import check_bool
 
 from .direction import accumulator_dtype
 from .settings import make, sharpness_setting
@@ -59,6 +60,7 @@ def scale_by_polyak(
     :class:`ScaleByPolyakState`.
     """
     name = "scale_by_polyak"
+    check_bool(f"{name}: warn_ascent", warn_ascent)
     method = as_base_method(base_method)
     message = polyak_cap_warning(method, lr_max)
     if message:

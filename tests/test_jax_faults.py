@@ -379,6 +379,31 @@ def test_an_injected_sharpness_period_of_zero_keeps_edge_of_stability_estimating
     assert calls[3:] == [2] * 5  # the step's own gradient is given: 1 call + 1 power-iteration product
 
 
+def test_an_injected_sharpness_period_behind_adam_needs_static_args():
+    """Behind Adam the edge rule anchors its growth cap at step ``sharpness + 1``; ``inject_hyperparams`` made an
+    int ``sharpness=2`` a traced array and the rule took the default period's anchor in its place (rates 2.5x the
+    plain transform's, silently). Now the first update says what to pass; with ``static_args`` the rates are the
+    plain transform's."""
+    A = jnp.diag(jnp.array([1.0, 2.0, 4.0]))
+    f = lambda p: 0.5 * p["w"] @ A @ p["w"]  # noqa: E731
+    kw = dict(base_method="adam", sharpness=2, sigma=0.25)
+
+    def lrs(tx, steps=6):
+        params = {"w": jnp.array([1.0, -1.0, 0.5])}
+        state, out = tx.init(params), []
+        for _ in range(steps):
+            v, g = jax.value_and_grad(f)(params)
+            u, state = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v, value_fn=f))(g, state, params, v)
+            params = optax.apply_updates(params, u)
+            out.append(float(stats(state)["lr"]))
+        return out
+    with pytest.raises(ValueError, match=r"static_args=\('sharpness',\)"):
+        lrs(optax.inject_hyperparams(edge_of_stability, static_args=("base_method",))(optax.scale_by_adam(), **kw))
+    injected = optax.inject_hyperparams(edge_of_stability, static_args=("base_method", "sharpness"))
+    assert lrs(injected(optax.scale_by_adam(), **kw)) == pytest.approx(
+        lrs(edge_of_stability(optax.scale_by_adam(), **kw)), rel=1e-6)
+
+
 def test_stats_say_when_no_step_was_taken():
     """A base whose update is NaN from the start (here: a NaN gradient every step) has every step skipped and the
     parameters never move; stats() says so (PyTorch warns at each skipped step), and says nothing once a step

@@ -1,0 +1,97 @@
+"""Bad hyperparameter input, both backends: refused at construction by name (or, for a schedule's value, at the
+step that reads it, with nothing moved), never read in a way that changes the rate silently. Found by a field test
+that tried every argument with odd values."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from curvopt import BaseMethod, SharpnessConfig, rules
+from curvopt.optax import armijo, cdat, edge_of_stability
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability
+
+A = (1.0, 4.0)  # the quadratic 0.5 * (w1^2 + 4 w2^2)
+
+
+def _torch_steps(opt, w, steps=1):
+    a = torch.tensor(A, dtype=w.dtype)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * (a * w * w).sum()
+        loss.backward()
+        return loss
+    for _ in range(steps):
+        opt.step(closure)
+    return float(opt.stats["lr"])
+
+
+def _optax_lr(tx, p, steps=1):
+    loss = lambda q: 0.5 * jnp.sum(jnp.asarray(A, p.dtype) * q * q)  # noqa: E731
+    s = tx.init(p)
+    for _ in range(steps):
+        v, g = jax.value_and_grad(loss)(p)
+        u, s = tx.update(g, s, p, value=v, grad=g, value_fn=loss)
+        p = optax.apply_updates(p, u)
+    return float(optax.tree_utils.tree_get(s, "lr")), p
+
+
+@pytest.mark.parametrize("make", [lambda: SharpnessConfig(every=2**63), lambda: SharpnessConfig(iters=1e308),
+                                  lambda: SharpnessConfig(first_iters=2**31),
+                                  lambda: rules.EdgeOfStabilityRule(coefficient=2.0, free_steps=2**31)])
+def test_counts_beyond_int32_are_refused(make):
+    """JAX keeps the counts in int32: ``free_steps=2**31`` wrapped negative in Optax (the rates of
+    ``free_steps=0``, where PyTorch's were those of 2**31 - 1), ``every=2**63`` overflowed inside jit, and
+    ``iters=1e308`` failed in both backends at the first step without naming the argument."""
+    with pytest.raises(ValueError, match="must be an integer <= 2147483647"):
+        make()
+
+
+def test_switches_are_booleans():
+    """``allow_any_base="False"`` (a string, read by its truth) wrapped an RMSprop; ``warn_ascent=0.5`` was on."""
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="allow_any_base must be True or False"):
+        CDAT(torch.optim.RMSprop([w]), allow_any_base="False")
+    with pytest.raises(TypeError, match="allow_any_base must be True or False"):
+        EdgeOfStability(torch.optim.SGD([w], lr=1.0), allow_any_base="no")
+    for make in (cdat, armijo, edge_of_stability):
+        with pytest.raises(TypeError, match="warn_ascent must be True or False"):
+            make(optax.identity(), warn_ascent="False")
+
+
+def test_base_method_refuses_momentum_its_kind_does_not_have():
+    """``BaseMethod("gd", momentum=0.9)`` stepped as plain gradient descent, the momentum dropped."""
+    for kwargs in (dict(kind="gd", momentum=0.9), dict(kind="gd", dampening=0.5), dict(kind="adam", momentum=0.9),
+                   dict(kind="nesterov", momentum=0.9, dampening=0.1)):
+        with pytest.raises(ValueError, match="takes no"):
+            BaseMethod(**kwargs)
+    assert BaseMethod("heavy_ball", momentum=0.9, dampening=0.1).dampening == 0.1
+
+
+@pytest.mark.parametrize("bad", [None, "2.0"])
+def test_a_schedule_returning_no_number_names_sigma_and_moves_nothing(bad):
+    """A ``sigma`` schedule returning None or a string failed deep in the step (``must be real number, not
+    NoneType``; in Optax inside the jit trace)."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    opt = CDAT(torch.optim.Adam([w], lr=1.0), sigma=lambda step: bad)
+    with pytest.raises(TypeError, match="schedule given as sigma returned"):
+        _torch_steps(opt, w)
+    assert torch.equal(w.detach(), torch.ones(2, dtype=torch.float64)) and not opt.base.state
+    with pytest.raises(TypeError, match="schedule given as sigma returned"):
+        _optax_lr(cdat(optax.identity(), base_method="gd", sigma=lambda step: bad), jnp.ones(2))
+
+
+def test_armijo_keeps_an_lr_max_that_is_zero_in_the_working_precision():
+    """``lr_max=1e-50`` is 0 in float32: the first trial ``min(2 * init_lr, 0)`` was not positive and the search
+    fell back to ``init_lr`` uncapped (rate 0.41, the parameters moved); the fallback is capped too."""
+    w = torch.nn.Parameter(torch.ones(2))
+    assert _torch_steps(ArmijoLineSearch(torch.optim.SGD([w], lr=1.0), lr_max=1e-50), w) == 0.0
+    assert torch.equal(w.detach(), torch.ones(2))
+    lr, p = _optax_lr(armijo(optax.identity(), lr_max=1e-50), jnp.ones(2, jnp.float32))
+    assert lr == 0.0 and np.array_equal(np.asarray(p), np.ones(2))
+    assert float(rules.armijo_initial_lr(np.float32(0.5), increase_factor=2.0, lr_max=np.float32(0.0),
+                                         init_lr=1.0, xp=np)) == 0.0
