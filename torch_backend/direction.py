@@ -23,7 +23,7 @@ from torch import Tensor
 from curvopt.base import BaseMethod
 
 __all__ = ["SUPPORTED_BASES", "base_method", "base_stability_coefficient", "check_base", "check_group", "group_method",
-           "is_adam_like"]
+           "is_adam_like", "kind_change"]
 
 #: the bases the tuners accept without ``allow_any_base=True``
 SUPPORTED_BASES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
@@ -123,38 +123,37 @@ def group_method(base: torch.optim.Optimizer, group: dict) -> Optional[BaseMetho
     return None
 
 
-def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:
+def base_method(base: torch.optim.Optimizer, groups: Optional[list] = None) -> Optional[BaseMethod]:
     """The base as the core describes it (:func:`group_method`), or None for a base the core does not describe.
 
-    The first parameter group's momentum/betas give the numbers; groups may differ in them (Adam's numerators
-    read each group's own), not in kind: SGD groups with and without momentum, or with and without Nesterov,
-    are a ValueError (the first group's kind would choose the tuner's defaults for all, by the order the groups
-    were listed in).
+    Groups (``groups``, else the base's) that differ in momentum or betas are described by the one with the
+    smallest stability coefficient (the most restrictive edge; the first of equals), so the order the groups are
+    listed in never matters: the first group decided, and the edge rule's rates behind Adam groups with beta1
+    0.9/0.5/0 were 19x apart by their order. The numerators read each group's own beta1.
     """
-    methods = [group_method(base, group) for group in base.param_groups]
-    for i, method in enumerate(methods[1:], start=1):
-        if method is not None and method.kind != methods[0].kind:
-            raise ValueError(f"param groups 0 and {i} of the base are {methods[0].kind!r} and {method.kind!r}: the "
-                             "tuner chooses its defaults from one kind of base, so every group must have momentum "
-                             "(or none) and nesterov alike")
-    return methods[0]
-
-
-def base_stability_coefficient(base: torch.optim.Optimizer, needed_by: Optional[str] = None) -> Optional[float]:
-    """The stability coefficient ``c`` of the base (threshold ``c / lr``), shared by its parameter groups; None
-    for an unknown base, and for groups whose momentum or beta1 give different coefficients (the edge is not
-    one ``c / lr`` then), which is a ValueError instead when ``needed_by`` names a rule that needs it."""
-    method = base_method(base)
-    if method is None:
+    methods = [group_method(base, group) for group in (base.param_groups if groups is None else groups)]
+    if methods[0] is None:
         return None
-    coefficients = [group_method(base, group).coefficient for group in base.param_groups]
-    if any(c != coefficients[0] for c in coefficients):
-        if needed_by is None:
-            return None
-        i = next(i for i, c in enumerate(coefficients) if c != coefficients[0])
-        raise ValueError(f"{needed_by}: param groups 0 and {i} of the base have different stability coefficients "
-                         f"({coefficients[0]:g} and {coefficients[i]:g}, from their momentum or beta1), so the edge "
-                         "of stability is not one c / lr: give the groups the same momentum (SGD) or beta1 (Adam), "
-                         "or pass stability_coefficient=")
-    return coefficients[0]
+    return min(methods, key=lambda method: method.coefficient)
 
+
+def kind_change(base: torch.optim.Optimizer, groups: list, kind: Optional[str], tuner: str) -> Optional[str]:
+    """What is wrong with parameter groups (a checkpoint's about to load, or the base's at a step) whose kind of
+    base (:func:`base_method`) is not ``kind``, the one the tuner chose its defaults from at construction (CDAT's
+    and the edge rule's ``sigma``, Armijo's ``c``); None where they are of that kind. A heavy-ball checkpoint
+    loaded into a tuner built around plain SGD ran CDAT at plain SGD's sigma (4, above the edge) behind heavy
+    ball, its rates up to 2.8x the uninterrupted run's, silently."""
+    method = base_method(base, groups)
+    if kind is None or method is None or method.kind == kind:
+        return None
+    return (f"{tuner} was built around a {kind!r} base and chose its defaults from it, but the base's param groups "
+            f"are {method.kind!r} (their momentum or nesterov): build the tuner around the base as it runs (a "
+            "checkpoint loads into a tuner built like the one saved; under OneCycleLR or CyclicLR, SGD with its "
+            "momentum), or give sigma (CDAT, EdgeOfStability) or c (Armijo)")
+
+
+def base_stability_coefficient(base: torch.optim.Optimizer) -> Optional[float]:
+    """The stability coefficient ``c`` of the base (threshold ``c / lr``; the smallest of its groups':
+    :func:`base_method`), None for an unknown base."""
+    method = base_method(base)
+    return None if method is None else method.coefficient

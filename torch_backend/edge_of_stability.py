@@ -9,6 +9,7 @@ import torch
 
 from curvopt.config import SharpnessLike
 from curvopt.rules import EdgeOfStabilityRule, default_eos_free_steps, default_eos_sigma
+from curvopt.validation import check_bool
 
 from .buffers import ModulesLike
 from .direction import base_stability_coefficient, check_base
@@ -55,10 +56,10 @@ class EdgeOfStability(CurvatureTuner):
                  free_steps: Optional[int] = None, loss_cap: float = default_of(EdgeOfStabilityRule, "loss_cap"),
                  f_star: float = default_of(EdgeOfStabilityRule, "f_star"), **deprecated: Any) -> None:
         if isinstance(base, torch.optim.Optimizer):  # a base it cannot wrap is refused before anything is asked
-            check_base(base, bool(allow_any_base), type(self).__name__)
+            check_base(base, check_bool("allow_any_base", allow_any_base), type(self).__name__)
         coefficient = stability_coefficient
         if coefficient is None and isinstance(base, torch.optim.Optimizer):
-            coefficient = base_stability_coefficient(base, type(self).__name__)
+            coefficient = base_stability_coefficient(base)
         if coefficient is None:
             raise ValueError(f"stability_coefficient must be given for the base {type(base).__name__} "
                              "(it is inferred only for SGD, momentum, Nesterov, Adam and AdamW)")

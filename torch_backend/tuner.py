@@ -82,14 +82,13 @@ from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
 from curvopt.rules import momentum_numerator, paired_numerator, paired_prediction_weight
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
-from curvopt.validation import check_choice, check_positive, check_positive_int
+from curvopt.validation import check_bool, check_choice, check_positive, check_positive_int
 
 from . import state as layout
 from .settings import resolve_sharpness
 from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
-from .direction import (base_method, base_stability_coefficient, check_base, check_group, check_listed_once,
-                        is_adam_like)
+from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like, kind_change
 from .distributed import DistributedLike, check_params
 from .distributed import resolve as resolve_distributed
 from .freshness import (ACCUMULATED_GRADIENT_MESSAGE, ACCUMULATED_MISSES, ACCUMULATED_WINDOW, STALE_GRADIENT_MESSAGE,
@@ -270,7 +269,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                             "cannot be given parameters (nor be another optimizer's optimizer_class)")
         if isinstance(base, CurvatureTuner):
             raise TypeError("base must be a plain torch.optim optimizer, not another curvopt tuner")
-        check_base(base, bool(allow_any_base), name)
+        check_base(base, check_bool("allow_any_base", allow_any_base), name)
         self.__dict__["_initializing"] = True
         self.__dict__["base"] = base
         super().__init__([p for g in base.param_groups for p in g["params"]], {})
@@ -309,15 +308,12 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.given_coefficient = (None if stability_coefficient is None
                                   else check_positive("stability_coefficient", stability_coefficient))
         self.preconditioned = self.method is not None and self.method.preconditioned
-        self.seed = check_positive_int("seed", seed, minimum=0)
+        self.seed = check_positive_int("seed", seed, minimum=0, maximum=None)
         #: clip the main call's gradient to this norm inside the step (None: no clipping); see :meth:`step`
         self.max_grad_norm = None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
-        if not isinstance(probes, bool):
-            raise TypeError(f"probes must be True or False, got {probes!r}")
-        if noise_correction is not None and not isinstance(noise_correction, bool):
-            raise TypeError(f"noise_correction must be None, True or False, got {noise_correction!r}")
+        check_bool("noise_correction", noise_correction, none=True)
         #: False: the closure is called once per step (no probes); see :meth:`step`
-        self.probes = probes
+        self.probes = check_bool("probes", probes)
         if noise_correction and not knows_noise(base):
             raise ValueError(
                 f"{name}: noise_correction=True needs the base's noise metric, known for SGD (with or without "
@@ -477,8 +473,16 @@ class CurvatureTuner(torch.optim.Optimizer):
     def current_method(self) -> Optional[BaseMethod]:
         """The base as the core describes it now: its first group's momentum (SGD) or betas and eps (Adam) as
         they are at this step (schedulers such as ``OneCycleLR`` and ``CyclicLR`` change them); None for a base
-        outside SGD/Adam/AdamW."""
-        return base_method(self.base) if self.method is not None else None
+        outside SGD/Adam/AdamW. A base no longer of the kind it was built around warns once
+        (:func:`~torch_backend.direction.kind_change`: a scheduler may set SGD's momentum)."""
+        if self.method is None:
+            return None
+        if not getattr(self, "_kind_warned", False):
+            message = kind_change(self.base, self.base.param_groups, self.method.kind, type(self).__name__)
+            if message:
+                self._kind_warned = True
+                warn(message)
+        return base_method(self.base)
 
     def _unknown_momentum(self, method: Optional[BaseMethod]) -> float:
         """A base outside SGD/Adam/AdamW (``method`` None): its first group's ``momentum`` or ``betas[0]`` (0 if it
@@ -497,12 +501,14 @@ class CurvatureTuner(torch.optim.Optimizer):
     @property
     def coefficient(self) -> Optional[float]:
         """The stability coefficient ``c`` (the edge of stability is ``lr = c / sharpness``): the one given,
-        else the one the base's groups share at this step (their momentum or beta1 now, as schedulers set them);
-        None for an unknown base without one and for groups with different ones."""
-        if self.given_coefficient is not None or self.method is None:
+        else the base's at this step (:meth:`current_method`: the smallest of its groups'); None for an unknown
+        base without one."""
+        return self._coefficient_of(self.current_method())
+
+    def _coefficient_of(self, method: Optional[BaseMethod]) -> Optional[float]:
+        if self.given_coefficient is not None:
             return self.given_coefficient
-        # the edge-of-stability rule needs one (its groups' differing momentum or beta1: a ValueError)
-        return base_stability_coefficient(self.base, type(self).__name__ if hasattr(self.rule, "coefficient") else None)
+        return None if method is None else method.coefficient
 
     def _globals(self) -> dict:
         """The state dict entry holding the tuner's global scalars (see :mod:`torch_backend.state`)."""
@@ -615,7 +621,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         """Phase 1: the main closure call (closure-free: the gradients already in ``.grad``), its gradients and loss
         checked; the step's record with the workspace, the loss as a scalar tensor and the tuner's globals."""
         method = self.current_method()
-        coefficient = self.coefficient
+        coefficient = self._coefficient_of(method)
         if getattr(self.rule, "coefficient", coefficient) != coefficient:  # the edge-of-stability rule: the base's
             self.rule = dataclasses.replace(self.rule, coefficient=coefficient)
         all_params = self._all_params()
@@ -1698,6 +1704,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             ema=float(getattr(self.rule, "ema", 0.0)))
         for group in sd["param_groups"]:
             check_group(group, type(self).__name__)
+        message = kind_change(self.base, sd["param_groups"], None if self.method is None else self.method.kind,
+                              type(self).__name__)
+        if message:
+            raise ValueError(message)
         torch.optim.Optimizer.load_state_dict(self, sd)
         glob = self.state[self._all_params()[0]]
         p0 = self._all_params()[0]
