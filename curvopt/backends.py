@@ -21,9 +21,13 @@ def check_backend(package: str, entry: str, extra: str, frameworks: tuple[str, .
         if importlib.util.find_spec(framework) is None:
             raise ImportError(f"{entry} needs {framework}, which is not installed: pip install 'curvopt[{extra}]'")
     spec = importlib.util.find_spec(package)
-    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    where = None if spec is None or spec.origin is None else os.path.abspath(spec.origin)
-    if where is None or os.path.dirname(os.path.dirname(where)) != ours:
+    ours = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    if spec is None or spec.origin is None:
+        raise ImportError(f"{entry} re-exports curvopt's package {package!r}, which is not installed beside it in "
+                          f"{ours}: reinstall curvopt")
+    where = os.path.realpath(spec.origin)
+    folder = os.path.dirname(where)  # the package's own folder, whose parent must be curvopt's
+    if os.path.basename(where) != "__init__.py" or os.path.basename(folder) != package or \
+            os.path.dirname(folder) != ours:
         raise ImportError(f"{entry} re-exports curvopt's package {package!r}, installed in {ours}, but "
-                          f"{where or 'no such package'} is found first on sys.path: rename that module "
-                          f"(or reinstall curvopt)")
+                          f"{spec.origin} is found first on sys.path: rename that module (or reinstall curvopt)")

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 
 from .config import SharpnessConfig
 from .validation import (
+    INT32_MAX,
     at_step,
     check_at_least,
     check_choice,
@@ -878,7 +879,7 @@ def default_eos_free_steps(method: Any, every: Any, free_steps: Any = None) -> A
                          "needs the sharpness period as a number: it was given as an array (optax.inject_hyperparams "
                          "injects an int sharpness=): pass static_args=('sharpness',) to inject_hyperparams, or "
                          "free_steps=")
-    return every + 1 if every >= 1 else EdgeOfStabilityRule.default_sharpness.every + 1
+    return min(every, INT32_MAX - 1) + 1 if every >= 1 else EdgeOfStabilityRule.default_sharpness.every + 1
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 __all__ = [
     "INT32_MAX",
     "check_bool",
@@ -144,9 +146,9 @@ def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int 
 def check_bool(name: str, value: Any, *, none: bool = False) -> Any:
     """``True`` or ``False`` (and ``None`` where ``none``), nothing read by its truth value: a string ``"False"``
     switched ``allow_any_base`` on."""
-    if not (isinstance(value, bool) or (none and value is None)):
+    if not (isinstance(value, (bool, np.bool_)) or (none and value is None)):
         raise TypeError(f"{name} must be {'None, ' if none else ''}True or False, got {value!r}")
-    return value
+    return None if value is None else bool(value)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -165,7 +167,7 @@ def check_schedulable(check: Callable[..., Any], name: str, value: Any, **kwargs
     return check(name, value, **kwargs)
 
 
-def at_step(value: Any, step: Any, name: str) -> Any:
+def at_step(value: Any, step: Any, name: str = "a hyperparameter") -> Any:
     """A hyperparameter's value at ``step`` (steps taken before this one): ``value(step)`` for a schedule,
     else ``value``. A schedule returning no number (None, a string: it failed deep inside the step, in Optax
     inside the jit trace) is a TypeError naming ``name``; a non-finite number is the rule guard's affair."""

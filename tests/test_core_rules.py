@@ -413,11 +413,14 @@ def test_eos_default_sigma_by_base():
 
 def test_eos_default_free_steps_by_base():
     """``free_steps=None``: the sharpness period + 1 behind Adam (the cap anchored at the second estimate), 0
-    otherwise; a period that is not an int stands for the rule's default (10); an explicit value is kept."""
+    otherwise; a period that is not an int (an array injected by ``inject_hyperparams``) is a ValueError behind
+    Adam; an explicit value is kept; the largest period stays within int32."""
     assert rules.EdgeOfStabilityRule().free_steps == 0
     assert rules.default_eos_free_steps(BaseMethod.adam(), 10) == 11
     assert rules.default_eos_free_steps(BaseMethod.adam(), 3) == 4
-    assert rules.default_eos_free_steps(BaseMethod.adam(), object()) == 11
+    with pytest.raises(ValueError, match="static_args"):
+        rules.default_eos_free_steps(BaseMethod.adam(), object())
+    assert rules.default_eos_free_steps(BaseMethod.adam(), 2**31 - 1) == 2**31 - 1
     for method in (None, BaseMethod.gd(), BaseMethod.heavy_ball(0.9), BaseMethod.nesterov(0.9)):
         assert rules.default_eos_free_steps(method, 10) == 0
     assert rules.default_eos_free_steps(BaseMethod.adam(), 10, 0) == 0

@@ -182,4 +182,18 @@ def test_entry_points_say_what_to_install_and_what_shadows_them(tmp_path, entry,
     (tmp_path / f"{package}.py").write_text("raise SystemExit('the shadowing module was run')\n")
     shadowed = f"import sys; sys.path.insert(0, ''); import {entry}"
     out = subprocess.run([sys.executable, "-c", shadowed], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode != 0 and f"{tmp_path / package}.py is found first" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and f"{package}.py is found first" in out.stderr, out.stderr[-2000:]
+    # a checkout linked into another folder (found through its links) imports; a module of the name in a folder
+    # beside the backends (a checkout's examples/) is refused too (the first check compared grandparent folders)
+    farm = tmp_path / "farm"
+    (farm / "examples").mkdir(parents=True)
+    for name in ("curvopt", "torch_backend", "jax_backend"):
+        (farm / name).symlink_to(os.path.join(ROOT, name))
+    env = dict(os.environ, PYTHONPATH=str(farm))
+    out = subprocess.run([sys.executable, "-c", f"import {entry}"], env=env, capture_output=True, text=True,
+                         cwd=farm / "examples")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (farm / "examples" / f"{package}.py").write_text("raise SystemExit('the shadowing module was run')\n")
+    out = subprocess.run([sys.executable, "-c", shadowed], env=env, capture_output=True, text=True,
+                         cwd=farm / "examples")
+    assert out.returncode != 0 and f"{package}.py is found first" in out.stderr, out.stderr[-2000:]

@@ -61,6 +61,8 @@ def test_switches_are_booleans():
     for make in (cdat, armijo, edge_of_stability):
         with pytest.raises(TypeError, match="warn_ascent must be True or False"):
             make(optax.identity(), warn_ascent="False")
+        make(optax.identity(), warn_ascent=np.bool_(True))  # numpy's booleans are booleans
+    CDAT(torch.optim.SGD([w], lr=1.0), allow_any_base=np.False_)
 
 
 def test_base_method_refuses_momentum_its_kind_does_not_have():

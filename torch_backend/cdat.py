@@ -150,6 +150,7 @@ class CDAT(CurvatureTuner):
         #: ``"direction"``, ``"momentum"`` or ``"paired"`` (see the class docstring)
         self.numerator = check_numerator(default_numerator(self.method, numerator, startup), self.method,
                                          type(base).__name__, curvature if probes else "secant")
+        self.kind_defaults = ("sigma",) if sigma is None else ()
         self.rule = dataclasses.replace(self.rule, ema=default_ema(self.method, ema),
                                         sigma=default_sigma(self.method, sigma, startup, self.numerator),
                                         lagged_growth=default_lagged_growth(self.method, lagged_growth, startup,

@@ -126,30 +126,32 @@ def group_method(base: torch.optim.Optimizer, group: dict) -> Optional[BaseMetho
 def base_method(base: torch.optim.Optimizer, groups: Optional[list] = None) -> Optional[BaseMethod]:
     """The base as the core describes it (:func:`group_method`), or None for a base the core does not describe.
 
-    Groups (``groups``, else the base's) that differ in momentum or betas are described by the one with the
-    smallest stability coefficient (the most restrictive edge; the first of equals), so the order the groups are
-    listed in never matters: the first group decided, and the edge rule's rates behind Adam groups with beta1
-    0.9/0.5/0 were 19x apart by their order. The numerators read each group's own beta1.
+    Groups (``groups``, else the base's) that differ in momentum or betas are described by the most restrictive
+    group with a momentum (SGD groups without any count only when no group has one), the one with the smallest
+    stability coefficient (the first of equals): its kind chooses the defaults (sigma 2 rather than plain SGD's
+    4 for CDAT) and its coefficient the edge. The order the groups are listed in never matters: the first group
+    decided, and the edge rule's rates behind Adam groups with beta1 0.9/0.5/0 were 19x apart by their order.
+    The numerators read each group's own beta1.
     """
     methods = [group_method(base, group) for group in (base.param_groups if groups is None else groups)]
     if methods[0] is None:
         return None
-    return min(methods, key=lambda method: method.coefficient)
+    return min(methods, key=lambda method: (method.kind == "gd", method.coefficient))
 
 
-def kind_change(base: torch.optim.Optimizer, groups: list, kind: Optional[str], tuner: str) -> Optional[str]:
-    """What is wrong with parameter groups (a checkpoint's about to load, or the base's at a step) whose kind of
-    base (:func:`base_method`) is not ``kind``, the one the tuner chose its defaults from at construction (CDAT's
-    and the edge rule's ``sigma``, Armijo's ``c``); None where they are of that kind. A heavy-ball checkpoint
-    loaded into a tuner built around plain SGD ran CDAT at plain SGD's sigma (4, above the edge) behind heavy
-    ball, its rates up to 2.8x the uninterrupted run's, silently."""
-    method = base_method(base, groups)
-    if kind is None or method is None or method.kind == kind:
+def kind_change(base: torch.optim.Optimizer, kind: Optional[str], defaults: tuple, tuner: str) -> Optional[str]:
+    """A warning where the base's parameter groups are no longer of the ``kind`` (:func:`base_method`) the tuner
+    took its ``defaults`` from at construction (CDAT's and the edge rule's ``sigma``, Armijo's ``c``; a scheduler
+    gave SGD a momentum, a checkpoint of SGD with momentum was loaded into a tuner built around SGD without); None
+    otherwise. Such a checkpoint ran CDAT at plain SGD's sigma (4, above the edge) behind heavy ball, its rates up
+    to 2.8x the uninterrupted run's, silently."""
+    method = base_method(base)
+    if not defaults or kind is None or method is None or method.kind == kind:
         return None
-    return (f"{tuner} was built around a {kind!r} base and chose its defaults from it, but the base's param groups "
-            f"are {method.kind!r} (their momentum or nesterov): build the tuner around the base as it runs (a "
-            "checkpoint loads into a tuner built like the one saved; under OneCycleLR or CyclicLR, SGD with its "
-            "momentum), or give sigma (CDAT, EdgeOfStability) or c (Armijo)")
+    return (f"{tuner} was built around a {kind!r} base and took its default {' and '.join(defaults)} from it, but "
+            f"the base's param groups are {method.kind!r} now (their momentum or nesterov): build the tuner around "
+            f"the base as it runs (under OneCycleLR or CyclicLR, SGD with its momentum; a checkpoint into a tuner "
+            f"built like the one saved), or give {' and '.join(defaults)}")
 
 
 def base_stability_coefficient(base: torch.optim.Optimizer) -> Optional[float]:

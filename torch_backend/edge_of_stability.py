@@ -23,8 +23,9 @@ __all__ = ["EdgeOfStability"]
 class EdgeOfStability(CurvatureTuner):
     """``lr = sigma * c / lambda`` with ``c`` the base's stability coefficient
     (:func:`curvopt.thresholds.stability_coefficient`: 2 for GD, ``(2 + 2 beta1) / (1 - beta1)`` for Adam; heavy ball
-    and Nesterov by their momentum and dampening), read from the base's first group at each step, so a
-    scheduler that cycles the momentum or beta1 moves it; ``stability_coefficient`` fixes it) and ``lambda``
+    and Nesterov by their momentum and dampening), read from the base's groups at each step (the most
+    restrictive: :func:`torch_backend.direction.base_method`), so a scheduler that cycles the momentum or beta1
+    moves it; ``stability_coefficient`` fixes it) and ``lambda``
     the online sharpness
     (``lambda_max(P^-1 H)`` for Adam/AdamW bases, ``lambda_max(H)`` otherwise).
 
@@ -70,6 +71,7 @@ class EdgeOfStability(CurvatureTuner):
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
         # None: the base's defaults (curvopt.rules.default_eos_sigma, default_eos_free_steps); the base is known
         # from here on
+        self.kind_defaults = ("sigma",) if sigma is None else ()
         self.rule = dataclasses.replace(
             self.rule, sigma=default_eos_sigma(self.method, sigma),
             free_steps=default_eos_free_steps(self.method, self.sharpness_config.every, free_steps))

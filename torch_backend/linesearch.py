@@ -56,4 +56,5 @@ class ArmijoLineSearch(CurvatureTuner):
                          seed=seed, distributed=distributed, allow_any_base=allow_any_base, legacy=deprecated,
                          max_grad_norm=max_grad_norm, functional_loss=functional_loss)
         # None: the base's default (curvopt.rules.default_armijo_c); the base is known from here on
+        self.kind_defaults = ("c",) if c is None else ()
         self.rule = dataclasses.replace(self.rule, c=default_armijo_c(self.method, c))

@@ -304,6 +304,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         #: the base as the core describes it at construction (None for a base outside SGD/Adam/AdamW): its kind
         #: and the defaults chosen from it; each step reads its momentum/betas afresh (:meth:`current_method`)
         self.method = base_method(base)
+        self._kind_warned = False  # (kind_change: warned once)
+        #: the settings left to their default by the kind of base (set by the tuners that have such defaults)
+        self.kind_defaults: tuple[str, ...] = ()
         #: the stability coefficient given (None: the base's, see :attr:`coefficient`)
         self.given_coefficient = (None if stability_coefficient is None
                                   else check_positive("stability_coefficient", stability_coefficient))
@@ -471,14 +474,15 @@ class CurvatureTuner(torch.optim.Optimizer):
         return out
 
     def current_method(self) -> Optional[BaseMethod]:
-        """The base as the core describes it now: its first group's momentum (SGD) or betas and eps (Adam) as
-        they are at this step (schedulers such as ``OneCycleLR`` and ``CyclicLR`` change them); None for a base
-        outside SGD/Adam/AdamW. A base no longer of the kind it was built around warns once
-        (:func:`~torch_backend.direction.kind_change`: a scheduler may set SGD's momentum)."""
+        """The base as the core describes it now (:func:`~torch_backend.direction.base_method`): its momentum
+        (SGD) or betas and eps (Adam) as they are at this step (schedulers such as ``OneCycleLR`` and ``CyclicLR``
+        change them); None for a base outside SGD/Adam/AdamW. A base no longer of the kind the tuner took
+        defaults from (:attr:`kind_defaults`) warns once (:func:`~torch_backend.direction.kind_change`)."""
         if self.method is None:
             return None
         if not getattr(self, "_kind_warned", False):
-            message = kind_change(self.base, self.base.param_groups, self.method.kind, type(self).__name__)
+            message = kind_change(self.base, self.method.kind, getattr(self, "kind_defaults", ()),
+                                  type(self).__name__)
             if message:
                 self._kind_warned = True
                 warn(message)
@@ -1704,10 +1708,6 @@ class CurvatureTuner(torch.optim.Optimizer):
             ema=float(getattr(self.rule, "ema", 0.0)))
         for group in sd["param_groups"]:
             check_group(group, type(self).__name__)
-        message = kind_change(self.base, sd["param_groups"], None if self.method is None else self.method.kind,
-                              type(self).__name__)
-        if message:
-            raise ValueError(message)
         torch.optim.Optimizer.load_state_dict(self, sd)
         glob = self.state[self._all_params()[0]]
         p0 = self._all_params()[0]
