@@ -123,17 +123,17 @@ def group_method(base: torch.optim.Optimizer, group: dict) -> Optional[BaseMetho
     return None
 
 
-def base_method(base: torch.optim.Optimizer, groups: Optional[list] = None) -> Optional[BaseMethod]:
+def base_method(base: torch.optim.Optimizer) -> Optional[BaseMethod]:
     """The base as the core describes it (:func:`group_method`), or None for a base the core does not describe.
 
-    Groups (``groups``, else the base's) that differ in momentum or betas are described by the most restrictive
-    group with a momentum (SGD groups without any count only when no group has one), the one with the smallest
-    stability coefficient (the first of equals): its kind chooses the defaults (sigma 2 rather than plain SGD's
-    4 for CDAT) and its coefficient the edge. The order the groups are listed in never matters: the first group
+    Parameter groups that differ in momentum or betas are described by the most restrictive group with a
+    momentum (SGD groups without any count only when no group has one), the one with the smallest stability
+    coefficient (the first of equals): its kind chooses the defaults (sigma 2 rather than plain SGD's 4 for
+    CDAT) and its coefficient the edge. The order the groups are listed in never matters: the first group
     decided, and the edge rule's rates behind Adam groups with beta1 0.9/0.5/0 were 19x apart by their order.
     The numerators read each group's own beta1.
     """
-    methods = [group_method(base, group) for group in (base.param_groups if groups is None else groups)]
+    methods = [group_method(base, group) for group in base.param_groups]
     if methods[0] is None:
         return None
     return min(methods, key=lambda method: (method.kind == "gd", method.coefficient))
@@ -155,7 +155,7 @@ def kind_change(base: torch.optim.Optimizer, kind: Optional[str], defaults: tupl
 
 
 def base_stability_coefficient(base: torch.optim.Optimizer) -> Optional[float]:
-    """The stability coefficient ``c`` of the base (threshold ``c / lr``; the smallest of its groups':
+    """The stability coefficient ``c`` of the base (threshold ``c / lr``; its describing group's:
     :func:`base_method`), None for an unknown base."""
     method = base_method(base)
     return None if method is None else method.coefficient

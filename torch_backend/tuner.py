@@ -505,7 +505,7 @@ class CurvatureTuner(torch.optim.Optimizer):
     @property
     def coefficient(self) -> Optional[float]:
         """The stability coefficient ``c`` (the edge of stability is ``lr = c / sharpness``): the one given,
-        else the base's at this step (:meth:`current_method`: the smallest of its groups'); None for an unknown
+        else the base's at this step (:meth:`current_method`: its describing group's); None for an unknown
         base without one."""
         return self._coefficient_of(self.current_method())
 
