@@ -480,13 +480,13 @@ class CurvatureTuner(torch.optim.Optimizer):
         defaults from (:attr:`kind_defaults`) warns once (:func:`~torch_backend.direction.kind_change`)."""
         if self.method is None:
             return None
+        method = base_method(self.base)
         if not getattr(self, "_kind_warned", False):
-            message = kind_change(self.base, self.method.kind, getattr(self, "kind_defaults", ()),
-                                  type(self).__name__)
+            message = kind_change(method, self.method.kind, getattr(self, "kind_defaults", ()), type(self).__name__)
             if message:
                 self._kind_warned = True
                 warn(message)
-        return base_method(self.base)
+        return method
 
     def _unknown_momentum(self, method: Optional[BaseMethod]) -> float:
         """A base outside SGD/Adam/AdamW (``method`` None): its first group's ``momentum`` or ``betas[0]`` (0 if it
