@@ -23,8 +23,9 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
   the training run is the one of the bare base optimizer.
-* **Gradients of the other parameters.** The parameters of those modules that the tuner does not step (a head
-  under another optimizer, a GAN's other network) keep the gradients the main call left: each probe starts them
+* **Gradients of the other parameters.** The parameters of those modules, and of any other module the main call
+  runs (with ``modules=`` too), that the tuner does not step (a head under another optimizer, a GAN's other
+  network) keep the gradients the main call left: each probe starts them
   from none and after the step they are the main call's tensors again, so an optimizer stepping them next reads
   the gradient at the point the main call saw (before, it read the last probe's, or the sum of the main call's
   and the probes' where the closure zeroed only the tuner's gradients). The tuner's own ``.grad`` are its
@@ -112,6 +113,21 @@ def _watching(watcher: Callable[[nn.Module], None]) -> Iterator[None]:
             _OPEN[0] -= 1
             if not _OPEN[0]:
                 hooks.pop(_HOOK_KEY, None)
+
+
+@contextmanager
+def _outside(known: frozenset[int], found: list[nn.Module]) -> Iterator[None]:
+    """For the length of the block, append to ``found`` each module that runs outside ``known`` (ids) and the
+    trees of those found before it."""
+    covered: set[int] = set(known)
+
+    def first_run(module: nn.Module) -> None:
+        if id(module) not in covered:
+            covered.update(id(m) for m in module.modules())
+            found.append(module)
+
+    with _watching(first_run):
+        yield
 
 
 def _as_modules(modules: ModulesLike) -> list[nn.Module]:
@@ -280,6 +296,9 @@ class ProbeGuard:
         self.idle = False
         #: the modules outside those known that this step's main call ran, as they were before it (None: none)
         self._new: Optional[RunSnapshot] = None
+        #: with ``modules=``: the modules outside them that this step's main call ran (their buffers are left
+        #: alone; their other parameters' gradients are kept like those of the modules given)
+        self._outside: list[nn.Module] = []
 
     def no_main(self) -> None:
         """A closure-free step: no main call, nothing of the model to undo on a rollback."""
@@ -289,6 +308,7 @@ class ProbeGuard:
         self.calls = 0
         self._main_called = False
         self._new = None
+        self._outside = []
 
     def main(self, closure, owned: Sequence[Tensor] = ()) -> Tensor:
         self._main_called = True
@@ -303,6 +323,7 @@ class ProbeGuard:
             self.before = BufferSnapshot(self.before.modules)
         finding = isinstance(self.before, RunSnapshot)
         self._new = None if finding or self._given else RunSnapshot()
+        self._outside = []
         if not finding:
             self.before.take()
         marks = GradientMarks()
@@ -312,8 +333,8 @@ class ProbeGuard:
                    if p.requires_grad and not is_lazy(p)]  # (a lazy module's parameter takes no hook until it runs)
         eps_before = self.compute_eps
         try:
-            with torch.enable_grad(), (self.before.watch() if finding else nullcontext() if self._new is None
-                                       else self._new.watch(self._known_modules())):
+            with torch.enable_grad(), (self.before.watch() if finding else self._new.watch(self._known_modules())
+                                       if self._new is not None else _outside(self._known_modules(), self._outside)):
                 if self.compute_eps is None:
                     loss, self.compute_eps = computation_eps(closure)
                 else:
@@ -385,10 +406,11 @@ class ProbeGuard:
         return out
 
     def _other_gradients(self) -> list[tuple[Tensor, Optional[Tensor]]]:
-        """``(p, p.grad)`` of every parameter of the modules that requires a gradient and is not ``owned``."""
+        """``(p, p.grad)`` of every parameter of the modules (and of those outside ``modules=`` that the main call
+        ran) that requires a gradient and is not ``owned``."""
         skip = {id(p) for p in self._owned}
         out = []
-        for m in _each_module(self.buffers.modules):
+        for m in _each_module(self.buffers.modules + self._outside):
             for p in m._parameters.values():
                 if p is not None and p.requires_grad and id(p) not in skip:
                     skip.add(id(p))  # a parameter shared by modules: once
