@@ -98,6 +98,8 @@ __all__ = [
     "build_table",
     "missing_readout_message",
     "table_numbers",
+    "readout_messages",
+    "suspect_readout_message",
     "resolve_attention",
 ]
 
@@ -432,6 +434,35 @@ def build_table(
             "of its own: untie it into a Linear/Dense readout, or apply the readout's multipliers in your forward "
             "pass from mup_table")
     return table
+
+
+def readout_messages(table: Mapping[str, ParamScaling], parameterization: str,
+                     overrides: Mapping[str, str] | None = None) -> list[str]:
+    """The warnings a backend gives about a table's readouts: none found (:func:`missing_readout_message`), or
+    readouts that look misread (:func:`suspect_readout_message`)."""
+    return [m for m in (missing_readout_message(table, parameterization), suspect_readout_message(table, overrides))
+            if m is not None]
+
+
+def suspect_readout_message(table: Mapping[str, ParamScaling], overrides: Mapping[str, str] | None = None
+                            ) -> str | None:
+    """The warning for readouts inferred in layout ``in_out`` (``[*kernel, in, out]``) through a kernel axis that
+    grows with the width, when the model has another readout: how a kernel onto several output axes reads (flax's
+    ``DenseGeneral(features=(3, heads, head_dim))`` named other than query/key/value: ``[in, 3, heads, head_dim]``,
+    whose ``in`` and ``heads`` are then fan-in; a field test's fused q/k/v got a 1/16 forward multiplier inside
+    the network, silently), and a stack of layers without ``stacked=``. None otherwise, and for the readouts
+    ``overrides`` names."""
+    named = {n for hits in match_names((overrides or {}).keys(), table, "overrides").values() for n in hits}
+    readouts = [s for s in table.values() if s.role == "output"]
+    suspect = [s.name for s in readouts if s.name not in named and s.layout == "in_out" and len(s.shape) >= 3
+               and any(a != b for a, b in zip(s.shape[:-2], s.base_shape[:-2]))]
+    if not suspect or len(readouts) < 2:
+        return None
+    return (f"curvopt.mup: {suspect} read as readouts (forward multiplier 1/m) through a leading axis that grows with "
+            "the width, which layout 'in_out' ([*kernel, in, out]) counts as a receptive field, beside another "
+            "readout. A kernel onto several output axes ([in, *out]: a DenseGeneral with features=(3, heads, "
+            "head_dim)) needs layouts={name: 'in_heads'}; layers stacked by nn.scan need stacked={name: 1}; a "
+            "readout indeed: overrides={name: 'output'}.")
 
 
 def missing_readout_message(table: Mapping[str, ParamScaling], parameterization: str) -> str | None:

@@ -272,8 +272,7 @@ def parameterize(
                       depth=depth, overrides=overrides, residual_branches=residual_branches, layouts=layouts,
                       init_sigma=init_sigma, zero_readout=zero_readout, delta_params=delta_params,
                       gamma_depth=gamma_depth, stacked=stacked)
-    message = core.missing_readout_message(table, parameterization)
-    if message is not None:
+    for message in core.readout_messages(table, parameterization, overrides):
         warn(message)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     names = [_name(p) for p, _ in leaves]

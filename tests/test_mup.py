@@ -971,3 +971,84 @@ def test_scale_by_mup_init_takes_integer_leaves():
     params = {"w": jnp.ones(3), "step": jnp.zeros((), jnp.int32)}
     state = scale_by_mup({"w": 0.5, "step": 1.0}).init(params)
     assert float(state.lr_mults["w"]) == 0.5 and state.lr_mults["w"].dtype == jnp.float32
+
+
+class _Norm2d(nn.Module):
+    """Features ``[B, width, 4]`` normalised over both trailing axes, then a weight-normalised hidden layer."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inp = nn.Linear(IN, 4 * width)
+        self.ln = nn.LayerNorm((width, 4))
+        self.mid = nn.utils.parametrizations.weight_norm(nn.Linear(4 * width, 4 * width))
+        self.head = nn.Linear(4 * width, 3)
+
+    def forward(self, x):
+        h = self.ln(self.inp(x).view(x.shape[0], -1, 4)).flatten(1)
+        return self.head(torch.tanh(self.mid(h)))
+
+
+def test_torch_2d_norm_gains_biases_and_weight_norm_magnitudes_are_vectors():
+    """Only 0-d/1-d tensors were vectors: ``LayerNorm((width, 4))``'s gain and bias were read as [out, in] input
+    weights and redrawn (gain mean 0.005, std 0.52 where torch starts it at 1), ``LayerNorm((4, width))``'s taken
+    for a readout and refused, and weight_norm's magnitude ``[out, 1]`` redrawn from N(0, 1) (14 of 32 rows
+    negative): a field test. Flax read the same layer's leaves as vectors. They keep their values now."""
+    torch.manual_seed(0)
+    model = _Norm2d(32)
+    gain, bias = model.ln.weight.clone(), model.ln.bias.clone()
+    magnitude = model.mid.parametrizations.weight.original0.clone()
+    groups = tmup.parameterize(model, _Norm2d(8))
+    for name in ("ln.weight", "ln.bias", "mid.parametrizations.weight.original0"):
+        assert (groups.table[name].layout, groups.table[name].init_std) == ("vector", None), name
+    assert groups.table["mid.parametrizations.weight.original1"].role == "hidden"
+    assert torch.equal(model.ln.weight, gain) and torch.equal(model.ln.bias, bias)
+    assert torch.equal(model.mid.parametrizations.weight.original0, magnitude)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's deprecated weight_norm: weight_g, weight_v
+
+        def old(w):
+            return nn.Sequential(nn.Linear(IN, w), nn.Tanh(), nn.utils.weight_norm(nn.Linear(w, w)), nn.Linear(w, 3))
+        model = old(32)
+        magnitude = model[2].weight_g.clone()
+        table = tmup.parameterize(model, old(8)).table
+    assert table["2.weight_g"].layout == "vector" and table["2.weight_v"].role == "hidden"
+    assert torch.equal(model[2].weight_g, magnitude)
+    x = jnp.zeros((1, 6, IN))
+
+    class Norm2d(fnn.Module):  # the same LayerNorm in flax: its leaves were vectors already
+        w: int
+
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.LayerNorm(reduction_axes=(-2, -1), feature_axes=(-2, -1))(fnn.Dense(self.w)(x))
+            return fnn.Dense(3)(h.reshape(1, -1))
+    table = jmup.mup_table(flax_shapes(Norm2d(32), x), flax_shapes(Norm2d(8), x))
+    for leaf in ("params/LayerNorm_0/scale", "params/LayerNorm_0/bias"):
+        assert (table[leaf].layout, table[leaf].init_std) == ("vector", None)
+
+
+def test_flax_dense_general_onto_several_axes_read_as_a_readout_warns():
+    """``DenseGeneral(features=(3, heads, 4))`` named ``qkv``: its kernel ``[in, 3, heads, 4]`` read as ``[*kernel,
+    in, out]`` had ``in`` and ``heads`` as fan-in and only ``4`` as fan-out, so it became a readout inside the
+    network (forward multiplier 1/16), silently (a field test). It warns, naming ``layouts=``, which reads it as
+    the hidden weight it is; an overridden readout and a model with one readout do not warn."""
+    x = jnp.ones((1, 6, 5))
+
+    class Block(fnn.Module):
+        heads: int
+
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.Dense(4 * self.heads, name="inp")(x)
+            qkv = fnn.DenseGeneral((3, self.heads, 4), name="qkv")(h)
+            a = fnn.dot_product_attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :])
+            return fnn.Dense(3, name="head")(h + fnn.DenseGeneral(4 * self.heads, axis=(-2, -1), name="o")(a))
+    wide, base = flax_shapes(Block(8), x), flax_shapes(Block(2), x)
+    with pytest.warns(RuntimeWarning, match=r"\['params/qkv/kernel'\] read as readouts.*in_heads"):
+        jmup.parameterize(wide, base, attention="1/sqrt(d)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed = jmup.parameterize(wide, base, attention="1/sqrt(d)", layouts={"params/qkv/kernel": "in_heads"})
+        jmup.parameterize(wide, base, attention="1/sqrt(d)", overrides={"params/qkv/kernel": "output"})
+    assert (fixed.table["params/qkv/kernel"].role, fixed.table["params/qkv/kernel"].forward_mult) == ("hidden", 1.0)
+    assert fixed.table["params/qkv/kernel"].init_std == pytest.approx(1 / math.sqrt(32))

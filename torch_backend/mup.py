@@ -24,6 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.weight_norm import WeightNorm
 
 from curvopt import mup as core
 from curvopt.validation import check_nonnegative, check_positive
@@ -89,8 +92,22 @@ class MuPParamGroups(list):
         return core.attention_scale(head_dim, base_head_dim, self.attention)
 
 
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)  # BatchNorm, InstanceNorm
+
+
+def _weight_norm_gain(module: nn.Module, pname: str) -> bool:
+    """Is ``pname`` the magnitude ``g`` of a weight-normalised weight (``[out, 1, ...]``, ``w = g v / |v|``):
+    ``parametrizations.weight_norm``'s ``original0``, or the deprecated ``weight_norm``'s ``<name>_g``?"""
+    if isinstance(module, ParametrizationList):
+        return pname == "original0" and isinstance(module[0], _WeightNorm)
+    return any(isinstance(h, WeightNorm) and pname == f"{h.name}_g"
+               for h in module._forward_pre_hooks.values())
+
+
 def _layout(module: nn.Module, pname: str, p: torch.Tensor) -> str:
-    if p.ndim <= 1:
+    """A tensor's layout (:data:`curvopt.mup.LAYOUTS`) from its module: a 0-d/1-d tensor, any ``bias``, a norm
+    layer's gain (``nn.LayerNorm((d, c))``'s is 2-d) and a weight norm's magnitude are vectors, as in Flax."""
+    if p.ndim <= 1 or pname == "bias" or isinstance(module, _NORMS) or _weight_norm_gain(module, pname):
         return "vector"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pname == "weight":
         return "embedding"
@@ -252,9 +269,9 @@ def parameterize(
       wrong (``"input"``, ``"hidden"``, ``"output"``, ``"finite"``, ``"embedding"``). Tied weights are
       recognised; their views must agree on the learning rate.
     * ``layouts={name or glob: layout}`` (:data:`curvopt.mup.LAYOUTS`) says how a tensor's axes map to fan-in
-      and fan-out where the default (``[out, in, *kernel]``; 0-d/1-d: ``"vector"``; ``nn.Embedding``:
-      ``"embedding"``) is wrong: e.g. ``{"cls_token": "vector", "pos_embed": "vector"}`` for timm's
-      ``[1, T, d]`` tokens, which are added to the activations (every axis fan-out; kept as initialised).
+      and fan-out where the default (``[out, in, *kernel]``; ``"vector"`` for 0-d/1-d tensors, biases, norm
+      layers' gains and weight norms' magnitudes; ``nn.Embedding``: ``"embedding"``) is wrong: e.g.
+      ``{"cls_token": "vector", "pos_embed": "vector"}`` for timm's ``[1, T, d]`` tokens, which are added to the activations (every axis fan-out; kept as initialised).
     * ``reinit``: weights (≥ 2-D, not ``"vector"``) are redrawn from ``N(0, init_std²)`` of the table
       (``init_std = init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``);
       vectors keep their values, and so do frozen parameters (``requires_grad=False``: pretrained weights).
@@ -285,8 +302,7 @@ def parameterize(
         model, base_model, optimizer=optimizer, parameterization=parameterization, gamma=gamma, depth=depth,
         overrides=overrides, residual_branches=residual_branches, init_sigma=init_sigma, attention=attention,
         zero_readout=zero_readout, delta_model=delta_model, layouts=layouts, gamma_depth=gamma_depth)
-    message = core.missing_readout_message(table, parameterization)
-    if message is not None:
+    for message in core.readout_messages(table, parameterization, overrides):
         warn(message)
     if attention == "1/d" and any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
         warn("curvopt.mup: nn.MultiheadAttention scales its logits by 1/sqrt(head_dim), which cannot be "
@@ -314,7 +330,8 @@ def parameterize(
             raise ValueError(
                 f"curvopt.mup: parameter {v!r} needs forward multiplier {c:g} but its module is a "
                 f"{type(mod).__name__}; only nn.Linear, nn.ConvNd and nn.Embedding weights are supported. "
-                "Apply it in your forward from mup_table(...) or override the role."
+                "Apply it in your forward from mup_table(...) or override the role; a tensor that is no weight (a "
+                "gain, an offset added to the activations) is a vector: layouts={name: 'vector'}."
             )
         if module_mult.setdefault(id(mod), (mod, c, kind)) != (mod, c, kind):
             raise ValueError(f"curvopt.mup: module {mname!r} is reachable under several names that need different "
