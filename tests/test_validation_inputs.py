@@ -97,3 +97,25 @@ def test_armijo_keeps_an_lr_max_that_is_zero_in_the_working_precision():
     assert lr == 0.0 and np.array_equal(np.asarray(p), np.ones(2))
     assert float(rules.armijo_initial_lr(np.float32(0.5), increase_factor=2.0, lr_max=np.float32(0.0),
                                          init_lr=1.0, xp=np)) == 0.0
+
+
+def test_seeds_that_would_alias_are_refused():
+    """The start vectors' generators are seeded from ``seed`` mod 2**63: seeds 2**63 and 2**70 ran seed 0's
+    sharpness estimates (a field test); they are refused, and the largest seed kept is distinct from 0's."""
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="seed must be an integer <= 9223372036854775807"):
+        EdgeOfStability(torch.optim.SGD([w], lr=1.0), seed=2 ** 63)
+
+    def first_sharpness(seed):
+        v = torch.nn.Parameter(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
+        opt = EdgeOfStability(torch.optim.SGD([v], lr=1.0), seed=seed, sharpness_iters=1)
+        h = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 1.0], [0.0, 1.0, 4.0]], dtype=torch.float64)
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * v @ h @ v
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return float(opt.stats["sharpness"])
+    assert first_sharpness(2 ** 63 - 1) != first_sharpness(0)

@@ -83,7 +83,7 @@ class CDAT(CurvatureTuner):
             first three steps that use it compare its loss and slope with the closure's and warn on a mismatch.
         stability_coefficient: the base's ``c`` (threshold ``c / lr``) for ``stats["eos_ratio"]``; inferred
             for SGD/momentum/Nesterov/Adam/AdamW.
-        seed: seeds the random start of the power iteration.
+        seed: seeds the random start of the power iteration (an integer in ``[0, 2**63)``).
         distributed: ``"auto"`` (default: under an initialized ``torch.distributed`` with more than one
             rank, a data-parallel run whose closure returns the rank-local loss, e.g. DDP), ``None`` (never
             reduce) or a process group; see :mod:`torch_backend.distributed` for what is reduced.

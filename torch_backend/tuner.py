@@ -311,7 +311,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self.given_coefficient = (None if stability_coefficient is None
                                   else check_positive("stability_coefficient", stability_coefficient))
         self.preconditioned = self.method is not None and self.method.preconditioned
-        self.seed = check_positive_int("seed", seed, minimum=0, maximum=None)
+        # below 2**63, where the start vectors' seeds (seed * 1_000_003 + ...) mod 2**63 stay distinct per seed
+        self.seed = check_positive_int("seed", seed, minimum=0, maximum=2 ** 63 - 1)
         #: clip the main call's gradient to this norm inside the step (None: no clipping); see :meth:`step`
         self.max_grad_norm = None if max_grad_norm is None else check_positive("max_grad_norm", max_grad_norm)
         check_bool("noise_correction", noise_correction, none=True)
