@@ -447,7 +447,8 @@ def readout_messages(table: Mapping[str, ParamScaling], parameterization: str,
 def suspect_readout_message(table: Mapping[str, ParamScaling], overrides: Mapping[str, str] | None = None
                             ) -> str | None:
     """The warning for readouts inferred in layout ``in_out`` (``[*kernel, in, out]``) through a kernel axis that
-    grows with the width, when the model has another readout: how a kernel onto several output axes reads (flax's
+    grows with the width, beside a readout that is not (two such heads, ``DenseGeneral(axis=(-2, -1))`` readouts
+    of ``[heads, head_dim, out]``, are read right and not warned): how a kernel onto several output axes reads (flax's
     ``DenseGeneral(features=(3, heads, head_dim))`` named other than query/key/value: ``[in, 3, heads, head_dim]``,
     whose ``in`` and ``heads`` are then fan-in; a field test's fused q/k/v got a 1/16 forward multiplier inside
     the network, silently), and a stack of layers without ``stacked=``. None otherwise, and for the readouts
@@ -456,7 +457,7 @@ def suspect_readout_message(table: Mapping[str, ParamScaling], overrides: Mappin
     readouts = [s for s in table.values() if s.role == "output"]
     suspect = [s.name for s in readouts if s.name not in named and s.layout == "in_out" and len(s.shape) >= 3
                and any(a != b for a, b in zip(s.shape[:-2], s.base_shape[:-2]))]
-    if not suspect or len(readouts) < 2:
+    if not suspect or len(suspect) == len(readouts):  # beside a readout read plainly
         return None
     return (f"curvopt.mup: {suspect} read as readouts (forward multiplier 1/m) through a leading axis that grows with "
             "the width, which layout 'in_out' ([*kernel, in, out]) counts as a receptive field, beside another "

@@ -1013,6 +1013,13 @@ def test_torch_2d_norm_gains_biases_and_weight_norm_magnitudes_are_vectors():
         table = tmup.parameterize(model, old(8)).table
     assert table["2.weight_g"].layout == "vector" and table["2.weight_v"].role == "hidden"
     assert torch.equal(model[2].weight_g, magnitude)
+
+    class NormWithProjection(nn.LayerNorm):  # a norm subclass's own weight is still a weight
+        def __init__(self, w):
+            super().__init__(w)
+            self.proj = nn.Parameter(torch.randn(w, w))
+    table = tmup.mup_table(NormWithProjection(32), NormWithProjection(8))
+    assert (table["proj"].layout, table["proj"].role, table["weight"].layout) == ("out_in", "hidden", "vector")
     x = jnp.zeros((1, 6, IN))
 
     class Norm2d(fnn.Module):  # the same LayerNorm in flax: its leaves were vectors already
@@ -1052,3 +1059,16 @@ def test_flax_dense_general_onto_several_axes_read_as_a_readout_warns():
         jmup.parameterize(wide, base, attention="1/sqrt(d)", overrides={"params/qkv/kernel": "output"})
     assert (fixed.table["params/qkv/kernel"].role, fixed.table["params/qkv/kernel"].forward_mult) == ("hidden", 1.0)
     assert fixed.table["params/qkv/kernel"].init_std == pytest.approx(1 / math.sqrt(32))
+
+    class TwoHeads(fnn.Module):  # readouts of [heads, 4] features: [heads, 4, out] kernels, read right
+        heads: int
+
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.Dense(4 * self.heads)(x).reshape(*x.shape[:-1], self.heads, 4)
+            return (fnn.DenseGeneral(3, axis=(-2, -1), name="policy")(h),
+                    fnn.DenseGeneral(1, axis=(-2, -1), name="critic")(h))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = jmup.parameterize(flax_shapes(TwoHeads(8), x), flax_shapes(TwoHeads(2), x)).table
+    assert table["params/policy/kernel"].role == table["params/critic/kernel"].role == "output"

@@ -16,9 +16,10 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   others from then on: a main call that finds it starts its probes from, and a step that fails puts it back to,
   the values it had before that call; one that only a probe finds is restored after the probe to the values the
   main call left. A module with neither buffers nor parameters (a loss module built in the closure) is not kept.
-  ``modules=`` names every module the tuner keeps: one outside them is left alone (a frozen teacher in
-  distillation is not copied at every step), and counts a batch at every closure call if it has BatchNorm
-  statistics that it updates.
+  ``modules=`` names every module the tuner keeps: the buffers of one outside them are left alone (a frozen
+  teacher in distillation is not copied at every step), and count a batch at every closure call if it has
+  BatchNorm statistics that it updates (its parameters' gradients are kept as below: the hook watches each main
+  call for them).
 * **Random numbers.** Each probe replays the generator state the main call started from, so dropout draws
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of

@@ -92,7 +92,9 @@ class MuPParamGroups(list):
         return core.attention_scale(head_dim, base_head_dim, self.attention)
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)  # BatchNorm, InstanceNorm
+#: norm layers (``_NormBase``: BatchNorm, InstanceNorm); RMSNorm from torch 2.4
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase) + tuple(
+    getattr(nn, name) for name in ("RMSNorm",) if hasattr(nn, name))
 
 
 def _weight_norm_gain(module: nn.Module, pname: str) -> bool:
@@ -105,9 +107,10 @@ def _weight_norm_gain(module: nn.Module, pname: str) -> bool:
 
 
 def _layout(module: nn.Module, pname: str, p: torch.Tensor) -> str:
-    """A tensor's layout (:data:`curvopt.mup.LAYOUTS`) from its module: a 0-d/1-d tensor, any ``bias``, a norm
-    layer's gain (``nn.LayerNorm((d, c))``'s is 2-d) and a weight norm's magnitude are vectors, as in Flax."""
-    if p.ndim <= 1 or pname == "bias" or isinstance(module, _NORMS) or _weight_norm_gain(module, pname):
+    """A tensor's layout (:data:`curvopt.mup.LAYOUTS`) from its module: a 0-d/1-d tensor, a norm layer's gain and
+    bias (``nn.LayerNorm((d, c))``'s are 2-d) and a weight norm's magnitude are vectors, as in Flax."""
+    norm = isinstance(module, _NORMS) and pname in ("weight", "bias")
+    if p.ndim <= 1 or norm or _weight_norm_gain(module, pname):
         return "vector"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and pname == "weight":
         return "embedding"
@@ -269,9 +272,10 @@ def parameterize(
       wrong (``"input"``, ``"hidden"``, ``"output"``, ``"finite"``, ``"embedding"``). Tied weights are
       recognised; their views must agree on the learning rate.
     * ``layouts={name or glob: layout}`` (:data:`curvopt.mup.LAYOUTS`) says how a tensor's axes map to fan-in
-      and fan-out where the default (``[out, in, *kernel]``; ``"vector"`` for 0-d/1-d tensors, biases, norm
-      layers' gains and weight norms' magnitudes; ``nn.Embedding``: ``"embedding"``) is wrong: e.g.
-      ``{"cls_token": "vector", "pos_embed": "vector"}`` for timm's ``[1, T, d]`` tokens, which are added to the activations (every axis fan-out; kept as initialised).
+      and fan-out where the default (``[out, in, *kernel]``; ``"vector"`` for 0-d/1-d tensors, norm layers'
+      gains and biases and weight norms' magnitudes; ``nn.Embedding``: ``"embedding"``) is wrong: e.g.
+      ``{"cls_token": "vector", "pos_embed": "vector"}`` for timm's ``[1, T, d]`` tokens, which are added to the
+      activations (every axis fan-out; kept as initialised).
     * ``reinit``: weights (≥ 2-D, not ``"vector"``) are redrawn from ``N(0, init_std²)`` of the table
       (``init_std = init_sigma / sqrt(fan_in)`` times the parameterisation's factor; embeddings ``init_sigma``);
       vectors keep their values, and so do frozen parameters (``requires_grad=False``: pretrained weights).
