@@ -1,7 +1,13 @@
 """The per-step numbers every tuner exposes for logging (``opt.stats`` in PyTorch, the state in Optax).
 
 The names and meanings are shared by both backends; a value that was not computed this step is NaN
-(sharpness between estimates keeps the last estimate).
+(sharpness between estimates keeps the last estimate). Where they differ: before the first step an Optax state
+reads ``lr`` 0 (PyTorch NaN); after ``load_state_dict`` PyTorch's ``lr``, ``numerator``, ``curvature`` and
+``eos_ratio`` read NaN until the next step (the counters and the sharpness come back; an Optax state restores
+them all); closure-free, Optax counts the gradient it was handed as one evaluation (``closure_calls`` 1),
+PyTorch counts closure calls (0). In Optax ``eos_ratio`` leaves out a scale inside the base (``optax.scale(s)``,
+``scale_by_schedule``: behind gradient descent with ``s = 0.1`` it read 1.5 where the step sat at 0.15 of the
+edge), which PyTorch's group lr is in.
 """
 from __future__ import annotations
 

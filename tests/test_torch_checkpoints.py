@@ -497,6 +497,11 @@ def test_base_state_dict_loads_into_the_bare_base_at_the_effective_rate(freeze_f
     assert model[0].weight not in bare.state if freeze_first else bare.state[model[0].weight]["step"] == 4
     with pytest.raises(ValueError, match="finite number"):
         opt.base_state_dict(lr=float("nan"))
+    resumed = CDAT(torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=0.1))
+    resumed.load_state_dict(opt.state_dict())  # stats are not saved: the message says so (it said "no step yet")
+    with pytest.raises(ValueError, match="load_state_dict does not restore stats"):
+        resumed.base_state_dict()
+    assert resumed.base_state_dict(lr=rate)["param_groups"][0]["lr"] == pytest.approx(0.5 * rate, rel=1e-12)
 
 
 def test_base_state_dict_after_a_closure_free_probing_step_asks_for_the_rate():

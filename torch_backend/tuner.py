@@ -1679,7 +1679,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         ``state_dict()`` in its place raised ``KeyError: 'step'`` when the first parameter was frozen): the
         tuner's keys dropped (:func:`torch_backend.state.without_ours`) and each group's ``lr`` set to the
         effective rate, ``lr`` (default: the last step's, ``stats["lr"]``) times the group's own. Raises
-        ``ValueError`` when ``lr`` is not given and the last step chose none (no step yet, or a skipped one) or
+        ``ValueError`` when ``lr`` is not given and the last step chose none (no step since the tuner was built or
+        loaded: ``load_state_dict`` does not bring ``stats`` back; or a skipped step) or
         was a closure-free probing step (its rate the tiny finite-difference step, not one to go on with)."""
         if lr is None and layout.LAST_PROBE in self.state.get(self._all_params()[0], {}):
             raise ValueError(f"{type(self).__name__}.base_state_dict: the last step was a closure-free probing step "
@@ -1690,8 +1691,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not (math.isfinite(rate) and rate >= 0):
             raise ValueError(f"{type(self).__name__}.base_state_dict: " + (
                 f"lr must be a finite number >= 0, got {lr!r}" if lr is not None else
-                f"the last step chose no learning rate (stats['lr'] is {rate}: no step yet, or a skipped one); "
-                "pass lr="))
+                f"the last step chose no learning rate (stats['lr'] is {rate}: no step since the tuner was built or "
+                "loaded, load_state_dict does not restore stats, or a skipped one); pass lr="))
         sd = layout.without_ours(self.state_dict())
         for group in sd["param_groups"]:
             group["lr"] = group["lr"] * rate
