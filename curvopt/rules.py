@@ -42,6 +42,7 @@ from .validation import (
 __all__ = [
     "RuleInputs",
     "apply_rule",
+    "sigma_at",
     "CDATRule",
     "CDATState",
     "default_ema",
@@ -307,6 +308,8 @@ class RuleInputs(NamedTuple):
     ``unit``: the scale of this step's direction that the rule's rate undoes but its averages must follow (a
     clip's factor behind gradient descent, :func:`curvopt.base.direction_unit`; 1 behind other bases, NaN where
     not known); CDAT carries its averages from the last step's unit into this one's (:meth:`CDATRule.carry`).
+    ``sigma``: the rule's ``sigma`` at this step, a schedule evaluated once by :func:`apply_rule` (None: the rule
+    evaluates it, :func:`sigma_at`).
     """
 
     numerator: Any
@@ -317,6 +320,13 @@ class RuleInputs(NamedTuple):
     lagged: Any = False
     stretch: Any = 1.0
     unit: Any = 1.0
+    sigma: Any = None
+
+
+def sigma_at(rule: Any, x: RuleInputs) -> Any:
+    """``rule.sigma`` at this step: ``x.sigma`` where :func:`apply_rule` evaluated it, else the schedule's value at
+    ``x.count`` (a user's schedule is called once a step)."""
+    return at_step(rule.sigma, x.count, "sigma") if x.sigma is None else x.sigma
 
 
 class NoState(NamedTuple):
@@ -338,7 +348,8 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
         if name in rule.needs:
             ok = ok & xp.isfinite(getattr(inputs, name))
     if getattr(rule, "sigma", None) is not None:
-        ok = ok & xp.isfinite(at_step(rule.sigma, inputs.count, "sigma"))
+        inputs = inputs._replace(sigma=sigma_at(rule, inputs))
+        ok = ok & xp.isfinite(inputs.sigma)
     lr, new = rule.update(inputs, state, xp)
     ok = ok & xp.isfinite(lr)
     lr = xp.where(ok & (lr > 0), lr, 0.0)
@@ -742,7 +753,7 @@ class CDATRule:
         growth cap and, above the edge, the loss watch and the loss-bound cap; at most ``lr_max``."""
         state, ratio = self.carry(state, x.unit, xp)
         x = x._replace(stretch=x.stretch / ratio ** 2)  # this step's length over the last one's, in the last's units
-        sigma = at_step(self.sigma, x.count, "sigma")
+        sigma = sigma_at(self, x)
         guard = (state.gap_avg, state.gap_weight, state.gap_min, state.gap_lagged, state.gap_first)
         weight = self.ema * state.avg_weight + (1 - self.ema)
         if self.startup == "paper":
@@ -968,7 +979,7 @@ class EdgeOfStabilityRule:
     def update(self, x: RuleInputs, state: EdgeOfStabilityState, xp: Any) -> tuple[Any, EdgeOfStabilityState]:
         """``(lr, new state)``: :func:`edge_of_stability_lr` of the latest sharpness, its rise capped by
         ``growth`` after the first ``free_steps`` steps, at most ``loss_cap`` times the loss-bound step."""
-        lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=at_step(self.sigma, x.count, "sigma"),
+        lr = edge_of_stability_lr(x.sharpness, state.held_lr, sigma=sigma_at(self, x),
                                   coefficient=self.coefficient, lr_max=self.lr_max, xp=xp)
         # on the first free_steps steps the rate is the estimate's: the cap is anchored after them
         lr = xp.where(x.count < self.free_steps, lr, capped_growth(lr, self.growth, state.held_lr, xp))

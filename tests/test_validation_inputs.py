@@ -119,3 +119,24 @@ def test_seeds_that_would_alias_are_refused():
         opt.step(closure)
         return float(opt.stats["sharpness"])
     assert first_sharpness(2 ** 63 - 1) != first_sharpness(0)
+
+
+@pytest.mark.parametrize("tuner", ["cdat", "edge_of_stability"])
+def test_a_sigma_schedule_is_called_once_a_step(tuner):
+    """The guard read the schedule for its finiteness check and the rule again for its rate: a user's schedule
+    ran twice a step (one with a side effect, a counter, logged twice). Both backends, same rates."""
+    calls = []
+
+    def schedule(step):
+        calls.append(int(step))
+        return 1.0 + 0.5 * step
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    make = {"cdat": CDAT, "edge_of_stability": EdgeOfStability}[tuner]
+    kw = {"sharpness": 1} if tuner == "edge_of_stability" else {}
+    rate = _torch_steps(make(torch.optim.SGD([w], lr=1.0), sigma=schedule, **kw), w, steps=3)
+    assert calls == [0, 1, 2]
+    calls.clear()
+    transform = {"cdat": cdat, "edge_of_stability": edge_of_stability}[tuner]
+    jax_rate, _ = _optax_lr(transform(optax.identity(), sigma=schedule, **kw), jnp.ones(2), steps=3)
+    assert len(calls) == 3  # not jitted: once per update, with the step count
+    assert jax_rate == pytest.approx(rate, rel=1e-4)  # (float32 here)
