@@ -124,7 +124,8 @@ def mup_multipliers(params: Any, base_params: Any, **kwargs: Any) -> dict[str, d
 
 
 class ScaleByMupState(NamedTuple):
-    """The multipliers of :func:`scale_by_mup` (float32 scalars, shaped like the parameters' tree, without ``nnx``
+    """The multipliers of :func:`scale_by_mup` (scalars in the tuners' accumulator dtype: float32, float64
+    under x64 with float64 parameters; shaped like the parameters' tree, without ``nnx``
     variable nodes: :func:`_pure`), kept so that a tuner handed the base's state reads them (the secant's noise
     metric, :mod:`jax_backend.noise`); constant."""
 

@@ -18,8 +18,10 @@ __all__ = ["PolyakStep"]
 
 
 class PolyakStep(CurvatureTuner):
-    """``lr = min((f - f_star) / (-g^T u), lr_max)`` (``||g||^2`` in the denominator for GD); no extra
-    closure call. 0 when ``f <= f_star`` or ``u`` is not a descent direction.
+    """``lr = min((f - f_star) / (-g^T u), lr_max)`` (``||g||^2`` in the denominator for GD); one
+    closure call a step, and one more at each of the first 3 steps: the check that the closure replays (not in
+    distributed runs; the Optax transform, handed ``value``, makes none). 0 when ``f <= f_star`` or ``u`` is not a
+    descent direction.
 
     Args: ``f_star`` (the optimal value or a lower bound, 0 for most losses), ``lr_max`` (default 1; behind a
     base other than SGD give it, in the base's units: :func:`curvopt.rules.polyak_cap_warning` says why, and
