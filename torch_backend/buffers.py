@@ -117,15 +117,15 @@ def _watching(watcher: Callable[[nn.Module], None]) -> Iterator[None]:
 
 
 @contextmanager
-def _outside(known: frozenset[int], found: list[nn.Module]) -> Iterator[None]:
-    """For the length of the block, append to ``found`` each module that runs outside ``known`` (ids) and the
-    trees of those found before it."""
+def _first_runs(known: frozenset[int], found: Callable[[nn.Module], None]) -> Iterator[None]:
+    """For the length of the block, ``found(module)`` before the forward of each module that runs outside
+    ``known`` (ids) and the trees of the modules found before it (:func:`_watching`)."""
     covered: set[int] = set(known)
 
     def first_run(module: nn.Module) -> None:
         if id(module) not in covered:
             covered.update(id(m) for m in module.modules())
-            found.append(module)
+            found(module)
 
     with _watching(first_run):
         yield
@@ -223,21 +223,18 @@ class RunSnapshot:
         its submodules (a compiled model's inlined ones too), when it is the first of its tree to run; modules
         whose ``id`` is in ``known`` are left out, and so are those with neither buffers nor parameters."""
         self.modules, self._taken, self.complete = [], [], False
-        covered: set[int] = set(known)
 
-        def first_run(module: nn.Module) -> None:
-            if id(module) not in covered:
-                covered.update(id(m) for m in module.modules())
-                if next(module.buffers(), None) is None and next(module.parameters(), None) is None:
-                    return  # nothing to keep (a loss module built in the closure at every call: never adopted)
-                snap = BufferSnapshot(module)
-                snap.take()
-                self.modules.append(module)
-                self._taken.append(snap)
+        def take(module: nn.Module) -> None:
+            if next(module.buffers(), None) is None and next(module.parameters(), None) is None:
+                return  # nothing to keep (a loss module built in the closure at every call: never adopted)
+            snap = BufferSnapshot(module)
+            snap.take()
+            self.modules.append(module)
+            self._taken.append(snap)
 
         # (torch.compile's wrapper warns, once, that a global hook fires for it as well: this one expects that; a
         # filter against the warning would reset every once-only warning of the process)
-        with _watching(first_run):
+        with _first_runs(known, take):
             yield
         self.complete = True
 
@@ -333,9 +330,14 @@ class ProbeGuard:
         handles = [p.register_post_accumulate_grad_hook(accumulated.append) for p in owned
                    if p.requires_grad and not is_lazy(p)]  # (a lazy module's parameter takes no hook until it runs)
         eps_before = self.compute_eps
+        if finding:  # the first main call: every module it runs
+            watch = self.before.watch()
+        elif self._new is not None:  # the modules it runs beyond those found
+            watch = self._new.watch(self._known_modules())
+        else:  # modules= given: those outside them, for their parameters' gradients
+            watch = _first_runs(self._known_modules(), self._outside.append)
         try:
-            with torch.enable_grad(), (self.before.watch() if finding else self._new.watch(self._known_modules())
-                                       if self._new is not None else _outside(self._known_modules(), self._outside)):
+            with torch.enable_grad(), watch:
                 if self.compute_eps is None:
                     loss, self.compute_eps = computation_eps(closure)
                 else:
