@@ -868,3 +868,21 @@ def test_a_loss_whose_minimum_sits_far_above_f_star_does_not_climb_back():
     with torch.no_grad():
         final = float(nn.functional.cross_entropy(student(x), targets))
     assert final - entropy < 0.005, (min(losses) - entropy, final - entropy)
+
+
+def test_a_watch_opened_inside_another_chains_to_it():
+    """A tuner stepped from another's closure opens its watch inside the other's: the outer watch still sees every
+    module run in its block, the inner one's too (it replaced the outer watcher before), and the hook goes with
+    the outer block."""
+    from torch_backend.buffers import _watching
+    a, b = nn.Linear(1, 1), nn.Linear(1, 1)
+    x = torch.ones(1, 1)
+    outer, inner = [], []
+    with _watching(outer.append):
+        a(x)
+        with _watching(inner.append):
+            b(x)
+        assert nn.modules.module._global_forward_pre_hooks
+        a(x)
+    assert outer == [a, b, a] and inner == [b]
+    assert not nn.modules.module._global_forward_pre_hooks

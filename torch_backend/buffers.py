@@ -100,8 +100,18 @@ def _on_forward(module: nn.Module, args) -> None:
 @contextmanager
 def _watching(watcher: Callable[[nn.Module], None]) -> Iterator[None]:
     """For the length of the block, ``watcher(module)`` before the forward of each module called through
-    ``Module.__call__``: one global forward pre-hook, the same function under the same key every time."""
+    ``Module.__call__``: one global forward pre-hook, the same function under the same key every time. A block
+    opened inside another (a tuner stepped from another's closure) chains to the outer watcher, which still sees
+    every module run in its block."""
     hooks = nn.modules.module._global_forward_pre_hooks
+    outer = _WATCHER.get()
+    if outer is not None:
+        inner = watcher
+
+        def watcher(module: nn.Module) -> None:
+            inner(module)
+            outer(module)
+
     token = _WATCHER.set(watcher)
     with _OPEN_LOCK:
         _OPEN[0] += 1
