@@ -849,19 +849,21 @@ def test_a_checkpoint_of_another_kind_of_base_warns_at_its_first_step(saved, bui
     """A heavy-ball checkpoint loaded into a tuner built around plain SGD (or the reverse) takes the checkpoint's
     momentum, as torch restores groups, but kept the sigma chosen for the other kind (CDAT at plain SGD's sigma 4
     behind heavy ball: rates up to 2.8x the uninterrupted run's), silently; now the next step warns, once. With
-    ``sigma`` given nothing depends on the kind, and nothing is said."""
+    ``sigma`` given, at construction or assigned after it, nothing depends on the kind, and nothing is said."""
     torch.manual_seed(0)
     model = nn.Linear(3, 1).double()
     x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
     opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0, momentum=saved))
     opt.step(closure_of(model, opt, x, y))
     sd = opt.state_dict()
-    for sigma in (None, 2.0):
+    for sigma, assigned in ((None, None), (2.0, None), (None, 2.0)):
         fresh = CDAT(torch.optim.SGD(model.parameters(), lr=1.0, momentum=built), sigma=sigma)
+        if assigned is not None:
+            fresh.sigma = assigned
         fresh.load_state_dict(sd)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fresh.step(closure_of(model, fresh, x, y))
             fresh.step(closure_of(model, fresh, x, y))
         said = [str(w.message) for w in caught if "was built around a" in str(w.message)]
-        assert len(said) == (1 if sigma is None else 0), said
+        assert len(said) == (1 if sigma is None and assigned is None else 0), said

@@ -19,7 +19,9 @@ def default_of(rule_cls: type, name: str) -> Any:
 
 class RuleField:
     """A tuner attribute that reads and assigns a field of its rule value (``opt.sigma = 1.0`` replaces
-    ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it)."""
+    ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it). A value
+    assigned is the user's: the field no longer counts among the defaults taken from the base's kind
+    (``kind_defaults``, :func:`~torch_backend.direction.kind_change`)."""
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -29,6 +31,7 @@ class RuleField:
 
     def __set__(self, obj: Any, value: Any) -> None:
         obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
+        obj.kind_defaults = tuple(k for k in getattr(obj, "kind_defaults", ()) if k != self.name)
 
 
 def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
