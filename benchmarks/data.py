@@ -104,8 +104,8 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 batch file: images (N x 32 x 32 x 3, uint8) and labels. A file that is not such a batch
-    (not a pickle, truncated, no ``data``/``labels``, other shapes, labels outside 0-9 or not one per image)
-    raises ``ValueError`` naming the file."""
+    (not a pickle, truncated, no ``data``/``labels``, no images, other shapes, labels outside 0-9 or not one per
+    image) raises ``ValueError`` naming the file."""
     try:
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="bytes")
@@ -119,7 +119,9 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     except KeyError as err:
         raise ValueError(f"{path}: not a CIFAR-10 batch (no {err} entry)") from None
     data, labels = np.asarray(data), np.asarray(labels)
-    if data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072 or data.size and (
+    if not data.size:
+        raise ValueError(f"{path}: a CIFAR-10 batch with no images (b'data' of shape {data.shape})")
+    if data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3072 or (
             data.min() < 0 or data.max() > 255):
         raise ValueError(f"{path}: expected b'data' of N x 3072 pixel values 0-255, got {data.dtype} of shape "
                          f"{data.shape}")
@@ -177,8 +179,9 @@ def load_images(name: str = "digits", data_dir: str | None = None) -> Dataset:
 
 
 def load_text_bytes(path: str | None = None) -> bytes:
-    """The UTF-8 bytes of a local text file, or of ``pydoc_data.topics`` when ``path`` is None."""
-    if path is None or path == "pydoc":
+    """The UTF-8 bytes of a local text file, or of ``pydoc_data.topics`` when ``path`` is None (a file named
+    ``pydoc`` is a file)."""
+    if path is None:
         from pydoc_data.topics import topics
 
         return "\n".join(topics[k] for k in topics).encode("utf-8")
@@ -213,7 +216,7 @@ def load_text(path: str | None = None, block_len: int = 64, test_fraction: float
                          f"{block_len + 1} bytes")
     x_tr, y_tr = lm_blocks(raw[:cut], block_len)
     x_te, y_te = lm_blocks(raw[cut:], block_len)
-    name = "pydoc" if path in (None, "pydoc") else os.path.basename(path)
+    name = "pydoc" if path is None else os.path.basename(path)
     return Dataset(name, "text", x_tr, y_tr, x_te, y_te, 256, {"bytes": len(raw), "block_len": block_len})
 
 

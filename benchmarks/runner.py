@@ -31,8 +31,8 @@ def _described_run(spec: RunSpec) -> dict:
             "tuner_name": spec.tuner, "settings": dict(spec.settings), "base": spec.base, "param": spec.param,
             "backend": spec.backend, "seed": spec.seed, "max_steps": e.steps, "sharpness_every": e.sharpness,
             "from_grid": spec.from_grid,
-            "data": {"image_set": e.image_set, "text": e.text_path, "full_batch_size": e.full_batch_size,
-                     "batch_size": e.batch_size, "block_len": e.block_len, "eval_size": e.eval_size},
+            "data": {**e.data_read(), "full_batch_size": e.full_batch_size, "batch_size": e.batch_size,
+                     "block_len": e.block_len, "eval_size": e.eval_size},
             "model": tasks_mod.model_options(e, spec.param)}
 
 

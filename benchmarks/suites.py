@@ -73,6 +73,14 @@ class Experiment:
     backends: tuple[str, ...] = ("torch",)  # --backend overrides
     params: tuple[str, ...] = ("sp",)  # parameterisations ("sp", "mup"); --params overrides
 
+    def data_read(self) -> dict:
+        """The data the task reads, as a run's record names it: an image task's set and, for CIFAR-10, the absolute
+        path of its directory; the LM's text file by its absolute path (None: the bundled ``pydoc_data.topics``)."""
+        if TASKS[self.task].kind == "text":
+            return {"text": None if self.text_path is None else os.path.abspath(self.text_path)}
+        cifar = self.image_set == "cifar10" and self.data_dir is not None
+        return {"image_set": self.image_set, "data_dir": os.path.abspath(self.data_dir) if cifar else None}
+
     def settings_hash(self, param: str | None = None) -> str:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one. The
         widths are an axis, except that μP's base model is the narrowest of them (for the experiment's μP runs,
@@ -293,7 +301,8 @@ CPU_LONG = Suite(
 
 PAPER = Suite(
     "paper",
-    "the paper's scale (GPU): CIFAR-10 4,096 subset (--data-dir), Tiny Shakespeare 2,048 blocks (--text), "
+    "the paper's scale (GPU): CIFAR-10 4,096 subset (--data-dir), Tiny Shakespeare 2,048 blocks (--text; without it "
+    "the bundled pydoc text), "
     "thousands of steps, every tuner, SP and muP",
     (
         Experiment("resnet", "full", (16, 32, 64, 128), ALL_TUNERS, 5000, model={"depth": 2, "stages": 3},

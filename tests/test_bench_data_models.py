@@ -44,10 +44,12 @@ def test_cifar10_pickle_loader(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["not a pickle", "truncated", "no data", "a list", "labels short", "label 10",
-                                 "data None", "string labels", "float labels", "pixel 300", "frame overflow"])
+                                 "data None", "string labels", "float labels", "pixel 300", "frame overflow",
+                                 "no images", "no images, list labels"])
 def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad):
     """A batch file that is not CIFAR-10's (before: raw UnpicklingError/KeyError/TypeError tracebacks from the
-    command line, and a label count that did not match passed the check and failed every run)."""
+    command line, and a label count that did not match passed the check and failed every run; a batch of no
+    images passed it too, and every run failed, dividing by zero)."""
     parent, planes = _write_cifar(tmp_path)
     path = parent / "cifar-10-batches-py" / "data_batch_2"
     x, y = planes["data_batch_2"]
@@ -60,9 +62,12 @@ def test_cifar10_malformed_batch_is_a_value_error_naming_the_file(tmp_path, bad)
                "float labels": pickle.dumps({b"data": x, b"labels": [1.7] * len(y)}),
                "pixel 300": pickle.dumps({b"data": x.astype(np.int64) + 300, b"labels": y}),
                # junk whose unpickling raises OverflowError (was a traceback from the command line, exit 1)
-               "frame overflow": b"\x95\xe2\xbeFP?=\xc3\xcd\xefG\x99\xb5\xf2\xd4o\xf4\xfa"}[bad]
+               "frame overflow": b"\x95\xe2\xbeFP?=\xc3\xcd\xefG\x99\xb5\xf2\xd4o\xf4\xfa",
+               "no images": pickle.dumps({b"data": x[:0], b"labels": np.asarray(y, dtype=np.int64)[:0]}),
+               "no images, list labels": pickle.dumps({b"data": x[:0], b"labels": []})}[bad]
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="data_batch_2"):
+    with pytest.raises(ValueError, match="data_batch_2" + (": a CIFAR-10 batch with no images" if "no images" in bad
+                                                           else "")):
         data.load_images("cifar10", str(parent))
 
 
@@ -84,7 +89,7 @@ def test_digits_default():
     assert abs(float(ds.x_train.mean())) < 1e-4
 
 
-def test_text_loaders(tmp_path):
+def test_text_loaders(tmp_path, monkeypatch):
     p = tmp_path / "tiny.txt"
     text = "First Citizen:\nBefore we proceed any further, hear me speak. é\n" * 4
     p.write_text(text, encoding="utf-8")
@@ -102,6 +107,10 @@ def test_text_loaders(tmp_path):
         data.load_text_bytes(str(bad))
     pydoc = data.load_text_bytes()
     assert len(pydoc) > 300_000 and b"assert" in pydoc
+    (tmp_path / "pydoc").write_bytes(raw)  # --text pydoc: a file of that name is the file (it was the bundled text)
+    monkeypatch.chdir(tmp_path)
+    assert data.load_text_bytes("pydoc") == raw
+    assert len(data.load_text("pydoc", block_len=8).x_train) < 30
 
 
 def test_regimes():

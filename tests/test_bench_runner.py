@@ -820,6 +820,24 @@ def test_a_run_records_the_examples_it_had():
     from benchmarks.tasks import dataset_for
     assert rec["data"]["train_examples"] == len(dataset_for(exp).x_train) < 10**6
     assert rec["data"]["eval_examples"] == 40
+    assert rec["data"]["image_set"] == "digits" and rec["data"]["data_dir"] is None and "text" not in rec["data"]
+
+
+def test_a_run_records_the_data_its_task_reads_by_absolute_path(tmp_path, monkeypatch):
+    """The record names the data the task reads, and only that: a CIFAR-10 directory by its absolute path, the LM's
+    text file by its absolute path (a field test: two CIFAR-10 copies gave the same record, the --data-dir path
+    nowhere in it; an LM record said image_set 'cifar10', an image task's named the --text file; the text path was
+    recorded as typed, relative)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    image = dataclasses.replace(MICRO, image_set="cifar10", data_dir="d", text_path="t.txt")
+    lm = dataclasses.replace(MICRO, task="lm", image_set="cifar10", data_dir="d", text_path="t.txt")
+    assert image.data_read() == {"image_set": "cifar10", "data_dir": str(tmp_path / "d")}
+    assert lm.data_read() == {"text": str(tmp_path / "t.txt")}
+    assert dataclasses.replace(lm, text_path=None).data_read() == {"text": None}  # the bundled text
+    assert dataclasses.replace(image, image_set="digits").data_read() == {"image_set": "digits", "data_dir": None}
+    spec = plan_mod.plan([image], tuners=["constant:lr=0.1"])[0]
+    assert runner._described_run(spec)["data"]["data_dir"] == str(tmp_path / "d")
 
 
 def test_the_summary_of_no_runs_says_so():
