@@ -107,7 +107,10 @@ def exact_hvp(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor],
 def _functional_gradient(probe: Probe, functional_loss: Callable[[list[Tensor]], Tensor], create_graph: bool
                          ) -> tuple[Tensor, list[tuple[Tensor, Optional[Tensor]]]]:
     """``(loss, [(parameter, gradient or None)])``: ``functional_loss`` at ``w0`` and its gradient for the parameters
-    with a gradient this step. A ``ValueError`` names the mistake when the function returns no scalar tensor or a
+    with a gradient this step. The module's own parameters are put at ``w0`` too: a functional loss may read them
+    besides the list it is handed (``torch.utils.checkpoint``'s recomputation in the backward pass does, after
+    ``functional_call`` has put them back), and they were where the last probe or the base's trial step left them
+    (a field test: an exact curvature 10x off behind Adam, a sharpness 3.4x, blamed on the function). A ``ValueError`` names the mistake when the function returns no scalar tensor or a
     loss that does not depend on the parameters it is handed (one that closes over the module: its probes read a
     curvature and a sharpness of 0, silently, in a field test); an error it raises goes on as it is, with a note
     saying how it is called (Python 3.11+; a wrong parameter order was reported as a failure to differentiate
@@ -117,6 +120,7 @@ def _functional_gradient(probe: Probe, functional_loss: Callable[[list[Tensor]],
             f"({len(primals)} tensors; not the model's order where the groups list them otherwise) and returns the "
             "loss computed from them as a 0-d tensor, e.g. lambda ps: loss_fn(torch.func.functional_call(model, "
             "dict(zip(names, ps)), (x,)), y) with names in the same order")
+    probe.at_start()
     with torch.enable_grad():
         ps = [w.detach().requires_grad_(True) for w in primals]
         try:

@@ -60,6 +60,10 @@ class Probe:
             return
         axpy_into(self.params, self.w0, a, self.u if direction is None else direction)
 
+    def at_start(self) -> None:
+        """Parameters <- ``w0``, exactly."""
+        torch._foreach_copy_(self.params, self.w0)
+
     def call(self) -> Tensor:
         """The closure at the current parameters (a probe: buffers and RNG protected); its rank-local loss in
         the dtype of the main loss. The gradients are then in ``.grad`` (:meth:`gradient`)."""
