@@ -558,6 +558,54 @@ def test_a_step_under_inference_mode_is_refused_and_leaves_the_tuner_usable():
     assert float((w * w).sum()) < 5.0
 
 
+@pytest.mark.parametrize("at", [0, 1])
+def test_a_step_called_from_its_own_closure_is_refused_and_changes_nothing(at):
+    """``opt.step()`` left inside the closure (a slip when a ``backward(); step()`` loop becomes a closure) ran a
+    closure-free step inside the running one, at the main call (``at`` 0) or at a probe (1): Adam stepped twice, and
+    the rate fell to 1e-9 and stayed near 1e-6 for 30 steps, with a warning that the closure does not replay (a field
+    test). It is refused; the step is undone, and the tuner goes on as if it had not been called; a deep copy taken
+    in the closure steps too."""
+    def run(slip):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+        opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0))
+        copies = []
+
+        def closure_of(slipping):
+            calls = [0]
+
+            def closure():
+                opt.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                if slipping and calls[0] == at:
+                    copies.append(copy.deepcopy(opt))
+                    opt.step()
+                calls[0] += 1
+                return loss
+            return closure
+
+        if slip:
+            with pytest.raises(RuntimeError, match="while a step of it runs"):
+                opt.step(closure_of(True))
+        for _ in range(4):
+            opt.step(closure_of(False))
+        return [p.detach().clone() for p in model.parameters()], opt, copies
+
+    clean, opt, _ = run(False)
+    after, slipped, copies = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(clean, after))
+    assert slipped.base.state_dict()["state"][0]["step"] == 4
+    copied = copies[0]  # taken while the step ran: it is not left refusing every step
+    params = [p for g in copied.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    steps = int(copied.base.state[params[0]].get("step", 0))  # (at a probe, the base's trial step is in the copy)
+    copied.step()
+    assert copied.base.state[params[0]]["step"] == steps + 1
+
+
 # --- a step that fails leaves the modules it found and the tuner's watches as before it (stop 69) ----------------
 
 def _aux_run(make, fail_at, *, modules: bool, nan: bool = False):

@@ -545,6 +545,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         never clipped."""
         if closure is not None and not callable(closure):
             raise TypeError(f"{type(self).__name__}.{CLOSURE_CONVENTION}")
+        if getattr(self, "_stepping", False):  # (a field test: its rate fell to 1e-9 and stayed ~1e-6 for 30 steps)
+            raise RuntimeError(f"{type(self).__name__}.step() was called while a step of it runs (from its closure): "
+                               "the closure computes the loss and the gradients and returns the loss; the step is "
+                               "the one opt.step(closure) outside it")
         if torch.is_inference_mode_enabled():  # the step's cached buffers would become inference tensors
             raise RuntimeError(f"{type(self).__name__}.step() was called under torch.inference_mode(), where "
                                "parameters cannot be updated in place for training; step outside it")
@@ -564,11 +568,14 @@ class CurvatureTuner(torch.optim.Optimizer):
         # sharded parameters (FSDP1 FULL_SHARD): every dot product and norm of the step is summed over ranks
         with reducing(self.distributed), concatenating(self._concat):
             tx = Transaction(self)
+            self._stepping = True
             try:
                 loss = self._step(closure, tx)
             except BaseException:
                 tx.rollback()
                 raise
+            finally:
+                self._stepping = False
         self._marks.take(self._all_params())
         self._kept_globals = {k: v for k, v in self._globals().items()
                               if layout.is_ours(k) and k not in layout.PER_PARAM}
@@ -1764,8 +1771,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if d.get("_distributed_setting") not in ("auto", None, False, True):
             raise TypeError("a tuner with distributed=<process group> cannot be pickled (process groups cannot)")
         for k in ("_ws", "_ns", "_store", "_kept_globals", "_marks", "_probe_free_ok", "_rule_layout_of", "distributed",
-                  "step", "base"):
-            # scratch, memos, the live reducer, the patched step
+                  "step", "base", "_stepping"):
+            # scratch, memos, the live reducer, the patched step, a step running
             d.pop(k, None)
         base = self.base
         # the base is rebuilt through its own __setstate__, which must not see a state holding only our keys
