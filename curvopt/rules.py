@@ -249,11 +249,20 @@ def armijo_initial_lr(previous_lr: Any, *, increase_factor: Any, lr_max: Any, in
     return xp.where(xp.isfinite(first) & (first > 0), first, cap(init_lr, lr_max, xp))
 
 
+def moved_entries(w: Any, u: Any, xp: Any) -> Any:
+    """``w`` where the direction ``u`` moves it, 0 elsewhere: the parameters whose norm sizes a finite-difference
+    displacement along ``u`` (:func:`finite_difference_step`). A frozen part (a param group at lr 0, a zero
+    gradient, ``optax.set_to_zero`` inside the base) does not move and does not count: a frozen tensor of norm 1e5
+    beside a trained one of norm 1.3 made the closure-free probing step, a real step, 7.5e4x longer (loss 0.54 ->
+    300), in a field test."""
+    return xp.where(u != 0, w, 0)
+
+
 def finite_difference_step(param_norm: Any, direction_norm: Any, *, dtype_eps: float, xp: Any) -> Any:
     """Step ``h`` for the forward difference ``u^T H u ~ (g(w + h u) - g(w))^T u / h``.
 
-    The displacement is ``h ||u|| = sqrt(eps) ||w||``: relative to the parameters' own scale (1e-6 or 1e6: no
-    absolute floor), which balances the rounding error of forming ``w + h u`` against the truncation error of the
+    The displacement is ``h ||u|| = sqrt(eps) ||w||``, ``param_norm = ||w||`` over the entries ``u`` moves
+    (:func:`moved_entries`): relative to the parameters' own scale (1e-6 or 1e6: no absolute floor), which balances the rounding error of forming ``w + h u`` against the truncation error of the
     difference. Both are about ``sqrt(eps)`` relative (1.5e-8 in float64, 3.5e-4 in float32) where the curvature
     changes over a distance of about ``||w||``; the truncation error is the displacement times the curvature's
     relative rate of change, so a loss whose curvature changes faster reads worse (a field test, tanh MLP at

@@ -1813,3 +1813,49 @@ def test_a_subclass_of_a_supported_base_needs_allow_any_base():
         QuadraticGreedy(CappedSGD([w], lr=1.0))
     opt = QuadraticGreedy(CappedSGD([w], lr=1.0), allow_any_base=True)
     assert opt.method is not None and opt.method.kind == "gd"
+
+
+@pytest.mark.parametrize("frozen_by", ["lr0", "zero_gradient"])
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.parametrize("closure_free", [True, False])
+def test_a_frozen_part_does_not_size_the_finite_difference_step(frozen_by, base, closure_free):
+    """A frozen tensor of norm 1e5 (a param group at lr 0, or a zero gradient) beside a trained 5x3 weight: the
+    closure-free probing step, a real step, was sized by the whole model's norm, 7.5e4x longer than without it
+    (loss 0.54 -> 300 behind SGD; behind Adam 35-305 twenty steps on), and the fd probe's displacement likewise (a
+    field test). The displacement counts the entries the direction moves: the rates are those of the model
+    without the frozen part."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64)
+    w_start = 0.3 * torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def run(frozen_norm):
+        w = w_start.clone().requires_grad_(True)
+        frozen = torch.full((100,), (frozen_norm or 0.0) / 10.0, dtype=torch.float64, requires_grad=True)
+        groups = ([w] if frozen_norm is None else [{"params": [w]}, {"params": [frozen], "lr": 0.0}]
+                  if frozen_by == "lr0" else [w, frozen])
+        opt = CDAT(torch.optim.SGD(groups, lr=1.0) if base == "sgd" else torch.optim.Adam(groups, lr=1.0))
+
+        def closure():
+            opt.zero_grad()
+            loss = 0.5 * ((torch.tanh(x @ w) - y) ** 2).mean()
+            if frozen_norm is not None:  # lr 0: a gradient the group's rate stops; else a gradient of 0
+                loss = loss + (0.01 if frozen_by == "lr0" else 0.0) * (frozen - frozen.detach()).sum()
+            loss.backward()
+            return loss
+
+        rates = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(6):
+                if closure_free:
+                    closure()
+                    opt.step()
+                else:
+                    opt.step(closure)
+                rates += [float(opt.stats["lr"]), float(opt.stats["curvature"])]
+        assert torch.equal(frozen.detach(), torch.full((100,), (frozen_norm or 0.0) / 10.0, dtype=torch.float64))
+        return rates
+
+    alone = run(None)  # (the curvature: the first rates are the start-up's; fd's own rounding differs by ~1e-8)
+    assert all(r > 0 for r in alone[::2])
+    assert run(1e5) == pytest.approx(alone, rel=1e-6, nan_ok=True)

@@ -825,8 +825,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         momentum_keys, momentum_sums = (self._momentum_terms(params, grads, w0.views, ws.scratch.flat if ws.flat
                                                              else None) if momentum else ([], []))
         paired_keys, paired_sums = self._paired_terms(params, grads, st.clip) if predicted else ([], [])
-        it = iter(host_values(reductions + extra + (ws.norms(w0, u) if st.fd else []) + momentum_sums + paired_sums,
-                              S))
+        fd_norms = ws.displacement_norms(w0, u) if st.fd else []
+        it = iter(host_values(reductions + extra + fd_norms + momentum_sums + paired_sums, S))
         g_dot_u = next(it)
         st.u_sq = next(it) if st.remember else None
         g_dot_prev_u = next(it) if late else None
@@ -973,7 +973,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         elif st.fd or (st.secant and not st.has_secant):
             probe = self._probe(st)
             with S.errstate():  # the secant's fallback when there is no secant
-                norms = st.fd_norms if st.fd_norms is not None else tuple(host_values(st.ws.norms(st.w0, st.u), S))
+                norms = (st.fd_norms if st.fd_norms is not None else
+                         tuple(host_values(st.ws.displacement_norms(st.w0, st.u), S)))
                 st.curvature = finite_difference(probe, S, st.numerator, norms)
             if self._replay_checks:
                 st.replay_scale = self._check_replay(probe, st.curvature, glob)
@@ -1061,7 +1062,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`), in the units of the
         direction's ``unit`` of this step (:func:`curvopt.config.in_direction_units`)."""
         S = st.S
-        nw, nu = host_values(st.ws.norms(st.w0, st.u), S)
+        nw, nu = host_values(st.ws.displacement_norms(st.w0, st.u), S)
         terms = 1 if self.distributed is None else self.distributed.world_size
         forward = gradient_eps(st.grads, terms) if probe_reads_forward(self._noise_on()) else 0.0
         eps = float(secant_probe_eps(max(least_precise_eps(st.params), forward), np))

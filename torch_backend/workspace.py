@@ -30,6 +30,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from curvopt.rules import moved_entries
+
 from . import state as layout
 from .transaction import fits
 from .vectors import flat_norms
@@ -129,11 +131,12 @@ class Workspace:
             torch._foreach_copy_(buf.views, self.params)
 
     @staticmethod
-    def norms(*bufs: "_Buffer") -> list[Tensor]:
-        """The Euclidean norms of the buffers as 0-d tensors (one fused kernel over the flat tensors)."""
-        if all(b.flat is not None for b in bufs):
-            return flat_norms([b.flat for b in bufs])
-        return vector_norms(*(b.views for b in bufs))
+    def displacement_norms(w0: "_Buffer", u: "_Buffer") -> list[Tensor]:
+        """``||w0||`` over the entries ``u`` moves (:func:`curvopt.rules.moved_entries`) and ``||u||``, the norms a
+        finite-difference step is sized by, as 0-d tensors (one fused norm kernel over the flat tensors)."""
+        if w0.flat is not None and u.flat is not None:
+            return flat_norms([moved_entries(w0.flat, u.flat, torch), u.flat])
+        return vector_norms([moved_entries(w, d, torch) for w, d in zip(w0.views, u.views)], u.views)
 
     def take_start(self) -> list[tuple[Tensor, Optional[dict]]]:
         """``w0 <- params`` and a copy of the base's tensors of the stepped parameters (one concatenation for
