@@ -158,13 +158,14 @@ def sharpness_due(count: Any, every: Any, last: Any = 0.0) -> Any:
     return (every > 0) & ((count % (every + (every <= 0)) == 0) | ~_isfinite(last))
 
 
-def power_iters(config: SharpnessConfig, last: Any) -> Any:
+def power_iters(config: SharpnessConfig, last: Any, xp: Any = None) -> Any:
     """The products one estimate may spend: ``first_iters`` while ``last``, the estimate the rule reads, is not
     finite (before the first estimate, from a pseudo-random start, and when retrying a failed one: the stored
-    eigenvector is then at least an estimate old), else ``iters``. ``last``: a host float or a 0-d array."""
+    eigenvector is then at least an estimate old), else ``iters``. ``last``: a host float, or a 0-d array of the
+    array namespace ``xp``."""
     if isinstance(last, (int, float)):
         return config.iters if math.isfinite(last) else config.first_iters
-    return config.first_iters + (config.iters - config.first_iters) * _isfinite(last)
+    return xp.where(_isfinite(last), config.iters, config.first_iters)
 
 
 def _isfinite(x: Any) -> Any:

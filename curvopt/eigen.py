@@ -156,7 +156,7 @@ def krylov_estimate(state: PowerState, eps: float, xp: Any) -> Any:
                                for j in range(k)]) for i in range(k)])
     e, q = xp.linalg.eigh(gram)
     keep = e > KRYLOV_KEEP * eps ** 0.5 * e[k - 1]
-    basis = q * xp.where(keep, 1 / xp.sqrt(xp.where(keep, e, 1.0)), 0.0)
+    basis = q * xp.where(keep, 1 / xp.sqrt(xp.where(keep, e, 1.0)), 0.0)[None, :]  # (no implicit rank promotion)
     reduced = basis.T @ proj @ basis
     reduced = (reduced + reduced.T) / 2 + xp.diag(xp.where(keep, 0.0, last))
     ritz = xp.linalg.eigvalsh(reduced)[k - 1] * unit + state.shift

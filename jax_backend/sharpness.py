@@ -81,7 +81,7 @@ def random_unit(params: Any, salt: Any = 0) -> Any:
     dtype = accumulator_dtype(params)
     leaves, treedef = jax.tree.flatten(params)
     out, offset = [], 0
-    for p in leaves:
+    for p in map(jnp.asarray, leaves):  # (a Python float too)
         # derived from p (0 * p, NaN-safe) so that the vector follows p's sharding instead of being replicated
         zero = jnp.where(jnp.isfinite(p), p, 0).astype(dtype) * 0
         i = jax.lax.broadcasted_iota(dtype, p.shape, 0) if p.ndim else jnp.zeros((), dtype)
@@ -169,7 +169,7 @@ def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessCo
     :func:`curvopt.config.power_iters` products, the eigenvalue read from the pass's last iterates
     (:func:`curvopt.eigen.krylov_estimate`). A failed estimate (a non-finite product) is NaN, as in PyTorch,
     and keeps ``v0`` (the next step retries: :func:`curvopt.config.sharpness_due`)."""
-    iters = power_iters(config, last)
+    iters = power_iters(config, last, jnp)
     step = functools.partial(power_step, matvec=matvec, fresh=fresh, iters=iters, tol=config.tol, ops=ops, xp=jnp)
     st = jax.lax.while_loop(lambda s: ~s.done, step, power_init(v0, last, ops, jnp))
     value = krylov_estimate(st, least_precise_eps(v0), jnp)

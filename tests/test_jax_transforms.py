@@ -13,8 +13,8 @@ import pytest
 
 from curvopt.config import SharpnessConfig
 from curvopt.stats import STAT_FIELDS
-from jax_backend import (BaseMethod, armijo, cdat, edge_of_stability, polyak, scale_by_armijo, scale_by_cdat,
-                         scale_by_edge_of_stability, scale_by_polyak, scale_by_quadratic_greedy, stats)
+from jax_backend import (BaseMethod, armijo, cdat, edge_of_stability, polyak, quadratic_greedy, scale_by_armijo,
+                         scale_by_cdat, scale_by_edge_of_stability, scale_by_polyak, scale_by_quadratic_greedy, stats)
 from jax_backend.loss import fn_kwargs
 
 RNG = np.random.default_rng(0)
@@ -1040,3 +1040,43 @@ def test_a_rate_of_zero_for_ten_steps_is_reported(make):
     (zero,) = said(uphill, jnp.array([2.5, -0.8]), ZERO_RATE_STEPS)
     assert "The loss rises along" in zero and "add_decayed_weights" in zero and "a momentum" in zero
     assert said(optax.identity(), jnp.array([2.5, -0.8]), 60) == []  # to the minimum, then at rest there
+
+
+@pytest.mark.parametrize("make,value_fn", [
+    (lambda: quadratic_greedy(optax.identity()), False), (lambda: cdat(optax.identity(), sharpness=1), True),
+    (lambda: edge_of_stability(optax.identity()), True)], ids=["greedy-closure-free", "cdat-sharpness", "edge"])
+def test_strict_jax_configurations_change_nothing(make, value_fn):
+    """Under ``jax_numpy_rank_promotion='raise'`` and ``jax.numpy_dtype_promotion('strict')``, which careful code
+    turns on and under which Optax's momentum SGD runs, a field test found the online sharpness's Krylov step
+    broadcasting implicitly (a ValueError), closure-free CDAT and the greedy rule multiplying a count by a float
+    and the edge rule an int by a bool (TypePromotionErrors). The rates are now those of the default
+    configuration; a Python float parameter works with the edge rule as with the others (it raised in init)."""
+    def loss_fn(p, x):
+        return 0.5 * jnp.sum((jnp.tanh(p["w"] * x) - 0.5) ** 2)
+
+    x = jnp.array([1.0, 2.0, 3.0])
+
+    def run():
+        tx, p = make(), {"w": jnp.array([0.5, -0.3, 0.2])}
+        s, rates = tx.init(p), []
+
+        @jax.jit
+        def step(p, s):
+            v, g = jax.value_and_grad(loss_fn)(p, x)
+            kw = {"value": v, "grad": g, "value_fn": loss_fn, "x": x} if value_fn else {}
+            u, s = tx.update(g, s, p, **kw)
+            return optax.apply_updates(p, u), s
+
+        for _ in range(3):
+            p, s = step(p, s)
+            rates.append(float(optax.tree_utils.tree_get(s, "lr")))
+        return rates
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = run()
+        with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+            strict = run()
+    assert plain == strict and plain[-1] > 0
+    edge = edge_of_stability(optax.identity())
+    assert jax.tree.structure(edge.init({"w": 0.5})) == jax.tree.structure(edge.init({"w": jnp.asarray(0.5)}))
