@@ -954,3 +954,38 @@ def test_the_bound_watch_starts_afresh_under_another_bound():
     assert bound_messages(dropped, "T") == [] and math.isnan(float(dropped.bound_first_gap))
     kept = watch_bound(watch, -0.6, 2.0, 0.0, np)  # the same bound: said once, kept
     assert float(kept.bound_below) == -0.5 and float(kept.bound_first_gap) == 1.0
+
+
+def test_loss_bound_curvature_does_not_overflow_where_it_is_finite():
+    """``n^2 / (2 (f - f*))`` with ``n = 2.57e19``, ``f = 4.7e9`` in float32: ``n^2`` overflows (6.6e38) though the
+    curvature is 7.0e28; the inf stopped CDAT for good on a float32 loss scaled by 1e9 (a field test; the greedy
+    rule trained it). The value is the float64 formula's."""
+    n, f = np.float32(2.57e19), np.float32(4.7e9)
+    got = rules.loss_bound_curvature(n, f, np.float32(0.0), np)
+    assert got.dtype == np.float32 and np.isfinite(got)
+    assert float(got) == pytest.approx(2.57e19 ** 2 / (2 * float(f)), rel=1e-6)
+    assert float(rules.loss_bound_curvature(np.float32(0.0), f, np.float32(0.0), np)) == 0.0
+    assert float(rules.loss_bound_curvature(n, np.float32(np.nan), np.float32(0.0), np)) == 0.0
+
+
+def test_cdat_trains_a_float32_loss_whose_gradient_norm_is_5e9():
+    """The same in the PyTorch backend, end to end: a float32 quadratic scaled by 1e9 behind SGD trains as the
+    unscaled one does (its rate 1e9 times smaller); it took no step at all (rate 0 for 20 steps)."""
+    import torch
+    from curvopt.torch import CDAT
+    a = torch.tensor([1.0, 2, 3, 5, 8])
+
+    def run(scale):
+        w = torch.nn.Parameter(torch.full((5,), 0.5))
+        opt = CDAT(torch.optim.SGD([w], lr=1.0))
+
+        def closure():
+            opt.zero_grad()
+            loss = scale * 0.5 * (a * (w - 1) ** 2).sum()
+            loss.backward()
+            return loss
+        for _ in range(20):
+            opt.step(closure)
+        return float(0.5 * (a * (w.detach() - 1) ** 2).sum())
+
+    assert run(1e9) < 1e-4 and run(1.0) < 1e-4
