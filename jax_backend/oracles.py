@@ -304,9 +304,11 @@ class ReplayCheck(NamedTuple):
     the loss's rounding, the largest loss checked so far and at least 1 (a float32 cross-entropy fitted to 3e-6
     rounds like the O(1) logits it cancels: a ``value_fn`` that replays missed the model by 23 allowances at its own
     scale), and whether a probe's loss ever missed the step's quadratic model (:func:`jax_backend.stats` warns:
-    :data:`curvopt.config.REPLAY_MESSAGE_OPTAX`)."""
+    :data:`curvopt.config.REPLAY_MESSAGE_OPTAX`). The field is ``rounding_scale``, not ``scale``: the state's
+    field names are unique in a chain (``optax.tree_utils.tree_get(state, "scale")`` reads ``reduce_on_plateau``'s
+    factor)."""
 
-    scale: Any
+    rounding_scale: Any
     missed: Any
 
 
@@ -324,7 +326,7 @@ def replay_check(memory: ReplayCheck, value: Any, numerator: Any, curvature: Any
     than the gradient's, or reads another batch, misses it by far."""
     _, h, loss = fd_probe
     checked = (steps < REPLAY_CHECKS) & jnp.isfinite(value) & jnp.isfinite(loss)
-    scale = jnp.where(checked, jnp.maximum(memory.scale, abs(value)), memory.scale)
+    scale = jnp.where(checked, jnp.maximum(memory.rounding_scale, abs(value)), memory.rounding_scale)
     mismatch, _ = replay_mismatch(value, loss.astype(dtype), h, numerator, curvature,
                                   float(jnp.finfo(jnp.result_type(loss)).eps), scale, jnp)
     judged = checked & replay_judged(h, numerator, scale)

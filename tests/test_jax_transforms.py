@@ -449,6 +449,20 @@ def test_tree_get_lr_is_the_tuners(name):
         assert optax.tree_utils.tree_get(state, "mu") is not None  # Adam's, not ours
 
 
+@pytest.mark.parametrize("name", ["cdat_fd", "greedy"])
+def test_tree_get_scale_is_reduce_on_plateaus_beside_a_tuner(name):
+    """``reduce_on_plateau`` before a tuner (docs/optax.md's place for it): ``tree_get(state, "scale")`` reads the
+    plateau's factor. The fd probe's replay check had a field named ``scale`` too: ``tree_get`` raised on the
+    duplicate and ``tree_set(state, scale=0.5)`` wrote into the tuner's check as well, silently (a field test)."""
+    p = _params(jnp.float32)
+    opt = optax.chain(optax.contrib.reduce_on_plateau(), TUNERS[name]())
+    state = opt.init(p)
+    assert float(optax.tree_utils.tree_get(state, "scale")) == 1.0
+    halved = optax.tree_utils.tree_set(state, scale=0.5)
+    assert float(halved[0].scale) == 0.5
+    jax.tree.map(np.testing.assert_array_equal, halved[1], state[1])
+
+
 def test_adam_default_numerator_needs_adam_state_and_falls_back_with_a_warning():
     """Behind Adam (``base_method="adam"``) the default numerator is the momentum one with sigma 4
     (:func:`curvopt.rules.default_numerator`), read from the Adam state the convenience hands over; a bare
