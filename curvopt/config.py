@@ -161,10 +161,10 @@ def sharpness_due(count: Any, every: Any, last: Any = 0.0) -> Any:
 def power_iters(config: SharpnessConfig, last: Any, xp: Any = None) -> Any:
     """The products one estimate may spend: ``first_iters`` while ``last``, the estimate the rule reads, is not
     finite (before the first estimate, from a pseudo-random start, and when retrying a failed one: the stored
-    eigenvector is then at least an estimate old), else ``iters``. ``last``: a host float, or a 0-d array of the
-    array namespace ``xp``."""
-    if isinstance(last, (int, float)):
-        return config.iters if math.isfinite(last) else config.first_iters
+    eigenvector is then at least an estimate old), else ``iters``. ``last``: a 0-d array of the array namespace
+    ``xp`` (traced), or, without ``xp``, anything ``float()`` reads (a host scalar, a 0-d tensor)."""
+    if xp is None:
+        return config.iters if math.isfinite(float(last)) else config.first_iters
     return xp.where(_isfinite(last), config.iters, config.first_iters)
 
 
@@ -474,9 +474,11 @@ def watched_norms(norms: Any, norm: Any, counted: Any, xp: Any) -> Any:
     catch a clip; an array, oldest first, 0 for a step not seen; start from zeros) after a step whose gradient has
     norm ``norm``: shifted in when the step counts (``counted``: it follows a step that moved the parameters;
     a probe's tiny step leaves the gradient nearly as it was, a step at rate 0 exactly, the same batch then
-    giving the same norm), else cleared."""
+    giving the same norm), else left as it was: such a step says nothing either way (cleared, the window of a
+    clip in front of the greedy rule behind heavy ball, whose rate swung between 0 and 1e9-1e14 while the loss
+    went to 1e14, never filled, and nothing warned: a field test)."""
     shifted = xp.concatenate([norms[1:], xp.reshape(norm, (1,)).astype(norms.dtype)])
-    return xp.where(counted, shifted, xp.zeros_like(norms))
+    return xp.where(counted, shifted, norms)
 
 
 def external_clip_suspected(norms: Any, xp: Any) -> Any:

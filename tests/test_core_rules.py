@@ -989,3 +989,17 @@ def test_cdat_trains_a_float32_loss_whose_gradient_norm_is_5e9():
         return float(0.5 * (a * (w.detach() - 1) ** 2).sum())
 
     assert run(1e9) < 1e-4 and run(1.0) < 1e-4
+
+
+def test_a_step_that_did_not_move_leaves_the_clip_watch_window_as_it_was():
+    """The outside-clip watch's window of gradient norms (:func:`curvopt.config.watched_norms`): a step that did
+    not move the parameters (rate 0, a probe) neither counts nor clears it. Cleared, the window of a clip in front
+    of the greedy rule behind heavy ball, whose rate swung between 0 and 1e9-1e14 while the loss went to 1e14,
+    never filled, and nothing warned (a field test). Three clipped norms around a rate-0 step are a clip."""
+    from curvopt.config import external_clip_suspected, watched_norms
+    window = np.zeros(3)
+    for norm, counted in [(0.2, True), (0.2, True), (0.7, False), (0.2, True)]:
+        window = watched_norms(window, np.float64(norm), counted, np)
+    assert window.tolist() == [0.2, 0.2, 0.2] and bool(external_clip_suspected(window, np))
+    window = watched_norms(window, np.float64(0.9), True, np)  # a true gradient after a move: no clip
+    assert not bool(external_clip_suspected(window, np))
