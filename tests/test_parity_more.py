@@ -683,3 +683,20 @@ def test_the_greedy_step_along_a_piecewise_linear_loss_is_lr_max_in_both_backend
             assert float(opt.stats["lr"]) == 0.5 and float(co.stats(state)["lr"]) == 0.5
             np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12)
             np.testing.assert_allclose(np.asarray(q), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("keyword", ["numerator", "sigma", "ema"])
+def test_the_greedy_rule_refuses_the_keywords_it_fixes_in_both_backends(keyword):
+    """The greedy rule is CDAT with ``sigma=1, ema=0, eps=0``, the paper's start-up and ``-g^T u`` as numerator:
+    Optax's ``quadratic_greedy`` refused ``numerator=``, PyTorch's ``QuadraticGreedy`` took it and ran another
+    rule (rates up to 95 % off by step 8 behind Adam with ``"momentum"``; a field test)."""
+    import optax
+    import torch
+
+    from curvopt.optax import quadratic_greedy
+    from curvopt.torch import QuadraticGreedy
+    value = {"numerator": "momentum", "sigma": 2.0, "ema": 0.5}[keyword]
+    with pytest.raises(TypeError, match=keyword):
+        QuadraticGreedy(torch.optim.Adam([torch.nn.Parameter(torch.ones(2))]), **{keyword: value})
+    with pytest.raises(TypeError, match=keyword):
+        quadratic_greedy(optax.scale_by_adam(), **{keyword: value})

@@ -164,8 +164,8 @@ class QuadraticGreedy(CDAT):
     """``lr = -g^T u / |u^T H u|``, the minimiser of the quadratic model along ``u``, at most ``lr_max`` (the rate
     where the curvature is exactly 0 along a descent direction; without one no step)
     (:meth:`curvopt.rules.CDATRule.greedy`). The keyword arguments of :class:`CDAT` but the rule's, which it
-    fixes (``sigma``, ``ema``, ``eps``, ``startup``, ``f_star``, ...: CDAT with ``sigma=1, ema=0, eps=0,
-    startup="paper"``; a ``TypeError`` names them). The secant's ``noise_correction`` is off by default behind
+    fixes (``sigma``, ``ema``, ``eps``, ``startup``, ``f_star``, ``numerator``, ...: CDAT with ``sigma=1, ema=0,
+    eps=0, startup="paper", numerator="direction"``; a ``TypeError`` names them). The secant's ``noise_correction`` is off by default behind
     every base (:data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`)."""
 
     def __init__(self, base: torch.optim.Optimizer,
@@ -174,9 +174,9 @@ class QuadraticGreedy(CDAT):
                  noise_correction: Optional[bool] = GREEDY_NOISE_CORRECTION, **kwargs: Any) -> None:
         greedy = CDATRule.greedy(lr_max)
         fixed = {f.name: getattr(greedy, f.name) for f in dataclasses.fields(greedy)}
-        given = sorted(set(kwargs) & set(fixed))
+        given = sorted(set(kwargs) & (set(fixed) | {"numerator"}))  # (its numerator is -g^T u, as in Optax)
         if given:
             raise TypeError(f"QuadraticGreedy fixes the rule's {', '.join(given)} (it is CDAT with sigma=1, ema=0, "
-                            "eps=0, startup='paper'); set them on CDAT instead")
+                            "eps=0, startup='paper', numerator='direction'); set them on CDAT instead")
         super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, noise_correction=noise_correction,
                          **kwargs)
