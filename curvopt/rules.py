@@ -251,26 +251,31 @@ def armijo_initial_lr(previous_lr: Any, *, increase_factor: Any, lr_max: Any, in
 
 def moved_entries(w: Any, u: Any, xp: Any) -> Any:
     """``w`` where the direction ``u`` moves it, 0 elsewhere: the parameters whose norm sizes a finite-difference
-    displacement along ``u`` (:func:`finite_difference_step`). A frozen part (a param group at lr 0, a zero
-    gradient, ``optax.set_to_zero`` inside the base) does not move and does not count: a frozen tensor of norm 1e5
-    beside a trained one of norm 1.3 made the closure-free probing step, a real step, 7.5e4x longer (loss 0.54 ->
-    300), in a field test."""
+    displacement along ``u`` (:func:`finite_difference_step`'s ``moved_norm``). A frozen part (a param group at
+    lr 0, a zero gradient, ``optax.set_to_zero`` inside the base) does not move and does not count: a frozen tensor
+    of norm 1e5 beside a trained one of norm 1.3 made the closure-free probing step, a real step, 7.5e4x longer
+    (loss 0.54 -> 300), in a field test."""
     return xp.where(u != 0, w, 0)
 
 
-def finite_difference_step(param_norm: Any, direction_norm: Any, *, dtype_eps: float, xp: Any) -> Any:
+def finite_difference_step(param_norm: Any, direction_norm: Any, *, dtype_eps: float, xp: Any,
+                           moved_norm: Any = None) -> Any:
     """Step ``h`` for the forward difference ``u^T H u ~ (g(w + h u) - g(w))^T u / h``.
 
-    The displacement is ``h ||u|| = sqrt(eps) ||w||``, ``param_norm = ||w||`` over the entries ``u`` moves
-    (:func:`moved_entries`): relative to the parameters' own scale (1e-6 or 1e6: no absolute floor), which balances the rounding error of forming ``w + h u`` against the truncation error of the
+    The displacement is ``h ||u|| = sqrt(eps) ||w||``: relative to the parameters' own scale (1e-6 or 1e6: no
+    absolute floor), which balances the rounding error of forming ``w + h u`` against the truncation error of the
     difference. Both are about ``sqrt(eps)`` relative (1.5e-8 in float64, 3.5e-4 in float32) where the curvature
     changes over a distance of about ``||w||``; the truncation error is the displacement times the curvature's
     relative rate of change, so a loss whose curvature changes faster reads worse (a field test, tanh MLP at
     ``||w|| ~ 59``, float64: 1e-8 to 5.6e-6 relative against the dense Hessian; a central difference at the same
-    ``h``: 2.4e-8, at twice the gradients). Where ``w = 0`` the scale is ``||u||`` instead (``h = sqrt(eps)``).
-    Returns 0 when ``u = 0``.
+    ``h``: 2.4e-8, at twice the gradients). ``||w||`` is ``moved_norm``, the norm over the entries ``u`` moves
+    (:func:`moved_entries`), where it is given and positive, else ``param_norm``, the whole parameters' (the part
+    that moves may start at 0: a LoRA adapter's zero-initialised ``B``, whose probe the rest of the model sizes as
+    before); where both are 0 the scale is ``||u||`` (``h = sqrt(eps)``). Returns 0 when ``u = 0``.
     """
     ok = direction_norm > 0
+    if moved_norm is not None:
+        param_norm = xp.where(moved_norm > 0, moved_norm, param_norm)
     scale = xp.where(param_norm > 0, param_norm, direction_norm)
     return _safe_div(dtype_eps ** 0.5 * scale, direction_norm, ok, xp)
 
@@ -531,9 +536,11 @@ def loss_bound_curvature(numerator: Any, value: Any, f_star: Any, xp: Any) -> An
     n = _pos(numerator, xp)
     gap = value - f_star
     known = xp.isfinite(gap) & (gap > 0)
-    # n (n / 2 gap), not n^2 / 2 gap: in float32 n^2 overflows from n ~ 1.8e19 (a gradient norm ~ 4e9), and the inf
-    # curvature stopped CDAT for good where the curvature itself was finite (a field test)
-    return n * _safe_div(n, 2 * gap, known, xp)
+    # (n / sqrt(2 gap))^2, not n^2 / 2 gap: in float32 n^2 overflows from n ~ 1.8e19 (a gradient norm ~ 4e9), and
+    # the inf curvature stopped CDAT for good where the curvature itself was finite (a field test); the square
+    # overflows only where the curvature does
+    root = _safe_div(n, xp.sqrt(xp.where(known, 2 * gap, 1.0)), known, xp)
+    return root * root
 
 
 def loss_bound_step(numerator: Any, value: Any, f_star: Any, xp: Any) -> Any:

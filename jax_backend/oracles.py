@@ -283,11 +283,12 @@ def fd_eps(params: Any, f: Callable[[Any], Any] | None = None, grad: Any = None)
 def fd_step(params: Any, d: Any, dtype: Any, f: Callable[[Any], Any] | None = None, grad: Any = None,
             eps: Any = None) -> Any:
     """The finite-difference step ``h`` (displacement ``h ||u|| = sqrt(eps) ||w||``, ``||w||`` over the entries ``d``
-    moves: :func:`curvopt.rules.moved_entries`; ``||u|| = ||d||``), ``eps`` given or :func:`fd_eps` of ``params``,
-    ``f`` and ``grad``."""
+    moves where they are not all 0: :func:`curvopt.rules.finite_difference_step`; ``||u|| = ||d||``), ``eps`` given
+    or :func:`fd_eps` of ``params``, ``f`` and ``grad``."""
     eps = fd_eps(params, f, grad) if eps is None else eps
     moved = jax.tree.map(lambda w, u: rules.moved_entries(w, u, jnp), params, d)
-    return rules.finite_difference_step(norm(moved, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp).astype(dtype)
+    return rules.finite_difference_step(norm(params, dtype), norm(d, dtype), dtype_eps=eps, xp=jnp,
+                                        moved_norm=norm(moved, dtype)).astype(dtype)
 
 
 def _probing_step(params: Any, d: Any, dtype: Any, grad: Any, denoised: bool) -> tuple[Any, Any]:

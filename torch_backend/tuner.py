@@ -840,7 +840,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if motion:
             left, found = next(it), next(it)
             st.moved_outside = bool(moved_outside(found, left, least_precise_eps(params), S))
-        st.fd_norms = (next(it), next(it)) if st.fd else None
+        st.fd_norms = (next(it), next(it), next(it)) if st.fd else None
         with S.errstate():
             numerator = -g_dot_u
             rule_numerator = numerator
@@ -1062,11 +1062,11 @@ class CurvatureTuner(torch.optim.Optimizer):
         run of probes is kept to be judged (:func:`curvopt.config.secant_stalled`), in the units of the
         direction's ``unit`` of this step (:func:`curvopt.config.in_direction_units`)."""
         S = st.S
-        nw, nu = host_values(st.ws.displacement_norms(st.w0, st.u), S)
+        nw, nu, moved = host_values(st.ws.displacement_norms(st.w0, st.u), S)
         terms = 1 if self.distributed is None else self.distributed.world_size
         forward = gradient_eps(st.grads, terms) if probe_reads_forward(self._noise_on()) else 0.0
         eps = float(secant_probe_eps(max(least_precise_eps(st.params), forward), np))
-        lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S)
+        lr = finite_difference_step(nw, nu, dtype_eps=eps, xp=S, moved_norm=moved)
         if self._probed is None:
             self._probed = (float(in_direction_units(secant_stall_reference(lr, eps, S), unit, S)), st.count, math.nan)
         return lr

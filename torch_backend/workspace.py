@@ -132,11 +132,12 @@ class Workspace:
 
     @staticmethod
     def displacement_norms(w0: "_Buffer", u: "_Buffer") -> list[Tensor]:
-        """``||w0||`` over the entries ``u`` moves (:func:`curvopt.rules.moved_entries`) and ``||u||``, the norms a
-        finite-difference step is sized by, as 0-d tensors (one fused norm kernel over the flat tensors)."""
+        """``[||w0||, ||u||, ||w0|| over the entries u moves]`` (:func:`curvopt.rules.moved_entries`), the norms a
+        finite-difference step is sized by (:func:`curvopt.rules.finite_difference_step`), as 0-d tensors (one
+        fused norm kernel over the flat tensors)."""
         if w0.flat is not None and u.flat is not None:
-            return flat_norms([moved_entries(w0.flat, u.flat, torch), u.flat])
-        return vector_norms([moved_entries(w, d, torch) for w, d in zip(w0.views, u.views)], u.views)
+            return flat_norms([w0.flat, u.flat, moved_entries(w0.flat, u.flat, torch)])
+        return vector_norms(w0.views, u.views, [moved_entries(w, d, torch) for w, d in zip(w0.views, u.views)])
 
     def take_start(self) -> list[tuple[Tensor, Optional[dict]]]:
         """``w0 <- params`` and a copy of the base's tensors of the stepped parameters (one concatenation for
