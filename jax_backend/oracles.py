@@ -254,7 +254,9 @@ def gradient_eps(grad: Any) -> Any:
         nz = g != 0
         counts = counts + jnp.stack([nz] + [w & nz for w in within_budgets(g, 1, jnp)]).sum(
             axis=tuple(range(1, g.ndim + 1)), dtype=jnp.int32)
-    counts = counts.astype(jnp.float32)  # (the core's shares are float: under strict dtype promotion too)
+    # the core's shares are floats (of JAX's default float dtype, as an int count times 0.0 made them): explicit,
+    # for strict dtype promotion
+    counts = counts.astype(jnp.result_type(float))
     return gradient_compute_eps(counts[0], list(counts[1:]), jnp)
 
 
