@@ -157,7 +157,8 @@ class _Checkpointed(nn.Module):
 
     def __init__(self, checkpointed):
         super().__init__()
-        self.l1, self.l2, self.l3, self.checkpointed = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3), checkpointed
+        self.l1, self.l2, self.l3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.checkpointed = checkpointed
 
     def block(self, h):
         return torch.tanh(self.l2(h))

@@ -165,8 +165,8 @@ class QuadraticGreedy(CDAT):
     where the curvature is exactly 0 along a descent direction; without one no step)
     (:meth:`curvopt.rules.CDATRule.greedy`). The keyword arguments of :class:`CDAT` but the rule's, which it
     fixes (``sigma``, ``ema``, ``eps``, ``startup``, ``f_star``, ``numerator``, ...: CDAT with ``sigma=1, ema=0,
-    eps=0, startup="paper", numerator="direction"``; a ``TypeError`` names them). The secant's ``noise_correction`` is off by default behind
-    every base (:data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`)."""
+    eps=0, startup="paper", numerator="direction"``; a ``TypeError`` names them). The secant's
+    ``noise_correction`` is off by default behind every base (:data:`curvopt.curvature.GREEDY_NOISE_CORRECTION`)."""
 
     def __init__(self, base: torch.optim.Optimizer,
                  lr_max: float = inspect.signature(CDATRule.greedy).parameters["lr_max"].default, *,
