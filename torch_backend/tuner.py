@@ -1555,7 +1555,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             "lower precision than the probe was sized for (a bf16/fp16 torch.autocast that began after the tuner's "
             "first step: the probe is sized for the "
             "precision the first call computed in), or the loss is far from quadratic over the probe's "
-            "displacement, sqrt(eps) times the norm of all the parameters, and over a quarter of it too (a few "
+            "displacement, sqrt(eps) times the norm of the parameters it moves, and over a quarter of it too (a few "
             "parameters far larger than the rest, e.g. 1e4 against 1, on a loss that is rough at that scale). The "
             "fd curvature of such steps is not the local one; "
             "curvature='exact' (with functional_loss=) avoids it, and so does the secant (loss.backward(); "
