@@ -666,6 +666,20 @@ def test_a_rate_held_at_zero_on_a_falling_loss_is_said_once():
     assert len(said) == 1 and "f_star" in said[0] and "weight_decay" not in said[0]
 
 
+def test_a_sigma_schedule_crossing_zero_is_named_by_the_rate_zero_warning():
+    """A schedule of sigma that crosses 0 clips the rate to 0 (the rule guard) on a loss that falls along the
+    update: the warning that follows names sigma among the causes."""
+    w = nn.Parameter(torch.arange(1.0, 6.0, dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=lambda t: 2.0 - t)
+    closure = closure_for(opt, lambda w: w.square().sum(), [w])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            opt.step(closure)
+    said = [str(r.message) for r in rec if "has been 0 for" in str(r.message)]
+    assert len(said) == 1 and "schedule of sigma" in said[0]
+
+
 def _warned_here(rec, text):
     """The recorded warnings whose message contains ``text``, each with the file and line it is attributed to."""
     return [(r.filename, r.lineno) for r in rec if text in str(r.message)]
