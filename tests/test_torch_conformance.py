@@ -446,6 +446,13 @@ def test_add_param_group(optim_info, given):
     with pytest.raises(ValueError, match="same tensor more than once"):  # torch only warns
         optimizer.add_param_group({"params": given([twice, twice])})
     assert len(optimizer.param_groups) == 2
+    # torch 2's named parameters, as torch's own add_param_group takes them (before: an AttributeError on the
+    # (name, tensor) pairs)
+    named = optim_info.optim_cls([("weight", weight)])
+    with pytest.raises(ValueError, match="same tensor more than once"):  # the pairs' tensors checked
+        named.add_param_group({"params": given([("a", twice), ("b", twice)])})
+    named.add_param_group({"params": given([("bias", bias)])})
+    assert named.param_groups[1]["params"] == [bias] and named.param_groups[1]["param_names"] == ["bias"]
 
 
 @db

@@ -1744,6 +1744,35 @@ def test_parameters_converted_or_materialised_after_the_tuner_is_built():
         assert w.dtype == D64 and not torch.equal(w, w.float().double())  # no longer float32 values
 
 
+@pytest.mark.parametrize("tuner", [CDAT, ArmijoLineSearch])
+@pytest.mark.parametrize("given_modules", [False, True])
+def test_a_lazy_module_with_buffers_trains_like_its_eager_twin(tuner, given_modules):
+    """``nn.LazyBatchNorm1d`` before its first forward, the tuner built already: its running statistics and the
+    rates are those of the eager model's (before: every step raised, the buffer snapshot reading the uninitialised
+    buffer before the lazy module's own hook created it)."""
+    x, y = torch.randn(32, 4, dtype=D64), torch.randint(0, 3, (32,))
+
+    def run(lazy):
+        torch.manual_seed(1)
+        model = (nn.Sequential(nn.LazyLinear(6), nn.LazyBatchNorm1d(), nn.Tanh(), nn.LazyLinear(3)) if lazy else
+                 nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))).double()
+        opt = tuner(torch.optim.Adam(model.parameters(), lr=1.0), **({"modules": model} if given_modules else {}))
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        lrs = []
+        for _ in range(4):
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        return lrs, model[1].running_mean.clone(), int(model[1].num_batches_tracked)
+
+    (a, ma, na), (b, mb, nb) = run(True), run(False)
+    assert a == b and torch.equal(ma, mb) and na == nb == 4 and all(v > 0 for v in a)
+
+
 def _clipped_mlp_rates(max_grad_norm):
     """Closure-free CDAT behind Adam on a small full-batch tanh MLP, 30 steps: the rates."""
     gen = torch.Generator().manual_seed(0)

@@ -179,11 +179,12 @@ class BufferSnapshot:
 
     def _buffers(self) -> list[tuple[dict, str, Tensor]]:
         """``(module._buffers, name, tensor)`` of every buffer of the modules and their submodules, once each, in
-        ``Module.buffers()`` order."""
+        ``Module.buffers()`` order; a lazy module's buffer before its first forward has no value to keep and is
+        left out (its module's own hook, which runs after the global one that takes the snapshot, creates it)."""
         out: list[tuple[dict, str, Tensor]] = []
         for m in _each_module(self.modules):
             if m._buffers:
-                out.extend((m._buffers, k, b) for k, b in m._buffers.items() if b is not None)
+                out.extend((m._buffers, k, b) for k, b in m._buffers.items() if b is not None and not is_lazy(b))
         if len(out) > 1 and len({id(b) for _, _, b in out}) < len(out):  # a buffer shared by modules: the first
             first: dict[int, tuple[dict, str, Tensor]] = {}
             for slot in out:

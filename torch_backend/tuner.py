@@ -407,6 +407,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if not isinstance(params, (Tensor, set)):  # listed once, as torch's add_param_group does (a set: its
             # error): a generator (module.parameters()) read by the checks below would reach the base empty
             param_group["params"] = params = list(params)
+            # the tensors of named_parameters()' (name, tensor) pairs, whose names the base records
+            params = [p[1] if isinstance(p, tuple) else p for p in params]
             check_listed_once(params, type(self).__name__)
         accumulator_dtype_name(str(p.dtype) for p in ([params] if isinstance(params, Tensor) else params))
         self.base.add_param_group(param_group)
