@@ -680,6 +680,25 @@ def test_a_sigma_schedule_crossing_zero_is_named_by_the_rate_zero_warning():
     assert len(said) == 1 and "schedule of sigma" in said[0]
 
 
+def test_a_sigma_schedule_returning_a_tensor_runs_as_one_returning_a_number():
+    """``sigma=lambda k: 1 + torch.cos(...)`` (a 0-d tensor) gives the rates of the same schedule in Python
+    numbers (before: the robust start-up's guard raised a NotImplementedError on a bitwise or)."""
+    def run(schedule):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(DT)
+        x = torch.randn(32, 4, dtype=DT)
+        opt = CDAT(torch.optim.SGD(model.parameters(), lr=1.0), sigma=schedule)
+        closure = closure_for(opt, lambda: (model(x) - x.sum(1, keepdim=True).sin()).square().mean(), [])
+        lrs = []
+        for _ in range(6):
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        return lrs
+
+    tensor = run(lambda k: 3.0 + torch.cos(torch.tensor(math.pi * k / 4, dtype=DT)))
+    assert tensor == run(lambda k: 3.0 + math.cos(math.pi * k / 4)) and all(v > 0 for v in tensor)
+
+
 def _warned_here(rec, text):
     """The recorded warnings whose message contains ``text``, each with the file and line it is attributed to."""
     return [(r.filename, r.lineno) for r in rec if text in str(r.message)]

@@ -82,7 +82,7 @@ from curvopt.rules import eos_ratio as eos_ratio_rule
 from curvopt.rules import finite_difference_step, secant_curvature, secant_stretch
 from curvopt.rules import momentum_numerator, paired_numerator, paired_prediction_weight
 from curvopt.stats import STAT_DOCS, STAT_FIELDS
-from curvopt.validation import check_bool, check_choice, check_positive, check_positive_int
+from curvopt.validation import at_step, check_bool, check_choice, check_positive, check_positive_int
 
 from . import state as layout
 from .settings import resolve_sharpness
@@ -1002,8 +1002,10 @@ class CurvatureTuner(torch.optim.Optimizer):
         rate = followed_rate(getattr(rule_state, "unit", 0.0), S(st.group_lr), self._saved_group_lr(glob, S))
         unit = direction_unit(st.method, S(st.group_lr) if st.clip_v is None else S(st.group_lr) * st.clip_v, S,
                               rate=S(rate))
+        # the rule's sigma at this step, a schedule's 0-d tensor (torch.cos(...)) read as a number
+        sigma = at_step(rule.sigma, count, "sigma") if getattr(rule, "sigma", None) is not None else None
         inputs = RuleInputs(st.rule_numerator, st.curvature, st.loss_v, reference, count, st.lagged, st.stretch,
-                            unit)
+                            unit, sigma=sigma.item() if isinstance(sigma, Tensor) else sigma)
         with S.errstate():
             if self._replay_checks and "value" in rule.needs:  # the line search, Polyak: no fd probe checks them
                 self._check_replay_in_place(self._probe(st))
