@@ -15,6 +15,7 @@ its average would collect the probe points), ``SparseAdam`` (sparse gradients), 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -84,7 +85,13 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
 
 
 def check_group(group: dict, tuner: str) -> None:
-    """Refuse a param group the tuners cannot handle (``maximize=True``, ``differentiable=True``)."""
+    """Refuse a param group the tuners cannot handle (``maximize=True``, ``differentiable=True``, an ``lr`` that is
+    negative or not finite: a scheduler can write one, which the base would take)."""
+    lr = group.get("lr")
+    if lr is not None and not 0.0 <= float(lr) < math.inf:
+        raise ValueError(f"{tuner}: a param group's lr is {float(lr)!r}; the tuner's rate multiplies each group's lr, "
+                         "which must be a finite number >= 0 (a negative one would climb the loss). An LR "
+                         "scheduler or a hand edit of param_groups wrote it: check its schedule")
     if group.get("maximize", False):
         raise ValueError(f"{tuner}: maximize=True is not supported (the tuners minimise the closure's loss); "
                          "return the negated objective from the closure instead")
