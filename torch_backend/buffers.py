@@ -24,9 +24,10 @@ power iterations for the sharpness). Only the first, *main* call may have side e
   the same masks in the probe as in the main call (a finite difference across different masks would be
   meaningless), and after the step the generators are where the main call left them: the random stream of
   the training run is the one of the bare base optimizer.
-* **Gradients of the other parameters.** The parameters of those modules, and of any other module the main call
-  runs (with ``modules=`` too), that the tuner does not step (a head under another optimizer, a GAN's other
-  network) keep the gradients the main call left: each probe starts them
+* **Gradients of the other parameters.** The parameters of those modules, of any other module the main call
+  runs (with ``modules=`` too), and any other leaf tensor the loss it returned was computed from (a raw tensor, a
+  weight used through ``F.linear``: :func:`graph_leaves`), that the tuner does not step (a head under another
+  optimizer, a GAN's other network) keep the gradients the main call left: each probe starts them
   from none and after the step they are the main call's tensors again, so an optimizer stepping them next reads
   the gradient at the point the main call saw (before, it read the last probe's, or the sum of the main call's
   and the probes' where the closure zeroed only the tuner's gradients). The tuner's own ``.grad`` are its
@@ -40,6 +41,7 @@ power iterations for the sharpness). Only the first, *main* call may have side e
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
@@ -256,6 +258,23 @@ class RunSnapshot:
             snap.restore()
 
 
+def graph_leaves(loss: Optional[Tensor]) -> list[Tensor]:
+    """The leaf tensors ``loss``'s autograd graph accumulates gradients into (its ``AccumulateGrad`` nodes' tensors;
+    the graph's structure outlives a ``backward()`` that freed its saved tensors); none for a loss without a graph."""
+    fn = getattr(loss, "grad_fn", None)
+    seen, todo, out = set(), [fn] if fn is not None else [], []
+    while todo:
+        fn = todo.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)
+        if leaf is not None:
+            out.append(leaf)
+        todo.extend(f for f, _ in fn.next_functions if f is not None)
+    return out
+
+
 class RNGSnapshot:
     """The CPU generator state and those of the CUDA devices in use."""
 
@@ -299,6 +318,8 @@ class ProbeGuard:
         #: every other parameter of the modules with the gradient the main call left it
         self._owned: Sequence[Tensor] = ()
         self._grads: list[tuple[Tensor, Optional[Tensor]]] = []
+        #: the loss the main call returned, whose graph reaches the other leaf tensors (None: none, or not a tensor)
+        self._loss: Optional[Tensor] = None
         #: the last main call returned None, ran no backward into the parameters the caller steps and left them the
         #: gradient tensors it found: it was forgotten as if there had been none (:meth:`no_main`), the step is the
         #: caller's to take closure-free
@@ -318,6 +339,7 @@ class ProbeGuard:
         self._main_called = False
         self._new = None
         self._outside = []
+        self._loss = None
 
     def main(self, closure, owned: Sequence[Tensor] = ()) -> Tensor:
         self._main_called = True
@@ -356,6 +378,7 @@ class ProbeGuard:
         finally:
             for handle in handles:
                 handle.remove()
+        self._loss = loss if isinstance(loss, Tensor) else None
         if loss is None and not accumulated and marks.same_tensors(owned):
             # nothing ran that the step could use: no modules found, no precision read, nothing to undo
             self.compute_eps = eps_before
@@ -421,20 +444,23 @@ class ProbeGuard:
 
     def _other_gradients(self) -> list[tuple[Tensor, Optional[Tensor]]]:
         """``(p, p.grad)`` of every parameter of the modules (and of those outside ``modules=`` that the main call
-        ran) that requires a gradient and is not ``owned``."""
+        ran) and of every other leaf tensor the main call's loss was computed from (a raw tensor, a weight used
+        through ``F.linear`` of a module the closure does not call) that requires a gradient and is not
+        ``owned``."""
         skip = {id(p) for p in self._owned}
+        module_params = (p for m in _each_module(self.buffers.modules + self._outside) for p in m._parameters.values())
         out = []
-        for m in _each_module(self.buffers.modules + self._outside):
-            for p in m._parameters.values():
-                if p is not None and p.requires_grad and id(p) not in skip:
-                    skip.add(id(p))  # a parameter shared by modules: once
-                    out.append((p, p.grad))
+        for p in itertools.chain(module_params, graph_leaves(self._loss)):
+            if p is not None and p.requires_grad and id(p) not in skip:
+                skip.add(id(p))  # a parameter shared by modules: once
+                out.append((p, p.grad))
         return out
 
     def _restore_gradients(self) -> None:
         for p, g in self._grads:
             p.grad = g
         self._grads = []
+        self._loss = None
 
     def _known_modules(self) -> frozenset[int]:
         if self._known is None:
