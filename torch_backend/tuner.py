@@ -42,10 +42,10 @@ sharpness is on. Within a step a probe's gradients sit beside the main call's (o
 Adam numerators' diagonal is formed over at most :data:`torch_backend.vectors.CONCAT_BELOW` entries at a time.
 
 After ``step`` the tuner's parameters' ``.grad`` hold the gradient of the last closure call of the step, which
-may be a probe (zeros for a parameter the main call reached and that call did not: under
-``zero_grad(set_to_none=False)`` the base keeps stepping it, as torch's optimizers do); read gradients inside
-the closure. The other parameters of the modules the closure runs keep the main call's gradient (another
-optimizer steps them: :mod:`torch_backend.buffers`).
+may be a probe, or zeros (for a parameter the main call reached and that call did not, and after a sharpness
+estimate, whose products consume their gradients: under ``zero_grad(set_to_none=False)`` the base keeps stepping
+it, as torch's optimizers do); read gradients inside the closure. The other parameters keep the main call's
+gradient (another optimizer steps them: :mod:`torch_backend.buffers`).
 """
 from __future__ import annotations
 
