@@ -159,7 +159,11 @@ def secant_noise_numerator(diff_sq: Any, diff_dot_direction: Any, direction_sq: 
     ``E ||g_t - g_{t-1}||_A^2 = 2 tr(A Sigma) + ||grad f_t - grad f_{t-1}||_A^2``. The second term (the drift,
     ``lr^2 ||H u||_A^2``) is second order but not negligible near the edge of stability, where it lies mostly
     along the direction moved: the estimate removes the ``A``-orthogonal projection of the difference on
-    ``u_{t-1}`` (which holds ``1/dim`` of the noise) and returns ``0.5 ||D_perp||_A^2``:
+    ``u_{t-1}`` and returns ``0.5 ||D_perp||_A^2``. That projection holds more than ``1/dim`` of the noise:
+    ``u_{t-1}`` carries the previous batch's own noise ``xi_{t-1}``, so the estimate is low by a factor of about
+    ``1 - rho / 2``, ``rho`` the noise's share of ``||g_{t-1}||_A^2`` (a field test, SGD on a quadratic with
+    isotropic noise, dimension 50: 0.49 of ``tr(A Sigma)`` at pure noise, 0.74 at equal shares, 0.98 where the
+    gradient is 200 times the noise), and the corrected curvature high (greedy behind SGD there: 2.47 for 2):
 
     ``diff_sq = D^T A D``, ``diff_dot_direction = D^T A u_{t-1}``, ``direction_sq = u_{t-1}^T A u_{t-1}`` with
     ``D = g_t - g_{t-1}``. Never negative; 0 when the direction is 0.
