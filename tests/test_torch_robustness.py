@@ -680,6 +680,25 @@ def test_a_sigma_schedule_crossing_zero_is_named_by_the_rate_zero_warning():
     assert len(said) == 1 and "schedule of sigma" in said[0]
 
 
+def test_lr_max_and_polyak_f_star_are_assignable_and_validated():
+    """``opt.lr_max = 0.1`` caps the next rates, and PolyakStep's ``opt.f_star`` moves its rate, as ``opt.sigma``
+    does (before: accepted as a plain attribute, silently changing nothing); an invalid value is refused."""
+    w = nn.Parameter(torch.arange(1.0, 6.0, dtype=DT))
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0))
+    closure = closure_for(opt, lambda w: (w.square() * torch.arange(1.0, 6.0, dtype=DT)).sum(), [w])
+    opt.step(closure)
+    assert float(opt.stats["lr"]) > 0.1
+    opt.lr_max = 0.1
+    opt.step(closure)
+    assert float(opt.stats["lr"]) == 0.1 and opt.rule.lr_max == 0.1
+    with pytest.raises(ValueError, match="lr_max"):
+        opt.lr_max = -1.0
+    polyak = PolyakStep(torch.optim.SGD([w], lr=1.0), lr_max=100.0)
+    polyak.f_star = -1.0
+    loss = float(polyak.step(closure_for(polyak, lambda w: w.square().sum(), [w])))
+    assert polyak.rule.f_star == -1.0 and float(polyak.stats["lr"]) == pytest.approx((loss + 1.0) / (4 * loss))
+
+
 def test_a_sigma_schedule_returning_a_tensor_runs_as_one_returning_a_number():
     """``sigma=lambda k: 1 + torch.cos(...)`` (a 0-d tensor) gives the rates of the same schedule in Python
     numbers (before: the robust start-up's guard raised a NotImplementedError on a bitwise or)."""

@@ -158,6 +158,8 @@ class CDAT(CurvatureTuner):
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
+    #: the rule's ``lr_max``; assignable
+    lr_max = RuleField()
 
 
 class QuadraticGreedy(CDAT):

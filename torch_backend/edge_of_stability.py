@@ -78,3 +78,5 @@ class EdgeOfStability(CurvatureTuner):
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
+    #: the rule's ``lr_max``; assignable
+    lr_max = RuleField()

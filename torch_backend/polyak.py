@@ -10,7 +10,7 @@ from curvopt.rules import PolyakRule, polyak_cap_warning
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
-from .settings import default_of
+from .settings import RuleField, default_of
 from .tuner import CurvatureTuner
 from .warning import warn
 
@@ -41,3 +41,7 @@ class PolyakStep(CurvatureTuner):
         message = polyak_cap_warning(self.method, lr_max)
         if message:
             warn(f"{type(self).__name__}: {message}")
+
+    #: the rule's ``f_star`` and ``lr_max``; assignable
+    f_star = RuleField()
+    lr_max = RuleField()
