@@ -67,6 +67,7 @@ def _one_exact_step(model, x, y, functional_loss, sharpness=False):
 @pytest.mark.parametrize("mistake, match", [
     ("closes_over_module", "does not depend on the parameters it is handed"),
     ("no_grad", "does not depend on the parameters it is handed"),
+    ("ignores_one", r"does not depend on the parameter\(s\) at \[2\]"),
     ("per_sample", r"returned shape \(32,\)"),
     ("python_float", "returned float"),
 ])
@@ -81,6 +82,9 @@ def test_a_functional_loss_mistake_is_named_and_changes_nothing(mistake, match, 
          "no_grad": lambda ps: torch.no_grad()(lambda: F.mse_loss(call(ps), y))(),
          "per_sample": lambda ps: ((call(ps) - y) ** 2).mean(1),
          "python_float": lambda ps: float(F.mse_loss(call(ps), y)),
+         # the second layer's weight taken from the module: what names taken before a prune of it zip to
+         "ignores_one": lambda ps: F.mse_loss(torch.func.functional_call(
+             model, dict(zip(names[:2] + names[3:], ps[:2] + ps[3:])), (x,)), y),
          }[mistake]
     w0 = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=match):
