@@ -392,6 +392,44 @@ def test_reassigned_buffers_are_guarded_like_buffers_written_in_place(tuner):
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
 
+class _History(nn.Module):
+    """Keeps a history of its input's mean in a buffer resized in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("hist", torch.zeros(0, dtype=torch.float64))
+
+    def forward(self, x):
+        n = self.hist.numel()
+        self.hist.resize_(n + 1)
+        self.hist[n] = x.detach().mean()
+        return x
+
+
+@pytest.mark.parametrize("tuner", [CDAT, ArmijoLineSearch])
+def test_a_buffer_resized_in_place_is_put_back_at_its_size(tuner):
+    """A buffer the forward resizes in place (``resize_``) holds one entry per step, the main calls' (before: the
+    restore after the first probe raised a broadcast error)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _History(), nn.Tanh(), nn.Linear(4, 1)).double()
+    opt = tuner(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    means = []
+
+    def closure():
+        opt.zero_grad()
+        if not opt.probing:
+            means.append(float(model[0](x).detach().mean()))
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        assert opt.stats["closure_calls"] > 1
+    assert model[1].hist.tolist() == means
+
+
 @pytest.mark.parametrize("kw,name", [({"sigma": "2.0"}, "sigma"), ({"lr_max": "inf"}, "lr_max"),
                                      ({"ema": "0.9"}, "ema"), ({"curvature": 3}, "curvature"),
                                      ({"seed": 1.5}, "seed"), ({"sharpness": 2.0}, "sharpness")])

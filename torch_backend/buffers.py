@@ -210,12 +210,15 @@ class BufferSnapshot:
     def restore(self) -> None:
         """Write the remembered values back (bit-exact copies), into the tensors the modules held: a forward pass
         that reassigns a buffer (``self.ema = 0.9 * self.ema + ...``) instead of writing it in place gets the
-        remembered tensor back."""
+        remembered tensor back, and one that resizes a buffer in place (``resize_``) its size back."""
         for d, k, b in self._slots:
             if d.get(k) is not b:
                 d[k] = b
         if self._live:
             with torch.no_grad():
+                for b, c in zip(self._live, self._copies):
+                    if b.shape != c.shape:
+                        b.resize_(c.shape)
                 torch._foreach_copy_(self._live, self._copies)
 
 
