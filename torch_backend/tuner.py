@@ -1080,6 +1080,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         written (the rule's, the watch's and the secant's memory, the eigenvectors, the prediction)."""
         state, params, glob, S, dev, lr = self.state, st.params, st.glob, st.S, st.dev, st.lr
         remember, noise_state, watch = st.remember, st.noise_state, st.watch
+        if remember and st.denoise and noise_state is None:  # no secant yet: the averages as they are (their
+            # keys written from the first step on, as a torch.distributed.checkpoint template needs)
+            noise_state = self._noise_state(glob, S)
         values = [lr, *st.new_rule_state, *(watch if watch is not None else ())]
         seen_kept = remember and st.denoise and st.clip_v is not None  # the share of the gradient the base saw
         if remember:
@@ -1130,10 +1133,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
                                     else S(math.nan), S(float(lr)), st.probing, S)  # (concave_reprobe's)
-        if S.isfinite(last_probe):
+        if S.isfinite(last_probe) or layout.LAST_PROBE in glob:  # NaN once the rule moves: the key stays (the
+            # state's keys the same from step to step, as a torch.distributed.checkpoint template needs)
             glob[layout.LAST_PROBE] = torch.tensor(float(last_probe), dtype=acc, device=dev)
-        else:
-            glob.pop(layout.LAST_PROBE, None)
         glob.setdefault(layout.SKIPPED, 0)
         if st.replay_scale is not None:
             glob[layout.REPLAY_SCALE] = torch.tensor(st.replay_scale, dtype=acc, device=dev)
@@ -1694,7 +1696,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         ``ValueError`` when ``lr`` is not given and the last step chose none (no step since the tuner was built or
         loaded: ``load_state_dict`` does not bring ``stats`` back; or a skipped step) or
         was a closure-free probing step (its rate the tiny finite-difference step, not one to go on with)."""
-        if lr is None and layout.LAST_PROBE in self.state.get(self._all_params()[0], {}):
+        last_probe = self.state.get(self._all_params()[0], {}).get(layout.LAST_PROBE)
+        if lr is None and last_probe is not None and math.isfinite(float(last_probe)):
             raise ValueError(f"{type(self).__name__}.base_state_dict: the last step was a closure-free probing step "
                              "(its rate is the tiny finite-difference step that measures the curvature, as after a "
                              "change of the parameters with a gradient), not a rate to go on with: pass lr= (e.g. "
