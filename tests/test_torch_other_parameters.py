@@ -135,3 +135,34 @@ def test_a_tensor_no_module_holds_keeps_the_main_calls_gradient(tuner, zero):
         for p, g in zip([y, *other.parameters()], want):
             torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=0)
         plain.step()
+
+
+class _Scale(torch.autograd.Function):
+    """``x * variable``, its factor kept on the ctx under the name an ``AccumulateGrad`` node gives its tensor."""
+
+    @staticmethod
+    def forward(ctx, x, variable):
+        ctx.variable = variable
+        return x * variable
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.variable, None
+
+
+def test_a_custom_functions_ctx_is_not_taken_for_a_leaf():
+    """A custom ``autograd.Function``'s graph node is its ctx: an attribute it names ``variable`` is not a leaf
+    tensor (the review found every probing step raised an AttributeError on a float there)."""
+    body, head, model = _split()
+    x, y = _data()
+    opt = CDAT(torch.optim.SGD(body.parameters(), lr=0.1))
+
+    def closure():
+        opt.zero_grad()
+        loss = ((_Scale.apply(model(x), 2.0) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+        assert opt.stats["closure_calls"] > 1 and float(opt.stats["lr"]) > 0

@@ -271,9 +271,8 @@ def graph_leaves(loss: Optional[Tensor]) -> list[Tensor]:
         if fn in seen:
             continue
         seen.add(fn)
-        leaf = getattr(fn, "variable", None)
-        if leaf is not None:
-            out.append(leaf)
+        if type(fn).__name__ == "AccumulateGrad":  # (a custom Function's node is its ctx: any attribute names)
+            out.append(fn.variable)
         todo.extend(f for f, _ in fn.next_functions if f is not None)
     return out
 

@@ -86,8 +86,11 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
 
 def check_group(group: dict, tuner: str) -> None:
     """Refuse a param group the tuners cannot handle (``maximize=True``, ``differentiable=True``, an ``lr`` that is
-    negative or not finite: a scheduler can write one, which the base would take)."""
+    negative or not finite: a scheduler can write one, which the base would take; a tensor ``lr`` on an accelerator
+    is not read, which would cost a sync a step)."""
     lr = group.get("lr")
+    if isinstance(lr, Tensor) and lr.device.type != "cpu":  # (read on the host: a sync per step)
+        lr = None
     if lr is not None and not 0.0 <= float(lr) < math.inf:
         raise ValueError(f"{tuner}: a param group's lr is {float(lr)!r}; the tuner's rate multiplies each group's lr, "
                          "which must be a finite number >= 0 (a negative one would climb the loss). An LR "

@@ -140,8 +140,11 @@ def _functional_gradient(probe: Probe, functional_loss: Callable[[list[Tensor]],
     if all(g is None for _, g in mine):
         raise ValueError("functional_loss's loss does not depend on the parameters it is handed (one that closes "
                          f"over the module, or computes under torch.no_grad, reads a curvature of 0). {call}")
-    ignored = [i for i, (_, g), g0 in zip(probe.index, mine, probe.grads) if g is None and bool(g0.any())]
-    if ignored:  # (a module pruned or re-parametrised since: the names it zips no longer reach the forward)
+    # (a module pruned or re-parametrised since: the names it zips no longer reach the forward). Not where the
+    # gradient is averaged over ranks: a rank's batch may not reach a parameter another's does (an expert)
+    ignored = [] if probe.reducer is not None else [
+        i for i, (_, g), g0 in zip(probe.index, mine, probe.grads) if g is None and bool(g0.any())]
+    if ignored:
         raise ValueError(f"functional_loss's loss does not depend on the parameter(s) at {ignored} of the list it is "
                          "handed, where the closure's gradient is not 0: it is not the closure's loss (a module "
                          "pruned or re-parametrised after the names were taken renames its parameters: take them "

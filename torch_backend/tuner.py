@@ -1133,8 +1133,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
                                     else S(math.nan), S(float(lr)), st.probing, S)  # (concave_reprobe's)
-        if S.isfinite(last_probe) or layout.LAST_PROBE in glob:  # NaN once the rule moves: the key stays (the
-            # state's keys the same from step to step, as a torch.distributed.checkpoint template needs)
+        if S.isfinite(last_probe) or st.secant or layout.LAST_PROBE in glob:  # NaN once the rule moves: the key
+            # stays (the state's keys the same from step to step, as a torch.distributed.checkpoint template needs)
             glob[layout.LAST_PROBE] = torch.tensor(float(last_probe), dtype=acc, device=dev)
         glob.setdefault(layout.SKIPPED, 0)
         if st.replay_scale is not None:
