@@ -59,6 +59,7 @@ __all__ = [
     "GRADIENT_MISSING_MESSAGE",
     "has_gradient",
     "SKIP_MESSAGE",
+    "ZERO_GRADIENT_SKIP",
     "skip_message",
     "ZERO_RATE_STEPS",
     "zero_rate_run",
@@ -578,6 +579,10 @@ REPLAY_MESSAGE_OPTAX = (
     "gradient (pass grad= the raw gradient, or clip inside the base). Otherwise the loss is far from quadratic "
     "over the probe's step (the first steps of a small model behind Adam), which needs no fix.")
 
+#: the other cause of a skipped closure-free step (:func:`has_gradient`), as Optax's ``stats`` names it beside
+#: :data:`SKIP_MESSAGE` (its state does not keep which of the two it was)
+ZERO_GRADIENT_SKIP = ("the gradient was zero in every entry (a summed loss whose every target is ignored, a hinge "
+                      "loss with every margin met, a gradient never computed)")
 #: what a skipped step is (PyTorch warns at each; Optax's ``stats`` when no step so far was taken, or the last)
 SKIP_MESSAGE = ("non-finite loss, gradient or base direction, step skipped (parameters, base state and tuner "
                 "state unchanged)")

@@ -27,8 +27,8 @@ import optax
 from curvopt import rules
 from curvopt.base import UNLIKE_SCALE, BaseMethod, adam_betas_seen, adam_update_unlike, as_base_method
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
-                            SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, SharpnessConfig,
-                            ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate, zero_rate_message)
+                            SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_GRADIENT_SKIP,
+                            SharpnessConfig, ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate, zero_rate_message)
 from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
@@ -570,13 +570,15 @@ def _warnings_of(state: Any) -> list[str]:
     steps, ascent = int(state.steps), int(state.ascent_steps)
     skipped = int(state.stats.skipped)
     if steps == 0 and skipped:
-        said.append(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}. A base whose "
-                    "update is NaN from the start (optax.scale_by_adam in float16, where eps=1e-8 is 0) does this")
+        said.append(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}; or, without value/"
+                    f"value_fn, {ZERO_GRADIENT_SKIP}. A base whose update is NaN from the start "
+                    "(optax.scale_by_adam in float16, where eps=1e-8 is 0) does the first")
     elif skipped and math.isnan(float(state.stats.lr)):  # (a skipped step's lr is NaN, a taken one's not)
         said.append(f"curvopt: the last step was skipped ({skipped} of the {steps + skipped} steps so far): "
-                    f"{SKIP_MESSAGE}. In a bare chain (optax.chain(optax.scale_by_adam(), scale_by_cdat())) the "
-                    "non-finite gradient also reached the base's state, Adam's moments, and every later step is "
-                    "skipped too: the conveniences (cdat(base), ...) keep the base's state on a skipped step")
+                    f"{SKIP_MESSAGE}; or, without value/value_fn, {ZERO_GRADIENT_SKIP}. If it was not finite, in "
+                    "a bare chain (optax.chain(optax.scale_by_adam(), scale_by_cdat())) the non-finite gradient "
+                    "also reached the base's state, Adam's moments, and every later step is skipped too: the "
+                    "conveniences (cdat(base), ...) keep the base's state on a skipped step")
     if steps > 0 and ascent == steps:
         said.append(NEGATED_DIRECTION_MESSAGE.replace("on its first step", "on every step so far"))
     secant = getattr(state, "secant", None)

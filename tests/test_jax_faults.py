@@ -449,6 +449,23 @@ def test_stats_say_when_the_last_step_was_skipped():
         stats(state)
 
 
+def test_stats_name_a_zero_gradient_among_the_causes_of_a_skip():
+    """A closure-free step whose gradient is zero in every entry is skipped, as in PyTorch: stats() named only a
+    non-finite loss, gradient or direction (with a poisoned base state that did not happen; a field test, every
+    token masked under a summed loss)."""
+    params = {"w": jnp.ones(3)}
+    tx = cdat(optax.identity())
+    state = tx.init(params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for g in (jnp.arange(1.0, 4.0), jnp.arange(1.0, 4.0), jnp.zeros(3)):
+            u, state = tx.update({"w": g}, state, params)
+            params = optax.apply_updates(params, u)
+    assert int(stats(state)["skipped"]) == 1
+    with pytest.warns(RuntimeWarning, match=r"the last step was skipped.*zero in every entry.*If it was not finite"):
+        stats(state)
+
+
 def _dropout_problem():
     """A float64 linear least squares whose forward pass drops half the features with a key, as a dropout layer
     does: ``value_fn`` must get the key the gradient was computed with."""
