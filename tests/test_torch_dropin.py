@@ -585,7 +585,7 @@ def _rough_loss(w):
     return (0.5 * w ** 2 + 1e6 * torch.cos(3e4 * w) / 3e4 ** 2).sum()
 
 
-@pytest.mark.parametrize("habit", ["clip_inside", "rough_loss"])
+@pytest.mark.parametrize("habit", ["clip_inside", "rough_loss", "target_inside"])
 def test_replay_check_tells_a_gradient_that_misses_its_loss_from_a_closure_that_does_not_replay(habit):
     """Where the probe's loss misses the main call's quadratic model the closure is called again at the unchanged
     parameters. One that gives the main call's loss and slope there replays: the warning names what else misses
@@ -595,6 +595,14 @@ def test_replay_check_tells_a_gradient_that_misses_its_loss_from_a_closure_that_
         model, x, y = _mlp_problem()
         params = list(model.parameters())
         loss_of = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    elif habit == "target_inside":  # a stop-gradient target from the trained network (DQN without a target net)
+        model, x, y = _mlp_problem()
+        params = list(model.parameters())
+
+        def loss_of():
+            with torch.no_grad():
+                target = model(x).roll(1, 0).tanh()
+            return nn.functional.mse_loss(model(x), target)
     else:  # the slope oscillates by +-33 over 2e-4, several periods within the probe's step
         torch.manual_seed(0)
         params = [nn.Parameter(torch.randn(20))]
@@ -613,6 +621,7 @@ def test_replay_check_tells_a_gradient_that_misses_its_loss_from_a_closure_that_
     assert not [m for m in messages if "does not replay" in m]
     hits = [m for m in messages if "does not predict its loss" in m]
     assert len(hits) == 1 and "max_grad_norm" in hits[0] and "far from quadratic" in hits[0]
+    assert "TD/Bellman target" in hits[0]
     # the numbers show the miss (a field test read "its loss is 1.25935511, the main call's model predicts 1.25935511")
     got, model, off, times = re.search(r"its loss is (\S+), the main call's model predicts (\S+) \(off by (\S+), "
                                        r"(\S+)x what", hits[0]).groups()
