@@ -33,10 +33,12 @@ from .validation import (
     check_choice,
     check_finite,
     check_in_unit_interval,
+    check_lower_bound,
     check_nonnegative,
     check_positive,
     check_positive_int,
     check_schedulable,
+    traced_validity,
 )
 
 __all__ = [
@@ -354,10 +356,15 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
     value) is not finite, or the rule's learning rate comes out non-finite, the step's learning rate is 0 and
     the rule state is left as it was (a NaN curvature probe is forgotten, not averaged in); so too where the
     rule's ``sigma`` at this step (a schedule's value, or one injected by ``optax.inject_hyperparams``) is not
-    finite. A negative learning rate (e.g. a schedule of ``sigma`` that crosses 0) is clipped to 0. A state field
+    finite, or a setting injected as a traced value is out of the range its check accepts
+    (:func:`curvopt.validation.traced_validity`: an ``ema`` of NaN written into ``state.hyperparams`` mid-run
+    made the averages NaN for good). A negative learning rate (e.g. a schedule of ``sigma`` that crosses 0) is clipped to 0. A state field
     that is None (one added after the state was saved) stays None.
     """
     ok = xp.isfinite(inputs.numerator)
+    valid = traced_validity(rule)
+    if valid is not None:
+        ok = ok & valid
     for name in ("curvature", "value"):
         if name in rule.needs:
             ok = ok & xp.isfinite(getattr(inputs, name))
@@ -718,8 +725,7 @@ class CDATRule:
         object.__setattr__(self, "eps", check_nonnegative("eps", self.eps))
         object.__setattr__(self, "lr_max", check_positive("lr_max", self.lr_max, allow_inf=True))
         check_choice("startup", self.startup, STARTUPS)
-        if self.f_star != -math.inf:
-            object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
+        object.__setattr__(self, "f_star", check_lower_bound("f_star", self.f_star))
         object.__setattr__(self, "growth", check_at_least("growth", self.growth, 1.0))
         object.__setattr__(self, "guard", check_at_least("guard", self.guard, 1.0))
         object.__setattr__(self, "guard_sigma", check_positive("guard_sigma", self.guard_sigma))
@@ -982,8 +988,7 @@ class EdgeOfStabilityRule:
         object.__setattr__(self, "growth", check_at_least("growth", self.growth, 1.0))
         object.__setattr__(self, "free_steps", check_positive_int("free_steps", self.free_steps, minimum=0))
         object.__setattr__(self, "loss_cap", check_positive("loss_cap", self.loss_cap, allow_inf=True))
-        if self.f_star != -math.inf:
-            object.__setattr__(self, "f_star", check_finite("f_star", self.f_star))
+        object.__setattr__(self, "f_star", check_lower_bound("f_star", self.f_star))
 
     def loss_bound(self, xp: Any) -> Any:
         """The lower bound of the loss the rule leans on (:mod:`curvopt.bound_watch`): ``f_star`` with the
@@ -1098,6 +1103,8 @@ class ArmijoRule:
         """``(lr to take, new state)`` from the last trial ``lr``, its decrease error and its loss
         ``new_value`` (NaN when no trial ran)."""
         descent = x.numerator > 0
+        valid = traced_validity(self)  # (an injected setting out of range: no step, the memory kept)
+        descent = descent if valid is None else descent & valid
         accepted = (error <= 0) & descent & xp.isfinite(lr) & (lr > 0)
         stalled = new_value == x.value
         # a failed search hands on its next trial, lr * decrease_factor, negated (remembering lr as an accepted

@@ -10,11 +10,17 @@ Two kinds of value are accepted unchecked and returned as given:
   as schedulable (:func:`check_schedulable`); the rule evaluates it each step (:func:`at_step`) and the
   core's guard keeps the resulting learning rate finite and non-negative;
 * an **abstract array** (a traced JAX value, e.g. under ``optax.inject_hyperparams`` inside ``jit``): it
-  cannot be read on the host; it was checked as a concrete value when the state was initialised.
+  cannot be read on the host. Its shape must be a scalar's (else a ``ValueError`` naming it, at trace time); its
+  range is checked on the device by :func:`traced_validity`, which the rules' guard reads (a value written into
+  ``state.hyperparams`` mid-run out of range gives a step at rate 0 with the rule's state kept, not a state
+  corrupted for good).
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
+from contextvars import ContextVar
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -29,10 +35,53 @@ __all__ = [
     "check_choice",
     "check_positive_int",
     "check_finite",
+    "check_lower_bound",
+    "check_scalar",
     "check_schedulable",
     "at_step",
     "is_abstract",
+    "traced_validity",
 ]
+
+#: where :func:`traced_validity` collects the range tests of abstract values (None: not collecting)
+_TRACED: ContextVar[list | None] = ContextVar("curvopt_traced_checks", default=None)
+
+
+def _abstract(name: str, value: Any, in_range: Callable[[Any], Any]) -> bool:
+    """Whether ``value`` is abstract (then returned unchecked by the caller): it must be a scalar (an array of
+    another shape is a ``ValueError`` naming ``name``), and where :func:`traced_validity` collects, its test
+    ``in_range(value)`` (operators only: no backend imported) is recorded."""
+    if not is_abstract(value):
+        return False
+    check_scalar(name, value)
+    collected = _TRACED.get()
+    if collected is not None:
+        collected.append(in_range(value))
+    return True
+
+
+def check_scalar(name: str, value: Any) -> Any:
+    """An array (a traced one included) of a scalar's shape: a hyperparameter injected as an array of another
+    shape failed deep inside the step, naming neither it nor the shape."""
+    shape = tuple(getattr(value, "shape", ()))
+    if shape != ():
+        raise ValueError(f"{name} must be a scalar, got an array of shape {shape}")
+    return value
+
+
+def traced_validity(settings: Any) -> Any:
+    """Whether the abstract values among a rule's settings (``settings``, a dataclass whose ``__post_init__``
+    checks them) are in the ranges its checks accept, as one traced boolean; None where none is abstract (every
+    value was checked on the host). A NaN fails every test."""
+    if not any(hasattr(v, "aval") for v in vars(settings).values()):
+        return None
+    token = _TRACED.set([])
+    try:
+        settings.__post_init__()
+        tests = _TRACED.get()
+    finally:
+        _TRACED.reset(token)
+    return functools.reduce(operator.and_, tests) if tests else None
 
 
 def is_abstract(value: Any) -> bool:
@@ -63,7 +112,7 @@ def _as_float(name: str, value: Any) -> float:
 
 def check_finite(name: str, value: Any) -> Any:
     """A finite real number."""
-    if is_abstract(value):
+    if _abstract(name, value, lambda v: (v > -math.inf) & (v < math.inf)):
         return value
     v = _as_float(name, value)
     if not math.isfinite(v):
@@ -71,9 +120,19 @@ def check_finite(name: str, value: Any) -> Any:
     return v
 
 
+def check_lower_bound(name: str, value: Any) -> Any:
+    """A lower bound of a loss: a finite real number, or ``-inf`` (no bound)."""
+    if _abstract(name, value, lambda v: v < math.inf):
+        return value
+    v = _as_float(name, value)
+    if not v < math.inf:
+        raise ValueError(f"{name} must be finite or -inf, got {value!r}")
+    return v
+
+
 def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> Any:
     """A number in (0, inf) (or (0, inf] with ``allow_inf``)."""
-    if is_abstract(value):
+    if _abstract(name, value, lambda v: (v > 0) if allow_inf else (v > 0) & (v < math.inf)):
         return value
     v = _as_float(name, value)
     ok = v > 0 and (allow_inf or math.isfinite(v))
@@ -85,7 +144,7 @@ def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> Any:
 
 def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> Any:
     """A number in [0, inf) (or [0, inf] with ``allow_inf``)."""
-    if is_abstract(value):
+    if _abstract(name, value, lambda v: (v >= 0) if allow_inf else (v >= 0) & (v < math.inf)):
         return value
     v = _as_float(name, value)
     ok = v >= 0 and (allow_inf or math.isfinite(v))
@@ -97,7 +156,7 @@ def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> Any:
 
 def check_in_unit_interval(name: str, value: Any, *, closed_low: bool = True, closed_high: bool = False) -> Any:
     """A number in [0, 1) by default; the ends are configurable."""
-    if is_abstract(value):
+    if _abstract(name, value, lambda v: ((v >= 0) if closed_low else (v > 0)) & ((v <= 1) if closed_high else (v < 1))):
         return value
     v = _as_float(name, value)
     lo_ok = v >= 0 if closed_low else v > 0
@@ -110,7 +169,7 @@ def check_in_unit_interval(name: str, value: Any, *, closed_low: bool = True, cl
 
 def check_at_least(name: str, value: Any, low: float) -> Any:
     """A number in [low, inf]."""
-    if is_abstract(value):
+    if _abstract(name, value, lambda v: v >= low):
         return value
     v = _as_float(name, value)
     if not v >= low:
@@ -126,6 +185,9 @@ INT32_MAX = 2**31 - 1
 def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = INT32_MAX) -> int:
     """An integer >= ``minimum`` and <= ``maximum`` (:data:`INT32_MAX` unless given; None: no bound); an integral
     float such as ``3.0`` is converted, ``3.5`` and strings are refused."""
+    top = math.inf if maximum is None else maximum
+    if _abstract(name, value, lambda v: (v >= minimum) & (v <= top)):
+        return value
     if isinstance(value, (bool, str, bytes)) or value is None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if not isinstance(value, int):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from curvopt.config import SharpnessConfig, as_sharpness, legacy_sharpness
-from curvopt.validation import is_abstract
+from curvopt.validation import check_scalar, is_abstract
 
 from .warning import warn
 
@@ -26,7 +26,7 @@ __all__ = ["make", "sharpness_setting", "sharpness_enabled"]
 
 def make(cls: type, **values: Any) -> Any:
     """``cls(**values)`` (a frozen core dataclass, validated), with abstract (traced) values stored unchecked."""
-    traced = {k: v for k, v in values.items() if is_abstract(v)}
+    traced = {k: check_scalar(k, v) for k, v in values.items() if is_abstract(v)}
     out = cls(**{k: v for k, v in values.items() if k not in traced})
     for name, value in traced.items():
         object.__setattr__(out, name, value)  # frozen: bypassed only for values that cannot be read

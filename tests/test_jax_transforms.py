@@ -128,6 +128,44 @@ def test_inject_hyperparams_sigma():
         assert float(optax.tree_utils.tree_get(state, "lr")) == float(state[1].inner_state.stats.lr)
 
 
+@pytest.mark.parametrize("tuner,name,bad", [(cdat, "ema", math.nan), (cdat, "ema", -0.5), (cdat, "eps", math.inf),
+                                            (cdat, "loss_cap", math.nan), (armijo, "delta", math.inf),
+                                            (armijo, "c", math.nan), (edge_of_stability, "growth", math.nan)])
+def test_a_setting_injected_out_of_range_under_jit_takes_no_step_and_keeps_the_state(tuner, name, bad):
+    """A value written into ``state.hyperparams`` mid-run is not checked on the host under jit: an ``ema`` of NaN
+    made CDAT's averages NaN for good (rate at lr_max, the loss to 1e47), an Armijo ``delta`` of inf accepted every
+    trial. Now the steps with the bad value are at rate 0 with the tuner's state kept, and with the valid value
+    back the run trains on (a field test). An array of another shape is a ValueError naming it."""
+    with jax.enable_x64(True):
+        params = _params(jnp.float64)
+        fn = lambda p: loss(p, X, Y)  # noqa: E731
+        opt = optax.inject_hyperparams(tuner)(optax.identity(), **{name: {"ema": 0.8, "eps": 1e-12, "loss_cap": 2.0,
+                                                                         "delta": 0.0, "c": 1e-4, "growth": 1.005}[name]})
+
+        @jax.jit
+        def step(p, s):
+            v, g = jax.value_and_grad(fn)(p)
+            u, s = opt.update(g, s, p, value=v, grad=g, value_fn=fn)
+            return optax.apply_updates(p, u), s
+
+        def run(bad_steps):
+            p, s = params, opt.init(params)
+            good, lrs = s.hyperparams[name], []
+            for i in range(8):
+                s.hyperparams[name] = jnp.asarray(bad, good.dtype) if i in bad_steps else good
+                p, s = step(p, s)
+                lrs.append(float(optax.tree_utils.tree_get(s, "lr")))
+            return lrs, s
+
+        clean, _ = run(())
+        hit, s = run((3, 4))
+        assert hit[3:5] == [0.0, 0.0] and hit[:3] == clean[:3] and all(v > 0 for v in hit[5:])
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(s.inner_state[1].rule))
+        s.hyperparams[name] = jnp.ones(2)
+        with pytest.raises(ValueError, match=f"{name} must be a scalar"):
+            step(params, s)
+
+
 def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
     p = _params(jnp.float32)
     opt = optax.chain(optax.identity(), scale_by_polyak())

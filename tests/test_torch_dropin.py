@@ -1759,16 +1759,20 @@ def test_a_lazy_module_with_buffers_trains_like_its_eager_twin(tuner, given_modu
     """``nn.LazyBatchNorm1d`` before its first forward, the tuner built already: its running statistics and the
     rates are those of the eager model's (before: every step raised, the buffer snapshot reading the uninitialised
     buffer before the lazy module's own hook created it)."""
-    x, y = torch.randn(32, 4, dtype=D64), torch.randint(0, 3, (32,))
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 3
 
     def run(lazy):
         torch.manual_seed(1)
         model = (nn.Sequential(nn.LazyLinear(6), nn.LazyBatchNorm1d(), nn.Tanh(), nn.LazyLinear(3)) if lazy else
-                 nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))).double()
+                 nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)))
         opt = tuner(torch.optim.Adam(model.parameters(), lr=1.0), **({"modules": model} if given_modules else {}))
+        calls = []
 
         def closure():
             opt.zero_grad()
+            if not calls:  # the lazy twin draws its weights here, as the eager one did when built
+                torch.manual_seed(1)
+            calls.append(1)
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             return loss
