@@ -693,6 +693,11 @@ def test_lr_max_and_polyak_f_star_are_assignable_and_validated():
     assert float(opt.stats["lr"]) == 0.1 and opt.rule.lr_max == 0.1
     with pytest.raises(ValueError, match="lr_max"):
         opt.lr_max = -1.0
+    with pytest.raises(TypeError, match="fixes the rule's ema"):
+        opt.ema = 0.5
+    cdat = CDAT(torch.optim.SGD([w], lr=1.0))
+    cdat.ema, cdat.f_star = 0.5, -1.0
+    assert (cdat.rule.ema, cdat.rule.f_star) == (0.5, -1.0)
     polyak = PolyakStep(torch.optim.SGD([w], lr=1.0), lr_max=100.0)
     polyak.f_star = -1.0
     loss = float(polyak.step(closure_for(polyak, lambda w: w.square().sum(), [w])))

@@ -158,8 +158,10 @@ class CDAT(CurvatureTuner):
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
-    #: the rule's ``lr_max``; assignable
+    #: the rule's ``lr_max``, ``ema`` and ``f_star``; assignable
     lr_max = RuleField()
+    ema = RuleField()
+    f_star = RuleField()
 
 
 class QuadraticGreedy(CDAT):
@@ -182,3 +184,8 @@ class QuadraticGreedy(CDAT):
                             "eps=0, startup='paper', numerator='direction'); set them on CDAT instead")
         super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, noise_correction=noise_correction,
                          **kwargs)
+
+    #: the greedy rule's fixed settings: readable, not assignable
+    sigma = RuleField(fixed=True)
+    ema = RuleField(fixed=True)
+    f_star = RuleField(fixed=True)

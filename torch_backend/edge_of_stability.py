@@ -78,5 +78,6 @@ class EdgeOfStability(CurvatureTuner):
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
-    #: the rule's ``lr_max``; assignable
+    #: the rule's ``lr_max`` and ``f_star``; assignable
     lr_max = RuleField()
+    f_star = RuleField()

@@ -21,7 +21,11 @@ class RuleField:
     """A tuner attribute that reads and assigns a field of its rule value (``opt.sigma = 1.0`` replaces
     ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it). A value
     assigned is the user's: the field no longer counts among the defaults taken from the base's kind
-    (``kind_defaults``, :func:`~torch_backend.direction.kind_change`)."""
+    (``kind_defaults``, :func:`~torch_backend.direction.kind_change`). ``fixed``: a field the tuner fixes
+    (QuadraticGreedy's ``sigma``): readable, an assignment is a ``TypeError``."""
+
+    def __init__(self, fixed: bool = False) -> None:
+        self.fixed = fixed
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -30,6 +34,8 @@ class RuleField:
         return self if obj is None else getattr(obj.rule, self.name)
 
     def __set__(self, obj: Any, value: Any) -> None:
+        if self.fixed:
+            raise TypeError(f"{type(obj).__name__} fixes the rule's {self.name}; use the tuner that takes it")
         obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
         obj.kind_defaults = tuple(k for k in getattr(obj, "kind_defaults", ()) if k != self.name)
 
