@@ -681,8 +681,9 @@ def zero_rate_message(rising: bool, decays: bool, carries: bool = False, optax: 
             "from the parameters: the stats' curvature is NaN), or it is not positive and nothing bounds the step "
             "(f_star=-inf turns off the floor that gives "
             "one: pass a lower bound of the loss), a line search accepts no trial, the rule's sigma at this step is "
-            "not a positive number (a schedule of sigma that reached 0, crossed below it or returned NaN) or a "
-            "setting injected by optax.inject_hyperparams is outside the range its constructor accepts, or the "
+            "not a positive number (a schedule of sigma that reached 0, crossed below it or returned NaN)" + (
+                " or a setting injected by optax.inject_hyperparams is outside the range its constructor accepts"
+                if optax else "") + ", or the "
             "loss is at the rule's f_star (Polyak's rate (f - f_star) / (-g^T u) is then 0: if the loss can go "
             "lower, f_star is too high).")
     head += "The loss rises along the base optimizer's update (-g^T u <= 0). "

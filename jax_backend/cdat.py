@@ -17,7 +17,7 @@ from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_nu
                            default_lagged_growth, default_numerator, default_sigma, momentum_numerator,
                            paired_numerator, paired_prediction_weight)
 from curvopt.stats import TunerStats
-from curvopt.validation import check_bool, check_choice
+from curvopt.validation import check_bool, check_choice, traced_validity
 
 from .direction import abs_max, accumulator_dtype, flat, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
@@ -352,6 +352,10 @@ def _curvature_tuner(name: str, rules: dict[str, CDATRule], curvature: str, base
             if oracle == "secant" and p.f is None:  # a concave start probes farther
                 lr, reprobe = concave_reprobe(lr, p.numerator, curv, state.secant.last_probe, rule.lr_max, jnp)
                 probe, reference = jnp.where(reprobe, lr, probe), jnp.where(reprobe, lr, reference)
+            valid = traced_validity(rule)
+            if valid is not None:  # an injected setting out of range: no step, the probing ones included
+                lr = jnp.where(valid, lr, 0.0)
+                probe, reference = (jnp.where(valid, x, jnp.nan) for x in (probe, reference))
             secant = state.secant
             if oracle == "secant":
                 dominated = False if noise_memory is None else noise_dominated(noise_memory.averages)

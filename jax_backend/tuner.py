@@ -570,12 +570,12 @@ def _warnings_of(state: Any) -> list[str]:
     steps, ascent = int(state.steps), int(state.ascent_steps)
     skipped = int(state.stats.skipped)
     if steps == 0 and skipped:
-        said.append(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}; or, without value/"
+        said.append(f"curvopt: none of the {skipped} steps so far was taken: {SKIP_MESSAGE}; or, without "
                     f"value_fn, {ZERO_GRADIENT_SKIP}. A base whose update is NaN from the start "
                     "(optax.scale_by_adam in float16, where eps=1e-8 is 0) does the first")
     elif skipped and math.isnan(float(state.stats.lr)):  # (a skipped step's lr is NaN, a taken one's not)
         said.append(f"curvopt: the last step was skipped ({skipped} of the {steps + skipped} steps so far): "
-                    f"{SKIP_MESSAGE}; or, without value/value_fn, {ZERO_GRADIENT_SKIP}. If it was not finite, in "
+                    f"{SKIP_MESSAGE}; or, without value_fn, {ZERO_GRADIENT_SKIP}. If it was not finite, in "
                     "a bare chain (optax.chain(optax.scale_by_adam(), scale_by_cdat())) the non-finite gradient "
                     "also reached the base's state, Adam's moments, and every later step is skipped too: the "
                     "conveniences (cdat(base), ...) keep the base's state on a skipped step")

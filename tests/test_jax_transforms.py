@@ -166,6 +166,37 @@ def test_a_setting_injected_out_of_range_under_jit_takes_no_step_and_keeps_the_s
             step(params, s)
 
 
+def test_an_injected_setting_out_of_range_stops_closure_free_probing_steps_too():
+    """Closure-free CDAT at a concave start probes farther, up to ``lr_max``: an injected ``lr_max`` of -1 stepped
+    uphill by 1 (NaN: the parameters NaN) where the rule itself gave 0 (the second review). An int8 ``free_steps``
+    is in range (its test against 2**31 - 1 wrapped, every rate 0)."""
+    with jax.enable_x64(True):
+        fn = lambda p: jnp.sum(-p ** 2 + p ** 4)  # noqa: E731
+        opt = optax.inject_hyperparams(cdat)(optax.identity(), lr_max=10.0, curvature="secant")
+
+        @jax.jit
+        def step(p, s):
+            g = jax.grad(fn)(p)
+            u, s = opt.update(g, s, p, grad=g)
+            return optax.apply_updates(p, u), s
+
+        p, s = jnp.full(2, 0.01), opt.init(jnp.full(2, 0.01))
+        for i in range(5):
+            if i == 2:
+                s.hyperparams["lr_max"] = jnp.asarray(-1.0, s.hyperparams["lr_max"].dtype)
+            w, (p, s) = p, step(p, s)
+            if i >= 2:
+                assert float(optax.tree_utils.tree_get(s, "lr")) == 0.0 and bool(jnp.all(p == w))
+        eos = optax.inject_hyperparams(edge_of_stability)(optax.identity(), free_steps=0)
+        q = _params(jnp.float64)
+        s = eos.init(q)
+        s.hyperparams["free_steps"] = jnp.int8(3)
+        fq = lambda q: loss(q, X, Y)  # noqa: E731
+        _, s = jax.jit(lambda q, s: eos.update(jax.grad(fq)(q), s, q, value=fq(q), grad=jax.grad(fq)(q),
+                                               value_fn=fq))(q, s)
+        assert float(optax.tree_utils.tree_get(s, "lr")) > 0
+
+
 def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
     p = _params(jnp.float32)
     opt = optax.chain(optax.identity(), scale_by_polyak())
