@@ -136,65 +136,65 @@ def test_a_setting_injected_out_of_range_under_jit_takes_no_step_and_keeps_the_s
     made CDAT's averages NaN for good (rate at lr_max, the loss to 1e47), an Armijo ``delta`` of inf accepted every
     trial. Now the steps with the bad value are at rate 0 with the tuner's state kept, and with the valid value
     back the run trains on (a field test). An array of another shape is a ValueError naming it."""
-    with jax.enable_x64(True):
-        params = _params(jnp.float64)
-        fn = lambda p: loss(p, X, Y)  # noqa: E731
-        opt = optax.inject_hyperparams(tuner)(optax.identity(), **{name: {"ema": 0.8, "eps": 1e-12, "loss_cap": 2.0,
-                                                                         "delta": 0.0, "c": 1e-4, "growth": 1.005}[name]})
+    params = _params(jnp.float32)
+    x, y = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32)  # (not the float64 arrays other tests use)
+    fn = lambda p: loss(p, x, y)  # noqa: E731
+    opt = optax.inject_hyperparams(tuner)(optax.identity(), **{name: {"ema": 0.8, "eps": 1e-12, "loss_cap": 2.0,
+                                                                     "delta": 0.0, "c": 1e-4, "growth": 1.005}[name]})
 
-        @jax.jit
-        def step(p, s):
-            v, g = jax.value_and_grad(fn)(p)
-            u, s = opt.update(g, s, p, value=v, grad=g, value_fn=fn)
-            return optax.apply_updates(p, u), s
+    @jax.jit
+    def step(p, s):
+        v, g = jax.value_and_grad(fn)(p)
+        u, s = opt.update(g, s, p, value=v, grad=g, value_fn=fn)
+        return optax.apply_updates(p, u), s
 
-        def run(bad_steps):
-            p, s = params, opt.init(params)
-            good, lrs = s.hyperparams[name], []
-            for i in range(8):
-                s.hyperparams[name] = jnp.asarray(bad, good.dtype) if i in bad_steps else good
-                p, s = step(p, s)
-                lrs.append(float(optax.tree_utils.tree_get(s, "lr")))
-            return lrs, s
+    def run(bad_steps):
+        p, s = params, opt.init(params)
+        good, lrs = s.hyperparams[name], []
+        for i in range(8):
+            s.hyperparams[name] = jnp.asarray(bad, good.dtype) if i in bad_steps else good
+            p, s = step(p, s)
+            lrs.append(float(optax.tree_utils.tree_get(s, "lr")))
+        return lrs, s
 
-        clean, _ = run(())
-        hit, s = run((3, 4))
-        assert hit[3:5] == [0.0, 0.0] and hit[:3] == clean[:3] and all(v > 0 for v in hit[5:])
-        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(s.inner_state[1].rule))
-        s.hyperparams[name] = jnp.ones(2)
-        with pytest.raises(ValueError, match=f"{name} must be a scalar"):
-            step(params, s)
+    clean, _ = run(())
+    hit, s = run((3, 4))
+    assert hit[3:5] == [0.0, 0.0] and hit[:3] == clean[:3] and all(v > 0 for v in hit[5:])
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(s.inner_state[1].rule))
+    s.hyperparams[name] = jnp.ones(2)
+    with pytest.raises(ValueError, match=f"{name} must be a scalar"):
+        step(params, s)
 
 
 def test_an_injected_setting_out_of_range_stops_closure_free_probing_steps_too():
     """Closure-free CDAT at a concave start probes farther, up to ``lr_max``: an injected ``lr_max`` of -1 stepped
     uphill by 1 (NaN: the parameters NaN) where the rule itself gave 0 (the second review). An int8 ``free_steps``
     is in range (its test against 2**31 - 1 wrapped, every rate 0)."""
-    with jax.enable_x64(True):
-        fn = lambda p: jnp.sum(-p ** 2 + p ** 4)  # noqa: E731
-        opt = optax.inject_hyperparams(cdat)(optax.identity(), lr_max=10.0, curvature="secant")
+    fn = lambda p: jnp.sum(-p ** 2 + p ** 4)  # noqa: E731
+    opt = optax.inject_hyperparams(cdat)(optax.identity(), lr_max=10.0, curvature="secant")
 
-        @jax.jit
-        def step(p, s):
-            g = jax.grad(fn)(p)
-            u, s = opt.update(g, s, p, grad=g)
-            return optax.apply_updates(p, u), s
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(fn)(p)
+        u, s = opt.update(g, s, p, grad=g)
+        return optax.apply_updates(p, u), s
 
-        p, s = jnp.full(2, 0.01), opt.init(jnp.full(2, 0.01))
-        for i in range(5):
-            if i == 2:
-                s.hyperparams["lr_max"] = jnp.asarray(-1.0, s.hyperparams["lr_max"].dtype)
-            w, (p, s) = p, step(p, s)
-            if i >= 2:
-                assert float(optax.tree_utils.tree_get(s, "lr")) == 0.0 and bool(jnp.all(p == w))
-        eos = optax.inject_hyperparams(edge_of_stability)(optax.identity(), free_steps=0)
-        q = _params(jnp.float64)
-        s = eos.init(q)
-        s.hyperparams["free_steps"] = jnp.int8(3)
-        fq = lambda q: loss(q, X, Y)  # noqa: E731
-        _, s = jax.jit(lambda q, s: eos.update(jax.grad(fq)(q), s, q, value=fq(q), grad=jax.grad(fq)(q),
-                                               value_fn=fq))(q, s)
-        assert float(optax.tree_utils.tree_get(s, "lr")) > 0
+    p, s = jnp.full(2, 0.01), opt.init(jnp.full(2, 0.01))
+    for i in range(5):
+        if i == 2:
+            s.hyperparams["lr_max"] = jnp.asarray(-1.0, s.hyperparams["lr_max"].dtype)
+        w, (p, s) = p, step(p, s)
+        if i >= 2:
+            assert float(optax.tree_utils.tree_get(s, "lr")) == 0.0 and bool(jnp.all(p == w))
+    eos = optax.inject_hyperparams(edge_of_stability)(optax.identity(), free_steps=0)
+    q = _params(jnp.float32)
+    s = eos.init(q)
+    s.hyperparams["free_steps"] = jnp.int8(3)
+    x, y = jnp.asarray(X, jnp.float32), jnp.asarray(Y, jnp.float32)
+    fq = lambda q: loss(q, x, y)  # noqa: E731
+    _, s = jax.jit(lambda q, s: eos.update(jax.grad(fq)(q), s, q, value=fq(q), grad=jax.grad(fq)(q),
+                                           value_fn=fq))(q, s)
+    assert float(optax.tree_utils.tree_get(s, "lr")) > 0
 
 
 def test_missing_grad_is_computed_and_missing_value_fn_is_explained():
