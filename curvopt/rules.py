@@ -358,7 +358,8 @@ def apply_rule(rule: Any, inputs: RuleInputs, state: Any, xp: Any) -> tuple[Any,
     rule's ``sigma`` at this step (a schedule's value, or one injected by ``optax.inject_hyperparams``) is not
     finite, or a setting injected as a traced value is out of the range its check accepts
     (:func:`curvopt.validation.traced_validity`: an ``ema`` of NaN written into ``state.hyperparams`` mid-run
-    made the averages NaN for good). A negative learning rate (e.g. a schedule of ``sigma`` that crosses 0) is clipped to 0. A state field
+    made the averages NaN for good). A negative learning rate (e.g. a schedule of ``sigma`` that crosses 0) is
+    clipped to 0. A state field
     that is None (one added after the state was saved) stays None.
     """
     ok = xp.isfinite(inputs.numerator)

@@ -28,7 +28,8 @@ from curvopt import rules
 from curvopt.base import UNLIKE_SCALE, BaseMethod, adam_betas_seen, adam_update_unlike, as_base_method
 from curvopt.config import (EXTERNAL_CLIP_MESSAGE_OPTAX, OUTSIDE_MOTION_MESSAGE_OPTAX, REPLAY_MESSAGE_OPTAX,
                             SECANT_COLLAPSE_MESSAGE, SECANT_STALL_MESSAGE, SKIP_MESSAGE, ZERO_GRADIENT_SKIP,
-                            SharpnessConfig, ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate, zero_rate_message)
+                            SharpnessConfig, ZeroRateWatch, collapse_sustained, resolve_curvature, watch_zero_rate,
+                            zero_rate_message)
 from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats

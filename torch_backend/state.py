@@ -26,8 +26,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
   ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor;
-  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves (NaN since); the stall and collapse
-  warnings' memory :data:`SECANT_WATCH`, a state saved without it starts them afresh; ``curvopt_exit_sq``, the
+  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves (NaN since); the stall and
+  collapse warnings' memory :data:`SECANT_WATCH`, a state saved without it starts them afresh; ``curvopt_exit_sq``, the
   parameters' squared norm as the last secant step left them),
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction),
   ``curvopt_replay_scale`` (the largest loss the first ``fd`` probes' replay checks have seen, the scale of the
