@@ -326,7 +326,7 @@ def test_torch_fd_probe_sized_for_the_precision_the_closure_computes_in(sized, m
     expected = float(g @ g / (g @ a.double() @ g))
     got = float(opt.stats["lr"])
     if sized:
-        assert opt.guard.compute_eps == torch.finfo(torch.bfloat16).eps
+        assert opt.probe_guard.compute_eps == torch.finfo(torch.bfloat16).eps
         assert got == pytest.approx(expected, rel=3e-2)
     else:
         assert got != pytest.approx(expected, rel=3e-2)

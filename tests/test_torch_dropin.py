@@ -505,7 +505,7 @@ def test_replay_check_catches_closures_that_compute_another_function(habit, dtyp
     hits = [m for m in _step_warnings(opt, closure, 4) if "does not replay" in m]
     assert len(hits) == (0 if habit == "bf16_autocast" else 1)
     if habit == "bf16_autocast":
-        assert opt.guard.compute_eps == torch.finfo(torch.bfloat16).eps
+        assert opt.probe_guard.compute_eps == torch.finfo(torch.bfloat16).eps
 
 
 def test_replay_check_silent_over_the_first_steps_of_a_replaying_closure():

@@ -572,7 +572,7 @@ def test_pickle_of_a_tuner_with_modules_and_faults():
     run.step()
     attack(run, "raise_late", 1)
     clone_model, clone_opt = pickle.loads(pickle.dumps((run.model, run.opt)))
-    assert clone_opt.guard.before.modules[0] is clone_model
+    assert clone_opt.probe_guard.before.modules[0] is clone_model
     TALLY["survived"] += 1
 
 
@@ -733,9 +733,9 @@ def test_modules_given_are_all_the_tuner_keeps_and_modules_found_stay_bounded():
             return loss
         for _ in range(5):
             opt.step(closure)
-        kept = {id(m) for root in opt.guard.buffers.modules for m in root.modules()}
+        kept = {id(m) for root in opt.probe_guard.buffers.modules for m in root.modules()}
         assert id(teacher) not in kept if modules is not None else id(teacher) in kept
-        assert len(opt.guard.buffers.modules) == (1 if modules is not None else 2)
+        assert len(opt.probe_guard.buffers.modules) == (1 if modules is not None else 2)
 
 
 def _flaky(closure, fail_on):

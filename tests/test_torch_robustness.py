@@ -194,7 +194,7 @@ def test_modules_found_when_the_first_main_call_raises_midway():
         assert not nn.modules.module._global_forward_pre_hooks
         assert opt.stats["closure_calls"] > 1
     assert int(model[0].num_batches_tracked) == int(model[2].num_batches_tracked) == 3
-    assert copy.deepcopy(opt).guard.__getstate__() == {"modules": None}
+    assert copy.deepcopy(opt).probe_guard.__getstate__() == {"modules": None}
 
 
 def test_two_threads_stepping_at_once_keep_each_others_buffers():
@@ -693,7 +693,7 @@ def test_lr_max_and_polyak_f_star_are_assignable_and_validated():
     assert float(opt.stats["lr"]) == 0.1 and opt.rule.lr_max == 0.1
     with pytest.raises(ValueError, match="lr_max"):
         opt.lr_max = -1.0
-    with pytest.raises(TypeError, match="fixes the rule's ema"):
+    with pytest.raises(TypeError, match="QuadraticGreedy's ema cannot be assigned: the greedy rule is CDAT"):
         opt.ema = 0.5
     cdat = CDAT(torch.optim.SGD([w], lr=1.0))
     cdat.ema, cdat.f_star = 0.5, -1.0
@@ -702,6 +702,73 @@ def test_lr_max_and_polyak_f_star_are_assignable_and_validated():
     polyak.f_star = -1.0
     loss = float(polyak.step(closure_for(polyak, lambda w: w.square().sum(), [w])))
     assert polyak.rule.f_star == -1.0 and float(polyak.stats["lr"]) == pytest.approx((loss + 1.0) / (4 * loss))
+
+
+VALID = {"sigma": 1.25, "ema": 0.5, "eps": 1e-9, "lr_max": 5.0, "f_star": -1.0, "growth": 1.5, "guard": 1.5,
+         "guard_sigma": 3.0, "lagged_growth": 1.25, "loss_cap": 2.0, "free_steps": 3, "c": 0.3, "delta": 1e-6,
+         "increase_factor": 1.75, "decrease_factor": 0.7, "init_lr": 0.5, "max_trials": 7}
+
+
+@pytest.mark.parametrize("make", [CDAT, QuadraticGreedy, EdgeOfStability, PolyakStep, ArmijoLineSearch])
+def test_every_rule_setting_is_assignable_or_refused(make):
+    """Each setting of a tuner's rule, assigned on the tuner, replaces the rule's (validated) or is a
+    ``TypeError`` (before: ``opt.growth = 2`` or ``opt.c = 0.3`` set a plain attribute the tuner never read, and
+    ``opt.guard = 2.0`` replaced the tuner's probe guard, so the next step raised an ``AttributeError``)."""
+    import dataclasses
+    w = nn.Parameter(torch.arange(1.0, 6.0, dtype=DT))
+    opt = make(torch.optim.SGD([w], lr=1.0), lr_max=10.0)
+    closure = closure_for(opt, lambda w: (w.square() * torch.arange(1.0, 6.0, dtype=DT)).sum(), [w])
+    fixed = {"startup"} | ({f.name for f in dataclasses.fields(opt.rule)} - {"lr_max"}
+                           if make is QuadraticGreedy else set())
+    for f in dataclasses.fields(opt.rule):
+        if f.name == "coefficient":  # the edge rule's: the base's, read at each step (opt.coefficient)
+            continue
+        value = getattr(opt.rule, f.name)
+        if f.name in fixed:
+            with pytest.raises(TypeError, match=f"{f.name} cannot be assigned"):
+                setattr(opt, f.name, value)
+            continue
+        new = VALID[f.name]
+        assert new != value
+        setattr(opt, f.name, new)
+        assert getattr(opt.rule, f.name) == new and getattr(opt, f.name) == new, f.name
+        with pytest.raises(ValueError, match=f.name):
+            setattr(opt, f.name, math.nan)
+    for _ in range(3):
+        opt.step(closure)
+    assert math.isfinite(float(opt.stats["lr"]))
+
+
+def test_a_tuner_pickled_by_an_earlier_build_keeps_its_probe_guard():
+    """A pickle whose probe guard is under its earlier name ``guard`` (now CDAT's rule setting) loads and steps."""
+    w = nn.Parameter(torch.arange(1.0, 6.0, dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+    closure = closure_for(opt, lambda w: w.square().sum(), [w])
+    opt.step(closure)
+    state = opt.__getstate__()
+    state["guard"] = state.pop("probe_guard")
+    loaded = CDAT.__new__(CDAT)
+    loaded.__setstate__(state)
+    assert loaded.guard == opt.rule.guard and loaded.probe_guard is not None
+    w_before = w.detach().clone()
+    loaded.step(closure_for(loaded, lambda w: w.square().sum(), [w]))
+    assert float(loaded.stats["lr"]) > 0 and not torch.equal(w, w_before)
+
+
+def test_an_assigned_growth_caps_the_next_rates():
+    """``opt.growth = 1.1`` holds CDAT's rate to 1.1x per step from the next step on (as Optax's injected
+    ``growth`` does), where before the assignment changed nothing."""
+    w = nn.Parameter(torch.tensor([1.0, 1.0], dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=1.0)
+    closure = closure_for(opt, lambda w: (w.square() * torch.tensor([1.0, 1e-3], dtype=DT)).sum(), [w])
+    opt.step(closure)
+    opt.growth = 1.1
+    lrs = [float(opt.stats["lr"])]
+    for _ in range(5):
+        opt.step(closure)
+        lrs.append(float(opt.stats["lr"]))
+    assert all(b <= 1.1 * a * (1 + 1e-12) for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] > lrs[0]
 
 
 def test_a_sigma_schedule_returning_a_tensor_runs_as_one_returning_a_number():

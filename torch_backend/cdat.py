@@ -158,10 +158,22 @@ class CDAT(CurvatureTuner):
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
-    #: the rule's ``lr_max``, ``ema`` and ``f_star``; assignable
+    #: the rule's other settings; assignable (the ones Optax's ``inject_hyperparams`` can schedule)
     lr_max = RuleField()
     ema = RuleField()
     f_star = RuleField()
+    eps = RuleField()
+    growth = RuleField()
+    guard = RuleField()
+    guard_sigma = RuleField()
+    lagged_growth = RuleField()
+    loss_cap = RuleField()
+    #: readable, not assignable
+    startup = RuleField(fixed="the defaults of sigma, lagged_growth and the numerator follow it; set it at "
+                              "construction")
+
+
+_GREEDY_FIXED = "the greedy rule is CDAT with sigma=1, ema=0, eps=0, startup='paper'; use CDAT, which takes it"
 
 
 class QuadraticGreedy(CDAT):
@@ -185,7 +197,14 @@ class QuadraticGreedy(CDAT):
         super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, noise_correction=noise_correction,
                          **kwargs)
 
-    #: the greedy rule's fixed settings: readable, not assignable
-    sigma = RuleField(fixed=True)
-    ema = RuleField(fixed=True)
-    f_star = RuleField(fixed=True)
+    #: the greedy rule's fixed settings: readable, not assignable (``lr_max`` is)
+    sigma = RuleField(fixed=_GREEDY_FIXED)
+    ema = RuleField(fixed=_GREEDY_FIXED)
+    f_star = RuleField(fixed=_GREEDY_FIXED)
+    eps = RuleField(fixed=_GREEDY_FIXED)
+    growth = RuleField(fixed=_GREEDY_FIXED)
+    guard = RuleField(fixed=_GREEDY_FIXED)
+    guard_sigma = RuleField(fixed=_GREEDY_FIXED)
+    lagged_growth = RuleField(fixed=_GREEDY_FIXED)
+    loss_cap = RuleField(fixed=_GREEDY_FIXED)
+    startup = RuleField(fixed=_GREEDY_FIXED)

@@ -78,6 +78,9 @@ class EdgeOfStability(CurvatureTuner):
 
     #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
     sigma = RuleField()
-    #: the rule's ``lr_max`` and ``f_star``; assignable
+    #: the rule's other settings; assignable (its ``coefficient`` is the base's: :attr:`coefficient`)
     lr_max = RuleField()
     f_star = RuleField()
+    growth = RuleField()
+    free_steps = RuleField()
+    loss_cap = RuleField()

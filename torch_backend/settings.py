@@ -21,10 +21,11 @@ class RuleField:
     """A tuner attribute that reads and assigns a field of its rule value (``opt.sigma = 1.0`` replaces
     ``opt.rule`` by a validated copy; a schedule ``step -> value`` is accepted where the rule allows it). A value
     assigned is the user's: the field no longer counts among the defaults taken from the base's kind
-    (``kind_defaults``, :func:`~torch_backend.direction.kind_change`). ``fixed``: a field the tuner fixes
-    (QuadraticGreedy's ``sigma``): readable, an assignment is a ``TypeError``."""
+    (``kind_defaults``, :func:`~torch_backend.direction.kind_change`). Every setting of a tuner's rule is one of
+    these, so no assignment is silently ignored. ``fixed``: why the field cannot change after construction
+    (QuadraticGreedy's ``sigma``, CDAT's ``startup``): readable, an assignment is a ``TypeError`` saying so."""
 
-    def __init__(self, fixed: bool = False) -> None:
+    def __init__(self, fixed: str = "") -> None:
         self.fixed = fixed
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -35,7 +36,7 @@ class RuleField:
 
     def __set__(self, obj: Any, value: Any) -> None:
         if self.fixed:
-            raise TypeError(f"{type(obj).__name__} fixes the rule's {self.name}; use the tuner that takes it")
+            raise TypeError(f"{type(obj).__name__}'s {self.name} cannot be assigned: {self.fixed}")
         obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
         obj.kind_defaults = tuple(k for k in getattr(obj, "kind_defaults", ()) if k != self.name)
 

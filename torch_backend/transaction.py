@@ -50,6 +50,6 @@ class Transaction:
     def rollback(self) -> None:
         with torch.no_grad():
             self.undo_base()
-            self.tuner.guard.rollback()
+            self.tuner.probe_guard.rollback()
         for name, value in self.memory.items():
             setattr(self.tuner, name, value)

@@ -340,7 +340,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._moved_last = False
         self._clip_warned = False
         self._motion_warned = False
-        self.guard = ProbeGuard(modules)
+        self.probe_guard = ProbeGuard(modules)
         self._ws: Optional[Workspace] = None
         self._store: Optional[ScalarStore] = None
         #: the global entries of the first parameter's state after the last step (restored if only that
@@ -607,7 +607,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 warn(UNCONFIRMED_STALE_MESSAGE.format(tuner=type(self).__name__))
         self._plan(st)
         if not self._take_direction(st, tx):  # 2. w0, the base's step, u (no parameter to tune: done)
-            self.guard.finish()
+            self.probe_guard.finish()
             return st.loss
         self._read(st)  # 3. the step's one host sync
         if not st.ok:
@@ -640,13 +640,13 @@ class CurvatureTuner(torch.optim.Optimizer):
             self.rule = dataclasses.replace(self.rule, coefficient=coefficient)
         all_params = self._all_params()
         if closure is None:  # closure-free: the gradients are in .grad already (loss.backward(); opt.step())
-            self.guard.no_main()
+            self.probe_guard.no_main()
             loss = None
         else:
-            loss = self.guard.main(closure, all_params)
-            if loss is None and not self.guard.idle:
+            loss = self.probe_guard.main(closure, all_params)
+            if loss is None and not self.probe_guard.idle:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
-            if self.guard.idle:  # it computed nothing (Lightning's manual optimization: opt.step()): closure-free
+            if self.probe_guard.idle:  # it computed nothing (Lightning's manual optimization: opt.step()): closure-free
                 self._require_probe_free(has_closure=False, error=TypeError, idle=True)
                 closure = None
         all_grads = [p.grad for p in all_params]
@@ -933,7 +933,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                 grads = list(torch._foreach_div(grads, st.clip))
             lt = (st.loss_t if st.loss_t is not None
                   else torch.full((), math.nan, dtype=self.acc_dtype, device=st.dev))
-            st.probe = Probe(st.closure, st.params, grads, st.w0.views, st.u.views, lt, st.numerator, self.guard,
+            st.probe = Probe(st.closure, st.params, grads, st.w0.views, st.u.views, lt, st.numerator, self.probe_guard,
                              self.distributed, st.all_params, st.ws.index, st.flat)
         return st.probe
 
@@ -1104,7 +1104,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             move_flat(params, *st.flat, lr_t)
         else:
             axpy_into(params, st.w0.views, lr_t, st.u.views)
-        self.guard.finish()
+        self.probe_guard.finish()
         self._moved_last = moved_measurably(float(lr), float(st.numerator), float(st.loss_v)) and not (
             st.secant and st.probing)
         st.ws.install(state, layout.W0, st.w0)
@@ -1167,8 +1167,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._stats_device = dev
         self._stats = {"lr": lr_t, "numerator": st.numerator, "curvature": st.curvature,
                        "sharpness": st.sharpness["plain"], "preconditioned_sharpness": st.sharpness["preconditioned"],
-                       "eos_ratio": st.ratio, "skipped": glob[layout.SKIPPED], "closure_calls": self.guard.calls}
-        if self.guard.calls > 1:  # the probes set .grad = None: where the closure left it so, a zeroed gradient
+                       "eos_ratio": st.ratio, "skipped": glob[layout.SKIPPED], "closure_calls": self.probe_guard.calls}
+        if self.probe_guard.calls > 1:  # the probes set .grad = None: where the closure left it so, a zeroed gradient
             for p, g in zip(params, st.grads):  # (every g is a main-call gradient: params are those that had one)
                 if p.grad is None:
                     p.grad = g.zero_()
@@ -1685,8 +1685,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         skipped = self._globals().get(layout.SKIPPED, 0) + 1
         warn(f"{type(self).__name__}: {why.rstrip('.')}; opt.stats['skipped'] counts the skipped steps")  # one text
         self.state[p0][layout.SKIPPED] = skipped
-        self.guard.rollback()  # module buffers and generators as before the main call (a NaN batch's BN statistics)
-        self._stats = self._nan_stats(skipped=skipped, closure_calls=self.guard.calls)
+        # module buffers and generators as before the main call (a NaN batch's BN statistics)
+        self.probe_guard.rollback()
+        self._stats = self._nan_stats(skipped=skipped, closure_calls=self.probe_guard.calls)
         return loss
 
     # -- state_dict ------------------------------------------------------------------------------------------
@@ -1764,6 +1765,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 state["_clip_norms"] = np.zeros(EXTERNAL_CLIP_STEPS)
             state.pop("_replay_scale", None)  # an earlier build's: the scale is in the state now (REPLAY_SCALE)
             state.pop("_minibatch_watch", None)  # an earlier build's: the watch's memory is in the state now
+            if "guard" in state:  # an earlier build's name of the probe guard (now the rule's setting's, CDAT's guard)
+                state["probe_guard"] = state.pop("guard")
             self.__dict__.update(state)
             self._ws = None
             self._store = None
