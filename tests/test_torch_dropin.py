@@ -1366,6 +1366,53 @@ def test_lightning_trainer_accumulate_and_clip():
     assert all(math.isfinite(v) and v > 0 for v in taken)
 
 
+def test_lightning_the_documented_rate_log_reads_the_rate_applied():
+    """docs/pytorch.md's recipe: ``stats["lr"]`` times the group lr, read in an ``optimizer_step`` override after
+    ``super().optimizer_step``, is the rate the step applied under a scheduler Lightning steps each step; read in
+    ``on_train_batch_end`` (the recipe before) it is off by the scheduler's factor (the group lr is the next
+    step's by then)."""
+    pl = pytest.importorskip("lightning.pytorch")
+
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)) for _ in range(4)]
+    applied, logged, late = [], [], []
+
+    def flat(params, grad=False):
+        return torch.cat([(p.grad if grad else p.detach()).reshape(-1).clone() for p in params])
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+        def training_step(self, batch, _):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def optimizer_step(self, *args, **kwargs):
+            before = flat(self.parameters())
+            super().optimizer_step(*args, **kwargs)
+            g = flat(self.parameters(), grad=True)
+            applied.append(float((before - flat(self.parameters())) @ g / (g @ g)))  # SGD: dw = -rate g
+            opt = self.optimizers().optimizer
+            logged.append(float(opt.stats["lr"]) * opt.param_groups[0]["lr"])
+
+        def on_train_batch_end(self, *_):
+            opt = self.optimizers().optimizer
+            late.append(float(opt.stats["lr"]) * opt.param_groups[0]["lr"])
+
+        def configure_optimizers(self):
+            opt = CDAT(torch.optim.SGD(self.parameters(), lr=1.0), probes=False)
+            scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=None))
+    assert len(applied) == 8 and all(a > 0 for a in applied)
+    assert logged == pytest.approx(applied, rel=1e-9)
+    assert [b / a for a, b in zip(applied, late)] == pytest.approx([0.7] * 8, rel=1e-9)
+
+
 def _do_nothing():
     """Lightning's ``do_nothing_closure``: what its manual optimization hands the optimizer for ``opt.step()``."""
     return None
