@@ -1326,6 +1326,47 @@ def test_a_run_at_rest_on_its_minimum_is_not_warned_of_a_rate_of_zero():
     assert float(closure()) == pytest.approx(minimum, rel=1e-14) and longest >= 10, longest
     assert not [m for m in caught if "learning rate has been 0" in str(m.message)]
 
+def test_truncated_bptt_recipe_carries_the_main_calls_hidden_state():
+    """docs/pytorch.md's truncated-BPTT recipe: the closure reads a detached copy of the hidden state taken before
+    the step and writes the new one in the main call only (``is_probe()``). The carried state is the main call's,
+    nothing warns, and the rates are those of a loop that advances the hidden state outside the closure."""
+    torch.manual_seed(0)
+    data = [(torch.randn(6, 2, 3, dtype=torch.float64), torch.randn(6, 2, 3, dtype=torch.float64)) for _ in range(6)]
+
+    def run(recipe):
+        torch.manual_seed(1)
+        rnn, head = nn.GRU(3, 5).double(), nn.Linear(5, 3).double()
+        opt = CDAT(torch.optim.Adam([*rnn.parameters(), *head.parameters()], lr=1.0))
+        hidden, rates, carried = torch.zeros(1, 2, 5, dtype=torch.float64), [], []
+        for x, y in data:
+            h_in = hidden.detach()
+            with torch.no_grad():
+                expected = rnn(x, h_in)[1]
+
+            def closure():
+                nonlocal hidden
+                opt.zero_grad()
+                out, h_out = rnn(x, h_in)
+                loss = (head(out) - y).square().mean()
+                loss.backward()
+                if recipe and not ct.is_probe():
+                    hidden = h_out
+                return loss
+
+            opt.step(closure)
+            if not recipe:
+                hidden = expected
+            rates.append(float(opt.stats["lr"]))
+            carried.append(torch.equal(hidden.detach(), expected))
+        return rates, carried
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rates, carried = run(recipe=True)
+    assert all(carried) and all(r > 0 for r in rates[1:])
+    assert rates == run(recipe=False)[0]
+
+
 # ------------------------------------------------------------------------------ Lightning
 def test_lightning_trainer_accumulate_and_clip():
     pl = pytest.importorskip("lightning.pytorch")

@@ -755,6 +755,66 @@ def test_a_tuner_pickled_by_an_earlier_build_keeps_its_probe_guard():
     assert float(loaded.stats["lr"]) > 0 and not torch.equal(w, w_before)
 
 
+def test_probes_replay_pythons_random_module():
+    """A closure choosing its loss by ``random.random()`` (teacher forcing by a ratio, the seq2seq habit) gets the
+    greedy rate of the loss its main call chose, at every step, and after the step Python's generator is where the
+    main call left it (before: the probe drew again, the rate was the mix of two losses' slopes)."""
+    import random
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DT)
+    w = nn.Parameter(torch.ones(4, dtype=DT))
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0))
+    chosen = []
+
+    def closure():
+        opt.zero_grad()
+        teacher = random.random() < 0.5
+        loss = (w.square() * (a if teacher else a.flip(0) * 10.0)).sum()
+        loss.backward()
+        return loss
+
+    random.seed(3)
+    for _ in range(8):
+        state = random.getstate()
+        teacher = random.random() < 0.5
+        after_main = random.getstate()
+        random.setstate(state)
+        h = a if teacher else a.flip(0) * 10.0
+        g = 2 * h * w.detach()
+        exact = float(g @ g / (g @ (2 * h * g)))
+        opt.step(closure)
+        chosen.append(teacher)
+        assert float(opt.stats["lr"]) == pytest.approx(exact, rel=1e-6)
+        assert random.getstate() == after_main
+    assert 0 < sum(chosen) < len(chosen)
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_a_closure_carrying_an_rnn_state_is_told_the_fix(retain):
+    """word_language_model's loop moved into a closure (``loss, hidden = model(x, hidden)`` assigning the outer
+    hidden state): the probe backpropagates into the graph the main call built, torch's error (or, with
+    ``retain_graph=True``, the in-place version check) is raised with curvopt's explanation naming the carried
+    state and the ``is_probe()`` fix (before: torch's bare "backward through the graph a second time", or a
+    message blaming a graph kept from outside the closure), and the parameters are as before the step."""
+    torch.manual_seed(0)
+    rnn, head = nn.GRU(3, 4).to(DT), nn.Linear(4, 3).to(DT)
+    opt = CDAT(torch.optim.Adam([*rnn.parameters(), *head.parameters()], lr=1.0))
+    x, y = torch.randn(5, 2, 3, dtype=DT), torch.randn(5, 2, 3, dtype=DT)
+    hidden = torch.zeros(1, 2, 4, dtype=DT)
+
+    def closure():
+        nonlocal hidden
+        opt.zero_grad()
+        out, hidden = rnn(x, hidden)
+        loss = (head(out) - y).square().mean()
+        loss.backward(retain_graph=retain)
+        return loss
+
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    with pytest.raises(RuntimeError, match=r"an RNN's hidden state carried across batches.*is_probe\(\)"):
+        opt.step(closure)  # the probe reads the hidden state the main call wrote, and its graph
+    assert all(torch.equal(a, p) for a, p in zip(before, opt.param_groups[0]["params"]))
+
+
 def test_an_assigned_growth_caps_the_next_rates():
     """``opt.growth = 1.1`` holds CDAT's rate to 1.1x per step from the next step on (as Optax's injected
     ``growth`` does), where before the assignment changed nothing."""
