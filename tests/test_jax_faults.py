@@ -260,6 +260,7 @@ def test_sigma_schedule_crossing_zero_gives_lr_zero():
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(p))
 
 
+@pytest.mark.slow  # ~15 s each: the default suite was at 10:53 of its ~10 minutes
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_sigma_schedule_not_finite_gives_lr_zero_and_is_forgotten(bad):
     """A schedule's NaN took the step at the growth cap (1.5x the clean run's rate), an inf one near it, with
@@ -379,6 +380,7 @@ def test_an_injected_sharpness_period_of_zero_keeps_edge_of_stability_estimating
     assert calls[3:] == [2] * 5  # the step's own gradient is given: 1 call + 1 power-iteration product
 
 
+@pytest.mark.slow  # ~11 s
 def test_an_injected_sharpness_period_behind_adam_needs_static_args():
     """Behind Adam the edge rule anchors its growth cap at step ``sharpness + 1``; ``inject_hyperparams`` made an
     int ``sharpness=2`` a traced array and the rule took the default period's anchor in its place (rates 2.5x the

@@ -755,6 +755,7 @@ def test_the_sharpness_error_suggests_turning_it_off_only_where_it_can_be():
         assert ("sharpness=0" in str(info.value)) == hint
 
 
+@pytest.mark.slow  # ~8 s; the fast suite keeps nnx through test_readme's recipes
 def test_nnx_optimizer_with_mup_multipliers():
     """μP on an nnx model under nnx.Optimizer, the README's μP and nnx recipes together: the multipliers built from
     the nnx.State kept their Param nodes in the state init made, nnx.Optimizer hands the transform bare arrays, and
