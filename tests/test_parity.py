@@ -336,3 +336,57 @@ def test_cdat_paired_numerator_agrees():
     from jax_backend import scale_by_cdat
     with pytest.raises(ValueError, match="fd curvature oracle"):
         scale_by_cdat(base_method="adam", numerator="paired", curvature="secant")
+
+
+def test_multipliers_changed_mid_run_agree():
+    """Unfreezing mid-run: PyTorch's group lrs 0 -> 1 and 1 -> 0.5 at step 4, Optax's ``scale_by_mup`` rebuilt with
+    the new multipliers around the state it had (the usual move to keep Adam's moments): the same rates, CDAT
+    behind Adam with the exact oracle and ``ema=0.5`` (before: the state kept the first multipliers for CDAT's
+    numerator, rates up to 2.9x PyTorch's in a field test)."""
+    from jax_backend import scale_by_mup
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(24, 4)), rng.normal(size=(24, 2))
+    init = {"w1": rng.normal(size=(4, 5)) * 0.5, "w2": rng.normal(size=(5, 2)) * 0.5}
+    before, after = {"w1": 0.0, "w2": 1.0}, {"w1": 1.0, "w2": 0.5}
+    steps, switch = 9, 4
+
+    def loss(p, lib):
+        return ((lib.tanh(x_of(lib) @ p["w1"]) @ p["w2"] - y_of(lib)) ** 2).mean()
+
+    x_of = lambda lib: torch.tensor(x) if lib is torch else jnp.asarray(x)  # noqa: E731
+    y_of = lambda lib: torch.tensor(y) if lib is torch else jnp.asarray(y)  # noqa: E731
+    tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in init.items()}
+    names = list(tp)
+    opt = tb.CDAT(torch.optim.Adam([{"params": [tp[k]], "lr": before[k]} for k in names], lr=1.0), ema=0.5,
+                  curvature="exact", functional_loss=lambda ps: loss(dict(zip(names, ps)), torch))
+    t_lrs = []
+    for t in range(steps):
+        if t == switch:
+            for group, k in zip(opt.param_groups, names):
+                group["lr"] = after[k]
+
+        def closure():
+            opt.zero_grad()
+            value = loss(tp, torch)
+            value.backward()
+            return value
+
+        opt.step(closure)
+        t_lrs.append(float(opt.stats["lr"]))
+    with jax.enable_x64(True):
+        def make(mults):
+            return cdat(optax.chain(optax.scale_by_adam(), scale_by_mup(mults)), base_method="adam", ema=0.5,
+                        curvature="exact")
+
+        params, tx = {k: jnp.asarray(v) for k, v in init.items()}, make(before)
+        state, j_lrs = tx.init(params), []
+        value_fn = lambda p: loss(p, jnp)  # noqa: E731
+        for t in range(steps):
+            if t == switch:
+                tx = make(after)
+            value, grad = jax.value_and_grad(value_fn)(params)
+            updates, state = tx.update(grad, state, params, value=value, value_fn=value_fn)
+            params = optax.apply_updates(params, updates)
+            j_lrs.append(float(optax.tree_utils.tree_get(state, "lr")))
+    assert all(v > 0 for v in t_lrs)
+    np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-9)
