@@ -166,6 +166,34 @@ def test_a_setting_injected_out_of_range_under_jit_takes_no_step_and_keeps_the_s
         step(params, s)
 
 
+def test_settings_injected_in_bfloat16_are_refused_with_the_fix():
+    """``optax.inject_hyperparams`` casts the float hyperparameters to the parameters' dtype: with bfloat16
+    parameters CDAT's ``ema=0.99`` became 0.98828125 (rates 16-17 % high, unwarned) and ``ema=0.999`` became 1
+    (refused as "got Array(1, dtype=bfloat16)"). Refused, naming ``hyperparam_dtype``; with it the rates are the
+    tuner's without injection."""
+    params = {"w": jnp.asarray(np.linspace(-1.0, 1.0, 6).reshape(2, 3), jnp.bfloat16)}
+    x = jnp.asarray(np.random.RandomState(0).randn(8, 2), jnp.bfloat16)
+
+    def loss(p):
+        return jnp.mean(jnp.tanh(x @ p["w"]).astype(jnp.float32) ** 2 - 0.3 * (x @ p["w"]).astype(jnp.float32))
+
+    def rates(tx):
+        state, p, out, update = tx.init(params), params, [], jax.jit(tx.update)
+        for _ in range(5):
+            updates, state = update(jax.grad(loss)(p), state, p)
+            p = optax.apply_updates(p, updates)
+            out.append(float(optax.tree_utils.tree_get(state, "lr")))
+        return out
+
+    with pytest.raises(ValueError, match=r"ema.*bfloat16.*0\.98828125.*hyperparam_dtype=jnp\.float32"):
+        optax.inject_hyperparams(cdat)(optax.scale_by_adam(), base_method="adam", ema=0.99).init(params)
+    injected = optax.inject_hyperparams(cdat, hyperparam_dtype=jnp.float32)(optax.scale_by_adam(),
+                                                                             base_method="adam", ema=0.99)
+    plain = rates(cdat(optax.scale_by_adam(), base_method="adam", ema=0.99))
+    assert all(r > 0 for r in plain[1:])
+    np.testing.assert_allclose(rates(injected), plain, rtol=1e-5)
+
+
 def test_an_injected_setting_out_of_range_stops_closure_free_probing_steps_too():
     """Closure-free CDAT at a concave start probes farther, up to ``lr_max``: an injected ``lr_max`` of -1 stepped
     uphill by 1 (NaN: the parameters NaN) where the rule itself gave 0 (the second review). An int8 ``free_steps``
