@@ -14,12 +14,14 @@ from curvopt.rules import (CDATRule, check_numerator, default_ema, default_lagge
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
-from .settings import RuleField, default_of
+from .settings import default_of, rule_fields
 from .tuner import CurvatureTuner
 
 __all__ = ["CDAT", "QuadraticGreedy"]
 
 
+@rule_fields(CDATRule, fixed={"startup": "the defaults of sigma, lagged_growth and the numerator follow it; set "
+                                         "it at construction"})
 class CDAT(CurvatureTuner):
     """``lr_t = sigma * avg(n) / avg(d + eps)`` around a base optimizer, ``n = max(-g^T u, 0)`` (the rule's
     numerator, see ``numerator``) and ``d`` the curvature ``u^T H u``: under the default ``startup="robust"``
@@ -156,26 +158,11 @@ class CDAT(CurvatureTuner):
                                         lagged_growth=default_lagged_growth(self.method, lagged_growth, startup,
                                                                             growth))
 
-    #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
-    sigma = RuleField()
-    #: the rule's other settings; assignable (the ones Optax's ``inject_hyperparams`` can schedule)
-    lr_max = RuleField()
-    ema = RuleField()
-    f_star = RuleField()
-    eps = RuleField()
-    growth = RuleField()
-    guard = RuleField()
-    guard_sigma = RuleField()
-    lagged_growth = RuleField()
-    loss_cap = RuleField()
-    #: readable, not assignable
-    startup = RuleField(fixed="the defaults of sigma, lagged_growth and the numerator follow it; set it at "
-                              "construction")
-
 
 _GREEDY_FIXED = "the greedy rule is CDAT with sigma=1, ema=0, eps=0, startup='paper'; use CDAT, which takes it"
 
 
+@rule_fields(CDATRule, fixed={f.name: _GREEDY_FIXED for f in dataclasses.fields(CDATRule) if f.name != "lr_max"})
 class QuadraticGreedy(CDAT):
     """``lr = -g^T u / |u^T H u|``, the minimiser of the quadratic model along ``u``, at most ``lr_max`` (the rate
     where the curvature is exactly 0 along a descent direction; without one no step)
@@ -196,15 +183,3 @@ class QuadraticGreedy(CDAT):
                             "eps=0, startup='paper', numerator='direction'); set them on CDAT instead")
         super().__init__(base, **fixed, curvature=curvature, sharpness=sharpness, noise_correction=noise_correction,
                          **kwargs)
-
-    #: the greedy rule's fixed settings: readable, not assignable (``lr_max`` is)
-    sigma = RuleField(fixed=_GREEDY_FIXED)
-    ema = RuleField(fixed=_GREEDY_FIXED)
-    f_star = RuleField(fixed=_GREEDY_FIXED)
-    eps = RuleField(fixed=_GREEDY_FIXED)
-    growth = RuleField(fixed=_GREEDY_FIXED)
-    guard = RuleField(fixed=_GREEDY_FIXED)
-    guard_sigma = RuleField(fixed=_GREEDY_FIXED)
-    lagged_growth = RuleField(fixed=_GREEDY_FIXED)
-    loss_cap = RuleField(fixed=_GREEDY_FIXED)
-    startup = RuleField(fixed=_GREEDY_FIXED)

@@ -14,12 +14,13 @@ from curvopt.validation import check_bool
 from .buffers import ModulesLike
 from .direction import base_stability_coefficient, check_base
 from .distributed import DistributedLike
-from .settings import RuleField, default_of
+from .settings import default_of, rule_fields
 from .tuner import CurvatureTuner
 
 __all__ = ["EdgeOfStability"]
 
 
+@rule_fields(EdgeOfStabilityRule, exclude=("coefficient",))  # (the base's: :attr:`coefficient`)
 class EdgeOfStability(CurvatureTuner):
     """``lr = sigma * c / lambda`` with ``c`` the base's stability coefficient
     (:func:`curvopt.thresholds.stability_coefficient`: 2 for GD, ``(2 + 2 beta1) / (1 - beta1)`` for Adam; heavy ball
@@ -75,12 +76,3 @@ class EdgeOfStability(CurvatureTuner):
         self.rule = dataclasses.replace(
             self.rule, sigma=default_eos_sigma(self.method, sigma),
             free_steps=default_eos_free_steps(self.method, self.sharpness_config.every, free_steps))
-
-    #: the rule's ``sigma`` (a number or a schedule ``step -> sigma``); assignable
-    sigma = RuleField()
-    #: the rule's other settings; assignable (its ``coefficient`` is the base's: :attr:`coefficient`)
-    lr_max = RuleField()
-    f_star = RuleField()
-    growth = RuleField()
-    free_steps = RuleField()
-    loss_cap = RuleField()

@@ -11,12 +11,13 @@ from curvopt.rules import ArmijoRule, default_armijo_c
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
-from .settings import RuleField, default_of
+from .settings import default_of, rule_fields
 from .tuner import CurvatureTuner
 
 __all__ = ["ArmijoLineSearch"]
 
 
+@rule_fields(ArmijoRule)
 class ArmijoLineSearch(CurvatureTuner):
     """Accept the first ``lr`` with ``f(w + lr u) <= f(w) + delta |f(w)| + c lr g^T u``.
 
@@ -58,12 +59,3 @@ class ArmijoLineSearch(CurvatureTuner):
         # None: the base's default (curvopt.rules.default_armijo_c); the base is known from here on
         self.kind_defaults = ("c",) if c is None else ()
         self.rule = dataclasses.replace(self.rule, c=default_armijo_c(self.method, c))
-
-    #: the rule's settings; assignable (``opt.c = 0.3``: the next step's search uses it)
-    c = RuleField()
-    delta = RuleField()
-    increase_factor = RuleField()
-    decrease_factor = RuleField()
-    lr_max = RuleField()
-    init_lr = RuleField()
-    max_trials = RuleField()

@@ -10,13 +10,14 @@ from curvopt.rules import PolyakRule, polyak_cap_warning
 
 from .buffers import ModulesLike
 from .distributed import DistributedLike
-from .settings import RuleField, default_of
+from .settings import default_of, rule_fields
 from .tuner import CurvatureTuner
 from .warning import warn
 
 __all__ = ["PolyakStep"]
 
 
+@rule_fields(PolyakRule)
 class PolyakStep(CurvatureTuner):
     """``lr = min((f - f_star) / (-g^T u), lr_max)`` (``||g||^2`` in the denominator for GD); one
     closure call a step, and one more at each of the first 3 steps: the check that the closure replays (not in
@@ -41,7 +42,3 @@ class PolyakStep(CurvatureTuner):
         message = polyak_cap_warning(self.method, lr_max)
         if message:
             warn(f"{type(self).__name__}: {message}")
-
-    #: the rule's ``f_star`` and ``lr_max``; assignable
-    f_star = RuleField()
-    lr_max = RuleField()

@@ -4,13 +4,13 @@ replaces (deprecated for one release)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Optional
 
 from curvopt.config import LEGACY_SHARPNESS, SharpnessConfig, as_sharpness, legacy_sharpness
 
 from .warning import warn
 
-__all__ = ["default_of", "RuleField", "resolve_sharpness"]
+__all__ = ["default_of", "RuleField", "rule_fields", "resolve_sharpness"]
 
 def default_of(rule_cls: type, name: str) -> Any:
     """The core's default of a rule field (the tuners' constructor defaults are the core's, never restated)."""
@@ -39,6 +39,20 @@ class RuleField:
             raise TypeError(f"{type(obj).__name__}'s {self.name} cannot be assigned: {self.fixed}")
         obj.rule = dataclasses.replace(obj.rule, **{self.name: value})
         obj.kind_defaults = tuple(k for k in getattr(obj, "kind_defaults", ()) if k != self.name)
+
+
+def rule_fields(rule_cls: type, fixed: Optional[dict[str, str]] = None, exclude: tuple[str, ...] = ()
+                ) -> Callable[[type], type]:
+    """Class decorator: a :class:`RuleField` on the tuner for every field of its rule class ``rule_cls`` (but
+    ``exclude``), ``fixed`` mapping a field to why it cannot be assigned."""
+    def add(cls: type) -> type:
+        for f in dataclasses.fields(rule_cls):
+            if f.name not in exclude:
+                field = RuleField((fixed or {}).get(f.name, ""))
+                field.__set_name__(cls, f.name)
+                setattr(cls, f.name, field)
+        return cls
+    return add
 
 
 def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
