@@ -118,10 +118,10 @@ def final_loss(rec: dict) -> float:
 def eval_metric(rec: dict, field: str, worst: float) -> float:
     """A record's eval metric ``field`` (``eval_loss``, ``eval_accuracy``); ``worst`` where the run diverged or
     failed (its final loss is ``inf``: the runner still evaluates a diverged model, and its finite figure flattered
-    the median) or the metric is ``null`` (a non-finite value, written as ``null``); NaN where a finished run's
-    summary has no such field."""
+    the median), the metric is ``null`` (a non-finite value, written as ``null``) or the eval loss is (its accuracy
+    counts as the worst too, as the README says); NaN where a finished run's summary has no such field."""
     s = rec.get("summary") or {}
-    if math.isinf(final_loss(rec)):
+    if math.isinf(final_loss(rec)) or ("eval_loss" in s and s["eval_loss"] is None):  # (the accuracy too)
         return worst
     v = s.get(field)
     if v is not None:

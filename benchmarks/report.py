@@ -272,8 +272,17 @@ def analyse(records: list[dict]) -> dict:
             out[g][w] = {"best_label": best_lab, "best_final": _median(list(best_final.values())),
                          "best_lr": math.nan if best_lr is None else best_lr, "base_time": base_time, "rows": rows,
                          "grid": grid, "grid_finals": grid_finals, "fitted": fitted,
+                         "grid_diverged": {lr: (sum(1 for f in fs if math.isinf(f)), len(fs))
+                                           for lr, fs in seed_finals.items()},
                          "best_at_edge": bool(grid) and best_lr in (grid[0], grid[-1])}
     return out
+
+
+def _diverged_on(counts: tuple[int, int], median: float) -> str:
+    """The grid line's mark of a rate that diverged on some seeds, not most (its median is finite, yet it ranks
+    behind every rate that diverged on none: :func:`benchmarks.best_constant.best_constant`)."""
+    k, n = counts
+    return f" (diverged on {k} of {n} seeds)" if k and math.isfinite(median) else ""
 
 
 def _described(info: dict) -> dict:
@@ -611,7 +620,8 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
                f"base: {rec0['base']}, {rec0['max_steps']} steps, data: {rec0['data']}, model: {rec0['model']}.",
                ""]
         for w, info in widths.items():
-            grid = ", ".join(f"{lr:.4g}: {_fmt(f, '.3g')}" for lr, f in sorted(info["grid_finals"].items()))
+            grid = ", ".join(f"{lr:.4g}: {_fmt(f, '.3g')}" + _diverged_on(info["grid_diverged"][lr], f)
+                             for lr, f in sorted(info["grid_finals"].items()))
             md.append(f"- width {w}: constant grid (lr: median final loss) {grid}"
                       + (" — **best still at the grid edge**" if info["best_at_edge"] else "")
                       + (f" — **the best constant by train loss fits the training set (final loss < {FITTED:g}): "

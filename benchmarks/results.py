@@ -152,15 +152,21 @@ def rewrite_without(path: str, keys: set) -> int:
 
 
 # -------------------------------------------------------------------------------------------- summary
+def diverging(loss: float, first: float) -> bool:
+    """Stop a run once its loss is non-finite or 1000x its first value (a spike below that may recover)."""
+    return not math.isfinite(loss) or loss > 1000.0 * max(first, 1e-3)
+
+
 def summarise(cols: dict, steps: int, eval_loss: float, eval_acc: float, extra: dict, window: int = LAST) -> dict:
     """The ``summary`` of a record: final train loss (mean of the last ``window`` losses, see
-    :func:`final_window`; ``inf`` when the run stopped early or ended non-finite), eval loss/accuracy, step
+    :func:`final_window`; ``inf`` when the run stopped early, ended non-finite or :func:`diverging` at its last
+    step, which stops no run), eval loss/accuracy, step
     times (wall and CPU; the first step, which includes warm-up, left out), the lr range (final: mean over
     the same window), closure calls per step."""
     loss = np.array(cols["loss"], dtype=float)
     lr = np.array(cols["lr"], dtype=float)
     t = np.array(cols["time"], dtype=float)
-    diverged = len(loss) < steps or not np.all(np.isfinite(loss[-window:]))
+    diverged = len(loss) < steps or not np.all(np.isfinite(loss[-window:])) or diverging(loss[-1], loss[0])
     lr_ok = lr[np.isfinite(lr) & (lr > 0)]
     timed = t[1:] if len(t) > 2 else t
     cpu = np.array(cols["cpu"], dtype=float)

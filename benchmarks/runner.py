@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
-from .plan import RunSpec, group_of, widening
+from .plan import RunSpec, group_of, widened_keys, widening
 from .results import RESULTS, OutputLock, append_result, latest_by_key, load_results, rewrite_without
 
 __all__ = ["run_one", "run_all", "unavailable_reason"]
@@ -111,8 +111,8 @@ def run_all(specs: list[RunSpec], out_dir: str, *, progress: bool = True, log=No
               "widened": 0}
     with OutputLock(out_dir):
         records = latest_by_key(load_results(path))  # older files may repeat a key: its last record is the run's
-        planned = {s.key for s in specs}
-        if retry_errors:
+        if retry_errors:  # the plan's runs and the widening runs it added before
+            planned = {s.key for s in specs} | widened_keys(specs, records)
             again = {k for k, r in records.items() if k in planned and r.get("status") == "error"}
             if again:
                 rewrite_without(path, again)

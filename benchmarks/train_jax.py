@@ -7,8 +7,7 @@ import time
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
 from .plan import RunSpec
-from .results import COLUMNS, STAT_COLUMNS, final_window, summarise
-from .train_torch import diverging
+from .results import COLUMNS, STAT_COLUMNS, diverging, final_window, summarise
 
 __all__ = ["run"]
 

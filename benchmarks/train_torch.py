@@ -9,14 +9,9 @@ import warnings
 from . import tasks as tasks_mod
 from . import tuners as tuners_mod
 from .plan import RunSpec
-from .results import COLUMNS, STAT_COLUMNS, final_window, summarise
+from .results import COLUMNS, STAT_COLUMNS, diverging, final_window, summarise
 
-__all__ = ["run", "diverging", "native_kernels"]
-
-
-def diverging(loss: float, first: float) -> bool:
-    """Stop a run once its loss is non-finite or 1000x its first value (a spike below that may recover)."""
-    return not math.isfinite(loss) or loss > 1000.0 * max(first, 1e-3)
+__all__ = ["run", "native_kernels"]
 
 
 def _f(v) -> float:

@@ -339,6 +339,8 @@ def test_a_constant_that_diverged_on_a_seed_is_not_the_best(tmp_path):
     info = rep["analysis"][GROUP][16]
     cdat = info["rows"]["cdat"]
     assert info["best_lr"] == 0.2 and not info["best_at_edge"]
+    # the grid line says why the lower median 0.1 was passed over (before: "0.1: 0.1" unmarked beside the best)
+    assert "0.1: 0.1 (diverged on 1 of 3 seeds), 0.2: 0.2, " in (tmp_path / "diverged" / "report.md").read_text()
     assert (cdat["worst_ratio"], cdat["worst_seed"], cdat["verdict"]) == (pytest.approx(2.5), 2, "mixed")
     # the widening agrees: the best that trained on every seed is inside the grid, so it is settled
     exp = Experiment("mlp", "full", (16,), ("constant",), 20, grid=(0.05, 0.1, 0.2), widen=2)

@@ -201,6 +201,53 @@ def test_resume_after_kill_no_duplicates(tmp_path):
     assert c["ran"] == 0 and c["skipped_done"] == 3
 
 
+def test_a_run_diverging_at_its_last_step_counts_as_diverged():
+    """The runner stops a run whose loss is 1000x its first (:func:`benchmarks.results.diverging`); at the last
+    step nothing stops it, and it was recorded ``ok`` with a finite final loss (a field test: 7314 from 2.5 at the
+    last of 3 steps, final 2445, listed in the constant grid)."""
+    cols = {"loss": [2.5, 40.0, 7314.0], "lr": [1.0] * 3, "time": [0.1] * 3, "cpu": [0.1] * 3,
+            "closure_calls": [1.0] * 3}
+    s = results.summarise(cols, 3, 5.0, 0.5, {})
+    assert s["diverged"] and s["final_train_loss"] == math.inf
+    cols["loss"][-1] = 900.0  # below the 1000x: a spike that may recover
+    s = results.summarise(cols, 3, 5.0, 0.5, {})
+    assert not s["diverged"] and math.isfinite(s["final_train_loss"])
+
+
+def test_a_non_finite_eval_loss_makes_the_accuracy_the_worst_too():
+    """README: a run with a non-finite eval loss counts as the worst there (eval loss inf, accuracy 0); its
+    accuracy was kept (0.070 beside an eval loss reading "diverged", in a field test)."""
+    rec = {"status": "ok", "summary": {"final_train_loss": 2.0, "eval_loss": None, "eval_accuracy": 0.0703}}
+    assert plan_mod.eval_metric(rec, "eval_loss", math.inf) == math.inf
+    assert plan_mod.eval_metric(rec, "eval_accuracy", 0.0) == 0.0
+    rec["summary"]["eval_loss"] = 1.5
+    assert plan_mod.eval_metric(rec, "eval_accuracy", 0.0) == 0.0703
+
+
+def test_retry_errors_reruns_a_failed_widening_run(tmp_path, monkeypatch):
+    """``--retry-errors`` reruns a failed run that the grid widening added (before: only the initial plan's keys
+    were retried, so the failure stayed, counted as diverged, stopped the widening and moved the best constant)."""
+    exp = Experiment("mlp", "full", (8,), ("constant",), 3, grid=(0.1, 0.2, 0.4), widen=3)
+    specs = plan_mod.plan([exp], seeds=(0, 1))
+    loss = {0.1: 3.0, 0.2: 2.0, 0.4: 1.0, 0.5657: 0.6, 0.8: 0.5, 1.131: 0.7}
+    fail = {"lr": 0.8}
+
+    def fake(spec, progress=None):
+        lr = dict(spec.settings)["lr"]
+        if lr == fail["lr"] and spec.seed == 0:
+            return {**runner._worker_error(spec, RuntimeError("died")), "key": spec.key}
+        return {**_rec(spec, loss[lr]), "tuner": spec.label, "seed": spec.seed}
+
+    monkeypatch.setattr(runner, "run_one", fake)
+    c = runner.run_all(specs, str(tmp_path), progress=False)
+    assert (c["errors"], c["widened"]) == (1, 4)  # 0.5657, then 0.8 (failed on seed 0: the widening stops)
+    fail["lr"] = None
+    c = runner.run_all(specs, str(tmp_path), progress=False, retry_errors=True)
+    assert (c["ran"], c["errors"], c["failed"]) == (3, 0, 0)  # 0.8 on seed 0 again, then 1.131 on both seeds
+    recs = results.latest_by_key(results.load_results(str(tmp_path / results.RESULTS)))
+    assert {r["status"] for r in recs.values()} == {"ok"} and len(recs) == 6 + 6
+
+
 def test_error_runs_are_recorded_once_and_fail_the_sweep(tmp_path, monkeypatch):
     from benchmarks import train_torch
 
