@@ -96,6 +96,8 @@ def prepare(tuner: str, updates: Any, params: Any, dtype: Any, *, value: Any, gr
                          "nnx, nnx.merge(graphdef, params, rest, copy=True) inside value_fn, rest cloned from the "
                          "split (docs/optax.md)")
     loss = traced.out_avals[0] if traced is not None else None
+    if isinstance(value, (tuple, list)):  # (loss, aux), as jax.value_and_grad(..., has_aux=True) gives it
+        value = value[0]
     check_params_whole(tuner, params, value, loss)
     check_loss_agrees(tuner, params, value, loss)
     given = value is not None or grad is None  # without grad, value_and_grad gives both in the main evaluation

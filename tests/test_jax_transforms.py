@@ -166,6 +166,23 @@ def test_a_setting_injected_out_of_range_under_jit_takes_no_step_and_keeps_the_s
         step(params, s)
 
 
+def test_value_given_as_the_loss_and_aux_pair_is_the_loss():
+    """``value=`` as ``jax.value_and_grad(loss_fn, has_aux=True)`` returns it, ``(loss, aux)``, is taken as the
+    loss, as ``value_fn``'s ``(loss, aux)`` is (before: a TypeError from deep inside, "not a valid JAX type")."""
+    def loss_fn(p, x):
+        loss = jnp.sum((p["w"] * x) ** 2)
+        return loss, {"aux": loss}
+
+    params, x = {"w": jnp.ones(3)}, jnp.arange(1.0, 4.0)
+    (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+    for tx in (quadratic_greedy(optax.identity()), polyak(optax.identity())):
+        state = tx.init(params)
+        paired, _ = tx.update(grad, state, params, value=(loss, aux), value_fn=loss_fn, x=x)
+        alone, _ = tx.update(grad, state, params, value=loss, value_fn=loss_fn, x=x)
+        np.testing.assert_array_equal(paired["w"], alone["w"])
+        assert float(jnp.abs(alone["w"]).sum()) > 0
+
+
 def test_settings_injected_in_bfloat16_are_refused_with_the_fix():
     """``optax.inject_hyperparams`` casts the float hyperparameters to the parameters' dtype: with bfloat16
     parameters CDAT's ``ema=0.99`` became 0.98828125 (rates 16-17 % high, unwarned) and ``ema=0.999`` became 1
