@@ -19,7 +19,7 @@ from curvopt.rules import (CDATRule, CDATState, RuleInputs, apply_rule, check_nu
 from curvopt.stats import TunerStats
 from curvopt.validation import check_bool, check_choice, traced_validity
 
-from .direction import abs_max, accumulator_dtype, flat, moved, runs_vdot
+from .direction import abs_max, accumulator_dtype, flat, moved, moving_leaves, runs_vdot
 from .noise import (NoiseMemory, adam_averaged_gradient, gradient_descent_unit, noise_init, noise_metric,
                     over_preconditioner, rate_multipliers, seen_scale)
 from .oracles import (ReplayCheck, SecantMemory, curvature as curvature_of, replay_check, replay_init, secant_init,
@@ -225,10 +225,10 @@ def _over_adam(x: Any, p: Any, method: BaseMethod, adam: Any, base_state: Any) -
     with Adam's ``P`` (:func:`curvopt.preconditioner.adam_preconditioner`) from its state after its update and
     ``M`` the group rates' multipliers in the base (:func:`jax_backend.noise.rate_multipliers`; PyTorch's ``D``
     is ``lr_group / P``; without them the rates of a μP or layer-wise-decay base drifted 0.3-27 % from
-    PyTorch's), on the entries the base's direction moves (:func:`jax_backend.direction.moved`). The Adam
+    PyTorch's), on the leaves the base's direction moves (:func:`jax_backend.direction.moving_leaves`). The Adam
     numerators work on the flattened trees: ``P`` and ``P^-1 x`` leaf by leaf were ~0.1 of a bare step's compile
     time."""
-    d = moved(over_preconditioner(x, adam, method, p.grad, p.dtype), flat(p.d, p.dtype, like=p.grad))
+    d = moved(over_preconditioner(x, adam, method, p.grad, p.dtype), moving_leaves(p.d, p.dtype, p.grad))
     mults = rate_multipliers(base_state, p.grad, p.dtype)
     return d if mults is None else optax.tree.mul(d, mults)
 

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 import optax
 
 from curvopt.config import accumulator_dtype_name
-from curvopt.rules import moved_entries
 from curvopt.runs import CONCAT_BELOW, concat_limit, cut_into_runs
 
 from .warning import warn
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled",
-           "scaled", "has_masked", "like_params", "moved", "warn_if_negated", "warn_if_base_negates",
+           "scaled", "has_masked", "like_params", "moving_leaves", "moved", "warn_if_negated", "warn_if_base_negates",
            "base_update_at_init", "NEGATED_DIRECTION_MESSAGE"]
 
 _NEGATED = (
@@ -103,15 +102,23 @@ def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
                  for run in cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW)))
 
 
-def moved(x: Any, u: Any) -> Any:
-    """``x`` on the entries the direction ``u`` moves, 0 elsewhere (:func:`curvopt.rules.moved_entries`), both
-    :func:`flat` alike. A part the base freezes (``optax.set_to_zero`` inside it) takes no part in the share of the
-    gradient the base saw, the noise metric's products or Adam's numerators, as a PyTorch param group at lr 0
-    takes none (its rate multiplier is 0). Behind Adam under ``multi_transform`` or ``masked`` the frozen part's
-    gradient counted in the share (its masked moments read as 0): closure-free CDAT's rate fell 12-60x in a field
-    test (a frozen body with 11x the head's gradient norm); behind ``chain(scale_by_adam(), masked(set_to_zero(),
-    body))``, whose moments cover the body, its noise and its momentum terms counted too, the rate about 0."""
-    return jax.tree.map(lambda v, d: moved_entries(v, d, jnp), x, u)
+def moving_leaves(direction: Any, dtype: Any, like: Any) -> tuple:
+    """1 on every entry of a leaf the ``direction`` (a tree) moves anywhere, 0 on a leaf it leaves whole,
+    :func:`flat` like ``like``. A part the base freezes (``optax.set_to_zero`` inside it) takes no part in the
+    share of the gradient the base saw, the noise metric's products or Adam's numerators (:func:`moved`), as a
+    PyTorch param group at lr 0 takes none (its rate multiplier is 0); an entry the direction leaves at 0 inside a
+    moving leaf (an embedding row missing from the batch behind SGD) counts, as in PyTorch. Behind Adam under
+    ``multi_transform`` or ``masked`` a frozen part's gradient counted in the share (its masked moments read as 0):
+    closure-free CDAT's rate fell 12-60x in a field test (a frozen body with 11x the head's gradient norm); behind
+    ``chain(scale_by_adam(), masked(set_to_zero(), body))``, whose moments cover the body, its noise and its
+    momentum terms counted too, the rate about 0."""
+    return flat(jax.tree.map(lambda u: jnp.broadcast_to(jnp.any(u != 0), jnp.shape(u)), direction), dtype,
+                like=like)
+
+
+def moved(x: Any, mask: Any) -> Any:
+    """``x`` (flat) where ``mask`` (:func:`moving_leaves`) is 1, 0 elsewhere."""
+    return jax.tree.map(lambda v, m: jnp.where(m != 0, v, 0), x, mask)
 
 
 def norm(a: Any, dtype: Any) -> Any:
