@@ -316,11 +316,12 @@ def test_non_finite_base_direction_is_skipped_cleanly():
 
 @pytest.mark.parametrize("given", [True, False], ids=["modules", "found"])
 @pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
-def test_a_skipped_step_puts_module_buffers_and_the_generator_back(given, first):
+def test_a_skipped_step_puts_module_buffers_back_and_leaves_the_generator_as_the_main_call_did(given, first):
     """A batch with one NaN feature: the step is skipped, and BatchNorm's statistics (which the main call updated
-    with the NaN) and the generator (which drew the dropout mask) are as before the step, as when the closure
-    raises. Before, the running statistics stayed NaN for good: the model's eval output was NaN. Without
-    ``modules=`` too, on the step that finds the modules and on a later one."""
+    with the NaN) are as before the step, as when the closure raises. Before, the running statistics stayed NaN
+    for good: the model's eval output was NaN. The generator (which drew the dropout mask) is where the main call
+    left it, as in a bare loop (put back to before the step, a random draw that gave the NaN came back at every
+    step, each skipped). Without ``modules=`` too, on the step that finds the modules and on a later one."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 1)).double()
     opt = CDAT(torch.optim.Adam(model.parameters(), lr=1.0), modules=model if given else None)
@@ -342,11 +343,14 @@ def test_a_skipped_step_puts_module_buffers_and_the_generator_back(given, first)
     rng = torch.get_rng_state()
     bad = x.clone()
     bad[0, 0] = math.nan
+    copy.deepcopy(model)(bad)  # the main call's draws, on a copy
+    after_main = torch.get_rng_state()
+    torch.set_rng_state(rng)
     with pytest.warns(RuntimeWarning, match="skipped"):
         opt.step(closure_on(bad))
     assert opt.stats["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
-    assert torch.equal(rng, torch.get_rng_state())
+    assert torch.equal(after_main, torch.get_rng_state()) and not torch.equal(rng, after_main)
 
 
 class _Counting(nn.Module):

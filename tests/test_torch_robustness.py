@@ -10,7 +10,7 @@ from torch import nn
 
 from curvopt import SharpnessConfig
 from curvopt.stats import STAT_FIELDS
-from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy
+from curvopt.torch import CDAT, ArmijoLineSearch, EdgeOfStability, PolyakStep, QuadraticGreedy, is_probe
 
 DT = torch.float64
 
@@ -786,6 +786,38 @@ def test_probes_replay_pythons_random_module():
         assert float(opt.stats["lr"]) == pytest.approx(exact, rel=1e-6)
         assert random.getstate() == after_main
     assert 0 < sum(chosen) < len(chosen)
+
+
+def test_a_skipped_step_leaves_the_generators_where_the_main_call_left_them():
+    """A closure that draws its batch from Python's ``random`` or torch's generator: a batch that gives a NaN loss
+    (a skipped step) is not drawn again at the next step, and the main calls draw the bare loop's stream (a
+    review: put back to before the main call, the poisoned batch came back at every step, each skipped). A step
+    that raises puts them back to before it (the step undone), so the closure is not made to raise there."""
+    import random
+    data = torch.linspace(-1.0, 1.0, 10, dtype=DT)
+    w = nn.Parameter(torch.tensor([0.5], dtype=DT))
+    opt = CDAT(torch.optim.SGD([w], lr=1.0))
+    drawn, step = [], [0]
+
+    def closure():
+        opt.zero_grad()
+        i = random.randrange(10) if step[0] % 2 else int(torch.randint(10, ()))
+        if not is_probe():
+            drawn.append(i)
+        loss = (w * data[i] - 1.0).square().sum() * (math.nan if i == 7 else 1.0)
+        loss.backward()
+        return loss
+
+    random.seed(5)
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step[0] in range(12):
+            opt.step(closure)
+    random.seed(5)
+    torch.manual_seed(5)
+    bare = [random.randrange(10) if k % 2 else int(torch.randint(10, ())) for k in range(12)]
+    assert drawn == bare and 7 in drawn and opt.stats["skipped"] >= 1
 
 
 @pytest.mark.parametrize("retain", [False, True])

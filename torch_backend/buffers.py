@@ -506,14 +506,19 @@ class ProbeGuard:
         self._rng_after = None
         self._taken = False
 
-    def rollback(self) -> None:
+    def rollback(self, skipped: bool = False) -> None:
         """Undo the step's side effects on the model: buffers and generators as before the main call (the other
-        parameters' gradients as the main call left them)."""
+        parameters' gradients as the main call left them). ``skipped`` (a step the tuner skips, its loss or
+        gradient not finite): the generators where the main call left them instead, the probes' draws undone, as
+        a bare loop leaves them: put back to before the main call, a closure whose random draw gave the NaN (a
+        batch drawn with ``random`` or ``torch.randint``, an augmentation) drew it again at every step, each
+        skipped."""
         self._restore_gradients()
         if self._main_called:
             self._restore_before()
-        if self._rng_before is not None:
-            self._rng_before.restore()
+        rng = self._rng_after if skipped else self._rng_before
+        if rng is not None:
+            rng.restore()
         self._rng_after = None
         self._taken = False
 

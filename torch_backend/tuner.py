@@ -1685,8 +1685,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         skipped = self._globals().get(layout.SKIPPED, 0) + 1
         warn(f"{type(self).__name__}: {why.rstrip('.')}; opt.stats['skipped'] counts the skipped steps")  # one text
         self.state[p0][layout.SKIPPED] = skipped
-        # module buffers and generators as before the main call (a NaN batch's BN statistics)
-        self.probe_guard.rollback()
+        # module buffers as before the main call (a NaN batch's BN statistics), generators where it left them
+        self.probe_guard.rollback(skipped=True)
         self._stats = self._nan_stats(skipped=skipped, closure_calls=self.probe_guard.calls)
         return loss
 
