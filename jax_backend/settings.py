@@ -47,8 +47,9 @@ def _check_precision(values: dict) -> None:
     if low:
         dtype = next(iter(low.values()))
         raise ValueError(f"{', '.join(low)} reached the tuner as {dtype} arrays, which round the settings (0.99 is "
-                         f"{float(jnp.asarray(0.99, dtype))} in {dtype}): optax.inject_hyperparams casts the float "
-                         "hyperparameters to the parameters' dtype; pass hyperparam_dtype=jnp.float32 to it")
+                         f"{float(jnp.asarray(0.99, dtype))} in {dtype}): give them as Python floats; "
+                         "optax.inject_hyperparams casts the float hyperparameters to the parameters' dtype, so "
+                         "pass hyperparam_dtype=jnp.float32 to it")
 
 
 def _is_array(value: Any) -> bool:

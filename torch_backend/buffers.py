@@ -440,7 +440,8 @@ class ProbeGuard:
                        "its forward pass anew at every call (a graph built outside it, kept with retain_graph=True, "
                        "still refers to the parameters' old versions)")
             elif "backward through the graph a second time" in str(err):
-                why = "through a graph an earlier call of the closure built and freed"
+                why = ("through a graph built before it and freed (by an earlier call of the closure, or outside it: "
+                       "build the forward pass inside the closure)")
             else:
                 raise
             raise RuntimeError(
