@@ -96,7 +96,6 @@ def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad
     return gradient_scale(_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w), xp=jnp)
 
 
-
 def _incoming_terms(base_state_before: Any, grad: Any, incoming: Any, params: Any, dtype: Any
                     ) -> tuple[Any, Any, Any]:
     """Behind gradient descent: the incoming direction, the gradient and the parameters, flat, the last two
