@@ -228,7 +228,7 @@ def _over_adam(x: Any, p: Any, method: BaseMethod, adam: Any, base_state: Any) -
     PyTorch's), on the leaves the base's direction moves (:func:`jax_backend.direction.moving_leaves`). The Adam
     numerators work on the flattened trees: ``P`` and ``P^-1 x`` leaf by leaf were ~0.1 of a bare step's compile
     time."""
-    d = moved(over_preconditioner(x, adam, method, p.grad, p.dtype), moving_leaves(p.d, p.dtype, p.grad))
+    d = moved(over_preconditioner(x, adam, method, p.grad, p.dtype), moving_leaves(p.d, p.grad))
     mults = rate_multipliers(base_state, p.grad, p.dtype)
     return d if mults is None else optax.tree.mul(d, mults)
 

@@ -102,23 +102,29 @@ def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
                  for run in cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW)))
 
 
-def moving_leaves(direction: Any, dtype: Any, like: Any) -> tuple:
-    """1 on every entry of a leaf the ``direction`` (a tree) moves anywhere, 0 on a leaf it leaves whole,
-    :func:`flat` like ``like``. A part the base freezes (``optax.set_to_zero`` inside it) takes no part in the
-    share of the gradient the base saw, the noise metric's products or Adam's numerators (:func:`moved`), as a
-    PyTorch param group at lr 0 takes none (its rate multiplier is 0); an entry the direction leaves at 0 inside a
-    moving leaf (an embedding row missing from the batch behind SGD) counts, as in PyTorch. Behind Adam under
-    ``multi_transform`` or ``masked`` a frozen part's gradient counted in the share (its masked moments read as 0):
-    closure-free CDAT's rate fell 12-60x in a field test (a frozen body with 11x the head's gradient norm); behind
-    ``chain(scale_by_adam(), masked(set_to_zero(), body))``, whose moments cover the body, its noise and its
-    momentum terms counted too, the rate about 0."""
-    return flat(jax.tree.map(lambda u: jnp.broadcast_to(jnp.any(u != 0), jnp.shape(u)), direction), dtype,
-                like=like)
+def moving_leaves(direction: Any, like: Any) -> tuple:
+    """True on every entry of a leaf the ``direction`` (a tree) moves anywhere, False on a leaf it leaves whole,
+    in :func:`flat`'s runs of ``like`` (a run of one leaf: one scalar). A part the base freezes
+    (``optax.set_to_zero`` inside it) takes no part in the share of the gradient the base saw, the noise metric's
+    products or Adam's numerators (:func:`moved`), as a PyTorch param group at lr 0 takes none (its rate
+    multiplier is 0); an entry the direction leaves at 0 inside a moving leaf (an embedding row missing from the
+    batch behind SGD) counts, as in PyTorch. Behind Adam under ``multi_transform`` or ``masked`` a frozen part's
+    gradient counted in the share (its masked moments read as 0): closure-free CDAT's rate fell 12-60x in a field
+    test (a frozen body with 11x the head's gradient norm); behind ``chain(scale_by_adam(),
+    masked(set_to_zero(), body))``, whose moments cover the body, its noise and its momentum terms counted too,
+    the rate about 0. The masked copies cost two more leaf-sized temporaries closure-free (test_large_trees)."""
+    ref = jax.tree.leaves(like)
+    moves = [jnp.any(u != 0) for u in jax.tree.structure(like).flatten_up_to(direction)]
+    sizes = [jnp.size(x) for x in ref]
+    # cut as flat() cuts: a leaf alone in its run gets a scalar (no parameter-sized mask to keep)
+    return tuple(moves[run[0]] if len(run) == 1 else
+                 jnp.concatenate([jnp.broadcast_to(moves[i], (sizes[i],)) for i in run])
+                 for run in cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW)))
 
 
 def moved(x: Any, mask: Any) -> Any:
-    """``x`` (flat) where ``mask`` (:func:`moving_leaves`) is 1, 0 elsewhere."""
-    return jax.tree.map(lambda v, m: jnp.where(m != 0, v, 0), x, mask)
+    """``x`` (flat) where ``mask`` (:func:`moving_leaves`) is true, 0 elsewhere."""
+    return tuple(jnp.where(m, v, 0) for v, m in zip(x, mask))
 
 
 def norm(a: Any, dtype: Any) -> Any:

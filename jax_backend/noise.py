@@ -91,8 +91,8 @@ def seen_scale(method: BaseMethod, base_state: Any, base_state_before: Any, grad
                             flat(trace.trace, dtype, like=grad), flat(before.trace, dtype, like=grad))
     else:
         seen, g, w = _incoming_terms(base_state_before, grad, incoming, params, dtype)
-    mask = moving_leaves(incoming, dtype, grad)
-    seen, g, w = (moved(x, mask) for x in (seen, g, w))
+    mask = moving_leaves(incoming, grad)
+    g, w = moved(g, mask), moved(w, mask)  # (every product has one of them: seen needs no mask)
     return gradient_scale(_dot(seen, g), _dot(seen, w), _dot(g, w), _dot(g, g), _dot(w, w), xp=jnp)
 
 
@@ -183,10 +183,9 @@ def corrected_secant(memory: NoiseMemory, metric: Any, seen: Any, grad: Any, pre
     g = flat(grad, dtype)
     diff = optax.tree.sub(g, flat(memory.prev_grad, dtype, like=grad))
     prev_u = flat(prev_incoming, dtype, like=grad)  # -u_{t-1}: the sign cancels in every A-product below
-    mask = moving_leaves(prev_incoming, dtype, grad)
-    a_diff = moved(_times(metric, diff), mask)
-    noise = secant_noise_numerator(_dot(a_diff, diff), _dot(a_diff, prev_u),
-                                   _dot(moved(_times(metric, prev_u), mask), prev_u), xp=jnp)
+    a_diff = moved(_times(metric, diff), moving_leaves(prev_incoming, grad))  # (prev_u is 0 off it)
+    noise = secant_noise_numerator(_dot(a_diff, diff), _dot(a_diff, prev_u), _dot(_times(metric, prev_u), prev_u),
+                                   xp=jnp)
     secant_numerator = -_dot(g, prev_u) - prev_grad_dot_direction
     curvature, averages = secant_noise_corrected(secant_numerator, noise, prev_lr, prev_direction_sq, d_sq,
                                                  memory.averages, input_scale=memory.prev_scale, xp=jnp)
