@@ -183,7 +183,8 @@ def corrected_secant(memory: NoiseMemory, metric: Any, seen: Any, grad: Any, pre
     g = flat(grad, dtype)
     diff = optax.tree.sub(g, flat(memory.prev_grad, dtype, like=grad))
     prev_u = flat(prev_incoming, dtype, like=grad)  # -u_{t-1}: the sign cancels in every A-product below
-    a_diff = moved(_times(metric, diff), moving_leaves(prev_incoming, grad))  # (prev_u is 0 off it)
+    # (prev_u is 0 where the mask is off)
+    a_diff = moved(_times(metric, diff), moving_leaves(prev_incoming, memory.prev_grad, like=grad))
     noise = secant_noise_numerator(_dot(a_diff, diff), _dot(a_diff, prev_u), _dot(_times(metric, prev_u), prev_u),
                                    xp=jnp)
     secant_numerator = -_dot(g, prev_u) - prev_grad_dot_direction
