@@ -2,10 +2,11 @@
 
 The tuner fills a :class:`Transaction` as its step proceeds (the parameters' values before the step, the
 snapshot of the base's state taken before the base stepped — :meth:`torch_backend.workspace.Workspace.take_start`
-— and the tuner's global keys it hid from the base); on any exception — and on a skipped step —
-:meth:`Transaction.rollback` puts the parameters, the base's state and the module buffers/RNG back bit-exactly,
-and on an exception the tuner's watches too (its attributes named in ``STEP_MEMORY``: a step retried after its
-closure raised is judged once, not once per attempt).
+— and the tuner's global keys it hid from the base); on any exception :meth:`Transaction.rollback` puts the
+parameters, the base's state and the module buffers/RNG back bit-exactly (a skipped step undoes the base with
+:meth:`Transaction.undo_base` and leaves the generators where the main call left them:
+:meth:`torch_backend.buffers.ProbeGuard.rollback`), and on an exception the tuner's watches too (its attributes
+named in ``STEP_MEMORY``: a step retried after its closure raised is judged once, not once per attempt).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ A tuner is its rule value (``self.rule``, from :mod:`curvopt.rules`) plus this c
    direction ``u = w_new - w0`` (see :mod:`torch_backend.direction`) and ``numerator = -g^T u``;
 3. one host sync: if the loss or ``-g^T u`` is not finite (a NaN/Inf loss or gradient, or a base direction
    that overflowed, e.g. fp16 Adam) the step is **skipped**: parameters and the base's state (Adam's step
-   counter and moments included) are put back, and so are the module buffers and the random generators (as
-   before the main call: a NaN batch's BatchNorm statistics), ``stats["skipped"]`` + 1, a warning; a
+   counter and moments included) are put back, and so are the module buffers (as before the main call: a NaN
+   batch's BatchNorm statistics; the random generators stay where the main call left them, as in a bare loop),
+   ``stats["skipped"]`` + 1, a warning; a
    closure-free step whose gradient is zero in every entry is skipped the same way
    (:func:`curvopt.config.has_gradient`);
 4. on sharpness steps (``curvopt.config.sharpness_due``: steps 1, 1 + k, ...), the online sharpness at
