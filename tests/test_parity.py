@@ -392,6 +392,21 @@ def test_multipliers_changed_mid_run_agree():
     np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-9)
 
 
+def _closure_free_gd_rates(init: list, grad_at, steps: int) -> list:
+    """Optax's rates of closure-free CDAT behind gradient descent with the noise correction, in float64, from the
+    parameters ``init`` and the gradients ``grad_at(params, step)``."""
+    with jax.enable_x64(True):
+        tx = cdat(optax.identity(), base_method=BaseMethod.gd(), noise_correction=True)
+        params = [jnp.asarray(a) for a in init]
+        state, rates = tx.init(params), []
+        update = jax.jit(tx.update)
+        for t in range(steps):
+            updates, state = update(grad_at(params, t), state, params)
+            params = optax.apply_updates(params, updates)
+            rates.append(float(optax.tree_utils.tree_get(state, "lr")))
+    return rates
+
+
 def test_closure_free_noise_correction_behind_sgd_agrees_on_sparse_inputs():
     """Closure-free CDAT behind SGD with the noise correction, one-hot inputs (each batch's gradient is 0 on the
     rows of the tokens it lacks, so ``u_{t-1}`` is 0 there; nothing is frozen): the same rates in both backends
@@ -424,16 +439,7 @@ def test_closure_free_noise_correction_behind_sgd_agrees_on_sparse_inputs():
         w1, w2, b2 = ps
         return jnp.mean(jnp.sum((jnp.tanh(x @ w1.T) @ w2.T + b2 - y) ** 2, axis=1))
 
-    with jax.enable_x64(True):
-        tx = cdat(optax.identity(), base_method=BaseMethod.gd(), noise_correction=True)
-        params = [jnp.asarray(a) for a in init]
-        state, j_lrs = tx.init(params), []
-        update = jax.jit(tx.update)
-        for t in range(steps):
-            x, y = map(jnp.asarray, batch(t))
-            updates, state = update(jax.grad(loss)(params, x, y), state, params)
-            params = optax.apply_updates(params, updates)
-            j_lrs.append(float(optax.tree_utils.tree_get(state, "lr")))
+    j_lrs = _closure_free_gd_rates(init, lambda ps, t: jax.grad(loss)(ps, *map(jnp.asarray, batch(t))), steps)
     assert all(v > 0 for v in t_lrs[2:])
     np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-9)
 
@@ -465,15 +471,7 @@ def test_closure_free_noise_correction_behind_sgd_agrees_with_a_head_unused_in_t
         w1, head_a, head_b = ps
         return jnp.mean(jnp.sum((jnp.tanh(x @ w1.T) @ jnp.where(k == 0, head_a, head_b).T - y) ** 2, axis=1))
 
-    with jax.enable_x64(True):
-        tx = cdat(optax.identity(), base_method=BaseMethod.gd(), noise_correction=True)
-        params = [jnp.asarray(a) for a in init]
-        state, j_lrs = tx.init(params), []
-        update = jax.jit(tx.update)
-        for t in range(steps):
-            grads = jax.grad(loss)(params, jnp.asarray(xs[t]), jnp.asarray(ys[t]), t % 2)
-            updates, state = update(grads, state, params)
-            params = optax.apply_updates(params, updates)
-            j_lrs.append(float(optax.tree_utils.tree_get(state, "lr")))
+    j_lrs = _closure_free_gd_rates(
+        init, lambda ps, t: jax.grad(loss)(ps, jnp.asarray(xs[t]), jnp.asarray(ys[t]), t % 2), steps)
     assert all(v > 0 for v in t_lrs[2:])
     np.testing.assert_allclose(j_lrs, t_lrs, rtol=1e-9)
