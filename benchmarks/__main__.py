@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "adam for vit/lm); the peers (prodigy, schedulefree, dadapt, sophia) are their own optimizers "
                    "and ignore it")
     p.add_argument("--grid", type=_csv(float, "learning rate", _positive_finite), default=None,
-                   help="override the constant-lr grid (comma-separated positive learning rates)")
+                   help="override the constant-lr grid of the bare 'constant' tuner (comma-separated positive "
+                   "learning rates, at most 4 significant digits)")
     p.add_argument("--no-widen", action="store_true",
                    help="do not widen the constant grid when its best value sits at an edge")
     p.add_argument("--sharpness", "--sharpness-every", dest="sharpness", type=_int_at_least(0), default=None,
@@ -229,6 +230,21 @@ def _check_data_used(parser, args, exps) -> None:
                          f"({', '.join(sorted({e.task for e in exps}))}): add one with --tasks, or leave {option} out")
 
 
+def _check_grid(parser, args, specs) -> None:
+    """``--grid`` runs its values as given, where the plan runs the constant grid: a value past 4 significant digits
+    (the precision a run's key keeps) ran rounded, two such values as one run, and a plan without the bare
+    ``constant`` tuner ignored the option, each without a word."""
+    from .plan import fmt_lr
+
+    if args.grid is None:
+        return
+    rounded = [f"{v!r} -> {fmt_lr(v)}" for v in args.grid if float(fmt_lr(v)) != v]
+    if rounded:
+        parser.error(f"--grid: learning rates are kept to 4 significant digits ({', '.join(rounded)}): give them so")
+    if not any(s.from_grid for s in specs):
+        parser.error("--grid: no run of this plan uses the constant grid (it is the bare 'constant' of --tuners)")
+
+
 def _check_data(parser, exps) -> None:
     """Every dataset the plan trains on loads (once per dataset, in this process): a --data-dir without CIFAR-10's
     files, or a --text too short for one block, is a usage error before anything runs (it was one failed run per
@@ -257,10 +273,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_paths(parser, args)
-    threads = args.threads
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'} "
-                          f"intra_op_parallelism_threads={threads}")
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    threads = args.threads  # for this process and the --jobs workers it spawns (a user's OMP_NUM_THREADS or
+    # XLA_FLAGS once won over --threads in the workers: their step times came from another thread count)
+    ours = ("--xla_cpu_multi_thread_eigen=", "intra_op_parallelism_threads=")
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(ours)]
+        + [f"{ours[0]}{'true' if threads > 1 else 'false'}", f"{ours[1]}{threads}"])
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
     torch.set_num_threads(threads)
@@ -283,6 +302,7 @@ def main(argv=None) -> int:
         specs = plan_mod.plan(exps, tuners=tuners, backends=backends, seeds=seeds, params=params)
     except ValueError as e:
         parser.error(str(e))
+    _check_grid(parser, args, specs)
     if args.list:
         for s in specs:
             print(s.key)

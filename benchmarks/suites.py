@@ -72,6 +72,12 @@ class Experiment:
     text_path: str | None = None
     backends: tuple[str, ...] = ("torch",)  # --backend overrides
     params: tuple[str, ...] = ("sp",)  # parameterisations ("sp", "mup"); --params overrides
+    #: μP's base width; None: the narrowest of ``widths`` (a cell split by width, :func:`_per_width`: its narrowest)
+    mup_base: int | None = None
+
+    @property
+    def mup_base_width(self) -> int:
+        return self.mup_base if self.mup_base is not None else min(self.widths)
 
     def data_read(self) -> dict:
         """The data the task reads, as a run's record names it: an image task's set and, for CIFAR-10, the absolute
@@ -83,7 +89,7 @@ class Experiment:
 
     def settings_hash(self, param: str | None = None) -> str:
         """Hash of what changes a run's result (not the axes): resume only reuses runs with the same one. The
-        widths are an axis, except that μP's base model is the narrowest of them (for the experiment's μP runs,
+        widths are an axis, except that μP's base model (:attr:`mup_base_width`) counts (for the experiment's μP runs,
         and for a run of parameterisation ``param`` "mup", as ``--params mup`` makes of an SP experiment). Only the
         data the task reads counts: a local data directory for an image task on CIFAR-10, a text file for the LM,
         each by its absolute path and its contents (:func:`content_digest`: an edited file or a replaced batch
@@ -93,10 +99,10 @@ class Experiment:
         (it once pooled the old seeds with the new in one cell, silently)."""
         d = asdict(self)
         d["code"] = code_digest()
-        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params"):
+        for k in ("widths", "tuners", "grid", "grid_factor", "widen", "backends", "params", "mup_base"):
             d.pop(k)
         if "mup" in self.params or param == "mup":
-            d["mup_base_width"] = min(self.widths)
+            d["mup_base_width"] = self.mup_base_width
         text = TASKS[self.task].kind == "text"
         if text:
             d["image_set"] = "digits"  # (as left unset)
@@ -230,9 +236,10 @@ def _per_width(exp: Experiment, centres: dict[int, float], every: tuple[str, ...
     """``exp`` once per width of ``centres`` (width -> the centre of that width's 3-value √2 constant grid), with
     the tuners ``every`` at each width and ``middle`` too at the middle one. The centres are where the best
     constant sat in earlier runs of the suite; the widening (``exp.widen``) follows the best wherever it lies, so
-    a centre only saves the runs the widening would add (one shared grid for 3 widths widened by 3-4 values)."""
+    a centre only saves the runs the widening would add (one shared grid for 3 widths widened by 3-4 values).
+    μP's base is the narrowest of the widths (``--params mup``; each width its own base had no μP scaling)."""
     widths = sorted(centres)
-    return tuple(replace(exp, widths=(w,), grid=grid(centres[w], 3, R2),
+    return tuple(replace(exp, widths=(w,), grid=grid(centres[w], 3, R2), mup_base=widths[0],
                          tuners=every + (middle if w == widths[len(widths) // 2] else ()))
                  for w in widths)
 
@@ -341,7 +348,8 @@ def at_widths(experiments: Sequence[Experiment], widths: Sequence[int],
               backends: Sequence[str] | None = None) -> list[Experiment]:
     """The experiments at the given widths (``--widths``). Experiments that split one report cell by width (the
     default suite's, each width with its own constant grid, :func:`_per_width`) become one experiment per width
-    asked for, with the grid of the suite's nearest width (on a log scale) and the tuners of them all; setting
+    asked for, with the grid of the suite's nearest width (on a log scale), the tuners of them all and μP's base
+    at the narrowest width asked for; setting
     every one of them to the asked width instead merged their grids into one of near-duplicate values (0.177 and
     0.1771), each widened on its own. Other experiments take the widths as they are. ``backends``: the backends
     every experiment runs on (``--backend``; None: each its own), so that a JAX row run in PyTorch joins its cell."""
@@ -352,10 +360,10 @@ def at_widths(experiments: Sequence[Experiment], widths: Sequence[int],
     out: list[Experiment] = []
     for group in cells.values():
         if len(group) == 1:
-            out.append(replace(group[0], widths=tuple(widths)))
+            out.append(replace(group[0], widths=tuple(widths), mup_base=None))
             continue
         tuners = tuple(dict.fromkeys(t for e in group for t in e.tuners))
         for w in widths:
             nearest = min(group, key=lambda e: min(abs(math.log(w / x)) for x in e.widths))
-            out.append(replace(nearest, widths=(w,), tuners=tuners))
+            out.append(replace(nearest, widths=(w,), tuners=tuners, mup_base=min(widths)))
     return out

@@ -22,14 +22,14 @@ def _f(v) -> float:
 
 
 def _mup_groups(model, spec: RunSpec):
-    """μP (Tensor Programs V) relative to the experiment's narrowest width, via ``curvopt.torch``'s μP
+    """μP (Tensor Programs V) relative to the experiment's base width (``mup_base_width``), via ``curvopt.torch``'s μP
     helper: re-initialises ``model`` in place and returns its param groups (lr = the relative multipliers
     for the tuners, the grid lr times the multipliers for the constant baseline)."""
     import torch
 
     from torch_backend.mup import parameterize
 
-    base_model = tasks_mod.torch_model(spec.exp, min(spec.exp.widths), spec.seed, param="mup")
+    base_model = tasks_mod.torch_model(spec.exp, spec.exp.mup_base_width, spec.seed, param="mup")
     lr = float(dict(spec.settings)["lr"]) if spec.tuner == "constant" else 1.0
     gen = torch.Generator().manual_seed(spec.seed)
     overrides = {"pos_emb": "embedding"} if spec.exp.task in ("vit", "lm") else None  # a raw Parameter

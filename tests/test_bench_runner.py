@@ -929,3 +929,62 @@ def test_a_resume_after_a_code_change_redoes_the_runs(tmp_path, monkeypatch):
     # kept --report-only from finding the runs)
     assert "benchmarks/report.py" not in suites.TRAINING_MODULES and "benchmarks/plan.py" not in suites.TRAINING_MODULES
     assert all(os.path.isfile(os.path.join(ROOT, m)) for m in suites.TRAINING_MODULES)
+
+
+def test_mup_runs_of_a_cell_split_by_width_share_the_narrowest_base(tmp_path, monkeypatch):
+    """``--params mup`` on the default suite's LM and ResNet cells (one experiment per width): each width was its
+    own μP base, so no run had any width scaling (μP and SP coincide at the base width), unreported."""
+    from benchmarks import tasks as tasks_mod
+    from benchmarks import train_torch
+    from benchmarks.plan import plan
+    from benchmarks.suites import at_widths, get_suite
+
+    for task in ("lm", "resnet"):
+        cell = [e for e in get_suite("default").experiments if e.task == task and e.regime == "full"]
+        narrowest = min(w for e in cell for w in e.widths)
+        assert len(cell) > 1 and {e.mup_base_width for e in cell} == {narrowest}
+        assert {e.mup_base_width for e in at_widths(cell, (8, 16))} == {8}
+    lm = [e for e in get_suite("default").experiments if e.task == "lm" and e.regime == "full"]
+    wide = next(s for s in plan(lm, tuners=["cdat"], params=["mup"]) if s.width == max(lm[-1].widths))
+    built = []
+    real = tasks_mod.torch_model
+    monkeypatch.setattr(tasks_mod, "torch_model", lambda exp, width, *a, **k: built.append(width) or real(
+        exp, width, *a, **k))
+    train_torch._mup_groups(real(wide.exp, wide.width, 0, param="mup"), wide)
+    assert built == [min(e.widths[0] for e in lm)]  # the base model at the narrowest width, not the run's
+    # the base width is in the runs' keys: μP runs of another base are other runs
+    alone = dataclasses.replace(wide.exp, mup_base=None)
+    assert alone.settings_hash("mup") != wide.exp.settings_hash("mup")
+    assert alone.settings_hash() == wide.exp.settings_hash()  # SP runs keep their keys
+
+
+def test_threads_reach_the_workers_whatever_the_environment_says(tmp_path, monkeypatch):
+    """``--threads`` set the workers' thread count only where OMP_NUM_THREADS / XLA_FLAGS were unset: a user's
+    OMP_NUM_THREADS=2 ran every --jobs worker on 2 threads under --threads 1, unrecorded."""
+    from benchmarks.__main__ import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 intra_op_parallelism_threads=2")
+    for _ in range(2):
+        main(["--suite", "smoke", "--tasks", "mlp", "--threads", "1", "--out", str(tmp_path / "o"), "--list"])
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                               "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--grid", "0.12345,0.12349,0.3"], "0.12345 -> 0.1235"),  # ran as one run at 0.1235
+    (["--tuners", "cdat", "--grid", "0.1,0.2"], "no run of this plan uses the constant grid"),
+    (["--tuners", "constant:lr=0.3,cdat", "--grid", "0.1"], "no run of this plan uses the constant grid"),
+])
+def test_a_grid_is_run_as_given_or_refused(argv, says, tmp_path, capsys):
+    """``--grid`` values were rounded to 4 significant digits (two values could become one run), and a plan
+    without the bare ``constant`` tuner ignored the option, each exiting 0 without a word."""
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--suite", "smoke", "--tasks", "mlp", "--out", str(tmp_path / "o"), "--list", *argv])
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err
+    assert main(["--suite", "smoke", "--tasks", "mlp", "--grid", "0.1235,0.3", "--out", str(tmp_path / "o"),
+                 "--list"]) == 0
