@@ -353,7 +353,7 @@ def group_table(g, widths: dict) -> str:
             lines.append(
                 f"| {w} | {r['label']} | {_seeds(r)} | {_fmt(r['final'], '.4g')} | "
                 f"{'1' if best else _fmt(r['ratio'], '.3f')}{mark} | {'—' if best else _worst(r)} | "
-                f"{'' if best else r['verdict']} | {_fmt(r['steps_to_target'], '.0f')} | "
+                f"{'' if best else r['verdict']} | {_fmt(r['steps_to_target'], 'g')} | "
                 f"{_fmt(r['time_to_target'], '.1f')} | {_fmt(r['eval_loss'], '.3f')} | {_eval_spread(r)} | "
                 f"{_fmt(r['eval_acc'], '.3f')} | {_fmt(r['step_ratio'], '.2f')} | "
                 f"{_fmt(r['lr_min'], '.2g')}–{_fmt(r['lr_max'], '.2g')} | "
@@ -375,7 +375,7 @@ def summary_table(analysis: dict) -> str:
                 lines.append(f"| {task} | {regime} | {backend} | {param} | {w} | {r['label']} | {_seeds(r)} | "
                              f"{'1' if best else _fmt(r['ratio'], '.3f')}{mark} | {'—' if best else _worst(r)} | "
                              f"{'' if best else r['verdict']} | {_fmt(r['eval_loss'], '.3f')} | "
-                             f"{_eval_spread(r)} | {_fmt(r['steps_to_target'], '.0f')} | "
+                             f"{_eval_spread(r)} | {_fmt(r['steps_to_target'], 'g')} | "
                              f"{_fmt(r['step_ratio'], '.2f')} |")
     return "\n".join(lines + _notes(info for widths in analysis.values() for info in widths.values()))
 

@@ -385,7 +385,8 @@ def _without_added(like: Any, state: Any) -> Any:
 STATE_MISMATCH_MESSAGE = (
     "curvopt: the optimizer state does not fit this transformation ({detail}). It was made by another "
     "configuration (another tuner or base, or a setting that shapes the state: sharpness=, noise_correction=, "
-    "curvature=, numerator=), for parameters of another dtype, or restored without a target (orbax's "
+    "curvature=, numerator=), for parameters of another structure or dtype (a model changed since init, as "
+    "eqx.tree_at does), or restored without a target (orbax's "
     "restore(path) returns dicts and lists). Initialise it with opt.init(params), or restore the checkpoint "
     "into a target of this configuration: jax.eval_shape(opt.init, params).")
 
@@ -404,9 +405,16 @@ def check_state(state: Any, like: Any, dtypes: bool = True) -> None:
         want = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
         missing = [k for k in want if k not in have]
         extra = sorted(have - set(want))
-        detail = (f"init makes state{missing[0]}, which it lacks" if missing else
-                  f"it holds state{extra[0]}, which init does not make" if extra else
-                  "it holds init's fields in other containers, e.g. dicts where init makes NamedTuples")
+        if missing or extra:
+            detail = (f"init makes state{missing[0]}, which it lacks" if missing else
+                      f"it holds state{extra[0]}, which init does not make")
+        else:  # the same key paths: JAX's own message names the node whose type or metadata differs (an
+            # Equinox layer's static out_features after a surgery; dicts where init makes NamedTuples)
+            try:
+                jax.tree.map(lambda *_: None, like, state)
+                detail = "it holds init's fields in other containers"
+            except ValueError as e:
+                detail = " ".join(str(e).split(" so the diff")[0].split())[:500]
         raise ValueError(STATE_MISMATCH_MESSAGE.format(detail=detail))
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(like)):
         if dtypes and jnp.ndim(y) and jnp.result_type(x) != y.dtype:

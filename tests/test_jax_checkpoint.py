@@ -192,3 +192,28 @@ def test_a_rule_state_made_before_the_guards_lagged_minimum_resumes_with_the_fir
     assert ends["old"].rule.gap_lagged is None and ends["old"].rule.gap_first is None
     assert float(ends["new"].rule.gap_first) > 0
     assert rates["old"] == rates["new"] and min(rates["new"]) > 0
+
+
+class _Layer:
+    """A layer whose output width is static metadata of its pytree node (an Equinox ``Linear``'s
+    ``out_features``): a surgery that widens it changes the tree's structure, not its key paths."""
+
+    def __init__(self, w, out):
+        self.w, self.out = w, out
+
+
+jax.tree_util.register_pytree_with_keys(
+    _Layer, lambda m: (((jax.tree_util.GetAttrKey("w"), m.w),), m.out), lambda out, ch: _Layer(ch[0], out))
+
+
+def test_a_state_for_a_model_changed_since_init_names_the_node_that_changed():
+    """A head widened with ``eqx.tree_at`` and the old state kept: the message blamed "other containers, e.g.
+    dicts where init makes NamedTuples" (the key paths are the same); it now names the node and its metadata."""
+    x = jnp.ones((2, 3))
+    old, new = _Layer(jnp.zeros((3, 4)), 4), _Layer(jnp.zeros((3, 5)), 5)
+    opt = cdat(optax.scale_by_adam(), **ADAM)
+    grads = jax.grad(lambda m: jnp.sum(x @ m.w) ** 2)(new)
+    with pytest.raises(ValueError, match=r"does not fit this transformation \(.*metadata.*\b5\b.*\b4\b.*a model "
+                                         r"changed since init"):
+        opt.update(grads, opt.init(old), new)
+    opt.update(grads, opt.init(new), new)  # its own state runs
