@@ -14,6 +14,7 @@ from torch import nn
 from curvopt import minibatch_watch as mw
 from curvopt.base import BaseMethod
 from curvopt.torch import CDAT, QuadraticGreedy
+from test_parity import torch_watch  # noqa: E402
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 
@@ -160,14 +161,6 @@ def _train(base: str, batch: int, seed: int = 0, steps: int = 200, tuner=CDAT, c
                 opt.step()
             lrs.append(float(opt.stats["lr"]))
     return [str(w.message) for w in seen if "quadratic model predicted" in str(w.message)], lrs, opt
-
-
-def torch_watch(opt) -> mw.MinibatchWatch:
-    """A PyTorch CDAT's mini-batch watch, read from its state."""
-    from torch_backend.state import WATCH
-
-    glob = opt.state[opt.param_groups[0]["params"][0]]
-    return mw.MinibatchWatch(*(float(glob[k]) for k in WATCH))
 
 
 @pytest.mark.parametrize("base", ["heavy_ball", "nesterov", "radam", "rmsprop_momentum"])

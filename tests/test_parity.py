@@ -8,6 +8,8 @@ forward-over-forward JVP): the learning-rate sequences agree to relative 1e-6 an
 1e-6. Sharpness estimates are compared where both are converged (tight power-iteration tolerance): the
 HVPs differ (finite differences in PyTorch, exact in JAX) and so do the random starts.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,12 +136,12 @@ def run_jax(tuner, base, init, keep=None, batches=None):
 
 
 def torch_watch(opt):
-    """A PyTorch CDAT's mini-batch watch, from its state."""
+    """A PyTorch CDAT's mini-batch watch, from its state (which keeps "none" as inf, where Optax's keeps NaN)."""
     from curvopt.minibatch_watch import MinibatchWatch
     from torch_backend.state import WATCH
 
     glob = opt.state[opt.param_groups[0]["params"][0]]
-    return MinibatchWatch(*(float(glob[k]) for k in WATCH))
+    return MinibatchWatch(*(float(glob[k]) if math.isfinite(glob[k]) else math.nan for k in WATCH))
 
 
 def check(tuner, base):

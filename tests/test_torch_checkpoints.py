@@ -361,6 +361,10 @@ def test_the_closure_free_state_keeps_its_keys_from_step_to_step(base):
             rows = slice(None) if base == "momentum" else slice(8 * (t % 5), 8 * (t % 5) + 8)  # Adam: batches
             closure_free_step(model, opt, x[rows], y[rows])
             keys.append(frozenset(opt.state[next(model.parameters())]))
+            # FSDP's optimizer state dict compares each scalar state with == across the parameters it unflattens:
+            # the probing rate, NaN once the rule moved, failed every FSDP load of a closure-free state
+            scalars = [v for v in opt.state[next(model.parameters())].values() if torch.is_tensor(v) and not v.dim()]
+            assert all(bool(v == v) for v in scalars)
     assert base == "adam" or opt._probed is None  # the window closed along the run
     assert "curvopt_secant_last_probe" in keys[0] and (base == "momentum" or "curvopt_secant_noise_avg" in keys[0])
     assert all(k == keys[0] for k in keys), [sorted(k ^ keys[0]) for k in keys if k != keys[0]]
@@ -448,7 +452,7 @@ def test_a_state_dict_or_pickle_without_the_watch_starts_it_afresh():
     for m, o in ((model2, opt2), (model3, opt3)):
         _continue(m, o, closure_at, len(rates), 2)
         g = o.state[next(m.parameters())]
-        assert float(g["curvopt_watch_judged"]) == 1 and math.isnan(float(g["curvopt_watch_held"]))
+        assert float(g["curvopt_watch_judged"]) == 1 and float(g["curvopt_watch_held"]) == math.inf  # (none)
 
 
 def test_frozen_first_parameter_and_lazy_adam_state():

@@ -26,7 +26,7 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   (``curvopt_secant_grad_dot_u``, ``curvopt_secant_lr``, ``curvopt_secant_u_sq``, the noise correction's
   averages ``curvopt_secant_numerator_avg``, ``curvopt_secant_noise_avg``, ``curvopt_secant_scale_avg`` and
   ``curvopt_prev_grad_scale``, the share of that gradient the base saw: ``max_grad_norm``'s factor;
-  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves (NaN since); the stall and
+  ``curvopt_secant_last_probe``, the closure-free probing step's rate until the rule moves (inf since); the stall and
   collapse warnings' memory :data:`SECANT_WATCH`, a state saved without it starts them afresh; ``curvopt_exit_sq``, the
   parameters' squared norm as the last secant step left them),
   ``curvopt_directions``, the number of parameters whose ``curvopt_u`` is the last step's direction),
@@ -34,7 +34,9 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it), CDAT's
   mini-batch watch behind a watched base (:data:`WATCH`: ``curvopt_watch_share``,
   ``curvopt_watch_judged``, ``curvopt_watch_scale``, ``curvopt_watch_predicted``, ``curvopt_watch_change``,
-  ``curvopt_watch_fired``, ``curvopt_watch_held``; a state saved without them starts the watch afresh) and, with
+  ``curvopt_watch_fired``, ``curvopt_watch_held``; a state saved without them starts the watch afresh; "none" among
+  these scalars, as in the secant's, is inf: FSDP's optimizer state dict compares scalar states with ``==``, which a
+  NaN fails) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
   from the base while it steps, so a lazily initialising base never mistakes them for its own state. When

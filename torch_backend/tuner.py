@@ -1084,7 +1084,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         if remember and st.denoise and noise_state is None:  # no secant yet: the averages as they are (their
             # keys written from the first step on, as a torch.distributed.checkpoint template needs)
             noise_state = self._noise_state(glob, S)
-        values = [lr, *st.new_rule_state, *(watch if watch is not None else ())]
+        # (the watch's "none" kept as inf: FSDP's optimizer state dict compares scalar states with ==, NaN failed it)
+        values = [lr, *st.new_rule_state, *(v if v == v else math.inf for v in (watch if watch is not None else ()))]
         seen_kept = remember and st.denoise and st.clip_v is not None  # the share of the gradient the base saw
         if remember:
             values += [-st.numerator, st.u_sq]
@@ -1134,9 +1135,12 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
                                     else S(math.nan), S(float(lr)), st.probing, S)  # (concave_reprobe's)
-        if S.isfinite(last_probe) or st.secant or layout.LAST_PROBE in glob:  # NaN once the rule moves: the key
-            # stays (the state's keys the same from step to step, as a torch.distributed.checkpoint template needs)
-            glob[layout.LAST_PROBE] = torch.tensor(float(last_probe), dtype=acc, device=dev)
+        if S.isfinite(last_probe) or st.secant or layout.LAST_PROBE in glob:  # none once the rule moves: the key
+            # stays (the state's keys the same from step to step, as a torch.distributed.checkpoint template needs),
+            # as inf (concave_reprobe's "none" too): FSDP's optimizer state dict compares scalar states with ==,
+            # and a NaN one failed the load of every closure-free state
+            glob[layout.LAST_PROBE] = torch.tensor(float(last_probe) if S.isfinite(last_probe) else math.inf,
+                                                   dtype=acc, device=dev)
         glob.setdefault(layout.SKIPPED, 0)
         if st.replay_scale is not None:
             glob[layout.REPLAY_SCALE] = torch.tensor(st.replay_scale, dtype=acc, device=dev)
@@ -1175,16 +1179,18 @@ class CurvatureTuner(torch.optim.Optimizer):
                     p.grad = g.zero_()
 
     def _commit_secant_watch(self, glob: dict, dtype: torch.dtype, dev: torch.device) -> None:
-        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; NaN
+        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; inf
         while no window is open, the window's first rate until it has one: the keys stay the same from step to step,
-        as a ``torch.distributed.checkpoint`` template needs), so a resumed run goes on judging them; written only
-        when they changed (no transfer on most steps)."""
+        as a ``torch.distributed.checkpoint`` template needs, and no NaN, which FSDP's optimizer state dict cannot
+        compare), so a resumed run goes on judging them; written only when they changed (no transfer on most
+        steps)."""
         values = (*(self._probed or (math.nan,) * 3), self._peak)
         now = tuple(None if math.isnan(v) else float(v) for v in values)
         if now == self._watch_saved and all(k in glob for k in layout.SECANT_WATCH):
             return
         self._watch_saved = now
-        glob.update(zip(layout.SECANT_WATCH, torch.tensor(values, dtype=dtype, device=dev).unbind()))
+        glob.update(zip(layout.SECANT_WATCH, torch.tensor([math.inf if v is None else v for v in now], dtype=dtype,
+                                                          device=dev).unbind()))
 
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
         """A 0-d state tensor as a host scalar: the value the last step made it from while it is still that
@@ -1415,8 +1421,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             warn(zero_rate_message(numerator < 0, decays, carries))
 
     def _watch_state(self, glob: dict, S: ScalarNamespace) -> MinibatchWatch:
-        """The mini-batch watch's memory in the state (its start where the state has none)."""
-        return self._saved(glob, layout.WATCH, MinibatchWatch, lambda: MinibatchWatch.start(S(0.0)), S)
+        """The mini-batch watch's memory in the state (its start where the state has none; inf there, or NaN as
+        saved before, is none)."""
+        saved = self._saved(glob, layout.WATCH, MinibatchWatch, lambda: MinibatchWatch.start(S(0.0)), S)
+        return MinibatchWatch(*(v if S.isfinite(v) else S(math.nan) for v in saved))
 
     @staticmethod
     def _watch_minibatch(watch: MinibatchWatch, value: Any, lr: Any, numerator: Any, curvature: Any,
@@ -1739,7 +1747,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._store = None
         self._kept_globals = None
         self._marks.clear()
-        reference, start, first, peak = (float(glob[k]) if k in glob else math.nan for k in layout.SECANT_WATCH)
+        reference, start, first, peak = (float(glob[k]) if k in glob and math.isfinite(glob[k]) else math.nan
+                                         for k in layout.SECANT_WATCH)  # (inf or NaN, as saved before: none)
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
         self._collapse_run = 0
