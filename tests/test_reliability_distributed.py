@@ -247,6 +247,14 @@ def _ddp_worker(rank, world, port, out_dir):
                 ct.CDAT(zero, allow_any_base=allow)
             except ValueError as e:
                 results["zero_errors"].append(str(e))
+
+        class TunedSGD(ct.CDAT):  # the tuner as ZeRO's optimizer_class: each rank tuned its own shard's rate
+            def __init__(self, params, lr=1.0):
+                super().__init__(torch.optim.SGD(params, lr=lr))
+        try:
+            ZeroRedundancyOptimizer(make_model().parameters(), optimizer_class=TunedSGD, lr=1.0)
+        except ValueError as e:
+            results["zero_errors"].append(str(e))
     finally:
         dist.all_reduce = real
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -382,7 +390,8 @@ def test_unsupported_sharding_is_refused_clearly(ddp_results):
         assert "use_orig_params=True" in errors[key] and "use_orig_params=False" in errors[key]
     # ZeroRedundancyOptimizer as the base: refused even with allow_any_base=True (it ran, with other rates)
     zero = ddp_results[0]["zero_errors"]
-    assert len(zero) == 2 and all("ZeroRedundancyOptimizer" in m and "DistributedDataParallel" in m for m in zero)
+    assert len(zero) == 3 and all("ZeroRedundancyOptimizer" in m and "DistributedDataParallel" in m for m in zero)
+    assert "optimizer_class" in zero[2]
 
 
 def test_distributed_argument_is_validated():

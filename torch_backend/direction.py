@@ -16,6 +16,7 @@ its average would collect the probe points), ``SparseAdam`` (sparse gradients), 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Optional
 
 import torch
@@ -46,17 +47,41 @@ def is_adam_like(base: torch.optim.Optimizer) -> bool:
     return isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
 
 
+def _is_zero(cls: type) -> bool:
+    return cls.__name__ == "ZeroRedundancyOptimizer" and cls.__module__.startswith("torch.distributed.optim")
+
+
+def _built_by_zero() -> bool:
+    """Whether a ``ZeroRedundancyOptimizer`` method is among the callers (a tuner built as its local optimizer)."""
+    frame = sys._getframe(1)
+    for _ in range(32):  # (ZeRO's constructor calls optimizer_class a few frames above the tuner's check)
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if owner is not None and any(_is_zero(cls) for cls in type(owner).__mro__):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) -> None:
     """Refuse a base the tuners cannot wrap, with the supported ones named (see the module docstring).
 
     ``allow_any_base=True`` accepts other ``torch.optim`` optimizers whose update is linear in ``lr`` and that
     keep no iterate averages (``RMSprop``, ``Adagrad``, ``Adamax``, ``NAdam``, ... , and subclasses of the
     supported ones, read as their parent: the caller vouches for it); the four in ``_REFUSED`` and
-    ``ZeroRedundancyOptimizer`` are refused regardless.
+    ``ZeroRedundancyOptimizer`` are refused regardless, and so is a tuner that ``ZeroRedundancyOptimizer`` builds
+    as its ``optimizer_class`` (a subclass or factory taking ``params``: each rank then tuned the rate of its own
+    shard, the ranks' rates 3x apart, silently).
     """
     name = type(base).__name__
-    if any(cls.__name__ == "ZeroRedundancyOptimizer" and cls.__module__.startswith("torch.distributed.optim")
-           for cls in type(base).__mro__):
+    if _built_by_zero():
+        raise ValueError(
+            f"{tuner} cannot be ZeroRedundancyOptimizer's optimizer_class (here through a subclass or a factory): "
+            "each rank would step its own shard of the parameters with a rate tuned on that shard alone. Wrap the "
+            f"plain base under DistributedDataParallel instead: {tuner}(torch.optim.AdamW(ddp_model.parameters(), "
+            "lr=1.0)).")
+    if any(_is_zero(cls) for cls in type(base).__mro__):
         raise ValueError(
             f"{tuner} cannot wrap ZeroRedundancyOptimizer, even with allow_any_base=True: each rank keeps the base's "
             "state (Adam's moments) for its own shard of the parameters only, where the tuner reads it for all of "
