@@ -407,6 +407,40 @@ def test_distributed_argument_is_validated():
     assert opt.distributed is None
 
 
+def test_a_ddp_communication_hook_that_changes_the_gradients_is_warned_of():
+    """A DDP model with ``fp16_compress_hook`` or PowerSGD gave rates 19 % off to 470x low, silently (a field test,
+    2 ranks). The model the closure runs is searched once for such hooks (plain averaging is not one). A DDP
+    module stands in here without a process group: only its registered hooks are read."""
+    import warnings
+
+    import curvopt.torch as ct
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook, fp16_compress_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    for hook, warned in ((fp16_compress_hook, True), (allreduce_hook, False)):
+        inner = nn.Linear(3, 1).to(DT)
+        ddp = DistributedDataParallel.__new__(DistributedDataParallel)
+        nn.Module.__init__(ddp)
+        ddp.module, ddp._comm_hooks = inner, [(hook, None)]
+        ddp.forward = inner.forward
+        opt = ct.CDAT(torch.optim.SGD(inner.parameters(), lr=1.0))
+        x = torch.randn(8, 3, dtype=DT)
+
+        def closure():
+            opt.zero_grad()
+            loss = ddp(x).pow(2).mean()
+            loss.backward()
+            return loss
+        said = []
+        for _ in range(3):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                opt.step(closure)
+            said.append([str(w.message) for w in seen if "communication hook" in str(w.message)])
+        assert [len(s) for s in said] == ([1, 0, 0] if warned else [0, 0, 0])  # once, on the first step
+        assert all("(fp16_compress_hook)" in m for s in said for m in s)
+
+
 def test_vector_reductions_go_through_a_sharded_reducer_exactly_once():
     """Inside vectors.reducing, dot/sq_norm/norm/max_abs each hand their partial result to a *sharded*
     reducer exactly once (here a stand-in that doubles, as two equal shards would); a replicated (DDP)

@@ -90,7 +90,7 @@ from .settings import resolve_sharpness
 from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like, kind_change
-from .distributed import DistributedLike, check_params
+from .distributed import COMM_HOOK_MESSAGE, DistributedLike, check_params, comm_hooks
 from .distributed import resolve as resolve_distributed
 from .freshness import (ACCUMULATED_GRADIENT_MESSAGE, ACCUMULATED_MISSES, ACCUMULATED_WINDOW, STALE_GRADIENT_MESSAGE,
                         UNCONFIRMED_STALE_MESSAGE, GradientMarks)
@@ -645,6 +645,12 @@ class CurvatureTuner(torch.optim.Optimizer):
             loss = None
         else:
             loss = self.probe_guard.main(closure, all_params)
+            if not getattr(self, "_hooks_checked", False) and self.probe_guard.buffers.modules:  # (once: the DDP
+                # model is among the modules the first main call found, or those passed as modules=)
+                self._hooks_checked = True
+                hooks = comm_hooks(self.probe_guard.buffers.modules)
+                if hooks:
+                    warn(COMM_HOOK_MESSAGE.format(tuner=type(self).__name__, hooks=", ".join(hooks)))
             if loss is None and not self.probe_guard.idle:
                 raise TypeError(f"the closure returned None. {CLOSURE_CONVENTION}")
             if self.probe_guard.idle:  # it computed nothing (Lightning's manual optimization: opt.step()): closure-free
