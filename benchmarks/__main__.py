@@ -275,10 +275,10 @@ def main(argv=None) -> int:
     _check_paths(parser, args)
     threads = args.threads  # for this process and the --jobs workers it spawns (a user's OMP_NUM_THREADS or
     # XLA_FLAGS once won over --threads in the workers: their step times came from another thread count)
-    ours = ("--xla_cpu_multi_thread_eigen=", "intra_op_parallelism_threads=")
+    ours = ("xla_cpu_multi_thread_eigen=", "intra_op_parallelism_threads=")  # (spelt with or without "--")
     os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(ours)]
-        + [f"{ours[0]}{'true' if threads > 1 else 'false'}", f"{ours[1]}{threads}"])
+        [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.lstrip("-").startswith(ours)]
+        + [f"--{ours[0]}{'true' if threads > 1 else 'false'}", f"{ours[1]}{threads}"])
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 

@@ -349,7 +349,8 @@ def at_widths(experiments: Sequence[Experiment], widths: Sequence[int],
     """The experiments at the given widths (``--widths``). Experiments that split one report cell by width (the
     default suite's, each width with its own constant grid, :func:`_per_width`) become one experiment per width
     asked for, with the grid of the suite's nearest width (on a log scale), the tuners of them all and μP's base
-    at the narrowest width asked for; setting
+    at the narrowest of the cell's and the asked widths (``--widths 64`` alone: μP scaled from the cell's base, not
+    a base of its own, where μP and SP coincide); setting
     every one of them to the asked width instead merged their grids into one of near-duplicate values (0.177 and
     0.1771), each widened on its own. Other experiments take the widths as they are. ``backends``: the backends
     every experiment runs on (``--backend``; None: each its own), so that a JAX row run in PyTorch joins its cell."""
@@ -360,10 +361,11 @@ def at_widths(experiments: Sequence[Experiment], widths: Sequence[int],
     out: list[Experiment] = []
     for group in cells.values():
         if len(group) == 1:
-            out.append(replace(group[0], widths=tuple(widths), mup_base=None))
+            out.append(replace(group[0], widths=tuple(widths), mup_base=min(min(widths), group[0].mup_base_width)))
             continue
         tuners = tuple(dict.fromkeys(t for e in group for t in e.tuners))
         for w in widths:
             nearest = min(group, key=lambda e: min(abs(math.log(w / x)) for x in e.widths))
-            out.append(replace(nearest, widths=(w,), tuners=tuners, mup_base=min(widths)))
+            out.append(replace(nearest, widths=(w,), tuners=tuners,
+                               mup_base=min(min(widths), *(e.mup_base_width for e in group))))
     return out

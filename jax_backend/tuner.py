@@ -391,6 +391,21 @@ STATE_MISMATCH_MESSAGE = (
     "into a target of this configuration: jax.eval_shape(opt.init, params).")
 
 
+def _node_difference(state: Any, like: Any, path: str = "") -> str | None:
+    """The first node, outermost first, where ``state`` and ``like`` differ in type or metadata, as ``state<path>
+    is <node>, init makes <node>`` (each node with its children as ``*``); None where none does."""
+    def node(tree: Any) -> Any:
+        return jax.tree.structure(tree, is_leaf=lambda x: x is not tree)  # the node alone, its children leaves
+
+    if node(state) != node(like):
+        return f"state{path} is {node(state)}, init makes {node(like)}"
+    children = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: x is not state)[0]
+    for (key, s), lk in zip(children, jax.tree.leaves(like, is_leaf=lambda x: x is not like)):
+        if jax.tree.structure(s) != jax.tree.structure(lk):
+            return _node_difference(s, lk, path + jax.tree_util.keystr(key))
+    return None
+
+
 def check_state(state: Any, like: Any, dtypes: bool = True) -> None:
     """Raise ``ValueError`` (:data:`STATE_MISMATCH_MESSAGE`, naming the first difference) when ``state`` is not
     what ``init`` makes for the parameters at hand, ``like`` (its abstract evaluation): another structure (a
@@ -408,13 +423,9 @@ def check_state(state: Any, like: Any, dtypes: bool = True) -> None:
         if missing or extra:
             detail = (f"init makes state{missing[0]}, which it lacks" if missing else
                       f"it holds state{extra[0]}, which init does not make")
-        else:  # the same key paths: JAX's own message names the node whose type or metadata differs (an
-            # Equinox layer's static out_features after a surgery; dicts where init makes NamedTuples)
-            try:
-                jax.tree.map(lambda *_: None, like, state)
-                detail = "it holds init's fields in other containers"
-            except ValueError as e:
-                detail = " ".join(str(e).split(" so the diff")[0].split())[:500]
+        else:  # the same key paths: a node of another type or metadata (an Equinox layer's static out_features
+            # after a surgery; dicts where init makes NamedTuples)
+            detail = _node_difference(state, like) or "it holds init's fields in other containers"
         raise ValueError(STATE_MISMATCH_MESSAGE.format(detail=detail))
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(like)):
         if dtypes and jnp.ndim(y) and jnp.result_type(x) != y.dtype:

@@ -943,7 +943,8 @@ def test_mup_runs_of_a_cell_split_by_width_share_the_narrowest_base(tmp_path, mo
         cell = [e for e in get_suite("default").experiments if e.task == task and e.regime == "full"]
         narrowest = min(w for e in cell for w in e.widths)
         assert len(cell) > 1 and {e.mup_base_width for e in cell} == {narrowest}
-        assert {e.mup_base_width for e in at_widths(cell, (8, 16))} == {8}
+        assert {e.mup_base_width for e in at_widths(cell, (8, 16))} == {min(8, narrowest)}
+        assert {e.mup_base_width for e in at_widths(cell, (64,))} == {narrowest}  # not a base of its own
     lm = [e for e in get_suite("default").experiments if e.task == "lm" and e.regime == "full"]
     wide = next(s for s in plan(lm, tuners=["cdat"], params=["mup"]) if s.width == max(lm[-1].widths))
     built = []
@@ -964,7 +965,7 @@ def test_threads_reach_the_workers_whatever_the_environment_says(tmp_path, monke
     from benchmarks.__main__ import main
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 intra_op_parallelism_threads=2")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --intra_op_parallelism_threads=2")
     for _ in range(2):
         main(["--suite", "smoke", "--tasks", "mlp", "--threads", "1", "--out", str(tmp_path / "o"), "--list"])
     assert os.environ["OMP_NUM_THREADS"] == "1"

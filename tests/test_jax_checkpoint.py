@@ -213,7 +213,8 @@ def test_a_state_for_a_model_changed_since_init_names_the_node_that_changed():
     old, new = _Layer(jnp.zeros((3, 4)), 4), _Layer(jnp.zeros((3, 5)), 5)
     opt = cdat(optax.scale_by_adam(), **ADAM)
     grads = jax.grad(lambda m: jnp.sum(x @ m.w) ** 2)(new)
-    with pytest.raises(ValueError, match=r"does not fit this transformation \(.*metadata.*\b5\b.*\b4\b.*a model "
+    with pytest.raises(ValueError, match=r"does not fit this transformation \(state\[0\]\.mu is PyTreeDef\(CustomNode"
+                                         r"\(_Layer\[4\].*init makes PyTreeDef\(CustomNode\(_Layer\[5\].*a model "
                                          r"changed since init"):
         opt.update(grads, opt.init(old), new)
     opt.update(grads, opt.init(new), new)  # its own state runs

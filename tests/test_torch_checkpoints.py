@@ -368,6 +368,14 @@ def test_the_closure_free_state_keeps_its_keys_from_step_to_step(base):
     assert base == "adam" or opt._probed is None  # the window closed along the run
     assert "curvopt_secant_last_probe" in keys[0] and (base == "momentum" or "curvopt_secant_noise_avg" in keys[0])
     assert all(k == keys[0] for k in keys), [sorted(k ^ keys[0]) for k in keys if k != keys[0]]
+    # parameters moved outside the tuner: warned, and the motion check's record is off (inf, not NaN) for good
+    with torch.no_grad():
+        next(model.parameters()).add_(0.5)
+    with pytest.warns(RuntimeWarning, match="outside"):
+        closure_free_step(model, opt, x[:8], y[:8])
+    glob = opt.state[next(model.parameters())]
+    assert glob["curvopt_exit_sq"] == math.inf and all(bool(v == v) for v in glob.values() if torch.is_tensor(v)
+                                                       and not v.dim())
     # a state saved by a build that dropped the probing rate once the rule moved: the key comes back
     del opt.state[next(model.parameters())]["curvopt_secant_last_probe"]
     with warnings.catch_warnings():

@@ -52,13 +52,15 @@ def _is_zero(cls: type) -> bool:
 
 
 def _built_by_zero() -> bool:
-    """Whether a ``ZeroRedundancyOptimizer`` method is among the callers (a tuner built as its local optimizer)."""
-    frame = sys._getframe(1)
-    for _ in range(32):  # (ZeRO's constructor calls optimizer_class a few frames above the tuner's check)
-        if frame is None:
-            return False
-        owner = frame.f_locals.get("self")
-        if owner is not None and any(_is_zero(cls) for cls in type(owner).__mro__):
+    """Whether ``ZeroRedundancyOptimizer._init_local_optimizer``, where ZeRO calls its ``optimizer_class``, is among
+    the callers: compared by code object (reading the callers' ``f_locals`` kept their locals alive before Python
+    3.13, and matched ZeRO's other methods)."""
+    zero = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")  # (not imported: no ZeRO built)
+    code = getattr(getattr(getattr(zero, "ZeroRedundancyOptimizer", None), "_init_local_optimizer", None),
+                   "__code__", None)
+    frame = sys._getframe(1) if code is not None else None
+    while frame is not None:
+        if frame.f_code is code:
             return True
         frame = frame.f_back
     return False

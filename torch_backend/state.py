@@ -87,10 +87,10 @@ PREDICTED_GRAD, PREDICTED = "curvopt_predicted_grad", "curvopt_predicted"
 #: the largest main-call loss the fd replay checks have seen: the scale of the loss's rounding (global)
 REPLAY_SCALE = "curvopt_replay_scale"
 #: the closure-free warnings' memory (global): the stall's open judgement window (its reference rate, first step and
-#: first rate, NaN while none is open: :func:`curvopt.config.secant_stalled`) and the collapse watch's peak rate
+#: first rate, inf while none is open: :func:`curvopt.config.secant_stalled`) and the collapse watch's peak rate
 #: (:func:`curvopt.config.secant_collapsed`), so that a resumed run goes on judging; the keys stay from step to step
 SECANT_WATCH = ("curvopt_stall_reference", "curvopt_stall_start", "curvopt_stall_first", "curvopt_secant_peak")
-#: ``||w||^2`` of the parameters as the last secant step left them (global; NaN when not to be checked: after the
+#: ``||w||^2`` of the parameters as the last secant step left them (global; inf when not to be checked: after the
 #: warning, or loaded from a coarser dtype than the parameters'), which the next secant step compares with its
 #: start's (:func:`curvopt.config.moved_outside`): anything else that moved them spoils the secant, a run resumed
 #: from other parameters than the saved step's included

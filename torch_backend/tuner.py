@@ -1134,9 +1134,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
         glob[layout.STEP] = st.count + 1
         glob[layout.LAST_GROUP_LR] = group_lr_t
-        if st.secant:  # the parameters as this step leaves them, for the next (NaN: not checked; the key stays)
+        if st.secant:  # the parameters as this step leaves them, for the next (inf: not checked, no NaN for FSDP's
+            # state dict; the key stays)
             glob[layout.EXIT_SQ] = (local_sq_norm(params if st.flat is None else [st.flat[2]]) if not
-                                    self._motion_warned else torch.tensor(math.nan, dtype=acc, device=dev))
+                                    self._motion_warned else torch.tensor(math.inf, dtype=acc, device=dev))
         else:
             glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
@@ -1765,7 +1766,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._watch_saved = ()
         if layout.EXIT_SQ in saved_globals and torch.finfo(saved_globals[layout.EXIT_SQ].dtype).eps > float(
                 least_precise_eps(self._all_params())):  # (saved in a coarser dtype: it would read as motion)
-            glob[layout.EXIT_SQ] = torch.tensor(math.nan, dtype=self.acc_dtype, device=p0.device)
+            glob[layout.EXIT_SQ] = torch.tensor(math.inf, dtype=self.acc_dtype, device=p0.device)
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
