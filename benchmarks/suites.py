@@ -352,7 +352,8 @@ def at_widths(experiments: Sequence[Experiment], widths: Sequence[int],
     at the narrowest of the cell's and the asked widths (``--widths 64`` alone: μP scaled from the cell's base, not
     a base of its own, where μP and SP coincide); setting
     every one of them to the asked width instead merged their grids into one of near-duplicate values (0.177 and
-    0.1771), each widened on its own. Other experiments take the widths as they are. ``backends``: the backends
+    0.1771), each widened on its own. Other experiments take the widths as they are (μP's base: the narrower of
+    theirs and the asked). ``backends``: the backends
     every experiment runs on (``--backend``; None: each its own), so that a JAX row run in PyTorch joins its cell."""
     cells: dict[tuple, list[Experiment]] = {}
     for e in experiments:

@@ -506,7 +506,7 @@ def moved_outside(found: Any, left: Any, eps: Any, xp: Any) -> Any:
     """Whether the parameters a closure-free step starts from are not those the tuner's last step left, which the
     secant assumes: their squared norm ``found`` differs from the one recorded then, ``left``, by more than
     :data:`OUTSIDE_MOTION_ULPS` roundings ``eps`` relative (the least precise parameter dtype's; 0: exact). False
-    where either is not finite (NaN: not recorded)."""
+    where either is not finite (NaN or inf: not recorded)."""
     known = xp.isfinite(found) & xp.isfinite(left)
     return known & (abs(found - left) > OUTSIDE_MOTION_ULPS * eps * abs(left))
 

@@ -424,7 +424,7 @@ def check_state(state: Any, like: Any, dtypes: bool = True) -> None:
             detail = (f"init makes state{missing[0]}, which it lacks" if missing else
                       f"it holds state{extra[0]}, which init does not make")
         else:  # the same key paths: a node of another type or metadata (an Equinox layer's static out_features
-            # after a surgery; dicts where init makes NamedTuples)
+            # after a surgery)
             detail = _node_difference(state, like) or "it holds init's fields in other containers"
         raise ValueError(STATE_MISMATCH_MESSAGE.format(detail=detail))
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(like)):

@@ -411,19 +411,22 @@ def test_a_ddp_communication_hook_that_changes_the_gradients_is_warned_of():
     """A DDP model with ``fp16_compress_hook`` or PowerSGD gave rates 19 % off to 470x low, silently (a field test,
     2 ranks). The model the closure runs is searched once for such hooks (plain averaging is not one). A DDP
     module stands in here without a process group: only its registered hooks are read."""
+    import itertools
     import warnings
 
     import curvopt.torch as ct
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook, fp16_compress_hook
     from torch.nn.parallel import DistributedDataParallel
 
-    for hook, warned in ((fp16_compress_hook, True), (allreduce_hook, False)):
+    for (hook, warned), given in itertools.product(((fp16_compress_hook, True), (allreduce_hook, False)),
+                                                   (False, True)):
         inner = nn.Linear(3, 1).to(DT)
         ddp = DistributedDataParallel.__new__(DistributedDataParallel)
         nn.Module.__init__(ddp)
         ddp.module, ddp._comm_hooks = inner, [(hook, None)]
         ddp.forward = inner.forward
-        opt = ct.CDAT(torch.optim.SGD(inner.parameters(), lr=1.0))
+        # modules= the unwrapped model (the README's modules=model): the wrapper runs outside it, searched too
+        opt = ct.CDAT(torch.optim.SGD(inner.parameters(), lr=1.0), modules=inner if given else None)
         x = torch.randn(8, 3, dtype=DT)
 
         def closure():

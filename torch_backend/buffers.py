@@ -404,6 +404,12 @@ class ProbeGuard:
         self.calls = 1
         return loss
 
+    @property
+    def modules_run(self) -> list[nn.Module]:
+        """The modules kept (found, or ``modules=``) and those outside them that the last main call ran (with
+        ``modules=`` the inner model, the ``DistributedDataParallel`` wrapper the closure calls)."""
+        return self.buffers.modules + self._outside
+
     def fd_eps(self, params: Iterable[Tensor]) -> float:
         """The epsilon a finite-difference displacement of ``params`` is sized by: of the least precise dtype among
         them and the closure's own computation (a bf16 autocast: :attr:`compute_eps`)."""

@@ -59,7 +59,7 @@ COMM_HOOK_MESSAGE = (
     "{tuner}: the DistributedDataParallel model the closure runs has a communication hook ({hooks}) that changes "
     "the gradients it averages; the tuner's curvature reads that change (an fp16 compression's rounding: rates "
     "19 % off to 0 in a field test; PowerSGD's error feedback, which every probe runs through: 57-470x low). "
-    "Register no such hook on a model a tuner steps.")
+    "Register no such hook (nor DDP's mixed_precision=, which adds one) on a model a tuner steps.")
 
 
 def comm_hooks(modules: Sequence[torch.nn.Module]) -> list[str]:

@@ -254,7 +254,9 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
     #: (:meth:`_watch_frozen`); None once it warned
     _frozen_checked: Optional[tuple[int, ...]] = ()
-    #: ``_probed`` and ``_peak`` as the state holds them (:data:`torch_backend.state.SECANT_WATCH`; None for NaN):
+    #: whether the modules the closure runs were searched for DDP communication hooks (once, after a main call)
+    _hooks_checked: bool = False
+    #: ``_probed`` and ``_peak`` as the state holds them (:data:`torch_backend.state.SECANT_WATCH`; None for none):
     #: written when they change (a class default: a tuner pickled by an earlier build has none)
     _watch_saved: tuple[Optional[float], ...] = ()
 
@@ -645,10 +647,10 @@ class CurvatureTuner(torch.optim.Optimizer):
             loss = None
         else:
             loss = self.probe_guard.main(closure, all_params)
-            if not getattr(self, "_hooks_checked", False) and self.probe_guard.buffers.modules:  # (once: the DDP
-                # model is among the modules the first main call found, or those passed as modules=)
+            if not self._hooks_checked and self.probe_guard.modules_run:  # (once: the DDP model is among the
+                # modules the first main call found, or outside those passed as modules=)
                 self._hooks_checked = True
-                hooks = comm_hooks(self.probe_guard.buffers.modules)
+                hooks = comm_hooks(self.probe_guard.modules_run)
                 if hooks:
                     warn(COMM_HOOK_MESSAGE.format(tuner=type(self).__name__, hooks=", ".join(hooks)))
             if loss is None and not self.probe_guard.idle:
