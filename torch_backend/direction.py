@@ -81,8 +81,8 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
         raise ValueError(
             f"{tuner} cannot be ZeroRedundancyOptimizer's optimizer_class (here through a subclass or a factory): "
             "each rank would step its own shard of the parameters with a rate tuned on that shard alone. Wrap the "
-            f"plain base under DistributedDataParallel instead: {tuner}(torch.optim.AdamW(ddp_model.parameters(), "
-            "lr=1.0)).")
+            "plain base under DistributedDataParallel in the tuner instead, e.g. "
+            "curvopt.torch.CDAT(torch.optim.AdamW(ddp_model.parameters(), lr=1.0)).")
     if any(_is_zero(cls) for cls in type(base).__mro__):
         raise ValueError(
             f"{tuner} cannot wrap ZeroRedundancyOptimizer, even with allow_any_base=True: each rank keeps the base's "

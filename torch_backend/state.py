@@ -34,9 +34,8 @@ so ``torch.load(weights_only=True)`` reads a checkpoint, and torch's own loading
   loss's rounding they allow: a run resumed near the loss's minimum checks its new closure with it), CDAT's
   mini-batch watch behind a watched base (:data:`WATCH`: ``curvopt_watch_share``,
   ``curvopt_watch_judged``, ``curvopt_watch_scale``, ``curvopt_watch_predicted``, ``curvopt_watch_change``,
-  ``curvopt_watch_fired``, ``curvopt_watch_held``; a state saved without them starts the watch afresh; "none" among
-  these scalars, as in the secant's, is inf: FSDP's optimizer state dict compares scalar states with ``==``, which a
-  NaN fails) and, with
+  ``curvopt_watch_fired``, ``curvopt_watch_held``; a state saved without them starts the watch afresh; "none" there
+  and in the secant's scalars is :data:`NONE`) and, with
   ``numerator="paired"``, ``curvopt_predicted`` (int: 1 when ``curvopt_predicted_grad`` holds a prediction). When
   that parameter has no base state of its own (frozen, or SGD without momentum), the tuner hides these keys
   from the base while it steps, so a lazily initialising base never mistakes them for its own state. When
@@ -64,7 +63,18 @@ from curvopt.rules import ADDED_START
 __all__ = ["PREFIX", "W0", "U", "EIGVEC", "STEP", "SKIPPED", "SHARPNESS", "SECANT", "DIRECTIONS", "PREV_GRAD",
            "PREDICTED_GRAD", "PREDICTED", "PREV_GRAD_SCALE", "LAST_GROUP_LR", "LAST_PROBE", "REPLAY_SCALE",
            "SECANT_WATCH", "EXIT_SQ", "WATCH", "META_TUNER", "META_BASE", "TEMPLATE_MESSAGE", "rule_key", "is_ours",
-           "without_ours", "drop_ours", "is_template_call", "prepare"]
+           "without_ours", "drop_ours", "is_template_call", "prepare", "NONE", "kept"]
+
+#: how the state keeps a scalar that means "none" (the core's NaN: no probe, no open window, not judged, not to be
+#: checked): inf, since FSDP's optimizer state dict compares the scalar states with ``==``, which a NaN never passes
+#: (its load refused every closure-free state); a reader takes any non-finite value as none (a NaN saved before too)
+NONE = math.inf
+
+
+def kept(value: Any) -> Any:
+    """``value`` (a host scalar) as the state keeps it: NaN as :data:`NONE`."""
+    return NONE if value != value else value
+
 
 PREFIX = "curvopt_"
 W0, U = "curvopt_w0", "curvopt_u"

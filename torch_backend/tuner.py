@@ -1092,8 +1092,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         if remember and st.denoise and noise_state is None:  # no secant yet: the averages as they are (their
             # keys written from the first step on, as a torch.distributed.checkpoint template needs)
             noise_state = self._noise_state(glob, S)
-        # (the watch's "none" kept as inf: FSDP's optimizer state dict compares scalar states with ==, NaN failed it)
-        values = [lr, *st.new_rule_state, *(v if v == v else math.inf for v in (watch if watch is not None else ()))]
+        values = [lr, *st.new_rule_state, *(layout.kept(v) for v in (watch if watch is not None else ()))]
         seen_kept = remember and st.denoise and st.clip_v is not None  # the share of the gradient the base saw
         if remember:
             values += [-st.numerator, st.u_sq]
@@ -1136,20 +1135,16 @@ class CurvatureTuner(torch.optim.Optimizer):
             glob[layout.PREDICTED] = int(self._commit_prediction(params, st.grads, st.clip, st.probe, lr))
         glob[layout.STEP] = st.count + 1
         glob[layout.LAST_GROUP_LR] = group_lr_t
-        if st.secant:  # the parameters as this step leaves them, for the next (inf: not checked, no NaN for FSDP's
-            # state dict; the key stays)
+        if st.secant:  # the parameters as this step leaves them, for the next (none: not checked; the key stays)
             glob[layout.EXIT_SQ] = (local_sq_norm(params if st.flat is None else [st.flat[2]]) if not
-                                    self._motion_warned else torch.tensor(math.inf, dtype=acc, device=dev))
+                                    self._motion_warned else torch.tensor(layout.NONE, dtype=acc, device=dev))
         else:
             glob.pop(layout.EXIT_SQ, None)
         last_probe = remember_probe(self._host(glob[layout.LAST_PROBE], S) if layout.LAST_PROBE in glob
                                     else S(math.nan), S(float(lr)), st.probing, S)  # (concave_reprobe's)
         if S.isfinite(last_probe) or st.secant or layout.LAST_PROBE in glob:  # none once the rule moves: the key
-            # stays (the state's keys the same from step to step, as a torch.distributed.checkpoint template needs),
-            # as inf (concave_reprobe's "none" too): FSDP's optimizer state dict compares scalar states with ==,
-            # and a NaN one failed the load of every closure-free state
-            glob[layout.LAST_PROBE] = torch.tensor(float(last_probe) if S.isfinite(last_probe) else math.inf,
-                                                   dtype=acc, device=dev)
+            # stays (the state's keys the same from step to step, as a torch.distributed.checkpoint template needs)
+            glob[layout.LAST_PROBE] = torch.tensor(layout.kept(float(last_probe)), dtype=acc, device=dev)
         glob.setdefault(layout.SKIPPED, 0)
         if st.replay_scale is not None:
             glob[layout.REPLAY_SCALE] = torch.tensor(st.replay_scale, dtype=acc, device=dev)
@@ -1188,17 +1183,16 @@ class CurvatureTuner(torch.optim.Optimizer):
                     p.grad = g.zero_()
 
     def _commit_secant_watch(self, glob: dict, dtype: torch.dtype, dev: torch.device) -> None:
-        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; inf
+        """The stall window and the collapse peak into the globals (:data:`torch_backend.state.SECANT_WATCH`; none
         while no window is open, the window's first rate until it has one: the keys stay the same from step to step,
-        as a ``torch.distributed.checkpoint`` template needs, and no NaN, which FSDP's optimizer state dict cannot
-        compare), so a resumed run goes on judging them; written only when they changed (no transfer on most
-        steps)."""
+        as a ``torch.distributed.checkpoint`` template needs), so a resumed run goes on judging them; written only
+        when they changed (no transfer on most steps)."""
         values = (*(self._probed or (math.nan,) * 3), self._peak)
         now = tuple(None if math.isnan(v) else float(v) for v in values)
         if now == self._watch_saved and all(k in glob for k in layout.SECANT_WATCH):
             return
         self._watch_saved = now
-        glob.update(zip(layout.SECANT_WATCH, torch.tensor([math.inf if v is None else v for v in now], dtype=dtype,
+        glob.update(zip(layout.SECANT_WATCH, torch.tensor([layout.kept(v) for v in values], dtype=dtype,
                                                           device=dev).unbind()))
 
     def _host(self, t: Tensor, S: ScalarNamespace) -> Any:
@@ -1430,8 +1424,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             warn(zero_rate_message(numerator < 0, decays, carries))
 
     def _watch_state(self, glob: dict, S: ScalarNamespace) -> MinibatchWatch:
-        """The mini-batch watch's memory in the state (its start where the state has none; inf there, or NaN as
-        saved before, is none)."""
+        """The mini-batch watch's memory in the state (its start where the state has none; a non-finite value there
+        is none: :data:`torch_backend.state.NONE`)."""
         saved = self._saved(glob, layout.WATCH, MinibatchWatch, lambda: MinibatchWatch.start(S(0.0)), S)
         return MinibatchWatch(*(v if S.isfinite(v) else S(math.nan) for v in saved))
 
@@ -1757,7 +1751,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._kept_globals = None
         self._marks.clear()
         reference, start, first, peak = (float(glob[k]) if k in glob and math.isfinite(glob[k]) else math.nan
-                                         for k in layout.SECANT_WATCH)  # (inf or NaN, as saved before: none)
+                                         for k in layout.SECANT_WATCH)  # (a non-finite value: none)
         self._probed = None if math.isnan(reference) or math.isnan(start) else (reference, start, first)
         self._peak = 0.0 if math.isnan(peak) else peak  # (a state saved without them starts them afresh)
         self._collapse_run = 0
@@ -1768,7 +1762,7 @@ class CurvatureTuner(torch.optim.Optimizer):
         self._watch_saved = ()
         if layout.EXIT_SQ in saved_globals and torch.finfo(saved_globals[layout.EXIT_SQ].dtype).eps > float(
                 least_precise_eps(self._all_params())):  # (saved in a coarser dtype: it would read as motion)
-            glob[layout.EXIT_SQ] = torch.tensor(math.inf, dtype=self.acc_dtype, device=p0.device)
+            glob[layout.EXIT_SQ] = torch.tensor(layout.NONE, dtype=self.acc_dtype, device=p0.device)
         self._stats = self._nan_stats(skipped=glob.get(layout.SKIPPED, 0))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
