@@ -97,9 +97,14 @@ def flat(tree: Any, dtype: Any, like: Any = None) -> tuple:
     leaves = ref if like is None else jax.tree.structure(like).flatten_up_to(tree)
     parts = [jnp.zeros(jnp.shape(y), dtype) if _is_masked(x) else jnp.asarray(x).astype(dtype)
              for x, y in zip(leaves, ref)]
-    sizes = [jnp.size(x) for x in ref]
     return tuple(parts[run[0]] if len(run) == 1 else jnp.concatenate([jnp.ravel(parts[i]) for i in run])
-                 for run in cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW)))
+                 for run in _runs(ref))
+
+
+def _runs(ref: list) -> list:
+    """The runs (of leaf indices) :func:`flat` cuts the leaves ``ref`` into."""
+    sizes = [jnp.size(x) for x in ref]
+    return cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW))
 
 
 def moving_leaves(direction: Any, gradient: Any, like: Any = None) -> tuple:
@@ -120,11 +125,9 @@ def moving_leaves(direction: Any, gradient: Any, like: Any = None) -> tuple:
     structure = jax.tree.structure(like)
     keep = [jnp.any(u != 0) | jnp.all(g == 0)
             for u, g in zip(structure.flatten_up_to(direction), structure.flatten_up_to(gradient))]
-    sizes = [jnp.size(x) for x in ref]
     # cut as flat() cuts: a leaf alone in its run gets a scalar (no parameter-sized mask to keep)
     return tuple(keep[run[0]] if len(run) == 1 else
-                 jnp.concatenate([jnp.broadcast_to(keep[i], (sizes[i],)) for i in run])
-                 for run in cut_into_runs(range(len(sizes)), sizes, concat_limit(jax.device_count(), CONCAT_BELOW)))
+                 jnp.concatenate([jnp.broadcast_to(keep[i], (jnp.size(ref[i]),)) for i in run]) for run in _runs(ref))
 
 
 def moved(x: Any, mask: Any) -> Any:
