@@ -245,6 +245,16 @@ def _check_grid(parser, args, specs) -> None:
         parser.error("--grid: no run of this plan uses the constant grid (it is the bare 'constant' of --tuners)")
 
 
+def _check_runnable(parser, specs) -> None:
+    """A plan none of whose runs can run here (``--params mup --backend jax``: μP rows run on torch only; a peer
+    whose package is missing) is a usage error saying why: it wrote an empty report and exited 0."""
+    from .runner import unavailable_reason
+
+    reasons = {unavailable_reason(s) for s in specs}
+    if None not in reasons:
+        parser.error(f"no run of this plan can run here: {'; '.join(sorted(reasons))}")
+
+
 def _check_data(parser, exps) -> None:
     """Every dataset the plan trains on loads (once per dataset, in this process): a --data-dir without CIFAR-10's
     files, or a --text too short for one block, is a usage error before anything runs (it was one failed run per
@@ -303,6 +313,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     _check_grid(parser, args, specs)
+    _check_runnable(parser, specs)
     if args.list:
         for s in specs:
             print(s.key)

@@ -989,3 +989,16 @@ def test_a_grid_is_run_as_given_or_refused(argv, says, tmp_path, capsys):
     assert says in capsys.readouterr().err
     assert main(["--suite", "smoke", "--tasks", "mlp", "--grid", "0.1235,0.3", "--out", str(tmp_path / "o"),
                  "--list"]) == 0
+
+
+def test_a_plan_that_cannot_run_here_is_refused(tmp_path, capsys):
+    """``--params mup --backend jax`` planned 64 runs, each unavailable (μP rows run on torch only): an empty
+    report and exit 0."""
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--suite", "smoke", "--params", "mup", "--backend", "jax", "--out", str(tmp_path / "o"), "--list"])
+    assert e.value.code == 2
+    assert "no run of this plan can run here: muP rows run on torch only" in capsys.readouterr().err
+    assert main(["--suite", "smoke", "--params", "mup", "--backend", "both", "--out", str(tmp_path / "o"),
+                 "--list"]) == 0  # the torch rows can
