@@ -1125,8 +1125,9 @@ def test_hugging_face_style_loop_with_clip_and_scheduler():
 def test_an_active_clip_outside_the_closure_free_step_is_reported(tuner):
     """``clip_grad_norm_`` before ``opt.step()`` with an active clip scales each step's gradient by its own factor,
     so the secant differences two gradients on different scales (the greedy rate went 30 -> 6e9 -> 2e19 on this
-    quadratic): the tuner cannot undo a factor it never sees, and says so once, a few steps in. Unclipped, with an
-    inactive clip, or clipped by the tuner's own max_grad_norm (whose factor it divides out): no warning, and
+    quadratic): the tuner cannot undo a factor it never sees, and says so once, a few steps in, also when the tuner
+    clips too (max_grad_norm= and Trainer's default clip: the watch was off, the rates as wrong). Unclipped, with an
+    inactive clip, or clipped by the tuner's own max_grad_norm alone (whose factor it divides out): no warning, and
     max_grad_norm=1 gives the exact greedy rate of the clipped direction."""
     h = torch.tensor([1.0, 10.0], dtype=D64)
 
@@ -1145,8 +1146,9 @@ def test_an_active_clip_outside_the_closure_free_step_is_reported(tuner):
                 lrs.append(float(opt.stats["lr"]))
         return lrs, sum("same norm on the last" in str(m.message) for m in caught)
 
-    assert run(1.0)[1] == 1
-    for outside, inside in ((None, None), (1e9, None), (None, 1.0)):
+    for outside, inside in ((1.0, None), (1.0, 10.0), (0.1, 1.0), (1.0, 1.0)):
+        assert run(outside, inside)[1] == 1, (outside, inside)
+    for outside, inside in ((None, None), (1e9, None), (None, 1.0), (1e9, 1.0)):
         assert run(outside, inside)[1] == 0, (outside, inside)
     if tuner is QuadraticGreedy:  # the step after the probe: -g^T u / u^T H u along u = -g / ||g||, at w0 to
         # within the probe's displacement (sqrt(2^-23) ||w||: the secant's Rayleigh quotient is u_prev's)

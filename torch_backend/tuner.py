@@ -798,8 +798,9 @@ class CurvatureTuner(torch.optim.Optimizer):
         ws, params, grads, u, w0, glob, S = st.ws, st.params, st.grads, st.u, st.w0, st.glob, st.S
         late = st.prev_u is not None and not st.early
         # ||g|| is watched for a norm clip outside the tuner (external_clip_suspected): before a closure-free
-        # secant step, or inside a closure that no fd probe checks (Polyak, the line search, the sharpness alone)
-        st.watch_clip = st.oracle != "fd" and self.max_grad_norm is None and not self._clip_warned
+        # secant step, or inside a closure that no fd probe checks (Polyak, the line search, the sharpness alone);
+        # under max_grad_norm, as it was before the tuner's own clip (read clipped, divided by the clip's factor)
+        st.watch_clip = st.oracle != "fd" and not self._clip_warned
         # did the parameters move outside the optimizer since the last step? (a closure-free secant assumes not:
         # ||w0||^2 against ||w||^2 as the last commit left them)
         exit_sq = glob.get(layout.EXIT_SQ)
@@ -868,6 +869,8 @@ class CurvatureTuner(torch.optim.Optimizer):
                 rule_numerator = rule_numerator / st.clip_v
                 if late:
                     g_dot_prev_u = g_dot_prev_u / st.clip_v
+                if st.g_sq is not None:
+                    st.g_sq = st.g_sq / (st.clip_v * st.clip_v)
             st.numerator, st.rule_numerator = numerator, rule_numerator
             st.ok = (st.loss is None or S.isfinite(st.loss_v)) and S.isfinite(numerator)
             st.secant_c = S(math.nan)
