@@ -1995,3 +1995,36 @@ def test_a_frozen_part_does_not_size_the_finite_difference_step(frozen_by, base,
     alone = run(None)  # (the curvature: the first rates are the start-up's; fd's own rounding differs by ~1e-8)
     assert all(r > 0 for r in alone[::2])
     assert run(1e5) == pytest.approx(alone, rel=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("tuner, key", [(CDAT, "sigma"), (EdgeOfStability, "growth"), (ArmijoLineSearch, "c")])
+def test_a_tuner_setting_written_into_the_param_groups_is_reported(tuner, key):
+    """ignite's ``PiecewiseLinear(opt, "sigma", ...)``, skorch's ``set_params(optimizer__sigma=...)`` on a fitted net
+    and fastai's ``set_hyper`` write an optimizer's settings into every param group: a tuner's settings are its
+    attributes, so such a key changed nothing (sigma scheduled 4 -> 0.5, the rates those of 4), silently. Now one
+    warning naming the key and the fix; none for the base's own keys (Adam's ``eps``, also a CDAT setting)."""
+    def run(write=None):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(5, dtype=D64))
+        opt = tuner(torch.optim.Adam([w], lr=1.0))
+        lrs = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(5):
+                def closure():
+                    opt.zero_grad()
+                    loss = (w ** 4).sum() + (w * w).sum()
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+                lrs.append(float(opt.stats["lr"]))
+                if step == 1 and write is not None:
+                    opt.param_groups[0].update(write)
+        return lrs, [str(m.message) for m in caught if "param groups hold" in str(m.message)]
+
+    plain, none = run()
+    assert none == []
+    lrs, said = run({key: 0.5})
+    assert lrs == plain  # not read there: the warning says so
+    assert len(said) == 1 and f"'{key}'" in said[0] and f"opt.{key} = value" in said[0]
+    assert run({"eps": 1e-8})[1] == []  # Adam's own key

@@ -4,13 +4,14 @@ replaces (deprecated for one release)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 from curvopt.config import LEGACY_SHARPNESS, SharpnessConfig, as_sharpness, legacy_sharpness
 
 from .warning import warn
 
-__all__ = ["default_of", "RuleField", "rule_fields", "resolve_sharpness"]
+__all__ = ["default_of", "RuleField", "rule_fields", "resolve_sharpness", "settings_in_groups"]
 
 def default_of(rule_cls: type, name: str) -> Any:
     """The core's default of a rule field (the tuners' constructor defaults are the core's, never restated)."""
@@ -53,6 +54,31 @@ def rule_fields(rule_cls: type, fixed: Optional[dict[str, str]] = None, exclude:
                 setattr(cls, f.name, field)
         return cls
     return add
+
+
+@functools.lru_cache(maxsize=None)
+def _setting_names(cls: type) -> frozenset[str]:
+    return frozenset(name for k in cls.__mro__ for name, v in vars(k).items() if isinstance(v, RuleField))
+
+
+def settings_in_groups(tuner: Any) -> Optional[str]:
+    """A warning where the param groups hold a key named like one of the tuner's settings (its
+    :class:`RuleField` fields; not the base's own keys, such as Adam's ``eps``), None otherwise. Frameworks set an
+    optimizer's settings by writing the key into every group (ignite's ``PiecewiseLinear(opt, "sigma", ...)``,
+    skorch's ``set_params(optimizer__sigma=...)`` on a fitted net, fastai's ``set_hyper``): the tuner's settings
+    are its attributes, one for all groups, and such a key changed nothing (a field test: sigma scheduled from 4 to
+    0.5, the rates those of sigma 4, silently)."""
+    names = _setting_names(type(tuner)) - tuner.base.defaults.keys()
+    found = sorted({key for group in tuner.param_groups for key in names & group.keys()})
+    if not found:
+        return None
+    name = type(tuner).__name__
+    return (f"{name}: the param groups hold {', '.join(map(repr, found))}, named like the tuner's own setting, which "
+            f"it does not read there (a tuner's settings are its attributes, one for all groups). A scheduler or "
+            f"framework that writes optimizer settings into the param groups (ignite's param schedulers, skorch's "
+            f"set_params(optimizer__{found[0]}=...), fastai's set_hyper) does not reach it: assign "
+            f"opt.{found[0]} = value (from a callback or handler) or, where the setting takes one, pass a schedule "
+            f"{found[0]}=lambda step: value at construction")
 
 
 def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:

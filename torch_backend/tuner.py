@@ -86,7 +86,7 @@ from curvopt.stats import STAT_DOCS, STAT_FIELDS
 from curvopt.validation import at_step, check_bool, check_choice, check_positive, check_positive_int
 
 from . import state as layout
-from .settings import resolve_sharpness
+from .settings import resolve_sharpness, settings_in_groups
 from .transaction import Transaction, fits
 from .buffers import ModulesLike, ProbeGuard, is_probe
 from .direction import base_method, check_base, check_group, check_listed_once, is_adam_like, kind_change
@@ -254,6 +254,9 @@ class CurvatureTuner(torch.optim.Optimizer):
     #: the positions (in the step's parameters) of those with ``requires_grad=False`` when last checked for motion
     #: (:meth:`_watch_frozen`); None once it warned
     _frozen_checked: Optional[tuple[int, ...]] = ()
+    #: whether the once-per-tuner warning that a param group holds a key named like a tuner setting was given
+    #: (:func:`~torch_backend.settings.settings_in_groups`)
+    _group_settings_warned = False
     #: whether the modules the closure runs were searched for DDP communication hooks (once, after a main call)
     _hooks_checked: bool = False
     #: ``_probed`` and ``_peak`` as the state holds them (:data:`torch_backend.state.SECANT_WATCH`; None for none):
@@ -564,6 +567,11 @@ class CurvatureTuner(torch.optim.Optimizer):
             self._require_probe_free(has_closure=False, error=TypeError)
         for group in self.param_groups:  # refused at construction, but a group can be edited since
             check_group(group, type(self).__name__)
+        if not self._group_settings_warned:
+            message = settings_in_groups(self)
+            if message:
+                self._group_settings_warned = True
+                warn(message)
         if self.distributed is None and self._distributed_setting == "auto":  # a process group set up since
             # (the model and the tuner built before init_process_group, DDP after: the ranks drifted apart)
             self.distributed = resolve_distributed("auto", self._all_params())
