@@ -16,6 +16,7 @@ traced once per estimate and each product is one linear JVP through it).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -243,10 +244,11 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     arrays, static = _split_kwargs(accepted_kwargs(value_fn, fn_kwargs))
     start = random_unit(params) if v0 is None else v0
     start = np.asarray(ravel_pytree(start)[0], np.float64)
+    hvp = _compiled_hvp(value_fn)
 
     def mv(x: np.ndarray) -> np.ndarray:
         v = unravel(jnp.asarray(np.ravel(x), flat.dtype))
-        return np.asarray(ravel_pytree(_hvp(value_fn, static, params, v, preconditioner, arrays))[0], np.float64)
+        return np.asarray(ravel_pytree(hvp(static, params, v, preconditioner, arrays))[0], np.float64)
 
     lam, v = arpack_top_eigenpair(mv, n, start, tol=tol, maxiter=max_products)
     return lam, unravel(jnp.asarray(v, flat.dtype))
@@ -293,11 +295,32 @@ def _join_kwargs(static: tuple, arrays: list) -> dict:
     return jax.tree.unflatten(treedef, [next(it) if slot is None else slot.value for slot in slots])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _hvp(value_fn: Callable[..., Any], static: tuple, params: Any, v: Any, preconditioner: Any,
-         arrays: list) -> Any:
-    """One (preconditioned) HVP, compiled once per ``value_fn``, static keyword values and argument structure;
-    the keyword arguments are bound the tuners' way (:func:`jax_backend.loss.bind`)."""
-    f = bind(value_fn, _join_kwargs(static, arrays))
-    hvp = lambda x: jax.jvp(jax.grad(f), (params,), (x,))[1]  # noqa: E731
-    return (hvp if preconditioner is None else _precondition(hvp, preconditioner))(v)
+#: the jitted HVP of each ``value_fn`` while it lives (:func:`_compiled_hvp`)
+_HVPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_hvp(value_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``value_fn``'s jitted HVP ``(static, params, v, preconditioner, arrays) -> H v`` (or the preconditioned
+    product), compiled once per static keyword values and argument structure; the keyword arguments are bound the
+    tuners' way (:func:`jax_backend.loss.bind`). One per ``value_fn`` while the function lives: the cache and the
+    HVP hold it weakly (a module-level ``jit`` taking it as a static argument kept every ``value_fn`` ever given,
+    and all it closes over, for the life of the process: a field test's 20 hyperparameter trials each kept their
+    dataset). A function that cannot be held weakly, or a bound method (a new object at each attribute read), is
+    compiled at each call."""
+    try:
+        return _HVPS[value_fn]
+    except KeyError:
+        ref = weakref.ref(value_fn)
+    except TypeError:  # (not weakly referenceable, or not hashable)
+        return _jitted_hvp(lambda: value_fn)
+    _HVPS[value_fn] = hvp = _jitted_hvp(ref)
+    return hvp
+
+
+def _jitted_hvp(get_fn: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+    @functools.partial(jax.jit, static_argnums=(0,))
+    def hvp(static: tuple, params: Any, v: Any, preconditioner: Any, arrays: list) -> Any:
+        f = bind(get_fn(), _join_kwargs(static, arrays))
+        product = lambda x: jax.jvp(jax.grad(f), (params,), (x,))[1]  # noqa: E731
+        return (product if preconditioner is None else _precondition(product, preconditioner))(v)
+    return hvp
