@@ -435,8 +435,8 @@ EXTERNAL_CLIP_MESSAGE = (
     "(torch.nn.utils.clip_grad_norm_ before opt.step(), Hugging Face's max_grad_norm, "
     "Lightning's gradient_clip_val or self.clip_gradients). It changes each step's gradient by a factor of its "
     "own, and the secant curvature, the difference of consecutive gradients, is then wrong (measured on a "
-    "quadratic: the greedy rate 1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Clip with the tuner's "
-    "max_grad_norm= instead, which divides its factor back out (Hugging Face: max_grad_norm=0 in "
+    "quadratic: the greedy rate 1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Remove that clip and clip "
+    "with the tuner's max_grad_norm= alone, which divides its factor back out (Hugging Face: max_grad_norm=0 in "
     "TrainingArguments; Lightning: gradient_clip_val=None, no self.clip_gradients). "
     + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_CLOSURE = (
@@ -445,8 +445,8 @@ EXTERNAL_CLIP_MESSAGE_CLOSURE = (
     "(torch.nn.utils.clip_grad_norm_ after backward, Lightning's gradient_clip_val or self.clip_gradients). The "
     "tuner then reads the clipped gradient as the loss's: the slope -g^T u is too small by the clip's factor, so "
     "Polyak's rate is too large by it (a field test: pinned at lr_max), the line search's test is too lenient and "
-    "the sharpness's gradient differences are wrong. Clip with the tuner's max_grad_norm= instead, which clips "
-    "the update with the main call's factor and gives the rules the loss's own slope. " + _CONSTANT_NORM_LOSS)
+    "the sharpness's gradient differences are wrong. Remove that clip and clip with the tuner's max_grad_norm= "
+    "alone, which clips the update with the main call's factor and gives the rules the loss's own slope. " + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): a norm clip chained before the tuner "

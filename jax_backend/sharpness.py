@@ -16,6 +16,7 @@ traced once per estimate and each product is one linear JVP through it).
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from typing import Any, Callable, NamedTuple
 
@@ -234,8 +235,9 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     instead (the eigenvector returned is that of ``P^-1/2 H P^-1/2``). ``v0``: a start vector shaped like
     ``params`` (default: :func:`random_unit`). ``max_products``: ARPACK's iteration cap (default
     ``max(100, 10 n)``). Extra keyword arguments that ``value_fn`` does not accept are ignored; ``value_fn``
-    may return ``(loss, aux)``. The arrays among the keyword arguments (leaves of pytrees too) are traced
-    arguments of the jitted HVP (new values of the same shapes reuse its compilation); the other leaves
+    may return ``(loss, aux)``. The HVP is compiled once per ``value_fn`` (the same function object, or the same
+    object's method; a new lambda per call compiles again), and the arrays among the keyword arguments (leaves of
+    pytrees too) are traced arguments of it (new values of the same shapes reuse its compilation); the other leaves
     (``train=True``, ``mode="sum"``, Python numbers) are bound as Python values, so ``value_fn`` can branch on
     them (each new value compiles once more).
     """
@@ -295,25 +297,34 @@ def _join_kwargs(static: tuple, arrays: list) -> dict:
     return jax.tree.unflatten(treedef, [next(it) if slot is None else slot.value for slot in slots])
 
 
-#: the jitted HVP of each ``value_fn`` while it lives (:func:`_compiled_hvp`)
-_HVPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: the jitted HVP of each ``value_fn`` while it lives (:func:`_compiled_hvp`), by identity: ``id(value_fn)``, or
+#: ``(id(self), id(function))`` for a bound method -> (weak reference, HVP)
+_HVPS: dict = {}
 
 
 def _compiled_hvp(value_fn: Callable[..., Any]) -> Callable[..., Any]:
     """``value_fn``'s jitted HVP ``(static, params, v, preconditioner, arrays) -> H v`` (or the preconditioned
     product), compiled once per static keyword values and argument structure; the keyword arguments are bound the
-    tuners' way (:func:`jax_backend.loss.bind`). One per ``value_fn`` while the function lives: the cache and the
-    HVP hold it weakly (a module-level ``jit`` taking it as a static argument kept every ``value_fn`` ever given,
-    and all it closes over, for the life of the process: a field test's 20 hyperparameter trials each kept their
-    dataset). A function that cannot be held weakly, or a bound method (a new object at each attribute read), is
-    compiled at each call."""
+    tuners' way (:func:`jax_backend.loss.bind`). One per ``value_fn`` while it lives, found by identity (a bound
+    method by its object and function: ``model.loss`` is a new object at each read) and held weakly: a module-level
+    ``jit`` taking it as a static argument kept every ``value_fn`` ever given, and all it closes over, for the life
+    of the process (a field test's 20 hyperparameter trials each kept their dataset). A function that cannot be held
+    weakly is compiled at each call."""
+    method = inspect.ismethod(value_fn)
+    key = (id(value_fn.__self__), id(value_fn.__func__)) if method else id(value_fn)
+    entry = _HVPS.get(key)
+    if entry is not None and entry[0]() is not None:  # (alive, so the same object: a live id is never another's)
+        return entry[1]
+
+    def forget(ref: Any) -> None:
+        if _HVPS.get(key, (None,))[0] is ref:
+            del _HVPS[key]
     try:
-        return _HVPS[value_fn]
-    except KeyError:
-        ref = weakref.ref(value_fn)
-    except TypeError:  # (not weakly referenceable, or not hashable)
+        ref = (weakref.WeakMethod if method else weakref.ref)(value_fn, forget)
+    except TypeError:  # (not weakly referenceable)
         return _jitted_hvp(lambda: value_fn)
-    _HVPS[value_fn] = hvp = _jitted_hvp(ref)
+    hvp = _jitted_hvp(ref)
+    _HVPS[key] = (ref, hvp)
     return hvp
 
 

@@ -157,19 +157,20 @@ def test_hessian_top_eigenvalue_array_kwargs_do_not_recompile():
         return 0.5 * w @ batch["A"] @ w * batch["c"]
 
     hessian_top_eigenvalue(loss, p, batch={"A": A, "c": jnp.asarray(1.0)}, train=True)
-    compiled = sharpness_module._HVPS[loss]
+    compiled = sharpness_module._compiled_hvp(loss)
     size = compiled._cache_size()
     for c in (2.0, 3.0):
         lam, _ = hessian_top_eigenvalue(loss, p, batch={"A": A * c, "c": jnp.asarray(c)}, train=True)
         assert lam == pytest.approx(4 * c * c * np.linalg.eigvalsh(np.asarray(A))[-1], rel=1e-6)
-    assert sharpness_module._HVPS[loss] is compiled and compiled._cache_size() == size
+    assert sharpness_module._compiled_hvp(loss) is compiled and compiled._cache_size() == size
 
 
 def test_hessian_top_eigenvalue_keeps_no_value_fn_alive():
     """The jitted HVP took ``value_fn`` as a static argument of a module-level ``jax.jit``, whose cache kept every
     function given, and what it closes over, for the life of the process (a field test: each of 20 hyperparameter
-    trials' datasets). Now freed with the function; a bound method and a callable that cannot be held weakly
-    work too (compiled per call)."""
+    trials' datasets). Now freed with the function, found by identity (two callables that compare equal are two
+    functions; a bound method, a new object at each read, is found by its object and function: compiled once), and
+    a callable that cannot be held weakly works too (compiled per call)."""
     A, p = _quad_problem()
     top = np.linalg.eigvalsh(np.asarray(A))[-1]
 
@@ -189,13 +190,26 @@ def test_hessian_top_eigenvalue_keeps_no_value_fn_alive():
         def __call__(self, params):
             return 0.5 * params["w"] @ self.A @ params["w"]
 
-    refs = []
+    class Equal(Data):  # equal to every other Equal: still another function
+        def __eq__(self, other):
+            return isinstance(other, Equal)
+
+        def __hash__(self):
+            return 0
+
+        def __call__(self, params):
+            return self.loss(params)
+
+    refs, equal = [], []
     for c in (1.0, 2.0, 3.0):
         data = Data(A * c)
         loss = lambda params, data=data: data.loss(params)  # noqa: E731
         assert hessian_top_eigenvalue(loss, p)[0] == pytest.approx(c * top, rel=1e-6)
         assert hessian_top_eigenvalue(data.loss, p)[0] == pytest.approx(c * top, rel=1e-6)
+        assert sharpness_module._compiled_hvp(data.loss) is sharpness_module._compiled_hvp(data.loss)
         assert hessian_top_eigenvalue(Slotted(A * c), p)[0] == pytest.approx(c * top, rel=1e-6)
+        equal.append(Equal(A * c))  # (the earlier ones kept alive)
+        assert hessian_top_eigenvalue(equal[-1], p)[0] == pytest.approx(c * top, rel=1e-6)
         refs.append(weakref.ref(data))
         del data, loss
     gc.collect()

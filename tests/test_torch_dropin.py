@@ -2028,3 +2028,7 @@ def test_a_tuner_setting_written_into_the_param_groups_is_reported(tuner, key):
     assert lrs == plain  # not read there: the warning says so
     assert len(said) == 1 and f"'{key}'" in said[0] and f"opt.{key} = value" in said[0]
     assert run({"eps": 1e-8})[1] == []  # Adam's own key
+    if tuner is CDAT:  # a setting that cannot be assigned is not advised to be
+        tuner = QuadraticGreedy
+        said = run({"sigma": 0.5})[1]
+        assert len(said) == 1 and "QuadraticGreedy's sigma cannot change after construction" in said[0]

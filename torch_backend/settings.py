@@ -72,13 +72,15 @@ def settings_in_groups(tuner: Any) -> Optional[str]:
     found = sorted({key for group in tuner.param_groups for key in names & group.keys()})
     if not found:
         return None
-    name = type(tuner).__name__
+    name, first = type(tuner).__name__, found[0]
+    fixed = getattr(type(tuner), first).fixed
+    advice = (f"{name}'s {first} cannot change after construction ({fixed})" if fixed else
+              f"assign opt.{first} = value (from a callback or handler) or, where the setting takes one, pass a "
+              f"schedule {first}=lambda step: value at construction")
     return (f"{name}: the param groups hold {', '.join(map(repr, found))}, named like the tuner's own setting, which "
             f"it does not read there (a tuner's settings are its attributes, one for all groups). A scheduler or "
             f"framework that writes optimizer settings into the param groups (ignite's param schedulers, skorch's "
-            f"set_params(optimizer__{found[0]}=...), fastai's set_hyper) does not reach it: assign "
-            f"opt.{found[0]} = value (from a callback or handler) or, where the setting takes one, pass a schedule "
-            f"{found[0]}=lambda step: value at construction")
+            f"set_params(optimizer__{first}=...), fastai's set_hyper) does not reach it: {advice}")
 
 
 def resolve_sharpness(sharpness: Any, default: SharpnessConfig, legacy: dict, tuner: str) -> SharpnessConfig:
