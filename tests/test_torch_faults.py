@@ -498,6 +498,7 @@ def test_zero_size_parameters_work(tuner):
     (lambda ps: torch.optim.SparseAdam(ps), "SparseAdam"),
     (lambda ps: torch.optim.ASGD(ps), "ASGD"),
     (lambda ps: torch.optim.Rprop(ps), "Rprop"),
+    (lambda ps: torch.optim.Adafactor(ps), "Adafactor"),  # min(lr, 1/sqrt(t)): the user's lr cap lost
     (lambda ps: torch.optim.RMSprop(ps), "allow_any_base"),
     (lambda ps: torch.optim.SGD(ps, lr=1.0, maximize=True), "maximize"),
     (lambda ps: torch.optim.Adam(ps, lr=1.0, maximize=True), "maximize"),
@@ -510,8 +511,9 @@ def test_bases_that_cannot_work_are_refused(make, match):
     if match != "maximize":
         assert "SGD" in str(info.value) and "Adam" in str(info.value)  # names the supported bases
     CDAT(torch.optim.RMSprop([w]), allow_any_base=True)  # the documented opt-in
-    with pytest.raises(ValueError, match="Rprop"):
-        CDAT(torch.optim.Rprop([w]), allow_any_base=True)
+    for refused in (torch.optim.Rprop, torch.optim.Adafactor):
+        with pytest.raises(ValueError, match=refused.__name__):
+            CDAT(refused([w]), allow_any_base=True)
     TALLY["survived"] += 1
 
 

@@ -9,7 +9,8 @@ a subtraction; the snapshot and ``u`` are the buffers of :mod:`torch_backend.wor
 depend on the learning rate.
 
 Bases for which this is wrong are refused (:func:`check_base`): a base whose update is not linear in ``lr``
-(``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search), one that keeps iterate averages (``ASGD``:
+(``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search, ``Adafactor``'s step size ``min(lr, 1/sqrt(t))``), one
+that keeps iterate averages (``ASGD``:
 its average would collect the probe points), ``SparseAdam`` (sparse gradients), ``maximize=True``, and
 ``torch.distributed.optim.ZeroRedundancyOptimizer`` (each rank holds the base's state for its shard only).
 """
@@ -37,6 +38,8 @@ _REFUSED = {
     "SparseAdam": "it works on sparse gradients, which the tuners' inner products do not support",
     "ASGD": "it keeps an average of the iterates, which would collect the tuner's probe points",
     "Rprop": "its per-weight step sizes adapt to the sign of the gradient: the update is not linear in lr",
+    "Adafactor": ("its step size is min(lr, 1/sqrt(step)), not linear in lr: the tuner steps the base at its lr "
+                  "scaled to 1, where the cap your lr sets is gone (the direction 1/sqrt(step) of the one at lr)"),
 }
 _SUPPORTED_TEXT = ("torch.optim.SGD (with or without momentum/Nesterov/weight decay), torch.optim.Adam and "
                    "torch.optim.AdamW")
