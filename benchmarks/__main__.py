@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs trained at once, each in its own worker process with --threads threads (default: "
                    "the suite's, at most the number of CPUs)")
     p.add_argument("--threads", type=_int_at_least(1), default=1,
-                   help="intra-op threads for torch and XLA (1 gives stable step times on a shared CPU)")
+                   help="intra-op threads for torch and XLA (1 gives stable step times on a shared CPU; they change the "
+                   "reductions' order, so another count is other runs, not a resume)")
     p.add_argument("--list", action="store_true", help="print the planned runs and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from results.jsonl")
     p.add_argument("--retry-errors", action="store_true",
@@ -165,7 +166,7 @@ def experiments_from_args(args):
         image_set = "cifar10" if args.data_dir else None
         exps.append(narrow(e, steps=args.steps, base=args.base, grid=args.grid,
                            sharpness=args.sharpness, data_dir=args.data_dir, image_set=image_set,
-                           text_path=args.text, widen=0 if args.no_widen else None))
+                           text_path=args.text, widen=0 if args.no_widen else None, threads=args.threads))
     if args.params:  # (the default suite's muP ViT under --params sp: a second SP ViT on other data, refused)
         asked = set(args.params)
         covered = {(e.task, e.regime) for e in exps if asked & set(e.params)}

@@ -74,6 +74,9 @@ class Experiment:
     params: tuple[str, ...] = ("sp",)  # parameterisations ("sp", "mup"); --params overrides
     #: μP's base width; None: the narrowest of ``widths`` (a cell split by width, :func:`_per_width`: its narrowest)
     mup_base: int | None = None
+    #: intra-op threads of torch and XLA (``--threads``): the reductions' order, so the runs' bits (a field test: a
+    #: float32 MLP's CDAT losses 6.6e-4 apart between 1 and 2 threads, where a resume had reused the other's runs)
+    threads: int = 1
 
     @property
     def mup_base_width(self) -> int:
@@ -94,7 +97,8 @@ class Experiment:
         data the task reads counts: a local data directory for an image task on CIFAR-10, a text file for the LM,
         each by its absolute path and its contents (:func:`content_digest`: an edited file or a replaced batch
         file is other data, where a resume once mixed runs on the old text with runs on the new in one cell);
-        unset or unread, they are left out, so the embedded defaults keep their hashes. The code counts too
+        unset or unread, they are left out, so the embedded defaults keep their hashes. So are the threads (``--threads``)
+        where they are 1, the default. The code counts too
         (:func:`code_digest`): a resume after an edit of the library or of the code a run executes redoes the runs
         (it once pooled the old seeds with the new in one cell, silently)."""
         d = asdict(self)
@@ -103,6 +107,8 @@ class Experiment:
             d.pop(k)
         if "mup" in self.params or param == "mup":
             d["mup_base_width"] = self.mup_base_width
+        if self.threads == 1:
+            d.pop("threads")
         text = TASKS[self.task].kind == "text"
         if text:
             d["image_set"] = "digits"  # (as left unset)

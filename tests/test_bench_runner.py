@@ -1002,3 +1002,21 @@ def test_a_plan_that_cannot_run_here_is_refused(tmp_path, capsys):
     assert "no run of this plan can run here: muP rows run on torch only" in capsys.readouterr().err
     assert main(["--suite", "smoke", "--params", "mup", "--backend", "both", "--out", str(tmp_path / "o"),
                  "--list"]) == 0  # the torch rows can
+
+
+def test_another_thread_count_is_other_runs():
+    """``--threads`` changes the reductions' order and so a run's bits (a field test: a float32 MLP's CDAT losses
+    6.6e-4 apart between 1 and 2 threads), but was not part of a run's key: a resume with another count reused the
+    old runs, silently. It is now, where it is not the default 1 (whose keys stay as they were)."""
+    from dataclasses import replace
+
+    from benchmarks.__main__ import build_parser, experiments_from_args
+
+    def keys(*argv):
+        args = build_parser().parse_args(["--suite", "smoke", "--tasks", "mlp", *argv])
+        return {e.settings_hash() for e in experiments_from_args(args)[1]}
+
+    one, two = keys("--threads", "1"), keys("--threads", "2")
+    assert one == keys() and not one & two
+    exp = experiments_from_args(build_parser().parse_args(["--suite", "smoke", "--tasks", "mlp"]))[1][0]
+    assert replace(exp, threads=1).settings_hash() == exp.settings_hash() != replace(exp, threads=3).settings_hash()
