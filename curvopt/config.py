@@ -680,7 +680,9 @@ def zero_rate_message(rising: bool, decays: bool, carries: bool = False, optax: 
             "the update is not finite (a probe's loss or gradient is NaN or inf, the closure failing a little way "
             "from the parameters: the stats' curvature is NaN), or it is not positive and nothing bounds the step "
             "(f_star=-inf turns off the floor that gives "
-            "one: pass a lower bound of the loss), a line search accepts no trial, the rule's sigma at this step is "
+            "one: pass a lower bound of the loss), the sharpness is 0 or negative (the edge-of-stability rule has no "
+            "edge to follow there, its rate held at the last one, 0 at first: a loss without curvature, L1 or hinge "
+            "on a linear model; use another tuner), a line search accepts no trial, the rule's sigma at this step is "
             "not a positive number (a schedule of sigma that reached 0, crossed below it or returned NaN)" + (
                 " or a setting injected by optax.inject_hyperparams is outside the range its constructor accepts"
                 if optax else "") + ", or the "
