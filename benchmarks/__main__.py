@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs trained at once, each in its own worker process with --threads threads (default: "
                    "the suite's, at most the number of CPUs)")
     p.add_argument("--threads", type=_int_at_least(1), default=1,
-                   help="intra-op threads for torch and XLA (1 gives stable step times on a shared CPU; they change the "
-                   "reductions' order, so another count is other runs, not a resume)")
+                   help="intra-op threads for torch and XLA (1 gives stable step times on a shared CPU; they change "
+                   "the reductions' order, so another count is other runs, not a resume)")
     p.add_argument("--list", action="store_true", help="print the planned runs and exit")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from results.jsonl")
     p.add_argument("--retry-errors", action="store_true",

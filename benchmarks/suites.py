@@ -97,8 +97,8 @@ class Experiment:
         data the task reads counts: a local data directory for an image task on CIFAR-10, a text file for the LM,
         each by its absolute path and its contents (:func:`content_digest`: an edited file or a replaced batch
         file is other data, where a resume once mixed runs on the old text with runs on the new in one cell);
-        unset or unread, they are left out, so the embedded defaults keep their hashes. So are the threads (``--threads``)
-        where they are 1, the default. The code counts too
+        unset or unread, they are left out, so the embedded defaults keep their hashes. So are the threads
+        (``--threads``) where they are 1, the default. The code counts too
         (:func:`code_digest`): a resume after an edit of the library or of the code a run executes redoes the runs
         (it once pooled the old seeds with the new in one cell, silently)."""
         d = asdict(self)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-__all__ = ["BOUND_BELOW_ROUNDING", "BOUND_PRESS_GAP", "BOUND_PRESS_SLOPE", "pressing_on_bound", "BoundWatch", "watch_bound",
-           "bound_messages", "BELOW_BOUND_MESSAGE", "BOUND_PRESS_MESSAGE"]
+__all__ = ["BOUND_BELOW_ROUNDING", "BOUND_PRESS_GAP", "BOUND_PRESS_SLOPE", "pressing_on_bound", "BoundWatch",
+           "watch_bound", "bound_messages", "BELOW_BOUND_MESSAGE", "BOUND_PRESS_MESSAGE"]
 
 #: how close to ``f_star`` the loss must come, relative to its first distance, with a slope that has not fallen, for
 #: the tuners to say that it presses on its bound (:func:`pressing_on_bound`)

@@ -446,7 +446,8 @@ EXTERNAL_CLIP_MESSAGE_CLOSURE = (
     "tuner then reads the clipped gradient as the loss's: the slope -g^T u is too small by the clip's factor, so "
     "Polyak's rate is too large by it (a field test: pinned at lr_max), the line search's test is too lenient and "
     "the sharpness's gradient differences are wrong. Remove that clip and clip with the tuner's max_grad_norm= "
-    "alone, which clips the update with the main call's factor and gives the rules the loss's own slope. " + _CONSTANT_NORM_LOSS)
+    "alone, which clips the update with the main call's factor and gives the rules the loss's own slope. "
+    + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): a norm clip chained before the tuner "

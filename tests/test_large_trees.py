@@ -63,7 +63,8 @@ def test_large_tree_temporaries(closure, bound):
     CONCAT_BELOW entries, the biases in runs of their own), its jitted step's temporaries in parameter sizes:
     with ``value_fn`` 0.38 (0.02 before the masks of a part frozen inside the base,
     :func:`jax_backend.direction.moving_leaves`; 5.0 when every inner product concatenated the whole tree),
-    closure-free 3.6 (11.0; 3.0 before the masks: two more leaf-sized temporaries); the bounds leave room for XLA's buffer assignment to move."""
+    closure-free 3.6 (11.0; 3.0 before the masks: two more leaf-sized temporaries); the bounds leave room for XLA's
+    buffer assignment to move."""
     params, x, loss_fn = _mlp(1024, 4)
     opt = cdat(optax.scale_by_adam(), base_method=BaseMethod.adam())
 

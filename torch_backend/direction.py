@@ -9,10 +9,10 @@ a subtraction; the snapshot and ``u`` are the buffers of :mod:`torch_backend.wor
 depend on the learning rate.
 
 Bases for which this is wrong are refused (:func:`check_base`): a base whose update is not linear in ``lr``
-(``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search, ``Adafactor``'s step size ``min(lr, 1/sqrt(t))``), one
-that keeps iterate averages (``ASGD``:
-its average would collect the probe points), ``SparseAdam`` (sparse gradients), ``maximize=True``, and
-``torch.distributed.optim.ZeroRedundancyOptimizer`` (each rank holds the base's state for its shard only).
+(``Rprop``'s per-weight step sizes, ``LBFGS``'s own line search, ``Adafactor``'s step size ``min(lr,
+1/sqrt(t))``), one that keeps iterate averages (``ASGD``: its average would collect the probe points),
+``SparseAdam`` (sparse gradients), ``maximize=True``, and ``torch.distributed.optim.ZeroRedundancyOptimizer``
+(each rank holds the base's state for its shard only).
 """
 from __future__ import annotations
 
