@@ -353,7 +353,8 @@ def main(argv=None) -> int:
             if recs and not keys & recs.keys():  # another plan's results: its report is not overwritten by nothing
                 parser.error(f"--report-only: none of the {len(recs)} runs in {os.path.join(out, RESULTS)} belong "
                              f"to this plan (suite {args.suite!r} and the other flags): pass the flags of the run "
-                             "that wrote them (e.g. --suite default); or they ran on other code (a run's key holds a "
+                             "that wrote them (e.g. --suite default, --threads); or they "
+                             "ran on other code (a run's key holds a "
                              "digest of the library, the benchmark's training modules and the packages' versions, "
                              "benchmarks.suites.code_digest: after an edit or an upgrade the runs are redone)")
             keys |= plan_mod.widened_keys(specs, recs)

@@ -23,8 +23,8 @@ BOUND_PRESS_GAP = 1e-8
 #: the share of the run's largest slope that the slope then keeps (:func:`pressing_on_bound`)
 BOUND_PRESS_SLOPE = 1e-2
 #: how far below ``f_star`` the loss may come before the tuners say it is below its bound, relative to the larger of
-#: ``|f_star|`` and the loss's first distance to it: the rounding of a loss at its minimum (a field test: ``f_star``
-#: the exact least-squares minimum, as the docs advise, reached to 1e-17 and said to be below it)
+#: ``|f_star|`` and ``|loss|``: the rounding of a loss at its minimum (a field test: ``f_star`` the exact least-squares
+#: minimum, as the docs advise, reached to 1e-17 and said to be below it)
 BOUND_BELOW_ROUNDING = 1e-5
 
 
@@ -93,7 +93,7 @@ def watch_bound(watch: BoundWatch, value: Any, slope: Any, f_star: Any, xp: Any)
     counted = xp.isfinite(gap) & (gap > 0) & xp.isfinite(slope)
     first = xp.where(counted & xp.isnan(watch.bound_first_gap), gap, watch.bound_first_gap)
     peak = xp.where(counted, xp.maximum(watch.bound_peak_slope, slope), watch.bound_peak_slope)
-    slack = BOUND_BELOW_ROUNDING * xp.maximum(abs(f_star), xp.where(xp.isnan(first), 0.0, first))
+    slack = BOUND_BELOW_ROUNDING * xp.maximum(abs(xp.where(xp.isfinite(f_star), f_star, 0.0)), abs(value))
     below = xp.where(xp.isnan(watch.bound_below) & (value < f_star - slack), value, watch.bound_below)
     pressing = counted & pressing_on_bound(gap, first, slope, peak)
     pressed = xp.where(xp.isnan(watch.bound_pressed) & pressing, gap, watch.bound_pressed)

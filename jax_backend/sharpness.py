@@ -236,8 +236,10 @@ def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, precond
     ``params`` (default: :func:`random_unit`). ``max_products``: ARPACK's iteration cap (default
     ``max(100, 10 n)``). Extra keyword arguments that ``value_fn`` does not accept are ignored; ``value_fn``
     may return ``(loss, aux)``. The HVP is compiled once per ``value_fn`` (the same function object, or the same
-    object's method; a new lambda per call compiles again), and the arrays among the keyword arguments (leaves of
-    pytrees too) are traced arguments of it (new values of the same shapes reuse its compilation); the other leaves
+    object's method; a new lambda per call compiles again), so what ``value_fn`` reads from outside its arguments (its
+    closure's arrays, an object's attributes) is fixed at the first call, as under ``jax.jit``: pass data that changes
+    as keyword arguments. The arrays among those (leaves of pytrees too) are traced arguments of the HVP (new values
+    of the same shapes reuse its compilation); the other leaves
     (``train=True``, ``mode="sum"``, Python numbers) are bound as Python values, so ``value_fn`` can branch on
     them (each new value compiles once more).
     """

@@ -941,18 +941,22 @@ def test_the_bound_watch_by_hand():
 def test_a_loss_below_its_bound_by_rounding_alone_is_not_reported():
     """defaults.md advises passing the minimum as ``f_star`` when it is known: a loss that reached the exact
     least-squares minimum to its rounding (1e-17 below) was said to be below the bound, the message advising to
-    change a bound that was right. Below by more than ``BOUND_BELOW_ROUNDING`` of the bound's scale (the larger of
-    ``|f_star|`` and the first distance) it is said."""
+    change a bound that was right. Below by more than ``BOUND_BELOW_ROUNDING`` of the loss's scale (the larger of
+    ``|f_star|`` and ``|loss|``: a large first loss hides no wrong bound) it is said; below a bound of 0, any
+    negative loss."""
     from curvopt.bound_watch import BOUND_BELOW_ROUNDING, BoundWatch, bound_messages, watch_bound
 
-    for f_star, first in ((0.0926278, 1.0), (0.0, 10.0), (-3.0, 0.5)):
+    for f_star, first in ((0.0926278, 1.0), (-3.0, 1e5)):
         watch = watch_bound(BoundWatch.start(0.0), f_star + first, 4.0, f_star, np)
-        scale = max(abs(f_star), first)
         assert bound_messages(watch_bound(watch, f_star - 1e-17, 4.0, f_star, np), "T") == []
-        assert bound_messages(watch_bound(watch, f_star - 0.9 * BOUND_BELOW_ROUNDING * scale, 4.0, f_star, np),
+        assert bound_messages(watch_bound(watch, f_star - 0.9 * BOUND_BELOW_ROUNDING * abs(f_star), 4.0, f_star, np),
                               "T") == []
-        (said,) = bound_messages(watch_bound(watch, f_star - 2 * BOUND_BELOW_ROUNDING * scale, 4.0, f_star, np), "T")
+        (said,) = bound_messages(watch_bound(watch, f_star - 2 * BOUND_BELOW_ROUNDING * abs(f_star), 4.0, f_star, np),
+                                 "T")
         assert "is below f_star" in said
+    watch = watch_bound(BoundWatch.start(0.0), 1e5, 4.0, 0.0, np)
+    (said,) = bound_messages(watch_bound(watch, -0.9, 4.0, 0.0, np), "T")  # (a first gap of 1e5 hid it)
+    assert "is below f_star" in said
 
 
 def test_the_bound_watch_starts_afresh_under_another_bound():

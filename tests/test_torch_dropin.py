@@ -2032,3 +2032,18 @@ def test_a_tuner_setting_written_into_the_param_groups_is_reported(tuner, key):
         tuner = QuadraticGreedy
         said = run({"sigma": 0.5})[1]
         assert len(said) == 1 and "QuadraticGreedy's sigma cannot change after construction" in said[0]
+
+
+def test_the_group_settings_warning_advises_each_key():
+    """Two keys in the groups, one assignable and one fixed: the advice names both (it covered the first alone)."""
+    w = nn.Parameter(torch.ones(3, dtype=D64))
+    opt = QuadraticGreedy(torch.optim.SGD([w], lr=1.0))
+    opt.param_groups[0].update(lr_max=2.0, sigma=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.zero_grad()
+        (w * w).sum().backward()
+        opt.step()
+    (said,) = [str(m.message) for m in caught if "param groups hold" in str(m.message)]
+    assert "'lr_max', 'sigma'" in said and "assign opt.lr_max = value" in said
+    assert "QuadraticGreedy's sigma cannot change after construction" in said
