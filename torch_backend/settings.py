@@ -73,12 +73,12 @@ def settings_in_groups(tuner: Any) -> Optional[str]:
     if not found:
         return None
     name, first = type(tuner).__name__, found[0]
-    fixed = {key: getattr(type(tuner), key).fixed for key in found if getattr(type(tuner), key).fixed}
-    free = [key for key in found if key not in fixed]
+    why = {key: getattr(type(tuner), key).fixed for key in found}  # ("" where the setting can be assigned)
+    free = [key for key in found if not why[key]]
     advice = "; ".join(
-        ([f"assign {', '.join(f'opt.{key} = value' for key in free)} (from a callback or handler) or, where the setting "
-          f"takes one, pass a schedule {free[0]}=lambda step: value at construction"] if free else [])
-        + [f"{name}'s {key} cannot change after construction ({why})" for key, why in fixed.items()])
+        ([f"assign {', '.join(f'opt.{key} = value' for key in free)} (from a callback or handler) or, where the "
+          f"setting takes one, pass a schedule {free[0]}=lambda step: value at construction"] if free else [])
+        + [f"{name}'s {key} cannot change after construction ({why[key]})" for key in found if why[key]])
     return (f"{name}: the param groups hold {', '.join(map(repr, found))}, named like the tuner's own setting, which "
             f"it does not read there (a tuner's settings are its attributes, one for all groups). A scheduler or "
             f"framework that writes optimizer settings into the param groups (ignite's param schedulers, skorch's "
