@@ -25,6 +25,16 @@ SIZES = {"5M": (1024, 5), "25M": (2048, 6), "60M": (2048, 14)}  # (width, hidden
 CONFIGS = ("bare", "fd", "closure-free", "fd direction", "closure-free direction")
 
 
+def size_list(text: str) -> list[str]:
+    """``--sizes``'s comma-separated names, each one of ``SIZES`` (argparse's ``type``)."""
+    sizes = text.split(",")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown size(s) {', '.join(map(repr, unknown))}: choose from "
+                                         f"{', '.join(SIZES)}")
+    return sizes
+
+
 def _problem(size: str, config: str):
     import torch
 
@@ -109,10 +119,10 @@ def step_times(size: str, rounds: int) -> dict[str, float]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="5M,25M,60M")
+    ap.add_argument("--sizes", type=size_list, default="5M,25M,60M")
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args(argv)
-    sizes = args.sizes.split(",")
+    sizes = args.sizes
     print("| size | " + " | ".join(f"{c}: steady / peak" for c in CONFIGS) + " | time ÷ bare: "
           + ", ".join(CONFIGS[1:]) + " |")
     print("|---|" + "---|" * (len(CONFIGS) + 1))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.large_models import SIZES, interleaved_ratios
+from benchmarks.large_models import SIZES, interleaved_ratios, size_list
 
 CONFIGS = ("bare", "fd", "closure-free", "fd direction", "closure-free direction")
 
@@ -107,7 +107,7 @@ def step_times(size: str, rounds: int) -> dict[str, float]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="5M,25M,60M")
+    ap.add_argument("--sizes", type=size_list, default="5M,25M,60M")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--no-time", action="store_true", help="memory only")
     args = ap.parse_args(argv)
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
                                                                  for c in CONFIGS[1:]) + " | time ÷ bare: "
           + ", ".join(CONFIGS[1:]) + " | bytes accessed per parameter: " + ", ".join(CONFIGS) + " |")
     print("|---|" + "---|" * (len(CONFIGS) + 2))
-    for size in args.sizes.split(","):
+    for size in args.sizes:
         mem = [memory(size, c) for c in CONFIGS]
         (_, bare, bare_donated, _), rest = mem[0], mem[1:]
         ratios = None if args.no_time else step_times(size, args.rounds)

@@ -18,6 +18,20 @@ def test_every_configuration_trains_and_the_times_are_relative(monkeypatch):
     assert set(ratios) == set(large_models.CONFIGS) and ratios["bare"] == 1.0
 
 
+@pytest.mark.parametrize("module", ["large_models", "large_models_jax"])
+def test_an_unknown_size_is_a_usage_error(module, capsys):
+    """``--sizes 0.2M`` (not one of SIZES) was a bare KeyError after the table's header; now argparse's error
+    names the sizes to choose from, before anything runs."""
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--sizes", "5M,0.2M"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and not out
+    assert "unknown size(s) '0.2M': choose from 5M, 25M, 60M" in err
+
+
 @pytest.mark.slow
 def test_memory_of_a_fresh_process():
     """25M parameters: bare AdamW keeps its gradient and two moments (~3 sizes); CDAT with a closure ~4 more. (At
