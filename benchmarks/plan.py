@@ -79,6 +79,9 @@ def plan(experiments: Iterable[Experiment], *, tuners: Sequence[str] | None = No
                 checked[ck] = tuners_mod.check_settings(name, sets, base, backends or exp.backends)
             parsed.append((label, name, checked[ck]))
         consts = [p for p in parsed if p[1] == "constant"]
+        if any("lr" not in sets for _, _, sets in consts):  # the grid too: an explicit value of it is its run
+            in_grid = {float(fmt_lr(lr)) for lr in _grid(exp, base)}
+            consts = [p for p in consts if "lr" not in p[2] or float(p[2]["lr"]) not in in_grid]
         others = [p for p in parsed if p[1] != "constant"]
         for backend in backends or exp.backends:
             for param in params or exp.params:

@@ -100,6 +100,19 @@ def test_plan_names_one_run_by_one_label_whatever_the_settings_order():
     assert [s.label for s in specs if s.tuner == "cdat"] == ["cdat:ema=0.9;sigma=2", "cdat:startup=paper"]
 
 
+def test_plan_runs_an_explicit_constant_on_the_grid_once():
+    """``constant:lr=0.2`` (or ``.2``, ``2e-1``) beside the grid that holds 0.2 is the grid's run, not a second run
+    of the same learning rate under another label (the report kept one of the two); a value off the grid, or
+    without the grid, is its own run as given."""
+    exp = Experiment("mlp", "full", (8,), ("constant:lr=.2", "constant", "constant:lr=2e-1", "constant:lr=0.3"), 3,
+                     grid=(0.1, 0.2))
+    specs = plan_mod.plan([exp], backends=("torch",), seeds=(0,))
+    assert [(s.label, s.from_grid) for s in specs] == [
+        ("constant:lr=0.1", True), ("constant:lr=0.2", True), ("constant:lr=0.3", False)]
+    alone = plan_mod.plan([dataclasses.replace(exp, tuners=("constant:lr=.2",))], backends=("torch",), seeds=(0,))
+    assert [(s.label, s.from_grid) for s in alone] == [("constant:lr=.2", False)]
+
+
 @pytest.mark.parametrize("label,match", [
     ("nope", "unknown tuner"), ("cdat:sigma=abc", "sigma"), ("cdat:bogus=1", "bogus"),
     ("cdat:startup=nope", "startup"), ("cdat:ema=2", "ema"), ("cdat:curvature=magic", "curvature"),
