@@ -54,7 +54,7 @@ import numpy as np
 from .best_constant import FITTED, best_constant
 from .plan import eval_metric
 from .plan import final_loss as _final
-from .results import LAST, RESULTS, latest_by_key, load_results
+from .results import LAST, RESULTS, latest_by_key, load_results, write_atomically
 
 __all__ = ["write_report", "analyse", "threshold_coefficient", "TARGET"]
 
@@ -645,9 +645,7 @@ def write_report(out_dir: str, keys: set | None = None, plots: bool = True) -> d
         summary = note + "\n\n" + summary
         compact = note + "\n\n" + compact  # the table that goes into a README says so too
     path = os.path.join(out_dir, "report.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(md))
+    write_atomically(path, "\n".join(md).encode())
     readme = os.path.join(out_dir, "readme_table.md")
-    with open(readme, "w") as fh:
-        fh.write(compact + "\n")
+    write_atomically(readme, (compact + "\n").encode())
     return {"path": path, "summary": summary, "plots": plot_paths, "analysis": analysis, "readme_table": readme}

@@ -142,13 +142,23 @@ def rewrite_without(path: str, keys: set) -> int:
             removed += 1
         else:
             kept.append(line)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(b"\n".join(kept))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, b"\n".join(kept))
     return removed
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path``'s contents by ``data`` in one step: a run stopped midway (Ctrl-C, a full disk) leaves the
+    old file whole."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # -------------------------------------------------------------------------------------------- summary

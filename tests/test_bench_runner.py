@@ -494,6 +494,28 @@ def _fake(key, tuner, lr_setting, losses, lrs, width=8, status="ok", base="gd", 
                         "lr_max": max(lrs), "lr_final": lrs[-1], "mean_closure_calls": 1.0}}
 
 
+def test_ctrl_c_while_the_report_is_written_keeps_the_previous_report(tmp_path, monkeypatch):
+    """report.md and readme_table.md were rewritten in place: stopped midway they were left cut short. Now each is
+    written aside and moved over the old one, which a stop leaves whole (and no stray file)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    for rec in (_fake("a", "constant:lr=0.1", 0.1, [1.0, 0.5], [0.1] * 2), _fake("b", "cdat", None, [1.0, 0.4],
+                                                                                [0.3] * 2)):
+        results.append_result(str(out / results.RESULTS), rec)
+    first = report.write_report(str(out), plots=False)
+    before = {name: (out / name).read_bytes() for name in ("report.md", "readme_table.md")}
+    assert first["path"] == str(out / "report.md") and b"cdat" in before["report.md"]
+
+    def stopped(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.os, "fsync", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        report.write_report(str(out), plots=False)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in out.iterdir()) == ["readme_table.md", "report.md", results.RESULTS]
+
+
 def test_report_tables_and_plots(tmp_path):
     steps = list(range(10))
     recs = []
