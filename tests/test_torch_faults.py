@@ -517,6 +517,24 @@ def test_bases_that_cannot_work_are_refused(make, match):
     TALLY["survived"] += 1
 
 
+def test_a_base_whose_optimizer_init_never_ran_is_refused_clearly():
+    """An optimizer that wraps another without running ``torch.optim.Optimizer.__init__`` (Opacus's DPOptimizer is
+    built so) failed with ``AttributeError: ... '_optimizer_state_dict_post_hooks'`` from inside the tuner, with
+    ``allow_any_base=True`` too; now a TypeError says what it is, before anything is changed."""
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, inner):
+            self.inner = inner
+            self.param_groups, self.state, self.defaults = inner.param_groups, inner.state, inner.defaults
+
+    w = nn.Parameter(torch.ones(3))
+    inner = torch.optim.SGD([w], lr=1.0)
+    for allow in (False, True):
+        with pytest.raises(TypeError, match="Optimizer.__init__ never ran .* Opacus's DPOptimizer") as info:
+            CDAT(Wrapper(inner), allow_any_base=allow)
+        assert "per-example clipping" in str(info.value)
+    assert not inner._optimizer_state_dict_post_hooks  # nothing was registered on the wrapped optimizer
+
+
 def test_parameters_in_place_of_a_base_say_how_to_wrap():
     w = nn.Parameter(torch.ones(3))
     for params in ([w], {"params": [w]}):  # e.g. ZeroRedundancyOptimizer(params, optimizer_class=CDAT)

@@ -77,7 +77,8 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
     supported ones, read as their parent: the caller vouches for it); the four in ``_REFUSED`` and
     ``ZeroRedundancyOptimizer`` are refused regardless, and so is a tuner that ``ZeroRedundancyOptimizer`` builds
     as its ``optimizer_class`` (a subclass or factory taking ``params``: each rank then tuned the rate of its own
-    shard, the ranks' rates 3x apart, silently).
+    shard, the ranks' rates 3x apart, silently), and an optimizer whose ``torch.optim.Optimizer.__init__`` never
+    ran (a wrapper of another optimizer, as Opacus's ``DPOptimizer``: the tuner registers hooks on its base).
     """
     name = type(base).__name__
     if _built_by_zero():
@@ -93,6 +94,11 @@ def check_base(base: torch.optim.Optimizer, allow_any_base: bool, tuner: str) ->
             "them (the preconditioner, the noise correction), and the base's kind, which sets the tuner's "
             "defaults, is hidden inside. Wrap the plain base under DistributedDataParallel instead: "
             f"{tuner}(torch.optim.AdamW(ddp_model.parameters(), lr=1.0)).")
+    if not hasattr(base, "_optimizer_state_dict_post_hooks"):  # (was an AttributeError from inside the tuner)
+        raise TypeError(
+            f"{tuner} cannot wrap {name}: its torch.optim.Optimizer.__init__ never ran (it has no optimizer hooks; "
+            "a wrapper of another optimizer, as Opacus's DPOptimizer, is built so). Wrap a plain torch.optim "
+            "optimizer; for differential privacy, see docs/limits.md on per-example clipping first.")
     for cls in type(base).__mro__:
         if cls.__module__.startswith("torch.optim") and cls.__name__ in _REFUSED:
             raise ValueError(f"{tuner} cannot wrap {name}: {_REFUSED[cls.__name__]}. Supported bases: "
