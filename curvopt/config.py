@@ -429,6 +429,10 @@ EXTERNAL_CLIP_RTOL = 1e-5
 _CONSTANT_NORM_LOSS = ("Without any clip, a loss whose gradient has the same norm wherever it is taken (an L1 or "
                        "pinball loss on the parameters themselves: a gradient of signs) looks the same; ignore this "
                        "warning then.")
+#: the clip the advice to remove it must not reach (a field test: Poisson batches of ~2 examples under Opacus)
+_PER_EXAMPLE_CLIP = ("Per-example clipping for differential privacy (Opacus, optax.contrib's "
+                     "differentially_private_aggregate) makes the same mark: keep it, as privacy needs it, and read "
+                     "curvopt's docs/limits.md on it, where the closure-free rates are wrong. ")
 EXTERNAL_CLIP_MESSAGE = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip outside the tuner "
@@ -438,7 +442,7 @@ EXTERNAL_CLIP_MESSAGE = (
     "quadratic: the greedy rate 1e8-1e19x too high; CDAT's loss 12 instead of 2e-13). Remove that clip and clip "
     "with the tuner's max_grad_norm= alone, which divides its factor back out (Hugging Face: max_grad_norm=0 in "
     "TrainingArguments; Lightning: gradient_clip_val=None, no self.clip_gradients). "
-    + _CONSTANT_NORM_LOSS)
+    + _PER_EXAMPLE_CLIP + _CONSTANT_NORM_LOSS)
 EXTERNAL_CLIP_MESSAGE_CLOSURE = (
     "curvopt: the gradients the closure computed have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip inside the closure "
@@ -455,7 +459,7 @@ EXTERNAL_CLIP_MESSAGE_OPTAX = (
     "changes each step's gradient by a factor of its own, and the secant curvature, the difference of "
     "consecutive gradients, is then wrong (measured on a digits MLP: GD's loss to 6.5e4, Adam stuck near "
     "chance). Put the clip inside the base: cdat(optax.chain(optax.clip_by_global_norm(c), optax.scale_by_adam()), "
-    "base_method='adam'). " + _CONSTANT_NORM_LOSS)
+    "base_method='adam'). " + _PER_EXAMPLE_CLIP + _CONSTANT_NORM_LOSS)
 
 
 def moved_measurably(lr: float, numerator: float, loss: float) -> bool:
