@@ -2,6 +2,7 @@
 power iteration's stopping test (same conventions as :mod:`curvopt.rules`: scalars and an array namespace)."""
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 from curvopt.config import REPLAY_PROBE_SHARE
@@ -13,15 +14,21 @@ __all__ = ["finite_difference_curvature", "replay_mismatch", "replay_judged", "r
            "secant_noise_corrected", "noise_dominated"]
 
 
-def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any) -> Any:
+def finite_difference_curvature(probe_grad_dot_u: Any, grad_dot_u: Any, h: Any, xp: Any,
+                                probe_loss: Any = 0.0) -> Any:
     """``u^T H u ~ (g(w + h u) - g(w))^T u / h`` from the two directional derivatives.
 
     ``probe_grad_dot_u = g(w + h u)^T u`` and ``grad_dot_u = g(w)^T u``; ``h`` from
     :func:`curvopt.rules.finite_difference_step`. Exact on a quadratic up to rounding (about the square root
-    of the dtype's epsilon, relative). Returns 0 when ``h = 0`` (``u = 0``): no curvature information.
+    of the dtype's epsilon, relative). Returns 0 when ``h = 0`` (``u = 0``): no curvature information, and NaN
+    (the rules' "no estimate": rate 0 for the step, the averages untouched) when ``probe_loss``, the loss at the
+    probe point, is not finite: a probe that failed there (a solver that gave up, a guard returning inf or NaN)
+    has no gradient of the loss, and its zero or missing one read ``-g^T u / h``, a curvature ~1e7x too high
+    that held the rate down for hundreds of steps (a field test: a neural ODE's closure returning inf once).
     """
     ok = h > 0
-    return xp.where(ok, (probe_grad_dot_u - grad_dot_u) / xp.where(ok, h, 1.0), 0.0)
+    curvature = xp.where(ok, (probe_grad_dot_u - grad_dot_u) / xp.where(ok, h, 1.0), 0.0)
+    return xp.where(xp.isfinite(probe_loss), curvature, math.nan)
 
 
 def replay_mismatch(loss: Any, probe_loss: Any, h: Any, numerator: Any, curvature: Any, loss_eps: float,

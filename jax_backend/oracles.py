@@ -363,7 +363,8 @@ def _fd(f: Callable[[Any], Any], params: Any, grad_dot_u: Any, d: Any, dtype: An
     # The barrier materialises w + h u: fused into a convolution's weight operand it would push XLA:CPU off
     # its fast convolution path (a 30x slower step on a small CNN).
     loss, probe = jax.value_and_grad(f)(jax.lax.optimization_barrier(add_scaled(params, -h, d)))
-    return finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp).astype(dtype), (probe, h, loss)
+    curvature = finite_difference_curvature(-vdot(probe, d, dtype), grad_dot_u, h, jnp, probe_loss=loss)
+    return curvature.astype(dtype), (probe, h, loss)
 
 
 def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: Any, d: Any, numerator: Any,

@@ -224,6 +224,16 @@ def test_fd_curvature_accurate_at_every_parameter_scale(scale, dtype):
     assert c == pytest.approx(exact, rel=3e-3 if dtype == np.float32 else 1e-6)
 
 
+def test_fd_curvature_of_a_failed_probe_is_no_estimate():
+    """A probe whose loss is not finite gives NaN (the rules' "no estimate"), whatever its gradient read; a finite
+    one the difference quotient, and ``h = 0`` still 0."""
+    from curvopt.curvature import finite_difference_curvature
+    assert finite_difference_curvature(1.5, 1.0, 0.25, xp, probe_loss=2.0) == 2.0
+    for bad in (np.inf, -np.inf, np.nan):
+        assert np.isnan(finite_difference_curvature(0.0, -3.0, 1e-8, xp, probe_loss=bad))
+    assert finite_difference_curvature(0.0, -3.0, 0.0, xp) == 0.0
+
+
 @pytest.mark.parametrize("method,kw,expected", [
     ("gd", {}, 2.0),
     ("heavy_ball", {"momentum": 0.9}, 3.8),

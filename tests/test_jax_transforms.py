@@ -546,6 +546,38 @@ def test_nan_curvature_probe_is_forgotten_not_frozen():
     jax.tree_util.tree_map(np.testing.assert_array_equal, s_probe[1].rule, s_skip[1].rule)
 
 
+def test_a_failed_probe_is_a_nan_probe():
+    """``value_fn`` returning inf where its solver failed (``jnp.where(failed, jnp.inf, loss)``, diffrax's
+    ``throw=False`` guard) has gradient 0 there, and the fd curvature read ``-g^T u / h`` (4.8e10 where ~1 was
+    right, rates 1e-9, no warning). A non-finite probe loss is now a NaN probe: lr 0 at that step, the averages
+    untouched, the same rates as a NaN probe's run."""
+    k, n = 2, 6
+    p0 = _params(jnp.float64)
+
+    def run(bad):
+        def f(p, x, y, fail):
+            return jnp.where(fail, bad, loss(p, x, y))
+
+        opt = optax.chain(optax.identity(), scale_by_cdat(curvature="fd"))
+        p, state = p0, opt.init(p0)
+
+        @jax.jit
+        def step(p, state, fail):
+            v, g = jax.value_and_grad(loss)(p, X, Y)
+            up, state = opt.update(g, state, p, value=v, grad=g, value_fn=f, x=X, y=Y, fail=fail)
+            return optax.apply_updates(p, up), state
+
+        lrs = []
+        for i in range(n):
+            p, state = step(p, state, jnp.asarray(i == k))
+            lrs.append(float(state[1].stats.lr))
+        return lrs
+
+    with jax.enable_x64(True):
+        failed, nan = run(jnp.inf), run(jnp.nan)
+    assert failed[k] == 0.0 and failed == nan and all(lr > 0 for lr in failed[k + 1:])
+
+
 @pytest.mark.filterwarnings("ignore:.*base_method")  # behind Adam without base_method: what is read is the point
 @pytest.mark.parametrize("name", list(TUNERS))
 @pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones

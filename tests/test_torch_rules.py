@@ -21,9 +21,10 @@ def problem():
     return A, w0
 
 
-def run(fault_step, fault_call, steps=10, **kw):
+def run(fault_step, fault_call, steps=10, failed=False, **kw):
     """CDAT(fd) on ``f = 1/2 w^T A w + 0.1 sum w^4``; at ``fault_step`` the closure's call ``fault_call`` (0: the
-    main call, 1: the fd probe) returns NaN gradients and loss."""
+    main call, 1: the fd probe) returns NaN gradients and loss (``failed``: returns inf and no gradient, as a
+    closure that catches a solver's failure)."""
     A, w0 = problem()
     w = torch.nn.Parameter(w0.clone())
     opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=1.5, ema=0.9, curvature="fd", **kw)
@@ -33,6 +34,9 @@ def run(fault_step, fault_call, steps=10, **kw):
         opt.zero_grad()
         loss = 0.5 * w @ A @ w + 0.1 * (w ** 4).sum()
         if calls["step"] == fault_step and calls["call"] == fault_call:
+            if failed:
+                calls["call"] += 1
+                return torch.tensor(math.inf, dtype=DT)
             loss = loss * float("nan")
         calls["call"] += 1
         loss.backward()
@@ -61,6 +65,51 @@ def test_nan_curvature_probe_is_forgotten_like_a_skipped_step():
     assert len(set(probe_lrs[k + 1:])) > 3  # not frozen
     assert torch.equal(probe_w, skip_w)
     assert skip_opt.stats["skipped"] == 1 and probe_opt.stats["skipped"] == 0
+
+
+def test_a_failed_probe_is_a_nan_probe():
+    """A probe whose closure returns inf without a backward (a solver that gave up a little way from the
+    parameters) left the gradient at the probe missing, read as 0: the fd curvature ``-g^T u / h`` was ~1e8x too
+    high and held the rate down for the rest of the run (a field test's neural ODE: 0.0064 -> 6.7e-9). Now it is
+    the NaN probe's case: lr 0 at that step and the same run afterwards, bit for bit."""
+    k = 3
+    nan_lrs, nan_w, _ = run(k, 1)
+    failed_lrs, failed_w, _ = run(k, 1, failed=True)
+    assert failed_lrs[k] == 0.0 and failed_lrs == nan_lrs and torch.equal(failed_w, nan_w)
+
+
+def test_a_failed_probe_voids_the_online_sharpness_estimate():
+    """The online sharpness's finite-difference products likewise: a probe returning inf without a backward read
+    a sharpness of ~1e7 (true ~30) and the edge rule's rate fell 4e5x; now the estimate is void (NaN) and the rate
+    is held."""
+    A, w0 = problem()
+    out = {}
+    for failed in (False, True):
+        w = torch.nn.Parameter(w0.clone())
+        opt = EdgeOfStability(torch.optim.SGD([w], lr=1.0), sharpness=1)
+        calls = {"step": 0, "call": 0}
+
+        def closure():
+            calls["call"] += 1
+            if failed and calls["step"] == 1 and calls["call"] == 2:  # the second step's (one) product
+                return torch.tensor(math.inf, dtype=DT)
+            opt.zero_grad()
+            loss = 0.5 * w @ A @ w
+            loss.backward()
+            return loss
+
+        lrs, sharp = [], []
+        for t in range(3):
+            calls["step"], calls["call"] = t, 0
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+            sharp.append(float(opt.stats["sharpness"]))
+        out[failed] = lrs, sharp
+    top = float(torch.linalg.eigvalsh(A)[-1])
+    (lrs, sharp), (f_lrs, f_sharp) = out[False], out[True]
+    assert sharp == pytest.approx([top] * 3, rel=1e-3)
+    assert f_sharp[0] == sharp[0] and math.isnan(f_sharp[1]) and f_sharp[2] == pytest.approx(top, rel=1e-3)
+    assert f_lrs[1] == f_lrs[0] == lrs[0]  # held, not cut
 
 
 def test_sigma_is_the_rules_assignable_and_schedulable():

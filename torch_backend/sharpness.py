@@ -17,6 +17,7 @@ same eigenvalues.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -41,7 +42,9 @@ class FiniteDifferenceHVP:
     ``call()`` runs the closure at the parameters as moved (clearing ``.grad`` first, protecting buffers and
     RNG); ``g0`` is the gradient at ``w0``; ``eps`` sizes the displacement
     (:meth:`torch_backend.buffers.ProbeGuard.fd_eps`). The parameters are left at the last probe point: the
-    caller restores them. ``count`` counts the products.
+    caller restores them. ``count`` counts the products. A product whose probe's loss is not finite is NaN (as
+    :func:`curvopt.curvature.finite_difference_curvature`: a failed probe has no gradient of the loss), which voids
+    the estimate.
     """
 
     def __init__(self, call: Callable[[], object], params: Sequence[Tensor], w0: Sequence[Tensor],
@@ -56,13 +59,16 @@ class FiniteDifferenceHVP:
         axpy_into(self.params, self.w0, h, v)
         for p in self.params:
             p.grad = None
-        self.call()
+        loss = self.call()
         self.count += 1
         g1 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p in self.params:
             p.grad = None
         torch._foreach_sub_(g1, self.g0)
         torch._foreach_div_(g1, h)
+        if loss is not None:  # 1 where the probe's loss is finite (exactly: the product's bits stay), else NaN
+            failed = ~torch.isfinite(torch.as_tensor(loss).detach().to(g1[0].device)).all()
+            torch._foreach_mul_(g1, torch.where(failed, math.nan, 1.0).to(g1[0].dtype))
         return g1
 
 
