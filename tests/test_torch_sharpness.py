@@ -73,6 +73,30 @@ def test_top_eigenvalue_matches_dense_hessian():
         assert abs(float(lam3) - want) <= 1e-6 * abs(want)
 
 
+def test_top_eigenvalue_of_closures_that_break_the_convention():
+    """A closure that does not zero the gradients (after a training step left some) read 1e8 where the dense
+    Hessian's top eigenvalue is ~3: it is now exact (the gradients are cleared first). A loss-only closure, as
+    ``curvopt.optax.hessian_top_eigenvalue`` takes, read the same 1e8 (its missing gradients as zeros): it is now a
+    ValueError, and the gradients the parameters had are left as they were."""
+    model, x, y = mlp_problem()
+    want = np.linalg.eigvalsh(dense_hessian(model, x, y))[-1]
+    make_closure(model, x, y)()  # stale gradients, as after a training step
+    stale = [p.grad.clone() for p in model.parameters()]
+
+    def no_zero_grad():
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    lam, _ = hessian_top_eigenvalue(no_zero_grad, model.parameters(), iters=300, tol=1e-12)
+    assert abs(float(lam) - want) <= 1e-6 * abs(want)
+    for p, g in zip(model.parameters(), stale):
+        p.grad = g.clone()
+    with pytest.raises(ValueError, match="left no gradient .* loss.backward"):
+        hessian_top_eigenvalue(lambda: loss_of(model, x, y), model.parameters())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), stale))
+
+
 def adam_after_steps(model, x, y, steps=5):
     adam = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-6)
     closure = make_closure(model, x, y)

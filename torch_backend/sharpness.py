@@ -147,8 +147,11 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
 
     Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
     ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner).
-    The parameters, module buffers and random state are restored (also when the closure raises); the
-    parameters' ``.grad`` holds the gradient at the parameters.
+    The parameters, module buffers and random state are restored (also when the closure raises, and then their
+    ``.grad`` too); the parameters' ``.grad`` holds the gradient at the parameters. The gradients are cleared
+    before the first call (a closure that does not zero them is then read right), and a closure that leaves no
+    gradient (no ``backward``: the loss-only function :func:`curvopt.optax.hessian_top_eigenvalue` takes) is a
+    ``ValueError``.
     """
     params = [p for p in params]
     if not params:
@@ -159,8 +162,15 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     with torch.no_grad():
         w0 = [p.detach().clone() for p in params]
     g0: Optional[list[Tensor]] = None
+    kept = [p.grad for p in params]
     try:
+        for p in params:
+            p.grad = None
         guard.main(closure, params)
+        if all(p.grad is None for p in params):  # (read as zeros, the estimate was 3e7x too high: a field test)
+            raise ValueError("hessian_top_eigenvalue: the closure left no gradient in the parameters: it must zero "
+                             "the gradients, compute the loss, call loss.backward() and return the loss (the "
+                             "LBFGS closure convention), not only return the loss")
         g0 = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         with torch.no_grad():
             scales = preconditioner_scales(preconditioner, params)
@@ -179,8 +189,7 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     finally:
         with torch.no_grad():
             torch._foreach_copy_(params, w0)
-            if g0 is not None:
-                for p, g in zip(params, g0):
-                    p.grad = g
+            for p, g in zip(params, kept if g0 is None else g0):
+                p.grad = g
             guard.rollback()  # the module buffers and the generators as before the main call
     return torch.tensor(lam, dtype=params[0].dtype), v
