@@ -140,7 +140,8 @@ def legacy_sharpness(value: Any, legacy: dict, tuner: str, warn: Callable[..., N
     given = {k: v for k, v in legacy.items() if v is not None}
     if not given:
         return {}
-    warn(f"{tuner}: {', '.join(sorted(given))} are deprecated and will be removed in the next release; pass "
+    warn(f"{tuner}: {', '.join(sorted(given))} {'is' if len(given) == 1 else 'are'} deprecated and will be removed "
+         "in the next release; pass "
          "sharpness=SharpnessConfig(every=..., iters=..., first_iters=..., tol=...) (or sharpness=k: estimate "
          "every k steps)", DeprecationWarning)
     if value is not None:

@@ -107,6 +107,11 @@ def _as_float(name: str, value: Any) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
+        if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+            raise ValueError(  # a base handed to a scale_by_* transform (a field test: scale_by_cdat(scale_by_adam()))
+                f"{name} must be a real number, got the transformation {value!r}: the scale_by_* transforms take "
+                "no base; chain one after it, optax.chain(base, scale_by_cdat(...)), or use the convenience named "
+                "without scale_by_, cdat(base, ...), polyak(base, ...)") from None
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
 
 

@@ -85,8 +85,8 @@ def mup_table(params: Any, base_params: Any, *, optimizer: str = "adam", paramet
               residual_branches: Sequence[str] | None = None, layouts: Mapping[str, str] | None = None,
               init_sigma: float = 1.0, zero_readout: bool = False, delta_params: Any = None,
               gamma_depth: int | None = None, stacked: Mapping[str, int] | None = None) -> dict:
-    """``{leaf name: curvopt.mup.ParamScaling}``; same arguments as :func:`parameterize` (a stacked leaf's row
-    has one layer's shape)."""
+    """``{leaf name: curvopt.mup.ParamScaling}``; the arguments of :func:`parameterize` but ``attention`` (a
+    stacked leaf's row has one layer's shape)."""
     shapes, _ = _named_shapes(params, "params")
     base_shapes, _ = _named_shapes(base_params, "base_params")
     core.check_same_names(shapes, base_shapes)

@@ -580,6 +580,7 @@ def convenience(transform: Callable[..., Any], name: str) -> Callable[..., optax
     base = inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD)
     build.__signature__ = sig.replace(parameters=[base, *sig.parameters.values()])
     build.__name__ = build.__qualname__ = name
+    build.__module__ = transform.__module__  # defined beside its transform: found there by pickle
     build.__doc__ = (f"``optax.chain(base, {transform.__name__}(...))`` (same state layout) that also hands the "
                      f"tuner the base's state and the incoming gradient, and keeps the base's state on a skipped "
                      f"step (:func:`jax_backend.with_base_state`). Settings as :func:`{transform.__name__}`.")

@@ -26,6 +26,7 @@ from optax import contrib
 import pytest
 from flax import linen as nn
 from flax import nnx
+from flax import struct
 from flax.training.train_state import TrainState
 
 from curvopt import rules
@@ -65,7 +66,10 @@ def _rayleigh(g):
 class LossTrainState(TrainState):
     """A TrainState whose ``apply_gradients`` also hands the loss to the tuner (fd oracle, Polyak, Armijo,
     online sharpness): ``state.apply_gradients(grads=g, value=loss, value_fn=loss_fn, loss_kwargs={"batch":
-    batch})``; other keywords replace fields, as flax's ``apply_gradients`` does (``batch_stats=``)."""
+    batch})``; other keywords replace fields, as flax's ``apply_gradients`` does (``batch_stats=``). ``tx``
+    redeclared as what it is, so that type checkers accept ``update``'s keywords."""
+
+    tx: optax.GradientTransformationExtraArgs = struct.field(pytree_node=False)
 
     def apply_gradients(self, *, grads, value=None, value_fn=None, loss_kwargs=None, **kwargs):
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, value=value, value_fn=value_fn,

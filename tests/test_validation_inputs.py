@@ -133,3 +133,30 @@ def test_a_sigma_schedule_is_called_once_a_step(tuner):
     jax_rate, _ = _optax_lr(transform(optax.identity(), sigma=schedule, **kw), jnp.ones(2), steps=3)
     assert len(calls) == 3  # not jitted: once per update, with the step count
     assert jax_rate == pytest.approx(rate, rel=1e-4)  # (float32 here)
+
+
+def test_api_slips_get_errors_that_say_what_to_do():
+    """A field test's slips: ``CurvatureTuner(base)`` (exported, the base class) was an AttributeError on 'rule';
+    a base handed to a ``scale_by_*`` transform said only "sigma must be a real number"; a convenience could not be
+    pickled (``functools.partial(cdat, ...)``: looked up where it is not); one deprecated keyword "are deprecated"."""
+    import functools
+    import pickle
+    import warnings
+
+    from curvopt.optax import polyak, scale_by_cdat, scale_by_polyak
+    from curvopt.torch import CurvatureTuner
+
+    w = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(TypeError, match="CurvatureTuner is the tuners' base class; use CDAT"):
+        CurvatureTuner(torch.optim.SGD([w], lr=1.0))
+    for transform, name in ((scale_by_cdat, "sigma"), (scale_by_polyak, "f_star")):
+        with pytest.raises(ValueError, match=rf"{name} must be a real number, got the transformation .* take no "
+                                             r"base; chain one after it, optax.chain\(base"):
+            transform(optax.scale_by_adam())
+    for convenience in (cdat, polyak):
+        again = pickle.loads(pickle.dumps(functools.partial(convenience, lr_max=0.5)))
+        assert again.func is convenience
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cdat(optax.identity(), sharpness_every=5)
+    assert any("sharpness_every is deprecated" in str(m.message) for m in caught)

@@ -269,6 +269,10 @@ class CurvatureTuner(torch.optim.Optimizer):
                  allow_any_base: bool = False, legacy: Optional[dict] = None, max_grad_norm: Optional[float] = None,
                  probes: bool = True, noise_correction: Optional[bool] = None) -> None:
         name = type(self).__name__
+        if "rule" not in vars(self):  # (was an AttributeError on 'rule' further down)
+            raise TypeError(f"{name} sets no rule: CurvatureTuner is the tuners' base class; use CDAT, "
+                            "QuadraticGreedy, ArmijoLineSearch, PolyakStep or EdgeOfStability, or set self.rule "
+                            "(a rule value of curvopt.rules) before calling CurvatureTuner.__init__")
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}: a tuner "
                             f"wraps an optimizer, {name}(torch.optim.AdamW(model.parameters(), lr=1.0)), and "
@@ -533,7 +537,7 @@ class CurvatureTuner(torch.optim.Optimizer):
     @torch.compiler.disable(reason="curvopt's tuner step runs eagerly (its rule runs on the host): compile the "
                             "model and the loss, not opt.step")
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # torch.optim's signature
         """One step, the transaction of the module docstring; returns the main call's loss (what the closure
         returned; None closure-free).
 
