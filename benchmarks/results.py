@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 import warnings
 from typing import Any
@@ -148,13 +149,16 @@ def rewrite_without(path: str, keys: set) -> int:
 
 def write_atomically(path: str, data: bytes) -> None:
     """Replace ``path``'s contents by ``data`` in one step: a run stopped midway (Ctrl-C, a full disk) leaves the
-    old file whole."""
-    tmp = path + ".tmp"
+    old file whole. A symlink is written through (its target replaced), and the file keeps its permissions."""
+    path = os.path.realpath(path)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # one per writer
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if os.path.exists(path):
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -432,8 +432,9 @@ _CONSTANT_NORM_LOSS = ("Without any clip, a loss whose gradient has the same nor
                        "warning then.")
 #: the clip the advice to remove it must not reach (a field test: Poisson batches of ~2 examples under Opacus)
 _PER_EXAMPLE_CLIP = ("Per-example clipping for differential privacy (Opacus, optax.contrib's "
-                     "differentially_private_aggregate) makes the same mark: keep it, as privacy needs it, and read "
-                     "curvopt's docs/limits.md on it, where the closure-free rates are wrong. ")
+                     "differentially_private_aggregate) can make the same mark (batches of about one example): "
+                     "keep it, as privacy needs it, and read curvopt's docs/limits.md on it, where the closure-free "
+                     "rates are wrong. ")
 EXTERNAL_CLIP_MESSAGE = (
     "curvopt: the gradients handed to the closure-free step have had the same norm on the last "
     f"{EXTERNAL_CLIP_STEPS} steps (to {EXTERNAL_CLIP_RTOL:g}): an active gradient clip outside the tuner "

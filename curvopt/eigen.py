@@ -23,6 +23,7 @@ quotient. The standalone
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Protocol
 
 from .curvature import rayleigh_converged
@@ -173,15 +174,30 @@ def arpack_top_eigenpair(matvec: Callable[[Any], Any], n: int, v0: Any = None, *
     float64 NumPy vectors of size ``n``, by SciPy's ARPACK (``eigsh``, ``which="LA"``) from ``v0`` (None: ARPACK's
     random start), ``tol`` its relative accuracy of the eigenvalue, ``maxiter`` its cap on restarts (None:
     ``max(100, 10 n)``). Below 3 unknowns, the dense matrix from ``n`` products and its exact decomposition instead
-    (ARPACK's Lanczos basis there would cost as many products). Both backends' standalone
+    (ARPACK's Lanczos basis there would cost as many products). A product that is not finite (a probe that
+    failed) voids the estimate, as in the tuners' power iteration: ``(nan, v0)`` (NaN entries without ``v0``);
+    ARPACK given one returned a wrong eigenvalue (2.1 for 3.0) or failed. Both backends' standalone
     ``hessian_top_eigenvalue`` call it, on the host."""
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
 
-    if n < 3:
-        H = np.stack([matvec(np.eye(n)[i]) for i in range(n)], axis=1)
-        vals, vecs = np.linalg.eigh(0.5 * (H + H.T))
-        return float(vals[-1]), vecs[:, -1]
-    op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    vals, vecs = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=maxiter or max(100, 10 * n))
+    def checked(x: Any) -> Any:
+        y = matvec(x)
+        if not np.all(np.isfinite(y)):
+            raise _VoidProduct
+        return y
+
+    try:
+        if n < 3:
+            H = np.stack([checked(np.eye(n)[i]) for i in range(n)], axis=1)
+            vals, vecs = np.linalg.eigh(0.5 * (H + H.T))
+            return float(vals[-1]), vecs[:, -1]
+        op = LinearOperator((n, n), matvec=checked, dtype=np.float64)
+        vals, vecs = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=maxiter or max(100, 10 * n))
+    except _VoidProduct:
+        return math.nan, (np.full(n, math.nan) if v0 is None else v0)
     return float(vals[0]), vecs[:, 0] / np.linalg.norm(vecs[:, 0])
+
+
+class _VoidProduct(Exception):
+    """A product of :func:`arpack_top_eigenpair`'s operator was not finite."""

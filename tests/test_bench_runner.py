@@ -514,6 +514,16 @@ def test_ctrl_c_while_the_report_is_written_keeps_the_previous_report(tmp_path, 
         report.write_report(str(out), plots=False)
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in out.iterdir()) == ["readme_table.md", "report.md", results.RESULTS]
+    monkeypatch.undo()
+    # a readme_table.md linked elsewhere is written through the link, and a file keeps its permissions
+    target = tmp_path / "docs_table.md"
+    target.write_text("old\n")
+    (out / "readme_table.md").unlink()
+    (out / "readme_table.md").symlink_to(target)
+    (out / "report.md").chmod(0o664)
+    report.write_report(str(out), plots=False)
+    assert (out / "readme_table.md").is_symlink() and "cdat" in target.read_text()
+    assert (out / "report.md").stat().st_mode & 0o777 == 0o664
 
 
 def test_report_tables_and_plots(tmp_path):

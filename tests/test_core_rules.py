@@ -224,6 +224,24 @@ def test_fd_curvature_accurate_at_every_parameter_scale(scale, dtype):
     assert c == pytest.approx(exact, rel=3e-3 if dtype == np.float32 else 1e-6)
 
 
+@pytest.mark.parametrize("n", [2, 6])
+def test_arpack_estimate_with_a_failed_product_is_void(n):
+    """A non-finite product (a probe that failed) voids the standalone estimate, ``(nan, v0)``: ARPACK fed it read
+    2.1 for 3.0 or failed; the dense path below 3 unknowns likewise."""
+    from curvopt.eigen import arpack_top_eigenpair
+    A = np.diag(np.arange(1.0, n + 1))
+    calls = {"k": 0}
+
+    def matvec(v):
+        calls["k"] += 1
+        return A @ v * (np.nan if calls["k"] == 2 else 1.0)
+
+    v0 = np.ones(n) / np.sqrt(n)
+    lam, v = arpack_top_eigenpair(matvec, n, v0)
+    assert np.isnan(lam) and v is v0
+    assert arpack_top_eigenpair(lambda v: A @ v, n, v0)[0] == pytest.approx(n)
+
+
 def test_fd_curvature_of_a_failed_probe_is_no_estimate():
     """A probe whose loss is not finite gives NaN (the rules' "no estimate"), whatever its gradient read; a finite
     one the difference quotient, and ``h = 0`` still 0."""

@@ -149,6 +149,15 @@ def test_api_slips_get_errors_that_say_what_to_do():
     w = torch.nn.Parameter(torch.ones(2))
     with pytest.raises(TypeError, match="CurvatureTuner is the tuners' base class; use CDAT"):
         CurvatureTuner(torch.optim.SGD([w], lr=1.0))
+
+    class WithRule(CurvatureTuner):  # a subclass's rule as a class attribute or a property is a rule
+        rule = rules.CDATRule()
+
+    class WithProperty(CurvatureTuner):
+        rule = property(lambda self: rules.CDATRule())
+
+    for subclass in (WithRule, WithProperty):
+        subclass(torch.optim.SGD([w], lr=1.0))
     for transform, name in ((scale_by_cdat, "sigma"), (scale_by_polyak, "f_star")):
         with pytest.raises(ValueError, match=rf"{name} must be a real number, got the transformation .* take no "
                                              r"base; chain one after it, optax.chain\(base"):

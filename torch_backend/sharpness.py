@@ -42,15 +42,16 @@ class FiniteDifferenceHVP:
     ``call()`` runs the closure at the parameters as moved (clearing ``.grad`` first, protecting buffers and
     RNG); ``g0`` is the gradient at ``w0``; ``eps`` sizes the displacement
     (:meth:`torch_backend.buffers.ProbeGuard.fd_eps`). The parameters are left at the last probe point: the
-    caller restores them. ``count`` counts the products. A product whose probe's loss is not finite is NaN (as
-    :func:`curvopt.curvature.finite_difference_curvature`: a failed probe has no gradient of the loss), which voids
-    the estimate.
+    caller restores them. ``count`` counts the products. With ``judge_loss``, a product whose probe's loss is not
+    finite is NaN (as :func:`curvopt.curvature.finite_difference_curvature`: a failed probe has no gradient of the
+    loss), which voids the estimate; off in a data-parallel run, whose probe losses are each rank's own (the ranks
+    would judge apart, and part).
     """
 
     def __init__(self, call: Callable[[], object], params: Sequence[Tensor], w0: Sequence[Tensor],
-                 g0: Sequence[Tensor], eps: float) -> None:
+                 g0: Sequence[Tensor], eps: float, judge_loss: bool = True) -> None:
         self.call, self.params, self.w0, self.g0 = call, list(params), list(w0), list(g0)
-        self.eps = eps
+        self.eps, self.judge_loss = eps, judge_loss
         self.w_norm = norm(self.w0)
         self.count = 0
 
@@ -66,7 +67,9 @@ class FiniteDifferenceHVP:
             p.grad = None
         torch._foreach_sub_(g1, self.g0)
         torch._foreach_div_(g1, h)
-        if loss is not None:  # 1 where the probe's loss is finite (exactly: the product's bits stay), else NaN
+        # times 1 where the probe's loss is finite (exactly: the product's bits stay), else NaN; a closure
+        # returning something else (None, (loss, aux)) is not judged
+        if self.judge_loss and isinstance(loss, (Tensor, int, float)):
             failed = ~torch.isfinite(torch.as_tensor(loss).detach().to(g1[0].device)).all()
             torch._foreach_mul_(g1, torch.where(failed, math.nan, 1.0).to(g1[0].dtype))
         return g1

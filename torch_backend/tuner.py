@@ -269,7 +269,7 @@ class CurvatureTuner(torch.optim.Optimizer):
                  allow_any_base: bool = False, legacy: Optional[dict] = None, max_grad_norm: Optional[float] = None,
                  probes: bool = True, noise_correction: Optional[bool] = None) -> None:
         name = type(self).__name__
-        if "rule" not in vars(self):  # (was an AttributeError on 'rule' further down)
+        if not hasattr(self, "rule"):  # (was an AttributeError on 'rule' further down)
             raise TypeError(f"{name} sets no rule: CurvatureTuner is the tuners' base class; use CDAT, "
                             "QuadraticGreedy, ArmijoLineSearch, PolyakStep or EdgeOfStability, or set self.rule "
                             "(a rule value of curvopt.rules) before calling CurvatureTuner.__init__")
@@ -1678,7 +1678,8 @@ class CurvatureTuner(torch.optim.Optimizer):
             return probe.protected(
                 lambda: self._power_estimates(probe, glob, count, exact_hvp(probe, self.functional_loss)))
         return self._power_estimates(probe, glob, count, FiniteDifferenceHVP(
-            probe.call, probe.params, probe.w0, probe.grads, eps=probe.guard.fd_eps(probe.params)))
+            probe.call, probe.params, probe.w0, probe.grads, eps=probe.guard.fd_eps(probe.params),
+            judge_loss=probe.reducer is None))
 
     def _power_estimates(self, probe: Probe, glob: dict, count: int, hvp: Callable
                          ) -> dict[str, tuple[Tensor, list, int]]:
