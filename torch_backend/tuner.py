@@ -1584,7 +1584,7 @@ class CurvatureTuner(torch.optim.Optimizer):
             "again at the same parameters it gives the main call's loss and slope (it replays). Either it changes "
             "the gradient it computes (clip_grad_norm_ or a scaling of the gradients inside the closure: clip "
             "with max_grad_norm= instead; a gradient hook, p.register_hook, that rescales them: a factor common to "
-            "all cancels in CDAT's and the greedy rule's rate, not in PolyakStep's), or its loss holds a term "
+            "all cancels in the greedy rule's rate, not in CDAT's default or PolyakStep's), or its loss holds a term "
             "computed from the parameters without a gradient (a TD/Bellman target under torch.no_grad() or "
             ".detach() from the network trained, which the probe moves: compute it once, before the closure), or "
             "its forward pass runs in a "
