@@ -175,7 +175,8 @@ def arpack_top_eigenpair(matvec: Callable[[Any], Any], n: int, v0: Any = None, *
     random start), ``tol`` its relative accuracy of the eigenvalue, ``maxiter`` its cap on restarts (None:
     ``max(100, 10 n)``). Below 3 unknowns, the dense matrix from ``n`` products and its exact decomposition instead
     (ARPACK's Lanczos basis there would cost as many products). A product that is not finite (a probe that
-    failed) voids the estimate, as in the tuners' power iteration: ``(nan, v0)`` (NaN entries without ``v0``);
+    failed) voids the estimate, as in the tuners' power iteration: ``(nan, v0 / ||v0||)`` (NaN entries without
+    ``v0``);
     ARPACK given one returned a wrong eigenvalue (2.1 for 3.0) or failed. Both backends' standalone
     ``hessian_top_eigenvalue`` call it, on the host."""
     import numpy as np
@@ -195,7 +196,7 @@ def arpack_top_eigenpair(matvec: Callable[[Any], Any], n: int, v0: Any = None, *
         op = LinearOperator((n, n), matvec=checked, dtype=np.float64)
         vals, vecs = eigsh(op, k=1, which="LA", v0=v0, tol=tol, maxiter=maxiter or max(100, 10 * n))
     except _VoidProduct:
-        return math.nan, (np.full(n, math.nan) if v0 is None else v0)
+        return math.nan, (np.full(n, math.nan) if v0 is None else v0 / np.linalg.norm(v0))
     return float(vals[0]), vecs[:, 0] / np.linalg.norm(vecs[:, 0])
 
 

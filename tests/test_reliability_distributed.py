@@ -280,6 +280,90 @@ def ddp_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
+def _failed_probe_worker(rank, world, port, out_dir):
+    """Probes that fail: rank 1's closure returns inf (after its backward) at a probe, and every rank's returns
+    inf without a backward at another; for CDAT's fd probe, EdgeOfStability's sharpness products and the standalone
+    ``hessian_top_eigenvalue``."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import curvopt.torch as ct
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, y = data()
+    half = N // world
+    xl, yl = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    results = {}
+    for name, make in (("cdat", lambda ps: ct.CDAT(torch.optim.SGD(ps, lr=1.0), sigma=2.0, ema=0.9, curvature="fd")),
+                       ("eos", lambda ps: ct.EdgeOfStability(torch.optim.SGD(ps, lr=1.0), sharpness=1))):
+        model = make_model()
+        ddp = DDP(model)
+        opt = make(list(model.parameters()))
+        calls = {"step": 0, "call": 0}
+
+        def closure():
+            calls["call"] += 1
+            opt.zero_grad()
+            loss = ((ddp(xl) - yl) ** 2).mean()
+            if calls["step"] == 4 and calls["call"] == 2:  # every rank: no backward, inf (a solver gave up)
+                return torch.tensor(float("inf"), dtype=DT)
+            loss.backward()
+            if rank == 1 and calls["step"] == 2 and calls["call"] == 2:  # this rank's own loss alone
+                return torch.tensor(float("inf"), dtype=DT)
+            return loss
+
+        lrs = []
+        for t in range(6):
+            calls["step"], calls["call"] = t, 0
+            opt.step(closure)
+            lrs.append(float(opt.stats["lr"]))
+        results[name] = {"lrs": lrs, "params": [p.detach().clone() for p in model.parameters()]}
+    model = make_model()
+    ddp = DDP(model)
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        model.zero_grad()
+        loss = ((ddp(xl) - yl) ** 2).mean()
+        loss.backward()
+        return torch.tensor(float("inf"), dtype=DT) if rank == 1 and calls["n"] == 3 else loss
+
+    results["hte"] = float(ct.hessian_top_eigenvalue(closure, model.parameters())[0])
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_when_a_probe_fails(tmp_path):
+    """A probe loss that is not finite is each rank's own: judged per rank (a first version of that rule), rank 1's
+    rate went 0 where rank 0's was 0.437 and the weights parted, and the sharpness's and ``hessian_top_eigenvalue``'s
+    collectives mismatched (gloo aborted). A data-parallel run does not judge it; a probe that left no gradient on
+    any rank (no backward) is judged alike on every rank: rate 0 at that step, the estimate void."""
+    code = textwrap.dedent(f"""
+        import sys, torch.multiprocessing as mp
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
+        import test_reliability_distributed as t
+        if __name__ == "__main__":
+            mp.spawn(t._failed_probe_worker, args=(2, t._free_port(), {str(tmp_path)!r}), nprocs=2, join=True)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for name in ("cdat", "eos"):
+        assert r0[name]["lrs"] == r1[name]["lrs"], name
+        assert all(torch.equal(a, b) for a, b in zip(r0[name]["params"], r1[name]["params"])), name
+    assert r0["cdat"]["lrs"][4] == 0.0 and r0["cdat"]["lrs"][5] > 0  # the gradless probe: no step, then on
+    assert r0["eos"]["lrs"][4] == r0["eos"]["lrs"][3]  # the void estimate: the rate held
+    assert r0["hte"] == r1["hte"] and r0["hte"] > 0
+
+
 def _rel(a, b):
     a, b = torch.as_tensor(a, dtype=DT), torch.as_tensor(b, dtype=DT)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))

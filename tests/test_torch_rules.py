@@ -23,8 +23,8 @@ def problem():
 
 def run(fault_step, fault_call, steps=10, failed=False, **kw):
     """CDAT(fd) on ``f = 1/2 w^T A w + 0.1 sum w^4``; at ``fault_step`` the closure's call ``fault_call`` (0: the
-    main call, 1: the fd probe) returns NaN gradients and loss (``failed``: returns inf and no gradient, as a
-    closure that catches a solver's failure)."""
+    main call, 1: the fd probe) returns NaN gradients and loss (``failed``: returns inf, or the number given, and no
+    gradient, as a closure that catches a solver's failure)."""
     A, w0 = problem()
     w = torch.nn.Parameter(w0.clone())
     opt = CDAT(torch.optim.SGD([w], lr=1.0), sigma=1.5, ema=0.9, curvature="fd", **kw)
@@ -36,7 +36,7 @@ def run(fault_step, fault_call, steps=10, failed=False, **kw):
         if calls["step"] == fault_step and calls["call"] == fault_call:
             if failed:
                 calls["call"] += 1
-                return torch.tensor(math.inf, dtype=DT)
+                return torch.tensor(math.inf if failed is True else failed, dtype=DT)
             loss = loss * float("nan")
         calls["call"] += 1
         loss.backward()
@@ -76,6 +76,8 @@ def test_a_failed_probe_is_a_nan_probe():
     nan_lrs, nan_w, _ = run(k, 1)
     failed_lrs, failed_w, _ = run(k, 1, failed=True)
     assert failed_lrs[k] == 0.0 and failed_lrs == nan_lrs and torch.equal(failed_w, nan_w)
+    finite_lrs, finite_w, _ = run(k, 1, failed=1.0)  # a finite loss but no backward: no gradient, a failed probe
+    assert finite_lrs == nan_lrs and torch.equal(finite_w, nan_w)
 
 
 def test_a_failed_probe_voids_the_online_sharpness_estimate():

@@ -42,9 +42,10 @@ class FiniteDifferenceHVP:
     ``call()`` runs the closure at the parameters as moved (clearing ``.grad`` first, protecting buffers and
     RNG); ``g0`` is the gradient at ``w0``; ``eps`` sizes the displacement
     (:meth:`torch_backend.buffers.ProbeGuard.fd_eps`). The parameters are left at the last probe point: the
-    caller restores them. ``count`` counts the products. With ``judge_loss``, a product whose probe's loss is not
-    finite is NaN (as :func:`curvopt.curvature.finite_difference_curvature`: a failed probe has no gradient of the
-    loss), which voids the estimate; off in a data-parallel run, whose probe losses are each rank's own (the ranks
+    caller restores them. ``count`` counts the products. A product whose probe left no gradient at all (no
+    backward) is NaN, and so, with ``judge_loss``, is one whose probe's loss is not finite (as
+    :func:`curvopt.curvature.finite_difference_curvature`: a failed probe has no gradient of the loss), which voids
+    the estimate; ``judge_loss`` is off in a data-parallel run, whose probe losses are each rank's own (the ranks
     would judge apart, and part).
     """
 
@@ -62,6 +63,7 @@ class FiniteDifferenceHVP:
             p.grad = None
         loss = self.call()
         self.count += 1
+        gradless = all(p.grad is None for p in self.params)  # no backward ran (on every rank alike)
         g1 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         for p in self.params:
             p.grad = None
@@ -69,7 +71,9 @@ class FiniteDifferenceHVP:
         torch._foreach_div_(g1, h)
         # times 1 where the probe's loss is finite (exactly: the product's bits stay), else NaN; a closure
         # returning something else (None, (loss, aux)) is not judged
-        if self.judge_loss and isinstance(loss, (Tensor, int, float)):
+        if gradless:
+            torch._foreach_mul_(g1, math.nan)
+        elif self.judge_loss and isinstance(loss, (Tensor, int, float)):
             failed = ~torch.isfinite(torch.as_tensor(loss).detach().to(g1[0].device)).all()
             torch._foreach_mul_(g1, torch.where(failed, math.nan, 1.0).to(g1[0].dtype))
         return g1
@@ -124,6 +128,12 @@ def _eigsh(matvec: MatVec, start: list[Tensor], iters: int, tol: float) -> tuple
     return lam, to_list(vec)
 
 
+def _data_parallel() -> bool:
+    """Whether a process group of more than one rank is set up (each rank's closure loss is then its own)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tensor], *,
                            preconditioner: PreconditionerLike = None, v0: Optional[Sequence[Tensor]] = None,
                            iters: int = 100, tol: float = ARPACK_TOL, method: str = "eigsh",
@@ -149,7 +159,8 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
     (None: torch's default generator).
 
     Returns ``(eigenvalue, eigenvector)``: a 0-d tensor and a unit vector as a list of tensors shaped like
-    ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner).
+    ``params``, the eigenvector of the symmetric ``P^-1/2 H P^-1/2`` (of ``H`` without preconditioner); NaN and
+    the start vector, normalised, where a probe failed (its loss not finite, in a single process, or no gradient).
     The parameters, module buffers and random state are restored (also when the closure raises, and then their
     ``.grad`` too); the parameters' ``.grad`` holds the gradient at the parameters. The gradients are cleared
     before the first call (a closure that does not zero them is then read right), and a closure that leaves no
@@ -177,7 +188,8 @@ def hessian_top_eigenvalue(closure: Callable[[], Tensor], params: Iterable[Tenso
         g0 = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         with torch.no_grad():
             scales = preconditioner_scales(preconditioner, params)
-            hvp = FiniteDifferenceHVP(lambda: guard.probe(closure), params, w0, g0, eps=guard.fd_eps(params))
+            hvp = FiniteDifferenceHVP(lambda: guard.probe(closure), params, w0, g0, eps=guard.fd_eps(params),
+                                      judge_loss=not _data_parallel())
             matvec = preconditioned(hvp, scales)
             start = list(v0) if v0 is not None else random_vector(params, generator)
             start = [s.detach().to(p.dtype).clone() for s, p in zip(start, params)]
