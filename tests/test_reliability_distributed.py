@@ -262,22 +262,26 @@ def _ddp_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    # a fresh interpreter: spawn children re-import this module by its file path
+def _spawn_ranks(worker: str, out, timeout: int) -> list:
+    """Two gloo ranks running ``worker`` (a function of this module) in a fresh interpreter (spawn children
+    re-import this module by its file path); each rank's saved results."""
     code = textwrap.dedent(f"""
         import sys, torch.multiprocessing as mp
         sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
         import test_reliability_distributed as t
         if __name__ == "__main__":
-            mp.spawn(t._ddp_worker, args=(2, t._free_port(), {str(out)!r}), nprocs=2, join=True)
+            mp.spawn(t.{worker}, args=(2, t._free_port(), {str(out)!r}), nprocs=2, join=True)
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=420)
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    return _spawn_ranks("_ddp_worker", tmp_path_factory.mktemp("ddp"), timeout=420)
 
 
 def _failed_probe_worker(rank, world, port, out_dir):
@@ -344,18 +348,7 @@ def test_ddp_ranks_agree_when_a_probe_fails(tmp_path):
     rate went 0 where rank 0's was 0.437 and the weights parted, and the sharpness's and ``hessian_top_eigenvalue``'s
     collectives mismatched (gloo aborted). A data-parallel run does not judge it; a probe that left no gradient on
     any rank (no backward) is judged alike on every rank: rate 0 at that step, the estimate void."""
-    code = textwrap.dedent(f"""
-        import sys, torch.multiprocessing as mp
-        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]
-        import test_reliability_distributed as t
-        if __name__ == "__main__":
-            mp.spawn(t._failed_probe_worker, args=(2, t._free_port(), {str(tmp_path)!r}), nprocs=2, join=True)
-    """)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    r0, r1 = _spawn_ranks("_failed_probe_worker", tmp_path, timeout=300)
     for name in ("cdat", "eos"):
         assert r0[name]["lrs"] == r1[name]["lrs"], name
         assert all(torch.equal(a, b) for a, b in zip(r0[name]["params"], r1[name]["params"])), name
