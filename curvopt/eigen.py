@@ -176,8 +176,7 @@ def arpack_top_eigenpair(matvec: Callable[[Any], Any], n: int, v0: Any = None, *
     ``max(100, 10 n)``). Below 3 unknowns, the dense matrix from ``n`` products and its exact decomposition instead
     (ARPACK's Lanczos basis there would cost as many products). A product that is not finite (a probe that
     failed) voids the estimate, as in the tuners' power iteration: ``(nan, v0 / ||v0||)`` (NaN entries without
-    ``v0``);
-    ARPACK given one returned a wrong eigenvalue (2.1 for 3.0) or failed. Both backends' standalone
+    ``v0``); ARPACK given one returned a wrong eigenvalue (2.1 for 3.0) or failed. Both backends' standalone
     ``hessian_top_eigenvalue`` call it, on the host."""
     import numpy as np
     from scipy.sparse.linalg import LinearOperator, eigsh
