@@ -69,11 +69,10 @@ class FiniteDifferenceHVP:
             p.grad = None
         torch._foreach_sub_(g1, self.g0)
         torch._foreach_div_(g1, h)
-        # times 1 where the probe's loss is finite (exactly: the product's bits stay), else NaN; a closure
-        # returning something else (None, (loss, aux)) is not judged
         if gradless:
             torch._foreach_mul_(g1, math.nan)
-        elif self.judge_loss and isinstance(loss, (Tensor, int, float)):
+        elif self.judge_loss and isinstance(loss, (Tensor, int, float)):  # (None, (loss, aux): not judged)
+            # times 1 where the probe's loss is finite (exactly: the product's bits stay), else NaN
             failed = ~torch.isfinite(torch.as_tensor(loss).detach().to(g1[0].device)).all()
             torch._foreach_mul_(g1, torch.where(failed, math.nan, 1.0).to(g1[0].dtype))
         return g1
