@@ -61,6 +61,7 @@ def test_a_state_of_another_configuration_is_refused(name):
 @pytest.mark.parametrize("make, with_loss", [(lambda: cdat(optax.scale_by_adam(), **ADAM), False),
                                              (lambda: edge_of_stability(optax.scale_by_adam(), sharpness=2, **ADAM),
                                               True)])
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_a_state_made_for_other_dtypes_is_refused(make, with_loss):
     params32, _ = _problem(jnp.float32)
     params16, loss16 = _problem(jnp.bfloat16)

@@ -218,6 +218,7 @@ def test_hessian_top_eigenvalue_keeps_no_value_fn_alive():
 
 @pytest.mark.parametrize("with_value_fn", [False, True])
 @pytest.mark.parametrize("base", ["sgd", "adam"])
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_a_frozen_part_does_not_size_the_finite_difference_step(with_value_fn, base):
     """docs/optax.md's recipe for a frozen part, ``optax.set_to_zero()`` inside the base: a frozen leaf of norm 1e5
     sized the closure-free probing step, a real step, 7.5e4x longer than without it behind Adam (loss 0.54 -> 216,
@@ -252,6 +253,7 @@ def test_a_frozen_part_does_not_size_the_finite_difference_step(with_value_fn, b
 
 @pytest.mark.parametrize("freeze", [pytest.param("multi_transform", marks=pytest.mark.slow),
                                     pytest.param("masked_both", marks=pytest.mark.slow), "masked_after_adam"])
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_a_frozen_part_with_a_gradient_leaves_closure_free_adam_rates_alone(freeze):
     """Closure-free CDAT behind Adam on mini-batches (the noise correction on, the momentum numerator): a body
     frozen inside the base, whose gradient is not 0 (it is used by the loss) and 5x the head's, gives the rates of

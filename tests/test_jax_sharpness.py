@@ -80,6 +80,7 @@ def test_negative_dominant_eigenvalue_gives_top_one():
     assert float(lam) == pytest.approx(1.0, rel=1e-8)
 
 
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_online_sharpness_and_preconditioned_sharpness_match_dense():
     params, x, y, loss = _mlp()
     opt = cdat(optax.scale_by_adam(b1=0.9, b2=0.99, eps=1e-8), sigma=1.0,

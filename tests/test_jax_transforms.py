@@ -183,6 +183,7 @@ def test_value_given_as_the_loss_and_aux_pair_is_the_loss():
         assert float(jnp.abs(alone["w"]).sum()) > 0
 
 
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_settings_injected_in_bfloat16_are_refused_with_the_fix():
     """``optax.inject_hyperparams`` casts the float hyperparameters to the parameters' dtype: with bfloat16
     parameters CDAT's ``ema=0.99`` became 0.98828125 (rates 16-17 % high, unwarned) and ``ema=0.999`` became 1
@@ -482,6 +483,7 @@ def test_armijo_accepts_relaxed_condition_and_caps_trials():
                 assert float(f1) == float(f0) and trials == 3
 
 
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_armijo_in_bfloat16_lands_on_the_point_it_accepted():
     """bf16 parameters: the search evaluated ``w + lr u`` rounded once (and XLA kept it in float32 inside the
     loss), the step lands on ``w`` plus the bf16 update, rounded twice; on a quadratic the point reached broke
@@ -808,6 +810,7 @@ def test_unrecognised_stateful_base_warns_without_base_method():
         assert named is None or f"the base's state is {named}," in said[0]
 
 
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_momentum_numerator_reads_the_gradient_adam_averaged():
     """The default Adam numerator ("momentum") splits Adam's first moment into the batch's gradient and the
     previous momentum; with clipping before Adam (the README's recipe) the gradient Adam averaged is the clipped
@@ -1016,6 +1019,7 @@ def test_parameters_moved_outside_the_closure_free_tuner_are_reported():
     assert not warned(greedy(), clamp, value_fn=True)
 
 
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_noise_correction_under_a_clip_before_adam_gives_the_unclipped_rates():
     """``optax.clip_by_global_norm(1e-3)`` before Adam inside the base, always active: Adam does not see the
     gradient's scale, so the tuner's rates stay near the unclipped run's (a small full-batch tanh MLP, 30 steps),

@@ -126,6 +126,7 @@ def test_flax_train_state_and_nnx_recipes(optax_namespace):
     _positive(optax.tree_utils.tree_get(state.inner_opt_state, "lr"))
 
 
+@pytest.mark.slow  # among the default suite's longest (it ran 10:49-11:29 of its ~10 minutes)
 def test_mup_blocks():
     import flax.linen as nn
 
