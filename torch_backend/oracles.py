@@ -52,12 +52,9 @@ def finite_difference(probe: Probe, xp: Any, numerator: Any, norms: tuple[Any, A
     # a probe that left no gradient at all (no backward: on every rank alike) failed; its loss is judged in a single
     # process only: in a data-parallel run it is the rank's own, judged per rank the ranks' rates would part (and a
     # reduction of it would cost a collective a step)
-    failed = math.nan if all(p.grad is None for p in probe.params) else 0.0
-    if probe.reducer is not None:
-        return finite_difference_curvature(host_values([probe.gradient_dot_u()], xp)[0], -numerator, h, xp=xp,
-                                           probe_loss=failed)
-    probe_dot, probe_loss = host_values([probe.gradient_dot_u(), probe.fd_loss], xp)
-    return finite_difference_curvature(probe_dot, -numerator, h, xp=xp, probe_loss=probe_loss + failed)
+    probe_dot, *loss = host_values([probe.gradient_dot_u()] + ([probe.fd_loss] if probe.reducer is None else []), xp)
+    judged = math.nan if all(p.grad is None for p in probe.params) else loss[0] if loss else 0.0
+    return finite_difference_curvature(probe_dot, -numerator, h, xp=xp, probe_loss=judged)
 
 
 def check_functional_loss(functional_loss: Optional[Callable]) -> Callable:
