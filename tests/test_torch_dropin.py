@@ -2047,3 +2047,44 @@ def test_the_group_settings_warning_advises_each_key():
     (said,) = [str(m.message) for m in caught if "param groups hold" in str(m.message)]
     assert "'lr_max', 'sigma'" in said and "assign opt.lr_max = value" in said
     assert "QuadraticGreedy's sigma cannot change after construction" in said
+
+
+class _Normalizer(nn.Module):
+    """An observation normalizer whose buffers change through a method, not its forward (as in RL code)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("count", torch.zeros(()))
+
+    def update(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+            self.count += 1
+
+
+@pytest.mark.parametrize("tuner", ["cdat", "armijo"])
+def test_a_module_updated_through_a_method_is_named_by_the_replay_warning_and_kept_when_listed(tuner):
+    make = {"cdat": lambda b, **kw: CDAT(b, **kw), "armijo": _PROBING_TUNERS["armijo"]}[tuner]
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    counts = {}
+    for listed in (False, True):
+        torch.manual_seed(1)
+        model, rms = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)), _Normalizer(8)
+        opt = make(torch.optim.SGD(model.parameters(), lr=1.0), **({"modules": [model, rms]} if listed else {}))
+
+        def closure():
+            opt.zero_grad()
+            rms.update(x)  # not a forward: the tuner's hook does not see the module unless modules= names it
+            loss = nn.functional.mse_loss(model(x - rms.mean), y)
+            loss.backward()
+            return loss
+
+        hits = [m for m in _step_warnings(opt, closure, 5) if "does not replay" in m]
+        counts[listed] = float(rms.count)
+        if not listed:
+            assert len(hits) == 1 and "modules=" in hits[0]
+        else:
+            assert hits == []
+    assert counts[False] > 5 and counts[True] == 5  # listed, the buffers count one batch a step, as a bare loop's

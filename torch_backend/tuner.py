@@ -1573,7 +1573,9 @@ class CurvatureTuner(torch.optim.Optimizer):
             "inside it (opt.zero_grad() first), compute the batch outside the closure (no next(loader) inside), "
             "draw randomness from torch's default generators (the tuner replays them; a private "
             "torch.Generator is not replayed), do not clip gradients inside the closure (use max_grad_norm=), "
-            f"and with gradient accumulation compute every micro-batch inside the closure. {instead}")
+            "with gradient accumulation compute every micro-batch inside the closure, and name in modules= "
+            "any module whose buffers the closure updates other than by calling it (a normalizer's "
+            f"update(x): the probes restore the buffers of the modules they see called, and of those). {instead}")
 
     def _warn_unpredicted(self, at_probe: str) -> None:
         """The warning of a closure that replays at the unchanged parameters but whose gradient does not predict
