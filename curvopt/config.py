@@ -747,7 +747,8 @@ def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
     widest floating dtype of the parameters, at least float32 (bf16/fp16 parameters accumulate in float32).
 
     ``dtype_names``: the parameters' dtype names (``"float32"``, ``"torch.bfloat16"``, ...). Complex
-    parameters are refused (the tuners' inner products are real), and so are integer and boolean ones.
+    parameters are refused (the tuners' inner products are real), and so are integer and boolean ones (the
+    advice for PyTorch where the name is torch's).
     """
     out = "float32"
     for raw in dtype_names:
@@ -758,8 +759,11 @@ def accumulator_dtype_name(dtype_names: Iterable[str]) -> str:
         if name == "float64":
             out = "float64"
         elif name not in _FLOATS:
-            raise ValueError(
-                f"the parameters hold a leaf of dtype {name}: the tuners step floating-point parameters only. "
-                "Keep counters and masks out of the parameters (equinox: eqx.filter(model, eqx.is_inexact_array), "
-                "not eqx.is_array), or leave them out of the tuner (Optax: optax.masked or optax.multi_transform)")
+            where = ("Keep counters and masks out of the optimizer's parameters (a module buffer, "
+                     "register_buffer, or a tensor left out of the param groups)" if str(raw).startswith("torch.")
+                     else "Keep counters and masks out of the parameters (equinox: eqx.filter(model, "
+                     "eqx.is_inexact_array), not eqx.is_array), or leave them out of the tuner (Optax: optax.masked "
+                     "or optax.multi_transform)")
+            raise ValueError(f"the parameters hold a leaf of dtype {name}: the tuners step floating-point parameters "
+                             f"only. {where}")
     return out

@@ -344,6 +344,9 @@ def test_settings_decisions():
     for name in ("int32", "bool"):  # refused by name (they failed deep inside the JAX step before)
         with pytest.raises(ValueError, match=f"dtype {name}.*eqx.is_inexact_array"):  # equinox's filter named
             accumulator_dtype_name(["float32", name])
+        with pytest.raises(ValueError, match=f"dtype {name}.*register_buffer") as e:  # a PyTorch user: torch advice
+            accumulator_dtype_name(["torch.float32", f"torch.{name}"])
+        assert "eqx" not in str(e.value) and "optax" not in str(e.value)
     assert BaseMethod.heavy_ball(0.9, dampening=0.5).coefficient == pytest.approx(3.8 / 0.5)
     assert BaseMethod.adam().preconditioned and BaseMethod.adam().coefficient == pytest.approx(38.0)
 
