@@ -25,6 +25,7 @@ import optax
 from curvopt.config import accumulator_dtype_name
 from curvopt.runs import CONCAT_BELOW, concat_limit, cut_into_runs
 
+from .control import cond
 from .warning import warn
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled",
@@ -249,5 +250,5 @@ def warn_if_negated(numerator: Any, steps: Any, enabled: bool) -> Any:
     step."""
     if enabled:
         flag = (numerator < 0) & (steps == 0)
-        jax.lax.cond(flag, lambda: jax.debug.callback(_warn, flag), lambda: None)
+        cond(flag, lambda: jax.debug.callback(_warn, flag), lambda: None)
     return numerator < 0

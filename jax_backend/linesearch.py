@@ -25,6 +25,7 @@ from curvopt.rules import ArmijoRule, ArmijoSearchState, RuleInputs, default_arm
 from curvopt.stats import TunerStats
 from curvopt.validation import check_bool
 
+from .control import cond, while_loop
 from .direction import accumulator_dtype, scaled
 from .loss import require_value_fn
 from .settings import make, sharpness_setting
@@ -126,7 +127,7 @@ def scale_by_armijo(
             first = rule.first_trial(state.rule, jnp).astype(dtype)
             # no trial for an ascent direction: finish() takes no step for it anyway
             nan = jnp.full((), jnp.nan, dtype)
-            lr, err, new_value, n = jax.lax.while_loop(
+            lr, err, new_value, n = while_loop(
                 lambda c: (c[1] > 0) & (c[3] < rule.max_trials) & (p.numerator > 0),
                 trial, (first, jnp.full((), jnp.inf, dtype), nan, jnp.int32(0)))
             lr, rule_state = rule.finish(x, state.rule, lr, err, new_value, jnp)
@@ -139,7 +140,7 @@ def scale_by_armijo(
 
         # lax.cond (not the select of the other tuners): a skipped step must not run up to max_trials
         # evaluations of the line search.
-        return jax.lax.cond(p.finite, taken, lambda: skip(updates, state))
+        return cond(p.finite, taken, lambda: skip(updates, state))
 
     return transform(init, update)
 

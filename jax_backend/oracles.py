@@ -41,6 +41,7 @@ from curvopt.config import (EXTERNAL_CLIP_STEPS, REPLAY_CHECKS, REPLAY_MISS_OPTA
 from curvopt.curvature import finite_difference_curvature, replay_judged, replay_mismatch
 from curvopt.precision import gradient_compute_eps, sample_stride, within_budgets
 
+from .control import cond
 from .direction import add_scaled, flat, least_precise_eps, norm, vdot
 from .noise import NoiseMemory, corrected_secant
 
@@ -399,9 +400,9 @@ def curvature(oracle: str, f: Callable[[Any], Any] | None, params: Any, grad: An
     if f is None:
         # the probe's size only where it probes (the first step, a re-probe): its reductions over the parameters
         # and the gradient are not needed on a step that has its secant
-        probe_lr, reference = jax.lax.cond(available, lambda: (nan, nan),
-                                           lambda: _probing_step(params, d, dtype, grad, noise is not None))
+        probe_lr, reference = cond(available, lambda: (nan, nan),
+                                   lambda: _probing_step(params, d, dtype, grad, noise is not None))
         return estimate, jnp.int32(0), probe_lr, reference, available, stretch, None, kept
-    curv, calls = jax.lax.cond(available, lambda: (estimate, jnp.int32(0)),
-                               lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
+    curv, calls = cond(available, lambda: (estimate, jnp.int32(0)),
+                       lambda: (_fd(f, params, grad_dot_u, d, dtype)[0], jnp.int32(1)))
     return curv, calls, nan, nan, available, stretch, None, kept

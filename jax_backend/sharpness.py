@@ -31,6 +31,7 @@ from curvopt.config import SharpnessConfig, power_iters, sharpness_due
 from curvopt.eigen import ARPACK_TOL, arpack_top_eigenpair, krylov_estimate, power_init, power_step
 from curvopt.preconditioner import adam_preconditioner, inverse_sqrt, sandwich
 
+from .control import cond, while_loop
 from .direction import (accumulator_dtype, add_scaled, has_masked, least_precise_eps, like_params, merge_masked, norm,
                         scaled, vdot)
 from .loss import bind, fn_kwargs as accepted_kwargs
@@ -173,7 +174,7 @@ def _power(matvec: Callable[[Any], Any], v0: Any, last: Any, config: SharpnessCo
     and keeps ``v0`` (the next step retries: :func:`curvopt.config.sharpness_due`)."""
     iters = power_iters(config, last, jnp)
     step = functools.partial(power_step, matvec=matvec, fresh=fresh, iters=iters, tol=config.tol, ops=ops, xp=jnp)
-    st = jax.lax.while_loop(lambda s: ~s.done, step, power_init(v0, last, ops, jnp))
+    st = while_loop(lambda s: ~s.done, step, power_init(v0, last, ops, jnp))
     value = krylov_estimate(st, least_precise_eps(v0), jnp)
     return value, ops.select(jnp.isfinite(value), st.v, v0), st.used.astype(jnp.int32)
 
@@ -219,7 +220,7 @@ def online_sharpness(f: Callable[[Any], Any], params: Any, memory: EigenMemory, 
         return last[0], last[1], memory, jnp.int32(0)
 
     reference = last[1] if memory.preconditioned_eigenvector is not None and preconditioner is not None else last[0]
-    return jax.lax.cond(sharpness_due(steps, config.every, reference), estimate, keep)
+    return cond(sharpness_due(steps, config.every, reference), estimate, keep)
 
 
 def hessian_top_eigenvalue(value_fn: Callable[..., Any], params: Any, *, preconditioner: Any = None,

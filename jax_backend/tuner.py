@@ -34,6 +34,7 @@ from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
+from .control import cond
 from .direction import (NEGATED_DIRECTION_MESSAGE, base_update_at_init, fill_masked, has_masked, incoming,
                         least_precise_eps, like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import (bind, check_fits_params, check_loss_agrees, check_params_whole, misspelled_keywords,
@@ -439,7 +440,7 @@ def pick(pred: Any, a: Any, b: Any) -> Any:
     branches only pass one of them through. A leafwise ``where`` is one XLA:CPU kernel per leaf (compiled
     separately: a state with a per-parameter memory, or an Adam base's moments, added 19-38 kernels to a small
     ViT's ~180); the cond is none."""
-    return jax.lax.cond(pred, lambda x, y: x, lambda x, y: y, a, b)
+    return cond(pred, lambda x, y: x, lambda x, y: y, a, b)
 
 
 # ------------------------------------------------------------------------------------------------ chains
