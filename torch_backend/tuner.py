@@ -39,8 +39,10 @@ Memory: the tuner keeps ``w0`` and ``u`` (the size of the parameters), the snaps
 (its size: two parameter-sized buffers for Adam, one for momentum SGD), a second ``u`` with the secant
 oracle, the previous gradient with the secant's noise correction (closure-free behind Adam, by default), one
 more (the predicted gradient) with ``numerator="paired"``, and one eigenvector per estimated space when the
-sharpness is on. Within a step a probe's gradients sit beside the main call's (one more, transient), and the
-Adam numerators' diagonal is formed over at most :data:`torch_backend.vectors.CONCAT_BELOW` entries at a time.
+sharpness is on; below :data:`torch_backend.vectors.CONCAT_BELOW` entries (one dtype and device), where these are
+flat buffers, one more flat scratch vector (:mod:`torch_backend.workspace`). Within a step a probe's gradients sit
+beside the main call's (one more, transient), and the Adam numerators' diagonal is formed over at most
+:data:`torch_backend.vectors.CONCAT_BELOW` entries at a time.
 
 After ``step`` the tuner's parameters' ``.grad`` hold the gradient of the last closure call of the step, which
 may be a probe, or zeros (for a parameter the main call reached and that call did not, and after a sharpness
