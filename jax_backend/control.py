@@ -5,7 +5,7 @@ Outside ``jax.jit`` (a plain Python loop, an un-jitted ``nnx.Optimizer.update``)
 made anew at each update, so every eager step compiled them again (a field test: 3 compilations a step, 1.3 s a
 step against Adam's 8 ms, memory growing 6 MiB a step). Where the predicate and the loop's state are concrete,
 these run the branch taken, or the loop, in Python instead (each operation dispatched on its own, as eager JAX
-runs everything else), their outputs each its own buffer as JAX's are; under tracing they are JAX's own.
+runs everything else), their outputs fresh arrays as JAX's are; under tracing they are JAX's own.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["cond", "while_loop"]
 
@@ -22,17 +23,12 @@ def _concrete(*trees: Any) -> bool:
 
 
 def _own_buffers(tree: Any) -> Any:
-    """``tree`` with an array met a second time copied: the branch's outputs may hold one array twice (a state's
-    ``prev_lr`` and ``lr``), which ``lax.cond`` returns as two buffers, and ``jax.jit(step, donate_argnums=...)``
-    refuses to donate one buffer twice."""
-    seen: set[int] = set()
-
-    def own(x: Any) -> Any:
-        if isinstance(x, jax.Array) and id(x) in seen:
-            return jnp.array(x, copy=True)
-        seen.add(id(x))
-        return x
-    return jax.tree.map(own, tree)
+    """``tree`` with every array copied, as ``lax.cond`` and ``lax.while_loop`` return them: a branch that passes
+    an operand or a captured array through (a skipped step's old state, the caller's gradient kept as the
+    secant's memory) or holds one array twice (a state's ``prev_lr`` and ``lr``) would otherwise hand out arrays
+    the inputs share, which ``jax.jit(step, donate_argnums=...)`` deletes from under the caller or refuses to
+    donate twice; a NumPy leaf (a state restored as NumPy) becomes a JAX array, as there."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
 def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any], *operands: Any) -> Any:

@@ -64,14 +64,16 @@ def _rates(opt, loss, params, update, steps=5):
     state, p, rates, compiled = opt.init(params), params, [], []
     for _ in range(steps):
         value, grad = vg(p)
+        held = jax.tree.leaves((state, grad, p))  # what the caller still holds (kept alive: their ids stay theirs)
         with compilations() as seen:
             u, state = update(grad, state, p, value, grad)
             p = optax.apply_updates(p, u)
             jax.block_until_ready(p)
         compiled.append(len(seen))
         rates.append(float(optax.tree_utils.tree_get(state, "lr")))
-    leaves = jax.tree.leaves(state)  # each its own buffer, as a jitted step donating the state needs
-    assert len({id(x) for x in leaves}) == len(leaves)
+        # each leaf its own array, none the caller's inputs: a jitted step donating the state deletes them
+        leaves = jax.tree.leaves(state)
+        assert len({id(x) for x in leaves}) == len(leaves) and not {id(x) for x in held} & {id(x) for x in leaves}
     return rates, compiled
 
 
