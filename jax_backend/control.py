@@ -32,8 +32,9 @@ def _own_buffers(tree: Any) -> Any:
 
 
 def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any], *operands: Any) -> Any:
-    """``jax.lax.cond(pred, true_fun, false_fun, *operands)``; the branch taken alone where ``pred`` is concrete."""
-    if _concrete(pred):
+    """``jax.lax.cond(pred, true_fun, false_fun, *operands)``; the branch taken alone where ``pred`` is a concrete
+    scalar (anything else is ``lax.cond``'s, and its error)."""
+    if _concrete(pred) and jnp.ndim(pred) == 0:
         return _own_buffers((true_fun if bool(pred) else false_fun)(*operands))
     return jax.lax.cond(pred, true_fun, false_fun, *operands)
 

@@ -125,3 +125,5 @@ def test_control_flow_runs_the_branch_taken_on_concrete_values_and_is_jax_s_unde
             cond(jnp.bool_(True), lambda x: x * 2.0, lambda x: x, jnp.float32(1.0))  # fresh closures each time
             while_loop(lambda c: c < 3, lambda c: c + 1, jnp.int32(0))
     assert not any("cond" in m or "while" in m for m in seen), seen
+    with pytest.raises(TypeError, match="scalar"):  # lax.cond's error, not one element's truth
+        cond(jnp.array([True, False]), lambda: 1.0, lambda: 2.0)
