@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["cond", "while_loop"]
+__all__ = ["concrete", "cond", "while_loop"]
 
 
-def _concrete(*trees: Any) -> bool:
+def concrete(*trees: Any) -> bool:
+    """Whether no leaf of ``trees`` is a JAX tracer (their values are known here, outside any transformation)."""
     return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
 
 
@@ -34,7 +35,7 @@ def _own_buffers(tree: Any) -> Any:
 def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any], *operands: Any) -> Any:
     """``jax.lax.cond(pred, true_fun, false_fun, *operands)``; the branch taken alone where ``pred`` is a concrete
     scalar (anything else is ``lax.cond``'s, and its error)."""
-    if _concrete(pred) and jnp.ndim(pred) == 0:
+    if concrete(pred) and jnp.ndim(pred) == 0:
         return _own_buffers((true_fun if bool(pred) else false_fun)(*operands))
     return jax.lax.cond(pred, true_fun, false_fun, *operands)
 
@@ -42,9 +43,9 @@ def cond(pred: Any, true_fun: Callable[..., Any], false_fun: Callable[..., Any],
 def while_loop(cond_fun: Callable[[Any], Any], body_fun: Callable[[Any], Any], init_val: Any) -> Any:
     """``jax.lax.while_loop(cond_fun, body_fun, init_val)``; a Python loop while the loop's state is concrete."""
     val = init_val
-    while _concrete(val):
+    while concrete(val):
         going = cond_fun(val)
-        if not _concrete(going):
+        if not concrete(going):
             break
         if not bool(going):
             return _own_buffers(val)

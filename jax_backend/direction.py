@@ -25,7 +25,7 @@ import optax
 from curvopt.config import accumulator_dtype_name
 from curvopt.runs import CONCAT_BELOW, concat_limit, cut_into_runs
 
-from .control import cond
+from .control import concrete, cond
 from .warning import warn
 
 __all__ = ["accumulator_dtype", "least_precise_eps", "incoming", "vdot", "runs_vdot", "flat", "norm", "add_scaled",
@@ -232,7 +232,7 @@ def base_update_at_init(base: Any, base_state: Any, params: Any, scale: float = 
     if not jax.tree.leaves(params):
         return None
     ones = jax.tree.map(lambda x: jnp.full_like(x, scale), params)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, ones, base_state))):
+    if not concrete(params, ones, base_state):
         return None
     try:
         return base.update(ones, base_state, params)

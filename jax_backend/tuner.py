@@ -34,7 +34,7 @@ from curvopt.bound_watch import BoundWatch, bound_messages, watch_bound
 from curvopt.minibatch_watch import minibatch_message
 from curvopt.stats import STAT_FIELDS, TunerStats
 
-from .control import cond
+from .control import concrete, cond
 from .direction import (NEGATED_DIRECTION_MESSAGE, base_update_at_init, fill_masked, has_masked, incoming,
                         least_precise_eps, like_params, scaled, vdot, warn_if_base_negates, warn_if_negated)
 from .loss import (bind, check_fits_params, check_loss_agrees, check_params_whole, misspelled_keywords,
@@ -654,10 +654,10 @@ def stats(opt_state: Any) -> dict[str, Any]:
     if not found:
         raise ValueError("no curvopt tuner state in the given optimizer state")
     state = found[0]
-    if not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 0:
+    if concrete(state.steps) and jnp.ndim(state.steps) == 0:
         for message in _warnings_of(state):
             warn(message)
-    elif not isinstance(state.steps, jax.core.Tracer) and jnp.ndim(state.steps) == 1:  # a vmapped ensemble
+    elif concrete(state.steps) and jnp.ndim(state.steps) == 1:  # a vmapped ensemble
         members: dict[str, list[int]] = {}  # each member's warnings (its scalars: the 1-d leaves), said once
         host = jax.tree.map(lambda x: np.asarray(x) if jnp.ndim(x) == 1 else x, state)  # (one transfer a leaf)
         for i in range(len(state.steps)):
