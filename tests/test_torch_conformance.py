@@ -144,7 +144,8 @@ def _error_inputs(closure_free: bool):
         if closure_free:
             out.append(ErrorOptimizerInput(OptimizerInput(params=sparse_grad(), kwargs={}, desc="sparse grad"),
                                            error_on=OptimizerErrorEnum.STEP_ERROR,
-                                           error_type=NotImplementedError, error_regex="sparse gradient"))
+                                           error_type=NotImplementedError,
+                                           error_regex=r"parameter \d+ \(shape \(.*\)\) has a sparse gradient"))
         else:
             out.append(ErrorOptimizerInput(OptimizerInput(params=sparse_grad(), kwargs={}, desc="no closure"),
                                            error_on=OptimizerErrorEnum.STEP_ERROR,

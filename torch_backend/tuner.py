@@ -677,8 +677,8 @@ class CurvatureTuner(torch.optim.Optimizer):
         for i, g in enumerate(all_grads):
             if g is not None and g.layout != torch.strided:
                 raise NotImplementedError(
-                    f"{type(self).__name__}: parameter {i} has a sparse gradient ({g.layout}); the tuners need dense "
-                    "gradients (e.g. nn.Embedding(..., sparse=False))")
+                    f"{type(self).__name__}: parameter {i} (shape {tuple(g.shape)}) has a sparse gradient "
+                    f"({g.layout}); the tuners need dense gradients (e.g. nn.Embedding(..., sparse=False))")
         if not any(has_grad):
             if closure is None:
                 raise RuntimeError("no parameter has a gradient: call loss.backward() (Lightning: "
