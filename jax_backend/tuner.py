@@ -646,8 +646,8 @@ def stats(opt_state: Any) -> dict[str, Any]:
     ``value_fn``'s loss off the step's quadratic model (:func:`jax_backend.oracles.replay_check`: randomness or a
     batch ``value_fn`` does not replay); and when CDAT behind heavy ball or Nesterov
     saw the loss change between steps, as in mini-batch training (:mod:`curvopt.minibatch_watch`). A vmapped
-    state (an ensemble) gives each field with its leading axis, and each warning once, naming the members it
-    applies to.
+    state (an ensemble; vmapped again, a sweep of ensembles) gives each field with its leading axes, and each
+    warning once, naming the members it applies to (by index tuple under more than one axis).
     """
     is_tuner = lambda x: hasattr(x, "_fields") and "stats" in x._fields and "steps" in x._fields  # noqa: E731
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_tuner) if is_tuner(s)]
@@ -657,16 +657,17 @@ def stats(opt_state: Any) -> dict[str, Any]:
     if concrete(state.steps) and jnp.ndim(state.steps) == 0:
         for message in _warnings_of(state):
             warn(message)
-    elif concrete(state.steps) and jnp.ndim(state.steps) == 1:  # a vmapped ensemble
-        members: dict[str, list[int]] = {}  # each member's warnings (its scalars: the 1-d leaves), said once
-        host = jax.tree.map(lambda x: np.asarray(x) if jnp.ndim(x) == 1 else x, state)  # (one transfer a leaf)
-        for i in range(len(state.steps)):
+    elif concrete(state.steps):  # a vmapped ensemble (vmapped again: a sweep of ensembles, members indexed)
+        shape = jnp.shape(state.steps)
+        members: dict[str, list[str]] = {}  # each member's warnings (its scalars: the leaves of that shape), once
+        host = jax.tree.map(lambda x: np.asarray(x) if jnp.shape(x) == shape else x, state)  # (one transfer a leaf)
+        for i in np.ndindex(shape):
             member = jax.tree.map(lambda x: x[i] if isinstance(x, np.ndarray) else x, host)
             for message in _warnings_of(member):
-                members.setdefault(message, []).append(i)
+                members.setdefault(message, []).append(str(i[0] if len(i) == 1 else i))
+        total = shape[0] if len(shape) == 1 else "x".join(map(str, shape))
         for message, which in members.items():
-            warn(f"{message} (ensemble member{'s' * (len(which) > 1)} {', '.join(map(str, which))} of "
-                 f"{len(state.steps)})")
+            warn(f"{message} (ensemble member{'s' * (len(which) > 1)} {', '.join(which)} of {total})")
     # an nnx.Optimizer's state holds each leaf in an OptArray: hand out its array, as from any other state (by
     # get_value(): reading .value is deprecated since flax 0.12)
     return {k: v.get_value() if hasattr(v, "get_value") else v for k, v in state.stats._asdict().items()}

@@ -669,7 +669,8 @@ def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
     """Each member of a vmapped ensemble is watched as a single run is: a warning one member's state holds is
     given once, naming the members it holds for (the ensemble's ``stats`` used to give none). Here members 1 and
     2 have their last gradient NaN (skipped), and member 0's loss is below ``f_star=0`` from the start. Kills: no
-    warnings for an ensemble; a warning per member; a member's warning pinned on another."""
+    warnings for an ensemble (vmapped once or twice); a warning per member; a member's warning pinned on
+    another."""
     from curvopt.optax import cdat, stats
 
     opt = cdat(optax.identity(), base_method="gd")
@@ -694,6 +695,17 @@ def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
     assert len(skips) == 1 and skips[0].endswith("(ensemble members 1, 2 of 3)"), said
     below = [m for m in said if "the loss -7 is below f_star" in m]
     assert len(below) == 1 and below[0].endswith("(ensemble member 0 of 3)"), said
+
+    # vmapped twice (a sweep of two ensembles): the members by index tuple (it gave no warning at all before)
+    states = jax.vmap(jax.vmap(run))(jax.tree.map(lambda x: jnp.stack([x, x]), params), jnp.stack([poison, poison]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats(states)
+    said = [str(w.message) for w in caught]
+    skips = [m for m in said if "last step was skipped" in m]
+    assert len(skips) == 1 and skips[0].endswith("(ensemble members (0, 1), (0, 2), (1, 1), (1, 2) of 2x3)"), said
+    below = [m for m in said if "the loss -7 is below f_star" in m]
+    assert len(below) == 1 and below[0].endswith("(ensemble members (0, 0), (1, 0) of 2x3)"), said
 
 
 @pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
