@@ -697,15 +697,18 @@ def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
     assert len(below) == 1 and below[0].endswith("(ensemble member 0 of 3)"), said
 
     # vmapped twice (a sweep of two ensembles): the members by index tuple (it gave no warning at all before)
-    states = jax.vmap(jax.vmap(run))(jax.tree.map(lambda x: jnp.stack([x, x]), params), jnp.stack([poison, poison]))
+    # (the second ensemble's members in reverse order, so that a member read from another row is caught)
+    reverse = lambda x: x[::-1]  # noqa: E731
+    states = jax.vmap(jax.vmap(run))(jax.tree.map(lambda x: jnp.stack([x, reverse(x)]), params),
+                                     jnp.stack([poison, reverse(poison)]))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stats(states)
     said = [str(w.message) for w in caught]
     skips = [m for m in said if "last step was skipped" in m]
-    assert len(skips) == 1 and skips[0].endswith("(ensemble members (0, 1), (0, 2), (1, 1), (1, 2) of 2x3)"), said
+    assert len(skips) == 1 and skips[0].endswith("(ensemble members (0, 1), (0, 2), (1, 0), (1, 1) of 2x3)"), said
     below = [m for m in said if "the loss -7 is below f_star" in m]
-    assert len(below) == 1 and below[0].endswith("(ensemble members (0, 0), (1, 0) of 2x3)"), said
+    assert len(below) == 1 and below[0].endswith("(ensemble members (0, 0), (1, 2) of 2x3)"), said
 
 
 @pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
