@@ -8,6 +8,7 @@ import pytest
 from benchmarks import closure_free
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 @pytest.mark.filterwarnings("ignore:curvopt. closure-free, the rate is still below")  # the collapsed run's
 def test_dtype_table_compares_what_it_says(capsys):
     closure_free.dtype_table([0], steps=100, batches=[32])
@@ -45,6 +46,7 @@ def test_probe_table_patch_sizes_the_first_step():
     assert longer / now == pytest.approx(2.0 ** 7.5, rel=1e-6)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_baseline_readings_leave_the_run_unchanged_and_read_positive_curvatures():
     rows, rates = closure_free.baseline_run(0, steps=41, every=20)
     _, untraced = closure_free.baseline_run(0, steps=41, every=10 ** 6)

@@ -142,6 +142,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 @pytest.mark.parametrize("name,shape,nc,kw", CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
 def test_torch_flax_agree_float64(name, shape, nc, kw):
     torch = pytest.importorskip("torch")
@@ -173,6 +174,7 @@ def test_torch_flax_agree_float64(name, shape, nc, kw):
             np.testing.assert_allclose(np.asarray(yf), yt, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_same_init_distribution():
     """Flax's own initialisers draw from the same distributions as the torch init (std per tensor)."""
     import jax

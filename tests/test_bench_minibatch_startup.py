@@ -73,6 +73,7 @@ def test_minibatch_startup_variant_names():
         ms.startup_variant(Opt(), "capC")
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_minibatch_startup_variant_reaches_the_mup_cdat_run():
     """mup_transfer's CDAT run takes the variant: at width 512 (μP), where the first rates without the loss-bound
     cap are far above the ones the run settles at, ``nocap``'s rates differ from the library's (whose

@@ -119,6 +119,7 @@ def test_resume_counts_a_run_recorded_twice_by_its_last_record(tmp_path):
     assert [r["status"] for r in recs] == ["ok"]
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_report_only_agrees_with_the_runner_on_a_run_recorded_twice(tmp_path, capsys):
     """``--report-only`` on a file where a failed run's rerun follows its error record: exit 0 and no failed run in
     the report (it listed the error under 'Failed runs' while the exit status said the plan was sound)."""

@@ -300,6 +300,7 @@ def test_report_of_a_group_whose_every_worker_died(tmp_path):
     assert rep["analysis"][("mlp", "full", "torch", "sp")][8]["rows"]
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_cli_exit_status_says_whether_a_run_failed(tmp_path, capsys, monkeypatch):
     from benchmarks import train_torch
     from benchmarks.__main__ import main
@@ -677,6 +678,7 @@ def test_cli_help_documents_every_flag(capsys):
         assert flag in out
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_cli_peers_micro_both_backends(tmp_path, capsys):
     from benchmarks.__main__ import main
 
@@ -831,6 +833,7 @@ def test_default_suite_design():
     assert all(len(e.widths) >= 2 for e in long.experiments) and len(long.seeds) >= 5
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_runs_unavailable_here_are_not_reported_missing(tmp_path, capsys):
     """A plan with runs that cannot run here (JAX μP rows) reports on the others without calling it incomplete
     (the smoke suite's report said "1 of the plan's 97 runs are not in results.jsonl"); a stopped sweep's

@@ -71,6 +71,7 @@ def test_a_state_made_for_other_dtypes_is_refused(make, with_loss):
     _update(opt, opt.init(params16), params16, loss16, with_loss)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_state_restored_without_its_containers_is_refused_and_with_them_resumes():
     params, loss = _problem()
     opt = cdat(optax.scale_by_adam(), **ADAM)
@@ -207,6 +208,7 @@ jax.tree_util.register_pytree_with_keys(
     _Layer, lambda m: (((jax.tree_util.GetAttrKey("w"), m.w),), m.out), lambda out, ch: _Layer(ch[0], out))
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_state_for_a_model_changed_since_init_names_the_node_that_changed():
     """A head widened with ``eqx.tree_at`` and the old state kept: the message blamed "other containers, e.g.
     dicts where init makes NamedTuples" (the key paths are the same); it now names the node and its metadata."""

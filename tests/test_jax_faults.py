@@ -188,6 +188,7 @@ def test_random_faults_long(name, faults, save_at):
 
 
 # ------------------------------------------------------------------------------------------- single cases
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_plain_readme_chain_one_nan_gradient():
     """The README chain without the convenience: the NaN gradient reaches Adam's moments (a plain chain cannot
     stop that), but the tuner never writes NaN into the parameters: it skips every later step. The
@@ -237,6 +238,7 @@ def test_value_fn_and_value_of_shape_1_keep_state_shapes(make):
     assert float(stats(s)["lr"]) > 0
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_sigma_schedule_crossing_zero_gives_lr_zero():
     """inject_hyperparams evaluates the schedule and hands a (traced) number; the core's guard clips the
     negative lr to 0. A callable sigma given directly is evaluated by the rule at the tuner's step count."""
@@ -301,6 +303,7 @@ def test_grad_of_another_shape_and_a_loss_not_real_are_refused():
         opt.update(g, s, P0, value=v, grad=g, value_fn=lambda q, a: loss(q, a) + 1j, a=A)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_zero_size_leaf_works_and_complex_parameters_are_refused():
     """A zero-size leaf steps; a complex one is refused by name at ``init``, whatever the base."""
     p = dict(P0, empty=jnp.zeros((0, 3), jnp.float32))

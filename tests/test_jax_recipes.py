@@ -96,6 +96,7 @@ def test_train_state_apply_gradients_closure_free():
     assert int(stats(state.opt_state)["closure_calls"]) == 1 and quad(state.params) < quad(params)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_train_state_adam_closure_free_matches_plain_optax_loop():
     tx = cdat(optax.scale_by_adam())
     state = TrainState.create(apply_fn=None, params=_p0(), tx=tx)
@@ -198,6 +199,7 @@ class _DropoutNet(nnx.Module):
         return self.l2(self.drop(nnx.relu(self.l1(x))))
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_nnx_dropout_value_fn_replays_the_mask(x64):
     """The README's nnx recipe with Dropout: ``value_fn`` rebuilds the model from a ``rest`` cloned before the
     forward pass, so every probe draws the forward pass's mask and the greedy rate is the exact
@@ -328,6 +330,7 @@ def _restore(template, pure):
     return state
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_multisteps_runs_the_tuner_once_per_outer_step():
     """optax.MultiSteps(k=2): the tuner's lr changes only on every 2nd micro-step, and equals the tuner fed the
     mean of the two micro-batch gradients directly."""
@@ -466,6 +469,7 @@ def test_masked_and_multi_transform():
         part.update(jax.grad(quad)(_p0()), part.init(_p0()), _p0(), value=quad(_p0()), grad=jax.grad(quad)(_p0()))
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_optax_flatten_around_a_tuner_says_what_to_do():
     """optax.flatten ravels the updates and params it hands the tuner but passes grad= and value_fn= through as
     they are: a clear error (it was JAX's "does not support string indexing" from inside a probe), and the
@@ -537,6 +541,7 @@ def test_wrappers_that_blend_a_reset_state_in_keep_the_tuner_running(make, wrap)
     assert [x.dtype for x in jax.tree.leaves(s2)] == [x.dtype for x in jax.tree.leaves(state)]
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_a_misspelled_loss_keyword_warns():
     """update(..., grads=g) or valuefn=loss went silently to the extra arguments (value_fn's, by name), and the
     tuner ran without them: it says so at trace time, unless value_fn takes that name."""

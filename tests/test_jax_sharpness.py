@@ -111,6 +111,7 @@ def _adam_P_by_hand(state, *, b1, b2, eps):
                         state.nu)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_preconditioned_sharpness_leaves_out_parameters_adam_has_not_moved():
     """Behind a zero-initialised head the first layer's gradients are 0 at step 0, so after Adam's first update
     its ``nu`` is 0 and its ``P`` infinite: ``lambda_max(P^-1 H)`` is the dense top eigenvalue with those
@@ -134,6 +135,7 @@ def test_preconditioned_sharpness_leaves_out_parameters_adam_has_not_moved():
     assert lam == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_sharpness_leaves_out_a_part_frozen_inside_the_base():
     """A head frozen by optax.set_to_zero inside the base's multi_transform: the online sharpness is the trained
     part's block of the Hessian (the parts the step moves), as PyTorch drops a frozen group; it was the whole
@@ -165,6 +167,7 @@ def test_sharpness_leaves_out_a_part_frozen_inside_the_base():
     assert all(np.array_equal(np.asarray(p[k]), np.asarray(params[k])) for k in ("w2", "b2"))
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_sharpness_schedule_and_warm_start():
     params, x, y, loss = _mlp()
     opt = cdat(optax.identity(), sharpness=SharpnessConfig(every=3, iters=4, first_iters=200, tol=1e-3))
@@ -183,6 +186,7 @@ def test_sharpness_schedule_and_warm_start():
     assert calls[3] - 2 <= 4 and calls[6] - 2 <= 4  # warm starts use at most `iters` products
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_deprecated_sharpness_keywords_still_work():
     params, x, y, loss = _mlp()
     with pytest.warns(DeprecationWarning, match="sharpness="):

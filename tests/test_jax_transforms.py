@@ -212,6 +212,7 @@ def test_settings_injected_in_bfloat16_are_refused_with_the_fix():
     np.testing.assert_allclose(rates(injected), plain, rtol=1e-5)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_an_injected_setting_out_of_range_stops_closure_free_probing_steps_too():
     """Closure-free CDAT at a concave start probes farther, up to ``lr_max``: an injected ``lr_max`` of -1 stepped
     uphill by 1 (NaN: the parameters NaN) where the rule itself gave 0 (the second review). An int8 ``free_steps``

@@ -594,6 +594,7 @@ class _TorchAttention(nn.Module):
         self.attn = nn.MultiheadAttention(width, 4)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_flax_attention_kernels_and_biases_read_like_torch_multihead_attention():
     """Flax's attention stores query/key/value kernels ``[in, heads, head_dim]`` and biases ``[heads, head_dim]``:
     read as ``[*kernel, in, out]`` the kernels had fan-in ``in * heads`` (init and learning rate off by the head

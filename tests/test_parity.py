@@ -211,6 +211,7 @@ def test_lr_sequences_and_final_params_agree_all_pairs(tuner, base):
     check(tuner, base)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_cdat_adam_and_its_sharpness_and_preconditioned_sharpness_agree():
     """CDAT on Adam with online sharpness: lrs and parameters as above, and both sharpness estimates (converged)
     at the checkpoints."""
@@ -242,6 +243,7 @@ def test_cdat_default_ema_by_base_agrees(base):
     assert torch_opt.numerator == ("momentum" if base.startswith("adam") else "direction")
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_eos_growth_cap_and_defaults_agree():
     """The edge-of-stability rule behind Adam, where its rate rises and the growth cap (1.005 per step, anchored
     after the first ``free_steps`` = 11 steps) binds on some steps, and its defaults behind heavy ball
@@ -340,6 +342,7 @@ def test_cdat_paired_numerator_agrees():
         scale_by_cdat(base_method="adam", numerator="paired", curvature="secant")
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_multipliers_changed_mid_run_agree():
     """Unfreezing mid-run: PyTorch's group lrs 0 -> 1 and 1 -> 0.5 at step 4, Optax's ``scale_by_mup`` rebuilt with
     the new multipliers around the state it had (the usual move to keep Adam's moments): the same rates, CDAT
@@ -409,6 +412,7 @@ def _closure_free_gd_rates(init: list, grad_at, steps: int) -> list:
     return rates
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_closure_free_noise_correction_behind_sgd_agrees_on_sparse_inputs():
     """Closure-free CDAT behind SGD with the noise correction, one-hot inputs (each batch's gradient is 0 on the
     rows of the tokens it lacks, so ``u_{t-1}`` is 0 there; nothing is frozen): the same rates in both backends

@@ -250,6 +250,7 @@ def _amsgrad_max_binds():
                for p in model.parameters())
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_amsgrad_agrees(registry):
     """CDAT's defaults behind ``Adam(amsgrad=True)``: the momentum numerator, whose ``D`` is built from
     ``max_exp_avg_sq``, against PyTorch's recursion in Optax."""

@@ -345,6 +345,7 @@ def jax_steps():
     poison=st.lists(st.sampled_from([1.0, 1.0, 1.0, float("nan"), float("inf"), 0.0, -1.0]), min_size=6,
                     max_size=6),
 )
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_jax_random_faults_never_leave_nan_parameters(jax_steps, tuner, log_scale, a, poison):
     """Poison multiplies the loss: NaN/Inf (skipped), 0 (zero gradient), -1 (negated: ascent/negative
     curvature). float32 throughout."""

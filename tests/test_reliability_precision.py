@@ -405,6 +405,7 @@ def test_torch_closure_free_probe_sized_for_an_autocast_forward(sized, monkeypat
         assert c16 != pytest.approx(c32, rel=0.25)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_closure_free_probe_under_the_noise_correction_ignores_a_bf16_forward():
     """With the noise correction on (the default behind Adam) the forward's precision does not size the probing
     step (``curvopt.config.probe_reads_forward``), in both backends: a bf16-sized probe (6 % of ``||w||``) spanned

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 
 from curvopt import rules
@@ -205,6 +206,7 @@ def _digits_mlp(seed):
     return model, x, y
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_closure_free_greedy_behind_adam_trains_in_both_backends():
     """The quadratically greedy step (the paper's rule, no start-up guard) closure-free behind Adam: its curvature
     is the secant's, a step old, and with nothing to cap the step it diverged (loss 2.3 -> 1.9e3-5.6e10 in 60

@@ -448,6 +448,7 @@ def _minibatch_mlp_rates(dtype, steps=60):
     return np.array(t_lrs), np.array(j_lrs)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_float64_probes_like_float32_in_both_backends():
     """The closure-free probing step is sized by at least float32's epsilon (``curvopt.config.secant_probe_eps``):
     its secant differences two batches' gradients, whose noise swamps the curvature over float64's displacement
@@ -528,6 +529,7 @@ def test_a_resumed_run_goes_on_judging_the_stall():
         assert run(at) == (warned, lrs), at
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_optax_closure_free_steps_between_steps_with_value_fn_are_not_taken_for_outside_motion():
     """``value_fn`` on every third step, closure-free on the others (greedy behind gradient descent, float64, a
     small softmax regression): the ``value_fn`` steps do not record where they leave the parameters, so the next

@@ -110,6 +110,7 @@ def _jax_run(skip_at):
     return lrs
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_jax_closure_free_zero_gradient_is_skipped():
     with jax.enable_x64(True):
         reference = _jax_run(skip_at=None)

@@ -118,6 +118,7 @@ def _jax_run(nan_step, nan_call=2, steps=3, hessian=A, sharpness=EVERY):
     return out
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_jax_edge_of_stability_after_a_nan_product():
     with jax.enable_x64(True):
         clean = _jax_run(None)

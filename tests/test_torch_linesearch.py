@@ -144,6 +144,7 @@ class _no_warning:
         return self._cm.__exit__(*exc)
 
 
+@pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
 def test_trial_sequence_matches_optax():
     jnp = pytest.importorskip("jax.numpy")
     optax = pytest.importorskip("optax")
