@@ -687,29 +687,23 @@ def test_stats_of_a_vmapped_ensemble_warn_naming_the_members():
             p = optax.apply_updates(p, u)
         return state
 
-    states = jax.vmap(run)(params, poison)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stats(states)
-    said = [str(w.message) for w in caught]
-    skips = [m for m in said if "last step was skipped" in m]
-    assert len(skips) == 1 and skips[0].endswith("(ensemble members 1, 2 of 3)"), said
-    below = [m for m in said if "the loss -7 is below f_star" in m]
-    assert len(below) == 1 and below[0].endswith("(ensemble member 0 of 3)"), said
+    def check(states, skipped, below_f_star):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stats(states)
+        said = [str(w.message) for w in caught]
+        skips = [m for m in said if "last step was skipped" in m]
+        assert len(skips) == 1 and skips[0].endswith(skipped), said
+        below = [m for m in said if "the loss -7 is below f_star" in m]
+        assert len(below) == 1 and below[0].endswith(below_f_star), said
 
-    # vmapped twice (a sweep of two ensembles): the members by index tuple (it gave no warning at all before)
-    # (the second ensemble's members in reverse order, so that a member read from another row is caught)
+    check(jax.vmap(run)(params, poison), "(ensemble members 1, 2 of 3)", "(ensemble member 0 of 3)")
+    # vmapped twice (a sweep of two ensembles): the members by index tuple (it gave no warning at all before);
+    # the second ensemble's members in reverse order, so that a member read from another row is caught
     reverse = lambda x: x[::-1]  # noqa: E731
-    states = jax.vmap(jax.vmap(run))(jax.tree.map(lambda x: jnp.stack([x, reverse(x)]), params),
-                                     jnp.stack([poison, reverse(poison)]))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stats(states)
-    said = [str(w.message) for w in caught]
-    skips = [m for m in said if "last step was skipped" in m]
-    assert len(skips) == 1 and skips[0].endswith("(ensemble members (0, 1), (0, 2), (1, 0), (1, 1) of 2x3)"), said
-    below = [m for m in said if "the loss -7 is below f_star" in m]
-    assert len(below) == 1 and below[0].endswith("(ensemble members (0, 0), (1, 2) of 2x3)"), said
+    check(jax.vmap(jax.vmap(run))(jax.tree.map(lambda x: jnp.stack([x, reverse(x)]), params),
+                                  jnp.stack([poison, reverse(poison)])),
+          "(ensemble members (0, 1), (0, 2), (1, 0), (1, 1) of 2x3)", "(ensemble members (0, 0), (1, 2) of 2x3)")
 
 
 @pytest.mark.slow  # one of the default suite's longest; CI runs it with the slow ones
